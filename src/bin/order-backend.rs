@@ -1,0 +1,74 @@
+//! `order-backend`: the sample order backend as its own process.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use portico::sample::{self, BackendOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "order-backend",
+    version,
+    about = "The sample order backend behind portico's tests and demos"
+)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Instance name, sent in X-Backend.
+    #[arg(long)]
+    name: String,
+    /// Milliseconds added before every answer.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    delay: u64,
+    /// max-age of cacheable answers, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    max_age: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("order-backend: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cli.listen)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cli.listen))
+            })?;
+        tracing::info!(addr = %listener.local_addr()?, name = %cli.name, "listening");
+        let opts = BackendOptions {
+            name: cli.name,
+            delay: Duration::from_millis(cli.delay),
+            max_age: cli.max_age,
+        };
+        sample::serve(
+            listener,
+            opts,
+            sample::new_repository(),
+            portico::signal::terminate(),
+        )
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("order-backend: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

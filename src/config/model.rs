@@ -1,0 +1,243 @@
+//! The validated runtime configuration. Everything here is typed
+//! (`Duration`, `SocketAddr`, byte counts); the rest of portico never sees
+//! TOML or strings that still need parsing. Built only by `config::load`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A whole, validated configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: Server,
+    pub admin: Admin,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
+    pub cache: Option<Cache>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    pub request_header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_request_body: u64,
+    pub max_header_size: u64,
+    pub shutdown_grace: Duration,
+    pub tls: Vec<TlsListener>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsListener {
+    pub listen: Vec<SocketAddr>,
+    pub certificates: Vec<CertificatePair>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificatePair {
+    /// Paths are resolved relative to the config file's folder.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Resolved relative to the config file's folder.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    RandomTwo,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// At least 1.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_idle_per_backend: usize,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub health: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// How a route matches the request's Host (port ignored, lower-cased).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any name ending with it.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub host: HostMatch,
+    pub path_prefix: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// Resolved: the route's own `cache` if set, else whether `[cache]` exists.
+    pub cache: bool,
+    /// Resolved: the route's own `rate_limit` if set, else whether `[rate_limit]` exists.
+    pub rate_limit: bool,
+    /// A stable label for metrics and logs: the upstream name, suffixed when
+    /// several routes share one upstream.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cache {
+    pub max_size: u64,
+    pub max_object_size: u64,
+    pub default_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    ClientIp,
+    Header(http::HeaderName),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Copy)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub key: RateLimitKey,
+    pub trusted_proxies: Vec<Cidr>,
+    pub max_tracked_clients: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
+            request_header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_request_body: 10 * 1024 * 1024,
+            max_header_size: 64 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            tls: Vec::new(),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token_file: None,
+        }
+    }
+}
+
+impl Upstream {
+    /// An upstream with DESIGN.md's defaults, for tests and the demo.
+    pub fn new(name: impl Into<String>, backends: Vec<SocketAddr>) -> Self {
+        Upstream {
+            name: name.into(),
+            backends: backends
+                .into_iter()
+                .map(|addr| Backend { addr, weight: 1 })
+                .collect(),
+            balance: Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_idle_per_backend: 64,
+            idle_timeout: Duration::from_secs(90),
+            retries: 1,
+            health: None,
+        }
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            max_size: 256 * 1024 * 1024,
+            max_object_size: 8 * 1024 * 1024,
+            default_ttl: Duration::ZERO,
+        }
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            requests_per_second: 100,
+            burst: 200,
+            key: RateLimitKey::ClientIp,
+            trusted_proxies: Vec::new(),
+            max_tracked_clients: 100_000,
+        }
+    }
+}
+
+impl Config {
+    /// One upstream named "default" with a catch-all route: what the demo and
+    /// most tests need.
+    pub fn single_upstream(listen: Vec<SocketAddr>, backends: Vec<SocketAddr>) -> Self {
+        let upstream = Upstream::new("default", backends);
+        Config {
+            server: Server {
+                listen,
+                ..Server::default()
+            },
+            admin: Admin::default(),
+            routes: vec![Route {
+                host: HostMatch::Any,
+                path_prefix: "/".into(),
+                upstream: 0,
+                cache: false,
+                rate_limit: false,
+                name: upstream.name.clone(),
+            }],
+            upstreams: vec![upstream],
+            cache: None,
+            rate_limit: None,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The configuration file exactly as written: serde structs mirroring the
+//! TOML, with values that still need checking kept as spanned strings so
+//! validation can point at them. Nothing outside `config` sees these types.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type Str = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct File {
+    #[serde(default)]
+    pub server: Option<Spanned<Server>>,
+    #[serde(default)]
+    pub admin: Option<Spanned<Admin>>,
+    #[serde(default)]
+    pub upstream: Vec<Spanned<Upstream>>,
+    #[serde(default)]
+    pub route: Vec<Spanned<Route>>,
+    #[serde(default)]
+    pub cache: Option<Spanned<Cache>>,
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<RateLimit>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Server {
+    pub listen: Option<Vec<Str>>,
+    pub request_header_timeout: Option<Str>,
+    pub idle_timeout: Option<Str>,
+    pub max_request_body: Option<Str>,
+    pub max_header_size: Option<Str>,
+    pub shutdown_grace: Option<Str>,
+    #[serde(default)]
+    pub tls: Vec<Spanned<Tls>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Tls {
+    #[serde(default)]
+    pub listen: Vec<Str>,
+    #[serde(default)]
+    pub certificates: Vec<Spanned<Certificate>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Certificate {
+    pub cert: Str,
+    pub key: Str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Admin {
+    pub listen: Option<Str>,
+    pub token_file: Option<Str>,
+}
+
+/// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2 }`. A
+/// hand-written visitor rather than `#[serde(untagged)]`, which buffers the
+/// value and so loses the spans inside it.
+#[derive(Debug)]
+pub struct Backend {
+    /// `None` for the plain-string form: the span is the backend's own.
+    pub addr: Option<Str>,
+    pub plain: Option<String>,
+    pub weight: Option<Spanned<i64>>,
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Backend;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a backend: \"host:port\" or { addr = \"host:port\", weight = N }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Backend, E> {
+                Ok(Backend {
+                    addr: None,
+                    plain: Some(value.to_owned()),
+                    weight: None,
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Backend, A::Error> {
+                let mut addr = None;
+                let mut weight = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "addr" => addr = Some(map.next_value()?),
+                        "weight" => weight = Some(map.next_value()?),
+                        other => {
+                            return Err(serde::de::Error::unknown_field(other, &["addr", "weight"]))
+                        }
+                    }
+                }
+                let addr = addr.ok_or_else(|| serde::de::Error::missing_field("addr"))?;
+                Ok(Backend {
+                    addr: Some(addr),
+                    plain: None,
+                    weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Upstream {
+    pub name: Str,
+    pub backends: Spanned<Vec<Spanned<Backend>>>,
+    pub balance: Option<Str>,
+    pub connect_timeout: Option<Str>,
+    pub response_timeout: Option<Str>,
+    pub body_timeout: Option<Str>,
+    pub max_idle_per_backend: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Str>,
+    pub retries: Option<Spanned<i64>>,
+    pub health: Option<Spanned<Health>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Health {
+    pub path: Option<Str>,
+    pub interval: Option<Str>,
+    pub timeout: Option<Str>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Route {
+    pub host: Option<Str>,
+    pub path_prefix: Option<Str>,
+    pub upstream: Str,
+    pub cache: Option<Spanned<bool>>,
+    pub rate_limit: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Cache {
+    pub max_size: Option<Str>,
+    pub max_object_size: Option<Str>,
+    pub default_ttl: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RateLimit {
+    pub requests_per_second: Option<Spanned<i64>>,
+    pub burst: Option<Spanned<i64>>,
+    pub key: Option<Str>,
+    pub trusted_proxies: Option<Vec<Str>>,
+    pub max_tracked_clients: Option<Spanned<i64>>,
+}

@@ -1,0 +1,191 @@
+//! Config parsing and validation, table-driven: each broken file must name
+//! the right line, column and key.
+
+use std::path::Path;
+
+use super::*;
+
+fn check(text: &str) -> Result<Config, ConfigErrors> {
+    parse(text, Path::new("test.toml"))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match check(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const MINIMAL: &str = r#"
+[[upstream]]
+name = "orders"
+backends = ["127.0.0.1:8001"]
+
+[[route]]
+upstream = "orders"
+"#;
+
+#[test]
+fn shipped_configs_are_valid() {
+    for file in ["config/portico.toml", "config/demo.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        if let Err(e) = load(&path) {
+            panic!("{file}:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn defaults_fill_a_minimal_file() {
+    let config = check(MINIMAL).unwrap();
+    assert_eq!(config.server, Server::default());
+    assert_eq!(config.admin, Admin::default());
+    assert_eq!(
+        config.upstreams[0],
+        Upstream::new("orders", vec!["127.0.0.1:8001".parse().unwrap()])
+    );
+    assert_eq!(config.routes[0].path_prefix, "/");
+    assert_eq!(config.routes[0].name, "orders");
+    assert!(!config.routes[0].cache && !config.routes[0].rate_limit);
+    assert!(config.cache.is_none() && config.rate_limit.is_none());
+}
+
+#[test]
+fn values_are_typed() {
+    let config = check(
+        r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+max_request_body = "1MiB"
+request_header_timeout = "250ms"
+
+[[upstream]]
+name = "orders"
+backends = ["127.0.0.1:8001", { addr = "127.0.0.1:8002", weight = 3 }]
+balance = "least_conn"
+retries = 2
+[upstream.health]
+interval = "5s"
+rise = 1
+
+[[route]]
+host = "*.Example.com"
+path_prefix = "/api/"
+upstream = "orders"
+[[route]]
+upstream = "orders"
+cache = false
+
+[cache]
+default_ttl = "1m"
+
+[rate_limit]
+key = "header:X-Api-Key"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.server.listen.len(), 2);
+    assert_eq!(config.server.max_request_body, 1 << 20);
+    assert_eq!(
+        config.server.request_header_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    let up = &config.upstreams[0];
+    assert_eq!(up.backends[1].weight, 3);
+    assert_eq!(up.balance, Balance::LeastConn);
+    assert_eq!(up.retries, 2);
+    let health = up.health.as_ref().unwrap();
+    assert_eq!(
+        (health.interval.as_secs(), health.rise, health.fall),
+        (5, 1, 3)
+    );
+    assert_eq!(
+        config.routes[0].host,
+        HostMatch::Suffix(".example.com".into())
+    );
+    assert!(config.routes[0].cache && config.routes[0].rate_limit);
+    assert!(!config.routes[1].cache);
+    assert_eq!(config.routes[1].name, "orders#2");
+    assert_eq!(config.cache.unwrap().default_ttl.as_secs(), 60);
+    let limit = config.rate_limit.unwrap();
+    assert_eq!(
+        limit.key,
+        RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
+    );
+    assert_eq!(limit.trusted_proxies.len(), 2);
+}
+
+#[test]
+fn every_error_names_file_line_col_and_key() {
+    // (file text, expected error lines in order)
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[server]\ncolour = \"blue\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:1: server.colour: unknown key `colour`"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"2 parsecs\"\n[[route]]\nupstream = \"b\"\n",
+            &[
+                "test.toml:4:19: upstream[0].connect_timeout: expected a number at ` parsecs`",
+                "test.toml:6:12: route[0].upstream: unknown upstream `b` (defined: a)",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = []\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:3:12: upstream[0].backends: an upstream needs at least one backend"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:3:46: upstream[0].backends[0].weight: weight must be from 1 to 1000"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"localhost\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:13: upstream[0].backends[0]: `localhost` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                "test.toml:5:8: upstream[1].name: upstream `a` is defined twice",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\nintervall = \"1s\"\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:5:1: upstream[0].health.intervall: unknown key `intervall`"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"fastest\"\n[[route]]\nupstream = \"a\"\ncache = true\n",
+            &[
+                "test.toml:4:11: upstream[0].balance: unknown balance `fastest`: use round_robin, least_conn or random_two",
+                "test.toml:7:9: route[0].cache: cache = true needs a [cache] section",
+            ],
+        ),
+        (
+            "[server]\nmax_request_body = \"10 MiB\"\nlisten = [\"127.0.0.1:9090\"]\n",
+            &[
+                "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
+                "test.toml: route: no [[route]] defined: every request would get 404",
+                "test.toml:2:20: server.max_request_body: expected a number at ` MiB`",
+                "test.toml:3:11: server.listen: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
+            ],
+        ),
+        (
+            "[server\nlisten = 1\n",
+            &["test.toml:1:8: unclosed table, expected `]`"],
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:80\"\n",
+            &["test.toml:2:10: invalid type: string \"127.0.0.1:80\", expected a sequence"],
+        ),
+    ];
+    for (text, want) in cases {
+        let got = errors(text);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, want, "for file:\n{text}");
+    }
+}
+
+#[test]
+fn an_unreadable_file_is_reported_with_its_path() {
+    let err = load(Path::new("/nonexistent/portico.toml")).unwrap_err();
+    assert!(err
+        .to_string()
+        .starts_with("/nonexistent/portico.toml: cannot read the file"));
+}

@@ -1,0 +1,150 @@
+//! The two value syntaxes config files use beside plain numbers: durations
+//! (`"250ms"`, `"2s"`, `"1m30s"`, `"1h"`) and byte sizes (`"64KiB"`,
+//! `"256MiB"`, `"10MB"`, `"512"`). Binary units are powers of 1024, decimal
+//! ones powers of 1000, as the names say.
+
+use std::time::Duration;
+
+/// Splits `"12ms3s"` into `[(12, "ms"), (3, "s")]`.
+fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
+    let mut out = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!("expected a number at `{rest}`"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number `{}` is too large", &rest[..digits]))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        out.push((number, &rest[..unit_len]));
+        rest = &rest[unit_len..];
+    }
+    Ok(out)
+}
+
+/// Parses a duration such as `"250ms"`, `"2s"`, `"1m30s"`, `"0s"`.
+pub fn parse_duration(input: &str) -> Result<Duration, String> {
+    if input.is_empty() {
+        return Err("empty duration: write e.g. \"250ms\", \"2s\" or \"1m\"".into());
+    }
+    let mut total = Duration::ZERO;
+    for (number, unit) in terms(input)? {
+        let part = match unit {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number.saturating_mul(60)),
+            "h" => Duration::from_secs(number.saturating_mul(3600)),
+            "d" => Duration::from_secs(number.saturating_mul(86400)),
+            "" => return Err(format!("`{input}` needs a unit: ms, s, m, h or d")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}`: use ms, s, m, h or d"
+                ))
+            }
+        };
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("duration `{input}` is too large"))?;
+    }
+    if total > Duration::from_secs(365 * 86400) {
+        return Err(format!("duration `{input}` is longer than a year"));
+    }
+    Ok(total)
+}
+
+/// Parses a size such as `"64KiB"`, `"10MB"`, `"512"` or `"512B"`.
+pub fn parse_size(input: &str) -> Result<u64, String> {
+    let parts = terms(input)?;
+    let [(number, unit)] = parts.as_slice() else {
+        return Err(format!(
+            "`{input}` is not a size: write e.g. \"64KiB\" or \"10MiB\""
+        ));
+    };
+    let multiplier: u64 = match *unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ))
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size `{input}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok: &[(&str, Duration)] = &[
+            ("0s", Duration::ZERO),
+            ("250ms", Duration::from_millis(250)),
+            ("2s", Duration::from_secs(2)),
+            ("1m", Duration::from_secs(60)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1h", Duration::from_secs(3600)),
+            ("1d", Duration::from_secs(86400)),
+        ];
+        for (input, want) in ok {
+            assert_eq!(parse_duration(input), Ok(*want), "{input}");
+        }
+        for bad in [
+            "",
+            "2",
+            "-1s",
+            "1.5s",
+            "2 s",
+            " 2s",
+            "2sec",
+            "s",
+            "99999999999999999999s",
+            "400d",
+            "1h h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let ok: &[(&str, u64)] = &[
+            ("0", 0),
+            ("512", 512),
+            ("512B", 512),
+            ("64KiB", 65536),
+            ("10MiB", 10 << 20),
+            ("1GiB", 1 << 30),
+            ("10MB", 10_000_000),
+            ("1kB", 1000),
+        ];
+        for (input, want) in ok {
+            assert_eq!(parse_size(input), Ok(*want), "{input}");
+        }
+        for bad in [
+            "",
+            "KiB",
+            "-1",
+            "1.5MiB",
+            "10 MiB",
+            "10mib",
+            "1KiB2",
+            "99999999TiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! Raw file -> typed [`Config`]: defaults filled in, every value parsed and
+//! every rule checked, with all problems collected rather than stopping at
+//! the first.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::Reporter;
+use super::model::*;
+use super::raw;
+use super::units::{parse_duration, parse_size};
+
+type R<'r, 'a> = &'r mut Reporter<'a>;
+
+fn duration(r: R, key: &str, value: Option<&raw::Str>, default: Duration) -> Duration {
+    let Some(value) = value else { return default };
+    parse_duration(value.get_ref()).unwrap_or_else(|e| {
+        r.at(value.span(), key, e);
+        default
+    })
+}
+
+/// A duration that must not be zero.
+fn positive(r: R, key: &str, value: Option<&raw::Str>, default: Duration) -> Duration {
+    let parsed = duration(r, key, value, default);
+    if parsed.is_zero() {
+        if let Some(value) = value {
+            r.at(value.span(), key, "must be greater than 0");
+        }
+        return default;
+    }
+    parsed
+}
+
+fn size(r: R, key: &str, value: Option<&raw::Str>, default: u64) -> u64 {
+    let Some(value) = value else { return default };
+    match parse_size(value.get_ref()) {
+        Ok(0) => {
+            r.at(value.span(), key, "must be greater than 0");
+            default
+        }
+        Ok(n) => n,
+        Err(e) => {
+            r.at(value.span(), key, e);
+            default
+        }
+    }
+}
+
+fn integer(r: R, key: &str, value: Option<&Spanned<i64>>, default: u32, min: u32) -> u32 {
+    let Some(value) = value else { return default };
+    match u32::try_from(*value.get_ref()) {
+        Ok(n) if n >= min => n,
+        _ => {
+            r.at(
+                value.span(),
+                key,
+                format!("must be a whole number from {min} to {}", u32::MAX),
+            );
+            default
+        }
+    }
+}
+
+fn socket_addr(r: R, key: &str, value: &str, span: std::ops::Range<usize>) -> Option<SocketAddr> {
+    match value.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            r.at(
+                span,
+                key,
+                format!("`{value}` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
+            );
+            None
+        }
+    }
+}
+
+fn listen_list(r: R, key: &str, values: &[raw::Str]) -> Vec<SocketAddr> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| socket_addr(r, &format!("{key}[{i}]"), v.get_ref(), v.span()))
+        .collect()
+}
+
+pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
+    // Defaults claim with an empty span; a clash with one is reported at the
+    // address the operator actually wrote.
+    let mut used_addrs: HashMap<SocketAddr, (String, std::ops::Range<usize>)> = HashMap::new();
+    let mut claim =
+        |r: R, key: String, addr: SocketAddr, span: std::ops::Range<usize>| match used_addrs
+            .get(&addr)
+        {
+            Some((first, first_span)) if span.is_empty() => {
+                r.at(
+                    first_span.clone(),
+                    first.clone(),
+                    format!("{addr} is also {key}'s default; set {key} elsewhere"),
+                );
+            }
+            Some((first, _)) => r.at(span, key, format!("{addr} is already used by {first}")),
+            None => {
+                used_addrs.insert(addr, (key, span));
+            }
+        };
+
+    let server = server(r, file.server, base, &mut claim);
+    let admin = admin(r, file.admin, base, &mut claim);
+
+    let mut upstreams = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, spanned) in file.upstream.iter().enumerate() {
+        let key = format!("upstream[{i}]");
+        let upstream = upstream(r, &key, spanned.get_ref());
+        let name = spanned.get_ref().name.clone();
+        if by_name.contains_key(name.get_ref()) {
+            r.at(
+                name.span(),
+                format!("{key}.name"),
+                format!("upstream `{}` is defined twice", name.get_ref()),
+            );
+            continue;
+        }
+        by_name.insert(name.get_ref().clone(), upstreams.len());
+        upstreams.push(upstream);
+    }
+    if file.upstream.is_empty() {
+        r.whole(
+            "upstream",
+            "no [[upstream]] defined: there is nowhere to send requests",
+        );
+    }
+
+    let cache = file.cache.map(|c| cache(r, c.get_ref()));
+    let rate_limit = file.rate_limit.map(|l| rate_limit(r, l.get_ref()));
+
+    let mut routes = Vec::new();
+    let mut seen_routes: HashSet<(String, String)> = HashSet::new();
+    let mut route_names: HashMap<String, usize> = HashMap::new();
+    for (i, spanned) in file.route.iter().enumerate() {
+        let key = format!("route[{i}]");
+        let raw = spanned.get_ref();
+        let Some(&upstream) = by_name.get(raw.upstream.get_ref()) else {
+            let known: Vec<&str> = file
+                .upstream
+                .iter()
+                .map(|u| u.get_ref().name.get_ref().as_str())
+                .collect();
+            r.at(
+                raw.upstream.span(),
+                format!("{key}.upstream"),
+                format!(
+                    "unknown upstream `{}` (defined: {})",
+                    raw.upstream.get_ref(),
+                    known.join(", ")
+                ),
+            );
+            continue;
+        };
+        let host = match &raw.host {
+            None => HostMatch::Any,
+            Some(h) => match host_match(h.get_ref()) {
+                Ok(host) => host,
+                Err(e) => {
+                    r.at(h.span(), format!("{key}.host"), e);
+                    continue;
+                }
+            },
+        };
+        let path_prefix = match &raw.path_prefix {
+            None => "/".to_owned(),
+            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            Some(p) => {
+                r.at(
+                    p.span(),
+                    format!("{key}.path_prefix"),
+                    "must start with `/`",
+                );
+                continue;
+            }
+        };
+        let host_text = raw
+            .host
+            .as_ref()
+            .map_or("*", |h| h.get_ref().as_str())
+            .to_owned();
+        if !seen_routes.insert((host_text.to_ascii_lowercase(), path_prefix.clone())) {
+            r.at(
+                spanned.span(),
+                &key,
+                format!(
+                    "another route already has host `{host_text}` and path_prefix `{path_prefix}`"
+                ),
+            );
+        }
+        let cache_on = match &raw.cache {
+            Some(flag) if *flag.get_ref() && cache.is_none() => {
+                r.at(
+                    flag.span(),
+                    format!("{key}.cache"),
+                    "cache = true needs a [cache] section",
+                );
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => cache.is_some(),
+        };
+        let limit_on = match &raw.rate_limit {
+            Some(flag) if *flag.get_ref() && rate_limit.is_none() => {
+                r.at(
+                    flag.span(),
+                    format!("{key}.rate_limit"),
+                    "rate_limit = true needs a [rate_limit] section",
+                );
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => rate_limit.is_some(),
+        };
+        let base_name: &str = &upstreams[upstream].name;
+        let count = route_names.entry(base_name.to_owned()).or_insert(0);
+        *count += 1;
+        let name = if *count == 1 {
+            base_name.to_owned()
+        } else {
+            format!("{base_name}#{count}")
+        };
+        routes.push(Route {
+            host,
+            path_prefix,
+            upstream,
+            cache: cache_on,
+            rate_limit: limit_on,
+            name,
+        });
+    }
+    if file.route.is_empty() {
+        r.whole("route", "no [[route]] defined: every request would get 404");
+    }
+
+    Config {
+        server,
+        admin,
+        upstreams,
+        routes,
+        cache,
+        rate_limit,
+    }
+}
+
+type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
+
+fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Claim) -> Server {
+    let defaults = Server::default();
+    let Some(raw) = raw else {
+        for addr in &defaults.listen {
+            claim(r, "server.listen".into(), *addr, 0..0);
+        }
+        return defaults;
+    };
+    let raw = raw.into_inner();
+    let listen = match &raw.listen {
+        None => defaults.listen.clone(),
+        Some(list) => {
+            let addrs = listen_list(r, "server.listen", list);
+            for (addr, v) in addrs.iter().zip(list) {
+                claim(r, "server.listen".into(), *addr, v.span());
+            }
+            addrs
+        }
+    };
+    let mut tls = Vec::new();
+    for (i, t) in raw.tls.iter().enumerate() {
+        let key = format!("server.tls[{i}]");
+        let t_ref = t.get_ref();
+        if t_ref.listen.is_empty() {
+            r.at(
+                t.span(),
+                format!("{key}.listen"),
+                "a TLS listener needs at least one listen address",
+            );
+        }
+        if t_ref.certificates.is_empty() {
+            r.at(
+                t.span(),
+                format!("{key}.certificates"),
+                "a TLS listener needs at least one { cert, key } pair",
+            );
+        }
+        let listen = listen_list(r, &format!("{key}.listen"), &t_ref.listen);
+        for (addr, v) in listen.iter().zip(&t_ref.listen) {
+            claim(r, format!("{key}.listen"), *addr, v.span());
+        }
+        let certificates = t_ref
+            .certificates
+            .iter()
+            .map(|c| CertificatePair {
+                cert: base.join(c.get_ref().cert.get_ref()),
+                key: base.join(c.get_ref().key.get_ref()),
+            })
+            .collect();
+        tls.push(TlsListener {
+            listen,
+            certificates,
+        });
+    }
+    Server {
+        listen,
+        request_header_timeout: positive(
+            r,
+            "server.request_header_timeout",
+            raw.request_header_timeout.as_ref(),
+            defaults.request_header_timeout,
+        ),
+        idle_timeout: positive(
+            r,
+            "server.idle_timeout",
+            raw.idle_timeout.as_ref(),
+            defaults.idle_timeout,
+        ),
+        max_request_body: size(
+            r,
+            "server.max_request_body",
+            raw.max_request_body.as_ref(),
+            defaults.max_request_body,
+        ),
+        max_header_size: size(
+            r,
+            "server.max_header_size",
+            raw.max_header_size.as_ref(),
+            defaults.max_header_size,
+        ),
+        shutdown_grace: duration(
+            r,
+            "server.shutdown_grace",
+            raw.shutdown_grace.as_ref(),
+            defaults.shutdown_grace,
+        ),
+        tls,
+    }
+}
+
+fn admin(r: R, raw: Option<Spanned<raw::Admin>>, base: &Path, claim: &mut Claim) -> Admin {
+    let defaults = Admin::default();
+    let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+    let listen = match &raw.listen {
+        None => {
+            claim(r, "admin.listen".into(), defaults.listen, 0..0);
+            defaults.listen
+        }
+        Some(v) => match socket_addr(r, "admin.listen", v.get_ref(), v.span()) {
+            Some(addr) => {
+                claim(r, "admin.listen".into(), addr, v.span());
+                addr
+            }
+            None => defaults.listen,
+        },
+    };
+    Admin {
+        listen,
+        token_file: raw.token_file.map(|t| base.join(t.get_ref())),
+    }
+}
+
+fn upstream(r: R, key: &str, raw: &raw::Upstream) -> Upstream {
+    let mut upstream = Upstream::new(raw.name.get_ref().clone(), Vec::new());
+    if raw.name.get_ref().is_empty()
+        || !raw
+            .name
+            .get_ref()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        r.at(
+            raw.name.span(),
+            format!("{key}.name"),
+            "names use letters, digits, `-`, `_` and `.` only",
+        );
+    }
+    if raw.backends.get_ref().is_empty() {
+        r.at(
+            raw.backends.span(),
+            format!("{key}.backends"),
+            "an upstream needs at least one backend",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, backend) in raw.backends.get_ref().iter().enumerate() {
+        let bkey = format!("{key}.backends[{i}]");
+        let b = backend.get_ref();
+        let (text, span) = match (&b.addr, &b.plain) {
+            (Some(addr), _) => (addr.get_ref().as_str(), addr.span()),
+            (None, Some(plain)) => (plain.as_str(), backend.span()),
+            (None, None) => continue,
+        };
+        let weight = match &b.weight {
+            None => 1,
+            Some(w) => match u32::try_from(*w.get_ref()) {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    r.at(
+                        w.span(),
+                        format!("{bkey}.weight"),
+                        "weight must be from 1 to 1000",
+                    );
+                    1
+                }
+            },
+        };
+        let Some(addr) = socket_addr(r, &bkey, text, span.clone()) else {
+            continue;
+        };
+        if !seen.insert(addr) {
+            r.at(span, &bkey, format!("backend {addr} is listed twice"));
+            continue;
+        }
+        upstream.backends.push(Backend { addr, weight });
+    }
+    if let Some(balance) = &raw.balance {
+        upstream.balance = match balance.get_ref().as_str() {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "random_two" => Balance::RandomTwo,
+            other => {
+                r.at(
+                    balance.span(),
+                    format!("{key}.balance"),
+                    format!("unknown balance `{other}`: use round_robin, least_conn or random_two"),
+                );
+                Balance::RoundRobin
+            }
+        };
+    }
+    let d = Upstream::new("", Vec::new());
+    upstream.connect_timeout = positive(
+        r,
+        &format!("{key}.connect_timeout"),
+        raw.connect_timeout.as_ref(),
+        d.connect_timeout,
+    );
+    upstream.response_timeout = positive(
+        r,
+        &format!("{key}.response_timeout"),
+        raw.response_timeout.as_ref(),
+        d.response_timeout,
+    );
+    upstream.body_timeout = positive(
+        r,
+        &format!("{key}.body_timeout"),
+        raw.body_timeout.as_ref(),
+        d.body_timeout,
+    );
+    upstream.idle_timeout = positive(
+        r,
+        &format!("{key}.idle_timeout"),
+        raw.idle_timeout.as_ref(),
+        d.idle_timeout,
+    );
+    upstream.max_idle_per_backend = integer(
+        r,
+        &format!("{key}.max_idle_per_backend"),
+        raw.max_idle_per_backend.as_ref(),
+        d.max_idle_per_backend as u32,
+        0,
+    ) as usize;
+    upstream.retries = integer(
+        r,
+        &format!("{key}.retries"),
+        raw.retries.as_ref(),
+        d.retries,
+        0,
+    );
+    if upstream.retries > 10 {
+        if let Some(v) = &raw.retries {
+            r.at(
+                v.span(),
+                format!("{key}.retries"),
+                "more than 10 retries only multiplies an outage",
+            );
+        }
+    }
+    upstream.health = raw
+        .health
+        .as_ref()
+        .map(|h| health(r, &format!("{key}.health"), h));
+    upstream
+}
+
+fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
+    let d = HealthCheck::default();
+    let h = raw.get_ref();
+    let path = match &h.path {
+        None => d.path.clone(),
+        Some(p)
+            if p.get_ref().starts_with('/')
+                && http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_ok() =>
+        {
+            p.get_ref().clone()
+        }
+        Some(p) => {
+            r.at(
+                p.span(),
+                format!("{key}.path"),
+                "must be a path starting with `/`",
+            );
+            d.path.clone()
+        }
+    };
+    let interval = positive(
+        r,
+        &format!("{key}.interval"),
+        h.interval.as_ref(),
+        d.interval,
+    );
+    let timeout = positive(r, &format!("{key}.timeout"), h.timeout.as_ref(), d.timeout);
+    if timeout > interval {
+        let span = h.timeout.as_ref().map_or(raw.span(), |t| t.span());
+        r.at(
+            span,
+            format!("{key}.timeout"),
+            format!("timeout ({timeout:?}) must not exceed interval ({interval:?})"),
+        );
+    }
+    HealthCheck {
+        path,
+        interval,
+        timeout,
+        rise: integer(r, &format!("{key}.rise"), h.rise.as_ref(), d.rise, 1),
+        fall: integer(r, &format!("{key}.fall"), h.fall.as_ref(), d.fall, 1),
+    }
+}
+
+/// `api.example.com` or `*.example.com`, lower-cased, no port.
+fn host_match(host: &str) -> Result<HostMatch, String> {
+    let lower = host.to_ascii_lowercase();
+    let (suffix, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        return Err(format!(
+            "`{host}` is not a host name: write `api.example.com` or `*.example.com` (no port)"
+        ));
+    }
+    Ok(if suffix {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_owned())
+    })
+}
+
+fn cache(r: R, raw: &raw::Cache) -> Cache {
+    let d = Cache::default();
+    let max_size = size(r, "cache.max_size", raw.max_size.as_ref(), d.max_size);
+    let max_object_size = size(
+        r,
+        "cache.max_object_size",
+        raw.max_object_size.as_ref(),
+        d.max_object_size,
+    );
+    if max_object_size > max_size {
+        if let Some(v) = raw.max_object_size.as_ref().or(raw.max_size.as_ref()) {
+            r.at(
+                v.span(),
+                "cache.max_object_size",
+                "must not exceed cache.max_size",
+            );
+        }
+    }
+    Cache {
+        max_size,
+        max_object_size: max_object_size.min(max_size),
+        default_ttl: duration(
+            r,
+            "cache.default_ttl",
+            raw.default_ttl.as_ref(),
+            d.default_ttl,
+        ),
+    }
+}
+
+fn cidr(text: &str) -> Option<Cidr> {
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u8>().ok()?
+        }
+        Some(_) => return None,
+    };
+    (prefix <= max).then_some(Cidr { addr, prefix })
+}
+
+fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
+    let d = RateLimit::default();
+    let key = match &raw.key {
+        None => d.key.clone(),
+        Some(k) if k.get_ref() == "client_ip" => RateLimitKey::ClientIp,
+        Some(k) => match k
+            .get_ref()
+            .strip_prefix("header:")
+            .map(http::HeaderName::try_from)
+        {
+            Some(Ok(name)) => RateLimitKey::Header(name),
+            _ => {
+                r.at(
+                    k.span(),
+                    "rate_limit.key",
+                    "use \"client_ip\" or \"header:NAME\" with a valid header name",
+                );
+                d.key.clone()
+            }
+        },
+    };
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in raw.trusted_proxies.iter().flatten().enumerate() {
+        match cidr(p.get_ref()) {
+            Some(c) => trusted_proxies.push(c),
+            None => r.at(
+                p.span(),
+                format!("rate_limit.trusted_proxies[{i}]"),
+                format!(
+                    "`{}` is not an address or CIDR block such as \"10.0.0.0/8\"",
+                    p.get_ref()
+                ),
+            ),
+        }
+    }
+    RateLimit {
+        requests_per_second: integer(
+            r,
+            "rate_limit.requests_per_second",
+            raw.requests_per_second.as_ref(),
+            d.requests_per_second,
+            1,
+        ),
+        burst: integer(r, "rate_limit.burst", raw.burst.as_ref(), d.burst, 1),
+        key,
+        trusted_proxies,
+        max_tracked_clients: integer(
+            r,
+            "rate_limit.max_tracked_clients",
+            raw.max_tracked_clients.as_ref(),
+            d.max_tracked_clients as u32,
+            1,
+        ) as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            host_match("API.example.com"),
+            Ok(HostMatch::Exact("api.example.com".into()))
+        );
+        assert_eq!(
+            host_match("*.example.com"),
+            Ok(HostMatch::Suffix(".example.com".into()))
+        );
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "example.com:80",
+            "*example.com",
+            "a.*.com",
+            "exa mple.com",
+        ] {
+            assert!(host_match(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidr_blocks() {
+        assert_eq!(cidr("10.0.0.0/8").map(|c| c.prefix), Some(8));
+        assert_eq!(cidr("127.0.0.1").map(|c| c.prefix), Some(32));
+        assert_eq!(cidr("::1").map(|c| c.prefix), Some(128));
+        assert_eq!(cidr("2001:db8::/32").map(|c| c.prefix), Some(32));
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/+8",
+        ] {
+            assert!(cidr(bad).is_none(), "{bad}");
+        }
+    }
+}

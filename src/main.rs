@@ -1,0 +1,128 @@
+//! The `portico` command line: parse arguments, load the config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portico",
+    version,
+    about = "Reverse proxy and load balancer with response caching"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Worker threads (default: the number of cores).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse and validate the configuration, print every error (like nginx -t).
+    Check,
+    /// Start sample order backends and the proxy in front of them.
+    Demo {
+        /// How many order backends to start.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        backends: u16,
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(usize::from(n));
+    }
+    builder.enable_all().thread_name("portico-worker").build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => {
+            let Some(path) = cli.config else {
+                eprintln!("portico check: --config FILE is required");
+                return ExitCode::from(2);
+            };
+            match portico::config::load(&path) {
+                Ok(_) => {
+                    println!("configuration ok");
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Demo { backends, listen }) => {
+            init_logging(cli.log_format);
+            run(
+                cli.threads,
+                portico::demo::run(usize::from(backends), listen),
+            )
+        }
+        None => {
+            let Some(path) = cli.config else {
+                eprintln!(
+                    "portico: --config FILE is required (try `portico demo` or `portico --help`)"
+                );
+                return ExitCode::from(2);
+            };
+            let config = match portico::config::load(&path) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(cli.log_format);
+            run(cli.threads, portico::run(config))
+        }
+    }
+}
+
+fn run(
+    threads: Option<u16>,
+    job: impl std::future::Future<Output = std::io::Result<()>>,
+) -> ExitCode {
+    let result = runtime(threads).and_then(|rt| rt.block_on(job));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "portico stopped");
+            eprintln!("portico: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The two body types on the proxy path. [`RequestBody`] wraps a client's
+//! upload on its way to a backend: it enforces `max_request_body` while
+//! streaming (chunked uploads included) and `body_timeout` between frames.
+//! [`ProxyBody`] is what portico sends to clients: a backend's streamed body
+//! under the same stall timeout, or a small body held in memory (errors,
+//! later cache hits). Neither ever buffers a stream whole.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+/// A stall timeout that never fires in practice; instants near
+/// `Duration::MAX` would overflow `Instant` arithmetic.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why a streamed body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("no body data for {0:?}")]
+    Stalled(Duration),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+/// Fails a stream that stays silent longer than `timeout`. Frames only
+/// record the time; the timer is created on the first wait and re-armed
+/// lazily when it fires early, so a body that never waits allocates nothing
+/// and a fast stream causes no timer-wheel churn.
+#[derive(Debug)]
+pub struct StallGuard {
+    timeout: Duration,
+    last_progress: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallGuard {
+    fn new(timeout: Duration) -> Self {
+        StallGuard {
+            timeout,
+            last_progress: Instant::now(),
+            sleep: None,
+        }
+    }
+
+    fn progress(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Ready(()) once the stream has been silent for `timeout`.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.last_progress + self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.last_progress + self.timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// A request body on its way upstream: a client's upload, or nothing
+/// (requests portico makes itself, such as health checks).
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+    stall: StallGuard,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64, stall_timeout: Duration) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+            stall: StallGuard::new(stall_timeout),
+        }
+    }
+
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: 0,
+            seen: 0,
+            stall: StallGuard::new(NEVER),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                }
+                this.stall.progress();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.stall.poll_stalled(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// A response body sent to a client.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A small body already in memory; `None` once sent.
+    Full { data: Option<Bytes> },
+    /// A backend's body relayed frame by frame.
+    Stream { inner: Incoming, stall: StallGuard },
+}
+
+impl ProxyBody {
+    pub fn full(data: Bytes) -> Self {
+        ProxyBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Full { data: None }
+    }
+
+    pub fn stream(inner: Incoming, stall_timeout: Duration) -> Self {
+        ProxyBody::Stream {
+            inner,
+            stall: StallGuard::new(stall_timeout),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Stream { inner, stall } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    stall.progress();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => match stall.poll_stalled(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout)))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

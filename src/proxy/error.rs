@@ -1,0 +1,84 @@
+//! Every way a proxied request can fail before a backend's answer reaches the
+//! client, and the single place those failures become HTTP statuses.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+
+/// Why portico answers a request itself instead of relaying a backend's
+/// response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no route for this host and path")]
+    NoRoute,
+    #[error("request body larger than max_request_body")]
+    BodyTooLarge,
+    #[error("request body stalled longer than body_timeout")]
+    RequestBodyTimeout,
+    #[error("no healthy backend")]
+    NoHealthyBackend,
+    #[error("backend {backend} refused the connection: {source}")]
+    Connect {
+        backend: std::net::SocketAddr,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("backend {backend} connect timed out")]
+    ConnectTimeout { backend: std::net::SocketAddr },
+    #[error("backend {backend} broke the response: {source}")]
+    Upstream {
+        backend: std::net::SocketAddr,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("backend {backend} sent no response head within response_timeout")]
+    ResponseTimeout { backend: std::net::SocketAddr },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+        }
+    }
+
+    /// A short plain-text answer; details stay in the log, not on the wire.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        error_response(self.status())
+    }
+}
+
+/// A plain-text response whose body is the status line's reason phrase.
+pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
+    let text: &'static str = match status {
+        StatusCode::BAD_REQUEST => "400 Bad Request\n",
+        StatusCode::NOT_FOUND => "404 Not Found: no route\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
+        StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
+        StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no healthy backend\n",
+        StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
+        StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
+        _ => "error\n",
+    };
+    let mut response = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

@@ -1,0 +1,298 @@
+//! Request and response header hygiene for forwarding (RFC 9110 §7.6):
+//! hop-by-hop fields are dropped in both directions, and the request gains
+//! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
+//! Pure functions over `HeaderMap`; nothing here knows about routing or
+//! backends.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Fields that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus the `Proxy-*` fields addressed to a proxy rather than the origin.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str().starts_with("proxy-")
+}
+
+/// Removes hop-by-hop fields, including every field the `Connection` header
+/// names. The names are collected first because `Connection` itself goes.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',') {
+            let token = token.trim();
+            if token.is_empty() {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(&name);
+    }
+    // Collect first: removing while iterating a HeaderMap is not possible.
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(&name);
+    }
+    // Some clients still send it; it is never meant for the origin.
+    headers.remove(&PROXY_CONNECTION);
+}
+
+/// The `received-protocol` of a Via entry for the version we received.
+fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 portico",
+        Version::HTTP_2 => "2 portico",
+        Version::HTTP_3 => "3 portico",
+        _ => "1.1 portico",
+    })
+}
+
+/// What the proxy knows about the client side of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo<'a> {
+    pub ip: IpAddr,
+    /// `http` or `https`: the scheme the client used to reach portico.
+    pub proto: &'static str,
+    /// The host the client asked for (Host or :authority), if any.
+    pub host: Option<&'a HeaderValue>,
+    pub version: Version,
+}
+
+/// Prepares a request head for a backend: hop-by-hop removal, then the
+/// forwarding fields. `X-Forwarded-For` is appended to (folding repeated
+/// fields into one list, as RFC 9110 §5.3 allows), the others are replaced,
+/// since only portico knows what the client really used.
+pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
+    remove_hop_by_hop(headers);
+
+    let ip = client.ip.to_string();
+    let xff = {
+        let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+        if prior.peek().is_none() {
+            HeaderValue::from_str(&ip)
+        } else {
+            let mut list = String::new();
+            for value in prior {
+                list.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                list.push_str(", ");
+            }
+            list.push_str(&ip);
+            HeaderValue::from_str(&list)
+        }
+    };
+    match xff {
+        Ok(value) => {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+        // Unrepresentable prior values (control characters) are dropped
+        // rather than forwarded mangled.
+        Err(_) => {
+            if let Ok(value) = HeaderValue::from_str(&ip) {
+                headers.insert(X_FORWARDED_FOR.clone(), value);
+            }
+        }
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
+    match client.host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+    headers.append(header::VIA, via_value(client.version));
+}
+
+/// Prepares a backend's response head for the client.
+pub fn prepare_response(headers: &mut HeaderMap, backend_version: Version) {
+    remove_hop_by_hop(headers);
+    headers.append(header::VIA, via_value(backend_version));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
+        ClientInfo {
+            ip: "192.0.2.7".parse().unwrap(),
+            proto: "http",
+            host,
+            version: Version::HTTP_11,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+        let cases: &[Case] = &[
+            // (input, must be gone, must remain)
+            (
+                &[
+                    ("connection", "keep-alive"),
+                    ("keep-alive", "timeout=5"),
+                    ("accept", "*/*"),
+                ],
+                &["connection", "keep-alive"],
+                &["accept"],
+            ),
+            (
+                &[
+                    ("te", "trailers"),
+                    ("transfer-encoding", "chunked"),
+                    ("upgrade", "h2c"),
+                ],
+                &["te", "transfer-encoding", "upgrade"],
+                &[],
+            ),
+            (
+                &[
+                    ("proxy-authorization", "Basic x"),
+                    ("proxy-connection", "close"),
+                ],
+                &["proxy-authorization", "proxy-connection"],
+                &[],
+            ),
+            // Fields named by Connection go too, whatever their case or spacing.
+            (
+                &[
+                    ("connection", "X-Secret ,  close,,"),
+                    ("x-secret", "1"),
+                    ("x-kept", "2"),
+                ],
+                &["connection", "x-secret"],
+                &["x-kept"],
+            ),
+            // Multiple Connection fields are all honoured.
+            (
+                &[
+                    ("connection", "a"),
+                    ("connection", "b"),
+                    ("a", "1"),
+                    ("b", "2"),
+                    ("c", "3"),
+                ],
+                &["a", "b"],
+                &["c"],
+            ),
+            // Garbage tokens in Connection are ignored, not a panic.
+            (
+                &[
+                    ("connection", "bad header name, ok-name"),
+                    ("ok-name", "1"),
+                    ("host", "h"),
+                ],
+                &["ok-name"],
+                &["host"],
+            ),
+        ];
+        for (input, gone, kept) in cases {
+            let mut headers = map(input);
+            remove_hop_by_hop(&mut headers);
+            for name in *gone {
+                assert!(!headers.contains_key(*name), "{name} kept in {input:?}");
+            }
+            for name in *kept {
+                assert!(headers.contains_key(*name), "{name} removed in {input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_to_prior_hops() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "192.0.2.7"),
+            (&[("x-forwarded-for", "10.0.0.1")], "10.0.0.1, 192.0.2.7"),
+            (
+                &[
+                    ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+                    ("x-forwarded-for", "10.0.0.3"),
+                ],
+                "10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7",
+            ),
+        ];
+        for (input, want) in cases {
+            let mut headers = map(input);
+            prepare_request(&mut headers, client(None));
+            let all: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+            assert_eq!(all, vec![*want], "for {input:?}");
+        }
+    }
+
+    #[test]
+    fn forwarding_fields_replace_client_supplied_ones() {
+        let host = HeaderValue::from_static("shop.example");
+        let mut headers = map(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("host", "shop.example"),
+        ]);
+        prepare_request(&mut headers, client(Some(&host)));
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+        assert_eq!(headers["host"], "shop.example");
+        assert_eq!(headers["via"], "1.1 portico");
+    }
+
+    #[test]
+    fn via_is_appended_with_the_received_protocol() {
+        let mut headers = map(&[("via", "1.0 edge")]);
+        let mut info = client(None);
+        info.version = Version::HTTP_2;
+        prepare_request(&mut headers, info);
+        let all: Vec<_> = headers.get_all("via").iter().collect();
+        assert_eq!(all, vec!["1.0 edge", "2 portico"]);
+    }
+
+    #[test]
+    fn response_loses_hop_by_hop_and_gains_via() {
+        let mut headers = map(&[
+            ("connection", "close, x-internal"),
+            ("x-internal", "1"),
+            ("transfer-encoding", "chunked"),
+            ("etag", "\"v1\""),
+        ]);
+        prepare_response(&mut headers, Version::HTTP_11);
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("x-internal"));
+        assert!(!headers.contains_key("transfer-encoding"));
+        assert_eq!(headers["etag"], "\"v1\"");
+        assert_eq!(headers["via"], "1.1 portico");
+    }
+}

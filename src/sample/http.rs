@@ -1,0 +1,273 @@
+//! The order backend's HTTP layer: routing, JSON in and out, ETags and
+//! conditional GETs. Every answer carries `X-Backend: NAME`. Besides the
+//! order API it has three helpers for proxy tests: `POST /echo` streams the
+//! body back, `GET /echo/headers` shows the request headers it received, and
+//! `GET /bytes/{n}` returns n deterministic bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::model::NewOrder;
+use super::service::{OrderService, ServiceError};
+use super::BackendOptions;
+
+/// Largest order body accepted.
+const MAX_ORDER_BODY: usize = 2 * 1024 * 1024;
+/// Largest `/bytes/{n}`.
+const MAX_BYTES: usize = 64 * 1024 * 1024;
+
+pub type Body = Either<Full<Bytes>, Incoming>;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct Context {
+    pub opts: BackendOptions,
+    pub name: HeaderValue,
+    pub cache_control: HeaderValue,
+    pub service: OrderService,
+    pub requests: AtomicU64,
+    pub orders_created: AtomicU64,
+}
+
+impl Context {
+    pub fn new(opts: BackendOptions, service: OrderService) -> Self {
+        let name = HeaderValue::from_str(&opts.name)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        let cache_control = HeaderValue::from_str(&format!("public, max-age={}", opts.max_age))
+            .expect("digits are a valid header value");
+        Context {
+            opts,
+            name,
+            cache_control,
+            service,
+            requests: AtomicU64::new(0),
+            orders_created: AtomicU64::new(0),
+        }
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Either::Left(Full::new(body.into())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => full(status, "application/json", body),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode response"),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// Strong or weak, an entity tag without its `W/` prefix.
+fn opaque(tag: &str) -> &str {
+    tag.trim().strip_prefix("W/").unwrap_or(tag.trim())
+}
+
+/// RFC 9110 §13.1.2: `If-None-Match` uses the weak comparison; `*` matches
+/// any current representation.
+pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim() == "*" || opaque(tag) == opaque(etag))
+}
+
+fn parse_id(segment: &str) -> Option<u64> {
+    // Digits only: "+1" or " 1" are not ids.
+    if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    segment.parse().ok()
+}
+
+/// Serves one request.
+pub async fn handle(ctx: Arc<Context>, request: Request<Incoming>) -> Response<Body> {
+    ctx.requests.fetch_add(1, Ordering::Relaxed);
+    if !ctx.opts.delay.is_zero() {
+        tokio::time::sleep(ctx.opts.delay).await;
+    }
+    let mut response = route(&ctx, request).await;
+    response.headers_mut().insert("x-backend", ctx.name.clone());
+    response
+}
+
+async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = request.method().clone();
+    let read = method == Method::GET || method == Method::HEAD;
+    match segments.as_slice() {
+        ["health"] if read => json(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "ok", "name": ctx.opts.name }),
+        ),
+        ["health"] => method_not_allowed("GET, HEAD"),
+        ["users", id, "orders"] => {
+            let Some(user_id) = parse_id(id) else {
+                return error(StatusCode::BAD_REQUEST, "user id must be a number");
+            };
+            if read {
+                list_orders(ctx, user_id, request.headers())
+            } else if method == Method::POST {
+                create_order(ctx, user_id, request).await
+            } else {
+                method_not_allowed("GET, HEAD, POST")
+            }
+        }
+        ["orders", id] if read => match ctx.service.order(id) {
+            Ok(order) => {
+                let mut response = json(StatusCode::OK, &order);
+                // The status changes behind the client's back: never cache.
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response
+            }
+            Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        },
+        ["orders", _] => method_not_allowed("GET, HEAD"),
+        ["echo"] if method == Method::POST => {
+            let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
+            let mut response = Response::new(Either::Right(request.into_body()));
+            if let Some(ct) = content_type {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            response
+        }
+        ["echo"] => method_not_allowed("POST"),
+        ["echo", "headers"] if read => {
+            let mut seen: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+            for (name, value) in request.headers() {
+                seen.entry(name.as_str())
+                    .or_default()
+                    .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+            }
+            json(StatusCode::OK, &seen)
+        }
+        ["bytes", n] if read => match parse_id(n).map(|n| n as usize) {
+            Some(n) if n <= MAX_BYTES => {
+                let body: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut response = full(StatusCode::OK, "application/octet-stream", body);
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, ctx.cache_control.clone());
+                response
+            }
+            _ => error(StatusCode::BAD_REQUEST, "n must be a number up to 67108864"),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn list_orders(ctx: &Context, user_id: u64, headers: &HeaderMap) -> Response<Body> {
+    let (orders, version) = match ctx.service.orders_of(user_id) {
+        Ok(found) => found,
+        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
+    };
+    let etag = format!("\"u{user_id}-v{version}\"");
+    let etag_value = HeaderValue::from_str(&etag).expect("digits and quotes are a valid value");
+    let mut response = if none_match(headers, &etag) {
+        let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        json(StatusCode::OK, &orders)
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag_value);
+    headers.insert(header::CACHE_CONTROL, ctx.cache_control.clone());
+    response
+}
+
+async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(request.into_body(), MAX_ORDER_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
+    };
+    let new: NewOrder = match serde_json::from_slice(&body) {
+        Ok(new) => new,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid order: {e}")),
+    };
+    match ctx.service.create(user_id, new) {
+        Ok(order) => {
+            ctx.orders_created.fetch_add(1, Ordering::Relaxed);
+            let mut response = json(StatusCode::CREATED, &order);
+            if let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        Err(e @ ServiceError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_uses_weak_comparison() {
+        let cases: &[(&[&str], &str, bool)] = &[
+            (&["\"u1-v1\""], "\"u1-v1\"", true),
+            (&["W/\"u1-v1\""], "\"u1-v1\"", true),
+            (&["\"a\", \"u1-v1\""], "\"u1-v1\"", true),
+            (&["\"a\"", "\"u1-v1\""], "\"u1-v1\"", true),
+            (&["*"], "\"u1-v1\"", true),
+            (&["\"u1-v2\""], "\"u1-v1\"", false),
+            (&[], "\"u1-v1\"", false),
+            (&["garbage"], "\"u1-v1\"", false),
+        ];
+        for (values, etag, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in *values {
+                headers.append(header::IF_NONE_MATCH, HeaderValue::from_str(v).unwrap());
+            }
+            assert_eq!(none_match(&headers, etag), *want, "{values:?} vs {etag}");
+        }
+    }
+
+    #[test]
+    fn ids_are_plain_digits() {
+        for (input, want) in [
+            ("1", Some(1)),
+            ("42", Some(42)),
+            ("+1", None),
+            ("", None),
+            ("x", None),
+            ("99999999999999999999", None),
+        ] {
+            assert_eq!(parse_id(input), want, "{input}");
+        }
+    }
+}

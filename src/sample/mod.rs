@@ -1,0 +1,178 @@
+//! The bundled sample order backend: a small layered service (model →
+//! repository → service → HTTP) used by the tests, the benchmarks and
+//! `portico demo`. JSON everywhere; every response names its instance in
+//! `X-Backend`. Start it in-process with [`start`] (tests) or [`start_on`]
+//! with a shared repository (the demo: several instances, one store), or as
+//! its own process with the `order-backend` binary.
+
+pub mod http;
+pub mod model;
+pub mod repository;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use repository::{InMemoryRepository, OrderRepository};
+use service::OrderService;
+
+/// How long [`RunningBackend::stop`] waits for in-flight requests.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    pub name: String,
+    /// Added before every answer.
+    pub delay: Duration,
+    /// `max-age` of the cacheable answers.
+    pub max_age: u32,
+}
+
+impl BackendOptions {
+    pub fn new(name: impl Into<String>) -> Self {
+        BackendOptions {
+            name: name.into(),
+            delay: Duration::ZERO,
+            max_age: 10,
+        }
+    }
+}
+
+/// A fresh seeded store: user 1 owns `ORDER-001`.
+pub fn new_repository() -> Arc<dyn OrderRepository> {
+    Arc::new(InMemoryRepository::seeded())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting and
+/// lets in-flight connections finish.
+pub async fn serve(
+    listener: TcpListener,
+    opts: BackendOptions,
+    repo: Arc<dyn OrderRepository>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ctx = Arc::new(http::Context::new(opts, OrderService::start(repo)));
+    serve_context(listener, ctx, shutdown).await
+}
+
+async fn serve_context(
+    listener: TcpListener,
+    ctx: Arc<http::Context>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let service = service_fn(move |request| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, std::convert::Infallible>(http::handle(ctx, request).await) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(STOP_GRACE, graceful.shutdown()).await;
+    Ok(())
+}
+
+/// A backend running on the current runtime; stops when dropped.
+#[derive(Debug)]
+pub struct RunningBackend {
+    addr: SocketAddr,
+    ctx: Arc<http::Context>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningBackend {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ctx.opts.name
+    }
+
+    /// Requests answered (or being answered) so far.
+    pub fn requests(&self) -> u64 {
+        self.ctx.requests.load(Ordering::Relaxed)
+    }
+
+    /// Orders this instance created.
+    pub fn orders_created(&self) -> u64 {
+        self.ctx.orders_created.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting, waits (bounded) for in-flight requests.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(STOP_GRACE * 2, &mut self.task).await;
+    }
+}
+
+impl Drop for RunningBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds 127.0.0.1:0 with its own fresh store and starts serving.
+pub async fn start(opts: BackendOptions) -> std::io::Result<RunningBackend> {
+    start_on(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        opts,
+        new_repository(),
+    )
+    .await
+}
+
+/// Binds `addr` and starts serving from `repo`; returns once listening.
+pub async fn start_on(
+    addr: SocketAddr,
+    opts: BackendOptions,
+    repo: Arc<dyn OrderRepository>,
+) -> std::io::Result<RunningBackend> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let ctx = Arc::new(http::Context::new(opts, OrderService::start(repo)));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_context(listener, ctx.clone(), async {
+        let _ = stopped.await;
+    }));
+    Ok(RunningBackend {
+        addr,
+        ctx,
+        stop: Some(stop),
+        task,
+    })
+}

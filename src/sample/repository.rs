@@ -1,0 +1,163 @@
+//! Storage behind the order service: a trait, so the service does not care
+//! where orders live, and the in-memory store the sample uses. Each user has
+//! a version that changes with their orders; it becomes the list's ETag.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use super::model::{NewOrder, Order, OrderItem, OrderStatus};
+
+pub trait OrderRepository: Send + Sync + std::fmt::Debug {
+    /// A user's orders and their version, `None` for an unknown user.
+    fn orders_of(&self, user_id: u64) -> Option<(Vec<Order>, u64)>;
+    fn order(&self, order_id: &str) -> Option<Order>;
+    /// Stores a new pending order (creating the user on first order).
+    fn insert(&self, user_id: u64, order: NewOrder) -> Order;
+    /// Returns false for an unknown order.
+    fn set_status(&self, order_id: &str, status: OrderStatus) -> bool;
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// user id -> (order ids in creation order, version)
+    users: HashMap<u64, (Vec<String>, u64)>,
+    orders: HashMap<String, Order>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+pub struct InMemoryRepository {
+    state: RwLock<State>,
+}
+
+impl InMemoryRepository {
+    /// Users 1 to 3 exist; user 1 has the confirmed order `ORDER-001`.
+    pub fn seeded() -> Self {
+        let mut state = State {
+            next_id: 2,
+            ..State::default()
+        };
+        let seed = Order {
+            id: "ORDER-001".into(),
+            user_id: 1,
+            items: vec![OrderItem {
+                sku: "A-1".into(),
+                qty: 1,
+            }],
+            amount_cents: 999,
+            email: "alice@example.com".into(),
+            status: OrderStatus::Confirmed,
+        };
+        state.users.insert(1, (vec![seed.id.clone()], 1));
+        state.users.insert(2, (Vec::new(), 1));
+        state.users.insert(3, (Vec::new(), 1));
+        state.orders.insert(seed.id.clone(), seed);
+        InMemoryRepository {
+            state: RwLock::new(state),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-written:
+        // every mutation below is a single insert or field store.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl OrderRepository for InMemoryRepository {
+    fn orders_of(&self, user_id: u64) -> Option<(Vec<Order>, u64)> {
+        let state = self.read();
+        let (ids, version) = state.users.get(&user_id)?;
+        let orders = ids
+            .iter()
+            .filter_map(|id| state.orders.get(id).cloned())
+            .collect();
+        Some((orders, *version))
+    }
+
+    fn order(&self, order_id: &str) -> Option<Order> {
+        self.read().orders.get(order_id).cloned()
+    }
+
+    fn insert(&self, user_id: u64, new: NewOrder) -> Order {
+        let mut state = self.write();
+        let id = format!("ORDER-{:03}", state.next_id);
+        state.next_id += 1;
+        let order = Order {
+            id: id.clone(),
+            user_id,
+            items: new.items,
+            amount_cents: new.amount_cents,
+            email: new.email,
+            status: OrderStatus::Pending,
+        };
+        state.orders.insert(id.clone(), order.clone());
+        let user = state.users.entry(user_id).or_insert((Vec::new(), 0));
+        user.0.push(id);
+        user.1 += 1;
+        order
+    }
+
+    fn set_status(&self, order_id: &str, status: OrderStatus) -> bool {
+        let mut state = self.write();
+        let Some(order) = state.orders.get_mut(order_id) else {
+            return false;
+        };
+        order.status = status;
+        let user_id = order.user_id;
+        if let Some(user) = state.users.get_mut(&user_id) {
+            user.1 += 1;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_order() -> NewOrder {
+        NewOrder {
+            items: vec![OrderItem {
+                sku: "B-2".into(),
+                qty: 2,
+            }],
+            amount_cents: 100,
+            email: "b@example.com".into(),
+        }
+    }
+
+    #[test]
+    fn seeded_user_one_has_order_001() {
+        let repo = InMemoryRepository::seeded();
+        let (orders, _) = repo.orders_of(1).unwrap();
+        assert_eq!(orders[0].id, "ORDER-001");
+        assert!(repo.orders_of(99).is_none());
+    }
+
+    #[test]
+    fn inserting_and_confirming_bump_the_user_version() {
+        let repo = InMemoryRepository::seeded();
+        let (_, v0) = repo.orders_of(1).unwrap();
+        let order = repo.insert(1, new_order());
+        assert_eq!(order.id, "ORDER-002");
+        assert_eq!(order.status, OrderStatus::Pending);
+        let (orders, v1) = repo.orders_of(1).unwrap();
+        assert_eq!(orders.len(), 2);
+        assert!(v1 > v0);
+        assert!(repo.set_status(&order.id, OrderStatus::Confirmed));
+        assert!(repo.orders_of(1).unwrap().1 > v1);
+        assert!(!repo.set_status("ORDER-999", OrderStatus::Confirmed));
+    }
+
+    #[test]
+    fn a_first_order_creates_the_user() {
+        let repo = InMemoryRepository::seeded();
+        repo.insert(42, new_order());
+        assert_eq!(repo.orders_of(42).unwrap().0.len(), 1);
+    }
+}

@@ -1,0 +1,177 @@
+//! Listeners and connection lifecycle: accept, serve HTTP/1.1 and h2c on
+//! each connection (auto-detected), apply the connection-level limits from
+//! `[server]`, and stop gracefully. The request path itself is
+//! [`crate::proxy::Proxy`], read per request from an [`ArcSwap`] so a reload
+//! can replace it without touching connections.
+
+pub mod shutdown;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::{self, Config};
+use crate::proxy::{Conn, Proxy};
+use shutdown::{Drain, DrainGuard, Shutdown};
+
+/// hyper refuses smaller read buffers; a head must fit in one buffer.
+const MIN_BUF_SIZE: usize = 8 * 1024;
+
+/// Binds every address, naming the one that failed.
+pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// A running proxy's shared state: the current request-path generation.
+#[derive(Debug)]
+pub struct Shared {
+    pub proxy: ArcSwap<Proxy>,
+}
+
+impl Shared {
+    pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Shared {
+            proxy: ArcSwap::from_pointee(Proxy::new(config)),
+        })
+    }
+}
+
+fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper starts this clock whenever it waits for a head, so it also
+        // bounds how long an idle keep-alive connection is held, as
+        // HAProxy's `timeout http-request` does.
+        .header_read_timeout(settings.request_header_timeout)
+        .max_buf_size((settings.max_header_size as usize).max(MIN_BUF_SIZE))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX))
+        .keep_alive_interval(settings.idle_timeout / 2)
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Serves `listeners` until `signal` resolves, then stops accepting, lets
+/// in-flight requests finish within `shutdown_grace` and returns.
+pub async fn run(
+    config: &Config,
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    signal: impl Future<Output = ()>,
+) {
+    let (trigger, shutdown) = shutdown::channel();
+    let drain = Drain::new();
+    let builder = Arc::new(connection_builder(&config.server));
+
+    for listener in listeners {
+        let accept = accept_loop(
+            listener,
+            "http",
+            shared.clone(),
+            builder.clone(),
+            shutdown.clone(),
+            drain.guard(),
+        );
+        tokio::spawn(accept);
+    }
+
+    signal.await;
+    tracing::info!(
+        grace = ?config.server.shutdown_grace,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    trigger.fire();
+    if drain.wait(config.server.shutdown_grace).await {
+        tracing::info!("all connections drained");
+    } else {
+        tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proto: &'static str,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut shutdown: Shutdown,
+    drain: DrainGuard,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.recv() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let conn = Conn { peer, proto };
+                tokio::spawn(serve_connection(
+                    stream,
+                    conn,
+                    shared.clone(),
+                    builder.clone(),
+                    shutdown.clone(),
+                    drain.clone(),
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors and similar: back off instead of
+                // spinning; the listener itself stays usable.
+                tracing::warn!(listener = ?local, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = ?local, "listener closed");
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    conn: Conn,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut shutdown: Shutdown,
+    _drain: DrainGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| {
+        // One generation per request: a reload mid-connection applies to
+        // the next request, and this one finishes on the config it began on.
+        let proxy = shared.proxy.load_full();
+        async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.recv() => {
+            // Finish in-flight requests, close keep-alive, send GOAWAY on h2.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(client = %conn.peer, %error, "connection ended with error");
+    }
+}

@@ -1,0 +1,151 @@
+//! The `portico` binary as an operator meets it: `check` on good and broken
+//! files, exit codes, and `demo` serving traffic until SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORTICO: &str = env!("CARGO_BIN_EXE_portico");
+
+fn repo_file(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    for file in ["config/portico.toml", "config/demo.toml"] {
+        let out = Command::new(PORTICO)
+            .args(["check", "--config", &repo_file(file)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "configuration ok"
+        );
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_its_position_and_exits_1() {
+    let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("broken.toml");
+    std::fs::write(
+        &file,
+        r#"[server]
+listen = ["127.0.0.1:8080"]
+colour = "blue"
+
+[[upstream]]
+name = "orders"
+backends = ["127.0.0.1:8001"]
+connect_timeout = "2 parsecs"
+
+[[route]]
+path_prefix = "/"
+upstream = "inventory"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(PORTICO)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = file.display().to_string();
+    for want in [
+        format!("{name}:3:1"),   // unknown key `colour`
+        format!("{name}:8:19"),  // bad duration
+        format!("{name}:12:12"), // unknown upstream
+    ] {
+        assert!(stderr.contains(&want), "missing {want} in:\n{stderr}");
+    }
+    for key in ["colour", "connect_timeout", "upstream"] {
+        assert!(stderr.contains(key), "missing key {key} in:\n{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = Command::new(PORTICO)
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(PORTICO).arg("check").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
+    let mut child = Command::new(PORTICO)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut proxy = None;
+    while proxy.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if let Some(rest) = line.split(" behind http://").nth(1) {
+                proxy = Some(rest.trim().to_owned());
+            }
+        }
+    }
+    let proxy = proxy.expect("demo printed its address");
+
+    let body = http_get(&proxy, "/users/1/orders");
+    assert!(body.contains("200 OK"), "{body}");
+    assert!(body.contains("ORDER-001"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("x-backend: backend-"),
+        "{body}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "demo exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.1 GET over std's TcpStream, read to close.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out
+}

@@ -1,0 +1,155 @@
+//! Test harness, after mini-redis's `start_server()`: every server binds
+//! 127.0.0.1:0, is spawned on the test's runtime and hands back its address;
+//! every wait is bounded.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use portico::config::Config;
+use portico::sample::{self, BackendOptions, RunningBackend};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Longest any single step of a test may take before it counts as a hang.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningProxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful stop; waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(STEP, &mut self.task)
+            .await
+            .expect("proxy drained in time")
+            .expect("proxy task did not panic");
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the proxy for `config` on 127.0.0.1:0 (the config's own listen
+/// addresses are ignored).
+pub async fn start_proxy(config: Config) -> RunningProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shared = portico::server::Shared::new(&config);
+        portico::server::run(&config, shared, vec![listener], async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    RunningProxy {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+pub async fn start_backends(n: usize) -> Vec<RunningBackend> {
+    let mut backends = Vec::with_capacity(n);
+    for i in 1..=n {
+        backends.push(start_backend(BackendOptions::new(format!("b{i}"))).await);
+    }
+    backends
+}
+
+pub async fn start_backend(opts: BackendOptions) -> RunningBackend {
+    tokio::time::timeout(STEP, sample::start(opts))
+        .await
+        .expect("backend started in time")
+        .expect("backend bound")
+}
+
+/// One upstream over `backends`, one catch-all route, limits at defaults.
+pub fn config_for(backends: &[&RunningBackend]) -> Config {
+    Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        backends.iter().map(|b| b.addr()).collect(),
+    )
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+    }
+}
+
+/// Sends a request and reads the whole answer, within [`STEP`].
+pub async fn send(client: &TestClient, request: Request<Full<Bytes>>) -> Answer {
+    tokio::time::timeout(STEP, async {
+        let response = client.request(request).await.expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+    .expect("answer within STEP")
+}
+
+pub async fn get(client: &TestClient, url: &str) -> Answer {
+    send(
+        client,
+        Request::get(url).body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await
+}
+
+/// Writes `raw` on a fresh connection and reads until the server closes or
+/// [`STEP`] passes; for requests a well-behaved client library cannot send.
+pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

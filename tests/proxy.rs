@@ -1,0 +1,343 @@
+//! The proxy core over real sockets: balancing, streaming, limits, errors
+//! and protocol handling, with real sample order backends behind it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use portico::config::{HostMatch, Route};
+use portico::sample::BackendOptions;
+
+#[tokio::test]
+async fn thirty_gets_are_spread_ten_per_backend() {
+    let backends = start_backends(3).await;
+    let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;
+    let client = client();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let answer = get(&client, &proxy.url("/users/1/orders")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        *seen
+            .entry(answer.header("x-backend").to_owned())
+            .or_default() += 1;
+    }
+    let want: HashMap<String, usize> = [("b1", 10), ("b2", 10), ("b3", 10)]
+        .map(|(k, v)| (k.to_owned(), v))
+        .into();
+    assert_eq!(seen, want);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn proxied_bodies_are_byte_identical_to_direct_ones() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let client = client();
+    for path in [
+        "/users/1/orders",
+        "/bytes/65536",
+        "/bytes/3000000",
+        "/health",
+    ] {
+        let direct = get(&client, &format!("http://{}{path}", backend.addr())).await;
+        let proxied = get(&client, &proxy.url(path)).await;
+        assert_eq!(proxied.status, direct.status, "{path}");
+        assert_eq!(proxied.body, direct.body, "{path}");
+        assert_eq!(
+            proxied.headers.get("etag"),
+            direct.headers.get("etag"),
+            "{path}"
+        );
+        assert_eq!(proxied.header("via"), "1.1 portico");
+    }
+}
+
+#[tokio::test]
+async fn a_one_mebibyte_post_arrives_intact() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let body: Bytes = (0..1024 * 1024)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let request = Request::post(proxy.url("/echo"))
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), body.len());
+    assert!(answer.body == body, "echoed body differs");
+}
+
+#[tokio::test]
+async fn an_order_posted_through_the_proxy_is_created_once() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let request = Request::post(proxy.url("/users/1/orders"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"items":[{"sku":"A-1","qty":2}],"amount_cents":1999,"email":"a@example.com"}"#,
+        )))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(answer.header("location").starts_with("/orders/"));
+    assert_eq!(backend.orders_created(), 1);
+}
+
+fn small_body_limit(backend: &portico::sample::RunningBackend) -> portico::config::Config {
+    let mut config = config_for(&[backend]);
+    config.server.max_request_body = 1024;
+    config
+}
+
+#[tokio::test]
+async fn a_declared_body_over_max_request_body_gets_413_without_reaching_a_backend() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(small_body_limit(&backend)).await;
+    let request = Request::post(proxy.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'x'; 1025])))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_chunked_body_growing_past_max_request_body_gets_413() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(small_body_limit(&backend)).await;
+    // No Content-Length: chunks of 600 bytes, the second crosses the limit.
+    let chunks = (0..4)
+        .map(|_| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![b'x'; 600]))));
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let request = Request::post(proxy.url("/echo")).body(body).unwrap();
+    let response = tokio::time::timeout(STEP, client.request(request))
+        .await
+        .expect("answer in time")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn a_stopped_backend_gives_502() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let config = config_for(&[&backend]);
+    backend.stop().await;
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.header("content-type"), "text/plain; charset=utf-8");
+}
+
+#[tokio::test]
+async fn a_backend_slower_than_response_timeout_gives_504() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(800);
+    let backend = start_backend(opts).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].response_timeout = Duration::from_millis(100);
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_requests_are_proxied() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = get(&h2c_client(), &proxy.url("/users/1/orders")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("x-backend"), "b1");
+    assert_eq!(answer.header("via"), "1.1 portico");
+    // The backend saw an HTTP/1.1 request with a Host built from :authority.
+    let echoed = get(&h2c_client(), &proxy.url("/echo/headers")).await;
+    let headers: serde_json::Value = serde_json::from_slice(&echoed.body).unwrap();
+    assert_eq!(headers["host"][0], proxy.addr.to_string());
+    assert_eq!(headers["via"][0], "2 portico");
+}
+
+#[tokio::test]
+async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let request = Request::get(proxy.url("/echo/headers"))
+        .header("connection", "x-secret")
+        .header("x-secret", "must not pass")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("x-app", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    for gone in ["x-secret", "keep-alive", "proxy-authorization", "te"] {
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the backend: {seen}"
+        );
+    }
+    assert_eq!(seen["x-app"][0], "kept");
+    assert_eq!(seen["x-forwarded-for"][0], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"][0], "http");
+    assert_eq!(seen["x-forwarded-host"][0], proxy.addr.to_string());
+    assert_eq!(seen["host"][0], proxy.addr.to_string());
+    assert_eq!(seen["via"][0], "1.1 portico");
+}
+
+#[tokio::test]
+async fn a_request_matching_no_route_gets_404() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.routes = vec![Route {
+        host: HostMatch::Exact("shop.example".into()),
+        path_prefix: "/api/".into(),
+        upstream: 0,
+        cache: false,
+        rate_limit: false,
+        name: "shop".into(),
+    }];
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/api/x")).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    let request = Request::get(proxy.url("/api/health"))
+        .header("host", "shop.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // Routed, and the backend answers 404 JSON for its unknown path.
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.header("x-backend"), "b1");
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("missing Host", b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "repeated Host",
+            b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "conflicting Content-Length",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+            "400",
+        ),
+        (
+            "unknown transfer coding",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "400",
+        ),
+        ("invalid header name", b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n", "400"),
+    ];
+    for (what, raw, want) in cases {
+        let answer = raw_exchange(proxy.addr, raw).await;
+        let status = answer.split(' ').nth(1).unwrap_or("<closed>");
+        assert_eq!(status, *want, "{what}: {answer}");
+    }
+    assert_eq!(
+        backend.requests(),
+        0,
+        "a rejected request reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_dropped_and_the_connection_closed() {
+    // RFC 9112 §6.3: Transfer-Encoding wins, Content-Length must not be
+    // forwarded, and the connection closes after the response, so a
+    // smuggled second request behind the body is never read.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let raw = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, raw).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hello"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "second request answered: {answer}"
+    );
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_request_head_over_max_header_size_gets_431() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.max_header_size = 16 * 1024;
+    let proxy = start_proxy(config).await;
+    let big = "a".repeat(20 * 1024);
+    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    let answer = raw_exchange(proxy.addr, raw.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_head_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open after request_header_timeout"
+    );
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_streamed_response_body_is_relayed_as_it_arrives() {
+    // 3 MB is far above any buffer in the path; it must still arrive whole.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let response = tokio::time::timeout(
+        STEP,
+        client().request(
+            Request::get(proxy.url("/bytes/3000000"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut body = response.into_body();
+    let mut frames = 0;
+    let mut total = 0;
+    while let Some(frame) = tokio::time::timeout(STEP, body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len();
+            frames += 1;
+        }
+    }
+    assert_eq!(total, 3_000_000);
+    assert!(frames > 1, "body arrived in one piece: it was buffered");
+}
