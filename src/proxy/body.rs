@@ -15,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::health::InFlight;
+
 /// A stall timeout that never fires in practice; instants near
 /// `Duration::MAX` would overflow `Instant` arithmetic.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -151,8 +153,13 @@ impl Body for RequestBody {
 pub enum ProxyBody {
     /// A small body already in memory; `None` once sent.
     Full { data: Option<Bytes> },
-    /// A backend's body relayed frame by frame.
-    Stream { inner: Incoming, stall: StallGuard },
+    /// A backend's body relayed frame by frame; holds the backend's
+    /// in-flight slot until the body is done.
+    Stream {
+        inner: Incoming,
+        stall: StallGuard,
+        in_flight: Option<InFlight>,
+    },
 }
 
 impl ProxyBody {
@@ -166,10 +173,11 @@ impl ProxyBody {
         ProxyBody::Full { data: None }
     }
 
-    pub fn stream(inner: Incoming, stall_timeout: Duration) -> Self {
+    pub fn stream(inner: Incoming, stall_timeout: Duration, in_flight: Option<InFlight>) -> Self {
         ProxyBody::Stream {
             inner,
             stall: StallGuard::new(stall_timeout),
+            in_flight,
         }
     }
 }
@@ -184,13 +192,24 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Stream { inner, stall } => match Pin::new(inner).poll_frame(cx) {
+            ProxyBody::Stream {
+                inner,
+                stall,
+                in_flight,
+            } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     stall.progress();
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => {
+                    in_flight.take();
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(None) => {
+                    // Done: free the slot now, not when hyper drops the body.
+                    in_flight.take();
+                    Poll::Ready(None)
+                }
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout)))),
                     Poll::Pending => Poll::Pending,

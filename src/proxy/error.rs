@@ -51,6 +51,29 @@ impl ProxyError {
         }
     }
 
+    /// Whether the failure counts against the backend's passive health.
+    pub fn blames_backend(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::ResponseTimeout { .. }
+        )
+    }
+
+    /// Whether an idempotent request may be sent again elsewhere. A response
+    /// timeout is not: the backend may still be working on it, and waiting
+    /// twice doubles the client's wait.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Upstream { .. }
+        )
+    }
+
     /// A short plain-text answer; details stay in the log, not on the wire.
     pub fn into_response(self) -> Response<ProxyBody> {
         error_response(self.status())

@@ -11,10 +11,11 @@ pub mod route;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Response, Version};
+use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
@@ -45,7 +46,7 @@ impl Proxy {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| Arc::new(Upstream::new(u.clone())))
+                .map(|u| Upstream::new(u.clone()))
                 .collect(),
             max_request_body: config.server.max_request_body,
         }
@@ -58,15 +59,16 @@ impl Proxy {
     /// Serves one request. Never fails: errors become responses.
     pub async fn handle(&self, request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
         let method = request.method().clone();
-        let path_for_log = request.uri().path().to_owned();
+        // A Uri clone shares its bytes: cheap, unlike formatting the path.
+        let uri = request.uri().clone();
         match self.forward(request, conn).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
                 if status.is_server_error() {
-                    tracing::warn!(%method, path = %path_for_log, client = %conn.peer, status = status.as_u16(), %error, "proxy error");
+                    tracing::warn!(%method, path = uri.path(), client = %conn.peer, status = status.as_u16(), %error, "proxy error");
                 } else {
-                    tracing::debug!(%method, path = %path_for_log, client = %conn.peer, status = status.as_u16(), %error, "request rejected");
+                    tracing::debug!(%method, path = uri.path(), client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                 }
                 error.into_response()
             }
@@ -107,18 +109,96 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout);
-        let outgoing = Request::from_parts(parts, body);
-
-        let backend = upstream.pick().ok_or(ProxyError::NoHealthyBackend)?;
-        let response = upstream.send(backend, outgoing).await?;
+        let (response, in_flight) = forward_with_retries(upstream, parts, body).await?;
 
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers, parts.version);
         Ok(Response::from_parts(
             parts,
-            ProxyBody::stream(body, upstream.config.body_timeout),
+            ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
         ))
     }
+}
+
+/// RFC 9110 §9.2.2 idempotent methods: safe to send twice.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Sends the request to a backend picked by the upstream's balancer. An
+/// idempotent request without a body is retried on a different backend
+/// after a connect failure or a connection lost before the response head,
+/// up to `retries` times and while the upstream's retry budget allows. A
+/// request with a body is never retried: its bytes may already be gone.
+async fn forward_with_retries(
+    upstream: &Upstream,
+    parts: http::request::Parts,
+    body: RequestBody,
+) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+    let retryable = upstream.config.retries > 0
+        && is_idempotent(&parts.method)
+        && http_body::Body::is_end_stream(&body);
+    upstream.record_request();
+    let mut once = Some((parts, body));
+    let mut replay: Option<http::request::Parts> = None;
+    let mut skip = None;
+    let mut attempt = 0;
+    loop {
+        let Some(index) = upstream.pick(skip) else {
+            return Err(ProxyError::NoHealthyBackend);
+        };
+        let request = match once.take() {
+            Some((parts, body)) => {
+                if retryable {
+                    replay = Some(copy_head(&parts));
+                }
+                Request::from_parts(parts, body)
+            }
+            None => {
+                let head = replay.as_ref().expect("only retryable requests loop");
+                Request::from_parts(copy_head(head), RequestBody::empty())
+            }
+        };
+        let in_flight = upstream.backend(index).in_flight();
+        match upstream.send(index, request).await {
+            Ok(response) => {
+                upstream.observe(index, true);
+                return Ok((response, in_flight));
+            }
+            Err(error) => {
+                if error.blames_backend() {
+                    upstream.observe(index, false);
+                }
+                let again = retryable
+                    && attempt < upstream.config.retries
+                    && error.is_retryable()
+                    && upstream.try_retry();
+                if !again {
+                    return Err(error);
+                }
+                tracing::debug!(upstream = %upstream.name(), %error, "retrying on another backend");
+                attempt += 1;
+                skip = Some(index);
+                // With no other backend left, the original failure stands.
+                if upstream.pick_is_empty(skip) {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
+/// A copy of a request head for a retry; extensions are not carried over.
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 /// The host the client asked for. RFC 9112 §3.2: an HTTP/1.1 request without

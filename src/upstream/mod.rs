@@ -1,25 +1,36 @@
-//! Upstreams: a named set of backend instances, the choice among them and
-//! the pooled keep-alive client that talks to them. Knows HTTP only as far
-//! as sending a prepared request; header hygiene and routing live in
-//! `proxy`.
+//! Upstreams: a named set of backend instances, the choice among them
+//! (`select`), their health (`health`), the retry budget (`budget`) and the
+//! pooled keep-alive client that talks to them. Knows HTTP only as far as
+//! sending a prepared request and judging a health check; header hygiene and
+//! routing live in `proxy`.
 
-mod balance;
+mod budget;
+mod counter;
+pub mod health;
+pub mod select;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config;
-use crate::proxy::body::RequestBody;
+use crate::config::{self, Balance};
+use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
+use budget::RetryBudget;
+use health::{BackendState, Clock, Counter, Health, InFlight, Passive};
+use select::Candidate;
 
-pub use balance::RoundRobin;
+/// Share of requests that may be retries, per upstream, over the window.
+const RETRY_BUDGET_PERCENT: u64 = 20;
 
 /// One backend instance of an upstream.
 #[derive(Debug)]
@@ -28,20 +39,51 @@ pub struct Backend {
     pub weight: u32,
     /// Pre-built so a request's URI costs a cheap clone, not formatting.
     authority: Authority,
+    state: Arc<BackendState>,
 }
 
-/// A running upstream: its backends, balancer and connection pool.
+impl Backend {
+    pub fn state(&self) -> &BackendState {
+        &self.state
+    }
+
+    /// Claims an in-flight slot until the returned guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        InFlight::new(self.state.clone())
+    }
+}
+
+/// A backend's health as operators see it (admin `/status`, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Takes traffic now: up by active checks and not passively ejected.
+    pub up: bool,
+    pub active_up: bool,
+    pub ejected: bool,
+    pub in_flight: usize,
+}
+
+/// A running upstream: its backends, balancer, health and connection pool.
 #[derive(Debug)]
 pub struct Upstream {
     pub config: config::Upstream,
     backends: Vec<Backend>,
-    balancer: RoundRobin,
+    /// Smooth weighted round-robin cycle over the actively-up backends,
+    /// rebuilt when active health changes.
+    cycle: ArcSwap<Vec<usize>>,
+    next: AtomicUsize,
+    budget: RetryBudget,
+    clock: Clock,
     client: Client<HttpConnector, RequestBody>,
+    checker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Upstream {
-    pub fn new(config: config::Upstream) -> Self {
-        let backends = config
+    pub fn new(config: config::Upstream) -> Arc<Self> {
+        let threshold = config.health.as_ref().map_or(3, |h| h.fall);
+        let backends: Vec<Backend> = config
             .backends
             .iter()
             .map(|b| Backend {
@@ -49,6 +91,7 @@ impl Upstream {
                 weight: b.weight,
                 authority: Authority::try_from(b.addr.to_string().as_str())
                     .expect("a SocketAddr always formats as a valid authority"),
+                state: Arc::new(BackendState::new(threshold)),
             })
             .collect();
         let mut connector = HttpConnector::new();
@@ -61,12 +104,22 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Upstream {
+        let upstream = Arc::new(Upstream {
+            cycle: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+            budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
+            clock: Clock::new(),
+            checker: std::sync::Mutex::new(None),
             config,
             backends,
-            balancer: RoundRobin::default(),
             client,
+        });
+        upstream.rebuild_cycle();
+        if let Some(check) = upstream.config.health.clone() {
+            let task = tokio::spawn(check_loop(Arc::downgrade(&upstream), check));
+            *upstream.checker.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
+        upstream
     }
 
     pub fn name(&self) -> &str {
@@ -77,20 +130,123 @@ impl Upstream {
         &self.backends
     }
 
-    /// The backend for the next request.
-    pub fn pick(&self) -> Option<&Backend> {
-        self.balancer
-            .pick(self.backends.len())
-            .map(|i| &self.backends[i])
+    /// Every backend's health, in config order: the one accessor metrics and
+    /// the admin status read.
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let now = self.clock.now_ms();
+        self.backends
+            .iter()
+            .map(|b| BackendStatus {
+                addr: b.addr,
+                weight: b.weight,
+                up: b.state.eligible(now),
+                active_up: b.state.active_up(),
+                ejected: b.state.ejected(now),
+                in_flight: b.state.in_flight(),
+            })
+            .collect()
     }
 
-    /// Sends `request` (path and headers already prepared) to `backend` and
-    /// waits for the response head within `response_timeout`.
+    fn rebuild_cycle(&self) {
+        let candidates: Vec<Candidate> = self
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                eligible: b.state.active_up(),
+                weight: b.weight,
+                in_flight: 0,
+            })
+            .collect();
+        self.cycle
+            .store(Arc::new(select::weighted_cycle(&candidates)));
+    }
+
+    fn candidate(&self, i: usize, now: u64, skip: Option<usize>) -> Candidate {
+        let b = &self.backends[i];
+        Candidate {
+            eligible: Some(i) != skip && b.state.eligible(now),
+            weight: b.weight,
+            in_flight: b.state.in_flight(),
+        }
+    }
+
+    /// The backend for the next attempt, never `skip` (the one that just
+    /// failed). `None` when no backend may take traffic.
+    pub fn pick(&self, skip: Option<usize>) -> Option<usize> {
+        let now = self.clock.now_ms();
+        let n = self.backends.len();
+        match self.config.balance {
+            Balance::RoundRobin => {
+                let cycle = self.cycle.load();
+                let len = cycle.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                // Passively ejected backends stay in the cycle (ejection is
+                // short); their turns pass to the next eligible entry.
+                (0..len)
+                    .map(|k| cycle[(start + k) % len])
+                    .find(|&i| self.candidate(i, now, skip).eligible)
+            }
+            Balance::LeastConn => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                select::least_conn(n, start, |i| self.candidate(i, now, skip))
+            }
+            Balance::RandomTwo => {
+                select::random_two(n, fastrand::usize(..), fastrand::usize(..), |i| {
+                    self.candidate(i, now, skip)
+                })
+            }
+        }
+    }
+
+    /// True when no backend but `skip` could take a request now.
+    pub fn pick_is_empty(&self, skip: Option<usize>) -> bool {
+        let now = self.clock.now_ms();
+        !(0..self.backends.len()).any(|i| self.candidate(i, now, skip).eligible)
+    }
+
+    pub fn backend(&self, index: usize) -> &Backend {
+        &self.backends[index]
+    }
+
+    /// Counts a first attempt towards the retry budget.
+    pub fn record_request(&self) {
+        self.budget.record_request(self.clock.now_ms() / 1000);
+    }
+
+    /// Takes a retry from the budget if there is room.
+    pub fn try_retry(&self) -> bool {
+        self.budget.try_retry(self.clock.now_ms() / 1000)
+    }
+
+    /// Records the outcome of a request for passive health.
+    pub fn observe(&self, index: usize, ok: bool) {
+        let backend = &self.backends[index];
+        let change = if ok {
+            backend.state.record_success()
+        } else {
+            backend.state.record_failure(self.clock.now_ms())
+        };
+        match change {
+            Some(Passive::Ejected(backoff)) => tracing::warn!(
+                upstream = %self.config.name, backend = %backend.addr, ?backoff,
+                "backend ejected: consecutive failures on live traffic"
+            ),
+            Some(Passive::Recovered) => tracing::info!(
+                upstream = %self.config.name, backend = %backend.addr,
+                "backend recovered: request succeeded after ejection"
+            ),
+            None => {}
+        }
+    }
+
+    /// Sends `request` (path and headers already prepared) to backend
+    /// `index` and waits for the response head within `response_timeout`.
     pub async fn send(
         &self,
-        backend: &Backend,
+        index: usize,
         mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let backend = &self.backends[index];
         let path = request
             .uri()
             .path_and_query()
@@ -113,20 +269,115 @@ impl Upstream {
             Ok(Err(e)) => Err(classify(addr, e)),
         }
     }
+
+    /// One active check of backend `index`: 2xx or 3xx within `timeout`.
+    async fn check(&self, index: usize, check: &config::HealthCheck) -> Result<(), String> {
+        let backend = &self.backends[index];
+        let mut request = Request::new(RequestBody::empty());
+        *request.method_mut() = Method::GET;
+        *request.uri_mut() = Uri::try_from(check.path.as_str()).map_err(|e| e.to_string())?;
+        if let Ok(host) = http::HeaderValue::from_str(backend.authority.as_str()) {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        request.headers_mut().insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("portico-health-check"),
+        );
+        let attempt = async {
+            let response = self.send(index, request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            // Drain the body so the connection returns to the pool.
+            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            if status.is_success() || status.is_redirection() {
+                Ok(())
+            } else {
+                Err(format!("status {}", status.as_u16()))
+            }
+        };
+        match tokio::time::timeout(check.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .checker
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// The active checker of one upstream: all backends every `interval`, with
+/// ±10% jitter so many portico instances do not probe in lockstep. Holds
+/// only a weak reference so a replaced upstream's checker ends with it.
+async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
+    let count = match upstream.upgrade() {
+        Some(u) => u.backends.len(),
+        None => return,
+    };
+    let mut counters: Vec<Counter> = (0..count)
+        .map(|_| Counter::new(check.rise, check.fall))
+        .collect();
+    loop {
+        let jitter = check.interval.mul_f64(0.9 + fastrand::f64() * 0.2);
+        tokio::time::sleep(jitter).await;
+        let Some(upstream) = upstream.upgrade() else {
+            return;
+        };
+        let results =
+            futures_util::future::join_all((0..count).map(|i| upstream.check(i, &check))).await;
+        let mut changed = false;
+        for (i, result) in results.into_iter().enumerate() {
+            let backend = &upstream.backends[i];
+            let ok = result.is_ok();
+            if ok {
+                // A passing check also ends a passive ejection.
+                backend.state.record_success();
+            }
+            match counters[i].record(ok) {
+                Some(Health::Down) => {
+                    backend.state.set_active_up(false);
+                    changed = true;
+                    tracing::warn!(
+                        upstream = %upstream.config.name, backend = %backend.addr,
+                        reason = %result.err().unwrap_or_default(),
+                        "backend down"
+                    );
+                }
+                Some(Health::Up) => {
+                    backend.state.set_active_up(true);
+                    changed = true;
+                    tracing::info!(
+                        upstream = %upstream.config.name, backend = %backend.addr,
+                        "backend up"
+                    );
+                }
+                None => {}
+            }
+        }
+        if changed {
+            upstream.rebuild_cycle();
+        }
+    }
 }
 
 /// Sorts a client error into the proxy's error kinds by walking its causes.
 fn classify(backend: SocketAddr, error: hyper_util::client::legacy::Error) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = source {
-        if let Some(body) = e.downcast_ref::<crate::proxy::body::BodyError>() {
+        if let Some(body) = e.downcast_ref::<BodyError>() {
             return match body {
-                crate::proxy::body::BodyError::TooLarge { .. } => ProxyError::BodyTooLarge,
-                crate::proxy::body::BodyError::Stalled(_) => ProxyError::RequestBodyTimeout,
+                BodyError::TooLarge { .. } => ProxyError::BodyTooLarge,
+                BodyError::Stalled(_) => ProxyError::RequestBodyTimeout,
                 // The client's upload broke: nobody is left to answer.
-                crate::proxy::body::BodyError::Hyper(_) => {
-                    ProxyError::BadRequest("request body aborted")
-                }
+                BodyError::Hyper(_) => ProxyError::BadRequest("request body aborted"),
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {

@@ -22,11 +22,36 @@ pub const STEP: Duration = Duration::from_secs(10);
 
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    pub shared: std::sync::Arc<portico::server::Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningProxy {
+    /// Health of the first upstream's backends, as the admin status shows it.
+    pub fn backend_status(&self) -> Vec<portico::upstream::BackendStatus> {
+        self.shared.proxy.load().upstreams()[0].status()
+    }
+
+    /// Polls `done` every 20 ms until it holds; panics after [`STEP`].
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[portico::upstream::BackendStatus]) -> bool,
+    ) {
+        let waited = tokio::time::timeout(STEP, async {
+            while !done(&self.backend_status()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "timed out waiting for {what}: {:?}",
+            self.backend_status()
+        );
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -55,15 +80,17 @@ pub async fn start_proxy(config: Config) -> RunningProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
+    let shared = portico::server::Shared::new(&config);
+    let running = shared.clone();
     let task = tokio::spawn(async move {
-        let shared = portico::server::Shared::new(&config);
-        portico::server::run(&config, shared, vec![listener], async {
+        portico::server::run(&config, running, vec![listener], async {
             let _ = stopped.await;
         })
         .await;
     });
     RunningProxy {
         addr,
+        shared,
         stop: Some(stop),
         task,
     }

@@ -1,0 +1,98 @@
+//! The rise/fall counter behind active health checks, after rust-rpxy's
+//! `counter.rs`: a pure state machine fed one check result at a time that
+//! only speaks on a transition, so flapping backends cannot flood the log.
+
+/// A backend's health as the checks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone)]
+pub struct Counter {
+    rise: u32,
+    fall: u32,
+    state: Health,
+    /// Consecutive results disagreeing with `state`.
+    streak: u32,
+}
+
+impl Counter {
+    /// Backends start up: like nginx and HAProxy, traffic flows before the
+    /// first check, and passive ejection covers a dead one meanwhile.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Counter {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            state: Health::Up,
+            streak: 0,
+        }
+    }
+
+    pub fn state(&self) -> Health {
+        self.state
+    }
+
+    /// Records one check result; returns the new state on a transition.
+    pub fn record(&mut self, ok: bool) -> Option<Health> {
+        let agrees = matches!((self.state, ok), (Health::Up, true) | (Health::Down, false));
+        if agrees {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = match self.state {
+            Health::Up => self.fall,
+            Health::Down => self.rise,
+        };
+        if self.streak < needed {
+            return None;
+        }
+        self.streak = 0;
+        self.state = match self.state {
+            Health::Up => Health::Down,
+            Health::Down => Health::Up,
+        };
+        Some(self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_need_rise_or_fall_consecutive_results() {
+        // (rise, fall, results, transitions reported after each result)
+        type Case<'a> = (u32, u32, &'a [bool], &'a [Option<Health>]);
+        let cases: &[Case] = &[
+            (
+                2,
+                3,
+                &[false, false, false],
+                &[None, None, Some(Health::Down)],
+            ),
+            (
+                2,
+                3,
+                &[false, false, true, false, false],
+                &[None, None, None, None, None],
+            ),
+            (
+                2,
+                1,
+                &[false, true, true, true],
+                &[Some(Health::Down), None, Some(Health::Up), None],
+            ),
+            // Flapping never reaches a threshold of 2: no transition at all.
+            (2, 2, &[false, true, false, true, false, true], &[None; 6]),
+            (1, 1, &[true, true], &[None, None]),
+        ];
+        for (rise, fall, results, want) in cases {
+            let mut counter = Counter::new(*rise, *fall);
+            let got: Vec<_> = results.iter().map(|ok| counter.record(*ok)).collect();
+            assert_eq!(got, *want, "rise {rise} fall {fall} results {results:?}");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Backend health: what the request path reads (lock-free atomics per
+//! backend) and the two ways it changes. Active checks run one task per
+//! upstream, GET `path` every `interval` (jittered) and move a backend down
+//! after `fall` failures and up after `rise` successes. Passive ejection
+//! watches real traffic: `fall` consecutive connect failures, broken
+//! responses or timeouts eject a backend for a backoff that doubles on each
+//! repeated ejection (1 s up to 30 s). When it ends, the next request is a
+//! probe: one more failure ejects again, a success (or a passing active
+//! check) clears the record.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use super::counter::{Counter, Health};
+
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
+
+/// Milliseconds on a monotonic clock that starts with the upstream; the
+/// tokio clock, so tests can pause and advance it.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        // Starts at 1 so 0 can mean "never" in the atomics below.
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One backend's live state. Every field is an atomic: the request path
+/// reads and updates it without locks.
+#[derive(Debug)]
+pub struct BackendState {
+    active_up: AtomicBool,
+    /// Clock ms until which passive ejection holds; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// Consecutive failures seen on real traffic.
+    failures: AtomicU32,
+    /// Consecutive ejections, for the backoff.
+    ejections: AtomicU32,
+    in_flight: AtomicUsize,
+    /// Failures that eject.
+    threshold: u32,
+}
+
+/// What a passive observation changed, for the one log line it deserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passive {
+    Ejected(Duration),
+    Recovered,
+}
+
+impl BackendState {
+    pub fn new(threshold: u32) -> Self {
+        BackendState {
+            active_up: AtomicBool::new(true),
+            ejected_until: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+            threshold: threshold.max(1),
+        }
+    }
+
+    /// May take traffic now: up by the active checks, not ejected.
+    pub fn eligible(&self, now_ms: u64) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+            && self.ejected_until.load(Ordering::Relaxed) <= now_ms
+    }
+
+    pub fn active_up(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_active_up(&self, up: bool) {
+        self.active_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn start_request(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end_request(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A request or check succeeded.
+    pub fn record_success(&self) -> Option<Passive> {
+        // Cheap read first: the common case changes nothing and writes no
+        // shared cache line.
+        if self.failures.load(Ordering::Relaxed) == 0 && self.ejections.load(Ordering::Relaxed) == 0
+        {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        self.ejected_until.store(0, Ordering::Relaxed);
+        (self.ejections.swap(0, Ordering::Relaxed) > 0).then_some(Passive::Recovered)
+    }
+
+    /// A request failed in a way that blames the backend.
+    pub fn record_failure(&self, now_ms: u64) -> Option<Passive> {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.threshold || self.ejected(now_ms) {
+            return None;
+        }
+        let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let backoff = EJECT_BASE
+            .saturating_mul(1u32 << (ejections - 1).min(16))
+            .min(EJECT_MAX);
+        self.ejected_until
+            .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
+        // The next request after the backoff is a probe: one failure is
+        // enough to eject again.
+        self.failures.store(self.threshold - 1, Ordering::Relaxed);
+        Some(Passive::Ejected(backoff))
+    }
+}
+
+/// Holds one in-flight slot on a backend until dropped (with the response
+/// body, so least-conn sees streaming responses as busy).
+#[derive(Debug)]
+pub struct InFlight {
+    state: std::sync::Arc<BackendState>,
+}
+
+impl InFlight {
+    pub fn new(state: std::sync::Arc<BackendState>) -> Self {
+        state.start_request();
+        InFlight { state }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state.end_request();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_failures_eject_with_doubling_backoff() {
+        let state = BackendState::new(3);
+        assert_eq!(state.record_failure(10), None);
+        assert_eq!(state.record_failure(10), None);
+        assert_eq!(
+            state.record_failure(10),
+            Some(Passive::Ejected(Duration::from_secs(1)))
+        );
+        assert!(!state.eligible(500));
+        assert!(state.eligible(1_010));
+        // The probe after the backoff fails: ejected again, for twice as long.
+        assert_eq!(
+            state.record_failure(1_010),
+            Some(Passive::Ejected(Duration::from_secs(2)))
+        );
+        assert!(!state.eligible(3_000));
+        assert!(state.eligible(3_010));
+        // A success clears everything.
+        assert_eq!(state.record_success(), Some(Passive::Recovered));
+        assert_eq!(state.record_failure(4_000), None);
+        assert!(state.eligible(4_000));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let state = BackendState::new(1);
+        let mut now = 0;
+        let mut last = Duration::ZERO;
+        for _ in 0..40 {
+            if let Some(Passive::Ejected(d)) = state.record_failure(now) {
+                last = d;
+            }
+            now += 60_000;
+        }
+        assert_eq!(last, EJECT_MAX);
+    }
+
+    #[test]
+    fn failures_while_ejected_do_not_extend_it() {
+        let state = BackendState::new(1);
+        assert!(state.record_failure(0).is_some());
+        assert_eq!(state.record_failure(10), None);
+        assert!(state.eligible(1_000));
+    }
+
+    #[test]
+    fn active_down_makes_a_backend_ineligible() {
+        let state = BackendState::new(3);
+        state.set_active_up(false);
+        assert!(!state.eligible(0));
+        state.set_active_up(true);
+        assert!(state.eligible(0));
+    }
+
+    #[test]
+    fn in_flight_is_released_on_drop() {
+        let state = std::sync::Arc::new(BackendState::new(3));
+        let a = InFlight::new(state.clone());
+        let b = InFlight::new(state.clone());
+        assert_eq!(state.in_flight(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(state.in_flight(), 0);
+    }
+}

@@ -1,0 +1,271 @@
+//! Load balancing an operator can trust when backends fail: active checks,
+//! passive ejection, weighted and least-conn balancing, safe retries.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use portico::config::{Balance, Config, HealthCheck};
+use portico::sample::{self, BackendOptions, RunningBackend};
+
+fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32) -> Config {
+    let mut config = config_for(backends);
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(interval_ms),
+        timeout: Duration::from_millis(interval_ms / 2),
+        rise,
+        fall,
+    });
+    config
+}
+
+fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for answer in answers {
+        *seen
+            .entry(answer.header("x-backend").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn killing_a_backend_mid_run_fails_no_get_and_a_restart_brings_it_back() {
+    let mut backends = start_backends(3).await;
+    let proxy = start_proxy(checked(&backends.iter().collect::<Vec<_>>(), 100, 2, 2)).await;
+    let client = client();
+    let url = proxy.url("/users/1/orders");
+
+    for _ in 0..30 {
+        assert_eq!(get(&client, &url).await.status, StatusCode::OK);
+    }
+    let victim = backends.remove(1);
+    let victim_addr = victim.addr();
+    victim.stop().await;
+    // Every GET succeeds while the backend is dead: retries cover the
+    // requests that still reach it until it is ejected and marked down.
+    for _ in 0..60 {
+        let answer = get(&client, &url).await;
+        assert_eq!(answer.status, StatusCode::OK, "a GET failed after the kill");
+    }
+    proxy
+        .wait_until("the dead backend to be marked down", |s| !s[1].active_up)
+        .await;
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(get(&client, &url).await);
+    }
+    assert!(!count_by_backend(&answers).contains_key("b2"));
+
+    // Same address, new process: back in rotation after `rise` checks.
+    let revived = sample::start_on(
+        victim_addr,
+        BackendOptions::new("b2"),
+        sample::new_repository(),
+    )
+    .await
+    .expect("rebind the dead backend's port");
+    proxy
+        .wait_until("the backend to come back up", |s| s[1].up)
+        .await;
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        answers.push(get(&client, &url).await);
+    }
+    assert_eq!(count_by_backend(&answers).get("b2"), Some(&10));
+    drop(revived);
+}
+
+#[tokio::test]
+async fn weights_three_to_one_split_requests_three_to_one() {
+    let backends = start_backends(2).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.upstreams[0].backends[0].weight = 3;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let mut answers = Vec::new();
+    for _ in 0..400 {
+        answers.push(get(&client, &proxy.url("/health")).await);
+    }
+    let seen = count_by_backend(&answers);
+    assert_eq!((seen["b1"], seen["b2"]), (300, 100));
+}
+
+#[tokio::test]
+async fn least_conn_steers_away_from_a_slow_backend() {
+    let fast = start_backend(BackendOptions::new("fast")).await;
+    let mut slow_opts = BackendOptions::new("slow");
+    slow_opts.delay = Duration::from_millis(200);
+    let slow = start_backend(slow_opts).await;
+    let mut config = config_for(&[&fast, &slow]);
+    config.upstreams[0].balance = Balance::LeastConn;
+    let proxy = Arc::new(start_proxy(config).await);
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let proxy = proxy.clone();
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let mut answers = Vec::new();
+            for _ in 0..10 {
+                answers.push(get(&client, &proxy.url("/health")).await);
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for worker in workers {
+        answers.extend(worker.await.unwrap());
+    }
+    let seen = count_by_backend(&answers);
+    let slow_share = seen.get("slow").copied().unwrap_or(0);
+    assert!(
+        slow_share * 4 < answers.len(),
+        "slow backend got {slow_share} of {}",
+        answers.len()
+    );
+}
+
+#[tokio::test]
+async fn with_every_backend_down_the_answer_is_503_without_trying_them() {
+    let backends = start_backends(2).await;
+    let proxy = start_proxy(checked(&backends.iter().collect::<Vec<_>>(), 100, 1, 1)).await;
+    for backend in backends {
+        backend.stop().await;
+    }
+    proxy
+        .wait_until("both backends down", |s| s.iter().all(|b| !b.up))
+        .await;
+    // 503 rather than 502 shows no connection was attempted.
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.header("retry-after"), "1");
+}
+
+#[tokio::test]
+async fn passive_ejection_works_without_active_checks() {
+    let backends = start_backends(2).await;
+    let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;
+    let mut backends = backends;
+    backends.remove(0).stop().await;
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(
+            get(&client, &proxy.url("/health")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert!(
+        proxy.backend_status()[0].ejected,
+        "{:?}",
+        proxy.backend_status()
+    );
+}
+
+#[tokio::test]
+async fn posts_are_never_sent_twice() {
+    let backends = start_backends(2).await;
+    let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;
+    let client = client();
+    let mut created = 0;
+    let mut backends = backends;
+    let dead = backends.remove(1);
+    dead.stop().await;
+    for _ in 0..10 {
+        let request = Request::post(proxy.url("/users/1/orders"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"items":[{"sku":"A-1","qty":1}],"amount_cents":5,"email":"a@example.com"}"#,
+            )))
+            .unwrap();
+        let answer = send(&client, request).await;
+        if answer.status == StatusCode::CREATED {
+            created += 1;
+        } else {
+            assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        }
+    }
+    assert_eq!(backends[0].orders_created(), created);
+    assert!(created >= 7, "only {created} of 10 POSTs served");
+}
+
+/// A misbehaving backend no real server imitates on purpose: it answers
+/// every connection with `reply` and then does `then`.
+async fn fake_backend(reply: &'static [u8], hang: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(reply).await;
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn single(addr: std::net::SocketAddr) -> Config {
+    let mut config = Config::single_upstream(vec![], vec![addr]);
+    config.upstreams[0].retries = 0;
+    config
+}
+
+#[tokio::test]
+async fn a_backend_that_sends_garbage_gives_502() {
+    let addr = fake_backend(b"this is not http\r\n\r\n", false).await;
+    let proxy = start_proxy(single(addr)).await;
+    assert_eq!(
+        get(&client(), &proxy.url("/")).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_accepts_then_hangs_gives_504() {
+    let addr = fake_backend(b"", true).await;
+    let mut config = single(addr);
+    config.upstreams[0].response_timeout = Duration::from_millis(200);
+    let proxy = start_proxy(config).await;
+    assert_eq!(
+        get(&client(), &proxy.url("/")).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}
+
+#[tokio::test]
+async fn a_backend_closing_mid_body_aborts_the_response() {
+    let addr = fake_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part",
+        false,
+    )
+    .await;
+    let proxy = start_proxy(single(addr)).await;
+    let response = tokio::time::timeout(
+        STEP,
+        client().request(
+            Request::get(proxy.url("/"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .expect("head arrives");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(STEP, response.into_body().collect())
+        .await
+        .unwrap();
+    assert!(body.is_err(), "a truncated body was delivered as complete");
+}
