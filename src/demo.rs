@@ -10,14 +10,15 @@ use crate::server;
 
 /// Starts the backends and the proxy on `listen`; returns after Ctrl-C or
 /// SIGTERM once everything has stopped.
-pub async fn run(backends: usize, listen: SocketAddr) -> std::io::Result<()> {
-    run_until(backends, listen, crate::signal::terminate()).await
+pub async fn run(backends: usize, listen: SocketAddr, admin: SocketAddr) -> std::io::Result<()> {
+    run_until(backends, listen, admin, crate::signal::terminate()).await
 }
 
 /// [`run`] with the stop signal supplied by the caller (tests).
 pub async fn run_until(
     backends: usize,
     listen: SocketAddr,
+    admin: SocketAddr,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let repo = sample::new_repository();
@@ -34,9 +35,12 @@ pub async fn run_until(
     config.routes[0].name = "orders".into();
     let listeners = server::bind(&config.server.listen).await?;
     let proxy_addr = listeners[0].local_addr()?;
-    print_banner(proxy_addr, &addrs);
+    let admin = server::bind(&[admin]).await?.remove(0);
+    let admin_addr = admin.local_addr()?;
+    print_banner(proxy_addr, admin_addr, &addrs);
 
-    server::run(&config, server::Shared::new(&config), listeners, stop).await;
+    let shared = server::Shared::new(&config);
+    server::run_with_admin(&config, shared, listeners, Some((admin, None)), stop).await;
     for backend in running {
         backend.stop().await;
     }
@@ -44,7 +48,7 @@ pub async fn run_until(
     Ok(())
 }
 
-fn print_banner(proxy: SocketAddr, backends: &[SocketAddr]) {
+fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
     let base = format!("http://{proxy}");
     println!(
         "portico demo: {} order backends behind {base}",
@@ -61,6 +65,9 @@ fn print_banner(proxy: SocketAddr, backends: &[SocketAddr]) {
     );
     println!("  curl -s {base}/orders/ORDER-002");
     println!("  curl -si --http2-prior-knowledge {base}/health");
+    println!(
+        "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
+    );
     println!();
     println!("Ctrl-C stops the proxy and the backends.");
 }

@@ -6,22 +6,45 @@
 //! and streams both bodies. [`sample`] is the bundled order backend used by
 //! the tests, benchmarks and the `demo` command.
 
+pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod proxy;
 pub mod sample;
 pub mod server;
 pub mod signal;
 pub mod upstream;
 
-/// Runs the proxy described by `config` until SIGTERM or SIGINT, then drains
-/// (see [`server::run`]). A second signal during the drain exits at once.
-pub async fn run(config: config::Config) -> std::io::Result<()> {
+/// Runs the proxy described by the config at `path` until SIGTERM or
+/// SIGINT, then drains (see [`server::run`]). A second signal during the
+/// drain exits at once; SIGHUP reloads the file.
+pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
     let listeners = server::bind(&config.server.listen).await?;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr()?, "listening (http, h2c)");
     }
-    let shared = server::Shared::new(&config);
-    server::run(&config, shared, listeners, signal::terminate()).await;
+    let admin_listener = server::bind(&[config.admin.listen]).await?.remove(0);
+    let token = config
+        .admin
+        .token_file
+        .as_deref()
+        .map(admin::read_token)
+        .transpose()?;
+    tracing::info!(
+        addr = %admin_listener.local_addr()?,
+        mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },
+        "admin listening"
+    );
+    let shared = server::Shared::with_path(&config, Some(path));
+    signal::spawn_reload_on_hangup(shared.clone());
+    server::run_with_admin(
+        &config,
+        shared,
+        listeners,
+        Some((admin_listener, token)),
+        signal::terminate(),
+    )
+    .await;
     Ok(())
 }

@@ -37,6 +37,9 @@ enum Command {
         /// Where the proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Where the admin endpoints listen.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
     },
 }
 
@@ -85,11 +88,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { backends, listen }) => {
+        Some(Command::Demo {
+            backends,
+            listen,
+            admin,
+        }) => {
             init_logging(cli.log_format);
             run(
                 cli.threads,
-                portico::demo::run(usize::from(backends), listen),
+                portico::demo::run(usize::from(backends), listen, admin),
             )
         }
         None => {
@@ -107,7 +114,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(cli.log_format);
-            run(cli.threads, portico::run(config))
+            run(cli.threads, portico::run(path, config))
         }
     }
 }

@@ -33,3 +33,25 @@ async fn wait_for_terminate() {
 async fn wait_for_terminate() {
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Reloads the configuration on every SIGHUP, logging the outcome.
+pub fn spawn_reload_on_hangup(shared: std::sync::Arc<crate::server::Shared>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGHUP; reload through the admin API only");
+                return;
+            }
+        };
+        while hangup.recv().await.is_some() {
+            if let Err(errors) = shared.reload() {
+                tracing::error!("reload rejected, configuration unchanged:\n{errors}");
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = shared;
+}

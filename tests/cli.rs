@@ -86,7 +86,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
     let mut child = Command::new(PORTICO)
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

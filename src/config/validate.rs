@@ -92,10 +92,12 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     // Defaults claim with an empty span; a clash with one is reported at the
     // address the operator actually wrote.
     let mut used_addrs: HashMap<SocketAddr, (String, std::ops::Range<usize>)> = HashMap::new();
-    let mut claim =
-        |r: R, key: String, addr: SocketAddr, span: std::ops::Range<usize>| match used_addrs
-            .get(&addr)
-        {
+    let mut claim = |r: R, key: String, addr: SocketAddr, span: std::ops::Range<usize>| {
+        // Port 0 asks the OS for a fresh port each time: never a clash.
+        if addr.port() == 0 {
+            return;
+        }
+        match used_addrs.get(&addr) {
             Some((first, first_span)) if span.is_empty() => {
                 r.at(
                     first_span.clone(),
@@ -107,7 +109,8 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             None => {
                 used_addrs.insert(addr, (key, span));
             }
-        };
+        }
+    };
 
     let server = server(r, file.server, base, &mut claim);
     let admin = admin(r, file.admin, base, &mut claim);

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+mod log;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
 use body::{ProxyBody, RequestBody};
@@ -37,57 +39,123 @@ pub struct Proxy {
     router: Router,
     upstreams: Vec<Arc<Upstream>>,
     max_request_body: u64,
+    metrics: Arc<Metrics>,
+    /// Per route, in config order.
+    route_metrics: Vec<RouteMetrics>,
+    /// Requests refused before a route was chosen.
+    unrouted: RouteMetrics,
+}
+
+/// What the request path learnt about one request, for metrics and the
+/// access log.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub route: Option<usize>,
+    pub backend: Option<SocketAddr>,
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        Self::new_with(config, metrics, |u, metrics| {
+            Upstream::new(u.clone(), metrics)
+        })
+    }
+
+    fn new_with(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        upstream: impl Fn(&crate::config::Upstream, &Metrics) -> Arc<Upstream>,
+    ) -> Self {
         Proxy {
             router: Router::new(&config.routes),
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| Upstream::new(u.clone()))
+                .map(|u| upstream(u, &metrics))
                 .collect(),
             max_request_body: config.server.max_request_body,
+            route_metrics: config
+                .routes
+                .iter()
+                .map(|r| metrics.route(&r.name))
+                .collect(),
+            unrouted: metrics.route(crate::metrics::NO_ROUTE),
+            metrics,
         }
+    }
+
+    /// A new generation for `config` that keeps `previous`'s upstreams
+    /// (health, pools) where their settings are unchanged.
+    pub fn rebuild(config: &Config, metrics: Arc<Metrics>, previous: &Proxy) -> Self {
+        let mut next = Proxy::new_with(config, metrics, |u, metrics| {
+            previous
+                .upstreams
+                .iter()
+                .find(|old| old.config == *u)
+                .cloned()
+                .unwrap_or_else(|| Upstream::new(u.clone(), metrics))
+        });
+        next.max_request_body = config.server.max_request_body;
+        next
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Serves one request. Never fails: errors become responses.
-    pub async fn handle(&self, request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
-        let method = request.method().clone();
-        // A Uri clone shares its bytes: cheap, unlike formatting the path.
-        let uri = request.uri().clone();
-        match self.forward(request, conn).await {
+    pub async fn handle(&self, mut request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let request_id = log::ensure_request_id(request.headers_mut());
+        let access = log::AccessRecord::capture(&request, conn, request_id);
+        let mut trace = Trace::default();
+        let response = match self.forward(request, conn, &mut trace).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
                 if status.is_server_error() {
-                    tracing::warn!(%method, path = uri.path(), client = %conn.peer, status = status.as_u16(), %error, "proxy error");
+                    tracing::warn!(client = %conn.peer, status = status.as_u16(), %error, "proxy error");
                 } else {
-                    tracing::debug!(%method, path = uri.path(), client = %conn.peer, status = status.as_u16(), %error, "request rejected");
+                    tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                 }
                 error.into_response()
             }
+        };
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let route = trace.route.and_then(|i| self.route_metrics.get(i));
+        route
+            .unwrap_or(&self.unrouted)
+            .record(status, elapsed.as_secs_f64());
+        if let Some(access) = access {
+            let upstream = trace
+                .route
+                .and_then(|i| self.router.route(i))
+                .map(|r| self.upstreams[r.upstream].name());
+            access.emit(&response, elapsed, upstream, trace.backend);
         }
+        response
     }
 
     async fn forward(
         &self,
         request: Request<Incoming>,
         conn: Conn,
+        trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let host = request_host(&request)?;
-        let (_, route) = self
+        let (index, route) = self
             .router
             .find(
                 host.as_ref().and_then(|h| h.to_str().ok()),
                 request.uri().path(),
             )
             .ok_or(ProxyError::NoRoute)?;
+        trace.route = Some(index);
         let upstream = &self.upstreams[route.upstream];
 
         if declared_length(&request)? > Some(self.max_request_body) {
@@ -109,7 +177,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout);
-        let (response, in_flight) = forward_with_retries(upstream, parts, body).await?;
+        let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
 
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers, parts.version);
@@ -137,6 +205,7 @@ async fn forward_with_retries(
     upstream: &Upstream,
     parts: http::request::Parts,
     body: RequestBody,
+    trace: &mut Trace,
 ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
     let retryable = upstream.config.retries > 0
         && is_idempotent(&parts.method)
@@ -162,14 +231,21 @@ async fn forward_with_retries(
                 Request::from_parts(copy_head(head), RequestBody::empty())
             }
         };
-        let in_flight = upstream.backend(index).in_flight();
-        match upstream.send(index, request).await {
+        let backend = upstream.backend(index);
+        trace.backend = Some(backend.addr);
+        let in_flight = backend.in_flight();
+        let sent = std::time::Instant::now();
+        let result = upstream.send(index, request).await;
+        let seconds = sent.elapsed().as_secs_f64();
+        match result {
             Ok(response) => {
+                backend.metrics.record(response.status().as_u16(), seconds);
                 upstream.observe(index, true);
                 return Ok((response, in_flight));
             }
             Err(error) => {
                 if error.blames_backend() {
+                    backend.metrics.record(error.status().as_u16(), seconds);
                     upstream.observe(index, false);
                 }
                 let again = retryable

@@ -67,6 +67,14 @@ impl Router {
         Router { routes }
     }
 
+    /// The route with index `index` in the config's route list.
+    pub fn route(&self, index: usize) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, r)| r)
+    }
+
     /// The route for a request, with its index in the config's route list.
     /// `host` is the raw Host / :authority value (port allowed).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{self, Config};
+use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
 use shutdown::{Drain, DrainGuard, Shutdown};
 
@@ -42,13 +44,52 @@ pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
 #[derive(Debug)]
 pub struct Shared {
     pub proxy: ArcSwap<Proxy>,
+    pub metrics: Arc<Metrics>,
+    /// The file a reload re-reads; `None` for configs built in code.
+    config_path: Option<PathBuf>,
+    /// Listen addresses in force, to tell the operator when a reload
+    /// changes them (they need a restart).
+    listen: ArcSwap<Vec<SocketAddr>>,
 }
 
 impl Shared {
+    /// Fresh state with its own metrics registry (one per running proxy, so
+    /// tests in one process do not share counters).
     pub fn new(config: &Config) -> Arc<Self> {
+        Self::with_path(config, None)
+    }
+
+    pub fn with_path(config: &Config, config_path: Option<PathBuf>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
         Arc::new(Shared {
-            proxy: ArcSwap::from_pointee(Proxy::new(config)),
+            proxy: ArcSwap::from_pointee(Proxy::new(config, metrics.clone())),
+            metrics,
+            config_path,
+            listen: ArcSwap::from_pointee(config.server.listen.clone()),
         })
+    }
+
+    /// Re-reads the config file and swaps the new request-path state in. A
+    /// bad file changes nothing and returns the same errors `portico check`
+    /// prints. In-flight requests finish on the generation they started
+    /// with; upstreams whose settings did not change keep their health
+    /// state and connection pools.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("started without --config: nothing to reload".into());
+        };
+        let config = config::load(path).map_err(|e| e.to_string())?;
+        let previous = self.proxy.load();
+        let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
+        self.proxy.store(Arc::new(next));
+        if **self.listen.load() != config.server.listen {
+            tracing::warn!(
+                listen = ?config.server.listen,
+                "listen addresses changed; they take effect after a restart"
+            );
+        }
+        tracing::info!(file = %path.display(), "configuration reloaded");
+        Ok(())
     }
 }
 
@@ -80,7 +121,29 @@ pub async fn run(
     listeners: Vec<TcpListener>,
     signal: impl Future<Output = ()>,
 ) {
+    run_with_admin(config, shared, listeners, None, signal).await
+}
+
+/// The admin listener and its token, if mutations are enabled.
+pub type AdminListener = (TcpListener, Option<String>);
+
+/// [`run`] plus the admin endpoints on their own listener.
+pub async fn run_with_admin(
+    config: &Config,
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    admin: Option<AdminListener>,
+    signal: impl Future<Output = ()>,
+) {
     let (trigger, shutdown) = shutdown::channel();
+    if let Some((listener, token)) = admin {
+        tokio::spawn(crate::admin::serve(
+            listener,
+            shared.clone(),
+            token,
+            shutdown.clone(),
+        ));
+    }
     let drain = Drain::new();
     let builder = Arc::new(connection_builder(&config.server));
 
@@ -155,6 +218,7 @@ async fn serve_connection(
     _drain: DrainGuard,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(shared.metrics.connections_open.clone());
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
@@ -173,5 +237,22 @@ async fn serve_connection(
     };
     if let Err(error) = result {
         tracing::debug!(client = %conn.peer, %error, "connection ended with error");
+    }
+}
+
+/// Counts a connection in `portico_connections_open` for as long as it
+/// lives, however its task ends.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -23,6 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{self, Balance};
+use crate::metrics::{BackendMetrics, Metrics};
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
@@ -40,6 +41,7 @@ pub struct Backend {
     /// Pre-built so a request's URI costs a cheap clone, not formatting.
     authority: Authority,
     state: Arc<BackendState>,
+    pub metrics: BackendMetrics,
 }
 
 impl Backend {
@@ -81,7 +83,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: config::Upstream) -> Arc<Self> {
+    pub fn new(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
         let backends: Vec<Backend> = config
             .backends
@@ -92,6 +94,7 @@ impl Upstream {
                 authority: Authority::try_from(b.addr.to_string().as_str())
                     .expect("a SocketAddr always formats as a valid authority"),
                 state: Arc::new(BackendState::new(threshold)),
+                metrics: metrics.backend(&config.name, &b.addr.to_string()),
             })
             .collect();
         let mut connector = HttpConnector::new();

@@ -22,12 +22,18 @@ pub const STEP: Duration = Duration::from_secs(10);
 
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    /// Set by [`start_proxy_with_admin`].
+    pub admin: Option<SocketAddr>,
     pub shared: std::sync::Arc<portico::server::Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningProxy {
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("started with admin"), path)
+    }
+
     /// Health of the first upstream's backends, as the admin status shows it.
     pub fn backend_status(&self) -> Vec<portico::upstream::BackendStatus> {
         self.shared.proxy.load().upstreams()[0].status()
@@ -77,19 +83,40 @@ impl Drop for RunningProxy {
 /// Starts the proxy for `config` on 127.0.0.1:0 (the config's own listen
 /// addresses are ignored).
 pub async fn start_proxy(config: Config) -> RunningProxy {
+    start(config, None, None).await
+}
+
+/// [`start_proxy`] plus the admin endpoints on their own 127.0.0.1:0
+/// listener, mutations allowed with `token`; `config_path` enables reload.
+pub async fn start_proxy_with_admin(
+    config: Config,
+    token: Option<&str>,
+    config_path: Option<std::path::PathBuf>,
+) -> RunningProxy {
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start(config, Some((admin, token.map(str::to_owned))), config_path).await
+}
+
+async fn start(
+    config: Config,
+    admin: Option<portico::server::AdminListener>,
+    config_path: Option<std::path::PathBuf>,
+) -> RunningProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let admin_addr = admin.as_ref().map(|(l, _)| l.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let shared = portico::server::Shared::new(&config);
+    let shared = portico::server::Shared::with_path(&config, config_path);
     let running = shared.clone();
     let task = tokio::spawn(async move {
-        portico::server::run(&config, running, vec![listener], async {
+        portico::server::run_with_admin(&config, running, vec![listener], admin, async {
             let _ = stopped.await;
         })
         .await;
     });
     RunningProxy {
         addr,
+        admin: admin_addr,
         shared,
         stop: Some(stop),
         task,

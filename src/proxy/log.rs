@@ -1,0 +1,124 @@
+//! The access log and request ids. One structured line per request on the
+//! `portico::access` target (text or JSON, as `--log-format` says): time,
+//! client, method, host, path, status, bytes, duration, upstream, backend,
+//! cache result, request id. It is written when the response head is sent:
+//! `bytes` is the declared length (`-` when streamed without one) and
+//! `duration` is the time to the response head.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+
+use super::Conn;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Keeps a client's `X-Request-Id` (if it is short and printable) or sets a
+/// fresh random one, so the backend and the log share it.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        if !id.is_empty() && id.len() <= 128 && id.to_str().is_ok() {
+            return id.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// 128 random bits as 32 lowercase hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let bits = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+}
+
+/// What the access line needs from the request, taken before the request is
+/// consumed. Cheap clones: `Uri` and header values share their bytes.
+#[derive(Debug)]
+pub struct AccessRecord {
+    client: SocketAddr,
+    method: Method,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    request_id: HeaderValue,
+}
+
+impl AccessRecord {
+    /// `None` when the access log is filtered out, so a disabled log costs
+    /// nothing per request.
+    pub fn capture<B>(request: &Request<B>, conn: Conn, request_id: HeaderValue) -> Option<Self> {
+        if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
+            return None;
+        }
+        Some(AccessRecord {
+            client: conn.peer,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            host: request.headers().get(header::HOST).cloned(),
+            request_id,
+        })
+    }
+
+    pub fn emit<B>(
+        self,
+        response: &Response<B>,
+        duration: Duration,
+        upstream: Option<&str>,
+        backend: Option<SocketAddr>,
+    ) {
+        let text =
+            |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("-");
+        tracing::info!(
+            target: "portico::access",
+            client = %self.client.ip(),
+            method = %self.method,
+            host,
+            path = self.uri.path(),
+            status = response.status().as_u16(),
+            bytes = text(response.headers().get(header::CONTENT_LENGTH)),
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream = upstream.unwrap_or("-"),
+            backend = backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+            cache = text(response.headers().get("cache-status")),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        let made = ensure_request_id(&mut headers);
+        assert_eq!(made.len(), 32);
+        assert_eq!(headers[&X_REQUEST_ID], made);
+        assert_ne!(new_request_id(), new_request_id());
+
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc-123"));
+        assert_eq!(ensure_request_id(&mut headers), "abc-123");
+
+        // Overlong ids are replaced rather than forwarded.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_REQUEST_ID.clone(),
+            HeaderValue::from_str(&"x".repeat(200)).unwrap(),
+        );
+        assert_eq!(ensure_request_id(&mut headers).len(), 32);
+    }
+}

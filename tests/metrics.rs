@@ -1,0 +1,213 @@
+//! Metrics and the admin endpoints after known traffic: exact counters,
+//! token-protected mutations, and an admin port separate from traffic.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use portico::sample::BackendOptions;
+
+fn metric_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(prefix))
+}
+
+#[tokio::test]
+async fn ten_requests_count_exactly_ten() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].name = "orders".into();
+    config.routes[0].name = "orders".into();
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(
+            get(&client, &proxy.url("/users/1/orders")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        get(&client, &proxy.url("/nowhere")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let scrape = get(&client, &proxy.admin_url("/metrics")).await;
+    assert_eq!(scrape.status, StatusCode::OK);
+    assert!(scrape
+        .header("content-type")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(scrape.body.to_vec()).unwrap();
+    let backend_label = backend.addr().to_string();
+    for (prefix, want) in [
+        ("portico_requests_total{code=\"200\",route=\"orders\"}", "10"),
+        // The backend answered 404 for /nowhere: still routed, counted as such.
+        ("portico_requests_total{code=\"404\",route=\"orders\"}", "1"),
+        (
+            &format!("portico_upstream_requests_total{{backend=\"{backend_label}\",code=\"200\",upstream=\"orders\"}}"),
+            "10",
+        ),
+        (&format!("portico_backend_up{{backend=\"{backend_label}\",upstream=\"orders\"}}"), "1"),
+        ("portico_request_duration_seconds_count{route=\"orders\"}", "11"),
+    ] {
+        let line = metric_line(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+        assert_eq!(line.rsplit(' ').next(), Some(want), "{line}");
+    }
+    assert!(
+        text.contains("process_resident_memory_bytes"),
+        "process metrics missing"
+    );
+    assert!(text.contains("portico_connections_open"));
+}
+
+#[tokio::test]
+async fn admin_health_readiness_and_status() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    let client = client();
+    assert_eq!(
+        get(&client, &proxy.admin_url("/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &proxy.admin_url("/readyz")).await.status,
+        StatusCode::OK
+    );
+    let status = get(&client, &proxy.admin_url("/status")).await;
+    let json: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    assert_eq!(json["upstreams"][0]["name"], "default");
+    assert_eq!(
+        json["upstreams"][0]["backends"][0]["addr"],
+        backend.addr().to_string()
+    );
+    assert_eq!(json["upstreams"][0]["backends"][0]["up"], true);
+}
+
+#[tokio::test]
+async fn readyz_is_503_when_an_upstream_has_no_backend_up() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].health = Some(portico::config::HealthCheck {
+        interval: std::time::Duration::from_millis(50),
+        timeout: std::time::Duration::from_millis(25),
+        rise: 1,
+        fall: 1,
+        ..Default::default()
+    });
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    backend.stop().await;
+    proxy.wait_until("the backend down", |s| !s[0].up).await;
+    assert_eq!(
+        get(&client(), &proxy.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+fn mutation(url: String, method: &str, token: Option<&str>) -> Request<Full<Bytes>> {
+    let mut request = Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    request.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn admin_mutations_need_the_token() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+
+    let open = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    let answer = send(
+        &client,
+        mutation(open.admin_url("/reload"), "POST", Some("x")),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::FORBIDDEN,
+        "no token_file: mutations disabled"
+    );
+
+    let guarded = start_proxy_with_admin(config_for(&[&backend]), Some("s3cret"), None).await;
+    for (path, method) in [("/reload", "POST"), ("/cache?prefix=/users", "DELETE")] {
+        let url = guarded.admin_url(path);
+        assert_eq!(
+            send(&client, mutation(url.clone(), method, None))
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        let wrong = send(&client, mutation(url.clone(), method, Some("guess"))).await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(wrong.header("www-authenticate"), "Bearer");
+        let right = send(&client, mutation(url, method, Some("s3cret"))).await;
+        assert!(right.status != StatusCode::UNAUTHORIZED && right.status != StatusCode::FORBIDDEN);
+    }
+}
+
+#[tokio::test]
+async fn the_admin_endpoints_are_not_reachable_through_the_traffic_listener() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    // Proxied to the backend, which knows no /metrics.
+    let answer = get(&client(), &proxy.url("/metrics")).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.header("x-backend"), "b1");
+    assert!(!String::from_utf8_lossy(&answer.body).contains("portico_requests_total"));
+}
+
+#[tokio::test]
+async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
+    let old = start_backend(BackendOptions::new("old")).await;
+    let new = start_backend(BackendOptions::new("new")).await;
+    let dir = std::env::temp_dir().join(format!("portico-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    let write = |backend: std::net::SocketAddr, extra: &str| {
+        std::fs::write(
+            &file,
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n{extra}"),
+        )
+        .unwrap();
+    };
+    write(old.addr(), "");
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, Some("t"), Some(file.clone())).await;
+    let client = client();
+    assert_eq!(
+        get(&client, &proxy.url("/health"))
+            .await
+            .header("x-backend"),
+        "old"
+    );
+
+    write(new.addr(), "");
+    let answer = send(
+        &client,
+        mutation(proxy.admin_url("/reload"), "POST", Some("t")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        get(&client, &proxy.url("/health"))
+            .await
+            .header("x-backend"),
+        "new"
+    );
+
+    write(old.addr(), "bogus = 1\n");
+    let answer = send(
+        &client,
+        mutation(proxy.admin_url("/reload"), "POST", Some("t")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(String::from_utf8_lossy(&answer.body).contains("unknown key `bogus`"));
+    assert_eq!(
+        get(&client, &proxy.url("/health"))
+            .await
+            .header("x-backend"),
+        "new"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
