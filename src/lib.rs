@@ -37,14 +37,22 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         "admin listening"
     );
     let shared = server::Shared::with_path(&config, Some(path));
+    shared
+        .load_tls(&config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut tls = Vec::new();
+    for (index, listener) in config.server.tls.iter().enumerate() {
+        for bound in server::bind(&listener.listen).await? {
+            tracing::info!(addr = %bound.local_addr()?, "listening (https: h2, http/1.1)");
+            tls.push((bound, index));
+        }
+    }
     signal::spawn_reload_on_hangup(shared.clone());
-    server::run_with_admin(
-        &config,
-        shared,
-        listeners,
-        Some((admin_listener, token)),
-        signal::terminate(),
-    )
-    .await;
+    let all = server::Listeners {
+        plain: listeners,
+        tls,
+        admin: Some((admin_listener, token)),
+    };
+    server::run_all(&config, shared, all, signal::terminate()).await;
     Ok(())
 }

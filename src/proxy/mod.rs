@@ -8,6 +8,7 @@ pub mod error;
 pub mod headers;
 mod log;
 pub mod route;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -143,7 +144,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         conn: Conn,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -162,6 +163,7 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge);
         }
 
+        let upgrade = upgrade::requested(&mut request);
         let (mut parts, body) = request.into_parts();
         headers::prepare_request(
             &mut parts.headers,
@@ -176,9 +178,17 @@ impl Proxy {
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore_request(&mut parts.headers);
+        }
         let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout);
         let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
 
+        if let Some(client) = upgrade {
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(client.bridge(response, in_flight));
+            }
+        }
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers, parts.version);
         Ok(Response::from_parts(

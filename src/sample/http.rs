@@ -1,8 +1,9 @@
 //! The order backend's HTTP layer: routing, JSON in and out, ETags and
 //! conditional GETs. Every answer carries `X-Backend: NAME`. Besides the
 //! order API it has three helpers for proxy tests: `POST /echo` streams the
-//! body back, `GET /echo/headers` shows the request headers it received, and
-//! `GET /bytes/{n}` returns n deterministic bytes.
+//! body back, `GET /echo/headers` shows the request headers it received,
+//! `GET /bytes/{n}` returns n deterministic bytes, and `GET /ws/echo`
+//! upgrades the connection and echoes raw bytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -159,6 +160,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             response
         }
         ["echo"] => method_not_allowed("POST"),
+        ["ws", "echo"] if method == Method::GET => upgrade_echo(request),
         ["echo", "headers"] if read => {
             let mut seen: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
             for (name, value) in request.headers() {
@@ -181,6 +183,33 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
         },
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// Test helper for protocol upgrades: answers `101 Switching Protocols` to
+/// any `Upgrade` request and then echoes every byte it receives. It speaks
+/// no WebSocket framing; it exists to prove a proxy bridges the raw stream.
+fn upgrade_echo(mut request: Request<Incoming>) -> Response<Body> {
+    let Some(protocol) = request.headers().get(header::UPGRADE).cloned() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "this endpoint needs an Upgrade header",
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (mut reader, mut writer) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    });
+    let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response.headers_mut().insert(header::UPGRADE, protocol);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response
 }
 
 fn list_orders(ctx: &Context, user_id: u64, headers: &HeaderMap) -> Response<Body> {

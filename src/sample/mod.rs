@@ -19,7 +19,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -71,8 +70,9 @@ async fn serve_context(
     ctx: Arc<http::Context>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let (trigger, stop) = crate::server::shutdown::channel();
+    let drain = crate::server::shutdown::Drain::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -88,18 +88,30 @@ async fn serve_context(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let service = service_fn(move |request| {
-            let ctx = ctx.clone();
-            async move { Ok::<_, std::convert::Infallible>(http::handle(ctx, request).await) }
-        });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let builder = builder.clone();
+        let mut stop = stop.clone();
+        let guard = drain.guard();
         tokio::spawn(async move {
-            let _ = connection.await;
+            let _guard = guard;
+            let service = service_fn(move |request| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(http::handle(ctx, request).await) }
+            });
+            // With upgrades, for the `/ws/echo` test helper.
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.recv() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(STOP_GRACE, graceful.shutdown()).await;
+    trigger.fire();
+    drain.wait(STOP_GRACE).await;
     Ok(())
 }
 

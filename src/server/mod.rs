@@ -5,6 +5,7 @@
 //! can replace it without touching connections.
 
 pub mod shutdown;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,7 +19,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
@@ -41,7 +42,6 @@ pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
 }
 
 /// A running proxy's shared state: the current request-path generation.
-#[derive(Debug)]
 pub struct Shared {
     pub proxy: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
@@ -50,6 +50,19 @@ pub struct Shared {
     /// Listen addresses in force, to tell the operator when a reload
     /// changes them (they need a restart).
     listen: ArcSwap<Vec<SocketAddr>>,
+    /// One acceptor per `[[server.tls]]` entry, swapped on reload so new
+    /// certificates apply to new connections.
+    tls: ArcSwap<Vec<tokio_rustls::TlsAcceptor>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config_path", &self.config_path)
+            .field("listen", &self.listen)
+            .field("tls_listeners", &self.tls.load().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -66,7 +79,16 @@ impl Shared {
             metrics,
             config_path,
             listen: ArcSwap::from_pointee(config.server.listen.clone()),
+            tls: ArcSwap::from_pointee(Vec::new()),
         })
+    }
+
+    /// Loads the certificates of every TLS listener; on error nothing
+    /// changes and the message names the file.
+    pub fn load_tls(&self, config: &Config) -> Result<(), tls::TlsError> {
+        let acceptors = tls::acceptors(&config.server.tls)?;
+        self.tls.store(Arc::new(acceptors));
+        Ok(())
     }
 
     /// Re-reads the config file and swaps the new request-path state in. A
@@ -79,6 +101,12 @@ impl Shared {
             return Err("started without --config: nothing to reload".into());
         };
         let config = config::load(path).map_err(|e| e.to_string())?;
+        if self.tls.load().len() != config.server.tls.len() {
+            tracing::warn!(
+                "[[server.tls]] listeners added or removed; they take effect after a restart"
+            );
+        }
+        self.load_tls(&config).map_err(|e| e.to_string())?;
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         self.proxy.store(Arc::new(next));
@@ -127,6 +155,15 @@ pub async fn run(
 /// The admin listener and its token, if mutations are enabled.
 pub type AdminListener = (TcpListener, Option<String>);
 
+/// Everything a running proxy listens on.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub plain: Vec<TcpListener>,
+    /// Each with the index of its `[[server.tls]]` entry.
+    pub tls: Vec<(TcpListener, usize)>,
+    pub admin: Option<AdminListener>,
+}
+
 /// [`run`] plus the admin endpoints on their own listener.
 pub async fn run_with_admin(
     config: &Config,
@@ -135,8 +172,33 @@ pub async fn run_with_admin(
     admin: Option<AdminListener>,
     signal: impl Future<Output = ()>,
 ) {
+    let all = Listeners {
+        plain: listeners,
+        tls: Vec::new(),
+        admin,
+    };
+    run_all(config, shared, all, signal).await
+}
+
+/// How a listener's connections start: plain, or a TLS handshake with the
+/// acceptor of `[[server.tls]]` entry `index` (read per connection, so a
+/// reload's new certificates apply to new connections).
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Plain,
+    Tls(usize),
+}
+
+/// Serves every listener until `signal` resolves, then stops accepting,
+/// lets in-flight requests finish within `shutdown_grace` and returns.
+pub async fn run_all(
+    config: &Config,
+    shared: Arc<Shared>,
+    all: Listeners,
+    signal: impl Future<Output = ()>,
+) {
     let (trigger, shutdown) = shutdown::channel();
-    if let Some((listener, token)) = admin {
+    if let Some((listener, token)) = all.admin {
         tokio::spawn(crate::admin::serve(
             listener,
             shared.clone(),
@@ -146,11 +208,17 @@ pub async fn run_with_admin(
     }
     let drain = Drain::new();
     let builder = Arc::new(connection_builder(&config.server));
-
-    for listener in listeners {
+    let handshake_timeout = config.server.request_header_timeout;
+    let transports = all
+        .plain
+        .into_iter()
+        .map(|l| (l, Transport::Plain))
+        .chain(all.tls.into_iter().map(|(l, i)| (l, Transport::Tls(i))));
+    for (listener, transport) in transports {
         let accept = accept_loop(
             listener,
-            "http",
+            transport,
+            handshake_timeout,
             shared.clone(),
             builder.clone(),
             shutdown.clone(),
@@ -174,7 +242,8 @@ pub async fn run_with_admin(
 
 async fn accept_loop(
     listener: TcpListener,
-    proto: &'static str,
+    transport: Transport,
+    handshake_timeout: Duration,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: Shutdown,
@@ -188,15 +257,45 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = Conn { peer, proto };
-                tokio::spawn(serve_connection(
-                    stream,
-                    conn,
-                    shared.clone(),
-                    builder.clone(),
-                    shutdown.clone(),
-                    drain.clone(),
-                ));
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let builder = builder.clone();
+                let shutdown = shutdown.clone();
+                let drain = drain.clone();
+                tokio::spawn(async move {
+                    match transport {
+                        Transport::Plain => {
+                            let conn = Conn {
+                                peer,
+                                proto: "http",
+                            };
+                            serve_connection(stream, conn, shared, builder, shutdown, drain).await
+                        }
+                        Transport::Tls(index) => {
+                            let Some(acceptor) = shared.tls.load().get(index).cloned() else {
+                                return;
+                            };
+                            let handshake =
+                                tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                            match handshake.await {
+                                Ok(Ok(tls)) => {
+                                    let conn = Conn {
+                                        peer,
+                                        proto: "https",
+                                    };
+                                    serve_connection(tls, conn, shared, builder, shutdown, drain)
+                                        .await
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(client = %peer, %error, "TLS handshake failed")
+                                }
+                                Err(_) => {
+                                    tracing::debug!(client = %peer, "TLS handshake timed out")
+                                }
+                            }
+                        }
+                    }
+                });
             }
             Err(error) => {
                 // Out of file descriptors and similar: back off instead of
@@ -209,15 +308,16 @@ async fn accept_loop(
     tracing::debug!(listener = ?local, "listener closed");
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<IO>(
+    stream: IO,
     conn: Conn,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: Shutdown,
     _drain: DrainGuard,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _open = OpenConnection::new(shared.metrics.connections_open.clone());
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to

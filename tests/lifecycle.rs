@@ -1,0 +1,155 @@
+//! Operating portico: draining on shutdown, reloading under load, and
+//! protocol upgrades bridged through the proxy.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use portico::sample::BackendOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn shutdown_lets_fifty_slow_requests_finish_and_refuses_new_connections() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(300);
+    let backend = Arc::new(start_backend(opts).await);
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let addr = proxy.addr;
+    let mut requests = Vec::new();
+    for _ in 0..50 {
+        let url = proxy.url("/health");
+        // One connection each, as 50 separate clients would have.
+        requests.push(tokio::spawn(
+            async move { get(&client(), &url).await.status },
+        ));
+    }
+    let reached = tokio::time::timeout(STEP, async {
+        while backend.requests() < 50 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "only {} requests reached the backend",
+        backend.requests()
+    );
+
+    let stopping = tokio::spawn(proxy.stop());
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn reloading_under_load_fails_no_request_and_switches_backends() {
+    let old = start_backend(BackendOptions::new("old")).await;
+    let new = start_backend(BackendOptions::new("new")).await;
+    let dir = std::env::temp_dir().join(format!("portico-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    let write = |backend: std::net::SocketAddr| {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write(old.addr());
+    let config = portico::config::load(&file).unwrap();
+    let proxy = Arc::new(start_proxy_with_admin(config, None, Some(file.clone())).await);
+
+    let running = Arc::new(AtomicBool::new(true));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (proxy, running, served) = (proxy.clone(), running.clone(), served.clone());
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let mut failures = 0;
+            while running.load(Ordering::Relaxed) {
+                let answer = get(&client, &proxy.url("/health")).await;
+                if answer.status != StatusCode::OK {
+                    failures += 1;
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    let wait_for = |n: usize| {
+        let served = served.clone();
+        async move {
+            let start = served.load(Ordering::Relaxed);
+            tokio::time::timeout(STEP, async {
+                while served.load(Ordering::Relaxed) < start + n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("traffic keeps flowing");
+        }
+    };
+    wait_for(50).await;
+    write(new.addr());
+    proxy.shared.reload().expect("good file reloads");
+    wait_for(50).await;
+    std::fs::write(&file, "[[upstream]]\nname = \"u\"\nbackends = []\n").unwrap();
+    let error = proxy.shared.reload().expect_err("bad file is refused");
+    assert!(error.contains("at least one backend"), "{error}");
+    wait_for(50).await;
+    running.store(false, Ordering::Relaxed);
+    for worker in workers {
+        assert_eq!(worker.await.unwrap(), 0, "a request failed during reload");
+    }
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.header("x-backend"), "new");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_is_bridged_both_ways() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(STEP, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("101 head in time");
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+
+    for message in [&b"hello"[..], b"through the proxy", &[0u8, 255, 7, 13, 10]] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+}

@@ -1,0 +1,240 @@
+//! HTTPS termination with self-signed certificates made at test time:
+//! HTTP/1.1 and h2 over TLS, SNI choosing the certificate, and clear errors
+//! for bad certificate files.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pki_types::{CertificateDer, ServerName};
+use portico::config::{CertificatePair, Config, TlsListener};
+use portico::sample::BackendOptions;
+
+struct Cert {
+    pem: String,
+    key: String,
+    der: CertificateDer<'static>,
+}
+
+fn self_signed(name: &str) -> Cert {
+    let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    Cert {
+        pem: made.cert.pem(),
+        key: made.signing_key.serialize_pem(),
+        der: made.cert.der().clone(),
+    }
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("portico-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes the certificates and returns a TLS listener config for them.
+fn tls_listener(dir: &std::path::Path, certs: &[(&str, &Cert)]) -> TlsListener {
+    let certificates = certs
+        .iter()
+        .map(|(name, cert)| {
+            let pair = CertificatePair {
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}.key")),
+            };
+            std::fs::write(&pair.cert, &cert.pem).unwrap();
+            std::fs::write(&pair.key, &cert.key).unwrap();
+            pair
+        })
+        .collect();
+    TlsListener {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        certificates,
+    }
+}
+
+/// Runs the proxy with one TLS listener on 127.0.0.1:0; returns its address.
+async fn start_tls_proxy(
+    mut config: Config,
+    listener: TlsListener,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    config.server.tls = vec![listener];
+    let shared = portico::server::Shared::new(&config);
+    shared.load_tls(&config).expect("certificates load");
+    let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = bound.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let all = portico::server::Listeners {
+            plain: Vec::new(),
+            tls: vec![(bound, 0)],
+            admin: None,
+        };
+        portico::server::run_all(&config, shared, all, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (addr, stop)
+}
+
+/// One HTTPS GET trusting only `trusted`, with SNI `sni` and ALPN `alpn`.
+async fn https_get(
+    addr: SocketAddr,
+    sni: &str,
+    trusted: &CertificateDer<'static>,
+    alpn: &[u8],
+    path: &str,
+) -> Result<(Version, StatusCode, Bytes), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    let tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let request = Request::get(format!("https://{sni}{path}"))
+        .header("host", sni)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = if h2 {
+        let mut request = request;
+        request.headers_mut().remove("host");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let version = response.version();
+    let status = response.status();
+    let body = tokio::time::timeout(STEP, response.into_body().collect())
+        .await
+        .map_err(|_| "body timed out".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((version, status, body))
+}
+
+#[tokio::test]
+async fn https_over_http1_and_h2_reaches_the_backend_as_https() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("api.test");
+    let dir = temp_dir("basic");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("api", &cert)]),
+    )
+    .await;
+
+    let (version, status, body) =
+        https_get(addr, "api.test", &cert.der, b"http/1.1", "/echo/headers")
+            .await
+            .unwrap();
+    assert_eq!((version, status), (Version::HTTP_11, StatusCode::OK));
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["x-forwarded-proto"][0], "https");
+    assert_eq!(seen["host"][0], "api.test");
+
+    let (version, status, body) = https_get(addr, "api.test", &cert.der, b"h2", "/users/1/orders")
+        .await
+        .unwrap();
+    assert_eq!((version, status), (Version::HTTP_2, StatusCode::OK));
+    assert!(String::from_utf8_lossy(&body).contains("ORDER-001"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let first = self_signed("first.test");
+    let second = self_signed("second.test");
+    let dir = temp_dir("sni");
+    let listener = tls_listener(&dir, &[("first", &first), ("second", &second)]);
+    let (addr, _stop) = start_tls_proxy(config_for(&[&backend]), listener).await;
+
+    // Trusting only the second certificate: the handshake succeeds only if
+    // the server chose it for that name.
+    let (_, status, _) = https_get(addr, "second.test", &second.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (_, status, _) = https_get(addr, "first.test", &first.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // An unknown name gets the default (first) certificate, which the
+    // client cannot verify for that name.
+    assert!(
+        https_get(addr, "other.test", &second.der, b"http/1.1", "/health")
+            .await
+            .is_err()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
+    let cert = self_signed("a.test");
+    let other = self_signed("b.test");
+    let dir = temp_dir("errors");
+    let good = tls_listener(&dir, &[("a", &cert)]);
+
+    let mut missing = good.clone();
+    missing.certificates[0].cert = dir.join("nope.pem");
+    let error = portico::server::tls::acceptor(&missing)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("nope.pem"), "{error}");
+
+    let mut mismatched = good.clone();
+    std::fs::write(dir.join("b.key"), &other.key).unwrap();
+    mismatched.certificates[0].key = dir.join("b.key");
+    let error = portico::server::tls::acceptor(&mismatched)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("b.key") && error.contains("does not match"),
+        "{error}"
+    );
+
+    let mut garbage = good;
+    std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
+    garbage.certificates[0].cert = dir.join("garbage.pem");
+    let error = portico::server::tls::acceptor(&garbage)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("garbage.pem"), "{error}");
+    let _ = std::fs::remove_dir_all(dir);
+}
