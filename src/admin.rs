@@ -119,6 +119,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "upstreams": upstreams,
         "connections_open": shared.metrics.connections_open.get(),
+        "limiter_keys": proxy.limiter().map(|l| l.tracked_keys()),
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod sample;

@@ -20,6 +20,11 @@ pub enum ProxyError {
     RequestBodyTimeout,
     #[error("no healthy backend")]
     NoHealthyBackend,
+    #[error("client over its rate limit; may retry in {retry_after:?}")]
+    Throttled {
+        limit: u32,
+        retry_after: std::time::Duration,
+    },
     #[error("backend {backend} refused the connection: {source}")]
     Connect {
         backend: std::net::SocketAddr,
@@ -44,6 +49,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -76,7 +82,11 @@ impl ProxyError {
 
     /// A short plain-text answer; details stay in the log, not on the wire.
     pub fn into_response(self) -> Response<ProxyBody> {
-        error_response(self.status())
+        let mut response = error_response(self.status());
+        if let ProxyError::Throttled { limit, retry_after } = self {
+            rate_limit_headers(response.headers_mut(), limit, 0, Some(retry_after));
+        }
+        response
     }
 }
 
@@ -87,6 +97,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
+        StatusCode::TOO_MANY_REQUESTS => "429 Too Many Requests\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no healthy backend\n",
         StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
         StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
@@ -104,4 +115,22 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+/// `RateLimit-*` fields (IETF httpapi draft names) and, when throttled,
+/// `Retry-After` in whole seconds rounded up.
+pub fn rate_limit_headers(
+    headers: &mut http::HeaderMap,
+    limit: u32,
+    remaining: u32,
+    retry_after: Option<std::time::Duration>,
+) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    if let Some(wait) = retry_after {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let seconds = HeaderValue::from(seconds.max(1));
+        headers.insert(header::RETRY_AFTER, seconds.clone());
+        headers.insert("ratelimit-reset", seconds);
+    }
 }

@@ -17,6 +17,7 @@ use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
@@ -45,6 +46,7 @@ pub struct Proxy {
     route_metrics: Vec<RouteMetrics>,
     /// Requests refused before a route was chosen.
     unrouted: RouteMetrics,
+    limiter: Option<Arc<Limiter>>,
 }
 
 /// What the request path learnt about one request, for metrics and the
@@ -81,6 +83,7 @@ impl Proxy {
                 .map(|r| metrics.route(&r.name))
                 .collect(),
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
+            limiter: Limiter::new(config),
             metrics,
         }
     }
@@ -96,12 +99,21 @@ impl Proxy {
                 .cloned()
                 .unwrap_or_else(|| Upstream::new(u.clone(), metrics))
         });
-        next.max_request_body = config.server.max_request_body;
+        // Clients keep their budgets across a reload that leaves limits alone.
+        if let Some(old) = &previous.limiter {
+            if old.same_settings(config) {
+                next.limiter = Some(old.clone());
+            }
+        }
         next
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    pub fn limiter(&self) -> Option<&Arc<Limiter>> {
+        self.limiter.as_ref()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -159,6 +171,19 @@ impl Proxy {
         trace.route = Some(index);
         let upstream = &self.upstreams[route.upstream];
 
+        let mut quota = None;
+        if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
+            let key = limiter.key(conn.peer, request.headers());
+            match limiter.check(index, &key) {
+                Some(Decision::Throttled { limit, retry_after }) => {
+                    self.route_metrics[index].throttled();
+                    return Err(ProxyError::Throttled { limit, retry_after });
+                }
+                Some(Decision::Allowed { limit, remaining }) => quota = Some((limit, remaining)),
+                None => {}
+            }
+        }
+
         if declared_length(&request)? > Some(self.max_request_body) {
             return Err(ProxyError::BodyTooLarge);
         }
@@ -191,6 +216,9 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers, parts.version);
+        if let Some((limit, remaining)) = quota {
+            error::rate_limit_headers(&mut parts.headers, limit, remaining, None);
+        }
         Ok(Response::from_parts(
             parts,
             ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),

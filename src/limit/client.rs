@@ -1,0 +1,341 @@
+//! Who a request counts against: pure functions from the TCP peer, the
+//! request headers and the `[rate_limit]` settings to a client key. A
+//! forwarding header is believed only when the peer is a trusted proxy, and
+//! then only back to the first hop that is not itself trusted. Parsing is
+//! defensive: bounded work per request, and anything odd falls back to the
+//! peer's address.
+
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use http::header::{HeaderMap, HeaderName};
+
+use crate::config::{Cidr, RateLimit, RateLimitKey};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Forwarding entries examined at most, counted from the right.
+const MAX_HOPS: usize = 32;
+/// Bytes of a forwarding header examined at most (its right-hand end).
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// A throttling identity. Header keys are hashed so a key costs the same
+/// few bytes however long the client made its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// IPv4 as is; IPv6 cut to its /64, the block one subscriber gets.
+    Ip(IpAddr),
+    Header(u64),
+}
+
+pub fn in_cidr(ip: IpAddr, cidr: &Cidr) -> bool {
+    match (ip, cidr.addr) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(cidr.prefix))
+                .unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(cidr.prefix))
+                .unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
+}
+
+fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+    proxies.iter().any(|cidr| in_cidr(ip, cidr))
+}
+
+/// IPv4-mapped IPv6 becomes IPv4; other IPv6 is cut to its /64.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// One address out of a forwarding entry: `1.2.3.4`, `1.2.3.4:80`,
+/// `[2001:db8::1]:443`, `2001:db8::1`, `fe80::1%eth0`, optionally quoted.
+pub fn parse_hop(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim().trim_matches('"');
+    let host = if let Some(rest) = entry.strip_prefix('[') {
+        &rest[..rest.find(']')?]
+    } else if entry.matches(':').count() == 1 {
+        // IPv4 with a port; bare IPv6 has several colons.
+        entry.split(':').next()?
+    } else {
+        entry
+    };
+    let host = host.split('%').next()?; // IPv6 zone id
+    host.parse().ok()
+}
+
+/// The right-hand end of a header value, cut at an entry boundary.
+fn tail(value: &str) -> &str {
+    if value.len() <= MAX_HEADER_BYTES {
+        return value;
+    }
+    let start = value.len() - MAX_HEADER_BYTES;
+    match value[start..].find(',') {
+        Some(comma) if value.is_char_boundary(start + comma + 1) => &value[start + comma + 1..],
+        _ => "",
+    }
+}
+
+/// Entries of every line of `name`, right-most first, bounded.
+fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<&'a str> {
+    let lines: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    lines
+        .iter()
+        .rev()
+        .flat_map(|line| tail(line).rsplit(','))
+        .take(MAX_HOPS)
+        .collect()
+}
+
+/// The `for=` value of one `Forwarded` element.
+fn forwarded_for(element: &str) -> Option<&str> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
+    })
+}
+
+/// The client address: the peer, or behind trusted proxies the right-most
+/// forwarded address that is not itself a trusted proxy.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
+    let peer = peer.ip();
+    if !trusted(peer, proxies) {
+        return peer;
+    }
+    let (entries, forwarded) = if headers.contains_key(&X_FORWARDED_FOR) {
+        (hops_right_to_left(headers, &X_FORWARDED_FOR), false)
+    } else {
+        (hops_right_to_left(headers, &FORWARDED), true)
+    };
+    let mut client = peer;
+    for entry in entries {
+        let hop = if forwarded {
+            forwarded_for(entry).and_then(parse_hop)
+        } else {
+            parse_hop(entry)
+        };
+        match hop {
+            Some(ip) if trusted(ip, proxies) => client = ip,
+            Some(ip) => return ip,
+            // Garbage where an address should be: nothing left of it can be
+            // believed, so count against the last hop we could trust.
+            None => return client,
+        }
+    }
+    client
+}
+
+/// The key a request is throttled under.
+pub fn key(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    config: &RateLimit,
+    hasher: &impl BuildHasher,
+) -> ClientKey {
+    if let RateLimitKey::Header(name) = &config.key {
+        if let Some(value) = headers.get(name).filter(|v| !v.is_empty()) {
+            return ClientKey::Header(hasher.hash_one(value.as_bytes()));
+        }
+    }
+    ClientKey::Ip(normalize(client_ip(peer, headers, &config.trusted_proxies)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn cidr(text: &str) -> Cidr {
+        let (addr, prefix) = text.split_once('/').unwrap();
+        Cidr {
+            addr: addr.parse().unwrap(),
+            prefix: prefix.parse().unwrap(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_peers() {
+        let proxies = [cidr("10.0.0.0/8"), cidr("127.0.0.1/32")];
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            // Untrusted peer: headers ignored.
+            (
+                "203.0.113.5:1000",
+                &[("x-forwarded-for", "1.1.1.1")],
+                "203.0.113.5",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "198.51.100.7")],
+                "198.51.100.7",
+            ),
+            // Right-most untrusted wins; spoofed left entries are ignored.
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.1.2.3")],
+                "198.51.100.7",
+            ),
+            // Several lines are one list.
+            (
+                "127.0.0.1:1000",
+                &[
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-for", "198.51.100.7"),
+                ],
+                "198.51.100.7",
+            ),
+            // All trusted: the left-most hop is the client.
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "10.0.0.9, 10.0.0.8")],
+                "10.0.0.9",
+            ),
+            // Ports, brackets, zone ids.
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "198.51.100.7:5555")],
+                "198.51.100.7",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "[2001:db8::1]:443")],
+                "2001:db8::1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "fe80::1%eth0")],
+                "fe80::1",
+            ),
+            // Garbage falls back to the last trusted hop (here the peer).
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, not-an-ip")],
+                "127.0.0.1",
+            ),
+            ("127.0.0.1:1000", &[("x-forwarded-for", "")], "127.0.0.1"),
+            // Forwarded (RFC 7239) when there is no X-Forwarded-For.
+            (
+                "127.0.0.1:1000",
+                &[(
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8::2]:80\";proto=https",
+                )],
+                "2001:db8::2",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("forwarded", "for=unknown")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("forwarded", "proto=https")],
+                "127.0.0.1",
+            ),
+        ];
+        for (peer, pairs, want) in cases {
+            let got = client_ip(peer.parse().unwrap(), &headers(pairs), &proxies);
+            assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{peer} {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn huge_headers_cost_bounded_work() {
+        let proxies = [cidr("127.0.0.1/32")];
+        let many = (0..1000)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let got = client_ip(
+            "127.0.0.1:1".parse().unwrap(),
+            &headers(&[("x-forwarded-for", &many)]),
+            &proxies,
+        );
+        assert_eq!(got, "10.0.3.249".parse::<IpAddr>().unwrap());
+        let long = format!("{}, 198.51.100.7", "x".repeat(100_000));
+        let got = client_ip(
+            "127.0.0.1:1".parse().unwrap(),
+            &headers(&[("x-forwarded-for", &long)]),
+            &proxies,
+        );
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn cidr_membership() {
+        let cases = [
+            ("10.1.2.3", "10.0.0.0/8", true),
+            ("11.1.2.3", "10.0.0.0/8", false),
+            ("1.2.3.4", "0.0.0.0/0", true),
+            ("2001:db8::1", "2001:db8::/32", true),
+            ("2001:db9::1", "2001:db8::/32", false),
+            ("10.1.2.3", "::/0", false),
+        ];
+        for (ip, net, want) in cases {
+            assert_eq!(
+                in_cidr(ip.parse().unwrap(), &cidr(net)),
+                want,
+                "{ip} in {net}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_slash_64() {
+        let a = normalize("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = normalize("2001:db8:1:2:bbbb::2".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(
+            normalize("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn header_keys_fall_back_to_the_address() {
+        let config = RateLimit {
+            key: RateLimitKey::Header(HeaderName::from_static("x-api-key")),
+            ..RateLimit::default()
+        };
+        let hasher = std::collections::hash_map::RandomState::new();
+        let peer: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        let a = key(peer, &headers(&[("x-api-key", "alpha")]), &config, &hasher);
+        let b = key(peer, &headers(&[("x-api-key", "beta")]), &config, &hasher);
+        assert_ne!(a, b);
+        assert_eq!(
+            key(peer, &headers(&[]), &config, &hasher),
+            ClientKey::Ip("192.0.2.1".parse().unwrap())
+        );
+    }
+}

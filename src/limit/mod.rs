@@ -1,0 +1,223 @@
+//! Per-client throttling with GCRA (governor's keyed limiter over a
+//! bounded store): `requests_per_second` sustained, `burst` at once, one
+//! limiter per route that enables it (a route group). Checked right after
+//! routing, before any upstream work. Memory is bounded by
+//! `max_tracked_clients`, and idle clients are forgotten every 10 seconds.
+
+pub mod client;
+mod store;
+
+use std::collections::hash_map::RandomState;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter};
+use http::HeaderMap;
+
+use crate::config::{Config, RateLimit};
+use client::ClientKey;
+use store::BoundedStore;
+
+/// How often idle client keys are dropped.
+const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+
+type Keyed =
+    RateLimiter<ClientKey, BoundedStore<ClientKey>, DefaultClock, StateInformationMiddleware>;
+
+/// The verdict on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed { limit: u32, remaining: u32 },
+    Throttled { limit: u32, retry_after: Duration },
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    config: RateLimit,
+    /// Per route index; `None` where the route does not throttle.
+    routes: Vec<Option<Keyed>>,
+    hasher: RandomState,
+    cleanup: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn quota(config: &RateLimit) -> Quota {
+    let rate = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+impl Limiter {
+    /// `None` when the config has no `[rate_limit]`.
+    pub fn new(config: &Config) -> Option<Arc<Self>> {
+        let limits = config.rate_limit.clone()?;
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                route.rate_limit.then(|| {
+                    let plain: RateLimiter<_, _, _> = RateLimiter::new(
+                        quota(&limits),
+                        BoundedStore::new(limits.max_tracked_clients),
+                        DefaultClock::default(),
+                    );
+                    plain.with_middleware::<StateInformationMiddleware>()
+                })
+            })
+            .collect();
+        let mut limiter = Arc::new(Limiter {
+            config: limits,
+            routes,
+            hasher: RandomState::new(),
+            cleanup: None,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let task = runtime.spawn(cleanup(Arc::downgrade(&limiter)));
+            match Arc::get_mut(&mut limiter) {
+                Some(owned) => owned.cleanup = Some(task),
+                None => task.abort(),
+            }
+        }
+        Some(limiter)
+    }
+
+    /// Whether `config` asks for exactly these limits on the same routes, so
+    /// a reload can keep this limiter and its clients' budgets.
+    pub fn same_settings(&self, config: &Config) -> bool {
+        config.rate_limit.as_ref() == Some(&self.config)
+            && config.routes.len() == self.routes.len()
+            && config
+                .routes
+                .iter()
+                .zip(&self.routes)
+                .all(|(route, limiter)| route.rate_limit == limiter.is_some())
+    }
+
+    /// The key a request is counted under.
+    pub fn key(&self, peer: SocketAddr, headers: &HeaderMap) -> ClientKey {
+        client::key(peer, headers, &self.config, &self.hasher)
+    }
+
+    /// Counts one request of `key` on route `route`; `None` if the route
+    /// does not throttle.
+    pub fn check(&self, route: usize, key: &ClientKey) -> Option<Decision> {
+        let limiter = self.routes.get(route)?.as_ref()?;
+        let limit = self.config.burst;
+        Some(match limiter.check_key(key) {
+            Ok(snapshot) => Decision::Allowed {
+                limit,
+                remaining: snapshot.remaining_burst_capacity(),
+            },
+            Err(not_until) => Decision::Throttled {
+                limit,
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            },
+        })
+    }
+
+    /// Client keys currently tracked, over all routes.
+    pub fn tracked_keys(&self) -> usize {
+        self.routes.iter().flatten().map(|l| l.len()).sum()
+    }
+
+    /// Drops keys whose bucket is full again (idle clients).
+    pub fn forget_idle(&self) {
+        for limiter in self.routes.iter().flatten() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        if let Some(task) = self.cleanup.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn cleanup(limiter: Weak<Limiter>) {
+    loop {
+        tokio::time::sleep(CLEANUP_EVERY).await;
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        limiter.forget_idle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HostMatch, Route};
+
+    fn config(rps: u32, burst: u32, max: usize) -> Config {
+        let mut config = Config::single_upstream(vec![], vec!["127.0.0.1:1".parse().unwrap()]);
+        config.rate_limit = Some(RateLimit {
+            requests_per_second: rps,
+            burst,
+            max_tracked_clients: max,
+            ..RateLimit::default()
+        });
+        config.routes[0].rate_limit = true;
+        config.routes.push(Route {
+            host: HostMatch::Any,
+            path_prefix: "/free".into(),
+            upstream: 0,
+            cache: false,
+            rate_limit: false,
+            name: "free".into(),
+        });
+        config
+    }
+
+    fn ip(n: u32) -> ClientKey {
+        ClientKey::Ip(std::net::IpAddr::V4(n.into()))
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_throttled_with_a_wait() {
+        // 1/s so no refill can happen during the test.
+        let limiter = Limiter::new(&config(1, 5, 100)).unwrap();
+        let decisions: Vec<Decision> = (0..7).map(|_| limiter.check(0, &ip(1)).unwrap()).collect();
+        let remaining: Vec<u32> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Allowed { remaining, .. } => Some(*remaining),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(remaining, [4, 3, 2, 1, 0]);
+        match decisions[5] {
+            Decision::Throttled { limit, retry_after } => {
+                assert_eq!(limit, 5);
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another client has its own budget; a route without limits has none.
+        assert!(matches!(
+            limiter.check(0, &ip(2)),
+            Some(Decision::Allowed { remaining: 4, .. })
+        ));
+        assert_eq!(limiter.check(1, &ip(1)), None);
+    }
+
+    #[test]
+    fn the_table_never_grows_past_max_tracked_clients() {
+        let limiter = Limiter::new(&config(100, 200, 1000)).unwrap();
+        for n in 0..200_000 {
+            limiter.check(0, &ip(n));
+        }
+        assert!(limiter.tracked_keys() <= 1000, "{}", limiter.tracked_keys());
+        // Tracked clients keep their own state; new ones share the overflow.
+        assert!(matches!(
+            limiter.check(0, &ip(0)),
+            Some(Decision::Allowed { .. })
+        ));
+    }
+}

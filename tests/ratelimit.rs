@@ -1,0 +1,133 @@
+//! Per-client throttling over real sockets: bursts, headers, separate
+//! budgets, and forwarding headers believed only from trusted proxies.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use portico::config::{Cidr, Config, HostMatch, RateLimit, Route};
+use portico::sample::{BackendOptions, RunningBackend};
+
+fn limited(backend: &RunningBackend, trusted: &str) -> Config {
+    let mut config = config_for(&[backend]);
+    let (addr, prefix) = trusted.split_once('/').unwrap();
+    config.rate_limit = Some(RateLimit {
+        requests_per_second: 10,
+        burst: 5,
+        trusted_proxies: vec![Cidr {
+            addr: addr.parse().unwrap(),
+            prefix: prefix.parse().unwrap(),
+        }],
+        ..RateLimit::default()
+    });
+    config.routes[0].rate_limit = true;
+    config.routes.push(Route {
+        host: HostMatch::Any,
+        path_prefix: "/health".into(),
+        upstream: 0,
+        cache: false,
+        rate_limit: false,
+        name: "health".into(),
+    });
+    config
+}
+
+async fn burst(
+    client: &TestClient,
+    url: &str,
+    forwarded_for: Option<&str>,
+    n: usize,
+) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    for _ in 0..n {
+        let mut request = Request::get(url);
+        if let Some(xff) = forwarded_for {
+            request = request.header("x-forwarded-for", xff);
+        }
+        answers.push(send(client, request.body(Full::new(Bytes::new())).unwrap()).await);
+    }
+    answers
+}
+
+fn allowed(answers: &[Answer]) -> usize {
+    answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count()
+}
+
+#[tokio::test]
+async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(limited(&backend, "10.0.0.0/8")).await;
+    let answers = burst(&client(), &proxy.url("/users/1/orders"), None, 20).await;
+    // Five from the burst, at most one more refilled while the test ran.
+    let ok = allowed(&answers);
+    assert!((5..=6).contains(&ok), "{ok} allowed");
+    assert_eq!(
+        backend.requests() as usize,
+        ok,
+        "throttled requests reached the backend"
+    );
+
+    let first = &answers[0];
+    assert_eq!(first.header("ratelimit-limit"), "5");
+    assert_eq!(first.header("ratelimit-remaining"), "4");
+    let throttled = answers.last().unwrap();
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(throttled.header("retry-after"), "1");
+    assert_eq!(throttled.header("ratelimit-limit"), "5");
+    assert_eq!(throttled.header("ratelimit-remaining"), "0");
+    assert_eq!(throttled.header("ratelimit-reset"), "1");
+    assert!(String::from_utf8_lossy(&throttled.body).starts_with("429"));
+
+    // A route without rate_limit is not throttled.
+    let free = burst(&client(), &proxy.url("/health"), None, 10).await;
+    assert_eq!(allowed(&free), 10);
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_escape_the_limit() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(limited(&backend, "10.0.0.0/8")).await;
+    let client = client();
+    let mut ok = 0;
+    for i in 0..20 {
+        let spoofed = format!("198.51.100.{i}");
+        ok += allowed(&burst(&client, &proxy.url("/users/1/orders"), Some(&spoofed), 1).await);
+    }
+    assert!(
+        (5..=6).contains(&ok),
+        "{ok} allowed with rotating spoofed addresses"
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(limited(&backend, "127.0.0.1/32")).await;
+    let client = client();
+    let url = proxy.url("/users/1/orders");
+    let first = burst(&client, &url, Some("198.51.100.1"), 20).await;
+    assert!((5..=6).contains(&allowed(&first)));
+    // A second client behind the same proxy is unaffected by the first.
+    let second = burst(&client, &url, Some("198.51.100.2"), 5).await;
+    assert_eq!(allowed(&second), 5);
+    // Garbage in the header falls back to the peer: its own budget.
+    let garbage = burst(&client, &url, Some("not an address"), 3).await;
+    assert_eq!(allowed(&garbage), 3);
+}
+
+#[tokio::test]
+async fn throttled_requests_are_counted_per_route() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(limited(&backend, "10.0.0.0/8"), None, None).await;
+    let answers = burst(&client(), &proxy.url("/users/1/orders"), None, 10).await;
+    let throttled = answers.len() - allowed(&answers);
+    let metrics = get(&client(), &proxy.admin_url("/metrics")).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let want = format!("portico_ratelimit_rejected_total{{route=\"default\"}} {throttled}");
+    assert!(text.contains(&want), "{want} not in\n{text}");
+}
