@@ -144,6 +144,10 @@ async fn handle(
     match (method, request.uri().path()) {
         (Method::GET, "/metrics") => {
             refresh_gauges(&shared);
+            let cache = shared.proxy.load().cache().cloned();
+            if let Some(cache) = cache {
+                cache.stats().await;
+            }
             let mut response = text(StatusCode::OK, shared.metrics.encode());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -169,7 +173,25 @@ async fn handle(
                 )
             }
         }
-        (Method::GET, "/status") => json(StatusCode::OK, &status_json(&shared)),
+        (Method::GET, "/status") => {
+            let mut status = status_json(&shared);
+            let cache = shared.proxy.load().cache().cloned();
+            if let Some(cache) = cache {
+                let (entries, bytes) = cache.stats().await;
+                let hits = cache.counters.hit.get();
+                let lookups = hits
+                    + cache.counters.miss.get()
+                    + cache.counters.stale.get()
+                    + cache.counters.revalidated.get();
+                status["cache"] = serde_json::json!({
+                    "entries": entries,
+                    "size_bytes": bytes,
+                    "max_size_bytes": cache.config.max_size,
+                    "hit_ratio": if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+                });
+            }
+            json(StatusCode::OK, &status)
+        }
         (Method::POST, "/reload") => {
             if let Some(refusal) = authorize(token.as_deref(), &request) {
                 return refusal;
@@ -183,7 +205,27 @@ async fn handle(
             if let Some(refusal) = authorize(token.as_deref(), &request) {
                 return refusal;
             }
-            text(StatusCode::NOT_FOUND, "no [cache] configured\n")
+            let proxy = shared.proxy.load();
+            let Some(cache) = proxy.cache() else {
+                return text(StatusCode::NOT_FOUND, "no [cache] configured\n");
+            };
+            let prefix = request
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("prefix="));
+            match prefix {
+                Some(prefix) if prefix.starts_with('/') => {
+                    cache.purge_prefix(prefix);
+                    text(StatusCode::OK, format!("purged {prefix}*\n"))
+                }
+                Some(_) => text(StatusCode::BAD_REQUEST, "prefix must start with /\n"),
+                None => {
+                    cache.purge_all();
+                    text(StatusCode::OK, "purged everything\n")
+                }
+            }
         }
         (_, "/metrics" | "/healthz" | "/readyz" | "/status") => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");

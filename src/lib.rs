@@ -7,6 +7,7 @@
 //! the tests, benchmarks and the `demo` command.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod limit;

@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::capture::Capture;
 use crate::upstream::health::InFlight;
 
 /// A stall timeout that never fires in practice; instants near
@@ -159,6 +160,8 @@ pub enum ProxyBody {
         inner: Incoming,
         stall: StallGuard,
         in_flight: Option<InFlight>,
+        /// Copies the body into the cache as it passes.
+        capture: Option<Box<Capture>>,
     },
 }
 
@@ -178,7 +181,26 @@ impl ProxyBody {
             inner,
             stall: StallGuard::new(stall_timeout),
             in_flight,
+            capture: None,
         }
+    }
+
+    /// Stores the body in the cache once it has been relayed completely.
+    pub fn with_capture(mut self, capture: Capture) -> Self {
+        if let ProxyBody::Stream {
+            capture: slot,
+            inner,
+            ..
+        } = &mut self
+        {
+            if inner.is_end_stream() {
+                // An empty body is never polled: store it right away.
+                capture.finish();
+            } else {
+                *slot = Some(Box::new(capture));
+            }
+        }
+        self
     }
 }
 
@@ -196,22 +218,44 @@ impl Body for ProxyBody {
                 inner,
                 stall,
                 in_flight,
-            } => match Pin::new(inner).poll_frame(cx) {
+                capture,
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     stall.progress();
+                    if let (Some(copy), Some(data)) = (capture.as_mut(), frame.data_ref()) {
+                        if !copy.data(data) {
+                            *capture = None;
+                        }
+                    }
+                    // hyper stops polling once a sized body reports its end,
+                    // so the end is handled here, not only at Ready(None).
+                    if inner.is_end_stream() {
+                        in_flight.take();
+                        if let Some(copy) = capture.take() {
+                            copy.finish();
+                        }
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
                     in_flight.take();
+                    // A broken body is never stored.
+                    capture.take();
                     Poll::Ready(Some(Err(e.into())))
                 }
                 Poll::Ready(None) => {
                     // Done: free the slot now, not when hyper drops the body.
                     in_flight.take();
+                    if let Some(copy) = capture.take() {
+                        copy.finish();
+                    }
                     Poll::Ready(None)
                 }
                 Poll::Pending => match stall.poll_stalled(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout)))),
+                    Poll::Ready(()) => {
+                        capture.take();
+                        Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout))))
+                    }
                     Poll::Pending => Poll::Pending,
                 },
             },

@@ -4,6 +4,7 @@
 //! ([`error::ProxyError`]).
 
 pub mod body;
+mod cached;
 pub mod error;
 pub mod headers;
 mod log;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -47,6 +49,7 @@ pub struct Proxy {
     /// Requests refused before a route was chosen.
     unrouted: RouteMetrics,
     limiter: Option<Arc<Limiter>>,
+    cache: Option<Arc<Cache>>,
 }
 
 /// What the request path learnt about one request, for metrics and the
@@ -84,6 +87,7 @@ impl Proxy {
                 .collect(),
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
             limiter: Limiter::new(config),
+            cache: config.cache.clone().map(|c| Cache::new(c, metrics.clone())),
             metrics,
         }
     }
@@ -99,6 +103,12 @@ impl Proxy {
                 .cloned()
                 .unwrap_or_else(|| Upstream::new(u.clone(), metrics))
         });
+        // The cache survives a reload that leaves its settings alone.
+        if let Some(old) = &previous.cache {
+            if config.cache.as_ref() == Some(&old.config) {
+                next.cache = Some(old.clone());
+            }
+        }
         // Clients keep their budgets across a reload that leaves limits alone.
         if let Some(old) = &previous.limiter {
             if old.same_settings(config) {
@@ -110,6 +120,10 @@ impl Proxy {
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
     }
 
     pub fn limiter(&self) -> Option<&Arc<Limiter>> {
@@ -200,6 +214,11 @@ impl Proxy {
             },
         );
         // HTTP/2 carries the host in :authority; backends need a Host field.
+        let host_name = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
@@ -207,7 +226,28 @@ impl Proxy {
             upgrade.restore_request(&mut parts.headers);
         }
         let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout);
+
+        let cache = self.cache.as_ref().filter(|_| route.cache);
+        let readable = parts.method == Method::GET || parts.method == Method::HEAD;
+        if let (Some(cache), true, None) = (cache, readable, &upgrade) {
+            let mut response =
+                cached::serve(cache, upstream, parts, body, conn.proto, &host_name, trace).await?;
+            if let Some((limit, remaining)) = quota {
+                error::rate_limit_headers(response.headers_mut(), limit, remaining, None);
+            }
+            return Ok(response);
+        }
+        let unsafe_target = (cache.is_some() && !readable).then(|| {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            target.to_owned()
+        });
         let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
+        if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
+            let status = response.status();
+            if status.is_success() || status.is_redirection() {
+                cached::invalidate(cache, conn.proto, &host_name, target, response.headers());
+            }
+        }
 
         if let Some(client) = upgrade {
             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -218,6 +258,13 @@ impl Proxy {
         headers::prepare_response(&mut parts.headers, parts.version);
         if let Some((limit, remaining)) = quota {
             error::rate_limit_headers(&mut parts.headers, limit, remaining, None);
+        }
+        if cache.is_some() {
+            // Every response of a caching route says what the cache did.
+            parts.headers.insert(
+                cached::CACHE_STATUS.clone(),
+                HeaderValue::from_static("portico; fwd=method"),
+            );
         }
         Ok(Response::from_parts(
             parts,

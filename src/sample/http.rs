@@ -161,6 +161,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
         }
         ["echo"] => method_not_allowed("POST"),
         ["ws", "echo"] if method == Method::GET => upgrade_echo(request),
+        ["cache", _] if read => cache_test(ctx, &request),
         ["echo", "headers"] if read => {
             let mut seen: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
             for (name, value) in request.headers() {
@@ -209,6 +210,62 @@ fn upgrade_echo(mut request: Request<Incoming>) -> Response<Body> {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response
+}
+
+/// Test helper for caches: answers with the headers the query asks for
+/// (`cc`, `vary`, `etag`, `lm`, `expires`, `cookie=1`, `status`) and a body
+/// naming the instance and its request count, so a test can tell a cached
+/// answer from a fresh one. Honours `If-None-Match` against `etag`.
+fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
+    let mut params: std::collections::HashMap<&str, String> = Default::default();
+    for pair in request.uri().query().unwrap_or("").split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            params.insert(
+                k,
+                v.replace("%20", " ")
+                    .replace("%2C", ",")
+                    .replace("%22", "\""),
+            );
+        }
+    }
+    let status = params
+        .get("status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let etag = params.get("etag").map(|e| format!("\"{e}\""));
+    let not_modified = etag
+        .as_deref()
+        .is_some_and(|e| none_match(request.headers(), e));
+    let mut response = if not_modified {
+        let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        let body = serde_json::json!({
+            "backend": ctx.opts.name,
+            "n": ctx.requests.load(Ordering::Relaxed),
+            "path": request.uri().path(),
+        });
+        let mut response = json(status, &body);
+        *response.status_mut() = status;
+        response
+    };
+    let headers = response.headers_mut();
+    let mut set = |name: header::HeaderName, value: Option<String>| {
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(name, value);
+        }
+    };
+    set(header::CACHE_CONTROL, params.get("cc").cloned());
+    set(header::VARY, params.get("vary").cloned());
+    set(header::ETAG, etag);
+    set(header::LAST_MODIFIED, params.get("lm").cloned());
+    set(header::EXPIRES, params.get("expires").cloned());
+    if params.contains_key("cookie") {
+        set(header::SET_COOKIE, Some("session=abc; Path=/".into()));
+    }
     response
 }
 

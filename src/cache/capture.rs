@@ -1,0 +1,107 @@
+//! Filling the cache from a response as it streams to the client: each
+//! frame goes downstream first and is copied second, so a cache problem
+//! never cuts a response. Only a body that ends cleanly within
+//! `max_object_size` is stored; a larger one, or one the backend breaks off,
+//! is dropped and the coalescing lock released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+
+use super::lock::Leader;
+use super::policy::{CacheControl, Timing};
+use super::{Cache, Entry};
+
+#[derive(Debug)]
+pub struct Capture {
+    cache: Arc<Cache>,
+    primary: String,
+    /// The request's headers, for the Vary secondary key.
+    request: HeaderMap,
+    status: StatusCode,
+    headers: HeaderMap,
+    timing: Timing,
+    lifetime: Duration,
+    cc: CacheControl,
+    chunks: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    leader: Option<Leader>,
+}
+
+/// A response about to be stored, minus its body.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub timing: Timing,
+    pub lifetime: Duration,
+    pub cc: CacheControl,
+}
+
+impl Capture {
+    pub fn new(
+        cache: Arc<Cache>,
+        primary: String,
+        request: HeaderMap,
+        head: Head,
+        leader: Option<Leader>,
+    ) -> Self {
+        let limit = usize::try_from(cache.config.max_object_size).unwrap_or(usize::MAX);
+        Capture {
+            cache,
+            primary,
+            request,
+            status: head.status,
+            headers: head.headers,
+            timing: head.timing,
+            lifetime: head.lifetime,
+            cc: head.cc,
+            chunks: Vec::new(),
+            size: 0,
+            limit,
+            leader,
+        }
+    }
+
+    /// Copies one frame; false once the body is too large to keep.
+    pub fn data(&mut self, data: &Bytes) -> bool {
+        self.size += data.len();
+        if self.size > self.limit {
+            return false;
+        }
+        self.chunks.push(data.clone());
+        true
+    }
+
+    /// The body ended cleanly: store it, then release the waiters.
+    pub fn finish(self) {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks[0].clone(),
+            _ => {
+                let mut all = BytesMut::with_capacity(self.size);
+                for chunk in &self.chunks {
+                    all.extend_from_slice(chunk);
+                }
+                all.freeze()
+            }
+        };
+        let entry = Entry {
+            status: self.status,
+            headers: self.headers,
+            body,
+            timing: self.timing,
+            lifetime: self.lifetime,
+            cc: self.cc,
+        };
+        let (cache, primary, request, leader) =
+            (self.cache, self.primary, self.request, self.leader);
+        tokio::spawn(async move {
+            cache.insert(&primary, &request, entry).await;
+            drop(leader);
+        });
+    }
+}

@@ -1,0 +1,370 @@
+//! RFC 9111 decisions for a shared cache, as pure functions over headers
+//! and times: what `Cache-Control` says (§5.2), whether a response may be
+//! stored (§3), how long it stays fresh (§4.2.1), how old it is (§4.2.3),
+//! and what the request allows (§5.2.1). Knows nothing about the store.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap};
+use http::{Method, StatusCode};
+
+/// Delta-seconds beyond this are capped (RFC 9111 §1.2.2).
+const MAX_DELTA: u64 = 2_147_483_648;
+
+/// Parsed `Cache-Control` directives, request or response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub only_if_cached: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+    pub min_fresh: Option<u64>,
+    /// `Some(None)`: any staleness accepted; `Some(Some(n))`: up to n s.
+    pub max_stale: Option<Option<u64>>,
+}
+
+/// §1.2.2 delta-seconds: digits only; too large caps; anything else is
+/// invalid (`None`).
+fn delta_seconds(value: &str) -> Option<u64> {
+    let value = value.trim().trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().map_or(MAX_DELTA, |n| n.min(MAX_DELTA)))
+}
+
+/// Splits on commas outside quoted strings.
+fn directives(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&value[start..]);
+    out
+}
+
+/// Parses every `Cache-Control` line. Unknown directives are ignored
+/// (§5.2.3). A duplicated or invalid `max-age`/`s-maxage` makes the value
+/// 0, so the response is treated as stale (§4.2.1).
+pub fn parse(headers: &HeaderMap) -> CacheControl {
+    let mut cc = CacheControl::default();
+    let mut seen_max_age = false;
+    let mut seen_s_maxage = false;
+    for line in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(line) = line.to_str() else { continue };
+        for directive in directives(line) {
+            let directive = directive.trim();
+            if directive.is_empty() {
+                continue;
+            }
+            let (name, value) = match directive.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (directive, None),
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "no-store" => cc.no_store = true,
+                // Qualified forms (`no-cache="Set-Cookie"`) are treated as
+                // the unqualified directive: stricter, never wrong.
+                "no-cache" => cc.no_cache = true,
+                "private" => cc.private = true,
+                "public" => cc.public = true,
+                "must-revalidate" => cc.must_revalidate = true,
+                "proxy-revalidate" => cc.proxy_revalidate = true,
+                "only-if-cached" => cc.only_if_cached = true,
+                "max-age" => {
+                    let parsed = value.and_then(delta_seconds);
+                    cc.max_age = if seen_max_age && cc.max_age != parsed {
+                        Some(0)
+                    } else {
+                        Some(parsed.unwrap_or(0))
+                    };
+                    seen_max_age = true;
+                }
+                "s-maxage" => {
+                    let parsed = value.and_then(delta_seconds);
+                    cc.s_maxage = if seen_s_maxage && cc.s_maxage != parsed {
+                        Some(0)
+                    } else {
+                        Some(parsed.unwrap_or(0))
+                    };
+                    seen_s_maxage = true;
+                }
+                "stale-while-revalidate" => {
+                    cc.stale_while_revalidate = value.and_then(delta_seconds)
+                }
+                "stale-if-error" => cc.stale_if_error = value.and_then(delta_seconds),
+                "min-fresh" => cc.min_fresh = value.and_then(delta_seconds),
+                "max-stale" => {
+                    cc.max_stale = match value {
+                        None => Some(None),
+                        Some(v) => delta_seconds(v).map(Some),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    cc
+}
+
+/// A request's cache-relevant directives (§5.2.1), with `Pragma:
+/// no-cache` honoured when there is no `Cache-Control` (§5.4).
+pub fn parse_request(headers: &HeaderMap) -> CacheControl {
+    let mut cc = parse(headers);
+    if !headers.contains_key(header::CACHE_CONTROL)
+        && headers
+            .get_all(header::PRAGMA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains("no-cache"))
+    {
+        cc.no_cache = true;
+    }
+    cc
+}
+
+fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    let value = headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(value).ok()
+}
+
+/// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1);
+/// 206 is left out because portico does not combine partial content.
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// The explicit freshness lifetime (§4.2.1): `s-maxage`, then `max-age`,
+/// then `Expires` minus `Date`. An invalid `Expires` means already expired.
+pub fn explicit_lifetime(headers: &HeaderMap, cc: &CacheControl) -> Option<Duration> {
+    if let Some(s) = cc.s_maxage {
+        return Some(Duration::from_secs(s));
+    }
+    if let Some(m) = cc.max_age {
+        return Some(Duration::from_secs(m));
+    }
+    if headers.contains_key(header::EXPIRES) {
+        let Some(expires) = http_date(headers, header::EXPIRES) else {
+            return Some(Duration::ZERO);
+        };
+        let date = http_date(headers, header::DATE).unwrap_or_else(SystemTime::now);
+        return Some(expires.duration_since(date).unwrap_or(Duration::ZERO));
+    }
+    None
+}
+
+/// Why a response is not stored (for `Cache-Status: ...; detail=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    Method,
+    Status,
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    NoFreshness,
+}
+
+impl NotStored {
+    pub fn detail(self) -> &'static str {
+        match self {
+            NotStored::Method => "method",
+            NotStored::Status => "status",
+            NotStored::NoStore => "no-store",
+            NotStored::Private => "private",
+            NotStored::Authorization => "authorization",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::VaryStar => "vary-star",
+            NotStored::NoFreshness => "no-freshness",
+        }
+    }
+}
+
+fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
+}
+
+/// Whether a shared cache may store this response (§3, §3.5), and for how
+/// long it is fresh. `default_ttl` is the operator's heuristic for
+/// heuristically cacheable statuses without explicit freshness (0 = none).
+pub fn storable(
+    method: &Method,
+    request: &HeaderMap,
+    request_cc: &CacheControl,
+    status: StatusCode,
+    response: &HeaderMap,
+    cc: &CacheControl,
+    default_ttl: Duration,
+) -> Result<Duration, NotStored> {
+    if method != Method::GET {
+        return Err(NotStored::Method);
+    }
+    if status.is_informational()
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Err(NotStored::Status);
+    }
+    if cc.no_store || request_cc.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    // §3.5: a shared cache stores answers to authorized requests only when
+    // the origin says every user may see them.
+    if request.contains_key(header::AUTHORIZATION)
+        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate)
+    {
+        return Err(NotStored::Authorization);
+    }
+    // A cookie set for one client must not reach another unless the origin
+    // marked the response as shared explicitly.
+    if response.contains_key(header::SET_COOKIE) && !(cc.public || cc.s_maxage.is_some()) {
+        return Err(NotStored::SetCookie);
+    }
+    let vary_star = response
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*");
+    if vary_star {
+        return Err(NotStored::VaryStar);
+    }
+    let lifetime = match explicit_lifetime(response, cc) {
+        Some(lifetime) => lifetime,
+        None if heuristically_cacheable(status) && !default_ttl.is_zero() => default_ttl,
+        None if cc.public && !default_ttl.is_zero() => default_ttl,
+        None => return Err(NotStored::NoFreshness),
+    };
+    // A response that is stale on arrival is only worth keeping when it can
+    // be revalidated cheaply.
+    if (lifetime.is_zero() || cc.no_cache) && !has_validator(response) {
+        return Err(NotStored::NoFreshness);
+    }
+    Ok(lifetime)
+}
+
+/// The inputs of the age calculation (§4.2.3), fixed when stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub request_time: SystemTime,
+    pub response_time: SystemTime,
+    pub date: Option<SystemTime>,
+    pub age: u64,
+}
+
+impl Timing {
+    pub fn new(headers: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Self {
+        let age = headers
+            .get(header::AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(delta_seconds)
+            .unwrap_or(0);
+        Timing {
+            request_time,
+            response_time,
+            date: http_date(headers, header::DATE),
+            age,
+        }
+    }
+
+    /// `current_age` at `now`.
+    pub fn current_age(&self, now: SystemTime) -> Duration {
+        let apparent = self
+            .date
+            .and_then(|d| self.response_time.duration_since(d).ok())
+            .unwrap_or(Duration::ZERO);
+        let delay = self
+            .response_time
+            .duration_since(self.request_time)
+            .unwrap_or(Duration::ZERO);
+        let corrected_age = Duration::from_secs(self.age) + delay;
+        let initial = apparent.max(corrected_age);
+        let resident = now
+            .duration_since(self.response_time)
+            .unwrap_or(Duration::ZERO);
+        initial + resident
+    }
+}
+
+/// What a stored response may be used for, given the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usable {
+    /// Serve it.
+    Fresh,
+    /// Serve it now and revalidate in the background.
+    StaleWhileRevalidate,
+    /// Revalidate (or refetch) before serving.
+    MustRevalidate,
+}
+
+/// §4 and §5.2.1: may a stored response of `lifetime` and `age` answer
+/// this request? `cc` is the stored response's directives.
+pub fn usable(
+    lifetime: Duration,
+    age: Duration,
+    cc: &CacheControl,
+    request: &CacheControl,
+) -> Usable {
+    if cc.no_cache || request.no_cache || request.max_age == Some(0) {
+        return Usable::MustRevalidate;
+    }
+    let mut fresh = age < lifetime;
+    if let Some(max_age) = request.max_age {
+        fresh &= age < Duration::from_secs(max_age);
+    }
+    if let Some(min_fresh) = request.min_fresh {
+        fresh &= lifetime.saturating_sub(age) >= Duration::from_secs(min_fresh);
+    }
+    if fresh {
+        return Usable::Fresh;
+    }
+    // Shared caches treat s-maxage as proxy-revalidate (§5.2.2.10).
+    let no_stale = cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some();
+    if no_stale {
+        return Usable::MustRevalidate;
+    }
+    let staleness = age.saturating_sub(lifetime);
+    if let Some(max_stale) = request.max_stale {
+        if max_stale.is_none_or(|s| staleness <= Duration::from_secs(s))
+            && request.min_fresh.is_none()
+        {
+            return Usable::Fresh;
+        }
+    }
+    match cc.stale_while_revalidate {
+        Some(window) if staleness <= Duration::from_secs(window) => Usable::StaleWhileRevalidate,
+        _ => Usable::MustRevalidate,
+    }
+}
+
+/// May a stale response be served because the origin failed (RFC 5861)?
+pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> bool {
+    if cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() {
+        return false;
+    }
+    let staleness = age.saturating_sub(lifetime);
+    cc.stale_if_error
+        .is_some_and(|window| staleness <= Duration::from_secs(window))
+}

@@ -1,0 +1,457 @@
+//! Table tests for `policy`, each case citing the RFC 9111 rule it checks.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use super::policy::*;
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    map
+}
+
+fn cc(value: &str) -> CacheControl {
+    parse(&headers(&[("cache-control", value)]))
+}
+
+#[test]
+fn cache_control_parsing() {
+    // (header value, expected)
+    let cases: Vec<(&str, CacheControl)> = vec![
+        (
+            "max-age=60",
+            CacheControl {
+                max_age: Some(60),
+                ..Default::default()
+            },
+        ),
+        // §5.2: directive names are case-insensitive; whitespace is allowed.
+        (
+            " Max-Age = 60 , PUBLIC",
+            CacheControl {
+                max_age: Some(60),
+                public: true,
+                ..Default::default()
+            },
+        ),
+        // §4.2.1: conflicting duplicates make the response stale.
+        (
+            "max-age=60, max-age=120",
+            CacheControl {
+                max_age: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-age=60, max-age=60",
+            CacheControl {
+                max_age: Some(60),
+                ..Default::default()
+            },
+        ),
+        // §1.2.2: invalid delta-seconds -> stale; huge values cap at 2^31.
+        (
+            "max-age=-1",
+            CacheControl {
+                max_age: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-age=abc",
+            CacheControl {
+                max_age: Some(0),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-age=99999999999999999999",
+            CacheControl {
+                max_age: Some(2_147_483_648),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-age=\"30\"",
+            CacheControl {
+                max_age: Some(30),
+                ..Default::default()
+            },
+        ),
+        // §5.2.3: unknown directives are ignored.
+        (
+            "foo, bar=baz, no-store",
+            CacheControl {
+                no_store: true,
+                ..Default::default()
+            },
+        ),
+        // Commas inside quoted strings do not split directives.
+        (
+            "no-cache=\"set-cookie, x-a\", s-maxage=5",
+            CacheControl {
+                no_cache: true,
+                s_maxage: Some(5),
+                ..Default::default()
+            },
+        ),
+        (
+            "stale-while-revalidate=30, stale-if-error=60",
+            CacheControl {
+                stale_while_revalidate: Some(30),
+                stale_if_error: Some(60),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-stale",
+            CacheControl {
+                max_stale: Some(None),
+                ..Default::default()
+            },
+        ),
+        (
+            "max-stale=10, min-fresh=5, only-if-cached",
+            CacheControl {
+                max_stale: Some(Some(10)),
+                min_fresh: Some(5),
+                only_if_cached: true,
+                ..Default::default()
+            },
+        ),
+        (",,,", CacheControl::default()),
+        (
+            "=,=x,max-age",
+            CacheControl {
+                max_age: Some(0),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (value, want) in cases {
+        assert_eq!(cc(value), want, "{value:?}");
+    }
+    // §5.4: Pragma: no-cache counts only without Cache-Control.
+    assert!(parse_request(&headers(&[("pragma", "no-cache")])).no_cache);
+    assert!(
+        !parse_request(&headers(&[
+            ("pragma", "no-cache"),
+            ("cache-control", "max-stale")
+        ]))
+        .no_cache
+    );
+}
+
+#[test]
+fn storability_for_a_shared_cache() {
+    let ok = Duration::from_secs(60);
+    let none = Duration::ZERO;
+    let ttl = Duration::from_secs(5);
+    // (method, request headers, status, response headers, default_ttl, expected)
+    type Case<'a> = (
+        Method,
+        &'a [(&'a str, &'a str)],
+        u16,
+        &'a [(&'a str, &'a str)],
+        Duration,
+        Result<Duration, NotStored>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            none,
+            Ok(ok),
+        ),
+        // §3: only GET responses are stored here.
+        (
+            Method::POST,
+            &[],
+            200,
+            &[("cache-control", "max-age=60")],
+            none,
+            Err(NotStored::Method),
+        ),
+        // §3: no-store in the response or the request.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-store, max-age=60")],
+            none,
+            Err(NotStored::NoStore),
+        ),
+        (
+            Method::GET,
+            &[("cache-control", "no-store")],
+            200,
+            &[("cache-control", "max-age=60")],
+            none,
+            Err(NotStored::NoStore),
+        ),
+        // §5.2.2.7: private is not for shared caches.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "private, max-age=60")],
+            none,
+            Err(NotStored::Private),
+        ),
+        // §3.5: Authorization needs public, s-maxage or must-revalidate.
+        (
+            Method::GET,
+            &[("authorization", "x")],
+            200,
+            &[("cache-control", "max-age=60")],
+            none,
+            Err(NotStored::Authorization),
+        ),
+        (
+            Method::GET,
+            &[("authorization", "x")],
+            200,
+            &[("cache-control", "public, max-age=60")],
+            none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[("authorization", "x")],
+            200,
+            &[("cache-control", "s-maxage=60")],
+            none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[("authorization", "x")],
+            200,
+            &[("cache-control", "must-revalidate, max-age=60")],
+            none,
+            Ok(ok),
+        ),
+        // Set-Cookie only when explicitly shared.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            none,
+            Err(NotStored::SetCookie),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("set-cookie", "a=b"),
+            ],
+            none,
+            Ok(ok),
+        ),
+        // §4.1: Vary: * never matches.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "accept, *")],
+            none,
+            Err(NotStored::VaryStar),
+        ),
+        // §4.2.1: s-maxage wins over max-age for a shared cache.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=1, s-maxage=60")],
+            none,
+            Ok(ok),
+        ),
+        // §4.2.2: heuristic freshness only from default_ttl, only for
+        // heuristically cacheable statuses.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (Method::GET, &[], 200, &[], ttl, Ok(ttl)),
+        (Method::GET, &[], 404, &[], ttl, Ok(ttl)),
+        (Method::GET, &[], 500, &[], ttl, Err(NotStored::NoFreshness)),
+        (
+            Method::GET,
+            &[],
+            500,
+            &[("cache-control", "max-age=60")],
+            none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[],
+            206,
+            &[("cache-control", "max-age=60")],
+            none,
+            Err(NotStored::Status),
+        ),
+        // §5.2.2.4: no-cache is stored only when it can be revalidated.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-cache, max-age=60")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")],
+            none,
+            Ok(ok),
+        ),
+        // §5.3: an invalid Expires means already expired.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("expires", "not a date"), ("etag", "\"a\"")],
+            none,
+            Ok(Duration::ZERO),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("expires", "0")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+            ],
+            none,
+            Ok(ok),
+        ),
+    ];
+    for (method, request, status, response, default_ttl, want) in cases {
+        let request = headers(request);
+        let response = headers(response);
+        let got = storable(
+            &method,
+            &request,
+            &parse_request(&request),
+            StatusCode::from_u16(status).unwrap(),
+            &response,
+            &parse(&response),
+            default_ttl,
+        );
+        assert_eq!(got, want, "{method} {status} {response:?} {request:?}");
+    }
+}
+
+#[test]
+fn current_age_follows_section_4_2_3() {
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let s = Duration::from_secs;
+    // Age from upstream plus the round trip plus time in cache.
+    let timing = Timing {
+        request_time: t0,
+        response_time: t0 + s(2),
+        date: Some(t0 + s(1)),
+        age: 30,
+    };
+    assert_eq!(timing.current_age(t0 + s(12)), s(30 + 2 + 10));
+    // A Date far in the past makes the apparent age win.
+    let timing = Timing {
+        request_time: t0,
+        response_time: t0,
+        date: Some(t0 - s(100)),
+        age: 0,
+    };
+    assert_eq!(timing.current_age(t0), s(100));
+    // A Date in the future never makes the age negative.
+    let timing = Timing {
+        request_time: t0,
+        response_time: t0,
+        date: Some(t0 + s(100)),
+        age: 0,
+    };
+    assert_eq!(timing.current_age(t0 + s(1)), s(1));
+}
+
+#[test]
+fn request_and_response_directives_decide_use() {
+    let s = Duration::from_secs;
+    // (lifetime, age, response cc, request cc, expected)
+    let cases = [
+        (60, 10, "", "", Usable::Fresh),
+        (60, 70, "", "", Usable::MustRevalidate),
+        // §5.2.1.1 request max-age; §5.2.1.3 min-fresh; §5.2.1.2 max-stale.
+        (60, 10, "", "max-age=5", Usable::MustRevalidate),
+        (60, 50, "", "min-fresh=20", Usable::MustRevalidate),
+        (60, 70, "", "max-stale=20", Usable::Fresh),
+        (60, 70, "", "max-stale", Usable::Fresh),
+        (60, 100, "", "max-stale=20", Usable::MustRevalidate),
+        // §5.2.2.2 must-revalidate and §5.2.2.10 s-maxage forbid stale use.
+        (
+            60,
+            70,
+            "must-revalidate",
+            "max-stale",
+            Usable::MustRevalidate,
+        ),
+        (60, 70, "s-maxage=60", "max-stale", Usable::MustRevalidate),
+        // §5.2.1.4 / §5.2.2.4 no-cache.
+        (60, 10, "", "no-cache", Usable::MustRevalidate),
+        (60, 10, "no-cache", "", Usable::MustRevalidate),
+        // RFC 5861 stale-while-revalidate.
+        (
+            60,
+            80,
+            "stale-while-revalidate=30",
+            "",
+            Usable::StaleWhileRevalidate,
+        ),
+        (
+            60,
+            100,
+            "stale-while-revalidate=30",
+            "",
+            Usable::MustRevalidate,
+        ),
+    ];
+    for (lifetime, age, response, request, want) in cases {
+        let got = usable(s(lifetime), s(age), &cc(response), &cc(request));
+        assert_eq!(
+            got, want,
+            "lifetime {lifetime} age {age} response {response:?} request {request:?}"
+        );
+    }
+    assert!(stale_if_error(s(60), s(100), &cc("stale-if-error=60")));
+    assert!(!stale_if_error(s(60), s(200), &cc("stale-if-error=60")));
+    assert!(!stale_if_error(
+        s(60),
+        s(100),
+        &cc("stale-if-error=60, must-revalidate")
+    ));
+}

@@ -1,0 +1,485 @@
+//! A GET or HEAD on a caching route: answer from the cache when RFC 9111
+//! allows, revalidate or fetch when it does not, coalesce concurrent misses,
+//! and say what happened in `Cache-Status` (RFC 9211).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{ProxyBody, RequestBody};
+use super::error::ProxyError;
+use super::{forward_with_retries, headers, Trace};
+use crate::cache::capture::{Capture, Head};
+use crate::cache::lock::{self, Claim, Leader, Locks};
+use crate::cache::policy::{self, CacheControl, Timing, Usable};
+use crate::cache::{key, Cache, Entry};
+use crate::upstream::health::InFlight;
+use crate::upstream::Upstream;
+
+/// Longest a coalesced request waits for the leader before fetching itself.
+const COALESCE_WAIT: Duration = Duration::from_secs(5);
+
+pub static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+fn set_status(response: &mut Response<ProxyBody>, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(CACHE_STATUS.clone(), value);
+    }
+}
+
+/// Whether the client's conditional headers match the stored response
+/// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
+/// only without If-None-Match).
+fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    if let Some(list) = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let etag = opaque(etag);
+        return list
+            .split(',')
+            .any(|t| t.trim() == "*" || opaque(t) == etag);
+    }
+    let since = request
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let modified = stored
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+/// A response built from a stored entry.
+fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Response<ProxyBody> {
+    let mut headers = entry.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    let (code, body) = if not_modified(&request.headers, &entry.headers) {
+        headers.remove(header::CONTENT_LENGTH);
+        (StatusCode::NOT_MODIFIED, ProxyBody::empty())
+    } else {
+        if entry.status != StatusCode::NO_CONTENT && entry.status != StatusCode::NOT_MODIFIED {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+        }
+        let body = if request.method == Method::HEAD {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(entry.body.clone())
+        };
+        (entry.status, body)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    *response.headers_mut() = headers;
+    set_status(&mut response, status);
+    response
+}
+
+/// Serves a GET or HEAD through the cache.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn serve(
+    cache: &Arc<Cache>,
+    upstream: &Arc<Upstream>,
+    mut parts: Parts,
+    body: RequestBody,
+    scheme: &str,
+    host: &str,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let request_cc = policy::parse_request(&parts.headers);
+    if request_cc.no_store || parts.headers.contains_key(header::RANGE) {
+        cache.counters.bypass.inc();
+        let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
+        let mut response = relay(upstream, response, in_flight);
+        set_status(&mut response, "portico; fwd=bypass");
+        return Ok(response);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let primary = key::primary(scheme, host, path);
+    let found = match cache.key_for(&primary, &parts.headers) {
+        Some(full) => cache.get(&full).await,
+        None => None,
+    };
+    if let Some(entry) = found {
+        let age = entry.timing.current_age(cache.now());
+        match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
+            Usable::Fresh => {
+                cache.counters.hit.inc();
+                return Ok(from_entry(&entry, age, &parts, "portico; hit"));
+            }
+            Usable::StaleWhileRevalidate => {
+                cache.counters.stale.inc();
+                let background = (
+                    cache.clone(),
+                    upstream.clone(),
+                    primary.clone(),
+                    super::copy_head(&parts),
+                );
+                tokio::spawn(refresh(
+                    background.0,
+                    background.1,
+                    background.2,
+                    background.3,
+                    entry.clone(),
+                ));
+                return Ok(from_entry(
+                    &entry,
+                    age,
+                    &parts,
+                    "portico; hit; detail=stale-while-revalidate",
+                ));
+            }
+            Usable::MustRevalidate => {
+                let fresh = age < entry.lifetime && !entry.cc.no_cache;
+                let fwd = if fresh { "request" } else { "stale" };
+                return revalidate(
+                    cache, upstream, primary, parts, entry, request_cc, fwd, trace,
+                )
+                .await;
+            }
+        }
+    }
+    if request_cc.only_if_cached {
+        let mut response = super::error::error_response(StatusCode::GATEWAY_TIMEOUT);
+        set_status(&mut response, "portico; fwd=miss; detail=only-if-cached");
+        return Ok(response);
+    }
+    let leader = match Locks::claim(cache, &primary) {
+        Claim::Leader(leader) => Some(leader),
+        Claim::Wait(waiting) => {
+            if lock::wait(waiting, COALESCE_WAIT).await {
+                if let Some(full) = cache.key_for(&primary, &parts.headers) {
+                    if let Some(entry) = cache.get(&full).await {
+                        let age = entry.timing.current_age(cache.now());
+                        if policy::usable(entry.lifetime, age, &entry.cc, &request_cc)
+                            == Usable::Fresh
+                        {
+                            cache.counters.hit.inc();
+                            return Ok(from_entry(
+                                &entry,
+                                age,
+                                &parts,
+                                "portico; fwd=miss; collapsed",
+                            ));
+                        }
+                    }
+                }
+            }
+            None
+        }
+    };
+    cache.counters.miss.inc();
+    let request_headers = parts.headers.clone();
+    let is_head = parts.method == Method::HEAD;
+    // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
+    let request_time = cache.now();
+    let (response, in_flight) = forward_with_retries(
+        upstream,
+        std::mem::replace(&mut parts, empty_parts()),
+        body,
+        trace,
+    )
+    .await?;
+    Ok(store_or_relay(
+        cache,
+        upstream,
+        primary,
+        request_headers,
+        &request_cc,
+        request_time,
+        response,
+        in_flight,
+        leader,
+        "miss",
+        is_head,
+    ))
+}
+
+fn empty_parts() -> Parts {
+    http::Request::new(()).into_parts().0
+}
+
+/// A backend response relayed with hop-by-hop hygiene.
+fn relay(
+    upstream: &Upstream,
+    response: Response<Incoming>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::prepare_response(&mut parts.headers, parts.version);
+    Response::from_parts(
+        parts,
+        ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
+    )
+}
+
+/// Relays a fetched response and stores it as it streams when RFC 9111
+/// allows. The coalescing lock goes with the stored body, or is released at
+/// once when nothing will be stored.
+#[allow(clippy::too_many_arguments)]
+fn store_or_relay(
+    cache: &Arc<Cache>,
+    upstream: &Upstream,
+    primary: String,
+    request_headers: HeaderMap,
+    request_cc: &CacheControl,
+    request_time: std::time::SystemTime,
+    response: Response<Incoming>,
+    in_flight: InFlight,
+    leader: Option<Leader>,
+    fwd: &str,
+    is_head: bool,
+) -> Response<ProxyBody> {
+    let response_time = cache.now();
+    let mut response = relay(upstream, response, in_flight);
+    let status = response.status();
+    let cc = policy::parse(response.headers());
+    let decision = if is_head {
+        Err(policy::NotStored::Method)
+    } else {
+        policy::storable(
+            &Method::GET,
+            &request_headers,
+            request_cc,
+            status,
+            response.headers(),
+            &cc,
+            cache.config.default_ttl,
+        )
+    };
+    let declared = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let fwd_status = if fwd == "miss" {
+        String::new()
+    } else {
+        format!("; fwd-status={}", status.as_u16())
+    };
+    let text = match decision {
+        Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
+            format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
+        }
+        Ok(lifetime) => {
+            let head = Head {
+                status,
+                headers: response.headers().clone(),
+                timing: Timing::new(response.headers(), request_time, response_time),
+                lifetime,
+                cc,
+            };
+            let capture = Capture::new(cache.clone(), primary, request_headers, head, leader);
+            let (parts, body) = response.into_parts();
+            response = Response::from_parts(parts, body.with_capture(capture));
+            format!("portico; fwd={fwd}{fwd_status}; stored")
+        }
+        Err(reason) => format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail()),
+    };
+    set_status(&mut response, &text);
+    response
+}
+
+/// Adds our validators to a request for a stored entry.
+fn conditional(parts: &mut Parts, entry: &Entry) {
+    parts.headers.remove(header::IF_NONE_MATCH);
+    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    if let Some(etag) = entry.etag() {
+        parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+        parts
+            .headers
+            .insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+}
+
+fn has_validator(entry: &Entry) -> bool {
+    entry.etag().is_some() || entry.headers.contains_key(header::LAST_MODIFIED)
+}
+
+/// The stored entry updated by a 304 (RFC 9111 §4.3.4): its header fields
+/// replace the stored ones, the body stays.
+fn refreshed(
+    cache: &Cache,
+    entry: &Entry,
+    not_modified: &HeaderMap,
+    request_time: std::time::SystemTime,
+) -> Entry {
+    let mut headers = entry.headers.clone();
+    for name in not_modified.keys() {
+        if name == header::CONTENT_LENGTH || name == header::VIA || name == CACHE_STATUS {
+            continue;
+        }
+        headers.remove(name);
+        for value in not_modified.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let cc = policy::parse(&headers);
+    let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
+    Entry {
+        status: entry.status,
+        timing: Timing::new(&headers, request_time, cache.now()),
+        headers,
+        body: entry.body.clone(),
+        lifetime,
+        cc,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn revalidate(
+    cache: &Arc<Cache>,
+    upstream: &Arc<Upstream>,
+    primary: String,
+    mut parts: Parts,
+    entry: Arc<Entry>,
+    request_cc: CacheControl,
+    fwd: &str,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let client = super::copy_head(&parts);
+    let request_headers = parts.headers.clone();
+    let is_head = parts.method == Method::HEAD;
+    if has_validator(&entry) {
+        conditional(&mut parts, &entry);
+    }
+    let request_time = cache.now();
+    let age = entry.timing.current_age(request_time);
+    let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
+    match forward_with_retries(upstream, parts, RequestBody::empty(), trace).await {
+        Ok((response, _in_flight))
+            if response.status() == StatusCode::NOT_MODIFIED && has_validator(&entry) =>
+        {
+            cache.counters.revalidated.inc();
+            let mut response_headers = response.headers().clone();
+            headers::remove_hop_by_hop(&mut response_headers);
+            let updated = refreshed(cache, &entry, &response_headers, request_time);
+            let age = updated.timing.current_age(cache.now());
+            let answer = from_entry(
+                &updated,
+                age,
+                &client,
+                &format!("portico; fwd={fwd}; fwd-status=304"),
+            );
+            cache.insert(&primary, &request_headers, updated).await;
+            Ok(answer)
+        }
+        Ok((response, _)) if response.status().is_server_error() && may_serve_stale => {
+            cache.counters.stale.inc();
+            let text = format!(
+                "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
+                response.status().as_u16()
+            );
+            Ok(from_entry(&entry, age, &client, &text))
+        }
+        Ok((response, in_flight)) => {
+            cache.counters.miss.inc();
+            Ok(store_or_relay(
+                cache,
+                upstream,
+                primary,
+                request_headers,
+                &request_cc,
+                request_time,
+                response,
+                in_flight,
+                None,
+                fwd,
+                is_head,
+            ))
+        }
+        Err(error) if may_serve_stale => {
+            cache.counters.stale.inc();
+            let text = format!(
+                "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
+                error.status().as_u16()
+            );
+            Ok(from_entry(&entry, age, &client, &text))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Background revalidation for stale-while-revalidate: refreshes or
+/// replaces the entry; the client was already answered.
+async fn refresh(
+    cache: Arc<Cache>,
+    upstream: Arc<Upstream>,
+    primary: String,
+    mut parts: Parts,
+    entry: Arc<Entry>,
+) {
+    // One refresh at a time per key; others keep serving stale.
+    let Claim::Leader(leader) = Locks::claim(&cache, &primary) else {
+        return;
+    };
+    parts.method = Method::GET;
+    let request_headers = parts.headers.clone();
+    let request_cc = policy::parse_request(&request_headers);
+    conditional(&mut parts, &entry);
+    let request_time = cache.now();
+    let mut trace = Trace::default();
+    let Ok((response, in_flight)) =
+        forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await
+    else {
+        return;
+    };
+    if response.status() == StatusCode::NOT_MODIFIED {
+        cache.counters.revalidated.inc();
+        let updated = refreshed(&cache, &entry, response.headers(), request_time);
+        cache.insert(&primary, &request_headers, updated).await;
+        return;
+    }
+    let response = store_or_relay(
+        &cache,
+        &upstream,
+        primary,
+        request_headers,
+        &request_cc,
+        request_time,
+        response,
+        in_flight,
+        Some(leader),
+        "stale",
+        false,
+    );
+    // Nobody reads this body but the cache: drain it so it is stored.
+    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+}
+
+/// After a successful unsafe request, drops what the cache holds for the
+/// target URI and same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
+pub(super) fn invalidate(
+    cache: &Cache,
+    scheme: &str,
+    host: &str,
+    target: &str,
+    response: &HeaderMap,
+) {
+    cache.invalidate(&key::primary(scheme, host, target));
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let Ok(uri) = value.parse::<http::Uri>() else {
+            continue;
+        };
+        let same_origin = uri
+            .authority()
+            .is_none_or(|a| a.as_str().eq_ignore_ascii_case(host));
+        if let (true, Some(path)) = (same_origin, uri.path_and_query()) {
+            cache.invalidate(&key::primary(scheme, host, path.as_str()));
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The RFC 9111 cache over real sockets with the order backend: hits,
+//! coalescing, storability, Vary, revalidation, invalidation and the memory
+//! bound.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use portico::config::Config;
+use portico::sample::{BackendOptions, RunningBackend};
+
+fn cached(backends: &[&RunningBackend]) -> Config {
+    let mut config = config_for(backends);
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    config
+}
+
+fn cache_of(proxy: &RunningProxy) -> Arc<portico::cache::Cache> {
+    proxy
+        .shared
+        .proxy
+        .load()
+        .cache()
+        .expect("cache configured")
+        .clone()
+}
+
+async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = Request::get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test]
+async fn the_second_get_is_a_hit_with_age() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let first = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
+    let second = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.header("cache-status"), "portico; hit");
+    assert!(second.headers.contains_key("age"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("etag"), first.header("etag"));
+    assert_eq!(backend.requests(), 1);
+
+    // HEAD is answered from the stored GET.
+    let head = send(
+        &client,
+        Request::head(proxy.url("/users/1/orders"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.header("cache-status"), "portico; hit");
+    assert_eq!(head.header("content-length"), first.body.len().to_string());
+    assert!(head.body.is_empty());
+
+    // A conditional request is answered 304 from the fresh entry.
+    let etag = first.header("etag").to_owned();
+    let conditional = get_with(
+        &client,
+        &proxy.url("/users/1/orders"),
+        &[("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(conditional.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_cold_gets_make_one_backend_request() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(200);
+    let backend = start_backend(opts).await;
+    let proxy = Arc::new(start_proxy(cached(&[&backend])).await);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            get(&client(), &proxy.url("/users/1/orders")).await
+        }));
+    }
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        bodies.push(answer.body);
+    }
+    assert_eq!(backend.requests(), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+}
+
+#[tokio::test]
+async fn no_store_private_authorization_and_cookies_are_not_shared() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        ("/cache/a?cc=no-store", &[], "no-store"),
+        ("/cache/b?cc=private,%20max-age=60", &[], "private"),
+        (
+            "/cache/c?cc=max-age=60",
+            &[("authorization", "Bearer x")],
+            "authorization",
+        ),
+        ("/cache/d?cc=max-age=60&cookie=1", &[], "set-cookie"),
+        ("/cache/e?cc=max-age=60&vary=*", &[], "vary-star"),
+        ("/cache/f", &[], "no-freshness"),
+    ];
+    for (path, headers, detail) in cases {
+        let before = backend.requests();
+        for _ in 0..2 {
+            let answer = get_with(&client, &proxy.url(path), headers).await;
+            assert_eq!(
+                answer.header("cache-status"),
+                format!("portico; fwd=miss; detail={detail}"),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            backend.requests() - before,
+            2,
+            "{path} was served from cache"
+        );
+    }
+    // A client's no-store bypasses the cache.
+    let answer = get_with(
+        &client,
+        &proxy.url("/users/1/orders"),
+        &[("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
+}
+
+#[tokio::test]
+async fn vary_on_accept_encoding_keeps_two_variants() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let url = proxy.url("/cache/v?cc=max-age=60&vary=Accept-Encoding");
+    let gzip = get_with(&client, &url, &[("accept-encoding", "gzip")]).await;
+    let plain = get_with(&client, &url, &[("accept-encoding", "identity")]).await;
+    assert_ne!(gzip.body, plain.body);
+    assert_eq!(backend.requests(), 2);
+    let gzip_again = get_with(&client, &url, &[("accept-encoding", "gzip")]).await;
+    let plain_again = get_with(&client, &url, &[("accept-encoding", "identity")]).await;
+    assert_eq!(gzip_again.body, gzip.body);
+    assert_eq!(plain_again.body, plain.body);
+    assert_eq!(gzip_again.header("cache-status"), "portico; hit");
+    assert_eq!(backend.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_revalidated_with_a_304_and_served_from_the_cache() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let first = get(&client, &proxy.url("/users/1/orders")).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(11)); // max-age is 10
+    let second = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(
+        second.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(backend.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_client_no_cache_revalidates_a_fresh_entry() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let first = get(&client, &proxy.url("/users/1/orders")).await;
+    for directive in [
+        ("cache-control", "no-cache"),
+        ("cache-control", "max-age=0"),
+        ("pragma", "no-cache"),
+    ] {
+        let forced = get_with(&client, &proxy.url("/users/1/orders"), &[directive]).await;
+        assert_eq!(forced.status, StatusCode::OK);
+        assert_eq!(forced.body, first.body);
+        assert_eq!(
+            forced.header("cache-status"),
+            "portico; fwd=request; fwd-status=304",
+            "{directive:?}"
+        );
+    }
+    assert_eq!(backend.requests(), 4);
+    // Refreshed entries are still served as hits.
+    assert_eq!(
+        get(&client, &proxy.url("/users/1/orders"))
+            .await
+            .header("cache-status"),
+        "portico; hit"
+    );
+    assert_eq!(backend.requests(), 4);
+}
+
+#[tokio::test]
+async fn a_post_invalidates_the_stored_list() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let before = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(
+        get(&client, &proxy.url("/users/1/orders"))
+            .await
+            .header("cache-status"),
+        "portico; hit"
+    );
+    let post = Request::post(proxy.url("/users/1/orders"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"items":[{"sku":"A-1","qty":2}],"amount_cents":1999,"email":"a@example.com"}"#,
+        )))
+        .unwrap();
+    let created = send(&client, post).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.header("cache-status"), "portico; fwd=method");
+    let after = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(after.header("cache-status"), "portico; fwd=miss; stored");
+    assert_ne!(after.body, before.body, "the new order is missing");
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/cache/s?cc=max-age=1,%20stale-if-error=600");
+    let first = get(&client, &url).await;
+    backend.stop().await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(&client, &url).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.body, first.body);
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; fwd=stale; fwd-status=502; detail=stale-if-error"
+    );
+}
+
+#[tokio::test]
+async fn memory_stays_under_max_size_after_ten_times_its_size() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.cache = Some(portico::config::Cache {
+        max_size: 1 << 20,
+        max_object_size: 256 << 10,
+        default_ttl: Duration::ZERO,
+    });
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for i in 0..100 {
+        let answer = get(&client, &proxy.url(&format!("/bytes/102400?i={i}"))).await;
+        assert_eq!(answer.body.len(), 102400);
+    }
+    let (entries, bytes) = cache_of(&proxy).stats().await;
+    assert!(bytes <= 1 << 20, "{bytes} bytes held");
+    assert!(entries > 0 && entries < 100, "{entries} entries");
+    // Over max_object_size: streamed through, not stored.
+    let big = get(&client, &proxy.url("/bytes/300000")).await;
+    assert_eq!(big.body.len(), 300000);
+    assert_eq!(
+        big.header("cache-status"),
+        "portico; fwd=miss; detail=too-large"
+    );
+}
+
+#[tokio::test]
+async fn a_body_cut_short_by_the_backend_is_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\npartial")
+                    .await;
+            });
+        }
+    });
+    let mut config = Config::single_upstream(vec![], vec![addr]);
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    for _ in 0..2 {
+        let response = client()
+            .request(
+                Request::get(proxy.url("/x"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body =
+            tokio::time::timeout(STEP, http_body_util::BodyExt::collect(response.into_body()))
+                .await
+                .unwrap();
+        assert!(body.is_err());
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the truncated body was cached"
+    );
+}
+
+#[tokio::test]
+async fn admin_purge_by_prefix() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(cached(&[&backend]), Some("t"), None).await;
+    let client = client();
+    get(&client, &proxy.url("/users/1/orders")).await;
+    get(&client, &proxy.url("/users/2/orders")).await;
+    let purge = Request::delete(proxy.admin_url("/cache?prefix=/users/1"))
+        .header("authorization", "Bearer t")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client, purge).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&client, &proxy.url("/users/1/orders"))
+            .await
+            .header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/users/2/orders"))
+            .await
+            .header("cache-status"),
+        "portico; hit"
+    );
+}
