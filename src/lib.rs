@@ -58,3 +58,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     server::run_all(&config, shared, all, signal::terminate()).await;
     Ok(())
 }
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+mod test_support;

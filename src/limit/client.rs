@@ -163,7 +163,6 @@ pub fn key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn cidr(text: &str) -> Cidr {
         let (addr, prefix) = text.split_once('/').unwrap();
@@ -173,16 +172,7 @@ mod tests {
         }
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        map
-    }
+    use crate::test_support::headers;
 
     #[test]
     fn forwarded_addresses_are_believed_only_from_trusted_peers() {

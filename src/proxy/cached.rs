@@ -303,6 +303,24 @@ fn conditional(parts: &mut Parts, entry: &Entry) {
     }
 }
 
+/// The stale copy, served because the backend failed with `code` and the
+/// entry allows stale-if-error (RFC 5861).
+fn stale_on_error(
+    cache: &Cache,
+    entry: &Entry,
+    age: Duration,
+    client: &Parts,
+    fwd: &str,
+    code: StatusCode,
+) -> Response<ProxyBody> {
+    cache.counters.stale.inc();
+    let text = format!(
+        "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
+        code.as_u16()
+    );
+    from_entry(entry, age, client, &text)
+}
+
 fn has_validator(entry: &Entry) -> bool {
     entry.etag().is_some() || entry.headers.contains_key(header::LAST_MODIFIED)
 }
@@ -375,14 +393,9 @@ async fn revalidate(
             cache.insert(&primary, &request_headers, updated).await;
             Ok(answer)
         }
-        Ok((response, _)) if response.status().is_server_error() && may_serve_stale => {
-            cache.counters.stale.inc();
-            let text = format!(
-                "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
-                response.status().as_u16()
-            );
-            Ok(from_entry(&entry, age, &client, &text))
-        }
+        Ok((response, _)) if response.status().is_server_error() && may_serve_stale => Ok(
+            stale_on_error(cache, &entry, age, &client, fwd, response.status()),
+        ),
         Ok((response, in_flight)) => {
             cache.counters.miss.inc();
             Ok(store_or_relay(
@@ -399,14 +412,14 @@ async fn revalidate(
                 is_head,
             ))
         }
-        Err(error) if may_serve_stale => {
-            cache.counters.stale.inc();
-            let text = format!(
-                "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
-                error.status().as_u16()
-            );
-            Ok(from_entry(&entry, age, &client, &text))
-        }
+        Err(error) if may_serve_stale => Ok(stale_on_error(
+            cache,
+            &entry,
+            age,
+            &client,
+            fwd,
+            error.status(),
+        )),
         Err(error) => Err(error),
     }
 }

@@ -138,16 +138,7 @@ pub fn prepare_response(headers: &mut HeaderMap, backend_version: Version) {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        headers
-    }
+    use crate::test_support::headers as map;
 
     fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
         ClientInfo {

@@ -1,0 +1,15 @@
+//! Helpers shared by the unit tests.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// A header map from `(name, value)` pairs, repeated names appended.
+pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(
+            HeaderName::from_bytes(name.as_bytes()).expect("valid test header name"),
+            HeaderValue::from_str(value).expect("valid test header value"),
+        );
+    }
+    map
+}
