@@ -120,8 +120,8 @@ def wrk(port, path):
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = seconds(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = seconds(re.search(r"99%\s+(\S+)", out).group(1))
+    p50 = seconds(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = seconds(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise SystemExit(f"wrk saw {errors.group(1)} errors on :{port}{path}")

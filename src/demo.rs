@@ -32,7 +32,10 @@ pub async fn run_until(
 
     let mut config = Config::single_upstream(vec![listen], addrs.clone());
     config.upstreams[0].name = "orders".into();
+    config.upstreams[0].health = Some(crate::config::HealthCheck::default());
     config.routes[0].name = "orders".into();
+    config.cache = Some(crate::config::Cache::default());
+    config.routes[0].cache = true;
     let listeners = server::bind(&config.server.listen).await?;
     let proxy_addr = listeners[0].local_addr()?;
     let admin = server::bind(&[admin]).await?.remove(0);
@@ -58,8 +61,11 @@ fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
         println!("  backend-{}  http://{addr}", i + 1);
     }
     println!();
-    println!("Try (repeat the first one and watch X-Backend rotate):");
-    println!("  curl -si {base}/users/1/orders");
+    println!("Try (repeat them: /health rotates over the backends, the order list is cached):");
+    println!("  curl -si {base}/health");
+    println!(
+        "  curl -si {base}/users/1/orders      (Cache-Status: portico; hit on the second call)"
+    );
     println!(
         "  curl -si -X POST {base}/users/1/orders -H 'content-type: application/json' \\\n       -d '{{\"items\":[{{\"sku\":\"A-1\",\"qty\":2}}],\"amount_cents\":1999,\"email\":\"a@example.com\"}}'"
     );

@@ -62,10 +62,17 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(usize::from(n));
-    }
+    let mut builder = match threads {
+        // One worker needs no work stealing: the current-thread scheduler
+        // skips the cross-thread queues and wakeups entirely.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(n));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().thread_name("portico-worker").build()
 }
 
