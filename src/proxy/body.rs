@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,15 +82,40 @@ impl StallGuard {
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// Where a parked upload waits until the first poll (see [`park`]).
+    ///
+    /// [`park`]: RequestBody::park
+    parked: Option<Arc<Mutex<Option<Incoming>>>>,
+    /// The upload's size hint and end flag, kept while it is parked.
+    parked_hint: SizeHint,
     limit: u64,
     seen: u64,
     stall: StallGuard,
+}
+
+/// The other end of a parked upload: gives it back if nobody read it.
+#[derive(Debug)]
+pub struct Parked {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    limit: u64,
+    stall_timeout: Duration,
+}
+
+impl Parked {
+    /// The upload, if no byte of it was read: a connect failure leaves it
+    /// untouched, and it can go to another backend.
+    pub fn reclaim(self) -> Option<RequestBody> {
+        let inner = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        Some(RequestBody::new(inner, self.limit, self.stall_timeout))
+    }
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, stall_timeout: Duration) -> Self {
         RequestBody {
             inner: Some(inner),
+            parked: None,
+            parked_hint: SizeHint::default(),
             limit,
             seen: 0,
             stall: StallGuard::new(stall_timeout),
@@ -99,10 +125,32 @@ impl RequestBody {
     pub fn empty() -> Self {
         RequestBody {
             inner: None,
+            parked: None,
+            parked_hint: SizeHint::with_exact(0),
             limit: 0,
             seen: 0,
             stall: StallGuard::new(NEVER),
         }
+    }
+
+    /// Moves the upload into a shared slot that the first poll empties, so
+    /// that if the request fails before any byte was read (the backend
+    /// refused the connection), [`Parked::reclaim`] gets it back for a try
+    /// on another backend. Costs one allocation; used for requests that
+    /// carry a body.
+    pub fn park(mut self) -> (RequestBody, Option<Parked>) {
+        let Some(inner) = self.inner.take() else {
+            return (self, None);
+        };
+        self.parked_hint = inner.size_hint();
+        let slot = Arc::new(Mutex::new(Some(inner)));
+        self.parked = Some(slot.clone());
+        let parked = Parked {
+            slot,
+            limit: self.limit,
+            stall_timeout: self.stall.timeout,
+        };
+        (self, Some(parked))
     }
 }
 
@@ -115,6 +163,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Some(slot) = this.parked.take() {
+            this.inner = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -139,13 +190,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match (&self.inner, &self.parked) {
+            (Some(inner), _) => inner.is_end_stream(),
+            (None, Some(_)) => self.parked_hint.exact() == Some(0),
+            (None, None) => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match (&self.inner, &self.parked) {
+            (Some(inner), _) => inner.size_hint(),
+            (None, Some(_)) => self.parked_hint,
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 

@@ -80,6 +80,15 @@ impl ProxyError {
         )
     }
 
+    /// The backend never received a byte of the request: the connection was
+    /// refused or never established.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+        )
+    }
+
     /// A short plain-text answer; details stay in the log, not on the wire.
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut response = error_response(self.status());

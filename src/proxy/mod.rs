@@ -283,72 +283,73 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// Sends the request to a backend picked by the upstream's balancer. An
 /// idempotent request without a body is retried on a different backend
-/// after a connect failure or a connection lost before the response head,
-/// up to `retries` times and while the upstream's retry budget allows. A
-/// request with a body is never retried: its bytes may already be gone.
+/// after a connect failure or a connection lost before the response head.
+/// Any request, POST included, is retried elsewhere when the backend refused
+/// the connection before a byte of it was sent; once bytes may have reached
+/// a backend, a request with a body is never sent again. Retries stop at
+/// `retries` and when the upstream's retry budget runs out.
 async fn forward_with_retries(
     upstream: &Upstream,
     parts: http::request::Parts,
     body: RequestBody,
     trace: &mut Trace,
 ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
-    let retryable = upstream.config.retries > 0
-        && is_idempotent(&parts.method)
-        && http_body::Body::is_end_stream(&body);
+    let retries = upstream.config.retries;
+    let bodiless = http_body::Body::is_end_stream(&body);
+    let idempotent = bodiless && is_idempotent(&parts.method);
     upstream.record_request();
-    let mut once = Some((parts, body));
-    let mut replay: Option<http::request::Parts> = None;
+    // Only requests that may loop keep a copy of their head.
+    let replay = (retries > 0).then(|| copy_head(&parts));
+    let mut next = Some((parts, body));
     let mut skip = None;
     let mut attempt = 0;
     loop {
         let Some(index) = upstream.pick(skip) else {
             return Err(ProxyError::NoHealthyBackend);
         };
-        let request = match once.take() {
-            Some((parts, body)) => {
-                if retryable {
-                    replay = Some(copy_head(&parts));
-                }
-                Request::from_parts(parts, body)
-            }
-            None => {
-                let head = replay.as_ref().expect("only retryable requests loop");
-                Request::from_parts(copy_head(head), RequestBody::empty())
-            }
+        let (parts, body) = next.take().expect("every attempt has a request");
+        let (body, parked) = if retries > 0 && !bodiless {
+            body.park()
+        } else {
+            (body, None)
         };
         let backend = upstream.backend(index);
         trace.backend = Some(backend.addr);
         let in_flight = backend.in_flight();
         let sent = std::time::Instant::now();
-        let result = upstream.send(index, request).await;
+        let result = upstream.send(index, Request::from_parts(parts, body)).await;
         let seconds = sent.elapsed().as_secs_f64();
-        match result {
+        let error = match result {
             Ok(response) => {
                 backend.metrics.record(response.status().as_u16(), seconds);
                 upstream.observe(index, true);
                 return Ok((response, in_flight));
             }
-            Err(error) => {
-                if error.blames_backend() {
-                    backend.metrics.record(error.status().as_u16(), seconds);
-                    upstream.observe(index, false);
-                }
-                let again = retryable
-                    && attempt < upstream.config.retries
-                    && error.is_retryable()
-                    && upstream.try_retry();
-                if !again {
-                    return Err(error);
-                }
-                tracing::debug!(upstream = %upstream.name(), %error, "retrying on another backend");
-                attempt += 1;
-                skip = Some(index);
-                // With no other backend left, the original failure stands.
-                if upstream.pick_is_empty(skip) {
-                    return Err(error);
-                }
-            }
+            Err(error) => error,
+        };
+        if error.blames_backend() {
+            backend.metrics.record(error.status().as_u16(), seconds);
+            upstream.observe(index, false);
         }
+        let retry_body = if idempotent && error.is_retryable() {
+            Some(RequestBody::empty())
+        } else if error.nothing_sent() {
+            parked.and_then(body::Parked::reclaim)
+        } else {
+            None
+        };
+        let Some(retry_body) = retry_body else {
+            return Err(error);
+        };
+        // With no other backend left, the original failure stands.
+        skip = Some(index);
+        if attempt >= retries || upstream.pick_is_empty(skip) || !upstream.try_retry() {
+            return Err(error);
+        }
+        tracing::debug!(upstream = %upstream.name(), %error, "retrying on another backend");
+        attempt += 1;
+        let head = replay.as_ref().expect("retries > 0 keeps the head");
+        next = Some((copy_head(head), retry_body));
     }
 }
 
