@@ -23,9 +23,6 @@ pub mod upstream;
 /// drain exits at once; SIGHUP reloads the file.
 pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
     let listeners = server::bind(&config.server.listen).await?;
-    for listener in &listeners {
-        tracing::info!(addr = %listener.local_addr()?, "listening (http, h2c)");
-    }
     let admin_listener = server::bind(&[config.admin.listen]).await?.remove(0);
     let token = config
         .admin
@@ -45,7 +42,6 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     let mut tls = Vec::new();
     for (index, listener) in config.server.tls.iter().enumerate() {
         for bound in server::bind(&listener.listen).await? {
-            tracing::info!(addr = %bound.local_addr()?, "listening (https: h2, http/1.1)");
             tls.push((bound, index));
         }
     }

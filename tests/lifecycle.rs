@@ -153,3 +153,68 @@ async fn an_upgraded_connection_is_bridged_both_ways() {
         assert_eq!(echoed, message);
     }
 }
+
+#[tokio::test]
+async fn reload_adds_and_removes_listeners_without_touching_the_others() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let dir = std::env::temp_dir().join(format!("portico-listeners-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    let write = |listen: &str| {
+        let text = format!(
+            "[server]\nlisten = [{listen}]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
+            backend.addr()
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("\"127.0.0.1:0\"");
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
+    // A free port for the listener the reload adds.
+    let extra = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let extra_url = format!("http://{extra}/health");
+    let client = client();
+    // Serving, so the listeners are registered before the first reload.
+    assert_eq!(
+        get(&client, &proxy.url("/health")).await.status,
+        StatusCode::OK
+    );
+
+    write(&format!("\"127.0.0.1:0\", \"{extra}\""));
+    proxy.shared.reload().expect("reload adds a listener");
+    assert_eq!(get(&client, &extra_url).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&client, &proxy.url("/health")).await.status,
+        StatusCode::OK
+    );
+
+    // A port someone else holds rejects the whole reload; nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    write(&format!("\"127.0.0.1:0\", \"{taken_addr}\""));
+    let error = proxy.shared.reload().expect_err("a busy port is refused");
+    assert!(
+        error.contains(&format!("cannot listen on {taken_addr}")),
+        "{error}"
+    );
+    assert_eq!(get(&client, &extra_url).await.status, StatusCode::OK);
+
+    write("\"127.0.0.1:0\"");
+    proxy.shared.reload().expect("reload removes a listener");
+    let refused = tokio::time::timeout(STEP, async {
+        while tokio::net::TcpStream::connect(extra).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "{extra} still accepts after its removal");
+    assert_eq!(
+        get(&client, &proxy.url("/health")).await.status,
+        StatusCode::OK
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

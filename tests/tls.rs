@@ -64,6 +64,14 @@ async fn start_tls_proxy(
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     config.server.tls = vec![listener];
     let shared = portico::server::Shared::new(&config);
+    start_tls_shared(config, shared).await
+}
+
+/// Serves `config`'s one TLS listener (on 127.0.0.1:0) with `shared`.
+async fn start_tls_shared(
+    config: Config,
+    shared: Arc<portico::server::Shared>,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     shared.load_tls(&config).expect("certificates load");
     let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = bound.local_addr().unwrap();
@@ -236,5 +244,59 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         .expect("refused")
         .to_string();
     assert!(error.contains("garbage.pem"), "{error}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn reload_swaps_certificates_on_the_running_listener() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let old = self_signed("api.test");
+    let new = self_signed("api.test");
+    let dir = temp_dir("reload");
+    let write = |cert: &Cert| {
+        std::fs::write(dir.join("api.pem"), &cert.pem).unwrap();
+        std::fs::write(dir.join("api.key"), &cert.key).unwrap();
+    };
+    write(&old);
+    let file = dir.join("portico.toml");
+    let text = format!(
+        "[server]\nlisten = []\n[[server.tls]]\nlisten = [\"127.0.0.1:0\"]\n\
+         certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
+        dir.join("api.pem").display(),
+        dir.join("api.key").display(),
+        backend.addr()
+    );
+    std::fs::write(&file, text).unwrap();
+    let config = portico::config::load(&file).unwrap();
+    let shared = portico::server::Shared::with_path(&config, Some(file.clone()));
+    shared.load_tls(&config).expect("certificates load");
+    let (addr, _stop) = start_tls_shared(config, shared.clone()).await;
+    let (_, status, _) = https_get(addr, "api.test", &old.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    write(&new);
+    shared.reload().expect("reload with new certificate files");
+    let (_, status, _) = https_get(addr, "api.test", &new.der, b"h2", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        https_get(addr, "api.test", &old.der, b"http/1.1", "/health")
+            .await
+            .is_err(),
+        "the old certificate is still served"
+    );
+
+    // A broken key file is refused and the running certificate stays.
+    std::fs::write(dir.join("api.key"), "garbage").unwrap();
+    let error = shared.reload().expect_err("a bad key is refused");
+    assert!(error.contains("api.key"), "{error}");
+    let (_, status, _) = https_get(addr, "api.test", &new.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
     let _ = std::fs::remove_dir_all(dir);
 }

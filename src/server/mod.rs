@@ -4,6 +4,7 @@
 //! [`crate::proxy::Proxy`], read per request from an [`ArcSwap`] so a reload
 //! can replace it without touching connections.
 
+mod listeners;
 pub mod shutdown;
 pub mod tls;
 
@@ -12,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
+use listeners::{Mode, Registry, Serving};
 use shutdown::{Drain, DrainGuard, Shutdown};
 
 /// hyper refuses smaller read buffers; a head must fit in one buffer.
@@ -31,37 +33,48 @@ const MIN_BUF_SIZE: usize = 8 * 1024;
 
 /// Binds every address, naming the one that failed.
 pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+    addrs.iter().map(|a| listeners::bind_now(*a)).collect()
 }
 
-/// A running proxy's shared state: the current request-path generation.
+/// A running proxy's shared state: the current request-path generation,
+/// the connection settings and the listeners, each replaced by a reload.
 pub struct Shared {
     pub proxy: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
     /// The file a reload re-reads; `None` for configs built in code.
     config_path: Option<PathBuf>,
-    /// Listen addresses in force, to tell the operator when a reload
-    /// changes them (they need a restart).
-    listen: ArcSwap<Vec<SocketAddr>>,
-    /// One acceptor per `[[server.tls]]` entry, swapped on reload so new
-    /// certificates apply to new connections.
+    /// The config in force, for what a reload compares against.
+    config: ArcSwap<Config>,
+    /// How new connections are served (timeouts, buffer sizes).
+    connections: ArcSwap<ConnectionSettings>,
+    /// One acceptor per `[[server.tls]]` entry, from [`Shared::load_tls`].
     tls: ArcSwap<Vec<tokio_rustls::TlsAcceptor>>,
+    listeners: Registry,
+    /// One reload at a time (SIGHUP and the admin API may race).
+    reloading: Mutex<()>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("config_path", &self.config_path)
-            .field("listen", &self.listen)
-            .field("tls_listeners", &self.tls.load().len())
+            .field("listeners", &self.listeners)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a new connection is served with, from `[server]`.
+struct ConnectionSettings {
+    builder: auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+}
+
+impl ConnectionSettings {
+    fn new(settings: &config::Server) -> Arc<Self> {
+        Arc::new(ConnectionSettings {
+            builder: connection_builder(settings),
+            handshake_timeout: settings.request_header_timeout,
+        })
     }
 }
 
@@ -78,8 +91,11 @@ impl Shared {
             proxy: ArcSwap::from_pointee(Proxy::new(config, metrics.clone())),
             metrics,
             config_path,
-            listen: ArcSwap::from_pointee(config.server.listen.clone()),
+            config: ArcSwap::from_pointee(config.clone()),
+            connections: ArcSwap::new(ConnectionSettings::new(&config.server)),
             tls: ArcSwap::from_pointee(Vec::new()),
+            listeners: Registry::default(),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -91,30 +107,43 @@ impl Shared {
         Ok(())
     }
 
-    /// Re-reads the config file and swaps the new request-path state in. A
-    /// bad file changes nothing and returns the same errors `portico check`
-    /// prints. In-flight requests finish on the generation they started
-    /// with; upstreams whose settings did not change keep their health
-    /// state and connection pools.
-    pub fn reload(&self) -> Result<(), String> {
+    /// Re-reads the config file and swaps the new state in. A bad file, an
+    /// unreadable certificate or an address that cannot be bound changes
+    /// nothing and returns the errors (for the file, the same ones
+    /// `portico check` prints). Otherwise, atomically for new requests:
+    /// routes and upstreams are replaced (upstreams whose settings did not
+    /// change keep their health state and connection pools, the cache and
+    /// the limiter survive when their sections did not change), listeners
+    /// are added and removed without touching the others, certificates and
+    /// connection settings apply to new connections. In-flight requests
+    /// finish on the generation they started with.
+    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("started without --config: nothing to reload".into());
         };
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let config = config::load(path).map_err(|e| e.to_string())?;
-        if self.tls.load().len() != config.server.tls.len() {
-            tracing::warn!(
-                "[[server.tls]] listeners added or removed; they take effect after a restart"
-            );
-        }
-        self.load_tls(&config).map_err(|e| e.to_string())?;
+        let acceptors = tls::acceptors(&config.server.tls).map_err(|e| e.to_string())?;
+        let wanted = listeners::wanted(&config, &acceptors);
+        let added = self
+            .listeners
+            .bind_added(&wanted)
+            .map_err(|e| e.to_string())?;
+
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         self.proxy.store(Arc::new(next));
-        if **self.listen.load() != config.server.listen {
-            tracing::warn!(
-                listen = ?config.server.listen,
-                "listen addresses changed; they take effect after a restart"
-            );
+        self.connections
+            .store(ConnectionSettings::new(&config.server));
+        self.tls.store(Arc::new(acceptors));
+        self.listeners.apply(self, wanted, added);
+        let old = self.config.swap(Arc::new(config));
+        let new = self.config.load();
+        if old.admin != new.admin {
+            tracing::warn!("[admin] changed; it takes effect after a restart");
         }
         tracing::info!(file = %path.display(), "configuration reloaded");
         Ok(())
@@ -180,17 +209,11 @@ pub async fn run_with_admin(
     run_all(config, shared, all, signal).await
 }
 
-/// How a listener's connections start: plain, or a TLS handshake with the
-/// acceptor of `[[server.tls]]` entry `index` (read per connection, so a
-/// reload's new certificates apply to new connections).
-#[derive(Debug, Clone, Copy)]
-enum Transport {
-    Plain,
-    Tls(usize),
-}
-
 /// Serves every listener until `signal` resolves, then stops accepting,
 /// lets in-flight requests finish within `shutdown_grace` and returns.
+/// Listeners are matched to the config's addresses in order (so a reload
+/// knows which to keep); TLS ones carry the index of their
+/// `[[server.tls]]` entry, whose certificates [`Shared::load_tls`] loaded.
 pub async fn run_all(
     config: &Config,
     shared: Arc<Shared>,
@@ -206,47 +229,70 @@ pub async fn run_all(
             shutdown.clone(),
         ));
     }
-    let drain = Drain::new();
-    let builder = Arc::new(connection_builder(&config.server));
-    let handshake_timeout = config.server.request_header_timeout;
-    let transports = all
-        .plain
-        .into_iter()
-        .map(|l| (l, Transport::Plain))
-        .chain(all.tls.into_iter().map(|(l, i)| (l, Transport::Tls(i))));
-    for (listener, transport) in transports {
-        let accept = accept_loop(
-            listener,
-            transport,
-            handshake_timeout,
-            shared.clone(),
-            builder.clone(),
-            shutdown.clone(),
-            drain.guard(),
-        );
-        tokio::spawn(accept);
+    let mut initial = Vec::new();
+    for (n, listener) in all.plain.into_iter().enumerate() {
+        let configured = config.server.listen.get(n).copied();
+        initial.push(keyed(listener, configured, Mode::Plain));
     }
+    let acceptors = shared.tls.load_full();
+    let mut seen = vec![0; config.server.tls.len()];
+    for (listener, index) in all.tls {
+        let Some(acceptor) = acceptors.get(index) else {
+            tracing::error!(
+                index,
+                "no certificates loaded for this TLS listener; not serving it"
+            );
+            continue;
+        };
+        let configured = config.server.tls.get(index).and_then(|entry| {
+            let n = seen[index];
+            seen[index] += 1;
+            entry.listen.get(n).copied()
+        });
+        initial.push(keyed(listener, configured, Mode::Tls(acceptor.clone())));
+    }
+    let drain = Drain::new();
+    let serving = Serving {
+        shutdown: shutdown.clone(),
+        drain: drain.guard(),
+    };
+    shared.listeners.start(&shared, serving, initial);
 
     signal.await;
+    // A reload may have changed the grace period.
+    let grace = shared.config.load().server.shutdown_grace;
     tracing::info!(
-        grace = ?config.server.shutdown_grace,
+        ?grace,
         "shutting down: no new connections, draining in-flight requests"
     );
+    shared.listeners.close();
     trigger.fire();
-    if drain.wait(config.server.shutdown_grace).await {
+    if drain.wait(grace).await {
         tracing::info!("all connections drained");
     } else {
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
     }
 }
 
+/// A listener with the configured address it stands for (its own address
+/// when it stands for none).
+fn keyed(
+    listener: TcpListener,
+    configured: Option<SocketAddr>,
+    mode: Mode,
+) -> (SocketAddr, TcpListener, Mode) {
+    let configured = configured
+        .or_else(|| listener.local_addr().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    (configured, listener, mode)
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    transport: Transport,
-    handshake_timeout: Duration,
+    mode: Arc<ArcSwap<Mode>>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: Shutdown,
+    mut removed: Shutdown,
     drain: DrainGuard,
 ) {
     let local = listener.local_addr().ok();
@@ -254,36 +300,39 @@ async fn accept_loop(
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.recv() => break,
+            _ = removed.recv() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let builder = builder.clone();
                 let shutdown = shutdown.clone();
                 let drain = drain.clone();
+                // Read per connection: a reload's certificates and
+                // settings apply to the connections that follow it.
+                let mode = mode.load_full();
+                let settings = shared.connections.load_full();
                 tokio::spawn(async move {
-                    match transport {
-                        Transport::Plain => {
+                    match &*mode {
+                        Mode::Plain => {
                             let conn = Conn {
                                 peer,
                                 proto: "http",
                             };
-                            serve_connection(stream, conn, shared, builder, shutdown, drain).await
+                            serve_connection(stream, conn, shared, settings, shutdown, drain).await
                         }
-                        Transport::Tls(index) => {
-                            let Some(acceptor) = shared.tls.load().get(index).cloned() else {
-                                return;
-                            };
-                            let handshake =
-                                tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                        Mode::Tls(acceptor) => {
+                            let handshake = tokio::time::timeout(
+                                settings.handshake_timeout,
+                                acceptor.accept(stream),
+                            );
                             match handshake.await {
                                 Ok(Ok(tls)) => {
                                     let conn = Conn {
                                         peer,
                                         proto: "https",
                                     };
-                                    serve_connection(tls, conn, shared, builder, shutdown, drain)
+                                    serve_connection(tls, conn, shared, settings, shutdown, drain)
                                         .await
                                 }
                                 Ok(Err(error)) => {
@@ -312,7 +361,7 @@ async fn serve_connection<IO>(
     stream: IO,
     conn: Conn,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: Arc<ConnectionSettings>,
     mut shutdown: Shutdown,
     _drain: DrainGuard,
 ) where
@@ -325,7 +374,9 @@ async fn serve_connection<IO>(
         let proxy = shared.proxy.load_full();
         async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let connection = settings
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

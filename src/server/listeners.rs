@@ -1,0 +1,215 @@
+//! The listening sockets of a running proxy, kept in step with its config.
+//! A reload binds the addresses it adds (all of them or none: a port in use
+//! rejects the whole reload), stops accepting on the ones it removes (their
+//! open connections finish normally) and swaps the certificates of TLS
+//! listeners in place, so no listener the reload keeps ever drops a
+//! connection. Listeners are keyed by their *configured* address, so
+//! `127.0.0.1:0` keeps the port the OS picked across reloads.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::TlsAcceptor;
+
+use super::shutdown::{self, DrainGuard, Shutdown, Trigger};
+use super::Shared;
+use crate::config::Config;
+
+/// How a listener's connections start.
+pub(super) enum Mode {
+    Plain,
+    Tls(TlsAcceptor),
+}
+
+impl Mode {
+    fn describe(&self) -> &'static str {
+        match self {
+            Mode::Plain => "http, h2c",
+            Mode::Tls(_) => "https: h2, http/1.1",
+        }
+    }
+}
+
+/// One accept loop: its configured address, its mode (swapped on reload)
+/// and the switch that stops it.
+struct Slot {
+    configured: SocketAddr,
+    mode: Arc<ArcSwap<Mode>>,
+    stop: Trigger,
+}
+
+/// What accept loops need from the server running them; present only while
+/// it runs, so a reload after shutdown cannot start a listener.
+#[derive(Clone)]
+pub(super) struct Serving {
+    pub shutdown: Shutdown,
+    pub drain: DrainGuard,
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: Vec<Slot>,
+    serving: Option<Serving>,
+}
+
+#[derive(Default)]
+pub(super) struct Registry {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let addrs: Vec<_> = inner.slots.iter().map(|s| s.configured).collect();
+        f.debug_struct("Registry")
+            .field("listeners", &addrs)
+            .finish()
+    }
+}
+
+/// The listeners `config` asks for, plain first, then each `[[server.tls]]`
+/// entry with its acceptor. An address listed twice is served once.
+pub(super) fn wanted(config: &Config, acceptors: &[TlsAcceptor]) -> Vec<(SocketAddr, Mode)> {
+    let plain = config.server.listen.iter().map(|a| (*a, Mode::Plain));
+    let tls = config
+        .server
+        .tls
+        .iter()
+        .zip(acceptors)
+        .flat_map(|(entry, acceptor)| {
+            entry
+                .listen
+                .iter()
+                .map(|a| (*a, Mode::Tls(acceptor.clone())))
+        });
+    let mut out: Vec<(SocketAddr, Mode)> = Vec::new();
+    for (addr, mode) in plain.chain(tls) {
+        if !out.iter().any(|(a, _)| *a == addr) {
+            out.push((addr, mode));
+        }
+    }
+    out
+}
+
+/// Binds `addr` now, as `TcpListener::bind` would (SO_REUSEADDR, backlog
+/// 1024), naming the address on failure. Needs a tokio runtime.
+pub(super) fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let attempt = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    attempt().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+impl Registry {
+    /// Starts accepting on the initial listeners.
+    pub(super) fn start(
+        &self,
+        shared: &Arc<Shared>,
+        serving: Serving,
+        initial: Vec<(SocketAddr, TcpListener, Mode)>,
+    ) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        for (configured, listener, mode) in initial {
+            inner
+                .slots
+                .push(spawn(shared, &serving, configured, listener, mode));
+        }
+        inner.serving = Some(serving);
+    }
+
+    /// Stops every accept loop and forgets the server (at shutdown).
+    pub(super) fn close(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in inner.slots.drain(..) {
+            slot.stop.fire();
+        }
+        inner.serving = None;
+    }
+
+    /// Binds every address of `wanted` not listened on yet. Nothing is
+    /// started: on error the sockets bound so far are closed again.
+    pub(super) fn bind_added(
+        &self,
+        wanted: &[(SocketAddr, Mode)],
+    ) -> std::io::Result<Vec<(SocketAddr, TcpListener)>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.serving.is_none() {
+            return Ok(Vec::new());
+        }
+        wanted
+            .iter()
+            .filter(|(addr, _)| !inner.slots.iter().any(|s| s.configured == *addr))
+            .map(|(addr, _)| bind_now(*addr).map(|l| (*addr, l)))
+            .collect()
+    }
+
+    /// Makes the running listeners match `wanted`, using the sockets
+    /// [`Registry::bind_added`] returned for the new addresses.
+    pub(super) fn apply(
+        &self,
+        shared: &Arc<Shared>,
+        wanted: Vec<(SocketAddr, Mode)>,
+        mut added: Vec<(SocketAddr, TcpListener)>,
+    ) {
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = &mut *guard;
+        let Some(serving) = inner.serving.clone() else {
+            return;
+        };
+        inner.slots.retain(|slot| {
+            let keep = wanted.iter().any(|(a, _)| *a == slot.configured);
+            if !keep {
+                tracing::info!(addr = %slot.configured, "listener removed by reload");
+                slot.stop.fire();
+            }
+            keep
+        });
+        for (addr, mode) in wanted {
+            if let Some(slot) = inner.slots.iter().find(|s| s.configured == addr) {
+                slot.mode.store(Arc::new(mode));
+            } else if let Some(at) = added.iter().position(|(a, _)| *a == addr) {
+                let (_, listener) = added.swap_remove(at);
+                inner
+                    .slots
+                    .push(spawn(shared, &serving, addr, listener, mode));
+            }
+        }
+    }
+}
+
+fn spawn(
+    shared: &Arc<Shared>,
+    serving: &Serving,
+    configured: SocketAddr,
+    listener: TcpListener,
+    mode: Mode,
+) -> Slot {
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "listening ({})", mode.describe()),
+        Err(error) => tracing::warn!(%configured, %error, "listening, address unknown"),
+    }
+    let mode = Arc::new(ArcSwap::from_pointee(mode));
+    let (stop, stopped) = shutdown::channel();
+    tokio::spawn(super::accept_loop(
+        listener,
+        mode.clone(),
+        shared.clone(),
+        serving.shutdown.clone(),
+        stopped,
+        serving.drain.clone(),
+    ));
+    Slot {
+        configured,
+        mode,
+        stop,
+    }
+}
