@@ -85,10 +85,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             match portico::config::load(&path) {
-                Ok(_) => {
-                    println!("configuration ok");
-                    ExitCode::SUCCESS
-                }
+                Ok(config) => match portico::server::tls::acceptors(&config.server.tls) {
+                    Ok(_) => {
+                        println!("configuration ok");
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("{}: {error}", path.display());
+                        ExitCode::FAILURE
+                    }
+                },
                 Err(errors) => {
                     eprintln!("{errors}");
                     ExitCode::FAILURE

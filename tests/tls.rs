@@ -23,7 +23,13 @@ struct Cert {
 }
 
 fn self_signed(name: &str) -> Cert {
-    let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    self_signed_for(&[name])
+}
+
+/// A self-signed certificate for DNS names and IP addresses alike.
+fn self_signed_for(names: &[&str]) -> Cert {
+    let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let made = rcgen::generate_simple_self_signed(names).unwrap();
     Cert {
         pem: made.cert.pem(),
         key: made.signing_key.serialize_pem(),
@@ -298,5 +304,56 @@ async fn reload_swaps_certificates_on_the_running_listener() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A portico TLS listener in front of the order backend stands in for an
+/// HTTPS backend; a second portico reaches it with `tls = true`.
+#[tokio::test]
+async fn upstreams_with_tls_are_reached_over_https_and_verified() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    // Valid for a DNS name and for the loopback address.
+    let cert = self_signed_for(&["backend.test", "127.0.0.1"]);
+    let dir = temp_dir("upstream");
+    let (https_backend, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("backend", &cert)]),
+    )
+    .await;
+    let through = |tls: portico::config::UpstreamTls| {
+        let mut config =
+            Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![https_backend]);
+        config.upstreams[0].tls = Some(tls);
+        config.upstreams[0].retries = 0;
+        config
+    };
+    let trusted = |server_name: Option<&str>, ca: &Cert| portico::config::UpstreamTls {
+        server_name: server_name.map(str::to_owned),
+        ca: None,
+        ca_certs: vec![ca.der.clone()],
+    };
+
+    // Verified by name (sent as SNI) and by IP address.
+    for name in [Some("backend.test"), None] {
+        let proxy = start_proxy(through(trusted(name, &cert))).await;
+        let answer = get(&client(), &proxy.url("/echo/headers")).await;
+        assert_eq!(answer.status, StatusCode::OK, "server name {name:?}");
+        assert_eq!(answer.header("x-backend"), "b1");
+        let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        // The inner proxy terminated TLS, so the request arrived over https.
+        assert_eq!(seen["x-forwarded-proto"][0], "https");
+    }
+
+    // A certificate the upstream does not trust, or one for another name,
+    // is a bad gateway, not a silent plain-text fallback.
+    let stranger = self_signed_for(&["backend.test"]);
+    for tls in [
+        trusted(Some("backend.test"), &stranger),
+        trusted(Some("other.test"), &cert),
+    ] {
+        let proxy = start_proxy(through(tls)).await;
+        let answer = get(&client(), &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -74,6 +74,21 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     pub retries: u32,
     pub health: Option<HealthCheck>,
+    /// Backends are reached over HTTPS when set.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `tls = true` on an upstream: how its backends' certificates are checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// `tls_server_name`: sent as SNI and required in the certificate.
+    /// Without it the backend's IP address must be in the certificate (and
+    /// no SNI is sent, as TLS forbids IP addresses there).
+    pub server_name: Option<String>,
+    /// `tls_ca`: the PEM file of trust anchors, read at load time. Empty
+    /// means the system's roots.
+    pub ca: Option<PathBuf>,
+    pub ca_certs: Vec<pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +193,7 @@ impl Upstream {
             idle_timeout: Duration::from_secs(90),
             retries: 1,
             health: None,
+            tls: None,
         }
     }
 }

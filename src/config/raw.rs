@@ -123,6 +123,9 @@ pub struct Upstream {
     pub idle_timeout: Option<Str>,
     pub retries: Option<Spanned<i64>>,
     pub health: Option<Spanned<Health>>,
+    pub tls: Option<Spanned<bool>>,
+    pub tls_server_name: Option<Str>,
+    pub tls_ca: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

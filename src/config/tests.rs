@@ -132,6 +132,17 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls_ca = \"ca.pem\"\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:10: upstream[0].tls_ca: needs `tls = true`"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls = true\ntls_server_name = \"bad name!\"\ntls_ca = \"/nonexistent/ca.pem\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:5:19: upstream[0].tls_server_name: `bad name!` is not a DNS name or an IP address",
+                "test.toml:6:10: upstream[0].tls_ca: /nonexistent/ca.pem: No such file or directory (os error 2)",
+            ],
+        ),
+        (
             "[[upstream]]\nname = \"a\"\nbackends = []\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:3:12: upstream[0].backends: an upstream needs at least one backend"],
         ),

@@ -119,7 +119,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for (i, spanned) in file.upstream.iter().enumerate() {
         let key = format!("upstream[{i}]");
-        let upstream = upstream(r, &key, spanned.get_ref());
+        let upstream = upstream(r, &key, spanned.get_ref(), base);
         let name = spanned.get_ref().name.clone();
         if by_name.contains_key(name.get_ref()) {
             r.at(
@@ -370,7 +370,7 @@ fn admin(r: R, raw: Option<Spanned<raw::Admin>>, base: &Path, claim: &mut Claim)
     }
 }
 
-fn upstream(r: R, key: &str, raw: &raw::Upstream) -> Upstream {
+fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
     let mut upstream = Upstream::new(raw.name.get_ref().clone(), Vec::new());
     if raw.name.get_ref().is_empty()
         || !raw
@@ -491,7 +491,72 @@ fn upstream(r: R, key: &str, raw: &raw::Upstream) -> Upstream {
         .health
         .as_ref()
         .map(|h| health(r, &format!("{key}.health"), h));
+    upstream.tls = upstream_tls(r, key, raw, base);
     upstream
+}
+
+/// `tls`, `tls_server_name`, `tls_ca`; the CA file is read now so a
+/// missing or empty one is reported with the key that names it.
+fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<UpstreamTls> {
+    if !raw.tls.as_ref().is_some_and(|t| *t.get_ref()) {
+        for (field, value) in [
+            ("tls_server_name", &raw.tls_server_name),
+            ("tls_ca", &raw.tls_ca),
+        ] {
+            if let Some(value) = value {
+                r.at(value.span(), format!("{key}.{field}"), "needs `tls = true`");
+            }
+        }
+        return None;
+    }
+    let server_name = raw.tls_server_name.as_ref().and_then(|v| {
+        let name = v.get_ref();
+        match pki_types::ServerName::try_from(name.as_str()) {
+            Ok(_) => Some(name.clone()),
+            Err(_) => {
+                r.at(
+                    v.span(),
+                    format!("{key}.tls_server_name"),
+                    format!("`{name}` is not a DNS name or an IP address"),
+                );
+                None
+            }
+        }
+    });
+    let mut tls = UpstreamTls {
+        server_name,
+        ca: None,
+        ca_certs: Vec::new(),
+    };
+    if let Some(v) = &raw.tls_ca {
+        let path = base.join(v.get_ref());
+        match read_pem_certificates(&path) {
+            Ok(certs) => tls.ca_certs = certs,
+            Err(reason) => r.at(
+                v.span(),
+                format!("{key}.tls_ca"),
+                format!("{}: {reason}", path.display()),
+            ),
+        }
+        tls.ca = Some(path);
+    }
+    Some(tls)
+}
+
+fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
+    use pki_types::pem::PemObject;
+    let reason = |e: pki_types::pem::Error| match e {
+        pki_types::pem::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    };
+    let certs = pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(reason)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(reason)?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in the file".into());
+    }
+    Ok(certs)
 }
 
 fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {

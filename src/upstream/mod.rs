@@ -8,16 +8,17 @@ mod budget;
 mod counter;
 pub mod health;
 pub mod select;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -78,7 +79,9 @@ pub struct Upstream {
     next: AtomicUsize,
     budget: RetryBudget,
     clock: Clock,
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    /// `http`, or `https` for `tls = true`.
+    scheme: Scheme,
     checker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -97,16 +100,17 @@ impl Upstream {
                 metrics: metrics.backend(&config.name, &b.addr.to_string()),
             })
             .collect();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_per_backend)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(tls::connector(&config));
+        let scheme = if config.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
@@ -116,6 +120,7 @@ impl Upstream {
             config,
             backends,
             client,
+            scheme,
         });
         upstream.rebuild_cycle();
         if let Some(check) = upstream.config.health.clone() {
@@ -256,7 +261,7 @@ impl Upstream {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(backend.authority.clone());
         parts.path_and_query = Some(path);
         *request.uri_mut() =
