@@ -218,3 +218,64 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Opens one client connection (h2c prior knowledge or HTTP/1.1), sends a
+/// GET for `path` and returns its status with the connection's task, which
+/// ends when the server closes the connection.
+async fn one_request_on_own_connection(
+    addr: std::net::SocketAddr,
+    path: &str,
+    h2: bool,
+) -> (StatusCode, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = http::Request::get(format!("http://{addr}{path}"));
+    if !h2 {
+        // HTTP/2 carries the authority in the URI instead.
+        request = request.header("host", "a");
+    }
+    let request = request.body(Empty::<bytes::Bytes>::new()).unwrap();
+    let (response, task) = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (sender.send_request(request).await.unwrap(), task)
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (sender.send_request(request).await.unwrap(), task)
+    };
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    (status, task)
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are_not() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(800);
+    let slow = start_backend(opts).await;
+    let mut config = config_for(&[&slow]);
+    config.server.idle_timeout = Duration::from_millis(200);
+    // Far longer than the test's bound: only the idle timeout can close.
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    for h2 in [true, false] {
+        // The answer takes 4x the idle timeout: the connection is busy,
+        // not idle, and the request completes.
+        let (status, connection) = one_request_on_own_connection(proxy.addr, "/health", h2).await;
+        assert_eq!(status, StatusCode::OK, "h2: {h2}");
+        // Then nothing moves: the server closes it.
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        assert!(closed.is_ok(), "idle connection left open (h2: {h2})");
+    }
+}

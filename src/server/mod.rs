@@ -4,6 +4,7 @@
 //! [`crate::proxy::Proxy`], read per request from an [`ArcSwap`] so a reload
 //! can replace it without touching connections.
 
+mod idle;
 mod listeners;
 pub mod shutdown;
 pub mod tls;
@@ -67,6 +68,7 @@ impl std::fmt::Debug for Shared {
 struct ConnectionSettings {
     builder: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl ConnectionSettings {
@@ -74,6 +76,7 @@ impl ConnectionSettings {
         Arc::new(ConnectionSettings {
             builder: connection_builder(settings),
             handshake_timeout: settings.request_header_timeout,
+            idle_timeout: settings.idle_timeout,
         })
     }
 }
@@ -164,9 +167,9 @@ fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor>
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(settings.idle_timeout / 2)
-        .keep_alive_timeout(Duration::from_secs(20));
+        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX));
+    // No keep-alive PINGs: they would keep an idle connection busy forever;
+    // dead peers are dropped by the idle timeout instead (see `idle`).
     builder
 }
 
@@ -368,18 +371,31 @@ async fn serve_connection<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _open = OpenConnection::new(shared.metrics.connections_open.clone());
+    let activity = Arc::new(idle::Activity::default());
+    let requests = activity.clone();
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
         let proxy = shared.proxy.load_full();
-        async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+        let busy = requests.busy();
+        async move {
+            let response = proxy.handle(request, conn).await;
+            drop(busy);
+            Ok::<_, Infallible>(response)
+        }
     });
+    let stream = idle::Tracked::new(stream, activity.clone());
     let connection = settings
         .builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        _ = activity.idle_for(settings.idle_timeout) => {
+            tracing::debug!(client = %conn.peer, "closing idle connection");
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
         _ = shutdown.recv() => {
             // Finish in-flight requests, close keep-alive, send GOAWAY on h2.
             connection.as_mut().graceful_shutdown();
