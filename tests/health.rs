@@ -169,6 +169,22 @@ async fn passive_ejection_works_without_active_checks() {
 }
 
 #[tokio::test]
+async fn a_lone_backend_is_never_ejected_so_errors_stay_errors() {
+    // As in nginx: with nowhere else to go, ejecting the only backend
+    // would turn its failures (and its recovery) into blanket 503s.
+    let addr = fake_backend(b"this is not http\r\n\r\n", false).await;
+    let proxy = start_proxy(single(addr)).await;
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(
+            get(&client, &proxy.url("/")).await.status,
+            StatusCode::BAD_GATEWAY
+        );
+    }
+    assert!(!proxy.backend_status()[0].ejected);
+}
+
+#[tokio::test]
 async fn posts_are_never_sent_twice_and_refused_ones_go_elsewhere() {
     let backends = start_backends(2).await;
     let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;

@@ -9,7 +9,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 
 /// Delta-seconds beyond this are capped (RFC 9111 §1.2.2).
-const MAX_DELTA: u64 = 2_147_483_648;
+pub(super) const MAX_DELTA: u64 = 2_147_483_648;
 
 /// Parsed `Cache-Control` directives, request or response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,6 +28,11 @@ pub struct CacheControl {
     pub min_fresh: Option<u64>,
     /// `Some(None)`: any staleness accepted; `Some(Some(n))`: up to n s.
     pub max_stale: Option<Option<u64>>,
+    /// §5.2.2.3: store only if the status code is understood, and then
+    /// regardless of `no-store`.
+    pub must_understand: bool,
+    /// From `CDN-Cache-Control` (RFC 9213): `Expires` does not apply.
+    pub targeted: bool,
 }
 
 /// §1.2.2 delta-seconds: digits only; too large caps; anything else is
@@ -86,6 +91,7 @@ pub fn parse(headers: &HeaderMap) -> CacheControl {
                 "must-revalidate" => cc.must_revalidate = true,
                 "proxy-revalidate" => cc.proxy_revalidate = true,
                 "only-if-cached" => cc.only_if_cached = true,
+                "must-understand" => cc.must_understand = true,
                 "max-age" => {
                     let parsed = value.and_then(delta_seconds);
                     cc.max_age = if seen_max_age && cc.max_age != parsed {
@@ -122,6 +128,12 @@ pub fn parse(headers: &HeaderMap) -> CacheControl {
     cc
 }
 
+/// A response's directives for this cache: `CDN-Cache-Control` when it is
+/// valid (RFC 9213), else `Cache-Control`.
+pub fn parse_response(headers: &HeaderMap) -> CacheControl {
+    super::targeted::parse(headers).unwrap_or_else(|| parse(headers))
+}
+
 /// A request's cache-relevant directives (§5.2.1), with `Pragma:
 /// no-cache` honoured when there is no `Cache-Control` (§5.4).
 pub fn parse_request(headers: &HeaderMap) -> CacheControl {
@@ -138,9 +150,34 @@ pub fn parse_request(headers: &HeaderMap) -> CacheControl {
     cc
 }
 
+/// An HTTP-date in any of the three formats of RFC 9110 §5.6.7, with the
+/// letter case of day, month and zone forgiven as recipients do.
 fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
-    let value = headers.get(name)?.to_str().ok()?;
-    httpdate::parse_http_date(value).ok()
+    let value = headers.get(name)?.to_str().ok()?.trim();
+    httpdate::parse_http_date(value).ok().or_else(|| {
+        let mut fixed = String::with_capacity(value.len());
+        let mut word_start = true;
+        for c in value.chars() {
+            fixed.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            });
+            word_start = !c.is_ascii_alphabetic();
+        }
+        let fixed = fixed.replace("Gmt", "GMT");
+        httpdate::parse_http_date(&fixed).ok()
+    })
+}
+
+/// The first member of the `Age` field (a list value such as `7200, 0`
+/// means 7200); anything but delta-seconds there is ignored (§5.1).
+fn age_seconds(headers: &HeaderMap) -> u64 {
+    let Some(value) = headers.get(header::AGE).and_then(|v| v.to_str().ok()) else {
+        return 0;
+    };
+    let first = value.split(',').next().unwrap_or("");
+    delta_seconds(first).unwrap_or(0)
 }
 
 /// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1);
@@ -161,7 +198,7 @@ pub fn explicit_lifetime(headers: &HeaderMap, cc: &CacheControl) -> Option<Durat
     if let Some(m) = cc.max_age {
         return Some(Duration::from_secs(m));
     }
-    if headers.contains_key(header::EXPIRES) {
+    if headers.contains_key(header::EXPIRES) && !cc.targeted {
         let Some(expires) = http_date(headers, header::EXPIRES) else {
             return Some(Duration::ZERO);
         };
@@ -224,7 +261,13 @@ pub fn storable(
     {
         return Err(NotStored::Status);
     }
-    if cc.no_store || request_cc.no_store {
+    // §5.2.2.3: must-understand overrides no-store for status codes this
+    // cache knows the caching rules of, and forbids storing any other.
+    let understood = status.canonical_reason().is_some();
+    if cc.must_understand && !understood {
+        return Err(NotStored::Status);
+    }
+    if (cc.no_store && !cc.must_understand) || request_cc.no_store {
         return Err(NotStored::NoStore);
     }
     if cc.private {
@@ -237,9 +280,12 @@ pub fn storable(
     {
         return Err(NotStored::Authorization);
     }
+    let explicit = explicit_lifetime(response, cc);
     // A cookie set for one client must not reach another unless the origin
-    // marked the response as shared explicitly.
-    if response.contains_key(header::SET_COOKIE) && !(cc.public || cc.s_maxage.is_some()) {
+    // made the response cacheable explicitly (RFC 9111 §7.3: Set-Cookie by
+    // itself does not forbid storing, but a heuristic or `default_ttl` is
+    // no reason to share one).
+    if response.contains_key(header::SET_COOKIE) && !(cc.public || explicit.is_some()) {
         return Err(NotStored::SetCookie);
     }
     let vary_star = response
@@ -251,10 +297,18 @@ pub fn storable(
     if vary_star {
         return Err(NotStored::VaryStar);
     }
-    let lifetime = match explicit_lifetime(response, cc) {
+    let lifetime = match explicit {
         Some(lifetime) => lifetime,
         None if heuristically_cacheable(status) && !default_ttl.is_zero() => default_ttl,
         None if cc.public && !default_ttl.is_zero() => default_ttl,
+        // `no-cache` with a validator: kept stale so that every use is a
+        // cheap conditional request (§5.2.2.4).
+        None if cc.no_cache
+            && has_validator(response)
+            && (heuristically_cacheable(status) || cc.public) =>
+        {
+            Duration::ZERO
+        }
         None => return Err(NotStored::NoFreshness),
     };
     // A response that is stale on arrival is only worth keeping when it can
@@ -276,11 +330,7 @@ pub struct Timing {
 
 impl Timing {
     pub fn new(headers: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Self {
-        let age = headers
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(delta_seconds)
-            .unwrap_or(0);
+        let age = age_seconds(headers);
         Timing {
             request_time,
             response_time,

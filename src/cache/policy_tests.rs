@@ -231,14 +231,81 @@ fn storability_for_a_shared_cache() {
             none,
             Ok(ok),
         ),
-        // Set-Cookie only when explicitly shared.
+        // Set-Cookie only when explicitly cacheable (§7.3), never on a
+        // heuristic or the operator's default_ttl.
         (
             Method::GET,
             &[],
             200,
             &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
             none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("set-cookie", "a=b")],
+            ttl,
             Err(NotStored::SetCookie),
+        ),
+        // §5.2.2.4 no-cache with a validator: stored, to be revalidated.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-cache"), ("etag", "\"v1\"")],
+            none,
+            Ok(Duration::ZERO),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "no-cache")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        // §5.2.2.3 must-understand: a known status overrides no-store, an
+        // unknown one is never stored.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[],
+            599,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            none,
+            Err(NotStored::Status),
+        ),
+        // RFC 9213: CDN-Cache-Control replaces Cache-Control and Expires.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+            none,
+            Ok(ok),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("cdn-cache-control", "private"),
+            ],
+            none,
+            Err(NotStored::Private),
         ),
         (
             Method::GET,
@@ -353,7 +420,7 @@ fn storability_for_a_shared_cache() {
             &parse_request(&request),
             StatusCode::from_u16(status).unwrap(),
             &response,
-            &parse(&response),
+            &parse_response(&response),
             default_ttl,
         );
         assert_eq!(got, want, "{method} {status} {response:?} {request:?}");
@@ -445,4 +512,47 @@ fn request_and_response_directives_decide_use() {
         s(100),
         &cc("stale-if-error=60, must-revalidate")
     ));
+}
+
+#[test]
+fn age_takes_the_first_members_digits() {
+    // §5.1: a list value is a sender error; the first member is the age.
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for (value, want) in [
+        ("7200", 7200),
+        ("7200, 0", 7200),
+        ("0, 7200", 0),
+        ("7200.0", 0),
+        ("abc", 0),
+        ("-5", 0),
+    ] {
+        let timing = Timing::new(&headers(&[("age", value)]), t0, t0);
+        assert_eq!(timing.age, want, "Age: {value}");
+    }
+}
+
+#[test]
+fn expires_in_every_http_date_format_and_any_letter_case() {
+    let cc = CacheControl::default();
+    let date = ("date", "Thu, 18 Aug 2050 01:01:18 GMT");
+    for expires in [
+        "Thu, 18 Aug 2050 02:01:18 GMT",
+        "Thursday, 18-Aug-50 02:01:18 GMT",
+        "Thu Aug 18 02:01:18 2050",
+        "THU, 18 AUG 2050 02:01:18 gMT",
+    ] {
+        let lifetime = explicit_lifetime(&headers(&[date, ("expires", expires)]), &cc);
+        assert_eq!(lifetime, Some(Duration::from_secs(3600)), "{expires}");
+    }
+    let asctime = headers(&[
+        ("date", "Mon, 08 Aug 2050 01:01:18 GMT"),
+        ("expires", "Mon Aug  8 02:01:18 2050"),
+    ]);
+    assert_eq!(
+        explicit_lifetime(&asctime, &cc),
+        Some(Duration::from_secs(3600))
+    );
+    // Not a date at all: already expired (§5.3).
+    let lifetime = explicit_lifetime(&headers(&[date, ("expires", "0")]), &cc);
+    assert_eq!(lifetime, Some(Duration::ZERO));
 }

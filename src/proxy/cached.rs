@@ -242,7 +242,7 @@ fn store_or_relay(
     let response_time = cache.now();
     let mut response = relay(upstream, response, in_flight);
     let status = response.status();
-    let cc = policy::parse(response.headers());
+    let cc = policy::parse_response(response.headers());
     let decision = if is_head {
         Err(policy::NotStored::Method)
     } else {
@@ -343,7 +343,7 @@ fn refreshed(
             headers.append(name.clone(), value.clone());
         }
     }
-    let cc = policy::parse(&headers);
+    let cc = policy::parse_response(&headers);
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
     Entry {
         status: entry.status,

@@ -283,7 +283,8 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// Sends the request to a backend picked by the upstream's balancer. An
 /// idempotent request without a body is retried on a different backend
-/// after a connect failure or a connection lost before the response head.
+/// (the same one when it is the only one left) after a connect failure or
+/// a connection lost before the response head.
 /// Any request, POST included, is retried elsewhere when the backend refused
 /// the connection before a byte of it was sent; once bytes may have reached
 /// a backend, a request with a body is never sent again. Retries stop at
@@ -341,11 +342,18 @@ async fn forward_with_retries(
         let Some(retry_body) = retry_body else {
             return Err(error);
         };
-        // With no other backend left, the original failure stands.
-        skip = Some(index);
-        if attempt >= retries || upstream.pick_is_empty(skip) || !upstream.try_retry() {
+        // Another backend when there is one, else the same one again (a
+        // keep-alive connection it closed as we reused it is the usual
+        // cause); with none left at all, the original failure stands.
+        let next_skip = if upstream.pick_is_empty(Some(index)) {
+            None
+        } else {
+            Some(index)
+        };
+        if attempt >= retries || upstream.pick_is_empty(next_skip) || !upstream.try_retry() {
             return Err(error);
         }
+        skip = next_skip;
         tracing::debug!(upstream = %upstream.name(), %error, "retrying on another backend");
         attempt += 1;
         let head = replay.as_ref().expect("retries > 0 keeps the head");

@@ -226,8 +226,13 @@ impl Upstream {
         self.budget.try_retry(self.clock.now_ms() / 1000)
     }
 
-    /// Records the outcome of a request for passive health.
+    /// Records the outcome of a request for passive health. A lone backend
+    /// is never ejected (as in nginx): with nowhere else to go, ejection
+    /// would only turn its errors into 503s. Active checks still apply.
     pub fn observe(&self, index: usize, ok: bool) {
+        if self.backends.len() == 1 {
+            return;
+        }
         let backend = &self.backends[index];
         let change = if ok {
             backend.state.record_success()
