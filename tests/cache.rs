@@ -356,3 +356,42 @@ async fn admin_purge_by_prefix() {
         "portico; hit"
     );
 }
+
+#[tokio::test]
+async fn byte_ranges_are_served_from_a_stored_response() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let url = proxy.url("/cache/range?cc=max-age=60&etag=r1");
+    // Not stored yet: the range goes to the backend as it is.
+    let first = get_with(&client, &url, &[("range", "bytes=0-3")]).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=bypass");
+    let full = get(&client, &url).await;
+    assert_eq!(full.status, StatusCode::OK);
+    let len = full.body.len();
+    let before = backend.requests();
+
+    let part = get_with(&client, &url, &[("range", "bytes=2-5")]).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.header("content-range"), format!("bytes 2-5/{len}"));
+    assert_eq!(part.body, full.body.slice(2..6));
+    assert_eq!(part.header("cache-status"), "portico; hit");
+
+    let tail = get_with(&client, &url, &[("range", "bytes=-3")]).await;
+    assert_eq!(tail.body, full.body.slice(len - 3..));
+
+    let beyond = get_with(&client, &url, &[("range", &format!("bytes={len}-"))]).await;
+    assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(beyond.header("content-range"), format!("bytes */{len}"));
+
+    // If-Range with another validator: the whole response instead.
+    let changed = get_with(
+        &client,
+        &url,
+        &[("range", "bytes=0-1"), ("if-range", "\"other\"")],
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_eq!(changed.body, full.body);
+    assert_eq!(backend.requests(), before, "ranges came from the cache");
+}

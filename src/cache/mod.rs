@@ -10,6 +10,7 @@ pub mod lock;
 pub mod policy;
 #[cfg(test)]
 mod policy_tests;
+pub mod range;
 pub mod targeted;
 
 use std::sync::atomic::{AtomicU64, Ordering};

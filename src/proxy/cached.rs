@@ -16,6 +16,7 @@ use super::{forward_with_retries, headers, Trace};
 use crate::cache::capture::{Capture, Head};
 use crate::cache::lock::{self, Claim, Leader, Locks};
 use crate::cache::policy::{self, CacheControl, Timing, Usable};
+use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{key, Cache, Entry};
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
@@ -33,7 +34,7 @@ fn set_status(response: &mut Response<ProxyBody>, value: &str) {
 
 /// Whether the client's conditional headers match the stored response
 /// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
-/// only without If-None-Match).
+/// only without If-None-Match, against Last-Modified or else Date).
 fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
     if let Some(list) = request
@@ -52,20 +53,43 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
         .get(header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok());
+    // RFC 9111 §4.3.2: without Last-Modified, the stored Date stands in.
     let modified = stored
         .get(header::LAST_MODIFIED)
+        .or_else(|| stored.get(header::DATE))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok());
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
-/// A response built from a stored entry.
+/// A response built from a stored entry: 304 for a matching conditional,
+/// 206 or 416 for a byte range of a stored 200, else the stored response.
 fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Response<ProxyBody> {
     let mut headers = entry.headers.clone();
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    let len = entry.body.len();
+    let range = if request.method == Method::GET && entry.status == StatusCode::OK {
+        range::evaluate(&request.headers, &entry.headers, len)
+    } else {
+        RangeAnswer::Full
+    };
     let (code, body) = if not_modified(&request.headers, &entry.headers) {
         headers.remove(header::CONTENT_LENGTH);
         (StatusCode::NOT_MODIFIED, ProxyBody::empty())
+    } else if let RangeAnswer::Partial { start, end } = range {
+        let content_range = format!("bytes {start}-{end}/{len}");
+        if let Ok(value) = HeaderValue::from_str(&content_range) {
+            headers.insert(header::CONTENT_RANGE, value);
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end + 1 - start));
+        let body = ProxyBody::full(entry.body.slice(start..=end));
+        (StatusCode::PARTIAL_CONTENT, body)
+    } else if range == RangeAnswer::Unsatisfiable {
+        if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {
+            headers.insert(header::CONTENT_RANGE, value);
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        (StatusCode::RANGE_NOT_SATISFIABLE, ProxyBody::empty())
     } else {
         if entry.status != StatusCode::NO_CONTENT && entry.status != StatusCode::NOT_MODIFIED {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
@@ -96,13 +120,12 @@ pub(super) async fn serve(
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let request_cc = policy::parse_request(&parts.headers);
-    if request_cc.no_store || parts.headers.contains_key(header::RANGE) {
-        cache.counters.bypass.inc();
-        let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
-        let mut response = relay(upstream, response, in_flight);
-        set_status(&mut response, "portico; fwd=bypass");
-        return Ok(response);
+    if request_cc.no_store {
+        return bypass(cache, upstream, parts, body, trace).await;
     }
+    // A byte range is served from a fresh stored response; anything else
+    // about it (a miss, a revalidation) goes to the backend untouched.
+    let ranged = parts.headers.contains_key(header::RANGE);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     let found = match cache.key_for(&primary, &parts.headers) {
@@ -138,6 +161,9 @@ pub(super) async fn serve(
                     "portico; hit; detail=stale-while-revalidate",
                 ));
             }
+            Usable::MustRevalidate if ranged => {
+                return bypass(cache, upstream, parts, body, trace).await;
+            }
             Usable::MustRevalidate => {
                 let fresh = age < entry.lifetime && !entry.cc.no_cache;
                 let fwd = if fresh { "request" } else { "stale" };
@@ -152,6 +178,9 @@ pub(super) async fn serve(
         let mut response = super::error::error_response(StatusCode::GATEWAY_TIMEOUT);
         set_status(&mut response, "portico; fwd=miss; detail=only-if-cached");
         return Ok(response);
+    }
+    if ranged {
+        return bypass(cache, upstream, parts, body, trace).await;
     }
     let leader = match Locks::claim(cache, &primary) {
         Claim::Leader(leader) => Some(leader),
@@ -202,6 +231,21 @@ pub(super) async fn serve(
         "miss",
         is_head,
     ))
+}
+
+/// Forwards the request as it is and relays the answer without storing it.
+async fn bypass(
+    cache: &Cache,
+    upstream: &Upstream,
+    parts: Parts,
+    body: RequestBody,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    cache.counters.bypass.inc();
+    let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
+    let mut response = relay(upstream, response, in_flight);
+    set_status(&mut response, "portico; fwd=bypass");
+    Ok(response)
 }
 
 fn empty_parts() -> Parts {
