@@ -354,7 +354,10 @@ async fn forward_with_retries(
             return Err(error);
         }
         skip = next_skip;
-        tracing::debug!(upstream = %upstream.name(), %error, "retrying on another backend");
+        tracing::debug!(
+            upstream = %upstream.name(), %error, same_backend = next_skip.is_none(),
+            "retrying"
+        );
         attempt += 1;
         let head = replay.as_ref().expect("retries > 0 keeps the head");
         next = Some((copy_head(head), retry_body));

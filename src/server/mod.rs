@@ -48,7 +48,9 @@ pub struct Shared {
     config: ArcSwap<Config>,
     /// How new connections are served (timeouts, buffer sizes).
     connections: ArcSwap<ConnectionSettings>,
-    /// One acceptor per `[[server.tls]]` entry, from [`Shared::load_tls`].
+    /// One acceptor per `[[server.tls]]` entry, from [`Shared::load_tls`],
+    /// for the listeners [`run_all`] starts with; once running, each
+    /// listener holds its own acceptor and a reload swaps it there.
     tls: ArcSwap<Vec<tokio_rustls::TlsAcceptor>>,
     listeners: Registry,
     /// One reload at a time (SIGHUP and the admin API may race).
@@ -141,7 +143,6 @@ impl Shared {
         self.proxy.store(Arc::new(next));
         self.connections
             .store(ConnectionSettings::new(&config.server));
-        self.tls.store(Arc::new(acceptors));
         self.listeners.apply(self, wanted, added);
         let old = self.config.swap(Arc::new(config));
         let new = self.config.load();
