@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::cache::capture::Capture;
 use crate::upstream::health::InFlight;
+use crate::upstream::UpstreamBody;
 
 /// A stall timeout that never fires in practice; instants near
 /// `Duration::MAX` would overflow `Instant` arithmetic.
@@ -214,7 +215,7 @@ pub enum ProxyBody {
     /// A backend's body relayed frame by frame; holds the backend's
     /// in-flight slot until the body is done.
     Stream {
-        inner: Incoming,
+        inner: UpstreamBody,
         stall: StallGuard,
         in_flight: Option<InFlight>,
         /// Copies the body into the cache as it passes.
@@ -233,7 +234,11 @@ impl ProxyBody {
         ProxyBody::Full { data: None }
     }
 
-    pub fn stream(inner: Incoming, stall_timeout: Duration, in_flight: Option<InFlight>) -> Self {
+    pub fn stream(
+        inner: UpstreamBody,
+        stall_timeout: Duration,
+        in_flight: Option<InFlight>,
+    ) -> Self {
         ProxyBody::Stream {
             inner,
             stall: StallGuard::new(stall_timeout),

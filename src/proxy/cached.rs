@@ -8,7 +8,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::body::{ProxyBody, RequestBody};
 use super::error::ProxyError;
@@ -20,6 +19,7 @@ use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{key, Cache, Entry};
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
+use crate::upstream::UpstreamBody;
 
 /// Longest a coalesced request waits for the leader before fetching itself.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
@@ -255,7 +255,7 @@ fn empty_parts() -> Parts {
 /// A backend response relayed with hop-by-hop hygiene.
 fn relay(
     upstream: &Upstream,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -277,7 +277,7 @@ fn store_or_relay(
     request_headers: HeaderMap,
     request_cc: &CacheControl,
     request_time: std::time::SystemTime,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     in_flight: InFlight,
     leader: Option<Leader>,
     fwd: &str,

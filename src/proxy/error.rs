@@ -28,14 +28,14 @@ pub enum ProxyError {
     #[error("backend {backend} refused the connection: {source}")]
     Connect {
         backend: std::net::SocketAddr,
-        source: hyper_util::client::legacy::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("backend {backend} connect timed out")]
     ConnectTimeout { backend: std::net::SocketAddr },
     #[error("backend {backend} broke the response: {source}")]
     Upstream {
         backend: std::net::SocketAddr,
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamBody};
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
 use headers::ClientInfo;
@@ -230,8 +230,10 @@ impl Proxy {
         let cache = self.cache.as_ref().filter(|_| route.cache);
         let readable = parts.method == Method::GET || parts.method == Method::HEAD;
         if let (Some(cache), true, None) = (cache, readable, &upgrade) {
-            let mut response =
-                cached::serve(cache, upstream, parts, body, conn.proto, &host_name, trace).await?;
+            let mut response = Box::pin(cached::serve(
+                cache, upstream, parts, body, conn.proto, &host_name, trace,
+            ))
+            .await?;
             if let Some((limit, remaining)) = quota {
                 error::rate_limit_headers(response.headers_mut(), limit, remaining, None);
             }
@@ -294,7 +296,7 @@ async fn forward_with_retries(
     parts: http::request::Parts,
     body: RequestBody,
     trace: &mut Trace,
-) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+) -> Result<(Response<UpstreamBody>, InFlight), ProxyError> {
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
     let idempotent = bodiless && is_idempotent(&parts.method);

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::body::ProxyBody;
 use super::headers;
 use crate::upstream::health::InFlight;
+use crate::upstream::UpstreamBody;
 
 /// A client's request to switch protocols, with its pending connection.
 pub struct Upgrade {
@@ -53,7 +54,7 @@ impl Upgrade {
     /// upgraded connections in the background.
     pub fn bridge(
         self,
-        mut response: Response<Incoming>,
+        mut response: Response<UpstreamBody>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);

@@ -7,6 +7,7 @@
 mod budget;
 mod counter;
 pub mod health;
+mod pool;
 pub mod select;
 mod tls;
 
@@ -15,13 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Method, Request, Response};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{header, Method, Request, Response};
 
 use crate::config::{self, Balance};
 use crate::metrics::{BackendMetrics, Metrics};
@@ -29,6 +25,8 @@ use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight, Passive};
+pub use pool::UpstreamBody;
+use pool::{Pool, SendError};
 use select::Candidate;
 
 /// Largest read buffer of a backend connection.
@@ -82,9 +80,7 @@ pub struct Upstream {
     next: AtomicUsize,
     budget: RetryBudget,
     clock: Clock,
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
-    /// `http`, or `https` for `tls = true`.
-    scheme: Scheme,
+    pool: Arc<Pool>,
     checker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -103,21 +99,30 @@ impl Upstream {
                 metrics: metrics.backend(&config.name, &b.addr.to_string()),
             })
             .collect();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_idle_per_backend)
-            // hyper lets a backend connection's read buffer grow to ~400 KiB
-            // on large bodies; 128 KiB keeps reads as cheap (measured with
-            // benches/compare.sh) and 64 busy connections near 8 MiB, not 25.
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(tls::connector(&config));
+        let mut builder = hyper::client::conn::http1::Builder::new();
+        // hyper lets a backend connection's read buffer grow to ~400 KiB
+        // on large bodies; 128 KiB keeps reads as cheap (measured with
+        // benches/compare.sh) and 64 busy connections near 8 MiB, not 25.
+        builder.max_buf_size(UPSTREAM_READ_BUFFER);
         let scheme = if config.tls.is_some() {
-            Scheme::HTTPS
+            "https"
         } else {
-            Scheme::HTTP
+            "http"
         };
+        let targets = backends
+            .iter()
+            .map(|b| {
+                Uri::try_from(format!("{scheme}://{}/", b.authority))
+                    .expect("a scheme and a socket address make a valid URI")
+            })
+            .collect();
+        let pool = Pool::new(
+            tls::connector(&config),
+            builder,
+            targets,
+            config.max_idle_per_backend,
+            config.idle_timeout,
+        );
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
@@ -126,8 +131,7 @@ impl Upstream {
             checker: std::sync::Mutex::new(None),
             config,
             backends,
-            client,
-            scheme,
+            pool,
         });
         upstream.rebuild_cycle();
         if let Some(check) = upstream.config.health.clone() {
@@ -265,24 +269,29 @@ impl Upstream {
         &self,
         index: usize,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let backend = &self.backends[index];
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(backend.authority.clone());
-        parts.path_and_query = Some(path);
-        *request.uri_mut() =
-            Uri::from_parts(parts).expect("scheme, authority and path make a valid URI");
+        // Backends get the origin form (`/path?query`), whatever form the
+        // client used (HTTP/2 and absolute-form targets carry more).
+        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(path);
+        }
+        if !request.headers().contains_key(header::HOST) {
+            let host = http::HeaderValue::from_str(backend.authority.as_str())
+                .expect("an authority is a valid header value");
+            request.headers_mut().insert(header::HOST, host);
+        }
         // Backends speak HTTP/1.1 whatever the client used.
         *request.version_mut() = http::Version::HTTP_11;
 
         let addr = backend.addr;
-        match tokio::time::timeout(self.config.response_timeout, self.client.request(request)).await
+        match tokio::time::timeout(self.config.response_timeout, self.pool.send(index, request))
+            .await
         {
             Err(_) => Err(ProxyError::ResponseTimeout { backend: addr }),
             Ok(Ok(response)) => Ok(response),
@@ -388,9 +397,13 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
     }
 }
 
-/// Sorts a client error into the proxy's error kinds by walking its causes.
-fn classify(backend: SocketAddr, error: hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+/// Sorts a send error into the proxy's error kinds by walking its causes.
+fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
+    let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
+        SendError::Connect(e) => (true, e.as_ref()),
+        SendError::Http(e) => (false, e),
+    };
+    let mut source = Some(root);
     while let Some(e) = source {
         if let Some(body) = e.downcast_ref::<BodyError>() {
             return match body {
@@ -401,21 +414,14 @@ fn classify(backend: SocketAddr, error: hyper_util::client::legacy::Error) -> Pr
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut && error.is_connect() {
+            if io.kind() == std::io::ErrorKind::TimedOut && connecting {
                 return ProxyError::ConnectTimeout { backend };
             }
         }
         source = e.source();
     }
-    if error.is_connect() {
-        ProxyError::Connect {
-            backend,
-            source: error,
-        }
-    } else {
-        ProxyError::Upstream {
-            backend,
-            source: error,
-        }
+    match error {
+        SendError::Connect(source) => ProxyError::Connect { backend, source },
+        SendError::Http(source) => ProxyError::Upstream { backend, source },
     }
 }

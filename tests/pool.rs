@@ -1,0 +1,153 @@
+//! The backend connection pool over real sockets: keep-alive reuse, a
+//! connection the backend closed between requests, and idle expiry. The
+//! backend here is a few lines of raw HTTP/1.1 so the test can count its
+//! connections and choose when to close them.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use portico::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What the raw backend has seen.
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+    requests: AtomicUsize,
+}
+
+/// A backend answering `200 ok` to each request. With `close_after`, it
+/// closes the connection after each response without announcing it, as a
+/// backend with a short keep-alive timeout does.
+async fn raw_backend(close_after: bool) -> (SocketAddr, Arc<Counts>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            seen.accepted.fetch_add(1, Ordering::SeqCst);
+            seen.open.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request: the head, then Content-Length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break Some(i + 4);
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break None,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let Some(head_end) = head_end else { break };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < head_end + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..(head_end + length).min(buf.len()));
+                    seen.requests.fetch_add(1, Ordering::SeqCst);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() || close_after {
+                        break;
+                    }
+                }
+                seen.open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+fn config(backend: SocketAddr, idle_timeout: Duration) -> Config {
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    config.upstreams[0].idle_timeout = idle_timeout;
+    config
+}
+
+fn post(url: String) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_backend_connection() {
+    let (addr, counts) = raw_backend(false).await;
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let client = client();
+    for i in 0..20 {
+        let answer = if i % 2 == 0 {
+            get(&client, &proxy.url("/")).await
+        } else {
+            send(&client, post(proxy.url("/"))).await
+        };
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "ok");
+    }
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_is_replaced_even_for_post() {
+    let (addr, counts) = raw_backend(true).await;
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let client = client();
+    for _ in 0..5 {
+        let answer = send(&client, post(proxy.url("/"))).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        // Give the close time to arrive, as between two real requests.
+        wait_until(|| counts.open.load(Ordering::SeqCst) == 0).await;
+    }
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn idle_backend_connections_are_closed_after_idle_timeout() {
+    let (addr, counts) = raw_backend(false).await;
+    let proxy = start_proxy(config(addr, Duration::from_millis(200))).await;
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+    // Closed by portico, not by the backend or the test.
+    wait_until(|| counts.open.load(Ordering::SeqCst) == 0).await;
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Polls `done` until it holds, failing after [`STEP`].
+async fn wait_until(done: impl Fn() -> bool) {
+    tokio::time::timeout(STEP, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("condition within STEP");
+}
