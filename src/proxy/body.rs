@@ -36,13 +36,18 @@ pub enum BodyError {
 }
 
 /// Fails a stream that stays silent longer than `timeout`. Frames only
-/// record the time; the timer is created on the first wait and re-armed
-/// lazily when it fires early, so a body that never waits allocates nothing
-/// and a fast stream causes no timer-wheel churn.
+/// set a flag; the clock is read when the stream has to wait, the timer is
+/// created on the first wait and re-armed lazily when it fires early, so a
+/// body that never waits reads no clock and allocates nothing, and a fast
+/// stream causes no timer-wheel churn.
 #[derive(Debug)]
 pub struct StallGuard {
     timeout: Duration,
-    last_progress: Instant,
+    /// When the stream last started waiting after a frame; `None` before
+    /// its first wait.
+    waiting_since: Option<Instant>,
+    /// A frame arrived since `waiting_since`.
+    progressed: bool,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -50,18 +55,24 @@ impl StallGuard {
     fn new(timeout: Duration) -> Self {
         StallGuard {
             timeout,
-            last_progress: Instant::now(),
+            waiting_since: None,
+            progressed: false,
             sleep: None,
         }
     }
 
     fn progress(&mut self) {
-        self.last_progress = Instant::now();
+        self.progressed = true;
     }
 
     /// Ready(()) once the stream has been silent for `timeout`.
     fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.last_progress + self.timeout;
+        let since = match self.waiting_since {
+            Some(since) if !self.progressed => since,
+            _ => *self.waiting_since.insert(Instant::now()),
+        };
+        self.progressed = false;
+        let deadline = since + self.timeout;
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -69,7 +80,6 @@ impl StallGuard {
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let deadline = self.last_progress + self.timeout;
             if Instant::now() >= deadline {
                 return Poll::Ready(());
             }
