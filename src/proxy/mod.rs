@@ -140,7 +140,9 @@ impl Proxy {
         let request_id = log::ensure_request_id(request.headers_mut());
         let access = log::AccessRecord::capture(&request, conn, request_id);
         let mut trace = Trace::default();
-        let response = match self.forward(request, conn, &mut trace).await {
+        // Boxed: hyper and each async layer above move this future whole
+        // once per request; a pointer is cheaper to move than kilobytes.
+        let response = match Box::pin(self.forward(request, conn, &mut trace)).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();

@@ -99,7 +99,7 @@ impl Pool {
                     Some(unsent) if !fresh_tried => {
                         request = unsent;
                         fresh_tried = true;
-                        sender = self.connect(index).await?;
+                        sender = Box::pin(self.connect(index)).await?;
                     }
                     _ => return Err(SendError::Http(error.into_error())),
                 },
