@@ -13,33 +13,46 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Fields that describe one connection, not the message (RFC 9110 §7.6.1),
-/// plus the `Proxy-*` fields addressed to a proxy rather than the origin.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str().starts_with("proxy-")
-}
 
 /// Removes hop-by-hop fields, including every field the `Connection` header
-/// names. The names are collected first because `Connection` itself goes.
+/// names. The usual case, `Connection: keep-alive` or `close`, costs one
+/// pass over the names and a lookup per field removed, no allocation.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass of cheap comparisons, no lookups.
-    // (`Connection` and `Proxy-Connection` are hop-by-hop themselves.)
-    if !headers.keys().any(is_hop_by_hop) {
+    let fixed: [&HeaderName; 5] = [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ];
+    // One pass of cheap comparisons finds which are present; most requests
+    // carry none and stop here.
+    let mut present = [false; 5];
+    let mut proxy = false;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|fixed| *fixed == name) {
+            present[i] = true;
+        } else if name.as_str().starts_with("proxy-") {
+            proxy = true;
+        }
+    }
+    if !proxy && !present.contains(&true) {
         return;
     }
+    // Fields the Connection header names beyond the fixed ones: rare.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',') {
             let token = token.trim();
-            if token.is_empty() {
+            // `close` names no field (RFC 9110 §16.3.2.2 reserves the name).
+            if token.is_empty() || token.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if fixed
+                .iter()
+                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+            {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -50,17 +63,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(&name);
     }
-    // Collect first: removing while iterating a HeaderMap is not possible.
-    let hop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    for name in hop {
-        headers.remove(&name);
+    for (name, present) in fixed.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
-    // Some clients still send it; it is never meant for the origin.
-    headers.remove(&PROXY_CONNECTION);
+    // `Proxy-*` fields, `Proxy-Connection` among them: rare, so collected.
+    if proxy {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy {
+            headers.remove(&name);
+        }
+    }
 }
 
 /// `a.b.c.d` written into `buf`.
@@ -236,6 +254,17 @@ mod tests {
                 ],
                 &["connection", "x-secret"],
                 &["x-kept"],
+            ),
+            // Tokens naming the fixed hop-by-hop fields, in any case.
+            (
+                &[
+                    ("connection", "Keep-Alive, UPGRADE"),
+                    ("keep-alive", "timeout=5"),
+                    ("upgrade", "websocket"),
+                    ("accept", "*/*"),
+                ],
+                &["connection", "keep-alive", "upgrade"],
+                &["accept"],
             ),
             // Multiple Connection fields are all honoured.
             (
