@@ -70,8 +70,16 @@ async fn raw_backend(close_after: bool) -> (SocketAddr, Arc<Counts>) {
                     }
                     buf.drain(..(head_end + length).min(buf.len()));
                     seen.requests.fetch_add(1, Ordering::SeqCst);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer).await.is_err() || close_after {
+                    let answer = if head.starts_with("get /big ") {
+                        // Far more than any socket buffer holds unread.
+                        let mut big =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 4000000\r\n\r\n".to_vec();
+                        big.resize(big.len() + 4_000_000, b'x');
+                        big
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+                    };
+                    if stream.write_all(&answer).await.is_err() || close_after {
                         break;
                     }
                 }
@@ -138,6 +146,35 @@ async fn idle_backend_connections_are_closed_after_idle_timeout() {
     wait_until(|| counts.open.load(Ordering::SeqCst) == 0).await;
     let answer = get(&client(), &proxy.url("/")).await;
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandoned_closes_its_backend_connection() {
+    let (addr, counts) = raw_backend(false).await;
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let client = client();
+    let response = tokio::time::timeout(
+        STEP,
+        client.request(
+            Request::get(proxy.url("/big"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Read the head only; the rest of the body is still on its way.
+    drop(response);
+    drop(client);
+    // The half-read connection must not be handed to the next request: its
+    // unread body would be taken for that request's answer.
+    wait_until(|| counts.open.load(Ordering::SeqCst) == 0).await;
+    let answer = get(&common::client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, "ok");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
 }
 
