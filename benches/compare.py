@@ -23,6 +23,7 @@ DURATION = int(os.environ.get("DURATION", "4"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "64"))
 PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
+SETTLE = float(os.environ.get("SETTLE", "2.5"))
 PORTICO = os.path.abspath("target/release/portico")
 TICK = os.sysconf("SC_CLK_TCK")
 WORK = tempfile.mkdtemp(prefix="portico-bench-")
@@ -242,15 +243,22 @@ upstream = "origin"
                 after = cpu_seconds(proc.pid) if proc else 0.0
                 cpu_us = (after - before) / total * 1e6 if proc else float("nan")
                 rss = rss_mib(proc.pid) if proc else float("nan")
-                results.setdefault((label, size), []).append((rps, p50, p99, cpu_us, rss))
+                results.setdefault((label, size), []).append([rps, p50, p99, cpu_us, rss])
                 print(f"round {round_ + 1} {size:>3} {label:<24} {rps:>10.0f} req/s  p99 {p99 * 1e3:6.2f} ms  cpu/req {cpu_us:6.2f} us", file=sys.stderr)
+            # What each system holds once the load is over: the last one
+            # ran just now, so give it SETTLE seconds like the others had.
+            time.sleep(SETTLE)
+            for label, name, proc in runs:
+                settled = rss_mib(proc.pid) if proc else float("nan")
+                results[(label, size)][-1].append(settled)
 
     print()
     print(f"portico comparison, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
           f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s, {ROUNDS} rounds (medians); proxy pinned to CPU {PROXY_CPU}")
-    header = f"| {'system':<24} | size | req/s | p50 ms | p99 ms | CPU us/req | RSS idle MiB | RSS loaded MiB | req/s vs nginx | CPU vs nginx |"
+    header = (f"| {'system':<24} | size | req/s | p50 ms | p99 ms | CPU us/req | RSS idle MiB | "
+              f"RSS end of load MiB | RSS {SETTLE:g} s later MiB | req/s vs nginx | CPU vs nginx |")
     print(header)
-    print("|" + "|".join("---" for _ in range(10)) + "|")
+    print("|" + "|".join("---" for _ in range(11)) + "|")
     for size in ["1k", "64k"]:
         med = {}
         for label, name, _ in runs:
@@ -259,11 +267,11 @@ upstream = "origin"
         ref_pass = med["nginx pass-through"]
         ref_cache = med["nginx-cache cache hit"]
         for label, name, _ in runs:
-            rps, p50, p99, cpu, rss = med[label]
+            rps, p50, p99, cpu, rss, settled = med[label]
             ref = ref_cache if "cache" in label else ref_pass
             idle_rss = idle.get(name, float("nan"))
             print(f"| {label:<24} | {size} | {rps:.0f} | {p50 * 1e3:.2f} | {p99 * 1e3:.2f} | "
-                  f"{cpu:.2f} | {idle_rss:.1f} | {rss:.1f} | {rps / ref[0]:.2f} | {cpu / ref[3]:.2f} |")
+                  f"{cpu:.2f} | {idle_rss:.1f} | {rss:.1f} | {settled:.1f} | {rps / ref[0]:.2f} | {cpu / ref[3]:.2f} |")
 
 
 def cleanup():

@@ -8,6 +8,7 @@ mod idle;
 mod listeners;
 pub mod shutdown;
 pub mod tls;
+mod trim;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +56,8 @@ pub struct Shared {
     listeners: Registry,
     /// One reload at a time (SIGHUP and the admin API may race).
     reloading: Mutex<()>,
+    /// Requests started, for giving memory back after a burst.
+    requests: Arc<trim::Requests>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -101,6 +104,7 @@ impl Shared {
             tls: ArcSwap::from_pointee(Vec::new()),
             listeners: Registry::default(),
             reloading: Mutex::new(()),
+            requests: Arc::default(),
         })
     }
 
@@ -225,6 +229,7 @@ pub async fn run_all(
     signal: impl Future<Output = ()>,
 ) {
     let (trigger, shutdown) = shutdown::channel();
+    let trimmer = tokio::spawn(trim::watch(shared.requests.clone()));
     if let Some((listener, token)) = all.admin {
         tokio::spawn(crate::admin::serve(
             listener,
@@ -276,6 +281,7 @@ pub async fn run_all(
     } else {
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
     }
+    trimmer.abort();
 }
 
 /// A listener with the configured address it stands for (its own address
@@ -378,6 +384,7 @@ async fn serve_connection<IO>(
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
         let proxy = shared.proxy.load_full();
+        shared.requests.note();
         let busy = requests.busy();
         async move {
             let response = proxy.handle(request, conn).await;
