@@ -10,6 +10,8 @@ pub mod shutdown;
 pub mod tls;
 mod trim;
 
+pub use trim::tune_allocator;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;

@@ -70,6 +70,31 @@ pub(super) async fn watch(requests: Arc<Requests>) {
     }
 }
 
+/// How much free memory glibc may keep at the top of its heap while
+/// traffic flows. Its default, 128 KiB, has it give pages back and fault
+/// them in again (2.4 us each on a VM) many times a second under a 64 KiB
+/// load: 0.8 page faults per request, against 0.07 with 4 MiB. What is left
+/// after a burst goes back through `malloc_trim` anyway.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 4 << 20;
+
+/// Raises glibc's trim threshold for a long-running proxy, unless the
+/// operator set one (`MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_allocator() {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
+        || tunables.contains("malloc.trim_threshold")
+    {
+        return;
+    }
+    // SAFETY: mallopt only sets a parameter under the arena lock.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn release_free_memory() {
     // SAFETY: malloc_trim takes no pointers and only walks glibc's own
