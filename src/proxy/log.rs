@@ -16,15 +16,14 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Keeps a client's `X-Request-Id` (if it is short and printable) or sets a
 /// fresh random one, so the backend and the log share it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID) {
-        if !id.is_empty() && id.len() <= 128 && id.to_str().is_ok() {
-            return id.clone();
-        }
+pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
+    let usable = headers
+        .get(&X_REQUEST_ID)
+        .is_some_and(|id| !id.is_empty() && id.len() <= 128 && id.to_str().is_ok());
+    if !usable {
+        headers.insert(X_REQUEST_ID.clone(), new_request_id());
     }
-    let id = new_request_id();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
+    &headers[&X_REQUEST_ID]
 }
 
 /// 128 random bits as 32 lowercase hex digits.
@@ -52,7 +51,8 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// `None` when the access log is filtered out, so a disabled log costs
     /// nothing per request.
-    pub fn capture<B>(request: &Request<B>, conn: Conn, request_id: HeaderValue) -> Option<Self> {
+    /// The request's id is the one [`ensure_request_id`] set.
+    pub fn capture<B>(request: &Request<B>, conn: Conn) -> Option<Self> {
         if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
             return None;
         }
@@ -61,7 +61,11 @@ impl AccessRecord {
             method: request.method().clone(),
             uri: request.uri().clone(),
             host: request.headers().get(header::HOST).cloned(),
-            request_id,
+            request_id: request
+                .headers()
+                .get(&X_REQUEST_ID)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("-")),
         })
     }
 
@@ -104,7 +108,7 @@ mod tests {
     #[test]
     fn request_ids_are_kept_or_made() {
         let mut headers = HeaderMap::new();
-        let made = ensure_request_id(&mut headers);
+        let made = ensure_request_id(&mut headers).clone();
         assert_eq!(made.len(), 32);
         assert_eq!(headers[&X_REQUEST_ID], made);
         assert_ne!(new_request_id(), new_request_id());

@@ -137,8 +137,8 @@ impl Proxy {
     /// Serves one request. Never fails: errors become responses.
     pub async fn handle(&self, mut request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
-        let request_id = log::ensure_request_id(request.headers_mut());
-        let access = log::AccessRecord::capture(&request, conn, request_id);
+        log::ensure_request_id(request.headers_mut());
+        let access = log::AccessRecord::capture(&request, conn);
         let mut trace = Trace::default();
         // Boxed: hyper and each async layer above move this future whole
         // once per request; a pointer is cheaper to move than kilobytes.
@@ -216,14 +216,11 @@ impl Proxy {
             },
         );
         // HTTP/2 carries the host in :authority; backends need a Host field.
-        let host_name = host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        if let Some(host) = host {
-            parts.headers.insert(header::HOST, host);
+        // The cache keys on it too: a clone shares the parsed bytes.
+        if let Some(host) = &host {
+            parts.headers.insert(header::HOST, host.clone());
         }
+        let host_name = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         if let Some(upgrade) = &upgrade {
             upgrade.restore_request(&mut parts.headers);
         }
@@ -233,7 +230,7 @@ impl Proxy {
         let readable = parts.method == Method::GET || parts.method == Method::HEAD;
         if let (Some(cache), true, None) = (cache, readable, &upgrade) {
             let mut response = Box::pin(cached::serve(
-                cache, upstream, parts, body, conn.proto, &host_name, trace,
+                cache, upstream, parts, body, conn.proto, host_name, trace,
             ))
             .await?;
             if let Some((limit, remaining)) = quota {
@@ -249,7 +246,7 @@ impl Proxy {
         if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
             let status = response.status();
             if status.is_success() || status.is_redirection() {
-                cached::invalidate(cache, conn.proto, &host_name, target, response.headers());
+                cached::invalidate(cache, conn.proto, host_name, target, response.headers());
             }
         }
 
