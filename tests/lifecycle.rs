@@ -279,3 +279,92 @@ async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are
         assert!(closed.is_ok(), "idle connection left open (h2: {h2})");
     }
 }
+
+#[tokio::test]
+async fn request_header_timeout_closes_idle_http1_but_not_http2_connections() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    // Far longer than the test's bounds: only the head timer can close.
+    config.server.idle_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+
+    // HTTP/1.1 keep-alive waiting for its next head: closed, as HAProxy's
+    // `timeout http-request` does.
+    let (status, connection) = one_request_on_own_connection(proxy.addr, "/health", false).await;
+    assert_eq!(status, StatusCode::OK);
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(closed.is_ok(), "idle HTTP/1.1 connection left open");
+
+    // HTTP/2 has no head to wait for between streams: only idle_timeout
+    // applies, so it is still open well past the head timer.
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(conn);
+    let url = proxy.url("/health");
+    for _ in 0..2 {
+        let request = http::Request::get(&url)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = tokio::time::timeout(STEP, sender.send_request(request))
+            .await
+            .unwrap()
+            .expect("the HTTP/2 connection still takes requests");
+        assert_eq!(response.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            !connection.is_finished(),
+            "HTTP/2 connection closed by the head timer"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    let proxy = start_proxy(config).await;
+    // Far more than the socket buffers hold, so the proxy is still handing
+    // the body over while the client pauses.
+    let size = 40_000_000;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0; 16 * 1024];
+    let n = tokio::time::timeout(STEP, stream.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    let head_end = first[..n]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the head fits in the first read")
+        + 4;
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut rest = 0;
+    let mut buf = vec![0; 256 * 1024];
+    let mut received = n - head_end;
+    while received < size {
+        let read = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("body kept flowing")
+            .unwrap();
+        assert!(
+            read > 0,
+            "connection closed after {received} of {size} bytes"
+        );
+        received += read;
+        rest += 1;
+    }
+    assert_eq!(received, size);
+    assert!(rest > 0);
+}

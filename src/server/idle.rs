@@ -1,30 +1,61 @@
-//! Closing idle client connections, like nginx's `keepalive_timeout` and
-//! `http2_idle_timeout`: a connection that moved no byte either way for
-//! `[server].idle_timeout`, with no request being answered, is shut down
-//! politely (HTTP/2 GOAWAY; HTTP/1.1 simply closed between requests).
-//! HTTP/1.1 connections are usually closed sooner by hyper's head timer,
-//! which also runs while a keep-alive connection waits for its next
-//! request (`request_header_timeout`).
+//! Closing client connections that are not being used, like nginx's
+//! `keepalive_timeout` and `http2_idle_timeout` and HAProxy's `timeout
+//! http-request`, with one per-connection watchdog instead of a timer per
+//! request:
+//!
+//! - a connection that moved no byte either way for `[server].idle_timeout`,
+//!   with no request being answered, is shut down politely (HTTP/2 GOAWAY;
+//!   HTTP/1.1 simply closed between requests);
+//! - an HTTP/1.1 connection waiting for a request head (nothing being
+//!   answered, nothing written) for `request_header_timeout` is closed:
+//!   this drops clients that trickle a head in, and, as in HAProxy, idle
+//!   keep-alive connections. Reads do not reset it; HTTP/2 connections,
+//!   recognised by their preface, are left to the idle timeout.
+//!
+//! A request counts as being answered from its head until its response
+//! body has been handed over whole, so a long download is never cut.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What the watchdog reads: a stamp bumped by every transfer and the
-/// number of requests whose response head is still being produced.
+/// What the watchdog reads, bumped by the connection as it works.
 #[derive(Debug, Default)]
 pub(super) struct Activity {
+    /// Every read or write.
     stamp: AtomicU64,
+    /// Every write.
+    writes: AtomicU64,
+    /// Requests whose response has not been handed over whole.
     busy: AtomicUsize,
+    /// The client opened with the HTTP/2 preface.
+    multiplexed: AtomicBool,
+    /// The first read has been looked at for the preface.
+    opened: AtomicBool,
+}
+
+/// Why the watchdog fired.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Expired {
+    /// Nothing moved for `idle_timeout`.
+    Idle,
+    /// No request head arrived within `request_header_timeout`.
+    Head,
 }
 
 impl Activity {
     fn bump(&self) {
         self.stamp.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.bump();
     }
 
     /// Marks a request in progress until the guard drops.
@@ -33,20 +64,40 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Resolves once the connection has been idle for `timeout` (checked
-    /// every quarter of it, so it fires within 1.25 x `timeout`).
-    pub(super) async fn idle_for(&self, timeout: Duration) {
-        let step = timeout / 4;
-        let mut last = self.stamp.load(Ordering::Relaxed);
-        let mut quiet = Duration::ZERO;
-        while quiet < timeout {
+    /// Resolves once the connection has been idle for `idle`, or (HTTP/1)
+    /// has waited `head` for a request head. Checked every quarter of the
+    /// shorter one, so it fires within 1.25 x its timeout.
+    pub(super) async fn expired(&self, idle: Duration, head: Duration) -> Expired {
+        let step = idle.min(head) / 4;
+        let mut last = (
+            self.stamp.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        );
+        let mut idle_quiet = Duration::ZERO;
+        let mut head_wait = Duration::ZERO;
+        loop {
             tokio::time::sleep(step).await;
-            let now = self.stamp.load(Ordering::Relaxed);
-            if now != last || self.busy.load(Ordering::Relaxed) > 0 {
-                last = now;
-                quiet = Duration::ZERO;
+            let now = (
+                self.stamp.load(Ordering::Relaxed),
+                self.writes.load(Ordering::Relaxed),
+            );
+            let busy = self.busy.load(Ordering::Relaxed) > 0;
+            idle_quiet = if busy || now.0 != last.0 {
+                Duration::ZERO
             } else {
-                quiet += step;
+                idle_quiet + step
+            };
+            head_wait = if busy || now.1 != last.1 || self.multiplexed.load(Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                head_wait + step
+            };
+            last = now;
+            if head_wait >= head {
+                return Expired::Head;
+            }
+            if idle_quiet >= idle {
+                return Expired::Idle;
             }
         }
     }
@@ -58,6 +109,42 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
         self.0.bump();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as being answered
+    /// until hyper has taken all of it (and dropped it).
+    pub(super) struct Answering<B> {
+        #[pin]
+        body: B,
+        busy: Busy,
+    }
+}
+
+impl<B> Answering<B> {
+    pub(super) fn new(body: B, busy: Busy) -> Self {
+        Answering { body, busy }
+    }
+}
+
+impl<B: Body> Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -79,9 +166,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if result.is_ready() {
             self.activity.bump();
+            let read = &buf.filled()[before..];
+            if !read.is_empty() && !self.activity.opened.swap(true, Ordering::Relaxed) {
+                // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
+                let h2 = read.starts_with(b"PRI ");
+                self.activity.multiplexed.store(h2, Ordering::Relaxed);
+            }
         }
         result
     }
@@ -95,7 +189,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write(cx, buf);
         if result.is_ready() {
-            self.activity.bump();
+            self.activity.wrote();
         }
         result
     }
@@ -107,7 +201,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if result.is_ready() {
-            self.activity.bump();
+            self.activity.wrote();
         }
         result
     }

@@ -75,6 +75,7 @@ impl std::fmt::Debug for Shared {
 struct ConnectionSettings {
     builder: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
+    header_timeout: Duration,
     idle_timeout: Duration,
 }
 
@@ -83,6 +84,7 @@ impl ConnectionSettings {
         Arc::new(ConnectionSettings {
             builder: connection_builder(settings),
             handshake_timeout: settings.request_header_timeout,
+            header_timeout: settings.request_header_timeout,
             idle_timeout: settings.idle_timeout,
         })
     }
@@ -165,10 +167,9 @@ fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor>
     builder
         .http1()
         .timer(TokioTimer::new())
-        // hyper starts this clock whenever it waits for a head, so it also
-        // bounds how long an idle keep-alive connection is held, as
-        // HAProxy's `timeout http-request` does.
-        .header_read_timeout(settings.request_header_timeout)
+        // `request_header_timeout` is enforced by the connection's watchdog
+        // (see `idle`): hyper's own arms a fresh boxed timer per request.
+        .header_read_timeout(None)
         .max_buf_size((settings.max_header_size as usize).max(MIN_BUF_SIZE))
         .keep_alive(true);
     builder
@@ -390,8 +391,7 @@ async fn serve_connection<IO>(
         let busy = requests.busy();
         async move {
             let response = proxy.handle(request, conn).await;
-            drop(busy);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| idle::Answering::new(body, busy)))
         }
     });
     let stream = idle::Tracked::new(stream, activity.clone());
@@ -401,10 +401,20 @@ async fn serve_connection<IO>(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = activity.idle_for(settings.idle_timeout) => {
-            tracing::debug!(client = %conn.peer, "closing idle connection");
-            connection.as_mut().graceful_shutdown();
-            connection.await
+        expired = activity.expired(settings.idle_timeout, settings.header_timeout) => {
+            match expired {
+                idle::Expired::Idle => {
+                    tracing::debug!(client = %conn.peer, "closing idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                // Nothing is being answered: dropping the connection
+                // closes it, as hyper's head timer did.
+                idle::Expired::Head => {
+                    tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
+                    Ok(())
+                }
+            }
         }
         _ = shutdown.recv() => {
             // Finish in-flight requests, close keep-alive, send GOAWAY on h2.
