@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
@@ -103,6 +104,30 @@ fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
     std::str::from_utf8(&buf[..n]).expect("digits and dots are ASCII")
 }
 
+/// Up to `N` bytes held inline by a [`Bytes`] owner.
+struct Inline<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// A header value made from the first `len` of `bytes` that later clones
+/// share. A value made with `from_bytes` is copied into a plain vector and
+/// allocates again on its first clone; the retry copy of a request head
+/// clones every value, so each value portico makes would cost two
+/// allocations instead of one.
+pub(crate) fn shared_value<const N: usize>(
+    bytes: [u8; N],
+    len: usize,
+) -> Result<HeaderValue, header::InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from_owner(Inline { bytes, len }))
+}
+
 /// The `received-protocol` of a Via entry for the version we received.
 fn via_value(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
@@ -134,13 +159,19 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     let mut buf = [0u8; 15];
     let ip = match client.ip {
         // The common case without the formatting machinery.
-        IpAddr::V4(v4) => std::borrow::Cow::Borrowed(ipv4_text(v4, &mut buf)),
+        IpAddr::V4(v4) => {
+            let len = ipv4_text(v4, &mut buf).len();
+            std::borrow::Cow::Borrowed(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+        }
         IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.to_string()),
     };
     let xff = {
         let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
         if prior.peek().is_none() {
-            HeaderValue::from_str(&ip)
+            match client.ip {
+                IpAddr::V4(_) => shared_value(buf, ip.len()),
+                IpAddr::V6(_) => HeaderValue::from_str(&ip),
+            }
         } else {
             let mut list = String::new();
             for value in prior {
