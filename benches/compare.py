@@ -5,7 +5,9 @@ measures them with wrk, round by round so drift hits all alike.
 The proxy under test is pinned to CPU 0; the origin and wrk share CPU 1.
 On two cores the pass-through req/s of a good proxy is capped by the load
 generator's core, so the sharp figure is CPU time per request on the proxy's
-core (utime+stime from /proc over the run, divided by requests)."""
+core (utime+stime from /proc over the run, divided by requests). RSS is read
+at the end of each load and again SETTLE seconds after the last load of a
+round, so memory a system gives back once idle counts for all alike."""
 
 import os
 import re
