@@ -58,8 +58,6 @@ pub struct Shared {
     listeners: Registry,
     /// One reload at a time (SIGHUP and the admin API may race).
     reloading: Mutex<()>,
-    /// Requests started, for giving memory back after a burst.
-    requests: Arc<trim::Requests>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -108,7 +106,6 @@ impl Shared {
             tls: ArcSwap::from_pointee(Vec::new()),
             listeners: Registry::default(),
             reloading: Mutex::new(()),
-            requests: Arc::default(),
         })
     }
 
@@ -232,7 +229,7 @@ pub async fn run_all(
     signal: impl Future<Output = ()>,
 ) {
     let (trigger, shutdown) = shutdown::channel();
-    let trimmer = tokio::spawn(trim::watch(shared.requests.clone()));
+    let trimmer = tokio::spawn(trim::watch(shared.metrics.clone()));
     if let Some((listener, token)) = all.admin {
         tokio::spawn(crate::admin::serve(
             listener,
@@ -387,7 +384,6 @@ async fn serve_connection<IO>(
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
         let proxy = shared.proxy.load_full();
-        shared.requests.note();
         let busy = requests.busy();
         async move {
             let response = proxy.handle(request, conn).await;

@@ -11,29 +11,16 @@
 //! (`malloc_trim`) to release every free page. Under steady load it never
 //! runs, so the pages the next requests need are not faulted in again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::metrics::Metrics;
 
 /// How often the request rate is looked at.
 const TICK: Duration = Duration::from_secs(1);
 
 /// Below this many requests in a second nothing is worth trimming.
 const BUSY: u64 = 100;
-
-/// Requests started since the process began, bumped once per request.
-#[derive(Debug, Default)]
-pub struct Requests(AtomicU64);
-
-impl Requests {
-    pub fn note(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn total(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 /// Whether the request rates seen so far say a burst just ended.
 #[derive(Debug, Default)]
@@ -57,14 +44,15 @@ impl Watch {
     }
 }
 
-/// Watches `requests`, trimming after each burst, until aborted.
-pub(super) async fn watch(requests: Arc<Requests>) {
+/// Watches the rate of answered requests, trimming after each burst,
+/// until aborted.
+pub(super) async fn watch(metrics: Arc<Metrics>) {
     let mut watch = Watch::default();
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        if watch.tick(requests.total()) {
+        if watch.tick(metrics.requests_answered()) {
             release_free_memory();
         }
     }
