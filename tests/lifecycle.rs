@@ -281,47 +281,100 @@ async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are
 }
 
 #[tokio::test]
-async fn request_header_timeout_closes_idle_http1_but_not_http2_connections() {
+async fn idle_keep_alive_waits_for_idle_timeout_not_request_header_timeout() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
     config.server.request_header_timeout = Duration::from_millis(200);
-    // Far longer than the test's bounds: only the head timer can close.
+    // Far longer than the test's bounds: only the head timer could close.
+    config.server.idle_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let url = proxy.url("/health");
+
+    // As nginx's keepalive_timeout: between requests, a keep-alive
+    // connection idles under idle_timeout, on HTTP/1.1 as on HTTP/2.
+    for h2 in [false, true] {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut h1_sender, mut h2_sender, connection) = if h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            (
+                None,
+                Some(sender),
+                tokio::spawn(async move { conn.await.is_ok() }),
+            )
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            (
+                Some(sender),
+                None,
+                tokio::spawn(async move { conn.await.is_ok() }),
+            )
+        };
+        for round in 0..2 {
+            let mut request = http::Request::get(&url);
+            if !h2 {
+                request = request.header("host", "a");
+            }
+            let request = request.body(Empty::<bytes::Bytes>::new()).unwrap();
+            let response = match (&mut h1_sender, &mut h2_sender) {
+                (Some(sender), _) => tokio::time::timeout(STEP, sender.send_request(request)).await,
+                (_, Some(sender)) => tokio::time::timeout(STEP, sender.send_request(request)).await,
+                _ => unreachable!(),
+            }
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {round} refused (h2: {h2}): {e}"));
+            assert_eq!(response.status(), StatusCode::OK);
+            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            assert!(
+                !connection.is_finished(),
+                "keep-alive connection closed by the head timer (h2: {h2})"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_header_timeout_drops_silent_and_stalled_heads() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
     config.server.idle_timeout = Duration::from_secs(60);
     let proxy = start_proxy(config).await;
 
-    // HTTP/1.1 keep-alive waiting for its next head: closed, as HAProxy's
-    // `timeout http-request` does.
-    let (status, connection) = one_request_on_own_connection(proxy.addr, "/health", false).await;
-    assert_eq!(status, StatusCode::OK);
-    let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
-    assert!(closed.is_ok(), "idle HTTP/1.1 connection left open");
+    // A new connection that never sends a head, as nginx's
+    // client_header_timeout counts from the accept.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(STEP, silent.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "silent connection still open");
 
-    // HTTP/2 has no head to wait for between streams: only idle_timeout
-    // applies, so it is still open well past the head timer.
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(conn);
-    let url = proxy.url("/health");
-    for _ in 0..2 {
-        let request = http::Request::get(&url)
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let response = tokio::time::timeout(STEP, sender.send_request(request))
-            .await
-            .unwrap()
-            .expect("the HTTP/2 connection still takes requests");
-        assert_eq!(response.status(), StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert!(
-            !connection.is_finished(),
-            "HTTP/2 connection closed by the head timer"
-        );
-    }
+    // A keep-alive connection whose second head stalls halfway.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = vec![0; 4096];
+    let n = tokio::time::timeout(STEP, stream.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost:")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "stalled second head left open");
+    assert_eq!(backend.requests(), 1);
 }
 
 #[tokio::test]

@@ -1,16 +1,18 @@
 //! Closing client connections that are not being used, like nginx's
-//! `keepalive_timeout` and `http2_idle_timeout` and HAProxy's `timeout
-//! http-request`, with one per-connection watchdog instead of a timer per
-//! request:
+//! `keepalive_timeout` and `client_header_timeout` (HAProxy's `timeout
+//! http-keep-alive` and `timeout http-request`), with one watchdog per
+//! connection instead of a timer per request:
 //!
 //! - a connection that moved no byte either way for `[server].idle_timeout`,
 //!   with no request being answered, is shut down politely (HTTP/2 GOAWAY;
-//!   HTTP/1.1 simply closed between requests);
-//! - an HTTP/1.1 connection waiting for a request head (nothing being
-//!   answered, nothing written) for `request_header_timeout` is closed:
-//!   this drops clients that trickle a head in, and, as in HAProxy, idle
-//!   keep-alive connections. Reads do not reset it; HTTP/2 connections,
-//!   recognised by their preface, are left to the idle timeout.
+//!   HTTP/1.1 simply closed between requests). This is also how long an
+//!   idle HTTP/1.1 keep-alive connection is held;
+//! - an HTTP/1.1 request head must arrive whole within
+//!   `request_header_timeout`, counted from the connection's start for its
+//!   first request and from the head's first byte for the ones after; a
+//!   client trickling a head in is closed, whatever it sends meanwhile.
+//!   HTTP/2 connections, recognised by their preface, have no heads to wait
+//!   for between streams and are left to the idle timeout.
 //!
 //! A request counts as being answered from its head until its response
 //! body has been handed over whole, so a long download is never cut.
@@ -25,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What the watchdog reads, bumped by the connection as it works.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Activity {
     /// Every read or write.
     stamp: AtomicU64,
@@ -33,6 +35,9 @@ pub(super) struct Activity {
     writes: AtomicU64,
     /// Requests whose response has not been handed over whole.
     busy: AtomicUsize,
+    /// Head bytes have arrived (or the connection is new) and the request
+    /// they start has not begun yet.
+    head_pending: AtomicBool,
     /// The client opened with the HTTP/2 preface.
     multiplexed: AtomicBool,
     /// The first read has been looked at for the preface.
@@ -49,6 +54,18 @@ pub(super) enum Expired {
 }
 
 impl Activity {
+    /// A new connection: its first head is already awaited.
+    pub(super) fn new() -> Self {
+        Activity {
+            stamp: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            head_pending: AtomicBool::new(true),
+            multiplexed: AtomicBool::new(false),
+            opened: AtomicBool::new(false),
+        }
+    }
+
     fn bump(&self) {
         self.stamp.fetch_add(1, Ordering::Relaxed);
     }
@@ -61,11 +78,12 @@ impl Activity {
     /// Marks a request in progress until the guard drops.
     pub(super) fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.head_pending.store(false, Ordering::Relaxed);
         Busy(self.clone())
     }
 
     /// Resolves once the connection has been idle for `idle`, or (HTTP/1)
-    /// has waited `head` for a request head. Checked every quarter of the
+    /// has spent `head` on a request head. Checked every quarter of the
     /// shorter one, so it fires within 1.25 x its timeout.
     pub(super) async fn expired(&self, idle: Duration, head: Duration) -> Expired {
         let step = idle.min(head) / 4;
@@ -87,10 +105,16 @@ impl Activity {
             } else {
                 idle_quiet + step
             };
-            head_wait = if busy || now.1 != last.1 || self.multiplexed.load(Ordering::Relaxed) {
-                Duration::ZERO
-            } else {
+            // Writes still draining the last response (to a slow reader)
+            // hold the head timer back: hyper reads the next head after.
+            let waiting = !busy
+                && now.1 == last.1
+                && self.head_pending.load(Ordering::Relaxed)
+                && !self.multiplexed.load(Ordering::Relaxed);
+            head_wait = if waiting {
                 head_wait + step
+            } else {
+                Duration::ZERO
             };
             last = now;
             if head_wait >= head {
@@ -169,12 +193,19 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if result.is_ready() {
-            self.activity.bump();
+            let activity = &self.activity;
+            activity.bump();
             let read = &buf.filled()[before..];
-            if !read.is_empty() && !self.activity.opened.swap(true, Ordering::Relaxed) {
-                // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
-                let h2 = read.starts_with(b"PRI ");
-                self.activity.multiplexed.store(h2, Ordering::Relaxed);
+            if !read.is_empty() {
+                if activity.busy.load(Ordering::Relaxed) == 0 {
+                    // Nothing is being answered: these bytes start a head.
+                    activity.head_pending.store(true, Ordering::Relaxed);
+                }
+                if !activity.opened.swap(true, Ordering::Relaxed) {
+                    // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
+                    let h2 = read.starts_with(b"PRI ");
+                    activity.multiplexed.store(h2, Ordering::Relaxed);
+                }
             }
         }
         result

@@ -378,7 +378,7 @@ async fn serve_connection<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _open = OpenConnection::new(shared.metrics.connections_open.clone());
-    let activity = Arc::new(idle::Activity::default());
+    let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to
