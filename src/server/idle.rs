@@ -86,7 +86,9 @@ impl Activity {
     /// has spent `head` on a request head. Checked every quarter of the
     /// shorter one, so it fires within 1.25 x its timeout.
     pub(super) async fn expired(&self, idle: Duration, head: Duration) -> Expired {
-        let step = idle.min(head) / 4;
+        // A floor so a millisecond timeout does not spin a timer per
+        // connection; such a timeout then fires within 10 ms of its due.
+        let step = (idle.min(head) / 4).max(Duration::from_millis(10));
         let mut last = (
             self.stamp.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
