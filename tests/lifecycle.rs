@@ -280,16 +280,23 @@ async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are
     }
 }
 
+/// A backend and a proxy in front of it whose request head timer is 200 ms
+/// and whose idle timeout (60 s) is far beyond any bound of these tests.
+async fn proxy_with_short_head_timer() -> (portico::sample::RunningBackend, RunningProxy) {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    config.server.idle_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    (backend, proxy)
+}
+
 #[tokio::test]
 async fn idle_keep_alive_waits_for_idle_timeout_not_request_header_timeout() {
     use http_body_util::Empty;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.request_header_timeout = Duration::from_millis(200);
-    // Far longer than the test's bounds: only the head timer could close.
-    config.server.idle_timeout = Duration::from_secs(60);
-    let proxy = start_proxy(config).await;
+    // Only the head timer could close within the test's bounds.
+    let (_backend, proxy) = proxy_with_short_head_timer().await;
     let url = proxy.url("/health");
 
     // As nginx's keepalive_timeout: between requests, a keep-alive
@@ -342,11 +349,7 @@ async fn idle_keep_alive_waits_for_idle_timeout_not_request_header_timeout() {
 
 #[tokio::test]
 async fn request_header_timeout_drops_silent_and_stalled_heads() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.request_header_timeout = Duration::from_millis(200);
-    config.server.idle_timeout = Duration::from_secs(60);
-    let proxy = start_proxy(config).await;
+    let (backend, proxy) = proxy_with_short_head_timer().await;
 
     // A new connection that never sends a head, as nginx's
     // client_header_timeout counts from the accept.
@@ -379,10 +382,7 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
 
 #[tokio::test]
 async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.request_header_timeout = Duration::from_millis(200);
-    let proxy = start_proxy(config).await;
+    let (_backend, proxy) = proxy_with_short_head_timer().await;
     // Far more than the socket buffers hold, so the proxy is still handing
     // the body over while the client pauses.
     let size = 40_000_000;

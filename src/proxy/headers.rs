@@ -104,28 +104,37 @@ fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
     std::str::from_utf8(&buf[..n]).expect("digits and dots are ASCII")
 }
 
-/// Up to `N` bytes held inline by a [`Bytes`] owner.
-struct Inline<const N: usize> {
-    bytes: [u8; N],
+/// Longest header value [`shared_value`] keeps inline: an IPv6 address
+/// (45 characters at most) or a request id fits.
+const INLINE: usize = 48;
+
+/// Up to [`INLINE`] bytes held by a [`Bytes`] owner.
+struct Inline {
+    bytes: [u8; INLINE],
     len: usize,
 }
 
-impl<const N: usize> AsRef<[u8]> for Inline<N> {
+impl AsRef<[u8]> for Inline {
     fn as_ref(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 }
 
-/// A header value made from the first `len` of `bytes` that later clones
-/// share. A value made with `from_bytes` is copied into a plain vector and
-/// allocates again on its first clone; the retry copy of a request head
-/// clones every value, so each value portico makes would cost two
-/// allocations instead of one.
-pub(crate) fn shared_value<const N: usize>(
-    bytes: [u8; N],
-    len: usize,
-) -> Result<HeaderValue, header::InvalidHeaderValue> {
-    HeaderValue::from_maybe_shared(Bytes::from_owner(Inline { bytes, len }))
+/// A header value that later clones share. A value made with `from_bytes`
+/// is copied into a plain vector and allocates again on its first clone;
+/// the retry copy of a request head clones every value, so each value
+/// portico makes would cost two allocations instead of one. Longer text
+/// than [`INLINE`] takes the plain way.
+pub(crate) fn shared_value(text: &[u8]) -> Result<HeaderValue, header::InvalidHeaderValue> {
+    if text.len() > INLINE {
+        return HeaderValue::from_bytes(text);
+    }
+    let mut bytes = [0; INLINE];
+    bytes[..text.len()].copy_from_slice(text);
+    HeaderValue::from_maybe_shared(Bytes::from_owner(Inline {
+        bytes,
+        len: text.len(),
+    }))
 }
 
 /// The `received-protocol` of a Via entry for the version we received.
@@ -159,19 +168,13 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     let mut buf = [0u8; 15];
     let ip = match client.ip {
         // The common case without the formatting machinery.
-        IpAddr::V4(v4) => {
-            let len = ipv4_text(v4, &mut buf).len();
-            std::borrow::Cow::Borrowed(std::str::from_utf8(&buf[..len]).unwrap_or_default())
-        }
+        IpAddr::V4(v4) => std::borrow::Cow::Borrowed(ipv4_text(v4, &mut buf)),
         IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.to_string()),
     };
     let xff = {
         let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
         if prior.peek().is_none() {
-            match client.ip {
-                IpAddr::V4(_) => shared_value(buf, ip.len()),
-                IpAddr::V6(_) => HeaderValue::from_str(&ip),
-            }
+            shared_value(ip.as_bytes())
         } else {
             let mut list = String::new();
             for value in prior {

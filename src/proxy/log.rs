@@ -34,7 +34,7 @@ fn new_request_id() -> HeaderValue {
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
     }
-    super::headers::shared_value(out, out.len()).expect("hex digits are a valid header value")
+    super::headers::shared_value(&out).expect("hex digits are a valid header value")
 }
 
 /// What the access line needs from the request, taken before the request is

@@ -72,7 +72,7 @@ impl std::fmt::Debug for Shared {
 /// What a new connection is served with, from `[server]`.
 struct ConnectionSettings {
     builder: auto::Builder<TokioExecutor>,
-    handshake_timeout: Duration,
+    /// `request_header_timeout`: for the TLS handshake and for each head.
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -81,7 +81,6 @@ impl ConnectionSettings {
     fn new(settings: &config::Server) -> Arc<Self> {
         Arc::new(ConnectionSettings {
             builder: connection_builder(settings),
-            handshake_timeout: settings.request_header_timeout,
             header_timeout: settings.request_header_timeout,
             idle_timeout: settings.idle_timeout,
         })
@@ -333,7 +332,7 @@ async fn accept_loop(
                         }
                         Mode::Tls(acceptor) => {
                             let handshake = tokio::time::timeout(
-                                settings.handshake_timeout,
+                                settings.header_timeout,
                                 acceptor.accept(stream),
                             );
                             match handshake.await {
