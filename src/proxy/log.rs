@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::header::Entry;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 
 use super::Conn;
@@ -16,14 +17,18 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Keeps a client's `X-Request-Id` (if it is short and printable) or sets a
 /// fresh random one, so the backend and the log share it.
+/// One lookup whether the id is kept, replaced or added.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
-    let usable = headers
-        .get(&X_REQUEST_ID)
-        .is_some_and(|id| !id.is_empty() && id.len() <= 128 && id.to_str().is_ok());
-    if !usable {
-        headers.insert(X_REQUEST_ID.clone(), new_request_id());
+    match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(mut id) => {
+            let usable = !id.get().is_empty() && id.get().len() <= 128 && id.get().to_str().is_ok();
+            if !usable {
+                id.insert(new_request_id());
+            }
+            id.into_mut()
+        }
+        Entry::Vacant(slot) => slot.insert(new_request_id()),
     }
-    &headers[&X_REQUEST_ID]
 }
 
 /// 128 random bits as 32 lowercase hex digits.

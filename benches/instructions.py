@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""User-space instructions per request, counted by valgrind's callgrind,
+for nginx and portico in front of the same origin as benches/compare.py.
+
+Timings on a shared VM drift by tens of percent between runs; the number of
+instructions a proxy executes per request does not (repeat runs agree to
+well under 1%). That makes this the figure to judge a hot-path change by,
+and to compare the user-space part of portico's work with nginx's. Kernel
+time (the loopback TCP path, the same syscalls for both) is not counted.
+
+Each system runs alone under callgrind; wrk warms it up, the counters are
+zeroed, wrk runs DURATION seconds, the counters are dumped and divided by
+the requests wrk completed."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+
+import compare
+from compare import WORK, free_port, nginx_conf, start, wait_port
+
+DURATION = int(os.environ.get("DURATION", "3"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+
+
+def callgrind(name, cmd):
+    out = os.path.join(WORK, f"{name}.callgrind")
+    proc = start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + cmd,
+                 compare.PROXY_CPU)
+    return proc, out
+
+
+def measure(name, cmd, port, path):
+    proc, out = callgrind(f"{name}{path.replace('/', '-')}", cmd)
+    wait_port(port, path, timeout=120)
+    load = ["taskset", "-c", compare.LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}"]
+    subprocess.run(load + ["-d1s", f"http://127.0.0.1:{port}{path}"], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
+    text = subprocess.run(load + [f"-d{DURATION}s", f"http://127.0.0.1:{port}{path}"],
+                          capture_output=True, text=True, check=True).stdout
+    subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    if re.search(r"Non-2xx or 3xx responses", text):
+        raise SystemExit(f"wrk saw errors from {name} {path}")
+    proc.terminate()
+    proc.wait(timeout=30)
+    # The dump after zeroing is the file with the highest part number.
+    dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+    with open(dumps[-1]) as f:
+        total = next(int(line.split()[1]) for line in f if line.startswith("summary:"))
+    return total / requests, requests
+
+
+def main():
+    www = os.path.join(WORK, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "1k"), "wb") as f:
+        f.write(b"x" * 1024)
+    with open(os.path.join(www, "64k"), "wb") as f:
+        f.write(b"y" * 65536)
+    origin = free_port()
+    start("origin", ["nginx", "-c", nginx_conf("origin", f"""
+  server {{ listen 127.0.0.1:{origin}; root {www};
+    location / {{ add_header Cache-Control "max-age=60"; }} }}""")], compare.LOAD_CPU)
+    wait_port(origin)
+
+    upstream = f"upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}"
+    proxy_common = 'proxy_http_version 1.1; proxy_set_header Connection "";'
+    systems = []
+    for name, cache in [("nginx", ""), ("nginx-cache", "proxy_cache c;")]:
+        port = free_port()
+        # One process, so callgrind sees the worker.
+        conf = nginx_conf(name, f"""
+  {upstream}
+  proxy_cache_path {WORK}/{name}-store keys_zone=c:10m max_size=256m;
+  server {{ listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://origin; {proxy_common} {cache} }} }}""")
+        systems.append((name, ["nginx", "-g", "master_process off;", "-c", conf], port))
+    for name, cache in [("portico", False), ("portico-cache", True)]:
+        port = free_port()
+        cfg = os.path.join(WORK, f"{name}.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[[upstream]]
+name = "origin"
+backends = ["127.0.0.1:{origin}"]
+[[route]]
+upstream = "origin"
+""" + ("[cache]\nmax_size = \"256MiB\"\n" if cache else ""))
+        systems.append((name, [compare.PORTICO, "--threads", "1", "--config", cfg], port))
+
+    os.environ["RUST_LOG"] = "warn"
+    results = {}
+    for size in ["1k", "64k"]:
+        for name, cmd, port in systems:
+            per_request, requests = measure(name, cmd, port, f"/{size}")
+            results[(name, size)] = per_request
+            print(f"{size:>3} {name:<14} {per_request:>9.0f} instructions/request "
+                  f"({requests} requests)", file=sys.stderr)
+
+    print()
+    print(f"user-space instructions per request (callgrind), {time.strftime('%Y-%m-%d')}, "
+          f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s")
+    print("| system | size | instructions/request | vs nginx |")
+    print("|---|---|---|---|")
+    for size in ["1k", "64k"]:
+        for name, _, _ in systems:
+            ref = results[("nginx-cache" if "cache" in name else "nginx", size)]
+            value = results[(name, size)]
+            print(f"| {name} | {size} | {value:.0f} | {value / ref:.2f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        compare.cleanup()
