@@ -68,20 +68,17 @@ impl Limiter {
                 })
             })
             .collect();
-        let mut limiter = Arc::new(Limiter {
+        // The cleanup task holds a weak reference, so it is made with the
+        // limiter: `Arc::get_mut` after the fact would never succeed while
+        // that reference exists.
+        Some(Arc::new_cyclic(|weak| Limiter {
             config: limits,
             routes,
             hasher: RandomState::new(),
-            cleanup: None,
-        });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let task = runtime.spawn(cleanup(Arc::downgrade(&limiter)));
-            match Arc::get_mut(&mut limiter) {
-                Some(owned) => owned.cleanup = Some(task),
-                None => task.abort(),
-            }
-        }
-        Some(limiter)
+            cleanup: tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|runtime| runtime.spawn(cleanup(weak.clone()))),
+        }))
     }
 
     /// Whether `config` asks for exactly these limits on the same routes, so
@@ -205,6 +202,26 @@ mod tests {
             Some(Decision::Allowed { remaining: 4, .. })
         ));
         assert_eq!(limiter.check(1, &ip(1)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cleanup_task_forgets_idle_clients() {
+        let limiter = Limiter::new(&config(1000, 1, 100)).unwrap();
+        for n in 0..10 {
+            limiter.check(0, &ip(n));
+        }
+        assert_eq!(limiter.tracked_keys(), 10);
+        // At 1000/s every bucket is full again after a millisecond of real
+        // time (governor's clock); the paused tokio clock then runs the
+        // cleanup task's 10 s timer at once.
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(CLEANUP_EVERY + Duration::from_secs(1)).await;
+        assert_eq!(limiter.tracked_keys(), 0);
+        // And it stops with the limiter.
+        let task = limiter.cleanup.as_ref().map(|t| t.abort_handle()).unwrap();
+        drop(limiter);
+        tokio::task::yield_now().await;
+        assert!(task.is_finished());
     }
 
     #[test]
