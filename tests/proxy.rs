@@ -151,6 +151,36 @@ async fn a_backend_slower_than_response_timeout_gives_504() {
 }
 
 #[tokio::test]
+async fn response_timeout_counts_from_the_end_of_a_slow_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].response_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let order = br#"{"items":[{"sku":"A-1","qty":1}],"amount_cents":100,"email":"a@example.com"}"#;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /users/1/orders HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        order.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The upload takes 750 ms, well past response_timeout; each pause is
+    // far inside body_timeout. The backend answers once it has it all.
+    for piece in order.chunks(order.len().div_ceil(3)) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
+
+#[tokio::test]
 async fn h2c_prior_knowledge_requests_are_proxied() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(config_for(&[&backend])).await;

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -102,6 +102,9 @@ pub struct RequestBody {
     limit: u64,
     seen: u64,
     stall: StallGuard,
+    /// When the upload was read to its end, for whoever asked
+    /// ([`RequestBody::end_marker`]).
+    ended: Option<Arc<OnceLock<Instant>>>,
 }
 
 /// The other end of a parked upload: gives it back if nobody read it.
@@ -130,6 +133,7 @@ impl RequestBody {
             limit,
             seen: 0,
             stall: StallGuard::new(stall_timeout),
+            ended: None,
         }
     }
 
@@ -141,6 +145,24 @@ impl RequestBody {
             limit: 0,
             seen: 0,
             stall: StallGuard::new(NEVER),
+            ended: None,
+        }
+    }
+
+    /// A cell that gets the instant the upload was read to its end (at
+    /// once for a body that is already over). The backend's time to answer
+    /// counts from then, not from the first byte of a slow upload.
+    pub fn end_marker(&mut self) -> Arc<OnceLock<Instant>> {
+        let marker = self.ended.get_or_insert_with(Default::default).clone();
+        if self.is_end_stream() {
+            self.mark_ended();
+        }
+        marker
+    }
+
+    fn mark_ended(&self) {
+        if let Some(ended) = &self.ended {
+            let _ = ended.set(Instant::now());
         }
     }
 
@@ -189,10 +211,16 @@ impl Body for RequestBody {
                     }
                 }
                 this.stall.progress();
+                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    this.mark_ended();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.mark_ended();
+                Poll::Ready(None)
+            }
             Poll::Pending => match this.stall.poll_stalled(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout)))),
                 Poll::Pending => Poll::Pending,

@@ -11,9 +11,12 @@ mod pool;
 pub mod select;
 mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+use std::task::Poll;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -292,12 +295,19 @@ impl Upstream {
         *request.version_mut() = http::Version::HTTP_11;
 
         let addr = backend.addr;
-        match tokio::time::timeout(self.config.response_timeout, self.pool.send(index, request))
-            .await
-        {
-            Err(_) => Err(ProxyError::ResponseTimeout { backend: addr }),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(addr, e)),
+        let timeout = self.config.response_timeout;
+        let answer = if http_body::Body::is_end_stream(request.body()) {
+            tokio::time::timeout(timeout, self.pool.send(index, request))
+                .await
+                .ok()
+        } else {
+            let ended = request.body_mut().end_marker();
+            after_upload(timeout, &ended, self.pool.send(index, request)).await
+        };
+        match answer {
+            None => Err(ProxyError::ResponseTimeout { backend: addr }),
+            Some(Ok(response)) => Ok(response),
+            Some(Err(e)) => Err(classify(addr, e)),
         }
     }
 
@@ -397,6 +407,37 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
             upstream.rebuild_cycle();
         }
     }
+}
+
+/// Waits for `answer` until `timeout` after the upload ended (`ended`),
+/// like nginx's `proxy_read_timeout`, which starts once the request is
+/// sent: a slow upload is bounded by `body_timeout` between its frames, and
+/// a backend that reads it all before answering is not blamed for the
+/// client's pace. `None` when the time ran out.
+async fn after_upload<F: Future>(
+    timeout: Duration,
+    ended: &OnceLock<tokio::time::Instant>,
+    answer: F,
+) -> Option<F::Output> {
+    let mut answer = std::pin::pin!(answer);
+    let mut timer = std::pin::pin!(tokio::time::sleep(timeout));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        // The timer runs from the start; each time it fires it moves to
+        // `timeout` after the upload's end, or on while it still runs.
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            match ended.get() {
+                Some(&end) if now >= end + timeout => return Poll::Ready(None),
+                Some(&end) => timer.as_mut().reset(end + timeout),
+                None => timer.as_mut().reset(now + timeout),
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Sorts a send error into the proxy's error kinds by walking its causes.
