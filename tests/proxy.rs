@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
-use portico::config::{HostMatch, Route};
+use portico::config::{Config, HostMatch, Route};
 use portico::sample::BackendOptions;
 
 #[tokio::test]
@@ -273,6 +273,31 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
             "400",
         ),
         ("invalid header name", b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n", "400"),
+        (
+            "Host with a delimiter",
+            b"GET /health HTTP/1.1\r\nHost: shop|/users/1/orders\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "Host with userinfo",
+            b"GET /health HTTP/1.1\r\nHost: user@shop\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "Host with a space",
+            b"GET /health HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "target authority with userinfo",
+            b"GET http://user@shop/health HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "a coding before chunked",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "501",
+        ),
     ];
     for (what, raw, want) in cases {
         let answer = raw_exchange(proxy.addr, raw).await;
@@ -283,6 +308,54 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
         backend.requests(),
         0,
         "a rejected request reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn backend_answers_that_cannot_be_relayed_give_502() {
+    let addr = scripted_backend(|path| match path {
+        "/status999" => b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok",
+        "/switch" => {
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+        }
+        "/gzip-chunked" => {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        }
+        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    for path in ["/status999", "/switch", "/gzip-chunked"] {
+        let answer = get(&client(), &proxy.url(path)).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{path}");
+    }
+    assert_eq!(
+        get(&client(), &proxy.url("/fine")).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_backend_length_beside_chunked_is_dropped_before_relaying() {
+    // RFC 9112 §6.3: chunked wins and the received Content-Length must go;
+    // relayed, it would promise 100 bytes and cut the client's connection.
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    })
+    .await;
+    let proxy = start_proxy(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ))
+    .await;
+    let raw = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, raw).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("content-length: 100"),
+        "{answer}"
     );
 }
 

@@ -14,6 +14,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route for this host and path")]
     NoRoute,
+    #[error("request uses a transfer coding other than chunked")]
+    UnsupportedCoding,
     #[error("request body larger than max_request_body")]
     BodyTooLarge,
     #[error("request body stalled longer than body_timeout")]
@@ -39,6 +41,11 @@ pub enum ProxyError {
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
+    #[error("backend {backend} sent a response portico cannot relay: {reason}")]
+    BadResponse {
+        backend: std::net::SocketAddr,
+        reason: &'static str,
+    },
 }
 
 impl ProxyError {
@@ -46,11 +53,14 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -65,6 +75,7 @@ impl ProxyError {
                 | ProxyError::ConnectTimeout { .. }
                 | ProxyError::Upstream { .. }
                 | ProxyError::ResponseTimeout { .. }
+                | ProxyError::BadResponse { .. }
         )
     }
 

@@ -82,6 +82,80 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the `Transfer-Encoding` fields list exactly `chunked`, the one
+/// transfer coding portico decodes and re-applies. Anything else (`gzip,
+/// chunked`, say) would reach the other side with the coding stripped from
+/// the head but not from the bytes.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    codings
+        .next()
+        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
+/// Whether `value` is a valid `Host` (RFC 9110 §7.2): `uri-host [":"
+/// port]`, where the host is a bracketed IP literal or a reg-name of
+/// unreserved characters, percent-escapes and sub-delims. Userinfo, paths,
+/// spaces and other delimiters make it invalid (RFC 9112 §3.2: 400). Empty
+/// is valid: a client sends that for a target without an authority.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        let valid_literal = std::str::from_utf8(literal)
+            .is_ok_and(|text| text.parse::<std::net::Ipv6Addr>().is_ok())
+            || (literal.len() > 1
+                && literal[0].eq_ignore_ascii_case(&b'v')
+                && literal[1..]
+                    .iter()
+                    .all(|&b| unreserved_or_sub_delim(b) || b == b':'));
+        if !valid_literal {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (&[][..], None),
+            [b':', port @ ..] => (&[][..], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+            None => (value, None),
+        }
+    };
+    if !port.is_none_or(|port| port.iter().all(u8::is_ascii_digit)) {
+        return false;
+    }
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                let escaped = host.get(i + 1..i + 3);
+                if !escaped.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b if unreserved_or_sub_delim(b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// RFC 3986 `unreserved` or `sub-delims`.
+fn unreserved_or_sub_delim(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
 /// `a.b.c.d` written into `buf`.
 fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
     let mut n = 0;
@@ -214,6 +288,11 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
 
 /// Prepares a backend's response head for the client.
 pub fn prepare_response(headers: &mut HeaderMap, backend_version: Version) {
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
+    // intermediary must drop the length before relaying the decoded body.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers);
     headers.append(header::VIA, via_value(backend_version));
 }
@@ -231,6 +310,71 @@ mod tests {
             host,
             version: Version::HTTP_11,
         }
+    }
+
+    #[test]
+    fn valid_host_follows_rfc_3986_authority_without_userinfo() {
+        for good in [
+            "",
+            "shop.example",
+            "Shop.Example:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[2001:db8::7]:443",
+            "[v1.fe80::a+en1]",
+            "xn--bcher-kva.example",
+            "a%2Db",
+            "under_score~tilde",
+            "host:",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?} should be valid");
+        }
+        for bad in [
+            "shop|/users/1",
+            "user@shop",
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "[::1",
+            "[::1]x",
+            "[zz::1]",
+            "a:80x",
+            "a%2",
+            "a%zz",
+            "a\"b",
+            "\u{e9}.example",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn only_chunked_accepts_exactly_one_chunked_coding() {
+        for (values, want) in [
+            (&["chunked"][..], true),
+            (&["Chunked "], true),
+            (&["gzip, chunked"], false),
+            (&["gzip", "chunked"], false),
+            (&["chunked, chunked"], false),
+            (&["chunked;x=1"], false),
+            (&[""], false),
+        ] {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::TRANSFER_ENCODING, HeaderValue::from_static(value));
+            }
+            assert_eq!(only_chunked(&headers), want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_length_beside_transfer_encoding_is_dropped() {
+        let mut headers = map(&[("content-length", "100"), ("transfer-encoding", "chunked")]);
+        prepare_response(&mut headers, Version::HTTP_11);
+        assert!(!headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!headers.contains_key(header::TRANSFER_ENCODING));
     }
 
     #[test]

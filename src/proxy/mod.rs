@@ -203,6 +203,13 @@ impl Proxy {
         if declared_length(&request)? > Some(self.max_request_body) {
             return Err(ProxyError::BodyTooLarge);
         }
+        // hyper decodes a final `chunked` and portico re-chunks; any coding
+        // before it would reach the backend unannounced (RFC 9112 §6.1).
+        if request.headers().contains_key(header::TRANSFER_ENCODING)
+            && !headers::only_chunked(request.headers())
+        {
+            return Err(ProxyError::UnsupportedCoding);
+        }
 
         let upgrade = upgrade::requested(&mut request);
         let (mut parts, body) = request.into_parts();
@@ -391,8 +398,12 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
             Err(ProxyError::BadRequest("Host disagrees with :authority"))
         }
         // Absolute-form targets override Host (RFC 9112 §3.2.2).
-        (_, _, Some(authority)) => Ok(HeaderValue::from_str(authority.as_str()).ok()),
-        (_, Some(host), None) => Ok(Some(host.clone())),
+        (_, _, Some(authority)) if headers::valid_host(authority.as_str().as_bytes()) => {
+            Ok(HeaderValue::from_str(authority.as_str()).ok())
+        }
+        (_, _, Some(_)) => Err(ProxyError::BadRequest("invalid authority in the target")),
+        (_, Some(host), None) if headers::valid_host(host.as_bytes()) => Ok(Some(host.clone())),
+        (_, Some(_), None) => Err(ProxyError::BadRequest("invalid Host header")),
         (_, None, None) => Ok(None),
     }
 }

@@ -295,6 +295,7 @@ impl Upstream {
         *request.version_mut() = http::Version::HTTP_11;
 
         let addr = backend.addr;
+        let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
         let answer = if http_body::Body::is_end_stream(request.body()) {
             tokio::time::timeout(timeout, self.pool.send(index, request))
@@ -306,7 +307,14 @@ impl Upstream {
         };
         match answer {
             None => Err(ProxyError::ResponseTimeout { backend: addr }),
-            Some(Ok(response)) => Ok(response),
+            Some(Ok(response)) => match unrelayable(&response, upgrade_asked) {
+                // Dropping the response closes the connection.
+                Some(reason) => Err(ProxyError::BadResponse {
+                    backend: addr,
+                    reason,
+                }),
+                None => Ok(response),
+            },
             Some(Err(e)) => Err(classify(addr, e)),
         }
     }
@@ -407,6 +415,26 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
             upstream.rebuild_cycle();
         }
     }
+}
+
+/// Why a backend's response head must not reach the client, if it must not.
+fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'static str> {
+    let status = response.status().as_u16();
+    if status >= 600 {
+        // RFC 9110 §15: codes outside 100-599 are invalid; a client treats
+        // them as a server error, so the proxy answers one.
+        return Some("a status code above 599");
+    }
+    if status == 101 && !upgrade_asked {
+        // RFC 9110 §15.2.2: a server switches only to what was asked for.
+        return Some("101 Switching Protocols to a request without Upgrade");
+    }
+    if response.headers().contains_key(header::TRANSFER_ENCODING)
+        && !crate::proxy::headers::only_chunked(response.headers())
+    {
+        return Some("a transfer coding other than chunked");
+    }
+    None
 }
 
 /// Waits for `answer` until `timeout` after the upload ended (`ended`),

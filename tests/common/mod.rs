@@ -207,3 +207,30 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
     let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A backend that speaks raw bytes: for each connection it reads one
+/// request head and writes `answer(path)`, then closes. For backend
+/// behaviour the sample backend would never show.
+pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or("/");
+                let _ = stream.write_all(answer(path)).await;
+            });
+        }
+    });
+    addr
+}
