@@ -239,6 +239,81 @@ async fn a_post_invalidates_the_stored_list() {
 }
 
 #[tokio::test]
+async fn preconditions_do_not_turn_a_stored_error_into_a_304() {
+    // RFC 9110 §13.2.1: preconditions apply only to what would be a 2xx.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    let url = proxy.url("/cache/gone?status=404&cc=max-age=60&etag=e1");
+    let first = get(&client, &url).await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND);
+    let second = get_with(&client, &url, &[("if-none-match", "\"e1\"")]).await;
+    assert_eq!(second.status, StatusCode::NOT_FOUND);
+    assert_eq!(second.header("cache-status"), "portico; hit");
+    assert_eq!(second.body, first.body);
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn only_if_cached_never_sends_a_stale_entry_to_the_backend() {
+    // RFC 9111 §5.2.1.7: a stored response or a 504, nothing else.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let client = client();
+    get(&client, &proxy.url("/users/1/orders")).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(11)); // max-age is 10
+    let answer = get_with(
+        &client,
+        &proxy.url("/users/1/orders"),
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Keep-Alive: timeout=5\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
+              Cache-Control: max-age=1, stale-while-revalidate=600\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/swr");
+    assert_eq!(get(&client, &url).await.body, "ok");
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(&client, &url).await;
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    // The refresh runs in the background; the entry is fresh once it is in.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let refreshed = loop {
+        let answer = get(&client, &url).await;
+        if answer.header("cache-status") == "portico; hit" {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refreshed.body, "ok");
+    for name in ["keep-alive", "x-hop", "connection"] {
+        assert!(!refreshed.headers.contains_key(name), "{name} was stored");
+    }
+}
+
+#[tokio::test]
 async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = cached(&[&backend]);

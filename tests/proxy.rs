@@ -313,7 +313,7 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
 
 #[tokio::test]
 async fn backend_answers_that_cannot_be_relayed_give_502() {
-    let addr = scripted_backend(|path| match path {
+    let addr = scripted_backend(|head| match target_of(head) {
         "/status999" => b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok",
         "/switch" => {
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"

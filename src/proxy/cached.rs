@@ -73,7 +73,11 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     } else {
         RangeAnswer::Full
     };
-    let (code, body) = if not_modified(&request.headers, &entry.headers) {
+    // RFC 9110 §13.2.1: preconditions apply only where the answer would
+    // be a 2xx; a stored 404 or 301 is served as it is.
+    let conditional_hit =
+        entry.status.is_success() && not_modified(&request.headers, &entry.headers);
+    let (code, body) = if conditional_hit {
         headers.remove(header::CONTENT_LENGTH);
         (StatusCode::NOT_MODIFIED, ProxyBody::empty())
     } else if let RangeAnswer::Partial { start, end } = range {
@@ -105,6 +109,13 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     *response.status_mut() = code;
     *response.headers_mut() = headers;
     set_status(&mut response, status);
+    response
+}
+
+/// The 504 for `only-if-cached` when nothing usable is stored.
+fn only_if_cached_miss() -> Response<ProxyBody> {
+    let mut response = super::error::error_response(StatusCode::GATEWAY_TIMEOUT);
+    set_status(&mut response, "portico; fwd=miss; detail=only-if-cached");
     response
 }
 
@@ -161,6 +172,11 @@ pub(super) async fn serve(
                     "portico; hit; detail=stale-while-revalidate",
                 ));
             }
+            // RFC 9111 §5.2.1.7: a stored response that needs the backend
+            // is not one only-if-cached may have.
+            Usable::MustRevalidate if request_cc.only_if_cached => {
+                return Ok(only_if_cached_miss());
+            }
             Usable::MustRevalidate if ranged => {
                 return bypass(cache, upstream, parts, body, trace).await;
             }
@@ -175,9 +191,7 @@ pub(super) async fn serve(
         }
     }
     if request_cc.only_if_cached {
-        let mut response = super::error::error_response(StatusCode::GATEWAY_TIMEOUT);
-        set_status(&mut response, "portico; fwd=miss; detail=only-if-cached");
-        return Ok(response);
+        return Ok(only_if_cached_miss());
     }
     if ranged {
         return bypass(cache, upstream, parts, body, trace).await;
@@ -377,6 +391,10 @@ fn refreshed(
     not_modified: &HeaderMap,
     request_time: std::time::SystemTime,
 ) -> Entry {
+    // The 304's own hop-by-hop fields (`Connection: close`, `Keep-Alive`)
+    // must not be stored and replayed on every later hit.
+    let mut not_modified = not_modified.clone();
+    headers::remove_hop_by_hop(&mut not_modified);
     let mut headers = entry.headers.clone();
     for name in not_modified.keys() {
         if name == header::CONTENT_LENGTH || name == header::VIA || name == CACHE_STATUS {
@@ -424,9 +442,7 @@ async fn revalidate(
             if response.status() == StatusCode::NOT_MODIFIED && has_validator(&entry) =>
         {
             cache.counters.revalidated.inc();
-            let mut response_headers = response.headers().clone();
-            headers::remove_hop_by_hop(&mut response_headers);
-            let updated = refreshed(cache, &entry, &response_headers, request_time);
+            let updated = refreshed(cache, &entry, response.headers(), request_time);
             let age = updated.timing.current_age(cache.now());
             let answer = from_entry(
                 &updated,
@@ -511,8 +527,18 @@ async fn refresh(
         "stale",
         false,
     );
-    // Nobody reads this body but the cache: drain it so it is stored.
-    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+    // Nobody reads this body but the cache: drain it so it is stored,
+    // holding one frame at a time, and stop once it is past what the cache
+    // would store (the capture has given up by then).
+    let limit = cache.config.max_object_size;
+    let mut body = response.into_body();
+    let mut seen: u64 = 0;
+    while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+        seen += frame.data_ref().map_or(0, |data| data.len() as u64);
+        if seen > limit {
+            break;
+        }
+    }
 }
 
 /// After a successful unsafe request, drops what the cache holds for the

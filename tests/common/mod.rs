@@ -209,7 +209,7 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
 }
 
 /// A backend that speaks raw bytes: for each connection it reads one
-/// request head and writes `answer(path)`, then closes. For backend
+/// request head and writes `answer(head)`, then closes. For backend
 /// behaviour the sample backend would never show.
 pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -226,11 +226,16 @@ pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let head = String::from_utf8_lossy(&head);
-                let path = head.split(' ').nth(1).unwrap_or("/");
-                let _ = stream.write_all(answer(path)).await;
+                let _ = stream
+                    .write_all(answer(&String::from_utf8_lossy(&head)))
+                    .await;
             });
         }
     });
     addr
+}
+
+/// The request target of a raw request head.
+pub fn target_of(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or("/")
 }
