@@ -421,3 +421,46 @@ async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
     assert_eq!(received, size);
     assert!(rest > 0);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
+    // As nginx's send_timeout: a response the client takes no byte of for
+    // idle_timeout ends, and the backend side is let go with it.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_millis(300);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let size = 40_000_000;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0; 16 * 1024];
+    let n = tokio::time::timeout(STEP, stream.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    // The backend is busy for us while the socket buffers fill; then the
+    // proxy gives up on the client and the request ends.
+    proxy
+        .wait_until("the unread response to be dropped", |backends| {
+            backends[0].in_flight == 0
+        })
+        .await;
+    // What the socket buffers held arrives, then the end, well short.
+    let mut received = n;
+    let mut buf = vec![0; 256 * 1024];
+    loop {
+        let read = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("closed, not stalled");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received += read,
+        }
+    }
+    assert!(received < size, "all {received} bytes arrived");
+}

@@ -14,8 +14,15 @@
 //!   HTTP/2 connections, recognised by their preface, have no heads to wait
 //!   for between streams and are left to the idle timeout.
 //!
+//! - a connection whose writes have been blocked for `idle_timeout`, with
+//!   not one byte taken by the client meanwhile, is dropped, like nginx's
+//!   `send_timeout` (HAProxy's `timeout client`): a client that stopped
+//!   reading would otherwise hold its backend connection, its slot in the
+//!   balancer's count and any cache fill it leads for as long as it likes.
+//!
 //! A request counts as being answered from its head until its response
-//! body has been handed over whole, so a long download is never cut.
+//! body has been handed over whole, so a long download is never cut while
+//! the client keeps reading.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +49,8 @@ pub(super) struct Activity {
     multiplexed: AtomicBool,
     /// The first read has been looked at for the preface.
     opened: AtomicBool,
+    /// The last write found the socket full.
+    write_blocked: AtomicBool,
 }
 
 /// Why the watchdog fired.
@@ -51,6 +60,8 @@ pub(super) enum Expired {
     Idle,
     /// No request head arrived within `request_header_timeout`.
     Head,
+    /// The client took no byte of a response for `idle_timeout`.
+    Unread,
 }
 
 impl Activity {
@@ -63,6 +74,7 @@ impl Activity {
             head_pending: AtomicBool::new(true),
             multiplexed: AtomicBool::new(false),
             opened: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -70,9 +82,16 @@ impl Activity {
         self.stamp.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.bump();
+    /// After a write attempt: progress, or a full socket.
+    fn wrote<T>(&self, result: &Poll<T>) {
+        match result {
+            Poll::Ready(_) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.write_blocked.store(false, Ordering::Relaxed);
+                self.bump();
+            }
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+        }
     }
 
     /// Marks a request in progress until the guard drops.
@@ -82,9 +101,10 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Resolves once the connection has been idle for `idle`, or (HTTP/1)
-    /// has spent `head` on a request head. Checked every quarter of the
-    /// shorter one, so it fires within 1.25 x its timeout.
+    /// Resolves once the connection has been idle for `idle`, has had its
+    /// writes blocked for `idle`, or (HTTP/1) has spent `head` on a request
+    /// head. Checked every quarter of the shorter one, so it fires within
+    /// 1.25 x its timeout.
     pub(super) async fn expired(&self, idle: Duration, head: Duration) -> Expired {
         // A floor so a millisecond timeout does not spin a timer per
         // connection; such a timeout then fires within 10 ms of its due.
@@ -95,6 +115,7 @@ impl Activity {
         );
         let mut idle_quiet = Duration::ZERO;
         let mut head_wait = Duration::ZERO;
+        let mut unread = Duration::ZERO;
         loop {
             tokio::time::sleep(step).await;
             let now = (
@@ -118,9 +139,14 @@ impl Activity {
             } else {
                 Duration::ZERO
             };
+            let stuck = now.1 == last.1 && self.write_blocked.load(Ordering::Relaxed);
+            unread = if stuck { unread + step } else { Duration::ZERO };
             last = now;
             if head_wait >= head {
                 return Expired::Head;
+            }
+            if unread >= idle {
+                return Expired::Unread;
             }
             if idle_quiet >= idle {
                 return Expired::Idle;
@@ -221,9 +247,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write(cx, buf);
-        if result.is_ready() {
-            self.activity.wrote();
-        }
+        self.activity.wrote(&result);
         result
     }
 
@@ -233,9 +257,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if result.is_ready() {
-            self.activity.wrote();
-        }
+        self.activity.wrote(&result);
         result
     }
 

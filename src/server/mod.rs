@@ -409,6 +409,12 @@ async fn serve_connection<IO>(
                     tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
                     Ok(())
                 }
+                // A client that reads nothing would not read a GOAWAY
+                // either: dropping frees the backend side at once.
+                idle::Expired::Unread => {
+                    tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
+                    Ok(())
+                }
             }
         }
         _ = shutdown.recv() => {
