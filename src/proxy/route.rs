@@ -1,8 +1,12 @@
 //! Route selection: which configured route serves a host and path. The most
 //! specific host wins (exact name, then the longest `*.suffix`, then routes
 //! without a host), then the longest matching `path_prefix`. Prefixes match
-//! as plain string prefixes, like nginx's prefix locations. Host comparison
-//! ignores case, a trailing dot and any port.
+//! as plain string prefixes, like nginx's prefix locations, against the
+//! path in its normal form ([`routing_path`]), so `/public/../admin/` is
+//! routed as `/admin/`. Host comparison ignores case, a trailing dot and
+//! any port.
+
+use std::borrow::Cow;
 
 use crate::config::{HostMatch, Route};
 
@@ -79,6 +83,8 @@ impl Router {
     /// `host` is the raw Host / :authority value (port allowed).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
         let host = host.map(host_name);
+        let path = routing_path(path);
+        let path = path.as_ref();
         self.routes
             .iter()
             .find(|(_, route)| {
@@ -86,6 +92,64 @@ impl Router {
             })
             .map(|(index, route)| (*index, route))
     }
+}
+
+/// The path a route is chosen by: percent-escaped unreserved characters
+/// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), repeated slashes merged and
+/// dot segments removed (§5.2.4), as nginx does before matching locations.
+/// A backend that resolves `/public/../admin` serves `/admin`, so the
+/// route, its upstream and its limits must be `/admin`'s too. The request
+/// itself is forwarded as the client wrote it. Paths without `%`, `//` or
+/// `/.` (nearly all) are returned as they are.
+pub fn routing_path(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let plain = !bytes.contains(&b'%')
+        && !bytes
+            .windows(2)
+            .any(|pair| pair[0] == b'/' && (pair[1] == b'/' || pair[1] == b'.'));
+    if plain || !path.starts_with('/') {
+        return Cow::Borrowed(path);
+    }
+    let mut decoded = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        decoded.push_str(&rest[..at]);
+        let escape = rest.get(at + 1..at + 3);
+        match escape.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                decoded.push(char::from(b));
+                rest = &rest[at + 3..];
+            }
+            // Reserved or invalid: `%2F` is not a `/`.
+            _ => {
+                decoded.push('%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    decoded.push_str(rest);
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.into_iter().enumerate() {
+        match segment {
+            "." => {}
+            ".." => {
+                kept.pop();
+            }
+            // A repeated slash; a trailing one is kept below.
+            "" if i != last => continue,
+            segment => {
+                kept.push(segment);
+                continue;
+            }
+        }
+        // A final `.` or `..` names a directory: keep the slash.
+        if i == last {
+            kept.push("");
+        }
+    }
+    Cow::Owned(format!("/{}", kept.join("/")))
 }
 
 #[cfg(test)]
@@ -143,6 +207,47 @@ mod tests {
         for (host, path, want) in cases {
             let got = router.find(*host, path).map(|(_, r)| r.name.as_str());
             assert_eq!(got, *want, "host {host:?} path {path}");
+        }
+    }
+
+    #[test]
+    fn routing_path_is_the_normal_form() {
+        let cases = [
+            ("/", "/"),
+            ("/users/1/orders", "/users/1/orders"),
+            ("/e/../health", "/health"),
+            ("/e/%2e%2e/health", "/health"),
+            ("/e/%2E%2E/health", "/health"),
+            ("/a/./b/", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/../../x", "/x"),
+            ("/..", "/"),
+            ("//api//x", "/api/x"),
+            ("/%61pi/", "/api/"),
+            ("/a%2Fb/../c", "/c"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/a%zz", "/a%zz"),
+            ("/a%", "/a%"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("*", "*"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(routing_path(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_cannot_reach_another_route() {
+        let router = router();
+        for (path, want) in [
+            ("/api/../admin", "default"),
+            ("/x/../api/y", "api"),
+            ("/x/%2e%2e/api/y", "api"),
+            ("//api/y", "api"),
+        ] {
+            let got = router.find(None, path).map(|(_, r)| r.name.as_str());
+            assert_eq!(got, Some(want), "{path}");
         }
     }
 
