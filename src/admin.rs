@@ -13,9 +13,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::server::shutdown::Shutdown;
@@ -238,6 +238,10 @@ async fn handle(
     }
 }
 
+/// How long an admin connection may take to send a request head, or sit
+/// idle between requests.
+const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves the admin endpoints on `listener` until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -246,7 +250,15 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let token: Option<Arc<str>> = token.map(Arc::from);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only (Prometheus, curl and load balancers' probes all speak
+    // it): hyper-util's protocol detection waits for a first byte with no
+    // timer, so a client that connected and said nothing held its
+    // connection forever. hyper's own head timer covers that here, and
+    // keep-alive idleness between requests.
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT);
     let local: Option<SocketAddr> = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -268,9 +280,7 @@ pub async fn serve(
             let token = token.clone();
             async move { Ok::<_, Infallible>(handle(shared, token, request).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
             let _ = connection.await;
         });

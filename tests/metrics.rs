@@ -211,3 +211,22 @@ async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_admin_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.admin.unwrap())
+        .await
+        .unwrap();
+    // Paused time: the clock jumps to the next timer whenever all is idle,
+    // so hyper's 30 s head timer closes this long before the bound.
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        stream.read(&mut [0u8; 64]),
+    )
+    .await
+    .expect("closed before the bound");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
