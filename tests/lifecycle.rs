@@ -116,11 +116,10 @@ async fn reloading_under_load_fails_no_request_and_switches_backends() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn an_upgraded_connection_is_bridged_both_ways() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(config_for(&[&backend])).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+/// A WebSocket upgrade to the sample backend's echo through the proxy at
+/// `addr`; checks the 101 head and returns the tunnel.
+async fn open_echo_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(
             b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -142,7 +141,14 @@ async fn an_upgraded_connection_is_bridged_both_ways() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("connection: upgrade"), "{head}");
+    stream
+}
 
+#[tokio::test]
+async fn an_upgraded_connection_is_bridged_both_ways() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let mut stream = open_echo_tunnel(proxy.addr).await;
     for message in [&b"hello"[..], b"through the proxy", &[0u8, 255, 7, 13, 10]] {
         stream.write_all(message).await.unwrap();
         let mut echoed = vec![0u8; message.len()];
@@ -152,6 +158,36 @@ async fn an_upgraded_connection_is_bridged_both_ways() {
             .unwrap();
         assert_eq!(echoed, message);
     }
+}
+
+#[tokio::test]
+async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let mut stream = open_echo_tunnel(proxy.addr).await;
+    // Traffic every 100 ms for 3x the idle timeout keeps it open.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&echoed, b"ping");
+    }
+    // Then silence: the proxy closes both sides.
+    let read = tokio::time::timeout(STEP, stream.read(&mut [0u8; 16]))
+        .await
+        .expect("closed, not held open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    proxy
+        .wait_until("the tunnel's backend slot to be freed", |b| {
+            b[0].in_flight == 0
+        })
+        .await;
 }
 
 #[tokio::test]

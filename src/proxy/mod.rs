@@ -43,6 +43,8 @@ pub struct Proxy {
     router: Router,
     upstreams: Vec<Arc<Upstream>>,
     max_request_body: u64,
+    /// `[server] idle_timeout`: how long an upgraded tunnel may sit silent.
+    tunnel_idle: std::time::Duration,
     metrics: Arc<Metrics>,
     /// Per route, in config order.
     route_metrics: Vec<RouteMetrics>,
@@ -80,6 +82,7 @@ impl Proxy {
                 .map(|u| upstream(u, &metrics))
                 .collect(),
             max_request_body: config.server.max_request_body,
+            tunnel_idle: config.server.idle_timeout,
             route_metrics: config
                 .routes
                 .iter()
@@ -259,7 +262,7 @@ impl Proxy {
 
         if let Some(client) = upgrade {
             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                return Ok(client.bridge(response, in_flight));
+                return Ok(client.bridge(response, in_flight, self.tunnel_idle));
             }
         }
         let (mut parts, body) = response.into_parts();

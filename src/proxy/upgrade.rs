@@ -2,13 +2,22 @@
 //! the `Upgrade` request is forwarded with its `Upgrade` and `Connection:
 //! upgrade` fields intact (they are hop-by-hop, so the general hygiene
 //! strips them), and when the backend answers `101 Switching Protocols` the
-//! two connections are bridged byte for byte until either side closes.
+//! two connections are bridged byte for byte until either side closes, or
+//! until no byte has moved either way for `[server] idle_timeout` (nginx's
+//! `proxy_read_timeout` on a tunnel, HAProxy's `timeout tunnel`), so a
+//! vanished peer does not hold a tunnel and its backend slot for good.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ProxyBody;
 use super::headers;
@@ -56,6 +65,7 @@ impl Upgrade {
         self,
         mut response: Response<UpstreamBody>,
         in_flight: InFlight,
+        idle: Duration,
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);
         let client = self.client;
@@ -69,10 +79,18 @@ impl Upgrade {
                     return;
                 }
             };
-            let mut client = TokioIo::new(client);
-            let mut backend = TokioIo::new(backend);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-                tracing::debug!(%error, "upgraded connection ended with error");
+            let moved = AtomicU64::new(0);
+            let mut client = Counted::new(TokioIo::new(client), &moved);
+            let mut backend = Counted::new(TokioIo::new(backend), &moved);
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                    if let Err(error) = copied {
+                        tracing::debug!(%error, "upgraded connection ended with error");
+                    }
+                }
+                () = quiet_for(&moved, idle) => {
+                    tracing::debug!("upgraded connection idle for idle_timeout; closing");
+                }
             }
         });
         let (mut parts, _) = response.into_parts();
@@ -85,5 +103,75 @@ impl Upgrade {
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         Response::from_parts(parts, ProxyBody::empty())
+    }
+}
+
+/// Resolves once `moved` has not changed for `idle`, checked every quarter
+/// of it (never more often than every 10 ms).
+async fn quiet_for(moved: &AtomicU64, idle: Duration) {
+    let step = (idle / 4).max(Duration::from_millis(10));
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut still = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now == last {
+            still += step;
+            if still >= idle {
+                return;
+            }
+        } else {
+            last = now;
+            still = Duration::ZERO;
+        }
+    }
+}
+
+/// One side of a tunnel, counting every transfer into a shared counter.
+struct Counted<'a, IO> {
+    io: IO,
+    moved: &'a AtomicU64,
+}
+
+impl<'a, IO> Counted<'a, IO> {
+    fn new(io: IO, moved: &'a AtomicU64) -> Self {
+        Counted { io, moved }
+    }
+
+    fn count<T>(&self, result: Poll<T>) -> Poll<T> {
+        if result.is_ready() {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<'_, IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.count(result)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<'_, IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.count(result)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
