@@ -314,6 +314,38 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
 }
 
 #[tokio::test]
+async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
+    // The first answer came through another cache (Age: 59 of 60): after a
+    // 304 without Age, the entry is new again, not 59 s old.
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nAge: 59\r\n\
+              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/aged");
+    get(&client, &url).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let revalidated = get(&client, &url).await;
+    assert_eq!(
+        revalidated.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let later = get(&client, &url).await;
+    assert_eq!(later.header("cache-status"), "portico; hit");
+    assert!(later.header("age").parse::<u64>().unwrap() < 60);
+}
+
+#[tokio::test]
 async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = cached(&[&backend]);

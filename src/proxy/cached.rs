@@ -409,7 +409,10 @@ fn refreshed(
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
     Entry {
         status: entry.status,
-        timing: Timing::new(&headers, request_time, cache.now()),
+        // The response is as old as the 304 says (its own Date and Age),
+        // not as the merged fields say: an Age or Date kept from the first
+        // response would age the refreshed entry from the start.
+        timing: Timing::new(&not_modified, request_time, cache.now()),
         headers,
         body: entry.body.clone(),
         lifetime,
