@@ -182,6 +182,45 @@ async fn a_stale_entry_is_revalidated_with_a_304_and_served_from_the_cache() {
 }
 
 #[tokio::test]
+async fn concurrent_requests_for_a_stale_entry_revalidate_it_once() {
+    // No Date in the answers: the test moves the cache's clock, not the
+    // backend's, and a dated 304 would look as old as that jump.
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\
+              Content-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    let proxy = start_proxy(config).await;
+    let url = proxy.url("/popular");
+    get(&client(), &url).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(11));
+    let answers = futures_util::future::join_all((0..20).map(|_| {
+        let url = url.clone();
+        async move { get(&client(), &url).await }
+    }))
+    .await;
+    let mut revalidations = 0;
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "ok");
+        match answer.header("cache-status") {
+            "portico; fwd=stale; fwd-status=304" => revalidations += 1,
+            // Waited for that one, or came after it.
+            "portico; fwd=stale; collapsed" | "portico; hit" => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(revalidations, 1);
+}
+
+#[tokio::test]
 async fn a_client_no_cache_revalidates_a_fresh_entry() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(cached(&[&backend])).await;

@@ -119,6 +119,28 @@ fn only_if_cached_miss() -> Response<ProxyBody> {
     response
 }
 
+/// Waits (bounded) for the request fetching `primary` to finish, then
+/// answers from what it stored if that is fresh for this request.
+async fn collapsed(
+    cache: &Arc<Cache>,
+    waiting: tokio::sync::watch::Receiver<()>,
+    primary: &str,
+    parts: &Parts,
+    request_cc: &CacheControl,
+    status: &str,
+) -> Option<Response<ProxyBody>> {
+    if !lock::wait(waiting, COALESCE_WAIT).await {
+        return None;
+    }
+    let entry = cache.get(&cache.key_for(primary, &parts.headers)?).await?;
+    let age = entry.timing.current_age(cache.now());
+    if policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
+        return None;
+    }
+    cache.counters.hit.inc();
+    Some(from_entry(&entry, age, parts, status))
+}
+
 /// Serves a GET or HEAD through the cache.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
@@ -183,8 +205,28 @@ pub(super) async fn serve(
             Usable::MustRevalidate => {
                 let fresh = age < entry.lifetime && !entry.cc.no_cache;
                 let fwd = if fresh { "request" } else { "stale" };
+                // Requests for a stale entry revalidate it once between
+                // them, as misses fetch once; a client that asked to
+                // revalidate a fresh entry gets its own check.
+                let leader = if fresh {
+                    None
+                } else {
+                    match Locks::claim(cache, &primary) {
+                        Claim::Leader(leader) => Some(leader),
+                        Claim::Wait(waiting) => {
+                            let status = "portico; fwd=stale; collapsed";
+                            if let Some(hit) =
+                                collapsed(cache, waiting, &primary, &parts, &request_cc, status)
+                                    .await
+                            {
+                                return Ok(hit);
+                            }
+                            None
+                        }
+                    }
+                };
                 return revalidate(
-                    cache, upstream, primary, parts, entry, request_cc, fwd, trace,
+                    cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
                 )
                 .await;
             }
@@ -199,23 +241,11 @@ pub(super) async fn serve(
     let leader = match Locks::claim(cache, &primary) {
         Claim::Leader(leader) => Some(leader),
         Claim::Wait(waiting) => {
-            if lock::wait(waiting, COALESCE_WAIT).await {
-                if let Some(full) = cache.key_for(&primary, &parts.headers) {
-                    if let Some(entry) = cache.get(&full).await {
-                        let age = entry.timing.current_age(cache.now());
-                        if policy::usable(entry.lifetime, age, &entry.cc, &request_cc)
-                            == Usable::Fresh
-                        {
-                            cache.counters.hit.inc();
-                            return Ok(from_entry(
-                                &entry,
-                                age,
-                                &parts,
-                                "portico; fwd=miss; collapsed",
-                            ));
-                        }
-                    }
-                }
+            let status = "portico; fwd=miss; collapsed";
+            if let Some(hit) =
+                collapsed(cache, waiting, &primary, &parts, &request_cc, status).await
+            {
+                return Ok(hit);
             }
             None
         }
@@ -429,6 +459,9 @@ async fn revalidate(
     entry: Arc<Entry>,
     request_cc: CacheControl,
     fwd: &str,
+    // Held until the refreshed entry is stored, so requests waiting on it
+    // read that.
+    leader: Option<Leader>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
@@ -454,6 +487,7 @@ async fn revalidate(
                 &format!("portico; fwd={fwd}; fwd-status=304"),
             );
             cache.insert(&primary, &request_headers, updated).await;
+            drop(leader);
             Ok(answer)
         }
         Ok((response, _)) if response.status().is_server_error() && may_serve_stale => Ok(
@@ -470,7 +504,7 @@ async fn revalidate(
                 request_time,
                 response,
                 in_flight,
-                None,
+                leader,
                 fwd,
                 is_head,
             ))
