@@ -303,7 +303,14 @@ impl Upstream {
                 .ok()
         } else {
             let ended = request.body_mut().end_marker();
-            after_upload(timeout, &ended, self.pool.send(index, request)).await
+            // Boxed: only uploads take this path, and inline it would grow
+            // every request's future (cache hits included) by its size.
+            Box::pin(after_upload(
+                timeout,
+                &ended,
+                self.pool.send(index, request),
+            ))
+            .await
         };
         match answer {
             None => Err(ProxyError::ResponseTimeout { backend: addr }),
