@@ -150,20 +150,43 @@ http {{
     return path
 
 
-def main():
+def portico_config(name, port, origin, cache):
+    """A portico config file in front of the origin; returns its path."""
+    cfg = os.path.join(WORK, f"{name}.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[[upstream]]
+name = "origin"
+backends = ["127.0.0.1:{origin}"]
+max_idle_per_backend = 128
+[[route]]
+upstream = "origin"
+""" + ("[cache]\nmax_size = \"256MiB\"\n" if cache else ""))
+    return cfg
+
+
+def start_origin(port):
+    """The nginx origin on `port`, serving /1k and /64k with max-age=60."""
     www = os.path.join(WORK, "www")
     os.makedirs(www)
     with open(os.path.join(www, "1k"), "wb") as f:
         f.write(b"x" * 1024)
     with open(os.path.join(www, "64k"), "wb") as f:
         f.write(b"y" * 65536)
+    start("origin", ["nginx", "-c", nginx_conf("origin", f"""
+  server {{ listen 127.0.0.1:{port}; root {www};
+    location / {{ add_header Cache-Control "max-age=60"; }} }}""")], LOAD_CPU)
 
+
+def main():
     ports = {name: free_port() for name in
              ["origin", "nginx", "nginx-cache", "haproxy", "varnish", "portico", "portico-cache"]}
     origin = ports["origin"]
-    start("origin", ["nginx", "-c", nginx_conf("origin", f"""
-  server {{ listen 127.0.0.1:{origin}; root {www};
-    location / {{ add_header Cache-Control "max-age=60"; }} }}""")], LOAD_CPU)
+    start_origin(origin)
 
     upstream = f"upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}"
     proxy_common = "proxy_http_version 1.1; proxy_set_header Connection \"\";"
@@ -204,20 +227,7 @@ backend be
         "-s", "malloc,256m", "-p", "thread_pools=1"], PROXY_CPU)
 
     for name, cache in [("portico", False), ("portico-cache", True)]:
-        cfg = os.path.join(WORK, f"{name}.toml")
-        with open(cfg, "w") as f:
-            f.write(f"""
-[server]
-listen = ["127.0.0.1:{ports[name]}"]
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[[upstream]]
-name = "origin"
-backends = ["127.0.0.1:{origin}"]
-max_idle_per_backend = 128
-[[route]]
-upstream = "origin"
-""" + ("[cache]\nmax_size = \"256MiB\"\n" if cache else ""))
+        cfg = portico_config(name, ports[name], origin, cache)
         env = dict(os.environ, RUST_LOG="warn")
         log = open(os.path.join(WORK, f"{name}.log"), "w")
         proc = subprocess.Popen(["taskset", "-c", PROXY_CPU, PORTICO, "--threads", "1", "--config", cfg],

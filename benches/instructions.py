@@ -20,7 +20,7 @@ import sys
 import time
 
 import compare
-from compare import WORK, free_port, nginx_conf, start, wait_port
+from compare import WORK, free_port, nginx_conf, portico_config, start, start_origin, wait_port
 
 DURATION = int(os.environ.get("DURATION", "3"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
@@ -55,16 +55,8 @@ def measure(name, cmd, port, path):
 
 
 def main():
-    www = os.path.join(WORK, "www")
-    os.makedirs(www)
-    with open(os.path.join(www, "1k"), "wb") as f:
-        f.write(b"x" * 1024)
-    with open(os.path.join(www, "64k"), "wb") as f:
-        f.write(b"y" * 65536)
     origin = free_port()
-    start("origin", ["nginx", "-c", nginx_conf("origin", f"""
-  server {{ listen 127.0.0.1:{origin}; root {www};
-    location / {{ add_header Cache-Control "max-age=60"; }} }}""")], compare.LOAD_CPU)
+    start_origin(origin)
     wait_port(origin)
 
     upstream = f"upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}"
@@ -81,19 +73,7 @@ def main():
         systems.append((name, ["nginx", "-g", "master_process off;", "-c", conf], port))
     for name, cache in [("portico", False), ("portico-cache", True)]:
         port = free_port()
-        cfg = os.path.join(WORK, f"{name}.toml")
-        with open(cfg, "w") as f:
-            f.write(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[[upstream]]
-name = "origin"
-backends = ["127.0.0.1:{origin}"]
-[[route]]
-upstream = "origin"
-""" + ("[cache]\nmax_size = \"256MiB\"\n" if cache else ""))
+        cfg = portico_config(name, port, origin, cache)
         systems.append((name, [compare.PORTICO, "--threads", "1", "--config", cfg], port))
 
     os.environ["RUST_LOG"] = "warn"

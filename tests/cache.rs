@@ -15,10 +15,27 @@ use portico::config::Config;
 use portico::sample::{BackendOptions, RunningBackend};
 
 fn cached(backends: &[&RunningBackend]) -> Config {
-    let mut config = config_for(backends);
+    with_cache(config_for(backends))
+}
+
+/// `config` with the cache on for its first route.
+fn with_cache(mut config: Config) -> Config {
     config.cache = Some(portico::config::Cache::default());
     config.routes[0].cache = true;
     config
+}
+
+/// A cached proxy in front of a scripted backend at `addr`.
+async fn cached_proxy_at(addr: std::net::SocketAddr) -> RunningProxy {
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    start_proxy(with_cache(Config::single_upstream(listen, vec![addr]))).await
+}
+
+/// A sample backend and a cached proxy in front of it.
+async fn cached_sample() -> (RunningBackend, RunningProxy) {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    (backend, proxy)
 }
 
 fn cache_of(proxy: &RunningProxy) -> Arc<portico::cache::Cache> {
@@ -41,8 +58,7 @@ async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> A
 
 #[tokio::test]
 async fn the_second_get_is_a_hit_with_age() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let first = get(&client, &proxy.url("/users/1/orders")).await;
     assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
@@ -103,8 +119,7 @@ async fn a_hundred_concurrent_cold_gets_make_one_backend_request() {
 
 #[tokio::test]
 async fn no_store_private_authorization_and_cookies_are_not_shared() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
@@ -148,8 +163,7 @@ async fn no_store_private_authorization_and_cookies_are_not_shared() {
 
 #[tokio::test]
 async fn vary_on_accept_encoding_keeps_two_variants() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let url = proxy.url("/cache/v?cc=max-age=60&vary=Accept-Encoding");
     let gzip = get_with(&client, &url, &[("accept-encoding", "gzip")]).await;
@@ -166,8 +180,7 @@ async fn vary_on_accept_encoding_keeps_two_variants() {
 
 #[tokio::test]
 async fn a_stale_entry_is_revalidated_with_a_304_and_served_from_the_cache() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let first = get(&client, &proxy.url("/users/1/orders")).await;
     cache_of(&proxy).advance_clock(Duration::from_secs(11)); // max-age is 10
@@ -194,10 +207,7 @@ async fn concurrent_requests_for_a_stale_entry_revalidate_it_once() {
         }
     })
     .await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
-    let proxy = start_proxy(config).await;
+    let proxy = cached_proxy_at(addr).await;
     let url = proxy.url("/popular");
     get(&client(), &url).await;
     cache_of(&proxy).advance_clock(Duration::from_secs(11));
@@ -222,8 +232,7 @@ async fn concurrent_requests_for_a_stale_entry_revalidate_it_once() {
 
 #[tokio::test]
 async fn a_client_no_cache_revalidates_a_fresh_entry() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let first = get(&client, &proxy.url("/users/1/orders")).await;
     for directive in [
@@ -253,8 +262,7 @@ async fn a_client_no_cache_revalidates_a_fresh_entry() {
 
 #[tokio::test]
 async fn a_post_invalidates_the_stored_list() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (_backend, proxy) = cached_sample().await;
     let client = client();
     let before = get(&client, &proxy.url("/users/1/orders")).await;
     assert_eq!(
@@ -280,8 +288,7 @@ async fn a_post_invalidates_the_stored_list() {
 #[tokio::test]
 async fn preconditions_do_not_turn_a_stored_error_into_a_304() {
     // RFC 9110 §13.2.1: preconditions apply only to what would be a 2xx.
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let url = proxy.url("/cache/gone?status=404&cc=max-age=60&etag=e1");
     let first = get(&client, &url).await;
@@ -296,8 +303,7 @@ async fn preconditions_do_not_turn_a_stored_error_into_a_304() {
 #[tokio::test]
 async fn only_if_cached_never_sends_a_stale_entry_to_the_backend() {
     // RFC 9111 §5.2.1.7: a stored response or a 504, nothing else.
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     get(&client, &proxy.url("/users/1/orders")).await;
     cache_of(&proxy).advance_clock(Duration::from_secs(11)); // max-age is 10
@@ -323,10 +329,7 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
         }
     })
     .await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
-    let proxy = start_proxy(config).await;
+    let proxy = cached_proxy_at(addr).await;
     let client = client();
     let url = proxy.url("/swr");
     assert_eq!(get(&client, &url).await.body, "ok");
@@ -365,10 +368,7 @@ async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
         }
     })
     .await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
-    let proxy = start_proxy(config).await;
+    let proxy = cached_proxy_at(addr).await;
     let client = client();
     let url = proxy.url("/aged");
     get(&client, &url).await;
@@ -505,8 +505,7 @@ async fn admin_purge_by_prefix() {
 
 #[tokio::test]
 async fn byte_ranges_are_served_from_a_stored_response() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
+    let (backend, proxy) = cached_sample().await;
     let client = client();
     let url = proxy.url("/cache/range?cc=max-age=60&etag=r1");
     // Not stored yet: the range goes to the backend as it is.

@@ -416,13 +416,13 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
     assert_eq!(backend.requests(), 1);
 }
 
-#[tokio::test]
-async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
-    let (_backend, proxy) = proxy_with_short_head_timer().await;
-    // Far more than the socket buffers hold, so the proxy is still handing
-    // the body over while the client pauses.
-    let size = 40_000_000;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+/// Asks the proxy at `addr` for `size` bytes; returns the connection and
+/// its first read, which holds the response head.
+async fn start_download(
+    addr: std::net::SocketAddr,
+    size: usize,
+) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .await
@@ -432,6 +432,18 @@ async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
         .await
         .unwrap()
         .unwrap();
+    first.truncate(n);
+    (stream, first)
+}
+
+#[tokio::test]
+async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
+    let (_backend, proxy) = proxy_with_short_head_timer().await;
+    // Far more than the socket buffers hold, so the proxy is still handing
+    // the body over while the client pauses.
+    let size = 40_000_000;
+    let (mut stream, first) = start_download(proxy.addr, size).await;
+    let n = first.len();
     let head_end = first[..n]
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -468,16 +480,8 @@ async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
     config.server.request_header_timeout = Duration::from_secs(60);
     let proxy = start_proxy(config).await;
     let size = 40_000_000;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut first = vec![0; 16 * 1024];
-    let n = tokio::time::timeout(STEP, stream.read(&mut first))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut stream, first) = start_download(proxy.addr, size).await;
+    let n = first.len();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"));
     // The backend is busy for us while the socket buffers fill; then the
     // proxy gives up on the client and the request ends.
