@@ -341,6 +341,10 @@ impl Body for ProxyBody {
                     in_flight.take();
                     // A broken body is never stored.
                     capture.take();
+                    // The head (and its status) went out already: the
+                    // client only sees its response cut, so say it here,
+                    // as nginx's "upstream prematurely closed" does.
+                    tracing::warn!(error = %e, "backend broke the response body; client response aborted");
                     Poll::Ready(Some(Err(e.into())))
                 }
                 Poll::Ready(None) => {
@@ -354,6 +358,7 @@ impl Body for ProxyBody {
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => {
                         capture.take();
+                        tracing::warn!(timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
                         Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout))))
                     }
                     Poll::Pending => Poll::Pending,
