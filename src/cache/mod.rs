@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http::header::{HeaderMap, HeaderName};
 use http::StatusCode;
 use moka::future::Cache as Moka;
+use moka::notification::RemovalCause;
 use prometheus::IntCounter;
 
 use crate::config;
@@ -112,11 +114,43 @@ pub struct Counters {
     pub bypass: IntCounter,
 }
 
+/// What is stored under one primary key: the Vary field names of its
+/// latest response (how a request finds its variant) and the full keys of
+/// the variants in the store, so an invalidation removes exactly those.
+#[derive(Debug)]
+struct Variants {
+    names: Arc<[HeaderName]>,
+    keys: Vec<String>,
+}
+
+/// Variants kept per primary key; past this the oldest is dropped, so a
+/// `Vary` on a field with endless values cannot grow one record without
+/// bound.
+const MAX_VARIANTS: usize = 64;
+
+/// Drops `full` from its primary's record once the store no longer holds
+/// it (expired, evicted for space, invalidated), and the record with its
+/// last variant: the index lives exactly as long as what it points to.
+fn forget(index: &DashMap<String, Variants>, full: &str) {
+    let primary = key::primary_of(full);
+    let emptied = match index.get_mut(primary) {
+        Some(mut variants) => {
+            variants.keys.retain(|k| k != full);
+            variants.keys.is_empty()
+        }
+        None => false,
+    };
+    if emptied {
+        index.remove_if(primary, |_, variants| variants.keys.is_empty());
+    }
+}
+
 pub struct Cache {
     pub config: config::Cache,
     store: Moka<String, Arc<Entry>>,
-    /// Primary key -> the Vary field names of its latest stored response.
-    vary: moka::sync::Cache<String, Arc<[HeaderName]>>,
+    /// Primary key -> its stored variants. Never locked across a store
+    /// call: the store's eviction listener takes it too.
+    index: Arc<DashMap<String, Variants>>,
     pub locks: lock::Locks,
     pub counters: Counters,
     metrics: Arc<Metrics>,
@@ -136,11 +170,20 @@ impl std::fmt::Debug for Cache {
 
 impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
+        let index: Arc<DashMap<String, Variants>> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
             .weigher(|key: &String, entry: &Arc<Entry>| entry.weight(key))
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
+            .eviction_listener({
+                let index = index.clone();
+                move |key: Arc<String>, _, cause| {
+                    if cause != RemovalCause::Replaced {
+                        forget(&index, &key);
+                    }
+                }
+            })
             .build();
         let counters = Counters {
             hit: metrics.cache_lookup("hit"),
@@ -152,10 +195,7 @@ impl Cache {
         Arc::new(Cache {
             config,
             store,
-            vary: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(3600))
-                .build(),
+            index,
             locks: lock::Locks::default(),
             counters,
             metrics,
@@ -175,8 +215,8 @@ impl Cache {
 
     /// The full key for a request, if responses for `primary` are stored.
     pub fn key_for(&self, primary: &str, request: &HeaderMap) -> Option<String> {
-        let names = self.vary.get(primary)?;
-        Some(key::full(primary, &names, request))
+        let variants = self.index.get(primary)?;
+        Some(key::full(primary, &variants.names, request))
     }
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
@@ -189,24 +229,46 @@ impl Cache {
             return;
         };
         let full = key::full(primary, &names, request);
-        self.vary.insert(primary.to_owned(), names.into());
         if entry.weight(&full) as u64 > self.config.max_size {
             return;
+        }
+        let dropped = {
+            let mut variants = self
+                .index
+                .entry(primary.to_owned())
+                .or_insert_with(|| Variants {
+                    names: names.clone().into(),
+                    keys: Vec::new(),
+                });
+            let mut dropped = Vec::new();
+            if *variants.names != *names {
+                // Vary changed: the old variants can no longer be found.
+                dropped = std::mem::take(&mut variants.keys);
+                variants.names = names.into();
+            }
+            if !variants.keys.contains(&full) {
+                if variants.keys.len() >= MAX_VARIANTS {
+                    dropped.push(variants.keys.remove(0));
+                }
+                variants.keys.push(full.clone());
+            }
+            dropped
+        };
+        for key in dropped {
+            self.store.invalidate(&key).await;
         }
         self.store.insert(full, Arc::new(entry)).await;
     }
 
-    /// Drops every variant stored for `primary` (RFC 9111 §4.4).
-    pub fn invalidate(&self, primary: &str) {
-        if self.vary.get(primary).is_none() {
+    /// Drops every variant stored for `primary` (RFC 9111 §4.4): exactly
+    /// the keys the index lists, with no scan of the store.
+    pub async fn invalidate(&self, primary: &str) {
+        let Some((_, variants)) = self.index.remove(primary) else {
             return;
+        };
+        for key in &variants.keys {
+            self.store.invalidate(key).await;
         }
-        self.vary.invalidate(primary);
-        let primary = primary.to_owned();
-        // Only fails when closures are unsupported, which `new` enables.
-        let _ = self
-            .store
-            .invalidate_entries_if(move |k, _| key::primary_of(k) == primary);
     }
 
     /// Drops every entry whose path starts with `prefix` (admin purge).
@@ -219,7 +281,7 @@ impl Cache {
 
     pub fn purge_all(&self) {
         self.store.invalidate_all();
-        self.vary.invalidate_all();
+        self.index.clear();
     }
 
     /// Entries and weighted bytes, after applying pending evictions; also
@@ -230,5 +292,85 @@ impl Cache {
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_size_bytes.set(bytes as i64);
         (entries, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::headers as map;
+
+    const PRIMARY: &str = "GET|http|shop|/x";
+
+    fn cache() -> Arc<Cache> {
+        Cache::new(config::Cache::default(), Arc::new(Metrics::new()))
+    }
+
+    fn entry(vary: &str) -> Entry {
+        let now = SystemTime::now();
+        Entry {
+            status: StatusCode::OK,
+            headers: map(&[("vary", vary), ("cache-control", "max-age=60")]),
+            body: Bytes::from_static(b"x"),
+            timing: Timing::new(&HeaderMap::new(), now, now),
+            lifetime: Duration::from_secs(60),
+            cc: CacheControl::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalidation_removes_every_variant_and_the_index() {
+        let cache = cache();
+        let gzip = map(&[("accept-encoding", "gzip")]);
+        let plain = map(&[("accept-encoding", "identity")]);
+        cache.insert(PRIMARY, &gzip, entry("accept-encoding")).await;
+        cache.insert(PRIMARY, &plain, entry("accept-encoding")).await;
+        let keys = [&gzip, &plain].map(|h| cache.key_for(PRIMARY, h).unwrap());
+        assert_ne!(keys[0], keys[1]);
+        for key in &keys {
+            assert!(cache.get(key).await.is_some());
+        }
+        cache.invalidate(PRIMARY).await;
+        assert!(cache.key_for(PRIMARY, &gzip).is_none());
+        for key in &keys {
+            assert!(cache.get(key).await.is_none(), "{key} survived");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_index_forgets_what_the_store_drops() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        cache.insert(PRIMARY, &request, entry("accept")).await;
+        assert!(cache.key_for(PRIMARY, &request).is_some());
+        cache.purge_prefix("/x");
+        cache.stats().await; // runs the store's pending removals
+        assert!(cache.key_for(PRIMARY, &request).is_none());
+        assert!(cache.index.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vary_change_drops_the_variants_it_orphans() {
+        let cache = cache();
+        let gzip = map(&[("accept-encoding", "gzip"), ("accept", "a")]);
+        cache.insert(PRIMARY, &gzip, entry("accept-encoding")).await;
+        let old = cache.key_for(PRIMARY, &gzip).unwrap();
+        cache.insert(PRIMARY, &gzip, entry("accept")).await;
+        let new = cache.key_for(PRIMARY, &gzip).unwrap();
+        assert_ne!(old, new);
+        assert!(cache.get(&old).await.is_none());
+        assert!(cache.get(&new).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn one_primary_keeps_at_most_max_variants() {
+        let cache = cache();
+        for n in 0..MAX_VARIANTS + 5 {
+            let request = map(&[("accept", &format!("type/{n}"))]);
+            cache.insert(PRIMARY, &request, entry("accept")).await;
+        }
+        assert_eq!(cache.index.get(PRIMARY).unwrap().keys.len(), MAX_VARIANTS);
+        let first = cache.key_for(PRIMARY, &map(&[("accept", "type/0")])).unwrap();
+        assert!(cache.get(&first).await.is_none());
     }
 }

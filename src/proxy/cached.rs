@@ -580,14 +580,14 @@ async fn refresh(
 
 /// After a successful unsafe request, drops what the cache holds for the
 /// target URI and same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
-pub(super) fn invalidate(
+pub(super) async fn invalidate(
     cache: &Cache,
     scheme: &str,
     host: &str,
     target: &str,
     response: &HeaderMap,
 ) {
-    cache.invalidate(&key::primary(scheme, host, target));
+    cache.invalidate(&key::primary(scheme, host, target)).await;
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
@@ -599,7 +599,9 @@ pub(super) fn invalidate(
             .authority()
             .is_none_or(|a| a.as_str().eq_ignore_ascii_case(host));
         if let (true, Some(path)) = (same_origin, uri.path_and_query()) {
-            cache.invalidate(&key::primary(scheme, host, path.as_str()));
+            cache
+                .invalidate(&key::primary(scheme, host, path.as_str()))
+                .await;
         }
     }
 }

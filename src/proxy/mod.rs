@@ -256,7 +256,15 @@ impl Proxy {
         if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
             let status = response.status();
             if status.is_success() || status.is_redirection() {
-                cached::invalidate(cache, conn.proto, host_name, target, response.headers());
+                // Boxed: rare, and inline it would grow every request's future.
+                Box::pin(cached::invalidate(
+                    cache,
+                    conn.proto,
+                    host_name,
+                    target,
+                    response.headers(),
+                ))
+                .await;
             }
         }
 
