@@ -324,7 +324,9 @@ mod tests {
         let gzip = map(&[("accept-encoding", "gzip")]);
         let plain = map(&[("accept-encoding", "identity")]);
         cache.insert(PRIMARY, &gzip, entry("accept-encoding")).await;
-        cache.insert(PRIMARY, &plain, entry("accept-encoding")).await;
+        cache
+            .insert(PRIMARY, &plain, entry("accept-encoding"))
+            .await;
         let keys = [&gzip, &plain].map(|h| cache.key_for(PRIMARY, h).unwrap());
         assert_ne!(keys[0], keys[1]);
         for key in &keys {
@@ -370,7 +372,9 @@ mod tests {
             cache.insert(PRIMARY, &request, entry("accept")).await;
         }
         assert_eq!(cache.index.get(PRIMARY).unwrap().keys.len(), MAX_VARIANTS);
-        let first = cache.key_for(PRIMARY, &map(&[("accept", "type/0")])).unwrap();
+        let first = cache
+            .key_for(PRIMARY, &map(&[("accept", "type/0")]))
+            .unwrap();
         assert!(cache.get(&first).await.is_none());
     }
 }
