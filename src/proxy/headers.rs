@@ -82,14 +82,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the `Transfer-Encoding` fields list exactly `chunked`, the one
-/// transfer coding portico decodes and re-applies. Anything else (`gzip,
-/// chunked`, say) would reach the other side with the coding stripped from
-/// the head but not from the bytes.
-pub fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
+/// Whether a head's transfer codings are ones portico can relay: none, or
+/// exactly `chunked`, the one coding it decodes and re-applies. Anything
+/// else (`gzip, chunked`, say) would reach the other side with the coding
+/// stripped from the head but not from the bytes. A head without the field
+/// costs one lookup.
+pub fn relayable_coding(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if values.peek().is_none() {
+        return true;
+    }
+    let mut codings = values
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty());
@@ -380,9 +383,10 @@ mod tests {
     }
 
     #[test]
-    fn only_chunked_accepts_exactly_one_chunked_coding() {
+    fn relayable_coding_is_none_or_exactly_one_chunked() {
         for (values, want) in [
-            (&["chunked"][..], true),
+            (&[][..], true),
+            (&["chunked"], true),
             (&["Chunked "], true),
             (&["gzip, chunked"], false),
             (&["gzip", "chunked"], false),
@@ -394,7 +398,7 @@ mod tests {
             for value in values {
                 headers.append(header::TRANSFER_ENCODING, HeaderValue::from_static(value));
             }
-            assert_eq!(only_chunked(&headers), want, "{values:?}");
+            assert_eq!(relayable_coding(&headers), want, "{values:?}");
         }
     }
 

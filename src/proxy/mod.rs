@@ -208,9 +208,7 @@ impl Proxy {
         }
         // hyper decodes a final `chunked` and portico re-chunks; any coding
         // before it would reach the backend unannounced (RFC 9112 §6.1).
-        if request.headers().contains_key(header::TRANSFER_ENCODING)
-            && !headers::only_chunked(request.headers())
-        {
+        if !headers::relayable_coding(request.headers()) {
             return Err(ProxyError::UnsupportedCoding);
         }
 

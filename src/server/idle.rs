@@ -12,8 +12,7 @@
 //!   first request and from the head's first byte for the ones after; a
 //!   client trickling a head in is closed, whatever it sends meanwhile.
 //!   HTTP/2 connections, recognised by their preface, have no heads to wait
-//!   for between streams and are left to the idle timeout.
-//!
+//!   for between streams and are left to the idle timeout;
 //! - a connection whose writes have been blocked for `idle_timeout`, with
 //!   not one byte taken by the client meanwhile, is dropped, like nginx's
 //!   `send_timeout` (HAProxy's `timeout client`): a client that stopped

@@ -436,9 +436,7 @@ fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'stati
         // RFC 9110 §15.2.2: a server switches only to what was asked for.
         return Some("101 Switching Protocols to a request without Upgrade");
     }
-    if response.headers().contains_key(header::TRANSFER_ENCODING)
-        && !crate::proxy::headers::only_chunked(response.headers())
-    {
+    if !crate::proxy::headers::relayable_coding(response.headers()) {
         return Some("a transfer coding other than chunked");
     }
     None
