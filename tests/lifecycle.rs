@@ -504,3 +504,112 @@ async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
     }
     assert!(received < size, "all {received} bytes arrived");
 }
+
+#[tokio::test]
+async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_timeout() {
+    // The client stops reading one stream, so its flow-control window
+    // closes; the connection itself keeps working. As nginx's send_timeout
+    // for a stream: after idle_timeout the response is abandoned and the
+    // backend side let go, while other streams go on.
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_millis(300);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", proxy.addr))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let size = 40_000_000;
+    let unread = tokio::time::timeout(STEP, sender.send_request(get(&format!("/bytes/{size}"))))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    proxy
+        .wait_until("the backend to be let go", |backends| {
+            backends[0].in_flight == 0
+        })
+        .await;
+    // The connection and its other streams are unharmed.
+    let other = tokio::time::timeout(STEP, async {
+        let response = sender.send_request(get("/health")).await.unwrap();
+        let status = response.status();
+        response.into_body().collect().await.unwrap();
+        status
+    })
+    .await
+    .expect("another stream answered");
+    assert_eq!(other, StatusCode::OK);
+    // With nothing else going on the connection is idle: it is closed,
+    // though the client never ended the abandoned stream.
+    tokio::time::timeout(STEP, connection)
+        .await
+        .expect("the idle connection closed")
+        .unwrap();
+    // What is left of the abandoned stream ends in an error, not in a body
+    // that merely looks short.
+    let rest = tokio::time::timeout(STEP, unread.into_body().collect())
+        .await
+        .map(|body| body.map(|whole| whole.to_bytes().len()));
+    assert!(matches!(rest, Ok(Err(_))), "abandoned body: {rest:?}");
+}
+
+#[tokio::test]
+async fn an_http2_stream_read_slowly_arrives_whole() {
+    // Each pause is shorter than idle_timeout but all of them together far
+    // longer: a client that keeps opening its window is never cut.
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_millis(600);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(64 * 1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let size = 1024 * 1024;
+    let request = http::Request::get(format!("http://{}/bytes/{size}", proxy.addr))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let received = tokio::time::timeout(STEP, async {
+        let mut body = sender.send_request(request).await.unwrap().into_body();
+        let (mut received, mut since_pause) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            let len = frame
+                .expect("the stream is not cut")
+                .into_data()
+                .map_or(0, |d| d.len());
+            received += len;
+            since_pause += len;
+            if since_pause >= 64 * 1024 {
+                since_pause = 0;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+        received
+    })
+    .await
+    .expect("the download ended");
+    assert_eq!(received, size);
+}

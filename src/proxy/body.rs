@@ -31,6 +31,8 @@ pub enum BodyError {
     TooLarge { limit: u64 },
     #[error("no body data for {0:?}")]
     Stalled(Duration),
+    #[error("the client kept the stream's flow-control window shut; response abandoned")]
+    Abandoned,
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }

@@ -17,7 +17,10 @@
 //!   not one byte taken by the client meanwhile, is dropped, like nginx's
 //!   `send_timeout` (HAProxy's `timeout client`): a client that stopped
 //!   reading would otherwise hold its backend connection, its slot in the
-//!   balancer's count and any cache fill it leads for as long as it likes.
+//!   balancer's count and any cache fill it leads for as long as it likes;
+//! - on HTTP/2 the same per stream: a response body whose client has kept
+//!   the stream's flow-control window shut for `idle_timeout` is dropped
+//!   (see [`Watched`]), while the connection's other streams go on.
 //!
 //! A request counts as being answered from its head until its response
 //! body has been handed over whole, so a long download is never cut while
@@ -25,12 +28,15 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proxy::body::{BodyError, ProxyBody};
 
 /// What the watchdog reads, bumped by the connection as it works.
 #[derive(Debug)]
@@ -50,6 +56,8 @@ pub(super) struct Activity {
     opened: AtomicBool,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
+    /// The HTTP/2 streams being answered (see [`Watched`]).
+    streams: Mutex<Vec<StreamWatch>>,
 }
 
 /// Why the watchdog fired.
@@ -74,6 +82,7 @@ impl Activity {
             multiplexed: AtomicBool::new(false),
             opened: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
+            streams: Mutex::new(Vec::new()),
         }
     }
 
@@ -141,6 +150,9 @@ impl Activity {
             let stuck = now.1 == last.1 && self.write_blocked.load(Ordering::Relaxed);
             unread = if stuck { unread + step } else { Duration::ZERO };
             last = now;
+            if self.multiplexed.load(Ordering::Relaxed) {
+                self.abandon_shut_streams(step, idle);
+            }
             if head_wait >= head {
                 return Expired::Head;
             }
@@ -152,8 +164,43 @@ impl Activity {
             }
         }
     }
+
+    /// Called every `step`: drops the body of each HTTP/2 stream whose
+    /// client has kept its window shut for `idle` (see [`Watched`]), and
+    /// forgets the streams that are done.
+    fn abandon_shut_streams(&self, step: Duration, idle: Duration) {
+        let mut abandoned = 0;
+        lock(&self.streams).retain_mut(|watch| {
+            let Some(stream) = watch.stream.upgrade() else {
+                return false;
+            };
+            let handed = stream.handed.load(Ordering::Relaxed);
+            if handed != watch.last || !stream.with_client.load(Ordering::Relaxed) {
+                watch.last = handed;
+                watch.shut = Duration::ZERO;
+                return true;
+            }
+            watch.shut += step;
+            if watch.shut < idle {
+                return true;
+            }
+            if stream.abandon(handed) {
+                abandoned += 1;
+                return false;
+            }
+            watch.shut = Duration::ZERO;
+            true
+        });
+        if abandoned > 0 {
+            tracing::info!(
+                streams = abandoned,
+                "HTTP/2 client kept a stream's window shut for idle_timeout; its response was abandoned"
+            );
+        }
+    }
 }
 
+#[derive(Debug)]
 pub(super) struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
@@ -163,40 +210,150 @@ impl Drop for Busy {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as being answered
-    /// until hyper has taken all of it (and dropped it).
-    pub(super) struct Answering<B> {
-        #[pin]
-        body: B,
-        busy: Busy,
+/// A response body that keeps its request counted as being answered
+/// until hyper has taken all of it (and dropped it).
+pub(super) enum Answering {
+    Direct {
+        body: ProxyBody,
+        _busy: Busy,
+    },
+    /// An HTTP/2 stream's body, which the connection's watchdog may take
+    /// away (see [`Activity::abandon_shut_streams`]).
+    Watched(Arc<Watched>),
+}
+
+impl Answering {
+    pub(super) fn new(body: ProxyBody, busy: Busy) -> Self {
+        Answering::Direct { body, _busy: busy }
+    }
+
+    /// For a stream of a multiplexed connection: the watchdog gets to see
+    /// whether the client keeps its flow-control window shut.
+    pub(super) fn watched(body: ProxyBody, busy: Busy) -> Self {
+        let activity = busy.0.clone();
+        let watched = Arc::new(Watched {
+            slot: Mutex::new(Some((body, busy))),
+            handed: AtomicU64::new(0),
+            with_client: AtomicBool::new(false),
+        });
+        let mut streams = lock(&activity.streams);
+        if streams.len() == streams.capacity() {
+            // Forget finished streams before growing: a busy connection
+            // would otherwise keep each one's allocation until the next
+            // tick, which may be seconds away.
+            streams.retain(|watch| watch.stream.strong_count() > 0);
+        }
+        streams.push(StreamWatch {
+            stream: Arc::downgrade(&watched),
+            last: 0,
+            shut: Duration::ZERO,
+        });
+        drop(streams);
+        Answering::Watched(watched)
     }
 }
 
-impl<B> Answering<B> {
-    pub(super) fn new(body: B, busy: Busy) -> Self {
-        Answering { body, busy }
-    }
-}
-
-impl<B: Body> Body for Answering<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+impl Body for Answering {
+    type Data = Bytes;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Answering::Direct { body, .. } => Pin::new(body).poll_frame(cx),
+            Answering::Watched(watched) => watched.poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            Answering::Direct { body, .. } => body.is_end_stream(),
+            Answering::Watched(watched) => lock(&watched.slot)
+                .as_ref()
+                .is_some_and(|(body, _)| body.is_end_stream()),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            Answering::Direct { body, .. } => body.size_hint(),
+            Answering::Watched(watched) => lock(&watched.slot)
+                .as_ref()
+                .map_or_else(SizeHint::default, |(body, _)| body.size_hint()),
+        }
     }
+}
+
+/// One HTTP/2 response body, shared between hyper (which polls it) and
+/// the connection's watchdog (which may drop it).
+///
+/// hyper asks an HTTP/2 body for its next frame only once the frame before
+/// has found room in the client's flow-control window. A client that keeps
+/// a stream's window shut therefore stalls it without blocking the socket,
+/// which other streams go on using, and without the body ever learning of
+/// it: `body_timeout` only counts waits on the backend. nginx ends such a
+/// stream after `send_timeout`; here the watchdog drops a body that has
+/// handed hyper a frame and not been asked for the next for `idle_timeout`,
+/// which lets its backend connection, in-flight slot and any cache fill go.
+#[derive(Debug)]
+pub(super) struct Watched {
+    /// The body, and its request's place in the connection's busy count;
+    /// `None` once abandoned.
+    slot: Mutex<Option<(ProxyBody, Busy)>>,
+    /// Frames handed to hyper so far.
+    handed: AtomicU64,
+    /// The last poll handed over a frame: hyper waits for the client's
+    /// window before it asks again.
+    with_client: AtomicBool,
+}
+
+impl Watched {
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut slot = lock(&self.slot);
+        let Some((body, _)) = slot.as_mut() else {
+            // hyper resets the stream on an error.
+            return Poll::Ready(Some(Err(BodyError::Abandoned)));
+        };
+        let result = Pin::new(body).poll_frame(cx);
+        let handed = matches!(result, Poll::Ready(Some(Ok(_))));
+        if handed {
+            self.handed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.with_client.store(handed, Ordering::Relaxed);
+        result
+    }
+
+    /// Drops the body if hyper still waits on the client to take the frame
+    /// that was `handed` as `last`.
+    fn abandon(&self, last: u64) -> bool {
+        let taken = {
+            let mut slot = lock(&self.slot);
+            // Re-read under the lock a poll holds while it counts.
+            if !self.with_client.load(Ordering::Relaxed)
+                || self.handed.load(Ordering::Relaxed) != last
+            {
+                return false;
+            }
+            slot.take()
+        };
+        taken.is_some()
+    }
+}
+
+/// The watchdog's view of one HTTP/2 stream.
+#[derive(Debug)]
+struct StreamWatch {
+    stream: Weak<Watched>,
+    /// `handed` when last looked at.
+    last: u64,
+    /// How long the stream has waited on the client's window.
+    shut: Duration,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The client's stream, bumping [`Activity`] on every transfer.

@@ -384,9 +384,16 @@ async fn serve_connection<IO>(
         // the next request, and this one finishes on the config it began on.
         let proxy = shared.proxy.load_full();
         let busy = requests.busy();
+        let multiplexed = request.version() == http::Version::HTTP_2;
         async move {
             let response = proxy.handle(request, conn).await;
-            Ok::<_, Infallible>(response.map(|body| idle::Answering::new(body, busy)))
+            Ok::<_, Infallible>(response.map(|body| {
+                if multiplexed {
+                    idle::Answering::watched(body, busy)
+                } else {
+                    idle::Answering::new(body, busy)
+                }
+            }))
         }
     });
     let stream = idle::Tracked::new(stream, activity.clone());
@@ -401,7 +408,12 @@ async fn serve_connection<IO>(
                 idle::Expired::Idle => {
                     tracing::debug!(client = %conn.peer, "closing idle connection");
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    // Nothing is being answered, but an HTTP/2 stream whose
+                    // body was abandoned stays open until its client resets
+                    // it: do not wait for that longer than for anything else.
+                    tokio::time::timeout(settings.idle_timeout, connection)
+                        .await
+                        .unwrap_or(Ok(()))
                 }
                 // Nothing is being answered: dropping the connection
                 // closes it, as hyper's head timer did.

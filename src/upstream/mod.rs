@@ -486,7 +486,10 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
                 BodyError::TooLarge { .. } => ProxyError::BodyTooLarge,
                 BodyError::Stalled(_) => ProxyError::RequestBodyTimeout,
                 // The client's upload broke: nobody is left to answer.
-                BodyError::Hyper(_) => ProxyError::BadRequest("request body aborted"),
+                // (Abandoned is a response body's; here for completeness.)
+                BodyError::Hyper(_) | BodyError::Abandoned => {
+                    ProxyError::BadRequest("request body aborted")
+                }
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
