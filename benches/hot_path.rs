@@ -136,7 +136,8 @@ fn cache_hit(c: &mut Criterion) {
             lifetime: Duration::from_secs(600),
         };
         let primary = key::primary("http", "api.example.com", "/users/1/orders");
-        cache.insert(&primary, &request_headers(), entry).await;
+        let fill = cache.begin_fill(primary);
+        cache.insert(&fill, &request_headers(), entry).await;
         cache
     });
     let request = request_headers();

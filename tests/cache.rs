@@ -286,6 +286,72 @@ async fn a_post_invalidates_the_stored_list() {
 }
 
 #[tokio::test]
+async fn a_get_answered_before_a_post_completed_is_not_stored_after_it() {
+    // The GET reaches the backend first and is answered from the old
+    // state; the POST changes it and completes while that answer is still
+    // on its way. Stored after the POST's invalidation, the old list would
+    // be served for its whole max-age.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first_get_arrived = Arc::new(Notify::new());
+    let release_first_get = Arc::new(Notify::new());
+    let gets = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let (arrived, release) = (first_get_arrived.clone(), release_first_get.clone());
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (arrived, release, gets) = (arrived.clone(), release.clone(), gets.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer: &[u8] = if head.starts_with(b"POST") {
+                        b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    } else if gets.fetch_add(1, Ordering::SeqCst) == 0 {
+                        arrived.notify_one();
+                        release.notified().await;
+                        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\nConnection: close\r\n\r\nold"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\nConnection: close\r\n\r\nnew"
+                    };
+                    let _ = stream.write_all(answer).await;
+                });
+            }
+        }
+    });
+    let proxy = cached_proxy_at(addr).await;
+    let url = proxy.url("/list");
+    let early = tokio::spawn({
+        let url = url.clone();
+        async move { get(&client(), &url).await }
+    });
+    tokio::time::timeout(STEP, first_get_arrived.notified())
+        .await
+        .expect("the GET reached the backend");
+    let post = Request::post(&url).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(send(&client(), post).await.status, StatusCode::CREATED);
+    release_first_get.notify_one();
+    let early = early.await.unwrap();
+    assert_eq!(early.body, "old");
+    assert_eq!(
+        early.header("cache-status"),
+        "portico; fwd=miss; detail=invalidated"
+    );
+    // Whether it comes while the early answer is being stored or after,
+    // the next GET must see the state after the POST.
+    let after = get(&client(), &url).await;
+    assert_eq!(after.body, "new", "{}", after.header("cache-status"));
+}
+
+#[tokio::test]
 async fn preconditions_do_not_turn_a_stored_error_into_a_304() {
     // RFC 9110 §13.2.1: preconditions apply only to what would be a 2xx.
     let (backend, proxy) = cached_sample().await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
+use super::fill::Fill;
 use super::lock::Leader;
 use super::policy::{CacheControl, Timing};
 use super::{Cache, Entry};
@@ -17,7 +18,7 @@ use super::{Cache, Entry};
 #[derive(Debug)]
 pub struct Capture {
     cache: Arc<Cache>,
-    primary: String,
+    fill: Fill,
     /// The request's headers, for the Vary secondary key.
     request: HeaderMap,
     status: StatusCode,
@@ -44,7 +45,7 @@ pub struct Head {
 impl Capture {
     pub fn new(
         cache: Arc<Cache>,
-        primary: String,
+        fill: Fill,
         request: HeaderMap,
         head: Head,
         leader: Option<Leader>,
@@ -52,7 +53,7 @@ impl Capture {
         let limit = usize::try_from(cache.config.max_object_size).unwrap_or(usize::MAX);
         Capture {
             cache,
-            primary,
+            fill,
             request,
             status: head.status,
             headers: head.headers,
@@ -97,10 +98,9 @@ impl Capture {
             lifetime: self.lifetime,
             cc: self.cc,
         };
-        let (cache, primary, request, leader) =
-            (self.cache, self.primary, self.request, self.leader);
+        let (cache, fill, request, leader) = (self.cache, self.fill, self.request, self.leader);
         tokio::spawn(async move {
-            cache.insert(&primary, &request, entry).await;
+            cache.insert(&fill, &request, entry).await;
             drop(leader);
         });
     }

@@ -5,6 +5,7 @@
 //! request flows through it lives in `proxy::cached`.
 
 pub mod capture;
+pub mod fill;
 pub mod key;
 pub mod lock;
 pub mod policy;
@@ -151,6 +152,8 @@ pub struct Cache {
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
     index: Arc<DashMap<String, Variants>>,
+    /// Primary key -> the fetches under way for it (see [`fill`]).
+    fills: DashMap<String, fill::Pending>,
     pub locks: lock::Locks,
     pub counters: Counters,
     metrics: Arc<Metrics>,
@@ -196,6 +199,7 @@ impl Cache {
             config,
             store,
             index,
+            fills: DashMap::new(),
             locks: lock::Locks::default(),
             counters,
             metrics,
@@ -223,8 +227,19 @@ impl Cache {
         self.store.get(full_key).await
     }
 
-    /// Stores `entry` for the request whose headers are `request`.
-    pub async fn insert(&self, primary: &str, request: &HeaderMap, entry: Entry) {
+    /// A fetch for `primary` whose answer may be stored: taken before the
+    /// request goes to the backend.
+    pub fn begin_fill(self: &Arc<Self>, primary: String) -> fill::Fill {
+        fill::Fill::begin(self, primary)
+    }
+
+    /// Stores `entry`, fetched by `fill`, for the request whose headers are
+    /// `request`; nothing if the URL was invalidated since the fetch began.
+    pub async fn insert(&self, fill: &fill::Fill, request: &HeaderMap, entry: Entry) {
+        if fill.overtaken() {
+            return;
+        }
+        let primary = fill.primary();
         let Some(names) = key::vary_names(&entry.headers) else {
             return;
         };
@@ -257,12 +272,21 @@ impl Cache {
         for key in dropped {
             self.store.invalidate(&key).await;
         }
-        self.store.insert(full, Arc::new(entry)).await;
+        self.store.insert(full.clone(), Arc::new(entry)).await;
+        // An invalidation marks fills before it reads the index. Overtaken
+        // since the check above, it may have missed this key, or dropped it
+        // before the store took it: undo. Not overtaken yet, any later
+        // invalidation finds the key in the index and the entry stored.
+        if fill.overtaken() {
+            self.store.invalidate(&full).await;
+        }
     }
 
     /// Drops every variant stored for `primary` (RFC 9111 §4.4): exactly
-    /// the keys the index lists, with no scan of the store.
+    /// the keys the index lists, with no scan of the store. Fetches for it
+    /// under way will not store what they bring.
     pub async fn invalidate(&self, primary: &str) {
+        self.overtake(primary);
         let Some((_, variants)) = self.index.remove(primary) else {
             return;
         };
@@ -273,6 +297,7 @@ impl Cache {
 
     /// Drops every entry whose path starts with `prefix` (admin purge).
     pub fn purge_prefix(&self, prefix: &str) {
+        self.overtake_paths(Some(prefix));
         let prefix = prefix.to_owned();
         let _ = self
             .store
@@ -280,6 +305,7 @@ impl Cache {
     }
 
     pub fn purge_all(&self) {
+        self.overtake_paths(None);
         self.store.invalidate_all();
         self.index.clear();
     }
@@ -306,6 +332,12 @@ mod tests {
         Cache::new(config::Cache::default(), Arc::new(Metrics::new()))
     }
 
+    /// Stores as a fetch begun just now would.
+    async fn store(cache: &Arc<Cache>, request: &HeaderMap, entry: Entry) {
+        let fill = cache.begin_fill(PRIMARY.to_owned());
+        cache.insert(&fill, request, entry).await;
+    }
+
     fn entry(vary: &str) -> Entry {
         let now = SystemTime::now();
         Entry {
@@ -323,10 +355,8 @@ mod tests {
         let cache = cache();
         let gzip = map(&[("accept-encoding", "gzip")]);
         let plain = map(&[("accept-encoding", "identity")]);
-        cache.insert(PRIMARY, &gzip, entry("accept-encoding")).await;
-        cache
-            .insert(PRIMARY, &plain, entry("accept-encoding"))
-            .await;
+        store(&cache, &gzip, entry("accept-encoding")).await;
+        store(&cache, &plain, entry("accept-encoding")).await;
         let keys = [&gzip, &plain].map(|h| cache.key_for(PRIMARY, h).unwrap());
         assert_ne!(keys[0], keys[1]);
         for key in &keys {
@@ -343,7 +373,7 @@ mod tests {
     async fn the_index_forgets_what_the_store_drops() {
         let cache = cache();
         let request = HeaderMap::new();
-        cache.insert(PRIMARY, &request, entry("accept")).await;
+        store(&cache, &request, entry("accept")).await;
         assert!(cache.key_for(PRIMARY, &request).is_some());
         cache.purge_prefix("/x");
         cache.stats().await; // runs the store's pending removals
@@ -355,9 +385,9 @@ mod tests {
     async fn a_vary_change_drops_the_variants_it_orphans() {
         let cache = cache();
         let gzip = map(&[("accept-encoding", "gzip"), ("accept", "a")]);
-        cache.insert(PRIMARY, &gzip, entry("accept-encoding")).await;
+        store(&cache, &gzip, entry("accept-encoding")).await;
         let old = cache.key_for(PRIMARY, &gzip).unwrap();
-        cache.insert(PRIMARY, &gzip, entry("accept")).await;
+        store(&cache, &gzip, entry("accept")).await;
         let new = cache.key_for(PRIMARY, &gzip).unwrap();
         assert_ne!(old, new);
         assert!(cache.get(&old).await.is_none());
@@ -369,12 +399,40 @@ mod tests {
         let cache = cache();
         for n in 0..MAX_VARIANTS + 5 {
             let request = map(&[("accept", &format!("type/{n}"))]);
-            cache.insert(PRIMARY, &request, entry("accept")).await;
+            store(&cache, &request, entry("accept")).await;
         }
         assert_eq!(cache.index.get(PRIMARY).unwrap().keys.len(), MAX_VARIANTS);
         let first = cache
             .key_for(PRIMARY, &map(&[("accept", "type/0")]))
             .unwrap();
         assert!(cache.get(&first).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_overtaken_by_an_invalidation_stores_nothing() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        // A GET goes out; a POST to the same URL completes meanwhile.
+        let early = cache.begin_fill(PRIMARY.to_owned());
+        let other = cache.begin_fill("GET|http|shop|/y".to_owned());
+        cache.invalidate(PRIMARY).await;
+        cache.insert(&early, &request, entry("accept")).await;
+        assert!(cache.key_for(PRIMARY, &request).is_none());
+        // Another URL's fetch is not affected.
+        cache.insert(&other, &request, entry("accept")).await;
+        assert!(cache.key_for("GET|http|shop|/y", &request).is_some());
+        // Nor is a fetch begun after the invalidation.
+        store(&cache, &request, entry("accept")).await;
+        let key = cache.key_for(PRIMARY, &request).unwrap();
+        assert!(cache.get(&key).await.is_some());
+        // A purge overtakes like an invalidation.
+        let fill = cache.begin_fill(PRIMARY.to_owned());
+        cache.purge_prefix("/");
+        cache.insert(&fill, &request, entry("accept")).await;
+        cache.stats().await;
+        assert!(cache.get(&key).await.is_none());
+        // Records live only while their fetches do.
+        drop((early, fill, other));
+        assert!(cache.fills.is_empty());
     }
 }

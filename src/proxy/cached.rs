@@ -13,6 +13,7 @@ use super::body::{ProxyBody, RequestBody};
 use super::error::ProxyError;
 use super::{forward_with_retries, headers, Trace};
 use crate::cache::capture::{Capture, Head};
+use crate::cache::fill::Fill;
 use crate::cache::lock::{self, Claim, Leader, Locks};
 use crate::cache::policy::{self, CacheControl, Timing, Usable};
 use crate::cache::range::{self, RangeAnswer};
@@ -254,6 +255,7 @@ pub(super) async fn serve(
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
+    let fill = cache.begin_fill(primary);
     let request_time = cache.now();
     let (response, in_flight) = forward_with_retries(
         upstream,
@@ -265,7 +267,7 @@ pub(super) async fn serve(
     Ok(store_or_relay(
         cache,
         upstream,
-        primary,
+        fill,
         request_headers,
         &request_cc,
         request_time,
@@ -317,7 +319,7 @@ fn relay(
 fn store_or_relay(
     cache: &Arc<Cache>,
     upstream: &Upstream,
-    primary: String,
+    fill: Fill,
     request_headers: HeaderMap,
     request_cc: &CacheControl,
     request_time: std::time::SystemTime,
@@ -355,6 +357,9 @@ fn store_or_relay(
         format!("; fwd-status={}", status.as_u16())
     };
     let text = match decision {
+        // The URL was invalidated while this was fetched: it may predate
+        // the change (see `cache::fill`).
+        Ok(_) if fill.overtaken() => format!("portico; fwd={fwd}{fwd_status}; detail=invalidated"),
         Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
             format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
         }
@@ -366,7 +371,7 @@ fn store_or_relay(
                 lifetime,
                 cc,
             };
-            let capture = Capture::new(cache.clone(), primary, request_headers, head, leader);
+            let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
             let (parts, body) = response.into_parts();
             response = Response::from_parts(parts, body.with_capture(capture));
             format!("portico; fwd={fwd}{fwd_status}; stored")
@@ -473,6 +478,7 @@ async fn revalidate(
     let request_time = cache.now();
     let age = entry.timing.current_age(request_time);
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
+    let fill = cache.begin_fill(primary);
     match forward_with_retries(upstream, parts, RequestBody::empty(), trace).await {
         Ok((response, _in_flight))
             if response.status() == StatusCode::NOT_MODIFIED && has_validator(&entry) =>
@@ -486,7 +492,7 @@ async fn revalidate(
                 &client,
                 &format!("portico; fwd={fwd}; fwd-status=304"),
             );
-            cache.insert(&primary, &request_headers, updated).await;
+            cache.insert(&fill, &request_headers, updated).await;
             drop(leader);
             Ok(answer)
         }
@@ -498,7 +504,7 @@ async fn revalidate(
             Ok(store_or_relay(
                 cache,
                 upstream,
-                primary,
+                fill,
                 request_headers,
                 &request_cc,
                 request_time,
@@ -538,6 +544,7 @@ async fn refresh(
     let request_headers = parts.headers.clone();
     let request_cc = policy::parse_request(&request_headers);
     conditional(&mut parts, &entry);
+    let fill = cache.begin_fill(primary);
     let request_time = cache.now();
     let mut trace = Trace::default();
     let Ok((response, in_flight)) =
@@ -548,13 +555,13 @@ async fn refresh(
     if response.status() == StatusCode::NOT_MODIFIED {
         cache.counters.revalidated.inc();
         let updated = refreshed(&cache, &entry, response.headers(), request_time);
-        cache.insert(&primary, &request_headers, updated).await;
+        cache.insert(&fill, &request_headers, updated).await;
         return;
     }
     let response = store_or_relay(
         &cache,
         &upstream,
-        primary,
+        fill,
         request_headers,
         &request_cc,
         request_time,

@@ -1,0 +1,95 @@
+//! Keeping an invalidation from being undone by a fetch that was under way.
+//!
+//! An unsafe request invalidates its target (RFC 9111 §4.4) when its
+//! response comes back. A GET for that URL already at the backend may have
+//! been answered from the state before the change; stored after the
+//! invalidation, it would be served until it expires, the write seemingly
+//! lost. So every fetch whose answer may be stored is a [`Fill`], taken
+//! before the request goes out: an invalidation or purge of its URL while
+//! it is under way marks it overtaken, and an overtaken fill stores
+//! nothing.
+//!
+//! Only URLs with a fetch under way have a record, so the table is as
+//! small as the fetches in flight and an invalidation of any other URL
+//! finds nothing to mark.
+
+use std::sync::Arc;
+
+use super::{key, Cache};
+
+/// One URL's fetches under way.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    /// Invalidations of the URL seen while fetches were under way.
+    generation: u64,
+    /// The fetches under way; the record goes with the last.
+    fills: usize,
+}
+
+/// A fetch that may end in a store, from before its request goes out until
+/// its response is stored or given up.
+#[derive(Debug)]
+pub struct Fill {
+    cache: Arc<Cache>,
+    primary: String,
+    generation: u64,
+}
+
+impl Fill {
+    pub(super) fn begin(cache: &Arc<Cache>, primary: String) -> Self {
+        let generation = {
+            let mut pending = cache.fills.entry(primary.clone()).or_default();
+            pending.fills += 1;
+            pending.generation
+        };
+        Fill {
+            cache: cache.clone(),
+            primary,
+            generation,
+        }
+    }
+
+    pub fn primary(&self) -> &str {
+        &self.primary
+    }
+
+    /// The URL was invalidated or purged since this fetch began.
+    pub fn overtaken(&self) -> bool {
+        self.cache
+            .fills
+            .get(&self.primary)
+            .is_none_or(|pending| pending.generation != self.generation)
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        let fills = &self.cache.fills;
+        let last = fills.get_mut(&self.primary).is_some_and(|mut pending| {
+            pending.fills -= 1;
+            pending.fills == 0
+        });
+        if last {
+            fills.remove_if(&self.primary, |_, pending| pending.fills == 0);
+        }
+    }
+}
+
+impl Cache {
+    /// Marks the fetches under way for `primary` overtaken. Called before
+    /// the stored variants are dropped (see [`Cache::insert`] for why).
+    pub(super) fn overtake(&self, primary: &str) {
+        if let Some(mut pending) = self.fills.get_mut(primary) {
+            pending.generation += 1;
+        }
+    }
+
+    /// The same for every URL whose path starts with `prefix`, or all.
+    pub(super) fn overtake_paths(&self, prefix: Option<&str>) {
+        for mut pending in self.fills.iter_mut() {
+            if prefix.is_none_or(|prefix| key::path_of(pending.key()).starts_with(prefix)) {
+                pending.generation += 1;
+            }
+        }
+    }
+}
