@@ -292,7 +292,7 @@ async fn a_get_answered_before_a_post_completed_is_not_stored_after_it() {
     // on its way. Stored after the POST's invalidation, the old list would
     // be served for its whole max-age.
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::sync::Notify;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -305,14 +305,9 @@ async fn a_get_answered_before_a_post_completed_is_not_stored_after_it() {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let (arrived, release, gets) = (arrived.clone(), release.clone(), gets.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
                     let answer: &[u8] = if head.starts_with(b"POST") {
                         b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     } else if gets.fetch_add(1, Ordering::SeqCst) == 0 {

@@ -505,21 +505,25 @@ async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
     assert!(received < size, "all {received} bytes arrived");
 }
 
-#[tokio::test]
-async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_timeout() {
-    // The client stops reading one stream, so its flow-control window
-    // closes; the connection itself keeps working. As nginx's send_timeout
-    // for a stream: after idle_timeout the response is abandoned and the
-    // backend side let go, while other streams go on.
-    use http_body_util::{BodyExt, Empty};
+/// A sample backend and a proxy whose idle timeout is `idle` (head timer
+/// far beyond the test), with an HTTP/2 connection to it whose streams'
+/// windows are 64 KiB; the task ends when the connection does.
+async fn h2_to_proxy_with_idle(
+    idle: Duration,
+) -> (
+    portico::sample::RunningBackend,
+    RunningProxy,
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
-    config.server.idle_timeout = Duration::from_millis(300);
+    config.server.idle_timeout = idle;
     config.server.request_header_timeout = Duration::from_secs(60);
     let proxy = start_proxy(config).await;
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(64 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
         .handshake(TokioIo::new(tcp))
@@ -528,16 +532,32 @@ async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_
     let connection = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let get = |path: &str| {
-        http::Request::get(format!("http://{}{path}", proxy.addr))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap()
-    };
-    let size = 40_000_000;
-    let unread = tokio::time::timeout(STEP, sender.send_request(get(&format!("/bytes/{size}"))))
-        .await
+    (backend, proxy, sender, connection)
+}
+
+fn h2_get(proxy: &RunningProxy, path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{}{path}", proxy.addr))
+        .body(http_body_util::Empty::new())
         .unwrap()
-        .unwrap();
+}
+
+#[tokio::test]
+async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_timeout() {
+    // The client stops reading one stream, so its flow-control window
+    // closes; the connection itself keeps working. As nginx's send_timeout
+    // for a stream: after idle_timeout the response is abandoned and the
+    // backend side let go, while other streams go on.
+    use http_body_util::BodyExt;
+    let (_backend, proxy, mut sender, connection) =
+        h2_to_proxy_with_idle(Duration::from_millis(300)).await;
+    let size = 40_000_000;
+    let unread = tokio::time::timeout(
+        STEP,
+        sender.send_request(h2_get(&proxy, &format!("/bytes/{size}"))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(unread.status(), StatusCode::OK);
     proxy
         .wait_until("the backend to be let go", |backends| {
@@ -546,7 +566,10 @@ async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_
         .await;
     // The connection and its other streams are unharmed.
     let other = tokio::time::timeout(STEP, async {
-        let response = sender.send_request(get("/health")).await.unwrap();
+        let response = sender
+            .send_request(h2_get(&proxy, "/health"))
+            .await
+            .unwrap();
         let status = response.status();
         response.into_body().collect().await.unwrap();
         status
@@ -572,26 +595,11 @@ async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_
 async fn an_http2_stream_read_slowly_arrives_whole() {
     // Each pause is shorter than idle_timeout but all of them together far
     // longer: a client that keeps opening its window is never cut.
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.idle_timeout = Duration::from_millis(600);
-    config.server.request_header_timeout = Duration::from_secs(60);
-    let proxy = start_proxy(config).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(64 * 1024)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    use http_body_util::BodyExt;
+    let (_backend, proxy, mut sender, _connection) =
+        h2_to_proxy_with_idle(Duration::from_millis(600)).await;
     let size = 1024 * 1024;
-    let request = http::Request::get(format!("http://{}/bytes/{size}", proxy.addr))
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
+    let request = h2_get(&proxy, &format!("/bytes/{size}"));
     let received = tokio::time::timeout(STEP, async {
         let mut body = sender.send_request(request).await.unwrap().into_body();
         let (mut received, mut since_pause) = (0, 0);

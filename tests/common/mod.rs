@@ -212,20 +212,15 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
 /// request head and writes `answer(head)`, then closes. For backend
 /// behaviour the sample backend would never show.
 pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 let _ = stream
                     .write_all(answer(&String::from_utf8_lossy(&head)))
                     .await;
@@ -233,6 +228,21 @@ pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Reads a request head (and whatever follows it in the same reads);
+/// `None` if the connection ends first.
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
 
 /// The request target of a raw request head.
