@@ -88,10 +88,16 @@ fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
     let mut child = Command::new(PORTICO)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        log
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -131,6 +137,10 @@ fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "demo did not stop after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Logs going to a file or a pipe carry no terminal colour codes.
+    let log = log.join().unwrap();
+    assert!(log.contains("listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
 }
 
 /// A minimal HTTP/1.1 GET over std's TcpStream, read to close.
