@@ -3,7 +3,8 @@
 //! backend taking traffic), `/status` (JSON), and the token-protected
 //! mutations `POST /reload` and `DELETE /cache?prefix=`. Without a
 //! `token_file` the mutations are disabled (403); a missing or wrong bearer
-//! token gets 401.
+//! token gets 401. The token is read again on every reload, so rotating it
+//! is: rewrite the file, reload.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::proxy::route::routing_path;
 use crate::server::shutdown::Shutdown;
 use crate::server::Shared;
 
@@ -67,23 +69,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The credentials of a `Bearer` Authorization field; the scheme name is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(request: &Request<Incoming>) -> Option<&str> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
 /// `None` when the caller may mutate; otherwise the refusal.
-fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Option<Response<Body>> {
-    let Some(token) = token else {
+fn authorize(
+    shared: &Shared,
+    request: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Option<Response<Body>> {
+    let Some(token) = shared.admin_token() else {
         return Some(text(
             StatusCode::FORBIDDEN,
             "403 Forbidden: set [admin] token_file to enable this call\n",
         ));
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
+    match bearer(request) {
         Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
-        _ => {
+        presented => {
+            tracing::warn!(
+                client = %peer,
+                call = %request.uri().path(),
+                reason = if presented.is_some() { "wrong token" } else { "no bearer token" },
+                "admin call refused"
+            );
             let mut response = text(StatusCode::UNAUTHORIZED, "401 Unauthorized\n");
             response
                 .headers_mut()
@@ -137,12 +157,14 @@ fn refresh_gauges(shared: &Shared) {
 
 async fn handle(
     shared: Arc<Shared>,
-    token: Option<Arc<str>>,
     request: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Response<Body> {
     let method = request.method().clone();
+    // HEAD wherever GET is (RFC 9110 §9.1); hyper sends no body for it.
+    let read = method == Method::GET || method == Method::HEAD;
     match (method, request.uri().path()) {
-        (Method::GET, "/metrics") => {
+        (_, "/metrics") if read => {
             refresh_gauges(&shared);
             let cache = shared.proxy.load().cache().cloned();
             if let Some(cache) = cache {
@@ -155,8 +177,8 @@ async fn handle(
             );
             response
         }
-        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (Method::GET, "/readyz") => {
+        (_, "/healthz") if read => text(StatusCode::OK, "ok\n"),
+        (_, "/readyz") if read => {
             let proxy = shared.proxy.load();
             let down: Vec<&str> = proxy
                 .upstreams()
@@ -173,7 +195,7 @@ async fn handle(
                 )
             }
         }
-        (Method::GET, "/status") => {
+        (_, "/status") if read => {
             let mut status = status_json(&shared);
             let cache = shared.proxy.load().cache().cloned();
             if let Some(cache) = cache {
@@ -193,48 +215,123 @@ async fn handle(
             json(StatusCode::OK, &status)
         }
         (Method::POST, "/reload") => {
-            if let Some(refusal) = authorize(token.as_deref(), &request) {
+            if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
             match shared.reload() {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
-                Err(errors) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n")),
+                Err(errors) => {
+                    // As a rejected SIGHUP reload is: the log is where an
+                    // operator looks for what a deploy tool did.
+                    tracing::error!(client = %peer, "reload rejected, configuration unchanged: {errors}");
+                    text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n"))
+                }
             }
         }
         (Method::DELETE, "/cache") => {
-            if let Some(refusal) = authorize(token.as_deref(), &request) {
+            if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
             let proxy = shared.proxy.load();
             let Some(cache) = proxy.cache() else {
                 return text(StatusCode::NOT_FOUND, "no [cache] configured\n");
             };
-            let prefix = request
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .find_map(|pair| pair.strip_prefix("prefix="));
-            match prefix {
-                Some(prefix) if prefix.starts_with('/') => {
-                    cache.purge_prefix(prefix);
-                    text(StatusCode::OK, format!("purged {prefix}*\n"))
-                }
-                Some(_) => text(StatusCode::BAD_REQUEST, "prefix must start with /\n"),
-                None => {
+            match purge_request(request.uri().query()) {
+                Ok(Purge::All) => {
                     cache.purge_all();
+                    tracing::info!(client = %peer, "cache purged");
                     text(StatusCode::OK, "purged everything\n")
                 }
+                Ok(Purge::Prefix(prefix)) => {
+                    let answer = format!("purged {prefix}*\n");
+                    tracing::info!(client = %peer, %prefix, "cache purged by prefix");
+                    cache.purge_paths(prefix_matcher(prefix));
+                    text(StatusCode::OK, answer)
+                }
+                Err(problem) => text(StatusCode::BAD_REQUEST, format!("{problem}\n")),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => {
-            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            response
-        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/status") => not_allowed("GET, HEAD"),
+        (_, "/reload") => not_allowed("POST"),
+        (_, "/cache") => not_allowed("DELETE"),
         _ => text(StatusCode::NOT_FOUND, "404 Not Found\n"),
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// What `DELETE /cache` asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Purge {
+    All,
+    Prefix(String),
+}
+
+/// `DELETE /cache` purges everything only when asked with no query at all;
+/// otherwise the query must be exactly one `prefix` (form-encoded, as curl
+/// `--data-urlencode` and every query builder write it) starting with `/`.
+/// Anything else is refused, so a misspelt purge never empties the cache.
+fn purge_request(query: Option<&str>) -> Result<Purge, String> {
+    const USAGE: &str = "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path";
+    let mut prefix = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(name), Some(value)) = (form_decode(name), form_decode(value)) else {
+            return Err(format!("malformed query `{pair}`: {USAGE}"));
+        };
+        if name != "prefix" {
+            return Err(format!("unknown parameter `{name}`: {USAGE}"));
+        }
+        if prefix.replace(value).is_some() {
+            return Err(format!("one prefix per call: {USAGE}"));
+        }
+    }
+    match prefix {
+        None if query.is_some_and(|q| !q.is_empty()) => Err(USAGE.to_owned()),
+        None => Ok(Purge::All),
+        Some(prefix) if prefix.starts_with('/') => Ok(Purge::Prefix(prefix)),
+        Some(_) => Err("prefix must start with /".to_owned()),
+    }
+}
+
+/// Decodes one `application/x-www-form-urlencoded` name or value: `+` is a
+/// space, `%XX` a byte; `None` for a bad escape or bytes that are not UTF-8.
+fn form_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        bytes.push(match b {
+            b'+' => b' ',
+            b'%' => {
+                let hex = std::str::from_utf8(rest.get(..2)?).ok()?;
+                rest = &rest[2..];
+                u8::from_str_radix(hex, 16).ok()?
+            }
+            b => b,
+        });
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Which stored paths a purge of `prefix` drops: those starting with it as
+/// written, and those whose normal form (as routes see it: `//a/./b` is
+/// `/a/b`) starts with its normal form, so content purged under one
+/// spelling is not still served under another.
+fn prefix_matcher(prefix: String) -> impl Fn(&str) -> bool + Send + Sync + 'static {
+    let normal = routing_path(&prefix).into_owned();
+    move |path_and_query: &str| {
+        if path_and_query.starts_with(&prefix) {
+            return true;
+        }
+        let path = path_and_query.split('?').next().unwrap_or(path_and_query);
+        routing_path(path).starts_with(&normal)
     }
 }
 
@@ -243,13 +340,7 @@ async fn handle(
 const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves the admin endpoints on `listener` until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    token: Option<String>,
-    mut shutdown: Shutdown,
-) {
-    let token: Option<Arc<str>> = token.map(Arc::from);
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
     // HTTP/1.1 only (Prometheus, curl and load balancers' probes all speak
     // it): hyper-util's protocol detection waits for a first byte with no
     // timer, so a client that connected and said nothing held its
@@ -265,7 +356,7 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             _ = shutdown.recv() => break,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(listener = ?local, %error, "admin accept failed");
@@ -274,11 +365,9 @@ pub async fn serve(
             }
         };
         let shared = shared.clone();
-        let token = token.clone();
         let service = service_fn(move |request| {
             let shared = shared.clone();
-            let token = token.clone();
-            async move { Ok::<_, Infallible>(handle(shared, token, request).await) }
+            async move { Ok::<_, Infallible>(handle(shared, request, peer).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
@@ -290,6 +379,51 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_purge_is_everything_only_when_asked_with_no_query() {
+        assert_eq!(purge_request(None), Ok(Purge::All));
+        assert_eq!(purge_request(Some("")), Ok(Purge::All));
+        let prefix = |p: &str| Ok(Purge::Prefix(p.to_owned()));
+        assert_eq!(purge_request(Some("prefix=/users/1")), prefix("/users/1"));
+        // As curl --data-urlencode and urlencode() write it.
+        assert_eq!(
+            purge_request(Some("prefix=%2Fusers%2F1")),
+            prefix("/users/1")
+        );
+        assert_eq!(purge_request(Some("prefix=/a+b%3F")), prefix("/a b?"));
+        for refused in [
+            "prefx=/users/1",
+            "foo=bar",
+            "prefix=/a&prefix=/b",
+            "prefix=/a&all=1",
+            "prefix=users",
+            "prefix=%zz",
+            "prefix=%",
+            "prefix=%ff",
+            "&",
+        ] {
+            assert!(purge_request(Some(refused)).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_purge_matches_every_spelling_of_the_path() {
+        let matches = prefix_matcher("/users/1".to_owned());
+        for hit in [
+            "/users/1/orders",
+            "/users/1",
+            "//users/1/orders?x=1",
+            "/x/../users/1/o",
+        ] {
+            assert!(matches(hit), "{hit}");
+        }
+        for miss in ["/users/2/orders", "/users", "/"] {
+            assert!(!matches(miss), "{miss}");
+        }
+        // A prefix with a query matches as written.
+        assert!(prefix_matcher("/list?page=".to_owned())("/list?page=2"));
+    }
 
     #[test]
     fn token_comparison() {

@@ -545,17 +545,34 @@ async fn admin_purge_by_prefix() {
     let client = client();
     get(&client, &proxy.url("/users/1/orders")).await;
     get(&client, &proxy.url("/users/2/orders")).await;
-    let purge = Request::delete(proxy.admin_url("/cache?prefix=/users/1"))
-        .header("authorization", "Bearer t")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(send(&client, purge).await.status, StatusCode::OK);
+    // Another spelling of the same path, stored under its own key.
+    get(&client, &proxy.url("//users/1/orders")).await;
+    let purge = |query: &str| {
+        Request::delete(proxy.admin_url(&format!("/cache{query}")))
+            .header("authorization", "Bearer t")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // A misspelt purge is refused rather than taken for "everything".
     assert_eq!(
-        get(&client, &proxy.url("/users/1/orders"))
-            .await
-            .header("cache-status"),
-        "portico; fwd=miss; stored"
+        send(&client, purge("?prefx=/users/1")).await.status,
+        StatusCode::BAD_REQUEST
     );
+    assert_eq!(cache_of(&proxy).stats().await.0, 3);
+    // Encoded as curl --data-urlencode writes it.
+    assert_eq!(
+        send(&client, purge("?prefix=%2Fusers%2F1")).await.status,
+        StatusCode::OK
+    );
+    for spelling in ["/users/1/orders", "//users/1/orders"] {
+        assert_eq!(
+            get(&client, &proxy.url(spelling))
+                .await
+                .header("cache-status"),
+            "portico; fwd=miss; stored",
+            "{spelling}"
+        );
+    }
     assert_eq!(
         get(&client, &proxy.url("/users/2/orders"))
             .await

@@ -143,6 +143,42 @@ async fn admin_mutations_need_the_token() {
         let right = send(&client, mutation(url, method, Some("s3cret"))).await;
         assert!(right.status != StatusCode::UNAUTHORIZED && right.status != StatusCode::FORBIDDEN);
     }
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    let lower = Request::post(guarded.admin_url("/reload"))
+        .header("authorization", "bearer s3cret")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_ne!(send(&client, lower).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn admin_answers_head_and_says_which_methods_a_path_allows() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), Some("s3cret"), None).await;
+    // HEAD wherever GET is (RFC 9110 §9.1).
+    for path in ["/metrics", "/healthz", "/readyz", "/status"] {
+        let head = send(&client, mutation(proxy.admin_url(path), "HEAD", None)).await;
+        assert_eq!(head.status, StatusCode::OK, "{path}");
+        assert!(head.body.is_empty(), "{path}");
+    }
+    for (path, method, allow) in [
+        ("/metrics", "POST", "GET, HEAD"),
+        ("/reload", "GET", "POST"),
+        ("/cache", "GET", "DELETE"),
+    ] {
+        let answer = send(
+            &client,
+            mutation(proxy.admin_url(path), method, Some("s3cret")),
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(answer.header("allow"), allow, "{method} {path}");
+    }
 }
 
 #[tokio::test]
@@ -166,10 +202,11 @@ async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let write = |backend: std::net::SocketAddr, extra: &str| {
         std::fs::write(
             &file,
-            format!("[admin]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n{extra}"),
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n{extra}"),
         )
         .unwrap();
     };
+    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
     write(old.addr(), "");
     let config = portico::config::load(&file).unwrap();
     let proxy = start_proxy_with_admin(config, Some("t"), Some(file.clone())).await;
@@ -208,6 +245,27 @@ async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
             .await
             .header("x-backend"),
         "new"
+    );
+
+    // Rotating the token: rewrite its file, reload; the old one is refused
+    // from then on.
+    std::fs::write(dir.join("admin.token"), "t2\n").unwrap();
+    write(new.addr(), "");
+    let reload = |token| mutation(proxy.admin_url("/reload"), "POST", Some(token));
+    assert_eq!(send(&client, reload("t")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&client, reload("t")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(send(&client, reload("t2")).await.status, StatusCode::OK);
+    // A token file that cannot be read rejects the reload and keeps the token.
+    std::fs::write(dir.join("admin.token"), "").unwrap();
+    let answer = send(&client, reload("t2")).await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(String::from_utf8_lossy(&answer.body).contains("is empty"));
+    assert_eq!(
+        send(&client, reload("t2")).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

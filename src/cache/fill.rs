@@ -84,10 +84,11 @@ impl Cache {
         }
     }
 
-    /// The same for every URL whose path starts with `prefix`, or all.
-    pub(super) fn overtake_paths(&self, prefix: Option<&str>) {
+    /// The same for every URL whose path (with its query) `matches`, or
+    /// for all.
+    pub(super) fn overtake_paths(&self, matches: Option<&dyn Fn(&str) -> bool>) {
         for mut pending in self.fills.iter_mut() {
-            if prefix.is_none_or(|prefix| key::path_of(pending.key()).starts_with(prefix)) {
+            if matches.is_none_or(|matches| matches(key::path_of(pending.key()))) {
                 pending.generation += 1;
             }
         }

@@ -295,13 +295,13 @@ impl Cache {
         }
     }
 
-    /// Drops every entry whose path starts with `prefix` (admin purge).
-    pub fn purge_prefix(&self, prefix: &str) {
-        self.overtake_paths(Some(prefix));
-        let prefix = prefix.to_owned();
+    /// Drops every entry whose path (with its query) `matches` (admin
+    /// purge); fetches under way for such a path will not store.
+    pub fn purge_paths(&self, matches: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        self.overtake_paths(Some(&matches));
         let _ = self
             .store
-            .invalidate_entries_if(move |k, _| key::path_of(k).starts_with(&prefix));
+            .invalidate_entries_if(move |k, _| matches(key::path_of(k)));
     }
 
     pub fn purge_all(&self) {
@@ -375,7 +375,7 @@ mod tests {
         let request = HeaderMap::new();
         store(&cache, &request, entry("accept")).await;
         assert!(cache.key_for(PRIMARY, &request).is_some());
-        cache.purge_prefix("/x");
+        cache.purge_paths(|path| path.starts_with("/x"));
         cache.stats().await; // runs the store's pending removals
         assert!(cache.key_for(PRIMARY, &request).is_none());
         assert!(cache.index.is_empty());
@@ -427,7 +427,7 @@ mod tests {
         assert!(cache.get(&key).await.is_some());
         // A purge overtakes like an invalidation.
         let fill = cache.begin_fill(PRIMARY.to_owned());
-        cache.purge_prefix("/");
+        cache.purge_paths(|_| true);
         cache.insert(&fill, &request, entry("accept")).await;
         cache.stats().await;
         assert!(cache.get(&key).await.is_none());

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -58,6 +58,9 @@ pub struct Shared {
     listeners: Registry,
     /// One reload at a time (SIGHUP and the admin API may race).
     reloading: Mutex<()>,
+    /// The admin mutations' bearer token (`[admin] token_file`), read at
+    /// start and again by every reload; `None` disables the mutations.
+    admin_token: ArcSwapOption<String>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -105,7 +108,13 @@ impl Shared {
             tls: ArcSwap::from_pointee(Vec::new()),
             listeners: Registry::default(),
             reloading: Mutex::new(()),
+            admin_token: ArcSwapOption::empty(),
         })
+    }
+
+    /// The token admin mutations must present, if they are enabled.
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.admin_token.load_full()
     }
 
     /// Loads the certificates of every TLS listener; on error nothing
@@ -135,6 +144,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let config = config::load(path).map_err(|e| e.to_string())?;
+        // Rotating the token is rewriting its file and reloading; a file
+        // that cannot be read rejects the reload like any other error.
+        let token = config
+            .admin
+            .token_file
+            .as_deref()
+            .map(crate::admin::read_token)
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let acceptors = tls::acceptors(&config.server.tls).map_err(|e| e.to_string())?;
         let wanted = listeners::wanted(&config, &acceptors);
         let added = self
@@ -148,10 +166,21 @@ impl Shared {
         self.connections
             .store(ConnectionSettings::new(&config.server));
         self.listeners.apply(self, wanted, added);
+        if self.admin_token.load().as_deref() != token.as_ref() {
+            tracing::info!(
+                mutations = if token.is_some() {
+                    "enabled"
+                } else {
+                    "disabled (no token_file)"
+                },
+                "admin token changed"
+            );
+        }
+        self.admin_token.store(token.map(Arc::new));
         let old = self.config.swap(Arc::new(config));
         let new = self.config.load();
-        if old.admin != new.admin {
-            tracing::warn!("[admin] changed; it takes effect after a restart");
+        if old.admin.listen != new.admin.listen {
+            tracing::warn!("[admin] listen changed; it takes effect after a restart");
         }
         tracing::info!(file = %path.display(), "configuration reloaded");
         Ok(())
@@ -230,10 +259,10 @@ pub async fn run_all(
     let (trigger, shutdown) = shutdown::channel();
     let trimmer = tokio::spawn(trim::watch(shared.metrics.clone()));
     if let Some((listener, token)) = all.admin {
+        shared.admin_token.store(token.map(Arc::new));
         tokio::spawn(crate::admin::serve(
             listener,
             shared.clone(),
-            token,
             shutdown.clone(),
         ));
     }
