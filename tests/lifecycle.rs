@@ -621,3 +621,100 @@ async fn an_http2_stream_read_slowly_arrives_whole() {
     .expect("the download ended");
     assert_eq!(received, size);
 }
+
+/// A client stream that can go deaf: from then on it reads nothing, so
+/// the client never sees (let alone answers) what the server sends.
+struct Deafened {
+    inner: tokio::net::TcpStream,
+    deaf: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Deafened {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.deaf.load(Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Deafened {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn the_drain_does_not_wait_on_a_trickled_head_or_a_silent_http2_client() {
+    // Neither has a request in flight: the head timer still applies during
+    // the drain, and an HTTP/2 client that never answers the GOAWAY is let
+    // go after a quiet second, not at the end of shutdown_grace.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(300);
+    config.server.idle_timeout = Duration::from_secs(60);
+    config.server.shutdown_grace = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let mut trickle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    trickle
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    // An HTTP/2 client that made a request, then stops listening: it will
+    // never acknowledge the GOAWAY's PING.
+    let deaf = Arc::new(AtomicBool::new(false));
+    let stream = Deafened {
+        inner: tokio::net::TcpStream::connect(proxy.addr).await.unwrap(),
+        deaf: deaf.clone(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let silent = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let answer = tokio::time::timeout(STEP, sender.send_request(h2_get(&proxy, "/health")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    drop(answer);
+    deaf.store(true, Ordering::Relaxed);
+    let open = proxy.shared.metrics.connections_open.clone();
+    tokio::time::timeout(STEP, async {
+        while open.get() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both connections accepted");
+    // Bounded by STEP, far short of the 60 s grace.
+    proxy.stop().await;
+    drop((trickle, sender));
+    silent.abort();
+}

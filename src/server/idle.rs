@@ -60,6 +60,18 @@ pub(super) struct Activity {
     streams: Mutex<Vec<StreamWatch>>,
 }
 
+/// The watchdog's timeouts (see [`Activity::expired`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// No byte either way and nothing being answered.
+    pub idle: Duration,
+    /// An HTTP/1 request head arriving.
+    pub head: Duration,
+    /// A client taking no byte of a response (writes blocked, or an
+    /// HTTP/2 stream's window shut).
+    pub unread: Duration,
+}
+
 /// Why the watchdog fired.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Expired {
@@ -109,14 +121,20 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Resolves once the connection has been idle for `idle`, has had its
-    /// writes blocked for `idle`, or (HTTP/1) has spent `head` on a request
-    /// head. Checked every quarter of the shorter one, so it fires within
-    /// 1.25 x its timeout.
-    pub(super) async fn expired(&self, idle: Duration, head: Duration) -> Expired {
+    /// Resolves once the connection has been idle for `limits.idle`, has
+    /// had its writes blocked for `limits.unread`, or (HTTP/1) has spent
+    /// `limits.head` on a request head; meanwhile drops HTTP/2 responses
+    /// whose window stayed shut for `limits.unread`. Checked every quarter
+    /// of the shortest, so each fires within 1.25 x its timeout.
+    pub(super) async fn expired(&self, limits: Limits) -> Expired {
+        let Limits {
+            idle,
+            head,
+            unread: unread_limit,
+        } = limits;
         // A floor so a millisecond timeout does not spin a timer per
         // connection; such a timeout then fires within 10 ms of its due.
-        let step = (idle.min(head) / 4).max(Duration::from_millis(10));
+        let step = (idle.min(head).min(unread_limit) / 4).max(Duration::from_millis(10));
         let mut last = (
             self.stamp.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
@@ -151,12 +169,12 @@ impl Activity {
             unread = if stuck { unread + step } else { Duration::ZERO };
             last = now;
             if self.multiplexed.load(Ordering::Relaxed) {
-                self.abandon_shut_streams(step, idle);
+                self.abandon_shut_streams(step, unread_limit);
             }
             if head_wait >= head {
                 return Expired::Head;
             }
-            if unread >= idle {
+            if unread >= unread_limit {
                 return Expired::Unread;
             }
             if idle_quiet >= idle {

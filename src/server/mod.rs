@@ -81,6 +81,14 @@ struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
+    fn limits(&self) -> idle::Limits {
+        idle::Limits {
+            idle: self.idle_timeout,
+            head: self.header_timeout,
+            unread: self.idle_timeout,
+        }
+    }
+
     fn new(settings: &config::Server) -> Arc<Self> {
         Arc::new(ConnectionSettings {
             builder: connection_builder(settings),
@@ -432,7 +440,7 @@ async fn serve_connection<IO>(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        expired = activity.expired(settings.idle_timeout, settings.header_timeout) => {
+        expired = activity.expired(settings.limits()) => {
             match expired {
                 idle::Expired::Idle => {
                     tracing::debug!(client = %conn.peer, "closing idle connection");
@@ -461,13 +469,32 @@ async fn serve_connection<IO>(
         _ = shutdown.recv() => {
             // Finish in-flight requests, close keep-alive, send GOAWAY on h2.
             connection.as_mut().graceful_shutdown();
-            connection.await
+            // The watchdog goes on, or a client trickling a head in, or
+            // one that never acknowledges the GOAWAY, would hold the drain
+            // for all of shutdown_grace; with nothing in flight, a second
+            // of silence is enough to let the connection go.
+            let limits = idle::Limits {
+                idle: settings.idle_timeout.min(DRAIN_QUIET),
+                ..settings.limits()
+            };
+            tokio::select! {
+                result = connection.as_mut() => result,
+                why = activity.expired(limits) => {
+                    tracing::debug!(client = %conn.peer, ?why, "closing during the drain");
+                    Ok(())
+                }
+            }
         }
     };
     if let Err(error) = result {
         tracing::debug!(client = %conn.peer, %error, "connection ended with error");
     }
 }
+
+/// During a drain, how long a connection with nothing in flight may stay
+/// silent before it is closed (an HTTP/2 client that has not acknowledged
+/// the GOAWAY, for one).
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
 
 /// Counts a connection in `portico_connections_open` for as long as it
 /// lives, however its task ends.
