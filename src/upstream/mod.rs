@@ -212,10 +212,11 @@ impl Upstream {
             }
             Balance::LeastConn => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                select::least_conn(n, start, |i| self.candidate(i, now, skip))
+                let cycle = self.cycle.load();
+                select::least_conn(n, &cycle, start, |i| self.candidate(i, now, skip))
             }
             Balance::RandomTwo => {
-                select::random_two(n, fastrand::usize(..), fastrand::usize(..), |i| {
+                select::random_two(n, fastrand::u64(..), fastrand::u64(..), |i| {
                     self.candidate(i, now, skip)
                 })
             }

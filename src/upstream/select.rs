@@ -7,11 +7,11 @@
 //!   the total from it. Weights 5/1/1 give `a a b a c a a`, spread out
 //!   rather than `a a a a a b c`. The cycle is computed once per change of
 //!   the eligible set, so the request path only indexes it.
-//! - Least-connections picks the fewest in-flight requests, ties broken by
-//!   a rotating start so equal backends still alternate.
-//! - Random-two (power of two choices) compares two random eligible
-//!   backends and takes the less busy: near least-conn balance without
-//!   scanning, and no herd on one "least" backend.
+//! - Least-connections picks the fewest in-flight requests for the weight,
+//!   ties taken in weighted round-robin order, as nginx does.
+//! - Random-two (power of two choices) compares two distinct eligible
+//!   backends drawn by weight and takes the less busy for its weight: near
+//!   least-conn balance without a herd on one "least" backend.
 
 /// One backend as the selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,52 +64,82 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     cycle
 }
 
+/// `a` carries less load for its weight than `b` (in flight / weight,
+/// compared by cross-multiplying, no division).
+fn lighter(a: &Candidate, b: &Candidate) -> bool {
+    (a.in_flight as u128) * u128::from(b.weight.max(1))
+        < (b.in_flight as u128) * u128::from(a.weight.max(1))
+}
+
+/// How far along the weighted cycle a tie is looked for before the plain
+/// rotation decides: enough for any sane weights, bounded for odd ones.
+const TIE_WALK: usize = 64;
+
 /// The eligible candidate with the fewest requests in flight relative to
-/// its weight, scanning `n` candidates from `start` so ties rotate. Takes an
-/// accessor rather than a slice so the request path need not collect one.
-pub fn least_conn(n: usize, start: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
+/// its weight, as nginx's `least_conn`: ties go to the first of them along
+/// `cycle` (the smooth weighted round-robin order) from `start`, so tied
+/// backends share requests by weight, 3:1 weights giving 3:1 at low load.
+/// Takes an accessor rather than a slice so the request path need not
+/// collect one.
+pub fn least_conn(
+    n: usize,
+    cycle: &[usize],
+    start: usize,
+    get: impl Fn(usize) -> Candidate,
+) -> Option<usize> {
     let mut best: Option<(usize, Candidate)> = None;
     for offset in 0..n {
         let i = (start + offset) % n;
         let c = get(i);
-        if !c.eligible {
-            continue;
-        }
-        // in_flight / weight compared by cross-multiplying, no division.
-        let better = match &best {
-            None => true,
-            Some((_, b)) => {
-                (c.in_flight as u128) * u128::from(b.weight.max(1))
-                    < (b.in_flight as u128) * u128::from(c.weight.max(1))
-            }
-        };
-        if better {
+        if c.eligible && best.as_ref().is_none_or(|(_, b)| lighter(&c, b)) {
             best = Some((i, c));
         }
     }
-    best.map(|(i, _)| i)
+    let (first, least) = best?;
+    let tied = (0..cycle.len().min(TIE_WALK))
+        .map(|k| cycle[(start + k) % cycle.len()])
+        .find(|&i| {
+            let c = get(i);
+            c.eligible && !lighter(&least, &c)
+        });
+    Some(tied.unwrap_or(first))
 }
 
-/// Power of two choices: of the eligible candidates at positions `r1` and
-/// `r2` (taken modulo the number eligible), the one with fewer in flight.
-pub fn random_two(
-    n: usize,
-    r1: usize,
-    r2: usize,
-    get: impl Fn(usize) -> Candidate,
-) -> Option<usize> {
-    let eligible = (0..n).filter(|&i| get(i).eligible).count();
-    if eligible == 0 {
+/// Power of two choices, as nginx's `random two least_conn`: two distinct
+/// eligible candidates drawn at random with probability by weight (`r1` and
+/// `r2` are uniform random numbers), then the less loaded for its weight.
+pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) -> Option<usize> {
+    let weight = |i: usize| {
+        let c = get(i);
+        if c.eligible {
+            u64::from(c.weight.max(1))
+        } else {
+            0
+        }
+    };
+    // The candidate at `point` along the eligible weights, leaving out
+    // `except`.
+    let at = |mut point: u64, except: Option<usize>| {
+        (0..n).filter(|&i| Some(i) != except).find(|&i| {
+            let w = weight(i);
+            if point < w {
+                return true;
+            }
+            point -= w;
+            false
+        })
+    };
+    let total: u64 = (0..n).map(weight).sum();
+    if total == 0 {
         return None;
     }
-    let nth = |k: usize| (0..n).filter(|&i| get(i).eligible).nth(k % eligible);
-    let a = nth(r1)?;
-    let b = nth(r2)?;
-    Some(if get(b).in_flight < get(a).in_flight {
-        b
-    } else {
-        a
-    })
+    let a = at(r1 % total, None)?;
+    let rest = total - weight(a);
+    if rest == 0 {
+        return Some(a);
+    }
+    let b = at(r2 % rest, Some(a))?;
+    Some(if lighter(&get(b), &get(a)) { b } else { a })
 }
 
 #[cfg(test)]
@@ -191,24 +221,53 @@ mod tests {
             ),
         ];
         for (candidates, start, want) in cases {
-            let got = least_conn(candidates.len(), *start, |i| candidates[i]);
+            let cycle = weighted_cycle(candidates);
+            let got = least_conn(candidates.len(), &cycle, *start, |i| candidates[i]);
             assert_eq!(got, *want, "{candidates:?} from {start}");
         }
     }
 
     #[test]
-    fn random_two_takes_the_less_busy_of_two_eligible() {
-        let cases: &[(&[Candidate], usize, usize, Option<usize>)] = &[
-            (&[busy(5), busy(1), busy(9)], 0, 1, Some(1)),
-            (&[busy(5), busy(1), busy(9)], 0, 2, Some(0)),
-            // Positions count eligible backends only.
-            (&[down(1), busy(3), busy(2)], 0, 1, Some(2)),
+    fn least_conn_shares_ties_by_weight() {
+        let candidates = [up(3), up(1)];
+        let cycle = weighted_cycle(&candidates);
+        let picks: Vec<usize> = (0..8)
+            .filter_map(|start| least_conn(2, &cycle, start, |i| candidates[i]))
+            .collect();
+        let first = picks.iter().filter(|&&i| i == 0).count();
+        assert_eq!((first, picks.len() - first), (6, 2), "{picks:?}");
+        // A tie found nowhere along the cycle (the backend just came back,
+        // say) is still decided.
+        assert_eq!(least_conn(2, &[], 1, |i| candidates[i]), Some(1));
+    }
+
+    #[test]
+    fn random_two_takes_the_less_busy_of_two_distinct_eligible() {
+        // r1, r2 point along the eligible weights (here all 1).
+        let cases: &[(&[Candidate], u64, u64, Option<usize>)] = &[
+            (&[busy(5), busy(1), busy(9)], 0, 0, Some(1)),
+            (&[busy(5), busy(1), busy(9)], 0, 1, Some(0)),
+            // The second draw never repeats the first.
+            (&[busy(5), busy(1)], 1, 0, Some(1)),
+            (&[busy(5), busy(1)], 0, 0, Some(1)),
+            // Down backends are not drawn.
+            (&[down(1), busy(3), busy(2)], 0, 0, Some(2)),
             (&[down(1), busy(3), down(1)], 7, 9, Some(1)),
             (&[down(1)], 0, 1, None),
         ];
         for (candidates, r1, r2, want) in cases {
             let got = random_two(candidates.len(), *r1, *r2, |i| candidates[i]);
-            assert_eq!(got, *want, "{candidates:?}");
+            assert_eq!(got, *want, "{candidates:?} {r1} {r2}");
         }
+    }
+
+    #[test]
+    fn random_two_draws_by_weight() {
+        // Idle backends weighted 5:1: the first draw decides, by weight.
+        let candidates = [up(5), up(1)];
+        let picks: Vec<usize> = (0..6)
+            .map(|r1| random_two(2, r1, 0, |i| candidates[i]).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 0, 0, 0, 0, 1]);
     }
 }
