@@ -188,3 +188,54 @@ async fn wait_until(done: impl Fn() -> bool) {
     .await
     .expect("condition within STEP");
 }
+
+#[tokio::test]
+async fn a_retry_after_a_stale_pooled_connection_takes_a_fresh_one() {
+    // Each connection answers its first request; a later one is read and
+    // the connection closed unanswered, as a backend whose keep-alive
+    // timeout fires just as a request arrives on it. Two such connections
+    // wait in the pool: a GET failing on one must not be retried on the
+    // other.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let both_open = Arc::new(tokio::sync::Barrier::new(2));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let nth = accepted.fetch_add(1, Ordering::SeqCst);
+                let both_open = both_open.clone();
+                tokio::spawn(async move {
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    if nth < 2 {
+                        // The first two requests overlap, so the proxy
+                        // opens (and then pools) two connections.
+                        both_open.wait().await;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                    let _ = read_head(&mut stream).await;
+                });
+            }
+        }
+    });
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let first: Vec<_> = (0..2)
+        .map(|_| {
+            let url = proxy.url("/");
+            tokio::spawn(async move { get(&client(), &url).await.status })
+        })
+        .collect();
+    for answer in first {
+        assert_eq!(answer.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}

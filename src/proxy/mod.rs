@@ -335,7 +335,13 @@ async fn forward_with_retries(
         trace.backend = Some(backend.addr);
         let in_flight = backend.in_flight();
         let sent = std::time::Instant::now();
-        let result = upstream.send(index, Request::from_parts(parts, body)).await;
+        // A retry goes out on a new connection: the usual failure is a
+        // pooled one the backend closed as it was reused, and the next
+        // idle one may well have been closed the same way.
+        let fresh = attempt > 0;
+        let result = upstream
+            .send(index, Request::from_parts(parts, body), fresh)
+            .await;
         let seconds = sent.elapsed().as_secs_f64();
         let error = match result {
             Ok(response) => {

@@ -270,11 +270,13 @@ impl Upstream {
     }
 
     /// Sends `request` (path and headers already prepared) to backend
-    /// `index` and waits for the response head within `response_timeout`.
+    /// `index`, on a new connection when `fresh`, and waits for the
+    /// response head within `response_timeout`.
     pub async fn send(
         &self,
         index: usize,
         mut request: Request<RequestBody>,
+        fresh: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let backend = &self.backends[index];
         // Backends get the origin form (`/path?query`), whatever form the
@@ -299,7 +301,7 @@ impl Upstream {
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
         let answer = if http_body::Body::is_end_stream(request.body()) {
-            tokio::time::timeout(timeout, self.pool.send(index, request))
+            tokio::time::timeout(timeout, self.pool.send(index, request, fresh))
                 .await
                 .ok()
         } else {
@@ -309,7 +311,7 @@ impl Upstream {
             Box::pin(after_upload(
                 timeout,
                 &ended,
-                self.pool.send(index, request),
+                self.pool.send(index, request, fresh),
             ))
             .await
         };
@@ -341,7 +343,10 @@ impl Upstream {
             http::HeaderValue::from_static("portico-health-check"),
         );
         let attempt = async {
-            let response = self.send(index, request).await.map_err(|e| e.to_string())?;
+            let response = self
+                .send(index, request, false)
+                .await
+                .map_err(|e| e.to_string())?;
             let status = response.status();
             // Drain the body so the connection returns to the pool.
             let _ = http_body_util::BodyExt::collect(response.into_body()).await;

@@ -78,14 +78,17 @@ impl Pool {
     }
 
     /// Sends `request` (origin-form target, Host set) to backend `index` on
-    /// an idle connection, or a new one. A request the connection closed
-    /// under before taking it goes out on a fresh connection instead.
+    /// an idle connection, or a new one (always, when `fresh`). A request
+    /// the connection closed under before taking it goes out on a fresh
+    /// connection instead.
     pub(super) async fn send(
         self: &Arc<Self>,
         index: usize,
         mut request: Request<RequestBody>,
+        fresh: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let mut sender = match self.checkout(index) {
+        let idle = if fresh { None } else { self.checkout(index) };
+        let mut sender = match idle {
             Some(sender) => sender,
             None => Box::pin(self.connect(index)).await?,
         };
