@@ -25,24 +25,7 @@ use crate::server::Shared;
 
 type Body = Full<Bytes>;
 
-/// Reads the admin token: the file's first line, trimmed. An empty file is
-/// an error, since it would make every token check trivially pass.
-pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot read admin token_file {}: {e}", path.display()),
-        )
-    })?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
-    if token.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("admin token_file {} is empty", path.display()),
-        ));
-    }
-    Ok(token)
-}
+pub use crate::config::read_token;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));

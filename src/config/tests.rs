@@ -178,6 +178,22 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[server]\nlisten = [\"127.0.0.1:7000\", \"0.0.0.0:7000\"]\nmax_header_size = \"1KiB\"\n[admin]\nlisten = \"[::]:7000\"\ntoken_file = \"/nonexistent/admin.token\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:0\", \"0.0.0.0:80\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/a?b\"\n",
+            &[
+                "test.toml:2:29: server.listen: 0.0.0.0:7000 overlaps 127.0.0.1:7000 of server.listen: a wildcard address takes its port on every address",
+                "test.toml:3:19: server.max_header_size: must be at least 8KiB (HTTP/1.1 heads are read into a buffer of that size)",
+                "test.toml:5:10: admin.listen: [::]:7000 overlaps 127.0.0.1:7000 of server.listen: a wildcard address takes its port on every address",
+                "test.toml:6:14: admin.token_file: cannot read admin token_file /nonexistent/admin.token: No such file or directory (os error 2)",
+                "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
+                "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
+                "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, spaces or control characters",
+            ],
+        ),
+        (
+            "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
+        ),
+        (
             "[server\nlisten = 1\n",
             &["test.toml:1:8: unclosed table, expected `]`"],
         ),

@@ -97,6 +97,20 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         if addr.port() == 0 {
             return;
         }
+        // A wildcard address takes its port on every address of its
+        // family (an IPv6 one on IPv4 too, dual-stack being the default):
+        // binding both would fail at start.
+        let overlapping = used_addrs
+            .iter()
+            .find(|(used, _)| **used != addr && overlap(**used, addr));
+        if let Some((used, (first, _))) = overlapping {
+            r.at(
+                span,
+                key,
+                format!("{addr} overlaps {used} of {first}: a wildcard address takes its port on every address"),
+            );
+            return;
+        }
         match used_addrs.get(&addr) {
             Some((first, first_span)) if span.is_empty() => {
                 r.at(
@@ -177,8 +191,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         };
         let path_prefix = match &raw.path_prefix {
             None => "/".to_owned(),
-            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
-            Some(p) => {
+            Some(p) if !p.get_ref().starts_with('/') => {
                 r.at(
                     p.span(),
                     format!("{key}.path_prefix"),
@@ -186,6 +199,20 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 );
                 continue;
             }
+            // Routes match the path alone, so a query or a byte a path
+            // cannot hold would make the route dead.
+            Some(p)
+                if http::uri::PathAndQuery::try_from(p.get_ref().as_str())
+                    .map_or(true, |pq| pq.query().is_some()) =>
+            {
+                r.at(
+                    p.span(),
+                    format!("{key}.path_prefix"),
+                    "must be a path: no `?`, spaces or control characters",
+                );
+                continue;
+            }
+            Some(p) => p.get_ref().clone(),
         };
         let host_text = raw
             .host
@@ -256,7 +283,20 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     }
 }
 
+/// Two listen addresses that cannot both be bound: the same port, one of
+/// them a wildcard covering the other.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && (covers(a, b) || covers(b, a))
+}
+
 type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
+
+/// The smallest `max_header_size` that holds for HTTP/1.1 as for HTTP/2:
+/// hyper reads an HTTP/1.1 head into a buffer of at least 8 KiB.
+const MIN_HEADER_SIZE: u64 = 8 * 1024;
 
 fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Claim) -> Server {
     let defaults = Server::default();
@@ -266,6 +306,7 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
         }
         return defaults;
     };
+    let section = raw.span();
     let raw = raw.into_inner();
     let listen = match &raw.listen {
         None => defaults.listen.clone(),
@@ -312,6 +353,28 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             certificates,
         });
     }
+    if listen.is_empty() && tls.is_empty() {
+        r.at(
+            section,
+            "server.listen",
+            "no traffic listener: give server.listen an address or add a [[server.tls]]",
+        );
+    }
+    let max_header_size = size(
+        r,
+        "server.max_header_size",
+        raw.max_header_size.as_ref(),
+        defaults.max_header_size,
+    );
+    if max_header_size < MIN_HEADER_SIZE {
+        if let Some(v) = &raw.max_header_size {
+            r.at(
+                v.span(),
+                "server.max_header_size",
+                "must be at least 8KiB (HTTP/1.1 heads are read into a buffer of that size)",
+            );
+        }
+    }
     Server {
         listen,
         request_header_timeout: positive(
@@ -332,12 +395,7 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             raw.max_request_body.as_ref(),
             defaults.max_request_body,
         ),
-        max_header_size: size(
-            r,
-            "server.max_header_size",
-            raw.max_header_size.as_ref(),
-            defaults.max_header_size,
-        ),
+        max_header_size,
         shutdown_grace: duration(
             r,
             "server.shutdown_grace",
@@ -364,10 +422,15 @@ fn admin(r: R, raw: Option<Spanned<raw::Admin>>, base: &Path, claim: &mut Claim)
             None => defaults.listen,
         },
     };
-    Admin {
-        listen,
-        token_file: raw.token_file.map(|t| base.join(t.get_ref())),
-    }
+    // Read now, as the TLS files are, so `check` finds what start would.
+    let token_file = raw.token_file.map(|t| {
+        let path = base.join(t.get_ref());
+        if let Err(e) = read_token(&path) {
+            r.at(t.span(), "admin.token_file", e.to_string());
+        }
+        path
+    });
+    Admin { listen, token_file }
 }
 
 fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
@@ -418,6 +481,14 @@ fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
         let Some(addr) = socket_addr(r, &bkey, text, span.clone()) else {
             continue;
         };
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            r.at(
+                span,
+                &bkey,
+                format!("backend {addr} cannot be connected to"),
+            );
+            continue;
+        }
         if !seen.insert(addr) {
             r.at(span, &bkey, format!("backend {addr} is listed twice"));
             continue;
@@ -541,6 +612,25 @@ fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<Ups
         tls.ca = Some(path);
     }
     Some(tls)
+}
+
+/// Reads the admin token: the file's first line, trimmed. An empty file is
+/// an error, since it would make every token check trivially pass.
+pub fn read_token(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot read admin token_file {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("admin token_file {} is empty", path.display()),
+        ));
+    }
+    Ok(token)
 }
 
 fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
