@@ -190,6 +190,10 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[server]\nlisten = [\"0.0.0.0:9090\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:11: server.listen: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
+        ),
+        (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
         ),

@@ -103,12 +103,20 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         let overlapping = used_addrs
             .iter()
             .find(|(used, _)| **used != addr && overlap(**used, addr));
-        if let Some((used, (first, _))) = overlapping {
-            r.at(
-                span,
-                key,
-                format!("{addr} overlaps {used} of {first}: a wildcard address takes its port on every address"),
-            );
+        if let Some((used, (first, first_span))) = overlapping {
+            if span.is_empty() {
+                r.at(
+                    first_span.clone(),
+                    first.clone(),
+                    format!("{used} overlaps {addr}, {key}'s default; set {key} elsewhere"),
+                );
+            } else {
+                r.at(
+                    span,
+                    key,
+                    format!("{addr} overlaps {used} of {first}: a wildcard address takes its port on every address"),
+                );
+            }
             return;
         }
         match used_addrs.get(&addr) {
