@@ -18,7 +18,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 
-use crate::config::{Config, RateLimit};
+use crate::config::{Config, HostMatch, RateLimit};
 use client::ClientKey;
 use store::BoundedStore;
 
@@ -35,11 +35,17 @@ pub enum Decision {
     Throttled { limit: u32, retry_after: Duration },
 }
 
+/// Where a route matches: what identifies it from one reload to the next.
+type RouteId = (HostMatch, String);
+
 #[derive(Debug)]
 pub struct Limiter {
     config: RateLimit,
-    /// Per route index; `None` where the route does not throttle.
-    routes: Vec<Option<Keyed>>,
+    /// Per route index; `None` where the route does not throttle. Shared
+    /// with the limiter of the previous reload for unchanged routes.
+    routes: Vec<Option<Arc<Keyed>>>,
+    /// Each route's identity, by route index.
+    ids: Vec<RouteId>,
     hasher: RandomState,
     cleanup: Option<tokio::task::JoinHandle<()>>,
 }
@@ -53,20 +59,43 @@ fn quota(config: &RateLimit) -> Quota {
 impl Limiter {
     /// `None` when the config has no `[rate_limit]`.
     pub fn new(config: &Config) -> Option<Arc<Self>> {
+        Self::build(config, None)
+    }
+
+    /// The limiter for a reloaded `config`. Under an unchanged
+    /// `[rate_limit]`, each throttling route that was there before (same
+    /// host and path_prefix, wherever it now sits in the file) keeps its
+    /// clients' budgets, so editing the routes during a flood hands no
+    /// throttled client a fresh burst.
+    pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
+        let previous = previous.filter(|p| config.rate_limit.as_ref() == Some(&p.config));
+        Self::build(config, previous)
+    }
+
+    fn build(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
         let limits = config.rate_limit.clone()?;
         let routes = config
             .routes
             .iter()
             .map(|route| {
                 route.rate_limit.then(|| {
-                    let plain: RateLimiter<_, _, _> = RateLimiter::new(
-                        quota(&limits),
-                        BoundedStore::new(limits.max_tracked_clients),
-                        DefaultClock::default(),
-                    );
-                    plain.with_middleware::<StateInformationMiddleware>()
+                    previous
+                        .and_then(|p| p.route(&route.host, &route.path_prefix))
+                        .unwrap_or_else(|| {
+                            let plain: RateLimiter<_, _, _> = RateLimiter::new(
+                                quota(&limits),
+                                BoundedStore::new(limits.max_tracked_clients),
+                                DefaultClock::default(),
+                            );
+                            Arc::new(plain.with_middleware::<StateInformationMiddleware>())
+                        })
                 })
             })
+            .collect();
+        let ids = config
+            .routes
+            .iter()
+            .map(|route| (route.host.clone(), route.path_prefix.clone()))
             .collect();
         // The cleanup task holds a weak reference, so it is made with the
         // limiter: `Arc::get_mut` after the fact would never succeed while
@@ -74,23 +103,22 @@ impl Limiter {
         Some(Arc::new_cyclic(|weak| Limiter {
             config: limits,
             routes,
-            hasher: RandomState::new(),
+            ids,
+            // Header keys are hashed: the same hasher finds the same budgets.
+            hasher: previous.map_or_else(RandomState::new, |p| p.hasher.clone()),
             cleanup: tokio::runtime::Handle::try_current()
                 .ok()
                 .map(|runtime| runtime.spawn(cleanup(weak.clone()))),
         }))
     }
 
-    /// Whether `config` asks for exactly these limits on the same routes, so
-    /// a reload can keep this limiter and its clients' budgets.
-    pub fn same_settings(&self, config: &Config) -> bool {
-        config.rate_limit.as_ref() == Some(&self.config)
-            && config.routes.len() == self.routes.len()
-            && config
-                .routes
-                .iter()
-                .zip(&self.routes)
-                .all(|(route, limiter)| route.rate_limit == limiter.is_some())
+    /// The state of the throttling route matching `host` and `prefix`.
+    fn route(&self, host: &HostMatch, prefix: &str) -> Option<Arc<Keyed>> {
+        self.ids
+            .iter()
+            .zip(&self.routes)
+            .find(|((h, p), _)| h == host && p == prefix)
+            .and_then(|(_, limiter)| limiter.clone())
     }
 
     /// The key a request is counted under.
@@ -150,7 +178,7 @@ async fn cleanup(limiter: Weak<Limiter>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{HostMatch, Route};
+    use crate::config::Route;
 
     fn config(rps: u32, burst: u32, max: usize) -> Config {
         let mut config = Config::single_upstream(vec![], vec!["127.0.0.1:1".parse().unwrap()]);
@@ -202,6 +230,50 @@ mod tests {
             Some(Decision::Allowed { remaining: 4, .. })
         ));
         assert_eq!(limiter.check(1, &ip(1)), None);
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_budgets_of_the_routes_it_leaves_in_place() {
+        let mut before = config(1, 2, 100);
+        before.rate_limit.as_mut().unwrap().key =
+            crate::config::RateLimitKey::Header(http::HeaderName::from_static("x-api-key"));
+        let limiter = Limiter::new(&before).unwrap();
+        let header_key = |l: &Limiter| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-api-key", "k1".parse().unwrap());
+            l.key("192.0.2.1:1".parse().unwrap(), &headers)
+        };
+        let key = header_key(&limiter);
+        assert!(matches!(key, ClientKey::Header(_)), "{key:?}");
+        for _ in 0..3 {
+            limiter.check(0, &ip(1));
+        }
+        let throttled = |l: &Limiter, route, key: &ClientKey| {
+            matches!(l.check(route, key), Some(Decision::Throttled { .. }))
+        };
+        assert!(throttled(&limiter, 0, &ip(1)));
+        // A new throttling route goes first: the old one moves to index 1
+        // and keeps its state; the new one starts fresh.
+        let mut after = before.clone();
+        after.routes.insert(
+            0,
+            Route {
+                path_prefix: "/other/".into(),
+                rate_limit: true,
+                name: "other".into(),
+                ..after.routes[0].clone()
+            },
+        );
+        let reloaded = Limiter::rebuild(&after, Some(&limiter)).unwrap();
+        assert!(throttled(&reloaded, 1, &ip(1)));
+        assert!(!throttled(&reloaded, 0, &ip(1)));
+        // Keys from a header hash the same way after the reload.
+        assert_eq!(header_key(&limiter), header_key(&reloaded));
+        // Changed limits start everyone afresh.
+        let mut stricter = after.clone();
+        stricter.rate_limit.as_mut().unwrap().burst = 1;
+        let reset = Limiter::rebuild(&stricter, Some(&reloaded)).unwrap();
+        assert!(!throttled(&reset, 1, &ip(1)));
     }
 
     #[tokio::test(start_paused = true)]

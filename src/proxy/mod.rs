@@ -112,12 +112,8 @@ impl Proxy {
                 next.cache = Some(old.clone());
             }
         }
-        // Clients keep their budgets across a reload that leaves limits alone.
-        if let Some(old) = &previous.limiter {
-            if old.same_settings(config) {
-                next.limiter = Some(old.clone());
-            }
-        }
+        // Clients keep their budgets on routes a reload leaves in place.
+        next.limiter = Limiter::rebuild(config, previous.limiter.as_deref());
         next
     }
 
