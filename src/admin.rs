@@ -20,7 +20,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::proxy::route::routing_path;
-use crate::server::shutdown::Shutdown;
 use crate::server::Shared;
 
 type Body = Full<Bytes>;
@@ -162,6 +161,12 @@ async fn handle(
         }
         (_, "/healthz") if read => text(StatusCode::OK, "ok\n"),
         (_, "/readyz") if read => {
+            if shared.draining() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n",
+                );
+            }
             let proxy = shared.proxy.load();
             let down: Vec<&str> = proxy
                 .upstreams()
@@ -322,8 +327,9 @@ fn prefix_matcher(prefix: String) -> impl Fn(&str) -> bool + Send + Sync + 'stat
 /// idle between requests.
 const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Serves the admin endpoints on `listener` until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
+/// Serves the admin endpoints on `listener` until aborted (after the
+/// drain, so it can be watched).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     // HTTP/1.1 only (Prometheus, curl and load balancers' probes all speak
     // it): hyper-util's protocol detection waits for a first byte with no
     // timer, so a client that connected and said nothing held its
@@ -335,11 +341,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: Shu
         .header_read_timeout(ADMIN_HEAD_TIMEOUT);
     let local: Option<SocketAddr> = listener.local_addr().ok();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.recv() => break,
-        };
-        let (stream, peer) = match accepted {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(listener = ?local, %error, "admin accept failed");

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
@@ -287,4 +289,43 @@ async fn a_silent_admin_connection_is_closed() {
     .await
     .expect("closed before the bound");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn admin_serves_through_the_drain_and_readyz_says_it() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(800);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    assert_eq!(
+        get(&client(), &proxy.admin_url("/readyz")).await.status,
+        StatusCode::OK
+    );
+    // A request in flight keeps the drain going while we look.
+    let slow = tokio::spawn({
+        let url = proxy.url("/health");
+        async move { get(&client(), &url).await.status }
+    });
+    proxy
+        .wait_until("the request to reach the backend", |b| b[0].in_flight == 1)
+        .await;
+    let (readyz, metrics) = (proxy.admin_url("/readyz"), proxy.admin_url("/metrics"));
+    let stopping = tokio::spawn(proxy.stop());
+    // A new client, so a new connection, each time: the admin listener
+    // must still accept.
+    let draining = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client(), &readyz).await;
+            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("readyz turned 503 during the drain");
+    assert_eq!(draining.body, "not ready: shutting down\n");
+    assert_eq!(get(&client(), &metrics).await.status, StatusCode::OK);
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    stopping.await.unwrap();
 }

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -61,6 +62,8 @@ pub struct Shared {
     /// The admin mutations' bearer token (`[admin] token_file`), read at
     /// start and again by every reload; `None` disables the mutations.
     admin_token: ArcSwapOption<String>,
+    /// Set once a shutdown began.
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -117,7 +120,14 @@ impl Shared {
             listeners: Registry::default(),
             reloading: Mutex::new(()),
             admin_token: ArcSwapOption::empty(),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    /// A shutdown is under way: listeners closed, in-flight requests
+    /// finishing.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The token admin mutations must present, if they are enabled.
@@ -266,14 +276,12 @@ pub async fn run_all(
 ) {
     let (trigger, shutdown) = shutdown::channel();
     let trimmer = tokio::spawn(trim::watch(shared.metrics.clone()));
-    if let Some((listener, token)) = all.admin {
+    // The admin listener serves through the drain, so /metrics and
+    // /readyz (which says so) can watch it, and closes after.
+    let admin = all.admin.map(|(listener, token)| {
         shared.admin_token.store(token.map(Arc::new));
-        tokio::spawn(crate::admin::serve(
-            listener,
-            shared.clone(),
-            shutdown.clone(),
-        ));
-    }
+        tokio::spawn(crate::admin::serve(listener, shared.clone()))
+    });
     let mut initial = Vec::new();
     for (n, listener) in all.plain.into_iter().enumerate() {
         let configured = config.server.listen.get(n).copied();
@@ -310,6 +318,7 @@ pub async fn run_all(
         ?grace,
         "shutting down: no new connections, draining in-flight requests"
     );
+    shared.draining.store(true, Ordering::Relaxed);
     shared.listeners.close();
     trigger.fire();
     if drain.wait(grace).await {
@@ -318,6 +327,9 @@ pub async fn run_all(
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
     }
     trimmer.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
 }
 
 /// A listener with the configured address it stands for (its own address
