@@ -84,6 +84,44 @@ async fn killing_a_backend_mid_run_fails_no_get_and_a_restart_brings_it_back() {
 }
 
 #[tokio::test]
+async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
+    let mut backends = start_backends(2).await;
+    let config = checked(&backends.iter().collect::<Vec<_>>(), 100, 2, 1);
+    let proxy = start_proxy(config.clone()).await;
+    let victim = backends.remove(1);
+    let victim_addr = victim.addr();
+    victim.stop().await;
+    proxy
+        .wait_until("the dead backend to be marked down", |s| !s[1].active_up)
+        .await;
+    // A reload changing one setting of the upstream builds it anew.
+    let mut retuned = config;
+    retuned.upstreams[0].connect_timeout = Duration::from_millis(1500);
+    let previous = proxy.shared.proxy.load_full();
+    let next = portico::proxy::Proxy::rebuild(&retuned, proxy.shared.metrics.clone(), &previous);
+    proxy.shared.proxy.store(Arc::new(next));
+    let status = proxy.backend_status();
+    assert!(status[0].active_up && !status[1].active_up, "{status:?}");
+    let client = client();
+    for _ in 0..10 {
+        let answer = get(&client, &proxy.url("/health")).await;
+        assert_eq!(answer.header("x-backend"), "b1");
+    }
+    // The new upstream's checks bring it back once it answers again.
+    let revived = sample::start_on(
+        victim_addr,
+        BackendOptions::new("b2"),
+        sample::new_repository(),
+    )
+    .await
+    .expect("rebind the dead backend's port");
+    proxy
+        .wait_until("the backend to come back up", |s| s[1].up)
+        .await;
+    drop(revived);
+}
+
+#[tokio::test]
 async fn weights_three_to_one_split_requests_three_to_one() {
     let backends = start_backends(2).await;
     let mut config = config_for(&backends.iter().collect::<Vec<_>>());

@@ -104,7 +104,10 @@ impl Proxy {
                 .iter()
                 .find(|old| old.config == *u)
                 .cloned()
-                .unwrap_or_else(|| Upstream::new(u.clone(), metrics))
+                .unwrap_or_else(|| {
+                    let same_name = previous.upstreams.iter().find(|old| old.name() == u.name);
+                    Upstream::rebuild(u.clone(), metrics, same_name.map(|old| &**old))
+                })
         });
         // The cache survives a reload that leaves its settings alone.
         if let Some(old) = &previous.cache {

@@ -22,10 +22,16 @@ impl Counter {
     /// Backends start up: like nginx and HAProxy, traffic flows before the
     /// first check, and passive ejection covers a dead one meanwhile.
     pub fn new(rise: u32, fall: u32) -> Self {
+        Self::starting(rise, fall, Health::Up)
+    }
+
+    /// Starting from a known state: a backend a previous checker found down
+    /// needs `rise` passing checks before it is up again.
+    pub fn starting(rise: u32, fall: u32, state: Health) -> Self {
         Counter {
             rise: rise.max(1),
             fall: fall.max(1),
-            state: Health::Up,
+            state,
             streak: 0,
         }
     }

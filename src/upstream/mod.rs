@@ -92,6 +92,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
+        let upstream = Self::build(config, metrics);
+        upstream.start_checks();
+        upstream
+    }
+
+    /// The upstream for `config`, its checks not started yet.
+    fn build(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
         let backends: Vec<Backend> = config
             .backends
@@ -139,11 +146,43 @@ impl Upstream {
             pool,
         });
         upstream.rebuild_cycle();
-        if let Some(check) = upstream.config.health.clone() {
-            let task = tokio::spawn(check_loop(Arc::downgrade(&upstream), check));
-            *upstream.checker.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-        }
         upstream
+    }
+
+    /// For a reload that changed this upstream's settings: a new upstream,
+    /// whose backends `previous` (the upstream of the same name) had found
+    /// down by its active checks start down, so a tuning reload does not
+    /// send traffic to a dead backend until the checks find it dead again.
+    /// With no checks in the new settings nothing would ever bring them up,
+    /// so then every backend starts up, as at a start.
+    pub fn rebuild(
+        config: config::Upstream,
+        metrics: &Metrics,
+        previous: Option<&Upstream>,
+    ) -> Arc<Self> {
+        let upstream = Self::build(config, metrics);
+        if let (Some(previous), Some(_)) = (previous, &upstream.config.health) {
+            for backend in &upstream.backends {
+                let was_down = previous
+                    .backends
+                    .iter()
+                    .any(|old| old.addr == backend.addr && !old.state.active_up());
+                if was_down {
+                    backend.state.set_active_up(false);
+                }
+            }
+            upstream.rebuild_cycle();
+        }
+        upstream.start_checks();
+        upstream
+    }
+
+    /// Starts the active checks, if configured.
+    fn start_checks(self: &Arc<Self>) {
+        if let Some(check) = self.config.health.clone() {
+            let task = tokio::spawn(check_loop(Arc::downgrade(self), check));
+            *self.checker.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -384,9 +423,21 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
         Some(u) => u.backends.len(),
         None => return,
     };
-    let mut counters: Vec<Counter> = (0..count)
-        .map(|_| Counter::new(check.rise, check.fall))
-        .collect();
+    let mut counters: Vec<Counter> = match upstream.upgrade() {
+        Some(u) => u
+            .backends
+            .iter()
+            .map(|b| {
+                let state = if b.state.active_up() {
+                    Health::Up
+                } else {
+                    Health::Down
+                };
+                Counter::starting(check.rise, check.fall, state)
+            })
+            .collect(),
+        None => return,
+    };
     loop {
         let jitter = check.interval.mul_f64(0.9 + fastrand::f64() * 0.2);
         tokio::time::sleep(jitter).await;
