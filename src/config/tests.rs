@@ -194,6 +194,14 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:2:11: server.listen: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
         ),
         (
+            "[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [\n  { cert = \"/nonexistent/a.pem\", key = \"/nonexistent/a.key\" },\n  { cert = \"/nonexistent/b.pem\", key = \"/nonexistent/b.key\" },\n]\n[admin]\nbogus = 1\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:4:3: server.tls[0].certificates[0]: TLS certificate /nonexistent/a.pem: I/O error: No such file or directory (os error 2)",
+                "test.toml:5:3: server.tls[0].certificates[1]: TLS certificate /nonexistent/b.pem: I/O error: No such file or directory (os error 2)",
+                "test.toml:8:1: admin.bogus: unknown key `bogus`",
+            ],
+        ),
+        (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
         ),

@@ -351,9 +351,18 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
         let certificates = t_ref
             .certificates
             .iter()
-            .map(|c| CertificatePair {
-                cert: base.join(c.get_ref().cert.get_ref()),
-                key: base.join(c.get_ref().key.get_ref()),
+            .enumerate()
+            .map(|(j, c)| {
+                let pair = CertificatePair {
+                    cert: base.join(c.get_ref().cert.get_ref()),
+                    key: base.join(c.get_ref().key.get_ref()),
+                };
+                // Loaded now, as at start, so every bad pair is reported
+                // where the file names it.
+                if let Err(e) = crate::server::tls::check_pair(&pair) {
+                    r.at(c.span(), format!("{key}.certificates[{j}]"), e.to_string());
+                }
+                pair
             })
             .collect();
         tls.push(TlsListener {

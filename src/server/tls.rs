@@ -65,6 +65,13 @@ fn load_pair(
     Ok(certified)
 }
 
+/// Loads one `{ cert, key }` pair as a listener would: readable PEM files,
+/// a key rustls can use, and a key that matches the certificate. For
+/// validation, so `check` reports every bad pair where the file names it.
+pub fn check_pair(pair: &CertificatePair) -> Result<(), TlsError> {
+    load_pair(pair, &rustls::crypto::ring::default_provider()).map(drop)
+}
+
 /// Picks the first certificate valid for the SNI name, else the first.
 #[derive(Debug)]
 struct SniResolver {
