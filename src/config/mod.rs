@@ -41,7 +41,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let table = match DeTable::parse(text) {
         Ok(table) => table,
         Err(e) => {
-            reporter.at(e.span().unwrap_or(0..0), "", e.message().to_owned());
+            let span = e.span().unwrap_or(0..0);
+            let mut message = e.message().to_owned();
+            // Name the key: in a long file, which one is not obvious.
+            if message == "duplicate key" {
+                if let Some(key) = text.get(span.clone()) {
+                    message = format!("duplicate key `{}`", key.trim());
+                }
+            }
+            reporter.at(span, "", message);
             return reporter.finish(Config::single_upstream(vec![], vec![]));
         }
     };
@@ -52,7 +60,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     }) {
         Ok(raw) => raw,
         Err(e) => {
-            reporter.at(e.span().unwrap_or(0..0), "", e.message().to_owned());
+            let span = e.span().unwrap_or(0..0);
+            let key = key_at(table.get_ref(), &span);
+            reporter.at(span, key, plain_words(e.message()));
             return reporter.finish(Config::single_upstream(vec![], vec![]));
         }
     };
@@ -142,6 +152,65 @@ fn locate(root: &DeTable<'_>, path: &[Segment]) -> (Range<usize>, String) {
         };
     }
     (span, name)
+}
+
+/// The dotted name (`upstream[0].backends[1].weight`) of the innermost key
+/// or array item at `span`: where a type error is. Every branch is
+/// searched, since the span of an array of tables covers its first header
+/// only.
+fn key_at(root: &DeTable<'_>, span: &Range<usize>) -> String {
+    fn holds(outer: Range<usize>, span: &Range<usize>) -> bool {
+        outer.start <= span.start && span.end <= outer.end
+    }
+    fn within(value: &DeValue<'_>, span: &Range<usize>, name: &mut String) -> bool {
+        match value {
+            DeValue::Table(table) => in_table(table, span, name),
+            DeValue::Array(items) => items.iter().enumerate().any(|(i, v)| {
+                let mut here = format!("{name}[{i}]");
+                let found = within(v.get_ref(), span, &mut here) || holds(v.span(), span);
+                if found {
+                    *name = here;
+                }
+                found
+            }),
+            _ => false,
+        }
+    }
+    fn in_table(table: &DeTable<'_>, span: &Range<usize>, name: &mut String) -> bool {
+        table.iter().any(|(k, v)| {
+            let mut here = if name.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{name}.{}", k.get_ref())
+            };
+            let found = within(v.get_ref(), span, &mut here)
+                || holds(k.span(), span)
+                || holds(v.span(), span);
+            if found {
+                *name = here;
+            }
+            found
+        })
+    }
+    let mut name = String::new();
+    in_table(root, span, &mut name);
+    name
+}
+
+/// serde's words for what a field wanted, in the config's own terms.
+fn plain_words(message: &str) -> String {
+    let mut text = message.to_owned();
+    for (rust, plain) in [
+        ("expected i64", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a sequence", "expected a list `[...]`"),
+        (" as i128", " (too large)"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    text
 }
 
 #[cfg(test)]

@@ -211,7 +211,19 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[server]\nlisten = \"127.0.0.1:80\"\n",
-            &["test.toml:2:10: invalid type: string \"127.0.0.1:80\", expected a sequence"],
+            &["test.toml:2:10: server.listen: invalid type: string \"127.0.0.1:80\", expected a list `[...]`"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", weight = \"2\" }]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:3:61: upstream[0].backends[1].weight: invalid type: string \"2\", expected a whole number"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[[route]]\npath_prefix = \"/x\"\n",
+            &["test.toml:6:1: route[1]: missing field `upstream`"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nlisten = [\"127.0.0.1:2\"]\n",
+            &["test.toml:3:1: duplicate key `listen`"],
         ),
     ];
     for (text, want) in cases {
