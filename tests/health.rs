@@ -26,6 +26,18 @@ fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32)
     config
 }
 
+/// Starts backend `b2` again on its old address and waits until the proxy
+/// has it up.
+async fn revive_second(proxy: &RunningProxy, addr: std::net::SocketAddr) -> RunningBackend {
+    let revived = sample::start_on(addr, BackendOptions::new("b2"), sample::new_repository())
+        .await
+        .expect("rebind the dead backend's port");
+    proxy
+        .wait_until("the backend to come back up", |s| s[1].up)
+        .await;
+    revived
+}
+
 fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for answer in answers {
@@ -65,16 +77,7 @@ async fn killing_a_backend_mid_run_fails_no_get_and_a_restart_brings_it_back() {
     assert!(!count_by_backend(&answers).contains_key("b2"));
 
     // Same address, new process: back in rotation after `rise` checks.
-    let revived = sample::start_on(
-        victim_addr,
-        BackendOptions::new("b2"),
-        sample::new_repository(),
-    )
-    .await
-    .expect("rebind the dead backend's port");
-    proxy
-        .wait_until("the backend to come back up", |s| s[1].up)
-        .await;
+    let revived = revive_second(&proxy, victim_addr).await;
     let mut answers = Vec::new();
     for _ in 0..30 {
         answers.push(get(&client, &url).await);
@@ -108,16 +111,7 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
         assert_eq!(answer.header("x-backend"), "b1");
     }
     // The new upstream's checks bring it back once it answers again.
-    let revived = sample::start_on(
-        victim_addr,
-        BackendOptions::new("b2"),
-        sample::new_repository(),
-    )
-    .await
-    .expect("rebind the dead backend's port");
-    proxy
-        .wait_until("the backend to come back up", |s| s[1].up)
-        .await;
+    let revived = revive_second(&proxy, victim_addr).await;
     drop(revived);
 }
 
