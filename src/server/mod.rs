@@ -275,12 +275,13 @@ pub async fn run_all(
     signal: impl Future<Output = ()>,
 ) {
     let (trigger, shutdown) = shutdown::channel();
-    let trimmer = tokio::spawn(trim::watch(shared.metrics.clone()));
+    // Both end with this function, however it ends (a caller may drop it).
+    let _trimmer = AbortOnDrop(tokio::spawn(trim::watch(shared.metrics.clone())));
     // The admin listener serves through the drain, so /metrics and
     // /readyz (which says so) can watch it, and closes after.
     let admin = all.admin.map(|(listener, token)| {
         shared.admin_token.store(token.map(Arc::new));
-        tokio::spawn(crate::admin::serve(listener, shared.clone()))
+        AbortOnDrop(tokio::spawn(crate::admin::serve(listener, shared.clone())))
     });
     let mut initial = Vec::new();
     for (n, listener) in all.plain.into_iter().enumerate() {
@@ -326,9 +327,15 @@ pub async fn run_all(
     } else {
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
     }
-    trimmer.abort();
-    if let Some(admin) = admin {
-        admin.abort();
+    drop(admin);
+}
+
+/// A background task that ends when its owner does.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
