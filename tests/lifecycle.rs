@@ -718,3 +718,58 @@ async fn the_drain_does_not_wait_on_a_trickled_head_or_a_silent_http2_client() {
     drop((trickle, sender));
     silent.abort();
 }
+
+#[tokio::test]
+async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
+    // A cache hit is handed to hyper as one frame, so nothing counts as
+    // being answered while hyper still writes it out. A client pausing
+    // longer than the drain's quiet second must still get all of it.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.cache = Some(portico::config::Cache {
+        max_object_size: 64 * 1024 * 1024,
+        ..portico::config::Cache::default()
+    });
+    config.routes[0].cache = true;
+    config.server.shutdown_grace = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let size = 16 * 1024 * 1024;
+    let path = format!("/bytes/{size}");
+    let url = proxy.url(&path);
+    let stored = get(&client(), &url).await;
+    assert!(stored.header("cache-status").contains("stored"));
+    // The entry is stored once its body has gone by.
+    let cache = proxy.shared.proxy.load().cache().unwrap().clone();
+    tokio::time::timeout(STEP, async {
+        while cache.stats().await.0 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the response was stored");
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let first = tokio::time::timeout(STEP, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..first.min(400)]).into_owned();
+    assert!(head.contains("portico; hit"), "{head}");
+    // The socket fills while the client pauses; the drain starts.
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut received = first;
+    loop {
+        match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received += n,
+            Err(_) => panic!("stalled after {received} bytes"),
+        }
+    }
+    stopping.await.unwrap();
+    assert!(received > size, "cut after {received} of {size} bytes");
+}

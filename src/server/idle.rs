@@ -149,7 +149,11 @@ impl Activity {
                 self.writes.load(Ordering::Relaxed),
             );
             let busy = self.busy.load(Ordering::Relaxed) > 0;
-            idle_quiet = if busy || now.0 != last.0 {
+            // Bytes hyper holds for a full socket are a response still
+            // being sent, though its body was handed over (a cache hit is
+            // one frame): that silence is for the unread limit to judge.
+            let sending = self.write_blocked.load(Ordering::Relaxed);
+            idle_quiet = if busy || sending || now.0 != last.0 {
                 Duration::ZERO
             } else {
                 idle_quiet + step
@@ -249,6 +253,9 @@ impl Answering {
     /// whether the client keeps its flow-control window shut.
     pub(super) fn watched(body: ProxyBody, busy: Busy) -> Self {
         let activity = busy.0.clone();
+        // Whatever the first read looked like, this is an HTTP/2
+        // connection: let the watchdog look at its streams.
+        activity.multiplexed.store(true, Ordering::Relaxed);
         let watched = Arc::new(Watched {
             slot: Mutex::new(Some((body, busy))),
             handed: AtomicU64::new(0),
