@@ -277,6 +277,9 @@ impl BackendMetrics {
 struct Process {
     inner: prometheus::process_collector::ProcessCollector,
     cpu: prometheus::Counter,
+    /// Held while `cpu` catches up with /proc, so two concurrent scrapes
+    /// do not both add the same growth.
+    updating: std::sync::Mutex<()>,
     descs: Vec<prometheus::core::Desc>,
 }
 
@@ -299,7 +302,12 @@ impl Process {
             .chain(cpu.desc())
             .cloned()
             .collect();
-        Process { inner, cpu, descs }
+        Process {
+            inner,
+            cpu,
+            updating: std::sync::Mutex::new(()),
+            descs,
+        }
     }
 }
 
@@ -329,6 +337,7 @@ impl Collector for Process {
             .into_iter()
             .filter(|f| f.name() != CPU_SECONDS)
             .collect();
+        let _one_at_a_time = self.updating.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(total) = cpu_seconds() {
             let grown = total - self.cpu.get();
             if grown > 0.0 {
@@ -380,16 +389,20 @@ mod tests {
         while cpu_seconds().unwrap() < start + 0.05 {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
-        let text = String::from_utf8(Metrics::new().encode()).unwrap();
+        let metrics = Metrics::new();
+        let before = cpu_seconds().unwrap();
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let after = cpu_seconds().unwrap();
         let line = text
             .lines()
             .find(|l| l.starts_with("process_cpu_seconds_total "))
             .expect("exported");
         let exported: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
-        let now = cpu_seconds().unwrap();
+        // Read between the two: whole seconds would fall below `before`
+        // unless it happened to be whole.
         assert!(
-            exported <= now && now - exported < 0.05,
-            "{exported} vs {now}"
+            before <= exported && exported <= after,
+            "{before} {exported} {after}"
         );
         assert_eq!(text.matches("# TYPE process_cpu_seconds_total").count(), 1);
     }
