@@ -298,9 +298,13 @@ fn form_decode(text: &str) -> Option<String> {
         bytes.push(match b {
             b'+' => b' ',
             b'%' => {
-                let hex = std::str::from_utf8(rest.get(..2)?).ok()?;
+                let hex = rest.get(..2)?;
+                // from_str_radix would also take a sign: `%+5`.
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 rest = &rest[2..];
-                u8::from_str_radix(hex, 16).ok()?
+                u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?
             }
             b => b,
         });
@@ -386,6 +390,7 @@ mod tests {
             "prefix=%zz",
             "prefix=%",
             "prefix=%ff",
+            "prefix=%+5",
             "&",
         ] {
             assert!(purge_request(Some(refused)).is_err(), "{refused}");

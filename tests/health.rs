@@ -110,6 +110,14 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
         let answer = get(&client, &proxy.url("/health")).await;
         assert_eq!(answer.header("x-backend"), "b1");
     }
+    // Changed checks (a wrong path corrected, say) judge afresh: every
+    // backend starts up, as at a start.
+    let mut rechecked = retuned.clone();
+    rechecked.upstreams[0].health.as_mut().unwrap().rise = 1;
+    let previous = proxy.shared.proxy.load_full();
+    let next = portico::proxy::Proxy::rebuild(&rechecked, proxy.shared.metrics.clone(), &previous);
+    proxy.shared.proxy.store(Arc::new(next));
+    assert!(proxy.backend_status()[1].active_up);
     // The new upstream's checks bring it back once it answers again.
     let revived = revive_second(&proxy, victim_addr).await;
     drop(revived);

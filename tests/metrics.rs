@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -293,17 +294,31 @@ async fn a_silent_admin_connection_is_closed() {
 
 #[tokio::test]
 async fn admin_serves_through_the_drain_and_readyz_says_it() {
-    let mut opts = BackendOptions::new("slow");
-    opts.delay = Duration::from_millis(800);
-    let backend = start_backend(opts).await;
-    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    // A backend that holds its one answer until the test lets it go, so
+    // the drain lasts exactly as long as the test looks at it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn({
+        let release = release.clone();
+        async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            read_head(&mut stream).await;
+            release.notified().await;
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, ok).await;
+        }
+    });
+    let config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    let proxy = start_proxy_with_admin(config, None, None).await;
     assert_eq!(
         get(&client(), &proxy.admin_url("/readyz")).await.status,
         StatusCode::OK
     );
     // A request in flight keeps the drain going while we look.
-    let slow = tokio::spawn({
-        let url = proxy.url("/health");
+    let held = tokio::spawn({
+        let url = proxy.url("/");
         async move { get(&client(), &url).await.status }
     });
     proxy
@@ -326,6 +341,7 @@ async fn admin_serves_through_the_drain_and_readyz_says_it() {
     .expect("readyz turned 503 during the drain");
     assert_eq!(draining.body, "not ready: shutting down\n");
     assert_eq!(get(&client(), &metrics).await.status, StatusCode::OK);
-    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
     stopping.await.unwrap();
 }

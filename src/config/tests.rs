@@ -186,7 +186,7 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:6:14: admin.token_file: cannot read admin token_file /nonexistent/admin.token: No such file or directory (os error 2)",
                 "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
                 "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
-                "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, spaces or control characters",
+                "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, `#`, spaces or control characters",
             ],
         ),
         (

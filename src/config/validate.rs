@@ -100,9 +100,11 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         // A wildcard address takes its port on every address of its
         // family (an IPv6 one on IPv4 too, dual-stack being the default):
         // binding both would fail at start.
+        // The first in the file, whatever the map's order.
         let overlapping = used_addrs
             .iter()
-            .find(|(used, _)| **used != addr && overlap(**used, addr));
+            .filter(|(used, _)| **used != addr && overlap(**used, addr))
+            .min_by_key(|(_, (_, span))| span.start);
         if let Some((used, (first, first_span))) = overlapping {
             if span.is_empty() {
                 r.at(
@@ -210,13 +212,14 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             // Routes match the path alone, so a query or a byte a path
             // cannot hold would make the route dead.
             Some(p)
-                if http::uri::PathAndQuery::try_from(p.get_ref().as_str())
-                    .map_or(true, |pq| pq.query().is_some()) =>
+                if p.get_ref().contains('#')
+                    || http::uri::PathAndQuery::try_from(p.get_ref().as_str())
+                        .map_or(true, |pq| pq.query().is_some()) =>
             {
                 r.at(
                     p.span(),
                     format!("{key}.path_prefix"),
-                    "must be a path: no `?`, spaces or control characters",
+                    "must be a path: no `?`, `#`, spaces or control characters",
                 );
                 continue;
             }

@@ -153,15 +153,18 @@ impl Upstream {
     /// whose backends `previous` (the upstream of the same name) had found
     /// down by its active checks start down, so a tuning reload does not
     /// send traffic to a dead backend until the checks find it dead again.
-    /// With no checks in the new settings nothing would ever bring them up,
-    /// so then every backend starts up, as at a start.
+    /// Only under the same checks: a reload that changes them (a wrong
+    /// path corrected, say) or drops them starts every backend up, as at a
+    /// start.
     pub fn rebuild(
         config: config::Upstream,
         metrics: &Metrics,
         previous: Option<&Upstream>,
     ) -> Arc<Self> {
         let upstream = Self::build(config, metrics);
-        if let (Some(previous), Some(_)) = (previous, &upstream.config.health) {
+        let same_checks = previous
+            .filter(|p| p.config.health.is_some() && p.config.health == upstream.config.health);
+        if let Some(previous) = same_checks {
             for backend in &upstream.backends {
                 let was_down = previous
                     .backends
@@ -250,9 +253,8 @@ impl Upstream {
                     .find(|&i| self.candidate(i, now, skip).eligible)
             }
             Balance::LeastConn => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let cycle = self.cycle.load();
-                select::least_conn(n, &cycle, start, |i| self.candidate(i, now, skip))
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                select::least_conn(n, turn, |i| self.candidate(i, now, skip))
             }
             Balance::RandomTwo => {
                 select::random_two(n, fastrand::u64(..), fastrand::u64(..), |i| {

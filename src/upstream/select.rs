@@ -8,7 +8,7 @@
 //!   rather than `a a a a a b c`. The cycle is computed once per change of
 //!   the eligible set, so the request path only indexes it.
 //! - Least-connections picks the fewest in-flight requests for the weight,
-//!   ties taken in weighted round-robin order, as nginx does.
+//!   ties shared by weight, as nginx does.
 //! - Random-two (power of two choices) compares two distinct eligible
 //!   backends drawn by weight and takes the less busy for its weight: near
 //!   least-conn balance without a herd on one "least" backend.
@@ -71,38 +71,47 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
         < (b.in_flight as u128) * u128::from(a.weight.max(1))
 }
 
-/// How far along the weighted cycle a tie is looked for before the plain
-/// rotation decides: enough for any sane weights, bounded for odd ones.
-const TIE_WALK: usize = 64;
-
 /// The eligible candidate with the fewest requests in flight relative to
-/// its weight, as nginx's `least_conn`: ties go to the first of them along
-/// `cycle` (the smooth weighted round-robin order) from `start`, so tied
-/// backends share requests by weight, 3:1 weights giving 3:1 at low load.
-/// Takes an accessor rather than a slice so the request path need not
-/// collect one.
-pub fn least_conn(
-    n: usize,
-    cycle: &[usize],
-    start: usize,
-    get: impl Fn(usize) -> Candidate,
-) -> Option<usize> {
-    let mut best: Option<(usize, Candidate)> = None;
-    for offset in 0..n {
-        let i = (start + offset) % n;
+/// its weight, as nginx's `least_conn`. Ties, the usual case at low load,
+/// are shared by weight: `turn` (a counter bumped per pick) points along
+/// the tied candidates' weights, so over successive picks each tied
+/// backend gets its weight's share, 3:1 weights giving 3:1. Takes an
+/// accessor rather than a slice so the request path need not collect one.
+pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
+    let mut least: Option<Candidate> = None;
+    let mut tied_weight: u64 = 0;
+    for i in 0..n {
         let c = get(i);
-        if c.eligible && best.as_ref().is_none_or(|(_, b)| lighter(&c, b)) {
-            best = Some((i, c));
+        if !c.eligible {
+            continue;
+        }
+        match &least {
+            Some(l) if lighter(l, &c) => continue,
+            Some(l) if !lighter(&c, l) => tied_weight += u64::from(c.weight.max(1)),
+            _ => {
+                least = Some(c);
+                tied_weight = u64::from(c.weight.max(1));
+            }
         }
     }
-    let (first, least) = best?;
-    let tied = (0..cycle.len().min(TIE_WALK))
-        .map(|k| cycle[(start + k) % cycle.len()])
-        .find(|&i| {
-            let c = get(i);
-            c.eligible && !lighter(&least, &c)
-        });
-    Some(tied.unwrap_or(first))
+    let least = least?;
+    let mut point = turn as u64 % tied_weight;
+    let mut last = None;
+    for i in 0..n {
+        let c = get(i);
+        // Read again: a backend may have changed meanwhile; what was
+        // eligible and least at the first pass is still a fine answer.
+        if !c.eligible || lighter(&least, &c) {
+            continue;
+        }
+        last = Some(i);
+        let weight = u64::from(c.weight.max(1));
+        if point < weight {
+            return Some(i);
+        }
+        point -= weight;
+    }
+    last.or_else(|| (0..n).find(|&i| get(i).eligible))
 }
 
 /// Power of two choices, as nginx's `random two least_conn`: two distinct
@@ -133,12 +142,15 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     if total == 0 {
         return None;
     }
-    let a = at(r1 % total, None)?;
-    let rest = total - weight(a);
-    if rest == 0 {
+    // Eligibility may change between these reads (an ejection): the walk
+    // then runs off the end, and a backend still eligible stands in,
+    // rather than a pick that finds none.
+    let any = || (0..n).find(|&i| get(i).eligible);
+    let a = at(r1 % total, None).or_else(any)?;
+    let rest = total.saturating_sub(weight(a));
+    let Some(b) = (rest > 0).then(|| at(r2 % rest, Some(a))).flatten() else {
         return Some(a);
-    }
-    let b = at(r2 % rest, Some(a))?;
+    };
     Some(if lighter(&get(b), &get(a)) { b } else { a })
 }
 
@@ -220,25 +232,25 @@ mod tests {
                 Some(1),
             ),
         ];
-        for (candidates, start, want) in cases {
-            let cycle = weighted_cycle(candidates);
-            let got = least_conn(candidates.len(), &cycle, *start, |i| candidates[i]);
-            assert_eq!(got, *want, "{candidates:?} from {start}");
+        for (candidates, turn, want) in cases {
+            let got = least_conn(candidates.len(), *turn, |i| candidates[i]);
+            assert_eq!(got, *want, "{candidates:?} at turn {turn}");
         }
     }
 
     #[test]
     fn least_conn_shares_ties_by_weight() {
-        let candidates = [up(3), up(1)];
-        let cycle = weighted_cycle(&candidates);
-        let picks: Vec<usize> = (0..8)
-            .filter_map(|start| least_conn(2, &cycle, start, |i| candidates[i]))
-            .collect();
-        let first = picks.iter().filter(|&&i| i == 0).count();
-        assert_eq!((first, picks.len() - first), (6, 2), "{picks:?}");
-        // A tie found nowhere along the cycle (the backend just came back,
-        // say) is still decided.
-        assert_eq!(least_conn(2, &[], 1, |i| candidates[i]), Some(1));
+        let share = |candidates: &[Candidate], turns: usize| {
+            let mut counts = vec![0; candidates.len()];
+            for turn in 0..turns {
+                counts[least_conn(candidates.len(), turn, |i| candidates[i]).unwrap()] += 1;
+            }
+            counts
+        };
+        assert_eq!(share(&[up(3), up(1)], 8), [6, 2]);
+        // A busy backend's turns are shared among the idle ones, not all
+        // given to the one after it.
+        assert_eq!(share(&[busy(1), busy(0), busy(0)], 6), [0, 3, 3]);
     }
 
     #[test]
@@ -259,6 +271,21 @@ mod tests {
             let got = random_two(candidates.len(), *r1, *r2, |i| candidates[i]);
             assert_eq!(got, *want, "{candidates:?} {r1} {r2}");
         }
+    }
+
+    #[test]
+    fn random_two_still_picks_when_a_backend_is_ejected_mid_pick() {
+        // Backend 0 turns ineligible right after the weights were summed.
+        let reads = std::cell::Cell::new(0);
+        let get = |i: usize| {
+            reads.set(reads.get() + 1);
+            if i == 0 && reads.get() > 2 {
+                down(1)
+            } else {
+                up(1)
+            }
+        };
+        assert_eq!(random_two(2, 1, 0, get), Some(1));
     }
 
     #[test]
