@@ -29,7 +29,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -257,7 +257,11 @@ impl Answering {
         // connection: let the watchdog look at its streams.
         activity.multiplexed.store(true, Ordering::Relaxed);
         let watched = Arc::new(Watched {
-            slot: Mutex::new(Some((body, busy))),
+            slot: Mutex::new(Some(Stream {
+                body,
+                rest: Bytes::new(),
+                _busy: busy,
+            })),
             handed: AtomicU64::new(0),
             with_client: AtomicBool::new(false),
         });
@@ -297,16 +301,27 @@ impl Body for Answering {
             Answering::Direct { body, .. } => body.is_end_stream(),
             Answering::Watched(watched) => lock(&watched.slot)
                 .as_ref()
-                .is_some_and(|(body, _)| body.is_end_stream()),
+                .is_some_and(|s| s.rest.is_empty() && s.body.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Answering::Direct { body, .. } => body.size_hint(),
-            Answering::Watched(watched) => lock(&watched.slot)
-                .as_ref()
-                .map_or_else(SizeHint::default, |(body, _)| body.size_hint()),
+            Answering::Watched(watched) => {
+                lock(&watched.slot)
+                    .as_ref()
+                    .map_or_else(SizeHint::default, |s| {
+                        let held = s.rest.len() as u64;
+                        let hint = s.body.size_hint();
+                        let mut total = SizeHint::new();
+                        total.set_lower(hint.lower() + held);
+                        if let Some(upper) = hint.upper() {
+                            total.set_upper(upper + held);
+                        }
+                        total
+                    })
+            }
         }
     }
 }
@@ -322,11 +337,12 @@ impl Body for Answering {
 /// stream after `send_timeout`; here the watchdog drops a body that has
 /// handed hyper a frame and not been asked for the next for `idle_timeout`,
 /// which lets its backend connection, in-flight slot and any cache fill go.
+/// Frames go out in slices of at most [`SLICE`] bytes, the size of an
+/// HTTP/2 DATA frame, so a slow reader shows progress as it reads.
 #[derive(Debug)]
 pub(super) struct Watched {
-    /// The body, and its request's place in the connection's busy count;
     /// `None` once abandoned.
-    slot: Mutex<Option<(ProxyBody, Busy)>>,
+    slot: Mutex<Option<Stream>>,
     /// Frames handed to hyper so far.
     handed: AtomicU64,
     /// The last poll handed over a frame: hyper waits for the client's
@@ -334,14 +350,47 @@ pub(super) struct Watched {
     with_client: AtomicBool,
 }
 
+/// What a watched stream holds until it ends or is abandoned.
+#[derive(Debug)]
+struct Stream {
+    body: ProxyBody,
+    /// The part of the body's last frame not handed over yet.
+    rest: Bytes,
+    /// The request's place in the connection's busy count.
+    _busy: Busy,
+}
+
+/// The most a watched stream hands hyper at once: HTTP/2's default
+/// SETTINGS_MAX_FRAME_SIZE.
+const SLICE: usize = 16 * 1024;
+
+impl Stream {
+    fn poll_slice(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.rest.is_empty() {
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.rest = data,
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let slice = self.rest.split_to(self.rest.len().min(SLICE));
+        Poll::Ready(Some(Ok(Frame::data(slice))))
+    }
+}
+
 impl Watched {
     fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let mut slot = lock(&self.slot);
-        let Some((body, _)) = slot.as_mut() else {
+        let Some(stream) = slot.as_mut() else {
             // hyper resets the stream on an error.
             return Poll::Ready(Some(Err(BodyError::Abandoned)));
         };
-        let result = Pin::new(body).poll_frame(cx);
+        let result = stream.poll_slice(cx);
         let handed = matches!(result, Poll::Ready(Some(Ok(_))));
         if handed {
             self.handed.fetch_add(1, Ordering::Relaxed);
@@ -452,5 +501,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_watched_stream_hands_over_data_frame_sized_slices() {
+        let activity = Arc::new(Activity::new());
+        let body = ProxyBody::full(Bytes::from(vec![7u8; 3 * SLICE + 5]));
+        let mut answering = Answering::watched(body, activity.busy());
+        assert_eq!(answering.size_hint().exact(), Some(3 * SLICE as u64 + 5));
+        let mut sizes = Vec::new();
+        while let Some(frame) = answering.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        // Each slice counts as progress for the watchdog.
+        assert_eq!(sizes, [SLICE, SLICE, SLICE, 5]);
+        let Answering::Watched(watched) = &answering else {
+            unreachable!()
+        };
+        assert_eq!(watched.handed.load(Ordering::Relaxed), 4);
+        assert!(answering.is_end_stream());
     }
 }
