@@ -24,8 +24,6 @@ use crate::server::Shared;
 
 type Body = Full<Bytes>;
 
-pub use crate::config::read_token;
-
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;

@@ -24,12 +24,7 @@ pub mod upstream;
 pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
     let listeners = server::bind(&config.server.listen).await?;
     let admin_listener = server::bind(&[config.admin.listen]).await?.remove(0);
-    let token = config
-        .admin
-        .token_file
-        .as_deref()
-        .map(admin::read_token)
-        .transpose()?;
+    let token = config.admin.token.as_ref().map(|t| t.0.clone());
     tracing::info!(
         addr = %admin_listener.local_addr()?,
         mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },

@@ -18,7 +18,6 @@ use toml::de::{DeTable, DeValue};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
 pub use units::{parse_duration, parse_size};
-pub use validate::read_token;
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

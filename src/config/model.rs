@@ -46,6 +46,19 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// Resolved relative to the config file's folder.
     pub token_file: Option<PathBuf>,
+    /// The first line of `token_file`, read when the file was validated.
+    pub token: Option<Token>,
+}
+
+/// A bearer token; its `Debug` does not show it, so a logged config does
+/// not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +185,7 @@ impl Default for Admin {
         Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             token_file: None,
+            token: None,
         }
     }
 }

@@ -442,15 +442,22 @@ fn admin(r: R, raw: Option<Spanned<raw::Admin>>, base: &Path, claim: &mut Claim)
             None => defaults.listen,
         },
     };
-    // Read now, as the TLS files are, so `check` finds what start would.
+    // Read here, once: `check` finds what start would, and a reload that
+    // validates the file has the token it rotates to.
+    let mut token = None;
     let token_file = raw.token_file.map(|t| {
         let path = base.join(t.get_ref());
-        if let Err(e) = read_token(&path) {
-            r.at(t.span(), "admin.token_file", e.to_string());
+        match read_token(&path) {
+            Ok(read) => token = Some(Token(read)),
+            Err(e) => r.at(t.span(), "admin.token_file", e.to_string()),
         }
         path
     });
-    Admin { listen, token_file }
+    Admin {
+        listen,
+        token_file,
+        token,
+    }
 }
 
 fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
@@ -636,7 +643,7 @@ fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<Ups
 
 /// Reads the admin token: the file's first line, trimmed. An empty file is
 /// an error, since it would make every token check trivially pass.
-pub fn read_token(path: &Path) -> std::io::Result<String> {
+fn read_token(path: &Path) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         std::io::Error::new(
             e.kind(),

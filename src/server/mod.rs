@@ -162,15 +162,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let config = config::load(path).map_err(|e| e.to_string())?;
-        // Rotating the token is rewriting its file and reloading; a file
-        // that cannot be read rejects the reload like any other error.
-        let token = config
-            .admin
-            .token_file
-            .as_deref()
-            .map(crate::admin::read_token)
-            .transpose()
-            .map_err(|e| e.to_string())?;
+        // Rotating the token is rewriting its file and reloading; the load
+        // read it, and a file that cannot be read rejected the reload.
+        let token = config.admin.token.as_ref().map(|t| t.0.clone());
         let acceptors = tls::acceptors(&config.server.tls).map_err(|e| e.to_string())?;
         let wanted = listeners::wanted(&config, &acceptors);
         let added = self
