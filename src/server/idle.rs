@@ -169,7 +169,7 @@ impl Activity {
             } else {
                 Duration::ZERO
             };
-            let stuck = now.1 == last.1 && self.write_blocked.load(Ordering::Relaxed);
+            let stuck = now.1 == last.1 && sending;
             unread = if stuck { unread + step } else { Duration::ZERO };
             last = now;
             if self.multiplexed.load(Ordering::Relaxed) {
@@ -188,9 +188,9 @@ impl Activity {
     }
 
     /// Called every `step`: drops the body of each HTTP/2 stream whose
-    /// client has kept its window shut for `idle` (see [`Watched`]), and
+    /// client has kept its window shut for `limit` (see [`Watched`]), and
     /// forgets the streams that are done.
-    fn abandon_shut_streams(&self, step: Duration, idle: Duration) {
+    fn abandon_shut_streams(&self, step: Duration, limit: Duration) {
         let mut abandoned = 0;
         lock(&self.streams).retain_mut(|watch| {
             let Some(stream) = watch.stream.upgrade() else {
@@ -203,7 +203,7 @@ impl Activity {
                 return true;
             }
             watch.shut += step;
-            if watch.shut < idle {
+            if watch.shut < limit {
                 return true;
             }
             if stream.abandon(handed) {
