@@ -64,23 +64,38 @@ pub struct Trace {
 
 impl Proxy {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
-        Self::new_with(config, metrics, |u, metrics| {
-            Upstream::new(u.clone(), metrics)
-        })
+        Self::build(config, metrics, None)
     }
 
-    fn new_with(
-        config: &Config,
-        metrics: Arc<Metrics>,
-        upstream: impl Fn(&crate::config::Upstream, &Metrics) -> Arc<Upstream>,
-    ) -> Self {
+    /// A new generation for `config` that keeps what `previous` holds where
+    /// the settings allow: upstreams (health, pools) whose settings are
+    /// unchanged, the cache under an unchanged `[cache]`, and the clients'
+    /// budgets on routes left in place.
+    pub fn rebuild(config: &Config, metrics: Arc<Metrics>, previous: &Proxy) -> Self {
+        Self::build(config, metrics, Some(previous))
+    }
+
+    fn build(config: &Config, metrics: Arc<Metrics>, previous: Option<&Proxy>) -> Self {
+        let upstream = |u: &crate::config::Upstream| {
+            let old = previous.map_or(&[][..], |p| &p.upstreams[..]);
+            match old.iter().find(|old| old.config == *u) {
+                Some(same) => same.clone(),
+                None => match old.iter().find(|old| old.name() == u.name) {
+                    Some(retuned) => Upstream::rebuild(u.clone(), &metrics, retuned),
+                    None => Upstream::new(u.clone(), &metrics),
+                },
+            }
+        };
+        let cache = config.cache.as_ref().map(|c| {
+            previous
+                .and_then(|p| p.cache.as_ref())
+                .filter(|old| old.config == *c)
+                .cloned()
+                .unwrap_or_else(|| Cache::new(c.clone(), metrics.clone()))
+        });
         Proxy {
             router: Router::new(&config.routes),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|u| upstream(u, &metrics))
-                .collect(),
+            upstreams: config.upstreams.iter().map(upstream).collect(),
             max_request_body: config.server.max_request_body,
             tunnel_idle: config.server.idle_timeout,
             route_metrics: config
@@ -89,35 +104,10 @@ impl Proxy {
                 .map(|r| metrics.route(&r.name))
                 .collect(),
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
-            limiter: Limiter::new(config),
-            cache: config.cache.clone().map(|c| Cache::new(c, metrics.clone())),
+            limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
+            cache,
             metrics,
         }
-    }
-
-    /// A new generation for `config` that keeps `previous`'s upstreams
-    /// (health, pools) where their settings are unchanged.
-    pub fn rebuild(config: &Config, metrics: Arc<Metrics>, previous: &Proxy) -> Self {
-        let mut next = Proxy::new_with(config, metrics, |u, metrics| {
-            previous
-                .upstreams
-                .iter()
-                .find(|old| old.config == *u)
-                .cloned()
-                .unwrap_or_else(|| {
-                    let same_name = previous.upstreams.iter().find(|old| old.name() == u.name);
-                    Upstream::rebuild(u.clone(), metrics, same_name.map(|old| &**old))
-                })
-        });
-        // The cache survives a reload that leaves its settings alone.
-        if let Some(old) = &previous.cache {
-            if config.cache.as_ref() == Some(&old.config) {
-                next.cache = Some(old.clone());
-            }
-        }
-        // Clients keep their budgets on routes a reload leaves in place.
-        next.limiter = Limiter::rebuild(config, previous.limiter.as_deref());
-        next
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {

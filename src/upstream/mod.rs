@@ -156,15 +156,11 @@ impl Upstream {
     /// Only under the same checks: a reload that changes them (a wrong
     /// path corrected, say) or drops them starts every backend up, as at a
     /// start.
-    pub fn rebuild(
-        config: config::Upstream,
-        metrics: &Metrics,
-        previous: Option<&Upstream>,
-    ) -> Arc<Self> {
+    pub fn rebuild(config: config::Upstream, metrics: &Metrics, previous: &Upstream) -> Arc<Self> {
         let upstream = Self::build(config, metrics);
-        let same_checks = previous
-            .filter(|p| p.config.health.is_some() && p.config.health == upstream.config.health);
-        if let Some(previous) = same_checks {
+        let same_checks =
+            previous.config.health.is_some() && previous.config.health == upstream.config.health;
+        if same_checks {
             for backend in &upstream.backends {
                 let was_down = previous
                     .backends
