@@ -276,10 +276,6 @@ impl BackendMetrics {
 #[cfg(target_os = "linux")]
 struct Process {
     inner: prometheus::process_collector::ProcessCollector,
-    cpu: prometheus::Counter,
-    /// Held while `cpu` catches up with /proc, so two concurrent scrapes
-    /// do not both add the same growth.
-    updating: std::sync::Mutex<()>,
     descs: Vec<prometheus::core::Desc>,
 }
 
@@ -290,25 +286,28 @@ const CPU_SECONDS: &str = "process_cpu_seconds_total";
 impl Process {
     fn new() -> Self {
         let inner = prometheus::process_collector::ProcessCollector::for_self();
-        let cpu = prometheus::Counter::new(
-            CPU_SECONDS,
-            "Total user and system CPU time spent in seconds.",
-        )
-        .expect("a static, valid name");
         let descs = inner
             .desc()
             .into_iter()
             .filter(|d| d.fq_name != CPU_SECONDS)
-            .chain(cpu.desc())
+            .chain(cpu_counter(0.0).desc())
             .cloned()
             .collect();
-        Process {
-            inner,
-            cpu,
-            updating: std::sync::Mutex::new(()),
-            descs,
-        }
+        Process { inner, descs }
     }
+}
+
+/// `process_cpu_seconds_total` at `seconds`: made afresh from /proc at each
+/// scrape, so there is no running count for concurrent scrapes to race on.
+#[cfg(target_os = "linux")]
+fn cpu_counter(seconds: f64) -> prometheus::Counter {
+    let counter = prometheus::Counter::new(
+        CPU_SECONDS,
+        "Total user and system CPU time spent in seconds.",
+    )
+    .expect("a static, valid name");
+    counter.inc_by(seconds);
+    counter
 }
 
 /// User plus system CPU seconds of this process, from `/proc/self/stat`.
@@ -337,13 +336,8 @@ impl Collector for Process {
             .into_iter()
             .filter(|f| f.name() != CPU_SECONDS)
             .collect();
-        let _one_at_a_time = self.updating.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(total) = cpu_seconds() {
-            let grown = total - self.cpu.get();
-            if grown > 0.0 {
-                self.cpu.inc_by(grown);
-            }
-            families.extend(self.cpu.collect());
+            families.extend(cpu_counter(total).collect());
         }
         families
     }
