@@ -470,6 +470,20 @@ async fn a_download_paused_longer_than_request_header_timeout_arrives_whole() {
     assert!(rest > 0);
 }
 
+/// Reads `stream` until the server closes it (or resets it), counting
+/// the bytes; panics if nothing arrives for [`STEP`].
+async fn bytes_until_closed(stream: &mut tokio::net::TcpStream) -> usize {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    loop {
+        match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return received,
+            Ok(Ok(n)) => received += n,
+            Err(_) => panic!("stalled after {received} bytes"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
     // As nginx's send_timeout: a response the client takes no byte of for
@@ -491,17 +505,7 @@ async fn a_client_that_stops_reading_is_dropped_after_idle_timeout() {
         })
         .await;
     // What the socket buffers held arrives, then the end, well short.
-    let mut received = n;
-    let mut buf = vec![0; 256 * 1024];
-    loop {
-        let read = tokio::time::timeout(STEP, stream.read(&mut buf))
-            .await
-            .expect("closed, not stalled");
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(read) => received += read,
-        }
-    }
+    let received = n + bytes_until_closed(&mut stream).await;
     assert!(received < size, "all {received} bytes arrived");
 }
 
@@ -762,14 +766,7 @@ async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
     // The socket fills while the client pauses; the drain starts.
     let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut received = first;
-    loop {
-        match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => received += n,
-            Err(_) => panic!("stalled after {received} bytes"),
-        }
-    }
+    let received = first + bytes_until_closed(&mut stream).await;
     stopping.await.unwrap();
     assert!(received > size, "cut after {received} of {size} bytes");
 }
