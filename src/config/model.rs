@@ -157,6 +157,31 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Cidr {
+    /// The block's first address: `addr` with the host bits cleared.
+    pub fn network(&self) -> std::net::IpAddr {
+        masked(self.addr, self.prefix)
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && masked(ip, self.prefix) == self.network()
+    }
+}
+
+fn masked(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
     pub requests_per_second: u32,

@@ -776,21 +776,34 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
     }
 }
 
-fn cidr(text: &str) -> Option<Cidr> {
+/// An address or CIDR block. A block with host bits set (`10.0.0.1/8`) is
+/// refused rather than masked: it is either a typo for one address or for
+/// the block, and trusting the wider reading lets clients forge their IP.
+fn cidr(text: &str) -> Result<Cidr, String> {
+    let shape = || format!("`{text}` is not an address or CIDR block such as \"10.0.0.0/8\"");
     let (addr, prefix) = match text.split_once('/') {
         Some((addr, prefix)) => (addr, Some(prefix)),
         None => (text, None),
     };
-    let addr: IpAddr = addr.parse().ok()?;
+    let addr: IpAddr = addr.parse().map_err(|_| shape())?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => max,
         Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-            p.parse::<u8>().ok()?
+            p.parse::<u8>().map_err(|_| shape())?
         }
-        Some(_) => return None,
+        Some(_) => return Err(shape()),
     };
-    (prefix <= max).then_some(Cidr { addr, prefix })
+    if prefix > max {
+        return Err(shape());
+    }
+    let network = Cidr { addr, prefix }.network();
+    if network != addr {
+        return Err(format!(
+            "`{text}` has host bits set: write \"{network}/{prefix}\" for the block or \"{addr}\" for one address"
+        ));
+    }
+    Ok(Cidr { addr, prefix })
 }
 
 fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
@@ -817,15 +830,8 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
     let mut trusted_proxies = Vec::new();
     for (i, p) in raw.trusted_proxies.iter().flatten().enumerate() {
         match cidr(p.get_ref()) {
-            Some(c) => trusted_proxies.push(c),
-            None => r.at(
-                p.span(),
-                format!("rate_limit.trusted_proxies[{i}]"),
-                format!(
-                    "`{}` is not an address or CIDR block such as \"10.0.0.0/8\"",
-                    p.get_ref()
-                ),
-            ),
+            Ok(c) => trusted_proxies.push(c),
+            Err(e) => r.at(p.span(), format!("rate_limit.trusted_proxies[{i}]"), e),
         }
     }
     RateLimit {
@@ -878,10 +884,18 @@ mod tests {
 
     #[test]
     fn cidr_blocks() {
-        assert_eq!(cidr("10.0.0.0/8").map(|c| c.prefix), Some(8));
-        assert_eq!(cidr("127.0.0.1").map(|c| c.prefix), Some(32));
-        assert_eq!(cidr("::1").map(|c| c.prefix), Some(128));
-        assert_eq!(cidr("2001:db8::/32").map(|c| c.prefix), Some(32));
+        assert_eq!(cidr("10.0.0.0/8").map(|c| c.prefix), Ok(8));
+        assert_eq!(cidr("127.0.0.1").map(|c| c.prefix), Ok(32));
+        assert_eq!(cidr("::1").map(|c| c.prefix), Ok(128));
+        assert_eq!(cidr("2001:db8::/32").map(|c| c.prefix), Ok(32));
+        assert_eq!(cidr("0.0.0.0/0").map(|c| c.prefix), Ok(0));
+        let e = cidr("10.0.0.1/8").unwrap_err();
+        assert!(
+            e.contains("\"10.0.0.0/8\" for the block or \"10.0.0.1\""),
+            "{e}"
+        );
+        let e = cidr("2001:db8::1/64").unwrap_err();
+        assert!(e.contains("\"2001:db8::/64\""), "{e}");
         for bad in [
             "10.0.0.0/33",
             "::/129",
@@ -890,7 +904,10 @@ mod tests {
             "x",
             "10.0.0.0/+8",
         ] {
-            assert!(cidr(bad).is_none(), "{bad}");
+            assert!(
+                cidr(bad).unwrap_err().contains("is not an address"),
+                "{bad}"
+            );
         }
     }
 }
