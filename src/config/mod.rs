@@ -2,7 +2,8 @@
 //! parsed into raw `serde` structs (strings with spans, `raw.rs`), then
 //! validated into the typed [`Config`] (`validate.rs`) with every problem
 //! reported as `file:line:col: key: message`. Unknown keys are collected
-//! rather than failing the parse, so an operator sees them all at once.
+//! and values of the wrong type set aside rather than failing the parse,
+//! so an operator sees them all at once.
 
 mod error;
 mod model;
@@ -14,6 +15,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
@@ -52,24 +54,58 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             return reporter.finish(Config::single_upstream(vec![], vec![]));
         }
     };
+    // A type error stops serde at the first bad value. To report them all,
+    // which nginx -t does not but an operator fixing a file wants, the bad
+    // value is set aside and the file read again, until it reads or a key
+    // it needs is one set aside. Validation then runs only if nothing was
+    // set aside: a placeholder would raise errors that are not in the file.
     let mut unknown: Vec<Vec<Segment>> = Vec::new();
-    let deserializer = toml::de::Deserializer::from(table.clone());
-    let raw: raw::File = match serde_ignored::deserialize(deserializer, |path| {
-        unknown.push(segments(&path));
-    }) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let key = key_at(table.get_ref(), &span);
-            reporter.at(span, key, plain_words(e.message()));
-            return reporter.finish(Config::single_upstream(vec![], vec![]));
+    let mut lenient = table.get_ref().clone();
+    // Each value set aside: the span serde blamed and the key it was under.
+    let mut set: Vec<(Range<usize>, String)> = Vec::new();
+    let raw = loop {
+        unknown.clear();
+        let whole = Spanned::new(0..text.len(), lenient.clone());
+        let deserializer = toml::de::Deserializer::from(whole);
+        let e = match serde_ignored::deserialize(deserializer, |path| unknown.push(segments(&path)))
+        {
+            Ok(raw) => break Some(raw),
+            Err(e) => e,
+        };
+        let span = e.span().unwrap_or(0..0);
+        let missing = e
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        // A key this loop took away, or a value it already blamed: what
+        // follows would be its own doing, not the file's.
+        if missing.is_some_and(|field| set.iter().any(|(_, key)| key == field))
+            || set.iter().any(|(seen, _)| *seen == span)
+        {
+            break None;
+        }
+        let key = key_at(table.get_ref(), &span);
+        reporter.at(span.clone(), key, plain_words(e.message()));
+        match set_aside(&mut lenient, &span, e.message()) {
+            Some(key) if set.len() < 100 => set.push((span, key)),
+            _ => break None,
         }
     };
     for path in &unknown {
-        let (span, key) = locate(table.get_ref(), path);
+        // Found in what was read, named from the file: a list item set
+        // aside shifts the numbers of those after it.
+        let (span, key) = locate(&lenient, path);
+        let key = if set.is_empty() {
+            key
+        } else {
+            key_at(table.get_ref(), &span)
+        };
         let name = path.last().map(Segment::to_string).unwrap_or_default();
         reporter.at(span, key, format!("unknown key `{name}`"));
     }
+    let Some(raw) = raw.filter(|_| set.is_empty()) else {
+        return reporter.finish(Config::single_upstream(vec![], vec![]));
+    };
     let base = file.parent().unwrap_or(Path::new("."));
     let config = validate::validate(raw, &mut reporter, base);
     reporter.finish(config)
@@ -194,6 +230,66 @@ fn key_at(root: &DeTable<'_>, span: &Range<usize>) -> String {
     let mut name = String::new();
     in_table(root, span, &mut name);
     name
+}
+
+/// Takes the bad value at `span` out of the way of the next read and
+/// returns the name of the key it was under. A value that is itself the
+/// bad one and wanted a string, list, number or boolean is replaced by an
+/// empty one of that type, so a required key stays present. A table in a
+/// list that lacks a required key is taken out of the list. Anything else
+/// goes with its key.
+fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Option<String> {
+    let holds = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let mut target = None;
+    for (k, v) in table.iter_mut() {
+        let whole = v.span();
+        match v.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(found) = set_aside(inner, span, message) {
+                    return Some(found);
+                }
+            }
+            DeValue::Array(items) => {
+                for item in items.iter_mut() {
+                    if let DeValue::Table(inner) = item.get_mut() {
+                        if let Some(found) = set_aside(inner, span, message) {
+                            return Some(found);
+                        }
+                    }
+                }
+                let lacking = |item: &Spanned<DeValue<'_>>| {
+                    item.span() == *span && matches!(item.get_ref(), DeValue::Table(_))
+                };
+                if items.iter().any(lacking) {
+                    let all = std::mem::replace(items, toml::de::DeArray::new());
+                    *items = all.into_iter().filter(|item| !lacking(item)).collect();
+                    return Some(k.get_ref().to_string());
+                }
+            }
+            _ => {}
+        }
+        if whole == *span {
+            let wanted = message.rsplit_once(", expected ").map_or("", |(_, w)| w);
+            let empty = match wanted {
+                "a string" => Some(DeValue::String(Default::default())),
+                "a sequence" => Some(DeValue::Array(Default::default())),
+                "i64" | "u64" | "u32" => Some(DeValue::Integer(Default::default())),
+                "a boolean" => Some(DeValue::Boolean(false)),
+                _ => None,
+            };
+            if let Some(empty) = empty {
+                *v.get_mut() = empty;
+                return Some(k.get_ref().to_string());
+            }
+        }
+        if holds(k.span()) || holds(whole) {
+            target = Some(k.clone());
+            break;
+        }
+    }
+    let key = target?;
+    table.remove(&key);
+    Some(key.into_inner().into_owned())
 }
 
 /// serde's words for what a field wanted, in the config's own terms.

@@ -218,6 +218,22 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:3:61: upstream[0].backends[1].weight: invalid type: string \"2\", expected a whole number"],
         ),
         (
+            // Every type error is found, not only the first: a required
+            // key with a bad value, a list item, an inline table's key, a
+            // table without its required key, and an unknown key after it
+            // still named by its place in the file.
+            "[server]\nlisten = [\"127.0.0.1:1\", 5]\n[[upstream]]\nname = 5\nbackends = [{ addr = \"127.0.0.1:2\", weight = \"2\" }]\nretries = \"x\"\n[[route]]\npath_prefix = \"/x\"\n[[route]]\nupstream = \"a\"\ncolour = 1\ncache = 3\n",
+            &[
+                "test.toml:2:26: server.listen[1]: invalid type: integer `5`, expected a string",
+                "test.toml:4:8: upstream[0].name: invalid type: integer `5`, expected a string",
+                "test.toml:5:46: upstream[0].backends[0].weight: invalid type: string \"2\", expected a whole number",
+                "test.toml:6:11: upstream[0].retries: invalid type: string \"x\", expected a whole number",
+                "test.toml:7:1: route[0]: missing field `upstream`",
+                "test.toml:11:1: route[1].colour: unknown key `colour`",
+                "test.toml:12:9: route[1].cache: invalid type: integer `3`, expected true or false",
+            ],
+        ),
+        (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[[route]]\npath_prefix = \"/x\"\n",
             &["test.toml:6:1: route[1]: missing field `upstream`"],
         ),
