@@ -57,12 +57,18 @@ pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(names)
 }
 
-/// `primary` plus, for each Vary field, the request's normalised value.
+/// `primary` plus, for each Vary field, the request's normalised value
+/// (`\nname:value`, or `\nname` when the request lacks the field).
 pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::from(primary);
     for name in names {
         key.push('\n');
         key.push_str(name.as_str());
+        // RFC 9111 §4.1: an absent field matches only an absent field, so
+        // `x-foo` absent (no colon) differs from `x-foo:` sent empty.
+        if !request.contains_key(name) {
+            continue;
+        }
         key.push(':');
         let mut first = true;
         for value in request.get_all(name) {
@@ -114,6 +120,10 @@ mod tests {
         let p = primary("http", "h", "/");
         assert_eq!(full(&p, &names, &gzip), full(&p, &names, &gzip2));
         assert_ne!(full(&p, &names, &gzip), full(&p, &names, &plain));
+        // Sent empty is not the same as absent (RFC 9111 §4.1).
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-encoding", HeaderValue::from_static(""));
+        assert_ne!(full(&p, &names, &empty), full(&p, &names, &plain));
         response.insert("vary", HeaderValue::from_static("*"));
         assert!(vary_names(&response).is_none());
     }
