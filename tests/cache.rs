@@ -130,8 +130,13 @@ async fn no_store_private_authorization_and_cookies_are_not_shared() {
             &[("authorization", "Bearer x")],
             "authorization",
         ),
-        // Set-Cookie without explicit freshness (with it, it is stored).
+        // Set-Cookie, with or without explicit freshness.
         ("/cache/d?cookie=1", &[], "set-cookie"),
+        (
+            "/cache/d2?cookie=1&cc=public,%20max-age=60",
+            &[],
+            "set-cookie",
+        ),
         ("/cache/e?cc=max-age=60&vary=*", &[], "vary-star"),
         ("/cache/f", &[], "no-freshness"),
     ];
@@ -462,6 +467,78 @@ async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     assert_eq!(
         stale.header("cache-status"),
         "portico; fwd=stale; fwd-status=502; detail=stale-if-error"
+    );
+    // What portico answers itself on a caching route says so too.
+    let failed = get(&client, &proxy.url("/cache/never-stored")).await;
+    assert!(failed.status.is_server_error(), "{}", failed.status);
+    assert_eq!(failed.header("cache-status"), "portico; fwd=miss");
+}
+
+#[tokio::test]
+async fn a_304_naming_another_etag_updates_nothing() {
+    // RFC 9111 §4.3.4: the 304 vouches for representation "b"; the stored
+    // body is "a" and must not be relabelled or refreshed with its fields.
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
+              X-Meta: new\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 3\r\n\r\nold"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/etag");
+    get(&client, &url).await;
+    for _ in 0..2 {
+        cache_of(&proxy).advance_clock(Duration::from_secs(5));
+        let answer = get(&client, &url).await;
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=stale; fwd-status=304; detail=validator-mismatch"
+        );
+        assert_eq!(answer.body, "old");
+        assert_eq!(answer.header("etag"), "\"a\"");
+        assert!(!answer.headers.contains_key("x-meta"));
+    }
+}
+
+#[tokio::test]
+async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
+    let addr = scripted_backend(|head| {
+        if head.starts_with("OPTIONS") {
+            b"HTTP/1.1 200 OK\r\nAllow: GET, OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nCache-Status: shield; hit\r\n\
+              Content-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/cors");
+    let first = get(&client, &url).await;
+    // RFC 9211 §2: the cache behind portico keeps its member, ours is last.
+    assert_eq!(
+        first.header("cache-status"),
+        "shield; hit, portico; fwd=miss; stored"
+    );
+    // A CORS preflight is safe (RFC 9110 §9.2.1): it invalidates nothing.
+    let preflight = send(
+        &client,
+        Request::options(&url)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(preflight.status, StatusCode::OK);
+    assert_eq!(preflight.header("cache-status"), "portico; fwd=method");
+    // The hit is portico's alone: the shield's member was about the fetch.
+    assert_eq!(
+        get(&client, &url).await.header("cache-status"),
+        "portico; hit"
     );
 }
 

@@ -281,11 +281,13 @@ pub fn storable(
         return Err(NotStored::Authorization);
     }
     let explicit = explicit_lifetime(response, cc);
-    // A cookie set for one client must not reach another unless the origin
-    // made the response cacheable explicitly (RFC 9111 §7.3: Set-Cookie by
-    // itself does not forbid storing, but a heuristic or `default_ttl` is
-    // no reason to share one).
-    if response.contains_key(header::SET_COOKIE) && !(cc.public || explicit.is_some()) {
+    // A cookie set for one client must not reach another. RFC 9111 §7.3
+    // lets a cache store it with an explicitly cacheable response, but an
+    // application marking a page `public, max-age` while it starts a
+    // session would hand that session to every visitor. nginx, Varnish's
+    // built-in VCL and the big CDNs do not store such responses; neither
+    // does portico.
+    if response.contains_key(header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
     let vary_star = response
@@ -417,4 +419,33 @@ pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> b
     let staleness = age.saturating_sub(lifetime);
     cc.stale_if_error
         .is_some_and(|window| staleness <= Duration::from_secs(window))
+}
+
+/// Whether a 304 answering a revalidation is about the stored response
+/// (RFC 9111 §4.3.4). A strong ETag in the 304 must be the stored one,
+/// byte for byte; a weak one must match it weakly; without an ETag, a
+/// Last-Modified must be the stored one. A 304 without validators is taken
+/// to answer the conditional request portico sent. One that names another
+/// representation must not update the entry: its fields would go out on a
+/// body they do not describe.
+pub fn selects(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    match trimmed(not_modified, header::ETAG) {
+        Some(new) => {
+            let old = trimmed(stored, header::ETAG);
+            match new.strip_prefix(b"W/") {
+                Some(opaque) => {
+                    old.is_some_and(|old| old.strip_prefix(b"W/").unwrap_or(old) == opaque)
+                }
+                None => old == Some(new),
+            }
+        }
+        None => match trimmed(not_modified, header::LAST_MODIFIED) {
+            Some(new) => trimmed(stored, header::LAST_MODIFIED) == Some(new),
+            None => true,
+        },
+    }
+}
+
+fn trimmed(headers: &HeaderMap, name: header::HeaderName) -> Option<&[u8]> {
+    headers.get(name).map(|v| v.as_bytes().trim_ascii())
 }

@@ -231,15 +231,15 @@ fn storability_for_a_shared_cache() {
             none,
             Ok(ok),
         ),
-        // Set-Cookie only when explicitly cacheable (§7.3), never on a
-        // heuristic or the operator's default_ttl.
+        // Set-Cookie is never stored, however cacheable the response says
+        // it is (§7.3 would allow it; nginx and Varnish do not).
         (
             Method::GET,
             &[],
             200,
             &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
             none,
-            Ok(ok),
+            Err(NotStored::SetCookie),
         ),
         (
             Method::GET,
@@ -316,7 +316,7 @@ fn storability_for_a_shared_cache() {
                 ("set-cookie", "a=b"),
             ],
             none,
-            Ok(ok),
+            Err(NotStored::SetCookie),
         ),
         // §4.1: Vary: * never matches.
         (
@@ -555,4 +555,35 @@ fn expires_in_every_http_date_format_and_any_letter_case() {
     // Not a date at all: already expired (§5.3).
     let lifetime = explicit_lifetime(&headers(&[date, ("expires", "0")]), &cc);
     assert_eq!(lifetime, Some(Duration::ZERO));
+}
+
+#[test]
+fn a_304_updates_only_the_response_it_names() {
+    let stored = headers(&[
+        ("etag", "\"a\""),
+        ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+    ]);
+    let weak = headers(&[("etag", "W/\"a\"")]);
+    for (not_modified, want) in [
+        (headers(&[("etag", "\"a\"")]), true),
+        (headers(&[("etag", "\"b\"")]), false),
+        (headers(&[("etag", "W/\"a\"")]), true),
+        (headers(&[("etag", "W/\"b\"")]), false),
+        (
+            headers(&[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")]),
+            true,
+        ),
+        (
+            headers(&[("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT")]),
+            false,
+        ),
+        (headers(&[("date", "Tue, 02 Jan 2024 00:00:00 GMT")]), true),
+    ] {
+        assert_eq!(selects(&stored, &not_modified), want, "{not_modified:?}");
+    }
+    // A strong 304 never matches a weak stored tag (§8.8.3.2).
+    assert!(!selects(&weak, &headers(&[("etag", "\"a\"")])));
+    assert!(selects(&weak, &headers(&[("etag", "W/\"a\"")])));
+    // No stored ETag: a 304 naming one is about something else.
+    assert!(!selects(&headers(&[]), &headers(&[("etag", "\"a\"")])));
 }

@@ -27,9 +27,27 @@ const COALESCE_WAIT: Duration = Duration::from_secs(5);
 
 pub static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
-fn set_status(response: &mut Response<ProxyBody>, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        response.headers_mut().insert(CACHE_STATUS.clone(), value);
+fn set_status(response: &mut Response<ProxyBody>, ours: &str) {
+    add_status(response.headers_mut(), ours);
+}
+
+/// Adds portico's member to `Cache-Status`. A backend's own members (a
+/// cache behind portico) stay in front of it: RFC 9211 §2 lists caches from
+/// the origin to the client. Entries are stored without them, so a hit
+/// carries portico's member alone.
+pub(super) fn add_status(headers: &mut HeaderMap, ours: &str) {
+    let mut value = String::new();
+    for theirs in headers.get_all(&CACHE_STATUS) {
+        if let Ok(theirs) = theirs.to_str() {
+            if !theirs.trim().is_empty() {
+                value.push_str(theirs.trim());
+                value.push_str(", ");
+            }
+        }
+    }
+    value.push_str(ours);
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(CACHE_STATUS.clone(), value);
     }
 }
 
@@ -257,6 +275,7 @@ pub(super) async fn serve(
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
     let fill = cache.begin_fill(primary);
     let request_time = cache.now();
+    trace.fwd = Some("miss");
     let (response, in_flight) = forward_with_retries(
         upstream,
         std::mem::replace(&mut parts, empty_parts()),
@@ -288,6 +307,7 @@ async fn bypass(
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     cache.counters.bypass.inc();
+    trace.fwd = Some("bypass");
     let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
     let mut response = relay(upstream, response, in_flight);
     set_status(&mut response, "portico; fwd=bypass");
@@ -364,9 +384,13 @@ fn store_or_relay(
             format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
         }
         Ok(lifetime) => {
+            let mut stored = response.headers().clone();
+            // What a cache behind portico did for this fetch is not true of
+            // later hits.
+            stored.remove(&CACHE_STATUS);
             let head = Head {
                 status,
-                headers: response.headers().clone(),
+                headers: stored,
                 timing: Timing::new(response.headers(), request_time, response_time),
                 lifetime,
                 cc,
@@ -463,7 +487,7 @@ async fn revalidate(
     mut parts: Parts,
     entry: Arc<Entry>,
     request_cc: CacheControl,
-    fwd: &str,
+    fwd: &'static str,
     // Held until the refreshed entry is stored, so requests waiting on it
     // read that.
     leader: Option<Leader>,
@@ -479,7 +503,25 @@ async fn revalidate(
     let age = entry.timing.current_age(request_time);
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
     let fill = cache.begin_fill(primary);
+    trace.fwd = Some(fwd);
     match forward_with_retries(upstream, parts, RequestBody::empty(), trace).await {
+        Ok((response, _in_flight))
+            if response.status() == StatusCode::NOT_MODIFIED
+                && has_validator(&entry)
+                && !policy::selects(&entry.headers, response.headers()) =>
+        {
+            // The backend says not modified but names another validator:
+            // the stored body is what the 304 vouches for, its fields are
+            // not (RFC 9111 §4.3.4). Serve it as stored, update nothing;
+            // the entry stays stale and the next request asks again.
+            drop(leader);
+            Ok(from_entry(
+                &entry,
+                age,
+                &client,
+                &format!("portico; fwd={fwd}; fwd-status=304; detail=validator-mismatch"),
+            ))
+        }
         Ok((response, _in_flight))
             if response.status() == StatusCode::NOT_MODIFIED && has_validator(&entry) =>
         {
@@ -553,6 +595,9 @@ async fn refresh(
         return;
     };
     if response.status() == StatusCode::NOT_MODIFIED {
+        if !policy::selects(&entry.headers, response.headers()) {
+            return;
+        }
         cache.counters.revalidated.inc();
         let updated = refreshed(&cache, &entry, response.headers(), request_time);
         cache.insert(&fill, &request_headers, updated).await;

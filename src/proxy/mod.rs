@@ -60,6 +60,9 @@ pub struct Proxy {
 pub struct Trace {
     pub route: Option<usize>,
     pub backend: Option<SocketAddr>,
+    /// Why a caching route went to the backend (`Cache-Status` `fwd`), for
+    /// the error answer when the backend fails.
+    pub fwd: Option<&'static str>,
 }
 
 impl Proxy {
@@ -143,7 +146,21 @@ impl Proxy {
                 } else {
                     tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                 }
-                error.into_response()
+                let mut response = error.into_response();
+                let caching = trace
+                    .route
+                    .and_then(|i| self.router.route(i))
+                    .is_some_and(|route| route.cache && self.cache.is_some());
+                if caching {
+                    // Every response of a caching route says what the cache
+                    // did: forwarded and failed, or refused before it.
+                    let ours = match trace.fwd {
+                        Some(fwd) => format!("portico; fwd={fwd}"),
+                        None => "portico; detail=not-forwarded".to_owned(),
+                    };
+                    cached::add_status(response.headers_mut(), &ours);
+                }
+                response
             }
         };
         let elapsed = started.elapsed();
@@ -235,10 +252,15 @@ impl Proxy {
             }
             return Ok(response);
         }
-        let unsafe_target = (cache.is_some() && !readable).then(|| {
+        // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
+        // invalidate; OPTIONS (a CORS preflight) and TRACE do not.
+        let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             target.to_owned()
         });
+        if cache.is_some() {
+            trace.fwd = Some("method");
+        }
         let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
         if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
             let status = response.status();
@@ -267,16 +289,21 @@ impl Proxy {
         }
         if cache.is_some() {
             // Every response of a caching route says what the cache did.
-            parts.headers.insert(
-                cached::CACHE_STATUS.clone(),
-                HeaderValue::from_static("portico; fwd=method"),
-            );
+            cached::add_status(&mut parts.headers, "portico; fwd=method");
         }
         Ok(Response::from_parts(
             parts,
             ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
         ))
     }
+}
+
+/// RFC 9110 §9.2.1 safe methods: read-only by definition.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 /// RFC 9110 §9.2.2 idempotent methods: safe to send twice.
