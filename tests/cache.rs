@@ -506,6 +506,27 @@ async fn a_304_naming_another_etag_updates_nothing() {
 }
 
 #[tokio::test]
+async fn a_response_stale_on_arrival_without_a_validator_is_not_stored() {
+    // It came through another cache that held it past its lifetime: it
+    // could never be served, so it must not say `stored` or take room.
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=100\r\nAge: 200\r\n\
+          Content-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    for _ in 0..2 {
+        let answer = get(&client, &proxy.url("/old")).await;
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; detail=no-freshness"
+        );
+    }
+    assert_eq!(cache_of(&proxy).stats().await.0, 0);
+}
+
+#[tokio::test]
 async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
     let addr = scripted_backend(|head| {
         if head.starts_with("OPTIONS") {

@@ -42,6 +42,13 @@ pub struct Head {
     pub cc: CacheControl,
 }
 
+impl Head {
+    /// See [`super::keep_for`].
+    pub fn keep_for(&self) -> Duration {
+        super::keep_for(&self.timing, self.lifetime, &self.cc, &self.headers)
+    }
+}
+
 impl Capture {
     pub fn new(
         cache: Arc<Cache>,

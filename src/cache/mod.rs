@@ -56,30 +56,39 @@ impl Entry {
         u32::try_from(key.len() + self.body.len() + headers + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
     }
 
-    /// How long the store keeps it: its remaining freshness plus the time
-    /// it may still serve stale or be revalidated.
     fn keep_for(&self) -> Duration {
-        let age = self.timing.current_age(self.timing.response_time);
-        let fresh_left = self.lifetime.saturating_sub(age);
-        let stale_window = Duration::from_secs(
-            self.cc
-                .stale_while_revalidate
-                .unwrap_or(0)
-                .max(self.cc.stale_if_error.unwrap_or(0)),
-        );
-        let validator = self.headers.contains_key(http::header::ETAG)
-            || self.headers.contains_key(http::header::LAST_MODIFIED);
-        let grace = if validator {
-            REVALIDATE_GRACE
-        } else {
-            Duration::ZERO
-        };
-        fresh_left + stale_window.max(grace)
+        keep_for(&self.timing, self.lifetime, &self.cc, &self.headers)
     }
 
     pub fn etag(&self) -> Option<&http::HeaderValue> {
         self.headers.get(http::header::ETAG)
     }
+}
+
+/// How long the store keeps a response: its remaining freshness plus the
+/// time it may still serve stale or be revalidated. Zero for one that is
+/// stale on arrival and can be neither: not worth storing.
+pub(crate) fn keep_for(
+    timing: &Timing,
+    lifetime: Duration,
+    cc: &CacheControl,
+    headers: &HeaderMap,
+) -> Duration {
+    let age = timing.current_age(timing.response_time);
+    let fresh_left = lifetime.saturating_sub(age);
+    let stale_window = Duration::from_secs(
+        cc.stale_while_revalidate
+            .unwrap_or(0)
+            .max(cc.stale_if_error.unwrap_or(0)),
+    );
+    let validator = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(http::header::LAST_MODIFIED);
+    let grace = if validator {
+        REVALIDATE_GRACE
+    } else {
+        Duration::ZERO
+    };
+    fresh_left + stale_window.max(grace)
 }
 
 struct EntryExpiry;

@@ -395,10 +395,16 @@ fn store_or_relay(
                 lifetime,
                 cc,
             };
-            let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
-            let (parts, body) = response.into_parts();
-            response = Response::from_parts(parts, body.with_capture(capture));
-            format!("portico; fwd={fwd}{fwd_status}; stored")
+            // Stale on arrival (an old `Age` or `Date`), with no validator
+            // and no stale window: it could never be served.
+            if head.keep_for().is_zero() {
+                format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
+            } else {
+                let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
+                let (parts, body) = response.into_parts();
+                response = Response::from_parts(parts, body.with_capture(capture));
+                format!("portico; fwd={fwd}{fwd_status}; stored")
+            }
         }
         Err(reason) => format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail()),
     };
