@@ -527,6 +527,34 @@ async fn a_response_stale_on_arrival_without_a_validator_is_not_stored() {
 }
 
 #[tokio::test]
+async fn a_relative_location_invalidates_the_url_it_resolves_to() {
+    let addr = scripted_backend(|head| {
+        if head.starts_with("POST") {
+            b"HTTP/1.1 201 Created\r\nLocation: ../target\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/rl/target");
+    get(&client, &url).await;
+    assert_eq!(
+        get(&client, &url).await.header("cache-status"),
+        "portico; hit"
+    );
+    let post = Request::post(proxy.url("/rl/a/b"))
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    assert_eq!(send(&client, post).await.status, StatusCode::CREATED);
+    assert_eq!(
+        get(&client, &url).await.header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+}
+
+#[tokio::test]
 async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
     let addr = scripted_backend(|head| {
         if head.starts_with("OPTIONS") {

@@ -85,6 +85,72 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
     key
 }
 
+/// A `Location` or `Content-Location` value resolved against the request
+/// target `base` (RFC 3986 §5.2): the path and query it names on the same
+/// origin, or `None` for another origin. `host` is the request's, to judge
+/// an absolute URI's authority; a relative reference is same-origin.
+pub fn resolve(base: &str, host: &str, reference: &str) -> Option<String> {
+    let reference = reference.split('#').next().unwrap_or("");
+    let has_scheme = reference
+        .find([':', '/', '?'])
+        .is_some_and(|i| reference.as_bytes()[i] == b':');
+    if has_scheme || reference.starts_with("//") {
+        let uri = if has_scheme {
+            reference.parse::<http::Uri>().ok()?
+        } else {
+            format!("http:{reference}").parse::<http::Uri>().ok()?
+        };
+        let authority = uri.authority()?;
+        if !authority.as_str().eq_ignore_ascii_case(host) {
+            return None;
+        }
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        return Some(without_dot_segments(path));
+    }
+    let base_path = base.split('?').next().unwrap_or(base);
+    let merged = if reference.is_empty() {
+        base.to_owned()
+    } else if reference.starts_with('/') {
+        reference.to_owned()
+    } else if reference.starts_with('?') {
+        format!("{base_path}{reference}")
+    } else {
+        let dir = &base_path[..base_path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{}{reference}", if dir.is_empty() { "/" } else { dir })
+    };
+    Some(without_dot_segments(&merged))
+}
+
+/// RFC 3986 §5.2.4 on the path part of `path?query`.
+fn without_dot_segments(path_and_query: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." | ".." => {
+                if *segment == ".." {
+                    out.pop();
+                }
+                if last {
+                    out.push("");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    let mut resolved = format!("/{}", out.join("/"));
+    if let Some(query) = query {
+        resolved.push('?');
+        resolved.push_str(query);
+    }
+    resolved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +192,31 @@ mod tests {
         assert_ne!(full(&p, &names, &empty), full(&p, &names, &plain));
         response.insert("vary", HeaderValue::from_static("*"));
         assert!(vary_names(&response).is_none());
+    }
+
+    #[test]
+    fn locations_resolve_against_the_target() {
+        let base = "/rl/a/b?x=1";
+        for (reference, want) in [
+            ("../target", Some("/rl/target")),
+            ("target", Some("/rl/a/target")),
+            ("./target?q", Some("/rl/a/target?q")),
+            ("?page=2", Some("/rl/a/b?page=2")),
+            ("", Some("/rl/a/b?x=1")),
+            ("#top", Some("/rl/a/b?x=1")),
+            ("/abs/../x", Some("/x")),
+            ("../../../..", Some("/")),
+            ("http://Example.com/y", Some("/y")),
+            ("//example.com/z", Some("/z")),
+            ("http://other.example/y", None),
+            ("//other.example/y", None),
+            ("https://example.com:8443/y", None),
+        ] {
+            assert_eq!(
+                resolve(base, "example.com", reference).as_deref(),
+                want,
+                "{reference}"
+            );
+        }
     }
 }

@@ -650,16 +650,9 @@ pub(super) async fn invalidate(
         let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        let Ok(uri) = value.parse::<http::Uri>() else {
-            continue;
-        };
-        let same_origin = uri
-            .authority()
-            .is_none_or(|a| a.as_str().eq_ignore_ascii_case(host));
-        if let (true, Some(path)) = (same_origin, uri.path_and_query()) {
-            cache
-                .invalidate(&key::primary(scheme, host, path.as_str()))
-                .await;
+        // Relative references (`../list`) name a URL too (RFC 9110 §10.2.2).
+        if let Some(path) = key::resolve(target, host, value.trim()) {
+            cache.invalidate(&key::primary(scheme, host, &path)).await;
         }
     }
 }
