@@ -91,6 +91,15 @@ async fn the_second_get_is_a_hit_with_age() {
     )
     .await;
     assert_eq!(conditional.status, StatusCode::NOT_MODIFIED);
+    // If-Match is evaluated against the stored response too (RFC 9110
+    // §13.2.2): a mismatch is 412, a match the stored body.
+    let url = proxy.url("/users/1/orders");
+    let failed = get_with(&client, &url, &[("if-match", "\"other\"")]).await;
+    assert_eq!(failed.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(failed.header("cache-status"), "portico; hit");
+    let matched = get_with(&client, &url, &[("if-match", &etag)]).await;
+    assert_eq!(matched.status, StatusCode::OK);
+    assert_eq!(matched.body, first.body);
     assert_eq!(backend.requests(), 1);
 }
 

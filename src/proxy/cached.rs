@@ -81,6 +81,33 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
+/// RFC 9110 §13.2.2 steps 1 and 2 against the stored response: whether
+/// `If-Match` (strong comparison; `*` matches what is stored) or, without
+/// it, `If-Unmodified-Since` fails. A cache evaluates them like the origin
+/// would (§13.2.1); nginx answers 412 from its cache too.
+fn precondition_failed(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    }
+    if let Some(list) = text(request, header::IF_MATCH) {
+        let etag = text(stored, header::ETAG).filter(|e| !e.starts_with("W/"));
+        return !list
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || etag == Some(t));
+    }
+    let date = |headers: &HeaderMap, name| {
+        text(headers, name).and_then(|v| httpdate::parse_http_date(v).ok())
+    };
+    matches!(
+        (date(request, header::IF_UNMODIFIED_SINCE), date(stored, header::LAST_MODIFIED)),
+        (Some(since), Some(modified)) if modified > since
+    )
+}
+
 /// A response built from a stored entry: 304 for a matching conditional,
 /// 206 or 416 for a byte range of a stored 200, else the stored response.
 fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Response<ProxyBody> {
@@ -94,8 +121,13 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     };
     // RFC 9110 §13.2.1: preconditions apply only where the answer would
     // be a 2xx; a stored 404 or 301 is served as it is.
-    let conditional_hit =
-        entry.status.is_success() && not_modified(&request.headers, &entry.headers);
+    let preconditions = entry.status.is_success();
+    if preconditions && precondition_failed(&request.headers, &entry.headers) {
+        let mut response = super::error::error_response(StatusCode::PRECONDITION_FAILED);
+        set_status(&mut response, status);
+        return response;
+    }
+    let conditional_hit = preconditions && not_modified(&request.headers, &entry.headers);
     let (code, body) = if conditional_hit {
         headers.remove(header::CONTENT_LENGTH);
         (StatusCode::NOT_MODIFIED, ProxyBody::empty())
@@ -654,5 +686,50 @@ pub(super) async fn invalidate(
         if let Some(path) = key::resolve(target, host, value.trim()) {
             cache.invalidate(&key::primary(scheme, host, &path)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::headers;
+
+    #[test]
+    fn if_match_then_if_unmodified_since_decide_412() {
+        let stored = headers(&[
+            ("etag", "\"s1\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ]);
+        let before = "Sun, 31 Dec 2023 00:00:00 GMT";
+        let after = "Tue, 02 Jan 2024 00:00:00 GMT";
+        for (request, failed) in [
+            (vec![("if-match", "\"s1\"")], false),
+            (vec![("if-match", "\"x\", \"s1\"")], false),
+            (vec![("if-match", "*")], false),
+            (vec![("if-match", "\"nope\"")], true),
+            // Strong comparison: a weak tag never matches.
+            (vec![("if-match", "W/\"s1\"")], true),
+            (vec![("if-unmodified-since", before)], true),
+            (vec![("if-unmodified-since", after)], false),
+            (vec![("if-unmodified-since", "not a date")], false),
+            // If-Match wins over If-Unmodified-Since (§13.2.2).
+            (
+                vec![("if-match", "\"s1\""), ("if-unmodified-since", before)],
+                false,
+            ),
+            (vec![], false),
+        ] {
+            assert_eq!(
+                precondition_failed(&headers(&request), &stored),
+                failed,
+                "{request:?}"
+            );
+        }
+        let weak = headers(&[("etag", "W/\"s1\"")]);
+        assert!(precondition_failed(
+            &headers(&[("if-match", "W/\"s1\"")]),
+            &weak
+        ));
+        assert!(!precondition_failed(&headers(&[("if-match", "*")]), &weak));
     }
 }

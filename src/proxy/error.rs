@@ -116,6 +116,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::BAD_REQUEST => "400 Bad Request\n",
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
+        StatusCode::PRECONDITION_FAILED => "412 Precondition Failed\n",
         StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
         StatusCode::TOO_MANY_REQUESTS => "429 Too Many Requests\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no healthy backend\n",
