@@ -2,16 +2,31 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use portico::sample::model::OrderStatus;
 use portico::sample::BackendOptions;
+
+const ORDER_BACKEND: &str = env!("CARGO_BIN_EXE_order-backend");
+const VALID_ORDER: &str =
+    r#"{"items":[{"sku":"A-1","qty":2}],"amount_cents":1999,"email":"a@example.com"}"#;
 
 fn url(backend: &portico::sample::RunningBackend, path: &str) -> String {
     format!("http://{}{path}", backend.addr())
+}
+
+fn post_order(addr: SocketAddr, user: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/users/{user}/orders"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -132,4 +147,172 @@ async fn delay_holds_every_answer_back() {
     assert_eq!(answer.status, StatusCode::OK);
     // Only a lower bound: how much longer it takes depends on the machine.
     assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn a_post_for_an_unknown_user_is_404_and_creates_nothing() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+    for user in ["999999", "0", "4"] {
+        let refused = send(&client, post_order(backend.addr(), user, VALID_ORDER)).await;
+        assert_eq!(refused.status, StatusCode::NOT_FOUND, "user {user}");
+        assert_eq!(refused.header("content-type"), "application/json");
+        let body: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+        assert_eq!(body, serde_json::json!({"error": "user not found"}));
+        let list = get(&client, &url(&backend, &format!("/users/{user}/orders"))).await;
+        assert_eq!(list.status, StatusCode::NOT_FOUND, "user {user} after POST");
+    }
+    assert_eq!(backend.orders_created(), 0);
+    // No order id was used up by the refused ones.
+    let created = send(&client, post_order(backend.addr(), "2", VALID_ORDER)).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.header("location"), "/orders/ORDER-002");
+}
+
+#[tokio::test]
+async fn a_zero_or_negative_amount_is_refused_with_400() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+    for amount in ["0", "-1"] {
+        let body = format!(
+            r#"{{"items":[{{"sku":"A-1","qty":2}}],"amount_cents":{amount},"email":"a@example.com"}}"#
+        );
+        let refused = send(&client, post_order(backend.addr(), "1", &body)).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "amount {amount}");
+        let body: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+        assert!(body["error"].is_string(), "amount {amount}: {body}");
+    }
+    assert_eq!(backend.orders_created(), 0);
+}
+
+#[tokio::test]
+async fn stop_returns_once_every_queued_order_is_confirmed() {
+    let repo = portico::sample::new_repository();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let backend = portico::sample::start_on(loopback, BackendOptions::new("b1"), repo.clone())
+        .await
+        .unwrap();
+    let client = client();
+    let mut ids = Vec::new();
+    // The worker takes about 50 ms an order: most are still queued at stop.
+    for _ in 0..30 {
+        let created = send(&client, post_order(backend.addr(), "1", VALID_ORDER)).await;
+        assert_eq!(created.status, StatusCode::CREATED);
+        ids.push(
+            created
+                .header("location")
+                .trim_start_matches("/orders/")
+                .to_owned(),
+        );
+    }
+    drop(client);
+    tokio::time::timeout(STEP * 2, backend.stop())
+        .await
+        .expect("stop is bounded");
+    let pending: Vec<&String> = ids
+        .iter()
+        .filter(|id| repo.order(id).unwrap().status != OrderStatus::Confirmed)
+        .collect();
+    assert!(pending.is_empty(), "left pending at stop: {pending:?}");
+}
+
+/// Kills the child if a test fails before it exits on its own.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The text of a log line without terminal escape sequences.
+fn strip_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte(@ to ~)
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_process_confirms_queued_orders_on_sigterm_and_logs_without_colour() {
+    let mut child = Command::new(ORDER_BACKEND)
+        .args(["--listen", "127.0.0.1:0", "--name", "proc"])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("order-backend starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut child = ChildGuard(child);
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let addr: SocketAddr = tokio::time::timeout(STEP, async {
+        while let Some(line) = lines.recv().await {
+            let text = strip_escapes(&line);
+            log.push(line);
+            if let Some(rest) = text.split("addr=").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("order-backend exited before listening: {log:?}");
+    })
+    .await
+    .expect("order-backend logs its address");
+
+    let client = client();
+    for _ in 0..30 {
+        let created = send(&client, post_order(addr, "1", VALID_ORDER)).await;
+        assert_eq!(created.status, StatusCode::CREATED);
+    }
+    drop(client);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::timeout(STEP, async {
+        while let Some(line) = lines.recv().await {
+            log.push(line);
+        }
+    })
+    .await
+    .expect("order-backend exits after SIGTERM");
+    let status = tokio::time::timeout(STEP, async {
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("order-backend exits after SIGTERM");
+    let log = log.join("\n");
+    assert!(status.success(), "exited with {status}:\n{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
+    assert!(
+        log.contains("order.confirmed queue drained"),
+        "no drain in the log:\n{log}"
+    );
+    assert!(!log.contains("still pending"), "{log}");
 }

@@ -1,4 +1,6 @@
-//! `order-backend`: the sample order backend as its own process.
+//! `order-backend`: the sample order backend as its own process. SIGTERM or
+//! SIGINT stops it gracefully: in-flight requests finish and the queued
+//! order confirmations are done, within a bounded grace.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -28,6 +30,13 @@ struct Cli {
     max_age: u32,
 }
 
+/// Colours for a person at a terminal; none in files, pipes and journald,
+/// nor when `NO_COLOR` is set (as `portico` itself does).
+fn colour_on_stderr() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -35,6 +44,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -26,7 +26,8 @@ use tokio::task::JoinHandle;
 pub use repository::{InMemoryRepository, OrderRepository};
 use service::OrderService;
 
-/// How long [`RunningBackend::stop`] waits for in-flight requests.
+/// How long a stopping backend waits for in-flight requests and then for
+/// the worker to confirm the orders still queued, both together.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
@@ -53,8 +54,9 @@ pub fn new_repository() -> Arc<dyn OrderRepository> {
     Arc::new(InMemoryRepository::seeded())
 }
 
-/// Serves on `listener` until `shutdown` resolves, then stops accepting and
-/// lets in-flight connections finish.
+/// Serves on `listener` until `shutdown` resolves, then stops accepting,
+/// lets in-flight connections finish and the worker confirm the queued
+/// orders, within a bounded grace.
 pub async fn serve(
     listener: TcpListener,
     opts: BackendOptions,
@@ -110,8 +112,11 @@ async fn serve_context(
         });
     }
     drop(listener);
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
     trigger.fire();
     drain.wait(STOP_GRACE).await;
+    // After the requests: one still being answered may publish an event.
+    ctx.service.drain(deadline).await;
     Ok(())
 }
 
@@ -143,7 +148,8 @@ impl RunningBackend {
         self.ctx.orders_created.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting, waits (bounded) for in-flight requests.
+    /// Stops accepting, waits (bounded) for in-flight requests and queued
+    /// order confirmations.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

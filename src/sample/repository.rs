@@ -1,6 +1,8 @@
 //! Storage behind the order service: a trait, so the service does not care
-//! where orders live, and the in-memory store the sample uses. Each user has
-//! a version that changes with their orders; it becomes the list's ETag.
+//! where orders live, and the in-memory store the sample uses. The store is
+//! the one place that knows which users exist (the seeded users 1 to 3);
+//! orders are only taken for them. Each user has a version that changes with
+//! their orders; it becomes the list's ETag.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -11,8 +13,9 @@ pub trait OrderRepository: Send + Sync + std::fmt::Debug {
     /// A user's orders and their version, `None` for an unknown user.
     fn orders_of(&self, user_id: u64) -> Option<(Vec<Order>, u64)>;
     fn order(&self, order_id: &str) -> Option<Order>;
-    /// Stores a new pending order (creating the user on first order).
-    fn insert(&self, user_id: u64, order: NewOrder) -> Order;
+    /// Stores a new pending order; `None` (and nothing stored) for an
+    /// unknown user, so reads and writes agree on who exists.
+    fn insert(&self, user_id: u64, order: NewOrder) -> Option<Order>;
     /// Returns false for an unknown order.
     fn set_status(&self, order_id: &str, status: OrderStatus) -> bool;
 }
@@ -83,8 +86,12 @@ impl OrderRepository for InMemoryRepository {
         self.read().orders.get(order_id).cloned()
     }
 
-    fn insert(&self, user_id: u64, new: NewOrder) -> Order {
-        let mut state = self.write();
+    fn insert(&self, user_id: u64, new: NewOrder) -> Option<Order> {
+        let mut guard = self.write();
+        let state = &mut *guard;
+        // Looked up under the same lock as the insert: a refused order uses
+        // up no id and creates no user.
+        let user = state.users.get_mut(&user_id)?;
         let id = format!("ORDER-{:03}", state.next_id);
         state.next_id += 1;
         let order = Order {
@@ -95,11 +102,10 @@ impl OrderRepository for InMemoryRepository {
             email: new.email,
             status: OrderStatus::Pending,
         };
-        state.orders.insert(id.clone(), order.clone());
-        let user = state.users.entry(user_id).or_insert((Vec::new(), 0));
-        user.0.push(id);
+        user.0.push(id.clone());
         user.1 += 1;
-        order
+        state.orders.insert(id, order.clone());
+        Some(order)
     }
 
     fn set_status(&self, order_id: &str, status: OrderStatus) -> bool {
@@ -143,7 +149,7 @@ mod tests {
     fn inserting_and_confirming_bump_the_user_version() {
         let repo = InMemoryRepository::seeded();
         let (_, v0) = repo.orders_of(1).unwrap();
-        let order = repo.insert(1, new_order());
+        let order = repo.insert(1, new_order()).unwrap();
         assert_eq!(order.id, "ORDER-002");
         assert_eq!(order.status, OrderStatus::Pending);
         let (orders, v1) = repo.orders_of(1).unwrap();
@@ -155,9 +161,17 @@ mod tests {
     }
 
     #[test]
-    fn a_first_order_creates_the_user() {
+    fn orders_are_only_taken_for_known_users() {
         let repo = InMemoryRepository::seeded();
-        repo.insert(42, new_order());
-        assert_eq!(repo.orders_of(42).unwrap().0.len(), 1);
+        for unknown in [0, 4, 42, u64::MAX] {
+            assert!(
+                repo.insert(unknown, new_order()).is_none(),
+                "user {unknown}"
+            );
+            assert!(repo.orders_of(unknown).is_none(), "user {unknown}");
+        }
+        // The refused orders used up no id.
+        assert_eq!(repo.insert(2, new_order()).unwrap().id, "ORDER-002");
+        assert_eq!(repo.orders_of(2).unwrap().0.len(), 1);
     }
 }

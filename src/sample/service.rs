@@ -2,15 +2,20 @@
 //! order validates it, stores it as pending and publishes `order.confirmed`
 //! on an in-process queue; a worker does the slow part (the confirmation
 //! e-mail, the inventory reservation) off the request path and marks the
-//! order confirmed, so `POST` answers quickly.
+//! order confirmed, so `POST` answers quickly. On shutdown the worker is
+//! given until a deadline to confirm what is still queued ([`OrderService::drain`]).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::model::{NewOrder, Order, OrderConfirmed, OrderStatus};
 use super::repository::OrderRepository;
+use crate::server::shutdown::{self, Shutdown, Trigger};
 
 /// Time each simulated slow step takes in the worker.
 const SLOW_STEP: Duration = Duration::from_millis(25);
@@ -29,6 +34,17 @@ pub enum ServiceError {
 pub struct OrderService {
     repo: Arc<dyn OrderRepository>,
     queue: mpsc::UnboundedSender<OrderConfirmed>,
+    /// Events published and not yet confirmed by the worker.
+    pending: Arc<AtomicUsize>,
+    worker: Arc<WorkerHandle>,
+}
+
+/// What [`OrderService::drain`] needs to stop the worker: shared by every
+/// clone of the service, used once.
+#[derive(Debug)]
+struct WorkerHandle {
+    close: Trigger,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The rules a new order must meet.
@@ -42,6 +58,11 @@ pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
     if order.items.iter().any(|item| item.qty == 0) {
         return Err(ServiceError::Invalid("qty must be at least 1"));
     }
+    // The amount is what the customer pays for the items; the model has no
+    // discounts or free items that could make it zero.
+    if order.amount_cents == 0 {
+        return Err(ServiceError::Invalid("amount_cents must be at least 1"));
+    }
     let email = order.email.trim();
     if email.len() < 3 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
         return Err(ServiceError::Invalid("email must be an address"));
@@ -51,11 +72,22 @@ pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
 
 impl OrderService {
     /// Starts the service and its worker on the current runtime. The worker
-    /// ends when the last service clone is dropped (the queue closes).
+    /// ends after [`drain`](Self::drain), or once the last service clone is
+    /// dropped and the queue is empty.
     pub fn start(repo: Arc<dyn OrderRepository>) -> Self {
         let (queue, events) = mpsc::unbounded_channel();
-        tokio::spawn(worker(repo.clone(), events));
-        OrderService { repo, queue }
+        let (close, closing) = shutdown::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(worker(repo.clone(), events, closing, pending.clone()));
+        OrderService {
+            repo,
+            queue,
+            pending,
+            worker: Arc::new(WorkerHandle {
+                close,
+                task: Mutex::new(Some(task)),
+            }),
+        }
     }
 
     pub fn orders_of(&self, user_id: u64) -> Result<(Vec<Order>, u64), ServiceError> {
@@ -70,31 +102,97 @@ impl OrderService {
 
     pub fn create(&self, user_id: u64, new: NewOrder) -> Result<Order, ServiceError> {
         validate(&new)?;
-        let order = self.repo.insert(user_id, new);
+        let order = self
+            .repo
+            .insert(user_id, new)
+            .ok_or(ServiceError::UnknownUser)?;
         let event = OrderConfirmed {
             order_id: order.id.clone(),
             email: order.email.clone(),
         };
+        // Counted before sending so the worker never finishes an event that
+        // is not counted yet.
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if self.queue.send(event).is_err() {
-            // Only when the runtime is shutting down; the order stays pending.
+            // Only after the drain began (a request that outlived the
+            // shutdown grace); the order stays pending.
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(order = %order.id, "order.confirmed queue closed");
         }
         Ok(order)
+    }
+
+    /// Confirmations published and not yet done.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// For shutdown, once no more requests are being served: closes the
+    /// queue and lets the worker confirm what is in it until `deadline`,
+    /// then stops it. Logs the outcome and returns how many confirmations
+    /// were left undone (0: drained). Later calls return at once.
+    pub async fn drain(&self, deadline: Instant) -> usize {
+        let task = self
+            .worker
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut task) = task else {
+            return self.pending();
+        };
+        let queued = self.pending();
+        self.worker.close.fire();
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            // Returns at the worker's next await: the count is final after it.
+            let _ = task.await;
+        }
+        let left = self.pending();
+        if left == 0 {
+            tracing::info!(confirmed = queued, "order.confirmed queue drained");
+        } else {
+            tracing::warn!(
+                pending = left,
+                "order.confirmed queue not drained within the shutdown grace: \
+                 {left} confirmations still pending, those orders stay pending"
+            );
+        }
+        left
     }
 }
 
 async fn worker(
     repo: Arc<dyn OrderRepository>,
     mut events: mpsc::UnboundedReceiver<OrderConfirmed>,
+    mut closing: Shutdown,
+    pending: Arc<AtomicUsize>,
 ) {
-    while let Some(event) = events.recv().await {
-        // The slow part: e-mail the customer, reserve the stock.
-        tokio::time::sleep(SLOW_STEP).await;
-        tracing::debug!(order = %event.order_id, to = %event.email, "confirmation e-mail sent");
-        tokio::time::sleep(SLOW_STEP).await;
-        tracing::debug!(order = %event.order_id, "inventory reserved");
-        repo.set_status(&event.order_id, OrderStatus::Confirmed);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                confirm(repo.as_ref(), &event).await;
+                pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            // Closing refuses new events; recv still yields the queued ones,
+            // then None.
+            _ = closing.recv(), if open => {
+                events.close();
+                open = false;
+            }
+        }
     }
+}
+
+/// The slow part: e-mail the customer, reserve the stock.
+async fn confirm(repo: &dyn OrderRepository, event: &OrderConfirmed) {
+    tokio::time::sleep(SLOW_STEP).await;
+    tracing::debug!(order = %event.order_id, to = %event.email, "confirmation e-mail sent");
+    tokio::time::sleep(SLOW_STEP).await;
+    tracing::debug!(order = %event.order_id, "inventory reserved");
+    repo.set_status(&event.order_id, OrderStatus::Confirmed);
 }
 
 #[cfg(test)]
@@ -137,6 +235,20 @@ mod tests {
                 order(&[("A-1", 1)], "@example.com"),
                 Err("email must be an address"),
             ),
+            (
+                NewOrder {
+                    amount_cents: 0,
+                    ..order(&[("A-1", 1)], "a@example.com")
+                },
+                Err("amount_cents must be at least 1"),
+            ),
+            (
+                NewOrder {
+                    amount_cents: 1,
+                    ..order(&[("A-1", 1)], "a@example.com")
+                },
+                Ok(()),
+            ),
         ];
         for (input, want) in cases {
             let got = validate(input).map_err(|e| match e {
@@ -145,6 +257,73 @@ mod tests {
             });
             assert_eq!(got, *want, "{input:?}");
         }
+    }
+
+    fn seeded_service() -> OrderService {
+        OrderService::start(Arc::new(
+            super::super::repository::InMemoryRepository::seeded(),
+        ))
+    }
+
+    fn statuses(service: &OrderService, ids: &[String]) -> (usize, usize) {
+        let confirmed = ids
+            .iter()
+            .filter(|id| service.order(id).unwrap().status == OrderStatus::Confirmed)
+            .count();
+        (confirmed, ids.len() - confirmed)
+    }
+
+    fn create_many(service: &OrderService, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                service
+                    .create(1, order(&[("A-1", 1)], "a@example.com"))
+                    .unwrap()
+                    .id
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_order_for_an_unknown_user_is_refused_and_not_published() {
+        let service = seeded_service();
+        for user in [0, 4, 999_999] {
+            let refused = service.create(user, order(&[("A-1", 1)], "a@example.com"));
+            assert_eq!(refused, Err(ServiceError::UnknownUser), "user {user}");
+            assert_eq!(service.orders_of(user), Err(ServiceError::UnknownUser));
+        }
+        assert_eq!(service.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_confirms_every_queued_order_before_the_deadline() {
+        let service = seeded_service();
+        let ids = create_many(&service, 30);
+        let left = service.drain(Instant::now() + Duration::from_secs(5)).await;
+        assert_eq!(left, 0);
+        assert_eq!(statuses(&service, &ids), (30, 0));
+        // A second drain has nothing left to do.
+        assert_eq!(service.drain(Instant::now()).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_stops_the_worker_at_the_deadline_and_counts_what_is_left() {
+        let service = seeded_service();
+        let ids = create_many(&service, 30);
+        // Each confirmation takes two slow steps: about ten fit.
+        let left = service.drain(Instant::now() + SLOW_STEP * 20).await;
+        let (confirmed, unconfirmed) = statuses(&service, &ids);
+        assert!(
+            confirmed > 0 && left > 0,
+            "{confirmed} confirmed, {left} left"
+        );
+        assert_eq!(left, unconfirmed);
+        // The worker is gone: nothing changes later, and new orders stay
+        // pending instead of being queued for nobody.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(statuses(&service, &ids), (confirmed, unconfirmed));
+        create_many(&service, 1);
+        assert_eq!(service.pending(), left);
     }
 
     #[tokio::test]
