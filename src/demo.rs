@@ -21,6 +21,12 @@ pub async fn run_until(
     admin: SocketAddr,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    if listen == admin && listen.port() != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("--listen and --admin are both {listen}: give the admin API its own port"),
+        ));
+    }
     let repo = sample::new_repository();
     let mut running = Vec::with_capacity(backends);
     for i in 1..=backends {
@@ -36,6 +42,9 @@ pub async fn run_until(
     config.routes[0].name = "orders".into();
     config.cache = Some(crate::config::Cache::default());
     config.routes[0].cache = true;
+    // A demo stops on Ctrl-C within seconds even with a client stuck
+    // mid-request; the default 30 s suits production drains.
+    config.server.shutdown_grace = std::time::Duration::from_secs(5);
     let listeners = server::bind(&config.server.listen).await?;
     let proxy_addr = listeners[0].local_addr()?;
     let admin = server::bind(&[admin]).await?.remove(0);
