@@ -355,5 +355,29 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
         let answer = get(&client(), &proxy.url("/health")).await;
         assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     }
+
+    // A backend that accepts TCP and never answers the handshake is a
+    // connect timeout, retried on the other backend; not a wait for
+    // response_timeout and a 504.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut config = through(trusted(None, &cert));
+    config.upstreams[0].backends = [silent_addr, https_backend]
+        .map(|addr| portico::config::Backend { addr, weight: 1 })
+        .to_vec();
+    config.upstreams[0].retries = 1;
+    config.upstreams[0].connect_timeout = std::time::Duration::from_millis(200);
+    config.upstreams[0].response_timeout = std::time::Duration::from_secs(20);
+    let proxy = start_proxy(config).await;
+    for _ in 0..2 {
+        let answer = get(&client(), &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -27,12 +27,12 @@ pub enum ProxyError {
         limit: u32,
         retry_after: std::time::Duration,
     },
-    #[error("backend {backend} refused the connection: {source}")]
+    #[error("backend {backend}: cannot connect: {source}")]
     Connect {
         backend: std::net::SocketAddr,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("backend {backend} connect timed out")]
+    #[error("backend {backend}: connect or TLS handshake timed out (connect_timeout)")]
     ConnectTimeout { backend: std::net::SocketAddr },
     #[error("backend {backend} broke the response: {source}")]
     Upstream {
@@ -117,6 +117,8 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::PRECONDITION_FAILED => "412 Precondition Failed\n",
+        StatusCode::METHOD_NOT_ALLOWED => "405 Method Not Allowed\n",
+        StatusCode::NOT_IMPLEMENTED => "501 Not Implemented\n",
         StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
         StatusCode::TOO_MANY_REQUESTS => "429 Too Many Requests\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no healthy backend\n",

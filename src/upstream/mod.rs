@@ -134,6 +134,7 @@ impl Upstream {
             targets,
             config.max_idle_per_backend,
             config.idle_timeout,
+            config.connect_timeout,
         );
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),

@@ -41,6 +41,8 @@ pub(super) struct Pool {
     idle: Vec<Mutex<Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Bounds making a connection, TLS handshake included.
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Pool {
@@ -64,6 +66,7 @@ impl Pool {
         targets: Vec<http::Uri>,
         max_idle: usize,
         idle_timeout: Duration,
+        connect_timeout: Duration,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
@@ -72,6 +75,7 @@ impl Pool {
             targets,
             max_idle,
             idle_timeout,
+            connect_timeout,
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -143,12 +147,18 @@ impl Pool {
     }
 
     async fn connect(&self, index: usize) -> Result<SendRequest<RequestBody>, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .call(self.targets[index].clone())
-            .await
-            .map_err(SendError::Connect)?;
+        // The TCP connector has its own bound; this one also covers the TLS
+        // handshake, which a backend can accept and then never answer.
+        let connecting = self.connector.clone().call(self.targets[index].clone());
+        let io = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(io) => io.map_err(SendError::Connect)?,
+            Err(_) => {
+                return Err(SendError::Connect(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect or TLS handshake timed out",
+                ))))
+            }
+        };
         let (sender, connection) = self
             .builder
             .handshake(io)
