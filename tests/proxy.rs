@@ -193,6 +193,26 @@ async fn h2c_prior_knowledge_requests_are_proxied() {
     let headers: serde_json::Value = serde_json::from_slice(&echoed.body).unwrap();
     assert_eq!(headers["host"][0], proxy.addr.to_string());
     assert_eq!(headers["via"][0], "2 portico");
+
+    // Neither :authority nor Host is malformed (RFC 9113 §8.3.1): 400, not
+    // a request sent on with the backend's own address as its Host.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("/health")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(backend.requests(), 2);
 }
 
 #[tokio::test]
@@ -257,6 +277,21 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
     let proxy = start_proxy(config_for(&[&backend])).await;
     let cases: &[(&str, &[u8], &str)] = &[
         ("missing Host", b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "empty Host",
+            b"GET /health HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "CONNECT, origin-form",
+            b"CONNECT /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "501",
+        ),
+        (
+            "CONNECT, authority-form",
+            b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nConnection: close\r\n\r\n",
+            "501",
+        ),
         (
             "repeated Host",
             b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",

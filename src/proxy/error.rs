@@ -16,6 +16,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("request uses a transfer coding other than chunked")]
     UnsupportedCoding,
+    #[error("CONNECT is not supported: portico is a reverse proxy, not a tunnel")]
+    ConnectMethod,
     #[error("request body larger than max_request_body")]
     BodyTooLarge,
     #[error("request body stalled longer than body_timeout")]
@@ -53,7 +55,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UnsupportedCoding | ProxyError::ConnectMethod => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
@@ -117,7 +121,6 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::PRECONDITION_FAILED => "412 Precondition Failed\n",
-        StatusCode::METHOD_NOT_ALLOWED => "405 Method Not Allowed\n",
         StatusCode::NOT_IMPLEMENTED => "501 Not Implemented\n",
         StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
         StatusCode::TOO_MANY_REQUESTS => "429 Too Many Requests\n",

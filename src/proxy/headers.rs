@@ -129,10 +129,15 @@ pub fn valid_host(value: &[u8]) -> bool {
             _ => return false,
         }
     } else {
-        match value.iter().rposition(|&b| b == b':') {
+        let split = match value.iter().rposition(|&b| b == b':') {
             Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
             None => (value, None),
+        };
+        // RFC 9110 §4.2.1: an http URI with an empty host is invalid.
+        if split.0.is_empty() {
+            return false;
         }
+        split
     };
     if !port.is_none_or(|port| port.iter().all(u8::is_ascii_digit)) {
         return false;
@@ -347,7 +352,6 @@ mod tests {
     #[test]
     fn valid_host_follows_rfc_3986_authority_without_userinfo() {
         for good in [
-            "",
             "shop.example",
             "Shop.Example:8080",
             "127.0.0.1",
@@ -363,6 +367,9 @@ mod tests {
             assert!(valid_host(good.as_bytes()), "{good:?} should be valid");
         }
         for bad in [
+            // RFC 9110 §4.2.1: no empty host in an http URI.
+            "",
+            ":80",
             "shop|/users/1",
             "user@shop",
             "a b",

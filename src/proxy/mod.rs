@@ -185,6 +185,12 @@ impl Proxy {
         conn: Conn,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
+        // which a reverse proxy must not open to whatever the backend
+        // says; relayed, its answer would also leave the client with none.
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
         let host = request_host(&request)?;
         let (index, route) = self
             .router
@@ -425,6 +431,8 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
     let authority = request.uri().authority();
     match (request.version(), host, authority) {
         (Version::HTTP_11, None, _) => Err(ProxyError::BadRequest("missing Host header")),
+        // RFC 9113 §8.3.1: an http(s) request needs :authority or Host.
+        (Version::HTTP_2, None, None) => Err(ProxyError::BadRequest("missing :authority")),
         (Version::HTTP_2, Some(host), Some(authority)) if host != authority.as_str() => {
             Err(ProxyError::BadRequest("Host disagrees with :authority"))
         }
