@@ -161,6 +161,30 @@ async fn an_upgraded_connection_is_bridged_both_ways() {
 }
 
 #[tokio::test]
+async fn h2c_and_chunked_upgrades_go_through_as_plain_requests() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    // h2c smuggling: the backend would upgrade, but never sees the ask.
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // An upgrade request with a chunked body: the body is not lost, the
+    // request is answered as an ordinary one.
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nHELLO\r\n"), "{answer}");
+}
+
+#[tokio::test]
 async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);

@@ -41,11 +41,25 @@ fn connection_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Takes the client's pending upgrade out of an HTTP/1.1 upgrade request.
+/// Two kinds are not passed on, and go to the backend as plain requests
+/// (the `Upgrade` field stripped with the other hop-by-hop fields), which
+/// RFC 9110 §7.8 lets any server do:
+/// - `h2c`: a backend that took it would hand the client a raw HTTP/2
+///   connection behind portico's routing, limits and hygiene ("h2c
+///   smuggling"); RFC 9113 dropped the mechanism.
+/// - a chunked request body: hyper's client sends an upgrade request's
+///   body only with a Content-Length, so this one would be lost.
 pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     if request.version() != Version::HTTP_11 || !connection_upgrade(request.headers()) {
         return None;
     }
     let protocol = request.headers().get(header::UPGRADE)?.clone();
+    let h2c = protocol.to_str().map_or(true, |p| {
+        p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
+    });
+    if h2c || request.headers().contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
     Some(Upgrade {
         protocol,
         client: hyper::upgrade::on(request),
