@@ -50,9 +50,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             if token.is_empty() || token.eq_ignore_ascii_case("close") {
                 continue;
             }
+            // X-Request-Id is portico's own field for the next hop, set on
+            // every request: naming it must not leave the backend without.
             if fixed
                 .iter()
                 .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+                || token.eq_ignore_ascii_case(super::log::X_REQUEST_ID.as_str())
             {
                 continue;
             }
@@ -505,6 +508,16 @@ mod tests {
                 ],
                 &["ok-name"],
                 &["host"],
+            ),
+            // portico's request id survives being named.
+            (
+                &[
+                    ("connection", "X-Request-Id, x-a"),
+                    ("x-request-id", "abc"),
+                    ("x-a", "1"),
+                ],
+                &["x-a", "connection"],
+                &["x-request-id"],
             ),
         ];
         for (input, gone, kept) in cases {
