@@ -64,6 +64,45 @@ async fn ten_requests_count_exactly_ten() {
 }
 
 #[tokio::test]
+async fn heads_the_parser_refuses_are_counted() {
+    // hyper answers these itself; they must not vanish from the metrics
+    // (and the access log): they are what smuggling attempts look like.
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    let folded = raw_exchange(
+        proxy.addr,
+        b"GET /health HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n",
+    )
+    .await;
+    assert!(folded.starts_with("HTTP/1.1 400"), "{folded}");
+    let big = format!(
+        "GET /health HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(100_000)
+    );
+    let big = raw_exchange(proxy.addr, big.as_bytes()).await;
+    assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let scrape = get(&client, &proxy.admin_url("/metrics")).await;
+        let text = String::from_utf8(scrape.body.to_vec()).unwrap();
+        let count = |code: &str| {
+            let prefix = format!("portico_requests_total{{code=\"{code}\",route=\"_none\"}}");
+            metric_line(&text, &prefix).and_then(|l| l.rsplit(' ').next().map(str::to_owned))
+        };
+        if count("400").as_deref() == Some("1") && count("431").as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
 async fn admin_health_readiness_and_status() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;

@@ -106,6 +106,27 @@ impl AccessRecord {
     }
 }
 
+/// The access line for a request head hyper's parser refused (and
+/// answered itself): nothing of it is known but the client and the error,
+/// so the other fields are `-`. Attempts at request smuggling show here.
+pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Display) {
+    tracing::info!(
+        target: "portico::access",
+        client = %client.ip(),
+        method = "-",
+        host = "-",
+        path = "-",
+        status,
+        bytes = "-",
+        duration_ms = 0.0,
+        upstream = "-",
+        backend = "-",
+        cache = "-",
+        request_id = "-",
+        refused = %error,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

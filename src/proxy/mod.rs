@@ -179,6 +179,13 @@ impl Proxy {
         response
     }
 
+    /// Counts and logs a request head the HTTP/1 parser refused with
+    /// `status` before any of it reached [`Proxy::handle`].
+    pub fn refused(&self, client: SocketAddr, status: u16, error: &hyper::Error) {
+        self.unrouted.record(status, 0.0);
+        log::emit_refused(client, status, error);
+    }
+
     async fn forward(
         &self,
         mut request: Request<Incoming>,

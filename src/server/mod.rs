@@ -429,10 +429,11 @@ async fn serve_connection<IO>(
     let _open = OpenConnection::new(shared.metrics.connections_open.clone());
     let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
+    let generations = shared.clone();
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
-        let proxy = shared.proxy.load_full();
+        let proxy = generations.proxy.load_full();
         let busy = requests.busy();
         let multiplexed = request.version() == http::Version::HTTP_2;
         async move {
@@ -500,7 +501,19 @@ async fn serve_connection<IO>(
         }
     };
     if let Err(error) = result {
-        tracing::debug!(client = %conn.peer, %error, "connection ended with error");
+        // hyper answered a head it could not parse itself (RFC 9112 §2.2:
+        // 400, or 431 for one too large): count and log it like any other
+        // answer, or smuggling attempts would leave no trace.
+        let parse = error
+            .downcast_ref::<hyper::Error>()
+            .filter(|e| e.is_parse() && !e.is_parse_version_h2());
+        match parse {
+            Some(parse) => {
+                let status = if parse.is_parse_too_large() { 431 } else { 400 };
+                shared.proxy.load().refused(conn.peer, status, parse);
+            }
+            None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
+        }
     }
 }
 
