@@ -484,9 +484,10 @@ async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
 }
 
 #[tokio::test]
-async fn a_304_naming_another_etag_updates_nothing() {
+async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
     // RFC 9111 §4.3.4: the 304 vouches for representation "b"; the stored
     // body is "a" and must not be relabelled or refreshed with its fields.
+    // Nor is it known to be current: it is fetched again, unconditionally.
     let addr = scripted_backend(|head| {
         if head.to_ascii_lowercase().contains("if-none-match") {
             b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
@@ -506,12 +507,43 @@ async fn a_304_naming_another_etag_updates_nothing() {
         let answer = get(&client, &url).await;
         assert_eq!(
             answer.header("cache-status"),
-            "portico; fwd=stale; fwd-status=304; detail=validator-mismatch"
+            "portico; fwd=stale; fwd-status=200; stored"
         );
         assert_eq!(answer.body, "old");
         assert_eq!(answer.header("etag"), "\"a\"");
         assert!(!answer.headers.contains_key("x-meta"));
     }
+}
+
+#[tokio::test]
+async fn a_cookie_set_by_a_304_goes_to_its_client_only() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Set-Cookie: session=alice\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/session");
+    get(&client, &url).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let revalidated = get(&client, &url).await;
+    assert_eq!(
+        revalidated.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    assert_eq!(revalidated.header("set-cookie"), "session=alice");
+    let hit = get(&client, &url).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert!(
+        !hit.headers.contains_key("set-cookie"),
+        "the cookie was stored"
+    );
 }
 
 #[tokio::test]

@@ -81,9 +81,7 @@ pub(crate) fn keep_for(
             .unwrap_or(0)
             .max(cc.stale_if_error.unwrap_or(0)),
     );
-    let validator = headers.contains_key(http::header::ETAG)
-        || headers.contains_key(http::header::LAST_MODIFIED);
-    let grace = if validator {
+    let grace = if policy::has_validator(headers) {
         REVALIDATE_GRACE
     } else {
         Duration::ZERO

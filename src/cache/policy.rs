@@ -236,7 +236,8 @@ impl NotStored {
     }
 }
 
-fn has_validator(headers: &HeaderMap) -> bool {
+/// An `ETag` or `Last-Modified`: something to revalidate with.
+pub fn has_validator(headers: &HeaderMap) -> bool {
     headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
@@ -422,23 +423,20 @@ pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> b
 }
 
 /// Whether a 304 answering a revalidation is about the stored response
-/// (RFC 9111 §4.3.4). A strong ETag in the 304 must be the stored one,
-/// byte for byte; a weak one must match it weakly; without an ETag, a
-/// Last-Modified must be the stored one. A 304 without validators is taken
-/// to answer the conditional request portico sent. One that names another
-/// representation must not update the entry: its fields would go out on a
-/// body they do not describe.
+/// (RFC 9111 §4.3.4): an ETag in the 304 must be the stored one, else a
+/// Last-Modified must be; a 304 without validators is taken to answer the
+/// conditional request portico sent. One that names another representation
+/// must not update the entry: its fields would go out on a body they do
+/// not describe. ETags are compared weakly (the opaque tag, `W/` aside),
+/// where §4.3.4 asks for a strong match when the 304's is strong: nginx
+/// weakens the ETag of a body it compresses but not of its 304s, so a
+/// strong comparison would turn every such revalidation into a refetch.
 pub fn selects(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    fn opaque(tag: &[u8]) -> &[u8] {
+        tag.strip_prefix(b"W/").unwrap_or(tag)
+    }
     match trimmed(not_modified, header::ETAG) {
-        Some(new) => {
-            let old = trimmed(stored, header::ETAG);
-            match new.strip_prefix(b"W/") {
-                Some(opaque) => {
-                    old.is_some_and(|old| old.strip_prefix(b"W/").unwrap_or(old) == opaque)
-                }
-                None => old == Some(new),
-            }
-        }
+        Some(new) => trimmed(stored, header::ETAG).map(opaque) == Some(opaque(new)),
         None => match trimmed(not_modified, header::LAST_MODIFIED) {
             Some(new) => trimmed(stored, header::LAST_MODIFIED) == Some(new),
             None => true,

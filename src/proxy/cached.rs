@@ -34,8 +34,23 @@ fn set_status(response: &mut Response<ProxyBody>, ours: &str) {
 /// Adds portico's member to `Cache-Status`. A backend's own members (a
 /// cache behind portico) stay in front of it: RFC 9211 §2 lists caches from
 /// the origin to the client. Entries are stored without them, so a hit
-/// carries portico's member alone.
+/// carries portico's member alone, built without a merge.
 pub(super) fn add_status(headers: &mut HeaderMap, ours: &str) {
+    add_member(headers, ours, || HeaderValue::from_str(ours).ok());
+}
+
+/// [`add_status`] for a fixed value: no copy when it stands alone.
+pub(super) fn add_static_status(headers: &mut HeaderMap, ours: &'static str) {
+    add_member(headers, ours, || Some(HeaderValue::from_static(ours)));
+}
+
+fn add_member(headers: &mut HeaderMap, ours: &str, alone: impl FnOnce() -> Option<HeaderValue>) {
+    if let header::Entry::Vacant(slot) = headers.entry(&CACHE_STATUS) {
+        if let Some(value) = alone() {
+            slot.insert(value);
+        }
+        return;
+    }
     let mut value = String::new();
     for theirs in headers.get_all(&CACHE_STATUS) {
         if let Ok(theirs) = theirs.to_str() {
@@ -51,34 +66,60 @@ pub(super) fn add_status(headers: &mut HeaderMap, ours: &str) {
     }
 }
 
+fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<std::time::SystemTime> {
+    text(headers, name).and_then(|v| httpdate::parse_http_date(v).ok())
+}
+
+/// The members of an entity-tag list (`If-Match`, `If-None-Match`), split
+/// on commas outside quotes: RFC 9110 §8.8.3 lets a tag hold a comma.
+fn tag_list(list: &str) -> impl Iterator<Item = &str> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut quoted = false;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                quoted ^= c == '"';
+                c == ',' && !quoted
+            })
+            .map_or(rest.len(), |(i, _)| i);
+        let member = rest[..end].trim();
+        rest = rest.get(end + 1..).unwrap_or("");
+        Some(member)
+    })
+}
+
+/// The opaque part of an entity tag, for weak comparison (RFC 9110 §8.8.3.2).
+fn opaque(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
 /// Whether the client's conditional headers match the stored response
 /// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
 /// only without If-None-Match, against Last-Modified or else Date).
 fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    if let Some(list) = request
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    {
-        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+    if let Some(list) = text(request, header::IF_NONE_MATCH) {
+        let Some(etag) = text(stored, header::ETAG) else {
             return false;
         };
-        let etag = opaque(etag);
-        return list
-            .split(',')
-            .any(|t| t.trim() == "*" || opaque(t) == etag);
+        return tag_list(list).any(|t| t == "*" || opaque(t) == opaque(etag));
     }
-    let since = request
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
     // RFC 9111 §4.3.2: without Last-Modified, the stored Date stands in.
-    let modified = stored
-        .get(header::LAST_MODIFIED)
-        .or_else(|| stored.get(header::DATE))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+    let modified = date(stored, header::LAST_MODIFIED).or_else(|| date(stored, header::DATE));
+    matches!(
+        (date(request, header::IF_MODIFIED_SINCE), modified),
+        (Some(since), Some(modified)) if modified <= since
+    )
 }
 
 /// RFC 9110 §13.2.2 steps 1 and 2 against the stored response: whether
@@ -86,22 +127,10 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
 /// it, `If-Unmodified-Since` fails. A cache evaluates them like the origin
 /// would (§13.2.1); nginx answers 412 from its cache too.
 fn precondition_failed(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    }
     if let Some(list) = text(request, header::IF_MATCH) {
         let etag = text(stored, header::ETAG).filter(|e| !e.starts_with("W/"));
-        return !list
-            .split(',')
-            .map(str::trim)
-            .any(|t| t == "*" || etag == Some(t));
+        return !tag_list(list).any(|t| t == "*" || etag == Some(t));
     }
-    let date = |headers: &HeaderMap, name| {
-        text(headers, name).and_then(|v| httpdate::parse_http_date(v).ok())
-    };
     matches!(
         (date(request, header::IF_UNMODIFIED_SINCE), date(stored, header::LAST_MODIFIED)),
         (Some(since), Some(modified)) if modified > since
@@ -476,10 +505,6 @@ fn stale_on_error(
     from_entry(entry, age, client, &text)
 }
 
-fn has_validator(entry: &Entry) -> bool {
-    entry.etag().is_some() || entry.headers.contains_key(header::LAST_MODIFIED)
-}
-
 /// The stored entry updated by a 304 (RFC 9111 §4.3.4): its header fields
 /// replace the stored ones, the body stays.
 fn refreshed(
@@ -494,7 +519,13 @@ fn refreshed(
     headers::remove_hop_by_hop(&mut not_modified);
     let mut headers = entry.headers.clone();
     for name in not_modified.keys() {
-        if name == header::CONTENT_LENGTH || name == header::VIA || name == CACHE_STATUS {
+        // A cookie the 304 sets is for the client whose request carried
+        // the revalidation; stored, every later hit would hand it out.
+        if name == header::CONTENT_LENGTH
+            || name == header::VIA
+            || name == CACHE_STATUS
+            || name == header::SET_COOKIE
+        {
             continue;
         }
         headers.remove(name);
@@ -534,7 +565,7 @@ async fn revalidate(
     let client = super::copy_head(&parts);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
-    if has_validator(&entry) {
+    if policy::has_validator(&entry.headers) {
         conditional(&mut parts, &entry);
     }
     let request_time = cache.now();
@@ -545,33 +576,54 @@ async fn revalidate(
     match forward_with_retries(upstream, parts, RequestBody::empty(), trace).await {
         Ok((response, _in_flight))
             if response.status() == StatusCode::NOT_MODIFIED
-                && has_validator(&entry)
+                && policy::has_validator(&entry.headers)
                 && !policy::selects(&entry.headers, response.headers()) =>
         {
-            // The backend says not modified but names another validator:
-            // the stored body is what the 304 vouches for, its fields are
-            // not (RFC 9111 §4.3.4). Serve it as stored, update nothing;
-            // the entry stays stale and the next request asks again.
-            drop(leader);
-            Ok(from_entry(
-                &entry,
-                age,
-                &client,
-                &format!("portico; fwd={fwd}; fwd-status=304; detail=validator-mismatch"),
+            // The backend says not modified but names another validator
+            // (RFC 9111 §4.3.4): the 304 cannot update the entry, and the
+            // stored body is not known to be current. Fetch it whole, as
+            // a miss would; the answer replaces the entry if storable.
+            drop(response);
+            cache.counters.miss.inc();
+            let (response, in_flight) = forward_with_retries(
+                upstream,
+                super::copy_head(&client),
+                RequestBody::empty(),
+                trace,
+            )
+            .await?;
+            Ok(store_or_relay(
+                cache,
+                upstream,
+                fill,
+                request_headers,
+                &request_cc,
+                request_time,
+                response,
+                in_flight,
+                leader,
+                fwd,
+                is_head,
             ))
         }
         Ok((response, _in_flight))
-            if response.status() == StatusCode::NOT_MODIFIED && has_validator(&entry) =>
+            if response.status() == StatusCode::NOT_MODIFIED
+                && policy::has_validator(&entry.headers) =>
         {
             cache.counters.revalidated.inc();
             let updated = refreshed(cache, &entry, response.headers(), request_time);
             let age = updated.timing.current_age(cache.now());
-            let answer = from_entry(
+            let mut answer = from_entry(
                 &updated,
                 age,
                 &client,
                 &format!("portico; fwd={fwd}; fwd-status=304"),
             );
+            for cookie in response.headers().get_all(header::SET_COOKIE) {
+                answer
+                    .headers_mut()
+                    .append(header::SET_COOKIE, cookie.clone());
+            }
             cache.insert(&fill, &request_headers, updated).await;
             drop(leader);
             Ok(answer)
@@ -725,6 +777,24 @@ mod tests {
                 "{request:?}"
             );
         }
+        // A comma inside a tag is part of it.
+        let comma = headers(&[("etag", "\"a,b\"")]);
+        assert!(!precondition_failed(
+            &headers(&[("if-match", "\"a,b\"")]),
+            &comma
+        ));
+        assert!(precondition_failed(
+            &headers(&[("if-match", "\"a\", \"b\"")]),
+            &comma
+        ));
+        assert!(not_modified(
+            &headers(&[("if-none-match", "\"x\", W/\"a,b\"")]),
+            &comma
+        ));
+        assert_eq!(
+            tag_list(" \"a,b\" , W/\"c\",*").collect::<Vec<_>>(),
+            ["\"a,b\"", "W/\"c\"", "*"]
+        );
         let weak = headers(&[("etag", "W/\"s1\"")]);
         assert!(precondition_failed(
             &headers(&[("if-match", "W/\"s1\"")]),

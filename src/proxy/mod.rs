@@ -154,11 +154,11 @@ impl Proxy {
                 if caching {
                     // Every response of a caching route says what the cache
                     // did: forwarded and failed, or refused before it.
-                    let ours = match trace.fwd {
-                        Some(fwd) => format!("portico; fwd={fwd}"),
-                        None => "portico; detail=not-forwarded".to_owned(),
-                    };
-                    cached::add_status(response.headers_mut(), &ours);
+                    let headers = response.headers_mut();
+                    match trace.fwd {
+                        Some(fwd) => cached::add_status(headers, &format!("portico; fwd={fwd}")),
+                        None => cached::add_static_status(headers, "portico; detail=not-forwarded"),
+                    }
                 }
                 response
             }
@@ -182,7 +182,7 @@ impl Proxy {
     /// Counts and logs a request head the HTTP/1 parser refused with
     /// `status` before any of it reached [`Proxy::handle`].
     pub fn refused(&self, client: SocketAddr, status: u16, error: &hyper::Error) {
-        self.unrouted.record(status, 0.0);
+        self.unrouted.count(status);
         log::emit_refused(client, status, error);
     }
 
@@ -302,7 +302,7 @@ impl Proxy {
         }
         if cache.is_some() {
             // Every response of a caching route says what the cache did.
-            cached::add_status(&mut parts.headers, "portico; fwd=method");
+            cached::add_static_status(&mut parts.headers, "portico; fwd=method");
         }
         Ok(Response::from_parts(
             parts,
