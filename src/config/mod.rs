@@ -61,8 +61,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     // set aside: a placeholder would raise errors that are not in the file.
     let mut unknown: Vec<Vec<Segment>> = Vec::new();
     let mut lenient = table.get_ref().clone();
-    // Each value set aside: the span serde blamed and the key it was under.
-    let mut set: Vec<(Range<usize>, String)> = Vec::new();
+    // The spans serde blamed, and the keys removed (not just given an
+    // empty value) to read past them.
+    let mut set: Vec<Range<usize>> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
     let raw = loop {
         unknown.clear();
         let whole = Spanned::new(0..text.len(), lenient.clone());
@@ -79,15 +81,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             .and_then(|m| m.strip_suffix('`'));
         // A key this loop took away, or a value it already blamed: what
         // follows would be its own doing, not the file's.
-        if missing.is_some_and(|field| set.iter().any(|(_, key)| key == field))
-            || set.iter().any(|(seen, _)| *seen == span)
+        if missing.is_some_and(|field| removed.iter().any(|key| key == field))
+            || set.contains(&span)
         {
             break None;
         }
         let key = key_at(table.get_ref(), &span);
         reporter.at(span.clone(), key, plain_words(e.message()));
         match set_aside(&mut lenient, &span, e.message()) {
-            Some(key) if set.len() < 100 => set.push((span, key)),
+            Some(aside) if set.len() < 100 => {
+                set.push(span);
+                if let Aside::Removed(key) = aside {
+                    removed.push(key);
+                }
+            }
             _ => break None,
         }
     };
@@ -232,13 +239,20 @@ fn key_at(root: &DeTable<'_>, span: &Range<usize>) -> String {
     name
 }
 
-/// Takes the bad value at `span` out of the way of the next read and
-/// returns the name of the key it was under. A value that is itself the
+/// What [`set_aside`] did with a bad value.
+enum Aside {
+    /// Replaced by an empty value of the wanted type: the key stays.
+    Emptied,
+    /// The key (or list item, named by its list's key) is gone.
+    Removed(String),
+}
+
+/// Takes the bad value at `span` out of the way of the next read. A value that is itself the
 /// bad one and wanted a string, list, number or boolean is replaced by an
 /// empty one of that type, so a required key stays present. A table in a
 /// list that lacks a required key is taken out of the list. Anything else
 /// goes with its key.
-fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Option<String> {
+fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Option<Aside> {
     let holds = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
     let mut target = None;
     for (k, v) in table.iter_mut() {
@@ -263,7 +277,7 @@ fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Opt
                 if items.iter().any(lacking) {
                     let all = std::mem::replace(items, toml::de::DeArray::new());
                     *items = all.into_iter().filter(|item| !lacking(item)).collect();
-                    return Some(k.get_ref().to_string());
+                    return Some(Aside::Removed(k.get_ref().to_string()));
                 }
             }
             _ => {}
@@ -279,7 +293,7 @@ fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Opt
             };
             if let Some(empty) = empty {
                 *v.get_mut() = empty;
-                return Some(k.get_ref().to_string());
+                return Some(Aside::Emptied);
             }
         }
         if holds(k.span()) || holds(whole) {
@@ -289,7 +303,7 @@ fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Opt
     }
     let key = target?;
     table.remove(&key);
-    Some(key.into_inner().into_owned())
+    Some(Aside::Removed(key.into_inner().into_owned()))
 }
 
 /// serde's words for what a field wanted, in the config's own terms.

@@ -218,6 +218,15 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:3:61: upstream[0].backends[1].weight: invalid type: string \"2\", expected a whole number"],
         ),
         (
+            // A value emptied to read on does not hide the same key truly
+            // missing from another table.
+            "[[upstream]]\nname = 5\nbackends = [\"127.0.0.1:1\"]\n[[upstream]]\nbackends = [\"127.0.0.1:2\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:8: upstream[0].name: invalid type: integer `5`, expected a string",
+                "test.toml:4:1: upstream[1]: missing field `name`",
+            ],
+        ),
+        (
             // Every type error is found, not only the first: a required
             // key with a bad value, a list item, an inline table's key, a
             // table without its required key, and an unknown key after it
