@@ -246,6 +246,14 @@ impl RouteMetrics {
         }
     }
 
+    /// Counts an answer that had no request to time: a head the parser
+    /// refused. It stays out of the duration histogram.
+    pub fn count(&self, code: u16) {
+        if let Some(counter) = code_counter(&self.codes, &self.requests, &[&self.name], code) {
+            counter.inc();
+        }
+    }
+
     pub fn throttled(&self) {
         self.rejected.inc();
     }

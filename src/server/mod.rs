@@ -199,6 +199,14 @@ impl Shared {
     }
 }
 
+/// Concurrent streams per HTTP/2 connection (nginx's
+/// `http2_max_concurrent_streams`).
+const H2_MAX_STREAMS: u32 = 128;
+
+/// Response bytes hyper buffers per HTTP/2 stream ahead of the client's
+/// window: four of the 16 KiB slices a body is handed over in.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
 fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -212,7 +220,13 @@ fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor>
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX))
+        // What one connection can make portico hold for a client that
+        // opens streams and never reads: streams times per-stream send
+        // buffer, 8 MiB here (hyper's defaults, 200 x 400 KB, let one
+        // connection pin 110 MB). nginx allows 128 streams too.
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUFFER);
     // No keep-alive PINGs: they would keep an idle connection busy forever;
     // dead peers are dropped by the idle timeout instead (see `idle`).
     builder
@@ -501,20 +515,35 @@ async fn serve_connection<IO>(
         }
     };
     if let Err(error) = result {
-        // hyper answered a head it could not parse itself (RFC 9112 §2.2:
-        // 400, or 431 for one too large): count and log it like any other
-        // answer, or smuggling attempts would leave no trace.
-        let parse = error
-            .downcast_ref::<hyper::Error>()
-            .filter(|e| e.is_parse() && !e.is_parse_version_h2());
-        match parse {
-            Some(parse) => {
-                let status = if parse.is_parse_too_large() { 431 } else { 400 };
-                shared.proxy.load().refused(conn.peer, status, parse);
-            }
+        // hyper answers a head it cannot parse itself, before the service
+        // runs: count and log it like any other answer, or smuggling
+        // attempts would leave no trace.
+        match error.downcast_ref::<hyper::Error>().and_then(refused_with) {
+            Some((parse, status)) => shared.proxy.load().refused(conn.peer, status, parse),
             None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
         }
     }
+}
+
+/// The status hyper's HTTP/1 server answered a parse error with, mirroring
+/// its `on_error` table (hyper exposes no kind): 414 for a URI too long,
+/// 431 for a head too large, 400 for the rest. `None` where it answers
+/// nothing (its internal errors, an HTTP/2 preface on HTTP/1).
+fn refused_with(error: &hyper::Error) -> Option<(&hyper::Error, u16)> {
+    if !error.is_parse() || error.is_parse_version_h2() {
+        return None;
+    }
+    let text = error.to_string();
+    let status = if text.starts_with("internal error") {
+        return None;
+    } else if text.starts_with("URI too long") {
+        414
+    } else if error.is_parse_too_large() {
+        431
+    } else {
+        400
+    };
+    Some((error, status))
 }
 
 /// During a drain, how long a connection with nothing in flight may stay
