@@ -29,7 +29,10 @@ pub enum ClientKey {
     Header(u64),
 }
 
+/// A dual-stack (`[::]`) listener sees an IPv4 proxy as `::ffff:a.b.c.d`:
+/// it is matched as the IPv4 address it is.
 fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+    let ip = ip.to_canonical();
     proxies.iter().any(|cidr| cidr.contains(ip))
 }
 
@@ -274,6 +277,9 @@ mod tests {
             ("2001:db9::1", "2001:db8::/32", false),
             ("10.1.2.3", "::/0", false),
         ];
+        let proxies = [cidr("127.0.0.0/8")];
+        assert!(trusted("::ffff:127.0.0.9".parse().unwrap(), &proxies));
+        assert!(!trusted("::ffff:10.0.0.9".parse().unwrap(), &proxies));
         for (ip, net, want) in cases {
             assert_eq!(
                 cidr(net).contains(ip.parse().unwrap()),
