@@ -53,9 +53,8 @@ pub async fn run_until(
 
     let shared = server::Shared::new(&config);
     server::run_with_admin(&config, shared, listeners, Some((admin, None)), stop).await;
-    for backend in running {
-        backend.stop().await;
-    }
+    // Together: each may take its drain grace to confirm queued orders.
+    futures_util::future::join_all(running.into_iter().map(|b| b.stop())).await;
     println!("demo stopped");
     Ok(())
 }

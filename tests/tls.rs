@@ -361,9 +361,12 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     // response_timeout and a 504.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
     let _hold = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             held.push(stream);
         }
     });
@@ -372,12 +375,16 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
         .map(|addr| portico::config::Backend { addr, weight: 1 })
         .to_vec();
     config.upstreams[0].retries = 1;
-    config.upstreams[0].connect_timeout = std::time::Duration::from_millis(200);
+    // Room for a real handshake on a busy machine; far below the 20 s
+    // response_timeout the old behaviour would have waited.
+    config.upstreams[0].connect_timeout = std::time::Duration::from_secs(1);
     config.upstreams[0].response_timeout = std::time::Duration::from_secs(20);
     let proxy = start_proxy(config).await;
     for _ in 0..2 {
         let answer = get(&client(), &proxy.url("/health")).await;
         assert_eq!(answer.status, StatusCode::OK);
     }
+    // Round robin sent one of the two to the silent backend first.
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0);
     let _ = std::fs::remove_dir_all(dir);
 }
