@@ -75,6 +75,8 @@ async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
     let first = &answers[0];
     assert_eq!(first.header("ratelimit-limit"), "5");
     assert_eq!(first.header("ratelimit-remaining"), "4");
+    // 10/s: the one spent request is back within a second.
+    assert_eq!(first.header("ratelimit-reset"), "1");
     let throttled = answers.last().unwrap();
     assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(throttled.header("retry-after"), "1");

@@ -114,6 +114,10 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpA
     };
     let mut client = peer;
     for entry in entries {
+        // RFC 9110 §5.6.1: empty list elements (`a, , b`) are ignored.
+        if entry.trim().is_empty() {
+            continue;
+        }
         let hop = if forwarded {
             forwarded_for(entry).and_then(parse_hop)
         } else {
@@ -237,6 +241,12 @@ mod tests {
                 "127.0.0.1:1000",
                 &[("forwarded", "proto=https")],
                 "127.0.0.1",
+            ),
+            // Empty list elements are skipped, not taken for garbage.
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", " 198.51.100.9 ,, ")],
+                "198.51.100.9",
             ),
         ];
         for (peer, pairs, want) in cases {

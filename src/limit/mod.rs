@@ -31,8 +31,19 @@ type Keyed =
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Allowed { limit: u32, remaining: u32 },
-    Throttled { limit: u32, retry_after: Duration },
+    /// `reset`: until the budget is whole again.
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        reset: Duration,
+    },
+    /// `retry_after`: until the next request is allowed; `reset`: until
+    /// the budget is whole again.
+    Throttled {
+        limit: u32,
+        retry_after: Duration,
+        reset: Duration,
+    },
 }
 
 /// Where a route matches: what identifies it from one reload to the next.
@@ -48,6 +59,17 @@ pub struct Limiter {
     ids: Vec<RouteId>,
     hasher: RandomState,
     cleanup: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Whether budgets kept under `before` mean the same under `now`: same
+/// rate, burst, key and table size. `trusted_proxies` only decides which
+/// address a request is counted under, so trusting one more proxy in the
+/// middle of a flood hands nobody a fresh burst.
+fn same_budgets(now: &RateLimit, before: &RateLimit) -> bool {
+    now.requests_per_second == before.requests_per_second
+        && now.burst == before.burst
+        && now.key == before.key
+        && now.max_tracked_clients == before.max_tracked_clients
 }
 
 fn quota(config: &RateLimit) -> Quota {
@@ -68,7 +90,12 @@ impl Limiter {
     /// clients' budgets, so editing the routes during a flood hands no
     /// throttled client a fresh burst.
     pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
-        let previous = previous.filter(|p| config.rate_limit.as_ref() == Some(&p.config));
+        let previous = previous.filter(|p| {
+            config
+                .rate_limit
+                .as_ref()
+                .is_some_and(|now| same_budgets(now, &p.config))
+        });
         Self::build(config, previous)
     }
 
@@ -131,15 +158,25 @@ impl Limiter {
     pub fn check(&self, route: usize, key: &ClientKey) -> Option<Decision> {
         let limiter = self.routes.get(route)?.as_ref()?;
         let limit = self.config.burst;
+        // One request's worth of budget comes back every `interval`.
+        let interval = Duration::from_secs(1) / self.config.requests_per_second.max(1);
         Some(match limiter.check_key(key) {
-            Ok(snapshot) => Decision::Allowed {
-                limit,
-                remaining: snapshot.remaining_burst_capacity(),
-            },
-            Err(not_until) => Decision::Throttled {
-                limit,
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            },
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Decision::Allowed {
+                    limit,
+                    remaining,
+                    reset: interval * limit.saturating_sub(remaining),
+                }
+            }
+            Err(not_until) => {
+                let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+                Decision::Throttled {
+                    limit,
+                    retry_after,
+                    reset: retry_after + interval * limit.saturating_sub(1),
+                }
+            }
         })
     }
 
@@ -217,10 +254,24 @@ mod tests {
             })
             .collect();
         assert_eq!(remaining, [4, 3, 2, 1, 0]);
+        // The budget is whole again once every spent request has come back.
+        let resets: Vec<Duration> = decisions[..5]
+            .iter()
+            .map(|d| match d {
+                Decision::Allowed { reset, .. } => *reset,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(resets, [1, 2, 3, 4, 5].map(Duration::from_secs));
         match decisions[5] {
-            Decision::Throttled { limit, retry_after } => {
+            Decision::Throttled {
+                limit,
+                retry_after,
+                reset,
+            } => {
                 assert_eq!(limit, 5);
                 assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+                assert_eq!(reset, retry_after + Duration::from_secs(4));
             }
             other => panic!("{other:?}"),
         }
@@ -269,6 +320,14 @@ mod tests {
         assert!(!throttled(&reloaded, 0, &ip(1)));
         // Keys from a header hash the same way after the reload.
         assert_eq!(header_key(&limiter), header_key(&reloaded));
+        // Trusting another proxy changes no budget.
+        let mut trusting = after.clone();
+        trusting.rate_limit.as_mut().unwrap().trusted_proxies = vec![crate::config::Cidr {
+            addr: "10.0.0.0".parse().unwrap(),
+            prefix: 8,
+        }];
+        let reloaded = Limiter::rebuild(&trusting, Some(&reloaded)).unwrap();
+        assert!(throttled(&reloaded, 1, &ip(1)));
         // Changed limits start everyone afresh.
         let mut stricter = after.clone();
         stricter.rate_limit.as_mut().unwrap().burst = 1;

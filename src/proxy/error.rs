@@ -28,6 +28,7 @@ pub enum ProxyError {
     Throttled {
         limit: u32,
         retry_after: std::time::Duration,
+        reset: std::time::Duration,
     },
     #[error("backend {backend}: cannot connect: {source}")]
     Connect {
@@ -107,8 +108,13 @@ impl ProxyError {
     /// A short plain-text answer; details stay in the log, not on the wire.
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut response = error_response(self.status());
-        if let ProxyError::Throttled { limit, retry_after } = self {
-            rate_limit_headers(response.headers_mut(), limit, 0, Some(retry_after));
+        if let ProxyError::Throttled {
+            limit,
+            retry_after,
+            reset,
+        } = self
+        {
+            rate_limit_headers(response.headers_mut(), limit, 0, reset, Some(retry_after));
         }
         response
     }
@@ -143,20 +149,23 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     response
 }
 
-/// `RateLimit-*` fields (IETF httpapi draft names) and, when throttled,
-/// `Retry-After` in whole seconds rounded up.
+/// `RateLimit-*` fields (IETF httpapi draft names): `Reset` is when the
+/// whole budget is back, and when throttled, `Retry-After` is when the
+/// next request is allowed; both in whole seconds rounded up.
 pub fn rate_limit_headers(
     headers: &mut http::HeaderMap,
     limit: u32,
     remaining: u32,
+    reset: std::time::Duration,
     retry_after: Option<std::time::Duration>,
 ) {
+    let seconds = |wait: std::time::Duration| {
+        HeaderValue::from((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
+    };
     headers.insert("ratelimit-limit", HeaderValue::from(limit));
     headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("ratelimit-reset", seconds(reset));
     if let Some(wait) = retry_after {
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let seconds = HeaderValue::from(seconds.max(1));
-        headers.insert(header::RETRY_AFTER, seconds.clone());
-        headers.insert("ratelimit-reset", seconds);
+        headers.insert(header::RETRY_AFTER, seconds(wait));
     }
 }

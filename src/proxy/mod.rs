@@ -213,11 +213,23 @@ impl Proxy {
         if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
             let key = limiter.key(conn.peer, request.headers());
             match limiter.check(index, &key) {
-                Some(Decision::Throttled { limit, retry_after }) => {
+                Some(Decision::Throttled {
+                    limit,
+                    retry_after,
+                    reset,
+                }) => {
                     self.route_metrics[index].throttled();
-                    return Err(ProxyError::Throttled { limit, retry_after });
+                    return Err(ProxyError::Throttled {
+                        limit,
+                        retry_after,
+                        reset,
+                    });
                 }
-                Some(Decision::Allowed { limit, remaining }) => quota = Some((limit, remaining)),
+                Some(Decision::Allowed {
+                    limit,
+                    remaining,
+                    reset,
+                }) => quota = Some((limit, remaining, reset)),
                 None => {}
             }
         }
@@ -260,8 +272,8 @@ impl Proxy {
                 cache, upstream, parts, body, conn.proto, host_name, trace,
             ))
             .await?;
-            if let Some((limit, remaining)) = quota {
-                error::rate_limit_headers(response.headers_mut(), limit, remaining, None);
+            if let Some((limit, remaining, reset)) = quota {
+                error::rate_limit_headers(response.headers_mut(), limit, remaining, reset, None);
             }
             return Ok(response);
         }
@@ -297,8 +309,8 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers, parts.version);
-        if let Some((limit, remaining)) = quota {
-            error::rate_limit_headers(&mut parts.headers, limit, remaining, None);
+        if let Some((limit, remaining, reset)) = quota {
+            error::rate_limit_headers(&mut parts.headers, limit, remaining, reset, None);
         }
         if cache.is_some() {
             // Every response of a caching route says what the cache did.
