@@ -181,7 +181,13 @@ async fn vary_on_accept_encoding_keeps_two_variants() {
     let client = client();
     let url = proxy.url("/cache/v?cc=max-age=60&vary=Accept-Encoding");
     let gzip = get_with(&client, &url, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(gzip.header("cache-status"), "portico; fwd=miss; stored");
     let plain = get_with(&client, &url, &[("accept-encoding", "identity")]).await;
+    // RFC 9211: the URL was stored, just not for this Accept-Encoding.
+    assert_eq!(
+        plain.header("cache-status"),
+        "portico; fwd=vary-miss; stored"
+    );
     assert_ne!(gzip.body, plain.body);
     assert_eq!(backend.requests(), 2);
     let gzip_again = get_with(&client, &url, &[("accept-encoding", "gzip")]).await;

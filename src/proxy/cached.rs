@@ -247,8 +247,17 @@ pub(super) async fn serve(
     let ranged = parts.headers.contains_key(header::RANGE);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
+    // RFC 9211 `vary-miss`: the URL has stored variants, none for this
+    // request's Vary fields (the full key is longer than the primary).
+    let mut miss = "miss";
     let found = match cache.key_for(&primary, &parts.headers) {
-        Some(full) => cache.get(&full).await,
+        Some(full) => {
+            let found = cache.get(&full).await;
+            if found.is_none() && full.len() > primary.len() {
+                miss = "vary-miss";
+            }
+            found
+        }
         None => None,
     };
     if let Some(entry) = found {
@@ -342,7 +351,7 @@ pub(super) async fn serve(
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
     let fill = cache.begin_fill(primary);
     let request_time = cache.now();
-    trace.fwd = Some("miss");
+    trace.fwd = Some(miss);
     let (response, in_flight) = forward_with_retries(
         upstream,
         std::mem::replace(&mut parts, empty_parts()),
@@ -360,7 +369,7 @@ pub(super) async fn serve(
         response,
         in_flight,
         leader,
-        "miss",
+        miss,
         is_head,
     ))
 }
@@ -438,7 +447,8 @@ fn store_or_relay(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let fwd_status = if fwd == "miss" {
+    // A miss's forwarded status is the status of the answer itself.
+    let fwd_status = if fwd.ends_with("miss") {
         String::new()
     } else {
         format!("; fwd-status={}", status.as_u16())
