@@ -46,7 +46,13 @@ def measure(name, cmd, port, path):
     if re.search(r"Non-2xx or 3xx responses", text):
         raise SystemExit(f"wrk saw errors from {name} {path}")
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Under valgrind on a busy machine the exit can crawl; the counts
+        # were dumped above, so nothing is lost by not waiting.
+        proc.kill()
+        proc.wait(timeout=30)
     # The dump after zeroing is the file with the highest part number.
     dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
     with open(dumps[-1]) as f:
