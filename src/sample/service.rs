@@ -149,7 +149,9 @@ impl OrderService {
             let _ = task.await;
         }
         let left = self.pending();
-        if left == 0 {
+        if left == 0 && queued == 0 {
+            tracing::debug!("order.confirmed queue was empty");
+        } else if left == 0 {
             tracing::info!(confirmed = queued, "order.confirmed queue drained");
         } else {
             tracing::warn!(
