@@ -510,7 +510,9 @@ async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
     get(&client, &url).await;
     for _ in 0..2 {
         cache_of(&proxy).advance_clock(Duration::from_secs(5));
-        let answer = get(&client, &url).await;
+        // The client's own validator does not go on the refetch: that
+        // would get a 304 back, store nothing and leave the entry stale.
+        let answer = get_with(&client, &url, &[("if-none-match", "\"b\"")]).await;
         assert_eq!(
             answer.header("cache-status"),
             "portico; fwd=stale; fwd-status=200; stored"
@@ -519,6 +521,86 @@ async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
         assert_eq!(answer.header("etag"), "\"a\"");
         assert!(!answer.headers.contains_key("x-meta"));
     }
+}
+
+#[tokio::test]
+async fn a_background_refresh_answered_by_another_etag_refetches() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=60\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=60, stale-while-revalidate=600\r\nAge: 50\r\n\
+              Content-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/swr-mismatch");
+    get(&client, &url).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(15));
+    let stale = get(&client, &url).await;
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    // The refresh's 304 names "b": it fetches the response whole and
+    // stores it (its Age of 50 is under its max-age again), rather than
+    // leaving the entry stale for the whole window.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let answer = get(&client, &url).await;
+        if answer.header("cache-status") == "portico; hit" {
+            assert_eq!(answer.header("etag"), "\"a\"");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_weakly_matching_304_keeps_the_stored_etag_and_a_private_one_is_not_kept() {
+    // nginx gzips the body and weakens its tag, but not the 304's.
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        match (head.contains("if-none-match"), head.contains("/private")) {
+            (true, false) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: max-age=60\r\n\r\n"
+            }
+            (true, true) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: W/\"a\"\r\nCache-Control: private\r\n\r\n"
+            }
+            _ => {
+                b"HTTP/1.1 200 OK\r\nETag: W/\"a\"\r\nCache-Control: max-age=1\r\n\
+                  Content-Length: 2\r\n\r\nok"
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    for path in ["/weak", "/private"] {
+        get(&client, &proxy.url(path)).await;
+    }
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    for path in ["/weak", "/private"] {
+        let revalidated = get(&client, &proxy.url(path)).await;
+        assert_eq!(
+            revalidated.header("cache-status"),
+            "portico; fwd=stale; fwd-status=304",
+            "{path}"
+        );
+    }
+    // The stored body keeps its weak tag: a strong "a" would let If-Range
+    // splice ranges of the compressed body into the plain one.
+    let hit = get(&client, &proxy.url("/weak")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert_eq!(hit.header("etag"), "W/\"a\"");
+    // A 304 marked private is served once and the entry goes with it.
+    let after = get(&client, &proxy.url("/private")).await;
+    assert_eq!(after.header("cache-status"), "portico; fwd=miss; stored");
 }
 
 #[tokio::test]

@@ -489,6 +489,55 @@ fn store_or_relay(
     response
 }
 
+/// A copy of `client` without the validators that could get it a 304: a
+/// fetch of the whole response, for when a 304 named another validator.
+fn unconditional(client: &Parts) -> Parts {
+    let mut parts = super::copy_head(client);
+    parts.headers.remove(header::IF_NONE_MATCH);
+    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    parts
+}
+
+/// What a 304 answering portico's revalidation of `entry` comes to.
+enum Revalidated {
+    /// It names another validator (RFC 9111 §4.3.4): it cannot update the
+    /// entry, and the stored body is not known to be current.
+    Mismatch,
+    /// The entry refreshed with its fields, to be stored...
+    Store(Entry),
+    /// ... or served this once, when the 304 says `no-store` or `private`:
+    /// the stale entry then goes too.
+    Once(Entry),
+}
+
+fn judge_304(
+    cache: &Cache,
+    entry: &Entry,
+    not_modified: &HeaderMap,
+    request_time: std::time::SystemTime,
+) -> Revalidated {
+    if !policy::selects(&entry.headers, not_modified) {
+        return Revalidated::Mismatch;
+    }
+    cache.counters.revalidated.inc();
+    let updated = refreshed(cache, entry, not_modified, request_time);
+    let cc = policy::parse_response(not_modified);
+    if cc.no_store || cc.private {
+        Revalidated::Once(updated)
+    } else {
+        Revalidated::Store(updated)
+    }
+}
+
+/// Stores or drops what [`judge_304`] made of a 304 (not a mismatch).
+async fn keep_304(cache: &Cache, fill: &Fill, request: &HeaderMap, judged: Revalidated) {
+    match judged {
+        Revalidated::Store(updated) => cache.insert(fill, request, updated).await,
+        Revalidated::Once(_) => cache.invalidate(fill.primary()).await,
+        Revalidated::Mismatch => {}
+    }
+}
+
 /// Adds our validators to a request for a stored entry.
 fn conditional(parts: &mut Parts, entry: &Entry) {
     parts.headers.remove(header::IF_NONE_MATCH);
@@ -537,10 +586,14 @@ fn refreshed(
     for name in not_modified.keys() {
         // A cookie the 304 sets is for the client whose request carried
         // the revalidation; stored, every later hit would hand it out.
+        // The stored ETag stays: a 304 matched weakly (`"a"` for a stored
+        // `W/"a"`, the compressed variant) must not make the stored body
+        // claim the strong tag of another one (RFC 9110 §8.8.1).
         if name == header::CONTENT_LENGTH
             || name == header::VIA
             || name == CACHE_STATUS
             || name == header::SET_COOKIE
+            || name == header::ETAG
         {
             continue;
         }
@@ -589,89 +642,72 @@ async fn revalidate(
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
     let fill = cache.begin_fill(primary);
     trace.fwd = Some(fwd);
-    match forward_with_retries(upstream, parts, RequestBody::empty(), trace).await {
-        Ok((response, _in_flight))
-            if response.status() == StatusCode::NOT_MODIFIED
-                && policy::has_validator(&entry.headers)
-                && !policy::selects(&entry.headers, response.headers()) =>
-        {
-            // The backend says not modified but names another validator
-            // (RFC 9111 §4.3.4): the 304 cannot update the entry, and the
-            // stored body is not known to be current. Fetch it whole, as
-            // a miss would; the answer replaces the entry if storable.
-            drop(response);
-            cache.counters.miss.inc();
-            let (response, in_flight) = forward_with_retries(
-                upstream,
-                super::copy_head(&client),
-                RequestBody::empty(),
-                trace,
-            )
-            .await?;
-            Ok(store_or_relay(
-                cache,
-                upstream,
-                fill,
-                request_headers,
-                &request_cc,
-                request_time,
-                response,
-                in_flight,
-                leader,
-                fwd,
-                is_head,
-            ))
-        }
-        Ok((response, _in_flight))
-            if response.status() == StatusCode::NOT_MODIFIED
-                && policy::has_validator(&entry.headers) =>
-        {
-            cache.counters.revalidated.inc();
-            let updated = refreshed(cache, &entry, response.headers(), request_time);
+    let validated = policy::has_validator(&entry.headers);
+    let mut request = parts;
+    let mut refetched = false;
+    loop {
+        let result = forward_with_retries(upstream, request, RequestBody::empty(), trace).await;
+        let (response, in_flight) = match result {
+            Ok(answer) => answer,
+            Err(error) if may_serve_stale => {
+                return Ok(stale_on_error(
+                    cache,
+                    &entry,
+                    age,
+                    &client,
+                    fwd,
+                    error.status(),
+                ))
+            }
+            Err(error) => return Err(error),
+        };
+        if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
+            let judged = judge_304(cache, &entry, response.headers(), request_time);
+            let updated = match &judged {
+                Revalidated::Mismatch => {
+                    // Fetch it whole, once, as a miss would.
+                    cache.counters.miss.inc();
+                    refetched = true;
+                    request = unconditional(&client);
+                    continue;
+                }
+                Revalidated::Store(updated) | Revalidated::Once(updated) => updated,
+            };
             let age = updated.timing.current_age(cache.now());
             let mut answer = from_entry(
-                &updated,
+                updated,
                 age,
                 &client,
                 &format!("portico; fwd={fwd}; fwd-status=304"),
             );
+            // A cookie the 304 sets is this client's alone (never stored).
             for cookie in response.headers().get_all(header::SET_COOKIE) {
                 answer
                     .headers_mut()
                     .append(header::SET_COOKIE, cookie.clone());
             }
-            cache.insert(&fill, &request_headers, updated).await;
+            keep_304(cache, &fill, &request_headers, judged).await;
             drop(leader);
-            Ok(answer)
+            return Ok(answer);
         }
-        Ok((response, _)) if response.status().is_server_error() && may_serve_stale => Ok(
-            stale_on_error(cache, &entry, age, &client, fwd, response.status()),
-        ),
-        Ok((response, in_flight)) => {
-            cache.counters.miss.inc();
-            Ok(store_or_relay(
-                cache,
-                upstream,
-                fill,
-                request_headers,
-                &request_cc,
-                request_time,
-                response,
-                in_flight,
-                leader,
-                fwd,
-                is_head,
-            ))
+        if response.status().is_server_error() && may_serve_stale {
+            let code = response.status();
+            return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
         }
-        Err(error) if may_serve_stale => Ok(stale_on_error(
+        cache.counters.miss.inc();
+        return Ok(store_or_relay(
             cache,
-            &entry,
-            age,
-            &client,
+            upstream,
+            fill,
+            request_headers,
+            &request_cc,
+            request_time,
+            response,
+            in_flight,
+            leader,
             fwd,
-            error.status(),
-        )),
-        Err(error) => Err(error),
+            is_head,
+        ));
     }
 }
 
@@ -691,23 +727,29 @@ async fn refresh(
     parts.method = Method::GET;
     let request_headers = parts.headers.clone();
     let request_cc = policy::parse_request(&request_headers);
+    let whole = unconditional(&parts);
     conditional(&mut parts, &entry);
     let fill = cache.begin_fill(primary);
     let request_time = cache.now();
     let mut trace = Trace::default();
-    let Ok((response, in_flight)) =
+    let Ok((mut response, mut in_flight)) =
         forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await
     else {
         return;
     };
     if response.status() == StatusCode::NOT_MODIFIED {
-        if !policy::selects(&entry.headers, response.headers()) {
-            return;
+        match judge_304(&cache, &entry, response.headers(), request_time) {
+            Revalidated::Mismatch => {
+                // As in `revalidate`: fetch it whole, once.
+                let Ok(whole) =
+                    forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace).await
+                else {
+                    return;
+                };
+                (response, in_flight) = whole;
+            }
+            judged => return keep_304(&cache, &fill, &request_headers, judged).await,
         }
-        cache.counters.revalidated.inc();
-        let updated = refreshed(&cache, &entry, response.headers(), request_time);
-        cache.insert(&fill, &request_headers, updated).await;
-        return;
     }
     let response = store_or_relay(
         &cache,
