@@ -30,10 +30,13 @@ pub enum ClientKey {
 }
 
 /// A dual-stack (`[::]`) listener sees an IPv4 proxy as `::ffff:a.b.c.d`:
-/// it is matched as the IPv4 address it is.
+/// it is matched as the IPv4 address it is, and as written (for a block
+/// given as `::ffff:10.0.0.0/104`).
 fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
-    let ip = ip.to_canonical();
-    proxies.iter().any(|cidr| cidr.contains(ip))
+    let canonical = ip.to_canonical();
+    proxies
+        .iter()
+        .any(|cidr| cidr.contains(ip) || cidr.contains(canonical))
 }
 
 /// IPv4-mapped IPv6 becomes IPv4; other IPv6 is cut to its /64.
@@ -290,6 +293,8 @@ mod tests {
         let proxies = [cidr("127.0.0.0/8")];
         assert!(trusted("::ffff:127.0.0.9".parse().unwrap(), &proxies));
         assert!(!trusted("::ffff:10.0.0.9".parse().unwrap(), &proxies));
+        let mapped = [cidr("::ffff:10.0.0.0/104")];
+        assert!(trusted("::ffff:10.0.0.9".parse().unwrap(), &mapped));
         for (ip, net, want) in cases {
             assert_eq!(
                 cidr(net).contains(ip.parse().unwrap()),

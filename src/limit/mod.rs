@@ -63,8 +63,9 @@ pub struct Limiter {
 
 /// Whether budgets kept under `before` mean the same under `now`: same
 /// rate, burst, key and table size. `trusted_proxies` only decides which
-/// address a request is counted under, so trusting one more proxy in the
-/// middle of a flood hands nobody a fresh burst.
+/// address a request is counted under: trusting one more proxy in the
+/// middle of a flood leaves every known client's budget as it was (the
+/// clients behind the new proxy start their own, as new clients do).
 fn same_budgets(now: &RateLimit, before: &RateLimit) -> bool {
     now.requests_per_second == before.requests_per_second
         && now.burst == before.burst
