@@ -230,6 +230,14 @@ impl Cache {
         Some(key::full(primary, &variants.names, request))
     }
 
+    /// Whether the URL's record lists the variant `full` (still stored,
+    /// or expired and not yet dropped from the record).
+    pub fn lists_variant(&self, primary: &str, full: &str) -> bool {
+        self.index
+            .get(primary)
+            .is_some_and(|variants| variants.keys.iter().any(|k| k == full))
+    }
+
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
         self.store.get(full_key).await
     }

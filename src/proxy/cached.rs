@@ -248,12 +248,15 @@ pub(super) async fn serve(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
-    // request's Vary fields (the full key is longer than the primary).
+    // request's Vary fields (not this one expired or evicted: a `miss`).
     let mut miss = "miss";
     let found = match cache.key_for(&primary, &parts.headers) {
         Some(full) => {
             let found = cache.get(&full).await;
-            if found.is_none() && full.len() > primary.len() {
+            if found.is_none()
+                && full.len() > primary.len()
+                && !cache.lists_variant(&primary, &full)
+            {
                 miss = "vary-miss";
             }
             found
