@@ -31,6 +31,21 @@ async fn cached_proxy_at(addr: std::net::SocketAddr) -> RunningProxy {
     start_proxy(with_cache(Config::single_upstream(listen, vec![addr]))).await
 }
 
+/// A cached proxy in front of `addr` that has stored `path` and whose
+/// clock then moved on `seconds`: the start of every revalidation test.
+async fn stored_then_aged(
+    addr: std::net::SocketAddr,
+    path: &str,
+    seconds: u64,
+) -> (RunningProxy, TestClient, String) {
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url(path);
+    get(&client, &url).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(seconds));
+    (proxy, client, url)
+}
+
 /// A sample backend and a cached proxy in front of it.
 async fn cached_sample() -> (RunningBackend, RunningProxy) {
     let backend = start_backend(BackendOptions::new("b1")).await;
@@ -449,11 +464,7 @@ async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let client = client();
-    let url = proxy.url("/aged");
-    get(&client, &url).await;
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let (proxy, client, url) = stored_then_aged(addr, "/aged", 5).await;
     let revalidated = get(&client, &url).await;
     assert_eq!(
         revalidated.header("cache-status"),
@@ -535,11 +546,7 @@ async fn a_background_refresh_answered_by_another_etag_refetches() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let client = client();
-    let url = proxy.url("/swr-mismatch");
-    get(&client, &url).await;
-    cache_of(&proxy).advance_clock(Duration::from_secs(15));
+    let (_proxy, client, url) = stored_then_aged(addr, "/swr-mismatch", 15).await;
     let stale = get(&client, &url).await;
     assert_eq!(
         stale.header("cache-status"),
@@ -615,11 +622,7 @@ async fn a_cookie_set_by_a_304_goes_to_its_client_only() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let client = client();
-    let url = proxy.url("/session");
-    get(&client, &url).await;
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let (_proxy, client, url) = stored_then_aged(addr, "/session", 5).await;
     let revalidated = get(&client, &url).await;
     assert_eq!(
         revalidated.header("cache-status"),
