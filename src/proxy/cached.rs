@@ -99,6 +99,16 @@ fn tag_list(list: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Every member of an entity-tag list field, over all its lines (a list
+/// may be split over several, RFC 9110 §5.3).
+fn tags(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(tag_list)
+}
+
 /// The opaque part of an entity tag, for weak comparison (RFC 9110 §8.8.3.2).
 fn opaque(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
@@ -108,11 +118,11 @@ fn opaque(tag: &str) -> &str {
 /// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
 /// only without If-None-Match, against Last-Modified or else Date).
 fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if let Some(list) = text(request, header::IF_NONE_MATCH) {
+    if request.contains_key(header::IF_NONE_MATCH) {
         let Some(etag) = text(stored, header::ETAG) else {
             return false;
         };
-        return tag_list(list).any(|t| t == "*" || opaque(t) == opaque(etag));
+        return tags(request, header::IF_NONE_MATCH).any(|t| t == "*" || opaque(t) == opaque(etag));
     }
     // Dates are parsed only when asked about: most hits carry neither.
     let Some(since) = date(request, header::IF_MODIFIED_SINCE) else {
@@ -129,9 +139,9 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
 /// it, `If-Unmodified-Since` fails. A cache evaluates them like the origin
 /// would (§13.2.1); nginx answers 412 from its cache too.
 fn precondition_failed(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if let Some(list) = text(request, header::IF_MATCH) {
+    if request.contains_key(header::IF_MATCH) {
         let etag = text(stored, header::ETAG).filter(|e| !e.starts_with("W/"));
-        return !tag_list(list).any(|t| t == "*" || etag == Some(t));
+        return !tags(request, header::IF_MATCH).any(|t| t == "*" || etag == Some(t));
     }
     let Some(since) = date(request, header::IF_UNMODIFIED_SINCE) else {
         return false;
