@@ -91,6 +91,19 @@ async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
 }
 
 #[tokio::test]
+async fn portico_s_own_errors_carry_the_budget_too() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = limited(&backend, "10.0.0.0/8");
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    backend.stop().await;
+    let answer = get(&client(), &proxy.url("/users/1/orders")).await;
+    assert!(answer.status.is_server_error(), "{}", answer.status);
+    assert_eq!(answer.header("ratelimit-limit"), "5");
+    assert_eq!(answer.header("ratelimit-remaining"), "4");
+}
+
+#[tokio::test]
 async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_escape_the_limit() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(limited(&backend, "10.0.0.0/8")).await;

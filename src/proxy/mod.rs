@@ -63,6 +63,9 @@ pub struct Trace {
     /// Why a caching route went to the backend (`Cache-Status` `fwd`), for
     /// the error answer when the backend fails.
     pub fwd: Option<&'static str>,
+    /// The client's budget on a throttling route (limit, remaining,
+    /// reset), for the error answer too.
+    pub quota: Option<(u32, u32, std::time::Duration)>,
 }
 
 impl Proxy {
@@ -147,6 +150,15 @@ impl Proxy {
                     tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                 }
                 let mut response = error.into_response();
+                if let Some((limit, remaining, reset)) = trace.quota {
+                    error::rate_limit_headers(
+                        response.headers_mut(),
+                        limit,
+                        remaining,
+                        reset,
+                        None,
+                    );
+                }
                 let caching = trace
                     .route
                     .and_then(|i| self.router.route(i))
@@ -229,7 +241,10 @@ impl Proxy {
                     limit,
                     remaining,
                     reset,
-                }) => quota = Some((limit, remaining, reset)),
+                }) => {
+                    quota = Some((limit, remaining, reset));
+                    trace.quota = quota;
+                }
                 None => {}
             }
         }
