@@ -466,41 +466,39 @@ async fn serve_connection<IO>(
         .builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        expired = activity.expired(settings.limits()) => {
-            match expired {
-                idle::Expired::Idle => {
-                    tracing::debug!(client = %conn.peer, "closing idle connection");
-                    connection.as_mut().graceful_shutdown();
-                    // Nothing is being answered, but an HTTP/2 stream whose
-                    // body was abandoned stays open until its client resets
-                    // it: do not wait for that longer than for anything else.
-                    tokio::time::timeout(settings.idle_timeout, connection)
-                        .await
-                        .unwrap_or(Ok(()))
-                }
-                // Nothing is being answered: dropping the connection
-                // closes it, as hyper's head timer did.
-                idle::Expired::Head => {
-                    tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
-                    Ok(())
-                }
-                // A client that reads nothing would not read a GOAWAY
-                // either: dropping frees the backend side at once.
-                idle::Expired::Unread => {
-                    tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
-                    Ok(())
-                }
+    // `None`: close gracefully (GOAWAY on HTTP/2, keep-alive off on 1.1).
+    let ended = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        expired = activity.expired(settings.limits()) => match expired {
+            idle::Expired::Idle => {
+                tracing::debug!(client = %conn.peer, "closing idle connection");
+                None
             }
-        }
-        _ = shutdown.recv() => {
-            // Finish in-flight requests, close keep-alive, send GOAWAY on h2.
+            // Nothing is being answered: dropping the connection closes
+            // it, as hyper's head timer did.
+            idle::Expired::Head => {
+                tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
+                Some(Ok(()))
+            }
+            // A client that reads nothing would not read a GOAWAY either:
+            // dropping frees the backend side at once.
+            idle::Expired::Unread => {
+                tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
+                Some(Ok(()))
+            }
+        },
+        // Finish in-flight requests, then close.
+        _ = shutdown.recv() => None,
+    };
+    let result = match ended {
+        Some(result) => result,
+        None => {
             connection.as_mut().graceful_shutdown();
-            // The watchdog goes on, or a client trickling a head in, or
-            // one that never acknowledges the GOAWAY, would hold the drain
-            // for all of shutdown_grace; with nothing in flight, a second
-            // of silence is enough to let the connection go.
+            // The watchdog goes on, or a client trickling a head in, one
+            // that never acknowledges the GOAWAY, or one that left an
+            // HTTP/2 header block half sent, would hold the connection
+            // (and a drain) for as long as hyper lets it; with nothing in
+            // flight, a second of silence is enough to let it go.
             let limits = idle::Limits {
                 idle: settings.idle_timeout.min(DRAIN_QUIET),
                 ..settings.limits()
@@ -508,7 +506,7 @@ async fn serve_connection<IO>(
             tokio::select! {
                 result = connection.as_mut() => result,
                 why = activity.expired(limits) => {
-                    tracing::debug!(client = %conn.peer, ?why, "closing during the drain");
+                    tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
                 }
             }
@@ -546,9 +544,9 @@ fn refused_with(error: &hyper::Error) -> Option<(&hyper::Error, u16)> {
     Some((error, status))
 }
 
-/// During a drain, how long a connection with nothing in flight may stay
-/// silent before it is closed (an HTTP/2 client that has not acknowledged
-/// the GOAWAY, for one).
+/// Once a connection is closing gracefully (idle, or a drain), how long it
+/// may stay silent with nothing in flight before it is dropped (an HTTP/2
+/// client that has not acknowledged the GOAWAY, for one).
 const DRAIN_QUIET: Duration = Duration::from_secs(1);
 
 /// Counts a connection in `portico_connections_open` for as long as it
