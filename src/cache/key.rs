@@ -127,28 +127,40 @@ fn without_dot_segments(path_and_query: &str) -> String {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
-    for (i, segment) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
-        match *segment {
-            "." | ".." => {
-                if *segment == ".." {
-                    out.pop();
-                }
-                if last {
-                    out.push("");
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    let mut resolved = format!("/{}", out.join("/"));
+    let mut resolved = remove_dot_segments(path, false);
     if let Some(query) = query {
         resolved.push('?');
         resolved.push_str(query);
     }
     resolved
+}
+
+/// RFC 3986 §5.2.4: `.` and `..` segments of an absolute path (`/...`)
+/// removed; a final one leaves its slash. With `merge_slashes`, empty
+/// segments (`//`) go too, but a trailing slash stays, as nginx merges
+/// them before matching locations.
+pub fn remove_dot_segments(path: &str, merge_slashes: bool) -> String {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.into_iter().enumerate() {
+        match segment {
+            "." => {}
+            ".." => {
+                kept.pop();
+            }
+            "" if merge_slashes && i != last => continue,
+            segment => {
+                kept.push(segment);
+                continue;
+            }
+        }
+        // A final `.` or `..` names a directory: keep the slash.
+        if i == last {
+            kept.push("");
+        }
+    }
+    format!("/{}", kept.join("/"))
 }
 
 #[cfg(test)]

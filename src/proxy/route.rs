@@ -128,28 +128,7 @@ pub fn routing_path(path: &str) -> Cow<'_, str> {
         }
     }
     decoded.push_str(rest);
-    let segments: Vec<&str> = decoded[1..].split('/').collect();
-    let last = segments.len() - 1;
-    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
-    for (i, segment) in segments.into_iter().enumerate() {
-        match segment {
-            "." => {}
-            ".." => {
-                kept.pop();
-            }
-            // A repeated slash; a trailing one is kept below.
-            "" if i != last => continue,
-            segment => {
-                kept.push(segment);
-                continue;
-            }
-        }
-        // A final `.` or `..` names a directory: keep the slash.
-        if i == last {
-            kept.push("");
-        }
-    }
-    Cow::Owned(format!("/{}", kept.join("/")))
+    Cow::Owned(crate::cache::key::remove_dot_segments(&decoded, true))
 }
 
 #[cfg(test)]
