@@ -432,16 +432,22 @@ pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> b
 /// weakens the ETag of a body it compresses but not of its 304s, so a
 /// strong comparison would turn every such revalidation into a refetch.
 pub fn selects(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
-    fn opaque(tag: &[u8]) -> &[u8] {
-        tag.strip_prefix(b"W/").unwrap_or(tag)
-    }
     match trimmed(not_modified, header::ETAG) {
-        Some(new) => trimmed(stored, header::ETAG).map(opaque) == Some(opaque(new)),
+        Some(new) => trimmed(stored, header::ETAG).is_some_and(|old| weak_match(old, new)),
         None => match trimmed(not_modified, header::LAST_MODIFIED) {
             Some(new) => trimmed(stored, header::LAST_MODIFIED) == Some(new),
             None => true,
         },
     }
+}
+
+/// Weak comparison of two entity tags (RFC 9110 §8.8.3.2): the opaque
+/// tags are equal, `W/` aside.
+pub fn weak_match(a: &[u8], b: &[u8]) -> bool {
+    fn opaque(tag: &[u8]) -> &[u8] {
+        tag.strip_prefix(b"W/").unwrap_or(tag)
+    }
+    opaque(a) == opaque(b)
 }
 
 fn trimmed(headers: &HeaderMap, name: header::HeaderName) -> Option<&[u8]> {

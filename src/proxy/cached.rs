@@ -109,11 +109,6 @@ fn tags(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &
         .flat_map(tag_list)
 }
 
-/// The opaque part of an entity tag, for weak comparison (RFC 9110 §8.8.3.2).
-fn opaque(tag: &str) -> &str {
-    tag.strip_prefix("W/").unwrap_or(tag)
-}
-
 /// Whether the client's conditional headers match the stored response
 /// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
 /// only without If-None-Match, against Last-Modified or else Date).
@@ -122,7 +117,8 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
         let Some(etag) = text(stored, header::ETAG) else {
             return false;
         };
-        return tags(request, header::IF_NONE_MATCH).any(|t| t == "*" || opaque(t) == opaque(etag));
+        return tags(request, header::IF_NONE_MATCH)
+            .any(|t| t == "*" || policy::weak_match(t.as_bytes(), etag.as_bytes()));
     }
     // Dates are parsed only when asked about: most hits carry neither.
     let Some(since) = date(request, header::IF_MODIFIED_SINCE) else {
