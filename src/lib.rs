@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod sample;
 pub mod server;
 pub mod signal;
+pub mod task;
 pub mod upstream;
 
 /// Runs the proxy described by the config at `path` until SIGTERM or

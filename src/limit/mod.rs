@@ -58,7 +58,8 @@ pub struct Limiter {
     /// Each route's identity, by route index.
     ids: Vec<RouteId>,
     hasher: RandomState,
-    cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// Held for its drop: the cleanup task ends with the limiter.
+    _cleanup: Option<crate::task::AbortOnDrop>,
 }
 
 /// Whether budgets kept under `before` mean the same under `now`: same
@@ -134,9 +135,9 @@ impl Limiter {
             ids,
             // Header keys are hashed: the same hasher finds the same budgets.
             hasher: previous.map_or_else(RandomState::new, |p| p.hasher.clone()),
-            cleanup: tokio::runtime::Handle::try_current()
+            _cleanup: tokio::runtime::Handle::try_current()
                 .ok()
-                .map(|runtime| runtime.spawn(cleanup(weak.clone()))),
+                .map(|runtime| crate::task::AbortOnDrop::new(runtime.spawn(cleanup(weak.clone())))),
         }))
     }
 
@@ -191,14 +192,6 @@ impl Limiter {
         for limiter in self.routes.iter().flatten() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
-        }
-    }
-}
-
-impl Drop for Limiter {
-    fn drop(&mut self) {
-        if let Some(task) = self.cleanup.take() {
-            task.abort();
         }
     }
 }
@@ -350,7 +343,7 @@ mod tests {
         tokio::time::sleep(CLEANUP_EVERY + Duration::from_secs(1)).await;
         assert_eq!(limiter.tracked_keys(), 0);
         // And it stops with the limiter.
-        let task = limiter.cleanup.as_ref().map(|t| t.abort_handle()).unwrap();
+        let task = limiter._cleanup.as_ref().map(|t| t.abort_handle()).unwrap();
         drop(limiter);
         tokio::task::yield_now().await;
         assert!(task.is_finished());

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::task::AbortOnDrop;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -284,12 +286,12 @@ pub async fn run_all(
 ) {
     let (trigger, shutdown) = shutdown::channel();
     // Both end with this function, however it ends (a caller may drop it).
-    let _trimmer = AbortOnDrop(tokio::spawn(trim::watch(shared.metrics.clone())));
+    let _trimmer = AbortOnDrop::new(tokio::spawn(trim::watch(shared.metrics.clone())));
     // The admin listener serves through the drain, so /metrics and
     // /readyz (which says so) can watch it, and closes after.
     let admin = all.admin.map(|(listener, token)| {
         shared.admin_token.store(token.map(Arc::new));
-        AbortOnDrop(tokio::spawn(crate::admin::serve(listener, shared.clone())))
+        AbortOnDrop::new(tokio::spawn(crate::admin::serve(listener, shared.clone())))
     });
     let mut initial = Vec::new();
     for (n, listener) in all.plain.into_iter().enumerate() {
@@ -336,15 +338,6 @@ pub async fn run_all(
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
     }
     drop(admin);
-}
-
-/// A background task that ends when its owner does.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A listener with the configured address it stands for (its own address

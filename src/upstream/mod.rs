@@ -87,7 +87,7 @@ pub struct Upstream {
     budget: RetryBudget,
     clock: Clock,
     pool: Arc<Pool>,
-    checker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    checker: std::sync::Mutex<Option<crate::task::AbortOnDrop>>,
 }
 
 impl Upstream {
@@ -181,7 +181,8 @@ impl Upstream {
     fn start_checks(self: &Arc<Self>) {
         if let Some(check) = self.config.health.clone() {
             let task = tokio::spawn(check_loop(Arc::downgrade(self), check));
-            *self.checker.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            *self.checker.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(crate::task::AbortOnDrop::new(task));
         }
     }
 
@@ -397,19 +398,6 @@ impl Upstream {
         match tokio::time::timeout(check.timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-        }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        if let Some(task) = self
-            .checker
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
         }
     }
 }
