@@ -201,9 +201,6 @@ fn locate(root: &DeTable<'_>, path: &[Segment]) -> (Range<usize>, String) {
 /// searched, since the span of an array of tables covers its first header
 /// only.
 fn key_at(root: &DeTable<'_>, span: &Range<usize>) -> String {
-    fn holds(outer: Range<usize>, span: &Range<usize>) -> bool {
-        outer.start <= span.start && span.end <= outer.end
-    }
     fn within(value: &DeValue<'_>, span: &Range<usize>, name: &mut String) -> bool {
         match value {
             DeValue::Table(table) => in_table(table, span, name),
@@ -253,7 +250,6 @@ enum Aside {
 /// list that lacks a required key is taken out of the list. Anything else
 /// goes with its key.
 fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Option<Aside> {
-    let holds = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
     let mut target = None;
     for (k, v) in table.iter_mut() {
         let whole = v.span();
@@ -296,7 +292,7 @@ fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Opt
                 return Some(Aside::Emptied);
             }
         }
-        if holds(k.span()) || holds(whole) {
+        if holds(k.span(), span) || holds(whole, span) {
             target = Some(k.clone());
             break;
         }
@@ -304,6 +300,11 @@ fn set_aside(table: &mut DeTable<'_>, span: &Range<usize>, message: &str) -> Opt
     let key = target?;
     table.remove(&key);
     Some(Aside::Removed(key.into_inner().into_owned()))
+}
+
+/// Whether `outer` contains `span`.
+fn holds(outer: Range<usize>, span: &Range<usize>) -> bool {
+    outer.start <= span.start && span.end <= outer.end
 }
 
 /// serde's words for what a field wanted, in the config's own terms.
