@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod limit;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod sample;

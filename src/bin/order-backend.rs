@@ -30,23 +30,9 @@ struct Cli {
     max_age: u32,
 }
 
-/// Colours for a person at a terminal; none in files, pipes and journald,
-/// nor when `NO_COLOR` is set (as `portico` itself does).
-fn colour_on_stderr() -> bool {
-    std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(colour_on_stderr())
-        .with_writer(std::io::stderr)
-        .init();
+    portico::logging::init(false);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -1,0 +1,24 @@
+//! Log output for both binaries: `RUST_LOG` (default `info`) to stderr, as
+//! text or one JSON object a line.
+
+/// Colours for a person at a terminal; none in files, pipes and journald,
+/// nor when `NO_COLOR` is set.
+fn colour_on_stderr() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Installs the global subscriber; `json` for one JSON object a line.
+pub fn init(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
