@@ -34,9 +34,10 @@ pub enum ClientKey {
 /// given as `::ffff:10.0.0.0/104`).
 fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
     let canonical = ip.to_canonical();
+    let mapped = canonical != ip;
     proxies
         .iter()
-        .any(|cidr| cidr.contains(ip) || cidr.contains(canonical))
+        .any(|cidr| cidr.contains(ip) || (mapped && cidr.contains(canonical)))
 }
 
 /// IPv4-mapped IPv6 becomes IPv4; other IPv6 is cut to its /64.
