@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod limit;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod sample;

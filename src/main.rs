@@ -124,7 +124,7 @@ fn run(
     threads: Option<u16>,
     job: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> ExitCode {
-    portico::server::tune_allocator();
+    portico::memory::tune_allocator();
     let result = runtime(threads).and_then(|rt| rt.block_on(job));
     match result {
         Ok(()) => ExitCode::SUCCESS,

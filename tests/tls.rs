@@ -388,3 +388,52 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An idle backend connection is parked after a second as a bare socket
+/// (hyper's buffers freed) and taken up again by the next request, TLS
+/// session and all: no new TCP connection, no new handshake.
+#[tokio::test]
+async fn a_parked_tls_backend_connection_is_taken_up_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed_for(&["127.0.0.1"]);
+    let dir = temp_dir("parked");
+    let (https_backend, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("backend", &cert)]),
+    )
+    .await;
+    // A relay in front of the TLS backend counts the connections made.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(https_backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let mut config =
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![relay_addr]);
+    config.upstreams[0].tls = Some(portico::config::UpstreamTls {
+        server_name: None,
+        ca: None,
+        ca_certs: vec![cert.der.clone()],
+    });
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // Parking happens between one and two seconds of idleness.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -8,9 +8,6 @@ mod idle;
 mod listeners;
 pub mod shutdown;
 pub mod tls;
-mod trim;
-
-pub use trim::tune_allocator;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -286,7 +283,7 @@ pub async fn run_all(
 ) {
     let (trigger, shutdown) = shutdown::channel();
     // Both end with this function, however it ends (a caller may drop it).
-    let _trimmer = AbortOnDrop::new(tokio::spawn(trim::watch(shared.metrics.clone())));
+    let _trimmer = AbortOnDrop::new(tokio::spawn(crate::memory::watch(shared.metrics.clone())));
     // The admin listener serves through the drain, so /metrics and
     // /readyz (which says so) can watch it, and closes after.
     let admin = all.admin.map(|(listener, token)| {

@@ -340,9 +340,12 @@ impl Upstream {
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
         let answer = if http_body::Body::is_end_stream(request.body()) {
-            tokio::time::timeout(timeout, self.pool.send(index, request, fresh))
-                .await
-                .ok()
+            tokio::time::timeout(
+                timeout,
+                self.pool.send(index, request, fresh, upgrade_asked),
+            )
+            .await
+            .ok()
         } else {
             let ended = request.body_mut().end_marker();
             // Boxed: only uploads take this path, and inline it would grow
@@ -350,7 +353,7 @@ impl Upstream {
             Box::pin(after_upload(
                 timeout,
                 &ended,
-                self.pool.send(index, request, fresh),
+                self.pool.send(index, request, fresh, upgrade_asked),
             ))
             .await
         };

@@ -10,6 +10,8 @@
 //! trimmed, and when traffic has fallen to a tenth of that it asks glibc
 //! (`malloc_trim`) to release every free page. Under steady load it never
 //! runs, so the pages the next requests need are not faulted in again.
+//! The backend pool calls it too, when it has parked many idle connections
+//! at once (`upstream::pool`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +48,7 @@ impl Watch {
 
 /// Watches the rate of answered requests, trimming after each burst,
 /// until aborted.
-pub(super) async fn watch(metrics: Arc<Metrics>) {
+pub async fn watch(metrics: Arc<Metrics>) {
     let mut watch = Watch::default();
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,20 +87,18 @@ pub fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune_allocator() {}
 
+/// Asks the allocator to give every free page back to the kernel now.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
+pub fn release_free_memory() {
     // SAFETY: malloc_trim takes no pointers and only walks glibc's own
     // arenas under their locks; any thread may call it at any time.
     let released = unsafe { libc::malloc_trim(0) };
-    tracing::debug!(
-        released = released != 0,
-        "returned free heap pages after a burst"
-    );
+    tracing::debug!(released = released != 0, "returned free heap pages");
 }
 
 /// Other allocators (musl, macOS) return memory on their own terms.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
+pub fn release_free_memory() {}
 
 #[cfg(test)]
 mod tests {
