@@ -112,6 +112,8 @@ enum Held {
 /// What a checkout found.
 enum Taken {
     Live(Conn),
+    /// Parked a moment ago; the socket comes once hyper's task has ended.
+    Parking(oneshot::Receiver<Parts<Io>>),
     Parked(Box<Io>),
 }
 
@@ -157,6 +159,7 @@ impl Pool {
         };
         let mut conn = match taken {
             Some(Taken::Live(conn)) => conn,
+            Some(Taken::Parking(parts)) => Box::pin(self.take_up(index, parts)).await?,
             Some(Taken::Parked(io)) => Box::pin(self.serve(*io, false)).await?,
             None => Box::pin(self.connect(index, upgrade)).await?,
         };
@@ -199,8 +202,8 @@ impl Pool {
                 Held::Live { sender, parts } => (sender, parts),
                 Held::Parking(parts) => match unpark(parts) {
                     Ok(Some(io)) => return Some(Taken::Parked(io)),
-                    // Still ending (it was parked a moment ago) or gone.
-                    _ => continue,
+                    Ok(None) => continue,
+                    Err(parts) => return Some(Taken::Parking(parts)),
                 },
                 Held::Parked(mut io) => {
                     if quiet(&mut io) {
@@ -239,6 +242,20 @@ impl Pool {
             }
         };
         self.serve(io, upgrade).await
+    }
+
+    /// The socket of a connection parked a moment ago, served again once
+    /// hyper's task hands it back (it ends as soon as it runs); a new
+    /// connection if that socket is not fit to use.
+    async fn take_up(
+        &self,
+        index: usize,
+        parts: oneshot::Receiver<Parts<Io>>,
+    ) -> Result<Conn, SendError> {
+        match parts.await.ok().and_then(usable) {
+            Some(io) => self.serve(io, false).await,
+            None => self.connect(index, false).await,
+        }
     }
 
     /// Starts hyper's task for a new or parked socket.
@@ -362,18 +379,25 @@ impl Pool {
 }
 
 /// The socket hyper's ended task handed back: `Ok(None)` when there is
-/// none to use (the task failed, or bytes came that no request asked for),
-/// `Err` while the task has not finished yet.
+/// none fit to use (the task failed, or see [`usable`]), `Err` while the
+/// task has not finished yet.
 fn unpark(
     mut parts: oneshot::Receiver<Parts<Io>>,
 ) -> Result<Option<Box<Io>>, oneshot::Receiver<Parts<Io>>> {
     match parts.try_recv() {
-        Ok(Parts {
-            mut io, read_buf, ..
-        }) => Ok((read_buf.is_empty() && quiet(&mut io)).then(|| Box::new(io))),
+        Ok(parts) => Ok(usable(parts).map(Box::new)),
         Err(oneshot::error::TryRecvError::Empty) => Err(parts),
         Err(oneshot::error::TryRecvError::Closed) => Ok(None),
     }
+}
+
+/// The socket hyper handed back, unless bytes came on it that no request
+/// asked for or the backend has closed it since.
+fn usable(parts: Parts<Io>) -> Option<Io> {
+    let Parts {
+        mut io, read_buf, ..
+    } = parts;
+    (read_buf.is_empty() && quiet(&mut io)).then_some(io)
 }
 
 /// Whether a parked socket is still open with nothing to read: one the
@@ -585,6 +609,23 @@ mod tests {
         // The same socket carries the next requests, under a new hyper
         // connection.
         ok(&pool, http::Method::GET).await;
+        ok(&pool, http::Method::POST).await;
+        assert_eq!(held(&pool), ["live"]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_taken_as_it_is_parked_waits_for_its_socket() {
+        let (addr, accepted, _) = backend().await;
+        let pool = pool(addr);
+        ok(&pool, http::Method::GET).await;
+        // Aged past PARK_AFTER, then parked with no chance for hyper's task
+        // to end before the next checkout.
+        for idle in pool.idle[0].lock().unwrap().iter_mut() {
+            idle.since -= PARK_AFTER;
+        }
+        assert_eq!(pool.reap_idle(), 1);
+        assert_eq!(held(&pool), ["parking"]);
         ok(&pool, http::Method::POST).await;
         assert_eq!(held(&pool), ["live"]);
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
