@@ -13,7 +13,7 @@ use http::Version;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Removes hop-by-hop fields, including every field the `Connection` header
 /// names. The usual case, `Connection: keep-alive` or `close`, costs one

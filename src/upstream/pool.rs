@@ -88,11 +88,18 @@ struct Conn {
     /// `None` on a connection run for an upgrade, which hyper cannot give
     /// back and which is never pooled.
     parts: Option<oneshot::Receiver<Parts<Io>>>,
+    /// How long it may wait idle for its next request: the upstream's
+    /// `idle_timeout`, or less if the backend announced a shorter one.
+    /// `None` until the first response on it has been looked at: backends
+    /// announce the same on every response, so once is enough.
+    keep_for: Option<Duration>,
 }
 
 struct Idle {
     state: Held,
     since: Instant,
+    /// [`Conn::keep_for`]: idle this long, it is closed.
+    keep_for: Duration,
 }
 
 /// What the pool holds of an idle connection.
@@ -191,10 +198,8 @@ impl Pool {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 let idle = stack.pop()?;
-                if idle.since.elapsed() >= self.idle_timeout {
-                    // The rest of the stack is older still.
-                    stack.clear();
-                    return None;
+                if idle.since.elapsed() >= idle.keep_for {
+                    continue;
                 }
                 idle
             };
@@ -212,16 +217,19 @@ impl Pool {
                     continue;
                 }
             };
+            let conn = move |sender| Conn {
+                sender,
+                parts: Some(parts),
+                keep_for: Some(idle.keep_for),
+            };
             if sender.is_ready() {
-                let parts = Some(parts);
-                return Some(Taken::Live(Conn { sender, parts }));
+                return Some(Taken::Live(conn(sender)));
             }
             if !sender.is_closed() {
                 let pool = self.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
-                        let parts = Some(parts);
-                        pool.put_back(index, Conn { sender, parts });
+                        pool.put_back(index, conn(sender));
                     }
                 });
             }
@@ -274,6 +282,7 @@ impl Pool {
             return Ok(Conn {
                 sender,
                 parts: None,
+                keep_for: None,
             });
         }
         let (hand_back, parts) = oneshot::channel();
@@ -291,17 +300,24 @@ impl Pool {
         Ok(Conn {
             sender,
             parts: Some(parts),
+            keep_for: None,
         })
     }
 
     fn wrap(
         self: &Arc<Self>,
         index: usize,
-        conn: Conn,
+        mut conn: Conn,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody> {
+        let keep_for = *conn.keep_for.get_or_insert_with(|| {
+            announced_keep_alive(response.headers()).map_or(self.idle_timeout, |announced| {
+                announced.min(self.idle_timeout)
+            })
+        });
         // A 101 hands the connection over to the tunnel: never reused.
-        let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let reusable =
+            response.status() != http::StatusCode::SWITCHING_PROTOCOLS && !keep_for.is_zero();
         let (parts, inner) = response.into_parts();
         let mut body = UpstreamBody {
             inner,
@@ -321,13 +337,16 @@ impl Pool {
         let Conn {
             sender,
             parts: Some(parts),
+            keep_for,
         } = conn
         else {
             return;
         };
+        let keep_for = keep_for.unwrap_or(self.idle_timeout);
         if sender.is_closed() {
             return;
         }
+
         let mut stack = self.idle[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -335,13 +354,14 @@ impl Pool {
             stack.push(Idle {
                 state: Held::Live { sender, parts },
                 since: Instant::now(),
+                keep_for,
             });
         }
     }
 
-    /// Closes connections idle for `idle_timeout` or closed by their
-    /// backend, and parks those idle for [`PARK_AFTER`]. Returns how many
-    /// it parked.
+    /// Closes connections idle for as long as they may be (see
+    /// [`Conn::keep_for`]) or closed by their backend, and parks those idle
+    /// for [`PARK_AFTER`]. Returns how many it parked.
     fn reap_idle(&self) -> usize {
         let mut parked = 0;
         for stack in &self.idle {
@@ -349,7 +369,7 @@ impl Pool {
             let entries = std::mem::take(&mut *stack);
             for mut idle in entries {
                 let idle_for = idle.since.elapsed();
-                if idle_for >= self.idle_timeout {
+                if idle_for >= idle.keep_for {
                     continue;
                 }
                 idle.state = match idle.state {
@@ -376,6 +396,24 @@ impl Pool {
         }
         parked
     }
+}
+
+/// The idle time a backend says it allows a connection, from a response's
+/// `Keep-Alive: timeout=N` (Node.js and Apache send `timeout=5`), less a
+/// margin (a second, or half of a shorter timeout) so that no request is
+/// sent just as the backend closes the connection: a POST lost that way is
+/// a 502. An unparsable field is ignored.
+fn announced_keep_alive(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get(&crate::proxy::headers::KEEP_ALIVE)?;
+    let seconds = value.to_str().ok()?.split(',').find_map(|param| {
+        let (name, seconds) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        seconds.trim().parse::<u64>().ok()
+    })?;
+    let timeout = Duration::from_secs(seconds);
+    Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
 
 /// The socket hyper's ended task handed back: `Ok(None)` when there is
@@ -520,6 +558,11 @@ mod tests {
     /// A backend answering `ok` to each bodiless request, counting the
     /// connections it accepts and closing them all when `hang_up` fires.
     async fn backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<Notify>) {
+        announcing("").await
+    }
+
+    /// The same, with `fields` (CRLF-terminated lines) in each response.
+    async fn announcing(fields: &'static str) -> (SocketAddr, Arc<AtomicUsize>, Arc<Notify>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -539,8 +582,8 @@ mod tests {
                             },
                             () = notify.notified() => return,
                         }
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(ok).await.is_err() {
+                        let ok = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok");
+                        if stream.write_all(ok.as_bytes()).await.is_err() {
                             return;
                         }
                     }
@@ -597,6 +640,47 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("pool holds {:?}, not {want:?}", held(pool)));
+    }
+
+    #[test]
+    fn a_keep_alive_timeout_the_backend_announces_is_kept_with_a_margin() {
+        let announced = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("keep-alive", http::HeaderValue::from_static(value));
+            announced_keep_alive(&headers)
+        };
+        let seconds = |s: f64| Some(Duration::from_secs_f64(s));
+        assert_eq!(announced("timeout=5"), seconds(4.0));
+        assert_eq!(announced("timeout=5, max=100"), seconds(4.0));
+        assert_eq!(announced("max=99 , Timeout = 1"), seconds(0.5));
+        assert_eq!(announced("timeout=0"), seconds(0.0));
+        assert_eq!(announced("timeout=soon"), None);
+        assert_eq!(announced("max=3"), None);
+        assert_eq!(announced_keep_alive(&http::HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_not_offered_past_the_backends_keep_alive() {
+        // The backend itself never closes it; it only says it might.
+        let (addr, accepted, _) = announcing("keep-alive: timeout=1\r\n").await;
+        let pool = pool(addr);
+        ok(&pool, http::Method::GET).await;
+        ok(&pool, http::Method::GET).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Half a second is all it is offered for.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        ok(&pool, http::Method::POST).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_gives_no_idle_time_is_not_pooled() {
+        let (addr, accepted, _) = announcing("keep-alive: timeout=0\r\n").await;
+        let pool = pool(addr);
+        ok(&pool, http::Method::GET).await;
+        assert_eq!(held(&pool), Vec::<&str>::new());
+        ok(&pool, http::Method::GET).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
