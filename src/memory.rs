@@ -10,9 +10,14 @@
 //! trimmed, and when traffic has fallen to a tenth of that it asks glibc
 //! (`malloc_trim`) to release every free page. Under steady load it never
 //! runs, so the pages the next requests need are not faulted in again.
-//! The backend pool calls it too, when it has parked many idle connections
-//! at once (`upstream::pool`).
+//!
+//! Parked connections (client ones in `server`, backend ones in
+//! `upstream::pool`) report what hyper freed as they are parked
+//! ([`freed`]); each half MiB of that goes back to the kernel at once, so
+//! thousands of idle keep-alive connections shrink the process rather
+//! than leave holes in its heap.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +28,26 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// Below this many requests in a second nothing is worth trimming.
 const BUSY: u64 = 100;
+
+/// Bytes freed by parking connections since the last trim.
+static FREED: AtomicUsize = AtomicUsize::new(0);
+
+/// What hyper frees at least when a connection's task ends: its 8 KiB
+/// write buffer and a read buffer of 8 KiB or more.
+pub const HYPER_CONNECTION: usize = 16 * 1024;
+
+/// Parking that frees this much trims the heap at once.
+const FREED_TO_TRIM: usize = 512 << 10;
+
+/// Notes `bytes` freed by parking a connection; trims the heap once half a MiB
+/// has been freed so since the last trim.
+pub fn freed(bytes: usize) {
+    let total = FREED.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    // One caller trims; the others see the count already reset.
+    if total >= FREED_TO_TRIM && FREED.swap(0, Ordering::Relaxed) >= FREED_TO_TRIM {
+        release_free_memory();
+    }
+}
 
 /// Whether the request rates seen so far say a burst just ended.
 #[derive(Debug, Default)]
@@ -55,6 +80,7 @@ pub async fn watch(metrics: Arc<Metrics>) {
     loop {
         every.tick().await;
         if watch.tick(metrics.requests_answered()) {
+            FREED.store(0, Ordering::Relaxed);
             release_free_memory();
         }
     }

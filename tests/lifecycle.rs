@@ -822,3 +822,106 @@ async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
     stopping.await.unwrap();
     assert!(received > size, "cut after {received} of {size} bytes");
 }
+
+/// Sends a GET for `path` on `stream` and reads the response whole;
+/// returns its status line.
+async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = tokio::time::timeout(STEP, read_head(stream))
+        .await
+        .expect("a response within STEP")
+        .expect("a response, not a closed connection");
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut buf = [0u8; 4096];
+    while got.len() < end + length {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    head.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A keep-alive connection idle for a second is parked (hyper's buffers
+/// and task freed, the socket kept): its next request is served on the
+/// same socket, it still counts as open, and `idle_timeout` still closes it.
+#[tokio::test]
+async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_out() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    // The watchdog looks every 50 ms, so parking comes by ~1.05 s.
+    config.server.request_header_timeout = Duration::from_millis(200);
+    config.server.idle_timeout = Duration::from_secs(3);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // Pipelined: both arrive at the parked socket at once.
+    stream
+        .write_all(
+            b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < 2 {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("both pipelined answers within STEP")
+            .unwrap();
+        assert!(n > 0, "closed before both pipelined answers");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(backend.requests(), 4);
+    // Then idle_timeout closes it, parked or not.
+    let closed = tokio::time::timeout(Duration::from_secs(3) + STEP / 2, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "parked connection outlived idle_timeout");
+    tokio::time::timeout(STEP, async {
+        while proxy.shared.metrics.connections_open.get() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the open-connections gauge back at 0");
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    config.server.idle_timeout = Duration::from_secs(60);
+    config.server.shutdown_grace = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // Within STEP, far below the 60 s grace a waiting drain would take.
+    proxy.stop().await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(STEP, stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "parked connection left open"
+    );
+}

@@ -437,3 +437,50 @@ async fn a_parked_tls_backend_connection_is_taken_up_again() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A TLS keep-alive client connection parked between requests keeps its
+/// session: the next request on it is served without a new handshake.
+#[tokio::test]
+async fn a_parked_tls_client_connection_serves_its_next_request() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("parked.test");
+    let dir = temp_dir("client-parked");
+    let mut config = config_for(&[&backend]);
+    // The watchdog looks every 50 ms, so parking comes by ~1.05 s.
+    config.server.request_header_timeout = std::time::Duration::from_millis(200);
+    let (addr, _stop) = start_tls_proxy(config, tls_listener(&dir, &[("parked", &cert)])).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("parked.test").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(conn);
+    for round in 0..3 {
+        let request = Request::get("/health")
+            .header("host", "parked.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = tokio::time::timeout(STEP, sender.send_request(request))
+            .await
+            .expect("an answer within STEP")
+            .unwrap_or_else(|e| panic!("request {round} failed: {e}"));
+        assert_eq!(response.status(), StatusCode::OK, "request {round}");
+        let _ = response.into_body().collect().await;
+        tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    }
+    assert!(!connection.is_finished(), "the connection was closed");
+    assert_eq!(backend.requests(), 3);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -35,6 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 use crate::proxy::body::{BodyError, ProxyBody};
 
@@ -56,6 +57,10 @@ pub(super) struct Activity {
     opened: AtomicBool,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
+    /// Requests begun on this connection.
+    started: AtomicU64,
+    /// The connection is being ended to be parked (see [`Tracked`]).
+    parking: AtomicBool,
     /// The HTTP/2 streams being answered (see [`Watched`]).
     streams: Mutex<Vec<StreamWatch>>,
 }
@@ -70,6 +75,9 @@ pub(super) struct Limits {
     /// A client taking no byte of a response (writes blocked, or an
     /// HTTP/2 stream's window shut).
     pub unread: Duration,
+    /// An HTTP/1 connection between requests, with at least one behind
+    /// it, this long idle may be parked; `None` never.
+    pub park: Option<Duration>,
 }
 
 /// Why the watchdog fired.
@@ -81,6 +89,10 @@ pub(super) enum Expired {
     Head,
     /// The client took no byte of a response for `idle_timeout`.
     Unread,
+    /// An HTTP/1 keep-alive connection has waited this long for its next
+    /// request: hyper's connection and buffers can go, and the socket wait
+    /// on its own (see `server::park`).
+    Parkable(Duration),
 }
 
 impl Activity {
@@ -94,6 +106,8 @@ impl Activity {
             multiplexed: AtomicBool::new(false),
             opened: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
         }
     }
@@ -117,20 +131,35 @@ impl Activity {
     /// Marks a request in progress until the guard drops.
     pub(super) fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
         Busy(self.clone())
     }
 
+    /// Requests begun so far.
+    pub(super) fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// From now on a shutdown of the socket is skipped and the socket
+    /// handed back when hyper drops it (see [`Tracked`]).
+    pub(super) fn park(&self) {
+        self.parking.store(true, Ordering::Relaxed);
+    }
+
     /// Resolves once the connection has been idle for `limits.idle`, has
     /// had its writes blocked for `limits.unread`, or (HTTP/1) has spent
-    /// `limits.head` on a request head; meanwhile drops HTTP/2 responses
-    /// whose window stayed shut for `limits.unread`. Checked every quarter
-    /// of the shortest, so each fires within 1.25 x its timeout.
+    /// `limits.head` on a request head, or may be parked (`limits.park`);
+    /// meanwhile drops HTTP/2 responses whose window stayed shut for
+    /// `limits.unread`. Checked every quarter of the shortest of the first
+    /// three, so each fires within 1.25 x its timeout; parking, which needs
+    /// no precision, adds no wake-ups of its own.
     pub(super) async fn expired(&self, limits: Limits) -> Expired {
         let Limits {
             idle,
             head,
             unread: unread_limit,
+            park,
         } = limits;
         // A floor so a millisecond timeout does not spin a timer per
         // connection; such a timeout then fires within 10 ms of its due.
@@ -183,6 +212,12 @@ impl Activity {
             }
             if idle_quiet >= idle {
                 return Expired::Idle;
+            }
+            let between_requests = !self.head_pending.load(Ordering::Relaxed)
+                && !self.multiplexed.load(Ordering::Relaxed)
+                && self.started() > 0;
+            if park.is_some_and(|park| idle_quiet >= park) && between_requests {
+                return Expired::Parkable(idle_quiet);
             }
         }
     }
@@ -432,13 +467,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The client's stream, bumping [`Activity`] on every transfer.
 pub(super) struct Tracked<IO> {
-    io: IO,
+    /// Always `Some` until dropped.
+    io: Option<IO>,
     activity: Arc<Activity>,
+    /// Where the socket goes when hyper drops it after [`Activity::park`].
+    hand_back: Option<oneshot::Sender<IO>>,
 }
 
 impl<IO> Tracked<IO> {
-    pub(super) fn new(io: IO, activity: Arc<Activity>) -> Self {
-        Tracked { io, activity }
+    pub(super) fn new(io: IO, activity: Arc<Activity>, hand_back: oneshot::Sender<IO>) -> Self {
+        Tracked {
+            io: Some(io),
+            activity,
+            hand_back: Some(hand_back),
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut IO>
+    where
+        IO: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("the socket is there until drop"))
+    }
+}
+
+impl<IO> Drop for Tracked<IO> {
+    fn drop(&mut self) {
+        if self.activity.parking.load(Ordering::Relaxed) {
+            if let (Some(io), Some(hand_back)) = (self.io.take(), self.hand_back.take()) {
+                let _ = hand_back.send(io);
+            }
+        }
     }
 }
 
@@ -449,7 +508,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        let result = self.io().poll_read(cx, buf);
         if result.is_ready() {
             let activity = &self.activity;
             activity.bump();
@@ -476,7 +535,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        let result = self.io().poll_write(cx, buf);
         self.activity.wrote(&result);
         result
     }
@@ -486,21 +545,25 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let result = self.io().poll_write_vectored(cx, bufs);
         self.activity.wrote(&result);
         result
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(IO::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.io().poll_flush(cx)
     }
 
+    /// Skipped for a connection being parked: the socket stays open.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        if self.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -526,5 +589,57 @@ mod tests {
         };
         assert_eq!(watched.handed.load(Ordering::Relaxed), 4);
         assert!(answering.is_end_stream());
+    }
+}
+
+#[cfg(test)]
+mod park_tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        idle: Duration::from_secs(60),
+        head: Duration::from_secs(10),
+        unread: Duration::from_secs(60),
+        park: Some(Duration::from_secs(1)),
+    };
+
+    /// What the watchdog says within a minute of (paused) time.
+    async fn verdict(activity: &Activity) -> Option<Expired> {
+        tokio::time::timeout(Duration::from_secs(59), activity.expired(LIMITS))
+            .await
+            .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_http1_connection_between_requests_is_parkable() {
+        // One request answered, nothing since: parkable after a step of
+        // quiet (2.5 s here), with no wake-up of its own.
+        let served = Arc::new(Activity::new());
+        drop(served.busy());
+        assert_eq!(
+            verdict(&served).await,
+            Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
+
+        // No request yet: the head timer's, not parking.
+        let fresh = Arc::new(Activity::new());
+        assert_eq!(verdict(&fresh).await, Some(Expired::Head));
+
+        // A request being answered: never.
+        let busy = Arc::new(Activity::new());
+        let _answering = busy.busy();
+        assert_eq!(verdict(&busy).await, None);
+
+        // HTTP/2: its idle streams stay with hyper.
+        let multiplexed = Arc::new(Activity::new());
+        drop(multiplexed.busy());
+        multiplexed.multiplexed.store(true, Ordering::Relaxed);
+        assert_eq!(verdict(&multiplexed).await, None);
+
+        // The next head has begun to arrive.
+        let reading = Arc::new(Activity::new());
+        drop(reading.busy());
+        reading.head_pending.store(true, Ordering::Relaxed);
+        assert_eq!(verdict(&reading).await, Some(Expired::Head));
     }
 }

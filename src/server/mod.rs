@@ -88,6 +88,7 @@ impl ConnectionSettings {
             idle: self.idle_timeout,
             head: self.header_timeout,
             unread: self.idle_timeout,
+            park: Some(PARK_AFTER),
         }
     }
 
@@ -376,17 +377,25 @@ async fn accept_loop(
                 let mode = mode.load_full();
                 let settings = shared.connections.load_full();
                 tokio::spawn(async move {
+                    let open = OpenConnection::new(shared.metrics.connections_open.clone());
+                    let held = Held {
+                        shared,
+                        settings,
+                        shutdown,
+                        _drain: drain,
+                        _open: open,
+                    };
                     match &*mode {
                         Mode::Plain => {
                             let conn = Conn {
                                 peer,
                                 proto: "http",
                             };
-                            serve_connection(stream, conn, shared, settings, shutdown, drain).await
+                            serve_connection(stream, conn, held).await
                         }
                         Mode::Tls(acceptor) => {
                             let handshake = tokio::time::timeout(
-                                settings.header_timeout,
+                                held.settings.header_timeout,
                                 acceptor.accept(stream),
                             );
                             match handshake.await {
@@ -395,8 +404,7 @@ async fn accept_loop(
                                         peer,
                                         proto: "https",
                                     };
-                                    serve_connection(tls, conn, shared, settings, shutdown, drain)
-                                        .await
+                                    serve_connection(tls, conn, held).await
                                 }
                                 Ok(Err(error)) => {
                                     tracing::debug!(client = %peer, %error, "TLS handshake failed")
@@ -420,20 +428,43 @@ async fn accept_loop(
     tracing::debug!(listener = ?local, "listener closed");
 }
 
-async fn serve_connection<IO>(
-    stream: IO,
-    conn: Conn,
+/// How long an HTTP/1 keep-alive connection waits for its next request
+/// before it is parked: at least this, and at most one step of its
+/// watchdog more (a quarter of the shorter of `idle_timeout` and
+/// `request_header_timeout`).
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// What a client connection keeps through its life, parked or served.
+struct Held {
     shared: Arc<Shared>,
     settings: Arc<ConnectionSettings>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     _drain: DrainGuard,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let _open = OpenConnection::new(shared.metrics.connections_open.clone());
+    _open: OpenConnection,
+}
+
+/// A client socket that can wait for its next request without hyper.
+trait Parkable: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// The TCP socket under it, to wait on.
+    fn socket(&self) -> &tokio::net::TcpStream;
+}
+
+impl Parkable for tokio::net::TcpStream {
+    fn socket(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn socket(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
+async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) {
     let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
-    let generations = shared.clone();
+    let generations = held.shared.clone();
     let service = service_fn(move |request| {
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
@@ -451,38 +482,75 @@ async fn serve_connection<IO>(
             }))
         }
     });
-    let stream = idle::Tracked::new(stream, activity.clone());
-    let connection = settings
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    // `None`: close gracefully (GOAWAY on HTTP/2, keep-alive off on 1.1).
+    let (hand_back, handed_back) = tokio::sync::oneshot::channel();
+    let stream = idle::Tracked::new(stream, activity.clone(), hand_back);
+    let settings = held.settings.clone();
+    // Boxed so that parking can drop it, and with it hyper's hold on the
+    // socket, before this function ends.
+    let mut connection = Box::pin(
+        settings
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service),
+    );
+    /// How the connection's hyper life ends.
+    enum End<R> {
+        Done(R),
+        /// Gracefully: GOAWAY on HTTP/2, keep-alive off on 1.1.
+        Graceful,
+        /// Parked, after this long idle.
+        Park(Duration),
+    }
     let ended = tokio::select! {
-        result = connection.as_mut() => Some(result),
+        result = connection.as_mut() => End::Done(result),
         expired = activity.expired(settings.limits()) => match expired {
             idle::Expired::Idle => {
                 tracing::debug!(client = %conn.peer, "closing idle connection");
-                None
+                End::Graceful
             }
             // Nothing is being answered: dropping the connection closes
             // it, as hyper's head timer did.
             idle::Expired::Head => {
                 tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
-                Some(Ok(()))
+                End::Done(Ok(()))
             }
             // A client that reads nothing would not read a GOAWAY either:
             // dropping frees the backend side at once.
             idle::Expired::Unread => {
                 tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
-                Some(Ok(()))
+                End::Done(Ok(()))
             }
+            idle::Expired::Parkable(quiet) => End::Park(quiet),
         },
         // Finish in-flight requests, then close.
-        _ = shutdown.recv() => None,
+        _ = held.shutdown.recv() => End::Graceful,
     };
     let result = match ended {
-        Some(result) => result,
-        None => {
+        End::Done(result) => result,
+        End::Park(quiet) => {
+            // hyper ends an HTTP/1 connection at once when it is between
+            // requests with nothing read; the socket skips the shutdown
+            // and comes back when hyper drops it.
+            let started = activity.started();
+            activity.park();
+            connection.as_mut().graceful_shutdown();
+            let ended = tokio::time::timeout(DRAIN_QUIET, connection.as_mut()).await;
+            drop(connection);
+            let Ok(mut socket) = handed_back.await else {
+                return;
+            };
+            // A request that arrived meanwhile was answered with
+            // `Connection: close`: then close, as promised.
+            if matches!(ended, Ok(Ok(()))) && activity.started() == started {
+                let left = settings.idle_timeout.saturating_sub(quiet);
+                tracing::trace!(client = %conn.peer, "parked idle connection");
+                tokio::spawn(park(socket, conn, held, left));
+                crate::memory::freed(crate::memory::HYPER_CONNECTION);
+            } else {
+                close(&mut socket).await;
+            }
+            return;
+        }
+        End::Graceful => {
             connection.as_mut().graceful_shutdown();
             // The watchdog goes on, or a client trickling a head in, one
             // that never acknowledges the GOAWAY, or one that left an
@@ -491,6 +559,7 @@ async fn serve_connection<IO>(
             // flight, a second of silence is enough to let it go.
             let limits = idle::Limits {
                 idle: settings.idle_timeout.min(DRAIN_QUIET),
+                park: None,
                 ..settings.limits()
             };
             tokio::select! {
@@ -507,10 +576,53 @@ async fn serve_connection<IO>(
         // runs: count and log it like any other answer, or smuggling
         // attempts would leave no trace.
         match error.downcast_ref::<hyper::Error>().and_then(refused_with) {
-            Some((parse, status)) => shared.proxy.load().refused(conn.peer, status, parse),
+            Some((parse, status)) => held.shared.proxy.load().refused(conn.peer, status, parse),
             None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
         }
     }
+}
+
+/// A keep-alive connection between requests, without hyper: its read and
+/// write buffers and its task are gone, and what is left (the socket, its
+/// TLS session, this small task) waits for the client's next request, to
+/// serve it under a new hyper connection. nginx keeps an idle keep-alive
+/// connection in about a kilobyte the same way; hyper's held ~25 KiB.
+/// `idle_timeout` and shutdown still close it.
+async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_left: Duration) {
+    // The socket still holds the waker of hyper's task, from its last read,
+    // and with it that task's memory: a no-op waker takes its place.
+    let _ = socket
+        .socket()
+        .poll_read_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    let next = tokio::select! {
+        ready = socket.socket().readable() => ready.is_ok(),
+        () = tokio::time::sleep(idle_left) => false,
+        _ = held.shutdown.recv() => false,
+    };
+    if next {
+        // EOF wakes it too: hyper then reads it and ends.
+        tokio::spawn(serve_again(socket, conn, held));
+    } else {
+        tracing::debug!(client = %conn.peer, "closing idle connection");
+        close(&mut socket).await;
+    }
+}
+
+/// [`serve_connection`] for a socket coming out of [`park`], boxed: the
+/// two spawn each other, and the compiler needs a named type between them.
+fn serve_again<IO: Parkable>(
+    socket: IO,
+    conn: Conn,
+    held: Held,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(serve_connection(socket, conn, held))
+}
+
+/// Closes a socket hyper no longer has as hyper would: a FIN, after a TLS
+/// close_notify.
+async fn close<IO: Parkable>(socket: &mut IO) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(DRAIN_QUIET, socket.shutdown()).await;
 }
 
 /// The status hyper's HTTP/1 server answered a parse error with, mirroring

@@ -41,10 +41,6 @@ use crate::proxy::body::RequestBody;
 /// parked as a bare socket.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Parking this many connections in one pass frees enough (up to 80 KiB
-/// each) to be worth handing the pages back to the kernel at once.
-const PARKED_TO_TRIM: usize = 8;
-
 /// Why a request got no response head from its connection.
 #[derive(Debug)]
 pub enum SendError {
@@ -87,7 +83,7 @@ struct Conn {
     /// Where hyper's task hands the socket back once `sender` is dropped.
     /// `None` on a connection run for an upgrade, which hyper cannot give
     /// back and which is never pooled.
-    parts: Option<oneshot::Receiver<Parts<Io>>>,
+    parts: Option<oneshot::Receiver<Box<Io>>>,
     /// How long it may wait idle for its next request: the upstream's
     /// `idle_timeout`, or less if the backend announced a shorter one.
     /// `None` until the first response on it has been looked at: backends
@@ -106,11 +102,11 @@ struct Idle {
 enum Held {
     Live {
         sender: SendRequest<RequestBody>,
-        parts: oneshot::Receiver<Parts<Io>>,
+        parts: oneshot::Receiver<Box<Io>>,
     },
     /// The sender is dropped; hyper's task is finishing and will hand the
     /// socket back.
-    Parking(oneshot::Receiver<Parts<Io>>),
+    Parking(oneshot::Receiver<Box<Io>>),
     /// Only the socket, boxed: a TLS one is large, and idle entries are
     /// moved on every checkout and return.
     Parked(Box<Io>),
@@ -120,7 +116,7 @@ enum Held {
 enum Taken {
     Live(Conn),
     /// Parked a moment ago; the socket comes once hyper's task has ended.
-    Parking(oneshot::Receiver<Parts<Io>>),
+    Parking(oneshot::Receiver<Box<Io>>),
     Parked(Box<Io>),
 }
 
@@ -258,11 +254,16 @@ impl Pool {
     async fn take_up(
         &self,
         index: usize,
-        parts: oneshot::Receiver<Parts<Io>>,
+        parts: oneshot::Receiver<Box<Io>>,
     ) -> Result<Conn, SendError> {
-        match parts.await.ok().and_then(usable) {
-            Some(io) => self.serve(io, false).await,
-            None => self.connect(index, false).await,
+        match parts.await {
+            Ok(mut io) => {
+                if quiet(&mut io) {
+                    return self.serve(*io, false).await;
+                }
+                self.connect(index, false).await
+            }
+            Err(_) => self.connect(index, false).await,
         }
     }
 
@@ -287,14 +288,23 @@ impl Pool {
         }
         let (hand_back, parts) = oneshot::channel();
         tokio::spawn(async move {
-            match connection.without_shutdown().await {
-                // Parked, or closed: then with the FIN hyper would have sent.
-                Ok(parts) => {
-                    if let Err(parts) = hand_back.send(parts) {
-                        close(parts.io).await;
-                    }
+            let Parts { io, read_buf, .. } = match connection.without_shutdown().await {
+                Ok(parts) => parts,
+                Err(error) => {
+                    tracing::debug!(%error, "backend connection ended with error");
+                    return;
                 }
-                Err(error) => tracing::debug!(%error, "backend connection ended with error"),
+            };
+            // Bytes that no request asked for: the socket is not reused.
+            // Otherwise hyper's read buffer goes now, not when the socket
+            // is taken up again.
+            let fit = read_buf.is_empty();
+            drop(read_buf);
+            match fit.then(|| hand_back.send(Box::new(io))) {
+                Some(Ok(())) => crate::memory::freed(crate::memory::HYPER_CONNECTION),
+                // Closed, with the FIN hyper would have sent.
+                Some(Err(io)) => close(*io).await,
+                None => {}
             }
         });
         Ok(Conn {
@@ -417,25 +427,17 @@ fn announced_keep_alive(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// The socket hyper's ended task handed back: `Ok(None)` when there is
-/// none fit to use (the task failed, or see [`usable`]), `Err` while the
-/// task has not finished yet.
+/// none fit to use (the task failed, bytes came that no request asked for,
+/// or the backend has closed it since), `Err` while the task has not
+/// finished yet.
 fn unpark(
-    mut parts: oneshot::Receiver<Parts<Io>>,
-) -> Result<Option<Box<Io>>, oneshot::Receiver<Parts<Io>>> {
+    mut parts: oneshot::Receiver<Box<Io>>,
+) -> Result<Option<Box<Io>>, oneshot::Receiver<Box<Io>>> {
     match parts.try_recv() {
-        Ok(parts) => Ok(usable(parts).map(Box::new)),
+        Ok(mut io) => Ok(quiet(&mut io).then_some(io)),
         Err(oneshot::error::TryRecvError::Empty) => Err(parts),
         Err(oneshot::error::TryRecvError::Closed) => Ok(None),
     }
-}
-
-/// The socket hyper handed back, unless bytes came on it that no request
-/// asked for or the backend has closed it since.
-fn usable(parts: Parts<Io>) -> Option<Io> {
-    let Parts {
-        mut io, read_buf, ..
-    } = parts;
-    (read_buf.is_empty() && quiet(&mut io)).then_some(io)
 }
 
 /// Whether a parked socket is still open with nothing to read: one the
@@ -460,7 +462,7 @@ async fn close(mut io: Io) {
 
 /// Closes and parks idle connections as they age, until the pool is
 /// dropped. Runs at least twice per [`PARK_AFTER`], so a connection is
-/// parked within 1.5 of them and its buffers freed half of one later.
+/// parked within 1.5 of them.
 async fn reap(pool: Weak<Pool>) {
     let Some(every) = pool
         .upgrade()
@@ -468,17 +470,10 @@ async fn reap(pool: Weak<Pool>) {
     else {
         return;
     };
-    let mut parked_last_pass = 0;
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else { return };
-        let parked = pool.reap_idle();
-        // A parked connection's read buffer is freed a pass later, when
-        // its socket is taken back from hyper's ended task.
-        if parked_last_pass >= PARKED_TO_TRIM {
-            crate::memory::release_free_memory();
-        }
-        parked_last_pass = parked;
+        pool.reap_idle();
     }
 }
 
