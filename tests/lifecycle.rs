@@ -850,20 +850,37 @@ async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
     head.lines().next().unwrap_or_default().to_owned()
 }
 
+/// A proxy with `idle_timeout` and `shutdown_grace`, and a keep-alive
+/// connection to it that has served one request and then sat idle long
+/// enough to be parked: the watchdog looks every 50 ms (a 200 ms head
+/// timer), so parking comes by ~1.05 s.
+async fn parked_connection(
+    idle_timeout: Duration,
+    grace: Duration,
+) -> (
+    portico::sample::RunningBackend,
+    RunningProxy,
+    tokio::net::TcpStream,
+) {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    config.server.idle_timeout = idle_timeout;
+    config.server.shutdown_grace = grace;
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    (backend, proxy, stream)
+}
+
 /// A keep-alive connection idle for a second is parked (hyper's buffers
 /// and task freed, the socket kept): its next request is served on the
 /// same socket, it still counts as open, and `idle_timeout` still closes it.
 #[tokio::test]
 async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_out() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    // The watchdog looks every 50 ms, so parking comes by ~1.05 s.
-    config.server.request_header_timeout = Duration::from_millis(200);
-    config.server.idle_timeout = Duration::from_secs(3);
-    let proxy = start_proxy(config).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (backend, proxy, mut stream) =
+        parked_connection(Duration::from_secs(3), Duration::from_secs(10)).await;
     assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
     assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
     tokio::time::sleep(Duration::from_millis(1600)).await;
@@ -907,15 +924,8 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
 
 #[tokio::test]
 async fn shutdown_closes_parked_connections_at_once() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.request_header_timeout = Duration::from_millis(200);
-    config.server.idle_timeout = Duration::from_secs(60);
-    config.server.shutdown_grace = Duration::from_secs(60);
-    let proxy = start_proxy(config).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (_backend, proxy, mut stream) =
+        parked_connection(Duration::from_secs(60), Duration::from_secs(60)).await;
     // Within STEP, far below the 60 s grace a waiting drain would take.
     proxy.stop().await;
     let mut buf = [0u8; 64];

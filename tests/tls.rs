@@ -96,14 +96,8 @@ async fn start_tls_shared(
     (addr, stop)
 }
 
-/// One HTTPS GET trusting only `trusted`, with SNI `sni` and ALPN `alpn`.
-async fn https_get(
-    addr: SocketAddr,
-    sni: &str,
-    trusted: &CertificateDer<'static>,
-    alpn: &[u8],
-    path: &str,
-) -> Result<(Version, StatusCode, Bytes), String> {
+/// A TLS client trusting only `trusted`, offering `alpn` (none if empty).
+fn tls_client(trusted: &CertificateDer<'static>, alpn: &[u8]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trusted.clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -113,8 +107,21 @@ async fn https_get(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    if !alpn.is_empty() {
+        config.alpn_protocols = vec![alpn.to_vec()];
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One HTTPS GET trusting only `trusted`, with SNI `sni` and ALPN `alpn`.
+async fn https_get(
+    addr: SocketAddr,
+    sni: &str,
+    trusted: &CertificateDer<'static>,
+    alpn: &[u8],
+    path: &str,
+) -> Result<(Version, StatusCode, Bytes), String> {
+    let connector = tls_client(trusted, alpn);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from(sni.to_owned()).unwrap();
     let tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
@@ -450,16 +457,7 @@ async fn a_parked_tls_client_connection_serves_its_next_request() {
     config.server.request_header_timeout = std::time::Duration::from_millis(200);
     let (addr, _stop) = start_tls_proxy(config, tls_listener(&dir, &[("parked", &cert)])).await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der.clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connector = tls_client(&cert.der, b"");
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("parked.test").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
