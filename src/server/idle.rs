@@ -20,7 +20,11 @@
 //!   balancer's count and any cache fill it leads for as long as it likes;
 //! - on HTTP/2 the same per stream: a response body whose client has kept
 //!   the stream's flow-control window shut for `idle_timeout` is dropped
-//!   (see [`Watched`]), while the connection's other streams go on.
+//!   (see [`Watched`]), while the connection's other streams go on;
+//! - an HTTP/1.1 connection waiting for its next request for a step of at
+//!   least a second is reported parkable ([`Expired::Parkable`]): the
+//!   server then lets hyper go and keeps only the socket until the client
+//!   writes again (see `server::park`).
 //!
 //! A request counts as being answered from its head until its response
 //! body has been handed over whole, so a long download is never cut while
