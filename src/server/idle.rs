@@ -65,6 +65,8 @@ pub(super) struct Activity {
     started: AtomicU64,
     /// The connection is being ended to be parked (see [`Tracked`]).
     parking: AtomicBool,
+    /// Shutdown has begun: answers say `Connection: close`.
+    closing: AtomicBool,
     /// The HTTP/2 streams being answered (see [`Watched`]).
     streams: Mutex<Vec<StreamWatch>>,
 }
@@ -112,6 +114,7 @@ impl Activity {
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
             parking: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
         }
     }
@@ -143,6 +146,17 @@ impl Activity {
     /// Requests begun so far.
     pub(super) fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client opened with the HTTP/2 preface (or a stream
+    /// has been answered as HTTP/2).
+    pub(super) fn is_multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
+    }
+
+    /// From now on every answer tells the client the connection closes.
+    pub(super) fn close_after_answers(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// From now on a shutdown of the socket is skipped and the socket
@@ -263,6 +277,13 @@ impl Activity {
 
 #[derive(Debug)]
 pub(super) struct Busy(Arc<Activity>);
+
+impl Busy {
+    /// Whether this answer should say `Connection: close` (shutdown).
+    pub(super) fn closing(&self) -> bool {
+        self.0.closing.load(Ordering::Relaxed)
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {

@@ -472,7 +472,13 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         let busy = requests.busy();
         let multiplexed = request.version() == http::Version::HTTP_2;
         async move {
-            let response = proxy.handle(request, conn).await;
+            let mut response = proxy.handle(request, conn).await;
+            if !multiplexed && busy.closing() {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, Infallible>(response.map(|body| {
                 if multiplexed {
                     idle::Answering::watched(body, busy)
@@ -497,6 +503,8 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         Done(R),
         /// Gracefully: GOAWAY on HTTP/2, keep-alive off on 1.1.
         Graceful,
+        /// Shutdown has begun.
+        Drain,
         /// Parked, after this long idle.
         Park(Duration),
     }
@@ -522,7 +530,26 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             idle::Expired::Parkable(quiet) => End::Park(quiet),
         },
         // Finish in-flight requests, then close.
-        _ = held.shutdown.recv() => End::Graceful,
+        _ = held.shutdown.recv() => End::Drain,
+    };
+    // An HTTP/1 client may have sent a request on this connection that is
+    // not here yet, and closing now would lose it (HTTP/1 has no GOAWAY):
+    // answers say `Connection: close` from now on, and the connection
+    // closes once it has had nothing to do for a second.
+    let ended = match ended {
+        End::Drain if !activity.is_multiplexed() => {
+            activity.close_after_answers();
+            let quiet = idle::Limits {
+                idle: settings.idle_timeout.min(DRAIN_QUIET),
+                park: None,
+                ..settings.limits()
+            };
+            tokio::select! {
+                result = connection.as_mut() => End::Done(result),
+                _ = activity.expired(quiet) => End::Graceful,
+            }
+        }
+        ended => ended,
     };
     let result = match ended {
         End::Done(result) => result,
@@ -550,7 +577,7 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             }
             return;
         }
-        End::Graceful => {
+        End::Graceful | End::Drain => {
             connection.as_mut().graceful_shutdown();
             // The watchdog goes on, or a client trickling a head in, one
             // that never acknowledges the GOAWAY, or one that left an
@@ -587,7 +614,8 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
 /// TLS session, this small task) waits for the client's next request, to
 /// serve it under a new hyper connection. nginx keeps an idle keep-alive
 /// connection in about a kilobyte the same way; hyper's held ~25 KiB.
-/// `idle_timeout` and shutdown still close it.
+/// `idle_timeout` and shutdown still close it, shutdown after a second
+/// in which no request came.
 async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_left: Duration) {
     // The socket still holds the waker of hyper's task, from its last read,
     // and with it that task's memory: a no-op waker takes its place.
@@ -597,7 +625,12 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_lef
     let next = tokio::select! {
         ready = socket.socket().readable() => ready.is_ok(),
         () = tokio::time::sleep(idle_left) => false,
-        _ = held.shutdown.recv() => false,
+        // As for a connection hyper holds: a request already on its way
+        // gets its answer (with `Connection: close`).
+        _ = held.shutdown.recv() => {
+            let ready = tokio::time::timeout(DRAIN_QUIET, socket.socket().readable()).await;
+            matches!(ready, Ok(Ok(())))
+        }
     };
     if next {
         // EOF wakes it too: hyper then reads it and ends.
