@@ -204,14 +204,9 @@ async fn handle(
             if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
-            match shared.reload() {
+            match shared.reload_for(&peer.to_string()) {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
-                Err(errors) => {
-                    // As a rejected SIGHUP reload is: the log is where an
-                    // operator looks for what a deploy tool did.
-                    tracing::error!(client = %peer, "reload rejected, configuration unchanged: {errors}");
-                    text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n"))
-                }
+                Err(errors) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n")),
             }
         }
         (Method::DELETE, "/cache") => {

@@ -47,9 +47,8 @@ pub fn spawn_reload_on_hangup(shared: std::sync::Arc<crate::server::Shared>) {
             }
         };
         while hangup.recv().await.is_some() {
-            if let Err(errors) = shared.reload() {
-                tracing::error!("reload rejected, configuration unchanged:\n{errors}");
-            }
+            // Logged by `reload_for`; nothing else to do with a rejection.
+            let _ = shared.reload_for("SIGHUP");
         }
     });
     #[cfg(not(unix))]

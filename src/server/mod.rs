@@ -153,6 +153,21 @@ impl Shared {
     /// are added and removed without touching the others, certificates and
     /// connection settings apply to new connections. In-flight requests
     /// finish on the generation they started with.
+    /// [`Shared::reload`] for `by` (`SIGHUP`, or the admin client's
+    /// address), logging a rejection as one record on one line, the file's
+    /// errors separated by `; `: the log is where an operator looks for
+    /// what a deploy tool did, and a line per record is what log shippers
+    /// and `grep` expect.
+    pub fn reload_for(self: &Arc<Self>, by: &str) -> Result<(), String> {
+        self.reload().inspect_err(|errors| {
+            tracing::error!(
+                by,
+                errors = %errors.replace('\n', "; "),
+                "reload rejected, configuration unchanged"
+            );
+        })
+    }
+
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("started without --config: nothing to reload".into());
