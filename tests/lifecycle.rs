@@ -923,7 +923,7 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
 }
 
 #[tokio::test]
-async fn shutdown_closes_parked_connections_at_once() {
+async fn shutdown_closes_a_parked_connection_within_a_second() {
     let (_backend, proxy, mut stream) =
         parked_connection(Duration::from_secs(60), Duration::from_secs(60)).await;
     // Within STEP, far below the 60 s grace a waiting drain would take.
