@@ -92,6 +92,16 @@ impl ConnectionSettings {
         }
     }
 
+    /// The watchdog's limits for a connection on its way out: a second
+    /// with nothing to do is enough to let it go, and it is not parked.
+    fn closing_limits(&self) -> idle::Limits {
+        idle::Limits {
+            idle: self.idle_timeout.min(DRAIN_QUIET),
+            park: None,
+            ..self.limits()
+        }
+    }
+
     fn new(settings: &config::Server) -> Arc<Self> {
         Arc::new(ConnectionSettings {
             builder: connection_builder(settings),
@@ -143,16 +153,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Re-reads the config file and swaps the new state in. A bad file, an
-    /// unreadable certificate or an address that cannot be bound changes
-    /// nothing and returns the errors (for the file, the same ones
-    /// `portico check` prints). Otherwise, atomically for new requests:
-    /// routes and upstreams are replaced (upstreams whose settings did not
-    /// change keep their health state and connection pools, the cache and
-    /// the limiter survive when their sections did not change), listeners
-    /// are added and removed without touching the others, certificates and
-    /// connection settings apply to new connections. In-flight requests
-    /// finish on the generation they started with.
     /// [`Shared::reload`] for `by` (`SIGHUP`, or the admin client's
     /// address), logging a rejection as one record on one line, the file's
     /// errors separated by `; `: the log is where an operator looks for
@@ -168,6 +168,16 @@ impl Shared {
         })
     }
 
+    /// Re-reads the config file and swaps the new state in. A bad file, an
+    /// unreadable certificate or an address that cannot be bound changes
+    /// nothing and returns the errors (for the file, the same ones
+    /// `portico check` prints). Otherwise, atomically for new requests:
+    /// routes and upstreams are replaced (upstreams whose settings did not
+    /// change keep their health state and connection pools, the cache and
+    /// the limiter survive when their sections did not change), listeners
+    /// are added and removed without touching the others, certificates and
+    /// connection settings apply to new connections. In-flight requests
+    /// finish on the generation they started with.
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("started without --config: nothing to reload".into());
@@ -554,14 +564,9 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
     let ended = match ended {
         End::Drain if !activity.is_multiplexed() => {
             activity.close_after_answers();
-            let quiet = idle::Limits {
-                idle: settings.idle_timeout.min(DRAIN_QUIET),
-                park: None,
-                ..settings.limits()
-            };
             tokio::select! {
                 result = connection.as_mut() => End::Done(result),
-                _ = activity.expired(quiet) => End::Graceful,
+                _ = activity.expired(settings.closing_limits()) => End::Graceful,
             }
         }
         ended => ended,
@@ -599,14 +604,9 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             // HTTP/2 header block half sent, would hold the connection
             // (and a drain) for as long as hyper lets it; with nothing in
             // flight, a second of silence is enough to let it go.
-            let limits = idle::Limits {
-                idle: settings.idle_timeout.min(DRAIN_QUIET),
-                park: None,
-                ..settings.limits()
-            };
             tokio::select! {
                 result = connection.as_mut() => result,
-                why = activity.expired(limits) => {
+                why = activity.expired(settings.closing_limits()) => {
                     tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
                 }
