@@ -83,7 +83,7 @@ struct Conn {
     /// Where hyper's task hands the socket back once `sender` is dropped.
     /// `None` on a connection run for an upgrade, which hyper cannot give
     /// back and which is never pooled.
-    parts: Option<oneshot::Receiver<Box<Io>>>,
+    handed_back: Option<oneshot::Receiver<Box<Io>>>,
     /// How long it may wait idle for its next request: the upstream's
     /// `idle_timeout`, or less if the backend announced a shorter one.
     /// `None` until the first response on it has been looked at: backends
@@ -102,7 +102,7 @@ struct Idle {
 enum Held {
     Live {
         sender: SendRequest<RequestBody>,
-        parts: oneshot::Receiver<Box<Io>>,
+        handed_back: oneshot::Receiver<Box<Io>>,
     },
     /// The sender is dropped; hyper's task is finishing and will hand the
     /// socket back.
@@ -162,7 +162,7 @@ impl Pool {
         };
         let mut conn = match taken {
             Some(Taken::Live(conn)) => conn,
-            Some(Taken::Parking(parts)) => Box::pin(self.take_up(index, parts)).await?,
+            Some(Taken::Parking(handed_back)) => Box::pin(self.take_up(index, handed_back)).await?,
             Some(Taken::Parked(io)) => Box::pin(self.serve(*io, false)).await?,
             None => Box::pin(self.connect(index, upgrade)).await?,
         };
@@ -199,12 +199,15 @@ impl Pool {
                 }
                 idle
             };
-            let (mut sender, parts) = match idle.state {
-                Held::Live { sender, parts } => (sender, parts),
-                Held::Parking(parts) => match unpark(parts) {
+            let (mut sender, handed_back) = match idle.state {
+                Held::Live {
+                    sender,
+                    handed_back,
+                } => (sender, handed_back),
+                Held::Parking(handed_back) => match unpark(handed_back) {
                     Ok(Some(io)) => return Some(Taken::Parked(io)),
                     Ok(None) => continue,
-                    Err(parts) => return Some(Taken::Parking(parts)),
+                    Err(handed_back) => return Some(Taken::Parking(handed_back)),
                 },
                 Held::Parked(mut io) => {
                     if quiet(&mut io) {
@@ -215,7 +218,7 @@ impl Pool {
             };
             let conn = move |sender| Conn {
                 sender,
-                parts: Some(parts),
+                handed_back: Some(handed_back),
                 keep_for: Some(idle.keep_for),
             };
             if sender.is_ready() {
@@ -254,17 +257,14 @@ impl Pool {
     async fn take_up(
         &self,
         index: usize,
-        parts: oneshot::Receiver<Box<Io>>,
+        handed_back: oneshot::Receiver<Box<Io>>,
     ) -> Result<Conn, SendError> {
-        match parts.await {
-            Ok(mut io) => {
-                if quiet(&mut io) {
-                    return self.serve(*io, false).await;
-                }
-                self.connect(index, false).await
+        if let Ok(mut io) = handed_back.await {
+            if quiet(&mut io) {
+                return self.serve(*io, false).await;
             }
-            Err(_) => self.connect(index, false).await,
         }
+        self.connect(index, false).await
     }
 
     /// Starts hyper's task for a new or parked socket.
@@ -282,11 +282,11 @@ impl Pool {
             });
             return Ok(Conn {
                 sender,
-                parts: None,
+                handed_back: None,
                 keep_for: None,
             });
         }
-        let (hand_back, parts) = oneshot::channel();
+        let (hand_back, handed_back) = oneshot::channel();
         tokio::spawn(async move {
             let Parts { io, read_buf, .. } = match connection.without_shutdown().await {
                 Ok(parts) => parts,
@@ -309,7 +309,7 @@ impl Pool {
         });
         Ok(Conn {
             sender,
-            parts: Some(parts),
+            handed_back: Some(handed_back),
             keep_for: None,
         })
     }
@@ -346,7 +346,7 @@ impl Pool {
     fn put_back(&self, index: usize, conn: Conn) {
         let Conn {
             sender,
-            parts: Some(parts),
+            handed_back: Some(handed_back),
             keep_for,
         } = conn
         else {
@@ -356,13 +356,15 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-
         let mut stack = self.idle[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if stack.len() < self.max_idle {
             stack.push(Idle {
-                state: Held::Live { sender, parts },
+                state: Held::Live {
+                    sender,
+                    handed_back,
+                },
                 since: Instant::now(),
                 keep_for,
             });
@@ -384,14 +386,14 @@ impl Pool {
                 }
                 idle.state = match idle.state {
                     Held::Live { sender, .. } if sender.is_closed() => continue,
-                    Held::Live { parts, .. } if idle_for >= PARK_AFTER => {
+                    Held::Live { handed_back, .. } if idle_for >= PARK_AFTER => {
                         parked += 1;
-                        Held::Parking(parts)
+                        Held::Parking(handed_back)
                     }
-                    Held::Parking(parts) => match unpark(parts) {
+                    Held::Parking(handed_back) => match unpark(handed_back) {
                         Ok(Some(io)) => Held::Parked(io),
                         Ok(None) => continue,
-                        Err(parts) => Held::Parking(parts),
+                        Err(handed_back) => Held::Parking(handed_back),
                     },
                     Held::Parked(mut io) => {
                         if !quiet(&mut io) {
@@ -431,11 +433,11 @@ fn announced_keep_alive(headers: &http::HeaderMap) -> Option<Duration> {
 /// or the backend has closed it since), `Err` while the task has not
 /// finished yet.
 fn unpark(
-    mut parts: oneshot::Receiver<Box<Io>>,
+    mut handed_back: oneshot::Receiver<Box<Io>>,
 ) -> Result<Option<Box<Io>>, oneshot::Receiver<Box<Io>>> {
-    match parts.try_recv() {
+    match handed_back.try_recv() {
         Ok(mut io) => Ok(quiet(&mut io).then_some(io)),
-        Err(oneshot::error::TryRecvError::Empty) => Err(parts),
+        Err(oneshot::error::TryRecvError::Empty) => Err(handed_back),
         Err(oneshot::error::TryRecvError::Closed) => Ok(None),
     }
 }
