@@ -355,11 +355,16 @@ pub(super) async fn serve(
         }
     };
     cache.counters.miss.inc();
-    let request_headers = parts.headers.clone();
-    let is_head = parts.method == Method::HEAD;
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
-    let fill = cache.begin_fill(primary);
-    let request_time = cache.now();
+    let fetch = Fetch {
+        request_headers: parts.headers.clone(),
+        request_cc,
+        is_head: parts.method == Method::HEAD,
+        fill: cache.begin_fill(primary),
+        request_time: cache.now(),
+        leader,
+        fwd: miss,
+    };
     trace.fwd = Some(miss);
     let (response, in_flight) = forward_with_retries(
         upstream,
@@ -368,19 +373,7 @@ pub(super) async fn serve(
         trace,
     )
     .await?;
-    Ok(store_or_relay(
-        cache,
-        upstream,
-        fill,
-        request_headers,
-        &request_cc,
-        request_time,
-        response,
-        in_flight,
-        leader,
-        miss,
-        is_head,
-    ))
+    Ok(fetch.store_or_relay(cache, upstream, response, in_flight))
 }
 
 /// Forwards the request as it is and relays the answer without storing it.
@@ -417,85 +410,107 @@ fn relay(
     )
 }
 
-/// Relays a fetched response and stores it as it streams when RFC 9111
-/// allows. The coalescing lock goes with the stored body, or is released at
-/// once when nothing will be stored.
-#[allow(clippy::too_many_arguments)]
-fn store_or_relay(
-    cache: &Arc<Cache>,
-    upstream: &Upstream,
-    fill: Fill,
+/// A fetch whose answer may be stored: what it keeps from the request until
+/// that answer is in.
+struct Fetch {
+    /// The client's own request fields (`Vary` is matched against them).
     request_headers: HeaderMap,
-    request_cc: &CacheControl,
-    request_time: std::time::SystemTime,
-    response: Response<UpstreamBody>,
-    in_flight: InFlight,
-    leader: Option<Leader>,
-    fwd: &str,
+    request_cc: CacheControl,
+    /// HEAD is forwarded as HEAD, and its answer is never stored.
     is_head: bool,
-) -> Response<ProxyBody> {
-    let response_time = cache.now();
-    let mut response = relay(upstream, response, in_flight);
-    let status = response.status();
-    let cc = policy::parse_response(response.headers());
-    let decision = if is_head {
-        Err(policy::NotStored::Method)
-    } else {
-        policy::storable(
-            &Method::GET,
-            &request_headers,
+    fill: Fill,
+    request_time: std::time::SystemTime,
+    /// The coalescing lock, when this fetch leads.
+    leader: Option<Leader>,
+    /// Cache-Status `fwd` parameter: miss, vary-miss, stale or request.
+    fwd: &'static str,
+}
+
+impl Fetch {
+    /// Relays the fetched response and stores it as it streams when
+    /// RFC 9111 allows. The coalescing lock goes with the stored body, or
+    /// is released at once when nothing will be stored.
+    fn store_or_relay(
+        self,
+        cache: &Arc<Cache>,
+        upstream: &Upstream,
+        response: Response<UpstreamBody>,
+        in_flight: InFlight,
+    ) -> Response<ProxyBody> {
+        let Fetch {
+            request_headers,
             request_cc,
-            status,
-            response.headers(),
-            &cc,
-            cache.config.default_ttl,
-        )
-    };
-    let declared = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // A miss's forwarded status is the status of the answer itself.
-    let fwd_status = if fwd.ends_with("miss") {
-        String::new()
-    } else {
-        format!("; fwd-status={}", status.as_u16())
-    };
-    let text = match decision {
-        // The URL was invalidated while this was fetched: it may predate
-        // the change (see `cache::fill`).
-        Ok(_) if fill.overtaken() => format!("portico; fwd={fwd}{fwd_status}; detail=invalidated"),
-        Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
-            format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
-        }
-        Ok(lifetime) => {
-            let mut stored = response.headers().clone();
-            // What a cache behind portico did for this fetch is not true of
-            // later hits.
-            stored.remove(&CACHE_STATUS);
-            let head = Head {
+            is_head,
+            fill,
+            request_time,
+            leader,
+            fwd,
+        } = self;
+        let response_time = cache.now();
+        let mut response = relay(upstream, response, in_flight);
+        let status = response.status();
+        let cc = policy::parse_response(response.headers());
+        let decision = if is_head {
+            Err(policy::NotStored::Method)
+        } else {
+            policy::storable(
+                &Method::GET,
+                &request_headers,
+                &request_cc,
                 status,
-                headers: stored,
-                timing: Timing::new(response.headers(), request_time, response_time),
-                lifetime,
-                cc,
-            };
-            // Stale on arrival (an old `Age` or `Date`), with no validator
-            // and no stale window: it could never be served.
-            if head.keep_for().is_zero() {
-                format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
-            } else {
-                let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
-                let (parts, body) = response.into_parts();
-                response = Response::from_parts(parts, body.with_capture(capture));
-                format!("portico; fwd={fwd}{fwd_status}; stored")
+                response.headers(),
+                &cc,
+                cache.config.default_ttl,
+            )
+        };
+        let declared = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // A miss's forwarded status is the status of the answer itself.
+        let fwd_status = if fwd.ends_with("miss") {
+            String::new()
+        } else {
+            format!("; fwd-status={}", status.as_u16())
+        };
+        let text = match decision {
+            // The URL was invalidated while this was fetched: it may predate
+            // the change (see `cache::fill`).
+            Ok(_) if fill.overtaken() => {
+                format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
-        }
-        Err(reason) => format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail()),
-    };
-    set_status(&mut response, &text);
-    response
+            Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
+                format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
+            }
+            Ok(lifetime) => {
+                let mut stored = response.headers().clone();
+                // What a cache behind portico did for this fetch is not true of
+                // later hits.
+                stored.remove(&CACHE_STATUS);
+                let head = Head {
+                    status,
+                    headers: stored,
+                    timing: Timing::new(response.headers(), request_time, response_time),
+                    lifetime,
+                    cc,
+                };
+                // Stale on arrival (an old `Age` or `Date`), with no validator
+                // and no stale window: it could never be served.
+                if head.keep_for().is_zero() {
+                    format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
+                } else {
+                    let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
+                    let (parts, body) = response.into_parts();
+                    response = Response::from_parts(parts, body.with_capture(capture));
+                    format!("portico; fwd={fwd}{fwd_status}; stored")
+                }
+            }
+            Err(reason) => format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail()),
+        };
+        set_status(&mut response, &text);
+        response
+    }
 }
 
 /// A copy of `client` without the validators that could get it a 304: a
@@ -649,7 +664,15 @@ async fn revalidate(
     let request_time = cache.now();
     let age = entry.timing.current_age(request_time);
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
-    let fill = cache.begin_fill(primary);
+    let fetch = Fetch {
+        request_headers,
+        request_cc,
+        is_head,
+        fill: cache.begin_fill(primary),
+        request_time,
+        leader,
+        fwd,
+    };
     trace.fwd = Some(fwd);
     let validated = policy::has_validator(&entry.headers);
     let mut request = parts;
@@ -695,8 +718,9 @@ async fn revalidate(
                     .headers_mut()
                     .append(header::SET_COOKIE, cookie.clone());
             }
-            keep_304(cache, &fill, &request_headers, judged).await;
-            drop(leader);
+            keep_304(cache, &fetch.fill, &fetch.request_headers, judged).await;
+            // Requests waiting on the lock read the refreshed entry now.
+            drop(fetch);
             return Ok(answer);
         }
         if response.status().is_server_error() && may_serve_stale {
@@ -704,19 +728,7 @@ async fn revalidate(
             return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
         }
         cache.counters.miss.inc();
-        return Ok(store_or_relay(
-            cache,
-            upstream,
-            fill,
-            request_headers,
-            &request_cc,
-            request_time,
-            response,
-            in_flight,
-            leader,
-            fwd,
-            is_head,
-        ));
+        return Ok(fetch.store_or_relay(cache, upstream, response, in_flight));
     }
 }
 
@@ -734,12 +746,17 @@ async fn refresh(
         return;
     };
     parts.method = Method::GET;
-    let request_headers = parts.headers.clone();
-    let request_cc = policy::parse_request(&request_headers);
+    let fetch = Fetch {
+        request_headers: parts.headers.clone(),
+        request_cc: policy::parse_request(&parts.headers),
+        is_head: false,
+        fill: cache.begin_fill(primary),
+        request_time: cache.now(),
+        leader: Some(leader),
+        fwd: "stale",
+    };
     let whole = unconditional(&parts);
     conditional(&mut parts, &entry);
-    let fill = cache.begin_fill(primary);
-    let request_time = cache.now();
     let mut trace = Trace::default();
     let Ok((mut response, mut in_flight)) =
         forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await
@@ -747,7 +764,7 @@ async fn refresh(
         return;
     };
     if response.status() == StatusCode::NOT_MODIFIED {
-        match judge_304(&cache, &entry, response.headers(), request_time) {
+        match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
             Revalidated::Mismatch => {
                 // As in `revalidate`: fetch it whole, once.
                 let Ok(whole) =
@@ -757,22 +774,10 @@ async fn refresh(
                 };
                 (response, in_flight) = whole;
             }
-            judged => return keep_304(&cache, &fill, &request_headers, judged).await,
+            judged => return keep_304(&cache, &fetch.fill, &fetch.request_headers, judged).await,
         }
     }
-    let response = store_or_relay(
-        &cache,
-        &upstream,
-        fill,
-        request_headers,
-        &request_cc,
-        request_time,
-        response,
-        in_flight,
-        Some(leader),
-        "stale",
-        false,
-    );
+    let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
     // Nobody reads this body but the cache: drain it so it is stored,
     // holding one frame at a time, and stop once it is past what the cache
     // would store (the capture has given up by then).
