@@ -239,3 +239,27 @@ async fn a_retry_after_a_stale_pooled_connection_takes_a_fresh_one() {
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_backend_connection_still_sending_an_upload_does_not_hold_up_other_requests() {
+    let (addr, accepted) = early_answer_backend().await;
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let mut uploader = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    uploader
+        .write_all(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345")
+        .await
+        .unwrap();
+    let early = read_head(&mut uploader).await.expect("an early answer");
+    assert!(early.starts_with(b"HTTP/1.1 200"), "{early:?}");
+    // Past the pool's parking age, with a reaper pass or two: the backend
+    // connection under the upload must stay where a checkout passes it by.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The upload is finished only after this request is answered: a GET
+    // that waited for that connection would never be.
+    let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url("/next")))
+        .await
+        .expect("a GET held up by another client's upload");
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    uploader.write_all(b"67890").await.unwrap();
+}

@@ -386,7 +386,15 @@ impl Pool {
                 }
                 idle.state = match idle.state {
                     Held::Live { sender, .. } if sender.is_closed() => continue,
-                    Held::Live { handed_back, .. } if idle_for >= PARK_AFTER => {
+                    // Only a ready one: a connection still sending the
+                    // upload of a request its backend answered early ends
+                    // its task when the upload ends, and a checkout would
+                    // wait on that.
+                    Held::Live {
+                        sender,
+                        handed_back,
+                    } if idle_for >= PARK_AFTER && sender.is_ready() => {
+                        drop(sender);
                         parked += 1;
                         Held::Parking(handed_back)
                     }
@@ -414,16 +422,21 @@ impl Pool {
 /// `Keep-Alive: timeout=N` (Node.js and Apache send `timeout=5`), less a
 /// margin (a second, or half of a shorter timeout) so that no request is
 /// sent just as the backend closes the connection: a POST lost that way is
-/// a 502. An unparsable field is ignored.
+/// a 502. The field is a list, possibly over several lines, and a value
+/// may be quoted (RFC 2068 §19.7.1.1); an unparsable one is ignored.
 fn announced_keep_alive(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get(&crate::proxy::headers::KEEP_ALIVE)?;
-    let seconds = value.to_str().ok()?.split(',').find_map(|param| {
-        let (name, seconds) = param.split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case("timeout") {
-            return None;
-        }
-        seconds.trim().parse::<u64>().ok()
-    })?;
+    let seconds = headers
+        .get_all(&crate::proxy::headers::KEEP_ALIVE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|param| {
+            let (name, seconds) = param.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("timeout") {
+                return None;
+            }
+            seconds.trim().trim_matches('"').parse::<u64>().ok()
+        })?;
     let timeout = Duration::from_secs(seconds);
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
@@ -653,6 +666,11 @@ mod tests {
         assert_eq!(announced("timeout=0"), seconds(0.0));
         assert_eq!(announced("timeout=soon"), None);
         assert_eq!(announced("max=3"), None);
+        assert_eq!(announced("timeout=\"3\""), seconds(2.0));
+        let mut lines = http::HeaderMap::new();
+        lines.append("keep-alive", http::HeaderValue::from_static("max=100"));
+        lines.append("keep-alive", http::HeaderValue::from_static("timeout=2"));
+        assert_eq!(announced_keep_alive(&lines), seconds(1.0));
         assert_eq!(announced_keep_alive(&http::HeaderMap::new()), None);
     }
 
