@@ -922,6 +922,63 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
     .expect("the open-connections gauge back at 0");
 }
 
+/// Bytes hyper has read but not parsed go with its buffer when a
+/// connection is parked: one that may hold some is not. Here the start of
+/// the next head came with the last one, and its end after the parking age.
+#[tokio::test]
+async fn the_start_of_a_pipelined_head_is_not_lost_to_parking() {
+    let (backend, proxy) = proxy_with_short_head_timer().await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(STEP, read_head(&mut stream))
+        .await
+        .expect("the first answer within STEP")
+        .expect("the first answer");
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    stream.write_all(b"Host: a\r\n\r\n").await.unwrap();
+    let mut seen = first;
+    let mut buf = [0u8; 4096];
+    while seen.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("the second answer within STEP")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(backend.requests(), 2);
+}
+
+/// An upload answered early leaves hyper reading its body: the connection
+/// is not parked then, and the rest of the body and the next request,
+/// sent after the parking age, are taken and answered.
+#[tokio::test]
+async fn a_request_after_an_upload_answered_early_is_answered() {
+    let (addr, _) = early_answer_backend().await;
+    let mut config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(STEP, read_head(&mut stream))
+        .await
+        .expect("the early answer within STEP")
+        .expect("the early answer");
+    assert!(early.starts_with(b"HTTP/1.1 200"), "{early:?}");
+    // Past the parking age and the second hyper is given to end.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stream.write_all(b"67890").await.unwrap();
+    assert_eq!(get_on(&mut stream, "/next").await, "http/1.1 200 ok");
+}
+
 #[tokio::test]
 async fn shutdown_closes_a_parked_connection_within_a_second() {
     let (_backend, proxy, mut stream) =

@@ -63,6 +63,14 @@ pub(super) struct Activity {
     write_blocked: AtomicBool,
     /// Requests begun on this connection.
     started: AtomicU64,
+    /// Ends of request heads (empty lines) in what the client has sent.
+    heads_read: AtomicU64,
+    /// The last bytes read ended just where a head ended.
+    read_to_head_end: AtomicBool,
+    /// A request with a body has begun. What hyper has read can no longer
+    /// be told from what it has taken, so the connection is not parked:
+    /// bytes hyper holds unparsed would go with its buffer.
+    bodied: AtomicBool,
     /// The connection is being ended to be parked (see [`Tracked`]).
     parking: AtomicBool,
     /// Shutdown has begun: answers say `Connection: close`.
@@ -113,6 +121,9 @@ impl Activity {
             opened: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
+            heads_read: AtomicU64::new(0),
+            read_to_head_end: AtomicBool::new(false),
+            bodied: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
@@ -135,6 +146,21 @@ impl Activity {
         }
     }
 
+    /// After a flush: a full socket, or (only if it was full) progress.
+    /// hyper flushes on every poll of the connection, so a flush with
+    /// nothing to send is no sign of life.
+    fn flushed<T>(&self, result: &Poll<T>) {
+        match result {
+            Poll::Ready(_) => {
+                if self.write_blocked.swap(false, Ordering::Relaxed) {
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                    self.bump();
+                }
+            }
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+        }
+    }
+
     /// Marks a request in progress until the guard drops.
     pub(super) fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
@@ -143,9 +169,48 @@ impl Activity {
         Busy(self.clone())
     }
 
+    /// Marks the request just begun as one with a body.
+    pub(super) fn has_body(&self) {
+        self.bodied.store(true, Ordering::Relaxed);
+    }
+
     /// Requests begun so far.
     pub(super) fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// Whether hyper has taken every byte the client sent: each head read
+    /// has begun its request, the last read ended with a head, and no
+    /// request had a body (whose end only hyper knows). Parking drops
+    /// hyper's read buffer; anything in it would be lost.
+    pub(super) fn all_read_taken(&self) -> bool {
+        !self.bodied.load(Ordering::Relaxed)
+            && self.read_to_head_end.load(Ordering::Relaxed)
+            && self.heads_read.load(Ordering::Relaxed) == self.started()
+    }
+
+    /// Notes bytes the client sent: a new head beginning, the HTTP/2
+    /// preface, and (while heads can be counted) the ends of heads.
+    fn on_read(&self, read: &[u8], ends: &mut HeadEnds) {
+        self.bump();
+        if read.is_empty() {
+            return;
+        }
+        if self.busy.load(Ordering::Relaxed) == 0 {
+            // Nothing is being answered: these bytes start a head.
+            self.head_pending.store(true, Ordering::Relaxed);
+        }
+        if !self.opened.swap(true, Ordering::Relaxed) {
+            // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
+            let h2 = read.starts_with(b"PRI ");
+            self.multiplexed.store(h2, Ordering::Relaxed);
+        }
+        if self.bodied.load(Ordering::Relaxed) || self.multiplexed.load(Ordering::Relaxed) {
+            return;
+        }
+        let (found, at_end) = ends.scan(read);
+        self.heads_read.fetch_add(found, Ordering::Relaxed);
+        self.read_to_head_end.store(at_end, Ordering::Relaxed);
     }
 
     /// Whether the client opened with the HTTP/2 preface (or a stream
@@ -233,7 +298,8 @@ impl Activity {
             }
             let between_requests = !self.head_pending.load(Ordering::Relaxed)
                 && !self.multiplexed.load(Ordering::Relaxed)
-                && self.started() > 0;
+                && self.started() > 0
+                && self.all_read_taken();
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -497,6 +563,46 @@ pub(super) struct Tracked<IO> {
     activity: Arc<Activity>,
     /// Where the socket goes when hyper drops it after [`Activity::park`].
     hand_back: Option<oneshot::Sender<IO>>,
+    ends: HeadEnds,
+}
+
+/// Finds where request heads end (an empty line, CRLF or a bare LF as
+/// hyper accepts) in the bytes a client sends, across reads. Used only to
+/// know that hyper has nothing unparsed, so it may err towards seeing an
+/// end too many (a stray empty line): the connection is then not parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadEnds {
+    /// The line being read is empty so far (also a new connection's).
+    Empty,
+    /// It holds a CR so far.
+    Cr,
+    /// It holds text.
+    Text,
+}
+
+impl HeadEnds {
+    /// How many heads end in `read`, and whether it ends just after one.
+    fn scan(&mut self, read: &[u8]) -> (u64, bool) {
+        let mut found = 0;
+        let mut at_end = false;
+        let mut start = 0;
+        let mut line = *self;
+        for newline in memchr::memchr_iter(b'\n', read) {
+            at_end = matches!(
+                (line, &read[start..newline]),
+                (HeadEnds::Empty, b"" | b"\r") | (HeadEnds::Cr, b"")
+            );
+            found += u64::from(at_end);
+            line = HeadEnds::Empty;
+            start = newline + 1;
+        }
+        *self = match (line, &read[start..]) {
+            (line, b"") => line,
+            (HeadEnds::Empty, b"\r") => HeadEnds::Cr,
+            _ => HeadEnds::Text,
+        };
+        (found, at_end && start == read.len())
+    }
 }
 
 impl<IO> Tracked<IO> {
@@ -505,6 +611,7 @@ impl<IO> Tracked<IO> {
             io: Some(io),
             activity,
             hand_back: Some(hand_back),
+            ends: HeadEnds::Empty,
         }
     }
 
@@ -535,20 +642,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let result = self.io().poll_read(cx, buf);
         if result.is_ready() {
-            let activity = &self.activity;
-            activity.bump();
-            let read = &buf.filled()[before..];
-            if !read.is_empty() {
-                if activity.busy.load(Ordering::Relaxed) == 0 {
-                    // Nothing is being answered: these bytes start a head.
-                    activity.head_pending.store(true, Ordering::Relaxed);
-                }
-                if !activity.opened.swap(true, Ordering::Relaxed) {
-                    // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
-                    let h2 = read.starts_with(b"PRI ");
-                    activity.multiplexed.store(h2, Ordering::Relaxed);
-                }
-            }
+            let this = &mut *self;
+            this.activity
+                .on_read(&buf.filled()[before..], &mut this.ends);
         }
         result
     }
@@ -579,8 +675,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         self.io.as_ref().is_some_and(IO::is_write_vectored)
     }
 
+    /// Watched like a write: over TLS, `poll_write` takes plaintext into
+    /// rustls at once and only a flush finds the socket full, so a client
+    /// that stopped reading near the end of a response shows here alone.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.io().poll_flush(cx)
+        let result = self.io().poll_flush(cx);
+        self.activity.flushed(&result);
+        result
     }
 
     /// Skipped for a connection being parked: the socket stays open.
@@ -635,12 +736,25 @@ mod park_tests {
             .ok()
     }
 
+    /// A connection that has read `sent` and begun `requests` bodiless
+    /// requests, all answered since.
+    fn after(sent: &[&[u8]], requests: usize) -> Arc<Activity> {
+        let activity = Arc::new(Activity::new());
+        let mut ends = HeadEnds::Empty;
+        for read in sent {
+            activity.on_read(read, &mut ends);
+        }
+        for _ in 0..requests {
+            drop(activity.busy());
+        }
+        activity
+    }
+
     #[tokio::test(start_paused = true)]
     async fn only_an_http1_connection_between_requests_is_parkable() {
         // One request answered, nothing since: parkable after a step of
         // quiet (2.5 s here), with no wake-up of its own.
-        let served = Arc::new(Activity::new());
-        drop(served.busy());
+        let served = after(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], 1);
         assert_eq!(
             verdict(&served).await,
             Some(Expired::Parkable(Duration::from_millis(2500)))
@@ -666,5 +780,93 @@ mod park_tests {
         drop(reading.busy());
         reading.head_pending.store(true, Ordering::Relaxed);
         assert_eq!(verdict(&reading).await, Some(Expired::Head));
+    }
+
+    /// Parking drops hyper's read buffer: never while it may hold bytes.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_hyper_may_hold_unparsed_bytes_for_is_not_parkable() {
+        let parkable = Some(Expired::Parkable(Duration::from_millis(2500)));
+        // Two whole pipelined heads in one read, both served.
+        let pair = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(verdict(&after(&[pair], 2)).await, parkable);
+        // A head split across reads, and bare LFs.
+        let split: [&[u8]; 3] = [b"GET / HTTP/1.1\r", b"\nHost: a\r\n\r", b"\n"];
+        assert_eq!(verdict(&after(&split, 1)).await, parkable);
+        assert_eq!(
+            verdict(&after(&[b"GET / HTTP/1.1\nHost: a\n\n"], 1)).await,
+            parkable
+        );
+
+        // The start of the next head came with the last one: hyper holds it.
+        let partial = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n";
+        assert_eq!(verdict(&after(&[partial], 1)).await, None);
+        // A whole head not begun yet (hyper yielded between the two).
+        assert_eq!(verdict(&after(&[pair], 1)).await, None);
+        // A request with a body, even with a bodiless one after it.
+        let upload = Arc::new(Activity::new());
+        let mut ends = HeadEnds::Empty;
+        upload.on_read(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\nok", &mut ends);
+        drop(upload.busy());
+        upload.has_body();
+        upload.on_read(b"GET / HTTP/1.1\r\n\r\n", &mut ends);
+        drop(upload.busy());
+        assert_eq!(verdict(&upload).await, None);
+    }
+
+    #[test]
+    fn head_ends_are_found_across_reads() {
+        let mut ends = HeadEnds::Empty;
+        assert_eq!(ends.scan(b"GET / HTTP/1.1\r\nHost: a\r\n"), (0, false));
+        assert_eq!(ends.scan(b"\r"), (0, false));
+        assert_eq!(ends.scan(b"\nGET /b HTTP/1.1\r\n\r\nGET"), (2, false));
+        assert_eq!(ends.scan(b" /c HTTP/1.1\n\n"), (1, true));
+        // Text before the CR: not an empty line.
+        assert_eq!(ends.scan(b"GET /d HTTP/1.1\r\nx\r"), (0, false));
+        assert_eq!(ends.scan(b"\n"), (0, false));
+    }
+
+    /// A socket that takes every write and never finishes a flush: TLS
+    /// records rustls holds for a client that stopped reading.
+    struct Unflushed;
+
+    impl AsyncRead for Unflushed {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Unflushed {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_still_being_flushed_is_not_parked() {
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        let (hand_back, _) = oneshot::channel();
+        let mut socket = Tracked::new(Unflushed, activity.clone(), hand_back);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let wrote = Pin::new(&mut socket).poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(wrote.is_ready());
+        assert!(Pin::new(&mut socket).poll_flush(&mut cx).is_pending());
+        // Parked, the socket would be closed with the response's end unsent.
+        assert_eq!(verdict(&activity).await, None);
     }
 }

@@ -490,11 +490,14 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
     let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
     let generations = held.shared.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
         let proxy = generations.proxy.load_full();
         let busy = requests.busy();
+        if !hyper::body::Body::is_end_stream(request.body()) {
+            requests.has_body();
+        }
         let multiplexed = request.version() == http::Version::HTTP_2;
         async move {
             let mut response = proxy.handle(request, conn).await;
@@ -587,7 +590,10 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             };
             // A request that arrived meanwhile was answered with
             // `Connection: close`: then close, as promised.
-            if matches!(ended, Ok(Ok(()))) && activity.started() == started {
+            if matches!(ended, Ok(Ok(())))
+                && activity.started() == started
+                && activity.all_read_taken()
+            {
                 let left = settings.idle_timeout.saturating_sub(quiet);
                 tracing::trace!(client = %conn.peer, "parked idle connection");
                 tokio::spawn(park(socket, conn, held, left));
