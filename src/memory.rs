@@ -13,9 +13,11 @@
 //!
 //! Parked connections (client ones in `server`, backend ones in
 //! `upstream::pool`) report what hyper freed as they are parked
-//! ([`freed`]); each half MiB of that goes back to the kernel at once, so
-//! thousands of idle keep-alive connections shrink the process rather
-//! than leave holes in its heap.
+//! ([`freed`]); once half a MiB of that has built up it goes back to the
+//! kernel at the next look, so thousands of idle keep-alive connections
+//! shrink the process rather than leave holes in its heap. At most one
+//! trim a second: clients that pause between requests have their
+//! connections parked after each one, and `malloc_trim` walks every arena.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,17 +38,12 @@ static FREED: AtomicUsize = AtomicUsize::new(0);
 /// write buffer and a read buffer of 8 KiB or more.
 pub const HYPER_CONNECTION: usize = 16 * 1024;
 
-/// Parking that frees this much trims the heap at once.
+/// Parking that frees this much has the heap trimmed at the next look.
 const FREED_TO_TRIM: usize = 512 << 10;
 
-/// Notes `bytes` freed by parking a connection; trims the heap once half a MiB
-/// has been freed so since the last trim.
+/// Notes `bytes` freed by parking a connection (see [`watch`]).
 pub fn freed(bytes: usize) {
-    let total = FREED.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    // One caller trims; the others see the count already reset.
-    if total >= FREED_TO_TRIM && FREED.swap(0, Ordering::Relaxed) >= FREED_TO_TRIM {
-        release_free_memory();
-    }
+    FREED.fetch_add(bytes, Ordering::Relaxed);
 }
 
 /// Whether the request rates seen so far say a burst just ended.
@@ -71,15 +68,16 @@ impl Watch {
     }
 }
 
-/// Watches the rate of answered requests, trimming after each burst,
-/// until aborted.
+/// Watches the rate of answered requests, trimming after each burst and
+/// after half a MiB freed by parking, until aborted.
 pub async fn watch(metrics: Arc<Metrics>) {
     let mut watch = Watch::default();
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        if watch.tick(metrics.requests_answered()) {
+        let burst_over = watch.tick(metrics.requests_answered());
+        if burst_over || FREED.load(Ordering::Relaxed) >= FREED_TO_TRIM {
             FREED.store(0, Ordering::Relaxed);
             release_free_memory();
         }
