@@ -144,6 +144,17 @@ async fn open_echo_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     stream
 }
 
+/// Sends "ping" through an echo tunnel and reads it back.
+async fn ping(stream: &mut tokio::net::TcpStream) {
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+}
+
 #[tokio::test]
 async fn an_upgraded_connection_is_bridged_both_ways() {
     let backend = start_backend(BackendOptions::new("b1")).await;
@@ -158,6 +169,45 @@ async fn an_upgraded_connection_is_bridged_both_ways() {
             .unwrap();
         assert_eq!(echoed, message);
     }
+}
+
+/// hyper lets go of a client connection as it upgrades it: the tunnel
+/// keeps it counted as open, and a shutdown waits for the tunnel (up to
+/// `shutdown_grace`) as for any connection.
+#[tokio::test]
+async fn an_open_tunnel_counts_as_a_connection_and_holds_the_drain() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.shutdown_grace = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let shared = proxy.shared.clone();
+    let open = move || shared.metrics.connections_open.get();
+    let mut stream = open_echo_tunnel(proxy.addr).await;
+    ping(&mut stream).await;
+    // The upgrade request's own count goes once hyper has let go.
+    tokio::time::timeout(STEP, async {
+        while open() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("one connection counted");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open(), 1);
+
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ping(&mut stream).await;
+    assert!(
+        !stopping.is_finished(),
+        "the drain did not wait for the tunnel"
+    );
+    drop(stream);
+    tokio::time::timeout(STEP, stopping)
+        .await
+        .expect("drained once the tunnel closed")
+        .unwrap();
+    assert_eq!(open(), 0);
 }
 
 #[tokio::test]
@@ -194,13 +244,7 @@ async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
     // Traffic every 100 ms for 3x the idle timeout keeps it open.
     for _ in 0..9 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stream.write_all(b"ping").await.unwrap();
-        let mut echoed = [0u8; 4];
-        tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
-            .await
-            .expect("echo in time")
-            .unwrap();
-        assert_eq!(&echoed, b"ping");
+        ping(&mut stream).await;
     }
     // Then silence: the proxy closes both sides.
     let read = tokio::time::timeout(STEP, stream.read(&mut [0u8; 16]))

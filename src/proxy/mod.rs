@@ -11,6 +11,8 @@ mod log;
 pub mod route;
 mod upgrade;
 
+pub use upgrade::Hold as TunnelHold;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

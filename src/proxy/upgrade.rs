@@ -7,8 +7,10 @@
 //! `proxy_read_timeout` on a tunnel, HAProxy's `timeout tunnel`), so a
 //! vanished peer does not hold a tunnel and its backend slot for good.
 
+use std::any::Any;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,7 +30,16 @@ use crate::upstream::UpstreamBody;
 pub struct Upgrade {
     protocol: HeaderValue,
     client: OnUpgrade,
+    hold: Option<Hold>,
 }
+
+/// What the server of the client's connection wants kept for as long as a
+/// tunnel made from it runs, put in the upgrade request's extensions: its
+/// count of open connections and its drain guard, so that the tunnel still
+/// counts as an open connection and a shutdown waits for it (up to
+/// `shutdown_grace`), as for any connection.
+#[derive(Clone)]
+pub struct Hold(pub Arc<dyn Any + Send + Sync>);
 
 /// Whether the `Connection` field lists the `upgrade` token.
 fn connection_upgrade(headers: &HeaderMap) -> bool {
@@ -62,6 +73,7 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     }
     Some(Upgrade {
         protocol,
+        hold: request.extensions_mut().remove::<Hold>(),
         client: hyper::upgrade::on(request),
     })
 }
@@ -83,9 +95,12 @@ impl Upgrade {
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);
         let client = self.client;
+        let hold = self.hold;
         tokio::spawn(async move {
-            // The backend slot stays taken while the tunnel is open.
+            // The backend slot stays taken while the tunnel is open, and
+            // the client's connection counted.
             let _in_flight = in_flight;
+            let _hold = hold;
             let (client, backend) = match tokio::try_join!(client, backend) {
                 Ok(both) => both,
                 Err(error) => {

@@ -490,7 +490,19 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
     let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
     let generations = held.shared.clone();
-    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+    let (drain, open) = (
+        held._drain.clone(),
+        held.shared.metrics.connections_open.clone(),
+    );
+    let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        // hyper lets go of a connection it upgrades at once; the tunnel
+        // keeps its place in the count and the drain instead.
+        if request.headers().contains_key(http::header::UPGRADE) {
+            let hold = (drain.clone(), OpenConnection::new(open.clone()));
+            request
+                .extensions_mut()
+                .insert(crate::proxy::TunnelHold(Arc::new(hold)));
+        }
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.
         let proxy = generations.proxy.load_full();
