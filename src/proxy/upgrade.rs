@@ -61,6 +61,8 @@ fn connection_upgrade(headers: &HeaderMap) -> bool {
 /// - a chunked request body: hyper's client sends an upgrade request's
 ///   body only with a Content-Length, so this one would be lost.
 pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
+    // Not kept past a request that does not become a tunnel.
+    let hold = request.extensions_mut().remove::<Hold>();
     if request.version() != Version::HTTP_11 || !connection_upgrade(request.headers()) {
         return None;
     }
@@ -73,7 +75,7 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     }
     Some(Upgrade {
         protocol,
-        hold: request.extensions_mut().remove::<Hold>(),
+        hold,
         client: hyper::upgrade::on(request),
     })
 }
