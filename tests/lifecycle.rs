@@ -510,6 +510,27 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
     let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "stalled second head left open");
     assert_eq!(backend.requests(), 1);
+
+    // A head trickled in, one header line at a time, that begins like the
+    // HTTP/2 preface (a `PRI` method) but is not it.
+    let mut trickled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    trickled.write_all(b"PRI /a HTTP/1.1\r\n").await.unwrap();
+    let closed = tokio::time::timeout(STEP, async {
+        let mut buf = [0u8; 256];
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if trickled.write_all(b"x-a: 1\r\n").await.is_err() {
+                return;
+            }
+            let read =
+                tokio::time::timeout(Duration::from_millis(1), trickled.read(&mut buf)).await;
+            if matches!(read, Ok(Ok(0) | Err(_))) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "trickled PRI head left open");
 }
 
 /// Asks the proxy at `addr` for `size` bytes; returns the connection and

@@ -174,6 +174,11 @@ impl Activity {
         self.bodied.store(true, Ordering::Relaxed);
     }
 
+    /// Marks the connection as HTTP/2, from a request hyper served as such.
+    pub(super) fn mark_multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+    }
+
     /// Requests begun so far.
     pub(super) fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
@@ -202,7 +207,10 @@ impl Activity {
         }
         if !self.opened.swap(true, Ordering::Relaxed) {
             // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
-            let h2 = read.starts_with(b"PRI ");
+            // Not any `PRI` method: that would turn the head timer off for
+            // an HTTP/1 client. One whose preface came split is known by
+            // its first request instead (see `multiplexed`).
+            let h2 = read.starts_with(b"PRI * HTTP/2.0");
             self.multiplexed.store(h2, Ordering::Relaxed);
         }
         if self.bodied.load(Ordering::Relaxed) || self.multiplexed.load(Ordering::Relaxed) {
@@ -566,42 +574,59 @@ pub(super) struct Tracked<IO> {
     ends: HeadEnds,
 }
 
-/// Finds where request heads end (an empty line, CRLF or a bare LF as
-/// hyper accepts) in the bytes a client sends, across reads. Used only to
-/// know that hyper has nothing unparsed, so it may err towards seeing an
-/// end too many (a stray empty line): the connection is then not parked.
+/// Finds where request heads end (an empty line after a line of text,
+/// CRLF or a bare LF as hyper accepts) in the bytes a client sends,
+/// across reads. An empty line with no head before it (RFC 9112 §2.2 lets
+/// a server ignore one before a request line; some clients send one after
+/// a request) ends nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadEnds {
-    /// The line being read is empty so far (also a new connection's).
+struct HeadEnds {
+    line: Line,
+    /// A line of text has come since the last empty line.
+    in_head: bool,
+}
+
+/// What the line being read holds so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
     Empty,
-    /// It holds a CR so far.
     Cr,
-    /// It holds text.
     Text,
 }
 
 impl HeadEnds {
-    /// How many heads end in `read`, and whether it ends just after one.
+    /// A new connection: at the start of a line, no head begun.
+    const NEW: HeadEnds = HeadEnds {
+        line: Line::Empty,
+        in_head: false,
+    };
+
+    /// How many heads end in `read`, and whether it ends at the end of a
+    /// line with no head begun (so nothing of one is left over).
     fn scan(&mut self, read: &[u8]) -> (u64, bool) {
         let mut found = 0;
-        let mut at_end = false;
         let mut start = 0;
-        let mut line = *self;
+        let HeadEnds {
+            mut line,
+            mut in_head,
+        } = *self;
         for newline in memchr::memchr_iter(b'\n', read) {
-            at_end = matches!(
+            let empty = matches!(
                 (line, &read[start..newline]),
-                (HeadEnds::Empty, b"" | b"\r") | (HeadEnds::Cr, b"")
+                (Line::Empty, b"" | b"\r") | (Line::Cr, b"")
             );
-            found += u64::from(at_end);
-            line = HeadEnds::Empty;
+            found += u64::from(empty && in_head);
+            in_head = !empty;
+            line = Line::Empty;
             start = newline + 1;
         }
-        *self = match (line, &read[start..]) {
+        line = match (line, &read[start..]) {
             (line, b"") => line,
-            (HeadEnds::Empty, b"\r") => HeadEnds::Cr,
-            _ => HeadEnds::Text,
+            (Line::Empty, b"\r") => Line::Cr,
+            _ => Line::Text,
         };
-        (found, at_end && start == read.len())
+        *self = HeadEnds { line, in_head };
+        (found, start == read.len() && !in_head)
     }
 }
 
@@ -611,7 +636,7 @@ impl<IO> Tracked<IO> {
             io: Some(io),
             activity,
             hand_back: Some(hand_back),
-            ends: HeadEnds::Empty,
+            ends: HeadEnds::NEW,
         }
     }
 
@@ -740,7 +765,7 @@ mod park_tests {
     /// requests, all answered since.
     fn after(sent: &[&[u8]], requests: usize) -> Arc<Activity> {
         let activity = Arc::new(Activity::new());
-        let mut ends = HeadEnds::Empty;
+        let mut ends = HeadEnds::NEW;
         for read in sent {
             activity.on_read(read, &mut ends);
         }
@@ -796,6 +821,9 @@ mod park_tests {
             verdict(&after(&[b"GET / HTTP/1.1\nHost: a\n\n"], 1)).await,
             parkable
         );
+        // An empty line before a request, or after one, that hyper skips.
+        let stray = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\r\n";
+        assert_eq!(verdict(&after(&[stray], 1)).await, parkable);
 
         // The start of the next head came with the last one: hyper holds it.
         let partial = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n";
@@ -804,7 +832,7 @@ mod park_tests {
         assert_eq!(verdict(&after(&[pair], 1)).await, None);
         // A request with a body, even with a bodiless one after it.
         let upload = Arc::new(Activity::new());
-        let mut ends = HeadEnds::Empty;
+        let mut ends = HeadEnds::NEW;
         upload.on_read(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\nok", &mut ends);
         drop(upload.busy());
         upload.has_body();
@@ -815,7 +843,7 @@ mod park_tests {
 
     #[test]
     fn head_ends_are_found_across_reads() {
-        let mut ends = HeadEnds::Empty;
+        let mut ends = HeadEnds::NEW;
         assert_eq!(ends.scan(b"GET / HTTP/1.1\r\nHost: a\r\n"), (0, false));
         assert_eq!(ends.scan(b"\r"), (0, false));
         assert_eq!(ends.scan(b"\nGET /b HTTP/1.1\r\n\r\nGET"), (2, false));
@@ -823,6 +851,10 @@ mod park_tests {
         // Text before the CR: not an empty line.
         assert_eq!(ends.scan(b"GET /d HTTP/1.1\r\nx\r"), (0, false));
         assert_eq!(ends.scan(b"\n"), (0, false));
+        // Empty lines with no head before them end nothing.
+        let mut ends = HeadEnds::NEW;
+        assert_eq!(ends.scan(b"\r\nGET / HTTP/1.1\r\n\r\n\r\n"), (1, true));
+        assert_eq!(ends.scan(b"\n\r\n"), (0, true));
     }
 
     /// A socket that takes every write and never finishes a flush: TLS
