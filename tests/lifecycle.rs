@@ -897,12 +897,7 @@ async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
         .await
         .expect("a response within STEP")
         .expect("a response, not a closed connection");
-    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
+    let (end, length) = head_end_and_length(&got);
     let mut buf = [0u8; 4096];
     while got.len() < end + length {
         let n = tokio::time::timeout(STEP, stream.read(&mut buf))
@@ -912,6 +907,7 @@ async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
         assert!(n > 0, "connection closed mid-body");
         got.extend_from_slice(&buf[..n]);
     }
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
     head.lines().next().unwrap_or_default().to_owned()
 }
 

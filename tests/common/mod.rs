@@ -250,12 +250,7 @@ pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                     if stream.write_all(ok).await.is_err() {
                         return;
                     }
-                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let (end, length) = head_end_and_length(&got);
                     let mut buf = [0u8; 4096];
                     while got.len() < end + length {
                         match stream.read(&mut buf).await {
@@ -268,6 +263,18 @@ pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, accepted)
+}
+
+/// Where the HTTP/1 head at the start of `got` ends, and the
+/// Content-Length it declares (0 for none).
+pub fn head_end_and_length(got: &[u8]) -> (usize, usize) {
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    (end, length)
 }
 
 /// Reads a request head (and whatever follows it in the same reads);
