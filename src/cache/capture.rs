@@ -43,7 +43,8 @@ pub struct Head {
 }
 
 impl Head {
-    /// See [`super::keep_for`].
+    /// How long the store keeps this response: its remaining freshness
+    /// plus the time it may still serve stale or be revalidated.
     pub fn keep_for(&self) -> Duration {
         super::keep_for(&self.timing, self.lifetime, &self.cc, &self.headers)
     }

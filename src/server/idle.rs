@@ -22,9 +22,11 @@
 //!   the stream's flow-control window shut for `idle_timeout` is dropped
 //!   (see [`Watched`]), while the connection's other streams go on;
 //! - an HTTP/1.1 connection waiting for its next request for a step of at
-//!   least a second is reported parkable ([`Expired::Parkable`]): the
-//!   server then lets hyper go and keeps only the socket until the client
-//!   writes again (see `server::park`).
+//!   least a second, with nothing read that hyper has not taken
+//!   ([`Activity::all_read_taken`]) and no response still being flushed,
+//!   is reported parkable ([`Expired::Parkable`]): the server then lets
+//!   hyper go and keeps only the socket until the client writes again
+//!   (see `server::park`).
 //!
 //! A request counts as being answered from its head until its response
 //! body has been handed over whole, so a long download is never cut while
@@ -65,7 +67,8 @@ pub(super) struct Activity {
     started: AtomicU64,
     /// Ends of request heads (empty lines) in what the client has sent.
     heads_read: AtomicU64,
-    /// The last bytes read ended just where a head ended.
+    /// The last bytes read left no part of a head behind: they ended
+    /// with a head's end (or with empty lines after one).
     read_to_head_end: AtomicBool,
     /// A request with a body has begun. What hyper has read can no longer
     /// be told from what it has taken, so the connection is not parked:
