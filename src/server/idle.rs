@@ -177,11 +177,6 @@ impl Activity {
         self.bodied.store(true, Ordering::Relaxed);
     }
 
-    /// Marks the connection as HTTP/2, from a request hyper served as such.
-    pub(super) fn mark_multiplexed(&self) {
-        self.multiplexed.store(true, Ordering::Relaxed);
-    }
-
     /// Requests begun so far.
     pub(super) fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
@@ -212,7 +207,7 @@ impl Activity {
             // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
             // Not any `PRI` method: that would turn the head timer off for
             // an HTTP/1 client. One whose preface came split is known by
-            // its first request instead (see `multiplexed`).
+            // its first answer instead (see `Answering::watched`).
             let h2 = read.starts_with(b"PRI * HTTP/2.0");
             self.multiplexed.store(h2, Ordering::Relaxed);
         }

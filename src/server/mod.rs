@@ -511,9 +511,6 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             requests.has_body();
         }
         let multiplexed = request.version() == http::Version::HTTP_2;
-        if multiplexed {
-            requests.mark_multiplexed();
-        }
         async move {
             let mut response = proxy.handle(request, conn).await;
             if !multiplexed && busy.closing() {
