@@ -43,12 +43,8 @@ pub struct Hold(pub Arc<dyn Any + Send + Sync>);
 
 /// Whether the `Connection` field lists the `upgrade` token.
 fn connection_upgrade(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    headers::list_members(headers, &header::CONNECTION)
+        .any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Takes the client's pending upgrade out of an HTTP/1.1 upgrade request.

@@ -425,18 +425,14 @@ impl Pool {
 /// a 502. The field is a list, possibly over several lines, and a value
 /// may be quoted (RFC 2068 §19.7.1.1); an unparsable one is ignored.
 fn announced_keep_alive(headers: &http::HeaderMap) -> Option<Duration> {
-    let seconds = headers
-        .get_all(&crate::proxy::headers::KEEP_ALIVE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .find_map(|param| {
-            let (name, seconds) = param.split_once('=')?;
-            if !name.trim().eq_ignore_ascii_case("timeout") {
-                return None;
-            }
-            seconds.trim().trim_matches('"').parse::<u64>().ok()
-        })?;
+    use crate::proxy::headers::{list_members, KEEP_ALIVE};
+    let seconds = list_members(headers, &KEEP_ALIVE).find_map(|param| {
+        let (name, seconds) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        seconds.trim().trim_matches('"').parse::<u64>().ok()
+    })?;
     let timeout = Duration::from_secs(seconds);
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
