@@ -989,16 +989,11 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
 #[tokio::test]
 async fn the_start_of_a_pipelined_head_is_not_lost_to_parking() {
     let (backend, proxy) = proxy_with_short_head_timer().await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\n")
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(STEP, read_head(&mut stream))
-        .await
-        .expect("the first answer within STEP")
-        .expect("the first answer");
-    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    let (mut stream, first) = answered_ok(
+        proxy.addr,
+        b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\n",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     stream.write_all(b"Host: a\r\n\r\n").await.unwrap();
     let mut seen = first;
@@ -1024,16 +1019,8 @@ async fn a_request_after_an_upload_answered_early_is_answered() {
         portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     config.server.request_header_timeout = Duration::from_millis(200);
     let proxy = start_proxy(config).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
-        .await
-        .unwrap();
-    let early = tokio::time::timeout(STEP, read_head(&mut stream))
-        .await
-        .expect("the early answer within STEP")
-        .expect("the early answer");
-    assert!(early.starts_with(b"HTTP/1.1 200"), "{early:?}");
+    let upload = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345";
+    let (mut stream, _) = answered_ok(proxy.addr, upload).await;
     // Past the parking age and the second hyper is given to end.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stream.write_all(b"67890").await.unwrap();

@@ -244,13 +244,8 @@ async fn a_retry_after_a_stale_pooled_connection_takes_a_fresh_one() {
 async fn a_backend_connection_still_sending_an_upload_does_not_hold_up_other_requests() {
     let (addr, accepted) = early_answer_backend().await;
     let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
-    let mut uploader = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    uploader
-        .write_all(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345")
-        .await
-        .unwrap();
-    let early = read_head(&mut uploader).await.expect("an early answer");
-    assert!(early.starts_with(b"HTTP/1.1 200"), "{early:?}");
+    let upload = b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345";
+    let (mut uploader, _) = answered_ok(proxy.addr, upload).await;
     // Past the pool's parking age, with a reaper pass or two: the backend
     // connection under the upload must stay where a checkout passes it by.
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -277,6 +277,20 @@ pub fn head_end_and_length(got: &[u8]) -> (usize, usize) {
     (end, length)
 }
 
+/// Connects to `addr`, writes `raw` and reads the first answer's head,
+/// which must be a 200; returns the connection and what was read.
+pub async fn answered_ok(addr: SocketAddr, raw: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let first = tokio::time::timeout(STEP, read_head(&mut stream))
+        .await
+        .expect("the first answer within STEP")
+        .expect("the first answer");
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    (stream, first)
+}
+
 /// Reads a request head (and whatever follows it in the same reads);
 /// `None` if the connection ends first.
 pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
