@@ -892,7 +892,13 @@ async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
 /// returns its status line.
 async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    exchange_on(stream, request.as_bytes()).await
+}
+
+/// Writes `raw` on `stream` and reads one whole answer; returns its
+/// status line, lowercased.
+async fn exchange_on(stream: &mut tokio::net::TcpStream, raw: &[u8]) -> String {
+    stream.write_all(raw).await.unwrap();
     let mut got = tokio::time::timeout(STEP, read_head(stream))
         .await
         .expect("a response within STEP")
@@ -983,12 +989,17 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
     .expect("the open-connections gauge back at 0");
 }
 
-/// Bytes hyper has read but not parsed go with its buffer when a
-/// connection is parked: one that may hold some is not. Here the start of
-/// the next head came with the last one, and its end after the parking age.
+/// Bytes hyper has read but not parsed come back with the socket when a
+/// connection is parked, and are served first. Here the start of the next
+/// head came with the last one, and its end after the parking age (the
+/// head timer, 2 s, runs from when the connection is served again).
 #[tokio::test]
 async fn the_start_of_a_pipelined_head_is_not_lost_to_parking() {
-    let (backend, proxy) = proxy_with_short_head_timer().await;
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    // The watchdog looks every 500 ms: parked by ~1 s.
+    config.server.request_header_timeout = Duration::from_secs(2);
+    let proxy = start_proxy(config).await;
     let (mut stream, first) = answered_ok(
         proxy.addr,
         b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\n",
@@ -1010,8 +1021,9 @@ async fn the_start_of_a_pipelined_head_is_not_lost_to_parking() {
 }
 
 /// An upload answered early leaves hyper reading its body: the connection
-/// is not parked then, and the rest of the body and the next request,
-/// sent after the parking age, are taken and answered.
+/// is not parked then, what comes of the body is not timed as a head, and
+/// the rest of the body and the next request, sent well after the parking
+/// age and the head timer, are taken and answered.
 #[tokio::test]
 async fn a_request_after_an_upload_answered_early_is_answered() {
     let (addr, _) = early_answer_backend().await;
@@ -1021,10 +1033,54 @@ async fn a_request_after_an_upload_answered_early_is_answered() {
     let proxy = start_proxy(config).await;
     let upload = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345";
     let (mut stream, _) = answered_ok(proxy.addr, upload).await;
+    stream.write_all(b"678").await.unwrap();
     // Past the parking age and the second hyper is given to end.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    stream.write_all(b"67890").await.unwrap();
+    stream.write_all(b"90").await.unwrap();
     assert_eq!(get_on(&mut stream, "/next").await, "http/1.1 200 ok");
+}
+
+/// An upload read whole leaves nothing of it for hyper to read: the
+/// connection is parked like any other, and what the client sends next,
+/// pipelined after the parking age, is served.
+#[tokio::test]
+async fn a_connection_past_its_upload_is_parked_and_served_again() {
+    let (backend, proxy) = proxy_with_short_head_timer().await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let upload = b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(exchange_on(&mut stream, upload).await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let pair = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi\
+        GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+    stream.write_all(pair).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < 2 {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("both answers within STEP")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(backend.requests(), 3);
+}
+
+/// What a connection began as it stays: the HTTP/2 preface on a keep-alive
+/// connection served as HTTP/1.1 is refused, parked in between or not.
+#[tokio::test]
+async fn a_parked_http1_connection_is_not_taken_up_as_http2() {
+    let (_backend, _proxy, mut stream) =
+        parked_connection(Duration::from_secs(60), Duration::from_secs(60)).await;
+    // The preface and an empty SETTINGS frame.
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    stream.write_all(&preface).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "connection left open");
+    assert!(answer.is_empty(), "answered as HTTP/2: {answer:?}");
 }
 
 #[tokio::test]

@@ -482,3 +482,45 @@ async fn a_parked_tls_client_connection_serves_its_next_request() {
     assert_eq!(backend.requests(), 3);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// What ALPN agreed on is binding: the HTTP/2 preface on a connection that
+/// chose `http/1.1` is refused, and an HTTP/1.1 request on one that chose
+/// `h2` is not answered as HTTP/1.1.
+#[tokio::test]
+async fn the_protocol_alpn_agreed_on_is_binding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("alpn.test");
+    let dir = temp_dir("alpn");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("alpn", &cert)]),
+    )
+    .await;
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame.
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let http1 = b"GET /health HTTP/1.1\r\nHost: alpn.test\r\n\r\n".to_vec();
+    for (alpn, sent) in [(&b"http/1.1"[..], preface), (&b"h2"[..], http1)] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("alpn.test").unwrap();
+        let mut tls = tls_client(&cert.der, alpn)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        tls.write_all(&sent).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{alpn:?}: connection left open");
+        let head = String::from_utf8_lossy(&answer);
+        // An HTTP/2 server opens with a SETTINGS frame (type 4).
+        let http2 = answer.len() >= 9 && answer[3] == 4;
+        match alpn {
+            b"h2" => assert!(http2 && !head.contains("HTTP/1.1"), "{head:?}"),
+            _ => assert!(answer.is_empty(), "answered: {head:?}"),
+        }
+    }
+    assert_eq!(backend.requests(), 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -90,6 +90,27 @@ impl StallGuard {
     }
 }
 
+/// When a client's upload was read to its end, once it has been: the
+/// backend's time to answer counts from then, and the connection's
+/// watchdog knows hyper is past the body. Clones share the cell.
+#[derive(Debug, Clone, Default)]
+pub struct UploadEnded(Arc<OnceLock<Instant>>);
+
+impl UploadEnded {
+    /// Marks the end now; later calls keep the first instant.
+    pub fn set(&self) {
+        let _ = self.0.set(Instant::now());
+    }
+
+    pub fn at(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
 /// A request body on its way upstream: a client's upload, or nothing
 /// (requests portico makes itself, such as health checks).
 #[derive(Debug)]
@@ -105,8 +126,8 @@ pub struct RequestBody {
     seen: u64,
     stall: StallGuard,
     /// When the upload was read to its end, for whoever asked
-    /// ([`RequestBody::end_marker`]).
-    ended: Option<Arc<OnceLock<Instant>>>,
+    /// ([`RequestBody::end_marker`], [`RequestBody::ending`]).
+    ended: Option<UploadEnded>,
 }
 
 /// The other end of a parked upload: gives it back if nobody read it.
@@ -115,6 +136,7 @@ pub struct Parked {
     slot: Arc<Mutex<Option<Incoming>>>,
     limit: u64,
     stall_timeout: Duration,
+    ended: Option<UploadEnded>,
 }
 
 impl Parked {
@@ -122,7 +144,7 @@ impl Parked {
     /// untouched, and it can go to another backend.
     pub fn reclaim(self) -> Option<RequestBody> {
         let inner = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        Some(RequestBody::new(inner, self.limit, self.stall_timeout))
+        Some(RequestBody::new(inner, self.limit, self.stall_timeout).ending(self.ended))
     }
 }
 
@@ -154,7 +176,7 @@ impl RequestBody {
     /// A cell that gets the instant the upload was read to its end (at
     /// once for a body that is already over). The backend's time to answer
     /// counts from then, not from the first byte of a slow upload.
-    pub fn end_marker(&mut self) -> Arc<OnceLock<Instant>> {
+    pub fn end_marker(&mut self) -> UploadEnded {
         let marker = self.ended.get_or_insert_with(Default::default).clone();
         if self.is_end_stream() {
             self.mark_ended();
@@ -162,9 +184,18 @@ impl RequestBody {
         marker
     }
 
+    /// Marks the upload's end in `ended` too (the server's, for the
+    /// connection's watchdog; see [`UploadEnded`]).
+    pub fn ending(mut self, ended: Option<UploadEnded>) -> Self {
+        if let Some(ended) = ended {
+            self.ended = Some(ended);
+        }
+        self
+    }
+
     fn mark_ended(&self) {
         if let Some(ended) = &self.ended {
-            let _ = ended.set(Instant::now());
+            ended.set();
         }
     }
 
@@ -184,6 +215,7 @@ impl RequestBody {
             slot,
             limit: self.limit,
             stall_timeout: self.stall.timeout,
+            ended: self.ended.clone(),
         };
         (self, Some(parked))
     }

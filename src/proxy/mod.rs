@@ -280,7 +280,8 @@ impl Proxy {
         if let Some(upgrade) = &upgrade {
             upgrade.restore_request(&mut parts.headers);
         }
-        let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout);
+        let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
+            .ending(parts.extensions.remove::<body::UploadEnded>());
 
         let cache = self.cache.as_ref().filter(|_| route.cache);
         let readable = parts.method == Method::GET || parts.method == Method::HEAD;

@@ -22,11 +22,11 @@
 //!   the stream's flow-control window shut for `idle_timeout` is dropped
 //!   (see [`Watched`]), while the connection's other streams go on;
 //! - an HTTP/1.1 connection waiting for its next request for a step of at
-//!   least a second, with nothing read that hyper has not taken
-//!   ([`Activity::all_read_taken`]) and no response still being flushed,
-//!   is reported parkable ([`Expired::Parkable`]): the server then lets
-//!   hyper go and keeps only the socket until the client writes again
-//!   (see `server::park`).
+//!   least a second, with its last upload read whole
+//!   ([`Activity::upload_read`]) and no response still being flushed, is
+//!   reported parkable ([`Expired::Parkable`]): the server then lets hyper
+//!   go, with any bytes it read past the last request, and keeps only the
+//!   socket until the client writes again (see `server::park`).
 //!
 //! A request counts as being answered from its head until its response
 //! body has been handed over whole, so a long download is never cut while
@@ -41,9 +41,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
 
-use crate::proxy::body::{BodyError, ProxyBody};
+use crate::proxy::body::{BodyError, ProxyBody, UploadEnded};
 
 /// What the watchdog reads, bumped by the connection as it works.
 #[derive(Debug)]
@@ -57,23 +56,20 @@ pub(super) struct Activity {
     /// Head bytes have arrived (or the connection is new) and the request
     /// they start has not begun yet.
     head_pending: AtomicBool,
-    /// The client opened with the HTTP/2 preface.
+    /// The connection speaks HTTP/2 (see `protocol`).
     multiplexed: AtomicBool,
-    /// The first read has been looked at for the preface.
-    opened: AtomicBool,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
     /// Requests begun on this connection.
     started: AtomicU64,
-    /// Ends of request heads (empty lines) in what the client has sent.
-    heads_read: AtomicU64,
-    /// The last bytes read left no part of a head behind: they ended
-    /// with a head's end (or with empty lines after one).
-    read_to_head_end: AtomicBool,
-    /// A request with a body has begun. What hyper has read can no longer
-    /// be told from what it has taken, so the connection is not parked:
-    /// bytes hyper holds unparsed would go with its buffer.
-    bodied: AtomicBool,
+    /// The last request begun has a body, in `upload`.
+    upload_open: AtomicBool,
+    /// Set once that body has been read to its end. Until then hyper may
+    /// still be reading it, with the response long sent (a backend may
+    /// answer before reading an upload), and the bytes that come are body,
+    /// not a head. hyper reads the next head only after the body, so the
+    /// next request begun says the same.
+    upload: Mutex<Option<UploadEnded>>,
     /// The connection is being ended to be parked (see [`Tracked`]).
     parking: AtomicBool,
     /// Shutdown has begun: answers say `Connection: close`.
@@ -121,12 +117,10 @@ impl Activity {
             busy: AtomicUsize::new(0),
             head_pending: AtomicBool::new(true),
             multiplexed: AtomicBool::new(false),
-            opened: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
-            heads_read: AtomicU64::new(0),
-            read_to_head_end: AtomicBool::new(false),
-            bodied: AtomicBool::new(false),
+            upload_open: AtomicBool::new(false),
+            upload: Mutex::new(None),
             parking: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
@@ -169,12 +163,19 @@ impl Activity {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
+        // hyper has read the last request's body whole: it reads the
+        // next head only after.
+        if self.upload_open.swap(false, Ordering::Relaxed) {
+            *lock(&self.upload) = None;
+        }
         Busy(self.clone())
     }
 
-    /// Marks the request just begun as one with a body.
-    pub(super) fn has_body(&self) {
-        self.bodied.store(true, Ordering::Relaxed);
+    /// Marks the HTTP/1 request just begun as one with a body, whose end
+    /// `ended` will tell.
+    pub(super) fn has_body(&self, ended: UploadEnded) {
+        *lock(&self.upload) = Some(ended);
+        self.upload_open.store(true, Ordering::Relaxed);
     }
 
     /// Requests begun so far.
@@ -182,45 +183,26 @@ impl Activity {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// Whether hyper has taken every byte the client sent: each head read
-    /// has begun its request, the last read ended with a head, and no
-    /// request had a body (whose end only hyper knows). Parking drops
-    /// hyper's read buffer; anything in it would be lost.
-    pub(super) fn all_read_taken(&self) -> bool {
-        !self.bodied.load(Ordering::Relaxed)
-            && self.read_to_head_end.load(Ordering::Relaxed)
-            && self.heads_read.load(Ordering::Relaxed) == self.started()
+    /// Whether the last request's body, if it had one, has been read to
+    /// its end: then hyper is past it, and a parked connection's next
+    /// bytes are a head. One the backend never read (an early answer, a
+    /// 413) stays unread until the next request begins: hyper drains it
+    /// or closes the connection.
+    pub(super) fn upload_read(&self) -> bool {
+        !self.upload_open.load(Ordering::Relaxed)
+            || lock(&self.upload).as_ref().is_none_or(UploadEnded::is_set)
     }
 
-    /// Notes bytes the client sent: a new head beginning, the HTTP/2
-    /// preface, and (while heads can be counted) the ends of heads.
-    fn on_read(&self, read: &[u8], ends: &mut HeadEnds) {
+    /// Notes bytes the client sent: with nothing being answered, and no
+    /// upload still coming, they start a head.
+    fn on_read(&self, read: &[u8]) {
         self.bump();
-        if read.is_empty() {
-            return;
-        }
-        if self.busy.load(Ordering::Relaxed) == 0 {
-            // Nothing is being answered: these bytes start a head.
+        if !read.is_empty() && self.busy.load(Ordering::Relaxed) == 0 && self.upload_read() {
             self.head_pending.store(true, Ordering::Relaxed);
         }
-        if !self.opened.swap(true, Ordering::Relaxed) {
-            // RFC 9113 §3.4: an HTTP/2 client opens with "PRI * HTTP/2.0".
-            // Not any `PRI` method: that would turn the head timer off for
-            // an HTTP/1 client. One whose preface came split is known by
-            // its first answer instead (see `Answering::watched`).
-            let h2 = read.starts_with(b"PRI * HTTP/2.0");
-            self.multiplexed.store(h2, Ordering::Relaxed);
-        }
-        if self.bodied.load(Ordering::Relaxed) || self.multiplexed.load(Ordering::Relaxed) {
-            return;
-        }
-        let (found, at_end) = ends.scan(read);
-        self.heads_read.fetch_add(found, Ordering::Relaxed);
-        self.read_to_head_end.store(at_end, Ordering::Relaxed);
     }
 
-    /// Whether the client opened with the HTTP/2 preface (or a stream
-    /// has been answered as HTTP/2).
+    /// Whether the connection speaks HTTP/2.
     pub(super) fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)
     }
@@ -230,8 +212,8 @@ impl Activity {
         self.closing.store(true, Ordering::Relaxed);
     }
 
-    /// From now on a shutdown of the socket is skipped and the socket
-    /// handed back when hyper drops it (see [`Tracked`]).
+    /// From now on a shutdown of the socket is skipped: the server takes
+    /// the socket back from hyper (see [`Tracked`]).
     pub(super) fn park(&self) {
         self.parking.store(true, Ordering::Relaxed);
     }
@@ -305,7 +287,7 @@ impl Activity {
             let between_requests = !self.head_pending.load(Ordering::Relaxed)
                 && !self.multiplexed.load(Ordering::Relaxed)
                 && self.started() > 0
-                && self.all_read_taken();
+                && self.upload_read();
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -385,9 +367,6 @@ impl Answering {
     /// whether the client keeps its flow-control window shut.
     pub(super) fn watched(body: ProxyBody, busy: Busy) -> Self {
         let activity = busy.0.clone();
-        // Whatever the first read looked like, this is an HTTP/2
-        // connection: let the watchdog look at its streams.
-        activity.multiplexed.store(true, Ordering::Relaxed);
         let watched = Arc::new(Watched {
             slot: Mutex::new(Some(Stream {
                 body,
@@ -564,95 +543,43 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The client's stream, bumping [`Activity`] on every transfer.
 pub(super) struct Tracked<IO> {
-    /// Always `Some` until dropped.
-    io: Option<IO>,
+    io: IO,
     activity: Arc<Activity>,
-    /// Where the socket goes when hyper drops it after [`Activity::park`].
-    hand_back: Option<oneshot::Sender<IO>>,
-    ends: HeadEnds,
-}
-
-/// Finds where request heads end (an empty line after a line of text,
-/// CRLF or a bare LF as hyper accepts) in the bytes a client sends,
-/// across reads. An empty line with no head before it (RFC 9112 §2.2 lets
-/// a server ignore one before a request line; some clients send one after
-/// a request) ends nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct HeadEnds {
-    line: Line,
-    /// A line of text has come since the last empty line.
-    in_head: bool,
-}
-
-/// What the line being read holds so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Line {
-    Empty,
-    Cr,
-    Text,
-}
-
-impl HeadEnds {
-    /// A new connection: at the start of a line, no head begun.
-    const NEW: HeadEnds = HeadEnds {
-        line: Line::Empty,
-        in_head: false,
-    };
-
-    /// How many heads end in `read`, and whether it ends at the end of a
-    /// line with no head begun (so nothing of one is left over).
-    fn scan(&mut self, read: &[u8]) -> (u64, bool) {
-        let mut found = 0;
-        let mut start = 0;
-        let HeadEnds {
-            mut line,
-            mut in_head,
-        } = *self;
-        for newline in memchr::memchr_iter(b'\n', read) {
-            let empty = matches!(
-                (line, &read[start..newline]),
-                (Line::Empty, b"" | b"\r") | (Line::Cr, b"")
-            );
-            found += u64::from(empty && in_head);
-            in_head = !empty;
-            line = Line::Empty;
-            start = newline + 1;
-        }
-        line = match (line, &read[start..]) {
-            (line, b"") => line,
-            (Line::Empty, b"\r") => Line::Cr,
-            _ => Line::Text,
-        };
-        *self = HeadEnds { line, in_head };
-        (found, start == read.len() && !in_head)
-    }
+    /// Bytes read before, handed out again first (see [`Tracked::rewind`]).
+    rewound: Bytes,
 }
 
 impl<IO> Tracked<IO> {
-    pub(super) fn new(io: IO, activity: Arc<Activity>, hand_back: oneshot::Sender<IO>) -> Self {
+    /// `rewound`: bytes of this stream read before, to be read first.
+    pub(super) fn new(io: IO, activity: Arc<Activity>, rewound: Bytes) -> Self {
         Tracked {
-            io: Some(io),
+            io,
             activity,
-            hand_back: Some(hand_back),
-            ends: HeadEnds::NEW,
+            rewound,
         }
+    }
+
+    /// Puts bytes already read (and noted) back in front of the stream.
+    pub(super) fn rewind(&mut self, read: Bytes) {
+        debug_assert!(self.rewound.is_empty());
+        self.rewound = read;
+    }
+
+    /// Marks the connection as HTTP/2: no heads to wait for, streams to
+    /// watch, never parked.
+    pub(super) fn multiplexed(&self) {
+        self.activity.multiplexed.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn into_inner(self) -> IO {
+        self.io
     }
 
     fn io(&mut self) -> Pin<&mut IO>
     where
         IO: Unpin,
     {
-        Pin::new(self.io.as_mut().expect("the socket is there until drop"))
-    }
-}
-
-impl<IO> Drop for Tracked<IO> {
-    fn drop(&mut self) {
-        if self.activity.parking.load(Ordering::Relaxed) {
-            if let (Some(io), Some(hand_back)) = (self.io.take(), self.hand_back.take()) {
-                let _ = hand_back.send(io);
-            }
-        }
+        Pin::new(&mut self.io)
     }
 }
 
@@ -662,12 +589,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.rewound.is_empty() {
+            let n = self.rewound.len().min(buf.remaining());
+            buf.put_slice(&self.rewound.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = self.io().poll_read(cx, buf);
         if result.is_ready() {
-            let this = &mut *self;
-            this.activity
-                .on_read(&buf.filled()[before..], &mut this.ends);
+            self.activity.on_read(&buf.filled()[before..]);
         }
         result
     }
@@ -695,7 +625,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.as_ref().is_some_and(IO::is_write_vectored)
+        self.io.is_write_vectored()
     }
 
     /// Watched like a write: over TLS, `poll_write` takes plaintext into
@@ -763,9 +693,8 @@ mod park_tests {
     /// requests, all answered since.
     fn after(sent: &[&[u8]], requests: usize) -> Arc<Activity> {
         let activity = Arc::new(Activity::new());
-        let mut ends = HeadEnds::NEW;
         for read in sent {
-            activity.on_read(read, &mut ends);
+            activity.on_read(read);
         }
         for _ in 0..requests {
             drop(activity.busy());
@@ -805,54 +734,33 @@ mod park_tests {
         assert_eq!(verdict(&reading).await, Some(Expired::Head));
     }
 
-    /// Parking drops hyper's read buffer: never while it may hold bytes.
+    /// hyper may still be reading an upload whose answer has gone (a
+    /// backend may answer first): not parked, and what comes meanwhile is
+    /// body, not a head, until the body is known read.
     #[tokio::test(start_paused = true)]
-    async fn a_connection_hyper_may_hold_unparsed_bytes_for_is_not_parkable() {
+    async fn a_connection_is_parked_only_past_its_last_upload() {
         let parkable = Some(Expired::Parkable(Duration::from_millis(2500)));
-        // Two whole pipelined heads in one read, both served.
-        let pair = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
-        assert_eq!(verdict(&after(&[pair], 2)).await, parkable);
-        // A head split across reads, and bare LFs.
-        let split: [&[u8]; 3] = [b"GET / HTTP/1.1\r", b"\nHost: a\r\n\r", b"\n"];
-        assert_eq!(verdict(&after(&split, 1)).await, parkable);
-        assert_eq!(
-            verdict(&after(&[b"GET / HTTP/1.1\nHost: a\n\n"], 1)).await,
-            parkable
-        );
-        // An empty line before a request, or after one, that hyper skips.
-        let stray = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\r\n";
-        assert_eq!(verdict(&after(&[stray], 1)).await, parkable);
-
-        // The start of the next head came with the last one: hyper holds it.
-        let partial = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n";
-        assert_eq!(verdict(&after(&[partial], 1)).await, None);
-        // A whole head not begun yet (hyper yielded between the two).
-        assert_eq!(verdict(&after(&[pair], 1)).await, None);
-        // A request with a body, even with a bodiless one after it.
-        let upload = Arc::new(Activity::new());
-        let mut ends = HeadEnds::NEW;
-        upload.on_read(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\nok", &mut ends);
-        drop(upload.busy());
-        upload.has_body();
-        upload.on_read(b"GET / HTTP/1.1\r\n\r\n", &mut ends);
-        drop(upload.busy());
-        assert_eq!(verdict(&upload).await, None);
-    }
-
-    #[test]
-    fn head_ends_are_found_across_reads() {
-        let mut ends = HeadEnds::NEW;
-        assert_eq!(ends.scan(b"GET / HTTP/1.1\r\nHost: a\r\n"), (0, false));
-        assert_eq!(ends.scan(b"\r"), (0, false));
-        assert_eq!(ends.scan(b"\nGET /b HTTP/1.1\r\n\r\nGET"), (2, false));
-        assert_eq!(ends.scan(b" /c HTTP/1.1\n\n"), (1, true));
-        // Text before the CR: not an empty line.
-        assert_eq!(ends.scan(b"GET /d HTTP/1.1\r\nx\r"), (0, false));
-        assert_eq!(ends.scan(b"\n"), (0, false));
-        // Empty lines with no head before them end nothing.
-        let mut ends = HeadEnds::NEW;
-        assert_eq!(ends.scan(b"\r\nGET / HTTP/1.1\r\n\r\n\r\n"), (1, true));
-        assert_eq!(ends.scan(b"\n\r\n"), (0, true));
+        let upload = || {
+            let activity = after(&[b"POST / HTTP/1.1\r\ncontent-length: 9\r\n\r\nok"], 0);
+            let ended = UploadEnded::default();
+            drop(activity.busy());
+            activity.has_body(ended.clone());
+            (activity, ended)
+        };
+        // Answered, the body still coming: neither parked nor timed as a
+        // head, whatever arrives.
+        let (activity, _) = upload();
+        activity.on_read(b"more body");
+        assert_eq!(verdict(&activity).await, None);
+        // Read to its end (by whoever relayed it).
+        let (activity, ended) = upload();
+        ended.set();
+        assert_eq!(verdict(&activity).await, parkable);
+        // Never read, and a next request begun: hyper drained it.
+        let (activity, _) = upload();
+        activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        drop(activity.busy());
+        assert_eq!(verdict(&activity).await, parkable);
     }
 
     /// A socket that takes every write and never finishes a flush: TLS
@@ -890,8 +798,7 @@ mod park_tests {
     #[tokio::test(start_paused = true)]
     async fn a_response_still_being_flushed_is_not_parked() {
         let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
-        let (hand_back, _) = oneshot::channel();
-        let mut socket = Tracked::new(Unflushed, activity.clone(), hand_back);
+        let mut socket = Tracked::new(Unflushed, activity.clone(), Bytes::new());
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let wrote = Pin::new(&mut socket).poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(wrote.is_ready());

@@ -1,11 +1,13 @@
-//! Listeners and connection lifecycle: accept, serve HTTP/1.1 and h2c on
-//! each connection (auto-detected), apply the connection-level limits from
+//! Listeners and connection lifecycle: accept, serve HTTP/1.1 and HTTP/2 on
+//! each connection (by ALPN, or by the client's first bytes; see
+//! `protocol`), apply the connection-level limits from
 //! `[server]`, and stop gracefully. The request path itself is
 //! [`crate::proxy::Proxy`], read per request from an [`ArcSwap`] so a reload
 //! can replace it without touching connections.
 
 mod idle;
 mod listeners;
+mod protocol;
 pub mod shutdown;
 pub mod tls;
 
@@ -21,9 +23,10 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::task::AbortOnDrop;
+use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
@@ -76,7 +79,7 @@ impl std::fmt::Debug for Shared {
 
 /// What a new connection is served with, from `[server]`.
 struct ConnectionSettings {
-    builder: auto::Builder<TokioExecutor>,
+    builders: Arc<protocol::Builders>,
     /// `request_header_timeout`: for the TLS handshake and for each head.
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -104,7 +107,7 @@ impl ConnectionSettings {
 
     fn new(settings: &config::Server) -> Arc<Self> {
         Arc::new(ConnectionSettings {
-            builder: connection_builder(settings),
+            builders: Arc::new(connection_builders(settings)),
             header_timeout: settings.request_header_timeout,
             idle_timeout: settings.idle_timeout,
         })
@@ -232,18 +235,17 @@ const H2_MAX_STREAMS: u32 = 128;
 /// window: four of the 16 KiB slices a body is handed over in.
 const H2_SEND_BUFFER: usize = 64 * 1024;
 
-fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+fn connection_builders(settings: &config::Server) -> protocol::Builders {
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // `request_header_timeout` is enforced by the connection's watchdog
         // (see `idle`): hyper's own arms a fresh boxed timer per request.
         .header_read_timeout(None)
         .max_buf_size((settings.max_header_size as usize).max(MIN_BUF_SIZE))
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_size).unwrap_or(u32::MAX))
         // What one connection can make portico hold for a client that
@@ -254,7 +256,7 @@ fn connection_builder(settings: &config::Server) -> auto::Builder<TokioExecutor>
         .max_send_buf_size(H2_SEND_BUFFER);
     // No keep-alive PINGs: they would keep an idle connection busy forever;
     // dead peers are dropped by the idle timeout instead (see `idle`).
-    builder
+    protocol::Builders { http1, http2 }
 }
 
 /// Serves `listeners` until `signal` resolves, then stops accepting, lets
@@ -416,7 +418,7 @@ async fn accept_loop(
                                 peer,
                                 proto: "http",
                             };
-                            serve_connection(stream, conn, held).await
+                            serve_connection(stream, conn, held, None).await
                         }
                         Mode::Tls(acceptor) => {
                             let handshake = tokio::time::timeout(
@@ -429,7 +431,7 @@ async fn accept_loop(
                                         peer,
                                         proto: "https",
                                     };
-                                    serve_connection(tls, conn, held).await
+                                    serve_connection(tls, conn, held, None).await
                                 }
                                 Ok(Err(error)) => {
                                     tracing::debug!(client = %peer, %error, "TLS handshake failed")
@@ -472,6 +474,11 @@ struct Held {
 trait Parkable: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
     /// The TCP socket under it, to wait on.
     fn socket(&self) -> &tokio::net::TcpStream;
+
+    /// The protocol agreed on before the first byte (TLS's ALPN).
+    fn agreed(&self) -> Option<protocol::Protocol> {
+        None
+    }
 }
 
 impl Parkable for tokio::net::TcpStream {
@@ -484,9 +491,21 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     fn socket(&self) -> &tokio::net::TcpStream {
         self.get_ref().0
     }
+
+    fn agreed(&self) -> Option<protocol::Protocol> {
+        protocol::Protocol::from_alpn(self.get_ref().1.alpn_protocol())
+    }
 }
 
-async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) {
+/// Serves a client connection until it ends or is parked. `again`: the
+/// connection comes back from parking (so it speaks HTTP/1.1), with the
+/// bytes read before that hyper had not parsed.
+async fn serve_connection<IO: Parkable>(
+    stream: IO,
+    conn: Conn,
+    mut held: Held,
+    again: Option<Bytes>,
+) {
     let activity = Arc::new(idle::Activity::new());
     let requests = activity.clone();
     let generations = held.shared.clone();
@@ -507,10 +526,12 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         // the next request, and this one finishes on the config it began on.
         let proxy = generations.proxy.load_full();
         let busy = requests.busy();
-        if !hyper::body::Body::is_end_stream(request.body()) {
-            requests.has_body();
-        }
         let multiplexed = request.version() == http::Version::HTTP_2;
+        if !multiplexed && !hyper::body::Body::is_end_stream(request.body()) {
+            let ended = crate::proxy::body::UploadEnded::default();
+            requests.has_body(ended.clone());
+            request.extensions_mut().insert(ended);
+        }
         async move {
             let mut response = proxy.handle(request, conn).await;
             if !multiplexed && busy.closing() {
@@ -528,16 +549,14 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
             }))
         }
     });
-    let (hand_back, handed_back) = tokio::sync::oneshot::channel();
-    let stream = idle::Tracked::new(stream, activity.clone(), hand_back);
+    let protocol = match again {
+        Some(_) => Some(protocol::Protocol::Http1),
+        None => stream.agreed(),
+    };
+    let stream = idle::Tracked::new(stream, activity.clone(), again.unwrap_or_default());
     let settings = held.settings.clone();
-    // Boxed so that parking can drop it, and with it hyper's hold on the
-    // socket, before this function ends.
-    let mut connection = Box::pin(
-        settings
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service),
-    );
+    let mut connection =
+        protocol::Connection::new(stream, service, protocol, settings.builders.clone());
     /// How the connection's hyper life ends.
     enum End<R> {
         Done(R),
@@ -549,7 +568,7 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         Park(Duration),
     }
     let ended = tokio::select! {
-        result = connection.as_mut() => End::Done(result),
+        result = &mut connection => End::Done(result),
         expired = activity.expired(settings.limits()) => match expired {
             idle::Expired::Idle => {
                 tracing::debug!(client = %conn.peer, "closing idle connection");
@@ -580,7 +599,7 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         End::Drain if !activity.is_multiplexed() => {
             activity.close_after_answers();
             tokio::select! {
-                result = connection.as_mut() => End::Done(result),
+                result = &mut connection => End::Done(result),
                 _ = activity.expired(settings.closing_limits()) => End::Graceful,
             }
         }
@@ -590,40 +609,40 @@ async fn serve_connection<IO: Parkable>(stream: IO, conn: Conn, mut held: Held) 
         End::Done(result) => result,
         End::Park(quiet) => {
             // hyper ends an HTTP/1 connection at once when it is between
-            // requests with nothing read; the socket skips the shutdown
-            // and comes back when hyper drops it.
+            // requests; the socket skips the shutdown, and comes back with
+            // whatever hyper read of the next request.
             let started = activity.started();
             activity.park();
-            connection.as_mut().graceful_shutdown();
-            let ended = tokio::time::timeout(DRAIN_QUIET, connection.as_mut()).await;
-            drop(connection);
-            let Ok(mut socket) = handed_back.await else {
+            connection.graceful_shutdown();
+            let ended = tokio::time::timeout(DRAIN_QUIET, &mut connection).await;
+            let Some((mut socket, unread)) = connection.into_parts() else {
                 return;
             };
             // A request that arrived meanwhile was answered with
             // `Connection: close`: then close, as promised.
-            if matches!(ended, Ok(Ok(())))
-                && activity.started() == started
-                && activity.all_read_taken()
-            {
+            if !matches!(ended, Ok(Ok(()))) || activity.started() != started {
+                close(&mut socket).await;
+            } else if unread.is_empty() {
                 let left = settings.idle_timeout.saturating_sub(quiet);
                 tracing::trace!(client = %conn.peer, "parked idle connection");
                 tokio::spawn(park(socket, conn, held, left));
                 crate::memory::freed(crate::memory::HYPER_CONNECTION);
             } else {
-                close(&mut socket).await;
+                // The next head has begun to arrive: no wait to park for.
+                let unread = Bytes::copy_from_slice(&unread);
+                tokio::spawn(serve_again(socket, conn, held, unread));
             }
             return;
         }
         End::Graceful | End::Drain => {
-            connection.as_mut().graceful_shutdown();
+            connection.graceful_shutdown();
             // The watchdog goes on, or a client trickling a head in, one
             // that never acknowledges the GOAWAY, or one that left an
             // HTTP/2 header block half sent, would hold the connection
             // (and a drain) for as long as hyper lets it; with nothing in
             // flight, a second of silence is enough to let it go.
             tokio::select! {
-                result = connection.as_mut() => result,
+                result = &mut connection => result,
                 why = activity.expired(settings.closing_limits()) => {
                     tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
@@ -667,7 +686,7 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_lef
     };
     if next {
         // EOF wakes it too: hyper then reads it and ends.
-        tokio::spawn(serve_again(socket, conn, held));
+        tokio::spawn(serve_again(socket, conn, held, Bytes::new()));
     } else {
         tracing::debug!(client = %conn.peer, "closing idle connection");
         close(&mut socket).await;
@@ -680,8 +699,9 @@ fn serve_again<IO: Parkable>(
     socket: IO,
     conn: Conn,
     held: Held,
+    unread: Bytes,
 ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(serve_connection(socket, conn, held))
+    Box::pin(serve_connection(socket, conn, held, Some(unread)))
 }
 
 /// Closes a socket hyper no longer has as hyper would: a FIN, after a TLS

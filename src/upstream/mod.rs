@@ -14,7 +14,7 @@ mod tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -496,7 +496,7 @@ fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'stati
 /// client's pace. `None` when the time ran out.
 async fn after_upload<F: Future>(
     timeout: Duration,
-    ended: &OnceLock<tokio::time::Instant>,
+    ended: &crate::proxy::body::UploadEnded,
     answer: F,
 ) -> Option<F::Output> {
     let mut answer = std::pin::pin!(answer);
@@ -509,9 +509,9 @@ async fn after_upload<F: Future>(
         // `timeout` after the upload's end, or on while it still runs.
         while timer.as_mut().poll(cx).is_ready() {
             let now = tokio::time::Instant::now();
-            match ended.get() {
-                Some(&end) if now >= end + timeout => return Poll::Ready(None),
-                Some(&end) => timer.as_mut().reset(end + timeout),
+            match ended.at() {
+                Some(end) if now >= end + timeout => return Poll::Ready(None),
+                Some(end) => timer.as_mut().reset(end + timeout),
                 None => timer.as_mut().reset(now + timeout),
             }
         }
