@@ -163,7 +163,7 @@ fn limiter(c: &mut Criterion) {
         .unwrap();
     let mut config = Config::single_upstream(vec![], vec!["127.0.0.1:1".parse().unwrap()]);
     config.rate_limit = Some(RateLimit {
-        requests_per_second: 1_000_000_000,
+        requests_per_second: 1e9,
         burst: 1_000_000_000,
         ..RateLimit::default()
     });

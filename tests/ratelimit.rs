@@ -14,7 +14,7 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
     let mut config = config_for(&[backend]);
     let (addr, prefix) = trusted.split_once('/').unwrap();
     config.rate_limit = Some(RateLimit {
-        requests_per_second: 10,
+        requests_per_second: 10.0,
         burst: 5,
         trusted_proxies: vec![Cidr {
             addr: addr.parse().unwrap(),
@@ -145,4 +145,21 @@ async fn throttled_requests_are_counted_per_route() {
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
     let want = format!("portico_ratelimit_rejected_total{{route=\"default\"}} {throttled}");
     assert!(text.contains(&want), "{want} not in\n{text}");
+}
+
+/// A rate below one a second, written as a fraction: 0.5/s is one request
+/// every two seconds (nginx's `rate=30r/m`).
+#[tokio::test]
+async fn a_fractional_rate_allows_one_request_every_few_seconds() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = limited(&backend, "10.0.0.0/8");
+    let limit = config.rate_limit.as_mut().unwrap();
+    limit.requests_per_second = 0.5;
+    limit.burst = 1;
+    let proxy = start_proxy(config).await;
+    let answers = burst(&client(), &proxy.url("/users/1/orders"), None, 2).await;
+    assert_eq!(answers[0].status, StatusCode::OK);
+    assert_eq!(answers[0].header("ratelimit-reset"), "2");
+    assert_eq!(answers[1].status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answers[1].header("retry-after"), "2");
 }

@@ -184,7 +184,8 @@ fn masked(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
-    pub requests_per_second: u32,
+    /// Sustained rate; below 1 for slower ones (0.5: one every 2 s).
+    pub requests_per_second: f64,
     pub burst: u32,
     pub key: RateLimitKey,
     pub trusted_proxies: Vec<Cidr>,
@@ -262,7 +263,7 @@ impl Default for Cache {
 impl Default for RateLimit {
     fn default() -> Self {
         RateLimit {
-            requests_per_second: 100,
+            requests_per_second: 100.0,
             burst: 200,
             key: RateLimitKey::ClientIp,
             trusted_proxies: Vec::new(),

@@ -55,6 +55,37 @@ pub struct Admin {
     pub token_file: Option<Str>,
 }
 
+/// A number written whole (`100`) or with a fraction (`0.5`): TOML keeps
+/// the two apart, and a rate may be either.
+#[derive(Debug, Clone, Copy)]
+pub struct Number(pub f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Number;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Number, E> {
+                Ok(Number(value as f64))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Number, E> {
+                Ok(Number(value as f64))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Number, E> {
+                Ok(Number(value))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2 }`. A
 /// hand-written visitor rather than `#[serde(untagged)]`, which buffers the
 /// value and so loses the spans inside it.
@@ -155,7 +186,7 @@ pub struct Cache {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RateLimit {
-    pub requests_per_second: Option<Spanned<i64>>,
+    pub requests_per_second: Option<Spanned<Number>>,
     pub burst: Option<Spanned<i64>>,
     pub key: Option<Str>,
     pub trusted_proxies: Option<Vec<Str>>,

@@ -80,6 +80,7 @@ cache = false
 default_ttl = "1m"
 
 [rate_limit]
+requests_per_second = 0.5
 key = "header:X-Api-Key"
 trusted_proxies = ["10.0.0.0/8", "::1"]
 "#,
@@ -109,6 +110,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert_eq!(config.routes[1].name, "orders#2");
     assert_eq!(config.cache.unwrap().default_ttl.as_secs(), 60);
     let limit = config.rate_limit.unwrap();
+    assert_eq!(limit.requests_per_second, 0.5);
     assert_eq!(
         limit.key,
         RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
@@ -204,6 +206,14 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = 0\n",
+            &["test.toml:7:23: rate_limit.requests_per_second: must be a number from 0.0003 (one request an hour) to 1000000000; below 1 for slower rates, e.g. 0.5 for one request every 2 s"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = \"30r/m\"\n",
+            &["test.toml:7:23: rate_limit.requests_per_second: invalid type: string \"30r/m\", expected a number"],
         ),
         (
             "[server\nlisten = 1\n",

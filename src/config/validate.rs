@@ -66,6 +66,27 @@ fn integer(r: R, key: &str, value: Option<&Spanned<i64>>, default: u32, min: u32
     }
 }
 
+/// The slowest rate: one request an hour.
+const MIN_RATE: f64 = 1.0 / 3600.0;
+/// The fastest: one request a nanosecond, GCRA's resolution.
+const MAX_RATE: f64 = 1e9;
+
+fn rate(r: R, key: &str, value: Option<&Spanned<raw::Number>>, default: f64) -> f64 {
+    let Some(value) = value else { return default };
+    let rate = value.get_ref().0;
+    if (MIN_RATE..=MAX_RATE).contains(&rate) {
+        return rate;
+    }
+    r.at(
+        value.span(),
+        key,
+        "must be a number from 0.0003 (one request an hour) to 1000000000; \
+         below 1 for slower rates, e.g. 0.5 for one request every 2 s"
+            .to_owned(),
+    );
+    default
+}
+
 fn socket_addr(r: R, key: &str, value: &str, span: std::ops::Range<usize>) -> Option<SocketAddr> {
     match value.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
@@ -835,12 +856,11 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
         }
     }
     RateLimit {
-        requests_per_second: integer(
+        requests_per_second: rate(
             r,
             "rate_limit.requests_per_second",
             raw.requests_per_second.as_ref(),
             d.requests_per_second,
-            1,
         ),
         burst: integer(r, "rate_limit.burst", raw.burst.as_ref(), d.burst, 1),
         key,

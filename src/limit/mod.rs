@@ -52,6 +52,8 @@ type RouteId = (HostMatch, String);
 #[derive(Debug)]
 pub struct Limiter {
     config: RateLimit,
+    /// One request's worth of budget comes back every `interval`.
+    interval: Duration,
     /// Per route index; `None` where the route does not throttle. Shared
     /// with the limiter of the previous reload for unchanged routes.
     routes: Vec<Option<Arc<Keyed>>>,
@@ -74,10 +76,19 @@ fn same_budgets(now: &RateLimit, before: &RateLimit) -> bool {
         && now.max_tracked_clients == before.max_tracked_clients
 }
 
+/// How often one request's worth of budget comes back.
+fn interval(config: &RateLimit) -> Duration {
+    // Validation keeps the rate within one an hour and one a nanosecond.
+    Duration::try_from_secs_f64(1.0 / config.requests_per_second)
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_nanos(1))
+}
+
 fn quota(config: &RateLimit) -> Quota {
-    let rate = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(rate).allow_burst(burst)
+    Quota::with_period(interval(config))
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
 }
 
 impl Limiter {
@@ -130,6 +141,7 @@ impl Limiter {
         // limiter: `Arc::get_mut` after the fact would never succeed while
         // that reference exists.
         Some(Arc::new_cyclic(|weak| Limiter {
+            interval: interval(&limits),
             config: limits,
             routes,
             ids,
@@ -160,8 +172,7 @@ impl Limiter {
     pub fn check(&self, route: usize, key: &ClientKey) -> Option<Decision> {
         let limiter = self.routes.get(route)?.as_ref()?;
         let limit = self.config.burst;
-        // One request's worth of budget comes back every `interval`.
-        let interval = Duration::from_secs(1) / self.config.requests_per_second.max(1);
+        let interval = self.interval;
         Some(match limiter.check_key(key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
@@ -211,7 +222,7 @@ mod tests {
     use super::*;
     use crate::config::Route;
 
-    fn config(rps: u32, burst: u32, max: usize) -> Config {
+    fn config(rps: f64, burst: u32, max: usize) -> Config {
         let mut config = Config::single_upstream(vec![], vec!["127.0.0.1:1".parse().unwrap()]);
         config.rate_limit = Some(RateLimit {
             requests_per_second: rps,
@@ -235,10 +246,31 @@ mod tests {
         ClientKey::Ip(std::net::IpAddr::V4(n.into()))
     }
 
+    /// 0.5/s, like nginx's `rate=30r/m`: one request every two seconds.
+    #[test]
+    fn a_rate_below_one_a_second_spaces_requests_out() {
+        let limiter = Limiter::new(&config(0.5, 1, 100)).unwrap();
+        assert_eq!(
+            limiter.check(0, &ip(1)),
+            Some(Decision::Allowed {
+                limit: 1,
+                remaining: 0,
+                reset: Duration::from_secs(2),
+            })
+        );
+        match limiter.check(0, &ip(1)) {
+            Some(Decision::Throttled { retry_after, .. }) => assert!(
+                retry_after > Duration::from_millis(1900) && retry_after <= Duration::from_secs(2),
+                "{retry_after:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_burst_is_allowed_then_throttled_with_a_wait() {
         // 1/s so no refill can happen during the test.
-        let limiter = Limiter::new(&config(1, 5, 100)).unwrap();
+        let limiter = Limiter::new(&config(1.0, 5, 100)).unwrap();
         let decisions: Vec<Decision> = (0..7).map(|_| limiter.check(0, &ip(1)).unwrap()).collect();
         let remaining: Vec<u32> = decisions
             .iter()
@@ -279,7 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reload_keeps_the_budgets_of_the_routes_it_leaves_in_place() {
-        let mut before = config(1, 2, 100);
+        let mut before = config(1.0, 2, 100);
         before.rate_limit.as_mut().unwrap().key =
             crate::config::RateLimitKey::Header(http::HeaderName::from_static("x-api-key"));
         let limiter = Limiter::new(&before).unwrap();
@@ -331,7 +363,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_cleanup_task_forgets_idle_clients() {
-        let limiter = Limiter::new(&config(1000, 1, 100)).unwrap();
+        let limiter = Limiter::new(&config(1000.0, 1, 100)).unwrap();
         for n in 0..10 {
             limiter.check(0, &ip(n));
         }
@@ -351,7 +383,7 @@ mod tests {
 
     #[test]
     fn the_table_never_grows_past_max_tracked_clients() {
-        let limiter = Limiter::new(&config(100, 200, 1000)).unwrap();
+        let limiter = Limiter::new(&config(100.0, 200, 1000)).unwrap();
         for n in 0..200_000 {
             limiter.check(0, &ip(n));
         }
