@@ -1083,6 +1083,60 @@ async fn a_parked_http1_connection_is_not_taken_up_as_http2() {
     assert!(answer.is_empty(), "answered as HTTP/2: {answer:?}");
 }
 
+/// A body portico answered without reading (here a 413, which hyper
+/// drains) does not turn the head timer off: the next head, trickled in,
+/// is cut at `request_header_timeout`.
+#[tokio::test]
+async fn a_head_after_an_unread_body_is_still_timed() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(200);
+    config.server.max_request_body = 100;
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Sent whole, so hyper drains it and keeps the connection.
+    let mut upload = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n".to_vec();
+    upload.extend_from_slice(&[b'x'; 101]);
+    assert_eq!(
+        exchange_on(&mut stream, &upload).await,
+        "http/1.1 413 payload too large"
+    );
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(STEP, async {
+        for byte in b"GET /health HTTP/1.1\r\n" {
+            if stream.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Read what is left: the end of the connection.
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a trickled head outlived request_header_timeout"
+    );
+}
+
+/// An empty line after a request (RFC 9112 §2.2) is no head in progress:
+/// the connection waits for the next request as for any other, parked.
+#[tokio::test]
+async fn an_empty_line_after_a_request_leaves_the_connection_idle() {
+    let (backend, proxy) = proxy_with_short_head_timer().await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n\r\n";
+    assert_eq!(exchange_on(&mut stream, request).await, "http/1.1 200 ok");
+    // Past the 200 ms head timer and the parking age.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    assert_eq!(backend.requests(), 2);
+}
+
 #[tokio::test]
 async fn shutdown_closes_a_parked_connection_within_a_second() {
     let (_backend, proxy, mut stream) =

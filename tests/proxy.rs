@@ -150,6 +150,25 @@ async fn a_backend_slower_than_response_timeout_gives_504() {
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// Trailers end a chunked upload: the backend's time to answer counts
+/// from them, as from the last chunk.
+#[tokio::test]
+async fn response_timeout_counts_from_an_upload_s_trailers() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(800);
+    let backend = start_backend(opts).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].response_timeout = Duration::from_millis(100);
+    let proxy = start_proxy(config).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          2\r\nhi\r\n0\r\nX-Sum: 1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+}
+
 #[tokio::test]
 async fn response_timeout_counts_from_the_end_of_a_slow_upload() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -92,7 +92,8 @@ impl StallGuard {
 
 /// When a client's upload was read to its end, once it has been: the
 /// backend's time to answer counts from then, and the connection's
-/// watchdog knows hyper is past the body. Clones share the cell.
+/// watchdog knows hyper is past the body. Clones share the cell; the one
+/// the request carries goes with whatever holds the upload.
 #[derive(Debug, Clone, Default)]
 pub struct UploadEnded(Arc<OnceLock<Instant>>);
 
@@ -108,6 +109,13 @@ impl UploadEnded {
 
     pub fn is_set(&self) -> bool {
         self.0.get().is_some()
+    }
+
+    /// Whether nothing will read the upload any more: read to its end, or
+    /// this is the last clone (the request, or the body that held it, is
+    /// gone). hyper then drains what is left of it or stops reading.
+    pub fn is_over(&self) -> bool {
+        self.is_set() || Arc::strong_count(&self.0) == 1
     }
 }
 
@@ -245,7 +253,9 @@ impl Body for RequestBody {
                     }
                 }
                 this.stall.progress();
-                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                // Trailers come last; after them hyper's client asks for
+                // nothing more.
+                if frame.is_trailers() || this.inner.as_ref().is_some_and(Body::is_end_stream) {
                     this.mark_ended();
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -185,19 +185,29 @@ impl Activity {
 
     /// Whether the last request's body, if it had one, has been read to
     /// its end: then hyper is past it, and a parked connection's next
-    /// bytes are a head. One the backend never read (an early answer, a
-    /// 413) stays unread until the next request begins: hyper drains it
-    /// or closes the connection.
+    /// bytes are a head. One nothing read whole (an early answer, a 413)
+    /// counts only once the next request begins: hyper drains it or stops
+    /// reading, and which of the two it did shows only then.
     pub(super) fn upload_read(&self) -> bool {
-        !self.upload_open.load(Ordering::Relaxed)
-            || lock(&self.upload).as_ref().is_none_or(UploadEnded::is_set)
+        self.upload_is(UploadEnded::is_set)
+    }
+
+    /// Whether hyper reads no more of the last request's body as one:
+    /// read whole, or with nothing left to read it.
+    fn upload_over(&self) -> bool {
+        self.upload_is(UploadEnded::is_over)
+    }
+
+    fn upload_is(&self, done: fn(&UploadEnded) -> bool) -> bool {
+        !self.upload_open.load(Ordering::Relaxed) || lock(&self.upload).as_ref().is_none_or(done)
     }
 
     /// Notes bytes the client sent: with nothing being answered, and no
-    /// upload still coming, they start a head.
+    /// upload still coming, they start a head; empty lines alone do not
+    /// (RFC 9112 §2.2: a client may send one after a request).
     fn on_read(&self, read: &[u8]) {
         self.bump();
-        if !read.is_empty() && self.busy.load(Ordering::Relaxed) == 0 && self.upload_read() {
+        if self.busy.load(Ordering::Relaxed) == 0 && !only_line_ends(read) && self.upload_over() {
             self.head_pending.store(true, Ordering::Relaxed);
         }
     }
@@ -537,6 +547,12 @@ struct StreamWatch {
     shut: Duration,
 }
 
+/// Whether `bytes` hold nothing but line ends (or nothing at all): what
+/// hyper skips before a request line.
+pub(super) fn only_line_ends(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == b'\r' || b == b'\n')
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -749,7 +765,7 @@ mod park_tests {
         };
         // Answered, the body still coming: neither parked nor timed as a
         // head, whatever arrives.
-        let (activity, _) = upload();
+        let (activity, _reader) = upload();
         activity.on_read(b"more body");
         assert_eq!(verdict(&activity).await, None);
         // Read to its end (by whoever relayed it).
@@ -757,10 +773,28 @@ mod park_tests {
         ended.set();
         assert_eq!(verdict(&activity).await, parkable);
         // Never read, and a next request begun: hyper drained it.
-        let (activity, _) = upload();
+        let (activity, _reader) = upload();
         activity.on_read(b"GET / HTTP/1.1\r\n\r\n");
         drop(activity.busy());
         assert_eq!(verdict(&activity).await, parkable);
+        // Dropped unread (a 413): what comes next is timed as a head, but
+        // whether hyper drained the rest shows only with the next request.
+        let (activity, ended) = upload();
+        drop(ended);
+        assert_eq!(verdict(&activity).await, None);
+        activity.on_read(b"GET / HT");
+        assert_eq!(verdict(&activity).await, Some(Expired::Head));
+    }
+
+    /// An empty line after a request (RFC 9112 §2.2) starts no head.
+    #[tokio::test(start_paused = true)]
+    async fn empty_lines_between_requests_start_no_head() {
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        activity.on_read(b"\r\n");
+        assert_eq!(
+            verdict(&activity).await,
+            Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
     }
 
     /// A socket that takes every write and never finishes a flush: TLS

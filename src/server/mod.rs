@@ -507,6 +507,11 @@ async fn serve_connection<IO: Parkable>(
     again: Option<Bytes>,
 ) {
     let activity = Arc::new(idle::Activity::new());
+    if held.shutdown.is_shutdown() {
+        // A parked connection woken while shutting down: its answers say
+        // `Connection: close` from the first.
+        activity.close_after_answers();
+    }
     let requests = activity.clone();
     let generations = held.shared.clone();
     let (drain, open) = (
@@ -622,7 +627,9 @@ async fn serve_connection<IO: Parkable>(
             // `Connection: close`: then close, as promised.
             if !matches!(ended, Ok(Ok(()))) || activity.started() != started {
                 close(&mut socket).await;
-            } else if unread.is_empty() {
+            } else if idle::only_line_ends(&unread) {
+                // Nothing, or an empty line after the last request (RFC
+                // 9112 §2.2), which hyper would skip anyway.
                 let left = settings.idle_timeout.saturating_sub(quiet);
                 tracing::trace!(client = %conn.peer, "parked idle connection");
                 tokio::spawn(park(socket, conn, held, left));
