@@ -168,19 +168,20 @@ impl Pool {
         };
         let mut fresh_tried = false;
         loop {
-            match conn.sender.try_send_request(request).await {
+            // The error's scope ends with this statement, so the future
+            // holds none of it across the connect below: it is moved whole
+            // once per request at every layer above, and is smaller so.
+            request = match conn.sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.wrap(index, conn, response)),
                 Err(mut error) => match error.take_message() {
                     // The backend closed this keep-alive connection as we
                     // took it: nothing was sent, so a new one is safe.
-                    Some(unsent) if !fresh_tried => {
-                        request = unsent;
-                        fresh_tried = true;
-                        conn = Box::pin(self.connect(index, upgrade)).await?;
-                    }
+                    Some(unsent) if !fresh_tried => unsent,
                     _ => return Err(SendError::Http(error.into_error())),
                 },
-            }
+            };
+            fresh_tried = true;
+            conn = Box::pin(self.connect(index, upgrade)).await?;
         }
     }
 
