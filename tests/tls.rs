@@ -484,8 +484,8 @@ async fn a_parked_tls_client_connection_serves_its_next_request() {
 }
 
 /// What ALPN agreed on is binding: the HTTP/2 preface on a connection that
-/// chose `http/1.1` is refused, and an HTTP/1.1 request on one that chose
-/// `h2` is not answered as HTTP/1.1.
+/// chose `http/1.1`, or nothing, is refused, and an HTTP/1.1 request on one
+/// that chose `h2` is not answered as HTTP/1.1.
 #[tokio::test]
 async fn the_protocol_alpn_agreed_on_is_binding() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -501,14 +501,20 @@ async fn the_protocol_alpn_agreed_on_is_binding() {
     // An empty SETTINGS frame.
     preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
     let http1 = b"GET /health HTTP/1.1\r\nHost: alpn.test\r\n\r\n".to_vec();
-    for (alpn, sent) in [(&b"http/1.1"[..], preface), (&b"h2"[..], http1)] {
+    let cases = [
+        (&b"http/1.1"[..], preface.clone()),
+        (&b""[..], preface),
+        (&b"h2"[..], http1),
+    ];
+    for (alpn, sent) in cases {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("alpn.test").unwrap();
         let mut tls = tls_client(&cert.der, alpn)
             .connect(name, tcp)
             .await
             .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        let agreed = tls.get_ref().1.alpn_protocol().unwrap_or_default();
+        assert_eq!(agreed, alpn);
         tls.write_all(&sent).await.unwrap();
         let mut answer = Vec::new();
         let read = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;

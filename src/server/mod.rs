@@ -493,7 +493,9 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
 
     fn agreed(&self) -> Option<protocol::Protocol> {
-        protocol::Protocol::from_alpn(self.get_ref().1.alpn_protocol())
+        Some(protocol::Protocol::from_alpn(
+            self.get_ref().1.alpn_protocol(),
+        ))
     }
 }
 

@@ -1,10 +1,12 @@
 //! hyper's side of one client connection: HTTP/1.1 (with upgrades) or
-//! HTTP/2, told apart by what TLS's ALPN chose or, without it, by whether
-//! the client opens with the HTTP/2 preface (h2c "prior knowledge", RFC
-//! 9113 §3.3 and §3.4), as hyper-util's auto builder does. Unlike it:
+//! HTTP/2, told apart by what TLS's ALPN chose or, on plain listeners, by
+//! whether the client opens with the HTTP/2 preface (h2c "prior
+//! knowledge", RFC 9113 §3.3 and §3.4), as hyper-util's auto builder does.
+//! Unlike it:
 //!
-//! - a protocol ALPN chose is binding: a client that agreed on `http/1.1`
-//!   cannot switch to HTTP/2 by sending the preface, and the reverse;
+//! - on TLS, ALPN decides, and is binding: a client that agreed on
+//!   `http/1.1`, or on nothing, cannot switch to HTTP/2 by sending the
+//!   preface, and one that agreed on `h2` cannot speak HTTP/1.1;
 //! - a connection served again after parking is known to be HTTP/1.1;
 //! - an HTTP/1.1 connection gives back its socket and the bytes hyper read
 //!   but had not parsed yet ([`Connection::into_parts`]), so parking loses
@@ -36,11 +38,13 @@ pub(super) enum Protocol {
 }
 
 impl Protocol {
-    /// What ALPN agreed on; `None` when it agreed on nothing.
-    pub(super) fn from_alpn(alpn: Option<&[u8]>) -> Option<Protocol> {
-        match alpn? {
-            b"h2" => Some(Protocol::Http2),
-            _ => Some(Protocol::Http1),
+    /// What ALPN agreed on. A TLS client that offered no ALPN gets
+    /// HTTP/1.1, as from nginx: HTTP/2 over TLS is negotiated (RFC 9113
+    /// §3.2), never assumed.
+    pub(super) fn from_alpn(alpn: Option<&[u8]>) -> Protocol {
+        match alpn {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
         }
     }
 }
