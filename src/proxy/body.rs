@@ -112,10 +112,16 @@ impl UploadEnded {
     }
 
     /// Whether nothing will read the upload any more: read to its end, or
-    /// this is the last clone (the request, or the body that held it, is
-    /// gone). hyper then drains what is left of it or stops reading.
+    /// let go of before it.
     pub fn is_over(&self) -> bool {
-        self.is_set() || Arc::strong_count(&self.0) == 1
+        self.is_set() || self.is_abandoned()
+    }
+
+    /// Whether the upload was let go of before its end: this is the last
+    /// clone (the request, or the body that held it, is gone). hyper then
+    /// drains what is left of it or stops reading.
+    pub fn is_abandoned(&self) -> bool {
+        !self.is_set() && Arc::strong_count(&self.0) == 1
     }
 }
 

@@ -347,6 +347,14 @@ impl Busy {
     pub(super) fn closing(&self) -> bool {
         self.0.closing.load(Ordering::Relaxed)
     }
+
+    /// Whether the request's body was let go of before its end.
+    pub(super) fn upload_abandoned(&self) -> bool {
+        self.0.upload_open.load(Ordering::Relaxed)
+            && lock(&self.0.upload)
+                .as_ref()
+                .is_some_and(UploadEnded::is_abandoned)
+    }
 }
 
 impl Drop for Busy {

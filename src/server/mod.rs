@@ -541,7 +541,10 @@ async fn serve_connection<IO: Parkable>(
         }
         async move {
             let mut response = proxy.handle(request, conn).await;
-            if !multiplexed && busy.closing() {
+            // An answer given with the request's body left unread (a 413,
+            // a 429): hyper drains what it already holds or stops
+            // reading, and the connection ends; say so, as nginx does.
+            if !multiplexed && (busy.closing() || busy.upload_abandoned()) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
