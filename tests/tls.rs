@@ -530,3 +530,59 @@ async fn the_protocol_alpn_agreed_on_is_binding() {
     assert_eq!(backend.requests(), 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A parked backend connection that ages out is closed as hyper would
+/// close it: with a TLS close_notify, not a bare FIN the backend has to
+/// take for a truncation.
+#[tokio::test]
+async fn an_aged_out_parked_tls_backend_connection_gets_a_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let der = made.cert.der().clone();
+    let key = pki_types::PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![der.clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, end) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the request");
+            got.extend_from_slice(&buf[..n]);
+        }
+        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        // Ok(0) for a close_notify; rustls calls a bare FIN an error.
+        let _ = ended.send(tls.read(&mut buf).await.map_err(|e| e.kind()));
+    });
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].tls = Some(portico::config::UpstreamTls {
+        server_name: None,
+        ca: None,
+        ca_certs: vec![der],
+    });
+    // Offered for 3 s: parked after one, closed after three.
+    config.upstreams[0].idle_timeout = std::time::Duration::from_secs(4);
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(3) + STEP, end)
+        .await
+        .expect("the idle connection closed")
+        .unwrap();
+    assert_eq!(end, Ok(0), "closed without a close_notify");
+}

@@ -196,6 +196,7 @@ impl Pool {
                     .unwrap_or_else(PoisonError::into_inner);
                 let idle = stack.pop()?;
                 if idle.since.elapsed() >= idle.keep_for {
+                    retire(idle.state);
                     continue;
                 }
                 idle
@@ -383,6 +384,7 @@ impl Pool {
             for mut idle in entries {
                 let idle_for = idle.since.elapsed();
                 if idle_for >= idle.keep_for {
+                    retire(idle.state);
                     continue;
                 }
                 idle.state = match idle.state {
@@ -462,6 +464,15 @@ fn quiet(io: &mut Io) -> bool {
     let mut buf = hyper::rt::ReadBuf::uninit(&mut byte);
     let polled = hyper::rt::Read::poll_read(Pin::new(io), &mut cx, buf.unfilled());
     matches!(polled, Poll::Pending)
+}
+
+/// Lets go of an idle connection that has aged out. A live one's hyper
+/// task closes it as the sender goes; a parked socket is closed here, with
+/// the TLS close_notify a backend would otherwise not get.
+fn retire(state: Held) {
+    if let (Held::Parked(io), Ok(runtime)) = (state, tokio::runtime::Handle::try_current()) {
+        runtime.spawn(close(*io));
+    }
 }
 
 /// Closes a socket nobody will use again the way hyper would: a FIN (and
