@@ -895,6 +895,20 @@ async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
     exchange_on(stream, request.as_bytes()).await
 }
 
+/// Reads on `stream`, after what was `seen` already, until `count`
+/// answers of 200 have come, each within [`STEP`].
+async fn read_answers(stream: &mut tokio::net::TcpStream, mut seen: Vec<u8>, count: usize) {
+    let mut buf = [0u8; 4096];
+    while seen.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < count {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .expect("the answers within STEP")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Writes `raw` on `stream` and reads one whole answer; returns its
 /// status line, lowercased.
 async fn exchange_on(stream: &mut tokio::net::TcpStream, raw: &[u8]) -> String {
@@ -958,18 +972,10 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
         )
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < 2 {
-        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
-            .await
-            .expect("both pipelined answers within STEP")
-            .unwrap();
-        assert!(n > 0, "closed before both pipelined answers");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_answers(&mut stream, Vec::new(), 2).await;
     assert_eq!(backend.requests(), 4);
     // Then idle_timeout closes it, parked or not.
+    let mut buf = [0u8; 4096];
     let closed = tokio::time::timeout(Duration::from_secs(3) + STEP / 2, async {
         loop {
             match stream.read(&mut buf).await {
@@ -1007,16 +1013,7 @@ async fn the_start_of_a_pipelined_head_is_not_lost_to_parking() {
     .await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     stream.write_all(b"Host: a\r\n\r\n").await.unwrap();
-    let mut seen = first;
-    let mut buf = [0u8; 4096];
-    while seen.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 2 {
-        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
-            .await
-            .expect("the second answer within STEP")
-            .unwrap();
-        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_answers(&mut stream, first, 2).await;
     assert_eq!(backend.requests(), 2);
 }
 
@@ -1054,16 +1051,7 @@ async fn a_connection_past_its_upload_is_parked_and_served_again() {
     let pair = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi\
         GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
     stream.write_all(pair).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < 2 {
-        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
-            .await
-            .expect("both answers within STEP")
-            .unwrap();
-        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_answers(&mut stream, Vec::new(), 2).await;
     assert_eq!(backend.requests(), 3);
 }
 

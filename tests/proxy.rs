@@ -138,14 +138,21 @@ async fn a_stopped_backend_gives_502() {
     assert_eq!(answer.header("content-type"), "text/plain; charset=utf-8");
 }
 
-#[tokio::test]
-async fn a_backend_slower_than_response_timeout_gives_504() {
+/// A backend that takes 800 ms to answer, behind a proxy that waits
+/// 100 ms for it.
+async fn proxy_before_a_slow_backend() -> (portico::sample::RunningBackend, RunningProxy) {
     let mut opts = BackendOptions::new("slow");
     opts.delay = Duration::from_millis(800);
     let backend = start_backend(opts).await;
     let mut config = config_for(&[&backend]);
     config.upstreams[0].response_timeout = Duration::from_millis(100);
     let proxy = start_proxy(config).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_backend_slower_than_response_timeout_gives_504() {
+    let (_backend, proxy) = proxy_before_a_slow_backend().await;
     let answer = get(&client(), &proxy.url("/health")).await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
 }
@@ -154,12 +161,7 @@ async fn a_backend_slower_than_response_timeout_gives_504() {
 /// from them, as from the last chunk.
 #[tokio::test]
 async fn response_timeout_counts_from_an_upload_s_trailers() {
-    let mut opts = BackendOptions::new("slow");
-    opts.delay = Duration::from_millis(800);
-    let backend = start_backend(opts).await;
-    let mut config = config_for(&[&backend]);
-    config.upstreams[0].response_timeout = Duration::from_millis(100);
-    let proxy = start_proxy(config).await;
+    let (_backend, proxy) = proxy_before_a_slow_backend().await;
     let answer = raw_exchange(
         proxy.addr,
         b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
