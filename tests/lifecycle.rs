@@ -1107,6 +1107,33 @@ async fn an_empty_line_after_a_request_leaves_the_connection_idle() {
     assert_eq!(backend.requests(), 2);
 }
 
+/// Empty lines are not activity: a client that sends nothing else, parked
+/// in between or not, is closed by `idle_timeout` as if silent.
+#[tokio::test]
+async fn a_client_sending_only_empty_lines_is_closed_as_idle() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_secs(3);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    let closed = tokio::time::timeout(Duration::from_secs(3) + STEP, async {
+        let mut buf = [0u8; 64];
+        loop {
+            if stream.write_all(b"\r\n").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(400), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => panic!("answered an empty line"),
+                Err(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "empty lines kept the connection open");
+}
+
 #[tokio::test]
 async fn shutdown_closes_a_parked_connection_within_a_second() {
     let (_backend, proxy, mut stream) =

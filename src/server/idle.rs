@@ -72,6 +72,9 @@ pub(super) struct Activity {
     upload: Mutex<Option<UploadEnded>>,
     /// The connection is being ended to be parked (see [`Tracked`]).
     parking: AtomicBool,
+    /// How long the connection had been idle before this hyper connection
+    /// (parked in between).
+    quiet_before: Duration,
     /// Shutdown has begun: answers say `Connection: close`.
     closing: AtomicBool,
     /// The HTTP/2 streams being answered (see [`Watched`]).
@@ -109,6 +112,22 @@ pub(super) enum Expired {
 }
 
 impl Activity {
+    /// A connection served again after parking, idle for `quiet` so far,
+    /// with `unread` (what hyper had read of the next request) to read
+    /// first: a head is awaited only if that holds more than empty lines.
+    /// The wake-up alone may have been an empty line, which starts nothing
+    /// and leaves the connection as idle as it was.
+    pub(super) fn again(unread: &[u8], quiet: Duration) -> Self {
+        let activity = Activity {
+            quiet_before: quiet,
+            ..Self::new()
+        };
+        activity
+            .head_pending
+            .store(!only_line_ends(unread), Ordering::Relaxed);
+        activity
+    }
+
     /// A new connection: its first head is already awaited.
     pub(super) fn new() -> Self {
         Activity {
@@ -122,6 +141,7 @@ impl Activity {
             upload_open: AtomicBool::new(false),
             upload: Mutex::new(None),
             parking: AtomicBool::new(false),
+            quiet_before: Duration::ZERO,
             closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
         }
@@ -203,11 +223,16 @@ impl Activity {
     }
 
     /// Notes bytes the client sent: with nothing being answered, and no
-    /// upload still coming, they start a head; empty lines alone do not
-    /// (RFC 9112 §2.2: a client may send one after a request).
+    /// upload still coming, they start a head. Empty lines alone (RFC 9112
+    /// §2.2: a client may send one after a request) neither start a head
+    /// nor count as activity: a client sending nothing else is idle, and
+    /// `idle_timeout` closes it.
     fn on_read(&self, read: &[u8]) {
+        if only_line_ends(read) {
+            return;
+        }
         self.bump();
-        if self.busy.load(Ordering::Relaxed) == 0 && !only_line_ends(read) && self.upload_over() {
+        if self.busy.load(Ordering::Relaxed) == 0 && self.upload_over() {
             self.head_pending.store(true, Ordering::Relaxed);
         }
     }
@@ -249,7 +274,7 @@ impl Activity {
             self.stamp.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
         );
-        let mut idle_quiet = Duration::ZERO;
+        let mut idle_quiet = self.quiet_before;
         let mut head_wait = Duration::ZERO;
         let mut unread = Duration::ZERO;
         loop {
@@ -802,6 +827,37 @@ mod park_tests {
         assert_eq!(
             verdict(&activity).await,
             Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
+    }
+
+    /// Nor are empty lines activity: a client sending nothing else is
+    /// closed by the idle timeout, here 4 s, counted from before parking.
+    #[tokio::test(start_paused = true)]
+    async fn empty_lines_do_not_keep_a_connection_open() {
+        let limits = Limits {
+            idle: Duration::from_secs(4),
+            park: None,
+            ..LIMITS
+        };
+        let activity = Arc::new(Activity::again(b"\r\n", Duration::from_secs(2)));
+        let feeder = activity.clone();
+        let lines = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                feeder.on_read(b"\r\n");
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let expired = tokio::select! {
+            expired = activity.expired(limits) => expired,
+            () = lines => unreachable!(),
+        };
+        assert_eq!(expired, Expired::Idle);
+        // 2 s left of the 4, in steps of 1 s.
+        assert!(
+            started.elapsed() <= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
         );
     }
 

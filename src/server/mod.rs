@@ -499,16 +499,26 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
 }
 
-/// Serves a client connection until it ends or is parked. `again`: the
-/// connection comes back from parking (so it speaks HTTP/1.1), with the
-/// bytes read before that hyper had not parsed.
+/// A connection coming back from parking.
+struct Again {
+    /// What hyper had read of the next request.
+    unread: Bytes,
+    /// How long the connection has been idle.
+    quiet: Duration,
+}
+
+/// Serves a client connection until it ends or is parked; `again` for one
+/// coming back from parking (it speaks HTTP/1.1).
 async fn serve_connection<IO: Parkable>(
     stream: IO,
     conn: Conn,
     mut held: Held,
-    again: Option<Bytes>,
+    again: Option<Again>,
 ) {
-    let activity = Arc::new(idle::Activity::new());
+    let activity = Arc::new(match &again {
+        Some(again) => idle::Activity::again(&again.unread, again.quiet),
+        None => idle::Activity::new(),
+    });
     if held.shutdown.is_shutdown() {
         // A parked connection woken while shutting down: its answers say
         // `Connection: close` from the first.
@@ -563,7 +573,8 @@ async fn serve_connection<IO: Parkable>(
         Some(_) => Some(protocol::Protocol::Http1),
         None => stream.agreed(),
     };
-    let stream = idle::Tracked::new(stream, activity.clone(), again.unwrap_or_default());
+    let rewound = again.map(|again| again.unread).unwrap_or_default();
+    let stream = idle::Tracked::new(stream, activity.clone(), rewound);
     let settings = held.settings.clone();
     let mut connection =
         protocol::Connection::new(stream, service, protocol, settings.builders.clone());
@@ -635,14 +646,13 @@ async fn serve_connection<IO: Parkable>(
             } else if idle::only_line_ends(&unread) {
                 // Nothing, or an empty line after the last request (RFC
                 // 9112 §2.2), which hyper would skip anyway.
-                let left = settings.idle_timeout.saturating_sub(quiet);
                 tracing::trace!(client = %conn.peer, "parked idle connection");
-                tokio::spawn(park(socket, conn, held, left));
+                tokio::spawn(park(socket, conn, held, quiet));
                 crate::memory::freed(crate::memory::HYPER_CONNECTION);
             } else {
                 // The next head has begun to arrive: no wait to park for.
                 let unread = Bytes::copy_from_slice(&unread);
-                tokio::spawn(serve_again(socket, conn, held, unread));
+                tokio::spawn(serve_again(socket, conn, held, Again { unread, quiet }));
             }
             return;
         }
@@ -678,9 +688,11 @@ async fn serve_connection<IO: Parkable>(
 /// TLS session, this small task) waits for the client's next request, to
 /// serve it under a new hyper connection. nginx keeps an idle keep-alive
 /// connection in about a kilobyte the same way; hyper's held ~25 KiB.
-/// `idle_timeout` and shutdown still close it, shutdown after a second
-/// in which no request came.
-async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_left: Duration) {
+/// `idle_timeout` (counted from `quiet` ago) and shutdown still close it,
+/// shutdown after a second in which no request came.
+async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: Duration) {
+    let parked = tokio::time::Instant::now();
+    let idle_left = held.settings.idle_timeout.saturating_sub(quiet);
     // The socket still holds the waker of hyper's task, from its last read,
     // and with it that task's memory: a no-op waker takes its place.
     let _ = socket
@@ -698,7 +710,11 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, idle_lef
     };
     if next {
         // EOF wakes it too: hyper then reads it and ends.
-        tokio::spawn(serve_again(socket, conn, held, Bytes::new()));
+        let again = Again {
+            unread: Bytes::new(),
+            quiet: quiet + parked.elapsed(),
+        };
+        tokio::spawn(serve_again(socket, conn, held, again));
     } else {
         tracing::debug!(client = %conn.peer, "closing idle connection");
         close(&mut socket).await;
@@ -711,9 +727,9 @@ fn serve_again<IO: Parkable>(
     socket: IO,
     conn: Conn,
     held: Held,
-    unread: Bytes,
+    again: Again,
 ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(serve_connection(socket, conn, held, Some(unread)))
+    Box::pin(serve_connection(socket, conn, held, Some(again)))
 }
 
 /// Closes a socket hyper no longer has as hyper would: a FIN, after a TLS
