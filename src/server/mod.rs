@@ -639,6 +639,11 @@ async fn serve_connection<IO: Parkable>(
             let Some((mut socket, unread)) = connection.into_parts() else {
                 return;
             };
+            if ended.is_err() {
+                // hyper was between requests when the watchdog looked, so
+                // it ends at once; if it ever did not, say so.
+                tracing::warn!(client = %conn.peer, "connection being parked did not end within a second; closed");
+            }
             // A request that arrived meanwhile was answered with
             // `Connection: close`: then close, as promised.
             if !matches!(ended, Ok(Ok(()))) || activity.started() != started {
