@@ -277,6 +277,13 @@ impl Activity {
         let mut idle_quiet = self.quiet_before;
         let mut head_wait = Duration::ZERO;
         let mut unread = Duration::ZERO;
+        // A wait counts a step only if it was under way at the step's
+        // start too: one that began within the step counts from the next,
+        // so no timer fires before its time (and each within a step after).
+        let mut was_waiting = self.head_pending.load(Ordering::Relaxed)
+            && self.busy.load(Ordering::Relaxed) == 0
+            && !self.multiplexed.load(Ordering::Relaxed);
+        let mut was_stuck = false;
         loop {
             tokio::time::sleep(step).await;
             let now = (
@@ -299,14 +306,16 @@ impl Activity {
                 && now.1 == last.1
                 && self.head_pending.load(Ordering::Relaxed)
                 && !self.multiplexed.load(Ordering::Relaxed);
-            head_wait = if waiting {
-                head_wait + step
-            } else {
-                Duration::ZERO
+            head_wait = match (waiting, was_waiting) {
+                (true, true) => head_wait + step,
+                _ => Duration::ZERO,
             };
             let stuck = now.1 == last.1 && sending;
-            unread = if stuck { unread + step } else { Duration::ZERO };
-            last = now;
+            unread = match (stuck, was_stuck) {
+                (true, true) => unread + step,
+                _ => Duration::ZERO,
+            };
+            (was_waiting, was_stuck, last) = (waiting, stuck, now);
             if self.multiplexed.load(Ordering::Relaxed) {
                 self.abandon_shut_streams(step, unread_limit);
             }
@@ -319,9 +328,10 @@ impl Activity {
             if idle_quiet >= idle {
                 return Expired::Idle;
             }
+            // With no head pending, a request has been served, or this is
+            // a parked connection woken by an empty line.
             let between_requests = !self.head_pending.load(Ordering::Relaxed)
                 && !self.multiplexed.load(Ordering::Relaxed)
-                && self.started() > 0
                 && self.upload_read();
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
@@ -827,6 +837,47 @@ mod park_tests {
         assert_eq!(
             verdict(&activity).await,
             Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
+    }
+
+    /// A head timer runs from the head's first byte, not from the step of
+    /// the watchdog it fell in: here a head begins 2.4 s in, just before a
+    /// step ends (steps of 2.5 s), and the 10 s timer fires 10 s after it
+    /// at the earliest.
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timer_never_fires_early() {
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        let feeder = activity.clone();
+        let head = async move {
+            tokio::time::sleep(Duration::from_millis(2400)).await;
+            feeder.on_read(b"GET /next");
+            std::future::pending::<()>().await
+        };
+        let limits = Limits {
+            park: None,
+            ..LIMITS
+        };
+        let started = tokio::time::Instant::now();
+        let expired = tokio::select! {
+            expired = activity.expired(limits) => expired,
+            () = head => unreachable!(),
+        };
+        assert_eq!(expired, Expired::Head);
+        let waited = started.elapsed() - Duration::from_millis(2400);
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_600),
+            "{waited:?}"
+        );
+    }
+
+    /// A parked connection woken by an empty line alone is parked again.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_woken_by_an_empty_line_is_parked_again() {
+        let activity = Activity::again(b"", Duration::from_secs(3));
+        activity.on_read(b"\r\n");
+        assert_eq!(
+            verdict(&activity).await,
+            Some(Expired::Parkable(Duration::from_millis(5500)))
         );
     }
 
