@@ -56,26 +56,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Fields the Connection header names beyond the fixed ones: rare.
     let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',') {
-            let token = token.trim();
-            // `close` names no field (RFC 9110 §16.3.2.2 reserves the name).
-            if token.is_empty() || token.eq_ignore_ascii_case("close") {
-                continue;
-            }
-            // X-Request-Id is portico's own field for the next hop, set on
-            // every request: naming it must not leave the backend without.
-            if fixed
-                .iter()
-                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
-                || token.eq_ignore_ascii_case(super::log::X_REQUEST_ID.as_str())
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                named.push(name);
-            }
+    for token in list_members(headers, &header::CONNECTION) {
+        // `close` names no field (RFC 9110 §16.3.2.2 reserves the name).
+        if token.is_empty() || token.eq_ignore_ascii_case("close") {
+            continue;
+        }
+        // X-Request-Id is portico's own field for the next hop, set on
+        // every request: naming it must not leave the backend without.
+        if fixed
+            .iter()
+            .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+            || token.eq_ignore_ascii_case(super::log::X_REQUEST_ID.as_str())
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            named.push(name);
         }
     }
     for name in named {
