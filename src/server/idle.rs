@@ -118,14 +118,11 @@ impl Activity {
     /// The wake-up alone may have been an empty line, which starts nothing
     /// and leaves the connection as idle as it was.
     pub(super) fn again(unread: &[u8], quiet: Duration) -> Self {
-        let activity = Activity {
+        Activity {
+            head_pending: AtomicBool::new(!only_line_ends(unread)),
             quiet_before: quiet,
             ..Self::new()
-        };
-        activity
-            .head_pending
-            .store(!only_line_ends(unread), Ordering::Relaxed);
-        activity
+        }
     }
 
     /// A new connection: its first head is already awaited.
@@ -209,17 +206,22 @@ impl Activity {
     /// counts only once the next request begins: hyper drains it or stops
     /// reading, and which of the two it did shows only then.
     pub(super) fn upload_read(&self) -> bool {
-        self.upload_is(UploadEnded::is_set)
+        self.upload(true, UploadEnded::is_set)
     }
 
     /// Whether hyper reads no more of the last request's body as one:
     /// read whole, or with nothing left to read it.
     fn upload_over(&self) -> bool {
-        self.upload_is(UploadEnded::is_over)
+        self.upload(true, UploadEnded::is_over)
     }
 
-    fn upload_is(&self, done: fn(&UploadEnded) -> bool) -> bool {
-        !self.upload_open.load(Ordering::Relaxed) || lock(&self.upload).as_ref().is_none_or(done)
+    /// `test` of the last request's body, `without` one. Borrowed, not
+    /// cloned: [`UploadEnded::is_abandoned`] counts the clones.
+    fn upload(&self, without: bool, test: fn(&UploadEnded) -> bool) -> bool {
+        if !self.upload_open.load(Ordering::Relaxed) {
+            return without;
+        }
+        lock(&self.upload).as_ref().map_or(without, test)
     }
 
     /// Notes bytes the client sent: with nothing being answered, and no
@@ -385,10 +387,7 @@ impl Busy {
 
     /// Whether the request's body was let go of before its end.
     pub(super) fn upload_abandoned(&self) -> bool {
-        self.0.upload_open.load(Ordering::Relaxed)
-            && lock(&self.0.upload)
-                .as_ref()
-                .is_some_and(UploadEnded::is_abandoned)
+        self.0.upload(false, UploadEnded::is_abandoned)
     }
 }
 
