@@ -156,6 +156,26 @@ where
         Some((parts.io.into_inner().into_inner(), parts.read_buf))
     }
 
+    /// The connection sniffing found to speak `protocol`: served with the
+    /// bytes read so far first, and closing gracefully if that was asked
+    /// for meanwhile.
+    fn sniffed(sniffing: Sniffing<IO, S>, protocol: Protocol) -> Self {
+        let Sniffing {
+            mut io,
+            read,
+            len,
+            service,
+            builders,
+            graceful,
+        } = sniffing;
+        io.rewind(Bytes::copy_from_slice(&read[..len]));
+        let mut connection = Self::serve(io, service, protocol, &builders);
+        if graceful {
+            connection.graceful_shutdown();
+        }
+        connection
+    }
+
     /// Reads until the bytes so far either differ from the preface or are
     /// all of it; the protocol then takes them first, as if unread.
     fn poll_sniff(
@@ -191,33 +211,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        loop {
-            return match this {
-                Connection::Sniffing(sniffing) => {
-                    let protocol = ready!(Self::poll_sniff(sniffing, cx))?;
-                    let Connection::Sniffing(sniffing) = std::mem::replace(this, Connection::Gone)
-                    else {
-                        unreachable!("matched as sniffing above")
-                    };
-                    let Sniffing {
-                        mut io,
-                        read,
-                        len,
-                        service,
-                        builders,
-                        graceful,
-                    } = *sniffing;
-                    io.rewind(Bytes::copy_from_slice(&read[..len]));
-                    *this = Self::serve(io, service, protocol, &builders);
-                    if graceful {
-                        this.graceful_shutdown();
-                    }
-                    continue;
-                }
-                Connection::Http1(conn) => Pin::new(&mut **conn).poll(cx).map_err(Into::into),
-                Connection::Http2(conn) => conn.as_mut().poll(cx).map_err(Into::into),
-                Connection::Gone => Poll::Ready(Ok(())),
+        if let Connection::Sniffing(sniffing) = this {
+            let protocol = ready!(Self::poll_sniff(sniffing, cx))?;
+            let Connection::Sniffing(sniffing) = std::mem::replace(this, Connection::Gone) else {
+                unreachable!("matched as sniffing above")
             };
+            *this = Self::sniffed(*sniffing, protocol);
+        }
+        match this {
+            Connection::Http1(conn) => Pin::new(&mut **conn).poll(cx).map_err(Into::into),
+            Connection::Http2(conn) => conn.as_mut().poll(cx).map_err(Into::into),
+            // Sniffing has just handed over.
+            Connection::Sniffing(_) | Connection::Gone => Poll::Ready(Ok(())),
         }
     }
 }
