@@ -747,6 +747,24 @@ mod park_tests {
             .ok()
     }
 
+    /// What the watchdog says while `client` runs (and after it is done),
+    /// and how long it took to say it.
+    async fn expired_while(
+        activity: &Activity,
+        limits: Limits,
+        client: impl std::future::Future<Output = ()>,
+    ) -> (Expired, Duration) {
+        let started = tokio::time::Instant::now();
+        let client = async {
+            client.await;
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            expired = activity.expired(limits) => (expired, started.elapsed()),
+            () = client => unreachable!("never done"),
+        }
+    }
+
     /// A connection that has read `sent` and begun `requests` bodiless
     /// requests, all answered since.
     fn after(sent: &[&[u8]], requests: usize) -> Arc<Activity> {
@@ -846,23 +864,17 @@ mod park_tests {
     #[tokio::test(start_paused = true)]
     async fn the_head_timer_never_fires_early() {
         let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
-        let feeder = activity.clone();
-        let head = async move {
-            tokio::time::sleep(Duration::from_millis(2400)).await;
-            feeder.on_read(b"GET /next");
-            std::future::pending::<()>().await
-        };
         let limits = Limits {
             park: None,
             ..LIMITS
         };
-        let started = tokio::time::Instant::now();
-        let expired = tokio::select! {
-            expired = activity.expired(limits) => expired,
-            () = head => unreachable!(),
+        let head = async {
+            tokio::time::sleep(Duration::from_millis(2400)).await;
+            activity.on_read(b"GET /next");
         };
+        let (expired, took) = expired_while(&activity, limits, head).await;
         assert_eq!(expired, Expired::Head);
-        let waited = started.elapsed() - Duration::from_millis(2400);
+        let waited = took - Duration::from_millis(2400);
         assert!(
             waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_600),
             "{waited:?}"
@@ -889,26 +901,17 @@ mod park_tests {
             park: None,
             ..LIMITS
         };
-        let activity = Arc::new(Activity::again(b"\r\n", Duration::from_secs(2)));
-        let feeder = activity.clone();
-        let lines = async move {
+        let activity = Activity::again(b"\r\n", Duration::from_secs(2));
+        let lines = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                feeder.on_read(b"\r\n");
+                activity.on_read(b"\r\n");
             }
         };
-        let started = tokio::time::Instant::now();
-        let expired = tokio::select! {
-            expired = activity.expired(limits) => expired,
-            () = lines => unreachable!(),
-        };
+        let (expired, took) = expired_while(&activity, limits, lines).await;
         assert_eq!(expired, Expired::Idle);
         // 2 s left of the 4, in steps of 1 s.
-        assert!(
-            started.elapsed() <= Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(took <= Duration::from_secs(3), "{took:?}");
     }
 
     /// A socket that takes every write and never finishes a flush: TLS
