@@ -844,9 +844,6 @@ async fn byte_ranges_are_served_from_a_stored_response() {
     let (backend, proxy) = cached_sample().await;
     let client = client();
     let url = proxy.url("/cache/range?cc=max-age=60&etag=r1");
-    // Not stored yet: the range goes to the backend as it is.
-    let first = get_with(&client, &url, &[("range", "bytes=0-3")]).await;
-    assert_eq!(first.header("cache-status"), "portico; fwd=bypass");
     let full = get(&client, &url).await;
     assert_eq!(full.status, StatusCode::OK);
     let len = full.body.len();
@@ -875,4 +872,135 @@ async fn byte_ranges_are_served_from_a_stored_response() {
     assert_eq!(changed.status, StatusCode::OK);
     assert_eq!(changed.body, full.body);
     assert_eq!(backend.requests(), before, "ranges came from the cache");
+}
+
+/// Waits (bounded) until the cache holds `entries` responses: a range miss
+/// stores the rest of its response after the client has its part.
+async fn until_stored(proxy: &RunningProxy, entries: u64) {
+    let cache = cache_of(proxy);
+    let stored = tokio::time::timeout(STEP, async {
+        while cache.stats().await.0 < entries {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stored.is_ok(), "{entries} entries stored within {STEP:?}");
+}
+
+#[tokio::test]
+async fn a_range_miss_fetches_the_whole_response_and_stores_it() {
+    let (backend, proxy) = cached_sample().await;
+    let client = client();
+    let url = proxy.url("/cache/whole?cc=max-age=60&etag=w1&size=300000");
+    for (range, start, count) in [("bytes=100-1099", 100, 1000), ("bytes=0-9", 0, 10)] {
+        let part = get_with(&client, &url, &[("range", range)]).await;
+        assert_eq!(part.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            part.header("content-range"),
+            format!("bytes {start}-{}/300000", start + count - 1)
+        );
+        assert_eq!(part.header("content-length"), count.to_string());
+        assert_eq!(part.body.len(), count);
+        // The backend was asked for the whole response, not the range.
+        assert!(part.headers.get("x-seen-range").is_none(), "{range}");
+        if start == 100 {
+            assert_eq!(part.header("cache-status"), "portico; fwd=miss; stored");
+            // The rest of the body is read after the client has its part.
+            until_stored(&proxy, 1).await;
+        } else {
+            assert_eq!(part.header("cache-status"), "portico; hit");
+        }
+    }
+    let before = backend.requests();
+    let full = get(&client, &url).await;
+    assert_eq!(full.header("cache-status"), "portico; hit");
+    assert_eq!(full.body.len(), 300000);
+    let part = get_with(&client, &url, &[("range", "bytes=100-1099")]).await;
+    assert_eq!(part.body, full.body.slice(100..1100));
+    assert_eq!(backend.requests(), before, "one fetch served every range");
+}
+
+#[tokio::test]
+async fn range_misses_of_every_kind_are_answered_as_from_the_cache() {
+    let (_backend, proxy) = cached_sample().await;
+    let client = client();
+    let url = |name: &str| proxy.url(&format!("/cache/{name}?cc=max-age=60&etag=k&size=5000"));
+    let tail = get_with(&client, &url("tail"), &[("range", "bytes=-10")]).await;
+    assert_eq!(tail.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(tail.header("content-range"), "bytes 4990-4999/5000");
+    assert_eq!(tail.body.len(), 10);
+
+    let beyond = get_with(&client, &url("beyond"), &[("range", "bytes=5000-")]).await;
+    assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(beyond.header("content-range"), "bytes */5000");
+    assert_eq!(beyond.header("cache-status"), "portico; fwd=miss; stored");
+    assert!(beyond.body.is_empty());
+
+    // If-Range naming another version: the whole response (RFC 9110 §13.1.5).
+    let other = get_with(
+        &client,
+        &url("other"),
+        &[("range", "bytes=0-1"), ("if-range", "\"other\"")],
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(other.body.len(), 5000);
+    assert_eq!(other.header("cache-status"), "portico; fwd=miss; stored");
+
+    // What portico does not cut itself goes to the backend as it is.
+    for (name, range) in [("several", "bytes=0-1,5-6"), ("far", "bytes=9000000-")] {
+        let answer = get_with(&client, &url(name), &[("range", range)]).await;
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=bypass",
+            "{range}"
+        );
+        assert_eq!(answer.header("x-seen-range"), range);
+    }
+    until_stored(&proxy, 3).await;
+    for name in ["tail", "beyond", "other"] {
+        let hit = get(&client, &url(name)).await;
+        assert_eq!(hit.header("cache-status"), "portico; hit", "{name}");
+        assert_eq!(hit.body.len(), 5000, "{name}");
+        if name == "tail" {
+            assert_eq!(hit.body.slice(4990..), tail.body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.cache = Some(portico::config::Cache {
+        max_object_size: 64 << 10,
+        ..portico::config::Cache::default()
+    });
+    let proxy = start_proxy(config).await;
+    let client = client();
+    // Small and not storable: cut from the stream.
+    let url = proxy.url("/cache/private?cc=no-store&size=5000");
+    let part = get_with(&client, &url, &[("range", "bytes=10-19")]).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.header("content-range"), "bytes 10-19/5000");
+    assert_eq!(
+        part.header("cache-status"),
+        "portico; fwd=miss; detail=no-store"
+    );
+    assert!(part.headers.get("x-seen-range").is_none());
+    assert_eq!(part.body, get(&client, &url).await.body.slice(10..20));
+
+    // Too large to store: not read up to the range, but asked for again
+    // with it (the sample backend answers whole whatever it is asked).
+    let before = backend.requests();
+    let url = proxy.url("/cache/large?cc=max-age=60&size=300000");
+    let answer = get_with(&client, &url, &[("range", "bytes=1000-1009")]).await;
+    assert_eq!(answer.header("x-seen-range"), "bytes=1000-1009");
+    assert_eq!(
+        answer.header("cache-status"),
+        "portico; fwd=miss; detail=too-large"
+    );
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), 300000);
+    assert_eq!(backend.requests(), before + 2);
 }

@@ -15,10 +15,74 @@ pub enum RangeAnswer {
     Unsatisfiable,
 }
 
-/// What a request's `Range` and `If-Range` ask of a stored representation
-/// of `len` bytes with `stored` headers.
+/// The one byte range a request asks for (RFC 9110 §14.1.2), before it
+/// meets a representation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spec {
+    /// `bytes=a-b` (`last` given) or `bytes=a-`.
+    From { first: u64, last: Option<u64> },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl Spec {
+    /// The request's `Range`, when it is one byte range portico serves
+    /// itself; None without one, for several ranges, other units or a
+    /// syntax error (all of which §14.2 lets a server ignore).
+    pub fn of(request: &HeaderMap) -> Option<Spec> {
+        let range = request.get(header::RANGE)?.to_str().ok()?;
+        let (unit, spec) = range.trim().split_once('=')?;
+        if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+            return None;
+        }
+        let (first, last) = spec.trim().split_once('-')?;
+        let number = |s: &str| {
+            let s = s.trim();
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u64>().unwrap_or(u64::MAX))
+        };
+        match (number(first), number(last), last.trim().is_empty()) {
+            (Some(first), last, open) if open || last.is_some_and(|l| l >= first) => {
+                Some(Spec::From { first, last })
+            }
+            (None, Some(suffix), false) if first.trim().is_empty() => Some(Spec::Suffix(suffix)),
+            _ => None,
+        }
+    }
+
+    /// Where the range starts in a representation longer than it reaches:
+    /// how much of the body comes before it (unknown for a suffix).
+    pub fn first(self) -> Option<u64> {
+        match self {
+            Spec::From { first, .. } => Some(first),
+            Spec::Suffix(_) => None,
+        }
+    }
+
+    /// The range against a representation of `len` bytes.
+    fn against(self, len: usize) -> RangeAnswer {
+        let len64 = len as u64;
+        match self {
+            Spec::From { first, .. } if first >= len64 => RangeAnswer::Unsatisfiable,
+            Spec::From { first, last } => RangeAnswer::Partial {
+                start: first as usize,
+                end: last.map_or(len64 - 1, |l| l.min(len64 - 1)) as usize,
+            },
+            Spec::Suffix(0) => RangeAnswer::Unsatisfiable,
+            Spec::Suffix(_) if len == 0 => RangeAnswer::Unsatisfiable,
+            Spec::Suffix(n) => RangeAnswer::Partial {
+                start: len64.saturating_sub(n) as usize,
+                end: len - 1,
+            },
+        }
+    }
+}
+
+/// What a request's `Range` and `If-Range` ask of a representation of
+/// `len` bytes with `stored` headers (a stored response, or one just
+/// fetched whole for a range).
 pub fn evaluate(request: &HeaderMap, stored: &HeaderMap, len: usize) -> RangeAnswer {
-    let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+    let Some(spec) = Spec::of(request) else {
         return RangeAnswer::Full;
     };
     if let Some(condition) = request.get(header::IF_RANGE) {
@@ -26,46 +90,7 @@ pub fn evaluate(request: &HeaderMap, stored: &HeaderMap, len: usize) -> RangeAns
             return RangeAnswer::Full;
         }
     }
-    let Some((unit, spec)) = range.trim().split_once('=') else {
-        return RangeAnswer::Full;
-    };
-    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
-        return RangeAnswer::Full;
-    }
-    let Some((first, last)) = spec.trim().split_once('-') else {
-        return RangeAnswer::Full;
-    };
-    let number = |s: &str| {
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u64>().unwrap_or(u64::MAX))
-    };
-    let len64 = len as u64;
-    match (number(first), number(last), last.trim().is_empty()) {
-        // bytes=a-b and bytes=a-
-        (Some(start), last, open) if open || last.is_some_and(|l| l >= start) => {
-            if start >= len64 {
-                return RangeAnswer::Unsatisfiable;
-            }
-            let end = last.map_or(len64 - 1, |l| l.min(len64 - 1));
-            RangeAnswer::Partial {
-                start: start as usize,
-                end: end as usize,
-            }
-        }
-        // bytes=-n: the last n bytes
-        (None, Some(suffix), false) if first.trim().is_empty() => {
-            if suffix == 0 || len == 0 {
-                return RangeAnswer::Unsatisfiable;
-            }
-            RangeAnswer::Partial {
-                start: len64.saturating_sub(suffix) as usize,
-                end: len - 1,
-            }
-        }
-        // Syntactically invalid: ignored (§14.2).
-        _ => RangeAnswer::Full,
-    }
+    spec.against(len)
 }
 
 /// §13.1.5: an entity-tag matches only a strong, identical ETag; a date

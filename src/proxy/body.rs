@@ -3,7 +3,8 @@
 //! streaming (chunked uploads included) and `body_timeout` between frames.
 //! [`ProxyBody`] is what portico sends to clients: a backend's streamed body
 //! under the same stall timeout, or a small body held in memory (errors,
-//! later cache hits). Neither ever buffers a stream whole.
+//! later cache hits), or one byte range cut from a backend's whole body.
+//! Neither ever buffers a stream whole.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -309,6 +310,80 @@ pub enum ProxyBody {
         /// Copies the body into the cache as it passes.
         capture: Option<Box<Capture>>,
     },
+    /// One byte range of a body fetched whole (a range miss: the cache
+    /// stores the whole, the client gets its range).
+    Slice(Box<Slice>),
+}
+
+/// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
+/// range is sent and `inner` is still being copied into the cache, the rest
+/// of it is read to its end by a task of its own, so the whole response is
+/// stored; a client gone before its range ends takes the copy with it, as
+/// a client that leaves any fetch does.
+#[derive(Debug)]
+pub struct Slice {
+    inner: ProxyBody,
+    /// Bytes still to drop before the range begins.
+    skip: u64,
+    /// Bytes of the range still to send.
+    left: u64,
+}
+
+impl Slice {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        while self.left > 0 {
+            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                other => return other,
+            };
+            // Trailers belong to the whole body, not to a part of it.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let len = data.len() as u64;
+            if self.skip >= len {
+                self.skip -= len;
+                continue;
+            }
+            bytes::Buf::advance(&mut data, self.skip as usize);
+            self.skip = 0;
+            data.truncate(self.left.min(data.len() as u64) as usize);
+            self.left -= data.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(None)
+    }
+}
+
+impl Drop for Slice {
+    fn drop(&mut self) {
+        let capturing = matches!(
+            &self.inner,
+            ProxyBody::Stream {
+                capture: Some(_),
+                ..
+            }
+        );
+        if self.left > 0 || !capturing {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
+        // Each frame is bounded by `body_timeout` and the copy by
+        // `max_object_size`; the stream stores the body at its end.
+        runtime.spawn(async move {
+            while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut rest).await {
+                if !rest.is_capturing() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 impl ProxyBody {
@@ -351,6 +426,26 @@ impl ProxyBody {
             }
         }
         self
+    }
+}
+
+impl ProxyBody {
+    /// `count` bytes of this body from byte `start` on (see [`Slice`]).
+    pub fn slice(self, start: u64, count: u64) -> Self {
+        ProxyBody::Slice(Box::new(Slice {
+            inner: self,
+            skip: start,
+            left: count,
+        }))
+    }
+
+    /// Whether this body is being copied into the cache.
+    pub fn is_capturing(&self) -> bool {
+        match self {
+            ProxyBody::Stream { capture, .. } => capture.is_some(),
+            ProxyBody::Slice(slice) => slice.inner.is_capturing(),
+            ProxyBody::Full { .. } => false,
+        }
     }
 }
 
@@ -414,6 +509,7 @@ impl Body for ProxyBody {
                     Poll::Pending => Poll::Pending,
                 },
             },
+            ProxyBody::Slice(slice) => slice.poll_frame(cx),
         }
     }
 
@@ -421,6 +517,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Slice(slice) => slice.left == 0,
         }
     }
 
@@ -430,6 +527,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ProxyBody::Stream { inner, .. } => inner.size_hint(),
+            ProxyBody::Slice(slice) => SizeHint::with_exact(slice.left),
         }
     }
 }

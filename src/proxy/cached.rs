@@ -168,20 +168,11 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     let (code, body) = if conditional_hit {
         headers.remove(header::CONTENT_LENGTH);
         (StatusCode::NOT_MODIFIED, ProxyBody::empty())
-    } else if let RangeAnswer::Partial { start, end } = range {
-        let content_range = format!("bytes {start}-{end}/{len}");
-        if let Ok(value) = HeaderValue::from_str(&content_range) {
-            headers.insert(header::CONTENT_RANGE, value);
-        }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end + 1 - start));
-        let body = ProxyBody::full(entry.body.slice(start..=end));
-        (StatusCode::PARTIAL_CONTENT, body)
-    } else if range == RangeAnswer::Unsatisfiable {
-        if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {
-            headers.insert(header::CONTENT_RANGE, value);
-        }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-        (StatusCode::RANGE_NOT_SATISFIABLE, ProxyBody::empty())
+    } else if let Some((code, start, count)) = range_fields(&mut headers, range, len) {
+        (
+            code,
+            ProxyBody::full(entry.body.slice(start..start + count)),
+        )
     } else {
         if entry.status != StatusCode::NO_CONTENT && entry.status != StatusCode::NOT_MODIFIED {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
@@ -202,6 +193,36 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
         response.headers_mut().insert(CACHE_STATUS.clone(), value);
     }
     response
+}
+
+/// Turns the fields of a 200 of `len` bytes into those of the 206 or 416
+/// `answer` makes of it (RFC 9110 §14.4, §15.5.17): its status, and where
+/// the bytes it keeps start and how many they are. None for `Full`.
+fn range_fields(
+    headers: &mut HeaderMap,
+    answer: RangeAnswer,
+    len: usize,
+) -> Option<(StatusCode, usize, usize)> {
+    let (code, content_range, start, count) = match answer {
+        RangeAnswer::Full => return None,
+        RangeAnswer::Partial { start, end } => (
+            StatusCode::PARTIAL_CONTENT,
+            format!("bytes {start}-{end}/{len}"),
+            start,
+            end + 1 - start,
+        ),
+        RangeAnswer::Unsatisfiable => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            format!("bytes */{len}"),
+            len,
+            0,
+        ),
+    };
+    if let Ok(value) = HeaderValue::from_str(&content_range) {
+        headers.insert(header::CONTENT_RANGE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    Some((code, start, count))
 }
 
 /// The 504 for `only-if-cached` when nothing usable is stored.
@@ -248,8 +269,10 @@ pub(super) async fn serve(
     if request_cc.no_store {
         return bypass(cache, upstream, parts, body, trace).await;
     }
-    // A byte range is served from a fresh stored response; anything else
-    // about it (a miss, a revalidation) goes to the backend untouched.
+    // A byte range is served from a fresh stored response, and a miss
+    // fetches the whole response to store it (see `whole_for_range`); a
+    // revalidation, or a range portico does not serve itself, goes to the
+    // backend untouched.
     let ranged = parts.headers.contains_key(header::RANGE);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
@@ -339,9 +362,18 @@ pub(super) async fn serve(
     if request_cc.only_if_cached {
         return Ok(only_if_cached_miss());
     }
-    if ranged {
-        return bypass(cache, upstream, parts, body, trace).await;
-    }
+    // The client's own head, kept to cut its range from the whole answer.
+    let asked = if ranged {
+        if !whole_for_range(cache, &parts, &body) {
+            return bypass(cache, upstream, parts, body, trace).await;
+        }
+        let asked = super::copy_head(&parts);
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
+        Some(asked)
+    } else {
+        None
+    };
     let leader = match Locks::claim(cache, &primary) {
         Claim::Leader(leader) => Some(leader),
         Claim::Wait(waiting) => {
@@ -373,7 +405,75 @@ pub(super) async fn serve(
         trace,
     )
     .await?;
-    Ok(fetch.store_or_relay(cache, upstream, response, in_flight))
+    let response = fetch.store_or_relay(cache, upstream, response, in_flight);
+    match asked {
+        Some(asked) => cut_range(cache, upstream, asked, response, trace).await,
+        None => Ok(response),
+    }
+}
+
+/// Whether a `Range` request that found nothing usable stored fetches the
+/// whole response, to store it and cut the range from it as it streams, as
+/// nginx and Varnish do on a miss. Only a GET without a body asking for
+/// one byte range does; and not one starting at or past `max_object_size`,
+/// which no response the cache keeps can serve: reading up to it would
+/// only fetch what is thrown away.
+fn whole_for_range(cache: &Cache, parts: &Parts, body: &RequestBody) -> bool {
+    parts.method == Method::GET
+        && http_body::Body::is_end_stream(body)
+        && range::Spec::of(&parts.headers).is_some_and(|spec| {
+            spec.first()
+                .is_none_or(|first| first < cache.config.max_object_size)
+        })
+}
+
+/// The client's range of a 200 fetched whole for it (`asked` is the
+/// client's head): a 206 or 416 cut from the stream while the whole is
+/// stored. A response with no `Content-Length`, or whose `If-Range` does
+/// not match, goes out whole, which RFC 9110 §14.2 allows. One that is
+/// neither stored nor small (over `max_object_size`) is not read up to the
+/// range: the request is sent again with its `Range`, for the backend to
+/// cut.
+async fn cut_range(
+    cache: &Cache,
+    upstream: &Upstream,
+    asked: Parts,
+    response: Response<ProxyBody>,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let len = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|len| usize::try_from(len).ok());
+    let Some(len) = len.filter(|_| response.status() == StatusCode::OK) else {
+        return Ok(response);
+    };
+    let answer = range::evaluate(&asked.headers, response.headers(), len);
+    if answer == RangeAnswer::Full {
+        return Ok(response);
+    }
+    if !response.body().is_capturing() && len as u64 > cache.config.max_object_size {
+        let said = response.headers().get(&CACHE_STATUS).cloned();
+        drop(response);
+        let (again, in_flight) =
+            forward_with_retries(upstream, asked, RequestBody::empty(), trace).await?;
+        let mut again = relay(upstream, again, in_flight);
+        if let Some(said) = said {
+            again.headers_mut().insert(CACHE_STATUS.clone(), said);
+        }
+        return Ok(again);
+    }
+    let (mut parts, body) = response.into_parts();
+    let Some((code, start, count)) = range_fields(&mut parts.headers, answer, len) else {
+        return Ok(Response::from_parts(parts, body));
+    };
+    parts.status = code;
+    Ok(Response::from_parts(
+        parts,
+        body.slice(start as u64, count as u64),
+    ))
 }
 
 /// Forwards the request as it is and relays the answer without storing it.

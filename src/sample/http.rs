@@ -216,7 +216,9 @@ fn upgrade_echo(mut request: Request<Incoming>) -> Response<Body> {
 /// Test helper for caches: answers with the headers the query asks for
 /// (`cc`, `vary`, `etag`, `lm`, `expires`, `cookie=1`, `status`) and a body
 /// naming the instance and its request count, so a test can tell a cached
-/// answer from a fresh one. Honours `If-None-Match` against `etag`.
+/// answer from a fresh one; `size=N` pads that body to N bytes.
+/// Honours `If-None-Match` against `etag`, and says what `Range` it was
+/// sent in `x-seen-range` (it ignores it and answers whole).
 fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
     let mut params: std::collections::HashMap<&str, String> = Default::default();
     for pair in request.uri().query().unwrap_or("").split('&') {
@@ -248,10 +250,15 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
             "n": ctx.requests.load(Ordering::Relaxed),
             "path": request.uri().path(),
         });
-        let mut response = json(status, &body);
-        *response.status_mut() = status;
-        response
+        let mut text = serde_json::to_vec(&body).unwrap_or_default();
+        if let Some(size) = params.get("size").and_then(|s| s.parse::<usize>().ok()) {
+            pad(&mut text, size);
+        }
+        full(status, "application/json", text)
     };
+    if let Some(range) = request.headers().get(header::RANGE) {
+        response.headers_mut().insert("x-seen-range", range.clone());
+    }
     let headers = response.headers_mut();
     let mut set = |name: header::HeaderName, value: Option<String>| {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -267,6 +274,22 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
         set(header::SET_COOKIE, Some("session=abc; Path=/".into()));
     }
     response
+}
+
+/// Grows the JSON object `text` to `size` bytes with a `pad` member whose
+/// characters repeat only every 251, so a byte range cut from the wrong
+/// place shows.
+fn pad(text: &mut Vec<u8>, size: usize) {
+    const MEMBER: &[u8] = b",\"pad\":\"";
+    if text.last() != Some(&b'}') || size < text.len() + MEMBER.len() + 1 {
+        return;
+    }
+    text.pop();
+    text.extend_from_slice(MEMBER);
+    const CHARS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let digits = size - text.len() - 2;
+    text.extend((0..digits).map(|i| CHARS[i % 251 % CHARS.len()]));
+    text.extend_from_slice(b"\"}");
 }
 
 fn list_orders(ctx: &Context, user_id: u64, headers: &HeaderMap) -> Response<Body> {
