@@ -921,6 +921,38 @@ async fn a_range_miss_fetches_the_whole_response_and_stores_it() {
 }
 
 #[tokio::test]
+async fn concurrent_range_misses_make_one_backend_request_and_each_gets_its_range() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(200);
+    let backend = start_backend(opts).await;
+    let proxy = Arc::new(start_proxy(cached(&[&backend])).await);
+    let url = proxy.url("/cache/together?cc=max-age=60&size=20000");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let range = format!("bytes={}-{}", i * 900, i * 900 + 99);
+            (
+                i * 900,
+                get_with(&client(), &url, &[("range", &range)]).await,
+            )
+        }));
+    }
+    let mut parts = Vec::new();
+    for task in tasks {
+        let (start, answer) = task.await.unwrap();
+        assert_eq!(answer.status, StatusCode::PARTIAL_CONTENT, "from {start}");
+        parts.push((start, answer.body));
+    }
+    assert_eq!(backend.requests(), 1);
+    until_stored(&proxy, 1).await;
+    let whole = get(&client(), &url).await.body;
+    for (start, part) in parts {
+        assert_eq!(part, whole.slice(start..start + 100), "from {start}");
+    }
+}
+
+#[tokio::test]
 async fn range_misses_of_every_kind_are_answered_as_from_the_cache() {
     let (_backend, proxy) = cached_sample().await;
     let client = client();

@@ -363,17 +363,9 @@ pub(super) async fn serve(
         return Ok(only_if_cached_miss());
     }
     // The client's own head, kept to cut its range from the whole answer.
-    let asked = if ranged {
-        if !whole_for_range(cache, &parts, &body) {
-            return bypass(cache, upstream, parts, body, trace).await;
-        }
-        let asked = super::copy_head(&parts);
-        parts.headers.remove(header::RANGE);
-        parts.headers.remove(header::IF_RANGE);
-        Some(asked)
-    } else {
-        None
-    };
+    if ranged && !whole_for_range(cache, &parts, &body) {
+        return bypass(cache, upstream, parts, body, trace).await;
+    }
     let leader = match Locks::claim(cache, &primary) {
         Claim::Leader(leader) => Some(leader),
         Claim::Wait(waiting) => {
@@ -387,6 +379,14 @@ pub(super) async fn serve(
         }
     };
     cache.counters.miss.inc();
+    // The client's own head, kept to cut its range from the whole answer
+    // (a follower above was answered from the store with its range).
+    let asked = ranged.then(|| {
+        let asked = super::copy_head(&parts);
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
+        asked
+    });
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
     let fetch = Fetch {
         request_headers: parts.headers.clone(),
