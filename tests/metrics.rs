@@ -391,3 +391,63 @@ async fn admin_serves_through_the_drain_and_readyz_says_it() {
     assert_eq!(held.await.unwrap(), StatusCode::OK);
     stopping.await.unwrap();
 }
+
+/// The scrape's value for the series starting with `prefix`, 0 when absent.
+fn scraped(proxy: &RunningProxy, prefix: &str) -> u64 {
+    let text = String::from_utf8(proxy.shared.proxy.load().metrics().encode()).unwrap();
+    metric_line(&text, prefix)
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0, |value| value.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_request_its_client_leaves_counts_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_secs(2);
+    let backend = start_backend(opts).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].name = "orders".into();
+    config.routes[0].name = "orders".into();
+    let proxy = start_proxy(config).await;
+    let route = "portico_requests_total{code=\"499\",route=\"orders\"}";
+    let upstream = format!(
+        "portico_upstream_requests_total{{backend=\"{}\",code=\"499\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    let counted = |n: u64| {
+        let (proxy, upstream) = (&proxy, &upstream);
+        async move {
+            let waited = tokio::time::timeout(STEP, async {
+                while scraped(proxy, route) < n || scraped(proxy, upstream) < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "{n} requests counted as 499 within STEP");
+        }
+    };
+
+    // HTTP/1.1: the client closes its connection while the backend works.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /users/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let arrived = tokio::time::timeout(STEP, async {
+        while backend.requests() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(arrived.await.is_ok(), "the request reached the backend");
+    drop(stream);
+    counted(1).await;
+
+    // HTTP/2: the client resets the stream and keeps the connection.
+    let h2 = h2c_client();
+    let url = proxy.url("/users/1");
+    let asked = tokio::time::timeout(Duration::from_millis(300), h2.get(url.parse().unwrap()));
+    assert!(asked.await.is_err(), "the backend is slower than that");
+    counted(2).await;
+    assert_eq!(scraped(&proxy, "portico_requests_total{code=\"200\""), 0);
+}

@@ -70,6 +70,45 @@ pub struct Trace {
     pub quota: Option<(u32, u32, std::time::Duration)>,
 }
 
+/// nginx's 499: the client closed its connection, or reset its HTTP/2
+/// stream, before its answer was ready.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request being served. hyper drops the request's future when its
+/// client leaves before the answer (a closed connection, a reset stream),
+/// so nothing after the await would count or log it: this does, on drop,
+/// as status 499, so abandoned requests show in `portico_requests_total`
+/// and the access log as they do in nginx's.
+struct Pending<'a> {
+    proxy: &'a Proxy,
+    started: std::time::Instant,
+    /// Taken once the request is logged; None also when the log is off.
+    access: Option<log::AccessRecord>,
+    trace: Trace,
+    done: bool,
+}
+
+impl Pending<'_> {
+    fn answered<B>(mut self, response: &Response<B>) {
+        self.proxy.account(response, &mut self);
+        self.done = true;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut gone = Response::new(());
+        if let Ok(status) = http::StatusCode::from_u16(CLIENT_CLOSED) {
+            *gone.status_mut() = status;
+        }
+        tracing::debug!(elapsed = ?self.started.elapsed(), "client left before its answer");
+        self.proxy.account(&gone, self);
+    }
+}
+
 impl Proxy {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
         Self::build(config, metrics, None)
@@ -136,13 +175,18 @@ impl Proxy {
 
     /// Serves one request. Never fails: errors become responses.
     pub async fn handle(&self, mut request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
-        let started = std::time::Instant::now();
         log::ensure_request_id(request.headers_mut());
-        let access = log::AccessRecord::capture(&request, conn);
-        let mut trace = Trace::default();
+        let mut pending = Pending {
+            proxy: self,
+            started: std::time::Instant::now(),
+            access: log::AccessRecord::capture(&request, conn),
+            trace: Trace::default(),
+            done: false,
+        };
+        let trace = &mut pending.trace;
         // Boxed: hyper and each async layer above move this future whole
         // once per request; a pointer is cheaper to move than kilobytes.
-        let response = match Box::pin(self.forward(request, conn, &mut trace)).await {
+        let response = match Box::pin(self.forward(request, conn, trace)).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
@@ -177,20 +221,26 @@ impl Proxy {
                 response
             }
         };
-        let elapsed = started.elapsed();
-        let status = response.status().as_u16();
+        pending.answered(&response);
+        response
+    }
+
+    /// Counts an answered request (or one its client left, see [`Pending`])
+    /// and writes its access line.
+    fn account<B>(&self, response: &Response<B>, pending: &mut Pending) {
+        let elapsed = pending.started.elapsed();
+        let trace = &pending.trace;
         let route = trace.route.and_then(|i| self.route_metrics.get(i));
         route
             .unwrap_or(&self.unrouted)
-            .record(status, elapsed.as_secs_f64());
-        if let Some(access) = access {
+            .record(response.status().as_u16(), elapsed.as_secs_f64());
+        if let Some(access) = pending.access.take() {
             let upstream = trace
                 .route
                 .and_then(|i| self.router.route(i))
                 .map(|r| self.upstreams[r.upstream].name());
-            access.emit(&response, elapsed, upstream, trace.backend);
+            access.emit(response, elapsed, upstream, trace.backend);
         }
-        response
     }
 
     /// Counts and logs a request head the HTTP/1 parser refused with
@@ -393,7 +443,11 @@ async fn forward_with_retries(
         let backend = upstream.backend(index);
         trace.backend = Some(backend.addr);
         let in_flight = backend.in_flight();
-        let sent = std::time::Instant::now();
+        let waiting = Unanswered {
+            metrics: &backend.metrics,
+            sent: std::time::Instant::now(),
+            open: true,
+        };
         // A retry goes out on a new connection: the usual failure is a
         // pooled one the backend closed as it was reused, and the next
         // idle one may well have been closed the same way.
@@ -401,7 +455,7 @@ async fn forward_with_retries(
         let result = upstream
             .send(index, Request::from_parts(parts, body), fresh)
             .await;
-        let seconds = sent.elapsed().as_secs_f64();
+        let seconds = waiting.close();
         let error = match result {
             Ok(response) => {
                 backend.metrics.record(response.status().as_u16(), seconds);
@@ -443,6 +497,34 @@ async fn forward_with_retries(
         attempt += 1;
         let head = replay.as_ref().expect("retries > 0 keeps the head");
         next = Some((copy_head(head), retry_body));
+    }
+}
+
+/// A request at a backend and not answered yet. Dropped so (its client
+/// left, see [`Pending`]) it counts in `portico_upstream_requests_total`
+/// as 499, so every attempt a backend saw is counted; its connection is
+/// closed with it, as nginx closes an upstream connection when the client
+/// aborts.
+struct Unanswered<'a> {
+    metrics: &'a crate::metrics::BackendMetrics,
+    sent: std::time::Instant,
+    open: bool,
+}
+
+impl Unanswered<'_> {
+    /// The backend answered or failed: the seconds it took.
+    fn close(mut self) -> f64 {
+        self.open = false;
+        self.sent.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.metrics
+                .record(CLIENT_CLOSED, self.sent.elapsed().as_secs_f64());
+        }
     }
 }
 
