@@ -1036,3 +1036,64 @@ async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
     assert_eq!(answer.body.len(), 300000);
     assert_eq!(backend.requests(), before + 2);
 }
+
+#[tokio::test]
+async fn a_range_of_a_stale_entry_revalidates_it_and_is_cut_from_the_result() {
+    let (backend, proxy) = cached_sample().await;
+    let client = client();
+    let cache = cache_of(&proxy);
+    let lm = "Sun,%2006%20Nov%201994%2008:49:37%20GMT";
+    // One entry the backend confirms with a 304, one it sends again (it
+    // ignores If-Modified-Since), one refreshed in the background.
+    let confirmed = proxy.url("/cache/confirmed?cc=max-age=10&etag=c1&size=5000");
+    let replaced = proxy.url(&format!("/cache/replaced?cc=max-age=10&lm={lm}&size=5000"));
+    let behind = proxy.url(&format!(
+        "/cache/behind?cc=max-age=10,%20stale-while-revalidate=600&lm={lm}&size=5000"
+    ));
+    let mut wholes = Vec::new();
+    for url in [&confirmed, &replaced, &behind] {
+        wholes.push(get(&client, url).await.body);
+    }
+    cache.advance_clock(Duration::from_secs(20));
+    let range = [("range", "bytes=10-19")];
+
+    let part = get_with(&client, &confirmed, &range).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        part.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    assert_eq!(part.body, wholes[0].slice(10..20));
+
+    let part = get_with(&client, &replaced, &range).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        part.header("cache-status"),
+        "portico; fwd=stale; fwd-status=200; stored"
+    );
+    assert!(part.headers.get("x-seen-range").is_none(), "asked whole");
+    assert_eq!(part.header("content-range"), "bytes 10-19/5000");
+
+    let part = get_with(&client, &behind, &range).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        part.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    // The background refresh asked for the whole response: what it stored
+    // (served stale once the clock is past it too) says no Range came.
+    let refreshed = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client, &behind).await;
+            if answer.body != wholes[2] {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("refreshed within STEP");
+    assert_eq!(refreshed.body.len(), 5000);
+    assert!(refreshed.headers.get("x-seen-range").is_none());
+    assert!(backend.requests() >= 4);
+}

@@ -373,16 +373,8 @@ impl Drop for Slice {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let mut rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
-        // Each frame is bounded by `body_timeout` and the copy by
-        // `max_object_size`; the stream stores the body at its end.
-        runtime.spawn(async move {
-            while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut rest).await {
-                if !rest.is_capturing() {
-                    break;
-                }
-            }
-        });
+        let rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
+        runtime.spawn(rest.read_into_cache());
     }
 }
 
@@ -437,6 +429,17 @@ impl ProxyBody {
             skip: start,
             left: count,
         }))
+    }
+
+    /// Reads a body nobody else reads for the cache's copy: one frame at a
+    /// time, each within `body_timeout`, until the body ends (and is
+    /// stored) or the copy gives up (past `max_object_size`).
+    pub async fn read_into_cache(mut self) {
+        while self.is_capturing() {
+            if !matches!(http_body_util::BodyExt::frame(&mut self).await, Some(Ok(_))) {
+                break;
+            }
+        }
     }
 
     /// Whether this body is being copied into the cache.

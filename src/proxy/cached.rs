@@ -269,10 +269,10 @@ pub(super) async fn serve(
     if request_cc.no_store {
         return bypass(cache, upstream, parts, body, trace).await;
     }
-    // A byte range is served from a fresh stored response, and a miss
-    // fetches the whole response to store it (see `whole_for_range`); a
-    // revalidation, or a range portico does not serve itself, goes to the
-    // backend untouched.
+    // A byte range is served from a fresh stored response; a miss or a
+    // revalidation asks for the whole response and cuts the range from
+    // what it gets (see `whole_for_range`). A range portico does not serve
+    // itself goes to the backend untouched.
     let ranged = parts.headers.contains_key(header::RANGE);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
@@ -326,7 +326,7 @@ pub(super) async fn serve(
             Usable::MustRevalidate if request_cc.only_if_cached => {
                 return Ok(only_if_cached_miss());
             }
-            Usable::MustRevalidate if ranged => {
+            Usable::MustRevalidate if ranged && !whole_for_range(cache, &parts, &body) => {
                 return bypass(cache, upstream, parts, body, trace).await;
             }
             Usable::MustRevalidate => {
@@ -383,8 +383,7 @@ pub(super) async fn serve(
     // (a follower above was answered from the store with its range).
     let asked = ranged.then(|| {
         let asked = super::copy_head(&parts);
-        parts.headers.remove(header::RANGE);
-        parts.headers.remove(header::IF_RANGE);
+        without_range(&mut parts.headers);
         asked
     });
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
@@ -613,13 +612,22 @@ impl Fetch {
     }
 }
 
-/// A copy of `client` without the validators that could get it a 304: a
-/// fetch of the whole response, for when a 304 named another validator.
+/// A copy of `client` without the validators that could get it a 304, nor
+/// a range: a fetch of the whole response, for when a 304 named another
+/// validator.
 fn unconditional(client: &Parts) -> Parts {
     let mut parts = super::copy_head(client);
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
+    without_range(&mut parts.headers);
     parts
+}
+
+/// Takes a client's range off a request portico sends for the whole
+/// response (`If-Range` means nothing without `Range`).
+fn without_range(headers: &mut HeaderMap) {
+    headers.remove(header::RANGE);
+    headers.remove(header::IF_RANGE);
 }
 
 /// What a 304 answering portico's revalidation of `entry` comes to.
@@ -756,6 +764,9 @@ async fn revalidate(
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
+    // A range is cut from what the revalidation gets, as on a miss.
+    let ranged = parts.headers.contains_key(header::RANGE);
+    without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
     if policy::has_validator(&entry.headers) {
@@ -828,7 +839,11 @@ async fn revalidate(
             return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
         }
         cache.counters.miss.inc();
-        return Ok(fetch.store_or_relay(cache, upstream, response, in_flight));
+        let response = fetch.store_or_relay(cache, upstream, response, in_flight);
+        if ranged {
+            return cut_range(cache, upstream, client, response, trace).await;
+        }
+        return Ok(response);
     }
 }
 
@@ -846,6 +861,9 @@ async fn refresh(
         return;
     };
     parts.method = Method::GET;
+    // The client that found the entry stale may have asked for a range;
+    // the refresh is for the whole response.
+    without_range(&mut parts.headers);
     let fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc: policy::parse_request(&parts.headers),
@@ -878,18 +896,8 @@ async fn refresh(
         }
     }
     let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
-    // Nobody reads this body but the cache: drain it so it is stored,
-    // holding one frame at a time, and stop once it is past what the cache
-    // would store (the capture has given up by then).
-    let limit = cache.config.max_object_size;
-    let mut body = response.into_body();
-    let mut seen: u64 = 0;
-    while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
-        seen += frame.data_ref().map_or(0, |data| data.len() as u64);
-        if seen > limit {
-            break;
-        }
-    }
+    // Nobody reads this body but the cache.
+    response.into_body().read_into_cache().await;
 }
 
 /// After a successful unsafe request, drops what the cache holds for the
