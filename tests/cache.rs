@@ -990,6 +990,24 @@ async fn range_misses_of_every_kind_are_answered_as_from_the_cache() {
         assert_eq!(answer.header("x-seen-range"), range);
     }
     until_stored(&proxy, 3).await;
+    // A HEAD ignores Range (RFC 9110 §14.2): a hit or a miss as without it.
+    for (name, status) in [
+        ("tail", "portico; hit"),
+        ("headless", "portico; fwd=miss; detail=method"),
+    ] {
+        let head = send(
+            &client,
+            Request::head(url(name))
+                .header("range", "bytes=0-1")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.header("cache-status"), status);
+        assert_eq!(head.header("content-length"), "5000");
+    }
+
     for name in ["tail", "beyond", "other"] {
         let hit = get(&client, &url(name)).await;
         assert_eq!(hit.header("cache-status"), "portico; hit", "{name}");

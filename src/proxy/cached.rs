@@ -272,8 +272,9 @@ pub(super) async fn serve(
     // A byte range is served from a fresh stored response; a miss or a
     // revalidation asks for the whole response and cuts the range from
     // what it gets (see `whole_for_range`). A range portico does not serve
-    // itself goes to the backend untouched.
-    let ranged = parts.headers.contains_key(header::RANGE);
+    // itself goes to the backend untouched. Range means nothing to HEAD
+    // (RFC 9110 §14.2): a HEAD is served as if it had none.
+    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
@@ -765,7 +766,7 @@ async fn revalidate(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
     // A range is cut from what the revalidation gets, as on a miss.
-    let ranged = parts.headers.contains_key(header::RANGE);
+    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
     without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
