@@ -1053,6 +1053,57 @@ async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body.len(), 300000);
     assert_eq!(backend.requests(), before + 2);
+
+    // Both are remembered as not stored: their next ranges go to the
+    // backend as they are, each in one request.
+    for url in [proxy.url("/cache/private?cc=no-store&size=5000"), url] {
+        let before = backend.requests();
+        let answer = get_with(&client, &url, &[("range", "bytes=10-19")]).await;
+        assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
+        assert_eq!(answer.header("x-seen-range"), "bytes=10-19");
+        assert_eq!(backend.requests(), before + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_range_of_a_response_without_a_length_is_served_once_it_is_known() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.cache = Some(portico::config::Cache {
+        max_object_size: 64 << 10,
+        ..portico::config::Cache::default()
+    });
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let range = [("range", "bytes=10-19")];
+
+    // Stored: read whole, then the range is cut from the store.
+    let url = proxy.url("/cache/chunked?cc=max-age=60&size=5000&chunked=1");
+    let part = get_with(&client, &url, &range).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.header("content-range"), "bytes 10-19/5000");
+    assert_eq!(part.header("cache-status"), "portico; fwd=miss; stored");
+    assert!(part.headers.get("x-seen-range").is_none());
+    let whole = get(&client, &url).await;
+    assert_eq!(whole.header("cache-status"), "portico; hit");
+    assert_eq!(part.body, whole.body.slice(10..20));
+
+    // Not stored, or too large to be: asked for again with the range (the
+    // sample backend answers whole), never a whole body in its place
+    // unasked.
+    for (name, status) in [
+        ("private", "portico; fwd=miss; detail=private"),
+        ("large", "portico; fwd=miss"),
+    ] {
+        let url = proxy.url(&format!(
+            "/cache/{name}?cc={name},%20max-age=60&size=300000&chunked=1"
+        ));
+        let before = backend.requests();
+        let answer = get_with(&client, &url, &range).await;
+        assert_eq!(answer.header("x-seen-range"), "bytes=10-19", "{name}");
+        assert_eq!(answer.header("cache-status"), status, "{name}");
+        assert_eq!(backend.requests(), before + 2, "{name}");
+    }
 }
 
 #[tokio::test]

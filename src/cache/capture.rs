@@ -79,6 +79,7 @@ impl Capture {
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
+            self.cache.not_stored(self.fill.primary());
             return false;
         }
         self.chunks.push(data.clone());

@@ -32,6 +32,11 @@ use policy::{CacheControl, Timing};
 
 /// How long a stale entry with a validator is kept for revalidation.
 const REVALIDATE_GRACE: Duration = Duration::from_secs(300);
+/// How long a URL whose response was not stored is remembered as such
+/// (Varnish's hit-for-miss objects live as long by default).
+const UNCACHEABLE_FOR: Duration = Duration::from_secs(120);
+/// URLs remembered so at most; past it, the least used are forgotten.
+const UNCACHEABLE_URLS: u64 = 4096;
 /// Fixed cost counted per entry besides its body and header bytes.
 const ENTRY_OVERHEAD: usize = 256;
 
@@ -161,6 +166,8 @@ pub struct Cache {
     index: Arc<DashMap<String, Variants>>,
     /// Primary key -> the fetches under way for it (see [`fill`]).
     fills: DashMap<String, fill::Pending>,
+    /// URLs whose last response was not stored (see [`Cache::uncacheable`]).
+    uncacheable: moka::sync::Cache<String, ()>,
     pub locks: lock::Locks,
     pub counters: Counters,
     metrics: Arc<Metrics>,
@@ -207,6 +214,10 @@ impl Cache {
             store,
             index,
             fills: DashMap::new(),
+            uncacheable: moka::sync::Cache::builder()
+                .max_capacity(UNCACHEABLE_URLS)
+                .time_to_live(UNCACHEABLE_FOR)
+                .build(),
             locks: lock::Locks::default(),
             counters,
             metrics,
@@ -236,6 +247,24 @@ impl Cache {
         self.index
             .get(primary)
             .is_some_and(|variants| variants.keys.iter().any(|k| k == full))
+    }
+
+    /// Notes that a response for `primary` was not stored (not storable,
+    /// or too large). A range for that URL then goes to the backend as it
+    /// is for a while, instead of having the whole response fetched for a
+    /// store that will not happen.
+    pub fn not_stored(&self, primary: &str) {
+        // Read first: a URL that is never stored says so on every request,
+        // and a lookup costs less than an insert (and its key's copy).
+        if !self.uncacheable.contains_key(primary) {
+            self.uncacheable.insert(primary.to_owned(), ());
+        }
+    }
+
+    /// Whether the last response for `primary`, in the last two minutes,
+    /// was not stored.
+    pub fn uncacheable(&self, primary: &str) -> bool {
+        self.uncacheable.contains_key(primary)
     }
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
@@ -288,6 +317,7 @@ impl Cache {
             self.store.invalidate(&key).await;
         }
         self.store.insert(full.clone(), Arc::new(entry)).await;
+        self.uncacheable.invalidate(primary);
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
         // before the store took it: undo. Not overtaken yet, any later
@@ -302,6 +332,7 @@ impl Cache {
     /// under way will not store what they bring.
     pub async fn invalidate(&self, primary: &str) {
         self.overtake(primary);
+        self.uncacheable.invalidate(primary);
         let Some((_, variants)) = self.index.remove(primary) else {
             return;
         };
@@ -323,6 +354,7 @@ impl Cache {
         self.overtake_paths(None);
         self.store.invalidate_all();
         self.index.clear();
+        self.uncacheable.invalidate_all();
     }
 
     /// Entries and weighted bytes, after applying pending evictions; also

@@ -69,7 +69,9 @@ impl Spec {
                 end: last.map_or(len64 - 1, |l| l.min(len64 - 1)) as usize,
             },
             Spec::Suffix(0) => RangeAnswer::Unsatisfiable,
-            Spec::Suffix(_) if len == 0 => RangeAnswer::Unsatisfiable,
+            // Satisfiable (RFC 9110 §14.1.1), yet no 206 can hold none of
+            // nothing: the whole, empty, representation.
+            Spec::Suffix(_) if len == 0 => RangeAnswer::Full,
             Spec::Suffix(n) => RangeAnswer::Partial {
                 start: len64.saturating_sub(n) as usize,
                 end: len - 1,
@@ -147,6 +149,9 @@ mod tests {
             assert_eq!(evaluate(&request, &HeaderMap::new(), 10), want, "{range}");
         }
         assert_eq!(evaluate(&HeaderMap::new(), &HeaderMap::new(), 10), Full);
+        let empty = |range| evaluate(&headers(&[("range", range)]), &HeaderMap::new(), 0);
+        assert_eq!(empty("bytes=-5"), Full);
+        assert_eq!(empty("bytes=0-"), Unsatisfiable);
     }
 
     #[test]

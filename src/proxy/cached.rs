@@ -327,7 +327,9 @@ pub(super) async fn serve(
             Usable::MustRevalidate if request_cc.only_if_cached => {
                 return Ok(only_if_cached_miss());
             }
-            Usable::MustRevalidate if ranged && !whole_for_range(cache, &parts, &body) => {
+            Usable::MustRevalidate
+                if ranged && !whole_for_range(cache, &primary, &parts, &body) =>
+            {
                 return bypass(cache, upstream, parts, body, trace).await;
             }
             Usable::MustRevalidate => {
@@ -364,7 +366,7 @@ pub(super) async fn serve(
         return Ok(only_if_cached_miss());
     }
     // The client's own head, kept to cut its range from the whole answer.
-    if ranged && !whole_for_range(cache, &parts, &body) {
+    if ranged && !whole_for_range(cache, &primary, &parts, &body) {
         return bypass(cache, upstream, parts, body, trace).await;
     }
     let leader = match Locks::claim(cache, &primary) {
@@ -385,7 +387,7 @@ pub(super) async fn serve(
     let asked = ranged.then(|| {
         let asked = super::copy_head(&parts);
         without_range(&mut parts.headers);
-        asked
+        (asked, primary.clone())
     });
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
     let fetch = Fetch {
@@ -407,7 +409,9 @@ pub(super) async fn serve(
     .await?;
     let response = fetch.store_or_relay(cache, upstream, response, in_flight);
     match asked {
-        Some(asked) => cut_range(cache, upstream, asked, response, trace).await,
+        Some((asked, primary)) => {
+            cut_range(cache, upstream, &primary, asked, response, trace).await
+        }
         None => Ok(response),
     }
 }
@@ -417,10 +421,12 @@ pub(super) async fn serve(
 /// nginx and Varnish do on a miss. Only a GET without a body asking for
 /// one byte range does; and not one starting at or past `max_object_size`,
 /// which no response the cache keeps can serve: reading up to it would
-/// only fetch what is thrown away.
-fn whole_for_range(cache: &Cache, parts: &Parts, body: &RequestBody) -> bool {
+/// only fetch what is thrown away. Nor one for a URL whose last response
+/// was not stored (see [`Cache::uncacheable`]).
+fn whole_for_range(cache: &Cache, primary: &str, parts: &Parts, body: &RequestBody) -> bool {
     parts.method == Method::GET
         && http_body::Body::is_end_stream(body)
+        && !cache.uncacheable(primary)
         && range::Spec::of(&parts.headers).is_some_and(|spec| {
             spec.first()
                 .is_none_or(|first| first < cache.config.max_object_size)
@@ -428,42 +434,52 @@ fn whole_for_range(cache: &Cache, parts: &Parts, body: &RequestBody) -> bool {
 }
 
 /// The client's range of a 200 fetched whole for it (`asked` is the
-/// client's head): a 206 or 416 cut from the stream while the whole is
-/// stored. A response with no `Content-Length`, or whose `If-Range` does
-/// not match, goes out whole, which RFC 9110 §14.2 allows. One that is
-/// neither stored nor small (over `max_object_size`) is not read up to the
-/// range: the request is sent again with its `Range`, for the backend to
-/// cut.
+/// client's head), cut from the stream while the whole is stored: a 206 or
+/// 416. A response whose `If-Range` does not match goes out whole, which
+/// RFC 9110 §14.2 allows.
+///
+/// A response that will not be stored is cut the same way when it is small;
+/// a larger one (over `max_object_size`) is not read up to the range, but
+/// asked for again with it. Without a `Content-Length` nothing can be cut
+/// as it streams: a response being stored is read whole first and the range
+/// served from the store, any other asked for again with the range.
 async fn cut_range(
-    cache: &Cache,
+    cache: &Arc<Cache>,
     upstream: &Upstream,
+    primary: &str,
     asked: Parts,
     response: Response<ProxyBody>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if response.status() != StatusCode::OK {
+        return Ok(response);
+    }
     let len = response
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .and_then(|len| usize::try_from(len).ok());
-    let Some(len) = len.filter(|_| response.status() == StatusCode::OK) else {
-        return Ok(response);
+    let Some(len) = len else {
+        let mut said = ours(response.headers());
+        if response.body().is_capturing() {
+            response.into_body().read_into_cache().await;
+            if let Some(answer) = from_store(cache, primary, &asked, &said).await {
+                return Ok(answer);
+            }
+            // Too large after all, broken off, or invalidated meanwhile.
+            said = said.replace("; stored", "");
+        }
+        return again_with_range(upstream, asked, &said, trace).await;
     };
     let answer = range::evaluate(&asked.headers, response.headers(), len);
     if answer == RangeAnswer::Full {
         return Ok(response);
     }
     if !response.body().is_capturing() && len as u64 > cache.config.max_object_size {
-        let said = response.headers().get(&CACHE_STATUS).cloned();
+        let said = ours(response.headers());
         drop(response);
-        let (again, in_flight) =
-            forward_with_retries(upstream, asked, RequestBody::empty(), trace).await?;
-        let mut again = relay(upstream, again, in_flight);
-        if let Some(said) = said {
-            again.headers_mut().insert(CACHE_STATUS.clone(), said);
-        }
-        return Ok(again);
+        return again_with_range(upstream, asked, &said, trace).await;
     }
     let (mut parts, body) = response.into_parts();
     let Some((code, start, count)) = range_fields(&mut parts.headers, answer, len) else {
@@ -474,6 +490,50 @@ async fn cut_range(
         parts,
         body.slice(start as u64, count as u64),
     ))
+}
+
+/// portico's own `Cache-Status` member: the last one (see [`add_status`]).
+fn ours(headers: &HeaderMap) -> String {
+    let all = headers
+        .get(&CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("portico; fwd=miss");
+    all.rsplit_once(", ")
+        .map_or(all, |(_, ours)| ours)
+        .to_owned()
+}
+
+/// The client's range of what a fetch for it just stored under `primary`,
+/// once the store is done (its coalescing lock is let go after it).
+async fn from_store(
+    cache: &Arc<Cache>,
+    primary: &str,
+    asked: &Parts,
+    status: &str,
+) -> Option<Response<ProxyBody>> {
+    if let Claim::Wait(waiting) = Locks::claim(cache, primary) {
+        if !lock::wait(waiting, COALESCE_WAIT).await {
+            return None;
+        }
+    }
+    let entry = cache.get(&cache.key_for(primary, &asked.headers)?).await?;
+    let age = entry.timing.current_age(cache.now());
+    Some(from_entry(&entry, age, asked, status))
+}
+
+/// The client's request sent again as it came, `Range` and all, for a
+/// response portico does not keep: the backend cuts the range.
+async fn again_with_range(
+    upstream: &Upstream,
+    asked: Parts,
+    said: &str,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (again, in_flight) =
+        forward_with_retries(upstream, asked, RequestBody::empty(), trace).await?;
+    let mut again = relay(upstream, again, in_flight);
+    set_status(&mut again, said);
+    Ok(again)
 }
 
 /// Forwards the request as it is and relays the answer without storing it.
@@ -581,6 +641,7 @@ impl Fetch {
                 format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
+                cache.not_stored(fill.primary());
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
@@ -598,6 +659,7 @@ impl Fetch {
                 // Stale on arrival (an old `Age` or `Date`), with no validator
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
+                    cache.not_stored(fill.primary());
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
@@ -606,7 +668,12 @@ impl Fetch {
                     format!("portico; fwd={fwd}{fwd_status}; stored")
                 }
             }
-            Err(reason) => format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail()),
+            Err(reason) => {
+                if reason != policy::NotStored::Method {
+                    cache.not_stored(fill.primary());
+                }
+                format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
+            }
         };
         set_status(&mut response, &text);
         response
@@ -766,7 +833,8 @@ async fn revalidate(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
     // A range is cut from what the revalidation gets, as on a miss.
-    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
+    let ranged = (parts.method == Method::GET && parts.headers.contains_key(header::RANGE))
+        .then(|| primary.clone());
     without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
@@ -841,8 +909,8 @@ async fn revalidate(
         }
         cache.counters.miss.inc();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
-        if ranged {
-            return cut_range(cache, upstream, client, response, trace).await;
+        if let Some(primary) = ranged {
+            return cut_range(cache, upstream, &primary, client, response, trace).await;
         }
         return Ok(response);
     }

@@ -502,9 +502,10 @@ async fn forward_with_retries(
 
 /// A request at a backend and not answered yet. Dropped so (its client
 /// left, see [`Pending`]) it counts in `portico_upstream_requests_total`
-/// as 499, so every attempt a backend saw is counted; its connection is
+/// as 499, as a failed attempt counts as 502 or 504; its connection is
 /// closed with it, as nginx closes an upstream connection when the client
-/// aborts.
+/// aborts. (An attempt that ends because the client's upload broke off is
+/// the client's 400, and counts on the backend's side under no code.)
 struct Unanswered<'a> {
     metrics: &'a crate::metrics::BackendMetrics,
     sent: std::time::Instant,

@@ -23,7 +23,28 @@ const MAX_ORDER_BODY: usize = 2 * 1024 * 1024;
 /// Largest `/bytes/{n}`.
 const MAX_BYTES: usize = 64 * 1024 * 1024;
 
-pub type Body = Either<Full<Bytes>, Incoming>;
+pub type Body = Either<Full<Bytes>, Either<Incoming, Chunked>>;
+
+/// A body sent without a length, so chunked (`chunked=1` on `/cache/...`).
+#[derive(Debug)]
+pub struct Chunked(Option<Bytes>);
+
+impl http_body::Body for Chunked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.get_mut()
+                .0
+                .take()
+                .map(|data| Ok(http_body::Frame::data(data))),
+        )
+    }
+}
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -153,7 +174,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
         ["orders", _] => method_not_allowed("GET, HEAD"),
         ["echo"] if method == Method::POST => {
             let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
-            let mut response = Response::new(Either::Right(request.into_body()));
+            let mut response = Response::new(Either::Right(Either::Left(request.into_body())));
             if let Some(ct) = content_type {
                 response.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
@@ -216,7 +237,8 @@ fn upgrade_echo(mut request: Request<Incoming>) -> Response<Body> {
 /// Test helper for caches: answers with the headers the query asks for
 /// (`cc`, `vary`, `etag`, `lm`, `expires`, `cookie=1`, `status`) and a body
 /// naming the instance and its request count, so a test can tell a cached
-/// answer from a fresh one; `size=N` pads that body to N bytes.
+/// answer from a fresh one; `size=N` pads that body to N bytes, and
+/// `chunked=1` sends it without a length.
 /// Honours `If-None-Match` against `etag`, and says what `Range` it was
 /// sent in `x-seen-range` (it ignores it and answers whole).
 fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
@@ -254,7 +276,14 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
         if let Some(size) = params.get("size").and_then(|s| s.parse::<usize>().ok()) {
             pad(&mut text, size);
         }
-        full(status, "application/json", text)
+        let mut response = full(status, "application/json", Bytes::new());
+        let text = Bytes::from(text);
+        *response.body_mut() = if params.contains_key("chunked") {
+            Either::Right(Either::Right(Chunked(Some(text))))
+        } else {
+            Either::Left(Full::new(text))
+        };
+        response
     };
     if let Some(range) = request.headers().get(header::RANGE) {
         response.headers_mut().insert("x-seen-range", range.clone());
