@@ -96,7 +96,10 @@ pub fn evaluate(request: &HeaderMap, stored: &HeaderMap, len: usize) -> RangeAns
 }
 
 /// §13.1.5: an entity-tag matches only a strong, identical ETag; a date
-/// only an identical Last-Modified.
+/// only an identical Last-Modified, and only when that is a strong
+/// validator: for a cache, at least 60 seconds before the response's
+/// `Date` (RFC 9110 §8.8.2.2), or a change within the same second could
+/// splice two versions.
 fn if_range_matches(condition: &HeaderValue, stored: &HeaderMap) -> bool {
     let Ok(condition) = condition.to_str() else {
         return false;
@@ -111,12 +114,20 @@ fn if_range_matches(condition: &HeaderValue, stored: &HeaderMap) -> bool {
     if condition.starts_with("W/") {
         return false;
     }
-    let date = httpdate::parse_http_date(condition).ok();
-    let modified = stored
-        .get(header::LAST_MODIFIED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    date.is_some() && date == modified
+    let date_of = |name| {
+        stored
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+    };
+    let (Some(modified), Some(sent)) = (date_of(header::LAST_MODIFIED), date_of(header::DATE))
+    else {
+        return false;
+    };
+    let strong = sent
+        .duration_since(modified)
+        .is_ok_and(|before| before >= std::time::Duration::from_secs(60));
+    strong && httpdate::parse_http_date(condition).ok() == Some(modified)
 }
 
 #[cfg(test)]
@@ -159,6 +170,7 @@ mod tests {
         let stored = headers(&[
             ("etag", "\"v1\""),
             ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("date", "Sun, 06 Nov 1994 08:50:37 GMT"),
         ]);
         let partial = Partial { start: 0, end: 1 };
         for (if_range, want) in [
@@ -171,6 +183,19 @@ mod tests {
         ] {
             let request = headers(&[("range", "bytes=0-1"), ("if-range", if_range)]);
             assert_eq!(evaluate(&request, &stored, 10), want, "{if_range}");
+        }
+        // A Last-Modified less than a minute before Date (or without a
+        // Date) is weak: a date never matches it.
+        let date_match = headers(&[
+            ("range", "bytes=0-1"),
+            ("if-range", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        for date in [Some("Sun, 06 Nov 1994 08:50:36 GMT"), None] {
+            let mut weak = headers(&[("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+            if let Some(date) = date {
+                weak.insert(header::DATE, HeaderValue::from_static(date));
+            }
+            assert_eq!(evaluate(&date_match, &weak, 10), Full, "{date:?}");
         }
     }
 }
