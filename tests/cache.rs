@@ -1018,8 +1018,8 @@ async fn range_misses_of_every_kind_are_answered_as_from_the_cache() {
     }
 }
 
-#[tokio::test]
-async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
+/// [`cached_sample`] storing no object over 64 KiB.
+async fn cached_small_objects() -> (RunningBackend, RunningProxy) {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = cached(&[&backend]);
     config.cache = Some(portico::config::Cache {
@@ -1027,6 +1027,12 @@ async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
         ..portico::config::Cache::default()
     });
     let proxy = start_proxy(config).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
+    let (backend, proxy) = cached_small_objects().await;
     let client = client();
     // Small and not storable: cut from the stream.
     let url = proxy.url("/cache/private?cc=no-store&size=5000");
@@ -1067,13 +1073,7 @@ async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
 
 #[tokio::test]
 async fn a_range_of_a_response_without_a_length_is_served_once_it_is_known() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = cached(&[&backend]);
-    config.cache = Some(portico::config::Cache {
-        max_object_size: 64 << 10,
-        ..portico::config::Cache::default()
-    });
-    let proxy = start_proxy(config).await;
+    let (backend, proxy) = cached_small_objects().await;
     let client = client();
     let range = [("range", "bytes=10-19")];
 
