@@ -63,6 +63,9 @@ fn cache_of(proxy: &RunningProxy) -> Arc<portico::cache::Cache> {
         .clone()
 }
 
+/// A path, the request fields to send it with, and what is expected.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
     let mut request = Request::get(url);
     for (name, value) in headers {
@@ -145,7 +148,6 @@ async fn a_hundred_concurrent_cold_gets_make_one_backend_request() {
 async fn no_store_private_authorization_and_cookies_are_not_shared() {
     let (backend, proxy) = cached_sample().await;
     let client = client();
-    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         ("/cache/a?cc=no-store", &[], "no-store"),
         ("/cache/b?cc=private,%20max-age=60", &[], "private"),
@@ -1165,4 +1167,121 @@ async fn a_range_of_a_stale_entry_revalidates_it_and_is_cut_from_the_result() {
     assert_eq!(refreshed.body.len(), 5000);
     assert!(refreshed.headers.get("x-seen-range").is_none());
     assert!(backend.requests() >= 4);
+}
+
+#[tokio::test]
+async fn a_ranged_revalidation_never_answers_from_the_entry_it_replaces() {
+    // Chunked answers chosen by the request: a first version, a second, a
+    // third that breaks off, and a whole 200 for a request sent with its
+    // Range.
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("\r\nrange:") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nDDDDDDDDDDDDDDDDDDDD"
+        } else if head.contains("x-answer: second") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"b\"\r\n\
+              Transfer-Encoding: chunked\r\n\r\n14\r\nBBBBBBBBBBBBBBBBBBBB\r\n0\r\n\r\n"
+        } else if head.contains("x-answer: broken") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"c\"\r\n\
+              Transfer-Encoding: chunked\r\n\r\n14\r\nCCCCCCCCCC"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"a\"\r\n\
+              Transfer-Encoding: chunked\r\n\r\n14\r\nAAAAAAAAAAAAAAAAAAAA\r\n0\r\n\r\n"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/versions");
+    assert_eq!(get(&client, &url).await.body, "AAAAAAAAAAAAAAAAAAAA");
+    until_stored(&proxy, 1).await;
+    let revalidate = |answer| {
+        [
+            ("range", "bytes=0-9"),
+            ("cache-control", "no-cache"),
+            ("x-answer", answer),
+        ]
+    };
+    // The new version, read whole: its range, not the stored one's.
+    let part = get_with(&client, &url, &revalidate("second")).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.body, "BBBBBBBBBB");
+    assert_eq!(part.header("etag"), "\"b\"");
+    // A new version that breaks off: asked for again with the range, and
+    // never the superseded entry's bytes.
+    let again = get_with(&client, &url, &revalidate("broken")).await;
+    assert_eq!(again.body, "DDDDDDDDDDDDDDDDDDDD");
+    assert_eq!(
+        again.header("cache-status"),
+        "portico; fwd=request; fwd-status=200"
+    );
+}
+
+#[tokio::test]
+async fn a_miss_not_stored_for_the_request_s_sake_does_not_stop_ranges_filling_the_cache() {
+    let (_backend, proxy) = cached_sample().await;
+    let client = client();
+    // Not stored because of this request (its Authorization, its own
+    // validators) or a passing error: the URL is not marked as one whose
+    // responses are never stored.
+    let cases: [Case; 3] = [
+        (
+            "auth?cc=max-age=60",
+            &[("authorization", "Bearer x")],
+            "authorization",
+        ),
+        (
+            "validated?cc=max-age=60",
+            &[("if-none-match", "\"v\"")],
+            "status",
+        ),
+        ("failing?status=503", &[], "no-freshness"),
+    ];
+    for (name, headers, detail) in cases {
+        let url = proxy.url(&format!("/cache/{name}&etag=v&size=5000"));
+        let first = get_with(&client, &url, headers).await;
+        assert_eq!(
+            first.header("cache-status"),
+            format!("portico; fwd=miss; detail={detail}"),
+            "{name}"
+        );
+        let part = get_with(&client, &url, &[("range", "bytes=0-9")]).await;
+        assert_ne!(part.header("cache-status"), "portico; fwd=bypass", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                if String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("\r\nrange:")
+                {
+                    let whole = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nDDDD";
+                    let _ = stream.write_all(whole).await;
+                    return;
+                }
+                // A cacheable chunked body whose end comes after 8 s.
+                let start = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n4\r\nAAAA\r\n";
+                let _ = stream.write_all(start).await;
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                let _ = stream.write_all(b"4\r\nBBBB\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let proxy = cached_proxy_at(addr).await;
+    let answer = get_with(&client(), &proxy.url("/slow"), &[("range", "bytes=0-1")]).await;
+    // After the wait a coalesced request would have had (5 s): the range
+    // from the backend, while the store goes on.
+    assert_eq!(answer.body, "DDDD");
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss");
 }

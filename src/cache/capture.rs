@@ -30,6 +30,8 @@ pub struct Capture {
     size: usize,
     limit: usize,
     leader: Option<Leader>,
+    /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
+    whole: Option<tokio::sync::oneshot::Sender<Arc<Entry>>>,
 }
 
 /// A response about to be stored, minus its body.
@@ -72,14 +74,25 @@ impl Capture {
             size: 0,
             limit,
             leader,
+            whole: None,
         }
+    }
+
+    /// The response as it is stored, sent once the body has ended cleanly;
+    /// the sender is dropped if it never is (too large, broken off).
+    pub fn entry_when_whole(&mut self) -> tokio::sync::oneshot::Receiver<Arc<Entry>> {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        self.whole = Some(tell);
+        told
     }
 
     /// Copies one frame; false once the body is too large to keep.
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
-            self.cache.not_stored(self.fill.primary());
+            if self.status.is_success() {
+                self.cache.not_stored(self.fill.primary());
+            }
             return false;
         }
         self.chunks.push(data.clone());
@@ -99,17 +112,20 @@ impl Capture {
                 all.freeze()
             }
         };
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             status: self.status,
             headers: self.headers,
             body,
             timing: self.timing,
             lifetime: self.lifetime,
             cc: self.cc,
-        };
+        });
+        if let Some(whole) = self.whole {
+            let _ = whole.send(entry.clone());
+        }
         let (cache, fill, request, leader) = (self.cache, self.fill, self.request, self.leader);
         tokio::spawn(async move {
-            cache.insert(&fill, &request, entry).await;
+            cache.insert_shared(&fill, &request, entry).await;
             drop(leader);
         });
     }

@@ -166,8 +166,10 @@ pub struct Cache {
     index: Arc<DashMap<String, Variants>>,
     /// Primary key -> the fetches under way for it (see [`fill`]).
     fills: DashMap<String, fill::Pending>,
-    /// URLs whose last response was not stored (see [`Cache::uncacheable`]).
-    uncacheable: moka::sync::Cache<String, ()>,
+    /// URLs whose last response was not stored (see [`Cache::uncacheable`]),
+    /// by a keyed hash: a long URL costs no more than a short one.
+    uncacheable: moka::sync::Cache<u64, ()>,
+    url_hasher: std::hash::RandomState,
     pub locks: lock::Locks,
     pub counters: Counters,
     metrics: Arc<Metrics>,
@@ -218,6 +220,7 @@ impl Cache {
                 .max_capacity(UNCACHEABLE_URLS)
                 .time_to_live(UNCACHEABLE_FOR)
                 .build(),
+            url_hasher: std::hash::RandomState::new(),
             locks: lock::Locks::default(),
             counters,
             metrics,
@@ -255,16 +258,21 @@ impl Cache {
     /// store that will not happen.
     pub fn not_stored(&self, primary: &str) {
         // Read first: a URL that is never stored says so on every request,
-        // and a lookup costs less than an insert (and its key's copy).
-        if !self.uncacheable.contains_key(primary) {
-            self.uncacheable.insert(primary.to_owned(), ());
+        // and a lookup costs less than an insert.
+        let hash = self.url_hash(primary);
+        if !self.uncacheable.contains_key(&hash) {
+            self.uncacheable.insert(hash, ());
         }
     }
 
     /// Whether the last response for `primary`, in the last two minutes,
     /// was not stored.
     pub fn uncacheable(&self, primary: &str) -> bool {
-        self.uncacheable.contains_key(primary)
+        self.uncacheable.contains_key(&self.url_hash(primary))
+    }
+
+    fn url_hash(&self, primary: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.url_hasher, primary)
     }
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
@@ -280,6 +288,11 @@ impl Cache {
     /// Stores `entry`, fetched by `fill`, for the request whose headers are
     /// `request`; nothing if the URL was invalidated since the fetch began.
     pub async fn insert(&self, fill: &fill::Fill, request: &HeaderMap, entry: Entry) {
+        self.insert_shared(fill, request, Arc::new(entry)).await;
+    }
+
+    /// [`Cache::insert`] for an entry someone else holds too.
+    pub async fn insert_shared(&self, fill: &fill::Fill, request: &HeaderMap, entry: Arc<Entry>) {
         if fill.overtaken() {
             return;
         }
@@ -316,8 +329,8 @@ impl Cache {
         for key in dropped {
             self.store.invalidate(&key).await;
         }
-        self.store.insert(full.clone(), Arc::new(entry)).await;
-        self.uncacheable.invalidate(primary);
+        self.store.insert(full.clone(), entry).await;
+        self.uncacheable.invalidate(&self.url_hash(primary));
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
         // before the store took it: undo. Not overtaken yet, any later
@@ -332,7 +345,7 @@ impl Cache {
     /// under way will not store what they bring.
     pub async fn invalidate(&self, primary: &str) {
         self.overtake(primary);
-        self.uncacheable.invalidate(primary);
+        self.uncacheable.invalidate(&self.url_hash(primary));
         let Some((_, variants)) = self.index.remove(primary) else {
             return;
         };
@@ -345,6 +358,8 @@ impl Cache {
     /// purge); fetches under way for such a path will not store.
     pub fn purge_paths(&self, matches: impl Fn(&str) -> bool + Send + Sync + 'static) {
         self.overtake_paths(Some(&matches));
+        // Hashes cannot be matched against a prefix: all are forgotten.
+        self.uncacheable.invalidate_all();
         let _ = self
             .store
             .invalidate_entries_if(move |k, _| matches(key::path_of(k)));

@@ -222,6 +222,21 @@ pub enum NotStored {
 }
 
 impl NotStored {
+    /// Whether the reason lies with the resource's own terms, and so holds
+    /// for the URL's next responses too: not with the request (HEAD, its
+    /// `Authorization`) nor with a status (an error, a 304 to a client's
+    /// own validators).
+    pub fn lies_with_the_resource(self) -> bool {
+        matches!(
+            self,
+            NotStored::NoStore
+                | NotStored::Private
+                | NotStored::SetCookie
+                | NotStored::VaryStar
+                | NotStored::NoFreshness
+        )
+    }
+
     pub fn detail(self) -> &'static str {
         match self {
             NotStored::Method => "method",

@@ -442,6 +442,21 @@ impl ProxyBody {
         }
     }
 
+    /// The response as the cache stores it, once this body has been read
+    /// to its end; None when it is not being copied into the cache.
+    pub fn entry_when_whole(
+        &mut self,
+    ) -> Option<tokio::sync::oneshot::Receiver<Arc<crate::cache::Entry>>> {
+        match self {
+            ProxyBody::Stream {
+                capture: Some(capture),
+                ..
+            } => Some(capture.entry_when_whole()),
+            ProxyBody::Slice(slice) => slice.inner.entry_when_whole(),
+            _ => None,
+        }
+    }
+
     /// Whether this body is being copied into the cache.
     pub fn is_capturing(&self) -> bool {
         match self {

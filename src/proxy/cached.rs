@@ -387,7 +387,7 @@ pub(super) async fn serve(
     let asked = ranged.then(|| {
         let asked = super::copy_head(&parts);
         without_range(&mut parts.headers);
-        (asked, primary.clone())
+        asked
     });
     // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
     let fetch = Fetch {
@@ -409,9 +409,7 @@ pub(super) async fn serve(
     .await?;
     let response = fetch.store_or_relay(cache, upstream, response, in_flight);
     match asked {
-        Some((asked, primary)) => {
-            cut_range(cache, upstream, &primary, asked, response, trace).await
-        }
+        Some(asked) => cut_range(cache, upstream, asked, response, trace).await,
         None => Ok(response),
     }
 }
@@ -441,12 +439,12 @@ fn whole_for_range(cache: &Cache, primary: &str, parts: &Parts, body: &RequestBo
 /// A response that will not be stored is cut the same way when it is small;
 /// a larger one (over `max_object_size`) is not read up to the range, but
 /// asked for again with it. Without a `Content-Length` nothing can be cut
-/// as it streams: a response being stored is read whole first and the range
-/// served from the store, any other asked for again with the range.
+/// as it streams: a response being stored is read whole first (for at most
+/// [`COALESCE_WAIT`]) and the range served from it, any other asked for
+/// again with the range.
 async fn cut_range(
-    cache: &Arc<Cache>,
+    cache: &Cache,
     upstream: &Upstream,
-    primary: &str,
     asked: Parts,
     response: Response<ProxyBody>,
     trace: &mut Trace,
@@ -462,12 +460,22 @@ async fn cut_range(
         .and_then(|len| usize::try_from(len).ok());
     let Some(len) = len else {
         let mut said = ours(response.headers());
-        if response.body().is_capturing() {
-            response.into_body().read_into_cache().await;
-            if let Some(answer) = from_store(cache, primary, &asked, &said).await {
-                return Ok(answer);
+        let mut body = response.into_body();
+        if let Some(whole) = body.entry_when_whole() {
+            // The client waits for the whole as long as a coalesced request
+            // would for another's fetch; then the store goes on without it.
+            let mut reading = Box::pin(body.read_into_cache());
+            if tokio::time::timeout(COALESCE_WAIT, &mut reading)
+                .await
+                .is_err()
+            {
+                tokio::spawn(reading);
+            } else if let Ok(entry) = whole.await {
+                // This fetch's own response, not whatever else is stored.
+                let age = entry.timing.current_age(cache.now());
+                return Ok(from_entry(&entry, age, &asked, &said));
             }
-            // Too large after all, broken off, or invalidated meanwhile.
+            // Too large after all, broken off, or slow.
             said = said.replace("; stored", "");
         }
         return again_with_range(upstream, asked, &said, trace).await;
@@ -501,24 +509,6 @@ fn ours(headers: &HeaderMap) -> String {
     all.rsplit_once(", ")
         .map_or(all, |(_, ours)| ours)
         .to_owned()
-}
-
-/// The client's range of what a fetch for it just stored under `primary`,
-/// once the store is done (its coalescing lock is let go after it).
-async fn from_store(
-    cache: &Arc<Cache>,
-    primary: &str,
-    asked: &Parts,
-    status: &str,
-) -> Option<Response<ProxyBody>> {
-    if let Claim::Wait(waiting) = Locks::claim(cache, primary) {
-        if !lock::wait(waiting, COALESCE_WAIT).await {
-            return None;
-        }
-    }
-    let entry = cache.get(&cache.key_for(primary, &asked.headers)?).await?;
-    let age = entry.timing.current_age(cache.now());
-    Some(from_entry(&entry, age, asked, status))
 }
 
 /// The client's request sent again as it came, `Range` and all, for a
@@ -641,7 +631,9 @@ impl Fetch {
                 format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
-                cache.not_stored(fill.primary());
+                if status.is_success() {
+                    cache.not_stored(fill.primary());
+                }
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
@@ -659,7 +651,9 @@ impl Fetch {
                 // Stale on arrival (an old `Age` or `Date`), with no validator
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
-                    cache.not_stored(fill.primary());
+                    if status.is_success() {
+                        cache.not_stored(fill.primary());
+                    }
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
@@ -669,7 +663,7 @@ impl Fetch {
                 }
             }
             Err(reason) => {
-                if reason != policy::NotStored::Method {
+                if status.is_success() && reason.lies_with_the_resource() {
                     cache.not_stored(fill.primary());
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
@@ -833,8 +827,7 @@ async fn revalidate(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
     // A range is cut from what the revalidation gets, as on a miss.
-    let ranged = (parts.method == Method::GET && parts.headers.contains_key(header::RANGE))
-        .then(|| primary.clone());
+    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
     without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
@@ -909,8 +902,8 @@ async fn revalidate(
         }
         cache.counters.miss.inc();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
-        if let Some(primary) = ranged {
-            return cut_range(cache, upstream, &primary, client, response, trace).await;
+        if ranged {
+            return cut_range(cache, upstream, client, response, trace).await;
         }
         return Ok(response);
     }
