@@ -409,7 +409,9 @@ pub(super) async fn serve(
     .await?;
     let response = fetch.store_or_relay(cache, upstream, response, in_flight);
     match asked {
-        Some(asked) => cut_range(cache, upstream, asked, response, trace).await,
+        // Boxed: only ranges take this path, and inline its future would
+        // grow every cached request's (hits included) by a second fetch's.
+        Some(asked) => Box::pin(cut_range(cache, upstream, asked, response, trace)).await,
         None => Ok(response),
     }
 }
@@ -903,7 +905,7 @@ async fn revalidate(
         cache.counters.miss.inc();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
         if ranged {
-            return cut_range(cache, upstream, client, response, trace).await;
+            return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
         return Ok(response);
     }
