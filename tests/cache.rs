@@ -1224,11 +1224,16 @@ async fn a_miss_not_stored_for_the_request_s_sake_does_not_stop_ranges_filling_t
     // Not stored because of this request (its Authorization, its own
     // validators) or a passing error: the URL is not marked as one whose
     // responses are never stored.
-    let cases: [Case; 3] = [
+    let cases: [Case; 4] = [
         (
             "auth?cc=max-age=60",
             &[("authorization", "Bearer x")],
             "authorization",
+        ),
+        (
+            "mine?cc=private",
+            &[("authorization", "Bearer x")],
+            "private",
         ),
         (
             "validated?cc=max-age=60",
@@ -1252,11 +1257,15 @@ async fn a_miss_not_stored_for_the_request_s_sake_does_not_stop_ranges_filling_t
 
 #[tokio::test]
 async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let whole_fetches = Arc::new(AtomicUsize::new(0));
+    let counted = whole_fetches.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = counted.clone();
             tokio::spawn(async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
@@ -1270,6 +1279,7 @@ async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
                     return;
                 }
                 // A cacheable chunked body whose end comes after 8 s.
+                counted.fetch_add(1, Ordering::SeqCst);
                 let start = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
                     Transfer-Encoding: chunked\r\n\r\n4\r\nAAAA\r\n";
                 let _ = stream.write_all(start).await;
@@ -1278,10 +1288,25 @@ async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
             });
         }
     });
-    let proxy = cached_proxy_at(addr).await;
-    let answer = get_with(&client(), &proxy.url("/slow"), &[("range", "bytes=0-1")]).await;
+    let proxy = Arc::new(cached_proxy_at(addr).await);
+    let ranged = |proxy: Arc<RunningProxy>| async move {
+        get_with(&client(), &proxy.url("/slow"), &[("range", "bytes=0-1")]).await
+    };
+    let leader = tokio::spawn(ranged(proxy.clone()));
+    let fetching = tokio::time::timeout(STEP, async {
+        while whole_fetches.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(fetching.await.is_ok(), "the leader's fetch began");
+    let follower = tokio::spawn(ranged(proxy.clone()));
     // After the wait a coalesced request would have had (5 s): the range
-    // from the backend, while the store goes on.
-    assert_eq!(answer.body, "DDDD");
-    assert_eq!(answer.header("cache-status"), "portico; fwd=miss");
+    // from the backend, while the store goes on. The request that waited
+    // on that fetch does not start a whole one of its own.
+    let (leader, follower) = (leader.await.unwrap(), follower.await.unwrap());
+    assert_eq!(leader.body, "DDDD");
+    assert_eq!(leader.header("cache-status"), "portico; fwd=miss");
+    assert_eq!(follower.body, "DDDD");
+    assert_eq!(follower.header("cache-status"), "portico; fwd=bypass");
+    assert_eq!(whole_fetches.load(Ordering::SeqCst), 1);
 }

@@ -31,7 +31,7 @@ pub struct Capture {
     limit: usize,
     leader: Option<Leader>,
     /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
-    whole: Option<tokio::sync::oneshot::Sender<Arc<Entry>>>,
+    whole: Option<tokio::sync::oneshot::Sender<(Arc<Entry>, bool)>>,
 }
 
 /// A response about to be stored, minus its body.
@@ -78,9 +78,11 @@ impl Capture {
         }
     }
 
-    /// The response as it is stored, sent once the body has ended cleanly;
-    /// the sender is dropped if it never is (too large, broken off).
-    pub fn entry_when_whole(&mut self) -> tokio::sync::oneshot::Receiver<Arc<Entry>> {
+    /// The response as it is stored, sent once the body has ended cleanly,
+    /// with whether an invalidation overtook the fetch (then it is not
+    /// stored); the sender is dropped if it never ends so (too large,
+    /// broken off).
+    pub fn entry_when_whole(&mut self) -> tokio::sync::oneshot::Receiver<(Arc<Entry>, bool)> {
         let (tell, told) = tokio::sync::oneshot::channel();
         self.whole = Some(tell);
         told
@@ -121,7 +123,7 @@ impl Capture {
             cc: self.cc,
         });
         if let Some(whole) = self.whole {
-            let _ = whole.send(entry.clone());
+            let _ = whole.send((entry.clone(), self.fill.overtaken()));
         }
         let (cache, fill, request, leader) = (self.cache, self.fill, self.request, self.leader);
         tokio::spawn(async move {

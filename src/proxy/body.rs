@@ -370,11 +370,8 @@ impl Drop for Slice {
         if self.left > 0 || !capturing {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
-        runtime.spawn(rest.read_into_cache());
+        crate::task::spawn_background_read(rest.read_into_cache());
     }
 }
 
@@ -446,7 +443,7 @@ impl ProxyBody {
     /// to its end; None when it is not being copied into the cache.
     pub fn entry_when_whole(
         &mut self,
-    ) -> Option<tokio::sync::oneshot::Receiver<Arc<crate::cache::Entry>>> {
+    ) -> Option<tokio::sync::oneshot::Receiver<(Arc<crate::cache::Entry>, bool)>> {
         match self {
             ProxyBody::Stream {
                 capture: Some(capture),

@@ -351,6 +351,11 @@ pub(super) async fn serve(
                             {
                                 return Ok(hit);
                             }
+                            // The fetch it waited for is slow: a range
+                            // does not start another whole one.
+                            if ranged {
+                                return bypass(cache, upstream, parts, body, trace).await;
+                            }
                             None
                         }
                     }
@@ -377,6 +382,10 @@ pub(super) async fn serve(
                 collapsed(cache, waiting, &primary, &parts, &request_cc, status).await
             {
                 return Ok(hit);
+            }
+            // As above: a slow fetch is not joined by a whole one per range.
+            if ranged {
+                return bypass(cache, upstream, parts, body, trace).await;
             }
             None
         }
@@ -471,9 +480,12 @@ async fn cut_range(
                 .await
                 .is_err()
             {
-                tokio::spawn(reading);
-            } else if let Ok(entry) = whole.await {
+                crate::task::spawn_background_read(reading);
+            } else if let Ok((entry, overtaken)) = whole.await {
                 // This fetch's own response, not whatever else is stored.
+                if overtaken {
+                    said = said.replace("; stored", "; detail=invalidated");
+                }
                 let age = entry.timing.current_age(cache.now());
                 return Ok(from_entry(&entry, age, &asked, &said));
             }
@@ -665,7 +677,10 @@ impl Fetch {
                 }
             }
             Err(reason) => {
-                if status.is_success() && reason.lies_with_the_resource() {
+                // A logged-in client's private answer says nothing of what
+                // everyone else gets.
+                let personal = request_headers.contains_key(header::AUTHORIZATION);
+                if status.is_success() && reason.lies_with_the_resource() && !personal {
                     cache.not_stored(fill.primary());
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
