@@ -92,9 +92,7 @@ impl Capture {
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
-            if self.status.is_success() {
-                self.cache.not_stored(self.fill.primary());
-            }
+            self.cache.not_stored(self.fill.primary(), self.status);
             return false;
         }
         self.chunks.push(data.clone());

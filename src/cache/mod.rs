@@ -252,11 +252,15 @@ impl Cache {
             .is_some_and(|variants| variants.keys.iter().any(|k| k == full))
     }
 
-    /// Notes that a response for `primary` was not stored (not storable,
-    /// or too large). A range for that URL then goes to the backend as it
-    /// is for a while, instead of having the whole response fetched for a
-    /// store that will not happen.
-    pub fn not_stored(&self, primary: &str) {
+    /// Notes that a response for `primary` with `status` was not stored
+    /// (not storable, or too large). When it is a 2xx, a range for that URL
+    /// then goes to the backend as it is for a while, instead of having the
+    /// whole response fetched for a store that will not happen; an error
+    /// or a 304 says nothing of the URL's next responses.
+    pub fn not_stored(&self, primary: &str, status: http::StatusCode) {
+        if !status.is_success() {
+            return;
+        }
         // Read first: a URL that is never stored says so on every request,
         // and a lookup costs less than an insert.
         let hash = self.url_hash(primary);

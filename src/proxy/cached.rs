@@ -272,9 +272,8 @@ pub(super) async fn serve(
     // A byte range is served from a fresh stored response; a miss or a
     // revalidation asks for the whole response and cuts the range from
     // what it gets (see `whole_for_range`). A range portico does not serve
-    // itself goes to the backend untouched. Range means nothing to HEAD
-    // (RFC 9110 §14.2): a HEAD is served as if it had none.
-    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
+    // itself goes to the backend untouched.
+    let ranged = asks_range(&parts);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
@@ -370,7 +369,6 @@ pub(super) async fn serve(
     if request_cc.only_if_cached {
         return Ok(only_if_cached_miss());
     }
-    // The client's own head, kept to cut its range from the whole answer.
     if ranged && !whole_for_range(cache, &primary, &parts, &body) {
         return bypass(cache, upstream, parts, body, trace).await;
     }
@@ -425,6 +423,12 @@ pub(super) async fn serve(
     }
 }
 
+/// Whether a request asks for a range. Range means nothing to HEAD (RFC
+/// 9110 §14.2): a HEAD is served as if it had none.
+fn asks_range(parts: &Parts) -> bool {
+    parts.method == Method::GET && parts.headers.contains_key(header::RANGE)
+}
+
 /// Whether a `Range` request that found nothing usable stored fetches the
 /// whole response, to store it and cut the range from it as it streams, as
 /// nginx and Varnish do on a miss. Only a GET without a body asking for
@@ -463,12 +467,7 @@ async fn cut_range(
     if response.status() != StatusCode::OK {
         return Ok(response);
     }
-    let len = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .and_then(|len| usize::try_from(len).ok());
+    let len = content_length(response.headers()).and_then(|len| usize::try_from(len).ok());
     let Some(len) = len else {
         let mut said = ours(response.headers());
         let mut body = response.into_body();
@@ -512,6 +511,11 @@ async fn cut_range(
         parts,
         body.slice(start as u64, count as u64),
     ))
+}
+
+/// A response's declared length.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    text(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
 }
 
 /// portico's own `Cache-Status` member: the last one (see [`add_status`]).
@@ -627,11 +631,7 @@ impl Fetch {
                 cache.config.default_ttl,
             )
         };
-        let declared = response
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = content_length(response.headers());
         // A miss's forwarded status is the status of the answer itself.
         let fwd_status = if fwd.ends_with("miss") {
             String::new()
@@ -645,9 +645,7 @@ impl Fetch {
                 format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
-                if status.is_success() {
-                    cache.not_stored(fill.primary());
-                }
+                cache.not_stored(fill.primary(), status);
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
@@ -665,9 +663,7 @@ impl Fetch {
                 // Stale on arrival (an old `Age` or `Date`), with no validator
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
-                    if status.is_success() {
-                        cache.not_stored(fill.primary());
-                    }
+                    cache.not_stored(fill.primary(), status);
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
@@ -680,8 +676,8 @@ impl Fetch {
                 // A logged-in client's private answer says nothing of what
                 // everyone else gets.
                 let personal = request_headers.contains_key(header::AUTHORIZATION);
-                if status.is_success() && reason.lies_with_the_resource() && !personal {
-                    cache.not_stored(fill.primary());
+                if reason.lies_with_the_resource() && !personal {
+                    cache.not_stored(fill.primary(), status);
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
             }
@@ -844,7 +840,7 @@ async fn revalidate(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client = super::copy_head(&parts);
     // A range is cut from what the revalidation gets, as on a miss.
-    let ranged = parts.method == Method::GET && parts.headers.contains_key(header::RANGE);
+    let ranged = asks_range(&parts);
     without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
     let is_head = parts.method == Method::HEAD;
