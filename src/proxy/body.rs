@@ -360,14 +360,7 @@ impl Slice {
 
 impl Drop for Slice {
     fn drop(&mut self) {
-        let capturing = matches!(
-            &self.inner,
-            ProxyBody::Stream {
-                capture: Some(_),
-                ..
-            }
-        );
-        if self.left > 0 || !capturing {
+        if self.left > 0 || !self.inner.is_capturing() {
             return;
         }
         let rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
@@ -416,9 +409,7 @@ impl ProxyBody {
         }
         self
     }
-}
 
-impl ProxyBody {
     /// `count` bytes of this body from byte `start` on (see [`Slice`]).
     pub fn slice(self, start: u64, count: u64) -> Self {
         ProxyBody::Slice(Box::new(Slice {
