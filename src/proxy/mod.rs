@@ -90,8 +90,27 @@ struct Pending<'a> {
 
 impl Pending<'_> {
     fn answered<B>(mut self, response: &Response<B>) {
-        self.proxy.account(response, &mut self);
+        self.account(response);
         self.done = true;
+    }
+
+    /// Counts the request (answered, or left by its client) and writes its
+    /// access line.
+    fn account<B>(&mut self, response: &Response<B>) {
+        let proxy = self.proxy;
+        let elapsed = self.started.elapsed();
+        let trace = &self.trace;
+        let route = trace.route.and_then(|i| proxy.route_metrics.get(i));
+        route
+            .unwrap_or(&proxy.unrouted)
+            .record(response.status().as_u16(), elapsed.as_secs_f64());
+        if let Some(access) = self.access.take() {
+            let upstream = trace
+                .route
+                .and_then(|i| proxy.router.route(i))
+                .map(|r| proxy.upstreams[r.upstream].name());
+            access.emit(response, elapsed, upstream, trace.backend);
+        }
     }
 }
 
@@ -105,7 +124,7 @@ impl Drop for Pending<'_> {
             *gone.status_mut() = status;
         }
         tracing::debug!(elapsed = ?self.started.elapsed(), "client left before its answer");
-        self.proxy.account(&gone, self);
+        self.account(&gone);
     }
 }
 
@@ -223,24 +242,6 @@ impl Proxy {
         };
         pending.answered(&response);
         response
-    }
-
-    /// Counts an answered request (or one its client left, see [`Pending`])
-    /// and writes its access line.
-    fn account<B>(&self, response: &Response<B>, pending: &mut Pending) {
-        let elapsed = pending.started.elapsed();
-        let trace = &pending.trace;
-        let route = trace.route.and_then(|i| self.route_metrics.get(i));
-        route
-            .unwrap_or(&self.unrouted)
-            .record(response.status().as_u16(), elapsed.as_secs_f64());
-        if let Some(access) = pending.access.take() {
-            let upstream = trace
-                .route
-                .and_then(|i| self.router.route(i))
-                .map(|r| self.upstreams[r.upstream].name());
-            access.emit(response, elapsed, upstream, trace.backend);
-        }
     }
 
     /// Counts and logs a request head the HTTP/1 parser refused with
