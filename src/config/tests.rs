@@ -196,11 +196,12 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:2:11: server.listen: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
         ),
         (
-            "[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [\n  { cert = \"/nonexistent/a.pem\", key = \"/nonexistent/a.key\" },\n  { cert = \"/nonexistent/b.pem\", key = \"/nonexistent/b.key\" },\n]\n[admin]\nbogus = 1\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            "[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [\n  { cert = \"/nonexistent/a.pem\", key = \"/nonexistent/a.key\" },\n  { cert = \"/nonexistent/b.pem\", key = \"/nonexistent/b.key\" },\n]\n[admin]\nbogus = 1\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:8443\"]\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:4:3: server.tls[0].certificates[0]: TLS certificate /nonexistent/a.pem: I/O error: No such file or directory (os error 2)",
                 "test.toml:5:3: server.tls[0].certificates[1]: TLS certificate /nonexistent/b.pem: I/O error: No such file or directory (os error 2)",
                 "test.toml:8:1: admin.bogus: unknown key `bogus`",
+                "test.toml:11:13: upstream[0].backends[0]: backend 127.0.0.1:8443 is this proxy's own server.tls[0].listen: requests would loop back to it",
             ],
         ),
         (
@@ -259,6 +260,17 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[server]\nlisten = [\"127.0.0.1:1\"]\nlisten = [\"127.0.0.1:2\"]\n",
             &["test.toml:3:1: duplicate key `listen`"],
+        ),
+        // A backend that is this proxy's own listener loops: every request
+        // would come back to the same route. Other addresses of the
+        // machine behind a wildcard are not looked up.
+        (
+            "[server]\nlisten = [\"127.0.0.1:7080\", \"[::]:7081\", \"0.0.0.0:7082\"]\n[[upstream]]\nname = \"a\"\nbackends = [\n  \"127.0.0.1:7080\",\n  \"127.0.0.2:7081\",\n  \"[::1]:7081\",\n  \"[::1]:7082\",\n  \"127.0.0.1:7083\",\n  \"10.0.0.1:7081\",\n]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:6:3: upstream[0].backends[0]: backend 127.0.0.1:7080 is this proxy's own server.listen: requests would loop back to it",
+                "test.toml:7:3: upstream[0].backends[1]: backend 127.0.0.2:7081 is this proxy's own server.listen: requests would loop back to it",
+                "test.toml:8:3: upstream[0].backends[2]: backend [::1]:7081 is this proxy's own server.listen: requests would loop back to it",
+            ],
         ),
     ];
     for (text, want) in cases {

@@ -162,9 +162,20 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
 
     let mut upstreams = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
+    // Where clients reach this proxy: a backend there would loop.
+    let own: Vec<(SocketAddr, String)> = (server
+        .listen
+        .iter()
+        .map(|a| (*a, "server.listen".to_owned())))
+    .chain(server.tls.iter().enumerate().flat_map(|(i, t)| {
+        t.listen
+            .iter()
+            .map(move |a| (*a, format!("server.tls[{i}].listen")))
+    }))
+    .collect();
     for (i, spanned) in file.upstream.iter().enumerate() {
         let key = format!("upstream[{i}]");
-        let upstream = upstream(r, &key, spanned.get_ref(), base);
+        let upstream = upstream(r, &key, spanned.get_ref(), base, &own);
         let name = spanned.get_ref().name.clone();
         if by_name.contains_key(name.get_ref()) {
             r.at(
@@ -324,6 +335,17 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (covers(a, b) || covers(b, a))
 }
 
+/// Whether connecting to `backend` reaches `listen`: the same address, or
+/// a loopback one on a wildcard listener of that port (an IPv6 wildcard
+/// takes IPv4 too). Other addresses of this machine are not looked up.
+fn reaches(backend: SocketAddr, listen: SocketAddr) -> bool {
+    backend.port() == listen.port()
+        && (backend.ip() == listen.ip()
+            || (listen.ip().is_unspecified()
+                && backend.ip().is_loopback()
+                && (listen.is_ipv6() || backend.is_ipv4())))
+}
+
 type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
 
 /// The smallest `max_header_size` that holds for HTTP/1.1 as for HTTP/2:
@@ -481,7 +503,13 @@ fn admin(r: R, raw: Option<Spanned<raw::Admin>>, base: &Path, claim: &mut Claim)
     }
 }
 
-fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
+fn upstream(
+    r: R,
+    key: &str,
+    raw: &raw::Upstream,
+    base: &Path,
+    own: &[(SocketAddr, String)],
+) -> Upstream {
     let mut upstream = Upstream::new(raw.name.get_ref().clone(), Vec::new());
     if raw.name.get_ref().is_empty()
         || !raw
@@ -534,6 +562,18 @@ fn upstream(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Upstream {
                 span,
                 &bkey,
                 format!("backend {addr} cannot be connected to"),
+            );
+            continue;
+        }
+        if let Some((_, listener)) = own.iter().find(|(listen, _)| reaches(addr, *listen)) {
+            // Host and target are forwarded as received, so the request
+            // would match the same route again, and again.
+            r.at(
+                span,
+                &bkey,
+                format!(
+                    "backend {addr} is this proxy's own {listener}: requests would loop back to it"
+                ),
             );
             continue;
         }
