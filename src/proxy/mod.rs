@@ -13,6 +13,7 @@ mod upgrade;
 
 pub use upgrade::Hold as TunnelHold;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -193,55 +194,75 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: errors become responses.
-    pub async fn handle(&self, mut request: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
-        log::ensure_request_id(request.headers_mut());
-        let mut pending = Pending {
-            proxy: self,
-            started: std::time::Instant::now(),
-            access: log::AccessRecord::capture(&request, conn),
-            trace: Trace::default(),
-            done: false,
-        };
-        let trace = &mut pending.trace;
-        // Boxed: hyper and each async layer above move this future whole
-        // once per request; a pointer is cheaper to move than kilobytes.
-        let response = match Box::pin(self.forward(request, conn, trace)).await {
-            Ok(response) => response,
-            Err(error) => {
-                let status = error.status();
-                if status.is_server_error() {
-                    tracing::warn!(client = %conn.peer, status = status.as_u16(), %error, "proxy error");
-                } else {
-                    tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
-                }
-                let mut response = error.into_response();
-                if let Some((limit, remaining, reset)) = trace.quota {
-                    error::rate_limit_headers(
-                        response.headers_mut(),
-                        limit,
-                        remaining,
-                        reset,
-                        None,
-                    );
-                }
-                let caching = trace
-                    .route
-                    .and_then(|i| self.router.route(i))
-                    .is_some_and(|route| route.cache && self.cache.is_some());
-                if caching {
-                    // Every response of a caching route says what the cache
-                    // did: forwarded and failed, or refused before it.
-                    let headers = response.headers_mut();
-                    match trace.fwd {
-                        Some(fwd) => cached::add_status(headers, &format!("portico; fwd={fwd}")),
-                        None => cached::add_static_status(headers, "portico; detail=not-forwarded"),
+    ///
+    /// Not an `async fn`: one stores its arguments twice, as the call's and
+    /// as the body's (rust-lang/rust#62958), and the futures of this chain
+    /// (`forward`, `forward_with_retries`, `Upstream::send`, `Pool::send`)
+    /// are each moved whole once per request at every layer above them. A
+    /// block captures the request once. Inlined, so that the future is built
+    /// where it is kept: out of line, it is built and then copied, and that
+    /// cost more than the smaller size saved (callgrind).
+    #[allow(clippy::manual_async_fn)]
+    #[inline(always)]
+    pub fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        conn: Conn,
+    ) -> impl Future<Output = Response<ProxyBody>> + '_ {
+        async move {
+            log::ensure_request_id(request.headers_mut());
+            let mut pending = Pending {
+                proxy: self,
+                started: std::time::Instant::now(),
+                access: log::AccessRecord::capture(&request, conn),
+                trace: Trace::default(),
+                done: false,
+            };
+            let trace = &mut pending.trace;
+            // Boxed: hyper and each async layer above move this future whole
+            // once per request; a pointer is cheaper to move than kilobytes.
+            let response = match Box::pin(self.forward(request, conn, trace)).await {
+                Ok(response) => response,
+                Err(error) => {
+                    let status = error.status();
+                    if status.is_server_error() {
+                        tracing::warn!(client = %conn.peer, status = status.as_u16(), %error, "proxy error");
+                    } else {
+                        tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
+                    let mut response = error.into_response();
+                    if let Some((limit, remaining, reset)) = trace.quota {
+                        error::rate_limit_headers(
+                            response.headers_mut(),
+                            limit,
+                            remaining,
+                            reset,
+                            None,
+                        );
+                    }
+                    let caching = trace
+                        .route
+                        .and_then(|i| self.router.route(i))
+                        .is_some_and(|route| route.cache && self.cache.is_some());
+                    if caching {
+                        // Every response of a caching route says what the cache
+                        // did: forwarded and failed, or refused before it.
+                        let headers = response.headers_mut();
+                        match trace.fwd {
+                            Some(fwd) => {
+                                cached::add_status(headers, &format!("portico; fwd={fwd}"))
+                            }
+                            None => {
+                                cached::add_static_status(headers, "portico; detail=not-forwarded")
+                            }
+                        }
+                    }
+                    response
                 }
-                response
-            }
-        };
-        pending.answered(&response);
-        response
+            };
+            pending.answered(&response);
+            response
+        }
     }
 
     /// Counts and logs a request head the HTTP/1 parser refused with
@@ -251,144 +272,155 @@ impl Proxy {
         log::emit_refused(client, status, error);
     }
 
-    async fn forward(
-        &self,
+    /// Not an `async fn`, for the reason [`Proxy::handle`] gives.
+    #[allow(clippy::manual_async_fn)]
+    #[inline(always)]
+    fn forward<'a>(
+        &'a self,
         mut request: Request<Incoming>,
         conn: Conn,
-        trace: &mut Trace,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
-        // which a reverse proxy must not open to whatever the backend
-        // says; relayed, its answer would also leave the client with none.
-        if request.method() == Method::CONNECT {
-            return Err(ProxyError::ConnectMethod);
-        }
-        let host = request_host(&request)?;
-        let (index, route) = self
-            .router
-            .find(
-                host.as_ref().and_then(|h| h.to_str().ok()),
-                request.uri().path(),
-            )
-            .ok_or(ProxyError::NoRoute)?;
-        trace.route = Some(index);
-        let upstream = &self.upstreams[route.upstream];
+        trace: &'a mut Trace,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+        async move {
+            // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
+            // which a reverse proxy must not open to whatever the backend
+            // says; relayed, its answer would also leave the client with none.
+            if request.method() == Method::CONNECT {
+                return Err(ProxyError::ConnectMethod);
+            }
+            let host = request_host(&request)?;
+            let (index, route) = self
+                .router
+                .find(
+                    host.as_ref().and_then(|h| h.to_str().ok()),
+                    request.uri().path(),
+                )
+                .ok_or(ProxyError::NoRoute)?;
+            trace.route = Some(index);
+            let upstream = &self.upstreams[route.upstream];
 
-        let mut quota = None;
-        if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
-            let key = limiter.key(conn.peer, request.headers());
-            match limiter.check(index, &key) {
-                Some(Decision::Throttled {
-                    limit,
-                    retry_after,
-                    reset,
-                }) => {
-                    self.route_metrics[index].throttled();
-                    return Err(ProxyError::Throttled {
+            let mut quota = None;
+            if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
+                let key = limiter.key(conn.peer, request.headers());
+                match limiter.check(index, &key) {
+                    Some(Decision::Throttled {
                         limit,
                         retry_after,
                         reset,
-                    });
+                    }) => {
+                        self.route_metrics[index].throttled();
+                        return Err(ProxyError::Throttled {
+                            limit,
+                            retry_after,
+                            reset,
+                        });
+                    }
+                    Some(Decision::Allowed {
+                        limit,
+                        remaining,
+                        reset,
+                    }) => {
+                        quota = Some((limit, remaining, reset));
+                        trace.quota = quota;
+                    }
+                    None => {}
                 }
-                Some(Decision::Allowed {
-                    limit,
-                    remaining,
-                    reset,
-                }) => {
-                    quota = Some((limit, remaining, reset));
-                    trace.quota = quota;
-                }
-                None => {}
             }
-        }
 
-        if declared_length(&request)? > Some(self.max_request_body) {
-            return Err(ProxyError::BodyTooLarge);
-        }
-        // hyper decodes a final `chunked` and portico re-chunks; any coding
-        // before it would reach the backend unannounced (RFC 9112 §6.1).
-        if !headers::relayable_coding(request.headers()) {
-            return Err(ProxyError::UnsupportedCoding);
-        }
-
-        let upgrade = upgrade::requested(&mut request);
-        let (mut parts, body) = request.into_parts();
-        headers::prepare_request(
-            &mut parts.headers,
-            ClientInfo {
-                ip: conn.peer.ip(),
-                proto: conn.proto,
-                host: host.as_ref(),
-                version: parts.version,
-            },
-        );
-        // HTTP/2 carries the host in :authority; backends need a Host field.
-        // The cache keys on it too: a clone shares the parsed bytes.
-        if let Some(host) = &host {
-            parts.headers.insert(header::HOST, host.clone());
-        }
-        let host_name = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
-        if let Some(upgrade) = &upgrade {
-            upgrade.restore_request(&mut parts.headers);
-        }
-        let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
-            .ending(parts.extensions.remove::<body::UploadEnded>());
-
-        let cache = self.cache.as_ref().filter(|_| route.cache);
-        let readable = parts.method == Method::GET || parts.method == Method::HEAD;
-        if let (Some(cache), true, None) = (cache, readable, &upgrade) {
-            let mut response = Box::pin(cached::serve(
-                cache, upstream, parts, body, conn.proto, host_name, trace,
-            ))
-            .await?;
-            if let Some((limit, remaining, reset)) = quota {
-                error::rate_limit_headers(response.headers_mut(), limit, remaining, reset, None);
+            if declared_length(&request)? > Some(self.max_request_body) {
+                return Err(ProxyError::BodyTooLarge);
             }
-            return Ok(response);
-        }
-        // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
-        // invalidate; OPTIONS (a CORS preflight) and TRACE do not.
-        let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            target.to_owned()
-        });
-        if cache.is_some() {
-            trace.fwd = Some("method");
-        }
-        let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
-        if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
-            let status = response.status();
-            if status.is_success() || status.is_redirection() {
-                // Boxed: rare, and inline it would grow every request's future.
-                Box::pin(cached::invalidate(
-                    cache,
-                    conn.proto,
-                    host_name,
-                    target,
-                    response.headers(),
+            // hyper decodes a final `chunked` and portico re-chunks; any coding
+            // before it would reach the backend unannounced (RFC 9112 §6.1).
+            if !headers::relayable_coding(request.headers()) {
+                return Err(ProxyError::UnsupportedCoding);
+            }
+
+            let upgrade = upgrade::requested(&mut request);
+            let (mut parts, body) = request.into_parts();
+            headers::prepare_request(
+                &mut parts.headers,
+                ClientInfo {
+                    ip: conn.peer.ip(),
+                    proto: conn.proto,
+                    host: host.as_ref(),
+                    version: parts.version,
+                },
+            );
+            // HTTP/2 carries the host in :authority; backends need a Host field.
+            // The cache keys on it too: a clone shares the parsed bytes.
+            if let Some(host) = &host {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            let host_name = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+            if let Some(upgrade) = &upgrade {
+                upgrade.restore_request(&mut parts.headers);
+            }
+            let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
+                .ending(parts.extensions.remove::<body::UploadEnded>());
+
+            let cache = self.cache.as_ref().filter(|_| route.cache);
+            let readable = parts.method == Method::GET || parts.method == Method::HEAD;
+            if let (Some(cache), true, None) = (cache, readable, &upgrade) {
+                let mut response = Box::pin(cached::serve(
+                    cache, upstream, parts, body, conn.proto, host_name, trace,
                 ))
-                .await;
+                .await?;
+                if let Some((limit, remaining, reset)) = quota {
+                    error::rate_limit_headers(
+                        response.headers_mut(),
+                        limit,
+                        remaining,
+                        reset,
+                        None,
+                    );
+                }
+                return Ok(response);
             }
-        }
+            // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
+            // invalidate; OPTIONS (a CORS preflight) and TRACE do not.
+            let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
+                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                target.to_owned()
+            });
+            if cache.is_some() {
+                trace.fwd = Some("method");
+            }
+            let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
+            if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
+                let status = response.status();
+                if status.is_success() || status.is_redirection() {
+                    // Boxed: rare, and inline it would grow every request's future.
+                    Box::pin(cached::invalidate(
+                        cache,
+                        conn.proto,
+                        host_name,
+                        target,
+                        response.headers(),
+                    ))
+                    .await;
+                }
+            }
 
-        if let Some(client) = upgrade {
-            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                return Ok(client.bridge(response, in_flight, self.tunnel_idle));
+            if let Some(client) = upgrade {
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    return Ok(client.bridge(response, in_flight, self.tunnel_idle));
+                }
             }
+            let (mut parts, body) = response.into_parts();
+            headers::prepare_response(&mut parts.headers, parts.version);
+            if let Some((limit, remaining, reset)) = quota {
+                error::rate_limit_headers(&mut parts.headers, limit, remaining, reset, None);
+            }
+            if cache.is_some() {
+                // Every response of a caching route says what the cache did.
+                cached::add_static_status(&mut parts.headers, "portico; fwd=method");
+            }
+            Ok(Response::from_parts(
+                parts,
+                ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
+            ))
         }
-        let (mut parts, body) = response.into_parts();
-        headers::prepare_response(&mut parts.headers, parts.version);
-        if let Some((limit, remaining, reset)) = quota {
-            error::rate_limit_headers(&mut parts.headers, limit, remaining, reset, None);
-        }
-        if cache.is_some() {
-            // Every response of a caching route says what the cache did.
-            cached::add_static_status(&mut parts.headers, "portico; fwd=method");
-        }
-        Ok(Response::from_parts(
-            parts,
-            ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
-        ))
     }
 }
 
@@ -416,12 +448,16 @@ fn is_idempotent(method: &Method) -> bool {
 /// the connection before a byte of it was sent; once bytes may have reached
 /// a backend, a request with a body is never sent again. Retries stop at
 /// `retries` and when the upstream's retry budget runs out.
-async fn forward_with_retries(
-    upstream: &Upstream,
+///
+/// Not an `async fn`, for the reason [`Proxy::handle`] gives: the future
+/// holds the request once, in `next`.
+#[inline(always)]
+fn forward_with_retries<'a>(
+    upstream: &'a Upstream,
     parts: http::request::Parts,
     body: RequestBody,
-    trace: &mut Trace,
-) -> Result<(Response<UpstreamBody>, InFlight), ProxyError> {
+    trace: &'a mut Trace,
+) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), ProxyError>> + 'a {
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
     let idempotent = bodiless && is_idempotent(&parts.method);
@@ -429,75 +465,75 @@ async fn forward_with_retries(
     // Only requests that may loop keep a copy of their head.
     let replay = (retries > 0).then(|| copy_head(&parts));
     let mut next = Some((parts, body));
-    let mut skip = None;
-    let mut attempt = 0;
-    loop {
-        let Some(index) = upstream.pick(skip) else {
-            return Err(ProxyError::NoHealthyBackend);
-        };
-        let (parts, body) = next.take().expect("every attempt has a request");
-        let (body, parked) = if retries > 0 && !bodiless {
-            body.park()
-        } else {
-            (body, None)
-        };
-        let backend = upstream.backend(index);
-        trace.backend = Some(backend.addr);
-        let in_flight = backend.in_flight();
-        let waiting = Unanswered {
-            metrics: &backend.metrics,
-            sent: std::time::Instant::now(),
-            open: true,
-        };
-        // A retry goes out on a new connection: the usual failure is a
-        // pooled one the backend closed as it was reused, and the next
-        // idle one may well have been closed the same way.
-        let fresh = attempt > 0;
-        let result = upstream
-            .send(index, Request::from_parts(parts, body), fresh)
-            .await;
-        let seconds = waiting.close();
-        let error = match result {
-            Ok(response) => {
-                backend.metrics.record(response.status().as_u16(), seconds);
-                upstream.observe(index, true);
-                return Ok((response, in_flight));
+    async move {
+        let mut skip = None;
+        let mut attempt = 0;
+        loop {
+            let Some(index) = upstream.pick(skip) else {
+                return Err(ProxyError::NoHealthyBackend);
+            };
+            let (parts, body) = next.take().expect("every attempt has a request");
+            let (body, parked) = if retries > 0 && !bodiless {
+                body.park()
+            } else {
+                (body, None)
+            };
+            let backend = upstream.backend(index);
+            trace.backend = Some(backend.addr);
+            let in_flight = backend.in_flight();
+            let waiting = Unanswered {
+                metrics: &backend.metrics,
+                sent: std::time::Instant::now(),
+                open: true,
+            };
+            // A retry goes out on a new connection: the usual failure is a
+            // pooled one the backend closed as it was reused, and the next
+            // idle one may well have been closed the same way.
+            let sending = upstream.send(index, Request::from_parts(parts, body), attempt > 0);
+            let result = sending.await;
+            let seconds = waiting.close();
+            let error = match result {
+                Ok(response) => {
+                    backend.metrics.record(response.status().as_u16(), seconds);
+                    upstream.observe(index, true);
+                    return Ok((response, in_flight));
+                }
+                Err(error) => error,
+            };
+            if error.blames_backend() {
+                backend.metrics.record(error.status().as_u16(), seconds);
+                upstream.observe(index, false);
             }
-            Err(error) => error,
-        };
-        if error.blames_backend() {
-            backend.metrics.record(error.status().as_u16(), seconds);
-            upstream.observe(index, false);
+            let retry_body = if idempotent && error.is_retryable() {
+                Some(RequestBody::empty())
+            } else if error.nothing_sent() {
+                parked.and_then(body::Parked::reclaim)
+            } else {
+                None
+            };
+            let Some(retry_body) = retry_body else {
+                return Err(error);
+            };
+            // Another backend when there is one, else the same one again (a
+            // keep-alive connection it closed as we reused it is the usual
+            // cause); with none left at all, the original failure stands.
+            let next_skip = if upstream.pick_is_empty(Some(index)) {
+                None
+            } else {
+                Some(index)
+            };
+            if attempt >= retries || upstream.pick_is_empty(next_skip) || !upstream.try_retry() {
+                return Err(error);
+            }
+            skip = next_skip;
+            tracing::debug!(
+                upstream = %upstream.name(), %error, same_backend = next_skip.is_none(),
+                "retrying"
+            );
+            attempt += 1;
+            let head = replay.as_ref().expect("retries > 0 keeps the head");
+            next = Some((copy_head(head), retry_body));
         }
-        let retry_body = if idempotent && error.is_retryable() {
-            Some(RequestBody::empty())
-        } else if error.nothing_sent() {
-            parked.and_then(body::Parked::reclaim)
-        } else {
-            None
-        };
-        let Some(retry_body) = retry_body else {
-            return Err(error);
-        };
-        // Another backend when there is one, else the same one again (a
-        // keep-alive connection it closed as we reused it is the usual
-        // cause); with none left at all, the original failure stands.
-        let next_skip = if upstream.pick_is_empty(Some(index)) {
-            None
-        } else {
-            Some(index)
-        };
-        if attempt >= retries || upstream.pick_is_empty(next_skip) || !upstream.try_retry() {
-            return Err(error);
-        }
-        skip = next_skip;
-        tracing::debug!(
-            upstream = %upstream.name(), %error, same_backend = next_skip.is_none(),
-            "retrying"
-        );
-        attempt += 1;
-        let head = replay.as_ref().expect("retries > 0 keeps the head");
-        next = Some((copy_head(head), retry_body));
     }
 }
 

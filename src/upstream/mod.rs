@@ -310,13 +310,16 @@ impl Upstream {
 
     /// Sends `request` (path and headers already prepared) to backend
     /// `index`, on a new connection when `fresh`, and waits for the
-    /// response head within `response_timeout`.
-    pub async fn send(
+    /// response head within `response_timeout`. Not an `async fn`, for the
+    /// reason `Proxy::handle` gives: the head is prepared before the future
+    /// is made, and the future holds the request once.
+    #[inline(always)]
+    pub fn send(
         &self,
         index: usize,
         mut request: Request<RequestBody>,
         fresh: bool,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + '_ {
         let backend = &self.backends[index];
         // Backends get the origin form (`/path?query`), whatever form the
         // client used (HTTP/2 and absolute-form targets carry more).
@@ -339,35 +342,37 @@ impl Upstream {
         let addr = backend.addr;
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
-        let answer = if http_body::Body::is_end_stream(request.body()) {
-            tokio::time::timeout(
-                timeout,
-                self.pool.send(index, request, fresh, upgrade_asked),
-            )
-            .await
-            .ok()
-        } else {
-            let ended = request.body_mut().end_marker();
-            // Boxed: only uploads take this path, and inline it would grow
-            // every request's future (cache hits included) by its size.
-            Box::pin(after_upload(
-                timeout,
-                &ended,
-                self.pool.send(index, request, fresh, upgrade_asked),
-            ))
-            .await
-        };
-        match answer {
-            None => Err(ProxyError::ResponseTimeout { backend: addr }),
-            Some(Ok(response)) => match unrelayable(&response, upgrade_asked) {
-                // Dropping the response closes the connection.
-                Some(reason) => Err(ProxyError::BadResponse {
-                    backend: addr,
-                    reason,
-                }),
-                None => Ok(response),
-            },
-            Some(Err(e)) => Err(classify(addr, e)),
+        async move {
+            let answer = if http_body::Body::is_end_stream(request.body()) {
+                tokio::time::timeout(
+                    timeout,
+                    self.pool.send(index, request, fresh, upgrade_asked),
+                )
+                .await
+                .ok()
+            } else {
+                let ended = request.body_mut().end_marker();
+                // Boxed: only uploads take this path, and inline it would
+                // grow every request's future (cache hits included).
+                Box::pin(after_upload(
+                    timeout,
+                    &ended,
+                    self.pool.send(index, request, fresh, upgrade_asked),
+                ))
+                .await
+            };
+            match answer {
+                None => Err(ProxyError::ResponseTimeout { backend: addr }),
+                Some(Ok(response)) => match unrelayable(&response, upgrade_asked) {
+                    // Dropping the response closes the connection.
+                    Some(reason) => Err(ProxyError::BadResponse {
+                        backend: addr,
+                        reason,
+                    }),
+                    None => Ok(response),
+                },
+                Some(Err(e)) => Err(classify(addr, e)),
+            }
         }
     }
 

@@ -17,6 +17,7 @@
 //! after a second; a socket the backend closed meanwhile is found with a
 //! non-blocking read before it is used.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -148,40 +149,47 @@ impl Pool {
     /// connection instead. hyper hands an upgraded socket over only from a
     /// connection run for upgrades, and such a one cannot be parked: an
     /// `upgrade` request gets a connection of its own.
-    pub(super) async fn send(
+    ///
+    /// Not an `async fn`, for the reason `Proxy::handle` gives.
+    #[allow(clippy::manual_async_fn)]
+    #[inline(always)]
+    pub(super) fn send(
         self: &Arc<Self>,
         index: usize,
         mut request: Request<RequestBody>,
         fresh: bool,
         upgrade: bool,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let taken = if fresh || upgrade {
-            None
-        } else {
-            self.checkout(index)
-        };
-        let mut conn = match taken {
-            Some(Taken::Live(conn)) => conn,
-            Some(Taken::Parking(handed_back)) => Box::pin(self.take_up(index, handed_back)).await?,
-            Some(Taken::Parked(io)) => Box::pin(self.serve(*io, false)).await?,
-            None => Box::pin(self.connect(index, upgrade)).await?,
-        };
-        let mut fresh_tried = false;
-        loop {
-            // The error's scope ends with this statement, so the future
-            // holds none of it across the connect below: it is moved whole
-            // once per request at every layer above, and is smaller so.
-            request = match conn.sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(index, conn, response)),
-                Err(mut error) => match error.take_message() {
-                    // The backend closed this keep-alive connection as we
-                    // took it: nothing was sent, so a new one is safe.
-                    Some(unsent) if !fresh_tried => unsent,
-                    _ => return Err(SendError::Http(error.into_error())),
-                },
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
+        async move {
+            let taken = if fresh || upgrade {
+                None
+            } else {
+                self.checkout(index)
             };
-            fresh_tried = true;
-            conn = Box::pin(self.connect(index, upgrade)).await?;
+            let mut conn = match taken {
+                Some(Taken::Live(conn)) => conn,
+                Some(Taken::Parking(handed_back)) => {
+                    Box::pin(self.take_up(index, handed_back)).await?
+                }
+                Some(Taken::Parked(io)) => Box::pin(self.serve(*io, false)).await?,
+                None => Box::pin(self.connect(index, upgrade)).await?,
+            };
+            let mut fresh_tried = false;
+            loop {
+                // The error's scope ends with this statement, so the future
+                // holds none of it across the connect below.
+                request = match conn.sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.wrap(index, conn, response)),
+                    Err(mut error) => match error.take_message() {
+                        // The backend closed this keep-alive connection as
+                        // we took it: nothing was sent, so a new one is safe.
+                        Some(unsent) if !fresh_tried => unsent,
+                        _ => return Err(SendError::Http(error.into_error())),
+                    },
+                };
+                fresh_tried = true;
+                conn = Box::pin(self.connect(index, upgrade)).await?;
+            }
         }
     }
 
