@@ -254,120 +254,162 @@ async fn collapsed(
     Some(from_entry(&entry, age, parts, status))
 }
 
-/// Serves a GET or HEAD through the cache.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn serve(
+/// What the store holds for a GET or HEAD, found before anything is
+/// fetched.
+pub(super) enum Lookup {
+    /// Answered from the store: a hit, a stale-while-revalidate hit, or
+    /// only-if-cached's 504.
+    Answered(Response<ProxyBody>),
+    /// The backend is needed: [`serve`] goes on from here.
+    Forward(Looked),
+}
+
+/// What [`lookup`] learnt, for [`serve`].
+pub(super) struct Looked {
+    request_cc: CacheControl,
+    ranged: bool,
+    primary: String,
+    /// `miss` or `vary-miss` (RFC 9211).
+    miss: &'static str,
+    /// A stored response that must be revalidated first, and its age.
+    stale: Option<(Arc<Entry>, Duration)>,
+}
+
+/// Looks a GET or HEAD up in the cache. Apart from [`serve`], so that a
+/// hit is answered by a small future: `serve`'s is kilobytes, boxed, and
+/// made only when the backend is needed.
+pub(super) async fn lookup(
     cache: &Arc<Cache>,
     upstream: &Arc<Upstream>,
-    mut parts: Parts,
-    body: RequestBody,
+    parts: &Parts,
     scheme: &str,
     host: &str,
-    trace: &mut Trace,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
-    if request_cc.no_store {
-        return bypass(cache, upstream, parts, body, trace).await;
-    }
     // A byte range is served from a fresh stored response; a miss or a
     // revalidation asks for the whole response and cuts the range from
     // what it gets (see `whole_for_range`). A range portico does not serve
     // itself goes to the backend untouched.
-    let ranged = asks_range(&parts);
+    let ranged = asks_range(parts);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
     // request's Vary fields (not this one expired or evicted: a `miss`).
     let mut miss = "miss";
-    let found = match cache.key_for(&primary, &parts.headers) {
-        Some(full) => {
-            let found = cache.get(&full).await;
-            if found.is_none()
-                && full.len() > primary.len()
-                && !cache.lists_variant(&primary, &full)
-            {
-                miss = "vary-miss";
+    let mut stale = None;
+    if !request_cc.no_store {
+        let found = match cache.key_for(&primary, &parts.headers) {
+            Some(full) => {
+                let found = cache.get(&full).await;
+                if found.is_none()
+                    && full.len() > primary.len()
+                    && !cache.lists_variant(&primary, &full)
+                {
+                    miss = "vary-miss";
+                }
+                found
             }
-            found
-        }
-        None => None,
-    };
-    if let Some(entry) = found {
-        let age = entry.timing.current_age(cache.now());
-        match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
-            Usable::Fresh => {
-                cache.counters.hit.inc();
-                return Ok(from_entry(&entry, age, &parts, "portico; hit"));
-            }
-            Usable::StaleWhileRevalidate => {
-                cache.counters.stale.inc();
-                let background = (
-                    cache.clone(),
-                    upstream.clone(),
-                    primary.clone(),
-                    super::copy_head(&parts),
-                );
-                tokio::spawn(refresh(
-                    background.0,
-                    background.1,
-                    background.2,
-                    background.3,
-                    entry.clone(),
-                ));
-                return Ok(from_entry(
-                    &entry,
-                    age,
-                    &parts,
-                    "portico; hit; detail=stale-while-revalidate",
-                ));
-            }
-            // RFC 9111 §5.2.1.7: a stored response that needs the backend
-            // is not one only-if-cached may have.
-            Usable::MustRevalidate if request_cc.only_if_cached => {
-                return Ok(only_if_cached_miss());
-            }
-            Usable::MustRevalidate
-                if ranged && !whole_for_range(cache, &primary, &parts, &body) =>
-            {
-                return bypass(cache, upstream, parts, body, trace).await;
-            }
-            Usable::MustRevalidate => {
-                let fresh = age < entry.lifetime && !entry.cc.no_cache;
-                let fwd = if fresh { "request" } else { "stale" };
-                // Requests for a stale entry revalidate it once between
-                // them, as misses fetch once; a client that asked to
-                // revalidate a fresh entry gets its own check.
-                let leader = if fresh {
-                    None
-                } else {
-                    match Locks::claim(cache, &primary) {
-                        Claim::Leader(leader) => Some(leader),
-                        Claim::Wait(waiting) => {
-                            let status = "portico; fwd=stale; collapsed";
-                            if let Some(hit) =
-                                collapsed(cache, waiting, &primary, &parts, &request_cc, status)
-                                    .await
-                            {
-                                return Ok(hit);
-                            }
-                            // The fetch it waited for is slow: a range
-                            // does not start another whole one.
-                            if ranged {
-                                return bypass(cache, upstream, parts, body, trace).await;
-                            }
-                            None
-                        }
+            None => None,
+        };
+        match found {
+            None if request_cc.only_if_cached => return Lookup::Answered(only_if_cached_miss()),
+            None => {}
+            Some(entry) => {
+                let age = entry.timing.current_age(cache.now());
+                match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
+                    Usable::Fresh => {
+                        cache.counters.hit.inc();
+                        return Lookup::Answered(from_entry(&entry, age, parts, "portico; hit"));
                     }
-                };
-                return revalidate(
-                    cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
-                )
-                .await;
+                    Usable::StaleWhileRevalidate => {
+                        cache.counters.stale.inc();
+                        tokio::spawn(refresh(
+                            cache.clone(),
+                            upstream.clone(),
+                            primary.clone(),
+                            super::copy_head(parts),
+                            entry.clone(),
+                        ));
+                        return Lookup::Answered(from_entry(
+                            &entry,
+                            age,
+                            parts,
+                            "portico; hit; detail=stale-while-revalidate",
+                        ));
+                    }
+                    // RFC 9111 §5.2.1.7: a stored response that needs the
+                    // backend is not one only-if-cached may have.
+                    Usable::MustRevalidate if request_cc.only_if_cached => {
+                        return Lookup::Answered(only_if_cached_miss());
+                    }
+                    Usable::MustRevalidate => stale = Some((entry, age)),
+                }
             }
         }
     }
-    if request_cc.only_if_cached {
-        return Ok(only_if_cached_miss());
+    Lookup::Forward(Looked {
+        request_cc,
+        ranged,
+        primary,
+        miss,
+        stale,
+    })
+}
+
+/// Serves a GET or HEAD the cache could not answer by itself (see
+/// [`lookup`]): revalidates, fetches and stores, or bypasses.
+pub(super) async fn serve(
+    cache: &Arc<Cache>,
+    upstream: &Arc<Upstream>,
+    mut parts: Parts,
+    body: RequestBody,
+    looked: Looked,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Looked {
+        request_cc,
+        ranged,
+        primary,
+        miss,
+        stale,
+    } = looked;
+    if request_cc.no_store {
+        return bypass(cache, upstream, parts, body, trace).await;
+    }
+    if let Some((entry, age)) = stale {
+        if ranged && !whole_for_range(cache, &primary, &parts, &body) {
+            return bypass(cache, upstream, parts, body, trace).await;
+        }
+        let fresh = age < entry.lifetime && !entry.cc.no_cache;
+        let fwd = if fresh { "request" } else { "stale" };
+        // Requests for a stale entry revalidate it once between them, as
+        // misses fetch once; a client that asked to revalidate a fresh
+        // entry gets its own check.
+        let leader = if fresh {
+            None
+        } else {
+            match Locks::claim(cache, &primary) {
+                Claim::Leader(leader) => Some(leader),
+                Claim::Wait(waiting) => {
+                    let status = "portico; fwd=stale; collapsed";
+                    if let Some(hit) =
+                        collapsed(cache, waiting, &primary, &parts, &request_cc, status).await
+                    {
+                        return Ok(hit);
+                    }
+                    // The fetch it waited for is slow: a range does not
+                    // start another whole one.
+                    if ranged {
+                        return bypass(cache, upstream, parts, body, trace).await;
+                    }
+                    None
+                }
+            }
+        };
+        return revalidate(
+            cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
+        )
+        .await;
     }
     if ranged && !whole_for_range(cache, &primary, &parts, &body) {
         return bypass(cache, upstream, parts, body, trace).await;

@@ -362,10 +362,14 @@ impl Proxy {
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
             if let (Some(cache), true, None) = (cache, readable, &upgrade) {
-                let mut response = Box::pin(cached::serve(
-                    cache, upstream, parts, body, conn.proto, host_name, trace,
-                ))
-                .await?;
+                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name);
+                let mut response = match lookup.await {
+                    cached::Lookup::Answered(response) => response,
+                    // Boxed: a hit never makes this kilobytes-large future.
+                    cached::Lookup::Forward(looked) => {
+                        Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
+                    }
+                };
                 if let Some((limit, remaining, reset)) = quota {
                     error::rate_limit_headers(
                         response.headers_mut(),
