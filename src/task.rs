@@ -33,7 +33,7 @@ const BACKGROUND_READS: usize = 32;
 static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Spawns `read`, a body being read into the cache, unless
-/// [`BACKGROUND_READS`] are under way: then it is dropped, and with it the
+/// `BACKGROUND_READS` (32) are under way: then it is dropped, and with it the
 /// copy (nothing is stored, and the next request for the URL fetches
 /// again).
 pub fn spawn_background_read(read: impl std::future::Future<Output = ()> + Send + 'static) {
