@@ -265,11 +265,12 @@ fn every_error_names_file_line_col_and_key() {
         // would come back to the same route. Other addresses of the
         // machine behind a wildcard are not looked up.
         (
-            "[server]\nlisten = [\"127.0.0.1:7080\", \"[::]:7081\", \"0.0.0.0:7082\"]\n[[upstream]]\nname = \"a\"\nbackends = [\n  \"127.0.0.1:7080\",\n  \"127.0.0.2:7081\",\n  \"[::1]:7081\",\n  \"[::1]:7082\",\n  \"127.0.0.1:7083\",\n  \"10.0.0.1:7081\",\n]\n[[route]]\nupstream = \"a\"\n",
+            "[server]\nlisten = [\"127.0.0.1:7080\", \"[::]:7081\", \"0.0.0.0:7082\"]\n[[upstream]]\nname = \"a\"\nbackends = [\n  \"127.0.0.1:7080\",\n  \"127.0.0.2:7081\",\n  \"[::1]:7081\",\n  \"[::1]:7082\",\n  \"127.0.0.1:7083\",\n  \"10.0.0.1:7081\",\n  \"[::ffff:127.0.0.1]:7080\",\n]\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:6:3: upstream[0].backends[0]: backend 127.0.0.1:7080 is this proxy's own server.listen: requests would loop back to it",
                 "test.toml:7:3: upstream[0].backends[1]: backend 127.0.0.2:7081 is this proxy's own server.listen: requests would loop back to it",
                 "test.toml:8:3: upstream[0].backends[2]: backend [::1]:7081 is this proxy's own server.listen: requests would loop back to it",
+                "test.toml:12:3: upstream[0].backends[6]: backend [::ffff:127.0.0.1]:7080 is this proxy's own server.listen: requests would loop back to it",
             ],
         ),
     ];

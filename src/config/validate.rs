@@ -339,11 +339,11 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
 /// a loopback one on a wildcard listener of that port (an IPv6 wildcard
 /// takes IPv4 too). Other addresses of this machine are not looked up.
 fn reaches(backend: SocketAddr, listen: SocketAddr) -> bool {
+    // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 one.
+    let (to, at) = (backend.ip().to_canonical(), listen.ip().to_canonical());
     backend.port() == listen.port()
-        && (backend.ip() == listen.ip()
-            || (listen.ip().is_unspecified()
-                && backend.ip().is_loopback()
-                && (listen.is_ipv6() || backend.is_ipv4())))
+        && (to == at
+            || (at.is_unspecified() && to.is_loopback() && (at.is_ipv6() || to.is_ipv4())))
 }
 
 type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
