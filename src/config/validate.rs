@@ -342,8 +342,7 @@ fn reaches(backend: SocketAddr, listen: SocketAddr) -> bool {
     // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 one.
     let (to, at) = (backend.ip().to_canonical(), listen.ip().to_canonical());
     backend.port() == listen.port()
-        && (to == at
-            || (at.is_unspecified() && to.is_loopback() && (at.is_ipv6() || to.is_ipv4())))
+        && (to == at || (at.is_unspecified() && to.is_loopback() && (at.is_ipv6() || to.is_ipv4())))
 }
 
 type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;

@@ -465,11 +465,13 @@ fn forward_with_retries<'a>(
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
     let idempotent = bodiless && is_idempotent(&parts.method);
-    upstream.record_request();
     // Only requests that may loop keep a copy of their head.
     let replay = (retries > 0).then(|| copy_head(&parts));
     let mut next = Some((parts, body));
     async move {
+        // Counted once the request is under way, not when the future is
+        // made: one dropped unpolled sent nothing.
+        upstream.record_request();
         let mut skip = None;
         let mut attempt = 0;
         loop {
