@@ -453,6 +453,56 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
     }
 }
 
+/// Requests the cache sends on carry this hop in `X-Forwarded-For` and
+/// `Via`, as pass-through ones do: a miss, a bypass, a revalidation and a
+/// background refresh. (A hit adds neither: it goes nowhere.)
+#[tokio::test]
+async fn requests_the_cache_sends_on_carry_this_hop() {
+    fn answer(head: &str) -> &'static [u8] {
+        let head = head.to_ascii_lowercase();
+        let hop = [
+            "x-forwarded-for: 127.0.0.1",
+            "via: 1.1 portico",
+            "x-forwarded-proto: http",
+        ]
+        .iter()
+        .all(|field| head.contains(&format!("\r\n{field}\r\n")));
+        if hop {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
+              Content-Length: 3\r\n\r\nhop"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
+              Content-Length: 4\r\n\r\nbare"
+        }
+    }
+    let proxy = cached_proxy_at(scripted_backend(answer).await).await;
+    let client = client();
+    let url = proxy.url("/hop");
+    let miss = get(&client, &url).await;
+    assert_eq!(miss.header("cache-status"), "portico; fwd=miss; stored");
+    assert_eq!(miss.body, "hop");
+    for directive in ["no-store", "no-cache"] {
+        let forwarded = get_with(&client, &url, &[("cache-control", directive)]).await;
+        assert_eq!(forwarded.body, "hop", "{directive}");
+    }
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(&client, &url).await;
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    let refreshed = loop {
+        let answer = get(&client, &url).await;
+        if answer.header("cache-status") == "portico; hit" {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refreshed.body, "hop", "the background refresh");
+}
+
 #[tokio::test]
 async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
     // The first answer came through another cache (Age: 59 of 60): after a

@@ -11,7 +11,8 @@ use http::{Method, Response, StatusCode};
 
 use super::body::{ProxyBody, RequestBody};
 use super::error::ProxyError;
-use super::{forward_with_retries, headers, Trace};
+use super::headers::{self, Hop};
+use super::{forward_with_retries, Trace};
 use crate::cache::capture::{Capture, Head};
 use crate::cache::fill::Fill;
 use crate::cache::lock::{self, Claim, Leader, Locks};
@@ -284,6 +285,7 @@ pub(super) async fn lookup(
     parts: &Parts,
     scheme: &str,
     host: &str,
+    hop: Hop,
 ) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
     // A byte range is served from a fresh stored response; a miss or a
@@ -323,11 +325,13 @@ pub(super) async fn lookup(
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
+                        let mut head = super::copy_head(parts);
+                        headers::add_hop(&mut head.headers, hop);
                         tokio::spawn(refresh(
                             cache.clone(),
                             upstream.clone(),
                             primary.clone(),
-                            super::copy_head(parts),
+                            head,
                             entry.clone(),
                         ));
                         return Lookup::Answered(from_entry(

@@ -282,15 +282,55 @@ pub struct ClientInfo<'a> {
     pub version: Version,
 }
 
-/// Prepares a request head for a backend: hop-by-hop removal, then the
-/// forwarding fields. `X-Forwarded-For` is appended to (folding repeated
-/// fields into one list, as RFC 9110 §5.3 allows), the others are replaced,
-/// since only portico knows what the client really used.
+/// Prepares a request head for a backend: [`scrub_request`], then
+/// [`add_hop`].
 pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
-    remove_hop_by_hop(headers);
+    scrub_request(headers, client);
+    add_hop(headers, Hop::of(client));
+}
 
+/// Hop-by-hop removal, then the forwarding fields that only portico can
+/// know and that replace the client's: `X-Forwarded-Proto` and
+/// `X-Forwarded-Host`. A cached response that varies on them is looked up
+/// with portico's values, the ones its backend saw.
+pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
+    remove_hop_by_hop(headers);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
+    match client.host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+/// This hop, for the fields that list every hop.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop {
+    pub ip: IpAddr,
+    pub version: Version,
+}
+
+impl Hop {
+    pub fn of(client: ClientInfo<'_>) -> Hop {
+        Hop {
+            ip: client.ip,
+            version: client.version,
+        }
+    }
+}
+
+/// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
+/// list, as RFC 9110 §5.3 allows) and to `Via`. Only for a request that
+/// goes to a backend: a cache hit needs neither, and skips their cost.
+pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
     let mut buf = [0u8; 15];
-    let ip = match client.ip {
+    let ip = match hop.ip {
         // The common case without the formatting machinery.
         IpAddr::V4(v4) => std::borrow::Cow::Borrowed(ipv4_text(v4, &mut buf)),
         IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.to_string()),
@@ -321,19 +361,7 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
             }
         }
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(client.proto),
-    );
-    match client.host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
-    headers.append(header::VIA, via_value(client.version));
+    headers.append(header::VIA, via_value(hop.version));
 }
 
 /// Prepares a backend's response head for the client.

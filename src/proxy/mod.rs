@@ -28,7 +28,7 @@ use crate::upstream::health::InFlight;
 use crate::upstream::{Upstream, UpstreamBody};
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
-use headers::ClientInfo;
+use headers::{ClientInfo, Hop};
 use route::Router;
 
 /// What the server knows about the connection a request arrived on.
@@ -338,15 +338,24 @@ impl Proxy {
 
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
-            headers::prepare_request(
-                &mut parts.headers,
-                ClientInfo {
-                    ip: conn.peer.ip(),
-                    proto: conn.proto,
-                    host: host.as_ref(),
-                    version: parts.version,
-                },
-            );
+            let client = ClientInfo {
+                ip: conn.peer.ip(),
+                proto: conn.proto,
+                host: host.as_ref(),
+                version: parts.version,
+            };
+            let cache = self.cache.as_ref().filter(|_| route.cache);
+            let readable = parts.method == Method::GET || parts.method == Method::HEAD;
+            let lookup_first = cache.is_some() && readable && upgrade.is_none();
+            // A request the cache may answer gets this hop in
+            // X-Forwarded-For and Via only once it is on its way to a
+            // backend: a hit skips their cost.
+            let hop = Hop::of(client);
+            if lookup_first {
+                headers::scrub_request(&mut parts.headers, client);
+            } else {
+                headers::prepare_request(&mut parts.headers, client);
+            }
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.
             if let Some(host) = &host {
@@ -359,14 +368,13 @@ impl Proxy {
             let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
                 .ending(parts.extensions.remove::<body::UploadEnded>());
 
-            let cache = self.cache.as_ref().filter(|_| route.cache);
-            let readable = parts.method == Method::GET || parts.method == Method::HEAD;
-            if let (Some(cache), true, None) = (cache, readable, &upgrade) {
-                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name);
+            if let Some(cache) = cache.filter(|_| lookup_first) {
+                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
                 let mut response = match lookup.await {
                     cached::Lookup::Answered(response) => response,
                     // Boxed: a hit never makes this kilobytes-large future.
                     cached::Lookup::Forward(looked) => {
+                        headers::add_hop(&mut parts.headers, hop);
                         Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
                     }
                 };
