@@ -17,9 +17,9 @@ pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
     key.push_str("GET|");
     key.push_str(scheme);
     key.push('|');
-    for c in host.chars() {
-        key.push(c.to_ascii_lowercase());
-    }
+    let start = key.len();
+    key.push_str(host);
+    key[start..].make_ascii_lowercase();
     key.push('|');
     key.push_str(path_and_query);
     key
