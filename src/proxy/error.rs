@@ -149,6 +149,17 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     response
 }
 
+/// The `RateLimit-*` fields of an allowed request's quota (`limit`,
+/// `remaining`, `reset`), when its route is limited.
+pub fn quota_headers(
+    headers: &mut http::HeaderMap,
+    quota: Option<(u32, u32, std::time::Duration)>,
+) {
+    if let Some((limit, remaining, reset)) = quota {
+        rate_limit_headers(headers, limit, remaining, reset, None);
+    }
+}
+
 /// `RateLimit-*` fields (IETF httpapi draft names): `Reset` is when the
 /// whole budget is back, and when throttled, `Retry-After` is when the
 /// next request is allowed; both in whole seconds rounded up.

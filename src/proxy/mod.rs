@@ -231,15 +231,7 @@ impl Proxy {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
                     let mut response = error.into_response();
-                    if let Some((limit, remaining, reset)) = trace.quota {
-                        error::rate_limit_headers(
-                            response.headers_mut(),
-                            limit,
-                            remaining,
-                            reset,
-                            None,
-                        );
-                    }
+                    error::quota_headers(response.headers_mut(), trace.quota);
                     let caching = trace
                         .route
                         .and_then(|i| self.router.route(i))
@@ -378,15 +370,7 @@ impl Proxy {
                         Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
                     }
                 };
-                if let Some((limit, remaining, reset)) = quota {
-                    error::rate_limit_headers(
-                        response.headers_mut(),
-                        limit,
-                        remaining,
-                        reset,
-                        None,
-                    );
-                }
+                error::quota_headers(response.headers_mut(), quota);
                 return Ok(response);
             }
             // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
@@ -421,9 +405,7 @@ impl Proxy {
             }
             let (mut parts, body) = response.into_parts();
             headers::prepare_response(&mut parts.headers, parts.version);
-            if let Some((limit, remaining, reset)) = quota {
-                error::rate_limit_headers(&mut parts.headers, limit, remaining, reset, None);
-            }
+            error::quota_headers(&mut parts.headers, quota);
             if cache.is_some() {
                 // Every response of a caching route says what the cache did.
                 cached::add_static_status(&mut parts.headers, "portico; fwd=method");
