@@ -392,22 +392,11 @@ pub(super) async fn serve(
         let leader = if fresh {
             None
         } else {
-            match Locks::claim(cache, &primary) {
-                Claim::Leader(leader) => Some(leader),
-                Claim::Wait(waiting) => {
-                    let status = "portico; fwd=stale; collapsed";
-                    if let Some(hit) =
-                        collapsed(cache, waiting, &primary, &parts, &request_cc, status).await
-                    {
-                        return Ok(hit);
-                    }
-                    // The fetch it waited for is slow: a range does not
-                    // start another whole one.
-                    if ranged {
-                        return bypass(cache, upstream, parts, body, trace).await;
-                    }
-                    None
-                }
+            let status = "portico; fwd=stale; collapsed";
+            match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+                Joined::Fetch(leader) => leader,
+                Joined::Answered(hit) => return Ok(hit),
+                Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
             }
         };
         return revalidate(
@@ -418,21 +407,11 @@ pub(super) async fn serve(
     if ranged && !whole_for_range(cache, &primary, &parts, &body) {
         return bypass(cache, upstream, parts, body, trace).await;
     }
-    let leader = match Locks::claim(cache, &primary) {
-        Claim::Leader(leader) => Some(leader),
-        Claim::Wait(waiting) => {
-            let status = "portico; fwd=miss; collapsed";
-            if let Some(hit) =
-                collapsed(cache, waiting, &primary, &parts, &request_cc, status).await
-            {
-                return Ok(hit);
-            }
-            // As above: a slow fetch is not joined by a whole one per range.
-            if ranged {
-                return bypass(cache, upstream, parts, body, trace).await;
-            }
-            None
-        }
+    let status = "portico; fwd=miss; collapsed";
+    let leader = match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+        Joined::Fetch(leader) => leader,
+        Joined::Answered(hit) => return Ok(hit),
+        Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
     };
     cache.counters.miss.inc();
     // The client's own head, kept to cut its range from the whole answer
@@ -466,6 +445,40 @@ pub(super) async fn serve(
         // grow every cached request's (hits included) by a second fetch's.
         Some(asked) => Box::pin(cut_range(cache, upstream, asked, response, trace)).await,
         None => Ok(response),
+    }
+}
+
+/// How a request joins the fetches for its URL (see [`Locks::claim`]).
+/// Matched as soon as it is returned, so a response inline costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Joined {
+    /// Fetch: as the leader the others wait on, or (the one it waited on
+    /// being slow) on its own.
+    Fetch(Option<Leader>),
+    /// It waited, and the response the leader stored answered it.
+    Answered(Response<ProxyBody>),
+    /// It waited for a slow fetch and asks for a range: it goes to the
+    /// backend with its range rather than start another whole fetch.
+    Bypass,
+}
+
+async fn join(
+    cache: &Arc<Cache>,
+    primary: &str,
+    parts: &Parts,
+    request_cc: &CacheControl,
+    ranged: bool,
+    status: &'static str,
+) -> Joined {
+    match Locks::claim(cache, primary) {
+        Claim::Leader(leader) => Joined::Fetch(Some(leader)),
+        Claim::Wait(waiting) => {
+            match collapsed(cache, waiting, primary, parts, request_cc, status).await {
+                Some(hit) => Joined::Answered(hit),
+                None if ranged => Joined::Bypass,
+                None => Joined::Fetch(None),
+            }
+        }
     }
 }
 
