@@ -415,6 +415,28 @@ async fn only_if_cached_never_sends_a_stale_entry_to_the_backend() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// Ages `url`'s entry (max-age 1) into its stale-while-revalidate window,
+/// checks a GET is served stale, and returns the answer to a GET once the
+/// background refresh has made the entry fresh again (a plain hit), within
+/// [`STEP`].
+async fn refreshed_in_background(proxy: &RunningProxy, client: &TestClient, url: &str) -> Answer {
+    cache_of(proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(client, url).await;
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let answer = get(client, url).await;
+        if answer.header("cache-status") == "portico; hit" {
+            return answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
     let addr = scripted_backend(|head| {
@@ -431,22 +453,7 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
     let client = client();
     let url = proxy.url("/swr");
     assert_eq!(get(&client, &url).await.body, "ok");
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let stale = get(&client, &url).await;
-    assert_eq!(
-        stale.header("cache-status"),
-        "portico; hit; detail=stale-while-revalidate"
-    );
-    // The refresh runs in the background; the entry is fresh once it is in.
-    let deadline = tokio::time::Instant::now() + STEP;
-    let refreshed = loop {
-        let answer = get(&client, &url).await;
-        if answer.header("cache-status") == "portico; hit" {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let refreshed = refreshed_in_background(&proxy, &client, &url).await;
     assert_eq!(refreshed.body, "ok");
     for name in ["keep-alive", "x-hop", "connection"] {
         assert!(!refreshed.headers.contains_key(name), "{name} was stored");
@@ -485,21 +492,7 @@ async fn requests_the_cache_sends_on_carry_this_hop() {
         let forwarded = get_with(&client, &url, &[("cache-control", directive)]).await;
         assert_eq!(forwarded.body, "hop", "{directive}");
     }
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let stale = get(&client, &url).await;
-    assert_eq!(
-        stale.header("cache-status"),
-        "portico; hit; detail=stale-while-revalidate"
-    );
-    let deadline = tokio::time::Instant::now() + STEP;
-    let refreshed = loop {
-        let answer = get(&client, &url).await;
-        if answer.header("cache-status") == "portico; hit" {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let refreshed = refreshed_in_background(&proxy, &client, &url).await;
     assert_eq!(refreshed.body, "hop", "the background refresh");
 }
 
