@@ -268,7 +268,6 @@ pub(super) enum Lookup {
 /// What [`lookup`] learnt, for [`serve`].
 pub(super) struct Looked {
     request_cc: CacheControl,
-    ranged: bool,
     primary: String,
     /// `miss` or `vary-miss` (RFC 9211).
     miss: &'static str,
@@ -288,11 +287,6 @@ pub(super) async fn lookup(
     hop: Hop,
 ) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
-    // A byte range is served from a fresh stored response; a miss or a
-    // revalidation asks for the whole response and cuts the range from
-    // what it gets (see `whole_for_range`). A range portico does not serve
-    // itself goes to the backend untouched.
-    let ranged = asks_range(parts);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
@@ -353,7 +347,6 @@ pub(super) async fn lookup(
     }
     Lookup::Forward(Looked {
         request_cc,
-        ranged,
         primary,
         miss,
         stale,
@@ -372,7 +365,6 @@ pub(super) async fn serve(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let Looked {
         request_cc,
-        ranged,
         primary,
         miss,
         stale,
@@ -380,10 +372,15 @@ pub(super) async fn serve(
     if request_cc.no_store {
         return bypass(cache, upstream, parts, body, trace).await;
     }
+    // A byte range is served from a fresh stored response (by `lookup`); a
+    // miss or a revalidation asks for the whole response and cuts the range
+    // from what it gets (see `whole_for_range`). A range portico does not
+    // serve itself goes to the backend untouched.
+    let ranged = asks_range(&parts);
+    if ranged && !whole_for_range(cache, &primary, &parts, &body) {
+        return bypass(cache, upstream, parts, body, trace).await;
+    }
     if let Some((entry, age)) = stale {
-        if ranged && !whole_for_range(cache, &primary, &parts, &body) {
-            return bypass(cache, upstream, parts, body, trace).await;
-        }
         let fresh = age < entry.lifetime && !entry.cc.no_cache;
         let fwd = if fresh { "request" } else { "stale" };
         // Requests for a stale entry revalidate it once between them, as
@@ -403,9 +400,6 @@ pub(super) async fn serve(
             cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
         )
         .await;
-    }
-    if ranged && !whole_for_range(cache, &primary, &parts, &body) {
-        return bypass(cache, upstream, parts, body, trace).await;
     }
     let status = "portico; fwd=miss; collapsed";
     let leader = match join(cache, &primary, &parts, &request_cc, ranged, status).await {
