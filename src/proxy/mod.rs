@@ -338,12 +338,12 @@ impl Proxy {
             };
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
-            let lookup_first = cache.is_some() && readable && upgrade.is_none();
-            // A request the cache may answer gets this hop in
-            // X-Forwarded-For and Via only once it is on its way to a
-            // backend: a hit skips their cost.
+            // The cache that may answer this request itself, if any.
+            let answering = cache.filter(|_| readable && upgrade.is_none());
+            // Such a request gets this hop in X-Forwarded-For and Via only
+            // once it is on its way to a backend: a hit skips their cost.
             let hop = Hop::of(client);
-            if lookup_first {
+            if answering.is_some() {
                 headers::scrub_request(&mut parts.headers, client);
             } else {
                 headers::prepare_request(&mut parts.headers, client);
@@ -360,7 +360,7 @@ impl Proxy {
             let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
                 .ending(parts.extensions.remove::<body::UploadEnded>());
 
-            if let Some(cache) = cache.filter(|_| lookup_first) {
+            if let Some(cache) = answering {
                 let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
                 let mut response = match lookup.await {
                     cached::Lookup::Answered(response) => response,
@@ -485,8 +485,10 @@ fn forward_with_retries<'a>(
             // A retry goes out on a new connection: the usual failure is a
             // pooled one the backend closed as it was reused, and the next
             // idle one may well have been closed the same way.
-            let sending = upstream.send(index, Request::from_parts(parts, body), attempt > 0);
-            let result = sending.await;
+            let fresh = attempt > 0;
+            let result = upstream
+                .send(index, Request::from_parts(parts, body), fresh)
+                .await;
             let seconds = waiting.close();
             let error = match result {
                 Ok(response) => {
