@@ -40,16 +40,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
     ];
-    // One pass of cheap comparisons finds which are present; most requests
-    // carry none and stop here.
+    // One pass over the names finds which are present, by their first
+    // byte and then their text (names are lower case); most requests carry
+    // none and stop here.
     let mut present = [false; 5];
     let mut proxy = false;
     for name in headers.keys() {
-        if let Some(i) = fixed.iter().position(|fixed| *fixed == name) {
-            present[i] = true;
-        } else if name.as_str().starts_with("proxy-") {
-            proxy = true;
-        }
+        let name = name.as_str();
+        // Indexes into `fixed`.
+        let slot = match name.as_bytes().first() {
+            Some(b'c') if name == "connection" => 0,
+            Some(b'k') if name == "keep-alive" => 1,
+            Some(b't') if name == "te" => 2,
+            Some(b't') if name == "transfer-encoding" => 3,
+            Some(b'u') if name == "upgrade" => 4,
+            Some(b'p') if name.starts_with("proxy-") => {
+                proxy = true;
+                continue;
+            }
+            _ => continue,
+        };
+        present[slot] = true;
     }
     if !proxy && !present.contains(&true) {
         return;
@@ -503,6 +514,26 @@ mod tests {
                 ],
                 &["proxy-authorization", "proxy-connection"],
                 &[],
+            ),
+            // Names that only begin like a hop-by-hop one stay.
+            (
+                &[
+                    ("tea", "1"),
+                    ("connections", "2"),
+                    ("upgraded", "3"),
+                    ("proxy", "4"),
+                    ("keep-alive-x", "5"),
+                    ("transfer", "6"),
+                ],
+                &[],
+                &[
+                    "tea",
+                    "connections",
+                    "upgraded",
+                    "proxy",
+                    "keep-alive-x",
+                    "transfer",
+                ],
             ),
             // Fields named by Connection go too, whatever their case or spacing.
             (
