@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::task::AbortOnDrop;
+use crate::task::{AbortOnDrop, WhenWoken};
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -588,29 +588,40 @@ async fn serve_connection<IO: Parkable>(
         /// Parked, after this long idle.
         Park(Duration),
     }
-    let ended = tokio::select! {
-        result = &mut connection => End::Done(result),
-        expired = activity.expired(settings.limits()) => match expired {
-            idle::Expired::Idle => {
-                tracing::debug!(client = %conn.peer, "closing idle connection");
-                End::Graceful
+    // The watchdog and the shutdown signal are polled only when their own
+    // timers or the signal wake them, not at each of hyper's reads and
+    // writes (see `WhenWoken`).
+    let ended = {
+        let aside = std::pin::pin!(async {
+            tokio::select! {
+                expired = activity.expired(settings.limits()) => match expired {
+                    idle::Expired::Idle => {
+                        tracing::debug!(client = %conn.peer, "closing idle connection");
+                        End::Graceful
+                    }
+                    // Nothing is being answered: dropping the connection
+                    // closes it, as hyper's head timer did.
+                    idle::Expired::Head => {
+                        tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
+                        End::Done(Ok(()))
+                    }
+                    // A client that reads nothing would not read a GOAWAY
+                    // either: dropping frees the backend side at once.
+                    idle::Expired::Unread => {
+                        tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
+                        End::Done(Ok(()))
+                    }
+                    idle::Expired::Parkable(quiet) => End::Park(quiet),
+                },
+                // Finish in-flight requests, then close.
+                _ = held.shutdown.recv() => End::Drain,
             }
-            // Nothing is being answered: dropping the connection closes
-            // it, as hyper's head timer did.
-            idle::Expired::Head => {
-                tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
-                End::Done(Ok(()))
-            }
-            // A client that reads nothing would not read a GOAWAY either:
-            // dropping frees the backend side at once.
-            idle::Expired::Unread => {
-                tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
-                End::Done(Ok(()))
-            }
-            idle::Expired::Parkable(quiet) => End::Park(quiet),
-        },
-        // Finish in-flight requests, then close.
-        _ = held.shutdown.recv() => End::Drain,
+        });
+        tokio::select! {
+            biased;
+            result = &mut connection => End::Done(result),
+            ended = WhenWoken::new(aside) => ended,
+        }
     };
     // An HTTP/1 client may have sent a request on this connection that is
     // not here yet, and closing now would lose it (HTTP/1 has no GOAWAY):
