@@ -135,6 +135,7 @@ impl Upstream {
             config.max_idle_per_backend,
             config.idle_timeout,
             config.connect_timeout,
+            config.response_timeout,
         );
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
@@ -343,11 +344,20 @@ impl Upstream {
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
         async move {
-            let answer = if http_body::Body::is_end_stream(request.body()) {
-                tokio::time::timeout(
+            let bodiless = http_body::Body::is_end_stream(request.body());
+            let answer = if bodiless && !upgrade_asked {
+                // The connection's task keeps the timeout (pool::HeadWait).
+                match self.pool.send(index, request, fresh, false, true).await {
+                    Err(SendError::HeadTimeout) => None,
+                    sent => Some(sent),
+                }
+            } else if bodiless {
+                // Boxed, as below: only upgrades take this path. A
+                // connection run for one has no head watch of its own.
+                Box::pin(tokio::time::timeout(
                     timeout,
-                    self.pool.send(index, request, fresh, upgrade_asked),
-                )
+                    self.pool.send(index, request, fresh, true, false),
+                ))
                 .await
                 .ok()
             } else {
@@ -357,7 +367,7 @@ impl Upstream {
                 Box::pin(after_upload(
                     timeout,
                     &ended,
-                    self.pool.send(index, request, fresh, upgrade_asked),
+                    self.pool.send(index, request, fresh, upgrade_asked, false),
                 ))
                 .await
             };
@@ -530,6 +540,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
         SendError::Connect(e) => (true, e.as_ref()),
         SendError::Http(e) => (false, e),
+        SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend },
     };
     let mut source = Some(root);
     while let Some(e) = source {
@@ -554,5 +565,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     match error {
         SendError::Connect(source) => ProxyError::Connect { backend, source },
         SendError::Http(source) => ProxyError::Upstream { backend, source },
+        // Returned above; no cause to walk.
+        SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },
     }
 }

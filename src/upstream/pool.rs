@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ use tokio::sync::oneshot;
 use tower::Service;
 
 use crate::proxy::body::RequestBody;
+use crate::task::WhenWoken;
 
 /// How long an idle connection keeps hyper's task and buffers before it is
 /// parked as a bare socket.
@@ -49,6 +51,9 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection broke before a whole response head arrived.
     Http(hyper::Error),
+    /// No response head within `response_timeout`: the connection's task
+    /// gave up on it and closed the connection (see [`HeadWait`]).
+    HeadTimeout,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,6 +72,9 @@ pub(super) struct Pool {
     idle_timeout: Duration,
     /// Bounds making a connection, TLS handshake included.
     connect_timeout: Duration,
+    /// How long a request sent with [`Pool::send`]'s `watched` waits for
+    /// its response head.
+    response_timeout: Duration,
 }
 
 impl std::fmt::Debug for Pool {
@@ -90,6 +98,9 @@ struct Conn {
     /// `None` until the first response on it has been looked at: backends
     /// announce the same on every response, so once is enough.
     keep_for: Option<Duration>,
+    /// What the connection's task watches for a late response head. `None`
+    /// on a connection run for an upgrade: its caller times it.
+    head: Option<Arc<HeadWait>>,
 }
 
 struct Idle {
@@ -104,6 +115,7 @@ enum Held {
     Live {
         sender: SendRequest<RequestBody>,
         handed_back: oneshot::Receiver<Box<Io>>,
+        head: Arc<HeadWait>,
     },
     /// The sender is dropped; hyper's task is finishing and will hand the
     /// socket back.
@@ -121,6 +133,78 @@ enum Taken {
     Parked(Box<Io>),
 }
 
+impl Conn {
+    /// Starts the response-head clock of the request about to be sent:
+    /// its number, or `None` on a connection without a watch.
+    fn start_wait(&self) -> Option<u64> {
+        let head = self.head.as_ref()?;
+        let n = head.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        head.waiting.store(n, Ordering::Release);
+        Some(n)
+    }
+
+    /// Stops the clock of wait `n` as its head arrived; false if the
+    /// connection's task gave up on it first.
+    fn end_wait(&self, n: u64) -> bool {
+        self.head.as_ref().is_none_or(|head| {
+            head.waiting
+                .compare_exchange(n, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+
+    /// Whether the connection's task gave up on the head of its request.
+    fn timed_out(&self) -> bool {
+        self.head
+            .as_ref()
+            .is_some_and(|head| head.waiting.load(Ordering::Acquire) == TIMED_OUT)
+    }
+}
+
+/// `response_timeout` for the requests of one connection, kept by the
+/// connection's own task with a stepped timer ([`HeadWait::late`]) instead
+/// of a timer armed and cancelled for every request, which cost ~700
+/// instructions of a 1 KiB pass-through request (callgrind). A request's
+/// wait is numbered; the task counts the steps through which the same wait
+/// has been under way, so it never gives up early, and at most one step
+/// (an eighth of the timeout, 10 ms at least) late.
+#[derive(Debug, Default)]
+struct HeadWait {
+    /// Requests sent on the connection, numbering their waits.
+    sent: AtomicU64,
+    /// The wait under way: 0 for none, [`TIMED_OUT`] once given up on.
+    waiting: AtomicU64,
+}
+
+const TIMED_OUT: u64 = u64::MAX;
+
+impl HeadWait {
+    /// Resolves once one wait has lasted `limit`, having marked it
+    /// [`TIMED_OUT`].
+    async fn late(&self, limit: Duration) {
+        let step = (limit / 8).max(Duration::from_millis(10));
+        let (mut seen, mut waited) = (0, Duration::ZERO);
+        loop {
+            tokio::time::sleep(step).await;
+            let now = self.waiting.load(Ordering::Acquire);
+            if now == 0 || now != seen {
+                // A wait that began within the last step counts from here.
+                (seen, waited) = (now, Duration::ZERO);
+                continue;
+            }
+            waited += step;
+            if waited >= limit
+                && self
+                    .waiting
+                    .compare_exchange(now, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return;
+            }
+        }
+    }
+}
+
 impl Pool {
     pub(super) fn new(
         connector: HttpsConnector<HttpConnector>,
@@ -129,6 +213,7 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
+        response_timeout: Duration,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
@@ -138,6 +223,7 @@ impl Pool {
             max_idle,
             idle_timeout,
             connect_timeout,
+            response_timeout,
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -150,6 +236,11 @@ impl Pool {
     /// connection run for upgrades, and such a one cannot be parked: an
     /// `upgrade` request gets a connection of its own.
     ///
+    /// When `watched`, the connection's task bounds the wait for the
+    /// response head by `response_timeout` ([`HeadWait`]); otherwise the
+    /// caller does (an upload's wait counts from its end, and a connection
+    /// run for an upgrade has no such watch).
+    ///
     /// Not an `async fn`, for the reason `Proxy::handle` gives.
     #[allow(clippy::manual_async_fn)]
     #[inline(always)]
@@ -159,6 +250,7 @@ impl Pool {
         mut request: Request<RequestBody>,
         fresh: bool,
         upgrade: bool,
+        watched: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
         async move {
             let taken = if fresh || upgrade {
@@ -178,8 +270,18 @@ impl Pool {
             loop {
                 // The error's scope ends with this statement, so the future
                 // holds none of it across the connect below.
+                let waiting = if watched { conn.start_wait() } else { None };
                 request = match conn.sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.wrap(index, conn, response)),
+                    Ok(response) => {
+                        if waiting.is_none_or(|n| conn.end_wait(n)) {
+                            return Ok(self.wrap(index, conn, response));
+                        }
+                        // The task gave up just as the head came.
+                        return Err(SendError::HeadTimeout);
+                    }
+                    Err(_) if waiting.is_some() && conn.timed_out() => {
+                        return Err(SendError::HeadTimeout)
+                    }
                     Err(mut error) => match error.take_message() {
                         // The backend closed this keep-alive connection as
                         // we took it: nothing was sent, so a new one is safe.
@@ -209,11 +311,12 @@ impl Pool {
                 }
                 idle
             };
-            let (mut sender, handed_back) = match idle.state {
+            let (mut sender, handed_back, head) = match idle.state {
                 Held::Live {
                     sender,
                     handed_back,
-                } => (sender, handed_back),
+                    head,
+                } => (sender, handed_back, head),
                 Held::Parking(handed_back) => match unpark(handed_back) {
                     Ok(Some(io)) => return Some(Taken::Parked(io)),
                     Ok(None) => continue,
@@ -230,6 +333,7 @@ impl Pool {
                 sender,
                 handed_back: Some(handed_back),
                 keep_for: Some(idle.keep_for),
+                head: Some(head),
             };
             if sender.is_ready() {
                 return Some(Taken::Live(conn(sender)));
@@ -294,11 +398,30 @@ impl Pool {
                 sender,
                 handed_back: None,
                 keep_for: None,
+                head: None,
             });
         }
         let (hand_back, handed_back) = oneshot::channel();
+        let head = Arc::new(HeadWait::default());
+        let watch = head.clone();
+        let limit = self.response_timeout;
         tokio::spawn(async move {
-            let Parts { io, read_buf, .. } = match connection.without_shutdown().await {
+            let served = {
+                // Polled only when its timer fires, not at each read and
+                // write of the connection.
+                let late = std::pin::pin!(watch.late(limit));
+                tokio::select! {
+                    biased;
+                    served = connection.without_shutdown() => served,
+                    () = WhenWoken::new(late) => {
+                        // Dropping the connection closes it, as nginx
+                        // closes an upstream connection that timed out.
+                        tracing::debug!("no response head within response_timeout; backend connection closed");
+                        return;
+                    }
+                }
+            };
+            let Parts { io, read_buf, .. } = match served {
                 Ok(parts) => parts,
                 Err(error) => {
                     tracing::debug!(%error, "backend connection ended with error");
@@ -321,6 +444,7 @@ impl Pool {
             sender,
             handed_back: Some(handed_back),
             keep_for: None,
+            head: Some(head),
         })
     }
 
@@ -358,6 +482,7 @@ impl Pool {
             sender,
             handed_back: Some(handed_back),
             keep_for,
+            head: Some(head),
         } = conn
         else {
             return;
@@ -374,6 +499,7 @@ impl Pool {
                 state: Held::Live {
                     sender,
                     handed_back,
+                    head,
                 },
                 since: Instant::now(),
                 keep_for,
@@ -404,6 +530,7 @@ impl Pool {
                     Held::Live {
                         sender,
                         handed_back,
+                        ..
                     } if idle_for >= PARK_AFTER && sender.is_ready() => {
                         drop(sender);
                         parked += 1;
@@ -620,6 +747,11 @@ mod tests {
     }
 
     fn pool(addr: SocketAddr) -> Arc<Pool> {
+        timing_out(addr, Duration::from_secs(30))
+    }
+
+    /// A pool whose requests wait `response_timeout` for a head.
+    fn timing_out(addr: SocketAddr, response_timeout: Duration) -> Arc<Pool> {
         let config = crate::config::Upstream::new("test", vec![addr]);
         let target = http::Uri::try_from(format!("http://{addr}/")).unwrap();
         Pool::new(
@@ -629,7 +761,90 @@ mod tests {
             8,
             Duration::from_secs(60),
             Duration::from_secs(5),
+            response_timeout,
         )
+    }
+
+    /// A backend answering the first request on a connection at once and
+    /// each later one after `later` (never, if `None`); `closed` is
+    /// notified when portico closes a connection.
+    async fn slowing(later: Option<Duration>) -> (SocketAddr, Arc<Notify>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(Notify::new());
+        let notify = closed.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    for n in 0.. {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return notify.notify_one(),
+                            Ok(_) => {}
+                        }
+                        if n > 0 {
+                            match later {
+                                Some(delay) => tokio::time::sleep(delay).await,
+                                None => {
+                                    // Never answered: wait for portico to hang up.
+                                    while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {}
+                                    return notify.notify_one();
+                                }
+                            }
+                        }
+                        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, closed)
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "backend")
+            .body(RequestBody::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_late_head_on_a_pooled_connection_times_out_and_closes_it() {
+        let (addr, closed) = slowing(None).await;
+        let pool = timing_out(addr, Duration::from_millis(200));
+        ok(&pool, http::Method::GET).await;
+        assert_eq!(held(&pool), ["live"]);
+        let started = std::time::Instant::now();
+        let late = tokio::time::timeout(STEP, pool.send(0, get(), false, false, true))
+            .await
+            .expect("the connection's task gives up on the head");
+        assert!(matches!(late, Err(SendError::HeadTimeout)));
+        // Never before its time (a slow machine only makes it later).
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        tokio::time::timeout(STEP, closed.notified())
+            .await
+            .expect("the connection is closed");
+        assert!(held(&pool).is_empty());
+    }
+
+    #[tokio::test]
+    async fn waits_under_the_timeout_do_not_add_up_on_one_connection() {
+        // Each head comes after 60% of the timeout; four in a row on one
+        // connection wait 2.4 timeouts in all, and none is late.
+        let (addr, _closed) = slowing(Some(Duration::from_millis(120))).await;
+        let pool = timing_out(addr, Duration::from_millis(200));
+        for _ in 0..5 {
+            let response = tokio::time::timeout(STEP, pool.send(0, get(), false, false, true))
+                .await
+                .expect("answered")
+                .expect("in time");
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(held(&pool), ["live"]);
     }
 
     async fn ok(pool: &Arc<Pool>, method: http::Method) {
@@ -639,7 +854,7 @@ mod tests {
             .header("host", "backend")
             .body(RequestBody::empty())
             .unwrap();
-        let response = pool.send(0, request, false, false).await.unwrap();
+        let response = pool.send(0, request, false, false, true).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ok");
