@@ -284,7 +284,7 @@ pub(super) async fn lookup(
     parts: &Parts,
     scheme: &str,
     host: &str,
-    hop: Hop,
+    hop: &Hop,
 ) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());

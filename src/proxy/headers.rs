@@ -282,10 +282,24 @@ fn via_value(version: Version) -> HeaderValue {
     })
 }
 
+/// A client's address as `X-Forwarded-For` writes it, made once per
+/// connection: formatting it and allocating its value for every request
+/// cost ~500 instructions of a 1 KiB pass-through request (callgrind).
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 15];
+    let text = match ip {
+        // The common case without the formatting machinery.
+        IpAddr::V4(v4) => std::borrow::Cow::Borrowed(ipv4_text(v4, &mut buf)),
+        IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.to_string()),
+    };
+    shared_value(text.as_bytes()).expect("an IP address is a valid header value")
+}
+
 /// What the proxy knows about the client side of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientInfo<'a> {
-    pub ip: IpAddr,
+    /// The client's address, from [`forwarded_for`].
+    pub ip: &'a HeaderValue,
     /// `http` or `https`: the scheme the client used to reach portico.
     pub proto: &'static str,
     /// The host the client asked for (Host or :authority), if any.
@@ -297,7 +311,7 @@ pub struct ClientInfo<'a> {
 /// [`add_hop`].
 pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     scrub_request(headers, client);
-    add_hop(headers, Hop::of(client));
+    add_hop(headers, &Hop::of(client));
 }
 
 /// Hop-by-hop removal, then the forwarding fields that only portico can
@@ -321,16 +335,17 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
 }
 
 /// This hop, for the fields that list every hop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Hop {
-    pub ip: IpAddr,
+    /// The client's address, from [`forwarded_for`].
+    pub ip: HeaderValue,
     pub version: Version,
 }
 
 impl Hop {
     pub fn of(client: ClientInfo<'_>) -> Hop {
         Hop {
-            ip: client.ip,
+            ip: client.ip.clone(),
             version: client.version,
         }
     }
@@ -339,39 +354,27 @@ impl Hop {
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
 /// list, as RFC 9110 §5.3 allows) and to `Via`. Only for a request that
 /// goes to a backend: a cache hit needs neither, and skips their cost.
-pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
-    let mut buf = [0u8; 15];
-    let ip = match hop.ip {
-        // The common case without the formatting machinery.
-        IpAddr::V4(v4) => std::borrow::Cow::Borrowed(ipv4_text(v4, &mut buf)),
-        IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.to_string()),
-    };
+pub fn add_hop(headers: &mut HeaderMap, hop: &Hop) {
     let xff = {
         let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
         if prior.peek().is_none() {
-            shared_value(ip.as_bytes())
+            Ok(hop.ip.clone())
         } else {
             let mut list = String::new();
             for value in prior {
                 list.push_str(&String::from_utf8_lossy(value.as_bytes()));
                 list.push_str(", ");
             }
-            list.push_str(&ip);
+            list.push_str(&String::from_utf8_lossy(hop.ip.as_bytes()));
             HeaderValue::from_str(&list)
         }
     };
-    match xff {
-        Ok(value) => {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
-        }
-        // Unrepresentable prior values (control characters) are dropped
-        // rather than forwarded mangled.
-        Err(_) => {
-            if let Ok(value) = HeaderValue::from_str(&ip) {
-                headers.insert(X_FORWARDED_FOR.clone(), value);
-            }
-        }
-    }
+    // Unrepresentable prior values (control characters) are dropped rather
+    // than forwarded mangled.
+    headers.insert(
+        X_FORWARDED_FOR.clone(),
+        xff.unwrap_or_else(|_| hop.ip.clone()),
+    );
     headers.append(header::VIA, via_value(hop.version));
 }
 
@@ -392,9 +395,11 @@ mod tests {
 
     use crate::test_support::headers as map;
 
+    static CLIENT_IP: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
     fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
         ClientInfo {
-            ip: "192.0.2.7".parse().unwrap(),
+            ip: &CLIENT_IP,
             proto: "http",
             host,
             version: Version::HTTP_11,
@@ -481,6 +486,14 @@ mod tests {
         ] {
             let ip: std::net::Ipv4Addr = ip.parse().unwrap();
             assert_eq!(ipv4_text(ip, &mut [0; 15]), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn forwarded_for_writes_addresses_as_display_does() {
+        for ip in ["192.0.2.7", "2001:db8::7", "::ffff:192.0.2.7", "::1"] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(forwarded_for(parsed), ip);
         }
     }
 

@@ -57,7 +57,7 @@ impl AccessRecord {
     /// `None` when the access log is filtered out, so a disabled log costs
     /// nothing per request.
     /// The request's id is the one [`ensure_request_id`] set.
-    pub fn capture<B>(request: &Request<B>, conn: Conn) -> Option<Self> {
+    pub fn capture<B>(request: &Request<B>, conn: &Conn) -> Option<Self> {
         if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
             return None;
         }

@@ -32,11 +32,23 @@ use headers::{ClientInfo, Hop};
 use route::Router;
 
 /// What the server knows about the connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// The peer's address as `X-Forwarded-For` writes it.
+    pub forwarded_for: HeaderValue,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+        Conn {
+            peer,
+            proto,
+            forwarded_for: headers::forwarded_for(peer.ip()),
+        }
+    }
 }
 
 /// One immutable generation of the proxy's request-path state, built from a
@@ -214,14 +226,14 @@ impl Proxy {
             let mut pending = Pending {
                 proxy: self,
                 started: std::time::Instant::now(),
-                access: log::AccessRecord::capture(&request, conn),
+                access: log::AccessRecord::capture(&request, &conn),
                 trace: Trace::default(),
                 done: false,
             };
             let trace = &mut pending.trace;
             // Boxed: hyper and each async layer above move this future whole
             // once per request; a pointer is cheaper to move than kilobytes.
-            let response = match Box::pin(self.forward(request, conn, trace)).await {
+            let response = match Box::pin(self.forward(request, &conn, trace)).await {
                 Ok(response) => response,
                 Err(error) => {
                     let status = error.status();
@@ -270,7 +282,7 @@ impl Proxy {
     fn forward<'a>(
         &'a self,
         mut request: Request<Incoming>,
-        conn: Conn,
+        conn: &'a Conn,
         trace: &'a mut Trace,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         async move {
@@ -331,7 +343,7 @@ impl Proxy {
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
             let client = ClientInfo {
-                ip: conn.peer.ip(),
+                ip: &conn.forwarded_for,
                 proto: conn.proto,
                 host: host.as_ref(),
                 version: parts.version,
@@ -361,12 +373,12 @@ impl Proxy {
                 .ending(parts.extensions.remove::<body::UploadEnded>());
 
             if let Some(cache) = answering {
-                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
+                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, &hop);
                 let mut response = match lookup.await {
                     cached::Lookup::Answered(response) => response,
                     // Boxed: a hit never makes this kilobytes-large future.
                     cached::Lookup::Forward(looked) => {
-                        headers::add_hop(&mut parts.headers, hop);
+                        headers::add_hop(&mut parts.headers, &hop);
                         Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
                     }
                 };

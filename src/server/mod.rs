@@ -414,10 +414,7 @@ async fn accept_loop(
                     };
                     match &*mode {
                         Mode::Plain => {
-                            let conn = Conn {
-                                peer,
-                                proto: "http",
-                            };
+                            let conn = Conn::new(peer, "http");
                             serve_connection(stream, conn, held, None).await
                         }
                         Mode::Tls(acceptor) => {
@@ -427,10 +424,7 @@ async fn accept_loop(
                             );
                             match handshake.await {
                                 Ok(Ok(tls)) => {
-                                    let conn = Conn {
-                                        peer,
-                                        proto: "https",
-                                    };
+                                    let conn = Conn::new(peer, "https");
                                     serve_connection(tls, conn, held, None).await
                                 }
                                 Ok(Err(error)) => {
@@ -530,6 +524,7 @@ async fn serve_connection<IO: Parkable>(
         held._drain.clone(),
         held.shared.metrics.connections_open.clone(),
     );
+    let client = conn.clone();
     let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         // hyper lets go of a connection it upgrades at once; the tunnel
         // keeps its place in the count and the drain instead.
@@ -549,6 +544,7 @@ async fn serve_connection<IO: Parkable>(
             requests.has_body(ended.clone());
             request.extensions_mut().insert(ended);
         }
+        let conn = client.clone();
         async move {
             let mut response = proxy.handle(request, conn).await;
             // An answer given with the request's body left unread (a 413,
