@@ -32,7 +32,9 @@ pub(crate) fn list_members<'a>(
 /// Removes hop-by-hop fields, including every field the `Connection` header
 /// names. The usual case, `Connection: keep-alive` or `close`, costs one
 /// pass over the names and a lookup per field removed, no allocation.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Returns whether the head carried `Transfer-Encoding`, which a
+/// response's framing depends on.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let fixed: [&HeaderName; 5] = [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -62,8 +64,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         };
         present[slot] = true;
     }
+    let transfer_encoding = present[3];
     if !proxy && !present.contains(&true) {
-        return;
+        return transfer_encoding;
     }
     // Fields the Connection header names beyond the fixed ones: rare.
     let mut named: Vec<HeaderName> = Vec::new();
@@ -104,6 +107,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(&name);
         }
     }
+    transfer_encoding
 }
 
 /// Whether a head's transfer codings are ones portico can relay: none, or
@@ -382,10 +386,9 @@ pub fn add_hop(headers: &mut HeaderMap, hop: &Hop) {
 pub fn prepare_response(headers: &mut HeaderMap, backend_version: Version) {
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
     // intermediary must drop the length before relaying the decoded body.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if remove_hop_by_hop(headers) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers);
     headers.append(header::VIA, via_value(backend_version));
 }
 
