@@ -678,4 +678,15 @@ mod tests {
         assert_eq!(headers["etag"], "\"v1\"");
         assert_eq!(headers["via"], "1.1 portico");
     }
+
+    #[test]
+    fn a_response_length_goes_only_beside_transfer_encoding() {
+        // RFC 9112 §6.3: the coding overrides the length.
+        let mut both = map(&[("transfer-encoding", "chunked"), ("content-length", "5")]);
+        prepare_response(&mut both, Version::HTTP_11);
+        assert!(!both.contains_key("content-length"));
+        let mut length = map(&[("content-length", "5"), ("connection", "keep-alive")]);
+        prepare_response(&mut length, Version::HTTP_11);
+        assert_eq!(length["content-length"], "5");
+    }
 }
