@@ -262,10 +262,10 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:3:1: duplicate key `listen`"],
         ),
         // A backend that is this proxy's own listener loops: every request
-        // would come back to the same route. Other addresses of the
-        // machine behind a wildcard are not looked up.
+        // would come back to the same route. Behind a wildcard, any of the
+        // machine's addresses does; a documentation one (RFC 5737) is none.
         (
-            "[server]\nlisten = [\"127.0.0.1:7080\", \"[::]:7081\", \"0.0.0.0:7082\"]\n[[upstream]]\nname = \"a\"\nbackends = [\n  \"127.0.0.1:7080\",\n  \"127.0.0.2:7081\",\n  \"[::1]:7081\",\n  \"[::1]:7082\",\n  \"127.0.0.1:7083\",\n  \"10.0.0.1:7081\",\n  \"[::ffff:127.0.0.1]:7080\",\n]\n[[route]]\nupstream = \"a\"\n",
+            "[server]\nlisten = [\"127.0.0.1:7080\", \"[::]:7081\", \"0.0.0.0:7082\"]\n[[upstream]]\nname = \"a\"\nbackends = [\n  \"127.0.0.1:7080\",\n  \"127.0.0.2:7081\",\n  \"[::1]:7081\",\n  \"[::1]:7082\",\n  \"127.0.0.1:7083\",\n  \"203.0.113.7:7081\",\n  \"[::ffff:127.0.0.1]:7080\",\n]\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:6:3: upstream[0].backends[0]: backend 127.0.0.1:7080 is this proxy's own server.listen: requests would loop back to it",
                 "test.toml:7:3: upstream[0].backends[1]: backend 127.0.0.2:7081 is this proxy's own server.listen: requests would loop back to it",

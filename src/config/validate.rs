@@ -336,13 +336,25 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// Whether connecting to `backend` reaches `listen`: the same address, or
-/// a loopback one on a wildcard listener of that port (an IPv6 wildcard
-/// takes IPv4 too). Other addresses of this machine are not looked up.
-fn reaches(backend: SocketAddr, listen: SocketAddr) -> bool {
+/// one of this machine's on a wildcard listener of that port (an IPv6
+/// wildcard takes IPv4 too). `local` says whether an address is this
+/// machine's; it is asked only in that last case.
+fn reaches(backend: SocketAddr, listen: SocketAddr, local: impl FnOnce(IpAddr) -> bool) -> bool {
     // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 one.
     let (to, at) = (backend.ip().to_canonical(), listen.ip().to_canonical());
     backend.port() == listen.port()
-        && (to == at || (at.is_unspecified() && to.is_loopback() && (at.is_ipv6() || to.is_ipv4())))
+        && (to == at
+            || (at.is_unspecified()
+                && (at.is_ipv6() || to.is_ipv4())
+                && (to.is_loopback() || local(to))))
+}
+
+/// Whether `ip` is an address of one of this machine's interfaces. An
+/// error listing them counts as no: the check then misses a loop rather
+/// than refusing a config that has none.
+fn is_local(ip: IpAddr) -> bool {
+    if_addrs::get_if_addrs()
+        .is_ok_and(|interfaces| interfaces.iter().any(|i| i.ip().to_canonical() == ip))
 }
 
 type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
@@ -564,7 +576,10 @@ fn upstream(
             );
             continue;
         }
-        if let Some((_, listener)) = own.iter().find(|(listen, _)| reaches(addr, *listen)) {
+        if let Some((_, listener)) = own
+            .iter()
+            .find(|(listen, _)| reaches(addr, *listen, is_local))
+        {
             // Host and target are forwarded as received, so the request
             // would match the same route again, and again.
             r.at(
@@ -968,5 +983,51 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_reached_through_any_address_of_the_machine() {
+        let at = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let lan: IpAddr = "10.1.2.3".parse().unwrap();
+        let is_lan = |ip: IpAddr| ip == lan;
+        // Behind a wildcard, this machine's addresses and loopback loop.
+        assert!(reaches(at("10.1.2.3:80"), at("0.0.0.0:80"), is_lan));
+        assert!(reaches(at("10.1.2.3:80"), at("[::]:80"), is_lan));
+        assert!(reaches(
+            at("[::ffff:10.1.2.3]:80"),
+            at("0.0.0.0:80"),
+            is_lan
+        ));
+        assert!(reaches(at("127.0.0.9:80"), at("0.0.0.0:80"), |_| false));
+        // Another machine's, another port, an IPv4 wildcard for an IPv6
+        // address, or a listener on one address: no.
+        assert!(!reaches(at("10.1.2.4:80"), at("0.0.0.0:80"), is_lan));
+        assert!(!reaches(at("10.1.2.3:81"), at("0.0.0.0:80"), is_lan));
+        assert!(!reaches(at("[fe80::1]:80"), at("0.0.0.0:80"), |_| true));
+        assert!(!reaches(at("10.1.2.3:80"), at("127.0.0.1:80"), is_lan));
+        // The machine is asked only when the rest could loop.
+        let asked = std::cell::Cell::new(false);
+        let ask = |_| {
+            asked.set(true);
+            true
+        };
+        assert!(!reaches(at("10.1.2.3:81"), at("0.0.0.0:80"), ask));
+        assert!(!asked.get());
+    }
+
+    #[test]
+    fn this_machine_s_own_addresses_are_local() {
+        let interfaces = if_addrs::get_if_addrs().unwrap();
+        for interface in &interfaces {
+            assert!(is_local(interface.ip()), "{interface:?}");
+        }
+        // And an address none of them has is not (a documentation one,
+        // RFC 5737, that this machine does not happen to use).
+        let elsewhere = ["203.0.113.7", "198.51.100.7", "192.0.2.77"]
+            .map(|ip| ip.parse::<IpAddr>().unwrap())
+            .into_iter()
+            .find(|ip| interfaces.iter().all(|i| i.ip() != *ip))
+            .unwrap();
+        assert!(!is_local(elsewhere));
     }
 }
