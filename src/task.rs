@@ -75,7 +75,8 @@ pub fn spawn_background_read(read: impl std::future::Future<Output = ()> + Send 
 /// connection and, beside it in one `select!`, its watchdog and the
 /// shutdown signal; the task wakes for every read and write, and polling
 /// the timer and the watch channel each time cost ~700 instructions per
-/// request (callgrind), where this costs a waker check and a flag.
+/// request (callgrind), where this costs a waker check and a flag. A
+/// backend connection's task keeps its response-head watch the same way.
 pub struct WhenWoken<F> {
     inner: F,
     flag: Arc<Flag>,
