@@ -35,6 +35,8 @@ pub(crate) fn list_members<'a>(
 /// Returns whether the head carried `Transfer-Encoding`, which a
 /// response's framing depends on.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    /// Where `fixed` holds Transfer-Encoding.
+    const TRANSFER_ENCODING_SLOT: usize = 3;
     let fixed: [&HeaderName; 5] = [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -54,7 +56,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
             Some(b'c') if name == "connection" => 0,
             Some(b'k') if name == "keep-alive" => 1,
             Some(b't') if name == "te" => 2,
-            Some(b't') if name == "transfer-encoding" => 3,
+            Some(b't') if name == "transfer-encoding" => TRANSFER_ENCODING_SLOT,
             Some(b'u') if name == "upgrade" => 4,
             Some(b'p') if name.starts_with("proxy-") => {
                 proxy = true;
@@ -64,7 +66,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         };
         present[slot] = true;
     }
-    let transfer_encoding = present[3];
+    let transfer_encoding = present[TRANSFER_ENCODING_SLOT];
     if !proxy && !present.contains(&true) {
         return transfer_encoding;
     }
