@@ -14,7 +14,7 @@ use portico::cache::{key, Cache, Entry};
 use portico::config::{Config, HostMatch, RateLimit, Route};
 use portico::limit::Limiter;
 use portico::metrics::Metrics;
-use portico::proxy::headers::{self, ClientInfo};
+use portico::proxy::headers::{self, ClientInfo, Hop};
 use portico::proxy::route::Router;
 use portico::upstream::select::{self, Candidate};
 
@@ -67,19 +67,19 @@ fn hygiene(c: &mut Criterion) {
     let host = HeaderValue::from_static("api.example.com");
     // Made once per connection.
     let client = headers::forwarded_for("192.0.2.1".parse().unwrap());
+    let info = ClientInfo {
+        ip: &client,
+        proto: "http",
+        host: Some(&host),
+        version: Version::HTTP_11,
+    };
+    // Made once per proxy.
+    let name = headers::Pseudonym::random();
     c.bench_function("request header hygiene", |b| {
         b.iter_batched(
             || template.clone(),
             |mut h| {
-                headers::prepare_request(
-                    &mut h,
-                    ClientInfo {
-                        ip: &client,
-                        proto: "http",
-                        host: Some(&host),
-                        version: Version::HTTP_11,
-                    },
-                );
+                headers::prepare_request(&mut h, info, &Hop::of(info, &name));
                 h
             },
             criterion::BatchSize::SmallInput,

@@ -467,13 +467,14 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
 async fn requests_the_cache_sends_on_carry_this_hop() {
     fn answer(head: &str) -> &'static [u8] {
         let head = head.to_ascii_lowercase();
+        // Via names this proxy: `portico-` and its id.
         let hop = [
-            "x-forwarded-for: 127.0.0.1",
-            "via: 1.1 portico",
-            "x-forwarded-proto: http",
+            "x-forwarded-for: 127.0.0.1\r\n",
+            "via: 1.1 portico-",
+            "x-forwarded-proto: http\r\n",
         ]
         .iter()
-        .all(|field| head.contains(&format!("\r\n{field}\r\n")));
+        .all(|field| head.contains(&format!("\r\n{field}")));
         if hop {
             b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
               Content-Length: 3\r\n\r\nhop"
@@ -1352,4 +1353,21 @@ async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
     assert_eq!(follower.body, "DDDD");
     assert_eq!(follower.header("cache-status"), "portico; fwd=bypass");
     assert_eq!(whole_fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_looped_miss_gets_502_instead_of_waiting_for_its_own_fill() {
+    // The second lap would otherwise join the first lap's fill of the same
+    // key and wait for itself until response_timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = start_proxy_on(
+        with_cache(Config::single_upstream(vec![addr], vec![addr])),
+        listener,
+    )
+    .await;
+    let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url("/cache/a")))
+        .await
+        .expect("answered without waiting on itself");
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
 }

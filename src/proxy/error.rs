@@ -44,6 +44,8 @@ pub enum ProxyError {
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
+    #[error("request came back to this proxy (its Via lists this proxy): an upstream leads to portico itself")]
+    Loop,
     #[error("backend {backend} sent a response portico cannot relay: {reason}")]
     BadResponse {
         backend: std::net::SocketAddr,
@@ -65,7 +67,8 @@ impl ProxyError {
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::BadResponse { .. }
+            | ProxyError::Loop => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }

@@ -278,7 +278,7 @@ pub(crate) fn shared_value(text: &[u8]) -> Result<HeaderValue, header::InvalidHe
     }))
 }
 
-/// The `received-protocol` of a Via entry for the version we received.
+/// A response's Via entry, for the version portico received it in.
 fn via_value(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
         Version::HTTP_10 => "1.0 portico",
@@ -315,9 +315,9 @@ pub struct ClientInfo<'a> {
 
 /// Prepares a request head for a backend: [`scrub_request`], then
 /// [`add_hop`].
-pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
+pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: &Hop) {
     scrub_request(headers, client);
-    add_hop(headers, &Hop::of(client));
+    add_hop(headers, hop);
 }
 
 /// Hop-by-hop removal, then the forwarding fields that only portico can
@@ -345,16 +345,74 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
 pub struct Hop {
     /// The client's address, from [`forwarded_for`].
     pub ip: HeaderValue,
-    pub version: Version,
+    /// This proxy's `Via` entry for the version the client used.
+    pub via: HeaderValue,
 }
 
 impl Hop {
-    pub fn of(client: ClientInfo<'_>) -> Hop {
+    pub fn of(client: ClientInfo<'_>, name: &Pseudonym) -> Hop {
         Hop {
             ip: client.ip.clone(),
-            version: client.version,
+            via: name.via(client.version),
         }
     }
+}
+
+/// How one running proxy names itself in the `Via` of the requests it
+/// sends on (RFC 9110 §7.6.3: a `received-by` pseudonym): `portico-` and
+/// 48 random bits in hex. Every instance has its own, so portico in front
+/// of portico is a chain; its own name coming back is a loop. Responses
+/// keep the plain `portico`: their Via is for clients, who have no use
+/// for an instance's name.
+#[derive(Debug, Clone)]
+pub struct Pseudonym {
+    /// `received-protocol received-by`, for HTTP/1.0, 1.1, 2 and 3.
+    via: [HeaderValue; 4],
+}
+
+impl Pseudonym {
+    pub fn random() -> Self {
+        Self::named(&format!("portico-{:012x}", fastrand::u64(..1 << 48)))
+    }
+
+    /// `name` must be a token.
+    pub fn named(name: &str) -> Self {
+        let entry = |protocol: &str| {
+            HeaderValue::from_str(&format!("{protocol} {name}"))
+                .expect("a token is a valid header value")
+        };
+        Pseudonym {
+            via: [entry("1.0"), entry("1.1"), entry("2"), entry("3")],
+        }
+    }
+
+    fn via(&self, version: Version) -> HeaderValue {
+        self.via[match version {
+            Version::HTTP_10 => 0,
+            Version::HTTP_2 => 2,
+            Version::HTTP_3 => 3,
+            _ => 1,
+        }]
+        .clone()
+    }
+
+    /// The `received-by` itself.
+    fn name(&self) -> &[u8] {
+        let entry = self.via[1].as_bytes();
+        &entry["1.1 ".len()..]
+    }
+}
+
+/// Whether the request has passed through this proxy before: a `Via` entry
+/// is received by `me`. Such a request would go round until its head grew
+/// past `max_header_size`, holding a connection per lap.
+pub fn looped(headers: &HeaderMap, me: &Pseudonym) -> bool {
+    let name = me.name();
+    list_members(headers, &header::VIA).any(|entry| {
+        // `received-protocol RWS received-by [ RWS comment ]`
+        let received_by = entry.split_ascii_whitespace().nth(1).unwrap_or("");
+        received_by.as_bytes().eq_ignore_ascii_case(name)
+    })
 }
 
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
@@ -381,7 +439,7 @@ pub fn add_hop(headers: &mut HeaderMap, hop: &Hop) {
         X_FORWARDED_FOR.clone(),
         xff.unwrap_or_else(|_| hop.ip.clone()),
     );
-    headers.append(header::VIA, via_value(hop.version));
+    headers.append(header::VIA, hop.via.clone());
 }
 
 /// Prepares a backend's response head for the client.
@@ -401,6 +459,10 @@ mod tests {
     use crate::test_support::headers as map;
 
     static CLIENT_IP: HeaderValue = HeaderValue::from_static("192.0.2.7");
+    fn prepare(headers: &mut HeaderMap, client: ClientInfo<'_>) {
+        let me = Pseudonym::named("portico-00000000002a");
+        prepare_request(headers, client, &Hop::of(client, &me));
+    }
 
     fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
         ClientInfo {
@@ -634,7 +696,7 @@ mod tests {
         ];
         for (input, want) in cases {
             let mut headers = map(input);
-            prepare_request(&mut headers, client(None));
+            prepare(&mut headers, client(None));
             let all: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
             assert_eq!(all, vec![*want], "for {input:?}");
         }
@@ -648,11 +710,11 @@ mod tests {
             ("x-forwarded-host", "evil.example"),
             ("host", "shop.example"),
         ]);
-        prepare_request(&mut headers, client(Some(&host)));
+        prepare(&mut headers, client(Some(&host)));
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "shop.example");
         assert_eq!(headers["host"], "shop.example");
-        assert_eq!(headers["via"], "1.1 portico");
+        assert_eq!(headers["via"], "1.1 portico-00000000002a");
     }
 
     #[test]
@@ -660,9 +722,51 @@ mod tests {
         let mut headers = map(&[("via", "1.0 edge")]);
         let mut info = client(None);
         info.version = Version::HTTP_2;
-        prepare_request(&mut headers, info);
+        prepare(&mut headers, info);
         let all: Vec<_> = headers.get_all("via").iter().collect();
-        assert_eq!(all, vec!["1.0 edge", "2 portico"]);
+        assert_eq!(all, vec!["1.0 edge", "2 portico-00000000002a"]);
+    }
+
+    #[test]
+    fn a_request_has_looped_only_when_its_via_was_received_by_this_proxy() {
+        let me = Pseudonym::named("portico-00000000002a");
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[], false),
+            (&[("via", "1.1 portico")], false),
+            (&[("via", "1.1 portico-00000000002b")], false),
+            (&[("via", "1.1 portico-00000000002a0")], false),
+            (&[("via", "1.1 x-portico-00000000002a")], false),
+            (&[("via", "portico-00000000002a")], false),
+            (&[("via", "1.0 edge (portico-00000000002a)")], false),
+            (&[("via", "1.1 portico-00000000002a")], true),
+            (&[("via", "2 Portico-00000000002A")], true),
+            (
+                &[("via", "1.0 edge, HTTP/1.1 portico-00000000002a (v2)")],
+                true,
+            ),
+            (
+                &[("via", "1.0 edge"), ("via", " 1.1\tportico-00000000002a")],
+                true,
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(looped(&map(input), &me), *want, "for {input:?}");
+        }
+        // What this proxy adds is what it finds.
+        let mut headers = HeaderMap::new();
+        add_hop(&mut headers, &Hop::of(client(None), &me));
+        assert!(looped(&headers, &me));
+    }
+
+    #[test]
+    fn every_proxy_has_a_pseudonym_of_its_own() {
+        let (a, b) = (Pseudonym::random(), Pseudonym::random());
+        let name = std::str::from_utf8(a.name()).unwrap();
+        assert_ne!(name.as_bytes(), b.name());
+        assert_eq!(name.len(), "portico-".len() + 12, "{name}");
+        assert!(name.starts_with("portico-"), "{name}");
+        assert!(name[8..].bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+        assert_eq!(a.via(Version::HTTP_2), format!("2 {name}"));
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Proxy {
     unrouted: RouteMetrics,
     limiter: Option<Arc<Limiter>>,
     cache: Option<Arc<Cache>>,
+    /// This proxy's name in `Via`: made at start, kept across reloads.
+    pseudonym: headers::Pseudonym,
 }
 
 /// What the request path learnt about one request, for metrics and the
@@ -186,6 +188,7 @@ impl Proxy {
             limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
             cache,
             metrics,
+            pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
         }
     }
 
@@ -292,6 +295,11 @@ impl Proxy {
             if request.method() == Method::CONNECT {
                 return Err(ProxyError::ConnectMethod);
             }
+            // Before the cache: a looped miss would otherwise wait on its
+            // own fill.
+            if headers::looped(request.headers(), &self.pseudonym) {
+                return Err(ProxyError::Loop);
+            }
             let host = request_host(&request)?;
             let (index, route) = self
                 .router
@@ -354,11 +362,11 @@ impl Proxy {
             let answering = cache.filter(|_| readable && upgrade.is_none());
             // Such a request gets this hop in X-Forwarded-For and Via only
             // once it is on its way to a backend: a hit skips their cost.
-            let hop = Hop::of(client);
+            let hop = Hop::of(client, &self.pseudonym);
             if answering.is_some() {
                 headers::scrub_request(&mut parts.headers, client);
             } else {
-                headers::prepare_request(&mut parts.headers, client);
+                headers::prepare_request(&mut parts.headers, client, &hop);
             }
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.

@@ -99,12 +99,27 @@ pub async fn start_proxy_with_admin(
     start(config, Some((admin, token.map(str::to_owned))), config_path).await
 }
 
+/// [`start_proxy`] on a listener the test bound, so that the config can
+/// name the proxy's own address before it starts.
+pub async fn start_proxy_on(config: Config, listener: tokio::net::TcpListener) -> RunningProxy {
+    start_listening(config, None, None, listener)
+}
+
 async fn start(
     config: Config,
     admin: Option<portico::server::AdminListener>,
     config_path: Option<std::path::PathBuf>,
 ) -> RunningProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_listening(config, admin, config_path, listener)
+}
+
+fn start_listening(
+    config: Config,
+    admin: Option<portico::server::AdminListener>,
+    config_path: Option<std::path::PathBuf>,
+    listener: tokio::net::TcpListener,
+) -> RunningProxy {
     let addr = listener.local_addr().unwrap();
     let admin_addr = admin.as_ref().map(|(l, _)| l.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
