@@ -302,14 +302,18 @@ impl Activity {
             } else {
                 idle_quiet + step
             };
-            // Writes still draining the last response (to a slow reader)
-            // hold the head timer back: hyper reads the next head after.
+            // A response still being written (to a slow reader) holds the
+            // head timer back: hyper reads the next head after.
             let waiting = !busy
-                && now.1 == last.1
+                && !sending
                 && self.head_pending.load(Ordering::Relaxed)
                 && !self.multiplexed.load(Ordering::Relaxed);
+            // The same wait as at the last look only if nothing was written
+            // in between; the last response's writes within the step
+            // before do not hide a head that followed them (review11: the
+            // timer ran up to two steps late).
             head_wait = match (waiting, was_waiting) {
-                (true, true) => head_wait + step,
+                (true, true) if now.1 == last.1 => head_wait + step,
                 _ => Duration::ZERO,
             };
             let stuck = now.1 == last.1 && sending;
@@ -877,6 +881,31 @@ mod park_tests {
         let waited = took - Duration::from_millis(2400);
         assert!(
             waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_600),
+            "{waited:?}"
+        );
+    }
+
+    /// Nor late by more than a step when the head follows the last
+    /// response's writes within one step: here the response's last write
+    /// is 0.1 s in and the next head begins 0.2 s in.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_right_after_a_response_is_timed_from_the_next_step() {
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        let limits = Limits {
+            park: None,
+            ..LIMITS
+        };
+        let head = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            activity.wrote(&Poll::Ready(()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            activity.on_read(b"GET /next");
+        };
+        let (expired, took) = expired_while(&activity, limits, head).await;
+        assert_eq!(expired, Expired::Head);
+        let waited = took - Duration::from_millis(200);
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_500),
             "{waited:?}"
         );
     }
