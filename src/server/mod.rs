@@ -581,6 +581,9 @@ async fn serve_connection<IO: Parkable>(
         Graceful,
         /// Shutdown has begun.
         Drain,
+        /// Draining, and nothing came for a second: closed now, without
+        /// a second round of the graceful path's wait.
+        Close,
         /// Parked, after this long idle.
         Park(Duration),
     }
@@ -628,13 +631,28 @@ async fn serve_connection<IO: Parkable>(
             activity.close_after_answers();
             tokio::select! {
                 result = &mut connection => End::Done(result),
-                _ = activity.expired(settings.closing_limits()) => End::Graceful,
+                why = activity.expired(settings.closing_limits()) => {
+                    tracing::debug!(client = %conn.peer, ?why, "closed while draining");
+                    End::Close
+                }
             }
         }
         ended => ended,
     };
     let result = match ended {
         End::Done(result) => result,
+        // Nothing is being answered, and `Connection: close` was promised
+        // to whatever came: close as hyper would, a FIN after the TLS
+        // close_notify. A connection still sniffing (no byte yet) has no
+        // parts to close: dropped. Before, a graceful shutdown came first,
+        // which an HTTP/1 connection with no request begun waits out, and
+        // the drain took two seconds of quiet (review11).
+        End::Close => {
+            if let Some((mut socket, _)) = connection.into_parts() {
+                close(&mut socket).await;
+            }
+            return;
+        }
         End::Park(quiet) => {
             // hyper ends an HTTP/1 connection at once when it is between
             // requests; the socket skips the shutdown, and comes back with
