@@ -25,6 +25,9 @@ pub mod upstream;
 /// SIGINT, then drains (see [`server::run`]). A second signal during the
 /// drain exits at once; SIGHUP reloads the file.
 pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
+    // Handled before the first socket is bound (see `signal`).
+    let stop = signal::terminate();
+    let hangup = signal::Hangup::install();
     let listeners = server::bind(&config.server.listen).await?;
     let admin_listener = server::bind(&[config.admin.listen]).await?.remove(0);
     let token = config.admin.token.as_ref().map(|t| t.0.clone());
@@ -43,13 +46,13 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
             tls.push((bound, index));
         }
     }
-    signal::spawn_reload_on_hangup(shared.clone());
+    hangup.reload(shared.clone());
     let all = server::Listeners {
         plain: listeners,
         tls,
         admin: Some((admin_listener, token)),
     };
-    server::run_all(&config, shared, all, signal::terminate()).await;
+    server::run_all(&config, shared, all, stop).await;
     Ok(())
 }
 

@@ -1,56 +1,107 @@
 //! Process signals: SIGTERM and SIGINT start a graceful shutdown; a second
 //! one while draining exits at once, as operators expect from nginx.
+//!
+//! Handlers are installed by [`terminate`] and [`Hangup::install`], before
+//! the listeners are bound: until then a signal has its
+//! default action, which kills the process, and a supervisor's SIGTERM
+//! sent as soon as the port answers would skip the drain (review11).
 
-/// Resolves on the first SIGTERM or SIGINT, and arranges for the next one to
-/// exit the process immediately.
-pub async fn terminate() {
-    wait_for_terminate().await;
-    tokio::spawn(async {
-        wait_for_terminate().await;
-        tracing::warn!("second signal: exiting without waiting for in-flight requests");
-        std::process::exit(1);
-    });
-}
+use std::future::Future;
 
-#[cfg(unix)]
-async fn wait_for_terminate() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops portico");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that
+/// resolves on the first of those signals and arranges for the next one to
+/// exit the process immediately. Needs a tokio runtime.
+pub fn terminate() -> impl Future<Output = ()> {
+    let mut signals = Terminate::install();
+    async move {
+        signals.next().await;
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::warn!("second signal: exiting without waiting for in-flight requests");
+            std::process::exit(1);
+        });
     }
 }
 
-#[cfg(not(unix))]
-async fn wait_for_terminate() {
-    let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, watched from the moment of [`Terminate::install`].
+struct Terminate {
+    #[cfg(unix)]
+    watched: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-/// Reloads the configuration on every SIGHUP, logging the outcome.
-pub fn spawn_reload_on_hangup(shared: std::sync::Arc<crate::server::Shared>) {
+impl Terminate {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    fn install() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(hangup) => hangup,
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch SIGHUP; reload through the admin API only");
-                return;
+        let watched = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops portico");
+                None
             }
         };
-        while hangup.recv().await.is_some() {
-            // Logged by `reload_for`; nothing else to do with a rejection.
-            let _ = shared.reload_for("SIGHUP");
-        }
-    });
+        Terminate { watched }
+    }
+
     #[cfg(not(unix))]
-    let _ = shared;
+    fn install() -> Self {
+        Terminate {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.watched {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// SIGHUP, watched from the moment of [`Hangup::install`]: one that
+/// comes before [`Hangup::reload`] is kept for it, not fatal.
+pub struct Hangup {
+    #[cfg(unix)]
+    watched: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    /// Needs a tokio runtime.
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let watched = signal(SignalKind::hangup())
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "cannot watch SIGHUP; reload through the admin API only");
+                })
+                .ok();
+            Hangup { watched }
+        }
+        #[cfg(not(unix))]
+        Hangup {}
+    }
+
+    /// From now on every SIGHUP reloads `shared`'s configuration file,
+    /// logging the outcome.
+    pub fn reload(self, shared: std::sync::Arc<crate::server::Shared>) {
+        #[cfg(unix)]
+        if let Some(mut hangup) = self.watched {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    // Logged by `reload_for`; nothing else to do with a
+                    // rejection.
+                    let _ = shared.reload_for("SIGHUP");
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        let _ = shared;
+    }
 }

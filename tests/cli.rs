@@ -159,3 +159,59 @@ fn http_get(addr: &str, path: &str) -> String {
     let _ = stream.read_to_string(&mut out);
     out
 }
+
+/// A signal sent as soon as the port answers, as a supervisor's stop may
+/// be: SIGHUP reloads and SIGTERM drains, never the default action that
+/// kills the process (the handlers are installed before the first bind).
+#[test]
+fn signals_as_soon_as_the_port_answers_are_handled_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("portico-signals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let file = dir.join("portico.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:9\"]\n\n\
+             [[route]]\npath_prefix = \"/\"\nupstream = \"a\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(PORTICO)
+        .args(["--config", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // bash's own connect and kill, with no process started in between:
+    // the signals land within microseconds of the port answering.
+    let sent = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "for _ in $(seq 200000); do \
+               if exec 3<>/dev/tcp/127.0.0.1/{port}; then kill -HUP {pid}; kill -TERM {pid}; exit 0; fi; \
+             done 2>/dev/null; exit 1",
+            pid = child.id()
+        ))
+        .status()
+        .unwrap();
+    assert!(sent.success(), "portico never listened");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portico did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Killed by a signal, the status has no code.
+    assert_eq!(status.code(), Some(0), "portico ended with {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

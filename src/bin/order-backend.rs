@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let stop = portico::signal::terminate();
         let listener = tokio::net::TcpListener::bind(cli.listen)
             .await
             .map_err(|e| {
@@ -52,13 +53,7 @@ fn main() -> ExitCode {
             delay: Duration::from_millis(cli.delay),
             max_age: cli.max_age,
         };
-        sample::serve(
-            listener,
-            opts,
-            sample::new_repository(),
-            portico::signal::terminate(),
-        )
-        .await
+        sample::serve(listener, opts, sample::new_repository(), stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
