@@ -42,6 +42,12 @@ fn new_request_id() -> HeaderValue {
     super::headers::shared_value(&out).expect("hex digits are a valid header value")
 }
 
+/// A duration in milliseconds to the microsecond, as the access line
+/// writes it: `0.533`, not `0.5337109999999999`.
+fn millis(duration: std::time::Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
+}
+
 /// What the access line needs from the request, taken before the request is
 /// consumed. Cheap clones: `Uri` and header values share their bytes.
 #[derive(Debug)]
@@ -97,7 +103,7 @@ impl AccessRecord {
             path = self.uri.path(),
             status = response.status().as_u16(),
             bytes = text(response.headers().get(header::CONTENT_LENGTH)),
-            duration_ms = duration.as_secs_f64() * 1000.0,
+            duration_ms = millis(duration),
             upstream = upstream.unwrap_or("-"),
             backend = backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
             cache = text(response.headers().get("cache-status")),
@@ -150,5 +156,16 @@ mod tests {
             HeaderValue::from_str(&"x".repeat(200)).unwrap(),
         );
         assert_eq!(ensure_request_id(&mut headers).len(), 32);
+    }
+
+    #[test]
+    fn durations_are_logged_to_the_microsecond() {
+        use std::time::Duration;
+        assert_eq!(
+            millis(Duration::from_nanos(533_710_999)).to_string(),
+            "533.71"
+        );
+        assert_eq!(millis(Duration::from_nanos(533_711)).to_string(), "0.533");
+        assert_eq!(millis(Duration::from_secs(2)).to_string(), "2000");
     }
 }
