@@ -459,6 +459,8 @@ mod tests {
     use crate::test_support::headers as map;
 
     static CLIENT_IP: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
+    /// [`prepare_request`] as a proxy named `portico-00000000002a` does.
     fn prepare(headers: &mut HeaderMap, client: ClientInfo<'_>) {
         let me = Pseudonym::named("portico-00000000002a");
         prepare_request(headers, client, &Hop::of(client, &me));
