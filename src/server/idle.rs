@@ -868,21 +868,32 @@ mod park_tests {
     #[tokio::test(start_paused = true)]
     async fn the_head_timer_never_fires_early() {
         let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
-        let limits = Limits {
-            park: None,
-            ..LIMITS
-        };
+        let head_at = Duration::from_millis(2400);
         let head = async {
-            tokio::time::sleep(Duration::from_millis(2400)).await;
+            tokio::time::sleep(head_at).await;
             activity.on_read(b"GET /next");
         };
-        let (expired, took) = expired_while(&activity, limits, head).await;
-        assert_eq!(expired, Expired::Head);
-        let waited = took - Duration::from_millis(2400);
+        let waited = head_timer(&activity, head_at, head).await;
         assert!(
             waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_600),
             "{waited:?}"
         );
+    }
+
+    /// How long after `head_at` the head timer of `activity` fired, with
+    /// `client` (which begins a head at `head_at`) run meanwhile.
+    async fn head_timer(
+        activity: &Arc<Activity>,
+        head_at: Duration,
+        client: impl std::future::Future<Output = ()>,
+    ) -> Duration {
+        let limits = Limits {
+            park: None,
+            ..LIMITS
+        };
+        let (expired, took) = expired_while(activity, limits, client).await;
+        assert_eq!(expired, Expired::Head);
+        took - head_at
     }
 
     /// Nor late by more than a step when the head follows the last
@@ -891,19 +902,13 @@ mod park_tests {
     #[tokio::test(start_paused = true)]
     async fn a_head_right_after_a_response_is_timed_from_the_next_step() {
         let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
-        let limits = Limits {
-            park: None,
-            ..LIMITS
-        };
         let head = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             activity.wrote(&Poll::Ready(()));
             tokio::time::sleep(Duration::from_millis(100)).await;
             activity.on_read(b"GET /next");
         };
-        let (expired, took) = expired_while(&activity, limits, head).await;
-        assert_eq!(expired, Expired::Head);
-        let waited = took - Duration::from_millis(200);
+        let waited = head_timer(&activity, Duration::from_millis(200), head).await;
         assert!(
             waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_500),
             "{waited:?}"
