@@ -284,7 +284,7 @@ pub(super) async fn lookup(
     parts: &Parts,
     scheme: &str,
     host: &str,
-    hop: &Hop,
+    hop: impl FnOnce() -> Hop,
 ) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -320,7 +320,7 @@ pub(super) async fn lookup(
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
                         let mut head = super::copy_head(parts);
-                        headers::add_hop(&mut head.headers, hop);
+                        headers::add_hop(&mut head.headers, hop());
                         tokio::spawn(refresh(
                             cache.clone(),
                             upstream.clone(),

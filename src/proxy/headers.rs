@@ -315,7 +315,7 @@ pub struct ClientInfo<'a> {
 
 /// Prepares a request head for a backend: [`scrub_request`], then
 /// [`add_hop`].
-pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: &Hop) {
+pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop) {
     scrub_request(headers, client);
     add_hop(headers, hop);
 }
@@ -418,28 +418,26 @@ pub fn looped(headers: &HeaderMap, me: &Pseudonym) -> bool {
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
 /// list, as RFC 9110 §5.3 allows) and to `Via`. Only for a request that
 /// goes to a backend: a cache hit needs neither, and skips their cost.
-pub fn add_hop(headers: &mut HeaderMap, hop: &Hop) {
+pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
+    let Hop { ip, via } = hop;
     let xff = {
         let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
         if prior.peek().is_none() {
-            Ok(hop.ip.clone())
+            ip
         } else {
             let mut list = String::new();
             for value in prior {
                 list.push_str(&String::from_utf8_lossy(value.as_bytes()));
                 list.push_str(", ");
             }
-            list.push_str(&String::from_utf8_lossy(hop.ip.as_bytes()));
-            HeaderValue::from_str(&list)
+            list.push_str(&String::from_utf8_lossy(ip.as_bytes()));
+            // Unrepresentable prior values (control characters) are
+            // dropped rather than forwarded mangled.
+            HeaderValue::from_str(&list).unwrap_or(ip)
         }
     };
-    // Unrepresentable prior values (control characters) are dropped rather
-    // than forwarded mangled.
-    headers.insert(
-        X_FORWARDED_FOR.clone(),
-        xff.unwrap_or_else(|_| hop.ip.clone()),
-    );
-    headers.append(header::VIA, hop.via.clone());
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.append(header::VIA, via);
 }
 
 /// Prepares a backend's response head for the client.
@@ -463,7 +461,7 @@ mod tests {
     /// [`prepare_request`] as a proxy named `portico-00000000002a` does.
     fn prepare(headers: &mut HeaderMap, client: ClientInfo<'_>) {
         let me = Pseudonym::named("portico-00000000002a");
-        prepare_request(headers, client, &Hop::of(client, &me));
+        prepare_request(headers, client, Hop::of(client, &me));
     }
 
     fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
@@ -756,7 +754,7 @@ mod tests {
         }
         // What this proxy adds is what it finds.
         let mut headers = HeaderMap::new();
-        add_hop(&mut headers, &Hop::of(client(None), &me));
+        add_hop(&mut headers, Hop::of(client(None), &me));
         assert!(looped(&headers, &me));
     }
 

@@ -361,12 +361,13 @@ impl Proxy {
             // The cache that may answer this request itself, if any.
             let answering = cache.filter(|_| readable && upgrade.is_none());
             // Such a request gets this hop in X-Forwarded-For and Via only
-            // once it is on its way to a backend: a hit skips their cost.
-            let hop = Hop::of(client, &self.pseudonym);
+            // once it is on its way to a backend: a hit skips their cost,
+            // and that of making the hop.
+            let hop = || Hop::of(client, &self.pseudonym);
             if answering.is_some() {
                 headers::scrub_request(&mut parts.headers, client);
             } else {
-                headers::prepare_request(&mut parts.headers, client, &hop);
+                headers::prepare_request(&mut parts.headers, client, hop());
             }
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.
@@ -381,12 +382,12 @@ impl Proxy {
                 .ending(parts.extensions.remove::<body::UploadEnded>());
 
             if let Some(cache) = answering {
-                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, &hop);
+                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
                 let mut response = match lookup.await {
                     cached::Lookup::Answered(response) => response,
                     // Boxed: a hit never makes this kilobytes-large future.
                     cached::Lookup::Forward(looked) => {
-                        headers::add_hop(&mut parts.headers, &hop);
+                        headers::add_hop(&mut parts.headers, hop());
                         Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
                     }
                 };
