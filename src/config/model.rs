@@ -133,8 +133,8 @@ pub struct Route {
     pub cache: bool,
     /// Resolved: the route's own `rate_limit` if set, else whether `[rate_limit]` exists.
     pub rate_limit: bool,
-    /// A stable label for metrics and logs: the upstream name, suffixed when
-    /// several routes share one upstream.
+    /// The label of its metrics: its `name`, or else the upstream's name,
+    /// suffixed `#2`, `#3`... when several routes share one upstream.
     pub name: String,
 }
 

@@ -170,6 +170,8 @@ pub struct Health {
 
 #[derive(Debug, Deserialize)]
 pub struct Route {
+    /// The `route` label of its metrics.
+    pub name: Option<Str>,
     pub host: Option<Str>,
     pub path_prefix: Option<Str>,
     pub upstream: Str,

@@ -75,6 +75,10 @@ upstream = "orders"
 [[route]]
 upstream = "orders"
 cache = false
+[[route]]
+name = "static"
+path_prefix = "/static/"
+upstream = "orders"
 
 [cache]
 default_ttl = "1m"
@@ -108,6 +112,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert!(config.routes[0].cache && config.routes[0].rate_limit);
     assert!(!config.routes[1].cache);
     assert_eq!(config.routes[1].name, "orders#2");
+    assert_eq!(config.routes[2].name, "static");
     assert_eq!(config.cache.unwrap().default_ttl.as_secs(), 60);
     let limit = config.rate_limit.unwrap();
     assert_eq!(limit.requests_per_second, 0.5);
@@ -189,6 +194,26 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
                 "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
                 "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, `#`, spaces or control characters",
+            ],
+        ),
+        (
+            // Every problem of one route, not only its first (audit12).
+            "[[upstream]]\nname = \"o\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"p\"\nhost = \"a b\"\npath_prefix = \"x\"\ncache = true\nname = \"r 1\"\n",
+            &[
+                "test.toml:5:12: route[0].upstream: unknown upstream `p` (defined: o)",
+                "test.toml:6:8: route[0].host: `a b` is not a host name: write `api.example.com` or `*.example.com` (no port)",
+                "test.toml:7:15: route[0].path_prefix: must start with `/`",
+                "test.toml:8:9: route[0].cache: cache = true needs a [cache] section",
+                "test.toml:9:8: route[0].name: names use letters, digits, `-`, `_` and `.` only",
+            ],
+        ),
+        (
+            // A name given twice; a derived label (`o`, `o#2`) taken by a
+            // name given to another route.
+            "[[upstream]]\nname = \"o\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"o\"\n[[route]]\npath_prefix = \"/a\"\nupstream = \"o\"\nname = \"o\"\n[[route]]\npath_prefix = \"/b\"\nupstream = \"o\"\nname = \"o\"\n",
+            &[
+                "test.toml:4:1: route[0]: its metrics label would be `o`, the name route[1] is given: name this route too",
+                "test.toml:13:8: route[2].name: route[1] is already named `o`",
             ],
         ),
         (

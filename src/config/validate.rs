@@ -200,11 +200,17 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
 
     let mut routes = Vec::new();
     let mut seen_routes: HashSet<(String, String)> = HashSet::new();
-    let mut route_names: HashMap<String, usize> = HashMap::new();
+    // Names given with `name`, and where; derived ones are checked against
+    // them once every route is read.
+    let mut given_names: HashMap<String, usize> = HashMap::new();
+    let mut derived_count: HashMap<String, usize> = HashMap::new();
+    let mut derived: Vec<(usize, String)> = Vec::new();
     for (i, spanned) in file.route.iter().enumerate() {
         let key = format!("route[{i}]");
         let raw = spanned.get_ref();
-        let Some(&upstream) = by_name.get(raw.upstream.get_ref()) else {
+        // Every problem of the route is reported before it is left out.
+        let upstream = by_name.get(raw.upstream.get_ref()).copied();
+        if upstream.is_none() {
             let known: Vec<&str> = file
                 .upstream
                 .iter()
@@ -219,27 +225,22 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                     known.join(", ")
                 ),
             );
-            continue;
-        };
+        }
         let host = match &raw.host {
-            None => HostMatch::Any,
-            Some(h) => match host_match(h.get_ref()) {
-                Ok(host) => host,
-                Err(e) => {
-                    r.at(h.span(), format!("{key}.host"), e);
-                    continue;
-                }
-            },
+            None => Some(HostMatch::Any),
+            Some(h) => host_match(h.get_ref())
+                .inspect_err(|e| r.at(h.span(), format!("{key}.host"), e))
+                .ok(),
         };
         let path_prefix = match &raw.path_prefix {
-            None => "/".to_owned(),
+            None => Some("/".to_owned()),
             Some(p) if !p.get_ref().starts_with('/') => {
                 r.at(
                     p.span(),
                     format!("{key}.path_prefix"),
                     "must start with `/`",
                 );
-                continue;
+                None
             }
             // Routes match the path alone, so a query or a byte a path
             // cannot hold would make the route dead.
@@ -253,23 +254,21 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                     format!("{key}.path_prefix"),
                     "must be a path: no `?`, `#`, spaces or control characters",
                 );
-                continue;
+                None
             }
-            Some(p) => p.get_ref().clone(),
+            Some(p) => Some(p.get_ref().clone()),
         };
-        let host_text = raw
-            .host
-            .as_ref()
-            .map_or("*", |h| h.get_ref().as_str())
-            .to_owned();
-        if !seen_routes.insert((host_text.to_ascii_lowercase(), path_prefix.clone())) {
-            r.at(
-                spanned.span(),
-                &key,
-                format!(
-                    "another route already has host `{host_text}` and path_prefix `{path_prefix}`"
-                ),
-            );
+        if let (Some(_), Some(path_prefix)) = (&host, &path_prefix) {
+            let host_text = raw.host.as_ref().map_or("*", |h| h.get_ref().as_str());
+            if !seen_routes.insert((host_text.to_ascii_lowercase(), path_prefix.clone())) {
+                r.at(
+                    spanned.span(),
+                    &key,
+                    format!(
+                        "another route already has host `{host_text}` and path_prefix `{path_prefix}`"
+                    ),
+                );
+            }
         }
         let cache_on = match &raw.cache {
             Some(flag) if *flag.get_ref() && cache.is_none() => {
@@ -295,13 +294,45 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             Some(flag) => *flag.get_ref(),
             None => rate_limit.is_some(),
         };
-        let base_name: &str = &upstreams[upstream].name;
-        let count = route_names.entry(base_name.to_owned()).or_insert(0);
-        *count += 1;
-        let name = if *count == 1 {
-            base_name.to_owned()
-        } else {
-            format!("{base_name}#{count}")
+        let name = match &raw.name {
+            Some(given) => {
+                let text = given.get_ref();
+                if !is_name(text) {
+                    r.at(
+                        given.span(),
+                        format!("{key}.name"),
+                        "names use letters, digits, `-`, `_` and `.` only",
+                    );
+                } else if let Some(other) = given_names.get(text) {
+                    r.at(
+                        given.span(),
+                        format!("{key}.name"),
+                        format!("route[{other}] is already named `{text}`"),
+                    );
+                } else {
+                    given_names.insert(text.clone(), i);
+                }
+                Some(text.clone())
+            }
+            // The upstream's name, suffixed `#2`, `#3`... for the further
+            // routes to the same upstream.
+            None => upstream.map(|u| {
+                let base: &str = &upstreams[u].name;
+                let count = derived_count.entry(base.to_owned()).or_insert(0);
+                *count += 1;
+                let name = if *count == 1 {
+                    base.to_owned()
+                } else {
+                    format!("{base}#{count}")
+                };
+                derived.push((i, name.clone()));
+                name
+            }),
+        };
+        let (Some(upstream), Some(host), Some(path_prefix), Some(name)) =
+            (upstream, host, path_prefix, name)
+        else {
+            continue;
         };
         routes.push(Route {
             host,
@@ -311,6 +342,17 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             rate_limit: limit_on,
             name,
         });
+    }
+    for (i, name) in derived {
+        if let Some(&other) = given_names.get(&name) {
+            r.at(
+                file.route[i].span(),
+                format!("route[{i}]"),
+                format!(
+                    "its metrics label would be `{name}`, the name route[{other}] is given: name this route too"
+                ),
+            );
+        }
     }
     if file.route.is_empty() {
         r.whole("route", "no [[route]] defined: every request would get 404");
@@ -324,6 +366,14 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         cache,
         rate_limit,
     }
+}
+
+/// An upstream's or a route's name: letters, digits, `-`, `_` and `.`.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Two listen addresses that cannot both be bound: the same port, one of
@@ -522,13 +572,7 @@ fn upstream(
     own: &[(SocketAddr, String)],
 ) -> Upstream {
     let mut upstream = Upstream::new(raw.name.get_ref().clone(), Vec::new());
-    if raw.name.get_ref().is_empty()
-        || !raw
-            .name
-            .get_ref()
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !is_name(raw.name.get_ref()) {
         r.at(
             raw.name.span(),
             format!("{key}.name"),
