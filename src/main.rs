@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use portico::cli::StandardFlags;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,12 +16,8 @@ struct Cli {
     /// Configuration file (TOML).
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Worker threads (default: the number of cores).
-    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
-    /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    standard: StandardFlags,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,31 +38,6 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: std::net::SocketAddr,
     },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logging(format: LogFormat) {
-    portico::logging::init(matches!(format, LogFormat::Json));
-}
-
-fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = match threads {
-        // One worker needs no work stealing: the current-thread scheduler
-        // skips the cross-thread queues and wakeups entirely.
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(usize::from(n));
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder.enable_all().thread_name("portico-worker").build()
 }
 
 fn main() -> ExitCode {
@@ -94,9 +66,16 @@ fn main() -> ExitCode {
             listen,
             admin,
         }) => {
-            init_logging(cli.log_format);
+            if let Some(path) = cli.config {
+                eprintln!(
+                    "portico demo: --config {} is not read: the demo makes its own configuration (serve a file with `portico --config FILE`)",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+            cli.standard.init_logging();
             run(
-                cli.threads,
+                &cli.standard,
                 portico::demo::run(usize::from(backends), listen, admin),
             )
         }
@@ -114,18 +93,18 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(cli.log_format);
-            run(cli.threads, portico::run(path, config))
+            cli.standard.init_logging();
+            run(&cli.standard, portico::run(path, config))
         }
     }
 }
 
 fn run(
-    threads: Option<u16>,
+    flags: &StandardFlags,
     job: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> ExitCode {
     portico::memory::tune_allocator();
-    let result = runtime(threads).and_then(|rt| rt.block_on(job));
+    let result = flags.runtime().and_then(|rt| rt.block_on(job));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

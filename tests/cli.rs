@@ -81,6 +81,40 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(PORTICO).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // The demo makes its own configuration: a file given would be ignored.
+    let out = Command::new(PORTICO)
+        .args(["demo", "--config", "config/portico.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("is not read"), "{said}");
+}
+
+/// DESIGN's standard flags are the order backend's too.
+#[test]
+fn the_order_backend_takes_the_standard_flags() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_order-backend"))
+        .args(["--listen", "127.0.0.1:0", "--name", "j"])
+        .args(["--threads", "1", "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("the backend logged a line");
+    assert!(
+        line.starts_with('{') && line.contains("\"listening\""),
+        "{line}"
+    );
 }
 
 #[test]

@@ -28,12 +28,14 @@ struct Cli {
     /// max-age of cacheable answers, in seconds.
     #[arg(long, value_name = "S", default_value_t = 10)]
     max_age: u32,
+    #[command(flatten)]
+    standard: portico::cli::StandardFlags,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    portico::logging::init(false);
-    let runtime = match tokio::runtime::Runtime::new() {
+    cli.standard.init_logging();
+    let runtime = match cli.standard.runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("order-backend: cannot start the runtime: {error}");

@@ -1,0 +1,44 @@
+//! The flags both binaries take (DESIGN: "standard flags"), and the
+//! runtime they ask for.
+
+use clap::{Args, ValueEnum};
+
+/// `--threads N` and `--log-format text|json`.
+#[derive(Debug, Args)]
+pub struct StandardFlags {
+    /// Worker threads (default: the number of cores).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl StandardFlags {
+    /// Installs the log subscriber in the format asked for.
+    pub fn init_logging(&self) {
+        crate::logging::init(matches!(self.log_format, LogFormat::Json));
+    }
+
+    /// The runtime for `--threads`.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.threads {
+            // One worker needs no work stealing: the current-thread
+            // scheduler skips the cross-thread queues and wakeups entirely.
+            Some(1) => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(usize::from(n));
+                builder
+            }
+            None => tokio::runtime::Builder::new_multi_thread(),
+        };
+        builder.enable_all().thread_name("portico-worker").build()
+    }
+}
