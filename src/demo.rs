@@ -49,6 +49,8 @@ pub async fn run_until(
     let proxy_addr = listeners[0].local_addr()?;
     let admin = server::bind(&[admin]).await?.remove(0);
     let admin_addr = admin.local_addr()?;
+    // As `portico --config` logs it: one line per listener.
+    tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);
