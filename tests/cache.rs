@@ -1371,3 +1371,27 @@ async fn a_looped_miss_gets_502_instead_of_waiting_for_its_own_fill() {
         .expect("answered without waiting on itself");
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test]
+async fn a_request_back_once_goes_past_the_cache_to_its_backend() {
+    // A Varnish "sandwich" or an app calling through the same gateway: the
+    // request is back once, is let through, and is not answered (nor
+    // joined to a fill) by the cache its first lap went through.
+    let (backend, proxy) = cached_sample().await;
+    let client = client();
+    let seen = get(&client, &proxy.url("/echo/headers")).await;
+    let seen: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+    let me = seen["via"][0].as_str().unwrap().to_owned();
+    assert!(me.starts_with("1.1 portico-"), "{seen}");
+    let url = proxy.url("/users/1/orders");
+    get(&client, &url).await;
+    assert_eq!(
+        get(&client, &url).await.header("cache-status"),
+        "portico; hit"
+    );
+    let before = backend.requests();
+    let back = get_with(&client, &url, &[("via", &me)]).await;
+    assert_eq!(back.status, StatusCode::OK);
+    assert_eq!(backend.requests(), before + 1);
+    assert_ne!(back.header("cache-status"), "portico; hit");
+}

@@ -217,6 +217,10 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[[upstream]]\nname = \"o\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"o\"\nname = \"_none\"\n",
+            &["test.toml:6:8: route[0].name: `_none` is the label of requests no route matched"],
+        ),
+        (
             "[server]\nlisten = [\"0.0.0.0:9090\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:2:11: server.listen: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
         ),
@@ -312,4 +316,31 @@ fn an_unreadable_file_is_reported_with_its_path() {
     assert!(err
         .to_string()
         .starts_with("/nonexistent/portico.toml: cannot read the file"));
+}
+
+#[test]
+fn naming_one_route_leaves_the_other_labels_as_they_were() {
+    let routes = |first: &str| {
+        let text = format!(
+            "[[upstream]]\nname = \"orders\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [[route]]\nupstream = \"orders\"\n{first}\
+             [[route]]\npath_prefix = \"/b\"\nupstream = \"orders\"\n\
+             [[route]]\npath_prefix = \"/c\"\nupstream = \"orders\"\n"
+        );
+        let config = check(&text).unwrap();
+        config
+            .routes
+            .iter()
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(routes(""), ["orders", "orders#2", "orders#3"]);
+    assert_eq!(
+        routes("name = \"front\"\n"),
+        ["front", "orders#2", "orders#3"]
+    );
+    assert_eq!(
+        routes("name = \"orders\"\n"),
+        ["orders", "orders#2", "orders#3"]
+    );
 }

@@ -294,10 +294,23 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             Some(flag) => *flag.get_ref(),
             None => rate_limit.is_some(),
         };
+        // Every route to an upstream counts, named or not, so that naming
+        // one route leaves the others' labels as they were.
+        let nth = upstream.map(|u| {
+            let count = derived_count.entry(upstreams[u].name.clone()).or_insert(0);
+            *count += 1;
+            *count
+        });
         let name = match &raw.name {
             Some(given) => {
                 let text = given.get_ref();
-                if !is_name(text) {
+                if text == crate::metrics::NO_ROUTE {
+                    r.at(
+                        given.span(),
+                        format!("{key}.name"),
+                        "`_none` is the label of requests no route matched",
+                    );
+                } else if !is_name(text) {
                     r.at(
                         given.span(),
                         format!("{key}.name"),
@@ -316,11 +329,9 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             }
             // The upstream's name, suffixed `#2`, `#3`... for the further
             // routes to the same upstream.
-            None => upstream.map(|u| {
+            None => upstream.zip(nth).map(|(u, count)| {
                 let base: &str = &upstreams[u].name;
-                let count = derived_count.entry(base.to_owned()).or_insert(0);
-                *count += 1;
-                let name = if *count == 1 {
+                let name = if count == 1 {
                     base.to_owned()
                 } else {
                     format!("{base}#{count}")

@@ -44,7 +44,7 @@ pub enum ProxyError {
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
-    #[error("request came back to this proxy (its Via lists this proxy): an upstream leads to portico itself")]
+    #[error("request came back to this proxy a second time (its Via names this proxy twice): a loop through an upstream")]
     Loop,
     #[error("backend {backend} sent a response portico cannot relay: {reason}")]
     BadResponse {

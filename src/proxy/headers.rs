@@ -403,16 +403,36 @@ impl Pseudonym {
     }
 }
 
-/// Whether the request has passed through this proxy before: a `Via` entry
-/// is received by `me`. Such a request would go round until its head grew
-/// past `max_header_size`, holding a connection per lap.
+/// Whether the request is going round: its `Via` names `me` twice already.
+/// Once is allowed, as Envoy's `max_allowed_occurrences` allows it: a
+/// request may come back on purpose under another Host (a Varnish
+/// "sandwich", an app that calls a neighbour through the same gateway and
+/// copies the headers). A loop stops at its third lap instead of going
+/// round until its head grew past `max_header_size`, holding a connection
+/// per lap. Bytes, not text: a line with a non-ASCII comment still counts.
 pub fn looped(headers: &HeaderMap, me: &Pseudonym) -> bool {
+    laps(headers, me) >= 2
+}
+
+/// How many times, up to 2, the request's `Via` names `me`.
+pub fn laps(headers: &HeaderMap, me: &Pseudonym) -> usize {
     let name = me.name();
-    list_members(headers, &header::VIA).any(|entry| {
-        // `received-protocol RWS received-by [ RWS comment ]`
-        let received_by = entry.split_ascii_whitespace().nth(1).unwrap_or("");
-        received_by.as_bytes().eq_ignore_ascii_case(name)
-    })
+    let entries = headers
+        .get_all(header::VIA)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','));
+    entries
+        .filter(|entry| {
+            // `received-protocol RWS received-by [ RWS comment ]`
+            let mut words = entry
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|w| !w.is_empty());
+            words
+                .nth(1)
+                .is_some_and(|received_by| received_by.eq_ignore_ascii_case(name))
+        })
+        .take(2)
+        .count()
 }
 
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
@@ -728,33 +748,49 @@ mod tests {
     }
 
     #[test]
-    fn a_request_has_looped_only_when_its_via_was_received_by_this_proxy() {
+    fn a_request_has_looped_only_when_its_via_names_this_proxy_twice() {
         let me = Pseudonym::named("portico-00000000002a");
+        let twice = |entry: &'static str| [("via", entry), ("via", entry)];
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[], false),
-            (&[("via", "1.1 portico")], false),
-            (&[("via", "1.1 portico-00000000002b")], false),
-            (&[("via", "1.1 portico-00000000002a0")], false),
-            (&[("via", "1.1 x-portico-00000000002a")], false),
-            (&[("via", "portico-00000000002a")], false),
-            (&[("via", "1.0 edge (portico-00000000002a)")], false),
-            (&[("via", "1.1 portico-00000000002a")], true),
-            (&[("via", "2 Portico-00000000002A")], true),
+            // One lap back is allowed: a deliberate re-entry.
+            (&[("via", "1.1 portico-00000000002a")], false),
+            (&twice("1.1 portico"), false),
+            (&twice("1.1 portico-00000000002b"), false),
+            (&twice("1.1 portico-00000000002a0"), false),
+            (&twice("1.1 x-portico-00000000002a"), false),
+            (&twice("portico-00000000002a"), false),
+            (&twice("1.0 edge (portico-00000000002a)"), false),
+            (&twice("1.1 portico-00000000002a"), true),
+            (&twice("2 Portico-00000000002A"), true),
             (
-                &[("via", "1.0 edge, HTTP/1.1 portico-00000000002a (v2)")],
+                &[(
+                    "via",
+                    "1.1 portico-00000000002a, 1.0 edge, HTTP/1.1 portico-00000000002a (v2)",
+                )],
                 true,
             ),
             (
-                &[("via", "1.0 edge"), ("via", " 1.1\tportico-00000000002a")],
+                &[
+                    ("via", "1.1 portico-00000000002a"),
+                    ("via", " 1.1\tportico-00000000002a"),
+                ],
                 true,
             ),
         ];
         for (input, want) in cases {
             assert_eq!(looped(&map(input), &me), *want, "for {input:?}");
         }
-        // What this proxy adds is what it finds.
+        // What this proxy adds, twice, is what it finds.
         let mut headers = HeaderMap::new();
         add_hop(&mut headers, Hop::of(client(None), &me));
+        assert!(!looped(&headers, &me));
+        add_hop(&mut headers, Hop::of(client(None), &me));
+        assert!(looped(&headers, &me));
+        // A line that is not text (a hop's non-ASCII comment) still counts.
+        let mut headers = HeaderMap::new();
+        let line = b"1.1 portico-00000000002a (caf\xc3\xa9), 1.1 portico-00000000002a";
+        headers.insert(header::VIA, HeaderValue::from_bytes(line).unwrap());
         assert!(looped(&headers, &me));
     }
 

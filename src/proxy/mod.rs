@@ -296,8 +296,10 @@ impl Proxy {
                 return Err(ProxyError::ConnectMethod);
             }
             // Before the cache: a looped miss would otherwise wait on its
-            // own fill.
-            if headers::looped(request.headers(), &self.pseudonym) {
+            // own fill. For the same reason a request back once (allowed,
+            // see `looped`) goes past the cache to its backend.
+            let back = headers::laps(request.headers(), &self.pseudonym);
+            if back >= 2 {
                 return Err(ProxyError::Loop);
             }
             let host = request_host(&request)?;
@@ -359,7 +361,7 @@ impl Proxy {
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
             // The cache that may answer this request itself, if any.
-            let answering = cache.filter(|_| readable && upgrade.is_none());
+            let answering = cache.filter(|_| readable && upgrade.is_none() && back == 0);
             // Such a request gets this hop in X-Forwarded-For and Via only
             // once it is on its way to a backend: a hit skips their cost,
             // and that of making the hop.
