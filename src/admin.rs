@@ -117,6 +117,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "via_name": proxy.via_name(),
         "upstreams": upstreams,
         "connections_open": shared.metrics.connections_open.get(),
         "limiter_keys": proxy.limiter().map(|l| l.tracked_keys()),

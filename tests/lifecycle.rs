@@ -99,10 +99,19 @@ async fn reloading_under_load_fails_no_request_and_switches_backends() {
             .expect("traffic keeps flowing");
         }
     };
+    let via_name = || async {
+        let status = get(&client(), &proxy.admin_url("/status")).await;
+        let json: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+        json["via_name"].as_str().unwrap().to_owned()
+    };
+    let before = via_name().await;
+    assert!(before.starts_with("portico-"), "{before}");
     wait_for(50).await;
     write(new.addr());
     proxy.shared.reload().expect("good file reloads");
     wait_for(50).await;
+    // The name loop detection relies on outlives a reload.
+    assert_eq!(via_name().await, before);
     std::fs::write(&file, "[[upstream]]\nname = \"u\"\nbackends = []\n").unwrap();
     let error = proxy.shared.reload().expect_err("bad file is refused");
     assert!(error.contains("at least one backend"), "{error}");

@@ -366,13 +366,22 @@ impl Hop {
 /// for an instance's name.
 #[derive(Debug, Clone)]
 pub struct Pseudonym {
+    /// The `received-by` itself.
+    name: Box<str>,
     /// `received-protocol received-by`, for HTTP/1.0, 1.1, 2 and 3.
     via: [HeaderValue; 4],
 }
 
 impl Pseudonym {
+    /// 48 bits from the standard library's per-process random keys, which
+    /// come from the operating system: two instances started in the same
+    /// instant still differ.
     pub fn random() -> Self {
-        Self::named(&format!("portico-{:012x}", fastrand::u64(..1 << 48)))
+        use std::hash::{BuildHasher, Hasher};
+        let bits = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self::named(&format!("portico-{:012x}", bits >> 16))
     }
 
     /// `name` must be a token.
@@ -382,6 +391,7 @@ impl Pseudonym {
                 .expect("a token is a valid header value")
         };
         Pseudonym {
+            name: name.into(),
             via: [entry("1.0"), entry("1.1"), entry("2"), entry("3")],
         }
     }
@@ -396,32 +406,28 @@ impl Pseudonym {
         .clone()
     }
 
-    /// The `received-by` itself.
-    fn name(&self) -> &[u8] {
-        let entry = self.via[1].as_bytes();
-        &entry["1.1 ".len()..]
+    /// The name this proxy gives itself in the Via of requests it sends.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
-/// Whether the request is going round: its `Via` names `me` twice already.
-/// Once is allowed, as Envoy's `max_allowed_occurrences` allows it: a
-/// request may come back on purpose under another Host (a Varnish
-/// "sandwich", an app that calls a neighbour through the same gateway and
-/// copies the headers). A loop stops at its third lap instead of going
-/// round until its head grew past `max_header_size`, holding a connection
-/// per lap. Bytes, not text: a line with a non-ASCII comment still counts.
-pub fn looped(headers: &HeaderMap, me: &Pseudonym) -> bool {
-    laps(headers, me) >= 2
-}
-
-/// How many times, up to 2, the request's `Via` names `me`.
+/// How many times, up to 2, the request's `Via` names `me`: 2 means the
+/// request is going round. Once is allowed, as Envoy's
+/// `max_allowed_occurrences` allows it: a request may come back on purpose
+/// under another Host (a Varnish "sandwich", an app that calls a neighbour
+/// through the same gateway and copies the headers). A loop stops at its
+/// third lap instead of going round until its head grew past
+/// `max_header_size`, holding a connection per lap.
+///
+/// Bytes, not text: a line with a non-ASCII comment still counts. Commas
+/// inside a comment do not split entries.
 pub fn laps(headers: &HeaderMap, me: &Pseudonym) -> usize {
-    let name = me.name();
-    let entries = headers
+    let name = me.name.as_bytes();
+    headers
         .get_all(header::VIA)
         .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','));
-    entries
+        .flat_map(|value| via_entries(value.as_bytes()))
         .filter(|entry| {
             // `received-protocol RWS received-by [ RWS comment ]`
             let mut words = entry
@@ -433,6 +439,27 @@ pub fn laps(headers: &HeaderMap, me: &Pseudonym) -> usize {
         })
         .take(2)
         .count()
+}
+
+/// A Via field line's entries: split at the commas outside comments, which
+/// nest and may escape a parenthesis with `\` (RFC 9110 §5.6.5).
+fn via_entries(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut depth = 0usize;
+    let mut escaped = false;
+    line.split(move |&b| {
+        if escaped {
+            escaped = false;
+            return false;
+        }
+        match b {
+            b'\\' if depth > 0 => escaped = true,
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b',' => return depth == 0,
+            _ => {}
+        }
+        false
+    })
 }
 
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
@@ -750,6 +777,7 @@ mod tests {
     #[test]
     fn a_request_has_looped_only_when_its_via_names_this_proxy_twice() {
         let me = Pseudonym::named("portico-00000000002a");
+        let looped = |headers: &HeaderMap, me: &Pseudonym| laps(headers, me) >= 2;
         let twice = |entry: &'static str| [("via", entry), ("via", entry)];
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[], false),
@@ -761,6 +789,14 @@ mod tests {
             (&twice("1.1 x-portico-00000000002a"), false),
             (&twice("portico-00000000002a"), false),
             (&twice("1.0 edge (portico-00000000002a)"), false),
+            // A comma inside a comment, nested or escaped, splits nothing.
+            (&twice("1.0 edge (see, x portico-00000000002a)"), false),
+            (&twice("1.0 edge ((a, b), x portico-00000000002a)"), false),
+            (&twice("1.0 edge (\\), x portico-00000000002a)"), false),
+            (
+                &twice("1.0 edge (a, b), 1.1 portico-00000000002a (c, d)"),
+                true,
+            ),
             (&twice("1.1 portico-00000000002a"), true),
             (&twice("2 Portico-00000000002A"), true),
             (
@@ -797,8 +833,8 @@ mod tests {
     #[test]
     fn every_proxy_has_a_pseudonym_of_its_own() {
         let (a, b) = (Pseudonym::random(), Pseudonym::random());
-        let name = std::str::from_utf8(a.name()).unwrap();
-        assert_ne!(name.as_bytes(), b.name());
+        let name = a.name();
+        assert_ne!(name, b.name());
         assert_eq!(name.len(), "portico-".len() + 12, "{name}");
         assert!(name.starts_with("portico-"), "{name}");
         assert!(name[8..].bytes().all(|b| b.is_ascii_hexdigit()), "{name}");

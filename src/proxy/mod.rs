@@ -200,6 +200,12 @@ impl Proxy {
         self.cache.as_ref()
     }
 
+    /// The name this instance gives itself in the Via of the requests it
+    /// sends on, the same for its whole life.
+    pub fn via_name(&self) -> &str {
+        self.pseudonym.name()
+    }
+
     pub fn limiter(&self) -> Option<&Arc<Limiter>> {
         self.limiter.as_ref()
     }
@@ -297,7 +303,7 @@ impl Proxy {
             }
             // Before the cache: a looped miss would otherwise wait on its
             // own fill. For the same reason a request back once (allowed,
-            // see `looped`) goes past the cache to its backend.
+            // see `laps`) goes past the cache to its backend.
             let back = headers::laps(request.headers(), &self.pseudonym);
             if back >= 2 {
                 return Err(ProxyError::Loop);

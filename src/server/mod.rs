@@ -345,6 +345,11 @@ pub async fn run_all(
         shutdown: shutdown.clone(),
         drain: drain.guard(),
     };
+    // Which instance a request went through, as backends see it.
+    tracing::info!(
+        via = shared.proxy.load().via_name(),
+        "requests to backends carry this name in Via"
+    );
     shared.listeners.start(&shared, serving, initial);
 
     signal.await;
