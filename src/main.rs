@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use portico::cli::StandardFlags;
 
 #[derive(Debug, Parser)]
@@ -14,7 +14,7 @@ use portico::cli::StandardFlags;
 )]
 struct Cli {
     /// Configuration file (TOML).
-    #[arg(short, long, global = true, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
     standard: StandardFlags,
@@ -25,7 +25,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Parse and validate the configuration, print every error (like nginx -t).
-    Check,
+    Check {
+        /// Configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Start sample order backends and the proxy in front of them.
     Demo {
         /// How many order backends to start.
@@ -43,8 +47,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check) => {
-            let Some(path) = cli.config else {
+        Some(Command::Check { config }) => {
+            let Some(path) = config.or(cli.config) else {
                 eprintln!("portico check: --config FILE is required");
                 return ExitCode::from(2);
             };
@@ -67,11 +71,15 @@ fn main() -> ExitCode {
             admin,
         }) => {
             if let Some(path) = cli.config {
-                eprintln!(
-                    "portico demo: --config {} is not read: the demo makes its own configuration (serve a file with `portico --config FILE`)",
-                    path.display()
-                );
-                return ExitCode::from(2);
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!(
+                            "--config {} is not read by `demo`: the demo makes its own configuration (serve a file with `portico --config FILE`)",
+                            path.display()
+                        ),
+                    )
+                    .exit();
             }
             cli.standard.init_logging();
             run(

@@ -81,14 +81,26 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(PORTICO).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    // The demo makes its own configuration: a file given would be ignored.
+    // The demo makes its own configuration: a file given would be ignored,
+    // wherever the flag stands.
+    for (args, says) in [
+        (
+            ["demo", "--config", "config/portico.toml"],
+            "unexpected argument",
+        ),
+        (["--config", "config/portico.toml", "demo"], "is not read"),
+    ] {
+        let out = Command::new(PORTICO).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(says), "{args:?}: {said}");
+    }
     let out = Command::new(PORTICO)
-        .args(["demo", "--config", "config/portico.toml"])
+        .args(["demo", "--help"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("is not read"), "{said}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(!help.contains("--config"), "{help}");
 }
 
 /// DESIGN's standard flags are the order backend's too.
