@@ -79,6 +79,22 @@ pub(super) struct Activity {
     closing: AtomicBool,
     /// The HTTP/2 streams being answered (see [`Watched`]).
     streams: Mutex<Vec<StreamWatch>>,
+    /// The head timer as of the watchdog's last look, for the next
+    /// watchdog: the drain's takes over from the serving one without
+    /// giving a head under way a fresh `request_header_timeout`.
+    head_clock: Mutex<HeadClock>,
+}
+
+/// The head timer at one look of the watchdog.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadClock {
+    /// How long the head has been awaited.
+    waited: Duration,
+    /// Whether one was awaited then.
+    waiting: bool,
+    /// The connection's writes then: any since mean a response went out
+    /// in between, and the wait is another.
+    writes: u64,
 }
 
 /// The watchdog's timeouts (see [`Activity::expired`]).
@@ -141,6 +157,7 @@ impl Activity {
             quiet_before: Duration::ZERO,
             closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
+            head_clock: Mutex::new(HeadClock::default()),
         }
     }
 
@@ -277,7 +294,6 @@ impl Activity {
             self.writes.load(Ordering::Relaxed),
         );
         let mut idle_quiet = self.quiet_before;
-        let mut head_wait = Duration::ZERO;
         let mut unread = Duration::ZERO;
         // A wait counts a step only if it was under way at the step's
         // start too: one that began within the step counts from the next,
@@ -285,6 +301,14 @@ impl Activity {
         let mut was_waiting = self.head_pending.load(Ordering::Relaxed)
             && self.busy.load(Ordering::Relaxed) == 0
             && !self.multiplexed.load(Ordering::Relaxed);
+        // A wait the last watchdog saw, still the same, goes on: what it
+        // timed until its last look counts.
+        let carried = *lock(&self.head_clock);
+        let mut head_wait = if was_waiting && carried.waiting && carried.writes == last.1 {
+            carried.waited
+        } else {
+            Duration::ZERO
+        };
         let mut was_stuck = false;
         loop {
             tokio::time::sleep(step).await;
@@ -315,6 +339,11 @@ impl Activity {
             head_wait = match (waiting, was_waiting) {
                 (true, true) if now.1 == last.1 => head_wait + step,
                 _ => Duration::ZERO,
+            };
+            *lock(&self.head_clock) = HeadClock {
+                waited: head_wait,
+                waiting,
+                writes: now.1,
             };
             let stuck = now.1 == last.1 && sending;
             unread = match (stuck, was_stuck) {
@@ -913,6 +942,50 @@ mod park_tests {
             waited >= Duration::from_secs(10) && waited <= Duration::from_millis(12_500),
             "{waited:?}"
         );
+    }
+
+    /// A head under way when the drain's watchdog takes over keeps the
+    /// time it has waited: here the serving watchdog (2.5 s steps) has
+    /// timed 5 s of a trickled 10 s head when it is dropped 6 s in, and
+    /// the drain's (0.25 s steps) closes the connection 11 s in, not 10 s
+    /// after the drain began.
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_goes_on_with_the_head_timer_it_finds() {
+        let unparked = Limits {
+            park: None,
+            ..LIMITS
+        };
+        let draining = Limits {
+            idle: Duration::from_secs(1),
+            ..unparked
+        };
+        let trickle = |activity: Arc<Activity>| async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                activity.on_read(b"x");
+            }
+        };
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        activity.on_read(b"GET /next");
+        let serving = expired_while(&activity, unparked, trickle(activity.clone()));
+        assert!(tokio::time::timeout(Duration::from_secs(6), serving)
+            .await
+            .is_err());
+        let (expired, took) = expired_while(&activity, draining, trickle(activity.clone())).await;
+        assert_eq!(expired, Expired::Head);
+        assert_eq!(Duration::from_secs(6) + took, Duration::from_secs(11));
+
+        // A response written in between makes the next wait another.
+        let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
+        activity.on_read(b"GET /next");
+        let serving = expired_while(&activity, unparked, trickle(activity.clone()));
+        assert!(tokio::time::timeout(Duration::from_secs(6), serving)
+            .await
+            .is_err());
+        activity.wrote(&Poll::Ready(()));
+        let (expired, took) = expired_while(&activity, draining, trickle(activity.clone())).await;
+        assert_eq!(expired, Expired::Head);
+        assert!(took >= Duration::from_secs(10), "{took:?}");
     }
 
     /// A parked connection woken by an empty line alone is parked again.

@@ -646,9 +646,11 @@ async fn serve_connection<IO: Parkable>(
     };
     let result = match ended {
         End::Done(result) => result,
-        // Nothing is being answered, and `Connection: close` was promised
-        // to whatever came: close as hyper would, a FIN after the TLS
-        // close_notify. A connection still sniffing (no byte yet) has no
+        // Nothing is being answered (or a response is stuck on a client
+        // that reads nothing, which no shutdown gets through), and
+        // `Connection: close` was promised to whatever came: close as
+        // hyper would, a FIN after the TLS close_notify, bounded by
+        // DRAIN_QUIET. A connection still sniffing (no byte yet) has no
         // parts to close: dropped. Before, a graceful shutdown came first,
         // which an HTTP/1 connection with no request begun waits out, and
         // the drain took two seconds of quiet (review11).
