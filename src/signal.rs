@@ -39,7 +39,7 @@ impl Terminate {
         ) {
             (Ok(term), Ok(int)) => Some((term, int)),
             (Err(error), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops portico");
+                tracing::warn!(%error, "cannot watch SIGTERM and SIGINT; only Ctrl-C stops portico");
                 None
             }
         };
