@@ -218,7 +218,11 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[[upstream]]\nname = \"o\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"o\"\nname = \"_none\"\n",
-            &["test.toml:6:8: route[0].name: `_none` is the label of requests no route matched"],
+            &["test.toml:6:8: route[0].name: `_none` is taken: it labels the requests no route matched"],
+        ),
+        (
+            "[[upstream]]\nname = \"_none\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"_none\"\n",
+            &["test.toml:2:8: upstream[0].name: `_none` is taken: it labels the requests no route matched"],
         ),
         (
             "[server]\nlisten = [\"0.0.0.0:9090\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",

@@ -304,18 +304,8 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         let name = match &raw.name {
             Some(given) => {
                 let text = given.get_ref();
-                if text == crate::metrics::NO_ROUTE {
-                    r.at(
-                        given.span(),
-                        format!("{key}.name"),
-                        "`_none` is the label of requests no route matched",
-                    );
-                } else if !is_name(text) {
-                    r.at(
-                        given.span(),
-                        format!("{key}.name"),
-                        "names use letters, digits, `-`, `_` and `.` only",
-                    );
+                if let Some(problem) = name_problem(text) {
+                    r.at(given.span(), format!("{key}.name"), problem);
                 } else if let Some(other) = given_names.get(text) {
                     r.at(
                         given.span(),
@@ -379,12 +369,22 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     }
 }
 
-/// An upstream's or a route's name: letters, digits, `-`, `_` and `.`.
-fn is_name(name: &str) -> bool {
-    !name.is_empty()
+/// What is wrong with an upstream's or a route's name, if anything: it
+/// is made of letters, digits, `-`, `_` and `.`, and is not the route
+/// label of unrouted requests (which a route to an upstream so named would
+/// take too).
+fn name_problem(name: &str) -> Option<&'static str> {
+    let valid = !name.is_empty()
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        Some("names use letters, digits, `-`, `_` and `.` only")
+    } else if name == crate::metrics::NO_ROUTE {
+        Some("`_none` is taken: it labels the requests no route matched")
+    } else {
+        None
+    }
 }
 
 /// Two listen addresses that cannot both be bound: the same port, one of
@@ -583,12 +583,8 @@ fn upstream(
     own: &[(SocketAddr, String)],
 ) -> Upstream {
     let mut upstream = Upstream::new(raw.name.get_ref().clone(), Vec::new());
-    if !is_name(raw.name.get_ref()) {
-        r.at(
-            raw.name.span(),
-            format!("{key}.name"),
-            "names use letters, digits, `-`, `_` and `.` only",
-        );
+    if let Some(problem) = name_problem(raw.name.get_ref()) {
+        r.at(raw.name.span(), format!("{key}.name"), problem);
     }
     if raw.backends.get_ref().is_empty() {
         r.at(
