@@ -278,7 +278,9 @@ pub(crate) fn shared_value(text: &[u8]) -> Result<HeaderValue, header::InvalidHe
     }))
 }
 
-/// A response's Via entry, for the version portico received it in.
+/// A response's Via entry, for the version portico received it in: the
+/// plain `portico`, where a request's names the instance (see
+/// [`Pseudonym`] for why).
 fn via_value(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
         Version::HTTP_10 => "1.0 portico",
