@@ -144,6 +144,82 @@ async fn a_hundred_concurrent_cold_gets_make_one_backend_request() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
+/// Starts `leader` and, once it is at the backend, ten GETs of `url`
+/// with `fields`; returns their answers, the leader's after.
+async fn behind_a_leader(
+    backend: &RunningBackend,
+    url: &str,
+    leader: impl std::future::Future<Output = Answer> + Send + 'static,
+    fields: &'static [(&'static str, &'static str)],
+) -> Vec<Answer> {
+    let leader = tokio::spawn(leader);
+    let at_backend = tokio::time::timeout(STEP, async {
+        while backend.requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    at_backend.await.expect("the leader reached the backend");
+    let mut followers = Vec::new();
+    for _ in 0..10 {
+        let url = url.to_owned();
+        followers.push(tokio::spawn(async move {
+            get_with(&client(), &url, fields).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for follower in followers {
+        answers.push(follower.await.unwrap());
+    }
+    answers.push(leader.await.unwrap());
+    answers
+}
+
+/// Coalescing survives a leader whose answer cannot serve the others:
+/// here it is for another variant. The waiters claim the lock again, one
+/// fetches for the rest: two backend requests, not eleven.
+#[tokio::test]
+async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_each() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(300);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let url = proxy.url("/cache/v?cc=max-age=60&vary=Accept-Encoding");
+    let leader = {
+        let url = url.clone();
+        async move { get_with(&client(), &url, &[("accept-encoding", "gzip")]).await }
+    };
+    let answers = behind_a_leader(&backend, &url, leader, &[("accept-encoding", "br")]).await;
+    assert_eq!(backend.requests(), 2);
+    let statuses: Vec<&str> = answers.iter().map(|a| a.header("cache-status")).collect();
+    let count = |want: &str| statuses.iter().filter(|s| **s == want).count();
+    assert_eq!(count("portico; fwd=miss; collapsed"), 9, "{statuses:?}");
+    // The leader, and the waiter that fetched next (a miss when it looked).
+    assert_eq!(count("portico; fwd=miss; stored"), 2, "{statuses:?}");
+}
+
+/// A leader whose answer nobody may store lets the waiters go at once:
+/// each fetches on its own, as before it waited.
+#[tokio::test]
+async fn waiters_on_a_leader_whose_answer_is_not_storable_each_fetch() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(300);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let url = proxy.url("/cache/p?cc=private,%20max-age=60");
+    let leader = {
+        let url = url.clone();
+        async move { get(&client(), &url).await }
+    };
+    let answers = behind_a_leader(&backend, &url, leader, &[]).await;
+    assert_eq!(backend.requests(), 11);
+    for answer in &answers {
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; detail=private"
+        );
+    }
+}
+
 #[tokio::test]
 async fn no_store_private_authorization_and_cookies_are_not_shared() {
     let (backend, proxy) = cached_sample().await;
@@ -412,6 +488,11 @@ async fn only_if_cached_never_sends_a_stale_entry_to_the_backend() {
     )
     .await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    // RFC 9211 §2.2: nothing went forward.
+    assert_eq!(
+        answer.header("cache-status"),
+        "portico; detail=only-if-cached"
+    );
     assert_eq!(backend.requests(), 1);
 }
 

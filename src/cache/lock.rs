@@ -1,20 +1,20 @@
 //! Request coalescing, after pingora's `CacheKeyLock`: the first miss for a
 //! key becomes the leader and fetches; later misses wait (bounded) for the
 //! leader to store the response, then read it from the cache. The lock is
-//! released when the leader's guard drops: after the entry is stored, at
-//! once for a response that will not be stored, or when the leader's
-//! request dies, so waiters never hang on a lost fetch.
+//! released when the leader's guard drops: after the entry is stored, or
+//! when the leader's request dies, so waiters never hang on a lost fetch.
+//! A leader whose answer nobody may store ([`Leader::release`]) lets the
+//! waiters go at once, each to fetch on its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
 
 #[derive(Debug, Default)]
 pub struct Locks {
     /// Held only to insert or remove, never across an await.
-    inner: Mutex<HashMap<String, watch::Receiver<()>>>,
+    inner: Mutex<HashMap<String, watch::Receiver<bool>>>,
 }
 
 /// Held by the leader; dropping it wakes the waiters.
@@ -22,7 +22,16 @@ pub struct Locks {
 pub struct Leader {
     locks: Arc<super::Cache>,
     key: String,
-    _done: watch::Sender<()>,
+    /// Whether the waiters may stop waiting for a stored response.
+    released: watch::Sender<bool>,
+}
+
+impl Leader {
+    /// Wakes the waiters now, to fetch on their own: what this leader
+    /// fetches will not be stored for anyone (or it failed).
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
 }
 
 impl Drop for Leader {
@@ -34,14 +43,14 @@ impl Drop for Leader {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         map.remove(&self.key);
-        // `_done` drops after this, so a woken waiter finds the key free.
+        // `released` drops after this, so a woken waiter finds the key free.
     }
 }
 
 pub enum Claim {
     Leader(Leader),
     /// Another request is fetching; wait on this.
-    Wait(watch::Receiver<()>),
+    Wait(watch::Receiver<bool>),
 }
 
 impl Locks {
@@ -50,20 +59,43 @@ impl Locks {
         if let Some(waiting) = map.get(key) {
             return Claim::Wait(waiting.clone());
         }
-        let (done, waiting) = watch::channel(());
+        let (released, waiting) = watch::channel(false);
         map.insert(key.to_owned(), waiting);
         drop(map);
         Claim::Leader(Leader {
             locks: cache.clone(),
             key: key.to_owned(),
-            _done: done,
+            released,
         })
     }
 }
 
-/// Waits until the leader is done, at most `limit`. True if it finished.
-pub async fn wait(mut waiting: watch::Receiver<()>, limit: Duration) -> bool {
-    // `changed` errs once the sender (the leader) is dropped: that is the
-    // signal; a value is never sent.
-    tokio::time::timeout(limit, waiting.changed()).await.is_ok()
+/// How a wait on the leader ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The leader is done: look in the cache, and if nothing there serves,
+    /// claim the lock again (what the leader could not store may have been
+    /// its own request's doing).
+    Done,
+    /// The leader let the waiters go ([`Leader::release`]).
+    Released,
+    /// Not done by the deadline.
+    Late,
+}
+
+/// Waits until the leader is done, at most until `deadline`.
+pub async fn wait(mut waiting: watch::Receiver<bool>, deadline: tokio::time::Instant) -> Waited {
+    // `changed` is Ok for a release, and errs once the sender (the leader)
+    // is dropped.
+    if tokio::time::timeout_at(deadline, waiting.changed())
+        .await
+        .is_err()
+    {
+        return Waited::Late;
+    }
+    if *waiting.borrow() {
+        Waited::Released
+    } else {
+        Waited::Done
+    }
 }

@@ -226,33 +226,55 @@ fn range_fields(
     Some((code, start, count))
 }
 
-/// The 504 for `only-if-cached` when nothing usable is stored.
-fn only_if_cached_miss() -> Response<ProxyBody> {
+/// The 504 for `only-if-cached` when nothing usable is stored: a miss,
+/// though not forwarded (RFC 9211 §2.2: no `fwd`).
+fn only_if_cached_miss(cache: &Cache) -> Response<ProxyBody> {
+    cache.counters.miss.inc();
     let mut response = super::error::error_response(StatusCode::GATEWAY_TIMEOUT);
-    set_status(&mut response, "portico; fwd=miss; detail=only-if-cached");
+    set_status(&mut response, "portico; detail=only-if-cached");
     response
 }
 
-/// Waits (bounded) for the request fetching `primary` to finish, then
-/// answers from what it stored if that is fresh for this request.
+/// How a wait on another request's fetch of the same URL ended. Matched
+/// as soon as it is returned, as [`Joined`] is.
+#[allow(clippy::large_enum_variant)]
+enum Woken {
+    /// It stored a response fresh enough for this request.
+    Answered(Response<ProxyBody>),
+    /// It finished with nothing this request can use: the next fetch may.
+    Nothing,
+    /// It let the waiters go (nothing it gets will be stored), or was not
+    /// done by the deadline.
+    Alone,
+}
+
+/// Waits (until `deadline`) for the request fetching `primary` to finish,
+/// then answers from what it stored if that is fresh for this request.
 async fn collapsed(
     cache: &Arc<Cache>,
-    waiting: tokio::sync::watch::Receiver<()>,
+    waiting: tokio::sync::watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
     primary: &str,
     parts: &Parts,
     request_cc: &CacheControl,
     status: &str,
-) -> Option<Response<ProxyBody>> {
-    if !lock::wait(waiting, COALESCE_WAIT).await {
-        return None;
+) -> Woken {
+    match lock::wait(waiting, deadline).await {
+        lock::Waited::Done => {}
+        lock::Waited::Released | lock::Waited::Late => return Woken::Alone,
     }
-    let entry = cache.get(&cache.key_for(primary, &parts.headers)?).await?;
+    let Some(full) = cache.key_for(primary, &parts.headers) else {
+        return Woken::Nothing;
+    };
+    let Some(entry) = cache.get(&full).await else {
+        return Woken::Nothing;
+    };
     let age = entry.timing.current_age(cache.now());
     if policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
-        return None;
+        return Woken::Nothing;
     }
     cache.counters.hit.inc();
-    Some(from_entry(&entry, age, parts, status))
+    Woken::Answered(from_entry(&entry, age, parts, status))
 }
 
 /// What the store holds for a GET or HEAD, found before anything is
@@ -308,7 +330,9 @@ pub(super) async fn lookup(
             None => None,
         };
         match found {
-            None if request_cc.only_if_cached => return Lookup::Answered(only_if_cached_miss()),
+            None if request_cc.only_if_cached => {
+                return Lookup::Answered(only_if_cached_miss(cache))
+            }
             None => {}
             Some(entry) => {
                 let age = entry.timing.current_age(cache.now());
@@ -338,7 +362,7 @@ pub(super) async fn lookup(
                     // RFC 9111 §5.2.1.7: a stored response that needs the
                     // backend is not one only-if-cached may have.
                     Usable::MustRevalidate if request_cc.only_if_cached => {
-                        return Lookup::Answered(only_if_cached_miss());
+                        return Lookup::Answered(only_if_cached_miss(cache));
                     }
                     Usable::MustRevalidate => stale = Some((entry, age)),
                 }
@@ -426,13 +450,20 @@ pub(super) async fn serve(
         fwd: miss,
     };
     trace.fwd = Some(miss);
-    let (response, in_flight) = forward_with_retries(
+    let forwarded = forward_with_retries(
         upstream,
         std::mem::replace(&mut parts, empty_parts()),
         body,
         trace,
     )
-    .await?;
+    .await;
+    let (response, in_flight) = match forwarded {
+        Ok(answer) => answer,
+        Err(error) => {
+            release(fetch.leader.as_ref());
+            return Err(error);
+        }
+    };
     let response = fetch.store_or_relay(cache, upstream, response, in_flight);
     match asked {
         // Boxed: only ranges take this path, and inline its future would
@@ -456,6 +487,14 @@ enum Joined {
     Bypass,
 }
 
+/// A leader whose fetch stored nothing this request can use hands the
+/// lock on: the waiters claim it again and one of them fetches next, as
+/// with nginx's `proxy_cache_lock`, unless it let them go (its answer is
+/// one nobody may store, or an error: all go at once, as after Varnish's
+/// hit-for-miss). What the leader could not store may lie with its own
+/// request: a HEAD, a 304 to its validators, another variant, its client
+/// gone. Waiting ends at [`COALESCE_WAIT`] in all, after which the request
+/// fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
@@ -464,14 +503,23 @@ async fn join(
     ranged: bool,
     status: &'static str,
 ) -> Joined {
-    match Locks::claim(cache, primary) {
-        Claim::Leader(leader) => Joined::Fetch(Some(leader)),
-        Claim::Wait(waiting) => {
-            match collapsed(cache, waiting, primary, parts, request_cc, status).await {
-                Some(hit) => Joined::Answered(hit),
-                None if ranged => Joined::Bypass,
-                None => Joined::Fetch(None),
-            }
+    let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
+    let alone = || {
+        if ranged {
+            Joined::Bypass
+        } else {
+            Joined::Fetch(None)
+        }
+    };
+    loop {
+        let waiting = match Locks::claim(cache, primary) {
+            Claim::Leader(leader) => return Joined::Fetch(Some(leader)),
+            Claim::Wait(waiting) => waiting,
+        };
+        match collapsed(cache, waiting, deadline, primary, parts, request_cc, status).await {
+            Woken::Answered(hit) => return Joined::Answered(hit),
+            Woken::Nothing => {}
+            Woken::Alone => return alone(),
         }
     }
 }
@@ -699,6 +747,7 @@ impl Fetch {
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
                 cache.not_stored(fill.primary(), status);
+                release(leader.as_ref());
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
@@ -717,6 +766,7 @@ impl Fetch {
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
                     cache.not_stored(fill.primary(), status);
+                    release(leader.as_ref());
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
@@ -732,11 +782,33 @@ impl Fetch {
                 if reason.lies_with_the_resource() && !personal {
                     cache.not_stored(fill.primary(), status);
                 }
+                // The next request may store what this one could not: one
+                // without validators, a GET, an anonymous one. Any other
+                // answer would not be stored for them either.
+                let own = matches!(
+                    reason,
+                    policy::NotStored::Method | policy::NotStored::Authorization
+                ) || personal
+                    || (reason == policy::NotStored::Status
+                        && matches!(
+                            status,
+                            StatusCode::NOT_MODIFIED | StatusCode::PRECONDITION_FAILED
+                        ));
+                if !own {
+                    release(leader.as_ref());
+                }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
             }
         };
         set_status(&mut response, &text);
         response
+    }
+}
+
+/// Lets the requests waiting on `leader`, if any, fetch on their own now.
+fn release(leader: Option<&Leader>) {
+    if let Some(leader) = leader {
+        leader.release();
     }
 }
 
@@ -920,7 +992,12 @@ async fn revalidate(
         let result = forward_with_retries(upstream, request, RequestBody::empty(), trace).await;
         let (response, in_flight) = match result {
             Ok(answer) => answer,
-            Err(error) if may_serve_stale => {
+            Err(error) => {
+                release(fetch.leader.as_ref());
+                if !may_serve_stale {
+                    cache.counters.miss.inc();
+                    return Err(error);
+                }
                 return Ok(stale_on_error(
                     cache,
                     &entry,
@@ -928,16 +1005,15 @@ async fn revalidate(
                     &client,
                     fwd,
                     error.status(),
-                ))
+                ));
             }
-            Err(error) => return Err(error),
         };
         if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
             let judged = judge_304(cache, &entry, response.headers(), request_time);
             let updated = match &judged {
                 Revalidated::Mismatch => {
-                    // Fetch it whole, once, as a miss would.
-                    cache.counters.miss.inc();
+                    // Fetch it whole, once, as a miss would (and counted
+                    // as one below).
                     refetched = true;
                     request = unconditional(&client);
                     continue;
@@ -963,6 +1039,7 @@ async fn revalidate(
             return Ok(answer);
         }
         if response.status().is_server_error() && may_serve_stale {
+            release(fetch.leader.as_ref());
             let code = response.status();
             return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
         }
