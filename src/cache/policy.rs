@@ -398,14 +398,19 @@ pub fn usable(
     if cc.no_cache || request.no_cache || request.max_age == Some(0) {
         return Usable::MustRevalidate;
     }
-    let mut fresh = age < lifetime;
-    if let Some(max_age) = request.max_age {
-        fresh &= age < Duration::from_secs(max_age);
+    // What the client asks of the response's age is not relaxed by
+    // max-stale nor by stale-while-revalidate, which are about a response
+    // stale by its own lifetime (RFC 5861 §3).
+    let too_old = request
+        .max_age
+        .is_some_and(|max_age| age >= Duration::from_secs(max_age));
+    let too_close = request
+        .min_fresh
+        .is_some_and(|min_fresh| lifetime.saturating_sub(age) < Duration::from_secs(min_fresh));
+    if too_old || too_close {
+        return Usable::MustRevalidate;
     }
-    if let Some(min_fresh) = request.min_fresh {
-        fresh &= lifetime.saturating_sub(age) >= Duration::from_secs(min_fresh);
-    }
-    if fresh {
+    if age < lifetime {
         return Usable::Fresh;
     }
     // Shared caches treat s-maxage as proxy-revalidate (§5.2.2.10).
@@ -415,9 +420,7 @@ pub fn usable(
     }
     let staleness = age.saturating_sub(lifetime);
     if let Some(max_stale) = request.max_stale {
-        if max_stale.is_none_or(|s| staleness <= Duration::from_secs(s))
-            && request.min_fresh.is_none()
-        {
+        if max_stale.is_none_or(|s| staleness <= Duration::from_secs(s)) {
             return Usable::Fresh;
         }
     }

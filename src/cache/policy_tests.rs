@@ -497,6 +497,26 @@ fn request_and_response_directives_decide_use() {
             "",
             Usable::MustRevalidate,
         ),
+        // Neither stale-while-revalidate nor max-stale serves what the
+        // client's max-age or min-fresh refused (RFC 5861 §3).
+        (
+            100,
+            3,
+            "stale-while-revalidate=300",
+            "max-age=1",
+            Usable::MustRevalidate,
+        ),
+        (
+            100,
+            0,
+            "stale-while-revalidate=600",
+            "min-fresh=500",
+            Usable::MustRevalidate,
+        ),
+        (60, 70, "", "max-age=30, max-stale", Usable::MustRevalidate),
+        (60, 70, "", "max-age=80, max-stale", Usable::Fresh),
+        (60, 70, "", "min-fresh=0, max-stale", Usable::Fresh),
+        (60, 70, "", "min-fresh=5, max-stale", Usable::MustRevalidate),
     ];
     for (lifetime, age, response, request, want) in cases {
         let got = usable(s(lifetime), s(age), &cc(response), &cc(request));
