@@ -439,7 +439,11 @@ pub(super) async fn serve(
         without_range(&mut parts.headers);
         asked
     });
-    // Fetch a full GET even for HEAD? No: HEAD stays HEAD and is not stored.
+    // The client's own head, when the fetch asks for what can be stored
+    // instead (a GET for a HEAD, no validators), to answer it from that.
+    let own = (!ranged && !cache.uncacheable(&primary))
+        .then(|| storable_fetch(&mut parts))
+        .flatten();
     let fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc,
@@ -464,13 +468,56 @@ pub(super) async fn serve(
             return Err(error);
         }
     };
-    let response = fetch.store_or_relay(cache, upstream, response, in_flight);
+    let mut response = fetch.store_or_relay(cache, upstream, response, in_flight);
+    if let Some(own) = own {
+        response = answer_own(&own, response);
+    }
     match asked {
         // Boxed: only ranges take this path, and inline its future would
         // grow every cached request's (hits included) by a second fetch's.
         Some(asked) => Box::pin(cut_range(cache, upstream, asked, response, trace)).await,
         None => Ok(response),
     }
+}
+
+/// Makes a miss's request one whose answer the cache can store, as nginx
+/// does (`proxy_cache_convert_head`, and the client's validators left out
+/// of a cacheable request; Varnish the same): a GET for a HEAD, without
+/// `If-None-Match`/`If-Modified-Since`, whose 304 nobody else could use.
+/// Returns the client's own head if anything changed, for [`answer_own`].
+fn storable_fetch(parts: &mut Parts) -> Option<Parts> {
+    let validators = parts.headers.contains_key(header::IF_NONE_MATCH)
+        || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
+    if parts.method != Method::HEAD && !validators {
+        return None;
+    }
+    let client = super::copy_head(parts);
+    parts.method = Method::GET;
+    parts.headers.remove(header::IF_NONE_MATCH);
+    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    Some(client)
+}
+
+/// The answer to `client`, whose HEAD or conditional GET was fetched as a
+/// plain GET ([`storable_fetch`]): its head alone for a HEAD, a 304 when
+/// its validators match (RFC 9110 §13.2.1, only where a 2xx would be the
+/// answer), else the response itself. A body left unsent goes on into the
+/// cache by a task of its own; one not being stored is dropped.
+fn answer_own(client: &Parts, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let matched =
+        response.status().is_success() && not_modified(&client.headers, response.headers());
+    if client.method != Method::HEAD && !matched {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    if body.is_capturing() {
+        crate::task::spawn_background_read(body.read_into_cache());
+    }
+    if matched {
+        parts.status = StatusCode::NOT_MODIFIED;
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    Response::from_parts(parts, ProxyBody::empty())
 }
 
 /// How a request joins the fetches for its URL (see [`Locks::claim`]).
