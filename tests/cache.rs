@@ -753,6 +753,59 @@ async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
     }
 }
 
+/// A stale entry is revalidated with a GET whatever the client sent (a
+/// HEAD would bring back no body to store), and the client is answered
+/// from what came back: the head for a HEAD, a 304 when its own validator
+/// matches the new response.
+#[tokio::test]
+async fn a_revalidation_asks_for_what_can_be_stored_and_answers_the_client_from_it() {
+    let addr = scripted_backend(|head| {
+        if head.starts_with("HEAD") {
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+        } else if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 200 OK\r\nETag: \"b\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 3\r\n\r\nnew"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 3\r\n\r\nold"
+        }
+    })
+    .await;
+    let (proxy, client, url) = stored_then_aged(addr, "/e", 5).await;
+    let head = send(
+        &client,
+        Request::head(&url).body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("etag"), "\"b\"");
+    assert_eq!(head.header("content-length"), "3");
+    assert_eq!(
+        head.header("cache-status"),
+        "portico; fwd=stale; fwd-status=200; stored"
+    );
+    let stored = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client, &url).await;
+            if answer.header("cache-status") == "portico; hit" {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the HEAD's revalidation stored the new body");
+    assert_eq!(stored.body, "new");
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let matched = get_with(&client, &url, &[("if-none-match", "\"b\"")]).await;
+    assert_eq!(matched.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        matched.header("cache-status"),
+        "portico; fwd=stale; fwd-status=200; stored"
+    );
+}
+
 #[tokio::test]
 async fn a_background_refresh_answered_by_another_etag_refetches() {
     let addr = scripted_backend(|head| {

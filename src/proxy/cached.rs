@@ -917,7 +917,8 @@ async fn keep_304(cache: &Cache, fill: &Fill, request: &HeaderMap, judged: Reval
     }
 }
 
-/// Adds our validators to a request for a stored entry.
+/// Adds our validators to a request for a stored entry. The client's own
+/// are taken off in any case: a 304 to them would not revalidate it.
 fn conditional(parts: &mut Parts, entry: &Entry) {
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
@@ -1015,17 +1016,18 @@ async fn revalidate(
     let ranged = asks_range(&parts);
     without_range(&mut parts.headers);
     let request_headers = parts.headers.clone();
-    let is_head = parts.method == Method::HEAD;
-    if policy::has_validator(&entry.headers) {
-        conditional(&mut parts, &entry);
-    }
+    // What can be stored is asked for, as on a miss (see `storable_fetch`):
+    // a GET, with the entry's validators and never the client's; the
+    // client is answered from the result (`answer_own`).
+    parts.method = Method::GET;
+    conditional(&mut parts, &entry);
     let request_time = cache.now();
     let age = entry.timing.current_age(request_time);
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
     let fetch = Fetch {
         request_headers,
         request_cc,
-        is_head,
+        is_head: false,
         fill: cache.begin_fill(primary),
         request_time,
         leader,
@@ -1095,7 +1097,7 @@ async fn revalidate(
         if ranged {
             return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
-        return Ok(response);
+        return Ok(answer_own(&client, response));
     }
 }
 
