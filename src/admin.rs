@@ -224,10 +224,16 @@ async fn handle(
                     tracing::info!(client = %peer, "cache purged");
                     text(StatusCode::OK, "purged everything\n")
                 }
-                Ok(Purge::Prefix(prefix)) => {
-                    let answer = format!("purged {prefix}*\n");
-                    tracing::info!(client = %peer, %prefix, "cache purged by prefix");
-                    cache.purge_paths(prefix_matcher(prefix));
+                Ok(Purge::Matching { host, prefix }) => {
+                    let answer = match &host {
+                        Some(host) => format!("purged {host}{prefix}*\n"),
+                        None => format!("purged {prefix}*\n"),
+                    };
+                    tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), %prefix, "cache purged by prefix");
+                    let paths = prefix_matcher(prefix);
+                    cache.purge_paths(move |stored_host, path| {
+                        host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
+                    });
                     text(StatusCode::OK, answer)
                 }
                 Err(problem) => text(StatusCode::BAD_REQUEST, format!("{problem}\n")),
@@ -252,35 +258,52 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 #[derive(Debug, PartialEq, Eq)]
 enum Purge {
     All,
-    Prefix(String),
+    /// The paths starting with `prefix`, of one host (lower-cased, as
+    /// keys hold it) or of all.
+    Matching {
+        host: Option<String>,
+        prefix: String,
+    },
 }
 
 /// `DELETE /cache` purges everything only when asked with no query at all;
-/// otherwise the query must be exactly one `prefix` (form-encoded, as curl
-/// `--data-urlencode` and every query builder write it) starting with `/`.
-/// Anything else is refused, so a misspelt purge never empties the cache.
+/// otherwise the query holds a `prefix` starting with `/`, a `host`, or
+/// both, at most once each (form-encoded, as curl `--data-urlencode` and
+/// every query builder write them). Anything else is refused, so a
+/// misspelt purge never empties the cache.
 fn purge_request(query: Option<&str>) -> Result<Purge, String> {
-    const USAGE: &str = "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path";
-    let mut prefix = None;
+    const USAGE: &str =
+        "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path (and/or host=NAME)";
+    let (mut prefix, mut host) = (None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let (Some(name), Some(value)) = (form_decode(name), form_decode(value)) else {
             return Err(format!("malformed query `{pair}`: {USAGE}"));
         };
-        if name != "prefix" {
-            return Err(format!("unknown parameter `{name}`: {USAGE}"));
-        }
-        if prefix.replace(value).is_some() {
-            return Err(format!("one prefix per call: {USAGE}"));
+        let slot = match name.as_str() {
+            "prefix" => &mut prefix,
+            "host" => &mut host,
+            _ => return Err(format!("unknown parameter `{name}`: {USAGE}")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("`{name}` given twice: {USAGE}"));
         }
     }
-    match prefix {
+    if let Some(host) = &host {
+        if host.is_empty() || host.contains(['/', '|', ' ']) {
+            return Err(format!("`{host}` is not a host: {USAGE}"));
+        }
+    }
+    match (prefix, host) {
         // `/cache?` too: what a script sends for `/cache?$QUERY` with the
         // query left empty (audit12), not a request to purge everything.
-        None if query.is_some() => Err(USAGE.to_owned()),
-        None => Ok(Purge::All),
-        Some(prefix) if prefix.starts_with('/') => Ok(Purge::Prefix(prefix)),
-        Some(_) => Err("prefix must start with /".to_owned()),
+        (None, None) if query.is_some() => Err(USAGE.to_owned()),
+        (None, None) => Ok(Purge::All),
+        (Some(prefix), _) if !prefix.starts_with('/') => Err("prefix must start with /".to_owned()),
+        (prefix, host) => Ok(Purge::Matching {
+            host: host.map(|h| h.to_ascii_lowercase()),
+            prefix: prefix.unwrap_or_else(|| "/".to_owned()),
+        }),
     }
 }
 
@@ -368,7 +391,12 @@ mod tests {
     #[test]
     fn a_purge_is_everything_only_when_asked_with_no_query() {
         assert_eq!(purge_request(None), Ok(Purge::All));
-        let prefix = |p: &str| Ok(Purge::Prefix(p.to_owned()));
+        let prefix = |p: &str| {
+            Ok(Purge::Matching {
+                host: None,
+                prefix: p.to_owned(),
+            })
+        };
         assert_eq!(purge_request(Some("prefix=/users/1")), prefix("/users/1"));
         // As curl --data-urlencode and urlencode() write it.
         assert_eq!(
@@ -376,7 +404,26 @@ mod tests {
             prefix("/users/1")
         );
         assert_eq!(purge_request(Some("prefix=/a+b%3F")), prefix("/a b?"));
+        // One host's paths, or all of them.
+        let of_host = |h: &str, p: &str| {
+            Ok(Purge::Matching {
+                host: Some(h.to_owned()),
+                prefix: p.to_owned(),
+            })
+        };
+        assert_eq!(
+            purge_request(Some("host=Shop.Example&prefix=/a")),
+            of_host("shop.example", "/a")
+        );
+        assert_eq!(
+            purge_request(Some("host=shop.example:8080")),
+            of_host("shop.example:8080", "/")
+        );
         for refused in [
+            "host=",
+            "host=a&host=b",
+            "host=a/b",
+            "host=a&prefix=b",
             "prefx=/users/1",
             "foo=bar",
             "prefix=/a&prefix=/b",

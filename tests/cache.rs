@@ -1109,6 +1109,27 @@ async fn admin_purge_by_prefix() {
             .header("cache-status"),
         "portico; hit"
     );
+    // One host's paths only, the Host as clients spell it (any case).
+    let on = |host: &'static str| {
+        let url = proxy.url("/users/3/orders");
+        let client = &client;
+        async move {
+            get_with(client, &url, &[("host", host)])
+                .await
+                .header("cache-status")
+                .to_owned()
+        }
+    };
+    on("a.example").await;
+    on("b.example").await;
+    assert_eq!(
+        send(&client, purge("?host=A.Example&prefix=/users"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(on("a.example").await, "portico; fwd=miss; stored");
+    assert_eq!(on("b.example").await, "portico; hit");
 }
 
 #[tokio::test]

@@ -75,6 +75,9 @@ impl Drop for Fill {
     }
 }
 
+/// Whether a URL, by its host and path (with its query), is one meant.
+pub(super) type UrlMatch = dyn Fn(&str, &str) -> bool;
+
 impl Cache {
     /// Marks the fetches under way for `primary` overtaken. Called before
     /// the stored variants are dropped (see [`Cache::insert`] for why).
@@ -84,11 +87,12 @@ impl Cache {
         }
     }
 
-    /// The same for every URL whose path (with its query) `matches`, or
-    /// for all.
-    pub(super) fn overtake_paths(&self, matches: Option<&dyn Fn(&str) -> bool>) {
+    /// The same for every URL whose host and path (with its query)
+    /// `matches`, or for all.
+    pub(super) fn overtake_paths(&self, matches: Option<&UrlMatch>) {
         for mut pending in self.fills.iter_mut() {
-            if matches.is_none_or(|matches| matches(key::path_of(pending.key()))) {
+            let (host, path) = key::host_and_path_of(pending.key());
+            if matches.is_none_or(|matches| matches(host, path)) {
                 pending.generation += 1;
             }
         }

@@ -27,8 +27,16 @@ pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
 
 /// The path-and-query part of a primary key.
 pub fn path_of(key: &str) -> &str {
-    let primary = key.split('\n').next().unwrap_or(key);
-    primary.splitn(4, '|').nth(3).unwrap_or("")
+    host_and_path_of(key).1
+}
+
+/// The host (lower-cased, default port dropped) and path-and-query parts
+/// of a key.
+pub fn host_and_path_of(key: &str) -> (&str, &str) {
+    let primary = primary_of(key);
+    let mut parts = primary.splitn(4, '|').skip(2);
+    let host = parts.next().unwrap_or("");
+    (host, parts.next().unwrap_or(""))
 }
 
 /// The primary part of a full key.

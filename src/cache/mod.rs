@@ -358,15 +358,16 @@ impl Cache {
         }
     }
 
-    /// Drops every entry whose path (with its query) `matches` (admin
-    /// purge); fetches under way for such a path will not store.
-    pub fn purge_paths(&self, matches: impl Fn(&str) -> bool + Send + Sync + 'static) {
+    /// Drops every entry whose host and path (with its query) `matches`
+    /// (admin purge); fetches under way for such a URL will not store.
+    pub fn purge_paths(&self, matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static) {
         self.overtake_paths(Some(&matches));
         // Hashes cannot be matched against a prefix: all are forgotten.
         self.uncacheable.invalidate_all();
-        let _ = self
-            .store
-            .invalidate_entries_if(move |k, _| matches(key::path_of(k)));
+        let _ = self.store.invalidate_entries_if(move |k, _| {
+            let (host, path) = key::host_and_path_of(k);
+            matches(host, path)
+        });
     }
 
     pub fn purge_all(&self) {
@@ -441,7 +442,7 @@ mod tests {
         let request = HeaderMap::new();
         store(&cache, &request, entry("accept")).await;
         assert!(cache.key_for(PRIMARY, &request).is_some());
-        cache.purge_paths(|path| path.starts_with("/x"));
+        cache.purge_paths(|_, path| path.starts_with("/x"));
         cache.stats().await; // runs the store's pending removals
         assert!(cache.key_for(PRIMARY, &request).is_none());
         assert!(cache.index.is_empty());
@@ -493,7 +494,7 @@ mod tests {
         assert!(cache.get(&key).await.is_some());
         // A purge overtakes like an invalidation.
         let fill = cache.begin_fill(PRIMARY.to_owned());
-        cache.purge_paths(|_| true);
+        cache.purge_paths(|_, _| true);
         cache.insert(&fill, &request, entry("accept")).await;
         cache.stats().await;
         assert!(cache.get(&key).await.is_none());
