@@ -289,9 +289,15 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
             return Err(format!("`{name}` given twice: {USAGE}"));
         }
     }
-    if let Some(host) = &host {
-        if host.is_empty() || host.contains(['/', '|', ' ']) {
+    if let Some(host) = &mut host {
+        if host.is_empty() || !crate::proxy::headers::valid_host(host.as_bytes()) {
             return Err(format!("`{host}` is not a host: {USAGE}"));
+        }
+        // Keys hold the host without its scheme's default port.
+        for default in [":80", ":443"] {
+            if let Some(bare) = host.strip_suffix(default) {
+                *host = bare.to_owned();
+            }
         }
     }
     match (prefix, host) {
@@ -419,10 +425,16 @@ mod tests {
             purge_request(Some("host=shop.example:8080")),
             of_host("shop.example:8080", "/")
         );
+        assert_eq!(
+            purge_request(Some("host=shop.example:443")),
+            of_host("shop.example", "/")
+        );
         for refused in [
             "host=",
             "host=a&host=b",
             "host=a/b",
+            "host=%0Aa",
+            "host=a%7Cb",
             "host=a&prefix=b",
             "prefx=/users/1",
             "foo=bar",
