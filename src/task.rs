@@ -41,6 +41,12 @@ const BACKGROUND_READS: usize = 32;
 
 static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Whether [`spawn_background_read`] would drop a read now: a fetch that
+/// counts on one (a HEAD fetched as a GET) is better not made.
+pub fn background_reads_full() -> bool {
+    READING.load(Ordering::Relaxed) >= BACKGROUND_READS
+}
+
 /// Spawns `read`, a body being read into the cache, unless
 /// `BACKGROUND_READS` (32) are under way: then it is dropped, and with it the
 /// copy (nothing is stored, and the next request for the URL fetches

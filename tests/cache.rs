@@ -197,6 +197,116 @@ async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_ea
     assert_eq!(count("portico; fwd=miss; stored"), 2, "{statuses:?}");
 }
 
+/// A backend for a burst of `1 + rest` requests: the first is answered at
+/// once, the others only when all `rest` are in (or after 2 s). Returns
+/// how many of the rest were ever in at once: `rest` when the proxy sent
+/// them together, 1 when it queued them behind one another.
+async fn burst_backend(
+    answer: &'static [u8],
+    rest: usize,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counters = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let all_in = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::new(AtomicUsize::new(0));
+    let peak = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (counters, peak, all_in) = (counters.clone(), peak.clone(), all_in.clone());
+            tokio::spawn(async move {
+                let [arrived, held] = &*counters;
+                while read_head(&mut stream).await.is_some() {
+                    let first = arrived.fetch_add(1, Ordering::SeqCst) == 0;
+                    if !first {
+                        let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        if now == rest {
+                            all_in.notify_waiters();
+                        } else {
+                            let notified = all_in.notified();
+                            let _ = tokio::time::timeout(Duration::from_secs(2), notified).await;
+                        }
+                    }
+                    let sent = stream.write_all(answer).await;
+                    if !first {
+                        held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Requests that cannot share a fetch (each its own variant; each with
+/// its own Authorization, whose answers are not stored) are not queued
+/// behind one another: after the first answer, the rest go together.
+#[tokio::test]
+async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() {
+    const REST: usize = 5;
+    let cases: [(&[u8], &str); 2] = [
+        (
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: X-User\r\n\
+              Content-Length: 2\r\n\r\nok",
+            "x-user",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+              Content-Length: 2\r\n\r\nok",
+            "authorization",
+        ),
+    ];
+    for (answer, field) in cases {
+        let (addr, peak) = burst_backend(answer, REST).await;
+        let proxy = Arc::new(cached_proxy_at(addr).await);
+        let mut requests = Vec::new();
+        for n in 0..=REST {
+            let proxy = proxy.clone();
+            requests.push(tokio::spawn(async move {
+                let value = format!("Bearer u{n}");
+                get_with(&client(), &proxy.url("/burst"), &[(field, value.as_str())]).await
+            }));
+        }
+        for request in requests {
+            assert_eq!(request.await.unwrap().status, StatusCode::OK, "{field}");
+        }
+        assert_eq!(
+            peak.load(std::sync::atomic::Ordering::SeqCst),
+            REST,
+            "{field}"
+        );
+    }
+}
+
+/// Nor do a browser's reloads (`max-age=0`): a copy fetched while they
+/// waited is as fresh as any they would fetch themselves.
+#[tokio::test]
+async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(300);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let url = proxy.url("/cache/reload?cc=max-age=60");
+    let leader = {
+        let url = url.clone();
+        async move { get_with(&client(), &url, &[("cache-control", "max-age=0")]).await }
+    };
+    let answers = behind_a_leader(&backend, &url, leader, &[("cache-control", "max-age=0")]).await;
+    assert_eq!(backend.requests(), 1);
+    for answer in &answers[..10] {
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; collapsed"
+        );
+    }
+}
+
 /// A leader whose answer nobody may store lets the waiters go at once:
 /// each fetches on its own, as before it waited.
 #[tokio::test]
@@ -270,9 +380,10 @@ async fn a_conditional_miss_is_fetched_whole_stored_and_answered_304() {
     assert_eq!(revalidating.status, StatusCode::NOT_MODIFIED);
     assert!(revalidating.body.is_empty());
     assert_eq!(revalidating.header("etag"), "\"e1\"");
+    // RFC 9211 §2.3: the backend's status was not this 304.
     assert_eq!(
         revalidating.header("cache-status"),
-        "portico; fwd=miss; stored"
+        "portico; fwd=miss; fwd-status=200; stored"
     );
     until_stored(&proxy, 1).await;
     let hit = get(&client, &url).await;
@@ -804,6 +915,81 @@ async fn a_revalidation_asks_for_what_can_be_stored_and_answers_the_client_from_
         matched.header("cache-status"),
         "portico; fwd=stale; fwd-status=200; stored"
     );
+}
+
+/// A HEAD finding a stale entry whose 304 names another ETag: the whole
+/// response is fetched again with a GET, never the client's HEAD, whose
+/// empty 200 would be stored for every GET after.
+#[tokio::test]
+async fn a_head_on_a_mismatched_revalidation_refetches_with_a_get() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.starts_with("head") {
+            b"HTTP/1.1 200 OK\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
+              Content-Length: 3\r\n\r\n"
+        } else if head.contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\r\n"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 3\r\n\r\nold"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
+              Content-Length: 3\r\n\r\nnew"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/m");
+    get_with(&client, &url, &[("x-first", "1")]).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let head = send(
+        &client,
+        Request::head(&url).body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), "3");
+    let stored = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client, &url).await;
+            if answer.header("cache-status") == "portico; hit" {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the refetch was stored");
+    assert_eq!(stored.body, "new");
+}
+
+/// A HEAD's Range means nothing (RFC 9110 §14.2): fetched as a GET for the
+/// cache, it goes without it, and the client gets the 200's head.
+#[tokio::test]
+async fn a_head_with_a_range_is_fetched_whole() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("range:") {
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/5\r\n\
+              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nab"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nabcde"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let head = send(
+        &client(),
+        Request::head(proxy.url("/r"))
+            .header("range", "bytes=0-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), "5");
+    assert!(!head.headers.contains_key("content-range"));
+    assert_eq!(head.header("cache-status"), "portico; fwd=miss; stored");
 }
 
 #[tokio::test]

@@ -248,15 +248,19 @@ enum Woken {
     Alone,
 }
 
-/// Waits (until `deadline`) for the request fetching `primary` to finish,
-/// then answers from what it stored if that is fresh for this request.
+/// Waits (until `deadline`) for the request fetching its URL to finish,
+/// then answers from what it stored if that is fresh. Fresh by the
+/// response's own terms: the request's `no-cache`, `max-age` or
+/// `min-fresh` asked for no older a copy than one fetched while it waited
+/// (nginx and Varnish serve coalesced waiters alike). A request that finds
+/// a fresh entry it refuses never waits: it revalidates on its own (see
+/// [`serve`]), so what it finds here is the fetch it waited on.
 async fn collapsed(
     cache: &Arc<Cache>,
     waiting: tokio::sync::watch::Receiver<bool>,
     deadline: tokio::time::Instant,
     primary: &str,
     parts: &Parts,
-    request_cc: &CacheControl,
     status: &str,
 ) -> Woken {
     match lock::wait(waiting, deadline).await {
@@ -270,7 +274,8 @@ async fn collapsed(
         return Woken::Nothing;
     };
     let age = entry.timing.current_age(cache.now());
-    if policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
+    let its_own_terms = CacheControl::default();
+    if policy::usable(entry.lifetime, age, &entry.cc, &its_own_terms) != Usable::Fresh {
         return Woken::Nothing;
     }
     cache.counters.hit.inc();
@@ -414,7 +419,7 @@ pub(super) async fn serve(
             None
         } else {
             let status = "portico; fwd=stale; collapsed";
-            match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+            match join(cache, &primary, &parts, ranged, status).await {
                 Joined::Fetch(leader) => leader,
                 Joined::Answered(hit) => return Ok(hit),
                 Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -426,7 +431,7 @@ pub(super) async fn serve(
         .await;
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+    let leader = match join(cache, &primary, &parts, ranged, status).await {
         Joined::Fetch(leader) => leader,
         Joined::Answered(hit) => return Ok(hit),
         Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -441,9 +446,11 @@ pub(super) async fn serve(
     });
     // The client's own head, when the fetch asks for what can be stored
     // instead (a GET for a HEAD, no validators), to answer it from that.
-    let own = (!ranged && !cache.uncacheable(&primary))
-        .then(|| storable_fetch(&mut parts))
-        .flatten();
+    let own = if ranged {
+        None
+    } else {
+        storable_fetch(cache, &primary, &mut parts)
+    };
     let fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc,
@@ -485,16 +492,25 @@ pub(super) async fn serve(
 /// of a cacheable request; Varnish the same): a GET for a HEAD, without
 /// `If-None-Match`/`If-Modified-Since`, whose 304 nobody else could use.
 /// Returns the client's own head if anything changed, for [`answer_own`].
-fn storable_fetch(parts: &mut Parts) -> Option<Parts> {
+///
+/// Not for a URL whose last answer was not stored (nothing would be), nor
+/// while the background reads that would take the body are all busy (the
+/// body would be fetched for nothing).
+fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Parts> {
+    let head = parts.method == Method::HEAD;
     let validators = parts.headers.contains_key(header::IF_NONE_MATCH)
         || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
-    if parts.method != Method::HEAD && !validators {
+    if !head && !validators || cache.uncacheable(primary) || crate::task::background_reads_full() {
         return None;
     }
     let client = super::copy_head(parts);
     parts.method = Method::GET;
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
+    // A HEAD's Range means nothing (RFC 9110 §14.2); the GET's would.
+    if head {
+        without_range(&mut parts.headers);
+    }
     Some(client)
 }
 
@@ -514,10 +530,41 @@ fn answer_own(client: &Parts, response: Response<ProxyBody>) -> Response<ProxyBo
         crate::task::spawn_background_read(body.read_into_cache());
     }
     if matched {
+        // RFC 9211 §2.3: without it, the 304 would read as the backend's.
+        with_fwd_status(&mut parts.headers, parts.status);
         parts.status = StatusCode::NOT_MODIFIED;
         parts.headers.remove(header::CONTENT_LENGTH);
+        // A backend's own wording was for its status, not this one.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     }
     Response::from_parts(parts, ProxyBody::empty())
+}
+
+/// Adds `fwd-status` to portico's `Cache-Status` member if it has none.
+fn with_fwd_status(headers: &mut HeaderMap, status: StatusCode) {
+    let Some(text) = text(headers, CACHE_STATUS.clone()) else {
+        return;
+    };
+    let Some(ours) = text.rfind("portico") else {
+        return;
+    };
+    if text[ours..].contains("fwd-status=") {
+        return;
+    }
+    // After the `fwd` parameter, which is first.
+    let Some(fwd) = text[ours..].find("fwd=").map(|at| ours + at) else {
+        return;
+    };
+    let end = text[fwd..].find(';').map_or(text.len(), |at| fwd + at);
+    let value = format!(
+        "{}; fwd-status={}{}",
+        &text[..end],
+        status.as_u16(),
+        &text[end..]
+    );
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(CACHE_STATUS.clone(), value);
+    }
 }
 
 /// How a request joins the fetches for its URL (see [`Locks::claim`]).
@@ -534,23 +581,23 @@ enum Joined {
     Bypass,
 }
 
-/// A leader whose fetch stored nothing this request can use hands the
-/// lock on: the waiters claim it again and one of them fetches next, as
-/// with nginx's `proxy_cache_lock`, unless it let them go (its answer is
-/// one nobody may store, or an error: all go at once, as after Varnish's
-/// hit-for-miss). What the leader could not store may lie with its own
-/// request: a HEAD, a 304 to its validators, another variant, its client
-/// gone. Waiting ends at [`COALESCE_WAIT`] in all, after which the request
-/// fetches on its own.
+/// Concurrent fetches of one variant wait for the first, the leader (see
+/// [`Locks::claim`]). One that stored nothing for a waiter (another
+/// variant; its client gone before the answer) hands the lock on: the
+/// waiters claim it again, now by their own variant's key, and one of each
+/// fetches next, as with nginx's `proxy_cache_lock`. A leader whose answer
+/// cannot serve them (nobody may store it, it must be revalidated at each
+/// use, or the fetch failed) lets them all go at once, as Varnish's
+/// hit-for-miss does; so does a URL whose last answer was not stored, with
+/// no wait at all. Waiting ends at [`COALESCE_WAIT`] in all, after which
+/// the request fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
     parts: &Parts,
-    request_cc: &CacheControl,
     ranged: bool,
     status: &'static str,
 ) -> Joined {
-    let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
     let alone = || {
         if ranged {
             Joined::Bypass
@@ -558,12 +605,17 @@ async fn join(
             Joined::Fetch(None)
         }
     };
+    let mut deadline = None;
     loop {
-        let waiting = match Locks::claim(cache, primary) {
+        // Once the URL's Vary is known, each variant has its lock.
+        let full = cache.key_for(primary, &parts.headers);
+        let waiting = match Locks::claim(cache, full.as_deref().unwrap_or(primary)) {
             Claim::Leader(leader) => return Joined::Fetch(Some(leader)),
+            Claim::Wait(_) if cache.uncacheable(primary) => return alone(),
             Claim::Wait(waiting) => waiting,
         };
-        match collapsed(cache, waiting, deadline, primary, parts, request_cc, status).await {
+        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + COALESCE_WAIT);
+        match collapsed(cache, waiting, deadline, primary, parts, status).await {
             Woken::Answered(hit) => return Joined::Answered(hit),
             Woken::Nothing => {}
             Woken::Alone => return alone(),
@@ -816,6 +868,12 @@ impl Fetch {
                     release(leader.as_ref());
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
+                    // Stored, but to be revalidated before any use: the
+                    // waiters fetch on their own rather than one by one.
+                    let age = head.timing.current_age(response_time);
+                    if head.cc.no_cache || age >= head.lifetime {
+                        release(leader.as_ref());
+                    }
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
                     let (parts, body) = response.into_parts();
                     response = Response::from_parts(parts, body.with_capture(capture));
@@ -829,21 +887,8 @@ impl Fetch {
                 if reason.lies_with_the_resource() && !personal {
                     cache.not_stored(fill.primary(), status);
                 }
-                // The next request may store what this one could not: one
-                // without validators, a GET, an anonymous one. Any other
-                // answer would not be stored for them either.
-                let own = matches!(
-                    reason,
-                    policy::NotStored::Method | policy::NotStored::Authorization
-                ) || personal
-                    || (reason == policy::NotStored::Status
-                        && matches!(
-                            status,
-                            StatusCode::NOT_MODIFIED | StatusCode::PRECONDITION_FAILED
-                        ));
-                if !own {
-                    release(leader.as_ref());
-                }
+                // What the waiters would fetch is not stored either.
+                release(leader.as_ref());
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
             }
         };
@@ -864,6 +909,8 @@ fn release(leader: Option<&Leader>) {
 /// validator.
 fn unconditional(client: &Parts) -> Parts {
     let mut parts = super::copy_head(client);
+    // Whatever the client's method: the whole response is what is stored.
+    parts.method = Method::GET;
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
     without_range(&mut parts.headers);
@@ -1094,7 +1141,10 @@ async fn revalidate(
         }
         cache.counters.miss.inc();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
-        if ranged {
+        // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
+        let matched =
+            response.status().is_success() && not_modified(&client.headers, response.headers());
+        if ranged && !matched {
             return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
         return Ok(answer_own(&client, response));
@@ -1110,8 +1160,10 @@ async fn refresh(
     mut parts: Parts,
     entry: Arc<Entry>,
 ) {
-    // One refresh at a time per key; others keep serving stale.
-    let Claim::Leader(leader) = Locks::claim(&cache, &primary) else {
+    // One refresh at a time per variant (the lock `join` takes for it);
+    // others keep serving stale.
+    let full = cache.key_for(&primary, &parts.headers);
+    let Claim::Leader(leader) = Locks::claim(&cache, full.as_deref().unwrap_or(&primary)) else {
         return;
     };
     parts.method = Method::GET;
