@@ -74,6 +74,28 @@ async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> A
     send(client, request.body(Full::new(Bytes::new())).unwrap()).await
 }
 
+async fn head_of(client: &TestClient, url: &str) -> Answer {
+    send(
+        client,
+        Request::head(url).body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await
+}
+
+/// GETs `url` until it is a plain hit (a background read or refresh has
+/// stored it), within [`STEP`]; that answer.
+async fn until_hit(client: &TestClient, url: &str, what: &str) -> Answer {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let answer = get(client, url).await;
+        if answer.header("cache-status") == "portico; hit" {
+            return answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_second_get_is_a_hit_with_age() {
     let (backend, proxy) = cached_sample().await;
@@ -144,15 +166,35 @@ async fn a_hundred_concurrent_cold_gets_make_one_backend_request() {
     assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
-/// Starts `leader` and, once it is at the backend, ten GETs of `url`
-/// with `fields`; returns their answers, the leader's after.
-async fn behind_a_leader(
-    backend: &RunningBackend,
-    url: &str,
-    leader: impl std::future::Future<Output = Answer> + Send + 'static,
-    fields: &'static [(&'static str, &'static str)],
-) -> Vec<Answer> {
-    let leader = tokio::spawn(leader);
+/// How the first of a burst asks.
+enum Leading {
+    Get(&'static [(&'static str, &'static str)]),
+    Head,
+}
+
+/// A sample backend answering after 300 ms and a cached proxy in front:
+/// `leading` asks for `path` first and, once it is at the backend, ten
+/// GETs with `following` do. Returns the backend requests made and the
+/// answers, the leader's last.
+async fn coalesced(
+    path: &str,
+    leading: Leading,
+    following: &'static [(&'static str, &'static str)],
+) -> (u64, Vec<Answer>) {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_millis(300);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let url = proxy.url(path);
+    let leader = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            match leading {
+                Leading::Get(fields) => get_with(&client(), &url, fields).await,
+                Leading::Head => head_of(&client(), &url).await,
+            }
+        })
+    };
     let at_backend = tokio::time::timeout(STEP, async {
         while backend.requests() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -161,9 +203,9 @@ async fn behind_a_leader(
     at_backend.await.expect("the leader reached the backend");
     let mut followers = Vec::new();
     for _ in 0..10 {
-        let url = url.to_owned();
+        let url = url.clone();
         followers.push(tokio::spawn(async move {
-            get_with(&client(), &url, fields).await
+            get_with(&client(), &url, following).await
         }));
     }
     let mut answers = Vec::new();
@@ -171,7 +213,15 @@ async fn behind_a_leader(
         answers.push(follower.await.unwrap());
     }
     answers.push(leader.await.unwrap());
-    answers
+    (backend.requests(), answers)
+}
+
+/// Whether every follower of [`coalesced`] was answered by the leader's
+/// fetch.
+fn all_collapsed(answers: &[Answer]) -> bool {
+    answers[..10]
+        .iter()
+        .all(|a| a.header("cache-status") == "portico; fwd=miss; collapsed")
 }
 
 /// Coalescing survives a leader whose answer cannot serve the others:
@@ -179,17 +229,13 @@ async fn behind_a_leader(
 /// fetches for the rest: two backend requests, not eleven.
 #[tokio::test]
 async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_each() {
-    let mut opts = BackendOptions::new("b1");
-    opts.delay = Duration::from_millis(300);
-    let backend = start_backend(opts).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
-    let url = proxy.url("/cache/v?cc=max-age=60&vary=Accept-Encoding");
-    let leader = {
-        let url = url.clone();
-        async move { get_with(&client(), &url, &[("accept-encoding", "gzip")]).await }
-    };
-    let answers = behind_a_leader(&backend, &url, leader, &[("accept-encoding", "br")]).await;
-    assert_eq!(backend.requests(), 2);
+    let (requests, answers) = coalesced(
+        "/cache/v?cc=max-age=60&vary=Accept-Encoding",
+        Leading::Get(&[("accept-encoding", "gzip")]),
+        &[("accept-encoding", "br")],
+    )
+    .await;
+    assert_eq!(requests, 2);
     let statuses: Vec<&str> = answers.iter().map(|a| a.header("cache-status")).collect();
     let count = |want: &str| statuses.iter().filter(|s| **s == want).count();
     assert_eq!(count("portico; fwd=miss; collapsed"), 9, "{statuses:?}");
@@ -288,40 +334,20 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
 /// waited is as fresh as any they would fetch themselves.
 #[tokio::test]
 async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
-    let mut opts = BackendOptions::new("b1");
-    opts.delay = Duration::from_millis(300);
-    let backend = start_backend(opts).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
-    let url = proxy.url("/cache/reload?cc=max-age=60");
-    let leader = {
-        let url = url.clone();
-        async move { get_with(&client(), &url, &[("cache-control", "max-age=0")]).await }
-    };
-    let answers = behind_a_leader(&backend, &url, leader, &[("cache-control", "max-age=0")]).await;
-    assert_eq!(backend.requests(), 1);
-    for answer in &answers[..10] {
-        assert_eq!(
-            answer.header("cache-status"),
-            "portico; fwd=miss; collapsed"
-        );
-    }
+    let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
+    let (requests, answers) =
+        coalesced("/cache/reload?cc=max-age=60", Leading::Get(reload), reload).await;
+    assert_eq!(requests, 1);
+    assert!(all_collapsed(&answers));
 }
 
 /// A leader whose answer nobody may store lets the waiters go at once:
 /// each fetches on its own, as before it waited.
 #[tokio::test]
 async fn waiters_on_a_leader_whose_answer_is_not_storable_each_fetch() {
-    let mut opts = BackendOptions::new("b1");
-    opts.delay = Duration::from_millis(300);
-    let backend = start_backend(opts).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
-    let url = proxy.url("/cache/p?cc=private,%20max-age=60");
-    let leader = {
-        let url = url.clone();
-        async move { get(&client(), &url).await }
-    };
-    let answers = behind_a_leader(&backend, &url, leader, &[]).await;
-    assert_eq!(backend.requests(), 11);
+    let (requests, answers) =
+        coalesced("/cache/p?cc=private,%20max-age=60", Leading::Get(&[]), &[]).await;
+    assert_eq!(requests, 11);
     for answer in &answers {
         assert_eq!(
             answer.header("cache-status"),
@@ -338,11 +364,7 @@ async fn a_head_miss_is_fetched_as_a_get_and_stored() {
     let (backend, proxy) = cached_sample().await;
     let client = client();
     let url = proxy.url("/cache/h?cc=max-age=60&size=3000");
-    let head = send(
-        &client,
-        Request::head(&url).body(Full::new(Bytes::new())).unwrap(),
-    )
-    .await;
+    let head = head_of(&client, &url).await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty());
     assert_eq!(head.header("content-length"), "3000");
@@ -355,13 +377,7 @@ async fn a_head_miss_is_fetched_as_a_get_and_stored() {
     // A URL whose answer is not stored keeps its HEADs HEADs.
     let private = proxy.url("/cache/hp?cc=private&size=3000");
     for _ in 0..2 {
-        let head = send(
-            &client,
-            Request::head(&private)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+        let head = head_of(&client, &private).await;
         assert_eq!(head.status, StatusCode::OK);
         assert!(head.body.is_empty());
         assert_eq!(head.header("content-length"), "3000");
@@ -401,26 +417,9 @@ async fn a_conditional_miss_is_fetched_whole_stored_and_answered_304() {
 /// Nor does a HEAD leading a burst of GETs send them to the backend.
 #[tokio::test]
 async fn a_head_leading_concurrent_gets_fills_the_cache_for_them() {
-    let mut opts = BackendOptions::new("b1");
-    opts.delay = Duration::from_millis(300);
-    let backend = start_backend(opts).await;
-    let proxy = start_proxy(cached(&[&backend])).await;
-    let url = proxy.url("/cache/hl?cc=max-age=60");
-    let leader = {
-        let url = url.clone();
-        async move {
-            let head = Request::head(&url).body(Full::new(Bytes::new())).unwrap();
-            send(&client(), head).await
-        }
-    };
-    let answers = behind_a_leader(&backend, &url, leader, &[]).await;
-    assert_eq!(backend.requests(), 1);
-    for answer in &answers[..10] {
-        assert_eq!(
-            answer.header("cache-status"),
-            "portico; fwd=miss; collapsed"
-        );
-    }
+    let (requests, answers) = coalesced("/cache/hl?cc=max-age=60", Leading::Head, &[]).await;
+    assert_eq!(requests, 1);
+    assert!(all_collapsed(&answers));
 }
 
 #[tokio::test]
@@ -710,15 +709,7 @@ async fn refreshed_in_background(proxy: &RunningProxy, client: &TestClient, url:
         stale.header("cache-status"),
         "portico; hit; detail=stale-while-revalidate"
     );
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let answer = get(client, url).await;
-        if answer.header("cache-status") == "portico; hit" {
-            return answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_hit(client, url, "refreshed").await
 }
 
 #[tokio::test]
@@ -883,11 +874,7 @@ async fn a_revalidation_asks_for_what_can_be_stored_and_answers_the_client_from_
     })
     .await;
     let (proxy, client, url) = stored_then_aged(addr, "/e", 5).await;
-    let head = send(
-        &client,
-        Request::head(&url).body(Full::new(Bytes::new())).unwrap(),
-    )
-    .await;
+    let head = head_of(&client, &url).await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty());
     assert_eq!(head.header("etag"), "\"b\"");
@@ -896,17 +883,7 @@ async fn a_revalidation_asks_for_what_can_be_stored_and_answers_the_client_from_
         head.header("cache-status"),
         "portico; fwd=stale; fwd-status=200; stored"
     );
-    let stored = tokio::time::timeout(STEP, async {
-        loop {
-            let answer = get(&client, &url).await;
-            if answer.header("cache-status") == "portico; hit" {
-                return answer;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the HEAD's revalidation stored the new body");
+    let stored = until_hit(&client, &url, "stored by the HEAD's revalidation").await;
     assert_eq!(stored.body, "new");
     cache_of(&proxy).advance_clock(Duration::from_secs(5));
     let matched = get_with(&client, &url, &[("if-none-match", "\"b\"")]).await;
@@ -943,24 +920,10 @@ async fn a_head_on_a_mismatched_revalidation_refetches_with_a_get() {
     let url = proxy.url("/m");
     get_with(&client, &url, &[("x-first", "1")]).await;
     cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let head = send(
-        &client,
-        Request::head(&url).body(Full::new(Bytes::new())).unwrap(),
-    )
-    .await;
+    let head = head_of(&client, &url).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("content-length"), "3");
-    let stored = tokio::time::timeout(STEP, async {
-        loop {
-            let answer = get(&client, &url).await;
-            if answer.header("cache-status") == "portico; hit" {
-                return answer;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the refetch was stored");
+    let stored = until_hit(&client, &url, "stored by the refetch").await;
     assert_eq!(stored.body, "new");
 }
 
@@ -1013,16 +976,8 @@ async fn a_background_refresh_answered_by_another_etag_refetches() {
     // The refresh's 304 names "b": it fetches the response whole and
     // stores it (its Age of 50 is under its max-age again), rather than
     // leaving the entry stale for the whole window.
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let answer = get(&client, &url).await;
-        if answer.header("cache-status") == "portico; hit" {
-            assert_eq!(answer.header("etag"), "\"a\"");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never refetched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let refetched = until_hit(&client, &url, "refetched").await;
+    assert_eq!(refetched.header("etag"), "\"a\"");
 }
 
 #[tokio::test]
