@@ -2,7 +2,8 @@
 //! `portico::access` target (text or JSON, as `--log-format` says): time,
 //! client, method, host, path, status, bytes, duration, upstream, backend,
 //! cache result, request id. It is written when the response head is sent:
-//! `bytes` is the declared length (`-` when streamed without one) and
+//! `bytes` is the body's declared length (`-` when streamed without one;
+//! 0 for a HEAD, which gets none, as nginx's `$body_bytes_sent`) and
 //! `duration` is the time to the response head.
 
 use std::net::SocketAddr;
@@ -102,7 +103,7 @@ impl AccessRecord {
             host,
             path = self.uri.path(),
             status = response.status().as_u16(),
-            bytes = text(response.headers().get(header::CONTENT_LENGTH)),
+            bytes = body_bytes(&self.method, response.headers()),
             duration_ms = millis(duration),
             upstream = upstream.unwrap_or("-"),
             backend = backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
@@ -110,6 +111,19 @@ impl AccessRecord {
             request_id = self.request_id.to_str().unwrap_or("-"),
         );
     }
+}
+
+/// The access line's `bytes`: the body's declared length, `-` without
+/// one, 0 for a HEAD (its response declares the GET's length).
+fn body_bytes(method: &Method, response: &HeaderMap) -> String {
+    if *method == Method::HEAD {
+        return "0".to_owned();
+    }
+    response
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
 }
 
 /// The access line for a request head hyper's parser refused (and
@@ -156,6 +170,15 @@ mod tests {
             HeaderValue::from_str(&"x".repeat(200)).unwrap(),
         );
         assert_eq!(ensure_request_id(&mut headers).len(), 32);
+    }
+
+    #[test]
+    fn bytes_are_the_declared_body_length_and_none_for_head() {
+        let mut declared = HeaderMap::new();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1024"));
+        assert_eq!(body_bytes(&Method::GET, &declared), "1024");
+        assert_eq!(body_bytes(&Method::HEAD, &declared), "0");
+        assert_eq!(body_bytes(&Method::GET, &HeaderMap::new()), "-");
     }
 
     #[test]
