@@ -955,6 +955,28 @@ async fn a_head_with_a_range_is_fetched_whole() {
     assert_eq!(head.header("cache-status"), "portico; fwd=miss; stored");
 }
 
+/// RFC 9110 §6.6.1: a response stored without `Date` is stored with the
+/// time it was received, which its hits then carry (with `Age`), not the
+/// time each is served at.
+#[tokio::test]
+async fn an_undated_response_is_stored_with_the_time_it_came() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    get(&client(), &proxy.url("/undated")).await;
+    until_stored(&proxy, 1).await;
+    let cache = cache_of(&proxy);
+    let primary = portico::cache::key::primary("http", &proxy.addr.to_string(), "/undated");
+    let full = cache.key_for(&primary, &http::HeaderMap::new()).unwrap();
+    let entry = cache.get(&full).await.expect("stored");
+    let date = entry.headers.get("date").expect("a Date was recorded");
+    let date = httpdate::parse_http_date(date.to_str().unwrap()).unwrap();
+    let now = std::time::SystemTime::now();
+    assert!(date <= now && now.duration_since(date).unwrap() < STEP);
+}
+
 #[tokio::test]
 async fn a_background_refresh_answered_by_another_etag_refetches() {
     let addr = scripted_backend(|head| {

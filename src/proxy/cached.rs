@@ -854,6 +854,15 @@ impl Fetch {
                 // What a cache behind portico did for this fetch is not true of
                 // later hits.
                 stored.remove(&CACHE_STATUS);
+                // RFC 9110 §6.6.1: a cache records when an undated
+                // response was received, so hits do not wear the time they
+                // are served at (hyper's) as the response's date.
+                if !stored.contains_key(header::DATE) {
+                    if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(response_time))
+                    {
+                        stored.insert(header::DATE, date);
+                    }
+                }
                 let head = Head {
                     status,
                     headers: stored,
