@@ -977,6 +977,39 @@ async fn an_undated_response_is_stored_with_the_time_it_came() {
     assert!(date <= now && now.duration_since(date).unwrap() < STEP);
 }
 
+/// A revalidation answered by a new response that may not be stored drops
+/// the stale entry: stale-if-error must not bring back a representation
+/// the origin has replaced.
+#[tokio::test]
+async fn a_stale_entry_replaced_by_an_unstorable_response_is_dropped() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("x-fail") {
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\nnew"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/replaced");
+    get_with(&client, &url, &[("x-first", "1")]).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let replaced = get(&client, &url).await;
+    assert_eq!(replaced.body, "new");
+    assert_eq!(
+        replaced.header("cache-status"),
+        "portico; fwd=stale; fwd-status=200; detail=no-store"
+    );
+    let failed = get_with(&client, &url, &[("x-fail", "1")]).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.body, "fail");
+}
+
 #[tokio::test]
 async fn a_background_refresh_answered_by_another_etag_refetches() {
     let addr = scripted_backend(|head| {

@@ -350,6 +350,12 @@ impl Cache {
     pub async fn invalidate(&self, primary: &str) {
         self.overtake(primary);
         self.uncacheable.invalidate(&self.url_hash(primary));
+        self.forget(primary).await;
+    }
+
+    /// Drops every variant stored for `primary`, and nothing else: a
+    /// response that replaced them could not be stored itself.
+    pub async fn forget(&self, primary: &str) {
         let Some((_, variants)) = self.index.remove(primary) else {
             return;
         };

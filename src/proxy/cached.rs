@@ -1149,7 +1149,19 @@ async fn revalidate(
             return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
         }
         cache.counters.miss.inc();
+        let primary = fetch.fill.primary().to_owned();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
+        // RFC 9111 §4.3.3: a full response replaces the stored one, even
+        // when it may not be stored itself (`no-store`, `private`...): the
+        // stale copy is of a representation the origin has replaced, which
+        // stale-if-error must not bring back (Varnish's hit-for-miss
+        // object replaces it too).
+        if response.status().is_success()
+            && !response.body().is_capturing()
+            && cache.uncacheable(&primary)
+        {
+            cache.forget(&primary).await;
+        }
         // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
         let matched =
             response.status().is_success() && not_modified(&client.headers, response.headers());
