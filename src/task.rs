@@ -41,10 +41,28 @@ const BACKGROUND_READS: usize = 32;
 
 static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Whether [`spawn_background_read`] would drop a read now: a fetch that
-/// counts on one (a HEAD fetched as a GET) is better not made.
-pub fn background_reads_full() -> bool {
-    READING.load(Ordering::Relaxed) >= BACKGROUND_READS
+/// A place among the [`BACKGROUND_READS`], taken before a fetch that will
+/// need one (a HEAD fetched as a GET), so that a burst of such fetches
+/// cannot all pass a check and then find no room for their bodies.
+#[derive(Debug)]
+pub struct ReadPermit(());
+
+impl ReadPermit {
+    /// A place, unless all are taken.
+    pub fn try_take() -> Option<ReadPermit> {
+        if READING.fetch_add(1, Ordering::Relaxed) >= BACKGROUND_READS {
+            READING.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ReadPermit(()))
+    }
+}
+
+impl Drop for ReadPermit {
+    /// However its read ends (runtime shutdown too), or if it never began.
+    fn drop(&mut self) {
+        READING.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Spawns `read`, a body being read into the cache, unless
@@ -52,26 +70,25 @@ pub fn background_reads_full() -> bool {
 /// copy (nothing is stored, and the next request for the URL fetches
 /// again).
 pub fn spawn_background_read(read: impl std::future::Future<Output = ()> + Send + 'static) {
-    /// Counts a read out however its task ends (runtime shutdown too).
-    struct Reading;
-    impl Drop for Reading {
-        fn drop(&mut self) {
-            READING.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if READING.fetch_add(1, Ordering::Relaxed) >= BACKGROUND_READS {
-        READING.fetch_sub(1, Ordering::Relaxed);
+    let Some(permit) = ReadPermit::try_take() else {
         tracing::debug!(
             "{BACKGROUND_READS} bodies are being read for the cache already; one more dropped"
         );
         return;
-    }
-    let reading = Reading;
+    };
+    spawn_permitted_read(permit, read);
+}
+
+/// Spawns `read` in the place `permit` holds.
+pub fn spawn_permitted_read(
+    permit: ReadPermit,
+    read: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     runtime.spawn(async move {
-        let _reading = reading;
+        let _permit = permit;
         read.await;
     });
 }

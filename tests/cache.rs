@@ -173,11 +173,12 @@ enum Leading {
 }
 
 /// A sample backend answering after 300 ms and a cached proxy in front:
-/// `leading` asks for `path` first and, once it is at the backend, ten
-/// GETs with `following` do. Returns the backend requests made and the
-/// answers, the leader's last.
+/// `leading` asks for `path` first (`primed`: once it is stored) and, once
+/// it is at the backend, ten GETs with `following` do. Returns the backend
+/// requests made after priming and the answers, the leader's last.
 async fn coalesced(
     path: &str,
+    primed: bool,
     leading: Leading,
     following: &'static [(&'static str, &'static str)],
 ) -> (u64, Vec<Answer>) {
@@ -186,6 +187,11 @@ async fn coalesced(
     let backend = start_backend(opts).await;
     let proxy = start_proxy(cached(&[&backend])).await;
     let url = proxy.url(path);
+    if primed {
+        get(&client(), &url).await;
+        until_stored(&proxy, 1).await;
+    }
+    let before = backend.requests();
     let leader = {
         let url = url.clone();
         tokio::spawn(async move {
@@ -196,7 +202,7 @@ async fn coalesced(
         })
     };
     let at_backend = tokio::time::timeout(STEP, async {
-        while backend.requests() == 0 {
+        while backend.requests() == before {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -213,15 +219,16 @@ async fn coalesced(
         answers.push(follower.await.unwrap());
     }
     answers.push(leader.await.unwrap());
-    (backend.requests(), answers)
+    (backend.requests() - before, answers)
 }
 
 /// Whether every follower of [`coalesced`] was answered by the leader's
-/// fetch.
-fn all_collapsed(answers: &[Answer]) -> bool {
+/// fetch, a miss's or a revalidation's.
+fn all_collapsed(answers: &[Answer], fwd: &str) -> bool {
+    let collapsed = format!("portico; fwd={fwd}; collapsed");
     answers[..10]
         .iter()
-        .all(|a| a.header("cache-status") == "portico; fwd=miss; collapsed")
+        .all(|a| a.header("cache-status") == collapsed)
 }
 
 /// Coalescing survives a leader whose answer cannot serve the others:
@@ -231,6 +238,7 @@ fn all_collapsed(answers: &[Answer]) -> bool {
 async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_each() {
     let (requests, answers) = coalesced(
         "/cache/v?cc=max-age=60&vary=Accept-Encoding",
+        false,
         Leading::Get(&[("accept-encoding", "gzip")]),
         &[("accept-encoding", "br")],
     )
@@ -335,18 +343,60 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
 #[tokio::test]
 async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
     let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
-    let (requests, answers) =
-        coalesced("/cache/reload?cc=max-age=60", Leading::Get(reload), reload).await;
+    let (requests, answers) = coalesced(
+        "/cache/reload?cc=max-age=60",
+        false,
+        Leading::Get(reload),
+        reload,
+    )
+    .await;
     assert_eq!(requests, 1);
-    assert!(all_collapsed(&answers));
+    assert!(all_collapsed(&answers, "miss"));
+}
+
+/// An entry to revalidate at every use (`no-cache` and an ETag, the
+/// usual HTML setup) is revalidated once for a burst, not once per
+/// request in turn: what the revalidation vouched for after they came
+/// serves them all.
+#[tokio::test]
+async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
+    let (requests, answers) =
+        coalesced("/cache/nc?cc=no-cache&etag=a", true, Leading::Get(&[]), &[]).await;
+    assert_eq!(requests, 1);
+    assert!(all_collapsed(&answers, "stale"), "{:?}", answers[0].headers);
+}
+
+/// A request with `Authorization`, whose answer is not stored for others,
+/// never leads a burst: the anonymous requests behind it coalesce on one
+/// fetch of their own instead of all going to the backend.
+#[tokio::test]
+async fn a_request_with_authorization_does_not_lead_the_anonymous_ones() {
+    let (requests, answers) = coalesced(
+        "/cache/au?cc=max-age=60",
+        false,
+        Leading::Get(&[("authorization", "Bearer x")]),
+        &[],
+    )
+    .await;
+    assert_eq!(requests, 2);
+    let stored = answers[..10]
+        .iter()
+        .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
+        .count();
+    assert_eq!(stored, 1);
 }
 
 /// A leader whose answer nobody may store lets the waiters go at once:
 /// each fetches on its own, as before it waited.
 #[tokio::test]
 async fn waiters_on_a_leader_whose_answer_is_not_storable_each_fetch() {
-    let (requests, answers) =
-        coalesced("/cache/p?cc=private,%20max-age=60", Leading::Get(&[]), &[]).await;
+    let (requests, answers) = coalesced(
+        "/cache/p?cc=private,%20max-age=60",
+        false,
+        Leading::Get(&[]),
+        &[],
+    )
+    .await;
     assert_eq!(requests, 11);
     for answer in &answers {
         assert_eq!(
@@ -417,9 +467,9 @@ async fn a_conditional_miss_is_fetched_whole_stored_and_answered_304() {
 /// Nor does a HEAD leading a burst of GETs send them to the backend.
 #[tokio::test]
 async fn a_head_leading_concurrent_gets_fills_the_cache_for_them() {
-    let (requests, answers) = coalesced("/cache/hl?cc=max-age=60", Leading::Head, &[]).await;
+    let (requests, answers) = coalesced("/cache/hl?cc=max-age=60", false, Leading::Head, &[]).await;
     assert_eq!(requests, 1);
-    assert!(all_collapsed(&answers));
+    assert!(all_collapsed(&answers, "miss"));
 }
 
 #[tokio::test]

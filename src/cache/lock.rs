@@ -70,6 +70,15 @@ impl Locks {
     }
 }
 
+impl Locks {
+    /// The wait on `key`'s leader, if one is fetching, without becoming
+    /// one: for a request whose own fetch could serve no one else.
+    pub fn existing(cache: &super::Cache, key: &str) -> Option<watch::Receiver<bool>> {
+        let map = cache.locks.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).cloned()
+    }
+}
+
 /// How a wait on the leader ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Waited {

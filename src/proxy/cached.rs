@@ -19,6 +19,7 @@ use crate::cache::lock::{self, Claim, Leader, Locks};
 use crate::cache::policy::{self, CacheControl, Timing, Usable};
 use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{key, Cache, Entry};
+use crate::task::ReadPermit;
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
 use crate::upstream::UpstreamBody;
@@ -249,18 +250,20 @@ enum Woken {
 }
 
 /// Waits (until `deadline`) for the request fetching its URL to finish,
-/// then answers from what it stored if that is fresh. Fresh by the
-/// response's own terms: the request's `no-cache`, `max-age` or
-/// `min-fresh` asked for no older a copy than one fetched while it waited
-/// (nginx and Varnish serve coalesced waiters alike). A request that finds
-/// a fresh entry it refuses never waits: it revalidates on its own (see
-/// [`serve`]), so what it finds here is the fetch it waited on.
+/// then answers from what it stored if that serves this request: fresh
+/// for it, or fetched or validated after it `arrived`, whatever it asked
+/// (`no-cache`, `max-age=0`) and whatever the entry's own freshness: a
+/// copy the origin gave or vouched for after the request came is what it
+/// would have got itself (nginx and Varnish serve coalesced waiters alike).
+#[allow(clippy::too_many_arguments)]
 async fn collapsed(
     cache: &Arc<Cache>,
     waiting: tokio::sync::watch::Receiver<bool>,
     deadline: tokio::time::Instant,
+    arrived: std::time::SystemTime,
     primary: &str,
     parts: &Parts,
+    request_cc: &CacheControl,
     status: &str,
 ) -> Woken {
     match lock::wait(waiting, deadline).await {
@@ -274,8 +277,8 @@ async fn collapsed(
         return Woken::Nothing;
     };
     let age = entry.timing.current_age(cache.now());
-    let its_own_terms = CacheControl::default();
-    if policy::usable(entry.lifetime, age, &entry.cc, &its_own_terms) != Usable::Fresh {
+    let since = entry.timing.response_time >= arrived;
+    if !since && policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
         return Woken::Nothing;
     }
     cache.counters.hit.inc();
@@ -419,7 +422,7 @@ pub(super) async fn serve(
             None
         } else {
             let status = "portico; fwd=stale; collapsed";
-            match join(cache, &primary, &parts, ranged, status).await {
+            match join(cache, &primary, &parts, &request_cc, ranged, status).await {
                 Joined::Fetch(leader) => leader,
                 Joined::Answered(hit) => return Ok(hit),
                 Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -431,7 +434,7 @@ pub(super) async fn serve(
         .await;
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match join(cache, &primary, &parts, ranged, status).await {
+    let leader = match join(cache, &primary, &parts, &request_cc, ranged, status).await {
         Joined::Fetch(leader) => leader,
         Joined::Answered(hit) => return Ok(hit),
         Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -477,7 +480,7 @@ pub(super) async fn serve(
     };
     let mut response = fetch.store_or_relay(cache, upstream, response, in_flight);
     if let Some(own) = own {
-        response = answer_own(&own, response);
+        response = answer_own(own, response);
     }
     match asked {
         // Boxed: only ranges take this path, and inline its future would
@@ -491,18 +494,20 @@ pub(super) async fn serve(
 /// does (`proxy_cache_convert_head`, and the client's validators left out
 /// of a cacheable request; Varnish the same): a GET for a HEAD, without
 /// `If-None-Match`/`If-Modified-Since`, whose 304 nobody else could use.
-/// Returns the client's own head if anything changed, for [`answer_own`].
+/// Returns the client's own head if anything changed, for [`answer_own`],
+/// with the place among the background reads its body will need.
 ///
 /// Not for a URL whose last answer was not stored (nothing would be), nor
-/// while the background reads that would take the body are all busy (the
-/// body would be fetched for nothing).
-fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Parts> {
+/// when the background reads are all taken (the body would be fetched
+/// for nothing).
+fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own> {
     let head = parts.method == Method::HEAD;
     let validators = parts.headers.contains_key(header::IF_NONE_MATCH)
         || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
-    if !head && !validators || cache.uncacheable(primary) || crate::task::background_reads_full() {
+    if !head && !validators || cache.uncacheable(primary) {
         return None;
     }
+    let permit = ReadPermit::try_take()?;
     let client = super::copy_head(parts);
     parts.method = Method::GET;
     parts.headers.remove(header::IF_NONE_MATCH);
@@ -511,15 +516,28 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Par
     if head {
         without_range(&mut parts.headers);
     }
-    Some(client)
+    Some(Own {
+        client,
+        permit: Some(permit),
+    })
 }
 
-/// The answer to `client`, whose HEAD or conditional GET was fetched as a
-/// plain GET ([`storable_fetch`]): its head alone for a HEAD, a 304 when
+/// A client answered from a fetch made for the cache ([`answer_own`]).
+struct Own {
+    /// Its own head.
+    client: Parts,
+    /// The place for a body it does not take, if one was reserved.
+    permit: Option<ReadPermit>,
+}
+
+/// The answer to the client whose HEAD or conditional GET was fetched as
+/// a plain GET ([`storable_fetch`]): its head alone for a HEAD, a 304 when
 /// its validators match (RFC 9110 §13.2.1, only where a 2xx would be the
 /// answer), else the response itself. A body left unsent goes on into the
-/// cache by a task of its own; one not being stored is dropped.
-fn answer_own(client: &Parts, response: Response<ProxyBody>) -> Response<ProxyBody> {
+/// cache by a background read (in the place reserved for it, else one
+/// taken now if any is free); one not being stored is dropped.
+fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Own { client, permit } = own;
     let matched =
         response.status().is_success() && not_modified(&client.headers, response.headers());
     if client.method != Method::HEAD && !matched {
@@ -527,7 +545,10 @@ fn answer_own(client: &Parts, response: Response<ProxyBody>) -> Response<ProxyBo
     }
     let (mut parts, body) = response.into_parts();
     if body.is_capturing() {
-        crate::task::spawn_background_read(body.read_into_cache());
+        match permit {
+            Some(permit) => crate::task::spawn_permitted_read(permit, body.read_into_cache()),
+            None => crate::task::spawn_background_read(body.read_into_cache()),
+        }
     }
     if matched {
         // RFC 9211 §2.3: without it, the 304 would read as the backend's.
@@ -586,15 +607,17 @@ enum Joined {
 /// variant; its client gone before the answer) hands the lock on: the
 /// waiters claim it again, now by their own variant's key, and one of each
 /// fetches next, as with nginx's `proxy_cache_lock`. A leader whose answer
-/// cannot serve them (nobody may store it, it must be revalidated at each
-/// use, or the fetch failed) lets them all go at once, as Varnish's
-/// hit-for-miss does; so does a URL whose last answer was not stored, with
-/// no wait at all. Waiting ends at [`COALESCE_WAIT`] in all, after which
-/// the request fetches on its own.
+/// nobody may store, or whose fetch failed, lets them all go at once, as
+/// Varnish's hit-for-miss does; so does a URL whose last answer was not
+/// stored, with no wait at all. A request with `Authorization`, whose
+/// answer serves no one else, waits on a leader but never is one. Waiting
+/// ends at [`COALESCE_WAIT`] in all, after which the request fetches on
+/// its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
     parts: &Parts,
+    request_cc: &CacheControl,
     ranged: bool,
     status: &'static str,
 ) -> Joined {
@@ -605,17 +628,32 @@ async fn join(
             Joined::Fetch(None)
         }
     };
-    let mut deadline = None;
+    let leads = !parts.headers.contains_key(header::AUTHORIZATION);
+    let mut since = None;
     loop {
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
-        let waiting = match Locks::claim(cache, full.as_deref().unwrap_or(primary)) {
-            Claim::Leader(leader) => return Joined::Fetch(Some(leader)),
-            Claim::Wait(_) if cache.uncacheable(primary) => return alone(),
-            Claim::Wait(waiting) => waiting,
+        let key = full.as_deref().unwrap_or(primary);
+        let waiting = if leads {
+            match Locks::claim(cache, key) {
+                Claim::Leader(leader) => return Joined::Fetch(Some(leader)),
+                Claim::Wait(waiting) => waiting,
+            }
+        } else {
+            match Locks::existing(cache, key) {
+                Some(waiting) => waiting,
+                None => return alone(),
+            }
         };
-        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + COALESCE_WAIT);
-        match collapsed(cache, waiting, deadline, primary, parts, status).await {
+        if cache.uncacheable(primary) {
+            return alone();
+        }
+        let (deadline, arrived) = *since
+            .get_or_insert_with(|| (tokio::time::Instant::now() + COALESCE_WAIT, cache.now()));
+        let woken = collapsed(
+            cache, waiting, deadline, arrived, primary, parts, request_cc, status,
+        );
+        match woken.await {
             Woken::Answered(hit) => return Joined::Answered(hit),
             Woken::Nothing => {}
             Woken::Alone => return alone(),
@@ -877,12 +915,6 @@ impl Fetch {
                     release(leader.as_ref());
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
-                    // Stored, but to be revalidated before any use: the
-                    // waiters fetch on their own rather than one by one.
-                    let age = head.timing.current_age(response_time);
-                    if head.cc.no_cache || age >= head.lifetime {
-                        release(leader.as_ref());
-                    }
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
                     let (parts, body) = response.into_parts();
                     response = Response::from_parts(parts, body.with_capture(capture));
@@ -1074,8 +1106,15 @@ async fn revalidate(
     let request_headers = parts.headers.clone();
     // What can be stored is asked for, as on a miss (see `storable_fetch`):
     // a GET, with the entry's validators and never the client's; the
-    // client is answered from the result (`answer_own`).
-    parts.method = Method::GET;
+    // client is answered from the result (`answer_own`). A HEAD stays one
+    // if no background read could take the body it would not send.
+    let permit = (parts.method == Method::HEAD)
+        .then(ReadPermit::try_take)
+        .flatten();
+    let is_head = parts.method == Method::HEAD && permit.is_none();
+    if !is_head {
+        parts.method = Method::GET;
+    }
     conditional(&mut parts, &entry);
     let request_time = cache.now();
     let age = entry.timing.current_age(request_time);
@@ -1083,7 +1122,7 @@ async fn revalidate(
     let fetch = Fetch {
         request_headers,
         request_cc,
-        is_head: false,
+        is_head,
         fill: cache.begin_fill(primary),
         request_time,
         leader,
@@ -1168,7 +1207,7 @@ async fn revalidate(
         if ranged && !matched {
             return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
-        return Ok(answer_own(&client, response));
+        return Ok(answer_own(Own { client, permit }, response));
     }
 }
 
