@@ -386,6 +386,22 @@ async fn a_request_with_authorization_does_not_lead_the_anonymous_ones() {
     assert_eq!(stored, 1);
 }
 
+/// A burst of requests that all carry `Authorization`, for a URL whose
+/// answers may be shared (`public`), makes one fetch: the first leads.
+#[tokio::test]
+async fn authorized_requests_for_a_public_url_coalesce() {
+    let auth: &[(&str, &str)] = &[("authorization", "Bearer x")];
+    let (requests, answers) = coalesced(
+        "/cache/ap?cc=public,%20max-age=60",
+        false,
+        Leading::Get(auth),
+        auth,
+    )
+    .await;
+    assert_eq!(requests, 1);
+    assert!(all_collapsed(&answers, "miss"));
+}
+
 /// A leader whose answer nobody may store lets the waiters go at once:
 /// each fetches on its own, as before it waited.
 #[tokio::test]

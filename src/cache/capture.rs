@@ -123,9 +123,15 @@ impl Capture {
         if let Some(whole) = self.whole {
             let _ = whole.send((entry.clone(), self.fill.overtaken()));
         }
-        let (cache, fill, request, leader) = (self.cache, self.fill, self.request, self.leader);
+        let (cache, fill, request, mut leader) = (self.cache, self.fill, self.request, self.leader);
         tokio::spawn(async move {
+            let response_time = entry.timing.response_time;
             cache.insert_shared(&fill, &request, entry).await;
+            if let Some(leader) = &mut leader {
+                if !fill.overtaken() {
+                    leader.stored(response_time);
+                }
+            }
             drop(leader);
         });
     }

@@ -8,13 +8,26 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
 #[derive(Debug, Default)]
 pub struct Locks {
     /// Held only to insert or remove, never across an await.
-    inner: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    inner: Mutex<HashMap<String, watch::Receiver<Signal>>>,
+}
+
+/// What the leader tells its waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Fetching.
+    Pending,
+    /// Go: nothing it gets will be stored ([`Leader::release`]).
+    Released,
+    /// It stored the entry whose response came at this time
+    /// ([`Leader::stored`]): that one, and no other, is its fetch.
+    Stored(SystemTime),
 }
 
 /// Held by the leader; dropping it wakes the waiters.
@@ -22,15 +35,22 @@ pub struct Locks {
 pub struct Leader {
     locks: Arc<super::Cache>,
     key: String,
-    /// Whether the waiters may stop waiting for a stored response.
-    released: watch::Sender<bool>,
+    signal: watch::Sender<Signal>,
+    /// Set once its entry is stored, told the waiters when it drops.
+    stored: Option<SystemTime>,
 }
 
 impl Leader {
     /// Wakes the waiters now, to fetch on their own: what this leader
     /// fetches will not be stored for anyone (or it failed).
     pub fn release(&self) {
-        self.released.send_replace(true);
+        self.signal.send_replace(Signal::Released);
+    }
+
+    /// Notes that the entry this leader fetched, its response in at
+    /// `response_time`, is stored.
+    pub fn stored(&mut self, response_time: SystemTime) {
+        self.stored = Some(response_time);
     }
 }
 
@@ -43,14 +63,18 @@ impl Drop for Leader {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         map.remove(&self.key);
-        // `released` drops after this, so a woken waiter finds the key free.
+        drop(map);
+        if let Some(at) = self.stored {
+            self.signal.send_replace(Signal::Stored(at));
+        }
+        // `signal` drops after this, so a woken waiter finds the key free.
     }
 }
 
 pub enum Claim {
     Leader(Leader),
     /// Another request is fetching; wait on this.
-    Wait(watch::Receiver<bool>),
+    Wait(watch::Receiver<Signal>),
 }
 
 impl Locks {
@@ -59,13 +83,14 @@ impl Locks {
         if let Some(waiting) = map.get(key) {
             return Claim::Wait(waiting.clone());
         }
-        let (released, waiting) = watch::channel(false);
+        let (signal, waiting) = watch::channel(Signal::Pending);
         map.insert(key.to_owned(), waiting);
         drop(map);
         Claim::Leader(Leader {
             locks: cache.clone(),
             key: key.to_owned(),
-            released,
+            signal,
+            stored: None,
         })
     }
 }
@@ -73,7 +98,7 @@ impl Locks {
 impl Locks {
     /// The wait on `key`'s leader, if one is fetching, without becoming
     /// one: for a request whose own fetch could serve no one else.
-    pub fn existing(cache: &super::Cache, key: &str) -> Option<watch::Receiver<bool>> {
+    pub fn existing(cache: &super::Cache, key: &str) -> Option<watch::Receiver<Signal>> {
         let map = cache.locks.inner.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key).cloned()
     }
@@ -82,10 +107,11 @@ impl Locks {
 /// How a wait on the leader ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Waited {
-    /// The leader is done: look in the cache, and if nothing there serves,
+    /// The leader is done, and stored the entry whose response came at
+    /// this time if any: look in the cache, and if nothing there serves,
     /// claim the lock again (what the leader could not store may have been
     /// its own request's doing).
-    Done,
+    Done(Option<SystemTime>),
     /// The leader let the waiters go ([`Leader::release`]).
     Released,
     /// Not done by the deadline.
@@ -93,18 +119,19 @@ pub enum Waited {
 }
 
 /// Waits until the leader is done, at most until `deadline`.
-pub async fn wait(mut waiting: watch::Receiver<bool>, deadline: tokio::time::Instant) -> Waited {
-    // `changed` is Ok for a release, and errs once the sender (the leader)
-    // is dropped.
+pub async fn wait(mut waiting: watch::Receiver<Signal>, deadline: tokio::time::Instant) -> Waited {
+    // `changed` is Ok for a signal (seen even after the leader dropped),
+    // and errs once the leader is dropped without one.
     if tokio::time::timeout_at(deadline, waiting.changed())
         .await
         .is_err()
     {
         return Waited::Late;
     }
-    if *waiting.borrow() {
-        Waited::Released
-    } else {
-        Waited::Done
+    let signal = *waiting.borrow();
+    match signal {
+        Signal::Released => Waited::Released,
+        Signal::Stored(at) => Waited::Done(Some(at)),
+        Signal::Pending => Waited::Done(None),
     }
 }

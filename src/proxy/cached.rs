@@ -250,15 +250,16 @@ enum Woken {
 }
 
 /// Waits (until `deadline`) for the request fetching its URL to finish,
-/// then answers from what it stored if that serves this request: fresh
-/// for it, or fetched or validated after it `arrived`, whatever it asked
-/// (`no-cache`, `max-age=0`) and whatever the entry's own freshness: a
-/// copy the origin gave or vouched for after the request came is what it
-/// would have got itself (nginx and Varnish serve coalesced waiters alike).
+/// then answers from what is stored if that serves this request: fresh
+/// for it, or the entry that very fetch stored, fetched or validated after
+/// this request `arrived`, whatever it asked (`no-cache`, `max-age=0`) and
+/// whatever the entry's own freshness: a copy the origin gave or vouched
+/// for after the request came is what it would have got itself (nginx and
+/// Varnish serve coalesced waiters alike).
 #[allow(clippy::too_many_arguments)]
 async fn collapsed(
     cache: &Arc<Cache>,
-    waiting: tokio::sync::watch::Receiver<bool>,
+    waiting: tokio::sync::watch::Receiver<lock::Signal>,
     deadline: tokio::time::Instant,
     arrived: std::time::SystemTime,
     primary: &str,
@@ -266,10 +267,10 @@ async fn collapsed(
     request_cc: &CacheControl,
     status: &str,
 ) -> Woken {
-    match lock::wait(waiting, deadline).await {
-        lock::Waited::Done => {}
+    let leaders = match lock::wait(waiting, deadline).await {
+        lock::Waited::Done(stored) => stored,
         lock::Waited::Released | lock::Waited::Late => return Woken::Alone,
-    }
+    };
     let Some(full) = cache.key_for(primary, &parts.headers) else {
         return Woken::Nothing;
     };
@@ -277,7 +278,11 @@ async fn collapsed(
         return Woken::Nothing;
     };
     let age = entry.timing.current_age(cache.now());
-    let since = entry.timing.response_time >= arrived;
+    // The leader's own entry (not one another request stored meanwhile,
+    // say an Authorization request's `must-revalidate` answer), with its
+    // response in after this request came.
+    let response_time = entry.timing.response_time;
+    let since = leaders == Some(response_time) && response_time >= arrived;
     if !since && policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
         return Woken::Nothing;
     }
@@ -504,7 +509,12 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
     let head = parts.method == Method::HEAD;
     let validators = parts.headers.contains_key(header::IF_NONE_MATCH)
         || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
-    if !head && !validators || cache.uncacheable(primary) {
+    // Nor for a request with Authorization: its answer is rarely stored,
+    // and never noted as such (see `store_or_relay`).
+    if !head && !validators
+        || parts.headers.contains_key(header::AUTHORIZATION)
+        || cache.uncacheable(primary)
+    {
         return None;
     }
     let permit = ReadPermit::try_take()?;
@@ -610,9 +620,9 @@ enum Joined {
 /// nobody may store, or whose fetch failed, lets them all go at once, as
 /// Varnish's hit-for-miss does; so does a URL whose last answer was not
 /// stored, with no wait at all. A request with `Authorization`, whose
-/// answer serves no one else, waits on a leader but never is one. Waiting
-/// ends at [`COALESCE_WAIT`] in all, after which the request fetches on
-/// its own.
+/// answer may serve no one else, leads only when it comes first; handed
+/// the lock on, it fetches alone. Waiting ends at [`COALESCE_WAIT`] in
+/// all, after which the request fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
@@ -628,9 +638,13 @@ async fn join(
             Joined::Fetch(None)
         }
     };
-    let leads = !parts.headers.contains_key(header::AUTHORIZATION);
+    // A request with Authorization leads only the first time: if its
+    // answer was not stored for others, the waiters take the lock on (an
+    // anonymous one fetches for the rest) and it never leads them again.
+    let personal = parts.headers.contains_key(header::AUTHORIZATION);
     let mut since = None;
     loop {
+        let leads = !personal || since.is_none();
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
@@ -928,8 +942,12 @@ impl Fetch {
                 if reason.lies_with_the_resource() && !personal {
                     cache.not_stored(fill.primary(), status);
                 }
-                // What the waiters would fetch is not stored either.
-                release(leader.as_ref());
+                // An answer kept out for its request's Authorization hands
+                // the lock on (see `join`); any other, the waiters would
+                // not have stored either.
+                if !personal && reason != policy::NotStored::Authorization {
+                    release(leader.as_ref());
+                }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
             }
         };
@@ -996,11 +1014,25 @@ fn judge_304(
     }
 }
 
-/// Stores or drops what [`judge_304`] made of a 304 (not a mismatch).
-async fn keep_304(cache: &Cache, fill: &Fill, request: &HeaderMap, judged: Revalidated) {
+/// Stores or drops what [`judge_304`] made of a 304 (not a mismatch), and
+/// tells the requests waiting on `fetch`: the refreshed entry is theirs;
+/// one served once and dropped (`private`, `no-store`) lets them go, each
+/// to revalidate on its own rather than one after another.
+async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidated) {
     match judged {
-        Revalidated::Store(updated) => cache.insert(fill, request, updated).await,
-        Revalidated::Once(_) => cache.invalidate(fill.primary()).await,
+        Revalidated::Store(updated) => {
+            let response_time = updated.timing.response_time;
+            cache
+                .insert(&fetch.fill, &fetch.request_headers, updated)
+                .await;
+            if let Some(leader) = fetch.leader.as_mut().filter(|_| !fetch.fill.overtaken()) {
+                leader.stored(response_time);
+            }
+        }
+        Revalidated::Once(_) => {
+            release(fetch.leader.as_ref());
+            cache.invalidate(fetch.fill.primary()).await;
+        }
         Revalidated::Mismatch => {}
     }
 }
@@ -1119,7 +1151,7 @@ async fn revalidate(
     let request_time = cache.now();
     let age = entry.timing.current_age(request_time);
     let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
-    let fetch = Fetch {
+    let mut fetch = Fetch {
         request_headers,
         request_cc,
         is_head,
@@ -1160,6 +1192,10 @@ async fn revalidate(
                     // as one below).
                     refetched = true;
                     request = unconditional(&client);
+                    // No place to read a body the HEAD would not take.
+                    if fetch.is_head {
+                        request.method = Method::HEAD;
+                    }
                     continue;
                 }
                 Revalidated::Store(updated) | Revalidated::Once(updated) => updated,
@@ -1177,7 +1213,7 @@ async fn revalidate(
                     .headers_mut()
                     .append(header::SET_COOKIE, cookie.clone());
             }
-            keep_304(cache, &fetch.fill, &fetch.request_headers, judged).await;
+            keep_304(cache, &mut fetch, judged).await;
             // Requests waiting on the lock read the refreshed entry now.
             drop(fetch);
             return Ok(answer);
@@ -1230,7 +1266,7 @@ async fn refresh(
     // The client that found the entry stale may have asked for a range;
     // the refresh is for the whole response.
     without_range(&mut parts.headers);
-    let fetch = Fetch {
+    let mut fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc: policy::parse_request(&parts.headers),
         is_head: false,
@@ -1258,7 +1294,7 @@ async fn refresh(
                 };
                 (response, in_flight) = whole;
             }
-            judged => return keep_304(&cache, &fetch.fill, &fetch.request_headers, judged).await,
+            judged => return keep_304(&cache, &mut fetch, judged).await,
         }
     }
     let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
