@@ -402,6 +402,31 @@ async fn authorized_requests_for_a_public_url_coalesce() {
     assert!(all_collapsed(&answers, "miss"));
 }
 
+/// An answer to a request with `Authorization`, stored because it says
+/// `must-revalidate` (RFC 9111 §3.5), serves others only once validated:
+/// it never answers the anonymous requests that waited on it as-is, which
+/// would hand them one user's response. One of them fetches for the rest.
+#[tokio::test]
+async fn an_authorized_leaders_revalidate_only_answer_is_not_handed_to_its_waiters() {
+    let (requests, answers) = coalesced(
+        "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
+        false,
+        Leading::Get(&[("authorization", "Bearer alice")]),
+        &[],
+    )
+    .await;
+    assert_eq!(requests, 2);
+    assert_eq!(
+        answers[10].header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+    let stored = answers[..10]
+        .iter()
+        .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
+        .count();
+    assert_eq!(stored, 1);
+}
+
 /// A leader whose answer nobody may store lets the waiters go at once:
 /// each fetches on its own, as before it waited.
 #[tokio::test]

@@ -128,11 +128,21 @@ impl Capture {
             let response_time = entry.timing.response_time;
             cache.insert_shared(&fill, &request, entry).await;
             if let Some(leader) = &mut leader {
-                if !fill.overtaken() {
+                if !fill.overtaken() && vouches(&request) {
                     leader.stored(response_time);
                 }
             }
             drop(leader);
         });
     }
+}
+
+/// Whether an entry fetched for `request` may serve the requests that
+/// waited on it past their own `no-cache` and its own freshness (see
+/// `proxy::cached::collapsed`). Not one fetched with `Authorization`: a
+/// `must-revalidate` answer to it is stored on condition that every reuse
+/// is validated, which checks each request's own credentials (RFC 9111
+/// §3.5).
+pub fn vouches(request: &http::HeaderMap) -> bool {
+    !request.contains_key(http::header::AUTHORIZATION)
 }

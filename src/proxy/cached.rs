@@ -13,7 +13,7 @@ use super::body::{ProxyBody, RequestBody};
 use super::error::ProxyError;
 use super::headers::{self, Hop};
 use super::{forward_with_retries, Trace};
-use crate::cache::capture::{Capture, Head};
+use crate::cache::capture::{self, Capture, Head};
 use crate::cache::fill::Fill;
 use crate::cache::lock::{self, Claim, Leader, Locks};
 use crate::cache::policy::{self, CacheControl, Timing, Usable};
@@ -1025,7 +1025,8 @@ async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidated) {
             cache
                 .insert(&fetch.fill, &fetch.request_headers, updated)
                 .await;
-            if let Some(leader) = fetch.leader.as_mut().filter(|_| !fetch.fill.overtaken()) {
+            let vouches = !fetch.fill.overtaken() && capture::vouches(&fetch.request_headers);
+            if let Some(leader) = fetch.leader.as_mut().filter(|_| vouches) {
                 leader.stored(response_time);
             }
         }
