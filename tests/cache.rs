@@ -366,24 +366,27 @@ async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
     assert!(all_collapsed(&answers, "stale"), "{:?}", answers[0].headers);
 }
 
-/// A request with `Authorization`, whose answer is not stored for others,
-/// never leads a burst: the anonymous requests behind it coalesce on one
-/// fetch of their own instead of all going to the backend.
+/// A request with `Authorization` leading anonymous ones: its answer is
+/// not stored for them (`max-age=60` without `public`), or stored only to
+/// be validated at each reuse (`must-revalidate, max-age=0`, RFC 9111
+/// §3.5), which it never hands them as-is: that would give them one
+/// user's response. The lock passes on, and one of them fetches for the
+/// rest instead of all going to the backend.
 #[tokio::test]
-async fn a_request_with_authorization_does_not_lead_the_anonymous_ones() {
-    let (requests, answers) = coalesced(
+async fn an_authorized_leader_hands_the_anonymous_waiters_on() {
+    for path in [
         "/cache/au?cc=max-age=60",
-        false,
-        Leading::Get(&[("authorization", "Bearer x")]),
-        &[],
-    )
-    .await;
-    assert_eq!(requests, 2);
-    let stored = answers[..10]
-        .iter()
-        .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
-        .count();
-    assert_eq!(stored, 1);
+        "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
+    ] {
+        let alice: &[(&str, &str)] = &[("authorization", "Bearer alice")];
+        let (requests, answers) = coalesced(path, false, Leading::Get(alice), &[]).await;
+        assert_eq!(requests, 2, "{path}");
+        let stored = answers[..10]
+            .iter()
+            .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
+            .count();
+        assert_eq!(stored, 1, "{path}");
+    }
 }
 
 /// A burst of requests that all carry `Authorization`, for a URL whose
@@ -400,31 +403,6 @@ async fn authorized_requests_for_a_public_url_coalesce() {
     .await;
     assert_eq!(requests, 1);
     assert!(all_collapsed(&answers, "miss"));
-}
-
-/// An answer to a request with `Authorization`, stored because it says
-/// `must-revalidate` (RFC 9111 §3.5), serves others only once validated:
-/// it never answers the anonymous requests that waited on it as-is, which
-/// would hand them one user's response. One of them fetches for the rest.
-#[tokio::test]
-async fn an_authorized_leaders_revalidate_only_answer_is_not_handed_to_its_waiters() {
-    let (requests, answers) = coalesced(
-        "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
-        false,
-        Leading::Get(&[("authorization", "Bearer alice")]),
-        &[],
-    )
-    .await;
-    assert_eq!(requests, 2);
-    assert_eq!(
-        answers[10].header("cache-status"),
-        "portico; fwd=miss; stored"
-    );
-    let stored = answers[..10]
-        .iter()
-        .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
-        .count();
-    assert_eq!(stored, 1);
 }
 
 /// A leader whose answer nobody may store lets the waiters go at once:
