@@ -131,6 +131,11 @@ async fn the_second_get_is_a_hit_with_age() {
     )
     .await;
     assert_eq!(conditional.status, StatusCode::NOT_MODIFIED);
+    // RFC 9110 §15.4.5: the validators, not the body's description.
+    assert_eq!(conditional.header("etag"), etag);
+    for gone in ["content-type", "content-length", "accept-ranges"] {
+        assert!(!conditional.headers.contains_key(gone), "{gone} on a 304");
+    }
     // If-Match is evaluated against the stored response too (RFC 9110
     // §13.2.2): a mismatch is 412, a match the stored body.
     let url = proxy.url("/users/1/orders");
@@ -465,6 +470,7 @@ async fn a_conditional_miss_is_fetched_whole_stored_and_answered_304() {
     assert_eq!(revalidating.status, StatusCode::NOT_MODIFIED);
     assert!(revalidating.body.is_empty());
     assert_eq!(revalidating.header("etag"), "\"e1\"");
+    assert!(!revalidating.headers.contains_key("content-type"));
     // RFC 9211 §2.3: the backend's status was not this 304.
     assert_eq!(
         revalidating.header("cache-status"),

@@ -168,7 +168,7 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     }
     let conditional_hit = preconditions && not_modified(&request.headers, &entry.headers);
     let (code, body) = if conditional_hit {
-        headers.remove(header::CONTENT_LENGTH);
+        strip_for_304(&mut headers);
         (StatusCode::NOT_MODIFIED, ProxyBody::empty())
     } else if let Some((code, start, count)) = range_fields(&mut headers, range, len) {
         (
@@ -195,6 +195,23 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
         response.headers_mut().insert(CACHE_STATUS.clone(), value);
     }
     response
+}
+
+/// Drops from the fields of a 200 those a 304 made of it should not carry:
+/// the body's description (RFC 9110 §15.4.5 keeps ETag, Vary, the caching
+/// fields and Content-Location; Last-Modified stays to guide the updates
+/// of caches that lack an ETag). nginx's `not_modified` filter drops the
+/// same, and Accept-Ranges, which says what ranges of a body can be asked.
+fn strip_for_304(headers: &mut HeaderMap) {
+    for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+        header::ACCEPT_RANGES,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// Turns the fields of a 200 of `len` bytes into those of the 206 or 416
@@ -564,7 +581,7 @@ fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
         // RFC 9211 §2.3: without it, the 304 would read as the backend's.
         with_fwd_status(&mut parts.headers, parts.status);
         parts.status = StatusCode::NOT_MODIFIED;
-        parts.headers.remove(header::CONTENT_LENGTH);
+        strip_for_304(&mut parts.headers);
         // A backend's own wording was for its status, not this one.
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     }
