@@ -257,13 +257,15 @@ async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_ea
 }
 
 /// A backend for a burst of `1 + rest` requests: the first is answered at
-/// once, the others only when all `rest` are in (or after 2 s). Returns
-/// how many of the rest were ever in at once: `rest` when the proxy sent
-/// them together, 1 when it queued them behind one another.
+/// once, the others only when all `rest` are in (or after 2 s), each with
+/// what `answer` makes of its head. Returns how many of the rest were ever
+/// in at once: `rest` when the proxy sent them together, 1 when it queued
+/// them behind one another.
 async fn burst_backend(
-    answer: &'static [u8],
+    answer: impl Fn(&[u8]) -> &'static [u8] + Send + Sync + 'static,
     rest: usize,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let answer = Arc::new(answer);
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -275,9 +277,10 @@ async fn burst_backend(
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let (counters, peak, all_in) = (counters.clone(), peak.clone(), all_in.clone());
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let [arrived, held] = &*counters;
-                while read_head(&mut stream).await.is_some() {
+                while let Some(head) = read_head(&mut stream).await {
                     let first = arrived.fetch_add(1, Ordering::SeqCst) == 0;
                     if !first {
                         let now = held.fetch_add(1, Ordering::SeqCst) + 1;
@@ -289,7 +292,7 @@ async fn burst_backend(
                             let _ = tokio::time::timeout(Duration::from_secs(2), notified).await;
                         }
                     }
-                    let sent = stream.write_all(answer).await;
+                    let sent = stream.write_all(answer(&head)).await;
                     if !first {
                         held.fetch_sub(1, Ordering::SeqCst);
                     }
@@ -322,7 +325,7 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
         ),
     ];
     for (answer, field) in cases {
-        let (addr, peak) = burst_backend(answer, REST).await;
+        let (addr, peak) = burst_backend(move |_| answer, REST).await;
         let proxy = Arc::new(cached_proxy_at(addr).await);
         let mut requests = Vec::new();
         for n in 0..=REST {
@@ -369,6 +372,47 @@ async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
         coalesced("/cache/nc?cc=no-cache&etag=a", true, Leading::Get(&[]), &[]).await;
     assert_eq!(requests, 1);
     assert!(all_collapsed(&answers, "stale"), "{:?}", answers[0].headers);
+}
+
+/// A revalidation whose 304 says `private` is served to its own client
+/// only and the entry dropped; the requests that waited on it are let go
+/// together rather than revalidating one behind another.
+#[tokio::test]
+async fn waiters_on_a_private_304_are_let_go_together() {
+    use std::sync::atomic::Ordering;
+    const REST: usize = 5;
+    let (addr, peak) = burst_backend(
+        |head| {
+            if head.to_ascii_lowercase().windows(13).any(|w| w == b"if-none-match") {
+                b"HTTP/1.1 304 Not Modified\r\nCache-Control: private\r\nETag: \"a\"\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nCache-Control: no-cache\r\nETag: \"a\"\r\n\
+                  Content-Length: 2\r\n\r\nok"
+            }
+        },
+        REST,
+    )
+    .await;
+    let proxy = Arc::new(cached_proxy_at(addr).await);
+    let url = proxy.url("/p");
+    get(&client(), &url).await;
+    until_stored(&proxy, 1).await;
+    // The leader is held at the backend (until 2 s pass) while the rest
+    // come and wait for it.
+    let fetch = |url: String| tokio::spawn(async move { get(&client(), &url).await });
+    let leader = fetch(url.clone());
+    let at_backend = tokio::time::timeout(STEP, async {
+        while peak.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    at_backend.await.expect("the leader reached the backend");
+    let rest: Vec<_> = (0..REST).map(|_| fetch(url.clone())).collect();
+    for request in rest {
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(leader.await.unwrap().status, StatusCode::OK);
+    assert_eq!(peak.load(Ordering::SeqCst), REST);
 }
 
 /// A request with `Authorization` leading anonymous ones: its answer is
