@@ -383,7 +383,11 @@ async fn waiters_on_a_private_304_are_let_go_together() {
     const REST: usize = 5;
     let (addr, peak) = burst_backend(
         |head| {
-            if head.to_ascii_lowercase().windows(13).any(|w| w == b"if-none-match") {
+            if head
+                .to_ascii_lowercase()
+                .windows(13)
+                .any(|w| w == b"if-none-match")
+            {
                 b"HTTP/1.1 304 Not Modified\r\nCache-Control: private\r\nETag: \"a\"\r\n\r\n"
             } else {
                 b"HTTP/1.1 200 OK\r\nCache-Control: no-cache\r\nETag: \"a\"\r\n\
