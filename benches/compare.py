@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Runs nginx, HAProxy, Varnish and portico in front of one nginx origin and
-measures them with wrk, round by round so drift hits all alike.
+measures them with wrk, round by round (each round in a rotated order) so
+drift hits all alike.
 
 The proxy under test is pinned to CPU 0; the origin and wrk share CPU 1.
 On two cores the pass-through req/s of a good proxy is capped by the load
@@ -245,8 +246,12 @@ backend be
     runs += [(f"{n} cache hit", n, systems[n]) for n in ["nginx-cache", "varnish", "portico-cache"]]
     results = {}
     for round_ in range(ROUNDS):
+        # Each round starts one system further on, so no system always
+        # runs first or right after the busiest one.
+        turn = round_ % len(runs)
+        order = runs[turn:] + runs[:turn]
         for size in ["1k", "64k"]:
-            for label, name, proc in runs:
+            for label, name, proc in order:
                 path = f"/{size}"
                 if proc is not None and round_ == 0:
                     wrk_warm = subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{ports[name]}{path}"])
