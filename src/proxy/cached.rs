@@ -524,11 +524,9 @@ pub(super) async fn serve(
 /// for nothing).
 fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own> {
     let head = parts.method == Method::HEAD;
-    let validators = parts.headers.contains_key(header::IF_NONE_MATCH)
-        || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
     // Nor for a request with Authorization: its answer is rarely stored,
     // and never noted as such (see `store_or_relay`).
-    if !head && !validators
+    if !wants_converting(parts)
         || parts.headers.contains_key(header::AUTHORIZATION)
         || cache.uncacheable(primary)
     {
@@ -547,6 +545,14 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
         client,
         permit: Some(permit),
     })
+}
+
+/// Whether the request's own answer could not be stored: a HEAD's, or a
+/// 304 to the client's `If-None-Match`/`If-Modified-Since`.
+fn wants_converting(parts: &Parts) -> bool {
+    parts.method == Method::HEAD
+        || parts.headers.contains_key(header::IF_NONE_MATCH)
+        || parts.headers.contains_key(header::IF_MODIFIED_SINCE)
 }
 
 /// A client answered from a fetch made for the cache ([`answer_own`]).
@@ -655,13 +661,17 @@ async fn join(
             Joined::Fetch(None)
         }
     };
-    // A request with Authorization leads only the first time: if its
-    // answer was not stored for others, the waiters take the lock on (an
-    // anonymous one fetches for the rest) and it never leads them again.
-    let personal = parts.headers.contains_key(header::AUTHORIZATION);
+    // A request whose answer may well serve no one else leads only the
+    // first time: one with Authorization, and a HEAD or conditional GET
+    // that cannot be fetched as a plain GET now (every background read
+    // taken, see `storable_fetch`). If its answer was not stored for
+    // others, the waiters take the lock on (one of them fetches for the
+    // rest) and it never leads them again.
+    let leads_once = parts.headers.contains_key(header::AUTHORIZATION)
+        || (wants_converting(parts) && !crate::task::ReadPermit::any_free());
     let mut since = None;
     loop {
-        let leads = !personal || since.is_none();
+        let leads = !leads_once || since.is_none();
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
@@ -959,10 +969,18 @@ impl Fetch {
                 if reason.lies_with_the_resource() && !personal {
                     cache.not_stored(fill.primary(), status);
                 }
-                // An answer kept out for its request's Authorization hands
-                // the lock on (see `join`); any other, the waiters would
+                // An answer kept out for what its request was (its
+                // Authorization, a HEAD, a 304 to the client's own
+                // validators) hands the lock on (see `join`): the waiters'
+                // plain GETs may be stored. Any other, the waiters would
                 // not have stored either.
-                if !personal && reason != policy::NotStored::Authorization {
+                let for_the_request = personal
+                    || matches!(
+                        reason,
+                        policy::NotStored::Authorization | policy::NotStored::Method
+                    )
+                    || status == StatusCode::NOT_MODIFIED;
+                if !for_the_request {
                     release(leader.as_ref());
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
