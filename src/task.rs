@@ -56,11 +56,6 @@ impl ReadPermit {
         }
         Some(ReadPermit(()))
     }
-
-    /// Whether a place is free now (one may still be gone when asked for).
-    pub fn any_free() -> bool {
-        READING.load(Ordering::Relaxed) < BACKGROUND_READS
-    }
 }
 
 impl Drop for ReadPermit {

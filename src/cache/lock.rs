@@ -38,6 +38,8 @@ pub struct Leader {
     signal: watch::Sender<Signal>,
     /// Set once its entry is stored, told the waiters when it drops.
     stored: Option<SystemTime>,
+    /// It took the lock after waiting on a leader that handed it on.
+    second: bool,
 }
 
 impl Leader {
@@ -51,6 +53,19 @@ impl Leader {
     /// `response_time`, is stored.
     pub fn stored(&mut self, response_time: SystemTime) {
         self.stored = Some(response_time);
+    }
+
+    /// Notes that this leader took the lock after waiting on another.
+    pub fn took_over(&mut self) {
+        self.second = true;
+    }
+
+    /// Whether an answer that served only its own request may hand the
+    /// lock on to the waiters rather than let them go: once per burst,
+    /// so that requests which each get such an answer (a backend that
+    /// answers every GET with a 304) take two rounds, not one apiece.
+    pub fn may_hand_on(&self) -> bool {
+        !self.second
     }
 }
 
@@ -91,6 +106,7 @@ impl Locks {
             key: key.to_owned(),
             signal,
             stored: None,
+            second: false,
         })
     }
 }

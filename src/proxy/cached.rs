@@ -550,9 +550,12 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
 /// Whether the request's own answer could not be stored: a HEAD's, or a
 /// 304 to the client's `If-None-Match`/`If-Modified-Since`.
 fn wants_converting(parts: &Parts) -> bool {
-    parts.method == Method::HEAD
-        || parts.headers.contains_key(header::IF_NONE_MATCH)
-        || parts.headers.contains_key(header::IF_MODIFIED_SINCE)
+    parts.method == Method::HEAD || carries_validators(&parts.headers)
+}
+
+/// Whether a request with these fields could get a 304 to them.
+fn carries_validators(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::IF_NONE_MATCH) || headers.contains_key(header::IF_MODIFIED_SINCE)
 }
 
 /// A client answered from a fetch made for the cache ([`answer_own`]).
@@ -661,23 +664,24 @@ async fn join(
             Joined::Fetch(None)
         }
     };
-    // A request whose answer may well serve no one else leads only the
-    // first time: one with Authorization, and a HEAD or conditional GET
-    // that cannot be fetched as a plain GET now (every background read
-    // taken, see `storable_fetch`). If its answer was not stored for
-    // others, the waiters take the lock on (one of them fetches for the
-    // rest) and it never leads them again.
-    let leads_once = parts.headers.contains_key(header::AUTHORIZATION)
-        || (wants_converting(parts) && !crate::task::ReadPermit::any_free());
+    // A request with Authorization leads only the first time: if its
+    // answer was not stored for others, the waiters take the lock on (an
+    // anonymous one fetches for the rest) and it never leads them again.
+    let personal = parts.headers.contains_key(header::AUTHORIZATION);
     let mut since = None;
     loop {
-        let leads = !leads_once || since.is_none();
+        let leads = !personal || since.is_none();
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
         let waiting = if leads {
             match Locks::claim(cache, key) {
-                Claim::Leader(leader) => return Joined::Fetch(Some(leader)),
+                Claim::Leader(mut leader) => {
+                    if since.is_some() {
+                        leader.took_over();
+                    }
+                    return Joined::Fetch(Some(leader));
+                }
                 Claim::Wait(waiting) => waiting,
             }
         } else {
@@ -970,17 +974,23 @@ impl Fetch {
                     cache.not_stored(fill.primary(), status);
                 }
                 // An answer kept out for what its request was (its
-                // Authorization, a HEAD, a 304 to the client's own
-                // validators) hands the lock on (see `join`): the waiters'
-                // plain GETs may be stored. Any other, the waiters would
-                // not have stored either.
+                // Authorization; a HEAD, or a miss's 304 to the client's
+                // own validators, where no plain GET was fetched instead:
+                // no background read free, or a range) hands the lock on,
+                // once a burst (see `join`): the waiters' plain GETs may be
+                // stored. Any other, the waiters would not have stored
+                // either.
+                let own_304 = status == StatusCode::NOT_MODIFIED
+                    && fwd.ends_with("miss")
+                    && carries_validators(&request_headers);
                 let for_the_request = personal
                     || matches!(
                         reason,
                         policy::NotStored::Authorization | policy::NotStored::Method
                     )
-                    || status == StatusCode::NOT_MODIFIED;
-                if !for_the_request {
+                    || own_304;
+                let hand_on = for_the_request && leader.as_ref().is_some_and(Leader::may_hand_on);
+                if !hand_on {
                     release(leader.as_ref());
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
