@@ -256,15 +256,14 @@ async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_ea
     assert_eq!(count("portico; fwd=miss; stored"), 2, "{statuses:?}");
 }
 
-/// A backend for a burst of `at_once + rest` requests: the first
-/// `at_once` are answered after 300 ms (time for the others to queue
-/// behind them), the others only when all `rest` are in (or after 2 s),
-/// each with what `answer` makes of its head. Returns how
+/// A backend for a burst of `1 + rest` requests: the first is answered
+/// after 300 ms (time for the others to queue behind it), the others only
+/// when all `rest` are in (or after 2 s), each with what `answer` makes of
+/// its head. Returns how
 /// many of the rest were ever in at once: `rest` when the proxy sent them
 /// together, 1 when it queued them behind one another.
 async fn burst_backend(
     answer: impl Fn(&[u8]) -> &'static [u8] + Send + Sync + 'static,
-    at_once: usize,
     rest: usize,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let answer = Arc::new(answer);
@@ -283,7 +282,7 @@ async fn burst_backend(
             tokio::spawn(async move {
                 let [arrived, held] = &*counters;
                 while let Some(head) = read_head(&mut stream).await {
-                    let first = arrived.fetch_add(1, Ordering::SeqCst) < at_once;
+                    let first = arrived.fetch_add(1, Ordering::SeqCst) == 0;
                     if first {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     } else {
@@ -329,7 +328,7 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
         ),
     ];
     for (answer, field) in cases {
-        let (addr, peak) = burst_backend(move |_| answer, 1, REST).await;
+        let (addr, peak) = burst_backend(move |_| answer, REST).await;
         let proxy = Arc::new(cached_proxy_at(addr).await);
         let mut requests = Vec::new();
         for n in 0..=REST {
@@ -350,23 +349,23 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
     }
 }
 
-/// A 304 that answers only its own request (to the client's validators,
-/// forwarded with a range) hands the lock on once, then the next one lets
-/// the rest go together; a 304 to a request without validators (a
-/// backend that answers every GET so) lets them go at once. Either way the
-/// burst is not answered one request after another.
+/// A 304 to a request without validators (a backend that answers every
+/// GET so) lets the waiters go at once; one that answers only its own
+/// request (to the client's validators, forwarded with a range) hands the
+/// lock on, and the waiters, whose answers would be their own too, go
+/// together rather than take it in turn. Either way the burst is not
+/// answered one request after another.
 #[tokio::test]
 async fn a_burst_answered_304_by_the_backend_is_not_queued() {
     const NOT_MODIFIED: &[u8] =
         b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: max-age=60\r\n\r\n";
     type Fields = &'static [(&'static str, &'static str)];
     let own: Fields = &[("range", "bytes=0-1"), ("if-none-match", "\"a\"")];
-    // The requests the backend answers before the rest come together.
-    for (fields, at_once) in [(&[][..], 1), (own, 2)] {
-        let rest = 11 - at_once;
-        let (addr, peak) = burst_backend(|_| NOT_MODIFIED, at_once, rest).await;
+    const REST: usize = 10;
+    for fields in [&[][..], own] {
+        let (addr, peak) = burst_backend(|_| NOT_MODIFIED, REST).await;
         let proxy = Arc::new(cached_proxy_at(addr).await);
-        let requests: Vec<_> = (0..11)
+        let requests: Vec<_> = (0..=REST)
             .map(|_| {
                 let proxy = proxy.clone();
                 tokio::spawn(async move { get_with(&client(), &proxy.url("/n"), fields).await })
@@ -377,7 +376,7 @@ async fn a_burst_answered_304_by_the_backend_is_not_queued() {
         }
         assert_eq!(
             peak.load(std::sync::atomic::Ordering::SeqCst),
-            rest,
+            REST,
             "{fields:?}"
         );
     }
@@ -431,7 +430,6 @@ async fn waiters_on_a_private_304_are_let_go_together() {
                   Content-Length: 2\r\n\r\nok"
             }
         },
-        1,
         REST,
     )
     .await;

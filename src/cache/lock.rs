@@ -38,7 +38,7 @@ pub struct Leader {
     signal: watch::Sender<Signal>,
     /// Set once its entry is stored, told the waiters when it drops.
     stored: Option<SystemTime>,
-    /// It took the lock after waiting on a leader that handed it on.
+    /// It took the lock after a leader that handed it on.
     second: bool,
 }
 
@@ -55,7 +55,8 @@ impl Leader {
         self.stored = Some(response_time);
     }
 
-    /// Notes that this leader took the lock after waiting on another.
+    /// Notes that this leader took the lock after a leader that handed it
+    /// on (stored nothing for anyone).
     pub fn took_over(&mut self) {
         self.second = true;
     }
@@ -63,7 +64,7 @@ impl Leader {
     /// Whether an answer that served only its own request may hand the
     /// lock on to the waiters rather than let them go: once per burst,
     /// so that requests which each get such an answer (a backend that
-    /// answers every GET with a 304) take two rounds, not one apiece.
+    /// answers every GET with a 304) are not answered one after another.
     pub fn may_hand_on(&self) -> bool {
         !self.second
     }

@@ -260,7 +260,9 @@ enum Woken {
     /// It stored a response fresh enough for this request.
     Answered(Response<ProxyBody>),
     /// It finished with nothing this request can use: the next fetch may.
-    Nothing,
+    /// `handed_on` when it stored nothing at all (its answer was its own
+    /// request's, its client left), rather than something for others.
+    Nothing { handed_on: bool },
     /// It let the waiters go (nothing it gets will be stored), or was not
     /// done by the deadline.
     Alone,
@@ -288,11 +290,14 @@ async fn collapsed(
         lock::Waited::Done(stored) => stored,
         lock::Waited::Released | lock::Waited::Late => return Woken::Alone,
     };
+    let nothing = Woken::Nothing {
+        handed_on: leaders.is_none(),
+    };
     let Some(full) = cache.key_for(primary, &parts.headers) else {
-        return Woken::Nothing;
+        return nothing;
     };
     let Some(entry) = cache.get(&full).await else {
-        return Woken::Nothing;
+        return nothing;
     };
     let age = entry.timing.current_age(cache.now());
     // The leader's own entry (not one another request stored meanwhile,
@@ -301,7 +306,7 @@ async fn collapsed(
     let response_time = entry.timing.response_time;
     let since = leaders == Some(response_time) && response_time >= arrived;
     if !since && policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
-        return Woken::Nothing;
+        return nothing;
     }
     cache.counters.hit.inc();
     Woken::Answered(from_entry(&entry, age, parts, status))
@@ -444,7 +449,7 @@ pub(super) async fn serve(
             None
         } else {
             let status = "portico; fwd=stale; collapsed";
-            match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+            match join(cache, &primary, &parts, &request_cc, ranged, false, status).await {
                 Joined::Fetch(leader) => leader,
                 Joined::Answered(hit) => return Ok(hit),
                 Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -456,7 +461,7 @@ pub(super) async fn serve(
         .await;
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match join(cache, &primary, &parts, &request_cc, ranged, status).await {
+    let leader = match join(cache, &primary, &parts, &request_cc, ranged, true, status).await {
         Joined::Fetch(leader) => leader,
         Joined::Answered(hit) => return Ok(hit),
         Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -647,14 +652,17 @@ enum Joined {
 /// Varnish's hit-for-miss does; so does a URL whose last answer was not
 /// stored, with no wait at all. A request with `Authorization`, whose
 /// answer may serve no one else, leads only when it comes first; handed
-/// the lock on, it fetches alone. Waiting ends at [`COALESCE_WAIT`] in
-/// all, after which the request fetches on its own.
+/// the lock on, it fetches alone. So, once a lock was handed on, does a
+/// HEAD, and on a `miss` a conditional GET: their answers are their own
+/// when they are not fetched as plain GETs. Waiting ends at
+/// [`COALESCE_WAIT`] in all, after which the request fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
     parts: &Parts,
     request_cc: &CacheControl,
     ranged: bool,
+    miss: bool,
     status: &'static str,
 ) -> Joined {
     let alone = || {
@@ -668,16 +676,21 @@ async fn join(
     // answer was not stored for others, the waiters take the lock on (an
     // anonymous one fetches for the rest) and it never leads them again.
     let personal = parts.headers.contains_key(header::AUTHORIZATION);
+    // After a hand-on, only requests whose answer can be stored take the
+    // lock again: whether a HEAD or a conditional GET is fetched as a
+    // plain GET depends on the background reads free at that moment.
+    let own_answer = parts.method == Method::HEAD || (miss && carries_validators(&parts.headers));
     let mut since = None;
+    let mut handed_on = false;
     loop {
-        let leads = !personal || since.is_none();
+        let leads = since.is_none() || !(personal || (handed_on && own_answer));
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
         let waiting = if leads {
             match Locks::claim(cache, key) {
                 Claim::Leader(mut leader) => {
-                    if since.is_some() {
+                    if handed_on {
                         leader.took_over();
                     }
                     return Joined::Fetch(Some(leader));
@@ -700,7 +713,7 @@ async fn join(
         );
         match woken.await {
             Woken::Answered(hit) => return Joined::Answered(hit),
-            Woken::Nothing => {}
+            Woken::Nothing { handed_on: was } => handed_on = was,
             Woken::Alone => return alone(),
         }
     }
