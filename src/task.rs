@@ -56,6 +56,11 @@ impl ReadPermit {
         }
         Some(ReadPermit(()))
     }
+
+    /// Whether a place is free now (it may be gone when asked for).
+    pub fn any_free() -> bool {
+        READING.load(Ordering::Relaxed) < BACKGROUND_READS
+    }
 }
 
 impl Drop for ReadPermit {

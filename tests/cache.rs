@@ -478,6 +478,23 @@ async fn an_authorized_leader_hands_the_anonymous_waiters_on() {
     }
 }
 
+/// Nor does it send conditional requests waiting behind it to the
+/// backend one each: while background reads are free they are fetched as
+/// plain GETs, whose answer serves them all, so one of them leads.
+#[tokio::test]
+async fn conditional_requests_behind_an_authorized_leader_take_the_lock_on() {
+    let alice: &[(&str, &str)] = &[("authorization", "Bearer alice")];
+    let conditional: &[(&str, &str)] = &[("if-none-match", "\"other\"")];
+    let (requests, _) = coalesced(
+        "/cache/ac?cc=max-age=60",
+        false,
+        Leading::Get(alice),
+        conditional,
+    )
+    .await;
+    assert_eq!(requests, 2);
+}
+
 /// A burst of requests that all carry `Authorization`, for a URL whose
 /// answers may be shared (`public`), makes one fetch: the first leads.
 #[tokio::test]

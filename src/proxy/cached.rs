@@ -653,8 +653,9 @@ enum Joined {
 /// stored, with no wait at all. A request with `Authorization`, whose
 /// answer may serve no one else, leads only when it comes first; handed
 /// the lock on, it fetches alone. So, once a lock was handed on, does a
-/// HEAD, and on a `miss` a conditional GET: their answers are their own
-/// when they are not fetched as plain GETs. Waiting ends at
+/// HEAD or conditional GET on a `miss` that would not be fetched as a
+/// plain GET (a range, or no background read free): its answer would be
+/// its own. Waiting ends at
 /// [`COALESCE_WAIT`] in all, after which the request fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
@@ -677,13 +678,17 @@ async fn join(
     // anonymous one fetches for the rest) and it never leads them again.
     let personal = parts.headers.contains_key(header::AUTHORIZATION);
     // After a hand-on, only requests whose answer can be stored take the
-    // lock again: whether a HEAD or a conditional GET is fetched as a
-    // plain GET depends on the background reads free at that moment.
-    let own_answer = parts.method == Method::HEAD || (miss && carries_validators(&parts.headers));
+    // lock again. Whether a HEAD or a conditional GET is fetched as a
+    // plain GET depends on the background reads free at that moment; one
+    // that took the lock and then found none left answers for itself, and
+    // as a second-round leader lets the waiters go (`Leader::may_hand_on`).
+    // A revalidation asks with the entry's validators, not the client's.
+    let own_answer =
+        || miss && wants_converting(parts) && (ranged || !crate::task::ReadPermit::any_free());
     let mut since = None;
     let mut handed_on = false;
     loop {
-        let leads = since.is_none() || !(personal || (handed_on && own_answer));
+        let leads = since.is_none() || !(personal || (handed_on && own_answer()));
         // Once the URL's Vary is known, each variant has its lock.
         let full = cache.key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
