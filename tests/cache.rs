@@ -309,6 +309,36 @@ async fn burst_backend(
     (addr, seen)
 }
 
+/// Sends `1 + rest` GETs for `/burst` at once through a cached proxy in
+/// front of a [`burst_backend`] giving `answer`, the n-th with the field
+/// `fields(n)` if any; checks that each gets `want` and returns how many
+/// of the rest were at the backend at once.
+async fn burst_peak(
+    answer: &'static [u8],
+    rest: usize,
+    fields: impl Fn(usize) -> Vec<(&'static str, String)>,
+    want: StatusCode,
+) -> usize {
+    let (addr, peak) = burst_backend(move |_| answer, rest).await;
+    let proxy = Arc::new(cached_proxy_at(addr).await);
+    let requests: Vec<_> = (0..=rest)
+        .map(|n| {
+            let (proxy, fields) = (proxy.clone(), fields(n));
+            tokio::spawn(async move {
+                let fields: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(name, value)| (*name, value.as_str()))
+                    .collect();
+                get_with(&client(), &proxy.url("/burst"), &fields).await
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().status, want);
+    }
+    peak.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Requests that cannot share a fetch (each its own variant; each with
 /// its own Authorization, whose answers are not stored) are not queued
 /// behind one another: after the first answer, the rest go together.
@@ -328,24 +358,9 @@ async fn requests_that_cannot_share_a_fetch_are_not_queued_behind_one_another() 
         ),
     ];
     for (answer, field) in cases {
-        let (addr, peak) = burst_backend(move |_| answer, REST).await;
-        let proxy = Arc::new(cached_proxy_at(addr).await);
-        let mut requests = Vec::new();
-        for n in 0..=REST {
-            let proxy = proxy.clone();
-            requests.push(tokio::spawn(async move {
-                let value = format!("Bearer u{n}");
-                get_with(&client(), &proxy.url("/burst"), &[(field, value.as_str())]).await
-            }));
-        }
-        for request in requests {
-            assert_eq!(request.await.unwrap().status, StatusCode::OK, "{field}");
-        }
-        assert_eq!(
-            peak.load(std::sync::atomic::Ordering::SeqCst),
-            REST,
-            "{field}"
-        );
+        let each_own = |n| vec![(field, format!("Bearer u{n}"))];
+        let peak = burst_peak(answer, REST, each_own, StatusCode::OK).await;
+        assert_eq!(peak, REST, "{field}");
     }
 }
 
@@ -363,22 +378,9 @@ async fn a_burst_answered_304_by_the_backend_is_not_queued() {
     let own: Fields = &[("range", "bytes=0-1"), ("if-none-match", "\"a\"")];
     const REST: usize = 10;
     for fields in [&[][..], own] {
-        let (addr, peak) = burst_backend(|_| NOT_MODIFIED, REST).await;
-        let proxy = Arc::new(cached_proxy_at(addr).await);
-        let requests: Vec<_> = (0..=REST)
-            .map(|_| {
-                let proxy = proxy.clone();
-                tokio::spawn(async move { get_with(&client(), &proxy.url("/n"), fields).await })
-            })
-            .collect();
-        for request in requests {
-            assert_eq!(request.await.unwrap().status, StatusCode::NOT_MODIFIED);
-        }
-        assert_eq!(
-            peak.load(std::sync::atomic::Ordering::SeqCst),
-            REST,
-            "{fields:?}"
-        );
+        let all = |_| fields.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let peak = burst_peak(NOT_MODIFIED, REST, all, StatusCode::NOT_MODIFIED).await;
+        assert_eq!(peak, REST, "{fields:?}");
     }
 }
 
