@@ -110,9 +110,7 @@ impl Locks {
             second: false,
         })
     }
-}
 
-impl Locks {
     /// The wait on `key`'s leader, if one is fetching, without becoming
     /// one: for a request whose own fetch could serve no one else.
     pub fn existing(cache: &super::Cache, key: &str) -> Option<watch::Receiver<Signal>> {

@@ -540,8 +540,7 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
     let permit = ReadPermit::try_take()?;
     let client = super::copy_head(parts);
     parts.method = Method::GET;
-    parts.headers.remove(header::IF_NONE_MATCH);
-    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    without_validators(&mut parts.headers);
     // A HEAD's Range means nothing (RFC 9110 §14.2); the GET's would.
     if head {
         without_range(&mut parts.headers);
@@ -561,6 +560,12 @@ fn wants_converting(parts: &Parts) -> bool {
 /// Whether a request with these fields could get a 304 to them.
 fn carries_validators(headers: &HeaderMap) -> bool {
     headers.contains_key(header::IF_NONE_MATCH) || headers.contains_key(header::IF_MODIFIED_SINCE)
+}
+
+/// Takes off the fields that could get a request a 304 to them.
+fn without_validators(headers: &mut HeaderMap) {
+    headers.remove(header::IF_NONE_MATCH);
+    headers.remove(header::IF_MODIFIED_SINCE);
 }
 
 /// A client answered from a fetch made for the cache ([`answer_own`]).
@@ -683,8 +688,7 @@ async fn join(
     // that took the lock and then found none left answers for itself, and
     // as a second-round leader lets the waiters go (`Leader::may_hand_on`).
     // A revalidation asks with the entry's validators, not the client's.
-    let own_answer =
-        || miss && wants_converting(parts) && (ranged || !crate::task::ReadPermit::any_free());
+    let own_answer = || miss && wants_converting(parts) && (ranged || !ReadPermit::any_free());
     let mut since = None;
     let mut handed_on = false;
     loop {
@@ -1033,8 +1037,7 @@ fn unconditional(client: &Parts) -> Parts {
     let mut parts = super::copy_head(client);
     // Whatever the client's method: the whole response is what is stored.
     parts.method = Method::GET;
-    parts.headers.remove(header::IF_NONE_MATCH);
-    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    without_validators(&mut parts.headers);
     without_range(&mut parts.headers);
     parts
 }
@@ -1104,8 +1107,7 @@ async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidated) {
 /// Adds our validators to a request for a stored entry. The client's own
 /// are taken off in any case: a 304 to them would not revalidate it.
 fn conditional(parts: &mut Parts, entry: &Entry) {
-    parts.headers.remove(header::IF_NONE_MATCH);
-    parts.headers.remove(header::IF_MODIFIED_SINCE);
+    without_validators(&mut parts.headers);
     if let Some(etag) = entry.etag() {
         parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
     }
