@@ -18,13 +18,6 @@ fn cached(backends: &[&RunningBackend]) -> Config {
     with_cache(config_for(backends))
 }
 
-/// `config` with the cache on for its first route.
-fn with_cache(mut config: Config) -> Config {
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
-    config
-}
-
 /// A cached proxy in front of a scripted backend at `addr`.
 async fn cached_proxy_at(addr: std::net::SocketAddr) -> RunningProxy {
     let listen = vec!["127.0.0.1:0".parse().unwrap()];
@@ -1415,9 +1408,7 @@ async fn a_body_cut_short_by_the_backend_is_never_stored() {
             });
         }
     });
-    let mut config = Config::single_upstream(vec![], vec![addr]);
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
+    let mut config = with_cache(Config::single_upstream(vec![], vec![addr]));
     config.upstreams[0].retries = 0;
     let proxy = start_proxy(config).await;
     for _ in 0..2 {

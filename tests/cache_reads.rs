@@ -32,10 +32,7 @@ async fn an_unconverted_head_hands_the_lock_on_to_the_gets_behind_it() {
     let mut opts = BackendOptions::new("b1");
     opts.delay = Duration::from_millis(1500);
     let backend = start_backend(opts).await;
-    let mut config = config_for(&[&backend]);
-    config.cache = Some(portico::config::Cache::default());
-    config.routes[0].cache = true;
-    let proxy = Arc::new(start_proxy(config).await);
+    let proxy = Arc::new(start_proxy(with_cache(config_for(&[&backend]))).await);
     let head = |url: String| {
         tokio::spawn(async move {
             let request = Request::head(url).body(Full::new(Bytes::new())).unwrap();

@@ -165,6 +165,13 @@ pub fn config_for(backends: &[&RunningBackend]) -> Config {
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 
+/// `config` with the cache on for its first route.
+pub fn with_cache(mut config: Config) -> Config {
+    config.cache = Some(portico::config::Cache::default());
+    config.routes[0].cache = true;
+    config
+}
+
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
