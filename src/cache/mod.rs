@@ -128,12 +128,29 @@ pub struct Counters {
 }
 
 /// What is stored under one primary key: the Vary field names of its
-/// latest response (how a request finds its variant) and the full keys of
-/// the variants in the store, so an invalidation removes exactly those.
+/// latest response (how a request finds its variant) and the variants in
+/// the store, so an invalidation removes exactly those.
 #[derive(Debug)]
 struct Variants {
     names: Arc<[HeaderName]>,
-    keys: Vec<String>,
+    keys: Vec<Variant>,
+}
+
+/// One stored variant: its full key, and the entry stored under it.
+#[derive(Debug)]
+struct Variant {
+    key: String,
+    /// The entry's address: the store reports a value's removal after
+    /// another may have taken its key (a purge of everything is lazy, and
+    /// the old value is only pushed out by the next insert), so the report
+    /// must name the value to drop its record. The removed value is alive
+    /// while it is reported, so no entry listed shares its address.
+    entry: usize,
+}
+
+/// The identity [`Variant::entry`] records.
+fn address(entry: &Arc<Entry>) -> usize {
+    Arc::as_ptr(entry) as usize
 }
 
 /// Variants kept per primary key; past this the oldest is dropped, so a
@@ -142,13 +159,16 @@ struct Variants {
 const MAX_VARIANTS: usize = 64;
 
 /// Drops `full` from its primary's record once the store no longer holds
-/// it (expired, evicted for space, invalidated), and the record with its
-/// last variant: the index lives exactly as long as what it points to.
-fn forget(index: &DashMap<String, Variants>, full: &str) {
+/// `entry` under it (expired, evicted for space, invalidated), and the
+/// record with its last variant: the index lives exactly as long as what
+/// it points to.
+fn forget(index: &DashMap<String, Variants>, full: &str, entry: &Arc<Entry>) {
     let primary = key::primary_of(full);
     let emptied = match index.get_mut(primary) {
         Some(mut variants) => {
-            variants.keys.retain(|k| k != full);
+            variants
+                .keys
+                .retain(|v| v.key != full || v.entry != address(entry));
             variants.keys.is_empty()
         }
         None => false,
@@ -197,9 +217,9 @@ impl Cache {
             .support_invalidation_closures()
             .eviction_listener({
                 let index = index.clone();
-                move |key: Arc<String>, _, cause| {
+                move |key: Arc<String>, entry: Arc<Entry>, cause| {
                     if cause != RemovalCause::Replaced {
-                        forget(&index, &key);
+                        forget(&index, &key, &entry);
                     }
                 }
             })
@@ -249,7 +269,7 @@ impl Cache {
     pub fn lists_variant(&self, primary: &str, full: &str) -> bool {
         self.index
             .get(primary)
-            .is_some_and(|variants| variants.keys.iter().any(|k| k == full))
+            .is_some_and(|variants| variants.keys.iter().any(|v| v.key == full))
     }
 
     /// Notes that a response for `primary` with `status` was not stored
@@ -322,16 +342,22 @@ impl Cache {
                 dropped = std::mem::take(&mut variants.keys);
                 variants.names = names.into();
             }
-            if !variants.keys.contains(&full) {
-                if variants.keys.len() >= MAX_VARIANTS {
-                    dropped.push(variants.keys.remove(0));
+            match variants.keys.iter_mut().find(|v| v.key == full) {
+                Some(listed) => listed.entry = address(&entry),
+                None => {
+                    if variants.keys.len() >= MAX_VARIANTS {
+                        dropped.push(variants.keys.remove(0));
+                    }
+                    variants.keys.push(Variant {
+                        key: full.clone(),
+                        entry: address(&entry),
+                    });
                 }
-                variants.keys.push(full.clone());
             }
             dropped
         };
-        for key in dropped {
-            self.store.invalidate(&key).await;
+        for variant in dropped {
+            self.store.invalidate(&variant.key).await;
         }
         self.store.insert(full.clone(), entry).await;
         self.uncacheable.invalidate(&self.url_hash(primary));
@@ -359,8 +385,8 @@ impl Cache {
         let Some((_, variants)) = self.index.remove(primary) else {
             return;
         };
-        for key in &variants.keys {
-            self.store.invalidate(key).await;
+        for variant in &variants.keys {
+            self.store.invalidate(&variant.key).await;
         }
     }
 
@@ -452,6 +478,20 @@ mod tests {
         cache.stats().await; // runs the store's pending removals
         assert!(cache.key_for(PRIMARY, &request).is_none());
         assert!(cache.index.is_empty());
+    }
+
+    #[tokio::test]
+    async fn what_is_stored_after_a_purge_of_everything_stays_findable() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        store(&cache, &request, entry("accept")).await;
+        cache.purge_all();
+        // The store reports the purged entry's removal as the new one
+        // replaces it: that report is about the old value only.
+        store(&cache, &request, entry("accept")).await;
+        cache.stats().await;
+        let key = cache.key_for(PRIMARY, &request).expect("the new entry is listed");
+        assert!(cache.get(&key).await.is_some());
     }
 
     #[tokio::test]
