@@ -89,6 +89,45 @@ async fn until_hit(client: &TestClient, url: &str, what: &str) -> Answer {
     }
 }
 
+/// A first client that reads slowly does not hold up the requests waiting
+/// for its fetch: the body goes into the cache at the backend's pace, as
+/// nginx (buffering) and Varnish (a fetch apart from delivery) do. Before,
+/// the fill went at the slow client's pace and the second request waited
+/// out the 5 s coalescing wait, then fetched again.
+#[tokio::test]
+async fn a_slow_first_client_does_not_hold_up_the_requests_behind_it() {
+    use tokio::io::AsyncWriteExt;
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    // Larger than the kernel's send and receive buffers hold for a client
+    // whose receive window is 4 KiB; smaller than `max_object_size`.
+    let path = "/cache/slow?cc=max-age=60&size=6000000";
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(proxy.addr).await.unwrap();
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr);
+    slow.write_all(raw.as_bytes()).await.unwrap();
+    // Its head, and then it reads nothing more.
+    let head = tokio::time::timeout(STEP, read_head(&mut slow))
+        .await
+        .expect("the slow client's head within STEP")
+        .expect("a head");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+
+    let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url(path)))
+        .await
+        .expect("the second request within STEP");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), 6_000_000);
+    let status = answer.header("cache-status");
+    assert!(
+        status == "portico; hit" || status == "portico; fwd=miss; collapsed",
+        "answered from the slow client's fetch, not fetched again: {status}"
+    );
+    assert_eq!(backend.requests(), 1);
+    drop(slow);
+}
+
 #[tokio::test]
 async fn the_second_get_is_a_hit_with_age() {
     let (backend, proxy) = cached_sample().await;

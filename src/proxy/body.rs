@@ -4,10 +4,12 @@
 //! [`ProxyBody`] is what portico sends to clients: a backend's streamed body
 //! under the same stall timeout, or a small body held in memory (errors,
 //! later cache hits), or one byte range cut from a backend's whole body.
-//! Neither ever buffers a stream whole.
+//! Neither buffers a stream whole, save a response being stored, which is
+//! read at the backend's pace whatever the client's (see [`Ahead`]).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +36,8 @@ pub enum BodyError {
     Stalled(Duration),
     #[error("the client kept the stream's flow-control window shut; response abandoned")]
     Abandoned,
+    #[error("the read of the response body ended before the body did")]
+    Lost,
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }
@@ -313,6 +317,132 @@ pub enum ProxyBody {
     /// One byte range of a body fetched whole (a range miss: the cache
     /// stores the whole, the client gets its range).
     Slice(Box<Slice>),
+    /// A body being stored, read by a task of its own ([`ProxyBody::read_ahead`]).
+    Ahead(Box<Ahead>),
+}
+
+/// What the task reading a body ahead sends to the client's side.
+#[derive(Debug)]
+enum Piece {
+    Frame(Result<Frame<Bytes>, BodyError>),
+    /// The body is not being stored (any more): the client reads the rest
+    /// itself, at its own pace.
+    Rest(ProxyBody),
+    End,
+}
+
+/// Bytes all bodies read ahead of their clients may hold at once (see
+/// [`read_ahead`]): past this, a body is read at its client's pace again,
+/// so clients that do not read cannot make portico hold their responses
+/// without bound.
+const AHEAD_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes read ahead and not yet taken by their clients, all bodies.
+static AHEAD_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn data_len(frame: &Result<Frame<Bytes>, BodyError>) -> usize {
+    frame
+        .as_ref()
+        .ok()
+        .and_then(Frame::data_ref)
+        .map_or(0, Bytes::len)
+}
+
+/// The client's side of a body read ahead: the frames the task has read,
+/// in order, then the rest of the body if the task handed it back.
+#[derive(Debug)]
+pub struct Ahead {
+    pieces: tokio::sync::mpsc::UnboundedReceiver<Piece>,
+    rest: Option<ProxyBody>,
+    /// Bytes still to come, when the body's length is known.
+    left: Option<u64>,
+}
+
+impl Ahead {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            if let Some(rest) = &mut self.rest {
+                return Pin::new(rest).poll_frame(cx);
+            }
+            let piece = match self.pieces.poll_recv(cx) {
+                Poll::Ready(piece) => piece,
+                Poll::Pending => return Poll::Pending,
+            };
+            match piece {
+                Some(Piece::Frame(frame)) => {
+                    let len = data_len(&frame);
+                    AHEAD_HELD.fetch_sub(len, Ordering::Relaxed);
+                    if let Some(left) = &mut self.left {
+                        *left = left.saturating_sub(len as u64);
+                    }
+                    return Poll::Ready(Some(frame));
+                }
+                Some(Piece::Rest(rest)) => self.rest = Some(rest),
+                Some(Piece::End) => return Poll::Ready(None),
+                // The task died (a runtime shutting down) mid-body: a
+                // clean end here would pass a cut body off as whole.
+                None => return Poll::Ready(Some(Err(BodyError::Lost))),
+            }
+        }
+    }
+}
+
+impl Drop for Ahead {
+    /// Gives back what the client never took; the task sends no more.
+    fn drop(&mut self) {
+        self.pieces.close();
+        while let Ok(piece) = self.pieces.try_recv() {
+            if let Piece::Frame(frame) = piece {
+                AHEAD_HELD.fetch_sub(data_len(&frame), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Reads `body` (a stored one) to its end, sending each frame on to the
+/// client's side: the cache fills at the backend's pace, so requests
+/// waiting for it are not held up by a slow first client (nginx buffers
+/// upstream responses, Varnish fetches apart from delivery), and the
+/// backend connection is free as soon as the backend is done. Past what
+/// the cache keeps, or past [`AHEAD_BUDGET`], the rest goes back to the
+/// client's side to be read at its pace. A client gone while the body is
+/// still being stored leaves the rest to a background read.
+async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSender<Piece>) {
+    loop {
+        if !body.is_capturing() || AHEAD_HELD.load(Ordering::Relaxed) >= AHEAD_BUDGET {
+            let _ = pieces.send(Piece::Rest(body));
+            return;
+        }
+        let frame = tokio::select! {
+            frame = http_body_util::BodyExt::frame(&mut body) => frame,
+            () = pieces.closed() => break,
+        };
+        let Some(frame) = frame else {
+            let _ = pieces.send(Piece::End);
+            return;
+        };
+        let failed = frame.is_err();
+        let len = data_len(&frame);
+        AHEAD_HELD.fetch_add(len, Ordering::Relaxed);
+        if pieces.send(Piece::Frame(frame)).is_err() {
+            AHEAD_HELD.fetch_sub(len, Ordering::Relaxed);
+            break;
+        }
+        if failed {
+            return;
+        }
+        if body.is_end_stream() {
+            let _ = pieces.send(Piece::End);
+            return;
+        }
+    }
+    if let Some(permit) = crate::task::ReadPermit::try_take() {
+        body.read_into_cache().await;
+        drop(permit);
+    }
 }
 
 /// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
@@ -410,6 +540,23 @@ impl ProxyBody {
         self
     }
 
+    /// This body, read from the backend ahead of the client by a task of
+    /// its own while it is being stored (see [`read_ahead`]); any other
+    /// body is returned as it is.
+    pub fn read_ahead(self) -> Self {
+        if !self.is_capturing() || !matches!(self, ProxyBody::Stream { .. }) {
+            return self;
+        }
+        let left = self.size_hint().exact();
+        let (send, pieces) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(read_ahead(self, send));
+        ProxyBody::Ahead(Box::new(Ahead {
+            pieces,
+            rest: None,
+            left,
+        }))
+    }
+
     /// `count` bytes of this body from byte `start` on (see [`Slice`]).
     pub fn slice(self, start: u64, count: u64) -> Self {
         ProxyBody::Slice(Box::new(Slice {
@@ -450,7 +597,8 @@ impl ProxyBody {
         match self {
             ProxyBody::Stream { capture, .. } => capture.is_some(),
             ProxyBody::Slice(slice) => slice.inner.is_capturing(),
-            ProxyBody::Full { .. } => false,
+            // What its task reads is none of the client side's business.
+            ProxyBody::Full { .. } | ProxyBody::Ahead(_) => false,
         }
     }
 }
@@ -516,6 +664,7 @@ impl Body for ProxyBody {
                 },
             },
             ProxyBody::Slice(slice) => slice.poll_frame(cx),
+            ProxyBody::Ahead(ahead) => ahead.poll_frame(cx),
         }
     }
 
@@ -524,6 +673,8 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
             ProxyBody::Slice(slice) => slice.left == 0,
+            // Trailers may follow the last byte: the task says when it ends.
+            ProxyBody::Ahead(ahead) => ahead.rest.as_ref().is_some_and(Body::is_end_stream),
         }
     }
 
@@ -534,6 +685,11 @@ impl Body for ProxyBody {
             }
             ProxyBody::Stream { inner, .. } => inner.size_hint(),
             ProxyBody::Slice(slice) => SizeHint::with_exact(slice.left),
+            ProxyBody::Ahead(ahead) => match (&ahead.rest, ahead.left) {
+                (Some(rest), _) => rest.size_hint(),
+                (None, Some(left)) => SizeHint::with_exact(left),
+                (None, None) => SizeHint::default(),
+            },
         }
     }
 }

@@ -513,7 +513,7 @@ pub(super) async fn serve(
         // Boxed: only ranges take this path, and inline its future would
         // grow every cached request's (hits included) by a second fetch's.
         Some(asked) => Box::pin(cut_range(cache, upstream, asked, response, trace)).await,
-        None => Ok(response),
+        None => Ok(response.map(ProxyBody::read_ahead)),
     }
 }
 
@@ -1309,7 +1309,7 @@ async fn revalidate(
         if ranged && !matched {
             return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
-        return Ok(answer_own(Own { client, permit }, response));
+        return Ok(answer_own(Own { client, permit }, response).map(ProxyBody::read_ahead));
     }
 }
 

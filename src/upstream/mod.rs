@@ -549,8 +549,9 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
                 BodyError::TooLarge { .. } => ProxyError::BodyTooLarge,
                 BodyError::Stalled(_) => ProxyError::RequestBodyTimeout,
                 // The client's upload broke: nobody is left to answer.
-                // (Abandoned is a response body's; here for completeness.)
-                BodyError::Hyper(_) | BodyError::Abandoned => {
+                // (Abandoned and Lost are a response body's; here for
+                // completeness.)
+                BodyError::Hyper(_) | BodyError::Abandoned | BodyError::Lost => {
                     ProxyError::BadRequest("request body aborted")
                 }
             };
