@@ -209,6 +209,63 @@ async fn passive_ejection_works_without_active_checks() {
 }
 
 #[tokio::test]
+async fn an_ejected_backends_turns_are_shared_by_weight() {
+    // Round-robin over three; the third is dead and gets ejected. Its
+    // turns used to go all to the backend after it in the cycle (2:1).
+    let mut backends = start_backends(3).await;
+    let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;
+    backends.remove(2).stop().await;
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !proxy.backend_status()[2].ejected {
+        assert!(tokio::time::Instant::now() < deadline, "never ejected");
+        get(&client, &proxy.url("/health")).await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..60 {
+        answers.push(get(&client, &proxy.url("/health")).await);
+    }
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    let seen = count_by_backend(&answers);
+    let (b1, b2) = (seen["b1"], seen["b2"]);
+    assert!(b1.abs_diff(b2) <= 2, "b1 {b1}, b2 {b2}");
+}
+
+/// Answers `/garbage` with what is not HTTP, anything else with a 200.
+fn garbage_on_one_path(head: &str) -> &'static [u8] {
+    if target_of(head) == "/garbage" {
+        b"this is not http\r\n\r\n"
+    } else {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    }
+}
+
+#[tokio::test]
+async fn with_every_backend_ejected_they_take_traffic_again() {
+    // One broken URL gets both backends ejected; the others still work.
+    // As nginx marks all its peers live again when every one has failed,
+    // they are tried rather than everything answered 503 for the backoff.
+    let a = scripted_backend(garbage_on_one_path).await;
+    let b = scripted_backend(garbage_on_one_path).await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![a, b])).await;
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !proxy.backend_status().iter().all(|b| b.ejected) {
+        assert!(tokio::time::Instant::now() < deadline, "never all ejected");
+        let answer = get(&client, &proxy.url("/garbage")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    }
+    let answer = get(&client, &proxy.url("/ok")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // The success ends that backend's ejection at once.
+    assert!(
+        proxy.backend_status().iter().any(|b| !b.ejected),
+        "{:?}",
+        proxy.backend_status()
+    );
+}
+
+#[tokio::test]
 async fn a_lone_backend_is_never_ejected_so_errors_stay_errors() {
     // As in nginx: with nowhere else to go, ejecting the only backend
     // would turn its failures (and its recovery) into blanket 503s.

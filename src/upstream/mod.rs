@@ -84,6 +84,8 @@ pub struct Upstream {
     /// rebuilt when active health changes.
     cycle: ArcSwap<Vec<usize>>,
     next: AtomicUsize,
+    /// Round-robin turns that fell on an ejected backend, shared by weight.
+    spilled: AtomicUsize,
     budget: RetryBudget,
     clock: Clock,
     pool: Arc<Pool>,
@@ -140,6 +142,7 @@ impl Upstream {
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
+            spilled: AtomicUsize::new(0),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             clock: Clock::new(),
             checker: std::sync::Mutex::new(None),
@@ -236,37 +239,60 @@ impl Upstream {
     }
 
     /// The backend for the next attempt, never `skip` (the one that just
-    /// failed). `None` when no backend may take traffic.
+    /// failed). When every backend is out, the ones only passively ejected
+    /// take traffic again: those failures may be over, and without them
+    /// every request would get a 503 until a backoff ran out (nginx marks
+    /// all its peers live again then, Envoy routes to all hosts below its
+    /// panic threshold); a success ends a backend's ejection at once.
+    /// `None` only when no backend is up by the active checks.
     pub fn pick(&self, skip: Option<usize>) -> Option<usize> {
         let now = self.clock.now_ms();
+        self.choose(|i| self.candidate(i, now, skip)).or_else(|| {
+            self.choose(|i| Candidate {
+                eligible: Some(i) != skip && self.backends[i].state.active_up(),
+                ..self.candidate(i, now, skip)
+            })
+        })
+    }
+
+    /// The balancer's choice among `candidate`s.
+    fn choose(&self, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
         let n = self.backends.len();
         match self.config.balance {
             Balance::RoundRobin => {
                 let cycle = self.cycle.load();
-                let len = cycle.len();
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                // Passively ejected backends stay in the cycle (ejection is
-                // short); their turns pass to the next eligible entry.
-                (0..len)
-                    .map(|k| cycle[(start + k) % len])
-                    .find(|&i| self.candidate(i, now, skip).eligible)
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                // Passively ejected backends stay in the cycle (ejection
+                // is short); their turns are shared by weight among the
+                // others, not all given to the next one in the cycle.
+                match cycle.get(turn % cycle.len().max(1)) {
+                    Some(&i) if candidate(i).eligible => Some(i),
+                    _ => {
+                        let spilled = self.spilled.fetch_add(1, Ordering::Relaxed);
+                        select::by_weight(n, spilled, candidate)
+                    }
+                }
             }
             Balance::LeastConn => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                select::least_conn(n, turn, |i| self.candidate(i, now, skip))
+                select::least_conn(n, turn, candidate)
             }
             Balance::RandomTwo => {
-                select::random_two(n, fastrand::u64(..), fastrand::u64(..), |i| {
-                    self.candidate(i, now, skip)
-                })
+                select::random_two(n, fastrand::u64(..), fastrand::u64(..), candidate)
             }
         }
     }
 
-    /// True when no backend but `skip` could take a request now.
+    /// True when no backend but `skip` could take a request now (see
+    /// [`Upstream::pick`]: an ejected one could).
     pub fn pick_is_empty(&self, skip: Option<usize>) -> bool {
+        !(0..self.backends.len()).any(|i| Some(i) != skip && self.backends[i].state.active_up())
+    }
+
+    /// True when a backend but `skip` is up and not ejected.
+    pub fn others_eligible(&self, skip: usize) -> bool {
         let now = self.clock.now_ms();
-        !(0..self.backends.len()).any(|i| self.candidate(i, now, skip).eligible)
+        (0..self.backends.len()).any(|i| self.candidate(i, now, Some(skip)).eligible)
     }
 
     pub fn backend(&self, index: usize) -> &Backend {

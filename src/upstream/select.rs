@@ -71,6 +71,35 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
         < (b.in_flight as u128) * u128::from(a.weight.max(1))
 }
 
+/// The eligible candidate at `turn` along their weights, turns counted
+/// over a whole number of rounds: successive turns visit each in
+/// proportion to its weight. For the round-robin turns of a backend that
+/// is out of the cycle for a moment (ejected), so they are shared by
+/// weight rather than all given to its neighbour in the cycle.
+pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
+    let weight = |c: Candidate| if c.eligible { u64::from(c.weight.max(1)) } else { 0 };
+    let total: u64 = (0..n).map(|i| weight(get(i))).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = turn as u64 % total;
+    // Eligibility may change between the reads: then the last eligible
+    // one seen takes the turn.
+    let mut last = None;
+    for i in 0..n {
+        let w = weight(get(i));
+        if w == 0 {
+            continue;
+        }
+        if point < w {
+            return Some(i);
+        }
+        point -= w;
+        last = Some(i);
+    }
+    last
+}
+
 /// The eligible candidate with the fewest requests in flight relative to
 /// its weight, as nginx's `least_conn`. Ties, the usual case at low load,
 /// are shared by weight: `turn` (a counter bumped per pick) points along
@@ -175,6 +204,17 @@ mod tests {
 
     fn busy(in_flight: usize) -> Candidate {
         Candidate { in_flight, ..up(1) }
+    }
+
+    #[test]
+    fn by_weight_visits_each_in_proportion() {
+        let candidates = [up(3), down(5), up(1)];
+        let mut seen = [0; 3];
+        for turn in 0..40 {
+            seen[by_weight(3, turn, |i| candidates[i]).unwrap()] += 1;
+        }
+        assert_eq!(seen, [30, 0, 10]);
+        assert_eq!(by_weight(2, 7, |_| down(1)), None);
     }
 
     #[test]
