@@ -148,8 +148,15 @@ async fn handle(
         (_, "/metrics") if read => {
             refresh_gauges(&shared);
             let cache = shared.proxy.load().cache().cloned();
-            if let Some(cache) = cache {
-                cache.stats().await;
+            match cache {
+                Some(cache) => {
+                    cache.stats().await;
+                }
+                // A reload took `[cache]` away: nothing is stored any more.
+                None => {
+                    shared.metrics.cache_entries.set(0);
+                    shared.metrics.cache_size_bytes.set(0);
+                }
             }
             let mut response = text(StatusCode::OK, shared.metrics.encode());
             response.headers_mut().insert(

@@ -242,6 +242,44 @@ async fn the_admin_endpoints_are_not_reachable_through_the_traffic_listener() {
 }
 
 #[tokio::test]
+async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let dir = std::env::temp_dir().join(format!("portico-nocache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    let write = |cache: &str| {
+        std::fs::write(
+            &file,
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n{cache}", backend.addr()),
+        )
+        .unwrap();
+    };
+    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
+    write("cache = true\n[cache]\n");
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, Some("t"), Some(file.clone())).await;
+    let client = client();
+    get(&client, &proxy.url("/users/1/orders")).await;
+    let scrape = || async {
+        String::from_utf8_lossy(&get(&client, &proxy.admin_url("/metrics")).await.body)
+            .into_owned()
+    };
+    assert!(scrape().await.contains("portico_cache_entries 1"));
+
+    write("");
+    let answer = send(
+        &client,
+        mutation(proxy.admin_url("/reload"), "POST", Some("t")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let metrics = scrape().await;
+    assert!(metrics.contains("portico_cache_entries 0"), "{metrics}");
+    assert!(metrics.contains("portico_cache_size_bytes 0"), "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let old = start_backend(BackendOptions::new("old")).await;
     let new = start_backend(BackendOptions::new("new")).await;

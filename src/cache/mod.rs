@@ -490,7 +490,9 @@ mod tests {
         // replaces it: that report is about the old value only.
         store(&cache, &request, entry("accept")).await;
         cache.stats().await;
-        let key = cache.key_for(PRIMARY, &request).expect("the new entry is listed");
+        let key = cache
+            .key_for(PRIMARY, &request)
+            .expect("the new entry is listed");
         assert!(cache.get(&key).await.is_some());
     }
 

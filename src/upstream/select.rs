@@ -77,7 +77,13 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
 /// is out of the cycle for a moment (ejected), so they are shared by
 /// weight rather than all given to its neighbour in the cycle.
 pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
-    let weight = |c: Candidate| if c.eligible { u64::from(c.weight.max(1)) } else { 0 };
+    let weight = |c: Candidate| {
+        if c.eligible {
+            u64::from(c.weight.max(1))
+        } else {
+            0
+        }
+    };
     let total: u64 = (0..n).map(|i| weight(get(i))).sum();
     if total == 0 {
         return None;
