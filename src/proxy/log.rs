@@ -3,8 +3,8 @@
 //! client, method, host, path, status, bytes, duration, upstream, backend,
 //! cache result, request id. It is written when the response head is sent:
 //! `bytes` is the body's declared length (`-` when streamed without one;
-//! 0 for a HEAD, which gets none, as nginx's `$body_bytes_sent`) and
-//! `duration` is the time to the response head.
+//! 0 for a HEAD, a 204 or a 304, which get none, as nginx's
+//! `$body_bytes_sent`) and `duration` is the time to the response head.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -103,7 +103,7 @@ impl AccessRecord {
             host,
             path = self.uri.path(),
             status = response.status().as_u16(),
-            bytes = body_bytes(&self.method, response.headers()),
+            bytes = body_bytes(&self.method, response.status(), response.headers()),
             duration_ms = millis(duration),
             upstream = upstream.unwrap_or("-"),
             backend = backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
@@ -114,9 +114,14 @@ impl AccessRecord {
 }
 
 /// The access line's `bytes`: the body's declared length, `-` without
-/// one, 0 for a HEAD (its response declares the GET's length).
-fn body_bytes(method: &Method, response: &HeaderMap) -> String {
-    if *method == Method::HEAD {
+/// one, 0 for a HEAD (its response declares the GET's length) and for a
+/// status that has no body (1xx, 204, 304: RFC 9110 §6.4.1), whatever
+/// length a backend declared with it.
+fn body_bytes(method: &Method, status: http::StatusCode, response: &HeaderMap) -> String {
+    let bodiless = status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
+    if *method == Method::HEAD || bodiless {
         return "0".to_owned();
     }
     response
@@ -176,9 +181,14 @@ mod tests {
     fn bytes_are_the_declared_body_length_and_none_for_head() {
         let mut declared = HeaderMap::new();
         declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1024"));
-        assert_eq!(body_bytes(&Method::GET, &declared), "1024");
-        assert_eq!(body_bytes(&Method::HEAD, &declared), "0");
-        assert_eq!(body_bytes(&Method::GET, &HeaderMap::new()), "-");
+        let ok = http::StatusCode::OK;
+        assert_eq!(body_bytes(&Method::GET, ok, &declared), "1024");
+        assert_eq!(body_bytes(&Method::HEAD, ok, &declared), "0");
+        assert_eq!(body_bytes(&Method::GET, ok, &HeaderMap::new()), "-");
+        // A backend's length on a 204 or 304 describes no body sent.
+        for status in [http::StatusCode::NO_CONTENT, http::StatusCode::NOT_MODIFIED] {
+            assert_eq!(body_bytes(&Method::GET, status, &declared), "0");
+        }
     }
 
     #[test]
