@@ -1,5 +1,6 @@
 //! Process signals: SIGTERM and SIGINT start a graceful shutdown; a second
-//! one while draining exits at once, as operators expect from nginx.
+//! one while draining exits at once, as operators expect from nginx. SIGHUP
+//! reloads portico's file, and drains the processes that have none.
 //!
 //! Handlers are installed by [`terminate`] and [`Hangup::install`], before
 //! the listeners are bound: until then a signal has its
@@ -12,7 +13,17 @@ use std::future::Future;
 /// resolves on the first of those signals and arranges for the next one to
 /// exit the process immediately. Needs a tokio runtime.
 pub fn terminate() -> impl Future<Output = ()> {
-    let mut signals = Terminate::install();
+    on_signals(Terminate::install(false))
+}
+
+/// [`terminate`] for the processes that have no file to reload (`portico
+/// demo`, `order-backend`): SIGHUP, a closed terminal's signal, drains
+/// them too, rather than killing them with their queued work.
+pub fn terminate_or_hangup() -> impl Future<Output = ()> {
+    on_signals(Terminate::install(true))
+}
+
+fn on_signals(mut signals: Terminate) -> impl Future<Output = ()> {
     async move {
         signals.next().await;
         tokio::spawn(async move {
@@ -23,16 +34,26 @@ pub fn terminate() -> impl Future<Output = ()> {
     }
 }
 
-/// SIGTERM and SIGINT, watched from the moment of [`Terminate::install`].
+/// SIGTERM and SIGINT (and SIGHUP if asked), watched from the moment of
+/// [`Terminate::install`].
 struct Terminate {
     #[cfg(unix)]
     watched: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Terminate {
     #[cfg(unix)]
-    fn install() -> Self {
+    fn install(with_hangup: bool) -> Self {
         use tokio::signal::unix::{signal, SignalKind};
+        let hangup = with_hangup
+            .then(|| signal(SignalKind::hangup()))
+            .and_then(|watched| {
+                watched
+                    .inspect_err(|error| tracing::warn!(%error, "cannot watch SIGHUP"))
+                    .ok()
+            });
         let watched = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -43,20 +64,27 @@ impl Terminate {
                 None
             }
         };
-        Terminate { watched }
+        Terminate { watched, hangup }
     }
 
     #[cfg(not(unix))]
-    fn install() -> Self {
+    fn install(_: bool) -> Self {
         Terminate {}
     }
 
     async fn next(&mut self) {
         #[cfg(unix)]
         if let Some((term, int)) = &mut self.watched {
+            let hangup = async {
+                match &mut self.hangup {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = hangup => {}
             }
             return;
         }

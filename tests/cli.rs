@@ -131,6 +131,17 @@ fn the_order_backend_takes_the_standard_flags() {
 
 #[test]
 fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
+    demo_serves_and_drains_on("-TERM");
+}
+
+/// A closed terminal's SIGHUP drains the demo as SIGTERM does; it used to
+/// kill it (exit 129) with its queued orders.
+#[test]
+fn demo_drains_on_sighup_too() {
+    demo_serves_and_drains_on("-HUP");
+}
+
+fn demo_serves_and_drains_on(signal: &str) {
     let mut child = Command::new(PORTICO)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -170,7 +181,7 @@ fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
     );
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -180,7 +191,7 @@ fn demo_serves_through_the_proxy_and_stops_on_sigterm() {
             assert!(status.success(), "demo exited with {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "demo did not stop after SIGTERM");
+        assert!(Instant::now() < deadline, "demo did not stop after {signal}");
         std::thread::sleep(Duration::from_millis(50));
     }
     // Logs going to a file or a pipe carry no terminal colour codes.

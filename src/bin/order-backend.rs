@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let stop = portico::signal::terminate();
+        let stop = portico::signal::terminate_or_hangup();
         let listener = tokio::net::TcpListener::bind(cli.listen)
             .await
             .map_err(|e| {
