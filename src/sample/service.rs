@@ -20,6 +20,11 @@ use crate::server::shutdown::{self, Shutdown, Trigger};
 /// Time each simulated slow step takes in the worker.
 const SLOW_STEP: Duration = Duration::from_millis(25);
 
+/// Confirmations the worker has under way at once, as a queue consumer's
+/// pool would: about 640 a second, where one at a time managed 20 and a
+/// burst of orders waited tens of seconds to be confirmed.
+const CONFIRMING: usize = 32;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("{0}")]
@@ -170,14 +175,25 @@ async fn worker(
     mut closing: Shutdown,
     pending: Arc<AtomicUsize>,
 ) {
+    use futures_util::StreamExt;
+    let mut confirming = futures_util::stream::FuturesUnordered::new();
     let mut open = true;
-    loop {
+    let mut queued = true;
+    while queued || !confirming.is_empty() {
         tokio::select! {
-            event = events.recv() => {
-                let Some(event) = event else { break };
-                confirm(repo.as_ref(), &event).await;
-                pending.fetch_sub(1, Ordering::SeqCst);
+            event = events.recv(), if queued && confirming.len() < CONFIRMING => {
+                match event {
+                    Some(event) => confirming.push(async {
+                        let event = event;
+                        confirm(repo.as_ref(), &event).await;
+                        // Counted as each one ends: an abort at the drain's
+                        // deadline leaves the count exact.
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                    }),
+                    None => queued = false,
+                }
             }
+            Some(()) = confirming.next(), if !confirming.is_empty() => {}
             // Closing refuses new events; recv still yields the queued ones,
             // then None.
             _ = closing.recv(), if open => {
@@ -311,9 +327,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn drain_stops_the_worker_at_the_deadline_and_counts_what_is_left() {
         let service = seeded_service();
-        let ids = create_many(&service, 30);
-        // Each confirmation takes two slow steps: about ten fit.
-        let left = service.drain(Instant::now() + SLOW_STEP * 20).await;
+        let ids = create_many(&service, CONFIRMING * 4);
+        // Each confirmation takes two slow steps: two rounds fit.
+        let left = service.drain(Instant::now() + SLOW_STEP * 5).await;
         let (confirmed, unconfirmed) = statuses(&service, &ids);
         assert!(
             confirmed > 0 && left > 0,
@@ -326,6 +342,16 @@ mod tests {
         assert_eq!(statuses(&service, &ids), (confirmed, unconfirmed));
         create_many(&service, 1);
         assert_eq!(service.pending(), left);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_worker_confirms_orders_side_by_side() {
+        let service = seeded_service();
+        let ids = create_many(&service, CONFIRMING);
+        // One confirmation's time (two slow steps) and a little over.
+        tokio::time::sleep(SLOW_STEP * 3).await;
+        assert_eq!(statuses(&service, &ids), (CONFIRMING, 0));
+        assert_eq!(service.pending(), 0);
     }
 
     #[tokio::test]
