@@ -11,7 +11,13 @@ use crate::server;
 /// Starts the backends and the proxy on `listen`; returns after Ctrl-C or
 /// SIGTERM once everything has stopped.
 pub async fn run(backends: usize, listen: SocketAddr, admin: SocketAddr) -> std::io::Result<()> {
-    run_until(backends, listen, admin, crate::signal::terminate_or_hangup()).await
+    run_until(
+        backends,
+        listen,
+        admin,
+        crate::signal::terminate_or_hangup(),
+    )
+    .await
 }
 
 /// [`run`] with the stop signal supplied by the caller (tests).

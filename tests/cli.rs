@@ -191,7 +191,10 @@ fn demo_serves_and_drains_on(signal: &str) {
             assert!(status.success(), "demo exited with {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "demo did not stop after {signal}");
+        assert!(
+            Instant::now() < deadline,
+            "demo did not stop after {signal}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Logs going to a file or a pipe carry no terminal colour codes.

@@ -261,8 +261,7 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let client = client();
     get(&client, &proxy.url("/users/1/orders")).await;
     let scrape = || async {
-        String::from_utf8_lossy(&get(&client, &proxy.admin_url("/metrics")).await.body)
-            .into_owned()
+        String::from_utf8_lossy(&get(&client, &proxy.admin_url("/metrics")).await.body).into_owned()
     };
     assert!(scrape().await.contains("portico_cache_entries 1"));
 

@@ -119,8 +119,12 @@ pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 fn parse_id(segment: &str) -> Option<u64> {
-    // Digits only: "+1" or " 1" are not ids.
+    // Digits only: "+1" or " 1" are not ids; nor is "01", which would make
+    // a second URL for user 1's list, one a cache invalidates apart.
     if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if segment.len() > 1 && segment.starts_with('0') {
         return None;
     }
     segment.parse().ok()
@@ -150,7 +154,10 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
         ["health"] => method_not_allowed("GET, HEAD"),
         ["users", id, "orders"] => {
             let Some(user_id) = parse_id(id) else {
-                return error(StatusCode::BAD_REQUEST, "user id must be a number");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "user id must be a number, without leading zeros",
+                );
             };
             if read {
                 list_orders(ctx, user_id, request.headers())
@@ -342,6 +349,12 @@ fn list_orders(ctx: &Context, user_id: u64, headers: &HeaderMap) -> Response<Bod
 }
 
 async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -> Response<Body> {
+    if !is_json(request.headers()) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "an order is sent as application/json",
+        );
+    }
     let body = match Limited::new(request.into_body(), MAX_ORDER_BODY)
         .collect()
         .await
@@ -370,9 +383,54 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
     }
 }
 
+/// Whether a request body is declared JSON (`application/json`, with any
+/// parameters, or a `+json` type). One that declares nothing is taken as
+/// JSON; curl's `-d` alone declares a form, which is refused.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_digits_without_leading_zeros() {
+        for (segment, want) in [("1", Some(1)), ("0", Some(0)), ("10", Some(10))] {
+            assert_eq!(parse_id(segment), want, "{segment}");
+        }
+        for segment in ["", "01", "001", "+1", " 1", "1a"] {
+            assert_eq!(parse_id(segment), None, "{segment}");
+        }
+    }
+
+    #[test]
+    fn orders_are_json_or_undeclared() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            is_json(&headers)
+        };
+        assert!(is_json(&HeaderMap::new()));
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(with("application/vnd.order+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/x-www-form-urlencoded"));
+    }
 
     #[test]
     fn if_none_match_uses_weak_comparison() {

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Unknown fields are refused, as in [`NewOrder`]: a misspelt `qtty` next
+/// to `qty` is a 400, not dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderItem {
     pub sku: String,
     pub qty: u32,
@@ -41,4 +44,19 @@ pub struct NewOrder {
 pub struct OrderConfirmed {
     pub order_id: String,
     pub email: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused_in_items_too() {
+        let typo = r#"{"items":[{"sku":"A-1","qty":1,"qtty":5}],"amount_cents":1,"email":"a@b.c"}"#;
+        let error = serde_json::from_str::<NewOrder>(typo).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `qtty`"),
+            "{error}"
+        );
+    }
 }

@@ -2,7 +2,8 @@
 //! where orders live, and the in-memory store the sample uses. The store is
 //! the one place that knows which users exist (the seeded users 1 to 3);
 //! orders are only taken for them. Each user has a version that changes with
-//! their orders; it becomes the list's ETag.
+//! their orders; it becomes the list's ETag, and starts at a random point
+//! per store.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -51,9 +52,14 @@ impl InMemoryRepository {
             email: "alice@example.com".into(),
             status: OrderStatus::Confirmed,
         };
-        state.users.insert(1, (vec![seed.id.clone()], 1));
-        state.users.insert(2, (Vec::new(), 1));
-        state.users.insert(3, (Vec::new(), 1));
+        // Versions start at a random point, so that two stores (two
+        // order-backend processes) do not give one ETag to lists that
+        // differ, which a cache revalidating against the other would
+        // take as unchanged.
+        let first = fastrand::u64(1..1 << 40);
+        state.users.insert(1, (vec![seed.id.clone()], first));
+        state.users.insert(2, (Vec::new(), first));
+        state.users.insert(3, (Vec::new(), first));
         state.orders.insert(seed.id.clone(), seed);
         InMemoryRepository {
             state: RwLock::new(state),
@@ -158,6 +164,12 @@ mod tests {
         assert!(repo.set_status(&order.id, OrderStatus::Confirmed));
         assert!(repo.orders_of(1).unwrap().1 > v1);
         assert!(!repo.set_status("ORDER-999", OrderStatus::Confirmed));
+    }
+
+    #[test]
+    fn two_stores_do_not_share_versions() {
+        let (a, b) = (InMemoryRepository::seeded(), InMemoryRepository::seeded());
+        assert_ne!(a.orders_of(1).unwrap().1, b.orders_of(1).unwrap().1);
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::server::shutdown::{self, Shutdown, Trigger};
 /// Time each simulated slow step takes in the worker.
 const SLOW_STEP: Duration = Duration::from_millis(25);
 
+/// Largest `amount_cents`: JavaScript's `Number.MAX_SAFE_INTEGER`.
+const MAX_AMOUNT_CENTS: u64 = (1 << 53) - 1;
+
 /// Confirmations the worker has under way at once, as a queue consumer's
 /// pool would: about 640 a second, where one at a time managed 20 and a
 /// burst of orders waited tens of seconds to be confirmed.
@@ -68,8 +71,19 @@ pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
     if order.amount_cents == 0 {
         return Err(ServiceError::Invalid("amount_cents must be at least 1"));
     }
+    // What a JSON number holds exactly in every client (2^53 - 1).
+    if order.amount_cents > MAX_AMOUNT_CENTS {
+        return Err(ServiceError::Invalid(
+            "amount_cents must be at most 9007199254740991",
+        ));
+    }
     let email = order.email.trim();
-    if email.len() < 3 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+    // The worker mails it: no spaces or control characters, which would
+    // let an address carry header lines of its own.
+    let clean = !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    let at = email.find('@');
+    let shaped = at.is_some_and(|at| at > 0 && at + 1 < email.len());
+    if !(clean && shaped) {
         return Err(ServiceError::Invalid("email must be an address"));
     }
     Ok(())
@@ -252,6 +266,21 @@ mod tests {
             (
                 order(&[("A-1", 1)], "@example.com"),
                 Err("email must be an address"),
+            ),
+            (
+                order(&[("A-1", 1)], "a@b.c\r\nBcc: x@y.z"),
+                Err("email must be an address"),
+            ),
+            (
+                order(&[("A-1", 1)], "a b@example.com"),
+                Err("email must be an address"),
+            ),
+            (
+                NewOrder {
+                    amount_cents: MAX_AMOUNT_CENTS + 1,
+                    ..order(&[("A-1", 1)], "a@example.com")
+                },
+                Err("amount_cents must be at most 9007199254740991"),
             ),
             (
                 NewOrder {
