@@ -290,7 +290,10 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
         let slot = match name.as_str() {
             "prefix" => &mut prefix,
             "host" => &mut host,
-            _ => return Err(format!("unknown parameter `{name}`: {USAGE}")),
+            _ => {
+                let name = name.escape_debug();
+                return Err(format!("unknown parameter `{name}`: {USAGE}"));
+            }
         };
         if slot.replace(value).is_some() {
             return Err(format!("`{name}` given twice: {USAGE}"));
@@ -298,6 +301,7 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
     }
     if let Some(host) = &mut host {
         if host.is_empty() || !crate::proxy::headers::valid_host(host.as_bytes()) {
+            let host = host.escape_debug();
             return Err(format!("`{host}` is not a host: {USAGE}"));
         }
         // Keys hold the host without its scheme's default port.
@@ -313,6 +317,11 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
         (None, None) if query.is_some() => Err(USAGE.to_owned()),
         (None, None) => Ok(Purge::All),
         (Some(prefix), _) if !prefix.starts_with('/') => Err("prefix must start with /".to_owned()),
+        // No request path holds one: such a prefix could match nothing,
+        // and would be echoed raw into the answer and the log.
+        (Some(prefix), _) if prefix.chars().any(char::is_control) => {
+            Err("prefix must not hold control characters".to_owned())
+        }
         (prefix, host) => Ok(Purge::Matching {
             host: host.map(|h| h.to_ascii_lowercase()),
             prefix: prefix.unwrap_or_else(|| "/".to_owned()),
@@ -452,11 +461,17 @@ mod tests {
             "prefix=%",
             "prefix=%ff",
             "prefix=%+5",
+            "prefix=/x%00y",
             "&",
             "",
         ] {
             assert!(purge_request(Some(refused)).is_err(), "{refused}");
         }
+        // What the caller sent comes back escaped, never as raw bytes.
+        let said = purge_request(Some("host=a%0d%0ab")).unwrap_err();
+        assert!(said.starts_with("`a\\r\\nb` is not a host"), "{said}");
+        let said = purge_request(Some("x%07=1")).unwrap_err();
+        assert!(said.starts_with("unknown parameter `x\\u{7}`"), "{said}");
     }
 
     #[test]
