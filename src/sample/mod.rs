@@ -114,7 +114,12 @@ async fn serve_context(
     drop(listener);
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
     trigger.fire();
-    drain.wait(STOP_GRACE).await;
+    if !drain.wait(STOP_GRACE).await {
+        tracing::warn!(
+            grace = ?STOP_GRACE,
+            "connections still busy at the end of the shutdown grace are cut"
+        );
+    }
     // After the requests: one still being answered may publish an event.
     ctx.service.drain(deadline).await;
     Ok(())
