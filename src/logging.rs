@@ -10,8 +10,19 @@ fn colour_on_stderr() -> bool {
 
 /// Installs the global subscriber; `json` for one JSON object a line.
 pub fn init(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, refused) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(error) => {
+            // Unset or empty is the default, not a mistake.
+            let given = std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty());
+            (
+                tracing_subscriber::EnvFilter::new("info"),
+                given.map(|given| (given, error)),
+            )
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour_on_stderr())
@@ -20,5 +31,8 @@ pub fn init(json: bool) {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+    if let Some((given, error)) = refused {
+        tracing::warn!(rust_log = %given, %error, "RUST_LOG is not a valid filter; logging at info");
     }
 }

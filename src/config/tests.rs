@@ -134,7 +134,7 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"2 parsecs\"\n[[route]]\nupstream = \"b\"\n",
             &[
-                "test.toml:4:19: upstream[0].connect_timeout: expected a number at ` parsecs`",
+                "test.toml:4:19: upstream[0].connect_timeout: expected a whole number at ` parsecs`",
                 "test.toml:6:12: route[0].upstream: unknown upstream `b` (defined: a)",
             ],
         ),
@@ -180,7 +180,7 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
                 "test.toml: route: no [[route]] defined: every request would get 404",
-                "test.toml:2:20: server.max_request_body: expected a number at ` MiB`",
+                "test.toml:2:20: server.max_request_body: expected a whole number at ` MiB`",
                 "test.toml:3:11: server.listen: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
             ],
         ),
@@ -235,6 +235,18 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:5:3: server.tls[0].certificates[1]: TLS certificate /nonexistent/b.pem: I/O error: No such file or directory (os error 2)",
                 "test.toml:8:1: admin.bogus: unknown key `bogus`",
                 "test.toml:11:13: upstream[0].backends[0]: backend 127.0.0.1:8443 is this proxy's own server.tls[0].listen: requests would loop back to it",
+            ],
+        ),
+        (
+            "[server]\nlisten = [\"nope\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:11: server.listen[0]: `nope` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nretries = 1000\n[upstream.health]\ninterval = \"0s\"\ntimeout = \"5s\"\n[[route]]\nupstream = \"a\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:4:11: upstream[0].retries: must be 0 to 10: more retries only multiply an outage",
+                "test.toml:6:12: upstream[0].health.interval: must be greater than 0",
+                "test.toml:10:1: route[1]: another route already has no host and path_prefix `/`",
             ],
         ),
         (

@@ -12,7 +12,7 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("expected a number at `{rest}`"));
+            return Err(format!("expected a whole number at `{rest}`"));
         }
         let number: u64 = rest[..digits]
             .parse()

@@ -199,7 +199,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     let rate_limit = file.rate_limit.map(|l| rate_limit(r, l.get_ref()));
 
     let mut routes = Vec::new();
-    let mut seen_routes: HashSet<(String, String)> = HashSet::new();
+    let mut seen_routes: HashSet<(Option<String>, String)> = HashSet::new();
     // Names given with `name`, and where; derived ones are checked against
     // them once every route is read.
     let mut given_names: HashMap<String, usize> = HashMap::new();
@@ -259,14 +259,17 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             Some(p) => Some(p.get_ref().clone()),
         };
         if let (Some(_), Some(path_prefix)) = (&host, &path_prefix) {
-            let host_text = raw.host.as_ref().map_or("*", |h| h.get_ref().as_str());
-            if !seen_routes.insert((host_text.to_ascii_lowercase(), path_prefix.clone())) {
+            let host_text = raw.host.as_ref().map(|h| h.get_ref().as_str());
+            let seen = (host_text.map(str::to_ascii_lowercase), path_prefix.clone());
+            if !seen_routes.insert(seen) {
+                let host = match host_text {
+                    Some(host) => format!("host `{host}`"),
+                    None => "no host".to_owned(),
+                };
                 r.at(
                     spanned.span(),
                     &key,
-                    format!(
-                        "another route already has host `{host_text}` and path_prefix `{path_prefix}`"
-                    ),
+                    format!("another route already has {host} and path_prefix `{path_prefix}`"),
                 );
             }
         }
@@ -488,7 +491,9 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             certificates,
         });
     }
-    if listen.is_empty() && tls.is_empty() {
+    // Not when the addresses given were refused: each has its error.
+    let none_given = raw.listen.as_ref().is_none_or(Vec::is_empty);
+    if listen.is_empty() && tls.is_empty() && none_given {
         r.at(
             section,
             "server.listen",
@@ -707,7 +712,7 @@ fn upstream(
             r.at(
                 v.span(),
                 format!("{key}.retries"),
-                "more than 10 retries only multiplies an outage",
+                "must be 0 to 10: more retries only multiply an outage",
             );
         }
     }
@@ -829,7 +834,12 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
         d.interval,
     );
     let timeout = positive(r, &format!("{key}.timeout"), h.timeout.as_ref(), d.timeout);
-    if timeout > interval {
+    // Compared only as given: a refused value has its own error, and its
+    // default stood in for it above.
+    let given = |value: Option<&raw::Str>| {
+        value.is_none_or(|v| parse_duration(v.get_ref()).is_ok_and(|d| !d.is_zero()))
+    };
+    if timeout > interval && given(h.interval.as_ref()) && given(h.timeout.as_ref()) {
         let span = h.timeout.as_ref().map_or(raw.span(), |t| t.span());
         r.at(
             span,

@@ -48,7 +48,13 @@ fn load_pair(
     }
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
         path: key_path.clone(),
-        reason: e.to_string(),
+        reason: match e {
+            // A certificate given as the key, the usual mix-up.
+            pki_types::pem::Error::NoItemsFound => {
+                "no PEM private key in the file (a PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)".into()
+            }
+            e => e.to_string(),
+        },
     })?;
     let key = provider
         .key_provider
