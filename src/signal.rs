@@ -23,15 +23,15 @@ pub fn terminate_or_hangup() -> impl Future<Output = ()> {
     on_signals(Terminate::install(true))
 }
 
-fn on_signals(mut signals: Terminate) -> impl Future<Output = ()> {
-    async move {
+/// Handlers installed by the caller (the argument is made before this is
+/// awaited).
+async fn on_signals(mut signals: Terminate) {
+    signals.next().await;
+    tokio::spawn(async move {
         signals.next().await;
-        tokio::spawn(async move {
-            signals.next().await;
-            tracing::warn!("second signal: exiting without waiting for in-flight requests");
-            std::process::exit(1);
-        });
-    }
+        tracing::warn!("second signal: exiting without waiting for in-flight requests");
+        std::process::exit(1);
+    });
 }
 
 /// SIGTERM and SIGINT (and SIGHUP if asked), watched from the moment of
