@@ -54,9 +54,7 @@ async fn shutdown_lets_fifty_slow_requests_finish_and_refuses_new_connections() 
 async fn reloading_under_load_fails_no_request_and_switches_backends() {
     let old = start_backend(BackendOptions::new("old")).await;
     let new = start_backend(BackendOptions::new("new")).await;
-    let dir = std::env::temp_dir().join(format!("portico-lifecycle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
+    let (dir, file) = config_dir("lifecycle");
     let write = |backend: std::net::SocketAddr| {
         let text = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
@@ -270,9 +268,7 @@ async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
 #[tokio::test]
 async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     let backend = start_backend(BackendOptions::new("b1")).await;
-    let dir = std::env::temp_dir().join(format!("portico-listeners-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
+    let (dir, file) = config_dir("listeners");
     let write = |listen: &str| {
         let text = format!(
             "[server]\nlisten = [{listen}]\n[admin]\nlisten = \"127.0.0.1:0\"\n\

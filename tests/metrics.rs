@@ -244,9 +244,7 @@ async fn the_admin_endpoints_are_not_reachable_through_the_traffic_listener() {
 #[tokio::test]
 async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let backend = start_backend(BackendOptions::new("b1")).await;
-    let dir = std::env::temp_dir().join(format!("portico-nocache-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
+    let (dir, file) = config_dir("nocache");
     let write = |cache: &str| {
         std::fs::write(
             &file,
@@ -282,9 +280,7 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
 async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let old = start_backend(BackendOptions::new("old")).await;
     let new = start_backend(BackendOptions::new("new")).await;
-    let dir = std::env::temp_dir().join(format!("portico-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
+    let (dir, file) = config_dir("reload");
     let write = |backend: std::net::SocketAddr, extra: &str| {
         std::fs::write(
             &file,

@@ -166,6 +166,15 @@ pub fn config_for(backends: &[&RunningBackend]) -> Config {
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 
 /// `config` with the cache on for its first route.
+/// A fresh directory for one test's files (a config, a token file), and
+/// the `portico.toml` path in it.
+pub fn config_dir(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    (dir, file)
+}
+
 pub fn with_cache(mut config: Config) -> Config {
     config.cache = Some(portico::config::Cache::default());
     config.routes[0].cache = true;
