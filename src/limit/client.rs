@@ -68,29 +68,28 @@ pub fn parse_hop(entry: &str) -> Option<IpAddr> {
 }
 
 /// The right-hand end of a header value, cut at an entry boundary.
-fn tail(value: &str) -> &str {
+fn tail(value: &[u8]) -> &[u8] {
     if value.len() <= MAX_HEADER_BYTES {
         return value;
     }
     let start = value.len() - MAX_HEADER_BYTES;
-    match value[start..].find(',') {
-        Some(comma) if value.is_char_boundary(start + comma + 1) => &value[start + comma + 1..],
-        _ => "",
+    match value[start..].iter().position(|&b| b == b',') {
+        Some(comma) => &value[start + comma + 1..],
+        None => b"",
     }
 }
 
-/// Entries of every line of `name`, right-most first, bounded.
-fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<&'a str> {
-    let lines: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+/// Entries of every line of `name`, right-most first, bounded; `None` for
+/// one that is not text. Split as bytes, so a stray byte a client put at
+/// the left of a line does not hide the entries its proxies appended.
+fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<Option<&'a str>> {
+    let lines: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
     lines
         .iter()
         .rev()
-        .flat_map(|line| tail(line).rsplit(','))
+        .flat_map(|line| tail(line).rsplit(|&b| b == b','))
         .take(MAX_HOPS)
+        .map(|entry| std::str::from_utf8(entry).ok())
         .collect()
 }
 
@@ -119,14 +118,16 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpA
     let mut client = peer;
     for entry in entries {
         // RFC 9110 §5.6.1: empty list elements (`a, , b`) are ignored.
-        if entry.trim().is_empty() {
+        if entry.is_some_and(|entry| entry.trim().is_empty()) {
             continue;
         }
-        let hop = if forwarded {
-            forwarded_for(entry).and_then(parse_hop)
-        } else {
-            parse_hop(entry)
-        };
+        let hop = entry.and_then(|entry| {
+            if forwarded {
+                forwarded_for(entry).and_then(parse_hop)
+            } else {
+                parse_hop(entry)
+            }
+        });
         match hop {
             Some(ip) if trusted(ip, proxies) => client = ip,
             Some(ip) => return ip,
@@ -257,6 +258,22 @@ mod tests {
             let got = client_ip(peer.parse().unwrap(), &headers(pairs), &proxies);
             assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{peer} {pairs:?}");
         }
+        // A byte that is not text at the left of the line, where the client
+        // wrote, hides nothing its proxy appended on the right.
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            X_FORWARDED_FOR.clone(),
+            http::HeaderValue::from_bytes(b"\xff-junk, 198.51.100.7").unwrap(),
+        );
+        let got = client_ip("127.0.0.1:1000".parse().unwrap(), &odd, &proxies);
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
+        // Where the address should be, it is garbage like any other.
+        odd.insert(
+            X_FORWARDED_FOR.clone(),
+            http::HeaderValue::from_bytes(b"1.1.1.1, \xff").unwrap(),
+        );
+        let got = client_ip("127.0.0.1:1000".parse().unwrap(), &odd, &proxies);
+        assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -16,7 +16,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The members of a comma-separated list field (RFC 9110 §5.6.1), over
-/// all its lines, trimmed; a line that is not visible ASCII is skipped.
+/// all its lines, trimmed. A member that is not text is skipped, and only
+/// it: one stray byte must not hide the rest of its line (a `Connection`
+/// whose named fields would then go through).
 pub(crate) fn list_members<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
@@ -24,8 +26,8 @@ pub(crate) fn list_members<'a>(
     headers
         .get_all(name)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|member| std::str::from_utf8(member).ok())
         .map(str::trim)
 }
 
@@ -611,6 +613,18 @@ mod tests {
             let parsed: IpAddr = ip.parse().unwrap();
             assert_eq!(forwarded_for(parsed), ip);
         }
+    }
+
+    #[test]
+    fn a_stray_byte_in_connection_hides_none_of_the_fields_it_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff, x-secret").unwrap(),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]
