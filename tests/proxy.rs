@@ -157,6 +157,23 @@ async fn a_backend_slower_than_response_timeout_gives_504() {
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// hyper's client sends a GET body of unknown length as none at all unless
+/// told it is chunked; the backend got a GET without its body before.
+#[tokio::test]
+async fn a_chunked_get_body_reaches_the_backend() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Echoed chunk by chunk.
+    assert!(answer.contains("5\r\nhello\r\n6\r\n world\r\n"), "{answer}");
+}
+
 /// Trailers end a chunked upload: the backend's time to answer counts
 /// from them, as from the last chunk.
 #[tokio::test]

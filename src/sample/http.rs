@@ -1,7 +1,7 @@
 //! The order backend's HTTP layer: routing, JSON in and out, ETags and
 //! conditional GETs. Every answer carries `X-Backend: NAME`. Besides the
-//! order API it has three helpers for proxy tests: `POST /echo` streams the
-//! body back, `GET /echo/headers` shows the request headers it received,
+//! order API it has three helpers for proxy tests: `POST /echo` (or GET)
+//! streams the body back, `GET /echo/headers` shows the request headers it received,
 //! `GET /bytes/{n}` returns n deterministic bytes, and `GET /ws/echo`
 //! upgrades the connection and echoes raw bytes.
 
@@ -179,7 +179,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
         },
         ["orders", _] => method_not_allowed("GET, HEAD"),
-        ["echo"] if method == Method::POST => {
+        ["echo"] if method == Method::POST || method == Method::GET => {
             let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
             let mut response = Response::new(Either::Right(Either::Left(request.into_body())));
             if let Some(ct) = content_type {
@@ -187,7 +187,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             }
             response
         }
-        ["echo"] => method_not_allowed("POST"),
+        ["echo"] => method_not_allowed("GET, POST"),
         ["ws", "echo"] if method == Method::GET => upgrade_echo(request),
         ["cache", _] if read => cache_test(ctx, &request),
         ["echo", "headers"] if read => {

@@ -365,6 +365,18 @@ impl Upstream {
         }
         // Backends speak HTTP/1.1 whatever the client used.
         *request.version_mut() = http::Version::HTTP_11;
+        // hyper sends a GET or HEAD body of unknown length (chunked, or
+        // HTTP/2 without a length) as no body at all, assuming there is
+        // none: say it is chunked, or the client's body is dropped unseen.
+        if !http_body::Body::is_end_stream(request.body())
+            && matches!(*request.method(), Method::GET | Method::HEAD)
+            && http_body::Body::size_hint(request.body()).exact().is_none()
+        {
+            request.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
 
         let addr = backend.addr;
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
