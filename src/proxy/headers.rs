@@ -330,6 +330,9 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 /// with portico's values, the ones its backend saw.
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     remove_hop_by_hop(headers);
+    if client.version >= Version::HTTP_2 {
+        join_cookies(headers);
+    }
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(client.proto),
@@ -341,6 +344,25 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
         None => {
             headers.remove(&X_FORWARDED_HOST);
         }
+    }
+}
+
+/// HTTP/2 lets a client send its cookies as several `cookie` fields (to
+/// compress them apart); HTTP/1.1 allows one line, so RFC 9113 §8.2.3
+/// says they MUST be joined with "; " for it. One field is left as it is.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let joined: Vec<u8> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -613,6 +635,23 @@ mod tests {
             let parsed: IpAddr = ip.parse().unwrap();
             assert_eq!(forwarded_for(parsed), ip);
         }
+    }
+
+    #[test]
+    fn http2_cookie_fields_reach_http1_as_one_line() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let mut h1 = headers.clone();
+        scrub_request(&mut h1, client(None));
+        assert_eq!(h1.get_all(header::COOKIE).iter().count(), 2);
+        let h2 = ClientInfo {
+            version: Version::HTTP_2,
+            ..client(None)
+        };
+        scrub_request(&mut headers, h2);
+        let cookies: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
     }
 
     #[test]
