@@ -218,6 +218,28 @@ async fn response_timeout_counts_from_the_end_of_a_slow_upload() {
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
 
+/// HTTP/1 heads over 100 fields get hyper's 431; HTTP/2 ones went through.
+#[tokio::test]
+async fn an_http2_request_with_over_100_fields_gets_431() {
+    // A backend with no limit of its own: what portico lets through gets 200.
+    let backend = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    })
+    .await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![backend])).await;
+    let with_fields = |n: usize| {
+        let mut request = Request::get(proxy.url("/"));
+        for i in 0..n {
+            request = request.header(format!("x-f{i}"), "1");
+        }
+        request.body(Full::new(Bytes::new())).unwrap()
+    };
+    let answer = send(&h2c_client(), with_fields(100)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let answer = send(&h2c_client(), with_fields(150)).await;
+    assert_eq!(answer.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_requests_are_proxied() {
     let backend = start_backend(BackendOptions::new("b1")).await;

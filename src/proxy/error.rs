@@ -6,6 +6,11 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
+/// Header fields a request may carry: hyper's fixed HTTP/1 limit, which
+/// portico applies to HTTP/2 requests too (HAProxy's `tune.http.maxhdr`
+/// is 101).
+pub const MAX_HEADER_FIELDS: usize = 100;
+
 /// Why portico answers a request itself instead of relaying a backend's
 /// response.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +19,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route for this host and path")]
     NoRoute,
+    #[error("more than {MAX_HEADER_FIELDS} header fields")]
+    TooManyFields,
     #[error("request uses a transfer coding other than chunked")]
     UnsupportedCoding,
     #[error("CONNECT is not supported: portico is a reverse proxy, not a tunnel")]
@@ -58,6 +65,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::TooManyFields => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedCoding | ProxyError::ConnectMethod => {
                 StatusCode::NOT_IMPLEMENTED
             }
@@ -129,6 +137,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::BAD_REQUEST => "400 Bad Request\n",
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "431 Request Header Fields Too Large\n",
         StatusCode::PRECONDITION_FAILED => "412 Precondition Failed\n",
         StatusCode::NOT_IMPLEMENTED => "501 Not Implemented\n",
         StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",

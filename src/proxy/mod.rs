@@ -301,6 +301,13 @@ impl Proxy {
             if request.method() == Method::CONNECT {
                 return Err(ProxyError::ConnectMethod);
             }
+            // HTTP/1 heads over it never get here (hyper answers 431). One
+            // more for the X-Request-Id `handle` may have added.
+            if request.version() >= http::Version::HTTP_2
+                && request.headers().len() > error::MAX_HEADER_FIELDS + 1
+            {
+                return Err(ProxyError::TooManyFields);
+            }
             // Before the cache: a looped miss would otherwise wait on its
             // own fill. For the same reason a request back once (allowed,
             // see `laps`) goes past the cache to its backend.
