@@ -33,10 +33,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Bodies read for the cache at most at once with no client attached (the
-/// rest of a range miss's response, see `proxy::body::Slice`): each may
-/// hold up to `max_object_size` and a backend connection, and a client
-/// can start one per cold URL with a one-byte range and leave.
+/// Bodies read for the cache at most at once with no client attached: the
+/// rest of a range miss's response (`proxy::body::Slice`), the body of a
+/// HEAD fetched as a GET, the rest of a body being stored whose client
+/// left (`proxy::body::read_ahead`). Each may hold up to `max_object_size`
+/// and a backend connection, and a client can start one per cold URL with
+/// a one-byte range and leave.
 const BACKGROUND_READS: usize = 32;
 
 static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

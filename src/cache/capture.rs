@@ -15,6 +15,9 @@ use super::lock::Leader;
 use super::policy::{CacheControl, Timing};
 use super::{Cache, Entry};
 
+/// Frames under this size are gathered into chunks of about this size.
+const SMALL: usize = 4 * 1024;
+
 #[derive(Debug)]
 pub struct Capture {
     cache: Arc<Cache>,
@@ -27,6 +30,8 @@ pub struct Capture {
     lifetime: Duration,
     cc: CacheControl,
     chunks: Vec<Bytes>,
+    /// Small frames gathered into one chunk (see [`Capture::data`]).
+    small: BytesMut,
     size: usize,
     limit: usize,
     leader: Option<Leader>,
@@ -71,6 +76,7 @@ impl Capture {
             lifetime: head.lifetime,
             cc: head.cc,
             chunks: Vec::new(),
+            small: BytesMut::new(),
             size: 0,
             limit,
             leader,
@@ -88,19 +94,36 @@ impl Capture {
         told
     }
 
-    /// Copies one frame; false once the body is too large to keep.
+    /// Copies one frame; false once the body is too large to keep. Small
+    /// frames are copied into the last chunk, so a body of tiny chunks
+    /// does not keep a handle (and a backend read buffer) for each.
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
             self.cache.not_stored(self.fill.primary(), self.status);
             return false;
         }
-        self.chunks.push(data.clone());
+        if data.len() >= SMALL {
+            self.flush_small();
+            self.chunks.push(data.clone());
+        } else {
+            self.small.extend_from_slice(data);
+            if self.small.len() >= SMALL {
+                self.flush_small();
+            }
+        }
         true
     }
 
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.split().freeze());
+        }
+    }
+
     /// The body ended cleanly: store it, then release the waiters.
-    pub fn finish(self) {
+    pub fn finish(mut self) {
+        self.flush_small();
         let body = match self.chunks.len() {
             0 => Bytes::new(),
             1 => self.chunks[0].clone(),

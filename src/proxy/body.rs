@@ -324,7 +324,9 @@ pub enum ProxyBody {
 /// What the task reading a body ahead sends to the client's side.
 #[derive(Debug)]
 enum Piece {
-    Frame(Result<Frame<Bytes>, BodyError>),
+    /// A frame, and its charge against [`AHEAD_BUDGET`], given back when
+    /// the piece is dropped (taken by the client, or never).
+    Frame(Result<Frame<Bytes>, BodyError>, Charge),
     /// The body is not being stored (any more): the client reads the rest
     /// itself, at its own pace.
     Rest(ProxyBody),
@@ -337,15 +339,43 @@ enum Piece {
 /// without bound.
 const AHEAD_BUDGET: usize = 64 * 1024 * 1024;
 
+/// What a piece costs beyond its bytes (its slot in the channel, the
+/// `Bytes` handle): charged too, so a body of one-byte chunks cannot hold
+/// far more than its charge says.
+const PIECE_COST: usize = 128;
+
+/// Data frames smaller than this that the backend has ready together are
+/// sent on as one (copied), so a body of tiny chunks makes few pieces.
+const SMALL_FRAME: usize = 4 * 1024;
+
+/// Up to this many bytes of small frames make one piece.
+const BATCH: usize = 16 * 1024;
+
 /// Bytes read ahead and not yet taken by their clients, all bodies.
 static AHEAD_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn data_len(frame: &Result<Frame<Bytes>, BodyError>) -> usize {
-    frame
-        .as_ref()
-        .ok()
-        .and_then(Frame::data_ref)
-        .map_or(0, Bytes::len)
+/// A piece's share of [`AHEAD_HELD`], given back on drop, whichever way
+/// the piece goes (taken, left in a closed channel, refused by one).
+#[derive(Debug)]
+struct Charge(usize);
+
+impl Charge {
+    fn new(frame: &Result<Frame<Bytes>, BodyError>) -> Self {
+        let len = frame
+            .as_ref()
+            .ok()
+            .and_then(Frame::data_ref)
+            .map_or(0, Bytes::len);
+        let charge = len + PIECE_COST;
+        AHEAD_HELD.fetch_add(charge, Ordering::Relaxed);
+        Charge(charge)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        AHEAD_HELD.fetch_sub(self.0, Ordering::Relaxed);
+    }
 }
 
 /// The client's side of a body read ahead: the frames the task has read,
@@ -372,10 +402,9 @@ impl Ahead {
                 Poll::Pending => return Poll::Pending,
             };
             match piece {
-                Some(Piece::Frame(frame)) => {
-                    let len = data_len(&frame);
-                    AHEAD_HELD.fetch_sub(len, Ordering::Relaxed);
-                    if let Some(left) = &mut self.left {
+                Some(Piece::Frame(frame, _charge)) => {
+                    if let (Some(left), Ok(frame)) = (&mut self.left, &frame) {
+                        let len = frame.data_ref().map_or(0, Bytes::len);
                         *left = left.saturating_sub(len as u64);
                     }
                     return Poll::Ready(Some(frame));
@@ -390,52 +419,77 @@ impl Ahead {
     }
 }
 
-impl Drop for Ahead {
-    /// Gives back what the client never took; the task sends no more.
-    fn drop(&mut self) {
-        self.pieces.close();
-        while let Ok(piece) = self.pieces.try_recv() {
-            if let Piece::Frame(frame) = piece {
-                AHEAD_HELD.fetch_sub(data_len(&frame), Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-/// Reads `body` (a stored one) to its end, sending each frame on to the
-/// client's side: the cache fills at the backend's pace, so requests
+/// Reads `body` (one being stored) to its end, sending each frame on to
+/// the client's side: the cache fills at the backend's pace, so requests
 /// waiting for it are not held up by a slow first client (nginx buffers
 /// upstream responses, Varnish fetches apart from delivery), and the
-/// backend connection is free as soon as the backend is done. Past what
-/// the cache keeps, or past [`AHEAD_BUDGET`], the rest goes back to the
-/// client's side to be read at its pace. A client gone while the body is
-/// still being stored leaves the rest to a background read.
+/// backend connection is free as soon as the backend is done. Small frames
+/// ready together go on as one. Past what the cache keeps, or past
+/// [`AHEAD_BUDGET`], the rest goes back to the client's side to be read at
+/// its pace. A client gone while the body is still being stored leaves the
+/// rest to a background read.
 async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSender<Piece>) {
+    use futures_util::FutureExt;
+    let mut batch = bytes::BytesMut::new();
+    let send = |frame: Result<Frame<Bytes>, BodyError>| {
+        let charge = Charge::new(&frame);
+        pieces.send(Piece::Frame(frame, charge)).is_ok()
+    };
+    let flush = |batch: &mut bytes::BytesMut| {
+        batch.is_empty() || send(Ok(Frame::data(batch.split().freeze())))
+    };
     loop {
         if !body.is_capturing() || AHEAD_HELD.load(Ordering::Relaxed) >= AHEAD_BUDGET {
-            let _ = pieces.send(Piece::Rest(body));
+            if flush(&mut batch) {
+                let _ = pieces.send(Piece::Rest(body));
+            }
             return;
         }
-        let frame = tokio::select! {
-            frame = http_body_util::BodyExt::frame(&mut body) => frame,
-            () = pieces.closed() => break,
+        // With a batch begun, only what is ready now joins it.
+        let next = http_body_util::BodyExt::frame(&mut body);
+        let frame = if batch.is_empty() {
+            tokio::select! {
+                frame = next => frame,
+                () = pieces.closed() => break,
+            }
+        } else {
+            match next.now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    if !flush(&mut batch) {
+                        break;
+                    }
+                    continue;
+                }
+            }
         };
         let Some(frame) = frame else {
-            let _ = pieces.send(Piece::End);
+            if flush(&mut batch) {
+                let _ = pieces.send(Piece::End);
+            }
             return;
         };
         let failed = frame.is_err();
-        let len = data_len(&frame);
-        AHEAD_HELD.fetch_add(len, Ordering::Relaxed);
-        if pieces.send(Piece::Frame(frame)).is_err() {
-            AHEAD_HELD.fetch_sub(len, Ordering::Relaxed);
-            break;
+        match frame.as_ref().ok().and_then(Frame::data_ref) {
+            Some(data) if data.len() < SMALL_FRAME => {
+                batch.extend_from_slice(data);
+                if batch.len() >= BATCH && !flush(&mut batch) {
+                    break;
+                }
+            }
+            _ => {
+                if !flush(&mut batch) || !send(frame) {
+                    break;
+                }
+            }
         }
         if failed {
             return;
         }
         if body.is_end_stream() {
-            let _ = pieces.send(Piece::End);
+            if flush(&mut batch) {
+                let _ = pieces.send(Piece::End);
+            }
             return;
         }
     }
@@ -448,8 +502,8 @@ async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSen
 /// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
 /// range is sent and `inner` is still being copied into the cache, the rest
 /// of it is read to its end by a task of its own, so the whole response is
-/// stored; a client gone before its range ends takes the copy with it, as
-/// a client that leaves any fetch does.
+/// stored; a client gone before its range ends takes the copy with it (a
+/// range is not read ahead, see [`read_ahead`]).
 #[derive(Debug)]
 pub struct Slice {
     inner: ProxyBody,
