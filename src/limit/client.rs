@@ -147,8 +147,14 @@ pub fn key(
     hasher: &impl BuildHasher,
 ) -> ClientKey {
     if let RateLimitKey::Header(name) = &config.key {
-        if let Some(value) = headers.get(name).filter(|v| !v.is_empty()) {
-            return ClientKey::Header(hasher.hash_one(value.as_bytes()));
+        let mut values = headers.get_all(name).iter();
+        // One line only: with several, the backend may read another than
+        // the first (the last, or all joined), so a junk line put first
+        // would buy a fresh budget. Such a request counts by its address.
+        if let (Some(value), None) = (values.next(), values.next()) {
+            if !value.is_empty() {
+                return ClientKey::Header(hasher.hash_one(value.as_bytes()));
+            }
         }
     }
     ClientKey::Ip(normalize(client_ip(peer, headers, &config.trusted_proxies)))
@@ -346,6 +352,12 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(
             key(peer, &headers(&[]), &config, &hasher),
+            ClientKey::Ip("192.0.2.1".parse().unwrap())
+        );
+        // Two lines: which one the backend reads is anyone's guess.
+        let twice = headers(&[("x-api-key", "junk"), ("x-api-key", "alpha")]);
+        assert_eq!(
+            key(peer, &twice, &config, &hasher),
             ClientKey::Ip("192.0.2.1".parse().unwrap())
         );
     }
