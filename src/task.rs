@@ -96,8 +96,23 @@ pub fn spawn_permitted_read(
     };
     runtime.spawn(async move {
         let _permit = permit;
-        read.await;
+        read_at_most(read).await;
     });
+}
+
+/// Longest a body is read for the cache with no client attached: a
+/// backend that trickles one frame per `body_timeout` would otherwise hold
+/// a place, a backend connection and a least-conn slot without end. At
+/// `max_object_size`'s default (8 MiB) that is 140 KB/s, slower than any
+/// backend worth caching from.
+const BACKGROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `read`, given up (the copy dropped, nothing stored) after
+/// [`BACKGROUND_LIMIT`].
+pub async fn read_at_most(read: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(BACKGROUND_LIMIT, read).await.is_err() {
+        tracing::debug!(limit = ?BACKGROUND_LIMIT, "a body read for the cache took too long; dropped");
+    }
 }
 
 /// A future polled only when it asked to be: on its first poll, and after

@@ -494,7 +494,7 @@ async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSen
         }
     }
     if let Some(permit) = crate::task::ReadPermit::try_take() {
-        body.read_into_cache().await;
+        crate::task::read_at_most(body.read_into_cache()).await;
         drop(permit);
     }
 }
