@@ -621,7 +621,13 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
         (Version::HTTP_11, None, _) => Err(ProxyError::BadRequest("missing Host header")),
         // RFC 9113 §8.3.1: an http(s) request needs :authority or Host.
         (Version::HTTP_2, None, None) => Err(ProxyError::BadRequest("missing :authority")),
-        (Version::HTTP_2, Some(host), Some(authority)) if host != authority.as_str() => {
+        (Version::HTTP_2, Some(host), Some(authority))
+            if !same_host(
+                host.as_bytes(),
+                authority.as_str(),
+                request.uri().scheme_str(),
+            ) =>
+        {
             Err(ProxyError::BadRequest("Host disagrees with :authority"))
         }
         // Absolute-form targets override Host (RFC 9112 §3.2.2).
@@ -635,6 +641,22 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
     }
 }
 
+/// Whether Host and :authority name the same origin (RFC 9113 §8.3.1):
+/// case aside, and with the scheme's default port written or not.
+fn same_host(host: &[u8], authority: &str, scheme: Option<&str>) -> bool {
+    let default = match scheme {
+        Some("https") => &b":443"[..],
+        _ => &b":80"[..],
+    };
+    let strip = |name: &[u8]| name.strip_suffix(default).map_or(name.len(), <[u8]>::len);
+    let authority = authority.as_bytes();
+    if host == authority {
+        return true;
+    }
+    let (h, a) = (strip(host), strip(authority));
+    host[..h].eq_ignore_ascii_case(&authority[..a])
+}
+
 /// The request's Content-Length, if it declared one. Framing conflicts are
 /// already refused by the HTTP/1 parser; this only reads the value.
 fn declared_length(request: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
@@ -646,5 +668,20 @@ fn declared_length(request: &Request<Incoming>) -> Result<Option<u64>, ProxyErro
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Some)
             .ok_or(ProxyError::BadRequest("invalid Content-Length")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_and_authority_agree_case_and_default_port_aside() {
+        use super::same_host;
+        assert!(same_host(b"a.example", "a.example", Some("http")));
+        assert!(same_host(b"A.Example", "a.example", Some("http")));
+        assert!(same_host(b"a.example", "a.example:80", Some("http")));
+        assert!(same_host(b"a.example:443", "a.example", Some("https")));
+        assert!(!same_host(b"a.example:443", "a.example", Some("http")));
+        assert!(!same_host(b"a.example:8080", "a.example", Some("http")));
+        assert!(!same_host(b"b.example", "a.example", Some("http")));
     }
 }
