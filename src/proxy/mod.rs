@@ -548,11 +548,10 @@ fn forward_with_retries<'a>(
             let Some(retry_body) = retry_body else {
                 return Err(error);
             };
-            // Another healthy backend when there is one, else the same one
-            // again (a keep-alive connection it closed as we reused it is
-            // the usual cause); with none left at all, the original
-            // failure stands.
-            let next_skip = upstream.others_eligible(index).then_some(index);
+            // Another backend when there is one worth trying, else the same
+            // one again (see `retry_skip`); with none left at all, the
+            // original failure stands.
+            let next_skip = upstream.retry_skip(index);
             if attempt >= retries || upstream.pick_is_empty(next_skip) || !upstream.try_retry() {
                 return Err(error);
             }

@@ -247,21 +247,24 @@ impl Upstream {
     /// `None` only when no backend is up by the active checks.
     pub fn pick(&self, skip: Option<usize>) -> Option<usize> {
         let now = self.clock.now_ms();
-        self.choose(|i| self.candidate(i, now, skip)).or_else(|| {
-            self.choose(|i| Candidate {
-                eligible: Some(i) != skip && self.backends[i].state.active_up(),
-                ..self.candidate(i, now, skip)
+        // One turn for both passes: taking one each would make the second
+        // land on the same parity every time (one backend of two).
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.choose(turn, |i| self.candidate(i, now, skip))
+            .or_else(|| {
+                self.choose(turn, |i| Candidate {
+                    eligible: Some(i) != skip && self.backends[i].state.active_up(),
+                    ..self.candidate(i, now, skip)
+                })
             })
-        })
     }
 
-    /// The balancer's choice among `candidate`s.
-    fn choose(&self, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
+    /// The balancer's choice among `candidate`s at `turn`.
+    fn choose(&self, turn: usize, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
         let n = self.backends.len();
         match self.config.balance {
             Balance::RoundRobin => {
                 let cycle = self.cycle.load();
-                let turn = self.next.fetch_add(1, Ordering::Relaxed);
                 // Passively ejected backends stay in the cycle (ejection
                 // is short); their turns are shared by weight among the
                 // others, not all given to the next one in the cycle.
@@ -273,10 +276,7 @@ impl Upstream {
                     }
                 }
             }
-            Balance::LeastConn => {
-                let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                select::least_conn(n, turn, candidate)
-            }
+            Balance::LeastConn => select::least_conn(n, turn, candidate),
             Balance::RandomTwo => {
                 select::random_two(n, fastrand::u64(..), fastrand::u64(..), candidate)
             }
@@ -289,10 +289,21 @@ impl Upstream {
         !(0..self.backends.len()).any(|i| Some(i) != skip && self.backends[i].state.active_up())
     }
 
-    /// True when a backend but `skip` is up and not ejected.
-    pub fn others_eligible(&self, skip: usize) -> bool {
+    /// What a retry after backend `failed` must not go to: `failed`, when
+    /// another backend is up and not ejected, or when `failed` is itself
+    /// out (ejected, say picked as all were) and another is up by the
+    /// active checks; else nothing, and the retry may go to `failed` again
+    /// (a keep-alive connection it closed as it was reused is the usual
+    /// cause, and a new one may well work).
+    pub fn retry_skip(&self, failed: usize) -> Option<usize> {
         let now = self.clock.now_ms();
-        (0..self.backends.len()).any(|i| self.candidate(i, now, Some(skip)).eligible)
+        let others = |eligible: &dyn Fn(usize) -> bool| {
+            (0..self.backends.len()).any(|i| i != failed && eligible(i))
+        };
+        let healthy_other = others(&|i| self.backends[i].state.eligible(now));
+        let failed_out = !self.backends[failed].state.eligible(now);
+        let up_other = others(&|i| self.backends[i].state.active_up());
+        (healthy_other || (failed_out && up_other)).then_some(failed)
     }
 
     pub fn backend(&self, index: usize) -> &Backend {
