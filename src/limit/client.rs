@@ -89,7 +89,12 @@ fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<Opti
         .rev()
         .flat_map(|line| tail(line).rsplit(|&b| b == b','))
         .take(MAX_HOPS)
-        .map(|entry| std::str::from_utf8(entry).ok())
+        .map(|entry| {
+            entry
+                .is_ascii()
+                .then(|| std::str::from_utf8(entry).ok())
+                .flatten()
+        })
         .collect()
 }
 

@@ -440,10 +440,18 @@ async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSen
     };
     loop {
         if !body.is_capturing() || AHEAD_HELD.load(Ordering::Relaxed) >= AHEAD_BUDGET {
-            if flush(&mut batch) {
-                let _ = pieces.send(Piece::Rest(body));
+            if !flush(&mut batch) {
+                break;
             }
-            return;
+            // The client gone meanwhile, the rest goes on into the cache.
+            match pieces.send(Piece::Rest(body)) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::SendError(piece)) => match piece {
+                    Piece::Rest(rest) => body = rest,
+                    _ => return,
+                },
+            }
+            break;
         }
         // With a batch begun, only what is ready now joins it.
         let next = http_body_util::BodyExt::frame(&mut body);
@@ -727,8 +735,13 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
             ProxyBody::Slice(slice) => slice.left == 0,
-            // Trailers may follow the last byte: the task says when it ends.
-            ProxyBody::Ahead(ahead) => ahead.rest.as_ref().is_some_and(Body::is_end_stream),
+            // Backends speak HTTP/1.1: a body of known length has no
+            // trailers, so its last byte is its end (and HTTP/2 clients get
+            // no extra empty frame); else the task says when it ends.
+            ProxyBody::Ahead(ahead) => match &ahead.rest {
+                Some(rest) => rest.is_end_stream(),
+                None => ahead.left == Some(0),
+            },
         }
     }
 

@@ -1364,8 +1364,9 @@ async fn refresh(
         }
     }
     let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
-    // Nobody reads this body but the cache.
-    response.into_body().read_into_cache().await;
+    // Nobody reads this body but the cache; as any such read, given up
+    // after a while (it holds the variant's lock, not a background place).
+    crate::task::read_at_most(response.into_body().read_into_cache()).await;
 }
 
 /// After a successful unsafe request, drops what the cache holds for the

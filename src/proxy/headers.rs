@@ -16,9 +16,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The members of a comma-separated list field (RFC 9110 §5.6.1), over
-/// all its lines, trimmed. A member that is not text is skipped, and only
-/// it: one stray byte must not hide the rest of its line (a `Connection`
-/// whose named fields would then go through).
+/// all its lines, trimmed of spaces and tabs. A member that is not ASCII is
+/// skipped, and only it: one stray byte must not hide the rest of its line
+/// (a `Connection` whose named fields would then go through).
 pub(crate) fn list_members<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
@@ -27,8 +27,9 @@ pub(crate) fn list_members<'a>(
         .get_all(name)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter(|member| member.is_ascii())
         .filter_map(|member| std::str::from_utf8(member).ok())
-        .map(str::trim)
+        .map(|member| member.trim_matches([' ', '\t']))
 }
 
 /// Removes hop-by-hop fields, including every field the `Connection` header
@@ -664,6 +665,12 @@ mod tests {
         headers.insert("x-secret", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut headers);
         assert!(headers.is_empty(), "{headers:?}");
+        // A member that is not ASCII names nothing, even once trimmed.
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes("upgrade\u{a0}".as_bytes()).unwrap(),
+        );
+        assert_eq!(list_members(&headers, &header::CONNECTION).count(), 0);
     }
 
     #[test]

@@ -303,10 +303,17 @@ impl Proxy {
             }
             // HTTP/1 heads over it never get here (hyper answers 431). One
             // more for the X-Request-Id `handle` may have added.
+            // Cookies count as one field: HTTP/2 clients send one per
+            // cookie, which reach the backend as one line.
             if request.version() >= http::Version::HTTP_2
                 && request.headers().len() > error::MAX_HEADER_FIELDS + 1
             {
-                return Err(ProxyError::TooManyFields);
+                let cookies = request.headers().get_all(header::COOKIE).iter().count();
+                if request.headers().len() - cookies.saturating_sub(1)
+                    > error::MAX_HEADER_FIELDS + 1
+                {
+                    return Err(ProxyError::TooManyFields);
+                }
             }
             // Before the cache: a looped miss would otherwise wait on its
             // own fill. For the same reason a request back once (allowed,

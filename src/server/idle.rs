@@ -532,7 +532,9 @@ impl Body for Answering {
 /// it: `body_timeout` only counts waits on the backend. nginx ends such a
 /// stream after `send_timeout`; here the watchdog drops a body that has
 /// handed hyper a frame and not been asked for the next for `idle_timeout`,
-/// which lets its backend connection, in-flight slot and any cache fill go.
+/// which lets its backend connection and in-flight slot go (a body being
+/// stored goes on into the cache by a background read, see
+/// `proxy::body::read_ahead`).
 /// Frames go out in slices of at most [`SLICE`] bytes, the size of an
 /// HTTP/2 DATA frame, so a slow reader shows progress as it reads.
 #[derive(Debug)]
