@@ -174,6 +174,28 @@ async fn a_chunked_get_body_reaches_the_backend() {
     assert!(answer.contains("5\r\nhello\r\n6\r\n world\r\n"), "{answer}");
 }
 
+/// A GET with content (a search API's query body) is not answered from,
+/// nor stored in, the cache: its answer may depend on the content.
+#[tokio::test]
+async fn a_get_with_content_goes_past_the_cache() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    let path = "/cache/q?cc=max-age=60";
+    let ask = |body: &'static str| {
+        Request::get(proxy.url(path))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let answer = send(&client(), ask("{\"q\":1}")).await;
+        assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
+    }
+    assert_eq!(backend.requests(), 2);
+    // Without content, the URL is cached as ever.
+    let answer = get(&client(), &proxy.url(path)).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
+}
+
 /// Trailers end a chunked upload: the backend's time to answer counts
 /// from them, as from the last chunk.
 #[tokio::test]

@@ -380,8 +380,14 @@ impl Proxy {
             };
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
+            // A GET or HEAD with content is not the request a stored
+            // response answered: its answer may depend on the content (RFC
+            // 9110 §9.3.1; a search API's GET with a query body), so it goes
+            // past the cache, as one with `no-store` does.
+            let with_content = readable && !http_body::Body::is_end_stream(&body);
             // The cache that may answer this request itself, if any.
-            let answering = cache.filter(|_| readable && upgrade.is_none() && back == 0);
+            let answering =
+                cache.filter(|_| readable && !with_content && upgrade.is_none() && back == 0);
             // Such a request gets this hop in X-Forwarded-For and Via only
             // once it is on its way to a backend: a hit skips their cost,
             // and that of making the hop.
@@ -423,7 +429,7 @@ impl Proxy {
                 target.to_owned()
             });
             if cache.is_some() {
-                trace.fwd = Some("method");
+                trace.fwd = Some(if with_content { "bypass" } else { "method" });
             }
             let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
             if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
@@ -451,7 +457,12 @@ impl Proxy {
             error::quota_headers(&mut parts.headers, quota);
             if cache.is_some() {
                 // Every response of a caching route says what the cache did.
-                cached::add_static_status(&mut parts.headers, "portico; fwd=method");
+                let status = if with_content {
+                    "portico; fwd=bypass"
+                } else {
+                    "portico; fwd=method"
+                };
+                cached::add_static_status(&mut parts.headers, status);
             }
             Ok(Response::from_parts(
                 parts,
