@@ -800,7 +800,8 @@ async fn cut_range(
     };
     let answer = range::evaluate(&asked.headers, response.headers(), len);
     if answer == RangeAnswer::Full {
-        return Ok(response);
+        // Sent whole (an `If-Range` that does not match), as a miss is.
+        return Ok(response.map(ProxyBody::read_ahead));
     }
     if !response.body().is_capturing() && len as u64 > cache.config.max_object_size {
         let said = ours(response.headers());
