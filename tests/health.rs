@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -266,32 +266,13 @@ async fn with_every_backend_ejected_they_take_traffic_again() {
     );
 }
 
-/// A backend that answers every connection with what is not HTTP, and
-/// counts the connections.
-async fn counted_garbage_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let count = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = read_head(&mut stream).await;
-                let _ = stream.write_all(b"this is not http\r\n\r\n").await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test]
 async fn with_every_backend_ejected_picks_still_take_turns() {
     // Both stay broken: every request fails, and in turn, not always on
     // the same one (each pick once took two turns of an even cycle).
-    let (a, seen_a) = counted_garbage_backend().await;
-    let (b, seen_b) = counted_garbage_backend().await;
+    let garbage = |_: &str| -> &'static [u8] { b"this is not http\r\n\r\n" };
+    let (a, seen_a) = counted_scripted_backend(garbage).await;
+    let (b, seen_b) = counted_scripted_backend(garbage).await;
     let mut config = Config::single_upstream(vec![], vec![a, b]);
     config.upstreams[0].retries = 0;
     let proxy = start_proxy(config).await;

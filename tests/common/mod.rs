@@ -245,11 +245,21 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
 /// request head and writes `answer(head)`, then closes. For backend
 /// behaviour the sample backend would never show.
 pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
+    counted_scripted_backend(answer).await.0
+}
+
+/// [`scripted_backend`], with the count of connections it accepted.
+pub async fn counted_scripted_backend(
+    answer: fn(&str) -> &'static [u8],
+) -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
@@ -260,7 +270,7 @@ pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// A keep-alive backend that answers `200 ok` to each request as soon as
