@@ -115,11 +115,41 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpA
     if !trusted(peer, proxies) {
         return peer;
     }
-    let (entries, forwarded) = if headers.contains_key(&X_FORWARDED_FOR) {
-        (hops_right_to_left(headers, &X_FORWARDED_FOR), false)
-    } else {
-        (hops_right_to_left(headers, &FORWARDED), true)
+    let by_xff = headers.contains_key(&X_FORWARDED_FOR).then(|| {
+        walk(
+            peer,
+            hops_right_to_left(headers, &X_FORWARDED_FOR),
+            false,
+            proxies,
+        )
+    });
+    let forwarded = hops_right_to_left(headers, &FORWARDED);
+    // One that names no client at all (`proto=https` alone) does not
+    // count against the other.
+    let names_a_client = |entries: &[Option<&str>]| {
+        entries
+            .iter()
+            .flatten()
+            .any(|entry| forwarded_for(entry).is_some())
     };
+    let by_forwarded = match by_xff {
+        Some(_) if !names_a_client(&forwarded) => None,
+        _ if forwarded.is_empty() => None,
+        _ => Some(walk(peer, forwarded, true, proxies)),
+    };
+    match (by_xff, by_forwarded) {
+        // Both, naming different clients: one of them was the client's
+        // own, and which cannot be told (a proxy that writes only
+        // `Forwarded` passes a forged `X-Forwarded-For` on). Neither is
+        // believed: the request counts against the proxy.
+        (Some(xff), Some(forwarded)) if xff != forwarded => peer,
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => peer,
+    }
+}
+
+/// The right-most address of `entries` that is not a trusted proxy.
+fn walk(peer: IpAddr, entries: Vec<Option<&str>>, forwarded: bool, proxies: &[Cidr]) -> IpAddr {
     let mut client = peer;
     for entry in entries {
         // RFC 9110 §5.6.1: empty list elements (`a, , b`) are ignored.
@@ -239,7 +269,7 @@ mod tests {
                 "127.0.0.1",
             ),
             ("127.0.0.1:1000", &[("x-forwarded-for", "")], "127.0.0.1"),
-            // Forwarded (RFC 7239) when there is no X-Forwarded-For.
+            // Forwarded (RFC 7239) alone.
             (
                 "127.0.0.1:1000",
                 &[(
@@ -285,6 +315,22 @@ mod tests {
         );
         let got = client_ip("127.0.0.1:1000".parse().unwrap(), &odd, &proxies);
         assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
+        // Both fields: believed when they agree; when not, one was forged
+        // and neither is believed.
+        let peer: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let both =
+            |xff: &str| headers(&[("x-forwarded-for", xff), ("forwarded", "for=198.51.100.7")]);
+        let got = client_ip(peer, &both("198.51.100.7"), &proxies);
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
+        let got = client_ip(peer, &both("6.6.6.6"), &proxies);
+        assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
+        // A Forwarded that names no client leaves X-Forwarded-For alone.
+        let proto_only = headers(&[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("forwarded", "proto=https"),
+        ]);
+        let got = client_ip(peer, &proto_only, &proxies);
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]
