@@ -71,39 +71,47 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
         < (b.in_flight as u128) * u128::from(a.weight.max(1))
 }
 
+/// A candidate's share of a walk by weight: its weight when eligible.
+fn share(c: Candidate) -> u64 {
+    if c.eligible {
+        u64::from(c.weight.max(1))
+    } else {
+        0
+    }
+}
+
+/// The candidate at `point` along the eligible weights, leaving out
+/// `except`; `None` if the walk runs off the end (eligibility changed
+/// since the weights were summed).
+fn at_point(
+    n: usize,
+    mut point: u64,
+    except: Option<usize>,
+    get: &impl Fn(usize) -> Candidate,
+) -> Option<usize> {
+    (0..n).filter(|&i| Some(i) != except).find(|&i| {
+        let w = share(get(i));
+        if point < w {
+            return true;
+        }
+        point -= w;
+        false
+    })
+}
+
 /// The eligible candidate at `turn` along their weights, turns counted
 /// over a whole number of rounds: successive turns visit each in
 /// proportion to its weight. For the round-robin turns of a backend that
 /// is out of the cycle for a moment (ejected), so they are shared by
 /// weight rather than all given to its neighbour in the cycle.
 pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
-    let weight = |c: Candidate| {
-        if c.eligible {
-            u64::from(c.weight.max(1))
-        } else {
-            0
-        }
-    };
-    let total: u64 = (0..n).map(|i| weight(get(i))).sum();
+    let total: u64 = (0..n).map(|i| share(get(i))).sum();
     if total == 0 {
         return None;
     }
-    let mut point = turn as u64 % total;
-    // Eligibility may change between the reads: then the last eligible
-    // one seen takes the turn.
-    let mut last = None;
-    for i in 0..n {
-        let w = weight(get(i));
-        if w == 0 {
-            continue;
-        }
-        if point < w {
-            return Some(i);
-        }
-        point -= w;
-        last = Some(i);
-    }
-    last
+    // Eligibility may change between the reads: then a backend still
+    // eligible takes the turn.
+    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).eligible))
 }
 
 /// The eligible candidate with the fewest requests in flight relative to
@@ -153,27 +161,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
 /// eligible candidates drawn at random with probability by weight (`r1` and
 /// `r2` are uniform random numbers), then the less loaded for its weight.
 pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) -> Option<usize> {
-    let weight = |i: usize| {
-        let c = get(i);
-        if c.eligible {
-            u64::from(c.weight.max(1))
-        } else {
-            0
-        }
-    };
-    // The candidate at `point` along the eligible weights, leaving out
-    // `except`.
-    let at = |mut point: u64, except: Option<usize>| {
-        (0..n).filter(|&i| Some(i) != except).find(|&i| {
-            let w = weight(i);
-            if point < w {
-                return true;
-            }
-            point -= w;
-            false
-        })
-    };
-    let total: u64 = (0..n).map(weight).sum();
+    let total: u64 = (0..n).map(|i| share(get(i))).sum();
     if total == 0 {
         return None;
     }
@@ -181,9 +169,12 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     // then runs off the end, and a backend still eligible stands in,
     // rather than a pick that finds none.
     let any = || (0..n).find(|&i| get(i).eligible);
-    let a = at(r1 % total, None).or_else(any)?;
-    let rest = total.saturating_sub(weight(a));
-    let Some(b) = (rest > 0).then(|| at(r2 % rest, Some(a))).flatten() else {
+    let a = at_point(n, r1 % total, None, &get).or_else(any)?;
+    let rest = total.saturating_sub(share(get(a)));
+    let Some(b) = (rest > 0)
+        .then(|| at_point(n, r2 % rest, Some(a), &get))
+        .flatten()
+    else {
         return Some(a);
     };
     Some(if lighter(&get(b), &get(a)) { b } else { a })
