@@ -501,10 +501,7 @@ async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSen
             return;
         }
     }
-    if let Some(permit) = crate::task::ReadPermit::try_take() {
-        crate::task::read_at_most(body.read_into_cache()).await;
-        drop(permit);
-    }
+    crate::task::spawn_background_read(body.read_into_cache());
 }
 
 /// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
@@ -606,7 +603,13 @@ impl ProxyBody {
     /// its own while it is being stored (see [`read_ahead`]); any other
     /// body is returned as it is.
     pub fn read_ahead(self) -> Self {
-        if !self.is_capturing() || !matches!(self, ProxyBody::Stream { .. }) {
+        if !matches!(
+            self,
+            ProxyBody::Stream {
+                capture: Some(_),
+                ..
+            }
+        ) {
             return self;
         }
         let left = self.size_hint().exact();
