@@ -352,17 +352,15 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
 /// compress them apart); HTTP/1.1 allows one line, so RFC 9113 §8.2.3
 /// says they MUST be joined with "; " for it. One field is left as it is.
 fn join_cookies(headers: &mut HeaderMap) {
-    let mut lines = headers.get_all(header::COOKIE).iter();
-    let (Some(_), Some(_)) = (lines.next(), lines.next()) else {
-        return;
-    };
-    let joined: Vec<u8> = headers
+    let lines: Vec<&[u8]> = headers
         .get_all(header::COOKIE)
         .iter()
         .map(HeaderValue::as_bytes)
-        .collect::<Vec<_>>()
-        .join(&b"; "[..]);
-    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        .collect();
+    if lines.len() < 2 {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&lines.join(&b"; "[..])) {
         headers.insert(header::COOKIE, value);
     }
 }
