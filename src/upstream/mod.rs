@@ -297,13 +297,18 @@ impl Upstream {
     /// cause, and a new one may well work).
     pub fn retry_skip(&self, failed: usize) -> Option<usize> {
         let now = self.clock.now_ms();
-        let others = |eligible: &dyn Fn(usize) -> bool| {
-            (0..self.backends.len()).any(|i| i != failed && eligible(i))
-        };
-        let healthy_other = others(&|i| self.backends[i].state.eligible(now));
         let failed_out = !self.backends[failed].state.eligible(now);
-        let up_other = others(&|i| self.backends[i].state.active_up());
-        (healthy_other || (failed_out && up_other)).then_some(failed)
+        let mut others = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != failed);
+        let skip = if failed_out {
+            others.any(|(_, b)| b.state.active_up())
+        } else {
+            others.any(|(_, b)| b.state.eligible(now))
+        };
+        skip.then_some(failed)
     }
 
     pub fn backend(&self, index: usize) -> &Backend {
