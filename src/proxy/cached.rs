@@ -660,8 +660,8 @@ enum Joined {
 /// the lock on, it fetches alone. So, once a lock was handed on, does a
 /// HEAD or conditional GET on a `miss` that would not be fetched as a
 /// plain GET (a range, or no background read free): its answer would be
-/// its own. Waiting ends at
-/// [`COALESCE_WAIT`] in all, after which the request fetches on its own.
+/// its own. Waiting ends at [`COALESCE_WAIT`] in all, after which the
+/// request fetches on its own.
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,

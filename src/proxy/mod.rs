@@ -301,17 +301,14 @@ impl Proxy {
             if request.method() == Method::CONNECT {
                 return Err(ProxyError::ConnectMethod);
             }
-            // HTTP/1 heads over it never get here (hyper answers 431). One
-            // more for the X-Request-Id `handle` may have added.
-            // Cookies count as one field: HTTP/2 clients send one per
-            // cookie, which reach the backend as one line.
-            if request.version() >= http::Version::HTTP_2
-                && request.headers().len() > error::MAX_HEADER_FIELDS + 1
-            {
+            // HTTP/1 heads over the limit never get here (hyper answers
+            // 431). One more is allowed for the X-Request-Id `handle` may
+            // have added, and cookies count as one field: HTTP/2 clients
+            // send one per cookie, which reach the backend as one line.
+            let fields = request.headers().len();
+            if request.version() >= http::Version::HTTP_2 && fields > error::MAX_HEADER_FIELDS + 1 {
                 let cookies = request.headers().get_all(header::COOKIE).iter().count();
-                if request.headers().len() - cookies.saturating_sub(1)
-                    > error::MAX_HEADER_FIELDS + 1
-                {
+                if fields - cookies.saturating_sub(1) > error::MAX_HEADER_FIELDS + 1 {
                     return Err(ProxyError::TooManyFields);
                 }
             }
