@@ -241,21 +241,31 @@ async fn the_admin_endpoints_are_not_reachable_through_the_traffic_listener() {
     assert!(!String::from_utf8_lossy(&answer.body).contains("portico_requests_total"));
 }
 
+/// Writes `file`: admin with the token file `admin.token`, one upstream
+/// `u` at `backend`, one route to it, then `extra`.
+fn write_reloadable(file: &std::path::Path, backend: std::net::SocketAddr, extra: &str) {
+    std::fs::write(
+        file,
+        format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n{extra}"),
+    )
+    .unwrap();
+}
+
+/// Starts a proxy from `file` (see [`write_reloadable`]), its admin token
+/// `t` written beside it, reloadable from the file.
+async fn start_reloadable(dir: &std::path::Path, file: &std::path::Path) -> RunningProxy {
+    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
+    let config = portico::config::load(file).unwrap();
+    start_proxy_with_admin(config, Some("t"), Some(file.to_owned())).await
+}
+
 #[tokio::test]
 async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let (dir, file) = config_dir("nocache");
-    let write = |cache: &str| {
-        std::fs::write(
-            &file,
-            format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n{cache}", backend.addr()),
-        )
-        .unwrap();
-    };
-    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
+    let write = |cache: &str| write_reloadable(&file, backend.addr(), cache);
     write("cache = true\n[cache]\n");
-    let config = portico::config::load(&file).unwrap();
-    let proxy = start_proxy_with_admin(config, Some("t"), Some(file.clone())).await;
+    let proxy = start_reloadable(&dir, &file).await;
     let client = client();
     get(&client, &proxy.url("/users/1/orders")).await;
     let scrape = || async {
@@ -281,17 +291,10 @@ async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let old = start_backend(BackendOptions::new("old")).await;
     let new = start_backend(BackendOptions::new("new")).await;
     let (dir, file) = config_dir("reload");
-    let write = |backend: std::net::SocketAddr, extra: &str| {
-        std::fs::write(
-            &file,
-            format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n{extra}"),
-        )
-        .unwrap();
-    };
-    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
+    let write =
+        |backend: std::net::SocketAddr, extra: &str| write_reloadable(&file, backend, extra);
     write(old.addr(), "");
-    let config = portico::config::load(&file).unwrap();
-    let proxy = start_proxy_with_admin(config, Some("t"), Some(file.clone())).await;
+    let proxy = start_reloadable(&dir, &file).await;
     let client = client();
     assert_eq!(
         get(&client, &proxy.url("/health"))
