@@ -170,8 +170,14 @@ async fn a_chunked_get_body_reaches_the_backend() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    // Echoed chunk by chunk.
-    assert!(answer.contains("5\r\nhello\r\n6\r\n world\r\n"), "{answer}");
+    // Echoed, its two chunks as they came or joined (see `a_body_of_tiny_chunks_goes_on_in_few_frames`).
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    assert!(
+        ["5\r\nhello\r\n6\r\n world\r\n", "B\r\nhello world\r\n"]
+            .iter()
+            .any(|echo| body.starts_with(echo)),
+        "{answer}"
+    );
 }
 
 /// A GET with content (a search API's query body) is not answered from,
@@ -612,4 +618,113 @@ async fn a_streamed_response_body_is_relayed_as_it_arrives() {
     }
     assert_eq!(total, 3_000_000);
     assert!(frames > 1, "body arrived in one piece: it was buffered");
+}
+
+/// A body of 20,000 one-byte chunks, sent at once.
+fn tiny_chunks(_head: &str) -> &'static [u8] {
+    static ANSWER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ANSWER.get_or_init(|| {
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..20_000 {
+            answer.extend_from_slice(b"1\r\nx\r\n");
+        }
+        answer.extend_from_slice(b"0\r\n\r\n");
+        answer
+    })
+}
+
+/// The data frames of `path`'s body from `proxy`, and its length.
+async fn frames_of(proxy: &RunningProxy, path: &str) -> (usize, usize) {
+    let response = tokio::time::timeout(STEP, client().get(proxy.url(path).parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = response.into_body();
+    let (mut frames, mut total) = (0, 0);
+    while let Some(frame) = tokio::time::timeout(STEP, body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len();
+            frames += 1;
+        }
+    }
+    (frames, total)
+}
+
+#[tokio::test]
+async fn a_body_of_tiny_chunks_goes_on_in_few_frames() {
+    // Each chunk relayed as it came would cost a write (and a chunk on the
+    // wire) each: 20,000 here.
+    let addr = scripted_backend(tiny_chunks).await;
+    for config in [
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]),
+        with_cache(Config::single_upstream(
+            vec!["127.0.0.1:0".parse().unwrap()],
+            vec![addr],
+        )),
+    ] {
+        let proxy = start_proxy(config).await;
+        let (frames, total) = frames_of(&proxy, "/tiny").await;
+        assert_eq!(total, 20_000);
+        assert!(frames <= 200, "{frames} frames for 20,000 one-byte chunks");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_event_goes_on_before_the_backend_sends_the_next() {
+    // The backend sends its second event only once the client has the
+    // first: a proxy holding the first to join it with more would hang.
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got_first = std::sync::Arc::new(tokio::sync::Notify::new());
+    let seen = got_first.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                read_head(&mut stream).await;
+                let head = "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n";
+                let _ = stream
+                    .write_all(format!("{head}4\r\none\n\r\n").as_bytes())
+                    .await;
+                seen.notified().await;
+                let _ = stream.write_all(b"4\r\ntwo\n\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    for (n, config) in [
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]),
+        with_cache(Config::single_upstream(
+            vec!["127.0.0.1:0".parse().unwrap()],
+            vec![addr],
+        )),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let proxy = start_proxy(config).await;
+        for (m, client) in [client(), h2c_client()].into_iter().enumerate() {
+            let path = format!("/events/{n}/{m}");
+            let response =
+                tokio::time::timeout(STEP, client.get(proxy.url(&path).parse().unwrap()))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            let mut body = response.into_body();
+            let mut got = Vec::new();
+            while let Some(frame) = tokio::time::timeout(STEP, body.frame()).await.unwrap() {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    got.extend_from_slice(&data);
+                    if got == b"one\n" {
+                        got_first.notify_one();
+                    }
+                }
+            }
+            assert_eq!(got, b"one\ntwo\n");
+        }
+        proxy.stop().await;
+    }
 }

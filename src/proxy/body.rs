@@ -308,7 +308,7 @@ pub enum ProxyBody {
     /// A backend's body relayed frame by frame; holds the backend's
     /// in-flight slot until the body is done.
     Stream {
-        inner: UpstreamBody,
+        inner: Gathered<UpstreamBody>,
         stall: StallGuard,
         in_flight: Option<InFlight>,
         /// Copies the body into the cache as it passes.
@@ -343,13 +343,6 @@ const AHEAD_BUDGET: usize = 64 * 1024 * 1024;
 /// `Bytes` handle): charged too, so a body of one-byte chunks cannot hold
 /// far more than its charge says.
 const PIECE_COST: usize = 128;
-
-/// Data frames smaller than this that the backend has ready together are
-/// sent on as one (copied), so a body of tiny chunks makes few pieces.
-const SMALL_FRAME: usize = 4 * 1024;
-
-/// Up to this many bytes of small frames make one piece.
-const BATCH: usize = 16 * 1024;
 
 /// Bytes read ahead and not yet taken by their clients, all bodies.
 static AHEAD_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -423,26 +416,18 @@ impl Ahead {
 /// the client's side: the cache fills at the backend's pace, so requests
 /// waiting for it are not held up by a slow first client (nginx buffers
 /// upstream responses, Varnish fetches apart from delivery), and the
-/// backend connection is free as soon as the backend is done. Small frames
-/// ready together go on as one. Past what the cache keeps, or past
+/// backend connection is free as soon as the backend is done (small frames
+/// come joined, see [`Gathered`]). Past what the cache keeps, or past
 /// [`AHEAD_BUDGET`], the rest goes back to the client's side to be read at
 /// its pace. A client gone while the body is still being stored leaves the
 /// rest to a background read.
 async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSender<Piece>) {
-    use futures_util::FutureExt;
-    let mut batch = bytes::BytesMut::new();
     let send = |frame: Result<Frame<Bytes>, BodyError>| {
         let charge = Charge::new(&frame);
         pieces.send(Piece::Frame(frame, charge)).is_ok()
     };
-    let flush = |batch: &mut bytes::BytesMut| {
-        batch.is_empty() || send(Ok(Frame::data(batch.split().freeze())))
-    };
     loop {
         if !body.is_capturing() || AHEAD_HELD.load(Ordering::Relaxed) >= AHEAD_BUDGET {
-            if !flush(&mut batch) {
-                break;
-            }
             // The client gone meanwhile, the rest goes on into the cache.
             match pieces.send(Piece::Rest(body)) {
                 Ok(()) => return,
@@ -453,55 +438,259 @@ async fn read_ahead(mut body: ProxyBody, pieces: tokio::sync::mpsc::UnboundedSen
             }
             break;
         }
-        // With a batch begun, only what is ready now joins it.
-        let next = http_body_util::BodyExt::frame(&mut body);
-        let frame = if batch.is_empty() {
-            tokio::select! {
-                frame = next => frame,
-                () = pieces.closed() => break,
-            }
-        } else {
-            match next.now_or_never() {
-                Some(frame) => frame,
-                None => {
-                    if !flush(&mut batch) {
-                        break;
-                    }
-                    continue;
-                }
-            }
+        let frame = tokio::select! {
+            frame = http_body_util::BodyExt::frame(&mut body) => frame,
+            () = pieces.closed() => break,
         };
         let Some(frame) = frame else {
-            if flush(&mut batch) {
-                let _ = pieces.send(Piece::End);
-            }
+            let _ = pieces.send(Piece::End);
             return;
         };
         let failed = frame.is_err();
-        match frame.as_ref().ok().and_then(Frame::data_ref) {
-            Some(data) if data.len() < SMALL_FRAME => {
-                batch.extend_from_slice(data);
-                if batch.len() >= BATCH && !flush(&mut batch) {
-                    break;
-                }
-            }
-            _ => {
-                if !flush(&mut batch) || !send(frame) {
-                    break;
-                }
-            }
+        if !send(frame) {
+            break;
         }
         if failed {
             return;
         }
         if body.is_end_stream() {
-            if flush(&mut batch) {
-                let _ = pieces.send(Piece::End);
-            }
+            let _ = pieces.send(Piece::End);
             return;
         }
     }
     crate::task::spawn_background_read(body.read_into_cache());
+}
+
+/// Data frames smaller than this that a backend has ready one after another
+/// are joined into one (copied), so a body of tiny chunks (a row or an
+/// event per chunk, or worse) costs a frame each in hyper's decoder but not
+/// a write, an HTTP/2 frame or a cache piece each downstream.
+const SMALL_FRAME: usize = 4 * 1024;
+
+/// Up to this many bytes of small frames make one.
+const BATCH: usize = 16 * 1024;
+
+thread_local! {
+    /// Connection polls begun on this thread.
+    static POLLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The one under way, 0 outside one.
+    static POLLING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `poll`, one poll of a client connection, marked as such: a
+/// [`Gathered`] body that yields within it knows that being polled again
+/// before it ends is not the task's next turn.
+pub fn in_connection_poll<T>(poll: impl FnOnce() -> T) -> T {
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            POLLING.set(self.0);
+        }
+    }
+    let this = POLLS.get().wrapping_add(1).max(1);
+    POLLS.set(this);
+    let _restore = Restore(POLLING.replace(this));
+    poll()
+}
+
+/// The connection poll under way on this thread, 0 outside one.
+fn connection_poll() -> u64 {
+    POLLING.get()
+}
+
+/// A backend's body with the small data frames it has ready together
+/// joined (see [`SMALL_FRAME`]). hyper's client decodes the next chunk
+/// only once the body has taken the one before, on the connection's own
+/// task; so when the next frame is not there yet, this yields (wakes
+/// itself and returns Pending) to let that task run, and sends what it has
+/// when a frame is still not there on its next turn. hyper's HTTP/1 server
+/// polls a body again within the same turn when it has flushed, which is
+/// not a turn: [`in_connection_poll`] tells the two apart. A backend that
+/// sends an event and goes quiet has it sent on one turn later.
+pub struct Gathered<B: Body> {
+    inner: B,
+    /// Made on the first small frame that is not the body's last, and kept
+    /// for the batches after it.
+    state: Option<Box<Gathering<B::Error>>>,
+}
+
+struct Gathering<E> {
+    /// The first small frame, not yet copied (sent as it is if it stays
+    /// alone); `Some` while frames are being gathered.
+    first: Option<Bytes>,
+    batch: bytes::BytesMut,
+    /// What ended a batch (a larger frame, trailers, an error, the end),
+    /// to hand on after it.
+    held: Option<Option<Result<Frame<Bytes>, E>>>,
+    /// Found the inner body empty and yielded since the last frame, within
+    /// this [`connection_poll`].
+    yielded: Option<u64>,
+}
+
+impl<E> Gathering<E> {
+    /// Bytes taken from the inner body and not yet sent on.
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.batch.len()
+    }
+
+    fn add(&mut self, data: Bytes) {
+        let Some(first) = &self.first else {
+            self.first = Some(data);
+            return;
+        };
+        if self.batch.is_empty() {
+            self.batch.reserve(BATCH);
+            self.batch.extend_from_slice(first);
+        }
+        self.batch.extend_from_slice(&data);
+    }
+
+    /// What has been gathered, as one frame.
+    fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        self.yielded = None;
+        let first = self.first.take().unwrap_or_default();
+        let data = if self.batch.is_empty() {
+            first
+        } else {
+            self.batch.split().freeze()
+        };
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    /// `next` ends the batch: it goes on after it.
+    fn take_before(
+        &mut self,
+        next: Option<Result<Frame<Bytes>, E>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        self.held = Some(next);
+        self.take()
+    }
+}
+
+impl<B: Body<Data = Bytes>> std::fmt::Debug for Gathered<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gathered")
+            .field("gathered", &self.state.as_ref().map_or(0, |s| s.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Gathered<B> {
+    pub fn new(inner: B) -> Self {
+        Gathered { inner, state: None }
+    }
+
+    /// Whether frames are being gathered: a Pending now is this body
+    /// yielding, not its backend being slow.
+    fn is_gathering(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.first.is_some())
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Gathered<B>
+where
+    B::Error: Unpin,
+{
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(held) = self.state.as_mut().and_then(|s| s.held.take()) {
+            return Poll::Ready(held);
+        }
+        loop {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            let end = self.inner.is_end_stream();
+            let state = match self.state.as_deref_mut() {
+                Some(state) if state.first.is_some() => state,
+                state => match polled {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.len() < SMALL_FRAME && !end => {
+                            let state = match state {
+                                Some(state) => state,
+                                None => self.state.insert(Box::new(Gathering {
+                                    first: None,
+                                    batch: bytes::BytesMut::new(),
+                                    held: None,
+                                    yielded: None,
+                                })),
+                            };
+                            state.add(data);
+                            continue;
+                        }
+                        Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    other => return other,
+                },
+            };
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.len() < SMALL_FRAME => {
+                        state.add(data);
+                        state.yielded = None;
+                        if state.batch.len() >= BATCH || end {
+                            return state.take();
+                        }
+                    }
+                    Ok(data) => return state.take_before(Some(Ok(Frame::data(data)))),
+                    Err(frame) => return state.take_before(Some(Ok(frame))),
+                },
+                Poll::Ready(other) => return state.take_before(other),
+                // Polled again within the poll that yielded (hyper's HTTP/1
+                // loop does that): the task has not let others run yet.
+                Poll::Pending
+                    if state
+                        .yielded
+                        .is_some_and(|at| at != 0 && at == connection_poll()) =>
+                {
+                    return Poll::Pending;
+                }
+                Poll::Pending if state.yielded.is_some() => return state.take(),
+                Poll::Pending => {
+                    state.yielded = Some(connection_poll());
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Gathered<B>
+where
+    B::Error: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Gathered::poll_frame(self.get_mut(), cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_none_or(|s| s.first.is_none() && s.held.is_none())
+            && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        let gathered = self.state.as_ref().map_or(0, |s| {
+            let held = match &s.held {
+                Some(Some(Ok(frame))) => frame.data_ref().map_or(0, Bytes::len),
+                _ => 0,
+            };
+            (s.len() + held) as u64
+        });
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + gathered);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + gathered);
+        }
+        hint
+    }
 }
 
 /// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
@@ -574,7 +763,7 @@ impl ProxyBody {
         in_flight: Option<InFlight>,
     ) -> Self {
         ProxyBody::Stream {
-            inner,
+            inner: Gathered::new(inner),
             stall: StallGuard::new(stall_timeout),
             in_flight,
             capture: None,
@@ -719,6 +908,8 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(None)
                 }
+                // Yielding to let the backend's connection decode more.
+                Poll::Pending if inner.is_gathering() => Poll::Pending,
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => {
                         capture.take();
@@ -761,5 +952,60 @@ impl Body for ProxyBody {
                 (None, None) => SizeHint::default(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// The body of a response of `chunks` one-byte chunks and a trailer
+    /// field, through hyper's client as a backend's body comes.
+    async fn tiny_chunks_with_trailers(chunks: usize) -> Incoming {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream.read(&mut [0; 1024]).await;
+            let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for _ in 0..chunks {
+                out.extend_from_slice(b"1\r\nx\r\n");
+            }
+            out.extend_from_slice(b"0\r\nx-sum: 1\r\n\r\n");
+            stream.write_all(&out).await.unwrap();
+        });
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(hyper::Request::new(http_body_util::Empty::new()))
+            .await
+            .unwrap();
+        response.into_body()
+    }
+
+    #[tokio::test]
+    async fn small_frames_come_joined_and_the_trailers_after_them() {
+        let mut body = Gathered::new(tiny_chunks_with_trailers(40_000).await);
+        let (mut sizes, mut trailers) = (Vec::new(), None);
+        let wait = std::time::Duration::from_secs(10);
+        while let Some(frame) = tokio::time::timeout(wait, body.frame()).await.unwrap() {
+            match frame.unwrap().into_data() {
+                Ok(data) => sizes.push(data.len()),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 40_000);
+        assert!(sizes.iter().all(|&size| size <= BATCH), "{sizes:?}");
+        assert!(sizes.len() <= 40, "{} frames", sizes.len());
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
     }
 }

@@ -219,7 +219,10 @@ where
             *this = Self::sniffed(*sniffing, protocol);
         }
         match this {
-            Connection::Http1(conn) => Pin::new(&mut **conn).poll(cx).map_err(Into::into),
+            Connection::Http1(conn) => {
+                crate::proxy::body::in_connection_poll(|| Pin::new(&mut **conn).poll(cx))
+                    .map_err(Into::into)
+            }
             Connection::Http2(conn) => conn.as_mut().poll(cx).map_err(Into::into),
             // Sniffing has just handed over.
             Connection::Sniffing(_) | Connection::Gone => Poll::Ready(Ok(())),
