@@ -2042,3 +2042,52 @@ async fn a_request_back_once_goes_past_the_cache_to_its_backend() {
     assert_eq!(backend.requests(), before + 1);
     assert_ne!(back.header("cache-status"), "portico; hit");
 }
+
+/// A GET body with no content whose end comes after the request head: over
+/// HTTP/2, hyper's client sends HEADERS without END_STREAM and then an
+/// empty DATA frame that ends the stream, as some clients do for every GET.
+struct EmptyEndingLater;
+
+impl http_body::Body for EmptyEndingLater {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_get_ended_by_an_empty_data_frame_is_cached() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let request = Request::get(proxy.url("/cache/empty-data?cc=max-age=60"))
+            .body(EmptyEndingLater)
+            .unwrap();
+        let response = tokio::time::timeout(STEP, sender.send_request(request))
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(
+            response.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(seen, ["portico; fwd=miss; stored", "portico; hit"]);
+    assert_eq!(backend.requests(), 1);
+}

@@ -180,6 +180,36 @@ async fn a_chunked_get_body_reaches_the_backend() {
     );
 }
 
+/// An HTTP/2 GET's content, read early to learn whether the request has
+/// any (see `an_http2_get_ended_by_an_empty_data_frame_is_cached`), still
+/// reaches the backend whole. Its HEADERS and DATA go out in one write, so
+/// the DATA is in when portico looks.
+#[tokio::test]
+async fn an_http2_get_with_content_reaches_the_backend_whole() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get(proxy.url("/echo")).body(()).unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"hello world"), true)
+        .unwrap();
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-status"], "portico; fwd=bypass");
+    let mut body = response.into_body();
+    let mut echoed = Vec::new();
+    while let Some(data) = tokio::time::timeout(STEP, body.data()).await.unwrap() {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        echoed.extend_from_slice(&data);
+    }
+    assert_eq!(echoed, b"hello world");
+}
+
 /// A GET with content (a search API's query body) is not answered from,
 /// nor stored in, the cache: its answer may depend on the content.
 #[tokio::test]

@@ -147,6 +147,8 @@ pub struct RequestBody {
     /// When the upload was read to its end, for whoever asked
     /// ([`RequestBody::end_marker`], [`RequestBody::ending`]).
     ended: Option<UploadEnded>,
+    /// A frame [`RequestBody::settle`] read, to go first.
+    first: Option<Box<Result<Frame<Bytes>, hyper::Error>>>,
 }
 
 /// The other end of a parked upload: gives it back if nobody read it.
@@ -177,6 +179,7 @@ impl RequestBody {
             seen: 0,
             stall: StallGuard::new(stall_timeout),
             ended: None,
+            first: None,
         }
     }
 
@@ -189,7 +192,31 @@ impl RequestBody {
             seen: 0,
             stall: StallGuard::new(NEVER),
             ended: None,
+            first: None,
         }
+    }
+
+    /// Reads what the client has sent of the upload so far, for an HTTP/2
+    /// GET or HEAD whose headers did not end its stream: some clients end
+    /// it with an empty DATA frame of its own, and such a request has no
+    /// content once that frame is in (most often it came with the
+    /// headers). A frame with something in it is kept, to go first.
+    /// Returns whether the upload is known to be over.
+    pub fn settle(&mut self) -> bool {
+        use futures_util::FutureExt;
+        while self.first.is_none() && !self.is_end_stream() {
+            let Some(inner) = self.inner.as_mut() else {
+                break;
+            };
+            match http_body_util::BodyExt::frame(inner).now_or_never() {
+                // Nothing yet: content may follow.
+                None => break,
+                Some(None) => self.inner = None,
+                Some(Some(Ok(frame))) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+                Some(Some(frame)) => self.first = Some(Box::new(frame)),
+            }
+        }
+        self.is_end_stream()
     }
 
     /// A cell that gets the instant the upload was read to its end (at
@@ -224,6 +251,9 @@ impl RequestBody {
     /// on another backend. Costs one allocation; used for requests that
     /// carry a body.
     pub fn park(mut self) -> (RequestBody, Option<Parked>) {
+        if self.first.is_some() {
+            return (self, None);
+        }
         let Some(inner) = self.inner.take() else {
             return (self, None);
         };
@@ -252,10 +282,12 @@ impl Body for RequestBody {
         if let Some(slot) = this.parked.take() {
             this.inner = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let polled = match (this.first.take(), this.inner.as_mut()) {
+            (Some(first), _) => Poll::Ready(Some(*first)),
+            (None, Some(inner)) => Pin::new(inner).poll_frame(cx),
+            (None, None) => return Poll::Ready(None),
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -284,6 +316,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.first.is_some() {
+            return false;
+        }
         match (&self.inner, &self.parked) {
             (Some(inner), _) => inner.is_end_stream(),
             (None, Some(_)) => self.parked_hint.exact() == Some(0),
@@ -292,10 +327,22 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.parked) {
+        let hint = match (&self.inner, &self.parked) {
             (Some(inner), _) => inner.size_hint(),
             (None, Some(_)) => self.parked_hint,
             (None, None) => SizeHint::with_exact(0),
+        };
+        match self.first.as_deref() {
+            Some(Ok(frame)) => {
+                let first = frame.data_ref().map_or(0, |d| d.len() as u64);
+                let mut total = SizeHint::new();
+                total.set_lower(hint.lower() + first);
+                if let Some(upper) = hint.upper() {
+                    total.set_upper(upper + first);
+                }
+                total
+            }
+            _ => hint,
         }
     }
 }
@@ -597,12 +644,11 @@ where
         }
         loop {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
-            let end = self.inner.is_end_stream();
             let state = match self.state.as_deref_mut() {
                 Some(state) if state.first.is_some() => state,
                 state => match polled {
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if data.len() < SMALL_FRAME && !end => {
+                        Ok(data) if data.len() < SMALL_FRAME && !self.inner.is_end_stream() => {
                             let state = match state {
                                 Some(state) => state,
                                 None => self.state.insert(Box::new(Gathering {
@@ -626,7 +672,7 @@ where
                     Ok(data) if data.len() < SMALL_FRAME => {
                         state.add(data);
                         state.yielded = None;
-                        if state.batch.len() >= BATCH || end {
+                        if state.batch.len() >= BATCH || self.inner.is_end_stream() {
                             return state.take();
                         }
                     }

@@ -369,6 +369,9 @@ impl Proxy {
 
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
+            let mut body =
+                RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
+                    .ending(parts.extensions.remove::<body::UploadEnded>());
             let client = ClientInfo {
                 ip: &conn.forwarded_for,
                 proto: conn.proto,
@@ -381,7 +384,9 @@ impl Proxy {
             // response answered: its answer may depend on the content (RFC
             // 9110 §9.3.1; a search API's GET with a query body), so it goes
             // past the cache, as one with `no-store` does.
-            let with_content = readable && !http_body::Body::is_end_stream(&body);
+            let with_content = readable
+                && !http_body::Body::is_end_stream(&body)
+                && !(parts.version == Version::HTTP_2 && body.settle());
             // The cache that may answer this request itself, if any.
             let answering =
                 cache.filter(|_| readable && !with_content && upgrade.is_none() && back == 0);
@@ -403,8 +408,6 @@ impl Proxy {
             if let Some(upgrade) = &upgrade {
                 upgrade.restore_request(&mut parts.headers);
             }
-            let body = RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
-                .ending(parts.extensions.remove::<body::UploadEnded>());
 
             if let Some(cache) = answering {
                 let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
