@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
-use portico::config::{Config, HostMatch, Route};
+use portico::config::{Cidr, Config, HostMatch, RateLimit, Route};
 use portico::sample::BackendOptions;
 
 #[tokio::test]
@@ -341,6 +341,53 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
     // This proxy's own name for itself, with which it knows a loop.
     let via = seen["via"][0].as_str().unwrap();
     assert!(via.starts_with("1.1 portico-"), "{seen}");
+}
+
+/// Behind a balancer that ends TLS and that portico trusts, the backend
+/// hears the scheme and host the balancer's client used.
+#[tokio::test]
+async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.rate_limit = Some(RateLimit {
+        trusted_proxies: vec![Cidr {
+            addr: "127.0.0.1".parse().unwrap(),
+            prefix: 32,
+        }],
+        ..RateLimit::default()
+    });
+    let proxy = start_proxy(config).await;
+    let seen = |fields: &[(&str, &str)]| {
+        let mut request = Request::get(proxy.url("/echo/headers"));
+        for (name, value) in fields {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        async {
+            let answer = send(&client(), request).await;
+            serde_json::from_slice::<serde_json::Value>(&answer.body).unwrap()
+        }
+    };
+    let kept = seen(&[
+        ("x-forwarded-proto", "HTTPS"),
+        ("x-forwarded-host", "shop.example"),
+    ])
+    .await;
+    assert_eq!(kept["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(
+        kept["x-forwarded-host"],
+        serde_json::json!(["shop.example"])
+    );
+    // Two lines, or junk, even from a trusted peer: portico's own.
+    let replaced = seen(&[
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "a.example, b.example"),
+    ])
+    .await;
+    assert_eq!(replaced["x-forwarded-proto"], serde_json::json!(["http"]));
+    let own = proxy.addr.to_string();
+    assert_eq!(replaced["x-forwarded-host"], serde_json::json!([own]));
 }
 
 #[tokio::test]
