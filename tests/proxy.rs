@@ -390,6 +390,24 @@ async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
     assert_eq!(replaced["x-forwarded-host"], serde_json::json!([own]));
 }
 
+/// The access log records a request's first `X-Request-Id`; the backend
+/// gets that one alone.
+#[tokio::test]
+async fn of_several_request_ids_the_backend_gets_the_first_alone() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    for client in [client(), h2c_client()] {
+        let request = Request::get(proxy.url("/echo/headers"))
+            .header("x-request-id", "first")
+            .header("x-request-id", "second")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client, request).await;
+        let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(seen["x-request-id"], serde_json::json!(["first"]));
+    }
+}
+
 #[tokio::test]
 async fn a_request_that_comes_back_to_the_proxy_gets_502_at_once() {
     // What `portico check` cannot see: a backend address that leads back to
