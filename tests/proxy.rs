@@ -408,6 +408,29 @@ async fn of_several_request_ids_the_backend_gets_the_first_alone() {
     }
 }
 
+/// TRACE would echo the request as the backend got it; like nginx, portico
+/// answers 405 itself, over either protocol, and counts it as unrouted.
+#[tokio::test]
+async fn trace_gets_405_and_reaches_neither_backend_nor_cache() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    for client in [client(), h2c_client()] {
+        let request = Request::builder()
+            .method("TRACE")
+            .uri(proxy.url("/echo/headers"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(answer.body, "405 Method Not Allowed\n");
+        assert_eq!(answer.header("cache-control"), "no-store");
+    }
+    assert_eq!(backend.requests(), 0);
+    let counted = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    let line = "portico_requests_total{code=\"405\",route=\"_none\"} 2";
+    assert!(counted.lines().any(|l| l == line), "{counted}");
+}
+
 #[tokio::test]
 async fn a_request_that_comes_back_to_the_proxy_gets_502_at_once() {
     // What `portico check` cannot see: a backend address that leads back to

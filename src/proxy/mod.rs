@@ -308,6 +308,12 @@ impl Proxy {
             if request.method() == Method::CONNECT {
                 return Err(ProxyError::ConnectMethod);
             }
+            // TRACE echoes the request as the backend got it, fields the
+            // hops on the way added included (cross-site tracing); nginx
+            // refuses it with 405 before choosing a location, as here.
+            if request.method() == Method::TRACE {
+                return Err(ProxyError::TraceMethod);
+            }
             // HTTP/1 heads over the limit never get here (hyper answers
             // 431). One more is allowed for the X-Request-Id `handle` may
             // have added, and cookies count as one field: HTTP/2 clients
@@ -429,7 +435,8 @@ impl Proxy {
                 return Ok(response);
             }
             // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
-            // invalidate; OPTIONS (a CORS preflight) and TRACE do not.
+            // invalidate; OPTIONS (a CORS preflight) does not. (TRACE is
+            // refused before routing.)
             let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
                 let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 target.to_owned()
