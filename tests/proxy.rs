@@ -431,6 +431,27 @@ async fn trace_gets_405_and_reaches_neither_backend_nor_cache() {
     assert!(counted.lines().any(|l| l == line), "{counted}");
 }
 
+/// RFC 9110 names 413 `Content Too Large`, as the body says; hyper's
+/// HTTP/1 status line would say RFC 7231's `Payload Too Large`.
+#[tokio::test]
+async fn the_http1_413_status_line_says_content_too_large() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(small_body_limit(&backend)).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Content Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\n413 Content Too Large\n"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn a_request_that_comes_back_to_the_proxy_gets_502_at_once() {
     // What `portico check` cannot see: a backend address that leads back to

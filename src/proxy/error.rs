@@ -162,6 +162,13 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    // RFC 9110's name, as the body says; hyper's HTTP/1 status line would
+    // give RFC 7231's `Payload Too Large`. HTTP/2 has no reason phrase.
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Content Too Large"));
+    }
     response
 }
 
