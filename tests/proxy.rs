@@ -452,6 +452,41 @@ async fn the_http1_413_status_line_says_content_too_large() {
     );
 }
 
+/// The asterisk-form target is for OPTIONS alone (RFC 9112 §3.2.4, RFC
+/// 9113 §8.3.1): on another method it is malformed, not an unrouted path.
+#[tokio::test]
+async fn an_asterisk_target_on_a_method_other_than_options_gets_400() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let star = http::Uri::builder()
+        .scheme("http")
+        .authority(proxy.addr.to_string())
+        .path_and_query("*")
+        .build()
+        .unwrap();
+    let request = Request::get(star).body(Full::new(Bytes::new())).unwrap();
+    let answer = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(backend.requests(), 0);
+}
+
 #[tokio::test]
 async fn a_request_that_comes_back_to_the_proxy_gets_502_at_once() {
     // What `portico check` cannot see: a backend address that leads back to

@@ -314,6 +314,14 @@ impl Proxy {
             if request.method() == Method::TRACE {
                 return Err(ProxyError::TraceMethod);
             }
+            // The asterisk-form target is for OPTIONS alone (RFC 9112
+            // §3.2.4, RFC 9113 §8.3.1): a GET of `*` is malformed, not a
+            // path that no route matches.
+            if request.uri().path() == "*" && request.method() != Method::OPTIONS {
+                return Err(ProxyError::BadRequest(
+                    "`*` target on a method other than OPTIONS",
+                ));
+            }
             // HTTP/1 heads over the limit never get here (hyper answers
             // 431). One more is allowed for the X-Request-Id `handle` may
             // have added, and cookies count as one field: HTTP/2 clients
