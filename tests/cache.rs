@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use portico::config::{Cidr, Config, RateLimit};
+use portico::config::Config;
 use portico::sample::{BackendOptions, RunningBackend};
 
 fn cached(backends: &[&RunningBackend]) -> Config {
@@ -698,15 +698,8 @@ async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
     })
     .await;
     let listen = vec!["127.0.0.1:0".parse().unwrap()];
-    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
-    config.rate_limit = Some(RateLimit {
-        trusted_proxies: vec![Cidr {
-            addr: "127.0.0.1".parse().unwrap(),
-            prefix: 32,
-        }],
-        ..RateLimit::default()
-    });
-    let proxy = start_proxy(config).await;
+    let config = Config::single_upstream(listen, vec![addr]);
+    let proxy = start_proxy(trusting_loopback(with_cache(config))).await;
     let client = client();
     let url = proxy.url("/scheme");
     let https = [("x-forwarded-proto", "https")];

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
-use portico::config::{Cidr, Config, HostMatch, RateLimit, Route};
+use portico::config::{Config, HostMatch, Route};
 use portico::sample::BackendOptions;
 
 #[tokio::test]
@@ -291,22 +291,11 @@ async fn h2c_prior_knowledge_requests_are_proxied() {
 
     // Neither :authority nor Host is malformed (RFC 9113 §8.3.1): 400, not
     // a request sent on with the backend's own address as its Host.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
     let request = Request::get("/health")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let answer = tokio::time::timeout(STEP, sender.send_request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    let status = h2c_status(proxy.addr, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.requests(), 2);
 }
 
@@ -348,15 +337,7 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
 #[tokio::test]
 async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
     let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.rate_limit = Some(RateLimit {
-        trusted_proxies: vec![Cidr {
-            addr: "127.0.0.1".parse().unwrap(),
-            prefix: 32,
-        }],
-        ..RateLimit::default()
-    });
-    let proxy = start_proxy(config).await;
+    let proxy = start_proxy(trusting_loopback(config_for(&[&backend]))).await;
     let seen = |fields: &[(&str, &str)]| {
         let mut request = Request::get(proxy.url("/echo/headers"));
         for (name, value) in fields {
@@ -464,14 +445,6 @@ async fn an_asterisk_target_on_a_method_other_than_options_gets_400() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
     let star = http::Uri::builder()
         .scheme("http")
         .authority(proxy.addr.to_string())
@@ -479,11 +452,8 @@ async fn an_asterisk_target_on_a_method_other_than_options_gets_400() {
         .build()
         .unwrap();
     let request = Request::get(star).body(Full::new(Bytes::new())).unwrap();
-    let answer = tokio::time::timeout(STEP, sender.send_request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    let status = h2c_status(proxy.addr, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.requests(), 0);
 }
 
