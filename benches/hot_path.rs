@@ -72,6 +72,7 @@ fn hygiene(c: &mut Criterion) {
         proto: "http",
         host: Some(&host),
         version: Version::HTTP_11,
+        trusted: false,
     };
     // Made once per proxy.
     let name = headers::Pseudonym::random();

@@ -680,6 +680,41 @@ async fn no_store_private_authorization_and_cookies_are_not_shared() {
     assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
 }
 
+/// Behind a trusted balancer that ends TLS, `https` and `http` requests
+/// for one URL are stored apart: the key's scheme is the one the backend
+/// was told, so an answer for `http` (a redirect to https, say) never
+/// serves an `https` client, Vary or not.
+#[tokio::test]
+async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
+    let addr = scripted_backend(|head| {
+        if head
+            .to_ascii_lowercase()
+            .contains("\r\nx-forwarded-proto: https\r\n")
+        {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhttps"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nhttp"
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let config = Config::single_upstream(listen, vec![addr]);
+    let proxy = start_proxy(trusting_loopback(with_cache(config))).await;
+    let client = client();
+    let url = proxy.url("/scheme");
+    let https = [("x-forwarded-proto", "https")];
+    for (fields, body, status) in [
+        (&https[..], "https", "portico; fwd=miss; stored"),
+        (&[], "http", "portico; fwd=miss; stored"),
+        (&https, "https", "portico; hit"),
+        (&[], "http", "portico; hit"),
+    ] {
+        let answer = get_with(&client, &url, fields).await;
+        assert_eq!(answer.body, body, "{fields:?}");
+        assert_eq!(answer.header("cache-status"), status, "{fields:?}");
+    }
+}
+
 #[tokio::test]
 async fn vary_on_accept_encoding_keeps_two_variants() {
     let (backend, proxy) = cached_sample().await;

@@ -327,22 +327,11 @@ async fn h2c_prior_knowledge_requests_are_proxied() {
 
     // Neither :authority nor Host is malformed (RFC 9113 §8.3.1): 400, not
     // a request sent on with the backend's own address as its Host.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
     let request = Request::get("/health")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let answer = tokio::time::timeout(STEP, sender.send_request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    let status = h2c_status(proxy.addr, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.requests(), 2);
 }
 
@@ -377,6 +366,131 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
     // This proxy's own name for itself, with which it knows a loop.
     let via = seen["via"][0].as_str().unwrap();
     assert!(via.starts_with("1.1 portico-"), "{seen}");
+}
+
+/// Behind a balancer that ends TLS and that portico trusts, the backend
+/// hears the scheme and host the balancer's client used.
+#[tokio::test]
+async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(trusting_loopback(config_for(&[&backend]))).await;
+    let seen = |fields: &[(&str, &str)]| {
+        let mut request = Request::get(proxy.url("/echo/headers"));
+        for (name, value) in fields {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        async {
+            let answer = send(&client(), request).await;
+            serde_json::from_slice::<serde_json::Value>(&answer.body).unwrap()
+        }
+    };
+    let kept = seen(&[
+        ("x-forwarded-proto", "HTTPS"),
+        ("x-forwarded-host", "shop.example"),
+    ])
+    .await;
+    assert_eq!(kept["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(
+        kept["x-forwarded-host"],
+        serde_json::json!(["shop.example"])
+    );
+    // Two lines, or junk, even from a trusted peer: portico's own.
+    let replaced = seen(&[
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "a.example, b.example"),
+    ])
+    .await;
+    assert_eq!(replaced["x-forwarded-proto"], serde_json::json!(["http"]));
+    let own = proxy.addr.to_string();
+    assert_eq!(replaced["x-forwarded-host"], serde_json::json!([own]));
+}
+
+/// The access log records a request's first `X-Request-Id`; the backend
+/// gets that one alone.
+#[tokio::test]
+async fn of_several_request_ids_the_backend_gets_the_first_alone() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    for client in [client(), h2c_client()] {
+        let request = Request::get(proxy.url("/echo/headers"))
+            .header("x-request-id", "first")
+            .header("x-request-id", "second")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client, request).await;
+        let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(seen["x-request-id"], serde_json::json!(["first"]));
+    }
+}
+
+/// TRACE would echo the request as the backend got it; like nginx, portico
+/// answers 405 itself, over either protocol, and counts it as unrouted.
+#[tokio::test]
+async fn trace_gets_405_and_reaches_neither_backend_nor_cache() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    for client in [client(), h2c_client()] {
+        let request = Request::builder()
+            .method("TRACE")
+            .uri(proxy.url("/echo/headers"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(answer.body, "405 Method Not Allowed\n");
+        assert_eq!(answer.header("cache-control"), "no-store");
+    }
+    assert_eq!(backend.requests(), 0);
+    let counted = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    let line = "portico_requests_total{code=\"405\",route=\"_none\"} 2";
+    assert!(counted.lines().any(|l| l == line), "{counted}");
+}
+
+/// RFC 9110 names 413 `Content Too Large`, as the body says; hyper's
+/// HTTP/1 status line would say RFC 7231's `Payload Too Large`.
+#[tokio::test]
+async fn the_http1_413_status_line_says_content_too_large() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(small_body_limit(&backend)).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Content Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\n413 Content Too Large\n"),
+        "{answer}"
+    );
+}
+
+/// The asterisk-form target is for OPTIONS alone (RFC 9112 §3.2.4, RFC
+/// 9113 §8.3.1): on another method it is malformed, not an unrouted path.
+#[tokio::test]
+async fn an_asterisk_target_on_a_method_other_than_options_gets_400() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let star = http::Uri::builder()
+        .scheme("http")
+        .authority(proxy.addr.to_string())
+        .path_and_query("*")
+        .build()
+        .unwrap();
+    let request = Request::get(star).body(Full::new(Bytes::new())).unwrap();
+    let status = h2c_status(proxy.addr, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(backend.requests(), 0);
 }
 
 #[tokio::test]

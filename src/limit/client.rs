@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use http::header::{HeaderMap, HeaderName};
 
 use crate::config::{Cidr, RateLimit, RateLimitKey};
+use crate::proxy::headers::only_line;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -32,7 +33,7 @@ pub enum ClientKey {
 /// A dual-stack (`[::]`) listener sees an IPv4 proxy as `::ffff:a.b.c.d`:
 /// it is matched as the IPv4 address it is, and as written (for a block
 /// given as `::ffff:10.0.0.0/104`).
-fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+pub fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
     let canonical = ip.to_canonical();
     let mapped = canonical != ip;
     proxies
@@ -182,14 +183,11 @@ pub fn key(
     hasher: &impl BuildHasher,
 ) -> ClientKey {
     if let RateLimitKey::Header(name) = &config.key {
-        let mut values = headers.get_all(name).iter();
         // One line only: with several, the backend may read another than
         // the first (the last, or all joined), so a junk line put first
         // would buy a fresh budget. Such a request counts by its address.
-        if let (Some(value), None) = (values.next(), values.next()) {
-            if !value.is_empty() {
-                return ClientKey::Header(hasher.hash_one(value.as_bytes()));
-            }
+        if let Some(value) = only_line(headers, name).filter(|value| !value.is_empty()) {
+            return ClientKey::Header(hasher.hash_one(value.as_bytes()));
         }
     }
     ClientKey::Ip(normalize(client_ip(peer, headers, &config.trusted_proxies)))

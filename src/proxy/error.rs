@@ -25,6 +25,8 @@ pub enum ProxyError {
     UnsupportedCoding,
     #[error("CONNECT is not supported: portico is a reverse proxy, not a tunnel")]
     ConnectMethod,
+    #[error("TRACE is not forwarded: its answer would echo what the hops added")]
+    TraceMethod,
     #[error("request body larger than max_request_body")]
     BodyTooLarge,
     #[error("request body stalled longer than body_timeout")]
@@ -69,6 +71,7 @@ impl ProxyError {
             ProxyError::UnsupportedCoding | ProxyError::ConnectMethod => {
                 StatusCode::NOT_IMPLEMENTED
             }
+            ProxyError::TraceMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
@@ -136,6 +139,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     let text: &'static str = match status {
         StatusCode::BAD_REQUEST => "400 Bad Request\n",
         StatusCode::NOT_FOUND => "404 Not Found: no route\n",
+        StatusCode::METHOD_NOT_ALLOWED => "405 Method Not Allowed\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "431 Request Header Fields Too Large\n",
         StatusCode::PRECONDITION_FAILED => "412 Precondition Failed\n",
@@ -157,6 +161,13 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    // RFC 9110's name, as the body says; hyper's HTTP/1 status line would
+    // give RFC 7231's `Payload Too Large`. HTTP/2 has no reason phrase.
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Content Too Large"));
     }
     response
 }

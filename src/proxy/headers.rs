@@ -316,35 +316,68 @@ pub struct ClientInfo<'a> {
     /// The host the client asked for (Host or :authority), if any.
     pub host: Option<&'a HeaderValue>,
     pub version: Version,
+    /// Whether the peer is one of `trusted_proxies`, whose
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` say where its client came in.
+    pub trusted: bool,
 }
 
 /// Prepares a request head for a backend: [`scrub_request`], then
-/// [`add_hop`].
-pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop) {
-    scrub_request(headers, client);
+/// [`add_hop`]. Returns the scheme forwarded, as `scrub_request` does.
+pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop) -> &'static str {
+    let proto = scrub_request(headers, client);
     add_hop(headers, hop);
+    proto
 }
 
-/// Hop-by-hop removal, then the forwarding fields that only portico can
-/// know and that replace the client's: `X-Forwarded-Proto` and
-/// `X-Forwarded-Host`. A cached response that varies on them is looked up
-/// with portico's values, the ones its backend saw.
-pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) {
+/// Hop-by-hop removal, then the forwarding fields that say where the
+/// client came in: `X-Forwarded-Proto` and `X-Forwarded-Host`. portico
+/// writes its own over the client's, except that a trusted proxy's one
+/// well-formed line of either is kept, as Envoy keeps a trusted hop's:
+/// behind a balancer that ends TLS, the backend must hear `https`. Several
+/// lines, or one that is not `http`/`https` (any case) or `host[:port]`,
+/// are replaced as a client's are. Returns the scheme forwarded: the cache
+/// keys on it, and a cached response that varies on these fields is
+/// looked up with the values its backend saw, which a client that is not
+/// trusted cannot choose.
+pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
     remove_hop_by_hop(headers);
     if client.version >= Version::HTTP_2 {
         join_cookies(headers);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(client.proto),
-    );
-    match client.host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    let relayed = |name| client.trusted.then(|| only_line(headers, name)).flatten();
+    let proto = relayed(&X_FORWARDED_PROTO)
+        .and_then(|value| {
+            ["http", "https"]
+                .into_iter()
+                .find(|scheme| value.as_bytes().eq_ignore_ascii_case(scheme.as_bytes()))
+        })
+        .unwrap_or(client.proto);
+    let relayed_host = relayed(&X_FORWARDED_HOST).is_some_and(|value| {
+        // One host, not a list of them that a chain of proxies appended.
+        valid_host(value.as_bytes()) && !value.as_bytes().contains(&b',')
+    });
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if !relayed_host {
+        match client.host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
         }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
+    }
+    proto
+}
+
+/// A field's value when it came on exactly one line. With several, which
+/// one the next hop reads (the first, the last, all joined) is anyone's
+/// guess, so callers treat that as no usable value.
+pub(crate) fn only_line<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    let mut lines = headers.get_all(name).iter();
+    match (lines.next(), lines.next()) {
+        (Some(value), None) => Some(value),
+        _ => None,
     }
 }
 
@@ -542,6 +575,7 @@ mod tests {
             proto: "http",
             host,
             version: Version::HTTP_11,
+            trusted: false,
         }
     }
 
@@ -822,6 +856,67 @@ mod tests {
         assert_eq!(headers["x-forwarded-host"], "shop.example");
         assert_eq!(headers["host"], "shop.example");
         assert_eq!(headers["via"], "1.1 portico-00000000002a");
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_one_well_formed_proto_and_host_are_kept() {
+        const XFP: &str = "x-forwarded-proto";
+        const XFH: &str = "x-forwarded-host";
+        let host = HeaderValue::from_static("shop.example");
+        // What the backend is told: X-Forwarded-Proto, X-Forwarded-Host.
+        let forwarded = |trusted: bool, input: &[(&str, &str)]| {
+            let mut headers = map(input);
+            let info = ClientInfo {
+                trusted,
+                ..client(Some(&host))
+            };
+            let proto = scrub_request(&mut headers, info);
+            let sent = |name| headers.get_all(name).iter().collect::<Vec<_>>();
+            assert_eq!(sent(XFP), [proto], "{input:?}");
+            let [host] = sent(XFH)[..] else {
+                panic!("not one X-Forwarded-Host for {input:?}");
+            };
+            (proto, host.to_str().unwrap().to_owned())
+        };
+        // (request fields, what the backend is told)
+        type Case<'a> = (&'a [(&'a str, &'a str)], (&'a str, &'a str));
+        let kept: &[Case] = &[
+            (
+                &[(XFP, "https"), (XFH, "lb.example")],
+                ("https", "lb.example"),
+            ),
+            (&[(XFP, "HTTPS")], ("https", "shop.example")),
+            (&[(XFP, "http")], ("http", "shop.example")),
+            (
+                &[(XFH, "[2001:db8::1]:8443")],
+                ("http", "[2001:db8::1]:8443"),
+            ),
+        ];
+        for (input, (proto, host)) in kept {
+            assert_eq!(forwarded(true, input), (*proto, host.to_string()));
+        }
+        // portico's own, as for a client that is not trusted.
+        let own = ("http", "shop.example".to_owned());
+        assert_eq!(forwarded(false, kept[0].0), own);
+        let replaced: &[&[(&str, &str)]] = &[
+            // Several lines: which one counts is anyone's guess.
+            &[(XFP, "https"), (XFP, "https")],
+            &[(XFH, "a.example"), (XFH, "a.example")],
+            // Lists and junk.
+            &[(XFP, "https, http")],
+            &[(XFP, "ftp")],
+            &[(XFP, "")],
+            &[(XFH, "a.example, b.example")],
+            &[(XFH, "a.example,b.example")],
+            &[(XFH, "user@evil.example")],
+            &[(XFH, "a.example/x")],
+            &[(XFH, "")],
+            // Named in Connection, it is hop-by-hop and gone first.
+            &[("connection", XFP), (XFP, "https")],
+        ];
+        for input in replaced {
+            assert_eq!(forwarded(true, input), own, "{input:?}");
+        }
     }
 
     #[test]

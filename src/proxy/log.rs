@@ -17,7 +17,9 @@ use super::Conn;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Keeps a client's `X-Request-Id` (if it is short and printable) or sets a
-/// fresh random one, so the backend and the log share it.
+/// fresh random one, so the backend and the log share it. Of several
+/// lines the first is the id, as the log records it, and the only one
+/// forwarded: a backend reading the last would log another id.
 /// One lookup whether the id is kept, replaced or added.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
     match headers.entry(&X_REQUEST_ID) {
@@ -25,6 +27,9 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
             let usable = !id.get().is_empty() && id.get().len() <= 128 && id.get().to_str().is_ok();
             if !usable {
                 id.insert(new_request_id());
+            } else if id.iter().nth(1).is_some() {
+                let first = id.get().clone();
+                id.insert(first);
             }
             id.into_mut()
         }
@@ -168,13 +173,46 @@ mod tests {
         headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("abc-123"));
         assert_eq!(ensure_request_id(&mut headers), "abc-123");
 
-        // Overlong ids are replaced rather than forwarded.
+        // Ids that are empty, overlong or not text are replaced rather than
+        // forwarded (control characters never get this far: hyper refuses
+        // the head).
+        let (longest, overlong) = ("x".repeat(128), "x".repeat(129));
+        let unusable: [&[u8]; 4] = [b"", overlong.as_bytes(), b"caf\xc3\xa9", b"\xff"];
+        for id in unusable {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_bytes(id).unwrap());
+            let made = ensure_request_id(&mut headers).clone();
+            assert_eq!(made.len(), 32, "{id:?}");
+            assert_eq!(headers.get_all(&X_REQUEST_ID).iter().count(), 1);
+        }
         let mut headers = HeaderMap::new();
         headers.insert(
             X_REQUEST_ID.clone(),
-            HeaderValue::from_str(&"x".repeat(200)).unwrap(),
+            HeaderValue::from_str(&longest).unwrap(),
         );
-        assert_eq!(ensure_request_id(&mut headers).len(), 32);
+        assert_eq!(ensure_request_id(&mut headers), longest.as_str());
+    }
+
+    #[test]
+    fn of_several_request_ids_only_the_logged_one_is_forwarded() {
+        for (lines, want) in [
+            (&["first", "second"][..], Some("first")),
+            (&["first", "second", "third"], Some("first")),
+            // A first line that is no id is replaced, the rest with it.
+            (&["", "second"], None),
+        ] {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(X_REQUEST_ID.clone(), HeaderValue::from_static(line));
+            }
+            let id = ensure_request_id(&mut headers).clone();
+            let forwarded: Vec<_> = headers.get_all(&X_REQUEST_ID).iter().collect();
+            assert_eq!(forwarded, [&id], "{lines:?}");
+            match want {
+                Some(want) => assert_eq!(id, want),
+                None => assert_eq!(id.len(), 32),
+            }
+        }
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Proxy {
     /// Requests refused before a route was chosen.
     unrouted: RouteMetrics,
     limiter: Option<Arc<Limiter>>,
+    /// `[rate_limit] trusted_proxies`: peers whose forwarding fields are
+    /// believed.
+    trusted_proxies: Box<[crate::config::Cidr]>,
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
@@ -186,6 +189,10 @@ impl Proxy {
                 .collect(),
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
             limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
+            trusted_proxies: config
+                .rate_limit
+                .as_ref()
+                .map_or_else(Box::default, |r| r.trusted_proxies.clone().into()),
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
@@ -301,6 +308,20 @@ impl Proxy {
             if request.method() == Method::CONNECT {
                 return Err(ProxyError::ConnectMethod);
             }
+            // TRACE echoes the request as the backend got it, fields the
+            // hops on the way added included (cross-site tracing); nginx
+            // refuses it with 405 before choosing a location, as here.
+            if request.method() == Method::TRACE {
+                return Err(ProxyError::TraceMethod);
+            }
+            // The asterisk-form target is for OPTIONS alone (RFC 9112
+            // §3.2.4, RFC 9113 §8.3.1): a GET of `*` is malformed, not a
+            // path that no route matches.
+            if request.uri().path() == "*" && request.method() != Method::OPTIONS {
+                return Err(ProxyError::BadRequest(
+                    "`*` target on a method other than OPTIONS",
+                ));
+            }
             // HTTP/1 heads over the limit never get here (hyper answers
             // 431). One more is allowed for the X-Request-Id `handle` may
             // have added, and cookies count as one field: HTTP/2 clients
@@ -377,6 +398,7 @@ impl Proxy {
                 proto: conn.proto,
                 host: host.as_ref(),
                 version: parts.version,
+                trusted: crate::limit::client::trusted(conn.peer.ip(), &self.trusted_proxies),
             };
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -394,11 +416,12 @@ impl Proxy {
             // once it is on its way to a backend: a hit skips their cost,
             // and that of making the hop.
             let hop = || Hop::of(client, &self.pseudonym);
-            if answering.is_some() {
-                headers::scrub_request(&mut parts.headers, client);
+            // The scheme the backend is told, which the cache keys on.
+            let proto = if answering.is_some() {
+                headers::scrub_request(&mut parts.headers, client)
             } else {
-                headers::prepare_request(&mut parts.headers, client, hop());
-            }
+                headers::prepare_request(&mut parts.headers, client, hop())
+            };
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.
             if let Some(host) = &host {
@@ -410,7 +433,7 @@ impl Proxy {
             }
 
             if let Some(cache) = answering {
-                let lookup = cached::lookup(cache, upstream, &parts, conn.proto, host_name, hop);
+                let lookup = cached::lookup(cache, upstream, &parts, proto, host_name, hop);
                 let mut response = match lookup.await {
                     cached::Lookup::Answered(response) => response,
                     // Boxed: a hit never makes this kilobytes-large future.
@@ -423,7 +446,8 @@ impl Proxy {
                 return Ok(response);
             }
             // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
-            // invalidate; OPTIONS (a CORS preflight) and TRACE do not.
+            // invalidate; OPTIONS (a CORS preflight) does not. (TRACE is
+            // refused before routing.)
             let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
                 let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 target.to_owned()
@@ -438,7 +462,7 @@ impl Proxy {
                     // Boxed: rare, and inline it would grow every request's future.
                     Box::pin(cached::invalidate(
                         cache,
-                        conn.proto,
+                        proto,
                         host_name,
                         target,
                         response.headers(),

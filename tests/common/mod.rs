@@ -181,6 +181,39 @@ pub fn with_cache(mut config: Config) -> Config {
     config
 }
 
+/// `config` with 127.0.0.1 in `[rate_limit] trusted_proxies`, as a
+/// balancer in front of portico would be; no route throttles.
+pub fn trusting_loopback(mut config: Config) -> Config {
+    config.rate_limit = Some(portico::config::RateLimit {
+        trusted_proxies: vec![portico::config::Cidr {
+            addr: "127.0.0.1".parse().unwrap(),
+            prefix: 32,
+        }],
+        ..portico::config::RateLimit::default()
+    });
+    config
+}
+
+/// Sends `request` alone on a fresh h2c connection with hyper's
+/// connection-level client, which sends its target as given (no
+/// `:authority` for a relative one, `*` as the path), and returns the
+/// status, within [`STEP`]: for requests the pooled client would fix up.
+pub async fn h2c_status(addr: SocketAddr, request: Request<Full<Bytes>>) -> StatusCode {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .expect("answer within STEP")
+        .expect("response")
+        .status()
+}
+
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
