@@ -26,8 +26,9 @@ const MAX_BYTES: usize = 64 * 1024 * 1024;
 pub type Body = Either<Full<Bytes>, Either<Incoming, Chunked>>;
 
 /// A body sent without a length, so chunked (`chunked=1` on `/cache/...`).
+/// `Chunked(None)` is empty, and says so only once polled.
 #[derive(Debug)]
-pub struct Chunked(Option<Bytes>);
+pub struct Chunked(pub Option<Bytes>);
 
 impl http_body::Body for Chunked {
     type Data = Bytes;
