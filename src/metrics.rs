@@ -28,6 +28,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
+    upstream_body_errors: IntCounterVec,
     backend_up: IntGaugeVec,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
@@ -109,6 +110,12 @@ impl Metrics {
                 "Time a backend took to send its response head",
                 &["upstream", "backend"],
             ),
+            upstream_body_errors: counter_vec(
+                &registry,
+                "portico_upstream_body_errors_total",
+                "Backend response bodies cut short after their head was relayed: broken (the connection failed) or stalled (silent past body_timeout)",
+                &["upstream", "backend", "reason"],
+            ),
             backend_up,
             cache_lookups: counter_vec(
                 &registry,
@@ -159,6 +166,18 @@ impl Metrics {
             duration: self
                 .upstream_duration
                 .with_label_values(&[upstream, backend]),
+        }
+    }
+
+    /// One backend's body-error counters, made (at 0) with the backend.
+    pub fn body_errors(&self, upstream: &str, backend: &str) -> BodyErrors {
+        let counter = |reason| {
+            self.upstream_body_errors
+                .with_label_values(&[upstream, backend, reason])
+        };
+        BodyErrors {
+            broken: counter("broken"),
+            stalled: counter("stalled"),
         }
     }
 
@@ -257,6 +276,15 @@ impl RouteMetrics {
     pub fn throttled(&self) {
         self.rejected.inc();
     }
+}
+
+/// A backend's `portico_upstream_body_errors_total` series. HAProxy counts
+/// the same as server aborts (its `SD` termination state); nginx only logs
+/// "upstream prematurely closed connection".
+#[derive(Debug, Clone)]
+pub struct BodyErrors {
+    pub broken: IntCounter,
+    pub stalled: IntCounter,
 }
 
 /// One backend's handles.

@@ -487,3 +487,26 @@ async fn a_request_its_client_leaves_counts_as_499() {
     counted(2).await;
     assert_eq!(scraped(&proxy, "portico_requests_total{code=\"200\""), 0);
 }
+
+#[tokio::test]
+async fn bodies_a_backend_cuts_short_are_counted() {
+    // A head promising 100 bytes, 10 of them, then the connection closes.
+    let addr =
+        scripted_backend(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
+    let mut config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].name = "cut".into();
+    let proxy = start_proxy(config).await;
+    let series = |reason: &str| {
+        format!("portico_upstream_body_errors_total{{backend=\"{addr}\",reason=\"{reason}\",upstream=\"cut\"}}")
+    };
+    let text = String::from_utf8(proxy.shared.proxy.load().metrics().encode()).unwrap();
+    assert!(text.contains(&format!("{} 0", series("broken"))), "{text}");
+    for _ in 0..2 {
+        let answer = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("0123456789"), "{answer}");
+    }
+    assert_eq!(scraped(&proxy, &series("broken")), 2);
+    assert_eq!(scraped(&proxy, &series("stalled")), 0);
+}

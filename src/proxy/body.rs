@@ -639,8 +639,19 @@ where
     B::Error: Unpin,
 {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        if let Some(held) = self.state.as_mut().and_then(|s| s.held.take()) {
-            return Poll::Ready(held);
+        if let Some(state) = self.state.as_deref_mut() {
+            match state.held.take() {
+                // hyper drops what it has buffered when a body fails: the
+                // data before the error goes out first, in the meantime.
+                Some(Some(Err(e))) if state.yielded.is_none() => {
+                    state.held = Some(Some(Err(e)));
+                    state.yielded = Some(connection_poll());
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Some(held) => return Poll::Ready(held),
+                None => {}
+            }
         }
         loop {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
@@ -937,7 +948,9 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    in_flight.take();
+                    if let Some(slot) = in_flight.take() {
+                        slot.body_failed(false);
+                    }
                     // A broken body is never stored.
                     capture.take();
                     // The head (and its status) went out already: the
@@ -959,6 +972,9 @@ impl Body for ProxyBody {
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => {
                         capture.take();
+                        if let Some(slot) = in_flight.take() {
+                            slot.body_failed(true);
+                        }
                         tracing::warn!(timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
                         Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout))))
                     }

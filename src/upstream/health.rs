@@ -58,6 +58,9 @@ pub struct BackendState {
     in_flight: AtomicUsize,
     /// Failures that eject.
     threshold: u32,
+    /// Bodies this backend cut short; `None` for states made outside an
+    /// upstream (tests).
+    body_errors: Option<crate::metrics::BodyErrors>,
 }
 
 /// What a passive observation changed, for the one log line it deserves.
@@ -76,7 +79,14 @@ impl BackendState {
             ejections: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             threshold: threshold.max(1),
+            body_errors: None,
         }
+    }
+
+    /// Counts the bodies this backend cuts short in `errors`.
+    pub fn counting_body_errors(mut self, errors: crate::metrics::BodyErrors) -> Self {
+        self.body_errors = Some(errors);
+        self
     }
 
     /// May take traffic now: up by the active checks, not ejected.
@@ -152,6 +162,21 @@ impl InFlight {
     pub fn new(state: std::sync::Arc<BackendState>) -> Self {
         state.start_request();
         InFlight { state }
+    }
+}
+
+impl InFlight {
+    /// The backend cut its body short: `stalled` past `body_timeout`, or
+    /// broken. The slot goes with this.
+    pub fn body_failed(self, stalled: bool) {
+        if let Some(errors) = &self.state.body_errors {
+            let counter = if stalled {
+                &errors.stalled
+            } else {
+                &errors.broken
+            };
+            counter.inc();
+        }
     }
 }
 

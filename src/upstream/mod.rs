@@ -102,18 +102,21 @@ impl Upstream {
     /// The upstream for `config`, its checks not started yet.
     fn build(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
-        let backends: Vec<Backend> = config
-            .backends
-            .iter()
-            .map(|b| Backend {
-                addr: b.addr,
-                weight: b.weight,
-                authority: Authority::try_from(b.addr.to_string().as_str())
-                    .expect("a SocketAddr always formats as a valid authority"),
-                state: Arc::new(BackendState::new(threshold)),
-                metrics: metrics.backend(&config.name, &b.addr.to_string()),
-            })
-            .collect();
+        let backends: Vec<Backend> =
+            config
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    addr: b.addr,
+                    weight: b.weight,
+                    authority: Authority::try_from(b.addr.to_string().as_str())
+                        .expect("a SocketAddr always formats as a valid authority"),
+                    state: Arc::new(BackendState::new(threshold).counting_body_errors(
+                        metrics.body_errors(&config.name, &b.addr.to_string()),
+                    )),
+                    metrics: metrics.backend(&config.name, &b.addr.to_string()),
+                })
+                .collect();
         let mut builder = hyper::client::conn::http1::Builder::new();
         // hyper lets a backend connection's read buffer grow to ~400 KiB
         // on large bodies, and keeps it for the connection's life.
