@@ -295,6 +295,20 @@ async fn with_every_backend_ejected_picks_still_take_turns() {
 }
 
 #[tokio::test]
+async fn a_response_head_that_does_not_parse_is_not_retried() {
+    // The backend answered, badly: sent again, the request would count a
+    // second failure and most likely get the same answer.
+    let garbage = |_: &str| -> &'static [u8] { b"this is not http\r\n\r\n" };
+    let (a, seen_a) = counted_scripted_backend(garbage).await;
+    let (b, seen_b) = counted_scripted_backend(garbage).await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![a, b])).await;
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let seen = seen_a.load(Ordering::SeqCst) + seen_b.load(Ordering::SeqCst);
+    assert_eq!(seen, 1);
+}
+
+#[tokio::test]
 async fn a_lone_backend_is_never_ejected_so_errors_stay_errors() {
     // As in nginx: with nowhere else to go, ejecting the only backend
     // would turn its failures (and its recovery) into blanket 503s.

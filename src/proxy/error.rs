@@ -100,14 +100,16 @@ impl ProxyError {
 
     /// Whether an idempotent request may be sent again elsewhere. A response
     /// timeout is not: the backend may still be working on it, and waiting
-    /// twice doubles the client's wait.
+    /// twice doubles the client's wait. Nor is a response head that does not
+    /// parse: the backend answered, badly, and would most likely answer so
+    /// again (nginx retries it only with `proxy_next_upstream
+    /// invalid_header`, HAProxy only with `retry-on junk-response`).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. }
-                | ProxyError::ConnectTimeout { .. }
-                | ProxyError::Upstream { .. }
-        )
+        match self {
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } => true,
+            ProxyError::Upstream { source, .. } => !source.is_parse(),
+            _ => false,
+        }
     }
 
     /// The backend never received a byte of the request: the connection was
