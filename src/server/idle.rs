@@ -134,9 +134,19 @@ impl Activity {
     /// The wake-up alone may have been an empty line, which starts nothing
     /// and leaves the connection as idle as it was.
     pub(super) fn again(unread: &[u8], quiet: Duration) -> Self {
+        let head_pending = !only_line_ends(unread);
         Activity {
-            head_pending: AtomicBool::new(!only_line_ends(unread)),
+            head_pending: AtomicBool::new(head_pending),
             quiet_before: quiet,
+            // A head begun behind the last request has waited since that
+            // request was answered, as nginx times a pipelined head: the
+            // timer goes on from there rather than from the parking
+            // (audit25c: a 3 s timer fired at 5.3 s).
+            head_clock: Mutex::new(HeadClock {
+                waited: if head_pending { quiet } else { Duration::ZERO },
+                waiting: head_pending,
+                writes: 0,
+            }),
             ..Self::new()
         }
     }
@@ -991,6 +1001,24 @@ mod park_tests {
         // A response written in between makes the next wait another.
         let took = drained_after(true).await;
         assert!(took >= Duration::from_secs(10), "{took:?}");
+    }
+
+    /// A head that came in behind the last request, before the connection
+    /// was parked, keeps the time it waited: 5 s of quiet before parking,
+    /// and the 10 s timer fires 5 s (and at most a step) after.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_before_parking_keeps_its_wait() {
+        let activity = Activity::again(b"GET /next", Duration::from_secs(5));
+        let limits = Limits {
+            park: None,
+            ..LIMITS
+        };
+        let (expired, took) = expired_while(&activity, limits, std::future::ready(())).await;
+        assert_eq!(expired, Expired::Head);
+        assert!(
+            took >= Duration::from_secs(5) && took <= Duration::from_millis(7_500),
+            "{took:?}"
+        );
     }
 
     /// A parked connection woken by an empty line alone is parked again.
