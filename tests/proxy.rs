@@ -180,14 +180,11 @@ async fn a_chunked_get_body_reaches_the_backend() {
     );
 }
 
-/// An HTTP/2 GET's content, read early to learn whether the request has
-/// any (see `an_http2_get_ended_by_an_empty_data_frame_is_cached`), still
-/// reaches the backend whole. Its HEADERS and DATA go out in one write, so
-/// the DATA is in when portico looks.
-#[tokio::test]
-async fn an_http2_get_with_content_reaches_the_backend_whole() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+/// Sends an HTTP/2 GET of `/echo` carrying `hello world`, its HEADERS and
+/// DATA in one write (so the DATA is in when portico looks, see
+/// `an_http2_get_ended_by_an_empty_data_frame_is_cached`), and returns the
+/// answer's Cache-Status and body.
+async fn h2_get_with_content(proxy: &RunningProxy) -> (String, Vec<u8>) {
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -199,7 +196,10 @@ async fn an_http2_get_with_content_reaches_the_backend_whole() {
         .unwrap();
     let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["cache-status"], "portico; fwd=bypass");
+    let status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let mut body = response.into_body();
     let mut echoed = Vec::new();
     while let Some(data) = tokio::time::timeout(STEP, body.data()).await.unwrap() {
@@ -207,7 +207,33 @@ async fn an_http2_get_with_content_reaches_the_backend_whole() {
         let _ = body.flow_control().release_capacity(data.len());
         echoed.extend_from_slice(&data);
     }
-    assert_eq!(echoed, b"hello world");
+    (status, echoed)
+}
+
+/// An HTTP/2 GET's content, read early to learn whether the request has
+/// any, still reaches the backend whole; and the request still goes to
+/// another backend when the first refuses the connection.
+#[tokio::test]
+async fn an_http2_get_with_content_reaches_the_backend_whole() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = refusing.local_addr().unwrap();
+    drop(refusing);
+    let alone = config_for(&[&backend]);
+    let behind_a_dead_one = Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![dead, backend.addr()],
+    );
+    for config in [alone, behind_a_dead_one] {
+        let proxy = start_proxy(with_cache(config)).await;
+        // Twice: round-robin tries each backend first once.
+        for _ in 0..2 {
+            let (status, echoed) = h2_get_with_content(&proxy).await;
+            assert_eq!(status, "portico; fwd=bypass");
+            assert_eq!(echoed, b"hello world");
+        }
+        proxy.stop().await;
+    }
 }
 
 /// A GET with content (a search API's query body) is not answered from,

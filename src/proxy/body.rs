@@ -138,7 +138,7 @@ pub struct RequestBody {
     /// Where a parked upload waits until the first poll (see [`park`]).
     ///
     /// [`park`]: RequestBody::park
-    parked: Option<Arc<Mutex<Option<Incoming>>>>,
+    parked: Option<Arc<Mutex<Option<Upload>>>>,
     /// The upload's size hint and end flag, kept while it is parked.
     parked_hint: SizeHint,
     limit: u64,
@@ -148,13 +148,18 @@ pub struct RequestBody {
     /// ([`RequestBody::end_marker`], [`RequestBody::ending`]).
     ended: Option<UploadEnded>,
     /// A frame [`RequestBody::settle`] read, to go first.
-    first: Option<Box<Result<Frame<Bytes>, hyper::Error>>>,
+    first: Option<First>,
 }
+
+type First = Box<Result<Frame<Bytes>, hyper::Error>>;
+
+/// A parked upload: the client's body, and a frame read from it early.
+type Upload = (Incoming, Option<First>);
 
 /// The other end of a parked upload: gives it back if nobody read it.
 #[derive(Debug)]
 pub struct Parked {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    slot: Arc<Mutex<Option<Upload>>>,
     limit: u64,
     stall_timeout: Duration,
     ended: Option<UploadEnded>,
@@ -164,8 +169,10 @@ impl Parked {
     /// The upload, if no byte of it was read: a connect failure leaves it
     /// untouched, and it can go to another backend.
     pub fn reclaim(self) -> Option<RequestBody> {
-        let inner = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        Some(RequestBody::new(inner, self.limit, self.stall_timeout).ending(self.ended))
+        let (inner, first) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let mut body = RequestBody::new(inner, self.limit, self.stall_timeout).ending(self.ended);
+        body.first = first;
+        Some(body)
     }
 }
 
@@ -251,14 +258,12 @@ impl RequestBody {
     /// on another backend. Costs one allocation; used for requests that
     /// carry a body.
     pub fn park(mut self) -> (RequestBody, Option<Parked>) {
-        if self.first.is_some() {
-            return (self, None);
-        }
+        let hint = self.size_hint();
         let Some(inner) = self.inner.take() else {
             return (self, None);
         };
-        self.parked_hint = inner.size_hint();
-        let slot = Arc::new(Mutex::new(Some(inner)));
+        self.parked_hint = hint;
+        let slot = Arc::new(Mutex::new(Some((inner, self.first.take()))));
         self.parked = Some(slot.clone());
         let parked = Parked {
             slot,
@@ -280,7 +285,9 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         if let Some(slot) = this.parked.take() {
-            this.inner = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((inner, first)) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                (this.inner, this.first) = (Some(inner), first);
+            }
         }
         let polled = match (this.first.take(), this.inner.as_mut()) {
             (Some(first), _) => Poll::Ready(Some(*first)),
@@ -517,8 +524,14 @@ const SMALL_FRAME: usize = 4 * 1024;
 /// Up to this many bytes of small frames make one.
 const BATCH: usize = 16 * 1024;
 
+/// Threads that have polled a connection, for [`in_connection_poll`]'s
+/// ids: each thread counts its polls apart from the others'.
+static POLLING_THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 thread_local! {
-    /// Connection polls begun on this thread.
+    /// The next id of a connection poll on this thread: the thread's
+    /// number in the top 24 bits, a count below, so no two threads give the
+    /// same id (a task moved to another worker never finds its old id).
     static POLLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     /// The one under way, 0 outside one.
     static POLLING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -534,11 +547,24 @@ pub fn in_connection_poll<T>(poll: impl FnOnce() -> T) -> T {
             POLLING.set(self.0);
         }
     }
-    let this = POLLS.get().wrapping_add(1).max(1);
-    POLLS.set(this);
+    let mut this = POLLS.get();
+    if this & POLL_COUNT == 0 {
+        // The thread's first poll, or its count has wrapped: a (new) number.
+        let thread = POLLING_THREADS.fetch_add(1, Ordering::Relaxed) + 1;
+        this = thread << POLL_COUNT_BITS;
+    }
+    this += 1;
+    POLLS.set(if this & POLL_COUNT == POLL_COUNT {
+        0
+    } else {
+        this
+    });
     let _restore = Restore(POLLING.replace(this));
     poll()
 }
+
+const POLL_COUNT_BITS: u32 = 40;
+const POLL_COUNT: u64 = (1 << POLL_COUNT_BITS) - 1;
 
 /// The connection poll under way on this thread, 0 outside one.
 fn connection_poll() -> u64 {
@@ -575,31 +601,50 @@ struct Gathering<E> {
 }
 
 impl<E> Gathering<E> {
-    /// Bytes taken from the inner body and not yet sent on.
+    /// Bytes taken from the inner body and not yet sent on (`batch` holds
+    /// a copy of `first` once it holds anything).
     fn len(&self) -> usize {
-        self.first.as_ref().map_or(0, Bytes::len) + self.batch.len()
+        if self.batch.is_empty() {
+            self.first.as_ref().map_or(0, Bytes::len)
+        } else {
+            self.batch.len()
+        }
     }
 
-    fn add(&mut self, data: Bytes) {
+    /// Adds `data`; Ready with what was gathered before it when the two
+    /// would make more than [`BATCH`] (`data` then begins the next batch).
+    fn add(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         let Some(first) = &self.first else {
             self.first = Some(data);
-            return;
+            return Poll::Pending;
         };
+        if self.len() + data.len() > BATCH {
+            let full = self.take();
+            self.first = Some(data);
+            return full;
+        }
         if self.batch.is_empty() {
             self.batch.reserve(BATCH);
             self.batch.extend_from_slice(first);
         }
         self.batch.extend_from_slice(&data);
+        Poll::Pending
     }
 
-    /// What has been gathered, as one frame.
+    /// What has been gathered, as one frame. A joined batch goes out as a
+    /// copy of its own size, and the buffer is kept for the next: a frame
+    /// sharing the buffer would keep all of it alive for a few bytes (in a
+    /// cache copy, or read ahead for a slow client, where only its length
+    /// is charged).
     fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         self.yielded = None;
         let first = self.first.take().unwrap_or_default();
         let data = if self.batch.is_empty() {
             first
         } else {
-            self.batch.split().freeze()
+            let joined = Bytes::copy_from_slice(&self.batch);
+            self.batch.clear();
+            joined
         };
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
@@ -669,7 +714,8 @@ where
                                     yielded: None,
                                 })),
                             };
-                            state.add(data);
+                            // The first: nothing to send yet.
+                            let _ = state.add(data);
                             continue;
                         }
                         Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -681,9 +727,11 @@ where
             match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.len() < SMALL_FRAME => {
-                        state.add(data);
                         state.yielded = None;
-                        if state.batch.len() >= BATCH || self.inner.is_end_stream() {
+                        if let Poll::Ready(full) = state.add(data) {
+                            return Poll::Ready(full);
+                        }
+                        if state.len() == BATCH || self.inner.is_end_stream() {
                             return state.take();
                         }
                     }
@@ -693,11 +741,14 @@ where
                 Poll::Ready(other) => return state.take_before(other),
                 // Polled again within the poll that yielded (hyper's HTTP/1
                 // loop does that): the task has not let others run yet.
+                // Woken again all the same: should a poll ever be taken for
+                // the one that yielded, that costs a turn, not a hang.
                 Poll::Pending
                     if state
                         .yielded
                         .is_some_and(|at| at != 0 && at == connection_poll()) =>
                 {
+                    cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 Poll::Pending if state.yielded.is_some() => return state.take(),
@@ -1024,9 +1075,9 @@ mod tests {
 
     use super::*;
 
-    /// The body of a response of `chunks` one-byte chunks and a trailer
-    /// field, through hyper's client as a backend's body comes.
-    async fn tiny_chunks_with_trailers(chunks: usize) -> Incoming {
+    /// The body of a response of `chunks` chunks of `size` bytes and a
+    /// trailer field, through hyper's client as a backend's body comes.
+    async fn chunks_with_trailers(chunks: usize, size: usize) -> Incoming {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1034,7 +1085,9 @@ mod tests {
             let _ = stream.read(&mut [0; 1024]).await;
             let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
             for _ in 0..chunks {
-                out.extend_from_slice(b"1\r\nx\r\n");
+                out.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+                out.extend(std::iter::repeat_n(b'x', size));
+                out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(b"0\r\nx-sum: 1\r\n\r\n");
             stream.write_all(&out).await.unwrap();
@@ -1054,9 +1107,10 @@ mod tests {
         response.into_body()
     }
 
-    #[tokio::test]
-    async fn small_frames_come_joined_and_the_trailers_after_them() {
-        let mut body = Gathered::new(tiny_chunks_with_trailers(40_000).await);
+    /// The sizes of the data frames `body` gives through [`Gathered`],
+    /// and its trailers.
+    async fn gathered_frames(body: Incoming) -> (Vec<usize>, Option<http::HeaderMap>) {
+        let mut body = Gathered::new(body);
         let (mut sizes, mut trailers) = (Vec::new(), None);
         let wait = std::time::Duration::from_secs(10);
         while let Some(frame) = tokio::time::timeout(wait, body.frame()).await.unwrap() {
@@ -1065,9 +1119,41 @@ mod tests {
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
+        (sizes, trailers)
+    }
+
+    #[tokio::test]
+    async fn small_frames_come_joined_and_the_trailers_after_them() {
+        let (sizes, trailers) = gathered_frames(chunks_with_trailers(40_000, 1).await).await;
         assert_eq!(sizes.iter().sum::<usize>(), 40_000);
         assert!(sizes.iter().all(|&size| size <= BATCH), "{sizes:?}");
         assert!(sizes.len() <= 40, "{} frames", sizes.len());
         assert_eq!(trailers.unwrap()["x-sum"], "1");
+    }
+
+    #[tokio::test]
+    async fn a_batch_never_outgrows_its_bound() {
+        // 3000-byte frames: five make 15,000 bytes, a sixth would make 18,000.
+        let (sizes, _) = gathered_frames(chunks_with_trailers(60, 3000).await).await;
+        assert_eq!(sizes.iter().sum::<usize>(), 180_000);
+        assert!(sizes.iter().all(|&size| size <= BATCH), "{sizes:?}");
+        assert!(sizes.len() <= 15, "{sizes:?}");
+    }
+
+    #[test]
+    fn no_two_threads_number_a_connection_poll_alike() {
+        // A task that yields in one worker's poll and is next polled by
+        // another must not find the id it yielded in.
+        let ids = || {
+            (0..1000)
+                .map(|_| in_connection_poll(connection_poll))
+                .collect::<std::collections::HashSet<_>>()
+        };
+        let other = std::thread::spawn(ids).join().unwrap();
+        let here = ids();
+        assert_eq!(here.len(), 1000);
+        assert!(here.is_disjoint(&other));
+        assert!(!here.contains(&0));
+        assert_eq!(connection_poll(), 0, "0 outside a connection poll");
     }
 }
