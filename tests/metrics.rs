@@ -510,3 +510,49 @@ async fn bodies_a_backend_cuts_short_are_counted() {
     assert_eq!(scraped(&proxy, &series("broken")), 2);
     assert_eq!(scraped(&proxy, &series("stalled")), 0);
 }
+
+#[tokio::test]
+async fn a_body_cut_because_the_client_s_upload_failed_is_not_the_backend_s() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The backend answers at once and reads the upload meanwhile; the
+    // upload then outgrows max_request_body, and hyper ends the backend
+    // connection, which cuts the answer's body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_head(&mut stream).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+                let _ = stream.write_all(head).await;
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let mut config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].name = "cut".into();
+    config.server.max_request_body = 1024;
+    let proxy = start_proxy(config).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut client))
+        .await
+        .unwrap();
+    assert!(head.is_some_and(|head| head.starts_with(b"HTTP/1.1 200")));
+    let oversize = format!("800\r\n{}\r\n", "x".repeat(0x800));
+    let _ = client.write_all(oversize.as_bytes()).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(STEP, client.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the cut answer ends the connection");
+    let series = format!(
+        "portico_upstream_body_errors_total{{backend=\"{addr}\",reason=\"broken\",upstream=\"cut\"}}"
+    );
+    assert_eq!(scraped(&proxy, &series), 0);
+}

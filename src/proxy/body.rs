@@ -551,6 +551,10 @@ pub fn in_connection_poll<T>(poll: impl FnOnce() -> T) -> T {
     if this & POLL_COUNT == 0 {
         // The thread's first poll, or its count has wrapped: a (new) number.
         let thread = POLLING_THREADS.fetch_add(1, Ordering::Relaxed) + 1;
+        debug_assert!(
+            thread < 1 << (64 - POLL_COUNT_BITS),
+            "2^24 threads numbered"
+        );
         this = thread << POLL_COUNT_BITS;
     }
     this += 1;
@@ -624,27 +628,26 @@ impl<E> Gathering<E> {
             return full;
         }
         if self.batch.is_empty() {
-            self.batch.reserve(BATCH);
+            self.batch.reserve(first.len() + data.len());
             self.batch.extend_from_slice(first);
         }
         self.batch.extend_from_slice(&data);
         Poll::Pending
     }
 
-    /// What has been gathered, as one frame. A joined batch goes out as a
-    /// copy of its own size, and the buffer is kept for the next: a frame
-    /// sharing the buffer would keep all of it alive for a few bytes (in a
-    /// cache copy, or read ahead for a slow client, where only its length
-    /// is charged).
+    /// What has been gathered, as one frame. A joined batch goes out in
+    /// the buffer it grew in (at most twice its size), and the next starts
+    /// a buffer of its own: nothing is held between batches (a long quiet
+    /// stream keeps no buffer), and a frame never shares its buffer with
+    /// another (one kept in a cache copy, or read ahead for a slow client,
+    /// where only its length is charged, keeps nothing else alive).
     fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         self.yielded = None;
         let first = self.first.take().unwrap_or_default();
         let data = if self.batch.is_empty() {
             first
         } else {
-            let joined = Bytes::copy_from_slice(&self.batch);
-            self.batch.clear();
-            joined
+            std::mem::take(&mut self.batch).freeze()
         };
         Poll::Ready(Some(Ok(Frame::data(data))))
     }

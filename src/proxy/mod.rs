@@ -527,11 +527,13 @@ fn is_idempotent(method: &Method) -> bool {
 fn forward_with_retries<'a>(
     upstream: &'a Upstream,
     parts: http::request::Parts,
-    body: RequestBody,
+    mut body: RequestBody,
     trace: &'a mut Trace,
 ) -> impl Future<Output = Result<(Response<UpstreamBody>, InFlight), ProxyError>> + 'a {
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
+    // Whether the upload is over when the answer comes (see `InFlight`).
+    let upload = (!bodiless).then(|| body.end_marker());
     let idempotent = bodiless && is_idempotent(&parts.method);
     // Only requests that may loop keep a copy of their head.
     let replay = (retries > 0).then(|| copy_head(&parts));
@@ -572,6 +574,10 @@ fn forward_with_retries<'a>(
                 Ok(response) => {
                     backend.metrics.record(response.status().as_u16(), seconds);
                     upstream.observe(index, true);
+                    let in_flight = match &upload {
+                        Some(upload) if !upload.is_set() => in_flight.answered_mid_upload(),
+                        _ => in_flight,
+                    };
                     return Ok((response, in_flight));
                 }
                 Err(error) => error,

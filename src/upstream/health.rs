@@ -156,19 +156,33 @@ impl BackendState {
 #[derive(Debug)]
 pub struct InFlight {
     state: std::sync::Arc<BackendState>,
+    /// Whether a body cut short is the backend's doing: not when it
+    /// answered before the client's upload was over, as hyper ends the
+    /// backend connection (and so the body) when that upload fails.
+    blame_body: bool,
 }
 
 impl InFlight {
     pub fn new(state: std::sync::Arc<BackendState>) -> Self {
         state.start_request();
-        InFlight { state }
+        InFlight {
+            state,
+            blame_body: true,
+        }
     }
-}
 
-impl InFlight {
+    /// The backend answered while the client's upload was still coming.
+    pub fn answered_mid_upload(mut self) -> Self {
+        self.blame_body = false;
+        self
+    }
+
     /// The backend cut its body short: `stalled` past `body_timeout`, or
     /// broken. The slot goes with this.
     pub fn body_failed(self, stalled: bool) {
+        if !self.blame_body {
+            return;
+        }
         if let Some(errors) = &self.state.body_errors {
             let counter = if stalled {
                 &errors.stalled
