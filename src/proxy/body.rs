@@ -156,6 +156,16 @@ type First = Box<Result<Frame<Bytes>, hyper::Error>>;
 /// A parked upload: the client's body, and a frame read from it early.
 type Upload = (Incoming, Option<First>);
 
+/// `hint` with `bytes` more, held in front of the body it describes.
+pub fn plus(hint: SizeHint, bytes: u64) -> SizeHint {
+    let mut total = SizeHint::new();
+    total.set_lower(hint.lower() + bytes);
+    if let Some(upper) = hint.upper() {
+        total.set_upper(upper + bytes);
+    }
+    total
+}
+
 /// The other end of a parked upload: gives it back if nobody read it.
 #[derive(Debug)]
 pub struct Parked {
@@ -340,15 +350,7 @@ impl Body for RequestBody {
             (None, None) => SizeHint::with_exact(0),
         };
         match self.first.as_deref() {
-            Some(Ok(frame)) => {
-                let first = frame.data_ref().map_or(0, |d| d.len() as u64);
-                let mut total = SizeHint::new();
-                total.set_lower(hint.lower() + first);
-                if let Some(upper) = hint.upper() {
-                    total.set_upper(upper + first);
-                }
-                total
-            }
+            Some(Ok(frame)) => plus(hint, frame.data_ref().map_or(0, |d| d.len() as u64)),
             _ => hint,
         }
     }
@@ -652,6 +654,14 @@ impl<E> Gathering<E> {
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
+    /// Lets the task's next turn come first: wakes it, and notes in which
+    /// connection poll.
+    fn yield_turn<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        self.yielded = Some(connection_poll());
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
     /// `next` ends the batch: it goes on after it.
     fn take_before(
         &mut self,
@@ -693,9 +703,7 @@ where
                 // data before the error goes out first, in the meantime.
                 Some(Some(Err(e))) if state.yielded.is_none() => {
                     state.held = Some(Some(Err(e)));
-                    state.yielded = Some(connection_poll());
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                    return state.yield_turn(cx);
                 }
                 Some(held) => return Poll::Ready(held),
                 None => {}
@@ -755,11 +763,7 @@ where
                     return Poll::Pending;
                 }
                 Poll::Pending if state.yielded.is_some() => return state.take(),
-                Poll::Pending => {
-                    state.yielded = Some(connection_poll());
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
+                Poll::Pending => return state.yield_turn(cx),
             }
         }
     }
@@ -787,7 +791,6 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
         let gathered = self.state.as_ref().map_or(0, |s| {
             let held = match &s.held {
                 Some(Some(Ok(frame))) => frame.data_ref().map_or(0, Bytes::len),
@@ -795,12 +798,7 @@ where
             };
             (s.len() + held) as u64
         });
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + gathered);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + gathered);
-        }
-        hint
+        plus(self.inner.size_hint(), gathered)
     }
 }
 

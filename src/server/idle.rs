@@ -42,7 +42,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::body::{BodyError, ProxyBody, UploadEnded};
+use crate::proxy::body::{plus, BodyError, ProxyBody, UploadEnded};
 
 /// What the watchdog reads, bumped by the connection as it works.
 #[derive(Debug)]
@@ -514,20 +514,11 @@ impl Body for Answering {
     fn size_hint(&self) -> SizeHint {
         match self {
             Answering::Direct { body, .. } => body.size_hint(),
-            Answering::Watched(watched) => {
-                lock(&watched.slot)
-                    .as_ref()
-                    .map_or_else(SizeHint::default, |s| {
-                        let held = s.rest.len() as u64;
-                        let hint = s.body.size_hint();
-                        let mut total = SizeHint::new();
-                        total.set_lower(hint.lower() + held);
-                        if let Some(upper) = hint.upper() {
-                            total.set_upper(upper + held);
-                        }
-                        total
-                    })
-            }
+            Answering::Watched(watched) => lock(&watched.slot)
+                .as_ref()
+                .map_or_else(SizeHint::default, |s| {
+                    plus(s.body.size_hint(), s.rest.len() as u64)
+                }),
         }
     }
 }
