@@ -556,3 +556,163 @@ async fn a_body_cut_because_the_client_s_upload_failed_is_not_the_backend_s() {
     );
     assert_eq!(scraped(&proxy, &series), 0);
 }
+
+/// The access lines written on the test's thread (where its proxies and
+/// backends run: `#[tokio::test]` keeps every task on it), as JSON.
+struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl AccessLines {
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter("portico::access=info")
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        (
+            AccessLines(lines),
+            tracing::subscriber::set_default(subscriber),
+        )
+    }
+
+    /// The line for `method` and `path`, once written (within [`STEP`]).
+    async fn of(&self, method: &str, path: &str) -> serde_json::Value {
+        let found = tokio::time::timeout(STEP, async {
+            loop {
+                let written = self.0.lock().unwrap().clone();
+                let line = written
+                    .split(|&b| b == b'\n')
+                    .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+                    .find(|line| line["method"] == method && line["path"] == path);
+                if let Some(line) = line {
+                    return line;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        found
+            .await
+            .unwrap_or_else(|_| panic!("no access line for {method} {path} within STEP"))
+    }
+}
+
+struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The access line is written when the response is over, as nginx's and
+/// HAProxy's are: the bytes the client was handed, the time to the end
+/// and to the head, and how it ended (whole, cut by the backend, or left
+/// by the client, before its head or during its body).
+#[tokio::test]
+async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (lines, _guard) = AccessLines::capture();
+    let mut slow = BackendOptions::new("slow");
+    slow.delay = Duration::from_secs(2);
+    let (backend, slow) = (
+        start_backend(BackendOptions::new("b1")).await,
+        start_backend(slow).await,
+    );
+    let proxy = start_proxy(config_for(&[&backend])).await;
+
+    // Whole, over HTTP/1.1 and HTTP/2 (where bodies go out in slices).
+    for (client, path) in [(client(), "/bytes/70000"), (h2c_client(), "/bytes/70001")] {
+        assert_eq!(
+            get(&client, &proxy.url(path)).await.body.len(),
+            70000 + usize::from(path.ends_with('1'))
+        );
+        let line = lines.of("GET", path).await;
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["end"], "done", "{line}");
+        assert_eq!(
+            line["bytes"],
+            70000 + u64::from(path.ends_with('1')),
+            "{line}"
+        );
+        let (head, total) = (line["head_ms"].as_f64(), line["duration_ms"].as_f64());
+        assert!(head.is_some_and(|head| head <= total.unwrap()), "{line}");
+    }
+    // A HEAD gets its GET's length declared and no body.
+    let head = Request::head(proxy.url("/bytes/500"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client(), head).await.status, StatusCode::OK);
+    let line = lines.of("HEAD", "/bytes/500").await;
+    assert_eq!(
+        (&line["bytes"], &line["end"]),
+        (&0.into(), &"done".into()),
+        "{line}"
+    );
+
+    // The client leaves during the body: what it was handed, no more.
+    let big = 32 * 1024 * 1024;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let ask = format!("GET /bytes/{big} HTTP/1.1\r\nHost: a\r\n\r\n");
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let mut some = [0u8; 4096];
+    let read = tokio::time::timeout(STEP, stream.read(&mut some)).await;
+    assert!(
+        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
+        "the answer began"
+    );
+    drop(stream);
+    let line = lines.of("GET", &format!("/bytes/{big}")).await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&200.into(), &"client_gone".into()),
+        "{line}"
+    );
+    let bytes = line["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < big, "{line}");
+
+    // The client leaves before the head: 499, no time to a head.
+    let proxy_to_slow = start_proxy(config_for(&[&slow])).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy_to_slow.addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let arrived = tokio::time::timeout(STEP, async {
+        while slow.requests() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(arrived.await.is_ok(), "the request reached the backend");
+    drop(stream);
+    let line = lines.of("GET", "/users/1").await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&499.into(), &"client_gone".into()),
+        "{line}"
+    );
+    assert!(line.get("head_ms").is_none(), "{line}");
+
+    // The backend cuts the body: the status it sent, what came of the body.
+    let cut =
+        scripted_backend(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
+    let config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![cut]);
+    let proxy_to_cut = start_proxy(config).await;
+    raw_exchange(proxy_to_cut.addr, b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let line = lines.of("GET", "/cut").await;
+    assert_eq!(
+        (&line["status"], &line["bytes"]),
+        (&200.into(), &10.into()),
+        "{line}"
+    );
+    assert_eq!(line["end"], "backend_broken", "{line}");
+}

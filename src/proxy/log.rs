@@ -1,18 +1,30 @@
 //! The access log and request ids. One structured line per request on the
 //! `portico::access` target (text or JSON, as `--log-format` says): time,
-//! client, method, host, path, status, bytes, duration, upstream, backend,
-//! cache result, request id. It is written when the response head is sent:
-//! `bytes` is the body's declared length (`-` when streamed without one;
-//! 0 for a HEAD, a 204 or a 304, which get none, as nginx's
-//! `$body_bytes_sent`) and `duration` is the time to the response head.
+//! client, method, host, path, status, bytes, duration, time to the head,
+//! how the response ended, upstream, backend, cache result, request id.
+//!
+//! It is written when the response is over, as nginx and HAProxy write
+//! theirs: once the body has been handed to the client's connection whole,
+//! or cut (by the backend, or by a client that left), so that `bytes` is
+//! what was sent (nginx's `$body_bytes_sent`) and `duration_ms` the whole
+//! exchange (nginx's `$request_time`, HAProxy's `Ta`); `head_ms` is the
+//! time to the response head (HAProxy's `Tr`, from the request's start).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::Entry;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
+use http_body::{Body, Frame};
 
+use super::body::BodyError;
 use super::Conn;
+use crate::upstream::Upstream;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -86,54 +98,194 @@ impl AccessRecord {
         })
     }
 
-    pub fn emit<B>(
+    /// The line of a request whose head is going out, written when the
+    /// returned tail is dropped: the response body holds it and lets it go
+    /// when it ends, or when hyper lets the body go before its end.
+    pub fn answered<B: Body>(
         self,
         response: &Response<B>,
-        duration: Duration,
-        upstream: Option<&str>,
+        started: Instant,
+        upstream: Option<Arc<Upstream>>,
+        backend: Option<SocketAddr>,
+    ) -> Box<Tail> {
+        let status = response.status();
+        // hyper neither polls nor sends a body with these (RFC 9110 §6.4.1),
+        // whatever length a backend declared with them.
+        let bodiless = self.method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let end = if bodiless || response.body().is_end_stream() {
+            End::Done
+        } else {
+            End::Open
+        };
+        Box::new(Tail {
+            status: status.as_u16(),
+            head: Some(started.elapsed()),
+            cache: response.headers().get("cache-status").cloned(),
+            record: self,
+            started,
+            upstream,
+            backend,
+            bytes: 0,
+            end,
+        })
+    }
+
+    /// Writes the line of a request whose client left before its answer
+    /// was ready: status 499, no head.
+    pub fn left(
+        self,
+        started: Instant,
+        upstream: Option<Arc<Upstream>>,
         backend: Option<SocketAddr>,
     ) {
-        let text =
-            |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
-        let host = self
-            .host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| self.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("-");
-        tracing::info!(
-            target: "portico::access",
-            client = %self.client.ip(),
-            method = %self.method,
-            host,
-            path = self.uri.path(),
-            status = response.status().as_u16(),
-            bytes = body_bytes(&self.method, response.status(), response.headers()),
-            duration_ms = millis(duration),
-            upstream = upstream.unwrap_or("-"),
-            backend = backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-            cache = text(response.headers().get("cache-status")),
-            request_id = self.request_id.to_str().unwrap_or("-"),
-        );
+        drop(Tail {
+            record: self,
+            status: super::CLIENT_CLOSED,
+            started,
+            head: None,
+            upstream,
+            backend,
+            cache: None,
+            bytes: 0,
+            end: End::Open,
+        });
     }
 }
 
-/// The access line's `bytes`: the body's declared length, `-` without
-/// one, 0 for a HEAD (its response declares the GET's length) and for a
-/// status that has no body (1xx, 204, 304: RFC 9110 §6.4.1), whatever
-/// length a backend declared with it.
-fn body_bytes(method: &Method, status: http::StatusCode, response: &HeaderMap) -> String {
-    let bodiless = status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED;
-    if *method == Method::HEAD || bodiless {
-        return "0".to_owned();
+/// How a response ended: the access line's `end`, after HAProxy's
+/// termination state (`CD`, `SD`, `sD`, `cD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Not over. A body let go like this lost its client: the client
+    /// closed its connection or reset its stream, or was dropped for not
+    /// reading (`client_gone`).
+    Open,
+    /// Handed to the client's connection whole (`done`).
+    Done,
+    /// The client kept its HTTP/2 stream's flow-control window shut past
+    /// `idle_timeout` (`client_stalled`).
+    ClientStalled,
+    /// The backend's body broke off (`backend_broken`).
+    BackendBroken,
+    /// The backend's body was silent past `body_timeout` (`backend_stalled`).
+    BackendStalled,
+}
+
+impl End {
+    fn of(error: &BodyError) -> Self {
+        match error {
+            BodyError::Stalled(_) => End::BackendStalled,
+            BodyError::Abandoned => End::ClientStalled,
+            BodyError::Hyper(_) | BodyError::Lost | BodyError::TooLarge { .. } => {
+                End::BackendBroken
+            }
+        }
     }
-    response
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned()
+
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Open => "client_gone",
+            End::Done => "done",
+            End::ClientStalled => "client_stalled",
+            End::BackendBroken => "backend_broken",
+            End::BackendStalled => "backend_stalled",
+        }
+    }
+}
+
+/// The access line of a request whose response is under way, written when
+/// it is dropped.
+#[derive(Debug)]
+pub struct Tail {
+    record: AccessRecord,
+    status: u16,
+    started: Instant,
+    /// Time to the response head; `None` for a client that left first.
+    head: Option<Duration>,
+    upstream: Option<Arc<Upstream>>,
+    backend: Option<SocketAddr>,
+    cache: Option<HeaderValue>,
+    /// Body bytes handed to the client's connection.
+    bytes: u64,
+    end: End,
+}
+
+impl Tail {
+    /// Notes what a poll of the response body handed over; `at_end` says
+    /// whether the body is over after a frame (hyper stops polling a body
+    /// of known length at its last byte, without waiting for its end).
+    pub fn saw(
+        &mut self,
+        polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>,
+        at_end: impl FnOnce() -> bool,
+    ) {
+        if self.end != End::Open {
+            return;
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if at_end() {
+                    self.end = End::Done;
+                }
+            }
+            Poll::Ready(Some(Err(error))) => self.end = End::of(error),
+            Poll::Ready(None) => self.end = End::Done,
+            Poll::Pending => {}
+        }
+    }
+
+    /// [`Tail::saw`] for a body that may carry a tail (none when the
+    /// access log is off).
+    pub fn note(
+        tail: &mut Option<Box<Tail>>,
+        polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>,
+        at_end: impl FnOnce() -> bool,
+    ) {
+        if let Some(tail) = tail {
+            tail.saw(polled, at_end);
+        }
+    }
+
+    /// The body is being let go because its client kept its window shut.
+    pub fn stalled_by_client(&mut self) {
+        if self.end == End::Open {
+            self.end = End::ClientStalled;
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let record = &self.record;
+        let host = record
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| record.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("-");
+        tracing::info!(
+            target: "portico::access",
+            client = %record.client.ip(),
+            method = %record.method,
+            host,
+            path = record.uri.path(),
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = millis(self.started.elapsed()),
+            head_ms = self.head.map(millis),
+            end = self.end.as_str(),
+            upstream = self.upstream.as_ref().map_or("-", |u| u.name()),
+            backend = self.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+            cache = self.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            request_id = record.request_id.to_str().unwrap_or("-"),
+        );
+    }
 }
 
 /// The access line for a request head hyper's parser refused (and
@@ -147,8 +299,9 @@ pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Displ
         host = "-",
         path = "-",
         status,
-        bytes = "-",
+        bytes = 0u64,
         duration_ms = 0.0,
+        end = "done",
         upstream = "-",
         backend = "-",
         cache = "-",
@@ -215,18 +368,77 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bytes_are_the_declared_body_length_and_none_for_head() {
-        let mut declared = HeaderMap::new();
-        declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1024"));
-        let ok = http::StatusCode::OK;
-        assert_eq!(body_bytes(&Method::GET, ok, &declared), "1024");
-        assert_eq!(body_bytes(&Method::HEAD, ok, &declared), "0");
-        assert_eq!(body_bytes(&Method::GET, ok, &HeaderMap::new()), "-");
-        // A backend's length on a 204 or 304 describes no body sent.
-        for status in [http::StatusCode::NO_CONTENT, http::StatusCode::NOT_MODIFIED] {
-            assert_eq!(body_bytes(&Method::GET, status, &declared), "0");
+    fn record(method: Method) -> AccessRecord {
+        AccessRecord {
+            client: "127.0.0.1:1".parse().unwrap(),
+            method,
+            uri: Uri::from_static("/a"),
+            host: None,
+            request_id: HeaderValue::from_static("-"),
         }
+    }
+
+    fn tail(method: Method, status: StatusCode, body: &'static str) -> Box<Tail> {
+        let mut response = Response::new(http_body_util::Full::new(Bytes::from_static(
+            body.as_bytes(),
+        )));
+        *response.status_mut() = status;
+        record(method).answered(&response, Instant::now(), None, None)
+    }
+
+    #[test]
+    fn a_response_that_gets_no_body_is_over_at_its_head() {
+        // A backend's length on a HEAD, 204 or 304 describes no body sent,
+        // and hyper polls none: the line must not say the client left.
+        for (method, status) in [
+            (Method::HEAD, StatusCode::OK),
+            (Method::GET, StatusCode::NO_CONTENT),
+            (Method::GET, StatusCode::NOT_MODIFIED),
+            (Method::GET, StatusCode::SWITCHING_PROTOCOLS),
+        ] {
+            let tail = tail(method, status, "body");
+            assert_eq!((tail.end, tail.bytes), (End::Done, 0), "{status}");
+        }
+        assert_eq!(tail(Method::GET, StatusCode::OK, "").end, End::Done);
+        assert_eq!(tail(Method::GET, StatusCode::OK, "body").end, End::Open);
+    }
+
+    #[test]
+    fn a_tail_counts_what_went_out_and_how_it_ended() {
+        let data = |n: usize| Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0u8; n])))));
+        let mut sent = tail(Method::GET, StatusCode::OK, "body");
+        sent.saw(&data(3), || false);
+        sent.saw(&Poll::Pending, || false);
+        sent.saw(&data(4), || true);
+        assert_eq!((sent.end, sent.bytes), (End::Done, 7));
+        // Nothing is counted once over.
+        sent.saw(&data(4), || true);
+        assert_eq!(sent.bytes, 7);
+
+        let mut chunked = tail(Method::GET, StatusCode::OK, "body");
+        chunked.saw(&data(2), || false);
+        chunked.saw(&Poll::Ready(None), || true);
+        assert_eq!((chunked.end, chunked.bytes), (End::Done, 2));
+
+        for (error, end) in [
+            (
+                BodyError::Stalled(Duration::from_secs(1)),
+                End::BackendStalled,
+            ),
+            (BodyError::Lost, End::BackendBroken),
+            (BodyError::Abandoned, End::ClientStalled),
+        ] {
+            let mut cut = tail(Method::GET, StatusCode::OK, "body");
+            cut.saw(&data(5), || false);
+            cut.saw(&Poll::Ready(Some(Err(error))), || false);
+            assert_eq!((cut.end, cut.bytes), (end, 5));
+        }
+
+        let mut left = tail(Method::GET, StatusCode::OK, "body");
+        left.saw(&data(1), || false);
+        assert_eq!(left.end.as_str(), "client_gone");
+        left.stalled_by_client();
+        assert_eq!(left.end.as_str(), "client_stalled");
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod log;
 pub mod route;
 mod upgrade;
 
+pub use log::Tail as AccessTail;
 pub use upgrade::Hold as TunnelHold;
 
 use std::future::Future;
@@ -107,28 +108,29 @@ struct Pending<'a> {
 }
 
 impl Pending<'_> {
-    fn answered<B>(mut self, response: &Response<B>) {
-        self.account(response);
+    /// Counts the request and hands back its access line, which the
+    /// response body writes when it is over.
+    fn answered(mut self, response: &Response<ProxyBody>) -> Option<Box<log::Tail>> {
         self.done = true;
+        self.count(response.status().as_u16());
+        let access = self.access.take()?;
+        Some(access.answered(response, self.started, self.upstream(), self.trace.backend))
     }
 
-    /// Counts the request (answered, or left by its client) and writes its
-    /// access line.
-    fn account<B>(&mut self, response: &Response<B>) {
+    /// Counts the request, answered or left by its client, under its route.
+    fn count(&self, status: u16) {
         let proxy = self.proxy;
-        let elapsed = self.started.elapsed();
-        let trace = &self.trace;
-        let route = trace.route.and_then(|i| proxy.route_metrics.get(i));
+        let route = self.trace.route.and_then(|i| proxy.route_metrics.get(i));
         route
             .unwrap_or(&proxy.unrouted)
-            .record(response.status().as_u16(), elapsed.as_secs_f64());
-        if let Some(access) = self.access.take() {
-            let upstream = trace
-                .route
-                .and_then(|i| proxy.router.route(i))
-                .map(|r| proxy.upstreams[r.upstream].name());
-            access.emit(response, elapsed, upstream, trace.backend);
-        }
+            .record(status, self.started.elapsed().as_secs_f64());
+    }
+
+    /// The upstream of the route chosen, for the access line.
+    fn upstream(&self) -> Option<Arc<Upstream>> {
+        let proxy = self.proxy;
+        let route = proxy.router.route(self.trace.route?)?;
+        Some(proxy.upstreams[route.upstream].clone())
     }
 }
 
@@ -137,12 +139,11 @@ impl Drop for Pending<'_> {
         if self.done {
             return;
         }
-        let mut gone = Response::new(());
-        if let Ok(status) = http::StatusCode::from_u16(CLIENT_CLOSED) {
-            *gone.status_mut() = status;
-        }
         tracing::debug!(elapsed = ?self.started.elapsed(), "client left before its answer");
-        self.account(&gone);
+        self.count(CLIENT_CLOSED);
+        if let Some(access) = self.access.take() {
+            access.left(self.started, self.upstream(), self.trace.backend);
+        }
     }
 }
 
@@ -221,7 +222,9 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Serves one request. Never fails: errors become responses.
+    /// Serves one request. Never fails: errors become responses. With the
+    /// access log on, the request's line comes with the response, for its
+    /// body to write once the response is over (see [`AccessTail`]).
     ///
     /// Not an `async fn`: one stores its arguments twice, as the call's and
     /// as the body's (rust-lang/rust#62958), and the futures of this chain
@@ -236,7 +239,7 @@ impl Proxy {
         &self,
         mut request: Request<Incoming>,
         conn: Conn,
-    ) -> impl Future<Output = Response<ProxyBody>> + '_ {
+    ) -> impl Future<Output = (Response<ProxyBody>, Option<Box<log::Tail>>)> + '_ {
         async move {
             log::ensure_request_id(request.headers_mut());
             let mut pending = Pending {
@@ -280,8 +283,8 @@ impl Proxy {
                     response
                 }
             };
-            pending.answered(&response);
-            response
+            let tail = pending.answered(&response);
+            (response, tail)
         }
     }
 

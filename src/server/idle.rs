@@ -43,6 +43,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::body::{plus, BodyError, ProxyBody, UploadEnded};
+use crate::proxy::AccessTail;
 
 /// What the watchdog reads, bumped by the connection as it works.
 #[derive(Debug)]
@@ -442,10 +443,16 @@ impl Drop for Busy {
 }
 
 /// A response body that keeps its request counted as being answered
-/// until hyper has taken all of it (and dropped it).
+/// until hyper has taken all of it (and dropped it), and its access line
+/// until then.
+// Every HTTP/1 response is `Direct`: boxing it to match the HTTP/2 arm
+// would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Answering {
     Direct {
         body: ProxyBody,
+        /// The request's access line, written when this is dropped.
+        tail: Option<Box<AccessTail>>,
         _busy: Busy,
     },
     /// An HTTP/2 stream's body, which the connection's watchdog may take
@@ -454,18 +461,23 @@ pub(super) enum Answering {
 }
 
 impl Answering {
-    pub(super) fn new(body: ProxyBody, busy: Busy) -> Self {
-        Answering::Direct { body, _busy: busy }
+    pub(super) fn new(body: ProxyBody, busy: Busy, tail: Option<Box<AccessTail>>) -> Self {
+        Answering::Direct {
+            body,
+            tail,
+            _busy: busy,
+        }
     }
 
     /// For a stream of a multiplexed connection: the watchdog gets to see
     /// whether the client keeps its flow-control window shut.
-    pub(super) fn watched(body: ProxyBody, busy: Busy) -> Self {
+    pub(super) fn watched(body: ProxyBody, busy: Busy, tail: Option<Box<AccessTail>>) -> Self {
         let activity = busy.0.clone();
         let watched = Arc::new(Watched {
             slot: Mutex::new(Some(Stream {
                 body,
                 rest: Bytes::new(),
+                tail,
                 _busy: busy,
             })),
             handed: AtomicU64::new(0),
@@ -497,7 +509,11 @@ impl Body for Answering {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Answering::Direct { body, .. } => Pin::new(body).poll_frame(cx),
+            Answering::Direct { body, tail, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                AccessTail::note(tail, &polled, || body.is_end_stream());
+                polled
+            }
             Answering::Watched(watched) => watched.poll_frame(cx),
         }
     }
@@ -555,6 +571,8 @@ struct Stream {
     body: ProxyBody,
     /// The part of the body's last frame not handed over yet.
     rest: Bytes,
+    /// The request's access line, written when this is dropped.
+    tail: Option<Box<AccessTail>>,
     /// The request's place in the connection's busy count.
     _busy: Busy,
 }
@@ -590,6 +608,9 @@ impl Watched {
             return Poll::Ready(Some(Err(BodyError::Abandoned)));
         };
         let result = stream.poll_slice(cx);
+        AccessTail::note(&mut stream.tail, &result, || {
+            stream.rest.is_empty() && stream.body.is_end_stream()
+        });
         let handed = matches!(result, Poll::Ready(Some(Ok(_))));
         if handed {
             self.handed.fetch_add(1, Ordering::Relaxed);
@@ -611,7 +632,13 @@ impl Watched {
             }
             slot.take()
         };
-        taken.is_some()
+        let Some(mut stream) = taken else {
+            return false;
+        };
+        if let Some(tail) = &mut stream.tail {
+            tail.stalled_by_client();
+        }
+        true
     }
 }
 
@@ -749,7 +776,7 @@ mod tests {
     async fn a_watched_stream_hands_over_data_frame_sized_slices() {
         let activity = Arc::new(Activity::new());
         let body = ProxyBody::full(Bytes::from(vec![7u8; 3 * SLICE + 5]));
-        let mut answering = Answering::watched(body, activity.busy());
+        let mut answering = Answering::watched(body, activity.busy(), None);
         assert_eq!(answering.size_hint().exact(), Some(3 * SLICE as u64 + 5));
         let mut sizes = Vec::new();
         while let Some(frame) = answering.frame().await {

@@ -551,7 +551,7 @@ async fn serve_connection<IO: Parkable>(
         }
         let conn = client.clone();
         async move {
-            let mut response = proxy.handle(request, conn).await;
+            let (mut response, tail) = proxy.handle(request, conn).await;
             // An answer given with the request's body left unread (a 413,
             // a 429): hyper drains what it already holds or stops
             // reading, and the connection ends; say so, as nginx does.
@@ -563,9 +563,9 @@ async fn serve_connection<IO: Parkable>(
             }
             Ok::<_, Infallible>(response.map(|body| {
                 if multiplexed {
-                    idle::Answering::watched(body, busy)
+                    idle::Answering::watched(body, busy, tail)
                 } else {
-                    idle::Answering::new(body, busy)
+                    idle::Answering::new(body, busy, tail)
                 }
             }))
         }
