@@ -703,11 +703,14 @@ async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
     let client = client();
     let url = proxy.url("/scheme");
     let https = [("x-forwarded-proto", "https")];
+    // The same scheme said in RFC 7239's words is the same key.
+    let forwarded = [("forwarded", "for=192.0.2.1;proto=https")];
     for (fields, body, status) in [
         (&https[..], "https", "portico; fwd=miss; stored"),
         (&[], "http", "portico; fwd=miss; stored"),
         (&https, "https", "portico; hit"),
         (&[], "http", "portico; hit"),
+        (&forwarded, "https", "portico; hit"),
     ] {
         let answer = get_with(&client, &url, fields).await;
         assert_eq!(answer.body, body, "{fields:?}");

@@ -14,6 +14,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico::config::{Balance, Config, HealthCheck};
 use portico::sample::{self, BackendOptions, RunningBackend};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 
 fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32) -> Config {
     let mut config = config_for(backends);
@@ -37,6 +39,13 @@ async fn revive_second(proxy: &RunningProxy, addr: std::net::SocketAddr) -> Runn
         .wait_until("the backend to come back up", |s| s[1].up)
         .await;
     revived
+}
+
+/// What a reload to `config` does to the running proxy's generation.
+fn swap_in(proxy: &RunningProxy, config: &Config) {
+    let previous = proxy.shared.proxy.load_full();
+    let next = portico::proxy::Proxy::rebuild(config, proxy.shared.metrics.clone(), &previous);
+    proxy.shared.proxy.store(Arc::new(next));
 }
 
 fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
@@ -101,9 +110,7 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
     // A reload changing one setting of the upstream builds it anew.
     let mut retuned = config;
     retuned.upstreams[0].connect_timeout = Duration::from_millis(1500);
-    let previous = proxy.shared.proxy.load_full();
-    let next = portico::proxy::Proxy::rebuild(&retuned, proxy.shared.metrics.clone(), &previous);
-    proxy.shared.proxy.store(Arc::new(next));
+    swap_in(&proxy, &retuned);
     let status = proxy.backend_status();
     assert!(status[0].active_up && !status[1].active_up, "{status:?}");
     let client = client();
@@ -115,9 +122,7 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
     // backend starts up, as at a start.
     let mut rechecked = retuned.clone();
     rechecked.upstreams[0].health.as_mut().unwrap().rise = 1;
-    let previous = proxy.shared.proxy.load_full();
-    let next = portico::proxy::Proxy::rebuild(&rechecked, proxy.shared.metrics.clone(), &previous);
-    proxy.shared.proxy.store(Arc::new(next));
+    swap_in(&proxy, &rechecked);
     assert!(proxy.backend_status()[1].active_up);
     // The new upstream's checks bring it back once it answers again.
     let revived = revive_second(&proxy, victim_addr).await;
@@ -171,6 +176,79 @@ async fn least_conn_steers_away_from_a_slow_backend() {
         "slow backend got {slow_share} of {}",
         answers.len()
     );
+}
+
+/// A backend that answers `/hold` once `release` is notified and anything
+/// else at once, naming itself in `X-Backend`; one request per connection.
+async fn holding_backend(name: &'static str, release: Arc<Notify>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                if target_of(&String::from_utf8_lossy(&head)) == "/hold" {
+                    release.notified().await;
+                }
+                let ok = format!(
+                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: 2\r\n\
+                     connection: close\r\n\r\nok"
+                );
+                let _ = stream.write_all(ok.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn least_conn_counts_requests_a_reload_left_running() {
+    // A long request runs on one backend when a reload retunes the
+    // upstream: the new generation must see that backend busy, and see it
+    // free once the request ends on the old one.
+    let release = Arc::new(Notify::new());
+    let a = holding_backend("a", release.clone()).await;
+    let b = holding_backend("b", release.clone()).await;
+    let mut config = Config::single_upstream(vec![], vec![a, b]);
+    config.upstreams[0].balance = Balance::LeastConn;
+    let proxy = start_proxy(config.clone()).await;
+    let held = tokio::spawn({
+        let url = proxy.url("/hold");
+        async move { get(&client(), &url).await.status }
+    });
+    proxy
+        .wait_until("the long request to reach a backend", |s| {
+            s.iter().any(|b| b.in_flight == 1)
+        })
+        .await;
+    let busy = if proxy.backend_status()[0].in_flight == 1 {
+        0
+    } else {
+        1
+    };
+    let (busy_name, free_name) = [("a", "b"), ("b", "a")][busy];
+
+    let mut retuned = config;
+    retuned.upstreams[0].response_timeout = Duration::from_secs(20);
+    swap_in(&proxy, &retuned);
+    let status = proxy.backend_status();
+    assert_eq!(status[busy].in_flight, 1, "{status:?}");
+    let client = client();
+    for _ in 0..6 {
+        let answer = get(&client, &proxy.url("/")).await;
+        assert_eq!(answer.header("x-backend"), free_name, "not {busy_name}");
+    }
+    // The request ends on the old generation; the new one sees it go.
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+    proxy
+        .wait_until("the long request to be over", |s| {
+            s.iter().all(|b| b.in_flight == 0)
+        })
+        .await;
 }
 
 #[tokio::test]

@@ -431,6 +431,27 @@ async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
     assert_eq!(replaced["x-forwarded-proto"], serde_json::json!(["http"]));
     let own = proxy.addr.to_string();
     assert_eq!(replaced["x-forwarded-host"], serde_json::json!([own]));
+    // A balancer that writes only RFC 7239 Forwarded: its element is the last.
+    let forwarded = seen(&[(
+        "forwarded",
+        "proto=http;host=evil.example, for=192.0.2.1;proto=https;host=\"shop.example:8443\"",
+    )])
+    .await;
+    assert_eq!(forwarded["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert_eq!(
+        forwarded["x-forwarded-host"],
+        serde_json::json!(["shop.example:8443"])
+    );
+    // It and an X-Forwarded-Proto disagree: one is a client's, so neither.
+    let disagreeing = seen(&[
+        ("x-forwarded-proto", "http"),
+        ("forwarded", "for=192.0.2.1;proto=https"),
+    ])
+    .await;
+    assert_eq!(
+        disagreeing["x-forwarded-proto"],
+        serde_json::json!(["http"])
+    );
 }
 
 /// The access log records a request's first `X-Request-Id`; the backend

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use super::forwarded;
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -317,7 +319,8 @@ pub struct ClientInfo<'a> {
     pub host: Option<&'a HeaderValue>,
     pub version: Version,
     /// Whether the peer is one of `trusted_proxies`, whose
-    /// `X-Forwarded-Proto` and `X-Forwarded-Host` say where its client came in.
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host`, or `Forwarded` `proto`
+    /// and `host`, say where its client came in.
     pub trusted: bool,
 }
 
@@ -331,43 +334,147 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 
 /// Hop-by-hop removal, then the forwarding fields that say where the
 /// client came in: `X-Forwarded-Proto` and `X-Forwarded-Host`. portico
-/// writes its own over the client's, except that a trusted proxy's one
-/// well-formed line of either is kept, as Envoy keeps a trusted hop's:
-/// behind a balancer that ends TLS, the backend must hear `https`. Several
-/// lines, or one that is not `http`/`https` (any case) or `host[:port]`,
-/// are replaced as a client's are. Returns the scheme forwarded: the cache
-/// keys on it, and a cached response that varies on these fields is
-/// looked up with the values its backend saw, which a client that is not
-/// trusted cannot choose.
+/// writes its own over the client's, except where a trusted proxy says
+/// otherwise (see [`relayed`]): behind a balancer that ends TLS, the
+/// backend must hear `https`. Returns the scheme forwarded: the cache keys
+/// on it, and a cached response that varies on these fields is looked up
+/// with the values its backend saw, which a client that is not trusted
+/// cannot choose.
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
     remove_hop_by_hop(headers);
     if client.version >= Version::HTTP_2 {
         join_cookies(headers);
     }
-    let relayed = |name| client.trusted.then(|| only_line(headers, name)).flatten();
-    let proto = relayed(&X_FORWARDED_PROTO)
-        .and_then(|value| {
-            ["http", "https"]
-                .into_iter()
-                .find(|scheme| value.as_bytes().eq_ignore_ascii_case(scheme.as_bytes()))
-        })
-        .unwrap_or(client.proto);
-    let relayed_host = relayed(&X_FORWARDED_HOST).is_some_and(|value| {
-        // One host, not a list of them that a chain of proxies appended.
-        valid_host(value.as_bytes()) && !value.as_bytes().contains(&b',')
-    });
+    let (proto, host) = match client.trusted {
+        true => relayed(headers),
+        false => (None, None),
+    };
+    let proto = proto.unwrap_or(client.proto);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    if !relayed_host {
-        match client.host {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
+    match (host, client.host) {
+        // The trusted proxy's own line stays as it is.
+        (Some(None), _) => {}
+        (Some(Some(given)), _) => {
+            headers.insert(X_FORWARDED_HOST.clone(), given);
+        }
+        (None, Some(own)) => {
+            headers.insert(X_FORWARDED_HOST.clone(), own.clone());
+        }
+        (None, None) => {
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
     proto
+}
+
+/// What a trusted proxy's fields say of one thing, the scheme or the host.
+#[derive(Debug)]
+enum Said<T> {
+    /// Nothing: no such field, or a `Forwarded` element without it.
+    Nothing,
+    Value(T),
+    /// Something portico cannot use: several lines, a list, junk.
+    Junk,
+}
+
+impl<T> Said<T> {
+    /// `Value` of what `check` accepts, `Junk` of what it refuses.
+    fn checked<U>(self, check: impl FnOnce(T) -> Option<U>) -> Said<U> {
+        match self {
+            Said::Nothing => Said::Nothing,
+            Said::Value(value) => check(value).map_or(Said::Junk, Said::Value),
+            Said::Junk => Said::Junk,
+        }
+    }
+
+    /// The value `self` and `other` give, when neither is junk and they do
+    /// not disagree: `self`'s when both give one.
+    fn agreeing(self, other: Said<T>, same: impl Fn(&T, &T) -> bool) -> Option<T> {
+        match (self, other) {
+            (Said::Junk, _) | (_, Said::Junk) | (Said::Nothing, Said::Nothing) => None,
+            (Said::Value(a), Said::Value(b)) => same(&a, &b).then_some(a),
+            (Said::Value(value), Said::Nothing) | (Said::Nothing, Said::Value(value)) => {
+                Some(value)
+            }
+        }
+    }
+}
+
+/// A field as one value: `Junk` when it came on several lines (see
+/// [`only_line`]).
+fn one_line<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Said<&'a HeaderValue> {
+    match only_line(headers, name) {
+        Some(value) => Said::Value(value),
+        None if headers.contains_key(name) => Said::Junk,
+        None => Said::Nothing,
+    }
+}
+
+/// `http` or `https`, in any case.
+fn scheme(value: &[u8]) -> Option<&'static str> {
+    ["http", "https"]
+        .into_iter()
+        .find(|scheme| value.eq_ignore_ascii_case(scheme.as_bytes()))
+}
+
+/// One `host[:port]`, not a list of them that a chain of proxies appended.
+fn one_host(value: &[u8]) -> bool {
+    valid_host(value) && !value.contains(&b',')
+}
+
+/// A host as a trusted proxy gave it.
+enum GivenHost<'a> {
+    /// Its `X-Forwarded-Host` line, kept as it is.
+    Line(&'a HeaderValue),
+    /// The `host` of its `Forwarded` element, unquoted.
+    Param(std::borrow::Cow<'a, [u8]>),
+}
+
+impl GivenHost<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            GivenHost::Line(line) => line.as_bytes(),
+            GivenHost::Param(param) => param,
+        }
+    }
+}
+
+/// The scheme and the host a trusted proxy says its client used, each
+/// `None` to write portico's own. Read from its one `X-Forwarded-Proto` /
+/// `X-Forwarded-Host` line and from the last element of `Forwarded`
+/// (RFC 7239), the one it appended: a scheme is `http` or `https` (any
+/// case), a host one `host[:port]`. Where both fields give one they must
+/// agree (hosts ignoring case), and neither may be junk (several lines, a
+/// list, a malformed element): a proxy that writes only one of the two
+/// passes a client's forged other one on, and which is which cannot be
+/// told, so then neither is believed, as `limit::client` does for the
+/// client address. The host is `Some(None)` when the proxy's
+/// `X-Forwarded-Host` line stays as it is.
+fn relayed(headers: &HeaderMap) -> (Option<&'static str>, Option<Option<HeaderValue>>) {
+    let (forwarded_proto, forwarded_host) = match forwarded::last_element(headers) {
+        Err(forwarded::Malformed) => (Said::Junk, Said::Junk),
+        Ok(None) => (Said::Nothing, Said::Nothing),
+        Ok(Some(element)) => {
+            let said = |value: Option<_>| value.map_or(Said::Nothing, Said::Value);
+            (said(element.proto), said(element.host))
+        }
+    };
+    let proto = one_line(headers, &X_FORWARDED_PROTO)
+        .checked(|line| scheme(line.as_bytes()))
+        .agreeing(forwarded_proto.checked(|param| scheme(&param)), |a, b| {
+            a == b
+        });
+    let host = one_line(headers, &X_FORWARDED_HOST)
+        .checked(|line| one_host(line.as_bytes()).then_some(GivenHost::Line(line)))
+        .agreeing(
+            forwarded_host.checked(|param| one_host(&param).then_some(GivenHost::Param(param))),
+            |a, b| a.bytes().eq_ignore_ascii_case(b.bytes()),
+        )
+        .and_then(|host| match host {
+            GivenHost::Line(_) => Some(None),
+            GivenHost::Param(param) => HeaderValue::from_bytes(&param).ok().map(Some),
+        });
+    (proto, host)
 }
 
 /// A field's value when it came on exactly one line. With several, which
@@ -880,6 +987,59 @@ mod tests {
         };
         // (request fields, what the backend is told)
         type Case<'a> = (&'a [(&'a str, &'a str)], (&'a str, &'a str));
+        // RFC 7239 `Forwarded`: the last element, the trusted proxy's own.
+        const FWD: &str = "forwarded";
+        let from_forwarded: &[Case] = &[
+            (
+                &[(FWD, "for=192.0.2.1;proto=https;host=lb.example")],
+                ("https", "lb.example"),
+            ),
+            (
+                &[(FWD, "for=192.0.2.1;Proto=HTTPS;host=\"[2001:db8::1]:8443\"")],
+                ("https", "[2001:db8::1]:8443"),
+            ),
+            // A client's element to the left says nothing.
+            (
+                &[(
+                    FWD,
+                    "proto=http;host=evil.example, for=192.0.2.1;proto=https",
+                )],
+                ("https", "shop.example"),
+            ),
+            (
+                &[
+                    (FWD, "proto=https;host=evil.example"),
+                    (FWD, "for=192.0.2.1"),
+                ],
+                ("http", "shop.example"),
+            ),
+            // Both fields, agreeing (hosts in any case).
+            (
+                &[
+                    (XFP, "https"),
+                    (XFH, "LB.example"),
+                    (FWD, "proto=https;host=lb.example"),
+                ],
+                ("https", "LB.example"),
+            ),
+            // Each is judged on its own: a bad host spoils no scheme.
+            (
+                &[(FWD, "proto=https;host=\"user@a.example\"")],
+                ("https", "shop.example"),
+            ),
+            // An element that says nothing of one leaves the other field's.
+            (
+                &[(XFP, "https"), (FWD, "for=192.0.2.1;host=lb.example")],
+                ("https", "lb.example"),
+            ),
+        ];
+        for (input, (proto, host)) in from_forwarded {
+            assert_eq!(
+                forwarded(true, input),
+                (*proto, host.to_string()),
+                "{input:?}"
+            );
+        }
         let kept: &[Case] = &[
             (
                 &[(XFP, "https"), (XFH, "lb.example")],
@@ -898,6 +1058,9 @@ mod tests {
         // portico's own, as for a client that is not trusted.
         let own = ("http", "shop.example".to_owned());
         assert_eq!(forwarded(false, kept[0].0), own);
+        for (input, _) in from_forwarded {
+            assert_eq!(forwarded(false, input), own, "{input:?}");
+        }
         let replaced: &[&[(&str, &str)]] = &[
             // Several lines: which one counts is anyone's guess.
             &[(XFP, "https"), (XFP, "https")],
@@ -913,6 +1076,39 @@ mod tests {
             &[(XFH, "")],
             // Named in Connection, it is hop-by-hop and gone first.
             &[("connection", XFP), (XFP, "https")],
+            &[("connection", FWD), (FWD, "proto=https;host=a.example")],
+            // Forwarded junk: a scheme or host portico does not take, a
+            // list, a parameter twice, a malformed element.
+            &[(FWD, "proto=ftp;host=\"\"")],
+            &[(FWD, "proto=\"https, http\";host=\"a.example,b.example\"")],
+            &[(FWD, "proto=https;proto=https;host=a.example")],
+            &[(FWD, "proto=https;host=a.example:8443")],
+            &[(FWD, "proto=gopher;host=\"user@a.example\"")],
+            &[(FWD, "proto=https;host=\"a.example")],
+            // Both fields, disagreeing: one was the client's; neither.
+            &[
+                (XFP, "http"),
+                (XFH, "a.example"),
+                (FWD, "proto=https;host=b.example"),
+            ],
+            // Junk in one spoils the other's.
+            &[
+                (XFP, "https"),
+                (XFP, "https"),
+                (XFH, "a.example"),
+                (XFH, "a.example"),
+                (FWD, "proto=https;host=a.example"),
+            ],
+            &[
+                (XFP, "https"),
+                (XFH, "a.example"),
+                (FWD, "proto=https;host=a.example;proto=https"),
+            ],
+            &[
+                (XFP, "https"),
+                (XFH, "a.example"),
+                (FWD, "proto=gopher;host=a.example/x"),
+            ],
         ];
         for input in replaced {
             assert_eq!(forwarded(true, input), own, "{input:?}");

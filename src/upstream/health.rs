@@ -9,6 +9,7 @@
 //! check) clears the record.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -55,7 +56,9 @@ pub struct BackendState {
     failures: AtomicU32,
     /// Consecutive ejections, for the backoff.
     ejections: AtomicU32,
-    in_flight: AtomicUsize,
+    /// Requests in flight to this address, shared with the same backend of
+    /// the upstream's earlier generations (see [`BackendState::sharing_in_flight`]).
+    in_flight: Arc<AtomicUsize>,
     /// Failures that eject.
     threshold: u32,
     /// Bodies this backend cut short; `None` for states made outside an
@@ -77,7 +80,7 @@ impl BackendState {
             ejected_until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             threshold: threshold.max(1),
             body_errors: None,
         }
@@ -86,6 +89,16 @@ impl BackendState {
     /// Counts the bodies this backend cuts short in `errors`.
     pub fn counting_body_errors(mut self, errors: crate::metrics::BodyErrors) -> Self {
         self.body_errors = Some(errors);
+        self
+    }
+
+    /// Counts its requests in flight together with `previous`, the same
+    /// address in the generation a reload replaces: requests started there
+    /// still load the backend, and each one that ends there is one fewer
+    /// here. Only the count is shared; passive and active health are each
+    /// generation's own.
+    pub fn sharing_in_flight(mut self, previous: &BackendState) -> Self {
+        self.in_flight = previous.in_flight.clone();
         self
     }
 
@@ -155,7 +168,7 @@ impl BackendState {
 /// body, so least-conn sees streaming responses as busy).
 #[derive(Debug)]
 pub struct InFlight {
-    state: std::sync::Arc<BackendState>,
+    state: Arc<BackendState>,
     /// Whether a body cut short is the backend's doing: not when it
     /// answered before the client's upload was over, as hyper ends the
     /// backend connection (and so the body) when that upload fails.
@@ -163,7 +176,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn new(state: std::sync::Arc<BackendState>) -> Self {
+    pub fn new(state: Arc<BackendState>) -> Self {
         state.start_request();
         InFlight {
             state,
@@ -260,8 +273,21 @@ mod tests {
     }
 
     #[test]
+    fn a_later_generation_sees_and_releases_earlier_in_flight() {
+        let old = Arc::new(BackendState::new(3));
+        let running = InFlight::new(old.clone());
+        let new = Arc::new(BackendState::new(3).sharing_in_flight(&old));
+        assert_eq!(new.in_flight(), 1);
+        let started = InFlight::new(new.clone());
+        assert_eq!(old.in_flight(), 2);
+        drop(running);
+        drop(started);
+        assert_eq!(new.in_flight(), 0);
+    }
+
+    #[test]
     fn in_flight_is_released_on_drop() {
-        let state = std::sync::Arc::new(BackendState::new(3));
+        let state = Arc::new(BackendState::new(3));
         let a = InFlight::new(state.clone());
         let b = InFlight::new(state.clone());
         assert_eq!(state.in_flight(), 2);

@@ -94,29 +94,39 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
-        let upstream = Self::build(config, metrics);
+        let upstream = Self::build(config, metrics, None);
         upstream.start_checks();
         upstream
     }
 
-    /// The upstream for `config`, its checks not started yet.
-    fn build(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
+    /// The upstream for `config`, its checks not started yet. Its backends
+    /// count their requests in flight with those of `previous` at the same
+    /// address, so least_conn sees the requests a reload left running.
+    fn build(
+        config: config::Upstream,
+        metrics: &Metrics,
+        previous: Option<&Upstream>,
+    ) -> Arc<Self> {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
-        let backends: Vec<Backend> =
-            config
-                .backends
-                .iter()
-                .map(|b| Backend {
+        let backends: Vec<Backend> = config
+            .backends
+            .iter()
+            .map(|b| {
+                let mut state = BackendState::new(threshold)
+                    .counting_body_errors(metrics.body_errors(&config.name, &b.addr.to_string()));
+                if let Some(old) = previous.and_then(|p| p.backend_at(b.addr)) {
+                    state = state.sharing_in_flight(&old.state);
+                }
+                Backend {
                     addr: b.addr,
                     weight: b.weight,
                     authority: Authority::try_from(b.addr.to_string().as_str())
                         .expect("a SocketAddr always formats as a valid authority"),
-                    state: Arc::new(BackendState::new(threshold).counting_body_errors(
-                        metrics.body_errors(&config.name, &b.addr.to_string()),
-                    )),
+                    state: Arc::new(state),
                     metrics: metrics.backend(&config.name, &b.addr.to_string()),
-                })
-                .collect();
+                }
+            })
+            .collect();
         let mut builder = hyper::client::conn::http1::Builder::new();
         // hyper lets a backend connection's read buffer grow to ~400 KiB
         // on large bodies, and keeps it for the connection's life.
@@ -163,17 +173,17 @@ impl Upstream {
     /// send traffic to a dead backend until the checks find it dead again.
     /// Only under the same checks: a reload that changes them (a wrong
     /// path corrected, say) or drops them starts every backend up, as at a
-    /// start.
+    /// start. Requests in flight carry over whatever changed (see
+    /// [`Upstream::build`]).
     pub fn rebuild(config: config::Upstream, metrics: &Metrics, previous: &Upstream) -> Arc<Self> {
-        let upstream = Self::build(config, metrics);
+        let upstream = Self::build(config, metrics, Some(previous));
         let same_checks =
             previous.config.health.is_some() && previous.config.health == upstream.config.health;
         if same_checks {
             for backend in &upstream.backends {
                 let was_down = previous
-                    .backends
-                    .iter()
-                    .any(|old| old.addr == backend.addr && !old.state.active_up());
+                    .backend_at(backend.addr)
+                    .is_some_and(|old| !old.state.active_up());
                 if was_down {
                     backend.state.set_active_up(false);
                 }
@@ -199,6 +209,11 @@ impl Upstream {
 
     pub fn backends(&self) -> &[Backend] {
         &self.backends
+    }
+
+    /// The backend at `addr` (an upstream lists an address once).
+    fn backend_at(&self, addr: SocketAddr) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.addr == addr)
     }
 
     /// Every backend's health, in config order: the one accessor metrics and
