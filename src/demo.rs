@@ -53,7 +53,7 @@ pub async fn run_until(
     config.server.shutdown_grace = std::time::Duration::from_secs(5);
     let listeners = server::bind(&config.server.listen).await?;
     let proxy_addr = listeners[0].local_addr()?;
-    let admin = server::bind(&[admin]).await?.remove(0);
+    let admin = server::bind_admin(admin).await?;
     let admin_addr = admin.local_addr()?;
     // As `portico --config` logs it: one line per listener.
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");

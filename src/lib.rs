@@ -30,7 +30,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     let stop = signal::terminate();
     let hangup = signal::Hangup::install();
     let listeners = server::bind(&config.server.listen).await?;
-    let admin_listener = server::bind(&[config.admin.listen]).await?.remove(0);
+    let admin_listener = server::bind_admin(config.admin.listen).await?;
     let token = config.admin.token.as_ref().map(|t| t.0.clone());
     tracing::info!(
         addr = %admin_listener.local_addr()?,

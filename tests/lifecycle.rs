@@ -494,6 +494,16 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
     let mut out = Vec::new();
     let read = tokio::time::timeout(STEP, silent.read_to_end(&mut out)).await;
     assert!(read.is_ok(), "silent connection still open");
+    // Closed without an answer; a head begun and not finished counts as
+    // 408, as nginx logs it, and a connection that sent nothing does not.
+    let timed_out = || {
+        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+        let series = "portico_requests_total{code=\"408\",route=\"_none\"} ";
+        text.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!((out.len(), timed_out()), (0, 0));
 
     // A keep-alive connection whose second head stalls halfway.
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -515,6 +525,7 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
     let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "stalled second head left open");
     assert_eq!(backend.requests(), 1);
+    assert_eq!((rest.len(), timed_out()), (0, 1));
 
     // A head trickled in, one header line at a time, that begins like the
     // HTTP/2 preface (a `PRI` method) but is not it.
@@ -536,6 +547,7 @@ async fn request_header_timeout_drops_silent_and_stalled_heads() {
     })
     .await;
     assert!(closed.is_ok(), "trickled PRI head left open");
+    assert_eq!(timed_out(), 2);
 }
 
 /// Asks the proxy at `addr` for `size` bytes; returns the connection and

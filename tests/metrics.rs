@@ -577,24 +577,38 @@ impl AccessLines {
         )
     }
 
-    /// The line for `method` and `path`, once written (within [`STEP`]).
+    /// The first line for `method` and `path`, once written (within
+    /// [`STEP`]).
     async fn of(&self, method: &str, path: &str) -> serde_json::Value {
+        self.first(&format!("{method} {path}"), |line| {
+            line["method"] == method && line["path"] == path
+        })
+        .await
+    }
+
+    /// The first line that is `wanted`, once written (within [`STEP`]).
+    async fn first(
+        &self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let found = tokio::time::timeout(STEP, async {
             loop {
                 let written = self.0.lock().unwrap().clone();
                 let line = written
                     .split(|&b| b == b'\n')
                     .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
-                    .find(|line| line["method"] == method && line["path"] == path);
+                    .find(&wanted);
                 if let Some(line) = line {
                     return line;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        found
-            .await
-            .unwrap_or_else(|_| panic!("no access line for {method} {path} within STEP"))
+        found.await.unwrap_or_else(|_| {
+            let written = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            panic!("no access line for {what} within STEP in:\n{written}")
+        })
     }
 }
 
@@ -715,4 +729,103 @@ async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
         "{line}"
     );
     assert_eq!(line["end"], "backend_broken", "{line}");
+}
+
+/// A cache hit goes out in pieces, at its client's pace: its line is
+/// written when the last of it went out, and says so when the client
+/// left first, as a relayed body's does.
+#[tokio::test]
+async fn the_access_line_of_a_large_hit_waits_for_its_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (lines, _guard) = AccessLines::capture();
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    let (size, path) = (8_000_000, "/bytes/8000000");
+    assert_eq!(get(&client(), &proxy.url(path)).await.body.len(), size);
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The host the stored copy is keyed on.
+    let ask = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr);
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let mut some = [0u8; 4096];
+    let read = tokio::time::timeout(STEP, stream.read(&mut some)).await;
+    assert!(
+        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
+        "the answer began"
+    );
+    drop(stream);
+    let hit = lines
+        .first("the hit", |line| line["cache"] == "portico; hit")
+        .await;
+    assert_eq!(hit["end"], "client_gone", "{hit}");
+    let bytes = hit["bytes"].as_u64().unwrap();
+    assert!(bytes < size as u64, "{hit}");
+}
+
+/// A client that ends its connection in the middle of its upload is
+/// logged and counted as gone (499) when nothing was answered yet, and
+/// its cut answer as `upload_failed`, not as the backend's doing, when the
+/// backend had begun answering.
+#[tokio::test]
+async fn an_upload_its_client_abandons_is_the_client_s_in_the_log() {
+    use tokio::io::AsyncWriteExt;
+    let (lines, _guard) = AccessLines::capture();
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].name = "orders".into();
+    let proxy = start_proxy(config).await;
+    let send_part = |target: &'static str| {
+        let addr = proxy.addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head =
+                format!("POST {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(&[b'x'; 50_000]).await.unwrap();
+            stream
+        }
+    };
+
+    // The order backend reads the whole order before it answers.
+    let stream = send_part("/users/1/orders").await;
+    let arrived = tokio::time::timeout(STEP, async {
+        while backend.requests() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(arrived.await.is_ok(), "the upload reached the backend");
+    drop(stream);
+    let line = lines.of("POST", "/users/1/orders").await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&499.into(), &"client_gone".into()),
+        "{line}"
+    );
+    assert!(line.get("head_ms").is_none(), "{line}");
+    let attempt = format!(
+        "portico_upstream_requests_total{{backend=\"{}\",code=\"499\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(&proxy, &attempt), 1);
+
+    // `/echo` streams the upload back as it comes: answered before its end.
+    let mut stream = send_part("/echo").await;
+    let mut some = [0u8; 4096];
+    let read =
+        tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read(&mut stream, &mut some)).await;
+    assert!(
+        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
+        "the answer began"
+    );
+    drop(stream);
+    let line = lines.of("POST", "/echo").await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&200.into(), &"upload_failed".into()),
+        "{line}"
+    );
+    let broken = format!(
+        "portico_upstream_body_errors_total{{backend=\"{}\",reason=\"broken\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(&proxy, &broken), 0);
 }

@@ -255,7 +255,7 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = 0\n",
-            &["test.toml:7:23: rate_limit.requests_per_second: must be a number from 0.0003 (one request an hour) to 1000000000; below 1 for slower rates, e.g. 0.5 for one request every 2 s"],
+            &["test.toml:7:23: rate_limit.requests_per_second: must be a number from 0.000278 (one request an hour) to 1000000000; below 1 for slower rates, e.g. 0.5 for one request every 2 s"],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = \"30r/m\"\n",

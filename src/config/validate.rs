@@ -80,7 +80,7 @@ fn rate(r: R, key: &str, value: Option<&Spanned<raw::Number>>, default: f64) -> 
     r.at(
         value.span(),
         key,
-        "must be a number from 0.0003 (one request an hour) to 1000000000; \
+        "must be a number from 0.000278 (one request an hour) to 1000000000; \
          below 1 for slower rates, e.g. 0.5 for one request every 2 s"
             .to_owned(),
     );

@@ -38,6 +38,10 @@ pub enum BodyError {
     Abandoned,
     #[error("the read of the response body ended before the body did")]
     Lost,
+    /// The backend's body broke while the client's upload was still
+    /// coming: hyper ends the backend connection when the upload fails.
+    #[error("the response body was cut with the client's upload: {0}")]
+    UploadFailed(hyper::Error),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }
@@ -356,10 +360,17 @@ impl Body for RequestBody {
     }
 }
 
+/// The most of a body in memory (a cache hit) handed to hyper at once:
+/// hyper asks for the next piece once its write buffer has room, so a
+/// large hit goes out at the client's pace in pieces (shared, not copied),
+/// and its access line is written when the last of it went out, not when
+/// hyper took all of it at once. 64 KiB bodies still go in one.
+const FULL_PIECE: usize = 64 * 1024;
+
 /// A response body sent to a client.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// A small body already in memory; `None` once sent.
+    /// A body already in memory; `None` once sent.
     Full { data: Option<Bytes> },
     /// A backend's body relayed frame by frame; holds the backend's
     /// in-flight slot until the body is done.
@@ -975,7 +986,16 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ProxyBody::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Full { data } => {
+                let piece = match data {
+                    Some(rest) if rest.len() > FULL_PIECE => rest.split_to(FULL_PIECE),
+                    _ => match data.take() {
+                        Some(all) => all,
+                        None => return Poll::Ready(None),
+                    },
+                };
+                Poll::Ready(Some(Ok(Frame::data(piece))))
+            }
             ProxyBody::Stream {
                 inner,
                 stall,
@@ -1000,11 +1020,13 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    if let Some(slot) = in_flight.take() {
-                        slot.body_failed(false);
-                    }
+                    let blamed = in_flight.take().is_none_or(|slot| slot.body_failed(false));
                     // A broken body is never stored.
                     capture.take();
+                    if !blamed {
+                        tracing::debug!(error = %e, "response body cut while the client's upload was still coming");
+                        return Poll::Ready(Some(Err(BodyError::UploadFailed(e))));
+                    }
                     // The head (and its status) went out already: the
                     // client only sees its response cut, so say it here,
                     // as nginx's "upstream prematurely closed" does.

@@ -31,6 +31,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("request body stalled longer than body_timeout")]
     RequestBodyTimeout,
+    #[error("client closed its connection in the middle of its upload")]
+    ClientClosed,
     #[error("no healthy backend")]
     NoHealthyBackend,
     #[error("client over its rate limit; may retry in {retry_after:?}")]
@@ -74,6 +76,9 @@ impl ProxyError {
             ProxyError::TraceMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientClosed => {
+                StatusCode::from_u16(super::CLIENT_CLOSED).expect("499 is a three-digit status")
+            }
             ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. }
@@ -151,6 +156,7 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no healthy backend\n",
         StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
         StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
+        closed if closed.as_u16() == super::CLIENT_CLOSED => "499 Client Closed Request\n",
         _ => "error\n",
     };
     let mut response = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));

@@ -98,6 +98,14 @@ impl AccessRecord {
         })
     }
 
+    /// The target's path; a CONNECT's authority, which it has instead.
+    fn path(&self) -> &str {
+        match self.uri.path() {
+            "" => self.uri.authority().map_or("-", |a| a.as_str()),
+            path => path,
+        }
+    }
+
     /// The line of a request whose head is going out, written when the
     /// returned tail is dropped: the response body holds it and lets it go
     /// when it ends, or when hyper lets the body go before its end.
@@ -109,20 +117,25 @@ impl AccessRecord {
         backend: Option<SocketAddr>,
     ) -> Box<Tail> {
         let status = response.status();
+        // The client left in the middle of its upload: its answer goes
+        // nowhere.
+        let gone = status.as_u16() == super::CLIENT_CLOSED;
         // hyper neither polls nor sends a body with these (RFC 9110 §6.4.1),
         // whatever length a backend declared with them.
         let bodiless = self.method == Method::HEAD
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let end = if bodiless || response.body().is_end_stream() {
+        let end = if gone {
+            End::ClientGone
+        } else if bodiless || response.body().is_end_stream() {
             End::Done
         } else {
             End::Open
         };
         Box::new(Tail {
             status: status.as_u16(),
-            head: Some(started.elapsed()),
+            head: (!gone).then(|| started.elapsed()),
             cache: response.headers().get("cache-status").cloned(),
             record: self,
             started,
@@ -150,7 +163,7 @@ impl AccessRecord {
             backend,
             cache: None,
             bytes: 0,
-            end: End::Open,
+            end: End::ClientGone,
         });
     }
 }
@@ -165,6 +178,8 @@ enum End {
     Open,
     /// Handed to the client's connection whole (`done`).
     Done,
+    /// Its client left before the head (`client_gone`, status 499).
+    ClientGone,
     /// The client kept its HTTP/2 stream's flow-control window shut past
     /// `idle_timeout` (`client_stalled`).
     ClientStalled,
@@ -172,6 +187,10 @@ enum End {
     BackendBroken,
     /// The backend's body was silent past `body_timeout` (`backend_stalled`).
     BackendStalled,
+    /// The backend's body broke while the client's upload was still
+    /// coming, which ends the backend connection when it fails: the client
+    /// closed, stalled or outgrew `max_request_body` (`upload_failed`).
+    UploadFailed,
 }
 
 impl End {
@@ -179,6 +198,7 @@ impl End {
         match error {
             BodyError::Stalled(_) => End::BackendStalled,
             BodyError::Abandoned => End::ClientStalled,
+            BodyError::UploadFailed(_) => End::UploadFailed,
             BodyError::Hyper(_) | BodyError::Lost | BodyError::TooLarge { .. } => {
                 End::BackendBroken
             }
@@ -187,11 +207,12 @@ impl End {
 
     fn as_str(self) -> &'static str {
         match self {
-            End::Open => "client_gone",
+            End::Open | End::ClientGone => "client_gone",
             End::Done => "done",
             End::ClientStalled => "client_stalled",
             End::BackendBroken => "backend_broken",
             End::BackendStalled => "backend_stalled",
+            End::UploadFailed => "upload_failed",
         }
     }
 }
@@ -274,7 +295,8 @@ impl Drop for Tail {
             client = %record.client.ip(),
             method = %record.method,
             host,
-            path = record.uri.path(),
+            path = record.path(),
+            query = record.uri.query(),
             status = self.status,
             bytes = self.bytes,
             duration_ms = millis(self.started.elapsed()),

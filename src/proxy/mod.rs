@@ -258,7 +258,11 @@ impl Proxy {
                 Err(error) => {
                     let status = error.status();
                     if status.is_server_error() {
-                        tracing::warn!(client = %conn.peer, status = status.as_u16(), %error, "proxy error");
+                        let upstream = trace
+                            .route
+                            .and_then(|i| self.router.route(i))
+                            .map_or("-", |route| self.upstreams[route.upstream].name());
+                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, "proxy error");
                     } else {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
@@ -290,8 +294,9 @@ impl Proxy {
     }
 
     /// Counts and logs a request head the HTTP/1 parser refused with
-    /// `status` before any of it reached [`Proxy::handle`].
-    pub fn refused(&self, client: SocketAddr, status: u16, error: &hyper::Error) {
+    /// `status` before any of it reached [`Proxy::handle`], or one that
+    /// did not arrive whole in time (408).
+    pub fn refused(&self, client: SocketAddr, status: u16, error: &dyn std::fmt::Display) {
         self.unrouted.count(status);
         log::emit_refused(client, status, error);
     }
@@ -589,6 +594,9 @@ fn forward_with_retries<'a>(
             if error.blames_backend() {
                 backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false);
+            } else if matches!(error, ProxyError::ClientClosed) {
+                // As for a client that leaves while the backend works.
+                backend.metrics.record(CLIENT_CLOSED, seconds);
             }
             let retry_body = if idempotent && error.is_retryable() {
                 Some(RequestBody::empty())

@@ -57,6 +57,9 @@ pub(super) struct Activity {
     /// Head bytes have arrived (or the connection is new) and the request
     /// they start has not begun yet.
     head_pending: AtomicBool,
+    /// Bytes of the pending head have arrived: a head left unfinished is
+    /// a request that timed out, not a connection that sent nothing.
+    head_begun: AtomicBool,
     /// The connection speaks HTTP/2 (see `protocol`).
     multiplexed: AtomicBool,
     /// The last write found the socket full.
@@ -138,6 +141,7 @@ impl Activity {
         let head_pending = !only_line_ends(unread);
         Activity {
             head_pending: AtomicBool::new(head_pending),
+            head_begun: AtomicBool::new(head_pending),
             quiet_before: quiet,
             // A head begun behind the last request has waited since that
             // request was answered, as nginx times a pipelined head: the
@@ -159,6 +163,7 @@ impl Activity {
             writes: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             head_pending: AtomicBool::new(true),
+            head_begun: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
@@ -208,6 +213,7 @@ impl Activity {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
+        self.head_begun.store(false, Ordering::Relaxed);
         // hyper has read the last request's body whole: it reads the
         // next head only after.
         if self.upload_open.swap(false, Ordering::Relaxed) {
@@ -264,7 +270,14 @@ impl Activity {
         self.bump();
         if self.busy.load(Ordering::Relaxed) == 0 && self.upload_over() {
             self.head_pending.store(true, Ordering::Relaxed);
+            self.head_begun.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether bytes of the head awaited have arrived (see
+    /// [`Expired::Head`]).
+    pub(super) fn head_begun(&self) -> bool {
+        self.head_begun.load(Ordering::Relaxed)
     }
 
     /// Whether the connection speaks HTTP/2.

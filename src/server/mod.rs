@@ -43,6 +43,11 @@ pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
     addrs.iter().map(|a| listeners::bind_now(*a)).collect()
 }
 
+/// Binds the admin listener, saying which listener an error is about.
+pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
+    listeners::bind_now(addr).map_err(|e| io::Error::new(e.kind(), format!("[admin] listen: {e}")))
+}
+
 /// A running proxy's shared state: the current request-path generation,
 /// the connection settings and the listeners, each replaced by a reload.
 pub struct Shared {
@@ -66,6 +71,9 @@ pub struct Shared {
     admin_token: ArcSwapOption<String>,
     /// Set once a shutdown began.
     draining: AtomicBool,
+    /// `[admin] listen` as the process started with it: the admin
+    /// listener stays there until a restart, whatever a reload says.
+    admin_listen: std::net::SocketAddr,
 }
 
 impl std::fmt::Debug for Shared {
@@ -134,6 +142,7 @@ impl Shared {
             reloading: Mutex::new(()),
             admin_token: ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
+            admin_listen: config.admin.listen,
         })
     }
 
@@ -217,11 +226,14 @@ impl Shared {
             );
         }
         self.admin_token.store(token.map(Arc::new));
-        let old = self.config.swap(Arc::new(config));
-        let new = self.config.load();
-        if old.admin.listen != new.admin.listen {
-            tracing::warn!("[admin] listen changed; it takes effect after a restart");
+        if config.admin.listen != self.admin_listen {
+            tracing::warn!(
+                file = %config.admin.listen,
+                listening = %self.admin_listen,
+                "[admin] listen differs from the address the admin endpoints listen on; it takes effect after a restart"
+            );
         }
+        self.config.store(Arc::new(config));
         tracing::info!(file = %path.display(), "configuration reloaded");
         Ok(())
     }
@@ -605,8 +617,14 @@ async fn serve_connection<IO: Parkable>(
                     }
                     // Nothing is being answered: dropping the connection
                     // closes it, as hyper's head timer did.
+                    // A head begun and not finished is logged and counted
+                    // as nginx does (408, with no answer sent).
                     idle::Expired::Head => {
-                        tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
+                        if activity.head_begun() {
+                            held.shared.proxy.load().refused(conn.peer, 408, &"request head not complete within request_header_timeout");
+                        } else {
+                            tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
+                        }
                         End::Done(Ok(()))
                     }
                     // A client that reads nothing would not read a GOAWAY

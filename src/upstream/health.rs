@@ -190,11 +190,13 @@ impl InFlight {
         self
     }
 
-    /// The backend cut its body short: `stalled` past `body_timeout`, or
-    /// broken. The slot goes with this.
-    pub fn body_failed(self, stalled: bool) {
+    /// The backend's body was cut short: `stalled` past `body_timeout`, or
+    /// broken. The slot goes with this. Returns whether the backend is
+    /// blamed (and counted): not for a body answered while the client's
+    /// upload was still coming, which the upload's failure may have cut.
+    pub fn body_failed(self, stalled: bool) -> bool {
         if !self.blame_body {
-            return;
+            return false;
         }
         if let Some(errors) = &self.state.body_errors {
             let counter = if stalled {
@@ -204,6 +206,7 @@ impl InFlight {
             };
             counter.inc();
         }
+        true
     }
 }
 

@@ -607,6 +607,23 @@ async fn after_upload<F: Future>(
     .await
 }
 
+/// Whether a client's upload failed because its connection ended (closed
+/// early or reset) rather than because of what it sent.
+fn client_left(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    error.is_incomplete_message()
+}
+
 /// Sorts a send error into the proxy's error kinds by walking its causes.
 fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
@@ -620,12 +637,17 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
             return match body {
                 BodyError::TooLarge { .. } => ProxyError::BodyTooLarge,
                 BodyError::Stalled(_) => ProxyError::RequestBodyTimeout,
-                // The client's upload broke: nobody is left to answer.
-                // (Abandoned and Lost are a response body's; here for
-                // completeness.)
-                BodyError::Hyper(_) | BodyError::Abandoned | BodyError::Lost => {
-                    ProxyError::BadRequest("request body aborted")
-                }
+                // The client closed its connection in the middle of its
+                // upload: nginx's 499 (the log's and the metrics'; the
+                // answer goes nowhere).
+                BodyError::Hyper(e) if client_left(e) => ProxyError::ClientClosed,
+                // The client's upload broke otherwise (bad chunked
+                // framing, say). (Abandoned, Lost and UploadFailed are a
+                // response body's; here for completeness.)
+                BodyError::Hyper(_)
+                | BodyError::Abandoned
+                | BodyError::Lost
+                | BodyError::UploadFailed(_) => ProxyError::BadRequest("request body aborted"),
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
