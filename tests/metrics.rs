@@ -586,6 +586,32 @@ impl AccessLines {
         .await
     }
 
+    /// Closes `stream` once its request reached `backend`, and checks the
+    /// line for `method` and `path` says the client left before its
+    /// answer: 499, `client_gone`, no time to a head.
+    async fn left_while(
+        &self,
+        backend: &portico::sample::RunningBackend,
+        stream: tokio::net::TcpStream,
+        method: &str,
+        path: &str,
+    ) {
+        let arrived = tokio::time::timeout(STEP, async {
+            while backend.requests() < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(arrived.await.is_ok(), "the request reached the backend");
+        drop(stream);
+        let line = self.of(method, path).await;
+        assert_eq!(
+            (&line["status"], &line["end"]),
+            (&499.into(), &"client_gone".into()),
+            "{line}"
+        );
+        assert!(line.get("head_ms").is_none(), "{line}");
+    }
+
     /// The first line that is `wanted`, once written (within [`STEP`]).
     async fn first(
         &self,
@@ -612,6 +638,20 @@ impl AccessLines {
     }
 }
 
+/// Sends `ask` on a fresh connection to `addr` and closes it once the
+/// answer has begun: a client that leaves during the body.
+async fn leave_once_answered(addr: std::net::SocketAddr, ask: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let mut some = [0u8; 4096];
+    let read = tokio::time::timeout(STEP, stream.read(&mut some)).await;
+    assert!(
+        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
+        "the answer began"
+    );
+}
+
 struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Sink {
@@ -631,7 +671,7 @@ impl std::io::Write for Sink {
 /// by the client, before its head or during its body).
 #[tokio::test]
 async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (lines, _guard) = AccessLines::capture();
     let mut slow = BackendOptions::new("slow");
     slow.delay = Duration::from_secs(2);
@@ -672,16 +712,8 @@ async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
 
     // The client leaves during the body: what it was handed, no more.
     let big = 32 * 1024 * 1024;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let ask = format!("GET /bytes/{big} HTTP/1.1\r\nHost: a\r\n\r\n");
-    stream.write_all(ask.as_bytes()).await.unwrap();
-    let mut some = [0u8; 4096];
-    let read = tokio::time::timeout(STEP, stream.read(&mut some)).await;
-    assert!(
-        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
-        "the answer began"
-    );
-    drop(stream);
+    leave_once_answered(proxy.addr, &ask).await;
     let line = lines.of("GET", &format!("/bytes/{big}")).await;
     assert_eq!(
         (&line["status"], &line["end"]),
@@ -700,20 +732,7 @@ async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
         .write_all(b"GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
-    let arrived = tokio::time::timeout(STEP, async {
-        while slow.requests() < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    assert!(arrived.await.is_ok(), "the request reached the backend");
-    drop(stream);
-    let line = lines.of("GET", "/users/1").await;
-    assert_eq!(
-        (&line["status"], &line["end"]),
-        (&499.into(), &"client_gone".into()),
-        "{line}"
-    );
-    assert!(line.get("head_ms").is_none(), "{line}");
+    lines.left_while(&slow, stream, "GET", "/users/1").await;
 
     // The backend cuts the body: the status it sent, what came of the body.
     let cut =
@@ -736,23 +755,14 @@ async fn the_access_line_says_what_was_sent_and_how_the_response_ended() {
 /// left first, as a relayed body's does.
 #[tokio::test]
 async fn the_access_line_of_a_large_hit_waits_for_its_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (lines, _guard) = AccessLines::capture();
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
     let (size, path) = (8_000_000, "/bytes/8000000");
     assert_eq!(get(&client(), &proxy.url(path)).await.body.len(), size);
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     // The host the stored copy is keyed on.
     let ask = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr);
-    stream.write_all(ask.as_bytes()).await.unwrap();
-    let mut some = [0u8; 4096];
-    let read = tokio::time::timeout(STEP, stream.read(&mut some)).await;
-    assert!(
-        read.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
-        "the answer began"
-    );
-    drop(stream);
+    leave_once_answered(proxy.addr, &ask).await;
     let hit = lines
         .first("the hit", |line| line["cache"] == "portico; hit")
         .await;
@@ -787,20 +797,9 @@ async fn an_upload_its_client_abandons_is_the_client_s_in_the_log() {
 
     // The order backend reads the whole order before it answers.
     let stream = send_part("/users/1/orders").await;
-    let arrived = tokio::time::timeout(STEP, async {
-        while backend.requests() < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    assert!(arrived.await.is_ok(), "the upload reached the backend");
-    drop(stream);
-    let line = lines.of("POST", "/users/1/orders").await;
-    assert_eq!(
-        (&line["status"], &line["end"]),
-        (&499.into(), &"client_gone".into()),
-        "{line}"
-    );
-    assert!(line.get("head_ms").is_none(), "{line}");
+    lines
+        .left_while(&backend, stream, "POST", "/users/1/orders")
+        .await;
     let attempt = format!(
         "portico_upstream_requests_total{{backend=\"{}\",code=\"499\",upstream=\"orders\"}}",
         backend.addr()
