@@ -360,6 +360,14 @@ impl Body for RequestBody {
     }
 }
 
+/// The upstream and backend of a body's slot, for a warning about it.
+fn named(slot: Option<&InFlight>) -> (String, String) {
+    match slot.and_then(InFlight::backend) {
+        Some((upstream, addr)) => (upstream.to_string(), addr.to_string()),
+        None => ("-".to_owned(), "-".to_owned()),
+    }
+}
+
 /// The most of a body in memory (a cache hit) handed to hyper at once:
 /// hyper asks for the next piece once its write buffer has room, so a
 /// large hit goes out at the client's pace in pieces (shared, not copied),
@@ -1020,17 +1028,19 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let blamed = in_flight.take().is_none_or(|slot| slot.body_failed(false));
+                    let slot = in_flight.take();
+                    let (upstream, backend) = named(slot.as_ref());
+                    let blamed = slot.is_none_or(|slot| slot.body_failed(false));
                     // A broken body is never stored.
                     capture.take();
                     if !blamed {
-                        tracing::debug!(error = %e, "response body cut while the client's upload was still coming");
+                        tracing::debug!(upstream, backend, error = %e, "response body cut while the client's upload was still coming");
                         return Poll::Ready(Some(Err(BodyError::UploadFailed(e))));
                     }
                     // The head (and its status) went out already: the
                     // client only sees its response cut, so say it here,
                     // as nginx's "upstream prematurely closed" does.
-                    tracing::warn!(error = %e, "backend broke the response body; client response aborted");
+                    tracing::warn!(upstream, backend, error = %e, "backend broke the response body; client response aborted");
                     Poll::Ready(Some(Err(e.into())))
                 }
                 Poll::Ready(None) => {
@@ -1046,10 +1056,12 @@ impl Body for ProxyBody {
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => {
                         capture.take();
-                        if let Some(slot) = in_flight.take() {
+                        let slot = in_flight.take();
+                        let (upstream, backend) = named(slot.as_ref());
+                        if let Some(slot) = slot {
                             slot.body_failed(true);
                         }
-                        tracing::warn!(timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
+                        tracing::warn!(upstream, backend, timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
                         Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout))))
                     }
                     Poll::Pending => Poll::Pending,

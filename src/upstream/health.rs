@@ -64,6 +64,9 @@ pub struct BackendState {
     /// Bodies this backend cut short; `None` for states made outside an
     /// upstream (tests).
     body_errors: Option<crate::metrics::BodyErrors>,
+    /// Its upstream's name and its address, for the warnings about its
+    /// bodies; `None` outside an upstream (tests).
+    named: Option<(Arc<str>, std::net::SocketAddr)>,
 }
 
 /// What a passive observation changed, for the one log line it deserves.
@@ -83,7 +86,14 @@ impl BackendState {
             in_flight: Arc::new(AtomicUsize::new(0)),
             threshold: threshold.max(1),
             body_errors: None,
+            named: None,
         }
+    }
+
+    /// Names the backend in what is logged of its bodies.
+    pub fn named(mut self, upstream: Arc<str>, addr: std::net::SocketAddr) -> Self {
+        self.named = Some((upstream, addr));
+        self
     }
 
     /// Counts the bodies this backend cuts short in `errors`.
@@ -182,6 +192,12 @@ impl InFlight {
             state,
             blame_body: true,
         }
+    }
+
+    /// The backend's upstream and address, as [`BackendState::named`]
+    /// gave them.
+    pub fn backend(&self) -> Option<(Arc<str>, std::net::SocketAddr)> {
+        self.state.named.clone()
     }
 
     /// The backend answered while the client's upload was still coming.

@@ -108,12 +108,14 @@ impl Upstream {
         previous: Option<&Upstream>,
     ) -> Arc<Self> {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
+        let name: Arc<str> = config.name.as_str().into();
         let backends: Vec<Backend> = config
             .backends
             .iter()
             .map(|b| {
                 let mut state = BackendState::new(threshold)
-                    .counting_body_errors(metrics.body_errors(&config.name, &b.addr.to_string()));
+                    .counting_body_errors(metrics.body_errors(&config.name, &b.addr.to_string()))
+                    .named(name.clone(), b.addr);
                 if let Some(old) = previous.and_then(|p| p.backend_at(b.addr)) {
                     state = state.sharing_in_flight(&old.state);
                 }
