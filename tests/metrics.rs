@@ -828,3 +828,79 @@ async fn an_upload_its_client_abandons_is_the_client_s_in_the_log() {
     );
     assert_eq!(scraped(&proxy, &broken), 0);
 }
+
+/// Trailers are a response's last frame: hyper polls no further after
+/// them, over either protocol, and the line says the response went out
+/// whole (review27c).
+#[tokio::test]
+async fn a_response_ending_in_trailers_is_logged_whole() {
+    let (lines, _guard) = AccessLines::capture();
+    let backend = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n"
+    })
+    .await;
+    let config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![backend],
+    );
+    let proxy = start_proxy(config).await;
+    let ask = b"GET /h1 HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    raw_exchange(proxy.addr, ask).await;
+    assert_eq!(get(&h2c_client(), &proxy.url("/h2")).await.body, "hello");
+    for path in ["/h1", "/h2"] {
+        let line = lines.of("GET", path).await;
+        assert_eq!(
+            (&line["end"], &line["bytes"]),
+            (&"done".into(), &5.into()),
+            "{line}"
+        );
+    }
+}
+
+/// A backend that answers before the upload's end, reads it whole, and
+/// then breaks its own body is blamed: only an upload that failed
+/// excuses it (review27c).
+#[tokio::test]
+async fn a_body_broken_after_the_upload_ended_is_the_backend_s() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (lines, _guard) = AccessLines::capture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut got = read_head(&mut stream).await.unwrap();
+        let (end, length) = head_end_and_length(&got);
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+        stream.write_all(head).await.unwrap();
+        let mut buf = [0u8; 4096];
+        while got.len() < end + length {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        // The upload is in; the backend dies in the middle of its body.
+    });
+    let mut config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![backend],
+    );
+    config.upstreams[0].name = "cut".into();
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n";
+    stream.write_all(head).await.unwrap();
+    let mut some = [0u8; 4096];
+    let began = tokio::time::timeout(STEP, stream.read(&mut some)).await;
+    assert!(
+        began.is_ok_and(|n| n.is_ok_and(|n| n > 0)),
+        "the answer began"
+    );
+    stream.write_all(b"0123456789").await.unwrap();
+    let line = lines.of("POST", "/up").await;
+    assert_eq!(line["end"], "backend_broken", "{line}");
+    let broken = format!(
+        "portico_upstream_body_errors_total{{backend=\"{backend}\",reason=\"broken\",upstream=\"cut\"}}"
+    );
+    assert_eq!(scraped(&proxy, &broken), 1);
+}

@@ -38,8 +38,8 @@ pub enum BodyError {
     Abandoned,
     #[error("the read of the response body ended before the body did")]
     Lost,
-    /// The backend's body broke while the client's upload was still
-    /// coming: hyper ends the backend connection when the upload fails.
+    /// The backend's body broke because the client's upload failed: hyper
+    /// ends the backend connection when the upload fails.
     #[error("the response body was cut with the client's upload: {0}")]
     UploadFailed(hyper::Error),
     #[error(transparent)]
@@ -104,20 +104,28 @@ impl StallGuard {
 /// watchdog knows hyper is past the body. Clones share the cell; the one
 /// the request carries goes with whatever holds the upload.
 #[derive(Debug, Clone, Default)]
-pub struct UploadEnded(Arc<OnceLock<Instant>>);
+pub struct UploadEnded(Arc<UploadState>);
+
+#[derive(Debug, Default)]
+struct UploadState {
+    ended: OnceLock<Instant>,
+    /// The upload broke off: the client closed or stalled, or it outgrew
+    /// `max_request_body`.
+    failed: std::sync::atomic::AtomicBool,
+}
 
 impl UploadEnded {
     /// Marks the end now; later calls keep the first instant.
     pub fn set(&self) {
-        let _ = self.0.set(Instant::now());
+        let _ = self.0.ended.set(Instant::now());
     }
 
     pub fn at(&self) -> Option<Instant> {
-        self.0.get().copied()
+        self.0.ended.get().copied()
     }
 
     pub fn is_set(&self) -> bool {
-        self.0.get().is_some()
+        self.0.ended.get().is_some()
     }
 
     /// Whether nothing will read the upload any more: read to its end, or
@@ -131,6 +139,30 @@ impl UploadEnded {
     /// drains what is left of it or stops reading.
     pub fn is_abandoned(&self) -> bool {
         !self.is_set() && Arc::strong_count(&self.0) == 1
+    }
+
+    fn fail(&self) {
+        self.0.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// A look at whether the upload fails, for a response body that may
+    /// be cut by that: it holds no clone, so [`UploadEnded::is_abandoned`]
+    /// still counts right.
+    pub fn watch(&self) -> UploadWatch {
+        UploadWatch(Arc::downgrade(&self.0))
+    }
+}
+
+/// See [`UploadEnded::watch`].
+#[derive(Debug)]
+pub struct UploadWatch(std::sync::Weak<UploadState>);
+
+impl UploadWatch {
+    /// Whether the upload broke off.
+    pub fn failed(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|state| state.failed.load(Ordering::Relaxed))
     }
 }
 
@@ -266,6 +298,13 @@ impl RequestBody {
         }
     }
 
+    /// The upload broke off: a response cut with it is the client's doing.
+    fn mark_failed(&self) {
+        if let Some(ended) = &self.ended {
+            ended.fail();
+        }
+    }
+
     /// Moves the upload into a shared slot that the first poll empties, so
     /// that if the request fails before any byte was read (the backend
     /// refused the connection), [`Parked::reclaim`] gets it back for a try
@@ -313,6 +352,7 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
+                        this.mark_failed();
                         return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
                     }
                 }
@@ -324,13 +364,19 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.mark_failed();
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => {
                 this.mark_ended();
                 Poll::Ready(None)
             }
             Poll::Pending => match this.stall.poll_stalled(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout)))),
+                Poll::Ready(()) => {
+                    this.mark_failed();
+                    Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout))))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -803,9 +849,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
+        // Held, the end itself is no more to come: hyper stops polling a
+        // sized body at its last byte, so the frame before it must say so.
         self.state
             .as_ref()
-            .is_none_or(|s| s.first.is_none() && s.held.is_none())
+            .is_none_or(|s| s.first.is_none() && matches!(s.held, None | Some(None)))
             && self.inner.is_end_stream()
     }
 
@@ -1018,8 +1066,9 @@ impl Body for ProxyBody {
                         }
                     }
                     // hyper stops polling once a sized body reports its end,
-                    // so the end is handled here, not only at Ready(None).
-                    if inner.is_end_stream() {
+                    // or after trailers (always the last frame), so the end
+                    // is handled here, not only at Ready(None).
+                    if frame.is_trailers() || inner.is_end_stream() {
                         in_flight.take();
                         if let Some(copy) = capture.take() {
                             copy.finish();
@@ -1034,7 +1083,7 @@ impl Body for ProxyBody {
                     // A broken body is never stored.
                     capture.take();
                     if !blamed {
-                        tracing::debug!(upstream, backend, error = %e, "response body cut while the client's upload was still coming");
+                        tracing::debug!(upstream, backend, error = %e, "response body cut with the client's failed upload");
                         return Poll::Ready(Some(Err(BodyError::UploadFailed(e))));
                     }
                     // The head (and its status) went out already: the
@@ -1190,5 +1239,46 @@ mod tests {
         assert!(here.is_disjoint(&other));
         assert!(!here.contains(&0));
         assert_eq!(connection_poll(), 0, "0 outside a connection poll");
+    }
+
+    /// A body of known length whose frames are all ready at once.
+    struct Ready(std::collections::VecDeque<Bytes>);
+
+    impl Body for Ready {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|d| d.len() as u64).sum())
+        }
+    }
+
+    /// hyper stops polling a sized body at its last byte: the frame that
+    /// carries it must come with the body's end, even when it is held
+    /// back to begin a batch of its own (review27c).
+    #[test]
+    fn a_gathered_sized_body_ends_with_its_last_byte() {
+        let frames = (0..6).map(|_| Bytes::from(vec![b'x'; 3000])).collect();
+        let mut body = Gathered::new(Ready(frames));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut sent = 0;
+        while sent < 18_000 {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => sent += frame.into_data().unwrap().len(),
+                other => panic!("{other:?} after {sent} bytes"),
+            }
+        }
+        assert!(body.is_end_stream());
     }
 }

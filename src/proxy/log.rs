@@ -137,6 +137,7 @@ impl AccessRecord {
             status: status.as_u16(),
             head: (!gone).then(|| started.elapsed()),
             cache: response.headers().get("cache-status").cloned(),
+            expected: response.body().size_hint().exact(),
             record: self,
             started,
             upstream,
@@ -163,6 +164,7 @@ impl AccessRecord {
             backend,
             cache: None,
             bytes: 0,
+            expected: None,
             end: End::ClientGone,
         });
     }
@@ -231,6 +233,8 @@ pub struct Tail {
     cache: Option<HeaderValue>,
     /// Body bytes handed to the client's connection.
     bytes: u64,
+    /// The body's length, when known at the head.
+    expected: Option<u64>,
     end: End,
 }
 
@@ -243,6 +247,10 @@ impl Tail {
         polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>,
         at_end: impl FnOnce() -> bool,
     ) {
+        // A 499 whose client half-closed may still take its answer.
+        if let (End::ClientGone, Poll::Ready(Some(Ok(frame)))) = (self.end, polled) {
+            self.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
+        }
         if self.end != End::Open {
             return;
         }
@@ -251,7 +259,9 @@ impl Tail {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 }
-                if at_end() {
+                // Trailers are the last frame, and hyper polls no further
+                // after a sized body's last byte.
+                if frame.is_trailers() || self.expected == Some(self.bytes) || at_end() {
                     self.end = End::Done;
                 }
             }

@@ -584,7 +584,9 @@ fn forward_with_retries<'a>(
                     backend.metrics.record(response.status().as_u16(), seconds);
                     upstream.observe(index, true);
                     let in_flight = match &upload {
-                        Some(upload) if !upload.is_set() => in_flight.answered_mid_upload(),
+                        Some(upload) if !upload.is_set() => {
+                            in_flight.answered_mid_upload(upload.watch())
+                        }
                         _ => in_flight,
                     };
                     return Ok((response, in_flight));

@@ -43,6 +43,18 @@ pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
     addrs.iter().map(|a| listeners::bind_now(*a)).collect()
 }
 
+/// A connection's request head did not arrive whole in time: one that
+/// had begun is logged and counted as nginx does (408, closed without an
+/// answer); a connection that sent nothing is no request.
+fn head_timed_out(shared: &Shared, activity: &idle::Activity, client: SocketAddr) {
+    if activity.head_begun() {
+        let why = "request head not complete within request_header_timeout";
+        shared.proxy.load().refused(client, 408, &why);
+    } else {
+        tracing::debug!(%client, "no request head within request_header_timeout; closing");
+    }
+}
+
 /// Binds the admin listener, saying which listener an error is about.
 pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
     listeners::bind_now(addr).map_err(|e| io::Error::new(e.kind(), format!("[admin] listen: {e}")))
@@ -229,8 +241,8 @@ impl Shared {
         if config.admin.listen != self.admin_listen {
             tracing::warn!(
                 file = %config.admin.listen,
-                listening = %self.admin_listen,
-                "[admin] listen differs from the address the admin endpoints listen on; it takes effect after a restart"
+                started_with = %self.admin_listen,
+                "[admin] listen differs from what the process started with; it takes effect after a restart"
             );
         }
         self.config.store(Arc::new(config));
@@ -617,14 +629,8 @@ async fn serve_connection<IO: Parkable>(
                     }
                     // Nothing is being answered: dropping the connection
                     // closes it, as hyper's head timer did.
-                    // A head begun and not finished is logged and counted
-                    // as nginx does (408, with no answer sent).
                     idle::Expired::Head => {
-                        if activity.head_begun() {
-                            held.shared.proxy.load().refused(conn.peer, 408, &"request head not complete within request_header_timeout");
-                        } else {
-                            tracing::debug!(client = %conn.peer, "no request head within request_header_timeout; closing");
-                        }
+                        head_timed_out(&held.shared, &activity, conn.peer);
                         End::Done(Ok(()))
                     }
                     // A client that reads nothing would not read a GOAWAY
@@ -655,6 +661,9 @@ async fn serve_connection<IO: Parkable>(
             tokio::select! {
                 result = &mut connection => End::Done(result),
                 why = activity.expired(settings.closing_limits()) => {
+                    if why == idle::Expired::Head {
+                        head_timed_out(&held.shared, &activity, conn.peer);
+                    }
                     tracing::debug!(client = %conn.peer, ?why, "closed while draining");
                     End::Close
                 }

@@ -179,10 +179,10 @@ impl BackendState {
 #[derive(Debug)]
 pub struct InFlight {
     state: Arc<BackendState>,
-    /// Whether a body cut short is the backend's doing: not when it
-    /// answered before the client's upload was over, as hyper ends the
-    /// backend connection (and so the body) when that upload fails.
-    blame_body: bool,
+    /// The client's upload, when the backend answered before its end: a
+    /// body cut short is not the backend's doing if that upload failed, as
+    /// hyper ends the backend connection (and so the body) with it.
+    upload: Option<crate::proxy::body::UploadWatch>,
 }
 
 impl InFlight {
@@ -190,7 +190,7 @@ impl InFlight {
         state.start_request();
         InFlight {
             state,
-            blame_body: true,
+            upload: None,
         }
     }
 
@@ -200,18 +200,18 @@ impl InFlight {
         self.state.named.clone()
     }
 
-    /// The backend answered while the client's upload was still coming.
-    pub fn answered_mid_upload(mut self) -> Self {
-        self.blame_body = false;
+    /// The backend answered while the client's `upload` was still coming.
+    pub fn answered_mid_upload(mut self, upload: crate::proxy::body::UploadWatch) -> Self {
+        self.upload = Some(upload);
         self
     }
 
     /// The backend's body was cut short: `stalled` past `body_timeout`, or
     /// broken. The slot goes with this. Returns whether the backend is
-    /// blamed (and counted): not for a body answered while the client's
-    /// upload was still coming, which the upload's failure may have cut.
+    /// blamed (and counted): not when the client's upload, still coming
+    /// when the backend answered, failed, which cut the body.
     pub fn body_failed(self, stalled: bool) -> bool {
-        if !self.blame_body {
+        if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
             return false;
         }
         if let Some(errors) = &self.state.body_errors {
