@@ -904,3 +904,74 @@ async fn a_body_broken_after_the_upload_ended_is_the_backend_s() {
     );
     assert_eq!(scraped(&proxy, &broken), 1);
 }
+
+/// Over HTTP/2 too, an upload that outgrows `max_request_body` after the
+/// backend began answering cuts the answer as the client's doing, not the
+/// backend's (review27d F1: an HTTP/2 upload keeps no other handle once
+/// its request is sent).
+#[tokio::test]
+async fn an_http2_upload_that_fails_mid_answer_is_the_client_s() {
+    let (lines, _guard) = AccessLines::capture();
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].name = "orders".into();
+    config.server.max_request_body = 64 * 1024;
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::post(proxy.url("/echo")).body(()).unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload
+        .send_data(Bytes::from(vec![b'x'; 1000]), false)
+        .unwrap();
+    // `/echo` answers as the upload comes.
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    for _ in 0..8 {
+        let _ = upload.send_data(Bytes::from(vec![b'x'; 16 * 1024]), false);
+    }
+    let mut body = response.into_body();
+    let read = tokio::time::timeout(STEP, async {
+        while let Some(Ok(data)) = body.data().await {
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+    });
+    assert!(read.await.is_ok(), "the answer ended");
+    let line = lines.of("POST", "/echo").await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&200.into(), &"upload_failed".into()),
+        "{line}"
+    );
+    let broken = format!(
+        "portico_upstream_body_errors_total{{backend=\"{}\",reason=\"broken\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(&proxy, &broken), 0);
+}
+
+/// An attempt that sent the backend a cut upload counts under the
+/// upstream with how it ended, as a 499 does: a chunked upload outgrowing
+/// `max_request_body` reached the backend before the limit did
+/// (review27d F4).
+#[tokio::test]
+async fn an_upload_cut_at_the_limit_counts_as_an_attempt() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].name = "orders".into();
+    config.server.max_request_body = 1024;
+    let proxy = start_proxy(config).await;
+    let chunk = format!("800\r\n{}\r\n", "x".repeat(0x800));
+    let ask = format!(
+        "POST /users/1/orders HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n"
+    );
+    let answer = raw_exchange(proxy.addr, ask.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let attempt = format!(
+        "portico_upstream_requests_total{{backend=\"{}\",code=\"413\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(&proxy, &attempt), 1);
+}

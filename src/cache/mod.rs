@@ -212,6 +212,12 @@ impl Cache {
         let index: Arc<DashMap<String, Variants>> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
+            // Least recently used out first, as nginx and Varnish evict:
+            // moka's default (TinyLFU) admits a new entry only if it is
+            // likelier to be asked for than what it would evict, so a
+            // large new object in a full cache was answered `stored` and
+            // dropped, and fetched again on each request.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .weigher(|key: &String, entry: &Arc<Entry>| entry.weight(key))
             .expire_after(EntryExpiry)
             .support_invalidation_closures()

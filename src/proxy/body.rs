@@ -38,10 +38,11 @@ pub enum BodyError {
     Abandoned,
     #[error("the read of the response body ended before the body did")]
     Lost,
-    /// The backend's body broke because the client's upload failed: hyper
-    /// ends the backend connection when the upload fails.
+    /// The backend's body broke because the client's upload failed (hyper
+    /// ends the backend connection when the upload fails), or fell silent
+    /// while the upload it answers stalled.
     #[error("the response body was cut with the client's upload: {0}")]
-    UploadFailed(hyper::Error),
+    UploadFailed(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }
@@ -109,15 +110,25 @@ pub struct UploadEnded(Arc<UploadState>);
 #[derive(Debug, Default)]
 struct UploadState {
     ended: OnceLock<Instant>,
-    /// The upload broke off: the client closed or stalled, or it outgrew
-    /// `max_request_body`.
-    failed: std::sync::atomic::AtomicBool,
+    /// What a response body watching the upload sees (see
+    /// [`UploadEnded::watch`]).
+    outcome: Arc<std::sync::atomic::AtomicU8>,
 }
+
+/// [`UploadState::outcome`]: still coming, read to its end, or broken off
+/// (the client closed or stalled, or it outgrew `max_request_body`).
+const COMING: u8 = 0;
+const ENDED: u8 = 1;
+const FAILED: u8 = 2;
 
 impl UploadEnded {
     /// Marks the end now; later calls keep the first instant.
     pub fn set(&self) {
         let _ = self.0.ended.set(Instant::now());
+        let _ =
+            self.0
+                .outcome
+                .compare_exchange(COMING, ENDED, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn at(&self) -> Option<Instant> {
@@ -142,27 +153,35 @@ impl UploadEnded {
     }
 
     fn fail(&self) {
-        self.0.failed.store(true, Ordering::Relaxed);
+        let _ =
+            self.0
+                .outcome
+                .compare_exchange(COMING, FAILED, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// A look at whether the upload fails, for a response body that may
-    /// be cut by that: it holds no clone, so [`UploadEnded::is_abandoned`]
-    /// still counts right.
+    /// A look at how the upload goes, for a response body that its
+    /// failure may cut. It outlives every clone (an HTTP/2 upload has no
+    /// other once its request is sent) and counts as none of them, so
+    /// [`UploadEnded::is_abandoned`] still counts right.
     pub fn watch(&self) -> UploadWatch {
-        UploadWatch(Arc::downgrade(&self.0))
+        UploadWatch(self.0.outcome.clone())
     }
 }
 
 /// See [`UploadEnded::watch`].
 #[derive(Debug)]
-pub struct UploadWatch(std::sync::Weak<UploadState>);
+pub struct UploadWatch(Arc<std::sync::atomic::AtomicU8>);
 
 impl UploadWatch {
     /// Whether the upload broke off.
     pub fn failed(&self) -> bool {
-        self.0
-            .upgrade()
-            .is_some_and(|state| state.failed.load(Ordering::Relaxed))
+        self.0.load(Ordering::Relaxed) == FAILED
+    }
+
+    /// Whether the upload is still coming: neither read to its end nor
+    /// broken off.
+    pub fn coming(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == COMING
     }
 }
 
@@ -1084,7 +1103,7 @@ impl Body for ProxyBody {
                     capture.take();
                     if !blamed {
                         tracing::debug!(upstream, backend, error = %e, "response body cut with the client's failed upload");
-                        return Poll::Ready(Some(Err(BodyError::UploadFailed(e))));
+                        return Poll::Ready(Some(Err(BodyError::UploadFailed(e.into()))));
                     }
                     // The head (and its status) went out already: the
                     // client only sees its response cut, so say it here,
@@ -1107,11 +1126,13 @@ impl Body for ProxyBody {
                         capture.take();
                         let slot = in_flight.take();
                         let (upstream, backend) = named(slot.as_ref());
-                        if let Some(slot) = slot {
-                            slot.body_failed(true);
+                        let stalled = BodyError::Stalled(stall.timeout);
+                        if !slot.is_none_or(|slot| slot.body_failed(true)) {
+                            tracing::debug!(upstream, backend, timeout = ?stall.timeout, "response body silent while the client's upload stalled");
+                            return Poll::Ready(Some(Err(BodyError::UploadFailed(stalled.into()))));
                         }
                         tracing::warn!(upstream, backend, timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
-                        Poll::Ready(Some(Err(BodyError::Stalled(stall.timeout))))
+                        Poll::Ready(Some(Err(stalled)))
                     }
                     Poll::Pending => Poll::Pending,
                 },

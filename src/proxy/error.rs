@@ -177,6 +177,15 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
             .extensions_mut()
             .insert(hyper::ext::ReasonPhrase::from_static(b"Content Too Large"));
     }
+    // nginx's name; hyper knows none for 499 (a client that half-closed
+    // mid-upload reads it).
+    if status.as_u16() == super::CLIENT_CLOSED {
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(
+                b"Client Closed Request",
+            ));
+    }
     response
 }
 

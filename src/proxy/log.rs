@@ -247,10 +247,6 @@ impl Tail {
         polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>,
         at_end: impl FnOnce() -> bool,
     ) {
-        // A 499 whose client half-closed may still take its answer.
-        if let (End::ClientGone, Poll::Ready(Some(Ok(frame)))) = (self.end, polled) {
-            self.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
-        }
         if self.end != End::Open {
             return;
         }

@@ -593,12 +593,12 @@ fn forward_with_retries<'a>(
                 }
                 Err(error) => error,
             };
+            // Every attempt counts, with how it ended: the backend's
+            // failures, and the upload's (499, 408, 413, 400), which sent
+            // it a cut request; only the former count against it.
+            backend.metrics.record(error.status().as_u16(), seconds);
             if error.blames_backend() {
-                backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false);
-            } else if matches!(error, ProxyError::ClientClosed) {
-                // As for a client that leaves while the backend works.
-                backend.metrics.record(CLIENT_CLOSED, seconds);
             }
             let retry_body = if idempotent && error.is_retryable() {
                 Some(RequestBody::empty())

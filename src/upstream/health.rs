@@ -209,9 +209,15 @@ impl InFlight {
     /// The backend's body was cut short: `stalled` past `body_timeout`, or
     /// broken. The slot goes with this. Returns whether the backend is
     /// blamed (and counted): not when the client's upload, still coming
-    /// when the backend answered, failed, which cut the body.
+    /// when the backend answered, failed, which cut the body, nor for a
+    /// silence while that upload is still coming (a backend that answers
+    /// as it reads waits on the client).
     pub fn body_failed(self, stalled: bool) -> bool {
-        if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
+        let excused = self
+            .upload
+            .as_ref()
+            .is_some_and(|upload| upload.failed() || (stalled && upload.coming()));
+        if excused {
             return false;
         }
         if let Some(errors) = &self.state.body_errors {
