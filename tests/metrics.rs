@@ -816,17 +816,7 @@ async fn an_upload_its_client_abandons_is_the_client_s_in_the_log() {
         "the answer began"
     );
     drop(stream);
-    let line = lines.of("POST", "/echo").await;
-    assert_eq!(
-        (&line["status"], &line["end"]),
-        (&200.into(), &"upload_failed".into()),
-        "{line}"
-    );
-    let broken = format!(
-        "portico_upstream_body_errors_total{{backend=\"{}\",reason=\"broken\",upstream=\"orders\"}}",
-        backend.addr()
-    );
-    assert_eq!(scraped(&proxy, &broken), 0);
+    cut_with_its_upload(&lines, &proxy, &backend).await;
 }
 
 /// Trailers are a response's last frame: hyper polls no further after
@@ -939,17 +929,7 @@ async fn an_http2_upload_that_fails_mid_answer_is_the_client_s() {
         }
     });
     assert!(read.await.is_ok(), "the answer ended");
-    let line = lines.of("POST", "/echo").await;
-    assert_eq!(
-        (&line["status"], &line["end"]),
-        (&200.into(), &"upload_failed".into()),
-        "{line}"
-    );
-    let broken = format!(
-        "portico_upstream_body_errors_total{{backend=\"{}\",reason=\"broken\",upstream=\"orders\"}}",
-        backend.addr()
-    );
-    assert_eq!(scraped(&proxy, &broken), 0);
+    cut_with_its_upload(&lines, &proxy, &backend).await;
 }
 
 /// An attempt that sent the backend a cut upload counts under the
@@ -974,4 +954,25 @@ async fn an_upload_cut_at_the_limit_counts_as_an_attempt() {
         backend.addr()
     );
     assert_eq!(scraped(&proxy, &attempt), 1);
+}
+
+/// Checks that the answer to `POST /echo` (on upstream `orders`) was cut
+/// with its client's failed upload: `upload_failed` in the log, nothing
+/// counted against `backend`.
+async fn cut_with_its_upload(
+    lines: &AccessLines,
+    proxy: &RunningProxy,
+    backend: &portico::sample::RunningBackend,
+) {
+    let line = lines.of("POST", "/echo").await;
+    assert_eq!(
+        (&line["status"], &line["end"]),
+        (&200.into(), &"upload_failed".into()),
+        "{line}"
+    );
+    let broken = format!(
+        "portico_upstream_body_errors_total{{backend=\"{}\",reason=\"broken\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(proxy, &broken), 0);
 }
