@@ -176,7 +176,8 @@ impl AccessRecord {
 enum End {
     /// Not over. A body let go like this lost its client: the client
     /// closed its connection or reset its stream, or was dropped for not
-    /// reading (`client_gone`).
+    /// reading, or the process exited at the end of `shutdown_grace`
+    /// (`client_gone`).
     Open,
     /// Handed to the client's connection whole (`done`).
     Done,
