@@ -141,7 +141,9 @@ fn demo_drains_on_sighup_too() {
     demo_serves_and_drains_on("-HUP");
 }
 
-fn demo_serves_and_drains_on(signal: &str) {
+/// Starts `portico demo` on loopback ports of its choosing: the process,
+/// the proxy's address, and its log, whole once it exits.
+fn start_demo() -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     let mut child = Command::new(PORTICO)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -170,16 +172,11 @@ fn demo_serves_and_drains_on(signal: &str) {
             }
         }
     }
-    let proxy = proxy.expect("demo printed its address");
+    (child, proxy.expect("demo printed its address"), log)
+}
 
-    let body = http_get(&proxy, "/users/1/orders");
-    assert!(body.contains("200 OK"), "{body}");
-    assert!(body.contains("ORDER-001"), "{body}");
-    assert!(
-        body.to_ascii_lowercase().contains("x-backend: backend-"),
-        "{body}"
-    );
-
+/// Sends `signal` to `child` and waits (bounded) for it to exit 0.
+fn stop_with(child: &mut std::process::Child, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -189,7 +186,7 @@ fn demo_serves_and_drains_on(signal: &str) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success(), "demo exited with {status}");
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -197,6 +194,49 @@ fn demo_serves_and_drains_on(signal: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A response still going when `shutdown_grace` (5 s in the demo) runs
+/// out is cut as the process exits; its access line says so, rather than
+/// that its client left.
+#[test]
+fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
+    use std::io::{Read, Write};
+    let (mut child, proxy, log) = start_demo();
+    let mut stream = std::net::TcpStream::connect(&proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /bytes/60000000 HTTP/1.1\r\nHost: {proxy}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 4096];
+    assert!(stream.read(&mut head).unwrap() > 0, "the answer began");
+    // The client reads no more, and stays.
+    stop_with(&mut child, "-TERM");
+    let log = log.join().unwrap();
+    let line = log
+        .lines()
+        .find(|line| line.contains("path=\"/bytes/60000000\""))
+        .unwrap_or_else(|| panic!("no access line in:\n{log}"));
+    assert!(line.contains("end=\"shutdown\""), "{line}");
+    drop(stream);
+}
+
+fn demo_serves_and_drains_on(signal: &str) {
+    let (mut child, proxy, log) = start_demo();
+
+    let body = http_get(&proxy, "/users/1/orders");
+    assert!(body.contains("200 OK"), "{body}");
+    assert!(body.contains("ORDER-001"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("x-backend: backend-"),
+        "{body}"
+    );
+
+    stop_with(&mut child, signal);
     // Logs going to a file or a pipe carry no terminal colour codes.
     let log = log.join().unwrap();
     assert!(log.contains("listening"), "{log}");

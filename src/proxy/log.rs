@@ -11,6 +11,7 @@
 //! time to the response head (HAProxy's `Tr`, from the request's start).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -115,6 +116,7 @@ impl AccessRecord {
         started: Instant,
         upstream: Option<Arc<Upstream>>,
         backend: Option<SocketAddr>,
+        cut_off: Arc<AtomicBool>,
     ) -> Box<Tail> {
         let status = response.status();
         // The client left in the middle of its upload: its answer goes
@@ -144,6 +146,7 @@ impl AccessRecord {
             backend,
             bytes: 0,
             end,
+            cut_off,
         })
     }
 
@@ -154,6 +157,7 @@ impl AccessRecord {
         started: Instant,
         upstream: Option<Arc<Upstream>>,
         backend: Option<SocketAddr>,
+        cut_off: Arc<AtomicBool>,
     ) {
         drop(Tail {
             record: self,
@@ -166,6 +170,7 @@ impl AccessRecord {
             bytes: 0,
             expected: None,
             end: End::ClientGone,
+            cut_off,
         });
     }
 }
@@ -236,6 +241,8 @@ pub struct Tail {
     bytes: u64,
     /// The body's length, when known at the head.
     expected: Option<u64>,
+    /// See `Proxy::cut_off`.
+    cut_off: Arc<AtomicBool>,
     end: End,
 }
 
@@ -288,6 +295,18 @@ impl Tail {
     }
 }
 
+impl Tail {
+    /// `end` as the line writes it: a response not over when
+    /// `shutdown_grace` ran out was cut by the exit, not by its client.
+    fn end_name(&self) -> &'static str {
+        let unfinished = matches!(self.end, End::Open | End::ClientGone);
+        if unfinished && self.cut_off.load(Ordering::Relaxed) {
+            return "shutdown";
+        }
+        self.end.as_str()
+    }
+}
+
 impl Drop for Tail {
     fn drop(&mut self) {
         let record = &self.record;
@@ -308,7 +327,7 @@ impl Drop for Tail {
             bytes = self.bytes,
             duration_ms = millis(self.started.elapsed()),
             head_ms = self.head.map(millis),
-            end = self.end.as_str(),
+            end = self.end_name(),
             upstream = self.upstream.as_ref().map_or("-", |u| u.name()),
             backend = self.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
             cache = self.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
@@ -412,7 +431,7 @@ mod tests {
             body.as_bytes(),
         )));
         *response.status_mut() = status;
-        record(method).answered(&response, Instant::now(), None, None)
+        record(method).answered(&response, Instant::now(), None, None, Arc::default())
     }
 
     #[test]
@@ -468,6 +487,18 @@ mod tests {
         assert_eq!(left.end.as_str(), "client_gone");
         left.stalled_by_client();
         assert_eq!(left.end.as_str(), "client_stalled");
+
+        // Cut as the process exits at the end of `shutdown_grace`: only
+        // what was not over says so.
+        let (mut going, mut over) = (
+            tail(Method::GET, StatusCode::OK, "body"),
+            tail(Method::GET, StatusCode::OK, "body"),
+        );
+        over.saw(&Poll::Ready(None), || true);
+        for tail in [&mut going, &mut over] {
+            tail.cut_off.store(true, Ordering::Relaxed);
+        }
+        assert_eq!((going.end_name(), over.end_name()), ("shutdown", "done"));
     }
 
     #[test]

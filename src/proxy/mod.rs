@@ -74,6 +74,10 @@ pub struct Proxy {
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
+    /// Set when `shutdown_grace` ran out with responses still going: the
+    /// access lines of those cut then say `end=shutdown`. Shared by every
+    /// generation.
+    cut_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the request path learnt about one request, for metrics and the
@@ -115,7 +119,14 @@ impl Pending<'_> {
         self.done = true;
         self.count(response.status().as_u16());
         let access = self.access.take()?;
-        Some(access.answered(response, self.started, self.upstream(), self.trace.backend))
+        let (upstream, cut_off) = (self.upstream(), self.proxy.cut_off.clone());
+        Some(access.answered(
+            response,
+            self.started,
+            upstream,
+            self.trace.backend,
+            cut_off,
+        ))
     }
 
     /// Counts the request, answered or left by its client, under its route.
@@ -143,7 +154,8 @@ impl Drop for Pending<'_> {
         tracing::debug!(elapsed = ?self.started.elapsed(), "client left before its answer");
         self.count(CLIENT_CLOSED);
         if let Some(access) = self.access.take() {
-            access.left(self.started, self.upstream(), self.trace.backend);
+            let cut_off = self.proxy.cut_off.clone();
+            access.left(self.started, self.upstream(), self.trace.backend, cut_off);
         }
     }
 }
@@ -198,6 +210,7 @@ impl Proxy {
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
+            cut_off: previous.map_or_else(Default::default, |p| p.cut_off.clone()),
         }
     }
 
@@ -207,6 +220,13 @@ impl Proxy {
 
     pub fn cache(&self) -> Option<&Arc<Cache>> {
         self.cache.as_ref()
+    }
+
+    /// `shutdown_grace` ran out: the responses still going are cut as the
+    /// process exits, and their access lines say so.
+    pub fn cut_off(&self) {
+        self.cut_off
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The name this instance gives itself in the Via of the requests it

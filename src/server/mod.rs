@@ -390,6 +390,7 @@ pub async fn run_all(
         tracing::info!("all connections drained");
     } else {
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
+        shared.proxy.load().cut_off();
     }
     drop(admin);
 }
