@@ -298,11 +298,18 @@ pub struct BackendMetrics {
 
 impl BackendMetrics {
     pub fn record(&self, code: u16, seconds: f64) {
-        let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
-        if let Some(counter) = code_counter(&self.codes, &self.requests, &labels, code) {
-            counter.inc();
+        if self.count(code) {
             self.duration.observe(seconds);
         }
+    }
+
+    /// Counts an attempt under `code` without timing it: one whose length
+    /// was the client's doing (a cut upload), which would skew the
+    /// backend's latency. Whether the code was counted.
+    pub fn count(&self, code: u16) -> bool {
+        let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
+        let counter = code_counter(&self.codes, &self.requests, &labels, code);
+        counter.inspect(|counter| counter.inc()).is_some()
     }
 }
 

@@ -919,3 +919,42 @@ async fn an_event_goes_on_before_the_backend_sends_the_next() {
         proxy.stop().await;
     }
 }
+
+/// An HTTP/2 upload whose END_STREAM comes after its last declared byte
+/// is over at that byte, as the backend sees it: the backend's
+/// `response_timeout` runs from there (review27e: it never ran, and a
+/// backend that never answered held the request for good).
+#[tokio::test]
+async fn an_http2_upload_is_over_at_its_last_declared_byte() {
+    use tokio::io::AsyncReadExt;
+    // A backend that reads the whole request and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![silent]);
+    config.upstreams[0].response_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::post(proxy.url("/orders"))
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    // The five bytes, and no END_STREAM yet.
+    upload
+        .send_data(Bytes::from_static(b"hello"), false)
+        .unwrap();
+    let response = tokio::time::timeout(STEP, response).await;
+    let response = response.expect("an answer within STEP").unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+}

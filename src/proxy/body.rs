@@ -38,9 +38,8 @@ pub enum BodyError {
     Abandoned,
     #[error("the read of the response body ended before the body did")]
     Lost,
-    /// The backend's body broke because the client's upload failed (hyper
-    /// ends the backend connection when the upload fails), or fell silent
-    /// while the upload it answers stalled.
+    /// The backend's body broke, or fell silent, after the client's upload
+    /// failed: hyper ends the backend connection when the upload fails.
     #[error("the response body was cut with the client's upload: {0}")]
     UploadFailed(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
@@ -176,12 +175,6 @@ impl UploadWatch {
     /// Whether the upload broke off.
     pub fn failed(&self) -> bool {
         self.0.load(Ordering::Relaxed) == FAILED
-    }
-
-    /// Whether the upload is still coming: neither read to its end nor
-    /// broken off.
-    pub fn coming(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == COMING
     }
 }
 
@@ -378,7 +371,13 @@ impl Body for RequestBody {
                 this.stall.progress();
                 // Trailers come last; after them hyper's client asks for
                 // nothing more.
-                if frame.is_trailers() || this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                // An HTTP/2 upload's END_STREAM may come in a frame of its
+                // own, after the last declared byte: hyper's HTTP/1 client
+                // stops at that byte and never asks for it, so the upload
+                // is over then.
+                let read_whole =
+                    |body: &Incoming| body.is_end_stream() || body.size_hint().exact() == Some(0);
+                if frame.is_trailers() || this.inner.as_ref().is_some_and(read_whole) {
                     this.mark_ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -1128,7 +1127,7 @@ impl Body for ProxyBody {
                         let (upstream, backend) = named(slot.as_ref());
                         let stalled = BodyError::Stalled(stall.timeout);
                         if !slot.is_none_or(|slot| slot.body_failed(true)) {
-                            tracing::debug!(upstream, backend, timeout = ?stall.timeout, "response body silent while the client's upload stalled");
+                            tracing::debug!(upstream, backend, timeout = ?stall.timeout, "response body silent after the client's upload failed");
                             return Poll::Ready(Some(Err(BodyError::UploadFailed(stalled.into()))));
                         }
                         tracing::warn!(upstream, backend, timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");

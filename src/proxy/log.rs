@@ -169,7 +169,9 @@ impl AccessRecord {
             cache: None,
             bytes: 0,
             expected: None,
-            end: End::ClientGone,
+            // Not `ClientGone`: a request the exit cut before its head
+            // reads as `shutdown` (see `end_name`).
+            end: End::Open,
             cut_off,
         });
     }
@@ -186,7 +188,8 @@ enum End {
     Open,
     /// Handed to the client's connection whole (`done`).
     Done,
-    /// Its client left before the head (`client_gone`, status 499).
+    /// Answered 499: its client left in the middle of its upload
+    /// (`client_gone`).
     ClientGone,
     /// The client kept its HTTP/2 stream's flow-control window shut past
     /// `idle_timeout` (`client_stalled`).
@@ -299,8 +302,7 @@ impl Tail {
     /// `end` as the line writes it: a response not over when
     /// `shutdown_grace` ran out was cut by the exit, not by its client.
     fn end_name(&self) -> &'static str {
-        let unfinished = matches!(self.end, End::Open | End::ClientGone);
-        if unfinished && self.cut_off.load(Ordering::Relaxed) {
+        if self.end == End::Open && self.cut_off.load(Ordering::Relaxed) {
             return "shutdown";
         }
         self.end.as_str()

@@ -615,10 +615,13 @@ fn forward_with_retries<'a>(
             };
             // Every attempt counts, with how it ended: the backend's
             // failures, and the upload's (499, 408, 413, 400), which sent
-            // it a cut request; only the former count against it.
-            backend.metrics.record(error.status().as_u16(), seconds);
+            // it a cut request; only the former count against it, and
+            // only their time is the backend's.
             if error.blames_backend() {
+                backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false);
+            } else {
+                backend.metrics.count(error.status().as_u16());
             }
             let retry_body = if idempotent && error.is_retryable() {
                 Some(RequestBody::empty())

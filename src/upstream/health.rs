@@ -209,15 +209,12 @@ impl InFlight {
     /// The backend's body was cut short: `stalled` past `body_timeout`, or
     /// broken. The slot goes with this. Returns whether the backend is
     /// blamed (and counted): not when the client's upload, still coming
-    /// when the backend answered, failed, which cut the body, nor for a
-    /// silence while that upload is still coming (a backend that answers
-    /// as it reads waits on the client).
+    /// when the backend answered, failed, which cut the body. (A silence
+    /// while the upload is merely unfinished is not excused: "unfinished"
+    /// cannot tell a client that stalls from a backend that stopped
+    /// reading it.)
     pub fn body_failed(self, stalled: bool) -> bool {
-        let excused = self
-            .upload
-            .as_ref()
-            .is_some_and(|upload| upload.failed() || (stalled && upload.coming()));
-        if excused {
+        if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
             return false;
         }
         if let Some(errors) = &self.state.body_errors {
