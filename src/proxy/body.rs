@@ -424,12 +424,46 @@ impl Body for RequestBody {
     }
 }
 
-/// The upstream and backend of a body's slot, for a warning about it.
-fn named(slot: Option<&InFlight>) -> (String, String) {
-    match slot.and_then(InFlight::backend) {
+/// A backend's body cut short after its head went out, broken or
+/// `Stalled`: the error to hand the client. Counted against the backend
+/// (its `slot`) and warned of, as nginx's "upstream prematurely closed"
+/// is, since the client only sees its response cut; unless the client's
+/// upload had failed, which cut it.
+fn cut_short(slot: Option<InFlight>, error: BodyError) -> BodyError {
+    let (upstream, backend) = match slot.as_ref().and_then(InFlight::backend) {
         Some((upstream, addr)) => (upstream.to_string(), addr.to_string()),
         None => ("-".to_owned(), "-".to_owned()),
+    };
+    let stall = match error {
+        BodyError::Stalled(timeout) => Some(timeout),
+        _ => None,
+    };
+    if !slot.is_none_or(|slot| slot.body_failed(stall.is_some())) {
+        match stall {
+            Some(timeout) => tracing::debug!(
+                upstream,
+                backend,
+                ?timeout,
+                "response body silent after the client's upload failed"
+            ),
+            None => {
+                tracing::debug!(upstream, backend, %error, "response body cut with the client's failed upload")
+            }
+        }
+        return BodyError::UploadFailed(error.into());
     }
+    match stall {
+        Some(timeout) => tracing::warn!(
+            upstream,
+            backend,
+            ?timeout,
+            "backend body stalled past body_timeout; client response aborted"
+        ),
+        None => {
+            tracing::warn!(upstream, backend, %error, "backend broke the response body; client response aborted")
+        }
+    }
+    error
 }
 
 /// The most of a body in memory (a cache hit) handed to hyper at once:
@@ -1095,20 +1129,9 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let slot = in_flight.take();
-                    let (upstream, backend) = named(slot.as_ref());
-                    let blamed = slot.is_none_or(|slot| slot.body_failed(false));
                     // A broken body is never stored.
                     capture.take();
-                    if !blamed {
-                        tracing::debug!(upstream, backend, error = %e, "response body cut with the client's failed upload");
-                        return Poll::Ready(Some(Err(BodyError::UploadFailed(e.into()))));
-                    }
-                    // The head (and its status) went out already: the
-                    // client only sees its response cut, so say it here,
-                    // as nginx's "upstream prematurely closed" does.
-                    tracing::warn!(upstream, backend, error = %e, "backend broke the response body; client response aborted");
-                    Poll::Ready(Some(Err(e.into())))
+                    Poll::Ready(Some(Err(cut_short(in_flight.take(), e.into()))))
                 }
                 Poll::Ready(None) => {
                     // Done: free the slot now, not when hyper drops the body.
@@ -1123,15 +1146,8 @@ impl Body for ProxyBody {
                 Poll::Pending => match stall.poll_stalled(cx) {
                     Poll::Ready(()) => {
                         capture.take();
-                        let slot = in_flight.take();
-                        let (upstream, backend) = named(slot.as_ref());
                         let stalled = BodyError::Stalled(stall.timeout);
-                        if !slot.is_none_or(|slot| slot.body_failed(true)) {
-                            tracing::debug!(upstream, backend, timeout = ?stall.timeout, "response body silent after the client's upload failed");
-                            return Poll::Ready(Some(Err(BodyError::UploadFailed(stalled.into()))));
-                        }
-                        tracing::warn!(upstream, backend, timeout = ?stall.timeout, "backend body stalled past body_timeout; client response aborted");
-                        Poll::Ready(Some(Err(stalled)))
+                        Poll::Ready(Some(Err(cut_short(in_flight.take(), stalled))))
                     }
                     Poll::Pending => Poll::Pending,
                 },

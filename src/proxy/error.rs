@@ -170,21 +170,19 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    // RFC 9110's name, as the body says; hyper's HTTP/1 status line would
-    // give RFC 7231's `Payload Too Large`. HTTP/2 has no reason phrase.
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
+    // The HTTP/1 status line's reason, as the body says, where hyper's
+    // would differ: RFC 9110's name for 413 (hyper gives RFC 7231's
+    // `Payload Too Large`), and nginx's for 499, which hyper has none for
+    // (a client that half-closed mid-upload reads it). HTTP/2 has none.
+    let reason: Option<&'static [u8]> = match status.as_u16() {
+        413 => Some(b"Content Too Large"),
+        super::CLIENT_CLOSED => Some(b"Client Closed Request"),
+        _ => None,
+    };
+    if let Some(reason) = reason {
         response
             .extensions_mut()
-            .insert(hyper::ext::ReasonPhrase::from_static(b"Content Too Large"));
-    }
-    // nginx's name; hyper knows none for 499 (a client that half-closed
-    // mid-upload reads it).
-    if status.as_u16() == super::CLIENT_CLOSED {
-        response
-            .extensions_mut()
-            .insert(hyper::ext::ReasonPhrase::from_static(
-                b"Client Closed Request",
-            ));
+            .insert(hyper::ext::ReasonPhrase::from_static(reason));
     }
     response
 }

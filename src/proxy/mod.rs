@@ -140,9 +140,7 @@ impl Pending<'_> {
 
     /// The upstream of the route chosen, for the access line.
     fn upstream(&self) -> Option<Arc<Upstream>> {
-        let proxy = self.proxy;
-        let route = proxy.router.route(self.trace.route?)?;
-        Some(proxy.upstreams[route.upstream].clone())
+        self.proxy.upstream_of(self.trace.route).cloned()
     }
 }
 
@@ -222,6 +220,12 @@ impl Proxy {
         self.cache.as_ref()
     }
 
+    /// The upstream of the route at `route` (its index), if one was chosen.
+    fn upstream_of(&self, route: Option<usize>) -> Option<&Arc<Upstream>> {
+        let route = self.router.route(route?)?;
+        self.upstreams.get(route.upstream)
+    }
+
     /// `shutdown_grace` ran out: the responses still going are cut as the
     /// process exits, and their access lines say so.
     pub fn cut_off(&self) {
@@ -278,10 +282,7 @@ impl Proxy {
                 Err(error) => {
                     let status = error.status();
                     if status.is_server_error() {
-                        let upstream = trace
-                            .route
-                            .and_then(|i| self.router.route(i))
-                            .map_or("-", |route| self.upstreams[route.upstream].name());
+                        let upstream = self.upstream_of(trace.route).map_or("-", |u| u.name());
                         tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, "proxy error");
                     } else {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
