@@ -563,6 +563,14 @@ struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl AccessLines {
     fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        // While one `Dispatch` is registered process-wide, tracing-core
+        // caches a callsite first hit on another test's thread (which has
+        // no subscriber) as never enabled, here too (tokio-rs/tracing#3611):
+        // the line of this test is then never written. A second dispatch,
+        // alive for the whole run, sends every callsite down the path that
+        // asks all live subscribers.
+        static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
         let subscriber = tracing_subscriber::fmt()
