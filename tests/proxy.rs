@@ -540,6 +540,33 @@ async fn an_asterisk_target_on_a_method_other_than_options_gets_400() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// `OPTIONS *` asks the server, not a resource (RFC 9110 §9.3.7): a ping
+/// the proxy answers 200 itself, over either protocol, where no route's
+/// path could match it.
+#[tokio::test]
+async fn options_asterisk_is_a_ping_the_proxy_answers() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("content-length: 0\r\n"), "{answer}");
+    let star = http::Uri::builder()
+        .scheme("http")
+        .authority(proxy.addr.to_string())
+        .path_and_query("*")
+        .build()
+        .unwrap();
+    let request = Request::options(star)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2c_status(proxy.addr, request).await, StatusCode::OK);
+    assert_eq!(backend.requests(), 0);
+}
+
 #[tokio::test]
 async fn a_request_that_comes_back_to_the_proxy_gets_502_at_once() {
     // What `portico check` cannot see: a backend address that leads back to

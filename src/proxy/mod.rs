@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
@@ -347,10 +348,19 @@ impl Proxy {
             // The asterisk-form target is for OPTIONS alone (RFC 9112
             // §3.2.4, RFC 9113 §8.3.1): a GET of `*` is malformed, not a
             // path that no route matches.
-            if request.uri().path() == "*" && request.method() != Method::OPTIONS {
-                return Err(ProxyError::BadRequest(
-                    "`*` target on a method other than OPTIONS",
-                ));
+            if request.uri().path() == "*" {
+                if request.method() != Method::OPTIONS {
+                    return Err(ProxyError::BadRequest(
+                        "`*` target on a method other than OPTIONS",
+                    ));
+                }
+                // `OPTIONS *` asks the server itself, not a resource (RFC
+                // 9110 §9.3.7): a ping, which no route's path matches and
+                // no backend behind it should have to answer.
+                let mut pong = Response::new(ProxyBody::full(Bytes::new()));
+                pong.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                return Ok(pong);
             }
             // HTTP/1 heads over the limit never get here (hyper answers
             // 431). One more is allowed for the X-Request-Id `handle` may
