@@ -176,7 +176,8 @@ fn limiter(c: &mut Criterion) {
     let peer: SocketAddr = "198.51.100.7:5000".parse().unwrap();
     c.bench_function("limiter: client key + GCRA check", |b| {
         b.iter(|| {
-            let key = limiter.key(black_box(peer), &headers);
+            let client = portico::limit::client::client_ip(black_box(peer), &headers, &[]);
+            let key = limiter.key(client, &headers);
             limiter.check(0, &key)
         })
     });

@@ -205,7 +205,7 @@ fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
     let (mut child, proxy, log) = start_demo();
     let mut stream = std::net::TcpStream::connect(&proxy).unwrap();
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     write!(
         stream,

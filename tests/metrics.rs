@@ -557,6 +557,33 @@ async fn a_body_cut_because_the_client_s_upload_failed_is_not_the_backend_s() {
     assert_eq!(scraped(&proxy, &series), 0);
 }
 
+/// Behind a trusted proxy the line's `client` is the client it forwarded
+/// for and `peer` the proxy, as nginx's realip module logs; from a peer not
+/// trusted, `client` is the peer whatever its fields say, and no `peer`.
+#[tokio::test]
+async fn the_access_line_names_the_client_a_trusted_proxy_forwarded_for() {
+    let (lines, _guard) = AccessLines::capture();
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let trusting = start_proxy(trusting_loopback(config_for(&[&backend]))).await;
+    let plain = start_proxy(config_for(&[&backend])).await;
+    for (proxy, path) in [(&trusting, "/health"), (&plain, "/echo/headers")] {
+        let request = Request::get(proxy.url(path))
+            .header("x-forwarded-for", "198.51.100.4, 203.0.113.9")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&client(), request).await.status, StatusCode::OK);
+    }
+    let line = lines.of("GET", "/health").await;
+    assert_eq!(
+        (&line["client"], &line["peer"]),
+        (&"203.0.113.9".into(), &"127.0.0.1".into()),
+        "{line}"
+    );
+    let line = lines.of("GET", "/echo/headers").await;
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    assert!(line.get("peer").is_none(), "{line}");
+}
+
 /// The access lines written on the test's thread (where its proxies and
 /// backends run: `#[tokio::test]` keeps every task on it), as JSON.
 struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);

@@ -16,12 +16,12 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
     config.rate_limit = Some(RateLimit {
         requests_per_second: 10.0,
         burst: 5,
-        trusted_proxies: vec![Cidr {
-            addr: addr.parse().unwrap(),
-            prefix: prefix.parse().unwrap(),
-        }],
         ..RateLimit::default()
     });
+    config.server.trusted_proxies = vec![Cidr {
+        addr: addr.parse().unwrap(),
+        prefix: prefix.parse().unwrap(),
+    }];
     config.routes[0].rate_limit = true;
     config.routes.push(Route {
         host: HostMatch::Any,

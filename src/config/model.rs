@@ -25,6 +25,11 @@ pub struct Server {
     pub max_request_body: u64,
     pub max_header_size: u64,
     pub shutdown_grace: Duration,
+    /// Peers whose forwarding fields are believed: the client address of
+    /// `X-Forwarded-For` / `Forwarded` (the rate-limit key and the access
+    /// line's `client`), and the scheme and host they say the client used.
+    /// Given here or, as DESIGN.md has it, in `[rate_limit]`: one list.
+    pub trusted_proxies: Vec<Cidr>,
     pub tls: Vec<TlsListener>,
 }
 
@@ -188,7 +193,6 @@ pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,
     pub key: RateLimitKey,
-    pub trusted_proxies: Vec<Cidr>,
     pub max_tracked_clients: usize,
 }
 
@@ -201,6 +205,7 @@ impl Default for Server {
             max_request_body: 10 * 1024 * 1024,
             max_header_size: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
             tls: Vec::new(),
         }
     }
@@ -266,7 +271,6 @@ impl Default for RateLimit {
             requests_per_second: 100.0,
             burst: 200,
             key: RateLimitKey::ClientIp,
-            trusted_proxies: Vec::new(),
             max_tracked_clients: 100_000,
         }
     }

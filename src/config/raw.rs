@@ -31,6 +31,7 @@ pub struct Server {
     pub max_request_body: Option<Str>,
     pub max_header_size: Option<Str>,
     pub shutdown_grace: Option<Str>,
+    pub trusted_proxies: Option<Vec<Str>>,
     #[serde(default)]
     pub tls: Vec<Spanned<Tls>>,
 }

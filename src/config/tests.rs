@@ -120,7 +120,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
         limit.key,
         RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
     );
-    assert_eq!(limit.trusted_proxies.len(), 2);
+    assert_eq!(config.server.trusted_proxies.len(), 2);
 }
 
 #[test]
@@ -147,6 +147,13 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:5:19: upstream[0].tls_server_name: `bad name!` is not a DNS name or an IP address",
                 "test.toml:6:10: upstream[0].tls_ca: /nonexistent/ca.pem: No such file or directory (os error 2)",
+            ],
+        ),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.1/16\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+            &[
+                "test.toml:2:34: server.trusted_proxies[1]: `10.1/16` is not an address or CIDR block such as \"10.0.0.0/8\"",
+                "test.toml:9:20: rate_limit.trusted_proxies: also given in [server]: give the list once (server.trusted_proxies applies to throttling too)",
             ],
         ),
         (

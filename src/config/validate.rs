@@ -157,7 +157,11 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         }
     };
 
-    let server = server(r, file.server, base, &mut claim);
+    let server_trusts = file
+        .server
+        .as_ref()
+        .is_some_and(|s| s.get_ref().trusted_proxies.is_some());
+    let mut server = server(r, file.server, base, &mut claim);
     let admin = admin(r, file.admin, base, &mut claim);
 
     let mut upstreams = Vec::new();
@@ -196,7 +200,24 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     }
 
     let cache = file.cache.map(|c| cache(r, c.get_ref()));
-    let rate_limit = file.rate_limit.map(|l| rate_limit(r, l.get_ref()));
+    let rate_limit = file.rate_limit.as_ref().map(|l| rate_limit(r, l.get_ref()));
+    // One list of trusted proxies, for throttling keys and forwarding
+    // fields alike, given in [server] or (DESIGN.md's place) [rate_limit].
+    let limit_trusts = file.rate_limit.as_ref().and_then(|raw| {
+        let list = raw.get_ref().trusted_proxies.as_ref()?;
+        Some((list, list.first().map_or_else(|| raw.span(), |p| p.span())))
+    });
+    if let Some((list, span)) = limit_trusts {
+        if server_trusts {
+            r.at(
+                span,
+                "rate_limit.trusted_proxies",
+                "also given in [server]: give the list once (server.trusted_proxies applies to throttling too)",
+            );
+        } else {
+            server.trusted_proxies = cidr_list(r, "rate_limit.trusted_proxies", Some(list));
+        }
+    }
 
     let mut routes = Vec::new();
     let mut seen_routes: HashSet<(Option<String>, String)> = HashSet::new();
@@ -542,6 +563,7 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             raw.shutdown_grace.as_ref(),
             defaults.shutdown_grace,
         ),
+        trusted_proxies: cidr_list(r, "server.trusted_proxies", raw.trusted_proxies.as_ref()),
         tls,
     }
 }
@@ -942,6 +964,19 @@ fn cidr(text: &str) -> Result<Cidr, String> {
     Ok(Cidr { addr, prefix })
 }
 
+/// The address blocks of a `trusted_proxies` list, each bad one reported
+/// where it is written.
+fn cidr_list(r: R, key: &str, raw: Option<&Vec<raw::Str>>) -> Vec<Cidr> {
+    let mut blocks = Vec::new();
+    for (i, p) in raw.into_iter().flatten().enumerate() {
+        match cidr(p.get_ref()) {
+            Ok(c) => blocks.push(c),
+            Err(e) => r.at(p.span(), format!("{key}[{i}]"), e),
+        }
+    }
+    blocks
+}
+
 fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
     let d = RateLimit::default();
     let key = match &raw.key {
@@ -963,13 +998,6 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
             }
         },
     };
-    let mut trusted_proxies = Vec::new();
-    for (i, p) in raw.trusted_proxies.iter().flatten().enumerate() {
-        match cidr(p.get_ref()) {
-            Ok(c) => trusted_proxies.push(c),
-            Err(e) => r.at(p.span(), format!("rate_limit.trusted_proxies[{i}]"), e),
-        }
-    }
     RateLimit {
         requests_per_second: rate(
             r,
@@ -979,7 +1007,6 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
         ),
         burst: integer(r, "rate_limit.burst", raw.burst.as_ref(), d.burst, 1),
         key,
-        trusted_proxies,
         max_tracked_clients: integer(
             r,
             "rate_limit.max_tracked_clients",

@@ -175,9 +175,10 @@ fn walk(peer: IpAddr, entries: Vec<Option<&str>>, forwarded: bool, proxies: &[Ci
     client
 }
 
-/// The key a request is throttled under.
+/// The key a request from `client` (the peer, or the client a trusted
+/// proxy forwarded for: [`client_ip`]) is throttled under.
 pub fn key(
-    peer: SocketAddr,
+    client: IpAddr,
     headers: &HeaderMap,
     config: &RateLimit,
     hasher: &impl BuildHasher,
@@ -190,7 +191,7 @@ pub fn key(
             return ClientKey::Header(hasher.hash_one(value.as_bytes()));
         }
     }
-    ClientKey::Ip(normalize(client_ip(peer, headers, &config.trusted_proxies)))
+    ClientKey::Ip(normalize(client))
 }
 
 #[cfg(test)]
@@ -395,7 +396,7 @@ mod tests {
             ..RateLimit::default()
         };
         let hasher = std::collections::hash_map::RandomState::new();
-        let peer: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
         let a = key(peer, &headers(&[("x-api-key", "alpha")]), &config, &hasher);
         let b = key(peer, &headers(&[("x-api-key", "beta")]), &config, &hasher);
         assert_ne!(a, b);

@@ -8,7 +8,7 @@ pub mod client;
 mod store;
 
 use std::collections::hash_map::RandomState;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -65,9 +65,9 @@ pub struct Limiter {
 }
 
 /// Whether budgets kept under `before` mean the same under `now`: same
-/// rate, burst, key and table size. `trusted_proxies` only decides which
-/// address a request is counted under: trusting one more proxy in the
-/// middle of a flood leaves every known client's budget as it was (the
+/// rate, burst, key and table size. `server.trusted_proxies` only decides
+/// which address a request is counted under: trusting one more proxy in
+/// the middle of a flood leaves every known client's budget as it was (the
 /// clients behind the new proxy start their own, as new clients do).
 fn same_budgets(now: &RateLimit, before: &RateLimit) -> bool {
     now.requests_per_second == before.requests_per_second
@@ -163,8 +163,8 @@ impl Limiter {
     }
 
     /// The key a request is counted under.
-    pub fn key(&self, peer: SocketAddr, headers: &HeaderMap) -> ClientKey {
-        client::key(peer, headers, &self.config, &self.hasher)
+    pub fn key(&self, client: IpAddr, headers: &HeaderMap) -> ClientKey {
+        client::key(client, headers, &self.config, &self.hasher)
     }
 
     /// Counts one request of `key` on route `route`; `None` if the route
@@ -318,7 +318,7 @@ mod tests {
         let header_key = |l: &Limiter| {
             let mut headers = HeaderMap::new();
             headers.insert("x-api-key", "k1".parse().unwrap());
-            l.key("192.0.2.1:1".parse().unwrap(), &headers)
+            l.key("192.0.2.1".parse().unwrap(), &headers)
         };
         let key = header_key(&limiter);
         assert!(matches!(key, ClientKey::Header(_)), "{key:?}");
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(header_key(&limiter), header_key(&reloaded));
         // Trusting another proxy changes no budget.
         let mut trusting = after.clone();
-        trusting.rate_limit.as_mut().unwrap().trusted_proxies = vec![crate::config::Cidr {
+        trusting.server.trusted_proxies = vec![crate::config::Cidr {
             addr: "10.0.0.0".parse().unwrap(),
             prefix: 8,
         }];

@@ -10,7 +10,7 @@
 //! exchange (nginx's `$request_time`, HAProxy's `Ta`); `head_ms` is the
 //! time to the response head (HAProxy's `Tr`, from the request's start).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -25,6 +25,7 @@ use http_body::{Body, Frame};
 
 use super::body::BodyError;
 use super::Conn;
+use crate::config::Cidr;
 use crate::upstream::Upstream;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -71,7 +72,10 @@ fn millis(duration: std::time::Duration) -> f64 {
 /// consumed. Cheap clones: `Uri` and header values share their bytes.
 #[derive(Debug)]
 pub struct AccessRecord {
-    client: SocketAddr,
+    /// The peer, or behind `server.trusted_proxies` the client their
+    /// forwarding fields name (as nginx's `real_ip_header` does).
+    client: IpAddr,
+    peer: SocketAddr,
     method: Method,
     uri: Uri,
     host: Option<HeaderValue>,
@@ -82,12 +86,13 @@ impl AccessRecord {
     /// `None` when the access log is filtered out, so a disabled log costs
     /// nothing per request.
     /// The request's id is the one [`ensure_request_id`] set.
-    pub fn capture<B>(request: &Request<B>, conn: &Conn) -> Option<Self> {
+    pub fn capture<B>(request: &Request<B>, conn: &Conn, trusted: &[Cidr]) -> Option<Self> {
         if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
             return None;
         }
         Some(AccessRecord {
-            client: conn.peer,
+            client: crate::limit::client::client_ip(conn.peer, request.headers(), trusted),
+            peer: conn.peer,
             method: request.method().clone(),
             uri: request.uri().clone(),
             host: request.headers().get(header::HOST).cloned(),
@@ -97,6 +102,12 @@ impl AccessRecord {
                 .cloned()
                 .unwrap_or_else(|| HeaderValue::from_static("-")),
         })
+    }
+
+    /// The trusted proxy that forwarded the request, when the client is
+    /// another address.
+    fn relayed_by(&self) -> Option<IpAddr> {
+        Some(self.peer.ip()).filter(|&peer| peer != self.client)
     }
 
     /// The target's path; a CONNECT's authority, which it has instead.
@@ -320,7 +331,8 @@ impl Drop for Tail {
             .unwrap_or("-");
         tracing::info!(
             target: "portico::access",
-            client = %record.client.ip(),
+            client = %record.client,
+            peer = record.relayed_by().map(tracing::field::display),
             method = %record.method,
             host,
             path = record.path(),
@@ -420,7 +432,8 @@ mod tests {
 
     fn record(method: Method) -> AccessRecord {
         AccessRecord {
-            client: "127.0.0.1:1".parse().unwrap(),
+            client: "127.0.0.1".parse().unwrap(),
+            peer: "127.0.0.1:1".parse().unwrap(),
             method,
             uri: Uri::from_static("/a"),
             host: None,

@@ -69,8 +69,8 @@ pub struct Proxy {
     /// Requests refused before a route was chosen.
     unrouted: RouteMetrics,
     limiter: Option<Arc<Limiter>>,
-    /// `[rate_limit] trusted_proxies`: peers whose forwarding fields are
-    /// believed.
+    /// `server.trusted_proxies` (or `[rate_limit]`'s): peers whose
+    /// forwarding fields are believed.
     trusted_proxies: Box<[crate::config::Cidr]>,
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
@@ -202,10 +202,7 @@ impl Proxy {
                 .collect(),
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
             limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
-            trusted_proxies: config
-                .rate_limit
-                .as_ref()
-                .map_or_else(Box::default, |r| r.trusted_proxies.clone().into()),
+            trusted_proxies: config.server.trusted_proxies.clone().into(),
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
@@ -219,6 +216,12 @@ impl Proxy {
 
     pub fn cache(&self) -> Option<&Arc<Cache>> {
         self.cache.as_ref()
+    }
+
+    /// Whom a request from `peer` comes from: the peer, or behind trusted
+    /// proxies the client their forwarding fields name.
+    fn client_ip(&self, peer: SocketAddr, headers: &http::HeaderMap) -> std::net::IpAddr {
+        crate::limit::client::client_ip(peer, headers, &self.trusted_proxies)
     }
 
     /// The upstream of the route at `route` (its index), if one was chosen.
@@ -271,7 +274,7 @@ impl Proxy {
             let mut pending = Pending {
                 proxy: self,
                 started: std::time::Instant::now(),
-                access: log::AccessRecord::capture(&request, &conn),
+                access: log::AccessRecord::capture(&request, &conn, &self.trusted_proxies),
                 trace: Trace::default(),
                 done: false,
             };
@@ -393,7 +396,8 @@ impl Proxy {
 
             let mut quota = None;
             if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
-                let key = limiter.key(conn.peer, request.headers());
+                let client = self.client_ip(conn.peer, request.headers());
+                let key = limiter.key(client, request.headers());
                 match limiter.check(index, &key) {
                     Some(Decision::Throttled {
                         limit,

@@ -181,16 +181,13 @@ pub fn with_cache(mut config: Config) -> Config {
     config
 }
 
-/// `config` with 127.0.0.1 in `[rate_limit] trusted_proxies`, as a
-/// balancer in front of portico would be; no route throttles.
+/// `config` with 127.0.0.1 in `server.trusted_proxies`, as a balancer in
+/// front of portico would be.
 pub fn trusting_loopback(mut config: Config) -> Config {
-    config.rate_limit = Some(portico::config::RateLimit {
-        trusted_proxies: vec![portico::config::Cidr {
-            addr: "127.0.0.1".parse().unwrap(),
-            prefix: 32,
-        }],
-        ..portico::config::RateLimit::default()
-    });
+    config.server.trusted_proxies = vec![portico::config::Cidr {
+        addr: "127.0.0.1".parse().unwrap(),
+        prefix: 32,
+    }];
     config
 }
 
