@@ -231,13 +231,14 @@ async fn handle(
                     tracing::info!(client = %peer, "cache purged");
                     text(StatusCode::OK, "purged everything\n")
                 }
-                Ok(Purge::Matching { host, prefix }) => {
-                    let answer = match &host {
-                        Some(host) => format!("purged {host}{prefix}*\n"),
-                        None => format!("purged {prefix}*\n"),
-                    };
+                Ok(Purge::Matching { host, prefixes }) => {
+                    let on = host.as_deref().unwrap_or("");
+                    let spelt: Vec<String> = prefixes.iter().map(|p| format!("{on}{p}*")).collect();
+                    let answer = format!("purged {}\n", spelt.join(" and "));
+                    let prefix = prefixes.join(" ");
                     tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), %prefix, "cache purged by prefix");
-                    let paths = prefix_matcher(prefix);
+                    let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
+                    let paths = move |path: &str| matchers.iter().any(|m| m(path));
                     cache.purge_paths(move |stored_host, path| {
                         host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
                     });
@@ -265,11 +266,14 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 #[derive(Debug, PartialEq, Eq)]
 enum Purge {
     All,
-    /// The paths starting with `prefix`, of one host (lower-cased, as
-    /// keys hold it) or of all.
+    /// The paths starting with one of `prefixes`, of one host
+    /// (lower-cased, as keys hold it) or of all. Two prefixes when the
+    /// value was written with `%XX` or `+`: as decoded, and as written,
+    /// which is how a path copied from a request or the access log is
+    /// stored (`/a%20b`, `/a+b`).
     Matching {
         host: Option<String>,
-        prefix: String,
+        prefixes: Vec<String>,
     },
 }
 
@@ -281,12 +285,15 @@ enum Purge {
 fn purge_request(query: Option<&str>) -> Result<Purge, String> {
     const USAGE: &str =
         "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path (and/or host=NAME)";
-    let (mut prefix, mut host) = (None, None);
+    let (mut prefix, mut host, mut as_written) = (None, None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (Some(name), Some(value)) = (form_decode(name), form_decode(value)) else {
+        let (name, written) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(name), Some(value)) = (form_decode(name), form_decode(written)) else {
             return Err(format!("malformed query `{pair}`: {USAGE}"));
         };
+        if name == "prefix" {
+            as_written = Some(written).filter(|&w| w != value && w.starts_with('/'));
+        }
         let slot = match name.as_str() {
             "prefix" => &mut prefix,
             "host" => &mut host,
@@ -324,7 +331,9 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
         }
         (prefix, host) => Ok(Purge::Matching {
             host: host.map(|h| h.to_ascii_lowercase()),
-            prefix: prefix.unwrap_or_else(|| "/".to_owned()),
+            prefixes: std::iter::once(prefix.unwrap_or_else(|| "/".to_owned()))
+                .chain(as_written.map(str::to_owned))
+                .collect(),
         }),
     }
 }
@@ -413,24 +422,31 @@ mod tests {
     #[test]
     fn a_purge_is_everything_only_when_asked_with_no_query() {
         assert_eq!(purge_request(None), Ok(Purge::All));
-        let prefix = |p: &str| {
+        let prefix = |p: &[&str]| {
             Ok(Purge::Matching {
                 host: None,
-                prefix: p.to_owned(),
+                prefixes: p.iter().map(|p| p.to_string()).collect(),
             })
         };
-        assert_eq!(purge_request(Some("prefix=/users/1")), prefix("/users/1"));
+        assert_eq!(
+            purge_request(Some("prefix=/users/1")),
+            prefix(&["/users/1"])
+        );
         // As curl --data-urlencode and urlencode() write it.
         assert_eq!(
             purge_request(Some("prefix=%2Fusers%2F1")),
-            prefix("/users/1")
+            prefix(&["/users/1"])
         );
-        assert_eq!(purge_request(Some("prefix=/a+b%3F")), prefix("/a b?"));
+        // Written as a path is stored, copied from the access log: both.
+        assert_eq!(
+            purge_request(Some("prefix=/a+b%3F")),
+            prefix(&["/a b?", "/a+b%3F"])
+        );
         // One host's paths, or all of them.
         let of_host = |h: &str, p: &str| {
             Ok(Purge::Matching {
                 host: Some(h.to_owned()),
-                prefix: p.to_owned(),
+                prefixes: vec![p.to_owned()],
             })
         };
         assert_eq!(

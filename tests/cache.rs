@@ -1572,6 +1572,20 @@ async fn admin_purge_by_prefix() {
     );
     assert_eq!(on("a.example").await, "portico; fwd=miss; stored");
     assert_eq!(on("b.example").await, "portico; hit");
+    // A path copied from the access log, `%XX` and `+` as requested: the
+    // query's decoding would make each a space, which no key holds.
+    for path in ["/cache/c%20d?cc=max-age=60", "/cache/a+b?cc=max-age=60"] {
+        get(&client, &proxy.url(path)).await;
+        let prefix = path.split('?').next().unwrap();
+        let purged = send(&client, purge(&format!("?prefix={prefix}"))).await;
+        assert_eq!(purged.status, StatusCode::OK);
+        let again = get(&client, &proxy.url(path)).await;
+        assert_eq!(
+            again.header("cache-status"),
+            "portico; fwd=miss; stored",
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
