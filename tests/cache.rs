@@ -1588,6 +1588,28 @@ async fn admin_purge_by_prefix() {
     }
 }
 
+/// A 206 or 416 cut from a backend's 200 on a miss says its own reason,
+/// not the backend's wording for the 200 (review28b F5).
+#[tokio::test]
+async fn a_range_cut_on_a_miss_has_its_own_reason_phrase() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 Fine\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\n0123456789"
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let proxy = start_proxy(with_cache(Config::single_upstream(listen, vec![addr]))).await;
+    for (path, range, line) in [
+        ("/a", "bytes=2-5", "HTTP/1.1 206 Partial Content\r\n"),
+        ("/b", "bytes=20-", "HTTP/1.1 416 Range Not Satisfiable\r\n"),
+    ] {
+        let ask = format!(
+            "GET {path} HTTP/1.1\r\nHost: a\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_exchange(proxy.addr, ask.as_bytes()).await;
+        assert!(answer.starts_with(line), "{answer}");
+    }
+}
+
 #[tokio::test]
 async fn byte_ranges_are_served_from_a_stored_response() {
     let (backend, proxy) = cached_sample().await;

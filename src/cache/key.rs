@@ -8,11 +8,7 @@ use http::header::{HeaderMap, HeaderName};
 
 /// `GET|scheme|host|/path?query`
 pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
-    let host = host
-        .strip_suffix(":80")
-        .filter(|_| scheme == "http")
-        .or_else(|| host.strip_suffix(":443").filter(|_| scheme == "https"))
-        .unwrap_or(host);
+    let host = without_default_port(scheme, host);
     let mut key = String::with_capacity(8 + scheme.len() + host.len() + path_and_query.len());
     key.push_str("GET|");
     key.push_str(scheme);
@@ -23,6 +19,15 @@ pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
     key.push('|');
     key.push_str(path_and_query);
     key
+}
+
+/// `host` without its `scheme`'s default port: `a.example:80` over http is
+/// `a.example`, as `a.example:443` is over https.
+fn without_default_port<'a>(scheme: &str, host: &'a str) -> &'a str {
+    host.strip_suffix(":80")
+        .filter(|_| scheme == "http")
+        .or_else(|| host.strip_suffix(":443").filter(|_| scheme == "https"))
+        .unwrap_or(host)
 }
 
 /// The path-and-query part of a primary key.
@@ -95,9 +100,10 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
 
 /// A `Location` or `Content-Location` value resolved against the request
 /// target `base` (RFC 3986 §5.2): the path and query it names on the same
-/// origin, or `None` for another origin. `host` is the request's, to judge
-/// an absolute URI's authority; a relative reference is same-origin.
-pub fn resolve(base: &str, host: &str, reference: &str) -> Option<String> {
+/// origin, or `None` for another origin. `scheme` and `host` are the
+/// request's, to judge an absolute URI's authority (default ports aside,
+/// as keys hold hosts); a relative reference is same-origin.
+pub fn resolve(base: &str, scheme: &str, host: &str, reference: &str) -> Option<String> {
     let reference = reference.split('#').next().unwrap_or("");
     let has_scheme = reference
         .find([':', '/', '?'])
@@ -108,8 +114,9 @@ pub fn resolve(base: &str, host: &str, reference: &str) -> Option<String> {
         } else {
             format!("http:{reference}").parse::<http::Uri>().ok()?
         };
-        let authority = uri.authority()?;
-        if !authority.as_str().eq_ignore_ascii_case(host) {
+        let authority = uri.authority()?.as_str();
+        let named = without_default_port(uri.scheme_str().unwrap_or(scheme), authority);
+        if !named.eq_ignore_ascii_case(without_default_port(scheme, host)) {
             return None;
         }
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -231,9 +238,12 @@ mod tests {
             ("http://other.example/y", None),
             ("//other.example/y", None),
             ("https://example.com:8443/y", None),
+            // Default ports aside, the same origin (review28b F4).
+            ("http://example.com:80/p", Some("/p")),
+            ("http://example.com:8080/p", None),
         ] {
             assert_eq!(
-                resolve(base, "example.com", reference).as_deref(),
+                resolve(base, "http", "example.com", reference).as_deref(),
                 want,
                 "{reference}"
             );

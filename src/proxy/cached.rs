@@ -112,15 +112,15 @@ fn tags(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &
 }
 
 /// Whether the client's conditional headers match the stored response
-/// (RFC 9110 §13.1.2 weak comparison for If-None-Match; If-Modified-Since
-/// only without If-None-Match, against Last-Modified or else Date).
+/// (RFC 9110 §13.1.2 weak comparison for If-None-Match, where `*` matches
+/// any representation, with an entity tag or not; If-Modified-Since only
+/// without If-None-Match, against Last-Modified or else Date).
 fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     if request.contains_key(header::IF_NONE_MATCH) {
-        let Some(etag) = text(stored, header::ETAG) else {
-            return false;
-        };
-        return tags(request, header::IF_NONE_MATCH)
-            .any(|t| t == "*" || policy::weak_match(t.as_bytes(), etag.as_bytes()));
+        let etag = text(stored, header::ETAG);
+        return tags(request, header::IF_NONE_MATCH).any(|t| {
+            t == "*" || etag.is_some_and(|etag| policy::weak_match(t.as_bytes(), etag.as_bytes()))
+        });
     }
     // Dates are parsed only when asked about: most hits carry neither.
     let Some(since) = date(request, header::IF_MODIFIED_SINCE) else {
@@ -599,12 +599,17 @@ fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
     if matched {
         // RFC 9211 §2.3: without it, the 304 would read as the backend's.
         with_fwd_status(&mut parts.headers, parts.status);
-        parts.status = StatusCode::NOT_MODIFIED;
+        restatus(&mut parts, StatusCode::NOT_MODIFIED);
         strip_for_304(&mut parts.headers);
-        // A backend's own wording was for its status, not this one.
-        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     }
     Response::from_parts(parts, ProxyBody::empty())
+}
+
+/// Gives a backend's response a status of portico's making, without the
+/// backend's reason phrase, which was for its own status (`206 OK`).
+fn restatus(parts: &mut http::response::Parts, status: StatusCode) {
+    parts.status = status;
+    parts.extensions.remove::<hyper::ext::ReasonPhrase>();
 }
 
 /// Adds `fwd-status` to portico's `Cache-Status` member if it has none.
@@ -812,7 +817,7 @@ async fn cut_range(
     let Some((code, start, count)) = range_fields(&mut parts.headers, answer, len) else {
         return Ok(Response::from_parts(parts, body));
     };
-    parts.status = code;
+    restatus(&mut parts, code);
     Ok(Response::from_parts(
         parts,
         body.slice(start as u64, count as u64),
@@ -1385,7 +1390,7 @@ pub(super) async fn invalidate(
             continue;
         };
         // Relative references (`../list`) name a URL too (RFC 9110 §10.2.2).
-        if let Some(path) = key::resolve(target, host, value.trim()) {
+        if let Some(path) = key::resolve(target, scheme, host, value.trim()) {
             cache.invalidate(&key::primary(scheme, host, &path)).await;
         }
     }
@@ -1451,5 +1456,12 @@ mod tests {
             &weak
         ));
         assert!(!precondition_failed(&headers(&[("if-match", "*")]), &weak));
+        // `*` matches what is stored, entity tag or not (review28b F3).
+        let untagged = headers(&[("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT")]);
+        assert!(not_modified(&headers(&[("if-none-match", "*")]), &untagged));
+        assert!(!not_modified(
+            &headers(&[("if-none-match", "\"a\"")]),
+            &untagged
+        ));
     }
 }
