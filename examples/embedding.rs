@@ -37,7 +37,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::single_upstream(vec![addr], vec![backend.addr()]);
     config.server.shutdown_grace = Duration::from_secs(2);
 
-    // `Shared` is the running proxy's state (routes, upstreams, metrics);
+    // `Shared` is the running proxy's state, made from the config
+    // (routes, upstreams, metrics, the settings `run` serves with);
     // keep a clone to read health or metrics while it runs. The server
     // runs until the future it is given resolves, then drains.
     let shared = Shared::new(&config);
@@ -46,7 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let shutdown = async {
             let _ = stopped.await;
         };
-        server::run(&config, shared, vec![listener], shutdown).await
+        server::run(shared, vec![listener], shutdown).await
     });
 
     // One request through the proxy.

@@ -171,7 +171,7 @@ async fn start_proxy(file: &Path) -> Result<Proxy, String> {
         };
         // No token: the admin mutations (reload, purge) stay disabled.
         let admin = Some((admin, None));
-        server::run_with_admin(&config, running, vec![listener], admin, stopped).await
+        server::run_with_admin(running, vec![listener], admin, stopped).await
     });
     Ok(Proxy {
         addr,

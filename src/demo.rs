@@ -60,7 +60,7 @@ pub async fn run_until(
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);
-    server::run_with_admin(&config, shared, listeners, Some((admin, None)), stop).await;
+    server::run_with_admin(shared, listeners, Some((admin, None)), stop).await;
     // Together: each may take its drain grace to confirm queued orders.
     futures_util::future::join_all(running.into_iter().map(|b| b.stop())).await;
     println!("demo stopped");

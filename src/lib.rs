@@ -53,7 +53,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         tls,
         admin: Some((admin_listener, token)),
     };
-    server::run_all(&config, shared, all, stop).await;
+    server::run_all(shared, all, stop).await;
     Ok(())
 }
 

@@ -88,7 +88,7 @@ async fn start_tls_shared(
             tls: vec![(bound, 0)],
             admin: None,
         };
-        portico::server::run_all(&config, shared, all, async {
+        portico::server::run_all(shared, all, async {
             let _ = stopped.await;
         })
         .await;

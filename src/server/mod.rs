@@ -286,12 +286,11 @@ fn connection_builders(settings: &config::Server) -> protocol::Builders {
 /// Serves `listeners` until `signal` resolves, then stops accepting, lets
 /// in-flight requests finish within `shutdown_grace` and returns.
 pub async fn run(
-    config: &Config,
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     signal: impl Future<Output = ()>,
 ) {
-    run_with_admin(config, shared, listeners, None, signal).await
+    run_with_admin(shared, listeners, None, signal).await
 }
 
 /// The admin listener and its token, if mutations are enabled.
@@ -308,7 +307,6 @@ pub struct Listeners {
 
 /// [`run`] plus the admin endpoints on their own listener.
 pub async fn run_with_admin(
-    config: &Config,
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     admin: Option<AdminListener>,
@@ -319,7 +317,7 @@ pub async fn run_with_admin(
         tls: Vec::new(),
         admin,
     };
-    run_all(config, shared, all, signal).await
+    run_all(shared, all, signal).await
 }
 
 /// Serves every listener until `signal` resolves, then stops accepting,
@@ -327,12 +325,9 @@ pub async fn run_with_admin(
 /// Listeners are matched to the config's addresses in order (so a reload
 /// knows which to keep); TLS ones carry the index of their
 /// `[[server.tls]]` entry, whose certificates [`Shared::load_tls`] loaded.
-pub async fn run_all(
-    config: &Config,
-    shared: Arc<Shared>,
-    all: Listeners,
-    signal: impl Future<Output = ()>,
-) {
+/// The config is the one `shared` was made with.
+pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Output = ()>) {
+    let config = shared.config.load_full();
     let (trigger, shutdown) = shutdown::channel();
     // Both end with this function, however it ends (a caller may drop it).
     let _trimmer = AbortOnDrop::new(tokio::spawn(crate::memory::watch(shared.metrics.clone())));

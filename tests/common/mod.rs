@@ -126,7 +126,7 @@ fn start_listening(
     let shared = portico::server::Shared::with_path(&config, config_path);
     let running = shared.clone();
     let task = tokio::spawn(async move {
-        portico::server::run_with_admin(&config, running, vec![listener], admin, async {
+        portico::server::run_with_admin(running, vec![listener], admin, async {
             let _ = stopped.await;
         })
         .await;
