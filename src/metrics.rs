@@ -29,6 +29,8 @@ pub struct Metrics {
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_body_errors: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    upstream_retries_refused: IntCounterVec,
     backend_up: IntGaugeVec,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
@@ -116,6 +118,18 @@ impl Metrics {
                 "Backend response bodies cut short after their head was relayed: broken (the connection failed) or stalled (silent past body_timeout)",
                 &["upstream", "backend", "reason"],
             ),
+            upstream_retries: counter_vec(
+                &registry,
+                "portico_upstream_retries_total",
+                "Attempts that failed and were sent again (to another backend when there is one)",
+                &["upstream"],
+            ),
+            upstream_retries_refused: counter_vec(
+                &registry,
+                "portico_upstream_retries_budget_exhausted_total",
+                "Failed attempts that could have been retried but were not: the upstream's retry budget was spent",
+                &["upstream"],
+            ),
             backend_up,
             cache_lookups: counter_vec(
                 &registry,
@@ -166,6 +180,14 @@ impl Metrics {
             duration: self
                 .upstream_duration
                 .with_label_values(&[upstream, backend]),
+        }
+    }
+
+    /// One upstream's retry counters, made (at 0) with the upstream.
+    pub fn retries(&self, upstream: &str) -> Retries {
+        Retries {
+            sent: self.upstream_retries.with_label_values(&[upstream]),
+            refused: self.upstream_retries_refused.with_label_values(&[upstream]),
         }
     }
 
@@ -276,6 +298,15 @@ impl RouteMetrics {
     pub fn throttled(&self) {
         self.rejected.inc();
     }
+}
+
+/// An upstream's `portico_upstream_retries_total` and
+/// `portico_upstream_retries_budget_exhausted_total` series (Envoy's
+/// `upstream_rq_retry` and `upstream_rq_retry_overflow`).
+#[derive(Debug, Clone)]
+pub struct Retries {
+    pub sent: IntCounter,
+    pub refused: IntCounter,
 }
 
 /// A backend's `portico_upstream_body_errors_total` series. HAProxy counts

@@ -584,6 +584,39 @@ async fn the_access_line_names_the_client_a_trusted_proxy_forwarded_for() {
     assert!(line.get("peer").is_none(), "{line}");
 }
 
+/// A GET whose first attempt met a closed port and was retried on the
+/// other backend: its line says so and names the backend that answered,
+/// and the upstream counts the retry.
+#[tokio::test]
+async fn a_retried_attempt_shows_in_the_access_line_and_the_metrics() {
+    let (lines, _guard) = AccessLines::capture();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let live = start_backend(BackendOptions::new("b1")).await;
+    let mut config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![dead, live.addr()],
+    );
+    config.upstreams[0].name = "two".into();
+    let proxy = start_proxy(config).await;
+    for path in ["/health", "/echo/headers"] {
+        assert_eq!(
+            get(&client(), &proxy.url(path)).await.status,
+            StatusCode::OK
+        );
+    }
+    let line = lines
+        .first("a retried GET", |line| line["retries"] == 1)
+        .await;
+    assert_eq!(line["backend"], live.addr().to_string(), "{line}");
+    // The first GET's first pick is the closed port; the second's may be.
+    let retried = scraped(&proxy, "portico_upstream_retries_total{upstream=\"two\"}");
+    assert!((1..=2).contains(&retried), "{retried}");
+    let exhausted = "portico_upstream_retries_budget_exhausted_total{upstream=\"two\"}";
+    assert_eq!(scraped(&proxy, exhausted), 0);
+}
+
 /// The access lines written on the test's thread (where its proxies and
 /// backends run: `#[tokio::test]` keeps every task on it), as JSON.
 struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);

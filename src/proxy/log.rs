@@ -125,8 +125,7 @@ impl AccessRecord {
         self,
         response: &Response<B>,
         started: Instant,
-        upstream: Option<Arc<Upstream>>,
-        backend: Option<SocketAddr>,
+        reached: Reached,
         cut_off: Arc<AtomicBool>,
     ) -> Box<Tail> {
         let status = response.status();
@@ -153,8 +152,7 @@ impl AccessRecord {
             expected: response.body().size_hint().exact(),
             record: self,
             started,
-            upstream,
-            backend,
+            reached,
             bytes: 0,
             end,
             cut_off,
@@ -163,20 +161,13 @@ impl AccessRecord {
 
     /// Writes the line of a request whose client left before its answer
     /// was ready: status 499, no head.
-    pub fn left(
-        self,
-        started: Instant,
-        upstream: Option<Arc<Upstream>>,
-        backend: Option<SocketAddr>,
-        cut_off: Arc<AtomicBool>,
-    ) {
+    pub fn left(self, started: Instant, reached: Reached, cut_off: Arc<AtomicBool>) {
         drop(Tail {
             record: self,
             status: super::CLIENT_CLOSED,
             started,
             head: None,
-            upstream,
-            backend,
+            reached,
             cache: None,
             bytes: 0,
             expected: None,
@@ -239,6 +230,16 @@ impl End {
     }
 }
 
+/// Where a request went: its route's upstream, the backend of its last
+/// attempt, and how many attempts before that failed and were retried
+/// (nginx's `$upstream_addr` lists them all; HAProxy logs the count).
+#[derive(Debug, Default)]
+pub struct Reached {
+    pub upstream: Option<Arc<Upstream>>,
+    pub backend: Option<SocketAddr>,
+    pub retries: u32,
+}
+
 /// The access line of a request whose response is under way, written when
 /// it is dropped.
 #[derive(Debug)]
@@ -248,8 +249,7 @@ pub struct Tail {
     started: Instant,
     /// Time to the response head; `None` for a client that left first.
     head: Option<Duration>,
-    upstream: Option<Arc<Upstream>>,
-    backend: Option<SocketAddr>,
+    reached: Reached,
     cache: Option<HeaderValue>,
     /// Body bytes handed to the client's connection.
     bytes: u64,
@@ -342,8 +342,9 @@ impl Drop for Tail {
             duration_ms = millis(self.started.elapsed()),
             head_ms = self.head.map(millis),
             end = self.end_name(),
-            upstream = self.upstream.as_ref().map_or("-", |u| u.name()),
-            backend = self.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+            upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name()),
+            backend = self.reached.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+            retries = Some(self.reached.retries).filter(|&n| n > 0),
             cache = self.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             request_id = record.request_id.to_str().unwrap_or("-"),
         );
@@ -446,7 +447,12 @@ mod tests {
             body.as_bytes(),
         )));
         *response.status_mut() = status;
-        record(method).answered(&response, Instant::now(), None, None, Arc::default())
+        record(method).answered(
+            &response,
+            Instant::now(),
+            Reached::default(),
+            Arc::default(),
+        )
     }
 
     #[test]

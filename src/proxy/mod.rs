@@ -93,6 +93,8 @@ pub struct Trace {
     /// The client's budget on a throttling route (limit, remaining,
     /// reset), for the error answer too.
     pub quota: Option<(u32, u32, std::time::Duration)>,
+    /// Attempts that failed and were sent again.
+    pub retries: u32,
 }
 
 /// nginx's 499: the client closed its connection, or reset its HTTP/2
@@ -120,14 +122,8 @@ impl Pending<'_> {
         self.done = true;
         self.count(response.status().as_u16());
         let access = self.access.take()?;
-        let (upstream, cut_off) = (self.upstream(), self.proxy.cut_off.clone());
-        Some(access.answered(
-            response,
-            self.started,
-            upstream,
-            self.trace.backend,
-            cut_off,
-        ))
+        let cut_off = self.proxy.cut_off.clone();
+        Some(access.answered(response, self.started, self.reached(), cut_off))
     }
 
     /// Counts the request, answered or left by its client, under its route.
@@ -139,9 +135,13 @@ impl Pending<'_> {
             .record(status, self.started.elapsed().as_secs_f64());
     }
 
-    /// The upstream of the route chosen, for the access line.
-    fn upstream(&self) -> Option<Arc<Upstream>> {
-        self.proxy.upstream_of(self.trace.route).cloned()
+    /// Where the request went, for the access line.
+    fn reached(&self) -> log::Reached {
+        log::Reached {
+            upstream: self.proxy.upstream_of(self.trace.route).cloned(),
+            backend: self.trace.backend,
+            retries: self.trace.retries,
+        }
     }
 }
 
@@ -154,7 +154,7 @@ impl Drop for Pending<'_> {
         self.count(CLIENT_CLOSED);
         if let Some(access) = self.access.take() {
             let cut_off = self.proxy.cut_off.clone();
-            access.left(self.started, self.upstream(), self.trace.backend, cut_off);
+            access.left(self.started, self.reached(), cut_off);
         }
     }
 }
@@ -656,11 +656,14 @@ fn forward_with_retries<'a>(
                 return Err(error);
             }
             skip = next_skip;
-            tracing::debug!(
-                upstream = %upstream.name(), %error, same_backend = next_skip.is_none(),
-                "retrying"
+            // As nginx logs each failed attempt: the client's answer,
+            // and its access line, show only the last.
+            tracing::warn!(
+                upstream = %upstream.name(), backend = %backend.addr, %error,
+                same_backend = next_skip.is_none(), "attempt failed; retrying"
             );
             attempt += 1;
+            trace.retries = attempt;
             let head = replay.as_ref().expect("retries > 0 keeps the head");
             next = Some((copy_head(head), retry_body));
         }

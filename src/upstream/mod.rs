@@ -87,6 +87,7 @@ pub struct Upstream {
     /// Round-robin turns that fell on an ejected backend, shared by weight.
     spilled: AtomicUsize,
     budget: RetryBudget,
+    retries: crate::metrics::Retries,
     clock: Clock,
     pool: Arc<Pool>,
     checker: std::sync::Mutex<Option<crate::task::AbortOnDrop>>,
@@ -159,6 +160,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             spilled: AtomicUsize::new(0),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
+            retries: metrics.retries(&config.name),
             clock: Clock::new(),
             checker: std::sync::Mutex::new(None),
             config,
@@ -340,9 +342,16 @@ impl Upstream {
         self.budget.record_request(self.clock.now_ms() / 1000);
     }
 
-    /// Takes a retry from the budget if there is room.
+    /// Takes a retry from the budget if there is room, and counts it, or
+    /// that the budget refused it.
     pub fn try_retry(&self) -> bool {
-        self.budget.try_retry(self.clock.now_ms() / 1000)
+        let granted = self.budget.try_retry(self.clock.now_ms() / 1000);
+        if granted {
+            self.retries.sent.inc();
+        } else {
+            self.retries.refused.inc();
+        }
+        granted
     }
 
     /// Records the outcome of a request for passive health. A lone backend
