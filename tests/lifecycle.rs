@@ -312,8 +312,34 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     );
     assert_eq!(get(&client, &extra_url).await.status, StatusCode::OK);
 
+    // A keep-alive connection to the listener about to go.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut kept = tokio::net::TcpStream::connect(extra).await.unwrap();
+    kept.write_all(ask).await.unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut kept))
+        .await
+        .unwrap();
+    assert!(head.is_some_and(|head| !head
+        .to_ascii_lowercase()
+        .windows(17)
+        .any(|w| w == b"connection: close")));
+
     write("\"127.0.0.1:0\"");
     proxy.shared.reload().expect("reload removes a listener");
+    // Its connections are drained as at shutdown (review28a F4): answers
+    // say `Connection: close` from the signal on, and a connection ends
+    // once it has had nothing to do for a second. (Whether the request
+    // sent now is read before the signal is the scheduler's call.)
+    let mut rest = Vec::new();
+    let _ = kept.write_all(ask).await;
+    let ended = tokio::time::timeout(STEP, kept.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the removed listener's connection stayed open"
+    );
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     let refused = tokio::time::timeout(STEP, async {
         while tokio::net::TcpStream::connect(extra).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(5)).await;

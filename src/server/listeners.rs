@@ -1,7 +1,8 @@
 //! The listening sockets of a running proxy, kept in step with its config.
 //! A reload binds the addresses it adds (all of them or none: a port in use
 //! rejects the whole reload), stops accepting on the ones it removes (their
-//! open connections finish normally) and swaps the certificates of TLS
+//! open connections drain as at shutdown: in-flight requests finish, then
+//! they close) and swaps the certificates of TLS
 //! listeners in place, so no listener the reload keeps ever drops a
 //! connection. Listeners are keyed by their *configured* address, so
 //! `127.0.0.1:0` keeps the port the OS picked across reloads.

@@ -422,7 +422,12 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let shutdown = shutdown.clone();
+                // The listener's own signal, which also fires at shutdown:
+                // a reload that removes the listener drains its
+                // connections as a shutdown would (`Connection: close`,
+                // GOAWAY), where they went on being served for as long as
+                // their clients kept them busy.
+                let shutdown = removed.clone();
                 let drain = drain.clone();
                 // Read per connection: a reload's certificates and
                 // settings apply to the connections that follow it.
