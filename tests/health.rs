@@ -372,6 +372,75 @@ async fn with_every_backend_ejected_picks_still_take_turns() {
     assert_eq!((a, b), (3, 3));
 }
 
+/// Answers `/health` with a 200 and anything else with what is not HTTP:
+/// a grey failure, whose health path works while its real traffic fails.
+fn healthy_but_broken(head: &str) -> &'static [u8] {
+    if target_of(head) == "/health" {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    } else {
+        b"this is not http\r\n\r\n"
+    }
+}
+
+/// Sends GETs until backend `i` is ejected; returns when the request that
+/// ejected it was sent, a moment no later than the ejection.
+async fn eject(proxy: &RunningProxy, i: usize) -> tokio::time::Instant {
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never ejected");
+        let sent = tokio::time::Instant::now();
+        get(&client, &proxy.url("/orders/1")).await;
+        if proxy.backend_status()[i].ejected {
+            return sent;
+        }
+    }
+}
+
+/// How long backend `i`, ejected at `ejected` or later, stays ejected
+/// (at least: the status is polled).
+async fn out_for(proxy: &RunningProxy, i: usize, ejected: tokio::time::Instant) -> Duration {
+    proxy
+        .wait_until("the ejection to end", |s| !s[i].ejected)
+        .await;
+    ejected.elapsed()
+}
+
+#[tokio::test]
+async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
+    // Checks pass every 200 ms throughout; the backend must still sit out
+    // its 1 s backoff, and the next one must be 2 s, not 1 s again.
+    let good = start_backend(BackendOptions::new("b1")).await;
+    let grey = recording_backend(healthy_but_broken).await;
+    let mut config = Config::single_upstream(vec![], vec![good.addr(), grey.addr]);
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(200),
+        rise: 1,
+        fall: 3,
+    });
+    let proxy = start_proxy(config).await;
+    let checked = || grey.heads_for("/health").len();
+
+    let ejected = eject(&proxy, 1).await;
+    let before = checked();
+    let waited = tokio::time::timeout(STEP, async {
+        while checked() < before + 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no checks while ejected");
+    let out = out_for(&proxy, 1, ejected).await;
+    assert!(out >= Duration::from_millis(900), "out for {out:?} only");
+
+    // The probe after the backoff fails: ejected again, for twice as long.
+    let ejected = eject(&proxy, 1).await;
+    let out = out_for(&proxy, 1, ejected).await;
+    assert!(out >= Duration::from_millis(1900), "out for {out:?} only");
+}
+
 #[tokio::test]
 async fn a_response_head_that_does_not_parse_is_not_retried() {
     // The backend answered, badly: sent again, the request would count a

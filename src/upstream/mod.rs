@@ -528,12 +528,9 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
         let mut changed = false;
         for (i, result) in results.into_iter().enumerate() {
             let backend = &upstream.backends[i];
-            let ok = result.is_ok();
-            if ok {
-                // A passing check also ends a passive ejection.
-                backend.state.record_success();
-            }
-            match counters[i].record(ok) {
+            // Only the active state: a passing check leaves a passive
+            // ejection and its backoff alone (see `health`).
+            match counters[i].record(result.is_ok()) {
                 Some(Health::Down) => {
                     backend.state.set_active_up(false);
                     changed = true;

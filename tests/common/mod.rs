@@ -282,25 +282,56 @@ pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
 pub async fn counted_scripted_backend(
     answer: fn(&str) -> &'static [u8],
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    let backend = recording_backend(answer).await;
+    (backend.addr, backend.accepted)
+}
+
+/// A [`scripted_backend`] that keeps count of its connections and the
+/// heads it was sent.
+pub struct Recording {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recording {
+    /// The heads received so far whose target is `target`.
+    pub fn heads_for(&self, target: &str) -> Vec<String> {
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .filter(|head| target_of(head) == target)
+            .cloned()
+            .collect()
+    }
+}
+
+/// [`scripted_backend`], recording what it gets (see [`Recording`]).
+pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let recording = Recording {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::new(AtomicUsize::new(0)),
+        heads: Arc::default(),
+    };
+    let (accepted, heads) = (recording.accepted.clone(), recording.heads.clone());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let heads = heads.clone();
             tokio::spawn(async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
                 };
-                let _ = stream
-                    .write_all(answer(&String::from_utf8_lossy(&head)))
-                    .await;
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let reply = answer(&head);
+                heads.lock().unwrap().push(head);
+                let _ = stream.write_all(reply).await;
             });
         }
     });
-    (addr, accepted)
+    recording
 }
 
 /// A keep-alive backend that answers `200 ok` to each request as soon as
