@@ -442,6 +442,40 @@ async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
 }
 
 #[tokio::test]
+async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
+    // It stops accepting while it goes on serving the keep-alive
+    // connection the proxy holds: checks sent on that one would pass
+    // for as long as it lasts. Each check makes a connection of its own.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepting = serve_early_answers(listener, accepted.clone());
+    let mut config = Config::single_upstream(vec![], vec![addr]);
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(100),
+        rise: 1,
+        fall: 2,
+    });
+    let proxy = start_proxy(config).await;
+    assert_eq!(get(&client(), &proxy.url("/")).await.status, StatusCode::OK);
+    let waited = tokio::time::timeout(STEP, async {
+        while accepted.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "checks reused a connection");
+
+    accepting.abort();
+    let _ = accepting.await;
+    proxy
+        .wait_until("the backend to be marked down", |s| !s[0].active_up)
+        .await;
+}
+
+#[tokio::test]
 async fn a_response_head_that_does_not_parse_is_not_retried() {
     // The backend answered, badly: sent again, the request would count a
     // second failure and most likely get the same answer.

@@ -460,7 +460,8 @@ impl Upstream {
         }
     }
 
-    /// One active check of backend `index`: 2xx or 3xx within `timeout`.
+    /// One active check of backend `index`: 2xx or 3xx within `timeout`,
+    /// on a connection of its own (see [`Pool::probe`]).
     async fn check(&self, index: usize, check: &config::HealthCheck) -> Result<(), String> {
         let backend = &self.backends[index];
         let mut request = Request::new(RequestBody::empty());
@@ -473,23 +474,20 @@ impl Upstream {
             http::header::USER_AGENT,
             http::HeaderValue::from_static("portico-health-check"),
         );
-        let attempt = async {
-            let response = self
-                .send(index, request, false)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            // Drain the body so the connection returns to the pool.
-            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
-            if status.is_success() || status.is_redirection() {
-                Ok(())
-            } else {
-                Err(format!("status {}", status.as_u16()))
-            }
-        };
-        match tokio::time::timeout(check.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        request.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        let status =
+            match tokio::time::timeout(check.timeout, self.pool.probe(index, request)).await {
+                Err(_) => return Err(format!("no answer within {:?}", check.timeout)),
+                Ok(Err(e)) => return Err(classify(backend.addr, e).to_string()),
+                Ok(Ok(status)) => status,
+            };
+        if status.is_success() || status.is_redirection() {
+            Ok(())
+        } else {
+            Err(format!("status {}", status.as_u16()))
         }
     }
 }

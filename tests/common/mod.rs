@@ -338,11 +338,21 @@ pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
 /// its head is in, before reading its body (which it then reads): an
 /// upload answered early. Counts the connections it accepts.
 pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    serve_early_answers(listener, accepted.clone());
+    (addr, accepted)
+}
+
+/// [`early_answer_backend`] on `listener`, counting in `count`. Aborting
+/// the task returned closes the listener (new connects are refused) while
+/// the connections already accepted go on being served.
+pub fn serve_early_answers(
+    listener: tokio::net::TcpListener,
+    count: Arc<AtomicUsize>,
+) -> JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
@@ -363,8 +373,7 @@ pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                 }
             });
         }
-    });
-    (addr, accepted)
+    })
 }
 
 /// Where the HTTP/1 head at the start of `got` ends, and the
