@@ -19,14 +19,20 @@ use tokio::sync::Notify;
 
 fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32) -> Config {
     let mut config = config_for(backends);
-    config.upstreams[0].health = Some(HealthCheck {
+    config.upstreams[0].health = Some(checks(interval_ms, rise, fall));
+    config
+}
+
+/// `GET /health` every `interval_ms`, each given half that to answer.
+fn checks(interval_ms: u64, rise: u32, fall: u32) -> HealthCheck {
+    HealthCheck {
         path: "/health".into(),
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(interval_ms / 2),
         rise,
         fall,
-    });
-    config
+        ..HealthCheck::default()
+    }
 }
 
 /// Starts backend `b2` again on its old address and waits until the proxy
@@ -413,13 +419,7 @@ async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
     let good = start_backend(BackendOptions::new("b1")).await;
     let grey = recording_backend(healthy_but_broken).await;
     let mut config = Config::single_upstream(vec![], vec![good.addr(), grey.addr]);
-    config.upstreams[0].health = Some(HealthCheck {
-        path: "/health".into(),
-        interval: Duration::from_millis(200),
-        timeout: Duration::from_millis(200),
-        rise: 1,
-        fall: 3,
-    });
+    config.upstreams[0].health = Some(checks(200, 1, 3));
     let proxy = start_proxy(config).await;
     let checked = || grey.heads_for("/health").len();
 
@@ -451,13 +451,7 @@ async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let accepting = serve_early_answers(listener, accepted.clone());
     let mut config = Config::single_upstream(vec![], vec![addr]);
-    config.upstreams[0].health = Some(HealthCheck {
-        path: "/health".into(),
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(100),
-        rise: 1,
-        fall: 2,
-    });
+    config.upstreams[0].health = Some(checks(100, 1, 2));
     let proxy = start_proxy(config).await;
     assert_eq!(get(&client(), &proxy.url("/")).await.status, StatusCode::OK);
     let waited = tokio::time::timeout(STEP, async {
@@ -473,6 +467,33 @@ async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
     proxy
         .wait_until("the backend to be marked down", |s| !s[0].active_up)
         .await;
+}
+
+#[tokio::test]
+async fn checks_say_the_configured_host_else_the_backend_address() {
+    let backend = recording_backend(healthy_but_broken).await;
+    let mut config = Config::single_upstream(vec![], vec![backend.addr]);
+    config.upstreams[0].health = Some(HealthCheck {
+        host: Some("status.internal:8080".into()),
+        ..checks(100, 1, 3)
+    });
+    let proxy = start_proxy(config.clone()).await;
+    let head = backend.first_head_for("/health").await;
+    assert!(
+        head.contains("\r\nhost: status.internal:8080\r\n"),
+        "{head}"
+    );
+    // A connection of its own, not to be kept.
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    drop(proxy);
+
+    let backend = recording_backend(healthy_but_broken).await;
+    config.upstreams[0].backends[0].addr = backend.addr;
+    config.upstreams[0].health = Some(checks(100, 1, 3));
+    let _proxy = start_proxy(config).await;
+    let head = backend.first_head_for("/health").await;
+    let host = format!("\r\nhost: {}\r\n", backend.addr);
+    assert!(head.contains(&host), "{head}");
 }
 
 #[tokio::test]

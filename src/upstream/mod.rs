@@ -89,6 +89,8 @@ pub struct Upstream {
     budget: RetryBudget,
     clock: Clock,
     pool: Arc<Pool>,
+    /// `Host` of the active checks when not each backend's address.
+    check_host: Option<http::HeaderValue>,
     checker: std::sync::Mutex<Option<crate::task::AbortOnDrop>>,
 }
 
@@ -161,6 +163,7 @@ impl Upstream {
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             clock: Clock::new(),
             checker: std::sync::Mutex::new(None),
+            check_host: check_host(&config),
             config,
             backends,
             pool,
@@ -467,7 +470,11 @@ impl Upstream {
         let mut request = Request::new(RequestBody::empty());
         *request.method_mut() = Method::GET;
         *request.uri_mut() = Uri::try_from(check.path.as_str()).map_err(|e| e.to_string())?;
-        if let Ok(host) = http::HeaderValue::from_str(backend.authority.as_str()) {
+        let host = match &self.check_host {
+            Some(host) => Ok(host.clone()),
+            None => http::HeaderValue::from_str(backend.authority.as_str()),
+        };
+        if let Ok(host) = host {
             request.headers_mut().insert(http::header::HOST, host);
         }
         request.headers_mut().insert(
@@ -490,6 +497,24 @@ impl Upstream {
             Err(format!("status {}", status.as_u16()))
         }
     }
+}
+
+/// The `Host` of an upstream's active checks unless it is each backend's
+/// address: `[upstream.health] host`, else `tls_server_name`, the name the
+/// backends' certificates carry and so the likeliest one they serve (as a
+/// client that reached `https://name/`, without a port).
+fn check_host(config: &config::Upstream) -> Option<http::HeaderValue> {
+    let given = config.health.as_ref()?.host.clone();
+    let host = given.or_else(|| {
+        let name = config.tls.as_ref()?.server_name.as_ref()?;
+        // A Host puts an IPv6 address in brackets; a server name does not.
+        Some(match name.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{name}]"),
+            Err(_) => name.clone(),
+        })
+    })?;
+    // Validated with the config; one built in code falls back to the address.
+    http::HeaderValue::from_str(&host).ok()
 }
 
 /// The active checker of one upstream: all backends every `interval`, with
@@ -659,5 +684,54 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
         SendError::Http(source) => ProxyError::Upstream { backend, source },
         // Returned above; no cause to walk.
         SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_host_is_the_given_one_else_the_tls_server_name() {
+        let upstream = |host: Option<&str>, server_name: Option<&str>| {
+            let mut upstream = config::Upstream::new("a", Vec::new());
+            upstream.health = Some(config::HealthCheck {
+                host: host.map(str::to_owned),
+                ..config::HealthCheck::default()
+            });
+            upstream.tls = server_name.map(|name| config::UpstreamTls {
+                server_name: Some(name.to_owned()),
+                ca: None,
+                ca_certs: Vec::new(),
+            });
+            upstream
+        };
+        for (host, server_name, expected) in [
+            (None, None, None),
+            (
+                Some("status.internal:8080"),
+                None,
+                Some("status.internal:8080"),
+            ),
+            (
+                Some("status.internal"),
+                Some("api.internal"),
+                Some("status.internal"),
+            ),
+            (None, Some("api.internal"), Some("api.internal")),
+            (None, Some("10.0.0.7"), Some("10.0.0.7")),
+            (None, Some("fd00::7"), Some("[fd00::7]")),
+        ] {
+            let found = check_host(&upstream(host, server_name));
+            assert_eq!(
+                found.as_ref().map(|h| h.to_str().unwrap()),
+                expected,
+                "{host:?} {server_name:?}"
+            );
+        }
+        // No checks, no check host.
+        let mut unchecked = upstream(Some("status.internal"), None);
+        unchecked.health = None;
+        assert_eq!(check_host(&unchecked), None);
     }
 }

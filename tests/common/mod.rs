@@ -306,6 +306,23 @@ impl Recording {
     }
 }
 
+impl Recording {
+    /// The head of the first request for `target`, lower-cased; waits for
+    /// one at most [`STEP`].
+    pub async fn first_head_for(&self, target: &str) -> String {
+        let first = tokio::time::timeout(STEP, async {
+            loop {
+                if let Some(head) = self.heads_for(target).into_iter().next() {
+                    return head.to_ascii_lowercase();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        first.unwrap_or_else(|_| panic!("no request for {target} within STEP"))
+    }
+}
+
 /// [`scripted_backend`], recording what it gets (see [`Recording`]).
 pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
     use tokio::io::AsyncWriteExt;
