@@ -19,14 +19,20 @@ use tokio::sync::Notify;
 
 fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32) -> Config {
     let mut config = config_for(backends);
-    config.upstreams[0].health = Some(HealthCheck {
+    config.upstreams[0].health = Some(checks(interval_ms, rise, fall));
+    config
+}
+
+/// `GET /health` every `interval_ms`, each given half that to answer.
+fn checks(interval_ms: u64, rise: u32, fall: u32) -> HealthCheck {
+    HealthCheck {
         path: "/health".into(),
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(interval_ms / 2),
         rise,
         fall,
-    });
-    config
+        ..HealthCheck::default()
+    }
 }
 
 /// Starts backend `b2` again on its old address and waits until the proxy
@@ -370,6 +376,124 @@ async fn with_every_backend_ejected_picks_still_take_turns() {
         seen_b.load(Ordering::SeqCst) - before_b,
     );
     assert_eq!((a, b), (3, 3));
+}
+
+/// Answers `/health` with a 200 and anything else with what is not HTTP:
+/// a grey failure, whose health path works while its real traffic fails.
+fn healthy_but_broken(head: &str) -> &'static [u8] {
+    if target_of(head) == "/health" {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    } else {
+        b"this is not http\r\n\r\n"
+    }
+}
+
+/// Sends GETs until backend `i` is ejected; returns when the request that
+/// ejected it was sent, a moment no later than the ejection.
+async fn eject(proxy: &RunningProxy, i: usize) -> tokio::time::Instant {
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never ejected");
+        let sent = tokio::time::Instant::now();
+        get(&client, &proxy.url("/orders/1")).await;
+        if proxy.backend_status()[i].ejected {
+            return sent;
+        }
+    }
+}
+
+/// How long backend `i`, ejected at `ejected` or later, stays ejected
+/// (at least: the status is polled).
+async fn out_for(proxy: &RunningProxy, i: usize, ejected: tokio::time::Instant) -> Duration {
+    proxy
+        .wait_until("the ejection to end", |s| !s[i].ejected)
+        .await;
+    ejected.elapsed()
+}
+
+#[tokio::test]
+async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
+    // Checks pass every 200 ms throughout; the backend must still sit out
+    // its 1 s backoff, and the next one must be 2 s, not 1 s again.
+    let good = start_backend(BackendOptions::new("b1")).await;
+    let grey = recording_backend(healthy_but_broken).await;
+    let mut config = Config::single_upstream(vec![], vec![good.addr(), grey.addr]);
+    config.upstreams[0].health = Some(checks(200, 1, 3));
+    let proxy = start_proxy(config).await;
+    let checked = || grey.heads_for("/health").len();
+
+    let ejected = eject(&proxy, 1).await;
+    let before = checked();
+    let waited = tokio::time::timeout(STEP, async {
+        while checked() < before + 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no checks while ejected");
+    let out = out_for(&proxy, 1, ejected).await;
+    assert!(out >= Duration::from_millis(900), "out for {out:?} only");
+
+    // The probe after the backoff fails: ejected again, for twice as long.
+    let ejected = eject(&proxy, 1).await;
+    let out = out_for(&proxy, 1, ejected).await;
+    assert!(out >= Duration::from_millis(1900), "out for {out:?} only");
+}
+
+#[tokio::test]
+async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
+    // It stops accepting while it goes on serving the keep-alive
+    // connection the proxy holds: checks sent on that one would pass
+    // for as long as it lasts. Each check makes a connection of its own.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepting = serve_early_answers(listener, accepted.clone());
+    let mut config = Config::single_upstream(vec![], vec![addr]);
+    config.upstreams[0].health = Some(checks(100, 1, 2));
+    let proxy = start_proxy(config).await;
+    assert_eq!(get(&client(), &proxy.url("/")).await.status, StatusCode::OK);
+    let waited = tokio::time::timeout(STEP, async {
+        while accepted.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "checks reused a connection");
+
+    accepting.abort();
+    let _ = accepting.await;
+    proxy
+        .wait_until("the backend to be marked down", |s| !s[0].active_up)
+        .await;
+}
+
+#[tokio::test]
+async fn checks_say_the_configured_host_else_the_backend_address() {
+    let backend = recording_backend(healthy_but_broken).await;
+    let mut config = Config::single_upstream(vec![], vec![backend.addr]);
+    config.upstreams[0].health = Some(HealthCheck {
+        host: Some("status.internal:8080".into()),
+        ..checks(100, 1, 3)
+    });
+    let proxy = start_proxy(config.clone()).await;
+    let head = backend.first_head_for("/health").await;
+    assert!(
+        head.contains("\r\nhost: status.internal:8080\r\n"),
+        "{head}"
+    );
+    // A connection of its own, not to be kept.
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    drop(proxy);
+
+    let backend = recording_backend(healthy_but_broken).await;
+    config.upstreams[0].backends[0].addr = backend.addr;
+    config.upstreams[0].health = Some(checks(100, 1, 3));
+    let _proxy = start_proxy(config).await;
+    let head = backend.first_head_for("/health").await;
+    let host = format!("\r\nhost: {}\r\n", backend.addr);
+    assert!(head.contains(&host), "{head}");
 }
 
 #[tokio::test]

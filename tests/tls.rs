@@ -396,6 +396,41 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The active checks of a `tls` upstream go over TLS and say its
+/// `tls_server_name` as their Host.
+#[tokio::test]
+async fn checks_of_a_tls_upstream_use_tls_and_its_server_name() {
+    let ok = |_: &str| -> &'static [u8] {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    };
+    let recording = recording_backend(ok).await;
+    let cert = self_signed_for(&["backend.test"]);
+    let dir = temp_dir("checks");
+    // A portico ending TLS in front of it, passing the Host on.
+    let (https_backend, _stop) = start_tls_proxy(
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![recording.addr]),
+        tls_listener(&dir, &[("backend", &cert)]),
+    )
+    .await;
+    let mut config =
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![https_backend]);
+    config.upstreams[0].tls = Some(portico::config::UpstreamTls {
+        server_name: Some("backend.test".into()),
+        ca: None,
+        ca_certs: vec![cert.der.clone()],
+    });
+    config.upstreams[0].health = Some(portico::config::HealthCheck {
+        interval: std::time::Duration::from_millis(100),
+        timeout: std::time::Duration::from_millis(100),
+        ..Default::default()
+    });
+    let _proxy = start_proxy(config).await;
+    // A plain-text check would not get past the TLS listener.
+    let head = recording.first_head_for("/health").await;
+    assert!(head.contains("\r\nhost: backend.test\r\n"), "{head}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An idle backend connection is parked after a second as a bare socket
 /// (hyper's buffers freed) and taken up again by the next request, TLS
 /// session and all: no new TCP connection, no new handshake.

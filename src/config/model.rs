@@ -112,6 +112,9 @@ pub struct UpstreamTls {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
     pub path: String,
+    /// `Host` of the checks (`name[:port]`, a valid Host); `None` for the
+    /// upstream's `tls_server_name` if set, else each backend's address.
+    pub host: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -247,6 +250,7 @@ impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
             path: "/health".into(),
+            host: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             rise: 2,

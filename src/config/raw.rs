@@ -163,6 +163,7 @@ pub struct Upstream {
 #[derive(Debug, Deserialize)]
 pub struct Health {
     pub path: Option<Str>,
+    pub host: Option<Str>,
     pub interval: Option<Str>,
     pub timeout: Option<Str>,
     pub rise: Option<Spanned<i64>>,

@@ -334,6 +334,53 @@ fn every_error_names_file_line_col_and_key() {
 }
 
 #[test]
+fn health_check_host_takes_a_host_header_value() {
+    let with_host = |host: &str| {
+        format!(
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\nhost = \"{host}\"\n[[route]]\nupstream = \"a\"\n"
+        )
+    };
+    for good in [
+        "status.internal",
+        "Status.Internal:8080",
+        "10.0.0.1",
+        "[::1]:8443",
+    ] {
+        let config = check(&with_host(good)).unwrap();
+        let health = config.upstreams[0].health.as_ref().unwrap();
+        assert_eq!(health.host.as_deref(), Some(good));
+    }
+    let config = check(
+        MINIMAL
+            .replace("[[route]]", "[upstream.health]\n[[route]]")
+            .as_str(),
+    );
+    assert_eq!(
+        config.unwrap().upstreams[0].health.as_ref().unwrap().host,
+        None
+    );
+    for bad in [
+        "",
+        "a b",
+        "user@status",
+        "status/health",
+        "a,b",
+        "status:80x",
+        "::1",
+        "[::1",
+        "é.internal",
+    ] {
+        assert_eq!(
+            errors(&with_host(bad)),
+            [format!(
+                "test.toml:5:8: upstream[0].health.host: `{bad}` is not a valid Host: write `name` or `name:port` (an IPv6 address in brackets)"
+            )],
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
 fn an_unreadable_file_is_reported_with_its_path() {
     let err = load(Path::new("/nonexistent/portico.toml")).unwrap_err();
     assert!(err

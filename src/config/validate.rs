@@ -849,6 +849,21 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
             d.path.clone()
         }
     };
+    let host = h.host.as_ref().and_then(|v| {
+        let host = v.get_ref();
+        // One `name[:port]`: a comma would read as a list of them.
+        if crate::proxy::headers::valid_host(host.as_bytes()) && !host.contains(',') {
+            return Some(host.clone());
+        }
+        r.at(
+            v.span(),
+            format!("{key}.host"),
+            format!(
+                "`{host}` is not a valid Host: write `name` or `name:port` (an IPv6 address in brackets)"
+            ),
+        );
+        None
+    });
     let interval = positive(
         r,
         &format!("{key}.interval"),
@@ -871,6 +886,7 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
     }
     HealthCheck {
         path,
+        host,
         interval,
         timeout,
         rise: integer(r, &format!("{key}.rise"), h.rise.as_ref(), d.rise, 1),

@@ -5,8 +5,11 @@
 //! watches real traffic: `fall` consecutive connect failures, broken
 //! responses or timeouts eject a backend for a backoff that doubles on each
 //! repeated ejection (1 s up to 30 s). When it ends, the next request is a
-//! probe: one more failure ejects again, a success (or a passing active
-//! check) clears the record.
+//! probe: one more failure ejects again, a success clears the record.
+//! The two are independent: a passing check neither ends an ejection nor
+//! resets its backoff, as a backend may answer its health path while its
+//! real traffic fails (a grey failure), and only that traffic can say it
+//! works again.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -142,7 +145,8 @@ impl BackendState {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A request or check succeeded.
+    /// A request on live traffic succeeded (never an active check: see
+    /// the module's doc).
     pub fn record_success(&self) -> Option<Passive> {
         // Cheap read first: the common case changes nothing and writes no
         // shared cache line.

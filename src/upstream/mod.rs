@@ -90,6 +90,8 @@ pub struct Upstream {
     retries: crate::metrics::Retries,
     clock: Clock,
     pool: Arc<Pool>,
+    /// `Host` of the active checks when not each backend's address.
+    check_host: Option<http::HeaderValue>,
     checker: std::sync::Mutex<Option<crate::task::AbortOnDrop>>,
 }
 
@@ -163,6 +165,7 @@ impl Upstream {
             retries: metrics.retries(&config.name),
             clock: Clock::new(),
             checker: std::sync::Mutex::new(None),
+            check_host: check_host(&config),
             config,
             backends,
             pool,
@@ -469,38 +472,58 @@ impl Upstream {
         }
     }
 
-    /// One active check of backend `index`: 2xx or 3xx within `timeout`.
+    /// One active check of backend `index`: 2xx or 3xx within `timeout`,
+    /// on a connection of its own (see [`Pool::probe`]).
     async fn check(&self, index: usize, check: &config::HealthCheck) -> Result<(), String> {
         let backend = &self.backends[index];
         let mut request = Request::new(RequestBody::empty());
         *request.method_mut() = Method::GET;
         *request.uri_mut() = Uri::try_from(check.path.as_str()).map_err(|e| e.to_string())?;
-        if let Ok(host) = http::HeaderValue::from_str(backend.authority.as_str()) {
+        let host = match &self.check_host {
+            Some(host) => Ok(host.clone()),
+            None => http::HeaderValue::from_str(backend.authority.as_str()),
+        };
+        if let Ok(host) = host {
             request.headers_mut().insert(http::header::HOST, host);
         }
         request.headers_mut().insert(
             http::header::USER_AGENT,
             http::HeaderValue::from_static("portico-health-check"),
         );
-        let attempt = async {
-            let response = self
-                .send(index, request, false)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            // Drain the body so the connection returns to the pool.
-            let _ = http_body_util::BodyExt::collect(response.into_body()).await;
-            if status.is_success() || status.is_redirection() {
-                Ok(())
-            } else {
-                Err(format!("status {}", status.as_u16()))
-            }
-        };
-        match tokio::time::timeout(check.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        request.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        let status =
+            match tokio::time::timeout(check.timeout, self.pool.probe(index, request)).await {
+                Err(_) => return Err(format!("no answer within {:?}", check.timeout)),
+                Ok(Err(e)) => return Err(classify(backend.addr, e).to_string()),
+                Ok(Ok(status)) => status,
+            };
+        if status.is_success() || status.is_redirection() {
+            Ok(())
+        } else {
+            Err(format!("status {}", status.as_u16()))
         }
     }
+}
+
+/// The `Host` of an upstream's active checks unless it is each backend's
+/// address: `[upstream.health] host`, else `tls_server_name`, the name the
+/// backends' certificates carry and so the likeliest one they serve (as a
+/// client that reached `https://name/`, without a port).
+fn check_host(config: &config::Upstream) -> Option<http::HeaderValue> {
+    let given = config.health.as_ref()?.host.clone();
+    let host = given.or_else(|| {
+        let name = config.tls.as_ref()?.server_name.as_ref()?;
+        // A Host puts an IPv6 address in brackets; a server name does not.
+        Some(match name.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{name}]"),
+            Err(_) => name.clone(),
+        })
+    })?;
+    // Validated with the config; one built in code falls back to the address.
+    http::HeaderValue::from_str(&host).ok()
 }
 
 /// The active checker of one upstream: all backends every `interval`, with
@@ -537,12 +560,9 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
         let mut changed = false;
         for (i, result) in results.into_iter().enumerate() {
             let backend = &upstream.backends[i];
-            let ok = result.is_ok();
-            if ok {
-                // A passing check also ends a passive ejection.
-                backend.state.record_success();
-            }
-            match counters[i].record(ok) {
+            // Only the active state: a passing check leaves a passive
+            // ejection and its backoff alone (see `health`).
+            match counters[i].record(result.is_ok()) {
                 Some(Health::Down) => {
                     backend.state.set_active_up(false);
                     changed = true;
@@ -673,5 +693,54 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
         SendError::Http(source) => ProxyError::Upstream { backend, source },
         // Returned above; no cause to walk.
         SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_host_is_the_given_one_else_the_tls_server_name() {
+        let upstream = |host: Option<&str>, server_name: Option<&str>| {
+            let mut upstream = config::Upstream::new("a", Vec::new());
+            upstream.health = Some(config::HealthCheck {
+                host: host.map(str::to_owned),
+                ..config::HealthCheck::default()
+            });
+            upstream.tls = server_name.map(|name| config::UpstreamTls {
+                server_name: Some(name.to_owned()),
+                ca: None,
+                ca_certs: Vec::new(),
+            });
+            upstream
+        };
+        for (host, server_name, expected) in [
+            (None, None, None),
+            (
+                Some("status.internal:8080"),
+                None,
+                Some("status.internal:8080"),
+            ),
+            (
+                Some("status.internal"),
+                Some("api.internal"),
+                Some("status.internal"),
+            ),
+            (None, Some("api.internal"), Some("api.internal")),
+            (None, Some("10.0.0.7"), Some("10.0.0.7")),
+            (None, Some("fd00::7"), Some("[fd00::7]")),
+        ] {
+            let found = check_host(&upstream(host, server_name));
+            assert_eq!(
+                found.as_ref().map(|h| h.to_str().unwrap()),
+                expected,
+                "{host:?} {server_name:?}"
+            );
+        }
+        // No checks, no check host.
+        let mut unchecked = upstream(Some("status.internal"), None);
+        unchecked.health = None;
+        assert_eq!(check_host(&unchecked), None);
     }
 }

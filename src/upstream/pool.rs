@@ -304,6 +304,30 @@ impl Pool {
         }
     }
 
+    /// Sends `request` on a connection made for it alone, reads the answer
+    /// to its end and closes the connection: an active check. A pooled
+    /// connection would hide a backend that takes no new ones (listener
+    /// closed, accept queue full), so a check makes its own, TLS included,
+    /// as HAProxy's and nginx Plus's do; a refused or timed-out connect
+    /// fails it. The caller bounds the whole exchange.
+    pub(super) async fn probe(
+        &self,
+        index: usize,
+        request: Request<RequestBody>,
+    ) -> Result<http::StatusCode, SendError> {
+        let mut conn = self.connect(index, false).await?;
+        let response = conn
+            .sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Http)?;
+        let status = response.status();
+        // Read to the end so the backend finishes its answer before the
+        // connection closes with `conn`.
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+        Ok(status)
+    }
+
     /// The freshest usable idle connection to backend `index`. Never waits:
     /// a connection still finishing its last exchange (a backend that
     /// answered before reading the whole upload) goes back once it is done.

@@ -282,36 +282,94 @@ pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
 pub async fn counted_scripted_backend(
     answer: fn(&str) -> &'static [u8],
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    let backend = recording_backend(answer).await;
+    (backend.addr, backend.accepted)
+}
+
+/// A [`scripted_backend`] that keeps count of its connections and the
+/// heads it was sent.
+pub struct Recording {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recording {
+    /// The heads received so far whose target is `target`.
+    pub fn heads_for(&self, target: &str) -> Vec<String> {
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .filter(|head| target_of(head) == target)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Recording {
+    /// The head of the first request for `target`, lower-cased; waits for
+    /// one at most [`STEP`].
+    pub async fn first_head_for(&self, target: &str) -> String {
+        let first = tokio::time::timeout(STEP, async {
+            loop {
+                if let Some(head) = self.heads_for(target).into_iter().next() {
+                    return head.to_ascii_lowercase();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        first.unwrap_or_else(|_| panic!("no request for {target} within STEP"))
+    }
+}
+
+/// [`scripted_backend`], recording what it gets (see [`Recording`]).
+pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let recording = Recording {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::new(AtomicUsize::new(0)),
+        heads: Arc::default(),
+    };
+    let (accepted, heads) = (recording.accepted.clone(), recording.heads.clone());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let heads = heads.clone();
             tokio::spawn(async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
                 };
-                let _ = stream
-                    .write_all(answer(&String::from_utf8_lossy(&head)))
-                    .await;
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let reply = answer(&head);
+                heads.lock().unwrap().push(head);
+                let _ = stream.write_all(reply).await;
             });
         }
     });
-    (addr, accepted)
+    recording
 }
 
 /// A keep-alive backend that answers `200 ok` to each request as soon as
 /// its head is in, before reading its body (which it then reads): an
 /// upload answered early. Counts the connections it accepts.
 pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    serve_early_answers(listener, accepted.clone());
+    (addr, accepted)
+}
+
+/// [`early_answer_backend`] on `listener`, counting in `count`. Aborting
+/// the task returned closes the listener (new connects are refused) while
+/// the connections already accepted go on being served.
+pub fn serve_early_answers(
+    listener: tokio::net::TcpListener,
+    count: Arc<AtomicUsize>,
+) -> JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
@@ -332,8 +390,7 @@ pub async fn early_answer_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                 }
             });
         }
-    });
-    (addr, accepted)
+    })
 }
 
 /// Where the HTTP/1 head at the start of `got` ends, and the
