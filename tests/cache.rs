@@ -1512,8 +1512,15 @@ async fn a_body_cut_short_by_the_backend_is_never_stored() {
 
 #[tokio::test]
 async fn admin_purge_by_prefix() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy_with_admin(cached(&[&backend]), Some("t"), None).await;
+    // Any path, every spelling of it, is a stored 200 (the sample backend
+    // answers one URL per list).
+    let backend = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let config = with_cache(Config::single_upstream(listen, vec![backend]));
+    let proxy = start_proxy_with_admin(config, Some("t"), None).await;
     let client = client();
     get(&client, &proxy.url("/users/1/orders")).await;
     get(&client, &proxy.url("/users/2/orders")).await;

@@ -103,6 +103,11 @@ async fn a_posted_order_is_created_then_confirmed_by_the_worker() {
 async fn malformed_requests_get_json_errors() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let client = client();
+    let long_sku: &'static str = format!(
+        r#"{{"items":[{{"sku":"{}","qty":1}}],"amount_cents":1,"email":"a@b"}}"#,
+        "A".repeat(65)
+    )
+    .leak();
     let post = |path: &str, body: &'static str| {
         Request::post(url(&backend, path))
             .body(Full::new(Bytes::from_static(body.as_bytes())))
@@ -123,6 +128,45 @@ async fn malformed_requests_get_json_errors() {
         (post("/users/x/orders", "{}"), StatusCode::BAD_REQUEST),
         (post("/health", ""), StatusCode::METHOD_NOT_ALLOWED),
         (post("/nowhere", ""), StatusCode::NOT_FOUND),
+        // JSON objects only, not serde's array form of a struct.
+        (
+            post("/users/1/orders", r#"[[["A-1",2]],1999,"a@example.com"]"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(
+                "/users/1/orders",
+                r#"{"items":[["A-1",2]],"amount_cents":1,"email":"a@b"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A sku is printable and at most 64 characters.
+        (
+            post(
+                "/users/1/orders",
+                r#"{"items":[{"sku":"A\u001b[31m","qty":1}],"amount_cents":1,"email":"a@b"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (post("/users/1/orders", long_sku), StatusCode::BAD_REQUEST),
+        // A content coding the backend does not decode (RFC 9110 §15.5.16).
+        (
+            {
+                let mut coded = post("/users/1/orders", VALID_ORDER);
+                coded
+                    .headers_mut()
+                    .insert("content-encoding", "gzip".parse().unwrap());
+                coded
+            },
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        // One URL per list: a leading `//` is not another spelling of it.
+        (
+            Request::get(url(&backend, "//users/1/orders"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+        ),
     ];
     for (request, want) in cases {
         let path = request.uri().path().to_owned();
@@ -135,6 +179,7 @@ async fn malformed_requests_get_json_errors() {
     }
     let unknown = get(&client, &url(&backend, "/orders/ORDER-999")).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(backend.orders_created(), 0);
 }
 
 #[tokio::test]

@@ -144,7 +144,10 @@ pub async fn handle(ctx: Arc<Context>, request: Request<Incoming>) -> Response<B
 
 async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // One slash off, not all: `//users/1/orders` is not a second URL of
+    // user 1's list (which a cache would invalidate apart), but a 404, as
+    // `/users//1/orders` is.
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
     let method = request.method().clone();
     let read = method == Method::GET || method == Method::HEAD;
     match segments.as_slice() {
@@ -359,6 +362,19 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
             "an order is sent as application/json",
         );
     }
+    // RFC 9110 §15.5.16: a content coding the server does not decode is a
+    // 415 too, not a body that fails to parse.
+    let coded = request
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if coded {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "an order is sent without a content coding",
+        );
+    }
     let body = match Limited::new(request.into_body(), MAX_ORDER_BODY)
         .collect()
         .await
@@ -369,7 +385,7 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
         }
         Err(_) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
     };
-    let new: NewOrder = match serde_json::from_slice(&body) {
+    let new = match parse_order(&body) {
         Ok(new) => new,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid order: {e}")),
     };
@@ -385,6 +401,18 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
         Err(e @ ServiceError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
     }
+}
+
+/// An order as JSON objects only: serde would also take a struct as an
+/// array of its fields in order (`[[["A-1",2]],1999,"a@b.c"]`), a form no
+/// client is told of and which `deny_unknown_fields` cannot check.
+fn parse_order(body: &[u8]) -> Result<NewOrder, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let items = value.get("items").and_then(serde_json::Value::as_array);
+    if !value.is_object() || items.is_some_and(|items| !items.iter().all(|i| i.is_object())) {
+        return Err("an order and each of its items are JSON objects".to_owned());
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
 /// Whether a request body is declared JSON (`application/json`, with any

@@ -55,6 +55,9 @@ struct WorkerHandle {
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The longest sku, in characters.
+const MAX_SKU_CHARS: usize = 64;
+
 /// The rules a new order must meet.
 pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
     if order.items.is_empty() {
@@ -62,6 +65,15 @@ pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
     }
     if order.items.iter().any(|item| item.sku.trim().is_empty()) {
         return Err(ServiceError::Invalid("every item needs a sku"));
+    }
+    // A stock-keeping code, shown in lists and logs: printable, and short
+    // (a 1 MiB one would ride along in every later list of the user's).
+    let sku_ok =
+        |sku: &str| sku.chars().count() <= MAX_SKU_CHARS && !sku.chars().any(char::is_control);
+    if !order.items.iter().all(|item| sku_ok(&item.sku)) {
+        return Err(ServiceError::Invalid(
+            "a sku is at most 64 characters, none of them control characters",
+        ));
     }
     if order.items.iter().any(|item| item.qty == 0) {
         return Err(ServiceError::Invalid("qty must be at least 1"));
