@@ -584,6 +584,30 @@ async fn the_access_line_names_the_client_a_trusted_proxy_forwarded_for() {
     assert!(line.get("peer").is_none(), "{line}");
 }
 
+/// On a dual-stack listener an IPv4 client is `::ffff:a.b.c.d` to the
+/// socket; the access line and `X-Forwarded-For` write it as the IPv4
+/// address it is (review28c F7). Skipped where IPv6 cannot be bound.
+#[tokio::test]
+async fn a_dual_stack_listener_logs_and_forwards_ipv4_clients_as_ipv4() {
+    let (lines, _guard) = AccessLines::capture();
+    let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+        eprintln!("no IPv6 here: skipped");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_on(config_for(&[&backend]), listener).await;
+    let url = format!("http://127.0.0.1:{port}/echo/headers");
+    let answer = get(&client(), &url).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(seen["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    let line = lines.of("GET", "/echo/headers").await;
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    assert!(line.get("peer").is_none(), "{line}");
+    drop(proxy);
+}
+
 /// A GET whose first attempt met a closed port and was retried on the
 /// other backend: its line says so and names the backend that answered,
 /// and the upstream counts the retry.

@@ -91,7 +91,11 @@ impl AccessRecord {
             return None;
         }
         Some(AccessRecord {
-            client: crate::limit::client::client_ip(conn.peer, request.headers(), trusted),
+            // A dual-stack listener's IPv4 clients (`::ffff:a.b.c.d`) are
+            // written as the IPv4 addresses they are, one spelling per
+            // client whichever listener it reached.
+            client: crate::limit::client::client_ip(conn.peer, request.headers(), trusted)
+                .to_canonical(),
             peer: conn.peer,
             method: request.method().clone(),
             uri: request.uri().clone(),
@@ -107,7 +111,7 @@ impl AccessRecord {
     /// The trusted proxy that forwarded the request, when the client is
     /// another address.
     fn relayed_by(&self) -> Option<IpAddr> {
-        Some(self.peer.ip()).filter(|&peer| peer != self.client)
+        Some(self.peer.ip().to_canonical()).filter(|&peer| peer != self.client)
     }
 
     /// The target's path; a CONNECT's authority, which it has instead.
@@ -357,7 +361,7 @@ impl Drop for Tail {
 pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Display) {
     tracing::info!(
         target: "portico::access",
-        client = %client.ip(),
+        client = %client.ip().to_canonical(),
         method = "-",
         host = "-",
         path = "-",

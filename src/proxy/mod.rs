@@ -49,7 +49,9 @@ impl Conn {
         Conn {
             peer,
             proto,
-            forwarded_for: headers::forwarded_for(peer.ip()),
+            // IPv4 clients of a dual-stack listener as IPv4, as backends
+            // would see them on an IPv4 one.
+            forwarded_for: headers::forwarded_for(peer.ip().to_canonical()),
         }
     }
 }
