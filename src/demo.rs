@@ -51,9 +51,19 @@ pub async fn run_until(
     // A demo stops on Ctrl-C within seconds even with a client stuck
     // mid-request; the default 30 s suits production drains.
     config.server.shutdown_grace = std::time::Duration::from_secs(5);
-    let listeners = server::bind(&config.server.listen).await?;
+    // The demo's user wrote flags, not a file: a port in use names the flag
+    // that moves it.
+    let flag = |flag: &'static str| {
+        move |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{e} (choose another with {flag})"))
+        }
+    };
+    let listeners = server::bind(&config.server.listen)
+        .await
+        .map_err(flag("--listen"))?;
     let proxy_addr = listeners[0].local_addr()?;
-    let admin = server::bind_admin(admin).await?;
+    let admin = server::bind(&[admin]).await.map_err(flag("--admin"))?;
+    let admin = admin.into_iter().next().expect("one address, one listener");
     let admin_addr = admin.local_addr()?;
     // As `portico --config` logs it: one line per listener.
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
@@ -68,9 +78,11 @@ pub async fn run_until(
 }
 
 fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
+    let (proxy, admin) = (reachable(proxy), reachable(admin));
     let base = format!("http://{proxy}");
+    let plural = if backends.len() == 1 { "" } else { "s" };
     println!(
-        "portico demo: {} order backends behind {base}",
+        "portico demo: {} order backend{plural} behind {base}",
         backends.len()
     );
     for (i, addr) in backends.iter().enumerate() {
@@ -92,4 +104,14 @@ fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
     );
     println!();
     println!("Ctrl-C stops the proxy and the backends.");
+}
+
+/// An address to connect to for a listener on `addr`: a wildcard one
+/// (`0.0.0.0`, `[::]`) is reached on loopback, which a browser takes.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        ip if !ip.is_unspecified() => addr,
+        std::net::IpAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        std::net::IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+    }
 }

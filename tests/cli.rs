@@ -103,6 +103,26 @@ fn usage_errors_exit_2() {
     assert!(!help.contains("--config"), "{help}");
 }
 
+/// A demo whose port is taken exits 1 naming the flag that moves it: its
+/// user wrote flags, not a file.
+#[test]
+fn a_demo_port_in_use_names_the_flag_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    for (flag, other) in [("--listen", "--admin"), ("--admin", "--listen")] {
+        let out = Command::new(PORTICO)
+            .args(["demo", flag, &busy, other, "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains(&format!("choose another with {flag}")),
+            "{flag}: {said}"
+        );
+    }
+}
+
 /// DESIGN's standard flags are the order backend's too.
 #[test]
 fn the_order_backend_takes_the_standard_flags() {
