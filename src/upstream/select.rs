@@ -12,10 +12,17 @@
 //! - Random-two (power of two choices) compares two distinct eligible
 //!   backends drawn by weight and takes the less busy for its weight: near
 //!   least-conn balance without a herd on one "least" backend.
+//! - A retry takes its turn off the rotation ([`Turns`]) and goes to a
+//!   backend not [`Tried`] yet, so a failing backend is still tried first
+//!   by its share of requests only, and its retries are spread by weight
+//!   over the others rather than all given to its neighbour.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One backend as the selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
+    /// Up, and not to be passed over (tried already, say).
     pub eligible: bool,
     pub weight: u32,
     pub in_flight: usize,
@@ -62,6 +69,100 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
         cycle.push(weights[best].0);
     }
     cycle
+}
+
+/// The backends a request was already sent to, so that its retry passes
+/// them over: one bit per backend index modulo 64. With more than 64
+/// backends a retry may also pass over an untried one sharing a bit with a
+/// tried one (there are dozens of others); it never picks a tried one
+/// while an untried one can take it. A `Copy` word, not a list, so the
+/// request path allocates nothing for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    /// A first attempt's: nothing tried yet.
+    pub const NONE: Tried = Tried(0);
+
+    /// This set with backend `index` added.
+    pub fn with(self, index: usize) -> Tried {
+        Tried(self.0 | 1 << (index % 64))
+    }
+
+    pub fn contains(self, index: usize) -> bool {
+        self.0 & 1 << (index % 64) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The turn a pick takes, from one of an upstream's two counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// A first attempt's: the next turn of the shared rotation.
+    Rotation(usize),
+    /// A retry's: a turn off the rotation, which it leaves where it was.
+    Off(usize),
+}
+
+impl Turn {
+    pub fn number(self) -> usize {
+        match self {
+            Turn::Rotation(n) | Turn::Off(n) => n,
+        }
+    }
+}
+
+/// An upstream's turn counters. First attempts take turns of the rotation,
+/// one each, so over any run of requests each backend is tried first by
+/// its weight's share. Picks the rotation cannot serve take theirs off it:
+/// a retry (had it taken the next turn, a dead backend's neighbour would
+/// take every retry, and the dead one would come round again after N - 1
+/// requests instead of N: with two backends, first on every request), and
+/// a round-robin turn that fell on a backend out for a moment.
+#[derive(Debug, Default)]
+pub struct Turns {
+    rotation: AtomicUsize,
+    off: AtomicUsize,
+}
+
+impl Turns {
+    /// The turn of a pick for a request that has `tried` these backends.
+    pub fn take(&self, tried: Tried) -> Turn {
+        if tried.is_empty() {
+            Turn::Rotation(self.rotation.fetch_add(1, Ordering::Relaxed))
+        } else {
+            Turn::Off(self.off())
+        }
+    }
+
+    fn off(&self) -> usize {
+        self.off.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Smooth weighted round-robin at `turn`: a first attempt's turn indexes
+/// `cycle` (see [`weighted_cycle`]); when that backend cannot take it
+/// (ejected for a moment), and for a retry, the pick is by weight among
+/// those that can, at a turn off the rotation, so the turns are shared by
+/// weight rather than all given to the next backend in the cycle.
+pub fn round_robin(
+    cycle: &[usize],
+    turn: Turn,
+    turns: &Turns,
+    n: usize,
+    get: impl Fn(usize) -> Candidate,
+) -> Option<usize> {
+    let off = match turn {
+        Turn::Rotation(turn) => match cycle.get(turn % cycle.len().max(1)) {
+            Some(&i) if get(i).eligible => return Some(i),
+            _ => turns.off(),
+        },
+        Turn::Off(turn) => turn,
+    };
+    by_weight(n, off, get)
 }
 
 /// `a` carries less load for its weight than `b` (in flight / weight,
@@ -201,6 +302,113 @@ mod tests {
 
     fn busy(in_flight: usize) -> Candidate {
         Candidate { in_flight, ..up(1) }
+    }
+
+    /// Serves `requests` requests one after another as an upstream does:
+    /// every attempt at a backend in `failing` fails and is retried, by
+    /// `choose`, on one not tried yet. How often each backend was tried
+    /// first, and how often each served.
+    fn serve(
+        candidates: &[Candidate],
+        failing: &[usize],
+        requests: usize,
+        choose: impl Fn(Turn, &Turns, &dyn Fn(usize) -> Candidate) -> Option<usize>,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let turns = Turns::default();
+        let mut first = vec![0; candidates.len()];
+        let mut served = vec![0; candidates.len()];
+        for _ in 0..requests {
+            let mut tried = Tried::NONE;
+            loop {
+                let get = |i: usize| Candidate {
+                    eligible: candidates[i].eligible && !tried.contains(i),
+                    ..candidates[i]
+                };
+                let i = choose(turns.take(tried), &turns, &get).expect("a backend is up");
+                if tried.is_empty() {
+                    first[i] += 1;
+                }
+                if !failing.contains(&i) {
+                    served[i] += 1;
+                    break;
+                }
+                tried = tried.with(i);
+            }
+        }
+        (first, served)
+    }
+
+    fn round_robin_over(
+        candidates: &[Candidate],
+    ) -> impl Fn(Turn, &Turns, &dyn Fn(usize) -> Candidate) -> Option<usize> {
+        let cycle = weighted_cycle(candidates);
+        let n = candidates.len();
+        move |turn, turns, get| round_robin(&cycle, turn, turns, n, get)
+    }
+
+    #[test]
+    fn a_retry_leaves_the_round_robin_rotation_alone() {
+        // The failing backend is tried first by its share of requests,
+        // 1/N, and its retries are spread over the others. A retry that
+        // took the next turn made it 1/(N - 1): every request of two.
+        // (candidates, requests, how often each was tried first, served)
+        type Case<'a> = (&'a [Candidate], usize, &'a [usize], &'a [usize]);
+        let cases: &[Case] = &[
+            (&[up(1), up(1), up(1)], 30, &[10, 10, 10], &[0, 15, 15]),
+            (&[up(1), up(1)], 10, &[5, 5], &[0, 10]),
+            (
+                &[up(1), up(1), up(1), up(1)],
+                40,
+                &[10, 10, 10, 10],
+                &[0, 14, 13, 13],
+            ),
+            // Weighted: the rotation keeps its 1:3:1, the retries go 3:1.
+            (&[up(1), up(3), up(1)], 20, &[4, 12, 4], &[0, 15, 5]),
+        ];
+        for (candidates, requests, first, served) in cases {
+            let got = serve(candidates, &[0], *requests, round_robin_over(candidates));
+            assert_eq!(got, (first.to_vec(), served.to_vec()), "{candidates:?}");
+        }
+    }
+
+    #[test]
+    fn a_retry_leaves_the_least_conn_tie_rotation_alone() {
+        // Idle backends tie; their turns rotate as if nothing failed.
+        let candidates = [up(1), up(1), up(1)];
+        let got = serve(&candidates, &[0], 30, |turn, _, get| {
+            least_conn(3, turn.number(), get)
+        });
+        assert_eq!(got, (vec![10, 10, 10], vec![0, 15, 15]));
+    }
+
+    #[test]
+    fn retries_go_to_each_untried_backend_before_any_twice() {
+        // Two of four fail: a request tries each of them at most once.
+        let candidates = [up(1), up(1), up(1), up(1)];
+        let turns = Turns::default();
+        let choose = round_robin_over(&candidates);
+        let mut tried = Tried::NONE;
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let get = |i: usize| Candidate {
+                eligible: !tried.contains(i),
+                ..candidates[i]
+            };
+            let i = choose(turns.take(tried), &turns, &get).unwrap();
+            order.push(i);
+            tried = tried.with(i);
+        }
+        order.sort_unstable();
+        assert_eq!(order, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn tried_is_a_set_of_indices() {
+        let tried = Tried::NONE.with(3).with(70);
+        assert!(tried.contains(3) && tried.contains(70) && !tried.contains(4));
+        // Past 64 an index shares a bit: passed over, never picked twice.
+        assert!(tried.contains(6));
+        assert!(Tried::NONE.is_empty() && !tried.is_empty());
     }
 
     #[test]
