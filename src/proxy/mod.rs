@@ -589,7 +589,7 @@ fn forward_with_retries<'a>(
         upstream.record_request();
         let mut tried = Tried::NONE;
         let Some(mut index) = upstream.pick(tried) else {
-            return Err(ProxyError::NoHealthyBackend);
+            return Err(upstream.none_to_pick());
         };
         let mut attempt = 0;
         loop {

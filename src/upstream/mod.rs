@@ -60,6 +60,14 @@ impl Backend {
     pub fn in_flight(&self) -> InFlight {
         InFlight::new(self.state.clone())
     }
+
+    /// Weight 0: sent no new request by any balance mode, retries
+    /// included (see [`select::Candidate`]), while its requests in flight
+    /// finish and its health is still checked (HAProxy's `weight 0`,
+    /// nginx's `down`).
+    pub fn drained(&self) -> bool {
+        self.weight == 0
+    }
 }
 
 /// A backend's health as operators see it (admin `/status`, metrics).
@@ -67,10 +75,14 @@ impl Backend {
 pub struct BackendStatus {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// Takes traffic now: up by active checks and not passively ejected.
+    /// Healthy now: up by active checks and not passively ejected. It
+    /// takes traffic unless also `drained`; kept apart so an operator sees
+    /// whether a drained backend is fit to come back.
     pub up: bool,
     pub active_up: bool,
     pub ejected: bool,
+    /// Weight 0: takes no new requests whatever its health.
+    pub drained: bool,
     pub in_flight: usize,
 }
 
@@ -226,6 +238,7 @@ impl Upstream {
                 up: b.state.eligible(now),
                 active_up: b.state.active_up(),
                 ejected: b.state.ejected(now),
+                drained: b.drained(),
                 in_flight: b.state.in_flight(),
             })
             .collect()
@@ -247,7 +260,8 @@ impl Upstream {
 
     /// Backend `i` as a pick sees it: eligible when not `tried` and up, by
     /// the active checks and passive health both, or by the active checks
-    /// alone when `ejected_too`.
+    /// alone when `ejected_too`. (Drained ones are passed over by the
+    /// selection itself, for its weight.)
     fn candidate(&self, i: usize, now: u64, tried: Tried, ejected_too: bool) -> Candidate {
         let b = &self.backends[i];
         let up = if ejected_too {
@@ -276,7 +290,8 @@ impl Upstream {
     /// request would get a 503 until a backoff ran out (nginx marks all its
     /// peers live again then, Envoy routes to all hosts below its panic
     /// threshold); a success ends a backend's ejection at once. `None` only
-    /// when no backend is up by the active checks.
+    /// when no backend is up by the active checks, or every one that is
+    /// is drained.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
         let now = self.clock.now_ms();
         // One turn for every pass: taking one each would make the later
@@ -304,6 +319,16 @@ impl Upstream {
             Balance::RandomTwo => {
                 select::random_two(n, fastrand::u64(..), fastrand::u64(..), candidate)
             }
+        }
+    }
+
+    /// Why there is no backend to pick: every one drained (the operator's
+    /// doing, worth saying so) or none healthy.
+    pub fn none_to_pick(&self) -> ProxyError {
+        if self.backends.iter().all(Backend::drained) {
+            ProxyError::AllDrained
+        } else {
+            ProxyError::NoHealthyBackend
         }
     }
 

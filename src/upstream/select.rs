@@ -24,8 +24,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct Candidate {
     /// Up, and not to be passed over (tried already, say).
     pub eligible: bool,
+    /// 0 is drained: never picked, however eligible.
     pub weight: u32,
     pub in_flight: usize,
+}
+
+impl Candidate {
+    /// May be picked: eligible and not drained. Every pick below asks
+    /// this, so no balance mode, retries included, sends a drained
+    /// backend a request.
+    fn pickable(&self) -> bool {
+        self.eligible && self.weight > 0
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -43,7 +53,7 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     let eligible: Vec<(usize, u64)> = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.eligible && c.weight > 0)
+        .filter(|(_, c)| c.pickable())
         .map(|(i, c)| (i, u64::from(c.weight)))
         .collect();
     let divisor = eligible
@@ -157,7 +167,7 @@ pub fn round_robin(
 ) -> Option<usize> {
     let off = match turn {
         Turn::Rotation(turn) => match cycle.get(turn % cycle.len().max(1)) {
-            Some(&i) if get(i).eligible => return Some(i),
+            Some(&i) if get(i).pickable() => return Some(i),
             _ => turns.off(),
         },
         Turn::Off(turn) => turn,
@@ -172,10 +182,10 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
         < (b.in_flight as u128) * u128::from(a.weight.max(1))
 }
 
-/// A candidate's share of a walk by weight: its weight when eligible.
+/// A candidate's share of a walk by weight: its weight when pickable.
 fn share(c: Candidate) -> u64 {
-    if c.eligible {
-        u64::from(c.weight.max(1))
+    if c.pickable() {
+        u64::from(c.weight)
     } else {
         0
     }
@@ -212,7 +222,7 @@ pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Opt
     }
     // Eligibility may change between the reads: then a backend still
     // eligible takes the turn.
-    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).eligible))
+    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).pickable()))
 }
 
 /// The eligible candidate with the fewest requests in flight relative to
@@ -226,7 +236,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
     let mut tied_weight: u64 = 0;
     for i in 0..n {
         let c = get(i);
-        if !c.eligible {
+        if !c.pickable() {
             continue;
         }
         match &least {
@@ -245,7 +255,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         let c = get(i);
         // Read again: a backend may have changed meanwhile; what was
         // eligible and least at the first pass is still a fine answer.
-        if !c.eligible || lighter(&least, &c) {
+        if !c.pickable() || lighter(&least, &c) {
             continue;
         }
         last = Some(i);
@@ -255,7 +265,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         }
         point -= weight;
     }
-    last.or_else(|| (0..n).find(|&i| get(i).eligible))
+    last.or_else(|| (0..n).find(|&i| get(i).pickable()))
 }
 
 /// Power of two choices, as nginx's `random two least_conn`: two distinct
@@ -269,7 +279,7 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     // Eligibility may change between these reads (an ejection): the walk
     // then runs off the end, and a backend still eligible stands in,
     // rather than a pick that finds none.
-    let any = || (0..n).find(|&i| get(i).eligible);
+    let any = || (0..n).find(|&i| get(i).pickable());
     let a = at_point(n, r1 % total, None, &get).or_else(any)?;
     let rest = total.saturating_sub(share(get(a)));
     let Some(b) = (rest > 0)
@@ -400,6 +410,37 @@ mod tests {
         }
         order.sort_unstable();
         assert_eq!(order, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn no_balance_mode_picks_a_drained_backend() {
+        // Backend 1 is drained (weight 0), idle and up; the others busy.
+        let drained = up(0);
+        let candidates = [busy(5), drained, busy(3)];
+        let get = |i: usize| candidates[i];
+        let cycle = weighted_cycle(&candidates);
+        assert_eq!(cycle, [0, 2]);
+        let turns = Turns::default();
+        for turn in 0..12 {
+            let retry = Turn::Off(turn);
+            assert_ne!(round_robin(&cycle, retry, &turns, 3, get), Some(1));
+            assert_ne!(
+                round_robin(&cycle, turns.take(Tried::NONE), &turns, 3, get),
+                Some(1)
+            );
+            assert_ne!(by_weight(3, turn, get), Some(1));
+            assert_ne!(least_conn(3, turn, get), Some(1));
+            for r2 in 0..12 {
+                assert_ne!(random_two(3, turn as u64, r2, get), Some(1));
+            }
+        }
+        // Only drained ones: nothing to pick, as with none up.
+        let all = [up(0), up(0)];
+        let get = |i: usize| all[i];
+        assert!(weighted_cycle(&all).is_empty());
+        assert_eq!(round_robin(&[], Turn::Rotation(0), &turns, 2, get), None);
+        assert_eq!(least_conn(2, 0, get), None);
+        assert_eq!(random_two(2, 0, 1, get), None);
     }
 
     #[test]
