@@ -109,6 +109,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
                         "up": b.up,
                         "active_up": b.active_up,
                         "ejected": b.ejected,
+                        "drained": b.drained,
                         "in_flight": b.in_flight,
                     })
                 })
@@ -177,7 +178,7 @@ async fn handle(
             let down: Vec<&str> = proxy
                 .upstreams()
                 .iter()
-                .filter(|u| !u.status().iter().any(|b| b.up))
+                .filter(|u| !u.status().iter().any(|b| b.up && !b.drained))
                 .map(|u| u.name())
                 .collect();
             if down.is_empty() {
@@ -185,7 +186,10 @@ async fn handle(
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: no backend up in {}\n", down.join(", ")),
+                    format!(
+                        "not ready: no backend taking traffic (up and not drained) in {}\n",
+                        down.join(", ")
+                    ),
                 )
             }
         }

@@ -14,7 +14,6 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico::config::{Balance, Config, HealthCheck};
 use portico::sample::{self, BackendOptions, RunningBackend};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
 fn checked(backends: &[&RunningBackend], interval_ms: u64, rise: u32, fall: u32) -> Config {
@@ -182,32 +181,6 @@ async fn least_conn_steers_away_from_a_slow_backend() {
         "slow backend got {slow_share} of {}",
         answers.len()
     );
-}
-
-/// A backend that answers `/hold` once `release` is notified and anything
-/// else at once, naming itself in `X-Backend`; one request per connection.
-async fn holding_backend(name: &'static str, release: Arc<Notify>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let release = release.clone();
-            tokio::spawn(async move {
-                let Some(head) = read_head(&mut stream).await else {
-                    return;
-                };
-                if target_of(&String::from_utf8_lossy(&head)) == "/hold" {
-                    release.notified().await;
-                }
-                let ok = format!(
-                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: 2\r\n\
-                     connection: close\r\n\r\nok"
-                );
-                let _ = stream.write_all(ok.as_bytes()).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

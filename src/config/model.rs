@@ -76,7 +76,7 @@ pub enum Balance {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     pub addr: SocketAddr,
-    /// At least 1.
+    /// 0 to 1000; 0 is drained: no new requests, health still checked.
     pub weight: u32,
 }
 

@@ -124,6 +124,20 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
 }
 
 #[test]
+fn weight_zero_drains_a_backend_and_is_not_an_error() {
+    let config = check(
+        "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }, { addr = \"127.0.0.1:2\", weight = 1000 }]\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let weights: Vec<u32> = config.upstreams[0]
+        .backends
+        .iter()
+        .map(|b| b.weight)
+        .collect();
+    assert_eq!(weights, [0, 1000]);
+}
+
+#[test]
 fn every_error_names_file_line_col_and_key() {
     // (file text, expected error lines in order)
     let cases: &[(&str, &[&str])] = &[
@@ -161,8 +175,11 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:3:12: upstream[0].backends: an upstream needs at least one backend"],
         ),
         (
-            "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[route]]\nupstream = \"a\"\n",
-            &["test.toml:3:46: upstream[0].backends[0].weight: weight must be from 1 to 1000"],
+            "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = -1 },\n  { addr = \"127.0.0.1:2\", weight = 1001 }]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:46: upstream[0].backends[0].weight: weight must be from 0 (drained) to 1000",
+                "test.toml:4:36: upstream[0].backends[1].weight: weight must be from 0 (drained) to 1000",
+            ],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"localhost\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",

@@ -632,12 +632,12 @@ fn upstream(
         let weight = match &b.weight {
             None => 1,
             Some(w) => match u32::try_from(*w.get_ref()) {
-                Ok(n) if (1..=1000).contains(&n) => n,
+                Ok(n) if n <= 1000 => n,
                 _ => {
                     r.at(
                         w.span(),
                         format!("{bkey}.weight"),
-                        "weight must be from 1 to 1000",
+                        "weight must be from 0 (drained) to 1000",
                     );
                     1
                 }

@@ -35,6 +35,8 @@ pub enum ProxyError {
     ClientClosed,
     #[error("no healthy backend")]
     NoHealthyBackend,
+    #[error("every backend of the upstream is drained (weight 0)")]
+    AllDrained,
     #[error("client over its rate limit; may retry in {retry_after:?}")]
     Throttled {
         limit: u32,
@@ -79,7 +81,9 @@ impl ProxyError {
             ProxyError::ClientClosed => {
                 StatusCode::from_u16(super::CLIENT_CLOSED).expect("499 is a three-digit status")
             }
-            ProxyError::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyBackend | ProxyError::AllDrained => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -128,7 +132,15 @@ impl ProxyError {
 
     /// A short plain-text answer; details stay in the log, not on the wire.
     pub fn into_response(self) -> Response<ProxyBody> {
-        let mut response = error_response(self.status());
+        let mut response = match self {
+            // Not "no healthy backend": they may all be fine, and the
+            // operator who drained them may be the one reading.
+            ProxyError::AllDrained => plain_response(
+                self.status(),
+                "503 Service Unavailable: every backend is drained\n",
+            ),
+            _ => error_response(self.status()),
+        };
         if let ProxyError::Throttled {
             limit,
             retry_after,
@@ -159,6 +171,11 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
         closed if closed.as_u16() == super::CLIENT_CLOSED => "499 Client Closed Request\n",
         _ => "error\n",
     };
+    plain_response(status, text)
+}
+
+/// A plain-text, uncacheable `status` with `text` for its body.
+fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     let headers = response.headers_mut();

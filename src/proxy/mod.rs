@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
+use crate::upstream::select::Tried;
 use crate::upstream::{Upstream, UpstreamBody};
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
@@ -588,12 +589,12 @@ fn forward_with_retries<'a>(
         // Counted once the request is under way, not when the future is
         // made: one dropped unpolled sent nothing.
         upstream.record_request();
-        let mut skip = None;
+        let mut tried = Tried::NONE;
+        let Some(mut index) = upstream.pick(tried) else {
+            return Err(upstream.none_to_pick());
+        };
         let mut attempt = 0;
         loop {
-            let Some(index) = upstream.pick(skip) else {
-                return Err(ProxyError::NoHealthyBackend);
-            };
             let (parts, body) = next.take().expect("every attempt has a request");
             let (body, parked) = if retries > 0 && !bodiless {
                 body.park()
@@ -650,20 +651,24 @@ fn forward_with_retries<'a>(
             let Some(retry_body) = retry_body else {
                 return Err(error);
             };
-            // Another backend when there is one worth trying, else the same
-            // one again (see `retry_skip`); with none left at all, the
-            // original failure stands.
-            let next_skip = upstream.retry_skip(index);
-            if attempt >= retries || upstream.pick_is_empty(next_skip) || !upstream.try_retry() {
+            if attempt >= retries {
                 return Err(error);
             }
-            skip = next_skip;
+            // A backend not tried yet when there is one worth trying, else
+            // one tried already (see `Upstream::pick`); with none up at
+            // all, or no room in the budget, the original failure stands.
+            tried = tried.with(index);
+            let retry_index = match upstream.pick(tried) {
+                Some(retry_index) if upstream.try_retry() => retry_index,
+                _ => return Err(error),
+            };
             // As nginx logs each failed attempt: the client's answer,
             // and its access line, show only the last.
             tracing::warn!(
                 upstream = %upstream.name(), backend = %backend.addr, %error,
-                same_backend = next_skip.is_none(), "attempt failed; retrying"
+                same_backend = retry_index == index, "attempt failed; retrying"
             );
+            index = retry_index;
             attempt += 1;
             trace.retries = attempt;
             let head = replay.as_ref().expect("retries > 0 keeps the head");

@@ -13,7 +13,6 @@ mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -30,7 +29,7 @@ use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight, Passive};
 pub use pool::UpstreamBody;
 use pool::{Pool, SendError};
-use select::Candidate;
+use select::{Candidate, Tried, Turn};
 
 /// Largest read buffer of a backend connection: 64 KiB of body per read
 /// (what nginx's default 8 x 8 KiB `proxy_buffers` take in) plus room for
@@ -61,6 +60,14 @@ impl Backend {
     pub fn in_flight(&self) -> InFlight {
         InFlight::new(self.state.clone())
     }
+
+    /// Weight 0: sent no new request by any balance mode, retries
+    /// included (see [`select::Candidate`]), while its requests in flight
+    /// finish and its health is still checked (HAProxy's `weight 0`,
+    /// nginx's `down`).
+    pub fn drained(&self) -> bool {
+        self.weight == 0
+    }
 }
 
 /// A backend's health as operators see it (admin `/status`, metrics).
@@ -68,10 +75,14 @@ impl Backend {
 pub struct BackendStatus {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// Takes traffic now: up by active checks and not passively ejected.
+    /// Healthy now: up by active checks and not passively ejected. It
+    /// takes traffic unless also `drained`; kept apart so an operator sees
+    /// whether a drained backend is fit to come back.
     pub up: bool,
     pub active_up: bool,
     pub ejected: bool,
+    /// Weight 0: takes no new requests whatever its health.
+    pub drained: bool,
     pub in_flight: usize,
 }
 
@@ -83,9 +94,7 @@ pub struct Upstream {
     /// Smooth weighted round-robin cycle over the actively-up backends,
     /// rebuilt when active health changes.
     cycle: ArcSwap<Vec<usize>>,
-    next: AtomicUsize,
-    /// Round-robin turns that fell on an ejected backend, shared by weight.
-    spilled: AtomicUsize,
+    turns: select::Turns,
     budget: RetryBudget,
     retries: crate::metrics::Retries,
     clock: Clock,
@@ -159,8 +168,7 @@ impl Upstream {
         );
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
-            next: AtomicUsize::new(0),
-            spilled: AtomicUsize::new(0),
+            turns: select::Turns::default(),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             retries: metrics.retries(&config.name),
             clock: Clock::new(),
@@ -235,6 +243,7 @@ impl Upstream {
                 up: b.state.eligible(now),
                 active_up: b.state.active_up(),
                 ejected: b.state.ejected(now),
+                drained: b.drained(),
                 in_flight: b.state.in_flight(),
             })
             .collect()
@@ -254,86 +263,78 @@ impl Upstream {
             .store(Arc::new(select::weighted_cycle(&candidates)));
     }
 
-    fn candidate(&self, i: usize, now: u64, skip: Option<usize>) -> Candidate {
+    /// Backend `i` as a pick sees it: eligible when not `tried` and up, by
+    /// the active checks and passive health both, or by the active checks
+    /// alone when `ejected_too`. (Drained ones are passed over by the
+    /// selection itself, for its weight.)
+    fn candidate(&self, i: usize, now: u64, tried: Tried, ejected_too: bool) -> Candidate {
         let b = &self.backends[i];
+        let up = if ejected_too {
+            b.state.active_up()
+        } else {
+            b.state.eligible(now)
+        };
         Candidate {
-            eligible: Some(i) != skip && b.state.eligible(now),
+            eligible: up && !tried.contains(i),
             weight: b.weight,
             in_flight: b.state.in_flight(),
         }
     }
 
-    /// The backend for the next attempt, never `skip` (the one that just
-    /// failed). When every backend is out, the ones only passively ejected
-    /// take traffic again: those failures may be over, and without them
-    /// every request would get a 503 until a backoff ran out (nginx marks
-    /// all its peers live again then, Envoy routes to all hosts below its
-    /// panic threshold); a success ends a backend's ejection at once.
-    /// `None` only when no backend is up by the active checks.
-    pub fn pick(&self, skip: Option<usize>) -> Option<usize> {
+    /// The backend for the next attempt of a request that has `tried`
+    /// these backends (none, for its first attempt). A first attempt takes
+    /// the next turn of the rotation; a retry takes one off it, so it does
+    /// not shift which backend the next request goes to (see
+    /// [`select::Turns`]), and goes to a backend not tried yet when one is
+    /// up; failing that, a tried one that is up again (a keep-alive
+    /// connection the backend closed as it was reused is the usual cause,
+    /// and a new one may well work).
+    ///
+    /// When every backend is out, the ones only passively ejected take
+    /// traffic again: those failures may be over, and without them every
+    /// request would get a 503 until a backoff ran out (nginx marks all its
+    /// peers live again then, Envoy routes to all hosts below its panic
+    /// threshold); a success ends a backend's ejection at once. `None` only
+    /// when no backend is up by the active checks, or every one that is
+    /// is drained.
+    pub fn pick(&self, tried: Tried) -> Option<usize> {
         let now = self.clock.now_ms();
-        // One turn for both passes: taking one each would make the second
-        // land on the same parity every time (one backend of two).
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        self.choose(turn, |i| self.candidate(i, now, skip))
-            .or_else(|| {
-                self.choose(turn, |i| Candidate {
-                    eligible: Some(i) != skip && self.backends[i].state.active_up(),
-                    ..self.candidate(i, now, skip)
-                })
-            })
+        // One turn for every pass: taking one each would make the later
+        // ones land on the same parity every time (one backend of two).
+        let turn = self.turns.take(tried);
+        let pass =
+            |tried, ejected_too| self.choose(turn, |i| self.candidate(i, now, tried, ejected_too));
+        let retry = !tried.is_empty();
+        pass(tried, false)
+            .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
+            .or_else(|| pass(tried, true))
+            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
     }
 
     /// The balancer's choice among `candidate`s at `turn`.
-    fn choose(&self, turn: usize, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
+    fn choose(&self, turn: Turn, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
         let n = self.backends.len();
         match self.config.balance {
+            // Passively ejected backends stay in the cycle (ejection is
+            // short); `round_robin` shares their turns by weight.
             Balance::RoundRobin => {
-                let cycle = self.cycle.load();
-                // Passively ejected backends stay in the cycle (ejection
-                // is short); their turns are shared by weight among the
-                // others, not all given to the next one in the cycle.
-                match cycle.get(turn % cycle.len().max(1)) {
-                    Some(&i) if candidate(i).eligible => Some(i),
-                    _ => {
-                        let spilled = self.spilled.fetch_add(1, Ordering::Relaxed);
-                        select::by_weight(n, spilled, candidate)
-                    }
-                }
+                select::round_robin(&self.cycle.load(), turn, &self.turns, n, candidate)
             }
-            Balance::LeastConn => select::least_conn(n, turn, candidate),
+            Balance::LeastConn => select::least_conn(n, turn.number(), candidate),
             Balance::RandomTwo => {
                 select::random_two(n, fastrand::u64(..), fastrand::u64(..), candidate)
             }
         }
     }
 
-    /// True when no backend but `skip` could take a request now (see
-    /// [`Upstream::pick`]: an ejected one could).
-    pub fn pick_is_empty(&self, skip: Option<usize>) -> bool {
-        !(0..self.backends.len()).any(|i| Some(i) != skip && self.backends[i].state.active_up())
-    }
-
-    /// What a retry after backend `failed` must not go to: `failed`, when
-    /// another backend is up and not ejected, or when `failed` is itself
-    /// out (ejected, say picked as all were) and another is up by the
-    /// active checks; else nothing, and the retry may go to `failed` again
-    /// (a keep-alive connection it closed as it was reused is the usual
-    /// cause, and a new one may well work).
-    pub fn retry_skip(&self, failed: usize) -> Option<usize> {
-        let now = self.clock.now_ms();
-        let failed_out = !self.backends[failed].state.eligible(now);
-        let mut others = self
-            .backends
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != failed);
-        let skip = if failed_out {
-            others.any(|(_, b)| b.state.active_up())
+    /// Why there is no backend to pick: every one drained (the operator's
+    /// doing, worth saying so) or none healthy.
+    pub fn none_to_pick(&self) -> ProxyError {
+        if self.backends.iter().all(Backend::drained) {
+            ProxyError::AllDrained
         } else {
-            others.any(|(_, b)| b.state.eligible(now))
-        };
-        skip.then_some(failed)
+            ProxyError::NoHealthyBackend
+        }
     }
 
     pub fn backend(&self, index: usize) -> &Backend {

@@ -12,13 +12,30 @@
 //! - Random-two (power of two choices) compares two distinct eligible
 //!   backends drawn by weight and takes the less busy for its weight: near
 //!   least-conn balance without a herd on one "least" backend.
+//! - A retry takes its turn off the rotation ([`Turns`]) and goes to a
+//!   backend not [`Tried`] yet, so a failing backend is still tried first
+//!   by its share of requests only, and its retries are spread by weight
+//!   over the others rather than all given to its neighbour.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One backend as the selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
+    /// Up, and not to be passed over (tried already, say).
     pub eligible: bool,
+    /// 0 is drained: never picked, however eligible.
     pub weight: u32,
     pub in_flight: usize,
+}
+
+impl Candidate {
+    /// May be picked: eligible and not drained. Every pick below asks
+    /// this, so no balance mode, retries included, sends a drained
+    /// backend a request.
+    fn pickable(&self) -> bool {
+        self.eligible && self.weight > 0
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -36,7 +53,7 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     let eligible: Vec<(usize, u64)> = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.eligible && c.weight > 0)
+        .filter(|(_, c)| c.pickable())
         .map(|(i, c)| (i, u64::from(c.weight)))
         .collect();
     let divisor = eligible
@@ -64,6 +81,100 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     cycle
 }
 
+/// The backends a request was already sent to, so that its retry passes
+/// them over: one bit per backend index modulo 64. With more than 64
+/// backends a retry may also pass over an untried one sharing a bit with a
+/// tried one (there are dozens of others); it never picks a tried one
+/// while an untried one can take it. A `Copy` word, not a list, so the
+/// request path allocates nothing for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    /// A first attempt's: nothing tried yet.
+    pub const NONE: Tried = Tried(0);
+
+    /// This set with backend `index` added.
+    pub fn with(self, index: usize) -> Tried {
+        Tried(self.0 | 1 << (index % 64))
+    }
+
+    pub fn contains(self, index: usize) -> bool {
+        self.0 & 1 << (index % 64) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The turn a pick takes, from one of an upstream's two counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// A first attempt's: the next turn of the shared rotation.
+    Rotation(usize),
+    /// A retry's: a turn off the rotation, which it leaves where it was.
+    Off(usize),
+}
+
+impl Turn {
+    pub fn number(self) -> usize {
+        match self {
+            Turn::Rotation(n) | Turn::Off(n) => n,
+        }
+    }
+}
+
+/// An upstream's turn counters. First attempts take turns of the rotation,
+/// one each, so over any run of requests each backend is tried first by
+/// its weight's share. Picks the rotation cannot serve take theirs off it:
+/// a retry (had it taken the next turn, a dead backend's neighbour would
+/// take every retry, and the dead one would come round again after N - 1
+/// requests instead of N: with two backends, first on every request), and
+/// a round-robin turn that fell on a backend out for a moment.
+#[derive(Debug, Default)]
+pub struct Turns {
+    rotation: AtomicUsize,
+    off: AtomicUsize,
+}
+
+impl Turns {
+    /// The turn of a pick for a request that has `tried` these backends.
+    pub fn take(&self, tried: Tried) -> Turn {
+        if tried.is_empty() {
+            Turn::Rotation(self.rotation.fetch_add(1, Ordering::Relaxed))
+        } else {
+            Turn::Off(self.off())
+        }
+    }
+
+    fn off(&self) -> usize {
+        self.off.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Smooth weighted round-robin at `turn`: a first attempt's turn indexes
+/// `cycle` (see [`weighted_cycle`]); when that backend cannot take it
+/// (ejected for a moment), and for a retry, the pick is by weight among
+/// those that can, at a turn off the rotation, so the turns are shared by
+/// weight rather than all given to the next backend in the cycle.
+pub fn round_robin(
+    cycle: &[usize],
+    turn: Turn,
+    turns: &Turns,
+    n: usize,
+    get: impl Fn(usize) -> Candidate,
+) -> Option<usize> {
+    let off = match turn {
+        Turn::Rotation(turn) => match cycle.get(turn % cycle.len().max(1)) {
+            Some(&i) if get(i).pickable() => return Some(i),
+            _ => turns.off(),
+        },
+        Turn::Off(turn) => turn,
+    };
+    by_weight(n, off, get)
+}
+
 /// `a` carries less load for its weight than `b` (in flight / weight,
 /// compared by cross-multiplying, no division).
 fn lighter(a: &Candidate, b: &Candidate) -> bool {
@@ -71,10 +182,10 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
         < (b.in_flight as u128) * u128::from(a.weight.max(1))
 }
 
-/// A candidate's share of a walk by weight: its weight when eligible.
+/// A candidate's share of a walk by weight: its weight when pickable.
 fn share(c: Candidate) -> u64 {
-    if c.eligible {
-        u64::from(c.weight.max(1))
+    if c.pickable() {
+        u64::from(c.weight)
     } else {
         0
     }
@@ -111,7 +222,7 @@ pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Opt
     }
     // Eligibility may change between the reads: then a backend still
     // eligible takes the turn.
-    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).eligible))
+    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).pickable()))
 }
 
 /// The eligible candidate with the fewest requests in flight relative to
@@ -125,7 +236,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
     let mut tied_weight: u64 = 0;
     for i in 0..n {
         let c = get(i);
-        if !c.eligible {
+        if !c.pickable() {
             continue;
         }
         match &least {
@@ -144,7 +255,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         let c = get(i);
         // Read again: a backend may have changed meanwhile; what was
         // eligible and least at the first pass is still a fine answer.
-        if !c.eligible || lighter(&least, &c) {
+        if !c.pickable() || lighter(&least, &c) {
             continue;
         }
         last = Some(i);
@@ -154,7 +265,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         }
         point -= weight;
     }
-    last.or_else(|| (0..n).find(|&i| get(i).eligible))
+    last.or_else(|| (0..n).find(|&i| get(i).pickable()))
 }
 
 /// Power of two choices, as nginx's `random two least_conn`: two distinct
@@ -168,7 +279,7 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     // Eligibility may change between these reads (an ejection): the walk
     // then runs off the end, and a backend still eligible stands in,
     // rather than a pick that finds none.
-    let any = || (0..n).find(|&i| get(i).eligible);
+    let any = || (0..n).find(|&i| get(i).pickable());
     let a = at_point(n, r1 % total, None, &get).or_else(any)?;
     let rest = total.saturating_sub(share(get(a)));
     let Some(b) = (rest > 0)
@@ -201,6 +312,144 @@ mod tests {
 
     fn busy(in_flight: usize) -> Candidate {
         Candidate { in_flight, ..up(1) }
+    }
+
+    /// Serves `requests` requests one after another as an upstream does:
+    /// every attempt at a backend in `failing` fails and is retried, by
+    /// `choose`, on one not tried yet. How often each backend was tried
+    /// first, and how often each served.
+    fn serve(
+        candidates: &[Candidate],
+        failing: &[usize],
+        requests: usize,
+        choose: impl Fn(Turn, &Turns, &dyn Fn(usize) -> Candidate) -> Option<usize>,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let turns = Turns::default();
+        let mut first = vec![0; candidates.len()];
+        let mut served = vec![0; candidates.len()];
+        for _ in 0..requests {
+            let mut tried = Tried::NONE;
+            loop {
+                let get = |i: usize| Candidate {
+                    eligible: candidates[i].eligible && !tried.contains(i),
+                    ..candidates[i]
+                };
+                let i = choose(turns.take(tried), &turns, &get).expect("a backend is up");
+                if tried.is_empty() {
+                    first[i] += 1;
+                }
+                if !failing.contains(&i) {
+                    served[i] += 1;
+                    break;
+                }
+                tried = tried.with(i);
+            }
+        }
+        (first, served)
+    }
+
+    fn round_robin_over(
+        candidates: &[Candidate],
+    ) -> impl Fn(Turn, &Turns, &dyn Fn(usize) -> Candidate) -> Option<usize> {
+        let cycle = weighted_cycle(candidates);
+        let n = candidates.len();
+        move |turn, turns, get| round_robin(&cycle, turn, turns, n, get)
+    }
+
+    #[test]
+    fn a_retry_leaves_the_round_robin_rotation_alone() {
+        // The failing backend is tried first by its share of requests,
+        // 1/N, and its retries are spread over the others. A retry that
+        // took the next turn made it 1/(N - 1): every request of two.
+        // (candidates, requests, how often each was tried first, served)
+        type Case<'a> = (&'a [Candidate], usize, &'a [usize], &'a [usize]);
+        let cases: &[Case] = &[
+            (&[up(1), up(1), up(1)], 30, &[10, 10, 10], &[0, 15, 15]),
+            (&[up(1), up(1)], 10, &[5, 5], &[0, 10]),
+            (
+                &[up(1), up(1), up(1), up(1)],
+                40,
+                &[10, 10, 10, 10],
+                &[0, 14, 13, 13],
+            ),
+            // Weighted: the rotation keeps its 1:3:1, the retries go 3:1.
+            (&[up(1), up(3), up(1)], 20, &[4, 12, 4], &[0, 15, 5]),
+        ];
+        for (candidates, requests, first, served) in cases {
+            let got = serve(candidates, &[0], *requests, round_robin_over(candidates));
+            assert_eq!(got, (first.to_vec(), served.to_vec()), "{candidates:?}");
+        }
+    }
+
+    #[test]
+    fn a_retry_leaves_the_least_conn_tie_rotation_alone() {
+        // Idle backends tie; their turns rotate as if nothing failed.
+        let candidates = [up(1), up(1), up(1)];
+        let got = serve(&candidates, &[0], 30, |turn, _, get| {
+            least_conn(3, turn.number(), get)
+        });
+        assert_eq!(got, (vec![10, 10, 10], vec![0, 15, 15]));
+    }
+
+    #[test]
+    fn retries_go_to_each_untried_backend_before_any_twice() {
+        // Two of four fail: a request tries each of them at most once.
+        let candidates = [up(1), up(1), up(1), up(1)];
+        let turns = Turns::default();
+        let choose = round_robin_over(&candidates);
+        let mut tried = Tried::NONE;
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let get = |i: usize| Candidate {
+                eligible: !tried.contains(i),
+                ..candidates[i]
+            };
+            let i = choose(turns.take(tried), &turns, &get).unwrap();
+            order.push(i);
+            tried = tried.with(i);
+        }
+        order.sort_unstable();
+        assert_eq!(order, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn no_balance_mode_picks_a_drained_backend() {
+        // Backend 1 is drained (weight 0), idle and up; the others busy.
+        let drained = up(0);
+        let candidates = [busy(5), drained, busy(3)];
+        let get = |i: usize| candidates[i];
+        let cycle = weighted_cycle(&candidates);
+        assert_eq!(cycle, [0, 2]);
+        let turns = Turns::default();
+        for turn in 0..12 {
+            let retry = Turn::Off(turn);
+            assert_ne!(round_robin(&cycle, retry, &turns, 3, get), Some(1));
+            assert_ne!(
+                round_robin(&cycle, turns.take(Tried::NONE), &turns, 3, get),
+                Some(1)
+            );
+            assert_ne!(by_weight(3, turn, get), Some(1));
+            assert_ne!(least_conn(3, turn, get), Some(1));
+            for r2 in 0..12 {
+                assert_ne!(random_two(3, turn as u64, r2, get), Some(1));
+            }
+        }
+        // Only drained ones: nothing to pick, as with none up.
+        let all = [up(0), up(0)];
+        let get = |i: usize| all[i];
+        assert!(weighted_cycle(&all).is_empty());
+        assert_eq!(round_robin(&[], Turn::Rotation(0), &turns, 2, get), None);
+        assert_eq!(least_conn(2, 0, get), None);
+        assert_eq!(random_two(2, 0, 1, get), None);
+    }
+
+    #[test]
+    fn tried_is_a_set_of_indices() {
+        let tried = Tried::NONE.with(3).with(70);
+        assert!(tried.contains(3) && tried.contains(70) && !tried.contains(4));
+        // Past 64 an index shares a bit: passed over, never picked twice.
+        assert!(tried.contains(6));
+        assert!(Tried::NONE.is_empty() && !tried.is_empty());
     }
 
     #[test]

@@ -351,6 +351,33 @@ pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
     recording
 }
 
+/// A backend that answers `/hold` once `release` is notified and anything
+/// else at once, naming itself in `X-Backend`; one request per connection.
+pub async fn holding_backend(name: &'static str, release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                if target_of(&String::from_utf8_lossy(&head)) == "/hold" {
+                    release.notified().await;
+                }
+                let ok = format!(
+                    "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: 2\r\n\
+                     connection: close\r\n\r\nok"
+                );
+                let _ = stream.write_all(ok.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
 /// A keep-alive backend that answers `200 ok` to each request as soon as
 /// its head is in, before reading its body (which it then reads): an
 /// upload answered early. Counts the connections it accepts.

@@ -1,0 +1,174 @@
+//! Balancing around a failing backend and a drained one, over real
+//! sockets: a retry must not move the rotation, and weight 0 takes a
+//! backend out of it (and a reload puts it back) without cutting what it
+//! is still answering.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use portico::config::{Balance, Config, HealthCheck};
+use tokio::sync::Notify;
+
+/// Answers nothing: reads a request head and closes, which the proxy
+/// retries elsewhere (a connection lost before the response head).
+fn close_at_once(_head: &str) -> &'static [u8] {
+    b""
+}
+
+#[tokio::test]
+async fn a_failing_backend_is_tried_first_by_its_share_and_its_retries_are_spread() {
+    for balance in [Balance::RoundRobin, Balance::LeastConn] {
+        let (failing, attempts) = counted_scripted_backend(close_at_once).await;
+        let backends = start_backends(2).await;
+        let mut config = Config::single_upstream(
+            vec![],
+            vec![failing, backends[0].addr(), backends[1].addr()],
+        );
+        let upstream = &mut config.upstreams[0];
+        upstream.balance = balance;
+        // Checks an hour apart never run here; their `fall` of 100 keeps
+        // passive ejection (after `fall` failures) out of the counts.
+        upstream.health = Some(HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+            rise: 1,
+            fall: 100,
+            host: None,
+        });
+        let proxy = start_proxy(config).await;
+        let client = client();
+        for _ in 0..30 {
+            let answer = get(&client, &proxy.url("/health")).await;
+            assert_eq!(answer.status, StatusCode::OK, "{balance:?}");
+        }
+        // A retry that took the rotation's next turn made the failing
+        // backend first choice of every other request (15 of 30), and its
+        // neighbour the taker of every retry.
+        let served = [backends[0].requests(), backends[1].requests()];
+        assert_eq!(
+            (attempts.load(Ordering::SeqCst), served),
+            (10, [15, 15]),
+            "{balance:?}"
+        );
+        proxy.stop().await;
+    }
+}
+
+/// The config file of the drain test: one upstream over `backends`,
+/// weighted as given, checked every half second.
+fn write_weighted(file: &std::path::Path, backends: &[(std::net::SocketAddr, u32)]) {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(addr, weight)| format!("{{ addr = \"{addr}\", weight = {weight} }}"))
+        .collect();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [{}]\n\
+         [upstream.health]\npath = \"/health\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n\
+         [[route]]\nupstream = \"u\"\n",
+        list.join(", ")
+    );
+    std::fs::write(file, text).unwrap();
+}
+
+/// Sends `n` GETs one after another; counts them by `X-Backend`.
+async fn spread(proxy: &RunningProxy, n: usize) -> HashMap<String, usize> {
+    let client = client();
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let answer = get(&client, &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        *seen
+            .entry(answer.header("x-backend").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+fn counts(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
+    pairs.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[tokio::test]
+async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() {
+    let release = Arc::new(Notify::new());
+    let b1 = start_backend(portico::sample::BackendOptions::new("b1")).await;
+    let b2 = holding_backend("b2", release.clone()).await;
+    let b3 = start_backend(portico::sample::BackendOptions::new("b3")).await;
+    let (dir, file) = config_dir("balance-drain");
+    let weighted = |w2| [(b1.addr(), 1), (b2, w2), (b3.addr(), 1)];
+    write_weighted(&file, &weighted(1));
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
+    assert_eq!(
+        spread(&proxy, 30).await,
+        counts(&[("b1", 10), ("b2", 10), ("b3", 10)])
+    );
+
+    // Turn 30 is b1's, turn 31 b2's: a request b2 holds until released.
+    spread(&proxy, 1).await;
+    let held = tokio::spawn({
+        let (client, url) = (client(), proxy.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    proxy
+        .wait_until("the held request to reach b2", |s| s[1].in_flight == 1)
+        .await;
+
+    write_weighted(&file, &weighted(0));
+    proxy.shared.reload().expect("weight 0 is a valid config");
+    let status = proxy.backend_status();
+    assert!(status[1].drained && !status[0].drained, "{status:?}");
+    // Still checked and healthy, and its request still counted on it.
+    assert!(status[1].up && status[1].in_flight == 1, "{status:?}");
+    let json = get(&client(), &proxy.admin_url("/status")).await;
+    let json: serde_json::Value = serde_json::from_slice(&json.body).unwrap();
+    assert_eq!(json["upstreams"][0]["backends"][1]["drained"], true);
+    assert_eq!(json["upstreams"][0]["backends"][0]["drained"], false);
+    assert_eq!(spread(&proxy, 20).await, counts(&[("b1", 10), ("b3", 10)]));
+
+    // The request it held when drained finishes there.
+    release.notify_one();
+    let answer = tokio::time::timeout(STEP, held)
+        .await
+        .expect("held request answered in time")
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.header("x-backend")),
+        (StatusCode::OK, "b2")
+    );
+
+    write_weighted(&file, &weighted(1));
+    proxy.shared.reload().expect("weight back to 1");
+    assert!(!proxy.backend_status()[1].drained);
+    assert_eq!(
+        spread(&proxy, 30).await,
+        counts(&[("b1", 10), ("b2", 10), ("b3", 10)])
+    );
+
+    // Every backend drained: 503 (not 502: nothing tried), saying why,
+    // and not ready.
+    write_weighted(&file, &[(b1.addr(), 0), (b2, 0), (b3.addr(), 0)]);
+    proxy
+        .shared
+        .reload()
+        .expect("all drained is a valid config");
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        &answer.body[..],
+        b"503 Service Unavailable: every backend is drained\n"
+    );
+    assert_eq!(answer.header("retry-after"), "1");
+    let ready = get(&client(), &proxy.admin_url("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
