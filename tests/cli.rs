@@ -233,7 +233,14 @@ fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
     )
     .unwrap();
     let mut head = [0u8; 4096];
-    assert!(stream.read(&mut head).unwrap() > 0, "the answer began");
+    let began = stream.read(&mut head);
+    if !began.as_ref().is_ok_and(|&n| n > 0) {
+        // Seen once under a loaded machine (a read error): say what the
+        // demo said, to learn why.
+        let _ = child.kill();
+        let log = log.join().unwrap();
+        panic!("the answer did not begin ({began:?}); the demo's log:\n{log}");
+    }
     // The client reads no more, and stays.
     stop_with(&mut child, "-TERM");
     let log = log.join().unwrap();
