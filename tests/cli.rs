@@ -147,6 +147,15 @@ fn the_order_backend_takes_the_standard_flags() {
         line.starts_with('{') && line.contains("\"listening\""),
         "{line}"
     );
+    // A name X-Backend could not carry as it is: a usage error, not a
+    // backend answering under another name.
+    for name in ["", "bad\r\nX-Injected: 1"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_order-backend"))
+            .args(["--listen", "127.0.0.1:0", "--name", name])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name:?}");
+    }
 }
 
 #[test]

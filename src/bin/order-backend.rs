@@ -19,8 +19,8 @@ struct Cli {
     /// Address to listen on.
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
-    /// Instance name, sent in X-Backend.
-    #[arg(long)]
+    /// Instance name, sent in X-Backend: visible ASCII, at most 64 bytes.
+    #[arg(long, value_parser = instance_name)]
     name: String,
     /// Milliseconds added before every answer.
     #[arg(long, value_name = "MS", default_value_t = 0)]
@@ -64,4 +64,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// An instance name fit for a header value and a log line: the point of
+/// the name is to show which instance answered, so one that could not be
+/// sent as it is (`bad\r\nX-Injected: 1`, empty) is refused, not replaced.
+fn instance_name(name: &str) -> Result<String, String> {
+    let visible = name.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if name.trim().is_empty() || name.len() > 64 || !visible {
+        return Err("give 1 to 64 visible ASCII characters (letters, digits, `-`, ...)".to_owned());
+    }
+    Ok(name.to_owned())
 }
