@@ -72,7 +72,7 @@ fn hygiene(c: &mut Criterion) {
         proto: "http",
         host: Some(&host),
         version: Version::HTTP_11,
-        trusted: false,
+        trusted: None,
     };
     // Made once per proxy.
     let name = headers::Pseudonym::random();
@@ -176,7 +176,12 @@ fn limiter(c: &mut Criterion) {
     let peer: SocketAddr = "198.51.100.7:5000".parse().unwrap();
     c.bench_function("limiter: client key + GCRA check", |b| {
         b.iter(|| {
-            let client = portico::limit::client::client_ip(black_box(peer), &headers, &[]);
+            let client = portico::limit::client::client_ip(
+                black_box(peer),
+                &headers,
+                &[],
+                portico::config::TrustedFields::Either,
+            );
             let key = limiter.key(client, &headers);
             limiter.check(0, &key)
         })

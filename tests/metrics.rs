@@ -582,6 +582,27 @@ async fn the_access_line_names_the_client_a_trusted_proxy_forwarded_for() {
     let line = lines.of("GET", "/echo/headers").await;
     assert_eq!(line["client"], "127.0.0.1", "{line}");
     assert!(line.get("peer").is_none(), "{line}");
+    // A client's forged `Forwarded` beside its proxy's X-Forwarded-For
+    // hides it (neither is believed) unless the proxies are known to
+    // write X-Forwarded-* only (review28c F2).
+    let mut config = trusting_loopback(config_for(&[&backend]));
+    config.server.trusted_fields = portico::config::TrustedFields::XForwarded;
+    let knowing = start_proxy(config).await;
+    for (proxy, path) in [
+        (&trusting, "/users/1/orders"),
+        (&knowing, "/users/2/orders"),
+    ] {
+        let request = Request::get(proxy.url(path))
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("forwarded", "for=192.0.2.66")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&client(), request).await.status, StatusCode::OK);
+    }
+    let line = lines.of("GET", "/users/1/orders").await;
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    let line = lines.of("GET", "/users/2/orders").await;
+    assert_eq!(line["client"], "203.0.113.9", "{line}");
 }
 
 /// On a dual-stack listener an IPv4 client is `::ffff:a.b.c.d` to the

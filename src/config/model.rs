@@ -30,7 +30,35 @@ pub struct Server {
     /// line's `client`), and the scheme and host they say the client used.
     /// Given here or, as DESIGN.md has it, in `[rate_limit]`: one list.
     pub trusted_proxies: Vec<Cidr>,
+    /// Which forwarding fields the trusted proxies write.
+    pub trusted_fields: TrustedFields,
     pub tls: Vec<TlsListener>,
+}
+
+/// The forwarding fields a trusted proxy is believed in (nginx's
+/// `real_ip_header`): the `X-Forwarded-For` / `-Proto` / `-Host` family,
+/// RFC 7239 `Forwarded`, or either. With either, a request whose two
+/// disagree is believed in neither, since a proxy that writes one passes a
+/// client's forged other one on; naming the one the proxies write closes
+/// that door: the other is then only a client's claim, and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrustedFields {
+    #[default]
+    Either,
+    XForwarded,
+    Forwarded,
+}
+
+impl TrustedFields {
+    /// Whether `X-Forwarded-*` fields are read.
+    pub fn x_forwarded(self) -> bool {
+        self != TrustedFields::Forwarded
+    }
+
+    /// Whether `Forwarded` is read.
+    pub fn forwarded(self) -> bool {
+        self != TrustedFields::XForwarded
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +237,7 @@ impl Default for Server {
             max_header_size: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
             trusted_proxies: Vec::new(),
+            trusted_fields: TrustedFields::default(),
             tls: Vec::new(),
         }
     }

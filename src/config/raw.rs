@@ -32,6 +32,7 @@ pub struct Server {
     pub max_header_size: Option<Str>,
     pub shutdown_grace: Option<Str>,
     pub trusted_proxies: Option<Vec<Str>>,
+    pub trusted_fields: Option<Str>,
     #[serde(default)]
     pub tls: Vec<Spanned<Tls>>,
 }

@@ -121,6 +121,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
         RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
     );
     assert_eq!(config.server.trusted_proxies.len(), 2);
+    assert_eq!(config.server.trusted_fields, TrustedFields::Either);
 }
 
 #[test]
@@ -169,6 +170,10 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:2:34: server.trusted_proxies[1]: `10.1/16` is not an address or CIDR block such as \"10.0.0.0/8\"",
                 "test.toml:9:20: rate_limit.trusted_proxies: also given in [server]: give the list once (server.trusted_proxies applies to throttling too)",
             ],
+        ),
+        (
+            "[server]\ntrusted_fields = \"x-forwarded-for\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:18: server.trusted_fields: use \"x-forwarded\" (X-Forwarded-For/-Proto/-Host), \"forwarded\" (RFC 7239) or \"either\""],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = []\n[[route]]\nupstream = \"a\"\n",

@@ -564,6 +564,22 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             defaults.shutdown_grace,
         ),
         trusted_proxies: cidr_list(r, "server.trusted_proxies", raw.trusted_proxies.as_ref()),
+        trusted_fields: match raw.trusted_fields.as_ref() {
+            None => TrustedFields::default(),
+            Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
+                "either" => TrustedFields::Either,
+                "x-forwarded" => TrustedFields::XForwarded,
+                "forwarded" => TrustedFields::Forwarded,
+                _ => {
+                    r.at(
+                        v.span(),
+                        "server.trusted_fields",
+                        "use \"x-forwarded\" (X-Forwarded-For/-Proto/-Host), \"forwarded\" (RFC 7239) or \"either\"",
+                    );
+                    TrustedFields::default()
+                }
+            },
+        },
         tls,
     }
 }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use http::header::{HeaderMap, HeaderName};
 
-use crate::config::{Cidr, RateLimit, RateLimitKey};
+use crate::config::{Cidr, RateLimit, RateLimitKey, TrustedFields};
 use crate::proxy::headers::only_line;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -110,13 +110,19 @@ fn forwarded_for(element: &str) -> Option<&str> {
 }
 
 /// The client address: the peer, or behind trusted proxies the right-most
-/// forwarded address that is not itself a trusted proxy.
-pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
+/// address that is not itself a trusted proxy in the `fields` they write.
+pub fn client_ip(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    proxies: &[Cidr],
+    fields: TrustedFields,
+) -> IpAddr {
     let peer = peer.ip();
     if !trusted(peer, proxies) {
         return peer;
     }
-    let by_xff = headers.contains_key(&X_FORWARDED_FOR).then(|| {
+    let xff = fields.x_forwarded() && headers.contains_key(&X_FORWARDED_FOR);
+    let by_xff = xff.then(|| {
         walk(
             peer,
             hops_right_to_left(headers, &X_FORWARDED_FOR),
@@ -124,7 +130,10 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpA
             proxies,
         )
     });
-    let forwarded = hops_right_to_left(headers, &FORWARDED);
+    let forwarded = match fields.forwarded() {
+        true => hops_right_to_left(headers, &FORWARDED),
+        false => Vec::new(),
+    };
     // One that names no client at all (`proto=https` alone) does not
     // count against the other.
     let names_a_client = |entries: &[Option<&str>]| {
@@ -295,7 +304,12 @@ mod tests {
             ),
         ];
         for (peer, pairs, want) in cases {
-            let got = client_ip(peer.parse().unwrap(), &headers(pairs), &proxies);
+            let got = client_ip(
+                peer.parse().unwrap(),
+                &headers(pairs),
+                &proxies,
+                TrustedFields::Either,
+            );
             assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{peer} {pairs:?}");
         }
         // A byte that is not text at the left of the line, where the client
@@ -305,30 +319,46 @@ mod tests {
             X_FORWARDED_FOR.clone(),
             http::HeaderValue::from_bytes(b"\xff-junk, 198.51.100.7").unwrap(),
         );
-        let got = client_ip("127.0.0.1:1000".parse().unwrap(), &odd, &proxies);
+        let got = client_ip(
+            "127.0.0.1:1000".parse().unwrap(),
+            &odd,
+            &proxies,
+            TrustedFields::Either,
+        );
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
         // Where the address should be, it is garbage like any other.
         odd.insert(
             X_FORWARDED_FOR.clone(),
             http::HeaderValue::from_bytes(b"1.1.1.1, \xff").unwrap(),
         );
-        let got = client_ip("127.0.0.1:1000".parse().unwrap(), &odd, &proxies);
+        let got = client_ip(
+            "127.0.0.1:1000".parse().unwrap(),
+            &odd,
+            &proxies,
+            TrustedFields::Either,
+        );
         assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
         // Both fields: believed when they agree; when not, one was forged
         // and neither is believed.
         let peer: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let both =
             |xff: &str| headers(&[("x-forwarded-for", xff), ("forwarded", "for=198.51.100.7")]);
-        let got = client_ip(peer, &both("198.51.100.7"), &proxies);
+        let got = client_ip(peer, &both("198.51.100.7"), &proxies, TrustedFields::Either);
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
-        let got = client_ip(peer, &both("6.6.6.6"), &proxies);
+        let got = client_ip(peer, &both("6.6.6.6"), &proxies, TrustedFields::Either);
         assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
+        // Unless the proxies are known to write one (review28c F2): the
+        // other is a client's claim, and not read.
+        let got = client_ip(peer, &both("6.6.6.6"), &proxies, TrustedFields::XForwarded);
+        assert_eq!(got, "6.6.6.6".parse::<IpAddr>().unwrap());
+        let got = client_ip(peer, &both("6.6.6.6"), &proxies, TrustedFields::Forwarded);
+        assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
         // A Forwarded that names no client leaves X-Forwarded-For alone.
         let proto_only = headers(&[
             ("x-forwarded-for", "198.51.100.7"),
             ("forwarded", "proto=https"),
         ]);
-        let got = client_ip(peer, &proto_only, &proxies);
+        let got = client_ip(peer, &proto_only, &proxies, TrustedFields::Either);
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
     }
 
@@ -343,6 +373,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             &headers(&[("x-forwarded-for", &many)]),
             &proxies,
+            TrustedFields::Either,
         );
         assert_eq!(got, "10.0.3.249".parse::<IpAddr>().unwrap());
         let long = format!("{}, 198.51.100.7", "x".repeat(100_000));
@@ -350,6 +381,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             &headers(&[("x-forwarded-for", &long)]),
             &proxies,
+            TrustedFields::Either,
         );
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
     }

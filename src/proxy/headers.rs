@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 use super::forwarded;
+use crate::config::TrustedFields;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -318,10 +319,10 @@ pub struct ClientInfo<'a> {
     /// The host the client asked for (Host or :authority), if any.
     pub host: Option<&'a HeaderValue>,
     pub version: Version,
-    /// Whether the peer is one of `trusted_proxies`, whose
-    /// `X-Forwarded-Proto` and `X-Forwarded-Host`, or `Forwarded` `proto`
-    /// and `host`, say where its client came in.
-    pub trusted: bool,
+    /// When the peer is one of `trusted_proxies`, the fields it writes:
+    /// its `X-Forwarded-Proto` and `X-Forwarded-Host`, or `Forwarded`
+    /// `proto` and `host`, say where its client came in.
+    pub trusted: Option<TrustedFields>,
 }
 
 /// Prepares a request head for a backend: [`scrub_request`], then
@@ -346,8 +347,8 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
         join_cookies(headers);
     }
     let (proto, host) = match client.trusted {
-        true => relayed(headers),
-        false => (None, None),
+        Some(fields) => relayed(headers, fields),
+        None => (None, None),
     };
     let proto = proto.unwrap_or(client.proto);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -450,8 +451,15 @@ impl GivenHost<'_> {
 /// told, so then neither is believed, as `limit::client` does for the
 /// client address. The host is `Some(None)` when the proxy's
 /// `X-Forwarded-Host` line stays as it is.
-fn relayed(headers: &HeaderMap) -> (Option<&'static str>, Option<Option<HeaderValue>>) {
-    let (forwarded_proto, forwarded_host) = match forwarded::last_element(headers) {
+fn relayed(
+    headers: &HeaderMap,
+    fields: TrustedFields,
+) -> (Option<&'static str>, Option<Option<HeaderValue>>) {
+    let element = match fields.forwarded() {
+        true => forwarded::last_element(headers),
+        false => Ok(None),
+    };
+    let (forwarded_proto, forwarded_host) = match element {
         Err(forwarded::Malformed) => (Said::Junk, Said::Junk),
         Ok(None) => (Said::Nothing, Said::Nothing),
         Ok(Some(element)) => {
@@ -459,12 +467,17 @@ fn relayed(headers: &HeaderMap) -> (Option<&'static str>, Option<Option<HeaderVa
             (said(element.proto), said(element.host))
         }
     };
-    let proto = one_line(headers, &X_FORWARDED_PROTO)
+    // The proxies' family, or nothing: a client's claim is not read.
+    let line = |name: &HeaderName| match fields.x_forwarded() {
+        true => one_line(headers, name),
+        false => Said::Nothing,
+    };
+    let proto = line(&X_FORWARDED_PROTO)
         .checked(|line| scheme(line.as_bytes()))
         .agreeing(forwarded_proto.checked(|param| scheme(&param)), |a, b| {
             a == b
         });
-    let host = one_line(headers, &X_FORWARDED_HOST)
+    let host = line(&X_FORWARDED_HOST)
         .checked(|line| one_host(line.as_bytes()).then_some(GivenHost::Line(line)))
         .agreeing(
             forwarded_host.checked(|param| one_host(&param).then_some(GivenHost::Param(param))),
@@ -682,7 +695,7 @@ mod tests {
             proto: "http",
             host,
             version: Version::HTTP_11,
-            trusted: false,
+            trusted: None,
         }
     }
 
@@ -969,9 +982,10 @@ mod tests {
     fn a_trusted_proxy_s_one_well_formed_proto_and_host_are_kept() {
         const XFP: &str = "x-forwarded-proto";
         const XFH: &str = "x-forwarded-host";
+        const EITHER: Option<TrustedFields> = Some(TrustedFields::Either);
         let host = HeaderValue::from_static("shop.example");
         // What the backend is told: X-Forwarded-Proto, X-Forwarded-Host.
-        let forwarded = |trusted: bool, input: &[(&str, &str)]| {
+        let forwarded = |trusted: Option<TrustedFields>, input: &[(&str, &str)]| {
             let mut headers = map(input);
             let info = ClientInfo {
                 trusted,
@@ -1035,7 +1049,7 @@ mod tests {
         ];
         for (input, (proto, host)) in from_forwarded {
             assert_eq!(
-                forwarded(true, input),
+                forwarded(EITHER, input),
                 (*proto, host.to_string()),
                 "{input:?}"
             );
@@ -1053,13 +1067,34 @@ mod tests {
             ),
         ];
         for (input, (proto, host)) in kept {
-            assert_eq!(forwarded(true, input), (*proto, host.to_string()));
+            assert_eq!(forwarded(EITHER, input), (*proto, host.to_string()));
         }
+        // Disagreeing, the two are believed only when the proxies are
+        // known to write one of them (`trusted_fields`): the other is a
+        // client's claim.
+        let disagreeing = [
+            (XFP, "https"),
+            (XFH, "lb.example"),
+            (FWD, "proto=http;host=evil.example"),
+        ];
+        assert_eq!(
+            forwarded(EITHER, &disagreeing),
+            ("http", "shop.example".to_owned())
+        );
+        let only = |fields| forwarded(Some(fields), &disagreeing);
+        assert_eq!(
+            only(TrustedFields::XForwarded),
+            ("https", "lb.example".to_owned())
+        );
+        assert_eq!(
+            only(TrustedFields::Forwarded),
+            ("http", "evil.example".to_owned())
+        );
         // portico's own, as for a client that is not trusted.
         let own = ("http", "shop.example".to_owned());
-        assert_eq!(forwarded(false, kept[0].0), own);
+        assert_eq!(forwarded(None, kept[0].0), own);
         for (input, _) in from_forwarded {
-            assert_eq!(forwarded(false, input), own, "{input:?}");
+            assert_eq!(forwarded(None, input), own, "{input:?}");
         }
         let replaced: &[&[(&str, &str)]] = &[
             // Several lines: which one counts is anyone's guess.
@@ -1111,7 +1146,7 @@ mod tests {
             ],
         ];
         for input in replaced {
-            assert_eq!(forwarded(true, input), own, "{input:?}");
+            assert_eq!(forwarded(EITHER, input), own, "{input:?}");
         }
     }
 

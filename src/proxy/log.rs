@@ -25,7 +25,6 @@ use http_body::{Body, Frame};
 
 use super::body::BodyError;
 use super::Conn;
-use crate::config::Cidr;
 use crate::upstream::Upstream;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -86,7 +85,12 @@ impl AccessRecord {
     /// `None` when the access log is filtered out, so a disabled log costs
     /// nothing per request.
     /// The request's id is the one [`ensure_request_id`] set.
-    pub fn capture<B>(request: &Request<B>, conn: &Conn, trusted: &[Cidr]) -> Option<Self> {
+    /// `client` says who the request comes from (see `Proxy::client_ip`).
+    pub fn capture<B>(
+        request: &Request<B>,
+        conn: &Conn,
+        client: impl FnOnce(&http::HeaderMap) -> IpAddr,
+    ) -> Option<Self> {
         if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
             return None;
         }
@@ -94,8 +98,7 @@ impl AccessRecord {
             // A dual-stack listener's IPv4 clients (`::ffff:a.b.c.d`) are
             // written as the IPv4 addresses they are, one spelling per
             // client whichever listener it reached.
-            client: crate::limit::client::client_ip(conn.peer, request.headers(), trusted)
-                .to_canonical(),
+            client: client(request.headers()).to_canonical(),
             peer: conn.peer,
             method: request.method().clone(),
             uri: request.uri().clone(),

@@ -75,6 +75,8 @@ pub struct Proxy {
     /// `server.trusted_proxies` (or `[rate_limit]`'s): peers whose
     /// forwarding fields are believed.
     trusted_proxies: Box<[crate::config::Cidr]>,
+    /// `server.trusted_fields`: which of their fields are read.
+    trusted_fields: crate::config::TrustedFields,
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
@@ -206,6 +208,7 @@ impl Proxy {
             unrouted: metrics.route(crate::metrics::NO_ROUTE),
             limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
             trusted_proxies: config.server.trusted_proxies.clone().into(),
+            trusted_fields: config.server.trusted_fields,
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
@@ -224,7 +227,7 @@ impl Proxy {
     /// Whom a request from `peer` comes from: the peer, or behind trusted
     /// proxies the client their forwarding fields name.
     fn client_ip(&self, peer: SocketAddr, headers: &http::HeaderMap) -> std::net::IpAddr {
-        crate::limit::client::client_ip(peer, headers, &self.trusted_proxies)
+        crate::limit::client::client_ip(peer, headers, &self.trusted_proxies, self.trusted_fields)
     }
 
     /// The upstream of the route at `route` (its index), if one was chosen.
@@ -277,7 +280,9 @@ impl Proxy {
             let mut pending = Pending {
                 proxy: self,
                 started: std::time::Instant::now(),
-                access: log::AccessRecord::capture(&request, &conn, &self.trusted_proxies),
+                access: log::AccessRecord::capture(&request, &conn, |headers| {
+                    self.client_ip(conn.peer, headers)
+                }),
                 trace: Trace::default(),
                 done: false,
             };
@@ -445,7 +450,8 @@ impl Proxy {
                 proto: conn.proto,
                 host: host.as_ref(),
                 version: parts.version,
-                trusted: crate::limit::client::trusted(conn.peer.ip(), &self.trusted_proxies),
+                trusted: crate::limit::client::trusted(conn.peer.ip(), &self.trusted_proxies)
+                    .then_some(self.trusted_fields),
             };
             let cache = self.cache.as_ref().filter(|_| route.cache);
             let readable = parts.method == Method::GET || parts.method == Method::HEAD;
