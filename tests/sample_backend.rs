@@ -182,6 +182,17 @@ async fn malformed_requests_get_json_errors() {
     assert_eq!(backend.orders_created(), 0);
 }
 
+/// An order declared larger than the backend takes is a 413 at once, not
+/// a `100 Continue` inviting an upload that is then refused.
+#[tokio::test]
+async fn an_oversized_order_is_refused_before_its_upload() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let ask = "POST /users/1/orders HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+               Content-Length: 20971581\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(backend.addr(), ask.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+}
+
 #[tokio::test]
 async fn delay_holds_every_answer_back() {
     let mut opts = BackendOptions::new("slow");

@@ -375,6 +375,15 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
             "an order is sent without a content coding",
         );
     }
+    // Refused on its declared length, before hyper answers an `Expect:
+    // 100-continue` by inviting the upload.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_ORDER_BODY as u64) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    }
     let body = match Limited::new(request.into_body(), MAX_ORDER_BODY)
         .collect()
         .await
