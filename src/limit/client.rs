@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use http::header::{HeaderMap, HeaderName};
 
 use crate::config::{Cidr, RateLimit, RateLimitKey, TrustedFields};
+use crate::proxy::forwarded;
 use crate::proxy::headers::only_line;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -82,13 +83,24 @@ fn tail(value: &[u8]) -> &[u8] {
 
 /// Entries of every line of `name`, right-most first, bounded; `None` for
 /// one that is not text. Split as bytes, so a stray byte a client put at
-/// the left of a line does not hide the entries its proxies appended.
+/// the left of a line does not hide the entries its proxies appended;
+/// `Forwarded` at the commas outside quoted-strings, from the right end
+/// (see [`forwarded::elements_from_right`]), so a comma inside a proxy's
+/// quoted value (`host="a,for=6.6.6.6"`) starts no element of its own.
 fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<Option<&'a str>> {
+    let quoted = name == FORWARDED;
     let lines: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
     lines
         .iter()
         .rev()
-        .flat_map(|line| tail(line).rsplit(|&b| b == b','))
+        .flat_map(|line| {
+            let line = tail(line);
+            let entries: Box<dyn Iterator<Item = &[u8]>> = match quoted {
+                true => Box::new(forwarded::elements_from_right(line)),
+                false => Box::new(line.rsplit(|&b| b == b',')),
+            };
+            entries
+        })
         .take(MAX_HOPS)
         .map(|entry| {
             entry
@@ -99,7 +111,15 @@ fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<Opti
         .collect()
 }
 
-/// The `for=` value of one `Forwarded` element.
+/// The address of one `Forwarded` element's `for`, read strictly (RFC 7239
+/// §4: a malformed element, a parameter given twice, an unquoted port,
+/// is no address).
+fn forwarded_node(element: &str) -> Option<IpAddr> {
+    let node = forwarded::parse_element(element.as_bytes()).ok()?.node?;
+    parse_hop(std::str::from_utf8(&node).ok()?)
+}
+
+/// Whether a `Forwarded` element has a `for=` at all, well formed or not.
 fn forwarded_for(element: &str) -> Option<&str> {
     element.split(';').find_map(|pair| {
         let (name, value) = pair.split_once('=')?;
@@ -168,7 +188,7 @@ fn walk(peer: IpAddr, entries: Vec<Option<&str>>, forwarded: bool, proxies: &[Ci
         }
         let hop = entry.and_then(|entry| {
             if forwarded {
-                forwarded_for(entry).and_then(parse_hop)
+                forwarded_node(entry)
             } else {
                 parse_hop(entry)
             }
@@ -360,6 +380,26 @@ mod tests {
         ]);
         let got = client_ip(peer, &proto_only, &proxies, TrustedFields::Either);
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
+        // `Forwarded` is read as RFC 7239 writes it (review28d F1): a comma
+        // in a proxy's quoted value starts no element, a quote a client
+        // left open swallows nothing of its proxy's element, and a
+        // malformed element is no address.
+        for (line, want) in [
+            ("for=198.51.100.7;host=\"a,for=6.6.6.6\"", "198.51.100.7"),
+            ("for=6.6.6.6;x=\"open, for=198.51.100.7", "198.51.100.7"),
+            ("for=198.51.100.7;for=6.6.6.6", "127.0.0.1"),
+            ("for=198.51.100.7;junk", "127.0.0.1"),
+            ("for=198.51.100.7:80", "127.0.0.1"),
+            ("for=\"198.51.100.7:80\"", "198.51.100.7"),
+        ] {
+            let got = client_ip(
+                peer,
+                &headers(&[("forwarded", line)]),
+                &proxies,
+                TrustedFields::Either,
+            );
+            assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{line}");
+        }
     }
 
     #[test]

@@ -12,10 +12,12 @@ use http::header::{HeaderMap, HeaderName};
 
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// The `proto` and `host` of one well-formed element, unquoted; `None`
-/// for a parameter the element does not carry.
+/// The `for` (the node the element speaks of: the client), `proto` and
+/// `host` of one well-formed element, unquoted; `None` for a parameter the
+/// element does not carry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Element<'a> {
+    pub node: Option<Cow<'a, [u8]>>,
     pub proto: Option<Cow<'a, [u8]>>,
     pub host: Option<Cow<'a, [u8]>>,
 }
@@ -38,24 +40,42 @@ pub fn last_element(headers: &HeaderMap) -> Result<Option<Element<'_>>, Malforme
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed;
 
-/// The last element of one line that holds more than whitespace: after
-/// its last comma outside a quoted-string.
+/// The last element of one line that holds more than whitespace.
 fn last_in_line(line: &[u8]) -> Option<&[u8]> {
-    let (mut start, mut last) = (0, None);
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, &b) in line.iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
-                last = Some(&line[start..i]).filter(|e| !is_blank(e)).or(last);
-                start = i + 1;
+    elements_from_right(line).find(|e| !is_blank(e))
+}
+
+/// The elements of one line, right-most first, split at the commas
+/// outside quoted-strings as seen from the right end. The right-most
+/// elements are the ones the trusted proxies appended, well formed, so
+/// scanning from that end finds their bounds whatever a client put to
+/// their left: a quote a client left open swallows nothing of theirs,
+/// where a scan from the left would run it over them. What is left of a
+/// client's junk comes out as one malformed element.
+pub fn elements_from_right(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut end, mut at, mut quoted, mut done) = (line.len(), line.len(), false, false);
+    std::iter::from_fn(move || {
+        while at > 0 {
+            at -= 1;
+            match line[at] {
+                // Inside a quoted-string, `\"` is a quote character, not
+                // its end: an odd run of backslashes before it escapes it.
+                b'"' if !quoted || escapes(&line[..at]) % 2 == 0 => quoted = !quoted,
+                b',' if !quoted => {
+                    let element = &line[at + 1..end];
+                    end = at;
+                    return Some(element);
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
-    Some(&line[start..]).filter(|e| !is_blank(e)).or(last)
+        (!std::mem::replace(&mut done, true)).then(|| &line[..end])
+    })
+}
+
+/// The backslashes `text` ends with.
+fn escapes(text: &[u8]) -> usize {
+    text.iter().rev().take_while(|&&b| b == b'\\').count()
 }
 
 fn is_blank(element: &[u8]) -> bool {
@@ -74,7 +94,7 @@ fn trim_ows(text: &[u8]) -> &[u8] {
 /// `forwarded-element = [ forwarded-pair ] *( ";" [ forwarded-pair ] )`,
 /// with `forwarded-pair = token "=" value`. Whitespace is allowed around
 /// `;` (it changes no meaning), not around `=`.
-fn parse_element(element: &[u8]) -> Result<Element<'_>, Malformed> {
+pub fn parse_element(element: &[u8]) -> Result<Element<'_>, Malformed> {
     let mut found = Element::default();
     // The RFC 7239 parameters seen so far (for, by, proto, host), one bit each.
     let mut seen = 0u8;
@@ -95,7 +115,9 @@ fn parse_element(element: &[u8]) -> Result<Element<'_>, Malformed> {
                 return Err(Malformed);
             }
             seen |= bit;
-            if name.eq_ignore_ascii_case(b"proto") {
+            if name.eq_ignore_ascii_case(b"for") {
+                found.node = Some(value);
+            } else if name.eq_ignore_ascii_case(b"proto") {
                 found.proto = Some(value);
             } else if name.eq_ignore_ascii_case(b"host") {
                 found.host = Some(value);
@@ -227,8 +249,14 @@ mod tests {
             (&["proto=\"https\"x"], None),
             (&["proto=https/2"], None),
             (&["host=example.com:8443"], None),
-            // A quote opened to the left swallows the comma: one element.
-            (&["x=\"a, proto=https"], None),
+            // A quote a client opened to the left swallows nothing of the
+            // element its proxy appended at the right end.
+            (&["x=\"a, proto=https"], Some((Some("https"), None))),
+            (
+                &["x=\"a\\\", b\", proto=https"],
+                Some((Some("https"), None)),
+            ),
+            (&["for=1;x=\"a\\\", proto=http\""], Some((None, None))),
         ];
         for (lines, want) in cases {
             let pairs: Vec<_> = lines.iter().map(|line| ("forwarded", *line)).collect();

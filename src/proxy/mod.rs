@@ -6,7 +6,7 @@
 pub mod body;
 mod cached;
 pub mod error;
-mod forwarded;
+pub(crate) mod forwarded;
 pub mod headers;
 mod log;
 pub mod route;
