@@ -149,7 +149,7 @@ fn the_order_backend_takes_the_standard_flags() {
     );
     // A name X-Backend could not carry as it is: a usage error, not a
     // backend answering under another name.
-    for name in ["", "bad\r\nX-Injected: 1"] {
+    for name in ["", "bad\r\nX-Injected: 1", " lead", "a b"] {
         let out = Command::new(env!("CARGO_BIN_EXE_order-backend"))
             .args(["--listen", "127.0.0.1:0", "--name", name])
             .output()

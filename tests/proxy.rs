@@ -552,6 +552,12 @@ async fn the_asterisk_target_is_a_ping_for_options_and_malformed_otherwise() {
     )
     .await;
     assert!(pong.contains("content-length: 0\r\n"), "{pong}");
+    // Its Host is judged as any request's (review28d F2).
+    for heads in ["", "Host: a\r\nHost: b\r\n", "Host: a b\r\n"] {
+        let ask = format!("OPTIONS * HTTP/1.1\r\n{heads}Connection: close\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, ask.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{heads:?}: {answer}");
+    }
     assert_eq!(backend.requests(), 0);
 }
 

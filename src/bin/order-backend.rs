@@ -70,9 +70,14 @@ fn main() -> ExitCode {
 /// the name is to show which instance answered, so one that could not be
 /// sent as it is (`bad\r\nX-Injected: 1`, empty) is refused, not replaced.
 fn instance_name(name: &str) -> Result<String, String> {
-    let visible = name.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    if name.trim().is_empty() || name.len() > 64 || !visible {
-        return Err("give 1 to 64 visible ASCII characters (letters, digits, `-`, ...)".to_owned());
+    // No spaces either: a header value loses its outer ones, so
+    // `X-Backend` would not say the name given.
+    let visible = name.bytes().all(|b| b.is_ascii_graphic());
+    if name.is_empty() || name.len() > 64 || !visible {
+        return Err(
+            "give 1 to 64 visible ASCII characters, no spaces (letters, digits, `-`, ...)"
+                .to_owned(),
+        );
     }
     Ok(name.to_owned())
 }

@@ -367,7 +367,10 @@ impl Proxy {
                 }
                 // `OPTIONS *` asks the server itself, not a resource (RFC
                 // 9110 §9.3.7): a ping, which no route's path matches and
-                // no backend behind it should have to answer.
+                // no backend behind it should have to answer. Its Host is
+                // judged as any request's (RFC 9112 §3.2: 400 if missing,
+                // repeated or invalid).
+                request_host(&request)?;
                 let mut pong = Response::new(ProxyBody::full(Bytes::new()));
                 pong.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
