@@ -901,14 +901,15 @@ async fn an_upload_its_client_abandons_is_the_client_s_in_the_log() {
         async move {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let head =
-                format!("POST {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n");
+                format!("POST {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 1500000\r\n\r\n");
             stream.write_all(head.as_bytes()).await.unwrap();
             stream.write_all(&[b'x'; 50_000]).await.unwrap();
             stream
         }
     };
 
-    // The order backend reads the whole order before it answers.
+    // The order backend reads the whole order (under its 2 MiB limit)
+    // before it answers.
     let stream = send_part("/users/1/orders").await;
     lines
         .left_while(&backend, stream, "POST", "/users/1/orders")
