@@ -27,10 +27,12 @@ pub async fn run_until(
     admin: SocketAddr,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    if listen == admin && listen.port() != 0 {
+    // One port for both (a wildcard covering the other included) would
+    // read as a port some other process holds.
+    if listen.port() != 0 && (listen == admin || crate::config::overlap(listen, admin)) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("--listen and --admin are both {listen}: give the admin API its own port"),
+            format!("--listen {listen} and --admin {admin} take the same port: give the admin API its own"),
         ));
     }
     let repo = sample::new_repository();

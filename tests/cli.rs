@@ -121,6 +121,18 @@ fn a_demo_port_in_use_names_the_flag_to_change() {
             "{flag}: {said}"
         );
     }
+    // Its own two on one port (a wildcard covers the other) say so, rather
+    // than blame another process (review28d F6).
+    let port = taken.local_addr().unwrap().port();
+    drop(taken);
+    let (wild, one) = (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}"));
+    let out = Command::new(PORTICO)
+        .args(["demo", "--listen", &wild, "--admin", &one])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("take the same port"), "{said}");
 }
 
 /// DESIGN's standard flags are the order backend's too.

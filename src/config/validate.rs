@@ -413,7 +413,7 @@ fn name_problem(name: &str) -> Option<&'static str> {
 
 /// Two listen addresses that cannot both be bound: the same port, one of
 /// them a wildcard covering the other.
-fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+pub(crate) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |wild: SocketAddr, other: SocketAddr| {
         wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
     };
