@@ -356,12 +356,6 @@ fn list_orders(ctx: &Context, user_id: u64, headers: &HeaderMap) -> Response<Bod
 }
 
 async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -> Response<Body> {
-    if !is_json(request.headers()) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "an order is sent as application/json",
-        );
-    }
     // RFC 9110 §15.5.16: a content coding the server does not decode is a
     // 415 too, not a body that fails to parse.
     let coded = request
@@ -369,11 +363,13 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
         .get_all(header::CONTENT_ENCODING)
         .iter()
         .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    if coded {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "an order is sent without a content coding",
-        );
+    let unsupported = match (is_json(request.headers()), coded) {
+        (false, _) => Some("an order is sent as application/json"),
+        (true, true) => Some("an order is sent without a content coding"),
+        (true, false) => None,
+    };
+    if let Some(why) = unsupported {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, why);
     }
     // Refused on its declared length, before hyper answers an `Expect:
     // 100-continue` by inviting the upload.
