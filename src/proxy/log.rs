@@ -111,6 +111,11 @@ impl AccessRecord {
         })
     }
 
+    /// Whom the request comes from (IPv4 as IPv4).
+    pub fn client(&self) -> IpAddr {
+        self.client
+    }
+
     /// The trusted proxy that forwarded the request, when the client is
     /// another address.
     fn relayed_by(&self) -> Option<IpAddr> {

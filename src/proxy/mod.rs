@@ -100,6 +100,10 @@ pub struct Trace {
     pub quota: Option<(u32, u32, std::time::Duration)>,
     /// Attempts that failed and were sent again.
     pub retries: u32,
+    /// Whom the request comes from ([`Proxy::client_ip`]), once worked
+    /// out: the access line's capture does it, and throttling takes its
+    /// answer rather than walk the forwarding fields again.
+    pub client: Option<std::net::IpAddr>,
 }
 
 /// nginx's 499: the client closed its connection, or reset its HTTP/2
@@ -286,6 +290,7 @@ impl Proxy {
                 trace: Trace::default(),
                 done: false,
             };
+            pending.trace.client = pending.access.as_ref().map(log::AccessRecord::client);
             let trace = &mut pending.trace;
             // Boxed: hyper and each async layer above move this future whole
             // once per request; a pointer is cheaper to move than kilobytes.
@@ -407,7 +412,9 @@ impl Proxy {
 
             let mut quota = None;
             if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
-                let client = self.client_ip(conn.peer, request.headers());
+                let client = trace
+                    .client
+                    .unwrap_or_else(|| self.client_ip(conn.peer, request.headers()));
                 let key = limiter.key(client, request.headers());
                 match limiter.check(index, &key) {
                     Some(Decision::Throttled {
