@@ -116,8 +116,13 @@ fn run(
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "portico stopped");
-            eprintln!("portico: {error}");
+            // Once: the log is on stderr too, so the plain line is only
+            // for when the log filter hides the error.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!(%error, "portico stopped");
+            } else {
+                eprintln!("portico: {error}");
+            }
             ExitCode::FAILURE
         }
     }

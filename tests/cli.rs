@@ -116,11 +116,19 @@ fn a_demo_port_in_use_names_the_flag_to_change() {
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{flag}");
         let said = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            said.contains(&format!("choose another with {flag}")),
-            "{flag}: {said}"
-        );
+        let hint = format!("choose another with {flag}");
+        // Once: the log line is on stderr already.
+        assert_eq!(said.matches(&hint).count(), 1, "{flag}: {said}");
     }
+    // A log filter that hides errors still leaves the reason on stderr.
+    let out = Command::new(PORTICO)
+        .args(["demo", "--listen", &busy, "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("choose another with --listen"), "{said}");
     // Its own two on one port (a wildcard covers the other) say so, rather
     // than blame another process (review28d F6).
     let port = taken.local_addr().unwrap().port();

@@ -187,14 +187,12 @@ impl Upstream {
     /// down by its active checks start down, so a tuning reload does not
     /// send traffic to a dead backend until the checks find it dead again.
     /// Only under the same checks: a reload that changes them (a wrong
-    /// path corrected, say) or drops them starts every backend up, as at a
-    /// start. Requests in flight carry over whatever changed (see
+    /// path corrected, say, or a new TLS server name or CA) or drops them
+    /// starts every backend up, as at a start. Requests in flight carry over whatever changed (see
     /// [`Upstream::build`]).
     pub fn rebuild(config: config::Upstream, metrics: &Metrics, previous: &Upstream) -> Arc<Self> {
         let upstream = Self::build(config, metrics, Some(previous));
-        let same_checks =
-            previous.config.health.is_some() && previous.config.health == upstream.config.health;
-        if same_checks {
+        if same_checks(&previous.config, &upstream.config) {
             for backend in &upstream.backends {
                 let was_down = previous
                     .backend_at(backend.addr)
@@ -509,6 +507,13 @@ impl Upstream {
     }
 }
 
+/// Whether a reload leaves an upstream's active checks asking the same
+/// question: the same checks, over the same TLS (its server name is the
+/// checks' default Host, and a CA corrected may be what failed them).
+fn same_checks(previous: &config::Upstream, next: &config::Upstream) -> bool {
+    previous.health.is_some() && previous.health == next.health && previous.tls == next.tls
+}
+
 /// The `Host` of an upstream's active checks unless it is each backend's
 /// address: `[upstream.health] host`, else `tls_server_name`, the name the
 /// backends' certificates carry and so the likeliest one they serve (as a
@@ -743,5 +748,31 @@ mod tests {
         let mut unchecked = upstream(Some("status.internal"), None);
         unchecked.health = None;
         assert_eq!(check_host(&unchecked), None);
+    }
+
+    #[test]
+    fn checks_over_another_tls_name_or_ca_are_other_checks() {
+        let checked = || {
+            let mut upstream = config::Upstream::new("a", Vec::new());
+            upstream.health = Some(config::HealthCheck::default());
+            upstream
+        };
+        let tls = |name: &str| config::UpstreamTls {
+            server_name: Some(name.to_owned()),
+            ca: None,
+            ca_certs: Vec::new(),
+        };
+        let mut named = checked();
+        named.tls = Some(tls("api.internal"));
+        let mut renamed = checked();
+        renamed.tls = Some(tls("api2.internal"));
+        let mut retuned = named.clone();
+        retuned.retries = 3;
+        assert!(same_checks(&named, &retuned));
+        assert!(!same_checks(&named, &renamed));
+        assert!(!same_checks(&checked(), &named));
+        let mut unchecked = named.clone();
+        unchecked.health = None;
+        assert!(!same_checks(&unchecked, &unchecked.clone()));
     }
 }
