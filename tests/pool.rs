@@ -258,3 +258,53 @@ async fn a_backend_connection_still_sending_an_upload_does_not_hold_up_other_req
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     uploader.write_all(b"67890").await.unwrap();
 }
+
+/// A backend that answers before it has read the upload and reads the rest
+/// afterwards, as it should, takes the rest for the next request when it
+/// does not: either way the connection is not one to hand another client
+/// (review29c F5). The upload still goes on to its end.
+#[tokio::test]
+async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let (count, done) = (accepted.clone(), drained.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let done = done.clone();
+            tokio::spawn(async move {
+                while let Some(mut got) = read_head(&mut stream).await {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                    let (end, length) = head_end_and_length(&got);
+                    let mut buf = [0u8; 4096];
+                    while got.len() < end + length {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if length > 0 {
+                        done.notify_one();
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let upload = b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345";
+    let (mut uploader, _) = answered_ok(proxy.addr, upload).await;
+    uploader.write_all(b"67890").await.unwrap();
+    tokio::time::timeout(STEP, drained.notified())
+        .await
+        .expect("the upload reaches the backend whole");
+    // Time for the old connection to be ready again, were it pooled.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = get(&client(), &proxy.url("/next")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

@@ -558,6 +558,20 @@ async fn the_asterisk_target_is_a_ping_for_options_and_malformed_otherwise() {
         let answer = raw_exchange(proxy.addr, ask.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{heads:?}: {answer}");
     }
+    // Nor is an authority a path, on anything but CONNECT (review29c F10).
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET a:80 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    // An OPTIONS with no hops left ends here too (RFC 9110 §7.6.2).
+    let answer = raw_exchange(
+        proxy.addr,
+        b"OPTIONS /users HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert_eq!(backend.requests(), 0);
 }
 
@@ -978,4 +992,52 @@ async fn an_http2_upload_is_over_at_its_last_declared_byte() {
     let response = tokio::time::timeout(STEP, response).await;
     let response = response.expect("an answer within STEP").unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+/// A backend's head goes out as portico's: in its HTTP version, not an
+/// HTTP/1.0 backend's (RFC 9110 §6.2; an `HTTP/1.0 200` tells HTTP/1.1
+/// clients to close after each response), and with one plain
+/// `Content-Length` where the backend gave the same one twice (RFC 9110
+/// §8.6), which HTTP/2 clients refuse as a protocol error (review29c F1,
+/// F2).
+#[tokio::test]
+async fn a_backend_s_version_and_doubled_length_do_not_reach_the_client() {
+    let backend = scripted_backend(|head| match target_of(head) {
+        "/old" => b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        "/twice" => {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+        }
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\nconnection: close\r\n\r\nok",
+    })
+    .await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /old HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("via: 1.0 portico"), "{answer}");
+    for target in ["/twice", "/list"] {
+        let ask = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, ask.as_bytes()).await;
+        assert_eq!(
+            answer.matches("content-length").count(),
+            1,
+            "{target}: {answer}"
+        );
+        assert!(
+            answer.contains("content-length: 2\r\n"),
+            "{target}: {answer}"
+        );
+        let answer = send(
+            &h2c_client(),
+            Request::get(proxy.url(target))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{target}");
+        assert_eq!(answer.body, "ok", "{target}");
+    }
 }

@@ -176,6 +176,12 @@ impl UploadWatch {
     pub fn failed(&self) -> bool {
         self.0.load(Ordering::Relaxed) == FAILED
     }
+
+    /// Whether the upload is still coming: neither read to its end nor
+    /// broken off.
+    pub fn coming(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == COMING
+    }
 }
 
 /// A request body on its way upstream: a client's upload, or nothing
@@ -293,6 +299,12 @@ impl RequestBody {
             self.mark_ended();
         }
         marker
+    }
+
+    /// A look at how the upload goes, when it has an end marker (see
+    /// [`RequestBody::end_marker`]).
+    pub fn upload_watch(&self) -> Option<UploadWatch> {
+        self.ended.as_ref().map(UploadEnded::watch)
     }
 
     /// Marks the upload's end in `ended` too (the server's, for the

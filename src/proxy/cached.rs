@@ -882,7 +882,7 @@ fn relay(
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    headers::prepare_response(&mut parts.headers, parts.version);
+    headers::prepare_response(&mut parts);
     Response::from_parts(
         parts,
         ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),

@@ -50,7 +50,7 @@ pub enum ProxyError {
     },
     #[error("backend {backend}: connect or TLS handshake timed out (connect_timeout)")]
     ConnectTimeout { backend: std::net::SocketAddr },
-    #[error("backend {backend} broke the response: {source}")]
+    #[error("backend {backend} broke the response: {}", Broke(source))]
     Upstream {
         backend: std::net::SocketAddr,
         source: hyper::Error,
@@ -64,6 +64,25 @@ pub enum ProxyError {
         backend: std::net::SocketAddr,
         reason: &'static str,
     },
+}
+
+/// How a backend broke its response, in an operator's terms where hyper's
+/// would mislead: its "message head is too large" is said of a head with
+/// more than 100 fields too, however short.
+struct Broke<'a>(&'a hyper::Error);
+
+impl std::fmt::Display for Broke<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_parse_too_large() {
+            write!(
+                f,
+                "response head too large (over {} KiB, or more than 100 fields)",
+                crate::upstream::UPSTREAM_READ_BUFFER >> 10
+            )
+        } else {
+            self.0.fmt(f)
+        }
+    }
 }
 
 impl ProxyError {

@@ -343,8 +343,17 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 /// cannot choose.
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
     remove_hop_by_hop(headers);
+    remove_lookalikes(headers);
     if client.version >= Version::HTTP_2 {
         join_cookies(headers);
+    }
+    // `Forwarded` goes on only as the trusted proxies' field: from anyone
+    // else it is a claim portico does not check, and frameworks read it
+    // before `X-Forwarded-*` (Spring's ForwardedHeaderFilter builds links
+    // from its `host` and `proto`), so passed on it would undo the
+    // replacing of `X-Forwarded-Host` and `-Proto` below.
+    if !client.trusted.is_some_and(TrustedFields::forwarded) {
+        headers.remove(header::FORWARDED);
     }
     let (proto, host) = match client.trusted {
         Some(fields) => relayed(headers, fields),
@@ -366,6 +375,45 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
         }
     }
     proto
+}
+
+/// The fields portico writes for its backends, by the names a CGI-style
+/// framework gives them: Rack, WSGI and PHP read `X_Forwarded_For` and
+/// `X-Forwarded-For` both as `HTTP_X_FORWARDED_FOR`, and whichever comes
+/// last wins (Puma CVE-2024-45614).
+const WRITTEN: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+];
+
+/// Removes the fields whose names spell one portico writes with `_` for
+/// some `-`, so a client cannot have its own `X_Forwarded_For` read in
+/// place of portico's. nginx drops every name with `_` by default
+/// (`underscores_in_headers off`); only these are dropped here, as they
+/// are the ones portico vouches for. Names are lower case; one pass over
+/// them, and nothing more unless one has `_`.
+fn remove_lookalikes(headers: &mut HeaderMap) {
+    let lookalike = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        name.first() == Some(&b'x')
+            && name.contains(&b'_')
+            && WRITTEN.iter().any(|written| {
+                written.len() == name.len()
+                    && written
+                        .bytes()
+                        .zip(name)
+                        .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
+            })
+    };
+    if !headers.keys().any(lookalike) {
+        return;
+    }
+    let found: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
+    for name in found {
+        headers.remove(&name);
+    }
 }
 
 /// What a trusted proxy's fields say of one thing, the scheme or the host.
@@ -665,14 +713,59 @@ pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
     headers.append(header::VIA, via);
 }
 
-/// Prepares a backend's response head for the client.
-pub fn prepare_response(headers: &mut HeaderMap, backend_version: Version) {
+/// Prepares a backend's response head for the client: hop-by-hop fields
+/// out, one plain `Content-Length`, this hop in `Via`, and portico's own
+/// HTTP version.
+pub fn prepare_response(head: &mut http::response::Parts) {
+    let headers = &mut head.headers;
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
     // intermediary must drop the length before relaying the decoded body.
     if remove_hop_by_hop(headers) {
         headers.remove(header::CONTENT_LENGTH);
+    } else {
+        one_length(headers);
     }
-    headers.append(header::VIA, via_value(backend_version));
+    headers.append(header::VIA, via_value(head.version));
+    // RFC 9110 §6.2: an intermediary sends its own version, not its
+    // backend's. An HTTP/1.0 backend's `HTTP/1.0 200` would otherwise
+    // tell HTTP/1.1 clients to close after every response (hyper answers
+    // HTTP/1.0 clients in their version itself).
+    head.version = Version::HTTP_11;
+}
+
+/// A backend's `Content-Length` as one plain number. hyper takes several
+/// lines or a list of the same length (`2, 2`; RFC 9112 §6.3 lets a
+/// recipient do so, and it refuses ones that differ), but relayed as
+/// received the field breaks HTTP/2 clients (RFC 9113 §8.1.1) and is for
+/// HTTP/1.1 ones the very ambiguity that lets requests be smuggled; RFC
+/// 9110 §8.6 asks for one value. Leading zeros go too. The usual field
+/// costs one lookup.
+fn one_length(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = lines.next() else { return };
+    let plain = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        !v.contains(&b',') && (v.len() == 1 || v.first() != Some(&b'0'))
+    };
+    if lines.next().is_none() && plain(first) {
+        return;
+    }
+    let length = first
+        .as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .and_then(|member| std::str::from_utf8(member).ok())
+        .and_then(|member| member.trim_matches([' ', '\t']).parse::<u64>().ok());
+    match length {
+        Some(length) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        // hyper framed the body by this field, so it parsed; if not, the
+        // body's own size hint gives hyper the length to write.
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -759,10 +852,22 @@ mod tests {
         }
     }
 
+    /// A backend's response head with `fields`, in `version`, prepared.
+    fn prepared(fields: &[(&str, &str)], version: Version) -> http::response::Parts {
+        let (mut head, ()) = http::Response::new(()).into_parts();
+        head.headers = map(fields);
+        head.version = version;
+        prepare_response(&mut head);
+        head
+    }
+
     #[test]
     fn a_response_length_beside_transfer_encoding_is_dropped() {
-        let mut headers = map(&[("content-length", "100"), ("transfer-encoding", "chunked")]);
-        prepare_response(&mut headers, Version::HTTP_11);
+        let headers = prepared(
+            &[("content-length", "100"), ("transfer-encoding", "chunked")],
+            Version::HTTP_11,
+        )
+        .headers;
         assert!(!headers.contains_key(header::CONTENT_LENGTH));
         assert!(!headers.contains_key(header::TRANSFER_ENCODING));
     }
@@ -1229,13 +1334,16 @@ mod tests {
 
     #[test]
     fn response_loses_hop_by_hop_and_gains_via() {
-        let mut headers = map(&[
-            ("connection", "close, x-internal"),
-            ("x-internal", "1"),
-            ("transfer-encoding", "chunked"),
-            ("etag", "\"v1\""),
-        ]);
-        prepare_response(&mut headers, Version::HTTP_11);
+        let headers = prepared(
+            &[
+                ("connection", "close, x-internal"),
+                ("x-internal", "1"),
+                ("transfer-encoding", "chunked"),
+                ("etag", "\"v1\""),
+            ],
+            Version::HTTP_11,
+        )
+        .headers;
         assert!(!headers.contains_key("connection"));
         assert!(!headers.contains_key("x-internal"));
         assert!(!headers.contains_key("transfer-encoding"));
@@ -1246,11 +1354,82 @@ mod tests {
     #[test]
     fn a_response_length_goes_only_beside_transfer_encoding() {
         // RFC 9112 §6.3: the coding overrides the length.
-        let mut both = map(&[("transfer-encoding", "chunked"), ("content-length", "5")]);
-        prepare_response(&mut both, Version::HTTP_11);
-        assert!(!both.contains_key("content-length"));
-        let mut length = map(&[("content-length", "5"), ("connection", "keep-alive")]);
-        prepare_response(&mut length, Version::HTTP_11);
-        assert_eq!(length["content-length"], "5");
+        let both = prepared(
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            Version::HTTP_11,
+        );
+        assert!(!both.headers.contains_key("content-length"));
+        let length = prepared(
+            &[("content-length", "5"), ("connection", "keep-alive")],
+            Version::HTTP_11,
+        );
+        assert_eq!(length.headers["content-length"], "5");
+    }
+
+    #[test]
+    fn forwarded_goes_on_only_from_proxies_trusted_to_write_it() {
+        let field = "for=6.6.6.6;proto=https;host=evil.example";
+        for (trusted, kept) in [
+            (None, false),
+            (Some(TrustedFields::XForwarded), false),
+            (Some(TrustedFields::Forwarded), true),
+            (Some(TrustedFields::Either), true),
+        ] {
+            let mut headers = map(&[("forwarded", field)]);
+            prepare(
+                &mut headers,
+                ClientInfo {
+                    trusted,
+                    ..client(None)
+                },
+            );
+            assert_eq!(headers.contains_key("forwarded"), kept, "{trusted:?}");
+        }
+    }
+
+    #[test]
+    fn names_spelling_portico_s_fields_with_underscores_are_dropped() {
+        let mut headers = map(&[
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-forwarded_proto", "https"),
+            ("x_forwarded_host", "evil.example"),
+            ("x_request_id", "forged"),
+            ("x_custom_field", "kept"),
+            ("x-forwarded-for", "10.0.0.1"),
+        ]);
+        prepare(&mut headers, client(None));
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.starts_with("x_forwarded") || *n == "x-forwarded_proto"),
+            "{names:?}"
+        );
+        assert!(!headers.contains_key("x_request_id"));
+        assert_eq!(headers["x_custom_field"], "kept");
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+    }
+
+    #[test]
+    fn a_response_length_given_twice_goes_out_once_and_plain() {
+        for given in [
+            &[("content-length", "2"), ("content-length", "2")][..],
+            &[("content-length", "2, 2")],
+            &[("content-length", "0002")],
+            &[("content-length", "2 ,2")],
+        ] {
+            let head = prepared(given, Version::HTTP_11);
+            let lines: Vec<_> = head.headers.get_all("content-length").iter().collect();
+            assert_eq!(lines, ["2"], "{given:?}");
+        }
+        let zero = prepared(&[("content-length", "0")], Version::HTTP_11);
+        assert_eq!(zero.headers["content-length"], "0");
+    }
+
+    #[test]
+    fn a_response_goes_out_in_portico_s_version_and_its_via_names_the_backend_s() {
+        let head = prepared(&[("content-length", "2")], Version::HTTP_10);
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers["via"], "1.0 portico");
     }
 }

@@ -361,13 +361,14 @@ impl Proxy {
             if request.method() == Method::TRACE {
                 return Err(ProxyError::TraceMethod);
             }
-            // The asterisk-form target is for OPTIONS alone (RFC 9112
-            // §3.2.4, RFC 9113 §8.3.1): a GET of `*` is malformed, not a
-            // path that no route matches.
-            if request.uri().path() == "*" {
-                if request.method() != Method::OPTIONS {
+            // A target is a path (origin or absolute form) but for two
+            // cases (RFC 9112 §3.2): CONNECT's authority, refused above,
+            // and OPTIONS's `*`. A GET of `*` or of `host:port` is
+            // malformed, not a path that no route matches.
+            if !request.uri().path().starts_with('/') {
+                if request.uri().path() != "*" || request.method() != Method::OPTIONS {
                     return Err(ProxyError::BadRequest(
-                        "`*` target on a method other than OPTIONS",
+                        "the target is not a path (only OPTIONS may ask for `*`)",
                     ));
                 }
                 // `OPTIONS *` asks the server itself, not a resource (RFC
@@ -376,10 +377,15 @@ impl Proxy {
                 // judged as any request's (RFC 9112 §3.2: 400 if missing,
                 // repeated or invalid).
                 request_host(&request)?;
-                let mut pong = Response::new(ProxyBody::full(Bytes::new()));
-                pong.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                return Ok(pong);
+                return Ok(final_options());
+            }
+            // RFC 9110 §7.6.2: an OPTIONS with `Max-Forwards: 0` is
+            // answered here, as its final recipient; any other has the
+            // count taken down by this hop. (TRACE, the other method it
+            // governs, is refused above.)
+            if request.method() == Method::OPTIONS && max_forwards_spent(request.headers_mut()) {
+                request_host(&request)?;
+                return Ok(final_options());
             }
             // HTTP/1 heads over the limit never get here (hyper answers
             // 431). One more is allowed for the X-Request-Id `handle` may
@@ -540,7 +546,7 @@ impl Proxy {
                 }
             }
             let (mut parts, body) = response.into_parts();
-            headers::prepare_response(&mut parts.headers, parts.version);
+            headers::prepare_response(&mut parts);
             error::quota_headers(&mut parts.headers, quota);
             if cache.is_some() {
                 // Every response of a caching route says what the cache did.
@@ -557,6 +563,37 @@ impl Proxy {
             ))
         }
     }
+}
+
+/// The answer to an OPTIONS that ends here (`*`, or no hops left): an
+/// empty 200, as nginx gives a bare `OPTIONS` it serves itself. Without
+/// `Allow`, as portico cannot know what its backends allow.
+fn final_options() -> Response<ProxyBody> {
+    let mut answer = Response::new(ProxyBody::full(Bytes::new()));
+    answer
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer
+}
+
+/// Whether a request's `Max-Forwards` is 0, and so it goes no further;
+/// otherwise the count is taken down by one for the next hop (RFC 9110
+/// §7.6.2). A value that is not one number is left as it is: the next
+/// hop judges it, as nginx and HAProxy pass the field on untouched.
+fn max_forwards_spent(headers: &mut http::HeaderMap) -> bool {
+    let Some(left) = headers::only_line(headers, &header::MAX_FORWARDS)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+        // A count too large for u64 is as good as endless.
+        .map(|value| value.parse::<u64>().unwrap_or(u64::MAX))
+    else {
+        return false;
+    };
+    if left == 0 {
+        return true;
+    }
+    headers.insert(header::MAX_FORWARDS, HeaderValue::from(left - 1));
+    false
 }
 
 /// RFC 9110 §9.2.1 safe methods: read-only by definition.
@@ -798,6 +835,26 @@ fn declared_length(request: &Request<Incoming>) -> Result<Option<u64>, ProxyErro
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn max_forwards_is_spent_at_zero_and_taken_down_otherwise() {
+        let after = |value: &str| {
+            let mut headers = crate::test_support::headers(&[("max-forwards", value)]);
+            let spent = super::max_forwards_spent(&mut headers);
+            let left = headers["max-forwards"].to_str().unwrap().to_owned();
+            (spent, left)
+        };
+        assert_eq!(after("0"), (true, "0".to_owned()));
+        assert_eq!(after("5"), (false, "4".to_owned()));
+        assert_eq!(after("1"), (false, "0".to_owned()));
+        // Not one number: the next hop's to judge.
+        for odd in ["-1", "a", "1, 2", " 3"] {
+            assert_eq!(after(odd), (false, odd.to_owned()), "{odd:?}");
+        }
+        let mut none = http::HeaderMap::new();
+        assert!(!super::max_forwards_spent(&mut none));
+        assert!(none.is_empty());
+    }
+
     #[test]
     fn host_and_authority_agree_case_and_default_port_aside() {
         use super::same_host;

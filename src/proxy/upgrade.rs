@@ -122,7 +122,7 @@ impl Upgrade {
         });
         let (mut parts, _) = response.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
-        headers::prepare_response(&mut parts.headers, parts.version);
+        headers::prepare_response(&mut parts);
         if let Some(protocol) = protocol {
             parts.headers.insert(header::UPGRADE, protocol);
         }

@@ -35,7 +35,7 @@ use select::{Candidate, Tried, Turn};
 /// (what nginx's default 8 x 8 KiB `proxy_buffers` take in) plus room for
 /// a response head. It also keeps the buffer under glibc's 128 KiB mmap
 /// threshold, so growing it costs no mmap, munmap and page faults.
-const UPSTREAM_READ_BUFFER: usize = 72 * 1024;
+pub(crate) const UPSTREAM_READ_BUFFER: usize = 72 * 1024;
 
 /// Share of requests that may be retries, per upstream, over the window.
 const RETRY_BUDGET_PERCENT: u64 = 20;

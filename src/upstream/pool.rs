@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tower::Service;
 
-use crate::proxy::body::RequestBody;
+use crate::proxy::body::{RequestBody, UploadWatch};
 use crate::task::WhenWoken;
 
 /// How long an idle connection keeps hyper's task and buffers before it is
@@ -95,8 +95,8 @@ struct Conn {
     handed_back: Option<oneshot::Receiver<Box<Io>>>,
     /// How long it may wait idle for its next request: the upstream's
     /// `idle_timeout`, or less if the backend announced a shorter one.
-    /// `None` until the first response on it has been looked at: backends
-    /// announce the same on every response, so once is enough.
+    /// `None` until a response on it has been looked at; each one that
+    /// announces a timeout sets it anew.
     keep_for: Option<Duration>,
     /// What the connection's task watches for a late response head. `None`
     /// on a connection run for an upgrade: its caller times it.
@@ -261,6 +261,8 @@ impl Pool {
         upgrade: bool,
         watched: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
+        // An upload the backend may answer before its end (see `wrap`).
+        let upload = request.body().upload_watch();
         async move {
             let taken = if fresh || upgrade {
                 None
@@ -283,7 +285,7 @@ impl Pool {
                 request = match conn.sender.try_send_request(request).await {
                     Ok(response) => {
                         if waiting.is_none_or(|n| conn.end_wait(n)) {
-                            return Ok(self.wrap(index, conn, response));
+                            return Ok(self.wrap(index, conn, response, upload.as_ref()));
                         }
                         // The task gave up just as the head came.
                         return Err(SendError::HeadTimeout);
@@ -481,20 +483,38 @@ impl Pool {
         })
     }
 
+    /// The response on `conn`, which goes back to the pool once its body
+    /// is read, unless the exchange leaves it in doubt (see `reusable`).
     fn wrap(
         self: &Arc<Self>,
         index: usize,
         mut conn: Conn,
         response: Response<Incoming>,
+        upload: Option<&UploadWatch>,
     ) -> Response<UpstreamBody> {
-        let keep_for = *conn.keep_for.get_or_insert_with(|| {
-            announced_keep_alive(response.headers()).map_or(self.idle_timeout, |announced| {
-                announced.min(self.idle_timeout)
-            })
-        });
-        // A 101 hands the connection over to the tunnel: never reused.
-        let reusable =
-            response.status() != http::StatusCode::SWITCHING_PROTOCOLS && !keep_for.is_zero();
+        // The backend's latest word on how long it keeps the connection:
+        // one going away says `timeout=0` on its last responses, not the
+        // first.
+        let keep_for = match announced_keep_alive(response.headers()) {
+            Some(announced) => announced.min(self.idle_timeout),
+            None => conn.keep_for.unwrap_or(self.idle_timeout),
+        };
+        conn.keep_for = Some(keep_for);
+        let headers = response.headers();
+        // A 101 hands the connection over to the tunnel.
+        let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        // Answered before the upload ended: a backend that does not read
+        // the rest (RFC 9112 §9.3 says it must, or close) takes it for the
+        // next request, and another client gets the answer to that. nginx
+        // does not keep such a connection either; the upload still goes on
+        // to its end.
+        let mid_upload = upload.is_some_and(UploadWatch::coming);
+        // Both framings (RFC 9112 §6.3): the length hyper ignored may be the
+        // one the backend meant, and then what is left on the wire is the
+        // next client's "response".
+        let framed_twice = headers.contains_key(http::header::TRANSFER_ENCODING)
+            && headers.contains_key(http::header::CONTENT_LENGTH);
+        let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice);
         let (parts, inner) = response.into_parts();
         let mut body = UpstreamBody {
             inner,
@@ -914,6 +934,55 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("pool holds {:?}, not {want:?}", held(pool)));
+    }
+
+    /// A backend writing `answers[n]` for the n-th request on each
+    /// connection (the last one again past the end).
+    async fn answering(answers: &'static [&'static str]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    for n in 0.. {
+                        if matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {
+                            return;
+                        }
+                        let answer = answers[n.min(answers.len() - 1)];
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_timeout_announced_on_a_later_response_counts() {
+        let addr = answering(&[
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nkeep-alive: timeout=0\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = pool(addr);
+        ok(&pool, http::Method::GET).await;
+        assert_eq!(held(&pool), ["live"]);
+        ok(&pool, http::Method::GET).await;
+        assert!(held(&pool).is_empty(), "{:?}", held(&pool));
+    }
+
+    #[tokio::test]
+    async fn a_response_framed_both_ways_leaves_its_connection_unpooled() {
+        let addr = answering(&[
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ])
+        .await;
+        let pool = pool(addr);
+        ok(&pool, http::Method::GET).await;
+        assert!(held(&pool).is_empty(), "{:?}", held(&pool));
     }
 
     #[test]
