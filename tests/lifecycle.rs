@@ -271,7 +271,8 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     let (dir, file) = config_dir("listeners");
     let write = |listen: &str| {
         let text = format!(
-            "[server]\nlisten = [{listen}]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+            "[server]\nlisten = [{listen}]\nshutdown_grace = \"1s\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
              [[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
             backend.addr()
         );
@@ -325,6 +326,9 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
         .windows(17)
         .any(|w| w == b"connection: close")));
 
+    // And a tunnel through it.
+    let mut tunnel = open_echo_tunnel(extra).await;
+
     write("\"127.0.0.1:0\"");
     proxy.shared.reload().expect("reload removes a listener");
     // Its connections are drained as at shutdown (review28a F4): answers
@@ -347,6 +351,25 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     })
     .await;
     assert!(refused.is_ok(), "{extra} still accepts after its removal");
+    // The tunnel goes on for `shutdown_grace`, then is cut, busy as it
+    // is, as a shutdown would cut it (review29a F5), where a busy one went
+    // on for good.
+    let cut = tokio::time::timeout(STEP, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut echoed = [0u8; 4];
+            if tunnel.write_all(b"ping").await.is_err()
+                || !matches!(tunnel.read_exact(&mut echoed).await, Ok(4))
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the removed listener's busy tunnel stayed open"
+    );
     assert_eq!(
         get(&client, &proxy.url("/health")).await.status,
         StatusCode::OK

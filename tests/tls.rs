@@ -249,6 +249,31 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         "{error}"
     );
 
+    // A passphrase-protected key is said to be one, in either PEM form
+    // (review29a F8), not as "no key" or a base64 error.
+    for (file, pem) in [
+        (
+            "pkcs8.key",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjAp\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        ),
+        (
+            "rsa.key",
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0011\n\nMIIEow==\n-----END RSA PRIVATE KEY-----\n",
+        ),
+    ] {
+        let mut encrypted = good.clone();
+        std::fs::write(dir.join(file), pem).unwrap();
+        encrypted.certificates[0].key = dir.join(file);
+        let error = portico::server::tls::acceptor(&encrypted)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains(file) && error.contains("is encrypted"),
+            "{error}"
+        );
+    }
+
     let mut garbage = good;
     std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
     garbage.certificates[0].cert = dir.join("garbage.pem");

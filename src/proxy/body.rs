@@ -372,7 +372,10 @@ impl Body for RequestBody {
             (None, None) => return Poll::Ready(None),
         };
         match polled {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    super::headers::scrub_trailers(trailers);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
@@ -1122,8 +1125,11 @@ impl Body for ProxyBody {
                 in_flight,
                 capture,
             } => match Pin::new(&mut *inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
+                Poll::Ready(Some(Ok(mut frame))) => {
                     stall.progress();
+                    if let Some(trailers) = frame.trailers_mut() {
+                        super::headers::scrub_trailers(trailers);
+                    }
                     if let (Some(copy), Some(data)) = (capture.as_mut(), frame.data_ref()) {
                         if !copy.data(data) {
                             *capture = None;

@@ -91,10 +91,11 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::TooManyFields => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::UnsupportedCoding | ProxyError::ConnectMethod => {
-                StatusCode::NOT_IMPLEMENTED
-            }
-            ProxyError::TraceMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            // As nginx answers both: methods portico knows and will not
+            // forward, not ones it has never heard of. (A 501 would also
+            // put every open-proxy scanner's CONNECT among the 5xx.)
+            ProxyError::ConnectMethod | ProxyError::TraceMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ClientClosed => {

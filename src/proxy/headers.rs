@@ -733,6 +733,16 @@ pub fn prepare_response(head: &mut http::response::Parts) {
     head.version = Version::HTTP_11;
 }
 
+/// Cleans a trailer section relayed to the next hop: hop-by-hop fields
+/// and a `Content-Length`, which framing owns and no trailer may carry
+/// (RFC 9110 §6.5.1). HTTP/2 peers treat either as a protocol error
+/// (RFC 9113 §8.2.2, §8.1.1) and reset the stream, losing the message
+/// they end; nginx relays no HTTP/1.1 backend's trailers at all.
+pub fn scrub_trailers(trailers: &mut HeaderMap) {
+    remove_hop_by_hop(trailers);
+    trailers.remove(header::CONTENT_LENGTH);
+}
+
 /// A backend's `Content-Length` as one plain number. hyper takes several
 /// lines or a list of the same length (`2, 2`; RFC 9112 §6.3 lets a
 /// recipient do so, and it refuses ones that differ), but relayed as
@@ -1408,6 +1418,21 @@ mod tests {
         assert!(!headers.contains_key("x_request_id"));
         assert_eq!(headers["x_custom_field"], "kept");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+    }
+
+    #[test]
+    fn trailers_lose_what_framing_and_the_connection_own() {
+        let mut trailers = map(&[
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("x-checksum", "abc"),
+        ]);
+        scrub_trailers(&mut trailers);
+        let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-checksum"]);
     }
 
     #[test]

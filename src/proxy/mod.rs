@@ -298,7 +298,9 @@ impl Proxy {
                 Ok(response) => response,
                 Err(error) => {
                     let status = error.status();
-                    if status.is_server_error() {
+                    // A warning is for what went wrong on portico's side
+                    // or its backends': a 501 is the client's request.
+                    if status.is_server_error() && status != http::StatusCode::NOT_IMPLEMENTED {
                         let upstream = self.upstream_of(trace.route).map_or("-", |u| u.name());
                         tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, "proxy error");
                     } else {

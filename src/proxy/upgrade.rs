@@ -39,7 +39,25 @@ pub struct Upgrade {
 /// counts as an open connection and a shutdown waits for it (up to
 /// `shutdown_grace`), as for any connection.
 #[derive(Clone)]
-pub struct Hold(pub Arc<dyn Any + Send + Sync>);
+pub struct Hold {
+    pub keep: Arc<dyn Any + Send + Sync>,
+    /// The client's listener stopping (a shutdown, or a reload that
+    /// removed it), and how long a tunnel may go on after: a shutdown's
+    /// end cuts tunnels with the process, and a removed listener's are
+    /// cut as they would be then, not left to run for good.
+    pub stopping: Option<(crate::server::shutdown::Shutdown, Duration)>,
+}
+
+/// Ends once `stopping` fires and its grace has passed; never without.
+async fn cut_after(stopping: Option<(crate::server::shutdown::Shutdown, Duration)>) {
+    match stopping {
+        Some((mut signal, grace)) => {
+            signal.recv().await;
+            tokio::time::sleep(grace).await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// Whether the `Connection` field lists the `upgrade` token.
 fn connection_upgrade(headers: &HeaderMap) -> bool {
@@ -98,6 +116,7 @@ impl Upgrade {
             // The backend slot stays taken while the tunnel is open, and
             // the client's connection counted.
             let _in_flight = in_flight;
+            let stopping = hold.as_ref().and_then(|hold| hold.stopping.clone());
             let _hold = hold;
             let (client, backend) = match tokio::try_join!(client, backend) {
                 Ok(both) => both,
@@ -117,6 +136,9 @@ impl Upgrade {
                 }
                 () = quiet_for(&moved, idle) => {
                     tracing::debug!("upgraded connection idle for idle_timeout; closing");
+                }
+                () = cut_after(stopping) => {
+                    tracing::info!("upgraded connection cut: its listener stopped and shutdown_grace passed");
                 }
             }
         });

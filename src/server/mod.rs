@@ -550,19 +550,23 @@ async fn serve_connection<IO: Parkable>(
     }
     let requests = activity.clone();
     let generations = held.shared.clone();
-    let (drain, open) = (
+    let (drain, open, stopping) = (
         held._drain.clone(),
         held.shared.metrics.connections_open.clone(),
+        held.shutdown.clone(),
     );
     let client = conn.clone();
     let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         // hyper lets go of a connection it upgrades at once; the tunnel
-        // keeps its place in the count and the drain instead.
+        // keeps its place in the count and the drain instead, and ends
+        // `shutdown_grace` after its listener stops.
         if request.headers().contains_key(http::header::UPGRADE) {
             let hold = (drain.clone(), OpenConnection::new(open.clone()));
-            request
-                .extensions_mut()
-                .insert(crate::proxy::TunnelHold(Arc::new(hold)));
+            let grace = generations.config.load().server.shutdown_grace;
+            request.extensions_mut().insert(crate::proxy::TunnelHold {
+                keep: Arc::new(hold),
+                stopping: Some((stopping.clone(), grace)),
+            });
         }
         // One generation per request: a reload mid-connection applies to
         // the next request, and this one finishes on the config it began on.

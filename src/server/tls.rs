@@ -49,6 +49,9 @@ fn load_pair(
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: match e {
+            // Said as such, not as the parser's "no key" or "base64
+            // decode error", which would send the operator hunting.
+            _ if encrypted_key(&pair.key) => ENCRYPTED_KEY.into(),
             // A certificate given as the key, the usual mix-up.
             pki_types::pem::Error::NoItemsFound => {
                 "no PEM private key in the file (a PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)".into()
@@ -69,6 +72,20 @@ fn load_pair(
         reason: format!("does not match certificate {cert_path}: {e}"),
     })?;
     Ok(certified)
+}
+
+const ENCRYPTED_KEY: &str = "the private key is encrypted, and portico asks for no passphrase: \
+     decrypt it (`openssl pkey -in KEY -out PLAIN_KEY`) into a file only portico's user can read";
+
+/// Whether the key file holds a passphrase-protected key: PKCS #8's
+/// `ENCRYPTED PRIVATE KEY` block, or OpenSSL's traditional form with
+/// `Proc-Type: 4,ENCRYPTED` in an `RSA PRIVATE KEY` or `EC PRIVATE KEY`
+/// block.
+fn encrypted_key(path: &std::path::Path) -> bool {
+    std::fs::read(path).is_ok_and(|pem| {
+        memchr::memmem::find(&pem, b"-----BEGIN ENCRYPTED PRIVATE KEY-----").is_some()
+            || memchr::memmem::find(&pem, b"Proc-Type: 4,ENCRYPTED").is_some()
+    })
 }
 
 /// Loads one `{ cert, key }` pair as a listener would: readable PEM files,
