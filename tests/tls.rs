@@ -646,3 +646,32 @@ async fn an_aged_out_parked_tls_backend_connection_gets_a_close_notify() {
         .unwrap();
     assert_eq!(end, Ok(0), "closed without a close_notify");
 }
+
+/// `http://` typed for an `https://` address gets a readable 400, as from
+/// nginx, not a TLS alert that clients show as a garbled or empty reply
+/// (review29a F8); a TLS client on the same listener is served as ever.
+#[tokio::test]
+async fn plain_http_on_a_tls_listener_gets_a_readable_400() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("plain.test");
+    let dir = temp_dir("plain");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("plain", &cert)]),
+    )
+    .await;
+    let answer = raw_exchange(addr, b"GET /health HTTP/1.1\r\nHost: plain.test\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("plain HTTP request sent to an HTTPS port\n"),
+        "{answer}"
+    );
+    assert_eq!(backend.requests(), 0);
+    let (_, status, _) = https_get(addr, "plain.test", &cert.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}

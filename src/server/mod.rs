@@ -448,10 +448,23 @@ async fn accept_loop(
                             serve_connection(stream, conn, held, None).await
                         }
                         Mode::Tls(acceptor) => {
-                            let handshake = tokio::time::timeout(
-                                held.settings.header_timeout,
-                                acceptor.accept(stream),
-                            );
+                            // The head's time, the handshake's included.
+                            let deadline =
+                                tokio::time::Instant::now() + held.settings.header_timeout;
+                            match tokio::time::timeout_at(deadline, plain_http(&stream)).await {
+                                Ok(true) => {
+                                    let refusal = refuse_plain_http(stream, deadline);
+                                    let said = refusal.await;
+                                    held.shared.proxy.load().refused(peer, 400, &said);
+                                    return;
+                                }
+                                Ok(false) => {}
+                                Err(_) => {
+                                    return tracing::debug!(client = %peer, "TLS handshake timed out")
+                                }
+                            }
+                            let handshake =
+                                tokio::time::timeout_at(deadline, acceptor.accept(stream));
                             match handshake.await {
                                 Ok(Ok(tls)) => {
                                     let conn = Conn::new(peer, "https");
@@ -521,6 +534,51 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
             self.get_ref().1.alpn_protocol(),
         ))
     }
+}
+
+/// Whether a connection to a TLS listener opens with an HTTP/1 request
+/// (an upper-case method) rather than a TLS record (0x16, a handshake):
+/// `http://` typed for an `https://` address.
+async fn plain_http(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// What nginx tells plain HTTP sent to its HTTPS port, in place of the TLS
+/// alert that curl and browsers show as a garbled or empty reply.
+const PLAIN_HTTP_ON_TLS: &str = "plain HTTP request sent to an HTTPS port";
+
+/// Answers a plain HTTP request on a TLS listener with a readable 400 and
+/// closes: what arrived of the request is read first (by `deadline`, up
+/// to 16 KiB), so the close sends the answer rather than a reset. Returns
+/// what to log.
+async fn refuse_plain_http(
+    mut stream: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+) -> &'static str {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout_at(deadline, async {
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{PLAIN_HTTP_ON_TLS}\n",
+        PLAIN_HTTP_ON_TLS.len() + 1
+    );
+    let _ = tokio::time::timeout_at(deadline, async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    PLAIN_HTTP_ON_TLS
 }
 
 /// A connection coming back from parking.
