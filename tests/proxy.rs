@@ -706,6 +706,11 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
             "400",
         ),
         (
+            "chunked twice",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+            "400",
+        ),
+        (
             "a coding before chunked",
             b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             "501",

@@ -455,7 +455,15 @@ impl Proxy {
             // hyper decodes a final `chunked` and portico re-chunks; any coding
             // before it would reach the backend unannounced (RFC 9112 §6.1).
             if !headers::relayable_coding(request.headers()) {
-                return Err(ProxyError::UnsupportedCoding);
+                // `chunked` twice is no coding portico lacks but a
+                // malformed message (RFC 9112 §6.1: applied once at most).
+                let chunked = headers::list_members(request.headers(), &header::TRANSFER_ENCODING)
+                    .filter(|coding| coding.eq_ignore_ascii_case("chunked"))
+                    .count();
+                return Err(match chunked {
+                    0 | 1 => ProxyError::UnsupportedCoding,
+                    _ => ProxyError::BadRequest("`chunked` applied more than once"),
+                });
             }
 
             let upgrade = upgrade::requested(&mut request);

@@ -467,6 +467,15 @@ impl Pool {
             // Otherwise hyper's read buffer goes now, not when the socket
             // is taken up again.
             let fit = read_buf.is_empty();
+            if !fit {
+                // A body longer than its length, a body on a 204 or a
+                // HEAD: the backend's framing is wrong, as nginx warns.
+                tracing::warn!(
+                    backend = ?backend_of(&io),
+                    bytes = read_buf.len(),
+                    "backend sent bytes after its response that no request asked for; connection closed, not reused"
+                );
+            }
             drop(read_buf);
             match fit.then(|| hand_back.send(Box::new(io))) {
                 Some(Ok(())) => crate::memory::freed(crate::memory::HYPER_CONNECTION),
@@ -646,6 +655,15 @@ fn unpark(
 /// backend closed (its keep-alive timeout ran out) or wrote to unasked
 /// must not carry the next request. One non-blocking read, so a byte read
 /// here is never missed: the socket is then dropped.
+/// The backend a socket leads to, for the log.
+fn backend_of(io: &Io) -> Option<std::net::SocketAddr> {
+    let tcp = match io {
+        MaybeHttpsStream::Http(tcp) => tcp,
+        MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner(),
+    };
+    tcp.inner().peer_addr().ok()
+}
+
 fn quiet(io: &mut Io) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [MaybeUninit::uninit()];
