@@ -35,12 +35,23 @@ pub(crate) fn list_members<'a>(
         .map(|member| member.trim_matches([' ', '\t']))
 }
 
+/// What the pass over a head's names in [`remove_hop_by_hop`] saw, for
+/// the callers' own checks, which then cost no lookup of their own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    /// `Transfer-Encoding`, which a response's framing depends on.
+    pub transfer_encoding: bool,
+    /// `Forwarded`.
+    pub forwarded: bool,
+    /// A name that may spell one portico writes with `_` (see
+    /// [`remove_lookalikes`]).
+    pub underscored: bool,
+}
+
 /// Removes hop-by-hop fields, including every field the `Connection` header
 /// names. The usual case, `Connection: keep-alive` or `close`, costs one
 /// pass over the names and a lookup per field removed, no allocation.
-/// Returns whether the head carried `Transfer-Encoding`, which a
-/// response's framing depends on.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
     /// Where `fixed` holds Transfer-Encoding.
     const TRANSFER_ENCODING_SLOT: usize = 3;
     let fixed: [&HeaderName; 5] = [
@@ -55,6 +66,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // none and stop here.
     let mut present = [false; 5];
     let mut proxy = false;
+    let mut seen = Seen::default();
     for name in headers.keys() {
         let name = name.as_str();
         // Indexes into `fixed`.
@@ -68,13 +80,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
                 proxy = true;
                 continue;
             }
+            Some(b'f') if name == "forwarded" => {
+                seen.forwarded = true;
+                continue;
+            }
+            Some(b'x') if LOOKALIKE_LENGTHS.contains(&name.len()) && name.contains('_') => {
+                seen.underscored = true;
+                continue;
+            }
             _ => continue,
         };
         present[slot] = true;
     }
-    let transfer_encoding = present[TRANSFER_ENCODING_SLOT];
+    seen.transfer_encoding = present[TRANSFER_ENCODING_SLOT];
     if !proxy && !present.contains(&true) {
-        return transfer_encoding;
+        return seen;
     }
     // Fields the Connection header names beyond the fixed ones: rare.
     let mut named: Vec<HeaderName> = Vec::new();
@@ -115,7 +135,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
             headers.remove(&name);
         }
     }
-    transfer_encoding
+    seen
 }
 
 /// Whether a head's transfer codings are ones portico can relay: none, or
@@ -342,8 +362,10 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 /// with the values its backend saw, which a client that is not trusted
 /// cannot choose.
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
-    remove_hop_by_hop(headers);
-    remove_lookalikes(headers);
+    let seen = remove_hop_by_hop(headers);
+    if seen.underscored {
+        remove_lookalikes(headers);
+    }
     if client.version >= Version::HTTP_2 {
         join_cookies(headers);
     }
@@ -352,7 +374,7 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
     // before `X-Forwarded-*` (Spring's ForwardedHeaderFilter builds links
     // from its `host` and `proto`), so passed on it would undo the
     // replacing of `X-Forwarded-Host` and `-Proto` below.
-    if !client.trusted.is_some_and(TrustedFields::forwarded) {
+    if seen.forwarded && !client.trusted.is_some_and(TrustedFields::forwarded) {
         headers.remove(header::FORWARDED);
     }
     let (proto, host) = match client.trusted {
@@ -388,12 +410,21 @@ const WRITTEN: [&str; 4] = [
     "x-request-id",
 ];
 
+/// The lengths of the names in [`WRITTEN`], so the pass over a head's
+/// names looks for `_` only in names as long as one.
+const LOOKALIKE_LENGTHS: [usize; 4] = [
+    WRITTEN[0].len(),
+    WRITTEN[1].len(),
+    WRITTEN[2].len(),
+    WRITTEN[3].len(),
+];
+
 /// Removes the fields whose names spell one portico writes with `_` for
 /// some `-`, so a client cannot have its own `X_Forwarded_For` read in
 /// place of portico's. nginx drops every name with `_` by default
 /// (`underscores_in_headers off`); only these are dropped here, as they
-/// are the ones portico vouches for. Names are lower case; one pass over
-/// them, and nothing more unless one has `_`.
+/// are the ones portico vouches for. Called only when the pass of
+/// [`remove_hop_by_hop`] saw a name that may be one.
 fn remove_lookalikes(headers: &mut HeaderMap) {
     let lookalike = |name: &HeaderName| {
         let name = name.as_str().as_bytes();
@@ -407,9 +438,6 @@ fn remove_lookalikes(headers: &mut HeaderMap) {
                         .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
             })
     };
-    if !headers.keys().any(lookalike) {
-        return;
-    }
     let found: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
     for name in found {
         headers.remove(&name);
@@ -720,7 +748,7 @@ pub fn prepare_response(head: &mut http::response::Parts) {
     let headers = &mut head.headers;
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
     // intermediary must drop the length before relaying the decoded body.
-    if remove_hop_by_hop(headers) {
+    if remove_hop_by_hop(headers).transfer_encoding {
         headers.remove(header::CONTENT_LENGTH);
     } else {
         one_length(headers);
