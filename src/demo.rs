@@ -75,37 +75,51 @@ pub async fn run_until(
     server::run_with_admin(shared, listeners, Some((admin, None)), stop).await;
     // Together: each may take its drain grace to confirm queued orders.
     futures_util::future::join_all(running.into_iter().map(|b| b.stop())).await;
-    println!("demo stopped");
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), b"demo stopped\n");
     Ok(())
 }
 
 fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
-    let (proxy, admin) = (reachable(proxy), reachable(admin));
-    let base = format!("http://{proxy}");
-    let plural = if backends.len() == 1 { "" } else { "s" };
-    println!(
-        "portico demo: {} order backend{plural} behind {base}",
-        backends.len()
-    );
-    for (i, addr) in backends.iter().enumerate() {
-        println!("  backend-{}  http://{addr}", i + 1);
-    }
-    println!();
-    println!("Try (repeat them: /health rotates over the backends, the order list is cached):");
-    println!("  curl -si {base}/health");
-    println!(
-        "  curl -si {base}/users/1/orders      (Cache-Status: portico; hit on the second call)"
-    );
-    println!(
-        "  curl -si -X POST {base}/users/1/orders -H 'content-type: application/json' \\\n       -d '{{\"items\":[{{\"sku\":\"A-1\",\"qty\":2}}],\"amount_cents\":1999,\"email\":\"a@example.com\"}}'"
-    );
-    println!("  curl -s {base}/orders/ORDER-002");
-    println!("  curl -si --http2-prior-knowledge {base}/health");
-    println!(
-        "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
-    );
-    println!();
-    println!("Ctrl-C stops the proxy and the backends.");
+    // Once, and never a panic: `println!` panics on a closed stdout
+    // (`portico demo | head`), which would take the demo down with it.
+    use std::io::Write;
+    let write = |out: &mut dyn Write| -> std::io::Result<()> {
+        let (proxy, admin) = (reachable(proxy), reachable(admin));
+        let base = format!("http://{proxy}");
+        let plural = if backends.len() == 1 { "" } else { "s" };
+        writeln!(
+            out,
+            "portico demo: {} order backend{plural} behind {base}",
+            backends.len()
+        )?;
+        for (i, addr) in backends.iter().enumerate() {
+            writeln!(out, "  backend-{}  http://{addr}", i + 1)?;
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Try (repeat them: /health rotates over the backends, the order list is cached):"
+        )?;
+        writeln!(out, "  curl -si {base}/health")?;
+        writeln!(
+            out,
+            "  curl -si {base}/users/1/orders      (Cache-Status: portico; hit on the second call)"
+        )?;
+        writeln!(
+            out,
+            "  curl -si -X POST {base}/users/1/orders -H 'content-type: application/json' \\\n       -d '{{\"items\":[{{\"sku\":\"A-1\",\"qty\":2}}],\"amount_cents\":1999,\"email\":\"a@example.com\"}}'"
+        )?;
+        writeln!(out, "  curl -s {base}/orders/ORDER-002")?;
+        writeln!(out, "  curl -si --http2-prior-knowledge {base}/health")?;
+        writeln!(
+            out,
+            "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
+        )?;
+        writeln!(out)?;
+        writeln!(out, "Ctrl-C stops the proxy and the backends.")?;
+        Ok(())
+    };
+    let _ = write(&mut std::io::stdout().lock());
 }
 
 /// An address to connect to for a listener on `addr`: a wildcard one

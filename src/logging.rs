@@ -25,6 +25,12 @@ pub fn init(json: bool) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A log line that cannot be written (stderr a pipe whose reader
+        // died: a restarted collector, a `| logger` gone) is dropped, as
+        // nginx drops it. Reported, it goes to the same broken stderr by
+        // `eprintln!`, whose panic took down the request (or the process)
+        // that logged.
+        .log_internal_errors(false)
         .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     if json {

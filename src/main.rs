@@ -49,18 +49,18 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => {
             let Some(path) = config.or(cli.config) else {
-                eprintln!("portico check: --config FILE is required");
+                say_err("portico check: --config FILE is required");
                 return ExitCode::from(2);
             };
             // Loading validates everything, the files the config names
             // (certificates, token) included.
             match portico::config::load(&path) {
                 Ok(_) => {
-                    println!("configuration ok");
+                    say("configuration ok");
                     ExitCode::SUCCESS
                 }
                 Err(errors) => {
-                    eprintln!("{errors}");
+                    say_err(errors);
                     ExitCode::FAILURE
                 }
             }
@@ -89,15 +89,15 @@ fn main() -> ExitCode {
         }
         None => {
             let Some(path) = cli.config else {
-                eprintln!(
-                    "portico: --config FILE is required (try `portico demo` or `portico --help`)"
+                say_err(
+                    "portico: --config FILE is required (try `portico demo` or `portico --help`)",
                 );
                 return ExitCode::from(2);
             };
             let config = match portico::config::load(&path) {
                 Ok(config) => config,
                 Err(errors) => {
-                    eprintln!("{errors}");
+                    say_err(errors);
                     return ExitCode::FAILURE;
                 }
             };
@@ -121,9 +121,22 @@ fn run(
             if tracing::enabled!(tracing::Level::ERROR) {
                 tracing::error!(%error, "portico stopped");
             } else {
-                eprintln!("portico: {error}");
+                say_err(format_args!("portico: {error}"));
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// A line to stdout; one that cannot be written (a closed pipe) is
+/// dropped rather than panicking, as `println!` would.
+fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
+}
+
+/// [`say`] to stderr.
+fn say_err(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
 }

@@ -193,6 +193,14 @@ fn demo_drains_on_sighup_too() {
 /// Starts `portico demo` on loopback ports of its choosing: the process,
 /// the proxy's address, and its log, whole once it exits.
 fn start_demo() -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    start_demo_logging(true)
+}
+
+/// [`start_demo`]; without `read_log`, the log's pipe is closed at once,
+/// as when the process reading it dies.
+fn start_demo_logging(
+    read_log: bool,
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     let mut child = Command::new(PORTICO)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -203,7 +211,9 @@ fn start_demo() -> (std::process::Child, String, std::thread::JoinHandle<String>
     let mut stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut log = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        if read_log {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+        }
         log
     });
     let (tx, rx) = std::sync::mpsc::channel();
@@ -279,6 +289,27 @@ fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
         .unwrap_or_else(|| panic!("no access line in:\n{log}"));
     assert!(line.contains("end=\"shutdown\""), "{line}");
     drop(stream);
+}
+
+/// A log that cannot be written (its reader died: a restarted collector,
+/// a `| logger` gone) loses lines, not requests: each line written to the
+/// broken pipe used to panic whatever logged it, a request's task or the
+/// main thread, which then exited 101 on SIGTERM without a drain
+/// (review29b F1).
+#[test]
+fn a_broken_log_pipe_loses_log_lines_not_requests() {
+    let (mut child, proxy, _log) = start_demo_logging(false);
+    for path in [
+        "/users/1/orders",
+        "/health",
+        "/health",
+        "/users/2/orders",
+        "/nope",
+    ] {
+        let answer = http_get(&proxy, path);
+        assert!(answer.starts_with("HTTP/1.1 "), "{path}: {answer:?}");
+    }
+    stop_with(&mut child, "-TERM");
 }
 
 fn demo_serves_and_drains_on(signal: &str) {

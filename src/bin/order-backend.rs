@@ -33,12 +33,16 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    use std::io::Write;
     let cli = Cli::parse();
     cli.standard.init_logging();
     let runtime = match cli.standard.runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("order-backend: cannot start the runtime: {error}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "order-backend: cannot start the runtime: {error}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("order-backend: {error}");
+            let _ = writeln!(std::io::stderr(), "order-backend: {error}");
             ExitCode::FAILURE
         }
     }
