@@ -43,7 +43,7 @@ pub enum ProxyError {
         retry_after: std::time::Duration,
         reset: std::time::Duration,
     },
-    #[error("backend {backend}: cannot connect: {source}")]
+    #[error("backend {backend}: cannot connect: {}", Chain(source.as_ref()))]
     Connect {
         backend: std::net::SocketAddr,
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -64,6 +64,30 @@ pub enum ProxyError {
         backend: std::net::SocketAddr,
         reason: &'static str,
     },
+}
+
+/// An error with its causes, `outer: inner: innermost`: hyper-util's
+/// connect error says only "tcp connect error", and the cause an operator
+/// needs ("Connection refused", as nginx's `connect() failed (111:
+/// Connection refused)` gives it) is its source. A cause whose text its
+/// error already showed is not repeated.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !shown.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
+            cause = error.source();
+        }
+        Ok(())
+    }
 }
 
 /// How a backend broke its response, in an operator's terms where hyper's
@@ -253,5 +277,39 @@ pub fn rate_limit_headers(
     headers.insert("ratelimit-reset", seconds(reset));
     if let Some(wait) = retry_after {
         headers.insert(header::RETRY_AFTER, seconds(wait));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper-util's connect error: a bare summary over the real cause.
+    #[derive(Debug)]
+    struct Summary(std::io::Error);
+
+    impl std::fmt::Display for Summary {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp connect error")
+        }
+    }
+
+    impl std::error::Error for Summary {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_connect_failure_says_its_cause() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = ProxyError::Connect {
+            backend: "127.0.0.1:9".parse().unwrap(),
+            source: Box::new(Summary(refused)),
+        };
+        assert_eq!(
+            error.to_string(),
+            "backend 127.0.0.1:9: cannot connect: tcp connect error: connection refused"
+        );
     }
 }
