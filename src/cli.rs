@@ -6,8 +6,10 @@ use clap::{Args, ValueEnum};
 /// `--threads N` and `--log-format text|json`.
 #[derive(Debug, Args)]
 pub struct StandardFlags {
-    /// Worker threads (default: the number of cores).
-    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads, 1 to 1024 (default: the number of cores).
+    // Bounded: tokio panics when the OS refuses a worker thread (a pids
+    // limit), and the process then hung rather than exiting.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -81,6 +81,13 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(PORTICO).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // More threads than any machine wants: refused up front, not a panic
+    // when the OS refuses one (review29b F6).
+    let out = Command::new(PORTICO)
+        .args(["--threads", "5000", "demo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
     // The demo makes its own configuration: a file given would be ignored,
     // wherever the flag stands.
     for (args, says) in [
