@@ -279,6 +279,13 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nretries = -1\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"1MiB\"\n",
+            &[
+                "test.toml:4:11: upstream[0].retries: must be 0 to 10: more retries only multiply an outage",
+                "test.toml:8:12: cache.max_object_size: must not exceed cache.max_size (its default, 8MiB: set it, or raise max_size)",
+            ],
+        ),
+        (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
         ),

@@ -738,22 +738,18 @@ fn upstream(
         d.max_idle_per_backend as u32,
         0,
     ) as usize;
-    upstream.retries = integer(
-        r,
-        &format!("{key}.retries"),
-        raw.retries.as_ref(),
-        d.retries,
-        0,
-    );
-    if upstream.retries > 10 {
-        if let Some(v) = &raw.retries {
+    // One message for every value outside 0 to 10, -1 included.
+    upstream.retries = match &raw.retries {
+        Some(v) if !(0..=10).contains(v.get_ref()) => {
             r.at(
                 v.span(),
                 format!("{key}.retries"),
                 "must be 0 to 10: more retries only multiply an outage",
             );
+            d.retries
         }
-    }
+        given => integer(r, &format!("{key}.retries"), given.as_ref(), d.retries, 0),
+    };
     upstream.health = raw
         .health
         .as_ref()
@@ -947,10 +943,18 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
     );
     if max_object_size > max_size {
         if let Some(v) = raw.max_object_size.as_ref().or(raw.max_size.as_ref()) {
+            // Said of the default too, which the operator never wrote.
+            let given = match raw.max_object_size {
+                Some(_) => String::new(),
+                None => format!(
+                    " (its default, {}MiB: set it, or raise max_size)",
+                    d.max_object_size >> 20
+                ),
+            };
             r.at(
                 v.span(),
                 "cache.max_object_size",
-                "must not exceed cache.max_size",
+                format!("must not exceed cache.max_size{given}"),
             );
         }
     }
