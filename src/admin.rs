@@ -50,11 +50,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The credentials of a `Bearer` Authorization field; the scheme name is
-/// case-insensitive (RFC 9110 §11.1).
+/// case-insensitive (RFC 9110 §11.1). A field given twice is no
+/// credential: which one decides would depend on the order, so a right
+/// token beside a wrong one is refused either way.
 fn bearer(request: &Request<Incoming>) -> Option<&str> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)?
+    let value = crate::proxy::headers::only_line(request.headers(), &header::AUTHORIZATION)?
         .to_str()
         .ok()?;
     let (scheme, credentials) = value.trim_start().split_once(' ')?;
@@ -239,8 +239,10 @@ async fn handle(
                     let on = host.as_deref().unwrap_or("");
                     let spelt: Vec<String> = prefixes.iter().map(|p| format!("{on}{p}*")).collect();
                     let answer = format!("purged {}\n", spelt.join(" and "));
-                    let prefix = prefixes.join(" ");
-                    tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), %prefix, "cache purged by prefix");
+                    // Debug-quoted: a prefix is the caller's text, and
+                    // printed bare a `"` or a space in it could forge fields
+                    // of the line.
+                    tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), prefix = ?prefixes, "cache purged by prefix");
                     let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
                     let paths = move |path: &str| matchers.iter().any(|m| m(path));
                     cache.purge_paths(move |stored_host, path| {

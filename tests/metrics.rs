@@ -198,6 +198,18 @@ async fn admin_mutations_need_the_token() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_ne!(send(&client, lower).await.status, StatusCode::UNAUTHORIZED);
+    // Two credentials are none, in either order (review29b F8).
+    for pair in [
+        ["Bearer s3cret", "Bearer guess"],
+        ["Bearer guess", "Bearer s3cret"],
+    ] {
+        let twice = Request::post(guarded.admin_url("/reload"))
+            .header("authorization", pair[0])
+            .header("authorization", pair[1])
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&client, twice).await.status, StatusCode::UNAUTHORIZED);
+    }
 }
 
 #[tokio::test]
