@@ -79,7 +79,7 @@ impl Metrics {
         let backend_up = IntGaugeVec::new(
             Opts::new(
                 "portico_backend_up",
-                "1 if the backend takes traffic (healthy, not ejected)",
+                "1 if the backend is healthy (up by its checks, not ejected); a drained one (weight 0) stays 1",
             ),
             &["upstream", "backend"],
         )

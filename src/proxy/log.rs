@@ -381,7 +381,9 @@ pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Displ
         backend = "-",
         cache = "-",
         request_id = "-",
-        refused = %error,
+        // A string, so the text format quotes it as it does the other
+        // free-text fields (logfmt parsers split on its spaces otherwise).
+        refused = error.to_string().as_str(),
     );
 }
 
