@@ -286,6 +286,10 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[server]\nlisten = [\"[::ffff:127.0.0.1]:8080\", \"127.0.0.1:8080\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:38: server.listen: 127.0.0.1:8080 is already used by server.listen"],
+        ),
+        (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
         ),

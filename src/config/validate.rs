@@ -118,6 +118,9 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         if addr.port() == 0 {
             return;
         }
+        // `[::ffff:127.0.0.1]:P` is `127.0.0.1:P`: binding both fails at
+        // start, with a message that blames another process.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         // A wildcard address takes its port on every address of its
         // family (an IPv6 one on IPv4 too, dual-stack being the default):
         // binding both would fail at start.
