@@ -88,7 +88,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             break None;
         }
         let key = key_at(table.get_ref(), &span);
-        reporter.at(span.clone(), key, plain_words(e.message()));
+        let message = match one_table_written_as_many(&key) {
+            Some(section) => {
+                format!("`{section}` is one table: write [{section}], not [[{section}]]")
+            }
+            None => plain_words(e.message()),
+        };
+        reporter.at(span.clone(), key, message);
         match set_aside(&mut lenient, &span, e.message()) {
             Some(aside) if set.len() < 100 => {
                 set.push(span);
@@ -309,6 +315,23 @@ fn holds(outer: Range<usize>, span: &Range<usize>) -> bool {
 }
 
 /// serde's words for what a field wanted, in the config's own terms.
+/// The section, dotted without indices, when `key` is the first item of
+/// one written `[[section]]` that takes a single table: serde's own words
+/// for it ("invalid type: map, expected a string", read as the section's
+/// first field) point nowhere near the double brackets.
+fn one_table_written_as_many(key: &str) -> Option<String> {
+    let (section, index) = key.strip_suffix(']')?.rsplit_once('[')?;
+    let name = section.rsplit('.').next()?;
+    let single = ["server", "admin", "cache", "rate_limit", "health"].contains(&name);
+    (single && index.bytes().all(|b| b.is_ascii_digit())).then(|| {
+        section
+            .split('.')
+            .map(|part| part.split('[').next().unwrap_or(part))
+            .collect::<Vec<_>>()
+            .join(".")
+    })
+}
+
 fn plain_words(message: &str) -> String {
     let mut text = message.to_owned();
     for (rust, plain) in [

@@ -290,6 +290,14 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:2:38: server.listen: 127.0.0.1:8080 is already used by server.listen"],
         ),
         (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[[cache]]\nmax_size = \"1MiB\"\n",
+            &["test.toml:6:1: cache[0]: `cache` is one table: write [cache], not [[cache]]"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[upstream.health]]\npath = \"/h\"\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:1: upstream[0].health[0]: `upstream.health` is one table: write [upstream.health], not [[upstream.health]]"],
+        ),
+        (
             "[server]\nlisten = []\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:1:1: server.listen: no traffic listener: give server.listen an address or add a [[server.tls]]"],
         ),
