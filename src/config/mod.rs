@@ -24,15 +24,35 @@ pub(crate) use validate::overlap;
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, path),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
+    let error = |line, col, message| {
+        Err(ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
-            line: 0,
-            col: 0,
+            line,
+            col,
             key: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }])),
+            message,
+        }]))
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => return error(0, 0, format!("cannot read the file: {e}")),
+    };
+    match String::from_utf8(bytes) {
+        Ok(text) => parse(&text, path),
+        // Where, as for any other error in the file: a stray Latin-1 byte
+        // in a comment is otherwise a hunt.
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+            let start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let col = String::from_utf8_lossy(&good[start..]).chars().count() + 1;
+            let byte = e.as_bytes()[good.len()];
+            error(
+                line,
+                col,
+                format!("byte 0x{byte:02x} is not UTF-8: a TOML file is UTF-8 text"),
+            )
+        }
     }
 }
 

@@ -422,6 +422,21 @@ fn health_check_host_takes_a_host_header_value() {
 }
 
 #[test]
+fn a_byte_that_is_not_utf8_is_reported_where_it_is() {
+    let path = std::env::temp_dir().join(format!("portico-latin1-{}.toml", std::process::id()));
+    std::fs::write(&path, b"[server]\n# caf\xe9 menu\n").unwrap();
+    let err = load(&path).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        err,
+        format!(
+            "{}:2:6: byte 0xe9 is not UTF-8: a TOML file is UTF-8 text",
+            path.display()
+        )
+    );
+}
+
+#[test]
 fn an_unreadable_file_is_reported_with_its_path() {
     let err = load(Path::new("/nonexistent/portico.toml")).unwrap_err();
     assert!(err
