@@ -96,8 +96,18 @@ fn main() -> ExitCode {
             };
             let config = match portico::config::load(&path) {
                 Ok(config) => config,
+                // As `check` prints them; with JSON logs, as log records
+                // too, so a collector that parses every line sees why the
+                // start failed.
                 Err(errors) => {
-                    say_err(errors);
+                    if matches!(cli.standard.log_format, portico::cli::LogFormat::Json) {
+                        cli.standard.init_logging();
+                        for error in &errors.0 {
+                            tracing::error!(%error, "invalid configuration");
+                        }
+                    } else {
+                        say_err(errors);
+                    }
                     return ExitCode::FAILURE;
                 }
             };
