@@ -466,6 +466,43 @@ async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// A header block trickled in CONTINUATION frames never becomes a request
+/// hyper sees; its bytes used to count as activity, holding the
+/// connection for as long as the client went on (review29a F6: minutes).
+/// Frames outside a request do not keep an HTTP/2 connection from idling.
+#[tokio::test]
+async fn an_http2_header_block_trickled_in_continuations_does_not_hold_the_connection() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_secs(1);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+                                                           // HEADERS, stream 1, END_STREAM only: GET http / (indexed fields).
+    hello.extend_from_slice(&[0, 0, 3, 1, 1, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+    stream.write_all(&hello).await.unwrap();
+    let trickle = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            // CONTINUATION, stream 1, no END_HEADERS: one more indexed field.
+            let frame = [0, 0, 1, 9, 0, 0, 0, 0, 1, 0x84];
+            if stream.write_all(&frame).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(STEP, trickle)
+        .await
+        .expect("a trickled header block held the connection open");
+    assert_eq!(backend.requests(), 0);
+}
+
 /// A backend and a proxy in front of it whose request head timer is 200 ms
 /// and whose idle timeout (60 s) is far beyond any bound of these tests.
 async fn proxy_with_short_head_timer() -> (portico::sample::RunningBackend, RunningProxy) {
