@@ -216,7 +216,7 @@ async fn handle(
             if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
-            match shared.reload_for(&peer.to_string()) {
+            match shared.reload_for(&peer.to_string()).await {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
                 Err(errors) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n")),
             }

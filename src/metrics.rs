@@ -4,9 +4,10 @@
 //! config (route, upstream and backend names, status codes), never by
 //! traffic (paths, clients).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
-use prometheus::core::Collector;
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     ratelimit_rejected: IntCounterVec,
     pub connections_open: IntGauge,
+    last_load_successful: IntGauge,
+    last_load_success_time: IntGauge,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -158,6 +161,16 @@ impl Metrics {
                 "portico_connections_open",
                 "Client connections currently open",
             ),
+            last_load_successful: gauge(
+                &registry,
+                "portico_config_last_reload_successful",
+                "1 if the last reload of the configuration file succeeded (or none was asked for yet), 0 if it was rejected",
+            ),
+            last_load_success_time: gauge(
+                &registry,
+                "portico_config_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded, at start or by a reload, in seconds since the Unix epoch",
+            ),
             registry,
         }
     }
@@ -218,6 +231,42 @@ impl Metrics {
         }
     }
 
+    /// Records a load of the configuration: at start, and the outcome of
+    /// each reload, as Prometheus's own `prometheus_config_last_reload_*`
+    /// do. A rejected reload leaves the time of the last good one.
+    pub fn config_loaded(&self, successful: bool) {
+        self.last_load_successful.set(i64::from(successful));
+        if successful {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            self.last_load_success_time
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Drops the series of routes, upstreams and backends that `configured`
+    /// no longer has, in every family labelled by them, as Envoy and
+    /// HAProxy drop a removed host's stats: otherwise each reload that
+    /// swaps a backend leaves its twenty series behind for good. Series of
+    /// what is still configured are not touched, so their counts go on.
+    ///
+    /// A request still in flight on a removed backend or route records
+    /// into handles whose series are gone, which is harmless; one that
+    /// meets a status code its handles had not resolved yet brings that
+    /// one series back, until the next reload drops it again.
+    pub fn retain(&self, configured: &Configured) {
+        prune(&self.requests, configured);
+        prune(&self.request_duration, configured);
+        prune(&self.ratelimit_rejected, configured);
+        prune(&self.upstream_requests, configured);
+        prune(&self.upstream_duration, configured);
+        prune(&self.upstream_body_errors, configured);
+        prune(&self.upstream_retries, configured);
+        prune(&self.upstream_retries_refused, configured);
+        prune(&self.backend_up, configured);
+    }
+
     /// Requests answered so far, over every route and status: the sum of
     /// `portico_requests_total`. Walks the series; for once a second, not
     /// per request.
@@ -251,6 +300,70 @@ impl Default for Metrics {
     }
 }
 
+/// The label values a configuration gives series to: what
+/// [`Metrics::retain`] keeps after a reload.
+#[derive(Debug, Default)]
+pub struct Configured {
+    routes: HashSet<String>,
+    upstreams: HashSet<String>,
+    /// (upstream, backend address)
+    backends: HashSet<(String, String)>,
+}
+
+impl Configured {
+    pub fn of(config: &crate::config::Config) -> Self {
+        let mut routes: HashSet<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+        routes.insert(NO_ROUTE.to_owned());
+        Configured {
+            routes,
+            upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            backends: config
+                .upstreams
+                .iter()
+                .flat_map(|u| {
+                    u.backends
+                        .iter()
+                        .map(|b| (u.name.clone(), b.addr.to_string()))
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a series with these labels belongs to something configured.
+    /// A family's labels say what it is about: a route, a backend (with
+    /// its upstream), or an upstream.
+    fn holds(&self, labels: &HashMap<&str, &str>) -> bool {
+        if let Some(route) = labels.get("route") {
+            return self.routes.contains(*route);
+        }
+        match (labels.get("upstream"), labels.get("backend")) {
+            (Some(upstream), Some(backend)) => self
+                .backends
+                .contains(&((*upstream).to_owned(), (*backend).to_owned())),
+            (Some(upstream), None) => self.upstreams.contains(*upstream),
+            _ => true,
+        }
+    }
+}
+
+/// Removes the series of `vec` that `configured` does not hold.
+fn prune<T: MetricVecBuilder>(vec: &MetricVec<T>, configured: &Configured) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if !configured.holds(&labels) {
+                // Only fails for a series already gone: a concurrent
+                // prune, which no reload runs (they take turns).
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 /// Status codes 100..=599, resolved on first use.
 type CodeCounters = Arc<[OnceLock<IntCounter>; 500]>;
 
@@ -280,6 +393,11 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// The route's label: its name, or [`NO_ROUTE`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn record(&self, code: u16, seconds: f64) {
         if let Some(counter) = code_counter(&self.codes, &self.requests, &[&self.name], code) {
             counter.inc();
@@ -446,6 +564,45 @@ mod tests {
         );
         assert!(text
             .contains("portico_request_duration_seconds_bucket{route=\"orders\",le=\"0.0005\"} 1"));
+    }
+
+    #[test]
+    fn retain_drops_what_is_no_longer_configured_and_keeps_the_rest_counting() {
+        let metrics = Metrics::new();
+        let (kept, gone) = ("10.0.0.1:80", "10.0.0.2:80");
+        let main = metrics.route("default");
+        main.record(200, 0.001);
+        metrics.route(NO_ROUTE).count(400);
+        metrics.route("old").throttled();
+        metrics.backend("default", kept).record(200, 0.001);
+        let removed = metrics.backend("default", gone);
+        removed.record(200, 0.001);
+        let _ = metrics.body_errors("default", gone);
+        let _ = metrics.retries("default");
+        let _ = metrics.retries("old");
+        metrics.set_backends_up([("default", gone.to_owned(), true)].into_iter());
+        let config = crate::config::Config::single_upstream(vec![], vec![kept.parse().unwrap()]);
+
+        metrics.retain(&Configured::of(&config));
+        // A request that was in flight on the removed backend records into
+        // handles whose series are gone: no panic, and nothing exported.
+        removed.record(200, 0.002);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        for absent in [gone, "route=\"old\"", "upstream=\"old\""] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+        for present in [
+            "portico_requests_total{code=\"200\",route=\"default\"} 1",
+            "portico_requests_total{code=\"400\",route=\"_none\"} 1",
+            "portico_upstream_requests_total{backend=\"10.0.0.1:80\",code=\"200\",upstream=\"default\"} 1",
+            "portico_upstream_retries_total{upstream=\"default\"} 0",
+        ] {
+            assert!(text.contains(present), "no {present} in {text}");
+        }
+        // The handles of what stayed still count into the exported series.
+        main.record(200, 0.001);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(text.contains("portico_requests_total{code=\"200\",route=\"default\"} 2"));
     }
 
     #[cfg(target_os = "linux")]

@@ -125,7 +125,7 @@ impl Hangup {
                 while hangup.recv().await.is_some() {
                     // Logged by `reload_for`; nothing else to do with a
                     // rejection.
-                    let _ = shared.reload_for("SIGHUP");
+                    let _ = shared.reload_for("SIGHUP").await;
                 }
             });
         }

@@ -123,6 +123,98 @@ async fn reloading_under_load_fails_no_request_and_switches_backends() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A reload waiting on its file (a FIFO here, which blocks the reader until
+/// written: a slow disk, or a file of 20,000 routes, in the extreme) holds
+/// up no request, even on a runtime of one thread as `--threads 1` runs;
+/// and what the reload starts from the blocking pool, a listener and
+/// health checks, runs on that runtime (review F3).
+#[cfg(unix)]
+#[test]
+fn a_reload_waiting_on_its_file_holds_up_no_request_on_a_one_thread_runtime() {
+    let (dir, file) = config_dir("reload-off-runtime");
+    let fifo = dir.join("fifo.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo failed");
+    let (answered, answered_rx) = std::sync::mpsc::channel();
+    let (reloaded_tx, reloaded) = std::sync::mpsc::channel();
+    let (runner_fifo, runner_file) = (fifo.clone(), file.clone());
+    // The new file, written into the FIFO once the request was answered.
+    let (text_tx, text_rx) = std::sync::mpsc::channel::<String>();
+    let runner = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let backend = start_backend(BackendOptions::new("b")).await;
+            // Where the health checks of the upstream the reload adds go.
+            let checked = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let extra = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                probe.local_addr().unwrap()
+            };
+            let base = format!(
+                "[[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
+                backend.addr()
+            );
+            std::fs::write(
+                &runner_file,
+                format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{base}"),
+            )
+            .unwrap();
+            let config = portico::config::load(&runner_file).unwrap();
+            let proxy = start_proxy_with_admin(config, None, Some(runner_fifo)).await;
+            let client = client();
+            assert_eq!(
+                get(&client, &proxy.url("/health")).await.status,
+                StatusCode::OK
+            );
+
+            let shared = proxy.shared.clone();
+            let reload = tokio::spawn(async move { shared.reload_for("test").await });
+            tokio::task::yield_now().await;
+            assert_eq!(
+                get(&client, &proxy.url("/health")).await.status,
+                StatusCode::OK
+            );
+            let _ = answered.send(());
+
+            let _ = text_tx.send(format!(
+                "[server]\nlisten = [\"127.0.0.1:0\", \"{extra}\"]\n{base}\
+                 [[upstream]]\nname = \"checked\"\nbackends = [\"{}\"]\n\
+                 [upstream.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\n\
+                 [[route]]\npath_prefix = \"/checked\"\nupstream = \"checked\"\n",
+                checked.local_addr().unwrap()
+            ));
+            let outcome = tokio::time::timeout(STEP, reload).await;
+            let outcome = outcome.expect("reload done once its file came").unwrap();
+            assert_eq!(outcome, Ok(()));
+            let extra_url = format!("http://{extra}/health");
+            assert_eq!(get(&client, &extra_url).await.status, StatusCode::OK);
+            let check = tokio::time::timeout(STEP, checked.accept()).await;
+            assert!(check.is_ok(), "no health check reached the new upstream");
+            let _ = reloaded_tx.send(());
+        });
+    });
+    let feed = |text: String| {
+        // Opening a FIFO to write waits for its reader: the reload.
+        std::fs::write(&fifo, text).unwrap();
+    };
+    if answered_rx.recv_timeout(STEP).is_err() {
+        // Let the stuck reload go, so that the runtime's thread ends.
+        feed(String::new());
+        panic!("no request was answered while a reload waited on its file");
+    }
+    feed(text_rx.recv_timeout(STEP).unwrap());
+    let done = reloaded.recv_timeout(STEP);
+    if let Err(panic) = runner.join() {
+        std::panic::resume_unwind(panic);
+    }
+    done.expect("the reload finished");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A WebSocket upgrade to the sample backend's echo through the proxy at
 /// `addr`; checks the 101 head and returns the tunnel.
 async fn open_echo_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {

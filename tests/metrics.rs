@@ -367,6 +367,149 @@ async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The series of `text` that mention `needle`, for a failure message.
+fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[tokio::test]
+async fn a_reload_drops_the_series_of_what_it_removed_and_keeps_the_rest_counting() {
+    let keep = start_backend(BackendOptions::new("keep")).await;
+    let old = start_backend(BackendOptions::new("old")).await;
+    let new = start_backend(BackendOptions::new("new")).await;
+    let other = start_backend(BackendOptions::new("other")).await;
+    let (dir, file) = config_dir("metrics-retain");
+    let write = |swapped: std::net::SocketAddr, extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n\
+                 [server]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [[upstream]]\nname = \"u\"\nbackends = [\"{}\", \"{swapped}\"]\n\
+                 [[route]]\nname = \"main\"\nupstream = \"u\"\n{extra}",
+                keep.addr()
+            ),
+        )
+        .unwrap();
+    };
+    let other_upstream = format!(
+        "[[upstream]]\nname = \"gone\"\nbackends = [\"{}\"]\n\
+         [[route]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"gone\"\n",
+        other.addr()
+    );
+    write(old.addr(), &other_upstream);
+    let proxy = start_reloadable(&dir, &file).await;
+    let client = client();
+    for _ in 0..4 {
+        let answer = get(&client, &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    // The sample backend has no such path: a 404, counted all the same.
+    get(&client, &proxy.url("/other")).await;
+    let scrape = || async {
+        String::from_utf8_lossy(&get(&client, &proxy.admin_url("/metrics")).await.body).into_owned()
+    };
+    let before = scrape().await;
+    let (old_label, keep_label) = (old.addr().to_string(), keep.addr().to_string());
+    let kept_series = [
+        format!("portico_upstream_requests_total{{backend=\"{keep_label}\",code=\"200\",upstream=\"u\"}}"),
+        format!("portico_upstream_duration_seconds_count{{backend=\"{keep_label}\",upstream=\"u\"}}"),
+        "portico_requests_total{code=\"200\",route=\"main\"}".to_owned(),
+        "portico_request_duration_seconds_count{route=\"main\"}".to_owned(),
+    ];
+    let values = |text: &str| -> Vec<String> {
+        kept_series
+            .iter()
+            .map(|prefix| {
+                let line =
+                    metric_line(text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+                line.rsplit(' ').next().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let counted = values(&before);
+    assert_eq!(counted[2], "4", "{before}");
+    assert!(
+        before.contains(&format!("backend=\"{old_label}\"")),
+        "{before}"
+    );
+    assert!(before.contains("route=\"other\""), "{before}");
+
+    // The second backend's address changes; the other upstream and its
+    // route go.
+    write(new.addr(), "");
+    let reload = || mutation(proxy.admin_url("/reload"), "POST", Some("t"));
+    assert_eq!(send(&client, reload()).await.status, StatusCode::OK);
+    let after = scrape().await;
+    for gone in [
+        format!("backend=\"{old_label}\""),
+        "upstream=\"gone\"".to_owned(),
+        "route=\"other\"".to_owned(),
+    ] {
+        assert!(
+            lines_with(&after, &gone).is_empty(),
+            "{gone} is still exported: {:?}",
+            lines_with(&after, &gone)
+        );
+    }
+    assert_eq!(values(&after), counted, "{after}");
+    assert!(
+        after.contains(&format!(
+            "portico_upstream_duration_seconds_count{{backend=\"{}\",upstream=\"u\"}} 0",
+            new.addr()
+        )),
+        "{after}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_outcome_of_the_last_reload_is_exported() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let (dir, file) = config_dir("metrics-reload-outcome");
+    write_reloadable(&file, backend.addr(), "");
+    let proxy = start_reloadable(&dir, &file).await;
+    let client = client();
+    let outcome = |text: &str| {
+        let value = |name: &str| -> i64 {
+            let line = metric_line(text, &format!("{name} "))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        (
+            value("portico_config_last_reload_successful"),
+            value("portico_config_last_reload_success_timestamp_seconds"),
+        )
+    };
+    let scrape = || async {
+        String::from_utf8_lossy(&get(&client, &proxy.admin_url("/metrics")).await.body).into_owned()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Loading the file at start counts, as in Prometheus.
+    let (ok, loaded) = outcome(&scrape().await);
+    assert_eq!(ok, 1);
+    assert!((now - 60..=now + 60).contains(&loaded), "{loaded} vs {now}");
+
+    write_reloadable(&file, backend.addr(), "bogus = 1\n");
+    let reload = || mutation(proxy.admin_url("/reload"), "POST", Some("t"));
+    assert_eq!(
+        send(&client, reload()).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    // Rejected: the time is still the last good load's.
+    assert_eq!(outcome(&scrape().await), (0, loaded));
+
+    write_reloadable(&file, backend.addr(), "");
+    assert_eq!(send(&client, reload()).await.status, StatusCode::OK);
+    let (ok, reloaded) = outcome(&scrape().await);
+    assert_eq!(ok, 1);
+    assert!(reloaded >= loaded);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_admin_connection_is_closed() {
     use tokio::io::AsyncReadExt;

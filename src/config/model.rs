@@ -150,7 +150,7 @@ pub struct HealthCheck {
 }
 
 /// How a route matches the request's Host (port ignored, lower-cased).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostMatch {
     Any,
     /// `api.example.com`

@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
-use crate::metrics::Metrics;
+use crate::metrics::{Configured, Metrics};
 use crate::proxy::{Conn, Proxy};
 use listeners::{Mode, Registry, Serving};
 use shutdown::{Drain, DrainGuard, Shutdown};
@@ -143,6 +143,7 @@ impl Shared {
 
     pub fn with_path(config: &Config, config_path: Option<PathBuf>) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
+        metrics.config_loaded(true);
         Arc::new(Shared {
             proxy: ArcSwap::from_pointee(Proxy::new(config, metrics.clone())),
             metrics,
@@ -177,19 +178,30 @@ impl Shared {
         Ok(())
     }
 
-    /// [`Shared::reload`] for `by` (`SIGHUP`, or the admin client's
-    /// address), logging a rejection as one record on one line, the file's
-    /// errors separated by `; `: the log is where an operator looks for
-    /// what a deploy tool did, and a line per record is what log shippers
-    /// and `grep` expect.
-    pub fn reload_for(self: &Arc<Self>, by: &str) -> Result<(), String> {
-        self.reload().inspect_err(|errors| {
-            tracing::error!(
-                by,
-                errors = %errors.replace('\n', "; "),
-                "reload rejected, configuration unchanged"
-            );
-        })
+    /// [`Shared::reload_blocking`] for `by` (`SIGHUP`, or the admin
+    /// client's address), run on tokio's blocking pool. Reading the files,
+    /// loading certificates, validating and building the new generation
+    /// take a while on a large file; on an async worker that stalled every
+    /// connection the worker serves, and with `--threads 1` all of them
+    /// (review F3). Threads of the blocking pool keep the runtime's
+    /// context, so the health checks and accept loops a reload spawns, and
+    /// the listeners it binds, belong to the runtime as before.
+    pub async fn reload_for(self: &Arc<Self>, by: &str) -> Result<(), String> {
+        let shared = self.clone();
+        let by = by.to_owned();
+        match tokio::task::spawn_blocking(move || shared.reload_blocking(&by)).await {
+            Ok(outcome) => outcome,
+            // A bug in the reload: let it surface where it would have
+            // when the reload ran on the caller's task.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err("reload cancelled: the runtime is shutting down".into()),
+        }
+    }
+
+    /// [`Shared::reload_blocking`] for a caller that owns its thread (an
+    /// embedding program, a test), logged as asked by `caller`.
+    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
+        self.reload_blocking("caller")
     }
 
     /// Re-reads the config file and swaps the new state in. A bad file, an
@@ -200,16 +212,42 @@ impl Shared {
     /// change keep their health state and connection pools, the cache and
     /// the limiter survive when their sections did not change), listeners
     /// are added and removed without touching the others, certificates and
-    /// connection settings apply to new connections. In-flight requests
+    /// connection settings apply to new connections, and the metric series
+    /// of what the file no longer has are dropped. In-flight requests
     /// finish on the generation they started with.
-    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
-        let Some(path) = &self.config_path else {
-            return Err("started without --config: nothing to reload".into());
-        };
+    ///
+    /// The outcome is logged with `by`, who asked for it: a rejection as
+    /// one record on one line, the file's errors separated by `; `, since
+    /// the log is where an operator looks for what a deploy tool did, and
+    /// a line per record is what log shippers and `grep` expect. It is
+    /// recorded in `portico_config_last_reload_*` too.
+    ///
+    /// Blocks on file reads; needs a tokio runtime's context (a worker, or
+    /// a thread of its blocking pool) for the tasks it spawns.
+    pub fn reload_blocking(self: &Arc<Self>, by: &str) -> Result<(), String> {
         let _one_at_a_time = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let outcome = self.apply_file();
+        self.metrics.config_loaded(outcome.is_ok());
+        match &outcome {
+            Ok(path) => tracing::info!(by, file = %path.display(), "configuration reloaded"),
+            Err(errors) => tracing::error!(
+                by,
+                errors = %errors.replace('\n', "; "),
+                "reload rejected, configuration unchanged"
+            ),
+        }
+        outcome.map(drop)
+    }
+
+    /// The work of [`Shared::reload_blocking`], under its lock: the file
+    /// applied, or why it was not.
+    fn apply_file(self: &Arc<Self>) -> Result<&std::path::Path, String> {
+        let Some(path) = &self.config_path else {
+            return Err("started without --config: nothing to reload".into());
+        };
         let config = config::load(path).map_err(|e| e.to_string())?;
         // Rotating the token is rewriting its file and reloading; the load
         // read it, and a file that cannot be read rejected the reload.
@@ -245,9 +283,9 @@ impl Shared {
                 "[admin] listen differs from what the process started with; it takes effect after a restart"
             );
         }
+        self.metrics.retain(&Configured::of(&config));
         self.config.store(Arc::new(config));
-        tracing::info!(file = %path.display(), "configuration reloaded");
-        Ok(())
+        Ok(path)
     }
 }
 
