@@ -278,7 +278,7 @@ impl Shared {
         self.admin_token.store(token.map(Arc::new));
         if config.admin.listen != self.admin_listen {
             tracing::warn!(
-                file = %config.admin.listen,
+                in_file = %config.admin.listen,
                 started_with = %self.admin_listen,
                 "[admin] listen differs from what the process started with; it takes effect after a restart"
             );
