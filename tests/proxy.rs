@@ -648,6 +648,49 @@ async fn a_request_matching_no_route_gets_404() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// A route's prefix and a request's path are compared in one normal form:
+/// the hex case of an escape, or a character sent raw or escaped, cannot
+/// take a request past its route to the catch-all one.
+#[tokio::test]
+async fn escapes_in_either_case_reach_the_prefixed_route() {
+    let prefixed = start_backend(BackendOptions::new("prefixed")).await;
+    let other = start_backend(BackendOptions::new("other")).await;
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[upstream]]\nname = \"prefixed\"\nbackends = [\"{}\"]\n\
+         [[upstream]]\nname = \"other\"\nbackends = [\"{}\"]\n\
+         [[route]]\nupstream = \"other\"\n\
+         [[route]]\npath_prefix = \"/café/\"\nupstream = \"prefixed\"\n\
+         [[route]]\npath_prefix = \"/x%2fy/\"\nupstream = \"prefixed\"\n\
+         [[route]]\npath_prefix = \"/na%C3%AFve/\"\nupstream = \"prefixed\"\n",
+        prefixed.addr(),
+        other.addr()
+    );
+    let config = portico::config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for path in [
+        "/caf%C3%A9/x",
+        "/caf%c3%a9/x",
+        "/x%2Fy/a",
+        "/x%2fy/a",
+        "/na%c3%afve/a",
+        "/na%C3%AFve/a",
+    ] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.header("x-backend"), "prefixed", "{path}");
+    }
+    // UTF-8 sent raw, which hyper lets through, is the same path.
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET /café/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".as_bytes(),
+    )
+    .await;
+    assert!(answer.contains("x-backend: prefixed"), "{answer}");
+    let answer = get(&client, &proxy.url("/x/y/a")).await;
+    assert_eq!(answer.header("x-backend"), "other");
+}
+
 #[tokio::test]
 async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
     let backend = start_backend(BackendOptions::new("b1")).await;

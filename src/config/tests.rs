@@ -470,3 +470,73 @@ fn naming_one_route_leaves_the_other_labels_as_they_were() {
         ["orders", "orders#2", "orders#3"]
     );
 }
+
+/// A file whose routes to `orders` have these `path_prefix`es.
+fn with_prefixes(prefixes: &[&str]) -> String {
+    let mut text = "[[upstream]]\nname = \"orders\"\nbackends = [\"127.0.0.1:1\"]\n".to_owned();
+    for prefix in prefixes {
+        text += &format!("[[route]]\nupstream = \"orders\"\npath_prefix = \"{prefix}\"\n");
+    }
+    text
+}
+
+#[test]
+fn prefixes_are_held_in_the_normal_form_of_request_paths() {
+    let config = check(&with_prefixes(&[
+        "/caf\\u00e9/",
+        "/x%2fy/",
+        "/%7Euser/",
+        "/%41pi/",
+        "/.",
+    ]))
+    .unwrap();
+    let prefixes: Vec<&str> = config
+        .routes
+        .iter()
+        .map(|r| r.path_prefix.as_str())
+        .collect();
+    assert_eq!(
+        prefixes,
+        ["/caf%C3%A9/", "/x%2Fy/", "/~user/", "/Api/", "/."]
+    );
+}
+
+#[test]
+fn prefixes_no_request_path_could_match_are_refused_with_their_normal_form() {
+    let never = "request paths are routed with `.` and `..` segments resolved and \
+                 repeated slashes merged, so this would never match: write";
+    let cases: &[(&str, String)] = &[
+        ("//admin/", format!("{never} `/admin/`")),
+        ("/a/./b/", format!("{never} `/a/b/`")),
+        ("/a/../b/", format!("{never} `/b/`")),
+        (
+            "/a%4",
+            "`%` must start an escape of two hex digits (`%25` for `%` itself)".to_owned(),
+        ),
+    ];
+    for (prefix, message) in cases {
+        assert_eq!(
+            errors(&with_prefixes(&["/", prefix])),
+            [format!("test.toml:9:15: route[1].path_prefix: {message}")],
+            "{prefix}"
+        );
+    }
+}
+
+#[test]
+fn prefixes_alike_in_normal_form_are_one_route_twice() {
+    for (first, second, normal) in [
+        ("/x%2Fy/", "/x%2fy/", "/x%2Fy/"),
+        ("/caf%C3%A9/", "/caf\\u00e9/", "/caf%C3%A9/"),
+        ("/~user/", "/%7euser/", "/~user/"),
+    ] {
+        assert_eq!(
+            errors(&with_prefixes(&[first, second])),
+            [format!(
+                "test.toml:7:1: route[1]: another route already has no host and path_prefix `{normal}`, the normal form of `{}`",
+                second.replace("\\u00e9", "é")
+            )],
+            "{second}"
+        );
+    }
+}

@@ -280,7 +280,11 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 );
                 None
             }
-            Some(p) => Some(p.get_ref().clone()),
+            // Held in the form request paths are compared in, so that
+            // `/café/` matches `/caf%C3%A9/x` and `/x%2fy/` `/x%2Fy/a`.
+            Some(p) => crate::proxy::route::routing_prefix(p.get_ref())
+                .inspect_err(|e| r.at(p.span(), format!("{key}.path_prefix"), e.to_string()))
+                .ok(),
         };
         if let (Some(_), Some(path_prefix)) = (&host, &path_prefix) {
             let host_text = raw.host.as_ref().map(|h| h.get_ref().as_str());
@@ -290,10 +294,17 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                     Some(host) => format!("host `{host}`"),
                     None => "no host".to_owned(),
                 };
+                // Written otherwise, the clash is in the normal form.
+                let written = raw.path_prefix.as_ref().map_or("/", |p| p.get_ref());
+                let prefix = if written == path_prefix {
+                    format!("`{path_prefix}`")
+                } else {
+                    format!("`{path_prefix}`, the normal form of `{written}`")
+                };
                 r.at(
                     spanned.span(),
                     &key,
-                    format!("another route already has {host} and path_prefix `{path_prefix}`"),
+                    format!("another route already has {host} and path_prefix {prefix}"),
                 );
             }
         }
