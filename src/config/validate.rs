@@ -920,9 +920,24 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
     }
 }
 
-/// `api.example.com` or `*.example.com`, lower-cased, no port.
+/// `api.example.com`, `*.example.com` or an IPv6 literal `[::1]`,
+/// lower-cased, no port. Labels are letters, digits, `-` (not at either
+/// end) and `_`, which nginx's `server_name` takes too and a Host may
+/// carry; a name in another script is written in its ASCII (IDNA) form,
+/// as clients send it.
 fn host_match(host: &str) -> Result<HostMatch, String> {
     let lower = host.to_ascii_lowercase();
+    if let Some(inner) = lower.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match inner.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(HostMatch::Exact(lower)),
+            Err(_) => Err(format!("`{host}` is not an IPv6 address in brackets")),
+        };
+    }
+    if !host.is_ascii() {
+        return Err(format!(
+            "`{host}` is not ASCII: write the name as clients send it, in its IDNA form (`bücher.example` is `xn--bcher-kva.example`)"
+        ));
+    }
     let (suffix, name) = match lower.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, lower.as_str()),
@@ -930,9 +945,11 @@ fn host_match(host: &str) -> Result<HostMatch, String> {
     let valid = !name.is_empty()
         && name.split('.').all(|label| {
             !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !valid {
         return Err(format!(
@@ -1081,6 +1098,15 @@ mod tests {
             host_match("*.example.com"),
             Ok(HostMatch::Suffix(".example.com".into()))
         );
+        // As nginx's server_name takes them, and a Host carries them.
+        assert_eq!(
+            host_match("a_b.example"),
+            Ok(HostMatch::Exact("a_b.example".into()))
+        );
+        assert_eq!(
+            host_match("[2001:DB8::1]"),
+            Ok(HostMatch::Exact("[2001:db8::1]".into()))
+        );
         for bad in [
             "",
             "*.",
@@ -1089,9 +1115,15 @@ mod tests {
             "*example.com",
             "a.*.com",
             "exa mple.com",
+            "-a.example",
+            "a-.example",
+            "[not-v6]",
+            "[::1]:80",
         ] {
             assert!(host_match(bad).is_err(), "{bad}");
         }
+        let idn = host_match("bücher.example").unwrap_err();
+        assert!(idn.contains("xn--bcher-kva"), "{idn}");
     }
 
     #[test]
