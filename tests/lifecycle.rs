@@ -530,14 +530,19 @@ async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are
     }
 }
 
-#[tokio::test]
-async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
-    // HEADERS without END_HEADERS, then silence. After the idle GOAWAY the
-    // connection used to wait another idle_timeout; with nothing in flight
-    // it now goes after a second. 6 s: the old 12 s would miss the bound.
+/// A proxy with `idle_timeout` (its head timer far beyond any test's
+/// bound), and an HTTP/2 connection to it that has sent HEADERS without
+/// END_HEADERS: a header block begun and not finished.
+async fn half_sent_http2_head(
+    idle_timeout: Duration,
+) -> (
+    portico::sample::RunningBackend,
+    RunningProxy,
+    tokio::net::TcpStream,
+) {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
-    config.server.idle_timeout = Duration::from_secs(6);
+    config.server.idle_timeout = idle_timeout;
     config.server.request_header_timeout = Duration::from_secs(60);
     let proxy = start_proxy(config).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -546,6 +551,15 @@ async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
                                                            // HEADERS, stream 1, END_STREAM only: GET http / (indexed fields).
     hello.extend_from_slice(&[0, 0, 3, 1, 1, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
     stream.write_all(&hello).await.unwrap();
+    (backend, proxy, stream)
+}
+
+#[tokio::test]
+async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
+    // HEADERS without END_HEADERS, then silence. After the idle GOAWAY the
+    // connection used to wait another idle_timeout; with nothing in flight
+    // it now goes after a second. 6 s: the old 12 s would miss the bound.
+    let (backend, _proxy, mut stream) = half_sent_http2_head(Duration::from_secs(6)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6) + STEP / 2;
     let mut buf = [0u8; 4096];
     loop {
@@ -564,17 +578,7 @@ async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
 /// Frames outside a request do not keep an HTTP/2 connection from idling.
 #[tokio::test]
 async fn an_http2_header_block_trickled_in_continuations_does_not_hold_the_connection() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.idle_timeout = Duration::from_secs(1);
-    config.server.request_header_timeout = Duration::from_secs(60);
-    let proxy = start_proxy(config).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
-                                                           // HEADERS, stream 1, END_STREAM only: GET http / (indexed fields).
-    hello.extend_from_slice(&[0, 0, 3, 1, 1, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
-    stream.write_all(&hello).await.unwrap();
+    let (backend, _proxy, mut stream) = half_sent_http2_head(Duration::from_secs(1)).await;
     let trickle = async {
         let mut buf = [0u8; 4096];
         loop {

@@ -269,32 +269,7 @@ async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(tokio::sync::Notify::new());
-    let (count, done) = (accepted.clone(), drained.clone());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let done = done.clone();
-            tokio::spawn(async move {
-                while let Some(mut got) = read_head(&mut stream).await {
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(ok).await.is_err() {
-                        return;
-                    }
-                    let (end, length) = head_end_and_length(&got);
-                    let mut buf = [0u8; 4096];
-                    while got.len() < end + length {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    if length > 0 {
-                        done.notify_one();
-                    }
-                }
-            });
-        }
-    });
+    serve_early_answers_telling(listener, accepted.clone(), drained.clone());
     let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
     let upload = b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n12345";
     let (mut uploader, _) = answered_ok(proxy.addr, upload).await;

@@ -396,10 +396,21 @@ pub fn serve_early_answers(
     listener: tokio::net::TcpListener,
     count: Arc<AtomicUsize>,
 ) -> JoinHandle<()> {
+    serve_early_answers_telling(listener, count, Arc::new(tokio::sync::Notify::new()))
+}
+
+/// [`serve_early_answers`], notifying `uploaded` each time it has read an
+/// upload to its end.
+pub fn serve_early_answers_telling(
+    listener: tokio::net::TcpListener,
+    count: Arc<AtomicUsize>,
+    uploaded: Arc<tokio::sync::Notify>,
+) -> JoinHandle<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let uploaded = uploaded.clone();
             tokio::spawn(async move {
                 while let Some(mut got) = read_head(&mut stream).await {
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -413,6 +424,9 @@ pub fn serve_early_answers(
                             Ok(0) | Err(_) => return,
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         }
+                    }
+                    if length > 0 {
+                        uploaded.notify_one();
                     }
                 }
             });
