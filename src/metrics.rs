@@ -32,6 +32,7 @@ pub struct Metrics {
     upstream_body_errors: IntCounterVec,
     upstream_retries: IntCounterVec,
     upstream_retries_refused: IntCounterVec,
+    upstream_ejections: IntCounterVec,
     backend_up: IntGaugeVec,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
@@ -133,6 +134,12 @@ impl Metrics {
                 "Failed attempts that could have been retried but were not: the upstream's retry budget was spent",
                 &["upstream"],
             ),
+            upstream_ejections: counter_vec(
+                &registry,
+                "portico_upstream_ejections_total",
+                "Times passive health ejected the backend (consecutive failures on live traffic); an ejection can be shorter than a scrape",
+                &["upstream", "backend"],
+            ),
             backend_up,
             cache_lookups: counter_vec(
                 &registry,
@@ -192,6 +199,9 @@ impl Metrics {
             codes: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             duration: self
                 .upstream_duration
+                .with_label_values(&[upstream, backend]),
+            ejections: self
+                .upstream_ejections
                 .with_label_values(&[upstream, backend]),
         }
     }
@@ -264,6 +274,7 @@ impl Metrics {
         prune(&self.upstream_body_errors, configured);
         prune(&self.upstream_retries, configured);
         prune(&self.upstream_retries_refused, configured);
+        prune(&self.upstream_ejections, configured);
         prune(&self.backend_up, configured);
     }
 
@@ -443,9 +454,16 @@ pub struct BackendMetrics {
     requests: IntCounterVec,
     codes: CodeCounters,
     duration: Histogram,
+    ejections: IntCounter,
 }
 
 impl BackendMetrics {
+    /// Passive health ejected the backend: counted, as a 1 s ejection
+    /// rarely shows in a `portico_backend_up` scraped every 15 s.
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
     pub fn record(&self, code: u16, seconds: f64) {
         if self.count(code) {
             self.duration.observe(seconds);

@@ -259,11 +259,15 @@ async fn passive_ejection_works_without_active_checks() {
             StatusCode::OK
         );
     }
-    assert!(
-        proxy.backend_status()[0].ejected,
-        "{:?}",
-        proxy.backend_status()
+    let status = proxy.backend_status();
+    assert!(status[0].ejected, "{status:?}");
+    // Counted, as a short ejection rarely shows in a scraped gauge.
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    let ejections = format!(
+        "portico_upstream_ejections_total{{backend=\"{}\",upstream=\"default\"}} 1",
+        status[0].addr
     );
+    assert!(metrics.contains(&ejections), "{ejections} not in {metrics}");
 }
 
 #[tokio::test]

@@ -376,10 +376,13 @@ impl Upstream {
             backend.state.record_failure(self.clock.now_ms())
         };
         match change {
-            Some(Passive::Ejected(backoff)) => tracing::warn!(
-                upstream = %self.config.name, backend = %backend.addr, ?backoff,
-                "backend ejected: consecutive failures on live traffic"
-            ),
+            Some(Passive::Ejected(backoff)) => {
+                backend.metrics.ejected();
+                tracing::warn!(
+                    upstream = %self.config.name, backend = %backend.addr, ?backoff,
+                    "backend ejected: consecutive failures on live traffic"
+                )
+            }
             Some(Passive::Recovered) => tracing::info!(
                 upstream = %self.config.name, backend = %backend.addr,
                 "backend recovered: request succeeded after ejection"
