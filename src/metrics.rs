@@ -188,7 +188,9 @@ impl Metrics {
             requests: self.requests.clone(),
             codes: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             duration: self.request_duration.with_label_values(&[route]),
-            rejected: self.ratelimit_rejected.with_label_values(&[route]),
+            // Nothing before routing is throttled: no series that never moves.
+            rejected: (route != NO_ROUTE)
+                .then(|| self.ratelimit_rejected.with_label_values(&[route])),
         }
     }
 
@@ -400,7 +402,7 @@ pub struct RouteMetrics {
     requests: IntCounterVec,
     codes: CodeCounters,
     duration: Histogram,
-    rejected: IntCounter,
+    rejected: Option<IntCounter>,
 }
 
 impl RouteMetrics {
@@ -425,7 +427,9 @@ impl RouteMetrics {
     }
 
     pub fn throttled(&self) {
-        self.rejected.inc();
+        if let Some(rejected) = &self.rejected {
+            rejected.inc();
+        }
     }
 }
 
@@ -582,6 +586,15 @@ mod tests {
         );
         assert!(text
             .contains("portico_request_duration_seconds_bucket{route=\"orders\",le=\"0.0005\"} 1"));
+    }
+
+    #[test]
+    fn nothing_unrouted_has_a_rate_limit_series() {
+        let metrics = Metrics::new();
+        let (_unrouted, _main) = (metrics.route(NO_ROUTE), metrics.route("main"));
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(text.contains("portico_ratelimit_rejected_total{route=\"main\"} 0"));
+        assert!(!text.contains("portico_ratelimit_rejected_total{route=\"_none\"}"));
     }
 
     #[test]
