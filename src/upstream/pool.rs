@@ -651,10 +651,6 @@ fn unpark(
     }
 }
 
-/// Whether a parked socket is still open with nothing to read: one the
-/// backend closed (its keep-alive timeout ran out) or wrote to unasked
-/// must not carry the next request. One non-blocking read, so a byte read
-/// here is never missed: the socket is then dropped.
 /// The backend a socket leads to, for the log.
 fn backend_of(io: &Io) -> Option<std::net::SocketAddr> {
     let tcp = match io {
@@ -664,6 +660,10 @@ fn backend_of(io: &Io) -> Option<std::net::SocketAddr> {
     tcp.inner().peer_addr().ok()
 }
 
+/// Whether a parked socket is still open with nothing to read: one the
+/// backend closed (its keep-alive timeout ran out) or wrote to unasked
+/// must not carry the next request. One non-blocking read, so a byte read
+/// here is never missed: the socket is then dropped.
 fn quiet(io: &mut Io) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [MaybeUninit::uninit()];
