@@ -928,8 +928,10 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
 fn host_match(host: &str) -> Result<HostMatch, String> {
     let lower = host.to_ascii_lowercase();
     if let Some(inner) = lower.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        // In the short form clients write (`[2001:db8::1]`), as matching
+        // compares text.
         return match inner.parse::<std::net::Ipv6Addr>() {
-            Ok(_) => Ok(HostMatch::Exact(lower)),
+            Ok(addr) => Ok(HostMatch::Exact(format!("[{addr}]"))),
             Err(_) => Err(format!("`{host}` is not an IPv6 address in brackets")),
         };
     }
@@ -1104,7 +1106,7 @@ mod tests {
             Ok(HostMatch::Exact("a_b.example".into()))
         );
         assert_eq!(
-            host_match("[2001:DB8::1]"),
+            host_match("[2001:0DB8:0::1]"),
             Ok(HostMatch::Exact("[2001:db8::1]".into()))
         );
         for bad in [

@@ -45,15 +45,19 @@ pub struct Hold {
     /// removed it), and how long a tunnel may go on after: a shutdown's
     /// end cuts tunnels with the process, and a removed listener's are
     /// cut as they would be then, not left to run for good.
-    pub stopping: Option<(crate::server::shutdown::Shutdown, Duration)>,
+    pub stopping: Option<(crate::server::shutdown::Shutdown, Grace)>,
 }
 
-/// Ends once `stopping` fires and its grace has passed; never without.
-async fn cut_after(stopping: Option<(crate::server::shutdown::Shutdown, Duration)>) {
+/// `shutdown_grace` as it is when asked.
+pub type Grace = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+/// Ends once `stopping` fires and its grace (read then) has passed; never
+/// without.
+async fn cut_after(stopping: Option<(crate::server::shutdown::Shutdown, Grace)>) {
     match stopping {
         Some((mut signal, grace)) => {
             signal.recv().await;
-            tokio::time::sleep(grace).await;
+            tokio::time::sleep(grace()).await;
         }
         None => std::future::pending().await,
     }

@@ -345,13 +345,18 @@ impl Activity {
             // being sent, though its body was handed over (a cache hit is
             // one frame): that silence is for the unread limit to judge.
             let sending = self.write_blocked.load(Ordering::Relaxed);
-            // Bytes read count on HTTP/1 (a head or body arriving). On
-            // HTTP/2 only requests do: frames outside one (PINGs, a header
-            // block trickled in CONTINUATION frames, which hyper never
-            // sees as a request) would otherwise hold the connection for
-            // as long as the client likes (review29a F6).
-            let read = now.0 != last.0 && !self.multiplexed.load(Ordering::Relaxed);
-            idle_quiet = if busy || sending || read {
+            // Bytes moving count on HTTP/1 (a head or body arriving). On
+            // HTTP/2, bytes read do not: frames outside a request (a header
+            // block trickled in CONTINUATION frames, which hyper never sees
+            // as one) would otherwise hold the connection for as long as
+            // the client likes (review29a F6). Bytes written still do: the
+            // end of a response h2 is sending as the client's window opens.
+            let moved = if self.multiplexed.load(Ordering::Relaxed) {
+                now.1 != last.1
+            } else {
+                now.0 != last.0
+            };
+            idle_quiet = if busy || sending || moved {
                 Duration::ZERO
             } else {
                 idle_quiet + step

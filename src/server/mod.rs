@@ -579,7 +579,12 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 /// `http://` typed for an `https://` address.
 async fn plain_http(stream: &tokio::net::TcpStream) -> bool {
     let mut first = [0u8; 1];
-    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+    // A TLS record starts with its type (0x16 for a handshake); a request
+    // with a method, or with the empty line RFC 9112 §2.2 lets come first.
+    matches!(
+        stream.peek(&mut first).await,
+        Ok(1) if first[0].is_ascii_uppercase() || first[0] == b'\r' || first[0] == b'\n'
+    )
 }
 
 /// What nginx tells plain HTTP sent to its HTTPS port, in place of the TLS
@@ -614,6 +619,12 @@ async fn refuse_plain_http(
     let _ = tokio::time::timeout_at(deadline, async {
         let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
+    })
+    .await;
+    // A body still coming is read off for a moment, so the close sends the
+    // answer rather than a reset that could discard it.
+    let _ = tokio::time::timeout(DRAIN_QUIET, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
     PLAIN_HTTP_ON_TLS
@@ -658,10 +669,13 @@ async fn serve_connection<IO: Parkable>(
         // `shutdown_grace` after its listener stops.
         if request.headers().contains_key(http::header::UPGRADE) {
             let hold = (drain.clone(), OpenConnection::new(open.clone()));
-            let grace = generations.config.load().server.shutdown_grace;
+            // Read when the listener stops, as a shutdown reads it: a
+            // reload may have changed it since the tunnel opened.
+            let shared = generations.clone();
+            let grace = move || shared.config.load().server.shutdown_grace;
             request.extensions_mut().insert(crate::proxy::TunnelHold {
                 keep: Arc::new(hold),
-                stopping: Some((stopping.clone(), grace)),
+                stopping: Some((stopping.clone(), Arc::new(grace))),
             });
         }
         // One generation per request: a reload mid-connection applies to
