@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::proxy::route::routing_path;
+use crate::proxy::route::{escaped_byte, routing_path};
 use crate::server::Shared;
 
 type Body = Full<Bytes>;
@@ -349,21 +349,15 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
 fn form_decode(text: &str) -> Option<String> {
     let mut bytes = Vec::with_capacity(text.len());
     let mut rest = text.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        rest = tail;
-        bytes.push(match b {
-            b'+' => b' ',
-            b'%' => {
-                let hex = rest.get(..2)?;
-                // from_str_radix would also take a sign: `%+5`.
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                rest = &rest[2..];
-                u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?
-            }
-            b => b,
-        });
+    while let Some(&b) = rest.first() {
+        let (byte, taken) = match b {
+            b'+' => (b' ', 1),
+            // Hex digits only, as routes read escapes: `%+5` is none.
+            b'%' => (escaped_byte(rest)?, 3),
+            b => (b, 1),
+        };
+        bytes.push(byte);
+        rest = &rest[taken..];
     }
     String::from_utf8(bytes).ok()
 }

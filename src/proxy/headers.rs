@@ -788,12 +788,9 @@ fn one_length(headers: &mut HeaderMap) {
     if lines.next().is_none() && plain(first) {
         return;
     }
-    let length = first
-        .as_bytes()
-        .split(|&b| b == b',')
+    let length = list_members(headers, &header::CONTENT_LENGTH)
         .next()
-        .and_then(|member| std::str::from_utf8(member).ok())
-        .and_then(|member| member.trim_matches([' ', '\t']).parse::<u64>().ok());
+        .and_then(|member| member.parse::<u64>().ok());
     match length {
         Some(length) => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));

@@ -169,7 +169,7 @@ fn normal_escapes(path: &str) -> String {
 
 /// The byte `%XY` at the start of `text` stands for. Hex digits only: a
 /// sign, which `u8::from_str_radix` would take, is no escape.
-fn escaped_byte(text: &[u8]) -> Option<u8> {
+pub(crate) fn escaped_byte(text: &[u8]) -> Option<u8> {
     let value = |digit: u8| match digit {
         b'0'..=b'9' => Some(digit - b'0'),
         b'a'..=b'f' => Some(digit - b'a' + 10),
