@@ -45,7 +45,7 @@ pub struct Hold {
     /// removed it), and how long a tunnel may go on after: a shutdown's
     /// end cuts tunnels with the process, and a removed listener's are
     /// cut as they would be then, not left to run for good.
-    pub stopping: Option<(crate::server::shutdown::Shutdown, Grace)>,
+    pub stopping: (crate::server::shutdown::Shutdown, Grace),
 }
 
 /// `shutdown_grace` as it is when asked.
@@ -120,7 +120,7 @@ impl Upgrade {
             // The backend slot stays taken while the tunnel is open, and
             // the client's connection counted.
             let _in_flight = in_flight;
-            let stopping = hold.as_ref().and_then(|hold| hold.stopping.clone());
+            let stopping = hold.as_ref().map(|hold| hold.stopping.clone());
             let _hold = hold;
             let (client, backend) = match tokio::try_join!(client, backend) {
                 Ok(both) => both,

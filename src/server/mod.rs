@@ -675,7 +675,7 @@ async fn serve_connection<IO: Parkable>(
             let grace = move || shared.config.load().server.shutdown_grace;
             request.extensions_mut().insert(crate::proxy::TunnelHold {
                 keep: Arc::new(hold),
-                stopping: Some((stopping.clone(), Arc::new(grace))),
+                stopping: (stopping.clone(), Arc::new(grace)),
             });
         }
         // One generation per request: a reload mid-connection applies to

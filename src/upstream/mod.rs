@@ -191,8 +191,8 @@ impl Upstream {
     /// send traffic to a dead backend until the checks find it dead again.
     /// Only under the same checks: a reload that changes them (a wrong
     /// path corrected, say, or a new TLS server name or CA) or drops them
-    /// starts every backend up, as at a start. Requests in flight carry over whatever changed (see
-    /// [`Upstream::build`]).
+    /// starts every backend up, as at a start. Requests in flight carry
+    /// over whatever changed (see [`Upstream::build`]).
     pub fn rebuild(config: config::Upstream, metrics: &Metrics, previous: &Upstream) -> Arc<Self> {
         let upstream = Self::build(config, metrics, Some(previous));
         if same_checks(&previous.config, &upstream.config) {
