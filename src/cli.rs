@@ -1,5 +1,5 @@
-//! The flags both binaries take (DESIGN: "standard flags"), and the
-//! runtime they ask for.
+//! The flags both binaries take (DESIGN: "standard flags"), the runtime
+//! they ask for, and how they say things on their terminal.
 
 use clap::{Args, ValueEnum};
 
@@ -43,4 +43,18 @@ impl StandardFlags {
         };
         builder.enable_all().thread_name("portico-worker").build()
     }
+}
+
+/// A line to stdout; one that cannot be written (a closed pipe:
+/// `portico demo | head`) is dropped rather than panicking, as `println!`
+/// would, taking the process with it.
+pub fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
+}
+
+/// [`say`] to stderr.
+pub fn say_err(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
 }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use crate::cli::say;
 use crate::config::Config;
 use crate::sample::{self, BackendOptions};
 use crate::server;
@@ -75,51 +76,39 @@ pub async fn run_until(
     server::run_with_admin(shared, listeners, Some((admin, None)), stop).await;
     // Together: each may take its drain grace to confirm queued orders.
     futures_util::future::join_all(running.into_iter().map(|b| b.stop())).await;
-    let _ = std::io::Write::write_all(&mut std::io::stdout(), b"demo stopped\n");
+    say("demo stopped");
     Ok(())
 }
 
 fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
-    // Once, and never a panic: `println!` panics on a closed stdout
-    // (`portico demo | head`), which would take the demo down with it.
-    use std::io::Write;
-    let write = |out: &mut dyn Write| -> std::io::Result<()> {
-        let (proxy, admin) = (reachable(proxy), reachable(admin));
-        let base = format!("http://{proxy}");
-        let plural = if backends.len() == 1 { "" } else { "s" };
-        writeln!(
-            out,
-            "portico demo: {} order backend{plural} behind {base}",
-            backends.len()
-        )?;
-        for (i, addr) in backends.iter().enumerate() {
-            writeln!(out, "  backend-{}  http://{addr}", i + 1)?;
-        }
-        writeln!(out)?;
-        writeln!(
-            out,
-            "Try (repeat them: /health rotates over the backends, the order list is cached):"
-        )?;
-        writeln!(out, "  curl -si {base}/health")?;
-        writeln!(
-            out,
-            "  curl -si {base}/users/1/orders      (Cache-Status: portico; hit on the second call)"
-        )?;
-        writeln!(
-            out,
-            "  curl -si -X POST {base}/users/1/orders -H 'content-type: application/json' \\\n       -d '{{\"items\":[{{\"sku\":\"A-1\",\"qty\":2}}],\"amount_cents\":1999,\"email\":\"a@example.com\"}}'"
-        )?;
-        writeln!(out, "  curl -s {base}/orders/ORDER-002")?;
-        writeln!(out, "  curl -si --http2-prior-knowledge {base}/health")?;
-        writeln!(
-            out,
-            "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
-        )?;
-        writeln!(out)?;
-        writeln!(out, "Ctrl-C stops the proxy and the backends.")?;
-        Ok(())
-    };
-    let _ = write(&mut std::io::stdout().lock());
+    let (proxy, admin) = (reachable(proxy), reachable(admin));
+    let base = format!("http://{proxy}");
+    let plural = if backends.len() == 1 { "" } else { "s" };
+    say(format_args!(
+        "portico demo: {} order backend{plural} behind {base}",
+        backends.len()
+    ));
+    for (i, addr) in backends.iter().enumerate() {
+        say(format_args!("  backend-{}  http://{addr}", i + 1));
+    }
+    say("");
+    say("Try (repeat them: /health rotates over the backends, the order list is cached):");
+    say(format_args!("  curl -si {base}/health"));
+    say(format_args!(
+        "  curl -si {base}/users/1/orders      (Cache-Status: portico; hit on the second call)"
+    ));
+    say(format_args!(
+        "  curl -si -X POST {base}/users/1/orders -H 'content-type: application/json' \\\n       -d '{{\"items\":[{{\"sku\":\"A-1\",\"qty\":2}}],\"amount_cents\":1999,\"email\":\"a@example.com\"}}'"
+    ));
+    say(format_args!("  curl -s {base}/orders/ORDER-002"));
+    say(format_args!(
+        "  curl -si --http2-prior-knowledge {base}/health"
+    ));
+    say(format_args!(
+        "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
+    ));
+    say("");
+    say("Ctrl-C stops the proxy and the backends.");
 }
 
 /// An address to connect to for a listener on `addr`: a wildcard one

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use portico::cli::StandardFlags;
+use portico::cli::{say, say_err, StandardFlags};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -136,17 +136,4 @@ fn run(
             ExitCode::FAILURE
         }
     }
-}
-
-/// A line to stdout; one that cannot be written (a closed pipe) is
-/// dropped rather than panicking, as `println!` would.
-fn say(text: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout(), "{text}");
-}
-
-/// [`say`] to stderr.
-fn say_err(text: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{text}");
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use portico::cli::say_err;
 use portico::sample::{self, BackendOptions};
 
 #[derive(Debug, Parser)]
@@ -33,16 +34,14 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    use std::io::Write;
     let cli = Cli::parse();
     cli.standard.init_logging();
     let runtime = match cli.standard.runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
+            say_err(format_args!(
                 "order-backend: cannot start the runtime: {error}"
-            );
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -64,7 +63,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let _ = writeln!(std::io::stderr(), "order-backend: {error}");
+            say_err(format_args!("order-backend: {error}"));
             ExitCode::FAILURE
         }
     }
