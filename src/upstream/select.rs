@@ -222,7 +222,7 @@ pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Opt
     }
     // Eligibility may change between the reads: then a backend still
     // eligible takes the turn.
-    at_point(n, turn as u64 % total, None, &get).or_else(|| (0..n).find(|&i| get(i).pickable()))
+    at_point(n, turn as u64 % total, None, &get).or_else(|| first_pickable(n, &get))
 }
 
 /// The eligible candidate with the fewest requests in flight relative to
@@ -265,7 +265,7 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         }
         point -= weight;
     }
-    last.or_else(|| (0..n).find(|&i| get(i).pickable()))
+    last.or_else(|| first_pickable(n, &get))
 }
 
 /// Power of two choices, as nginx's `random two least_conn`: two distinct
@@ -279,8 +279,7 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     // Eligibility may change between these reads (an ejection): the walk
     // then runs off the end, and a backend still eligible stands in,
     // rather than a pick that finds none.
-    let any = || (0..n).find(|&i| get(i).pickable());
-    let a = at_point(n, r1 % total, None, &get).or_else(any)?;
+    let a = at_point(n, r1 % total, None, &get).or_else(|| first_pickable(n, &get))?;
     let rest = total.saturating_sub(share(get(a)));
     let Some(b) = (rest > 0)
         .then(|| at_point(n, r2 % rest, Some(a), &get))
@@ -289,6 +288,12 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
         return Some(a);
     };
     Some(if lighter(&get(b), &get(a)) { b } else { a })
+}
+
+/// The first backend that can be picked: the stand-in when eligibility
+/// changed between the reads of a pick and the walk found none.
+fn first_pickable(n: usize, get: &impl Fn(usize) -> Candidate) -> Option<usize> {
+    (0..n).find(|&i| get(i).pickable())
 }
 
 #[cfg(test)]
