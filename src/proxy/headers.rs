@@ -363,6 +363,12 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 /// cannot choose.
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
     let seen = remove_hop_by_hop(headers);
+    // A length written `0005` or twice goes on as one plain number, as a
+    // response's does: backends that read a leading zero as octal, or
+    // take the last of two lines, would frame the body otherwise.
+    if !seen.transfer_encoding {
+        one_length(headers);
+    }
     if seen.underscored {
         remove_lookalikes(headers);
     }
@@ -771,7 +777,7 @@ pub fn scrub_trailers(trailers: &mut HeaderMap) {
     trailers.remove(header::CONTENT_LENGTH);
 }
 
-/// A backend's `Content-Length` as one plain number. hyper takes several
+/// A `Content-Length` as one plain number. hyper takes several
 /// lines or a list of the same length (`2, 2`; RFC 9112 §6.3 lets a
 /// recipient do so, and it refuses ones that differ), but relayed as
 /// received the field breaks HTTP/2 clients (RFC 9113 §8.1.1) and is for
@@ -1419,6 +1425,20 @@ mod tests {
                 },
             );
             assert_eq!(headers.contains_key("forwarded"), kept, "{trusted:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_length_goes_on_plain_and_once() {
+        for given in [
+            &[("content-length", "0005")][..],
+            &[("content-length", "5"), ("content-length", "5")],
+            &[("content-length", "5, 5")],
+        ] {
+            let mut headers = map(given);
+            prepare(&mut headers, client(None));
+            let lines: Vec<_> = headers.get_all("content-length").iter().collect();
+            assert_eq!(lines, ["5"], "{given:?}");
         }
     }
 
