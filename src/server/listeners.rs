@@ -176,7 +176,18 @@ impl Registry {
         });
         for (addr, mode) in wanted {
             if let Some(slot) = inner.slots.iter().find(|s| s.configured == addr) {
-                slot.mode.store(Arc::new(mode));
+                let was = slot.mode.swap(Arc::new(mode));
+                let now = slot.mode.load();
+                if was.describe() != now.describe() {
+                    // Clients of the old kind now fail their handshake
+                    // or get a 400; say so where the reload is logged.
+                    tracing::info!(
+                        addr = %slot.configured,
+                        "listener switched by reload to {} (was {})",
+                        now.describe(),
+                        was.describe()
+                    );
+                }
             } else if let Some(at) = added.iter().position(|(a, _)| *a == addr) {
                 let (_, listener) = added.swap_remove(at);
                 inner
