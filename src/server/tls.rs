@@ -5,6 +5,7 @@
 //! speaks TLS 1.2 and 1.3 only. Errors name the file at fault.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -126,6 +127,9 @@ pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
         .iter()
         .map(|pair| load_pair(pair, &provider).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
+    for (pair, key) in listener.certificates.iter().zip(&keys) {
+        warn_if_lapsing(pair, key);
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
@@ -134,7 +138,171 @@ pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How long before its end a certificate is warned about at load.
+const LAPSING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Warns when a listener's certificate is not valid now or ends within
+/// [`LAPSING`]. rustls serves any certificate it is given, and clients
+/// then fail their handshakes with nothing in portico's log; nginx and
+/// HAProxy say nothing either, so the first sign is usually a user's
+/// report. A start or reload is where an operator looks.
+fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
+    let Some((from, until)) = key.end_entity_cert().ok().and_then(|der| validity(der)) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let cert = pair.cert.display();
+    let (from_text, until_text) = (
+        httpdate::fmt_http_date(from),
+        httpdate::fmt_http_date(until),
+    );
+    if until <= now {
+        tracing::warn!(%cert, not_after = %until_text, "TLS certificate has expired: clients will refuse it");
+    } else if from > now {
+        tracing::warn!(%cert, not_before = %from_text, "TLS certificate is not valid yet: clients will refuse it");
+    } else if let Ok(left) = until.duration_since(now) {
+        if left < LAPSING {
+            let days = format!("{:.1}", left.as_secs_f64() / (24.0 * 3600.0));
+            tracing::warn!(%cert, not_after = %until_text, "TLS certificate expires in {days} days");
+        }
+    }
+}
+
+/// A certificate's validity (notBefore, notAfter), read from its DER
+/// (RFC 5280 §4.1): the fields before it are skipped, not parsed. `None`
+/// for anything unexpected, which only means no warning.
+fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, certificate, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(certificate)?;
+    // The optional [0] version, then serialNumber, signature and issuer.
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    for _ in 0..3 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (0x30, validity, _) = tlv(tbs)? else {
+        return None;
+    };
+    let (tag, from, rest) = tlv(validity)?;
+    let from = der_time(tag, from)?;
+    let (tag, until, _) = tlv(rest)?;
+    Some((from, der_time(tag, until)?))
+}
+
+/// One DER tag-length-value: the tag, the value and what follows it.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let length = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let (bytes, after) = rest.split_at_checked(count)?;
+        rest = after;
+        bytes.iter().fold(0, |n, &b| (n << 8) | usize::from(b))
+    };
+    let (value, after) = rest.split_at_checked(length)?;
+    Some((tag, value, after))
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`, 1950-2049) or GeneralizedTime
+/// (`YYYYMMDDHHMMSSZ`), the forms RFC 5280 §4.1.2.5 allows.
+fn der_time(tag: u8, text: &[u8]) -> Option<SystemTime> {
+    let digits = |at: usize, count: usize| -> Option<u64> {
+        let part = text.get(at..at + count)?;
+        part.iter().try_fold(0, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+        })
+    };
+    let (year, at) = match (tag, text.len()) {
+        (0x17, 13) => {
+            let yy = digits(0, 2)?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+        }
+        (0x18, 15) => (digits(0, 4)?, 4),
+        _ => return None,
+    };
+    if text.last() != Some(&b'Z') {
+        return None;
+    }
+    let (month, day) = (digits(at, 2)?, digits(at + 2, 2)?);
+    let (hour, minute, second) = (digits(at + 4, 2)?, digits(at + 6, 2)?, digits(at + 8, 2)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+    // days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y % 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
 /// Acceptors for every TLS listener of a config, in order.
 pub fn acceptors(listeners: &[TlsListener]) -> Result<Vec<TlsAcceptor>, TlsError> {
     listeners.iter().map(acceptor).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn made(from: (i32, u8, u8), until: (i32, u8, u8)) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn date(text: &str) -> SystemTime {
+        httpdate::parse_http_date(text).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_s_validity_is_read_in_both_time_forms() {
+        // Before 2050 the times are UTCTime, from 2050 GeneralizedTime.
+        let der = made((2020, 1, 2), (2049, 12, 31));
+        assert_eq!(
+            validity(&der),
+            Some((
+                date("Thu, 02 Jan 2020 00:00:00 GMT"),
+                date("Fri, 31 Dec 2049 00:00:00 GMT")
+            ))
+        );
+        let der = made((1999, 2, 28), (2051, 3, 1));
+        assert_eq!(
+            validity(&der),
+            Some((
+                date("Sun, 28 Feb 1999 00:00:00 GMT"),
+                date("Wed, 01 Mar 2051 00:00:00 GMT")
+            ))
+        );
+    }
+
+    #[test]
+    fn odd_der_gives_no_validity_rather_than_a_panic() {
+        let der = made((2020, 1, 2), (2049, 12, 31));
+        for cut in 0..der.len() {
+            let _ = validity(&der[..cut]);
+        }
+        assert_eq!(validity(b""), None);
+        assert_eq!(validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(der_time(0x17, b"991301000000Z"), None);
+        assert_eq!(der_time(0x17, b"9901010000000"), None);
+        assert_eq!(
+            der_time(0x18, b"19700101000000Z"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+    }
 }
