@@ -89,10 +89,16 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
                 key.push(',');
             }
             first = false;
-            // Collapse whitespace around list separators.
-            let text = String::from_utf8_lossy(value.as_bytes());
-            let parts: Vec<&str> = text.split(',').map(str::trim).collect();
-            key.push_str(&parts.join(","));
+            // Collapse whitespace around list separators. Bytes are taken
+            // one char each (as Latin-1), so values that differ in bytes
+            // that are not UTF-8 stay different: a lossy decoding made
+            // every such byte U+FFFD, and one client's variant another's.
+            for (i, part) in value.as_bytes().split(|&b| b == b',').enumerate() {
+                if i > 0 {
+                    key.push(',');
+                }
+                key.extend(part.trim_ascii().iter().map(|&b| char::from(b)));
+            }
         }
     }
     key
@@ -219,6 +225,22 @@ mod tests {
         assert_ne!(full(&p, &names, &empty), full(&p, &names, &plain));
         response.insert("vary", HeaderValue::from_static("*"));
         assert!(vary_names(&response).is_none());
+    }
+
+    #[test]
+    fn values_that_differ_only_in_bytes_outside_utf8_are_other_variants() {
+        let mut response = HeaderMap::new();
+        response.insert("vary", HeaderValue::from_static("x-name"));
+        let names = vary_names(&response).unwrap();
+        let p = primary("http", "h", "/");
+        let with = |bytes: &[u8]| {
+            let mut request = HeaderMap::new();
+            request.insert("x-name", HeaderValue::from_bytes(bytes).unwrap());
+            full(&p, &names, &request)
+        };
+        assert_ne!(with(b"Ren\xe9"), with(b"Ren\xe8"));
+        assert_ne!(with(b"Ren\xe9"), with("Ren\u{fffd}".as_bytes()));
+        assert_eq!(with(b"a\xe9 , b"), with(b"a\xe9,b"));
     }
 
     #[test]
