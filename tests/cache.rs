@@ -210,12 +210,13 @@ enum Leading {
 }
 
 /// A sample backend answering after 300 ms and a cached proxy in front:
-/// `leading` asks for `path` first (`primed`: once it is stored) and, once
+/// `leading` asks for `path` first (`primed`: after a GET with those
+/// fields, and once its answer is stored if it was) and, once
 /// it is at the backend, ten GETs with `following` do. Returns the backend
 /// requests made after priming and the answers, the leader's last.
 async fn coalesced(
     path: &str,
-    primed: bool,
+    primed: Option<&'static [(&'static str, &'static str)]>,
     leading: Leading,
     following: &'static [(&'static str, &'static str)],
 ) -> (u64, Vec<Answer>) {
@@ -224,9 +225,11 @@ async fn coalesced(
     let backend = start_backend(opts).await;
     let proxy = start_proxy(cached(&[&backend])).await;
     let url = proxy.url(path);
-    if primed {
-        get(&client(), &url).await;
-        until_stored(&proxy, 1).await;
+    if let Some(fields) = primed {
+        let prime = get_with(&client(), &url, fields).await;
+        if prime.header("cache-status").ends_with("stored") {
+            until_stored(&proxy, 1).await;
+        }
     }
     let before = backend.requests();
     let leader = {
@@ -275,7 +278,7 @@ fn all_collapsed(answers: &[Answer], fwd: &str) -> bool {
 async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_each() {
     let (requests, answers) = coalesced(
         "/cache/v?cc=max-age=60&vary=Accept-Encoding",
-        false,
+        None,
         Leading::Get(&[("accept-encoding", "gzip")]),
         &[("accept-encoding", "br")],
     )
@@ -423,7 +426,7 @@ async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
     let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
     let (requests, answers) = coalesced(
         "/cache/reload?cc=max-age=60",
-        false,
+        None,
         Leading::Get(reload),
         reload,
     )
@@ -438,8 +441,13 @@ async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
 /// serves them all.
 #[tokio::test]
 async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
-    let (requests, answers) =
-        coalesced("/cache/nc?cc=no-cache&etag=a", true, Leading::Get(&[]), &[]).await;
+    let (requests, answers) = coalesced(
+        "/cache/nc?cc=no-cache&etag=a",
+        Some(&[]),
+        Leading::Get(&[]),
+        &[],
+    )
+    .await;
     assert_eq!(requests, 1);
     assert!(all_collapsed(&answers, "stale"), "{:?}", answers[0].headers);
 }
@@ -502,7 +510,7 @@ async fn an_authorized_leader_hands_the_anonymous_waiters_on() {
         "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
     ] {
         let alice: &[(&str, &str)] = &[("authorization", "Bearer alice")];
-        let (requests, answers) = coalesced(path, false, Leading::Get(alice), &[]).await;
+        let (requests, answers) = coalesced(path, None, Leading::Get(alice), &[]).await;
         assert_eq!(requests, 2, "{path}");
         let stored = answers[..10]
             .iter()
@@ -521,7 +529,7 @@ async fn conditional_requests_behind_an_authorized_leader_take_the_lock_on() {
     let conditional: &[(&str, &str)] = &[("if-none-match", "\"other\"")];
     let (requests, _) = coalesced(
         "/cache/ac?cc=max-age=60",
-        false,
+        None,
         Leading::Get(alice),
         conditional,
     )
@@ -536,7 +544,7 @@ async fn authorized_requests_for_a_public_url_coalesce() {
     let auth: &[(&str, &str)] = &[("authorization", "Bearer x")];
     let (requests, answers) = coalesced(
         "/cache/ap?cc=public,%20max-age=60",
-        false,
+        None,
         Leading::Get(auth),
         auth,
     )
@@ -551,7 +559,7 @@ async fn authorized_requests_for_a_public_url_coalesce() {
 async fn waiters_on_a_leader_whose_answer_is_not_storable_each_fetch() {
     let (requests, answers) = coalesced(
         "/cache/p?cc=private,%20max-age=60",
-        false,
+        None,
         Leading::Get(&[]),
         &[],
     )
@@ -563,6 +571,23 @@ async fn waiters_on_a_leader_whose_answer_is_not_storable_each_fetch() {
             "portico; fwd=miss; detail=private"
         );
     }
+}
+
+/// A variant's answer that was not stored marks that variant only: after
+/// a logged-in user's `private` answer (`Vary: Cookie`), anonymous misses
+/// still coalesce, as Varnish's hit-for-miss objects obey Vary
+/// (review30b F1). They used to fetch one each for two minutes.
+#[tokio::test]
+async fn a_private_answer_for_one_variant_leaves_the_others_coalescing() {
+    let (requests, answers) = coalesced(
+        "/cache/pv?cc=max-age=60&cc_cookie=private&vary=Cookie",
+        Some(&[("cookie", "session=alice")]),
+        Leading::Get(&[]),
+        &[],
+    )
+    .await;
+    assert_eq!(requests, 1);
+    assert!(all_collapsed(&answers, "miss"));
 }
 
 /// A HEAD miss is fetched as a GET and stored (nginx's
@@ -627,7 +652,7 @@ async fn a_conditional_miss_is_fetched_whole_stored_and_answered_304() {
 /// Nor does a HEAD leading a burst of GETs send them to the backend.
 #[tokio::test]
 async fn a_head_leading_concurrent_gets_fills_the_cache_for_them() {
-    let (requests, answers) = coalesced("/cache/hl?cc=max-age=60", false, Leading::Head, &[]).await;
+    let (requests, answers) = coalesced("/cache/hl?cc=max-age=60", None, Leading::Head, &[]).await;
     assert_eq!(requests, 1);
     assert!(all_collapsed(&answers, "miss"));
 }
@@ -1256,6 +1281,76 @@ async fn a_stale_entry_replaced_by_an_unstorable_response_is_dropped() {
     let failed = get_with(&client, &url, &[("x-fail", "1")]).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(failed.body, "fail");
+}
+
+/// A background refresh's server error is dropped, as Varnish's built-in
+/// VCL abandons one: the stale copy goes on being served and refreshed.
+/// It used to replace the copy, so a cacheable 503 was every client's hit
+/// for its max-age, where the same answer to a foreground revalidation
+/// serves the copy under stale-if-error (review30b F2).
+#[tokio::test]
+async fn a_background_refresh_s_server_error_leaves_the_stale_copy() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("x-fail") {
+            b"HTTP/1.1 503 Service Unavailable\r\nCache-Control: max-age=60\r\n\
+              Content-Length: 4\r\n\r\nfail"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600, \
+              stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+        }
+    })
+    .await;
+    let (proxy, client, url) = stored_then_aged(addr, "/swr-503", 5).await;
+    let stale = get_with(&client, &url, &[("x-fail", "1")]).await;
+    assert_eq!(stale.body, "old");
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    // Plain requests find the copy stale until one's refresh stores a 200.
+    let refreshed = until_hit(&client, &url, "refreshed").await;
+    assert_eq!(refreshed.status, StatusCode::OK);
+    assert_eq!(refreshed.body, "old");
+    drop(proxy);
+}
+
+/// A background refresh answered by a response that may not be stored
+/// drops the stale copy, as a foreground revalidation does: the origin
+/// has replaced it. It used to be served for the whole window.
+#[tokio::test]
+async fn a_background_refresh_answered_not_storable_drops_the_stale_copy() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
+              Content-Length: 3\r\n\r\nold"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\nnew"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/swr-no-store");
+    get_with(&client, &url, &[("x-first", "1")]).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(&client, &url).await;
+    assert_eq!(stale.body, "old");
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let answer = get(&client, &url).await;
+        if answer.body == "new" {
+            assert_eq!(
+                answer.header("cache-status"),
+                "portico; fwd=miss; detail=no-store"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stale copy stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -253,6 +253,9 @@ async fn a_get_with_content_goes_past_the_cache() {
         assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
     }
     assert_eq!(backend.requests(), 2);
+    // Counted as what `fwd=bypass` says (review30b F4).
+    let cache = proxy.shared.proxy.load().cache().unwrap().clone();
+    assert_eq!(cache.counters.bypass.get(), 2);
     // Without content, the URL is cached as ever.
     let answer = get(&client(), &proxy.url(path)).await;
     assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");

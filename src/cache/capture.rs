@@ -100,7 +100,12 @@ impl Capture {
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
-            self.cache.not_stored(self.fill.primary(), self.status);
+            self.cache.not_stored(
+                self.fill.primary(),
+                &self.request,
+                &self.headers,
+                self.status,
+            );
             return false;
         }
         if data.len() >= SMALL {
@@ -124,9 +129,11 @@ impl Capture {
     /// The body ended cleanly: store it, then release the waiters.
     pub fn finish(mut self) {
         self.flush_small();
+        // Copied whole, never kept as a frame: a frame is a slice of the
+        // backend connection's read buffer, up to 72 KiB for a body of
+        // 4 (see `detached`).
         let body = match self.chunks.len() {
             0 => Bytes::new(),
-            1 => self.chunks[0].clone(),
             _ => {
                 let mut all = BytesMut::with_capacity(self.size);
                 for chunk in &self.chunks {
@@ -168,4 +175,35 @@ impl Capture {
 /// §3.5).
 pub fn vouches(request: &http::HeaderMap) -> bool {
     !request.contains_key(http::header::AUTHORIZATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::time::SystemTime;
+
+    #[tokio::test]
+    async fn a_stored_body_shares_nothing_with_the_frames_it_came_in() {
+        let cache = Cache::new(crate::config::Cache::default(), Arc::new(Metrics::new()));
+        let now = SystemTime::now();
+        let head = Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            timing: Timing::new(&HeaderMap::new(), now, now),
+            lifetime: Duration::from_secs(60),
+            cc: CacheControl::default(),
+        };
+        let fill = cache.begin_fill("GET|http|h|/x".to_owned());
+        let mut capture = Capture::new(cache, fill, HeaderMap::new(), head, None);
+        let whole = capture.entry_when_whole();
+        // One frame of a body, cut from a larger read buffer as hyper's are.
+        let buffer = Bytes::from(vec![7u8; 72 * 1024]);
+        let frame = buffer.slice(100..100 + 2 * SMALL);
+        assert!(capture.data(&frame));
+        capture.finish();
+        let (entry, _) = whole.await.unwrap();
+        assert_eq!(entry.body, frame);
+        assert!(!buffer.as_ptr_range().contains(&entry.body.as_ptr()));
+    }
 }

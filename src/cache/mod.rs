@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use http::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
@@ -37,8 +37,18 @@ const REVALIDATE_GRACE: Duration = Duration::from_secs(300);
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(120);
 /// URLs remembered so at most; past it, the least used are forgotten.
 const UNCACHEABLE_URLS: u64 = 4096;
-/// Fixed cost counted per entry besides its body and header bytes.
-const ENTRY_OVERHEAD: usize = 256;
+/// What one entry costs besides its body, header bytes and key, counted
+/// so that `max_size` bounds memory, not only content: the `Entry` in its
+/// `Arc`, the store's record of it (moka's node, its place in the LRU
+/// order and the expiry wheel) and the index's, and the allocator's
+/// headers. Measured: 20,000 stored 132-byte responses took 2.9 KB each
+/// where 0.8 KB was counted before the header map and this were.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 640;
+/// What one slot of a header map costs: `HeaderMap` keeps a bucket (name,
+/// value, hash and links) and an index per slot, and has more slots than
+/// fields (`HeaderMap::capacity`).
+const HEADER_SLOT: usize =
+    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 40;
 
 /// One stored response.
 #[derive(Debug)]
@@ -52,13 +62,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The memory the entry holds, as near as can be told: what
+    /// `max_size` bounds and `portico_cache_size_bytes` reports.
     fn weight(&self, key: &str) -> u32 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 32)
-            .sum();
-        u32::try_from(key.len() + self.body.len() + headers + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+        // Standard names are static, others own their bytes: all are
+        // counted, which errs on the side of the bound.
+        let names: usize = self.headers.keys().map(|n| n.as_str().len()).sum();
+        let values: usize = self.headers.values().map(HeaderValue::len).sum();
+        let slots = self.headers.capacity() * HEADER_SLOT;
+        // The key is held by the store and by the index.
+        let bytes = 2 * key.len() + self.body.len() + names + values + slots + ENTRY_OVERHEAD;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
     fn keep_for(&self) -> Duration {
@@ -68,6 +82,28 @@ impl Entry {
     pub fn etag(&self) -> Option<&http::HeaderValue> {
         self.headers.get(http::header::ETAG)
     }
+}
+
+/// A copy of `headers` for an entry to keep: the values in one allocation
+/// of their own. hyper's values are slices of the read buffer of the
+/// connection they came on (8 to 72 KiB), so kept as they are, a stored
+/// 130-byte response held a whole buffer, and the store, counting its
+/// bytes, took ten times `max_size` of memory (review30a F1).
+pub(crate) fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut all = bytes::BytesMut::with_capacity(headers.values().map(HeaderValue::len).sum());
+    for value in headers.values() {
+        all.extend_from_slice(value.as_bytes());
+    }
+    let mut all = all.freeze();
+    let mut copy = HeaderMap::with_capacity(headers.keys_len());
+    for (name, value) in headers {
+        let own = all.split_to(value.len());
+        // The bytes of a value that was valid are valid.
+        let mut own = HeaderValue::from_maybe_shared(own).unwrap_or_else(|_| value.clone());
+        own.set_sensitive(value.is_sensitive());
+        copy.append(name, own);
+    }
+    copy
 }
 
 /// How long the store keeps a response: its remaining freshness plus the
@@ -153,6 +189,18 @@ fn address(entry: &Arc<Entry>) -> usize {
     Arc::as_ptr(entry) as usize
 }
 
+/// What [`Cache::not_stored`] remembers.
+#[derive(Debug, Clone)]
+enum Mark {
+    /// Under a URL's hash: the `Vary` names of its response that was not
+    /// stored (none: every variant is marked), and the salt its variants'
+    /// marks are hashed with.
+    Url { names: Arc<[HeaderName]>, salt: u64 },
+    /// Under a variant's hash (see [`Cache::variant_hash`]): its response
+    /// was not stored.
+    Variant,
+}
+
 /// Variants kept per primary key; past this the oldest is dropped, so a
 /// `Vary` on a field with endless values cannot grow one record without
 /// bound.
@@ -186,10 +234,13 @@ pub struct Cache {
     index: Arc<DashMap<String, Variants>>,
     /// Primary key -> the fetches under way for it (see [`fill`]).
     fills: DashMap<String, fill::Pending>,
-    /// URLs whose last response was not stored (see [`Cache::uncacheable`]),
-    /// by a keyed hash: a long URL costs no more than a short one.
-    uncacheable: moka::sync::Cache<u64, ()>,
+    /// URLs and variants whose last response was not stored (see
+    /// [`Cache::uncacheable`]), by a keyed hash: a long URL costs no more
+    /// than a short one.
+    uncacheable: moka::sync::Cache<u64, Mark>,
     url_hasher: std::hash::RandomState,
+    /// Where the next [`Mark::Url`]'s salt comes from.
+    salts: AtomicU64,
     pub locks: lock::Locks,
     pub counters: Counters,
     metrics: Arc<Metrics>,
@@ -247,6 +298,7 @@ impl Cache {
                 .time_to_live(UNCACHEABLE_FOR)
                 .build(),
             url_hasher: std::hash::RandomState::new(),
+            salts: AtomicU64::new(0),
             locks: lock::Locks::default(),
             counters,
             metrics,
@@ -278,31 +330,94 @@ impl Cache {
             .is_some_and(|variants| variants.keys.iter().any(|v| v.key == full))
     }
 
-    /// Notes that a response for `primary` with `status` was not stored
-    /// (not storable, or too large). When it is a 2xx, a range for that URL
-    /// then goes to the backend as it is for a while, instead of having the
-    /// whole response fetched for a store that will not happen; an error
-    /// or a 304 says nothing of the URL's next responses.
-    pub fn not_stored(&self, primary: &str, status: http::StatusCode) {
+    /// Notes that a response for `primary` with `status`, to a request
+    /// with `request` headers, was not stored (not storable, or too
+    /// large). When it is a 2xx, requests for that variant then go to the
+    /// backend for a while without waiting on each other, and a range as
+    /// it is, instead of having the whole response fetched for a store
+    /// that will not happen; an error or a 304 says nothing of the next
+    /// responses. The variant is the response's own `Vary`, as Varnish's
+    /// hit-for-miss objects obey it: a logged-in user's `private` answer
+    /// with `Vary: Cookie` does not mark the anonymous variant.
+    pub fn not_stored(
+        &self,
+        primary: &str,
+        request: &HeaderMap,
+        response: &HeaderMap,
+        status: http::StatusCode,
+    ) {
         if !status.is_success() {
             return;
         }
+        // `Vary: *` varies on everything: the whole URL is marked.
+        let names = key::vary_names(response).unwrap_or_default();
+        let hash = self.url_hash(primary);
         // Read first: a URL that is never stored says so on every request,
         // and a lookup costs less than an insert.
-        let hash = self.url_hash(primary);
-        if !self.uncacheable.contains_key(&hash) {
-            self.uncacheable.insert(hash, ());
+        let salt = match self.uncacheable.get(&hash) {
+            Some(Mark::Url { names: known, salt }) if *known == *names => salt,
+            _ => {
+                let salt = self.salts.fetch_add(1, Ordering::Relaxed);
+                let names = names.clone().into();
+                self.uncacheable.insert(hash, Mark::Url { names, salt });
+                salt
+            }
+        };
+        if !names.is_empty() {
+            let variant = self.variant_hash(salt, primary, &names, request);
+            if !self.uncacheable.contains_key(&variant) {
+                self.uncacheable.insert(variant, Mark::Variant);
+            }
         }
     }
 
-    /// Whether the last response for `primary`, in the last two minutes,
-    /// was not stored.
-    pub fn uncacheable(&self, primary: &str) -> bool {
-        self.uncacheable.contains_key(&self.url_hash(primary))
+    /// Whether the last response for this request's variant of `primary`,
+    /// in the last two minutes, was not stored.
+    pub fn uncacheable(&self, primary: &str, request: &HeaderMap) -> bool {
+        match self.uncacheable.get(&self.url_hash(primary)) {
+            Some(Mark::Url { names, salt }) => {
+                names.is_empty()
+                    || self
+                        .uncacheable
+                        .contains_key(&self.variant_hash(salt, primary, &names, request))
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes back the mark of the variant just stored, or the URL's when
+    /// its mark is for every variant or for another `Vary`.
+    fn stored(&self, primary: &str, names: &[HeaderName], full: &str) {
+        let hash = self.url_hash(primary);
+        match self.uncacheable.get(&hash) {
+            Some(Mark::Url {
+                names: marked,
+                salt,
+            }) if !marked.is_empty() && *marked == *names => {
+                let variant = std::hash::BuildHasher::hash_one(&self.url_hasher, (salt, full));
+                self.uncacheable.invalidate(&variant);
+            }
+            Some(_) => self.uncacheable.invalidate(&hash),
+            None => {}
+        }
     }
 
     fn url_hash(&self, primary: &str) -> u64 {
         std::hash::BuildHasher::hash_one(&self.url_hasher, primary)
+    }
+
+    /// A variant's mark: its full key hashed with its URL mark's salt, so
+    /// the variants marked under a URL mark that is gone (invalidated,
+    /// replaced) are never read again.
+    fn variant_hash(
+        &self,
+        salt: u64,
+        primary: &str,
+        names: &[HeaderName],
+        request: &HeaderMap,
+    ) -> u64 {
+        let full = key::full(primary, names, request);
+        std::hash::BuildHasher::hash_one(&self.url_hasher, (salt, full.as_str()))
     }
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
@@ -334,19 +449,20 @@ impl Cache {
         if entry.weight(&full) as u64 > self.config.max_size {
             return;
         }
+        let names: Arc<[HeaderName]> = names.into();
         let dropped = {
             let mut variants = self
                 .index
                 .entry(primary.to_owned())
                 .or_insert_with(|| Variants {
-                    names: names.clone().into(),
+                    names: names.clone(),
                     keys: Vec::new(),
                 });
             let mut dropped = Vec::new();
             if *variants.names != *names {
                 // Vary changed: the old variants can no longer be found.
                 dropped = std::mem::take(&mut variants.keys);
-                variants.names = names.into();
+                variants.names = names.clone();
             }
             match variants.keys.iter_mut().find(|v| v.key == full) {
                 Some(listed) => listed.entry = address(&entry),
@@ -366,7 +482,7 @@ impl Cache {
             self.store.invalidate(&variant.key).await;
         }
         self.store.insert(full.clone(), entry).await;
-        self.uncacheable.invalidate(&self.url_hash(primary));
+        self.stored(primary, &names, &full);
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
         // before the store took it: undo. Not overtaken yet, any later
@@ -472,6 +588,94 @@ mod tests {
         for key in &keys {
             assert!(cache.get(key).await.is_none(), "{key} survived");
         }
+    }
+
+    /// Whether `part` lies within `whole`'s bytes.
+    fn inside(part: &[u8], whole: &[u8]) -> bool {
+        whole.as_ptr_range().contains(&part.as_ptr())
+    }
+
+    #[test]
+    fn detached_headers_share_nothing_with_the_buffer_they_were_read_into() {
+        // As hyper parses them: values are slices of the read buffer.
+        let buffer = Bytes::from(b"max-age=60\"v1\"a=1b=2".repeat(1000));
+        let slice = |from: usize, to: usize| {
+            HeaderValue::from_maybe_shared(buffer.slice(from..to)).unwrap()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", slice(0, 10));
+        headers.insert("etag", slice(10, 14));
+        headers.append("set-cookie", slice(14, 17));
+        headers.append("set-cookie", slice(17, 20));
+        let mut secret = slice(14, 17);
+        secret.set_sensitive(true);
+        headers.insert("authorization", secret);
+        let copy = detached(&headers);
+        assert_eq!(copy, headers);
+        for (name, value) in &copy {
+            assert!(
+                !inside(value.as_bytes(), &buffer),
+                "{name} still in the buffer"
+            );
+        }
+        assert!(copy["authorization"].is_sensitive());
+        let cookies: Vec<_> = copy.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn an_entry_weighs_what_it_holds_not_only_its_content() {
+        let mut small = entry("accept");
+        small.body = Bytes::from(vec![b'x'; 132]);
+        for (name, value) in [("etag", "\"v1\""), ("content-type", "application/json")] {
+            small.headers.insert(name, HeaderValue::from_static(value));
+        }
+        let content = 132
+            + small
+                .headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len())
+                .sum::<usize>();
+        let weight = small.weight(PRIMARY) as usize;
+        // 20,000 stored answers of 132 bytes with 8 fields took 2.9 KB
+        // each; this one has 4.
+        assert!(weight > 1_500, "{weight} for {content} bytes of content");
+        let mut large = entry("accept");
+        large.body = Bytes::from(vec![b'x'; 1 << 20]);
+        assert!((large.weight(PRIMARY) as usize) < (1 << 20) + 4096);
+    }
+
+    #[tokio::test]
+    async fn an_answer_not_stored_marks_its_own_variant_until_one_is_stored() {
+        let cache = cache();
+        let alice = map(&[("cookie", "session=alice")]);
+        let bob = map(&[("cookie", "session=bob")]);
+        let anonymous = HeaderMap::new();
+        let private = map(&[("vary", "Cookie"), ("cache-control", "private")]);
+        cache.not_stored(PRIMARY, &alice, &private, StatusCode::OK);
+        cache.not_stored(PRIMARY, &bob, &private, StatusCode::OK);
+        assert!(cache.uncacheable(PRIMARY, &alice));
+        assert!(cache.uncacheable(PRIMARY, &bob));
+        assert!(!cache.uncacheable(PRIMARY, &anonymous));
+        // Storing one variant takes back its mark only.
+        store(&cache, &alice, entry("cookie")).await;
+        assert!(!cache.uncacheable(PRIMARY, &alice));
+        assert!(cache.uncacheable(PRIMARY, &bob));
+        // An invalidation takes back every mark, for good: marked again,
+        // the URL does not bring bob's back.
+        cache.invalidate(PRIMARY).await;
+        cache.not_stored(PRIMARY, &alice, &private, StatusCode::OK);
+        assert!(!cache.uncacheable(PRIMARY, &bob));
+        // Without Vary (or with `*`), the answer stands for every request.
+        for vary in [&[][..], &[("vary", "*")]] {
+            let cache = self::cache();
+            cache.not_stored(PRIMARY, &alice, &map(vary), StatusCode::OK);
+            assert!(cache.uncacheable(PRIMARY, &anonymous), "{vary:?}");
+        }
+        // An error says nothing of the next answers.
+        let cache = self::cache();
+        cache.not_stored(PRIMARY, &alice, &HeaderMap::new(), StatusCode::BAD_GATEWAY);
+        assert!(!cache.uncacheable(PRIMARY, &alice));
     }
 
     #[tokio::test]

@@ -180,12 +180,13 @@ fn age_seconds(headers: &HeaderMap) -> u64 {
     delta_seconds(first).unwrap_or(0)
 }
 
-/// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1);
-/// 206 is left out because portico does not combine partial content.
+/// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1,
+/// and 451 by RFC 7725 §3); 206 is left out because portico does not
+/// combine partial content.
 pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
-        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 451 | 501
     )
 }
 

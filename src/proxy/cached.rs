@@ -533,7 +533,7 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
     // and never noted as such (see `store_or_relay`).
     if !wants_converting(parts)
         || parts.headers.contains_key(header::AUTHORIZATION)
-        || cache.uncacheable(primary)
+        || cache.uncacheable(primary, &parts.headers)
     {
         return None;
     }
@@ -717,7 +717,7 @@ async fn join(
                 None => return alone(),
             }
         };
-        if cache.uncacheable(primary) {
+        if cache.uncacheable(primary, &parts.headers) {
             return alone();
         }
         let (deadline, arrived) = *since
@@ -749,7 +749,7 @@ fn asks_range(parts: &Parts) -> bool {
 fn whole_for_range(cache: &Cache, primary: &str, parts: &Parts, body: &RequestBody) -> bool {
     parts.method == Method::GET
         && http_body::Body::is_end_stream(body)
-        && !cache.uncacheable(primary)
+        && !cache.uncacheable(primary, &parts.headers)
         && range::Spec::of(&parts.headers).is_some_and(|spec| {
             spec.first()
                 .is_none_or(|first| first < cache.config.max_object_size)
@@ -956,12 +956,12 @@ impl Fetch {
                 format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
-                cache.not_stored(fill.primary(), status);
+                cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                 release(leader.as_ref());
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
-                let mut stored = response.headers().clone();
+                let mut stored = crate::cache::detached(response.headers());
                 // What a cache behind portico did for this fetch is not true of
                 // later hits.
                 stored.remove(&CACHE_STATUS);
@@ -984,7 +984,7 @@ impl Fetch {
                 // Stale on arrival (an old `Age` or `Date`), with no validator
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
-                    cache.not_stored(fill.primary(), status);
+                    cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                     release(leader.as_ref());
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
@@ -999,7 +999,7 @@ impl Fetch {
                 // everyone else gets.
                 let personal = request_headers.contains_key(header::AUTHORIZATION);
                 if reason.lies_with_the_resource() && !personal {
-                    cache.not_stored(fill.primary(), status);
+                    cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                 }
                 // An answer kept out for what its request was (its
                 // Authorization; a HEAD, or a miss's 304 to the client's
@@ -1182,7 +1182,8 @@ fn refreshed(
         // not as the merged fields say: an Age or Date kept from the first
         // response would age the refreshed entry from the start.
         timing: Timing::new(&not_modified, request_time, cache.now()),
-        headers,
+        // The 304's values are slices of its connection's read buffer.
+        headers: crate::cache::detached(&headers),
         body: entry.body.clone(),
         lifetime,
         cc,
@@ -1298,17 +1299,7 @@ async fn revalidate(
         cache.counters.miss.inc();
         let primary = fetch.fill.primary().to_owned();
         let response = fetch.store_or_relay(cache, upstream, response, in_flight);
-        // RFC 9111 §4.3.3: a full response replaces the stored one, even
-        // when it may not be stored itself (`no-store`, `private`...): the
-        // stale copy is of a representation the origin has replaced, which
-        // stale-if-error must not bring back (Varnish's hit-for-miss
-        // object replaces it too).
-        if response.status().is_success()
-            && !response.body().is_capturing()
-            && cache.uncacheable(&primary)
-        {
-            cache.forget(&primary).await;
-        }
+        forget_if_replaced(cache, &primary, &client.headers, &response).await;
         // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
         let matched =
             response.status().is_success() && not_modified(&client.headers, response.headers());
@@ -1369,10 +1360,40 @@ async fn refresh(
             judged => return keep_304(&cache, &mut fetch, judged).await,
         }
     }
+    // A background fetch's server error is dropped, as Varnish's built-in
+    // VCL abandons one: a cacheable 503 would replace the copy the stale
+    // windows still serve (stale-if-error among them) for its whole
+    // lifetime. The copy goes on being served stale, and refreshed.
+    if response.status().is_server_error() {
+        release(fetch.leader.as_ref());
+        return;
+    }
+    let primary = fetch.fill.primary().to_owned();
+    let request_headers = fetch.request_headers.clone();
     let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
+    forget_if_replaced(&cache, &primary, &request_headers, &response).await;
     // Nobody reads this body but the cache; as any such read, given up
     // after a while (it holds the variant's lock, not a background place).
     crate::task::read_at_most(response.into_body().read_into_cache()).await;
+}
+
+/// RFC 9111 §4.3.3: a full response replaces the stored one, even when it
+/// may not be stored itself (`no-store`, `private`...): the stale copy is
+/// of a representation the origin has replaced, which stale-if-error or
+/// stale-while-revalidate must not bring back (Varnish's hit-for-miss
+/// object replaces it too). `request` is the revalidating request's head.
+async fn forget_if_replaced(
+    cache: &Cache,
+    primary: &str,
+    request: &HeaderMap,
+    response: &Response<ProxyBody>,
+) {
+    if response.status().is_success()
+        && !response.body().is_capturing()
+        && cache.uncacheable(primary, request)
+    {
+        cache.forget(primary).await;
+    }
 }
 
 /// After a successful unsafe request, drops what the cache holds for the

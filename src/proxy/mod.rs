@@ -550,8 +550,15 @@ impl Proxy {
                 let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 target.to_owned()
             });
-            if cache.is_some() {
-                trace.fwd = Some(if with_content { "bypass" } else { "method" });
+            if let Some(cache) = cache {
+                trace.fwd = Some(if with_content {
+                    // A GET or HEAD with content is a lookup the cache
+                    // passed by, as `fwd=bypass` says.
+                    cache.counters.bypass.inc();
+                    "bypass"
+                } else {
+                    "method"
+                });
             }
             let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
             if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {

@@ -249,7 +249,8 @@ fn upgrade_echo(mut request: Request<Incoming>) -> Response<Body> {
 }
 
 /// Test helper for caches: answers with the headers the query asks for
-/// (`cc`, `vary`, `etag`, `lm`, `expires`, `cookie=1`, `status`) and a body
+/// (`cc`, or `cc_cookie` for a request with a Cookie, `vary`, `etag`, `lm`,
+/// `expires`, `cookie=1`, `status`) and a body
 /// naming the instance and its request count, so a test can tell a cached
 /// answer from a fresh one; `size=N` pads that body to N bytes, and
 /// `chunked=1` sends it without a length.
@@ -308,7 +309,11 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
             headers.insert(name, value);
         }
     };
-    set(header::CACHE_CONTROL, params.get("cc").cloned());
+    let cc = match params.get("cc_cookie") {
+        Some(cc) if request.headers().contains_key(header::COOKIE) => Some(cc),
+        _ => params.get("cc"),
+    };
+    set(header::CACHE_CONTROL, cc.cloned());
     set(header::VARY, params.get("vary").cloned());
     set(header::ETAG, etag);
     set(header::LAST_MODIFIED, params.get("lm").cloned());
