@@ -424,3 +424,166 @@ fn signals_as_soon_as_the_port_answers_are_handled_not_fatal() {
     assert_eq!(status.code(), Some(0), "portico ended with {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A child process killed when dropped, so a failed test leaves none.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A child whose stderr lines (its JSON log) arrive on a channel.
+fn logging(mut command: Command) -> (Killed, std::sync::mpsc::Receiver<String>) {
+    let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (Killed(child), rx)
+}
+
+/// Waits (bounded) for a log line containing `needle`; returns it.
+fn line_with(
+    log: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(line) = log.recv_timeout(Duration::from_millis(100)) {
+            seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+    panic!("no log line with {needle:?} in {seen:#?}");
+}
+
+/// The `addr` field of a JSON log line.
+fn addr_in(line: &str) -> String {
+    let at = line.find("\"addr\":\"").expect("an addr field") + 8;
+    line[at..].split('"').next().unwrap().to_owned()
+}
+
+/// One request on an open connection; the status line and the body.
+fn ask(stream: &mut std::net::TcpStream, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a length");
+            if body.len() >= length {
+                return (head.lines().next().unwrap().to_owned(), body.to_owned());
+            }
+        }
+    }
+}
+
+/// portico out of file descriptors answers 503 for itself and blames no
+/// backend: its active checks count neither way, so the backends are up
+/// the moment descriptors are free again. They used to be marked down
+/// (and passively ejected) for portico's own EMFILE, and requests got
+/// `503 no healthy backend` until `rise` checks passed (review30a F2).
+#[test]
+fn running_out_of_file_descriptors_takes_no_backend_down() {
+    let (backend, backend_log) = logging({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_order-backend"));
+        c.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "b1",
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+        ]);
+        c
+    });
+    let backend_addr = addr_in(&line_with(&backend_log, "\"listening\"", &mut Vec::new()));
+    let dir = std::env::temp_dir().join(format!("portico-emfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"warm\"\nbackends = [\"{backend_addr}\"]\n\
+             [[upstream]]\nname = \"cold\"\nbackends = [\"{backend_addr}\"]\n\
+             [upstream.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\nrise = 5\nfall = 2\n\
+             [[route]]\npath_prefix = \"/health\"\nupstream = \"warm\"\n\
+             [[route]]\nupstream = \"cold\"\n"
+        ),
+    )
+    .unwrap();
+    let (proxy, log) = logging({
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            &format!(
+                "ulimit -n 48 && exec {PORTICO} -c {} --threads 1 --log-format json",
+                file.display()
+            ),
+        ]);
+        c
+    });
+    let mut seen = Vec::new();
+    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
+    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert!(ask(&mut kept, "/health").0.contains(" 200 "));
+    // Idle connections until portico can accept no more.
+    let idle: Vec<_> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    line_with(&log, "accept failed", &mut seen);
+    // Time for the checks of `cold` to fail `fall` times over, as they did.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = ask(&mut kept, "/users/1/orders");
+    assert!(status.contains(" 503 "), "{status}");
+    assert!(body.contains("out of connections"), "{body}");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ask(&mut kept, "/users/1/orders");
+        assert!(!body.contains("no healthy backend"), "{status} {body}");
+        if status.contains(" 200 ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop((proxy, backend));
+    seen.extend(log.try_iter());
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("backend down") || l.contains("ejected")),
+        "{seen:#?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

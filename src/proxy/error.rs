@@ -48,6 +48,16 @@ pub enum ProxyError {
         backend: std::net::SocketAddr,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// portico itself could not open the socket: out of file descriptors
+    /// (EMFILE, ENFILE) or memory for it. Not the backend's doing.
+    #[error(
+        "cannot open a connection to backend {backend}: {}: portico's own limit, not the backend's (for \"Too many open files\", raise its open-file limit: ulimit -n, systemd LimitNOFILE)",
+        Chain(source.as_ref())
+    )]
+    Exhausted {
+        backend: std::net::SocketAddr,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("backend {backend}: connect or TLS handshake timed out (connect_timeout)")]
     ConnectTimeout { backend: std::net::SocketAddr },
     #[error("backend {backend} broke the response: {}", Broke(source))]
@@ -125,9 +135,9 @@ impl ProxyError {
             ProxyError::ClientClosed => {
                 StatusCode::from_u16(super::CLIENT_CLOSED).expect("499 is a three-digit status")
             }
-            ProxyError::NoHealthyBackend | ProxyError::AllDrained => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoHealthyBackend
+            | ProxyError::AllDrained
+            | ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -149,6 +159,13 @@ impl ProxyError {
                 | ProxyError::ResponseTimeout { .. }
                 | ProxyError::BadResponse { .. }
         )
+    }
+
+    /// Whether the attempt counts in the backend's
+    /// `portico_upstream_requests_total`: not when portico could not even
+    /// open a socket for it.
+    pub fn reached_for_backend(&self) -> bool {
+        !matches!(self, ProxyError::Exhausted { .. })
     }
 
     /// Whether an idempotent request may be sent again elsewhere. A response
@@ -182,6 +199,11 @@ impl ProxyError {
             ProxyError::AllDrained => plain_response(
                 self.status(),
                 "503 Service Unavailable: every backend is drained\n",
+            ),
+            // Not "no healthy backend" either: the backends are not at fault.
+            ProxyError::Exhausted { .. } => plain_response(
+                self.status(),
+                "503 Service Unavailable: the proxy is out of connections\n",
             ),
             _ => error_response(self.status()),
         };

@@ -727,7 +727,7 @@ fn forward_with_retries<'a>(
             if error.blames_backend() {
                 backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false);
-            } else {
+            } else if error.reached_for_backend() {
                 backend.metrics.count(error.status().as_u16());
             }
             let retry_body = if idempotent && error.is_retryable() {

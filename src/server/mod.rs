@@ -450,6 +450,7 @@ async fn accept_loop(
     drain: DrainGuard,
 ) {
     let local = listener.local_addr().ok();
+    let mut failing = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -458,6 +459,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                failing.recovered(local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 // The listener's own signal, which also fires at shutdown:
@@ -522,12 +524,57 @@ async fn accept_loop(
             Err(error) => {
                 // Out of file descriptors and similar: back off instead of
                 // spinning; the listener itself stays usable.
-                tracing::warn!(listener = ?local, %error, "accept failed");
+                failing.failed(local, &error);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
     tracing::debug!(listener = ?local, "listener closed");
+}
+
+/// A run of failed accepts (out of file descriptors, mostly), logged when
+/// it starts, every ten seconds while it lasts, and when it ends: one
+/// line per 50 ms retry was twenty a second for as long as it lasted.
+#[derive(Default)]
+struct AcceptFailures {
+    /// When the run started, and the failures since the last line.
+    run: Option<(std::time::Instant, std::time::Instant, u64)>,
+}
+
+impl AcceptFailures {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn failed(&mut self, local: Option<SocketAddr>, error: &std::io::Error) {
+        let now = std::time::Instant::now();
+        match &mut self.run {
+            None => {
+                tracing::warn!(
+                    listener = ?local, %error,
+                    "accept failed; new connections wait in the listen queue"
+                );
+                self.run = Some((now, now, 0));
+            }
+            Some((_, said, count)) => {
+                *count += 1;
+                if now.duration_since(*said) >= Self::EVERY {
+                    tracing::warn!(
+                        listener = ?local, %error, failures = *count,
+                        "accept still failing"
+                    );
+                    (*said, *count) = (now, 0);
+                }
+            }
+        }
+    }
+
+    fn recovered(&mut self, local: Option<SocketAddr>) {
+        if let Some((since, _, _)) = self.run.take() {
+            tracing::info!(
+                listener = ?local, after = ?since.elapsed(),
+                "accepting again"
+            );
+        }
+    }
 }
 
 /// How long an HTTP/1 keep-alive connection waits for its next request

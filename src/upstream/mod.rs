@@ -482,11 +482,13 @@ impl Upstream {
 
     /// One active check of backend `index`: 2xx or 3xx within `timeout`,
     /// on a connection of its own (see [`Pool::probe`]).
-    async fn check(&self, index: usize, check: &config::HealthCheck) -> Result<(), String> {
+    async fn check(&self, index: usize, check: &config::HealthCheck) -> Result<(), CheckError> {
+        use CheckError::{Failed, Unjudged};
         let backend = &self.backends[index];
         let mut request = Request::new(RequestBody::empty());
         *request.method_mut() = Method::GET;
-        *request.uri_mut() = Uri::try_from(check.path.as_str()).map_err(|e| e.to_string())?;
+        *request.uri_mut() =
+            Uri::try_from(check.path.as_str()).map_err(|e| Failed(e.to_string()))?;
         let host = match &self.check_host {
             Some(host) => Ok(host.clone()),
             None => http::HeaderValue::from_str(backend.authority.as_str()),
@@ -504,16 +506,32 @@ impl Upstream {
         );
         let status =
             match tokio::time::timeout(check.timeout, self.pool.probe(index, request)).await {
-                Err(_) => return Err(format!("no answer within {:?}", check.timeout)),
-                Ok(Err(e)) => return Err(classify(backend.addr, e).to_string()),
+                Err(_) => return Err(Failed(format!("no answer within {:?}", check.timeout))),
+                Ok(Err(e)) => {
+                    return match classify(backend.addr, e) {
+                        // Says nothing of the backend: the check counts
+                        // neither way.
+                        e @ ProxyError::Exhausted { .. } => Err(Unjudged(e.to_string())),
+                        e => Err(Failed(e.to_string())),
+                    };
+                }
                 Ok(Ok(status)) => status,
             };
         if status.is_success() || status.is_redirection() {
             Ok(())
         } else {
-            Err(format!("status {}", status.as_u16()))
+            Err(Failed(format!("status {}", status.as_u16())))
         }
     }
+}
+
+/// Why an active check did not pass.
+enum CheckError {
+    /// The backend failed it: the reason.
+    Failed(String),
+    /// portico could not run it (out of file descriptors): it counts
+    /// neither way.
+    Unjudged(String),
 }
 
 /// Whether a reload leaves an upstream's active checks asking the same
@@ -575,15 +593,26 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
         let mut changed = false;
         for (i, result) in results.into_iter().enumerate() {
             let backend = &upstream.backends[i];
+            let passed = match result {
+                Ok(()) => Ok(()),
+                Err(CheckError::Failed(reason)) => Err(reason),
+                Err(CheckError::Unjudged(reason)) => {
+                    tracing::debug!(
+                        upstream = %upstream.config.name, backend = %backend.addr,
+                        %reason, "health check not run"
+                    );
+                    continue;
+                }
+            };
             // Only the active state: a passing check leaves a passive
             // ejection and its backoff alone (see `health`).
-            match counters[i].record(result.is_ok()) {
+            match counters[i].record(passed.is_ok()) {
                 Some(Health::Down) => {
                     backend.state.set_active_up(false);
                     changed = true;
                     tracing::warn!(
                         upstream = %upstream.config.name, backend = %backend.addr,
-                        reason = %result.err().unwrap_or_default(),
+                        reason = %passed.err().unwrap_or_default(),
                         "backend down"
                     );
                 }
@@ -670,6 +699,17 @@ fn client_left(error: &hyper::Error) -> bool {
     error.is_incomplete_message()
 }
 
+/// Whether opening a socket failed for want of portico's own resources:
+/// file descriptors (its own or the system's) or kernel memory. nginx
+/// answers such a failure 500 and does not count it against the peer;
+/// counted, it took every healthy backend down at once.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Sorts a send error into the proxy's error kinds by walking its causes.
 fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
@@ -678,6 +718,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
         SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend },
     };
     let mut source = Some(root);
+    let mut exhausted = false;
     while let Some(e) = source {
         if let Some(body) = e.downcast_ref::<BodyError>() {
             return match body {
@@ -700,10 +741,14 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
             if io.kind() == std::io::ErrorKind::TimedOut && connecting {
                 return ProxyError::ConnectTimeout { backend };
             }
+            if connecting && out_of_resources(io) {
+                exhausted = true;
+            }
         }
         source = e.source();
     }
     match error {
+        SendError::Connect(source) if exhausted => ProxyError::Exhausted { backend, source },
         SendError::Connect(source) => ProxyError::Connect { backend, source },
         SendError::Http(source) => ProxyError::Upstream { backend, source },
         // Returned above; no cause to walk.
