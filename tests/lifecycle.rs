@@ -1194,6 +1194,26 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
     .expect("the open-connections gauge back at 0");
 }
 
+/// An empty line on a parked connection (RFC 9112 §2.2 lets a client
+/// send one between requests) is neither a head nor activity: the
+/// connection stays parked and serves the next request. It used to be
+/// handed to hyper, which then waited for a head that never came, and the
+/// connection was closed with a warning (review30c F1).
+#[tokio::test]
+async fn an_empty_line_on_a_parked_connection_leaves_it_parked() {
+    let (backend, proxy, mut stream) =
+        parked_connection(Duration::from_secs(30), Duration::from_secs(10)).await;
+    stream.write_all(b"\r\n").await.unwrap();
+    // Past the head timer (200 ms), the parking age and the second a
+    // connection being parked is given to end.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stream.write_all(b"\r\n\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+    assert_eq!(backend.requests(), 2);
+    assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
+}
+
 /// Bytes hyper has read but not parsed come back with the socket when a
 /// connection is parked, and are served first. Here the start of the next
 /// head came with the last one, and its end after the parking age (the

@@ -918,32 +918,66 @@ async fn serve_connection<IO: Parkable>(
 /// shutdown after a second in which no request came.
 async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: Duration) {
     let parked = tokio::time::Instant::now();
-    let idle_left = held.settings.idle_timeout.saturating_sub(quiet);
+    let idle_until = parked + held.settings.idle_timeout.saturating_sub(quiet);
     // The socket still holds the waker of hyper's task, from its last read,
     // and with it that task's memory: a no-op waker takes its place.
     let _ = socket
         .socket()
         .poll_read_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-    let next = tokio::select! {
-        ready = socket.socket().readable() => ready.is_ok(),
-        () = tokio::time::sleep(idle_left) => false,
-        // As for a connection hyper holds: a request already on its way
-        // gets its answer (with `Connection: close`).
-        _ = held.shutdown.recv() => {
-            let ready = tokio::time::timeout(DRAIN_QUIET, socket.socket().readable()).await;
-            matches!(ready, Ok(Ok(())))
-        }
-    };
-    if next {
-        // EOF wakes it too: hyper then reads it and ends.
-        let again = Again {
-            unread: Bytes::new(),
-            quiet: quiet + parked.elapsed(),
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            ready = socket.socket().readable() => ready.is_ok(),
+            () = tokio::time::sleep_until(idle_until) => false,
+            // As for a connection hyper holds: a request already on its
+            // way gets its answer (with `Connection: close`).
+            _ = held.shutdown.recv(), if !draining => {
+                draining = true;
+                let ready = tokio::time::timeout(DRAIN_QUIET, socket.socket().readable()).await;
+                matches!(ready, Ok(Ok(())))
+            }
         };
-        tokio::spawn(serve_again(socket, conn, held, again));
-    } else {
-        tracing::debug!(client = %conn.peer, "closing idle connection");
-        close(&mut socket).await;
+        if !next {
+            tracing::debug!(client = %conn.peer, "closing idle connection");
+            close(&mut socket).await;
+            return;
+        }
+        // What came, without waiting for more: empty lines between
+        // requests (RFC 9112 §2.2) are read off here, as neither a head
+        // nor activity; handed to hyper, they made it wait for a head
+        // that never came, and the connection was closed a few seconds
+        // on with a warning (review30c F1).
+        let mut buf = [0u8; 512];
+        let mut read = tokio::io::ReadBuf::new(&mut buf);
+        let polled = std::pin::Pin::new(&mut socket).poll_read(
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+            &mut read,
+        );
+        match polled {
+            // A TLS record not whole yet, or a wake with nothing to read.
+            std::task::Poll::Pending => continue,
+            std::task::Poll::Ready(Ok(()))
+                if !read.filled().is_empty() && idle::only_line_ends(read.filled()) =>
+            {
+                if draining {
+                    close(&mut socket).await;
+                    return;
+                }
+            }
+            // A request (its first bytes), or the end: hyper takes it.
+            std::task::Poll::Ready(Ok(())) => {
+                let again = Again {
+                    unread: Bytes::copy_from_slice(read.filled()),
+                    quiet: quiet + parked.elapsed(),
+                };
+                tokio::spawn(serve_again(socket, conn, held, again));
+                return;
+            }
+            std::task::Poll::Ready(Err(error)) => {
+                tracing::debug!(client = %conn.peer, %error, "parked connection failed");
+                return;
+            }
+        }
     }
 }
 
