@@ -425,6 +425,94 @@ fn signals_as_soon_as_the_port_answers_are_handled_not_fatal() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client that leaves mid-download leaves the rest of the body in the
+/// backend connection's read buffer: that is no stray bytes from the
+/// backend, and no warning blames it (review30a F4). The backend streams
+/// a chunked body in 8 KiB chunks, as the review's did.
+#[test]
+fn a_download_left_midway_blames_no_backend() {
+    use std::io::{Read, Write};
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in origin.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let mut chunk = b"2000\r\n".to_vec();
+                chunk.extend_from_slice(&[b'c'; 8192]);
+                chunk.extend_from_slice(b"\r\n");
+                for _ in 0..2500 {
+                    if stream.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("portico-left-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"dl\"\nbackends = [\"{origin_addr}\"]\n\
+             [[route]]\nupstream = \"dl\"\n"
+        ),
+    )
+    .unwrap();
+    let (proxy, log) = logging({
+        let mut c = Command::new(PORTICO);
+        c.args([
+            "-c",
+            &file.display().to_string(),
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+        ]);
+        c
+    });
+    let mut seen = Vec::new();
+    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
+    for _ in 0..3 {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(stream, "GET /file HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 65536];
+        while got < 1_000_000 {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+        drop(stream);
+        // Its access line: the client left, so its backend connection
+        // has been let go by then.
+        line_with(&log, "client_gone", &mut seen);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(proxy);
+    seen.extend(log.try_iter());
+    assert!(
+        !seen.iter().any(|l| l.contains("no request asked for")),
+        "{seen:#?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A child process killed when dropped, so a failed test leaves none.
 struct Killed(std::process::Child);
 

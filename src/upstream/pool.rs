@@ -175,6 +175,9 @@ struct HeadWait {
     sent: AtomicU64,
     /// The wait under way: 0 for none, [`TIMED_OUT`] once given up on.
     waiting: AtomicU64,
+    /// A response body on the connection was let go before its end (its
+    /// client left): what hyper had read of the rest is no stray bytes.
+    cut: std::sync::atomic::AtomicBool,
 }
 
 const TIMED_OUT: u64 = u64::MAX;
@@ -467,7 +470,12 @@ impl Pool {
             // Otherwise hyper's read buffer goes now, not when the socket
             // is taken up again.
             let fit = read_buf.is_empty();
-            if !fit {
+            if !fit && watch.cut.load(Ordering::Relaxed) {
+                tracing::debug!(
+                    bytes = read_buf.len(),
+                    "backend connection closed with the rest of a body nobody reads"
+                );
+            } else if !fit {
                 // A body longer than its length, a body on a 204 or a
                 // HEAD: the backend's framing is wrong, as nginx warns.
                 tracing::warn!(
@@ -525,6 +533,7 @@ impl Pool {
             && headers.contains_key(http::header::CONTENT_LENGTH);
         let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice);
         let (parts, inner) = response.into_parts();
+        let head = if reusable { None } else { conn.head.take() };
         let mut body = UpstreamBody {
             inner,
             reuse: reusable.then(|| Reuse {
@@ -532,6 +541,7 @@ impl Pool {
                 index,
                 conn,
             }),
+            head,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -718,6 +728,21 @@ struct Reuse {
 pub struct UpstreamBody {
     inner: Incoming,
     reuse: Option<Reuse>,
+    /// The connection's wait record when it is not to be reused (else it
+    /// is `reuse`'s), to say the body was let go before its end.
+    head: Option<Arc<HeadWait>>,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            return;
+        }
+        let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
+        if let Some(head) = reused.or(self.head.as_ref()) {
+            head.cut.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for UpstreamBody {
