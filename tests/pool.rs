@@ -283,3 +283,34 @@ async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// A backend that answers every request with `100 Continue` heads without
+/// end gets its request a 502 at once, not at `response_timeout`. hyper skips 1xx heads in a loop; the flood
+/// kept the thread parsing them, the timeout came late or never and other
+/// traffic starved (review30a F3).
+#[tokio::test]
+async fn a_backend_flooding_interim_responses_is_given_up_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if stream.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let heads = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(2000);
+                while stream.write_all(&heads).await.is_ok() {}
+            });
+        }
+    });
+    let mut config = config(flood, Duration::from_secs(60));
+    config.upstreams[0].response_timeout = Duration::from_secs(60);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    // Well before response_timeout, or never.
+    let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url("/")))
+        .await
+        .expect("an answer well before response_timeout");
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+}

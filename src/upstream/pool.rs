@@ -143,6 +143,16 @@ impl Conn {
         Some(n)
     }
 
+    /// Says whether a request waits for its head, for [`Watched`].
+    fn heading(&self, waits: bool) {
+        if let Some(head) = &self.head {
+            if waits {
+                head.head_bytes.store(0, Ordering::Relaxed);
+            }
+            head.heading.store(waits, Ordering::Relaxed);
+        }
+    }
+
     /// Stops the clock of wait `n` as its head arrived; false if the
     /// connection's task gave up on it first.
     fn end_wait(&self, n: u64) -> bool {
@@ -178,6 +188,88 @@ struct HeadWait {
     /// A response body on the connection was let go before its end (its
     /// client left): what hyper had read of the rest is no stray bytes.
     cut: std::sync::atomic::AtomicBool,
+    /// A request is waiting for its response head (watched or not), and
+    /// the bytes read since it was sent (see [`Watched`]).
+    heading: std::sync::atomic::AtomicBool,
+    head_bytes: AtomicU64,
+}
+
+/// What a backend may send while a request waits for its response head
+/// (the head, interim responses, what follows the head in the same read)
+/// before the connection is given up: a final head is at most 72 KiB,
+/// and a `102 Processing` a second for an hour is 90 KB.
+const HEAD_BYTES: u64 = 1 << 20;
+
+/// A backend socket that counts what is read while a request waits for
+/// its head. hyper skips interim (1xx) responses in a loop within one
+/// poll, so a backend streaming `100 Continue` forever kept the thread
+/// busy parsing them: the request's `response_timeout` came 3x late or
+/// not at all and every other request on the thread starved (review30a
+/// F3). Past [`HEAD_BYTES`] the read fails, and the request with it.
+struct Watched {
+    io: Io,
+    head: Arc<HeadWait>,
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // As hyper-util's TokioIo reads: into the cursor's spare room,
+        // then the cursor moved on by what was read.
+        let n = {
+            // SAFETY: the ReadBuf only writes initialised bytes into the
+            // cursor's memory, and reports how many.
+            let mut read = hyper::rt::ReadBuf::uninit(unsafe { buf.as_mut() });
+            match Pin::new(&mut self.io).poll_read(cx, read.unfilled()) {
+                Poll::Ready(Ok(())) => read.filled().len(),
+                other => return other,
+            }
+        };
+        if self.head.heading.load(Ordering::Relaxed) {
+            let read = self.head.head_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            if read > HEAD_BYTES {
+                return Poll::Ready(Err(std::io::Error::other(
+                    "backend sent over 1 MiB without a final response head (interim 1xx responses without end)",
+                )));
+            }
+        }
+        // SAFETY: `n` bytes were just written into the cursor's memory.
+        unsafe { buf.advance(n) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 const TIMED_OUT: u64 = u64::MAX;
@@ -285,8 +377,10 @@ impl Pool {
                 // The error's scope ends with this statement, so the future
                 // holds none of it across the connect below.
                 let waiting = if watched { conn.start_wait() } else { None };
+                conn.heading(true);
                 request = match conn.sender.try_send_request(request).await {
                     Ok(response) => {
+                        conn.heading(false);
                         if waiting.is_none_or(|n| conn.end_wait(n)) {
                             return Ok(self.wrap(index, conn, response, upload.as_ref()));
                         }
@@ -421,6 +515,11 @@ impl Pool {
 
     /// Starts hyper's task for a new or parked socket.
     async fn serve(&self, io: Io, upgrade: bool) -> Result<Conn, SendError> {
+        let head = Arc::new(HeadWait::default());
+        let io = Watched {
+            io,
+            head: head.clone(),
+        };
         let (sender, connection) = self
             .builder
             .handshake(io)
@@ -440,7 +539,6 @@ impl Pool {
             });
         }
         let (hand_back, handed_back) = oneshot::channel();
-        let head = Arc::new(HeadWait::default());
         let watch = head.clone();
         let limit = self.response_timeout;
         tokio::spawn(async move {
@@ -459,7 +557,11 @@ impl Pool {
                     }
                 }
             };
-            let Parts { io, read_buf, .. } = match served {
+            let Parts {
+                io: Watched { io, .. },
+                read_buf,
+                ..
+            } = match served {
                 Ok(parts) => parts,
                 Err(error) => {
                     tracing::debug!(%error, "backend connection ended with error");
