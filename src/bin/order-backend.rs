@@ -53,6 +53,14 @@ fn main() -> ExitCode {
                 std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cli.listen))
             })?;
         tracing::info!(addr = %listener.local_addr()?, name = %cli.name, "listening");
+        if !cli.listen.ip().is_loopback() {
+            // Its test endpoints echo request headers (Authorization too)
+            // and let a client choose response headers.
+            tracing::warn!(
+                addr = %cli.listen,
+                "listening beyond loopback: this sample backend serves test endpoints (/echo, /echo/headers, /bytes/N, /cache/..., /ws/echo) that no public service should"
+            );
+        }
         let opts = BackendOptions {
             name: cli.name,
             delay: Duration::from_millis(cli.delay),

@@ -160,7 +160,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             let Some(user_id) = parse_id(id) else {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "user id must be a number, without leading zeros",
+                    "user id must be a whole number from 0 to 18446744073709551615, without leading zeros",
                 );
             };
             if read {
@@ -429,9 +429,14 @@ fn parse_order(body: &[u8]) -> Result<NewOrder, String> {
 /// parameters, or a `+json` type). One that declares nothing is taken as
 /// JSON; curl's `-d` alone declares a form, which is refused.
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let mut lines = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = lines.next() else {
         return true;
     };
+    // Content-Type is one value (RFC 9110 §8.3): two lines say two things.
+    if lines.next().is_some() {
+        return false;
+    }
     let Ok(value) = value.to_str() else {
         return false;
     };
@@ -472,6 +477,14 @@ mod tests {
         assert!(with("application/vnd.order+json"));
         assert!(!with("text/plain"));
         assert!(!with("application/x-www-form-urlencoded"));
+        // Two lines are not one type (review30c F4).
+        let mut two = HeaderMap::new();
+        two.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        two.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&two));
     }
 
     #[test]
