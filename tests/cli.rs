@@ -675,3 +675,37 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A head that did not arrive in time is logged with the time it was
+/// given, not `duration_ms=0` (review30c F3).
+#[test]
+fn a_head_timed_out_is_logged_with_the_time_it_had() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("portico-408-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nrequest_header_timeout = \"300ms\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n",
+    )
+    .unwrap();
+    let (proxy, log) = logging({
+        let mut c = Command::new(PORTICO);
+        c.args(["-c", &file.display().to_string(), "--log-format", "json"]);
+        c
+    });
+    let mut seen = Vec::new();
+    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let _ = stream.read(&mut [0u8; 64]);
+    let line = line_with(&log, "\"status\":408", &mut seen);
+    drop(proxy);
+    assert!(line.contains("\"duration_ms\":300.0"), "{line}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -364,9 +364,16 @@ impl Drop for Tail {
 }
 
 /// The access line for a request head hyper's parser refused (and
-/// answered itself): nothing of it is known but the client and the error,
-/// so the other fields are `-`. Attempts at request smuggling show here.
-pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Display) {
+/// answered itself): nothing of it is known but the client, the error,
+/// the body bytes of the answer and, where known, how long the head took
+/// (zero for one the parser refused as it read it), so the other fields
+/// are `-`. Attempts at request smuggling show here.
+pub fn emit_refused(
+    client: SocketAddr,
+    status: u16,
+    error: &dyn std::fmt::Display,
+    answered: Refused,
+) {
     tracing::info!(
         target: "portico::access",
         client = %client.ip().to_canonical(),
@@ -374,8 +381,8 @@ pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Displ
         host = "-",
         path = "-",
         status,
-        bytes = 0u64,
-        duration_ms = 0.0,
+        bytes = answered.bytes,
+        duration_ms = millis(answered.took),
         end = "done",
         upstream = "-",
         backend = "-",
@@ -385,6 +392,15 @@ pub fn emit_refused(client: SocketAddr, status: u16, error: &dyn std::fmt::Displ
         // free-text fields (logfmt parsers split on its spaces otherwise).
         refused = error.to_string().as_str(),
     );
+}
+
+/// What portico knows of a refused head's exchange (see [`emit_refused`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Refused {
+    /// Body bytes of the answer: none for hyper's own.
+    pub bytes: u64,
+    /// From the head's first byte (or the connection's) to the refusal.
+    pub took: std::time::Duration,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod log;
 pub mod route;
 mod upgrade;
 
+pub use log::Refused;
 pub use log::Tail as AccessTail;
 pub use upgrade::Hold as TunnelHold;
 
@@ -355,9 +356,15 @@ impl Proxy {
     /// Counts and logs a request head the HTTP/1 parser refused with
     /// `status` before any of it reached [`Proxy::handle`], or one that
     /// did not arrive whole in time (408).
-    pub fn refused(&self, client: SocketAddr, status: u16, error: &dyn std::fmt::Display) {
+    pub fn refused(
+        &self,
+        client: SocketAddr,
+        status: u16,
+        error: &dyn std::fmt::Display,
+        answered: log::Refused,
+    ) {
         self.unrouted.count(status);
-        log::emit_refused(client, status, error);
+        log::emit_refused(client, status, error, answered);
     }
 
     /// Not an `async fn`, for the reason [`Proxy::handle`] gives.

@@ -46,10 +46,19 @@ pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
 /// A connection's request head did not arrive whole in time: one that
 /// had begun is logged and counted as nginx does (408, closed without an
 /// answer); a connection that sent nothing is no request.
-fn head_timed_out(shared: &Shared, activity: &idle::Activity, client: SocketAddr) {
+fn head_timed_out(
+    shared: &Shared,
+    activity: &idle::Activity,
+    client: SocketAddr,
+    waited: Duration,
+) {
     if activity.head_begun() {
         let why = "request head not complete within request_header_timeout";
-        shared.proxy.load().refused(client, 408, &why);
+        let answered = crate::proxy::Refused {
+            bytes: 0,
+            took: waited,
+        };
+        shared.proxy.load().refused(client, 408, &why, answered);
     } else {
         tracing::debug!(%client, "no request head within request_header_timeout; closing");
     }
@@ -489,13 +498,17 @@ async fn accept_loop(
                         }
                         Mode::Tls(acceptor) => {
                             // The head's time, the handshake's included.
-                            let deadline =
-                                tokio::time::Instant::now() + held.settings.header_timeout;
+                            let accepted = tokio::time::Instant::now();
+                            let deadline = accepted + held.settings.header_timeout;
                             match tokio::time::timeout_at(deadline, plain_http(&stream)).await {
                                 Ok(true) => {
                                     let refusal = refuse_plain_http(stream, deadline);
                                     let said = refusal.await;
-                                    held.shared.proxy.load().refused(peer, 400, &said);
+                                    let answered = crate::proxy::Refused {
+                                        bytes: said.len() as u64 + 1,
+                                        took: accepted.elapsed(),
+                                    };
+                                    held.shared.proxy.load().refused(peer, 400, &said, answered);
                                     return;
                                 }
                                 Ok(false) => {}
@@ -792,7 +805,7 @@ async fn serve_connection<IO: Parkable>(
                     // Nothing is being answered: dropping the connection
                     // closes it, as hyper's head timer did.
                     idle::Expired::Head => {
-                        head_timed_out(&held.shared, &activity, conn.peer);
+                        head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
                         End::Done(Ok(()))
                     }
                     // A client that reads nothing would not read a GOAWAY
@@ -824,7 +837,7 @@ async fn serve_connection<IO: Parkable>(
                 result = &mut connection => End::Done(result),
                 why = activity.expired(settings.closing_limits()) => {
                     if why == idle::Expired::Head {
-                        head_timed_out(&held.shared, &activity, conn.peer);
+                        head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
                     }
                     tracing::debug!(client = %conn.peer, ?why, "closed while draining");
                     End::Close
@@ -903,7 +916,13 @@ async fn serve_connection<IO: Parkable>(
         // runs: count and log it like any other answer, or smuggling
         // attempts would leave no trace.
         match error.downcast_ref::<hyper::Error>().and_then(refused_with) {
-            Some((parse, status)) => held.shared.proxy.load().refused(conn.peer, status, parse),
+            Some((parse, status)) => {
+                let answered = crate::proxy::Refused::default();
+                held.shared
+                    .proxy
+                    .load()
+                    .refused(conn.peer, status, parse, answered);
+            }
             None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
         }
     }
