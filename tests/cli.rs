@@ -459,34 +459,14 @@ fn a_download_left_midway_blames_no_backend() {
             });
         }
     });
-    let dir = std::env::temp_dir().join(format!("portico-left-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[upstream]]\nname = \"dl\"\nbackends = [\"{origin_addr}\"]\n\
-             [[route]]\nupstream = \"dl\"\n"
-        ),
-    )
-    .unwrap();
-    let (proxy, log) = logging({
-        let mut c = Command::new(PORTICO);
-        c.args([
-            "-c",
-            &file.display().to_string(),
-            "--threads",
-            "1",
-            "--log-format",
-            "json",
-        ]);
-        c
-    });
-    let mut seen = Vec::new();
-    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"dl\"\nbackends = [\"{origin_addr}\"]\n\
+         [[route]]\nupstream = \"dl\"\n"
+    );
+    let mut run = portico_on("left", &config, None);
     for _ in 0..3 {
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -501,16 +481,17 @@ fn a_download_left_midway_blames_no_backend() {
         drop(stream);
         // Its access line: the client left, so its backend connection
         // has been let go by then.
-        line_with(&log, "client_gone", &mut seen);
+        line_with(&run.log, "client_gone", &mut run.seen);
     }
     std::thread::sleep(Duration::from_millis(300));
-    drop(proxy);
-    seen.extend(log.try_iter());
+    drop(run.proxy);
+    run.seen.extend(run.log.try_iter());
     assert!(
-        !seen.iter().any(|l| l.contains("no request asked for")),
-        "{seen:#?}"
+        !run.seen.iter().any(|l| l.contains("no request asked for")),
+        "{:#?}",
+        run.seen
     );
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(run.dir);
 }
 
 /// A child process killed when dropped, so a failed test leaves none.
@@ -534,6 +515,45 @@ fn logging(mut command: Command) -> (Killed, std::sync::mpsc::Receiver<String>) 
         }
     });
     (Killed(child), rx)
+}
+
+/// portico started as a child on `config` (written to a directory of
+/// its own, named for `tag`), logging JSON; with `files`, under that
+/// `ulimit -n`. The child, its log, the address it serves on, the lines
+/// read so far and the directory.
+fn portico_on(tag: &str, config: &str, files: Option<u32>) -> Started {
+    let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(&file, config).unwrap();
+    let run = format!(
+        "{PORTICO} -c {} --threads 1 --log-format json",
+        file.display()
+    );
+    let mut command = Command::new("sh");
+    match files {
+        Some(n) => command.args(["-c", &format!("ulimit -n {n} && exec {run}")]),
+        None => command.args(["-c", &format!("exec {run}")]),
+    };
+    let (proxy, log) = logging(command);
+    let mut seen = Vec::new();
+    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
+    Started {
+        proxy,
+        log,
+        addr,
+        seen,
+        dir,
+    }
+}
+
+/// What [`portico_on`] started.
+struct Started {
+    proxy: Killed,
+    log: std::sync::mpsc::Receiver<String>,
+    addr: String,
+    seen: Vec<String>,
+    dir: std::path::PathBuf,
 }
 
 /// Waits (bounded) for a log line containing `needle`; returns it.
@@ -609,43 +629,24 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
         c
     });
     let backend_addr = addr_in(&line_with(&backend_log, "\"listening\"", &mut Vec::new()));
-    let dir = std::env::temp_dir().join(format!("portico-emfile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let config = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [[upstream]]\nname = \"warm\"\nbackends = [\"{backend_addr}\"]\n\
              [[upstream]]\nname = \"cold\"\nbackends = [\"{backend_addr}\"]\n\
              [upstream.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\nrise = 5\nfall = 2\n\
              [[route]]\npath_prefix = \"/health\"\nupstream = \"warm\"\n\
              [[route]]\nupstream = \"cold\"\n"
-        ),
-    )
-    .unwrap();
-    let (proxy, log) = logging({
-        let mut c = Command::new("sh");
-        c.args([
-            "-c",
-            &format!(
-                "ulimit -n 48 && exec {PORTICO} -c {} --threads 1 --log-format json",
-                file.display()
-            ),
-        ]);
-        c
-    });
-    let mut seen = Vec::new();
-    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
-    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    );
+    let mut run = portico_on("emfile", &config, Some(48));
+    let mut kept = std::net::TcpStream::connect(&run.addr).unwrap();
     kept.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     assert!(ask(&mut kept, "/health").0.contains(" 200 "));
     // Idle connections until portico can accept no more.
     let idle: Vec<_> = (0..64)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .map(|_| std::net::TcpStream::connect(&run.addr).unwrap())
         .collect();
-    line_with(&log, "accept failed", &mut seen);
+    line_with(&run.log, "accept failed", &mut run.seen);
     // Time for the checks of `cold` to fail `fall` times over, as they did.
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = ask(&mut kept, "/users/1/orders");
@@ -665,15 +666,16 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    drop((proxy, backend));
-    seen.extend(log.try_iter());
+    drop((run.proxy, backend));
+    run.seen.extend(run.log.try_iter());
     assert!(
-        !seen
+        !run.seen
             .iter()
             .any(|l| l.contains("backend down") || l.contains("ejected")),
-        "{seen:#?}"
+        "{:#?}",
+        run.seen
     );
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(run.dir);
 }
 
 /// A head that did not arrive in time is logged with the time it was
@@ -681,31 +683,18 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
 #[test]
 fn a_head_timed_out_is_logged_with_the_time_it_had() {
     use std::io::{Read, Write};
-    let dir = std::env::temp_dir().join(format!("portico-408-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
-    std::fs::write(
-        &file,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nrequest_header_timeout = \"300ms\"\n\
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\nrequest_header_timeout = \"300ms\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n",
-    )
-    .unwrap();
-    let (proxy, log) = logging({
-        let mut c = Command::new(PORTICO);
-        c.args(["-c", &file.display().to_string(), "--log-format", "json"]);
-        c
-    });
-    let mut seen = Vec::new();
-    let addr = addr_in(&line_with(&log, "listening (http", &mut seen));
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+    let mut run = portico_on("408", config, None);
+    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     let _ = stream.read(&mut [0u8; 64]);
-    let line = line_with(&log, "\"status\":408", &mut seen);
-    drop(proxy);
+    let line = line_with(&run.log, "\"status\":408", &mut run.seen);
+    drop(run.proxy);
     assert!(line.contains("\"duration_ms\":300.0"), "{line}");
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(run.dir);
 }
