@@ -590,6 +590,50 @@ async fn a_private_answer_for_one_variant_leaves_the_others_coalescing() {
     assert!(all_collapsed(&answers, "miss"));
 }
 
+/// Requests for a URL never stored, whose answers vary by a session
+/// cookie, do not queue behind each other's fetches: each user's variant
+/// has a lock of its own, known from the answer that was not stored
+/// (review30d F1). Before, a new user's request waited for another's.
+#[tokio::test]
+async fn users_of_a_private_url_do_not_wait_on_each_other() {
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = Duration::from_secs(1);
+    let backend = start_backend(opts).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let url = proxy.url("/cache/me?cc=private&vary=Cookie");
+    get_with(&client(), &url, &[("cookie", "s=c")]).await;
+    let before = backend.requests();
+    let at_backend = |n: u64| {
+        let backend = &backend;
+        async move {
+            tokio::time::timeout(STEP, async {
+                while backend.requests() < before + n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("at the backend");
+        }
+    };
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { get_with(&client(), &url, &[("cookie", "s=a")]).await })
+    };
+    at_backend(1).await;
+    let second = {
+        let url = url.clone();
+        tokio::spawn(async move { get_with(&client(), &url, &[("cookie", "s=b")]).await })
+    };
+    at_backend(2).await;
+    assert!(!first.is_finished(), "the second waited for the first");
+    for answer in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; detail=private"
+        );
+    }
+}
+
 /// A HEAD miss is fetched as a GET and stored (nginx's
 /// `proxy_cache_convert_head`, Varnish's default): its client gets the
 /// head, the cache the body; a monitor's HEADs do not keep the URL cold.
@@ -1281,6 +1325,37 @@ async fn a_stale_entry_replaced_by_an_unstorable_response_is_dropped() {
     let failed = get_with(&client, &url, &[("x-fail", "1")]).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(failed.body, "fail");
+}
+
+/// The replaced copy is its variant's: the other variants of the URL are
+/// still what the origin serves their requests, and stay (review30d F2).
+#[tokio::test]
+async fn a_variant_replaced_by_an_unstorable_response_leaves_the_others() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("x-who: b") {
+            b"HTTP/1.1 200 OK\r\nVary: X-Who\r\nCache-Control: max-age=60\r\n\
+              Content-Length: 1\r\n\r\nb"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nVary: X-Who\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=1\r\nContent-Length: 3\r\n\r\nold"
+        } else {
+            b"HTTP/1.1 200 OK\r\nVary: X-Who\r\nCache-Control: private\r\n\
+              Content-Length: 3\r\n\r\nnew"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/variants");
+    get_with(&client, &url, &[("x-who", "a"), ("x-first", "1")]).await;
+    get_with(&client, &url, &[("x-who", "b")]).await;
+    until_stored(&proxy, 2).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let replaced = get_with(&client, &url, &[("x-who", "a")]).await;
+    assert_eq!(replaced.body, "new");
+    let other = get_with(&client, &url, &[("x-who", "b")]).await;
+    assert_eq!(other.header("cache-status"), "portico; hit");
 }
 
 /// A background refresh's server error is dropped, as Varnish's built-in

@@ -322,6 +322,23 @@ impl Cache {
         Some(key::full(primary, &variants.names, request))
     }
 
+    /// The key concurrent fetches for this request share a lock by: its
+    /// variant's, once a `Vary` is known, from what is stored or else from
+    /// the URL's answer that was not stored (so requests for a URL never
+    /// stored, whose answers vary by a session cookie, do not queue behind
+    /// one another's fetches); the URL otherwise.
+    pub fn lock_key_for(&self, primary: &str, request: &HeaderMap) -> Option<String> {
+        if let Some(full) = self.key_for(primary, request) {
+            return Some(full);
+        }
+        match self.uncacheable.get(&self.url_hash(primary)) {
+            Some(Mark::Url { names, .. }) if !names.is_empty() => {
+                Some(key::full(primary, &names, request))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the URL's record lists the variant `full` (still stored,
     /// or expired and not yet dropped from the record).
     pub fn lists_variant(&self, primary: &str, full: &str) -> bool {
@@ -400,6 +417,14 @@ impl Cache {
             Some(_) => self.uncacheable.invalidate(&hash),
             None => {}
         }
+    }
+
+    /// Whether any answer for `primary`, in the last two minutes, was not
+    /// stored, whatever its variant: a range for such a URL goes to the
+    /// backend as it is rather than have a whole response fetched for a
+    /// store that would most likely not happen.
+    pub fn uncacheable_anywhere(&self, primary: &str) -> bool {
+        self.uncacheable.contains_key(&self.url_hash(primary))
     }
 
     fn url_hash(&self, primary: &str) -> u64 {
@@ -499,6 +524,12 @@ impl Cache {
         self.overtake(primary);
         self.uncacheable.invalidate(&self.url_hash(primary));
         self.forget(primary).await;
+    }
+
+    /// Drops the variant stored under `full` (its record in the index goes
+    /// with it, by the store's eviction listener).
+    pub async fn forget_variant(&self, full: &str) {
+        self.store.invalidate(full).await;
     }
 
     /// Drops every variant stored for `primary`, and nothing else: a

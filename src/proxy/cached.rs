@@ -699,7 +699,7 @@ async fn join(
     loop {
         let leads = since.is_none() || !(personal || (handed_on && own_answer()));
         // Once the URL's Vary is known, each variant has its lock.
-        let full = cache.key_for(primary, &parts.headers);
+        let full = cache.lock_key_for(primary, &parts.headers);
         let key = full.as_deref().unwrap_or(primary);
         let waiting = if leads {
             match Locks::claim(cache, key) {
@@ -744,12 +744,12 @@ fn asks_range(parts: &Parts) -> bool {
 /// nginx and Varnish do on a miss. Only a GET without a body asking for
 /// one byte range does; and not one starting at or past `max_object_size`,
 /// which no response the cache keeps can serve: reading up to it would
-/// only fetch what is thrown away. Nor one for a URL whose last response
-/// was not stored (see [`Cache::uncacheable`]).
+/// only fetch what is thrown away. Nor one for a URL with an answer not
+/// stored lately, for any variant (see [`Cache::uncacheable_anywhere`]).
 fn whole_for_range(cache: &Cache, primary: &str, parts: &Parts, body: &RequestBody) -> bool {
     parts.method == Method::GET
         && http_body::Body::is_end_stream(body)
-        && !cache.uncacheable(primary, &parts.headers)
+        && !cache.uncacheable_anywhere(primary)
         && range::Spec::of(&parts.headers).is_some_and(|spec| {
             spec.first()
                 .is_none_or(|first| first < cache.config.max_object_size)
@@ -1321,7 +1321,7 @@ async fn refresh(
 ) {
     // One refresh at a time per variant (the lock `join` takes for it);
     // others keep serving stale.
-    let full = cache.key_for(&primary, &parts.headers);
+    let full = cache.lock_key_for(&primary, &parts.headers);
     let Claim::Leader(leader) = Locks::claim(&cache, full.as_deref().unwrap_or(&primary)) else {
         return;
     };
@@ -1377,7 +1377,8 @@ async fn refresh(
     crate::task::read_at_most(response.into_body().read_into_cache()).await;
 }
 
-/// RFC 9111 §4.3.3: a full response replaces the stored one, even when it
+/// RFC 9111 §4.3.3: a full response replaces the stored one (its
+/// variant's), even when it
 /// may not be stored itself (`no-store`, `private`...): the stale copy is
 /// of a representation the origin has replaced, which stale-if-error or
 /// stale-while-revalidate must not bring back (Varnish's hit-for-miss
@@ -1392,7 +1393,11 @@ async fn forget_if_replaced(
         && !response.body().is_capturing()
         && cache.uncacheable(primary, request)
     {
-        cache.forget(primary).await;
+        // This variant's copy only: the others are still what the origin
+        // serves their requests.
+        if let Some(full) = cache.key_for(primary, request) {
+            cache.forget_variant(&full).await;
+        }
     }
 }
 
