@@ -503,10 +503,10 @@ async fn accept_loop(
                             match tokio::time::timeout_at(deadline, plain_http(&stream)).await {
                                 Ok(true) => {
                                     let refusal = refuse_plain_http(stream, deadline);
-                                    let said = refusal.await;
+                                    let (said, at) = refusal.await;
                                     let answered = crate::proxy::Refused {
                                         bytes: said.len() as u64 + 1,
-                                        took: accepted.elapsed(),
+                                        took: at - accepted,
                                     };
                                     held.shared.proxy.load().refused(peer, 400, &said, answered);
                                     return;
@@ -658,7 +658,7 @@ const PLAIN_HTTP_ON_TLS: &str = "plain HTTP request sent to an HTTPS port";
 async fn refuse_plain_http(
     mut stream: tokio::net::TcpStream,
     deadline: tokio::time::Instant,
-) -> &'static str {
+) -> (&'static str, tokio::time::Instant) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -681,13 +681,14 @@ async fn refuse_plain_http(
         let _ = stream.shutdown().await;
     })
     .await;
+    let answered = tokio::time::Instant::now();
     // A body still coming is read off for a moment, so the close sends the
     // answer rather than a reset that could discard it.
     let _ = tokio::time::timeout(DRAIN_QUIET, async {
         while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
-    PLAIN_HTTP_ON_TLS
+    (PLAIN_HTTP_ON_TLS, answered)
 }
 
 /// A connection coming back from parking.
@@ -943,17 +944,17 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
     let _ = socket
         .socket()
         .poll_read_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-    let mut draining = false;
+    // Once a shutdown came: how long a request already on its way has.
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
         let next = tokio::select! {
             ready = socket.socket().readable() => ready.is_ok(),
-            () = tokio::time::sleep_until(idle_until) => false,
+            () = tokio::time::sleep_until(draining.unwrap_or(idle_until).min(idle_until)) => false,
             // As for a connection hyper holds: a request already on its
             // way gets its answer (with `Connection: close`).
-            _ = held.shutdown.recv(), if !draining => {
-                draining = true;
-                let ready = tokio::time::timeout(DRAIN_QUIET, socket.socket().readable()).await;
-                matches!(ready, Ok(Ok(())))
+            _ = held.shutdown.recv(), if draining.is_none() => {
+                draining = Some(tokio::time::Instant::now() + DRAIN_QUIET);
+                continue;
             }
         };
         if !next {
@@ -961,42 +962,64 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
             close(&mut socket).await;
             return;
         }
-        // What came, without waiting for more: empty lines between
-        // requests (RFC 9112 §2.2) are read off here, as neither a head
-        // nor activity; handed to hyper, they made it wait for a head
-        // that never came, and the connection was closed a few seconds
-        // on with a warning (review30c F1).
-        let mut buf = [0u8; 512];
-        let mut read = tokio::io::ReadBuf::new(&mut buf);
-        let polled = std::pin::Pin::new(&mut socket).poll_read(
-            &mut std::task::Context::from_waker(std::task::Waker::noop()),
-            &mut read,
-        );
-        match polled {
+        match woken(&mut socket) {
             // A TLS record not whole yet, or a wake with nothing to read.
-            std::task::Poll::Pending => continue,
-            std::task::Poll::Ready(Ok(()))
-                if !read.filled().is_empty() && idle::only_line_ends(read.filled()) =>
-            {
-                if draining {
-                    close(&mut socket).await;
-                    return;
-                }
+            Woken::Nothing => {}
+            Woken::LineEnds if draining.is_some() => {
+                close(&mut socket).await;
+                return;
             }
-            // A request (its first bytes), or the end: hyper takes it.
-            std::task::Poll::Ready(Ok(())) => {
+            Woken::LineEnds => {}
+            Woken::Read(unread) => {
                 let again = Again {
-                    unread: Bytes::copy_from_slice(read.filled()),
+                    unread,
                     quiet: quiet + parked.elapsed(),
                 };
                 tokio::spawn(serve_again(socket, conn, held, again));
                 return;
             }
-            std::task::Poll::Ready(Err(error)) => {
+            Woken::Failed(error) => {
                 tracing::debug!(client = %conn.peer, %error, "parked connection failed");
                 return;
             }
         }
+    }
+}
+
+/// What a parked socket had when it woke (see [`woken`]).
+enum Woken {
+    Nothing,
+    /// Empty lines only.
+    LineEnds,
+    /// A request's first bytes (or none: the end), for hyper.
+    Read(Bytes),
+    Failed(std::io::Error),
+}
+
+/// What a parked socket has, read without waiting for more: empty lines
+/// between requests (RFC 9112 §2.2) are read off here, as neither a head
+/// nor activity; handed to hyper, they made it wait for a head that never
+/// came, and the connection was closed a few seconds on with a warning
+/// (review30c F1). Not async, so its buffer is no part of [`park`]'s
+/// future, which every parked connection holds.
+fn woken<IO: Parkable>(socket: &mut IO) -> Woken {
+    let mut buf = [0u8; 512];
+    let mut read = tokio::io::ReadBuf::new(&mut buf);
+    let polled = std::pin::Pin::new(socket).poll_read(
+        &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        &mut read,
+    );
+    match polled {
+        std::task::Poll::Pending => Woken::Nothing,
+        std::task::Poll::Ready(Ok(())) => {
+            let got = read.filled();
+            if !got.is_empty() && idle::only_line_ends(got) {
+                Woken::LineEnds
+            } else {
+                Woken::Read(Bytes::copy_from_slice(got))
+            }
+        }
+        std::task::Poll::Ready(Err(error)) => Woken::Failed(error),
     }
 }
 

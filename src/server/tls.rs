@@ -232,8 +232,19 @@ fn der_time(tag: u8, text: &[u8]) -> Option<SystemTime> {
     }
     let (month, day) = (digits(at, 2)?, digits(at + 2, 2)?);
     let (hour, minute, second) = (digits(at + 4, 2)?, digits(at + 6, 2)?, digits(at + 8, 2)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || year < 1970 {
+    // In range, so the latest is 9999-12-31 23:59:59, which an HTTP date
+    // can still be written for (httpdate panics from the year 10000).
+    let in_range = (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && hour <= 23
+        && minute <= 59
+        && second <= 59;
+    if !in_range {
         return None;
+    }
+    // Valid since before the epoch: long ago, as far as a warning goes.
+    if year < 1970 {
+        return Some(SystemTime::UNIX_EPOCH);
     }
     // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
     // days_from_civil).
@@ -302,6 +313,19 @@ mod tests {
         assert_eq!(der_time(0x17, b"9901010000000"), None);
         assert_eq!(
             der_time(0x18, b"19700101000000Z"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        // Out of range: none, where the year 10000 it rolled into made
+        // httpdate panic (review30d F6).
+        assert_eq!(der_time(0x18, b"99991231240000Z"), None);
+        assert_eq!(der_time(0x18, b"99991231235960Z"), None);
+        let latest = der_time(0x18, b"99991231235959Z").unwrap();
+        assert_eq!(
+            httpdate::fmt_http_date(latest),
+            "Fri, 31 Dec 9999 23:59:59 GMT"
+        );
+        assert_eq!(
+            der_time(0x17, b"550101000000Z"),
             Some(SystemTime::UNIX_EPOCH)
         );
     }

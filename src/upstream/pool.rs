@@ -415,11 +415,14 @@ impl Pool {
         request: Request<RequestBody>,
     ) -> Result<http::StatusCode, SendError> {
         let mut conn = self.connect(index, false).await?;
+        // Bounded as a request's wait is (see `Watched`).
+        conn.heading(true);
         let response = conn
             .sender
             .send_request(request)
             .await
             .map_err(SendError::Http)?;
+        conn.heading(false);
         let status = response.status();
         // Read to the end so the backend finishes its answer before the
         // connection closes with `conn`.
@@ -644,6 +647,7 @@ impl Pool {
                 conn,
             }),
             head,
+            ended: false,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -833,11 +837,14 @@ pub struct UpstreamBody {
     /// The connection's wait record when it is not to be reused (else it
     /// is `reuse`'s), to say the body was let go before its end.
     head: Option<Arc<HeadWait>>,
+    /// Read to its end. (`Incoming::is_end_stream` says so only of a body
+    /// with a length, never of a chunked one.)
+    ended: bool,
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if self.inner.is_end_stream() {
+        if self.ended || self.inner.is_end_stream() {
             return;
         }
         let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
@@ -875,7 +882,10 @@ impl Body for UpstreamBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(None) => this.release(),
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.release();
+            }
             Poll::Ready(Some(Err(_))) => this.reuse = None,
             _ => {}
         }
