@@ -114,7 +114,9 @@ impl std::fmt::Display for Broke<'_> {
                 crate::upstream::UPSTREAM_READ_BUFFER >> 10
             )
         } else {
-            self.0.fmt(f)
+            // hyper says only "connection error" of an I/O error; the
+            // cause (a reset, portico's own limit) is its source.
+            Chain(self.0).fmt(f)
         }
     }
 }

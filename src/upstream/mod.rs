@@ -744,6 +744,14 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
             if connecting && out_of_resources(io) {
                 exhausted = true;
             }
+            // It would most likely answer so again: not retried, as a head
+            // that does not parse is not.
+            if io.get_ref().is_some_and(|e| e.is::<pool::EndlessInterim>()) {
+                return ProxyError::BadResponse {
+                    backend,
+                    reason: pool::EndlessInterim::TEXT,
+                };
+            }
         }
         source = e.source();
     }

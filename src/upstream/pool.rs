@@ -211,6 +211,24 @@ struct Watched {
     head: Arc<HeadWait>,
 }
 
+/// Why [`Watched`] failed a read: the backend sent [`HEAD_BYTES`] without
+/// a final response head.
+#[derive(Debug)]
+pub struct EndlessInterim;
+
+impl EndlessInterim {
+    pub const TEXT: &'static str =
+        "over 1 MiB without a final response head (interim 1xx responses without end)";
+}
+
+impl std::fmt::Display for EndlessInterim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::TEXT)
+    }
+}
+
+impl std::error::Error for EndlessInterim {}
+
 impl hyper::rt::Read for Watched {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -231,9 +249,9 @@ impl hyper::rt::Read for Watched {
         if self.head.heading.load(Ordering::Relaxed) {
             let read = self.head.head_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
             if read > HEAD_BYTES {
-                return Poll::Ready(Err(std::io::Error::other(
-                    "backend sent over 1 MiB without a final response head (interim 1xx responses without end)",
-                )));
+                // What hyper had read is no stray bytes after a response.
+                self.head.cut.store(true, Ordering::Relaxed);
+                return Poll::Ready(Err(std::io::Error::other(EndlessInterim)));
             }
         }
         // SAFETY: `n` bytes were just written into the cursor's memory.
