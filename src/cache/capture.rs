@@ -169,10 +169,11 @@ impl Capture {
 
 /// Whether an entry fetched for `request` may serve the requests that
 /// waited on it past their own `no-cache` and its own freshness (see
-/// `proxy::cached::collapsed`). Not one fetched with `Authorization`: a
-/// `must-revalidate` answer to it is stored on condition that every reuse
-/// is validated, which checks each request's own credentials (RFC 9111
-/// §3.5).
+/// `proxy::cached::collapsed`). Not one fetched with `Authorization`: it
+/// was answered for those credentials, and RFC 9111 §3.5 lets it be
+/// stored only because the response said so (`public`, `s-maxage`,
+/// `must-revalidate`); a waiter past its own `no-cache` or the entry's
+/// freshness asked for more than that, so it fetches with its own.
 pub fn vouches(request: &http::HeaderMap) -> bool {
     !request.contains_key(http::header::AUTHORIZATION)
 }
