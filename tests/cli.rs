@@ -518,10 +518,10 @@ fn logging(mut command: Command) -> (Killed, std::sync::mpsc::Receiver<String>) 
 }
 
 /// portico started as a child on `config` (written to a directory of
-/// its own, named for `tag`), logging JSON; with `files`, under that
-/// `ulimit -n`. The child, its log, the address it serves on, the lines
+/// its own, named for `tag`), logging JSON; with `ulimit`, under those
+/// limits (`-n 48`). The child, its log, the address it serves on, the lines
 /// read so far and the directory.
-fn portico_on(tag: &str, config: &str, files: Option<u32>) -> Started {
+fn portico_on(tag: &str, config: &str, ulimit: Option<&str>) -> Started {
     let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("portico.toml");
@@ -531,8 +531,8 @@ fn portico_on(tag: &str, config: &str, files: Option<u32>) -> Started {
         file.display()
     );
     let mut command = Command::new("sh");
-    match files {
-        Some(n) => command.args(["-c", &format!("ulimit -n {n} && exec {run}")]),
+    match ulimit {
+        Some(flags) => command.args(["-c", &format!("ulimit {flags} && exec {run}")]),
         None => command.args(["-c", &format!("exec {run}")]),
     };
     let (proxy, log) = logging(command);
@@ -637,7 +637,7 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
              [[route]]\npath_prefix = \"/health\"\nupstream = \"warm\"\n\
              [[route]]\nupstream = \"cold\"\n"
     );
-    let mut run = portico_on("emfile", &config, Some(48));
+    let mut run = portico_on("emfile", &config, Some("-n 48"));
     let mut kept = std::net::TcpStream::connect(&run.addr).unwrap();
     kept.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -696,5 +696,35 @@ fn a_head_timed_out_is_logged_with_the_time_it_had() {
     let line = line_with(&run.log, "\"status\":408", &mut run.seen);
     drop(run.proxy);
     assert!(line.contains("\"duration_ms\":300.0"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
+/// The soft limit on open files is raised to the hard one at start: the
+/// usual 1024 runs out at ~500 clients, two sockets each.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_one() {
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+    let ours = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: u64 = ours
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .unwrap_or(0);
+    if hard <= 256 {
+        // Nothing to raise it to here.
+        return;
+    }
+    let run = portico_on("nofile", config, Some("-Sn 256"));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", run.proxy.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "{line}");
+    assert_ne!(numbers[0], "256", "{line}");
+    drop(run.proxy);
     let _ = std::fs::remove_dir_all(run.dir);
 }

@@ -703,11 +703,17 @@ fn client_left(error: &hyper::Error) -> bool {
 /// file descriptors (its own or the system's) or kernel memory. nginx
 /// answers such a failure 500 and does not count it against the peer;
 /// counted, it took every healthy backend down at once.
+#[cfg(unix)]
 fn out_of_resources(error: &std::io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(not(unix))]
+fn out_of_resources(_: &std::io::Error) -> bool {
+    false
 }
 
 /// Sorts a send error into the proxy's error kinds by walking its causes.
