@@ -185,8 +185,9 @@ struct HeadWait {
     sent: AtomicU64,
     /// The wait under way: 0 for none, [`TIMED_OUT`] once given up on.
     waiting: AtomicU64,
-    /// A response body on the connection was let go before its end (its
-    /// client left): what hyper had read of the rest is no stray bytes.
+    /// A response on the connection did not end cleanly: its body was let
+    /// go before its end (its client left), or its head never came whole:
+    /// what hyper had read of it is no stray bytes.
     cut: std::sync::atomic::AtomicBool,
     /// A request is waiting for its response head (watched or not), and
     /// the bytes read since it was sent (see [`Watched`]).
@@ -593,7 +594,13 @@ impl Pool {
             // Otherwise hyper's read buffer goes now, not when the socket
             // is taken up again.
             let fit = read_buf.is_empty();
-            if !fit && watch.cut.load(Ordering::Relaxed) {
+            // A response that never ended cleanly: its body let go, or its
+            // head still awaited (too large, say). hyper's task ends only
+            // once the request's side has its response or error, so a
+            // head that came was marked as such before this looks.
+            let unfinished =
+                watch.cut.load(Ordering::Relaxed) || watch.heading.load(Ordering::Relaxed);
+            if !fit && unfinished {
                 tracing::debug!(
                     bytes = read_buf.len(),
                     "backend connection closed with the rest of a body nobody reads"
