@@ -411,8 +411,7 @@ impl Cache {
                 names: marked,
                 salt,
             }) if !marked.is_empty() && *marked == *names => {
-                let variant = std::hash::BuildHasher::hash_one(&self.url_hasher, (salt, full));
-                self.uncacheable.invalidate(&variant);
+                self.uncacheable.invalidate(&self.salted(salt, full));
             }
             Some(_) => self.uncacheable.invalidate(&hash),
             None => {}
@@ -441,8 +440,12 @@ impl Cache {
         names: &[HeaderName],
         request: &HeaderMap,
     ) -> u64 {
-        let full = key::full(primary, names, request);
-        std::hash::BuildHasher::hash_one(&self.url_hasher, (salt, full.as_str()))
+        self.salted(salt, &key::full(primary, names, request))
+    }
+
+    /// The mark of the variant with key `full` under a URL mark's `salt`.
+    fn salted(&self, salt: u64, full: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.url_hasher, (salt, full))
     }
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {

@@ -1378,11 +1378,11 @@ async fn refresh(
 }
 
 /// RFC 9111 §4.3.3: a full response replaces the stored one (its
-/// variant's), even when it
-/// may not be stored itself (`no-store`, `private`...): the stale copy is
-/// of a representation the origin has replaced, which stale-if-error or
-/// stale-while-revalidate must not bring back (Varnish's hit-for-miss
-/// object replaces it too). `request` is the revalidating request's head.
+/// variant's), even when it may not be stored itself (`no-store`,
+/// `private`...): the stale copy is of a representation the origin has
+/// replaced, which stale-if-error or stale-while-revalidate must not bring
+/// back (Varnish's hit-for-miss object replaces it too). `request` is the
+/// revalidating request's head.
 async fn forget_if_replaced(
     cache: &Cache,
     primary: &str,

@@ -176,16 +176,14 @@ impl Registry {
         });
         for (addr, mode) in wanted {
             if let Some(slot) = inner.slots.iter().find(|s| s.configured == addr) {
-                let was = slot.mode.swap(Arc::new(mode));
-                let now = slot.mode.load();
-                if was.describe() != now.describe() {
+                let now = mode.describe();
+                let was = slot.mode.swap(Arc::new(mode)).describe();
+                if was != now {
                     // Clients of the old kind now fail their handshake
                     // or get a 400; say so where the reload is logged.
                     tracing::info!(
                         addr = %slot.configured,
-                        "listener switched by reload to {} (was {})",
-                        now.describe(),
-                        was.describe()
+                        "listener switched by reload to {now} (was {was})"
                     );
                 }
             } else if let Some(at) = added.iter().position(|(a, _)| *a == addr) {

@@ -502,12 +502,8 @@ async fn accept_loop(
                             let deadline = accepted + held.settings.header_timeout;
                             match tokio::time::timeout_at(deadline, plain_http(&stream)).await {
                                 Ok(true) => {
-                                    let refusal = refuse_plain_http(stream, deadline);
-                                    let (said, at) = refusal.await;
-                                    let answered = crate::proxy::Refused {
-                                        bytes: said.len() as u64 + 1,
-                                        took: at - accepted,
-                                    };
+                                    let refusal = refuse_plain_http(stream, accepted, deadline);
+                                    let (said, answered) = refusal.await;
                                     held.shared.proxy.load().refused(peer, 400, &said, answered);
                                     return;
                                 }
@@ -654,11 +650,13 @@ const PLAIN_HTTP_ON_TLS: &str = "plain HTTP request sent to an HTTPS port";
 /// Answers a plain HTTP request on a TLS listener with a readable 400 and
 /// closes: what arrived of the request is read first (by `deadline`, up
 /// to 16 KiB), so the close sends the answer rather than a reset. Returns
-/// what to log.
+/// what to log: the reason, and the answer's body bytes and time since
+/// `accepted`.
 async fn refuse_plain_http(
     mut stream: tokio::net::TcpStream,
+    accepted: tokio::time::Instant,
     deadline: tokio::time::Instant,
-) -> (&'static str, tokio::time::Instant) {
+) -> (&'static str, crate::proxy::Refused) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -671,17 +669,20 @@ async fn refuse_plain_http(
         }
     })
     .await;
+    let body = PLAIN_HTTP_ON_TLS.len() + 1;
     let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{PLAIN_HTTP_ON_TLS}\n",
-        PLAIN_HTTP_ON_TLS.len() + 1
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {body}\r\n\
+         connection: close\r\n\r\n{PLAIN_HTTP_ON_TLS}\n"
     );
     let _ = tokio::time::timeout_at(deadline, async {
         let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
-    let answered = tokio::time::Instant::now();
+    let answered = crate::proxy::Refused {
+        bytes: body as u64,
+        took: accepted.elapsed(),
+    };
     // A body still coming is read off for a moment, so the close sends the
     // answer rather than a reset that could discard it.
     let _ = tokio::time::timeout(DRAIN_QUIET, async {

@@ -152,18 +152,15 @@ fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
     };
     let now = SystemTime::now();
     let cert = pair.cert.display();
-    let (from_text, until_text) = (
-        httpdate::fmt_http_date(from),
-        httpdate::fmt_http_date(until),
-    );
+    let date = httpdate::fmt_http_date;
     if until <= now {
-        tracing::warn!(%cert, not_after = %until_text, "TLS certificate has expired: clients will refuse it");
+        tracing::warn!(%cert, not_after = %date(until), "TLS certificate has expired: clients will refuse it");
     } else if from > now {
-        tracing::warn!(%cert, not_before = %from_text, "TLS certificate is not valid yet: clients will refuse it");
+        tracing::warn!(%cert, not_before = %date(from), "TLS certificate is not valid yet: clients will refuse it");
     } else if let Ok(left) = until.duration_since(now) {
         if left < LAPSING {
             let days = format!("{:.1}", left.as_secs_f64() / (24.0 * 3600.0));
-            tracing::warn!(%cert, not_after = %until_text, "TLS certificate expires in {days} days");
+            tracing::warn!(%cert, not_after = %date(until), "TLS certificate expires in {days} days");
         }
     }
 }

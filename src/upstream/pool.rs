@@ -603,7 +603,7 @@ impl Pool {
             if !fit && unfinished {
                 tracing::debug!(
                     bytes = read_buf.len(),
-                    "backend connection closed with the rest of a body nobody reads"
+                    "backend connection closed with the rest of a response that did not end cleanly"
                 );
             } else if !fit {
                 // A body longer than its length, a body on a 204 or a
