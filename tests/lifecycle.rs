@@ -1214,6 +1214,42 @@ async fn an_empty_line_on_a_parked_connection_leaves_it_parked() {
     assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
 }
 
+/// A parked connection woken by a request and the client's FIN together:
+/// hyper reads both before the request's future first runs, and without
+/// half-close ends the connection there. The request is counted (and
+/// logged) as left, 499, as on a fresh connection; before, it left no
+/// trace at all (review30e F1).
+#[tokio::test]
+async fn a_request_and_its_client_s_fin_on_a_parked_connection_is_counted() {
+    let (_backend, proxy, mut stream) =
+        parked_connection(Duration::from_secs(30), Duration::from_secs(10)).await;
+    let left = || {
+        let text = String::from_utf8(proxy.shared.proxy.load().metrics().encode()).unwrap();
+        text.lines()
+            .filter(|line| line.starts_with("portico_requests_total{code=\"499\""))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(left(), 0);
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection ended within STEP");
+    let counted = tokio::time::timeout(STEP, async {
+        while left() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert!(
+        counted.await.is_ok(),
+        "the request counted as 499 within STEP"
+    );
+}
+
 /// Bytes hyper has read but not parsed come back with the socket when a
 /// connection is parked, and are served first. Here the start of the next
 /// head came with the last one, and its end after the parking age (the

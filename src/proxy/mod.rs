@@ -170,6 +170,40 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// A request hyper has handed over, until its future first runs. hyper
+/// can drop that future unpolled: a parked connection woken with a request
+/// and the client's FIN together reads both before the future's first
+/// poll, and an HTTP/1 server without half-close ends there. The request
+/// is then counted and logged as left (499) here, as [`Pending`] does for
+/// one left later; before, it left no trace (review30e F1).
+pub struct Handed {
+    proxy: Arc<Proxy>,
+    taken: Option<(Request<Incoming>, Conn)>,
+}
+
+impl Handed {
+    pub fn new(proxy: Arc<Proxy>, request: Request<Incoming>, conn: Conn) -> Self {
+        Handed {
+            proxy,
+            taken: Some((request, conn)),
+        }
+    }
+
+    /// [`Proxy::handle`], for a request that was handed over.
+    pub async fn handle(mut self) -> (Response<ProxyBody>, Option<Box<log::Tail>>) {
+        let (request, conn) = self.taken.take().expect("a handed request is handled once");
+        self.proxy.handle(request, conn).await
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        if let Some((mut request, conn)) = self.taken.take() {
+            drop(self.proxy.pending(&mut request, &conn));
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
         Self::build(config, metrics, None)
@@ -300,17 +334,7 @@ impl Proxy {
         conn: Conn,
     ) -> impl Future<Output = (Response<ProxyBody>, Option<Box<log::Tail>>)> + '_ {
         async move {
-            log::ensure_request_id(request.headers_mut());
-            let mut pending = Pending {
-                proxy: self,
-                started: std::time::Instant::now(),
-                access: log::AccessRecord::capture(&request, &conn, |headers| {
-                    self.client_ip(conn.peer, headers)
-                }),
-                trace: Trace::default(),
-                done: false,
-            };
-            pending.trace.client = pending.access.as_ref().map(log::AccessRecord::client);
+            let mut pending = self.pending(&mut request, &conn);
             let trace = &mut pending.trace;
             // Boxed: hyper and each async layer above move this future whole
             // once per request; a pointer is cheaper to move than kilobytes.
@@ -351,6 +375,23 @@ impl Proxy {
             let tail = pending.answered(&response);
             (response, tail)
         }
+    }
+
+    /// The request's id, access record and clock, from the moment it is
+    /// taken up.
+    fn pending(&self, request: &mut Request<Incoming>, conn: &Conn) -> Pending<'_> {
+        log::ensure_request_id(request.headers_mut());
+        let mut pending = Pending {
+            proxy: self,
+            started: std::time::Instant::now(),
+            access: log::AccessRecord::capture(request, conn, |headers| {
+                self.client_ip(conn.peer, headers)
+            }),
+            trace: Trace::default(),
+            done: false,
+        };
+        pending.trace.client = pending.access.as_ref().map(log::AccessRecord::client);
+        pending
     }
 
     /// Counts and logs a request head the HTTP/1 parser refused with

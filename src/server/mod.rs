@@ -750,9 +750,9 @@ async fn serve_connection<IO: Parkable>(
             requests.has_body(ended.clone());
             request.extensions_mut().insert(ended);
         }
-        let conn = client.clone();
+        let handed = crate::proxy::Handed::new(proxy, request, client.clone());
         async move {
-            let (mut response, tail) = proxy.handle(request, conn).await;
+            let (mut response, tail) = handed.handle().await;
             // An answer given with the request's body left unread (a 413,
             // a 429): hyper drains what it already holds or stops
             // reading, and the connection ends; say so, as nginx does.
