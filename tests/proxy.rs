@@ -361,6 +361,16 @@ async fn h2c_prior_knowledge_requests_are_proxied() {
         .unwrap();
     let status = h2c_status(proxy.addr, request).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A value padded with whitespace is malformed (RFC 9113 §8.2.1): an
+    // HTTP/1 parser would have trimmed it, a backend may not.
+    for padded in [" b", "b\t", " "] {
+        let request = Request::get(proxy.url("/health"))
+            .header("x-a", padded)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let status = h2c_status(proxy.addr, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{padded:?}");
+    }
     assert_eq!(backend.requests(), 2);
 }
 
@@ -744,6 +754,11 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
         (
             "Host with a space",
             b"GET /health HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "absolute-form with an invalid Host",
+            b"GET http://shop/health HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
             "400",
         ),
         (

@@ -461,6 +461,15 @@ impl Proxy {
             // have added, and cookies count as one field: HTTP/2 clients
             // send one per cookie, which reach the backend as one line.
             let fields = request.headers().len();
+            // RFC 9113 §8.2.1: an HTTP/2 field value that begins or ends
+            // with whitespace makes the request malformed. An HTTP/1 parser
+            // trims it; relayed, backends would each read it their own way.
+            if request.version() >= http::Version::HTTP_2 && request.headers().values().any(padded)
+            {
+                return Err(ProxyError::BadRequest(
+                    "a field value begins or ends with whitespace",
+                ));
+            }
             if request.version() >= http::Version::HTTP_2 && fields > error::MAX_HEADER_FIELDS + 1 {
                 let cookies = request.headers().get_all(header::COOKIE).iter().count();
                 if fields - cookies.saturating_sub(1) > error::MAX_HEADER_FIELDS + 1 {
@@ -876,6 +885,11 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
         {
             Err(ProxyError::BadRequest("Host disagrees with :authority"))
         }
+        // RFC 9112 §3.2: an invalid Host is a 400 whatever the target's
+        // form, though an absolute-form target's authority replaces it.
+        (_, Some(host), Some(_)) if !headers::valid_host(host.as_bytes()) => {
+            Err(ProxyError::BadRequest("invalid Host header"))
+        }
         // Absolute-form targets override Host (RFC 9112 §3.2.2).
         (_, _, Some(authority)) if headers::valid_host(authority.as_str().as_bytes()) => {
             Ok(HeaderValue::from_str(authority.as_str()).ok())
@@ -885,6 +899,13 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
         (_, Some(_), None) => Err(ProxyError::BadRequest("invalid Host header")),
         (_, None, None) => Ok(None),
     }
+}
+
+/// Whether a field value begins or ends with a space or a tab.
+fn padded(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    bytes.first().is_some_and(blank) || bytes.last().is_some_and(blank)
 }
 
 /// Whether Host and :authority name the same origin (RFC 9113 §8.3.1):
