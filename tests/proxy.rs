@@ -1137,3 +1137,87 @@ async fn a_backend_s_connection_fields_in_trailers_do_not_reach_http2_clients() 
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.body, "ok");
 }
+
+/// One HTTP/2 upload to a backend that does not read leaves the others on
+/// the connection moving: each stream's window fits in the connection's.
+/// With hyper's defaults the stalled one held the whole connection's
+/// window, and the second upload stood still until `body_timeout` (30 s
+/// here) cut it (review31c F1).
+#[tokio::test]
+async fn a_stalled_http2_upload_leaves_the_others_on_its_connection_moving() {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    type Chunks = std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::io::Error>> + Send,
+        >,
+    >;
+    const FAST: usize = 300 * 1024;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // `/stall` is never read; anything else is read to its length and
+    // answered.
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"POST /stall ") {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                let mut body = vec![0u8; FAST];
+                if socket.read_exact(&mut body).await.is_ok() {
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, StreamBody<Chunks>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // 64 MiB offered, far past what the sockets and windows on the way hold.
+    let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+    let endless: Chunks = Box::pin(
+        futures_util::stream::repeat_with(move || Ok(http_body::Frame::data(piece.clone())))
+            .take(1024),
+    );
+    let stalled = sender.send_request(
+        Request::post(proxy.url("/stall"))
+            .body(StreamBody::new(endless))
+            .unwrap(),
+    );
+    let stalled = tokio::spawn(stalled);
+    // Time for the stalled upload to fill what it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pieces: Chunks =
+        Box::pin(futures_util::stream::iter((0..6).map(|_| {
+            Ok(http_body::Frame::data(Bytes::from(vec![b'y'; FAST / 6])))
+        })));
+    let request = Request::post(proxy.url("/fast"))
+        .header("content-length", FAST)
+        .body(StreamBody::new(pieces))
+        .unwrap();
+    let answer = tokio::time::timeout(STEP, sender.send_request(request)).await;
+    let answer = answer.expect("the second upload answered within STEP");
+    assert_eq!(answer.unwrap().status(), StatusCode::OK);
+    stalled.abort();
+}

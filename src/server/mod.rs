@@ -302,6 +302,12 @@ impl Shared {
 /// `http2_max_concurrent_streams`).
 const H2_MAX_STREAMS: u32 = 128;
 
+/// Request body bytes an HTTP/2 client may send on a stream ahead of
+/// portico's reading them: 256 KiB, 12.5 MB/s for one upload over a 20 ms
+/// round trip. Times [`H2_MAX_STREAMS`], 32 MiB, is the most one
+/// connection can make portico hold of uploads its backends do not read.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
 /// Response bytes hyper buffers per HTTP/2 stream ahead of the client's
 /// window: four of the 16 KiB slices a body is handed over in.
 const H2_SEND_BUFFER: usize = 64 * 1024;
@@ -324,7 +330,15 @@ fn connection_builders(settings: &config::Server) -> protocol::Builders {
         // buffer, 8 MiB here (hyper's defaults, 200 x 400 KB, let one
         // connection pin 110 MB). nginx allows 128 streams too.
         .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_send_buf_size(H2_SEND_BUFFER);
+        .max_send_buf_size(H2_SEND_BUFFER)
+        // Each stream's upload window fits in the connection's however
+        // many are open: with hyper's defaults (1 MiB for a stream and 1
+        // MiB for the connection) one upload to a backend that did not
+        // read yet held the whole connection's window, and every other
+        // upload on it stood still until `body_timeout` cut it (review31c
+        // F1). nginx gives a stream 64 KiB and the connection 2^31-1.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS);
     // No keep-alive PINGs: they would keep an idle connection busy forever;
     // dead peers are dropped by the idle timeout instead (see `idle`).
     protocol::Builders { http1, http2 }
