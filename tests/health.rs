@@ -418,6 +418,48 @@ async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
     assert!(out >= Duration::from_millis(1900), "out for {out:?} only");
 }
 
+/// After a backoff, one request probes the ejected backend while the rest
+/// of its share goes elsewhere: for a backend that hangs, every request of
+/// its share went to it until the first one timed out (review31a F1).
+#[tokio::test]
+async fn after_a_backoff_one_request_probes_and_the_rest_go_elsewhere() {
+    use tokio::io::AsyncReadExt;
+    let good = start_backend(BackendOptions::new("b1")).await;
+    // Reads what comes and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let mut config = Config::single_upstream(vec![], vec![good.addr(), hanging]);
+    config.upstreams[0].response_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    eject(&proxy, 1).await;
+    proxy
+        .wait_until("the backoff to end", |s| !s[1].ejected)
+        .await;
+    let client = client();
+    let asked = (0..10).map(|_| {
+        let (client, url) = (client.clone(), proxy.url("/health"));
+        tokio::spawn(async move { get(&client, &url).await.status })
+    });
+    let mut timed_out = 0;
+    for answer in futures_util::future::join_all(asked).await {
+        match answer.unwrap() {
+            StatusCode::OK => {}
+            StatusCode::GATEWAY_TIMEOUT => timed_out += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(timed_out, 1, "requests sent to the hanging backend");
+    assert!(proxy.backend_status()[1].ejected);
+}
+
 #[tokio::test]
 async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
     // It stops accepting while it goes on serving the keep-alive

@@ -749,6 +749,7 @@ fn forward_with_retries<'a>(
             };
             let backend = upstream.backend(index);
             trace.backend = Some(backend.addr);
+            let epoch = backend.state().epoch();
             let in_flight = backend.in_flight();
             let waiting = Unanswered {
                 metrics: &backend.metrics,
@@ -766,7 +767,7 @@ fn forward_with_retries<'a>(
             let error = match result {
                 Ok(response) => {
                     backend.metrics.record(response.status().as_u16(), seconds);
-                    upstream.observe(index, true);
+                    upstream.observe(index, true, epoch);
                     let in_flight = match &upload {
                         Some(upload) if !upload.is_set() => {
                             in_flight.answered_mid_upload(upload.watch())
@@ -783,7 +784,7 @@ fn forward_with_retries<'a>(
             // only their time is the backend's.
             if error.blames_backend() {
                 backend.metrics.record(error.status().as_u16(), seconds);
-                upstream.observe(index, false);
+                upstream.observe(index, false, epoch);
             } else if error.reached_for_backend() {
                 backend.metrics.count(error.status().as_u16());
             }

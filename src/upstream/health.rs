@@ -5,7 +5,10 @@
 //! watches real traffic: `fall` consecutive connect failures, broken
 //! responses or timeouts eject a backend for a backoff that doubles on each
 //! repeated ejection (1 s up to 30 s). When it ends, the next request is a
-//! probe: one more failure ejects again, a success clears the record.
+//! probe, alone: the others keep away for another backoff or until its
+//! outcome (nginx lets one request through per `fail_timeout`). Its
+//! failure ejects again, a success (its or any request's) clears the
+//! record; the failures of requests sent before it count for nothing.
 //! The two are independent: a passing check neither ends an ejection nor
 //! resets its backoff, as a backend may answer its health path while its
 //! real traffic fails (a grey failure), and only that traffic can say it
@@ -59,6 +62,11 @@ pub struct BackendState {
     failures: AtomicU32,
     /// Consecutive ejections, for the backoff.
     ejections: AtomicU32,
+    /// Moves on at each ejection and each probe, so that a failure can be
+    /// told to be the probe's and not that of a request sent before.
+    epoch: AtomicU32,
+    /// A probe is out (for the current epoch).
+    probing: AtomicBool,
     /// Requests in flight to this address, shared with the same backend of
     /// the upstream's earlier generations (see [`BackendState::sharing_in_flight`]).
     in_flight: Arc<AtomicUsize>,
@@ -86,6 +94,8 @@ impl BackendState {
             ejected_until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            epoch: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
             in_flight: Arc::new(AtomicUsize::new(0)),
             threshold: threshold.max(1),
             body_errors: None,
@@ -156,26 +166,74 @@ impl BackendState {
         }
         self.failures.store(0, Ordering::Relaxed);
         self.ejected_until.store(0, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Relaxed);
         (self.ejections.swap(0, Ordering::Relaxed) > 0).then_some(Passive::Recovered)
     }
 
-    /// A request failed in a way that blames the backend.
-    pub fn record_failure(&self, now_ms: u64) -> Option<Passive> {
+    /// The epoch a request sent now is sent under, for
+    /// [`BackendState::record_failure`]: read right after the pick that
+    /// may have made it the probe.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The balancer chose this backend. Once its backoff is over, the
+    /// first request it gets is the probe: the backend is held out again
+    /// for as long as the backoff it served, so the rest of its share goes
+    /// elsewhere while the probe is out (a probe that hangs frees the
+    /// place for another when that runs out). A pick of a backend still
+    /// ejected (every backend is, see `Upstream::pick`) probes nothing.
+    pub fn picked(&self, now_ms: u64) {
+        let ejections = self.ejections.load(Ordering::Relaxed);
+        if ejections == 0 {
+            return;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until > now_ms {
+            return;
+        }
+        let hold = now_ms + backoff(ejections).as_millis() as u64;
+        let claimed =
+            self.ejected_until
+                .compare_exchange(until, hold, Ordering::Relaxed, Ordering::Relaxed);
+        if claimed.is_ok() {
+            self.epoch.fetch_add(1, Ordering::Relaxed);
+            self.probing.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A request sent under `epoch` failed in a way that blames the
+    /// backend. While it is ejected, only the probe's failure counts: it
+    /// ejects again, for twice as long.
+    pub fn record_failure(&self, now_ms: u64, epoch: u32) -> Option<Passive> {
+        if self.ejections.load(Ordering::Relaxed) > 0 {
+            let probe = self.probing.load(Ordering::Relaxed) && epoch == self.epoch();
+            return probe.then(|| self.eject(now_ms));
+        }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.threshold || self.ejected(now_ms) {
             return None;
         }
+        Some(self.eject(now_ms))
+    }
+
+    fn eject(&self, now_ms: u64) -> Passive {
         let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let backoff = EJECT_BASE
-            .saturating_mul(1u32 << (ejections - 1).min(16))
-            .min(EJECT_MAX);
+        let backoff = backoff(ejections);
         self.ejected_until
             .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
-        // The next request after the backoff is a probe: one failure is
-        // enough to eject again.
-        self.failures.store(self.threshold - 1, Ordering::Relaxed);
-        Some(Passive::Ejected(backoff))
+        self.failures.store(0, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        Passive::Ejected(backoff)
     }
+}
+
+/// How long the `ejections`th ejection in a row lasts.
+fn backoff(ejections: u32) -> Duration {
+    EJECT_BASE
+        .saturating_mul(1u32 << ejections.saturating_sub(1).min(16))
+        .min(EJECT_MAX)
 }
 
 /// Holds one in-flight slot on a backend until dropped (with the response
@@ -246,24 +304,31 @@ mod tests {
     #[test]
     fn threshold_failures_eject_with_doubling_backoff() {
         let state = BackendState::new(3);
-        assert_eq!(state.record_failure(10), None);
-        assert_eq!(state.record_failure(10), None);
+        let before = state.epoch();
+        assert_eq!(state.record_failure(10, before), None);
+        assert_eq!(state.record_failure(10, before), None);
         assert_eq!(
-            state.record_failure(10),
+            state.record_failure(10, before),
             Some(Passive::Ejected(Duration::from_secs(1)))
         );
         assert!(!state.eligible(500));
         assert!(state.eligible(1_010));
-        // The probe after the backoff fails: ejected again, for twice as long.
+        // The first pick after the backoff is the probe, alone.
+        state.picked(1_010);
+        let probe = state.epoch();
+        assert!(!state.eligible(1_020));
+        // A request sent before the ejection fails late: nothing changes.
+        assert_eq!(state.record_failure(1_020, before), None);
+        // The probe fails: ejected again, for twice as long.
         assert_eq!(
-            state.record_failure(1_010),
+            state.record_failure(1_030, probe),
             Some(Passive::Ejected(Duration::from_secs(2)))
         );
         assert!(!state.eligible(3_000));
-        assert!(state.eligible(3_010));
+        assert!(state.eligible(3_030));
         // A success clears everything.
         assert_eq!(state.record_success(), Some(Passive::Recovered));
-        assert_eq!(state.record_failure(4_000), None);
+        assert_eq!(state.record_failure(4_000, state.epoch()), None);
         assert!(state.eligible(4_000));
     }
 
@@ -273,7 +338,8 @@ mod tests {
         let mut now = 0;
         let mut last = Duration::ZERO;
         for _ in 0..40 {
-            if let Some(Passive::Ejected(d)) = state.record_failure(now) {
+            state.picked(now);
+            if let Some(Passive::Ejected(d)) = state.record_failure(now, state.epoch()) {
                 last = d;
             }
             now += 60_000;
@@ -284,8 +350,36 @@ mod tests {
     #[test]
     fn failures_while_ejected_do_not_extend_it() {
         let state = BackendState::new(1);
-        assert!(state.record_failure(0).is_some());
-        assert_eq!(state.record_failure(10), None);
+        assert!(state.record_failure(0, state.epoch()).is_some());
+        assert_eq!(state.record_failure(10, state.epoch()), None);
+        assert!(state.eligible(1_000));
+    }
+
+    /// A probe that hangs holds the backend out for one more backoff; then
+    /// the next pick is a new probe, and the old one's failure is stale.
+    #[test]
+    fn a_hanging_probe_gives_way_to_another_after_the_backoff() {
+        let state = BackendState::new(1);
+        assert!(state.record_failure(0, state.epoch()).is_some());
+        state.picked(1_000);
+        let first = state.epoch();
+        assert!(!state.eligible(1_999));
+        assert!(state.eligible(2_000));
+        state.picked(2_000);
+        assert_eq!(state.record_failure(2_100, first), None);
+        assert_eq!(
+            state.record_failure(2_200, state.epoch()),
+            Some(Passive::Ejected(Duration::from_secs(2)))
+        );
+    }
+
+    /// A pick of a backend still ejected (every backend is) is no probe.
+    #[test]
+    fn a_pick_during_the_backoff_probes_nothing() {
+        let state = BackendState::new(1);
+        assert!(state.record_failure(0, state.epoch()).is_some());
+        state.picked(500);
+        assert_eq!(state.record_failure(600, state.epoch()), None);
         assert!(state.eligible(1_000));
     }
 

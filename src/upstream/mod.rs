@@ -309,10 +309,12 @@ impl Upstream {
         let pass =
             |tried, ejected_too| self.choose(turn, |i| self.candidate(i, now, tried, ejected_too));
         let retry = !tried.is_empty();
-        pass(tried, false)
+        let picked = pass(tried, false)
             .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
             .or_else(|| pass(tried, true))
-            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
+            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())?;
+        self.backends[picked].state.picked(now);
+        Some(picked)
     }
 
     /// The balancer's choice among `candidate`s at `turn`.
@@ -365,7 +367,9 @@ impl Upstream {
     /// Records the outcome of a request for passive health. A lone backend
     /// is never ejected (as in nginx): with nowhere else to go, ejection
     /// would only turn its errors into 503s. Active checks still apply.
-    pub fn observe(&self, index: usize, ok: bool) {
+    /// `epoch` is the backend's when the request was sent
+    /// ([`BackendState::epoch`]).
+    pub fn observe(&self, index: usize, ok: bool, epoch: u32) {
         if self.backends.len() == 1 {
             return;
         }
@@ -373,7 +377,7 @@ impl Upstream {
         let change = if ok {
             backend.state.record_success()
         } else {
-            backend.state.record_failure(self.clock.now_ms())
+            backend.state.record_failure(self.clock.now_ms(), epoch)
         };
         match change {
             Some(Passive::Ejected(backoff)) => {
