@@ -460,6 +460,51 @@ async fn after_a_backoff_one_request_probes_and_the_rest_go_elsewhere() {
     assert!(proxy.backend_status()[1].ejected);
 }
 
+/// A check is judged by its status; of its body only the first MiB is
+/// read, each piece let go as it comes. Collected whole, a health path
+/// that streams without end timed every check out (and a large one held
+/// its whole size in memory: review31a F3).
+#[tokio::test]
+async fn a_check_reads_only_the_start_of_an_endless_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let checked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = checked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+                let mut chunk = b"10000\r\n".to_vec();
+                chunk.extend(std::iter::repeat_n(b'x', 0x10000));
+                chunk.extend(b"\r\n");
+                while stream.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let mut config = Config::single_upstream(vec![], vec![addr]);
+    config.upstreams[0].health = Some(checks(200, 1, 1));
+    let proxy = start_proxy(config).await;
+    let waited = tokio::time::timeout(STEP, async {
+        while checked.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "fewer than 4 checks within STEP");
+    assert!(
+        proxy.backend_status()[0].active_up,
+        "{:?}",
+        proxy.backend_status()
+    );
+}
+
 #[tokio::test]
 async fn a_backend_that_takes_no_new_connections_fails_its_checks() {
     // It stops accepting while it goes on serving the keep-alive
