@@ -149,6 +149,29 @@ async fn malformed_requests_get_json_errors() {
             StatusCode::BAD_REQUEST,
         ),
         (post("/users/1/orders", long_sku), StatusCode::BAD_REQUEST),
+        // A member twice: not the last one silently, as a gateway that
+        // checked the first would pass the other on.
+        (
+            post(
+                "/users/1/orders",
+                r#"{"items":[{"sku":"A-1","qty":1}],"amount_cents":0,"amount_cents":5,"email":"a@b"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(
+                "/users/1/orders",
+                r#"{"items":[{"sku":"A-1","qty":1,"qty":0}],"amount_cents":5,"email":"a@b"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A padded test answer past 64 MiB is refused, not allocated.
+        (
+            Request::get(url(&backend, "/cache/x?size=99999999999"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
         // A content coding the backend does not decode (RFC 9110 §15.5.16).
         (
             {
