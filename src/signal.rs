@@ -1,6 +1,10 @@
-//! Process signals: SIGTERM and SIGINT start a graceful shutdown; a second
-//! one while draining exits at once, as operators expect from nginx. SIGHUP
+//! Process signals: SIGTERM, SIGINT and SIGQUIT (nginx's graceful stop,
+//! which its systemd unit sends) start a graceful shutdown; a second one
+//! while draining exits at once, as operators expect from nginx. SIGHUP
 //! reloads portico's file, and drains the processes that have none.
+//! SIGUSR1 and SIGUSR2 (nginx's reopen-logs and upgrade, HAProxy's soft
+//! stop) are logged and ignored: their default action killed the process
+//! at once, and a logrotate `postrotate` written for nginx sends SIGUSR1.
 //!
 //! Handlers are installed by [`terminate`] and [`Hangup::install`], before
 //! the listeners are bound: until then a signal has its
@@ -38,7 +42,7 @@ async fn on_signals(mut signals: Terminate) {
 /// [`Terminate::install`].
 struct Terminate {
     #[cfg(unix)]
-    watched: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    watched: Option<[tokio::signal::unix::Signal; 3]>,
     #[cfg(unix)]
     hangup: Option<tokio::signal::unix::Signal>,
 }
@@ -57,13 +61,15 @@ impl Terminate {
         let watched = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
         ) {
-            (Ok(term), Ok(int)) => Some((term, int)),
-            (Err(error), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "cannot watch SIGTERM and SIGINT; only Ctrl-C stops portico");
+            (Ok(term), Ok(int), Ok(quit)) => Some([term, int, quit]),
+            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
+                tracing::warn!(%error, "cannot watch SIGTERM, SIGINT and SIGQUIT; only Ctrl-C stops portico");
                 None
             }
         };
+        ignore_user_signals();
         Terminate { watched, hangup }
     }
 
@@ -74,7 +80,7 @@ impl Terminate {
 
     async fn next(&mut self) {
         #[cfg(unix)]
-        if let Some((term, int)) = &mut self.watched {
+        if let Some([term, int, quit]) = &mut self.watched {
             let hangup = async {
                 match &mut self.hangup {
                     Some(hangup) => hangup.recv().await,
@@ -84,11 +90,35 @@ impl Terminate {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = quit.recv() => {}
                 _ = hangup => {}
             }
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Logs SIGUSR1 and SIGUSR2 from now on, and does nothing else with them
+/// (see the module's doc): logs go to stderr, so there is no file to
+/// reopen.
+#[cfg(unix)]
+fn ignore_user_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, name) in [
+        (SignalKind::user_defined1(), "SIGUSR1"),
+        (SignalKind::user_defined2(), "SIGUSR2"),
+    ] {
+        match signal(kind) {
+            Ok(mut watched) => {
+                tokio::spawn(async move {
+                    while watched.recv().await.is_some() {
+                        tracing::info!(signal = name, "ignored: logs go to stderr, there is nothing to reopen (SIGHUP reloads, SIGTERM or SIGQUIT stops)");
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, signal = name, "cannot watch"),
+        }
     }
 }
 

@@ -728,3 +728,45 @@ fn the_open_file_limit_is_raised_to_the_hard_one() {
     drop(run.proxy);
     let _ = std::fs::remove_dir_all(run.dir);
 }
+
+/// SIGUSR1 and SIGUSR2 (logrotate's reopen for nginx, HAProxy's soft stop)
+/// are logged and ignored, where their default action killed portico at
+/// once; SIGQUIT, nginx's graceful stop, drains as SIGTERM does
+/// (review31d F4).
+#[test]
+fn user_signals_are_ignored_and_sigquit_drains() {
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+    let mut run = portico_on("usr", config, None);
+    let pid = run.proxy.0.id().to_string();
+    for (signal, name) in [("-USR1", "SIGUSR1"), ("-USR2", "SIGUSR2")] {
+        let sent = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(sent.success());
+        let line = line_with(&run.log, "ignored", &mut run.seen);
+        assert!(line.contains(name), "{line}");
+    }
+    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // No backend listens on port 9: answered, by a live proxy.
+    let (status, _) = ask(&mut stream, "/");
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    drop(stream);
+    let sent = Command::new("kill").args(["-QUIT", &pid]).status().unwrap();
+    assert!(sent.success());
+    line_with(&run.log, "shutting down", &mut run.seen);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = run.proxy.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portico did not stop after SIGQUIT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "portico ended with {status}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}

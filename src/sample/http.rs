@@ -293,7 +293,12 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
             Some(Ok(size)) if size <= MAX_BYTES => pad(&mut text, size),
             // Unbounded, one request's allocation failing aborted the
             // process, and with it the demo's proxy (review31d F1).
-            Some(_) => return error(StatusCode::BAD_REQUEST, "size must be a number up to 67108864"),
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "size must be a number up to 67108864",
+                )
+            }
         }
         let mut response = full(status, "application/json", Bytes::new());
         let text = Bytes::from(text);
