@@ -50,6 +50,10 @@ impl fmt::Display for ConfigErrors {
 pub struct Reporter<'a> {
     file: &'a Path,
     text: &'a str,
+    /// Where each line starts, found at the first error: each error's
+    /// line is then a binary search, where scanning from the top for each
+    /// made 40,000 errors take 12 s (review31d F5).
+    line_starts: std::cell::OnceCell<Vec<usize>>,
     pub errors: Vec<ConfigError>,
 }
 
@@ -58,6 +62,7 @@ impl<'a> Reporter<'a> {
         Reporter {
             file,
             text,
+            line_starts: std::cell::OnceCell::new(),
             errors: Vec::new(),
         }
     }
@@ -68,10 +73,14 @@ impl<'a> Reporter<'a> {
         while !self.text.is_char_boundary(at) {
             at -= 1;
         }
-        let before = &self.text[..at];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = before[line_start..].chars().count() + 1;
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        // The number of lines begun at or before `at`; the first starts at 0.
+        let line = starts.partition_point(|&start| start <= at);
+        let col = self.text[starts[line - 1]..at].chars().count() + 1;
         (line, col)
     }
 
@@ -104,5 +113,42 @@ impl<'a> Reporter<'a> {
             self.errors.sort_by_key(|e| (e.line, e.col));
             Err(ConfigErrors(self.errors))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_lines_and_characters() {
+        let text = "a = 1\nbé = 2\n\nc";
+        let reporter = Reporter::new(Path::new("p.toml"), text);
+        let at = |needle: &str| text.find(needle).unwrap();
+        assert_eq!(reporter.position(0), (1, 1));
+        assert_eq!(reporter.position(at("1")), (1, 5));
+        // The newline itself ends its line.
+        assert_eq!(reporter.position(5), (1, 6));
+        assert_eq!(reporter.position(at("bé")), (2, 1));
+        // Columns count characters: `é` is two bytes.
+        assert_eq!(reporter.position(at("2")), (2, 6));
+        // Inside `é`: back to its start.
+        assert_eq!(reporter.position(at("é") + 1), (2, 2));
+        assert_eq!(reporter.position(at("\n\n") + 1), (3, 1));
+        assert_eq!(reporter.position(at("c")), (4, 1));
+        assert_eq!(reporter.position(text.len() + 10), (4, 2));
+    }
+
+    /// Each error's position is a lookup, not a scan from the top.
+    #[test]
+    fn many_errors_take_time_in_proportion() {
+        let text = "x = 1\n".repeat(100_000);
+        let mut reporter = Reporter::new(Path::new("p.toml"), &text);
+        for line in 0..100_000 {
+            reporter.at(line * 6..line * 6 + 1, "x", "bad");
+        }
+        let errors = reporter.finish(()).unwrap_err().0;
+        assert_eq!(errors.len(), 100_000);
+        assert_eq!((errors[99_999].line, errors[99_999].col), (100_000, 1));
     }
 }
