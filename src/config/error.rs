@@ -110,7 +110,9 @@ impl<'a> Reporter<'a> {
         if self.errors.is_empty() {
             Ok(value)
         } else {
-            self.errors.sort_by_key(|e| (e.line, e.col));
+            // Whole-file errors last: most follow from one with a place
+            // (`[[upstreams]]` misspelt, then "no [[upstream]] defined").
+            self.errors.sort_by_key(|e| (e.line == 0, e.line, e.col));
             Err(ConfigErrors(self.errors))
         }
     }

@@ -360,6 +360,10 @@ fn plain_words(message: &str) -> String {
         ("expected u32", "expected a whole number"),
         ("expected a boolean", "expected true or false"),
         ("expected a sequence", "expected a list `[...]`"),
+        (
+            "invalid type: map, expected a list `[...]`",
+            "invalid type: map, expected a list `[...]` (each entry is a `[[...]]` table: `[[route]]`, not `[route]`)",
+        ),
         (" as i128", " (too large)"),
     ] {
         text = text.replace(rust, plain);

@@ -207,10 +207,25 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[server]\nmax_request_body = \"10 MiB\"\nlisten = [\"127.0.0.1:9090\"]\n",
             &[
-                "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
-                "test.toml: route: no [[route]] defined: every request would get 404",
                 "test.toml:2:20: server.max_request_body: expected a whole number at ` MiB`",
                 "test.toml:3:11: server.listen: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
+                "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
+                "test.toml: route: no [[route]] defined: every request would get 404",
+            ],
+        ),
+        // The mistakes' own places, and the keys written, are named.
+        (
+            "[[upstream]]\nname = \"\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ninterval = \"1ms\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:8: upstream[0].name: must not be empty",
+                "test.toml:5:12: upstream[0].health.interval: timeout (1s, the default) must not exceed interval (1ms)",
+                "test.toml:7:12: route[0].upstream: unknown upstream `a` (defined: )",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[route]\nupstream = \"a\"\n",
+            &[
+                "test.toml:4:1: route: invalid type: map, expected a list `[...]` (each entry is a `[[...]]` table: `[[route]]`, not `[route]`)",
             ],
         ),
         (

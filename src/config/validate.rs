@@ -412,11 +412,12 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
 /// label of unrouted requests (which a route to an upstream so named would
 /// take too).
 fn name_problem(name: &str) -> Option<&'static str> {
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if !valid {
+    let valid = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if !valid {
         Some("names use letters, digits, `-`, `_` and `.` only")
     } else if name == crate::metrics::NO_ROUTE {
         Some("`_none` is taken: it labels the requests no route matched")
@@ -831,9 +832,14 @@ fn read_token(path: &Path) -> std::io::Result<String> {
     })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.is_empty() {
+        let what = if text.trim().is_empty() {
+            "is empty"
+        } else {
+            "has an empty first line (the token is the first line)"
+        };
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("admin token_file {} is empty", path.display()),
+            format!("admin token_file {} {what}", path.display()),
         ));
     }
     Ok(token)
@@ -903,11 +909,20 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
         value.is_none_or(|v| parse_duration(v.get_ref()).is_ok_and(|d| !d.is_zero()))
     };
     if timeout > interval && given(h.interval.as_ref()) && given(h.timeout.as_ref()) {
-        let span = h.timeout.as_ref().map_or(raw.span(), |t| t.span());
+        // Blamed on the key written: a timeout left at its default is
+        // not the operator's line, the interval that undercuts it is.
+        let (span, blamed, default) = match (&h.timeout, &h.interval) {
+            (None, Some(interval_given)) => (interval_given.span(), "interval", ", the default"),
+            (given, _) => (
+                given.as_ref().map_or(raw.span(), |t| t.span()),
+                "timeout",
+                "",
+            ),
+        };
         r.at(
             span,
-            format!("{key}.timeout"),
-            format!("timeout ({timeout:?}) must not exceed interval ({interval:?})"),
+            format!("{key}.{blamed}"),
+            format!("timeout ({timeout:?}{default}) must not exceed interval ({interval:?})"),
         );
     }
     HealthCheck {
