@@ -123,10 +123,18 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
         let answer = get(&client, &proxy.url("/health")).await;
         assert_eq!(answer.header("x-backend"), "b1");
     }
-    // Changed checks (a wrong path corrected, say) judge afresh: every
-    // backend starts up, as at a start.
-    let mut rechecked = retuned.clone();
-    rechecked.upstreams[0].health.as_mut().unwrap().rise = 1;
+    // Checks retimed (in an incident, say) keep their verdicts too.
+    let mut retimed = retuned.clone();
+    let health = retimed.upstreams[0].health.as_mut().unwrap();
+    health.timeout = Duration::from_millis(40);
+    health.fall = 3;
+    swap_in(&proxy, &retimed);
+    let status = proxy.backend_status();
+    assert!(status[0].active_up && !status[1].active_up, "{status:?}");
+    // Checks that ask something else (a wrong path corrected, say) judge
+    // afresh: every backend starts up, as at a start.
+    let mut rechecked = retimed.clone();
+    rechecked.upstreams[0].health.as_mut().unwrap().path = "/health?again".into();
     swap_in(&proxy, &rechecked);
     assert!(proxy.backend_status()[1].active_up);
     // The new upstream's checks bring it back once it answers again.

@@ -542,7 +542,17 @@ enum CheckError {
 /// question: the same checks, over the same TLS (its server name is the
 /// checks' default Host, and a CA corrected may be what failed them).
 fn same_checks(previous: &config::Upstream, next: &config::Upstream) -> bool {
-    previous.health.is_some() && previous.health == next.health && previous.tls == next.tls
+    match (&previous.health, &next.health) {
+        // What is asked, and how: a verdict on another path or host says
+        // nothing of this one. Timing (`interval`, `timeout`, `rise`,
+        // `fall`), tuned in an incident, keeps the verdicts: readmitted,
+        // backends found dead took their share of traffic until found
+        // dead again (review31a F2).
+        (Some(before), Some(after)) => {
+            before.path == after.path && before.host == after.host && previous.tls == next.tls
+        }
+        _ => false,
+    }
 }
 
 /// The `Host` of an upstream's active checks unless it is each backend's
