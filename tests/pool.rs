@@ -71,11 +71,18 @@ async fn raw_backend(close_after: bool) -> (SocketAddr, Arc<Counts>) {
                     buf.drain(..(head_end + length).min(buf.len()));
                     seen.requests.fetch_add(1, Ordering::SeqCst);
                     let answer = if head.starts_with("get /big ") {
-                        // Far more than any socket buffer holds unread.
+                        // The start of a body that does not end: the rest
+                        // never comes, until the proxy closes the
+                        // connection. (4 MB sent whole fitted in the
+                        // sockets' buffers at times, so the proxy read it
+                        // to its end and rightly kept the connection.)
                         let mut big =
                             b"HTTP/1.1 200 OK\r\ncontent-length: 4000000\r\n\r\n".to_vec();
-                        big.resize(big.len() + 4_000_000, b'x');
-                        big
+                        big.resize(big.len() + 1000, b'x');
+                        if stream.write_all(&big).await.is_ok() {
+                            while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+                        }
+                        break;
                     } else {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
                     };
