@@ -231,24 +231,30 @@ async fn handle(
             };
             match purge_request(request.uri().query()) {
                 Ok(Purge::All) => {
-                    cache.purge_all();
-                    tracing::info!(client = %peer, "cache purged");
-                    text(StatusCode::OK, "purged everything\n")
+                    let purged = cache.purge_all();
+                    tracing::info!(client = %peer, purged, "cache purged");
+                    text(
+                        StatusCode::OK,
+                        format!("purged everything: {}\n", stored(purged)),
+                    )
                 }
                 Ok(Purge::Matching { host, prefixes }) => {
                     let on = host.as_deref().unwrap_or("");
                     let spelt: Vec<String> = prefixes.iter().map(|p| format!("{on}{p}*")).collect();
-                    let answer = format!("purged {}\n", spelt.join(" and "));
+                    let spelt = spelt.join(" and ");
                     // Debug-quoted: a prefix is the caller's text, and
                     // printed bare a `"` or a space in it could forge fields
                     // of the line.
                     tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), prefix = ?prefixes, "cache purged by prefix");
                     let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
                     let paths = move |path: &str| matchers.iter().any(|m| m(path));
-                    cache.purge_paths(move |stored_host, path| {
+                    let purged = cache.purge_paths(move |stored_host, path| {
                         host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
                     });
-                    text(StatusCode::OK, answer)
+                    text(
+                        StatusCode::OK,
+                        format!("purged {spelt}: {}\n", stored(purged)),
+                    )
                 }
                 Err(problem) => text(StatusCode::BAD_REQUEST, format!("{problem}\n")),
             }
@@ -288,6 +294,14 @@ enum Purge {
 /// both, at most once each (form-encoded, as curl `--data-urlencode` and
 /// every query builder write them). Anything else is refused, so a
 /// misspelt purge never empties the cache.
+/// `n` stored responses, in words.
+fn stored(n: u64) -> String {
+    match n {
+        1 => "1 stored response".to_owned(),
+        n => format!("{n} stored responses"),
+    }
+}
+
 fn purge_request(query: Option<&str>) -> Result<Purge, String> {
     const USAGE: &str =
         "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path (and/or host=NAME)";
@@ -296,6 +310,19 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
         let (name, written) = pair.split_once('=').unwrap_or((pair, ""));
         let (Some(name), Some(value)) = (form_decode(name), form_decode(written)) else {
             return Err(format!("malformed query `{pair}`: {USAGE}"));
+        };
+        // A prefix matches all below it; a `*` ending one, as a glob or
+        // nginx's purge module would write it, means the same, where taken
+        // literally it matched nothing (review31b L2).
+        let (written, value) = match name.as_str() {
+            "prefix" => (
+                written
+                    .trim_end_matches(['*'])
+                    .trim_end_matches("%2A")
+                    .trim_end_matches("%2a"),
+                value.trim_end_matches('*').to_owned(),
+            ),
+            _ => (written, value),
         };
         if name == "prefix" {
             as_written = Some(written).filter(|&w| w != value && w.starts_with('/'));

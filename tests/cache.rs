@@ -1708,11 +1708,11 @@ async fn admin_purge_by_prefix() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(cache_of(&proxy).stats().await.0, 3);
-    // Encoded as curl --data-urlencode writes it.
-    assert_eq!(
-        send(&client, purge("?prefix=%2Fusers%2F1")).await.status,
-        StatusCode::OK
-    );
+    // Encoded as curl --data-urlencode writes it; the answer says how many
+    // stored responses went.
+    let purged = send(&client, purge("?prefix=%2Fusers%2F1")).await;
+    assert_eq!(purged.status, StatusCode::OK);
+    assert_eq!(purged.body, "purged /users/1*: 2 stored responses\n");
     for spelling in ["/users/1/orders", "//users/1/orders"] {
         assert_eq!(
             get(&client, &proxy.url(spelling))
@@ -1749,6 +1749,13 @@ async fn admin_purge_by_prefix() {
     );
     assert_eq!(on("a.example").await, "portico; fwd=miss; stored");
     assert_eq!(on("b.example").await, "portico; hit");
+    // A `*` ending a prefix, as a glob writes it, is the prefix itself
+    // (taken literally, it purged nothing and said it had).
+    let globbed = send(&client, purge("?prefix=/users/*")).await;
+    assert_eq!(globbed.body, "purged /users/*: 5 stored responses\n");
+    assert_eq!(on("b.example").await, "portico; fwd=miss; stored");
+    let nothing = send(&client, purge("?prefix=/nowhere")).await;
+    assert_eq!(nothing.body, "purged /nowhere*: 0 stored responses\n");
     // A path copied from the access log, `%XX` and `+` as requested: the
     // query's decoding would make each a space, which no key holds.
     for path in ["/cache/c%20d?cc=max-age=60", "/cache/a+b?cc=max-age=60"] {

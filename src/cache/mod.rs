@@ -548,21 +548,30 @@ impl Cache {
 
     /// Drops every entry whose host and path (with its query) `matches`
     /// (admin purge); fetches under way for such a URL will not store.
-    pub fn purge_paths(&self, matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static) {
+    /// Drops every stored response whose host and path `matches`; returns
+    /// how many were stored (a scan: purges are rare, and an answer that
+    /// says what it did shows a prefix that matched nothing).
+    pub fn purge_paths(&self, matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> u64 {
         self.overtake_paths(Some(&matches));
         // Hashes cannot be matched against a prefix: all are forgotten.
         self.uncacheable.invalidate_all();
-        let _ = self.store.invalidate_entries_if(move |k, _| {
+        let matching = move |k: &str| {
             let (host, path) = key::host_and_path_of(k);
             matches(host, path)
-        });
+        };
+        let found = self.store.iter().filter(|(k, _)| matching(k)).count() as u64;
+        let _ = self.store.invalidate_entries_if(move |k, _| matching(k));
+        found
     }
 
-    pub fn purge_all(&self) {
+    /// Drops everything stored; returns how many responses that was.
+    pub fn purge_all(&self) -> u64 {
         self.overtake_paths(None);
+        let found = self.store.iter().count() as u64;
         self.store.invalidate_all();
         self.index.clear();
         self.uncacheable.invalidate_all();
+        found
     }
 
     /// Entries and weighted bytes, after applying pending evictions; also
