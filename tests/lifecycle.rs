@@ -1039,6 +1039,36 @@ async fn the_drain_does_not_wait_on_a_trickled_head_or_a_silent_http2_client() {
     silent.abort();
 }
 
+/// A head begun and left silent when shutdown begins is closed after the
+/// drain's quiet second, and logged and counted as one the head timer
+/// closes is (408); it left no trace (review31b L3).
+#[tokio::test]
+async fn a_head_the_drain_closes_is_counted() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    config.server.shutdown_grace = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let mut half = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHo").await.unwrap();
+    let open = proxy.shared.metrics.connections_open.clone();
+    tokio::time::timeout(STEP, async {
+        while open.get() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the connection accepted");
+    let generation = proxy.shared.proxy.load_full();
+    proxy.stop().await;
+    let text = String::from_utf8(generation.metrics().encode()).unwrap();
+    assert!(
+        text.contains("portico_requests_total{code=\"408\",route=\"_none\"} 1"),
+        "{text}"
+    );
+    drop(half);
+}
+
 #[tokio::test]
 async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
     // A cache hit is handed to hyper as one frame, so nothing counts as

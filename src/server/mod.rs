@@ -52,8 +52,26 @@ fn head_timed_out(
     client: SocketAddr,
     waited: Duration,
 ) {
+    head_cut(
+        shared,
+        activity,
+        client,
+        waited,
+        "request head not complete within request_header_timeout",
+    );
+}
+
+/// [`head_timed_out`] for any reason the connection closes on a head
+/// begun and not finished: a drain that found it silent for a second
+/// too, which left no line (review31b L3).
+fn head_cut(
+    shared: &Shared,
+    activity: &idle::Activity,
+    client: SocketAddr,
+    waited: Duration,
+    why: &'static str,
+) {
     if activity.head_begun() {
-        let why = "request head not complete within request_header_timeout";
         let answered = crate::proxy::Refused {
             bytes: 0,
             took: waited,
@@ -854,6 +872,9 @@ async fn serve_connection<IO: Parkable>(
                 why = activity.expired(settings.closing_limits()) => {
                     if why == idle::Expired::Head {
                         head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
+                    } else {
+                        let why = "request head not complete when shutdown closed the connection";
+                        head_cut(&held.shared, &activity, conn.peer, DRAIN_QUIET, why);
                     }
                     tracing::debug!(client = %conn.peer, ?why, "closed while draining");
                     End::Close
