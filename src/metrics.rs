@@ -13,9 +13,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Latency buckets for a proxy: 0.5 ms to 10 s.
+/// Latency buckets for a proxy: 0.5 ms to 60 s, so that answers waited
+/// out to the default `response_timeout` (30 s) and its 504s land in a
+/// bucket rather than all in `+Inf` (review31b).
 const BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// The route label of requests that matched no route.
