@@ -409,17 +409,7 @@ fn signals_as_soon_as_the_port_answers_are_handled_not_fatal() {
         .status()
         .unwrap();
     assert!(sent.success(), "portico never listened");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "portico did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_of(&mut child, "SIGTERM");
     // Killed by a signal, the status has no code.
     assert_eq!(status.code(), Some(0), "portico ended with {status}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -756,17 +746,22 @@ fn user_signals_are_ignored_and_sigquit_drains() {
     let sent = Command::new("kill").args(["-QUIT", &pid]).status().unwrap();
     assert!(sent.success());
     line_with(&run.log, "shutting down", &mut run.seen);
+    let status = exit_of(&mut run.proxy.0, "SIGQUIT");
+    assert_eq!(status.code(), Some(0), "portico ended with {status}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
+/// Waits (bounded) for `child` to exit after `signal`; its status.
+fn exit_of(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = run.proxy.0.try_wait().unwrap() {
-            break status;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
         assert!(
             Instant::now() < deadline,
-            "portico did not stop after SIGQUIT"
+            "portico did not stop after {signal}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0), "portico ended with {status}");
-    let _ = std::fs::remove_dir_all(run.dir);
+    }
 }

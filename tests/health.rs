@@ -431,19 +431,8 @@ async fn a_passing_check_neither_ends_an_ejection_nor_resets_its_backoff() {
 /// its share went to it until the first one timed out (review31a F1).
 #[tokio::test]
 async fn after_a_backoff_one_request_probes_and_the_rest_go_elsewhere() {
-    use tokio::io::AsyncReadExt;
     let good = start_backend(BackendOptions::new("b1")).await;
-    // Reads what comes and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hanging = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
+    let hanging = silent_backend().await;
     let mut config = Config::single_upstream(vec![], vec![good.addr(), hanging]);
     config.upstreams[0].response_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;

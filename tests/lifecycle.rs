@@ -1025,14 +1025,7 @@ async fn the_drain_does_not_wait_on_a_trickled_head_or_a_silent_http2_client() {
     assert_eq!(answer.status(), StatusCode::OK);
     drop(answer);
     deaf.store(true, Ordering::Relaxed);
-    let open = proxy.shared.metrics.connections_open.clone();
-    tokio::time::timeout(STEP, async {
-        while open.get() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("both connections accepted");
+    connections_open(&proxy, 2).await;
     // Bounded by STEP, far short of the 60 s grace.
     proxy.stop().await;
     drop((trickle, sender));
@@ -1051,14 +1044,7 @@ async fn a_head_the_drain_closes_is_counted() {
     let proxy = start_proxy(config).await;
     let mut half = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     half.write_all(b"GET /health HTTP/1.1\r\nHo").await.unwrap();
-    let open = proxy.shared.metrics.connections_open.clone();
-    tokio::time::timeout(STEP, async {
-        while open.get() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the connection accepted");
+    connections_open(&proxy, 1).await;
     let generation = proxy.shared.proxy.load_full();
     proxy.stop().await;
     let text = String::from_utf8(generation.metrics().encode()).unwrap();
@@ -1470,4 +1456,16 @@ async fn a_request_on_an_idle_connection_as_shutdown_begins_is_answered() {
             .expect("drained within STEP")
             .unwrap();
     }
+}
+
+/// Waits (bounded by STEP) until `proxy` counts `n` client connections.
+async fn connections_open(proxy: &RunningProxy, n: i64) {
+    let open = proxy.shared.metrics.connections_open.clone();
+    tokio::time::timeout(STEP, async {
+        while open.get() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the connections accepted");
 }

@@ -1038,18 +1038,8 @@ async fn an_event_goes_on_before_the_backend_sends_the_next() {
 /// backend that never answered held the request for good).
 #[tokio::test]
 async fn an_http2_upload_is_over_at_its_last_declared_byte() {
-    use tokio::io::AsyncReadExt;
     // A backend that reads the whole request and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
+    let silent = silent_backend().await;
     let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![silent]);
     config.upstreams[0].response_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;

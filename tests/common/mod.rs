@@ -479,3 +479,19 @@ pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
 pub fn target_of(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("/")
 }
+
+/// A backend that reads whatever comes and never answers.
+pub async fn silent_backend() -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
