@@ -189,10 +189,15 @@ impl Handed {
         }
     }
 
-    /// [`Proxy::handle`], for a request that was handed over.
-    pub async fn handle(mut self) -> (Response<ProxyBody>, Option<Box<log::Tail>>) {
-        let (request, conn) = self.taken.take().expect("a handed request is handled once");
-        self.proxy.handle(request, conn).await
+    /// The request and its connection, for [`Proxy::handle`] on
+    /// [`Handed::proxy`], as the future first runs. (Not an `async fn`
+    /// of its own: one more layer would move the request once more.)
+    pub fn take(&mut self) -> (Request<Incoming>, Conn) {
+        self.taken.take().expect("a handed request is taken once")
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
     }
 }
 

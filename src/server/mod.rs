@@ -782,9 +782,10 @@ async fn serve_connection<IO: Parkable>(
             requests.has_body(ended.clone());
             request.extensions_mut().insert(ended);
         }
-        let handed = crate::proxy::Handed::new(proxy, request, client.clone());
+        let mut handed = crate::proxy::Handed::new(proxy, request, client.clone());
         async move {
-            let (mut response, tail) = handed.handle().await;
+            let (request, conn) = handed.take();
+            let (mut response, tail) = handed.proxy().handle(request, conn).await;
             // An answer given with the request's body left unread (a 413,
             // a 429): hyper drains what it already holds or stops
             // reading, and the connection ends; say so, as nginx does.
