@@ -754,10 +754,12 @@ fn forward_with_retries<'a>(
             };
             let backend = upstream.backend(index);
             trace.backend = Some(backend.addr);
-            let epoch = backend.state().epoch();
+            let epoch = upstream.sending(index);
             let in_flight = backend.in_flight();
             let waiting = Unanswered {
                 metrics: &backend.metrics,
+                state: backend.state(),
+                epoch,
                 sent: std::time::Instant::now(),
                 open: true,
             };
@@ -790,8 +792,11 @@ fn forward_with_retries<'a>(
             if error.blames_backend() {
                 backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false, epoch);
-            } else if error.reached_for_backend() {
-                backend.metrics.count(error.status().as_u16());
+            } else {
+                backend.state().no_verdict(epoch);
+                if error.reached_for_backend() {
+                    backend.metrics.count(error.status().as_u16());
+                }
             }
             let retry_body = if idempotent && error.is_retryable() {
                 Some(RequestBody::empty())
@@ -837,6 +842,9 @@ fn forward_with_retries<'a>(
 /// the client's 400, and counts on the backend's side under no code.)
 struct Unanswered<'a> {
     metrics: &'a crate::metrics::BackendMetrics,
+    /// For a probe left so: no verdict (see `BackendState::no_verdict`).
+    state: &'a crate::upstream::health::BackendState,
+    epoch: u32,
     sent: std::time::Instant,
     open: bool,
 }
@@ -854,6 +862,7 @@ impl Drop for Unanswered<'_> {
         if self.open {
             self.metrics
                 .record(CLIENT_CLOSED, self.sent.elapsed().as_secs_f64());
+            self.state.no_verdict(self.epoch);
         }
     }
 }

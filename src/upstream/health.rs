@@ -5,10 +5,13 @@
 //! watches real traffic: `fall` consecutive connect failures, broken
 //! responses or timeouts eject a backend for a backoff that doubles on each
 //! repeated ejection (1 s up to 30 s). When it ends, the next request is a
-//! probe, alone: the others keep away for another backoff or until its
-//! outcome (nginx lets one request through per `fail_timeout`). Its
-//! failure ejects again, a success (its or any request's) clears the
-//! record; the failures of requests sent before it count for nothing.
+//! probe, alone: the others keep away until its outcome, for at most as
+//! long as an attempt may take (nginx lets one request through per
+//! `fail_timeout`). Its failure ejects again, for twice as long; a success
+//! (its or any request's) clears the record; a probe that ends with no
+//! verdict (its client left) frees the place for the next. Failures of
+//! requests sent before the probe, or before a recovery, count for
+//! nothing.
 //! The two are independent: a passing check neither ends an ejection nor
 //! resets its backoff, as a backend may answer its health path while its
 //! real traffic fails (a grey failure), and only that traffic can say it
@@ -67,6 +70,9 @@ pub struct BackendState {
     epoch: AtomicU32,
     /// A probe is out (for the current epoch).
     probing: AtomicBool,
+    /// How long a probe holds the others off at most: as long as an
+    /// attempt may take (`connect_timeout` + `response_timeout`).
+    probe_hold_ms: u64,
     /// Requests in flight to this address, shared with the same backend of
     /// the upstream's earlier generations (see [`BackendState::sharing_in_flight`]).
     in_flight: Arc<AtomicUsize>,
@@ -96,11 +102,19 @@ impl BackendState {
             ejections: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
             probing: AtomicBool::new(false),
+            probe_hold_ms: 32_000,
             in_flight: Arc::new(AtomicUsize::new(0)),
             threshold: threshold.max(1),
             body_errors: None,
             named: None,
         }
+    }
+
+    /// A probe holds the others off for at most `hold`, the longest an
+    /// attempt may take.
+    pub fn probe_hold(mut self, hold: Duration) -> Self {
+        self.probe_hold_ms = hold.as_millis().max(1) as u64;
+        self
     }
 
     /// Names the backend in what is logged of its bodies.
@@ -167,7 +181,12 @@ impl BackendState {
         self.failures.store(0, Ordering::Relaxed);
         self.ejected_until.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
-        (self.ejections.swap(0, Ordering::Relaxed) > 0).then_some(Passive::Recovered)
+        let recovered = self.ejections.swap(0, Ordering::Relaxed) > 0;
+        if recovered {
+            // Requests sent before now fail on evidence older than this.
+            self.epoch.fetch_add(1, Ordering::Relaxed);
+        }
+        recovered.then_some(Passive::Recovered)
     }
 
     /// The epoch a request sent now is sent under, for
@@ -177,22 +196,21 @@ impl BackendState {
         self.epoch.load(Ordering::Relaxed)
     }
 
-    /// The balancer chose this backend. Once its backoff is over, the
-    /// first request it gets is the probe: the backend is held out again
-    /// for as long as the backoff it served, so the rest of its share goes
-    /// elsewhere while the probe is out (a probe that hangs frees the
-    /// place for another when that runs out). A pick of a backend still
-    /// ejected (every backend is, see `Upstream::pick`) probes nothing.
-    pub fn picked(&self, now_ms: u64) {
-        let ejections = self.ejections.load(Ordering::Relaxed);
-        if ejections == 0 {
+    /// An attempt is going out to this backend (chosen, and sure to be
+    /// sent). Once its backoff is over, the first is the probe: the
+    /// backend is held out again until the probe's outcome, for at most
+    /// `probe_hold`. An attempt while the backend is still ejected (every
+    /// backend is, see `Upstream::pick`) probes nothing.
+    pub fn sending(&self, now_ms: u64) {
+        if self.ejections.load(Ordering::Relaxed) == 0 {
             return;
         }
         let until = self.ejected_until.load(Ordering::Relaxed);
-        if until > now_ms {
+        // 0: a success cleared the ejection as this looked.
+        if until == 0 || until > now_ms {
             return;
         }
-        let hold = now_ms + backoff(ejections).as_millis() as u64;
+        let hold = now_ms + self.probe_hold_ms;
         let claimed =
             self.ejected_until
                 .compare_exchange(until, hold, Ordering::Relaxed, Ordering::Relaxed);
@@ -202,12 +220,26 @@ impl BackendState {
         }
     }
 
+    /// An attempt sent under `epoch` ended with no verdict on the backend
+    /// (its client left, its upload failed): if it was the probe, the next
+    /// attempt probes instead of the backend sitting out the hold.
+    pub fn no_verdict(&self, epoch: u32) {
+        if epoch == self.epoch() && self.probing.swap(false, Ordering::Relaxed) {
+            // 1: over, and still an ejection (0 is none).
+            self.ejected_until.store(1, Ordering::Relaxed);
+        }
+    }
+
     /// A request sent under `epoch` failed in a way that blames the
-    /// backend. While it is ejected, only the probe's failure counts: it
-    /// ejects again, for twice as long.
+    /// backend. Only failures of requests sent in the current epoch
+    /// count: while it is ejected, the probe's (or those sent alongside
+    /// it), which eject it again, for twice as long, once.
     pub fn record_failure(&self, now_ms: u64, epoch: u32) -> Option<Passive> {
+        if epoch != self.epoch() {
+            return None;
+        }
         if self.ejections.load(Ordering::Relaxed) > 0 {
-            let probe = self.probing.load(Ordering::Relaxed) && epoch == self.epoch();
+            let probe = self.probing.swap(false, Ordering::Relaxed);
             return probe.then(|| self.eject(now_ms));
         }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -313,8 +345,8 @@ mod tests {
         );
         assert!(!state.eligible(500));
         assert!(state.eligible(1_010));
-        // The first pick after the backoff is the probe, alone.
-        state.picked(1_010);
+        // The first attempt after the backoff is the probe, alone.
+        state.sending(1_010);
         let probe = state.epoch();
         assert!(!state.eligible(1_020));
         // A request sent before the ejection fails late: nothing changes.
@@ -338,7 +370,7 @@ mod tests {
         let mut now = 0;
         let mut last = Duration::ZERO;
         for _ in 0..40 {
-            state.picked(now);
+            state.sending(now);
             if let Some(Passive::Ejected(d)) = state.record_failure(now, state.epoch()) {
                 last = d;
             }
@@ -355,32 +387,85 @@ mod tests {
         assert!(state.eligible(1_000));
     }
 
-    /// A probe that hangs holds the backend out for one more backoff; then
-    /// the next pick is a new probe, and the old one's failure is stale.
+    /// A probe that times out long after the backoff still holds the
+    /// others off until then, and its failure doubles the backoff: the
+    /// backend does not get a request every backoff for ever (review31e F1).
     #[test]
-    fn a_hanging_probe_gives_way_to_another_after_the_backoff() {
-        let state = BackendState::new(1);
+    fn a_probe_that_times_out_still_doubles_the_backoff() {
+        let state = BackendState::new(1).probe_hold(Duration::from_secs(32));
         assert!(state.record_failure(0, state.epoch()).is_some());
-        state.picked(1_000);
-        let first = state.epoch();
-        assert!(!state.eligible(1_999));
-        assert!(state.eligible(2_000));
-        state.picked(2_000);
-        assert_eq!(state.record_failure(2_100, first), None);
+        state.sending(1_000);
+        let probe = state.epoch();
+        assert!(!state.eligible(31_000));
         assert_eq!(
-            state.record_failure(2_200, state.epoch()),
+            state.record_failure(31_000, probe),
+            Some(Passive::Ejected(Duration::from_secs(2)))
+        );
+        state.sending(33_000);
+        assert_eq!(
+            state.record_failure(63_000, state.epoch()),
+            Some(Passive::Ejected(Duration::from_secs(4)))
+        );
+    }
+
+    /// A probe never heard of holds the others off for `probe_hold`; then
+    /// the next attempt is a new probe, and the old one's failure is stale.
+    #[test]
+    fn a_lost_probe_gives_way_after_its_hold() {
+        let state = BackendState::new(1).probe_hold(Duration::from_secs(5));
+        assert!(state.record_failure(0, state.epoch()).is_some());
+        state.sending(1_000);
+        let first = state.epoch();
+        assert!(!state.eligible(5_999));
+        assert!(state.eligible(6_000));
+        state.sending(6_000);
+        assert_eq!(state.record_failure(6_100, first), None);
+        assert_eq!(
+            state.record_failure(6_200, state.epoch()),
             Some(Passive::Ejected(Duration::from_secs(2)))
         );
     }
 
-    /// A pick of a backend still ejected (every backend is) is no probe.
+    /// A probe that ends with no verdict (its client left) frees the place
+    /// at once for the next attempt to probe.
     #[test]
-    fn a_pick_during_the_backoff_probes_nothing() {
+    fn a_probe_without_a_verdict_lets_the_next_attempt_probe() {
         let state = BackendState::new(1);
         assert!(state.record_failure(0, state.epoch()).is_some());
-        state.picked(500);
+        state.sending(1_000);
+        let first = state.epoch();
+        assert!(!state.eligible(1_001));
+        state.no_verdict(first);
+        assert!(state.eligible(1_001));
+        state.sending(1_001);
+        assert_ne!(state.epoch(), first);
+        assert!(!state.eligible(1_002));
+    }
+
+    /// An attempt while still ejected (every backend is) is no probe.
+    #[test]
+    fn an_attempt_during_the_backoff_probes_nothing() {
+        let state = BackendState::new(1);
+        assert!(state.record_failure(0, state.epoch()).is_some());
+        state.sending(500);
         assert_eq!(state.record_failure(600, state.epoch()), None);
         assert!(state.eligible(1_000));
+    }
+
+    /// Requests sent before a recovery fail on old evidence: they do not
+    /// eject the backend again (review31e F4).
+    #[test]
+    fn failures_from_before_a_recovery_count_for_nothing() {
+        let state = BackendState::new(1);
+        let before = state.epoch();
+        assert!(state.record_failure(0, before).is_some());
+        state.sending(1_000);
+        let probe = state.epoch();
+        assert_eq!(state.record_success(), Some(Passive::Recovered));
+        assert_eq!(state.record_failure(1_100, before), None);
+        assert_eq!(state.record_failure(1_100, probe), None);
+        assert!(state.eligible(1_100));
+        assert!(state.record_failure(1_200, state.epoch()).is_some());
     }
 
     #[test]

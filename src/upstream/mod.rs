@@ -129,6 +129,7 @@ impl Upstream {
             .map(|b| {
                 let addr = b.addr.to_string();
                 let mut state = BackendState::new(threshold)
+                    .probe_hold(config.connect_timeout + config.response_timeout)
                     .counting_body_errors(metrics.body_errors(&config.name, &addr))
                     .named(name.clone(), b.addr);
                 if let Some(old) = old.get(&b.addr) {
@@ -309,12 +310,20 @@ impl Upstream {
         let pass =
             |tried, ejected_too| self.choose(turn, |i| self.candidate(i, now, tried, ejected_too));
         let retry = !tried.is_empty();
-        let picked = pass(tried, false)
+        pass(tried, false)
             .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
             .or_else(|| pass(tried, true))
-            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())?;
-        self.backends[picked].state.picked(now);
-        Some(picked)
+            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
+    }
+
+    /// An attempt is going out to backend `index` (picked, and its retry,
+    /// if it is one, granted): it may be the probe of an ejected backend
+    /// (see [`BackendState::sending`]). Returns the backend's epoch for
+    /// [`Upstream::observe`].
+    pub fn sending(&self, index: usize) -> u32 {
+        let state = &self.backends[index].state;
+        state.sending(self.clock.now_ms());
+        state.epoch()
     }
 
     /// The balancer's choice among `candidate`s at `turn`.
