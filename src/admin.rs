@@ -248,9 +248,16 @@ async fn handle(
                     tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), prefix = ?prefixes, "cache purged by prefix");
                     let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
                     let paths = move |path: &str| matchers.iter().any(|m| m(path));
-                    let purged = cache.purge_paths(move |stored_host, path| {
-                        host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
+                    // Off the runtime's workers: the count scans the store.
+                    let cache = cache.clone();
+                    let purging = tokio::task::spawn_blocking(move || {
+                        cache.purge_paths(move |stored_host, path| {
+                            host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
+                        })
                     });
+                    let Ok(purged) = purging.await else {
+                        return text(StatusCode::INTERNAL_SERVER_ERROR, "purge failed\n");
+                    };
                     text(
                         StatusCode::OK,
                         format!("purged {spelt}: {}\n", stored(purged)),
@@ -294,14 +301,6 @@ enum Purge {
 /// both, at most once each (form-encoded, as curl `--data-urlencode` and
 /// every query builder write them). Anything else is refused, so a
 /// misspelt purge never empties the cache.
-/// `n` stored responses, in words.
-fn stored(n: u64) -> String {
-    match n {
-        1 => "1 stored response".to_owned(),
-        n => format!("{n} stored responses"),
-    }
-}
-
 fn purge_request(query: Option<&str>) -> Result<Purge, String> {
     const USAGE: &str =
         "use DELETE /cache to purge everything, or DELETE /cache?prefix=/path (and/or host=NAME)";
@@ -368,6 +367,14 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
                 .chain(as_written.map(str::to_owned))
                 .collect(),
         }),
+    }
+}
+
+/// `n` stored responses, in words.
+fn stored(n: u64) -> String {
+    match n {
+        1 => "1 stored response".to_owned(),
+        n => format!("{n} stored responses"),
     }
 }
 

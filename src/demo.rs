@@ -9,8 +9,8 @@ use crate::config::Config;
 use crate::sample::{self, BackendOptions};
 use crate::server;
 
-/// Starts the backends and the proxy on `listen`; returns after Ctrl-C or
-/// SIGTERM once everything has stopped.
+/// Starts the backends and the proxy on `listen`; returns after Ctrl-C,
+/// SIGTERM or SIGQUIT once everything has stopped.
 pub async fn run(backends: usize, listen: SocketAddr, admin: SocketAddr) -> std::io::Result<()> {
     run_until(
         backends,

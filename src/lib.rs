@@ -22,8 +22,8 @@ pub mod signal;
 pub mod task;
 pub mod upstream;
 
-/// Runs the proxy described by the config at `path` until SIGTERM or
-/// SIGINT, then drains (see [`server::run`]). A second signal during the
+/// Runs the proxy described by the config at `path` until SIGTERM,
+/// SIGINT or SIGQUIT, then drains (see [`server::run`]). A second signal during the
 /// drain exits at once; SIGHUP reloads the file.
 pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
     // Handled before the first socket is bound (see `signal`).

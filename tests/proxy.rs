@@ -1211,3 +1211,18 @@ async fn a_stalled_http2_upload_leaves_the_others_on_its_connection_moving() {
     assert_eq!(answer.unwrap().status(), StatusCode::OK);
     stalled.abort();
 }
+
+/// An empty Host is a valid value (RFC 9110 §7.2): beside an absolute-form
+/// target, whose authority replaces it, the request goes through, where an
+/// invalid one is a 400 (review31e F13).
+#[tokio::test]
+async fn an_absolute_target_with_an_empty_host_goes_through() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET http://shop/health HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}

@@ -549,8 +549,9 @@ impl Cache {
     /// Drops every entry whose host and path (with its query) `matches`
     /// (admin purge); fetches under way for such a URL will not store.
     /// Drops every stored response whose host and path `matches`; returns
-    /// how many were stored (a scan: purges are rare, and an answer that
-    /// says what it did shows a prefix that matched nothing).
+    /// how many were stored. A scan of the store (an answer that says what
+    /// it did shows a prefix that matched nothing): callers on the runtime
+    /// run it as blocking work.
     pub fn purge_paths(&self, matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> u64 {
         self.overtake_paths(Some(&matches));
         // Hashes cannot be matched against a prefix: all are forgotten.
@@ -564,10 +565,11 @@ impl Cache {
         found
     }
 
-    /// Drops everything stored; returns how many responses that was.
+    /// Drops everything stored; returns about how many responses that was
+    /// (moka's count, without a scan).
     pub fn purge_all(&self) -> u64 {
         self.overtake_paths(None);
-        let found = self.store.iter().count() as u64;
+        let found = self.store.entry_count();
         self.store.invalidate_all();
         self.index.clear();
         self.uncacheable.invalidate_all();

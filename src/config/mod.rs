@@ -112,6 +112,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             Some(section) => {
                 format!("`{section}` is one table: write [{section}], not [[{section}]]")
             }
+            // The commonest slip with a list of tables (review31d F6).
+            None if ["route", "upstream", "server.tls"].contains(&key.as_str())
+                && e.message()
+                    .starts_with("invalid type: map, expected a sequence") =>
+            {
+                format!("`{key}` is a list of tables: write [[{key}]], not [{key}]")
+            }
             None => plain_words(e.message()),
         };
         reporter.at(span.clone(), key, message);
@@ -360,10 +367,6 @@ fn plain_words(message: &str) -> String {
         ("expected u32", "expected a whole number"),
         ("expected a boolean", "expected true or false"),
         ("expected a sequence", "expected a list `[...]`"),
-        (
-            "invalid type: map, expected a list `[...]`",
-            "invalid type: map, expected a list `[...]` (each entry is a `[[...]]` table: `[[route]]`, not `[route]`)",
-        ),
         (" as i128", " (too large)"),
     ] {
         text = text.replace(rust, plain);

@@ -1090,15 +1090,16 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
     );
     let mut burst = integer(r, "rate_limit.burst", raw.burst.as_ref(), d.burst, 1);
     // The limiter keeps a budget of `burst` requests' time in u64
-    // nanoseconds: past 584 years it wrapped, and throttling quietly
-    // stopped (review31b L1).
-    if f64::from(burst) / requests_per_second * 1e9 >= u64::MAX as f64 {
+    // nanoseconds, added to the time since it started: past 584 years it
+    // wrapped, and throttling quietly stopped (review31b L1). Half of
+    // that leaves the other half for uptime.
+    if f64::from(burst) / requests_per_second * 1e9 >= (1u64 << 63) as f64 {
         if let Some(given) = raw.burst.as_ref() {
             r.at(
                 given.span(),
                 "rate_limit.burst",
                 format!(
-                    "{burst} requests at {requests_per_second} a second take over 584 years to refill, past what the limiter counts: lower burst"
+                    "{burst} requests at {requests_per_second} a second take over 292 years to refill, past what the limiter counts: lower burst"
                 ),
             );
         }

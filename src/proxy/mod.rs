@@ -902,7 +902,9 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
         }
         // RFC 9112 §3.2: an invalid Host is a 400 whatever the target's
         // form, though an absolute-form target's authority replaces it.
-        (_, Some(host), Some(_)) if !headers::valid_host(host.as_bytes()) => {
+        // (An empty Host is a valid value, RFC 9110 §7.2; the authority
+        // replaces it.)
+        (_, Some(host), Some(_)) if !host.is_empty() && !headers::valid_host(host.as_bytes()) => {
             Err(ProxyError::BadRequest("invalid Host header"))
         }
         // Absolute-form targets override Host (RFC 9112 §3.2.2).

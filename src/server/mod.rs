@@ -322,9 +322,17 @@ const H2_MAX_STREAMS: u32 = 128;
 
 /// Request body bytes an HTTP/2 client may send on a stream ahead of
 /// portico's reading them: 256 KiB, 12.5 MB/s for one upload over a 20 ms
-/// round trip. Times [`H2_MAX_STREAMS`], 32 MiB, is the most one
-/// connection can make portico hold of uploads its backends do not read.
+/// round trip.
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The same for a whole connection: 32 streams' windows, so up to 31
+/// uploads to backends not reading yet leave the others moving, and one
+/// connection makes portico hold at most 8 MiB of them (hyper's default
+/// was 1 MiB, which one such upload filled; 128 streams' worth would be
+/// 32 MiB).
+const H2_CONNECTION_WINDOW: u32 = 32 * H2_STREAM_WINDOW;
+// h2 panics at the handshake on a window past 2^31 - 1.
+const _: () = assert!(H2_CONNECTION_WINDOW < 1 << 31);
 
 /// Response bytes hyper buffers per HTTP/2 stream ahead of the client's
 /// window: four of the 16 KiB slices a body is handed over in.
@@ -356,7 +364,7 @@ fn connection_builders(settings: &config::Server) -> protocol::Builders {
         // upload on it stood still until `body_timeout` cut it (review31c
         // F1). nginx gives a stream 64 KiB and the connection 2^31-1.
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS);
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
     // No keep-alive PINGs: they would keep an idle connection busy forever;
     // dead peers are dropped by the idle timeout instead (see `idle`).
     protocol::Builders { http1, http2 }

@@ -557,8 +557,14 @@ fn same_checks(previous: &config::Upstream, next: &config::Upstream) -> bool {
         // `fall`), tuned in an incident, keeps the verdicts: readmitted,
         // backends found dead took their share of traffic until found
         // dead again (review31a F2).
+        // A longer timeout is excepted: "no answer within 1 s" says
+        // nothing of 5 s, and raising a timeout that took every backend
+        // down should bring them back at once (review31e F6).
         (Some(before), Some(after)) => {
-            before.path == after.path && before.host == after.host && previous.tls == next.tls
+            before.path == after.path
+                && before.host == after.host
+                && after.timeout <= before.timeout
+                && previous.tls == next.tls
         }
         _ => false,
     }
