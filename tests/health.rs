@@ -457,12 +457,11 @@ async fn after_a_backoff_one_request_probes_and_the_rest_go_elsewhere() {
     assert!(proxy.backend_status()[1].ejected);
 }
 
-/// A check is judged by its status; of its body only the first MiB is
-/// read, each piece let go as it comes. Collected whole, a health path
-/// that streams without end timed every check out (and a large one held
-/// its whole size in memory: review31a F3).
-#[tokio::test]
-async fn a_check_reads_only_the_start_of_an_endless_answer() {
+/// A health backend answering 200 with a chunked body that never ends,
+/// 64 KiB pieces `pause` apart; counts the checks it saw.
+async fn endless_health(
+    pause: Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -481,25 +480,40 @@ async fn a_check_reads_only_the_start_of_an_endless_answer() {
                 let mut chunk = b"10000\r\n".to_vec();
                 chunk.extend(std::iter::repeat_n(b'x', 0x10000));
                 chunk.extend(b"\r\n");
-                while stream.write_all(&chunk).await.is_ok() {}
+                while stream.write_all(&chunk).await.is_ok() {
+                    tokio::time::sleep(pause).await;
+                }
             });
         }
     });
-    let mut config = Config::single_upstream(vec![], vec![addr]);
-    config.upstreams[0].health = Some(checks(200, 1, 1));
-    let proxy = start_proxy(config).await;
-    let waited = tokio::time::timeout(STEP, async {
-        while checked.load(Ordering::SeqCst) < 4 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "fewer than 4 checks within STEP");
-    assert!(
-        proxy.backend_status()[0].active_up,
-        "{:?}",
-        proxy.backend_status()
-    );
+    (addr, checked)
+}
+
+/// A check is judged by its status; of its body only the first MiB is
+/// read, each piece let go as it comes, and not for long. Collected whole,
+/// a health path that streams without end timed every check out (and a
+/// large one held its whole size in memory: review31a F3); read under the
+/// check's timeout, one trickled slowly did too (review31e).
+#[tokio::test]
+async fn a_check_reads_only_the_start_of_an_endless_answer() {
+    for pause in [Duration::ZERO, Duration::from_millis(300)] {
+        let (addr, checked) = endless_health(pause).await;
+        let mut config = Config::single_upstream(vec![], vec![addr]);
+        config.upstreams[0].health = Some(checks(200, 1, 1));
+        let proxy = start_proxy(config).await;
+        let waited = tokio::time::timeout(STEP, async {
+            while checked.load(Ordering::SeqCst) < 4 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "fewer than 4 checks within STEP");
+        assert!(
+            proxy.backend_status()[0].active_up,
+            "{pause:?}: {:?}",
+            proxy.backend_status()
+        );
+    }
 }
 
 #[tokio::test]

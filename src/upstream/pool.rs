@@ -199,6 +199,9 @@ struct HeadWait {
 /// closed: the status decides, the body is only let finish.
 const CHECK_BODY_READ: usize = 1 << 20;
 
+/// How long a health check's body is waited for, apart from its status.
+const CHECK_BODY_WAIT: Duration = Duration::from_secs(2);
+
 /// What a backend may send while a request waits for its response head
 /// (the head, interim responses, what follows the head in the same read)
 /// before the connection is given up: a final head is at most 72 KiB,
@@ -447,18 +450,28 @@ impl Pool {
             .map_err(SendError::Http)?;
         conn.heading(false);
         let status = response.status();
-        // Read on so the backend finishes its answer before the connection
-        // closes with `conn`, each piece let go as it comes: a health path
-        // that answers 64 MiB held that much per backend (review31a F3).
-        // Past CHECK_BODY_READ, the rest is not waited for.
+        // The status decides. The body is read on, apart, so the backend
+        // finishes its answer before the connection closes with `conn`:
+        // each piece let go as it comes (a health path that answers 64 MiB
+        // held that much per backend, review31a F3), and past
+        // CHECK_BODY_READ or CHECK_BODY_WAIT the rest is not waited for
+        // (one trickled slower than the check's timeout failed it).
         let mut body = response.into_body();
-        let mut read = 0;
-        while read < CHECK_BODY_READ {
-            match http_body_util::BodyExt::frame(&mut body).await {
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, bytes::Buf::remaining),
-                _ => break,
-            }
-        }
+        tokio::spawn(async move {
+            let _closed_after = conn;
+            let mut read = 0;
+            let drain = async {
+                while read < CHECK_BODY_READ {
+                    match http_body_util::BodyExt::frame(&mut body).await {
+                        Some(Ok(frame)) => {
+                            read += frame.data_ref().map_or(0, bytes::Buf::remaining);
+                        }
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CHECK_BODY_WAIT, drain).await;
+        });
         Ok(status)
     }
 
