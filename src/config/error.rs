@@ -54,6 +54,10 @@ pub struct Reporter<'a> {
     /// line is then a binary search, where scanning from the top for each
     /// made 40,000 errors take 12 s (review31d F5).
     line_starts: std::cell::OnceCell<Vec<usize>>,
+    /// The last position found (byte, line, column): errors come mostly
+    /// in order, so the next on the same line counts on from it rather
+    /// than from the line's start (one long line of many errors).
+    last: std::cell::Cell<(usize, usize, usize)>,
     pub errors: Vec<ConfigError>,
 }
 
@@ -63,6 +67,7 @@ impl<'a> Reporter<'a> {
             file,
             text,
             line_starts: std::cell::OnceCell::new(),
+            last: std::cell::Cell::new((0, 1, 1)),
             errors: Vec::new(),
         }
     }
@@ -80,7 +85,13 @@ impl<'a> Reporter<'a> {
         });
         // The number of lines begun at or before `at`; the first starts at 0.
         let line = starts.partition_point(|&start| start <= at);
-        let col = self.text[starts[line - 1]..at].chars().count() + 1;
+        let (last_at, last_line, last_col) = self.last.get();
+        let col = if last_line == line && last_at <= at {
+            last_col + self.text[last_at..at].chars().count()
+        } else {
+            self.text[starts[line - 1]..at].chars().count() + 1
+        };
+        self.last.set((at, line, col));
         (line, col)
     }
 
@@ -139,6 +150,27 @@ mod tests {
         assert_eq!(reporter.position(at("\n\n") + 1), (3, 1));
         assert_eq!(reporter.position(at("c")), (4, 1));
         assert_eq!(reporter.position(text.len() + 10), (4, 2));
+    }
+
+    /// Positions asked out of order, and on one line in order, agree with
+    /// a count from the line's start.
+    #[test]
+    fn positions_asked_in_any_order_agree() {
+        let text = "é = [1, 2, 3]\nb = é\n";
+        let reporter = Reporter::new(Path::new("p.toml"), text);
+        let fresh = |at: usize| {
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            (
+                text[..at].matches('\n').count() + 1,
+                text[line_start..at].chars().count() + 1,
+            )
+        };
+        let boundaries: Vec<usize> = (0..=text.len())
+            .filter(|&i| text.is_char_boundary(i))
+            .collect();
+        for &at in boundaries.iter().chain(boundaries.iter().rev()) {
+            assert_eq!(reporter.position(at), fresh(at), "at {at}");
+        }
     }
 
     /// Each error's position is a lookup, not a scan from the top.
