@@ -231,7 +231,7 @@ async fn handle(
             };
             match purge_request(request.uri().query()) {
                 Ok(Purge::All) => {
-                    let purged = cache.purge_all();
+                    let purged = cache.purge_all().await;
                     tracing::info!(client = %peer, purged, "cache purged");
                     text(
                         StatusCode::OK,
