@@ -202,7 +202,7 @@ impl BackendState {
     /// `probe_hold`. An attempt while the backend is still ejected (every
     /// backend is, see `Upstream::pick`) probes nothing.
     pub fn sending(&self, now_ms: u64) {
-        if self.ejections.load(Ordering::Relaxed) == 0 {
+        if !self.in_ejection() {
             return;
         }
         let until = self.ejected_until.load(Ordering::Relaxed);
@@ -218,6 +218,11 @@ impl BackendState {
             self.epoch.fetch_add(1, Ordering::Relaxed);
             self.probing.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the backend has been ejected since its last success.
+    pub fn in_ejection(&self) -> bool {
+        self.ejections.load(Ordering::Relaxed) > 0
     }
 
     /// An attempt sent under `epoch` ended with no verdict on the backend

@@ -322,7 +322,10 @@ impl Upstream {
     /// [`Upstream::observe`].
     pub fn sending(&self, index: usize) -> u32 {
         let state = &self.backends[index].state;
-        state.sending(self.clock.now_ms());
+        // The clock is read only for a backend that may need a probe.
+        if state.in_ejection() {
+            state.sending(self.clock.now_ms());
+        }
         state.epoch()
     }
 
