@@ -30,16 +30,21 @@ pub fn terminate_or_hangup() -> impl Future<Output = ()> {
 /// Handlers installed by the caller (the argument is made before this is
 /// awaited).
 async fn on_signals(mut signals: Terminate) {
-    signals.next().await;
+    let signal = signals.next().await;
+    // Which one, for an operator reading why it stopped (review31f).
+    tracing::info!(signal, "stop signal received");
     tokio::spawn(async move {
-        signals.next().await;
-        tracing::warn!("second signal: exiting without waiting for in-flight requests");
+        let signal = signals.next().await;
+        tracing::warn!(
+            signal,
+            "second signal: exiting without waiting for in-flight requests"
+        );
         std::process::exit(1);
     });
 }
 
-/// SIGTERM and SIGINT (and SIGHUP if asked), watched from the moment of
-/// [`Terminate::install`].
+/// SIGTERM, SIGINT and SIGQUIT (and SIGHUP if asked), watched from the
+/// moment of [`Terminate::install`].
 struct Terminate {
     #[cfg(unix)]
     watched: Option<[tokio::signal::unix::Signal; 3]>,
@@ -78,7 +83,8 @@ impl Terminate {
         Terminate {}
     }
 
-    async fn next(&mut self) {
+    /// Waits for the next stop signal; its name.
+    async fn next(&mut self) -> &'static str {
         #[cfg(unix)]
         if let Some([term, int, quit]) = &mut self.watched {
             let hangup = async {
@@ -87,15 +93,15 @@ impl Terminate {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-                _ = quit.recv() => {}
-                _ = hangup => {}
-            }
-            return;
+            return tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
+                _ = hangup => "SIGHUP",
+            };
         }
         let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
     }
 }
 

@@ -745,6 +745,8 @@ fn user_signals_are_ignored_and_sigquit_drains() {
     drop(stream);
     let sent = Command::new("kill").args(["-QUIT", &pid]).status().unwrap();
     assert!(sent.success());
+    let line = line_with(&run.log, "stop signal received", &mut run.seen);
+    assert!(line.contains("SIGQUIT"), "{line}");
     line_with(&run.log, "shutting down", &mut run.seen);
     let status = exit_of(&mut run.proxy.0, "SIGQUIT");
     assert_eq!(status.code(), Some(0), "portico ended with {status}");
