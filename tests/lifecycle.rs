@@ -1055,6 +1055,51 @@ async fn a_head_the_drain_closes_is_counted() {
     drop(half);
 }
 
+/// When `shutdown_grace` runs out, what is still being relayed is closed
+/// then, not only when the process exits: the demo goes on after its
+/// proxy stops (draining its backends), and kept relaying (review31d F3).
+#[tokio::test]
+async fn a_response_still_going_when_the_grace_runs_out_is_closed() {
+    use tokio::io::AsyncReadExt as _;
+    // A body that never ends: a byte every 50 ms.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+                while stream.write_all(b"x").await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    });
+    let mut config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.server.shutdown_grace = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = tokio::time::timeout(STEP, client.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    proxy.stop().await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(STEP, client.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the response went on after the grace");
+}
+
 #[tokio::test]
 async fn the_drain_does_not_cut_a_response_the_client_reads_slowly() {
     // A cache hit is handed to hyper as one frame, so nothing counts as

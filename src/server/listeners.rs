@@ -47,6 +47,9 @@ struct Slot {
 pub(super) struct Serving {
     pub shutdown: Shutdown,
     pub drain: DrainGuard,
+    /// Fires when `shutdown_grace` runs out: what is still served is
+    /// dropped, its connections closed.
+    pub cut: Shutdown,
 }
 
 #[derive(Default)]
@@ -213,9 +216,8 @@ fn spawn(
         listener,
         mode.clone(),
         shared.clone(),
-        serving.shutdown.clone(),
+        serving.clone(),
         stopped,
-        serving.drain.clone(),
     ));
     Slot {
         configured,

@@ -447,9 +447,11 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
         initial.push(keyed(listener, configured, Mode::Tls(acceptor.clone())));
     }
     let drain = Drain::new();
+    let (cut_all, cut) = shutdown::channel();
     let serving = Serving {
         shutdown: shutdown.clone(),
         drain: drain.guard(),
+        cut,
     };
     // Which instance a request went through, as backends see it.
     tracing::info!(
@@ -473,8 +475,21 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     } else {
         tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
         shared.proxy.load().cut_off();
+        // Closed now, not only as the process exits: a process that goes
+        // on (the demo, draining its backends) kept relaying them
+        // (review31d F3).
+        cut_all.fire();
     }
     drop(admin);
+}
+
+/// Serves a connection until it ends or `shutdown_grace` runs out, then
+/// drops it: hyper's connection and its socket with it.
+async fn until_cut(mut cut: Shutdown, serving: impl Future<Output = ()>) {
+    tokio::select! {
+        () = serving => {}
+        _ = cut.recv() => {}
+    }
 }
 
 /// A listener with the configured address it stands for (its own address
@@ -494,10 +509,14 @@ async fn accept_loop(
     listener: TcpListener,
     mode: Arc<ArcSwap<Mode>>,
     shared: Arc<Shared>,
-    mut shutdown: Shutdown,
+    serving: listeners::Serving,
     mut removed: Shutdown,
-    drain: DrainGuard,
 ) {
+    let listeners::Serving {
+        mut shutdown,
+        drain,
+        cut,
+    } = serving;
     let local = listener.local_addr().ok();
     let mut failing = AcceptFailures::default();
     loop {
@@ -522,12 +541,14 @@ async fn accept_loop(
                 // settings apply to the connections that follow it.
                 let mode = mode.load_full();
                 let settings = shared.connections.load_full();
-                tokio::spawn(async move {
+                let cut = cut.clone();
+                tokio::spawn(until_cut(cut.clone(), async move {
                     let open = OpenConnection::new(shared.metrics.connections_open.clone());
                     let held = Held {
                         shared,
                         settings,
                         shutdown,
+                        cut,
                         _drain: drain,
                         _open: open,
                     };
@@ -568,7 +589,7 @@ async fn accept_loop(
                             }
                         }
                     }
-                });
+                }));
             }
             Err(error) => {
                 // Out of file descriptors and similar: back off instead of
@@ -637,6 +658,8 @@ struct Held {
     shared: Arc<Shared>,
     settings: Arc<ConnectionSettings>,
     shutdown: Shutdown,
+    /// See [`until_cut`].
+    cut: Shutdown,
     _drain: DrainGuard,
     _open: OpenConnection,
 }
@@ -932,12 +955,16 @@ async fn serve_connection<IO: Parkable>(
                 // Nothing, or an empty line after the last request (RFC
                 // 9112 §2.2), which hyper would skip anyway.
                 tracing::trace!(client = %conn.peer, "parked idle connection");
-                tokio::spawn(park(socket, conn, held, quiet));
+                tokio::spawn(until_cut(held.cut.clone(), park(socket, conn, held, quiet)));
                 crate::memory::freed(crate::memory::HYPER_CONNECTION);
             } else {
                 // The next head has begun to arrive: no wait to park for.
                 let unread = Bytes::copy_from_slice(&unread);
-                tokio::spawn(serve_again(socket, conn, held, Again { unread, quiet }));
+                let again = Again { unread, quiet };
+                tokio::spawn(until_cut(
+                    held.cut.clone(),
+                    serve_again(socket, conn, held, again),
+                ));
             }
             return;
         }
@@ -1020,7 +1047,10 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
                     unread,
                     quiet: quiet + parked.elapsed(),
                 };
-                tokio::spawn(serve_again(socket, conn, held, again));
+                tokio::spawn(until_cut(
+                    held.cut.clone(),
+                    serve_again(socket, conn, held, again),
+                ));
                 return;
             }
             Woken::Failed(error) => {
