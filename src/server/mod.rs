@@ -483,15 +483,6 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     drop(admin);
 }
 
-/// Serves a connection until it ends or `shutdown_grace` runs out, then
-/// drops it: hyper's connection and its socket with it.
-async fn until_cut(mut cut: Shutdown, serving: impl Future<Output = ()>) {
-    tokio::select! {
-        () = serving => {}
-        _ = cut.recv() => {}
-    }
-}
-
 /// A listener with the configured address it stands for (its own address
 /// when it stands for none).
 fn keyed(
@@ -542,7 +533,7 @@ async fn accept_loop(
                 let mode = mode.load_full();
                 let settings = shared.connections.load_full();
                 let cut = cut.clone();
-                tokio::spawn(until_cut(cut.clone(), async move {
+                tokio::spawn(async move {
                     let open = OpenConnection::new(shared.metrics.connections_open.clone());
                     let held = Held {
                         shared,
@@ -589,7 +580,7 @@ async fn accept_loop(
                             }
                         }
                     }
-                }));
+                });
             }
             Err(error) => {
                 // Out of file descriptors and similar: back off instead of
@@ -658,7 +649,8 @@ struct Held {
     shared: Arc<Shared>,
     settings: Arc<ConnectionSettings>,
     shutdown: Shutdown,
-    /// See [`until_cut`].
+    /// Fires when `shutdown_grace` runs out: a connection still draining
+    /// is dropped then, with its socket.
     cut: Shutdown,
     _drain: DrainGuard,
     _open: OpenConnection,
@@ -899,8 +891,11 @@ async fn serve_connection<IO: Parkable>(
     let ended = match ended {
         End::Drain if !activity.is_multiplexed() => {
             activity.close_after_answers();
+            let mut cut = held.cut.clone();
             tokio::select! {
                 result = &mut connection => End::Done(result),
+                // `shutdown_grace` ran out: dropped, with its socket.
+                _ = cut.recv() => End::Done(Ok(())),
                 why = activity.expired(settings.closing_limits()) => {
                     if why == idle::Expired::Head {
                         head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
@@ -955,21 +950,18 @@ async fn serve_connection<IO: Parkable>(
                 // Nothing, or an empty line after the last request (RFC
                 // 9112 §2.2), which hyper would skip anyway.
                 tracing::trace!(client = %conn.peer, "parked idle connection");
-                tokio::spawn(until_cut(held.cut.clone(), park(socket, conn, held, quiet)));
+                tokio::spawn(park(socket, conn, held, quiet));
                 crate::memory::freed(crate::memory::HYPER_CONNECTION);
             } else {
                 // The next head has begun to arrive: no wait to park for.
                 let unread = Bytes::copy_from_slice(&unread);
-                let again = Again { unread, quiet };
-                tokio::spawn(until_cut(
-                    held.cut.clone(),
-                    serve_again(socket, conn, held, again),
-                ));
+                tokio::spawn(serve_again(socket, conn, held, Again { unread, quiet }));
             }
             return;
         }
         End::Graceful | End::Drain => {
             connection.graceful_shutdown();
+            let mut cut = held.cut.clone();
             // The watchdog goes on, or a client trickling a head in, one
             // that never acknowledges the GOAWAY, or one that left an
             // HTTP/2 header block half sent, would hold the connection
@@ -981,6 +973,7 @@ async fn serve_connection<IO: Parkable>(
                     tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
                 }
+                _ = cut.recv() => Ok(()),
             }
         }
     };
@@ -1047,10 +1040,7 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
                     unread,
                     quiet: quiet + parked.elapsed(),
                 };
-                tokio::spawn(until_cut(
-                    held.cut.clone(),
-                    serve_again(socket, conn, held, again),
-                ));
+                tokio::spawn(serve_again(socket, conn, held, again));
                 return;
             }
             Woken::Failed(error) => {
