@@ -280,6 +280,12 @@ impl Activity {
         self.head_begun.load(Ordering::Relaxed)
     }
 
+    /// How long the head has been awaited, as the watchdog last counted
+    /// it (to a step of its clock).
+    pub(super) fn head_waited(&self) -> Duration {
+        lock(&self.head_clock).waited
+    }
+
     /// Whether the connection speaks HTTP/2.
     pub(super) fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)

@@ -901,7 +901,8 @@ async fn serve_connection<IO: Parkable>(
                         head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
                     } else {
                         let why = "request head not complete when shutdown closed the connection";
-                        head_cut(&held.shared, &activity, conn.peer, DRAIN_QUIET, why);
+                        let waited = activity.head_waited();
+                        head_cut(&held.shared, &activity, conn.peer, waited, why);
                     }
                     tracing::debug!(client = %conn.peer, ?why, "closed while draining");
                     End::Close
