@@ -463,29 +463,26 @@ async fn endless_health(
     pause: Duration,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let checked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = checked.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-                if stream.write_all(head).await.is_err() {
-                    return;
-                }
-                let mut chunk = b"10000\r\n".to_vec();
-                chunk.extend(std::iter::repeat_n(b'x', 0x10000));
-                chunk.extend(b"\r\n");
-                while stream.write_all(&chunk).await.is_ok() {
-                    tokio::time::sleep(pause).await;
-                }
-            });
+    let addr = serve_each(move |mut stream| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            let mut chunk = b"10000\r\n".to_vec();
+            chunk.extend(std::iter::repeat_n(b'x', 0x10000));
+            chunk.extend(b"\r\n");
+            while stream.write_all(&chunk).await.is_ok() {
+                tokio::time::sleep(pause).await;
+            }
         }
-    });
+    })
+    .await;
     (addr, checked)
 }
 
@@ -633,21 +630,15 @@ async fn posts_are_never_sent_twice_and_refused_ones_go_elsewhere() {
 /// every connection with `reply` and then does `then`.
 async fn fake_backend(reply: &'static [u8], hang: bool) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(reply).await;
-                if hang {
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                }
-            });
+    serve_each(move |mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(reply).await;
+        if hang {
+            tokio::time::sleep(Duration::from_secs(30)).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 fn single(addr: std::net::SocketAddr) -> Config {

@@ -1062,23 +1062,18 @@ async fn a_head_the_drain_closes_is_counted() {
 async fn a_response_still_going_when_the_grace_runs_out_is_closed() {
     use tokio::io::AsyncReadExt as _;
     // A body that never ends: a byte every 50 ms.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
-                if stream.write_all(head).await.is_err() {
-                    return;
-                }
-                while stream.write_all(b"x").await.is_ok() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
+    let addr = serve_each(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+        if stream.write_all(head).await.is_err() {
+            return;
         }
-    });
+        while stream.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let mut config =
         portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     config.server.shutdown_grace = Duration::from_millis(300);

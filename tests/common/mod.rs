@@ -480,18 +480,29 @@ pub fn target_of(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("/")
 }
 
-/// A backend that reads whatever comes and never answers.
-pub async fn silent_backend() -> SocketAddr {
-    use tokio::io::AsyncReadExt;
+/// A raw backend on loopback: each connection it accepts is handed to
+/// `serve` in a task of its own.
+pub async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
         }
     });
     addr
+}
+
+/// A backend that reads whatever comes and never answers.
+pub async fn silent_backend() -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    serve_each(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
 }
