@@ -546,12 +546,11 @@ impl Cache {
         }
     }
 
-    /// Drops every entry whose host and path (with its query) `matches`
-    /// (admin purge); fetches under way for such a URL will not store.
-    /// Drops every stored response whose host and path `matches`; returns
-    /// how many were stored. A scan of the store (an answer that says what
-    /// it did shows a prefix that matched nothing): callers on the runtime
-    /// run it as blocking work.
+    /// Drops every stored response whose host and path (with its query)
+    /// `matches` (admin purge); fetches under way for such a URL will not
+    /// store. Returns how many were stored: a scan of the store (an answer
+    /// that says what it did shows a prefix that matched nothing), so
+    /// callers on the runtime run it as blocking work.
     pub fn purge_paths(&self, matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> u64 {
         self.overtake_paths(Some(&matches));
         // Hashes cannot be matched against a prefix: all are forgotten.

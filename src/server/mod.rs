@@ -78,7 +78,7 @@ fn head_cut(
         };
         shared.proxy.load().refused(client, 408, &why, answered);
     } else {
-        tracing::debug!(%client, "no request head within request_header_timeout; closing");
+        tracing::debug!(%client, why, "no request head begun; closing");
     }
 }
 

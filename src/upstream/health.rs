@@ -174,8 +174,7 @@ impl BackendState {
     pub fn record_success(&self) -> Option<Passive> {
         // Cheap read first: the common case changes nothing and writes no
         // shared cache line.
-        if self.failures.load(Ordering::Relaxed) == 0 && self.ejections.load(Ordering::Relaxed) == 0
-        {
+        if self.failures.load(Ordering::Relaxed) == 0 && !self.in_ejection() {
             return None;
         }
         self.failures.store(0, Ordering::Relaxed);
@@ -243,7 +242,7 @@ impl BackendState {
         if epoch != self.epoch() {
             return None;
         }
-        if self.ejections.load(Ordering::Relaxed) > 0 {
+        if self.in_ejection() {
             let probe = self.probing.swap(false, Ordering::Relaxed);
             return probe.then(|| self.eject(now_ms));
         }

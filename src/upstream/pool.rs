@@ -459,8 +459,8 @@ impl Pool {
         let mut body = response.into_body();
         tokio::spawn(async move {
             let _closed_after = conn;
-            let mut read = 0;
             let drain = async {
+                let mut read = 0;
                 while read < CHECK_BODY_READ {
                     match http_body_util::BodyExt::frame(&mut body).await {
                         Some(Ok(frame)) => {
