@@ -38,7 +38,7 @@ impl Candidate {
     }
 }
 
-fn gcd(a: u32, b: u32) -> u32 {
+fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
     } else {
@@ -56,10 +56,7 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
         .filter(|(_, c)| c.pickable())
         .map(|(i, c)| (i, u64::from(c.weight)))
         .collect();
-    let divisor = eligible
-        .iter()
-        .fold(0u32, |g, (_, w)| gcd(g, *w as u32))
-        .max(1) as u64;
+    let divisor = eligible.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
     let weights: Vec<(usize, i64)> = eligible
         .iter()
         .map(|(i, w)| (*i, (*w / divisor) as i64))
@@ -229,27 +226,36 @@ pub fn by_weight(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Opt
 /// its weight, as nginx's `least_conn`. Ties, the usual case at low load,
 /// are shared by weight: `turn` (a counter bumped per pick) points along
 /// the tied candidates' weights, so over successive picks each tied
-/// backend gets its weight's share, 3:1 weights giving 3:1. Takes an
-/// accessor rather than a slice so the request path need not collect one.
+/// backend gets its weight's share, 3:1 weights giving 3:1. The points are
+/// visited spread out ([`spread`]), so 5/1/1 comes out `a a a b a c a`,
+/// not `a a a a a b c`. Takes an accessor rather than a slice so the
+/// request path need not collect one.
 pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Option<usize> {
     let mut least: Option<Candidate> = None;
     let mut tied_weight: u64 = 0;
+    // The tied weights' common divisor: 2/2 is 1/1, visited `a b a b`.
+    let mut unit: u64 = 0;
     for i in 0..n {
         let c = get(i);
         if !c.pickable() {
             continue;
         }
+        let weight = u64::from(c.weight.max(1));
         match &least {
             Some(l) if lighter(l, &c) => continue,
-            Some(l) if !lighter(&c, l) => tied_weight += u64::from(c.weight.max(1)),
+            Some(l) if !lighter(&c, l) => {
+                tied_weight += weight;
+                unit = gcd(unit, weight);
+            }
             _ => {
                 least = Some(c);
-                tied_weight = u64::from(c.weight.max(1));
+                tied_weight = weight;
+                unit = weight;
             }
         }
     }
     let least = least?;
-    let mut point = turn as u64 % tied_weight;
+    let mut point = spread(turn as u64, tied_weight / unit) * unit;
     let mut last = None;
     for i in 0..n {
         let c = get(i);
@@ -266,6 +272,23 @@ pub fn least_conn(n: usize, turn: usize, get: impl Fn(usize) -> Candidate) -> Op
         point -= weight;
     }
     last.or_else(|| first_pickable(n, &get))
+}
+
+/// Where the `turn`th of a cycle of `total` points falls, the points
+/// visited in a spread-out order: each turn steps on by a stride near
+/// `total / φ` that has no divisor in common with `total`, so every cycle
+/// of `total` turns visits every point once (the shares stay exact) and
+/// consecutive turns land far apart (a heavy backend's run of points is
+/// interleaved with the others').
+fn spread(turn: u64, total: u64) -> u64 {
+    if total <= 2 {
+        return turn % total.max(1);
+    }
+    let mut stride = total * 618 / 1000;
+    while gcd(stride, total) != 1 {
+        stride += 1;
+    }
+    (u128::from(turn % total) * u128::from(stride) % u128::from(total)) as u64
 }
 
 /// Power of two choices, as nginx's `random two least_conn`: two distinct
@@ -539,9 +562,24 @@ mod tests {
             counts
         };
         assert_eq!(share(&[up(3), up(1)], 8), [6, 2]);
+        assert_eq!(share(&[up(5), up(1), up(1)], 700), [500, 100, 100]);
         // A busy backend's turns are shared among the idle ones, not all
         // given to the one after it.
         assert_eq!(share(&[busy(1), busy(0), busy(0)], 6), [0, 3, 3]);
+    }
+
+    #[test]
+    fn least_conn_spreads_a_heavy_backend_s_ties() {
+        let order = |candidates: &[Candidate]| -> Vec<usize> {
+            (0..candidates.len() * 3)
+                .map(|turn| least_conn(candidates.len(), turn, |i| candidates[i]).unwrap())
+                .take(7)
+                .collect()
+        };
+        // nginx's smooth round-robin gives 5/1/1 as `a a b a c a a`.
+        assert_eq!(order(&[up(5), up(1), up(1)]), [0, 0, 0, 1, 0, 2, 0]);
+        // Equal weights alternate whatever their size.
+        assert_eq!(order(&[up(2), up(2), up(2)]), [0, 1, 2, 0, 1, 2, 0]);
     }
 
     #[test]
