@@ -229,6 +229,12 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/api/*\"\n",
+            &[
+                "test.toml:6:15: route[0].path_prefix: is a plain prefix, not a pattern: a trailing `*` would be matched literally; write `/api/` to match everything under it",
+            ],
+        ),
+        (
             "[server]\nlisten = [\"127.0.0.1:7000\", \"0.0.0.0:7000\"]\nmax_header_size = \"1KiB\"\n[admin]\nlisten = \"[::]:7000\"\ntoken_file = \"/nonexistent/admin.token\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:0\", \"0.0.0.0:80\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/a?b\"\n",
             &[
                 "test.toml:2:29: server.listen: 0.0.0.0:7000 overlaps 127.0.0.1:7000 of server.listen: a wildcard address takes its port on every address",

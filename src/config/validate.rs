@@ -280,6 +280,21 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 );
                 None
             }
+            // Prefixes are not patterns: `/api/*` would match only paths
+            // that begin with those five characters, which no operator
+            // writing it means.
+            Some(p) if p.get_ref().ends_with('*') => {
+                let meant = p.get_ref().trim_end_matches('*');
+                r.at(
+                    p.span(),
+                    format!("{key}.path_prefix"),
+                    format!(
+                        "is a plain prefix, not a pattern: a trailing `*` would be matched literally; \
+                         write `{meant}` to match everything under it"
+                    ),
+                );
+                None
+            }
             // Held in the form request paths are compared in, so that
             // `/café/` matches `/caf%C3%A9/x` and `/x%2fy/` `/x%2Fy/a`.
             Some(p) => crate::proxy::route::routing_prefix(p.get_ref())
