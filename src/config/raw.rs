@@ -106,7 +106,7 @@ impl<'de> Deserialize<'de> for Backend {
             type Value = Backend;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a backend: \"host:port\" or { addr = \"host:port\", weight = N }")
+                f.write_str("a backend: \"IP:PORT\" or { addr = \"IP:PORT\", weight = N }")
             }
 
             fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Backend, E> {
