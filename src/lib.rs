@@ -23,8 +23,9 @@ pub mod task;
 pub mod upstream;
 
 /// Runs the proxy described by the config at `path` until SIGTERM,
-/// SIGINT or SIGQUIT, then drains (see [`server::run`]). A second signal during the
-/// drain exits at once; SIGHUP reloads the file.
+/// SIGINT or SIGQUIT, then drains (see [`server::run`]). A second signal
+/// during the drain closes the connections still open, logs their
+/// requests and exits 1; SIGHUP reloads the file.
 pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
     // Handled before the first socket is bound (see `signal`).
     let stop = signal::terminate();

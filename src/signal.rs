@@ -1,6 +1,8 @@
 //! Process signals: SIGTERM, SIGINT and SIGQUIT (nginx's graceful stop,
 //! which its systemd unit sends) start a graceful shutdown; a second one
-//! while draining exits at once, as operators expect from nginx. SIGHUP
+//! while draining cuts the drain short, as operators expect from nginx:
+//! the connections still open are closed at once, their requests logged,
+//! and the process exits 1 ([`hurried`]). SIGHUP
 //! reloads portico's file, and drains the processes that have none.
 //! SIGUSR1 and SIGUSR2 (nginx's reopen-logs and upgrade, HAProxy's soft
 //! stop) are logged and ignored: their default action killed the process
@@ -12,10 +14,60 @@
 //! sent as soon as the port answers would skip the drain (review11).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
-/// Installs the SIGTERM and SIGINT handlers now, and returns a future that
-/// resolves on the first of those signals and arranges for the next one to
-/// exit the process immediately. Needs a tokio runtime.
+use tokio::sync::Notify;
+
+/// A second stop signal came: the drain is to be cut short.
+static HURRIED: AtomicBool = AtomicBool::new(false);
+static HURRY: Notify = Notify::const_new();
+/// How many servers would cut their drain short on a second signal
+/// ([`HurryWatch`]): with none, a second signal exits at once.
+static WATCHING: AtomicUsize = AtomicUsize::new(0);
+/// How long a hurried drain may take to close its connections and log
+/// their requests before the process exits anyway.
+const HURRY_BACKSTOP: Duration = Duration::from_secs(2);
+
+/// Held by a server for its whole life, from before its stop signal is
+/// awaited: a second stop signal then leaves the exit to its drain, which
+/// awaits [`hurried`]. Held from the start, so a second signal that comes
+/// before the drain begins is not taken for one with no drain to hurry.
+pub struct HurryWatch(());
+
+pub fn watch_hurry() -> HurryWatch {
+    WATCHING.fetch_add(1, Ordering::SeqCst);
+    HurryWatch(())
+}
+
+impl Drop for HurryWatch {
+    fn drop(&mut self) {
+        WATCHING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves once a second stop signal has come (at once if it came
+/// already). A drain that awaits this closes its connections, waits
+/// briefly for their access lines and exits 1; the signal's task exits
+/// after [`HURRY_BACKSTOP`] if it does not.
+pub async fn hurried() {
+    loop {
+        let notified = HURRY.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read, so a signal in between
+        // still wakes this.
+        notified.as_mut().enable();
+        if HURRIED.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Installs the SIGTERM, SIGINT and SIGQUIT handlers now, and returns a
+/// future that resolves on the first of those signals and arranges for
+/// the next one to cut the drain short ([`hurried`]). Needs a tokio
+/// runtime.
 pub fn terminate() -> impl Future<Output = ()> {
     on_signals(Terminate::install(false))
 }
@@ -35,10 +87,20 @@ async fn on_signals(mut signals: Terminate) {
     tracing::info!(signal, "stop signal received");
     tokio::spawn(async move {
         let signal = signals.next().await;
+        HURRIED.store(true, Ordering::SeqCst);
+        if WATCHING.load(Ordering::SeqCst) == 0 {
+            tracing::warn!(
+                signal,
+                "second signal: exiting without waiting for in-flight requests"
+            );
+            std::process::exit(1);
+        }
         tracing::warn!(
             signal,
-            "second signal: exiting without waiting for in-flight requests"
+            "second signal: closing the connections still open and exiting"
         );
+        HURRY.notify_waiters();
+        tokio::time::sleep(HURRY_BACKSTOP).await;
         std::process::exit(1);
     });
 }

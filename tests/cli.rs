@@ -282,9 +282,61 @@ fn stop_with(child: &mut std::process::Child, signal: &str) {
 /// that its client left.
 #[test]
 fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
-    use std::io::{Read, Write};
     let (mut child, proxy, log) = start_demo();
-    let mut stream = std::net::TcpStream::connect(&proxy).unwrap();
+    let stream = stalled_download(&mut child, &proxy, log);
+    stop_with(&mut child, "-TERM");
+    assert_cut_as_shutdown(&stream.1.join().unwrap());
+    drop(stream.0);
+}
+
+/// A second stop signal cuts the drain short as it always did, exiting 1
+/// within a second or two rather than after `shutdown_grace`, but the
+/// requests it cuts are logged first (`end="shutdown"`): they used to
+/// leave no line at all.
+#[test]
+fn a_second_stop_signal_logs_the_requests_it_cuts() {
+    let (mut child, proxy, log) = start_demo();
+    let (stream, log) = stalled_download(&mut child, &proxy, log);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Draining once the listener is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&proxy).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the demo never stopped listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = exit_of(&mut child, "a second signal");
+    assert_eq!(status.code(), Some(1), "the demo ended with {status}");
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("second signal: closing the connections"),
+        "{log}"
+    );
+    assert_cut_as_shutdown(&log);
+    drop(stream);
+}
+
+/// Asks the demo for a large download and reads only the start of it:
+/// the connection, still open, and the demo's log.
+fn stalled_download(
+    child: &mut std::process::Child,
+    proxy: &str,
+    log: std::thread::JoinHandle<String>,
+) -> (std::net::TcpStream, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -303,14 +355,17 @@ fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
         panic!("the answer did not begin ({began:?}); the demo's log:\n{log}");
     }
     // The client reads no more, and stays.
-    stop_with(&mut child, "-TERM");
-    let log = log.join().unwrap();
+    (stream, log)
+}
+
+/// The stalled download's access line is in `log`, saying the shutdown
+/// cut it.
+fn assert_cut_as_shutdown(log: &str) {
     let line = log
         .lines()
         .find(|line| line.contains("path=\"/bytes/60000000\""))
         .unwrap_or_else(|| panic!("no access line in:\n{log}"));
     assert!(line.contains("end=\"shutdown\""), "{line}");
-    drop(stream);
 }
 
 /// A log that cannot be written (its reader died: a restarted collector,

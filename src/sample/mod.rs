@@ -74,7 +74,7 @@ async fn serve_context(
 ) -> std::io::Result<()> {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let (trigger, stop) = crate::server::shutdown::channel();
-    let drain = crate::server::shutdown::Drain::new();
+    let mut drain = crate::server::shutdown::Drain::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {

@@ -446,7 +446,7 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
         });
         initial.push(keyed(listener, configured, Mode::Tls(acceptor.clone())));
     }
-    let drain = Drain::new();
+    let mut drain = Drain::new();
     let (cut_all, cut) = shutdown::channel();
     let serving = Serving {
         shutdown: shutdown.clone(),
@@ -460,6 +460,7 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     );
     shared.listeners.start(&shared, serving, initial);
 
+    let _hurry = crate::signal::watch_hurry();
     signal.await;
     // A reload may have changed the grace period.
     let grace = shared.config.load().server.shutdown_grace;
@@ -470,15 +471,30 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     shared.draining.store(true, Ordering::Relaxed);
     shared.listeners.close();
     trigger.fire();
-    if drain.wait(grace).await {
-        tracing::info!("all connections drained");
-    } else {
-        tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
+    let drained = tokio::select! {
+        drained = drain.wait(grace) => Some(drained),
+        () = crate::signal::hurried() => None,
+    };
+    // Closed now, not only as the process exits: a process that goes on
+    // (the demo, draining its backends) kept relaying them (review31d F3).
+    let cut_them = || {
         shared.proxy.load().cut_off();
-        // Closed now, not only as the process exits: a process that goes
-        // on (the demo, draining its backends) kept relaying them
-        // (review31d F3).
         cut_all.fire();
+    };
+    match drained {
+        Some(true) => tracing::info!("all connections drained"),
+        Some(false) => {
+            tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
+            cut_them();
+        }
+        None => {
+            // A second stop signal: the requests it cuts are logged
+            // (`end="shutdown"`) before the exit, where the process used
+            // to exit with no line for them.
+            cut_them();
+            drain.wait(CUT_LOGGED).await;
+            std::process::exit(1);
+        }
     }
     drop(admin);
 }
@@ -1132,6 +1148,11 @@ fn refused_with(error: &hyper::Error) -> Option<(&hyper::Error, u16)> {
 /// may stay silent with nothing in flight before it is dropped (an HTTP/2
 /// client that has not acknowledged the GOAWAY, for one).
 const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// After a second stop signal has cut the connections still open, how
+/// long their tasks have to log their requests before the exit (the
+/// signal's own backstop is longer).
+const CUT_LOGGED: Duration = Duration::from_secs(1);
 
 /// Counts a connection in `portico_connections_open` for as long as it
 /// lives, however its task ends.

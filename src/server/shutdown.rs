@@ -74,8 +74,9 @@ impl Drain {
         }
     }
 
-    /// True if every guard was dropped within `grace`.
-    pub async fn wait(mut self, grace: Duration) -> bool {
+    /// True if every guard was dropped within `grace`. May be called
+    /// again, to wait some more.
+    pub async fn wait(&mut self, grace: Duration) -> bool {
         self.sender = None;
         tokio::time::timeout(grace, self.receiver.recv())
             .await
