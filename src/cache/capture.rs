@@ -34,6 +34,8 @@ pub struct Capture {
     small: BytesMut,
     size: usize,
     limit: usize,
+    /// The copy's share of what all fills may hold.
+    held: Held,
     leader: Option<Leader>,
     /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
     whole: Option<tokio::sync::oneshot::Sender<(Arc<Entry>, bool)>>,
@@ -66,6 +68,10 @@ impl Capture {
         leader: Option<Leader>,
     ) -> Self {
         let limit = usize::try_from(cache.config.max_object_size).unwrap_or(usize::MAX);
+        let held = Held {
+            filling: cache.filling.clone(),
+            bytes: 0,
+        };
         Capture {
             cache,
             fill,
@@ -79,6 +85,7 @@ impl Capture {
             small: BytesMut::new(),
             size: 0,
             limit,
+            held,
             leader,
             whole: None,
         }
@@ -105,6 +112,16 @@ impl Capture {
                 &self.request,
                 &self.headers,
                 self.status,
+            );
+            return false;
+        }
+        let budget = usize::try_from(self.cache.config.max_size).unwrap_or(usize::MAX);
+        if !self.held.take(data.len(), budget) {
+            // Not marked uncacheable: the next response may well fit. The
+            // waiters fetch for themselves, as for a fill that broke off.
+            tracing::debug!(
+                key = self.fill.primary(),
+                "not stored: the responses being stored already hold max_size"
             );
             return false;
         }
@@ -142,6 +159,9 @@ impl Capture {
                 all.freeze()
             }
         };
+        // Weighed by the store from here on.
+        drop(self.chunks);
+        drop(self.held);
         let entry = Arc::new(Entry {
             status: self.status,
             headers: self.headers,
@@ -167,6 +187,39 @@ impl Capture {
     }
 }
 
+/// A capture's share of [`Cache::filling`], given back when the capture
+/// ends, stored or not. Without this bound each response being stored
+/// kept its copy (up to `max_object_size`) for as long as its client took
+/// to read it: forty slow clients of 8 MB responses held 295 MB beside a
+/// 16 MiB cache (review32b F1). Varnish allocates a fetch's object from
+/// the storage it is bounded by; nginx spools to disk.
+#[derive(Debug)]
+struct Held {
+    filling: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Takes `n` more bytes if all fills together stay within `budget`.
+    fn take(&mut self, n: usize, budget: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self.filling.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > budget {
+            self.filling.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.filling
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether an entry fetched for `request` may serve the requests that
 /// waited on it past their own `no-cache` and its own freshness (see
 /// `proxy::cached::collapsed`). Not one fetched with `Authorization`: it
@@ -184,19 +237,26 @@ mod tests {
     use crate::metrics::Metrics;
     use std::time::SystemTime;
 
-    #[tokio::test]
-    async fn a_stored_body_shares_nothing_with_the_frames_it_came_in() {
-        let cache = Cache::new(crate::config::Cache::default(), Arc::new(Metrics::new()));
+    fn head() -> Head {
         let now = SystemTime::now();
-        let head = Head {
+        Head {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
             timing: Timing::new(&HeaderMap::new(), now, now),
             lifetime: Duration::from_secs(60),
             cc: CacheControl::default(),
-        };
-        let fill = cache.begin_fill("GET|http|h|/x".to_owned());
-        let mut capture = Capture::new(cache, fill, HeaderMap::new(), head, None);
+        }
+    }
+
+    fn capture(cache: &Arc<Cache>, path: &str) -> Capture {
+        let fill = cache.begin_fill(format!("GET|http|h|{path}"));
+        Capture::new(cache.clone(), fill, HeaderMap::new(), head(), None)
+    }
+
+    #[tokio::test]
+    async fn a_stored_body_shares_nothing_with_the_frames_it_came_in() {
+        let cache = Cache::new(crate::config::Cache::default(), Arc::new(Metrics::new()));
+        let mut capture = capture(&cache, "/x");
         let whole = capture.entry_when_whole();
         // One frame of a body, cut from a larger read buffer as hyper's are.
         let buffer = Bytes::from(vec![7u8; 72 * 1024]);
@@ -206,5 +266,39 @@ mod tests {
         let (entry, _) = whole.await.unwrap();
         assert_eq!(entry.body, frame);
         assert!(!buffer.as_ptr_range().contains(&entry.body.as_ptr()));
+    }
+
+    /// The copies of responses being stored count against `max_size`
+    /// together; past it a fill gives up (its client still gets the
+    /// whole body), and what a fill held is given back when it ends,
+    /// stored or not (review32b F1).
+    #[tokio::test]
+    async fn fills_under_way_together_hold_at_most_max_size() {
+        let config = crate::config::Cache {
+            max_size: 100 * 1024,
+            max_object_size: 80 * 1024,
+            ..crate::config::Cache::default()
+        };
+        let cache = Cache::new(config, Arc::new(Metrics::new()));
+        let frame = Bytes::from(vec![1u8; 40 * 1024]);
+        let mut first = capture(&cache, "/a");
+        let mut second = capture(&cache, "/b");
+        assert!(first.data(&frame));
+        assert!(second.data(&frame));
+        // 120 KiB would be held: the third frame is refused.
+        let mut third = capture(&cache, "/c");
+        assert!(!third.data(&frame));
+        drop(third);
+        // A fill that ends gives its share back, stored or not.
+        drop(first);
+        assert!(capture(&cache, "/d").data(&frame));
+        second.finish();
+        let mut fifth = capture(&cache, "/e");
+        assert!(fifth.data(&frame));
+        assert!(fifth.data(&frame));
+        assert_eq!(
+            cache.filling.load(std::sync::atomic::Ordering::Relaxed),
+            80 * 1024
+        );
     }
 }

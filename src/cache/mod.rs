@@ -247,6 +247,9 @@ pub struct Cache {
     /// Seconds added to the wall clock; lets tests age entries without
     /// sleeping.
     skew: AtomicU64,
+    /// Bytes the responses being stored hold in their copies, all fills
+    /// together: at most `max_size` (see [`capture::Held`]).
+    filling: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -303,6 +306,7 @@ impl Cache {
             counters,
             metrics,
             skew: AtomicU64::new(0),
+            filling: Arc::default(),
         })
     }
 
