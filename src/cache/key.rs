@@ -50,19 +50,25 @@ pub fn primary_of(key: &str) -> &str {
 }
 
 /// The field names a response's `Vary` lists, lower-cased; `None` for
-/// `Vary: *` (never matches).
+/// `Vary: *` (never matches) and for a `Vary` that cannot be read whole
+/// (a member that is no field name, a value that is not ASCII): what it
+/// varies on is unknown, so it matches nothing either. Empty members
+/// (`a, , b`) are allowed, as in every list (RFC 9110 §5.6.1).
 pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
     let mut names = Vec::new();
     for value in response.get_all(http::header::VARY) {
-        for name in value.to_str().unwrap_or("").split(',') {
+        for name in value.to_str().ok()?.split(',') {
             let name = name.trim();
+            if name.is_empty() {
+                continue;
+            }
+            // `*` is a token, so it would pass for a field name.
             if name == "*" {
                 return None;
             }
-            if let Ok(name) = HeaderName::try_from(name) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
+            let name = HeaderName::try_from(name).ok()?;
+            if !names.contains(&name) {
+                names.push(name);
             }
         }
     }
@@ -225,6 +231,15 @@ mod tests {
         assert_ne!(full(&p, &names, &empty), full(&p, &names, &plain));
         response.insert("vary", HeaderValue::from_static("*"));
         assert!(vary_names(&response).is_none());
+        // What cannot be read varies on the unknown: nothing matches.
+        for unreadable in ["\"Cookie\"", "Cookie/1", "accept, x y"] {
+            response.insert("vary", HeaderValue::from_static(unreadable));
+            assert!(vary_names(&response).is_none(), "{unreadable}");
+        }
+        response.insert("vary", HeaderValue::from_bytes(b"Cookie\xe9").unwrap());
+        assert!(vary_names(&response).is_none());
+        response.insert("vary", HeaderValue::from_static("accept, , cookie,"));
+        assert_eq!(vary_names(&response).unwrap().len(), 2);
     }
 
     #[test]

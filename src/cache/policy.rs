@@ -219,6 +219,9 @@ pub enum NotStored {
     Authorization,
     SetCookie,
     VaryStar,
+    /// A `Vary` member that is no field name (`"Cookie"`, `Cookie/1`), or
+    /// a value that is not ASCII: what it varies on cannot be known.
+    VaryInvalid,
     NoFreshness,
 }
 
@@ -234,6 +237,7 @@ impl NotStored {
                 | NotStored::Private
                 | NotStored::SetCookie
                 | NotStored::VaryStar
+                | NotStored::VaryInvalid
                 | NotStored::NoFreshness
         )
     }
@@ -247,6 +251,7 @@ impl NotStored {
             NotStored::Authorization => "authorization",
             NotStored::SetCookie => "set-cookie",
             NotStored::VaryStar => "vary-star",
+            NotStored::VaryInvalid => "vary-invalid",
             NotStored::NoFreshness => "no-freshness",
         }
     }
@@ -307,14 +312,22 @@ pub fn storable(
     if response.contains_key(header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
-    let vary_star = response
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim() == "*");
-    if vary_star {
-        return Err(NotStored::VaryStar);
+    // A `Vary` whose fields cannot all be read names what the response
+    // varies on no less than one that can: stored as if it did not vary,
+    // one user's `Vary: "Cookie"` page went to every other user
+    // (review32a M2). Varnish passes such a response too.
+    if response.contains_key(header::VARY) && super::key::vary_names(response).is_none() {
+        let star = response
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim() == "*");
+        return Err(if star {
+            NotStored::VaryStar
+        } else {
+            NotStored::VaryInvalid
+        });
     }
     let lifetime = match explicit {
         Some(lifetime) => lifetime,

@@ -327,6 +327,15 @@ fn storability_for_a_shared_cache() {
             none,
             Err(NotStored::VaryStar),
         ),
+        // §4.1: a Vary whose fields cannot be read cannot be matched.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "\"Cookie\"")],
+            none,
+            Err(NotStored::VaryInvalid),
+        ),
         // §4.2.1: s-maxage wins over max-age for a shared cache.
         (
             Method::GET,
