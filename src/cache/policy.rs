@@ -35,6 +35,15 @@ pub struct CacheControl {
     pub targeted: bool,
 }
 
+impl CacheControl {
+    /// A response's directives that forbid serving it stale at all:
+    /// `must-revalidate`, `proxy-revalidate`, and `s-maxage`, which shared
+    /// caches treat as `proxy-revalidate` (RFC 9111 §5.2.2.10).
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
+    }
+}
+
 /// §1.2.2 delta-seconds: digits only; too large caps; anything else is
 /// invalid (`None`).
 fn delta_seconds(value: &str) -> Option<u64> {
@@ -343,9 +352,16 @@ pub fn storable(
         }
         None => return Err(NotStored::NoFreshness),
     };
-    // A response that is stale on arrival is only worth keeping when it can
-    // be revalidated cheaply.
-    if (lifetime.is_zero() || cc.no_cache) && !has_validator(response) {
+    // A response that must be revalidated before each use (`no-cache`) is
+    // only worth keeping when that can be done cheaply; its stale windows
+    // do not apply (RFC 9111 §4.2.4). One stale on arrival is worth
+    // keeping too for a stale window: `max-age=0, stale-if-error=60` is
+    // the usual "always ask me, but serve the last copy if I'm down"
+    // (review32a M3), as a response aged past its `max-age` by `Age` is.
+    let window = !cc.forbids_stale()
+        && (cc.stale_while_revalidate.is_some_and(|s| s > 0)
+            || cc.stale_if_error.is_some_and(|s| s > 0));
+    if !has_validator(response) && (cc.no_cache || (lifetime.is_zero() && !window)) {
         return Err(NotStored::NoFreshness);
     }
     Ok(lifetime)
@@ -427,9 +443,7 @@ pub fn usable(
     if age < lifetime {
         return Usable::Fresh;
     }
-    // Shared caches treat s-maxage as proxy-revalidate (§5.2.2.10).
-    let no_stale = cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some();
-    if no_stale {
+    if cc.forbids_stale() {
         return Usable::MustRevalidate;
     }
     let staleness = age.saturating_sub(lifetime);
@@ -446,7 +460,7 @@ pub fn usable(
 
 /// May a stale response be served because the origin failed (RFC 5861)?
 pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> bool {
-    if cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() {
+    if cc.forbids_stale() {
         return false;
     }
     let staleness = age.saturating_sub(lifetime);

@@ -327,6 +327,49 @@ fn storability_for_a_shared_cache() {
             none,
             Err(NotStored::VaryStar),
         ),
+        // Stale on arrival, no validator, but a window to serve it stale
+        // in: kept (RFC 5861); `no-cache` allows no stale use, so not so.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=0, stale-if-error=60")],
+            none,
+            Ok(Duration::ZERO),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=0, stale-while-revalidate=30")],
+            none,
+            Ok(Duration::ZERO),
+        ),
+        // s-maxage forbids stale use (§5.2.2.10): the window is no reason.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "s-maxage=0, stale-while-revalidate=30")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=0, stale-if-error=0")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60, no-cache, stale-if-error=60")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
         // §4.1: a Vary whose fields cannot be read cannot be matched.
         (
             Method::GET,
