@@ -641,6 +641,21 @@ async fn a_request_its_client_leaves_counts_as_499() {
     assert!(asked.await.is_err(), "the backend is slower than that");
     counted(2).await;
     assert_eq!(scraped(&proxy, "portico_requests_total{code=\"200\""), 0);
+    // Counted, not timed: a request with no response head has no time to
+    // one, and how long it waited is its client's patience, not the
+    // backend's latency (review32d F2).
+    assert_eq!(
+        scraped(
+            &proxy,
+            "portico_request_duration_seconds_count{route=\"orders\"}"
+        ),
+        0
+    );
+    let timed = format!(
+        "portico_upstream_duration_seconds_count{{backend=\"{}\",upstream=\"orders\"}}",
+        backend.addr()
+    );
+    assert_eq!(scraped(&proxy, &timed), 0);
 }
 
 #[tokio::test]

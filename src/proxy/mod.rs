@@ -137,13 +137,19 @@ impl Pending<'_> {
         Some(access.answered(response, self.started, self.reached(), cut_off))
     }
 
-    /// Counts the request, answered or left by its client, under its route.
+    /// Counts the request, answered or left by its client, under its
+    /// route. Only an answer is timed: the histogram is the time to a
+    /// response head, and one the client left has none (its length is the
+    /// client's patience, review32d F2).
     fn count(&self, status: u16) {
         let proxy = self.proxy;
         let route = self.trace.route.and_then(|i| proxy.route_metrics.get(i));
-        route
-            .unwrap_or(&proxy.unrouted)
-            .record(status, self.started.elapsed().as_secs_f64());
+        let route = route.unwrap_or(&proxy.unrouted);
+        if status == CLIENT_CLOSED {
+            route.count(status);
+        } else {
+            route.record(status, self.started.elapsed().as_secs_f64());
+        }
     }
 
     /// Where the request went, for the access line.
@@ -860,8 +866,10 @@ impl Unanswered<'_> {
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if self.open {
-            self.metrics
-                .record(CLIENT_CLOSED, self.sent.elapsed().as_secs_f64());
+            // Counted, not timed: how long the backend had been waited
+            // for when the client left is the client's patience, not the
+            // backend's latency.
+            self.metrics.count(CLIENT_CLOSED);
             self.state.no_verdict(self.epoch);
         }
     }
