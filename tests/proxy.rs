@@ -1038,6 +1038,61 @@ async fn an_upload_of_tiny_chunks_goes_on_in_few_chunks() {
     proxy.stop().await;
 }
 
+/// A backend that reads a request's head and then nothing of its body
+/// (frozen, a GC pause, a deadlocked worker) gets `body_timeout` to take
+/// more, then the client a 504: hyper stops polling an upload it cannot
+/// write, so the body's own stall timer never ran, and an upload larger
+/// than the sockets' buffers waited for as long as the backend kept its
+/// connection (review32c F1).
+#[tokio::test]
+async fn an_upload_the_backend_stops_reading_gets_504_after_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = serve_each(|mut stream| async move {
+        let mut head = [0u8; 1024];
+        let _ = stream.read(&mut head).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(stream);
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    config.server.max_request_body = 256 << 20;
+    config.upstreams[0].body_timeout = Duration::from_millis(500);
+    config.upstreams[0].response_timeout = Duration::from_millis(500);
+    let proxy = start_proxy(config).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    // More than the sockets on the way can hold, sent as fast as it goes.
+    let size = 128usize << 20;
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        write.write_all(head.as_bytes()).await?;
+        let block = vec![b'x'; 64 * 1024];
+        for _ in 0..size / block.len() {
+            write.write_all(&block).await?;
+        }
+        std::io::Result::Ok(write)
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let status = tokio::time::timeout(STEP, async {
+        loop {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+            if let Some(line) = String::from_utf8_lossy(&answer).lines().next() {
+                if answer.windows(2).any(|w| w == b"\r\n") {
+                    return line.to_owned();
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer within STEP");
+    assert!(status.starts_with("HTTP/1.1 504"), "{status}");
+    upload.abort();
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn an_event_goes_on_before_the_backend_sends_the_next() {
     // The backend sends its second event only once the client has the

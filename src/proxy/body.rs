@@ -109,6 +109,11 @@ pub struct UploadEnded(Arc<UploadState>);
 #[derive(Debug, Default)]
 struct UploadState {
     ended: OnceLock<Instant>,
+    /// Frames hyper has taken from the upload, and whether it is waiting
+    /// for the client's next one: with neither moving, the backend has
+    /// stopped reading (see [`UploadEnded::progress`]).
+    taken: std::sync::atomic::AtomicU64,
+    awaiting_client: std::sync::atomic::AtomicBool,
     /// What a response body watching the upload sees (see
     /// [`UploadEnded::watch`]).
     outcome: Arc<std::sync::atomic::AtomicU8>,
@@ -149,6 +154,27 @@ impl UploadEnded {
     /// drains what is left of it or stops reading.
     pub fn is_abandoned(&self) -> bool {
         !self.is_set() && Arc::strong_count(&self.0) == 1
+    }
+
+    /// How the upload moves: frames hyper has taken so far, and whether
+    /// hyper now waits for the client (the client's pace, which
+    /// `body_timeout` bounds on the body itself). A count that stays put
+    /// while hyper does not wait for the client means hyper cannot write:
+    /// the backend has stopped reading.
+    pub fn progress(&self) -> (u64, bool) {
+        (
+            self.0.taken.load(Ordering::Relaxed),
+            self.0.awaiting_client.load(Ordering::Relaxed),
+        )
+    }
+
+    fn took(&self) {
+        self.0.taken.fetch_add(1, Ordering::Relaxed);
+        self.0.awaiting_client.store(false, Ordering::Relaxed);
+    }
+
+    fn awaiting_client(&self) {
+        self.0.awaiting_client.store(true, Ordering::Relaxed);
     }
 
     fn fail(&self) {
@@ -384,6 +410,9 @@ impl Body for RequestBody {
                     }
                 }
                 this.stall.progress();
+                if let Some(ended) = &this.ended {
+                    ended.took();
+                }
                 // Trailers come last; after them hyper's client asks for
                 // nothing more.
                 // An HTTP/2 upload's END_STREAM may come in a frame of its
@@ -410,7 +439,12 @@ impl Body for RequestBody {
                     this.mark_failed();
                     Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout))))
                 }
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    if let Some(ended) = &this.ended {
+                        ended.awaiting_client();
+                    }
+                    Poll::Pending
+                }
             },
         }
     }

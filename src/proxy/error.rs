@@ -67,6 +67,10 @@ pub enum ProxyError {
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
+    /// The backend stopped reading the upload: hyper could not write to
+    /// it for `body_timeout` (nginx's `proxy_send_timeout`).
+    #[error("backend {backend} stopped reading the request body for longer than body_timeout")]
+    UploadStalled { backend: std::net::SocketAddr },
     #[error("request came back to this proxy a second time (its Via names this proxy twice): a loop through an upstream")]
     Loop,
     #[error("backend {backend} sent a response portico cannot relay: {reason}")]
@@ -145,9 +149,9 @@ impl ProxyError {
             | ProxyError::Upstream { .. }
             | ProxyError::BadResponse { .. }
             | ProxyError::Loop => StatusCode::BAD_GATEWAY,
-            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::ConnectTimeout { .. }
+            | ProxyError::ResponseTimeout { .. }
+            | ProxyError::UploadStalled { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -159,6 +163,7 @@ impl ProxyError {
                 | ProxyError::ConnectTimeout { .. }
                 | ProxyError::Upstream { .. }
                 | ProxyError::ResponseTimeout { .. }
+                | ProxyError::UploadStalled { .. }
                 | ProxyError::BadResponse { .. }
         )
     }

@@ -453,13 +453,14 @@ impl Upstream {
         let addr = backend.addr;
         let upgrade_asked = request.headers().contains_key(header::UPGRADE);
         let timeout = self.config.response_timeout;
+        let stall = self.config.body_timeout;
         async move {
             let bodiless = http_body::Body::is_end_stream(request.body());
             let answer = if bodiless && !upgrade_asked {
                 // The connection's task keeps the timeout (pool::HeadWait).
                 match self.pool.send(index, request, fresh, false, true).await {
-                    Err(SendError::HeadTimeout) => None,
-                    sent => Some(sent),
+                    Err(SendError::HeadTimeout) => Err(Late::Head),
+                    sent => Ok(sent),
                 }
             } else if bodiless {
                 // Boxed, as below: only upgrades take this path. A
@@ -469,21 +470,23 @@ impl Upstream {
                     self.pool.send(index, request, fresh, true, false),
                 ))
                 .await
-                .ok()
+                .map_err(|_| Late::Head)
             } else {
                 let ended = request.body_mut().end_marker();
                 // Boxed: only uploads take this path, and inline it would
                 // grow every request's future (cache hits included).
                 Box::pin(after_upload(
                     timeout,
+                    stall,
                     &ended,
                     self.pool.send(index, request, fresh, upgrade_asked, false),
                 ))
                 .await
             };
             match answer {
-                None => Err(ProxyError::ResponseTimeout { backend: addr }),
-                Some(Ok(response)) => match unrelayable(&response, upgrade_asked) {
+                Err(Late::Head) => Err(ProxyError::ResponseTimeout { backend: addr }),
+                Err(Late::Upload) => Err(ProxyError::UploadStalled { backend: addr }),
+                Ok(Ok(response)) => match unrelayable(&response, upgrade_asked) {
                     // Dropping the response closes the connection.
                     Some(reason) => Err(ProxyError::BadResponse {
                         backend: addr,
@@ -491,7 +494,7 @@ impl Upstream {
                     }),
                     None => Ok(response),
                 },
-                Some(Err(e)) => Err(classify(addr, e)),
+                Ok(Err(e)) => Err(classify(addr, e)),
             }
         }
     }
@@ -683,30 +686,56 @@ fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'stati
     None
 }
 
+/// Which wait ran out (see [`after_upload`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Late {
+    /// No response head within `response_timeout` (of the upload's end).
+    Head,
+    /// The backend took nothing of the upload for `body_timeout`.
+    Upload,
+}
+
 /// Waits for `answer` until `timeout` after the upload ended (`ended`),
 /// like nginx's `proxy_read_timeout`, which starts once the request is
 /// sent: a slow upload is bounded by `body_timeout` between its frames, and
 /// a backend that reads it all before answering is not blamed for the
-/// client's pace. `None` when the time ran out.
+/// client's pace. While the upload goes on, a backend that stops reading
+/// it is given `stall` (`body_timeout`, as nginx's `proxy_send_timeout`
+/// bounds a write to the upstream): hyper stops taking frames once it
+/// cannot write, so the body's own stall timer never ran, and an 8 MB
+/// upload to a frozen backend waited as long as the backend kept its
+/// socket (review32c F1).
 async fn after_upload<F: Future>(
     timeout: Duration,
+    stall: Duration,
     ended: &crate::proxy::body::UploadEnded,
     answer: F,
-) -> Option<F::Output> {
+) -> Result<F::Output, Late> {
     let mut answer = std::pin::pin!(answer);
-    let mut timer = std::pin::pin!(tokio::time::sleep(timeout));
+    // Looked at in quarters of `stall`: never early, at most a quarter late.
+    let step = (stall / 4).max(Duration::from_millis(10));
+    let mut timer = std::pin::pin!(tokio::time::sleep(step.min(timeout)));
+    let mut moved = (ended.progress().0, tokio::time::Instant::now());
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(output));
+            return Poll::Ready(Ok(output));
         }
-        // The timer runs from the start; each time it fires it moves to
-        // `timeout` after the upload's end, or on while it still runs.
+        // Each time the timer fires it moves to `timeout` after the
+        // upload's end, or a step on while the upload still runs.
         while timer.as_mut().poll(cx).is_ready() {
             let now = tokio::time::Instant::now();
             match ended.at() {
-                Some(end) if now >= end + timeout => return Poll::Ready(None),
+                Some(end) if now >= end + timeout => return Poll::Ready(Err(Late::Head)),
                 Some(end) => timer.as_mut().reset(end + timeout),
-                None => timer.as_mut().reset(now + timeout),
+                None => {
+                    let (taken, awaiting_client) = ended.progress();
+                    if taken != moved.0 || awaiting_client {
+                        moved = (taken, now);
+                    } else if now >= moved.1 + stall {
+                        return Poll::Ready(Err(Late::Upload));
+                    }
+                    timer.as_mut().reset(now + step);
+                }
             }
         }
         Poll::Pending
