@@ -174,23 +174,31 @@ async fn handle(
                     "not ready: shutting down\n",
                 );
             }
+            // Ready while some route can be served: an upstream no route
+            // uses says nothing, and one upstream down (a minor one, or
+            // one being retired) took every replica out of its load
+            // balancer at once, the routes still served with it
+            // (review32d F1). Envoy's readiness is its own state alone.
             let proxy = shared.proxy.load();
-            let down: Vec<&str> = proxy
-                .upstreams()
-                .iter()
-                .filter(|u| !u.status().iter().any(|b| b.up && !b.drained))
-                .map(|u| u.name())
-                .collect();
-            if down.is_empty() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
+            let (mut taking, mut down) = (0, Vec::new());
+            for upstream in proxy.routed_upstreams() {
+                if upstream.status().iter().any(|b| b.up && !b.drained) {
+                    taking += 1;
+                } else {
+                    down.push(upstream.name());
+                }
+            }
+            let down = down.join(", ");
+            match (taking, down.is_empty()) {
+                (_, true) => text(StatusCode::OK, "ready\n"),
+                (0, false) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "not ready: no backend taking traffic (up and not drained) in {}\n",
-                        down.join(", ")
-                    ),
-                )
+                    format!("not ready: no backend taking traffic (up and not drained) in {down}\n"),
+                ),
+                (_, false) => text(
+                    StatusCode::OK,
+                    format!("ready; no backend taking traffic (up and not drained) in {down}: its routes answer 503\n"),
+                ),
             }
         }
         (_, "/status") if read => {

@@ -152,6 +152,65 @@ async fn readyz_is_503_when_an_upstream_has_no_backend_up() {
     );
 }
 
+/// Ready while some route can be served: an upstream no route uses says
+/// nothing, and one upstream down is named but leaves the replica in its
+/// load balancer; with none taking traffic it is out (review32d F1).
+#[tokio::test]
+async fn readyz_is_503_only_when_no_routed_upstream_takes_traffic() {
+    let a = start_backend(BackendOptions::new("a")).await;
+    let b = start_backend(BackendOptions::new("b")).await;
+    let mut config = config_for(&[&a]);
+    let health = portico::config::HealthCheck {
+        interval: std::time::Duration::from_millis(50),
+        timeout: std::time::Duration::from_millis(25),
+        rise: 1,
+        fall: 1,
+        ..Default::default()
+    };
+    config.upstreams[0].health = Some(health.clone());
+    let mut other = config.upstreams[0].clone();
+    other.name = "b".into();
+    other.backends[0].addr = b.addr();
+    let mut unused = other.clone();
+    unused.name = "unused".into();
+    unused.backends[0].addr = "127.0.0.1:9".parse().unwrap();
+    config.upstreams.extend([other, unused]);
+    let mut route = config.routes[0].clone();
+    route.path_prefix = "/b/".into();
+    route.upstream = 1;
+    route.name = "b".into();
+    config.routes.push(route);
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let readyz = proxy.admin_url("/readyz");
+    let until = |want: &'static str| {
+        let readyz = readyz.clone();
+        async move {
+            let answered = tokio::time::timeout(STEP, async {
+                loop {
+                    let answer = get(&client(), &readyz).await;
+                    let body = String::from_utf8_lossy(&answer.body).into_owned();
+                    if body.contains(want) {
+                        return (answer.status, body);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            answered.unwrap_or_else(|_| panic!("/readyz never said {want:?}"))
+        }
+    };
+    // The unused upstream's backend is down from the first check on.
+    let (status, _) = until("ready\n").await;
+    assert_eq!(status, StatusCode::OK);
+    b.stop().await;
+    let (status, body) = until("in b:").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!body.contains("unused"), "{body}");
+    a.stop().await;
+    let (status, body) = until("not ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
 fn mutation(url: String, method: &str, token: Option<&str>) -> Request<Full<Bytes>> {
     let mut request = Request::builder().method(method).uri(url);
     if let Some(token) = token {

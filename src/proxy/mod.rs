@@ -289,6 +289,13 @@ impl Proxy {
         &self.upstreams
     }
 
+    /// The upstreams some route sends requests to.
+    pub fn routed_upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        (self.upstreams.iter().enumerate())
+            .filter(|(i, _)| self.router.uses(*i))
+            .map(|(_, u)| u)
+    }
+
     pub fn cache(&self) -> Option<&Arc<Cache>> {
         self.cache.as_ref()
     }

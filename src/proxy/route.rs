@@ -82,6 +82,12 @@ impl Router {
             .map(|(_, r)| r)
     }
 
+    /// Whether some route sends requests to upstream `upstream` (its
+    /// index in the config's list).
+    pub fn uses(&self, upstream: usize) -> bool {
+        self.routes.iter().any(|(_, r)| r.upstream == upstream)
+    }
+
     /// The route for a request, with its index in the config's route list.
     /// `host` is the raw Host / :authority value (port allowed).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
