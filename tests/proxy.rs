@@ -210,6 +210,36 @@ async fn h2_get_with_content(proxy: &RunningProxy) -> (String, Vec<u8>) {
     (status, echoed)
 }
 
+/// An HTTP/2 connection serves 1000 requests, then gets a GOAWAY and is
+/// closed once they are answered, as nginx's `keepalive_requests` ends
+/// one: a client opening and cancelling streams without end cost a
+/// backend connection per stream (review32b F4).
+#[tokio::test]
+async fn an_http2_connection_is_retired_after_1000_requests() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client;
+    for n in 1..=1000 {
+        client = client.ready().await.unwrap();
+        let request = Request::get(proxy.url("/health")).body(()).unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = tokio::time::timeout(STEP, response).await.unwrap();
+        let response = response.unwrap_or_else(|e| panic!("request {n}: {e}"));
+        assert_eq!(response.status(), StatusCode::OK, "request {n}");
+        let mut body = response.into_body();
+        while let Some(data) = tokio::time::timeout(STEP, body.data()).await.unwrap() {
+            let _ = data.unwrap();
+        }
+    }
+    // The GOAWAY came with the 1000th: the connection ends, no stream cut.
+    let ended = tokio::time::timeout(STEP, connection).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    proxy.stop().await;
+}
+
 /// An HTTP/2 GET's content, read early to learn whether the request has
 /// any, still reaches the backend whole; and the request still goes to
 /// another backend when the first refuses the connection.

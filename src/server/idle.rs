@@ -87,6 +87,9 @@ pub(super) struct Activity {
     /// watchdog: the drain's takes over from the serving one without
     /// giving a head under way a fresh `request_header_timeout`.
     head_clock: Mutex<HeadClock>,
+    /// Told when the connection has served its share of requests (see
+    /// [`Activity::retire`]).
+    retire: tokio::sync::Notify,
 }
 
 /// The head timer at one look of the watchdog.
@@ -174,6 +177,7 @@ impl Activity {
             closing: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
             head_clock: Mutex::new(HeadClock::default()),
+            retire: tokio::sync::Notify::new(),
         }
     }
 
@@ -292,6 +296,17 @@ impl Activity {
     }
 
     /// From now on every answer tells the client the connection closes.
+    /// The connection has served its share of requests: it is to end
+    /// gracefully ([`Activity::retired`]).
+    pub(super) fn retire(&self) {
+        self.retire.notify_one();
+    }
+
+    /// Resolves once [`Activity::retire`] has been called.
+    pub(super) async fn retired(&self) {
+        self.retire.notified().await;
+    }
+
     pub(super) fn close_after_answers(&self) {
         self.closing.store(true, Ordering::Relaxed);
     }

@@ -320,6 +320,15 @@ impl Shared {
 /// `http2_max_concurrent_streams`).
 const H2_MAX_STREAMS: u32 = 128;
 
+/// Requests an HTTP/2 connection serves before it is sent a GOAWAY and the
+/// client opens another, as nginx's `keepalive_requests` (1000) ends one.
+/// Each stream a client cancels once it has reached a backend costs that
+/// backend a connection: opening and resetting streams without end made
+/// 7,680 backend connections in 4 s on one client connection, past the
+/// h2 library's guard against resets (it counts streams reset before they
+/// are accepted) (review32b F4).
+const H2_MAX_REQUESTS: u64 = 1000;
+
 /// Request body bytes an HTTP/2 client may send on a stream ahead of
 /// portico's reading them: 256 KiB, 12.5 MB/s for one upload over a 20 ms
 /// round trip.
@@ -816,6 +825,9 @@ async fn serve_connection<IO: Parkable>(
         let proxy = generations.proxy.load_full();
         let busy = requests.busy();
         let multiplexed = request.version() == http::Version::HTTP_2;
+        if multiplexed && requests.started() == H2_MAX_REQUESTS {
+            requests.retire();
+        }
         if !multiplexed && !hyper::body::Body::is_end_stream(request.body()) {
             let ended = crate::proxy::body::UploadEnded::default();
             requests.has_body(ended.clone());
@@ -892,6 +904,10 @@ async fn serve_connection<IO: Parkable>(
                 },
                 // Finish in-flight requests, then close.
                 _ = held.shutdown.recv() => End::Drain,
+                () = activity.retired() => {
+                    tracing::debug!(client = %conn.peer, "HTTP/2 connection served its {H2_MAX_REQUESTS} requests; GOAWAY");
+                    End::Graceful
+                }
             }
         });
         tokio::select! {
