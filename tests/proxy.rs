@@ -845,6 +845,29 @@ async fn backend_answers_that_cannot_be_relayed_give_502() {
     );
 }
 
+/// A 101 must name what it switches to (RFC 9110 §7.8): one without
+/// `Upgrade` is a 502, even to a request that asked to upgrade
+/// (review32c F8). Whitespace between a response field's name and its
+/// colon is removed, as RFC 9112 §5.1 asks of a proxy, where it made the
+/// whole response a 502 (review32c F7).
+#[tokio::test]
+async fn a_bare_101_is_refused_and_a_spaced_field_name_relayed() {
+    let addr = scripted_backend(|head| match target_of(head) {
+        "/switch-bare" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+        _ => b"HTTP/1.1 200 OK\r\nFoo : bar\r\nContent-Length: 2\r\n\r\nok",
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let raw = b"GET /switch-bare HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, raw).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let answer = get(&client(), &proxy.url("/spaced")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("foo"), "bar");
+}
+
 #[tokio::test]
 async fn a_backend_length_beside_chunked_is_dropped_before_relaying() {
     // RFC 9112 §6.3: chunked wins and the received Content-Length must go;

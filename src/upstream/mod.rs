@@ -149,6 +149,11 @@ impl Upstream {
         // hyper lets a backend connection's read buffer grow to ~400 KiB
         // on large bodies, and keeps it for the connection's life.
         builder.max_buf_size(UPSTREAM_READ_BUFFER);
+        // RFC 9112 §5.1: a proxy MUST remove whitespace between a response
+        // field's name and its colon before forwarding; refused, `Foo :
+        // bar` made the whole response a 502 (review32c F7). Requests
+        // with it are still refused (400), as the RFC requires.
+        builder.allow_spaces_after_header_name_in_responses(true);
         let scheme = if config.tls.is_some() {
             "https"
         } else {
@@ -679,6 +684,11 @@ fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'stati
     if status == 101 && !upgrade_asked {
         // RFC 9110 §15.2.2: a server switches only to what was asked for.
         return Some("101 Switching Protocols to a request without Upgrade");
+    }
+    if status == 101 && !response.headers().contains_key(http::header::UPGRADE) {
+        // RFC 9110 §7.8: a 101 MUST say what it switches to; a client
+        // cannot tell what it is now speaking otherwise (review32c F8).
+        return Some("101 Switching Protocols without an Upgrade field");
     }
     if !crate::proxy::headers::relayable_coding(response.headers()) {
         return Some("a transfer coding other than chunked");
