@@ -539,6 +539,57 @@ fn a_download_left_midway_blames_no_backend() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A stale-while-revalidate refresh that fails is logged: its client was
+/// answered from the stale copy, so nothing else said the backend failed
+/// (review32a L5).
+#[test]
+fn a_failed_background_refresh_is_logged() {
+    use std::io::{Read, Write};
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // The first answer is stale on arrival (Age past max-age) with a
+        // window to serve it in; every later one is a 500.
+        let mut first = true;
+        for stream in origin.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let answer: &[u8] = if std::mem::take(&mut first) {
+                b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\nAge: 5\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = stream.write_all(answer);
+        }
+    });
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\nretries = 0\n\
+         [[route]]\nupstream = \"o\"\n[cache]\n"
+    );
+    let mut run = portico_on("swr", &config, None);
+    for want in ["stored", "stale-while-revalidate"] {
+        let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (status, _) = ask(&mut stream, "/page");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        line_with(&run.log, want, &mut run.seen);
+    }
+    let line = line_with(&run.log, "background refresh failed", &mut run.seen);
+    assert!(line.contains("500"), "{line}");
+    assert!(line.contains("/page"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A child process killed when dropped, so a failed test leaves none.
 struct Killed(std::process::Child);
 

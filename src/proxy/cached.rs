@@ -1340,22 +1340,30 @@ async fn refresh(
     };
     let whole = unconditional(&parts);
     conditional(&mut parts, &entry);
-    let mut trace = Trace::default();
-    let Ok((mut response, mut in_flight)) =
-        forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await
-    else {
-        return;
+    // Its failures are logged: its client was answered from the stale
+    // copy, so no access line says the backend failed, and every refresh
+    // could fail behind a row of healthy hits (review32a L5).
+    let path = parts.uri.path().to_owned();
+    let failed = |why: &dyn std::fmt::Display| {
+        tracing::warn!(upstream = upstream.name(), path, error = %why, "background refresh failed; the stale copy goes on being served");
     };
+    let mut trace = Trace::default();
+    let (mut response, mut in_flight) =
+        match forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await {
+            Ok(answer) => answer,
+            Err(error) => return failed(&error),
+        };
     if response.status() == StatusCode::NOT_MODIFIED {
         match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
             Revalidated::Mismatch => {
                 // As in `revalidate`: fetch it whole, once.
-                let Ok(whole) =
-                    forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace).await
-                else {
-                    return;
-                };
-                (response, in_flight) = whole;
+                (response, in_flight) =
+                    match forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace)
+                        .await
+                    {
+                        Ok(answer) => answer,
+                        Err(error) => return failed(&error),
+                    };
             }
             judged => return keep_304(&cache, &mut fetch, judged).await,
         }
@@ -1366,7 +1374,7 @@ async fn refresh(
     // lifetime. The copy goes on being served stale, and refreshed.
     if response.status().is_server_error() {
         release(fetch.leader.as_ref());
-        return;
+        return failed(&format_args!("the backend answered {}", response.status()));
     }
     let primary = fetch.fill.primary().to_owned();
     let request_headers = fetch.request_headers.clone();
