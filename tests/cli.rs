@@ -544,29 +544,13 @@ fn a_download_left_midway_blames_no_backend() {
 /// (review32a L5).
 #[test]
 fn a_failed_background_refresh_is_logged() {
-    use std::io::{Read, Write};
-    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let origin_addr = origin.local_addr().unwrap();
-    std::thread::spawn(move || {
-        // The first answer is stale on arrival (Age past max-age) with a
-        // window to serve it in; every later one is a 500.
-        let mut first = true;
-        for stream in origin.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let answer: &[u8] = if std::mem::take(&mut first) {
-                b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\nAge: 5\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-            } else {
-                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            };
-            let _ = stream.write_all(answer);
+    // The first answer is stale on arrival (Age past max-age) with a
+    // window to serve it in; every later one is a 500.
+    let origin_addr = origin(|n| {
+        if n == 0 {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\nAge: 5\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        } else {
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         }
     });
     let config = format!(
@@ -588,6 +572,52 @@ fn a_failed_background_refresh_is_logged() {
     assert!(line.contains("500"), "{line}");
     assert!(line.contains("/page"), "{line}");
     let _ = std::fs::remove_dir_all(run.dir);
+}
+
+/// A body the backend breaks is warned about with what broke it: hyper
+/// says "error reading a body from connection" of a reset, an early close
+/// and a bad chunk alike (review32c F4).
+#[test]
+fn a_broken_body_s_warning_says_what_broke_it() {
+    let origin_addr =
+        origin(|_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n");
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\n\
+         [[route]]\nupstream = \"o\"\n"
+    );
+    let mut run = portico_on("broke", &config, None);
+    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let line = line_with(&run.log, "broke the response body", &mut run.seen);
+    assert!(line.contains("chunk"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
+/// A backend on loopback that reads each request's head and writes
+/// `answer(n)` for its `n`th connection (from 0), then closes.
+fn origin(answer: fn(usize) -> &'static [u8]) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = origin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (n, stream) in origin.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(answer(n));
+        }
+    });
+    addr
 }
 
 /// A child process killed when dropped, so a failed test leaves none.

@@ -509,6 +509,10 @@ fn cut_short(slot: Option<InFlight>, error: BodyError) -> BodyError {
             "backend body stalled past body_timeout; client response aborted"
         ),
         None => {
+            // With its causes: hyper says "error reading a body from
+            // connection" of a reset, an early close and a bad chunk alike
+            // (review32c F4).
+            let error = super::error::Chain(&error);
             tracing::warn!(upstream, backend, %error, "backend broke the response body; client response aborted")
         }
     }

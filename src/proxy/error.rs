@@ -85,7 +85,7 @@ pub enum ProxyError {
 /// needs ("Connection refused", as nginx's `connect() failed (111:
 /// Connection refused)` gives it) is its source. A cause whose text its
 /// error already showed is not repeated.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
