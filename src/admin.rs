@@ -435,12 +435,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HEAD_TIMEOUT);
-    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "-".to_owned(), |a| a.to_string());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(listener = ?local, %error, "admin accept failed");
+                tracing::warn!(listener = local, %error, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

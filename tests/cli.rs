@@ -594,6 +594,16 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     std::io::Write::write_all(&mut stream, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let line = line_with(&run.log, "broke the response body", &mut run.seen);
     assert!(line.contains("chunk"), "{line}");
+    // What hyper read past the bad chunk is the rest of the broken body,
+    // not bytes sent after a response.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(run.proxy);
+    run.seen.extend(run.log.try_iter());
+    assert!(
+        !run.seen.iter().any(|l| l.contains("no request asked for")),
+        "{:#?}",
+        run.seen
+    );
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

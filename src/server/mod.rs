@@ -533,7 +533,10 @@ async fn accept_loop(
         drain,
         cut,
     } = serving;
-    let local = listener.local_addr().ok();
+    // Shown as an address, not as Rust's `Some(...)`.
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "-".to_owned(), |a| a.to_string());
     let mut failing = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
@@ -543,7 +546,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                failing.recovered(local);
+                failing.recovered(&local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 // The listener's own signal, which also fires at shutdown:
@@ -610,12 +613,12 @@ async fn accept_loop(
             Err(error) => {
                 // Out of file descriptors and similar: back off instead of
                 // spinning; the listener itself stays usable.
-                failing.failed(local, &error);
+                failing.failed(&local, &error);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    tracing::debug!(listener = ?local, "listener closed");
+    tracing::debug!(listener = local, "listener closed");
 }
 
 /// A run of failed accepts (out of file descriptors, mostly), logged when
@@ -630,12 +633,12 @@ struct AcceptFailures {
 impl AcceptFailures {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn failed(&mut self, local: Option<SocketAddr>, error: &std::io::Error) {
+    fn failed(&mut self, local: &str, error: &std::io::Error) {
         let now = std::time::Instant::now();
         match &mut self.run {
             None => {
                 tracing::warn!(
-                    listener = ?local, %error,
+                    listener = local, %error,
                     "accept failed; new connections wait in the listen queue"
                 );
                 self.run = Some((now, now, 0));
@@ -644,7 +647,7 @@ impl AcceptFailures {
                 *count += 1;
                 if now.duration_since(*said) >= Self::EVERY {
                     tracing::warn!(
-                        listener = ?local, %error, failures = *count,
+                        listener = local, %error, failures = *count,
                         "accept still failing"
                     );
                     (*said, *count) = (now, 0);
@@ -653,10 +656,11 @@ impl AcceptFailures {
         }
     }
 
-    fn recovered(&mut self, local: Option<SocketAddr>) {
+    fn recovered(&mut self, local: &str) {
         if let Some((since, _, _)) = self.run.take() {
             tracing::info!(
-                listener = ?local, after = ?since.elapsed(),
+                listener = local,
+                after_ms = since.elapsed().as_millis() as u64,
                 "accepting again"
             );
         }

@@ -202,6 +202,10 @@ struct HeadWait {
     head_bytes: AtomicU64,
 }
 
+/// How many 5 ms looks a finished connection with bytes left over gives
+/// its response's reader to say the body broke (see [`Pool::serve`]).
+const CUT_SETTLE_STEPS: usize = 20;
+
 /// How much of a health check's answer is read before the connection is
 /// closed: the status decides, the body is only let finish.
 const CHECK_BODY_READ: usize = 1 << 20;
@@ -639,8 +643,18 @@ impl Pool {
             // head still awaited (too large, say). hyper's task ends only
             // once the request's side has its response or error, so a
             // head that came was marked as such before this looks.
-            let unfinished =
+            let mut unfinished =
                 watch.cut.load(Ordering::Relaxed) || watch.heading.load(Ordering::Relaxed);
+            // hyper's task ends as it hands a body's error on, maybe
+            // before the body's reader takes it and marks the response
+            // cut: give it a moment before blaming the backend's framing.
+            for _ in 0..CUT_SETTLE_STEPS {
+                if fit || unfinished {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                unfinished = watch.cut.load(Ordering::Relaxed);
+            }
             if !fit && unfinished {
                 tracing::debug!(
                     bytes = read_buf.len(),
@@ -650,7 +664,7 @@ impl Pool {
                 // A body longer than its length, a body on a 204 or a
                 // HEAD: the backend's framing is wrong, as nginx warns.
                 tracing::warn!(
-                    backend = ?backend_of(&io),
+                    backend = %backend_of(&io).map_or_else(|| "-".to_owned(), |a| a.to_string()),
                     bytes = read_buf.len(),
                     "backend sent bytes after its response that no request asked for; connection closed, not reused"
                 );
@@ -913,10 +927,7 @@ impl Drop for UpstreamBody {
         if self.ended || self.inner.is_end_stream() {
             return;
         }
-        let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
-        if let Some(head) = reused.or(self.head.as_ref()) {
-            head.cut.store(true, Ordering::Relaxed);
-        }
+        self.mark_cut();
     }
 }
 
@@ -929,6 +940,14 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// The response did not end cleanly (see [`HeadWait::cut`]).
+    fn mark_cut(&self) {
+        let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
+        if let Some(head) = reused.or(self.head.as_ref()) {
+            head.cut.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn release(&mut self) {
         if let Some(reuse) = self.reuse.take() {
             reuse.pool.put_back(reuse.index, reuse.conn);
@@ -952,7 +971,12 @@ impl Body for UpstreamBody {
                 this.ended = true;
                 this.release();
             }
-            Poll::Ready(Some(Err(_))) => this.reuse = None,
+            Poll::Ready(Some(Err(_))) => {
+                // What hyper read past the error is the rest of a broken
+                // body, not stray bytes after a response (review32c F4).
+                this.mark_cut();
+                this.reuse = None;
+            }
             _ => {}
         }
         polled
