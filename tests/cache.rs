@@ -1607,6 +1607,20 @@ async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
         get(&client, &url).await.header("cache-status"),
         "portico; hit"
     );
+    // A GET the cache passes by for another reason than its method (an
+    // upgrade the backend declined) is a bypass (review32d F4).
+    let raw = format!(
+        "GET /cors HTTP/1.1\r\nHost: {}\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+        proxy.addr
+    );
+    let answer = raw_exchange(proxy.addr, raw.as_bytes())
+        .await
+        .to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("cache-status: shield; hit, portico; fwd=bypass\r\n"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

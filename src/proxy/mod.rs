@@ -626,9 +626,12 @@ impl Proxy {
                 target.to_owned()
             });
             if let Some(cache) = cache {
-                trace.fwd = Some(if with_content {
-                    // A GET or HEAD with content is a lookup the cache
-                    // passed by, as `fwd=bypass` says.
+                trace.fwd = Some(if readable {
+                    // A GET or HEAD here is a lookup the cache passed by,
+                    // as `fwd=bypass` says: one with content, an upgrade,
+                    // or one back through this proxy again (a loop the
+                    // other hop will stop). `fwd=method` is for the
+                    // methods a cache never answers (review32d F4).
                     cache.counters.bypass.inc();
                     "bypass"
                 } else {
@@ -661,7 +664,7 @@ impl Proxy {
             error::quota_headers(&mut parts.headers, quota);
             if cache.is_some() {
                 // Every response of a caching route says what the cache did.
-                let status = if with_content {
+                let status = if readable {
                     "portico; fwd=bypass"
                 } else {
                     "portico; fwd=method"
