@@ -2353,3 +2353,37 @@ async fn an_http2_get_ended_by_an_empty_data_frame_is_cached() {
     assert_eq!(seen, ["portico; fwd=miss; stored", "portico; hit"]);
     assert_eq!(backend.requests(), 1);
 }
+
+/// A retried response's age counts from the retry, not from the attempt
+/// that failed (RFC 9111 §4.2.3: the request that resulted in the stored
+/// response): a first attempt that took 1.5 s to fail made a `max-age=1`
+/// answer stale on arrival, and it was not stored (review32a L1).
+#[tokio::test]
+async fn a_retried_response_s_age_counts_from_the_retry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    let addr = serve_each(move |mut stream| {
+        let n = seen.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            if n == 0 {
+                // Takes its time, then closes without an answer.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                return;
+            }
+            let answer =
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=1\r\ncontent-length: 2\r\n\r\nok";
+            let _ = stream.write_all(answer).await;
+            let _ = stream.read(&mut head).await;
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let answer = get(&client(), &proxy.url("/micro")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
+    assert_eq!(connections.load(Ordering::Relaxed), 2, "retried once");
+}

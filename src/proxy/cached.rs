@@ -481,7 +481,7 @@ pub(super) async fn serve(
     } else {
         storable_fetch(cache, &primary, &mut parts)
     };
-    let fetch = Fetch {
+    let mut fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc,
         is_head: parts.method == Method::HEAD,
@@ -505,6 +505,7 @@ pub(super) async fn serve(
             return Err(error);
         }
     };
+    fetch.request_time = answered_request_time(cache, fetch.request_time, trace);
     let mut response = fetch.store_or_relay(cache, upstream, response, in_flight);
     if let Some(own) = own {
         response = answer_own(own, response);
@@ -515,6 +516,21 @@ pub(super) async fn serve(
         Some(asked) => Box::pin(cut_range(cache, upstream, asked, response, trace)).await,
         None => Ok(response.map(ProxyBody::read_ahead)),
     }
+}
+
+/// The `request_time` of the request that got the answer (RFC 9111
+/// §4.2.3): the last retry's sending when there was one. A failed
+/// attempt's time is no transit delay; counted as one, it aged a retried
+/// response by a whole `connect_timeout`, and a `max-age=1` one was not
+/// stored at all while a backend was black-holed (review32a L1).
+fn answered_request_time(
+    cache: &Cache,
+    asked: std::time::SystemTime,
+    trace: &Trace,
+) -> std::time::SystemTime {
+    trace
+        .retried_at
+        .map_or(asked, |at| cache.now() - at.elapsed())
 }
 
 /// Makes a miss's request one whose answer the cache can store, as nginx
@@ -1239,6 +1255,7 @@ async fn revalidate(
     let mut refetched = false;
     loop {
         let result = forward_with_retries(upstream, request, RequestBody::empty(), trace).await;
+        fetch.request_time = answered_request_time(cache, fetch.request_time, trace);
         let (response, in_flight) = match result {
             Ok(answer) => answer,
             Err(error) => {
@@ -1353,6 +1370,7 @@ async fn refresh(
             Ok(answer) => answer,
             Err(error) => return failed(&error),
         };
+    fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
     if response.status() == StatusCode::NOT_MODIFIED {
         match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
             Revalidated::Mismatch => {

@@ -102,6 +102,9 @@ pub struct Trace {
     pub quota: Option<(u32, u32, std::time::Duration)>,
     /// Attempts that failed and were sent again.
     pub retries: u32,
+    /// When the last retry went out: the request whose answer a cache
+    /// stores, and whose sending its age counts from.
+    pub retried_at: Option<std::time::Instant>,
     /// Whom the request comes from ([`Proxy::client_ip`]), once worked
     /// out: the access line's capture does it, and throttling takes its
     /// answer rather than walk the forwarding fields again.
@@ -844,6 +847,7 @@ fn forward_with_retries<'a>(
             index = retry_index;
             attempt += 1;
             trace.retries = attempt;
+            trace.retried_at = Some(std::time::Instant::now());
             let head = replay.as_ref().expect("retries > 0 keeps the head");
             next = Some((copy_head(head), retry_body));
         }
