@@ -1114,6 +1114,32 @@ async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
     assert!(later.header("age").parse::<u64>().unwrap() < 60);
 }
 
+/// A 304 without Date is dated when it came (RFC 9110 §6.6.1): its
+/// `Expires` counts from then, not from the first response's Date kept in
+/// the entry. Here the new `Expires` is long past: the entry stays stale,
+/// where counted from the old Date it was fresh for 20 s more (review32a
+/// L7).
+#[tokio::test]
+async fn a_304_without_date_is_dated_when_it_came() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nExpires: Sat, 01 Jan 2000 00:00:20 GMT\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nDate: Sat, 01 Jan 2000 00:00:00 GMT\r\n\
+              Expires: Sat, 01 Jan 2000 00:00:10 GMT\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let (_proxy, client, url) = stored_then_aged(addr, "/undated", 0).await;
+    for _ in 0..2 {
+        let revalidated = get(&client, &url).await;
+        assert_eq!(
+            revalidated.header("cache-status"),
+            "portico; fwd=stale; fwd-status=304"
+        );
+    }
+}
+
 #[tokio::test]
 async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     let backend = start_backend(BackendOptions::new("b1")).await;

@@ -1190,6 +1190,17 @@ fn refreshed(
             headers.append(name.clone(), value.clone());
         }
     }
+    // A 304 must carry its Date (RFC 9110 §15.4.5); one without is dated
+    // when it came, as a recipient dates any undated response (§6.6.1).
+    // The stored Date kept instead made `Expires` count from the first
+    // response, and the entry was served seconds past its new `Expires`
+    // (review32a L7).
+    let arrived = cache.now();
+    if !not_modified.contains_key(header::DATE) {
+        if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(arrived)) {
+            headers.insert(header::DATE, date);
+        }
+    }
     let cc = policy::parse_response(&headers);
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
     Entry {
@@ -1197,7 +1208,7 @@ fn refreshed(
         // The response is as old as the 304 says (its own Date and Age),
         // not as the merged fields say: an Age or Date kept from the first
         // response would age the refreshed entry from the start.
-        timing: Timing::new(&not_modified, request_time, cache.now()),
+        timing: Timing::new(&not_modified, request_time, arrived),
         // The 304's values are slices of its connection's read buffer.
         headers: crate::cache::detached(&headers),
         body: entry.body.clone(),
