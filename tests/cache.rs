@@ -2413,3 +2413,23 @@ async fn a_retried_response_s_age_counts_from_the_retry() {
     assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
     assert_eq!(connections.load(Ordering::Relaxed), 2, "retried once");
 }
+
+/// A hit on a status code without a standard reason phrase goes out with
+/// the backend's, as a miss does: hyper wrote `<none>` (review32a L6).
+#[tokio::test]
+async fn a_hit_keeps_the_reason_phrase_of_an_unregistered_status() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 599 Custom Thing\r\nCache-Control: max-age=100\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let raw = b"GET /odd HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    for want in ["fwd=miss; stored", "hit"] {
+        let answer = raw_exchange(proxy.addr, raw).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 599 Custom Thing\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains(want), "{answer}");
+    }
+}

@@ -25,6 +25,7 @@ pub struct Capture {
     /// The request's headers, for the Vary secondary key.
     request: HeaderMap,
     status: StatusCode,
+    reason: Option<hyper::ext::ReasonPhrase>,
     headers: HeaderMap,
     timing: Timing,
     lifetime: Duration,
@@ -45,6 +46,8 @@ pub struct Capture {
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
+    /// See [`Entry::reason`].
+    pub reason: Option<hyper::ext::ReasonPhrase>,
     pub headers: HeaderMap,
     pub timing: Timing,
     pub lifetime: Duration,
@@ -77,6 +80,7 @@ impl Capture {
             fill,
             request,
             status: head.status,
+            reason: head.reason,
             headers: head.headers,
             timing: head.timing,
             lifetime: head.lifetime,
@@ -164,6 +168,7 @@ impl Capture {
         drop(self.held);
         let entry = Arc::new(Entry {
             status: self.status,
+            reason: self.reason,
             headers: self.headers,
             body,
             timing: self.timing,
@@ -241,6 +246,7 @@ mod tests {
         let now = SystemTime::now();
         Head {
             status: StatusCode::OK,
+            reason: None,
             headers: HeaderMap::new(),
             timing: Timing::new(&HeaderMap::new(), now, now),
             lifetime: Duration::from_secs(60),

@@ -54,6 +54,10 @@ const HEADER_SLOT: usize =
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
+    /// The backend's reason phrase, kept for a status code without a
+    /// standard one (599): hyper writes `<none>` for those otherwise
+    /// (review32a L6).
+    pub reason: Option<hyper::ext::ReasonPhrase>,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub timing: Timing,
@@ -612,6 +616,7 @@ mod tests {
         let now = SystemTime::now();
         Entry {
             status: StatusCode::OK,
+            reason: None,
             headers: map(&[("vary", vary), ("cache-control", "max-age=60")]),
             body: Bytes::from_static(b"x"),
             timing: Timing::new(&HeaderMap::new(), now, now),

@@ -189,6 +189,9 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     let mut response = Response::new(body);
     *response.status_mut() = code;
     *response.headers_mut() = headers;
+    if let (Some(reason), true) = (&entry.reason, code == entry.status) {
+        response.extensions_mut().insert(reason.clone());
+    }
     // Stored entries hold no Cache-Status (see `add_status`): nothing to
     // merge with, so no lookup before the insert.
     if let Ok(value) = HeaderValue::from_str(status) {
@@ -992,6 +995,16 @@ impl Fetch {
                 }
                 let head = Head {
                     status,
+                    reason: status
+                        .canonical_reason()
+                        .is_none()
+                        .then(|| {
+                            response
+                                .extensions()
+                                .get::<hyper::ext::ReasonPhrase>()
+                                .cloned()
+                        })
+                        .flatten(),
                     headers: stored,
                     timing: Timing::new(response.headers(), request_time, response_time),
                     lifetime,
@@ -1205,6 +1218,7 @@ fn refreshed(
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
     Entry {
         status: entry.status,
+        reason: entry.reason.clone(),
         // The response is as old as the 304 says (its own Date and Age),
         // not as the merged fields say: an Age or Date kept from the first
         // response would age the refreshed entry from the start.
