@@ -132,6 +132,7 @@ fn cache_hit(c: &mut Criterion) {
         let now = SystemTime::now();
         let entry = Entry {
             status: StatusCode::OK,
+            reason: None,
             cc: policy::parse(&stored),
             timing: Timing::new(&stored, now, now),
             headers: stored,
