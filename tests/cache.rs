@@ -2433,3 +2433,41 @@ async fn a_hit_keeps_the_reason_phrase_of_an_unregistered_status() {
         assert!(answer.contains(want), "{answer}");
     }
 }
+
+/// The same when the empty DATA frame comes in a write of its own, after
+/// the HEADERS: portico waits a moment for it rather than take the GET
+/// for one with content, which went past the cache, chunked to the
+/// backend, and was not retried (review32c F2).
+#[tokio::test]
+async fn an_http2_get_ended_by_an_empty_data_frame_written_apart_is_cached() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Each frame goes out as it is written (no Nagle wait for an ACK).
+    tcp.set_nodelay(true).unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut seen = Vec::new();
+    let mut client = client;
+    for _ in 0..2 {
+        client = client.ready().await.unwrap();
+        let request = Request::get(proxy.url("/cache/apart?cc=max-age=60"))
+            .body(())
+            .unwrap();
+        let (response, mut upload) = client.send_request(request, false).unwrap();
+        // The connection's task writes the HEADERS before the DATA exists.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        upload.send_data(Bytes::new(), true).unwrap();
+        let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+        seen.push(
+            response.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(seen, ["portico; fwd=miss; stored", "portico; hit"]);
+    assert_eq!(backend.requests(), 1);
+}

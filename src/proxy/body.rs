@@ -316,6 +316,48 @@ impl RequestBody {
         self.is_end_stream()
     }
 
+    /// [`RequestBody::settle`], waiting up to `wait` for the frame that
+    /// tells: a client that writes its GET's empty end-of-stream DATA
+    /// frame apart from its HEADERS (a separate write microseconds later)
+    /// made the GET one with content: chunked to its backend, past the
+    /// cache, and not retried (review32c F2). Only HTTP/2 GETs and HEADs
+    /// whose HEADERS did not end their stream wait, and at most `wait`.
+    pub async fn settle_within(&mut self, wait: Duration) -> bool {
+        if self.settle() || self.first.is_some() {
+            return self.is_end_stream();
+        }
+        let told = tokio::time::timeout(
+            wait,
+            std::future::poll_fn(|cx| {
+                let Some(inner) = self.inner.as_mut() else {
+                    return Poll::Ready(());
+                };
+                loop {
+                    match Pin::new(&mut *inner).poll_frame(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(None) => {
+                            self.inner = None;
+                            return Poll::Ready(());
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                            if frame.data_ref().is_some_and(Bytes::is_empty) =>
+                        {
+                            if inner.is_end_stream() {
+                                return Poll::Ready(());
+                            }
+                        }
+                        Poll::Ready(Some(frame)) => {
+                            self.first = Some(Box::new(frame));
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+            }),
+        );
+        let _ = told.await;
+        self.is_end_stream()
+    }
+
     /// A cell that gets the instant the upload was read to its end (at
     /// once for a body that is already over). The backend's time to answer
     /// counts from then, not from the first byte of a slow upload.

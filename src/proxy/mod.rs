@@ -111,6 +111,14 @@ pub struct Trace {
     pub client: Option<std::net::IpAddr>,
 }
 
+/// How long an HTTP/2 GET or HEAD whose HEADERS did not end its stream
+/// waits for the frame that says whether it has content (see
+/// [`RequestBody::settle_within`]). Past Linux's 40 ms delayed ACK: a
+/// client with Nagle on writes that frame only once its HEADERS are
+/// acknowledged. The wait ends as soon as a frame comes, so it costs only
+/// a GET whose content comes later than that, which no client sends.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// nginx's 499: the client closed its connection, or reset its HTTP/2
 /// stream, before its answer was ready.
 pub const CLIENT_CLOSED: u16 = 499;
@@ -584,7 +592,10 @@ impl Proxy {
             // past the cache, as one with `no-store` does.
             let with_content = readable
                 && !http_body::Body::is_end_stream(&body)
-                && !(parts.version == Version::HTTP_2 && body.settle());
+                // Boxed: rare, and inline its timer would grow every
+                // request's future.
+                && !(parts.version == Version::HTTP_2
+                    && Box::pin(body.settle_within(SETTLE_WAIT)).await);
             // The cache that may answer this request itself, if any.
             let answering =
                 cache.filter(|_| readable && !with_content && upgrade.is_none() && back == 0);
