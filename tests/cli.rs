@@ -607,6 +607,31 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A body the backend breaks off is not stored, and its access line says
+/// so, though the Cache-Status the client got, sent before the body,
+/// said `stored` (review32c F5).
+#[test]
+fn a_broken_body_s_access_line_does_not_say_stored() {
+    let origin_addr = origin(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\n0123456789"
+    });
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\n\
+         [[route]]\nupstream = \"o\"\n[cache]\n"
+    );
+    let mut run = portico_on("notstored", &config, None);
+    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let line = line_with(&run.log, "backend_broken", &mut run.seen);
+    assert!(line.contains("detail=body-not-whole"), "{line}");
+    assert!(!line.contains("stored"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A backend on loopback that reads each request's head and writes
 /// `answer(n)` for its `n`th connection (from 0), then closes.
 fn origin(answer: fn(usize) -> &'static [u8]) -> std::net::SocketAddr {

@@ -357,9 +357,28 @@ impl Drop for Tail {
             upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name()),
             backend = self.reached.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
             retries = Some(self.reached.retries).filter(|&n| n > 0),
-            cache = self.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            cache = self.cache_result().as_ref(),
             request_id = record.request_id.to_str().unwrap_or("-"),
         );
+    }
+}
+
+impl Tail {
+    /// The Cache-Status the client got, unless its body then broke: the
+    /// header said `stored` before the body came, and a body the backend
+    /// breaks off or leaves silent is never stored. The line says what
+    /// became of it (review32c F5).
+    fn cache_result(&self) -> std::borrow::Cow<'_, str> {
+        let sent = self
+            .cache
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let broke = matches!(self.end, End::BackendBroken | End::BackendStalled);
+        match sent.strip_suffix("; stored") {
+            Some(head) if broke => format!("{head}; detail=body-not-whole").into(),
+            _ => sent.into(),
+        }
     }
 }
 
