@@ -586,6 +586,12 @@ impl Cache {
 
     /// Entries and weighted bytes, after applying pending evictions; also
     /// refreshes the size gauges.
+    /// Entries stored, as moka last counted them (without its pending
+    /// work, so it may lag by the last few stores).
+    pub fn entries_estimate(&self) -> u64 {
+        self.store.entry_count()
+    }
+
     pub async fn stats(&self) -> (u64, u64) {
         self.store.run_pending_tasks().await;
         let (entries, bytes) = (self.store.entry_count(), self.store.weighted_size());

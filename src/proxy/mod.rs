@@ -266,11 +266,22 @@ impl Proxy {
                 .map_or_else(|| metrics.route(name), |&old| old.clone())
         };
         let cache = config.cache.as_ref().map(|c| {
-            previous
-                .and_then(|p| p.cache.as_ref())
-                .filter(|old| old.config == *c)
-                .cloned()
-                .unwrap_or_else(|| Cache::new(c.clone(), metrics.clone()))
+            let old = previous.and_then(|p| p.cache.as_ref());
+            match old.filter(|old| old.config == *c) {
+                Some(same) => same.clone(),
+                None => {
+                    // A reload that changes `[cache]` starts it empty: say
+                    // so, as it sends every URL to the backends again
+                    // (review32a L2).
+                    if let Some(old) = old {
+                        tracing::warn!(
+                            entries = old.entries_estimate(),
+                            "[cache] changed: the cache starts empty, every URL is fetched again"
+                        );
+                    }
+                    Cache::new(c.clone(), metrics.clone())
+                }
+            }
         });
         Proxy {
             router: Router::new(&config.routes),
