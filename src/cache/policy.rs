@@ -341,7 +341,13 @@ pub fn storable(
     let lifetime = match explicit {
         Some(lifetime) => lifetime,
         None if heuristically_cacheable(status) && !default_ttl.is_zero() => default_ttl,
-        None if cc.public && !default_ttl.is_zero() => default_ttl,
+        // `public` makes any status storable (RFC 9111 §4.2.2), but not a
+        // server error on the operator's default: many frameworks mark
+        // every response `public`, and one passing 500 was served to
+        // everyone for `default_ttl` (review32a L3). nginx's default
+        // `proxy_cache_valid` and Varnish's default TTL skip them too; a
+        // 5xx with its own max-age is still stored.
+        None if cc.public && !default_ttl.is_zero() && !status.is_server_error() => default_ttl,
         // `no-cache` with a validator: kept stale so that every use is a
         // cheap conditional request (§5.2.2.4).
         None if cc.no_cache

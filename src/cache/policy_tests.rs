@@ -370,6 +370,31 @@ fn storability_for_a_shared_cache() {
             none,
             Err(NotStored::NoFreshness),
         ),
+        // `public` takes default_ttl for any status but a server error.
+        (
+            Method::GET,
+            &[],
+            302,
+            &[("cache-control", "public")],
+            ttl,
+            Ok(ttl),
+        ),
+        (
+            Method::GET,
+            &[],
+            500,
+            &[("cache-control", "public")],
+            ttl,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            500,
+            &[("cache-control", "public, max-age=60")],
+            ttl,
+            Ok(ok),
+        ),
         // §4.1: a Vary whose fields cannot be read cannot be matched.
         (
             Method::GET,
