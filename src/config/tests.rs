@@ -303,7 +303,14 @@ fn every_error_names_file_line_col_and_key() {
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nretries = -1\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"1MiB\"\n",
             &[
                 "test.toml:4:11: upstream[0].retries: must be 0 to 10: more retries only multiply an outage",
-                "test.toml:8:12: cache.max_object_size: must not exceed cache.max_size (its default, 8MiB: set it, or raise max_size)",
+                "test.toml:8:12: cache.max_object_size: must leave 80KiB of cache.max_size for a response's head and bookkeeping (its default, 8MiB: set it, or raise max_size)",
+            ],
+        ),
+        (
+            // As large as the whole cache: no such response would fit.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"1MiB\"\nmax_object_size = \"1MiB\"\n",
+            &[
+                "test.toml:8:19: cache.max_object_size: must leave 80KiB of cache.max_size for a response's head and bookkeeping",
             ],
         ),
         (

@@ -1004,7 +1004,11 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
         raw.max_object_size.as_ref(),
         d.max_object_size,
     );
-    if max_object_size > max_size {
+    // A stored response weighs its body plus its head and bookkeeping: a
+    // body of `max_size` itself never fits, and one said `stored` on
+    // every fetch was never kept (review32a L4).
+    let room = max_size.saturating_sub(OBJECT_HEADROOM);
+    if max_object_size > room {
         if let Some(v) = raw.max_object_size.as_ref().or(raw.max_size.as_ref()) {
             // Said of the default too, which the operator never wrote.
             let given = match raw.max_object_size {
@@ -1017,13 +1021,16 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
             r.at(
                 v.span(),
                 "cache.max_object_size",
-                format!("must not exceed cache.max_size{given}"),
+                format!(
+                    "must leave {}KiB of cache.max_size for a response's head and bookkeeping{given}",
+                    OBJECT_HEADROOM >> 10
+                ),
             );
         }
     }
     Cache {
         max_size,
-        max_object_size: max_object_size.min(max_size),
+        max_object_size: max_object_size.min(room),
         default_ttl: duration(
             r,
             "cache.default_ttl",
@@ -1032,6 +1039,10 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
         ),
     }
 }
+
+/// What `cache.max_size` must hold beyond `max_object_size`: a response
+/// head (up to 72 KiB) and an entry's bookkeeping.
+const OBJECT_HEADROOM: u64 = 80 << 10;
 
 /// An address or CIDR block. A block with host bits set (`10.0.0.1/8`) is
 /// refused rather than masked: it is either a typo for one address or for
