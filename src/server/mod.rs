@@ -329,6 +329,13 @@ const H2_MAX_STREAMS: u32 = 128;
 /// are accepted) (review32b F4).
 const H2_MAX_REQUESTS: u64 = 1000;
 
+/// Requests past which a retired HTTP/2 connection is dropped: hyper's
+/// GOAWAY first announces the largest stream id, and the real last one
+/// only once the client acknowledges a PING, so a client ignoring both
+/// could go on opening streams. A round of concurrent streams (what was
+/// in flight when the GOAWAY went) is let through.
+const H2_PAST_GOAWAY: u64 = H2_MAX_REQUESTS + H2_MAX_STREAMS as u64;
+
 /// Request body bytes an HTTP/2 client may send on a stream ahead of
 /// portico's reading them: 256 KiB, 12.5 MB/s for one upload over a 20 ms
 /// round trip.
@@ -829,7 +836,9 @@ async fn serve_connection<IO: Parkable>(
         let proxy = generations.proxy.load_full();
         let busy = requests.busy();
         let multiplexed = request.version() == http::Version::HTTP_2;
-        if multiplexed && requests.started() == H2_MAX_REQUESTS {
+        // At the cap, a GOAWAY; a client that ignores it (and the PING
+        // that confirms it) and opens a round of streams more is dropped.
+        if multiplexed && matches!(requests.started(), H2_MAX_REQUESTS | H2_PAST_GOAWAY) {
             requests.retire();
         }
         if !multiplexed && !hyper::body::Body::is_end_stream(request.body()) {
@@ -1011,6 +1020,11 @@ async fn serve_connection<IO: Parkable>(
                     Ok(())
                 }
                 _ = cut.recv() => Ok(()),
+                // Retired, and the client went on opening streams.
+                () = activity.retired() => {
+                    tracing::debug!(client = %conn.peer, "HTTP/2 client ignored the GOAWAY; closed");
+                    Ok(())
+                }
             }
         }
     };
