@@ -632,6 +632,35 @@ fn a_broken_body_s_access_line_does_not_say_stored() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// The warnings about a request's failed attempts carry its id, as its
+/// access line does, so they can be paired under concurrency
+/// (review32c F4).
+#[test]
+fn a_failed_request_s_warnings_carry_its_id() {
+    // Closes every connection without an answer.
+    let origin_addr = origin(|_| b"");
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\nretries = 1\n\
+         [[route]]\nupstream = \"o\"\n"
+    );
+    let mut run = portico_on("reqid", &config, None);
+    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-42\r\n\r\n",
+    )
+    .unwrap();
+    for needle in ["attempt failed; retrying", "proxy error", "portico::access"] {
+        let line = line_with(&run.log, needle, &mut run.seen);
+        assert!(line.contains("\"request_id\":\"pair-me-42\""), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A backend on loopback that reads each request's head and writes
 /// `answer(n)` for its `n`th connection (from 0), then closes.
 fn origin(answer: fn(usize) -> &'static [u8]) -> std::net::SocketAddr {

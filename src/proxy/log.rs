@@ -116,6 +116,11 @@ impl AccessRecord {
         self.client
     }
 
+    /// The request's id, as its access line gives it.
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
     /// The trusted proxy that forwarded the request, when the client is
     /// another address.
     fn relayed_by(&self) -> Option<IpAddr> {

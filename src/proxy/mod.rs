@@ -386,7 +386,9 @@ impl Proxy {
                     // or its backends': a 501 is the client's request.
                     if status.is_server_error() && status != http::StatusCode::NOT_IMPLEMENTED {
                         let upstream = self.upstream_of(trace.route).map_or("-", |u| u.name());
-                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, "proxy error");
+                        // Its access line's id, to pair the two (review32c F4).
+                        let request_id = pending.access.as_ref().map(log::AccessRecord::request_id);
+                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, request_id, "proxy error");
                     } else {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
@@ -862,9 +864,13 @@ fn forward_with_retries<'a>(
             };
             // As nginx logs each failed attempt: the client's answer,
             // and its access line, show only the last.
+            // With the request's id and client, to pair it with its
+            // access line under concurrency (review32c F4).
+            let request_id = head_request_id(replay.as_ref());
             tracing::warn!(
                 upstream = %upstream.name(), backend = %backend.addr, %error,
-                same_backend = retry_index == index, "attempt failed; retrying"
+                same_backend = retry_index == index, client = trace.client.map(tracing::field::display),
+                request_id, "attempt failed; retrying"
             );
             index = retry_index;
             attempt += 1;
@@ -874,6 +880,11 @@ fn forward_with_retries<'a>(
             next = Some((copy_head(head), retry_body));
         }
     }
+}
+
+/// The request id a copied head carries (set as the request was taken up).
+fn head_request_id(head: Option<&http::request::Parts>) -> Option<&str> {
+    head?.headers.get(&log::X_REQUEST_ID)?.to_str().ok()
 }
 
 /// A request at a backend and not answered yet. Dropped so (its client
