@@ -105,6 +105,8 @@ pub struct Trace {
     /// When the last retry went out: the request whose answer a cache
     /// stores, and whose sending its age counts from.
     pub retried_at: Option<std::time::Instant>,
+    /// A retry was due and the upstream's retry budget refused it.
+    pub budget_refused: bool,
     /// Whom the request comes from ([`Proxy::client_ip`]), once worked
     /// out: the access line's capture does it, and throttling takes its
     /// answer rather than walk the forwarding fields again.
@@ -388,7 +390,8 @@ impl Proxy {
                         let upstream = self.upstream_of(trace.route).map_or("-", |u| u.name());
                         // Its access line's id, to pair the two (review32c F4).
                         let request_id = pending.access.as_ref().map(log::AccessRecord::request_id);
-                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, request_id, "proxy error");
+                        let not_retried = trace.budget_refused.then_some("retry budget spent");
+                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, request_id, not_retried, "proxy error");
                     } else {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
@@ -860,7 +863,12 @@ fn forward_with_retries<'a>(
             tried = tried.with(index);
             let retry_index = match upstream.pick(tried) {
                 Some(retry_index) if upstream.try_retry() => retry_index,
-                _ => return Err(error),
+                Some(_) => {
+                    // Said in the request's warning (review32c F4).
+                    trace.budget_refused = true;
+                    return Err(error);
+                }
+                None => return Err(error),
             };
             // As nginx logs each failed attempt: the client's answer,
             // and its access line, show only the last.
