@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(errors) => {
-                    say_err(errors);
+                    refuse(&cli.standard, errors);
                     ExitCode::FAILURE
                 }
             }
@@ -96,24 +96,29 @@ fn main() -> ExitCode {
             };
             let config = match portico::config::load(&path) {
                 Ok(config) => config,
-                // As `check` prints them; with JSON logs, as log records
-                // too, so a collector that parses every line sees why the
-                // start failed.
                 Err(errors) => {
-                    if matches!(cli.standard.log_format, portico::cli::LogFormat::Json) {
-                        cli.standard.init_logging();
-                        for error in &errors.0 {
-                            tracing::error!(%error, "invalid configuration");
-                        }
-                    } else {
-                        say_err(errors);
-                    }
+                    refuse(&cli.standard, errors);
                     return ExitCode::FAILURE;
                 }
             };
             cli.standard.init_logging();
             run(&cli.standard, portico::run(path, config))
         }
+    }
+}
+
+/// Says why a configuration was refused, by `check` or at start: one
+/// `file:line:col: key: message` line each, or with `--log-format json`
+/// one log record each, so a collector that parses every line sees why
+/// (`check` ignored the flag, review32d).
+fn refuse(flags: &StandardFlags, errors: portico::config::ConfigErrors) {
+    if matches!(flags.log_format, portico::cli::LogFormat::Json) {
+        flags.init_logging();
+        for error in &errors.0 {
+            tracing::error!(%error, "invalid configuration");
+        }
+    } else {
+        say_err(errors);
     }
 }
 

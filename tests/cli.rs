@@ -69,21 +69,28 @@ upstream = "inventory"
     for key in ["colour", "connect_timeout", "upstream"] {
         assert!(stderr.contains(key), "missing key {key} in:\n{stderr}");
     }
-    // Starting on it with JSON logs: every error is a JSON record, so a
-    // collector that parses each line sees why (review29b F9).
-    let out = Command::new(PORTICO)
-        .args(["--log-format", "json", "--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let records: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect();
-    assert_eq!(records.len(), 3, "{stderr}");
-    assert!(records.iter().all(|r| r["level"] == "ERROR"), "{stderr}");
-    assert!(stderr.contains(&format!("{name}:8:19")), "{stderr}");
+    // Starting on it, or checking it, with JSON logs: every error is a
+    // JSON record, so a collector that parses each line sees why
+    // (review29b F9; `check` ignored the flag, review32d).
+    for check in [false, true] {
+        let mut command = Command::new(PORTICO);
+        if check {
+            command.arg("check");
+        }
+        let out = command
+            .args(["--log-format", "json", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let records: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        assert_eq!(records.len(), 3, "{stderr}");
+        assert!(records.iter().all(|r| r["level"] == "ERROR"), "{stderr}");
+        assert!(stderr.contains(&format!("{name}:8:19")), "{stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
