@@ -511,17 +511,10 @@ fn a_download_left_midway_blames_no_backend() {
             });
         }
     });
-    let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"dl\"\nbackends = [\"{origin_addr}\"]\n\
-         [[route]]\nupstream = \"dl\"\n"
-    );
+    let config = behind(origin_addr, "", "");
     let mut run = portico_on("left", &config, None);
     for _ in 0..3 {
-        let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let mut stream = connect(&run);
         write!(stream, "GET /file HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut got = 0;
         let mut buf = [0u8; 65536];
@@ -535,15 +528,7 @@ fn a_download_left_midway_blames_no_backend() {
         // has been let go by then.
         line_with(&run.log, "client_gone", &mut run.seen);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    drop(run.proxy);
-    run.seen.extend(run.log.try_iter());
-    assert!(
-        !run.seen.iter().any(|l| l.contains("no request asked for")),
-        "{:#?}",
-        run.seen
-    );
-    let _ = std::fs::remove_dir_all(run.dir);
+    no_stray_bytes_warning(run);
 }
 
 /// A stale-while-revalidate refresh that fails is logged: its client was
@@ -560,17 +545,10 @@ fn a_failed_background_refresh_is_logged() {
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         }
     });
-    let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\nretries = 0\n\
-         [[route]]\nupstream = \"o\"\n[cache]\n"
-    );
+    let config = behind(origin_addr, "retries = 0\n", "[cache]\n");
     let mut run = portico_on("swr", &config, None);
     for want in ["stored", "stale-while-revalidate"] {
-        let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let mut stream = connect(&run);
         let (status, _) = ask(&mut stream, "/page");
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
         line_with(&run.log, want, &mut run.seen);
@@ -588,30 +566,15 @@ fn a_failed_background_refresh_is_logged() {
 fn a_broken_body_s_warning_says_what_broke_it() {
     let origin_addr =
         origin(|_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n");
-    let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\n\
-         [[route]]\nupstream = \"o\"\n"
-    );
+    let config = behind(origin_addr, "", "");
     let mut run = portico_on("broke", &config, None);
-    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(&run);
     std::io::Write::write_all(&mut stream, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let line = line_with(&run.log, "broke the response body", &mut run.seen);
     assert!(line.contains("chunk"), "{line}");
     // What hyper read past the bad chunk is the rest of the broken body,
     // not bytes sent after a response.
-    std::thread::sleep(Duration::from_millis(500));
-    drop(run.proxy);
-    run.seen.extend(run.log.try_iter());
-    assert!(
-        !run.seen.iter().any(|l| l.contains("no request asked for")),
-        "{:#?}",
-        run.seen
-    );
-    let _ = std::fs::remove_dir_all(run.dir);
+    no_stray_bytes_warning(run);
 }
 
 /// A body the backend breaks off is not stored, and its access line says
@@ -622,16 +585,9 @@ fn a_broken_body_s_access_line_does_not_say_stored() {
     let origin_addr = origin(|_| {
         b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\n0123456789"
     });
-    let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\n\
-         [[route]]\nupstream = \"o\"\n[cache]\n"
-    );
+    let config = behind(origin_addr, "", "[cache]\n");
     let mut run = portico_on("notstored", &config, None);
-    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(&run);
     std::io::Write::write_all(&mut stream, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let line = line_with(&run.log, "backend_broken", &mut run.seen);
     assert!(line.contains("detail=body-not-whole"), "{line}");
@@ -646,16 +602,9 @@ fn a_broken_body_s_access_line_does_not_say_stored() {
 fn a_failed_request_s_warnings_carry_its_id() {
     // Closes every connection without an answer.
     let origin_addr = origin(|_| b"");
-    let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\nretries = 1\n\
-         [[route]]\nupstream = \"o\"\n"
-    );
+    let config = behind(origin_addr, "retries = 1\n", "");
     let mut run = portico_on("reqid", &config, None);
-    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(&run);
     std::io::Write::write_all(
         &mut stream,
         b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-42\r\n\r\n",
@@ -669,14 +618,45 @@ fn a_failed_request_s_warnings_carry_its_id() {
     // is said in the request's warning, where nothing told why there was
     // none.
     for _ in 0..20 {
-        let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let mut stream = connect(&run);
         let (status, _) = ask(&mut stream, "/y");
         assert!(status.starts_with("HTTP/1.1 502"), "{status}");
     }
     line_with(&run.log, "retry budget spent", &mut run.seen);
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
+/// A config for portico on loopback in front of `origin` alone, as
+/// upstream `o` (with `upstream_extra` lines), behind one route (and
+/// `tail`, another section).
+fn behind(origin: std::net::SocketAddr, upstream_extra: &str, tail: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"o\"\nbackends = [\"{origin}\"]\n{upstream_extra}\
+         [[route]]\nupstream = \"o\"\n{tail}"
+    )
+}
+
+/// A client connection to `run`'s proxy, its reads bounded.
+fn connect(run: &Started) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(&run.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+}
+
+/// Stops `run` a moment on and finds in its whole log no warning of bytes
+/// a backend sent after its response.
+fn no_stray_bytes_warning(mut run: Started) {
+    std::thread::sleep(Duration::from_millis(500));
+    drop(run.proxy);
+    run.seen.extend(run.log.try_iter());
+    assert!(
+        !run.seen.iter().any(|l| l.contains("no request asked for")),
+        "{:#?}",
+        run.seen
+    );
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
@@ -896,10 +876,7 @@ fn a_head_timed_out_is_logged_with_the_time_it_had() {
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
     let mut run = portico_on("408", config, None);
-    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(&run);
     stream.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     let _ = stream.read(&mut [0u8; 64]);
     let line = line_with(&run.log, "\"status\":408", &mut run.seen);
@@ -954,10 +931,7 @@ fn user_signals_are_ignored_and_sigquit_drains() {
         let line = line_with(&run.log, "ignored", &mut run.seen);
         assert!(line.contains(name), "{line}");
     }
-    let mut stream = std::net::TcpStream::connect(&run.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(&run);
     // No backend listens on port 9: answered, by a live proxy.
     let (status, _) = ask(&mut stream, "/");
     assert!(status.starts_with("HTTP/1.1 502"), "{status}");
