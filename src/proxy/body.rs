@@ -452,9 +452,6 @@ impl Body for RequestBody {
                     }
                 }
                 this.stall.progress();
-                if let Some(ended) = &this.ended {
-                    ended.took();
-                }
                 // Trailers come last; after them hyper's client asks for
                 // nothing more.
                 // An HTTP/2 upload's END_STREAM may come in a frame of its
@@ -481,12 +478,7 @@ impl Body for RequestBody {
                     this.mark_failed();
                     Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout))))
                 }
-                Poll::Pending => {
-                    if let Some(ended) = &this.ended {
-                        ended.awaiting_client();
-                    }
-                    Poll::Pending
-                }
+                Poll::Pending => Poll::Pending,
             },
         }
     }
@@ -789,6 +781,67 @@ fn connection_poll() -> u64 {
     POLLING.get()
 }
 
+/// A request's body as it goes to a backend: small chunks the client has
+/// ready together joined, as a response's are (see [`Gathered`]), and its
+/// progress told to the upload's [`UploadEnded`] at the layer hyper polls:
+/// a frame handed over, or hyper left waiting for the client. Told from
+/// the body inside, a batch that ended because the client had nothing
+/// more ready left "waiting for the client" set while hyper held the
+/// frame, and a backend that stopped reading was never found out
+/// (review32e H1).
+pub struct Outgoing {
+    inner: Gathered<RequestBody>,
+    /// A clone of the body's own: dropped with it, so it never makes the
+    /// upload look held by someone else (see [`UploadEnded::is_abandoned`]).
+    ended: Option<UploadEnded>,
+}
+
+impl Outgoing {
+    pub fn new(body: RequestBody) -> Self {
+        let ended = body.ended.clone();
+        Outgoing {
+            inner: Gathered::new(body),
+            ended,
+        }
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Body for Outgoing {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let polled = this.inner.poll_frame(cx);
+        if let Some(ended) = &this.ended {
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => ended.took(),
+                // A yield while gathering sends on its next turn.
+                Poll::Pending if !this.inner.is_gathering() => ended.awaiting_client(),
+                _ => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        Body::size_hint(&self.inner)
+    }
+}
+
 /// A backend's body with the small data frames it has ready together
 /// joined (see [`SMALL_FRAME`]). hyper's client decodes the next chunk
 /// only once the body has taken the one before, on the connection's own
@@ -899,7 +952,7 @@ impl<B: Body<Data = Bytes>> Gathered<B> {
 
     /// Whether frames are being gathered: a Pending now is this body
     /// yielding, not its backend being slow.
-    fn is_gathering(&self) -> bool {
+    pub(crate) fn is_gathering(&self) -> bool {
         self.state.as_ref().is_some_and(|s| s.first.is_some())
     }
 }

@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tower::Service;
 
-use crate::proxy::body::{Gathered, RequestBody, UploadWatch};
+use crate::proxy::body::{Outgoing, RequestBody, UploadWatch};
 use crate::task::WhenWoken;
 
 /// How long an idle connection keeps hyper's task and buffers before it is
@@ -87,11 +87,11 @@ impl std::fmt::Debug for Pool {
 }
 
 /// A request's body as it goes to a backend: small chunks the client has
-/// ready together are joined, as a response's are (see [`Gathered`]). An
+/// ready together are joined, as a response's are (see [`Outgoing`]). An
 /// upload of one-byte chunks went on as one write each: 117,000 writes for
 /// 100,000 bytes, and four such clients cut an unrelated route's
 /// throughput by nine tenths (review32b F3).
-type Upload = Gathered<RequestBody>;
+type Upload = Outgoing;
 
 /// A connection hyper is serving.
 struct Conn {
@@ -395,7 +395,7 @@ impl Pool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + '_ {
         // An upload the backend may answer before its end (see `wrap`).
         let upload = request.body().upload_watch();
-        let mut request = request.map(Gathered::new);
+        let mut request = request.map(Outgoing::new);
         async move {
             let taken = if fresh || upgrade {
                 None
@@ -457,7 +457,7 @@ impl Pool {
         conn.heading(true);
         let response = conn
             .sender
-            .send_request(request.map(Gathered::new))
+            .send_request(request.map(Outgoing::new))
             .await
             .map_err(SendError::Http)?;
         conn.heading(false);
