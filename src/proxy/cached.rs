@@ -1300,12 +1300,13 @@ async fn revalidate(
             }
         };
         if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
-            let judged = judge_304(cache, &entry, response.headers(), request_time);
+            let judged = judge_304(cache, &entry, response.headers(), fetch.request_time);
             let updated = match &judged {
                 Revalidated::Mismatch => {
                     // Fetch it whole, once, as a miss would (and counted
-                    // as one below).
+                    // as one below), its age counted from its own sending.
                     refetched = true;
+                    (fetch.request_time, trace.retried_at) = (cache.now(), None);
                     request = unconditional(&client);
                     // No place to read a body the HEAD would not take.
                     if fetch.is_head {
@@ -1385,9 +1386,15 @@ async fn refresh(
     // Its failures are logged: its client was answered from the stale
     // copy, so no access line says the backend failed, and every refresh
     // could fail behind a row of healthy hits (review32a L5).
+    // At most one line every ten seconds: with a backend down, every
+    // stale hit on a hot URL starts a refresh that fails at once
+    // (review32e L4).
+    static FAILED: crate::logging::Every = crate::logging::Every::new();
     let path = parts.uri.path().to_owned();
     let failed = |why: &dyn std::fmt::Display| {
-        tracing::warn!(upstream = upstream.name(), path, error = %why, "background refresh failed; the stale copy goes on being served");
+        if let Some(held_back) = FAILED.due(10) {
+            tracing::warn!(upstream = upstream.name(), path, error = %why, held_back, "background refresh failed; the stale copy goes on being served");
+        }
     };
     let mut trace = Trace::default();
     let (mut response, mut in_flight) =
@@ -1400,6 +1407,7 @@ async fn refresh(
         match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
             Revalidated::Mismatch => {
                 // As in `revalidate`: fetch it whole, once.
+                (fetch.request_time, trace.retried_at) = (cache.now(), None);
                 (response, in_flight) =
                     match forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace)
                         .await
@@ -1407,6 +1415,7 @@ async fn refresh(
                         Ok(answer) => answer,
                         Err(error) => return failed(&error),
                     };
+                fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
             }
             judged => return keep_304(&cache, &mut fetch, judged).await,
         }
