@@ -96,7 +96,13 @@ impl Watch {
             self.rested = Some(slack);
             return false;
         }
-        self.rate < BUSY && slack - rested >= GROWN_TO_TRIM
+        self.quiet() && slack - rested >= GROWN_TO_TRIM
+    }
+
+    /// Whether the last second's traffic was light enough to look at the
+    /// heap's slack.
+    fn quiet(&self) -> bool {
+        self.rate < BUSY
     }
 
     /// The slack right after a trim: growth counts from here.
@@ -114,7 +120,9 @@ pub async fn watch(metrics: Arc<Metrics>) {
     loop {
         every.tick().await;
         let burst_over = watch.tick(metrics.requests_answered());
-        let freed = slack().is_some_and(|slack| watch.slack(slack));
+        // Read only at a quiet time: `mallinfo2` walks every arena's free
+        // lists under its lock (review32e L3).
+        let freed = watch.quiet() && slack().is_some_and(|slack| watch.slack(slack));
         if burst_over || freed || FREED.load(Ordering::Relaxed) >= FREED_TO_TRIM {
             FREED.store(0, Ordering::Relaxed);
             // Off the runtime's workers: with a large heap a trim walks

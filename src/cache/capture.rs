@@ -123,10 +123,18 @@ impl Capture {
         if !self.held.take(data.len(), budget) {
             // Not marked uncacheable: the next response may well fit. The
             // waiters fetch for themselves, as for a fill that broke off.
-            tracing::debug!(
-                key = self.fill.primary(),
-                "not stored: the responses being stored already hold max_size"
-            );
+            // Said, at most once a minute: with slow clients holding the
+            // budget, responses would otherwise go unstored while their
+            // Cache-Status said `stored` and nothing told why (review32e
+            // L5).
+            static REFUSED: crate::logging::Every = crate::logging::Every::new();
+            if let Some(held_back) = REFUSED.due(60) {
+                tracing::info!(
+                    key = self.fill.primary(),
+                    held_back,
+                    "not stored: the responses being stored already hold cache.max_size"
+                );
+            }
             return false;
         }
         if data.len() >= SMALL {

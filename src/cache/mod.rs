@@ -584,14 +584,14 @@ impl Cache {
         found
     }
 
-    /// Entries and weighted bytes, after applying pending evictions; also
-    /// refreshes the size gauges.
     /// Entries stored, as moka last counted them (without its pending
     /// work, so it may lag by the last few stores).
     pub fn entries_estimate(&self) -> u64 {
         self.store.entry_count()
     }
 
+    /// Entries and weighted bytes, after applying pending evictions; also
+    /// refreshes the size gauges.
     pub async fn stats(&self) -> (u64, u64) {
         self.store.run_pending_tasks().await;
         let (entries, bytes) = (self.store.entry_count(), self.store.weighted_size());

@@ -18,6 +18,10 @@ use crate::config::{HostMatch, Route};
 pub struct Router {
     /// (index into the config's routes, the route), most specific first.
     routes: Vec<(usize, Route)>,
+    /// By upstream index: whether some route sends requests to it, worked
+    /// out once (a `/readyz` probe scanned every route per upstream,
+    /// review32e M2).
+    used: Vec<bool>,
 }
 
 /// Higher is more specific: exact hosts, then longer suffixes, then any host.
@@ -71,7 +75,14 @@ impl Router {
                 .cmp(&host_rank(&a.host))
                 .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
-        Router { routes }
+        let mut used = Vec::new();
+        for (_, route) in &routes {
+            if used.len() <= route.upstream {
+                used.resize(route.upstream + 1, false);
+            }
+            used[route.upstream] = true;
+        }
+        Router { routes, used }
     }
 
     /// The route with index `index` in the config's route list.
@@ -85,7 +96,7 @@ impl Router {
     /// Whether some route sends requests to upstream `upstream` (its
     /// index in the config's list).
     pub fn uses(&self, upstream: usize) -> bool {
-        self.routes.iter().any(|(_, r)| r.upstream == upstream)
+        self.used.get(upstream).copied().unwrap_or(false)
     }
 
     /// The route for a request, with its index in the config's route list.

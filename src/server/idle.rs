@@ -295,7 +295,6 @@ impl Activity {
         self.multiplexed.load(Ordering::Relaxed)
     }
 
-    /// From now on every answer tells the client the connection closes.
     /// The connection has served its share of requests: it is to end
     /// gracefully ([`Activity::retired`]).
     pub(super) fn retire(&self) {
@@ -307,6 +306,7 @@ impl Activity {
         self.retire.notified().await;
     }
 
+    /// From now on every answer tells the client the connection closes.
     pub(super) fn close_after_answers(&self) {
         self.closing.store(true, Ordering::Relaxed);
     }
