@@ -660,6 +660,26 @@ fn no_stray_bytes_warning(mut run: Started) {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A short admin token is warned about at start (review31b note).
+#[test]
+fn a_short_admin_token_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("portico-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("admin.token"), "ab\n").unwrap();
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         token_file = \"admin.token\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+    let run = portico_on("token", config, None);
+    // Said before the listeners are up, so among what the start read.
+    let line = run
+        .seen
+        .iter()
+        .find(|l| l.contains("short enough to guess"))
+        .unwrap_or_else(|| panic!("no warning in {:#?}", run.seen));
+    assert!(line.contains("\"length\":2"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A backend on loopback that reads each request's head and writes
 /// `answer(n)` for its `n`th connection (from 0), then closes.
 fn origin(answer: fn(usize) -> &'static [u8]) -> std::net::SocketAddr {
