@@ -913,6 +913,22 @@ async fn content_length_beside_transfer_encoding_is_dropped_and_the_connection_c
     assert_eq!(backend.requests(), 1);
 }
 
+/// An HTTP/2 preface after an HTTP/1.1 request on the same connection is
+/// answered 400, as nginx answers it: hyper answered nothing, and the
+/// client was left with a closed connection (review32d).
+#[tokio::test]
+async fn an_http2_preface_on_an_http1_connection_gets_400() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let raw = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, raw).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let second = answer
+        .find("HTTP/1.1 400")
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert!(answer[second..].contains("HTTP/2 preface"), "{answer}");
+}
+
 #[tokio::test]
 async fn a_request_head_over_max_header_size_gets_431() {
     let backend = start_backend(BackendOptions::new("b1")).await;

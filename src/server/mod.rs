@@ -1031,6 +1031,21 @@ async fn serve_connection<IO: Parkable>(
         }
     };
     if let Err(error) = result {
+        // An HTTP/2 preface where HTTP/1.1 was agreed (ALPN `http/1.1`, or
+        // after an HTTP/1.1 request): hyper answers nothing, and the
+        // client was left with a closed connection and no line said why.
+        // nginx answers 400 (review32d).
+        let h2_preface = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_version_h2);
+        if h2_preface {
+            if let Some((mut socket, _)) = connection.into_parts() {
+                let answered = refuse_h2_preface(&mut socket).await;
+                let proxy = held.shared.proxy.load();
+                proxy.refused(conn.peer, 400, &H2_PREFACE_ON_HTTP1, answered);
+            }
+            return;
+        }
         // hyper answers a head it cannot parse itself, before the service
         // runs: count and log it like any other answer, or smuggling
         // attempts would leave no trace.
@@ -1044,6 +1059,26 @@ async fn serve_connection<IO: Parkable>(
             }
             None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
         }
+    }
+}
+
+/// Why an HTTP/2 preface on an HTTP/1.1 connection is refused.
+const H2_PREFACE_ON_HTTP1: &str = "HTTP/2 preface on a connection that speaks HTTP/1.1";
+
+/// Answers an HTTP/2 preface sent where HTTP/1.1 was agreed with a 400
+/// and closes, as nginx does.
+async fn refuse_h2_preface<IO: Parkable>(socket: &mut IO) -> crate::proxy::Refused {
+    use tokio::io::AsyncWriteExt;
+    let body = H2_PREFACE_ON_HTTP1.len() + 1;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {body}\r\n\
+         connection: close\r\n\r\n{H2_PREFACE_ON_HTTP1}\n"
+    );
+    let _ = tokio::time::timeout(DRAIN_QUIET, socket.write_all(answer.as_bytes())).await;
+    close(socket).await;
+    crate::proxy::Refused {
+        bytes: body as u64,
+        took: Duration::ZERO,
     }
 }
 
