@@ -1367,7 +1367,8 @@ async fn a_connection_past_its_upload_is_parked_and_served_again() {
 }
 
 /// What a connection began as it stays: the HTTP/2 preface on a keep-alive
-/// connection served as HTTP/1.1 is refused, parked in between or not.
+/// connection served as HTTP/1.1 is refused with an HTTP/1.1 400, as
+/// nginx refuses it, parked in between or not.
 #[tokio::test]
 async fn a_parked_http1_connection_is_not_taken_up_as_http2() {
     let (_backend, _proxy, mut stream) =
@@ -1379,7 +1380,9 @@ async fn a_parked_http1_connection_is_not_taken_up_as_http2() {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(STEP, stream.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "connection left open");
-    assert!(answer.is_empty(), "answered as HTTP/2: {answer:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("HTTP/2 preface"), "{answer}");
 }
 
 /// An answer that leaves the request's body unread (here a 413) says
