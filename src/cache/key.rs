@@ -49,31 +49,55 @@ pub fn primary_of(key: &str) -> &str {
     key.split('\n').next().unwrap_or(key)
 }
 
-/// The field names a response's `Vary` lists, lower-cased; `None` for
-/// `Vary: *` (never matches) and for a `Vary` that cannot be read whole
-/// (a member that is no field name, a value that is not ASCII): what it
-/// varies on is unknown, so it matches nothing either. Empty members
-/// (`a, , b`) are allowed, as in every list (RFC 9110 §5.6.1).
-pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
+/// Why a response's `Vary` matches no request (see [`vary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatchable {
+    /// `Vary: *`.
+    Star,
+    /// A member that is no field name, or a value that is not ASCII: what
+    /// it varies on is unknown.
+    Invalid,
+}
+
+/// The field names a response's `Vary` lists, lower-cased, or why it
+/// matches nothing: `*` anywhere (in a readable value) wins over a member
+/// that cannot be read. Empty members (`a, , b`) are allowed, as in every
+/// list (RFC 9110 §5.6.1).
+pub fn vary(response: &HeaderMap) -> Result<Vec<HeaderName>, Unmatchable> {
     let mut names = Vec::new();
+    let mut invalid = false;
     for value in response.get_all(http::header::VARY) {
-        for name in value.to_str().ok()?.split(',') {
+        let Ok(value) = value.to_str() else {
+            invalid = true;
+            continue;
+        };
+        for name in value.split(',') {
             let name = name.trim();
             if name.is_empty() {
                 continue;
             }
             // `*` is a token, so it would pass for a field name.
             if name == "*" {
-                return None;
+                return Err(Unmatchable::Star);
             }
-            let name = HeaderName::try_from(name).ok()?;
-            if !names.contains(&name) {
-                names.push(name);
+            match HeaderName::try_from(name) {
+                Ok(name) if !names.contains(&name) => names.push(name),
+                Ok(_) => {}
+                Err(_) => invalid = true,
             }
         }
     }
+    if invalid {
+        return Err(Unmatchable::Invalid);
+    }
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    Some(names)
+    Ok(names)
+}
+
+/// [`vary`]'s names; `None` when the response matches no request
+/// (`Vary: *`, or a `Vary` that cannot be read whole).
+pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
+    vary(response).ok()
 }
 
 /// `primary` plus, for each Vary field, the request's normalised value
@@ -238,6 +262,9 @@ mod tests {
         }
         response.insert("vary", HeaderValue::from_bytes(b"Cookie\xe9").unwrap());
         assert!(vary_names(&response).is_none());
+        // `*` wins, as the store's reason says.
+        response.insert("vary", HeaderValue::from_static("\"Cookie\", *"));
+        assert_eq!(vary(&response), Err(Unmatchable::Star));
         response.insert("vary", HeaderValue::from_static("accept, , cookie,"));
         assert_eq!(vary_names(&response).unwrap().len(), 2);
     }

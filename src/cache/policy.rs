@@ -325,18 +325,12 @@ pub fn storable(
     // varies on no less than one that can: stored as if it did not vary,
     // one user's `Vary: "Cookie"` page went to every other user
     // (review32a M2). Varnish passes such a response too.
-    if response.contains_key(header::VARY) && super::key::vary_names(response).is_none() {
-        let star = response
-            .get_all(header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|v| v.trim() == "*");
-        return Err(if star {
-            NotStored::VaryStar
-        } else {
-            NotStored::VaryInvalid
-        });
+    if response.contains_key(header::VARY) {
+        match super::key::vary(response) {
+            Err(super::key::Unmatchable::Star) => return Err(NotStored::VaryStar),
+            Err(super::key::Unmatchable::Invalid) => return Err(NotStored::VaryInvalid),
+            Ok(_) => {}
+        }
     }
     let lifetime = match explicit {
         Some(lifetime) => lifetime,
