@@ -762,18 +762,14 @@ async fn refuse_plain_http(
         }
     })
     .await;
-    let body = PLAIN_HTTP_ON_TLS.len() + 1;
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {body}\r\n\
-         connection: close\r\n\r\n{PLAIN_HTTP_ON_TLS}\n"
-    );
+    let (answer, body) = bad_request(PLAIN_HTTP_ON_TLS);
     let _ = tokio::time::timeout_at(deadline, async {
         let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
     let answered = crate::proxy::Refused {
-        bytes: body as u64,
+        bytes: body,
         took: accepted.elapsed(),
     };
     // A body still coming is read off for a moment, so the close sends the
@@ -1069,17 +1065,25 @@ const H2_PREFACE_ON_HTTP1: &str = "HTTP/2 preface on a connection that speaks HT
 /// and closes, as nginx does.
 async fn refuse_h2_preface<IO: Parkable>(socket: &mut IO) -> crate::proxy::Refused {
     use tokio::io::AsyncWriteExt;
-    let body = H2_PREFACE_ON_HTTP1.len() + 1;
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {body}\r\n\
-         connection: close\r\n\r\n{H2_PREFACE_ON_HTTP1}\n"
-    );
+    let (answer, body) = bad_request(H2_PREFACE_ON_HTTP1);
     let _ = tokio::time::timeout(DRAIN_QUIET, socket.write_all(answer.as_bytes())).await;
     close(socket).await;
     crate::proxy::Refused {
-        bytes: body as u64,
+        bytes: body,
         took: Duration::ZERO,
     }
+}
+
+/// portico's own 400 for what it refuses before hyper can answer (plain
+/// HTTP on a TLS port, an HTTP/2 preface on HTTP/1.1): the whole answer,
+/// closing the connection, and its body's length for the access line.
+fn bad_request(why: &str) -> (String, u64) {
+    let body = why.len() + 1;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {body}\r\n\
+         connection: close\r\n\r\n{why}\n"
+    );
+    (answer, body as u64)
 }
 
 /// A keep-alive connection between requests, without hyper: its read and
