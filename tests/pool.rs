@@ -321,3 +321,41 @@ async fn a_backend_flooding_interim_responses_is_given_up_at_once() {
         .expect("an answer well before response_timeout");
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
 }
+
+/// A backend that refuses an upload from its head alone and closes without
+/// reading the body (its kernel then resets the connection) gets its
+/// refusal to the client, as a direct client and HAProxy get it. portico's
+/// next body write met the reset and hyper reported that instead of the
+/// head it had been sent: a third of such uploads were 502s counted
+/// against a healthy backend (review32f F1).
+#[tokio::test]
+async fn an_upload_refused_before_it_was_read_gets_the_refusal() {
+    let addr = serve_each(|mut stream| async move {
+        if read_head(&mut stream).await.is_some() {
+            let refusal = b"HTTP/1.1 415 Unsupported Media Type\r\n\
+                            content-length: 5\r\nconnection: close\r\n\r\nnope\n";
+            let _ = stream.write_all(refusal).await;
+        }
+        // Dropped with the upload unread: a reset, not a FIN.
+    })
+    .await;
+    let proxy = start_proxy(config(addr, Duration::from_secs(60))).await;
+    let client = client();
+    let body = Bytes::from(vec![b'x'; 1 << 20]);
+    for n in 0..20 {
+        let request = Request::post(proxy.url("/users/1/orders"))
+            .header("content-type", "text/plain")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let answer = tokio::time::timeout(STEP, send(&client, request))
+            .await
+            .expect("an answer within STEP");
+        assert_eq!(
+            answer.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "upload {n}: {:?}",
+            answer.body
+        );
+        assert_eq!(answer.body, &b"nope\n"[..]);
+    }
+}

@@ -22,7 +22,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -225,9 +225,47 @@ const HEAD_BYTES: u64 = 1 << 20;
 /// busy parsing them: the request's `response_timeout` came 3x late or
 /// not at all and every other request on the thread starved (review30a
 /// F3). Past [`HEAD_BYTES`] the read fails, and the request with it.
+///
+/// It also lets a backend refuse an upload: one that answers from the
+/// head alone (415, 401, 404) and closes without reading the body has its
+/// kernel reset the connection, and hyper's next body write failed and was
+/// reported in place of the head the backend had sent (review32f F1, a
+/// third of such uploads). A write that meets the reset while the request
+/// waits for its head is taken as written, and so is all that follows:
+/// hyper reads on and relays the answer if one came, or fails the request
+/// on the read as it would have on the write. The rest of the upload goes
+/// nowhere, as it would have had the backend read and dropped it.
 struct Watched {
     io: Io,
     head: Arc<HeadWait>,
+    /// The backend reset the connection under a request's upload.
+    write_gone: bool,
+}
+
+impl Watched {
+    fn new(io: Io, head: Arc<HeadWait>) -> Self {
+        Watched {
+            io,
+            head,
+            write_gone: false,
+        }
+    }
+
+    /// `written` as it came, or all of `len` taken, if the backend reset
+    /// the connection under a request that waits for its head.
+    fn written(&mut self, written: std::io::Result<usize>, len: usize) -> std::io::Result<usize> {
+        use std::io::ErrorKind;
+        match written {
+            Err(e)
+                if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
+                    && self.head.heading.load(Ordering::Relaxed) =>
+            {
+                self.write_gone = true;
+                Ok(len)
+            }
+            other => other,
+        }
+    }
 }
 
 /// Why [`Watched`] failed a read: the backend sent [`HEAD_BYTES`] without
@@ -285,7 +323,11 @@ impl hyper::rt::Write for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        if self.write_gone {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf));
+        Poll::Ready(self.written(written, buf.len()))
     }
 
     fn poll_write_vectored(
@@ -293,7 +335,12 @@ impl hyper::rt::Write for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.write_gone {
+            return Poll::Ready(Ok(len));
+        }
+        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs));
+        Poll::Ready(self.written(written, len))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -301,6 +348,9 @@ impl hyper::rt::Write for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.write_gone {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -576,10 +626,7 @@ impl Pool {
     /// Starts hyper's task for a new or parked socket.
     async fn serve(&self, io: Io, upgrade: bool) -> Result<Conn, SendError> {
         let head = Arc::new(HeadWait::default());
-        let io = Watched {
-            io,
-            head: head.clone(),
-        };
+        let io = Watched::new(io, head.clone());
         let (sender, connection) = self
             .builder
             .handshake(io)
@@ -624,12 +671,19 @@ impl Pool {
                     }
                 }
             };
-            let Parts {
-                io: Watched { io, .. },
-                read_buf,
-                ..
-            } = match served {
-                Ok(parts) => parts,
+            let (io, read_buf) = match served {
+                Ok(Parts {
+                    io:
+                        Watched {
+                            io,
+                            write_gone: false,
+                            ..
+                        },
+                    read_buf,
+                    ..
+                }) => (io, read_buf),
+                // Reset under an upload it answered early: closed.
+                Ok(_) => return,
                 Err(error) => {
                     tracing::debug!(%error, "backend connection ended with error");
                     return;
