@@ -303,14 +303,21 @@ fn every_error_names_file_line_col_and_key() {
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nretries = -1\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"1MiB\"\n",
             &[
                 "test.toml:4:11: upstream[0].retries: must be 0 to 10: more retries only multiply an outage",
-                "test.toml:8:12: cache.max_object_size: must leave 80KiB of cache.max_size for a response's head and bookkeeping (its default, 8MiB: set it, or raise max_size)",
             ],
         ),
         (
             // As large as the whole cache: no such response would fit.
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"1MiB\"\nmax_object_size = \"1MiB\"\n",
             &[
-                "test.toml:8:19: cache.max_object_size: must leave 80KiB of cache.max_size for a response's head and bookkeeping",
+                "test.toml:8:19: cache.max_object_size: must be at most 944KiB, cache.max_size less 80KiB for a response's head and bookkeeping",
+            ],
+        ),
+        (
+            // No room for anything; a 0 is said to be one error, not two.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"80KiB\"\nmax_object_size = \"0\"\n",
+            &[
+                "test.toml:7:12: cache.max_size: must be more than 80KiB, the room for a response's head and bookkeeping",
+                "test.toml:8:19: cache.max_object_size: must be greater than 0",
             ],
         ),
         (
@@ -575,4 +582,21 @@ fn prefixes_alike_in_normal_form_are_one_route_twice() {
             "{second}"
         );
     }
+}
+
+/// `max_object_size` left to its default shrinks to what a smaller cache
+/// holds with room for a head: `max_size = "8MiB"` alone, accepted before
+/// the room was asked for, still starts (review32f F3).
+#[test]
+fn the_default_max_object_size_shrinks_to_a_small_cache() {
+    let text = |size: &str| {
+        format!(
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"{size}\"\n"
+        )
+    };
+    let cache = |size: &str| check(&text(size)).unwrap().cache.unwrap();
+    assert_eq!(cache("8MiB").max_object_size, (8 << 20) - (80 << 10));
+    assert_eq!(cache("1MiB").max_object_size, (1 << 20) - (80 << 10));
+    assert_eq!(cache("64MiB").max_object_size, 8 << 20);
 }

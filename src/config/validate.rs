@@ -998,36 +998,43 @@ fn host_match(host: &str) -> Result<HostMatch, String> {
 fn cache(r: R, raw: &raw::Cache) -> Cache {
     let d = Cache::default();
     let max_size = size(r, "cache.max_size", raw.max_size.as_ref(), d.max_size);
-    let max_object_size = size(
-        r,
-        "cache.max_object_size",
-        raw.max_object_size.as_ref(),
-        d.max_object_size,
-    );
     // A stored response weighs its body plus its head and bookkeeping: a
     // body of `max_size` itself never fits, and one said `stored` on
     // every fetch was never kept (review32a L4).
     let room = max_size.saturating_sub(OBJECT_HEADROOM);
-    if max_object_size > room {
-        if let Some(v) = raw.max_object_size.as_ref().or(raw.max_size.as_ref()) {
-            // Said of the default too, which the operator never wrote.
-            let given = match raw.max_object_size {
-                Some(_) => String::new(),
-                None => format!(
-                    " (its default, {}MiB: set it, or raise max_size)",
-                    d.max_object_size >> 20
-                ),
-            };
+    if room == 0 {
+        if let Some(v) = raw.max_size.as_ref() {
             r.at(
                 v.span(),
-                "cache.max_object_size",
+                "cache.max_size",
                 format!(
-                    "must leave {}KiB of cache.max_size for a response's head and bookkeeping{given}",
+                    "must be more than {}KiB, the room for a response's head and bookkeeping",
                     OBJECT_HEADROOM >> 10
                 ),
             );
         }
     }
+    let max_object_size = match raw.max_object_size.as_ref() {
+        Some(v) => {
+            let written = size(r, "cache.max_object_size", Some(v), d.max_object_size);
+            // Past what `size` refused (0, say) there is nothing to compare.
+            if room > 0 && parse_size(v.get_ref()).is_ok_and(|n| n > room && n > 0) {
+                r.at(
+                    v.span(),
+                    "cache.max_object_size",
+                    format!(
+                        "must be at most {}, cache.max_size less {}KiB for a response's head and bookkeeping",
+                        shown_size(room),
+                        OBJECT_HEADROOM >> 10
+                    ),
+                );
+            }
+            written
+        }
+        // The default shrinks to what a smaller cache holds: `max_size =
+        // "8MiB"` alone was refused on an upgrade (review32f F3).
+        None => d.max_object_size,
+    };
     Cache {
         max_size,
         max_object_size: max_object_size.min(room),
@@ -1037,6 +1044,17 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
             raw.default_ttl.as_ref(),
             d.default_ttl,
         ),
+    }
+}
+
+/// A size as an operator would write it: in MiB or KiB when it is a whole
+/// number of them.
+fn shown_size(bytes: u64) -> String {
+    match bytes {
+        0 => "0".to_owned(),
+        b if b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => b.to_string(),
     }
 }
 
