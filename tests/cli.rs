@@ -595,6 +595,39 @@ fn a_broken_body_s_access_line_does_not_say_stored() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A body without a length that outgrows `max_object_size` is not
+/// stored, and its access line says why, though the Cache-Status the
+/// client got, sent before the body, said `stored` (review32f F2).
+#[test]
+fn a_body_that_outgrows_max_object_size_logs_why_it_was_not_stored() {
+    fn answer(_: usize) -> &'static [u8] {
+        static ANSWER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        ANSWER.get_or_init(|| {
+            let mut answer = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
+            for _ in 0..20 {
+                answer.extend_from_slice(b"1000\r\n");
+                answer.extend_from_slice(&[b'x'; 0x1000]);
+                answer.extend_from_slice(b"\r\n");
+            }
+            answer.extend_from_slice(b"0\r\n\r\n");
+            answer
+        })
+    }
+    let config = behind(
+        origin(answer),
+        "",
+        "[cache]\nmax_size = \"1MiB\"\nmax_object_size = \"64KiB\"\n",
+    );
+    let mut run = portico_on("toolarge", &config, None);
+    let mut stream = connect(&run);
+    std::io::Write::write_all(&mut stream, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let line = line_with(&run.log, "/big", &mut run.seen);
+    assert!(line.contains("fwd=miss; detail=too-large"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// The warnings about a request's failed attempts carry its id, as its
 /// access line does, so they can be paired under concurrency
 /// (review32c F4).

@@ -40,6 +40,31 @@ pub struct Capture {
     leader: Option<Leader>,
     /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
     whole: Option<tokio::sync::oneshot::Sender<(Arc<Entry>, bool)>>,
+    /// Why the copy was given up, for the access line.
+    fate: Fate,
+}
+
+/// Why a response whose `Cache-Status` said `stored` was not stored after
+/// all, told to the access line (the header went out before the body):
+/// `Cache-Status`'s `detail`, or none while it may still be stored.
+#[derive(Debug, Clone, Default)]
+pub struct Fate(Arc<std::sync::atomic::AtomicU8>);
+
+impl Fate {
+    const TOO_LARGE: u8 = 1;
+    const FILL_BUDGET: u8 = 2;
+
+    fn set(&self, why: u8) {
+        self.0.store(why, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn detail(&self) -> Option<&'static str> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::TOO_LARGE => Some("too-large"),
+            Self::FILL_BUDGET => Some("fill-budget"),
+            _ => None,
+        }
+    }
 }
 
 /// A response about to be stored, minus its body.
@@ -92,7 +117,13 @@ impl Capture {
             held,
             leader,
             whole: None,
+            fate: Fate::default(),
         }
+    }
+
+    /// Where the access line learns why the copy was given up.
+    pub fn fate(&self) -> Fate {
+        self.fate.clone()
     }
 
     /// The response as it is stored, sent once the body has ended cleanly,
@@ -117,10 +148,12 @@ impl Capture {
                 &self.headers,
                 self.status,
             );
+            self.fate.set(Fate::TOO_LARGE);
             return false;
         }
         let budget = usize::try_from(self.cache.config.max_size).unwrap_or(usize::MAX);
         if !self.held.take(data.len(), budget) {
+            self.fate.set(Fate::FILL_BUDGET);
             // Not marked uncacheable: the next response may well fit. The
             // waiters fetch for themselves, as for a fill that broke off.
             // Said, at most once a minute: with slow clients holding the
@@ -301,8 +334,12 @@ mod tests {
         assert!(second.data(&frame));
         // 120 KiB would be held: the third frame is refused.
         let mut third = capture(&cache, "/c");
+        let fate = third.fate();
+        assert_eq!(fate.detail(), None);
         assert!(!third.data(&frame));
         drop(third);
+        // What the access line says of it.
+        assert_eq!(fate.detail(), Some("fill-budget"));
         // A fill that ends gives its share back, stored or not.
         drop(first);
         assert!(capture(&cache, "/d").data(&frame));

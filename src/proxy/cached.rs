@@ -1018,6 +1018,7 @@ impl Fetch {
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
+                    response.extensions_mut().insert(capture.fate());
                     let (parts, body) = response.into_parts();
                     response = Response::from_parts(parts, body.with_capture(capture));
                     format!("portico; fwd={fwd}{fwd_status}; stored")

@@ -166,6 +166,10 @@ impl AccessRecord {
             status: status.as_u16(),
             head: (!gone).then(|| started.elapsed()),
             cache: response.headers().get("cache-status").cloned(),
+            fate: response
+                .extensions()
+                .get::<crate::cache::capture::Fate>()
+                .cloned(),
             expected: response.body().size_hint().exact(),
             record: self,
             started,
@@ -186,6 +190,7 @@ impl AccessRecord {
             head: None,
             reached,
             cache: None,
+            fate: None,
             bytes: 0,
             expected: None,
             // Not `ClientGone`: a request the exit cut before its head
@@ -268,6 +273,8 @@ pub struct Tail {
     head: Option<Duration>,
     reached: Reached,
     cache: Option<HeaderValue>,
+    /// Why a response said `stored` was not, if it was not.
+    fate: Option<crate::cache::capture::Fate>,
     /// Body bytes handed to the client's connection.
     bytes: u64,
     /// The body's length, when known at the head.
@@ -369,20 +376,26 @@ impl Drop for Tail {
 }
 
 impl Tail {
-    /// The Cache-Status the client got, unless its body then broke: the
-    /// header said `stored` before the body came, and a body the backend
-    /// breaks off or leaves silent is never stored. The line says what
-    /// became of it (review32c F5).
+    /// The Cache-Status the client got, unless the body was then not
+    /// stored: the header said `stored` before the body came. A body the
+    /// backend breaks off or leaves silent is never stored (review32c F5),
+    /// nor one that outgrows `max_object_size` or finds the fills holding
+    /// `max_size` (review32f F2). The line says what became of it.
     fn cache_result(&self) -> std::borrow::Cow<'_, str> {
         let sent = self
             .cache
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
+        let Some(head) = sent.strip_suffix("; stored") else {
+            return sent.into();
+        };
         let broke = matches!(self.end, End::BackendBroken | End::BackendStalled);
-        match sent.strip_suffix("; stored") {
-            Some(head) if broke => format!("{head}; detail=body-not-whole").into(),
-            _ => sent.into(),
+        let given_up = self.fate.as_ref().and_then(|f| f.detail());
+        match (broke, given_up) {
+            (true, _) => format!("{head}; detail=body-not-whole").into(),
+            (false, Some(why)) => format!("{head}; detail={why}").into(),
+            (false, None) => sent.into(),
         }
     }
 }
