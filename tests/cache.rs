@@ -1649,6 +1649,40 @@ async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
     );
 }
 
+/// A WebSocket upgrade on a caching route says the cache passed it by,
+/// on its 101 and so on its access line, as the bypass metric counts it
+/// (review32f F4).
+#[tokio::test]
+async fn an_upgrade_on_a_caching_route_says_fwd_bypass() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(cached(&[&backend])).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(STEP, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("101 head in time");
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("cache-status: portico; fwd=bypass\r\n"),
+        "{head}"
+    );
+}
+
 #[tokio::test]
 async fn memory_stays_under_max_size_after_ten_times_its_size() {
     let backend = start_backend(BackendOptions::new("b1")).await;

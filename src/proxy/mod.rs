@@ -686,7 +686,13 @@ impl Proxy {
 
             if let Some(client) = upgrade {
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    return Ok(client.bridge(response, in_flight, self.tunnel_idle));
+                    let mut switched = client.bridge(response, in_flight, self.tunnel_idle);
+                    // Counted as a bypass above: the header and the access
+                    // line say so too (review32f F4).
+                    if cache.is_some() {
+                        cached::add_static_status(switched.headers_mut(), "portico; fwd=bypass");
+                    }
+                    return Ok(switched);
                 }
             }
             let (mut parts, body) = response.into_parts();
