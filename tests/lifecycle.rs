@@ -1512,3 +1512,33 @@ async fn connections_open(proxy: &RunningProxy, n: i64) {
     .await
     .expect("the connections accepted");
 }
+
+/// At `max_connections` client connections a listener stops accepting:
+/// the next connection waits in the kernel's backlog, unanswered, until
+/// one closes, and is then served (HAProxy's `maxconn`).
+#[tokio::test]
+async fn past_max_connections_new_connections_wait_until_one_closes() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.max_connections = Some(2);
+    let proxy = start_proxy(config).await;
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut first, "/health").await, "http/1.1 200 ok");
+    assert_eq!(get_on(&mut second, "/health").await, "http/1.1 200 ok");
+    // Connected (the kernel's backlog takes it), not accepted.
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), read_head(&mut third)).await;
+    assert!(waiting.is_err(), "answered past the cap: {waiting:?}");
+    assert_eq!(proxy.shared.metrics.connections_open.get(), 2);
+    drop(first);
+    let head = tokio::time::timeout(STEP, read_head(&mut third))
+        .await
+        .expect("served once a connection closed")
+        .expect("an answer");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+}

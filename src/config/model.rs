@@ -25,6 +25,11 @@ pub struct Server {
     pub max_request_body: u64,
     pub max_header_size: u64,
     pub shutdown_grace: Duration,
+    /// Client connections open at once, over all traffic listeners
+    /// (HAProxy's `maxconn`, nginx's `worker_connections`); at the cap a
+    /// listener stops accepting, and new connections wait in the kernel's
+    /// backlog until one closes. `None`: no cap but the file limit.
+    pub max_connections: Option<u32>,
     /// Peers whose forwarding fields are believed: the client address of
     /// `X-Forwarded-For` / `Forwarded` (the rate-limit key and the access
     /// line's `client`), and the scheme and host they say the client used.
@@ -236,6 +241,7 @@ impl Default for Server {
             max_request_body: 10 * 1024 * 1024,
             max_header_size: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            max_connections: None,
             trusted_proxies: Vec::new(),
             trusted_fields: TrustedFields::default(),
             tls: Vec::new(),

@@ -31,6 +31,7 @@ pub struct Server {
     pub max_request_body: Option<Str>,
     pub max_header_size: Option<Str>,
     pub shutdown_grace: Option<Str>,
+    pub max_connections: Option<Spanned<i64>>,
     pub trusted_proxies: Option<Vec<Str>>,
     pub trusted_fields: Option<Str>,
     #[serde(default)]

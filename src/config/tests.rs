@@ -313,6 +313,10 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[server]\nmax_connections = 0\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:19: server.max_connections: must be a whole number from 1 to 4294967295"],
+        ),
+        (
             // No room for anything; a 0 is said to be one error, not two.
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"80KiB\"\nmax_object_size = \"0\"\n",
             &[

@@ -593,6 +593,10 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             raw.shutdown_grace.as_ref(),
             defaults.shutdown_grace,
         ),
+        max_connections: raw
+            .max_connections
+            .as_ref()
+            .map(|v| integer(r, "server.max_connections", Some(v), 1, 1)),
         trusted_proxies: cidr_list(r, "server.trusted_proxies", raw.trusted_proxies.as_ref()),
         trusted_fields: match raw.trusted_fields.as_ref() {
             None => TrustedFields::default(),

@@ -98,6 +98,8 @@ pub struct Shared {
     config: ArcSwap<Config>,
     /// How new connections are served (timeouts, buffer sizes).
     connections: ArcSwap<ConnectionSettings>,
+    /// The client connections open, against `max_connections`.
+    slots: Arc<Slots>,
     /// One acceptor per `[[server.tls]]` entry, from [`Shared::load_tls`],
     /// for the listeners [`run_all`] starts with; once running, each
     /// listener holds its own acceptor and a reload swaps it there.
@@ -130,6 +132,7 @@ struct ConnectionSettings {
     /// `request_header_timeout`: for the TLS handshake and for each head.
     header_timeout: Duration,
     idle_timeout: Duration,
+    max_connections: Option<usize>,
 }
 
 impl ConnectionSettings {
@@ -157,6 +160,9 @@ impl ConnectionSettings {
             builders: Arc::new(connection_builders(settings)),
             header_timeout: settings.request_header_timeout,
             idle_timeout: settings.idle_timeout,
+            max_connections: settings
+                .max_connections
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         })
     }
 }
@@ -173,6 +179,7 @@ impl Shared {
         metrics.config_loaded(true);
         Arc::new(Shared {
             proxy: ArcSwap::from_pointee(Proxy::new(config, metrics.clone())),
+            slots: Arc::new(Slots::new(metrics.connections_open.clone())),
             metrics,
             config_path,
             config: ArcSwap::from_pointee(config.clone()),
@@ -291,6 +298,8 @@ impl Shared {
         self.proxy.store(Arc::new(next));
         self.connections
             .store(ConnectionSettings::new(&config.server));
+        // Listeners waiting at the old cap look at the new one.
+        self.slots.freed.notify_waiters();
         self.listeners.apply(self, wanted, added);
         if self.admin_token.load().as_deref() != token.as_ref() {
             tracing::info!(
@@ -548,6 +557,15 @@ async fn accept_loop(
         .map_or_else(|_| "-".to_owned(), |a| a.to_string());
     let mut failing = AcceptFailures::default();
     loop {
+        // A place among `max_connections` first: at the cap, new
+        // connections wait in the kernel's backlog, as HAProxy's `maxconn`
+        // leaves them, rather than take descriptors portico needs for
+        // its backends.
+        tokio::select! {
+            () = shared.slots.room(|| shared.connections.load().max_connections) => {}
+            _ = shutdown.recv() => break,
+            _ = removed.recv() => break,
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.recv() => break,
@@ -555,6 +573,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let open = shared.slots.take();
                 failing.recovered(&local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
@@ -571,7 +590,6 @@ async fn accept_loop(
                 let settings = shared.connections.load_full();
                 let cut = cut.clone();
                 tokio::spawn(async move {
-                    let open = OpenConnection::new(shared.metrics.connections_open.clone());
                     let held = Held {
                         shared,
                         settings,
@@ -808,18 +826,14 @@ async fn serve_connection<IO: Parkable>(
     }
     let requests = activity.clone();
     let generations = held.shared.clone();
-    let (drain, open, stopping) = (
-        held._drain.clone(),
-        held.shared.metrics.connections_open.clone(),
-        held.shutdown.clone(),
-    );
+    let (drain, stopping) = (held._drain.clone(), held.shutdown.clone());
     let client = conn.clone();
     let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         // hyper lets go of a connection it upgrades at once; the tunnel
         // keeps its place in the count and the drain instead, and ends
         // `shutdown_grace` after its listener stops.
         if request.headers().contains_key(http::header::UPGRADE) {
-            let hold = (drain.clone(), OpenConnection::new(open.clone()));
+            let hold = (drain.clone(), generations.slots.take());
             // Read when the listener stops, as a shutdown reads it: a
             // reload may have changed it since the tunnel opened.
             let shared = generations.clone();
@@ -1229,19 +1243,67 @@ const DRAIN_QUIET: Duration = Duration::from_secs(1);
 /// signal's own backstop is longer).
 const CUT_LOGGED: Duration = Duration::from_secs(1);
 
-/// Counts a connection in `portico_connections_open` for as long as it
-/// lives, however its task ends.
-struct OpenConnection(prometheus::IntGauge);
+/// The client connections open (tunnels included), counted against
+/// `max_connections` and in `portico_connections_open`.
+struct Slots {
+    open: std::sync::atomic::AtomicUsize,
+    /// Told when one closes, or a reload may have moved the cap.
+    freed: tokio::sync::Notify,
+    gauge: prometheus::IntGauge,
+}
 
-impl OpenConnection {
+impl Slots {
     fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge)
+        Slots {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+            gauge,
+        }
+    }
+
+    /// A place, whatever the cap: for a connection accepted once there
+    /// was [`Slots::room`], or a tunnel, which takes over its connection's.
+    fn take(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.gauge.inc();
+        OpenConnection(self.clone())
+    }
+
+    /// Resolves once fewer than `cap()` are open (no cap: at once). The
+    /// place is taken at the accept that follows, so with several
+    /// listeners the cap may be passed by one for each listener beyond
+    /// the first; a place held for a listener with no one knocking would
+    /// have kept out the clients of the others.
+    async fn room(&self, cap: impl Fn() -> Option<usize>) {
+        loop {
+            let Some(max) = cap() else { return };
+            // Listening before looking, so a close in between is not missed.
+            let mut freed = std::pin::pin!(self.freed.notified());
+            freed.as_mut().enable();
+            if self.open.load(Ordering::Relaxed) < max {
+                return;
+            }
+            static FULL: crate::logging::Every = crate::logging::Every::new();
+            if let Some(held_back) = FULL.due(10) {
+                tracing::warn!(
+                    max_connections = max,
+                    held_back,
+                    "server.max_connections client connections open; new ones wait in the listen queue"
+                );
+            }
+            freed.await;
+        }
     }
 }
 
+/// A client connection's place in [`Slots`] for as long as it lives,
+/// however its task ends.
+struct OpenConnection(Arc<Slots>);
+
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.gauge.dec();
+        self.0.freed.notify_waiters();
     }
 }
