@@ -240,6 +240,90 @@ async fn an_http2_connection_is_retired_after_1000_requests() {
     proxy.stop().await;
 }
 
+/// An HTTP/2 frame: its length, type, flags and stream, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A client that goes on opening streams past the GOAWAY that retired its
+/// connection (and the PING that makes it final) is dropped once it has
+/// opened as many again (review32b F4; untested until review32f noted it).
+/// It speaks raw frames: the h2 library obeys a GOAWAY.
+#[tokio::test]
+async fn an_http2_client_that_ignores_the_goaway_is_dropped() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(h2_frame(0x4, 0, 0, &[]));
+    // The connection's window opened wide: nothing read is acknowledged.
+    start.extend(h2_frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    write.write_all(&start).await.unwrap();
+    // Streams ended (END_STREAM on DATA or HEADERS, or reset), and GOAWAYs.
+    let ended = std::sync::Arc::new(AtomicUsize::new(0));
+    let goaways = std::sync::Arc::new(AtomicUsize::new(0));
+    let (seen, goaway) = (ended.clone(), goaways.clone());
+    let reader = tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        while read.read_exact(&mut head).await.is_ok() {
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match (head[3], head[4] & 0x1) {
+                (0x0 | 0x1, 0x1) | (0x3, _) => {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                (0x7, _) => {
+                    goaway.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    });
+    // GET /health, its fields literal (HPACK static names, no Huffman).
+    let mut fields = vec![0x82, 0x86, 0x04, 7];
+    fields.extend_from_slice(b"/health");
+    fields.extend_from_slice(&[0x01, 1, b'a']);
+    let mut opened = 0u32;
+    while !reader.is_finished() && opened < 3000 {
+        let mut round = Vec::new();
+        for _ in 0..50 {
+            round.extend(h2_frame(0x1, 0x5, 2 * opened + 1, &fields));
+            opened += 1;
+        }
+        if write.write_all(&round).await.is_err() {
+            break;
+        }
+        let all = opened as usize;
+        let _ = tokio::time::timeout(STEP, async {
+            while ended.load(Ordering::SeqCst) < all && !reader.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+    tokio::time::timeout(STEP, reader)
+        .await
+        .expect("the connection dropped")
+        .unwrap();
+    assert!(goaways.load(Ordering::SeqCst) >= 1, "no GOAWAY came");
+    // Retired at 1000 requests, dropped at 2000: a round or two on.
+    assert!(
+        (2000..=2100).contains(&opened),
+        "dropped after {opened} streams"
+    );
+    proxy.stop().await;
+}
+
 /// An HTTP/2 GET's content, read early to learn whether the request has
 /// any, still reaches the backend whole; and the request still goes to
 /// another backend when the first refuses the connection.
