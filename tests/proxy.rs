@@ -240,6 +240,27 @@ async fn an_http2_connection_is_retired_after_1000_requests() {
     proxy.stop().await;
 }
 
+/// portico's own answer to an HTTP/2 HEAD (a 502 here; a 429, a 404 no
+/// route alike) ends with its headers: hyper's HTTP/2 server sent the
+/// text body, and clients reset the stream as malformed (review33b F1).
+#[tokio::test]
+async fn portico_s_own_answer_to_an_http2_head_has_no_body() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![dead]);
+    let proxy = start_proxy(config).await;
+    let head = Request::head(proxy.url("/x"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&h2c_client(), head).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(answer.body.is_empty(), "{:?}", answer.body);
+    // The length a GET would have had, as RFC 9110 §9.3.2 allows.
+    assert_ne!(answer.header("content-length"), "0");
+    proxy.stop().await;
+}
+
 /// An HTTP/2 frame: its length, type, flags and stream, then `payload`.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap().to_be_bytes();

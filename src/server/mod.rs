@@ -858,10 +858,26 @@ async fn serve_connection<IO: Parkable>(
             requests.has_body(ended.clone());
             request.extensions_mut().insert(ended);
         }
+        // hyper's HTTP/1 server leaves out the body of an answer to HEAD;
+        // its HTTP/2 server sends it, and clients reset such a stream as
+        // malformed (RFC 9113 §8.1.1): portico's own answers (a 429, a
+        // 502) were lost to `curl -I` over HTTPS (review33b F1).
+        let bodiless = multiplexed && request.method() == http::Method::HEAD;
         let mut handed = crate::proxy::Handed::new(proxy, request, client.clone());
         async move {
             let (request, conn) = handed.take();
             let (mut response, tail) = handed.proxy().handle(request, conn).await;
+            if bodiless && !hyper::body::Body::is_end_stream(response.body()) {
+                // The length a GET would get, as RFC 9110 §9.3.2 allows.
+                let length = hyper::body::Body::size_hint(response.body()).exact();
+                *response.body_mut() = crate::proxy::body::ProxyBody::empty();
+                if let Some(length) = length {
+                    response
+                        .headers_mut()
+                        .entry(http::header::CONTENT_LENGTH)
+                        .or_insert_with(|| length.into());
+                }
+            }
             // An answer given with the request's body left unread (a 413,
             // a 429): hyper drains what it already holds or stops
             // reading, and the connection ends; say so, as nginx does.
