@@ -1320,6 +1320,64 @@ async fn an_undated_response_is_stored_with_the_time_it_came() {
     assert!(date <= now && now.duration_since(date).unwrap() < STEP);
 }
 
+/// Requests that waited on a revalidation the backend failed get the
+/// stale copy stale-if-error allows, as the request that revalidated got
+/// it: one request of the failing backend for all, as Varnish's grace.
+/// Before, each waiter then went to the backend itself (review33b F2).
+#[tokio::test]
+async fn waiters_on_a_failed_revalidation_get_the_stale_copy_without_asking_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                let answer: &[u8] = if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=600\r\n\
+                      Content-Length: 3\r\n\r\nold"
+                } else {
+                    // Slow enough for the others to queue behind it.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nfail"
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/failing"));
+    get(&client, &url).await;
+    until_stored(&proxy, 1).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let answers: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    let mut collapsed = 0;
+    for answer in answers {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "old");
+        let status = answer.header("cache-status");
+        assert!(
+            status.starts_with("portico; fwd=stale; fwd-status=503; detail=stale-if-error"),
+            "{status}"
+        );
+        collapsed += usize::from(status.ends_with("; collapsed"));
+    }
+    assert_eq!(collapsed, 9);
+    // The fill, and one revalidation for all ten.
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    drop(proxy);
+}
+
 /// A revalidation answered by a new response that may not be stored drops
 /// the stale entry: stale-if-error must not bring back a representation
 /// the origin has replaced.

@@ -25,6 +25,9 @@ pub enum Signal {
     Pending,
     /// Go: nothing it gets will be stored ([`Leader::release`]).
     Released,
+    /// Its revalidation failed with this status, and it served the stale
+    /// copy stale-if-error allows ([`Leader::failed`]).
+    Failed(u16),
     /// It stored the entry whose response came at this time
     /// ([`Leader::stored`]): that one, and no other, is its fetch.
     Stored(SystemTime),
@@ -47,6 +50,13 @@ impl Leader {
     /// fetches will not be stored for anyone (or it failed).
     pub fn release(&self) {
         self.signal.send_replace(Signal::Released);
+    }
+
+    /// Wakes the waiters now: the revalidation failed with `status` (the
+    /// backend's 5xx or portico's own error), and the stale copy was
+    /// served, as it may be to them: Varnish's grace, one fetch for all.
+    pub fn failed(&self, status: u16) {
+        self.signal.send_replace(Signal::Failed(status));
     }
 
     /// Notes that the entry this leader fetched, its response in at
@@ -129,6 +139,8 @@ pub enum Waited {
     Done(Option<SystemTime>),
     /// The leader let the waiters go ([`Leader::release`]).
     Released,
+    /// The leader's revalidation failed with this status ([`Leader::failed`]).
+    Failed(u16),
     /// Not done by the deadline.
     Late,
 }
@@ -146,6 +158,7 @@ pub async fn wait(mut waiting: watch::Receiver<Signal>, deadline: tokio::time::I
     let signal = *waiting.borrow();
     match signal {
         Signal::Released => Waited::Released,
+        Signal::Failed(status) => Waited::Failed(status),
         Signal::Stored(at) => Waited::Done(Some(at)),
         Signal::Pending => Waited::Done(None),
     }

@@ -291,6 +291,7 @@ async fn collapsed(
 ) -> Woken {
     let leaders = match lock::wait(waiting, deadline).await {
         lock::Waited::Done(stored) => stored,
+        lock::Waited::Failed(code) => return stale_for_waiter(cache, primary, parts, code).await,
         lock::Waited::Released | lock::Waited::Late => return Woken::Alone,
     };
     let nothing = Woken::Nothing {
@@ -313,6 +314,37 @@ async fn collapsed(
     }
     cache.counters.hit.inc();
     Woken::Answered(from_entry(&entry, age, parts, status))
+}
+
+/// The stale copy for a request that waited on a revalidation that failed
+/// with `code`, if stale-if-error still allows it, as it allowed it the
+/// leader; else the request fetches on its own. Before, every waiter went
+/// to the failing backend itself: 20 clients made 21 requests of a backend
+/// answering 503, and behind a hung one each waited its own
+/// `response_timeout` (review33b F2).
+async fn stale_for_waiter(cache: &Cache, primary: &str, parts: &Parts, code: u16) -> Woken {
+    let Some(full) = cache.key_for(primary, &parts.headers) else {
+        return Woken::Alone;
+    };
+    let Some(entry) = cache.get(&full).await else {
+        return Woken::Alone;
+    };
+    let age = entry.timing.current_age(cache.now());
+    let Ok(code) = StatusCode::from_u16(code) else {
+        return Woken::Alone;
+    };
+    if !policy::stale_if_error(entry.lifetime, age, &entry.cc) {
+        return Woken::Alone;
+    }
+    Woken::Answered(stale_on_error(
+        cache,
+        &entry,
+        age,
+        parts,
+        "stale",
+        code,
+        "; collapsed",
+    ))
 }
 
 /// What the store holds for a GET or HEAD, found before anything is
@@ -1163,10 +1195,11 @@ fn stale_on_error(
     client: &Parts,
     fwd: &str,
     code: StatusCode,
+    collapsed: &str,
 ) -> Response<ProxyBody> {
     cache.counters.stale.inc();
     let text = format!(
-        "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error",
+        "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error{collapsed}",
         code.as_u16()
     );
     from_entry(entry, age, client, &text)
@@ -1285,19 +1318,16 @@ async fn revalidate(
         let (response, in_flight) = match result {
             Ok(answer) => answer,
             Err(error) => {
-                release(fetch.leader.as_ref());
                 if !may_serve_stale {
+                    release(fetch.leader.as_ref());
                     cache.counters.miss.inc();
                     return Err(error);
                 }
-                return Ok(stale_on_error(
-                    cache,
-                    &entry,
-                    age,
-                    &client,
-                    fwd,
-                    error.status(),
-                ));
+                let code = error.status();
+                if let Some(leader) = &fetch.leader {
+                    leader.failed(code.as_u16());
+                }
+                return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
             }
         };
         if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
@@ -1336,9 +1366,11 @@ async fn revalidate(
             return Ok(answer);
         }
         if response.status().is_server_error() && may_serve_stale {
-            release(fetch.leader.as_ref());
             let code = response.status();
-            return Ok(stale_on_error(cache, &entry, age, &client, fwd, code));
+            if let Some(leader) = &fetch.leader {
+                leader.failed(code.as_u16());
+            }
+            return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
         }
         cache.counters.miss.inc();
         let primary = fetch.fill.primary().to_owned();
