@@ -647,10 +647,10 @@ fn a_failed_request_s_warnings_carry_its_id() {
         let line = line_with(&run.log, needle, &mut run.seen);
         assert!(line.contains("\"request_id\":\"pair-me-42\""), "{line}");
     }
-    // Past the retry budget (10 + 20% of requests), a retry it refuses
-    // is said in the request's warning, where nothing told why there was
-    // none.
-    for _ in 0..20 {
+    // Past the retry budget (100 a window + 20% of requests), a retry it
+    // refuses is said in the request's warning, where nothing told why
+    // there was none.
+    for _ in 0..130 {
         let mut stream = connect(&run);
         let (status, _) = ask(&mut stream, "/y");
         assert!(status.starts_with("HTTP/1.1 502"), "{status}");

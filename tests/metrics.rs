@@ -891,6 +891,32 @@ async fn a_retried_attempt_shows_in_the_access_line_and_the_metrics() {
     assert_eq!(scraped(&proxy, exhausted), 0);
 }
 
+/// A retry after a refused connect is not taken from the retry budget:
+/// the backend was given nothing to do. Past the budget's 100 a window,
+/// a burst that met one dead backend got 502s while the others were free
+/// (review33b F3).
+#[tokio::test]
+async fn retries_of_refused_connects_are_not_taken_from_the_budget() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    // A lone backend is never ejected: every request meets the refusal.
+    let mut config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![dead]);
+    config.upstreams[0].name = "dead".into();
+    let proxy = start_proxy(config).await;
+    let client = client();
+    // Past 100 + 20% of them: the budget would have refused some.
+    for _ in 0..200 {
+        let answer = get(&client, &proxy.url("/x")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    }
+    let retried = scraped(&proxy, "portico_upstream_retries_total{upstream=\"dead\"}");
+    assert_eq!(retried, 200);
+    let exhausted = "portico_upstream_retries_budget_exhausted_total{upstream=\"dead\"}";
+    assert_eq!(scraped(&proxy, exhausted), 0);
+}
+
 /// The access lines written on the test's thread (where its proxies and
 /// backends run: `#[tokio::test]` keeps every task on it), as JSON.
 struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);

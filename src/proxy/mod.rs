@@ -868,7 +868,7 @@ fn forward_with_retries<'a>(
             // all, or no room in the budget, the original failure stands.
             tried = tried.with(index);
             let retry_index = match upstream.pick(tried) {
-                Some(retry_index) if upstream.try_retry() => retry_index,
+                Some(retry_index) if upstream.try_retry(error.nothing_sent()) => retry_index,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
                     trace.budget_refused = true;

@@ -370,9 +370,13 @@ impl Upstream {
     }
 
     /// Takes a retry from the budget if there is room, and counts it, or
-    /// that the budget refused it.
-    pub fn try_retry(&self) -> bool {
-        let granted = self.budget.try_retry(self.clock.now_ms() / 1000);
+    /// that the budget refused it. A retry of an attempt that sent nothing
+    /// (the connection was refused or never made) is not taken from the
+    /// budget: the budget keeps retries from multiplying the work of
+    /// backends in trouble, and that attempt gave a backend none. nginx
+    /// always retries such an attempt.
+    pub fn try_retry(&self, nothing_sent: bool) -> bool {
+        let granted = nothing_sent || self.budget.try_retry(self.clock.now_ms() / 1000);
         if granted {
             self.retries.sent.inc();
         } else {
