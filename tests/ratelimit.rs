@@ -103,6 +103,34 @@ async fn portico_s_own_errors_carry_the_budget_too() {
     assert_eq!(answer.header("ratelimit-remaining"), "4");
 }
 
+/// A backend's own rate-limit fields are its quota's, and pass on
+/// untouched, without portico's beside them: a 429 of its own said
+/// "9 left, back in 1 s" next to its `Retry-After: 30` (review33b F4).
+#[tokio::test]
+async fn a_backend_s_own_rate_limit_fields_are_kept() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 429 Too Many Requests\r\nRateLimit-Limit: 1000\r\n\
+          RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nRetry-After: 30\r\n\
+          Content-Length: 0\r\n\r\n"
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.rate_limit = Some(RateLimit {
+        requests_per_second: 10.0,
+        burst: 5,
+        ..RateLimit::default()
+    });
+    config.routes[0].rate_limit = true;
+    let proxy = start_proxy(config).await;
+    let answer = get(&client(), &proxy.url("/api")).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer.header("ratelimit-limit"), "1000");
+    assert_eq!(answer.header("ratelimit-remaining"), "0");
+    assert_eq!(answer.header("ratelimit-reset"), "60");
+    assert_eq!(answer.header("retry-after"), "30");
+    assert_eq!(answer.headers.get_all("ratelimit-limit").iter().count(), 1);
+}
+
 #[tokio::test]
 async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_escape_the_limit() {
     let backend = start_backend(BackendOptions::new("b1")).await;

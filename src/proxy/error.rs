@@ -278,12 +278,24 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody>
 }
 
 /// The `RateLimit-*` fields of an allowed request's quota (`limit`,
-/// `remaining`, `reset`), when its route is limited.
+/// `remaining`, `reset`), when its route is limited, unless the backend
+/// gave its own: its quota (per user, per API key) is the one its answer
+/// speaks of, and a 429 of its own said "9 left, back in 1 s" beside its
+/// own `Retry-After: 30` once portico's replaced them (review33b F4).
 pub fn quota_headers(
     headers: &mut http::HeaderMap,
     quota: Option<(u32, u32, std::time::Duration)>,
 ) {
     if let Some((limit, remaining, reset)) = quota {
+        let backend_s = [
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit",
+            "ratelimit-policy",
+        ];
+        if backend_s.iter().any(|name| headers.contains_key(*name)) {
+            return;
+        }
         rate_limit_headers(headers, limit, remaining, reset, None);
     }
 }
