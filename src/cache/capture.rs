@@ -53,6 +53,7 @@ pub struct Fate(Arc<std::sync::atomic::AtomicU8>);
 impl Fate {
     const TOO_LARGE: u8 = 1;
     const FILL_BUDGET: u8 = 2;
+    const INVALIDATED: u8 = 3;
 
     fn set(&self, why: u8) {
         self.0.store(why, std::sync::atomic::Ordering::Relaxed);
@@ -62,6 +63,7 @@ impl Fate {
         match self.0.load(std::sync::atomic::Ordering::Relaxed) {
             Self::TOO_LARGE => Some("too-large"),
             Self::FILL_BUDGET => Some("fill-budget"),
+            Self::INVALIDATED => Some("invalidated"),
             _ => None,
         }
     }
@@ -216,6 +218,11 @@ impl Capture {
             lifetime: self.lifetime,
             cc: self.cc,
         });
+        // A purge or an unsafe request for the URL overtook the fetch: not
+        // stored, which the access line says (review33b note).
+        if self.fill.overtaken() {
+            self.fate.set(Fate::INVALIDATED);
+        }
         if let Some(whole) = self.whole {
             let _ = whole.send((entry.clone(), self.fill.overtaken()));
         }
@@ -313,6 +320,24 @@ mod tests {
         let (entry, _) = whole.await.unwrap();
         assert_eq!(entry.body, frame);
         assert!(!buffer.as_ptr_range().contains(&entry.body.as_ptr()));
+    }
+
+    /// A fill a purge overtook is not stored, and the access line learns
+    /// so (the Cache-Status sent before the body said `stored`).
+    #[tokio::test]
+    async fn a_fill_a_purge_overtook_says_invalidated() {
+        let cache = Cache::new(crate::config::Cache::default(), Arc::new(Metrics::new()));
+        let mut overtaken = capture(&cache, "/x");
+        let fate = overtaken.fate();
+        assert!(overtaken.data(&Bytes::from_static(b"body")));
+        cache.invalidate("GET|http|h|/x").await;
+        overtaken.finish();
+        assert_eq!(fate.detail(), Some("invalidated"));
+        let mut untouched = capture(&cache, "/y");
+        let fate = untouched.fate();
+        assert!(untouched.data(&Bytes::from_static(b"body")));
+        untouched.finish();
+        assert_eq!(fate.detail(), None);
     }
 
     /// The copies of responses being stored count against `max_size`
