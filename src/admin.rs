@@ -135,6 +135,11 @@ fn refresh_gauges(shared: &Shared) {
         }
     }
     shared.metrics.set_backends_up(rows.into_iter());
+    let tracked = proxy.limiter().map_or(0, |l| l.tracked_keys());
+    shared
+        .metrics
+        .ratelimit_tracked
+        .set(i64::try_from(tracked).unwrap_or(i64::MAX));
 }
 
 async fn handle(

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
     ratelimit_rejected: IntCounterVec,
+    pub ratelimit_tracked: IntGauge,
     pub connections_open: IntGauge,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
@@ -165,6 +166,11 @@ impl Metrics {
                 "portico_ratelimit_rejected_total",
                 "Requests refused with 429, by route",
                 &["route"],
+            ),
+            ratelimit_tracked: gauge(
+                &registry,
+                "portico_ratelimit_tracked_clients",
+                "Clients the rate limiter tracks, over all routes (at max_tracked_clients a route's new clients share one budget)",
             ),
             connections_open: gauge(
                 &registry,

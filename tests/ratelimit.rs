@@ -103,6 +103,26 @@ async fn portico_s_own_errors_carry_the_budget_too() {
     assert_eq!(answer.header("ratelimit-remaining"), "4");
 }
 
+/// The clients the limiter tracks are a gauge, so a table filling up
+/// (its new clients then share one budget) shows in Prometheus, not only
+/// in `/status` (review33b note).
+#[tokio::test]
+async fn the_tracked_clients_are_a_gauge() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(limited(&backend, "127.0.0.1/32"), None, None).await;
+    let client = client();
+    for who in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        burst(&client, &proxy.url("/users/1/orders"), Some(who), 1).await;
+    }
+    let text = get(&client, &proxy.admin_url("/metrics")).await.body;
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.lines()
+            .any(|l| l == "portico_ratelimit_tracked_clients 3"),
+        "{text}"
+    );
+}
+
 /// A backend's own rate-limit fields are its quota's, and pass on
 /// untouched, without portico's beside them: a 429 of its own said
 /// "9 left, back in 1 s" next to its `Retry-After: 30` (review33b F4).
