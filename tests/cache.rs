@@ -1707,6 +1707,46 @@ async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
     );
 }
 
+/// A write on a route that does not cache still invalidates what the
+/// cache holds for its URLs: entries stored while such a route cached
+/// (or, as here, by another route its `Content-Location` names) would
+/// otherwise come back older than the write (review33a F3).
+#[tokio::test]
+async fn a_write_on_a_route_that_does_not_cache_still_invalidates() {
+    let addr = scripted_backend(|head| {
+        if head.starts_with("POST") {
+            b"HTTP/1.1 201 Created\r\nContent-Location: /cached/list\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\nlist"
+        }
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.cache = Some(portico::config::Cache::default());
+    let mut cached_route = config.routes[0].clone();
+    cached_route.path_prefix = "/cached/".into();
+    cached_route.cache = true;
+    cached_route.name = "cached".into();
+    config.routes.push(cached_route);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let list = proxy.url("/cached/list");
+    get(&client, &list).await;
+    until_stored(&proxy, 1).await;
+    assert_eq!(
+        get(&client, &list).await.header("cache-status"),
+        "portico; hit"
+    );
+    let post = Request::post(proxy.url("/api/orders"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&client, post).await.status, StatusCode::CREATED);
+    assert_eq!(
+        get(&client, &list).await.header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+}
+
 /// A WebSocket upgrade on a caching route says the cache passed it by,
 /// on its 101 and so on its access line, as the bypass metric counts it
 /// (review32f F4).

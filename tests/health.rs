@@ -626,6 +626,32 @@ async fn posts_are_never_sent_twice_and_refused_ones_go_elsewhere() {
     assert_eq!(created, 10, "a POST was lost to the dead backend");
 }
 
+/// A POST or PATCH without a body whose connection was refused goes to
+/// another backend too: nothing of it was sent. It got a 502, while one
+/// with a body went on (review33a F1).
+#[tokio::test]
+async fn refused_bodiless_posts_go_elsewhere_too() {
+    let mut backends = start_backends(2).await;
+    let proxy = start_proxy(config_for(&backends.iter().collect::<Vec<_>>())).await;
+    backends.remove(1).stop().await;
+    let client = client();
+    for method in ["POST", "PATCH", "POST", "PATCH"] {
+        let request = Request::builder()
+            .method(method)
+            .uri(proxy.url("/users/1/orders"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client, request).await;
+        // The live backend's own answer to a request without an order.
+        assert!(
+            answer.status.is_client_error(),
+            "{method}: {} {:?}",
+            answer.status,
+            answer.body
+        );
+    }
+}
+
 /// A misbehaving backend no real server imitates on purpose: it answers
 /// every connection with `reply` and then does `then`.
 async fn fake_backend(reply: &'static [u8], hang: bool) -> std::net::SocketAddr {

@@ -651,7 +651,10 @@ impl Proxy {
             // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
             // invalidate; OPTIONS (a CORS preflight) does not. (TRACE is
             // refused before routing.)
-            let unsafe_target = (cache.is_some() && !is_safe(&parts.method)).then(|| {
+            // On a route with `cache = false` too: entries stored while it
+            // was on would otherwise come back, older than the write, when
+            // it is turned on again (review33a F3).
+            let unsafe_target = (self.cache.is_some() && !is_safe(&parts.method)).then(|| {
                 let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 target.to_owned()
             });
@@ -669,7 +672,7 @@ impl Proxy {
                 });
             }
             let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
-            if let (Some(cache), Some(target)) = (cache, unsafe_target.as_deref()) {
+            if let (Some(cache), Some(target)) = (self.cache.as_ref(), unsafe_target.as_deref()) {
                 let status = response.status();
                 if status.is_success() || status.is_redirection() {
                     // Boxed: rare, and inline it would grow every request's future.
@@ -853,7 +856,13 @@ fn forward_with_retries<'a>(
             let retry_body = if idempotent && error.is_retryable() {
                 Some(RequestBody::empty())
             } else if error.nothing_sent() {
-                parked.and_then(body::Parked::reclaim)
+                // A POST or PATCH without a body has none parked: it goes
+                // again as it came, as one with a body does (review33a F1).
+                if bodiless {
+                    Some(RequestBody::empty())
+                } else {
+                    parked.and_then(body::Parked::reclaim)
+                }
             } else {
                 None
             };
