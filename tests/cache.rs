@@ -1752,29 +1752,9 @@ async fn a_write_on_a_route_that_does_not_cache_still_invalidates() {
 /// (review32f F4).
 #[tokio::test]
 async fn an_upgrade_on_a_caching_route_says_fwd_bypass() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(cached(&[&backend])).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    tokio::time::timeout(STEP, async {
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-    })
-    .await
-    .expect("101 head in time");
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let (_tunnel, head) = open_echo_tunnel_with_head(proxy.addr).await;
     assert!(
         head.contains("cache-status: portico; fwd=bypass\r\n"),
         "{head}"

@@ -215,34 +215,6 @@ fn a_reload_waiting_on_its_file_holds_up_no_request_on_a_one_thread_runtime() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A WebSocket upgrade to the sample backend's echo through the proxy at
-/// `addr`; checks the 101 head and returns the tunnel.
-async fn open_echo_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    tokio::time::timeout(STEP, async {
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-    })
-    .await
-    .expect("101 head in time");
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    assert!(head.contains("connection: upgrade"), "{head}");
-    stream
-}
-
 /// Sends "ping" through an echo tunnel and reads it back.
 async fn ping(stream: &mut tokio::net::TcpStream) {
     stream.write_all(b"ping").await.unwrap();
