@@ -151,6 +151,45 @@ async fn a_backend_s_own_rate_limit_fields_are_kept() {
     assert_eq!(answer.headers.get_all("ratelimit-limit").iter().count(), 1);
 }
 
+/// A stored response keeps none of the backend's rate-limit fields: they
+/// were the quota of the client it answered, and every hit handed that
+/// one user's "0 left" to everyone (review33c M1). Hits carry portico's.
+#[tokio::test]
+async fn a_hit_carries_portico_s_quota_not_the_stored_backend_s() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nRateLimit-Limit: 1000\r\n\
+          RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let mut config = with_cache(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ));
+    config.rate_limit = Some(RateLimit {
+        requests_per_second: 10.0,
+        burst: 5,
+        ..RateLimit::default()
+    });
+    config.routes[0].rate_limit = true;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let miss = get(&client, &proxy.url("/list")).await;
+    assert_eq!(miss.header("ratelimit-remaining"), "0");
+    let hit = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client, &proxy.url("/list")).await;
+            if answer.header("cache-status") == "portico; hit" {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a hit within STEP");
+    assert_eq!(hit.header("ratelimit-limit"), "5");
+    assert_ne!(hit.header("ratelimit-remaining"), "0");
+}
+
 #[tokio::test]
 async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_escape_the_limit() {
     let backend = start_backend(BackendOptions::new("b1")).await;

@@ -1016,6 +1016,10 @@ impl Fetch {
                 // What a cache behind portico did for this fetch is not true of
                 // later hits.
                 stored.remove(&CACHE_STATUS);
+                // Nor is the quota of the client it answered.
+                for name in super::error::RATE_LIMIT_FIELDS {
+                    stored.remove(name);
+                }
                 // RFC 9110 §6.6.1: a cache records when an undated
                 // response was received, so hits do not wear the time they
                 // are served at (hyper's) as the response's date.
@@ -1229,6 +1233,7 @@ fn refreshed(
             || name == CACHE_STATUS
             || name == header::SET_COOKIE
             || name == header::ETAG
+            || super::error::RATE_LIMIT_FIELDS.contains(&name.as_str())
         {
             continue;
         }

@@ -277,6 +277,19 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody>
     response
 }
 
+/// Rate-limit fields, of the IETF httpapi drafts old and new: a backend's
+/// describe the quota of the client it answered, so a stored response
+/// keeps none of them (a hit would hand one user's quota to everyone,
+/// review33c M1), and a response from the backend that has one keeps its
+/// own, without portico's.
+pub const RATE_LIMIT_FIELDS: [&str; 5] = [
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "ratelimit",
+    "ratelimit-policy",
+];
+
 /// The `RateLimit-*` fields of an allowed request's quota (`limit`,
 /// `remaining`, `reset`), when its route is limited, unless the backend
 /// gave its own: its quota (per user, per API key) is the one its answer
@@ -287,13 +300,10 @@ pub fn quota_headers(
     quota: Option<(u32, u32, std::time::Duration)>,
 ) {
     if let Some((limit, remaining, reset)) = quota {
-        let backend_s = [
-            "ratelimit-limit",
-            "ratelimit-remaining",
-            "ratelimit",
-            "ratelimit-policy",
-        ];
-        if backend_s.iter().any(|name| headers.contains_key(*name)) {
+        if RATE_LIMIT_FIELDS
+            .iter()
+            .any(|name| headers.contains_key(*name))
+        {
             return;
         }
         rate_limit_headers(headers, limit, remaining, reset, None);
