@@ -1326,10 +1326,36 @@ async fn an_undated_response_is_stored_with_the_time_it_came() {
 /// Before, each waiter then went to the backend itself (review33b F2).
 #[tokio::test]
 async fn waiters_on_a_failed_revalidation_get_the_stale_copy_without_asking_again() {
+    let asked = stale_copy_to_ten_behind_a_failing_revalidation(None, "503").await;
+    // The fill, and one revalidation for all ten.
+    assert_eq!(asked, 2);
+}
+
+/// So behind a backend that never answers: the waiters wait as long as
+/// the revalidation may take, past the 5 s they wait on a fetch, rather
+/// than each leave to wait its own `response_timeout` on the same
+/// backend (review33c M2).
+#[tokio::test]
+async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again() {
+    let asked =
+        stale_copy_to_ten_behind_a_failing_revalidation(Some(Duration::from_secs(6)), "504").await;
+    assert_eq!(asked, 2);
+}
+
+/// Ten concurrent requests for a stale entry (`stale-if-error`) whose
+/// revalidation fails: with a 503 after a second, or, given a
+/// `response_timeout`, with no answer at all. Each must get the stale copy
+/// with `fwd-status` `status`, nine of them as collapsed. Returns the
+/// requests the backend got.
+async fn stale_copy_to_ten_behind_a_failing_revalidation(
+    response_timeout: Option<Duration>,
+    status: &str,
+) -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     let asked = Arc::new(AtomicUsize::new(0));
     let count = asked.clone();
+    let hang = response_timeout.is_some();
     let addr = serve_each(move |mut stream| {
         let count = count.clone();
         async move {
@@ -1337,9 +1363,12 @@ async fn waiters_on_a_failed_revalidation_get_the_stale_copy_without_asking_agai
                 let answer: &[u8] = if count.fetch_add(1, Ordering::SeqCst) == 0 {
                     b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=600\r\n\
                       Content-Length: 3\r\n\r\nold"
+                } else if hang {
+                    std::future::pending::<()>().await;
+                    return;
                 } else {
                     // Slow enough for the others to queue behind it.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nfail"
                 };
                 if stream.write_all(answer).await.is_err() {
@@ -1349,7 +1378,14 @@ async fn waiters_on_a_failed_revalidation_get_the_stale_copy_without_asking_agai
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
+    let mut config = with_cache(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ));
+    if let Some(timeout) = response_timeout {
+        config.upstreams[0].response_timeout = timeout;
+    }
+    let proxy = start_proxy(config).await;
     let (client, url) = (client(), proxy.url("/failing"));
     get(&client, &url).await;
     until_stored(&proxy, 1).await;
@@ -1361,21 +1397,18 @@ async fn waiters_on_a_failed_revalidation_get_the_stale_copy_without_asking_agai
         })
         .collect();
     let mut collapsed = 0;
+    let stale = format!("portico; fwd=stale; fwd-status={status}; detail=stale-if-error");
     for answer in answers {
         let answer = answer.await.unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.body, "old");
-        let status = answer.header("cache-status");
-        assert!(
-            status.starts_with("portico; fwd=stale; fwd-status=503; detail=stale-if-error"),
-            "{status}"
-        );
-        collapsed += usize::from(status.ends_with("; collapsed"));
+        let said = answer.header("cache-status");
+        assert!(said.starts_with(&stale), "{said}");
+        collapsed += usize::from(said.ends_with("; collapsed"));
     }
     assert_eq!(collapsed, 9);
-    // The fill, and one revalidation for all ten.
-    assert_eq!(asked.load(Ordering::SeqCst), 2);
     drop(proxy);
+    asked.load(Ordering::SeqCst)
 }
 
 /// A revalidation answered by a new response that may not be stored drops

@@ -27,6 +27,18 @@ use crate::upstream::UpstreamBody;
 /// Longest a coalesced request waits for the leader before fetching itself.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
 
+/// How long requests wait on a revalidation of an entry stale-if-error may
+/// serve: as long as the revalidation can take (its connects, each retried,
+/// and its response timeout), at least [`COALESCE_WAIT`]. Whatever it gets,
+/// they are answered from it, so behind a hung backend each no longer left
+/// at 5 s to wait its own `response_timeout` on the same backend
+/// (review33c M2).
+fn revalidation_wait(upstream: &Upstream) -> Duration {
+    let config = &upstream.config;
+    let connects = config.connect_timeout * (config.retries + 1);
+    (connects + config.response_timeout + Duration::from_secs(1)).max(COALESCE_WAIT)
+}
+
 pub static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
 fn set_status(response: &mut Response<ProxyBody>, ours: &str) {
@@ -484,7 +496,23 @@ pub(super) async fn serve(
             None
         } else {
             let status = "portico; fwd=stale; collapsed";
-            match join(cache, &primary, &parts, &request_cc, ranged, false, status).await {
+            let age = entry.timing.current_age(cache.now());
+            let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
+                revalidation_wait(upstream)
+            } else {
+                COALESCE_WAIT
+            };
+            let joined = join(
+                cache,
+                &primary,
+                &parts,
+                &request_cc,
+                ranged,
+                false,
+                status,
+                wait,
+            );
+            match joined.await {
                 Joined::Fetch(leader) => leader,
                 Joined::Answered(hit) => return Ok(hit),
                 Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -496,7 +524,17 @@ pub(super) async fn serve(
         .await;
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match join(cache, &primary, &parts, &request_cc, ranged, true, status).await {
+    let joined = join(
+        cache,
+        &primary,
+        &parts,
+        &request_cc,
+        ranged,
+        true,
+        status,
+        COALESCE_WAIT,
+    );
+    let leader = match joined.await {
         Joined::Fetch(leader) => leader,
         Joined::Answered(hit) => return Ok(hit),
         Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -716,8 +754,10 @@ enum Joined {
 /// the lock on, it fetches alone. So, once a lock was handed on, does a
 /// HEAD or conditional GET on a `miss` that would not be fetched as a
 /// plain GET (a range, or no background read free): its answer would be
-/// its own. Waiting ends at [`COALESCE_WAIT`] in all, after which the
-/// request fetches on its own.
+/// its own. Waiting ends at `wait` in all ([`COALESCE_WAIT`], or behind a
+/// revalidation stale-if-error covers [`revalidation_wait`]), after which
+/// the request fetches on its own.
+#[allow(clippy::too_many_arguments)]
 async fn join(
     cache: &Arc<Cache>,
     primary: &str,
@@ -726,6 +766,7 @@ async fn join(
     ranged: bool,
     miss: bool,
     status: &'static str,
+    wait: Duration,
 ) -> Joined {
     let alone = || {
         if ranged {
@@ -771,8 +812,8 @@ async fn join(
         if cache.uncacheable(primary, &parts.headers) {
             return alone();
         }
-        let (deadline, arrived) = *since
-            .get_or_insert_with(|| (tokio::time::Instant::now() + COALESCE_WAIT, cache.now()));
+        let (deadline, arrived) =
+            *since.get_or_insert_with(|| (tokio::time::Instant::now() + wait, cache.now()));
         let woken = collapsed(
             cache, waiting, deadline, arrived, primary, parts, request_cc, status,
         );
