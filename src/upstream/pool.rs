@@ -200,6 +200,9 @@ struct HeadWait {
     /// the bytes read since it was sent (see [`Watched`]).
     heading: std::sync::atomic::AtomicBool,
     head_bytes: AtomicU64,
+    /// The backend reset the connection under an upload (see [`Watched`]):
+    /// its writes go nowhere, so it is never reused.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 /// How many 5 ms looks a finished connection with bytes left over gives
@@ -261,6 +264,7 @@ impl Watched {
                     && self.head.heading.load(Ordering::Relaxed) =>
             {
                 self.write_gone = true;
+                self.head.gone.store(true, Ordering::Relaxed);
                 Ok(len)
             }
             other => other,
@@ -770,7 +774,14 @@ impl Pool {
         // next client's "response".
         let framed_twice = headers.contains_key(http::header::TRANSFER_ENCODING)
             && headers.contains_key(http::header::CONTENT_LENGTH);
-        let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice);
+        // A reset under the upload (review33c L3): hyper may not have seen
+        // the end of the connection yet, and the next request's writes
+        // would go nowhere.
+        let gone = conn
+            .head
+            .as_ref()
+            .is_some_and(|head| head.gone.load(Ordering::Relaxed));
+        let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice || gone);
         let (parts, inner) = response.into_parts();
         let head = if reusable { None } else { conn.head.take() };
         let mut body = UpstreamBody {
