@@ -227,9 +227,14 @@ impl Capture {
             let _ = whole.send((entry.clone(), self.fill.overtaken()));
         }
         let (cache, fill, request, mut leader) = (self.cache, self.fill, self.request, self.leader);
+        let fate = self.fate;
         tokio::spawn(async move {
             let response_time = entry.timing.response_time;
             cache.insert_shared(&fill, &request, entry).await;
+            // Overtaken since `finish` looked: the insert stored nothing.
+            if fill.overtaken() {
+                fate.set(Fate::INVALIDATED);
+            }
             if let Some(leader) = &mut leader {
                 if !fill.overtaken() && vouches(&request) {
                     leader.stored(response_time);
