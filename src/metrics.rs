@@ -170,7 +170,7 @@ impl Metrics {
             ratelimit_tracked: gauge(
                 &registry,
                 "portico_ratelimit_tracked_clients",
-                "Clients the rate limiter tracks, over all routes (at max_tracked_clients a route's new clients share one budget)",
+                "Clients the rate limiter tracks, summed over throttled routes (each tracks at most max_tracked_clients)",
             ),
             connections_open: gauge(
                 &registry,

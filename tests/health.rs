@@ -650,6 +650,13 @@ async fn refused_bodiless_posts_go_elsewhere_too() {
             answer.body
         );
     }
+    // The dead backend was met, and the requests that met it went again.
+    let metrics = String::from_utf8(proxy.shared.proxy.load().metrics().encode()).unwrap();
+    let retried = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portico_upstream_retries_total{upstream=\"default\"} "))
+        .map_or(0, |n| n.parse::<u64>().unwrap());
+    assert!(retried >= 1, "{metrics}");
 }
 
 /// A misbehaving backend no real server imitates on purpose: it answers

@@ -675,7 +675,8 @@ impl Proxy {
             if let (Some(cache), Some(target)) = (self.cache.as_ref(), unsafe_target.as_deref()) {
                 let status = response.status();
                 if status.is_success() || status.is_redirection() {
-                    // Boxed: rare, and inline it would grow every request's future.
+                    // Boxed: only writes get here, and inline it would grow every
+                    // request's future.
                     Box::pin(cached::invalidate(
                         cache,
                         proto,
