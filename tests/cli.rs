@@ -628,6 +628,26 @@ fn a_body_that_outgrows_max_object_size_logs_why_it_was_not_stored() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// At `max_connections`, the warning names the cap and the clients
+/// waiting in the listen queue, as `ss -ltn` shows them (review33d F5).
+#[test]
+fn the_max_connections_warning_counts_the_clients_waiting() {
+    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let config =
+        behind(origin_addr, "", "").replacen("[server]\n", "[server]\nmax_connections = 1\n", 1);
+    let mut run = portico_on("maxconn", &config, None);
+    // A head begun and not finished: a place held, not an idle one.
+    let mut holding = connect(&run);
+    std::io::Write::write_all(&mut holding, b"GET /x HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut waiting = connect(&run);
+    std::io::Write::write_all(&mut waiting, b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let line = line_with(&run.log, "server.max_connections", &mut run.seen);
+    assert!(line.contains("\"max_connections\":1"), "{line}");
+    assert!(line.contains("\"queued\":1"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// The warnings about a request's failed attempts carry its id, as its
 /// access line does, so they can be paired under concurrency
 /// (review32c F4).

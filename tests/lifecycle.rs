@@ -1514,3 +1514,36 @@ async fn past_max_connections_new_connections_wait_until_one_closes() {
         .expect("an answer");
     assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
 }
+
+/// At the cap, an idle keep-alive connection (parked) is closed to make
+/// room, as nginx reuses one when it runs short of connections: idle ones
+/// held every place until `idle_timeout` (review33c L1).
+#[tokio::test]
+async fn past_max_connections_an_idle_connection_makes_room() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.max_connections = Some(2);
+    // Parked a second on, give or take a quarter of this.
+    config.server.request_header_timeout = Duration::from_secs(1);
+    let proxy = start_proxy(config).await;
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut first, "/health").await, "http/1.1 200 ok");
+    assert_eq!(get_on(&mut second, "/health").await, "http/1.1 200 ok");
+    // Served once one of them is parked and closed for it.
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(get_on(&mut third, "/health").await, "http/1.1 200 ok");
+    // One of the two idle ones was closed; the other still serves.
+    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+    let closed = tokio::time::timeout(STEP, async {
+        tokio::select! {
+            read = first.read(&mut a) => (read.ok(), &mut second),
+            read = second.read(&mut b) => (read.ok(), &mut first),
+        }
+    })
+    .await
+    .expect("an idle connection closed");
+    let (read, other) = closed;
+    assert_eq!(read, Some(0));
+    assert_eq!(get_on(other, "/health").await, "http/1.1 200 ok");
+}

@@ -562,7 +562,10 @@ async fn accept_loop(
         // leaves them, rather than take descriptors portico needs for
         // its backends.
         tokio::select! {
-            () = shared.slots.room(|| shared.connections.load().max_connections) => {}
+            () = shared.slots.room(
+                || shared.connections.load().max_connections,
+                || listen_queue(&listener),
+            ) => {}
             _ = shutdown.recv() => break,
             _ = removed.recv() => break,
         }
@@ -573,7 +576,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let open = shared.slots.take();
+                let open = shared
+                    .slots
+                    .take_at(shared.connections.load().max_connections);
                 failing.recovered(&local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
@@ -1133,10 +1138,13 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
         .poll_read_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
     // Once a shutdown came: how long a request already on its way has.
     let mut draining: Option<tokio::time::Instant> = None;
+    let _parked = held.shared.slots.parked();
     loop {
         let next = tokio::select! {
             ready = socket.socket().readable() => ready.is_ok(),
             () = tokio::time::sleep_until(draining.unwrap_or(idle_until).min(idle_until)) => false,
+            // Its place is wanted (`server.max_connections`).
+            () = held.shared.slots.reclaim.notified() => false,
             // As for a connection hyper holds: a request already on its
             // way gets its answer (with `Connection: close`).
             _ = held.shutdown.recv(), if draining.is_none() => {
@@ -1265,6 +1273,11 @@ struct Slots {
     open: std::sync::atomic::AtomicUsize,
     /// Told when one closes, or a reload may have moved the cap.
     freed: tokio::sync::Notify,
+    /// Told, once for each place wanted, to close an idle (parked)
+    /// keep-alive connection, the longest waiting first.
+    reclaim: tokio::sync::Notify,
+    /// Connections parked (see [`park`]).
+    parked: std::sync::atomic::AtomicUsize,
     gauge: prometheus::IntGauge,
 }
 
@@ -1273,42 +1286,107 @@ impl Slots {
         Slots {
             open: std::sync::atomic::AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
+            reclaim: tokio::sync::Notify::new(),
+            parked: std::sync::atomic::AtomicUsize::new(0),
             gauge,
         }
     }
 
-    /// A place, whatever the cap: for a connection accepted once there
-    /// was [`Slots::room`], or a tunnel, which takes over its connection's.
+    /// A place for a connection accepted once there was [`Slots::room`]:
+    /// at the cap, an idle keep-alive connection is closed to make it, the
+    /// one parked longest, as nginx reuses one when it runs short of
+    /// `worker_connections` (idle ones held every place until
+    /// `idle_timeout`, review33c L1).
+    fn take_at(self: &Arc<Self>, cap: Option<usize>) -> OpenConnection {
+        if cap.is_some_and(|max| self.open.load(Ordering::Relaxed) >= max)
+            && self.parked.load(Ordering::Relaxed) > 0
+        {
+            self.reclaim.notify_one();
+        }
+        self.take()
+    }
+
+    /// A connection between requests, parked, that could make room.
+    fn parked(self: &Arc<Self>) -> ParkedPlace {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        // A listener waiting at the cap may now take a client.
+        self.freed.notify_waiters();
+        ParkedPlace(self.clone())
+    }
+
+    /// A place, whatever the cap: for a tunnel, which takes over its
+    /// connection's.
     fn take(self: &Arc<Self>) -> OpenConnection {
         self.open.fetch_add(1, Ordering::Relaxed);
         self.gauge.inc();
         OpenConnection(self.clone())
     }
 
-    /// Resolves once fewer than `cap()` are open (no cap: at once). The
-    /// place is taken at the accept that follows, so with several
-    /// listeners the cap may be passed by one for each listener beyond
-    /// the first; a place held for a listener with no one knocking would
-    /// have kept out the clients of the others.
-    async fn room(&self, cap: impl Fn() -> Option<usize>) {
+    /// Resolves once fewer than `cap()` are open (no cap: at once), or an
+    /// idle (parked) keep-alive connection could make room. The place is
+    /// taken at the accept that follows ([`Slots::take_at`]), so with
+    /// several listeners the cap may be passed by one for each listener
+    /// beyond the first; a place held for a listener with no one knocking
+    /// would have kept out the clients of the others.
+    async fn room(&self, cap: impl Fn() -> Option<usize>, queued: impl Fn() -> Option<u32>) {
         loop {
             let Some(max) = cap() else { return };
-            // Listening before looking, so a close in between is not missed.
+            // Listening before looking, so a close (or a park) in between
+            // is not missed.
             let mut freed = std::pin::pin!(self.freed.notified());
             freed.as_mut().enable();
-            if self.open.load(Ordering::Relaxed) < max {
+            if self.open.load(Ordering::Relaxed) < max || self.parked.load(Ordering::Relaxed) > 0 {
                 return;
             }
+            // Said once clients wait, every 10 s while they do, with how
+            // many wait in this listener's queue (nginx says so each time
+            // it runs short); looked at each second.
+            let waiting = queued();
             static FULL: crate::logging::Every = crate::logging::Every::new();
-            if let Some(held_back) = FULL.due(10) {
+            if waiting != Some(0) && FULL.due(10).is_some() {
                 tracing::warn!(
                     max_connections = max,
-                    held_back,
+                    queued = waiting,
                     "server.max_connections client connections open; new ones wait in the listen queue"
                 );
             }
-            freed.await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
         }
+    }
+}
+
+/// The connections waiting in `listener`'s accept queue (Linux reports it
+/// in a listening socket's `TCP_INFO`, as `ss -ltn` shows it in Recv-Q).
+#[cfg(target_os = "linux")]
+fn listen_queue(listener: &TcpListener) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is as large as `len` says, and the call writes no more.
+    let got = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zeroed, then written by the kernel.
+    (got == 0).then(|| unsafe { info.assume_init() }.tcpi_unacked)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn listen_queue(_: &TcpListener) -> Option<u32> {
+    None
+}
+
+/// A parked connection counted in [`Slots`] while it is parked.
+struct ParkedPlace(Arc<Slots>);
+
+impl Drop for ParkedPlace {
+    fn drop(&mut self) {
+        self.0.parked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
