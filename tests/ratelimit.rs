@@ -128,27 +128,48 @@ async fn the_tracked_clients_are_a_gauge() {
 /// "9 left, back in 1 s" next to its `Retry-After: 30` (review33b F4).
 #[tokio::test]
 async fn a_backend_s_own_rate_limit_fields_are_kept() {
-    let addr = scripted_backend(|_| {
+    let ietf_s = scripted_backend(|_| {
         b"HTTP/1.1 429 Too Many Requests\r\nRateLimit-Limit: 1000\r\n\
           RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nRetry-After: 30\r\n\
           Content-Length: 0\r\n\r\n"
     })
     .await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
-    config.rate_limit = Some(RateLimit {
-        requests_per_second: 10.0,
-        burst: 5,
-        ..RateLimit::default()
-    });
-    config.routes[0].rate_limit = true;
-    let proxy = start_proxy(config).await;
-    let answer = get(&client(), &proxy.url("/api")).await;
-    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(answer.header("ratelimit-limit"), "1000");
-    assert_eq!(answer.header("ratelimit-remaining"), "0");
-    assert_eq!(answer.header("ratelimit-reset"), "60");
-    assert_eq!(answer.header("retry-after"), "30");
-    assert_eq!(answer.headers.get_all("ratelimit-limit").iter().count(), 1);
+    // The fields GitHub's API and most frameworks send (review33d F3).
+    let github_s = scripted_backend(|_| {
+        b"HTTP/1.1 429 Too Many Requests\r\nX-RateLimit-Limit: 60\r\n\
+          X-RateLimit-Remaining: 0\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n"
+    })
+    .await;
+    for (addr, kept) in [
+        (
+            ietf_s,
+            [("ratelimit-limit", "1000"), ("ratelimit-remaining", "0")],
+        ),
+        (
+            github_s,
+            [("x-ratelimit-limit", "60"), ("x-ratelimit-remaining", "0")],
+        ),
+    ] {
+        let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+        config.rate_limit = Some(RateLimit {
+            requests_per_second: 10.0,
+            burst: 5,
+            ..RateLimit::default()
+        });
+        config.routes[0].rate_limit = true;
+        let proxy = start_proxy(config).await;
+        let answer = get(&client(), &proxy.url("/api")).await;
+        assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+        for (name, value) in kept {
+            assert_eq!(answer.header(name), value);
+            assert_eq!(answer.headers.get_all(name).iter().count(), 1);
+        }
+        assert_eq!(answer.header("retry-after"), "30");
+        if addr == github_s {
+            // None of portico's beside the backend's.
+            assert!(!answer.headers.contains_key("ratelimit-limit"));
+        }
+    }
 }
 
 /// A stored response keeps none of the backend's rate-limit fields: they

@@ -277,17 +277,21 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody>
     response
 }
 
-/// Rate-limit fields, of the IETF httpapi drafts old and new: a backend's
+/// Rate-limit fields, of the IETF httpapi drafts old and new and the
+/// `X-RateLimit-*` most APIs send (GitHub's, frameworks'): a backend's
 /// describe the quota of the client it answered, so a stored response
 /// keeps none of them (a hit would hand one user's quota to everyone,
 /// review33c M1), and a response from the backend that has one keeps its
-/// own, without portico's.
-pub const RATE_LIMIT_FIELDS: [&str; 5] = [
+/// own, without portico's (review33d F3).
+pub const RATE_LIMIT_FIELDS: [&str; 8] = [
     "ratelimit-limit",
     "ratelimit-remaining",
     "ratelimit-reset",
     "ratelimit",
     "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
 ];
 
 /// The `RateLimit-*` fields of an allowed request's quota (`limit`,
