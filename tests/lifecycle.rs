@@ -1547,3 +1547,25 @@ async fn past_max_connections_an_idle_connection_makes_room() {
     assert_eq!(read, Some(0));
     assert_eq!(get_on(other, "/health").await, "http/1.1 200 ok");
 }
+
+/// A request asking to upgrade counts once among the open connections
+/// while its backend has not switched yet: it held a second place from
+/// the start, so pending WebSocket handshakes filled `max_connections`
+/// twice as fast (review33d F4).
+#[tokio::test]
+async fn a_pending_upgrade_counts_once() {
+    let addr = silent_backend().await;
+    let config =
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The request is at the backend, which says nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
+}

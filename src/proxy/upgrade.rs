@@ -41,12 +41,20 @@ pub struct Upgrade {
 #[derive(Clone)]
 pub struct Hold {
     pub keep: Arc<dyn Any + Send + Sync>,
+    /// Takes the tunnel's place among the open connections, once the
+    /// backend switched: taken with the request, a pending upgrade held
+    /// two places (review33d F4).
+    pub place: Place,
     /// The client's listener stopping (a shutdown, or a reload that
     /// removed it), and how long a tunnel may go on after: a shutdown's
     /// end cuts tunnels with the process, and a removed listener's are
     /// cut as they would be then, not left to run for good.
     pub stopping: (crate::server::shutdown::Shutdown, Grace),
 }
+
+/// Takes a place among the open connections, held as long as what it
+/// returns.
+pub type Place = Arc<dyn Fn() -> Box<dyn Any + Send + Sync> + Send + Sync>;
 
 /// `shutdown_grace` as it is when asked.
 pub type Grace = Arc<dyn Fn() -> Duration + Send + Sync>;
@@ -116,7 +124,9 @@ impl Upgrade {
         let backend = hyper::upgrade::on(&mut response);
         let client = self.client;
         let hold = self.hold;
+        let place = hold.as_ref().map(|hold| (hold.place)());
         tokio::spawn(async move {
+            let _place = place;
             // The backend slot stays taken while the tunnel is open, and
             // the client's connection counted.
             let _in_flight = in_flight;

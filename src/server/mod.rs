@@ -838,13 +838,14 @@ async fn serve_connection<IO: Parkable>(
         // keeps its place in the count and the drain instead, and ends
         // `shutdown_grace` after its listener stops.
         if request.headers().contains_key(http::header::UPGRADE) {
-            let hold = (drain.clone(), generations.slots.take());
             // Read when the listener stops, as a shutdown reads it: a
             // reload may have changed it since the tunnel opened.
             let shared = generations.clone();
             let grace = move || shared.config.load().server.shutdown_grace;
+            let slots = generations.slots.clone();
             request.extensions_mut().insert(crate::proxy::TunnelHold {
-                keep: Arc::new(hold),
+                keep: Arc::new(drain.clone()),
+                place: Arc::new(move || Box::new(slots.take())),
                 stopping: (stopping.clone(), Arc::new(grace)),
             });
         }
