@@ -261,6 +261,23 @@ async fn portico_s_own_answer_to_an_http2_head_has_no_body() {
     proxy.stop().await;
 }
 
+/// A backend's 204 with a `Content-Length` reaches an HTTP/2 client
+/// without it (RFC 9110 §8.6), as hyper's HTTP/1 server sends it: the
+/// client reset the stream as malformed (review33d F7).
+#[tokio::test]
+async fn a_204_with_a_content_length_reaches_an_http2_client_without_it() {
+    let addr = scripted_backend(|_| b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+    let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    let proxy = start_proxy(config).await;
+    let request = Request::get(proxy.url("/gone"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&h2c_client(), request).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    assert!(!answer.headers.contains_key("content-length"));
+    proxy.stop().await;
+}
+
 /// An HTTP/2 frame: its length, type, flags and stream, then `payload`.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap().to_be_bytes();

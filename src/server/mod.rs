@@ -873,6 +873,13 @@ async fn serve_connection<IO: Parkable>(
         async move {
             let (request, conn) = handed.take();
             let (mut response, tail) = handed.proxy().handle(request, conn).await;
+            // RFC 9110 §8.6: no Content-Length on a 204. hyper's HTTP/1
+            // server drops one; over HTTP/2 a backend's `Content-Length:
+            // 5` on its 204 went out, and clients reset the stream
+            // (review33d F7), as nginx's HTTP/2 filter drops it too.
+            if multiplexed && response.status() == http::StatusCode::NO_CONTENT {
+                response.headers_mut().remove(http::header::CONTENT_LENGTH);
+            }
             if bodiless && !hyper::body::Body::is_end_stream(response.body()) {
                 // The length a GET would get, as RFC 9110 §9.3.2 allows.
                 let length = hyper::body::Body::size_hint(response.body()).exact();
