@@ -230,13 +230,16 @@ impl Capture {
         let fate = self.fate;
         tokio::spawn(async move {
             let response_time = entry.timing.response_time;
-            cache.insert_shared(&fill, &request, entry).await;
-            // Overtaken since `finish` looked: the insert stored nothing.
-            if fill.overtaken() {
-                fate.set(Fate::INVALIDATED);
+            // Overtaken since `finish` looked, or too heavy with its head:
+            // the insert stored nothing.
+            let kept = cache.insert_shared(&fill, &request, entry).await;
+            match kept {
+                Err(super::NotKept::Overtaken) => fate.set(Fate::INVALIDATED),
+                Err(super::NotKept::TooHeavy) => fate.set(Fate::TOO_LARGE),
+                Err(super::NotKept::Unmatchable) | Ok(()) => {}
             }
             if let Some(leader) = &mut leader {
-                if !fill.overtaken() && vouches(&request) {
+                if kept.is_ok() && !fill.overtaken() && vouches(&request) {
                     leader.stored(response_time);
                 }
             }
@@ -343,6 +346,39 @@ mod tests {
         assert!(untouched.data(&Bytes::from_static(b"body")));
         untouched.finish();
         assert_eq!(fate.detail(), None);
+    }
+
+    /// A body within `max_object_size` whose head makes the entry outweigh
+    /// `max_size` is not stored, and the access line says `too-large`
+    /// rather than `stored` (review33d F8).
+    #[tokio::test]
+    async fn an_entry_its_head_makes_too_heavy_says_too_large() {
+        let config = crate::config::Cache {
+            max_size: 81 * 1024,
+            max_object_size: 1024,
+            ..crate::config::Cache::default()
+        };
+        let cache = Cache::new(config, Arc::new(Metrics::new()));
+        let mut big_head = head();
+        for i in 0..70 {
+            let name = http::HeaderName::try_from(format!("x-pad-{i}")).unwrap();
+            big_head
+                .headers
+                .insert(name, "p".repeat(1000).parse().unwrap());
+        }
+        let fill = cache.begin_fill("GET|http|h|/heavy".to_owned());
+        let mut capture = Capture::new(cache.clone(), fill, HeaderMap::new(), big_head, None);
+        let fate = capture.fate();
+        assert!(capture.data(&Bytes::from(vec![b'b'; 1000])));
+        capture.finish();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while fate.detail().is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the insert's outcome");
+        assert_eq!(fate.detail(), Some("too-large"));
     }
 
     /// The copies of responses being stored count against `max_size`

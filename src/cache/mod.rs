@@ -50,6 +50,17 @@ const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 640;
 const HEADER_SLOT: usize =
     std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 40;
 
+/// Why [`Cache::insert_shared`] stored nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotKept {
+    /// An invalidation overtook the fetch.
+    Overtaken,
+    /// Its `Vary` cannot be read (decided before it got this far).
+    Unmatchable,
+    /// With its head and key it outweighs `max_size`.
+    TooHeavy,
+}
+
 /// One stored response.
 #[derive(Debug)]
 pub struct Entry {
@@ -469,21 +480,31 @@ impl Cache {
     /// Stores `entry`, fetched by `fill`, for the request whose headers are
     /// `request`; nothing if the URL was invalidated since the fetch began.
     pub async fn insert(&self, fill: &fill::Fill, request: &HeaderMap, entry: Entry) {
-        self.insert_shared(fill, request, Arc::new(entry)).await;
+        let _ = self.insert_shared(fill, request, Arc::new(entry)).await;
     }
 
     /// [`Cache::insert`] for an entry someone else holds too.
-    pub async fn insert_shared(&self, fill: &fill::Fill, request: &HeaderMap, entry: Arc<Entry>) {
+    ///
+    /// Whether it was stored, for the access line: not when overtaken, nor
+    /// when the entry with its head and key outweighs `max_size` (a head
+    /// near 72 KiB and a body near `max_object_size` in a small cache,
+    /// review33d F8).
+    pub async fn insert_shared(
+        &self,
+        fill: &fill::Fill,
+        request: &HeaderMap,
+        entry: Arc<Entry>,
+    ) -> Result<(), NotKept> {
         if fill.overtaken() {
-            return;
+            return Err(NotKept::Overtaken);
         }
         let primary = fill.primary();
         let Some(names) = key::vary_names(&entry.headers) else {
-            return;
+            return Err(NotKept::Unmatchable);
         };
         let full = key::full(primary, &names, request);
         if entry.weight(&full) as u64 > self.config.max_size {
-            return;
+            return Err(NotKept::TooHeavy);
         }
         let names: Arc<[HeaderName]> = names.into();
         let dropped = {
@@ -525,7 +546,9 @@ impl Cache {
         // invalidation finds the key in the index and the entry stored.
         if fill.overtaken() {
             self.store.invalidate(&full).await;
+            return Err(NotKept::Overtaken);
         }
+        Ok(())
     }
 
     /// Drops every variant stored for `primary` (RFC 9111 §4.4): exactly
