@@ -648,6 +648,27 @@ fn the_max_connections_warning_counts_the_clients_waiting() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A cap the open-file limit cannot hold with a backend connection for
+/// each client connection is warned about at start, as nginx and HAProxy
+/// warn (review33d F6).
+#[test]
+fn a_max_connections_past_the_open_file_limit_is_warned_about() {
+    let config = behind("127.0.0.1:9".parse().unwrap(), "", "").replacen(
+        "[server]\n",
+        "[server]\nmax_connections = 500\n",
+        1,
+    );
+    let run = portico_on("fdcap", &config, Some("-n 200"));
+    // Said before the listeners are up, so among what the start read.
+    let line = run
+        .seen
+        .iter()
+        .find(|l| l.contains("leaves no room for backend connections"))
+        .unwrap_or_else(|| panic!("no warning in {:#?}", run.seen));
+    assert!(line.contains("\"open_file_limit\":200"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// The warnings about a request's failed attempts carry its id, as its
 /// access line does, so they can be paired under concurrency
 /// (review32c F4).

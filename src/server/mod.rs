@@ -156,6 +156,9 @@ impl ConnectionSettings {
     }
 
     fn new(settings: &config::Server) -> Arc<Self> {
+        if let Some(max) = settings.max_connections {
+            warn_past_open_file_limit(max);
+        }
         Arc::new(ConnectionSettings {
             builders: Arc::new(connection_builders(settings)),
             header_timeout: settings.request_header_timeout,
@@ -1362,6 +1365,34 @@ impl Slots {
         }
     }
 }
+
+/// Warns, as nginx and HAProxy do, when `max_connections` leaves no room
+/// in the open-file limit for the backend connection each client
+/// connection may need (and the pools, the listeners, the log): then the
+/// cap cannot keep clients from the descriptors the backends need
+/// (review33d F6).
+#[cfg(unix)]
+fn warn_past_open_file_limit(max_connections: u32) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let needs = 2 * u64::from(max_connections) + 64;
+    if limit.rlim_cur != libc::RLIM_INFINITY && needs > limit.rlim_cur {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit.rlim_cur,
+            "server.max_connections leaves no room for backend connections in the open-file limit (each client connection may need one): raise the limit (ulimit -n, LimitNOFILE) above twice the cap"
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_past_open_file_limit(_: u32) {}
 
 /// The connections waiting in `listener`'s accept queue (Linux reports it
 /// in a listening socket's `TCP_INFO`, as `ss -ltn` shows it in Recv-Q).
