@@ -1485,19 +1485,37 @@ async fn connections_open(proxy: &RunningProxy, n: i64) {
     .expect("the connections accepted");
 }
 
-/// At `max_connections` client connections a listener stops accepting:
-/// the next connection waits in the kernel's backlog, unanswered, until
-/// one closes, and is then served (HAProxy's `maxconn`).
-#[tokio::test]
-async fn past_max_connections_new_connections_wait_until_one_closes() {
+/// A proxy capped at two client connections (with `header_timeout` as
+/// `request_header_timeout`, if given), and two connections to it that
+/// have each been answered once.
+async fn two_of_two(
+    header_timeout: Option<Duration>,
+) -> (
+    portico::sample::RunningBackend,
+    RunningProxy,
+    tokio::net::TcpStream,
+    tokio::net::TcpStream,
+) {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
     config.server.max_connections = Some(2);
+    if let Some(timeout) = header_timeout {
+        config.server.request_header_timeout = timeout;
+    }
     let proxy = start_proxy(config).await;
     let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     assert_eq!(get_on(&mut first, "/health").await, "http/1.1 200 ok");
     assert_eq!(get_on(&mut second, "/health").await, "http/1.1 200 ok");
+    (backend, proxy, first, second)
+}
+
+/// At `max_connections` client connections a listener stops accepting:
+/// the next connection waits in the kernel's backlog, unanswered, until
+/// one closes, and is then served (HAProxy's `maxconn`).
+#[tokio::test]
+async fn past_max_connections_new_connections_wait_until_one_closes() {
+    let (_backend, proxy, first, _second) = two_of_two(None).await;
     // Connected (the kernel's backlog takes it), not accepted.
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     third
@@ -1520,16 +1538,8 @@ async fn past_max_connections_new_connections_wait_until_one_closes() {
 /// held every place until `idle_timeout` (review33c L1).
 #[tokio::test]
 async fn past_max_connections_an_idle_connection_makes_room() {
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let mut config = config_for(&[&backend]);
-    config.server.max_connections = Some(2);
     // Parked a second on, give or take a quarter of this.
-    config.server.request_header_timeout = Duration::from_secs(1);
-    let proxy = start_proxy(config).await;
-    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    assert_eq!(get_on(&mut first, "/health").await, "http/1.1 200 ok");
-    assert_eq!(get_on(&mut second, "/health").await, "http/1.1 200 ok");
+    let (_backend, proxy, mut first, mut second) = two_of_two(Some(Duration::from_secs(1))).await;
     // Served once one of them is parked and closed for it.
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     assert_eq!(get_on(&mut third, "/health").await, "http/1.1 200 ok");

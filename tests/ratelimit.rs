@@ -34,6 +34,18 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
     config
 }
 
+/// One throttled route (10/s, burst 5) in front of the backend at `addr`.
+fn limited_at(addr: std::net::SocketAddr) -> Config {
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.rate_limit = Some(RateLimit {
+        requests_per_second: 10.0,
+        burst: 5,
+        ..RateLimit::default()
+    });
+    config.routes[0].rate_limit = true;
+    config
+}
+
 async fn burst(
     client: &TestClient,
     url: &str,
@@ -150,14 +162,7 @@ async fn a_backend_s_own_rate_limit_fields_are_kept() {
             [("x-ratelimit-limit", "60"), ("x-ratelimit-remaining", "0")],
         ),
     ] {
-        let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
-        config.rate_limit = Some(RateLimit {
-            requests_per_second: 10.0,
-            burst: 5,
-            ..RateLimit::default()
-        });
-        config.routes[0].rate_limit = true;
-        let proxy = start_proxy(config).await;
+        let proxy = start_proxy(limited_at(addr)).await;
         let answer = get(&client(), &proxy.url("/api")).await;
         assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
         for (name, value) in kept {
@@ -182,17 +187,7 @@ async fn a_hit_carries_portico_s_quota_not_the_stored_backend_s() {
           RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nContent-Length: 2\r\n\r\nok"
     })
     .await;
-    let mut config = with_cache(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ));
-    config.rate_limit = Some(RateLimit {
-        requests_per_second: 10.0,
-        burst: 5,
-        ..RateLimit::default()
-    });
-    config.routes[0].rate_limit = true;
-    let proxy = start_proxy(config).await;
+    let proxy = start_proxy(with_cache(limited_at(addr))).await;
     let client = client();
     let miss = get(&client, &proxy.url("/list")).await;
     assert_eq!(miss.header("ratelimit-remaining"), "0");

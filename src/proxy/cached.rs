@@ -486,6 +486,19 @@ pub(super) async fn serve(
     if ranged && !whole_for_range(cache, &primary, &parts, &body) {
         return bypass(cache, upstream, parts, body, trace).await;
     }
+    // Waits on another request's fetch of the URL (see `join`).
+    let join_as = |miss, status, wait| {
+        join(
+            cache,
+            &primary,
+            &parts,
+            &request_cc,
+            ranged,
+            miss,
+            status,
+            wait,
+        )
+    };
     if let Some((entry, age)) = stale {
         let fresh = age < entry.lifetime && !entry.cc.no_cache;
         let fwd = if fresh { "request" } else { "stale" };
@@ -496,23 +509,12 @@ pub(super) async fn serve(
             None
         } else {
             let status = "portico; fwd=stale; collapsed";
-            let age = entry.timing.current_age(cache.now());
             let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
                 revalidation_wait(upstream)
             } else {
                 COALESCE_WAIT
             };
-            let joined = join(
-                cache,
-                &primary,
-                &parts,
-                &request_cc,
-                ranged,
-                false,
-                status,
-                wait,
-            );
-            match joined.await {
+            match join_as(false, status, wait).await {
                 Joined::Fetch(leader) => leader,
                 Joined::Answered(hit) => return Ok(hit),
                 Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -524,17 +526,7 @@ pub(super) async fn serve(
         .await;
     }
     let status = "portico; fwd=miss; collapsed";
-    let joined = join(
-        cache,
-        &primary,
-        &parts,
-        &request_cc,
-        ranged,
-        true,
-        status,
-        COALESCE_WAIT,
-    );
-    let leader = match joined.await {
+    let leader = match join_as(true, status, COALESCE_WAIT).await {
         Joined::Fetch(leader) => leader,
         Joined::Answered(hit) => return Ok(hit),
         Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
