@@ -1579,3 +1579,41 @@ async fn a_pending_upgrade_counts_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(proxy.shared.metrics.connections_open.get(), 1);
 }
+
+/// The cap holds while idle connections make room: each client knocking
+/// gets in only once an idle connection has closed for it. Taking the
+/// place first let a burst in on one idle connection's account many times
+/// over (49 open at a cap of 4, review33e F1).
+#[tokio::test]
+async fn idle_connections_make_room_without_passing_the_cap() {
+    let (_backend, proxy, _first, _second) = two_of_two(Some(Duration::from_secs(1))).await;
+    let shared = proxy.shared.clone();
+    let watching = tokio::spawn(async move {
+        let mut most = 0;
+        loop {
+            most = most.max(shared.metrics.connections_open.get());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if most > 2 {
+                return most;
+            }
+        }
+    });
+    // Four more clients at once, each keeping its connection when served.
+    let knocking: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+                stream
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for client in knocking {
+        kept.push(client.await.unwrap());
+    }
+    assert!(!watching.is_finished(), "{:?}", watching.await);
+    watching.abort();
+    assert!(proxy.shared.metrics.connections_open.get() <= 2);
+}

@@ -579,9 +579,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let open = shared
-                    .slots
-                    .take_at(shared.connections.load().max_connections);
+                // At the cap, an idle connection makes room for it first.
+                tokio::select! {
+                    () = shared.slots.make_room(|| shared.connections.load().max_connections) => {}
+                    _ = shutdown.recv() => break,
+                    _ = removed.recv() => break,
+                }
+                let open = shared.slots.take();
                 failing.recovered(&local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
@@ -1303,18 +1307,29 @@ impl Slots {
         }
     }
 
-    /// A place for a connection accepted once there was [`Slots::room`]:
-    /// at the cap, an idle keep-alive connection is closed to make it, the
-    /// one parked longest, as nginx reuses one when it runs short of
-    /// `worker_connections` (idle ones held every place until
-    /// `idle_timeout`, review33c L1).
-    fn take_at(self: &Arc<Self>, cap: Option<usize>) -> OpenConnection {
-        if cap.is_some_and(|max| self.open.load(Ordering::Relaxed) >= max)
-            && self.parked.load(Ordering::Relaxed) > 0
-        {
-            self.reclaim.notify_one();
+    /// For a connection accepted once there was [`Slots::room`]: at the
+    /// cap, closes idle keep-alive connections, the one parked longest
+    /// first, until there is a place for it, as nginx frees a reusable
+    /// connection before it hands one out (idle ones held every place until
+    /// `idle_timeout`, review33c L1). Closing first and taking the place
+    /// after keeps the cap: taken first, a burst was let in on one idle
+    /// connection's account many times over (49 open at a cap of 4,
+    /// review33e F1). A cap lowered by a reload is reached so too.
+    async fn make_room(&self, cap: impl Fn() -> Option<usize>) {
+        loop {
+            let Some(max) = cap() else { return };
+            let mut freed = std::pin::pin!(self.freed.notified());
+            freed.as_mut().enable();
+            if self.open.load(Ordering::Relaxed) < max {
+                return;
+            }
+            // None idle any more (it took a request meanwhile): wait, as
+            // `room` does, for a close.
+            if self.parked.load(Ordering::Relaxed) > 0 {
+                self.reclaim.notify_one();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
         }
-        self.take()
     }
 
     /// A connection between requests, parked, that could make room.
@@ -1325,8 +1340,8 @@ impl Slots {
         ParkedPlace(self.clone())
     }
 
-    /// A place, whatever the cap: for a tunnel, which takes over its
-    /// connection's.
+    /// A place, whatever the cap: for a connection accepted once there was
+    /// room, or a tunnel, which takes over its connection's.
     fn take(self: &Arc<Self>) -> OpenConnection {
         self.open.fetch_add(1, Ordering::Relaxed);
         self.gauge.inc();
@@ -1335,7 +1350,7 @@ impl Slots {
 
     /// Resolves once fewer than `cap()` are open (no cap: at once), or an
     /// idle (parked) keep-alive connection could make room. The place is
-    /// taken at the accept that follows ([`Slots::take_at`]), so with
+    /// taken at the accept that follows ([`Slots::make_room`]), so with
     /// several listeners the cap may be passed by one for each listener
     /// beyond the first; a place held for a listener with no one knocking
     /// would have kept out the clients of the others.
