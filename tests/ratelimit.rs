@@ -184,7 +184,8 @@ async fn a_backend_s_own_rate_limit_fields_are_kept() {
 async fn a_hit_carries_portico_s_quota_not_the_stored_backend_s() {
     let addr = scripted_backend(|_| {
         b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nRateLimit-Limit: 1000\r\n\
-          RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nContent-Length: 2\r\n\r\nok"
+          RateLimit-Remaining: 0\r\nRateLimit-Reset: 60\r\nX-RateLimit-Used: 10\r\n\
+          Content-Length: 2\r\n\r\nok"
     })
     .await;
     let proxy = start_proxy(with_cache(limited_at(addr))).await;
@@ -204,6 +205,8 @@ async fn a_hit_carries_portico_s_quota_not_the_stored_backend_s() {
     .expect("a hit within STEP");
     assert_eq!(hit.header("ratelimit-limit"), "5");
     assert_ne!(hit.header("ratelimit-remaining"), "0");
+    // GitHub's count of the first client's requests (review33e F6).
+    assert!(!hit.headers.contains_key("x-ratelimit-used"));
 }
 
 #[tokio::test]

@@ -1050,9 +1050,7 @@ impl Fetch {
                 // later hits.
                 stored.remove(&CACHE_STATUS);
                 // Nor is the quota of the client it answered.
-                for name in super::error::RATE_LIMIT_FIELDS {
-                    stored.remove(name);
-                }
+                super::error::remove_rate_limit_fields(&mut stored);
                 // RFC 9110 §6.6.1: a cache records when an undated
                 // response was received, so hits do not wear the time they
                 // are served at (hyper's) as the response's date.
@@ -1266,7 +1264,7 @@ fn refreshed(
             || name == CACHE_STATUS
             || name == header::SET_COOKIE
             || name == header::ETAG
-            || super::error::RATE_LIMIT_FIELDS.contains(&name.as_str())
+            || super::error::is_rate_limit_field(name.as_str())
         {
             continue;
         }

@@ -277,22 +277,32 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody>
     response
 }
 
-/// Rate-limit fields, of the IETF httpapi drafts old and new and the
-/// `X-RateLimit-*` most APIs send (GitHub's, frameworks'): a backend's
-/// describe the quota of the client it answered, so a stored response
-/// keeps none of them (a hit would hand one user's quota to everyone,
-/// review33c M1), and a response from the backend that has one keeps its
-/// own, without portico's (review33d F3).
-pub const RATE_LIMIT_FIELDS: [&str; 8] = [
-    "ratelimit-limit",
-    "ratelimit-remaining",
-    "ratelimit-reset",
-    "ratelimit",
-    "ratelimit-policy",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-];
+/// Whether `name` is a rate-limit field: the IETF httpapi drafts' old
+/// and new (`RateLimit-*`, `RateLimit`, `RateLimit-Policy`) and the
+/// families APIs send (`X-RateLimit-*`: GitHub's `-Used` and `-Resource`
+/// too, Discord's `-Reset-After` and `-Bucket`; Twitter's
+/// `X-Rate-Limit-*`). A backend's describe the quota of the client it
+/// answered, so a stored response keeps none of them (a hit would hand one
+/// user's quota to everyone, review33c M1, review33e F6), and a response
+/// from the backend that has one keeps its own, without portico's
+/// (review33d F3).
+pub fn is_rate_limit_field(name: &str) -> bool {
+    name.starts_with("ratelimit")
+        || name.starts_with("x-ratelimit-")
+        || name.starts_with("x-rate-limit-")
+}
+
+/// Drops every rate-limit field (see [`is_rate_limit_field`]).
+pub fn remove_rate_limit_fields(headers: &mut http::HeaderMap) {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|name| is_rate_limit_field(name.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
 
 /// The `RateLimit-*` fields of an allowed request's quota (`limit`,
 /// `remaining`, `reset`), when its route is limited, unless the backend
@@ -304,9 +314,9 @@ pub fn quota_headers(
     quota: Option<(u32, u32, std::time::Duration)>,
 ) {
     if let Some((limit, remaining, reset)) = quota {
-        if RATE_LIMIT_FIELDS
-            .iter()
-            .any(|name| headers.contains_key(*name))
+        if headers
+            .keys()
+            .any(|name| is_rate_limit_field(name.as_str()))
         {
             return;
         }
