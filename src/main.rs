@@ -55,7 +55,17 @@ fn main() -> ExitCode {
             // Loading validates everything, the files the config names
             // (certificates, token) included.
             match portico::config::load(&path) {
-                Ok(_) => {
+                Ok(config) => {
+                    // Said as `nginx -t` says its worker_connections warning.
+                    let cap = config.server.max_connections;
+                    if let Some((max, limit)) = cap.and_then(|max| {
+                        portico::server::open_file_limit_short(max, true).map(|l| (max, l))
+                    }) {
+                        say_err(format_args!(
+                            "portico check: warning: {} (max_connections = {max}, open-file limit {limit})",
+                            portico::server::OPEN_FILE_LIMIT_SHORT
+                        ));
+                    }
                     say("configuration ok");
                     ExitCode::SUCCESS
                 }

@@ -30,6 +30,39 @@ fn check_accepts_the_shipped_configs() {
     }
 }
 
+/// `portico check` warns of a `max_connections` the open-file limit
+/// cannot hold, as `nginx -t` warns of its `worker_connections`, and
+/// still passes the file (review33e F7).
+#[test]
+fn check_warns_of_a_cap_past_the_open_file_limit() {
+    let dir = std::env::temp_dir().join(format!("portico-capcheck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("capped.toml");
+    std::fs::write(
+        &file,
+        "[server]\nmax_connections = 500\n[[upstream]]\nname = \"a\"\n\
+         backends = [\"127.0.0.1:8001\"]\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let run = format!(
+        "ulimit -n 200 && exec {PORTICO} check --config {}",
+        file.display()
+    );
+    let out = Command::new("sh").args(["-c", &run]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: server.max_connections leaves no room"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("open-file limit 200"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration ok"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn check_reports_every_error_with_its_position_and_exits_1() {
     let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));

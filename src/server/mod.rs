@@ -1381,33 +1381,47 @@ impl Slots {
     }
 }
 
-/// Warns, as nginx and HAProxy do, when `max_connections` leaves no room
-/// in the open-file limit for the backend connection each client
-/// connection may need (and the pools, the listeners, the log): then the
-/// cap cannot keep clients from the descriptors the backends need
-/// (review33d F6).
+/// The open-file limit `max_connections` leaves no room in, if it does:
+/// none for the backend connection each client connection may need (and
+/// the pools, the listeners, the log), so the cap cannot keep clients from
+/// the descriptors the backends need (review33d F6). `before_start` reads
+/// the hard limit, which a start raises the soft one to (`portico check`,
+/// review33e F7).
 #[cfg(unix)]
-fn warn_past_open_file_limit(max_connections: u32) {
+pub fn open_file_limit_short(max_connections: u32, before_start: bool) -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the struct given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
+        return None;
     }
+    let have = if before_start {
+        limit.rlim_max
+    } else {
+        limit.rlim_cur
+    };
     let needs = 2 * u64::from(max_connections) + 64;
-    if limit.rlim_cur != libc::RLIM_INFINITY && needs > limit.rlim_cur {
-        tracing::warn!(
-            max_connections,
-            open_file_limit = limit.rlim_cur,
-            "server.max_connections leaves no room for backend connections in the open-file limit (each client connection may need one): raise the limit (ulimit -n, LimitNOFILE) above twice the cap"
-        );
-    }
+    (have != libc::RLIM_INFINITY && needs > have).then_some(have)
 }
 
 #[cfg(not(unix))]
-fn warn_past_open_file_limit(_: u32) {}
+pub fn open_file_limit_short(_: u32, _: bool) -> Option<u64> {
+    None
+}
+
+/// What is said of [`open_file_limit_short`], at start, at a reload and
+/// by `portico check`.
+pub const OPEN_FILE_LIMIT_SHORT: &str = "server.max_connections leaves no room for backend connections in the open-file limit (each client connection may need one): raise the limit (ulimit -n, LimitNOFILE) to twice the cap and 64 more";
+
+/// Warns, as nginx and HAProxy do, of a `max_connections` the open-file
+/// limit cannot hold (see [`open_file_limit_short`]).
+fn warn_past_open_file_limit(max_connections: u32) {
+    if let Some(open_file_limit) = open_file_limit_short(max_connections, false) {
+        tracing::warn!(max_connections, open_file_limit, "{OPEN_FILE_LIMIT_SHORT}");
+    }
+}
 
 /// The connections waiting in `listener`'s accept queue (Linux reports it
 /// in a listening socket's `TCP_INFO`, as `ss -ltn` shows it in Recv-Q).
