@@ -1617,3 +1617,31 @@ async fn idle_connections_make_room_without_passing_the_cap() {
     watching.abort();
     assert!(proxy.shared.metrics.connections_open.get() <= 2);
 }
+
+/// A request that reached a parked connection as a client knocked at the
+/// cap is answered: the client's place comes from another idle one. The
+/// parked connection's wake was a coin toss between its request and the
+/// reclaim, and the request was dropped unread (review33f F1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_parked_connection_is_not_lost_to_a_client_at_the_cap() {
+    let (_backend, proxy, first, second) = two_of_two(Some(Duration::from_secs(1))).await;
+    let mut pair = [first, second];
+    for round in 0..3 {
+        // Both parked.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        let ask = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+        pair[0].write_all(ask).await.unwrap();
+        let mut knocking = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        knocking.write_all(ask).await.unwrap();
+        for (who, stream) in [("parked", &mut pair[0]), ("knocking", &mut knocking)] {
+            let head = tokio::time::timeout(STEP, read_head(stream))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: {who} not answered within STEP"))
+                .unwrap_or_else(|| panic!("round {round}: {who} closed unanswered"));
+            assert!(head.starts_with(b"HTTP/1.1 200"), "round {round}: {who}");
+        }
+        // The other idle one made room.
+        assert_eq!(bytes_until_closed(&mut pair[1]).await, 0, "round {round}");
+        pair[1] = knocking;
+    }
+}

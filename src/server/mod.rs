@@ -1155,16 +1155,39 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
     let mut draining: Option<tokio::time::Instant> = None;
     let _parked = held.shared.slots.parked();
     loop {
+        // A request that came first is served first: its place wanted at
+        // the same moment, the connection closed with the request unread
+        // (review33f F1).
         let next = tokio::select! {
+            biased;
             ready = socket.socket().readable() => ready.is_ok(),
-            () = tokio::time::sleep_until(draining.unwrap_or(idle_until).min(idle_until)) => false,
-            // Its place is wanted (`server.max_connections`).
-            () = held.shared.slots.reclaim.notified() => false,
             // As for a connection hyper holds: a request already on its
             // way gets its answer (with `Connection: close`).
             _ = held.shutdown.recv(), if draining.is_none() => {
                 draining = Some(tokio::time::Instant::now() + DRAIN_QUIET);
                 continue;
+            }
+            () = tokio::time::sleep_until(draining.unwrap_or(idle_until).min(idle_until)) => false,
+            // Its place is wanted (`server.max_connections`).
+            () = held.shared.slots.reclaim.notified() => {
+                let slots = &held.shared.slots;
+                // A wake left from a moment at the cap that has passed.
+                if !slots.full(held.shared.connections.load().max_connections) {
+                    continue;
+                }
+                // Bytes came since (a request, or a TLS record of one):
+                // another idle connection goes instead.
+                let waker = std::task::Waker::noop();
+                let pending = socket
+                    .socket()
+                    .poll_read_ready(&mut std::task::Context::from_waker(waker))
+                    .is_ready();
+                if pending {
+                    slots.reclaim.notify_one();
+                    continue;
+                }
+                tracing::debug!(client = %conn.peer, "closing idle connection for a client at server.max_connections");
+                false
             }
         };
         if !next {
@@ -1330,6 +1353,12 @@ impl Slots {
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
         }
+    }
+
+    /// Whether `cap` is reached: a parked connection woken to make room
+    /// closes only then.
+    fn full(&self, cap: Option<usize>) -> bool {
+        cap.is_some_and(|max| self.open.load(Ordering::Relaxed) >= max)
     }
 
     /// A connection between requests, parked, that could make room.
