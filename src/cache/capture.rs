@@ -248,10 +248,16 @@ impl Capture {
             let response_time = entry.timing.response_time;
             // Overtaken since `finish` looked, or too heavy with its head:
             // the insert stored nothing.
-            let kept = cache.insert_shared(&fill, &request, entry).await;
+            let kept = cache.insert_shared(&fill, &request, entry.clone()).await;
             match kept {
                 Err(super::NotKept::Overtaken) => fate.set(Fate::INVALIDATED),
-                Err(super::NotKept::TooHeavy) => fate.set(Fate::TOO_LARGE),
+                // Tipped over by its key's Vary part: marked as in
+                // `finish`, before the leader goes, so its waiters fetch at
+                // once (review33f F2).
+                Err(super::NotKept::TooHeavy) => {
+                    cache.not_stored(fill.primary(), &request, &entry.headers, entry.status);
+                    fate.set(Fate::TOO_LARGE);
+                }
                 Err(super::NotKept::Unmatchable) | Ok(()) => {}
             }
             if let Some(leader) = &mut leader {
