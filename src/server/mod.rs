@@ -1308,7 +1308,6 @@ const CUT_LOGGED: Duration = Duration::from_secs(1);
 /// The client connections open (tunnels included), counted against
 /// `max_connections` and in `portico_connections_open`.
 struct Slots {
-    open: std::sync::atomic::AtomicUsize,
     /// Told when one closes, or a reload may have moved the cap.
     freed: tokio::sync::Notify,
     /// Told, once for each place wanted, to close an idle (parked)
@@ -1316,13 +1315,13 @@ struct Slots {
     reclaim: tokio::sync::Notify,
     /// Connections parked (see [`park`]).
     parked: std::sync::atomic::AtomicUsize,
+    /// `portico_connections_open`: the count itself, moved only here.
     gauge: prometheus::IntGauge,
 }
 
 impl Slots {
     fn new(gauge: prometheus::IntGauge) -> Self {
         Slots {
-            open: std::sync::atomic::AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
             reclaim: tokio::sync::Notify::new(),
             parked: std::sync::atomic::AtomicUsize::new(0),
@@ -1343,7 +1342,7 @@ impl Slots {
             let Some(max) = cap() else { return };
             let mut freed = std::pin::pin!(self.freed.notified());
             freed.as_mut().enable();
-            if self.open.load(Ordering::Relaxed) < max {
+            if self.open() < max {
                 return;
             }
             // None idle any more (it took a request meanwhile): wait, as
@@ -1355,10 +1354,15 @@ impl Slots {
         }
     }
 
+    /// The client connections open: what `portico_connections_open` shows.
+    fn open(&self) -> usize {
+        usize::try_from(self.gauge.get()).unwrap_or(0)
+    }
+
     /// Whether `cap` is reached: a parked connection woken to make room
     /// closes only then.
     fn full(&self, cap: Option<usize>) -> bool {
-        cap.is_some_and(|max| self.open.load(Ordering::Relaxed) >= max)
+        cap.is_some_and(|max| self.open() >= max)
     }
 
     /// A connection between requests, parked, that could make room.
@@ -1372,7 +1376,6 @@ impl Slots {
     /// A place, whatever the cap: for a connection accepted once there was
     /// room, or a tunnel, which takes over its connection's.
     fn take(self: &Arc<Self>) -> OpenConnection {
-        self.open.fetch_add(1, Ordering::Relaxed);
         self.gauge.inc();
         OpenConnection(self.clone())
     }
@@ -1390,7 +1393,7 @@ impl Slots {
             // is not missed.
             let mut freed = std::pin::pin!(self.freed.notified());
             freed.as_mut().enable();
-            if self.open.load(Ordering::Relaxed) < max || self.parked.load(Ordering::Relaxed) > 0 {
+            if self.open() < max || self.parked.load(Ordering::Relaxed) > 0 {
                 return;
             }
             // Said once clients wait, every 10 s while they do, with how
@@ -1493,7 +1496,6 @@ struct OpenConnection(Arc<Slots>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
         self.0.gauge.dec();
         self.0.freed.notify_waiters();
     }

@@ -241,29 +241,23 @@ const HEAD_BYTES: u64 = 1 << 20;
 struct Watched {
     io: Io,
     head: Arc<HeadWait>,
-    /// The backend reset the connection under a request's upload.
-    write_gone: bool,
 }
 
 impl Watched {
-    fn new(io: Io, head: Arc<HeadWait>) -> Self {
-        Watched {
-            io,
-            head,
-            write_gone: false,
-        }
+    /// The backend reset the connection under a request's upload.
+    fn write_gone(&self) -> bool {
+        self.head.gone.load(Ordering::Relaxed)
     }
 
     /// `written` as it came, or all of `len` taken, if the backend reset
     /// the connection under a request that waits for its head.
-    fn written(&mut self, written: std::io::Result<usize>, len: usize) -> std::io::Result<usize> {
+    fn written(&self, written: std::io::Result<usize>, len: usize) -> std::io::Result<usize> {
         use std::io::ErrorKind;
         match written {
             Err(e)
                 if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
                     && self.head.heading.load(Ordering::Relaxed) =>
             {
-                self.write_gone = true;
                 self.head.gone.store(true, Ordering::Relaxed);
                 Ok(len)
             }
@@ -327,7 +321,7 @@ impl hyper::rt::Write for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.write_gone {
+        if self.write_gone() {
             return Poll::Ready(Ok(buf.len()));
         }
         let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf));
@@ -340,7 +334,7 @@ impl hyper::rt::Write for Watched {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        if self.write_gone {
+        if self.write_gone() {
             return Poll::Ready(Ok(len));
         }
         let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs));
@@ -352,7 +346,7 @@ impl hyper::rt::Write for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.write_gone {
+        if self.write_gone() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_flush(cx)
@@ -630,7 +624,10 @@ impl Pool {
     /// Starts hyper's task for a new or parked socket.
     async fn serve(&self, io: Io, upgrade: bool) -> Result<Conn, SendError> {
         let head = Arc::new(HeadWait::default());
-        let io = Watched::new(io, head.clone());
+        let io = Watched {
+            io,
+            head: head.clone(),
+        };
         let (sender, connection) = self
             .builder
             .handshake(io)
@@ -676,18 +673,13 @@ impl Pool {
                 }
             };
             let (io, read_buf) = match served {
+                // Reset under an upload it answered early: closed.
+                Ok(_) if watch.gone.load(Ordering::Relaxed) => return,
                 Ok(Parts {
-                    io:
-                        Watched {
-                            io,
-                            write_gone: false,
-                            ..
-                        },
+                    io: Watched { io, .. },
                     read_buf,
                     ..
                 }) => (io, read_buf),
-                // Reset under an upload it answered early: closed.
-                Ok(_) => return,
                 Err(error) => {
                     tracing::debug!(%error, "backend connection ended with error");
                     return;
