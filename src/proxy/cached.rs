@@ -309,13 +309,9 @@ async fn collapsed(
     let nothing = Woken::Nothing {
         handed_on: leaders.is_none(),
     };
-    let Some(full) = cache.key_for(primary, &parts.headers) else {
+    let Some((entry, age)) = stored_for(cache, primary, parts).await else {
         return nothing;
     };
-    let Some(entry) = cache.get(&full).await else {
-        return nothing;
-    };
-    let age = entry.timing.current_age(cache.now());
     // The leader's own entry (not one another request stored meanwhile,
     // say an Authorization request's `must-revalidate` answer), with its
     // response in after this request came.
@@ -328,6 +324,15 @@ async fn collapsed(
     Woken::Answered(from_entry(&entry, age, parts, status))
 }
 
+/// What is stored for a waiter's variant of `primary` once the fetch it
+/// waited on is done, and its age.
+async fn stored_for(cache: &Cache, primary: &str, parts: &Parts) -> Option<(Arc<Entry>, Duration)> {
+    let full = cache.key_for(primary, &parts.headers)?;
+    let entry = cache.get(&full).await?;
+    let age = entry.timing.current_age(cache.now());
+    Some((entry, age))
+}
+
 /// The stale copy for a request that waited on a revalidation that failed
 /// with `code`, if stale-if-error still allows it, as it allowed it the
 /// leader; else the request fetches on its own. Before, every waiter went
@@ -335,13 +340,9 @@ async fn collapsed(
 /// answering 503, and behind a hung one each waited its own
 /// `response_timeout` (review33b F2).
 async fn stale_for_waiter(cache: &Cache, primary: &str, parts: &Parts, code: u16) -> Woken {
-    let Some(full) = cache.key_for(primary, &parts.headers) else {
+    let Some((entry, age)) = stored_for(cache, primary, parts).await else {
         return Woken::Alone;
     };
-    let Some(entry) = cache.get(&full).await else {
-        return Woken::Alone;
-    };
-    let age = entry.timing.current_age(cache.now());
     let Ok(code) = StatusCode::from_u16(code) else {
         return Woken::Alone;
     };
