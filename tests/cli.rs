@@ -610,6 +610,41 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     no_stray_bytes_warning(run);
 }
 
+/// A backend that resets the connection under an upload it did not read,
+/// with no answer, is logged as having reset it: hyper reports only the
+/// end of the read that followed ("connection closed before message
+/// completed"), and the clue was lost (review33c L4).
+#[test]
+fn a_reset_under_an_upload_is_logged_as_one() {
+    // Reads the head, answers nothing and, once some of the upload has
+    // come, drops the rest unread: a reset (with nothing unread it would
+    // be a close).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1024]);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let config = behind(origin_addr, "", "");
+    let mut run = portico_on("reset", &config, None);
+    let mut stream = connect(&run);
+    let mut upload = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n";
+        let _ = std::io::Write::write_all(&mut upload, head);
+        let _ = std::io::Write::write_all(&mut upload, &vec![b'x'; 8 << 20]);
+    });
+    let mut answer = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 502");
+    let line = line_with(&run.log, "broke the response", &mut run.seen);
+    assert!(line.contains("reset while the request was sent"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A body the backend breaks off is not stored, and its access line says
 /// so, though the Cache-Status the client got, sent before the body,
 /// said `stored` (review32c F5).

@@ -60,10 +60,13 @@ pub enum ProxyError {
     },
     #[error("backend {backend}: connect or TLS handshake timed out (connect_timeout)")]
     ConnectTimeout { backend: std::net::SocketAddr },
-    #[error("backend {backend} broke the response: {}", Broke(source))]
+    #[error("backend {backend} broke the response: {}", Broke(source, *reset))]
     Upstream {
         backend: std::net::SocketAddr,
         source: hyper::Error,
+        /// The backend reset the connection under the request (an upload
+        /// it did not read): hyper's error is only the read that followed.
+        reset: bool,
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
@@ -107,11 +110,16 @@ impl std::fmt::Display for Chain<'_> {
 /// How a backend broke its response, in an operator's terms where hyper's
 /// would mislead: its "message head is too large" is said of a head with
 /// more than 100 fields too, however short.
-struct Broke<'a>(&'a hyper::Error);
+/// A backend's error and whether it reset the connection under the
+/// request (hyper's error is then the read that followed: a reset, or the
+/// end of the connection if the write took the reset).
+struct Broke<'a>(&'a hyper::Error, bool);
 
 impl std::fmt::Display for Broke<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_parse_too_large() {
+        if self.1 {
+            f.write_str("connection reset while the request was sent to it")
+        } else if self.0.is_parse_too_large() {
             write!(
                 f,
                 "response head too large (over {} KiB, or more than 100 fields)",

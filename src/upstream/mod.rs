@@ -801,7 +801,7 @@ fn out_of_resources(_: &std::io::Error) -> bool {
 fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
         SendError::Connect(e) => (true, e.as_ref()),
-        SendError::Http(e) => (false, e),
+        SendError::Http(e) | SendError::Reset(e) => (false, e),
         SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend },
     };
     let mut source = Some(root);
@@ -845,7 +845,16 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     match error {
         SendError::Connect(source) if exhausted => ProxyError::Exhausted { backend, source },
         SendError::Connect(source) => ProxyError::Connect { backend, source },
-        SendError::Http(source) => ProxyError::Upstream { backend, source },
+        SendError::Http(source) => ProxyError::Upstream {
+            backend,
+            source,
+            reset: false,
+        },
+        SendError::Reset(source) => ProxyError::Upstream {
+            backend,
+            source,
+            reset: true,
+        },
         // Returned above; no cause to walk.
         SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },
     }

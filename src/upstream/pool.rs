@@ -51,6 +51,10 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection broke before a whole response head arrived.
     Http(hyper::Error),
+    /// As `Http`, on a connection the backend reset while the request was
+    /// being written to it (see [`Watched`]): the reset is the clue, as
+    /// hyper reports only the end of the read that followed.
+    Reset(hyper::Error),
     /// No response head within `response_timeout`: the connection's task
     /// gave up on it and closed the connection (see [`HeadWait`]).
     HeadTimeout,
@@ -168,6 +172,13 @@ impl Conn {
                 .compare_exchange(n, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         })
+    }
+
+    /// Whether the backend reset the connection under a request's upload.
+    fn reset(&self) -> bool {
+        self.head
+            .as_ref()
+            .is_some_and(|head| head.gone.load(Ordering::Relaxed))
     }
 
     /// Whether the connection's task gave up on the head of its request.
@@ -480,6 +491,7 @@ impl Pool {
                         // The backend closed this keep-alive connection as
                         // we took it: nothing was sent, so a new one is safe.
                         Some(unsent) if !fresh_tried => unsent,
+                        _ if conn.reset() => return Err(SendError::Reset(error.into_error())),
                         _ => return Err(SendError::Http(error.into_error())),
                     },
                 };
