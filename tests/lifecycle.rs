@@ -1558,6 +1558,57 @@ async fn past_max_connections_an_idle_connection_makes_room() {
     assert_eq!(get_on(other, "/health").await, "http/1.1 200 ok");
 }
 
+/// At the cap, an HTTP/2 connection without a stream makes room as an
+/// idle HTTP/1.1 one does, closed with a GOAWAY: idle ones held every
+/// place until `idle_timeout` (review33e F3). One with a stream in flight
+/// is left to finish it.
+#[tokio::test]
+async fn past_max_connections_an_idle_http2_connection_makes_room() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_secs(3);
+    let slow = start_backend(opts).await;
+    let mut config = config_for(&[&slow]);
+    config.server.max_connections = Some(2);
+    // The watchdog looks every 250 ms: idle a second on, give or take.
+    config.server.request_header_timeout = Duration::from_secs(1);
+    let proxy = start_proxy(config).await;
+    // Answered once, and kept: a client with its sender alive.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let idle = tokio::spawn(conn);
+    let request = http::Request::get(format!("http://{}/health", proxy.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The other place: an HTTP/2 connection busy for 3 s from now.
+    let busy = tokio::spawn(one_request_on_own_connection(proxy.addr, "/health", true));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(proxy.shared.metrics.connections_open.get(), 2);
+    let addr = proxy.addr;
+    let third = tokio::spawn(async move {
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_on(&mut third, "/health").await
+    });
+    // The idle one is closed for it while the busy one goes on.
+    let closed = tokio::time::timeout(STEP, idle).await;
+    assert!(closed.expect("the idle connection closed").is_ok());
+    assert!(!busy.is_finished(), "closed only once the busy one ended");
+    let (status, _) = busy.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let served = tokio::time::timeout(STEP, third).await;
+    assert_eq!(
+        served.expect("served within STEP").unwrap(),
+        "http/1.1 200 ok"
+    );
+    drop(sender);
+}
+
 /// A request asking to upgrade counts once among the open connections
 /// while its backend has not switched yet: it held a second place from
 /// the start, so pending WebSocket handshakes filled `max_connections`

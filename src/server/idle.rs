@@ -115,7 +115,8 @@ pub(super) struct Limits {
     /// HTTP/2 stream's window shut).
     pub unread: Duration,
     /// An HTTP/1 connection between requests, with at least one behind
-    /// it, this long idle may be parked; `None` never.
+    /// it, this long idle may be parked, and an HTTP/2 one this long
+    /// without a stream counts as idle; `None` never.
     pub park: Option<Duration>,
 }
 
@@ -130,7 +131,9 @@ pub(super) enum Expired {
     Unread,
     /// An HTTP/1 keep-alive connection has waited this long for its next
     /// request: hyper's connection and buffers can go, and the socket wait
-    /// on its own (see `server::park`).
+    /// on its own (see `server::park`). An HTTP/2 one has had no stream
+    /// for this long: it may make room for a client at the cap (see
+    /// `server::idle_h2`).
     Parkable(Duration),
 }
 
@@ -290,6 +293,17 @@ impl Activity {
         lock(&self.head_clock).waited
     }
 
+    /// Whether a request is being answered, or anything was written,
+    /// since `writes` (from [`Activity::writes`]).
+    pub(super) fn used_since(&self, writes: u64) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0 || self.writes() != writes
+    }
+
+    /// The connection's writes so far.
+    pub(super) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     /// Whether the connection speaks HTTP/2.
     pub(super) fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)
@@ -420,10 +434,13 @@ impl Activity {
                 return Expired::Idle;
             }
             // With no head pending, a request has been served, or this is
-            // a parked connection woken by an empty line.
-            let between_requests = !self.head_pending.load(Ordering::Relaxed)
-                && !self.multiplexed.load(Ordering::Relaxed)
-                && self.upload_read();
+            // a parked connection woken by an empty line. An HTTP/2 one
+            // quiet this long has no stream open (it counted only then).
+            let between_requests = if self.multiplexed.load(Ordering::Relaxed) {
+                true
+            } else {
+                !self.head_pending.load(Ordering::Relaxed) && self.upload_read()
+            };
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -887,7 +904,7 @@ mod park_tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_an_http1_connection_between_requests_is_parkable() {
+    async fn a_connection_between_requests_is_parkable() {
         // One request answered, nothing since: parkable after a step of
         // quiet (2.5 s here), with no wake-up of its own.
         let served = after(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], 1);
@@ -905,11 +922,21 @@ mod park_tests {
         let _answering = busy.busy();
         assert_eq!(verdict(&busy).await, None);
 
-        // HTTP/2: its idle streams stay with hyper.
+        // HTTP/2 with no stream: idle, and may make room at the cap
+        // (it stays with hyper, see `server::serve`).
         let multiplexed = Arc::new(Activity::new());
         drop(multiplexed.busy());
         multiplexed.multiplexed.store(true, Ordering::Relaxed);
-        assert_eq!(verdict(&multiplexed).await, None);
+        assert_eq!(
+            verdict(&multiplexed).await,
+            Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
+
+        // HTTP/2 with a stream: never.
+        let streaming = Arc::new(Activity::new());
+        let _answering = streaming.busy();
+        streaming.multiplexed.store(true, Ordering::Relaxed);
+        assert_eq!(verdict(&streaming).await, None);
 
         // The next head has begun to arrive.
         let reading = Arc::new(Activity::new());

@@ -941,40 +941,89 @@ async fn serve_connection<IO: Parkable>(
     // The watchdog and the shutdown signal are polled only when their own
     // timers or the signal wake them, not at each of hyper's reads and
     // writes (see `WhenWoken`).
-    let ended = {
-        let aside = std::pin::pin!(async {
-            tokio::select! {
-                expired = activity.expired(settings.limits()) => match expired {
-                    idle::Expired::Idle => {
-                        tracing::debug!(client = %conn.peer, "closing idle connection");
+    let ended = loop {
+        let ended = {
+            let aside = std::pin::pin!(async {
+                tokio::select! {
+                    expired = activity.expired(settings.limits()) => match expired {
+                        idle::Expired::Idle => {
+                            tracing::debug!(client = %conn.peer, "closing idle connection");
+                            End::Graceful
+                        }
+                        // Nothing is being answered: dropping the connection
+                        // closes it, as hyper's head timer did.
+                        idle::Expired::Head => {
+                            head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
+                            End::Done(Ok(()))
+                        }
+                        // A client that reads nothing would not read a GOAWAY
+                        // either: dropping frees the backend side at once.
+                        idle::Expired::Unread => {
+                            tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
+                            End::Done(Ok(()))
+                        }
+                        idle::Expired::Parkable(quiet) => End::Park(quiet),
+                    },
+                    // Finish in-flight requests, then close.
+                    _ = held.shutdown.recv() => End::Drain,
+                    () = activity.retired() => {
+                        tracing::debug!(client = %conn.peer, "HTTP/2 connection served its {H2_MAX_REQUESTS} requests; GOAWAY");
                         End::Graceful
                     }
-                    // Nothing is being answered: dropping the connection
-                    // closes it, as hyper's head timer did.
-                    idle::Expired::Head => {
-                        head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
-                        End::Done(Ok(()))
+                }
+            });
+            tokio::select! {
+                biased;
+                result = &mut connection => End::Done(result),
+                ended = WhenWoken::new(aside) => ended,
+            }
+        };
+        let End::Park(quiet) = ended else { break ended };
+        if !activity.is_multiplexed() {
+            break ended;
+        }
+        // An HTTP/2 connection without a stream for a while: among the
+        // idle connections that make room at `server.max_connections`, as
+        // a parked HTTP/1.1 one is, closed with a GOAWAY when its place is
+        // wanted, as nginx closes a reusable HTTP/2 connection (idle ones
+        // held every place until `idle_timeout`, review33e F3). A stream
+        // beginning (or anything written) hands it back to the watchdog.
+        let _parked = held.shared.slots.parked();
+        let idle_until = tokio::time::Instant::now() + settings.idle_timeout.saturating_sub(quiet);
+        let writes = activity.writes();
+        let slots = &held.shared.slots;
+        let idle = loop {
+            tokio::select! {
+                biased;
+                result = &mut connection => break Some(End::Done(result)),
+                _ = held.shutdown.recv() => break Some(End::Drain),
+                () = tokio::time::sleep_until(idle_until) => {
+                    tracing::debug!(client = %conn.peer, "closing idle connection");
+                    break Some(End::Graceful);
+                }
+                () = slots.reclaim.notified() => {
+                    // A wake left from a moment at the cap that has passed.
+                    if !slots.full(held.shared.connections.load().max_connections) {
+                        continue;
                     }
-                    // A client that reads nothing would not read a GOAWAY
-                    // either: dropping frees the backend side at once.
-                    idle::Expired::Unread => {
-                        tracing::info!(client = %conn.peer, "client read nothing for idle_timeout; closing");
-                        End::Done(Ok(()))
+                    // A stream came meanwhile: another idle connection
+                    // goes instead.
+                    if activity.used_since(writes) {
+                        slots.reclaim.notify_one();
+                        break None;
                     }
-                    idle::Expired::Parkable(quiet) => End::Park(quiet),
-                },
-                // Finish in-flight requests, then close.
-                _ = held.shutdown.recv() => End::Drain,
-                () = activity.retired() => {
-                    tracing::debug!(client = %conn.peer, "HTTP/2 connection served its {H2_MAX_REQUESTS} requests; GOAWAY");
-                    End::Graceful
+                    tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
+                    break Some(End::Graceful);
+                }
+                () = tokio::time::sleep(PARK_AFTER) => {
+                    if activity.used_since(writes) {
+                        break None;
+                    }
                 }
             }
-        });
-        tokio::select! {
-            biased;
-            result = &mut connection => End::Done(result),
-            ended = WhenWoken::new(aside) => ended,
+        };
+        if let Some(ended) = idle {
+            break ended;
         }
     };
     // An HTTP/1 client may have sent a request on this connection that is
