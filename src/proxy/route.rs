@@ -115,10 +115,14 @@ impl Router {
 }
 
 /// The path a route is chosen by: percent-escaped unreserved characters
-/// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), the escapes kept written in
-/// upper-case hex (§6.2.2.1: `%2f` is `%2F`), non-ASCII characters escaped
-/// as UTF-8 (`é` is `%C3%A9`), repeated slashes merged and dot segments
-/// removed (§5.2.4), as nginx does before matching locations. A backend
+/// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), and `%2F` too, the escapes
+/// kept written in upper-case hex (§6.2.2.1: `%3b` is `%3B`), non-ASCII
+/// characters escaped as UTF-8 (`é` is `%C3%A9`), repeated slashes merged
+/// and dot segments removed (§5.2.4), as nginx does before matching
+/// locations. nginx decodes `%2F` into a separator before it resolves
+/// `..`, so `/x/..%2fadmin/` is its `/admin/` (review34c M1: kept escaped,
+/// it was routed by `/x/`'s route, which a backend decoding `%2F` first
+/// served as `/admin/`). A backend
 /// that resolves `/public/../admin` serves `/admin`, so the route, its
 /// upstream and its limits must be `/admin`'s too; one that decodes
 /// `%c3%a9` serves `/caf%C3%A9/`'s page, so that route must match it too.
@@ -150,8 +154,8 @@ fn is_plain(bytes: &[u8]) -> bool {
             .any(|pair| pair[0] == b'/' && (pair[1] == b'/' || pair[1] == b'.'))
 }
 
-/// `path` with the escapes of unreserved characters decoded, the other
-/// escapes in upper-case hex and non-ASCII characters escaped. A `%` that
+/// `path` with the escapes of unreserved characters and of `/` decoded,
+/// the other escapes in upper-case hex and non-ASCII characters escaped. A `%` that
 /// starts no escape is left as it is: it means nothing to decode.
 fn normal_escapes(path: &str) -> String {
     let mut normal = String::with_capacity(path.len());
@@ -168,7 +172,7 @@ fn normal_escapes(path: &str) -> String {
             }
             c.len_utf8()
         } else if let Some(byte) = escaped_byte(rest.as_bytes()) {
-            if is_unreserved(byte) {
+            if is_unreserved(byte) || byte == b'/' {
                 normal.push(char::from(byte));
             } else {
                 push_escape(&mut normal, byte);
@@ -331,14 +335,18 @@ mod tests {
             ("/..", "/"),
             ("//api//x", "/api/x"),
             ("/%61pi/", "/api/"),
-            ("/a%2Fb/../c", "/c"),
-            ("/a%2Fb", "/a%2Fb"),
+            // An escaped slash separates, as in nginx.
+            ("/a%2Fb/../c", "/a/c"),
+            ("/a%2Fb", "/a/b"),
+            ("/x/..%2fadmin/a", "/admin/a"),
+            ("/x/%2e%2e%2Fadmin/a", "/admin/a"),
+            ("/a%2f%2fb", "/a/b"),
             // Kept escapes in one case, whichever the client wrote.
-            ("/a%2fb", "/a%2Fb"),
+            ("/a%3bb", "/a%3Bb"),
             ("/caf%c3%a9/x", "/caf%C3%A9/x"),
             ("/caf%C3%A9/x", "/caf%C3%A9/x"),
             ("/%7Euser/", "/~user/"),
-            ("/a%2f%2E%2e/", "/a%2F../"),
+            ("/a%2f%2E%2e/", "/"),
             // Raw UTF-8, which HTTP/1 and HTTP/2 parsers let through.
             ("/café/x", "/caf%C3%A9/x"),
             ("/a%zz", "/a%zz"),
@@ -359,7 +367,8 @@ mod tests {
             ("/", Ok("/")),
             ("/api/", Ok("/api/")),
             ("/api", Ok("/api")),
-            ("/x%2fy/", Ok("/x%2Fy/")),
+            ("/x%2fy/", Ok("/x/y/")),
+            ("/x%3by/", Ok("/x%3By/")),
             ("/caf%c3%a9/", Ok("/caf%C3%A9/")),
             ("/café/", Ok("/caf%C3%A9/")),
             ("/%7Euser/", Ok("/~user/")),
@@ -384,6 +393,7 @@ mod tests {
             ("/a/./b/", not_normal("/a/b/")),
             ("/a/../b/", not_normal("/b/")),
             ("/a/%2E%2E/b/", not_normal("/b/")),
+            ("/a%2f..%2fb/", not_normal("/b/")),
             ("/a/./", not_normal("/a/")),
             ("/a%4", Err(PrefixError::BadEscape)),
             ("/a%zz/", Err(PrefixError::BadEscape)),
@@ -398,7 +408,7 @@ mod tests {
     fn a_normal_prefix_is_a_normal_path() {
         // The two forms cannot drift apart: a prefix accepted is left as
         // it is by the function request paths go through.
-        for prefix in ["/", "/api/", "/x%2fy/", "/café/", "/%7Euser/", "/a%2f%2e/b"] {
+        for prefix in ["/", "/api/", "/x%2fy/", "/x%3by/", "/café/", "/%7Euser/", "/a%2fb"] {
             let normal = routing_prefix(prefix).unwrap();
             assert_eq!(routing_path(&normal), normal, "{prefix}");
         }
@@ -406,7 +416,7 @@ mod tests {
 
     #[test]
     fn escapes_in_either_case_reach_the_same_route() {
-        let prefixes = ["/caf%C3%A9/", "/x%2fy/", "/naïve/", "/"];
+        let prefixes = ["/caf%C3%A9/", "/x%3by/", "/naïve/", "/"];
         let routes: Vec<Route> = prefixes
             .iter()
             .map(|p| route(HostMatch::Any, &routing_prefix(p).unwrap(), p))
@@ -416,11 +426,11 @@ mod tests {
             ("/caf%c3%a9/x", "/caf%C3%A9/"),
             ("/caf%C3%A9/x", "/caf%C3%A9/"),
             ("/café/x", "/caf%C3%A9/"),
-            ("/x%2Fy/a", "/x%2fy/"),
-            ("/x%2fy/a", "/x%2fy/"),
+            ("/x%3By/a", "/x%3by/"),
+            ("/x%3by/a", "/x%3by/"),
             ("/na%C3%AFve/", "/naïve/"),
             ("/na%c3%afve/", "/naïve/"),
-            ("/x/y/a", "/"),
+            ("/x;y/a", "/"),
         ] {
             let got = router.find(None, path).map(|(_, r)| r.name.as_str());
             assert_eq!(got, Some(want), "{path}");
