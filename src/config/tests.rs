@@ -531,7 +531,8 @@ fn with_prefixes(prefixes: &[&str]) -> String {
 fn prefixes_are_held_in_the_normal_form_of_request_paths() {
     let config = check(&with_prefixes(&[
         "/caf\\u00e9/",
-        "/x%2fy/",
+        "/x%3by/",
+        "/x%2fz/",
         "/%7Euser/",
         "/%41pi/",
         "/.",
@@ -544,7 +545,7 @@ fn prefixes_are_held_in_the_normal_form_of_request_paths() {
         .collect();
     assert_eq!(
         prefixes,
-        ["/caf%C3%A9/", "/x%2Fy/", "/~user/", "/Api/", "/."]
+        ["/caf%C3%A9/", "/x%3By/", "/x/z/", "/~user/", "/Api/", "/."]
     );
 }
 
