@@ -1164,6 +1164,24 @@ async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     assert_eq!(failed.header("cache-status"), "portico; fwd=miss");
 }
 
+/// A `no-cache` response may not be used without a successful
+/// validation (RFC 9111 §5.2.2.4), so a failed one gets the error, not the
+/// copy, whatever its stale-if-error says (review34e 1).
+#[tokio::test]
+async fn stale_if_error_does_not_serve_a_no_cache_copy() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/cache/s?cc=max-age=60,%20no-cache,%20stale-if-error=600&etag=a");
+    let first = get(&client, &url).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
+    backend.stop().await;
+    let failed = get(&client, &url).await;
+    assert_eq!(failed.status, StatusCode::BAD_GATEWAY);
+}
+
 #[tokio::test]
 async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
     // RFC 9111 §4.3.4: the 304 vouches for representation "b"; the stored

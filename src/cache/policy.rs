@@ -37,10 +37,13 @@ pub struct CacheControl {
 
 impl CacheControl {
     /// A response's directives that forbid serving it stale at all:
-    /// `must-revalidate`, `proxy-revalidate`, and `s-maxage`, which shared
-    /// caches treat as `proxy-revalidate` (RFC 9111 §5.2.2.10).
+    /// `no-cache`, which allows no use without a successful validation
+    /// (RFC 9111 §5.2.2.4, §4.2.4: stale-if-error served it when the
+    /// validation failed, review34e 1), `must-revalidate`,
+    /// `proxy-revalidate`, and `s-maxage`, which shared caches treat as
+    /// `proxy-revalidate` (§5.2.2.10).
     pub fn forbids_stale(&self) -> bool {
-        self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
+        self.no_cache || self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
     }
 }
 

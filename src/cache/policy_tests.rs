@@ -609,6 +609,14 @@ fn request_and_response_directives_decide_use() {
         s(100),
         &cc("stale-if-error=60, must-revalidate")
     ));
+    // No use without a successful validation, fresh or not (§5.2.2.4).
+    for response in [
+        "max-age=600, no-cache, stale-if-error=60",
+        "max-age=0, no-cache, stale-if-error=60",
+    ] {
+        assert!(!stale_if_error(s(600), s(10), &cc(response)), "{response}");
+        assert!(!stale_if_error(s(0), s(10), &cc(response)), "{response}");
+    }
 }
 
 #[test]

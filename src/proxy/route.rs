@@ -408,7 +408,15 @@ mod tests {
     fn a_normal_prefix_is_a_normal_path() {
         // The two forms cannot drift apart: a prefix accepted is left as
         // it is by the function request paths go through.
-        for prefix in ["/", "/api/", "/x%2fy/", "/x%3by/", "/café/", "/%7Euser/", "/a%2fb"] {
+        for prefix in [
+            "/",
+            "/api/",
+            "/x%2fy/",
+            "/x%3by/",
+            "/café/",
+            "/%7Euser/",
+            "/a%2fb",
+        ] {
             let normal = routing_prefix(prefix).unwrap();
             assert_eq!(routing_path(&normal), normal, "{prefix}");
         }
