@@ -1423,6 +1423,11 @@ async fn stale_copy_to_ten_behind_a_failing_revalidation(
         let said = answer.header("cache-status");
         assert!(said.starts_with(&stale), "{said}");
         collapsed += usize::from(said.ends_with("; collapsed"));
+        // Aged as sent, after the failure: 5 s on the clock, and the
+        // revalidation's wait (review34e 3: the age at the request).
+        let age: u64 = answer.header("age").parse().unwrap();
+        let waited = response_timeout.unwrap_or(Duration::from_secs(1));
+        assert!(age >= 4 + waited.as_secs(), "Age: {age}");
     }
     assert_eq!(collapsed, 9);
     drop(proxy);

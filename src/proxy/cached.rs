@@ -1334,8 +1334,15 @@ async fn revalidate(
     }
     conditional(&mut parts, &entry);
     let request_time = cache.now();
-    let age = entry.timing.current_age(request_time);
-    let may_serve_stale = policy::stale_if_error(entry.lifetime, age, &entry.cc);
+    // The copy's age as a failed revalidation would send it, if
+    // stale-if-error allows that then: counted at the failure, not the
+    // request, so the time the attempts took is in its Age (an hour-old
+    // copy left after a 30 s wait for a hung backend said it was an hour
+    // old, review34e 3), and its window is judged then too.
+    let stale_copy_age = || {
+        let age = entry.timing.current_age(cache.now());
+        policy::stale_if_error(entry.lifetime, age, &entry.cc).then_some(age)
+    };
     let mut fetch = Fetch {
         request_headers,
         request_cc,
@@ -1355,11 +1362,11 @@ async fn revalidate(
         let (response, in_flight) = match result {
             Ok(answer) => answer,
             Err(error) => {
-                if !may_serve_stale {
+                let Some(age) = stale_copy_age() else {
                     release(fetch.leader.as_ref());
                     cache.counters.miss.inc();
                     return Err(error);
-                }
+                };
                 let code = error.status();
                 if let Some(leader) = &fetch.leader {
                     leader.failed(code.as_u16());
@@ -1402,7 +1409,12 @@ async fn revalidate(
             drop(fetch);
             return Ok(answer);
         }
-        if response.status().is_server_error() && may_serve_stale {
+        let stale_age = response
+            .status()
+            .is_server_error()
+            .then(stale_copy_age)
+            .flatten();
+        if let Some(age) = stale_age {
             let code = response.status();
             if let Some(leader) = &fetch.leader {
                 leader.failed(code.as_u16());
