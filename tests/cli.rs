@@ -610,6 +610,23 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     no_stray_bytes_warning(run);
 }
 
+/// The access line names the host the request was routed and cached by:
+/// an absolute-form target's, not the Host field the client set beside it
+/// (review34e 5: a purge by the logged host found nothing).
+#[test]
+fn the_access_line_names_an_absolute_form_target_s_host() {
+    let origin_addr =
+        origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+    let config = behind(origin_addr, "", "");
+    let mut run = portico_on("absolute", &config, None);
+    let mut stream = connect(&run);
+    let head = b"GET http://site.example/abs HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    std::io::Write::write_all(&mut stream, head).unwrap();
+    let line = line_with(&run.log, "/abs", &mut run.seen);
+    assert!(line.contains(r#""host":"site.example""#), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A backend that resets the connection under an upload it did not read,
 /// with no answer, is logged as having reset it: hyper reports only the
 /// end of the read that followed ("connection closed before message

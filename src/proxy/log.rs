@@ -347,11 +347,15 @@ impl Tail {
 impl Drop for Tail {
     fn drop(&mut self) {
         let record = &self.record;
+        // The host routed by: an absolute-form target's authority (or
+        // HTTP/2's :authority) over a Host field (RFC 9112 §3.2.2), which
+        // a client may have set to another (review34e 5: the line named
+        // the Host, and a purge by it found nothing).
         let host = record
-            .host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| record.uri.authority().map(|a| a.as_str()))
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| record.host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("-");
         tracing::info!(
             target: "portico::access",
