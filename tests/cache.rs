@@ -1363,6 +1363,60 @@ async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again(
     assert_eq!(asked, 2);
 }
 
+/// Clients that ask at once to revalidate a fresh entry (`no-cache`, a
+/// browser's reload) are answered by one check between them, each by a
+/// check made after it came: each had its own, and 30 reloads at once were
+/// 30 requests to the origin (review34e 2).
+#[tokio::test]
+async fn concurrent_reloads_of_a_fresh_entry_make_one_revalidation() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            while let Some(head) = read_head(&mut stream).await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer: &[u8] = if String::from_utf8_lossy(&head).to_ascii_lowercase().contains("if-none-match") {
+                    // Slow enough for the others to queue behind it.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: max-age=600\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=600\r\n\
+                      Content-Length: 2\r\n\r\nok"
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/reloaded"));
+    get(&client, &url).await;
+    until_stored(&proxy, 1).await;
+    let answers: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(
+                async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await },
+            )
+        })
+        .collect();
+    let mut collapsed = 0;
+    for answer in answers {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "ok");
+        let said = answer.header("cache-status");
+        collapsed += usize::from(said == "portico; fwd=request; collapsed");
+    }
+    assert_eq!(collapsed, 9);
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+}
+
 /// Ten concurrent requests for a stale entry (`stale-if-error`) whose
 /// revalidation fails: with a 503 after a second, or, given a
 /// `response_timeout`, with no answer at all. Each must get the stale copy

@@ -502,24 +502,26 @@ pub(super) async fn serve(
     };
     if let Some((entry, age)) = stale {
         let fresh = age < entry.lifetime && !entry.cc.no_cache;
-        let fwd = if fresh { "request" } else { "stale" };
-        // Requests for a stale entry revalidate it once between them, as
-        // misses fetch once; a client that asked to revalidate a fresh
-        // entry gets its own check.
-        let leader = if fresh {
-            None
+        let (fwd, status) = if fresh {
+            ("request", "portico; fwd=request; collapsed")
         } else {
-            let status = "portico; fwd=stale; collapsed";
-            let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
-                revalidation_wait(upstream)
-            } else {
-                COALESCE_WAIT
-            };
-            match join_as(false, status, wait).await {
-                Joined::Fetch(leader) => leader,
-                Joined::Answered(hit) => return Ok(hit),
-                Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
-            }
+            ("stale", "portico; fwd=stale; collapsed")
+        };
+        // Requests for a stale entry revalidate it once between them, as
+        // misses fetch once; so do clients that asked to revalidate a
+        // fresh one (`no-cache`, `max-age=0`: a browser's reload), each
+        // answered by a check whose answer came after it did. Each had its own:
+        // 30 reloads at once were 30 requests to the origin, and with 200s
+        // 30 rewrites of the entry (review34e 2).
+        let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
+            revalidation_wait(upstream)
+        } else {
+            COALESCE_WAIT
+        };
+        let leader = match join_as(false, status, wait).await {
+            Joined::Fetch(leader) => leader,
+            Joined::Answered(hit) => return Ok(hit),
+            Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
         };
         return revalidate(
             cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
