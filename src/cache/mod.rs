@@ -221,6 +221,9 @@ enum Mark {
 /// bound.
 const MAX_VARIANTS: usize = 64;
 
+/// The stripes of [`Cache::inserting`].
+const INSERT_STRIPES: usize = 64;
+
 /// Drops `full` from its primary's record once the store no longer holds
 /// `entry` under it (expired, evicted for space, invalidated), and the
 /// record with its last variant: the index lives exactly as long as what
@@ -247,6 +250,11 @@ pub struct Cache {
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
     index: Arc<DashMap<String, Variants>>,
+    /// Held by an insert from its index record to its store insert, one
+    /// for the keys of each stripe: two inserts of one key interleaved
+    /// could leave the index naming the entry the store had replaced, and
+    /// the record then outlived what it pointed to (review34c L1).
+    inserting: Box<[tokio::sync::Mutex<()>]>,
     /// Primary key -> the fetches under way for it (see [`fill`]).
     fills: DashMap<String, fill::Pending>,
     /// URLs and variants whose last response was not stored (see
@@ -310,6 +318,9 @@ impl Cache {
             config,
             store,
             index,
+            inserting: (0..INSERT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             fills: DashMap::new(),
             uncacheable: moka::sync::Cache::builder()
                 .max_capacity(UNCACHEABLE_URLS)
@@ -507,6 +518,8 @@ impl Cache {
             return Err(NotKept::TooHeavy);
         }
         let names: Arc<[HeaderName]> = names.into();
+        let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &full) as usize;
+        let _inserting = self.inserting[stripe % INSERT_STRIPES].lock().await;
         let dropped = {
             let mut variants = self
                 .index
@@ -771,6 +784,32 @@ mod tests {
         cache.stats().await; // runs the store's pending removals
         assert!(cache.key_for(PRIMARY, &request).is_none());
         assert!(cache.index.is_empty());
+    }
+
+    /// Two stores of one variant at once leave the index naming what the
+    /// store holds (review34c L1: interleaved, the record named the entry
+    /// replaced, and outlived the one kept).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_stores_of_one_variant_leave_the_index_right() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        for _ in 0..200 {
+            let stores: Vec<_> = (0..2)
+                .map(|_| {
+                    let cache = cache.clone();
+                    tokio::spawn(async move {
+                        store(&cache, &HeaderMap::new(), entry("accept")).await;
+                    })
+                })
+                .collect();
+            for stored in stores {
+                stored.await.unwrap();
+            }
+            let key = cache.key_for(PRIMARY, &request).unwrap();
+            let held = cache.get(&key).await.unwrap();
+            let listed = cache.index.get(PRIMARY).unwrap().keys[0].entry;
+            assert_eq!(listed, address(&held));
+        }
     }
 
     #[tokio::test]
