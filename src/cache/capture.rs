@@ -224,7 +224,7 @@ impl Capture {
         // the requests waiting on it fetch at once rather than one after
         // another (review33e F2). The key with its Vary part is longer
         // still: the insert weighs it again.
-        if u64::from(entry.weight(self.fill.primary())) > self.cache.config.max_size {
+        if entry.too_heavy(self.fill.primary(), self.cache.config.max_size) {
             let primary = self.fill.primary();
             self.cache
                 .not_stored(primary, &self.request, &entry.headers, entry.status);

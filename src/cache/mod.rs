@@ -79,7 +79,7 @@ pub struct Entry {
 impl Entry {
     /// The memory the entry holds, as near as can be told: what
     /// `max_size` bounds and `portico_cache_size_bytes` reports.
-    fn weight(&self, key: &str) -> u32 {
+    pub(crate) fn bytes(&self, key: &str) -> u64 {
         // Standard names are static, others own their bytes: all are
         // counted, which errs on the side of the bound.
         let names: usize = self.headers.keys().map(|n| n.as_str().len()).sum();
@@ -87,7 +87,21 @@ impl Entry {
         let slots = self.headers.capacity() * HEADER_SLOT;
         // The key is held by the store and by the index.
         let bytes = 2 * key.len() + self.body.len() + names + values + slots + ENTRY_OVERHEAD;
-        u32::try_from(bytes).unwrap_or(u32::MAX)
+        bytes as u64
+    }
+
+    /// Whether the entry is too heavy to keep under `max_size`, or for
+    /// the store's weights (32 bits: one past them would be counted as
+    /// less than it holds, review34c L2).
+    pub(crate) fn too_heavy(&self, key: &str, max_size: u64) -> bool {
+        let bytes = self.bytes(key);
+        bytes > max_size || bytes > u64::from(u32::MAX)
+    }
+
+    /// [`Entry::bytes`] as the store weighs it ([`Entry::too_heavy`]
+    /// keeps out what it would not hold).
+    fn weight(&self, key: &str) -> u32 {
+        u32::try_from(self.bytes(key)).unwrap_or(u32::MAX)
     }
 
     fn keep_for(&self) -> Duration {
@@ -514,7 +528,7 @@ impl Cache {
             return Err(NotKept::Unmatchable);
         };
         let full = key::full(primary, &names, request);
-        if entry.weight(&full) as u64 > self.config.max_size {
+        if entry.too_heavy(&full, self.config.max_size) {
             return Err(NotKept::TooHeavy);
         }
         let names: Arc<[HeaderName]> = names.into();

@@ -313,6 +313,13 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // The store weighs an entry in 32 bits.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"64GiB\"\nmax_object_size = \"16GiB\"\n",
+            &[
+                "test.toml:8:19: cache.max_object_size: must be at most 4194224KiB, 4GiB less 80KiB for a response's head and bookkeeping",
+            ],
+        ),
+        (
             "[server]\nmax_connections = 0\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:2:19: server.max_connections: must be a whole number from 1 to 4294967295"],
         ),

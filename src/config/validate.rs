@@ -1006,6 +1006,9 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
     // body of `max_size` itself never fits, and one said `stored` on
     // every fetch was never kept (review32a L4).
     let room = max_size.saturating_sub(OBJECT_HEADROOM);
+    // The store weighs an entry in 32 bits: past them one was counted as
+    // 4 GiB whatever it held (review34c L2).
+    let largest = (1 << 32) - OBJECT_HEADROOM;
     if room == 0 {
         if let Some(v) = raw.max_size.as_ref() {
             r.at(
@@ -1022,7 +1025,18 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
         Some(v) => {
             let written = size(r, "cache.max_object_size", Some(v), d.max_object_size);
             // Past what `size` refused (0, say) there is nothing to compare.
-            if room > 0 && parse_size(v.get_ref()).is_ok_and(|n| n > room && n > 0) {
+            let asked = parse_size(v.get_ref()).ok();
+            if asked.is_some_and(|n| n > largest) {
+                r.at(
+                    v.span(),
+                    "cache.max_object_size",
+                    format!(
+                        "must be at most {}, 4GiB less {}KiB for a response's head and bookkeeping",
+                        shown_size(largest),
+                        OBJECT_HEADROOM >> 10
+                    ),
+                );
+            } else if room > 0 && asked.is_some_and(|n| n > room && n > 0) {
                 r.at(
                     v.span(),
                     "cache.max_object_size",
@@ -1041,7 +1055,7 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
     };
     Cache {
         max_size,
-        max_object_size: max_object_size.min(room),
+        max_object_size: max_object_size.min(room).min(largest),
         default_ttl: duration(
             r,
             "cache.default_ttl",
