@@ -85,7 +85,9 @@ impl Entry {
         let names: usize = self.headers.keys().map(|n| n.as_str().len()).sum();
         let values: usize = self.headers.values().map(HeaderValue::len).sum();
         let slots = self.headers.capacity() * HEADER_SLOT;
-        // The key is held by the store and by the index.
+        // The key is held once by the store and its variant's record,
+        // and the URL's record holds the URL (the same copy without Vary):
+        // counted twice, which errs on the side of the bound.
         let bytes = 2 * key.len() + self.body.len() + names + values + slots + ENTRY_OVERHEAD;
         bytes as u64
     }
@@ -161,10 +163,10 @@ pub(crate) fn keep_for(
 
 struct EntryExpiry;
 
-impl moka::Expiry<String, Arc<Entry>> for EntryExpiry {
+impl moka::Expiry<Arc<str>, Arc<Entry>> for EntryExpiry {
     fn expire_after_create(
         &self,
-        _: &String,
+        _: &Arc<str>,
         entry: &Arc<Entry>,
         _: std::time::Instant,
     ) -> Option<Duration> {
@@ -173,7 +175,7 @@ impl moka::Expiry<String, Arc<Entry>> for EntryExpiry {
 
     fn expire_after_update(
         &self,
-        _: &String,
+        _: &Arc<str>,
         entry: &Arc<Entry>,
         _: std::time::Instant,
         _: Option<Duration>,
@@ -201,10 +203,11 @@ struct Variants {
     keys: Vec<Variant>,
 }
 
-/// One stored variant: its full key, and the entry stored under it.
+/// One stored variant: its full key (the store's own, shared), and the
+/// entry stored under it.
 #[derive(Debug)]
 struct Variant {
-    key: String,
+    key: Arc<str>,
     /// The entry's address: the store reports a value's removal after
     /// another may have taken its key (a purge of everything is lazy, and
     /// the old value is only pushed out by the next insert), so the report
@@ -242,13 +245,13 @@ const INSERT_STRIPES: usize = 64;
 /// `entry` under it (expired, evicted for space, invalidated), and the
 /// record with its last variant: the index lives exactly as long as what
 /// it points to.
-fn forget(index: &DashMap<String, Variants>, full: &str, entry: &Arc<Entry>) {
+fn forget(index: &DashMap<Arc<str>, Variants>, full: &str, entry: &Arc<Entry>) {
     let primary = key::primary_of(full);
     let emptied = match index.get_mut(primary) {
         Some(mut variants) => {
             variants
                 .keys
-                .retain(|v| v.key != full || v.entry != address(entry));
+                .retain(|v| &*v.key != full || v.entry != address(entry));
             variants.keys.is_empty()
         }
         None => false,
@@ -260,10 +263,10 @@ fn forget(index: &DashMap<String, Variants>, full: &str, entry: &Arc<Entry>) {
 
 pub struct Cache {
     pub config: config::Cache,
-    store: Moka<String, Arc<Entry>>,
+    store: Moka<Arc<str>, Arc<Entry>>,
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
-    index: Arc<DashMap<String, Variants>>,
+    index: Arc<DashMap<Arc<str>, Variants>>,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
     /// could leave the index naming the entry the store had replaced, and
@@ -300,7 +303,7 @@ impl std::fmt::Debug for Cache {
 
 impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
-        let index: Arc<DashMap<String, Variants>> = Arc::default();
+        let index: Arc<DashMap<Arc<str>, Variants>> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
             // Least recently used out first, as nginx and Varnish evict:
@@ -309,12 +312,12 @@ impl Cache {
             // large new object in a full cache was answered `stored` and
             // dropped, and fetched again on each request.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .weigher(|key: &String, entry: &Arc<Entry>| entry.weight(key))
+            .weigher(|key: &Arc<str>, entry: &Arc<Entry>| entry.weight(key))
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
             .eviction_listener({
                 let index = index.clone();
-                move |key: Arc<String>, entry: Arc<Entry>, cause| {
+                move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
                     if cause != RemovalCause::Replaced {
                         forget(&index, &key, &entry);
                     }
@@ -388,7 +391,7 @@ impl Cache {
     pub fn lists_variant(&self, primary: &str, full: &str) -> bool {
         self.index
             .get(primary)
-            .is_some_and(|variants| variants.keys.iter().any(|v| v.key == full))
+            .is_some_and(|variants| variants.keys.iter().any(|v| &*v.key == full))
     }
 
     /// Notes that a response for `primary` with `status`, to a request
@@ -531,17 +534,29 @@ impl Cache {
         if entry.too_heavy(&full, self.config.max_size) {
             return Err(NotKept::TooHeavy);
         }
+        // One copy of the key for the store and the index, and for a URL
+        // without Vary for its record too: each held its own, so an entry
+        // with a long URL held three (review34b F2: a 32 MiB cache of
+        // 60 KB URLs took 78 MB); weighed as two (see `Entry::bytes`).
+        let mut full: Arc<str> = full.into();
         let names: Arc<[HeaderName]> = names.into();
-        let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &full) as usize;
+        let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &*full) as usize;
         let _inserting = self.inserting[stripe % INSERT_STRIPES].lock().await;
         let dropped = {
-            let mut variants = self
-                .index
-                .entry(primary.to_owned())
-                .or_insert_with(|| Variants {
-                    names: names.clone(),
-                    keys: Vec::new(),
-                });
+            let mut variants = match self.index.get_mut(primary) {
+                Some(variants) => variants,
+                None => {
+                    let record = if *full == *primary {
+                        full.clone()
+                    } else {
+                        primary.into()
+                    };
+                    self.index.entry(record).or_insert_with(|| Variants {
+                        names: names.clone(),
+                        keys: Vec::new(),
+                    })
+                }
+            };
             let mut dropped = Vec::new();
             if *variants.names != *names {
                 // Vary changed: the old variants can no longer be found.
@@ -549,7 +564,10 @@ impl Cache {
                 variants.names = names.clone();
             }
             match variants.keys.iter_mut().find(|v| v.key == full) {
-                Some(listed) => listed.entry = address(&entry),
+                Some(listed) => {
+                    listed.entry = address(&entry);
+                    full = listed.key.clone();
+                }
                 None => {
                     if variants.keys.len() >= MAX_VARIANTS {
                         dropped.push(variants.keys.remove(0));
@@ -824,6 +842,24 @@ mod tests {
             let listed = cache.index.get(PRIMARY).unwrap().keys[0].entry;
             assert_eq!(listed, address(&held));
         }
+    }
+
+    /// A URL's key is held once, by the store and both records of the
+    /// index (review34b F2: three copies of a 60 KB URL per entry).
+    #[tokio::test]
+    async fn the_store_and_the_index_share_one_copy_of_a_key() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        for _ in 0..2 {
+            let mut plain = entry("");
+            plain.headers.remove("vary");
+            store(&cache, &request, plain).await;
+        }
+        let record = cache.index.iter().next().unwrap().key().clone();
+        let variant = cache.index.get(PRIMARY).unwrap().keys[0].key.clone();
+        let (stored, _) = cache.store.iter().next().unwrap();
+        assert!(Arc::ptr_eq(&record, &variant));
+        assert!(Arc::ptr_eq(&record, &stored));
     }
 
     #[tokio::test]
