@@ -443,11 +443,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let local = listener
         .local_addr()
         .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+    let mut failing = crate::server::AcceptFailures::default();
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                failing.recovered(&local);
+                accepted
+            }
             Err(error) => {
-                tracing::warn!(listener = local, %error, "admin accept failed");
+                failing.failed(&local, &error);
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

@@ -663,8 +663,10 @@ async fn accept_loop(
 /// A run of failed accepts (out of file descriptors, mostly), logged when
 /// it starts, every ten seconds while it lasts, and when it ends: one
 /// line per 50 ms retry was twenty a second for as long as it lasted.
+/// The admin listener's too (review34b F4: it said so twenty times a
+/// second).
 #[derive(Default)]
-struct AcceptFailures {
+pub(crate) struct AcceptFailures {
     /// When the run started, and the failures since the last line.
     run: Option<(std::time::Instant, std::time::Instant, u64)>,
 }
@@ -672,7 +674,7 @@ struct AcceptFailures {
 impl AcceptFailures {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn failed(&mut self, local: &str, error: &std::io::Error) {
+    pub(crate) fn failed(&mut self, local: &str, error: &std::io::Error) {
         let now = std::time::Instant::now();
         match &mut self.run {
             None => {
@@ -695,7 +697,7 @@ impl AcceptFailures {
         }
     }
 
-    fn recovered(&mut self, local: &str) {
+    pub(crate) fn recovered(&mut self, local: &str) {
         if let Some((since, _, _)) = self.run.take() {
             tracing::info!(
                 listener = local,
