@@ -193,6 +193,144 @@ async fn https_over_http1_and_h2_reaches_the_backend_as_https() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Two pairs for one name, of two key types: each client gets the one
+/// whose signatures it can verify, as nginx serves an RSA and an ECDSA
+/// certificate side by side. The second pair was never served, and a
+/// client that could not verify the first failed its handshake (review34a
+/// F2). (Ed25519 stands in for RSA, which rcgen cannot make here.)
+#[tokio::test]
+async fn each_client_gets_the_pair_of_one_name_it_can_verify() {
+    use pki_types::SignatureVerificationAlgorithm as Algorithm;
+    static ECDSA: &[&dyn Algorithm] = &[webpki::ring::ECDSA_P256_SHA256];
+    static ECDSA_ONLY: &[(rustls::SignatureScheme, &[&dyn Algorithm])] =
+        &[(rustls::SignatureScheme::ECDSA_NISTP256_SHA256, ECDSA)];
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let ed25519 = {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["api.test".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Cert {
+            pem: cert.pem(),
+            key: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    };
+    let ecdsa = self_signed("api.test");
+    let dir = temp_dir("keytypes");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("ed", &ed25519), ("ec", &ecdsa)]),
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ecdsa.der.clone()).unwrap();
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.signature_verification_algorithms = rustls::crypto::WebPkiSupportedAlgorithms {
+        all: ECDSA,
+        mapping: ECDSA_ONLY,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("api.test").unwrap();
+    let tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
+        .await
+        .unwrap()
+        .expect("the ECDSA pair for an ECDSA-only client");
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(served, ecdsa.der);
+    // A client that verifies both gets the first.
+    let (_, status, _) = https_get(addr, "api.test", &ed25519.der, b"http/1.1", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A client offering only `http/1.0` in ALPN is served HTTP/1, as nginx
+/// serves it: it got a fatal alert (review34a F5).
+#[tokio::test]
+async fn a_client_offering_only_http_1_0_is_served() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("api.test");
+    let dir = temp_dir("alpn10");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("api", &cert)]),
+    )
+    .await;
+    let (_, status, _) = https_get(addr, "api.test", &cert.der, b"http/1.0", "/health")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A returning client resumes its session however many came since (by
+/// session ticket), on TLS 1.2 and 1.3: only the last 256 sessions (128
+/// clients on TLS 1.3) did, and the others paid a full handshake
+/// (review34a F1).
+#[tokio::test]
+async fn a_returning_client_resumes_its_tls_session() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("api.test");
+    let dir = temp_dir("resume");
+    let (addr, _stop) = start_tls_proxy(
+        config_for(&[&backend]),
+        tls_listener(&dir, &[("api", &cert)]),
+    )
+    .await;
+    let handshake = |connector: tokio_rustls::TlsConnector| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("api.test").unwrap();
+        let mut tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        // TLS 1.3 tickets come after the handshake: read until the
+        // server's answer, which follows them.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET /health HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;
+        tls.get_ref().1.handshake_kind()
+    };
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let connector = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert.der.clone()).unwrap();
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        };
+        let returning = connector(&[version]);
+        assert_eq!(
+            handshake(returning.clone()).await,
+            Some(rustls::HandshakeKind::Full)
+        );
+        for _ in 0..300 {
+            handshake(connector(&[version])).await;
+        }
+        assert_eq!(
+            handshake(returning).await,
+            Some(rustls::HandshakeKind::Resumed),
+            "{version:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
     let backend = start_backend(BackendOptions::new("b1")).await;
