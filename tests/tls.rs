@@ -251,6 +251,30 @@ async fn each_client_gets_the_pair_of_one_name_it_can_verify() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A file with a TLS listener and no `server.listen` serves HTTPS only, as
+/// nginx's `listen 443 ssl` opens no plain port: the plain default came
+/// with it, on every address (review34d M1). Given, both are served.
+#[test]
+fn a_tls_listener_alone_opens_no_plain_one() {
+    let cert = self_signed("api.test");
+    let dir = temp_dir("tlsonly");
+    std::fs::write(dir.join("api.pem"), &cert.pem).unwrap();
+    std::fs::write(dir.join("api.key"), &cert.key).unwrap();
+    let text = |listen: &str| {
+        format!(
+            "[server]\nidle_timeout = \"5s\"\n{listen}[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\n\
+             certificates = [{{ cert = \"api.pem\", key = \"api.key\" }}]\n\
+             [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"u\"\n"
+        )
+    };
+    let file = dir.join("portico.toml");
+    let parsed = |listen: &str| portico::config::parse(&text(listen), &file).unwrap();
+    assert!(parsed("").server.listen.is_empty());
+    let both = parsed("listen = [\"127.0.0.1:8080\"]\n");
+    assert_eq!(both.server.listen, ["127.0.0.1:8080".parse().unwrap()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A client offering only `http/1.0` in ALPN is served HTTP/1, as nginx
 /// serves it: it got a fatal alert (review34a F5).
 #[tokio::test]

@@ -208,7 +208,7 @@ fn every_error_names_file_line_col_and_key() {
             "[server]\nmax_request_body = \"10 MiB\"\nlisten = [\"127.0.0.1:9090\"]\n",
             &[
                 "test.toml:2:20: server.max_request_body: expected a whole number at ` MiB`",
-                "test.toml:3:11: server.listen: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
+                "test.toml:3:11: server.listen[0]: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
                 "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
                 "test.toml: route: no [[route]] defined: every request would get 404",
             ],
@@ -237,9 +237,9 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[server]\nlisten = [\"127.0.0.1:7000\", \"0.0.0.0:7000\"]\nmax_header_size = \"1KiB\"\n[admin]\nlisten = \"[::]:7000\"\ntoken_file = \"/nonexistent/admin.token\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:0\", \"0.0.0.0:80\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/a?b\"\n",
             &[
-                "test.toml:2:29: server.listen: 0.0.0.0:7000 overlaps 127.0.0.1:7000 of server.listen: a wildcard address takes its port on every address",
+                "test.toml:2:29: server.listen[1]: 0.0.0.0:7000 overlaps 127.0.0.1:7000 of server.listen[0]: a wildcard address takes its port on every address",
                 "test.toml:3:19: server.max_header_size: must be at least 8KiB (HTTP/1.1 heads are read into a buffer of that size)",
-                "test.toml:5:10: admin.listen: [::]:7000 overlaps 127.0.0.1:7000 of server.listen: a wildcard address takes its port on every address",
+                "test.toml:5:10: admin.listen: [::]:7000 overlaps 127.0.0.1:7000 of server.listen[0]: a wildcard address takes its port on every address",
                 "test.toml:6:14: admin.token_file: cannot read admin token_file /nonexistent/admin.token: No such file or directory (os error 2)",
                 "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
                 "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
@@ -276,7 +276,7 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[server]\nlisten = [\"0.0.0.0:9090\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
-            &["test.toml:2:11: server.listen: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
+            &["test.toml:2:11: server.listen[0]: 0.0.0.0:9090 overlaps 127.0.0.1:9090, admin.listen's default; set admin.listen elsewhere"],
         ),
         (
             "[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [\n  { cert = \"/nonexistent/a.pem\", key = \"/nonexistent/a.key\" },\n  { cert = \"/nonexistent/b.pem\", key = \"/nonexistent/b.key\" },\n]\n[admin]\nbogus = 1\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:8443\"]\n[[route]]\nupstream = \"a\"\n",
@@ -333,7 +333,21 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[server]\nlisten = [\"[::ffff:127.0.0.1]:8080\", \"127.0.0.1:8080\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
-            &["test.toml:2:38: server.listen: 127.0.0.1:8080 is already used by server.listen"],
+            &["test.toml:2:38: server.listen[1]: 127.0.0.1:8080 is already used by server.listen[0]"],
+        ),
+        (
+            // A clash after a bad entry is put at its own place (review34d L1).
+            "[server]\nlisten = [\"nohost:1\", \"0.0.0.0:24181\", \"127.0.0.1:24181\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:11: server.listen[0]: `nohost:1` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                "test.toml:2:40: server.listen[2]: 127.0.0.1:24181 overlaps 0.0.0.0:24181 of server.listen[1]: a wildcard address takes its port on every address",
+            ],
+        ),
+        (
+            // `[server]` without `listen` listens on its default, which
+            // clashes are found with (review34d M1).
+            "[server]\nidle_timeout = \"5s\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:10: admin.listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080 of server.listen: a wildcard address takes its port on every address"],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[[cache]]\nmax_size = \"1MiB\"\n",

@@ -101,11 +101,21 @@ fn socket_addr(r: R, key: &str, value: &str, span: std::ops::Range<usize>) -> Op
     }
 }
 
-fn listen_list(r: R, key: &str, values: &[raw::Str]) -> Vec<SocketAddr> {
+/// The addresses of a listen list, each with its key (`server.listen[2]`)
+/// and span to claim it by (zipped with the list after the bad entries
+/// were left out, a clash was put at another entry's place, review34d L1).
+fn listen_entries(
+    r: R,
+    key: &str,
+    values: &[raw::Str],
+) -> Vec<(SocketAddr, String, std::ops::Range<usize>)> {
     values
         .iter()
         .enumerate()
-        .filter_map(|(i, v)| socket_addr(r, &format!("{key}[{i}]"), v.get_ref(), v.span()))
+        .filter_map(|(i, v)| {
+            let key = format!("{key}[{i}]");
+            socket_addr(r, &key, v.get_ref(), v.span()).map(|addr| (addr, key, v.span()))
+        })
         .collect()
 }
 
@@ -489,14 +499,24 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
     let section = raw.span();
     let raw = raw.into_inner();
     let listen = match &raw.listen {
-        None => defaults.listen.clone(),
-        Some(list) => {
-            let addrs = listen_list(r, "server.listen", list);
-            for (addr, v) in addrs.iter().zip(list) {
-                claim(r, "server.listen".into(), *addr, v.span());
+        // HTTPS only, as nginx's `listen 443 ssl` opens no port 80: the
+        // plain default came with every `[[server.tls]]`, on every
+        // address, and unclaimed, so a TLS listener on its port passed
+        // `check` and failed at start (review34d M1).
+        None if !raw.tls.is_empty() => Vec::new(),
+        None => {
+            for addr in &defaults.listen {
+                claim(r, "server.listen".into(), *addr, 0..0);
             }
-            addrs
+            defaults.listen.clone()
         }
+        Some(list) => listen_entries(r, "server.listen", list)
+            .into_iter()
+            .map(|(addr, key, span)| {
+                claim(r, key, addr, span);
+                addr
+            })
+            .collect(),
     };
     let mut tls = Vec::new();
     for (i, t) in raw.tls.iter().enumerate() {
@@ -516,10 +536,13 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
                 "a TLS listener needs at least one { cert, key } pair",
             );
         }
-        let listen = listen_list(r, &format!("{key}.listen"), &t_ref.listen);
-        for (addr, v) in listen.iter().zip(&t_ref.listen) {
-            claim(r, format!("{key}.listen"), *addr, v.span());
-        }
+        let listen = listen_entries(r, &format!("{key}.listen"), &t_ref.listen)
+            .into_iter()
+            .map(|(addr, key, span)| {
+                claim(r, key, addr, span);
+                addr
+            })
+            .collect();
         let certificates = t_ref
             .certificates
             .iter()
