@@ -287,6 +287,40 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// An HTTP/2 connection whose client only sends PINGs is idle, and closed
+/// after `idle_timeout`: the acknowledgements counted as activity, so a
+/// PING every few seconds held it, and any streams it had stalled, for
+/// ever (review34b F1).
+#[tokio::test]
+async fn an_http2_client_sending_only_pings_is_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.idle_timeout = Duration::from_secs(1);
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(h2_frame(0x4, 0, 0, &[]));
+    start.extend(h2_frame(0x4, 0x1, 0, &[]));
+    write.write_all(&start).await.unwrap();
+    let pinging = tokio::spawn(async move {
+        for n in 0u64.. {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if write.write_all(&h2_frame(0x6, 0, 0, &n.to_be_bytes())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let closed = tokio::time::timeout(STEP, async {
+        let mut sink = [0u8; 4096];
+        while read.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    pinging.abort();
+    assert!(closed.is_ok(), "the connection was held open by PINGs");
+}
+
 /// A client that goes on opening streams past the GOAWAY that retired its
 /// connection (and the PING that makes it final) is dropped once it has
 /// opened as many again (review32b F4; untested until review32f noted it).

@@ -104,6 +104,10 @@ struct HeadClock {
     writes: u64,
 }
 
+/// The largest HTTP/2 write that is only an answer to a control frame:
+/// a PING acknowledgement (9 bytes of frame header and 8 of payload).
+const CONTROL_FRAME: usize = 17;
+
 /// The watchdog's timeouts (see [`Activity::expired`]).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limits {
@@ -188,9 +192,19 @@ impl Activity {
         self.stamp.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// After a write attempt: progress, or a full socket.
-    fn wrote<T>(&self, result: &Poll<T>) {
+    /// After a write attempt: progress, or a full socket. On HTTP/2 a
+    /// write no larger than [`CONTROL_FRAME`] is an answer to the client's
+    /// own control frames (a PING or SETTINGS acknowledgement, a
+    /// WINDOW_UPDATE), no sign of a response moving: counted, a client
+    /// sending a PING a few seconds held an idle connection, and the
+    /// streams it had stalled, for ever (review34b F1).
+    fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
         match result {
+            Poll::Ready(Ok(n))
+                if *n <= CONTROL_FRAME && self.multiplexed.load(Ordering::Relaxed) =>
+            {
+                self.write_blocked.store(false, Ordering::Relaxed);
+            }
             Poll::Ready(_) => {
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 self.write_blocked.store(false, Ordering::Relaxed);
@@ -1035,7 +1049,7 @@ mod park_tests {
         let activity = after(&[b"GET / HTTP/1.1\r\n\r\n"], 1);
         let head = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            activity.wrote(&Poll::Ready(()));
+            activity.wrote(&Poll::Ready(Ok(SLICE)));
             tokio::time::sleep(Duration::from_millis(100)).await;
             activity.on_read(b"GET /next");
         };
@@ -1077,7 +1091,7 @@ mod park_tests {
                 .await
                 .is_err());
             if written {
-                activity.wrote(&Poll::Ready(()));
+                activity.wrote(&Poll::Ready(Ok(SLICE)));
             }
             let (expired, took) =
                 expired_while(&activity, draining, trickle(activity.clone())).await;
