@@ -109,6 +109,62 @@ fn post(url: String) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A backend that answers an upload early and then neither reads the rest
+/// nor closes (RFC 9112 §9.3 asks one or the other) has its connection
+/// closed after `body_timeout`: it was held, with the upload queued, until
+/// the backend closed it, ten minutes in review34a F3.
+#[tokio::test]
+async fn an_upload_answered_early_and_left_unread_is_let_go() {
+    const UPLOAD: usize = 32 << 20;
+    let (received, got) = tokio::sync::oneshot::channel();
+    let received = std::sync::Mutex::new(Some(received));
+    let addr = serve_each(move |mut stream| {
+        let received = received.lock().unwrap().take();
+        async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            let _ = stream.write_all(answer).await;
+            // Reads nothing for longer than body_timeout, then all it can.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut read = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => read += n,
+                    _ => break,
+                }
+            }
+            if let Some(received) = received {
+                let _ = received.send(read);
+            }
+        }
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = Duration::from_secs(1);
+    config.server.max_request_body = UPLOAD as u64;
+    let proxy = start_proxy(config).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let (mut reading, mut writing) = client.into_split();
+    let uploading = tokio::spawn(async move {
+        let _ = writing.write_all(&vec![b'x'; UPLOAD]).await;
+        writing
+    });
+    let mut status = [0u8; 12];
+    let answer = tokio::time::timeout(STEP, reading.read_exact(&mut status)).await;
+    assert!(answer.expect("an answer").is_ok());
+    assert_eq!(&status, b"HTTP/1.1 200");
+    // The connection was closed before the backend read on: it got what
+    // the sockets held, not the whole upload.
+    let read = tokio::time::timeout(STEP * 2, got).await.unwrap().unwrap();
+    assert!(read < UPLOAD / 2, "the upload reached the backend: {read}");
+    uploading.abort();
+}
+
 #[tokio::test]
 async fn sequential_requests_share_one_backend_connection() {
     let (addr, counts) = raw_backend(false).await;

@@ -307,7 +307,11 @@ async fn an_http2_client_sending_only_pings_is_idle() {
     let pinging = tokio::spawn(async move {
         for n in 0u64.. {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if write.write_all(&h2_frame(0x6, 0, 0, &n.to_be_bytes())).await.is_err() {
+            if write
+                .write_all(&h2_frame(0x6, 0, 0, &n.to_be_bytes()))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -166,15 +166,7 @@ impl Upstream {
                     .expect("a scheme and a socket address make a valid URI")
             })
             .collect();
-        let pool = Pool::new(
-            tls::connector(&config),
-            builder,
-            targets,
-            config.max_idle_per_backend,
-            config.idle_timeout,
-            config.connect_timeout,
-            config.response_timeout,
-        );
+        let pool = Pool::new(tls::connector(&config), builder, targets, &config);
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             turns: select::Turns::default(),

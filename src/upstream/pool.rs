@@ -79,6 +79,8 @@ pub(super) struct Pool {
     /// How long a request sent with [`Pool::send`]'s `watched` waits for
     /// its response head.
     response_timeout: Duration,
+    /// How long a backend may leave an upload it answered unread.
+    body_timeout: Duration,
 }
 
 impl std::fmt::Debug for Pool {
@@ -214,6 +216,11 @@ struct HeadWait {
     /// The backend reset the connection under an upload (see [`Watched`]):
     /// its writes go nowhere, so it is never reused.
     gone: std::sync::atomic::AtomicBool,
+    /// The last write found the socket full, and the writes that went
+    /// through so far: an upload the backend stopped reading (see
+    /// [`HeadWait::late`]).
+    write_blocked: std::sync::atomic::AtomicBool,
+    writes: AtomicU64,
 }
 
 /// How many 5 ms looks a finished connection with bytes left over gives
@@ -335,8 +342,9 @@ impl hyper::rt::Write for Watched {
         if self.write_gone() {
             return Poll::Ready(Ok(buf.len()));
         }
-        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf));
-        Poll::Ready(self.written(written, buf.len()))
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.head.wrote(&written);
+        Poll::Ready(self.written(ready!(written), buf.len()))
     }
 
     fn poll_write_vectored(
@@ -348,8 +356,9 @@ impl hyper::rt::Write for Watched {
         if self.write_gone() {
             return Poll::Ready(Ok(len));
         }
-        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs));
-        Poll::Ready(self.written(written, len))
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.head.wrote(&written);
+        Poll::Ready(self.written(ready!(written), len))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -360,7 +369,9 @@ impl hyper::rt::Write for Watched {
         if self.write_gone() {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        self.head.wrote(&flushed);
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -371,18 +382,45 @@ impl hyper::rt::Write for Watched {
 const TIMED_OUT: u64 = u64::MAX;
 
 impl HeadWait {
-    /// Resolves once one wait has lasted `limit`, having marked it
-    /// [`TIMED_OUT`].
-    async fn late(&self, limit: Duration) {
-        let step = (limit / 8).max(Duration::from_millis(10));
+    /// After a write (or a flush) to the backend: progress, or a full
+    /// socket.
+    fn wrote<T>(&self, result: &Poll<T>) {
+        if result.is_ready() {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.write_blocked.store(false, Ordering::Relaxed);
+        } else {
+            self.write_blocked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once one wait for a head has lasted `limit`, having marked
+    /// it [`TIMED_OUT`] ([`Late::Head`]), or once the backend has taken
+    /// nothing of an upload for `stall` after its answer came
+    /// ([`Late::Upload`]): a backend answering early (RFC 9112 §9.3 says
+    /// it must then read the rest, or close) that did neither held the
+    /// connection, and what hyper had queued of the upload, until it
+    /// closed it itself, ten minutes in review34a F3. Before the head,
+    /// the request's own wait bounds such a stall (`after_upload`).
+    async fn late(&self, limit: Duration, stall: Duration) -> Late {
+        let step = (limit.min(stall) / 8).max(Duration::from_millis(10));
         let mut seen = 0;
         let mut since = tokio::time::Instant::now();
         let mut wake = since + step;
+        let mut stuck = (self.writes.load(Ordering::Relaxed), since);
         loop {
             tokio::time::sleep_until(wake).await;
             // The clock read, not the steps counted: steps that each wake a
             // little late add up (2.26 s for a 2 s timeout, review11).
             let at = tokio::time::Instant::now();
+            let writes = self.writes.load(Ordering::Relaxed);
+            if !self.write_blocked.load(Ordering::Relaxed)
+                || self.heading.load(Ordering::Relaxed)
+                || writes != stuck.0
+            {
+                stuck = (writes, at);
+            } else if at >= stuck.1 + stall {
+                return Late::Upload;
+            }
             let now = self.waiting.load(Ordering::Acquire);
             if now == 0 || now != seen {
                 // A wait that began since the last look counts from here.
@@ -395,7 +433,7 @@ impl HeadWait {
                     .compare_exchange(now, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    return;
+                    return Late::Head;
                 }
                 continue;
             }
@@ -405,25 +443,31 @@ impl HeadWait {
     }
 }
 
+/// Why a backend connection's task gave up on it (see [`HeadWait::late`]).
+enum Late {
+    Head,
+    Upload,
+}
+
 impl Pool {
+    /// The pool of `config`'s backends (`targets`), with its limits and
+    /// timeouts.
     pub(super) fn new(
         connector: HttpsConnector<HttpConnector>,
         builder: http1::Builder,
         targets: Vec<http::Uri>,
-        max_idle: usize,
-        idle_timeout: Duration,
-        connect_timeout: Duration,
-        response_timeout: Duration,
+        config: &crate::config::Upstream,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
             connector,
             builder,
             targets,
-            max_idle,
-            idle_timeout,
-            connect_timeout,
-            response_timeout,
+            max_idle: config.max_idle_per_backend,
+            idle_timeout: config.idle_timeout,
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            body_timeout: config.body_timeout,
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
@@ -660,12 +704,12 @@ impl Pool {
         }
         let (hand_back, handed_back) = oneshot::channel();
         let watch = head.clone();
-        let limit = self.response_timeout;
+        let (limit, stall) = (self.response_timeout, self.body_timeout);
         tokio::spawn(async move {
             let served = {
                 // Polled only when its timer fires, not at each read and
                 // write of the connection.
-                let late = std::pin::pin!(watch.late(limit));
+                let late = std::pin::pin!(watch.late(limit, stall));
                 // Marked as a connection poll, as the client side's is:
                 // an upload being gathered that yields knows hyper's
                 // writing loop polling it again is not its next turn.
@@ -676,10 +720,13 @@ impl Pool {
                 tokio::select! {
                     biased;
                     served = served => served,
-                    () = WhenWoken::new(late) => {
+                    late = WhenWoken::new(late) => {
                         // Dropping the connection closes it, as nginx
                         // closes an upstream connection that timed out.
-                        tracing::debug!("no response head within response_timeout; backend connection closed");
+                        match late {
+                            Late::Head => tracing::debug!("no response head within response_timeout; backend connection closed"),
+                            Late::Upload => tracing::debug!("backend left an upload it had answered unread for body_timeout; backend connection closed"),
+                        }
                         return;
                     }
                 }
@@ -1119,16 +1166,18 @@ mod tests {
 
     /// A pool whose requests wait `response_timeout` for a head.
     fn timing_out(addr: SocketAddr, response_timeout: Duration) -> Arc<Pool> {
-        let config = crate::config::Upstream::new("test", vec![addr]);
+        let mut config = crate::config::Upstream::new("test", vec![addr]);
+        config.max_idle_per_backend = 8;
+        config.idle_timeout = Duration::from_secs(60);
+        config.connect_timeout = Duration::from_secs(5);
+        config.response_timeout = response_timeout;
+        config.body_timeout = Duration::from_secs(30);
         let target = http::Uri::try_from(format!("http://{addr}/")).unwrap();
         Pool::new(
             super::super::tls::connector(&config),
             http1::Builder::new(),
             vec![target],
-            8,
-            Duration::from_secs(60),
-            Duration::from_secs(5),
-            response_timeout,
+            &config,
         )
     }
 
