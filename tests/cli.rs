@@ -627,6 +627,54 @@ fn the_access_line_names_an_absolute_form_target_s_host() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// An HTTP/2 client that reads nothing at all is dropped for that, its
+/// streams' lines ending `client_gone`: they said `client_stalled`, as if
+/// it had kept their windows shut (review34b F3).
+#[test]
+fn an_http2_client_reading_nothing_is_gone_not_stalled() {
+    use std::io::Write;
+    fn big(_: usize) -> &'static [u8] {
+        static BIG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        BIG.get_or_init(|| {
+            let body = 4 << 20;
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {body}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + body, b'x');
+            answer
+        })
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    };
+    let config = behind(origin(big), "", "").replacen(
+        "[server]\n",
+        "[server]\nidle_timeout = \"1s\"\n",
+        1,
+    );
+    let mut run = portico_on("h2noread", &config, None);
+    let mut stream = connect(&run);
+    // Windows opened wide, four downloads asked for, nothing read.
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    start.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    let mut fields = vec![0x82, 0x86, 0x04, 4];
+    fields.extend_from_slice(b"/big");
+    fields.extend_from_slice(&[0x01, 1, b'a']);
+    for id in [1, 3, 5, 7] {
+        start.extend(frame(0x1, 0x5, id, &fields));
+    }
+    stream.write_all(&start).unwrap();
+    for _ in 0..4 {
+        let line = line_with(&run.log, "\"path\":\"/big\"", &mut run.seen);
+        assert!(line.contains("client_gone"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A backend that resets the connection under an upload it did not read,
 /// with no answer, is logged as having reset it: hyper reports only the
 /// end of the read that followed ("connection closed before message

@@ -1609,6 +1609,38 @@ async fn past_max_connections_an_idle_http2_connection_makes_room() {
     drop(sender);
 }
 
+/// An answer given before the request's body was read (a 413 by its
+/// Content-Length) reaches a client that goes on sending that body: the
+/// connection is closed only once the client stops, as nginx's lingering
+/// close does. Closed at once, the unread bytes made the kernel reset it,
+/// and the client lost the answer it had not read yet (review34a F4).
+#[tokio::test]
+async fn an_early_answer_reaches_a_client_still_sending_its_body() {
+    use tokio::io::AsyncWriteExt;
+    const SENT: usize = 24 << 20;
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    for _ in 0..5 {
+        let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut reading, mut writing) = stream.into_split();
+        let head =
+            format!("POST /users/1/orders HTTP/1.1\r\nHost: a\r\nContent-Length: {SENT}\r\n\r\n");
+        // Sends it all before it reads, as a client without Expect does.
+        let sent = tokio::time::timeout(STEP, async move {
+            writing.write_all(head.as_bytes()).await?;
+            writing.write_all(&vec![b'x'; SENT]).await?;
+            Ok::<_, std::io::Error>(writing)
+        })
+        .await
+        .expect("the upload was read and dropped within STEP");
+        assert!(sent.is_ok(), "the connection was reset under the upload");
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(STEP, reading.read_to_end(&mut answer)).await;
+        assert!(read.expect("closed within STEP").is_ok());
+        assert!(answer.starts_with(b"HTTP/1.1 413"), "{answer:?}");
+    }
+}
+
 /// A request asking to upgrade counts once among the open connections
 /// while its backend has not switched yet: it held a second place from
 /// the start, so pending WebSocket handshakes filled `max_connections`

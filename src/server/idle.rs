@@ -435,7 +435,11 @@ impl Activity {
                 _ => Duration::ZERO,
             };
             (was_waiting, was_stuck, last) = (waiting, stuck, now);
-            if self.multiplexed.load(Ordering::Relaxed) {
+            // Streams wait on their windows only while the socket moves: a
+            // client that reads nothing at all stalls every stream too, and
+            // is the unread limit's (each stream's end `client_gone`, not
+            // `client_stalled`, review34b F3).
+            if self.multiplexed.load(Ordering::Relaxed) && !stuck {
                 self.abandon_shut_streams(step, unread_limit);
             }
             if head_wait >= head {
