@@ -313,6 +313,13 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            "[server]\nmax_header_size = \"2MiB\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"/health#x\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:19: server.max_header_size: must be at most 1MiB (each client connection may hold a head that large)",
+                "test.toml:7:8: upstream[0].health.path: must be a path starting with `/`, without a `#fragment`",
+            ],
+        ),
+        (
             // The store weighs an entry in 32 bits.
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[cache]\nmax_size = \"64GiB\"\nmax_object_size = \"16GiB\"\n",
             &[

@@ -488,6 +488,10 @@ type Claim<'c> = dyn FnMut(R, String, SocketAddr, std::ops::Range<usize>) + 'c;
 /// hyper reads an HTTP/1.1 head into a buffer of at least 8 KiB.
 const MIN_HEADER_SIZE: u64 = 8 * 1024;
 
+/// The largest `max_header_size`: nginx's `large_client_header_buffers`
+/// defaults to 32 KiB, HAProxy's buffers to 16 KiB.
+const MAX_HEADER_SIZE: u64 = 1 << 20;
+
 fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Claim) -> Server {
     let defaults = Server::default();
     let Some(raw) = raw else {
@@ -580,12 +584,20 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
         raw.max_header_size.as_ref(),
         defaults.max_header_size,
     );
-    if max_header_size < MIN_HEADER_SIZE {
-        if let Some(v) = &raw.max_header_size {
+    if let Some(v) = &raw.max_header_size {
+        if max_header_size < MIN_HEADER_SIZE {
             r.at(
                 v.span(),
                 "server.max_header_size",
                 "must be at least 8KiB (HTTP/1.1 heads are read into a buffer of that size)",
+            );
+        } else if max_header_size > MAX_HEADER_SIZE {
+            // Each connection may hold that much of a head it is reading
+            // (review34d L5: 1TiB passed, and was offered to HTTP/2 peers).
+            r.at(
+                v.span(),
+                "server.max_header_size",
+                "must be at most 1MiB (each client connection may hold a head that large)",
             );
         }
     }
@@ -908,8 +920,11 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
     let h = raw.get_ref();
     let path = match &h.path {
         None => d.path.clone(),
+        // A fragment is never sent (RFC 9112 §3.2): the check would ask
+        // for another path than the one written (review34d L5).
         Some(p)
             if p.get_ref().starts_with('/')
+                && !p.get_ref().contains('#')
                 && http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_ok() =>
         {
             p.get_ref().clone()
@@ -918,7 +933,7 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
             r.at(
                 p.span(),
                 format!("{key}.path"),
-                "must be a path starting with `/`",
+                "must be a path starting with `/`, without a `#fragment`",
             );
             d.path.clone()
         }
