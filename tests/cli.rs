@@ -650,11 +650,8 @@ fn an_http2_client_reading_nothing_is_gone_not_stalled() {
         frame.extend_from_slice(payload);
         frame
     };
-    let config = behind(origin(big), "", "").replacen(
-        "[server]\n",
-        "[server]\nidle_timeout = \"1s\"\n",
-        1,
-    );
+    let config =
+        behind(origin(big), "", "").replacen("[server]\n", "[server]\nidle_timeout = \"1s\"\n", 1);
     let mut run = portico_on("h2noread", &config, None);
     let mut stream = connect(&run);
     // Windows opened wide, four downloads asked for, nothing read.
