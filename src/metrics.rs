@@ -43,6 +43,7 @@ pub struct Metrics {
     ratelimit_rejected: IntCounterVec,
     pub ratelimit_tracked: IntGauge,
     pub connections_open: IntGauge,
+    tls_handshake_errors: IntCounterVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
 }
@@ -177,6 +178,18 @@ impl Metrics {
                 "portico_connections_open",
                 "Client connections currently open",
             ),
+            tls_handshake_errors: {
+                let errors = counter_vec(
+                    &registry,
+                    "portico_tls_handshake_errors_total",
+                    "TLS handshakes on client connections that failed (reason=failed: refused by either side, such as no shared version, cipher or protocol, an unknown certificate authority, a bad record) or did not finish within request_header_timeout (reason=timeout)",
+                    &["reason"],
+                );
+                for reason in ["failed", "timeout"] {
+                    errors.with_label_values(&[reason]);
+                }
+                errors
+            },
             last_load_successful: gauge(
                 &registry,
                 "portico_config_last_reload_successful",
@@ -189,6 +202,14 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// A client's TLS handshake that failed (`timed_out`: did not finish in
+    /// time). They were logged at debug level only: a certificate clients
+    /// refuse showed nowhere (review34a F6).
+    pub fn tls_handshake_failed(&self, timed_out: bool) {
+        let reason = if timed_out { "timeout" } else { "failed" };
+        self.tls_handshake_errors.with_label_values(&[reason]).inc();
     }
 
     pub fn route(&self, route: &str) -> RouteMetrics {

@@ -6,6 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -272,6 +273,39 @@ fn a_tls_listener_alone_opens_no_plain_one() {
     assert!(parsed("").server.listen.is_empty());
     let both = parsed("listen = [\"127.0.0.1:8080\"]\n");
     assert_eq!(both.server.listen, ["127.0.0.1:8080".parse().unwrap()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Failed client handshakes are counted, by reason: they were logged at
+/// debug level only (review34a F6).
+#[tokio::test]
+async fn failed_tls_handshakes_are_counted() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("api.test");
+    let dir = temp_dir("handshakes");
+    let mut config = config_for(&[&backend]);
+    config.server.request_header_timeout = Duration::from_millis(300);
+    config.server.tls = vec![tls_listener(&dir, &[("api", &cert)])];
+    let shared = portico::server::Shared::new(&config);
+    let (addr, _stop) = start_tls_shared(config, shared.clone()).await;
+    // No protocol in common: refused with an alert.
+    let refused = https_get(addr, "api.test", &cert.der, b"spdy/3", "/health").await;
+    assert!(refused.is_err());
+    // Connected, and silent past request_header_timeout.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let counted = |reason: &str| {
+        let text = String::from_utf8(shared.metrics.encode()).unwrap();
+        let series = format!("portico_tls_handshake_errors_total{{reason=\"{reason}\"}} 1");
+        text.contains(&series)
+    };
+    tokio::time::timeout(STEP, async {
+        while !(counted("failed") && counted("timeout")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both counted within STEP");
+    drop(silent);
     let _ = std::fs::remove_dir_all(dir);
 }
 

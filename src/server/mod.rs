@@ -628,7 +628,8 @@ async fn accept_loop(
                                 }
                                 Ok(false) => {}
                                 Err(_) => {
-                                    return tracing::debug!(client = %peer, "TLS handshake timed out")
+                                    held.shared.metrics.tls_handshake_failed(true);
+                                    return tracing::debug!(client = %peer, "TLS handshake timed out");
                                 }
                             }
                             let handshake =
@@ -639,9 +640,11 @@ async fn accept_loop(
                                     serve_connection(tls, conn, held, None).await
                                 }
                                 Ok(Err(error)) => {
+                                    held.shared.metrics.tls_handshake_failed(false);
                                     tracing::debug!(client = %peer, %error, "TLS handshake failed")
                                 }
                                 Err(_) => {
+                                    held.shared.metrics.tls_handshake_failed(true);
                                     tracing::debug!(client = %peer, "TLS handshake timed out")
                                 }
                             }
