@@ -977,6 +977,13 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
         let status = answer.split(' ').nth(1).unwrap_or("<closed>");
         assert_eq!(status, *want, "{what}: {answer}");
     }
+    // portico's own refusals say which rule was broken (review34a F8).
+    let raw = b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.addr, raw).await;
+    assert!(
+        answer.ends_with("400 Bad Request: repeated Host header\n"),
+        "{answer}"
+    );
     assert_eq!(
         backend.requests(),
         0,

@@ -220,6 +220,12 @@ impl ProxyError {
                 self.status(),
                 "503 Service Unavailable: the proxy is out of connections\n",
             ),
+            // Which rule the request broke, as HTTP/1's parser cannot say
+            // (an HTTP/2 client's Host against its :authority, say): a
+            // bare 400 left the client guessing (review34a F8).
+            ProxyError::BadRequest(reason) => {
+                plain_response(self.status(), format!("400 Bad Request: {reason}\n"))
+            }
             _ => error_response(self.status()),
         };
         if let ProxyError::Throttled {
@@ -256,8 +262,8 @@ pub fn error_response(status: StatusCode) -> Response<ProxyBody> {
 }
 
 /// A plain-text, uncacheable `status` with `text` for its body.
-fn plain_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+fn plain_response(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(text.into()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
