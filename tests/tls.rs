@@ -444,6 +444,23 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         error.contains("b.key") && error.contains("does not match"),
         "{error}"
     );
+    // The chain in the wrong order: the key is a later certificate's
+    // (review34a F10: rustls's "keys may not be consistent").
+    std::fs::write(
+        dir.join("reversed.pem"),
+        format!("{}{}", other.pem, cert.pem),
+    )
+    .unwrap();
+    let mut reversed = good.clone();
+    reversed.certificates[0].cert = dir.join("reversed.pem");
+    let error = portico::server::tls::acceptor(&reversed)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("certificate 2 in") && error.contains("server's own certificate"),
+        "{error}"
+    );
 
     // A passphrase-protected key is said to be one, in either PEM form
     // (review29a F8), not as "no key" or a base64 error.

@@ -67,10 +67,25 @@ fn load_pair(
             path: key_path.clone(),
             reason: e.to_string(),
         })?;
+    // The key of a later certificate in the file: the chain is out of
+    // order, which rustls's "keys may not be consistent" did not say
+    // (review34a F10).
+    let belongs_to = |cert: &CertificateDer<'static>| {
+        CertifiedKey::new(vec![cert.clone()], key.clone())
+            .keys_match()
+            .is_ok()
+    };
+    let later = certs.iter().skip(1).position(belongs_to);
     let certified = CertifiedKey::new(certs, key);
-    certified.keys_match().map_err(|e| TlsError::Key {
+    certified.keys_match().map_err(|_| TlsError::Key {
         path: key_path,
-        reason: format!("does not match certificate {cert_path}: {e}"),
+        reason: match later {
+            Some(n) => format!(
+                "is the key of certificate {} in {cert_path}, not of its first: the file must start with the server's own certificate, then its intermediates",
+                n + 2
+            ),
+            None => format!("does not match certificate {cert_path} (nor any other in the file)"),
+        },
     })?;
     Ok(certified)
 }
