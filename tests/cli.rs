@@ -624,6 +624,8 @@ fn the_access_line_names_an_absolute_form_target_s_host() {
     std::io::Write::write_all(&mut stream, head).unwrap();
     let line = line_with(&run.log, "/abs", &mut run.seen);
     assert!(line.contains(r#""host":"site.example""#), "{line}");
+    // And the protocol, as nginx's $server_protocol (review34a F7).
+    assert!(line.contains(r#""proto":"HTTP/1.1""#), "{line}");
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
@@ -668,6 +670,7 @@ fn an_http2_client_reading_nothing_is_gone_not_stalled() {
     for _ in 0..4 {
         let line = line_with(&run.log, "\"path\":\"/big\"", &mut run.seen);
         assert!(line.contains("client_gone"), "{line}");
+        assert!(line.contains(r#""proto":"HTTP/2.0""#), "{line}");
     }
     let _ = std::fs::remove_dir_all(run.dir);
 }
