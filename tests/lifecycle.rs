@@ -1609,6 +1609,63 @@ async fn past_max_connections_an_idle_http2_connection_makes_room() {
     drop(sender);
 }
 
+/// An HTTP/2 connection closed at the cap may owe a response's end the
+/// client has not opened its window for (h2 holds it once the body has
+/// been handed over): it is delivered when the client reads, not cut a
+/// second after the GOAWAY (review34f M1).
+#[tokio::test]
+async fn an_http2_connection_closed_at_the_cap_delivers_what_it_owes() {
+    use http_body_util::BodyExt;
+    const BODY: usize = 65536;
+    let addr = serve_each(move |mut stream| async move {
+        while read_head(&mut stream).await.is_some() {
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + BODY, b'z');
+            if stream.write_all(&answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = portico::config::Config::single_upstream(listen, vec![addr]);
+    config.server.max_connections = Some(1);
+    config.server.request_header_timeout = Duration::from_secs(1);
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65535)
+            .initial_connection_window_size(65535)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(format!("http://{}/big", proxy.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    // Its last byte waits on the window; nothing read for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let addr = proxy.addr;
+    let knocking = tokio::spawn(async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_on(&mut stream, "/other").await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let body = tokio::time::timeout(STEP, response.into_body().collect())
+        .await
+        .expect("the body within STEP")
+        .expect("the body whole");
+    assert_eq!(body.to_bytes().len(), BODY);
+    let served = tokio::time::timeout(STEP, knocking).await;
+    assert_eq!(
+        served.expect("served within STEP").unwrap(),
+        "http/1.1 200 ok"
+    );
+}
+
 /// An answer given before the request's body was read (a 413 by its
 /// Content-Length) reaches a client that goes on sending that body: the
 /// connection is closed only once the client stops, as nginx's lingering

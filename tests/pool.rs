@@ -165,6 +165,57 @@ async fn an_upload_answered_early_and_left_unread_is_let_go() {
     uploading.abort();
 }
 
+/// A backend that answers an upload early and streams its answer before
+/// it reads the rest (RFC 9112 §9.3 allows it) is no stalled one: the
+/// answer still moving, the connection stays, and the response is whole
+/// (review34f M2: cut after body_timeout).
+#[tokio::test]
+async fn an_early_answer_still_streaming_is_not_cut_for_the_unread_upload() {
+    const UPLOAD: usize = 32 << 20;
+    const BODY: usize = 64 << 10;
+    let addr = serve_each(move |mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+        let _ = stream.write_all(head.as_bytes()).await;
+        for _ in 0..BODY >> 10 {
+            if stream.write_all(&[b'y'; 1 << 10]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = Duration::from_secs(1);
+    config.server.max_request_body = UPLOAD as u64;
+    let proxy = start_proxy(config).await;
+    let client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reading, mut writing) = client.into_split();
+    let head = format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    writing.write_all(head.as_bytes()).await.unwrap();
+    let uploading = tokio::spawn(async move {
+        let _ = writing.write_all(&vec![b'x'; UPLOAD]).await;
+        writing
+    });
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let whole = |answer: &[u8]| {
+        let head = answer.windows(4).position(|w| w == b"\r\n\r\n");
+        head.is_some_and(|at| answer.len() - (at + 4) >= BODY)
+    };
+    while !whole(&answer) {
+        match tokio::time::timeout(STEP, reading.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            other => panic!("cut after {} bytes: {other:?}", answer.len()),
+        }
+    }
+    uploading.abort();
+}
+
 #[tokio::test]
 async fn sequential_requests_share_one_backend_connection() {
     let (addr, counts) = raw_backend(false).await;

@@ -155,6 +155,15 @@ impl ConnectionSettings {
         }
     }
 
+    /// The watchdog's limits for an idle HTTP/2 connection closed to make
+    /// room: as while serving, not parked.
+    fn reclaimed_limits(&self) -> idle::Limits {
+        idle::Limits {
+            park: None,
+            ..self.limits()
+        }
+    }
+
     fn new(settings: &config::Server) -> Arc<Self> {
         if let Some(max) = settings.max_connections {
             warn_past_open_file_limit(max);
@@ -942,6 +951,8 @@ async fn serve_connection<IO: Parkable>(
         Close,
         /// Parked, after this long idle.
         Park(Duration),
+        /// An idle HTTP/2 connection closing for a client at the cap.
+        Reclaimed,
     }
     // The watchdog and the shutdown signal are polled only when their own
     // timers or the signal wake them, not at each of hyper's reads and
@@ -1018,7 +1029,7 @@ async fn serve_connection<IO: Parkable>(
                         break None;
                     }
                     tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
-                    break Some(End::Graceful);
+                    break Some(End::Reclaimed);
                 }
                 () = tokio::time::sleep(PARK_AFTER) => {
                     if activity.used_since(writes) {
@@ -1057,6 +1068,16 @@ async fn serve_connection<IO: Parkable>(
             }
         }
         ended => ended,
+    };
+    // A connection closed for a client at the cap may still owe the end of
+    // a response the client has not opened its window for (h2 holds it
+    // after the body has been handed over): it ends as the client reads
+    // it, or once nothing has moved for `idle_timeout`, not after a second
+    // of quiet, which cut such a response (review34f M1).
+    let limits = if matches!(ended, End::Reclaimed) {
+        settings.reclaimed_limits()
+    } else {
+        settings.closing_limits()
     };
     let result = match ended {
         End::Done(result) => result,
@@ -1107,7 +1128,7 @@ async fn serve_connection<IO: Parkable>(
             }
             return;
         }
-        End::Graceful | End::Drain => {
+        End::Graceful | End::Drain | End::Reclaimed => {
             connection.graceful_shutdown();
             let mut cut = held.cut.clone();
             // The watchdog goes on, or a client trickling a head in, one
@@ -1117,7 +1138,7 @@ async fn serve_connection<IO: Parkable>(
             // flight, a second of silence is enough to let it go.
             tokio::select! {
                 result = &mut connection => result,
-                why = activity.expired(settings.closing_limits()) => {
+                why = activity.expired(limits) => {
                     tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
                 }
@@ -1437,6 +1458,12 @@ impl Slots {
     /// connection's account many times over (49 open at a cap of 4,
     /// review33e F1). A cap lowered by a reload is reached so too.
     async fn make_room(&self, cap: impl Fn() -> Option<usize>) {
+        // One idle connection asked to close at a time, another only if
+        // that one has not made room within a second: an HTTP/2 one takes
+        // a round trip (and a client reading a response's end, longer),
+        // and each connection parking meanwhile woke this loop to ask
+        // again, so one client closed several (review34f M3).
+        let mut asked: Option<tokio::time::Instant> = None;
         loop {
             let Some(max) = cap() else { return };
             let mut freed = std::pin::pin!(self.freed.notified());
@@ -1446,8 +1473,10 @@ impl Slots {
             }
             // None idle any more (it took a request meanwhile): wait, as
             // `room` does, for a close.
-            if self.parked.load(Ordering::Relaxed) > 0 {
+            let now = tokio::time::Instant::now();
+            if self.parked.load(Ordering::Relaxed) > 0 && asked.is_none_or(|at| now >= at) {
                 self.reclaim.notify_one();
+                asked = Some(now + Duration::from_secs(1));
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
         }

@@ -216,11 +216,13 @@ struct HeadWait {
     /// The backend reset the connection under an upload (see [`Watched`]):
     /// its writes go nowhere, so it is never reused.
     gone: std::sync::atomic::AtomicBool,
-    /// The last write found the socket full, and the writes that went
-    /// through so far: an upload the backend stopped reading (see
-    /// [`HeadWait::late`]).
+    /// The last write found the socket full; and a read or write went
+    /// through since the connection's task last looked: an upload the
+    /// backend stopped reading, with nothing else moving (see
+    /// [`HeadWait::late`]). Plain stores on the connection's own path,
+    /// not counters: a count per read and write cost every request.
     write_blocked: std::sync::atomic::AtomicBool,
-    writes: AtomicU64,
+    moved: std::sync::atomic::AtomicBool,
 }
 
 /// How many 5 ms looks a finished connection with bytes left over gives
@@ -319,6 +321,7 @@ impl hyper::rt::Read for Watched {
                 other => return other,
             }
         };
+        self.head.moved.store(true, Ordering::Relaxed);
         if self.head.heading.load(Ordering::Relaxed) {
             let read = self.head.head_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
             if read > HEAD_BYTES {
@@ -386,8 +389,10 @@ impl HeadWait {
     /// socket.
     fn wrote<T>(&self, result: &Poll<T>) {
         if result.is_ready() {
-            self.writes.fetch_add(1, Ordering::Relaxed);
-            self.write_blocked.store(false, Ordering::Relaxed);
+            self.moved.store(true, Ordering::Relaxed);
+            if self.write_blocked.load(Ordering::Relaxed) {
+                self.write_blocked.store(false, Ordering::Relaxed);
+            }
         } else {
             self.write_blocked.store(true, Ordering::Relaxed);
         }
@@ -406,19 +411,21 @@ impl HeadWait {
         let mut seen = 0;
         let mut since = tokio::time::Instant::now();
         let mut wake = since + step;
-        let mut stuck = (self.writes.load(Ordering::Relaxed), since);
+        let mut stuck = since;
         loop {
             tokio::time::sleep_until(wake).await;
             // The clock read, not the steps counted: steps that each wake a
             // little late add up (2.26 s for a 2 s timeout, review11).
             let at = tokio::time::Instant::now();
-            let writes = self.writes.load(Ordering::Relaxed);
-            if !self.write_blocked.load(Ordering::Relaxed)
+            // A response still coming is no stall: a backend may read
+            // the rest of an upload once it has answered (review34f M2).
+            let moved = self.moved.swap(false, Ordering::Relaxed);
+            if moved
+                || !self.write_blocked.load(Ordering::Relaxed)
                 || self.heading.load(Ordering::Relaxed)
-                || writes != stuck.0
             {
-                stuck = (writes, at);
-            } else if at >= stuck.1 + stall {
+                stuck = at;
+            } else if at >= stuck + stall {
                 return Late::Upload;
             }
             let now = self.waiting.load(Ordering::Acquire);
