@@ -304,14 +304,15 @@ async fn an_http2_client_sending_only_pings_is_idle() {
     start.extend(h2_frame(0x4, 0, 0, &[]));
     start.extend(h2_frame(0x4, 0x1, 0, &[]));
     write.write_all(&start).await.unwrap();
+    // Two PINGs and a SETTINGS at a time: their acknowledgements go out
+    // in one write, larger than one PING's (review34g M2).
     let pinging = tokio::spawn(async move {
         for n in 0u64.. {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if write
-                .write_all(&h2_frame(0x6, 0, 0, &n.to_be_bytes()))
-                .await
-                .is_err()
-            {
+            let mut frames = h2_frame(0x6, 0, 0, &n.to_be_bytes());
+            frames.extend(h2_frame(0x6, 0, 0, &(n + (1 << 32)).to_be_bytes()));
+            frames.extend(h2_frame(0x4, 0, 0, &[]));
+            if write.write_all(&frames).await.is_err() {
                 return;
             }
         }

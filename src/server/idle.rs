@@ -52,6 +52,9 @@ pub(super) struct Activity {
     stamp: AtomicU64,
     /// Every write.
     writes: AtomicU64,
+    /// HTTP/2 bytes written and read (see [`Activity::h2_sent`]).
+    h2_out: AtomicU64,
+    h2_in: AtomicU64,
     /// Requests whose response has not been handed over whole.
     busy: AtomicUsize,
     /// Head bytes have arrived (or the connection is new) and the request
@@ -103,10 +106,6 @@ struct HeadClock {
     /// in between, and the wait is another.
     writes: u64,
 }
-
-/// The largest HTTP/2 write that is only an answer to a control frame:
-/// a PING acknowledgement (9 bytes of frame header and 8 of payload).
-const CONTROL_FRAME: usize = 17;
 
 /// The watchdog's timeouts (see [`Activity::expired`]).
 #[derive(Debug, Clone, Copy)]
@@ -178,6 +177,8 @@ impl Activity {
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
             upload_open: AtomicBool::new(false),
+            h2_out: AtomicU64::new(0),
+            h2_in: AtomicU64::new(0),
             upload: Mutex::new(None),
             parking: AtomicBool::new(false),
             quiet_before: Duration::ZERO,
@@ -192,19 +193,15 @@ impl Activity {
         self.stamp.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// After a write attempt: progress, or a full socket. On HTTP/2 a
-    /// write no larger than [`CONTROL_FRAME`] is an answer to the client's
-    /// own control frames (a PING or SETTINGS acknowledgement, a
-    /// WINDOW_UPDATE), no sign of a response moving: counted, a client
-    /// sending a PING a few seconds held an idle connection, and the
-    /// streams it had stalled, for ever (review34b F1).
+    /// After a write attempt: progress, or a full socket. On HTTP/2 the
+    /// bytes are counted too (see [`Activity::h2_sent`]).
     fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
-        match result {
-            Poll::Ready(Ok(n))
-                if *n <= CONTROL_FRAME && self.multiplexed.load(Ordering::Relaxed) =>
-            {
-                self.write_blocked.store(false, Ordering::Relaxed);
+        if let Poll::Ready(Ok(n)) = result {
+            if self.multiplexed.load(Ordering::Relaxed) {
+                self.h2_out.fetch_add(*n as u64, Ordering::Relaxed);
             }
+        }
+        match result {
             Poll::Ready(_) => {
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 self.write_blocked.store(false, Ordering::Relaxed);
@@ -285,6 +282,9 @@ impl Activity {
     /// nor count as activity: a client sending nothing else is idle, and
     /// `idle_timeout` closes it.
     fn on_read(&self, read: &[u8]) {
+        if self.multiplexed.load(Ordering::Relaxed) {
+            self.h2_in.fetch_add(read.len() as u64, Ordering::Relaxed);
+        }
         if only_line_ends(read) {
             return;
         }
@@ -309,13 +309,30 @@ impl Activity {
 
     /// Whether a request is being answered, or anything was written,
     /// since `writes` (from [`Activity::writes`]).
-    pub(super) fn used_since(&self, writes: u64) -> bool {
-        self.busy.load(Ordering::Relaxed) > 0 || self.writes() != writes
+    pub(super) fn used_since(&self, mark: (u64, u64)) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0 || self.h2_sent(mark)
     }
 
-    /// The connection's writes so far.
-    pub(super) fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
+    /// HTTP/2 bytes written and read so far, to look back at with
+    /// [`Activity::h2_sent`].
+    pub(super) fn h2_bytes(&self) -> (u64, u64) {
+        (
+            self.h2_out.load(Ordering::Relaxed),
+            self.h2_in.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether an HTTP/2 connection has written more than it read since
+    /// `mark`: a response moving (its end going out as the client opens
+    /// its window). Writes alone counted, and the acknowledgements of a
+    /// client's PINGs and SETTINGS held an idle connection, and the
+    /// streams it had stalled, for ever (review34b F1); their size alone
+    /// told nothing once two went out in one write (review34g M2). What
+    /// a client's control frames make portico write is never more than
+    /// they took to send.
+    fn h2_sent(&self, (out, read): (u64, u64)) -> bool {
+        let (now_out, now_in) = self.h2_bytes();
+        now_out - out > now_in - read
     }
 
     /// Whether the connection speaks HTTP/2.
@@ -383,6 +400,7 @@ impl Activity {
             Duration::ZERO
         };
         let mut was_stuck = false;
+        let mut h2_last = self.h2_bytes();
         loop {
             tokio::time::sleep(step).await;
             let now = (
@@ -401,7 +419,9 @@ impl Activity {
             // the client likes (review29a F6). Bytes written still do: the
             // end of a response h2 is sending as the client's window opens.
             let moved = if self.multiplexed.load(Ordering::Relaxed) {
-                now.1 != last.1
+                let sent = self.h2_sent(h2_last);
+                h2_last = self.h2_bytes();
+                sent
             } else {
                 now.0 != last.0
             };

@@ -617,7 +617,7 @@ async fn accept_loop(
                         shutdown,
                         cut,
                         _drain: drain,
-                        _open: open,
+                        open: Some(open),
                     };
                     match &*mode {
                         Mode::Plain => {
@@ -674,19 +674,33 @@ async fn accept_loop(
 
 /// A run of failed accepts (out of file descriptors, mostly), logged when
 /// it starts, every ten seconds while it lasts, and when it ends: one
-/// line per 50 ms retry was twenty a second for as long as it lasted.
+/// line per 50 ms retry was twenty a second for as long as it lasted. It
+/// ends only once accepts have gone through for [`AcceptFailures::CALM`]:
+/// at the limit each descriptor freed lets one accept through before the
+/// next fails, and a run ended at each was two lines per freed descriptor
+/// (review34g M3).
 /// The admin listener's too (review34b F4: it said so twenty times a
 /// second).
 #[derive(Default)]
 pub(crate) struct AcceptFailures {
-    /// When the run started, and the failures since the last line.
-    run: Option<(std::time::Instant, std::time::Instant, u64)>,
+    /// When the run started, its last line, the failures since, and the
+    /// last failure.
+    run: Option<AcceptRun>,
+}
+
+struct AcceptRun {
+    since: std::time::Instant,
+    said: std::time::Instant,
+    count: u64,
+    last: std::time::Instant,
 }
 
 impl AcceptFailures {
     const EVERY: Duration = Duration::from_secs(10);
+    const CALM: Duration = Duration::from_secs(1);
 
-    pub(crate) fn failed(&mut self, local: &str, error: &std::io::Error) {
+    /// Notes a failed accept; whether a line said so.
+    pub(crate) fn failed(&mut self, local: &str, error: &std::io::Error) -> bool {
         let now = std::time::Instant::now();
         match &mut self.run {
             None => {
@@ -694,29 +708,44 @@ impl AcceptFailures {
                     listener = local, %error,
                     "accept failed; new connections wait in the listen queue"
                 );
-                self.run = Some((now, now, 0));
+                self.run = Some(AcceptRun {
+                    since: now,
+                    said: now,
+                    count: 0,
+                    last: now,
+                });
+                true
             }
-            Some((_, said, count)) => {
-                *count += 1;
-                if now.duration_since(*said) >= Self::EVERY {
+            Some(run) => {
+                run.count += 1;
+                run.last = now;
+                if now.duration_since(run.said) >= Self::EVERY {
                     tracing::warn!(
-                        listener = local, %error, failures = *count,
+                        listener = local, %error, failures = run.count,
                         "accept still failing"
                     );
-                    (*said, *count) = (now, 0);
+                    (run.said, run.count) = (now, 0);
+                    return true;
                 }
+                false
             }
         }
     }
 
-    pub(crate) fn recovered(&mut self, local: &str) {
-        if let Some((since, _, _)) = self.run.take() {
-            tracing::info!(
-                listener = local,
-                after_ms = since.elapsed().as_millis() as u64,
-                "accepting again"
-            );
+    /// Notes an accept that went through; whether a line said the run of
+    /// failures is over.
+    pub(crate) fn recovered(&mut self, local: &str) -> bool {
+        let Some(run) = &self.run else { return false };
+        if run.last.elapsed() < Self::CALM {
+            return false;
         }
+        tracing::info!(
+            listener = local,
+            after_ms = run.since.elapsed().as_millis() as u64,
+            "accepting again"
+        );
+        self.run = None;
+        true
     }
 }
 
@@ -735,7 +764,9 @@ struct Held {
     /// is dropped then, with its socket.
     cut: Shutdown,
     _drain: DrainGuard,
-    _open: OpenConnection,
+    /// Its place among `max_connections`; given up early by an idle
+    /// HTTP/2 connection closing for a client at the cap.
+    open: Option<OpenConnection>,
 }
 
 /// A client socket that can wait for its next request without hyper.
@@ -1006,7 +1037,7 @@ async fn serve_connection<IO: Parkable>(
         // beginning (or anything written) hands it back to the watchdog.
         let _parked = held.shared.slots.parked();
         let idle_until = tokio::time::Instant::now() + settings.idle_timeout.saturating_sub(quiet);
-        let writes = activity.writes();
+        let writes = activity.h2_bytes();
         let slots = &held.shared.slots;
         let idle = loop {
             tokio::select! {
@@ -1029,6 +1060,13 @@ async fn serve_connection<IO: Parkable>(
                         break None;
                     }
                     tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
+                    // Its place goes to the client at once, as a parked
+                    // HTTP/1.1 connection's does: the GOAWAY's round trip,
+                    // or a response's end the client is slow to read (see
+                    // `reclaimed_limits`), kept it waiting, and more idle
+                    // connections were closed meanwhile (review34f M3,
+                    // review34g M1). It takes no new stream.
+                    held.open = None;
                     break Some(End::Reclaimed);
                 }
                 () = tokio::time::sleep(PARK_AFTER) => {
@@ -1626,5 +1664,28 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.gauge.dec();
         self.0.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod accept_failure_tests {
+    use super::*;
+
+    #[test]
+    fn accepts_between_failures_do_not_end_the_run() {
+        let mut failing = AcceptFailures::default();
+        let error = std::io::Error::from_raw_os_error(24);
+        assert!(failing.failed("l", &error));
+        // At the limit: one goes through, the next fails. Said once.
+        for _ in 0..100 {
+            assert!(!failing.recovered("l"));
+            assert!(!failing.failed("l", &error));
+        }
+        // Calm for a second: over.
+        if let Some(run) = &mut failing.run {
+            run.last -= AcceptFailures::CALM;
+        }
+        assert!(failing.recovered("l"));
+        assert!(failing.failed("l", &error));
     }
 }
