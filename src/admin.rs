@@ -253,7 +253,17 @@ async fn handle(
                 }
                 Ok(Purge::Matching { host, prefixes }) => {
                     let on = host.as_deref().unwrap_or("");
-                    let spelt: Vec<String> = prefixes.iter().map(|p| format!("{on}{p}*")).collect();
+                    // With what it was read as, when that differs: a prefix
+                    // ending `/x/..` is `/`, everything (review34g L5).
+                    let spelt: Vec<String> = prefixes
+                        .iter()
+                        .map(|p| match routing_path(p) {
+                            normal if normal != p.as_str() => {
+                                format!("{on}{p}* (read as {on}{normal}*)")
+                            }
+                            _ => format!("{on}{p}*"),
+                        })
+                        .collect();
                     let spelt = spelt.join(" and ");
                     // Debug-quoted: a prefix is the caller's text, and
                     // printed bare a `"` or a space in it could forge fields

@@ -2021,6 +2021,13 @@ async fn admin_purge_by_prefix() {
     assert_eq!(on("b.example").await, "portico; fwd=miss; stored");
     let nothing = send(&client, purge("?prefix=/nowhere")).await;
     assert_eq!(nothing.body, "purged /nowhere*: 0 stored responses\n");
+    // A prefix with a dot segment says what it was read as (`/x/..` is
+    // `/`, everything: review34g L5).
+    let dotted = send(&client, purge("?prefix=/users/../nowhere")).await;
+    assert_eq!(
+        dotted.body,
+        "purged /users/../nowhere* (read as /nowhere*): 0 stored responses\n"
+    );
     // A path copied from the access log, `%XX` and `+` as requested: the
     // query's decoding would make each a space, which no key holds.
     for path in ["/cache/c%20d?cc=max-age=60", "/cache/a+b?cc=max-age=60"] {

@@ -328,6 +328,28 @@ async fn a_client_offering_only_http_1_0_is_served() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A GET over a new TLS connection to `addr` (SNI `api.test`), read to its
+/// end (TLS 1.3 tickets come after the handshake, before the answer):
+/// whether the handshake was a full one or resumed.
+async fn handshake_kind(
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+) -> Option<rustls::HandshakeKind> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("api.test").unwrap();
+    let mut tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;
+    tls.get_ref().1.handshake_kind()
+}
+
 /// A returning client resumes its session however many came since (by
 /// session ticket), on TLS 1.2 and 1.3: only the last 256 sessions (128
 /// clients on TLS 1.3) did, and the others paid a full handshake
@@ -342,23 +364,7 @@ async fn a_returning_client_resumes_its_tls_session() {
         tls_listener(&dir, &[("api", &cert)]),
     )
     .await;
-    let handshake = |connector: tokio_rustls::TlsConnector| async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("api.test").unwrap();
-        let mut tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
-            .await
-            .unwrap()
-            .unwrap();
-        // TLS 1.3 tickets come after the handshake: read until the
-        // server's answer, which follows them.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        tls.write_all(b"GET /health HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;
-        tls.get_ref().1.handshake_kind()
-    };
+    let handshake = |connector| handshake_kind(addr, connector);
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let connector = |versions: &[&'static rustls::SupportedProtocolVersion]| {
             let mut roots = rustls::RootCertStore::empty();
@@ -527,9 +533,31 @@ async fn reload_swaps_certificates_on_the_running_listener() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    // A client trusting both, with a session under the old certificate,
+    // kept over a reload that changes nothing.
+    let returning = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(old.der.clone()).unwrap();
+        roots.add(new.der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let full = Some(rustls::HandshakeKind::Full);
+    assert_eq!(handshake_kind(addr, returning.clone()).await, full);
+    shared.reload().expect("reload with the same files");
+    let resumed = Some(rustls::HandshakeKind::Resumed);
+    assert_eq!(handshake_kind(addr, returning.clone()).await, resumed);
 
     write(&new);
     shared.reload().expect("reload with new certificate files");
+    // Not resumed under the new certificate (review34g L3).
+    assert_eq!(handshake_kind(addr, returning).await, full);
     let (_, status, _) = https_get(addr, "api.test", &new.der, b"h2", "/health")
         .await
         .unwrap();

@@ -28,7 +28,7 @@ impl Mode {
     fn describe(&self) -> &'static str {
         match self {
             Mode::Plain => "http, h2c",
-            Mode::Tls(_) => "https: h2, http/1.1",
+            Mode::Tls(_) => "https: h2, http/1.1, http/1.0",
         }
     }
 }

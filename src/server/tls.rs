@@ -161,35 +161,56 @@ pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { keys }));
+        .with_cert_resolver(Arc::new(SniResolver { keys: keys.clone() }));
     // `http/1.0` too, as nginx takes it: a client offering only that got
     // a fatal alert (review34a F5).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
-    let (ticketer, sessions) = resumption()?;
+    let (ticketer, sessions) = resumption(&keys)?;
     config.ticketer = ticketer;
     config.session_storage = sessions;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Session resumption, shared by every listener and kept across reloads,
-/// as nginx resumes: session tickets (their keys made at start and
-/// rotated every 6 hours by rustls, the last one still accepted), and for
-/// clients without them a cache of 4096 sessions. Without tickets only the
-/// last 256 sessions (128 clients on TLS 1.3) resumed, and a reload lost
-/// them all, so returning clients paid full handshakes: 0.87 ms of CPU each
-/// with an RSA key against 0.12 ms resumed, and a round trip on TLS 1.2
-/// (review34a F1).
-fn resumption() -> Result<Resumption, TlsError> {
-    static SHARED: std::sync::OnceLock<Resumption> = std::sync::OnceLock::new();
-    if let Some(shared) = SHARED.get() {
-        return Ok(shared.clone());
+/// Session resumption, kept across reloads while a listener's
+/// certificates stay the same, as nginx resumes: session tickets (their
+/// keys made at start and rotated every 6 hours by rustls, the last one
+/// still accepted), and for clients without them a cache of 4096 sessions.
+/// Without tickets only the last 256 sessions (128 clients on TLS 1.3)
+/// resumed, and a reload lost them all, so returning clients paid full
+/// handshakes: 0.87 ms of CPU each with an RSA key against 0.12 ms
+/// resumed, and a round trip on TLS 1.2 (review34a F1). New certificates
+/// get new ones, as nginx ties sessions to its certificates: a certificate
+/// replaced after a key compromise still had its sessions resumed for the
+/// tickets' lifetime (review34g L3).
+fn resumption(keys: &[Arc<CertifiedKey>]) -> Result<Resumption, TlsError> {
+    use std::hash::{Hash, Hasher};
+    static SHARED: std::sync::Mutex<Vec<(u64, Resumption)>> = std::sync::Mutex::new(Vec::new());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for key in keys {
+        key.cert.hash(&mut hasher);
+    }
+    let certificates = hasher.finish();
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, resumption)) = shared.iter().find(|(hash, _)| *hash == certificates) {
+        return Ok(resumption.clone());
     }
     let made: Resumption = (
         rustls::crypto::ring::Ticketer::new()?,
         rustls::server::ServerSessionMemoryCache::new(SESSIONS_KEPT),
     );
-    Ok(SHARED.get_or_init(|| made).clone())
+    // The sets of certificates loaded lately: a reload back to one keeps
+    // its sessions; a few are plenty.
+    if shared.len() >= RESUMPTIONS_KEPT {
+        shared.remove(0);
+    }
+    shared.push((certificates, made.clone()));
+    Ok(made)
 }
+
+/// Sets of certificates whose sessions are kept (see [`resumption`]).
+const RESUMPTIONS_KEPT: usize = 16;
 
 /// What resumes sessions: tickets, and the cache for clients without.
 type Resumption = (
