@@ -2581,14 +2581,7 @@ async fn a_request_back_once_goes_past_the_cache_to_its_backend() {
 async fn an_http2_get_ended_by_an_empty_data_frame_is_cached() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(with_cache(config_for(&[&backend]))).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _connection) = h2c_connection(proxy.addr).await;
     let mut seen = Vec::new();
     for _ in 0..2 {
         // Empty, and says so only once polled: hyper's HTTP/2 client sends

@@ -1573,14 +1573,7 @@ async fn past_max_connections_an_idle_http2_connection_makes_room() {
     config.server.request_header_timeout = Duration::from_secs(1);
     let proxy = start_proxy(config).await;
     // Answered once, and kept: a client with its sender alive.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let idle = tokio::spawn(conn);
+    let (mut sender, idle) = h2c_connection(proxy.addr).await;
     let request = http::Request::get(format!("http://{}/health", proxy.addr))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();

@@ -196,19 +196,35 @@ pub fn trusting_loopback(mut config: Config) -> Config {
 /// `:authority` for a relative one, `*` as the path), and returns the
 /// status, within [`STEP`]: for requests the pooled client would fix up.
 pub async fn h2c_status(addr: SocketAddr, request: Request<Full<Bytes>>) -> StatusCode {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _connection) = h2c_connection(addr).await;
     tokio::time::timeout(STEP, sender.send_request(request))
         .await
         .expect("answer within STEP")
         .expect("response")
         .status()
+}
+
+/// An HTTP/2 prior-knowledge connection to `addr`: its sender, and its
+/// task, which ends when the connection does.
+pub async fn h2c_connection<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
 }
 
 pub fn client() -> TestClient {
