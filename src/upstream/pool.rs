@@ -517,7 +517,7 @@ impl Pool {
                 Some(Taken::Parking(handed_back)) => {
                     Box::pin(self.take_up(index, handed_back)).await?
                 }
-                Some(Taken::Parked(io)) => Box::pin(self.serve(*io, false)).await?,
+                Some(Taken::Parked(io)) => Box::pin(self.serve(index, *io, false)).await?,
                 None => Box::pin(self.connect(index, upgrade)).await?,
             };
             let mut fresh_tried = false;
@@ -665,7 +665,7 @@ impl Pool {
                 ))))
             }
         };
-        self.serve(io, upgrade).await
+        self.serve(index, io, upgrade).await
     }
 
     /// The socket of a connection parked a moment ago, served again once
@@ -678,14 +678,14 @@ impl Pool {
     ) -> Result<Conn, SendError> {
         if let Ok(mut io) = handed_back.await {
             if quiet(&mut io) {
-                return self.serve(*io, false).await;
+                return self.serve(index, *io, false).await;
             }
         }
         self.connect(index, false).await
     }
 
-    /// Starts hyper's task for a new or parked socket.
-    async fn serve(&self, io: Io, upgrade: bool) -> Result<Conn, SendError> {
+    /// Starts hyper's task for a new or parked socket to backend `index`.
+    async fn serve(&self, index: usize, io: Io, upgrade: bool) -> Result<Conn, SendError> {
         let head = Arc::new(HeadWait::default());
         let io = Watched {
             io,
@@ -712,6 +712,7 @@ impl Pool {
         let (hand_back, handed_back) = oneshot::channel();
         let watch = head.clone();
         let (limit, stall) = (self.response_timeout, self.body_timeout);
+        let backend = self.targets[index].authority().cloned();
         tokio::spawn(async move {
             let served = {
                 // Polled only when its timer fires, not at each read and
@@ -732,7 +733,13 @@ impl Pool {
                         // closes an upstream connection that timed out.
                         match late {
                             Late::Head => tracing::debug!("no response head within response_timeout; backend connection closed"),
-                            Late::Upload => tracing::debug!("backend left an upload it had answered unread for body_timeout; backend connection closed"),
+                            // As nginx logs an upstream that timed out
+                            // while it was sent the request (review34g
+                            // L1: a debug line only).
+                            Late::Upload => tracing::warn!(
+                                backend = backend.as_ref().map(tracing::field::display),
+                                "backend answered before reading the whole upload, then took nothing of the rest for body_timeout; backend connection closed"
+                            ),
                         }
                         return;
                     }
