@@ -686,6 +686,8 @@ impl Pool {
 
     /// Starts hyper's task for a new or parked socket to backend `index`.
     async fn serve(&self, index: usize, io: Io, upgrade: bool) -> Result<Conn, SendError> {
+        #[cfg(unix)]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(tcp_of(&io));
         let head = Arc::new(HeadWait::default());
         let io = Watched {
             io,
@@ -736,10 +738,16 @@ impl Pool {
                             // As nginx logs an upstream that timed out
                             // while it was sent the request (review34g
                             // L1: a debug line only).
-                            Late::Upload => tracing::warn!(
-                                backend = backend.as_ref().map(tracing::field::display),
-                                "backend answered before reading the whole upload, then took nothing of the rest for body_timeout; backend connection closed"
-                            ),
+                            Late::Upload => {
+                                tracing::warn!(
+                                    backend = backend.as_ref().map(tracing::field::display),
+                                    "backend answered before reading the whole upload, then took nothing of the rest for body_timeout; backend connection closed"
+                                );
+                                // The connection, which owns the socket,
+                                // is dropped only as this returns.
+                                #[cfg(unix)]
+                                reset_on_close(fd);
+                            }
                         }
                         return;
                     }
@@ -979,11 +987,40 @@ fn unpark(
 
 /// The backend a socket leads to, for the log.
 fn backend_of(io: &Io) -> Option<std::net::SocketAddr> {
+    tcp_of(io).peer_addr().ok()
+}
+
+/// The TCP socket under a backend connection, plain or TLS.
+fn tcp_of(io: &Io) -> &TcpStream {
     let tcp = match io {
         MaybeHttpsStream::Http(tcp) => tcp,
         MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner(),
     };
-    tcp.inner().peer_addr().ok()
+    tcp.inner()
+}
+
+/// Makes the close of the socket `fd` a reset that drops what is still
+/// queued to send (SO_LINGER 0), as HAProxy aborts a server connection:
+/// closed with an upload's megabytes unsent to a backend that reads
+/// nothing, it stayed in FIN-WAIT-1 holding them for as long as the
+/// backend kept its end (review34g L1). The caller still owns `fd`.
+#[cfg(unix)]
+fn reset_on_close(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket its caller owns; the option is read
+    // from a value of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Whether a parked socket is still open with nothing to read: one the
