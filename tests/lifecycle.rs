@@ -376,6 +376,15 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
         "{error}"
     );
     assert_eq!(get(&client, &extra_url).await.status, StatusCode::OK);
+    // Widening a listener on its port: portico's own holds it until the
+    // reload is done, which the refusal says (review34d L2). (The kernel
+    // refuses the wildcard while 127.0.0.1 holds the port: nothing binds.)
+    write(&format!("\"127.0.0.1:0\", \"0.0.0.0:{}\"", extra.port()));
+    let error = proxy.shared.reload().expect_err("its own port is refused");
+    assert!(
+        error.contains(&format!("portico's own listener {extra} holds the port")),
+        "{error}"
+    );
 
     // A keep-alive connection to the listener about to go.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

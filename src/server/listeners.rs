@@ -152,7 +152,30 @@ impl Registry {
         wanted
             .iter()
             .filter(|(addr, _)| !inner.slots.iter().any(|s| s.configured == *addr))
-            .map(|(addr, _)| bind_now(*addr).map(|l| (*addr, l)))
+            .map(|(addr, _)| {
+                bind_now(*addr).map(|l| (*addr, l)).map_err(|e| {
+                    // Widened or narrowed on its port (`127.0.0.1:P` to
+                    // `0.0.0.0:P`): portico's own listener holds it until
+                    // the reload is done, which the kernel's message did
+                    // not say (review34d L2).
+                    let own = inner
+                        .slots
+                        .iter()
+                        .find(|s| crate::config::overlap(s.configured, *addr));
+                    match own {
+                        Some(slot) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "{e}: portico's own listener {} holds the port until the reload is done (new addresses are bound before old ones close): restart portico, or move through another port",
+                                    slot.configured
+                                ),
+                            )
+                        }
+                        _ => e,
+                    }
+                })
+            })
             .collect()
     }
 
