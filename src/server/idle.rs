@@ -136,7 +136,7 @@ pub(super) enum Expired {
     /// request: hyper's connection and buffers can go, and the socket wait
     /// on its own (see `server::park`). An HTTP/2 one has had no stream
     /// for this long: it may make room for a client at the cap (see
-    /// `server::idle_h2`).
+    /// `server::serve_connection`).
     Parkable(Duration),
 }
 
@@ -307,8 +307,8 @@ impl Activity {
         lock(&self.head_clock).waited
     }
 
-    /// Whether a request is being answered, or anything was written,
-    /// since `writes` (from [`Activity::writes`]).
+    /// Whether a request is being answered, or more written than read,
+    /// since `mark` (from [`Activity::h2_bytes`]).
     pub(super) fn used_since(&self, mark: (u64, u64)) -> bool {
         self.busy.load(Ordering::Relaxed) > 0 || self.h2_sent(mark)
     }
@@ -474,11 +474,8 @@ impl Activity {
             // With no head pending, a request has been served, or this is
             // a parked connection woken by an empty line. An HTTP/2 one
             // quiet this long has no stream open (it counted only then).
-            let between_requests = if self.multiplexed.load(Ordering::Relaxed) {
-                true
-            } else {
-                !self.head_pending.load(Ordering::Relaxed) && self.upload_read()
-            };
+            let between_requests = self.multiplexed.load(Ordering::Relaxed)
+                || (!self.head_pending.load(Ordering::Relaxed) && self.upload_read());
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -961,7 +958,7 @@ mod park_tests {
         assert_eq!(verdict(&busy).await, None);
 
         // HTTP/2 with no stream: idle, and may make room at the cap
-        // (it stays with hyper, see `server::serve`).
+        // (it stays with hyper, see `server::serve_connection`).
         let multiplexed = Arc::new(Activity::new());
         drop(multiplexed.busy());
         multiplexed.multiplexed.store(true, Ordering::Relaxed);

@@ -636,10 +636,7 @@ async fn accept_loop(
                                     return;
                                 }
                                 Ok(false) => {}
-                                Err(_) => {
-                                    held.shared.metrics.tls_handshake_failed(true);
-                                    return tracing::debug!(client = %peer, "TLS handshake timed out");
-                                }
+                                Err(_) => return handshake_timed_out(&held.shared, peer),
                             }
                             let handshake =
                                 tokio::time::timeout_at(deadline, acceptor.accept(stream));
@@ -652,10 +649,7 @@ async fn accept_loop(
                                     held.shared.metrics.tls_handshake_failed(false);
                                     tracing::debug!(client = %peer, %error, "TLS handshake failed")
                                 }
-                                Err(_) => {
-                                    held.shared.metrics.tls_handshake_failed(true);
-                                    tracing::debug!(client = %peer, "TLS handshake timed out")
-                                }
+                                Err(_) => handshake_timed_out(&held.shared, peer),
                             }
                         }
                     }
@@ -670,6 +664,13 @@ async fn accept_loop(
         }
     }
     tracing::debug!(listener = local, "listener closed");
+}
+
+/// A client's TLS handshake (or its first byte) did not come within
+/// `request_header_timeout`.
+fn handshake_timed_out(shared: &Shared, peer: SocketAddr) {
+    shared.metrics.tls_handshake_failed(true);
+    tracing::debug!(client = %peer, "TLS handshake timed out");
 }
 
 /// A run of failed accepts (out of file descriptors, mostly), logged when
@@ -1049,15 +1050,12 @@ async fn serve_connection<IO: Parkable>(
                     break Some(End::Graceful);
                 }
                 () = slots.reclaim.notified() => {
-                    // A wake left from a moment at the cap that has passed.
-                    if !slots.full(held.shared.connections.load().max_connections) {
-                        continue;
-                    }
-                    // A stream came meanwhile: another idle connection
-                    // goes instead.
-                    if activity.used_since(writes) {
-                        slots.reclaim.notify_one();
-                        break None;
+                    let cap = held.shared.connections.load().max_connections;
+                    // A stream came meanwhile: back to the watchdog.
+                    match slots.reclaimed(cap, || activity.used_since(writes)) {
+                        Reclaim::Stale => continue,
+                        Reclaim::PassedOn => break None,
+                        Reclaim::Close => {}
                     }
                     tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
                     // Its place goes to the client at once, as a parked
@@ -1296,21 +1294,18 @@ async fn park<IO: Parkable>(mut socket: IO, conn: Conn, mut held: Held, quiet: D
             () = tokio::time::sleep_until(draining.unwrap_or(idle_until).min(idle_until)) => false,
             // Its place is wanted (`server.max_connections`).
             () = held.shared.slots.reclaim.notified() => {
-                let slots = &held.shared.slots;
-                // A wake left from a moment at the cap that has passed.
-                if !slots.full(held.shared.connections.load().max_connections) {
-                    continue;
-                }
-                // Bytes came since (a request, or a TLS record of one):
-                // another idle connection goes instead.
-                let waker = std::task::Waker::noop();
-                let pending = socket
-                    .socket()
-                    .poll_read_ready(&mut std::task::Context::from_waker(waker))
-                    .is_ready();
-                if pending {
-                    slots.reclaim.notify_one();
-                    continue;
+                let cap = held.shared.connections.load().max_connections;
+                // Bytes came since (a request, or a TLS record of one).
+                let used = || {
+                    let waker = std::task::Waker::noop();
+                    socket
+                        .socket()
+                        .poll_read_ready(&mut std::task::Context::from_waker(waker))
+                        .is_ready()
+                };
+                match held.shared.slots.reclaimed(cap, used) {
+                    Reclaim::Stale | Reclaim::PassedOn => continue,
+                    Reclaim::Close => {}
                 }
                 tracing::debug!(client = %conn.peer, "closing idle connection for a client at server.max_connections");
                 false
@@ -1398,10 +1393,10 @@ fn serve_again<IO: Parkable>(
 /// for at most [`LINGER_TIME`], or until a shutdown's grace runs out:
 /// nginx's `lingering_timeout` and `lingering_time`, shorter.
 async fn linger<IO: Parkable>(socket: &mut IO, mut cut: Shutdown) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // Said to be the end first, if hyper has not (a FIN after the TLS
     // close_notify): the client then knows the answer is whole.
-    let _ = tokio::time::timeout(DRAIN_QUIET, socket.shutdown()).await;
+    close(socket).await;
     let until = tokio::time::Instant::now() + LINGER_TIME;
     let mut sink = [0u8; 4096];
     loop {
@@ -1525,10 +1520,19 @@ impl Slots {
         usize::try_from(self.gauge.get()).unwrap_or(0)
     }
 
-    /// Whether `cap` is reached: a parked connection woken to make room
-    /// closes only then.
-    fn full(&self, cap: Option<usize>) -> bool {
-        cap.is_some_and(|max| self.open() >= max)
+    /// What an idle connection woken by [`Slots::reclaim`] does: nothing
+    /// for a wake left from a moment at the cap that has passed; if it was
+    /// `used` meanwhile (a request came), pass the wake on to another idle
+    /// connection; else close.
+    fn reclaimed(&self, cap: Option<usize>, used: impl FnOnce() -> bool) -> Reclaim {
+        if cap.is_none_or(|max| self.open() < max) {
+            Reclaim::Stale
+        } else if used() {
+            self.reclaim.notify_one();
+            Reclaim::PassedOn
+        } else {
+            Reclaim::Close
+        }
     }
 
     /// A connection between requests, parked, that could make room.
@@ -1645,6 +1649,13 @@ fn listen_queue(listener: &TcpListener) -> Option<u32> {
 #[cfg(not(target_os = "linux"))]
 fn listen_queue(_: &TcpListener) -> Option<u32> {
     None
+}
+
+/// See [`Slots::reclaimed`].
+enum Reclaim {
+    Stale,
+    PassedOn,
+    Close,
 }
 
 /// A parked connection counted in [`Slots`] while it is parked.
