@@ -137,12 +137,23 @@ impl ResolvesServerCert for SniResolver {
         };
         let offered = hello.signature_schemes();
         let verifiable = |key: &&Arc<CertifiedKey>| key.key.choose_scheme(offered).is_some();
-        let mut keys = self.keys.iter();
-        keys.clone()
-            .find(|key| named(key) && verifiable(key))
-            .or_else(|| keys.clone().find(named))
-            .or_else(|| keys.clone().find(verifiable))
-            .or_else(|| keys.next())
+        // One pass, each certificate's names read once: the first of the
+        // two kinds met is kept should no pair be both.
+        let (mut named_only, mut verifiable_only) = (None, None);
+        for key in &self.keys {
+            let is_named = named(&key);
+            if (is_named || verifiable_only.is_none()) && verifiable(&key) {
+                if is_named {
+                    return Some(key.clone());
+                }
+                verifiable_only = Some(key);
+            } else if is_named && named_only.is_none() {
+                named_only = Some(key);
+            }
+        }
+        named_only
+            .or(verifiable_only)
+            .or_else(|| self.keys.first())
             .cloned()
     }
 }
@@ -158,14 +169,14 @@ pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
     for (pair, key) in listener.certificates.iter().zip(&keys) {
         warn_if_lapsing(pair, key);
     }
+    let (ticketer, sessions) = resumption(&keys)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { keys: keys.clone() }));
+        .with_cert_resolver(Arc::new(SniResolver { keys }));
     // `http/1.0` too, as nginx takes it: a client offering only that got
     // a fatal alert (review34a F5).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
-    let (ticketer, sessions) = resumption(&keys)?;
     config.ticketer = ticketer;
     config.session_storage = sessions;
     Ok(TlsAcceptor::from(Arc::new(config)))
