@@ -59,6 +59,21 @@ impl Fate {
         self.0.store(why, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A response too large to keep (its body past `max_object_size`, or
+    /// its entry past `max_size`): said on the access line, and marked as
+    /// not stored, so the requests waiting on its fill fetch at once.
+    fn too_large(
+        &self,
+        cache: &Cache,
+        primary: &str,
+        request: &HeaderMap,
+        headers: &HeaderMap,
+        status: StatusCode,
+    ) {
+        cache.not_stored(primary, request, headers, status);
+        self.set(Self::TOO_LARGE);
+    }
+
     pub fn detail(&self) -> Option<&'static str> {
         match self.0.load(std::sync::atomic::Ordering::Relaxed) {
             Self::TOO_LARGE => Some("too-large"),
@@ -144,13 +159,13 @@ impl Capture {
     pub fn data(&mut self, data: &Bytes) -> bool {
         self.size += data.len();
         if self.size > self.limit {
-            self.cache.not_stored(
+            self.fate.too_large(
+                &self.cache,
                 self.fill.primary(),
                 &self.request,
                 &self.headers,
                 self.status,
             );
-            self.fate.set(Fate::TOO_LARGE);
             return false;
         }
         let budget = usize::try_from(self.cache.config.max_size).unwrap_or(usize::MAX);
@@ -225,10 +240,13 @@ impl Capture {
         // another (review33e F2). The key with its Vary part is longer
         // still: the insert weighs it again.
         if entry.too_heavy(self.fill.primary(), self.cache.config.max_size) {
-            let primary = self.fill.primary();
-            self.cache
-                .not_stored(primary, &self.request, &entry.headers, entry.status);
-            self.fate.set(Fate::TOO_LARGE);
+            self.fate.too_large(
+                &self.cache,
+                self.fill.primary(),
+                &self.request,
+                &entry.headers,
+                entry.status,
+            );
             if let Some(leader) = &self.leader {
                 leader.release();
             }
@@ -255,8 +273,13 @@ impl Capture {
                 // `finish`, before the leader goes, so its waiters fetch at
                 // once (review33f F2).
                 Err(super::NotKept::TooHeavy) => {
-                    cache.not_stored(fill.primary(), &request, &entry.headers, entry.status);
-                    fate.set(Fate::TOO_LARGE);
+                    fate.too_large(
+                        &cache,
+                        fill.primary(),
+                        &request,
+                        &entry.headers,
+                        entry.status,
+                    );
                 }
                 Err(super::NotKept::Unmatchable) | Ok(()) => {}
             }

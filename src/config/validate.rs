@@ -101,20 +101,19 @@ fn socket_addr(r: R, key: &str, value: &str, span: std::ops::Range<usize>) -> Op
     }
 }
 
-/// The addresses of a listen list, each with its key (`server.listen[2]`)
-/// and span to claim it by (zipped with the list after the bad entries
-/// were left out, a clash was put at another entry's place, review34d L1).
-fn listen_entries(
-    r: R,
-    key: &str,
-    values: &[raw::Str],
-) -> Vec<(SocketAddr, String, std::ops::Range<usize>)> {
+/// The addresses of a listen list, each claimed with its own key
+/// (`server.listen[2]`) and span (zipped with the list after the bad
+/// entries were left out, a clash was put at another entry's place,
+/// review34d L1).
+fn listen_list(r: R, key: &str, values: &[raw::Str], claim: &mut Claim) -> Vec<SocketAddr> {
     values
         .iter()
         .enumerate()
         .filter_map(|(i, v)| {
             let key = format!("{key}[{i}]");
-            socket_addr(r, &key, v.get_ref(), v.span()).map(|addr| (addr, key, v.span()))
+            let addr = socket_addr(r, &key, v.get_ref(), v.span())?;
+            claim(r, key, addr, v.span());
+            Some(addr)
         })
         .collect()
 }
@@ -514,13 +513,7 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
             }
             defaults.listen.clone()
         }
-        Some(list) => listen_entries(r, "server.listen", list)
-            .into_iter()
-            .map(|(addr, key, span)| {
-                claim(r, key, addr, span);
-                addr
-            })
-            .collect(),
+        Some(list) => listen_list(r, "server.listen", list, claim),
     };
     let mut tls = Vec::new();
     for (i, t) in raw.tls.iter().enumerate() {
@@ -540,13 +533,7 @@ fn server(r: R, raw: Option<Spanned<raw::Server>>, base: &Path, claim: &mut Clai
                 "a TLS listener needs at least one { cert, key } pair",
             );
         }
-        let listen = listen_entries(r, &format!("{key}.listen"), &t_ref.listen)
-            .into_iter()
-            .map(|(addr, key, span)| {
-                claim(r, key, addr, span);
-                addr
-            })
-            .collect();
+        let listen = listen_list(r, &format!("{key}.listen"), &t_ref.listen, claim);
         let certificates = t_ref
             .certificates
             .iter()

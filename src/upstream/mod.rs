@@ -791,6 +791,7 @@ fn out_of_resources(_: &std::io::Error) -> bool {
 
 /// Sorts a send error into the proxy's error kinds by walking its causes.
 fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
+    let reset = matches!(error, SendError::Reset(_));
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
         SendError::Connect(e) => (true, e.as_ref()),
         SendError::Http(e) | SendError::Reset(e) => (false, e),
@@ -837,15 +838,10 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     match error {
         SendError::Connect(source) if exhausted => ProxyError::Exhausted { backend, source },
         SendError::Connect(source) => ProxyError::Connect { backend, source },
-        SendError::Http(source) => ProxyError::Upstream {
+        SendError::Http(source) | SendError::Reset(source) => ProxyError::Upstream {
             backend,
             source,
-            reset: false,
-        },
-        SendError::Reset(source) => ProxyError::Upstream {
-            backend,
-            source,
-            reset: true,
+            reset,
         },
         // Returned above; no cause to walk.
         SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },

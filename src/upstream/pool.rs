@@ -850,10 +850,7 @@ impl Pool {
         // A reset under the upload (review33c L3): hyper may not have seen
         // the end of the connection yet, and the next request's writes
         // would go nowhere.
-        let gone = conn
-            .head
-            .as_ref()
-            .is_some_and(|head| head.gone.load(Ordering::Relaxed));
+        let gone = conn.reset();
         let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice || gone);
         let (parts, inner) = response.into_parts();
         let head = if reusable { None } else { conn.head.take() };
