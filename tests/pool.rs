@@ -169,6 +169,50 @@ async fn an_upload_answered_early_and_left_unread_is_let_go() {
     uploading.abort();
 }
 
+/// An HTTP/2 upload answered whole before its end is stopped with
+/// `RST_STREAM(NO_ERROR)` (RFC 9113 §8.1): the client has
+/// its answer and sends no more. Without it a backend that read nothing
+/// more held the stream's window shut until `body_timeout`, and curl over
+/// HTTP/2 never finished (review34g L1).
+#[tokio::test]
+async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
+    let addr = serve_each(move |mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope";
+        let _ = stream.write_all(answer).await;
+        // Reads nothing more, and keeps the connection.
+        tokio::time::sleep(STEP * 3).await;
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = STEP * 3;
+    let proxy = start_proxy(config).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::post(proxy.url("/up")).body(()).unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    // More than the stream's window, so the client has more to send.
+    upload.reserve_capacity(1 << 20);
+    upload
+        .send_data(Bytes::from(vec![b'x'; 256 << 10]), false)
+        .unwrap();
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(data) = tokio::time::timeout(STEP, body.data()).await.unwrap() {
+        got.extend_from_slice(&data.unwrap());
+    }
+    assert_eq!(got, b"nope");
+    let reset = tokio::time::timeout(STEP, std::future::poll_fn(|cx| upload.poll_reset(cx))).await;
+    let reason = reset.expect("the upload was never stopped").unwrap();
+    assert_eq!(reason, h2::Reason::NO_ERROR);
+}
+
 /// A backend that answers an upload early and streams its answer before
 /// it reads the rest (RFC 9112 §9.3 allows it) is no stalled one: the
 /// answer still moving, the connection stays, and the response is whole

@@ -787,7 +787,13 @@ fn forward_with_retries<'a>(
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
     // Whether the upload is over when the answer comes (see `InFlight`).
-    let upload = (!bodiless).then(|| body.end_marker());
+    let upload = (!bodiless).then(|| {
+        let ended = body.end_marker();
+        if parts.version == Version::HTTP_2 {
+            ended.stop_with_answer();
+        }
+        ended
+    });
     let idempotent = bodiless && is_idempotent(&parts.method);
     // Only requests that may loop keep a copy of their head.
     let replay = (retries > 0).then(|| copy_head(&parts));

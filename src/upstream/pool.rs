@@ -223,6 +223,14 @@ struct HeadWait {
     /// not counters: a count per read and write cost every request.
     write_blocked: std::sync::atomic::AtomicBool,
     moved: std::sync::atomic::AtomicBool,
+    /// An HTTP/2 client's upload, still coming when its answer came, whose
+    /// rest is not wanted once the answer has gone out whole (see
+    /// [`UploadEnded::stop_with_answer`]); `answered` says it has. Set
+    /// once: such a connection is not reused.
+    ///
+    /// [`UploadEnded::stop_with_answer`]: crate::proxy::body::UploadEnded::stop_with_answer
+    unwanted_upload: std::sync::OnceLock<UploadWatch>,
+    answered: tokio::sync::Notify,
 }
 
 /// How many 5 ms looks a finished connection with bytes left over gives
@@ -413,7 +421,11 @@ impl HeadWait {
         let mut wake = since + step;
         let mut stuck = since;
         loop {
-            tokio::time::sleep_until(wake).await;
+            tokio::select! {
+                biased;
+                () = self.answered.notified() => return Late::Answered,
+                () = tokio::time::sleep_until(wake) => {}
+            }
             // The clock read, not the steps counted: steps that each wake a
             // little late add up (2.26 s for a 2 s timeout, review11).
             let at = tokio::time::Instant::now();
@@ -454,6 +466,9 @@ impl HeadWait {
 enum Late {
     Head,
     Upload,
+    /// An HTTP/2 client's upload is not wanted any more (see
+    /// [`HeadWait::answered`]).
+    Answered,
 }
 
 impl Pool {
@@ -748,6 +763,17 @@ impl Pool {
                                 #[cfg(unix)]
                                 reset_on_close(fd);
                             }
+                            // Dropping the upload with the connection
+                            // resets the client's stream with NO_ERROR once
+                            // its answer is out (h2 does so for a stream
+                            // whose sending side is closed). Reset here
+                            // too: what was queued for a backend that
+                            // stopped reading goes nowhere.
+                            Late::Answered => {
+                                tracing::debug!("the HTTP/2 client's upload was answered whole before its end; the rest is refused and the backend connection closed");
+                                #[cfg(unix)]
+                                reset_on_close(fd);
+                            }
                         }
                         return;
                     }
@@ -839,9 +865,10 @@ impl Pool {
         // Answered before the upload ended: a backend that does not read
         // the rest (RFC 9112 §9.3 says it must, or close) takes it for the
         // next request, and another client gets the answer to that. nginx
-        // does not keep such a connection either; the upload still goes on
-        // to its end.
+        // does not keep such a connection either; an HTTP/1 upload still
+        // goes on to its end, an HTTP/2 one stops with the answer.
         let mid_upload = upload.is_some_and(UploadWatch::coming);
+        let stop_upload = upload.filter(|u| u.coming() && u.stops_with_answer());
         // Both framings (RFC 9112 §6.3): the length hyper ignored may be the
         // one the backend meant, and then what is left on the wire is the
         // next client's "response".
@@ -854,6 +881,9 @@ impl Pool {
         let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice || gone);
         let (parts, inner) = response.into_parts();
         let head = if reusable { None } else { conn.head.take() };
+        if let (Some(head), Some(upload)) = (&head, stop_upload) {
+            let _ = head.unwanted_upload.set(upload.clone());
+        }
         let mut body = UpstreamBody {
             inner,
             reuse: reusable.then(|| Reuse {
@@ -865,7 +895,7 @@ impl Pool {
             ended: false,
         };
         if body.inner.is_end_stream() {
-            body.release();
+            body.finished();
         }
         Response::from_parts(parts, body)
     }
@@ -1112,9 +1142,16 @@ impl UpstreamBody {
         }
     }
 
-    fn release(&mut self) {
+    /// Read to its end: the connection goes back to the pool, or, when it
+    /// is not to be reused for an upload still coming that is not wanted,
+    /// is told to stop it.
+    fn finished(&mut self) {
         if let Some(reuse) = self.reuse.take() {
             reuse.pool.put_back(reuse.index, reuse.conn);
+        } else if let Some(head) = &self.head {
+            if head.unwanted_upload.get().is_some_and(UploadWatch::coming) {
+                head.answered.notify_one();
+            }
         }
     }
 }
@@ -1130,10 +1167,10 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finished(),
             Poll::Ready(None) => {
                 this.ended = true;
-                this.release();
+                this.finished();
             }
             Poll::Ready(Some(Err(_))) => {
                 // What hyper read past the error is the rest of a broken
