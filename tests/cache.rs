@@ -1769,6 +1769,41 @@ async fn a_relative_location_invalidates_the_url_it_resolves_to() {
     );
 }
 
+/// An unsafe request spelled otherwise than the stored URL (escaped
+/// letters, doubled slashes, dot segments) invalidates the stored URL
+/// in its normal form too, as purges and routes read it (review34g L4: the
+/// stored copy was served on after the write).
+#[tokio::test]
+async fn a_write_spelled_otherwise_invalidates_the_plain_url() {
+    let addr = scripted_backend(|head| {
+        if head.starts_with("POST") {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/py/c9?a=1");
+    for spelling in ["/py/%63%39?a=1", "/py//c9?a=1", "/py/x/../c9?a=1"] {
+        get(&client, &url).await;
+        assert_eq!(
+            get(&client, &url).await.header("cache-status"),
+            "portico; hit"
+        );
+        let post = Request::post(proxy.url(spelling))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert_eq!(send(&client, post).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            get(&client, &url).await.header("cache-status"),
+            "portico; fwd=miss; stored",
+            "after a POST to {spelling}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn options_leaves_the_entry_and_a_backends_cache_status_is_kept() {
     let addr = scripted_backend(|head| {

@@ -1557,14 +1557,31 @@ pub(super) async fn invalidate(
     target: &str,
     response: &HeaderMap,
 ) {
-    cache.invalidate(&key::primary(scheme, host, target)).await;
+    invalidate_spellings(cache, scheme, host, target).await;
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
         // Relative references (`../list`) name a URL too (RFC 9110 §10.2.2).
         if let Some(path) = key::resolve(target, scheme, host, value.trim()) {
-            cache.invalidate(&key::primary(scheme, host, &path)).await;
+            invalidate_spellings(cache, scheme, host, &path).await;
+        }
+    }
+}
+
+/// Drops what is stored for `target` as written and, when it differs,
+/// for its normal form as routes and purges read it (`/py/%63%39`,
+/// `/py//c9` and `/py/x/../c9` are `/py/c9`; the query as written): a
+/// write spelled otherwise left the plain URL's copy served (review34g
+/// L4). Copies stored under other spellings stay, as the cache keys them
+/// as written (nginx's and Varnish's do too); a purge by prefix finds them.
+async fn invalidate_spellings(cache: &Cache, scheme: &str, host: &str, target: &str) {
+    cache.invalidate(&key::primary(scheme, host, target)).await;
+    let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
+    if let std::borrow::Cow::Owned(normal) = super::route::routing_path(path) {
+        if normal != path {
+            let normal = normal + query;
+            cache.invalidate(&key::primary(scheme, host, &normal)).await;
         }
     }
 }
