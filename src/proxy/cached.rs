@@ -135,7 +135,12 @@ fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
         });
     }
     // Dates are parsed only when asked about: most hits carry neither.
-    let Some(since) = date(request, header::IF_MODIFIED_SINCE) else {
+    // One later than now is invalid (RFC 9110 §13.1.3), as Apache reads
+    // it: a client's clock ahead, or a date made up to be past any
+    // Last-Modified, gets the content, not a 304 for a copy it may lack.
+    let Some(since) = date(request, header::IF_MODIFIED_SINCE)
+        .filter(|&since| since <= std::time::SystemTime::now())
+    else {
         return false;
     };
     // RFC 9111 §4.3.2: without Last-Modified, the stored Date stands in.
@@ -1653,5 +1658,19 @@ mod tests {
             &headers(&[("if-none-match", "\"a\"")]),
             &untagged
         ));
+    }
+
+    /// An `If-Modified-Since` later than now is invalid (RFC 9110
+    /// §13.1.3): the content, not a 304 (review34e).
+    #[test]
+    fn a_modified_since_date_in_the_future_is_ignored() {
+        let day = Duration::from_secs(24 * 3600);
+        let now = std::time::SystemTime::now();
+        let at = |t| httpdate::fmt_http_date(t);
+        let stored = headers(&[("last-modified", &at(now - day * 2))]);
+        let since = |t| headers(&[("if-modified-since", &at(t))]);
+        assert!(not_modified(&since(now - day), &stored));
+        assert!(!not_modified(&since(now - day * 3), &stored));
+        assert!(!not_modified(&since(now + day), &stored));
     }
 }
