@@ -229,6 +229,12 @@ async fn handle(
             if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
+            if shared.draining() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reload ignored: shutting down\n",
+                );
+            }
             match shared.reload_for(&peer.to_string()).await {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
                 Err(errors) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n")),

@@ -266,6 +266,7 @@ async fn an_open_tunnel_counts_as_a_connection_and_holds_the_drain() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(open(), 1);
 
+    let shared = proxy.shared.clone();
     let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     ping(&mut stream).await;
@@ -273,6 +274,10 @@ async fn an_open_tunnel_counts_as_a_connection_and_holds_the_drain() {
         !stopping.is_finished(),
         "the drain did not wait for the tunnel"
     );
+    // A reload during the drain is ignored, and says so (review34d: a
+    // SIGHUP then logged "configuration reloaded").
+    let refused = shared.reload().expect_err("no reload while draining");
+    assert!(refused.contains("shutting down"), "{refused}");
     drop(stream);
     tokio::time::timeout(STEP, stopping)
         .await

@@ -275,6 +275,13 @@ impl Shared {
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Nothing new is served once the drain began: a SIGHUP then said
+        // "configuration reloaded" of a file no request would see
+        // (review34d), as nginx ignores a reload once it is exiting.
+        if self.draining() {
+            tracing::warn!(by, "reload ignored: shutting down");
+            return Err("reload ignored: shutting down".into());
+        }
         let outcome = self.apply_file();
         self.metrics.config_loaded(outcome.is_ok());
         match &outcome {
@@ -305,6 +312,16 @@ impl Shared {
             .bind_added(&wanted)
             .map_err(|e| e.to_string())?;
 
+        // Adding the first [[server.tls]] to a file without
+        // `server.listen` makes it HTTPS only: the plain default goes, which
+        // an info line about a removed listener hid (review34f L5).
+        let served_plain = &self.config.load().server.listen;
+        if !served_plain.is_empty() && config.server.listen.is_empty() {
+            tracing::warn!(
+                removed = ?served_plain,
+                "the configuration now serves no plain HTTP (with [[server.tls]], a [server] without listen serves HTTPS only); set server.listen to keep plain listeners"
+            );
+        }
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         self.proxy.store(Arc::new(next));
