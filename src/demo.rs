@@ -21,6 +21,17 @@ pub async fn run(backends: usize, listen: SocketAddr, admin: SocketAddr) -> std:
     .await
 }
 
+/// Why `listen` and `admin` cannot both be had: one port for both (a
+/// wildcard covering the other included), which would otherwise read as a
+/// port some other process holds.
+pub fn clash(listen: SocketAddr, admin: SocketAddr) -> Option<String> {
+    (listen.port() != 0 && (listen == admin || crate::config::overlap(listen, admin))).then(|| {
+        format!(
+            "--listen {listen} and --admin {admin} take the same port: give the admin API its own"
+        )
+    })
+}
+
 /// [`run`] with the stop signal supplied by the caller (tests).
 pub async fn run_until(
     backends: usize,
@@ -28,13 +39,8 @@ pub async fn run_until(
     admin: SocketAddr,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    // One port for both (a wildcard covering the other included) would
-    // read as a port some other process holds.
-    if listen.port() != 0 && (listen == admin || crate::config::overlap(listen, admin)) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("--listen {listen} and --admin {admin} take the same port: give the admin API its own"),
-        ));
+    if let Some(clash) = clash(listen, admin) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, clash));
     }
     let repo = sample::new_repository();
     let mut running = Vec::with_capacity(backends);

@@ -91,6 +91,13 @@ fn main() -> ExitCode {
                     )
                     .exit();
             }
+            // A usage error, said before the backends start (review34d:
+            // exit 1, as a failure at run time).
+            if let Some(clash) = portico::demo::clash(listen, admin) {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, clash)
+                    .exit();
+            }
             cli.standard.init_logging();
             run(
                 &cli.standard,

@@ -196,11 +196,12 @@ fn a_demo_port_in_use_names_the_flag_to_change() {
     let port = taken.local_addr().unwrap().port();
     drop(taken);
     let (wild, one) = (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}"));
+    // A usage error (review34d: exit 1).
     let out = Command::new(PORTICO)
         .args(["demo", "--listen", &wild, "--admin", &one])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("take the same port"), "{said}");
 }
