@@ -1276,10 +1276,7 @@ async fn an_http2_upload_that_fails_mid_answer_is_the_client_s() {
     config.upstreams[0].name = "orders".into();
     config.server.max_request_body = 64 * 1024;
     let proxy = start_proxy(config).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::post(proxy.url("/echo")).body(()).unwrap();
     let (response, mut upload) = client.send_request(request, false).unwrap();
     upload

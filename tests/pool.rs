@@ -189,10 +189,7 @@ async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
     let mut config = config(addr, Duration::from_secs(60));
     config.upstreams[0].body_timeout = STEP * 3;
     let proxy = start_proxy(config).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::post(proxy.url("/up")).body(()).unwrap();
     let (response, mut upload) = client.send_request(request, false).unwrap();
     // More than the stream's window, so the client has more to send.

@@ -185,10 +185,7 @@ async fn a_chunked_get_body_reaches_the_backend() {
 /// `an_http2_get_ended_by_an_empty_data_frame_is_cached`), and returns the
 /// answer's Cache-Status and body.
 async fn h2_get_with_content(proxy: &RunningProxy) -> (String, Vec<u8>) {
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::get(proxy.url("/echo")).body(()).unwrap();
     let (response, mut upload) = client.send_request(request, false).unwrap();
     upload
@@ -1420,10 +1417,7 @@ async fn an_http2_upload_is_over_at_its_last_declared_byte() {
     let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![silent]);
     config.upstreams[0].response_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::post(proxy.url("/orders"))
         .header("content-length", "5")
         .body(())

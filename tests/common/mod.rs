@@ -227,6 +227,16 @@ where
     (sender, tokio::spawn(conn))
 }
 
+/// A client of the h2 library on a new h2c (prior knowledge) connection
+/// to `addr`, ready for a stream: for what hyper's client hides (a
+/// stream's reset, DATA written apart from its HEADERS).
+pub async fn h2_frames_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    client.ready().await.unwrap()
+}
+
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
