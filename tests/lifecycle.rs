@@ -1572,6 +1572,34 @@ async fn past_max_connections_an_idle_connection_makes_room() {
     assert_eq!(get_on(other, "/health").await, "http/1.1 200 ok");
 }
 
+/// At the cap, a connection that has sent nothing yet (a browser's
+/// preconnect) makes room as an idle one does, as nginx counts it among
+/// its reusable connections: it held its place until
+/// `request_header_timeout` (16 s here, past `STEP`), and the next client
+/// waited. (The watchdog looks every 4 s here: idle on its first look.)
+#[tokio::test]
+async fn past_max_connections_a_connection_that_sent_nothing_makes_room() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.server.max_connections = Some(2);
+    config.server.request_header_timeout = Duration::from_secs(16);
+    let proxy = start_proxy(config).await;
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The second one has begun its head: it is not idle, and stays.
+    second.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let answer = tokio::time::timeout(STEP, get_on(&mut third, "/health")).await;
+    assert_eq!(answer.expect("served within STEP"), "http/1.1 200 ok");
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(STEP, first.read(&mut byte)).await;
+    assert_eq!(closed.expect("the silent one closed").ok(), Some(0));
+    second.write_all(b"Host: a\r\n\r\n").await.unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut second)).await;
+    let head = head.expect("the begun one answered").expect("an answer");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+}
+
 /// At the cap, an HTTP/2 connection without a stream makes room as an
 /// idle HTTP/1.1 one does, closed with a GOAWAY: idle ones held every
 /// place until `idle_timeout` (review33e F3). One with a stream in flight

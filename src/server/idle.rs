@@ -307,6 +307,21 @@ impl Activity {
         lock(&self.head_clock).waited
     }
 
+    /// Whether the connection has read nothing yet but empty lines: no
+    /// request begun, no head under way (a browser's preconnect).
+    pub(super) fn never_read(&self) -> bool {
+        self.started.load(Ordering::Relaxed) == 0 && !self.head_begun.load(Ordering::Relaxed)
+    }
+
+    /// Counts `more` into the head's wait, for a time the watchdog was not
+    /// looking (see `server::serve_connection`).
+    pub(super) fn head_waited_more(&self, more: Duration) {
+        let mut clock = lock(&self.head_clock);
+        if clock.waiting {
+            clock.waited += more;
+        }
+    }
+
     /// Whether a request is being answered, or more written than read,
     /// since `mark` (from [`Activity::h2_bytes`]).
     pub(super) fn used_since(&self, mark: (u64, u64)) -> bool {
@@ -475,7 +490,8 @@ impl Activity {
             // a parked connection woken by an empty line. An HTTP/2 one
             // quiet this long has no stream open (it counted only then).
             let between_requests = self.multiplexed.load(Ordering::Relaxed)
-                || (!self.head_pending.load(Ordering::Relaxed) && self.upload_read());
+                || (!self.head_pending.load(Ordering::Relaxed) && self.upload_read())
+                || self.never_read();
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -948,9 +964,17 @@ mod park_tests {
             Some(Expired::Parkable(Duration::from_millis(2500)))
         );
 
-        // No request yet: the head timer's, not parking.
+        // No byte yet: idle too, and may make room at the cap (it stays
+        // with hyper, see `server::serve_connection`).
         let fresh = Arc::new(Activity::new());
-        assert_eq!(verdict(&fresh).await, Some(Expired::Head));
+        assert_eq!(
+            verdict(&fresh).await,
+            Some(Expired::Parkable(Duration::from_millis(2500)))
+        );
+        // The first head begun: the head timer's.
+        let begun = Arc::new(Activity::new());
+        begun.on_read(b"GET / HT");
+        assert_eq!(verdict(&begun).await, Some(Expired::Head));
 
         // A request being answered: never.
         let busy = Arc::new(Activity::new());

@@ -1044,7 +1044,12 @@ async fn serve_connection<IO: Parkable>(
             }
         };
         let End::Park(quiet) = ended else { break ended };
-        if !activity.is_multiplexed() {
+        // A connection that has sent nothing yet (a browser's preconnect):
+        // idle too, as nginx counts a connection awaiting its first
+        // request among the reusable ones it closes at the cap; it held
+        // its place until `request_header_timeout`.
+        let fresh = activity.never_read();
+        if !activity.is_multiplexed() && !fresh {
             break ended;
         }
         // An HTTP/2 connection without a stream for a while: among the
@@ -1054,8 +1059,23 @@ async fn serve_connection<IO: Parkable>(
         // held every place until `idle_timeout`, review33e F3). A stream
         // beginning (or anything written) hands it back to the watchdog.
         let _parked = held.shared.slots.parked();
-        let idle_until = tokio::time::Instant::now() + settings.idle_timeout.saturating_sub(quiet);
+        let entered = tokio::time::Instant::now();
+        let mut idle_until = entered + settings.idle_timeout.saturating_sub(quiet);
+        if fresh {
+            // Its first head is still timed from the accept.
+            let head = settings
+                .header_timeout
+                .saturating_sub(activity.head_waited());
+            idle_until = idle_until.min(entered + head);
+        }
         let writes = activity.h2_bytes();
+        let used = || {
+            if fresh {
+                !activity.never_read()
+            } else {
+                activity.used_since(writes)
+            }
+        };
         let slots = &held.shared.slots;
         let idle = loop {
             tokio::select! {
@@ -1064,17 +1084,18 @@ async fn serve_connection<IO: Parkable>(
                 _ = held.shutdown.recv() => break Some(End::Drain),
                 () = tokio::time::sleep_until(idle_until) => {
                     tracing::debug!(client = %conn.peer, "closing idle connection");
-                    break Some(End::Graceful);
+                    // Nothing to say goodbye to, as the watchdog's head
+                    // timer would drop it.
+                    break Some(if fresh { End::Close } else { End::Graceful });
                 }
                 () = slots.reclaim.notified() => {
                     let cap = held.shared.connections.load().max_connections;
                     // A stream came meanwhile: back to the watchdog.
-                    match slots.reclaimed(cap, || activity.used_since(writes)) {
+                    match slots.reclaimed(cap, used) {
                         Reclaim::Stale => continue,
                         Reclaim::PassedOn => break None,
                         Reclaim::Close => {}
                     }
-                    tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
                     // Its place goes to the client at once, as a parked
                     // HTTP/1.1 connection's does: the GOAWAY's round trip,
                     // or a response's end the client is slow to read (see
@@ -1082,10 +1103,16 @@ async fn serve_connection<IO: Parkable>(
                     // connections were closed meanwhile (review34f M3,
                     // review34g M1). It takes no new stream.
                     held.open = None;
+                    if fresh {
+                        // Nothing to say goodbye to: closed, as at a drain.
+                        tracing::debug!(client = %conn.peer, "closing a connection that sent nothing yet for a client at server.max_connections");
+                        break Some(End::Close);
+                    }
+                    tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
                     break Some(End::Reclaimed);
                 }
                 () = tokio::time::sleep(PARK_AFTER) => {
-                    if activity.used_since(writes) {
+                    if used() {
                         break None;
                     }
                 }
@@ -1093,6 +1120,11 @@ async fn serve_connection<IO: Parkable>(
         };
         if let Some(ended) = idle {
             break ended;
+        }
+        if fresh {
+            // The watchdog's head timer goes on from where it was, plus
+            // the time spent here.
+            activity.head_waited_more(entered.elapsed());
         }
     };
     // An HTTP/1 client may have sent a request on this connection that is
