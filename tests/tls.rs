@@ -291,21 +291,34 @@ async fn failed_tls_handshakes_are_counted() {
     // No protocol in common: refused with an alert.
     let refused = https_get(addr, "api.test", &cert.der, b"spdy/3", "/health").await;
     assert!(refused.is_err());
-    // Connected, and silent past request_header_timeout.
+    // Connections that send nothing are no handshake (a TCP health check,
+    // a port scan): one closed at once, one silent past
+    // request_header_timeout (review35b F1: counted, they hid real
+    // failures behind a steady rate).
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
     let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A handshake begun, and stalled past request_header_timeout.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, b"\x16\x03\x01")
+        .await
+        .unwrap();
     let counted = |reason: &str| {
         let text = String::from_utf8(shared.metrics.encode()).unwrap();
-        let series = format!("portico_tls_handshake_errors_total{{reason=\"{reason}\"}} 1");
-        text.contains(&series)
+        let series = format!("portico_tls_handshake_errors_total{{reason=\"{reason}\"}} ");
+        let line = text.lines().find(|l| l.starts_with(&series));
+        line.map_or(0, |l| l[series.len()..].parse::<u64>().unwrap())
     };
     tokio::time::timeout(STEP, async {
-        while !(counted("failed") && counted("timeout")) {
+        while counted("timeout") == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("both counted within STEP");
-    drop(silent);
+    .expect("the stalled handshake counted within STEP");
+    // The silent one, connected first, was let go before it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((counted("failed"), counted("timeout")), (1, 1));
+    drop((silent, stalled));
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -645,15 +645,22 @@ async fn accept_loop(
                             // The head's time, the handshake's included.
                             let accepted = tokio::time::Instant::now();
                             let deadline = accepted + held.settings.header_timeout;
-                            match tokio::time::timeout_at(deadline, plain_http(&stream)).await {
-                                Ok(true) => {
+                            match tokio::time::timeout_at(deadline, first_byte(&stream)).await {
+                                Ok(FirstByte::Plain) => {
                                     let refusal = refuse_plain_http(stream, accepted, deadline);
                                     let (said, answered) = refusal.await;
                                     held.shared.proxy.load().refused(peer, 400, &said, answered);
                                     return;
                                 }
-                                Ok(false) => {}
-                                Err(_) => return handshake_timed_out(&held.shared, peer),
+                                Ok(FirstByte::Other) => {}
+                                // A TCP check or a port scan: no handshake
+                                // failed, as none began (nginx closes it
+                                // quietly, HAProxy's `dontlognull`); counted,
+                                // they hid real failures (review35b F1).
+                                Ok(FirstByte::None) | Err(_) => {
+                                    tracing::debug!(client = %peer, "connection to a TLS listener sent nothing; closed");
+                                    return;
+                                }
                             }
                             let handshake =
                                 tokio::time::timeout_at(deadline, acceptor.accept(stream));
@@ -816,17 +823,31 @@ impl Parkable for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
 }
 
-/// Whether a connection to a TLS listener opens with an HTTP/1 request
-/// (an upper-case method) rather than a TLS record (0x16, a handshake):
-/// `http://` typed for an `https://` address.
-async fn plain_http(stream: &tokio::net::TcpStream) -> bool {
+/// How a connection to a TLS listener opens: with an HTTP/1 request (an
+/// upper-case method; `http://` typed for an `https://` address), a TLS
+/// record (0x16, a handshake), or not at all.
+async fn first_byte(stream: &tokio::net::TcpStream) -> FirstByte {
     let mut first = [0u8; 1];
-    // A TLS record starts with its type (0x16 for a handshake); a request
-    // with a method, or with the empty line RFC 9112 §2.2 lets come first.
-    matches!(
-        stream.peek(&mut first).await,
-        Ok(1) if first[0].is_ascii_uppercase() || first[0] == b'\r' || first[0] == b'\n'
-    )
+    match stream.peek(&mut first).await {
+        // A TLS record starts with its type (0x16 for a handshake); a
+        // request with a method, or with the empty line RFC 9112 §2.2 lets
+        // come first.
+        Ok(1) if first[0].is_ascii_uppercase() || first[0] == b'\r' || first[0] == b'\n' => {
+            FirstByte::Plain
+        }
+        Ok(1) => FirstByte::Other,
+        _ => FirstByte::None,
+    }
+}
+
+/// What a client's first byte on a TLS listener says (see [`first_byte`]).
+enum FirstByte {
+    /// Plain HTTP.
+    Plain,
+    /// Anything else: a handshake, or what the handshake will refuse.
+    Other,
+    /// None came: the connection closed (or broke) first.
+    None,
 }
 
 /// What nginx tells plain HTTP sent to its HTTPS port, in place of the TLS
