@@ -63,6 +63,21 @@ fn bearer(request: &Request<Incoming>) -> Option<&str> {
         .then(|| credentials.trim())
 }
 
+/// An admin token shorter than this is warned about, at start and when a
+/// reload brings it: it is a bearer secret, and 16 hex digits are 64 bits.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Warns of a `token` short enough to guess. Only a warning: the file may
+/// be a test's, and the port loopback.
+pub fn warn_if_short(token: Option<&str>) {
+    if let Some(short) = token.filter(|t| t.len() < MIN_TOKEN_LEN) {
+        tracing::warn!(
+            length = short.len(),
+            "the admin token is short enough to guess; use at least {MIN_TOKEN_LEN} random characters (openssl rand -hex 16)"
+        );
+    }
+}
+
 /// `None` when the caller may mutate; otherwise the refusal.
 fn authorize(
     shared: &Shared,
@@ -271,10 +286,7 @@ async fn handle(
                         })
                         .collect();
                     let spelt = spelt.join(" and ");
-                    // Debug-quoted: a prefix is the caller's text, and
-                    // printed bare a `"` or a space in it could forge fields
-                    // of the line.
-                    tracing::info!(client = %peer, host = host.as_deref().unwrap_or("*"), prefix = ?prefixes, "cache purged by prefix");
+                    let on = host.clone();
                     let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
                     let paths = move |path: &str| matchers.iter().any(|m| m(path));
                     // Off the runtime's workers: the count scans the store.
@@ -287,6 +299,12 @@ async fn handle(
                     let Ok(purged) = purging.await else {
                         return text(StatusCode::INTERNAL_SERVER_ERROR, "purge failed\n");
                     };
+                    // As text, not a list's Debug form inside a string (a
+                    // JSON log held `"[\"/x\"]"`), and with the count the
+                    // answer gives, so the log shows a purge that matched
+                    // nothing (review35b F4). A text field is quoted and
+                    // escaped: a `"` or a space in a prefix forges nothing.
+                    tracing::info!(client = %peer, host = on.as_deref().unwrap_or("*"), prefix = spelt.as_str(), purged, "cache purged by prefix");
                     text(
                         StatusCode::OK,
                         format!("purged {spelt}: {}\n", stored(purged)),

@@ -33,13 +33,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     let listeners = server::bind(&config.server.listen).await?;
     let admin_listener = server::bind_admin(config.admin.listen).await?;
     let token = config.admin.token.as_ref().map(|t| t.0.clone());
-    if let Some(short) = token.as_ref().filter(|t| t.len() < MIN_TOKEN_LEN) {
-        // Only a warning: the file may be a test's, and the port loopback.
-        tracing::warn!(
-            length = short.len(),
-            "the admin token is short enough to guess; use at least {MIN_TOKEN_LEN} random characters (openssl rand -hex 16)"
-        );
-    }
+    admin::warn_if_short(token.as_deref());
     tracing::info!(
         addr = %admin_listener.local_addr()?,
         mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },
@@ -72,10 +66,6 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     server::run_all(shared, all, stop).await;
     Ok(())
 }
-
-/// An admin token shorter than this is warned about at start: it is a
-/// bearer secret, and 16 hex digits are 64 bits.
-const MIN_TOKEN_LEN: usize = 16;
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]
