@@ -333,7 +333,7 @@ impl Shared {
         if self.admin_token.load().as_deref() != token.as_ref() {
             // Rotated as the README says (rewrite the file, reload): checked
             // as at start, where only the start was (review35b F3).
-            crate::admin::warn_if_short(token.as_deref().map(|t| t.as_ref()));
+            crate::admin::warn_if_short(token.as_deref());
             tracing::info!(
                 mutations = if token.is_some() {
                     "enabled"
