@@ -58,3 +58,13 @@ pub fn say_err(text: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{text}");
 }
+
+/// A listening address from the command line: an IP literal and a port, as
+/// in the config file. The standard library's refusal of `localhost:8080`
+/// ("invalid socket address syntax") did not say what was wanted
+/// (review35c).
+pub fn socket_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse().map_err(|_| {
+        "not an IP address with a port: write e.g. 127.0.0.1:8080 or [::1]:8080 (names such as localhost are not resolved)".to_owned()
+    })
+}

@@ -76,6 +76,7 @@ pub async fn run_until(
     let admin_addr = admin.local_addr()?;
     // As `portico --config` logs it: one line per listener.
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
+    sample::warn_if_public(proxy_addr);
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);

@@ -36,10 +36,10 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
         backends: u16,
         /// Where the proxy listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = portico::cli::socket_addr)]
         listen: std::net::SocketAddr,
         /// Where the admin endpoints listen.
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long, default_value = "127.0.0.1:9090", value_parser = portico::cli::socket_addr)]
         admin: std::net::SocketAddr,
     },
 }
@@ -81,22 +81,15 @@ fn main() -> ExitCode {
             admin,
         }) => {
             if let Some(path) = cli.config {
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::ArgumentConflict,
-                        format!(
-                            "--config {} is not read by `demo`: the demo makes its own configuration (serve a file with `portico --config FILE`)",
-                            path.display()
-                        ),
-                    )
-                    .exit();
+                demo_usage_error(format!(
+                    "--config {} is not read by `demo`: the demo makes its own configuration (serve a file with `portico --config FILE`)",
+                    path.display()
+                ));
             }
             // A usage error, said before the backends start (review34d:
             // exit 1, as a failure at run time).
             if let Some(clash) = portico::demo::clash(listen, admin) {
-                Cli::command()
-                    .error(clap::error::ErrorKind::ArgumentConflict, clash)
-                    .exit();
+                demo_usage_error(clash);
             }
             cli.standard.init_logging();
             run(
@@ -122,6 +115,18 @@ fn main() -> ExitCode {
             run(&cli.standard, portico::run(path, config))
         }
     }
+}
+
+/// Exits 2 with `message`, under `portico demo`'s usage line, not the
+/// top-level one (review35c).
+fn demo_usage_error(message: String) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    let demo = command
+        .find_subcommand_mut("demo")
+        .expect("`demo` is a subcommand");
+    demo.error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
 }
 
 /// Says why a configuration was refused, by `check` or at start: one

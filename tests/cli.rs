@@ -157,6 +157,17 @@ fn usage_errors_exit_2() {
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(said.contains(says), "{args:?}: {said}");
     }
+    // A name for an address: what is wanted, said (review35c).
+    let out = Command::new(PORTICO)
+        .args(["demo", "--listen", "localhost:8080"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("names such as localhost are not resolved"),
+        "{said}"
+    );
     let out = Command::new(PORTICO)
         .args(["demo", "--help"])
         .output()
@@ -223,12 +234,33 @@ fn the_order_backend_takes_the_standard_flags() {
         }
     });
     let line = rx.recv_timeout(Duration::from_secs(20));
-    let _ = child.kill();
-    let _ = child.wait();
     let line = line.expect("the backend logged a line");
     assert!(
         line.starts_with('{') && line.contains("\"listening\""),
         "{line}"
+    );
+    // Its orders' ids carry its name: another instance's store has its
+    // own, and a Location from one is no order of another (review35c 1).
+    let addr = addr_in(&line);
+    let order = r#"{"items":[{"sku":"A-1","qty":1}],"amount_cents":5,"email":"a@example.com"}"#;
+    let ask = format!(
+        "POST /users/1/orders HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{order}",
+        order.len()
+    );
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, ask.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("location: /orders/order-j-002\r\n"),
+        "{answer}"
     );
     // A name X-Backend could not carry as it is: a usage error, not a
     // backend answering under another name.

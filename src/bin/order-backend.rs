@@ -18,7 +18,7 @@ use portico::sample::{self, BackendOptions};
 )]
 struct Cli {
     /// Address to listen on.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = portico::cli::socket_addr)]
     listen: SocketAddr,
     /// Instance name, sent in X-Backend: visible ASCII, at most 64 bytes.
     #[arg(long, value_parser = instance_name)]
@@ -53,20 +53,15 @@ fn main() -> ExitCode {
                 std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cli.listen))
             })?;
         tracing::info!(addr = %listener.local_addr()?, name = %cli.name, "listening");
-        if !cli.listen.ip().is_loopback() {
-            // Its test endpoints echo request headers (Authorization too)
-            // and let a client choose response headers.
-            tracing::warn!(
-                addr = %cli.listen,
-                "listening beyond loopback: this sample backend serves test endpoints (/echo, /echo/headers, /bytes/N, /cache/..., /ws/echo) that no public service should"
-            );
-        }
+        sample::warn_if_public(cli.listen);
+        // A store of its own: ids that say whose they are.
+        let repository = sample::new_repository_for(&cli.name);
         let opts = BackendOptions {
             name: cli.name,
             delay: Duration::from_millis(cli.delay),
             max_age: cli.max_age,
         };
-        sample::serve(listener, opts, sample::new_repository(), stop).await
+        sample::serve(listener, opts, repository, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

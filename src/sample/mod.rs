@@ -49,9 +49,30 @@ impl BackendOptions {
     }
 }
 
+/// Warns when the sample is reached from beyond loopback at `addr`: its
+/// test endpoints echo request headers (Authorization too) and let a
+/// client choose response headers, which no public service should do.
+/// Both the `order-backend` process and `portico demo`, whose proxy serves
+/// them, say so (review35c 7: only the former did).
+pub fn warn_if_public(addr: SocketAddr) {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening beyond loopback: the sample order backend serves test endpoints (/echo, /echo/headers, /bytes/N, /cache/..., /ws/echo) that no public service should"
+        );
+    }
+}
+
 /// A fresh seeded store: user 1 owns `ORDER-001`.
 pub fn new_repository() -> Arc<dyn OrderRepository> {
     Arc::new(InMemoryRepository::seeded())
+}
+
+/// A fresh seeded store for the instance `name`, one of several with a
+/// store each: new orders are `ORDER-{name}-002`... (see
+/// [`InMemoryRepository::seeded_for`]).
+pub fn new_repository_for(name: &str) -> Arc<dyn OrderRepository> {
+    Arc::new(InMemoryRepository::seeded_for(name))
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting,

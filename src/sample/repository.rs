@@ -32,9 +32,39 @@ struct State {
 #[derive(Debug)]
 pub struct InMemoryRepository {
     state: RwLock<State>,
+    /// What new orders' ids start with: `ORDER-`, or `ORDER-b1-` for the
+    /// store of one instance among several (see
+    /// [`InMemoryRepository::seeded_for`]).
+    prefix: String,
 }
 
 impl InMemoryRepository {
+    /// [`InMemoryRepository::seeded`], for one instance among several that
+    /// each keep a store of their own (`order-backend` processes): new
+    /// orders' ids carry the instance's `name` (`ORDER-b1-002`), so the
+    /// `Location` of an order made on one instance is a 404 on another,
+    /// not an order another instance made under the same id, which a
+    /// round-robin GET showed another customer (review35c 1). A name with
+    /// characters a path would need escaped is replaced by a hash of it.
+    pub fn seeded_for(name: &str) -> Self {
+        let plain = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        let tag = if plain {
+            name.to_owned()
+        } else {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut hasher);
+            format!("{:08x}", hasher.finish() as u32)
+        };
+        InMemoryRepository {
+            prefix: format!("ORDER-{tag}-"),
+            ..Self::seeded()
+        }
+    }
+
     /// Users 1 to 3 exist; user 1 has the confirmed order `ORDER-001`.
     pub fn seeded() -> Self {
         let mut state = State {
@@ -63,6 +93,7 @@ impl InMemoryRepository {
         state.orders.insert(seed.id.clone(), seed);
         InMemoryRepository {
             state: RwLock::new(state),
+            prefix: "ORDER-".into(),
         }
     }
 
@@ -98,7 +129,7 @@ impl OrderRepository for InMemoryRepository {
         // Looked up under the same lock as the insert: a refused order uses
         // up no id and creates no user.
         let user = state.users.get_mut(&user_id)?;
-        let id = format!("ORDER-{:03}", state.next_id);
+        let id = format!("{}{:03}", self.prefix, state.next_id);
         state.next_id += 1;
         let order = Order {
             id: id.clone(),
@@ -184,6 +215,16 @@ mod tests {
         }
         // The refused orders used up no id.
         assert_eq!(repo.insert(2, new_order()).unwrap().id, "ORDER-002");
+        // One instance among several: its ids are its own; the seed stays.
+        let named = InMemoryRepository::seeded_for("b1");
+        assert_eq!(named.insert(2, new_order()).unwrap().id, "ORDER-b1-002");
+        assert!(named.order("ORDER-001").is_some());
+        let odd = InMemoryRepository::seeded_for("b/1?");
+        let id = odd.insert(2, new_order()).unwrap().id;
+        assert!(
+            id.starts_with("ORDER-") && id.ends_with("-002") && !id.contains(['/', '?']),
+            "{id}"
+        );
         assert_eq!(repo.orders_of(2).unwrap().0.len(), 1);
     }
 }
