@@ -392,7 +392,10 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_ORDER_BODY as u64) {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large: an order is at most 2 MiB",
+        );
     }
     let body = match Limited::new(request.into_body(), MAX_ORDER_BODY)
         .collect()
@@ -400,7 +403,10 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
     {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large: an order is at most 2 MiB",
+            );
         }
         Err(_) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
     };
@@ -430,6 +436,24 @@ fn parse_order(body: &[u8]) -> Result<NewOrder, String> {
     let items = value.get("items").and_then(serde_json::Value::as_array);
     if !value.is_object() || items.is_some_and(|items| !items.iter().all(|i| i.is_object())) {
         return Err("an order and each of its items are JSON objects".to_owned());
+    }
+    // Numbers out of range said as the rules say them, not as serde's
+    // "invalid value: integer -5, expected u64" (review35c 5).
+    let whole =
+        |v: &serde_json::Value, max: u64| !v.is_number() || v.as_u64().is_some_and(|n| n <= max);
+    if value
+        .get("amount_cents")
+        .is_some_and(|v| !whole(v, u64::MAX))
+    {
+        return Err("amount_cents must be a whole number from 1 to 9007199254740991".to_owned());
+    }
+    let qty_out = items
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("qty"))
+        .any(|qty| !whole(qty, u32::MAX.into()));
+    if qty_out {
+        return Err("qty must be a whole number from 1 to 4294967295".to_owned());
     }
     // From the bytes, not the value: a `Value` keeps the last of two
     // members with one name, where the struct refuses the duplicate (a
@@ -465,6 +489,32 @@ fn is_json(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Numbers out of range are refused in the rules' words (review35c 5).
+    #[test]
+    fn out_of_range_numbers_are_said_plainly() {
+        let order = |amount: &str, qty: &str| {
+            let text = format!(
+                r#"{{"items":[{{"sku":"A-1","qty":{qty}}}],"amount_cents":{amount},"email":"a@b"}}"#
+            );
+            parse_order(text.as_bytes()).map(drop)
+        };
+        assert_eq!(order("5", "1"), Ok(()));
+        for amount in ["-5", "1.5", "1e30"] {
+            let refused = order(amount, "1").unwrap_err();
+            assert!(
+                refused.starts_with("amount_cents must be a whole number"),
+                "{amount}: {refused}"
+            );
+        }
+        for qty in ["-1", "99999999999999", "2.5"] {
+            let refused = order("5", qty).unwrap_err();
+            assert!(
+                refused.starts_with("qty must be a whole number"),
+                "{qty}: {refused}"
+            );
+        }
+    }
 
     #[test]
     fn ids_are_digits_without_leading_zeros() {
