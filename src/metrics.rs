@@ -40,9 +40,11 @@ pub struct Metrics {
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
     ratelimit_rejected: IntCounterVec,
     pub ratelimit_tracked: IntGauge,
     pub connections_open: IntGauge,
+    pub connections_accepted: IntCounter,
     tls_handshake_errors: IntCounterVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
@@ -63,6 +65,14 @@ fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -
         labels,
     )
     .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("metric names are static and valid");
     registry
         .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
@@ -162,6 +172,14 @@ impl Metrics {
                 "portico_cache_entries",
                 "Responses held by the response cache",
             ),
+            // What "cache too small" looks like, apart from uncacheable
+            // answers, which a miss does not tell apart (review35b F5;
+            // Varnish's n_lru_nuked).
+            cache_evictions: counter(
+                &registry,
+                "portico_cache_evictions_total",
+                "Stored responses dropped, least recently used first, to make room under max_size (not those expired, replaced or purged)",
+            ),
             ratelimit_rejected: counter_vec(
                 &registry,
                 "portico_ratelimit_rejected_total",
@@ -177,6 +195,13 @@ impl Metrics {
                 &registry,
                 "portico_connections_open",
                 "Client connections currently open",
+            ),
+            // Churn between scrapes, which the open gauge cannot show
+            // (nginx's `accepts`, HAProxy's CumConns; review35b F5).
+            connections_accepted: counter(
+                &registry,
+                "portico_connections_accepted_total",
+                "Client connections accepted on the traffic listeners",
             ),
             tls_handshake_errors: {
                 let errors = counter_vec(

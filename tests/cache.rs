@@ -1927,6 +1927,9 @@ async fn memory_stays_under_max_size_after_ten_times_its_size() {
     let (entries, bytes) = cache_of(&proxy).stats().await;
     assert!(bytes <= 1 << 20, "{bytes} bytes held");
     assert!(entries > 0 && entries < 100, "{entries} entries");
+    // Counted, as what "cache too small" looks like (review35b F5).
+    let evicted = proxy.shared.metrics.cache_evictions.get();
+    assert!(evicted > 0 && evicted + entries <= 100, "{evicted} evicted");
     // Over max_object_size: streamed through, not stored.
     let big = get(&client, &proxy.url("/bytes/300000")).await;
     assert_eq!(big.body.len(), 300000);

@@ -61,6 +61,10 @@ async fn ten_requests_count_exactly_ten() {
         "process metrics missing"
     );
     assert!(text.contains("portico_connections_open"));
+    // The client's connection (or connections: its pool may open a second).
+    let accepted = metric_line(&text, "portico_connections_accepted_total").unwrap();
+    let accepted: u64 = accepted.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((1..=11).contains(&accepted), "{accepted}");
 }
 
 #[tokio::test]

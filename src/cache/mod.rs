@@ -317,7 +317,11 @@ impl Cache {
             .support_invalidation_closures()
             .eviction_listener({
                 let index = index.clone();
+                let evicted = metrics.cache_evictions.clone();
                 move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
+                    if cause == RemovalCause::Size {
+                        evicted.inc();
+                    }
                     if cause != RemovalCause::Replaced {
                         forget(&index, &key, &entry);
                     }

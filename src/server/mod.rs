@@ -608,6 +608,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                shared.metrics.connections_accepted.inc();
                 // At the cap, an idle connection makes room for it first.
                 tokio::select! {
                     () = shared.slots.make_room(|| shared.connections.load().max_connections) => {}
