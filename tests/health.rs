@@ -278,6 +278,30 @@ async fn passive_ejection_works_without_active_checks() {
     assert!(metrics.contains(&ejections), "{ejections} not in {metrics}");
 }
 
+/// A reload that changes the upstream (another backend's weight) keeps an
+/// ejection and its back-off: it readmitted a backend failing real
+/// requests, at the cost of `fall` more failures each time (review35a
+/// F3).
+#[tokio::test]
+async fn a_reload_that_retunes_the_upstream_keeps_an_ejection() {
+    let backends = start_backends(2).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    let proxy = start_proxy(config.clone()).await;
+    let mut backends = backends;
+    backends.remove(0).stop().await;
+    let client = client();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !proxy.backend_status()[0].ejected {
+        assert!(tokio::time::Instant::now() < deadline, "never ejected");
+        get(&client, &proxy.url("/health")).await;
+    }
+    config.upstreams[0].backends[1].weight = 2;
+    swap_in(&proxy, &config);
+    let status = proxy.backend_status();
+    assert_eq!(status[1].weight, 2, "{status:?}");
+    assert!(status[0].ejected, "{status:?}");
+}
+
 #[tokio::test]
 async fn an_ejected_backends_turns_are_shared_by_weight() {
     // Round-robin over three; the third is dead and gets ejected. Its
@@ -726,4 +750,125 @@ async fn a_backend_closing_mid_body_aborts_the_response() {
         .await
         .unwrap();
     assert!(body.is_err(), "a truncated body was delivered as complete");
+}
+
+/// A backend that counts the requests for each path and answers them
+/// `200 ok`, except those for `hang`, which it never answers.
+async fn counting_backend(
+    hang: Option<&'static str>,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<HashMap<String, usize>>>,
+) {
+    let seen: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
+    let count = seen.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(head) = read_head(&mut stream).await {
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                *count.lock().unwrap().entry(path.clone()).or_default() += 1;
+                if Some(path.as_str()) == hang {
+                    tokio::time::sleep(STEP * 6).await;
+                    return;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+fn counted(seen: &std::sync::Mutex<HashMap<String, usize>>, path: &str) -> usize {
+    seen.lock().unwrap().get(path).copied().unwrap_or(0)
+}
+
+/// Each backend is checked on its own timer: one that never answers its
+/// checks held every other backend's next check until its timeout, so
+/// detection everywhere took up to twice the configured time (review35a
+/// F1; HAProxy checks each server apart).
+#[tokio::test]
+async fn a_backend_slow_to_answer_its_checks_delays_no_other_backends_checks() {
+    let (hung, hung_seen) = counting_backend(Some("/health")).await;
+    let (fine, fine_seen) = counting_backend(None).await;
+    let mut config =
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![hung, fine]);
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(300),
+        timeout: Duration::from_millis(300),
+        rise: 1,
+        fall: 1,
+        ..HealthCheck::default()
+    });
+    let _proxy = start_proxy(config).await;
+    // The hung backend is checked every 600 ms (its interval, then its
+    // timeout), the other every 300 ms: not at the hung one's pace.
+    let paced = tokio::time::timeout(STEP, async {
+        while counted(&hung_seen, "/health") < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(paced.is_ok(), "the hung backend was checked four times");
+    let (hung_checks, fine_checks) = (
+        counted(&hung_seen, "/health"),
+        counted(&fine_seen, "/health"),
+    );
+    assert!(
+        fine_checks >= hung_checks + 2,
+        "{fine_checks} checks of the other, {hung_checks} of the hung one"
+    );
+}
+
+/// A reload that replaces an upstream stops its old generation's checks,
+/// even while something still holds that generation (a response
+/// streaming from it): they went on, one more checker a reload, checking
+/// the old path and removed backends (review35a F2).
+#[tokio::test]
+async fn a_replaced_upstream_checks_nothing_more() {
+    let (addr, seen) = counting_backend(None).await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(100),
+        rise: 1,
+        fall: 1,
+        ..HealthCheck::default()
+    });
+    let proxy = start_proxy(config.clone()).await;
+    let waited = tokio::time::timeout(STEP, async {
+        while counted(&seen, "/health") < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "checked");
+    // Held, as a streaming response's access line holds it.
+    let old = proxy.shared.proxy.load_full();
+    config.upstreams[0].health.as_mut().unwrap().path = "/healthz".into();
+    swap_in(&proxy, &config);
+    // A check of the old path already under way may still land.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let before = counted(&seen, "/health");
+    let waited = tokio::time::timeout(STEP, async {
+        while counted(&seen, "/healthz") < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the new path is checked");
+    assert_eq!(
+        counted(&seen, "/health"),
+        before,
+        "the old generation still checks"
+    );
+    drop(old);
 }

@@ -252,7 +252,11 @@ impl Proxy {
             .collect();
         let upstream = |u: &crate::config::Upstream| match old_upstreams.get(u.name.as_str()) {
             Some(same) if same.config == *u => Arc::clone(same),
-            Some(retuned) => Upstream::rebuild(u.clone(), &metrics, retuned),
+            Some(retuned) => {
+                let next = Upstream::rebuild(u.clone(), &metrics, retuned);
+                retuned.stop_checks();
+                next
+            }
             None => Upstream::new(u.clone(), &metrics),
         };
         // A route's handles hold the same series whatever the generation;
@@ -285,9 +289,18 @@ impl Proxy {
                 }
             }
         });
+        let upstreams: Vec<Arc<Upstream>> = config.upstreams.iter().map(upstream).collect();
+        // An upstream the file no longer has checks nothing more either.
+        let kept: std::collections::HashSet<&str> =
+            config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        for (name, old) in &old_upstreams {
+            if !kept.contains(name) {
+                old.stop_checks();
+            }
+        }
         Proxy {
             router: Router::new(&config.routes),
-            upstreams: config.upstreams.iter().map(upstream).collect(),
+            upstreams,
             max_request_body: config.server.max_request_body,
             tunnel_idle: config.server.idle_timeout,
             route_metrics: config

@@ -129,6 +129,26 @@ impl BackendState {
         self
     }
 
+    /// Takes over `previous`'s passive health, the same backend in the
+    /// upstream's last generation, timed by the same clock: its ejection
+    /// and back-off, and the failures seen since its last success. A
+    /// reload that changed the upstream (a weight, another backend)
+    /// forgot them, and readmitted a backend that passes its checks but
+    /// fails real requests, at `fall` clients' cost each time, with its
+    /// back-off started again at a second (review35a F3). As Envoy keeps
+    /// a host's outlier state across an update that keeps the host.
+    pub fn keeping_passive(self, previous: &BackendState) -> Self {
+        let until = previous.ejected_until.load(Ordering::Relaxed);
+        self.ejected_until.store(until, Ordering::Relaxed);
+        for (to, from) in [
+            (&self.failures, &previous.failures),
+            (&self.ejections, &previous.ejections),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self
+    }
+
     /// Counts its requests in flight together with `previous`, the same
     /// address in the generation a reload replaces: requests started there
     /// still load the backend, and each one that ends there is one fewer

@@ -133,7 +133,9 @@ impl Upstream {
                     .counting_body_errors(metrics.body_errors(&config.name, &addr))
                     .named(name.clone(), b.addr);
                 if let Some(old) = old.get(&b.addr) {
-                    state = state.sharing_in_flight(&old.state);
+                    state = state
+                        .sharing_in_flight(&old.state)
+                        .keeping_passive(&old.state);
                 }
                 Backend {
                     addr: b.addr,
@@ -172,7 +174,9 @@ impl Upstream {
             turns: select::Turns::default(),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             retries: metrics.retries(&config.name),
-            clock: Clock::new(),
+            // The last generation's, so the ejections taken over from it
+            // end when they would have.
+            clock: previous.map_or_else(Clock::new, |p| p.clock),
             checker: std::sync::Mutex::new(None),
             check_host: check_host(&config),
             config,
@@ -207,6 +211,21 @@ impl Upstream {
         }
         upstream.start_checks();
         upstream
+    }
+
+    /// Stops the active checks of a generation a reload replaced or
+    /// removed. They ran on while anything held it (a response streaming
+    /// from one of its backends, for hours), one more checker for each
+    /// reload, checking removed backends and old paths and logging them
+    /// down (review35a F2); nginx's and HAProxy's old generations check
+    /// nothing. Its requests still in flight end as they would.
+    pub fn stop_checks(&self) {
+        drop(
+            self.checker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 
     /// Starts the active checks, if configured.
@@ -595,77 +614,82 @@ fn check_host(config: &config::Upstream) -> Option<http::HeaderValue> {
     http::HeaderValue::from_str(&host).ok()
 }
 
-/// The active checker of one upstream: all backends every `interval`, with
-/// ±10% jitter so many portico instances do not probe in lockstep. Holds
-/// only a weak reference so a replaced upstream's checker ends with it.
+/// The active checker of one upstream: each backend every `interval`, with
+/// ±10% jitter so many portico instances do not probe in lockstep, each on
+/// a timer of its own: checked together, one backend slow to answer (or a
+/// host that drops SYNs) held every other's next check, and the verdict on
+/// a fast failure, for up to `timeout`, which made detection up to twice
+/// as slow as configured (review35a F1; HAProxy and Envoy check each server
+/// apart). Holds only a weak reference so a replaced upstream's checker
+/// ends with it.
 async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
-    let count = match upstream.upgrade() {
-        Some(u) => u.backends.len(),
-        None => return,
-    };
-    let mut counters: Vec<Counter> = match upstream.upgrade() {
+    let starting: Vec<Health> = match upstream.upgrade() {
         Some(u) => u
             .backends
             .iter()
             .map(|b| {
-                let state = if b.state.active_up() {
+                if b.state.active_up() {
                     Health::Up
                 } else {
                     Health::Down
-                };
-                Counter::starting(check.rise, check.fall, state)
+                }
             })
             .collect(),
         None => return,
     };
+    let each = starting.into_iter().enumerate().map(|(i, state)| {
+        let counter = Counter::starting(check.rise, check.fall, state);
+        check_backend(upstream.clone(), &check, i, counter)
+    });
+    futures_util::future::join_all(each).await;
+}
+
+/// [`check_loop`] for backend `i`.
+async fn check_backend(
+    upstream: Weak<Upstream>,
+    check: &config::HealthCheck,
+    i: usize,
+    mut counter: Counter,
+) {
     loop {
         let jitter = check.interval.mul_f64(0.9 + fastrand::f64() * 0.2);
         tokio::time::sleep(jitter).await;
         let Some(upstream) = upstream.upgrade() else {
             return;
         };
-        let results =
-            futures_util::future::join_all((0..count).map(|i| upstream.check(i, &check))).await;
-        let mut changed = false;
-        for (i, result) in results.into_iter().enumerate() {
-            let backend = &upstream.backends[i];
-            let passed = match result {
-                Ok(()) => Ok(()),
-                Err(CheckError::Failed(reason)) => Err(reason),
-                Err(CheckError::Unjudged(reason)) => {
-                    tracing::debug!(
-                        upstream = %upstream.config.name, backend = %backend.addr,
-                        %reason, "health check not run"
-                    );
-                    continue;
-                }
-            };
-            // Only the active state: a passing check leaves a passive
-            // ejection and its backoff alone (see `health`).
-            match counters[i].record(passed.is_ok()) {
-                Some(Health::Down) => {
-                    backend.state.set_active_up(false);
-                    changed = true;
-                    tracing::warn!(
-                        upstream = %upstream.config.name, backend = %backend.addr,
-                        reason = %passed.err().unwrap_or_default(),
-                        "backend down"
-                    );
-                }
-                Some(Health::Up) => {
-                    backend.state.set_active_up(true);
-                    changed = true;
-                    tracing::info!(
-                        upstream = %upstream.config.name, backend = %backend.addr,
-                        "backend up"
-                    );
-                }
-                None => {}
+        let backend = &upstream.backends[i];
+        let passed = match upstream.check(i, check).await {
+            Ok(()) => Ok(()),
+            Err(CheckError::Failed(reason)) => Err(reason),
+            Err(CheckError::Unjudged(reason)) => {
+                tracing::debug!(
+                    upstream = %upstream.config.name, backend = %backend.addr,
+                    %reason, "health check not run"
+                );
+                continue;
             }
+        };
+        // Only the active state: a passing check leaves a passive
+        // ejection and its backoff alone (see `health`).
+        match counter.record(passed.is_ok()) {
+            Some(Health::Down) => {
+                backend.state.set_active_up(false);
+                tracing::warn!(
+                    upstream = %upstream.config.name, backend = %backend.addr,
+                    reason = %passed.err().unwrap_or_default(),
+                    "backend down"
+                );
+            }
+            Some(Health::Up) => {
+                backend.state.set_active_up(true);
+                tracing::info!(
+                    upstream = %upstream.config.name, backend = %backend.addr,
+                    "backend up"
+                );
+            }
+            None => continue,
         }
-        if changed {
-            upstream.rebuild_cycle();
-        }
+        upstream.rebuild_cycle();
     }
 }
 

@@ -48,7 +48,8 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// One full smooth weighted round-robin cycle over the eligible candidates,
 /// as indices into `candidates`. Weights are first divided by their greatest
-/// common divisor, so 300/100 costs a cycle of 4, not 400.
+/// common divisor, so 300/100 costs a cycle of 4, not 400, and the cycle
+/// is at most 16 entries a backend long (1024 at least).
 pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     let eligible: Vec<(usize, u64)> = candidates
         .iter()
@@ -57,11 +58,24 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
         .map(|(i, c)| (i, u64::from(c.weight)))
         .collect();
     let divisor = eligible.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
-    let weights: Vec<(usize, i64)> = eligible
+    let mut weights: Vec<(usize, i64)> = eligible
         .iter()
         .map(|(i, w)| (*i, (*w / divisor) as i64))
         .collect();
-    let total: i64 = weights.iter().map(|(_, w)| w).sum();
+    let mut total: i64 = weights.iter().map(|(_, w)| w).sum();
+    // The cycle costs its length times the backends to build, and its
+    // length in memory: 900 backends weighted 500 to 1000 made one of
+    // 675,000 entries, 0.5 s of a worker at each change of health
+    // (review35a F4). Past 16 entries a backend (1024 at least), weights
+    // are scaled down to fit, in proportion within a step of 1, as
+    // HAProxy's effective weights never pass 256.
+    let limit = (16 * weights.len() as i64).max(1024);
+    if total > limit {
+        for (_, weight) in &mut weights {
+            *weight = (*weight * limit / total).max(1);
+        }
+        total = weights.iter().map(|(_, w)| w).sum();
+    }
     let mut current = vec![0i64; weights.len()];
     let mut cycle = Vec::with_capacity(total as usize);
     for _ in 0..total {
@@ -515,6 +529,29 @@ mod tests {
         let cycle = weighted_cycle(&[up(7), up(2), up(3)]);
         let count = |i| cycle.iter().filter(|&&x| x == i).count();
         assert_eq!((count(0), count(1), count(2)), (7, 2, 3));
+    }
+
+    /// Many backends with weights that share no factor: a cycle of 16
+    /// entries a backend, each backend's share within a step of its
+    /// weight's (review35a F4: 675,000 entries for 900 backends).
+    #[test]
+    fn a_long_cycle_is_scaled_down_in_proportion() {
+        let candidates: Vec<Candidate> = (0..900u32).map(|i| up(500 + i * 7 % 501)).collect();
+        let cycle = weighted_cycle(&candidates);
+        assert!(cycle.len() <= 16 * 900, "{}", cycle.len());
+        let total: u32 = candidates.iter().map(|c| c.weight).sum();
+        let mut seen = vec![0usize; candidates.len()];
+        for &i in &cycle {
+            seen[i] += 1;
+        }
+        for (i, c) in candidates.iter().enumerate() {
+            let share = f64::from(c.weight) / f64::from(total) * cycle.len() as f64;
+            assert!(
+                (seen[i] as f64 - share).abs() <= 1.5,
+                "{i}: {} for {share}",
+                seen[i]
+            );
+        }
     }
 
     #[test]
