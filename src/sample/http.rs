@@ -137,7 +137,15 @@ pub async fn handle(ctx: Arc<Context>, request: Request<Incoming>) -> Response<B
     if !ctx.opts.delay.is_zero() {
         tokio::time::sleep(ctx.opts.delay).await;
     }
+    // What a developer watching one instance wants to see at debug level
+    // (review35c: nothing was said per request at any level). The method
+    // and path are copied only when the line is wanted.
+    let asked = tracing::enabled!(tracing::Level::DEBUG)
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
     let mut response = route(&ctx, request).await;
+    if let Some((method, path)) = asked {
+        tracing::debug!(name = %ctx.opts.name, %method, path, status = response.status().as_u16(), "request");
+    }
     response.headers_mut().insert("x-backend", ctx.name.clone());
     response
 }
