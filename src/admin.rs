@@ -146,7 +146,12 @@ fn refresh_gauges(shared: &Shared) {
     let mut rows = Vec::new();
     for upstream in proxy.upstreams() {
         for backend in upstream.status() {
-            rows.push((upstream.name(), backend.addr.to_string(), backend.up));
+            rows.push((
+                upstream.name(),
+                backend.addr.to_string(),
+                backend.up,
+                backend.weight,
+            ));
         }
     }
     shared.metrics.set_backends_up(rows.into_iter());

@@ -37,6 +37,7 @@ pub struct Metrics {
     upstream_retries_refused: IntCounterVec,
     upstream_ejections: IntCounterVec,
     backend_up: IntGaugeVec,
+    backend_weight: IntGaugeVec,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
@@ -106,6 +107,19 @@ impl Metrics {
         registry
             .register(Box::new(backend_up.clone()))
             .expect("each metric is registered once");
+        // A drained backend shows in Prometheus too, not only in /status
+        // (review35b F5; HAProxy exports each server's weight).
+        let backend_weight = IntGaugeVec::new(
+            Opts::new(
+                "portico_backend_weight",
+                "The backend's configured weight; 0 when drained (it takes no new requests)",
+            ),
+            &["upstream", "backend"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(backend_weight.clone()))
+            .expect("each metric is registered once");
         Metrics {
             requests: counter_vec(
                 &registry,
@@ -156,6 +170,7 @@ impl Metrics {
                 &["upstream", "backend"],
             ),
             backend_up,
+            backend_weight,
             cache_lookups: counter_vec(
                 &registry,
                 "portico_cache_lookups_total",
@@ -287,14 +302,23 @@ impl Metrics {
         self.cache_lookups.with_label_values(&[result])
     }
 
-    /// Sets `portico_backend_up` for exactly the given backends, dropping
-    /// series of backends no longer configured.
-    pub fn set_backends_up<'a>(&self, backends: impl Iterator<Item = (&'a str, String, bool)>) {
+    /// Sets `portico_backend_up` and `portico_backend_weight` for exactly
+    /// the given backends (upstream, address, up, weight), dropping series
+    /// of backends no longer configured.
+    pub fn set_backends_up<'a>(
+        &self,
+        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
+    ) {
         self.backend_up.reset();
-        for (upstream, backend, up) in backends {
+        self.backend_weight.reset();
+        for (upstream, backend, up, weight) in backends {
+            let labels = [upstream, backend.as_str()];
             self.backend_up
-                .with_label_values(&[upstream, backend.as_str()])
+                .with_label_values(&labels)
                 .set(i64::from(up));
+            self.backend_weight
+                .with_label_values(&labels)
+                .set(i64::from(weight));
         }
     }
 
@@ -333,6 +357,7 @@ impl Metrics {
         prune(&self.upstream_retries_refused, configured);
         prune(&self.upstream_ejections, configured);
         prune(&self.backend_up, configured);
+        prune(&self.backend_weight, configured);
     }
 
     /// Requests answered so far, over every route and status: the sum of
@@ -626,7 +651,7 @@ mod tests {
         route.record(42, 0.0); // not an HTTP status: ignored, not a panic
         let backend = metrics.backend("orders", "127.0.0.1:8001");
         backend.record(200, 0.001);
-        metrics.set_backends_up([("orders", "127.0.0.1:8001".to_owned(), true)].into_iter());
+        metrics.set_backends_up([("orders", "127.0.0.1:8001".to_owned(), true, 1)].into_iter());
         // What the burst trimmer reads: the 3 answered, not the upstream's.
         assert_eq!(metrics.requests_answered(), 3);
         let text = String::from_utf8(metrics.encode()).unwrap();
@@ -666,7 +691,7 @@ mod tests {
         let _ = metrics.body_errors("default", gone);
         let _ = metrics.retries("default");
         let _ = metrics.retries("old");
-        metrics.set_backends_up([("default", gone.to_owned(), true)].into_iter());
+        metrics.set_backends_up([("default", gone.to_owned(), true, 1)].into_iter());
         let config = crate::config::Config::single_upstream(vec![], vec![kept.parse().unwrap()]);
 
         metrics.retain(&Configured::of(&config));

@@ -51,6 +51,7 @@ async fn ten_requests_count_exactly_ten() {
             "10",
         ),
         (&format!("portico_backend_up{{backend=\"{backend_label}\",upstream=\"orders\"}}"), "1"),
+        (&format!("portico_backend_weight{{backend=\"{backend_label}\",upstream=\"orders\"}}"), "1"),
         ("portico_request_duration_seconds_count{route=\"orders\"}", "11"),
     ] {
         let line = metric_line(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
