@@ -279,6 +279,27 @@ async fn sequential_requests_share_one_backend_connection() {
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
 }
 
+/// A reload that retunes the upstream without touching how its backends
+/// are reached (a weight here) keeps the pooled connections: each such
+/// reload closed them all, a TLS handshake apiece on a `tls` upstream
+/// (review35a).
+#[tokio::test]
+async fn a_reload_that_changes_a_weight_keeps_the_pooled_connections() {
+    let (addr, counts) = raw_backend(false).await;
+    let mut config = config(addr, Duration::from_secs(60));
+    let proxy = start_proxy(config.clone()).await;
+    let client = client();
+    assert_eq!(get(&client, &proxy.url("/")).await.status, StatusCode::OK);
+    config.upstreams[0].backends[0].weight = 2;
+    let previous = proxy.shared.proxy.load_full();
+    let next = portico::proxy::Proxy::rebuild(&config, proxy.shared.metrics.clone(), &previous);
+    proxy.shared.proxy.store(Arc::new(next));
+    assert_eq!(proxy.backend_status()[0].weight, 2);
+    assert_eq!(get(&client, &proxy.url("/")).await.status, StatusCode::OK);
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_connection_the_backend_closed_is_replaced_even_for_post() {
     let (addr, counts) = raw_backend(true).await;

@@ -168,7 +168,14 @@ impl Upstream {
                     .expect("a scheme and a socket address make a valid URI")
             })
             .collect();
-        let pool = Pool::new(tls::connector(&config), builder, targets, &config);
+        // The pool, with its connections, goes on when nothing it uses
+        // changed (a weight, the balance, the checks): each such reload
+        // closed every backend connection, a TLS handshake apiece on a
+        // `tls` upstream (review35a).
+        let pool = match previous {
+            Some(previous) if same_pool(&previous.config, &config) => previous.pool.clone(),
+            _ => Pool::new(tls::connector(&config), builder, targets, &config),
+        };
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             turns: select::Turns::default(),
@@ -594,6 +601,20 @@ fn same_checks(previous: &config::Upstream, next: &config::Upstream) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether `next` can keep `previous`'s connection pool: the same backends
+/// in the same order (their weights may differ), reached the same way,
+/// under the same limits and timeouts.
+fn same_pool(previous: &config::Upstream, next: &config::Upstream) -> bool {
+    let addrs = |u: &config::Upstream| u.backends.iter().map(|b| b.addr).collect::<Vec<_>>();
+    addrs(previous) == addrs(next)
+        && previous.tls == next.tls
+        && previous.connect_timeout == next.connect_timeout
+        && previous.response_timeout == next.response_timeout
+        && previous.body_timeout == next.body_timeout
+        && previous.max_idle_per_backend == next.max_idle_per_backend
+        && previous.idle_timeout == next.idle_timeout
 }
 
 /// The `Host` of an upstream's active checks unless it is each backend's
