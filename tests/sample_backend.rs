@@ -228,6 +228,27 @@ async fn delay_holds_every_answer_back() {
     assert!(started.elapsed() >= Duration::from_millis(150));
 }
 
+/// With `concurrency`, requests beyond it wait their turn, so an
+/// instance has a capacity and adding instances adds to it (review35c 6:
+/// the delay alone bounded nothing).
+#[tokio::test]
+async fn concurrency_makes_requests_beyond_it_wait_their_turn() {
+    let mut opts = BackendOptions::new("one-at-a-time");
+    opts.delay = Duration::from_millis(150);
+    opts.concurrency = Some(1);
+    let backend = start_backend(opts).await;
+    let started = std::time::Instant::now();
+    let asks = (0..3).map(|_| {
+        let url = url(&backend, "/health");
+        tokio::spawn(async move { get(&client(), &url).await.status })
+    });
+    for ask in asks.collect::<Vec<_>>() {
+        assert_eq!(ask.await.unwrap(), StatusCode::OK);
+    }
+    // One after another: a lower bound only, as above.
+    assert!(started.elapsed() >= Duration::from_millis(450));
+}
+
 #[tokio::test]
 async fn a_post_for_an_unknown_user_is_404_and_creates_nothing() {
     let backend = start_backend(BackendOptions::new("b1")).await;

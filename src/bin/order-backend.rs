@@ -29,6 +29,10 @@ struct Cli {
     /// max-age of cacheable answers, in seconds.
     #[arg(long, value_name = "S", default_value_t = 10)]
     max_age: u32,
+    /// Requests served at once at most, the rest waiting their turn (an
+    /// app server's workers); with --delay, the instance's capacity.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: Option<u32>,
     #[command(flatten)]
     standard: portico::cli::StandardFlags,
 }
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
             name: cli.name,
             delay: Duration::from_millis(cli.delay),
             max_age: cli.max_age,
+            concurrency: cli.concurrency.map(|n| n as usize),
         };
         sample::serve(listener, opts, repository, stop).await
     });

@@ -56,6 +56,8 @@ pub struct Context {
     pub service: OrderService,
     pub requests: AtomicU64,
     pub orders_created: AtomicU64,
+    /// Places for requests being served (see `BackendOptions::concurrency`).
+    places: Option<tokio::sync::Semaphore>,
 }
 
 impl Context {
@@ -65,6 +67,7 @@ impl Context {
         let cache_control = HeaderValue::from_str(&format!("public, max-age={}", opts.max_age))
             .expect("digits are a valid header value");
         Context {
+            places: opts.concurrency.map(tokio::sync::Semaphore::new),
             opts,
             name,
             cache_control,
@@ -134,6 +137,11 @@ fn parse_id(segment: &str) -> Option<u64> {
 /// Serves one request.
 pub async fn handle(ctx: Arc<Context>, request: Request<Incoming>) -> Response<Body> {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
+    // Held until the answer is made; never closed, so the wait ends.
+    let _place = match &ctx.places {
+        Some(places) => places.acquire().await.ok(),
+        None => None,
+    };
     if !ctx.opts.delay.is_zero() {
         tokio::time::sleep(ctx.opts.delay).await;
     }

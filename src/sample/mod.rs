@@ -37,6 +37,12 @@ pub struct BackendOptions {
     pub delay: Duration,
     /// `max-age` of the cacheable answers.
     pub max_age: u32,
+    /// Requests served at once at most, the rest waiting their turn, as
+    /// an app server with N workers; `None` for no bound. With `delay`,
+    /// it gives an instance a capacity (N / delay a second), so that
+    /// adding instances shows in a load test: a sleep alone bounds
+    /// nothing, and one instance served what three did (review35c 6).
+    pub concurrency: Option<usize>,
 }
 
 impl BackendOptions {
@@ -45,6 +51,7 @@ impl BackendOptions {
             name: name.into(),
             delay: Duration::ZERO,
             max_age: 10,
+            concurrency: None,
         }
     }
 }
