@@ -192,11 +192,27 @@ async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
     let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::post(proxy.url("/up")).body(()).unwrap();
     let (response, mut upload) = client.send_request(request, false).unwrap();
-    // More than the stream's window, so the client has more to send.
-    upload.reserve_capacity(1 << 20);
-    upload
-        .send_data(Bytes::from(vec![b'x'; 256 << 10]), false)
-        .unwrap();
+    // Sent as curl sends, as fast as the windows let it, until the stream
+    // is stopped: the backend's socket fills, and the backend is seen to
+    // take nothing more.
+    let (stopped, mut reset) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+        loop {
+            upload.reserve_capacity(chunk.len());
+            match std::future::poll_fn(|cx| upload.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => {
+                    if upload.send_data(chunk.slice(..n), false).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        let reason = std::future::poll_fn(|cx| upload.poll_reset(cx)).await;
+        let _ = stopped.send(reason.ok());
+    });
     let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let mut body = response.into_body();
@@ -205,9 +221,90 @@ async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
         got.extend_from_slice(&data.unwrap());
     }
     assert_eq!(got, b"nope");
-    let reset = tokio::time::timeout(STEP, std::future::poll_fn(|cx| upload.poll_reset(cx))).await;
-    let reason = reset.expect("the upload was never stopped").unwrap();
-    assert_eq!(reason, h2::Reason::NO_ERROR);
+    let stopped = tokio::time::timeout(STEP, &mut reset).await;
+    let reason = stopped.expect("the upload was never stopped").unwrap();
+    assert_eq!(reason, Some(h2::Reason::NO_ERROR));
+}
+
+/// An HTTP/1.1 client that writes its whole upload before it reads (as
+/// most SDKs do) gets an answer given in full from the head as soon as the
+/// backend stops taking the rest: it waited `body_timeout` (30 s by
+/// default) while the backend neither read nor closed (review35d 3).
+#[tokio::test]
+async fn an_http1_upload_answered_in_full_is_let_go_once_the_backend_stops_reading() {
+    const UPLOAD: usize = 32 << 20;
+    let addr = serve_each(move |mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 4\r\n\r\nnope";
+        let _ = stream.write_all(answer).await;
+        // Neither reads nor closes.
+        tokio::time::sleep(STEP * 3).await;
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = STEP * 3;
+    config.server.max_request_body = UPLOAD as u64;
+    let proxy = start_proxy(config).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    // The whole upload first: until the backend is let go nothing reads it.
+    let body = vec![b'x'; UPLOAD];
+    let written = tokio::time::timeout(STEP, client.write_all(&body)).await;
+    assert!(written.is_ok(), "the upload was held until body_timeout");
+    let mut status = [0u8; 12];
+    let answer = tokio::time::timeout(STEP, client.read_exact(&mut status)).await;
+    assert!(answer.expect("an answer within STEP").is_ok());
+    assert_eq!(&status, b"HTTP/1.1 413");
+}
+
+/// A backend that answers an HTTP/2 upload at once and then reads all of
+/// it gets all of it: the stream is not cut at the answer's end
+/// (review35d 1: it reached the backend truncated, the client told
+/// NO_ERROR).
+#[tokio::test]
+async fn an_http2_upload_answered_early_still_reaches_a_backend_reading_it() {
+    const UPLOAD: usize = 8 << 20;
+    let (received, got) = tokio::sync::oneshot::channel();
+    let received = std::sync::Mutex::new(Some(received));
+    let addr = serve_each(move |mut stream| {
+        let received = received.lock().unwrap().take();
+        async move {
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\nok";
+            let _ = stream.write_all(answer).await;
+            // All of it (with its length, or chunked: no fewer bytes),
+            // from what came with the head on.
+            let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut seen = head.len() - end;
+            let mut buf = vec![0u8; 1 << 16];
+            while seen < UPLOAD {
+                match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => seen += n,
+                    _ => break,
+                }
+            }
+            if let Some(received) = received {
+                let _ = received.send(seen);
+            }
+        }
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.server.max_request_body = UPLOAD as u64;
+    let proxy = start_proxy(config).await;
+    let (mut sender, _connection) = h2c_connection(proxy.addr).await;
+    let request = Request::post(proxy.url("/up"))
+        .body(Full::new(Bytes::from(vec![b'x'; UPLOAD])))
+        .unwrap();
+    let response = tokio::time::timeout(STEP, sender.send_request(request)).await;
+    assert_eq!(response.unwrap().unwrap().status(), StatusCode::ACCEPTED);
+    let seen = tokio::time::timeout(STEP * 2, got).await.unwrap().unwrap();
+    assert!(seen >= UPLOAD, "the backend got {seen} bytes, not all");
 }
 
 /// A backend that answers an upload early and streams its answer before

@@ -117,9 +117,6 @@ struct UploadState {
     /// What a response body watching the upload sees (see
     /// [`UploadEnded::watch`]).
     outcome: Arc<std::sync::atomic::AtomicU8>,
-    /// The rest is not wanted once the answer is whole (see
-    /// [`UploadEnded::stop_with_answer`]).
-    stops_with_answer: std::sync::atomic::AtomicBool,
 }
 
 /// [`UploadState::outcome`]: still coming, read to its end, or broken off
@@ -192,43 +189,24 @@ impl UploadEnded {
     /// other once its request is sent) and counts as none of them, so
     /// [`UploadEnded::is_abandoned`] still counts right.
     pub fn watch(&self) -> UploadWatch {
-        UploadWatch {
-            outcome: self.0.outcome.clone(),
-            stops_with_answer: self.0.stops_with_answer.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The client is to be told to stop sending once its answer has been
-    /// sent whole: an HTTP/2 stream is reset with `NO_ERROR` then (RFC 9113
-    /// §8.1), where HTTP/1 has no such word short of closing the
-    /// connection.
-    pub fn stop_with_answer(&self) {
-        self.0.stops_with_answer.store(true, Ordering::Relaxed);
+        UploadWatch(self.0.outcome.clone())
     }
 }
 
 /// See [`UploadEnded::watch`].
 #[derive(Debug, Clone)]
-pub struct UploadWatch {
-    outcome: Arc<std::sync::atomic::AtomicU8>,
-    stops_with_answer: bool,
-}
+pub struct UploadWatch(Arc<std::sync::atomic::AtomicU8>);
 
 impl UploadWatch {
     /// Whether the upload broke off.
     pub fn failed(&self) -> bool {
-        self.outcome.load(Ordering::Relaxed) == FAILED
+        self.0.load(Ordering::Relaxed) == FAILED
     }
 
     /// Whether the upload is still coming: neither read to its end nor
     /// broken off.
     pub fn coming(&self) -> bool {
-        self.outcome.load(Ordering::Relaxed) == COMING
-    }
-
-    /// See [`UploadEnded::stop_with_answer`].
-    pub fn stops_with_answer(&self) -> bool {
-        self.stops_with_answer
+        self.0.load(Ordering::Relaxed) == COMING
     }
 }
 

@@ -253,9 +253,10 @@ impl Proxy {
         let upstream = |u: &crate::config::Upstream| match old_upstreams.get(u.name.as_str()) {
             Some(same) if same.config == *u => Arc::clone(same),
             Some(retuned) => {
-                let next = Upstream::rebuild(u.clone(), &metrics, retuned);
+                // First, so no verdict of the old checker is lost between
+                // the new generation's copy of its state and its end.
                 retuned.stop_checks();
-                next
+                Upstream::rebuild(u.clone(), &metrics, retuned)
             }
             None => Upstream::new(u.clone(), &metrics),
         };
@@ -800,13 +801,7 @@ fn forward_with_retries<'a>(
     let retries = upstream.config.retries;
     let bodiless = http_body::Body::is_end_stream(&body);
     // Whether the upload is over when the answer comes (see `InFlight`).
-    let upload = (!bodiless).then(|| {
-        let ended = body.end_marker();
-        if parts.version == Version::HTTP_2 {
-            ended.stop_with_answer();
-        }
-        ended
-    });
+    let upload = (!bodiless).then(|| body.end_marker());
     let idempotent = bodiless && is_idempotent(&parts.method);
     // Only requests that may loop keep a copy of their head.
     let replay = (retries > 0).then(|| copy_head(&parts));

@@ -223,15 +223,16 @@ struct HeadWait {
     /// not counters: a count per read and write cost every request.
     write_blocked: std::sync::atomic::AtomicBool,
     moved: std::sync::atomic::AtomicBool,
-    /// An HTTP/2 client's upload, still coming when its answer came, whose
-    /// rest is not wanted once the answer has gone out whole (see
-    /// [`UploadEnded::stop_with_answer`]); `answered` says it has. Set
-    /// once: such a connection is not reused.
-    ///
-    /// [`UploadEnded::stop_with_answer`]: crate::proxy::body::UploadEnded::stop_with_answer
-    unwanted_upload: std::sync::OnceLock<UploadWatch>,
+    /// The client's upload, still coming when its answer came (see
+    /// [`HeadWait::late`]); `answered` says the answer has gone out whole.
+    /// Set once: such a connection is not reused.
+    answered_upload: std::sync::OnceLock<UploadWatch>,
     answered: tokio::sync::Notify,
 }
+
+/// How long a backend that has answered in full may take nothing of the
+/// rest of an upload before it is let go (see [`HeadWait::late`]).
+const ANSWERED_STALL: Duration = Duration::from_secs(2);
 
 /// How many 5 ms looks a finished connection with bytes left over gives
 /// its response's reader to say the body broke (see [`Pool::serve`]).
@@ -414,8 +415,18 @@ impl HeadWait {
     /// connection, and what hyper had queued of the upload, until it
     /// closed it itself, ten minutes in review34a F3. Before the head,
     /// the request's own wait bounds such a stall (`after_upload`).
+    ///
+    /// Once the answer has gone out whole, [`ANSWERED_STALL`] of that is
+    /// enough ([`Late::Answered`]): the client, which has its answer,
+    /// waited `body_timeout` to be let go (30 s for an HTTP/1 client
+    /// writing its whole body before it reads; an HTTP/2 one's stream
+    /// window stayed shut, review34g L1, review35d 3). A backend still
+    /// taking the upload, at any pace, gets all of it (review35d 1: cut at
+    /// the answer's end, an HTTP/2 upload reached the backend truncated).
     async fn late(&self, limit: Duration, stall: Duration) -> Late {
-        let step = (limit.min(stall) / 8).max(Duration::from_millis(10));
+        let mut step = (limit.min(stall) / 8).max(Duration::from_millis(10));
+        let mut stall = stall;
+        let mut answered = false;
         let mut seen = 0;
         let mut since = tokio::time::Instant::now();
         let mut wake = since + step;
@@ -423,7 +434,13 @@ impl HeadWait {
         loop {
             tokio::select! {
                 biased;
-                () = self.answered.notified() => return Late::Answered,
+                () = self.answered.notified(), if !answered => {
+                    answered = true;
+                    stall = stall.min(ANSWERED_STALL);
+                    step = step.min(ANSWERED_STALL / 8);
+                    wake = wake.min(tokio::time::Instant::now() + step);
+                    continue;
+                }
                 () = tokio::time::sleep_until(wake) => {}
             }
             // The clock read, not the steps counted: steps that each wake a
@@ -438,7 +455,11 @@ impl HeadWait {
             {
                 stuck = at;
             } else if at >= stuck + stall {
-                return Late::Upload;
+                return if answered {
+                    Late::Answered
+                } else {
+                    Late::Upload
+                };
             }
             let now = self.waiting.load(Ordering::Acquire);
             if now == 0 || now != seen {
@@ -466,8 +487,8 @@ impl HeadWait {
 enum Late {
     Head,
     Upload,
-    /// An HTTP/2 client's upload is not wanted any more (see
-    /// [`HeadWait::answered`]).
+    /// The answer went out whole, and the backend then stopped taking
+    /// the upload (see [`HeadWait::late`]).
     Answered,
 }
 
@@ -763,14 +784,19 @@ impl Pool {
                                 #[cfg(unix)]
                                 reset_on_close(fd);
                             }
-                            // Dropping the upload with the connection
-                            // resets the client's stream with NO_ERROR once
-                            // its answer is out (h2 does so for a stream
-                            // whose sending side is closed). Reset here
-                            // too: what was queued for a backend that
-                            // stopped reading goes nowhere.
+                            // Dropping the upload with the connection tells
+                            // the client to stop: an HTTP/2 stream is reset
+                            // with NO_ERROR (h2 does so for a stream whose
+                            // sending side is closed, RFC 9113 §8.1); an
+                            // HTTP/1 client's rest is read and dropped as
+                            // its connection closes (lingering close).
+                            // Reset here too: what was queued for a
+                            // backend that stopped reading goes nowhere.
                             Late::Answered => {
-                                tracing::debug!("the HTTP/2 client's upload was answered whole before its end; the rest is refused and the backend connection closed");
+                                tracing::info!(
+                                    backend = backend.as_ref().map(tracing::field::display),
+                                    "backend answered in full before reading the whole upload, then stopped taking it; upload cut and backend connection closed"
+                                );
                                 #[cfg(unix)]
                                 reset_on_close(fd);
                             }
@@ -865,10 +891,9 @@ impl Pool {
         // Answered before the upload ended: a backend that does not read
         // the rest (RFC 9112 §9.3 says it must, or close) takes it for the
         // next request, and another client gets the answer to that. nginx
-        // does not keep such a connection either; an HTTP/1 upload still
-        // goes on to its end, an HTTP/2 one stops with the answer.
-        let mid_upload = upload.is_some_and(UploadWatch::coming);
-        let stop_upload = upload.filter(|u| u.coming() && u.stops_with_answer());
+        // does not keep such a connection either; the upload goes on while
+        // the backend takes it (see `HeadWait::late`).
+        let mid_upload = upload.filter(|u| u.coming());
         // Both framings (RFC 9112 §6.3): the length hyper ignored may be the
         // one the backend meant, and then what is left on the wire is the
         // next client's "response".
@@ -878,11 +903,12 @@ impl Pool {
         // the end of the connection yet, and the next request's writes
         // would go nowhere.
         let gone = conn.reset();
-        let reusable = !(upgraded || keep_for.is_zero() || mid_upload || framed_twice || gone);
+        let reusable =
+            !(upgraded || keep_for.is_zero() || mid_upload.is_some() || framed_twice || gone);
         let (parts, inner) = response.into_parts();
         let head = if reusable { None } else { conn.head.take() };
-        if let (Some(head), Some(upload)) = (&head, stop_upload) {
-            let _ = head.unwanted_upload.set(upload.clone());
+        if let (Some(head), Some(upload)) = (&head, mid_upload) {
+            let _ = head.answered_upload.set(upload.clone());
         }
         let mut body = UpstreamBody {
             inner,
@@ -1142,14 +1168,13 @@ impl UpstreamBody {
         }
     }
 
-    /// Read to its end: the connection goes back to the pool, or, when it
-    /// is not to be reused for an upload still coming that is not wanted,
-    /// is told to stop it.
+    /// Read to its end: the connection goes back to the pool, or, when an
+    /// upload still comes on it, its task is told the answer is whole.
     fn finished(&mut self) {
         if let Some(reuse) = self.reuse.take() {
             reuse.pool.put_back(reuse.index, reuse.conn);
         } else if let Some(head) = &self.head {
-            if head.unwanted_upload.get().is_some_and(UploadWatch::coming) {
+            if head.answered_upload.get().is_some_and(UploadWatch::coming) {
                 head.answered.notify_one();
             }
         }
@@ -1167,7 +1192,11 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finished(),
+            // Trailers are the last frame: hyper's HTTP/2 server asks for
+            // nothing after them (review35e L5).
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || this.inner.is_end_stream() => {
+                this.finished()
+            }
             Poll::Ready(None) => {
                 this.ended = true;
                 this.finished();
