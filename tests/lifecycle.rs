@@ -1600,6 +1600,29 @@ async fn past_max_connections_a_connection_that_sent_nothing_makes_room() {
     assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
 }
 
+/// A first request that arrives in time is answered even when the head
+/// deadline of its connection, idle until then, passes while it is served
+/// (review35e M1: closed at the deadline with no answer).
+#[tokio::test]
+async fn a_first_request_arriving_just_before_the_head_deadline_is_answered() {
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_secs(1);
+    let backend = start_backend(opts).await;
+    let mut config = config_for(&[&backend]);
+    config.server.max_connections = Some(10);
+    config.server.request_header_timeout = Duration::from_secs(3);
+    let proxy = start_proxy(config).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut stream)).await;
+    let head = head.expect("within STEP").expect("an answer, not a close");
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+}
+
 /// At the cap, an HTTP/2 connection without a stream makes room as an
 /// idle HTTP/1.1 one does, closed with a GOAWAY: idle ones held every
 /// place until `idle_timeout` (review33e F3). One with a stream in flight

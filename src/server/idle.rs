@@ -121,6 +121,10 @@ pub(super) struct Limits {
     /// it, this long idle may be parked, and an HTTP/2 one this long
     /// without a stream counts as idle; `None` never.
     pub park: Option<Duration>,
+    /// A connection that has read nothing yet counts as idle too after
+    /// `park`: only to make room at `server.max_connections`, so only
+    /// under a cap (see `server::serve_connection`).
+    pub park_fresh: bool,
 }
 
 /// Why the watchdog fired.
@@ -390,6 +394,7 @@ impl Activity {
             head,
             unread: unread_limit,
             park,
+            park_fresh,
         } = limits;
         // A floor so a millisecond timeout does not spin a timer per
         // connection; such a timeout then fires within 10 ms of its due.
@@ -491,7 +496,7 @@ impl Activity {
             // quiet this long has no stream open (it counted only then).
             let between_requests = self.multiplexed.load(Ordering::Relaxed)
                 || (!self.head_pending.load(Ordering::Relaxed) && self.upload_read())
-                || self.never_read();
+                || (park_fresh && self.never_read());
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
                 return Expired::Parkable(idle_quiet);
             }
@@ -914,6 +919,7 @@ mod park_tests {
         head: Duration::from_secs(10),
         unread: Duration::from_secs(60),
         park: Some(Duration::from_secs(1)),
+        park_fresh: true,
     };
 
     /// What the watchdog says within a minute of (paused) time.
@@ -965,12 +971,21 @@ mod park_tests {
         );
 
         // No byte yet: idle too, and may make room at the cap (it stays
-        // with hyper, see `server::serve_connection`).
+        // with hyper, see `server::serve_connection`); without a cap, the
+        // head timer's.
         let fresh = Arc::new(Activity::new());
         assert_eq!(
             verdict(&fresh).await,
             Some(Expired::Parkable(Duration::from_millis(2500)))
         );
+        let uncapped = Limits {
+            park_fresh: false,
+            ..LIMITS
+        };
+        let fresh = Arc::new(Activity::new());
+        let verdict_uncapped =
+            tokio::time::timeout(Duration::from_secs(59), fresh.expired(uncapped)).await;
+        assert_eq!(verdict_uncapped.ok(), Some(Expired::Head));
         // The first head begun: the head timer's.
         let begun = Arc::new(Activity::new());
         begun.on_read(b"GET / HT");

@@ -142,6 +142,7 @@ impl ConnectionSettings {
             head: self.header_timeout,
             unread: self.idle_timeout,
             park: Some(PARK_AFTER),
+            park_fresh: self.max_connections.is_some(),
         }
     }
 
@@ -151,6 +152,7 @@ impl ConnectionSettings {
         idle::Limits {
             idle: self.idle_timeout.min(DRAIN_QUIET),
             park: None,
+            park_fresh: false,
             ..self.limits()
         }
     }
@@ -160,6 +162,7 @@ impl ConnectionSettings {
     fn reclaimed_limits(&self) -> idle::Limits {
         idle::Limits {
             park: None,
+            park_fresh: false,
             ..self.limits()
         }
     }
@@ -694,7 +697,7 @@ async fn accept_loop(
     tracing::debug!(listener = local, "listener closed");
 }
 
-/// A client's TLS handshake (or its first byte) did not come within
+/// A client's TLS handshake, begun, did not finish within
 /// `request_header_timeout`.
 fn handshake_timed_out(shared: &Shared, peer: SocketAddr) {
     shared.metrics.tls_handshake_failed(true);
@@ -1102,18 +1105,31 @@ async fn serve_connection<IO: Parkable>(
             }
         };
         let slots = &held.shared.slots;
+        // One place in the queue for the whole wait, so the connection idle
+        // longest is asked first: made anew at each tick, it went to the
+        // back of the queue once a second (review35e L6).
+        let mut reclaim = std::pin::pin!(slots.reclaim.notified());
+        reclaim.as_mut().enable();
         let idle = loop {
             tokio::select! {
                 biased;
                 result = &mut connection => break Some(End::Done(result)),
                 _ = held.shutdown.recv() => break Some(End::Drain),
                 () = tokio::time::sleep_until(idle_until) => {
+                    // A request that came since the last tick is served:
+                    // closed at the deadline, one that arrived in time went
+                    // unanswered (review35e M1).
+                    if used() {
+                        break None;
+                    }
                     tracing::debug!(client = %conn.peer, "closing idle connection");
                     // Nothing to say goodbye to, as the watchdog's head
                     // timer would drop it.
                     break Some(if fresh { End::Close } else { End::Graceful });
                 }
-                () = slots.reclaim.notified() => {
+                () = &mut reclaim => {
+                    reclaim.set(slots.reclaim.notified());
+                    reclaim.as_mut().enable();
                     let cap = held.shared.connections.load().max_connections;
                     // A stream came meanwhile: back to the watchdog.
                     match slots.reclaimed(cap, used) {
