@@ -220,13 +220,24 @@ fn a_demo_port_in_use_names_the_flag_to_change() {
 /// DESIGN's standard flags are the order backend's too.
 #[test]
 fn the_order_backend_takes_the_standard_flags() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order-backend"))
-        .args(["--listen", "127.0.0.1:0", "--name", "j"])
-        .args(["--threads", "1", "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Killed however the test ends, not left running after a failed
+    // assertion (review35e L7).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_order-backend"))
+            .args(["--listen", "127.0.0.1:0", "--name", "j"])
+            .args(["--threads", "1", "--log-format", "json"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -254,8 +265,7 @@ fn the_order_backend_takes_the_standard_flags() {
     std::io::Write::write_all(&mut stream, ask.as_bytes()).unwrap();
     let mut answer = String::new();
     let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(
         answer
             .to_ascii_lowercase()

@@ -138,7 +138,15 @@ impl BackendState {
     /// back-off started again at a second (review35a F3). As Envoy keeps
     /// a host's outlier state across an update that keeps the host.
     pub fn keeping_passive(self, previous: &BackendState) -> Self {
-        let until = previous.ejected_until.load(Ordering::Relaxed);
+        // A probe out is the old generation's, and its outcome is recorded
+        // there: the hold it set would keep the backend out here for the
+        // whole hold whatever the probe found (review35e L2), so this
+        // generation's next pick probes at once (1: ejected, and over).
+        let until = if previous.probing.load(Ordering::Relaxed) {
+            1
+        } else {
+            previous.ejected_until.load(Ordering::Relaxed)
+        };
         self.ejected_until.store(until, Ordering::Relaxed);
         for (to, from) in [
             (&self.failures, &previous.failures),

@@ -46,10 +46,14 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
+/// What building a cycle may cost, in steps (its length times the
+/// backends): about 10 ms.
+const CYCLE_WORK: i64 = 1 << 24;
+
 /// One full smooth weighted round-robin cycle over the eligible candidates,
 /// as indices into `candidates`. Weights are first divided by their greatest
-/// common divisor, so 300/100 costs a cycle of 4, not 400, and the cycle
-/// is at most 16 entries a backend long (1024 at least).
+/// common divisor, so 300/100 costs a cycle of 4, not 400; past
+/// [`CYCLE_WORK`] they are scaled down in proportion.
 pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     let eligible: Vec<(usize, u64)> = candidates
         .iter()
@@ -66,13 +70,32 @@ pub fn weighted_cycle(candidates: &[Candidate]) -> Vec<usize> {
     // The cycle costs its length times the backends to build, and its
     // length in memory: 900 backends weighted 500 to 1000 made one of
     // 675,000 entries, 0.5 s of a worker at each change of health
-    // (review35a F4). Past 16 entries a backend (1024 at least), weights
-    // are scaled down to fit, in proportion within a step of 1, as
-    // HAProxy's effective weights never pass 256.
-    let limit = (16 * weights.len() as i64).max(1024);
-    if total > limit {
-        for (_, weight) in &mut weights {
-            *weight = (*weight * limit / total).max(1);
+    // (review35a F4). Past CYCLE_WORK steps (up to 129 backends never
+    // reach it, weights being at most 1000) the weights are scaled down
+    // to fit, each to its share within a turn (largest remainders first,
+    // one turn at least), where a cap on the length alone made small
+    // weights count as 1, several times their share (review35d 2).
+    let n = weights.len() as i64;
+    if total.saturating_mul(n) > CYCLE_WORK {
+        let limit = (CYCLE_WORK / n).max(n);
+        let mut scaled: Vec<(i64, i64)> = weights
+            .iter()
+            .map(|(_, w)| ((w * limit / total).max(1), w * limit % total))
+            .collect();
+        let mut short = limit - scaled.iter().map(|(s, _)| s).sum::<i64>();
+        if short > 0 {
+            let mut order: Vec<usize> = (0..scaled.len()).collect();
+            order.sort_by_key(|&k| std::cmp::Reverse(scaled[k].1));
+            for k in order {
+                if short == 0 {
+                    break;
+                }
+                scaled[k].0 += 1;
+                short -= 1;
+            }
+        }
+        for ((_, weight), (share, _)) in weights.iter_mut().zip(scaled) {
+            *weight = share;
         }
         total = weights.iter().map(|(_, w)| w).sum();
     }
@@ -531,14 +554,14 @@ mod tests {
         assert_eq!((count(0), count(1), count(2)), (7, 2, 3));
     }
 
-    /// Many backends with weights that share no factor: a cycle of 16
-    /// entries a backend, each backend's share within a step of its
-    /// weight's (review35a F4: 675,000 entries for 900 backends).
+    /// Many backends with weights that share no factor: a cycle within
+    /// its work bound, each backend's share within a turn of its weight's
+    /// (review35a F4: 675,000 entries for 900 backends).
     #[test]
     fn a_long_cycle_is_scaled_down_in_proportion() {
         let candidates: Vec<Candidate> = (0..900u32).map(|i| up(500 + i * 7 % 501)).collect();
         let cycle = weighted_cycle(&candidates);
-        assert!(cycle.len() <= 16 * 900, "{}", cycle.len());
+        assert!(cycle.len() as i64 * 900 <= CYCLE_WORK, "{}", cycle.len());
         let total: u32 = candidates.iter().map(|c| c.weight).sum();
         let mut seen = vec![0usize; candidates.len()];
         for &i in &cycle {
@@ -552,6 +575,24 @@ mod tests {
                 seen[i]
             );
         }
+    }
+
+    /// Below the work bound the cycle is exact, small weights included
+    /// (review35d 2: 32 backends at 1000 and 32 at 10 went 31:1, a canary
+    /// at 1 among twenty at 100 got twice its share).
+    #[test]
+    fn small_weights_keep_their_share() {
+        let mixed: Vec<Candidate> = (0..64)
+            .map(|i| up(if i < 32 { 1000 } else { 10 }))
+            .collect();
+        let cycle = weighted_cycle(&mixed);
+        let count = |i| cycle.iter().filter(|&&x| x == i).count();
+        assert_eq!((count(0), count(40)), (100, 1));
+        let mut canary: Vec<Candidate> = (0..20).map(|_| up(100)).collect();
+        canary.push(up(1));
+        let cycle = weighted_cycle(&canary);
+        let count = |i| cycle.iter().filter(|&&x| x == i).count();
+        assert_eq!((count(0), count(20)), (100, 1));
     }
 
     #[test]
