@@ -67,15 +67,30 @@ fn bearer(request: &Request<Incoming>) -> Option<&str> {
 /// reload brings it: it is a bearer secret, and 16 hex digits are 64 bits.
 const MIN_TOKEN_LEN: usize = 16;
 
-/// Warns of a `token` short enough to guess. Only a warning: the file may
-/// be a test's, and the port loopback.
+/// Why `token` is short enough to guess, if it is. Only a warning: the
+/// file may be a test's, and the port loopback.
+pub fn short_token(token: Option<&str>) -> Option<String> {
+    let short = token.filter(|t| t.len() < MIN_TOKEN_LEN)?;
+    Some(format!(
+        "the admin token is short enough to guess ({} characters); use at least {MIN_TOKEN_LEN} random characters (openssl rand -hex 16)",
+        short.len()
+    ))
+}
+
+/// Warns of a `token` short enough to guess (see [`short_token`]).
 pub fn warn_if_short(token: Option<&str>) {
-    if let Some(short) = token.filter(|t| t.len() < MIN_TOKEN_LEN) {
-        tracing::warn!(
-            length = short.len(),
-            "the admin token is short enough to guess; use at least {MIN_TOKEN_LEN} random characters (openssl rand -hex 16)"
-        );
+    if let (Some(why), Some(token)) = (short_token(token), token) {
+        tracing::warn!(length = token.len(), "{why}");
     }
+}
+
+/// Why the admin listener at `addr` is exposed, if it listens beyond
+/// loopback: `/metrics` and `/status` (the backends' addresses) answer
+/// anyone who reaches the port, and the token crosses it in clear text.
+pub fn exposed(addr: SocketAddr) -> Option<&'static str> {
+    (!addr.ip().is_loopback()).then_some(
+        "admin listens beyond loopback: /metrics and /status answer without a token, and the token travels unencrypted; keep the port behind a firewall",
+    )
 }
 
 /// `None` when the caller may mutate; otherwise the refusal.
@@ -250,6 +265,8 @@ async fn handle(
                 return refusal;
             }
             if shared.draining() {
+                // Logged as a SIGHUP then is (review35d 6).
+                tracing::warn!(client = %peer, "reload ignored: shutting down");
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "reload ignored: shutting down\n",

@@ -77,6 +77,10 @@ pub async fn run_until(
     // As `portico --config` logs it: one line per listener.
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
     sample::warn_if_public(proxy_addr);
+    // As `portico --config` warns of it (review35d 6).
+    if let Some(why) = crate::admin::exposed(admin_addr) {
+        tracing::warn!(addr = %admin_addr, "{why}");
+    }
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);

@@ -39,13 +39,8 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },
         "admin listening"
     );
-    if !config.admin.listen.ip().is_loopback() {
-        // `/metrics` and `/status` (the backends' addresses) answer anyone
-        // who reaches the port, and the token crosses it in clear text.
-        tracing::warn!(
-            addr = %config.admin.listen,
-            "admin listens beyond loopback: /metrics and /status answer without a token, and the token travels unencrypted; keep the port behind a firewall"
-        );
+    if let Some(why) = admin::exposed(config.admin.listen) {
+        tracing::warn!(addr = %config.admin.listen, "{why}");
     }
     let shared = server::Shared::with_path(&config, Some(path));
     shared

@@ -66,6 +66,16 @@ fn main() -> ExitCode {
                             portico::server::OPEN_FILE_LIMIT_SHORT
                         ));
                     }
+                    // What the start would warn of, said before it
+                    // (review35d 6: `check` said only "configuration ok").
+                    let token = config.admin.token.as_ref().map(|t| t.0.as_ref());
+                    let warnings = [
+                        portico::admin::short_token(token),
+                        portico::admin::exposed(config.admin.listen).map(str::to_owned),
+                    ];
+                    for warning in warnings.into_iter().flatten() {
+                        say_err(format_args!("portico check: warning: {warning}"));
+                    }
                     say("configuration ok");
                     ExitCode::SUCCESS
                 }

@@ -931,6 +931,18 @@ fn a_short_admin_token_is_warned_about() {
         .find(|l| l.contains("short enough to guess"))
         .unwrap_or_else(|| panic!("no warning in {:#?}", run.seen));
     assert!(line.contains("\"length\":2"), "{line}");
+    // `check` says it too, before any start (review35d 6).
+    let out = Command::new(PORTICO)
+        .args(["check", "-c"])
+        .arg(run.dir.join("portico.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warning: the admin token is short enough to guess"),
+        "{said}"
+    );
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

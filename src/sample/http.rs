@@ -453,10 +453,10 @@ fn parse_order(body: &[u8]) -> Result<NewOrder, String> {
     if !value.is_object() || items.is_some_and(|items| !items.iter().all(|i| i.is_object())) {
         return Err("an order and each of its items are JSON objects".to_owned());
     }
-    // Numbers out of range said as the rules say them, not as serde's
-    // "invalid value: integer -5, expected u64" (review35c 5).
-    let whole =
-        |v: &serde_json::Value, max: u64| !v.is_number() || v.as_u64().is_some_and(|n| n <= max);
+    // Numbers out of range, or not numbers, said as the rules say them,
+    // not as serde's "invalid value: integer -5, expected u64" (review35c
+    // 5, review35d 6).
+    let whole = |v: &serde_json::Value, max: u64| v.as_u64().is_some_and(|n| n <= max);
     if value
         .get("amount_cents")
         .is_some_and(|v| !whole(v, u64::MAX))
@@ -516,7 +516,7 @@ mod tests {
             parse_order(text.as_bytes()).map(drop)
         };
         assert_eq!(order("5", "1"), Ok(()));
-        for amount in ["-5", "1.5", "1e30"] {
+        for amount in ["-5", "1.5", "1e30", "\"100\""] {
             let refused = order(amount, "1").unwrap_err();
             assert!(
                 refused.starts_with("amount_cents must be a whole number"),
