@@ -51,13 +51,24 @@ pub struct Metrics {
     last_load_success_time: IntGauge,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are static and valid");
+/// `metric`, registered in `registry`.
+fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry
         .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
     metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registered(registry, metric)
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registered(registry, metric)
 }
 
 fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -66,26 +77,17 @@ fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -
         labels,
     )
     .expect("metric names and labels are static and valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("each metric is registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("metric names are static and valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("each metric is registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("metric names are static and valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("each metric is registered once");
-    metric
+    registered(registry, metric)
 }
 
 impl Metrics {
@@ -96,30 +98,20 @@ impl Metrics {
             // Only fails if registered twice, which a fresh registry rules out.
             let _ = registry.register(Box::new(Process::new()));
         }
-        let backend_up = IntGaugeVec::new(
-            Opts::new(
-                "portico_backend_up",
-                "1 if the backend is healthy (up by its checks, not ejected); a drained one (weight 0) stays 1",
-            ),
+        let backend_up = gauge_vec(
+            &registry,
+            "portico_backend_up",
+            "1 if the backend is healthy (up by its checks, not ejected); a drained one (weight 0) stays 1",
             &["upstream", "backend"],
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(backend_up.clone()))
-            .expect("each metric is registered once");
+        );
         // A drained backend shows in Prometheus too, not only in /status
         // (review35b F5; HAProxy exports each server's weight).
-        let backend_weight = IntGaugeVec::new(
-            Opts::new(
-                "portico_backend_weight",
-                "The backend's configured weight; 0 when drained (it takes no new requests)",
-            ),
+        let backend_weight = gauge_vec(
+            &registry,
+            "portico_backend_weight",
+            "The backend's configured weight; 0 when drained (it takes no new requests)",
             &["upstream", "backend"],
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(backend_weight.clone()))
-            .expect("each metric is registered once");
+        );
         Metrics {
             requests: counter_vec(
                 &registry,
