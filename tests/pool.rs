@@ -221,7 +221,8 @@ async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
         got.extend_from_slice(&data.unwrap());
     }
     assert_eq!(got, b"nope");
-    let stopped = tokio::time::timeout(STEP, &mut reset).await;
+    // Let go 10 s after the answer (body_timeout is 30 s here).
+    let stopped = tokio::time::timeout(STEP * 2, &mut reset).await;
     let reason = stopped.expect("the upload was never stopped").unwrap();
     assert_eq!(reason, Some(h2::Reason::NO_ERROR));
 }
@@ -252,7 +253,8 @@ async fn an_http1_upload_answered_in_full_is_let_go_once_the_backend_stops_readi
     client.write_all(head.as_bytes()).await.unwrap();
     // The whole upload first: until the backend is let go nothing reads it.
     let body = vec![b'x'; UPLOAD];
-    let written = tokio::time::timeout(STEP, client.write_all(&body)).await;
+    // Let go 10 s after the answer (body_timeout is 30 s here).
+    let written = tokio::time::timeout(STEP * 2, client.write_all(&body)).await;
     assert!(written.is_ok(), "the upload was held until body_timeout");
     let mut status = [0u8; 12];
     let answer = tokio::time::timeout(STEP, client.read_exact(&mut status)).await;

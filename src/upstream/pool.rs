@@ -231,8 +231,10 @@ struct HeadWait {
 }
 
 /// How long a backend that has answered in full may take nothing of the
-/// rest of an upload before it is let go (see [`HeadWait::late`]).
-const ANSWERED_STALL: Duration = Duration::from_secs(2);
+/// rest of an upload before it is let go (see [`HeadWait::late`]), when
+/// `body_timeout` is longer: 2 s cut backends that set something up
+/// before reading the rest (review35f 2).
+const ANSWERED_STALL: Duration = Duration::from_secs(10);
 
 /// How many 5 ms looks a finished connection with bytes left over gives
 /// its response's reader to say the body broke (see [`Pool::serve`]).
@@ -423,7 +425,19 @@ impl HeadWait {
     /// window stayed shut, review34g L1, review35d 3). A backend still
     /// taking the upload, at any pace, gets all of it (review35d 1: cut at
     /// the answer's end, an HTTP/2 upload reached the backend truncated).
-    async fn late(&self, limit: Duration, stall: Duration) -> Late {
+    ///
+    /// The backend takes the upload when a write to its socket goes
+    /// through, or, its socket full, when what is queued to it shrinks
+    /// (`unsent`, read each step while writes wait): the kernel wakes a
+    /// writer only once half the queue has gone, which for a backend
+    /// reading under ~650 KB/s took over 2 s, and a backend reading the
+    /// whole time was cut as stalled (review35f 1).
+    async fn late(
+        &self,
+        limit: Duration,
+        stall: Duration,
+        unsent: impl Fn() -> Option<u64>,
+    ) -> Late {
         let mut step = (limit.min(stall) / 8).max(Duration::from_millis(10));
         let mut stall = stall;
         let mut answered = false;
@@ -431,6 +445,7 @@ impl HeadWait {
         let mut since = tokio::time::Instant::now();
         let mut wake = since + step;
         let mut stuck = since;
+        let mut queued: Option<u64> = None;
         loop {
             tokio::select! {
                 biased;
@@ -449,10 +464,12 @@ impl HeadWait {
             // A response still coming is no stall: a backend may read
             // the rest of an upload once it has answered (review34f M2).
             let moved = self.moved.swap(false, Ordering::Relaxed);
-            if moved
-                || !self.write_blocked.load(Ordering::Relaxed)
-                || self.heading.load(Ordering::Relaxed)
-            {
+            let blocked = self.write_blocked.load(Ordering::Relaxed);
+            // Only while writes wait: one syscall a step, not a request.
+            let now_queued = if blocked { unsent() } else { None };
+            let drained = matches!((queued, now_queued), (Some(before), Some(now)) if now < before);
+            queued = now_queued;
+            if moved || drained || !blocked || self.heading.load(Ordering::Relaxed) {
                 stuck = at;
             } else if at >= stuck + stall {
                 return if answered {
@@ -755,7 +772,7 @@ impl Pool {
             let served = {
                 // Polled only when its timer fires, not at each read and
                 // write of the connection.
-                let late = std::pin::pin!(watch.late(limit, stall));
+                let late = std::pin::pin!(watch.late(limit, stall, || unsent(fd)));
                 // Marked as a connection poll, as the client side's is:
                 // an upload being gathered that yields knows hyper's
                 // writing loop polling it again is not its next turn.
@@ -793,7 +810,7 @@ impl Pool {
                             // Reset here too: what was queued for a
                             // backend that stopped reading goes nowhere.
                             Late::Answered => {
-                                tracing::info!(
+                                tracing::warn!(
                                     backend = backend.as_ref().map(tracing::field::display),
                                     "backend answered in full before reading the whole upload, then stopped taking it; upload cut and backend connection closed"
                                 );
@@ -1050,6 +1067,22 @@ fn tcp_of(io: &Io) -> &TcpStream {
         MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner(),
     };
     tcp.inner()
+}
+
+/// Bytes queued to send on the socket `fd` and not yet taken by its peer
+/// (`SIOCOUTQ`): shrinking, the peer is reading.
+#[cfg(unix)]
+fn unsent(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `fd` is an open socket its caller owns; the ioctl writes one
+    // int into the value given.
+    let done = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (done == 0).then(|| u64::try_from(queued).unwrap_or(0))
+}
+
+#[cfg(not(unix))]
+fn unsent(_: ()) -> Option<u64> {
+    None
 }
 
 /// Makes the close of the socket `fd` a reset that drops what is still
