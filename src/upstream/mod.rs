@@ -147,34 +147,13 @@ impl Upstream {
                 }
             })
             .collect();
-        let mut builder = hyper::client::conn::http1::Builder::new();
-        // hyper lets a backend connection's read buffer grow to ~400 KiB
-        // on large bodies, and keeps it for the connection's life.
-        builder.max_buf_size(UPSTREAM_READ_BUFFER);
-        // RFC 9112 §5.1: a proxy MUST remove whitespace between a response
-        // field's name and its colon before forwarding; refused, `Foo :
-        // bar` made the whole response a 502 (review32c F7). Requests
-        // with it are still refused (400), as the RFC requires.
-        builder.allow_spaces_after_header_name_in_responses(true);
-        let scheme = if config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let targets = backends
-            .iter()
-            .map(|b| {
-                Uri::try_from(format!("{scheme}://{}/", b.authority))
-                    .expect("a scheme and a socket address make a valid URI")
-            })
-            .collect();
         // The pool, with its connections, goes on when nothing it uses
         // changed (a weight, the balance, the checks): each such reload
         // closed every backend connection, a TLS handshake apiece on a
         // `tls` upstream (review35a).
         let pool = match previous {
             Some(previous) if same_pool(&previous.config, &config) => previous.pool.clone(),
-            _ => Pool::new(tls::connector(&config), builder, targets, &config),
+            _ => new_pool(&config, &backends),
         };
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
@@ -601,6 +580,32 @@ fn same_checks(previous: &config::Upstream, next: &config::Upstream) -> bool {
         }
         _ => false,
     }
+}
+
+/// A connection pool for `config`'s `backends`.
+fn new_pool(config: &config::Upstream, backends: &[Backend]) -> Arc<Pool> {
+    let mut builder = hyper::client::conn::http1::Builder::new();
+    // hyper lets a backend connection's read buffer grow to ~400 KiB
+    // on large bodies, and keeps it for the connection's life.
+    builder.max_buf_size(UPSTREAM_READ_BUFFER);
+    // RFC 9112 §5.1: a proxy MUST remove whitespace between a response
+    // field's name and its colon before forwarding; refused, `Foo :
+    // bar` made the whole response a 502 (review32c F7). Requests
+    // with it are still refused (400), as the RFC requires.
+    builder.allow_spaces_after_header_name_in_responses(true);
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let targets = backends
+        .iter()
+        .map(|b| {
+            Uri::try_from(format!("{scheme}://{}/", b.authority))
+                .expect("a scheme and a socket address make a valid URI")
+        })
+        .collect();
+    Pool::new(tls::connector(config), builder, targets, config)
 }
 
 /// Whether `next` can keep `previous`'s connection pool: the same backends
