@@ -790,30 +790,27 @@ impl Pool {
                             Late::Head => tracing::debug!("no response head within response_timeout; backend connection closed"),
                             // As nginx logs an upstream that timed out
                             // while it was sent the request (review34g
-                            // L1: a debug line only).
-                            Late::Upload => {
-                                tracing::warn!(
-                                    backend = backend.as_ref().map(tracing::field::display),
-                                    "backend answered before reading the whole upload, then took nothing of the rest for body_timeout; backend connection closed"
-                                );
-                                // The connection, which owns the socket,
-                                // is dropped only as this returns.
-                                #[cfg(unix)]
-                                reset_on_close(fd);
-                            }
-                            // Dropping the upload with the connection tells
-                            // the client to stop: an HTTP/2 stream is reset
-                            // with NO_ERROR (h2 does so for a stream whose
-                            // sending side is closed, RFC 9113 §8.1); an
-                            // HTTP/1 client's rest is read and dropped as
+                            // L1: a debug line only). Dropping the upload
+                            // with the connection tells the client to stop:
+                            // an HTTP/2 stream is reset with NO_ERROR once
+                            // its answer is out (h2 does so for a stream
+                            // whose sending side is closed, RFC 9113 §8.1);
+                            // an HTTP/1 client's rest is read and dropped as
                             // its connection closes (lingering close).
-                            // Reset here too: what was queued for a
-                            // backend that stopped reading goes nowhere.
-                            Late::Answered => {
+                            stalled @ (Late::Upload | Late::Answered) => {
+                                let why = if matches!(stalled, Late::Answered) {
+                                    "backend answered in full before reading the whole upload, then stopped taking it; upload cut and backend connection closed"
+                                } else {
+                                    "backend answered before reading the whole upload, then took nothing of the rest for body_timeout; backend connection closed"
+                                };
                                 tracing::warn!(
                                     backend = backend.as_ref().map(tracing::field::display),
-                                    "backend answered in full before reading the whole upload, then stopped taking it; upload cut and backend connection closed"
+                                    "{why}"
                                 );
+                                // Reset: what was queued for a backend that
+                                // stopped reading goes nowhere. The
+                                // connection, which owns the socket, is
+                                // dropped only as this returns.
                                 #[cfg(unix)]
                                 reset_on_close(fd);
                             }
@@ -1078,11 +1075,6 @@ fn unsent(fd: std::os::fd::RawFd) -> Option<u64> {
     // int into the value given.
     let done = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
     (done == 0).then(|| u64::try_from(queued).unwrap_or(0))
-}
-
-#[cfg(not(unix))]
-fn unsent(_: ()) -> Option<u64> {
-    None
 }
 
 /// Makes the close of the socket `fd` a reset that drops what is still
