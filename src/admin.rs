@@ -93,6 +93,14 @@ pub fn exposed(addr: SocketAddr) -> Option<&'static str> {
     )
 }
 
+/// Warns of an admin listener at `addr` beyond loopback (see
+/// [`exposed`]).
+pub fn warn_if_exposed(addr: SocketAddr) {
+    if let Some(why) = exposed(addr) {
+        tracing::warn!(%addr, "{why}");
+    }
+}
+
 /// `None` when the caller may mutate; otherwise the refusal.
 fn authorize(
     shared: &Shared,
@@ -264,16 +272,13 @@ async fn handle(
             if let Some(refusal) = authorize(&shared, &request, peer) {
                 return refusal;
             }
-            if shared.draining() {
-                // Logged as a SIGHUP then is (review35d 6).
-                tracing::warn!(client = %peer, "reload ignored: shutting down");
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "reload ignored: shutting down\n",
-                );
-            }
             match shared.reload_for(&peer.to_string()).await {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
+                // Refused (and logged) by the reload itself once the drain
+                // began: the service is going, the file is not at fault.
+                Err(refused) if refused == crate::server::RELOAD_IGNORED => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("{refused}\n"))
+                }
                 Err(errors) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{errors}\n")),
             }
         }

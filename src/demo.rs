@@ -78,9 +78,7 @@ pub async fn run_until(
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
     sample::warn_if_public(proxy_addr);
     // As `portico --config` warns of it (review35d 6).
-    if let Some(why) = crate::admin::exposed(admin_addr) {
-        tracing::warn!(addr = %admin_addr, "{why}");
-    }
+    crate::admin::warn_if_exposed(admin_addr);
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);

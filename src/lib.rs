@@ -39,9 +39,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },
         "admin listening"
     );
-    if let Some(why) = admin::exposed(config.admin.listen) {
-        tracing::warn!(addr = %config.admin.listen, "{why}");
-    }
+    admin::warn_if_exposed(config.admin.listen);
     let shared = server::Shared::with_path(&config, Some(path));
     shared
         .load_tls(&config)

@@ -282,8 +282,8 @@ impl Shared {
         // "configuration reloaded" of a file no request would see
         // (review34d), as nginx ignores a reload once it is exiting.
         if self.draining() {
-            tracing::warn!(by, "reload ignored: shutting down");
-            return Err("reload ignored: shutting down".into());
+            tracing::warn!(by, "{RELOAD_IGNORED}");
+            return Err(RELOAD_IGNORED.into());
         }
         let outcome = self.apply_file();
         self.metrics.config_loaded(outcome.is_ok());
@@ -359,6 +359,10 @@ impl Shared {
         Ok(path)
     }
 }
+
+/// Why a reload asked for once the drain has begun is not done (see
+/// [`Shared::reload_blocking`]).
+pub const RELOAD_IGNORED: &str = "reload ignored: shutting down";
 
 /// Concurrent streams per HTTP/2 connection (nginx's
 /// `http2_max_concurrent_streams`).
