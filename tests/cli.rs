@@ -808,6 +808,26 @@ fn a_body_that_outgrows_max_object_size_logs_why_it_was_not_stored() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// The warning for a backend body broken after its head went out carries
+/// the client and the request's id, as the access line does (review35b F2).
+#[test]
+fn a_broken_body_s_warning_carries_the_request_s_id() {
+    // Promises more than it sends, then closes.
+    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial");
+    let config = behind(origin_addr, "", "");
+    let mut run = portico_on("brokenid", &config, None);
+    let mut stream = connect(&run);
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-43\r\n\r\n",
+    )
+    .unwrap();
+    let line = line_with(&run.log, "backend broke the response body", &mut run.seen);
+    assert!(line.contains("\"request_id\":\"pair-me-43\""), "{line}");
+    assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// At `max_connections`, the warning names the cap and the clients
 /// waiting in the listen queue, as `ss -ltn` shows them (review33d F5).
 #[test]

@@ -535,22 +535,43 @@ fn cut_short(slot: Option<InFlight>, error: BodyError) -> BodyError {
         }
         return BodyError::UploadFailed(error.into());
     }
-    match stall {
-        Some(timeout) => tracing::warn!(
+    if super::log::access_logged() {
+        // The access line's tail warns, with the client and the request's
+        // id to pair the warning with its line (review35b F2).
+        tracing::debug!(upstream, backend, %error, "response body cut short");
+    } else {
+        cut_warning(&upstream, &backend, None, &error);
+    }
+    error
+}
+
+/// The warning for a backend body cut short after its head went out, with
+/// the client and request id when the access line knows them.
+pub(super) fn cut_warning(
+    upstream: &str,
+    backend: &str,
+    request: Option<(std::net::IpAddr, &str)>,
+    error: &BodyError,
+) {
+    let client = request.map(|(client, _)| tracing::field::display(client));
+    let request_id = request.map(|(_, id)| id);
+    match error {
+        BodyError::Stalled(timeout) => tracing::warn!(
+            client,
             upstream,
             backend,
             ?timeout,
+            request_id,
             "backend body stalled past body_timeout; client response aborted"
         ),
-        None => {
+        error => {
             // With its causes: hyper says "error reading a body from
             // connection" of a reset, an early close and a bad chunk alike
             // (review32c F4).
-            let error = super::error::Chain(&error);
-            tracing::warn!(upstream, backend, %error, "backend broke the response body; client response aborted")
+            let error = super::error::Chain(error);
+            tracing::warn!(client, upstream, backend, %error, request_id, "backend broke the response body; client response aborted")
         }
     }
-    error
 }
 
 /// The most of a body in memory (a cache hit) handed to hyper at once:

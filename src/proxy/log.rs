@@ -67,6 +67,11 @@ fn millis(duration: std::time::Duration) -> f64 {
     duration.as_micros() as f64 / 1000.0
 }
 
+/// Whether requests get access lines (and so a [`Tail`] once answered).
+pub fn access_logged() -> bool {
+    tracing::enabled!(target: "portico::access", tracing::Level::INFO)
+}
+
 /// What the access line needs from the request, taken before the request is
 /// consumed. Cheap clones: `Uri` and header values share their bytes.
 #[derive(Debug)]
@@ -85,7 +90,7 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    /// `None` when the access log is filtered out, so a disabled log costs
+    /// `None` when the access log is filtered out (see [`access_logged`]), so a disabled log costs
     /// nothing per request.
     /// The request's id is the one [`ensure_request_id`] set.
     /// `client` says who the request comes from (see `Proxy::client_ip`).
@@ -94,7 +99,7 @@ impl AccessRecord {
         conn: &Conn,
         client: impl FnOnce(&http::HeaderMap) -> IpAddr,
     ) -> Option<Self> {
-        if !tracing::enabled!(target: "portico::access", tracing::Level::INFO) {
+        if !access_logged() {
             return None;
         }
         Some(AccessRecord {
@@ -326,7 +331,18 @@ impl Tail {
                     self.end = End::Done;
                 }
             }
-            Poll::Ready(Some(Err(error))) => self.end = End::of(error),
+            Poll::Ready(Some(Err(error))) => {
+                self.end = End::of(error);
+                if matches!(self.end, End::BackendBroken | End::BackendStalled) {
+                    let upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name());
+                    let backend = self
+                        .reached
+                        .backend
+                        .map_or_else(|| "-".to_owned(), |b| b.to_string());
+                    let request = (self.record.client, self.record.request_id());
+                    super::body::cut_warning(upstream, &backend, Some(request), error);
+                }
+            }
             Poll::Ready(None) => self.end = End::Done,
             Poll::Pending => {}
         }
