@@ -30,7 +30,8 @@ const CONFIRMING: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
-    #[error("{0}")]
+    /// Said as the JSON checks before it are: `invalid order: ...`.
+    #[error("invalid order: {0}")]
     Invalid(&'static str),
     #[error("user not found")]
     UnknownUser,
@@ -340,6 +341,12 @@ mod tests {
             });
             assert_eq!(got, *want, "{input:?}");
         }
+        // Said as the JSON checks' refusals are (review35f 4).
+        let zero = order(&[("A-1", 0)], "a@example.com");
+        assert_eq!(
+            validate(&zero).unwrap_err().to_string(),
+            "invalid order: qty must be at least 1"
+        );
     }
 
     fn seeded_service() -> OrderService {
