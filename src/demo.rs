@@ -9,16 +9,172 @@ use crate::config::Config;
 use crate::sample::{self, BackendOptions};
 use crate::server;
 
-/// Starts the backends and the proxy on `listen`; returns after Ctrl-C,
-/// SIGTERM or SIGQUIT once everything has stopped.
-pub async fn run(backends: usize, listen: SocketAddr, admin: SocketAddr) -> std::io::Result<()> {
-    run_until(
-        backends,
-        listen,
-        admin,
-        crate::signal::terminate_or_hangup(),
-    )
-    .await
+/// What the demo is asked to run: how many backends and how each
+/// answers, and where the proxy and the admin API listen.
+#[derive(Debug, Clone)]
+pub struct Demo {
+    pub backends: usize,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// Added before every backend answer (`--delay`).
+    pub delay: std::time::Duration,
+    /// Requests each backend serves at once (`--concurrency`).
+    pub concurrency: Option<usize>,
+}
+
+/// Starts the backends and the proxy; returns after Ctrl-C, SIGTERM or
+/// SIGQUIT once everything has stopped. Lines on standard input stop and
+/// start backends meanwhile (see [`Command`]).
+pub async fn run(demo: Demo) -> std::io::Result<()> {
+    run_until(demo, stdin_lines(), crate::signal::terminate_or_hangup()).await
+}
+
+/// Standard input's lines, read by a thread of their own: tokio's stdin
+/// reads on a blocking thread the runtime would wait for at exit, until
+/// the user pressed Enter. Nothing comes when stdin is closed or
+/// `/dev/null`.
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (lines, received) = tokio::sync::mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("demo-stdin".into())
+        .spawn(move || {
+            for line in std::io::stdin().lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::debug!(%error, "standard input not read");
+    }
+    received
+}
+
+/// A line typed into a running demo.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    /// Stop backend N as a deploy takes an instance out: it stops
+    /// accepting, finishes what it was answering and closes.
+    Stop(usize),
+    /// Start backend N again on its address.
+    Start(usize),
+    /// Say which backends run.
+    Status,
+    Help,
+}
+
+impl Command {
+    /// `stop 2`, `start backend-2`, `status`; `None` for anything else.
+    fn parse(line: &str) -> Option<Command> {
+        let mut words = line.split_whitespace();
+        let verb = words.next()?;
+        let number = |word: Option<&str>| -> Option<usize> {
+            let word = word?;
+            word.strip_prefix("backend-").unwrap_or(word).parse().ok()
+        };
+        let command = match verb {
+            "stop" => Command::Stop(number(words.next())?),
+            "start" => Command::Start(number(words.next())?),
+            "status" => Command::Status,
+            "help" => Command::Help,
+            _ => return None,
+        };
+        words.next().is_none().then_some(command)
+    }
+}
+
+const COMMANDS_HELP: &str =
+    "commands: stop N, start N, status (N from 1 to the number of backends)";
+
+/// The demo's backends, each running or stopped, at fixed addresses.
+struct Backends {
+    addrs: Vec<SocketAddr>,
+    running: Vec<Option<sample::RunningBackend>>,
+    options: Vec<BackendOptions>,
+    repo: std::sync::Arc<dyn sample::OrderRepository>,
+}
+
+impl Backends {
+    /// Carries out one typed line.
+    async fn obey(&mut self, line: &str) {
+        if line.trim().is_empty() {
+            return;
+        }
+        let Some(command) = Command::parse(line) else {
+            say(format_args!(
+                "unknown command {:?}; {COMMANDS_HELP}",
+                line.trim()
+            ));
+            return;
+        };
+        let index = match command {
+            Command::Stop(n) | Command::Start(n) if n == 0 || n > self.addrs.len() => {
+                say(format_args!(
+                    "there is no backend-{n}: the backends are 1 to {}",
+                    self.addrs.len()
+                ));
+                return;
+            }
+            Command::Stop(n) | Command::Start(n) => n - 1,
+            Command::Status => {
+                for (i, addr) in self.addrs.iter().enumerate() {
+                    let state = if self.running[i].is_some() {
+                        "running"
+                    } else {
+                        "stopped"
+                    };
+                    say(format_args!("  backend-{}  http://{addr}  {state}", i + 1));
+                }
+                return;
+            }
+            Command::Help => {
+                say(COMMANDS_HELP);
+                return;
+            }
+        };
+        let name = &self.options[index].name;
+        match command {
+            Command::Stop(_) => match self.running[index].take() {
+                Some(backend) => {
+                    say(format_args!("{name} stopping (finishing its requests)"));
+                    backend.stop().await;
+                    say(format_args!(
+                        "{name} stopped: its requests go to the others; `start {}` brings it back",
+                        index + 1
+                    ));
+                }
+                None => say(format_args!("{name} is already stopped")),
+            },
+            _ if self.running[index].is_some() => say(format_args!("{name} is already running")),
+            _ => {
+                let started = sample::start_on(
+                    self.addrs[index],
+                    self.options[index].clone(),
+                    self.repo.clone(),
+                )
+                .await;
+                match started {
+                    Ok(backend) => {
+                        self.running[index] = Some(backend);
+                        say(format_args!(
+                            "{name} started on http://{}: back in rotation once its health checks pass",
+                            self.addrs[index]
+                        ));
+                    }
+                    Err(error) => say(format_args!(
+                        "{name} could not start on {}: {error}",
+                        self.addrs[index]
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Stops every backend still running, together: each may take its
+    /// drain grace to confirm queued orders.
+    async fn stop(self) {
+        futures_util::future::join_all(self.running.into_iter().flatten().map(|b| b.stop())).await;
+    }
 }
 
 /// Why `listen` and `admin` cannot both be had: one port for both (a
@@ -32,28 +188,53 @@ pub fn clash(listen: SocketAddr, admin: SocketAddr) -> Option<String> {
     })
 }
 
-/// [`run`] with the stop signal supplied by the caller (tests).
+/// [`run`] with the typed lines and the stop signal supplied by the
+/// caller (tests).
 pub async fn run_until(
-    backends: usize,
-    listen: SocketAddr,
-    admin: SocketAddr,
+    demo: Demo,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let Demo {
+        backends,
+        listen,
+        admin,
+        delay,
+        concurrency,
+    } = demo;
     if let Some(clash) = clash(listen, admin) {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, clash));
     }
     let repo = sample::new_repository();
     let mut running = Vec::with_capacity(backends);
+    let mut options = Vec::with_capacity(backends);
     for i in 1..=backends {
-        let opts = BackendOptions::new(format!("backend-{i}"));
+        let mut opts = BackendOptions::new(format!("backend-{i}"));
+        opts.delay = delay;
+        opts.concurrency = concurrency;
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        running.push(sample::start_on(loopback, opts, repo.clone()).await?);
+        running.push(Some(
+            sample::start_on(loopback, opts.clone(), repo.clone()).await?,
+        ));
+        options.push(opts);
     }
-    let addrs: Vec<SocketAddr> = running.iter().map(|b| b.addr()).collect();
+    let addrs: Vec<SocketAddr> = running.iter().flatten().map(|b| b.addr()).collect();
+    let mut backends = Backends {
+        addrs: addrs.clone(),
+        running,
+        options,
+        repo,
+    };
 
     let mut config = Config::single_upstream(vec![listen], addrs.clone());
     config.upstreams[0].name = "orders".into();
-    config.upstreams[0].health = Some(crate::config::HealthCheck::default());
+    // `--delay` delays `/health` too: a check gets the delay on top of its
+    // second, or every backend would be found down (as config/demo.toml
+    // gives its checks room).
+    let mut health = crate::config::HealthCheck::default();
+    health.timeout += delay;
+    health.interval += delay;
+    config.upstreams[0].health = Some(health);
     config.routes[0].name = "orders".into();
     config.cache = Some(crate::config::Cache::default());
     config.routes[0].cache = true;
@@ -82,9 +263,32 @@ pub async fn run_until(
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);
+    // Typed lines are obeyed by a task of their own: stopping a backend
+    // takes as long as its requests do, and the proxy goes on meanwhile.
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let commands = tokio::spawn(async move {
+        tokio::pin!(finished);
+        loop {
+            tokio::select! {
+                _ = &mut finished => break,
+                line = lines.recv() => match line {
+                    Some(line) => backends.obey(&line).await,
+                    // Standard input closed: nothing more to obey.
+                    None => {
+                        let _ = (&mut finished).await;
+                        break;
+                    }
+                },
+            }
+        }
+        backends
+    });
     server::run_with_admin(shared, listeners, Some((admin, None)), stop).await;
-    // Together: each may take its drain grace to confirm queued orders.
-    futures_util::future::join_all(running.into_iter().map(|b| b.stop())).await;
+    let _ = done.send(());
+    // A task that panicked dropped its backends, which stops them.
+    if let Ok(backends) = commands.await {
+        backends.stop().await;
+    }
     say("demo stopped");
     Ok(())
 }
@@ -117,6 +321,7 @@ fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
         "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
     ));
     say("");
+    say("Type `stop 2` to take backend-2 down (its requests go to the others), `start 2` to bring it back, `status` to list them.");
     say("Ctrl-C stops the proxy and the backends.");
 }
 
@@ -127,5 +332,27 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
         ip if !ip.is_unspecified() => addr,
         std::net::IpAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
         std::net::IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Command;
+
+    #[test]
+    fn typed_lines_are_read_as_commands() {
+        for (line, want) in [
+            ("stop 2", Some(Command::Stop(2))),
+            ("  start   backend-3 ", Some(Command::Start(3))),
+            ("status", Some(Command::Status)),
+            ("help", Some(Command::Help)),
+            ("stop", None),
+            ("stop two", None),
+            ("stop 2 3", None),
+            ("kill 2", None),
+            ("", None),
+        ] {
+            assert_eq!(Command::parse(line), want, "{line:?}");
+        }
     }
 }

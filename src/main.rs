@@ -41,6 +41,14 @@ enum Command {
         /// Where the admin endpoints listen.
         #[arg(long, default_value = "127.0.0.1:9090", value_parser = portico::cli::socket_addr)]
         admin: std::net::SocketAddr,
+        /// Milliseconds each backend adds before every answer (as
+        /// `order-backend --delay`).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        delay: u64,
+        /// Requests each backend serves at once at most, the rest waiting
+        /// their turn (as `order-backend --concurrency`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: Option<u32>,
     },
 }
 
@@ -89,6 +97,8 @@ fn main() -> ExitCode {
             backends,
             listen,
             admin,
+            delay,
+            concurrency,
         }) => {
             if let Some(path) = cli.config {
                 demo_usage_error(format!(
@@ -104,7 +114,13 @@ fn main() -> ExitCode {
             cli.standard.init_logging();
             run(
                 &cli.standard,
-                portico::demo::run(usize::from(backends), listen, admin),
+                portico::demo::run(portico::demo::Demo {
+                    backends: usize::from(backends),
+                    listen,
+                    admin,
+                    delay: std::time::Duration::from_millis(delay),
+                    concurrency: concurrency.map(|n| n as usize),
+                }),
             )
         }
         None => {

@@ -490,6 +490,72 @@ fn demo_serves_and_drains_on(signal: &str) {
     assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
 }
 
+/// `stop N` typed into a running demo takes backend N out (its port
+/// refuses, the proxy sends its requests to the others) and `start N`
+/// brings it back on its address, so failover can be shown without a
+/// second process (review35c 3).
+#[test]
+fn a_demo_backend_is_stopped_and_started_by_a_typed_line() {
+    use std::io::Write;
+    let mut child = Command::new(PORTICO)
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut typed = child.stdin.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The first line holding `needle`, within 20 s.
+    let wait_for = |needle: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("no line with {needle:?}");
+    };
+    // The banner: the proxy, then each backend's address.
+    let banner = wait_for(" behind http://");
+    let proxy = banner.split("http://").nth(1).unwrap().trim().to_owned();
+    let first = wait_for("backend-1  http://");
+    let backend_1 = first.split("http://").nth(1).unwrap().trim().to_owned();
+
+    writeln!(typed, "stop 1").unwrap();
+    wait_for("backend-1 stopped");
+    assert!(
+        std::net::TcpStream::connect(&backend_1).is_err(),
+        "backend-1 still accepts"
+    );
+    for _ in 0..6 {
+        let answer = http_get(&proxy, "/health").to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(!answer.contains("x-backend: backend-1"), "{answer}");
+    }
+
+    writeln!(typed, "stop 9").unwrap();
+    wait_for("there is no backend-9");
+    writeln!(typed, "start 1").unwrap();
+    wait_for("backend-1 started");
+    assert!(
+        std::net::TcpStream::connect(&backend_1).is_ok(),
+        "backend-1 is not back"
+    );
+    writeln!(typed, "status").unwrap();
+    assert!(wait_for("backend-1  http://").ends_with("running"));
+
+    stop_with(&mut child, "-TERM");
+}
+
 /// A minimal HTTP/1.1 GET over std's TcpStream, read to close.
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
