@@ -23,7 +23,8 @@
 //! Parked connections (client ones in `server`, backend ones in
 //! `upstream::pool`) report what hyper freed as they are parked
 //! ([`freed`]); once half a MiB of that has built up it goes back to the
-//! kernel at the next look, so thousands of idle keep-alive connections
+//! kernel at the next look with little traffic (under load the next
+//! requests take it again), so thousands of idle keep-alive connections
 //! shrink the process rather than leave holes in its heap. At most one
 //! trim a second: clients that pause between requests have their
 //! connections parked after each one, and `malloc_trim` walks every arena.
@@ -109,6 +110,19 @@ impl Watch {
     fn trimmed(&mut self, slack: Option<u64>) {
         self.rested = slack;
     }
+
+    /// One look: the running total of requests, the bytes parking freed
+    /// since the last trim, and the heap's slack, read only when traffic
+    /// is light. True when it is time to trim.
+    fn due(&mut self, total: u64, freed: usize, slack: impl FnOnce() -> Option<u64>) -> bool {
+        let burst_over = self.tick(total);
+        // Under load what parking freed is taken again by the next
+        // requests, as the slack is (review36c F1: steady keep-alive
+        // clients pausing between requests trimmed every second).
+        let quiet = self.quiet();
+        let grown = quiet && slack().is_some_and(|slack| self.slack(slack));
+        burst_over || grown || (quiet && freed >= FREED_TO_TRIM)
+    }
 }
 
 /// Watches the rate of answered requests, trimming after each burst and
@@ -119,16 +133,15 @@ pub async fn watch(metrics: Arc<Metrics>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let burst_over = watch.tick(metrics.requests_answered());
-        // Read only at a quiet time: `mallinfo2` walks every arena's free
-        // lists under its lock (review32e L3).
-        let freed = watch.quiet() && slack().is_some_and(|slack| watch.slack(slack));
-        if burst_over || freed || FREED.load(Ordering::Relaxed) >= FREED_TO_TRIM {
+        // The slack is read only at a quiet time: `mallinfo2` walks every
+        // arena's free lists under its lock (review32e L3).
+        let freed = FREED.load(Ordering::Relaxed);
+        if watch.due(metrics.requests_answered(), freed, slack) {
             FREED.store(0, Ordering::Relaxed);
             // Off the runtime's workers: with a large heap a trim walks
             // and releases for milliseconds.
             let _ = tokio::task::spawn_blocking(release_free_memory).await;
-            watch.trimmed(slack());
+            watch.trimmed(if watch.quiet() { slack() } else { None });
         }
     }
 }
@@ -244,6 +257,32 @@ mod tests {
         }
         // At 60 MiB once; not at 6 after, nor under load.
         assert_eq!(trims, [3]);
+    }
+
+    /// Connections parked under steady load free memory the next
+    /// requests take again: no trim until traffic is light (review36c F1).
+    #[test]
+    fn memory_freed_by_parking_is_trimmed_only_once_traffic_is_light() {
+        let mut watch = Watch::default();
+        let mut total = 0;
+        let mut trims = Vec::new();
+        // A steady 5000 a second, then a steady 60 (never a burst: its
+        // peak under BUSY).
+        for (i, rate) in [5000, 5000, 5000, 4000].into_iter().enumerate() {
+            total += rate;
+            if watch.due(total, 2 * FREED_TO_TRIM, || None) {
+                trims.push(i);
+            }
+        }
+        assert_eq!(trims, [] as [usize; 0]);
+        let (mut watch, mut total) = (Watch::default(), 0);
+        for (i, rate) in [60, 60, 60].into_iter().enumerate() {
+            total += rate;
+            if watch.due(total, 2 * FREED_TO_TRIM, || None) {
+                trims.push(i);
+            }
+        }
+        assert_eq!(trims, [0, 1, 2], "parking freed 1 MiB each second");
     }
 
     #[test]
