@@ -301,8 +301,11 @@ impl Metrics {
         &self,
         backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
     ) {
-        self.backend_up.reset();
-        self.backend_weight.reset();
+        // Set, then the stale series removed, never all cleared first: a
+        // scrape running beside this one (two Prometheus servers) would
+        // gather between the clearing and the setting and find no backend
+        // at all (review36c F2).
+        let mut current = HashSet::new();
         for (upstream, backend, up, weight) in backends {
             let labels = [upstream, backend.as_str()];
             self.backend_up
@@ -311,6 +314,23 @@ impl Metrics {
             self.backend_weight
                 .with_label_values(&labels)
                 .set(i64::from(weight));
+            current.insert((upstream.to_owned(), backend));
+        }
+        for gauges in [&self.backend_up, &self.backend_weight] {
+            let families = prometheus::core::Collector::collect(gauges);
+            for metric in families.iter().flat_map(|family| family.get_metric()) {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|pair| pair.name() == name)
+                        .map_or("", |pair| pair.value())
+                };
+                let (upstream, backend) = (label("upstream"), label("backend"));
+                if !current.contains(&(upstream.to_owned(), backend.to_owned())) {
+                    let _ = gauges.remove_label_values(&[upstream, backend]);
+                }
+            }
         }
     }
 
@@ -658,6 +678,37 @@ mod tests {
         );
         assert!(text
             .contains("portico_request_duration_seconds_bucket{route=\"orders\",le=\"0.0005\"} 1"));
+    }
+
+    /// Scrapes side by side each find every backend (review36c F2): the
+    /// series were cleared and set again, and a scrape gathering between
+    /// the two found none.
+    #[test]
+    fn concurrent_scrapes_each_see_every_backend() {
+        let metrics = Arc::new(Metrics::new());
+        let rows = || (0..50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1));
+        metrics.set_backends_up(rows());
+        let scrapers: Vec<_> = (0..2)
+            .map(|_| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        metrics.set_backends_up(rows());
+                        let text = String::from_utf8(metrics.encode()).unwrap();
+                        let up = text.matches("portico_backend_up{").count();
+                        assert_eq!(up, 50, "a scrape saw {up} backends");
+                    }
+                })
+            })
+            .collect();
+        for scraper in scrapers {
+            scraper.join().unwrap();
+        }
+        // A backend no longer given is dropped, the rest kept.
+        metrics.set_backends_up(rows().skip(1));
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains("10.0.0.0:80"), "{text}");
+        assert_eq!(text.matches("portico_backend_weight{").count(), 49);
     }
 
     #[test]
