@@ -1,5 +1,117 @@
 //! Log output for both binaries: `RUST_LOG` (default `info`) to stderr, as
 //! text or one JSON object a line.
+//!
+//! Lines are written by a thread of their own, never by the thread that
+//! logs: a reader of stderr that stops reading (a stuck `| logger`, a
+//! container runtime's log pipe, journald under pressure) fills the pipe,
+//! and a write to it then blocks. Written in place, the access line of the
+//! next request blocked its worker, then every worker on the stderr lock,
+//! admin and health included (review36c F3). Lines wait in a queue of at
+//! most [`QUEUE_BYTES`]; past it they are dropped and counted, and once
+//! writing goes on again a warning says how many, as HAProxy drops log
+//! lines rather than stall traffic on a slow log output. What is queued
+//! when the process exits is written first (bounded by [`EXIT_FLUSH`]).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The most log bytes waiting to be written.
+const QUEUE_BYTES: usize = 4 << 20;
+
+/// How long an exiting process waits for its queued lines to be written.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Log bytes queued and not yet written.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// Lines dropped because the queue was full, since the last warning.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Where log lines are queued for the writing thread.
+static LINES: OnceLock<mpsc::Sender<Vec<u8>>> = OnceLock::new();
+
+/// A log line's writer: the formatted line, queued as it is written.
+struct Queued;
+
+impl Write for Queued {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let Some(lines) = LINES.get() else {
+            return std::io::stderr().write(line);
+        };
+        if QUEUED.fetch_add(line.len(), Ordering::Relaxed) + line.len() > QUEUE_BYTES {
+            QUEUED.fetch_sub(line.len(), Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        } else if lines.send(line.to_vec()).is_err() {
+            QUEUED.fetch_sub(line.len(), Ordering::Relaxed);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes queued lines to stderr, several at once when they wait.
+fn write_lines(lines: mpsc::Receiver<Vec<u8>>) {
+    const BATCH: usize = 64 * 1024;
+    while let Ok(mut batch) = lines.recv() {
+        while batch.len() < BATCH {
+            match lines.try_recv() {
+                Ok(line) => batch.extend_from_slice(&line),
+                Err(_) => break,
+            }
+        }
+        // A reader gone for good (EPIPE) loses the lines, as nginx's do.
+        let _ = std::io::stderr().write_all(&batch);
+        QUEUED.fetch_sub(batch.len(), Ordering::Relaxed);
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log lines dropped: stderr was not read fast enough"
+            );
+        }
+    }
+}
+
+/// Waits (bounded) for the queued lines to be written: at exit, by
+/// `atexit`, so `std::process::exit` and a return from `main` alike keep
+/// their last lines.
+fn flush_queue() {
+    let deadline = Instant::now() + EXIT_FLUSH;
+    while QUEUED.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(unix)]
+extern "C" fn flush_at_exit() {
+    flush_queue();
+}
+
+/// Starts the writing thread; false (lines then written in place) if it
+/// cannot start.
+fn start_writer() -> bool {
+    let (lines, queued) = mpsc::channel();
+    let started = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || write_lines(queued));
+    if started.is_err() || LINES.set(lines).is_err() {
+        return false;
+    }
+    // SAFETY: atexit only records a function pointer; `flush_at_exit`
+    // takes no locks the exiting thread may hold (it reads an atomic and
+    // sleeps).
+    #[cfg(unix)]
+    unsafe {
+        libc::atexit(flush_at_exit);
+    }
+    true
+}
 
 /// Colours for a person at a terminal; none in files, pipes and journald,
 /// nor when `NO_COLOR` is set.
@@ -32,7 +144,8 @@ pub fn init(json: bool) {
         // that logged.
         .log_internal_errors(false)
         .with_ansi(colour_on_stderr())
-        .with_writer(std::io::stderr);
+        .with_writer(|| Queued);
+    start_writer();
     if json {
         builder.json().flatten_event(true).init();
     } else {

@@ -894,6 +894,69 @@ fn a_broken_body_s_warning_carries_the_request_s_id() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A log reader that stops reading stalls no request: lines wait in
+/// portico's queue, written once the reader reads again, where a write to
+/// the full pipe blocked the worker that logged (review36c F3).
+#[test]
+fn a_stalled_log_reader_holds_up_no_request() {
+    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let dir = std::env::temp_dir().join(format!("portico-stalledlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(&file, behind(origin_addr, "", "")).unwrap();
+    let mut child = Command::new(PORTICO)
+        .args([
+            "-c",
+            file.to_str().unwrap(),
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let _child = Killed(child);
+    let mut line = String::new();
+    while !line.contains("listening (http") {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the log ended");
+    }
+    let addr = addr_in(&line);
+    // Nothing more is read: ~2000 access lines fill the pipe many times.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // `ask` writes its head in pieces.
+    stream.set_nodelay(true).unwrap();
+    for i in 0..2000 {
+        let (status, _) = ask(&mut stream, &format!("/r{i}"));
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    // Read again: every line is there, in order.
+    let mut last = None;
+    while last != Some(1999) {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the log ended");
+        if line.contains("portico::access") {
+            let n: usize = line
+                .split("\"path\":\"/r")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(n, last.map_or(0, |l| l + 1), "{line}");
+            last = Some(n);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// At `max_connections`, the warning names the cap and the clients
 /// waiting in the listen queue, as `ss -ltn` shows them (review33d F5).
 #[test]
