@@ -506,6 +506,20 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         );
     }
 
+    // A certificate that lost a line in a copy is said to be the broken
+    // file, where the key was blamed for not matching it (review36a M1).
+    std::fs::write(dir.join("cut.pem"), without_a_line(&cert.pem)).unwrap();
+    let mut cut = good.clone();
+    cut.certificates[0].cert = dir.join("cut.pem");
+    let error = portico::server::tls::acceptor(&cut)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("cut.pem") && error.contains("certificate 1 in the file is not a valid"),
+        "{error}"
+    );
+
     let mut garbage = good;
     std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
     garbage.certificates[0].cert = dir.join("garbage.pem");
@@ -595,6 +609,42 @@ async fn reload_swaps_certificates_on_the_running_listener() {
 
 /// A portico TLS listener in front of the order backend stands in for an
 /// HTTPS backend; a second portico reaches it with `tls = true`.
+/// `pem` with its second line of base64 gone, as a careless copy leaves
+/// it: still PEM, no longer a certificate.
+fn without_a_line(pem: &str) -> String {
+    let mut lines: Vec<&str> = pem.lines().collect();
+    lines.remove(2);
+    lines.join("\n") + "\n"
+}
+
+/// A `tls_ca` holding no certificate rustls can trust is refused where the
+/// file names it, as `nginx -t` refuses it; it passed `check`, start and
+/// reload, then failed every request with a 502 (review36a M1).
+#[test]
+fn a_tls_ca_that_lost_a_line_is_refused_at_its_key() {
+    let dir = temp_dir("cutca");
+    std::fs::write(
+        dir.join("ca.pem"),
+        without_a_line(&self_signed("ca.test").pem),
+    )
+    .unwrap();
+    let file = dir.join("portico.toml");
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls = true\ntls_ca = \"ca.pem\"\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let errors = portico::config::load(&file)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        errors.contains(":5:10: upstream[0].tls_ca:")
+            && errors.contains("certificate 1 in the file is not a usable X.509 certificate"),
+        "{errors}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     let backend = start_backend(BackendOptions::new("b1")).await;

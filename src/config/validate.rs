@@ -899,6 +899,18 @@ fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'s
     if certs.is_empty() {
         return Err("no PEM certificate in the file".into());
     }
+    // Each one a certificate rustls can trust, as it would take it: one it
+    // cannot parse (a line lost in a copy) was only warned of at the first
+    // handshake, and a file of nothing usable failed every request with a
+    // 502 after `check`, start and reload had all said yes (review36a M1).
+    for (n, cert) in certs.iter().enumerate() {
+        if let Err(error) = webpki::anchor_from_trusted_cert(cert) {
+            return Err(format!(
+                "certificate {} in the file is not a usable X.509 certificate ({error}): is the file whole?",
+                n + 1
+            ));
+        }
+    }
     Ok(certs)
 }
 

@@ -47,6 +47,22 @@ fn load_pair(
             reason: "no PEM certificate in the file".into(),
         });
     }
+    // A certificate that does not parse (a line lost in a copy) is said as
+    // such: it failed the key match below, which blamed the key file
+    // (review36a M1).
+    if let Some((n, error)) = certs.iter().enumerate().find_map(|(n, cert)| {
+        webpki::EndEntityCert::try_from(cert)
+            .err()
+            .map(|error| (n, error))
+    }) {
+        return Err(TlsError::Cert {
+            path: cert_path,
+            reason: format!(
+                "certificate {} in the file is not a valid X.509 certificate ({error}): is the file whole?",
+                n + 1
+            ),
+        });
+    }
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: match e {
