@@ -1024,15 +1024,21 @@ async fn backend_answers_that_cannot_be_relayed_give_502() {
 async fn a_bare_101_is_refused_and_a_spaced_field_name_relayed() {
     let addr = scripted_backend(|head| match target_of(head) {
         "/switch-bare" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+        // To a protocol the client did not offer (review36b F2).
+        "/switch-h2c" => {
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+        }
         _ => b"HTTP/1.1 200 OK\r\nFoo : bar\r\nContent-Length: 2\r\n\r\nok",
     })
     .await;
     let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     config.upstreams[0].retries = 0;
     let proxy = start_proxy(config).await;
-    let raw = b"GET /switch-bare HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
-    let answer = raw_exchange(proxy.addr, raw).await;
-    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    for path in ["/switch-bare", "/switch-h2c"] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{path}: {answer}");
+    }
     let answer = get(&client(), &proxy.url("/spaced")).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.header("foo"), "bar");

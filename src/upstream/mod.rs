@@ -457,7 +457,9 @@ impl Upstream {
         }
 
         let addr = backend.addr;
-        let upgrade_asked = request.headers().contains_key(header::UPGRADE);
+        // The protocols a client offers to switch to: a 101 must be to one.
+        let offered = request.headers().get(header::UPGRADE).cloned();
+        let upgrade_asked = offered.is_some();
         let timeout = self.config.response_timeout;
         let stall = self.config.body_timeout;
         async move {
@@ -492,7 +494,7 @@ impl Upstream {
             match answer {
                 Err(Late::Head) => Err(ProxyError::ResponseTimeout { backend: addr }),
                 Err(Late::Upload) => Err(ProxyError::UploadStalled { backend: addr }),
-                Ok(Ok(response)) => match unrelayable(&response, upgrade_asked) {
+                Ok(Ok(response)) => match unrelayable(&response, offered.as_ref()) {
                     // Dropping the response closes the connection.
                     Some(reason) => Err(ProxyError::BadResponse {
                         backend: addr,
@@ -742,26 +744,56 @@ async fn check_backend(
 }
 
 /// Why a backend's response head must not reach the client, if it must not.
-fn unrelayable<B>(response: &Response<B>, upgrade_asked: bool) -> Option<&'static str> {
+fn unrelayable<B>(
+    response: &Response<B>,
+    offered: Option<&http::HeaderValue>,
+) -> Option<&'static str> {
     let status = response.status().as_u16();
     if status >= 600 {
         // RFC 9110 §15: codes outside 100-599 are invalid; a client treats
         // them as a server error, so the proxy answers one.
         return Some("a status code above 599");
     }
-    if status == 101 && !upgrade_asked {
-        // RFC 9110 §15.2.2: a server switches only to what was asked for.
-        return Some("101 Switching Protocols to a request without Upgrade");
-    }
-    if status == 101 && !response.headers().contains_key(http::header::UPGRADE) {
-        // RFC 9110 §7.8: a 101 MUST say what it switches to; a client
-        // cannot tell what it is now speaking otherwise (review32c F8).
-        return Some("101 Switching Protocols without an Upgrade field");
+    if status == 101 {
+        let Some(offered) = offered else {
+            // RFC 9110 §15.2.2: a server switches only to what was asked for.
+            return Some("101 Switching Protocols to a request without Upgrade");
+        };
+        let Some(switched) = response.headers().get(http::header::UPGRADE) else {
+            // RFC 9110 §7.8: a 101 MUST say what it switches to; a client
+            // cannot tell what it is now speaking otherwise (review32c F8).
+            return Some("101 Switching Protocols without an Upgrade field");
+        };
+        // RFC 9110 §7.8: "A server MUST NOT switch to a protocol that was
+        // not indicated by the client". A backend that switches to `h2c`
+        // whatever was asked would hand the client a raw HTTP/2
+        // connection behind portico's routing and hygiene, which refusing
+        // to pass `h2c` on is for (review36b F2).
+        if !switched_to_offered(switched, offered) {
+            return Some("101 Switching Protocols to a protocol the client did not offer");
+        }
     }
     if !crate::proxy::headers::relayable_coding(response.headers()) {
         return Some("a transfer coding other than chunked");
     }
     None
+}
+
+/// Whether every protocol a 101's `Upgrade` names is one the request's
+/// offered (names compared without case, as RFC 9110 §7.8 registers them).
+fn switched_to_offered(switched: &http::HeaderValue, offered: &http::HeaderValue) -> bool {
+    let tokens = |value: &http::HeaderValue| -> Vec<String> {
+        value
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .map(|token| token.trim().to_ascii_lowercase())
+            .filter(|token| !token.is_empty())
+            .collect()
+    };
+    let offered = tokens(offered);
+    let switched = tokens(switched);
+    !switched.is_empty() && switched.iter().all(|token| offered.contains(token))
 }
 
 /// Which wait ran out (see [`after_upload`]).
@@ -923,6 +955,25 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_is_only_to_an_offered_protocol() {
+        let value = http::HeaderValue::from_static;
+        for (switched, offered, ok) in [
+            ("websocket", "websocket", true),
+            ("WebSocket", "websocket", true),
+            ("websocket", "foo/2, websocket", true),
+            ("h2c", "websocket", false),
+            ("websocket, h2c", "websocket", false),
+            ("", "websocket", false),
+        ] {
+            assert_eq!(
+                switched_to_offered(&value(switched), &value(offered)),
+                ok,
+                "{switched} to {offered}"
+            );
+        }
+    }
 
     #[test]
     fn check_host_is_the_given_one_else_the_tls_server_name() {
