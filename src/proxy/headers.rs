@@ -46,7 +46,25 @@ pub struct Seen {
     /// A name that may spell one portico writes with `_` (see
     /// [`remove_lookalikes`]).
     pub underscored: bool,
+    /// One of the [`CLAIMS`].
+    pub claims: bool,
 }
+
+/// Forwarding fields portico does not write, which frameworks read as a
+/// proxy's word on where the client came in: Rack takes `X-Forwarded-Ssl`
+/// and `X-Forwarded-Scheme` before `X-Forwarded-Proto`, Rack and Spring
+/// build links from `X-Forwarded-Port` and Spring from
+/// `X-Forwarded-Prefix`, and apps moved from nginx read `X-Real-IP` as
+/// the client. From a client they are claims nobody checked, and on a
+/// caching route unkeyed inputs (Kettle's cache poisoning): they go on
+/// only from `trusted_proxies`, as `Forwarded` does (review36b F1).
+const CLAIMS: [&str; 5] = [
+    "x-real-ip",
+    "x-forwarded-ssl",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-prefix",
+];
 
 /// Removes hop-by-hop fields, including every field the `Connection` header
 /// names. The usual case, `Connection: keep-alive` or `close`, costs one
@@ -86,6 +104,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
             }
             Some(b'x') if LOOKALIKE_LENGTHS.contains(&name.len()) && name.contains('_') => {
                 seen.underscored = true;
+                continue;
+            }
+            Some(b'x') if CLAIMS.contains(&name) => {
+                seen.claims = true;
                 continue;
             }
             _ => continue,
@@ -382,6 +404,11 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
     // replacing of `X-Forwarded-Host` and `-Proto` below.
     if seen.forwarded && !client.trusted.is_some_and(TrustedFields::forwarded) {
         headers.remove(header::FORWARDED);
+    }
+    if seen.claims && client.trusted.is_none() {
+        for name in CLAIMS {
+            headers.remove(name);
+        }
     }
     let (proto, host) = match client.trusted {
         Some(fields) => relayed(headers, fields),
@@ -1425,6 +1452,34 @@ mod tests {
                 },
             );
             assert_eq!(headers.contains_key("forwarded"), kept, "{trusted:?}");
+        }
+    }
+
+    /// The forwarding fields frameworks read that portico does not write
+    /// go on only from trusted proxies (review36b F1).
+    #[test]
+    fn other_forwarding_claims_go_on_only_from_trusted_proxies() {
+        let given = [
+            ("x-forwarded-scheme", "http"),
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-port", "1337"),
+            ("x-forwarded-prefix", "//evil.example"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-custom", "kept"),
+        ];
+        for (trusted, kept) in [(None, false), (Some(TrustedFields::XForwarded), true)] {
+            let mut headers = map(&given);
+            prepare(
+                &mut headers,
+                ClientInfo {
+                    trusted,
+                    ..client(None)
+                },
+            );
+            for (name, _) in &given[..5] {
+                assert_eq!(headers.contains_key(*name), kept, "{name} {trusted:?}");
+            }
+            assert_eq!(headers["x-custom"], "kept");
         }
     }
 
