@@ -81,7 +81,13 @@ fn main() -> ExitCode {
                         portico::admin::short_token(token),
                         portico::admin::exposed(config.admin.listen).map(str::to_owned),
                     ];
-                    for warning in warnings.into_iter().flatten() {
+                    let lapsing = config
+                        .server
+                        .tls
+                        .iter()
+                        .flat_map(|listener| &listener.certificates)
+                        .map(portico::server::tls::lapse_warning);
+                    for warning in warnings.into_iter().chain(lapsing).flatten() {
                         say_err(format_args!("portico check: warning: {warning}"));
                     }
                     say("configuration ok");

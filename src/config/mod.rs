@@ -371,6 +371,14 @@ fn plain_words(message: &str) -> String {
     ] {
         text = text.replace(rust, plain);
     }
+    // serde names the Rust type a table is read into: `expected struct
+    // Health` said nothing an operator wrote (review36a).
+    if let Some(at) = text.find("expected struct ") {
+        let name_end = text[at + 16..]
+            .find(|c: char| !c.is_alphanumeric())
+            .map_or(text.len(), |end| at + 16 + end);
+        text.replace_range(at..name_end, "expected a table");
+    }
     text
 }
 

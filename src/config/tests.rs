@@ -441,6 +441,17 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:12:3: upstream[0].backends[6]: backend [::ffff:127.0.0.1]:7080 is this proxy's own server.listen: requests would loop back to it",
             ],
         ),
+        // A table's Rust type is not named (review36a).
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nhealth = \"/health\"\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:10: upstream[0].health: invalid type: string \"/health\", expected a table"],
+        ),
+        // The admin API as a backend would serve it on the traffic port
+        // (review36a L5).
+        (
+            "[admin]\nlisten = \"127.0.0.1:7090\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:7090\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:5:13: upstream[0].backends[0]: backend 127.0.0.1:7090 is this proxy's own admin.listen: the admin API would be served to clients"],
+        ),
     ];
     for (text, want) in cases {
         let got = errors(text);

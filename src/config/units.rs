@@ -38,6 +38,8 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(number.saturating_mul(60)),
             "h" => Duration::from_secs(number.saturating_mul(3600)),
             "d" => Duration::from_secs(number.saturating_mul(86400)),
+            // Zero is zero in any unit, as nginx reads a bare `0`.
+            "" if number == 0 && input == "0" => Duration::ZERO,
             "" => return Err(format!("`{input}` needs a unit: ms, s, m, h or d")),
             other => {
                 return Err(format!(
@@ -92,6 +94,8 @@ mod tests {
     fn durations() {
         let ok: &[(&str, Duration)] = &[
             ("0s", Duration::ZERO),
+            // A bare zero is zero, as nginx reads it (review36a).
+            ("0", Duration::ZERO),
             ("250ms", Duration::from_millis(250)),
             ("2s", Duration::from_secs(2)),
             ("1m", Duration::from_secs(60)),

@@ -188,6 +188,10 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             .iter()
             .map(move |a| (*a, format!("server.tls[{i}].listen")))
     }))
+    // The admin API as a backend would serve `/metrics`, `/status` and,
+    // to whoever has the token, reload and purge on the traffic port
+    // (review36a L5).
+    .chain(std::iter::once((admin.listen, "admin.listen".to_owned())))
     .collect();
     for (i, spanned) in file.upstream.iter().enumerate() {
         let key = format!("upstream[{i}]");
@@ -735,9 +739,15 @@ fn upstream(
             r.at(
                 span,
                 &bkey,
-                format!(
-                    "backend {addr} is this proxy's own {listener}: requests would loop back to it"
-                ),
+                if listener == "admin.listen" {
+                    format!(
+                        "backend {addr} is this proxy's own admin.listen: the admin API would be served to clients"
+                    )
+                } else {
+                    format!(
+                        "backend {addr} is this proxy's own {listener}: requests would loop back to it"
+                    )
+                },
             );
             continue;
         }

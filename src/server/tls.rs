@@ -257,21 +257,79 @@ const LAPSING: Duration = Duration::from_secs(14 * 24 * 3600);
 /// HAProxy say nothing either, so the first sign is usually a user's
 /// report. A start or reload is where an operator looks.
 fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
-    let Some((from, until)) = key.end_entity_cert().ok().and_then(|der| validity(der)) else {
+    let Some(lapse) = key.end_entity_cert().ok().and_then(|der| lapse(der)) else {
         return;
     };
-    let now = SystemTime::now();
     let cert = pair.cert.display();
     let date = httpdate::fmt_http_date;
-    if until <= now {
-        tracing::warn!(%cert, not_after = %date(until), "TLS certificate has expired: clients will refuse it");
-    } else if from > now {
-        tracing::warn!(%cert, not_before = %date(from), "TLS certificate is not valid yet: clients will refuse it");
-    } else if let Ok(left) = until.duration_since(now) {
-        if left < LAPSING {
-            let days = format!("{:.1}", left.as_secs_f64() / (24.0 * 3600.0));
-            tracing::warn!(%cert, not_after = %date(until), "TLS certificate expires in {days} days");
+    match lapse {
+        Lapse::Expired(until) => {
+            tracing::warn!(%cert, not_after = %date(until), "TLS certificate {lapse}");
         }
+        Lapse::NotYet(from) => {
+            tracing::warn!(%cert, not_before = %date(from), "TLS certificate {lapse}");
+        }
+        Lapse::Soon(until, _) => {
+            tracing::warn!(%cert, not_after = %date(until), "TLS certificate {lapse}");
+        }
+    }
+}
+
+/// What `portico check` says of a listener's certificate that the start
+/// would warn of (review36a L2: only the start and reloads said it).
+pub fn lapse_warning(pair: &CertificatePair) -> Option<String> {
+    let der = CertificateDer::pem_file_iter(&pair.cert)
+        .ok()?
+        .next()?
+        .ok()?;
+    let lapse = lapse(&der)?;
+    let date = httpdate::fmt_http_date;
+    let when = match lapse {
+        Lapse::Expired(until) | Lapse::Soon(until, _) => format!("not after {}", date(until)),
+        Lapse::NotYet(from) => format!("not before {}", date(from)),
+    };
+    Some(format!(
+        "TLS certificate {} {lapse} ({when})",
+        pair.cert.display()
+    ))
+}
+
+/// Why a certificate will not serve much longer, if so.
+#[derive(Debug, Clone, Copy)]
+enum Lapse {
+    /// Ended at this time.
+    Expired(SystemTime),
+    /// Valid only from this time.
+    NotYet(SystemTime),
+    /// Ends at this time, this soon.
+    Soon(SystemTime, Duration),
+}
+
+impl std::fmt::Display for Lapse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lapse::Expired(_) => f.write_str("has expired: clients will refuse it"),
+            Lapse::NotYet(_) => f.write_str("is not valid yet: clients will refuse it"),
+            Lapse::Soon(_, left) => write!(
+                f,
+                "expires in {:.1} days",
+                left.as_secs_f64() / (24.0 * 3600.0)
+            ),
+        }
+    }
+}
+
+/// A certificate that is not valid now or ends within [`LAPSING`].
+fn lapse(der: &[u8]) -> Option<Lapse> {
+    let (from, until) = validity(der)?;
+    let now = SystemTime::now();
+    if until <= now {
+        Some(Lapse::Expired(until))
+    } else if from > now {
+        Some(Lapse::NotYet(from))
+    } else {
+        let left = until.duration_since(now).ok()?;
+        (left < LAPSING).then_some(Lapse::Soon(until, left))
     }
 }
 
@@ -406,6 +464,32 @@ mod tests {
                 date("Wed, 01 Mar 2051 00:00:00 GMT")
             ))
         );
+    }
+
+    /// `portico check` says what the start would warn of (review36a L2).
+    #[test]
+    fn check_names_an_expired_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 2);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = std::env::temp_dir().join(format!("portico-lapse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = CertificatePair {
+            cert: dir.join("old.pem"),
+            key: dir.join("old.key"),
+        };
+        std::fs::write(&pair.cert, cert.pem()).unwrap();
+        let warning = lapse_warning(&pair).expect("a warning");
+        assert!(
+            warning.ends_with("old.pem has expired: clients will refuse it (not after Sat, 02 Jan 2021 00:00:00 GMT)"),
+            "{warning}"
+        );
+        // Nothing to read is no warning (the load says what is wrong).
+        std::fs::write(&pair.cert, "not a certificate").unwrap();
+        assert_eq!(lapse_warning(&pair), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
