@@ -520,6 +520,31 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         "{error}"
     );
 
+    // A key read well but of a type portico cannot use (a P-521 one, made
+    // by `openssl ecparam -name secp521r1 -genkey`) says what it takes,
+    // not only ring's "failed to parse" (review36a L3).
+    std::fs::write(
+        dir.join("p521.key"),
+        "-----BEGIN EC PRIVATE KEY-----\n\
+         MIHcAgEBBEIB3djWpQCeAxYVxiw7xDahjHGIEypQwVZy0etf39i4I2yz4FsuFahF\n\
+         ZqiiFF44e5dcMizLCmt2FuvyGBc4lGFVsG+gBwYFK4EEACOhgYkDgYYABAHfiwiY\n\
+         sfZF7mSsGI1LW1v44KQxCtxOS61pSCKSXxHq7sdHTgyQCJik0KdLEb+BjCn/i6Cl\n\
+         IG0TRYIDYfd011SywQHh1oWg1Ez79gwHogxt3c+4N8VanznK9TXfUTcK6AFO+B6O\n\
+         1iW63eM9S09rqDlktpAIcuBqTRuq5jNeF0RqDpYFNQ==\n\
+         -----END EC PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let mut p521 = good.clone();
+    p521.certificates[0].key = dir.join("p521.key");
+    let error = portico::server::tls::acceptor(&p521)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("p521.key") && error.contains("ECDSA keys on P-256 or P-384"),
+        "{error}"
+    );
+
     let mut garbage = good;
     std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
     garbage.certificates[0].cert = dir.join("garbage.pem");

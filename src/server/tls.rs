@@ -81,7 +81,13 @@ fn load_pair(
         .load_private_key(key)
         .map_err(|e| TlsError::Key {
             path: key_path.clone(),
-            reason: e.to_string(),
+            // ring's "failed to parse private key as RSA, ECDSA, or EdDSA"
+            // is said of a key it read well but cannot use (P-521,
+            // secp256k1, Ed448, RSA under 2048 bits), which read as a
+            // corrupt file (review36a L3).
+            reason: format!(
+                "{e}: portico takes RSA keys of 2048 bits or more, ECDSA keys on P-256 or P-384, and Ed25519 keys"
+            ),
         })?;
     // The key of a later certificate in the file: the chain is out of
     // order, which rustls's "keys may not be consistent" did not say
