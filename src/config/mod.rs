@@ -86,6 +86,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     // empty value) to read past them.
     let mut set: Vec<Range<usize>> = Vec::new();
     let mut removed: Vec<String> = Vec::new();
+    // The tables given a stand-in, and for which key.
+    let mut stood: Vec<(Range<usize>, String)> = Vec::new();
     let raw = loop {
         unknown.clear();
         let whole = Spanned::new(0..text.len(), lenient.clone());
@@ -103,9 +105,21 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         // A key this loop took away, or a value it already blamed: what
         // follows would be its own doing, not the file's.
         if missing.is_some_and(|field| removed.iter().any(|key| key == field))
-            || set.contains(&span)
+            || missing.is_some_and(|field| stood.iter().any(|s| s.0 == span && s.1 == field))
+            || (missing.is_none() && set.contains(&span))
         {
             break None;
+        }
+        // A stand-in's value of the wrong type: its own doing, not the
+        // file's. Given the type wanted, without a word.
+        if span.start > text.len() {
+            match set_aside(&mut lenient, &span, e.message()) {
+                Some(Aside::Emptied) => {
+                    set.push(span);
+                    continue;
+                }
+                _ => break None,
+            }
         }
         let key = key_at(table.get_ref(), &span);
         let message = match one_table_written_as_many(&key) {
@@ -122,6 +136,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             None => plain_words(e.message()),
         };
         reporter.at(span.clone(), key, message);
+        // A table lacking a key it needs gets a stand-in for it rather
+        // than going: set aside whole, its other mistakes went unsaid, the
+        // misspelt key that left the field missing first of all (`backend
+        // = [...]` said only "missing field `backends`", review36a L1).
+        if let Some(field) = missing {
+            let at = text.len() + 1 + set.len();
+            if set.len() < 100 && stand_in(&mut lenient, &span, field, at..at) {
+                stood.push((span.clone(), field.to_owned()));
+                set.push(span);
+                continue;
+            }
+        }
         match set_aside(&mut lenient, &span, e.message()) {
             Some(aside) if set.len() < 100 => {
                 set.push(span);
@@ -276,6 +302,48 @@ enum Aside {
     Emptied,
     /// The key (or list item, named by its list's key) is gone.
     Removed(String),
+}
+
+/// Gives the table at `span` an empty string for its missing `field`, at
+/// `at`, a span past the file's end (so errors there are known for the
+/// stand-in's); false when there is no table at `span`.
+fn stand_in(table: &mut DeTable<'_>, span: &Range<usize>, field: &str, at: Range<usize>) -> bool {
+    let fill = |inner: &mut DeTable<'_>| {
+        inner.insert(
+            Spanned::new(at.clone(), std::borrow::Cow::Owned(field.to_owned())),
+            Spanned::new(at.clone(), DeValue::String(Default::default())),
+        );
+    };
+    for (_, value) in table.iter_mut() {
+        let whole = value.span();
+        match value.get_mut() {
+            DeValue::Table(inner) => {
+                if whole == *span {
+                    fill(inner);
+                    return true;
+                }
+                if stand_in(inner, span, field, at.clone()) {
+                    return true;
+                }
+            }
+            DeValue::Array(items) => {
+                for item in items.iter_mut() {
+                    let whole = item.span();
+                    if let DeValue::Table(inner) = item.get_mut() {
+                        if whole == *span {
+                            fill(inner);
+                            return true;
+                        }
+                        if stand_in(inner, span, field, at.clone()) {
+                            return true;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Takes the bad value at `span` out of the way of the next read. A value that is itself the

@@ -441,6 +441,19 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:12:3: upstream[0].backends[6]: backend [::ffff:127.0.0.1]:7080 is this proxy's own server.listen: requests would loop back to it",
             ],
         ),
+        // A table lacking a key still has its other mistakes said, the
+        // misspelling that left the key missing first (review36a L1).
+        (
+            "[[upstream]]\nname = \"a\"\nbackend = [\"127.0.0.1:1\"]\nretries = \"2\"\n[upstream.health]\nintervl = \"2s\"\n[[route]]\nupstrem = \"a\"\n",
+            &[
+                "test.toml:1:1: upstream[0]: missing field `backends`",
+                "test.toml:3:1: upstream[0].backend: unknown key `backend`",
+                "test.toml:4:11: upstream[0].retries: invalid type: string \"2\", expected a whole number",
+                "test.toml:6:1: upstream[0].health.intervl: unknown key `intervl`",
+                "test.toml:7:1: route[0]: missing field `upstream`",
+                "test.toml:8:1: route[0].upstrem: unknown key `upstrem`",
+            ],
+        ),
         // A table's Rust type is not named (review36a).
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nhealth = \"/health\"\n[[route]]\nupstream = \"a\"\n",
