@@ -957,6 +957,35 @@ fn a_stalled_log_reader_holds_up_no_request() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A reload says what it changed among the upstreams, and the resets an
+/// operator would otherwise take for a bug: throttling budgets refilled,
+/// backends found down tried again (review36a L4).
+#[test]
+fn a_reload_says_what_it_changed() {
+    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let limited = "[rate_limit]\nrequests_per_second = 5\nburst = 5\n";
+    let config = behind(origin_addr, "", "rate_limit = true\n") + limited;
+    let mut run = portico_on("reloadsays", &config, None);
+    let file = run.dir.join("portico.toml");
+    let retuned = behind(origin_addr, "retries = 0\n", "rate_limit = true\n")
+        + "[[upstream]]\nname = \"new\"\nbackends = [\"127.0.0.1:9\"]\n"
+        + &limited.replace("burst = 5", "burst = 6");
+    std::fs::write(&file, retuned).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &run.proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = line_with(&run.log, "upstreams changed by the reload", &mut run.seen);
+    assert!(
+        line.contains("\"added\":\"new\"") && line.contains("\"changed\":\"o\""),
+        "{line}"
+    );
+    line_with(&run.log, "every client's budget starts full", &mut run.seen);
+    line_with(&run.log, "configuration reloaded", &mut run.seen);
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// At `max_connections`, the warning names the cap and the clients
 /// waiting in the listen queue, as `ss -ltn` shows them (review33d F5).
 #[test]

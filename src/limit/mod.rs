@@ -104,13 +104,19 @@ impl Limiter {
     /// clients' budgets, so editing the routes during a flood hands no
     /// throttled client a fresh burst.
     pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
-        let previous = previous.filter(|p| {
+        let kept = previous.filter(|p| {
             config
                 .rate_limit
                 .as_ref()
                 .is_some_and(|now| same_budgets(now, &p.config))
         });
-        Self::build(config, previous)
+        // Said, as a reload that empties the cache is: a throttled client
+        // that is let through again otherwise looks like a bug (review36a
+        // L4).
+        if previous.is_some() && kept.is_none() && config.rate_limit.is_some() {
+            tracing::info!("[rate_limit] changed: every client's budget starts full");
+        }
+        Self::build(config, kept)
     }
 
     fn build(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {

@@ -194,6 +194,21 @@ impl Upstream {
                 }
             }
             upstream.rebuild_cycle();
+        } else {
+            let down = previous
+                .backends
+                .iter()
+                .filter(|b| !b.state.active_up())
+                .count();
+            // Said when it readmits someone: a backend known down takes
+            // traffic again until its checks find it so (review36a L4).
+            if down > 0 {
+                tracing::info!(
+                    upstream = %upstream.config.name,
+                    down,
+                    "health checks changed: backends found down are tried again until the new checks judge them"
+                );
+            }
         }
         upstream.start_checks();
         upstream
