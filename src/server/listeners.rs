@@ -144,6 +144,7 @@ impl Registry {
     pub(super) fn bind_added(
         &self,
         wanted: &[(SocketAddr, Mode)],
+        admin: SocketAddr,
     ) -> std::io::Result<Vec<(SocketAddr, TcpListener)>> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.serving.is_none() {
@@ -169,6 +170,18 @@ impl Registry {
                                 format!(
                                     "{e}: portico's own listener {} holds the port until the reload is done (new addresses are bound before old ones close): restart portico, or move through another port",
                                     slot.configured
+                                ),
+                            )
+                        }
+                        // The admin API stays where the process started
+                        // (review36a L4: the bare kernel message).
+                        None if e.kind() == std::io::ErrorKind::AddrInUse
+                            && (admin == *addr || crate::config::overlap(admin, *addr)) =>
+                        {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "{e}: portico's admin API listens on {admin} (an [admin] listen change takes effect only at a restart)"
                                 ),
                             )
                         }

@@ -312,7 +312,7 @@ impl Shared {
         let wanted = listeners::wanted(&config, &acceptors);
         let added = self
             .listeners
-            .bind_added(&wanted)
+            .bind_added(&wanted, self.admin_listen)
             .map_err(|e| e.to_string())?;
 
         // Adding the first [[server.tls]] to a file without
