@@ -40,6 +40,9 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         "admin listening"
     );
     admin::warn_if_exposed(config.admin.listen);
+    if let Some(warning) = config::trusts_everyone(&config.server) {
+        tracing::warn!("{warning}");
+    }
     let shared = server::Shared::with_path(&config, Some(path));
     shared
         .load_tls(&config)

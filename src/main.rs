@@ -80,6 +80,7 @@ fn main() -> ExitCode {
                     let warnings = [
                         portico::admin::short_token(token),
                         portico::admin::exposed(config.admin.listen).map(str::to_owned),
+                        portico::config::trusts_everyone(&config.server),
                     ];
                     let lapsing = config
                         .server

@@ -1098,10 +1098,19 @@ fn a_short_admin_token_is_warned_about() {
     let dir = std::env::temp_dir().join(format!("portico-token-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("admin.token"), "ab\n").unwrap();
-    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+    // Trusting every address is warned of too (review36a).
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\ntrusted_proxies = [\"0.0.0.0/0\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
          token_file = \"admin.token\"\n\
          [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
     let run = portico_on("token", config, None);
+    assert!(
+        run.seen
+            .iter()
+            .any(|l| l.contains("0.0.0.0/0, every address")),
+        "{:#?}",
+        run.seen
+    );
     // Said before the listeners are up, so among what the start read.
     let line = run
         .seen
@@ -1121,6 +1130,7 @@ fn a_short_admin_token_is_warned_about() {
         said.contains("warning: the admin token is short enough to guess"),
         "{said}"
     );
+    assert!(said.contains("0.0.0.0/0, every address"), "{said}");
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

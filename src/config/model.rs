@@ -198,6 +198,20 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// The warning for `trusted_proxies` that trusts every address of a
+/// family (`0.0.0.0/0`, `::/0`): any client then chooses the address it
+/// is logged and throttled as, and the scheme and host its backend hears.
+pub fn trusts_everyone(server: &Server) -> Option<String> {
+    let all = server
+        .trusted_proxies
+        .iter()
+        .find(|cidr| cidr.prefix == 0)?;
+    Some(format!(
+        "server.trusted_proxies holds {}/0, every address: any client can choose the address it is logged and throttled as, and the scheme and host its backend hears",
+        all.addr
+    ))
+}
+
 impl Cidr {
     /// The block's first address: `addr` with the host bits cleared.
     pub fn network(&self) -> std::net::IpAddr {
