@@ -915,13 +915,25 @@ fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'s
     // 502 after `check`, start and reload had all said yes (review36a M1).
     for (n, cert) in certs.iter().enumerate() {
         if let Err(error) = webpki::anchor_from_trusted_cert(cert) {
-            return Err(format!(
-                "certificate {} in the file is not a usable X.509 certificate ({error}): is the file whole?",
-                n + 1
-            ));
+            return Err(unreadable_certificate(n, &error));
         }
     }
     Ok(certs)
+}
+
+/// What is said of the `n`th certificate (from 0) of a PEM file that
+/// webpki could not read: a DER that does not parse is most often a file
+/// cut in a copy.
+pub(crate) fn unreadable_certificate(n: usize, error: &webpki::Error) -> String {
+    let cut = matches!(
+        error,
+        webpki::Error::BadDer | webpki::Error::TrailingData(_)
+    );
+    format!(
+        "certificate {} in the file cannot be read as X.509 ({error}){}",
+        n + 1,
+        if cut { ": is the file whole?" } else { "" }
+    )
 }
 
 fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {

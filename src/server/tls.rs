@@ -49,18 +49,23 @@ fn load_pair(
     }
     // A certificate that does not parse (a line lost in a copy) is said as
     // such: it failed the key match below, which blamed the key file
-    // (review36a M1).
-    if let Some((n, error)) = certs.iter().enumerate().find_map(|(n, cert)| {
-        webpki::EndEntityCert::try_from(cert)
-            .err()
-            .map(|error| (n, error))
-    }) {
+    // (review36a M1). The server's own is read as the key match reads it;
+    // the chain after it only as X.509, as rustls sends it unread: strict,
+    // an intermediate with a critical policy extension webpki does not
+    // know, or an appended v1 root, refused a chain nginx serves
+    // (review36e M1).
+    let unreadable = certs.iter().enumerate().find_map(|(n, cert)| {
+        let read = if n == 0 {
+            webpki::EndEntityCert::try_from(cert).map(drop)
+        } else {
+            webpki::anchor_from_trusted_cert(cert).map(drop)
+        };
+        read.err().map(|error| (n, error))
+    });
+    if let Some((n, error)) = unreadable {
         return Err(TlsError::Cert {
             path: cert_path,
-            reason: format!(
-                "certificate {} in the file is not a valid X.509 certificate ({error}): is the file whole?",
-                n + 1
-            ),
+            reason: crate::config::unreadable_certificate(n, &error),
         });
     }
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
