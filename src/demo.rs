@@ -37,17 +37,61 @@ fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
     let (lines, received) = tokio::sync::mpsc::unbounded_channel();
     let spawned = std::thread::Builder::new()
         .name("demo-stdin".into())
-        .spawn(move || {
-            for line in std::io::stdin().lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        .spawn(move || read_lines(&lines));
     if let Err(error) = spawned {
         tracing::debug!(%error, "standard input not read");
     }
     received
+}
+
+/// Reads stdin's lines into `lines` until it ends. A terminal is read
+/// only while the demo is its foreground job: a background job that reads
+/// its terminal is stopped by SIGTTIN, proxy and all (`portico demo &`,
+/// review36e M2), so that signal is ignored (the read then fails, and is
+/// tried again later) and the thread waits until it is brought forward.
+fn read_lines(lines: &tokio::sync::mpsc::UnboundedSender<String>) {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    #[cfg(unix)]
+    if terminal {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no
+        // handler; it is process-wide and only makes background reads of
+        // the terminal fail (EIO) instead of stopping the process.
+        unsafe {
+            libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+        }
+    }
+    let wait = || std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut line = String::new();
+    loop {
+        if terminal && !foreground() {
+            wait();
+            continue;
+        }
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if lines.send(line.trim_end().to_owned()).is_err() {
+                    return;
+                }
+            }
+            // Sent to the background between the look and the read.
+            Err(_) if terminal => wait(),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether this process is its terminal's foreground job.
+#[cfg(unix)]
+fn foreground() -> bool {
+    // SAFETY: both only read the process's and the terminal's group ids.
+    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+#[cfg(not(unix))]
+fn foreground() -> bool {
+    true
 }
 
 /// A line typed into a running demo.

@@ -306,8 +306,11 @@ fn start_demo() -> (std::process::Child, String, std::thread::JoinHandle<String>
 fn start_demo_logging(
     read_log: bool,
 ) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    // Nothing typed: the demo reads its stdin, which is not the
+    // developer's terminal.
     let mut child = Command::new(PORTICO)
         .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
