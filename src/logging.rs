@@ -65,10 +65,22 @@ fn write_lines(lines: mpsc::Receiver<Vec<u8>>) {
                 Err(_) => break,
             }
         }
-        // A reader gone for good (EPIPE) loses the lines, as nginx's do.
-        let _ = std::io::stderr().write_all(&batch);
+        let written = write_out(&batch);
+        if !written {
+            // A reader gone for good (EPIPE) loses the lines, as nginx's
+            // do; counted with the others dropped.
+            let lines = batch.iter().filter(|&&b| b == b'\n').count().max(1);
+            DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
+        }
         QUEUED.fetch_sub(batch.len(), Ordering::Relaxed);
-        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        // Said only once writing works again: a warning written to a
+        // stderr that fails would fail, be counted, and be said again,
+        // for ever.
+        let dropped = if written {
+            DROPPED.swap(0, Ordering::Relaxed)
+        } else {
+            0
+        };
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -76,6 +88,24 @@ fn write_lines(lines: mpsc::Receiver<Vec<u8>>) {
             );
         }
     }
+}
+
+/// Writes `batch` to stderr whole; false if stderr failed. A stderr a
+/// parent left non-blocking is waited on, not given up on mid-line.
+fn write_out(batch: &[u8]) -> bool {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        match std::io::stderr().write(rest) {
+            Ok(0) => return false,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Waits (bounded) for the queued lines to be written: at exit, by

@@ -38,6 +38,9 @@ pub struct Metrics {
     upstream_ejections: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
+    /// One [`Metrics::set_backends_up`] at a time: two interleaved, each
+    /// from its own reload's snapshot, removed each other's new series.
+    backends_setting: std::sync::Mutex<()>,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
@@ -163,6 +166,7 @@ impl Metrics {
             ),
             backend_up,
             backend_weight,
+            backends_setting: std::sync::Mutex::new(()),
             cache_lookups: counter_vec(
                 &registry,
                 "portico_cache_lookups_total",
@@ -305,16 +309,21 @@ impl Metrics {
         // scrape running beside this one (two Prometheus servers) would
         // gather between the clearing and the setting and find no backend
         // at all (review36c F2).
-        let mut current = HashSet::new();
-        for (upstream, backend, up, weight) in backends {
-            let labels = [upstream, backend.as_str()];
+        let _one_at_a_time = self
+            .backends_setting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rows: Vec<_> = backends.collect();
+        let mut current = HashSet::with_capacity(rows.len());
+        for (upstream, backend, up, weight) in &rows {
+            let labels = [*upstream, backend.as_str()];
             self.backend_up
                 .with_label_values(&labels)
-                .set(i64::from(up));
+                .set(i64::from(*up));
             self.backend_weight
                 .with_label_values(&labels)
-                .set(i64::from(weight));
-            current.insert((upstream.to_owned(), backend));
+                .set(i64::from(*weight));
+            current.insert((*upstream, backend.as_str()));
         }
         for gauges in [&self.backend_up, &self.backend_weight] {
             let families = prometheus::core::Collector::collect(gauges);
@@ -327,7 +336,7 @@ impl Metrics {
                         .map_or("", |pair| pair.value())
                 };
                 let (upstream, backend) = (label("upstream"), label("backend"));
-                if !current.contains(&(upstream.to_owned(), backend.to_owned())) {
+                if !current.contains(&(upstream, backend)) {
                     let _ = gauges.remove_label_values(&[upstream, backend]);
                 }
             }

@@ -207,7 +207,7 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
         .iter()
         .find(|cidr| cidr.prefix == 0)?;
     Some(format!(
-        "server.trusted_proxies holds {}/0, every address: any client can choose the address it is logged and throttled as, and the scheme and host its backend hears",
+        "trusted_proxies holds {}/0, every address: any client can choose the address it is logged and throttled as, and the scheme and host its backend hears",
         all.addr
     ))
 }

@@ -512,7 +512,7 @@ impl Body for RequestBody {
 /// (its `slot`) and warned of, as nginx's "upstream prematurely closed"
 /// is, since the client only sees its response cut; unless the client's
 /// upload had failed, which cut it.
-fn cut_short(slot: Option<InFlight>, error: BodyError) -> BodyError {
+fn cut_short(slot: Option<InFlight>, error: BodyError, unattended: bool) -> BodyError {
     let (upstream, backend) = match slot.as_ref().and_then(InFlight::backend) {
         Some((upstream, addr)) => (upstream.to_string(), addr.to_string()),
         None => ("-".to_owned(), "-".to_owned()),
@@ -535,7 +535,7 @@ fn cut_short(slot: Option<InFlight>, error: BodyError) -> BodyError {
         }
         return BodyError::UploadFailed(error.into());
     }
-    if super::log::access_logged() {
+    if super::log::access_logged() && !unattended {
         // The access line's tail warns, with the client and the request's
         // id to pair the warning with its line (review35b F2).
         tracing::debug!(upstream, backend, %error, "response body cut short");
@@ -594,6 +594,9 @@ pub enum ProxyBody {
         in_flight: Option<InFlight>,
         /// Copies the body into the cache as it passes.
         capture: Option<Box<Capture>>,
+        /// Read for the cache alone, its client gone: no access line
+        /// will warn of its backend's failure, so [`cut_short`] does.
+        unattended: bool,
     },
     /// One byte range of a body fetched whole (a range miss: the cache
     /// stores the whole, the client gets its range).
@@ -1164,6 +1167,7 @@ impl ProxyBody {
             stall: StallGuard::new(stall_timeout),
             in_flight,
             capture: None,
+            unattended: false,
         }
     }
 
@@ -1221,10 +1225,21 @@ impl ProxyBody {
     /// time, each within `body_timeout`, until the body ends (and is
     /// stored) or the copy gives up (past `max_object_size`).
     pub async fn read_into_cache(mut self) {
+        self.unattend();
         while self.is_capturing() {
             if !matches!(http_body_util::BodyExt::frame(&mut self).await, Some(Ok(_))) {
                 break;
             }
+        }
+    }
+
+    /// Marks the backend's body as read with no client (see
+    /// `ProxyBody::Stream::unattended`).
+    fn unattend(&mut self) {
+        match self {
+            ProxyBody::Stream { unattended, .. } => *unattended = true,
+            ProxyBody::Slice(slice) => slice.inner.unattend(),
+            ProxyBody::Full { .. } | ProxyBody::Ahead(_) => {}
         }
     }
 
@@ -1278,6 +1293,7 @@ impl Body for ProxyBody {
                 stall,
                 in_flight,
                 capture,
+                unattended,
             } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(mut frame))) => {
                     stall.progress();
@@ -1303,7 +1319,11 @@ impl Body for ProxyBody {
                 Poll::Ready(Some(Err(e))) => {
                     // A broken body is never stored.
                     capture.take();
-                    Poll::Ready(Some(Err(cut_short(in_flight.take(), e.into()))))
+                    Poll::Ready(Some(Err(cut_short(
+                        in_flight.take(),
+                        e.into(),
+                        *unattended,
+                    ))))
                 }
                 Poll::Ready(None) => {
                     // Done: free the slot now, not when hyper drops the body.
@@ -1319,7 +1339,7 @@ impl Body for ProxyBody {
                     Poll::Ready(()) => {
                         capture.take();
                         let stalled = BodyError::Stalled(stall.timeout);
-                        Poll::Ready(Some(Err(cut_short(in_flight.take(), stalled))))
+                        Poll::Ready(Some(Err(cut_short(in_flight.take(), stalled, *unattended))))
                     }
                     Poll::Pending => Poll::Pending,
                 },

@@ -333,7 +333,9 @@ impl Tail {
             }
             Poll::Ready(Some(Err(error))) => {
                 self.end = End::of(error);
-                if matches!(self.end, End::BackendBroken | End::BackendStalled) {
+                // The backend's failures, as `cut_short` judged them: not
+                // a read-ahead task lost with the runtime (review36e).
+                if matches!(error, BodyError::Hyper(_) | BodyError::Stalled(_)) {
                     let upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name());
                     let backend = self
                         .reached

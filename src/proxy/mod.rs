@@ -744,7 +744,12 @@ fn say_changes(
     old: &HashMap<&str, &Arc<Upstream>>,
     kept: &std::collections::HashSet<&str>,
 ) {
-    let names = |list: Vec<&str>| list.join(", ");
+    // At most 20 named: a reload of 20,000 upstreams is one line, not
+    // hundreds of KB.
+    let names = |list: Vec<&str>| match list.len() {
+        0..=20 => list.join(", "),
+        n => format!("{} and {} more", list[..20].join(", "), n - 20),
+    };
     let mut added = Vec::new();
     let mut retuned = Vec::new();
     for upstream in &config.upstreams {

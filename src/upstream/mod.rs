@@ -195,18 +195,25 @@ impl Upstream {
             }
             upstream.rebuild_cycle();
         } else {
+            // Of the backends still configured.
+            let kept = upstream.by_addr();
             let down = previous
                 .backends
                 .iter()
-                .filter(|b| !b.state.active_up())
+                .filter(|b| !b.state.active_up() && kept.contains_key(&b.addr))
                 .count();
             // Said when it readmits someone: a backend known down takes
             // traffic again until its checks find it so (review36a L4).
             if down > 0 {
+                let until = if upstream.config.health.is_some() {
+                    "until the new checks judge them"
+                } else {
+                    "(no checks any more)"
+                };
                 tracing::info!(
                     upstream = %upstream.config.name,
                     down,
-                    "health checks changed: backends found down are tried again until the new checks judge them"
+                    "health checks changed: backends found down are tried again {until}"
                 );
             }
         }
