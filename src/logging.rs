@@ -90,10 +90,44 @@ fn write_lines(lines: mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-/// Writes `batch` to stderr whole; false if stderr failed. A stderr a
-/// parent left non-blocking is waited on, not given up on mid-line.
+/// The most written at once: a pipe write up to `PIPE_BUF` (4096 on
+/// Linux) is never interleaved with another process's, so lines of two
+/// processes sharing one stderr pipe (supervisord, `(a; b) 2>&1 | logger`)
+/// never splice mid-line, as each line written alone never did (review36d
+/// M2).
+const ATOMIC_WRITE: usize = 4096;
+
+/// Writes `batch` (whole lines) to stderr, in writes of whole lines up to
+/// [`ATOMIC_WRITE`] bytes (a longer line alone); false if stderr failed. A
+/// stderr a parent left non-blocking is waited on, not given up on
+/// mid-line.
 fn write_out(batch: &[u8]) -> bool {
     let mut rest = batch;
+    while !rest.is_empty() {
+        let cut = piece_end(rest);
+        if !write_whole(&rest[..cut]) {
+            return false;
+        }
+        rest = &rest[cut..];
+    }
+    true
+}
+
+/// Where the next write of `rest` ends: after its last whole line within
+/// [`ATOMIC_WRITE`] bytes, or after its first line if that is longer.
+fn piece_end(rest: &[u8]) -> usize {
+    if rest.len() <= ATOMIC_WRITE {
+        return rest.len();
+    }
+    match memchr::memrchr(b'\n', &rest[..ATOMIC_WRITE]) {
+        Some(end) => end + 1,
+        None => memchr::memchr(b'\n', rest).map_or(rest.len(), |end| end + 1),
+    }
+}
+
+/// One piece written to stderr, in one write where the kernel takes it so.
+fn write_whole(piece: &[u8]) -> bool {
+    let mut rest = piece;
     while !rest.is_empty() {
         match std::io::stderr().write(rest) {
             Ok(0) => return false,
@@ -228,7 +262,37 @@ impl Every {
 
 #[cfg(test)]
 mod tests {
-    use super::Every;
+    use super::{piece_end, Every, ATOMIC_WRITE};
+
+    /// Writes hold whole lines, at most a pipe's atomic size unless one
+    /// line is longer (review36d M2).
+    #[test]
+    fn writes_are_whole_lines_within_an_atomic_pipe_write() {
+        let line = |n: usize| {
+            let mut line = vec![b'x'; n - 1];
+            line.push(b'\n');
+            line
+        };
+        let batch: Vec<u8> = [
+            line(1000),
+            line(1000),
+            line(1000),
+            line(1500),
+            line(9000),
+            line(10),
+        ]
+        .concat();
+        let mut rest = &batch[..];
+        let mut sizes = Vec::new();
+        while !rest.is_empty() {
+            let end = piece_end(rest);
+            assert_eq!(rest[end - 1], b'\n');
+            sizes.push(end);
+            rest = &rest[end..];
+        }
+        assert_eq!(sizes, [3000, 1500, 9000, 10]);
+        assert!(sizes.iter().all(|&n| n <= ATOMIC_WRITE || n == 9000));
+    }
 
     #[test]
     fn says_once_a_period_and_counts_what_it_held_back() {

@@ -391,8 +391,12 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
     if !seen.transfer_encoding {
         one_length(headers);
     }
+    // The claims below are believed only from proxies trusted to write
+    // `X-Forwarded-*` (a `trusted_fields = "forwarded"` proxy's
+    // `X-Forwarded-Ssl` is its client's, review36d L1).
+    let claims_trusted = client.trusted.is_some_and(TrustedFields::x_forwarded);
     if seen.underscored {
-        remove_lookalikes(headers);
+        remove_lookalikes(headers, !claims_trusted);
     }
     if client.version >= Version::HTTP_2 {
         join_cookies(headers);
@@ -405,7 +409,7 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'stati
     if seen.forwarded && !client.trusted.is_some_and(TrustedFields::forwarded) {
         headers.remove(header::FORWARDED);
     }
-    if seen.claims && client.trusted.is_none() {
+    if seen.claims && !claims_trusted {
         for name in CLAIMS {
             headers.remove(name);
         }
@@ -443,13 +447,18 @@ const WRITTEN: [&str; 4] = [
     "x-request-id",
 ];
 
-/// The lengths of the names in [`WRITTEN`], so the pass over a head's
-/// names looks for `_` only in names as long as one.
-const LOOKALIKE_LENGTHS: [usize; 4] = [
+/// The lengths of the names in [`WRITTEN`] and [`CLAIMS`], so the pass
+/// over a head's names looks for `_` only in names as long as one.
+const LOOKALIKE_LENGTHS: [usize; 9] = [
     WRITTEN[0].len(),
     WRITTEN[1].len(),
     WRITTEN[2].len(),
     WRITTEN[3].len(),
+    CLAIMS[0].len(),
+    CLAIMS[1].len(),
+    CLAIMS[2].len(),
+    CLAIMS[3].len(),
+    CLAIMS[4].len(),
 ];
 
 /// Removes the fields whose names spell one portico writes with `_` for
@@ -457,19 +466,23 @@ const LOOKALIKE_LENGTHS: [usize; 4] = [
 /// place of portico's. nginx drops every name with `_` by default
 /// (`underscores_in_headers off`); only these are dropped here, as they
 /// are the ones portico vouches for. Called only when the pass of
-/// [`remove_hop_by_hop`] saw a name that may be one.
-fn remove_lookalikes(headers: &mut HeaderMap) {
+/// [`remove_hop_by_hop`] saw a name that may be one. With `claims`, the
+/// spellings of the [`CLAIMS`] go too: dropped as `X-Real-IP`, a client's
+/// `X_Real_IP` would be the only one its backend reads (review36d M1).
+fn remove_lookalikes(headers: &mut HeaderMap, claims: bool) {
+    let spells = |written: &str, name: &[u8]| {
+        written.len() == name.len()
+            && written
+                .bytes()
+                .zip(name)
+                .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
+    };
     let lookalike = |name: &HeaderName| {
         let name = name.as_str().as_bytes();
         name.first() == Some(&b'x')
             && name.contains(&b'_')
-            && WRITTEN.iter().any(|written| {
-                written.len() == name.len()
-                    && written
-                        .bytes()
-                        .zip(name)
-                        .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
-            })
+            && (WRITTEN.iter().any(|written| spells(written, name))
+                || (claims && CLAIMS.iter().any(|claim| spells(claim, name))))
     };
     let found: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
     for name in found {
@@ -1465,9 +1478,18 @@ mod tests {
             ("x-forwarded-port", "1337"),
             ("x-forwarded-prefix", "//evil.example"),
             ("x-real-ip", "6.6.6.6"),
+            // Read as the same variable by Rack, WSGI and PHP (review36d M1).
+            ("x_real_ip", "7.7.7.7"),
+            ("x-forwarded_port", "1"),
             ("x-custom", "kept"),
         ];
-        for (trusted, kept) in [(None, false), (Some(TrustedFields::XForwarded), true)] {
+        // A proxy trusted for `Forwarded` only does not vouch for them
+        // (review36d L1).
+        for (trusted, kept) in [
+            (None, false),
+            (Some(TrustedFields::Forwarded), false),
+            (Some(TrustedFields::XForwarded), true),
+        ] {
             let mut headers = map(&given);
             prepare(
                 &mut headers,
@@ -1476,7 +1498,7 @@ mod tests {
                     ..client(None)
                 },
             );
-            for (name, _) in &given[..5] {
+            for (name, _) in &given[..7] {
                 assert_eq!(headers.contains_key(*name), kept, "{name} {trusted:?}");
             }
             assert_eq!(headers["x-custom"], "kept");
