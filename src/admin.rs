@@ -163,9 +163,15 @@ fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// Refreshes the gauges that are read off live state rather than counted.
-fn refresh_gauges(shared: &Shared) {
+/// The exposition, with the gauges read off live state rather than
+/// counted refreshed first.
+fn scrape(shared: &Shared) -> Vec<u8> {
     let proxy = shared.proxy.load();
+    let tracked = proxy.limiter().map_or(0, |l| l.tracked_keys());
+    shared
+        .metrics
+        .ratelimit_tracked
+        .set(i64::try_from(tracked).unwrap_or(i64::MAX));
     let mut rows = Vec::new();
     for upstream in proxy.upstreams() {
         for backend in upstream.status() {
@@ -177,12 +183,7 @@ fn refresh_gauges(shared: &Shared) {
             ));
         }
     }
-    shared.metrics.set_backends_up(rows.into_iter());
-    let tracked = proxy.limiter().map_or(0, |l| l.tracked_keys());
-    shared
-        .metrics
-        .ratelimit_tracked
-        .set(i64::try_from(tracked).unwrap_or(i64::MAX));
+    shared.metrics.encode_with_backends(rows.into_iter())
 }
 
 async fn handle(
@@ -195,7 +196,6 @@ async fn handle(
     let read = method == Method::GET || method == Method::HEAD;
     match (method, request.uri().path()) {
         (_, "/metrics") if read => {
-            refresh_gauges(&shared);
             let cache = shared.proxy.load().cache().cloned();
             match cache {
                 Some(cache) => {
@@ -207,7 +207,7 @@ async fn handle(
                     shared.metrics.cache_size_bytes.set(0);
                 }
             }
-            let mut response = text(StatusCode::OK, shared.metrics.encode());
+            let mut response = text(StatusCode::OK, scrape(&shared));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

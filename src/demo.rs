@@ -182,8 +182,13 @@ impl Backends {
                 Some(backend) => {
                     say(format_args!("{name} stopping (finishing its requests)"));
                     backend.stop().await;
+                    let others = if self.running.iter().any(Option::is_some) {
+                        "its requests go to the others"
+                    } else {
+                        "no backend runs now, so requests get 502 and then 503"
+                    };
                     say(format_args!(
-                        "{name} stopped: its requests go to the others; `start {}` brings it back",
+                        "{name} stopped: {others}; `start {}` brings it back",
                         index + 1
                     ));
                 }

@@ -305,14 +305,38 @@ impl Metrics {
         &self,
         backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
     ) {
-        // Set, then the stale series removed, never all cleared first: a
-        // scrape running beside this one (two Prometheus servers) would
-        // gather between the clearing and the setting and find no backend
-        // at all (review36c F2).
         let _one_at_a_time = self
             .backends_setting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.set_backends_locked(backends);
+    }
+
+    /// [`Metrics::set_backends_up`], then [`Metrics::encode`], with no
+    /// other scrape's setting in between: two scrapes racing a reload,
+    /// each from its own snapshot, gave one body `portico_backend_up` of
+    /// one configuration and `portico_backend_weight` of the other
+    /// (review36d L4).
+    pub fn encode_with_backends<'a>(
+        &self,
+        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
+    ) -> Vec<u8> {
+        let _one_at_a_time = self
+            .backends_setting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.set_backends_locked(backends);
+        self.encode()
+    }
+
+    fn set_backends_locked<'a>(
+        &self,
+        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
+    ) {
+        // Set, then the stale series removed, never all cleared first: a
+        // scrape running beside this one (two Prometheus servers) would
+        // gather between the clearing and the setting and find no backend
+        // at all (review36c F2).
         let rows: Vec<_> = backends.collect();
         let mut current = HashSet::with_capacity(rows.len());
         for (upstream, backend, up, weight) in &rows {
@@ -695,17 +719,27 @@ mod tests {
     #[test]
     fn concurrent_scrapes_each_see_every_backend() {
         let metrics = Arc::new(Metrics::new());
-        let rows = || (0..50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1));
-        metrics.set_backends_up(rows());
+        let rows =
+            |from: usize| (from..from + 50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1));
+        metrics.set_backends_up(rows(0));
+        // Two scrapes of two configurations (a reload between them): each
+        // body holds one whole, in both families (review36d L4).
         let scrapers: Vec<_> = (0..2)
-            .map(|_| {
+            .map(|from| {
                 let metrics = metrics.clone();
                 std::thread::spawn(move || {
                     for _ in 0..200 {
-                        metrics.set_backends_up(rows());
-                        let text = String::from_utf8(metrics.encode()).unwrap();
-                        let up = text.matches("portico_backend_up{").count();
-                        assert_eq!(up, 50, "a scrape saw {up} backends");
+                        let text =
+                            String::from_utf8(metrics.encode_with_backends(rows(from))).unwrap();
+                        let named = |family: &str| -> Vec<String> {
+                            text.lines()
+                                .filter(|l| l.starts_with(family))
+                                .map(|l| l.split('"').nth(1).unwrap_or("").to_owned())
+                                .collect()
+                        };
+                        let up = named("portico_backend_up{");
+                        assert_eq!(up.len(), 50, "a scrape saw {} backends", up.len());
+                        assert_eq!(up, named("portico_backend_weight{"));
                     }
                 })
             })
@@ -714,7 +748,7 @@ mod tests {
             scraper.join().unwrap();
         }
         // A backend no longer given is dropped, the rest kept.
-        metrics.set_backends_up(rows().skip(1));
+        metrics.set_backends_up(rows(0).skip(1));
         let text = String::from_utf8(metrics.encode()).unwrap();
         assert!(!text.contains("10.0.0.0:80"), "{text}");
         assert_eq!(text.matches("portico_backend_weight{").count(), 49);

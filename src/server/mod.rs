@@ -305,6 +305,27 @@ impl Shared {
             return Err("started without --config: nothing to reload".into());
         };
         let config = config::load(path).map_err(|e| e.to_string())?;
+        // The file's `[admin] listen` was checked against its backends; the
+        // admin API that runs is the one the process started with, until
+        // a restart (review36d L2: it became a backend, served to all).
+        let live_admin = config.upstreams.iter().find_map(|u| {
+            u.backends
+                .iter()
+                .find(|b| {
+                    let admin = self.admin_listen;
+                    b.addr == admin
+                        || (admin.ip().is_unspecified()
+                            && b.addr.port() == admin.port()
+                            && b.addr.ip().is_loopback())
+                })
+                .map(|b| (u.name.as_str(), b.addr))
+        });
+        if let Some((upstream, addr)) = live_admin {
+            return Err(format!(
+                "{}: upstream `{upstream}`: backend {addr} is the admin API portico listens on (until a restart): it would be served to clients",
+                path.display()
+            ));
+        }
         // Rotating the token is rewriting its file and reloading; the load
         // read it, and a file that cannot be read rejected the reload.
         let token = config.admin.token.as_ref().map(|t| t.0.clone());
@@ -324,6 +345,10 @@ impl Shared {
                 removed = ?served_plain,
                 "the configuration now serves no plain HTTP (with [[server.tls]], a [server] without listen serves HTTPS only); set server.listen to keep plain listeners"
             );
+        }
+        // As at start (review36d L6).
+        if let Some(warning) = config::trusts_everyone(&config.server) {
+            tracing::warn!("{warning}");
         }
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
