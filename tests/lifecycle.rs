@@ -298,6 +298,24 @@ async fn h2c_and_chunked_upgrades_go_through_as_plain_requests() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Offered beside another protocol, h2c alone is taken out: the
+    // WebSocket upgrade goes on (review36d), where the whole request went
+    // as a plain one.
+    let mut tunnel = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tunnel,
+        b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut tunnel))
+        .await
+        .expect("a head within STEP")
+        .expect("a head");
+    let answer = String::from_utf8_lossy(&head).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert!(!answer.to_ascii_lowercase().contains("h2c"), "{answer}");
     // An upgrade request with a chunked body: the body is not lost, the
     // request is answered as an ordinary one.
     let answer = raw_exchange(
