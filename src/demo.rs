@@ -82,11 +82,14 @@ fn read_lines(lines: &tokio::sync::mpsc::UnboundedSender<String>) {
     }
 }
 
-/// Whether this process is its terminal's foreground job.
+/// Whether this process is its terminal's foreground job. A terminal
+/// that is not the process's controlling one (`setsid portico demo`) has
+/// no job to be in the foreground of: read, as before (review36f L5).
 #[cfg(unix)]
 fn foreground() -> bool {
     // SAFETY: both only read the process's and the terminal's group ids.
-    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+    let group = unsafe { libc::tcgetpgrp(0) };
+    group == -1 || group == unsafe { libc::getpgrp() }
 }
 
 #[cfg(not(unix))]

@@ -101,6 +101,11 @@ impl Write for Queued {
 /// gather for [`GATHER`].
 fn write_lines(queue: &Queue) {
     let mut batch = Vec::new();
+    // Lines lost to a failing stderr since writing last worked, the
+    // first error, and whether a failed write left half a line out.
+    let mut lost = 0;
+    let mut failure: Option<std::io::Error> = None;
+    let mut torn = false;
     loop {
         let dropped = {
             let mut waiting = queue.lock();
@@ -115,14 +120,25 @@ fn write_lines(queue: &Queue) {
             waiting.writing = true;
             std::mem::take(&mut waiting.dropped)
         };
-        let written = write_out(&batch);
-        let lost = if written {
-            0
+        // The half line a failure left is ended first, so the next line
+        // is not spliced onto it.
+        if torn && write_out(b"\n").is_ok() {
+            torn = false;
+        }
+        let outcome = if torn {
+            Err((0, std::io::Error::other("stderr still fails")))
         } else {
-            // A reader gone for good (EPIPE) loses the lines, as nginx's
-            // do; counted with the others dropped.
-            batch.iter().filter(|&&b| b == b'\n').count().max(1) as u64
+            write_out(&batch)
         };
+        let written = outcome.is_ok();
+        if let Err((done, error)) = outcome {
+            // A reader gone for good (EPIPE), a full disk: the lines not
+            // written are lost, as nginx's are, and counted.
+            let rest = &batch[done..];
+            lost += rest.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+            torn |= done > 0 && batch[done - 1] != b'\n';
+            failure.get_or_insert(error);
+        }
         batch.clear();
         // A burst's 4 MiB is not kept for good.
         if batch.capacity() > 1 << 20 {
@@ -135,13 +151,20 @@ fn write_lines(queue: &Queue) {
             // stderr that fails would fail, be counted, and be said again,
             // for ever.
             if !written {
-                waiting.dropped += dropped + lost;
+                waiting.dropped += dropped;
             }
         }
         if written && dropped > 0 {
             tracing::warn!(
                 dropped,
                 "log lines dropped: stderr was not read fast enough"
+            );
+        }
+        if let (true, Some(error)) = (written, failure.take()) {
+            tracing::warn!(
+                lost = std::mem::take(&mut lost),
+                %error,
+                "log lines lost: writing stderr failed"
             );
         }
         std::thread::sleep(GATHER);
@@ -156,19 +179,18 @@ fn write_lines(queue: &Queue) {
 const ATOMIC_WRITE: usize = 4096;
 
 /// Writes `batch` (whole lines) to stderr, in writes of whole lines up to
-/// [`ATOMIC_WRITE`] bytes (a longer line alone); false if stderr failed. A
+/// [`ATOMIC_WRITE`] bytes (a longer line alone); on failure, how much went
+/// out, and why the rest did not. A
 /// stderr a parent left non-blocking is waited on, not given up on
 /// mid-line.
-fn write_out(batch: &[u8]) -> bool {
-    let mut rest = batch;
-    while !rest.is_empty() {
-        let cut = piece_end(rest);
-        if !write_whole(&rest[..cut]) {
-            return false;
-        }
-        rest = &rest[cut..];
+fn write_out(batch: &[u8]) -> Result<(), (usize, std::io::Error)> {
+    let mut done = 0;
+    while done < batch.len() {
+        let cut = done + piece_end(&batch[done..]);
+        write_whole(&batch[done..cut]).map_err(|(n, error)| (done + n, error))?;
+        done = cut;
     }
-    true
+    Ok(())
 }
 
 /// Where the next write of `rest` ends: after its last whole line within
@@ -184,20 +206,21 @@ fn piece_end(rest: &[u8]) -> usize {
 }
 
 /// One piece written to stderr, in one write where the kernel takes it so.
-fn write_whole(piece: &[u8]) -> bool {
-    let mut rest = piece;
-    while !rest.is_empty() {
-        match std::io::stderr().write(rest) {
-            Ok(0) => return false,
-            Ok(n) => rest = &rest[n..],
+/// On failure, how much of it went out, and why the rest did not.
+fn write_whole(piece: &[u8]) -> Result<(), (usize, std::io::Error)> {
+    let mut done = 0;
+    while done < piece.len() {
+        match std::io::stderr().write(&piece[done..]) {
+            Ok(0) => return Err((done, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(_) => return false,
+            Err(e) => return Err((done, e)),
         }
     }
-    true
+    Ok(())
 }
 
 /// Waits (bounded) for the queued lines to be written: at exit, by

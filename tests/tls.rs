@@ -506,6 +506,20 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         );
     }
 
+    // A file cut before its END line says so, not the PEM library's
+    // "missing section end marker: [67, 69, ...]" (review36f L3).
+    let head: Vec<&str> = cert.pem.lines().collect();
+    std::fs::write(dir.join("short.pem"), head[..head.len() - 1].join("\n")).unwrap();
+    let mut short = good.clone();
+    short.certificates[0].cert = dir.join("short.pem");
+    let error = portico::server::tls::acceptor(&short)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("short.pem") && error.contains("ends inside a CERTIFICATE block"),
+        "{error}"
+    );
     // A certificate that lost a line in a copy is said to be the broken
     // file, where the key was blamed for not matching it (review36a M1).
     std::fs::write(dir.join("cut.pem"), without_a_line(&cert.pem)).unwrap();

@@ -463,6 +463,12 @@ pub(crate) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (covers(a, b) || covers(b, a))
 }
 
+/// Whether connecting to `backend` reaches portico's own listener on
+/// `listen` (this machine's addresses asked only for a wildcard one).
+pub(crate) fn reaches_own(backend: SocketAddr, listen: SocketAddr) -> bool {
+    reaches(backend, listen, is_local)
+}
+
 /// Whether connecting to `backend` reaches `listen`: the same address, or
 /// one of this machine's on a wildcard listener of that port (an IPv6
 /// wildcard takes IPv4 too). `local` says whether an address is this
@@ -898,10 +904,7 @@ fn read_token(path: &Path) -> std::io::Result<String> {
 
 fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
     use pki_types::pem::PemObject;
-    let reason = |e: pki_types::pem::Error| match e {
-        pki_types::pem::Error::Io(io) => io.to_string(),
-        other => other.to_string(),
-    };
+    let reason = pem_error;
     let certs = pki_types::CertificateDer::pem_file_iter(path)
         .map_err(reason)?
         .collect::<Result<Vec<_>, _>>()
@@ -919,6 +922,23 @@ fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'s
         }
     }
     Ok(certs)
+}
+
+/// A PEM file's error in an operator's words: the library names a block
+/// cut short by its end marker's bytes as numbers, `missing section end
+/// marker: [67, 69, 82, ...]` for a certificate file cut in a copy
+/// (review36f L3).
+pub(crate) fn pem_error(error: pki_types::pem::Error) -> String {
+    match error {
+        pki_types::pem::Error::Io(io) => io.to_string(),
+        pki_types::pem::Error::MissingSectionEnd { end_marker } => format!(
+            "the file ends inside a {} block (no -----END line): is the file whole?",
+            String::from_utf8_lossy(&end_marker)
+                .trim_matches('-')
+                .trim()
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// What is said of the `n`th certificate (from 0) of a PEM file that

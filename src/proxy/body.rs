@@ -540,7 +540,7 @@ fn cut_short(slot: Option<InFlight>, error: BodyError, unattended: bool) -> Body
         // id to pair the warning with its line (review35b F2).
         tracing::debug!(upstream, backend, %error, "response body cut short");
     } else {
-        cut_warning(&upstream, &backend, None, &error);
+        cut_warning(&upstream, &backend, None, &error, unattended);
     }
     error
 }
@@ -552,9 +552,17 @@ pub(super) fn cut_warning(
     backend: &str,
     request: Option<(std::net::IpAddr, &str)>,
     error: &BodyError,
+    unattended: bool,
 ) {
     let client = request.map(|(client, _)| tracing::field::display(client));
     let request_id = request.map(|(_, id)| id);
+    // Read for the cache alone, there was no client response to abort
+    // (review36f L6).
+    let outcome = if unattended {
+        "not stored (its client had left)"
+    } else {
+        "client response aborted"
+    };
     match error {
         BodyError::Stalled(timeout) => tracing::warn!(
             client,
@@ -562,14 +570,14 @@ pub(super) fn cut_warning(
             backend,
             ?timeout,
             request_id,
-            "backend body stalled past body_timeout; client response aborted"
+            "backend body stalled past body_timeout; {outcome}"
         ),
         error => {
             // With its causes: hyper says "error reading a body from
             // connection" of a reset, an early close and a bad chunk alike
             // (review32c F4).
             let error = super::error::Chain(error);
-            tracing::warn!(client, upstream, backend, %error, request_id, "backend broke the response body; client response aborted")
+            tracing::warn!(client, upstream, backend, %error, request_id, "backend broke the response body; {outcome}")
         }
     }
 }

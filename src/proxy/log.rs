@@ -342,7 +342,7 @@ impl Tail {
                         .backend
                         .map_or_else(|| "-".to_owned(), |b| b.to_string());
                     let request = (self.record.client, self.record.request_id());
-                    super::body::cut_warning(upstream, &backend, Some(request), error);
+                    super::body::cut_warning(upstream, &backend, Some(request), error, false);
                 }
             }
             Poll::Ready(None) => self.end = End::Done,

@@ -311,13 +311,9 @@ impl Shared {
         let live_admin = config.upstreams.iter().find_map(|u| {
             u.backends
                 .iter()
-                .find(|b| {
-                    let admin = self.admin_listen;
-                    b.addr == admin
-                        || (admin.ip().is_unspecified()
-                            && b.addr.port() == admin.port()
-                            && b.addr.ip().is_loopback())
-                })
+                // As the file's own listeners are checked: `[::ffff:
+                // 127.0.0.1]` spells 127.0.0.1 (review36f L1).
+                .find(|b| config::reaches_own(b.addr, self.admin_listen))
                 .map(|b| (u.name.as_str(), b.addr))
         });
         if let Some((upstream, addr)) = live_admin {

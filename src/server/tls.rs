@@ -34,12 +34,12 @@ fn load_pair(
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
         .map_err(|e| TlsError::Cert {
             path: cert_path.clone(),
-            reason: e.to_string(),
+            reason: crate::config::pem_error(e),
         })?
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Cert {
             path: cert_path.clone(),
-            reason: e.to_string(),
+            reason: crate::config::pem_error(e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::Cert {
@@ -78,7 +78,7 @@ fn load_pair(
             pki_types::pem::Error::NoItemsFound => {
                 "no PEM private key in the file (a PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)".into()
             }
-            e => e.to_string(),
+            e => crate::config::pem_error(e),
         },
     })?;
     let key = provider
