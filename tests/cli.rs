@@ -706,17 +706,20 @@ fn a_failed_background_refresh_is_logged() {
 
 /// A body the backend breaks is warned about with what broke it: hyper
 /// says "error reading a body from connection" of a reset, an early close
-/// and a bad chunk alike (review32c F4).
+/// and a bad chunk alike (review32c F4). The warning carries the client
+/// and the request's id, as the access line does (review35b F2).
 #[test]
 fn a_broken_body_s_warning_says_what_broke_it() {
-    let origin_addr =
-        origin(|_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n");
-    let config = behind(origin_addr, "", "");
-    let mut run = portico_on("broke", &config, None);
-    let mut stream = connect(&run);
-    std::io::Write::write_all(&mut stream, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (mut run, _stream) = asked_with_id(
+        "broke",
+        |_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        "",
+        "pair-me-43",
+    );
     let line = line_with(&run.log, "broke the response body", &mut run.seen);
     assert!(line.contains("chunk"), "{line}");
+    assert!(line.contains("\"request_id\":\"pair-me-43\""), "{line}");
+    assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     // What hyper read past the bad chunk is the rest of the broken body,
     // not bytes sent after a response.
     no_stray_bytes_warning(run);
@@ -877,26 +880,6 @@ fn a_body_that_outgrows_max_object_size_logs_why_it_was_not_stored() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
-/// The warning for a backend body broken after its head went out carries
-/// the client and the request's id, as the access line does (review35b F2).
-#[test]
-fn a_broken_body_s_warning_carries_the_request_s_id() {
-    // Promises more than it sends, then closes.
-    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial");
-    let config = behind(origin_addr, "", "");
-    let mut run = portico_on("brokenid", &config, None);
-    let mut stream = connect(&run);
-    std::io::Write::write_all(
-        &mut stream,
-        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-43\r\n\r\n",
-    )
-    .unwrap();
-    let line = line_with(&run.log, "backend broke the response body", &mut run.seen);
-    assert!(line.contains("\"request_id\":\"pair-me-43\""), "{line}");
-    assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
-    let _ = std::fs::remove_dir_all(run.dir);
-}
-
 /// A log reader that stops reading stalls no request: lines wait in
 /// portico's queue, written once the reader reads again, where a write to
 /// the full pipe blocked the worker that logged (review36c F3).
@@ -1030,21 +1013,30 @@ fn a_max_connections_past_the_open_file_limit_is_warned_about() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// portico (named for `tag`) behind an origin answering `answer`, with
+/// `upstream_extra` in its upstream, asked `GET /x` with `X-Request-Id:
+/// id`; the run and the client's connection, left open.
+fn asked_with_id(
+    tag: &str,
+    answer: fn(usize) -> &'static [u8],
+    upstream_extra: &str,
+    id: &str,
+) -> (Started, std::net::TcpStream) {
+    let config = behind(origin(answer), upstream_extra, "");
+    let run = portico_on(tag, &config, None);
+    let mut stream = connect(&run);
+    let head = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n\r\n");
+    std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+    (run, stream)
+}
+
 /// The warnings about a request's failed attempts carry its id, as its
 /// access line does, so they can be paired under concurrency
 /// (review32c F4).
 #[test]
 fn a_failed_request_s_warnings_carry_its_id() {
     // Closes every connection without an answer.
-    let origin_addr = origin(|_| b"");
-    let config = behind(origin_addr, "retries = 1\n", "");
-    let mut run = portico_on("reqid", &config, None);
-    let mut stream = connect(&run);
-    std::io::Write::write_all(
-        &mut stream,
-        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-42\r\n\r\n",
-    )
-    .unwrap();
+    let (mut run, _stream) = asked_with_id("reqid", |_| b"", "retries = 1\n", "pair-me-42");
     for needle in ["attempt failed; retrying", "proxy error", "portico::access"] {
         let line = line_with(&run.log, needle, &mut run.seen);
         assert!(line.contains("\"request_id\":\"pair-me-42\""), "{line}");

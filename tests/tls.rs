@@ -437,6 +437,14 @@ async fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Why `listener`'s certificates are refused; panics if they are not.
+fn refused(listener: &TlsListener) -> String {
+    portico::server::tls::acceptor(listener)
+        .err()
+        .expect("refused")
+        .to_string()
+}
+
 #[tokio::test]
 async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     let cert = self_signed("a.test");
@@ -446,19 +454,13 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
 
     let mut missing = good.clone();
     missing.certificates[0].cert = dir.join("nope.pem");
-    let error = portico::server::tls::acceptor(&missing)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&missing);
     assert!(error.contains("nope.pem"), "{error}");
 
     let mut mismatched = good.clone();
     std::fs::write(dir.join("b.key"), &other.key).unwrap();
     mismatched.certificates[0].key = dir.join("b.key");
-    let error = portico::server::tls::acceptor(&mismatched)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&mismatched);
     assert!(
         error.contains("b.key") && error.contains("does not match"),
         "{error}"
@@ -472,10 +474,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     .unwrap();
     let mut reversed = good.clone();
     reversed.certificates[0].cert = dir.join("reversed.pem");
-    let error = portico::server::tls::acceptor(&reversed)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&reversed);
     assert!(
         error.contains("certificate 2 in") && error.contains("server's own certificate"),
         "{error}"
@@ -496,10 +495,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         let mut encrypted = good.clone();
         std::fs::write(dir.join(file), pem).unwrap();
         encrypted.certificates[0].key = dir.join(file);
-        let error = portico::server::tls::acceptor(&encrypted)
-            .err()
-            .expect("refused")
-            .to_string();
+        let error = refused(&encrypted);
         assert!(
             error.contains(file) && error.contains("is encrypted"),
             "{error}"
@@ -512,10 +508,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     std::fs::write(dir.join("short.pem"), head[..head.len() - 1].join("\n")).unwrap();
     let mut short = good.clone();
     short.certificates[0].cert = dir.join("short.pem");
-    let error = portico::server::tls::acceptor(&short)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&short);
     assert!(
         error.contains("short.pem") && error.contains("ends inside a CERTIFICATE block"),
         "{error}"
@@ -525,10 +518,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     std::fs::write(dir.join("cut.pem"), without_a_line(&cert.pem)).unwrap();
     let mut cut = good.clone();
     cut.certificates[0].cert = dir.join("cut.pem");
-    let error = portico::server::tls::acceptor(&cut)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&cut);
     assert!(
         error.contains("cut.pem")
             && error.contains("certificate 1 in the file cannot be read as X.509"),
@@ -551,10 +541,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     .unwrap();
     let mut p521 = good.clone();
     p521.certificates[0].key = dir.join("p521.key");
-    let error = portico::server::tls::acceptor(&p521)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&p521);
     assert!(
         error.contains("p521.key") && error.contains("ECDSA keys on P-256 or P-384"),
         "{error}"
@@ -585,10 +572,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     let mut garbage = good;
     std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
     garbage.certificates[0].cert = dir.join("garbage.pem");
-    let error = portico::server::tls::acceptor(&garbage)
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = refused(&garbage);
     assert!(error.contains("garbage.pem"), "{error}");
     let _ = std::fs::remove_dir_all(dir);
 }
