@@ -281,8 +281,8 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[[server.tls]]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = [\n  { cert = \"/nonexistent/a.pem\", key = \"/nonexistent/a.key\" },\n  { cert = \"/nonexistent/b.pem\", key = \"/nonexistent/b.key\" },\n]\n[admin]\nbogus = 1\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:8443\"]\n[[route]]\nupstream = \"a\"\n",
             &[
-                "test.toml:4:3: server.tls[0].certificates[0]: TLS certificate /nonexistent/a.pem: I/O error: No such file or directory (os error 2)",
-                "test.toml:5:3: server.tls[0].certificates[1]: TLS certificate /nonexistent/b.pem: I/O error: No such file or directory (os error 2)",
+                "test.toml:4:3: server.tls[0].certificates[0]: TLS certificate /nonexistent/a.pem: No such file or directory (os error 2)",
+                "test.toml:5:3: server.tls[0].certificates[1]: TLS certificate /nonexistent/b.pem: No such file or directory (os error 2)",
                 "test.toml:8:1: admin.bogus: unknown key `bogus`",
                 "test.toml:11:13: upstream[0].backends[0]: backend 127.0.0.1:8443 is this proxy's own server.tls[0].listen: requests would loop back to it",
             ],
