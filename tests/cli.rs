@@ -510,6 +510,8 @@ fn a_demo_backend_is_stopped_and_started_by_a_typed_line() {
     let mut typed = child.stdin.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().unwrap();
+    // Killed if an assertion fails before the stop below.
+    let mut child = Killed(child);
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -556,7 +558,7 @@ fn a_demo_backend_is_stopped_and_started_by_a_typed_line() {
     writeln!(typed, "status").unwrap();
     assert!(wait_for("backend-1  http://").ends_with("running"));
 
-    stop_with(&mut child, "-TERM");
+    stop_with(&mut child.0, "-TERM");
 }
 
 /// A minimal HTTP/1.1 GET over std's TcpStream, read to close.
