@@ -301,21 +301,27 @@ async fn h2c_and_chunked_upgrades_go_through_as_plain_requests() {
     // Offered beside another protocol, h2c alone is taken out: the
     // WebSocket upgrade goes on (review36d), where the whole request went
     // as a plain one.
-    let mut tunnel = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut tunnel,
-        b"GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = tokio::time::timeout(STEP, read_head(&mut tunnel))
-        .await
-        .expect("a head within STEP")
-        .expect("a head");
-    let answer = String::from_utf8_lossy(&head).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-    assert!(!answer.to_ascii_lowercase().contains("h2c"), "{answer}");
+    // The same offered on two lines, one list (RFC 9110 §5.3, review36f).
+    for offer in [
+        "Upgrade: websocket, h2c\r\n",
+        "Upgrade: h2c\r\nUpgrade: websocket\r\n",
+    ] {
+        let mut tunnel = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "GET /ws/echo HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n{offer}\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut tunnel, head.as_bytes())
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(STEP, read_head(&mut tunnel))
+            .await
+            .expect("a head within STEP")
+            .expect("a head");
+        let answer = String::from_utf8_lossy(&head).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 101"), "{offer:?}: {answer}");
+        assert!(!answer.to_ascii_lowercase().contains("h2c"), "{answer}");
+    }
     // An upgrade request with a chunked body: the body is not lost, the
     // request is answered as an ordinary one.
     let answer = raw_exchange(

@@ -92,29 +92,20 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     if request.version() != Version::HTTP_11 || !connection_upgrade(request.headers()) {
         return None;
     }
-    let offered = request.headers().get(header::UPGRADE)?;
     if request.headers().contains_key(header::TRANSFER_ENCODING) {
         return None;
     }
-    let protocol = if offered.to_str().map_or(true, |p| {
-        p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
-    }) {
-        // `h2c` is taken out of a list that offers others too
-        // (`websocket, h2c`), which went on as a plain request (review36d).
-        let kept: Vec<&str> = offered
-            .to_str()
-            .ok()?
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("h2c"))
-            .collect();
-        if kept.is_empty() {
-            return None;
-        }
-        HeaderValue::from_str(&kept.join(", ")).ok()?
-    } else {
-        offered.clone()
-    };
+    // Every line's protocols, as one list (RFC 9110 §5.3: two `Upgrade`
+    // lines offered only the first, review36f L6), `h2c` taken out of
+    // one that offers others too (`websocket, h2c` went on as a plain
+    // request, review36d).
+    let kept: Vec<&str> = headers::list_members(request.headers(), &header::UPGRADE)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("h2c"))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    let protocol = HeaderValue::from_str(&kept.join(", ")).ok()?;
     Some(Upgrade {
         protocol,
         hold,
