@@ -56,6 +56,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// How many bad values the lenient reading reads past before it stops.
+const MOST_SET_ASIDE: usize = 100;
+
 /// Parses and validates `text`; `file` names it in messages and anchors
 /// relative paths (certificates, token file).
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
@@ -140,22 +143,30 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         // than going: set aside whole, its other mistakes went unsaid, the
         // misspelt key that left the field missing first of all (`backend
         // = [...]` said only "missing field `backends`", review36a L1).
+        if set.len() >= MOST_SET_ASIDE {
+            // Said, where the list used to just stop (review36d L8).
+            reporter.whole(
+                "",
+                format!("stopped after {MOST_SET_ASIDE} values read past: fix these and check again for the rest"),
+            );
+            break None;
+        }
         if let Some(field) = missing {
             let at = text.len() + 1 + set.len();
-            if set.len() < 100 && stand_in(&mut lenient, &span, field, at..at) {
+            if stand_in(&mut lenient, &span, field, at..at) {
                 stood.push((span.clone(), field.to_owned()));
                 set.push(span);
                 continue;
             }
         }
         match set_aside(&mut lenient, &span, e.message()) {
-            Some(aside) if set.len() < 100 => {
+            Some(aside) => {
                 set.push(span);
                 if let Aside::Removed(key) = aside {
                     removed.push(key);
                 }
             }
-            _ => break None,
+            None => break None,
         }
     };
     for path in &unknown {

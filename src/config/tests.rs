@@ -138,6 +138,26 @@ fn weight_zero_drains_a_backend_and_is_not_an_error() {
     assert_eq!(weights, [0, 1000]);
 }
 
+/// Past its bound, the list of bad values says it stopped, where it just
+/// ended (review36d L8).
+#[test]
+fn a_file_of_many_bad_values_says_where_the_list_stops() {
+    let mut text = String::from(
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+    );
+    for i in 0..130 {
+        text += &format!("[[route]]\nupstream = {i}\n");
+    }
+    let said = errors(&text);
+    assert_eq!(said.len(), MOST_SET_ASIDE + 2, "{said:#?}");
+    assert_eq!(
+        said.last().map(String::as_str),
+        Some(
+            "test.toml: stopped after 100 values read past: fix these and check again for the rest"
+        )
+    );
+}
+
 #[test]
 fn every_error_names_file_line_col_and_key() {
     // (file text, expected error lines in order)
