@@ -38,7 +38,7 @@ pub struct Metrics {
     upstream_ejections: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
-    /// One [`Metrics::set_backends_up`] at a time: two interleaved, each
+    /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
     /// from its own reload's snapshot, removed each other's new series.
     backends_setting: std::sync::Mutex<()>,
     cache_lookups: IntCounterVec,
@@ -300,23 +300,11 @@ impl Metrics {
 
     /// Sets `portico_backend_up` and `portico_backend_weight` for exactly
     /// the given backends (upstream, address, up, weight), dropping series
-    /// of backends no longer configured.
-    pub fn set_backends_up<'a>(
-        &self,
-        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
-    ) {
-        let _one_at_a_time = self
-            .backends_setting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.set_backends_locked(backends);
-    }
-
-    /// [`Metrics::set_backends_up`], then [`Metrics::encode`], with no
-    /// other scrape's setting in between: two scrapes racing a reload,
-    /// each from its own snapshot, gave one body `portico_backend_up` of
-    /// one configuration and `portico_backend_weight` of the other
-    /// (review36d L4).
+    /// of backends no longer configured, then encodes the exposition (see
+    /// [`Metrics::encode`]), with no other scrape's setting in between:
+    /// two scrapes racing a reload, each from its own snapshot, gave one
+    /// body `portico_backend_up` of one configuration and
+    /// `portico_backend_weight` of the other (review36d L4).
     pub fn encode_with_backends<'a>(
         &self,
         backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
@@ -325,14 +313,6 @@ impl Metrics {
             .backends_setting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.set_backends_locked(backends);
-        self.encode()
-    }
-
-    fn set_backends_locked<'a>(
-        &self,
-        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
-    ) {
         // Set, then the stale series removed, never all cleared first: a
         // scrape running beside this one (two Prometheus servers) would
         // gather between the clearing and the setting and find no backend
@@ -365,6 +345,7 @@ impl Metrics {
                 }
             }
         }
+        self.encode()
     }
 
     /// Records a load of the configuration: at start, and the outcome of
@@ -696,7 +677,8 @@ mod tests {
         route.record(42, 0.0); // not an HTTP status: ignored, not a panic
         let backend = metrics.backend("orders", "127.0.0.1:8001");
         backend.record(200, 0.001);
-        metrics.set_backends_up([("orders", "127.0.0.1:8001".to_owned(), true, 1)].into_iter());
+        let _ = metrics
+            .encode_with_backends([("orders", "127.0.0.1:8001".to_owned(), true, 1)].into_iter());
         // What the burst trimmer reads: the 3 answered, not the upstream's.
         assert_eq!(metrics.requests_answered(), 3);
         let text = String::from_utf8(metrics.encode()).unwrap();
@@ -721,7 +703,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let rows =
             |from: usize| (from..from + 50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1));
-        metrics.set_backends_up(rows(0));
+        let _ = metrics.encode_with_backends(rows(0));
         // Two scrapes of two configurations (a reload between them): each
         // body holds one whole, in both families (review36d L4).
         let scrapers: Vec<_> = (0..2)
@@ -748,7 +730,7 @@ mod tests {
             scraper.join().unwrap();
         }
         // A backend no longer given is dropped, the rest kept.
-        metrics.set_backends_up(rows(0).skip(1));
+        let _ = metrics.encode_with_backends(rows(0).skip(1));
         let text = String::from_utf8(metrics.encode()).unwrap();
         assert!(!text.contains("10.0.0.0:80"), "{text}");
         assert_eq!(text.matches("portico_backend_weight{").count(), 49);
@@ -777,7 +759,7 @@ mod tests {
         let _ = metrics.body_errors("default", gone);
         let _ = metrics.retries("default");
         let _ = metrics.retries("old");
-        metrics.set_backends_up([("default", gone.to_owned(), true, 1)].into_iter());
+        let _ = metrics.encode_with_backends([("default", gone.to_owned(), true, 1)].into_iter());
         let config = crate::config::Config::single_upstream(vec![], vec![kept.parse().unwrap()]);
 
         metrics.retain(&Configured::of(&config));
