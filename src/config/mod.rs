@@ -20,7 +20,7 @@ use toml::Spanned;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
 pub use units::{parse_duration, parse_size};
-pub(crate) use validate::{overlap, pem_error, reaches_own, unreadable_certificate};
+pub(crate) use validate::{overlap, pem_error, reaches_own, read_pem_certificates};
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

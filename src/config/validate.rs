@@ -865,7 +865,7 @@ fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<Ups
     };
     if let Some(v) = &raw.tls_ca {
         let path = base.join(v.get_ref());
-        match read_pem_certificates(&path) {
+        match read_pem_certificates(&path, false) {
             Ok(certs) => tls.ca_certs = certs,
             Err(reason) => r.at(
                 v.span(),
@@ -902,22 +902,34 @@ fn read_token(path: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-fn read_pem_certificates(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
+/// The certificates of a PEM file, each one webpki can read: with
+/// `leaf`, the first as a server's own certificate (as rustls's key match
+/// reads it) and the rest only as X.509, as rustls sends a chain unread
+/// (an intermediate with a critical policy extension webpki does not know,
+/// or an appended v1 root, is served as nginx serves it, review36e M1);
+/// without, each as a trust anchor rustls can use (`tls_ca`). One a line
+/// lost in a copy left unparsable was only warned of at the first
+/// handshake, and a file of nothing usable failed every request with a
+/// 502 after `check`, start and reload had all said yes (review36a M1).
+pub(crate) fn read_pem_certificates(
+    path: &Path,
+    leaf: bool,
+) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
     use pki_types::pem::PemObject;
-    let reason = pem_error;
     let certs = pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(reason)?
+        .map_err(pem_error)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(reason)?;
+        .map_err(pem_error)?;
     if certs.is_empty() {
         return Err("no PEM certificate in the file".into());
     }
-    // Each one a certificate rustls can trust, as it would take it: one it
-    // cannot parse (a line lost in a copy) was only warned of at the first
-    // handshake, and a file of nothing usable failed every request with a
-    // 502 after `check`, start and reload had all said yes (review36a M1).
     for (n, cert) in certs.iter().enumerate() {
-        if let Err(error) = webpki::anchor_from_trusted_cert(cert) {
+        let read = if leaf && n == 0 {
+            webpki::EndEntityCert::try_from(cert).map(drop)
+        } else {
+            webpki::anchor_from_trusted_cert(cert).map(drop)
+        };
+        if let Err(error) = read {
             return Err(unreadable_certificate(n, &error));
         }
     }
@@ -944,7 +956,7 @@ pub(crate) fn pem_error(error: pki_types::pem::Error) -> String {
 /// What is said of the `n`th certificate (from 0) of a PEM file that
 /// webpki could not read: a DER that does not parse is most often a file
 /// cut in a copy.
-pub(crate) fn unreadable_certificate(n: usize, error: &webpki::Error) -> String {
+fn unreadable_certificate(n: usize, error: &webpki::Error) -> String {
     let cut = matches!(
         error,
         webpki::Error::BadDer | webpki::Error::TrailingData(_)

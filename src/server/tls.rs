@@ -31,43 +31,13 @@ fn load_pair(
 ) -> Result<CertifiedKey, TlsError> {
     let cert_path = pair.cert.display().to_string();
     let key_path = pair.key.display().to_string();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
-        .map_err(|e| TlsError::Cert {
+    // Read as `tls_ca` files are, the chain's first as the server's own.
+    let certs = crate::config::read_pem_certificates(&pair.cert, true).map_err(|reason| {
+        TlsError::Cert {
             path: cert_path.clone(),
-            reason: crate::config::pem_error(e),
-        })?
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Cert {
-            path: cert_path.clone(),
-            reason: crate::config::pem_error(e),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert_path,
-            reason: "no PEM certificate in the file".into(),
-        });
-    }
-    // A certificate that does not parse (a line lost in a copy) is said as
-    // such: it failed the key match below, which blamed the key file
-    // (review36a M1). The server's own is read as the key match reads it;
-    // the chain after it only as X.509, as rustls sends it unread: strict,
-    // an intermediate with a critical policy extension webpki does not
-    // know, or an appended v1 root, refused a chain nginx serves
-    // (review36e M1).
-    let unreadable = certs.iter().enumerate().find_map(|(n, cert)| {
-        let read = if n == 0 {
-            webpki::EndEntityCert::try_from(cert).map(drop)
-        } else {
-            webpki::anchor_from_trusted_cert(cert).map(drop)
-        };
-        read.err().map(|error| (n, error))
-    });
-    if let Some((n, error)) = unreadable {
-        return Err(TlsError::Cert {
-            path: cert_path,
-            reason: crate::config::unreadable_certificate(n, &error),
-        });
-    }
+            reason,
+        }
+    })?;
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: match e {
