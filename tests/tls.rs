@@ -437,6 +437,27 @@ async fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `listener` with its first pair's certificate, or with `key` its key,
+/// replaced by the file `name` in `dir`, holding `pem`.
+fn with_file(
+    listener: &TlsListener,
+    dir: &std::path::Path,
+    name: &str,
+    pem: &str,
+    key: bool,
+) -> TlsListener {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    let mut changed = listener.clone();
+    let pair = &mut changed.certificates[0];
+    if key {
+        pair.key = path;
+    } else {
+        pair.cert = path;
+    }
+    changed
+}
+
 /// Why `listener`'s certificates are refused; panics if they are not.
 fn refused(listener: &TlsListener) -> String {
     portico::server::tls::acceptor(listener)
@@ -457,24 +478,15 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     let error = refused(&missing);
     assert!(error.contains("nope.pem"), "{error}");
 
-    let mut mismatched = good.clone();
-    std::fs::write(dir.join("b.key"), &other.key).unwrap();
-    mismatched.certificates[0].key = dir.join("b.key");
-    let error = refused(&mismatched);
+    let error = refused(&with_file(&good, &dir, "b.key", &other.key, true));
     assert!(
         error.contains("b.key") && error.contains("does not match"),
         "{error}"
     );
     // The chain in the wrong order: the key is a later certificate's
     // (review34a F10: rustls's "keys may not be consistent").
-    std::fs::write(
-        dir.join("reversed.pem"),
-        format!("{}{}", other.pem, cert.pem),
-    )
-    .unwrap();
-    let mut reversed = good.clone();
-    reversed.certificates[0].cert = dir.join("reversed.pem");
-    let error = refused(&reversed);
+    let reversed = format!("{}{}", other.pem, cert.pem);
+    let error = refused(&with_file(&good, &dir, "reversed.pem", &reversed, false));
     assert!(
         error.contains("certificate 2 in") && error.contains("server's own certificate"),
         "{error}"
@@ -492,10 +504,7 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
             "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0011\n\nMIIEow==\n-----END RSA PRIVATE KEY-----\n",
         ),
     ] {
-        let mut encrypted = good.clone();
-        std::fs::write(dir.join(file), pem).unwrap();
-        encrypted.certificates[0].key = dir.join(file);
-        let error = refused(&encrypted);
+        let error = refused(&with_file(&good, &dir, file, pem, true));
         assert!(
             error.contains(file) && error.contains("is encrypted"),
             "{error}"
@@ -505,20 +514,16 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     // A file cut before its END line says so, not the PEM library's
     // "missing section end marker: [67, 69, ...]" (review36f L3).
     let head: Vec<&str> = cert.pem.lines().collect();
-    std::fs::write(dir.join("short.pem"), head[..head.len() - 1].join("\n")).unwrap();
-    let mut short = good.clone();
-    short.certificates[0].cert = dir.join("short.pem");
-    let error = refused(&short);
+    let short = head[..head.len() - 1].join("\n");
+    let error = refused(&with_file(&good, &dir, "short.pem", &short, false));
     assert!(
         error.contains("short.pem") && error.contains("ends inside a CERTIFICATE block"),
         "{error}"
     );
     // A certificate that lost a line in a copy is said to be the broken
     // file, where the key was blamed for not matching it (review36a M1).
-    std::fs::write(dir.join("cut.pem"), without_a_line(&cert.pem)).unwrap();
-    let mut cut = good.clone();
-    cut.certificates[0].cert = dir.join("cut.pem");
-    let error = refused(&cut);
+    let cut = without_a_line(&cert.pem);
+    let error = refused(&with_file(&good, &dir, "cut.pem", &cut, false));
     assert!(
         error.contains("cut.pem")
             && error.contains("certificate 1 in the file cannot be read as X.509"),
@@ -528,20 +533,14 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     // A key read well but of a type portico cannot use (a P-521 one, made
     // by `openssl ecparam -name secp521r1 -genkey`) says what it takes,
     // not only ring's "failed to parse" (review36a L3).
-    std::fs::write(
-        dir.join("p521.key"),
-        "-----BEGIN EC PRIVATE KEY-----\n\
+    let p521 = "-----BEGIN EC PRIVATE KEY-----\n\
          MIHcAgEBBEIB3djWpQCeAxYVxiw7xDahjHGIEypQwVZy0etf39i4I2yz4FsuFahF\n\
          ZqiiFF44e5dcMizLCmt2FuvyGBc4lGFVsG+gBwYFK4EEACOhgYkDgYYABAHfiwiY\n\
          sfZF7mSsGI1LW1v44KQxCtxOS61pSCKSXxHq7sdHTgyQCJik0KdLEb+BjCn/i6Cl\n\
          IG0TRYIDYfd011SywQHh1oWg1Ez79gwHogxt3c+4N8VanznK9TXfUTcK6AFO+B6O\n\
          1iW63eM9S09rqDlktpAIcuBqTRuq5jNeF0RqDpYFNQ==\n\
-         -----END EC PRIVATE KEY-----\n",
-    )
-    .unwrap();
-    let mut p521 = good.clone();
-    p521.certificates[0].key = dir.join("p521.key");
-    let error = refused(&p521);
+         -----END EC PRIVATE KEY-----\n";
+    let error = refused(&with_file(&good, &dir, "p521.key", p521, true));
     assert!(
         error.contains("p521.key") && error.contains("ECDSA keys on P-256 or P-384"),
         "{error}"
@@ -560,19 +559,18 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
     let intermediate = params
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap();
-    std::fs::write(
-        dir.join("chain.pem"),
-        format!("{}{}", cert.pem, intermediate.pem()),
-    )
-    .unwrap();
-    let mut chain = good.clone();
-    chain.certificates[0].cert = dir.join("chain.pem");
-    assert!(portico::server::tls::acceptor(&chain).is_ok());
+    let chain = format!("{}{}", cert.pem, intermediate.pem());
+    assert!(
+        portico::server::tls::acceptor(&with_file(&good, &dir, "chain.pem", &chain, false)).is_ok()
+    );
 
-    let mut garbage = good;
-    std::fs::write(dir.join("garbage.pem"), "not a certificate").unwrap();
-    garbage.certificates[0].cert = dir.join("garbage.pem");
-    let error = refused(&garbage);
+    let error = refused(&with_file(
+        &good,
+        &dir,
+        "garbage.pem",
+        "not a certificate",
+        false,
+    ));
     assert!(error.contains("garbage.pem"), "{error}");
     let _ = std::fs::remove_dir_all(dir);
 }
