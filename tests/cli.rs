@@ -308,14 +308,7 @@ fn start_demo_logging(
 ) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     // Nothing typed: the demo reads its stdin, which is not the
     // developer's terminal.
-    let mut child = Command::new(PORTICO)
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (mut child, rx) = spawn_demo(Stdio::null(), Stdio::piped());
     let mut stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut log = String::new();
@@ -323,12 +316,6 @@ fn start_demo_logging(
             let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
         }
         log
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut proxy = None;
@@ -340,6 +327,29 @@ fn start_demo_logging(
         }
     }
     (child, proxy.expect("demo printed its address"), log)
+}
+
+/// `portico demo` on loopback ports of its choosing, with `stdin` and
+/// `stderr` as given: the process, and its stdout's lines as they come.
+fn spawn_demo(
+    stdin: Stdio,
+    stderr: Stdio,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(PORTICO)
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }
 
 /// Sends `signal` to `child` and waits (bounded) for it to exit 0.
@@ -500,23 +510,10 @@ fn demo_serves_and_drains_on(signal: &str) {
 #[test]
 fn a_demo_backend_is_stopped_and_started_by_a_typed_line() {
     use std::io::Write;
-    let mut child = Command::new(PORTICO)
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, lines) = spawn_demo(Stdio::piped(), Stdio::null());
     let mut typed = child.stdin.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
     // Killed if an assertion fails before the stop below.
     let mut child = Killed(child);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     // The first line holding `needle`, within 20 s.
     let wait_for = |needle: &str| -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
