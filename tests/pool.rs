@@ -169,6 +169,23 @@ async fn an_upload_answered_early_and_left_unread_is_let_go() {
     uploading.abort();
 }
 
+/// portico in front of a backend that answers each request's head with
+/// `answer` and then neither reads the rest nor closes, its
+/// `body_timeout` longer than the tests wait.
+async fn answering_then_silent(answer: &'static [u8]) -> Config {
+    let addr = serve_each(move |mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let _ = stream.write_all(answer).await;
+        tokio::time::sleep(STEP * 3).await;
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = STEP * 3;
+    config
+}
+
 /// An HTTP/2 upload answered whole before its end is stopped with
 /// `RST_STREAM(NO_ERROR)` (RFC 9113 §8.1): the client has
 /// its answer and sends no more. Without it a backend that read nothing
@@ -176,18 +193,8 @@ async fn an_upload_answered_early_and_left_unread_is_let_go() {
 /// HTTP/2 never finished (review34g L1).
 #[tokio::test]
 async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
-    let addr = serve_each(move |mut stream| async move {
-        if read_head(&mut stream).await.is_none() {
-            return;
-        }
-        let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope";
-        let _ = stream.write_all(answer).await;
-        // Reads nothing more, and keeps the connection.
-        tokio::time::sleep(STEP * 3).await;
-    })
-    .await;
-    let mut config = config(addr, Duration::from_secs(60));
-    config.upstreams[0].body_timeout = STEP * 3;
+    let config =
+        answering_then_silent(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope").await;
     let proxy = start_proxy(config).await;
     let mut client = h2_frames_client(proxy.addr).await;
     let request = Request::post(proxy.url("/up")).body(()).unwrap();
@@ -234,18 +241,9 @@ async fn an_http2_upload_answered_before_its_end_is_stopped_without_error() {
 #[tokio::test]
 async fn an_http1_upload_answered_in_full_is_let_go_once_the_backend_stops_reading() {
     const UPLOAD: usize = 32 << 20;
-    let addr = serve_each(move |mut stream| async move {
-        if read_head(&mut stream).await.is_none() {
-            return;
-        }
-        let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 4\r\n\r\nnope";
-        let _ = stream.write_all(answer).await;
-        // Neither reads nor closes.
-        tokio::time::sleep(STEP * 3).await;
-    })
-    .await;
-    let mut config = config(addr, Duration::from_secs(60));
-    config.upstreams[0].body_timeout = STEP * 3;
+    let mut config =
+        answering_then_silent(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 4\r\n\r\nnope")
+            .await;
     config.server.max_request_body = UPLOAD as u64;
     let proxy = start_proxy(config).await;
     let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
