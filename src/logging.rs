@@ -23,9 +23,9 @@ const QUEUE_BYTES: usize = 4 << 20;
 const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
 /// How long the writer lets lines gather after a write: a wake and a
-/// write a line cost more than the line (a send, a futex wake and a
-/// context switch each made an access-logged request 45% dearer than
-/// writing it in place); gathered, many lines go in one write.
+/// write for each line cost more than the line (a channel send, a futex
+/// wake and a context switch a line made an access-logged request 45%
+/// dearer than writing it in place); gathered, many lines go in one write.
 const GATHER: Duration = Duration::from_millis(5);
 
 /// Lines waiting for the writing thread, and what it is doing.
@@ -180,9 +180,8 @@ const ATOMIC_WRITE: usize = 4096;
 
 /// Writes `batch` (whole lines) to stderr, in writes of whole lines up to
 /// [`ATOMIC_WRITE`] bytes (a longer line alone); on failure, how much went
-/// out, and why the rest did not. A
-/// stderr a parent left non-blocking is waited on, not given up on
-/// mid-line.
+/// out, and why the rest did not. A stderr a parent left non-blocking is
+/// waited on, not given up on mid-line.
 fn write_out(batch: &[u8]) -> Result<(), (usize, std::io::Error)> {
     let mut done = 0;
     while done < batch.len() {
