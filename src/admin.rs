@@ -273,7 +273,13 @@ async fn handle(
                 return refusal;
             }
             match shared.reload_for(&peer.to_string()).await {
-                Ok(()) => text(StatusCode::OK, "reloaded\n"),
+                Ok(warnings) if warnings.is_empty() => text(StatusCode::OK, "reloaded\n"),
+                // Applied, with what the log said of it that the caller
+                // would otherwise not see (review36a L4).
+                Ok(warnings) => text(
+                    StatusCode::OK,
+                    format!("reloaded, with warnings (as logged):\n{warnings}"),
+                ),
                 // Refused (and logged) by the reload itself once the drain
                 // began: the service is going, the file is not at fault.
                 Err(refused) if refused == crate::server::RELOAD_IGNORED => {

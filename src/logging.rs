@@ -12,6 +12,7 @@
 //! lines rather than stall traffic on a slow log output. What is queued
 //! when the process exits is written first (bounded by [`EXIT_FLUSH`]).
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -59,12 +60,78 @@ impl Queue {
 /// Where log lines wait for the writing thread, once it runs.
 static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
 
+thread_local! {
+    /// Warning and error lines logged on this thread while it runs
+    /// [`capturing_warnings`], as written to the log.
+    static CAPTURED: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Runs `run` and returns, beside its outcome, the warning and error
+/// lines it logged on this thread, as the log has them (colour taken
+/// out): what an admin call's answer shows of a reload, whose warnings
+/// (the cache emptied, a listener switched, `[admin] listen` waiting for
+/// a restart) were in the log only. Lines `RUST_LOG` filters out are not
+/// logged, so not captured either.
+pub fn capturing_warnings<T>(run: impl FnOnce() -> T) -> (T, String) {
+    let outer = CAPTURED.with(|c| c.replace(Some(Vec::new())));
+    let outcome = run();
+    let lines = CAPTURED.with(|c| c.replace(outer)).unwrap_or_default();
+    (outcome, without_colour(&lines))
+}
+
+/// `line` without its ANSI escape sequences (`ESC [ ... letter`).
+fn without_colour(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // The parameters up to the final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Makes each event's [`Queued`] writer, knowing its level.
+struct Lines;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+    type Writer = Queued;
+
+    fn make_writer(&'a self) -> Queued {
+        Queued { warning: false }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Queued {
+        Queued {
+            warning: *meta.level() <= tracing::Level::WARN,
+        }
+    }
+}
+
 /// A log line's writer: the formatted line, queued as it is written
 /// (tracing-subscriber writes each event in one call).
-struct Queued;
+struct Queued {
+    /// A warning or an error, which [`capturing_warnings`] keeps.
+    warning: bool,
+}
 
 impl Write for Queued {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if self.warning {
+            CAPTURED.with(|c| {
+                if let Some(captured) = c.borrow_mut().as_mut() {
+                    captured.extend_from_slice(line);
+                }
+            });
+        }
         let Some(queue) = QUEUE.get() else {
             return std::io::stderr().write(line);
         };
@@ -296,7 +363,7 @@ pub fn init(json: bool) {
         // that logged.
         .log_internal_errors(false)
         .with_ansi(colour_on_stderr())
-        .with_writer(|| Queued);
+        .with_writer(Lines);
     start_writer();
     if json {
         builder.json().flatten_event(true).init();
@@ -350,7 +417,27 @@ impl Every {
 
 #[cfg(test)]
 mod tests {
-    use super::{piece_end, Every, ATOMIC_WRITE};
+    use super::{capturing_warnings, piece_end, without_colour, Every, Queued, ATOMIC_WRITE};
+    use std::io::Write;
+
+    /// A reload's warnings reach its admin caller as the log has them,
+    /// without a terminal's colours, and only those its thread logged.
+    #[test]
+    fn warnings_are_captured_without_colour() {
+        assert_eq!(
+            without_colour(b"\x1b[2m2026\x1b[0m \x1b[33m WARN\x1b[0m cache emptied\n"),
+            "2026  WARN cache emptied\n"
+        );
+        let mut warning = Queued { warning: true };
+        let mut info = Queued { warning: false };
+        let ((), captured) = capturing_warnings(|| {
+            warning.write_all(b"kept\n").unwrap();
+            info.write_all(b"not kept\n").unwrap();
+        });
+        assert_eq!(captured, "kept\n");
+        warning.write_all(b"after\n").unwrap();
+        assert_eq!(capturing_warnings(|| ()).1, "");
+    }
 
     /// Writes hold whole lines, at most a pipe's atomic size unless one
     /// line is longer (review36d M2).

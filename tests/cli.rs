@@ -1125,6 +1125,34 @@ fn a_short_admin_token_is_warned_about() {
         "{said}"
     );
     assert!(said.contains("0.0.0.0/0, every address"), "{said}");
+    // A reload asked for by the admin API answers with the warnings it
+    // logged, where they were in the log only (review36a L4).
+    let admin = run
+        .seen
+        .iter()
+        .find(|l| l.contains("admin listening"))
+        .map(|l| addr_in(l))
+        .expect("the admin listener's address");
+    let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"POST /reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ab\r\n\
+          Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        body.starts_with("reloaded, with warnings (as logged):\n"),
+        "{body}"
+    );
+    assert!(body.contains("0.0.0.0/0, every address"), "{body}");
+    assert!(!body.contains("configuration reloaded"), "{body}");
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

@@ -235,11 +235,15 @@ impl Shared {
     /// (review F3). Threads of the blocking pool keep the runtime's
     /// context, so the health checks and accept loops a reload spawns, and
     /// the listeners it binds, belong to the runtime as before.
-    pub async fn reload_for(self: &Arc<Self>, by: &str) -> Result<(), String> {
+    ///
+    /// A reload applied returns the warnings it logged (as logged, one a
+    /// line; empty if none), for an admin call to show beside the log.
+    pub async fn reload_for(self: &Arc<Self>, by: &str) -> Result<String, String> {
         let shared = self.clone();
         let by = by.to_owned();
-        match tokio::task::spawn_blocking(move || shared.reload_blocking(&by)).await {
-            Ok(outcome) => outcome,
+        let reload = move || crate::logging::capturing_warnings(|| shared.reload_blocking(&by));
+        match tokio::task::spawn_blocking(reload).await {
+            Ok((outcome, warnings)) => outcome.map(|()| warnings),
             // A bug in the reload: let it surface where it would have
             // when the reload ran on the caller's task.
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
