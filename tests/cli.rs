@@ -968,6 +968,19 @@ fn a_reload_says_what_it_changed() {
     );
     line_with(&run.log, "every client's budget starts full", &mut run.seen);
     line_with(&run.log, "configuration reloaded", &mut run.seen);
+    // Throttling taken off and put back is said too (review36d L8).
+    let hup = |config: String| {
+        std::fs::write(&file, config).unwrap();
+        let status = Command::new("kill")
+            .args(["-HUP", &run.proxy.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hup(behind(origin_addr, "", ""));
+    line_with(&run.log, "[rate_limit] removed", &mut run.seen);
+    hup(config);
+    line_with(&run.log, "[rate_limit] added", &mut run.seen);
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

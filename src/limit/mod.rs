@@ -98,7 +98,8 @@ impl Limiter {
         Self::build(config, None)
     }
 
-    /// The limiter for a reloaded `config`. Under an unchanged
+    /// The limiter for a reloaded `config`, after `previous` (`None`: the
+    /// file had no `[rate_limit]`). Under an unchanged
     /// `[rate_limit]`, each throttling route that was there before (same
     /// host and path_prefix, wherever it now sits in the file) keeps its
     /// clients' budgets, so editing the routes during a flood hands no
@@ -113,8 +114,17 @@ impl Limiter {
         // Said, as a reload that empties the cache is: a throttled client
         // that is let through again otherwise looks like a bug (review36a
         // L4).
-        if previous.is_some() && kept.is_none() && config.rate_limit.is_some() {
-            tracing::info!("[rate_limit] changed: every client's budget starts full");
+        match (previous.is_some(), &config.rate_limit) {
+            (true, Some(_)) if kept.is_none() => {
+                tracing::info!("[rate_limit] changed: every client's budget starts full")
+            }
+            // Throttling on or off by a reload is said as its change is
+            // (review36d L8).
+            (false, Some(_)) if config.routes.iter().any(|r| r.rate_limit) => {
+                tracing::info!("[rate_limit] added: throttling starts, every client's budget full")
+            }
+            (true, None) => tracing::info!("[rate_limit] removed: no client is throttled"),
+            _ => {}
         }
         Self::build(config, kept)
     }

@@ -316,7 +316,10 @@ impl Proxy {
                 || metrics.route(crate::metrics::NO_ROUTE),
                 |p| p.unrouted.clone(),
             ),
-            limiter: Limiter::rebuild(config, previous.and_then(|p| p.limiter.as_deref())),
+            limiter: match previous {
+                Some(p) => Limiter::rebuild(config, p.limiter.as_deref()),
+                None => Limiter::new(config),
+            },
             trusted_proxies: config.server.trusted_proxies.clone().into(),
             trusted_fields: config.server.trusted_fields,
             cache,
