@@ -1052,6 +1052,8 @@ fn a_failed_request_s_warnings_carry_its_id() {
     for needle in ["attempt failed; retrying", "proxy error", "portico::access"] {
         let line = line_with(&run.log, needle, &mut run.seen);
         assert!(line.contains("\"request_id\":\"pair-me-42\""), "{line}");
+        // And the same client, an address without its port (review36d L8).
+        assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     }
     // Past the retry budget (100 a window + 20% of requests), a retry it
     // refuses is said in the request's warning, where nothing told why

@@ -411,7 +411,13 @@ impl Proxy {
                         // Its access line's id, to pair the two (review32c F4).
                         let request_id = pending.access.as_ref().map(log::AccessRecord::request_id);
                         let not_retried = trace.budget_refused.then_some("retry budget spent");
-                        tracing::warn!(client = %conn.peer, upstream, status = status.as_u16(), %error, request_id, not_retried, "proxy error");
+                        // Its access line's client too, as the body and
+                        // retry warnings name it (review36d L8: IP:port).
+                        let client = pending.access.as_ref().map_or_else(
+                            || conn.peer.ip().to_canonical(),
+                            log::AccessRecord::client,
+                        );
+                        tracing::warn!(client = %client, upstream, status = status.as_u16(), %error, request_id, not_retried, "proxy error");
                     } else {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
