@@ -337,12 +337,22 @@ pub async fn run_until(
     });
     server::run_with_admin(shared, listeners, Some((admin, None)), stop).await;
     let _ = done.send(());
-    // A task that panicked dropped its backends, which stops them.
-    if let Ok(backends) = commands.await {
-        backends.stop().await;
-    }
+    // A task that panicked dropped its backends, which stops them; the
+    // exit says it failed (review36e L7), the panic's message is above.
+    let failed = match commands.await {
+        Ok(backends) => {
+            backends.stop().await;
+            None
+        }
+        Err(error) => Some(error),
+    };
     say("demo stopped");
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(error) => Err(std::io::Error::other(format!(
+            "the demo's typed-command task failed: {error}"
+        ))),
+    }
 }
 
 fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
