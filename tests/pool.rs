@@ -517,6 +517,50 @@ async fn a_retry_after_a_stale_pooled_connection_takes_a_fresh_one() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
+/// With `retries = 0` too, a GET sent on a pooled connection the backend
+/// closes as it arrives goes again on a new connection, once, as nginx
+/// does not count a cached connection's failure among its tries; a POST,
+/// which may have reached the backend, is never sent again.
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
+    // Each connection answers its first request and closes on the next
+    // unanswered, as a backend whose keep-alive ends as a request comes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_ok() {
+                        let _ = read_head(&mut stream).await;
+                    }
+                });
+            }
+        }
+    });
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for (n, path) in [(1, "/a"), (2, "/b"), (3, "/c")] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {:?}", answer.body);
+        // The second and third each found the last one's connection
+        // pooled and closed under them: sent again on a new one.
+        assert_eq!(accepted.load(Ordering::SeqCst), n, "{path}");
+    }
+    let answer = send(&client, post(proxy.url("/d"))).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_backend_connection_still_sending_an_upload_does_not_hold_up_other_requests() {
     let (addr, accepted) = early_answer_backend().await;

@@ -67,6 +67,9 @@ pub enum ProxyError {
         /// The backend reset the connection under the request (an upload
         /// it did not read): hyper's error is only the read that followed.
         reset: bool,
+        /// On a connection taken idle from the pool, which the backend
+        /// closed as the request went out (see `SendError::Stale`).
+        stale: bool,
     },
     #[error("backend {backend} sent no response head within response_timeout")]
     ResponseTimeout { backend: std::net::SocketAddr },
@@ -164,16 +167,26 @@ impl ProxyError {
     }
 
     /// Whether the failure counts against the backend's passive health.
+    /// A pooled connection the backend closed as it was reused does not:
+    /// its keep-alive ended, and the request sent again on a new
+    /// connection says whether the backend answers.
     pub fn blames_backend(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. }
-                | ProxyError::ConnectTimeout { .. }
-                | ProxyError::Upstream { .. }
-                | ProxyError::ResponseTimeout { .. }
-                | ProxyError::UploadStalled { .. }
-                | ProxyError::BadResponse { .. }
-        )
+        !self.stale_connection()
+            && matches!(
+                self,
+                ProxyError::Connect { .. }
+                    | ProxyError::ConnectTimeout { .. }
+                    | ProxyError::Upstream { .. }
+                    | ProxyError::ResponseTimeout { .. }
+                    | ProxyError::UploadStalled { .. }
+                    | ProxyError::BadResponse { .. }
+            )
+    }
+
+    /// The request went out on a pooled connection the backend closed as
+    /// it was reused, before any of its answer (the keep-alive race).
+    pub fn stale_connection(&self) -> bool {
+        matches!(self, ProxyError::Upstream { stale: true, .. })
     }
 
     /// Whether the attempt counts in the backend's

@@ -855,8 +855,10 @@ fn forward_with_retries<'a>(
     // Whether the upload is over when the answer comes (see `InFlight`).
     let upload = (!bodiless).then(|| body.end_marker());
     let idempotent = bodiless && is_idempotent(&parts.method);
-    // Only requests that may loop keep a copy of their head.
-    let replay = (retries > 0).then(|| copy_head(&parts));
+    // Only requests that may loop keep a copy of their head: with
+    // retries, or one that a pooled connection closing under it sends
+    // again (see below).
+    let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
     let mut next = Some((parts, body));
     async move {
         // Counted once the request is under way, not when the future is
@@ -867,6 +869,7 @@ fn forward_with_retries<'a>(
             return Err(upstream.none_to_pick());
         };
         let mut attempt = 0;
+        let mut resent_stale = false;
         loop {
             let (parts, body) = next.take().expect("every attempt has a request");
             let (body, parked) = if retries > 0 && !bodiless {
@@ -888,7 +891,7 @@ fn forward_with_retries<'a>(
             // A retry goes out on a new connection: the usual failure is a
             // pooled one the backend closed as it was reused, and the next
             // idle one may well have been closed the same way.
-            let fresh = attempt > 0;
+            let fresh = attempt > 0 || resent_stale;
             let result = upstream
                 .send(index, Request::from_parts(parts, body), fresh)
                 .await;
@@ -936,6 +939,27 @@ fn forward_with_retries<'a>(
             let Some(retry_body) = retry_body else {
                 return Err(error);
             };
+            // A pooled connection the backend closed as the request went
+            // out (its keep-alive ran out, hinted or not): sent again, once,
+            // to the same backend on a new connection, and not one of
+            // `retries` nor taken from the budget, as nginx does not count
+            // a failure on a cached connection among its tries. With
+            // `retries = 0` the race was a 502 (review36 carry-over).
+            if error.stale_connection() && !resent_stale {
+                resent_stale = true;
+                upstream.try_retry(true);
+                tracing::debug!(
+                    upstream = %upstream.name(), backend = %backend.addr, %error,
+                    "pooled connection closed by the backend as it was reused; sending again on a new one"
+                );
+                trace.retried_at = Some(std::time::Instant::now());
+                // Sent again only when idempotent, which keeps its head.
+                let head = replay
+                    .as_ref()
+                    .expect("an idempotent request keeps its head");
+                next = Some((copy_head(head), retry_body));
+                continue;
+            }
             if attempt >= retries {
                 return Err(error);
             }

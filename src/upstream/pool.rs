@@ -58,6 +58,34 @@ pub enum SendError {
     /// No response head within `response_timeout`: the connection's task
     /// gave up on it and closed the connection (see [`HeadWait`]).
     HeadTimeout,
+    /// As `Http`, on a connection taken idle from the pool that ended
+    /// (closed or reset) before any response head: the backend closed it
+    /// as it was reused, its keep-alive over, the request on its way. Not
+    /// the backend's failure to answer (see `ProxyError::Upstream`'s
+    /// `stale`).
+    Stale(hyper::Error),
+}
+
+/// Whether `error`, from a request sent on a reused connection, is the
+/// connection ending under it: the close (or the reset of a socket closed
+/// with the request unread) of a backend whose keep-alive ran out.
+fn ended_under(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -565,6 +593,8 @@ impl Pool {
             } else {
                 self.checkout(index)
             };
+            // Taken idle: the backend may close it as the request goes.
+            let mut reused = taken.is_some();
             let mut conn = match taken {
                 Some(Taken::Live(conn)) => conn,
                 Some(Taken::Parking(handed_back)) => {
@@ -595,11 +625,15 @@ impl Pool {
                         // The backend closed this keep-alive connection as
                         // we took it: nothing was sent, so a new one is safe.
                         Some(unsent) if !fresh_tried => unsent,
+                        _ if reused && ended_under(error.error()) => {
+                            return Err(SendError::Stale(error.into_error()))
+                        }
                         _ if conn.reset() => return Err(SendError::Reset(error.into_error())),
                         _ => return Err(SendError::Http(error.into_error())),
                     },
                 };
                 fresh_tried = true;
+                reused = false;
                 conn = Box::pin(self.connect(index, upgrade)).await?;
             }
         }
