@@ -1037,7 +1037,10 @@ fn asked_with_id(
     let config = behind(origin(answer), upstream_extra, "");
     let run = portico_on(tag, &config, None);
     let mut stream = connect(&run);
-    let head = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n\r\n");
+    let head = format!(
+        "GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n\
+         User-Agent: probe \"1.0\"\r\nReferer: http://r.example/\r\n\r\n"
+    );
     std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
     (run, stream)
 }
@@ -1055,6 +1058,16 @@ fn a_failed_request_s_warnings_carry_its_id() {
         // And the same client, an address without its port (review36d L8).
         assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     }
+    // The access line ends as nginx's `combined` does (review37c L1).
+    let access = run
+        .seen
+        .iter()
+        .find(|l| l.contains("portico::access"))
+        .unwrap();
+    assert!(
+        access.contains(r#""referer":"http://r.example/","user_agent":"probe \"1.0\"""#),
+        "{access}"
+    );
     // Past the retry budget (100 a window + 20% of requests), a retry it
     // refuses is said in the request's warning, where nothing told why
     // there was none.

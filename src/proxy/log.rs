@@ -1,7 +1,8 @@
 //! The access log and request ids. One structured line per request on the
 //! `portico::access` target (text or JSON, as `--log-format` says): time,
 //! client, method, host, path, status, bytes, duration, time to the head,
-//! how the response ended, upstream, backend, cache result, request id.
+//! how the response ended, upstream, backend, cache result, request id,
+//! referer and user agent.
 //!
 //! It is written when the response is over, as nginx and HAProxy write
 //! theirs: once the body has been handed to the client's connection whole,
@@ -86,6 +87,9 @@ pub struct AccessRecord {
     version: http::Version,
     tls: bool,
     host: Option<HeaderValue>,
+    /// What nginx's `combined` format ends with.
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
     request_id: HeaderValue,
 }
 
@@ -113,6 +117,8 @@ impl AccessRecord {
             version: request.version(),
             tls: conn.proto == "https",
             host: request.headers().get(header::HOST).cloned(),
+            referer: request.headers().get(header::REFERER).cloned(),
+            user_agent: request.headers().get(header::USER_AGENT).cloned(),
             request_id: request
                 .headers()
                 .get(&X_REQUEST_ID)
@@ -413,6 +419,10 @@ impl Drop for Tail {
             retries = Some(self.reached.retries).filter(|&n| n > 0),
             cache = self.cache_result().as_ref(),
             request_id = record.request_id.to_str().unwrap_or("-"),
+            // Last, as nginx's `combined` has them (review37c L1); a value
+            // with bytes past ASCII is `-`, as a host's is.
+            referer = record.referer.as_ref().map(|v| v.to_str().unwrap_or("-")),
+            user_agent = record.user_agent.as_ref().map(|v| v.to_str().unwrap_or("-")),
         );
     }
 }
@@ -549,6 +559,8 @@ mod tests {
             version: http::Version::HTTP_11,
             tls: false,
             host: None,
+            referer: None,
+            user_agent: None,
             request_id: HeaderValue::from_static("-"),
         }
     }
