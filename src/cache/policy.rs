@@ -195,6 +195,14 @@ fn age_seconds(headers: &HeaderMap) -> u64 {
 /// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1,
 /// and 451 by RFC 7725 §3); 206 is left out because portico does not
 /// combine partial content.
+/// Whether `public` alone lends the operator's `default_ttl` to `status`:
+/// a 2xx or 3xx, but not a temporary redirect (302, 303, 307), which often
+/// sends one visitor to a login or a session of its own. Client and server
+/// errors beyond the heuristic list depend on their request or say nothing.
+fn public_on_default(status: StatusCode) -> bool {
+    (status.is_success() || status.is_redirection()) && !matches!(status.as_u16(), 302 | 303 | 307)
+}
+
 pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
@@ -338,13 +346,14 @@ pub fn storable(
     let lifetime = match explicit {
         Some(lifetime) => lifetime,
         None if heuristically_cacheable(status) && !default_ttl.is_zero() => default_ttl,
-        // `public` makes any status storable (RFC 9111 §4.2.2), but not a
-        // server error on the operator's default: many frameworks mark
-        // every response `public`, and one passing 500 was served to
-        // everyone for `default_ttl` (review32a L3). nginx's default
-        // `proxy_cache_valid` and Varnish's default TTL skip them too; a
-        // 5xx with its own max-age is still stored.
-        None if cc.public && !default_ttl.is_zero() && !status.is_server_error() => default_ttl,
+        // `public` makes any status storable (RFC 9111 §4.2.2), but on the
+        // operator's default only a 2xx or a lasting 3xx: many frameworks
+        // mark every response `public`, and one passing 500 was served to
+        // everyone for `default_ttl` (review32a L3), as one client's 401,
+        // 403 or 429 was (review37b M2), and a 302 to a login page would
+        // be. nginx's default `proxy_cache_valid` and Varnish's default
+        // TTL skip them too; one with its own max-age is still stored.
+        None if cc.public && !default_ttl.is_zero() && public_on_default(status) => default_ttl,
         // `no-cache` with a validator: kept stale so that every use is a
         // cheap conditional request (§5.2.2.4).
         None if cc.no_cache

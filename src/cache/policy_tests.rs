@@ -370,14 +370,56 @@ fn storability_for_a_shared_cache() {
             none,
             Err(NotStored::NoFreshness),
         ),
-        // `public` takes default_ttl for any status but a server error.
+        // `public` lends default_ttl to a 2xx or a lasting 3xx, not to a
+        // temporary redirect, a client error or a server error (review37b
+        // M2).
+        (
+            Method::GET,
+            &[],
+            308,
+            &[("cache-control", "public")],
+            ttl,
+            Ok(ttl),
+        ),
+        (
+            Method::GET,
+            &[],
+            202,
+            &[("cache-control", "public")],
+            ttl,
+            Ok(ttl),
+        ),
         (
             Method::GET,
             &[],
             302,
             &[("cache-control", "public")],
             ttl,
-            Ok(ttl),
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            429,
+            &[("cache-control", "public")],
+            ttl,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            401,
+            &[("cache-control", "public")],
+            ttl,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            429,
+            &[("cache-control", "public, max-age=60")],
+            ttl,
+            Ok(ok),
         ),
         (
             Method::GET,
