@@ -1524,6 +1524,51 @@ async fn a_stale_entry_replaced_by_an_unstorable_response_is_dropped() {
     assert_eq!(failed.body, "fail");
 }
 
+/// A 410, a 404 or a 302 the origin answers a revalidation with, not
+/// stored itself, drops the stale copy as a 2xx does: the page was
+/// removed or moved, and stale-if-error brought it back at the origin's
+/// next failure (review37b M1).
+#[tokio::test]
+async fn a_stale_entry_the_origin_answers_gone_or_moved_is_dropped() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("x-fail") {
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nfail"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+        } else if head.starts_with("get /gone") {
+            b"HTTP/1.1 410 Gone\r\nContent-Length: 4\r\n\r\ngone"
+        } else if head.starts_with("get /missing") {
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\ngone"
+        } else {
+            b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 4\r\n\r\ngone"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    for (path, status) in [
+        ("/gone", StatusCode::GONE),
+        ("/missing", StatusCode::NOT_FOUND),
+        ("/moved", StatusCode::FOUND),
+    ] {
+        let url = proxy.url(path);
+        get_with(&client, &url, &[("x-first", "1")]).await;
+        cache_of(&proxy).advance_clock(Duration::from_secs(5));
+        let replaced = get(&client, &url).await;
+        assert_eq!(replaced.status, status, "{path}");
+        assert_eq!(replaced.body, "gone", "{path}");
+        let failed = get_with(&client, &url, &[("x-fail", "1")]).await;
+        assert_eq!(
+            failed.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {:?}",
+            failed.body
+        );
+    }
+}
+
 /// The replaced copy is its variant's: the other variants of the URL are
 /// still what the origin serves their requests, and stay (review30d F2).
 #[tokio::test]

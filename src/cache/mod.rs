@@ -35,6 +35,16 @@ const REVALIDATE_GRACE: Duration = Duration::from_secs(300);
 /// How long a URL whose response was not stored is remembered as such
 /// (Varnish's hit-for-miss objects live as long by default).
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(120);
+
+/// Whether a response with `status` is a new representation, which
+/// replaces what is stored for its variant even when not stored itself
+/// (RFC 9111 §4.3.3): a 2xx, 3xx or 4xx, a 404 or 410 saying the resource
+/// is gone, a 301 that it moved. Not a 304, which confirms, nor a 5xx,
+/// which a cache may take as no answer at all (the same section), and
+/// stale-if-error exists for.
+pub fn replaces(status: http::StatusCode) -> bool {
+    (200..500).contains(&status.as_u16()) && status != http::StatusCode::NOT_MODIFIED
+}
 /// URLs remembered so at most; past it, the least used are forgotten.
 const UNCACHEABLE_URLS: u64 = 4096;
 /// What one entry costs besides its body, header bytes and key, counted
@@ -400,11 +410,11 @@ impl Cache {
 
     /// Notes that a response for `primary` with `status`, to a request
     /// with `request` headers, was not stored (not storable, or too
-    /// large). When it is a 2xx, requests for that variant then go to the
-    /// backend for a while without waiting on each other, and a range as
-    /// it is, instead of having the whole response fetched for a store
-    /// that will not happen; an error or a 304 says nothing of the next
-    /// responses. The variant is the response's own `Vary`, as Varnish's
+    /// large). When it [`replaces`] what was stored, requests for that
+    /// variant then go to the backend for a while without waiting on each
+    /// other, and a range as it is, instead of having the whole response
+    /// fetched for a store that will not happen; a server error or a 304
+    /// says nothing of the next responses. The variant is the response's own `Vary`, as Varnish's
     /// hit-for-miss objects obey it: a logged-in user's `private` answer
     /// with `Vary: Cookie` does not mark the anonymous variant.
     pub fn not_stored(
@@ -414,7 +424,7 @@ impl Cache {
         response: &HeaderMap,
         status: http::StatusCode,
     ) {
-        if !status.is_success() {
+        if !replaces(status) {
             return;
         }
         // `Vary: *` varies on everything: the whole URL is marked.

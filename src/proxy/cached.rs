@@ -1531,17 +1531,20 @@ async fn refresh(
 
 /// RFC 9111 §4.3.3: a full response replaces the stored one (its
 /// variant's), even when it may not be stored itself (`no-store`,
-/// `private`...): the stale copy is of a representation the origin has
-/// replaced, which stale-if-error or stale-while-revalidate must not bring
-/// back (Varnish's hit-for-miss object replaces it too). `request` is the
-/// revalidating request's head.
+/// `private`, a 404 or 410 without freshness...): the stale copy is of a
+/// representation the origin has replaced or removed, which
+/// stale-if-error or stale-while-revalidate must not bring back (Varnish's
+/// hit-for-miss object replaces it too; a 410 kept the old 200 served
+/// for the whole stale-while-revalidate window, review37b M1). A 5xx does
+/// not (see [`crate::cache::replaces`]). `request` is the revalidating
+/// request's head.
 async fn forget_if_replaced(
     cache: &Cache,
     primary: &str,
     request: &HeaderMap,
     response: &Response<ProxyBody>,
 ) {
-    if response.status().is_success()
+    if crate::cache::replaces(response.status())
         && !response.body().is_capturing()
         && cache.uncacheable(primary, request)
     {
