@@ -113,16 +113,26 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
             continue;
         }
         key.push(':');
+        let list = is_list(name);
         let mut first = true;
         for value in request.get_all(name) {
+            // A list's lines are one list (RFC 9110 §5.3); another field's
+            // are kept apart, with a byte no value holds: two `Cookie`
+            // lines, forwarded as two, are not the one `a, b` (review37b L1).
             if !first {
-                key.push(',');
+                key.push(if list { ',' } else { '\r' });
             }
             first = false;
-            // Collapse whitespace around list separators. Bytes are taken
-            // one char each (as Latin-1), so values that differ in bytes
-            // that are not UTF-8 stay different: a lossy decoding made
-            // every such byte U+FFFD, and one client's variant another's.
+            // Bytes are taken one char each (as Latin-1), so values that
+            // differ in bytes that are not UTF-8 stay different: a lossy
+            // decoding made every such byte U+FFFD, and one client's
+            // variant another's.
+            if !list {
+                key.extend(value.as_bytes().iter().map(|&b| char::from(b)));
+                continue;
+            }
+            // Whitespace around a list's separators is collapsed (RFC
+            // 9111 §4.1 allows it where the field's syntax does).
             for (i, part) in value.as_bytes().split(|&b| b == b',').enumerate() {
                 if i > 0 {
                     key.push(',');
@@ -132,6 +142,20 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
         }
     }
     key
+}
+
+/// Whether the request field `name` is a comma-separated list, whose
+/// spacing around commas and split over lines mean nothing (RFC 9110
+/// §5.3, §5.6.1): the `Accept` family, `Cache-Control` and the like. Any
+/// other (`User-Agent`, `Cookie`, `Origin`, an application's own) is
+/// matched byte for byte: `Bot (a ,b)` and `Bot (a, b)` are two clients.
+fn is_list(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("accept")
+        || matches!(
+            name,
+            "cache-control" | "pragma" | "prefer" | "te" | "via" | "forwarded" | "x-forwarded-for"
+        )
 }
 
 /// A `Location` or `Content-Location` value resolved against the request
@@ -282,7 +306,39 @@ mod tests {
         };
         assert_ne!(with(b"Ren\xe9"), with(b"Ren\xe8"));
         assert_ne!(with(b"Ren\xe9"), with("Ren\u{fffd}".as_bytes()));
-        assert_eq!(with(b"a\xe9 , b"), with(b"a\xe9,b"));
+        // No list: its spacing is the client's (review37b L1).
+        assert_ne!(with(b"a\xe9 , b"), with(b"a\xe9,b"));
+    }
+
+    #[test]
+    fn only_list_fields_are_read_as_lists() {
+        let mut response = HeaderMap::new();
+        response.insert(
+            "vary",
+            HeaderValue::from_static("cookie, user-agent, accept-language"),
+        );
+        let names = vary_names(&response).unwrap();
+        let p = primary("http", "h", "/");
+        let key = |fields: &[(&'static str, &'static str)]| {
+            let mut request = HeaderMap::new();
+            for (name, value) in fields {
+                request.append(*name, HeaderValue::from_static(value));
+            }
+            full(&p, &names, &request)
+        };
+        // Two Cookie lines go to the backend as two: not one `a, b`.
+        let two = key(&[("cookie", "prefs=en"), ("cookie", "dark")]);
+        assert_ne!(two, key(&[("cookie", "prefs=en,dark")]));
+        assert_ne!(two, key(&[("cookie", "prefs=en, dark")]));
+        assert_ne!(
+            key(&[("user-agent", "Bot (compatible ,x)")]),
+            key(&[("user-agent", "Bot (compatible, x)")])
+        );
+        // A list's lines and spacing mean nothing.
+        assert_eq!(
+            key(&[("accept-language", "en ,fr"), ("accept-language", "de")]),
+            key(&[("accept-language", "en, fr, de")])
+        );
     }
 
     #[test]
