@@ -183,7 +183,7 @@ fn limiter(c: &mut Criterion) {
                 &[],
                 portico::config::TrustedFields::Either,
             );
-            let key = limiter.key(client, &headers);
+            let key = limiter.key(client, &headers).expect("no key field");
             limiter.check(0, &key)
         })
     });

@@ -102,6 +102,39 @@ async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
     assert_eq!(allowed(&free), 10);
 }
 
+/// A key field sent on two lines that differ is a 400, never sent on:
+/// counted by the address, a throttled key had a fresh budget from each
+/// address it came from while the backend read the key (review37d M1).
+#[tokio::test]
+async fn a_rate_limit_key_on_two_differing_lines_is_refused() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = limited(&backend, "10.0.0.0/8");
+    let limits = config.rate_limit.as_mut().unwrap();
+    limits.key = portico::config::RateLimitKey::Header(http::HeaderName::from_static("x-api-key"));
+    // Nothing comes back while the test runs, however slowly it does.
+    limits.requests_per_second = 0.01;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/users/1/orders");
+    let with_keys = |keys: &[&str]| {
+        let mut request = Request::get(&url);
+        for key in keys {
+            request = request.header("x-api-key", *key);
+        }
+        request.body(Full::new(Bytes::new())).unwrap()
+    };
+    let answer = send(&client, with_keys(&["gamma", "junk"])).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{:?}", answer.body);
+    assert!(String::from_utf8_lossy(&answer.body).contains("several lines"));
+    assert_eq!(backend.requests(), 0);
+    // The same key twice is that key, and spends its budget.
+    let answer = send(&client, with_keys(&["gamma", "gamma"])).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("ratelimit-remaining"), "4");
+    let answer = send(&client, with_keys(&["gamma"])).await;
+    assert_eq!(answer.header("ratelimit-remaining"), "3");
+}
+
 #[tokio::test]
 async fn portico_s_own_errors_carry_the_budget_too() {
     let backend = start_backend(BackendOptions::new("b1")).await;

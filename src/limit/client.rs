@@ -12,7 +12,6 @@ use http::header::{HeaderMap, HeaderName};
 
 use crate::config::{Cidr, RateLimit, RateLimitKey, TrustedFields};
 use crate::proxy::forwarded;
-use crate::proxy::headers::only_line;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -204,23 +203,38 @@ fn walk(peer: IpAddr, entries: Vec<Option<&str>>, forwarded: bool, proxies: &[Ci
     client
 }
 
+/// A request whose key field (`key = "header:..."`) came on several lines
+/// that differ: which one the backend reads (the first, the last, all
+/// joined) is anyone's guess, so no budget can be charged for sure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeveralKeys;
+
 /// The key a request from `client` (the peer, or the client a trusted
-/// proxy forwarded for: [`client_ip`]) is throttled under.
+/// proxy forwarded for: [`client_ip`]) is throttled under: its key
+/// field's value, or without one its address.
 pub fn key(
     client: IpAddr,
     headers: &HeaderMap,
     config: &RateLimit,
     hasher: &impl BuildHasher,
-) -> ClientKey {
+) -> Result<ClientKey, SeveralKeys> {
     if let RateLimitKey::Header(name) = &config.key {
-        // One line only: with several, the backend may read another than
-        // the first (the last, or all joined), so a junk line put first
-        // would buy a fresh budget. Such a request counts by its address.
-        if let Some(value) = only_line(headers, name).filter(|value| !value.is_empty()) {
-            return ClientKey::Header(hasher.hash_one(value.as_bytes()));
+        let mut lines = headers.get_all(name).iter();
+        if let Some(first) = lines.next() {
+            // Counted by the address, a throttled key sent on two lines
+            // had a fresh budget from each address it came from while the
+            // backend read the key (review37d M1); by the first line, a
+            // junk line put first bought one. The same line repeated is
+            // the one key.
+            if lines.any(|line| line != first) {
+                return Err(SeveralKeys);
+            }
+            if !first.is_empty() {
+                return Ok(ClientKey::Header(hasher.hash_one(first.as_bytes())));
+            }
         }
     }
-    ClientKey::Ip(normalize(client))
+    Ok(ClientKey::Ip(normalize(client)))
 }
 
 #[cfg(test)]
@@ -474,13 +488,14 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(
             key(peer, &headers(&[]), &config, &hasher),
-            ClientKey::Ip("192.0.2.1".parse().unwrap())
+            Ok(ClientKey::Ip("192.0.2.1".parse().unwrap()))
         );
-        // Two lines: which one the backend reads is anyone's guess.
+        // Two lines that differ: which one the backend reads is anyone's
+        // guess, and the address's budget is not the key's (review37d M1).
         let twice = headers(&[("x-api-key", "junk"), ("x-api-key", "alpha")]);
-        assert_eq!(
-            key(peer, &twice, &config, &hasher),
-            ClientKey::Ip("192.0.2.1".parse().unwrap())
-        );
+        assert_eq!(key(peer, &twice, &config, &hasher), Err(SeveralKeys));
+        // The same line twice is the one key.
+        let same = headers(&[("x-api-key", "alpha"), ("x-api-key", "alpha")]);
+        assert_eq!(key(peer, &same, &config, &hasher), a);
     }
 }

@@ -178,8 +178,12 @@ impl Limiter {
         }))
     }
 
-    /// The key a request is counted under.
-    pub fn key(&self, client: IpAddr, headers: &HeaderMap) -> ClientKey {
+    /// The key a request is counted under (see [`client::key`]).
+    pub fn key(
+        &self,
+        client: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<ClientKey, client::SeveralKeys> {
         client::key(client, headers, &self.config, &self.hasher)
     }
 
@@ -334,7 +338,7 @@ mod tests {
         let header_key = |l: &Limiter| {
             let mut headers = HeaderMap::new();
             headers.insert("x-api-key", "k1".parse().unwrap());
-            l.key("192.0.2.1".parse().unwrap(), &headers)
+            l.key("192.0.2.1".parse().unwrap(), &headers).unwrap()
         };
         let key = header_key(&limiter);
         assert!(matches!(key, ClientKey::Header(_)), "{key:?}");

@@ -570,7 +570,11 @@ impl Proxy {
                 let client = trace
                     .client
                     .unwrap_or_else(|| self.client_ip(conn.peer, request.headers()));
-                let key = limiter.key(client, request.headers());
+                let key = limiter.key(client, request.headers()).map_err(|_| {
+                    ProxyError::BadRequest(
+                        "the rate-limit key field came on several lines that differ",
+                    )
+                })?;
                 match limiter.check(index, &key) {
                     Some(Decision::Throttled {
                         limit,
