@@ -201,14 +201,55 @@ pub struct Cidr {
 /// The warning for `trusted_proxies` that trusts every address of a
 /// family (`0.0.0.0/0`, `::/0`): any client then chooses the address it
 /// is logged and throttled as, and the scheme and host its backend hears.
+/// Blocks that cover a family between them (`0.0.0.0/1` and
+/// `128.0.0.0/1`, or `::ffff:0.0.0.0/96`, which a dual-stack listener's
+/// IPv4 clients are matched by) are warned of too (review37d L2).
 pub fn trusts_everyone(server: &Server) -> Option<String> {
-    let all = server
-        .trusted_proxies
+    const CONSEQUENCE: &str = "any client can choose the address it is logged and throttled as, and the scheme and host its backend hears";
+    let blocks = &server.trusted_proxies;
+    if let Some(all) = blocks.iter().find(|cidr| cidr.prefix == 0) {
+        return Some(format!(
+            "trusted_proxies holds {}/0, every address: {CONSEQUENCE}",
+            all.addr
+        ));
+    }
+    // Each block as a range of IPv6 addresses, IPv4 ones as mapped.
+    let mut ranges: Vec<(u128, u128)> = blocks
         .iter()
-        .find(|cidr| cidr.prefix == 0)?;
+        .map(|cidr| {
+            let (start, prefix) = match cidr.network() {
+                std::net::IpAddr::V4(v4) => {
+                    (u128::from(v4.to_ipv6_mapped()), 96 + u32::from(cidr.prefix))
+                }
+                std::net::IpAddr::V6(v6) => (u128::from(v6), u32::from(cidr.prefix)),
+            };
+            (start, start | u128::MAX.checked_shr(prefix).unwrap_or(0))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let covers = |from: u128, to: u128| {
+        let mut next = from;
+        for &(start, end) in &ranges {
+            if start > next {
+                break;
+            }
+            if end >= to {
+                return true;
+            }
+            next = next.max(end + 1);
+        }
+        false
+    };
+    let mapped = u128::from(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+    let family = if covers(0, u128::MAX) {
+        "address"
+    } else if covers(mapped, mapped | u128::from(u32::MAX)) {
+        "IPv4 address"
+    } else {
+        return None;
+    };
     Some(format!(
-        "trusted_proxies holds {}/0, every address: any client can choose the address it is logged and throttled as, and the scheme and host its backend hears",
-        all.addr
+        "trusted_proxies covers every {family} between its blocks: {CONSEQUENCE}"
     ))
 }
 

@@ -678,3 +678,49 @@ fn the_default_max_object_size_shrinks_to_a_small_cache() {
     assert_eq!(cache("1MiB").max_object_size, (1 << 20) - (80 << 10));
     assert_eq!(cache("64MiB").max_object_size, 8 << 20);
 }
+
+/// Blocks that trust every address of a family between them are warned
+/// of as a `/0` is (review37d L2).
+#[test]
+fn trusting_every_address_is_found_however_it_is_written() {
+    let warning = |blocks: &[&str]| {
+        let server = Server {
+            trusted_proxies: blocks
+                .iter()
+                .map(|b| {
+                    let (addr, prefix) = b.split_once('/').unwrap();
+                    Cidr {
+                        addr: addr.parse().unwrap(),
+                        prefix: prefix.parse().unwrap(),
+                    }
+                })
+                .collect(),
+            ..Server::default()
+        };
+        trusts_everyone(&server)
+    };
+    assert!(warning(&["0.0.0.0/0"])
+        .unwrap()
+        .contains("holds 0.0.0.0/0, every address"));
+    for every_v4 in [
+        &["::ffff:0.0.0.0/96"][..],
+        &["0.0.0.0/1", "128.0.0.0/1"],
+        &["128.0.0.0/1", "10.0.0.0/8", "0.0.0.0/2", "64.0.0.0/2"],
+        &["::ffff:0.0.0.0/97", "128.0.0.0/1"],
+    ] {
+        let said = warning(every_v4).unwrap_or_else(|| panic!("{every_v4:?}"));
+        assert!(said.contains("every IPv4 address"), "{said}");
+    }
+    assert!(warning(&["::/1", "8000::/1"])
+        .unwrap()
+        .contains("every address"));
+    for some in [
+        &["10.0.0.0/8", "192.168.0.0/16"][..],
+        &["0.0.0.0/1"],
+        &["0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3"],
+        &["8000::/1"],
+        &["::ffff:0.0.0.0/97"],
+    ] {
+        assert_eq!(warning(some), None, "{some:?}");
+    }
+}
