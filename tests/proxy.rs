@@ -1603,3 +1603,48 @@ async fn an_absolute_target_with_an_empty_host_goes_through() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
 }
+
+/// A PUT or DELETE whose framing left its length open and whose upload
+/// is empty (HTTP/1 `chunked` with a lone `0` chunk; HTTP/2
+/// `content-length: 0` and an empty DATA frame ending the stream, as
+/// `curl --http2 -X DELETE -d ''` sends) is retried as one without a
+/// body: it was a 502 where the same request with `Content-Length: 0`
+/// was retried (review37a M1).
+#[tokio::test]
+async fn an_idempotent_request_with_an_empty_upload_is_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // Every other connection is closed once its head is read, unanswered.
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let addr = serve_each(move |mut stream| {
+        let nth = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if read_head(&mut stream).await.is_some() && nth % 2 == 1 {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                let _ = stream.write_all(ok).await;
+            }
+        }
+    })
+    .await;
+    let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
+    let proxy = start_proxy(config).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    let mut client = h2_frames_client(proxy.addr).await;
+    let request = Request::delete(proxy.url("/y"))
+        .header("content-length", "0")
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload.send_data(Bytes::new(), true).unwrap();
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}

@@ -320,8 +320,9 @@ impl RequestBody {
     /// tells: a client that writes its GET's empty end-of-stream DATA
     /// frame apart from its HEADERS (a separate write microseconds later)
     /// made the GET one with content: chunked to its backend, past the
-    /// cache, and not retried (review32c F2). Only HTTP/2 GETs and HEADs
-    /// whose HEADERS did not end their stream wait, and at most `wait`.
+    /// cache, and not retried (review32c F2). Only idempotent requests
+    /// whose framing left the length open wait (see `Proxy::forward`),
+    /// and at most `wait`.
     pub async fn settle_within(&mut self, wait: Duration) -> bool {
         if self.settle() || self.first.is_some() {
             return self.is_end_stream();

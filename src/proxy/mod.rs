@@ -113,8 +113,9 @@ pub struct Trace {
     pub client: Option<std::net::IpAddr>,
 }
 
-/// How long an HTTP/2 GET or HEAD whose HEADERS did not end its stream
-/// waits for the frame that says whether it has content (see
+/// How long an idempotent request whose framing left its length open (an
+/// HTTP/2 GET whose HEADERS did not end its stream, an HTTP/1 `chunked`
+/// PUT) waits for the frame that says whether it has content (see
 /// [`RequestBody::settle_within`]). Past Linux's 40 ms delayed ACK: a
 /// client with Nagle on writes that frame only once its HEADERS are
 /// acknowledged. The wait ends as soon as a frame comes, so it costs only
@@ -636,12 +637,21 @@ impl Proxy {
             // response answered: its answer may depend on the content (RFC
             // 9110 §9.3.1; a search API's GET with a query body), so it goes
             // past the cache, as one with `no-store` does.
-            let with_content = readable
-                && !http_body::Body::is_end_stream(&body)
-                // Boxed: rare, and inline its timer would grow every
-                // request's future.
-                && !(parts.version == Version::HTTP_2
+            // An idempotent request whose framing left its length open (an
+            // HTTP/2 one without `content-length` or with 0, HTTP/1
+            // `chunked`) and whose upload turns out empty (an empty DATA
+            // frame ending the stream, a lone `0` chunk, as `curl -X
+            // DELETE -d ''` sends) is a request without content: cached as
+            // one (GET, HEAD; review32c F2) and retried as one (PUT,
+            // DELETE, OPTIONS; review37a M1: a 502 where the same request
+            // with `Content-Length: 0` was retried).
+            let empty = http_body::Body::is_end_stream(&body)
+                || (is_idempotent(&parts.method)
+                    && http_body::Body::size_hint(&body).lower() == 0
+                    // Boxed: rare, and inline its timer would grow every
+                    // request's future.
                     && Box::pin(body.settle_within(SETTLE_WAIT)).await);
+            let with_content = readable && !empty;
             // The cache that may answer this request itself, if any.
             let answering =
                 cache.filter(|_| readable && !with_content && upgrade.is_none() && back == 0);
