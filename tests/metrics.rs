@@ -902,13 +902,19 @@ async fn a_retried_attempt_shows_in_the_access_line_and_the_metrics() {
 /// (review33b F3).
 #[tokio::test]
 async fn retries_of_refused_connects_are_not_taken_from_the_budget() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
-    // A lone backend is never ejected: every request meets the refusal.
+    // Both bound before either closes: two ports.
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = vec![a.local_addr().unwrap(), b.local_addr().unwrap()];
+    drop((a, b));
+    // Closed: every attempt meets a refusal, ejected or not (when all are
+    // out, ejected backends take traffic again).
     let mut config =
-        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![dead]);
+        portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], dead);
     config.upstreams[0].name = "dead".into();
+    // Room for more than the one retry each request makes: once both
+    // backends refused, neither is tried again (review37a L1).
+    config.upstreams[0].retries = 5;
     let proxy = start_proxy(config).await;
     let client = client();
     // Past 100 + 20% of them: the budget would have refused some.

@@ -982,6 +982,12 @@ fn forward_with_retries<'a>(
             // all, or no room in the budget, the original failure stands.
             tried = tried.with(index);
             let retry_index = match upstream.pick(tried) {
+                // Every backend tried and this one not reached: another
+                // round would only wait out the same refusals or connect
+                // timeouts, `retries + 1` of them for a black-holed
+                // upstream (review37a L1), where nginx stops once each
+                // server was tried.
+                Some(again) if error.nothing_sent() && tried.contains(again) => return Err(error),
                 Some(retry_index) if upstream.try_retry(error.nothing_sent()) => retry_index,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
