@@ -772,15 +772,17 @@ pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
         if prior.peek().is_none() {
             ip
         } else {
-            let mut list = String::new();
+            // Bytes as they came: a lossy decoding sent a client's
+            // obs-text on as U+FFFD (review37d note).
+            let mut list = Vec::new();
             for value in prior {
-                list.push_str(&String::from_utf8_lossy(value.as_bytes()));
-                list.push_str(", ");
+                list.extend_from_slice(value.as_bytes());
+                list.extend_from_slice(b", ");
             }
-            list.push_str(&String::from_utf8_lossy(ip.as_bytes()));
+            list.extend_from_slice(ip.as_bytes());
             // Unrepresentable prior values (control characters) are
             // dropped rather than forwarded mangled.
-            HeaderValue::from_str(&list).unwrap_or(ip)
+            HeaderValue::from_bytes(&list).unwrap_or(ip)
         }
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
@@ -1147,6 +1149,14 @@ mod tests {
             let all: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
             assert_eq!(all, vec![*want], "for {input:?}");
         }
+        // Bytes past ASCII go on as sent, not as U+FFFD.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"a\xe9").unwrap(),
+        );
+        prepare(&mut headers, client(None));
+        assert_eq!(headers["x-forwarded-for"].as_bytes(), b"a\xe9, 192.0.2.7");
     }
 
     #[test]
