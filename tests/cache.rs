@@ -1569,6 +1569,45 @@ async fn a_stale_entry_the_origin_answers_gone_or_moved_is_dropped() {
     }
 }
 
+/// A 4xx that answers the request rather than tells of the resource (one
+/// client's 401, 412 or 429) leaves everyone's stale copy: it is still
+/// what stale-if-error serves (review37e M1).
+#[tokio::test]
+async fn a_stale_entry_one_client_s_refusal_answers_is_kept() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("x-fail") {
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nfail"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+        } else if head.starts_with("get /denied") {
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno"
+        } else if head.starts_with("get /precondition") {
+            b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 2\r\n\r\nno"
+        } else {
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\nno"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    for (path, status) in [
+        ("/denied", StatusCode::UNAUTHORIZED),
+        ("/precondition", StatusCode::PRECONDITION_FAILED),
+        ("/throttled", StatusCode::TOO_MANY_REQUESTS),
+    ] {
+        let url = proxy.url(path);
+        get_with(&client, &url, &[("x-first", "1")]).await;
+        cache_of(&proxy).advance_clock(Duration::from_secs(5));
+        let refused = get(&client, &url).await;
+        assert_eq!(refused.status, status, "{path}");
+        let served = get_with(&client, &url, &[("x-fail", "1")]).await;
+        assert_eq!(served.status, StatusCode::OK, "{path}: {:?}", served.body);
+        assert_eq!(served.body, "old", "{path}");
+    }
+}
+
 /// The replaced copy is its variant's: the other variants of the URL are
 /// still what the origin serves their requests, and stay (review30d F2).
 #[tokio::test]

@@ -38,12 +38,18 @@ const UNCACHEABLE_FOR: Duration = Duration::from_secs(120);
 
 /// Whether a response with `status` is a new representation, which
 /// replaces what is stored for its variant even when not stored itself
-/// (RFC 9111 §4.3.3): a 2xx, 3xx or 4xx, a 404 or 410 saying the resource
-/// is gone, a 301 that it moved. Not a 304, which confirms, nor a 5xx,
-/// which a cache may take as no answer at all (the same section), and
+/// (RFC 9111 §4.3.3): a 2xx, a 3xx saying it moved, a 404 or 410 saying
+/// it is gone. Not a 304, which confirms; not another 4xx, which answers
+/// the request rather than tells of the resource (one client's 401, 403,
+/// 412 or 429 would drop everyone's copy, review37e M1); nor a 5xx, which
+/// a cache may take as no answer at all (the same section), and
 /// stale-if-error exists for.
 pub fn replaces(status: http::StatusCode) -> bool {
-    (200..500).contains(&status.as_u16()) && status != http::StatusCode::NOT_MODIFIED
+    match status.as_u16() {
+        304 => false,
+        200..=399 | 404 | 410 => true,
+        _ => false,
+    }
 }
 /// URLs remembered so at most; past it, the least used are forgotten.
 const UNCACHEABLE_URLS: u64 = 4096;

@@ -192,9 +192,6 @@ fn age_seconds(headers: &HeaderMap) -> u64 {
     delta_seconds(first).unwrap_or(0)
 }
 
-/// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1,
-/// and 451 by RFC 7725 §3); 206 is left out because portico does not
-/// combine partial content.
 /// Whether `public` alone lends the operator's `default_ttl` to `status`:
 /// a 2xx or 3xx, but not a temporary redirect (302, 303, 307), which often
 /// sends one visitor to a login or a session of its own. Client and server
@@ -203,6 +200,9 @@ fn public_on_default(status: StatusCode) -> bool {
     (status.is_success() || status.is_redirection()) && !matches!(status.as_u16(), 302 | 303 | 307)
 }
 
+/// Statuses a cache may store with heuristic freshness (RFC 9110 §15.1,
+/// and 451 by RFC 7725 §3); 206 is left out because portico does not
+/// combine partial content.
 pub fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
@@ -358,7 +358,8 @@ pub fn storable(
         // cheap conditional request (§5.2.2.4).
         None if cc.no_cache
             && has_validator(response)
-            && (heuristically_cacheable(status) || cc.public) =>
+            // As `public` lends `default_ttl` (review37e L3).
+            && (heuristically_cacheable(status) || cc.public && public_on_default(status)) =>
         {
             Duration::ZERO
         }

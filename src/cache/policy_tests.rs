@@ -421,6 +421,23 @@ fn storability_for_a_shared_cache() {
             ttl,
             Ok(ok),
         ),
+        // Nor kept to be revalidated on each use (review37e L3).
+        (
+            Method::GET,
+            &[],
+            401,
+            &[("cache-control", "public, no-cache"), ("etag", "\"a\"")],
+            none,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            202,
+            &[("cache-control", "public, no-cache"), ("etag", "\"a\"")],
+            none,
+            Ok(Duration::ZERO),
+        ),
         (
             Method::GET,
             &[],
