@@ -561,6 +561,43 @@ async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
+/// Only a quick end is the keep-alive race: a backend that dies while
+/// working on a request on a pooled connection is not sent it again
+/// with `retries = 0` (review37e M2).
+#[tokio::test]
+async fn a_pooled_connection_that_ends_late_is_not_the_keep_alive_race() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_ok() && read_head(&mut stream).await.is_some()
+                    {
+                        // Working on it, then gone.
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                    }
+                });
+            }
+        }
+    });
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    assert_eq!(get(&client, &proxy.url("/a")).await.status, StatusCode::OK);
+    let answer = get(&client, &proxy.url("/b")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_backend_connection_still_sending_an_upload_does_not_hold_up_other_requests() {
     let (addr, accepted) = early_answer_backend().await;

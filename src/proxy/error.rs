@@ -166,21 +166,18 @@ impl ProxyError {
         }
     }
 
-    /// Whether the failure counts against the backend's passive health.
-    /// A pooled connection the backend closed as it was reused does not:
-    /// its keep-alive ended, and the request sent again on a new
-    /// connection says whether the backend answers.
+    /// Whether the failure counts against the backend's passive health
+    /// (the keep-alive race sent again does not: see `forward_with_retries`).
     pub fn blames_backend(&self) -> bool {
-        !self.stale_connection()
-            && matches!(
-                self,
-                ProxyError::Connect { .. }
-                    | ProxyError::ConnectTimeout { .. }
-                    | ProxyError::Upstream { .. }
-                    | ProxyError::ResponseTimeout { .. }
-                    | ProxyError::UploadStalled { .. }
-                    | ProxyError::BadResponse { .. }
-            )
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::ResponseTimeout { .. }
+                | ProxyError::UploadStalled { .. }
+                | ProxyError::BadResponse { .. }
+        )
     }
 
     /// The request went out on a pooled connection the backend closed as

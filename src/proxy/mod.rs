@@ -113,6 +113,11 @@ pub struct Trace {
     pub client: Option<std::net::IpAddr>,
 }
 
+/// How soon after it was sent a request's pooled connection must end, with
+/// nothing of the answer, to be taken for the keep-alive race (the backend
+/// closed it as the request arrived): that end comes within a round trip.
+const STALE_RACE_SECONDS: f64 = 1.0;
+
 /// How long an idempotent request whose framing left its length open (an
 /// HTTP/2 GET whose HEADERS did not end its stream, an HTTP/1 `chunked`
 /// PUT) waits for the frame that says whether it has content (see
@@ -884,6 +889,8 @@ fn forward_with_retries<'a>(
         };
         let mut attempt = 0;
         let mut resent_stale = false;
+        // Backends whose connect failed for this request.
+        let mut unreachable = Tried::NONE;
         loop {
             let (parts, body) = next.take().expect("every attempt has a request");
             let (body, parked) = if retries > 0 && !bodiless {
@@ -924,11 +931,23 @@ fn forward_with_retries<'a>(
                 }
                 Err(error) => error,
             };
+            // A pooled connection the backend closed as the request went
+            // out (its keep-alive ran out, hinted or not): sent again, once,
+            // to the same backend on a new connection (see below). Only a
+            // quick end is that race: a backend that dies while working on
+            // the request is retried, or not, as `retries` says (review37e
+            // M2).
+            let resend = !resent_stale
+                && idempotent
+                && error.stale_connection()
+                && seconds < STALE_RACE_SECONDS;
             // Every attempt counts, with how it ended: the backend's
             // failures, and the upload's (499, 408, 413, 400), which sent
             // it a cut request; only the former count against it, and
-            // only their time is the backend's.
-            if error.blames_backend() {
+            // only their time is the backend's. The race sent again is no
+            // failure of the backend's: the new connection says whether it
+            // answers (a stale end not sent again still is, review37e M3).
+            if error.blames_backend() && !resend {
                 backend.metrics.record(error.status().as_u16(), seconds);
                 upstream.observe(index, false, epoch);
             } else {
@@ -953,13 +972,11 @@ fn forward_with_retries<'a>(
             let Some(retry_body) = retry_body else {
                 return Err(error);
             };
-            // A pooled connection the backend closed as the request went
-            // out (its keep-alive ran out, hinted or not): sent again, once,
-            // to the same backend on a new connection, and not one of
-            // `retries` nor taken from the budget, as nginx does not count
-            // a failure on a cached connection among its tries. With
-            // `retries = 0` the race was a 502 (review36 carry-over).
-            if error.stale_connection() && !resent_stale {
+            // The keep-alive race (see `resend`): not one of `retries` nor
+            // taken from the budget, as nginx does not count a failure on a
+            // cached connection among its tries. With `retries = 0` the
+            // race was a 502 (review36 carry-over).
+            if resend {
                 resent_stale = true;
                 upstream.try_retry(true);
                 tracing::debug!(
@@ -981,13 +998,18 @@ fn forward_with_retries<'a>(
             // one tried already (see `Upstream::pick`); with none up at
             // all, or no room in the budget, the original failure stands.
             tried = tried.with(index);
+            if error.nothing_sent() {
+                unreachable = unreachable.with(index);
+            }
             let retry_index = match upstream.pick(tried) {
-                // Every backend tried and this one not reached: another
-                // round would only wait out the same refusals or connect
-                // timeouts, `retries + 1` of them for a black-holed
-                // upstream (review37a L1), where nginx stops once each
-                // server was tried.
-                Some(again) if error.nothing_sent() && tried.contains(again) => return Err(error),
+                // Every backend tried, and the one picked again could not
+                // be reached: another round would only wait out the same
+                // refusals or connect timeouts, `retries + 1` of them for a
+                // black-holed upstream (review37a L1), where nginx stops
+                // once each server was tried. One that was reached (its
+                // connection lost before the head) may be tried again
+                // (review37e L2).
+                Some(again) if unreachable.contains(again) => return Err(error),
                 Some(retry_index) if upstream.try_retry(error.nothing_sent()) => retry_index,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).

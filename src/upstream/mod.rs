@@ -917,11 +917,11 @@ fn out_of_resources(_: &std::io::Error) -> bool {
 
 /// Sorts a send error into the proxy's error kinds by walking its causes.
 fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
-    let reset = matches!(error, SendError::Reset(_));
-    let stale = matches!(error, SendError::Stale(_));
+    let reset = matches!(error, SendError::Reset(_) | SendError::Stale(_, true));
+    let stale = matches!(error, SendError::Stale(..));
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
         SendError::Connect(e) => (true, e.as_ref()),
-        SendError::Http(e) | SendError::Reset(e) | SendError::Stale(e) => (false, e),
+        SendError::Http(e) | SendError::Reset(e) | SendError::Stale(e, _) => (false, e),
         SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend },
     };
     let mut source = Some(root);
@@ -965,7 +965,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
     match error {
         SendError::Connect(source) if exhausted => ProxyError::Exhausted { backend, source },
         SendError::Connect(source) => ProxyError::Connect { backend, source },
-        SendError::Http(source) | SendError::Reset(source) | SendError::Stale(source) => {
+        SendError::Http(source) | SendError::Reset(source) | SendError::Stale(source, _) => {
             ProxyError::Upstream {
                 backend,
                 source,

@@ -62,8 +62,9 @@ pub enum SendError {
     /// (closed or reset) before any response head: the backend closed it
     /// as it was reused, its keep-alive over, the request on its way. Not
     /// the backend's failure to answer (see `ProxyError::Upstream`'s
-    /// `stale`).
-    Stale(hyper::Error),
+    /// `stale`). With whether the backend reset it under the request, as
+    /// `Reset` says.
+    Stale(hyper::Error, bool),
 }
 
 /// Whether `error`, from a request sent on a reused connection, is the
@@ -76,11 +77,14 @@ fn ended_under(error: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // `UnexpectedEof`: a TLS backend closing without close_notify
+            // (review37e L1).
             return matches!(
                 io.kind(),
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = e.source();
@@ -626,7 +630,7 @@ impl Pool {
                         // we took it: nothing was sent, so a new one is safe.
                         Some(unsent) if !fresh_tried => unsent,
                         _ if reused && ended_under(error.error()) => {
-                            return Err(SendError::Stale(error.into_error()))
+                            return Err(SendError::Stale(error.into_error(), conn.reset()))
                         }
                         _ if conn.reset() => return Err(SendError::Reset(error.into_error())),
                         _ => return Err(SendError::Http(error.into_error())),
