@@ -73,9 +73,26 @@ thread_local! {
 /// a restart) were in the log only. Lines `RUST_LOG` filters out are not
 /// logged, so not captured either.
 pub fn capturing_warnings<T>(run: impl FnOnce() -> T) -> (T, String) {
-    let outer = CAPTURED.with(|c| c.replace(Some(Vec::new())));
+    /// Puts back what an enclosing capture had (or none), however `run`
+    /// ends: unwinding, it left this thread capturing for ever (review37e
+    /// L5). What a nested capture took is the enclosing one's too.
+    struct Restore(Option<Vec<u8>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let mine = CAPTURED.with(|c| c.replace(self.0.take()));
+            if let Some(mine) = mine {
+                CAPTURED.with(|c| {
+                    if let Some(outer) = c.borrow_mut().as_mut() {
+                        outer.extend_from_slice(&mine);
+                    }
+                });
+            }
+        }
+    }
+    let restore = Restore(CAPTURED.with(|c| c.replace(Some(Vec::new()))));
     let outcome = run();
-    let lines = CAPTURED.with(|c| c.replace(outer)).unwrap_or_default();
+    let lines = CAPTURED.with(|c| c.borrow().clone()).unwrap_or_default();
+    drop(restore);
     (outcome, without_colour(&lines))
 }
 
@@ -417,7 +434,9 @@ impl Every {
 
 #[cfg(test)]
 mod tests {
-    use super::{capturing_warnings, piece_end, without_colour, Every, Queued, ATOMIC_WRITE};
+    use super::{
+        capturing_warnings, piece_end, without_colour, Every, Queued, ATOMIC_WRITE, CAPTURED,
+    };
     use std::io::Write;
 
     /// A reload's warnings reach its admin caller as the log has them,
@@ -437,6 +456,18 @@ mod tests {
         assert_eq!(captured, "kept\n");
         warning.write_all(b"after\n").unwrap();
         assert_eq!(capturing_warnings(|| ()).1, "");
+        // Nested, the inner lines are the outer capture's too; a panic
+        // inside leaves the thread as it was.
+        let ((), outer) = capturing_warnings(|| {
+            let ((), inner) = capturing_warnings(|| warning.write_all(b"inner\n").unwrap());
+            assert_eq!(inner, "inner\n");
+        });
+        assert_eq!(outer, "inner\n");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            capturing_warnings(|| panic!("in the reload"))
+        }));
+        assert!(panicked.is_err());
+        assert!(CAPTURED.with(|c| c.borrow().is_none()));
     }
 
     /// Writes hold whole lines, at most a pipe's atomic size unless one

@@ -219,8 +219,10 @@ impl Registry {
                 let was = slot.mode.swap(Arc::new(mode)).describe();
                 if was != now {
                     // Clients of the old kind now fail their handshake
-                    // or get a 400; say so where the reload is logged.
-                    tracing::info!(
+                    // or get a 400; say so where the reload is logged, as
+                    // a warning, which `POST /reload` answers with too
+                    // (review37e M4).
+                    tracing::warn!(
                         addr = %slot.configured,
                         "listener switched by reload to {now} (was {was})"
                     );
