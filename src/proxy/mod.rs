@@ -653,6 +653,10 @@ impl Proxy {
             let empty = http_body::Body::is_end_stream(&body)
                 || (is_idempotent(&parts.method)
                     && http_body::Body::size_hint(&body).lower() == 0
+                    // A client waiting for `100 Continue` has content, and
+                    // reading it would send the 100 before a backend was
+                    // even picked (review37e L6).
+                    && !parts.headers.contains_key(header::EXPECT)
                     // Boxed: rare, and inline its timer would grow every
                     // request's future.
                     && Box::pin(body.settle_within(SETTLE_WAIT)).await);
