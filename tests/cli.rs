@@ -952,23 +952,6 @@ fn a_reload_says_what_it_changed() {
     let config = behind(origin_addr, "", "rate_limit = true\n") + limited;
     let mut run = portico_on("reloadsays", &config, None);
     let file = run.dir.join("portico.toml");
-    let retuned = behind(origin_addr, "retries = 0\n", "rate_limit = true\n")
-        + "[[upstream]]\nname = \"new\"\nbackends = [\"127.0.0.1:9\"]\n"
-        + &limited.replace("burst = 5", "burst = 6");
-    std::fs::write(&file, retuned).unwrap();
-    let status = Command::new("kill")
-        .args(["-HUP", &run.proxy.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let line = line_with(&run.log, "upstreams changed by the reload", &mut run.seen);
-    assert!(
-        line.contains("\"added\":\"new\"") && line.contains("\"changed\":\"o\""),
-        "{line}"
-    );
-    line_with(&run.log, "every client's budget starts full", &mut run.seen);
-    line_with(&run.log, "configuration reloaded", &mut run.seen);
-    // Throttling taken off and put back is said too (review36d L8).
     let hup = |config: String| {
         std::fs::write(&file, config).unwrap();
         let status = Command::new("kill")
@@ -977,6 +960,17 @@ fn a_reload_says_what_it_changed() {
             .unwrap();
         assert!(status.success());
     };
+    hup(behind(origin_addr, "retries = 0\n", "rate_limit = true\n")
+        + "[[upstream]]\nname = \"new\"\nbackends = [\"127.0.0.1:9\"]\n"
+        + &limited.replace("burst = 5", "burst = 6"));
+    let line = line_with(&run.log, "upstreams changed by the reload", &mut run.seen);
+    assert!(
+        line.contains("\"added\":\"new\"") && line.contains("\"changed\":\"o\""),
+        "{line}"
+    );
+    line_with(&run.log, "every client's budget starts full", &mut run.seen);
+    line_with(&run.log, "configuration reloaded", &mut run.seen);
+    // Throttling taken off and put back is said too (review36d L8).
     hup(behind(origin_addr, "", ""));
     line_with(&run.log, "[rate_limit] removed", &mut run.seen);
     hup(config);
@@ -1155,12 +1149,7 @@ fn a_short_admin_token_is_warned_about() {
     assert!(said.contains("0.0.0.0/0, every address"), "{said}");
     // A reload asked for by the admin API answers with the warnings it
     // logged, where they were in the log only (review36a L4).
-    let admin = run
-        .seen
-        .iter()
-        .find(|l| l.contains("admin listening"))
-        .map(|l| addr_in(l))
-        .expect("the admin listener's address");
+    let admin = run.admin_addr();
     let mut stream = std::net::TcpStream::connect(&admin).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -1269,6 +1258,17 @@ struct Started {
     dir: std::path::PathBuf,
 }
 
+impl Started {
+    /// The admin listener's address, from the start's log.
+    fn admin_addr(&self) -> String {
+        self.seen
+            .iter()
+            .find(|l| l.contains("admin listening"))
+            .map(|l| addr_in(l))
+            .expect("the admin listener's address")
+    }
+}
+
 /// Waits (bounded) for a log line containing `needle`; returns it.
 fn line_with(
     log: &std::sync::mpsc::Receiver<String>,
@@ -1361,12 +1361,7 @@ fn running_out_of_file_descriptors_takes_no_backend_down() {
         .collect();
     line_with(&run.log, "accept failed", &mut run.seen);
     // Clients of the admin listener, which cannot take them either.
-    let admin = run
-        .seen
-        .iter()
-        .find(|l| l.contains("admin listening"))
-        .map(|l| addr_in(l))
-        .expect("the admin listener's address");
+    let admin = run.admin_addr();
     let _knocking: Vec<_> = (0..4)
         .map(|_| std::net::TcpStream::connect(&admin).unwrap())
         .collect();

@@ -517,14 +517,11 @@ async fn a_retry_after_a_stale_pooled_connection_takes_a_fresh_one() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
-/// With `retries = 0` too, a GET sent on a pooled connection the backend
-/// closes as it arrives goes again on a new connection, once, as nginx
-/// does not count a cached connection's failure among its tries; a POST,
-/// which may have reached the backend, is never sent again.
-#[tokio::test]
-async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
-    // Each connection answers its first request and closes on the next
-    // unanswered, as a backend whose keep-alive ends as a request comes.
+/// A backend each of whose connections answers its first request and
+/// ends on the next, unanswered, `after` it came (at once: a keep-alive
+/// ending as a request arrives), and portico in front of it with
+/// `retries = 0`; with the backend's count of accepted connections.
+async fn answering_once_a_connection(after: Duration) -> (RunningProxy, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -538,8 +535,9 @@ async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
                         return;
                     }
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(ok).await.is_ok() {
-                        let _ = read_head(&mut stream).await;
+                    if stream.write_all(ok).await.is_ok() && read_head(&mut stream).await.is_some()
+                    {
+                        tokio::time::sleep(after).await;
                     }
                 });
             }
@@ -547,7 +545,16 @@ async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
     });
     let mut config = config(addr, Duration::from_secs(60));
     config.upstreams[0].retries = 0;
-    let proxy = start_proxy(config).await;
+    (start_proxy(config).await, accepted)
+}
+
+/// With `retries = 0` too, a GET sent on a pooled connection the backend
+/// closes as it arrives goes again on a new connection, once, as nginx
+/// does not count a cached connection's failure among its tries; a POST,
+/// which may have reached the backend, is never sent again.
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
+    let (proxy, accepted) = answering_once_a_connection(Duration::ZERO).await;
     let client = client();
     for (n, path) in [(1, "/a"), (2, "/b"), (3, "/c")] {
         let answer = get(&client, &proxy.url(path)).await;
@@ -566,31 +573,7 @@ async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
 /// with `retries = 0` (review37e M2).
 #[tokio::test]
 async fn a_pooled_connection_that_ends_late_is_not_the_keep_alive_race() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    tokio::spawn({
-        let accepted = accepted.clone();
-        async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if read_head(&mut stream).await.is_none() {
-                        return;
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(ok).await.is_ok() && read_head(&mut stream).await.is_some()
-                    {
-                        // Working on it, then gone.
-                        tokio::time::sleep(Duration::from_millis(1200)).await;
-                    }
-                });
-            }
-        }
-    });
-    let mut config = config(addr, Duration::from_secs(60));
-    config.upstreams[0].retries = 0;
-    let proxy = start_proxy(config).await;
+    let (proxy, accepted) = answering_once_a_connection(Duration::from_millis(1200)).await;
     let client = client();
     assert_eq!(get(&client, &proxy.url("/a")).await.status, StatusCode::OK);
     let answer = get(&client, &proxy.url("/b")).await;
