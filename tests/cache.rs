@@ -1602,6 +1602,55 @@ async fn a_stale_entry_is_dropped_by_a_gone_or_moved_answer_only() {
     }
 }
 
+/// Requests that waited on a revalidation answered by a 410 do not
+/// revalidate the removed copy themselves: with its validators, a 503
+/// under stale-if-error (or a 304) served the deleted page to each of
+/// them (review37f M1).
+#[tokio::test]
+async fn waiters_on_a_revalidation_that_removed_the_copy_do_not_bring_it_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let counted = counted.clone();
+        async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            let answer: &[u8] = match counted.fetch_add(1, Ordering::SeqCst) {
+                0 => {
+                    b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nConnection: close\r\n\
+                      Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+                }
+                1 => {
+                    // The revalidation the others wait on.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    b"HTTP/1.1 410 Gone\r\nConnection: close\r\nContent-Length: 4\r\n\r\ngone"
+                }
+                _ => b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy",
+            };
+            let _ = stream.write_all(answer).await;
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/removed");
+    assert_eq!(get(&client, &url).await.body, "old");
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let all: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for answer in all {
+        let answer = answer.await.unwrap();
+        assert_ne!(answer.body, "old", "{:?}", answer.header("cache-status"));
+    }
+}
+
 /// The replaced copy is its variant's: the other variants of the URL are
 /// still what the origin serves their requests, and stay (review30d F2).
 #[tokio::test]

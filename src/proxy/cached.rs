@@ -505,6 +505,8 @@ pub(super) async fn serve(
             wait,
         )
     };
+    // The lock a revalidation's wait gave, when it turns into a miss.
+    let mut joined = None;
     if let Some((entry, age)) = stale {
         let fresh = age < entry.lifetime && !entry.cc.no_cache;
         let (fwd, status) = if fresh {
@@ -528,16 +530,35 @@ pub(super) async fn serve(
             Joined::Answered(hit) => return Ok(hit),
             Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
         };
-        return revalidate(
-            cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
-        )
-        .await;
+        // The copy looked up may be gone by now: the revalidation this
+        // request waited on was answered by a new response not stored
+        // (a 410, a `no-store` 200), which took it out (RFC 9111 §4.3.3).
+        // Revalidated still, with its validators, a 304 or a 5xx under
+        // stale-if-error brought the removed page back to every waiter
+        // (review37f M1): such a request is a miss now.
+        // One stored meanwhile (another variant's fetch, a round of
+        // waiting that handed the lock on) is the one to revalidate. The
+        // mark of an answer not stored is set before the waiters are let
+        // go, the copy's removal only after: a waiter woken between the two
+        // (another worker thread) takes the mark for the removal.
+        match stored_for(cache, &primary, &parts).await {
+            Some((now, _)) if !cache.uncacheable(&primary, &parts.headers) => {
+                return revalidate(
+                    cache, upstream, primary, parts, now, request_cc, fwd, leader, trace,
+                )
+                .await;
+            }
+            _ => joined = Some(leader),
+        }
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match join_as(true, status, COALESCE_WAIT).await {
-        Joined::Fetch(leader) => leader,
-        Joined::Answered(hit) => return Ok(hit),
-        Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
+    let leader = match joined {
+        Some(leader) => leader,
+        None => match join_as(true, status, COALESCE_WAIT).await {
+            Joined::Fetch(leader) => leader,
+            Joined::Answered(hit) => return Ok(hit),
+            Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
+        },
     };
     cache.counters.miss.inc();
     // The client's own head, kept to cut its range from the whole answer
