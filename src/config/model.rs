@@ -246,7 +246,20 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
     } else if covers(mapped, mapped | u128::from(u32::MAX)) {
         "IPv4 address"
     } else {
-        return None;
+        // A block wider than the widest private network (10.0.0.0/8,
+        // fc00::/7) holds public addresses by the million: `2000::/3` is
+        // every public IPv6 address, `0.0.0.0/1` half of IPv4 (review37f
+        // L4).
+        let wide = blocks.iter().find(|cidr| match cidr.addr {
+            std::net::IpAddr::V4(_) => cidr.prefix < 8,
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => cidr.prefix < 96 + 8,
+            std::net::IpAddr::V6(_) => cidr.prefix < 7,
+        })?;
+        return Some(format!(
+            "trusted_proxies holds {}/{}, wider than any private network (10.0.0.0/8, fc00::/7): {CONSEQUENCE}, from any address in it",
+            wide.network(),
+            wide.prefix
+        ));
     };
     Some(format!(
         "trusted_proxies covers every {family} between its blocks: {CONSEQUENCE}"

@@ -714,12 +714,21 @@ fn trusting_every_address_is_found_however_it_is_written() {
     assert!(warning(&["::/1", "8000::/1"])
         .unwrap()
         .contains("every address"));
-    for some in [
-        &["10.0.0.0/8", "192.168.0.0/16"][..],
+    // Wider than any private network (review37f L4).
+    for wide in [
+        &["2000::/3"][..],
         &["0.0.0.0/1"],
-        &["0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3"],
+        &["10.0.0.0/8", "0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3"],
         &["8000::/1"],
         &["::ffff:0.0.0.0/97"],
+    ] {
+        let said = warning(wide).unwrap_or_else(|| panic!("{wide:?}"));
+        assert!(said.contains("wider than any private network"), "{said}");
+    }
+    for some in [
+        &["10.0.0.0/8", "192.168.0.0/16"][..],
+        &["fc00::/7", "::1/128", "127.0.0.0/8"],
+        &["::ffff:10.0.0.0/104"],
     ] {
         assert_eq!(warning(some), None, "{some:?}");
     }
