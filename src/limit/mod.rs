@@ -123,7 +123,10 @@ impl Limiter {
             (false, Some(_)) if config.routes.iter().any(|r| r.rate_limit) => {
                 tracing::info!("[rate_limit] added: throttling starts, every client's budget full")
             }
-            (true, None) => tracing::info!("[rate_limit] removed: no client is throttled"),
+            // Said only where a route throttled (review37f L6).
+            (true, None) if previous.is_some_and(|p| p.routes.iter().any(Option::is_some)) => {
+                tracing::info!("[rate_limit] removed: no client is throttled")
+            }
             _ => {}
         }
         Self::build(config, kept)

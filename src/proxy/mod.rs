@@ -956,7 +956,10 @@ fn forward_with_retries<'a>(
                 upstream.observe(index, false, epoch);
             } else {
                 backend.state().no_verdict(epoch);
-                if error.reached_for_backend() {
+                // The race sent again is counted as a retry only: as a
+                // 502 of the backend's, a backend whose every client got a
+                // 200 looked half failing (review37f L5).
+                if error.reached_for_backend() && !resend {
                     backend.metrics.count(error.status().as_u16());
                 }
             }
