@@ -1651,6 +1651,34 @@ async fn waiters_on_a_revalidation_that_removed_the_copy_do_not_bring_it_back() 
     }
 }
 
+/// A URL-wide mark of an answer not stored (another variant answered
+/// `no-store` without Vary) leaves a stale variant its revalidation and
+/// stale-if-error cover: waiters learn of a removed copy from the leader,
+/// not from the mark (review37g M1).
+#[tokio::test]
+async fn another_variant_s_unstored_answer_leaves_a_stale_variant_its_cover() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("x-fail") {
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nfail"
+        } else if head.contains("x-v: c") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\nnew"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nVary: X-V\r\n\
+              Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/v");
+    assert_eq!(get_with(&client, &url, &[("x-v", "b")]).await.body, "old");
+    assert_eq!(get_with(&client, &url, &[("x-v", "c")]).await.body, "new");
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let failed = get_with(&client, &url, &[("x-v", "b"), ("x-fail", "1")]).await;
+    assert_eq!(failed.body, "old", "{:?}", failed.header("cache-status"));
+}
+
 /// The replaced copy is its variant's: the other variants of the URL are
 /// still what the origin serves their requests, and stay (review30d F2).
 #[tokio::test]

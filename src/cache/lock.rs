@@ -23,8 +23,10 @@ pub struct Locks {
 pub enum Signal {
     /// Fetching.
     Pending,
-    /// Go: nothing it gets will be stored ([`Leader::release`]).
-    Released,
+    /// Go: nothing it gets will be stored ([`Leader::release`]); `true`
+    /// when its answer replaced the copy stored for its variant, which is
+    /// being removed ([`Leader::release_replacing`]).
+    Released(bool),
     /// Its revalidation failed with this status, and it served the stale
     /// copy stale-if-error allows ([`Leader::failed`]).
     Failed(u16),
@@ -49,7 +51,16 @@ impl Leader {
     /// Wakes the waiters now, to fetch on their own: what this leader
     /// fetches will not be stored for anyone (or it failed).
     pub fn release(&self) {
-        self.signal.send_replace(Signal::Released);
+        self.signal.send_replace(Signal::Released(false));
+    }
+
+    /// [`Leader::release`] for an answer that replaced the copy stored for
+    /// the variant (RFC 9111 §4.3.3: a 410, a `no-store` 200): a waiter
+    /// that looked that copy up must not revalidate it, which a 304 or a
+    /// 5xx under stale-if-error answered with the removed page (review37f
+    /// M1), but fetch as a miss.
+    pub fn release_replacing(&self) {
+        self.signal.send_replace(Signal::Released(true));
     }
 
     /// Wakes the waiters now: the revalidation failed with `status` (the
@@ -137,8 +148,9 @@ pub enum Waited {
     /// claim the lock again (what the leader could not store may have been
     /// its own request's doing).
     Done(Option<SystemTime>),
-    /// The leader let the waiters go ([`Leader::release`]).
-    Released,
+    /// The leader let the waiters go ([`Leader::release`]); `true` when
+    /// its answer replaced the stored copy ([`Leader::release_replacing`]).
+    Released(bool),
     /// The leader's revalidation failed with this status ([`Leader::failed`]).
     Failed(u16),
     /// Not done by the deadline.
@@ -157,7 +169,7 @@ pub async fn wait(mut waiting: watch::Receiver<Signal>, deadline: tokio::time::I
     }
     let signal = *waiting.borrow();
     match signal {
-        Signal::Released => Waited::Released,
+        Signal::Released(replaced) => Waited::Released(replaced),
         Signal::Failed(status) => Waited::Failed(status),
         Signal::Stored(at) => Waited::Done(Some(at)),
         Signal::Pending => Waited::Done(None),

@@ -286,6 +286,9 @@ enum Woken {
     /// It let the waiters go (nothing it gets will be stored), or was not
     /// done by the deadline.
     Alone,
+    /// It let the waiters go with an answer that replaced the copy stored
+    /// for the variant (see [`Leader::release_replacing`]).
+    Replaced,
 }
 
 /// Waits (until `deadline`) for the request fetching its URL to finish,
@@ -309,7 +312,8 @@ async fn collapsed(
     let leaders = match lock::wait(waiting, deadline).await {
         lock::Waited::Done(stored) => stored,
         lock::Waited::Failed(code) => return stale_for_waiter(cache, primary, parts, code).await,
-        lock::Waited::Released | lock::Waited::Late => return Woken::Alone,
+        lock::Waited::Released(true) => return Woken::Replaced,
+        lock::Waited::Released(false) | lock::Waited::Late => return Woken::Alone,
     };
     let nothing = Woken::Nothing {
         handed_on: leaders.is_none(),
@@ -505,8 +509,9 @@ pub(super) async fn serve(
             wait,
         )
     };
-    // The lock a revalidation's wait gave, when it turns into a miss.
-    let mut joined = None;
+    // Set when the revalidation this request waited on removed the copy
+    // it looked up: it is a miss now, on its own.
+    let mut replaced = false;
     if let Some((entry, age)) = stale {
         let fresh = age < entry.lifetime && !entry.cc.no_cache;
         let (fwd, status) = if fresh {
@@ -525,40 +530,34 @@ pub(super) async fn serve(
         } else {
             COALESCE_WAIT
         };
-        let leader = match join_as(false, status, wait).await {
-            Joined::Fetch(leader) => leader,
-            Joined::Answered(hit) => return Ok(hit),
-            Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
-        };
-        // The copy looked up may be gone by now: the revalidation this
-        // request waited on was answered by a new response not stored
-        // (a 410, a `no-store` 200), which took it out (RFC 9111 §4.3.3).
-        // Revalidated still, with its validators, a 304 or a 5xx under
-        // stale-if-error brought the removed page back to every waiter
-        // (review37f M1): such a request is a miss now.
-        // One stored meanwhile (another variant's fetch, a round of
-        // waiting that handed the lock on) is the one to revalidate. The
-        // mark of an answer not stored is set before the waiters are let
-        // go, the copy's removal only after: a waiter woken between the two
-        // (another worker thread) takes the mark for the removal.
-        match stored_for(cache, &primary, &parts).await {
-            Some((now, _)) if !cache.uncacheable(&primary, &parts.headers) => {
+        match join_as(false, status, wait).await {
+            Joined::Fetch(leader) => {
                 return revalidate(
-                    cache, upstream, primary, parts, now, request_cc, fwd, leader, trace,
+                    cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
                 )
                 .await;
             }
-            _ => joined = Some(leader),
+            Joined::Answered(hit) => return Ok(hit),
+            Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
+            // The revalidation it waited on removed the copy it looked up
+            // (a 410, a `no-store` 200). Revalidated still, with its
+            // validators, a 304 or a 5xx under stale-if-error brought the
+            // removed page back to every waiter (review37f M1).
+            Joined::Replaced => replaced = true,
         }
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = match joined {
-        Some(leader) => leader,
-        None => match join_as(true, status, COALESCE_WAIT).await {
+    let leader = if replaced {
+        None
+    } else {
+        match join_as(true, status, COALESCE_WAIT).await {
             Joined::Fetch(leader) => leader,
             Joined::Answered(hit) => return Ok(hit),
             Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
-        },
+            // Another miss's answer replaced what a waiter could not use
+            // anyway: on its own, as a released one goes.
+            Joined::Replaced => None,
+        }
     };
     cache.counters.miss.inc();
     // The client's own head, kept to cut its range from the whole answer
@@ -761,6 +760,10 @@ enum Joined {
     /// It waited for a slow fetch and asks for a range: it goes to the
     /// backend with its range rather than start another whole fetch.
     Bypass,
+    /// It waited on a fetch whose answer replaced the copy stored for the
+    /// variant: whatever it looked up is gone, and it fetches as a miss,
+    /// on its own.
+    Replaced,
 }
 
 /// Concurrent fetches of one variant wait for the first, the leader (see
@@ -842,6 +845,8 @@ async fn join(
             Woken::Answered(hit) => return Joined::Answered(hit),
             Woken::Nothing { handed_on: was } => handed_on = was,
             Woken::Alone => return alone(),
+            Woken::Replaced if ranged => return Joined::Bypass,
+            Woken::Replaced => return Joined::Replaced,
         }
     }
 }
@@ -1070,7 +1075,7 @@ impl Fetch {
             }
             Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
                 cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
-                release(leader.as_ref());
+                release_for(leader.as_ref(), status, true);
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")
             }
             Ok(lifetime) => {
@@ -1110,7 +1115,7 @@ impl Fetch {
                 // and no stale window: it could never be served.
                 if head.keep_for().is_zero() {
                     cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
-                    release(leader.as_ref());
+                    release_for(leader.as_ref(), status, true);
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
                     let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
@@ -1124,7 +1129,8 @@ impl Fetch {
                 // A logged-in client's private answer says nothing of what
                 // everyone else gets.
                 let personal = request_headers.contains_key(header::AUTHORIZATION);
-                if reason.lies_with_the_resource() && !personal {
+                let of_the_resource = reason.lies_with_the_resource() && !personal;
+                if of_the_resource {
                     cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                 }
                 // An answer kept out for what its request was (its
@@ -1145,7 +1151,7 @@ impl Fetch {
                     || own_304;
                 let hand_on = for_the_request && leader.as_ref().is_some_and(Leader::may_hand_on);
                 if !hand_on {
-                    release(leader.as_ref());
+                    release_for(leader.as_ref(), status, of_the_resource);
                 }
                 format!("portico; fwd={fwd}{fwd_status}; detail={}", reason.detail())
             }
@@ -1156,6 +1162,16 @@ impl Fetch {
 }
 
 /// Lets the requests waiting on `leader`, if any, fetch on their own now.
+/// [`release`] for an answer with `status` not stored; `noted` when it was
+/// noted as the resource's (see `Cache::not_stored`): one that replaces the
+/// stored copy (see `forget_if_replaced`) tells the waiters it is gone.
+fn release_for(leader: Option<&Leader>, status: StatusCode, noted: bool) {
+    match leader {
+        Some(leader) if noted && crate::cache::replaces(status) => leader.release_replacing(),
+        _ => release(leader),
+    }
+}
+
 fn release(leader: Option<&Leader>) {
     if let Some(leader) = leader {
         leader.release();
