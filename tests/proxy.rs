@@ -1648,3 +1648,44 @@ async fn an_idempotent_request_with_an_empty_upload_is_retried() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
 }
+
+/// A backend whose connect failed is not tried again for the request,
+/// but one reached before is: with one backend refusing and the other
+/// losing its first connection, every GET gets the second's answer
+/// (review37a L1, review37g L1).
+#[tokio::test]
+async fn a_refusing_backend_is_passed_over_for_one_reached_before() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // Every other connection closed once its head is read, unanswered.
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let flaky = serve_each(move |mut stream| {
+        let nth = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if read_head(&mut stream).await.is_some() && nth % 2 == 1 {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                let _ = stream.write_all(ok).await;
+            }
+        }
+    })
+    .await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing = closed.local_addr().unwrap();
+    drop(closed);
+    let mut config =
+        Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![flaky, refusing]);
+    config.upstreams[0].retries = 3;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for n in 1..=10 {
+        let answer = get(&client, &proxy.url("/x")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "request {n}: {:?}",
+            answer.body
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2 * n, "request {n}");
+    }
+}

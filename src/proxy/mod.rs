@@ -1008,7 +1008,13 @@ fn forward_with_retries<'a>(
             if error.nothing_sent() {
                 unreachable = unreachable.with(index);
             }
-            let retry_index = match upstream.pick(tried) {
+            // Picked again among all, one whose connect failed is passed
+            // over for one reached before, if any is left (review37g L1).
+            let picked = match upstream.pick(tried) {
+                Some(again) if unreachable.contains(again) => upstream.pick(unreachable),
+                picked => picked,
+            };
+            let retry_index = match picked {
                 // Every backend tried, and the one picked again could not
                 // be reached: another round would only wait out the same
                 // refusals or connect timeouts, `retries + 1` of them for a
