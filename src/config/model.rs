@@ -250,10 +250,22 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
         // fc00::/7) holds public addresses by the million: `2000::/3` is
         // every public IPv6 address, `0.0.0.0/1` half of IPv4 (review37f
         // L4).
-        let wide = blocks.iter().find(|cidr| match cidr.addr {
-            std::net::IpAddr::V4(_) => cidr.prefix < 8,
-            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => cidr.prefix < 96 + 8,
-            std::net::IpAddr::V6(_) => cidr.prefix < 7,
+        let wide_v4 = |net: std::net::Ipv4Addr, prefix: u8| {
+            prefix < 8 || (prefix == 8 && !matches!(net.octets()[0], 10 | 127))
+        };
+        let wide = blocks.iter().find(|cidr| match cidr.network() {
+            std::net::IpAddr::V4(v4) => wide_v4(v4, cidr.prefix),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if cidr.prefix >= 96 => wide_v4(v4, cidr.prefix - 96),
+                // Past a /16 of public space (2a00::/8, 2000::/3), and
+                // not the unique-local or link-local blocks.
+                _ => {
+                    let first = v6.segments()[0];
+                    cidr.prefix < 16
+                        && !(cidr.prefix >= 7 && first & 0xfe00 == 0xfc00)
+                        && !(cidr.prefix >= 10 && first & 0xffc0 == 0xfe80)
+                }
+            },
         })?;
         return Some(format!(
             "trusted_proxies holds {}/{}, wider than any private network (10.0.0.0/8, fc00::/7): {CONSEQUENCE}, from any address in it",

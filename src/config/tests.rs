@@ -717,6 +717,9 @@ fn trusting_every_address_is_found_however_it_is_written() {
     // Wider than any private network (review37f L4).
     for wide in [
         &["2000::/3"][..],
+        &["2a00::/8"],
+        &["8.0.0.0/8"],
+        &["::ffff:8.0.0.0/104"],
         &["0.0.0.0/1"],
         &["10.0.0.0/8", "0.0.0.0/1", "128.0.0.0/2", "192.0.0.0/3"],
         &["8000::/1"],
@@ -727,8 +730,14 @@ fn trusting_every_address_is_found_however_it_is_written() {
     }
     for some in [
         &["10.0.0.0/8", "192.168.0.0/16"][..],
-        &["fc00::/7", "::1/128", "127.0.0.0/8"],
-        &["::ffff:10.0.0.0/104"],
+        &[
+            "fc00::/7",
+            "::1/128",
+            "127.0.0.0/8",
+            "fd00::/8",
+            "fe80::/10",
+        ],
+        &["::ffff:10.0.0.0/104", "100.64.0.0/10", "2001:db8::/32"],
     ] {
         assert_eq!(warning(some), None, "{some:?}");
     }
