@@ -105,6 +105,11 @@ impl Limiter {
     /// clients' budgets, so editing the routes during a flood hands no
     /// throttled client a fresh burst.
     pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
+        // Budgets are said to reset, or go, only where a route throttled
+        // (review37f L6, review37g L6).
+        let throttled = |limiter: Option<&Limiter>| {
+            limiter.is_some_and(|p| p.routes.iter().any(Option::is_some))
+        };
         let kept = previous.filter(|p| {
             config
                 .rate_limit
@@ -115,7 +120,7 @@ impl Limiter {
         // that is let through again otherwise looks like a bug (review36a
         // L4).
         match (previous.is_some(), &config.rate_limit) {
-            (true, Some(_)) if kept.is_none() => {
+            (true, Some(_)) if kept.is_none() && throttled(previous) => {
                 tracing::info!("[rate_limit] changed: every client's budget starts full")
             }
             // Throttling on or off by a reload is said as its change is
@@ -124,7 +129,7 @@ impl Limiter {
                 tracing::info!("[rate_limit] added: throttling starts, every client's budget full")
             }
             // Said only where a route throttled (review37f L6).
-            (true, None) if previous.is_some_and(|p| p.routes.iter().any(Option::is_some)) => {
+            (true, None) if throttled(previous) => {
                 tracing::info!("[rate_limit] removed: no client is throttled")
             }
             _ => {}
