@@ -246,10 +246,10 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
     } else if covers(mapped, mapped | u128::from(u32::MAX)) {
         "IPv4 address"
     } else {
-        // A block wider than the widest private network (10.0.0.0/8,
-        // fc00::/7) holds public addresses by the million: `2000::/3` is
-        // every public IPv6 address, `0.0.0.0/1` half of IPv4 (review37f
-        // L4).
+        // A block of public addresses as wide as a /8 of IPv4 or wider
+        // than a /16 of IPv6 holds them by the million: `2000::/3` is every
+        // public IPv6 address, `0.0.0.0/1` half of IPv4 (review37f L4,
+        // review37g L4). 10.0.0.0/8, fc00::/7 and fe80::/10 are private.
         let wide_v4 = |net: std::net::Ipv4Addr, prefix: u8| {
             prefix < 8 || (prefix == 8 && !matches!(net.octets()[0], 10 | 127))
         };
@@ -268,7 +268,7 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
             },
         })?;
         return Some(format!(
-            "trusted_proxies holds {}/{}, wider than any private network (10.0.0.0/8, fc00::/7): {CONSEQUENCE}, from any address in it",
+            "trusted_proxies holds {}/{}, public addresses by the million, more than any network of proxies: {CONSEQUENCE}, from any address in it",
             wide.network(),
             wide.prefix
         ));
