@@ -1612,21 +1612,8 @@ async fn an_absolute_target_with_an_empty_host_goes_through() {
 /// was retried (review37a M1).
 #[tokio::test]
 async fn an_idempotent_request_with_an_empty_upload_is_retried() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
-    // Every other connection is closed once its head is read, unanswered.
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let addr = serve_each(move |mut stream| {
-        let nth = counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if read_head(&mut stream).await.is_some() && nth % 2 == 1 {
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
-                let _ = stream.write_all(ok).await;
-            }
-        }
-    })
-    .await;
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = answering_every_other_connection().await;
     let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     let proxy = start_proxy(config).await;
     let answer = raw_exchange(
@@ -1655,21 +1642,8 @@ async fn an_idempotent_request_with_an_empty_upload_is_retried() {
 /// (review37a L1, review37g L1).
 #[tokio::test]
 async fn a_refusing_backend_is_passed_over_for_one_reached_before() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
-    // Every other connection closed once its head is read, unanswered.
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let flaky = serve_each(move |mut stream| {
-        let nth = counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if read_head(&mut stream).await.is_some() && nth % 2 == 1 {
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
-                let _ = stream.write_all(ok).await;
-            }
-        }
-    })
-    .await;
+    use std::sync::atomic::Ordering;
+    let (flaky, accepted) = answering_every_other_connection().await;
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refusing = closed.local_addr().unwrap();
     drop(closed);
@@ -1688,4 +1662,28 @@ async fn a_refusing_backend_is_passed_over_for_one_reached_before() {
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2 * n, "request {n}");
     }
+}
+
+/// A raw backend that closes every other connection (the first, third...)
+/// once its head is read, unanswered, and answers `200 ok` and closes on
+/// the others; with the count of connections it accepted.
+async fn answering_every_other_connection() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let addr = serve_each(move |mut stream| {
+        let nth = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if read_head(&mut stream).await.is_some() && nth % 2 == 1 {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                let _ = stream.write_all(ok).await;
+            }
+        }
+    })
+    .await;
+    (addr, accepted)
 }
