@@ -975,6 +975,9 @@ fn a_reload_says_what_it_changed() {
     line_with(&run.log, "[rate_limit] removed", &mut run.seen);
     hup(config);
     line_with(&run.log, "[rate_limit] added", &mut run.seen);
+    // And by the routes' own setting, the section kept (review37h L3).
+    hup(behind(origin_addr, "", "rate_limit = false\n") + limited);
+    line_with(&run.log, "[rate_limit] removed", &mut run.seen);
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

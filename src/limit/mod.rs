@@ -118,20 +118,19 @@ impl Limiter {
         });
         // Said, as a reload that empties the cache is: a throttled client
         // that is let through again otherwise looks like a bug (review36a
-        // L4).
-        match (previous.is_some(), &config.rate_limit) {
-            (true, Some(_)) if kept.is_none() && throttled(previous) => {
+        // L4); throttling switched on or off too, by the section or by the
+        // routes' own `rate_limit` (review36d L8, review37h L3), and only
+        // where a route throttles or did (review37f L6, review37g L6).
+        let before = throttled(previous);
+        let now = config.rate_limit.is_some() && config.routes.iter().any(|r| r.rate_limit);
+        match (before, now) {
+            (true, true) if kept.is_none() => {
                 tracing::info!("[rate_limit] changed: every client's budget starts full")
             }
-            // Throttling on or off by a reload is said as its change is
-            // (review36d L8).
-            (false, Some(_)) if config.routes.iter().any(|r| r.rate_limit) => {
+            (false, true) => {
                 tracing::info!("[rate_limit] added: throttling starts, every client's budget full")
             }
-            // Said only where a route throttled (review37f L6).
-            (true, None) if throttled(previous) => {
-                tracing::info!("[rate_limit] removed: no client is throttled")
-            }
+            (true, false) => tracing::info!("[rate_limit] removed: no client is throttled"),
             _ => {}
         }
         Self::build(config, kept)
