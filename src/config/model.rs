@@ -251,7 +251,7 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
         // public IPv6 address, `0.0.0.0/1` half of IPv4 (review37f L4,
         // review37g L4). 10.0.0.0/8, fc00::/7 and fe80::/10 are private.
         let wide_v4 = |net: std::net::Ipv4Addr, prefix: u8| {
-            prefix < 8 || (prefix == 8 && !matches!(net.octets()[0], 10 | 127))
+            prefix < 8 || (prefix == 8 && !matches!(net.octets()[0], 0 | 10 | 127))
         };
         let wide = blocks.iter().find(|cidr| match cidr.network() {
             std::net::IpAddr::V4(v4) => wide_v4(v4, cidr.prefix),
@@ -263,7 +263,8 @@ pub fn trusts_everyone(server: &Server) -> Option<String> {
                     let first = v6.segments()[0];
                     cidr.prefix < 16
                         && !(cidr.prefix >= 7 && first & 0xfe00 == 0xfc00)
-                        && !(cidr.prefix >= 10 && first & 0xffc0 == 0xfe80)
+                        // Link-local, and the old site-local fec0::/10.
+                        && !(cidr.prefix >= 9 && first & 0xff80 == 0xfe80)
                 }
             },
         })?;

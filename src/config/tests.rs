@@ -736,8 +736,10 @@ fn trusting_every_address_is_found_however_it_is_written() {
             "127.0.0.0/8",
             "fd00::/8",
             "fe80::/10",
+            "fec0::/10",
         ],
         &["::ffff:10.0.0.0/104", "100.64.0.0/10", "2001:db8::/32"],
+        &["0.0.0.0/8"],
     ] {
         assert_eq!(warning(some), None, "{some:?}");
     }
