@@ -35,6 +35,20 @@ const REVALIDATE_GRACE: Duration = Duration::from_secs(300);
 /// How long a URL whose response was not stored is remembered as such
 /// (Varnish's hit-for-miss objects live as long by default).
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(120);
+/// URLs remembered so at most; past it, the least used are forgotten.
+const UNCACHEABLE_URLS: u64 = 4096;
+/// What one entry costs besides its body, header bytes and key, counted
+/// so that `max_size` bounds memory, not only content: the `Entry` in its
+/// `Arc`, the store's record of it (moka's node, its place in the LRU
+/// order and the expiry wheel) and the index's, and the allocator's
+/// headers. Measured: 20,000 stored 132-byte responses took 2.9 KB each
+/// where 0.8 KB was counted before the header map and this were.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 640;
+/// What one slot of a header map costs: `HeaderMap` keeps a bucket (name,
+/// value, hash and links) and an index per slot, and has more slots than
+/// fields (`HeaderMap::capacity`).
+const HEADER_SLOT: usize =
+    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 40;
 
 /// Whether a response with `status` is a new representation, which
 /// replaces what is stored for its variant even when not stored itself
@@ -51,20 +65,6 @@ pub fn replaces(status: http::StatusCode) -> bool {
         _ => false,
     }
 }
-/// URLs remembered so at most; past it, the least used are forgotten.
-const UNCACHEABLE_URLS: u64 = 4096;
-/// What one entry costs besides its body, header bytes and key, counted
-/// so that `max_size` bounds memory, not only content: the `Entry` in its
-/// `Arc`, the store's record of it (moka's node, its place in the LRU
-/// order and the expiry wheel) and the index's, and the allocator's
-/// headers. Measured: 20,000 stored 132-byte responses took 2.9 KB each
-/// where 0.8 KB was counted before the header map and this were.
-const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 640;
-/// What one slot of a header map costs: `HeaderMap` keeps a bucket (name,
-/// value, hash and links) and an index per slot, and has more slots than
-/// fields (`HeaderMap::capacity`).
-const HEADER_SLOT: usize =
-    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 40;
 
 /// Why [`Cache::insert_shared`] stored nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -420,9 +420,10 @@ impl Cache {
     /// variant then go to the backend for a while without waiting on each
     /// other, and a range as it is, instead of having the whole response
     /// fetched for a store that will not happen; a server error or a 304
-    /// says nothing of the next responses. The variant is the response's own `Vary`, as Varnish's
-    /// hit-for-miss objects obey it: a logged-in user's `private` answer
-    /// with `Vary: Cookie` does not mark the anonymous variant.
+    /// says nothing of the next responses. The variant is the response's
+    /// own `Vary`, as Varnish's hit-for-miss objects obey it: a logged-in
+    /// user's `private` answer with `Vary: Cookie` does not mark the
+    /// anonymous variant.
     pub fn not_stored(
         &self,
         primary: &str,

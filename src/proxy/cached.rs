@@ -1161,7 +1161,6 @@ impl Fetch {
     }
 }
 
-/// Lets the requests waiting on `leader`, if any, fetch on their own now.
 /// [`release`] for an answer with `status` not stored; `noted` when it was
 /// noted as the resource's (see `Cache::not_stored`): one that replaces the
 /// stored copy (see `forget_if_replaced`) tells the waiters it is gone.
@@ -1172,6 +1171,7 @@ fn release_for(leader: Option<&Leader>, status: StatusCode, noted: bool) {
     }
 }
 
+/// Lets the requests waiting on `leader`, if any, fetch on their own now.
 fn release(leader: Option<&Leader>) {
     if let Some(leader) = leader {
         leader.release();
