@@ -105,11 +105,6 @@ impl Limiter {
     /// clients' budgets, so editing the routes during a flood hands no
     /// throttled client a fresh burst.
     pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
-        // Budgets are said to reset, or go, only where a route throttled
-        // (review37f L6, review37g L6).
-        let throttled = |limiter: Option<&Limiter>| {
-            limiter.is_some_and(|p| p.routes.iter().any(Option::is_some))
-        };
         let kept = previous.filter(|p| {
             config
                 .rate_limit
@@ -121,7 +116,7 @@ impl Limiter {
         // L4); throttling switched on or off too, by the section or by the
         // routes' own `rate_limit` (review36d L8, review37h L3), and only
         // where a route throttles or did (review37f L6, review37g L6).
-        let before = throttled(previous);
+        let before = previous.is_some_and(|p| p.routes.iter().any(Option::is_some));
         let now = config.rate_limit.is_some() && config.routes.iter().any(|r| r.rate_limit);
         match (before, now) {
             (true, true) if kept.is_none() => {

@@ -60,10 +60,9 @@ pub enum SendError {
     HeadTimeout,
     /// As `Http`, on a connection taken idle from the pool that ended
     /// (closed or reset) before any response head: the backend closed it
-    /// as it was reused, its keep-alive over, the request on its way. Not
-    /// the backend's failure to answer (see `ProxyError::Upstream`'s
-    /// `stale`). With whether the backend reset it under the request, as
-    /// `Reset` says.
+    /// as it was reused, its keep-alive over, the request on its way, when
+    /// it comes quickly (see `forward_with_retries`). With whether the
+    /// backend reset it under the request, as `Reset` says.
     Stale(hyper::Error, bool),
 }
 
@@ -598,7 +597,7 @@ impl Pool {
                 self.checkout(index)
             };
             // Taken idle: the backend may close it as the request goes.
-            let mut reused = taken.is_some();
+            let taken_idle = taken.is_some();
             let mut conn = match taken {
                 Some(Taken::Live(conn)) => conn,
                 Some(Taken::Parking(handed_back)) => {
@@ -629,7 +628,7 @@ impl Pool {
                         // The backend closed this keep-alive connection as
                         // we took it: nothing was sent, so a new one is safe.
                         Some(unsent) if !fresh_tried => unsent,
-                        _ if reused && ended_under(error.error()) => {
+                        _ if taken_idle && !fresh_tried && ended_under(error.error()) => {
                             return Err(SendError::Stale(error.into_error(), conn.reset()))
                         }
                         _ if conn.reset() => return Err(SendError::Reset(error.into_error())),
@@ -637,7 +636,6 @@ impl Pool {
                     },
                 };
                 fresh_tried = true;
-                reused = false;
                 conn = Box::pin(self.connect(index, upgrade)).await?;
             }
         }
