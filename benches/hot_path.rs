@@ -80,7 +80,7 @@ fn hygiene(c: &mut Criterion) {
         b.iter_batched(
             || template.clone(),
             |mut h| {
-                headers::prepare_request(&mut h, info, Hop::of(info, &name));
+                headers::prepare_request(&mut h, info, false, Hop::of(info, &name));
                 h
             },
             criterion::BatchSize::SmallInput,

@@ -576,13 +576,16 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
         .header("x-forwarded-proto", "https")
         .header("forwarded", "for=6.6.6.6;proto=https;host=evil.example")
         .header("x_forwarded_host", "evil.example")
+        .header("expect", "100-continue")
         .header("x-app", "kept")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let answer = send(&client(), request).await;
     let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
     // A client's `Forwarded` and a lookalike of portico's fields are its
-    // claims, not portico's (review29c F3, F9).
+    // claims, not portico's (review29c F3, F9). `100-continue` on a
+    // request without content is one no client may send (RFC 9110
+    // §10.1.1, review37f L3).
     for gone in [
         "x-secret",
         "keep-alive",
@@ -590,6 +593,7 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
         "te",
         "forwarded",
         "x_forwarded_host",
+        "expect",
     ] {
         assert!(
             seen.get(gone).is_none(),

@@ -48,6 +48,8 @@ pub struct Seen {
     pub underscored: bool,
     /// One of the [`CLAIMS`].
     pub claims: bool,
+    /// `Expect`.
+    pub expect: bool,
 }
 
 /// Forwarding fields portico does not write, which frameworks read as a
@@ -100,6 +102,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
             }
             Some(b'f') if name == "forwarded" => {
                 seen.forwarded = true;
+                continue;
+            }
+            Some(b'e') if name == "expect" => {
+                seen.expect = true;
                 continue;
             }
             Some(b'x') if LOOKALIKE_LENGTHS.contains(&name.len()) && name.contains('_') => {
@@ -369,8 +375,13 @@ pub struct ClientInfo<'a> {
 
 /// Prepares a request head for a backend: [`scrub_request`], then
 /// [`add_hop`]. Returns the scheme forwarded, as `scrub_request` does.
-pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop) -> &'static str {
-    let proto = scrub_request(headers, client);
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    client: ClientInfo<'_>,
+    content: bool,
+    hop: Hop,
+) -> &'static str {
+    let proto = scrub_request(headers, client, content);
     add_hop(headers, hop);
     proto
 }
@@ -382,9 +393,19 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo<'_>, hop: Hop
 /// backend must hear `https`. Returns the scheme forwarded: the cache keys
 /// on it, and a cached response that varies on these fields is looked up
 /// with the values its backend saw, which a client that is not trusted
-/// cannot choose.
-pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>) -> &'static str {
+/// cannot choose. Without `content` (the request goes on without a
+/// body), `Expect` goes too: a client must not send `100-continue` on a
+/// request without content (RFC 9110 §10.1.1), and its client's upload
+/// turned out empty.
+pub fn scrub_request(
+    headers: &mut HeaderMap,
+    client: ClientInfo<'_>,
+    content: bool,
+) -> &'static str {
     let seen = remove_hop_by_hop(headers);
+    if seen.expect && !content {
+        headers.remove(header::EXPECT);
+    }
     // A length written `0005` or twice goes on as one plain number, as a
     // response's does: backends that read a leading zero as octal, or
     // take the last of two lines, would frame the body otherwise.
@@ -862,7 +883,7 @@ mod tests {
     /// [`prepare_request`] as a proxy named `portico-00000000002a` does.
     fn prepare(headers: &mut HeaderMap, client: ClientInfo<'_>) {
         let me = Pseudonym::named("portico-00000000002a");
-        prepare_request(headers, client, Hop::of(client, &me));
+        prepare_request(headers, client, false, Hop::of(client, &me));
     }
 
     fn client(host: Option<&HeaderValue>) -> ClientInfo<'_> {
@@ -984,13 +1005,13 @@ mod tests {
         headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
         headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
         let mut h1 = headers.clone();
-        scrub_request(&mut h1, client(None));
+        scrub_request(&mut h1, client(None), false);
         assert_eq!(h1.get_all(header::COOKIE).iter().count(), 2);
         let h2 = ClientInfo {
             version: Version::HTTP_2,
             ..client(None)
         };
-        scrub_request(&mut headers, h2);
+        scrub_request(&mut headers, h2, false);
         let cookies: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
     }
@@ -1011,6 +1032,16 @@ mod tests {
             HeaderValue::from_bytes("upgrade\u{a0}".as_bytes()).unwrap(),
         );
         assert_eq!(list_members(&headers, &header::CONNECTION).count(), 0);
+    }
+
+    #[test]
+    fn expect_goes_on_only_with_content() {
+        for content in [true, false] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+            scrub_request(&mut headers, client(None), content);
+            assert_eq!(headers.contains_key(header::EXPECT), content);
+        }
     }
 
     #[test]
@@ -1187,7 +1218,7 @@ mod tests {
                 trusted,
                 ..client(Some(&host))
             };
-            let proto = scrub_request(&mut headers, info);
+            let proto = scrub_request(&mut headers, info, false);
             let sent = |name| headers.get_all(name).iter().collect::<Vec<_>>();
             assert_eq!(sent(XFP), [proto], "{input:?}");
             let [host] = sent(XFH)[..] else {

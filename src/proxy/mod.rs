@@ -670,9 +670,9 @@ impl Proxy {
             let hop = || Hop::of(client, &self.pseudonym);
             // The scheme the backend is told, which the cache keys on.
             let proto = if answering.is_some() {
-                headers::scrub_request(&mut parts.headers, client)
+                headers::scrub_request(&mut parts.headers, client, !empty)
             } else {
-                headers::prepare_request(&mut parts.headers, client, hop())
+                headers::prepare_request(&mut parts.headers, client, !empty, hop())
             };
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.
