@@ -599,7 +599,9 @@ pub(super) async fn serve(
         }
     };
     fetch.request_time = answered_request_time(cache, fetch.request_time, trace);
-    let mut response = fetch.store_or_relay(cache, upstream, response, in_flight);
+    // A miss: no copy to forget.
+    let (mut response, leader) = fetch.store_or_relay(cache, upstream, response, in_flight);
+    drop(leader);
     if let Some(own) = own {
         response = answer_own(own, response);
     }
@@ -1026,21 +1028,23 @@ struct Fetch {
 impl Fetch {
     /// Relays the fetched response and stores it as it streams when
     /// RFC 9111 allows. The coalescing lock goes with the stored body, or
-    /// is released at once when nothing will be stored.
+    /// its waiters are released at once when nothing will be stored; the
+    /// lock itself is handed back then, for the caller to drop once the
+    /// copy the answer replaced is gone (see [`forget_if_replaced`]).
     fn store_or_relay(
         self,
         cache: &Arc<Cache>,
         upstream: &Upstream,
         response: Response<UpstreamBody>,
         in_flight: InFlight,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Option<Leader>) {
         let Fetch {
             request_headers,
             request_cc,
             is_head,
             fill,
             request_time,
-            leader,
+            mut leader,
             fwd,
         } = self;
         let response_time = cache.now();
@@ -1118,7 +1122,8 @@ impl Fetch {
                     release_for(leader.as_ref(), status, true);
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
-                    let capture = Capture::new(cache.clone(), fill, request_headers, head, leader);
+                    let capture =
+                        Capture::new(cache.clone(), fill, request_headers, head, leader.take());
                     response.extensions_mut().insert(capture.fate());
                     let (parts, body) = response.into_parts();
                     response = Response::from_parts(parts, body.with_capture(capture));
@@ -1157,7 +1162,7 @@ impl Fetch {
             }
         };
         set_status(&mut response, &text);
-        response
+        (response, leader)
     }
 }
 
@@ -1470,8 +1475,8 @@ async fn revalidate(
         }
         cache.counters.miss.inc();
         let primary = fetch.fill.primary().to_owned();
-        let response = fetch.store_or_relay(cache, upstream, response, in_flight);
-        forget_if_replaced(cache, &primary, &client.headers, &response).await;
+        let (response, leader) = fetch.store_or_relay(cache, upstream, response, in_flight);
+        forget_if_replaced(cache, &primary, &client.headers, &response, leader).await;
         // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
         let matched =
             response.status().is_success() && not_modified(&client.headers, response.headers());
@@ -1559,8 +1564,8 @@ async fn refresh(
     }
     let primary = fetch.fill.primary().to_owned();
     let request_headers = fetch.request_headers.clone();
-    let response = fetch.store_or_relay(&cache, &upstream, response, in_flight);
-    forget_if_replaced(&cache, &primary, &request_headers, &response).await;
+    let (response, leader) = fetch.store_or_relay(&cache, &upstream, response, in_flight);
+    forget_if_replaced(&cache, &primary, &request_headers, &response, leader).await;
     // Nobody reads this body but the cache; as any such read, given up
     // after a while (it holds the variant's lock, not a background place).
     crate::task::read_at_most(response.into_body().read_into_cache()).await;
@@ -1574,12 +1579,16 @@ async fn refresh(
 /// hit-for-miss object replaces it too; a 410 kept the old 200 served
 /// for the whole stale-while-revalidate window, review37b M1). A 5xx does
 /// not (see [`crate::cache::replaces`]). `request` is the revalidating
-/// request's head.
+/// request's head. `leader`, the lock its waiters were released from,
+/// is dropped only once the copy is gone: a request arriving in between
+/// would otherwise take the lock, find the copy, and revalidate it
+/// (review37h L2).
 async fn forget_if_replaced(
     cache: &Cache,
     primary: &str,
     request: &HeaderMap,
     response: &Response<ProxyBody>,
+    leader: Option<Leader>,
 ) {
     if crate::cache::replaces(response.status())
         && !response.body().is_capturing()
@@ -1591,6 +1600,7 @@ async fn forget_if_replaced(
             cache.forget_variant(&full).await;
         }
     }
+    drop(leader);
 }
 
 /// After a successful unsafe request, drops what the cache holds for the
