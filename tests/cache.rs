@@ -1602,38 +1602,51 @@ async fn a_stale_entry_is_dropped_by_a_gone_or_moved_answer_only() {
     }
 }
 
+/// A backend that answers its first connection with `first`, its second
+/// with `second` after 300 ms (a revalidation others wait on), and every
+/// later one with `rest`; each on a connection of its own.
+async fn answering_in_turn(
+    first: &'static [u8],
+    second: &'static [u8],
+    rest: &'static [u8],
+) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    serve_each(move |mut stream| {
+        let asked = asked.clone();
+        async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            let answer = match asked.fetch_add(1, Ordering::SeqCst) {
+                0 => first,
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    second
+                }
+                _ => rest,
+            };
+            let _ = stream.write_all(answer).await;
+        }
+    })
+    .await
+}
+
+/// A copy stale-if-error covers, with a validator.
+const COVERED: &[u8] = b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nConnection: close\r\n\
+    Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold";
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy";
+
 /// Requests that waited on a revalidation answered by a 410 do not
 /// revalidate the removed copy themselves: with its validators, a 503
 /// under stale-if-error (or a 304) served the deleted page to each of
 /// them (review37f M1).
 #[tokio::test]
 async fn waiters_on_a_revalidation_that_removed_the_copy_do_not_bring_it_back() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
-    let asked = Arc::new(AtomicUsize::new(0));
-    let counted = asked.clone();
-    let addr = serve_each(move |mut stream| {
-        let counted = counted.clone();
-        async move {
-            if read_head(&mut stream).await.is_none() {
-                return;
-            }
-            let answer: &[u8] = match counted.fetch_add(1, Ordering::SeqCst) {
-                0 => {
-                    b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nConnection: close\r\n\
-                      Cache-Control: max-age=1, stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
-                }
-                1 => {
-                    // The revalidation the others wait on.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    b"HTTP/1.1 410 Gone\r\nConnection: close\r\nContent-Length: 4\r\n\r\ngone"
-                }
-                _ => b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy",
-            };
-            let _ = stream.write_all(answer).await;
-        }
-    })
-    .await;
+    let gone = b"HTTP/1.1 410 Gone\r\nConnection: close\r\nContent-Length: 4\r\n\r\ngone";
+    let addr = answering_in_turn(COVERED, gone, BUSY).await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
     let url = proxy.url("/removed");
@@ -1649,6 +1662,36 @@ async fn waiters_on_a_revalidation_that_removed_the_copy_do_not_bring_it_back() 
         let answer = answer.await.unwrap();
         assert_ne!(answer.body, "old", "{:?}", answer.header("cache-status"));
     }
+}
+
+/// A Range request that waited on a revalidation answered for its own
+/// request alone (a 429) revalidates the copy on its own, as the others
+/// do, and keeps stale-if-error's cover: it went to the backend with its
+/// range, past the cache, and got the backend's 503 (review37h L1).
+#[tokio::test]
+async fn a_range_waiter_on_a_revalidation_answered_for_its_own_request_keeps_its_cover() {
+    let throttled =
+        b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 4\r\n\r\nslow";
+    let addr = answering_in_turn(COVERED, throttled, BUSY).await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/throttled");
+    assert_eq!(get(&client, &url).await.body, "old");
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let leader = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url).await }
+    });
+    // The leader's revalidation is under way (it answers in 300 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ranged = get_with(&client, &url, &[("range", "bytes=0-1")]).await;
+    assert_eq!(leader.await.unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        (ranged.status, ranged.body.as_ref()),
+        (StatusCode::PARTIAL_CONTENT, &b"ol"[..]),
+        "{:?}",
+        ranged.header("cache-status")
+    );
 }
 
 /// A URL-wide mark of an answer not stored (another variant answered

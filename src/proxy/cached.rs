@@ -794,8 +794,11 @@ async fn join(
     status: &'static str,
     wait: Duration,
 ) -> Joined {
+    // A range goes past the cache on a miss, rather than start another
+    // whole fetch; on a revalidation, it revalidates the copy on its own,
+    // as the others do, and keeps stale-if-error's cover (review37h L1).
     let alone = || {
-        if ranged {
+        if ranged && miss {
             Joined::Bypass
         } else {
             Joined::Fetch(None)
