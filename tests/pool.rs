@@ -563,6 +563,26 @@ async fn a_pooled_connection_closed_under_a_get_is_not_a_502_without_retries() {
         // pooled and closed under them: sent again on a new one.
         assert_eq!(accepted.load(Ordering::SeqCst), n, "{path}");
     }
+    // Not the backend's failure: no 502 of its own; counted as the
+    // retries they are (review37f L5, 37g L9).
+    let metrics = String::from_utf8(proxy.shared.proxy.load().metrics().encode()).unwrap();
+    let series = |name: &str| -> Vec<&str> {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .collect()
+    };
+    let upstream_502 = series("portico_upstream_requests_total{");
+    assert!(
+        !upstream_502
+            .iter()
+            .any(|line| line.contains("code=\"502\"")),
+        "{upstream_502:?}"
+    );
+    assert_eq!(
+        series("portico_upstream_retries_total{"),
+        ["portico_upstream_retries_total{upstream=\"default\"} 2"]
+    );
     let answer = send(&client, post(proxy.url("/d"))).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
