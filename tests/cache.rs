@@ -2932,3 +2932,65 @@ async fn an_http2_get_ended_by_an_empty_data_frame_written_apart_is_cached() {
     assert_eq!(seen, ["portico; fwd=miss; stored", "portico; hit"]);
     assert_eq!(backend.requests(), 1);
 }
+
+/// A write whose client leaves before the backend answers may still have
+/// been carried out: the copies of its URL go all the same. Before, a
+/// client that gave up on a slow POST left the old copy served as a hit
+/// for its whole lifetime (review38c M1).
+#[tokio::test]
+async fn a_write_its_client_left_still_invalidates() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let posted = Arc::new(AtomicBool::new(false));
+    let addr = serve_each({
+        let posted = posted.clone();
+        move |mut stream| {
+            let posted = posted.clone();
+            async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let answer: &[u8] = if head.starts_with(b"POST") {
+                    posted.store(true, Ordering::SeqCst);
+                    // Carried out at once, answered late.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 2\r\n\r\nv1"
+                };
+                let _ = stream.write_all(answer).await;
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let item = proxy.url("/item");
+    get(&client, &item).await;
+    until_stored(&proxy, 1).await;
+    assert_eq!(
+        get(&client, &item).await.header("cache-status"),
+        "portico; hit"
+    );
+    let mut leaving = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let post = format!(
+        "POST /item HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
+        proxy.addr
+    );
+    leaving.write_all(post.as_bytes()).await.unwrap();
+    tokio::time::timeout(STEP, async {
+        while !posted.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the POST never reached the backend");
+    drop(leaving);
+    let missed = tokio::time::timeout(STEP, async {
+        while get(&client, &item).await.header("cache-status") == "portico; hit" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(missed.is_ok(), "the old copy is still a hit");
+}

@@ -1606,6 +1606,69 @@ async fn forget_if_replaced(
     drop(leader);
 }
 
+/// The invalidation an unsafe request owes the cache once it is on its
+/// way (RFC 9111 §4.4), paid by [`Owed::settle`] when the answer comes.
+/// A request that ends with none (its client left, its connection broke,
+/// its answer timed out) may still have changed the resource: dropped
+/// unsettled, it drops the target's copies in a task of its own. Before,
+/// a client that gave up on a slow POST left the old copy served for its
+/// whole lifetime (review38c M1).
+pub(super) struct Owed {
+    cache: Arc<Cache>,
+    scheme: &'static str,
+    host: String,
+    target: String,
+    settled: bool,
+}
+
+impl Owed {
+    pub(super) fn new(cache: Arc<Cache>, scheme: &'static str, host: &str, target: String) -> Self {
+        Owed {
+            cache,
+            scheme,
+            host: host.to_owned(),
+            target,
+            settled: false,
+        }
+    }
+
+    /// The backend answered with `status`: a success or a redirect
+    /// invalidates (with the URLs its `response` head names), an error
+    /// status does not.
+    pub(super) async fn settle(mut self, status: StatusCode, response: &HeaderMap) {
+        if status.is_success() || status.is_redirection() {
+            invalidate(&self.cache, self.scheme, &self.host, &self.target, response).await;
+        }
+        self.settled = true;
+    }
+
+    /// The request failed with `error` before an answer: owed still if the
+    /// backend may have acted on it (see [`ProxyError::may_have_acted`]).
+    pub(super) fn failed(mut self, error: &super::ProxyError) {
+        self.settled = !error.may_have_acted();
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Not on a runtime only as the process ends, with the cache.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (cache, scheme) = (self.cache.clone(), self.scheme);
+        let (host, target) = (
+            std::mem::take(&mut self.host),
+            std::mem::take(&mut self.target),
+        );
+        runtime.spawn(async move {
+            invalidate(&cache, scheme, &host, &target, &HeaderMap::new()).await;
+        });
+    }
+}
+
 /// After a successful unsafe request, drops what the cache holds for the
 /// target URI and same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
 pub(super) async fn invalidate(

@@ -207,6 +207,19 @@ impl ProxyError {
         }
     }
 
+    /// Whether the backend may have acted on the request: it was sent, and
+    /// what came back (nothing, a broken or late answer) does not say
+    /// whether the backend carried it out.
+    pub fn may_have_acted(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Upstream { .. }
+                | ProxyError::ResponseTimeout { .. }
+                | ProxyError::UploadStalled { .. }
+                | ProxyError::BadResponse { .. }
+        )
+    }
+
     /// The backend never received a byte of the request: the connection was
     /// refused or never established.
     pub fn nothing_sent(&self) -> bool {

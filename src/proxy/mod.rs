@@ -703,10 +703,14 @@ impl Proxy {
             // On a route with `cache = false` too: entries stored while it
             // was on would otherwise come back, older than the write, when
             // it is turned on again (review33a F3).
-            let unsafe_target = (self.cache.is_some() && !is_safe(&parts.method)).then(|| {
-                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                target.to_owned()
-            });
+            let owed = self
+                .cache
+                .as_ref()
+                .filter(|_| !is_safe(&parts.method))
+                .map(|cache| {
+                    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                    cached::Owed::new(cache.clone(), proto, host_name, target.to_owned())
+                });
             if let Some(cache) = cache {
                 trace.fwd = Some(if readable {
                     // A GET or HEAD here is a lookup the cache passed by,
@@ -720,21 +724,20 @@ impl Proxy {
                     "method"
                 });
             }
-            let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
-            if let (Some(cache), Some(target)) = (self.cache.as_ref(), unsafe_target.as_deref()) {
-                let status = response.status();
-                if status.is_success() || status.is_redirection() {
-                    // Boxed: only writes get here, and inline it would grow every
-                    // request's future.
-                    Box::pin(cached::invalidate(
-                        cache,
-                        proto,
-                        host_name,
-                        target,
-                        response.headers(),
-                    ))
-                    .await;
-                }
+            let (response, in_flight) =
+                match forward_with_retries(upstream, parts, body, trace).await {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        if let Some(owed) = owed {
+                            owed.failed(&error);
+                        }
+                        return Err(error);
+                    }
+                };
+            if let Some(owed) = owed {
+                // Boxed: only writes get here, and inline it would grow every
+                // request's future.
+                Box::pin(owed.settle(response.status(), response.headers())).await;
             }
 
             if let Some(client) = upgrade {
