@@ -323,15 +323,16 @@ async fn handle(
                     let matchers: Vec<_> = prefixes.into_iter().map(prefix_matcher).collect();
                     let paths = move |path: &str| matchers.iter().any(|m| m(path));
                     // Off the runtime's workers: the count scans the store.
-                    let cache = cache.clone();
+                    let purger = cache.clone();
                     let purging = tokio::task::spawn_blocking(move || {
-                        cache.purge_paths(move |stored_host, path| {
+                        purger.purge_paths(move |stored_host, path| {
                             host.as_deref().is_none_or(|host| host == stored_host) && paths(path)
                         })
                     });
                     let Ok(purged) = purging.await else {
                         return text(StatusCode::INTERNAL_SERVER_ERROR, "purge failed\n");
                     };
+                    cache.let_go().await;
                     // As text, not a list's Debug form inside a string (a
                     // JSON log held `"[\"/x\"]"`), and with the count the
                     // answer gives, so the log shows a purge that matched
