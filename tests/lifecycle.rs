@@ -1260,6 +1260,41 @@ async fn a_parked_keep_alive_connection_serves_its_next_request_and_still_times_
     .expect("the open-connections gauge back at 0");
 }
 
+/// A request with `Upgrade` that becomes no tunnel (`h2c`, which portico
+/// does not pass on, as `curl --http2 http://` asks; a WebSocket upgrade
+/// its backend answers without switching) leaves its connection as any
+/// other: parked after a second, and its next request served. hyper
+/// keeps such an upgrade armed and hands it the connection as the
+/// connection ends; the socket went with it, closed without a word, and
+/// a request sent then was lost (review38a F1).
+#[tokio::test]
+async fn a_connection_whose_upgrade_was_not_taken_is_parked_and_served_again() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    // The watchdog looks every 50 ms (see `parked_connection`).
+    config.server.request_header_timeout = Duration::from_millis(200);
+    let proxy = start_proxy(config).await;
+    for upgrade in [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let first = format!("GET /health HTTP/1.1\r\nHost: a\r\n{upgrade}\r\n");
+        assert_eq!(
+            exchange_on(&mut stream, first.as_bytes()).await,
+            "http/1.1 200 ok"
+        );
+        // Parked meanwhile (see `parked_connection`).
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        assert_eq!(
+            get_on(&mut stream, "/health").await,
+            "http/1.1 200 ok",
+            "{upgrade}"
+        );
+    }
+    assert_eq!(backend.requests(), 4);
+}
+
 /// An empty line on a parked connection (RFC 9112 §2.2 lets a client
 /// send one between requests) is neither a head nor activity: the
 /// connection stays parked and serves the next request. It used to be

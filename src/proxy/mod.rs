@@ -14,7 +14,7 @@ mod upgrade;
 
 pub use log::Refused;
 pub use log::Tail as AccessTail;
-pub use upgrade::Hold as TunnelHold;
+pub use upgrade::{Hold as TunnelHold, PendingUpgrade};
 
 use std::collections::HashMap;
 use std::future::Future;

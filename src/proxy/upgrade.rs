@@ -29,9 +29,27 @@ use crate::upstream::UpstreamBody;
 /// A client's request to switch protocols, with its pending connection.
 pub struct Upgrade {
     protocol: HeaderValue,
-    client: OnUpgrade,
+    /// Taken by [`Upgrade::bridge`]; given back to the server's
+    /// [`Hold::pending`] if the backend does not switch.
+    client: Option<OnUpgrade>,
     hold: Option<Hold>,
 }
+
+impl Drop for Upgrade {
+    fn drop(&mut self) {
+        if let (Some(client), Some(hold)) = (self.client.take(), &self.hold) {
+            *hold.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+        }
+    }
+}
+
+/// The pending upgrade of a request's client connection: hyper arms one
+/// for every HTTP/1.1 request with `Upgrade` (and CONNECT), keeps it
+/// armed after an answer other than 101, and hands the connection to it
+/// when the connection ends. The server keeps it for the connection,
+/// which then gets its socket back; taken for a tunnel, it is the
+/// client's side of the tunnel.
+pub type PendingUpgrade = Arc<std::sync::Mutex<Option<OnUpgrade>>>;
 
 /// What the server of the client's connection wants kept for as long as a
 /// tunnel made from it runs, put in the upgrade request's extensions: its
@@ -50,6 +68,9 @@ pub struct Hold {
     /// end cuts tunnels with the process, and a removed listener's are
     /// cut as they would be then, not left to run for good.
     pub stopping: (crate::server::shutdown::Shutdown, Grace),
+    /// The request's pending upgrade, which the server took out of its
+    /// extensions: a tunnel takes it from here.
+    pub pending: PendingUpgrade,
 }
 
 /// Takes a place among the open connections, held as long as what it
@@ -106,10 +127,18 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
         return None;
     }
     let protocol = HeaderValue::from_str(&kept.join(", ")).ok()?;
+    let client = match &hold {
+        Some(hold) => hold
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?,
+        None => hyper::upgrade::on(request),
+    };
     Some(Upgrade {
         protocol,
         hold,
-        client: hyper::upgrade::on(request),
+        client: Some(client),
     })
 }
 
@@ -123,14 +152,14 @@ impl Upgrade {
     /// Answers the client with the backend's 101 and bridges the two
     /// upgraded connections in the background.
     pub fn bridge(
-        self,
+        mut self,
         mut response: Response<UpstreamBody>,
         in_flight: InFlight,
         idle: Duration,
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);
-        let client = self.client;
-        let hold = self.hold;
+        let client = self.client.take();
+        let hold = self.hold.take();
         let place = hold.as_ref().map(|hold| (hold.place)());
         tokio::spawn(async move {
             let _place = place;
@@ -139,6 +168,10 @@ impl Upgrade {
             let _in_flight = in_flight;
             let stopping = hold.as_ref().map(|hold| hold.stopping.clone());
             let _hold = hold;
+            // Taken by `requested`, which made this.
+            let Some(client) = client else {
+                return;
+            };
             let (client, backend) = match tokio::try_join!(client, backend) {
                 Ok(both) => both,
                 Err(error) => {

@@ -77,6 +77,10 @@ pub(super) struct Activity {
     /// not a head. hyper reads the next head only after the body, so the
     /// next request begun says the same.
     upload: Mutex<Option<UploadEnded>>,
+    /// The upgrade hyper armed for the last request with `Upgrade` (or
+    /// CONNECT) that became no tunnel: the connection goes to it as it
+    /// ends (see [`Busy::keep_upgrade`]).
+    upgrade: Mutex<Option<hyper::upgrade::OnUpgrade>>,
     /// The connection is being ended to be parked (see [`Tracked`]).
     parking: AtomicBool,
     /// How long the connection had been idle before this hyper connection
@@ -184,6 +188,7 @@ impl Activity {
             h2_out: AtomicU64::new(0),
             h2_in: AtomicU64::new(0),
             upload: Mutex::new(None),
+            upgrade: Mutex::new(None),
             parking: AtomicBool::new(false),
             quiet_before: Duration::ZERO,
             closing: AtomicBool::new(false),
@@ -249,6 +254,11 @@ impl Activity {
     pub(super) fn has_body(&self, ended: UploadEnded) {
         *lock(&self.upload) = Some(ended);
         self.upload_open.store(true, Ordering::Relaxed);
+    }
+
+    /// The upgrade [`Busy::keep_upgrade`] kept, if any.
+    pub(super) fn take_upgrade(&self) -> Option<hyper::upgrade::OnUpgrade> {
+        lock(&self.upgrade).take()
     }
 
     /// Requests begun so far.
@@ -550,6 +560,17 @@ impl Busy {
     /// Whether the request's body was let go of before its end.
     pub(super) fn upload_abandoned(&self) -> bool {
         self.0.upload(false, UploadEnded::is_abandoned)
+    }
+
+    /// Keeps `pending`, the upgrade hyper armed for a request that became
+    /// no tunnel: hyper keeps it armed after an answer other than 101, and
+    /// hands it the connection as the connection ends, which is where the
+    /// server takes its socket back (see `protocol::Connection::into_parts`).
+    /// Dropped, the socket went with it: such a connection was closed
+    /// without a word when parked, and a request sent then was lost
+    /// (review38a F1).
+    pub(super) fn keep_upgrade(&self, pending: hyper::upgrade::OnUpgrade) {
+        *lock(&self.0.upgrade) = Some(pending);
     }
 }
 

@@ -964,6 +964,13 @@ async fn serve_connection<IO: Parkable>(
         // hyper lets go of a connection it upgrades at once; the tunnel
         // keeps its place in the count and the drain instead, and ends
         // `shutdown_grace` after its listener stops.
+        // The upgrade hyper armed for an HTTP/1.1 request with `Upgrade`
+        // (or CONNECT): a tunnel's, or, if none is made, the connection's
+        // (see `idle::Busy::keep_upgrade`).
+        let pending = request
+            .extensions_mut()
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .map(|armed| crate::proxy::PendingUpgrade::new(Some(armed).into()));
         if request.headers().contains_key(http::header::UPGRADE) {
             // Read when the listener stops, as a shutdown reads it: a
             // reload may have changed it since the tunnel opened.
@@ -974,6 +981,7 @@ async fn serve_connection<IO: Parkable>(
                 keep: Arc::new(drain.clone()),
                 place: Arc::new(move || Box::new(slots.take())),
                 stopping: (stopping.clone(), Arc::new(grace)),
+                pending: pending.clone().unwrap_or_default(),
             });
         }
         // One generation per request: a reload mid-connection applies to
@@ -1000,6 +1008,14 @@ async fn serve_connection<IO: Parkable>(
         async move {
             let (request, conn) = handed.take();
             let (mut response, tail) = handed.proxy().handle(request, conn).await;
+            // No tunnel took it: the connection's, to end with.
+            let untaken = pending.and_then(|pending| {
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                pending.take()
+            });
+            if let Some(armed) = untaken {
+                busy.keep_upgrade(armed);
+            }
             // RFC 9110 §8.6: no Content-Length on a 204. hyper's HTTP/1
             // server drops one; over HTTP/2 a backend's `Content-Length:
             // 5` on its 204 went out, and clients reset the stream
@@ -1245,7 +1261,7 @@ async fn serve_connection<IO: Parkable>(
         // which an HTTP/1 connection with no request begun waits out, and
         // the drain took two seconds of quiet (review11).
         End::Close => {
-            if let Some((mut socket, _)) = connection.into_parts() {
+            if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
                 close(&mut socket).await;
             }
             return;
@@ -1258,7 +1274,8 @@ async fn serve_connection<IO: Parkable>(
             activity.park();
             connection.graceful_shutdown();
             let ended = tokio::time::timeout(DRAIN_QUIET, &mut connection).await;
-            let Some((mut socket, unread)) = connection.into_parts() else {
+            let Some((mut socket, unread)) = connection.into_parts(activity.take_upgrade()).await
+            else {
                 return;
             };
             if ended.is_err() {
@@ -1314,8 +1331,17 @@ async fn serve_connection<IO: Parkable>(
     // As nginx's lingering close: the rest is read and dropped until the
     // client stops sending, for a while.
     if result.is_ok() && !activity.is_multiplexed() && !activity.upload_read() {
-        if let Some((mut socket, _)) = connection.into_parts() {
+        if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
             linger(&mut socket, held.cut.clone()).await;
+        }
+        return;
+    }
+    // Ended where hyper closes a connection itself (TLS close_notify, then
+    // FIN), but handed to the upgrade it armed for a request that became
+    // no tunnel, which skips that: closed here as hyper would.
+    if let (Ok(()), Some(armed)) = (&result, activity.take_upgrade()) {
+        if let Some((mut socket, _)) = connection.into_parts(Some(armed)).await {
+            close(&mut socket).await;
         }
         return;
     }
@@ -1328,7 +1354,7 @@ async fn serve_connection<IO: Parkable>(
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_parse_version_h2);
         if h2_preface {
-            if let Some((mut socket, _)) = connection.into_parts() {
+            if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
                 let answered = refuse_h2_preface(&mut socket).await;
                 let proxy = held.shared.proxy.load();
                 proxy.refused(conn.peer, 400, &H2_PREFACE_ON_HTTP1, answered);

@@ -148,11 +148,30 @@ where
     /// dropped unfinished, and the bytes hyper had read past the last
     /// request (the start of the next one, or nothing). `None` for an
     /// upgraded connection, HTTP/2, or one still sniffing.
-    pub(super) fn into_parts(self) -> Option<(IO, Bytes)> {
+    ///
+    /// `pending` is the upgrade hyper armed for an HTTP/1.1 request with
+    /// `Upgrade` (or CONNECT) that got no 101: hyper keeps it armed and
+    /// hands it the connection as the connection ends, and the socket is
+    /// taken back from it (see `idle::Busy::keep_upgrade`).
+    pub(super) async fn into_parts(
+        self,
+        pending: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Option<(IO, Bytes)> {
         let Connection::Http1(conn) = self else {
             return None;
         };
-        let parts = conn.into_parts()?;
+        if let Some(parts) = conn.into_parts() {
+            return Some((parts.io.into_inner().into_inner(), parts.read_buf));
+        }
+        // Fulfilled as the connection's future ended: ready at once, or
+        // never (a tunnel took the connection, or its request is gone).
+        let handed = tokio::time::timeout(std::time::Duration::from_millis(100), pending?);
+        let parts = handed
+            .await
+            .ok()?
+            .ok()?
+            .downcast::<TokioIo<Tracked<IO>>>()
+            .ok()?;
         Some((parts.io.into_inner().into_inner(), parts.read_buf))
     }
 
