@@ -317,6 +317,40 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+/// Removes `full` from `store` if `fill` was overtaken, once the store has
+/// it ([`Undo::settle`]), or when dropped before that: in a task of its
+/// own, so that a caller dropped mid-insert leaves no copy an
+/// invalidation missed.
+struct Undo<'a> {
+    store: &'a Moka<Arc<str>, Arc<Entry>>,
+    fill: &'a fill::Fill,
+    full: Option<Arc<str>>,
+}
+
+impl Undo<'_> {
+    /// Undoes the insert if the fill was overtaken; says whether it was.
+    async fn settle(mut self) -> bool {
+        let full = self.full.take();
+        let overtaken = self.fill.overtaken();
+        if let Some(full) = full.filter(|_| overtaken) {
+            self.store.invalidate(&full).await;
+        }
+        overtaken
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let Some(full) = self.full.take().filter(|_| self.fill.overtaken()) else {
+            return;
+        };
+        let store = self.store.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { store.invalidate(&full).await });
+        }
+    }
+}
+
 impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
         let index: Arc<DashMap<Arc<str>, Variants>> = Arc::default();
@@ -604,18 +638,24 @@ impl Cache {
         for variant in dropped {
             self.store.invalidate(&variant.key).await;
         }
+        // The undo below, done even if the caller (a revalidation's
+        // request, its client gone) is dropped on the way (review38c).
+        let undo = Undo {
+            store: &self.store,
+            fill,
+            full: Some(full.clone()),
+        };
         self.store.insert(full.clone(), entry).await;
         self.stored(primary, &names, &full);
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
         // before the store took it: undo. Not overtaken yet, any later
         // invalidation finds the key in the index and the entry stored.
-        if fill.overtaken() {
-            self.store.invalidate(&full).await;
-            self.let_go().await;
+        let overtaken = undo.settle().await;
+        self.let_go().await;
+        if overtaken {
             return Err(NotKept::Overtaken);
         }
-        self.let_go().await;
         Ok(())
     }
 
@@ -896,6 +936,31 @@ mod tests {
         assert!(freed(evicted).await, "the evicted entry is still held");
         cache.invalidate("GET|http|shop|/b").await;
         assert!(freed(kept).await, "the invalidated entry is still held");
+    }
+
+    /// An insert whose caller is dropped after the store took the entry
+    /// still undoes it when its fill was overtaken (review38c).
+    #[tokio::test]
+    async fn an_overtaken_insert_dropped_midway_is_undone() {
+        let cache = cache();
+        let full: Arc<str> = "GET|http|shop|/x|dropped".into();
+        let fill = cache.begin_fill(PRIMARY.to_owned());
+        cache
+            .store
+            .insert(full.clone(), Arc::new(entry("accept")))
+            .await;
+        cache.invalidate(PRIMARY).await;
+        drop(Undo {
+            store: &cache.store,
+            fill: &fill,
+            full: Some(full.clone()),
+        });
+        let gone = tokio::time::timeout(Duration::from_secs(5), async {
+            while cache.store.get(&full).await.is_some() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(gone.await.is_ok(), "the overtaken entry stayed");
     }
 
     #[tokio::test]
