@@ -2933,45 +2933,55 @@ async fn an_http2_get_ended_by_an_empty_data_frame_written_apart_is_cached() {
     assert_eq!(backend.requests(), 1);
 }
 
-/// A write whose client leaves before the backend answers may still have
-/// been carried out: the copies of its URL go all the same. Before, a
-/// client that gave up on a slow POST left the old copy served as a hit
-/// for its whole lifetime (review38c M1).
-#[tokio::test]
-async fn a_write_its_client_left_still_invalidates() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// A backend that answers a GET with a copy kept 600 s (`v1`), and a
+/// write with `write` after `delay`, or by closing the connection when
+/// `write` is empty; counts the writes it got.
+async fn answering_writes(
+    write: &'static [u8],
+    delay: Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
-    let posted = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicUsize::new(0));
     let addr = serve_each({
-        let posted = posted.clone();
+        let writes = writes.clone();
         move |mut stream| {
-            let posted = posted.clone();
+            let writes = writes.clone();
             async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
                 };
-                let answer: &[u8] = if head.starts_with(b"POST") {
-                    posted.store(true, Ordering::SeqCst);
-                    // Carried out at once, answered late.
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    b"HTTP/1.1 204 No Content\r\n\r\n"
-                } else {
+                let answer: &[u8] = if head.starts_with(b"GET") {
                     b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 2\r\n\r\nv1"
+                } else {
+                    writes.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    write
                 };
                 let _ = stream.write_all(answer).await;
             }
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let client = client();
+    (addr, writes)
+}
+
+/// Stores `/item` through `proxy` and checks it is then a hit.
+async fn item_stored(proxy: &RunningProxy, client: &TestClient) -> String {
     let item = proxy.url("/item");
-    get(&client, &item).await;
-    until_stored(&proxy, 1).await;
+    get(client, &item).await;
+    until_stored(proxy, 1).await;
     assert_eq!(
-        get(&client, &item).await.header("cache-status"),
+        get(client, &item).await.header("cache-status"),
         "portico; hit"
     );
+    item
+}
+
+/// Sends a POST for `/item` and leaves once the backend has it.
+async fn post_and_leave(proxy: &RunningProxy, writes: &std::sync::atomic::AtomicUsize) {
+    use tokio::io::AsyncWriteExt;
+    let before = writes.load(std::sync::atomic::Ordering::SeqCst);
     let mut leaving = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let post = format!(
         "POST /item HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
@@ -2979,18 +2989,81 @@ async fn a_write_its_client_left_still_invalidates() {
     );
     leaving.write_all(post.as_bytes()).await.unwrap();
     tokio::time::timeout(STEP, async {
-        while !posted.load(Ordering::SeqCst) {
+        while writes.load(std::sync::atomic::Ordering::SeqCst) == before {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .expect("the POST never reached the backend");
-    drop(leaving);
-    let missed = tokio::time::timeout(STEP, async {
-        while get(&client, &item).await.header("cache-status") == "portico; hit" {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+}
+
+/// A write whose client leaves before the backend answers may still be
+/// carried out: the exchange goes on without the client, and its answer
+/// decides. A 204 drops the URL's copies (before, the old copy was served
+/// as a hit for its whole lifetime, review38c M1); a 403 leaves them, as
+/// it does for a client that waits (invalidating on any abandoned write
+/// let any client drop any copy, review38d F2).
+#[tokio::test]
+async fn a_write_its_client_left_is_judged_by_its_answer() {
+    for (answer, dropped) in [
+        (
+            &b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"[..],
+            false,
+        ),
+        (&b"HTTP/1.1 204 No Content\r\n\r\n"[..], true),
+    ] {
+        let (addr, writes) = answering_writes(answer, Duration::from_millis(500)).await;
+        let proxy = cached_proxy_at(addr).await;
+        let client = client();
+        let item = item_stored(&proxy, &client).await;
+        post_and_leave(&proxy, &writes).await;
+        // The answer comes 500 ms after the write.
+        let missed = tokio::time::timeout(STEP, async {
+            while get(&client, &item).await.header("cache-status") == "portico; hit" {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            missed.is_ok(),
+            dropped,
+            "{:?}",
+            String::from_utf8_lossy(answer)
+        );
+    }
+}
+
+/// A write that may have been carried out by one backend (its connection
+/// lost with no answer) and then found the next one refusing owes its
+/// invalidation still, whichever order the two came in: judged by the
+/// last attempt's error alone, it was taken for a write never sent
+/// (review38d F1).
+#[tokio::test]
+async fn a_write_lost_on_one_backend_and_refused_by_the_next_invalidates() {
+    let (lost, _) = answering_writes(b"", Duration::ZERO).await;
+    let refusing = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let proxy = start_proxy(with_cache(Config::single_upstream(
+        listen,
+        vec![lost, refusing],
+    )))
     .await;
-    assert!(missed.is_ok(), "the old copy is still a hit");
+    let client = client();
+    for round in 0..2 {
+        let item = item_stored(&proxy, &client).await;
+        let delete = Request::delete(&item)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&client, delete).await.status, StatusCode::BAD_GATEWAY);
+        let answer = get(&client, &item).await;
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; stored",
+            "round {round}"
+        );
+        cache_of(&proxy).purge_all().await;
+    }
 }

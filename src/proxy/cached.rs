@@ -1606,19 +1606,13 @@ async fn forget_if_replaced(
     drop(leader);
 }
 
-/// The invalidation an unsafe request owes the cache once it is on its
-/// way (RFC 9111 §4.4), paid by [`Owed::settle`] when the answer comes.
-/// A request that ends with none (its client left, its connection broke,
-/// its answer timed out) may still have changed the resource: dropped
-/// unsettled, it drops the target's copies in a task of its own. Before,
-/// a client that gave up on a slow POST left the old copy served for its
-/// whole lifetime (review38c M1).
+/// The invalidation an unsafe request owes the cache (RFC 9111 §4.4),
+/// paid by [`forward_write`] once the exchange with the backend ends.
 pub(super) struct Owed {
     cache: Arc<Cache>,
     scheme: &'static str,
     host: String,
     target: String,
-    settled: bool,
 }
 
 impl Owed {
@@ -1628,44 +1622,64 @@ impl Owed {
             scheme,
             host: host.to_owned(),
             target,
-            settled: false,
         }
     }
 
     /// The backend answered with `status`: a success or a redirect
     /// invalidates (with the URLs its `response` head names), an error
     /// status does not.
-    pub(super) async fn settle(mut self, status: StatusCode, response: &HeaderMap) {
+    async fn settle(self, status: StatusCode, response: &HeaderMap) {
         if status.is_success() || status.is_redirection() {
             invalidate(&self.cache, self.scheme, &self.host, &self.target, response).await;
         }
-        self.settled = true;
     }
 
-    /// The request failed with `error` before an answer: owed still if the
-    /// backend may have acted on it (see [`ProxyError::may_have_acted`]).
-    pub(super) fn failed(mut self, error: &super::ProxyError) {
-        self.settled = !error.may_have_acted();
+    /// The request failed with `error`, with no answer: owed still if an
+    /// attempt may have reached its backend and been carried out (a
+    /// broken connection, `response_timeout`; `acted`, see
+    /// [`Trace::acted`]). One that never reached a backend leaves the
+    /// cache, and its stale-if-error cover, as it was.
+    async fn failed(self, error: &ProxyError, acted: bool) {
+        if acted || error.may_have_acted() {
+            let none = HeaderMap::new();
+            invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
+        }
     }
 }
 
-impl Drop for Owed {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
+/// Forwards a write (an unsafe request) on a proxy with a cache, and pays
+/// the invalidation it owes by how the exchange ends, whether or not its
+/// client is still there: the exchange runs in a task of its own, which
+/// the client's leaving does not stop (bounded by `response_timeout`, as
+/// any). Before, a client that gave up on a slow POST left the old copy
+/// served as a hit for its whole lifetime, though the backend carried the
+/// write out (review38c M1); invalidating on any abandoned write instead
+/// let a client drop any copy with a write the backend would have refused
+/// (review38d F2).
+pub(super) async fn forward_write(
+    upstream: &Arc<Upstream>,
+    parts: Parts,
+    body: RequestBody,
+    trace: &mut Trace,
+    owed: Owed,
+) -> Result<(Response<UpstreamBody>, InFlight), ProxyError> {
+    let upstream = upstream.clone();
+    let mut own = *trace;
+    let exchange = tokio::spawn(async move {
+        let result = forward_with_retries(&upstream, parts, body, &mut own).await;
+        match &result {
+            Ok((response, _)) => owed.settle(response.status(), response.headers()).await,
+            Err(error) => owed.failed(error, own.acted).await,
         }
-        // Not on a runtime only as the process ends, with the cache.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (cache, scheme) = (self.cache.clone(), self.scheme);
-        let (host, target) = (
-            std::mem::take(&mut self.host),
-            std::mem::take(&mut self.target),
-        );
-        runtime.spawn(async move {
-            invalidate(&cache, scheme, &host, &target, &HeaderMap::new()).await;
-        });
+        (result, own)
+    });
+    match exchange.await {
+        Ok((result, own)) => {
+            *trace = own;
+            result
+        }
+        Err(stopped) if stopped.is_panic() => std::panic::resume_unwind(stopped.into_panic()),
+        Err(_) => Err(ProxyError::Stopping),
     }
 }
 

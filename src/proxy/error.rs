@@ -37,6 +37,10 @@ pub enum ProxyError {
     NoHealthyBackend,
     #[error("every backend of the upstream is drained (weight 0)")]
     AllDrained,
+    /// The runtime stopped the task forwarding the request: portico is
+    /// stopping.
+    #[error("portico is stopping")]
+    Stopping,
     #[error("client over its rate limit; may retry in {retry_after:?}")]
     Throttled {
         limit: u32,
@@ -154,6 +158,7 @@ impl ProxyError {
             }
             ProxyError::NoHealthyBackend
             | ProxyError::AllDrained
+            | ProxyError::Stopping
             | ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. }

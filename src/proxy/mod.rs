@@ -90,7 +90,7 @@ pub struct Proxy {
 
 /// What the request path learnt about one request, for metrics and the
 /// access log.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Trace {
     pub route: Option<usize>,
     pub backend: Option<SocketAddr>,
@@ -107,6 +107,11 @@ pub struct Trace {
     pub retried_at: Option<std::time::Instant>,
     /// A retry was due and the upstream's retry budget refused it.
     pub budget_refused: bool,
+    /// An attempt ended with no answer after it may have reached its
+    /// backend ([`ProxyError::may_have_acted`]): a write owes its
+    /// invalidation even if a later attempt could not connect (review38d
+    /// F1).
+    pub acted: bool,
     /// Whom the request comes from ([`Proxy::client_ip`]), once worked
     /// out: the access line's capture does it, and throttling takes its
     /// answer rather than walk the forwarding fields again.
@@ -724,21 +729,14 @@ impl Proxy {
                     "method"
                 });
             }
-            let (response, in_flight) =
-                match forward_with_retries(upstream, parts, body, trace).await {
-                    Ok(answer) => answer,
-                    Err(error) => {
-                        if let Some(owed) = owed {
-                            owed.failed(&error);
-                        }
-                        return Err(error);
-                    }
-                };
-            if let Some(owed) = owed {
-                // Boxed: only writes get here, and inline it would grow every
-                // request's future.
-                Box::pin(owed.settle(response.status(), response.headers())).await;
-            }
+            let (response, in_flight) = match owed {
+                // Boxed: only writes get here, and inline it would grow
+                // every request's future.
+                Some(owed) => {
+                    Box::pin(cached::forward_write(upstream, parts, body, trace, owed)).await?
+                }
+                None => forward_with_retries(upstream, parts, body, trace).await?,
+            };
 
             if let Some(client) = upgrade {
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -938,6 +936,7 @@ fn forward_with_retries<'a>(
                 }
                 Err(error) => error,
             };
+            trace.acted |= error.may_have_acted();
             // A pooled connection the backend closed as the request went
             // out (its keep-alive ran out, hinted or not): sent again, once,
             // to the same backend on a new connection (see below). Only a
