@@ -3067,3 +3067,61 @@ async fn a_write_lost_on_one_backend_and_refused_by_the_next_invalidates() {
         cache_of(&proxy).purge_all().await;
     }
 }
+
+/// A write that outlasts `response_timeout` is likely carried out later:
+/// a read between its 504 and that stored the old state again, served as
+/// a hit for its whole lifetime. The URL is invalidated again once
+/// `response_timeout` has passed once more (review38e M1).
+#[tokio::test]
+async fn a_write_past_response_timeout_invalidates_again_later() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let committed = Arc::new(AtomicBool::new(false));
+    let addr = serve_each({
+        let committed = committed.clone();
+        move |mut stream| {
+            let committed = committed.clone();
+            async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let answer: &[u8] = if head.starts_with(b"POST") {
+                    // Carried out after portico gave up on it.
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    committed.store(true, Ordering::SeqCst);
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                } else if committed.load(Ordering::SeqCst) {
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 3\r\n\r\nnew"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 3\r\n\r\nold"
+                };
+                let _ = stream.write_all(answer).await;
+            }
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
+    config.upstreams[0].response_timeout = Duration::from_millis(500);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let item = proxy.url("/item");
+    assert_eq!(get(&client, &item).await.body, "old");
+    let post = Request::post(&item).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(
+        send(&client, post).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    // Before the backend carries it out: the old state, stored again.
+    assert_eq!(get(&client, &item).await.body, "old");
+    let renewed = tokio::time::timeout(STEP, async {
+        while get(&client, &item).await.body != "new" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        renewed.is_ok(),
+        "the copy stored before the write was carried out stayed"
+    );
+}

@@ -1639,11 +1639,23 @@ impl Owed {
     /// broken connection, `response_timeout`; `acted`, see
     /// [`Trace::acted`]). One that never reached a backend leaves the
     /// cache, and its stale-if-error cover, as it was.
-    async fn failed(self, error: &ProxyError, acted: bool) {
-        if acted || error.may_have_acted() {
+    ///
+    /// A backend that outlasted `response_timeout` is likely still at
+    /// work, and carries the write out later: a read in between stored
+    /// the old state again, served as a hit for its whole lifetime
+    /// (review38e M1). So the URL is invalidated again once `again` (the
+    /// upstream's `response_timeout`) has passed once more.
+    async fn failed(self, error: &ProxyError, acted: bool, again: Duration) {
+        if !(acted || error.may_have_acted()) {
+            return;
+        }
+        let none = HeaderMap::new();
+        invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
+        tokio::spawn(async move {
+            tokio::time::sleep(again).await;
             let none = HeaderMap::new();
             invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
-        }
+        });
     }
 }
 
@@ -1669,7 +1681,10 @@ pub(super) async fn forward_write(
         let result = forward_with_retries(&upstream, parts, body, &mut own).await;
         match &result {
             Ok((response, _)) => owed.settle(response.status(), response.headers()).await,
-            Err(error) => owed.failed(error, own.acted).await,
+            Err(error) => {
+                let again = upstream.config.response_timeout;
+                owed.failed(error, own.acted, again).await;
+            }
         }
         (result, own)
     });
