@@ -1660,24 +1660,31 @@ impl Owed {
 }
 
 /// Forwards a write (an unsafe request) on a proxy with a cache, and pays
-/// the invalidation it owes by how the exchange ends, whether or not its
-/// client is still there: the exchange runs in a task of its own, which
-/// the client's leaving does not stop (bounded by `response_timeout`, as
-/// any). Before, a client that gave up on a slow POST left the old copy
-/// served as a hit for its whole lifetime, though the backend carried the
-/// write out (review38c M1); invalidating on any abandoned write instead
-/// let a client drop any copy with a write the backend would have refused
-/// (review38d F2).
+/// the invalidation it owes by how the exchange ends. A client that
+/// leaves once its request is on its way to a backend (the head handed to
+/// a backend connection, and the upload read to its end) does not cut
+/// the exchange: it goes on in a task of its own (bounded by
+/// `response_timeout`, as any), and the backend's answer decides, as it
+/// would have for the client. Before, the old copy stayed served as a hit
+/// for its whole lifetime though the backend carried the write out
+/// (review38c M1), and invalidating on any abandoned write let a client
+/// drop any copy with a write the backend would have refused (review38d
+/// F2). A write left before that point is cut, as any request is: it
+/// was not sent, or not whole (review38f). At most [`DETACHED_MAX`] go
+/// on at once; past that, a left write is cut too.
 pub(super) async fn forward_write(
     upstream: &Arc<Upstream>,
-    parts: Parts,
-    body: RequestBody,
+    mut parts: Parts,
+    mut body: RequestBody,
     trace: &mut Trace,
     owed: Owed,
 ) -> Result<(Response<UpstreamBody>, InFlight), ProxyError> {
+    let sent = super::Sent::default();
+    parts.extensions.insert(sent.clone());
+    let upload = (!http_body::Body::is_end_stream(&body)).then(|| body.end_marker());
     let upstream = upstream.clone();
     let mut own = *trace;
-    let exchange = tokio::spawn(async move {
+    let exchange = Box::pin(async move {
         let result = forward_with_retries(&upstream, parts, body, &mut own).await;
         match &result {
             Ok((response, _)) => owed.settle(response.status(), response.headers()).await,
@@ -1688,13 +1695,119 @@ pub(super) async fn forward_write(
         }
         (result, own)
     });
-    match exchange.await {
-        Ok((result, own)) => {
-            *trace = own;
-            result
+    let (result, own) = Detachable {
+        exchange: Some(exchange),
+        sent,
+        upload,
+        trace,
+    }
+    .await;
+    *trace = own;
+    result
+}
+
+/// Writes whose exchange goes on after their client left, at most: each
+/// holds a backend connection until its answer or `response_timeout`.
+const DETACHED_MAX: usize = 256;
+
+/// How long before its request was dropped an upload must have ended to
+/// be taken for whole (see [`Detachable`]'s drop).
+const UPLOAD_SETTLED: Duration = Duration::from_millis(20);
+
+/// Writes going on after their client left.
+static DETACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type Exchange = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Result<(Response<UpstreamBody>, InFlight), ProxyError>,
+                    Trace,
+                ),
+            > + Send,
+    >,
+>;
+
+/// A write's exchange (see [`forward_write`]), driven by its request
+/// until that is dropped, then by a task of its own if the write is on
+/// its way.
+struct Detachable<'a> {
+    exchange: Option<Exchange>,
+    sent: super::Sent,
+    upload: Option<crate::proxy::body::UploadEnded>,
+    /// The request's own, which the exchange's copy replaces once done;
+    /// dropped before that, it is told the backend for its access line.
+    trace: &'a mut Trace,
+}
+
+impl std::future::Future for Detachable<'_> {
+    type Output = (
+        Result<(Response<UpstreamBody>, InFlight), ProxyError>,
+        Trace,
+    );
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let exchange = self
+            .exchange
+            .as_mut()
+            .expect("a Detachable is not polled once done");
+        let done = std::task::ready!(exchange.as_mut().poll(cx));
+        self.exchange = None;
+        std::task::Poll::Ready(done)
+    }
+}
+
+impl Drop for Detachable<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        self.trace.backend = self.sent.backend();
+        // An upload that ended as its request was dropped may not be
+        // whole: an HTTP/2 client's RST_STREAM(NO_ERROR) ends one without
+        // `content-length` as if it were, in the same instant (review38f:
+        // 5 of 5 such truncated uploads were carried out).
+        let whole = |upload: &crate::proxy::body::UploadEnded| {
+            upload.at().is_some_and(|at| at.elapsed() >= UPLOAD_SETTLED)
+        };
+        let on_its_way = self.sent.is_marked() && self.upload.as_ref().is_none_or(whole);
+        if !on_its_way {
+            return;
         }
-        Err(stopped) if stopped.is_panic() => std::panic::resume_unwind(stopped.into_panic()),
-        Err(_) => Err(ProxyError::Stopping),
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        /// One of the [`DETACHED`], given back however its task ends.
+        struct Place;
+        impl Drop for Place {
+            fn drop(&mut self) {
+                DETACHED.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let place = Place;
+        if DETACHED.fetch_add(1, Ordering::Relaxed) >= DETACHED_MAX {
+            tracing::debug!(
+                "a write's client left; too many such writes going on to wait for its answer"
+            );
+            return;
+        }
+        runtime.spawn(async move {
+            let _place = place;
+            let (result, trace) = exchange.await;
+            let backend = trace.backend.map(tracing::field::display);
+            match result {
+                Ok((response, _)) => tracing::debug!(
+                    backend,
+                    status = response.status().as_u16(),
+                    "a write's client left; its backend answered"
+                ),
+                Err(error) => tracing::debug!(backend, %error, "a write's client left; it failed"),
+            }
+        });
     }
 }
 

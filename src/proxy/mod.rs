@@ -16,6 +16,39 @@ pub use log::Refused;
 pub use log::Tail as AccessTail;
 pub use upgrade::{Hold as TunnelHold, PendingUpgrade};
 
+/// Put in a request's extensions, marked when the request is handed to a
+/// backend connection to be written (see `cached::forward_write`), with
+/// the backend of the attempt under way, for the access line of a request
+/// its client left.
+#[derive(Debug, Clone, Default)]
+pub struct Sent(Arc<SentState>);
+
+#[derive(Debug, Default)]
+struct SentState {
+    marked: std::sync::atomic::AtomicBool,
+    backend: std::sync::Mutex<Option<SocketAddr>>,
+}
+
+impl Sent {
+    pub fn mark(&self) {
+        self.0
+            .marked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_marked(&self) -> bool {
+        self.0.marked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn to(&self, backend: SocketAddr) {
+        *self.0.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    pub fn backend(&self) -> Option<SocketAddr> {
+        *self.0.backend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -883,6 +916,8 @@ fn forward_with_retries<'a>(
     // retries, or one that a pooled connection closing under it sends
     // again (see below).
     let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
+    // Carried to the retries, whose heads are copies (see `Sent`).
+    let sent = parts.extensions.get::<Sent>().cloned();
     let mut next = Some((parts, body));
     async move {
         // Counted once the request is under way, not when the future is
@@ -905,6 +940,9 @@ fn forward_with_retries<'a>(
             };
             let backend = upstream.backend(index);
             trace.backend = Some(backend.addr);
+            if let Some(sent) = &sent {
+                sent.to(backend.addr);
+            }
             let epoch = upstream.sending(index);
             let in_flight = backend.in_flight();
             let waiting = Unanswered {
@@ -997,7 +1035,11 @@ fn forward_with_retries<'a>(
                 let head = replay
                     .as_ref()
                     .expect("an idempotent request keeps its head");
-                next = Some((copy_head(head), retry_body));
+                let mut parts = copy_head(head);
+                if let Some(sent) = &sent {
+                    parts.extensions.insert(sent.clone());
+                }
+                next = Some((parts, retry_body));
                 continue;
             }
             if attempt >= retries {
@@ -1048,7 +1090,11 @@ fn forward_with_retries<'a>(
             trace.retries = attempt;
             trace.retried_at = Some(std::time::Instant::now());
             let head = replay.as_ref().expect("retries > 0 keeps the head");
-            next = Some((copy_head(head), retry_body));
+            let mut parts = copy_head(head);
+            if let Some(sent) = &sent {
+                parts.extensions.insert(sent.clone());
+            }
+            next = Some((parts, retry_body));
         }
     }
 }

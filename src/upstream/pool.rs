@@ -612,6 +612,11 @@ impl Pool {
                 // holds none of it across the connect below.
                 let waiting = if watched { conn.start_wait() } else { None };
                 conn.heading(true);
+                // A write whose exchange may go on without its client
+                // learns it is on its way (see `proxy::Sent`).
+                if let Some(sent) = request.extensions().get::<crate::proxy::Sent>() {
+                    sent.mark();
+                }
                 request = match conn.sender.try_send_request(request).await {
                     Ok(response) => {
                         conn.heading(false);
