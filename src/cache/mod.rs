@@ -320,36 +320,45 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-/// Removes `full` from `store` if `fill` was overtaken, once the store has
-/// it ([`Undo::settle`]), or when dropped before that: in a task of its
-/// own, so that a caller dropped mid-insert leaves no copy an
-/// invalidation missed.
+/// The removals an insert owes `store`, done by the insert or, if it is
+/// dropped before it has done them, in a task of their own, so that a
+/// caller dropped mid-insert leaves no copy an invalidation misses:
+/// `dropped`, the variants the index let go of, and `full`, the entry
+/// stored, if `fill` was overtaken ([`Undo::settle`]).
 struct Undo<'a> {
     store: &'a Moka<Arc<str>, Arc<Entry>>,
     fill: &'a fill::Fill,
     full: Option<Arc<str>>,
+    dropped: Vec<Arc<str>>,
 }
 
 impl Undo<'_> {
     /// Undoes the insert if the fill was overtaken; says whether it was.
     async fn settle(mut self) -> bool {
-        let full = self.full.take();
         let overtaken = self.fill.overtaken();
-        if let Some(full) = full.filter(|_| overtaken) {
-            self.store.invalidate(&full).await;
+        if let Some(full) = self.full.as_ref().filter(|_| overtaken) {
+            self.store.invalidate(full).await;
         }
+        // Done: dropped mid-way, the removal above goes again on its own.
+        self.full = None;
         overtaken
     }
 }
 
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
-        let Some(full) = self.full.take().filter(|_| self.fill.overtaken()) else {
+        let mut keys = std::mem::take(&mut self.dropped);
+        keys.extend(self.full.take().filter(|_| self.fill.overtaken()));
+        if keys.is_empty() {
             return;
-        };
+        }
         let store = self.store.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { store.invalidate(&full).await });
+            runtime.spawn(async move {
+                for key in keys {
+                    store.invalidate(&key).await;
+                }
+            });
         }
     }
 }
@@ -639,16 +648,21 @@ impl Cache {
             }
             dropped
         };
-        for variant in dropped {
-            self.store.invalidate(&variant.key).await;
-        }
-        // The undo below, done even if the caller (a revalidation's
-        // request, its client gone) is dropped on the way (review38c).
-        let undo = Undo {
+        // The variants the index no longer lists go from the store too,
+        // and the undo below is done, even if the caller (a
+        // revalidation's request, its client gone) is dropped on the way
+        // (review38c, review38f).
+        let mut undo = Undo {
             store: &self.store,
             fill,
-            full: Some(full.clone()),
+            full: None,
+            dropped: dropped.into_iter().map(|variant| variant.key).collect(),
         };
+        while let Some(key) = undo.dropped.last() {
+            self.store.invalidate(key).await;
+            undo.dropped.pop();
+        }
+        undo.full = Some(full.clone());
         let weight = u64::from(entry.weight(&full));
         self.store.insert(full.clone(), entry).await;
         self.stored(primary, &names, &full);
@@ -968,6 +982,7 @@ mod tests {
             store: &cache.store,
             fill: &fill,
             full: Some(full.clone()),
+            dropped: Vec::new(),
         });
         let gone = tokio::time::timeout(Duration::from_secs(5), async {
             while cache.store.get(&full).await.is_some() {
