@@ -1608,6 +1608,7 @@ async fn forget_if_replaced(
 
 /// The invalidation an unsafe request owes the cache (RFC 9111 §4.4),
 /// paid by [`forward_write`] once the exchange with the backend ends.
+#[derive(Clone)]
 pub(super) struct Owed {
     cache: Arc<Cache>,
     scheme: &'static str,
@@ -1623,6 +1624,12 @@ impl Owed {
             host: host.to_owned(),
             target,
         }
+    }
+
+    /// Invalidates at once, with no answer to go by.
+    async fn unanswered(self) {
+        let none = HeaderMap::new();
+        invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
     }
 
     /// The backend answered with `status`: a success or a redirect
@@ -1649,12 +1656,10 @@ impl Owed {
         if !(acted || error.may_have_acted()) {
             return;
         }
-        let none = HeaderMap::new();
-        invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
+        self.clone().unanswered().await;
         tokio::spawn(async move {
             tokio::time::sleep(again).await;
-            let none = HeaderMap::new();
-            invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
+            self.unanswered().await;
         });
     }
 }
@@ -1682,6 +1687,12 @@ pub(super) async fn forward_write(
     let sent = super::Sent::default();
     parts.extensions.insert(sent.clone());
     let upload = (!http_body::Body::is_end_stream(&body)).then(|| body.end_marker());
+    // An HTTP/2 upload without `content-length` is the one whose end a
+    // client's reset can fake (see `Detachable`'s drop); framing proves
+    // any other whole.
+    let resettable = parts.version == http::Version::HTTP_2
+        && !parts.headers.contains_key(header::CONTENT_LENGTH);
+    let fallback = owed.clone();
     let upstream = upstream.clone();
     let mut own = *trace;
     let exchange = Box::pin(async move {
@@ -1699,6 +1710,8 @@ pub(super) async fn forward_write(
         exchange: Some(exchange),
         sent,
         upload,
+        resettable,
+        owed: fallback,
         trace,
     }
     .await;
@@ -1735,6 +1748,10 @@ struct Detachable<'a> {
     exchange: Option<Exchange>,
     sent: super::Sent,
     upload: Option<crate::proxy::body::UploadEnded>,
+    /// The upload's end may be a client's reset (see [`forward_write`]).
+    resettable: bool,
+    /// What the exchange owes, paid at once for one cut once delivered.
+    owed: Owed,
     /// The request's own, which the exchange's copy replaces once done;
     /// dropped before that, it is told the backend for its access line.
     trace: &'a mut Trace,
@@ -1767,15 +1784,33 @@ impl Drop for Detachable<'_> {
             return;
         };
         self.trace.backend = self.sent.backend();
-        // An upload that ended as its request was dropped may not be
-        // whole: an HTTP/2 client's RST_STREAM(NO_ERROR) ends one without
-        // `content-length` as if it were, in the same instant (review38f:
-        // 5 of 5 such truncated uploads were carried out).
-        let whole = |upload: &crate::proxy::body::UploadEnded| {
-            upload.at().is_some_and(|at| at.elapsed() >= UPLOAD_SETTLED)
+        // Delivered: its head handed to a backend connection, its upload
+        // read to its end. Left before, it is cut as any request is, and
+        // owes nothing: the backend has no whole request to act on.
+        let delivered = self.sent.is_marked() && self.upload.as_ref().is_none_or(|u| u.is_set());
+        if !delivered {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
         };
-        let on_its_way = self.sent.is_marked() && self.upload.as_ref().is_none_or(whole);
-        if !on_its_way {
+        // An HTTP/2 upload without `content-length` that ended as its
+        // request was dropped may not be whole: a client's
+        // RST_STREAM(NO_ERROR) ends it as if it were, in the same instant
+        // (review38f: 5 of 5 such truncated uploads were carried out).
+        // Its exchange is cut rather than awaited; the backend may act on
+        // what it got, so the URL is invalidated at once, as it is for a
+        // write past the cap below (review38g M1: cut and invalidating
+        // nothing, such writes left the old copy served).
+        let settled = !self.resettable
+            || self
+                .upload
+                .as_ref()
+                .and_then(|u| u.at())
+                .is_none_or(|at| at.elapsed() >= UPLOAD_SETTLED);
+        let owed = self.owed.clone();
+        if !settled {
+            runtime.spawn(owed.unanswered());
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -1793,6 +1828,7 @@ impl Drop for Detachable<'_> {
             tracing::debug!(
                 "a write's client left; too many such writes going on to wait for its answer"
             );
+            runtime.spawn(owed.unanswered());
             return;
         }
         runtime.spawn(async move {
@@ -1800,12 +1836,12 @@ impl Drop for Detachable<'_> {
             let (result, trace) = exchange.await;
             let backend = trace.backend.map(tracing::field::display);
             match result {
-                Ok((response, _)) => tracing::debug!(
+                Ok((response, _)) => tracing::info!(
                     backend,
                     status = response.status().as_u16(),
                     "a write's client left; its backend answered"
                 ),
-                Err(error) => tracing::debug!(backend, %error, "a write's client left; it failed"),
+                Err(error) => tracing::info!(backend, %error, "a write's client left; it failed"),
             }
         });
     }
