@@ -38,6 +38,10 @@ pub enum BodyError {
     Abandoned,
     #[error("the read of the response body ended before the body did")]
     Lost,
+    /// The client's upload ended short of its declared length: an HTTP/2
+    /// client's RST_STREAM(NO_ERROR) ends a stream's body as if whole.
+    #[error("the client ended its upload short of its content-length")]
+    Short,
     /// The backend's body broke, or fell silent, after the client's upload
     /// failed: hyper ends the backend connection when the upload fails.
     #[error("the response body was cut with the client's upload: {0}")]
@@ -223,6 +227,8 @@ pub struct RequestBody {
     parked_hint: SizeHint,
     limit: u64,
     seen: u64,
+    /// The upload's `Content-Length`, to tell an end short of it.
+    declared: Option<u64>,
     stall: StallGuard,
     /// When the upload was read to its end, for whoever asked
     /// ([`RequestBody::end_marker`], [`RequestBody::ending`]).
@@ -269,6 +275,7 @@ impl Parked {
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, stall_timeout: Duration) -> Self {
         RequestBody {
+            declared: inner.size_hint().exact(),
             inner: Some(inner),
             parked: None,
             parked_hint: SizeHint::default(),
@@ -287,6 +294,7 @@ impl RequestBody {
             parked_hint: SizeHint::with_exact(0),
             limit: 0,
             seen: 0,
+            declared: None,
             stall: StallGuard::new(NEVER),
             ended: None,
             first: None,
@@ -469,6 +477,13 @@ impl Body for RequestBody {
             Poll::Ready(Some(Err(e))) => {
                 this.mark_failed();
                 Poll::Ready(Some(Err(e.into())))
+            }
+            // Short of its length: the client's doing, which hyper's
+            // client reported as the backend's ("user body write aborted",
+            // a 502 counted against the backend, review38g L1).
+            Poll::Ready(None) if this.declared.is_some_and(|declared| this.seen < declared) => {
+                this.mark_failed();
+                Poll::Ready(Some(Err(BodyError::Short)))
             }
             Poll::Ready(None) => {
                 this.mark_ended();

@@ -263,7 +263,7 @@ impl End {
         match error {
             BodyError::Stalled(_) => End::BackendStalled,
             BodyError::Abandoned => End::ClientStalled,
-            BodyError::UploadFailed(_) => End::UploadFailed,
+            BodyError::UploadFailed(_) | BodyError::Short => End::UploadFailed,
             BodyError::Hyper(_) | BodyError::Lost | BodyError::TooLarge { .. } => {
                 End::BackendBroken
             }

@@ -935,6 +935,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
                 // upload: nginx's 499 (the log's and the metrics'; the
                 // answer goes nowhere).
                 BodyError::Hyper(e) if client_left(e) => ProxyError::ClientClosed,
+                BodyError::Short => ProxyError::ClientClosed,
                 // The client's upload broke otherwise (bad chunked
                 // framing, say). (Abandoned, Lost and UploadFailed are a
                 // response body's; here for completeness.)
