@@ -1608,7 +1608,6 @@ async fn forget_if_replaced(
 
 /// The invalidation an unsafe request owes the cache (RFC 9111 §4.4),
 /// paid by [`forward_write`] once the exchange with the backend ends.
-#[derive(Clone)]
 pub(super) struct Owed {
     cache: Arc<Cache>,
     scheme: &'static str,
@@ -1627,7 +1626,7 @@ impl Owed {
     }
 
     /// Invalidates at once, with no answer to go by.
-    async fn unanswered(self) {
+    async fn unanswered(&self) {
         let none = HeaderMap::new();
         invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
     }
@@ -1635,7 +1634,7 @@ impl Owed {
     /// The backend answered with `status`: a success or a redirect
     /// invalidates (with the URLs its `response` head names), an error
     /// status does not.
-    async fn settle(self, status: StatusCode, response: &HeaderMap) {
+    async fn settle(&self, status: StatusCode, response: &HeaderMap) {
         if status.is_success() || status.is_redirection() {
             invalidate(&self.cache, self.scheme, &self.host, &self.target, response).await;
         }
@@ -1652,11 +1651,11 @@ impl Owed {
     /// the old state again, served as a hit for its whole lifetime
     /// (review38e M1). So the URL is invalidated again once `again` (the
     /// upstream's `response_timeout`) has passed once more.
-    async fn failed(self, error: &ProxyError, acted: bool, again: Duration) {
+    async fn failed(self: Arc<Self>, error: &ProxyError, acted: bool, again: Duration) {
         if !(acted || error.may_have_acted()) {
             return;
         }
-        self.clone().unanswered().await;
+        self.unanswered().await;
         tokio::spawn(async move {
             tokio::time::sleep(again).await;
             self.unanswered().await;
@@ -1692,6 +1691,8 @@ pub(super) async fn forward_write(
     // any other whole.
     let resettable = parts.version == http::Version::HTTP_2
         && !parts.headers.contains_key(header::CONTENT_LENGTH);
+    // Shared with `Detachable`, which pays it for a write it cuts.
+    let owed = Arc::new(owed);
     let fallback = owed.clone();
     let upstream = upstream.clone();
     let mut own = *trace;
@@ -1730,16 +1731,13 @@ const UPLOAD_SETTLED: Duration = Duration::from_millis(20);
 /// Writes going on after their client left.
 static DETACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-type Exchange = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = (
-                    Result<(Response<UpstreamBody>, InFlight), ProxyError>,
-                    Trace,
-                ),
-            > + Send,
-    >,
->;
+/// How a write's exchange ended, and its trace.
+type Exchanged = (
+    Result<(Response<UpstreamBody>, InFlight), ProxyError>,
+    Trace,
+);
+
+type Exchange = std::pin::Pin<Box<dyn std::future::Future<Output = Exchanged> + Send>>;
 
 /// A write's exchange (see [`forward_write`]), driven by its request
 /// until that is dropped, then by a task of its own if the write is on
@@ -1751,17 +1749,14 @@ struct Detachable<'a> {
     /// The upload's end may be a client's reset (see [`forward_write`]).
     resettable: bool,
     /// What the exchange owes, paid at once for one cut once delivered.
-    owed: Owed,
+    owed: Arc<Owed>,
     /// The request's own, which the exchange's copy replaces once done;
     /// dropped before that, it is told the backend for its access line.
     trace: &'a mut Trace,
 }
 
 impl std::future::Future for Detachable<'_> {
-    type Output = (
-        Result<(Response<UpstreamBody>, InFlight), ProxyError>,
-        Trace,
-    );
+    type Output = Exchanged;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -1810,12 +1805,9 @@ impl Drop for Detachable<'_> {
                 .is_none_or(|at| at.elapsed() >= UPLOAD_SETTLED);
         let owed = self.owed.clone();
         if !settled {
-            runtime.spawn(owed.unanswered());
+            runtime.spawn(async move { owed.unanswered().await });
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         /// One of the [`DETACHED`], given back however its task ends.
         struct Place;
         impl Drop for Place {
@@ -1828,7 +1820,7 @@ impl Drop for Detachable<'_> {
             tracing::debug!(
                 "a write's client left; too many such writes going on to wait for its answer"
             );
-            runtime.spawn(owed.unanswered());
+            runtime.spawn(async move { owed.unanswered().await });
             return;
         }
         runtime.spawn(async move {

@@ -927,6 +927,14 @@ fn forward_with_retries<'a>(
         let Some(mut index) = upstream.pick(tried) else {
             return Err(upstream.none_to_pick());
         };
+        // A copy of the head for the next attempt, with the `Sent` mark.
+        let retry_head = |head: &http::request::Parts| {
+            let mut parts = copy_head(head);
+            if let Some(sent) = &sent {
+                parts.extensions.insert(sent.clone());
+            }
+            parts
+        };
         let mut attempt = 0;
         let mut resent_stale = false;
         // Backends whose connect failed for this request.
@@ -1035,11 +1043,7 @@ fn forward_with_retries<'a>(
                 let head = replay
                     .as_ref()
                     .expect("an idempotent request keeps its head");
-                let mut parts = copy_head(head);
-                if let Some(sent) = &sent {
-                    parts.extensions.insert(sent.clone());
-                }
-                next = Some((parts, retry_body));
+                next = Some((retry_head(head), retry_body));
                 continue;
             }
             if attempt >= retries {
@@ -1090,11 +1094,7 @@ fn forward_with_retries<'a>(
             trace.retries = attempt;
             trace.retried_at = Some(std::time::Instant::now());
             let head = replay.as_ref().expect("retries > 0 keeps the head");
-            let mut parts = copy_head(head);
-            if let Some(sent) = &sent {
-                parts.extensions.insert(sent.clone());
-            }
-            next = Some((parts, retry_body));
+            next = Some((retry_head(head), retry_body));
         }
     }
 }
