@@ -1416,6 +1416,29 @@ async fn an_event_goes_on_before_the_backend_sends_the_next() {
     }
 }
 
+/// An HTTP/2 POST to `path` declaring `length` bytes of content, of
+/// which `hello` is sent, its stream left open; with its connection.
+async fn h2_hello_upload(
+    proxy: &RunningProxy,
+    path: &str,
+    length: u64,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<Bytes>,
+) {
+    let mut client = h2_frames_client(proxy.addr).await;
+    let request = Request::post(proxy.url(path))
+        .header("content-length", length)
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"hello"), false)
+        .unwrap();
+    (client, response, upload)
+}
+
 /// An HTTP/2 upload whose END_STREAM comes after its last declared byte
 /// is over at that byte, as the backend sees it: the backend's
 /// `response_timeout` runs from there (review27e: it never ran, and a
@@ -1427,16 +1450,8 @@ async fn an_http2_upload_is_over_at_its_last_declared_byte() {
     let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![silent]);
     config.upstreams[0].response_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;
-    let mut client = h2_frames_client(proxy.addr).await;
-    let request = Request::post(proxy.url("/orders"))
-        .header("content-length", "5")
-        .body(())
-        .unwrap();
-    let (response, mut upload) = client.send_request(request, false).unwrap();
     // The five bytes, and no END_STREAM yet.
-    upload
-        .send_data(Bytes::from_static(b"hello"), false)
-        .unwrap();
+    let (_client, response, _upload) = h2_hello_upload(&proxy, "/orders", 5).await;
     let response = tokio::time::timeout(STEP, response).await;
     let response = response.expect("an answer within STEP").unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -1724,15 +1739,7 @@ async fn an_http2_upload_reset_short_of_its_length_is_not_the_backend_s_failure(
     let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     let proxy = start_proxy(config).await;
     for _ in 0..10 {
-        let mut client = h2_frames_client(proxy.addr).await;
-        let request = Request::post(proxy.url("/up"))
-            .header("content-length", "10")
-            .body(())
-            .unwrap();
-        let (response, mut upload) = client.send_request(request, false).unwrap();
-        upload
-            .send_data(Bytes::from_static(b"hello"), false)
-            .unwrap();
+        let (_client, response, mut upload) = h2_hello_upload(&proxy, "/up", 10).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         upload.send_reset(h2::Reason::NO_ERROR);
         let _ = tokio::time::timeout(STEP, response).await;
