@@ -224,15 +224,15 @@ impl Capture {
         // Weighed by the store from here on.
         drop(self.chunks);
         drop(self.held);
-        let entry = Arc::new(Entry {
-            status: self.status,
-            reason: self.reason,
-            headers: self.headers,
+        let entry = Arc::new(Entry::new(
+            self.status,
+            self.reason,
+            self.headers,
             body,
-            timing: self.timing,
-            lifetime: self.lifetime,
-            cc: self.cc,
-        });
+            self.timing,
+            self.lifetime,
+            self.cc,
+        ));
         // Too heavy with its head and key for the store (a head near
         // 72 KiB in a small cache): not stored, said now, before the
         // access line is written, and marked as a body too large is, so

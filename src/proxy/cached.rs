@@ -39,7 +39,8 @@ fn revalidation_wait(upstream: &Upstream) -> Duration {
     (connects + config.response_timeout + Duration::from_secs(1)).max(COALESCE_WAIT)
 }
 
-pub static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+pub use crate::cache::CACHE_STATUS;
+use crate::cache::HIT;
 
 fn set_status(response: &mut Response<ProxyBody>, ours: &str) {
     add_status(response.headers_mut(), ours);
@@ -167,8 +168,10 @@ fn precondition_failed(request: &HeaderMap, stored: &HeaderMap) -> bool {
 /// A response built from a stored entry: 304 for a matching conditional,
 /// 206 or 416 for a byte range of a stored 200, else the stored response.
 fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Response<ProxyBody> {
+    // With `Content-Length` and `Cache-Status` as a fresh hit has them,
+    // and `Age` to replace (`Entry::new`).
     let mut headers = entry.headers.clone();
-    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    headers.insert(header::AGE, age_value(age.as_secs()));
     let len = entry.body.len();
     let range = if request.method == Method::GET && entry.status == StatusCode::OK {
         range::evaluate(&request.headers, &entry.headers, len)
@@ -193,9 +196,6 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
             ProxyBody::full(entry.body.slice(start..start + count)),
         )
     } else {
-        if entry.status != StatusCode::NO_CONTENT && entry.status != StatusCode::NOT_MODIFIED {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
-        }
         let body = if request.method == Method::HEAD {
             ProxyBody::empty()
         } else {
@@ -209,12 +209,35 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     if let (Some(reason), true) = (&entry.reason, code == entry.status) {
         response.extensions_mut().insert(reason.clone());
     }
-    // Stored entries hold no Cache-Status (see `add_status`): nothing to
-    // merge with, so no lookup before the insert.
-    if let Ok(value) = HeaderValue::from_str(status) {
-        response.headers_mut().insert(CACHE_STATUS.clone(), value);
+    // Stored entries hold no Cache-Status but a fresh hit's (see
+    // `add_status`): nothing to merge with, so no lookup before the insert.
+    if status != HIT {
+        if let Ok(value) = HeaderValue::from_str(status) {
+            response.headers_mut().insert(CACHE_STATUS.clone(), value);
+        }
     }
     response
+}
+
+/// How many seconds of `Age` [`age_value`] has made in advance: ten
+/// minutes' worth, 600 values of a few bytes each, made at the first hit.
+const AGES_MADE: u64 = 600;
+
+/// An `Age` value. Those of the first ten minutes are made once: a hit's
+/// then costs no allocation, no formatting, and no count of references
+/// that threads serving hits of one age would contend on (the values are
+/// static).
+fn age_value(secs: u64) -> HeaderValue {
+    static MADE: std::sync::LazyLock<Box<[HeaderValue]>> = std::sync::LazyLock::new(|| {
+        (0..AGES_MADE)
+            .map(|n| HeaderValue::from_static(String::leak(n.to_string())))
+            .collect()
+    });
+    usize::try_from(secs)
+        .ok()
+        .and_then(|i| MADE.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(secs))
 }
 
 /// Drops from the fields of a 200 those a 304 made of it should not carry:
@@ -431,7 +454,7 @@ pub(super) async fn lookup(
                 match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
                     Usable::Fresh => {
                         cache.counters.hit.inc();
-                        return Lookup::Answered(from_entry(&entry, age, parts, "portico; hit"));
+                        return Lookup::Answered(from_entry(&entry, age, parts, HIT));
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
@@ -1338,19 +1361,19 @@ fn refreshed(
     }
     let cc = policy::parse_response(&headers);
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
-    Entry {
-        status: entry.status,
-        reason: entry.reason.clone(),
+    Entry::new(
+        entry.status,
+        entry.reason.clone(),
+        // The 304's values are slices of its connection's read buffer.
+        crate::cache::detached(&headers),
+        entry.body.clone(),
         // The response is as old as the 304 says (its own Date and Age),
         // not as the merged fields say: an Age or Date kept from the first
         // response would age the refreshed entry from the start.
-        timing: Timing::new(&not_modified, request_time, arrived),
-        // The 304's values are slices of its connection's read buffer.
-        headers: crate::cache::detached(&headers),
-        body: entry.body.clone(),
+        Timing::new(&not_modified, request_time, arrived),
         lifetime,
         cc,
-    }
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1958,5 +1981,83 @@ mod tests {
         assert!(not_modified(&since(now - day), &stored));
         assert!(!not_modified(&since(now - day * 3), &stored));
         assert!(!not_modified(&since(now + day), &stored));
+    }
+
+    /// A stored entry carries the fields a hit is served with, so a hit
+    /// replaces `Age` where it stands and appends nothing (`Entry::new`);
+    /// each kind of answer still has the fields it should.
+    #[test]
+    fn a_hit_replaces_its_fields_in_place() {
+        let now = std::time::SystemTime::now();
+        let stored = headers(&[("etag", "\"v1\""), ("cache-control", "max-age=60")]);
+        let entry = Entry::new(
+            StatusCode::OK,
+            None,
+            stored,
+            bytes::Bytes::from_static(b"0123456789"),
+            Timing::new(&HeaderMap::new(), now, now),
+            Duration::from_secs(60),
+            CacheControl::default(),
+        );
+        let request = |method: Method, fields: &[(&str, &str)]| {
+            let mut request = http::Request::builder()
+                .method(method)
+                .uri("/")
+                .body(())
+                .unwrap();
+            *request.headers_mut() = headers(fields);
+            request.into_parts().0
+        };
+        let fields = |response: &Response<ProxyBody>| {
+            response
+                .headers()
+                .iter()
+                .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let hit = from_entry(
+            &entry,
+            Duration::from_secs(7),
+            &request(Method::GET, &[]),
+            HIT,
+        );
+        assert_eq!(hit.status(), StatusCode::OK);
+        assert_eq!(
+            fields(&hit),
+            [
+                "etag: \"v1\"",
+                "cache-control: max-age=60",
+                "age: 7",
+                "content-length: 10",
+                "cache-status: portico; hit",
+            ]
+        );
+        // No room was made: the fields were there to replace.
+        assert_eq!(hit.headers().len(), entry.headers.len());
+        let head = from_entry(&entry, Duration::ZERO, &request(Method::HEAD, &[]), HIT);
+        assert_eq!(head.headers()["content-length"], "10");
+        assert_eq!(head.headers()["age"], "0");
+        let stale = "portico; hit; detail=stale-while-revalidate";
+        let served = from_entry(
+            &entry,
+            Duration::from_secs(9000),
+            &request(Method::GET, &[]),
+            stale,
+        );
+        assert_eq!(served.headers()["age"], "9000");
+        assert_eq!(served.headers()["cache-status"], stale);
+        let conditional = request(Method::GET, &[("if-none-match", "\"v1\"")]);
+        let not_modified = from_entry(&entry, Duration::ZERO, &conditional, HIT);
+        assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+        assert!(!not_modified.headers().contains_key("content-length"));
+        let ranged = request(Method::GET, &[("range", "bytes=2-4")]);
+        let partial = from_entry(&entry, Duration::ZERO, &ranged, HIT);
+        assert_eq!(partial.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(partial.headers()["content-length"], "3");
+        assert_eq!(partial.headers()["content-range"], "bytes 2-4/10");
+        // Ages past those made in advance are written as they come.
+        for secs in [0, 1, AGES_MADE - 1, AGES_MADE, u64::MAX] {
+            assert_eq!(age_value(secs), secs.to_string().as_str());
+        }
     }
 }
