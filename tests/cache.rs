@@ -291,6 +291,28 @@ async fn waiters_on_a_leader_that_stored_nothing_for_them_fetch_once_more_not_ea
     assert_eq!(count("portico; fwd=miss; stored"), 2, "{statuses:?}");
 }
 
+/// Waiters answered with a 304 made from the 200 their leader fetched say
+/// the backend sent a 200 (RFC 9211 §2.3: without `fwd-status`, the 304
+/// reads as the backend's; review39a L1).
+#[tokio::test]
+async fn waiters_answered_304_from_their_leader_s_200_say_what_the_backend_sent() {
+    let (requests, answers) = coalesced(
+        "/cache/c304?cc=max-age=60&etag=c1",
+        None,
+        Leading::Get(&[]),
+        &[("if-none-match", "\"c1\"")],
+    )
+    .await;
+    assert_eq!(requests, 1);
+    for answer in &answers[..10] {
+        assert_eq!(answer.status, StatusCode::NOT_MODIFIED);
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=miss; fwd-status=200; collapsed"
+        );
+    }
+}
+
 /// A backend for a burst of `1 + rest` requests: the first is answered
 /// after 300 ms (time for the others to queue behind it), the others only
 /// when all `rest` are in (or after 2 s), each with what `answer` makes of
@@ -2371,7 +2393,10 @@ async fn a_range_miss_fetches_the_whole_response_and_stores_it() {
         // The backend was asked for the whole response, not the range.
         assert!(part.headers.get("x-seen-range").is_none(), "{range}");
         if start == 100 {
-            assert_eq!(part.header("cache-status"), "portico; fwd=miss; stored");
+            assert_eq!(
+                part.header("cache-status"),
+                "portico; fwd=miss; fwd-status=200; stored"
+            );
             // The rest of the body is read after the client has its part.
             until_stored(&proxy, 1).await;
         } else {
@@ -2432,7 +2457,10 @@ async fn range_misses_of_every_kind_are_answered_as_from_the_cache() {
     let beyond = get_with(&client, &url("beyond"), &[("range", "bytes=5000-")]).await;
     assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(beyond.header("content-range"), "bytes */5000");
-    assert_eq!(beyond.header("cache-status"), "portico; fwd=miss; stored");
+    assert_eq!(
+        beyond.header("cache-status"),
+        "portico; fwd=miss; fwd-status=200; stored"
+    );
     assert!(beyond.body.is_empty());
 
     // If-Range naming another version: the whole response (RFC 9110 §13.1.5).
@@ -2508,7 +2536,7 @@ async fn a_range_of_a_response_that_is_not_stored_is_still_cut() {
     assert_eq!(part.header("content-range"), "bytes 10-19/5000");
     assert_eq!(
         part.header("cache-status"),
-        "portico; fwd=miss; detail=no-store"
+        "portico; fwd=miss; fwd-status=200; detail=no-store"
     );
     assert!(part.headers.get("x-seen-range").is_none());
     assert_eq!(part.body, get(&client, &url).await.body.slice(10..20));
@@ -2549,7 +2577,10 @@ async fn a_range_of_a_response_without_a_length_is_served_once_it_is_known() {
     let part = get_with(&client, &url, &range).await;
     assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.header("content-range"), "bytes 10-19/5000");
-    assert_eq!(part.header("cache-status"), "portico; fwd=miss; stored");
+    assert_eq!(
+        part.header("cache-status"),
+        "portico; fwd=miss; fwd-status=200; stored"
+    );
     assert!(part.headers.get("x-seen-range").is_none());
     let whole = get(&client, &url).await;
     assert_eq!(whole.header("cache-status"), "portico; hit");

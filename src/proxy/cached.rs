@@ -184,6 +184,7 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     if preconditions && precondition_failed(&request.headers, &entry.headers) {
         let mut response = super::error::error_response(StatusCode::PRECONDITION_FAILED);
         set_status(&mut response, status);
+        with_fwd_status(response.headers_mut(), entry.status);
         return response;
     }
     let conditional_hit = preconditions && not_modified(&request.headers, &entry.headers);
@@ -214,6 +215,13 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
     if status != HIT {
         if let Ok(value) = HeaderValue::from_str(status) {
             response.headers_mut().insert(CACHE_STATUS.clone(), value);
+        }
+        // A 304, 206 or 416 made of what a fetch for this request (or the
+        // one it waited on) brought says what the backend sent: RFC 9211
+        // §2.3, else it reads as the backend's (review39a L1). A hit has
+        // no `fwd` to add it to.
+        if code != entry.status {
+            with_fwd_status(response.headers_mut(), entry.status);
         }
     }
     response
@@ -963,6 +971,9 @@ async fn cut_range(
     let Some((code, start, count)) = range_fields(&mut parts.headers, answer, len) else {
         return Ok(Response::from_parts(parts, body));
     };
+    // RFC 9211 §2.3: the backend sent a 200; without it, the 206 or 416
+    // would read as the backend's (review39a L1).
+    with_fwd_status(&mut parts.headers, parts.status);
     restatus(&mut parts, code);
     Ok(Response::from_parts(
         parts,
