@@ -96,23 +96,39 @@ async fn until_hit(client: &TestClient, url: &str, what: &str) -> Answer {
 /// out the 5 s coalescing wait, then fetched again.
 #[tokio::test]
 async fn a_slow_first_client_does_not_hold_up_the_requests_behind_it() {
+    slow_first_client(None).await;
+}
+
+/// Nor does one whose range miss fetched the whole response: a media
+/// player asks `bytes=0-` and stops reading once its buffer is full
+/// (review39b M2: the others waited out the 5 s wait, then fetched again).
+#[tokio::test]
+async fn a_slow_first_range_client_does_not_hold_up_the_requests_behind_it() {
+    slow_first_client(Some("bytes=0-")).await;
+}
+
+/// A client whose receive window is 4 KiB sends a GET (with `range`) for a
+/// 6 MB response, reads its head and then nothing more; a second client's
+/// GET is answered from that fetch within [`STEP`].
+async fn slow_first_client(range: Option<&str>) {
     use tokio::io::AsyncWriteExt;
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(cached(&[&backend])).await;
     // Larger than the kernel's send and receive buffers hold for a client
     // whose receive window is 4 KiB; smaller than `max_object_size`.
     let path = "/cache/slow?cc=max-age=60&size=6000000";
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(proxy.addr).await.unwrap();
-    let raw = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr);
-    slow.write_all(raw.as_bytes()).await.unwrap();
+    let mut slow = small_window_get(&proxy, path, range).await;
     // Its head, and then it reads nothing more.
     let head = tokio::time::timeout(STEP, read_head(&mut slow))
         .await
         .expect("the slow client's head within STEP")
         .expect("a head");
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    let status: &[u8] = if range.is_some() {
+        b"HTTP/1.1 206"
+    } else {
+        b"HTTP/1.1 200"
+    };
+    assert!(head.starts_with(status), "{head:?}");
 
     let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url(path)))
         .await
@@ -125,7 +141,47 @@ async fn a_slow_first_client_does_not_hold_up_the_requests_behind_it() {
         "answered from the slow client's fetch, not fetched again: {status}"
     );
     assert_eq!(backend.requests(), 1);
-    drop(slow);
+    slow.shutdown().await.ok();
+}
+
+/// A connection to `proxy` with a 4 KiB receive window that has sent a
+/// GET of `path` (with `Range: range`).
+async fn small_window_get(
+    proxy: &RunningProxy,
+    path: &str,
+    range: Option<&str>,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    let range = range.map_or_else(String::new, |r| format!("Range: {r}\r\n"));
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n{range}\r\n", proxy.addr);
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    stream
+}
+
+/// A client gone before its range miss's range ends leaves the rest of the
+/// response to be stored, as a plain GET's client does: a browser's
+/// `<video>` asks `bytes=0-` and drops the request once it has enough
+/// (review39b M1: the copy went with it, so every viewer fetched the
+/// whole file again, while `Cache-Status` said `stored`).
+#[tokio::test]
+async fn a_range_client_gone_mid_range_leaves_the_copy_to_be_stored() {
+    let (backend, proxy) = cached_sample().await;
+    let path = "/cache/gone?cc=max-age=60&size=6000000";
+    let mut gone = small_window_get(&proxy, path, Some("bytes=0-")).await;
+    let head = tokio::time::timeout(STEP, read_head(&mut gone))
+        .await
+        .expect("the head within STEP")
+        .expect("a head");
+    assert!(head.starts_with(b"HTTP/1.1 206"), "{head:?}");
+    drop(gone);
+    until_stored(&proxy, 1).await;
+    let hit = get(&client(), &proxy.url(path)).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert_eq!(hit.body.len(), 6_000_000);
+    assert_eq!(backend.requests(), 1);
 }
 
 #[tokio::test]

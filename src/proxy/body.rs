@@ -1120,8 +1120,8 @@ where
 /// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
 /// range is sent and `inner` is still being copied into the cache, the rest
 /// of it is read to its end by a task of its own, so the whole response is
-/// stored; a client gone before its range ends takes the copy with it (a
-/// range is not read ahead, see [`read_ahead`]).
+/// stored. A range miss's `inner` is read ahead ([`read_ahead`]), whose
+/// task goes on into the cache without the client whenever it leaves.
 #[derive(Debug)]
 pub struct Slice {
     inner: ProxyBody,

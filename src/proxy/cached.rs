@@ -975,9 +975,14 @@ async fn cut_range(
     // would read as the backend's (review39a L1).
     with_fwd_status(&mut parts.headers, parts.status);
     restatus(&mut parts, code);
+    // Read ahead as a whole miss is: the fill goes at the backend's pace,
+    // not at that of a client that stops reading once it has enough (a
+    // media player's `bytes=0-`), so the requests waiting on it are not
+    // held up, and a client gone mid-range leaves the rest to be stored
+    // (review39b M1, M2: every viewer of a video fetched it whole again).
     Ok(Response::from_parts(
         parts,
-        body.slice(start as u64, count as u64),
+        body.read_ahead().slice(start as u64, count as u64),
     ))
 }
 
