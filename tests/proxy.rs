@@ -1505,6 +1505,53 @@ async fn a_backend_s_version_and_doubled_length_do_not_reach_the_client() {
     }
 }
 
+/// An HTTP/1.0 client that asks for keep-alive gets `Connection: close`
+/// on a body of unknown length, which goes out ended by the close (HTTP/1.0
+/// has no chunked coding, RFC 9112 §9.3), and keep-alive on a body with a
+/// length. Before, the head said `keep-alive` and then the connection
+/// closed: `ab -k` read such bodies as empty (review39b L1).
+#[tokio::test]
+async fn an_http10_keep_alive_client_is_told_close_on_a_body_of_unknown_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = scripted_backend(|head| match target_of(head) {
+        "/chunked" => {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        }
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+    })
+    .await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![backend])).await;
+    let ask = |target: &str| {
+        format!("GET {target} HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+    };
+
+    let answer = raw_exchange(proxy.addr, ask("/chunked").as_bytes()).await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(head.contains("\r\nconnection: close"), "{answer}");
+    assert!(!head.contains("keep-alive"), "{answer}");
+    assert_eq!(body, "hello", "ended by the close");
+
+    // With a length, the connection stays for the next request.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        stream.write_all(ask("/sized").as_bytes()).await.unwrap();
+        let head = tokio::time::timeout(STEP, read_head(&mut stream))
+            .await
+            .expect("a head within STEP")
+            .expect("a head, not a close");
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let (fields, read) = text.split_once("\r\n\r\n").unwrap();
+        assert!(fields.contains("connection: keep-alive"), "{text}");
+        // The body, of which the head's read may have taken some.
+        let mut body = read.as_bytes().to_vec();
+        let mut rest = vec![0u8; 5 - body.len()];
+        stream.read_exact(&mut rest).await.unwrap();
+        body.extend_from_slice(&rest);
+        assert_eq!(body, b"hello");
+    }
+}
+
 /// A backend's trailers lose the fields that framing and the connection
 /// own: relayed, they made HTTP/2 clients reset the stream and lose the
 /// response while the log said 200 (review29a F1).

@@ -1004,6 +1004,10 @@ async fn serve_connection<IO: Parkable>(
         // malformed (RFC 9113 §8.1.1): portico's own answers (a 429, a
         // 502) were lost to `curl -I` over HTTPS (review33b F1).
         let bodiless = multiplexed && request.method() == http::Method::HEAD;
+        // HTTP/1.0 has no chunked coding: see `close_delimited` below.
+        let request_version = request.version();
+        let http10_body =
+            request_version == http::Version::HTTP_10 && request.method() != http::Method::HEAD;
         let mut handed = crate::proxy::Handed::new(proxy, request, client.clone());
         async move {
             let (request, conn) = handed.take();
@@ -1037,11 +1041,27 @@ async fn serve_connection<IO: Parkable>(
             // An answer given with the request's body left unread (a 413,
             // a 429): hyper drains what it already holds or stops
             // reading, and the connection ends; say so, as nginx does.
-            if !multiplexed && (busy.closing() || busy.upload_abandoned()) {
+            // A body of unknown length goes to an HTTP/1.0 client ended by
+            // the connection's close (RFC 9112 §9.3: a persistent message
+            // needs a length of its own); hyper does so, but said
+            // `keep-alive` first, and `ab -k` read such bodies as empty
+            // (review39b L1). nginx says `close`, as here.
+            let close_delimited = http10_body
+                && !hyper::body::Body::is_end_stream(response.body())
+                && hyper::body::Body::size_hint(response.body())
+                    .exact()
+                    .is_none();
+            if !multiplexed && (busy.closing() || busy.upload_abandoned() || close_delimited) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
+                // hyper adds `keep-alive` for a client of HTTP/1.0 that
+                // asked for it, beside the `close`, unless the head it
+                // is given says HTTP/1.0 too: it goes out as 1.0 anyway.
+                if request_version == http::Version::HTTP_10 {
+                    *response.version_mut() = http::Version::HTTP_10;
+                }
             }
             Ok::<_, Infallible>(response.map(|body| {
                 if multiplexed {
