@@ -896,6 +896,47 @@ async fn a_retried_attempt_shows_in_the_access_line_and_the_metrics() {
     assert_eq!(scraped(&proxy, exhausted), 0);
 }
 
+/// A GET sent again because the backend closed its pooled connection as it
+/// arrived (the keep-alive race) says so in its access line, as the
+/// retries metric counts it (review39d L2: the metric counted a resend no
+/// line showed).
+#[tokio::test]
+async fn a_keep_alive_race_resend_shows_in_the_access_line() {
+    use tokio::io::AsyncWriteExt;
+    let (lines, _guard) = AccessLines::capture();
+    // Answers a connection's first request, then closes it as the next
+    // one arrives.
+    let backend = serve_each(|mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if stream.write_all(ok).await.is_ok() {
+            let _ = read_head(&mut stream).await;
+        }
+    })
+    .await;
+    let mut config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![backend],
+    );
+    config.upstreams[0].name = "raced".into();
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    for path in ["/first", "/second"] {
+        assert_eq!(
+            get(&client(), &proxy.url(path)).await.status,
+            StatusCode::OK
+        );
+    }
+    let line = lines.of("GET", "/second").await;
+    assert_eq!(line["retries"], 1, "{line}");
+    let first = lines.of("GET", "/first").await;
+    assert!(first.get("retries").is_none(), "{first}");
+    let retried = scraped(&proxy, "portico_upstream_retries_total{upstream=\"raced\"}");
+    assert_eq!(retried, 1);
+}
+
 /// A retry after a refused connect is not taken from the retry budget:
 /// the backend was given nothing to do. Past the budget's 100 a window,
 /// a burst that met one dead backend got 502s while the others were free

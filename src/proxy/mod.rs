@@ -1034,6 +1034,9 @@ fn forward_with_retries<'a>(
             if resend {
                 resent_stale = true;
                 upstream.try_retry(true);
+                // In the access line as in `portico_upstream_retries_total`
+                // (review39d L2: the metric counted what no line showed).
+                trace.retries += 1;
                 tracing::debug!(
                     upstream = %upstream.name(), backend = %backend.addr, %error,
                     "pooled connection closed by the backend as it was reused; sending again on a new one"
@@ -1091,7 +1094,7 @@ fn forward_with_retries<'a>(
             );
             index = retry_index;
             attempt += 1;
-            trace.retries = attempt;
+            trace.retries += 1;
             trace.retried_at = Some(std::time::Instant::now());
             let head = replay.as_ref().expect("retries > 0 keeps the head");
             next = Some((retry_head(head), retry_body));
