@@ -362,6 +362,46 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A fetch under way when a reload replaces the cache stores nothing in
+/// the cache no request will look in again, and says so: before, its
+/// header and access line said `stored` for a copy that was gone, and the
+/// next request was a miss (review39d L1).
+#[tokio::test]
+async fn a_fill_under_way_when_a_reload_replaces_the_cache_says_it_was_not_stored() {
+    let (lines, _guard) = AccessLines::capture();
+    let mut options = BackendOptions::new("b1");
+    options.delay = Duration::from_millis(400);
+    let backend = start_backend(options).await;
+    let (dir, file) = config_dir("refill");
+    let write = |cache: &str| write_reloadable(&file, backend.addr(), cache);
+    write("cache = true\n[cache]\n");
+    let proxy = start_reloadable(&dir, &file).await;
+    let client = client();
+    let filling = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("/users/1/orders"));
+        async move { get(&client, &url).await }
+    });
+    let arrived = tokio::time::timeout(STEP, async {
+        while backend.requests() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(arrived.await.is_ok(), "the fetch reached the backend");
+    write("cache = true\n[cache]\nmax_size = \"32MiB\"\n");
+    let reload = mutation(proxy.admin_url("/reload"), "POST", Some("t"));
+    assert_eq!(send(&client, reload).await.status, StatusCode::OK);
+    let answer = filling.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let said = "portico; fwd=miss; detail=invalidated";
+    assert_eq!(answer.header("cache-status"), said);
+    let line = lines.of("GET", "/users/1/orders").await;
+    assert_eq!(line["cache"], said, "{line}");
+    // The new cache stores the next one.
+    let next = get(&client, &proxy.url("/users/1/orders")).await;
+    assert_eq!(next.header("cache-status"), "portico; fwd=miss; stored");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let old = start_backend(BackendOptions::new("old")).await;

@@ -349,6 +349,8 @@ pub struct Cache {
     /// Bytes stored since the store last let go of what it removed (see
     /// [`Cache::let_go`]): as much, at most, is waiting to be freed.
     unsettled: AtomicU64,
+    /// Replaced by a reload that changed `[cache]` (see [`Cache::retire`]).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -457,7 +459,22 @@ impl Cache {
             skew: AtomicU64::new(0),
             filling: Arc::default(),
             unsettled: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the cache replaced by a reload's new one: the fetches still
+    /// filling it are overtaken (see [`fill::Fill::overtaken`]), so their
+    /// responses say `detail=invalidated` rather than `stored` for a copy
+    /// no request would find (review39d L1), and nothing more is stored
+    /// in it. Lookups of the requests still on it go on.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a reload replaced the cache ([`Cache::retire`]).
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// The cache's notion of now (the wall clock, as HTTP dates are).
