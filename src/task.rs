@@ -36,7 +36,9 @@ impl Drop for AbortOnDrop {
 /// Bodies read for the cache at most at once with no client attached: the
 /// rest of a range miss's response (`proxy::body::Slice`), the body of a
 /// HEAD fetched as a GET, the rest of a body being stored whose client
-/// left (`proxy::body::read_ahead`). Each may hold up to `max_object_size`
+/// left (`proxy::body::read_ahead`, and `Ahead`'s drop for one handed
+/// back past the read-ahead budget), a body without a length read whole
+/// for a range (`GoesOn`). Each may hold up to `max_object_size`
 /// and a backend connection, and a client can start one per cold URL with
 /// a one-byte range and leave.
 const BACKGROUND_READS: usize = 32;
@@ -98,6 +100,40 @@ pub fn spawn_permitted_read(
         let _permit = permit;
         read_at_most(read).await;
     });
+}
+
+/// A read for the cache that a request waits on for a while: dropped
+/// before its end (the wait over, or the request's client gone and the
+/// request's future with it), it goes on as a background read, so the
+/// copy is not lost with the request (review39c F2: a range miss without
+/// a length, its client gone during the wait, was fetched again).
+pub struct GoesOn<F: Future<Output = ()> + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = ()> + Send + 'static> GoesOn<F> {
+    pub fn new(read: F) -> Self {
+        GoesOn(Some(Box::pin(read)))
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Future for GoesOn<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(read) = self.0.as_mut() else {
+            return Poll::Ready(());
+        };
+        std::task::ready!(read.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(())
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Drop for GoesOn<F> {
+    fn drop(&mut self) {
+        if let Some(read) = self.0.take() {
+            spawn_background_read(read);
+        }
+    }
 }
 
 /// Longest a body is read for the cache with no client attached: a

@@ -2859,6 +2859,53 @@ async fn a_range_of_a_slow_response_without_a_length_is_asked_for_again() {
     assert_eq!(whole_fetches.load(Ordering::SeqCst), 1);
 }
 
+/// A range miss on a body without a length waits for the whole to be
+/// stored; its client gone meanwhile, the store goes on without it, as it
+/// does once the wait is over (review39c F2: the next request fetched
+/// again).
+#[tokio::test]
+async fn a_range_client_gone_while_a_body_without_a_length_is_read_leaves_it_stored() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let backend = serve_each(move |mut stream| {
+        let counted = counted.clone();
+        async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            // A cacheable chunked body whose end comes after a second.
+            counted.fetch_add(1, Ordering::SeqCst);
+            let start = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+                Transfer-Encoding: chunked\r\n\r\n4\r\nAAAA\r\n";
+            let _ = stream.write_all(start).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = stream.write_all(b"4\r\nBBBB\r\n0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(backend).await;
+    let mut gone = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let ask = format!(
+        "GET /slow HTTP/1.1\r\nHost: {}\r\nRange: bytes=0-1\r\n\r\n",
+        proxy.addr
+    );
+    gone.write_all(ask.as_bytes()).await.unwrap();
+    let fetching = tokio::time::timeout(STEP, async {
+        while fetches.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(fetching.await.is_ok(), "the whole fetch began");
+    drop(gone);
+    until_stored(&proxy, 1).await;
+    let hit = get(&client(), &proxy.url("/slow")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert_eq!(hit.body, "AAAABBBB");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_looped_miss_gets_502_instead_of_waiting_for_its_own_fill() {
     // The second lap would otherwise join the first lap's fill of the same

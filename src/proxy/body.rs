@@ -720,6 +720,26 @@ impl Ahead {
     }
 }
 
+impl Drop for Ahead {
+    /// A body the task handed back past [`AHEAD_BUDGET`] and still being
+    /// stored goes on into the cache without the client, as the task
+    /// would have taken it on: the client gone, the copy was dropped while
+    /// its `Cache-Status` said `stored` (review39c F1). Received or still
+    /// in the channel (the task's last piece).
+    fn drop(&mut self) {
+        self.pieces.close();
+        let mut rest = self.rest.take();
+        while let Ok(piece) = self.pieces.try_recv() {
+            if let Piece::Rest(body) = piece {
+                rest = Some(body);
+            }
+        }
+        if let Some(rest) = rest.filter(ProxyBody::is_capturing) {
+            crate::task::spawn_background_read(rest.read_into_cache());
+        }
+    }
+}
+
 /// Reads `body` (one being stored) to its end, sending each frame on to
 /// the client's side: the cache fills at the backend's pace, so requests
 /// waiting for it are not held up by a slow first client (nginx buffers
@@ -1456,6 +1476,54 @@ mod tests {
             }
         }
         (sizes, trailers)
+    }
+
+    /// A backend's body of 4,000 bytes being stored in `cache` for `path`.
+    async fn capturing(cache: &Arc<crate::cache::Cache>, path: &str) -> ProxyBody {
+        let fill = cache.begin_fill(format!("GET|http|h|{path}"));
+        let now = std::time::SystemTime::now();
+        let head = crate::cache::capture::Head {
+            status: http::StatusCode::OK,
+            reason: None,
+            headers: http::HeaderMap::new(),
+            timing: crate::cache::policy::Timing::new(&http::HeaderMap::new(), now, now),
+            lifetime: Duration::from_secs(60),
+            cc: crate::cache::policy::CacheControl::default(),
+        };
+        let capture = Capture::new(cache.clone(), fill, http::HeaderMap::new(), head, None);
+        let inner = crate::upstream::UpstreamBody::unpooled(chunks_with_trailers(4, 1000).await);
+        ProxyBody::stream(inner, Duration::from_secs(10), None).with_capture(capture)
+    }
+
+    /// A body the read-ahead task handed back (past `AHEAD_BUDGET`) and
+    /// whose client then left goes on into the cache, taken from the
+    /// channel by the client's side yet or not: it was dropped with its
+    /// copy (review39c F1).
+    #[tokio::test]
+    async fn a_body_handed_back_and_then_left_is_still_stored() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let cache = crate::cache::Cache::new(crate::config::Cache::default(), metrics);
+        for (stored, taken) in [(1, false), (2, true)] {
+            let body = capturing(&cache, &format!("/{stored}")).await;
+            let (send, pieces) = tokio::sync::mpsc::unbounded_channel();
+            let mut ahead = Ahead {
+                pieces,
+                rest: None,
+                left: None,
+            };
+            if taken {
+                ahead.rest = Some(body);
+            } else {
+                send.send(Piece::Rest(body)).unwrap();
+            }
+            drop(ahead);
+            let kept = tokio::time::timeout(Duration::from_secs(10), async {
+                while cache.stats().await.0 < stored {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            assert!(kept.await.is_ok(), "taken: {taken}: stored");
+        }
     }
 
     #[tokio::test]

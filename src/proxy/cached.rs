@@ -937,13 +937,14 @@ async fn cut_range(
         let mut body = response.into_body();
         if let Some(whole) = body.entry_when_whole() {
             // The client waits for the whole as long as a coalesced request
-            // would for another's fetch; then the store goes on without it.
-            let mut reading = Box::pin(body.read_into_cache());
+            // would for another's fetch; then the store goes on without it,
+            // as it does when the client leaves first (`GoesOn`).
+            let mut reading = crate::task::GoesOn::new(body.read_into_cache());
             if tokio::time::timeout(COALESCE_WAIT, &mut reading)
                 .await
                 .is_err()
             {
-                crate::task::spawn_background_read(reading);
+                drop(reading);
             } else if let Ok((entry, overtaken)) = whole.await {
                 // This fetch's own response, not whatever else is stored.
                 if overtaken {

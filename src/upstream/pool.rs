@@ -1217,6 +1217,19 @@ impl Drop for UpstreamBody {
     }
 }
 
+#[cfg(test)]
+impl UpstreamBody {
+    /// `inner`, with no pool to give its connection back to (tests).
+    pub(crate) fn unpooled(inner: Incoming) -> Self {
+        UpstreamBody {
+            inner,
+            reuse: None,
+            head: None,
+            ended: false,
+        }
+    }
+}
+
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
