@@ -34,11 +34,10 @@ impl Drop for AbortOnDrop {
 }
 
 /// Bodies read for the cache at most at once with no client attached: the
-/// rest of a range miss's response (`proxy::body::Slice`), the body of a
-/// HEAD fetched as a GET, the rest of a body being stored whose client
-/// left (`proxy::body::read_ahead`, and `Ahead`'s drop for one handed
-/// back past the read-ahead budget), a body without a length read whole
-/// for a range (`GoesOn`). Each may hold up to `max_object_size`
+/// body of a HEAD fetched as a GET, the rest of a body being stored whose
+/// client left or whose range miss has its range (`proxy::body::read_ahead`,
+/// and `Ahead`'s drop for one handed back past the read-ahead budget), a
+/// body without a length read whole for a range (`GoesOn`). Each may hold up to `max_object_size`
 /// and a backend connection, and a client can start one per cold URL with
 /// a one-byte range and leave.
 const BACKGROUND_READS: usize = 32;

@@ -254,7 +254,12 @@ impl Capture {
         }
         // A purge or an unsafe request for the URL overtook the fetch: not
         // stored, which the access line says (review33b note).
-        if self.fill.overtaken() {
+        // Nor is one kept for later requests when a reload replaced the
+        // cache (review39d L1). It is stored all the same, for the
+        // requests still on the old cache that wait on this fetch: an
+        // overtaken fill would leave them to fetch one after another
+        // until their wait ran out (review39e M1).
+        if self.fill.overtaken() || self.cache.retired() {
             self.fate.set(Fate::INVALIDATED);
         }
         if let Some(whole) = self.whole {

@@ -53,15 +53,12 @@ impl Fill {
         &self.primary
     }
 
-    /// The URL was invalidated or purged since this fetch began, or a
-    /// reload replaced the whole cache ([`Cache::retire`]).
+    /// The URL was invalidated or purged since this fetch began.
     pub fn overtaken(&self) -> bool {
-        self.cache.retired()
-            || self
-                .cache
-                .fills
-                .get(&self.primary)
-                .is_none_or(|pending| pending.generation != self.generation)
+        self.cache
+            .fills
+            .get(&self.primary)
+            .is_none_or(|pending| pending.generation != self.generation)
     }
 }
 

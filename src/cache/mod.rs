@@ -463,11 +463,11 @@ impl Cache {
         })
     }
 
-    /// Marks the cache replaced by a reload's new one: the fetches still
-    /// filling it are overtaken (see [`fill::Fill::overtaken`]), so their
-    /// responses say `detail=invalidated` rather than `stored` for a copy
-    /// no request would find (review39d L1), and nothing more is stored
-    /// in it. Lookups of the requests still on it go on.
+    /// Marks the cache replaced by a reload's new one: the access lines of
+    /// the fetches still filling it say `detail=invalidated` rather than
+    /// `stored`, as no later request will find their copies (review39d
+    /// L1; see `capture::Capture::finish`). The requests still on it go
+    /// on as before, waiters served from the fetch they wait on.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }

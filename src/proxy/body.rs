@@ -1137,11 +1137,10 @@ where
     }
 }
 
-/// The bytes `skip..skip + left` of `inner`, cut as they stream. When the
-/// range is sent and `inner` is still being copied into the cache, the rest
-/// of it is read to its end by a task of its own, so the whole response is
-/// stored. A range miss's `inner` is read ahead ([`read_ahead`]), whose
-/// task goes on into the cache without the client whenever it leaves.
+/// The bytes `skip..skip + left` of `inner`, cut as they stream. A range
+/// miss's `inner` is read ahead ([`read_ahead`]): its task stores the
+/// whole response, and goes on without the client once the range is sent
+/// or the client leaves.
 #[derive(Debug)]
 pub struct Slice {
     inner: ProxyBody,
@@ -1177,16 +1176,6 @@ impl Slice {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         Poll::Ready(None)
-    }
-}
-
-impl Drop for Slice {
-    fn drop(&mut self) {
-        if self.left > 0 || !self.inner.is_capturing() {
-            return;
-        }
-        let rest = std::mem::replace(&mut self.inner, ProxyBody::empty());
-        crate::task::spawn_background_read(rest.read_into_cache());
     }
 }
 

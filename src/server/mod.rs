@@ -352,8 +352,8 @@ impl Shared {
         }
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
-        // A cache the new generation does not keep stores nothing more:
-        // no request would find it (review39d L1).
+        // A cache the new generation does not keep: the fetches still
+        // filling it say so in their access lines (review39d L1).
         if let Some(old) = previous.cache() {
             if !next.cache().is_some_and(|new| Arc::ptr_eq(old, new)) {
                 old.retire();
