@@ -362,6 +362,39 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A reload that removes `[cache]` warns of the responses it drops, as
+/// one that changes it does (review39g L1: it said only `reloaded`).
+#[tokio::test]
+async fn a_reload_that_removes_the_cache_warns_of_what_it_drops() {
+    let (lines, _guard) = AccessLines::capture_of("portico=warn");
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let (dir, file) = config_dir("uncache");
+    let write = |cache: &str| write_reloadable(&file, backend.addr(), cache);
+    write("cache = true\n[cache]\n");
+    let proxy = start_reloadable(&dir, &file).await;
+    get(&client(), &proxy.url("/users/1/orders")).await;
+    let cache = proxy.shared.proxy.load().cache().cloned().unwrap();
+    let stored = tokio::time::timeout(STEP, async {
+        while cache.stats().await.0 < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(stored.await.is_ok(), "stored within STEP");
+    write("");
+    // Here, on the thread whose records are captured (the admin API
+    // reloads on one of the blocking pool's).
+    proxy.shared.reload().unwrap();
+    let warning = lines
+        .first("the warning", |line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("[cache] removed"))
+        })
+        .await;
+    assert_eq!(warning["entries"], 1, "{warning}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A fetch under way when a reload replaces the cache says in its access
 /// line that its copy is not kept: before, it said `stored` for a copy no
 /// later request would find, and the next request was a miss (review39d
@@ -1033,6 +1066,11 @@ struct AccessLines(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl AccessLines {
     fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        Self::capture_of("portico::access=info")
+    }
+
+    /// [`AccessLines::capture`] of the records `filter` lets through.
+    fn capture_of(filter: &str) -> (Self, tracing::subscriber::DefaultGuard) {
         // While one `Dispatch` is registered process-wide, tracing-core
         // caches a callsite first hit on another test's thread (which has
         // no subscriber) as never enabled, here too (tokio-rs/tracing#3611):
@@ -1046,7 +1084,7 @@ impl AccessLines {
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
-            .with_env_filter("portico::access=info")
+            .with_env_filter(filter)
             .with_writer(move || Sink(sink.clone()))
             .finish();
         (

@@ -334,6 +334,14 @@ impl Proxy {
                 }
             }
         });
+        // Nor is one that removes `[cache]` silent about what it drops
+        // (review39g L1).
+        if let (None, Some(old)) = (&cache, previous.and_then(|p| p.cache.as_ref())) {
+            tracing::warn!(
+                entries = old.entries_estimate(),
+                "[cache] removed: the stored responses are dropped, every URL goes to the backends"
+            );
+        }
         let upstreams: Vec<Arc<Upstream>> = config.upstreams.iter().map(upstream).collect();
         // An upstream the file no longer has checks nothing more either.
         let kept: std::collections::HashSet<&str> =
