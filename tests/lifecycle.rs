@@ -1440,14 +1440,23 @@ async fn an_answer_that_leaves_the_body_unread_closes_the_connection() {
     let mut config = config_for(&[&backend]);
     config.server.max_request_body = 100;
     let proxy = start_proxy(config).await;
-    for sent in [0, 101] {
-        let mut upload = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n".to_vec();
-        upload.extend(std::iter::repeat_n(b'x', sent));
-        let answer = raw_exchange(proxy.addr, &upload).await.to_ascii_lowercase();
-        assert!(
-            answer.starts_with("http/1.1 413") && answer.contains("connection: close"),
-            "{sent} body bytes sent: {answer:?}"
-        );
+    // An HTTP/1.0 client that asked for keep-alive is told `close` alone:
+    // hyper added `keep-alive` beside it (review39b L1).
+    for (version, asked) in [("HTTP/1.1", ""), ("HTTP/1.0", "Connection: keep-alive\r\n")] {
+        for sent in [0, 101] {
+            let head =
+                format!("POST /echo {version}\r\nHost: a\r\n{asked}Content-Length: 101\r\n\r\n");
+            let mut upload = head.into_bytes();
+            upload.extend(std::iter::repeat_n(b'x', sent));
+            let answer = raw_exchange(proxy.addr, &upload).await.to_ascii_lowercase();
+            let status = format!("{} 413", version.to_ascii_lowercase());
+            assert!(
+                answer.starts_with(&status)
+                    && answer.contains("connection: close")
+                    && !answer.contains("keep-alive"),
+                "{version}, {sent} body bytes sent: {answer:?}"
+            );
+        }
     }
     assert_eq!(backend.requests(), 0);
 }
