@@ -297,12 +297,8 @@ async fn coalesced(
             }
         })
     };
-    let at_backend = tokio::time::timeout(STEP, async {
-        while backend.requests() == before {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    at_backend.await.expect("the leader reached the backend");
+    // The leader reached the backend.
+    at_backend(&backend, before + 1).await;
     let mut followers = Vec::new();
     for _ in 0..10 {
         let url = url.clone();
@@ -681,28 +677,17 @@ async fn users_of_a_private_url_do_not_wait_on_each_other() {
     let url = proxy.url("/cache/me?cc=private&vary=Cookie");
     get_with(&client(), &url, &[("cookie", "s=c")]).await;
     let before = backend.requests();
-    let at_backend = |n: u64| {
-        let backend = &backend;
-        async move {
-            tokio::time::timeout(STEP, async {
-                while backend.requests() < before + n {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("at the backend");
-        }
-    };
+    let seen = |n: u64| at_backend(&backend, before + n);
     let first = {
         let url = url.clone();
         tokio::spawn(async move { get_with(&client(), &url, &[("cookie", "s=a")]).await })
     };
-    at_backend(1).await;
+    seen(1).await;
     let second = {
         let url = url.clone();
         tokio::spawn(async move { get_with(&client(), &url, &[("cookie", "s=b")]).await })
     };
-    at_backend(2).await;
+    seen(2).await;
     assert!(!first.is_finished(), "the second waited for the first");
     for answer in [first.await.unwrap(), second.await.unwrap()] {
         assert_eq!(

@@ -11,17 +11,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use portico::sample::{BackendOptions, RunningBackend};
-
-/// Waits until `backend` has seen `n` requests.
-async fn at_backend(backend: &RunningBackend, n: u64) {
-    let seen = tokio::time::timeout(STEP, async {
-        while backend.requests() < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(seen.await.is_ok(), "{n} requests at the backend");
-}
+use portico::sample::BackendOptions;
 
 /// With every background read taken by 32 slow HEADs fetched as GETs, a
 /// HEAD for another URL goes to the backend as a HEAD, and its answer may

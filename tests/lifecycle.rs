@@ -27,17 +27,7 @@ async fn shutdown_lets_fifty_slow_requests_finish_and_refuses_new_connections() 
             async move { get(&client(), &url).await.status },
         ));
     }
-    let reached = tokio::time::timeout(STEP, async {
-        while backend.requests() < 50 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(
-        reached.is_ok(),
-        "only {} requests reached the backend",
-        backend.requests()
-    );
+    at_backend(&backend, 50).await;
 
     let stopping = tokio::spawn(proxy.stop());
     for request in requests {

@@ -416,12 +416,7 @@ async fn a_fill_under_way_when_a_reload_replaces_the_cache_says_its_copy_is_not_
         tokio::spawn(async move { get(&client, &url).await })
     };
     let leader = fetch();
-    let arrived = tokio::time::timeout(STEP, async {
-        while backend.requests() < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(arrived.await.is_ok(), "the fetch reached the backend");
+    at_backend(&backend, 1).await;
     let waiters: Vec<_> = (0..4).map(|_| fetch()).collect();
     write("cache = true\n[cache]\nmax_size = \"32MiB\"\n");
     let reload = mutation(proxy.admin_url("/reload"), "POST", Some("t"));
@@ -780,12 +775,7 @@ async fn a_request_its_client_leaves_counts_as_499() {
         .write_all(b"GET /users/1 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let arrived = tokio::time::timeout(STEP, async {
-        while backend.requests() < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    assert!(arrived.await.is_ok(), "the request reached the backend");
+    at_backend(&backend, 1).await;
     drop(stream);
     counted(1).await;
 
@@ -1112,12 +1102,7 @@ impl AccessLines {
         method: &str,
         path: &str,
     ) {
-        let arrived = tokio::time::timeout(STEP, async {
-            while backend.requests() < 1 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        assert!(arrived.await.is_ok(), "the request reached the backend");
+        at_backend(backend, 1).await;
         drop(stream);
         let line = self.of(method, path).await;
         assert_eq!(

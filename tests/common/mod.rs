@@ -148,6 +148,20 @@ pub async fn start_backends(n: usize) -> Vec<RunningBackend> {
     backends
 }
 
+/// Waits until `backend` has seen `n` requests, at most [`STEP`].
+pub async fn at_backend(backend: &RunningBackend, n: u64) {
+    let seen = tokio::time::timeout(STEP, async {
+        while backend.requests() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        seen.await.is_ok(),
+        "{n} requests at the backend within STEP; it saw {}",
+        backend.requests()
+    );
+}
+
 pub async fn start_backend(opts: BackendOptions) -> RunningBackend {
     tokio::time::timeout(STEP, sample::start(opts))
         .await
