@@ -3097,6 +3097,17 @@ async fn item_stored(proxy: &RunningProxy, client: &TestClient) -> String {
     item
 }
 
+/// Whether `item` stops being a hit within [`STEP`].
+async fn no_longer_a_hit(client: &TestClient, item: &str) -> bool {
+    tokio::time::timeout(STEP, async {
+        while get(client, item).await.header("cache-status") == "portico; hit" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// Sends a POST for `/item` with `body` and leaves once the backend has it.
 async fn post_and_leave(proxy: &RunningProxy, writes: &std::sync::atomic::AtomicUsize, body: &str) {
     use tokio::io::AsyncWriteExt;
@@ -3140,14 +3151,8 @@ async fn a_write_its_client_left_is_judged_by_its_answer() {
         let item = item_stored(&proxy, &client).await;
         post_and_leave(&proxy, &writes, "").await;
         // The answer comes 500 ms after the write.
-        let missed = tokio::time::timeout(STEP, async {
-            while get(&client, &item).await.header("cache-status") == "portico; hit" {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
         assert_eq!(
-            missed.is_ok(),
+            no_longer_a_hit(&client, &item).await,
             dropped,
             "{:?}",
             String::from_utf8_lossy(answer)
@@ -3264,14 +3269,8 @@ async fn a_write_left_as_soon_as_delivered_is_judged_by_its_answer() {
     let client = client();
     let item = item_stored(&proxy, &client).await;
     post_and_leave(&proxy, &writes, "x=1").await;
-    let missed = tokio::time::timeout(STEP, async {
-        while get(&client, &item).await.header("cache-status") == "portico; hit" {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
     assert!(
-        missed.is_ok(),
+        no_longer_a_hit(&client, &item).await,
         "the backend carried the write out; the copy stayed"
     );
 }
