@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -37,39 +37,51 @@ impl Drop for AbortOnDrop {
 /// body of a HEAD fetched as a GET, the rest of a body being stored whose
 /// client left or whose range miss has its range (`proxy::body::read_ahead`,
 /// and `Ahead`'s drop for one handed back past the read-ahead budget), a
-/// body without a length read whole for a range (`GoesOn`). Each may hold up to `max_object_size`
-/// and a backend connection, and a client can start one per cold URL with
-/// a one-byte range and leave.
+/// body without a length read whole for a range (`GoesOn`). Each may hold
+/// up to `max_object_size` and a backend connection, and a client can
+/// start one per cold URL with a one-byte range and leave.
 const BACKGROUND_READS: usize = 32;
 
-static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static READING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of at most `max` places counted in `taken`, given back when
+/// dropped, however what holds it ends (runtime shutdown too), or if it
+/// never began.
+#[derive(Debug)]
+pub struct Place(&'static AtomicUsize);
+
+impl Place {
+    /// A place, unless all `max` are taken.
+    pub fn try_take(taken: &'static AtomicUsize, max: usize) -> Option<Place> {
+        let place = Place(taken);
+        (taken.fetch_add(1, Ordering::Relaxed) < max).then_some(place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A place among the [`BACKGROUND_READS`], taken before a fetch that will
 /// need one (a HEAD fetched as a GET), so that a burst of such fetches
 /// cannot all pass a check and then find no room for their bodies.
 #[derive(Debug)]
-pub struct ReadPermit(());
+pub struct ReadPermit {
+    /// Held for its drop.
+    _place: Place,
+}
 
 impl ReadPermit {
     /// A place, unless all are taken.
     pub fn try_take() -> Option<ReadPermit> {
-        if READING.fetch_add(1, Ordering::Relaxed) >= BACKGROUND_READS {
-            READING.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(ReadPermit(()))
+        Place::try_take(&READING, BACKGROUND_READS).map(|_place| ReadPermit { _place })
     }
 
     /// Whether a place is free now (it may be gone when asked for).
     pub fn any_free() -> bool {
         READING.load(Ordering::Relaxed) < BACKGROUND_READS
-    }
-}
-
-impl Drop for ReadPermit {
-    /// However its read ends (runtime shutdown too), or if it never began.
-    fn drop(&mut self) {
-        READING.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1814,7 +1814,6 @@ impl std::future::Future for Detachable<'_> {
 
 impl Drop for Detachable<'_> {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
         let Some(exchange) = self.exchange.take() else {
             return;
         };
@@ -1848,21 +1847,13 @@ impl Drop for Detachable<'_> {
             runtime.spawn(async move { owed.unanswered().await });
             return;
         }
-        /// One of the [`DETACHED`], given back however its task ends.
-        struct Place;
-        impl Drop for Place {
-            fn drop(&mut self) {
-                DETACHED.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let place = Place;
-        if DETACHED.fetch_add(1, Ordering::Relaxed) >= DETACHED_MAX {
+        let Some(place) = crate::task::Place::try_take(&DETACHED, DETACHED_MAX) else {
             tracing::debug!(
                 "a write's client left; too many such writes going on to wait for its answer"
             );
             runtime.spawn(async move { owed.unanswered().await });
             return;
-        }
+        };
         runtime.spawn(async move {
             let _place = place;
             let (result, trace) = exchange.await;
