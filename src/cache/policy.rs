@@ -33,6 +33,10 @@ pub struct CacheControl {
     pub must_understand: bool,
     /// From `CDN-Cache-Control` (RFC 9213): `Expires` does not apply.
     pub targeted: bool,
+    /// A line with a quoted string left open: where its directives end
+    /// cannot be known, and a `private` or `no-store` may be among them.
+    /// A response is then not stored, and a request goes past the cache.
+    pub unreadable: bool,
 }
 
 impl CacheControl {
@@ -57,22 +61,33 @@ fn delta_seconds(value: &str) -> Option<u64> {
     Some(value.parse::<u64>().map_or(MAX_DELTA, |n| n.min(MAX_DELTA)))
 }
 
-/// Splits on commas outside quoted strings.
-fn directives(value: &str) -> Vec<&str> {
+/// Splits a line on the commas outside quoted strings, in which `\`
+/// escapes the next byte (a quoted-pair, RFC 9110 §5.6.4) and bytes
+/// beyond ASCII may stand (obs-text). `None` when a quoted string is left
+/// open. Read as text, or with every `"` taken for a quote, a valid
+/// `ext="a\"b", private` lost its `private`, and one byte beyond ASCII
+/// anywhere lost the whole line: either way one user's response was
+/// stored for all (review40c F3).
+fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out = Vec::new();
-    let (mut start, mut quoted) = (0, false);
-    for (i, c) in value.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => {
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, &byte) in value.iter().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
                 out.push(&value[start..i]);
                 start = i + 1;
             }
             _ => {}
         }
     }
+    if quoted {
+        return None;
+    }
     out.push(&value[start..]);
-    out
+    Some(out)
 }
 
 /// Parses every `Cache-Control` line. Unknown directives are ignored
@@ -83,16 +98,28 @@ pub fn parse(headers: &HeaderMap) -> CacheControl {
     let mut seen_max_age = false;
     let mut seen_s_maxage = false;
     for line in headers.get_all(header::CACHE_CONTROL) {
-        let Ok(line) = line.to_str() else { continue };
-        for directive in directives(line) {
-            let directive = directive.trim();
-            if directive.is_empty() {
-                continue;
-            }
-            let (name, value) = match directive.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim())),
+        let Some(list) = directives(line.as_bytes()) else {
+            cc.unreadable = true;
+            continue;
+        };
+        for directive in list {
+            let directive = directive.trim_ascii();
+            let (name, value) = match directive.iter().position(|&b| b == b'=') {
+                Some(at) => (
+                    directive[..at].trim_ascii(),
+                    Some(directive[at + 1..].trim_ascii()),
+                ),
                 None => (directive, None),
             };
+            // A name beyond ASCII is no directive this cache knows; a
+            // value beyond it is no number (read as empty: invalid).
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue;
+            }
+            let value = value.map(|v| std::str::from_utf8(v).unwrap_or(""));
             match name.to_ascii_lowercase().as_str() {
                 "no-store" => cc.no_store = true,
                 // Qualified forms (`no-cache="Set-Cookie"`) are treated as
@@ -150,6 +177,9 @@ pub fn parse_response(headers: &HeaderMap) -> CacheControl {
 /// no-cache` honoured when there is no `Cache-Control` (§5.4).
 pub fn parse_request(headers: &HeaderMap) -> CacheControl {
     let mut cc = parse(headers);
+    // Its `no-store` may be past the open quote: such a request goes past
+    // the cache, as with `no-store`.
+    cc.no_store |= cc.unreadable;
     if !headers.contains_key(header::CACHE_CONTROL)
         && headers
             .get_all(header::PRAGMA)
@@ -242,6 +272,9 @@ pub enum NotStored {
     /// A `Vary` member that is no field name (`"Cookie"`, `Cookie/1`), or
     /// a value that is not ASCII: what it varies on cannot be known.
     VaryInvalid,
+    /// A `Cache-Control` line that cannot be split into directives (see
+    /// [`CacheControl::unreadable`]).
+    CacheControlInvalid,
     NoFreshness,
 }
 
@@ -258,6 +291,7 @@ impl NotStored {
                 | NotStored::SetCookie
                 | NotStored::VaryStar
                 | NotStored::VaryInvalid
+                | NotStored::CacheControlInvalid
                 | NotStored::NoFreshness
         )
     }
@@ -272,6 +306,7 @@ impl NotStored {
             NotStored::SetCookie => "set-cookie",
             NotStored::VaryStar => "vary-star",
             NotStored::VaryInvalid => "vary-invalid",
+            NotStored::CacheControlInvalid => "cache-control-invalid",
             NotStored::NoFreshness => "no-freshness",
         }
     }
@@ -311,6 +346,12 @@ pub fn storable(
     }
     if (cc.no_store && !cc.must_understand) || request_cc.no_store {
         return Err(NotStored::NoStore);
+    }
+    // Whatever it holds, it may be `private` or `no-store`: the most
+    // restrictive reading (RFC 9111 §4.2.1), as nginx, which looks for
+    // `private` anywhere in the value, would not store it either.
+    if cc.unreadable {
+        return Err(NotStored::CacheControlInvalid);
     }
     if cc.private {
         return Err(NotStored::Private);

@@ -118,6 +118,33 @@ fn cache_control_parsing() {
             },
         ),
         (",,,", CacheControl::default()),
+        // RFC 9110 §5.6.4: a quoted-pair's `"` ends no quoted string, and
+        // obs-text may stand in one: neither hides what follows
+        // (review40c F3).
+        (
+            r#"max-age=60, ext="a\"b, c", private"#,
+            CacheControl {
+                max_age: Some(60),
+                private: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "max-age=60, x=\"caf\u{e9}\", private",
+            CacheControl {
+                max_age: Some(60),
+                private: true,
+                ..Default::default()
+            },
+        ),
+        // A quoted string left open: where the directives end is unknown.
+        (
+            "max-age=60, foo=\"bar, private",
+            CacheControl {
+                unreadable: true,
+                ..Default::default()
+            },
+        ),
         (
             "=,=x,max-age",
             CacheControl {
@@ -129,6 +156,15 @@ fn cache_control_parsing() {
     for (value, want) in cases {
         assert_eq!(cc(value), want, "{value:?}");
     }
+    // One unreadable line of two: the other's directives still count.
+    let two = parse(&headers(&[
+        ("cache-control", "public, max-age=60"),
+        ("cache-control", "x=\"open"),
+    ]));
+    assert!(two.unreadable && two.public && two.max_age == Some(60));
+    // A request's: it goes past the cache, as with `no-store`.
+    assert!(parse_request(&headers(&[("cache-control", r#"x="\", no-store"#)])).no_store);
+    assert!(parse_request(&headers(&[("cache-control", "x=\"open, no-store")])).no_store);
     // §5.4: Pragma: no-cache counts only without Cache-Control.
     assert!(parse_request(&headers(&[("pragma", "no-cache")])).no_cache);
     assert!(
@@ -462,6 +498,15 @@ fn storability_for_a_shared_cache() {
             &[("cache-control", "max-age=60"), ("vary", "\"Cookie\"")],
             none,
             Err(NotStored::VaryInvalid),
+        ),
+        // §4.2.1: the most restrictive reading of what cannot be read.
+        (
+            Method::GET,
+            &[],
+            200,
+            &[("cache-control", "max-age=60, x=\"open, private")],
+            none,
+            Err(NotStored::CacheControlInvalid),
         ),
         // §4.2.1: s-maxage wins over max-age for a shared cache.
         (

@@ -1268,7 +1268,7 @@ fn judge_304(
     }
     let updated = refreshed(cache, entry, not_modified, request_time);
     let cc = policy::parse_response(not_modified);
-    if cc.no_store || cc.private {
+    if cc.no_store || cc.private || cc.unreadable {
         Revalidated::Once(updated)
     } else {
         Revalidated::Store(updated)
