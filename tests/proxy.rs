@@ -886,6 +886,12 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
         // first serves `/admin/a` (review34c M1).
         "/x/..%2fadmin/a",
         "/x/%2E%2E%2Fadmin/a",
+        // `..;` is `..` to Tomcat, Jetty and Spring, `\` is `/` to IIS:
+        // routed by `/x/`, the first was cached on a route caching `/x/`
+        // only (review40c F1).
+        "/x/..;/admin/a",
+        "/x/..;jsessionid=1/admin/a",
+        "/x/..%5cadmin/a",
     ] {
         let answer = get(&client, &proxy.url(path)).await;
         assert_eq!(answer.header("x-backend"), "prefixed", "{path}");
@@ -894,6 +900,13 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
     let answer = raw_exchange(
         proxy.addr,
         "GET /café/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".as_bytes(),
+    )
+    .await;
+    assert!(answer.contains("x-backend: prefixed"), "{answer}");
+    // So is a raw `\`, which URL parsers would turn into `/` themselves.
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /x/..\\admin/a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(answer.contains("x-backend: prefixed"), "{answer}");

@@ -115,7 +115,8 @@ impl Router {
 }
 
 /// The path a route is chosen by: percent-escaped unreserved characters
-/// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), and `%2F` too, the escapes
+/// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), `%2F` too, and `\` and
+/// `%5C` read as `/`, the escapes
 /// kept written in upper-case hex (§6.2.2.1: `%3b` is `%3B`), non-ASCII
 /// characters escaped as UTF-8 (`é` is `%C3%A9`), repeated slashes merged
 /// and dot segments removed (§5.2.4), as nginx does before matching
@@ -126,9 +127,16 @@ impl Router {
 /// that resolves `/public/../admin` serves `/admin`, so the route, its
 /// upstream and its limits must be `/admin`'s too; one that decodes
 /// `%c3%a9` serves `/caf%C3%A9/`'s page, so that route must match it too.
+/// So must a backend that reads `\` as `/` (IIS, ASP.NET) or resolves
+/// `..;x` as `..` (Tomcat, Jetty, Spring; see [`remove_dot_segments`]):
+/// routed by `/static/`, `/static/..;/account` was stored for everyone
+/// on a route caching `/static/` only, which such a backend answered
+/// with the caller's own `/account` (review40c F1, web cache deception).
 /// The request itself is forwarded as the client wrote it. Paths without
-/// `%`, non-ASCII bytes, `//` or `/.` (nearly all) are returned as they
-/// are.
+/// `%`, `\`, non-ASCII bytes, `//` or `/.` (nearly all) are returned as
+/// they are.
+///
+/// [`remove_dot_segments`]: crate::cache::key::remove_dot_segments
 pub fn routing_path(path: &str) -> Cow<'_, str> {
     if is_plain(path.as_bytes()) || !path.starts_with('/') {
         return Cow::Borrowed(path);
@@ -140,14 +148,14 @@ pub fn routing_path(path: &str) -> Cow<'_, str> {
 }
 
 /// Whether `bytes` hold nothing [`routing_path`] would change: no `%`, no
-/// byte beyond ASCII, no `/` before `/` or `.`. Nearly every request stops
+/// `\`, no byte beyond ASCII, no `/` before `/` or `.`. Nearly every request stops
 /// here, so this allocates nothing, and the first test is a fold without
 /// branches, which compiles to vector instructions: it costs what a
 /// `memchr` for `%` alone did (callgrind, on typical paths).
 fn is_plain(bytes: &[u8]) -> bool {
-    let escape_or_utf8 = bytes
-        .iter()
-        .fold(0, |seen, &b| seen | (b & 0x80) | u8::from(b == b'%'));
+    let escape_or_utf8 = bytes.iter().fold(0, |seen, &b| {
+        seen | (b & 0x80) | u8::from(b == b'%') | u8::from(b == b'\\')
+    });
     escape_or_utf8 == 0
         && !bytes
             .windows(2)
@@ -155,24 +163,30 @@ fn is_plain(bytes: &[u8]) -> bool {
 }
 
 /// `path` with the escapes of unreserved characters and of `/` decoded,
-/// the other escapes in upper-case hex and non-ASCII characters escaped. A `%` that
-/// starts no escape is left as it is: it means nothing to decode.
+/// `\` and its escape read as `/`, the other escapes in upper-case hex
+/// and non-ASCII characters escaped. A `%` that starts no escape is left
+/// as it is: it means nothing to decode.
 fn normal_escapes(path: &str) -> String {
     let mut normal = String::with_capacity(path.len());
     let mut rest = path;
     while let Some((at, c)) = rest
         .char_indices()
-        .find(|&(_, c)| c == '%' || !c.is_ascii())
+        .find(|&(_, c)| c == '%' || c == '\\' || !c.is_ascii())
     {
         normal.push_str(&rest[..at]);
         rest = &rest[at..];
-        let taken = if c != '%' {
+        let taken = if c == '\\' {
+            normal.push('/');
+            1
+        } else if c != '%' {
             for &byte in c.encode_utf8(&mut [0; 4]).as_bytes() {
                 push_escape(&mut normal, byte);
             }
             c.len_utf8()
         } else if let Some(byte) = escaped_byte(rest.as_bytes()) {
-            if is_unreserved(byte) || byte == b'/' {
+            if byte == b'\\' {
+                normal.push('/');
+            } else if is_unreserved(byte) || byte == b'/' {
                 normal.push(char::from(byte));
             } else {
                 push_escape(&mut normal, byte);
@@ -355,6 +369,20 @@ mod tests {
             ("/a%c", "/a%c"),
             ("/.well-known/x", "/.well-known/x"),
             ("*", "*"),
+            // `\` is `/` to IIS and ASP.NET, and `..;x` is `..` to Tomcat,
+            // Jetty and Spring (review40c F1).
+            ("/static/..;/account", "/account"),
+            ("/static/..;x=1/account", "/account"),
+            ("/static/..%3b/account", "/account"),
+            ("/static/.%2e;x/account", "/account"),
+            ("/static/.;/x", "/static/x"),
+            ("/static/..\\account", "/account"),
+            ("/static/..%5caccount", "/account"),
+            ("/static/%2e%2e%5Caccount", "/account"),
+            ("/a\\b", "/a/b"),
+            // Path parameters on other segments stay.
+            ("/a;v=1/b", "/a;v=1/b"),
+            ("/a/..x;y/b", "/a/..x;y/b"),
         ];
         for (path, want) in cases {
             assert_eq!(routing_path(path), want, "{path}");
