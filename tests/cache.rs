@@ -812,6 +812,40 @@ async fn no_store_private_authorization_and_cookies_are_not_shared() {
     assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
 }
 
+/// A GET carrying a method override passes the cache by, neither
+/// answered from it nor stored for the others, and the override goes on:
+/// a client's `X-HTTP-Method-Override: HEAD` stored an empty 200 for
+/// everyone (review40c F2, cache-poisoned denial of service).
+#[tokio::test]
+async fn a_get_with_a_method_override_passes_the_cache_by() {
+    let addr = scripted_backend(|head| {
+        if head
+            .to_ascii_lowercase()
+            .contains("\r\nx-http-method-override: head\r\n")
+        {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nwhole"
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/page");
+    let overridden = [("x-http-method-override", "HEAD")];
+    let answer = get_with(&client, &url, &overridden).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
+    assert_eq!(answer.body, "");
+    let answer = get(&client, &url).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
+    assert_eq!(answer.body, "whole");
+    let answer = get_with(&client, &url, &overridden).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=bypass");
+    let answer = get(&client, &url).await;
+    assert_eq!(answer.header("cache-status"), "portico; hit");
+    assert_eq!(answer.body, "whole");
+}
+
 /// Behind a trusted balancer that ends TLS, `https` and `http` requests
 /// for one URL are stored apart: the key's scheme is the one the backend
 /// was told, so an answer for `http` (a redirect to https, say) never

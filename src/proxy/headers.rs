@@ -50,6 +50,8 @@ pub struct Seen {
     pub claims: bool,
     /// `Expect`.
     pub expect: bool,
+    /// One of the [`OVERRIDES`], in any spelling with `_`.
+    pub overrides_method: bool,
 }
 
 /// Forwarding fields portico does not write, which frameworks read as a
@@ -60,13 +62,45 @@ pub struct Seen {
 /// the client. From a client they are claims nobody checked, and on a
 /// caching route unkeyed inputs (Kettle's cache poisoning): they go on
 /// only from `trusted_proxies`, as `Forwarded` does (review36b F1).
-const CLAIMS: [&str; 5] = [
+/// So do the fields proxies in front of IIS and Apache write and
+/// frameworks take as the request's own: Symfony (before CVE-2018-14773)
+/// and Zend read `X-Original-URL` and `X-Rewrite-URL` as the path, so a
+/// client's swapped the page stored for another URL; others build links
+/// from `X-Host` and `X-Forwarded-Server` (review40c F2).
+const CLAIMS: [&str; 9] = [
     "x-real-ip",
     "x-forwarded-ssl",
     "x-forwarded-port",
     "x-forwarded-scheme",
     "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-host",
+    "x-forwarded-server",
 ];
+
+/// Fields frameworks take as the request's method in place of its own
+/// (Symfony, Laravel, Rails' Rack::MethodOverride, Express's
+/// method-override). Clients that cannot send PUT or DELETE send them on
+/// a POST, so they go on; but a GET or HEAD carrying one is no lookup the
+/// cache can answer or store for others: a client's `HEAD` override
+/// stored an empty 200 for everyone (cache-poisoned denial of service,
+/// CPDoS, review40c F2), so such a request passes the cache by.
+const OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether `name` is `written` with any of its `-` spelled `_` or not: the
+/// same variable to Rack, WSGI and PHP (`HTTP_X_REAL_IP`).
+fn spells(written: &str, name: &[u8]) -> bool {
+    written.len() == name.len()
+        && written
+            .bytes()
+            .zip(name)
+            .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
+}
 
 /// Removes hop-by-hop fields, including every field the `Connection` header
 /// names. The usual case, `Connection: keep-alive` or `close`, costs one
@@ -106,6 +140,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
             }
             Some(b'e') if name == "expect" => {
                 seen.expect = true;
+                continue;
+            }
+            Some(b'x') if OVERRIDES.iter().any(|o| spells(o, name.as_bytes())) => {
+                seen.overrides_method = true;
                 continue;
             }
             Some(b'x') if LOOKALIKE_LENGTHS.contains(&name.len()) && name.contains('_') => {
@@ -374,34 +412,41 @@ pub struct ClientInfo<'a> {
 }
 
 /// Prepares a request head for a backend: [`scrub_request`], then
-/// [`add_hop`]. Returns the scheme forwarded, as `scrub_request` does.
+/// [`add_hop`]. Returns the scheme forwarded, as [`scrub_request`] does.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     client: ClientInfo<'_>,
     content: bool,
     hop: Hop,
 ) -> &'static str {
-    let proto = scrub_request(headers, client, content);
+    let proto = scrub_request(headers, client, content).proto;
     add_hop(headers, hop);
     proto
+}
+
+/// What [`scrub_request`] tells its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Scrubbed {
+    /// The scheme forwarded, which the cache keys on.
+    pub proto: &'static str,
+    /// The request carries one of the [`OVERRIDES`]: a GET or HEAD that
+    /// does passes the cache by.
+    pub overrides_method: bool,
 }
 
 /// Hop-by-hop removal, then the forwarding fields that say where the
 /// client came in: `X-Forwarded-Proto` and `X-Forwarded-Host`. portico
 /// writes its own over the client's, except where a trusted proxy says
 /// otherwise (see [`relayed`]): behind a balancer that ends TLS, the
-/// backend must hear `https`. Returns the scheme forwarded: the cache keys
-/// on it, and a cached response that varies on these fields is looked up
+/// backend must hear `https`. Returns the scheme forwarded, and whether
+/// the method may be overridden ([`Scrubbed`]): the cache keys on the
+/// scheme, and a cached response that varies on these fields is looked up
 /// with the values its backend saw, which a client that is not trusted
 /// cannot choose. Without `content` (the request goes on without a
 /// body), `Expect` goes too: a client must not send `100-continue` on a
 /// request without content (RFC 9110 §10.1.1), and its client's upload
 /// turned out empty.
-pub fn scrub_request(
-    headers: &mut HeaderMap,
-    client: ClientInfo<'_>,
-    content: bool,
-) -> &'static str {
+pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>, content: bool) -> Scrubbed {
     let seen = remove_hop_by_hop(headers);
     if seen.expect && !content {
         headers.remove(header::EXPECT);
@@ -454,7 +499,10 @@ pub fn scrub_request(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
-    proto
+    Scrubbed {
+        proto,
+        overrides_method: seen.overrides_method,
+    }
 }
 
 /// The fields portico writes for its backends, by the names a CGI-style
@@ -470,7 +518,7 @@ const WRITTEN: [&str; 4] = [
 
 /// The lengths of the names in [`WRITTEN`] and [`CLAIMS`], so the pass
 /// over a head's names looks for `_` only in names as long as one.
-const LOOKALIKE_LENGTHS: [usize; 9] = [
+const LOOKALIKE_LENGTHS: [usize; 13] = [
     WRITTEN[0].len(),
     WRITTEN[1].len(),
     WRITTEN[2].len(),
@@ -480,6 +528,10 @@ const LOOKALIKE_LENGTHS: [usize; 9] = [
     CLAIMS[2].len(),
     CLAIMS[3].len(),
     CLAIMS[4].len(),
+    CLAIMS[5].len(),
+    CLAIMS[6].len(),
+    CLAIMS[7].len(),
+    CLAIMS[8].len(),
 ];
 
 /// Removes the fields whose names spell one portico writes with `_` for
@@ -491,13 +543,6 @@ const LOOKALIKE_LENGTHS: [usize; 9] = [
 /// spellings of the [`CLAIMS`] go too: dropped as `X-Real-IP`, a client's
 /// `X_Real_IP` would be the only one its backend reads (review36d M1).
 fn remove_lookalikes(headers: &mut HeaderMap, claims: bool) {
-    let spells = |written: &str, name: &[u8]| {
-        written.len() == name.len()
-            && written
-                .bytes()
-                .zip(name)
-                .all(|(w, &n)| w == n || (w == b'-' && n == b'_'))
-    };
     let lookalike = |name: &HeaderName| {
         let name = name.as_str().as_bytes();
         name.first() == Some(&b'x')
@@ -1218,7 +1263,7 @@ mod tests {
                 trusted,
                 ..client(Some(&host))
             };
-            let proto = scrub_request(&mut headers, info, false);
+            let proto = scrub_request(&mut headers, info, false).proto;
             let sent = |name| headers.get_all(name).iter().collect::<Vec<_>>();
             assert_eq!(sent(XFP), [proto], "{input:?}");
             let [host] = sent(XFH)[..] else {
@@ -1519,9 +1564,16 @@ mod tests {
             ("x-forwarded-port", "1337"),
             ("x-forwarded-prefix", "//evil.example"),
             ("x-real-ip", "6.6.6.6"),
+            // Read as the path, or to build links, by frameworks behind
+            // IIS or Apache (review40c F2).
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-host", "evil.example"),
+            ("x-forwarded-server", "evil.example"),
             // Read as the same variable by Rack, WSGI and PHP (review36d M1).
             ("x_real_ip", "7.7.7.7"),
             ("x-forwarded_port", "1"),
+            ("x_original_url", "/admin"),
             ("x-custom", "kept"),
         ];
         // A proxy trusted for `Forwarded` only does not vouch for them
@@ -1539,11 +1591,33 @@ mod tests {
                     ..client(None)
                 },
             );
-            for (name, _) in &given[..7] {
+            for (name, _) in &given[..given.len() - 1] {
                 assert_eq!(headers.contains_key(*name), kept, "{name} {trusted:?}");
             }
             assert_eq!(headers["x-custom"], "kept");
         }
+    }
+
+    /// A method override goes on, and is told to the caller, in any
+    /// spelling a framework reads (review40c F2).
+    #[test]
+    fn method_overrides_go_on_and_are_told() {
+        for name in [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "x_http_method_override",
+            "x-http_method",
+        ] {
+            let mut headers = map(&[(name, "HEAD")]);
+            assert!(
+                scrub_request(&mut headers, client(None), false).overrides_method,
+                "{name}"
+            );
+            assert_eq!(headers[name], "HEAD");
+        }
+        let mut headers = map(&[("x-http-method-overrides", "HEAD")]);
+        assert!(!scrub_request(&mut headers, client(None), false).overrides_method);
     }
 
     #[test]

@@ -707,19 +707,26 @@ impl Proxy {
                     // request's future.
                     && Box::pin(body.settle_within(SETTLE_WAIT)).await);
             let with_content = readable && !empty;
-            // The cache that may answer this request itself, if any.
-            let answering =
-                cache.filter(|_| readable && !with_content && upgrade.is_none() && back == 0);
+            // The scheme the backend is told, which the cache keys on.
+            let scrubbed = headers::scrub_request(&mut parts.headers, client, !empty);
+            let proto = scrubbed.proto;
+            // The cache that may answer this request itself, if any: not
+            // for a GET or HEAD a field may make another method (see
+            // `headers::OVERRIDES`).
+            let answering = cache.filter(|_| {
+                readable
+                    && !with_content
+                    && upgrade.is_none()
+                    && back == 0
+                    && !scrubbed.overrides_method
+            });
             // Such a request gets this hop in X-Forwarded-For and Via only
             // once it is on its way to a backend: a hit skips their cost,
             // and that of making the hop.
             let hop = || Hop::of(client, &self.pseudonym);
-            // The scheme the backend is told, which the cache keys on.
-            let proto = if answering.is_some() {
-                headers::scrub_request(&mut parts.headers, client, !empty)
-            } else {
-                headers::prepare_request(&mut parts.headers, client, !empty, hop())
-            };
+            if answering.is_none() {
+                headers::add_hop(&mut parts.headers, hop());
+            }
             // HTTP/2 carries the host in :authority; backends need a Host field.
             // The cache keys on it too: a clone shares the parsed bytes.
             if let Some(host) = &host {
@@ -761,8 +768,8 @@ impl Proxy {
                 trace.fwd = Some(if readable {
                     // A GET or HEAD here is a lookup the cache passed by,
                     // as `fwd=bypass` says: one with content, an upgrade,
-                    // or one back through this proxy again (a loop the
-                    // other hop will stop). `fwd=method` is for the
+                    // a method override, or one back through this proxy
+                    // again (a loop the other hop will stop). `fwd=method` is for the
                     // methods a cache never answers (review32d F4).
                     cache.counters.bypass.inc();
                     "bypass"
