@@ -42,25 +42,55 @@ impl Drop for AbortOnDrop {
 /// start one per cold URL with a one-byte range and leave.
 const BACKGROUND_READS: usize = 32;
 
-static READING: AtomicUsize = AtomicUsize::new(0);
+static READING: std::sync::LazyLock<Arc<Places>> = std::sync::LazyLock::new(Arc::default);
 
-/// One of at most `max` places counted in `taken`, given back when
-/// dropped, however what holds it ends (runtime shutdown too), or if it
-/// never began.
-#[derive(Debug)]
-pub struct Place(&'static AtomicUsize);
+/// A count of places taken, and a wake-up for whoever waits for none to
+/// be ([`Places::settled`]).
+#[derive(Debug, Default)]
+pub struct Places {
+    taken: AtomicUsize,
+    emptied: tokio::sync::Notify,
+}
 
-impl Place {
+impl Places {
     /// A place, unless all `max` are taken.
-    pub fn try_take(taken: &'static AtomicUsize, max: usize) -> Option<Place> {
-        let place = Place(taken);
-        (taken.fetch_add(1, Ordering::Relaxed) < max).then_some(place)
+    pub fn try_take(self: &Arc<Self>, max: usize) -> Option<Place> {
+        let place = Place(self.clone());
+        (self.taken.fetch_add(1, Ordering::AcqRel) < max).then_some(place)
+    }
+
+    /// How many are taken now.
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    /// Once no place is taken.
+    pub async fn settled(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            // Listening before looking, so a place given back in between
+            // still wakes this.
+            emptied.as_mut().enable();
+            if self.taken() == 0 {
+                return;
+            }
+            emptied.await;
+        }
     }
 }
 
+/// One of at most `max` places of a [`Places`], given back when dropped,
+/// however what holds it ends (runtime shutdown too), or if it never
+/// began.
+#[derive(Debug)]
+pub struct Place(Arc<Places>);
+
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.taken.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_waiters();
+        }
     }
 }
 
@@ -76,12 +106,14 @@ pub struct ReadPermit {
 impl ReadPermit {
     /// A place, unless all are taken.
     pub fn try_take() -> Option<ReadPermit> {
-        Place::try_take(&READING, BACKGROUND_READS).map(|_place| ReadPermit { _place })
+        READING
+            .try_take(BACKGROUND_READS)
+            .map(|_place| ReadPermit { _place })
     }
 
     /// Whether a place is free now (it may be gone when asked for).
     pub fn any_free() -> bool {
-        READING.load(Ordering::Relaxed) < BACKGROUND_READS
+        READING.taken() < BACKGROUND_READS
     }
 }
 
@@ -249,13 +281,37 @@ mod tests {
         assert_eq!(started.load(Ordering::SeqCst), BACKGROUND_READS);
         // Once they end, there is room again.
         drop(release);
-        assert!(until(|| READING.load(Ordering::SeqCst) == 0).await);
+        assert!(until(|| READING.taken() == 0).await);
         let ran = Arc::new(AtomicUsize::new(0));
         let counted = ran.clone();
         spawn_background_read(async move {
             counted.fetch_add(1, Ordering::SeqCst);
         });
         assert!(until(|| ran.load(Ordering::SeqCst) == 1).await);
+    }
+
+    /// `settled` is over at once with no place taken, and once the last
+    /// one taken is given back; a place refused past `max` is none.
+    #[tokio::test]
+    async fn places_settle_when_the_last_is_given_back() {
+        let places = Arc::new(Places::default());
+        let soon = Duration::from_millis(50);
+        assert!(tokio::time::timeout(soon, places.settled()).await.is_ok());
+        let first = places.try_take(2).expect("a first place");
+        let second = places.try_take(2).expect("a second place");
+        assert!(places.try_take(2).is_none());
+        assert_eq!(places.taken(), 2);
+        let waiting = tokio::spawn({
+            let places = places.clone();
+            async move { places.settled().await }
+        });
+        drop(first);
+        tokio::time::sleep(soon).await;
+        assert!(!waiting.is_finished());
+        drop(second);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .is_ok());
     }
 
     /// A task waker that counts its wakes.

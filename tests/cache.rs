@@ -3287,6 +3287,33 @@ async fn a_write_past_response_timeout_invalidates_again_later() {
     );
 }
 
+/// A graceful stop waits, within `shutdown_grace`, for the answer to a
+/// write whose client left: cut as the process exits, a backend that
+/// stops work when its client goes (Go's request context) may drop it
+/// half done.
+#[tokio::test]
+async fn a_shutdown_waits_for_the_answer_to_a_write_its_client_left() {
+    let (addr, writes) = answering_writes(
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    item_stored(&proxy, &client).await;
+    // Its idle keep-alive connection would hold the drain a second.
+    drop(client);
+    let cache = cache_of(&proxy);
+    post_and_leave(&proxy, &writes, "x=1").await;
+    proxy.stop().await;
+    // The 204 came, and dropped the copy, before the stop was over.
+    assert_eq!(
+        cache.stats().await.0,
+        0,
+        "the stop did not wait for the write's answer"
+    );
+}
+
 /// A write with a body whose client leaves as soon as the backend has it
 /// is carried out, and the copy must go. Cut for leaving within 20 ms of
 /// its upload's end, such a write left the old copy served for its whole

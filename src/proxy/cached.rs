@@ -19,7 +19,7 @@ use crate::cache::lock::{self, Claim, Leader, Locks};
 use crate::cache::policy::{self, CacheControl, Timing, Usable};
 use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{key, Cache, Entry};
-use crate::task::ReadPermit;
+use crate::task::{Places, ReadPermit};
 use crate::upstream::health::InFlight;
 use crate::upstream::Upstream;
 use crate::upstream::UpstreamBody;
@@ -1653,15 +1653,27 @@ pub(super) struct Owed {
     scheme: &'static str,
     host: String,
     target: String,
+    /// The proxy's writes going on after their client left, which a
+    /// shutdown waits for (see [`Proxy::detached_writes`]).
+    ///
+    /// [`Proxy::detached_writes`]: super::Proxy::detached_writes
+    detached: Arc<Places>,
 }
 
 impl Owed {
-    pub(super) fn new(cache: Arc<Cache>, scheme: &'static str, host: &str, target: String) -> Self {
+    pub(super) fn new(
+        cache: Arc<Cache>,
+        scheme: &'static str,
+        host: &str,
+        target: String,
+        detached: Arc<Places>,
+    ) -> Self {
         Owed {
             cache,
             scheme,
             host: host.to_owned(),
             target,
+            detached,
         }
     }
 
@@ -1768,9 +1780,6 @@ const DETACHED_MAX: usize = 256;
 /// be taken for whole (see [`Detachable`]'s drop).
 const UPLOAD_SETTLED: Duration = Duration::from_millis(20);
 
-/// Writes going on after their client left.
-static DETACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// How a write's exchange ended, and its trace.
 type Exchanged = (
     Result<(Response<UpstreamBody>, InFlight), ProxyError>,
@@ -1847,7 +1856,7 @@ impl Drop for Detachable<'_> {
             runtime.spawn(async move { owed.unanswered().await });
             return;
         }
-        let Some(place) = crate::task::Place::try_take(&DETACHED, DETACHED_MAX) else {
+        let Some(place) = self.owed.detached.try_take(DETACHED_MAX) else {
             tracing::debug!(
                 "a write's client left; too many such writes going on to wait for its answer"
             );

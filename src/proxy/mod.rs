@@ -115,6 +115,10 @@ pub struct Proxy {
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
+    /// Writes going on after their client left (see
+    /// `cached::forward_write`), in every generation: a shutdown waits
+    /// for them within its grace.
+    detached: Arc<crate::task::Places>,
     /// Set when `shutdown_grace` ran out with responses still going: the
     /// access lines of those cut then say `end=shutdown`. Shared by every
     /// generation.
@@ -377,6 +381,7 @@ impl Proxy {
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
+            detached: previous.map_or_else(Arc::default, |p| p.detached.clone()),
             cut_off: previous.map_or_else(Default::default, |p| p.cut_off.clone()),
         }
     }
@@ -413,6 +418,12 @@ impl Proxy {
     pub fn cut_off(&self) {
         self.cut_off
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The writes going on after their client left, every generation's:
+    /// a shutdown waits for them to be answered, within its grace.
+    pub fn detached_writes(&self) -> Arc<crate::task::Places> {
+        self.detached.clone()
     }
 
     /// The name this instance gives itself in the Via of the requests it
@@ -762,7 +773,13 @@ impl Proxy {
                 .filter(|_| !is_safe(&parts.method))
                 .map(|cache| {
                     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                    cached::Owed::new(cache.clone(), proto, host_name, target.to_owned())
+                    cached::Owed::new(
+                        cache.clone(),
+                        proto,
+                        host_name,
+                        target.to_owned(),
+                        self.detached.clone(),
+                    )
                 });
             if let Some(cache) = cache {
                 trace.fwd = Some(if readable {

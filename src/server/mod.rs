@@ -569,8 +569,23 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     shared.draining.store(true, Ordering::Relaxed);
     shared.listeners.close();
     trigger.fire();
+    let deadline = tokio::time::Instant::now() + grace;
+    let detached = shared.proxy.load().detached_writes();
+    // What is still going when the grace runs out, if anything.
     let drained = tokio::select! {
-        drained = drain.wait(grace) => Some(drained),
+        left = async {
+            if !drain.wait(grace).await {
+                return Some("connections still open; closing them");
+            }
+            // Writes whose clients left, still waiting on their
+            // backends' answers: cut as the process exits, a backend
+            // that stops work when its client goes (Go's request
+            // context) may drop them half done.
+            if tokio::time::timeout_at(deadline, detached.settled()).await.is_err() {
+                return Some("writes whose clients left still waiting on their backends; cutting them");
+            }
+            None
+        } => Some(left),
         () = crate::signal::hurried() => None,
     };
     // Closed now, not only as the process exits: a process that goes on
@@ -580,9 +595,9 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
         cut_all.fire();
     };
     match drained {
-        Some(true) => tracing::info!("all connections drained"),
-        Some(false) => {
-            tracing::warn!("shutdown_grace elapsed with connections still open; closing them");
+        Some(None) => tracing::info!("all connections drained"),
+        Some(Some(left)) => {
+            tracing::warn!("shutdown_grace elapsed with {left}");
             cut_them();
         }
         None => {
