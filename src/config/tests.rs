@@ -259,11 +259,19 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:2:29: server.listen[1]: 0.0.0.0:7000 overlaps 127.0.0.1:7000 of server.listen[0]: a wildcard address takes its port on every address",
                 "test.toml:3:19: server.max_header_size: must be at least 8KiB (HTTP/1.1 heads are read into a buffer of that size)",
-                "test.toml:5:10: admin.listen: [::]:7000 overlaps 127.0.0.1:7000 of server.listen[0]: a wildcard address takes its port on every address",
+                "test.toml:5:10: admin.listen: [::]:7000 overlaps 127.0.0.1:7000 of server.listen[0]: portico's [::]:7000 takes IPv4 clients too (dual-stack, whatever net.ipv6.bindv6only says), so list it alone",
                 "test.toml:6:14: admin.token_file: cannot read admin token_file /nonexistent/admin.token: No such file or directory (os error 2)",
                 "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
                 "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
                 "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, `#`, spaces or control characters",
+            ],
+        ),
+        (
+            // nginx's dual-stack pair, whose `[::]` is IPv6 only: portico's
+            // takes IPv4 too (review40d M1).
+            "[server]\nlisten = [\"0.0.0.0:7000\", \"[::]:7000\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:27: server.listen[1]: [::]:7000 overlaps 0.0.0.0:7000 of server.listen[0]: portico's [::]:7000 takes IPv4 clients too (dual-stack, whatever net.ipv6.bindv6only says), so list it alone",
             ],
         ),
         (

@@ -146,11 +146,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                     format!("{used} overlaps {addr}, {key}'s default; set {key} elsewhere"),
                 );
             } else {
-                r.at(
-                    span,
-                    key,
-                    format!("{addr} overlaps {used} of {first}: a wildcard address takes its port on every address"),
-                );
+                r.at(span, key, overlap_message(addr, *used, first));
             }
             return;
         }
@@ -451,6 +447,26 @@ fn name_problem(name: &str) -> Option<&'static str> {
         Some("`_none` is taken: it labels the requests no route matched")
     } else {
         None
+    }
+}
+
+/// Why `addr` cannot be bound beside `used` (of the key `first`).
+fn overlap_message(addr: SocketAddr, used: SocketAddr, first: &str) -> String {
+    let dual = [addr, used]
+        .iter()
+        .any(|a| a.is_ipv6() && a.ip().is_unspecified())
+        && [addr, used].iter().any(SocketAddr::is_ipv4);
+    if dual {
+        // nginx's `listen 80; listen [::]:80;`, whose `[::]` is IPv6 only.
+        format!(
+            "{addr} overlaps {used} of {first}: portico's [::]:{} takes IPv4 clients too \
+             (dual-stack, whatever net.ipv6.bindv6only says), so list it alone",
+            addr.port()
+        )
+    } else {
+        format!(
+            "{addr} overlaps {used} of {first}: a wildcard address takes its port on every address"
+        )
     }
 }
 

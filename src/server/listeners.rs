@@ -98,13 +98,19 @@ pub(super) fn wanted(config: &Config, acceptors: &[TlsAcceptor]) -> Vec<(SocketA
 }
 
 /// Binds `addr` now, as `TcpListener::bind` would (SO_REUSEADDR, backlog
-/// 1024), naming the address on failure. Needs a tokio runtime.
+/// 1024), naming the address on failure. Needs a tokio runtime. An IPv6
+/// socket takes IPv4 clients too (`IPV6_V6ONLY` off) whatever the host's
+/// `net.ipv6.bindv6only` says, as the config's checks take `[::]:P` to:
+/// with the sysctl on, `[::]:P` served IPv6 alone, and the IPv4 wildcard
+/// beside it was refused as overlapping (review40d M1).
 pub(super) fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let attempt = || {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
-            TcpSocket::new_v6()?
+            let socket = TcpSocket::new_v6()?;
+            socket2::SockRef::from(&socket).set_only_v6(false)?;
+            socket
         };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
@@ -261,5 +267,21 @@ fn spawn(
         configured,
         mode,
         stop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An IPv6 wildcard listener takes IPv4 clients whatever the host's
+    /// `net.ipv6.bindv6only` (review40d M1); skipped where IPv6 is off.
+    #[tokio::test]
+    async fn an_ipv6_wildcard_listener_takes_ipv4_clients() {
+        let Ok(listener) = super::bind_now("[::]:0".parse().unwrap()) else {
+            return;
+        };
+        assert!(!socket2::SockRef::from(&listener).only_v6().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let connected = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        assert!(connected.is_ok(), "{connected:?}");
     }
 }
