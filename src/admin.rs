@@ -88,7 +88,7 @@ pub fn warn_if_short(token: Option<&str>) {
 /// loopback: `/metrics` and `/status` (the backends' addresses) answer
 /// anyone who reaches the port, and the token crosses it in clear text.
 pub fn exposed(addr: SocketAddr) -> Option<&'static str> {
-    (!addr.ip().is_loopback()).then_some(
+    (!addr.ip().to_canonical().is_loopback()).then_some(
         "admin listens beyond loopback: /metrics and /status answer without a token, and the token travels unencrypted; keep the port behind a firewall",
     )
 }
@@ -539,6 +539,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loopback in any spelling is not exposed (review40d L2).
+    #[test]
+    fn loopback_in_any_spelling_is_not_exposed() {
+        for addr in ["127.0.0.1:9000", "[::1]:9000", "[::ffff:127.0.0.1]:9000"] {
+            assert_eq!(exposed(addr.parse().unwrap()), None, "{addr}");
+        }
+        assert!(exposed("[::]:9000".parse().unwrap()).is_some());
+    }
 
     #[test]
     fn a_purge_is_everything_only_when_asked_with_no_query() {

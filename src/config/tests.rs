@@ -267,6 +267,15 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // One backend in its two spellings, and the IPv6 spelling of
+            // 0.0.0.0 (review40d L2).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:7001\", \"[::ffff:127.0.0.1]:7001\", \"[::ffff:0.0.0.0]:80\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:31: upstream[0].backends[1]: backend [::ffff:127.0.0.1]:7001 is listed twice",
+                "test.toml:3:58: upstream[0].backends[2]: backend [::ffff:0.0.0.0]:80 cannot be connected to",
+            ],
+        ),
+        (
             // nginx's dual-stack pair, whose `[::]` is IPv6 only: portico's
             // takes IPv4 too (review40d M1).
             "[server]\nlisten = [\"0.0.0.0:7000\", \"[::]:7000\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
@@ -751,4 +760,28 @@ fn trusting_every_address_is_found_however_it_is_written() {
     ] {
         assert_eq!(warning(some), None, "{some:?}");
     }
+}
+
+/// A block written in IPv4-mapped form is the IPv4 block it stands for,
+/// so it trusts the proxy on an IPv4 listener and as a forwarding hop too
+/// (review40d L3).
+#[test]
+fn a_mapped_trusted_block_is_read_as_the_ipv4_block() {
+    let config = check(
+        "[server]\ntrusted_proxies = [\"::ffff:127.0.0.0/104\", \"::ffff:10.0.0.1\", \"fd00::/8\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let blocks: Vec<String> = config
+        .server
+        .trusted_proxies
+        .iter()
+        .map(|c| format!("{}/{}", c.addr, c.prefix))
+        .collect();
+    assert_eq!(blocks, ["127.0.0.0/8", "10.0.0.1/32", "fd00::/8"]);
+    let trusted = |ip: &str| {
+        crate::limit::client::trusted(ip.parse().unwrap(), &config.server.trusted_proxies)
+    };
+    assert!(trusted("127.0.0.2"));
+    assert!(trusted("::ffff:127.0.0.2"));
+    assert!(!trusted("128.0.0.1"));
 }

@@ -744,7 +744,10 @@ fn upstream(
         let Some(addr) = socket_addr(r, &bkey, text, span.clone()) else {
             continue;
         };
-        if addr.port() == 0 || addr.ip().is_unspecified() {
+        // `[::ffff:127.0.0.1]:P` is `127.0.0.1:P`, for these checks: both
+        // listed ran as two backends of double weight (review40d L2).
+        let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        if addr.port() == 0 || canonical.ip().is_unspecified() {
             r.at(
                 span,
                 &bkey,
@@ -773,7 +776,7 @@ fn upstream(
             );
             continue;
         }
-        if !seen.insert(addr) {
+        if !seen.insert(canonical) {
             r.at(span, &bkey, format!("backend {addr} is listed twice"));
             continue;
         }
@@ -1213,6 +1216,18 @@ fn cidr(text: &str) -> Result<Cidr, String> {
         return Err(format!(
             "`{text}` has host bits set: write \"{network}/{prefix}\" for the block or \"{addr}\" for one address"
         ));
+    }
+    // `::ffff:10.0.0.0/104` is the IPv4 block 10.0.0.0/8: matched as
+    // written, it trusted a proxy reaching a dual-stack listener but not
+    // the same proxy on an IPv4 one, nor as a forwarding hop (review40d
+    // L3).
+    if let IpAddr::V6(v6) = addr {
+        if let Some(v4) = v6.to_ipv4_mapped().filter(|_| prefix >= 96) {
+            return Ok(Cidr {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
     }
     Ok(Cidr { addr, prefix })
 }

@@ -31,8 +31,8 @@ pub enum ClientKey {
 }
 
 /// A dual-stack (`[::]`) listener sees an IPv4 proxy as `::ffff:a.b.c.d`:
-/// it is matched as the IPv4 address it is, and as written (for a block
-/// given as `::ffff:10.0.0.0/104`).
+/// it is matched as the IPv4 address it is (a block written
+/// `::ffff:10.0.0.0/104` is read as 10.0.0.0/8), and as written.
 pub fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
     let canonical = ip.to_canonical();
     let mapped = canonical != ip;

@@ -62,7 +62,7 @@ impl BackendOptions {
 /// Both the `order-backend` process and `portico demo`, whose proxy serves
 /// them, say so (review35c 7: only the former did).
 pub fn warn_if_public(addr: SocketAddr) {
-    if !addr.ip().is_loopback() {
+    if !addr.ip().to_canonical().is_loopback() {
         tracing::warn!(
             %addr,
             "listening beyond loopback: the sample order backend serves test endpoints (/echo, /echo/headers, /bytes/N, /cache/..., /ws/echo) that no public service should"
