@@ -41,11 +41,21 @@ pub fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
         .any(|cidr| cidr.contains(ip) || (mapped && cidr.contains(canonical)))
 }
 
-/// IPv4-mapped IPv6 becomes IPv4; other IPv6 is cut to its /64.
+/// NAT64's well-known prefix (RFC 6052 §2.1): `64:ff9b::a.b.c.d` is the
+/// IPv4 client a.b.c.d behind a translator.
+const NAT64: u128 = 0x0064_ff9b << 96;
+
+/// IPv4-mapped IPv6, and IPv4 behind NAT64's well-known prefix, become
+/// IPv4: cut to a /64, every IPv4 client of a translator shared one
+/// budget (review40d L4). Other IPv6 is cut to its /64.
 pub fn normalize(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
+            None if u128::from(v6) >> 32 == NAT64 >> 32 => {
+                // The low 32 bits: the embedded address.
+                IpAddr::V4(std::net::Ipv4Addr::from(u128::from(v6) as u32))
+            }
             None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         },
         v4 => v4,
@@ -485,6 +495,20 @@ mod tests {
         assert_eq!(
             normalize("::ffff:192.0.2.1".parse().unwrap()),
             "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        // IPv4 clients behind NAT64 each have their own (review40d L4).
+        assert_eq!(
+            normalize("64:ff9b::192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        assert_ne!(
+            normalize("64:ff9b::192.0.2.1".parse().unwrap()),
+            normalize("64:ff9b::192.0.2.2".parse().unwrap())
+        );
+        // Only the /96: a neighbour of it is an IPv6 client.
+        assert_eq!(
+            normalize("64:ff9b:0:1::1".parse().unwrap()),
+            "64:ff9b:0:1::".parse::<IpAddr>().unwrap()
         );
     }
 
