@@ -73,6 +73,7 @@ use route::Router;
 /// What the server knows about the connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct Conn {
+    /// The TCP peer; an IPv4 client of a dual-stack listener as IPv4.
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
@@ -82,12 +83,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+        // IPv4 clients of a dual-stack listener as IPv4, as backends and
+        // every log line would see them on an IPv4 one: the access line
+        // said `127.0.0.1` where the server's lines about the same
+        // connection said `[::ffff:127.0.0.1]:port` (review40d L5).
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         Conn {
             peer,
             proto,
-            // IPv4 clients of a dual-stack listener as IPv4, as backends
-            // would see them on an IPv4 one.
-            forwarded_for: headers::forwarded_for(peer.ip().to_canonical()),
+            forwarded_for: headers::forwarded_for(peer.ip()),
         }
     }
 }
@@ -1264,6 +1268,20 @@ fn declared_length(request: &Request<Incoming>) -> Result<Option<u64>, ProxyErro
 
 #[cfg(test)]
 mod tests {
+    use super::Conn;
+    use std::net::SocketAddr;
+
+    /// An IPv4 client of a dual-stack listener is the IPv4 peer it is, in
+    /// every line about its connection (review40d L5).
+    #[test]
+    fn a_dual_stack_ipv4_peer_is_ipv4() {
+        let conn = Conn::new("[::ffff:127.0.0.1]:5000".parse().unwrap(), "http");
+        assert_eq!(conn.peer, "127.0.0.1:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(conn.forwarded_for, "127.0.0.1");
+        let v6 = Conn::new("[::1]:5000".parse().unwrap(), "http");
+        assert_eq!(v6.peer, "[::1]:5000".parse::<SocketAddr>().unwrap());
+    }
+
     #[test]
     fn max_forwards_is_spent_at_zero_and_taken_down_otherwise() {
         let after = |value: &str| {
