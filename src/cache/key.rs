@@ -22,10 +22,12 @@ pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
 }
 
 /// `host` without its `scheme`'s default port: `a.example:80` over http is
-/// `a.example`, as `a.example:443` is over https.
+/// `a.example`, as `a.example:443` is over https, and `a.example:` is too
+/// (an empty port is the default one, RFC 3986 §6.2.3; it was a second
+/// key for the same resource, review40d L1).
 fn without_default_port<'a>(scheme: &str, host: &'a str) -> &'a str {
-    host.strip_suffix(":80")
-        .filter(|_| scheme == "http")
+    host.strip_suffix(':')
+        .or_else(|| host.strip_suffix(":80").filter(|_| scheme == "http"))
         .or_else(|| host.strip_suffix(":443").filter(|_| scheme == "https"))
         .unwrap_or(host)
 }
@@ -277,6 +279,8 @@ mod tests {
             primary("http", "example.com:8080", "/"),
             "GET|http|example.com:8080|/"
         );
+        assert_eq!(primary("http", "[::1]:", "/"), "GET|http|[::1]|/");
+        assert_eq!(primary("https", "a.example:", "/"), "GET|https|a.example|/");
         assert_eq!(path_of("GET|http|h|/users/1?x=1\naccept:a"), "/users/1?x=1");
     }
 
