@@ -424,11 +424,15 @@ fn purge_request(query: Option<&str>) -> Result<Purge, String> {
             let host = host.escape_debug();
             return Err(format!("`{host}` is not a host: {USAGE}"));
         }
-        // Keys hold the host without its scheme's default port.
-        for default in [":80", ":443"] {
+        // Keys hold the host without its scheme's default port (or an
+        // empty one), and an IPv6 literal in one spelling.
+        for default in [":80", ":443", ":"] {
             if let Some(bare) = host.strip_suffix(default) {
                 *host = bare.to_owned();
             }
+        }
+        if let Some(canonical) = crate::proxy::headers::canonical_literal(host) {
+            *host = canonical;
         }
     }
     match (prefix, host) {

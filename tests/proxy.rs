@@ -853,6 +853,34 @@ async fn a_request_matching_no_route_gets_404() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// A request's IPv6 literal Host is read in one spelling, the one route
+/// hosts are written in: `[0:0::1]` missed the route for `[::1]`
+/// (review40d L1), and the backend is told that spelling.
+#[tokio::test]
+async fn an_ipv6_host_spelled_otherwise_reaches_its_route() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.routes = vec![Route {
+        host: HostMatch::Exact("[::1]".into()),
+        path_prefix: "/".into(),
+        upstream: 0,
+        cache: false,
+        rate_limit: false,
+        name: "v6".into(),
+    }];
+    let proxy = start_proxy(config).await;
+    for host in ["[::1]", "[0:0::1]:8080", "[0000::0001]"] {
+        let request = Request::get(proxy.url("/echo/headers"))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = send(&client(), request).await;
+        assert_eq!(answer.status, StatusCode::OK, "{host}");
+        let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert!(seen["host"].to_string().contains("[::1]"), "{host}: {seen}");
+    }
+}
+
 /// A route's prefix and a request's path are compared in one normal form:
 /// the hex case of an escape, or a character sent raw or escaped, cannot
 /// take a request past its route to the catch-all one.

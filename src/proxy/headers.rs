@@ -35,6 +35,17 @@ pub(crate) fn list_members<'a>(
         .map(|member| member.trim_matches([' ', '\t']))
 }
 
+/// A host that is a bracketed IPv6 literal, with what follows it (a
+/// port), in RFC 5952's one text form (`[0:0::1]:8080` is `[::1]:8080`,
+/// as route hosts are read), when written otherwise; `None` for any
+/// other host.
+pub(crate) fn canonical_literal(host: &str) -> Option<String> {
+    let (literal, port) = host.strip_prefix('[')?.split_once(']')?;
+    let addr: std::net::Ipv6Addr = literal.parse().ok()?;
+    let canonical = format!("[{addr}]{port}");
+    (canonical != host).then_some(canonical)
+}
+
 /// What the pass over a head's names in [`remove_hop_by_hop`] saw, for
 /// the callers' own checks, which then cost no lookup of their own.
 #[derive(Debug, Clone, Copy, Default)]

@@ -621,7 +621,7 @@ impl Proxy {
             if back >= 2 {
                 return Err(ProxyError::Loop);
             }
-            let host = request_host(&request)?;
+            let host = request_host(&request)?.map(canonical_host);
             let (index, route) = self
                 .router
                 .find(
@@ -1229,6 +1229,21 @@ fn request_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, Prox
     }
 }
 
+/// `host` with a bracketed IPv6 literal in its one text form (RFC 5952:
+/// `[0:0::1]:8080` is `[::1]:8080`), which route hosts are read into: one
+/// address spelled otherwise missed its route, and was another cache key
+/// and purge host (review40d L1). Every other host is left as it is.
+fn canonical_host(host: HeaderValue) -> HeaderValue {
+    if host.as_bytes().first() != Some(&b'[') {
+        return host;
+    }
+    host.to_str()
+        .ok()
+        .and_then(headers::canonical_literal)
+        .and_then(|canonical| HeaderValue::from_str(&canonical).ok())
+        .unwrap_or(host)
+}
+
 /// Whether a field value begins or ends with a space or a tab.
 fn padded(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
@@ -1244,10 +1259,21 @@ fn same_host(host: &[u8], authority: &str, scheme: Option<&str>) -> bool {
         _ => &b":80"[..],
     };
     let strip = |name: &[u8]| name.strip_suffix(default).map_or(name.len(), <[u8]>::len);
-    let authority = authority.as_bytes();
-    if host == authority {
+    if host == authority.as_bytes() {
         return true;
     }
+    // One IPv6 address in two spellings (`[0::1]`, `[::1]`).
+    let respelled = match (host.first(), std::str::from_utf8(host)) {
+        (Some(b'['), Ok(text)) => Some((
+            headers::canonical_literal(text).unwrap_or_else(|| text.to_owned()),
+            headers::canonical_literal(authority).unwrap_or_else(|| authority.to_owned()),
+        )),
+        _ => None,
+    };
+    let (host, authority) = match &respelled {
+        Some((host, authority)) => (host.as_bytes(), authority.as_bytes()),
+        None => (host, authority.as_bytes()),
+    };
     let (h, a) = (strip(host), strip(authority));
     host[..h].eq_ignore_ascii_case(&authority[..a])
 }
@@ -1312,5 +1338,18 @@ mod tests {
         assert!(!same_host(b"a.example:443", "a.example", Some("http")));
         assert!(!same_host(b"a.example:8080", "a.example", Some("http")));
         assert!(!same_host(b"b.example", "a.example", Some("http")));
+        // One IPv6 address, spelled two ways (review40d L1).
+        assert!(same_host(b"[::1]", "[0::1]", Some("http")));
+        assert!(same_host(b"[0:0::1]:80", "[::1]", Some("http")));
+        assert!(same_host(b"[::ABCD]", "[::abcd]", Some("http")));
+        assert!(!same_host(b"[::1]", "[::2]", Some("http")));
+        assert!(!same_host(b"[::1]:8080", "[::1]", Some("http")));
+        // A request's host is the one spelling routes and keys use.
+        let canonical = |h: &str| super::canonical_host(http::HeaderValue::from_str(h).unwrap());
+        assert_eq!(canonical("[0:0::0001]:8080"), "[::1]:8080");
+        assert_eq!(canonical("[::FFFF:7f00:1]"), "[::ffff:127.0.0.1]");
+        assert_eq!(canonical("[::1]"), "[::1]");
+        assert_eq!(canonical("[v1.x]"), "[v1.x]");
+        assert_eq!(canonical("A.example:80"), "A.example:80");
     }
 }
