@@ -208,8 +208,32 @@ fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime
             word_start = !c.is_ascii_alphabetic();
         }
         let fixed = fixed.replace("Gmt", "GMT");
-        httpdate::parse_http_date(&fixed).ok()
+        httpdate::parse_http_date(&fixed)
+            .ok()
+            .or_else(|| any_day_name(&fixed))
     })
+}
+
+/// `value` read whatever day name it starts with: the name says nothing
+/// the date does not, and senders get it wrong (`Thu Aug  8 ... 2050`, a
+/// Monday, is http-tests/cache-tests' asctime date). httpdate refuses a
+/// wrong one; nginx and Varnish read the date (review40e).
+fn any_day_name(value: &str) -> Option<SystemTime> {
+    const SHORT: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const LONG: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let (day, rest) = value.split_at(value.find([',', ' '])?);
+    let names = if day.len() > 3 { LONG } else { SHORT };
+    names
+        .iter()
+        .find_map(|name| httpdate::parse_http_date(&format!("{name}{rest}")).ok())
 }
 
 /// The first member of the `Age` field (a list value such as `7200, 0`

@@ -761,6 +761,23 @@ fn expires_in_every_http_date_format_and_any_letter_case() {
         explicit_lifetime(&asctime, &cc),
         Some(Duration::from_secs(3600))
     );
+    // A wrong day name is read past, in each format (review40e: 8 August
+    // 2050 is a Monday).
+    for expires in [
+        "Thu Aug  8 02:01:18 2050",
+        "Thu, 08 Aug 2050 02:01:18 GMT",
+        "Thursday, 08-Aug-50 02:01:18 GMT",
+    ] {
+        let wrong = headers(&[
+            ("date", "Mon, 08 Aug 2050 01:01:18 GMT"),
+            ("expires", expires),
+        ]);
+        assert_eq!(
+            explicit_lifetime(&wrong, &cc),
+            Some(Duration::from_secs(3600)),
+            "{expires}"
+        );
+    }
     // Not a date at all: already expired (§5.3).
     let lifetime = explicit_lifetime(&headers(&[date, ("expires", "0")]), &cc);
     assert_eq!(lifetime, Some(Duration::ZERO));
