@@ -213,29 +213,21 @@ fn without_dot_segments(path_and_query: &str) -> String {
 }
 
 /// RFC 3986 §5.2.4: `.` and `..` segments of an absolute path (`/...`)
-/// removed; a final one leaves its slash. For `routing`, as the most
-/// liberal backend resolves the path: empty segments (`//`) go too, but
-/// a trailing slash stays, as nginx merges them before matching
-/// locations; and a dot segment with path parameters (`..;x`, `..%3B`)
-/// is one, as Tomcat, Jetty and Spring strip the parameters of each
-/// segment before they resolve dots.
-pub fn remove_dot_segments(path: &str, routing: bool) -> String {
+/// removed; a final one leaves its slash. With `merge_slashes`, empty
+/// segments (`//`) go too, but a trailing slash stays, as nginx merges
+/// them before matching locations.
+pub fn remove_dot_segments(path: &str, merge_slashes: bool) -> String {
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
     let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     for (i, segment) in segments.into_iter().enumerate() {
-        let dots = if routing {
-            without_parameters(segment)
-        } else {
-            segment
-        };
-        match dots {
+        match segment {
             "." => {}
             ".." => {
                 kept.pop();
             }
-            "" if routing && i != last => continue,
-            _ => {
+            "" if merge_slashes && i != last => continue,
+            segment => {
                 kept.push(segment);
                 continue;
             }
@@ -246,18 +238,6 @@ pub fn remove_dot_segments(path: &str, routing: bool) -> String {
         }
     }
     format!("/{}", kept.join("/"))
-}
-
-/// A segment up to its path parameters (`;`, or `%3B` as routing writes
-/// it): what a backend that strips them resolves as `.` or `..`.
-fn without_parameters(segment: &str) -> &str {
-    let end = segment
-        .find(';')
-        .into_iter()
-        .chain(segment.find("%3B"))
-        .min()
-        .unwrap_or(segment.len());
-    &segment[..end]
 }
 
 #[cfg(test)]

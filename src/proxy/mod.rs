@@ -628,6 +628,11 @@ impl Proxy {
                     host.as_ref().and_then(|h| h.to_str().ok()),
                     request.uri().path(),
                 )
+                .map_err(|route::Ambiguous| {
+                    ProxyError::BadRequest(
+                        "ambiguous path: backends that read `;` or `\\` otherwise would take it for another route's",
+                    )
+                })?
                 .ok_or(ProxyError::NoRoute)?;
             trace.route = Some(index);
             let upstream = &self.upstreams[route.upstream];
