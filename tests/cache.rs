@@ -3202,10 +3202,7 @@ async fn a_write_its_client_left_is_judged_by_its_answer() {
 #[tokio::test]
 async fn a_write_lost_on_one_backend_and_refused_by_the_next_invalidates() {
     let (lost, _) = answering_writes(b"", Duration::ZERO).await;
-    let refusing = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let (refusing, _held) = refusing_addr();
     let listen = vec!["127.0.0.1:0".parse().unwrap()];
     let proxy = start_proxy(with_cache(Config::single_upstream(
         listen,

@@ -1024,11 +1024,9 @@ async fn a_keep_alive_race_resend_shows_in_the_access_line() {
 /// (review33b F3).
 #[tokio::test]
 async fn retries_of_refused_connects_are_not_taken_from_the_budget() {
-    // Both bound before either closes: two ports.
-    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = vec![a.local_addr().unwrap(), b.local_addr().unwrap()];
-    drop((a, b));
+    let (a, _held_a) = refusing_addr();
+    let (b, _held_b) = refusing_addr();
+    let dead = vec![a, b];
     // Closed: every attempt meets a refusal, ejected or not (when all are
     // out, ejected backends take traffic again).
     let mut config =

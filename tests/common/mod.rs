@@ -170,6 +170,16 @@ pub async fn start_backend(opts: BackendOptions) -> RunningBackend {
 }
 
 /// One upstream over `backends`, one catch-all route, limits at defaults.
+/// An address whose connects are refused for as long as the socket
+/// returned lives: bound and never listening, so no other test running
+/// alongside can take the port. A listener dropped to free its port
+/// could find it bound again by another test, which then answered.
+pub fn refusing_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
+}
+
 pub fn config_for(backends: &[&RunningBackend]) -> Config {
     Config::single_upstream(
         vec!["127.0.0.1:0".parse().unwrap()],
