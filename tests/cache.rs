@@ -3311,6 +3311,49 @@ async fn a_shutdown_waits_for_the_answer_to_a_write_its_client_left() {
     );
 }
 
+/// The same over HTTP/2, whose streams run in tasks of their own: a
+/// write whose connection ended while the stream's task still held it
+/// was not waited for (review40f M1: 7 of 30 runs).
+#[tokio::test]
+async fn a_shutdown_waits_for_an_http2_write_whose_connection_ended() {
+    let (addr, writes) = answering_writes(
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    item_stored(&proxy, &client).await;
+    drop(client);
+    let cache = cache_of(&proxy);
+    let (mut sender, connection) = h2c_connection::<Full<Bytes>>(proxy.addr).await;
+    let post = Request::post(proxy.url("/item"))
+        .body(Full::new(Bytes::from_static(b"x=1")))
+        .unwrap();
+    let answer = tokio::spawn(async move { sender.send_request(post).await });
+    tokio::time::timeout(STEP, async {
+        while writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the POST never reached the backend");
+    // Counted while its client still waits, so that whichever task ends
+    // first, the shutdown knows of it.
+    assert_eq!(proxy.shared.proxy.load().writes_under_way().taken(), 1);
+    // The client goes with its connection once the stop began.
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    answer.abort();
+    connection.abort();
+    stopping.await.unwrap();
+    assert_eq!(
+        cache.stats().await.0,
+        0,
+        "the stop did not wait for the write's answer"
+    );
+}
+
 /// A write with a body whose client leaves as soon as the backend has it
 /// is carried out, and the copy must go. Cut for leaving within 20 ms of
 /// its upload's end, such a write left the old copy served for its whole

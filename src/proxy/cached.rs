@@ -1653,11 +1653,11 @@ pub(super) struct Owed {
     scheme: &'static str,
     host: String,
     target: String,
-    /// The proxy's writes going on after their client left, which a
-    /// shutdown waits for (see [`Proxy::detached_writes`]).
+    /// The proxy's writes under way, which a shutdown waits for (see
+    /// [`Proxy::writes_under_way`]).
     ///
-    /// [`Proxy::detached_writes`]: super::Proxy::detached_writes
-    detached: Arc<Places>,
+    /// [`Proxy::writes_under_way`]: super::Proxy::writes_under_way
+    writes: Arc<Places>,
 }
 
 impl Owed {
@@ -1666,14 +1666,14 @@ impl Owed {
         scheme: &'static str,
         host: &str,
         target: String,
-        detached: Arc<Places>,
+        writes: Arc<Places>,
     ) -> Self {
         Owed {
             cache,
             scheme,
             host: host.to_owned(),
             target,
-            detached,
+            writes,
         }
     }
 
@@ -1743,12 +1743,18 @@ pub(super) async fn forward_write(
     // any other whole.
     let resettable = parts.version == http::Version::HTTP_2
         && !parts.headers.contains_key(header::CONTENT_LENGTH);
+    // Counted from here, wherever the exchange goes on: a shutdown waits
+    // for it. Counted only once its client left, a write on an HTTP/2
+    // stream (a task of its own) whose connection ended first was not
+    // waited for (review40f M1).
+    let under_way = owed.writes.try_take(usize::MAX);
     // Shared with `Detachable`, which pays it for a write it cuts.
     let owed = Arc::new(owed);
     let fallback = owed.clone();
     let upstream = upstream.clone();
     let mut own = *trace;
     let exchange = Box::pin(async move {
+        let _under_way = under_way;
         let result = forward_with_retries(&upstream, parts, body, &mut own).await;
         match &result {
             Ok((response, _)) => owed.settle(response.status(), response.headers()).await,
@@ -1775,6 +1781,10 @@ pub(super) async fn forward_write(
 /// Writes whose exchange goes on after their client left, at most: each
 /// holds a backend connection until its answer or `response_timeout`.
 const DETACHED_MAX: usize = 256;
+
+/// Writes going on after their client left, every server's (a cap on
+/// backend connections held, not what a shutdown waits for).
+static DETACHED: std::sync::LazyLock<Arc<Places>> = std::sync::LazyLock::new(Arc::default);
 
 /// How long before its request was dropped an upload must have ended to
 /// be taken for whole (see [`Detachable`]'s drop).
@@ -1856,7 +1866,7 @@ impl Drop for Detachable<'_> {
             runtime.spawn(async move { owed.unanswered().await });
             return;
         }
-        let Some(place) = self.owed.detached.try_take(DETACHED_MAX) else {
+        let Some(place) = DETACHED.try_take(DETACHED_MAX) else {
             tracing::debug!(
                 "a write's client left; too many such writes going on to wait for its answer"
             );

@@ -119,10 +119,11 @@ pub struct Proxy {
     cache: Option<Arc<Cache>>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
-    /// Writes going on after their client left (see
-    /// `cached::forward_write`), in every generation: a shutdown waits
+    /// Writes under way on a caching route (see `cached::forward_write`),
+    /// in every generation, whichever task carries them (an HTTP/2
+    /// stream's, or their own once their client left): a shutdown waits
     /// for them within its grace.
-    detached: Arc<crate::task::Places>,
+    writes: Arc<crate::task::Places>,
     /// Set when `shutdown_grace` ran out with responses still going: the
     /// access lines of those cut then say `end=shutdown`. Shared by every
     /// generation.
@@ -385,7 +386,7 @@ impl Proxy {
             cache,
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
-            detached: previous.map_or_else(Arc::default, |p| p.detached.clone()),
+            writes: previous.map_or_else(Arc::default, |p| p.writes.clone()),
             cut_off: previous.map_or_else(Default::default, |p| p.cut_off.clone()),
         }
     }
@@ -424,10 +425,10 @@ impl Proxy {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The writes going on after their client left, every generation's:
-    /// a shutdown waits for them to be answered, within its grace.
-    pub fn detached_writes(&self) -> Arc<crate::task::Places> {
-        self.detached.clone()
+    /// The writes under way on caching routes, every generation's: a
+    /// shutdown waits for them to be answered, within its grace.
+    pub fn writes_under_way(&self) -> Arc<crate::task::Places> {
+        self.writes.clone()
     }
 
     /// The name this instance gives itself in the Via of the requests it
@@ -787,7 +788,7 @@ impl Proxy {
                         proto,
                         host_name,
                         target.to_owned(),
-                        self.detached.clone(),
+                        self.writes.clone(),
                     )
                 });
             if let Some(cache) = cache {

@@ -570,19 +570,20 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     shared.listeners.close();
     trigger.fire();
     let deadline = tokio::time::Instant::now() + grace;
-    let detached = shared.proxy.load().detached_writes();
+    let writes = shared.proxy.load().writes_under_way();
     // What is still going when the grace runs out, if anything.
     let drained = tokio::select! {
         left = async {
             if !drain.wait(grace).await {
                 return Some("connections still open; closing them");
             }
-            // Writes whose clients left, still waiting on their
-            // backends' answers: cut as the process exits, a backend
+            // Writes still waiting on their backends' answers, their
+            // clients gone (or on HTTP/2 streams, whose tasks no
+            // connection holds): cut as the process exits, a backend
             // that stops work when its client goes (Go's request
             // context) may drop them half done.
-            if tokio::time::timeout_at(deadline, detached.settled()).await.is_err() {
-                return Some("writes whose clients left still waiting on their backends; cutting them");
+            if tokio::time::timeout_at(deadline, writes.settled()).await.is_err() {
+                return Some("writes still waiting on their backends' answers; cutting them");
             }
             None
         } => Some(left),
