@@ -33,8 +33,9 @@ pub struct CacheControl {
     pub must_understand: bool,
     /// From `CDN-Cache-Control` (RFC 9213): `Expires` does not apply.
     pub targeted: bool,
-    /// A line with a quoted string left open: where its directives end
-    /// cannot be known, and a `private` or `no-store` may be among them.
+    /// A line with a quoted string left open, or a `"` where no value
+    /// starts: where its directives end cannot be known, and a `private`
+    /// or `no-store` may be among them.
     /// A response is then not stored, and a request goes past the cache.
     pub unreadable: bool,
 }
@@ -63,24 +64,37 @@ fn delta_seconds(value: &str) -> Option<u64> {
 
 /// Splits a line on the commas outside quoted strings, in which `\`
 /// escapes the next byte (a quoted-pair, RFC 9110 §5.6.4) and bytes
-/// beyond ASCII may stand (obs-text). `None` when a quoted string is left
-/// open. Read as text, or with every `"` taken for a quote, a valid
-/// `ext="a\"b", private` lost its `private`, and one byte beyond ASCII
-/// anywhere lost the whole line: either way one user's response was
-/// stored for all (review40c F3).
+/// beyond ASCII may stand (obs-text). A quoted string is a directive's
+/// value, so it opens only after `=`. `None` when a quoted string is left
+/// open, or a `"` stands anywhere else (`x=a"b`, `"private"`): where the
+/// directives end cannot be known. Read as text, or with every `"` taken
+/// for a quote, a valid `ext="a\"b", private` lost its `private`, and one
+/// byte beyond ASCII anywhere lost the whole line: either way one user's
+/// response was stored for all (review40c F3, review40f L2).
 fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out = Vec::new();
     let (mut start, mut quoted, mut escaped) = (0, false, false);
+    // Whether a value may start here: after `=` and any blanks.
+    let mut value_start = false;
     for (i, &byte) in value.iter().enumerate() {
         match byte {
             _ if escaped => escaped = false,
             b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
+            b'"' if quoted => quoted = false,
+            b'"' if value_start => {
+                quoted = true;
+                value_start = false;
+            }
+            b'"' => return None,
+            _ if quoted => {}
+            b'=' => value_start = true,
+            b' ' | b'\t' => {}
+            b',' => {
                 out.push(&value[start..i]);
                 start = i + 1;
+                value_start = false;
             }
-            _ => {}
+            _ => value_start = false,
         }
     }
     if quoted {
