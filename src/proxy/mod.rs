@@ -1264,7 +1264,13 @@ fn same_host(host: &[u8], authority: &str, scheme: Option<&str>) -> bool {
         Some("https") => &b":443"[..],
         _ => &b":80"[..],
     };
-    let strip = |name: &[u8]| name.strip_suffix(default).map_or(name.len(), <[u8]>::len);
+    // The default port, or an empty one (RFC 3986 §6.2.3), as the cache
+    // key reads it (review40f L4).
+    let strip = |name: &[u8]| {
+        name.strip_suffix(default)
+            .or_else(|| name.strip_suffix(b":"))
+            .map_or(name.len(), <[u8]>::len)
+    };
     if host == authority.as_bytes() {
         return true;
     }
@@ -1350,6 +1356,9 @@ mod tests {
         assert!(same_host(b"[::ABCD]", "[::abcd]", Some("http")));
         assert!(!same_host(b"[::1]", "[::2]", Some("http")));
         assert!(!same_host(b"[::1]:8080", "[::1]", Some("http")));
+        // An empty port is the default one.
+        assert!(same_host(b"a.example", "a.example:", Some("http")));
+        assert!(same_host(b"[::1]:", "[::1]", Some("https")));
         // A request's host is the one spelling routes and keys use.
         let canonical = |h: &str| super::canonical_host(http::HeaderValue::from_str(h).unwrap());
         assert_eq!(canonical("[0:0::0001]:8080"), "[::1]:8080");
