@@ -108,15 +108,19 @@ pub(super) fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
-            let socket = TcpSocket::new_v6()?;
-            socket2::SockRef::from(&socket).set_only_v6(false)?;
-            socket
+            dual_stack(TcpSocket::new_v6()?)?
         };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         socket.listen(1024)
     };
     attempt().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// `socket`, an IPv6 one, taking IPv4 clients too (see [`bind_now`]).
+fn dual_stack(socket: TcpSocket) -> std::io::Result<TcpSocket> {
+    socket2::SockRef::from(&socket).set_only_v6(false)?;
+    Ok(socket)
 }
 
 impl Registry {
@@ -276,6 +280,12 @@ mod tests {
     /// `net.ipv6.bindv6only` (review40d M1); skipped where IPv6 is off.
     #[tokio::test]
     async fn an_ipv6_wildcard_listener_takes_ipv4_clients() {
+        // What a host with net.ipv6.bindv6only=1 gives.
+        if let Ok(socket) = tokio::net::TcpSocket::new_v6() {
+            socket2::SockRef::from(&socket).set_only_v6(true).unwrap();
+            let socket = super::dual_stack(socket).unwrap();
+            assert!(!socket2::SockRef::from(&socket).only_v6().unwrap());
+        }
         let Ok(listener) = super::bind_now("[::]:0".parse().unwrap()) else {
             return;
         };
