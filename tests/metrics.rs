@@ -362,6 +362,29 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An upstream with no backend to pick warns once for a burst it turns
+/// away, and then with how many went unsaid, not once per request: 408
+/// such lines in a soak, one beside each access line (review40b L1).
+#[tokio::test]
+async fn an_upstream_with_no_backend_to_pick_warns_once_for_a_burst() {
+    let (lines, _guard) = AccessLines::capture_of("portico=warn");
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].backends[0].weight = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for _ in 0..5 {
+        let answer = get(&client, &proxy.url("/users/1/orders")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let warning = lines
+        .first("the warning", |line| line["message"] == "proxy error")
+        .await;
+    assert_eq!(warning["status"], 503, "{warning}");
+    let written = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+    assert_eq!(written.matches("\"proxy error\"").count(), 1, "{written}");
+}
+
 /// A reload that removes `[cache]` warns of the responses it drops, as
 /// one that changes it does (review39g L1: it said only `reloaded`).
 #[tokio::test]

@@ -103,7 +103,15 @@ pub struct Upstream {
     /// `Host` of the active checks when not each backend's address.
     check_host: Option<http::HeaderValue>,
     checker: std::sync::Mutex<Option<crate::task::AbortOnDrop>>,
+    /// The warning that no backend could be picked (none healthy, or all
+    /// drained), said at most once every [`UNAVAILABLE_SAID`] seconds.
+    pub unavailable: crate::logging::Every,
 }
+
+/// Seconds between two warnings that an upstream has no backend to pick:
+/// one state, where a warning per request turned away flooded the log
+/// (review40b L1: 408 of them in a soak, one per access line).
+pub const UNAVAILABLE_SAID: u64 = 10;
 
 impl Upstream {
     pub fn new(config: config::Upstream, metrics: &Metrics) -> Arc<Self> {
@@ -164,6 +172,7 @@ impl Upstream {
             // end when they would have.
             clock: previous.map_or_else(Clock::new, |p| p.clock),
             checker: std::sync::Mutex::new(None),
+            unavailable: crate::logging::Every::new(),
             check_host: check_host(&config),
             config,
             backends,
