@@ -267,6 +267,15 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // IPv6 in the other spelling from what each key takes
+            // (review40d L1's nits).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls = true\ntls_server_name = \"[::1]\"\n[[route]]\nupstream = \"a\"\nhost = \"::1\"\n",
+            &[
+                "test.toml:5:19: upstream[0].tls_server_name: `[::1]`: write an IPv6 address without brackets, `::1`",
+                "test.toml:8:8: route[0].host: `::1` is an IPv6 address: write it in brackets, `[::1]`",
+            ],
+        ),
+        (
             // One backend in its two spellings, and the IPv6 spelling of
             // 0.0.0.0 (review40d L2).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:7001\", \"[::ffff:127.0.0.1]:7001\", \"[::ffff:0.0.0.0]:80\"]\n[[route]]\nupstream = \"a\"\n",

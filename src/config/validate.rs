@@ -868,11 +868,18 @@ fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<Ups
         match pki_types::ServerName::try_from(name.as_str()) {
             Ok(_) => Some(name.clone()),
             Err(_) => {
-                r.at(
-                    v.span(),
-                    format!("{key}.tls_server_name"),
-                    format!("`{name}` is not a DNS name or an IP address"),
-                );
+                // `[::1]` is a Host's spelling: the name is the address.
+                let unbracketed = name
+                    .strip_prefix('[')
+                    .and_then(|n| n.strip_suffix(']'))
+                    .filter(|n| n.parse::<std::net::Ipv6Addr>().is_ok());
+                let message = match unbracketed {
+                    Some(bare) => {
+                        format!("`{name}`: write an IPv6 address without brackets, `{bare}`")
+                    }
+                    None => format!("`{name}` is not a DNS name or an IP address"),
+                };
+                r.at(v.span(), format!("{key}.tls_server_name"), message);
                 None
             }
         }
@@ -1098,6 +1105,12 @@ fn host_match(host: &str) -> Result<HostMatch, String> {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !valid {
+        // An IPv6 literal is written as in a Host: in brackets.
+        if host.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(format!(
+                "`{host}` is an IPv6 address: write it in brackets, `[{host}]`"
+            ));
+        }
         return Err(format!(
             "`{host}` is not a host name: write `api.example.com` or `*.example.com` (no port)"
         ));
