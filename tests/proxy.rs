@@ -948,8 +948,14 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // Read the same either way: routed.
-    let answer = get(&client, &proxy.url("/admin/x/..;/a")).await;
+    let answer = get(&client, &proxy.url("/admin/x;v=1/a")).await;
     assert_eq!(answer.header("x-backend"), "prefixed");
+    // A dot segment beside a `;` is refused however the routes fall:
+    // backends resolve them each in its own order (review40h F1).
+    for path in ["/admin/x/..;/a", "/x;/..%3B/admin/a", "/x;%2F..%2F/admin/a"] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{path}");
+    }
 }
 
 #[tokio::test]

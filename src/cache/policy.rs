@@ -65,8 +65,9 @@ fn delta_seconds(value: &str) -> Option<u64> {
 /// Splits a line on the commas outside quoted strings, in which `\`
 /// escapes the next byte (a quoted-pair, RFC 9110 §5.6.4) and bytes
 /// beyond ASCII may stand (obs-text). A quoted string is a directive's
-/// value, so it opens only after `=`. `None` when a quoted string is left
-/// open, or a `"` stands anywhere else (`x=a"b`, `"private"`): where the
+/// value, so it opens only after `=` and ends the directive. `None` when
+/// a quoted string is left open, a `"` stands anywhere else (`x=a"b`,
+/// `"private"`), or text follows one (`ext="a"private`): where the
 /// directives end cannot be known. Read as text, or with every `"` taken
 /// for a quote, a valid `ext="a\"b", private` lost its `private`, and one
 /// byte beyond ASCII anywhere lost the whole line: either way one user's
@@ -76,24 +77,32 @@ fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
     let (mut start, mut quoted, mut escaped) = (0, false, false);
     // Whether a value may start here: after `=` and any blanks.
     let mut value_start = false;
+    // Whether a quoted string just ended: only blanks and `,` may follow
+    // (`ext="a"private` hid its `private`, review40h F3).
+    let mut value_end = false;
     for (i, &byte) in value.iter().enumerate() {
         match byte {
             _ if escaped => escaped = false,
             b'\\' if quoted => escaped = true,
-            b'"' if quoted => quoted = false,
+            b'"' if quoted => {
+                quoted = false;
+                value_end = true;
+            }
             b'"' if value_start => {
                 quoted = true;
                 value_start = false;
             }
             b'"' => return None,
             _ if quoted => {}
-            b'=' => value_start = true,
             b' ' | b'\t' => {}
             b',' => {
                 out.push(&value[start..i]);
                 start = i + 1;
                 value_start = false;
+                value_end = false;
             }
+            _ if value_end => return None,
+            b'=' => value_start = true,
             _ => value_start = false,
         }
     }

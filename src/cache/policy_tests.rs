@@ -164,11 +164,17 @@ fn cache_control_parsing() {
     assert!(two.unreadable && two.public && two.max_age == Some(60));
     // A `"` where no value starts opens nothing: it is junk that may hide
     // a directive (review40f L2).
-    for junk in [r#"x=a"b, private, y=""#, r#""private""#, r#"private"x""#] {
+    for junk in [
+        r#"x=a"b, private, y=""#,
+        r#""private""#,
+        r#"private"x""#,
+        r#"ext="a"private"#,
+        "ext=\"a\"\tno-store",
+    ] {
         assert!(cc(junk).unreadable, "{junk}");
     }
     // Quoted values after `=`, with blanks or not, and commas in them.
-    let quoted = cc(r#"no-cache="set-cookie, x", max-age = "60", private"#);
+    let quoted = cc(r#"no-cache="set-cookie, x" , max-age = "60",private"#);
     assert!(!quoted.unreadable && quoted.no_cache && quoted.private);
     assert_eq!(quoted.max_age, Some(60));
     // A request's: it goes past the cache, as with `no-store`.

@@ -267,6 +267,15 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // Prefixes no request could reach: `;` and `\` in a path are
+            // read apart by some backends (review40h F2).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/v1;beta/\"\n[[route]]\nupstream = \"a\"\npath_prefix = \"/files%5cdocs/\"\n",
+            &[
+                "test.toml:6:15: route[0].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match",
+                "test.toml:9:15: route[1].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match",
+            ],
+        ),
+        (
             // IPv6 in the other spelling from what each key takes
             // (review40d L1's nits).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls = true\ntls_server_name = \"[::1]\"\n[[route]]\nupstream = \"a\"\nhost = \"::1\"\n",
@@ -629,7 +638,7 @@ fn with_prefixes(prefixes: &[&str]) -> String {
 fn prefixes_are_held_in_the_normal_form_of_request_paths() {
     let config = check(&with_prefixes(&[
         "/caf\\u00e9/",
-        "/x%3by/",
+        "/x%2cy/",
         "/x%2fz/",
         "/%7Euser/",
         "/%41pi/",
@@ -643,7 +652,7 @@ fn prefixes_are_held_in_the_normal_form_of_request_paths() {
         .collect();
     assert_eq!(
         prefixes,
-        ["/caf%C3%A9/", "/x%3By/", "/x/z/", "/~user/", "/Api/", "/."]
+        ["/caf%C3%A9/", "/x%2Cy/", "/x/z/", "/~user/", "/Api/", "/."]
     );
 }
 
@@ -672,7 +681,7 @@ fn prefixes_no_request_path_could_match_are_refused_with_their_normal_form() {
 #[test]
 fn prefixes_alike_in_normal_form_are_one_route_twice() {
     for (first, second, normal) in [
-        ("/x%3By/", "/x%3by/", "/x%3By/"),
+        ("/x%2Cy/", "/x%2cy/", "/x%2Cy/"),
         ("/x/y/", "/x%2fy/", "/x/y/"),
         ("/caf%C3%A9/", "/caf\\u00e9/", "/caf%C3%A9/"),
         ("/~user/", "/%7euser/", "/~user/"),

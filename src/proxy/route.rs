@@ -112,6 +112,9 @@ impl Router {
         if plain(path) {
             return Ok(self.lookup(host, path));
         }
+        if dots_among_separators(path) {
+            return Err(Ambiguous);
+        }
         let normal = normal_form(path);
         let found = self.lookup(host, &normal);
         let liberal = liberal_form(path);
@@ -173,6 +176,45 @@ fn plain(path: &str) -> bool {
 /// [`routing_path`]'s form of a path that is not [`plain`].
 fn normal_form(path: &str) -> String {
     crate::cache::key::remove_dot_segments(&normal_escapes(path), true)
+}
+
+/// Whether `path` holds a dot segment in some backend's reading together
+/// with what backends read apart: a `;` or `\`, written or escaped, or an
+/// escape escaped again. Backends resolve such paths each in its own
+/// order (Tomcat strips raw `;` parameters before decoding, so `..%3B`
+/// stays a name; Jetty 9.4 strips them before `%2F` is a separator; IIS
+/// splits on `\` but keeps `..;` a name; some decode twice), and no one
+/// reading stands for them all: `/account;/..%3B/profile` was routed by
+/// `/` and served by Tomcat as `/account/`'s page (review40h F1).
+/// Browsers resolve dot segments before they send a path, so only
+/// crafted requests have them; Spring Security's firewall refuses more.
+fn dots_among_separators(path: &str) -> bool {
+    let once = percent_decoded(path.as_bytes());
+    let twice = percent_decoded(&once);
+    let separators = |b: &u8| matches!(b, b'/' | b'\\' | b';');
+    let dots = twice
+        .split(separators)
+        .any(|segment| segment == b"." || segment == b"..");
+    dots && (twice.iter().any(|&b| b == b';' || b == b'\\') || once != twice)
+}
+
+/// `bytes` with every `%XY` escape decoded once.
+fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        match escaped_byte(&bytes[at..]) {
+            Some(byte) => {
+                out.push(byte);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `path` as the most liberal backends read it: [`normal_form`], with
@@ -287,6 +329,15 @@ pub enum PrefixError {
          repeated slashes merged, so this would never match: write `{normal}`"
     )]
     NotNormal { normal: String },
+    /// A `;` or `\`, written or escaped: some backends read them as a
+    /// path parameter's start or a separator, so a request through the
+    /// prefix is refused as [`Ambiguous`] (review40h F2).
+    #[error(
+        "`;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments \
+         to some backends, so requests holding them here are refused as ambiguous \
+         and this would never match"
+    )]
+    Separator,
 }
 
 /// A route's `path_prefix` in [`routing_path`]'s normal form, so that a
@@ -306,6 +357,9 @@ pub fn routing_prefix(prefix: &str) -> Result<String, PrefixError> {
         return Err(PrefixError::BadEscape);
     }
     let escaped = normal_escapes(prefix);
+    if escaped.contains([';', '\\']) || escaped.contains("%3B") || escaped.contains("%5C") {
+        return Err(PrefixError::Separator);
+    }
     let Some(last_slash) = escaped.rfind('/') else {
         return Ok(escaped);
     };
@@ -428,7 +482,7 @@ mod tests {
             ("/api/", Ok("/api/")),
             ("/api", Ok("/api")),
             ("/x%2fy/", Ok("/x/y/")),
-            ("/x%3by/", Ok("/x%3By/")),
+            ("/x%2cy/", Ok("/x%2Cy/")),
             ("/caf%c3%a9/", Ok("/caf%C3%A9/")),
             ("/café/", Ok("/caf%C3%A9/")),
             ("/%7Euser/", Ok("/~user/")),
@@ -472,7 +526,7 @@ mod tests {
             "/",
             "/api/",
             "/x%2fy/",
-            "/x%3by/",
+            "/x%2cy/",
             "/café/",
             "/%7Euser/",
             "/a%2fb",
@@ -543,17 +597,29 @@ mod tests {
             // Every segment's parameters go (review40f F1).
             "/api;x/y",
             "/api%3Bv=1/y",
+            // A dot segment in some backend's reading, beside what
+            // backends read apart, whatever route the two readings here
+            // pick (review40h F1).
+            "/api;/..%3B/y",
+            "/api;/%2e%2e%3b/y",
+            "/api;%2F..%2F..%2F/y",
+            "/api\\..;/y",
+            "/x/..;\\zzz/api/y",
+            "/x/%252e%252e/api/y",
+            // Read the same by both readings here, but dot segments
+            // beside `;` are crafted: refused whatever the routes.
+            "/api/x/..;/y",
+            "/x/.;/y",
         ] {
             assert_eq!(router.find(None, path), Err(Ambiguous), "{path}");
         }
         for (path, want) in [
-            ("/api/x/..;/y", "api"),
             ("/api/a;v=1/b", "api"),
             ("/api/..x;y/b", "api"),
             ("/api/a\\b", "api"),
             ("/api/a%5Cb", "api"),
-            ("/x/.;/y", "default"),
             ("/.well-known/x", "default"),
+            ("/api/x/../y", "api"),
         ] {
             let got = router
                 .find(None, path)
