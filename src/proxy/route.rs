@@ -112,7 +112,7 @@ impl Router {
         if plain(path) {
             return Ok(self.lookup(host, path));
         }
-        if dots_among_separators(path) {
+        if read_apart(path) {
             return Err(Ambiguous);
         }
         let normal = normal_form(path);
@@ -178,24 +178,43 @@ fn normal_form(path: &str) -> String {
     crate::cache::key::remove_dot_segments(&normal_escapes(path), true)
 }
 
-/// Whether `path` holds a dot segment in some backend's reading together
-/// with what backends read apart: a `;` or `\`, written or escaped, or an
-/// escape escaped again. Backends resolve such paths each in its own
-/// order (Tomcat strips raw `;` parameters before decoding, so `..%3B`
-/// stays a name; Jetty 9.4 strips them before `%2F` is a separator; IIS
-/// splits on `\` but keeps `..;` a name; some decode twice), and no one
-/// reading stands for them all: `/account;/..%3B/profile` was routed by
-/// `/` and served by Tomcat as `/account/`'s page (review40h F1).
-/// Browsers resolve dot segments before they send a path, so only
-/// crafted requests have them; Spring Security's firewall refuses more.
-fn dots_among_separators(path: &str) -> bool {
-    let once = percent_decoded(path.as_bytes());
-    let twice = percent_decoded(&once);
+/// Whether backends of different kinds would resolve `path` apart, in a
+/// way no one reading here stands for. Each resolves such paths in its
+/// own order: Tomcat strips raw `;` parameters before decoding (so
+/// `..%3B` stays a name), Jetty 9.4 strips them before `%2F` separates,
+/// IIS splits on `\` but keeps `..;` a name and decodes `%u002e`,
+/// Kestrel and Undertow keep `%2F` a name, some decode twice. So refused
+/// are: a `%` that starts no escape (nginx refuses it too); an escape of
+/// a separator or a dot escaped again (`%252F`, `%252e`); and a dot
+/// segment in any reading beside a `;`, a `\` or an escaped slash.
+/// `/account;/..%3B/profile` was routed by `/` and served by Tomcat as
+/// `/account/`'s page (review40h F1); `/account/..%2Fx.css` by Kestrel
+/// (review40i F1). Browsers resolve plain dot segments before they send
+/// a path; Spring Security's firewall refuses all of these and more.
+fn read_apart(path: &str) -> bool {
+    let raw = path.as_bytes();
+    let stray_percent = raw
+        .iter()
+        .enumerate()
+        .any(|(at, &b)| b == b'%' && escaped_byte(&raw[at..]).is_none());
+    if stray_percent {
+        return true;
+    }
+    let once = percent_decoded(raw);
+    let escaped_again = once.iter().enumerate().any(|(at, &b)| {
+        b == b'%' && matches!(escaped_byte(&once[at..]), Some(b'/' | b'\\' | b';' | b'.'))
+    });
+    if escaped_again {
+        return true;
+    }
     let separators = |b: &u8| matches!(b, b'/' | b'\\' | b';');
-    let dots = twice
+    let dots = once
         .split(separators)
         .any(|segment| segment == b"." || segment == b"..");
-    dots && (twice.iter().any(|&b| b == b';' || b == b'\\') || once != twice)
+    let escaped_slash = raw
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'));
+    dots && (once.iter().any(|&b| b == b';' || b == b'\\') || escaped_slash)
 }
 
 /// `bytes` with every `%XY` escape decoded once.
@@ -610,6 +629,15 @@ mod tests {
             // beside `;` are crafted: refused whatever the routes.
             "/api/x/..;/y",
             "/x/.;/y",
+            // Beside an escaped slash; a `%` that starts no escape (IIS
+            // reads `%u002e` as `.`); an escape escaped again (review40i
+            // F1).
+            "/x/..%2Fapi/y",
+            "/api/..%2fy",
+            "/api/%u002e%u002e/y",
+            "/a%zz",
+            "/api%252Fy",
+            "/x/%252e%252e/api/y",
         ] {
             assert_eq!(router.find(None, path), Err(Ambiguous), "{path}");
         }
