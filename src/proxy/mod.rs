@@ -647,7 +647,7 @@ impl Proxy {
                 )
                 .map_err(|route::Ambiguous| {
                     ProxyError::BadRequest(
-                        "ambiguous path: backends that read `;` or `\\` otherwise would take it for another route's",
+                        "ambiguous path: backends of other kinds would read its `;`, `\\`, escapes or dot segments as another resource",
                     )
                 })?
                 .ok_or(ProxyError::NoRoute)?;

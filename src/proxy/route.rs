@@ -117,10 +117,12 @@ impl Router {
         }
         let normal = normal_form(path);
         let found = self.lookup(host, &normal);
-        let liberal = liberal_form(path);
-        if liberal != normal && self.lookup(host, &liberal).map(|(i, _)| i) != found.map(|(i, _)| i)
-        {
-            return Err(Ambiguous);
+        let index = found.map(|(i, _)| i);
+        let others = [Some(liberal_form(path)), decoded_twice_form(path)];
+        for other in others.into_iter().flatten() {
+            if other != normal && self.lookup(host, &other).map(|(i, _)| i) != index {
+                return Err(Ambiguous);
+            }
         }
         Ok(found)
     }
@@ -184,9 +186,10 @@ fn normal_form(path: &str) -> String {
 /// `..%3B` stays a name), Jetty 9.4 strips them before `%2F` separates,
 /// IIS splits on `\` but keeps `..;` a name and decodes `%u002e`,
 /// Kestrel and Undertow keep `%2F` a name, some decode twice. So refused
-/// are: a `%` that starts no escape (nginx refuses it too); an escape of
-/// a separator or a dot escaped again (`%252F`, `%252e`); and a dot
-/// segment in any reading beside a `;`, a `\` or an escaped slash.
+/// are: a `%` that starts no escape (nginx refuses it too); dot segments
+/// a second decoding makes (`%252e%252e`); and a dot segment in any
+/// reading beside a `;`, a `\` or an escaped slash. (A second decoding
+/// that picks another route is [`Router::find`]'s to refuse.)
 /// `/account;/..%3B/profile` was routed by `/` and served by Tomcat as
 /// `/account/`'s page (review40h F1); `/account/..%2Fx.css` by Kestrel
 /// (review40i F1). Browsers resolve plain dot segments before they send
@@ -201,20 +204,41 @@ fn read_apart(path: &str) -> bool {
         return true;
     }
     let once = percent_decoded(raw);
-    let escaped_again = once.iter().enumerate().any(|(at, &b)| {
-        b == b'%' && matches!(escaped_byte(&once[at..]), Some(b'/' | b'\\' | b';' | b'.'))
-    });
-    if escaped_again {
+    let separators = |b: &u8| matches!(b, b'/' | b'\\' | b';');
+    let has_dots = |text: &[u8]| {
+        text.split(separators)
+            .any(|segment| segment == b"." || segment == b"..")
+    };
+    // Dots a second decoding makes (`%252e%252e`).
+    if escaped_again(&once) && has_dots(&percent_decoded(&once)) {
         return true;
     }
-    let separators = |b: &u8| matches!(b, b'/' | b'\\' | b';');
-    let dots = once
-        .split(separators)
-        .any(|segment| segment == b"." || segment == b"..");
+    let dots = has_dots(&once);
     let escaped_slash = raw
         .windows(3)
         .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'));
     dots && (once.iter().any(|&b| b == b';' || b == b'\\') || escaped_slash)
+}
+
+/// Whether `once`, a path decoded once, still holds an escape of `/`,
+/// `\`, `;` or `.`: one a backend that decodes twice reads otherwise.
+fn escaped_again(once: &[u8]) -> bool {
+    once.iter().enumerate().any(|(at, &b)| {
+        b == b'%' && matches!(escaped_byte(&once[at..]), Some(b'/' | b'\\' | b';' | b'.'))
+    })
+}
+
+/// `path` as a backend that decodes twice reads it, when that differs:
+/// Jenkins's `feature%252Fnew-login` job and Harbor's `a%252Fb`
+/// repositories are such paths, ordinary where both readings take one
+/// route; `/account%252Fprofile.css` is not (review40j F1).
+fn decoded_twice_form(path: &str) -> Option<String> {
+    let once = percent_decoded(path.as_bytes());
+    if !escaped_again(&once) {
+        return None;
+    }
+    let once = String::from_utf8_lossy(&once);
+    Some(normal_form(&once))
 }
 
 /// `bytes` with every `%XY` escape decoded once.
@@ -636,8 +660,9 @@ mod tests {
             "/api/..%2fy",
             "/api/%u002e%u002e/y",
             "/a%zz",
-            "/api%252Fy",
             "/x/%252e%252e/api/y",
+            // Decoded twice, another route's (review40j F1).
+            "/api%252Fy",
         ] {
             assert_eq!(router.find(None, path), Err(Ambiguous), "{path}");
         }
@@ -648,6 +673,10 @@ mod tests {
             ("/api/a%5Cb", "api"),
             ("/.well-known/x", "default"),
             ("/api/x/../y", "api"),
+            // Decoded twice, the same route's: Jenkins's branch jobs,
+            // Harbor's repositories (review40j F1).
+            ("/job/app/job/feature%252Fnew-login/", "default"),
+            ("/api/repositories/a%252Fb/tags", "api"),
         ] {
             assert_eq!(routed(&router, path), Some(want), "{path}");
         }
