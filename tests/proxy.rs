@@ -928,12 +928,25 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
     // `..;` is `..` to Tomcat, Jetty and Spring, `\` is `/` to IIS, and
     // neither to nginx: a path they would route apart is refused, as
     // routed either way one backend kind could be made to serve one
-    // route's page under the other's cache (review40c F1, review40g).
+    // route's page under the other's cache (review40c F1, review40g);
+    // and a dot segment beside a `;` is refused however the routes fall,
+    // as backends resolve them each in its own order (review40h F1).
     for path in [
         "/x/..;/admin/a",
         "/x/..;jsessionid=1/admin/a",
         "/x/..%5cadmin/a",
         "/admin;x/a",
+        "/admin/x/..;/a",
+        "/x;/..%3B/admin/a",
+        "/x;%2F..%2F/admin/a",
+        // Beside an escaped slash, which Kestrel and Undertow keep a
+        // name: `/x/..%2fadmin/a` was routed by `/admin/` (review34c M1)
+        // and served as `/x/`'s (review40i F1).
+        "/x/..%2fadmin/a",
+        "/x/%2E%2E%2Fadmin/a",
+        // IIS's `%u`, and an escape escaped again.
+        "/x/%u002e%u002e/admin/a",
+        "/admin%252fa",
     ] {
         let answer = get(&client, &proxy.url(path)).await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{path}");
@@ -952,24 +965,6 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
     assert_eq!(answer.header("x-backend"), "prefixed");
     let answer = get(&client, &proxy.url("/job/app/job/feature%252Fnew-login/")).await;
     assert_eq!(answer.header("x-backend"), "other");
-    // A dot segment beside a `;` is refused however the routes fall:
-    // backends resolve them each in its own order (review40h F1).
-    for path in [
-        "/admin/x/..;/a",
-        "/x;/..%3B/admin/a",
-        "/x;%2F..%2F/admin/a",
-        // Beside an escaped slash, which Kestrel and Undertow keep a
-        // name: `/x/..%2fadmin/a` was routed by `/admin/` (review34c M1)
-        // and served as `/x/`'s (review40i F1).
-        "/x/..%2fadmin/a",
-        "/x/%2E%2E%2Fadmin/a",
-        // IIS's `%u`, and an escape escaped again.
-        "/x/%u002e%u002e/admin/a",
-        "/admin%252fa",
-    ] {
-        let answer = get(&client, &proxy.url(path)).await;
-        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{path}");
-    }
 }
 
 #[tokio::test]
