@@ -154,7 +154,8 @@ impl AccessRecord {
     /// The trusted proxy that forwarded the request, when the client is
     /// another address.
     fn relayed_by(&self) -> Option<IpAddr> {
-        Some(self.peer.ip().to_canonical()).filter(|&peer| peer != self.client)
+        // `Conn` holds a dual-stack listener's IPv4 peer as IPv4.
+        Some(self.peer.ip()).filter(|&peer| peer != self.client)
     }
 
     /// The target's path; a CONNECT's authority, which it has instead.

@@ -474,19 +474,20 @@ impl Proxy {
                     let status = error.status();
                     // A warning is for what went wrong on portico's side
                     // or its backends': a 501 is the client's request.
-                    let upstream = self.upstream_of(trace.route);
-                    // An upstream with no backend to pick is one state, not
-                    // a failure of each request it turns away: said once
-                    // every few seconds, with how many went unsaid (each
-                    // still has its access line).
-                    let held_back = match (&error, upstream) {
-                        (ProxyError::NoHealthyBackend | ProxyError::AllDrained, Some(upstream)) => {
-                            upstream.unavailable.due(crate::upstream::UNAVAILABLE_SAID)
-                        }
-                        _ => Some(0),
-                    };
                     if status.is_server_error() && status != http::StatusCode::NOT_IMPLEMENTED {
-                        // `None`: said a moment ago, and counted for the next.
+                        let upstream = self.upstream_of(trace.route);
+                        // An upstream with no backend to pick is one state,
+                        // not a failure of each request it turns away: said
+                        // once every few seconds, with how many went unsaid
+                        // (each still has its access line). `None`: said a
+                        // moment ago, and counted for the next.
+                        let held_back = match (&error, upstream) {
+                            (
+                                ProxyError::NoHealthyBackend | ProxyError::AllDrained,
+                                Some(upstream),
+                            ) => upstream.unavailable.due(crate::upstream::UNAVAILABLE_SAID),
+                            _ => Some(0),
+                        };
                         if let Some(held_back) = held_back {
                             let upstream = upstream.map_or("-", |u| u.name());
                             // Its access line's id, to pair the two (review32c F4).
@@ -495,10 +496,10 @@ impl Proxy {
                             let not_retried = trace.budget_refused.then_some("retry budget spent");
                             // Its access line's client too, as the body and
                             // retry warnings name it (review36d L8: IP:port).
-                            let client = pending.access.as_ref().map_or_else(
-                                || conn.peer.ip().to_canonical(),
-                                log::AccessRecord::client,
-                            );
+                            let client = pending
+                                .access
+                                .as_ref()
+                                .map_or_else(|| conn.peer.ip(), log::AccessRecord::client);
                             let held_back = (held_back > 0).then_some(held_back);
                             tracing::warn!(client = %client, upstream, status = status.as_u16(), %error, request_id, not_retried, held_back, "proxy error");
                         }

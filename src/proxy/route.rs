@@ -112,13 +112,18 @@ impl Router {
         if plain(path) {
             return Ok(self.lookup(host, path));
         }
-        if read_apart(path) {
+        let raw = path.as_bytes();
+        if stray_percent(raw) {
+            return Err(Ambiguous);
+        }
+        let once = percent_decoded(raw);
+        if read_apart(raw, &once) {
             return Err(Ambiguous);
         }
         let normal = normal_form(path);
         let found = self.lookup(host, &normal);
         let index = found.map(|(i, _)| i);
-        let others = [Some(liberal_form(path)), decoded_twice_form(path)];
+        let others = [Some(liberal_form(path)), decoded_twice_form(&once)];
         for other in others.into_iter().flatten() {
             if other != normal && self.lookup(host, &other).map(|(i, _)| i) != index {
                 return Err(Ambiguous);
@@ -180,8 +185,9 @@ fn normal_form(path: &str) -> String {
     crate::cache::key::remove_dot_segments(&normal_escapes(path), true)
 }
 
-/// Whether backends of different kinds would resolve `path` apart, in a
-/// way no one reading here stands for. Each resolves such paths in its
+/// Whether backends of different kinds would resolve `raw`, a path with
+/// no [`stray_percent`] and decoded `once`, apart, in a way no one
+/// reading here stands for. Each resolves such paths in its
 /// own order: Tomcat strips raw `;` parameters before decoding (so
 /// `..%3B` stays a name), Jetty 9.4 strips them before `%2F` separates,
 /// IIS splits on `\` but keeps `..;` a name and decodes `%u002e`,
@@ -194,26 +200,17 @@ fn normal_form(path: &str) -> String {
 /// `/account/`'s page (review40h F1); `/account/..%2Fx.css` by Kestrel
 /// (review40i F1). Browsers resolve plain dot segments before they send
 /// a path; Spring Security's firewall refuses all of these and more.
-fn read_apart(path: &str) -> bool {
-    let raw = path.as_bytes();
-    let stray_percent = raw
-        .iter()
-        .enumerate()
-        .any(|(at, &b)| b == b'%' && escaped_byte(&raw[at..]).is_none());
-    if stray_percent {
-        return true;
-    }
-    let once = percent_decoded(raw);
+fn read_apart(raw: &[u8], once: &[u8]) -> bool {
     let separators = |b: &u8| matches!(b, b'/' | b'\\' | b';');
     let has_dots = |text: &[u8]| {
         text.split(separators)
             .any(|segment| segment == b"." || segment == b"..")
     };
     // Dots a second decoding makes (`%252e%252e`).
-    if escaped_again(&once) && has_dots(&percent_decoded(&once)) {
+    if escaped_again(once) && has_dots(&percent_decoded(once)) {
         return true;
     }
-    let dots = has_dots(&once);
+    let dots = has_dots(once);
     let escaped_slash = raw
         .windows(3)
         .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'));
@@ -228,17 +225,26 @@ fn escaped_again(once: &[u8]) -> bool {
     })
 }
 
-/// `path` as a backend that decodes twice reads it, when that differs:
-/// Jenkins's `feature%252Fnew-login` job and Harbor's `a%252Fb`
-/// repositories are such paths, ordinary where both readings take one
-/// route; `/account%252Fprofile.css` is not (review40j F1).
-fn decoded_twice_form(path: &str) -> Option<String> {
-    let once = percent_decoded(path.as_bytes());
-    if !escaped_again(&once) {
+/// A path decoded `once` as a backend that decodes twice reads it, when
+/// that differs: Jenkins's `feature%252Fnew-login` job and Harbor's
+/// `a%252Fb` repositories are such paths, ordinary where both readings
+/// take one route; `/account%252Fprofile.css` is not (review40j F1).
+fn decoded_twice_form(once: &[u8]) -> Option<String> {
+    if !escaped_again(once) {
         return None;
     }
-    let once = String::from_utf8_lossy(&once);
-    Some(normal_form(&once))
+    Some(normal_form(&String::from_utf8_lossy(once)))
+}
+
+/// Whether `bytes` hold a `%` that starts no escape of two hex digits:
+/// nothing to decode to nginx, which refuses it, a character to IIS
+/// (`%u002e`), and a prefix holding one could not be told apart from the
+/// escape it starts.
+fn stray_percent(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(at, &b)| b == b'%' && escaped_byte(&bytes[at..]).is_none())
 }
 
 /// `bytes` with every `%XY` escape decoded once.
@@ -391,12 +397,7 @@ pub enum PrefixError {
 /// repeated slashes before it could never be matched and are refused,
 /// with the form that would be.
 pub fn routing_prefix(prefix: &str) -> Result<String, PrefixError> {
-    let bytes = prefix.as_bytes();
-    let bad_escape = bytes
-        .iter()
-        .enumerate()
-        .any(|(at, &b)| b == b'%' && escaped_byte(&bytes[at..]).is_none());
-    if bad_escape {
+    if stray_percent(prefix.as_bytes()) {
         return Err(PrefixError::BadEscape);
     }
     let escaped = normal_escapes(prefix);
