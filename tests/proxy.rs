@@ -967,6 +967,70 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
     assert_eq!(answer.header("x-backend"), "other");
 }
 
+/// As nginx answers a proxied location's prefix asked for without its
+/// `/`: `/admin` would otherwise go to the catch-all, whose cache and
+/// limits are not `/admin/`'s, and many apps serve the same page at both
+/// (review40j F2). The client is sent to the prefix on its own host, with
+/// its query; a method other than GET and HEAD keeps its method (308).
+#[tokio::test]
+async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
+    let prefixed = start_backend(BackendOptions::new("prefixed")).await;
+    let other = start_backend(BackendOptions::new("other")).await;
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[upstream]]\nname = \"prefixed\"\nbackends = [\"{}\"]\n\
+         [[upstream]]\nname = \"other\"\nbackends = [\"{}\"]\n\
+         [cache]\n[[route]]\nupstream = \"other\"\ncache = true\n\
+         [[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n\
+         [[route]]\npath_prefix = \"/docs\"\nupstream = \"other\"\n\
+         [[route]]\npath_prefix = \"/docs/\"\nupstream = \"prefixed\"\n",
+        prefixed.addr(),
+        other.addr()
+    );
+    let config = portico::config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for (path, location) in [
+        ("/admin", "/admin/"),
+        ("/admin?next=%2Fx&a=b", "/admin/?next=%2Fx&a=b"),
+        // Escaped, or with slashes merged: still the prefix, and never
+        // `//host/`, which a browser would take for another host.
+        ("/%61dmin", "/admin/"),
+        ("//admin", "/admin/"),
+    ] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.status, StatusCode::MOVED_PERMANENTLY, "{path}");
+        assert_eq!(answer.header("location"), location, "{path}");
+        assert_eq!(answer.header("cache-control"), "no-store", "{path}");
+        assert!(!answer.headers.contains_key("x-backend"), "{path}");
+    }
+    let head = Request::head(proxy.url("/admin"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        send(&client, head).await.status,
+        StatusCode::MOVED_PERMANENTLY
+    );
+    let post = Request::post(proxy.url("/admin"))
+        .body(Full::new(Bytes::from_static(b"x=1")))
+        .unwrap();
+    let answer = send(&client, post).await;
+    assert_eq!(answer.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(answer.header("location"), "/admin/");
+    // A route whose prefix is the path itself takes it; other paths go
+    // where they went.
+    let answer = get(&client, &proxy.url("/docs")).await;
+    assert_eq!(answer.header("x-backend"), "other");
+    for (path, backend) in [
+        ("/admin/", "prefixed"),
+        ("/admins", "other"),
+        ("/adm", "other"),
+    ] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.header("x-backend"), backend, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
     let backend = start_backend(BackendOptions::new("b1")).await;

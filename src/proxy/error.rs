@@ -19,6 +19,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route for this host and path")]
     NoRoute,
+    /// A route's prefix asked for without its final `/`: sent there.
+    #[error("a route's prefix without its final slash: redirected to {}", .0.location.to_str().unwrap_or("it"))]
+    AddSlash(AddSlash),
     #[error("more than {MAX_HEADER_FIELDS} header fields")]
     TooManyFields,
     #[error("request uses a transfer coding other than chunked")]
@@ -90,6 +93,38 @@ pub enum ProxyError {
     },
 }
 
+/// Where to send a request for a route's prefix without its final `/`,
+/// and how: 301 Moved Permanently for GET and HEAD (as nginx answers
+/// every method), 308 Permanent Redirect for the others, which a client
+/// sends again as they were, body and all, where after a 301 it may turn
+/// a POST into a GET (RFC 9110 §15.4.2, §15.4.9).
+#[derive(Debug)]
+pub struct AddSlash {
+    location: HeaderValue,
+    status: StatusCode,
+}
+
+impl AddSlash {
+    /// To `prefix` (visible ASCII: see `Router`), with the request's query.
+    /// A path, never a URL: the client stays on the host it asked, and a
+    /// Host field cannot send it elsewhere.
+    pub fn new<B>(request: &http::Request<B>, prefix: &str) -> Self {
+        let location = match request.uri().query() {
+            Some(query) => HeaderValue::try_from(format!("{prefix}?{query}")),
+            None => HeaderValue::try_from(prefix),
+        };
+        let status = if matches!(*request.method(), http::Method::GET | http::Method::HEAD) {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::PERMANENT_REDIRECT
+        };
+        AddSlash {
+            location: location.unwrap_or_else(|_| HeaderValue::from_static("/")),
+            status,
+        }
+    }
+}
+
 /// An error with its causes, `outer: inner: innermost`: hyper-util's
 /// connect error says only "tcp connect error", and the cause an operator
 /// needs ("Connection refused", as nginx's `connect() failed (111:
@@ -145,6 +180,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::AddSlash(to) => to.status,
             ProxyError::TooManyFields => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             // As nginx answers both: methods portico knows and will not
@@ -253,6 +289,15 @@ impl ProxyError {
             // bare 400 left the client guessing (review34a F8).
             ProxyError::BadRequest(reason) => {
                 plain_response(self.status(), format!("400 Bad Request: {reason}\n"))
+            }
+            ProxyError::AddSlash(to) => {
+                let text = match to.status {
+                    StatusCode::MOVED_PERMANENTLY => "301 Moved Permanently\n",
+                    _ => "308 Permanent Redirect\n",
+                };
+                let mut response = plain_response(to.status, text);
+                response.headers_mut().insert(header::LOCATION, to.location);
+                return response;
             }
             _ => error_response(self.status()),
         };

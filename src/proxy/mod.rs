@@ -646,10 +646,13 @@ impl Proxy {
                     host.as_ref().and_then(|h| h.to_str().ok()),
                     request.uri().path(),
                 )
-                .map_err(|route::Ambiguous| {
-                    ProxyError::BadRequest(
+                .map_err(|unrouted| match unrouted {
+                    route::Unrouted::Ambiguous => ProxyError::BadRequest(
                         "ambiguous path: backends of other kinds would read its `;`, `\\`, escapes or dot segments as another resource",
-                    )
+                    ),
+                    route::Unrouted::AddSlash(prefix) => {
+                        ProxyError::AddSlash(error::AddSlash::new(&request, prefix))
+                    }
                 })?
                 .ok_or(ProxyError::NoRoute)?;
             trace.route = Some(index);

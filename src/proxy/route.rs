@@ -22,6 +22,9 @@ pub struct Router {
     /// out once (a `/readyz` probe scanned every route per upstream,
     /// review32e M2).
     used: Vec<bool>,
+    /// The prefixes that end in `/`, without it (`/account` for
+    /// `/account/`): the paths that may be [`Unrouted::AddSlash`].
+    slashless: Vec<String>,
 }
 
 /// Higher is more specific: exact hosts, then longer suffixes, then any host.
@@ -82,7 +85,18 @@ impl Router {
             }
             used[route.upstream] = true;
         }
-        Router { routes, used }
+        let slashless = routes
+            .iter()
+            .filter_map(|(_, route)| route.path_prefix.strip_suffix('/'))
+            // A Location field holds visible ASCII only.
+            .filter(|path| !path.is_empty() && path.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned)
+            .collect();
+        Router {
+            routes,
+            used,
+            slashless,
+        }
     }
 
     /// The route with index `index` in the config's route list.
@@ -102,23 +116,25 @@ impl Router {
     /// The route for a request, with its index in the config's route list.
     /// `host` is the raw Host / :authority value (port allowed). A path
     /// that backends of another kind read as another route's is
-    /// [`Ambiguous`].
+    /// [`Unrouted::Ambiguous`]; a route's prefix without its final `/` is
+    /// [`Unrouted::AddSlash`].
     pub fn find(
         &self,
         host: Option<&str>,
         path: &str,
-    ) -> Result<Option<(usize, &Route)>, Ambiguous> {
+    ) -> Result<Option<(usize, &Route)>, Unrouted<'_>> {
         let host = host.map(host_name);
         if plain(path) {
-            return Ok(self.lookup(host, path));
+            let found = self.lookup(host, path);
+            return self.with_slash(host, path, found);
         }
         let raw = path.as_bytes();
         if stray_percent(raw) {
-            return Err(Ambiguous);
+            return Err(Unrouted::Ambiguous);
         }
         let once = percent_decoded(raw);
         if read_apart(raw, &once) {
-            return Err(Ambiguous);
+            return Err(Unrouted::Ambiguous);
         }
         let normal = normal_form(path);
         let found = self.lookup(host, &normal);
@@ -126,10 +142,37 @@ impl Router {
         let others = [Some(liberal_form(path)), decoded_twice_form(&once)];
         for other in others.into_iter().flatten() {
             if other != normal && self.lookup(host, &other).map(|(i, _)| i) != index {
-                return Err(Ambiguous);
+                return Err(Unrouted::Ambiguous);
             }
         }
-        Ok(found)
+        self.with_slash(host, &normal, found)
+    }
+
+    /// `found`, the route for `path`, unless `path` is another route's
+    /// prefix without its final `/` and no route's prefix is `path`
+    /// itself: that is [`Unrouted::AddSlash`], as nginx answers it.
+    fn with_slash<'a>(
+        &'a self,
+        host: Option<&str>,
+        path: &str,
+        found: Option<(usize, &'a Route)>,
+    ) -> Result<Option<(usize, &'a Route)>, Unrouted<'a>> {
+        // Nearly every request leaves at the length comparison.
+        if !self
+            .slashless
+            .iter()
+            .any(|p| p.len() == path.len() && p == path)
+            || found.is_some_and(|(_, route)| route.path_prefix == path)
+        {
+            return Ok(found);
+        }
+        let with_slash = format!("{path}/");
+        match self.lookup(host, &with_slash) {
+            Some((index, route)) if Some(index) != found.map(|(i, _)| i) => {
+                Err(Unrouted::AddSlash(&route.path_prefix))
+            }
+            _ => Ok(found),
+        }
     }
 
     fn lookup(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
@@ -148,9 +191,21 @@ impl Router {
 /// (before resolving dots), and IIS reads `\` as `/`. Routed either way, one of them could
 /// be made to serve one route's page under another's cache or limits
 /// (web cache deception, review40c F1 and review40g): such a request is
-/// refused, as Envoy refuses escaped slashes it is told to.
+/// refused (`Ambiguous`), as Envoy refuses escaped slashes it is told to.
+///
+/// The other case a path takes no route is a route's prefix ending in
+/// `/` asked for without it (`/account` for `/account/`): it would go to
+/// whichever route matches it (often a caching catch-all), where many
+/// apps serve the same page as at `/account/` (review40j F2). As nginx
+/// does for a proxied location, it is answered with a redirect to the
+/// prefix (the path with its `/`, never another host), unless a route's
+/// prefix is the path itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ambiguous;
+pub enum Unrouted<'a> {
+    Ambiguous,
+    /// The prefix to send the client to.
+    AddSlash(&'a str),
+}
 
 /// The path a route is chosen by: percent-escaped unreserved characters
 /// decoded (RFC 3986 §6.2.2.2: `%2e` is `.`), and `%2F` too, the escapes
@@ -175,7 +230,7 @@ pub fn routing_path(path: &str) -> Cow<'_, str> {
 }
 
 /// Whether [`routing_path`] leaves `path` as it is, and no backend reads
-/// it otherwise (see [`Ambiguous`]).
+/// it otherwise (see [`Unrouted::Ambiguous`]).
 fn plain(path: &str) -> bool {
     is_plain(path.as_bytes()) || !path.starts_with('/')
 }
@@ -269,7 +324,7 @@ fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
 /// `path` as the most liberal backends read it: [`normal_form`], with
 /// `\` and `%5C` separating segments and each segment's path parameters
 /// (`;x`, `%3Bx`) gone, so `/account;x/profile` is `/account/profile` and
-/// `..;x` is `..` (see [`Ambiguous`]).
+/// `..;x` is `..` (see [`Unrouted::Ambiguous`]).
 fn liberal_form(path: &str) -> String {
     let escaped = normal_escapes(path).replace('\\', "/").replace("%5C", "/");
     let segments: Vec<&str> = escaped
@@ -380,7 +435,7 @@ pub enum PrefixError {
     NotNormal { normal: String },
     /// A `;` or `\`, written or escaped: some backends read them as a
     /// path parameter's start or a separator, so a request through the
-    /// prefix is refused as [`Ambiguous`] (review40h F2).
+    /// prefix is refused as [`Unrouted::Ambiguous`] (review40h F2).
     #[error(
         "`;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments \
          to some backends, so requests holding them here are refused as ambiguous \
@@ -665,7 +720,7 @@ mod tests {
             // Decoded twice, another route's (review40j F1).
             "/api%252Fy",
         ] {
-            assert_eq!(router.find(None, path), Err(Ambiguous), "{path}");
+            assert_eq!(router.find(None, path), Err(Unrouted::Ambiguous), "{path}");
         }
         for (path, want) in [
             ("/api/a;v=1/b", "api"),
@@ -681,6 +736,35 @@ mod tests {
         ] {
             assert_eq!(routed(&router, path), Some(want), "{path}");
         }
+    }
+
+    /// A route's prefix without its `/` is sent to it, unless it takes
+    /// the same route anyway or a route's prefix is the path itself
+    /// (review40j F2).
+    #[test]
+    fn a_prefix_without_its_slash_adds_it() {
+        let router = router();
+        for (host, path) in [
+            (None, "/api"),
+            (None, "/%61pi"),
+            (None, "//api"),
+            (Some("www.example.org"), "/api"),
+            (Some("api.example.com"), "/v2"),
+        ] {
+            let found = router.find(host, path).map(|f| f.map(|(_, r)| &r.name));
+            let want = if path == "/v2" { "/v2/" } else { "/api/" };
+            assert_eq!(found, Err(Unrouted::AddSlash(want)), "{host:?} {path}");
+        }
+        // `/api/` is not a.example.com's route: the slash changes nothing.
+        let found = router.find(Some("a.example.com"), "/api").unwrap();
+        assert_eq!(found.map(|(_, r)| r.name.as_str()), Some("wild"));
+        let router = Router::new(&[
+            route(HostMatch::Any, "/", "default"),
+            route(HostMatch::Any, "/api", "bare"),
+            route(HostMatch::Any, "/api/", "api"),
+        ]);
+        assert_eq!(routed(&router, "/api"), Some("bare"));
+        assert_eq!(routed(&router, "/apis"), Some("bare"));
     }
 
     #[test]
