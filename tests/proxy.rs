@@ -11,7 +11,7 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use portico::config::{Config, HostMatch, Route};
-use portico::sample::BackendOptions;
+use portico::sample::{BackendOptions, RunningBackend};
 
 #[tokio::test]
 async fn thirty_gets_are_spread_ten_per_backend() {
@@ -881,27 +881,37 @@ async fn an_ipv6_host_spelled_otherwise_reaches_its_route() {
     }
 }
 
+/// A proxy (with a cache) in front of two backends, `prefixed` and
+/// `other`, each the upstream of its name: a catch-all route to `other`
+/// with `catch_all`'s keys, then `routes`.
+async fn prefixed_and_other(catch_all: &str, routes: &str) -> (RunningProxy, [RunningBackend; 2]) {
+    let prefixed = start_backend(BackendOptions::new("prefixed")).await;
+    let other = start_backend(BackendOptions::new("other")).await;
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[cache]\n\
+         [[upstream]]\nname = \"prefixed\"\nbackends = [\"{}\"]\n\
+         [[upstream]]\nname = \"other\"\nbackends = [\"{}\"]\n\
+         [[route]]\nupstream = \"other\"\n{catch_all}{routes}",
+        prefixed.addr(),
+        other.addr()
+    );
+    let config = portico::config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    (start_proxy(config).await, [prefixed, other])
+}
+
 /// A route's prefix and a request's path are compared in one normal form:
 /// the hex case of an escape, or a character sent raw or escaped, cannot
 /// take a request past its route to the catch-all one.
 #[tokio::test]
 async fn escapes_in_either_case_reach_the_prefixed_route() {
-    let prefixed = start_backend(BackendOptions::new("prefixed")).await;
-    let other = start_backend(BackendOptions::new("other")).await;
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n\
-         [[upstream]]\nname = \"prefixed\"\nbackends = [\"{}\"]\n\
-         [[upstream]]\nname = \"other\"\nbackends = [\"{}\"]\n\
-         [[route]]\nupstream = \"other\"\n\
-         [[route]]\npath_prefix = \"/café/\"\nupstream = \"prefixed\"\n\
+    let (proxy, _backends) = prefixed_and_other(
+        "",
+        "[[route]]\npath_prefix = \"/café/\"\nupstream = \"prefixed\"\n\
          [[route]]\npath_prefix = \"/x%2cy/\"\nupstream = \"prefixed\"\n\
          [[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n\
          [[route]]\npath_prefix = \"/na%C3%AFve/\"\nupstream = \"prefixed\"\n",
-        prefixed.addr(),
-        other.addr()
-    );
-    let config = portico::config::parse(&text, std::path::Path::new("test.toml")).unwrap();
-    let proxy = start_proxy(config).await;
+    )
+    .await;
     let client = client();
     for path in [
         "/caf%C3%A9/x",
@@ -974,21 +984,13 @@ async fn escapes_in_either_case_reach_the_prefixed_route() {
 /// its query; a method other than GET and HEAD keeps its method (308).
 #[tokio::test]
 async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
-    let prefixed = start_backend(BackendOptions::new("prefixed")).await;
-    let other = start_backend(BackendOptions::new("other")).await;
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n\
-         [[upstream]]\nname = \"prefixed\"\nbackends = [\"{}\"]\n\
-         [[upstream]]\nname = \"other\"\nbackends = [\"{}\"]\n\
-         [cache]\n[[route]]\nupstream = \"other\"\ncache = true\n\
-         [[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n\
+    let (proxy, _backends) = prefixed_and_other(
+        "cache = true\n",
+        "[[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n\
          [[route]]\npath_prefix = \"/docs\"\nupstream = \"other\"\n\
          [[route]]\npath_prefix = \"/docs/\"\nupstream = \"prefixed\"\n",
-        prefixed.addr(),
-        other.addr()
-    );
-    let config = portico::config::parse(&text, std::path::Path::new("test.toml")).unwrap();
-    let proxy = start_proxy(config).await;
+    )
+    .await;
     let client = client();
     for (path, location) in [
         ("/admin", "/admin/"),
