@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use crate::cli::say;
 use crate::config::Config;
+use crate::sample::service::OrderService;
 use crate::sample::{self, BackendOptions};
 use crate::server;
 
@@ -138,7 +139,9 @@ struct Backends {
     addrs: Vec<SocketAddr>,
     running: Vec<Option<sample::RunningBackend>>,
     options: Vec<BackendOptions>,
-    repo: std::sync::Arc<dyn sample::OrderRepository>,
+    /// One store and one `order.confirmed` worker for all: a backend
+    /// stopped with a backlog leaves it to the worker (review41c F2).
+    orders: OrderService,
 }
 
 impl Backends {
@@ -199,10 +202,10 @@ impl Backends {
             },
             _ if self.running[index].is_some() => say(format_args!("{name} is already running")),
             _ => {
-                let started = sample::start_on(
+                let started = sample::start_sharing(
                     self.addrs[index],
                     self.options[index].clone(),
-                    self.repo.clone(),
+                    self.orders.clone(),
                 )
                 .await;
                 match started {
@@ -222,10 +225,12 @@ impl Backends {
         }
     }
 
-    /// Stops every backend still running, together: each may take its
-    /// drain grace to confirm queued orders.
+    /// Stops every backend still running, together, then gives the
+    /// worker a grace to confirm the orders still queued.
     async fn stop(self) {
         futures_util::future::join_all(self.running.into_iter().flatten().map(|b| b.stop())).await;
+        let deadline = tokio::time::Instant::now() + sample::STOP_GRACE;
+        self.orders.drain(deadline).await;
     }
 }
 
@@ -257,7 +262,7 @@ pub async fn run_until(
     if let Some(clash) = clash(listen, admin) {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, clash));
     }
-    let repo = sample::new_repository();
+    let orders = OrderService::start(sample::new_repository());
     let mut running = Vec::with_capacity(backends);
     let mut options = Vec::with_capacity(backends);
     for i in 1..=backends {
@@ -266,7 +271,7 @@ pub async fn run_until(
         opts.concurrency = concurrency;
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         running.push(Some(
-            sample::start_on(loopback, opts.clone(), repo.clone()).await?,
+            sample::start_sharing(loopback, opts.clone(), orders.clone()).await?,
         ));
         options.push(opts);
     }
@@ -275,7 +280,7 @@ pub async fn run_until(
         addrs: addrs.clone(),
         running,
         options,
-        repo,
+        orders,
     };
 
     let mut config = Config::single_upstream(vec![listen], addrs.clone());

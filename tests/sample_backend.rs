@@ -316,6 +316,69 @@ async fn stop_returns_once_every_queued_order_is_confirmed() {
     assert!(pending.is_empty(), "left pending at stop: {pending:?}");
 }
 
+/// A request still being answered when the grace ends is cut, with its
+/// connection: it neither answers 201 late nor creates an order no worker
+/// will confirm (review41c F1: in-process, the connection ran on).
+#[tokio::test]
+async fn a_stop_cuts_a_request_that_outlives_the_grace() {
+    let repo = portico::sample::new_repository();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut opts = BackendOptions::new("b1");
+    opts.delay = portico::sample::STOP_GRACE * 3;
+    let backend = portico::sample::start_on(loopback, opts, repo.clone())
+        .await
+        .unwrap();
+    let client = client();
+    let request = post_order(backend.addr(), "1", VALID_ORDER);
+    let answer = tokio::spawn(async move { client.request(request).await });
+    // Until the backend has the request: it counts it before the delay.
+    let started = tokio::time::Instant::now();
+    while backend.requests() == 0 {
+        assert!(started.elapsed() < STEP, "the request reached the backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(STEP * 2, backend.stop())
+        .await
+        .expect("stop is bounded");
+    let answer = tokio::time::timeout(STEP, answer)
+        .await
+        .expect("the cut is seen at once")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    let (orders, _) = repo.orders_of(1).unwrap();
+    assert_eq!(orders.len(), 1, "only the seeded order: {orders:?}");
+}
+
+/// Instances sharing an order service (the demo's) leave its queue to
+/// the others when one stops: the worker goes on confirming (review41c
+/// F2), until whoever made it drains it.
+#[tokio::test]
+async fn a_stopped_instance_leaves_a_shared_queue_to_the_others() {
+    let service = portico::sample::service::OrderService::start(portico::sample::new_repository());
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let start = |name: &str| {
+        portico::sample::start_sharing(loopback, BackendOptions::new(name), service.clone())
+    };
+    let (first, second) = (start("b1").await.unwrap(), start("b2").await.unwrap());
+    let client = client();
+    let created = send(&client, post_order(first.addr(), "1", VALID_ORDER)).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    tokio::time::timeout(STEP * 2, first.stop())
+        .await
+        .expect("stop is bounded");
+    let created = send(&client, post_order(second.addr(), "1", VALID_ORDER)).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let id = created.header("location").trim_start_matches("/orders/");
+    let started = tokio::time::Instant::now();
+    while service.order(id).unwrap().status != OrderStatus::Confirmed {
+        assert!(started.elapsed() < STEP, "{id} confirmed after the other stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.stop().await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    assert_eq!(service.drain(deadline).await, 0);
+}
+
 /// Kills the child if a test fails before it exits on its own.
 struct ChildGuard(Child);
 

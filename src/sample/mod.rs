@@ -28,7 +28,7 @@ use service::OrderService;
 
 /// How long a stopping backend waits for in-flight requests and then for
 /// the worker to confirm the orders still queued, both together.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
@@ -92,17 +92,35 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ctx = Arc::new(http::Context::new(opts, OrderService::start(repo)));
-    serve_context(listener, ctx, shutdown).await
+    serve_context(listener, ctx, shutdown, Worker::Own).await
+}
+
+/// Whether an instance stopping drains its order service's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Worker {
+    /// Its own: the confirmations still queued are done (within the
+    /// grace) before it stops.
+    Own,
+    /// Shared with other instances, as they share a store (`portico
+    /// demo`): the queue is theirs too, and outlives this one (review41c
+    /// F2: a stopped demo backend's backlog was dropped after 5 s, its
+    /// orders left `pending` in the shared store for good).
+    Shared,
 }
 
 async fn serve_context(
     listener: TcpListener,
     ctx: Arc<http::Context>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    worker: Worker,
 ) -> std::io::Result<()> {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let (trigger, stop) = crate::server::shutdown::channel();
-    let mut drain = crate::server::shutdown::Drain::new();
+    // Held here, so that a connection still busy at the end of the grace
+    // is cut, not left running on a runtime that lives on (the demo's,
+    // the tests'): review41c F1 saw one answer 201 after the cut, for an
+    // order no worker would confirm.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -114,15 +132,14 @@ async fn serve_context(
                     continue;
                 }
             },
+            Some(_) = connections.join_next() => continue,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let builder = builder.clone();
         let mut stop = stop.clone();
-        let guard = drain.guard();
-        tokio::spawn(async move {
-            let _guard = guard;
+        connections.spawn(async move {
             let service = service_fn(move |request| {
                 let ctx = ctx.clone();
                 async move { Ok::<_, std::convert::Infallible>(http::handle(ctx, request).await) }
@@ -142,14 +159,19 @@ async fn serve_context(
     drop(listener);
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
     trigger.fire();
-    if !drain.wait(STOP_GRACE).await {
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, finished).await.is_err() {
         tracing::warn!(
             grace = ?STOP_GRACE,
+            busy = connections.len(),
             "connections still busy at the end of the shutdown grace are cut"
         );
+        connections.shutdown().await;
     }
     // After the requests: one still being answered may publish an event.
-    ctx.service.drain(deadline).await;
+    if worker == Worker::Own {
+        ctx.service.drain(deadline).await;
+    }
     Ok(())
 }
 
@@ -213,13 +235,36 @@ pub async fn start_on(
     opts: BackendOptions,
     repo: Arc<dyn OrderRepository>,
 ) -> std::io::Result<RunningBackend> {
+    start_serving(addr, opts, OrderService::start(repo), Worker::Own).await
+}
+
+/// Binds `addr` and starts serving the orders of `service`, a store and
+/// confirmation worker shared with other instances (`portico demo`'s, as
+/// instances of one app share a database and a broker): stopping this one
+/// leaves its queued confirmations to the worker, which whoever made
+/// `service` drains ([`OrderService::drain`]) once all have stopped.
+pub async fn start_sharing(
+    addr: SocketAddr,
+    opts: BackendOptions,
+    service: OrderService,
+) -> std::io::Result<RunningBackend> {
+    start_serving(addr, opts, service, Worker::Shared).await
+}
+
+async fn start_serving(
+    addr: SocketAddr,
+    opts: BackendOptions,
+    service: OrderService,
+    worker: Worker,
+) -> std::io::Result<RunningBackend> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let ctx = Arc::new(http::Context::new(opts, OrderService::start(repo)));
+    let ctx = Arc::new(http::Context::new(opts, service));
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_context(listener, ctx.clone(), async {
+    let shutdown = async {
         let _ = stopped.await;
-    }));
+    };
+    let task = tokio::spawn(serve_context(listener, ctx.clone(), shutdown, worker));
     Ok(RunningBackend {
         addr,
         ctx,
