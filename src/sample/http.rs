@@ -448,7 +448,17 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
 /// array of its fields in order (`[[["A-1",2]],1999,"a@b.c"]`), a form no
 /// client is told of and which `deny_unknown_fields` cannot check.
 fn parse_order(body: &[u8]) -> Result<NewOrder, String> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        // Beyond what a double holds (`1e400`): serde says only "number out
+        // of range", not which or what is allowed (review41c F5).
+        let text = e.to_string();
+        match text.strip_prefix("number out of range") {
+            Some(at) => format!(
+                "a number is out of range{at}: amount_cents is a whole number from 1 to 9007199254740991, qty one from 1 to 4294967295"
+            ),
+            None => text,
+        }
+    })?;
     let items = value.get("items").and_then(serde_json::Value::as_array);
     if !value.is_object() || items.is_some_and(|items| !items.iter().all(|i| i.is_object())) {
         return Err("an order and each of its items are JSON objects".to_owned());
@@ -528,6 +538,15 @@ mod tests {
             assert!(
                 refused.starts_with("qty must be a whole number"),
                 "{qty}: {refused}"
+            );
+        }
+        // Beyond a double's range: which rules, where (review41c F5).
+        for (amount, qty) in [("1e400", "1"), ("5", "-1e999")] {
+            let refused = order(amount, qty).unwrap_err();
+            assert!(
+                refused.starts_with("a number is out of range at line 1 column")
+                    && refused.contains("amount_cents is a whole number from 1"),
+                "{amount} {qty}: {refused}"
             );
         }
     }
