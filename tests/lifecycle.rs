@@ -535,6 +535,7 @@ async fn idle_client_connections_are_closed_after_idle_timeout_but_busy_ones_are
 /// END_HEADERS: a header block begun and not finished.
 async fn half_sent_http2_head(
     idle_timeout: Duration,
+    header_timeout: Duration,
 ) -> (
     portico::sample::RunningBackend,
     RunningProxy,
@@ -543,7 +544,7 @@ async fn half_sent_http2_head(
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
     config.server.idle_timeout = idle_timeout;
-    config.server.request_header_timeout = Duration::from_secs(60);
+    config.server.request_header_timeout = header_timeout;
     let proxy = start_proxy(config).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -559,7 +560,8 @@ async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
     // HEADERS without END_HEADERS, then silence. After the idle GOAWAY the
     // connection used to wait another idle_timeout; with nothing in flight
     // it now goes after a second. 6 s: the old 12 s would miss the bound.
-    let (backend, _proxy, mut stream) = half_sent_http2_head(Duration::from_secs(6)).await;
+    let (backend, _proxy, mut stream) =
+        half_sent_http2_head(Duration::from_secs(6), Duration::from_secs(60)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6) + STEP / 2;
     let mut buf = [0u8; 4096];
     loop {
@@ -572,13 +574,56 @@ async fn a_half_sent_http2_header_block_is_let_go_soon_after_idle_timeout() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// A header block begun must end within `request_header_timeout`, as an
+/// HTTP/1 head must (nginx's `client_header_timeout` times both): it was
+/// held until `idle_timeout` (review41a F1: 400 such connections held
+/// 80 MiB for 61 s). Cut, it is counted as a 408, as a stalled head is.
+#[tokio::test]
+async fn a_half_sent_http2_header_block_is_cut_at_request_header_timeout() {
+    let header_timeout = Duration::from_millis(300);
+    let (backend, proxy, mut stream) =
+        half_sent_http2_head(Duration::from_secs(60), header_timeout).await;
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("connection with a half-sent header block left open"),
+        }
+    }
+    assert!(
+        started.elapsed() >= header_timeout / 2,
+        "cut before its time"
+    );
+    assert_eq!(backend.requests(), 0);
+    let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(
+        text.contains("portico_requests_total{code=\"408\",route=\"_none\"} 1"),
+        "{text}"
+    );
+    // An HTTP/2 connection between requests is not timed so: it waits for
+    // idle_timeout.
+    let mut client = h2_frames_client(proxy.addr).await;
+    for _ in 0..2 {
+        let request = http::Request::get(format!("http://{}/health", proxy.addr))
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(header_timeout * 3).await;
+    }
+}
+
 /// A header block trickled in CONTINUATION frames never becomes a request
 /// hyper sees; its bytes used to count as activity, holding the
 /// connection for as long as the client went on (review29a F6: minutes).
 /// Frames outside a request do not keep an HTTP/2 connection from idling.
 #[tokio::test]
 async fn an_http2_header_block_trickled_in_continuations_does_not_hold_the_connection() {
-    let (backend, _proxy, mut stream) = half_sent_http2_head(Duration::from_secs(1)).await;
+    let (backend, _proxy, mut stream) =
+        half_sent_http2_head(Duration::from_secs(1), Duration::from_secs(60)).await;
     let trickle = async {
         let mut buf = [0u8; 4096];
         loop {

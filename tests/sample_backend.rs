@@ -371,7 +371,10 @@ async fn a_stopped_instance_leaves_a_shared_queue_to_the_others() {
     let id = created.header("location").trim_start_matches("/orders/");
     let started = tokio::time::Instant::now();
     while service.order(id).unwrap().status != OrderStatus::Confirmed {
-        assert!(started.elapsed() < STEP, "{id} confirmed after the other stopped");
+        assert!(
+            started.elapsed() < STEP,
+            "{id} confirmed after the other stopped"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     second.stop().await;

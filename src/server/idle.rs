@@ -12,7 +12,9 @@
 //!   first request and from the head's first byte for the ones after; a
 //!   client trickling a head in is closed, whatever it sends meanwhile.
 //!   HTTP/2 connections, recognised by their preface, have no heads to wait
-//!   for between streams and are left to the idle timeout;
+//!   for between streams; but a header block begun (a HEADERS frame
+//!   without END_HEADERS) must end within the same timeout, as nginx's
+//!   `client_header_timeout` times it (see [`Frames`]);
 //! - a connection whose writes have been blocked for `idle_timeout`, with
 //!   not one byte taken by the client meanwhile, is dropped, like nginx's
 //!   `send_timeout` (HAProxy's `timeout client`): a client that stopped
@@ -65,6 +67,8 @@ pub(super) struct Activity {
     head_begun: AtomicBool,
     /// The connection speaks HTTP/2 (see `protocol`).
     multiplexed: AtomicBool,
+    /// An HTTP/2 header block has begun and not ended (see [`Frames`]).
+    h2_block: AtomicBool,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
     /// Requests begun on this connection.
@@ -182,6 +186,7 @@ impl Activity {
             head_pending: AtomicBool::new(true),
             head_begun: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
+            h2_block: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
             upload_open: AtomicBool::new(false),
@@ -338,8 +343,12 @@ impl Activity {
 
     /// Whether a request is being answered, or more written than read,
     /// since `mark` (from [`Activity::h2_bytes`]).
+    /// A header block begun counts too: back with the watchdog, which
+    /// times it and does not park the connection meanwhile.
     pub(super) fn used_since(&self, mark: (u64, u64)) -> bool {
-        self.busy.load(Ordering::Relaxed) > 0 || self.h2_sent(mark)
+        self.busy.load(Ordering::Relaxed) > 0
+            || self.h2_sent(mark)
+            || self.h2_block.load(Ordering::Relaxed)
     }
 
     /// HTTP/2 bytes written and read so far, to look back at with
@@ -418,9 +427,10 @@ impl Activity {
         // A wait counts a step only if it was under way at the step's
         // start too: one that began within the step counts from the next,
         // so no timer fires before its time (and each within a step after).
-        let mut was_waiting = self.head_pending.load(Ordering::Relaxed)
-            && self.busy.load(Ordering::Relaxed) == 0
-            && !self.multiplexed.load(Ordering::Relaxed);
+        let mut was_waiting = self.h2_block.load(Ordering::Relaxed)
+            || (self.head_pending.load(Ordering::Relaxed)
+                && self.busy.load(Ordering::Relaxed) == 0
+                && !self.multiplexed.load(Ordering::Relaxed));
         // A wait the last watchdog saw, still the same, goes on: what it
         // timed until its last look counts.
         let carried = *lock(&self.head_clock);
@@ -461,17 +471,22 @@ impl Activity {
                 idle_quiet + step
             };
             // A response still being written (to a slow reader) holds the
-            // head timer back: hyper reads the next head after.
-            let waiting = !busy
-                && !sending
-                && self.head_pending.load(Ordering::Relaxed)
-                && !self.multiplexed.load(Ordering::Relaxed);
+            // head timer back: hyper reads the next head after. An HTTP/2
+            // header block is timed whatever the other streams do: its
+            // CONTINUATION frames must follow it with nothing between
+            // (RFC 9113 §6.10), so only the client can hold it open.
+            let block = self.h2_block.load(Ordering::Relaxed);
+            let waiting = block
+                || (!busy
+                    && !sending
+                    && self.head_pending.load(Ordering::Relaxed)
+                    && !self.multiplexed.load(Ordering::Relaxed));
             // The same wait as at the last look only if nothing was written
             // in between; the last response's writes within the step
             // before do not hide a head that followed them (review11: the
             // timer ran up to two steps late).
             head_wait = match (waiting, was_waiting) {
-                (true, true) if now.1 == last.1 => head_wait + step,
+                (true, true) if block || now.1 == last.1 => head_wait + step,
                 _ => Duration::ZERO,
             };
             *lock(&self.head_clock) = HeadClock {
@@ -503,8 +518,10 @@ impl Activity {
             }
             // With no head pending, a request has been served, or this is
             // a parked connection woken by an empty line. An HTTP/2 one
-            // quiet this long has no stream open (it counted only then).
-            let between_requests = self.multiplexed.load(Ordering::Relaxed)
+            // quiet this long has no stream open (it counted only then);
+            // one with a header block open stays here, where it is timed.
+            let between_requests = (self.multiplexed.load(Ordering::Relaxed)
+                && !self.h2_block.load(Ordering::Relaxed))
                 || (!self.head_pending.load(Ordering::Relaxed) && self.upload_read())
                 || (park_fresh && self.never_read());
             if park.is_some_and(|park| idle_quiet >= park) && between_requests {
@@ -807,6 +824,71 @@ pub(super) struct Tracked<IO> {
     activity: Arc<Activity>,
     /// Bytes read before, handed out again first (see [`Tracked::rewind`]).
     rewound: Bytes,
+    /// On HTTP/2, where the client is in its frames.
+    frames: Option<Frames>,
+}
+
+/// Where an HTTP/2 client is in its frames, read from the bytes hyper
+/// reads (frame headers only; payloads are passed over): enough to tell a
+/// header block begun and not ended. h2 bounds a block's size and its
+/// CONTINUATION frames, not its time, and hyper sees no request until it
+/// ends: a client sending a HEADERS frame without END_HEADERS, and then
+/// nothing, held its connection and the block's buffers (about 200 KiB)
+/// until `idle_timeout` (review41a F1), where an HTTP/1 head is cut at
+/// `request_header_timeout`.
+#[derive(Debug)]
+struct Frames {
+    /// Bytes to pass over before the next frame header: the connection
+    /// preface, then each frame's payload.
+    skip: usize,
+    /// The next frame header, as far as it has come.
+    header: [u8; FRAME_HEADER],
+    have: usize,
+}
+
+/// An HTTP/2 frame header's length (RFC 9113 §4.1).
+const FRAME_HEADER: usize = 9;
+
+impl Frames {
+    /// From the first byte of the client connection preface on.
+    fn new() -> Self {
+        Frames {
+            skip: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
+            header: [0; FRAME_HEADER],
+            have: 0,
+        }
+    }
+
+    /// Reads `bytes`: `Some(open)` when the last HEADERS or CONTINUATION
+    /// frame among them leaves a header block open or ends it.
+    fn read(&mut self, mut bytes: &[u8]) -> Option<bool> {
+        const HEADERS: u8 = 0x1;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        let mut block = None;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < FRAME_HEADER {
+                break;
+            }
+            self.have = 0;
+            let [l0, l1, l2, kind, flags, ..] = self.header;
+            self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+            if matches!(kind, HEADERS | CONTINUATION) {
+                block = Some(flags & END_HEADERS == 0);
+            }
+        }
+        block
+    }
 }
 
 impl<IO> Tracked<IO> {
@@ -816,6 +898,7 @@ impl<IO> Tracked<IO> {
             io,
             activity,
             rewound,
+            frames: None,
         }
     }
 
@@ -825,10 +908,23 @@ impl<IO> Tracked<IO> {
         self.rewound = read;
     }
 
-    /// Marks the connection as HTTP/2: no heads to wait for, streams to
-    /// watch, never parked.
-    pub(super) fn multiplexed(&self) {
+    /// Marks the connection as HTTP/2, before hyper reads any of it: no
+    /// heads to wait for but header blocks, streams to watch, never parked.
+    pub(super) fn multiplexed(&mut self) {
         self.activity.multiplexed.store(true, Ordering::Relaxed);
+        self.frames = Some(Frames::new());
+    }
+
+    /// Follows the frames of `read`, bytes hyper is handed, on HTTP/2.
+    fn frames(&mut self, read: &[u8]) {
+        let Some(open) = self.frames.as_mut().and_then(|frames| frames.read(read)) else {
+            return;
+        };
+        self.activity.h2_block.store(open, Ordering::Relaxed);
+        if open {
+            // A request begun, for the line its cut leaves.
+            self.activity.head_begun.store(true, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn into_inner(self) -> IO {
@@ -849,15 +945,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         if !self.rewound.is_empty() {
             let n = self.rewound.len().min(buf.remaining());
             buf.put_slice(&self.rewound.split_to(n));
+            self.frames(&buf.filled()[before..]);
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
         let result = self.io().poll_read(cx, buf);
         if result.is_ready() {
             self.activity.on_read(&buf.filled()[before..]);
+            self.frames(&buf.filled()[before..]);
         }
         result
     }
@@ -1191,6 +1289,56 @@ mod park_tests {
     /// A head that came in behind the last request, before the connection
     /// was parked, keeps the time it waited: 5 s of quiet before parking,
     /// and the 10 s timer fires 5 s (and at most a step) after.
+    /// A header block is followed through frames split anywhere across
+    /// reads, payloads that look like frame headers passed over.
+    #[test]
+    fn frames_tell_a_header_block_left_open() {
+        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+            let len = payload.len().to_be_bytes();
+            let mut frame = vec![len[5], len[6], len[7], kind, flags, 0, 0, 0, 1];
+            frame.extend_from_slice(payload);
+            frame
+        };
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, 0, &[]));
+        // A DATA payload that reads as a HEADERS frame without END_HEADERS.
+        bytes.extend(frame(0x0, 0, &[0, 0, 0, 1, 0, 0, 0, 0, 3]));
+        // Where each frame header's last byte falls: the block's state is
+        // known there.
+        let mut known = Vec::new();
+        for (kind, flags, payload) in [
+            (0x1, 0, &[0x82, 0x86][..]),
+            (0x9, 0, &[0x84]),
+            (0x9, 0x4, &[0x41]),
+        ] {
+            known.push((bytes.len() + FRAME_HEADER - 1, flags & 0x4 == 0));
+            bytes.extend(frame(kind, flags, payload));
+        }
+        let mut frames = Frames::new();
+        let states: Vec<(usize, bool)> = bytes
+            .iter()
+            .enumerate()
+            .filter_map(|(at, byte)| Some((at, frames.read(std::slice::from_ref(byte))?)))
+            .collect();
+        assert_eq!(states, known);
+        for split in 1..bytes.len() {
+            let mut frames = Frames::new();
+            let last = bytes
+                .chunks(split)
+                .filter_map(|chunk| frames.read(chunk))
+                .last();
+            assert_eq!(last, Some(false), "split {split}");
+            // Without the last frame: open.
+            let mut frames = Frames::new();
+            let without = &bytes[..known[2].0 - FRAME_HEADER + 1];
+            let last = without
+                .chunks(split)
+                .filter_map(|chunk| frames.read(chunk))
+                .last();
+            assert_eq!(last, Some(true), "split {split}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_head_begun_before_parking_keeps_its_wait() {
         let activity = Activity::again(b"GET /next", Duration::from_secs(5));

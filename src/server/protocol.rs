@@ -116,7 +116,7 @@ where
         }
     }
 
-    fn serve(io: Tracked<IO>, service: S, protocol: Protocol, builders: &Builders) -> Self {
+    fn serve(mut io: Tracked<IO>, service: S, protocol: Protocol, builders: &Builders) -> Self {
         match protocol {
             Protocol::Http1 => Connection::Http1(Box::new(
                 builders
