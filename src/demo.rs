@@ -388,7 +388,14 @@ fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
         "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
     ));
     say("");
-    say("Type `stop 2` to take backend-2 down (its requests go to the others), `start 2` to bring it back, `status` to list them.");
+    // The last backend, which a demo of one has too (review41b L4).
+    let n = backends.len();
+    let then = if n == 1 {
+        "requests then get 502 and 503"
+    } else {
+        "its requests go to the others"
+    };
+    say(format_args!("Type `stop {n}` to take backend-{n} down ({then}), `start {n}` to bring it back, `status` to list them."));
     say("Ctrl-C stops the proxy and the backends.");
 }
 

@@ -84,6 +84,24 @@ impl<'de> Deserialize<'de> for Number {
             fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Number, E> {
                 Ok(Number(value))
             }
+
+            /// nginx's `30r/m` and `5r/s`, the first thing an operator
+            /// moving from `limit_req` writes, said in this file's terms
+            /// (review41b L2).
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Number, E> {
+                let nginx = value
+                    .strip_suffix("r/s")
+                    .map(|n| (n, 1.0))
+                    .or_else(|| value.strip_suffix("r/m").map(|n| (n, 60.0)))
+                    .and_then(|(n, per)| Some(n.parse::<f64>().ok()? / per));
+                match nginx {
+                    Some(rate) => Err(E::custom(format_args!(
+                        "{value:?} is nginx's way to write a rate: here it is a number of requests a second, {}",
+                        (rate * 10_000.0).round() / 10_000.0
+                    ))),
+                    None => Err(E::invalid_type(serde::de::Unexpected::Str(value), &self)),
+                }
+            }
         }
         deserializer.deserialize_any(Visitor)
     }

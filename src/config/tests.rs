@@ -437,7 +437,15 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = \"30r/m\"\n",
-            &["test.toml:7:23: rate_limit.requests_per_second: invalid type: string \"30r/m\", expected a number"],
+            &["test.toml:7:23: rate_limit.requests_per_second: \"30r/m\" is nginx's way to write a rate: here it is a number of requests a second, 0.5"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = \"5r/m\"\n",
+            &["test.toml:7:23: rate_limit.requests_per_second: \"5r/m\" is nginx's way to write a rate: here it is a number of requests a second, 0.0833"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[rate_limit]\nrequests_per_second = \"fast\"\n",
+            &["test.toml:7:23: rate_limit.requests_per_second: invalid type: string \"fast\", expected a number"],
         ),
         (
             "[server\nlisten = 1\n",
