@@ -50,6 +50,7 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_accepted: IntCounter,
     tls_handshake_errors: IntCounterVec,
+    http2_broken: IntCounterVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
 }
@@ -226,6 +227,21 @@ impl Metrics {
                 }
                 errors
             },
+            // Floods and protocol breaches h2 closes a connection for
+            // showed nowhere but in its own warnings, without the client
+            // (review41a F2), where Envoy and HAProxy count each guard.
+            http2_broken: {
+                let broken = counter_vec(
+                    &registry,
+                    "portico_http2_connection_errors_total",
+                    "Client HTTP/2 connections closed with a GOAWAY for breaking the protocol (reason=enhance_your_calm: a flood, such as resets of streams as they open, CONTINUATION or empty frames, or streams reset by the dozen; protocol_error, frame_size_error, compression_error, flow_control_error: frames RFC 9113 forbids; other)",
+                    &["reason"],
+                );
+                for reason in ["enhance_your_calm", "protocol_error"] {
+                    broken.with_label_values(&[reason]);
+                }
+                broken
+            },
             last_load_successful: gauge(
                 &registry,
                 "portico_config_last_reload_successful",
@@ -243,6 +259,20 @@ impl Metrics {
     /// A client's TLS handshake that failed (`timed_out`: did not finish in
     /// time). They were logged at debug level only: a certificate clients
     /// refuse showed nowhere (review34a F6).
+    /// A client HTTP/2 connection closed for breaking the protocol, with
+    /// the GOAWAY's error code (RFC 9113 §7).
+    pub fn http2_broken(&self, reason: h2::Reason) {
+        let reason = match u32::from(reason) {
+            0x1 => "protocol_error",
+            0x3 => "flow_control_error",
+            0x6 => "frame_size_error",
+            0x9 => "compression_error",
+            0xb => "enhance_your_calm",
+            _ => "other",
+        };
+        self.http2_broken.with_label_values(&[reason]).inc();
+    }
+
     pub fn tls_handshake_failed(&self, timed_out: bool) {
         let reason = if timed_out { "timeout" } else { "failed" };
         self.tls_handshake_errors.with_label_values(&[reason]).inc();

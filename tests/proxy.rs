@@ -323,6 +323,53 @@ async fn an_http2_client_sending_only_pings_is_idle() {
     assert!(closed.is_ok(), "the connection was held open by PINGs");
 }
 
+/// A connection h2 closes for a flood or a forbidden frame is counted by
+/// its GOAWAY's code: h2's own warnings said so without the client, and
+/// some floods not at all (review41a F2).
+#[tokio::test]
+async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    // HEADERS without END_HEADERS, then empty CONTINUATIONs: a flood. A
+    // DATA frame on stream 0, which RFC 9113 §6.1 forbids.
+    let mut flood = h2_frame(0x1, 0, 1, &[0x82, 0x86, 0x84]);
+    for _ in 0..100 {
+        flood.extend(h2_frame(0x9, 0, 1, &[]));
+    }
+    let cases = [
+        (flood, "enhance_your_calm"),
+        (h2_frame(0x0, 0, 0, b"x"), "protocol_error"),
+    ];
+    for (frames, reason) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        start.extend(h2_frame(0x4, 0, 0, &[]));
+        start.extend(frames);
+        // The write may meet the close.
+        let _ = tcp.write_all(&start).await;
+        let closed = tokio::time::timeout(STEP, async {
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "{reason}: the connection was left open");
+        let series = format!("portico_http2_connection_errors_total{{reason=\"{reason}\"}} 1");
+        let counted = tokio::time::timeout(STEP, async {
+            loop {
+                let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+                if text.contains(&series) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(counted.is_ok(), "{series} not counted");
+    }
+    assert_eq!(backend.requests(), 0);
+}
+
 /// A client that goes on opening streams past the GOAWAY that retired its
 /// connection (and the PING that makes it final) is dropped once it has
 /// opened as many again (review32b F4; untested until review32f noted it).

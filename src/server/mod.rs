@@ -1407,7 +1407,20 @@ async fn serve_connection<IO: Parkable>(
         // hyper answers a head it cannot parse itself, before the service
         // runs: count and log it like any other answer, or smuggling
         // attempts would leave no trace.
-        match error.downcast_ref::<hyper::Error>().and_then(refused_with) {
+        let hyper_error = error.downcast_ref::<hyper::Error>();
+        if let Some(reason) = hyper_error.and_then(broke_http2) {
+            let proxy = held.shared.proxy.load();
+            proxy.metrics().http2_broken(reason);
+            // A flood comes by the thousand connections a second: said
+            // once in a while, with how many went unsaid.
+            static SAID: crate::logging::Every = crate::logging::Every::new();
+            if let Some(held_back) = SAID.due(BROKEN_HTTP2_SAID) {
+                let held_back = (held_back > 0).then_some(held_back);
+                tracing::warn!(client = %conn.peer, reason = ?reason, %error, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed with GOAWAY");
+            }
+            return;
+        }
+        match hyper_error.and_then(refused_with) {
             Some((parse, status)) => {
                 let answered = crate::proxy::Refused::default();
                 held.shared
@@ -1635,6 +1648,21 @@ fn refused_with(error: &hyper::Error) -> Option<(&hyper::Error, u16)> {
     };
     Some((error, status))
 }
+
+/// The error code of the GOAWAY h2 closed a client's connection with for
+/// breaking the protocol (a flood, a forbidden frame): an error of the
+/// library's own, not the client's GOAWAY nor a broken socket.
+fn broke_http2(error: &hyper::Error) -> Option<h2::Reason> {
+    let h2 = std::error::Error::source(error)?.downcast_ref::<h2::Error>()?;
+    if !(h2.is_go_away() && h2.is_library()) {
+        return None;
+    }
+    h2.reason().filter(|reason| *reason != h2::Reason::NO_ERROR)
+}
+
+/// Seconds between two warnings of HTTP/2 connections closed for breaking
+/// the protocol.
+const BROKEN_HTTP2_SAID: u64 = 10;
 
 /// Once a connection is closing gracefully (idle, or a drain), how long it
 /// may stay silent with nothing in flight before it is dropped (an HTTP/2
