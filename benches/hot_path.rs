@@ -40,6 +40,7 @@ fn routing(c: &mut Criterion) {
     let route = |host: HostMatch, prefix: &str| Route {
         host,
         path_prefix: prefix.into(),
+        exact: false,
         upstream: 0,
         cache: false,
         rate_limit: false,

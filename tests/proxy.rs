@@ -882,6 +882,7 @@ async fn a_request_matching_no_route_gets_404() {
     config.routes = vec![Route {
         host: HostMatch::Exact("shop.example".into()),
         path_prefix: "/api/".into(),
+        exact: false,
         upstream: 0,
         cache: false,
         rate_limit: false,
@@ -910,6 +911,7 @@ async fn an_ipv6_host_spelled_otherwise_reaches_its_route() {
     config.routes = vec![Route {
         host: HostMatch::Exact("[::1]".into()),
         path_prefix: "/".into(),
+        exact: false,
         upstream: 0,
         cache: false,
         rate_limit: false,
@@ -1035,7 +1037,8 @@ async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
         "cache = true\n",
         "[[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n\
          [[route]]\npath_prefix = \"/docs\"\nupstream = \"other\"\n\
-         [[route]]\npath_prefix = \"/docs/\"\nupstream = \"prefixed\"\n",
+         [[route]]\npath_prefix = \"/docs/\"\nupstream = \"prefixed\"\n\
+         [[route]]\npath = \"/login\"\nupstream = \"prefixed\"\n",
     )
     .await;
     let client = client();
@@ -1070,6 +1073,15 @@ async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
     // where they went.
     let answer = get(&client, &proxy.url("/docs")).await;
     assert_eq!(answer.header("x-backend"), "other");
+    // One path matched whole, as nginx's `location =`: nothing under it.
+    for (path, backend) in [
+        ("/login", "prefixed"),
+        ("/login.css", "other"),
+        ("/login/", "other"),
+    ] {
+        let answer = get(&client, &proxy.url(path)).await;
+        assert_eq!(answer.header("x-backend"), backend, "{path}");
+    }
     for (path, backend) in [
         ("/admin/", "prefixed"),
         ("/admins", "other"),

@@ -26,6 +26,7 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
     config.routes.push(Route {
         host: HostMatch::Any,
         path_prefix: "/health".into(),
+        exact: false,
         upstream: 0,
         cache: false,
         rate_limit: false,

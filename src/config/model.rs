@@ -167,7 +167,12 @@ pub enum HostMatch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub host: HostMatch,
+    /// In [`routing_prefix`](crate::proxy::route::routing_prefix)'s form:
+    /// a prefix of the paths the route takes, or with `exact` the one
+    /// path it takes (the route's `path`).
     pub path_prefix: String,
+    /// The route takes `path_prefix` alone, as nginx's `location =`.
+    pub exact: bool,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
     /// Resolved: the route's own `cache` if set, else whether `[cache]` exists.
@@ -410,6 +415,7 @@ impl Config {
             routes: vec![Route {
                 host: HostMatch::Any,
                 path_prefix: "/".into(),
+                exact: false,
                 upstream: 0,
                 cache: false,
                 rate_limit: false,

@@ -196,6 +196,8 @@ pub struct Route {
     pub name: Option<Str>,
     pub host: Option<Str>,
     pub path_prefix: Option<Str>,
+    /// One path, matched whole: nginx's `location =`.
+    pub path: Option<Str>,
     pub upstream: Str,
     pub cache: Option<Spanned<bool>>,
     pub rate_limit: Option<Spanned<bool>>,

@@ -343,6 +343,21 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // One path matched whole: not beside a prefix, no pattern,
+            // once per host; and apart from the same prefix.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [[route]]\nupstream = \"a\"\npath_prefix = \"/x/\"\npath = \"/x\"\n\
+             [[route]]\nupstream = \"a\"\npath = \"/y*\"\n\
+             [[route]]\nupstream = \"a\"\npath = \"/login\"\n\
+             [[route]]\nupstream = \"a\"\npath = \"/log%69n\"\n\
+             [[route]]\nupstream = \"a\"\npath_prefix = \"/login\"\n",
+            &[
+                "test.toml:7:8: route[0].path: a route takes a path_prefix or one path, not both: drop one",
+                "test.toml:10:8: route[1].path: is one path, not a pattern: a trailing `*` would be matched literally; write path_prefix = `/y` to match everything under it",
+                "test.toml:14:1: route[3]: another route already has no host and path `/login`, the normal form of `/log%69n`",
+            ],
+        ),
+        (
             "[server]\nlisten = [\"nope\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:2:11: server.listen[0]: `nope` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""],
         ),

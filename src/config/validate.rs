@@ -232,7 +232,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     }
 
     let mut routes = Vec::new();
-    let mut seen_routes: HashSet<(Option<String>, String)> = HashSet::new();
+    let mut seen_routes: HashSet<(Option<String>, String, bool)> = HashSet::new();
     // Names given with `name`, and where; derived ones are checked against
     // them once every route is read.
     let mut given_names: HashMap<String, usize> = HashMap::new();
@@ -265,14 +265,24 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 .inspect_err(|e| r.at(h.span(), format!("{key}.host"), e))
                 .ok(),
         };
-        let path_prefix = match &raw.path_prefix {
+        // `path` for one path, matched whole (nginx's `location =`,
+        // Envoy's `path`), else `path_prefix`.
+        let exact = raw.path.is_some();
+        if let (Some(_), Some(path)) = (&raw.path_prefix, &raw.path) {
+            r.at(
+                path.span(),
+                format!("{key}.path"),
+                "a route takes a path_prefix or one path, not both: drop one",
+            );
+        }
+        let (written, field) = match &raw.path {
+            Some(path) => (Some(path), "path"),
+            None => (raw.path_prefix.as_ref(), "path_prefix"),
+        };
+        let path_prefix = match written {
             None => Some("/".to_owned()),
             Some(p) if !p.get_ref().starts_with('/') => {
-                r.at(
-                    p.span(),
-                    format!("{key}.path_prefix"),
-                    "must start with `/`",
-                );
+                r.at(p.span(), format!("{key}.{field}"), "must start with `/`");
                 None
             }
             // Routes match the path alone, so a query or a byte a path
@@ -284,7 +294,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             {
                 r.at(
                     p.span(),
-                    format!("{key}.path_prefix"),
+                    format!("{key}.{field}"),
                     "must be a path: no `?`, `#`, spaces or control characters",
                 );
                 None
@@ -294,12 +304,17 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             // writing it means.
             Some(p) if p.get_ref().ends_with('*') => {
                 let meant = p.get_ref().trim_end_matches('*');
+                let (what, write) = if exact {
+                    ("one path", "path_prefix = ")
+                } else {
+                    ("a plain prefix", "")
+                };
                 r.at(
                     p.span(),
-                    format!("{key}.path_prefix"),
+                    format!("{key}.{field}"),
                     format!(
-                        "is a plain prefix, not a pattern: a trailing `*` would be matched literally; \
-                         write `{meant}` to match everything under it"
+                        "is {what}, not a pattern: a trailing `*` would be matched literally; \
+                         write {write}`{meant}` to match everything under it"
                     ),
                 );
                 None
@@ -307,19 +322,23 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             // Held in the form request paths are compared in, so that
             // `/café/` matches `/caf%C3%A9/x` and `/x%2fy/` `/x%2Fy/a`.
             Some(p) => crate::proxy::route::routing_prefix(p.get_ref())
-                .inspect_err(|e| r.at(p.span(), format!("{key}.path_prefix"), e.to_string()))
+                .inspect_err(|e| r.at(p.span(), format!("{key}.{field}"), e.to_string()))
                 .ok(),
         };
         if let (Some(_), Some(path_prefix)) = (&host, &path_prefix) {
             let host_text = raw.host.as_ref().map(|h| h.get_ref().as_str());
-            let seen = (host_text.map(str::to_ascii_lowercase), path_prefix.clone());
+            let seen = (
+                host_text.map(str::to_ascii_lowercase),
+                path_prefix.clone(),
+                exact,
+            );
             if !seen_routes.insert(seen) {
                 let host = match host_text {
                     Some(host) => format!("host `{host}`"),
                     None => "no host".to_owned(),
                 };
                 // Written otherwise, the clash is in the normal form.
-                let written = raw.path_prefix.as_ref().map_or("/", |p| p.get_ref());
+                let written = written.map_or("/", |p| p.get_ref());
                 let prefix = if written == path_prefix {
                     format!("`{path_prefix}`")
                 } else {
@@ -328,7 +347,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 r.at(
                     spanned.span(),
                     &key,
-                    format!("another route already has {host} and path_prefix {prefix}"),
+                    format!("another route already has {host} and {field} {prefix}"),
                 );
             }
         }
@@ -400,6 +419,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         routes.push(Route {
             host,
             path_prefix,
+            exact,
             upstream,
             cache: cache_on,
             rate_limit: limit_on,

@@ -48,7 +48,8 @@ pub enum Decision {
 }
 
 /// Where a route matches: what identifies it from one reload to the next.
-type RouteId = (HostMatch, String);
+/// (Its host, its path or prefix, whether that is one path.)
+type RouteId = (HostMatch, String, bool);
 
 #[derive(Debug)]
 pub struct Limiter {
@@ -137,16 +138,19 @@ impl Limiter {
         // where a scan of the old routes for each new one made a reload
         // of thousands of routes take seconds (review F3). Of two routes
         // matching alike, the first speaks, as in routing.
-        let mut kept: HashMap<(&HostMatch, &str), &Option<Arc<Keyed>>> = HashMap::new();
-        for ((host, prefix), limiter) in previous.iter().flat_map(|p| p.ids.iter().zip(&p.routes)) {
-            kept.entry((host, prefix.as_str())).or_insert(limiter);
+        let mut kept: HashMap<(&HostMatch, &str, bool), &Option<Arc<Keyed>>> = HashMap::new();
+        for ((host, prefix, exact), limiter) in
+            previous.iter().flat_map(|p| p.ids.iter().zip(&p.routes))
+        {
+            kept.entry((host, prefix.as_str(), *exact))
+                .or_insert(limiter);
         }
         let routes = config
             .routes
             .iter()
             .map(|route| {
                 route.rate_limit.then(|| {
-                    kept.get(&(&route.host, route.path_prefix.as_str()))
+                    kept.get(&(&route.host, route.path_prefix.as_str(), route.exact))
                         .and_then(|limiter| Option::clone(limiter))
                         .unwrap_or_else(|| {
                             let plain: RateLimiter<_, _, _> = RateLimiter::new(
@@ -162,7 +166,7 @@ impl Limiter {
         let ids = config
             .routes
             .iter()
-            .map(|route| (route.host.clone(), route.path_prefix.clone()))
+            .map(|route| (route.host.clone(), route.path_prefix.clone(), route.exact))
             .collect();
         // The cleanup task holds a weak reference, so it is made with the
         // limiter: `Arc::get_mut` after the fact would never succeed while
@@ -256,6 +260,7 @@ mod tests {
         config.routes.push(Route {
             host: HostMatch::Any,
             path_prefix: "/free".into(),
+            exact: false,
             upstream: 0,
             cache: false,
             rate_limit: false,

@@ -73,9 +73,12 @@ impl Router {
     pub fn new(routes: &[Route]) -> Self {
         let mut routes: Vec<(usize, Route)> = routes.iter().cloned().enumerate().collect();
         // Stable sort: among equally specific routes, file order decides.
+        // Within a host, one path matched whole comes before any prefix,
+        // as nginx's `location =` does.
         routes.sort_by(|(_, a), (_, b)| {
             host_rank(&b.host)
                 .cmp(&host_rank(&a.host))
+                .then(b.exact.cmp(&a.exact))
                 .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
         let mut used = Vec::new();
@@ -87,6 +90,7 @@ impl Router {
         }
         let slashless = routes
             .iter()
+            .filter(|(_, route)| !route.exact)
             .filter_map(|(_, route)| route.path_prefix.strip_suffix('/'))
             // A Location field holds visible ASCII only.
             .filter(|path| !path.is_empty() && path.bytes().all(|b| b.is_ascii_graphic()))
@@ -179,7 +183,12 @@ impl Router {
         self.routes
             .iter()
             .find(|(_, route)| {
-                host_matches(&route.host, host) && path.starts_with(route.path_prefix.as_str())
+                host_matches(&route.host, host)
+                    && if route.exact {
+                        path == route.path_prefix
+                    } else {
+                        path.starts_with(route.path_prefix.as_str())
+                    }
             })
             .map(|(index, route)| (*index, route))
     }
@@ -480,6 +489,7 @@ mod tests {
         Route {
             host,
             path_prefix: prefix.into(),
+            exact: false,
             upstream: 0,
             cache: false,
             rate_limit: false,
@@ -765,6 +775,39 @@ mod tests {
         ]);
         assert_eq!(routed(&router, "/api"), Some("bare"));
         assert_eq!(routed(&router, "/apis"), Some("bare"));
+    }
+
+    /// One path matched whole (nginx's `location =`) comes before any
+    /// prefix of its host, takes nothing under it, and is no prefix a path
+    /// without its slash is sent to.
+    #[test]
+    fn an_exact_path_takes_that_path_alone() {
+        let exact = |host: HostMatch, path: &str, name: &str| Route {
+            exact: true,
+            ..route(host, path, name)
+        };
+        let router = Router::new(&[
+            route(HostMatch::Any, "/", "default"),
+            route(HostMatch::Any, "/user/", "dir"),
+            exact(HostMatch::Any, "/user", "login"),
+            exact(HostMatch::Any, "/api/", "api-root"),
+            route(HostMatch::Exact("a.example".into()), "/", "a"),
+        ]);
+        for (path, want) in [
+            ("/user", "login"),
+            ("/%75ser", "login"),
+            ("/user/x", "dir"),
+            ("/user/", "dir"),
+            ("/users/1/orders", "default"),
+            ("/username", "default"),
+            ("/api/", "api-root"),
+            ("/api/x", "default"),
+            ("/api", "default"),
+        ] {
+            assert_eq!(routed(&router, path), Some(want), "{path}");
+        }
+        let found = router.find(Some("a.example"), "/user").unwrap();
+        assert_eq!(found.map(|(_, r)| r.name.as_str()), Some("a"));
     }
 
     #[test]
