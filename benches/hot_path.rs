@@ -44,6 +44,7 @@ fn routing(c: &mut Criterion) {
         upstream: 0,
         cache: false,
         rate_limit: false,
+        rate: None,
         name: prefix.into(),
     };
     let router = Router::new(&[

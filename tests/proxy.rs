@@ -886,6 +886,7 @@ async fn a_request_matching_no_route_gets_404() {
         upstream: 0,
         cache: false,
         rate_limit: false,
+        rate: None,
         name: "shop".into(),
     }];
     let proxy = start_proxy(config).await;
@@ -915,6 +916,7 @@ async fn an_ipv6_host_spelled_otherwise_reaches_its_route() {
         upstream: 0,
         cache: false,
         rate_limit: false,
+        rate: None,
         name: "v6".into(),
     }];
     let proxy = start_proxy(config).await;

@@ -30,6 +30,7 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
         upstream: 0,
         cache: false,
         rate_limit: false,
+        rate: None,
         name: "health".into(),
     });
     config
@@ -69,6 +70,27 @@ fn allowed(answers: &[Answer]) -> usize {
         .iter()
         .filter(|a| a.status == StatusCode::OK)
         .count()
+}
+
+/// A route with a rate of its own throttles at it, and says its burst,
+/// beside the section's on the others (review41b M2).
+#[tokio::test]
+async fn a_route_with_its_own_rate_throttles_at_it() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = limited(&backend, "10.0.0.0/8");
+    config.routes[1].rate_limit = true;
+    config.routes[1].rate = Some(portico::config::Rate {
+        requests_per_second: 0.01,
+        burst: 2,
+    });
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let strict = burst(&client, &proxy.url("/health"), None, 4).await;
+    assert_eq!(allowed(&strict), 2);
+    assert_eq!(strict[0].header("ratelimit-limit"), "2");
+    let loose = burst(&client, &proxy.url("/users/1/orders"), None, 4).await;
+    assert_eq!(allowed(&loose), 4);
+    assert_eq!(loose[0].header("ratelimit-limit"), "5");
 }
 
 #[tokio::test]

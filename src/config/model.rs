@@ -179,6 +179,9 @@ pub struct Route {
     pub cache: bool,
     /// Resolved: the route's own `rate_limit` if set, else whether `[rate_limit]` exists.
     pub rate_limit: bool,
+    /// The route's own rate, where its `rate_limit` gives one; else
+    /// `[rate_limit]`'s.
+    pub rate: Option<Rate>,
     /// The label of its metrics: its `name`, or else the upstream's name,
     /// suffixed `#2`, `#3`... when several routes share one upstream.
     pub name: String,
@@ -309,6 +312,14 @@ fn masked(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
     }
 }
 
+/// A sustained rate and the burst over it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Below 1 for slower ones (0.5: one every 2 s).
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
     /// Sustained rate; below 1 for slower ones (0.5: one every 2 s).
@@ -401,6 +412,16 @@ impl Default for RateLimit {
     }
 }
 
+impl RateLimit {
+    /// The section's rate: that of every throttled route without its own.
+    pub fn rate(&self) -> Rate {
+        Rate {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+        }
+    }
+}
+
 impl Config {
     /// One upstream named "default" with a catch-all route: what the demo and
     /// most tests need.
@@ -419,6 +440,7 @@ impl Config {
                 upstream: 0,
                 cache: false,
                 rate_limit: false,
+                rate: None,
                 name: upstream.name.clone(),
             }],
             upstreams: vec![upstream],

@@ -200,7 +200,62 @@ pub struct Route {
     pub path: Option<Str>,
     pub upstream: Str,
     pub cache: Option<Spanned<bool>>,
-    pub rate_limit: Option<Spanned<bool>>,
+    pub rate_limit: Option<Spanned<RouteLimit>>,
+}
+
+/// A route's `rate_limit`: `true`, `false`, or a rate of its own,
+/// `{ requests_per_second = 5, burst = 10 }` (either key alone keeps the
+/// section's other), as nginx's `limit_req` names a zone per location.
+/// Hand-written, as [`Backend`], to keep the spans inside.
+#[derive(Debug)]
+pub struct RouteLimit {
+    pub on: bool,
+    pub requests_per_second: Option<Spanned<Number>>,
+    pub burst: Option<Spanned<i64>>,
+}
+
+impl<'de> Deserialize<'de> for RouteLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RouteLimit;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or { requests_per_second = N, burst = N }")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<RouteLimit, E> {
+                Ok(RouteLimit {
+                    on,
+                    requests_per_second: None,
+                    burst: None,
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RouteLimit, A::Error> {
+                const KEYS: &[&str] = &["requests_per_second", "burst"];
+                let mut limit = RouteLimit {
+                    on: true,
+                    requests_per_second: None,
+                    burst: None,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "requests_per_second" => {
+                            limit.requests_per_second = Some(map.next_value()?)
+                        }
+                        "burst" => limit.burst = Some(map.next_value()?),
+                        other => return Err(serde::de::Error::unknown_field(other, KEYS)),
+                    }
+                }
+                Ok(limit)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -124,6 +124,47 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert_eq!(config.server.trusted_fields, TrustedFields::Either);
 }
 
+/// A route's `rate_limit` is a switch or a rate of its own; a key it
+/// leaves out is the section's.
+#[test]
+fn a_route_takes_a_rate_of_its_own() {
+    let config = check(
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+         [rate_limit]\nrequests_per_second = 50\nburst = 100\n\
+         [[route]]\nupstream = \"a\"\npath = \"/login\"\nrate_limit = { requests_per_second = \"5r/m\" }\n",
+    );
+    assert!(config.is_err(), "nginx's syntax is refused here too");
+    let config = check(
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+         [rate_limit]\nrequests_per_second = 50\nburst = 100\n\
+         [[route]]\nupstream = \"a\"\npath = \"/login\"\nrate_limit = { requests_per_second = 0.0833, burst = 5 }\n\
+         [[route]]\nupstream = \"a\"\npath_prefix = \"/api/\"\nrate_limit = { burst = 10 }\n\
+         [[route]]\nupstream = \"a\"\npath_prefix = \"/static/\"\nrate_limit = false\n\
+         [[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let rates: Vec<(bool, Option<Rate>)> = config
+        .routes
+        .iter()
+        .map(|route| (route.rate_limit, route.rate))
+        .collect();
+    let rate = |requests_per_second, burst| {
+        Some(Rate {
+            requests_per_second,
+            burst,
+        })
+    };
+    assert_eq!(
+        rates,
+        [
+            (true, rate(0.0833, 5)),
+            (true, rate(50.0, 10)),
+            (false, None),
+            (true, None)
+        ]
+    );
+}
+
 #[test]
 fn weight_zero_drains_a_backend_and_is_not_an_error() {
     let config = check(
@@ -341,6 +382,26 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:8:1: admin.bogus: unknown key `bogus`",
                 "test.toml:11:13: upstream[0].backends[0]: backend 127.0.0.1:8443 is this proxy's own server.tls[0].listen: requests would loop back to it",
             ],
+        ),
+        (
+            // A route's own rate: needs the section, and is checked as
+            // the section's is, under the route's key.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [[route]]\nupstream = \"a\"\nrate_limit = { requests_per_second = 5 }\n",
+            &["test.toml:6:14: route[0].rate_limit: a route's rate_limit needs a [rate_limit] section (its key, max_tracked_clients and the rate of routes without one of their own)"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[rate_limit]\n\
+             [[route]]\nupstream = \"a\"\nrate_limit = { requests_per_second = 0, burst = 0 }\n",
+            &[
+                "test.toml:7:38: route[0].rate_limit.requests_per_second: must be a number from 0.000278 (one request an hour) to 1000000000; below 1 for slower rates, e.g. 0.5 for one request every 2 s",
+                "test.toml:7:49: route[0].rate_limit.burst: must be a whole number from 1 to 4294967295",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[rate_limit]\n\
+             [[route]]\nupstream = \"a\"\npath = \"/x\"\nrate_limit = { rps = 5 }\n",
+            &["test.toml:8:14: route[0].rate_limit: unknown field `rps`, expected `requests_per_second` or `burst`"],
         ),
         (
             // One path matched whole: not beside a prefix, no pattern,

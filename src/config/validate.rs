@@ -364,17 +364,33 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             None => cache.is_some(),
         };
         let limit_on = match &raw.rate_limit {
-            Some(flag) if *flag.get_ref() && rate_limit.is_none() => {
+            Some(flag) if flag.get_ref().on && rate_limit.is_none() => {
                 r.at(
                     flag.span(),
                     format!("{key}.rate_limit"),
-                    "rate_limit = true needs a [rate_limit] section",
+                    "a route's rate_limit needs a [rate_limit] section (its key, max_tracked_clients and the rate of routes without one of their own)",
                 );
                 false
             }
-            Some(flag) => *flag.get_ref(),
+            Some(flag) => flag.get_ref().on,
             None => rate_limit.is_some(),
         };
+        // A rate of its own; a key left out is the section's.
+        let rate = raw
+            .rate_limit
+            .as_ref()
+            .map(Spanned::get_ref)
+            .filter(|own| own.requests_per_second.is_some() || own.burst.is_some())
+            .zip(rate_limit.as_ref())
+            .map(|(own, section)| {
+                rate_and_burst(
+                    r,
+                    &format!("{key}.rate_limit"),
+                    own.requests_per_second.as_ref(),
+                    own.burst.as_ref(),
+                    section.rate(),
+                )
+            });
         // Every route to an upstream counts, named or not, so that naming
         // one route leaves the others' labels as they were.
         let nth = upstream.map(|u| {
@@ -423,6 +439,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             upstream,
             cache: cache_on,
             rate_limit: limit_on,
+            rate,
             name,
         });
     }
@@ -1278,6 +1295,47 @@ fn cidr_list(r: R, key: &str, raw: Option<&Vec<raw::Str>>) -> Vec<Cidr> {
     blocks
 }
 
+/// `requests_per_second` and `burst` under `key` (`rate_limit`, or a
+/// route's), each `default`'s where not given.
+fn rate_and_burst(
+    r: R,
+    key: &str,
+    requests_per_second: Option<&Spanned<raw::Number>>,
+    burst: Option<&Spanned<i64>>,
+    default: Rate,
+) -> Rate {
+    let rate_key = format!("{key}.requests_per_second");
+    let burst_key = format!("{key}.burst");
+    let requests_per_second = rate(
+        r,
+        &rate_key,
+        requests_per_second,
+        default.requests_per_second,
+    );
+    let given = burst;
+    let mut burst = integer(r, &burst_key, given, default.burst, 1);
+    // The limiter keeps a budget of `burst` requests' time in u64
+    // nanoseconds, added to the time since it started: past 584 years it
+    // wrapped, and throttling quietly stopped (review31b L1). Half of
+    // that leaves the other half for uptime.
+    if f64::from(burst) / requests_per_second * 1e9 >= (1u64 << 63) as f64 {
+        if let Some(given) = given {
+            r.at(
+                given.span(),
+                burst_key,
+                format!(
+                    "{burst} requests at {requests_per_second} a second take over 292 years to refill, past what the limiter counts: lower burst"
+                ),
+            );
+        }
+        burst = default.burst;
+    }
+    Rate {
+        requests_per_second,
+        burst,
+    }
+}
+
 fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
     let d = RateLimit::default();
     let key = match &raw.key {
@@ -1299,29 +1357,16 @@ fn rate_limit(r: R, raw: &raw::RateLimit) -> RateLimit {
             }
         },
     };
-    let requests_per_second = rate(
+    let Rate {
+        requests_per_second,
+        burst,
+    } = rate_and_burst(
         r,
-        "rate_limit.requests_per_second",
+        "rate_limit",
         raw.requests_per_second.as_ref(),
-        d.requests_per_second,
+        raw.burst.as_ref(),
+        d.rate(),
     );
-    let mut burst = integer(r, "rate_limit.burst", raw.burst.as_ref(), d.burst, 1);
-    // The limiter keeps a budget of `burst` requests' time in u64
-    // nanoseconds, added to the time since it started: past 584 years it
-    // wrapped, and throttling quietly stopped (review31b L1). Half of
-    // that leaves the other half for uptime.
-    if f64::from(burst) / requests_per_second * 1e9 >= (1u64 << 63) as f64 {
-        if let Some(given) = raw.burst.as_ref() {
-            r.at(
-                given.span(),
-                "rate_limit.burst",
-                format!(
-                    "{burst} requests at {requests_per_second} a second take over 292 years to refill, past what the limiter counts: lower burst"
-                ),
-            );
-        }
-        burst = d.burst;
-    }
     RateLimit {
         requests_per_second,
         burst,

@@ -19,7 +19,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 
-use crate::config::{Config, HostMatch, RateLimit};
+use crate::config::{Config, HostMatch, Rate, RateLimit};
 use client::ClientKey;
 use store::BoundedStore;
 
@@ -51,14 +51,36 @@ pub enum Decision {
 /// (Its host, its path or prefix, whether that is one path.)
 type RouteId = (HostMatch, String, bool);
 
+/// One route's throttle: its clients' budgets, and the rate they follow.
+#[derive(Debug, Clone)]
+struct Throttle {
+    keyed: Arc<Keyed>,
+    rate: Rate,
+    /// One request's worth of budget comes back every `interval`.
+    interval: Duration,
+}
+
+impl Throttle {
+    fn new(rate: Rate, max_tracked_clients: usize) -> Self {
+        let plain: RateLimiter<_, _, _> = RateLimiter::new(
+            quota(rate),
+            BoundedStore::new(max_tracked_clients),
+            DefaultClock::default(),
+        );
+        Throttle {
+            keyed: Arc::new(plain.with_middleware::<StateInformationMiddleware>()),
+            rate,
+            interval: interval(rate),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Limiter {
     config: RateLimit,
-    /// One request's worth of budget comes back every `interval`.
-    interval: Duration,
     /// Per route index; `None` where the route does not throttle. Shared
     /// with the limiter of the previous reload for unchanged routes.
-    routes: Vec<Option<Arc<Keyed>>>,
+    routes: Vec<Option<Throttle>>,
     /// Each route's identity, by route index.
     ids: Vec<RouteId>,
     hasher: RandomState,
@@ -67,28 +89,26 @@ pub struct Limiter {
 }
 
 /// Whether budgets kept under `before` mean the same under `now`: same
-/// rate, burst, key and table size. `server.trusted_proxies` only decides
+/// key and table size (and, route by route, the same rate and burst).
+/// `server.trusted_proxies` only decides
 /// which address a request is counted under: trusting one more proxy in
 /// the middle of a flood leaves every known client's budget as it was (the
 /// clients behind the new proxy start their own, as new clients do).
 fn same_budgets(now: &RateLimit, before: &RateLimit) -> bool {
-    now.requests_per_second == before.requests_per_second
-        && now.burst == before.burst
-        && now.key == before.key
-        && now.max_tracked_clients == before.max_tracked_clients
+    now.key == before.key && now.max_tracked_clients == before.max_tracked_clients
 }
 
 /// How often one request's worth of budget comes back.
-fn interval(config: &RateLimit) -> Duration {
+fn interval(rate: Rate) -> Duration {
     // Validation keeps the rate within one an hour and one a nanosecond.
-    Duration::try_from_secs_f64(1.0 / config.requests_per_second)
+    Duration::try_from_secs_f64(1.0 / rate.requests_per_second)
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_nanos(1))
 }
 
-fn quota(config: &RateLimit) -> Quota {
-    let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
-    Quota::with_period(interval(config))
+fn quota(rate: Rate) -> Quota {
+    let burst = NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(interval(rate))
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
         .allow_burst(burst)
 }
@@ -102,9 +122,9 @@ impl Limiter {
     /// The limiter for a reloaded `config`, after `previous` (`None`: the
     /// file had no `[rate_limit]`). Under an unchanged
     /// `[rate_limit]`, each throttling route that was there before (same
-    /// host and path_prefix, wherever it now sits in the file) keeps its
-    /// clients' budgets, so editing the routes during a flood hands no
-    /// throttled client a fresh burst.
+    /// host and path_prefix, wherever it now sits in the file) at the same
+    /// rate keeps its clients' budgets, so editing the routes during a
+    /// flood hands no throttled client a fresh burst.
     pub fn rebuild(config: &Config, previous: Option<&Limiter>) -> Option<Arc<Self>> {
         let kept = previous.filter(|p| {
             config
@@ -119,8 +139,13 @@ impl Limiter {
         // where a route throttles or did (review37f L6, review37g L6).
         let before = previous.is_some_and(|p| p.routes.iter().any(Option::is_some));
         let now = config.rate_limit.is_some() && config.routes.iter().any(|r| r.rate_limit);
+        // A new rate of the section's: the routes without their own start
+        // anew, said once here rather than route by route.
+        let rate_changed = previous
+            .zip(config.rate_limit.as_ref())
+            .is_some_and(|(p, now)| p.config.rate() != now.rate());
         match (before, now) {
-            (true, true) if kept.is_none() => {
+            (true, true) if kept.is_none() || rate_changed => {
                 tracing::info!("[rate_limit] changed: every client's budget starts full")
             }
             (false, true) => {
@@ -138,7 +163,7 @@ impl Limiter {
         // where a scan of the old routes for each new one made a reload
         // of thousands of routes take seconds (review F3). Of two routes
         // matching alike, the first speaks, as in routing.
-        let mut kept: HashMap<(&HostMatch, &str, bool), &Option<Arc<Keyed>>> = HashMap::new();
+        let mut kept: HashMap<(&HostMatch, &str, bool), &Option<Throttle>> = HashMap::new();
         for ((host, prefix, exact), limiter) in
             previous.iter().flat_map(|p| p.ids.iter().zip(&p.routes))
         {
@@ -149,17 +174,20 @@ impl Limiter {
             .routes
             .iter()
             .map(|route| {
+                let rate = route.rate.unwrap_or_else(|| limits.rate());
                 route.rate_limit.then(|| {
-                    kept.get(&(&route.host, route.path_prefix.as_str(), route.exact))
-                        .and_then(|limiter| Option::clone(limiter))
-                        .unwrap_or_else(|| {
-                            let plain: RateLimiter<_, _, _> = RateLimiter::new(
-                                quota(&limits),
-                                BoundedStore::new(limits.max_tracked_clients),
-                                DefaultClock::default(),
-                            );
-                            Arc::new(plain.with_middleware::<StateInformationMiddleware>())
-                        })
+                    let before = kept.get(&(&route.host, route.path_prefix.as_str(), route.exact));
+                    match before.and_then(|throttle| throttle.as_ref()) {
+                        Some(throttle) if throttle.rate == rate => throttle.clone(),
+                        Some(_) => {
+                            // Said, as a change of the section's rate is.
+                            if route.rate.is_some() || previous.is_some_and(|p| p.config.rate() == limits.rate()) {
+                                tracing::info!(route = %route.name, "the route's rate changed: every client's budget on it starts full");
+                            }
+                            Throttle::new(rate, limits.max_tracked_clients)
+                        }
+                        None => Throttle::new(rate, limits.max_tracked_clients),
+                    }
                 })
             })
             .collect();
@@ -172,7 +200,6 @@ impl Limiter {
         // limiter: `Arc::get_mut` after the fact would never succeed while
         // that reference exists.
         Some(Arc::new_cyclic(|weak| Limiter {
-            interval: interval(&limits),
             config: limits,
             routes,
             ids,
@@ -196,10 +223,10 @@ impl Limiter {
     /// Counts one request of `key` on route `route`; `None` if the route
     /// does not throttle.
     pub fn check(&self, route: usize, key: &ClientKey) -> Option<Decision> {
-        let limiter = self.routes.get(route)?.as_ref()?;
-        let limit = self.config.burst;
-        let interval = self.interval;
-        Some(match limiter.check_key(key) {
+        let throttle = self.routes.get(route)?.as_ref()?;
+        let limit = throttle.rate.burst;
+        let interval = throttle.interval;
+        Some(match throttle.keyed.check_key(key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 Decision::Allowed {
@@ -221,14 +248,14 @@ impl Limiter {
 
     /// Client keys currently tracked, over all routes.
     pub fn tracked_keys(&self) -> usize {
-        self.routes.iter().flatten().map(|l| l.len()).sum()
+        self.routes.iter().flatten().map(|t| t.keyed.len()).sum()
     }
 
     /// Drops keys whose bucket is full again (idle clients).
     pub fn forget_idle(&self) {
-        for limiter in self.routes.iter().flatten() {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+        for throttle in self.routes.iter().flatten() {
+            throttle.keyed.retain_recent();
+            throttle.keyed.shrink_to_fit();
         }
     }
 }
@@ -264,6 +291,7 @@ mod tests {
             upstream: 0,
             cache: false,
             rate_limit: false,
+            rate: None,
             name: "free".into(),
         });
         config
@@ -364,6 +392,7 @@ mod tests {
             Route {
                 path_prefix: "/other/".into(),
                 rate_limit: true,
+                rate: None,
                 name: "other".into(),
                 ..after.routes[0].clone()
             },
@@ -386,6 +415,43 @@ mod tests {
         stricter.rate_limit.as_mut().unwrap().burst = 1;
         let reset = Limiter::rebuild(&stricter, Some(&reloaded)).unwrap();
         assert!(!throttled(&reset, 1, &ip(1)));
+    }
+
+    /// A route with a rate of its own (nginx's strict `limit_req` zone on
+    /// a login page) throttles at it, beside the section's rate on the
+    /// others (review41b M2); a reload that changes only its rate starts
+    /// its budgets anew and keeps the others'.
+    #[tokio::test]
+    async fn a_route_with_a_rate_of_its_own_throttles_at_it() {
+        let mut config = config(1.0, 3, 100);
+        config.routes[1].rate_limit = true;
+        config.routes[1].rate = Some(Rate {
+            requests_per_second: 0.5,
+            burst: 1,
+        });
+        let limiter = Limiter::new(&config).unwrap();
+        let allowed = |l: &Limiter, route| {
+            (0..5)
+                .take_while(|_| matches!(l.check(route, &ip(1)), Some(Decision::Allowed { .. })))
+                .count()
+        };
+        assert_eq!((allowed(&limiter, 0), allowed(&limiter, 1)), (3, 1));
+        match limiter.check(1, &ip(1)) {
+            Some(Decision::Throttled {
+                limit, retry_after, ..
+            }) => {
+                assert_eq!(limit, 1);
+                assert!(retry_after > Duration::from_secs(1), "{retry_after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut looser = config.clone();
+        looser.routes[1].rate = Some(Rate {
+            requests_per_second: 0.5,
+            burst: 2,
+        });
+        let reloaded = Limiter::rebuild(&looser, Some(&limiter)).unwrap();
+        assert_eq!((allowed(&reloaded, 0), allowed(&reloaded, 1)), (0, 2));
     }
 
     #[tokio::test(start_paused = true)]

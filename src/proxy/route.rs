@@ -493,6 +493,7 @@ mod tests {
             upstream: 0,
             cache: false,
             rate_limit: false,
+            rate: None,
             name: name.into(),
         }
     }
