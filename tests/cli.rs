@@ -978,6 +978,18 @@ fn a_reload_says_what_it_changed() {
     // And by the routes' own setting, the section kept (review37h L3).
     hup(behind(origin_addr, "", "rate_limit = false\n") + limited);
     line_with(&run.log, "[rate_limit] removed", &mut run.seen);
+    // Which backends: drained, added (review41b L3).
+    let plain = format!("backends = [\"{origin_addr}\"]");
+    let drained =
+        format!("backends = [{{ addr = \"{origin_addr}\", weight = 0 }}, \"127.0.0.1:9\"]");
+    hup(behind(origin_addr, "", "").replace(&plain, &drained));
+    let line = line_with(&run.log, "backends changed by the reload", &mut run.seen);
+    assert!(
+        line.contains("\"upstream\":\"o\"")
+            && line.contains(&format!("\"drained\":\"{origin_addr} (weight 1)\""))
+            && line.contains("\"added\":\"127.0.0.1:9\""),
+        "{line}"
+    );
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

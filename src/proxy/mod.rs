@@ -897,10 +897,70 @@ fn say_changes(
         return;
     }
     tracing::info!(
-        added = names(added),
-        changed = names(retuned),
+        added = names(added.clone()),
+        changed = names(retuned.clone()),
         removed = names(removed),
         "upstreams changed by the reload"
+    );
+    // Which backends, for the first upstreams changed: a drain said only
+    // `changed="app"`, where HAProxy says `Server app/s1 is going DRAIN`
+    // (review41b L3).
+    for name in retuned.into_iter().take(20) {
+        let (Some(before), Some(now)) = (
+            old.get(name),
+            config.upstreams.iter().find(|u| u.name == name),
+        ) else {
+            continue;
+        };
+        say_backend_changes(name, &before.config.backends, &now.backends);
+    }
+}
+
+/// One line for what a reload did to the backends of upstream `name`:
+/// added, removed, drained (weight 0 now), back in rotation, reweighted.
+/// Nothing when only the upstream's other settings changed.
+fn say_backend_changes(
+    name: &str,
+    before: &[crate::config::Backend],
+    now: &[crate::config::Backend],
+) {
+    let weight_before = |addr| before.iter().find(|b| b.addr == addr).map(|b| b.weight);
+    let list = |addrs: Vec<String>| match addrs.len() {
+        0..=20 => addrs.join(", "),
+        n => format!("{} and {} more", addrs[..20].join(", "), n - 20),
+    };
+    let (mut added, mut drained, mut undrained, mut reweighted) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for backend in now {
+        match weight_before(backend.addr) {
+            None => added.push(backend.addr.to_string()),
+            Some(w) if w == backend.weight => {}
+            Some(w) if backend.weight == 0 => {
+                drained.push(format!("{} (weight {w})", backend.addr))
+            }
+            Some(0) => undrained.push(format!("{} (weight {})", backend.addr, backend.weight)),
+            Some(w) => reweighted.push(format!("{} ({w} to {})", backend.addr, backend.weight)),
+        }
+    }
+    let removed: Vec<String> = before
+        .iter()
+        .filter(|b| !now.iter().any(|n| n.addr == b.addr))
+        .map(|b| b.addr.to_string())
+        .collect();
+    if [&added, &removed, &drained, &undrained, &reweighted]
+        .iter()
+        .all(|l| l.is_empty())
+    {
+        return;
+    }
+    tracing::info!(
+        upstream = name,
+        added = list(added),
+        removed = list(removed),
+        drained = list(drained),
+        undrained = list(undrained),
+        reweighted = list(reweighted),
+        "backends changed by the reload"
     );
 }
 
