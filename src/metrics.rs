@@ -234,7 +234,7 @@ impl Metrics {
                 let broken = counter_vec(
                     &registry,
                     "portico_http2_connection_errors_total",
-                    "Client HTTP/2 connections closed with a GOAWAY for breaking the protocol (reason=enhance_your_calm: a flood, such as resets of streams as they open, CONTINUATION or empty frames, or streams reset by the dozen; protocol_error, frame_size_error, compression_error, flow_control_error: frames RFC 9113 forbids; other)",
+                    "Client HTTP/2 connections closed for breaking the protocol (reason=enhance_your_calm: a flood, such as resets of streams as they open, CONTINUATION, empty DATA, PRIORITY or WINDOW_UPDATE frames; protocol_error, frame_size_error, compression_error, flow_control_error: frames RFC 9113 forbids; other)",
                     &["reason"],
                 );
                 for reason in ["enhance_your_calm", "protocol_error"] {

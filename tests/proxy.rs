@@ -325,7 +325,8 @@ async fn an_http2_client_sending_only_pings_is_idle() {
 
 /// A connection h2 closes for a flood or a forbidden frame is counted by
 /// its GOAWAY's code: h2's own warnings said so without the client, and
-/// some floods not at all (review41a F2).
+/// some floods not at all (review41a F2). So are the floods h2 lets
+/// through, which portico closes itself (F3).
 #[tokio::test]
 async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -337,11 +338,21 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
     for _ in 0..100 {
         flood.extend(h2_frame(0x9, 0, 1, &[]));
     }
+    // PRIORITY and WINDOW_UPDATE frames by the thousand, which h2 lets
+    // through (review41a F3).
+    let priority: Vec<u8> = (0..1_100)
+        .flat_map(|_| h2_frame(0x2, 0, 3, &[0, 0, 0, 0, 15]))
+        .collect();
+    let window: Vec<u8> = (0..1_100)
+        .flat_map(|_| h2_frame(0x8, 0, 0, &[0, 0, 0, 1]))
+        .collect();
     let cases = [
-        (flood, "enhance_your_calm"),
-        (h2_frame(0x0, 0, 0, b"x"), "protocol_error"),
+        (flood, "enhance_your_calm", 1),
+        (h2_frame(0x0, 0, 0, b"x"), "protocol_error", 1),
+        (priority, "enhance_your_calm", 2),
+        (window, "enhance_your_calm", 3),
     ];
-    for (frames, reason) in cases {
+    for (frames, reason, count) in cases {
         let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         start.extend(h2_frame(0x4, 0, 0, &[]));
@@ -354,7 +365,8 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
         })
         .await;
         assert!(closed.is_ok(), "{reason}: the connection was left open");
-        let series = format!("portico_http2_connection_errors_total{{reason=\"{reason}\"}} 1");
+        let series =
+            format!("portico_http2_connection_errors_total{{reason=\"{reason}\"}} {count}");
         let counted = tokio::time::timeout(STEP, async {
             loop {
                 let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();

@@ -844,7 +844,54 @@ struct Frames {
     /// The next frame header, as far as it has come.
     header: [u8; FRAME_HEADER],
     have: usize,
+    /// PRIORITY and WINDOW_UPDATE frames so far: h2 bounds neither (see
+    /// [`Flood`]).
+    priority: u64,
+    window_updates: u64,
 }
+
+/// An HTTP/2 client sending PRIORITY or WINDOW_UPDATE frames beyond any
+/// use: h2 answers neither, nor counts them, and a client sending them
+/// as fast as it could kept a core busy until `idle_timeout` (review41a
+/// F3). As Envoy bounds them (`max_inbound_priority_frames_per_stream`
+/// 100, `max_inbound_window_update_frames_per_data_frame_sent` 10), the
+/// connection is closed past 1,000 of either and 100 PRIORITY frames a
+/// stream begun, or one WINDOW_UPDATE frame for every 8 bytes portico
+/// wrote (clients send one for every few KiB they read).
+#[derive(Debug)]
+pub(super) struct Flood(&'static str);
+
+impl std::fmt::Display for Flood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{FLOODED}{} frames", self.0)
+    }
+}
+
+impl std::error::Error for Flood {}
+
+impl Flood {
+    /// Whether `error` (a connection's) is a [`Flood`]: h2 keeps only the
+    /// text of the read's error (it clones its errors), so that is what
+    /// is looked for.
+    pub(super) fn within(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cause = Some(error);
+        while let Some(error) = cause {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                return io.get_ref().is_some_and(|inner| {
+                    inner.is::<Flood>() || inner.to_string().starts_with(FLOODED)
+                });
+            }
+            cause = error.source();
+        }
+        false
+    }
+}
+
+/// How a [`Flood`] is said.
+const FLOODED: &str = "HTTP/2 client flooded ";
+
+/// Frames of each kind a connection may send before [`Flood`] counts.
+const FRAMES_FREE: u64 = 1_000;
 
 /// An HTTP/2 frame header's length (RFC 9113 §4.1).
 const FRAME_HEADER: usize = 9;
@@ -856,6 +903,8 @@ impl Frames {
             skip: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
             header: [0; FRAME_HEADER],
             have: 0,
+            priority: 0,
+            window_updates: 0,
         }
     }
 
@@ -863,6 +912,8 @@ impl Frames {
     /// frame among them leaves a header block open or ends it.
     fn read(&mut self, mut bytes: &[u8]) -> Option<bool> {
         const HEADERS: u8 = 0x1;
+        const PRIORITY: u8 = 0x2;
+        const WINDOW_UPDATE: u8 = 0x8;
         const CONTINUATION: u8 = 0x9;
         const END_HEADERS: u8 = 0x4;
         let mut block = None;
@@ -883,8 +934,11 @@ impl Frames {
             self.have = 0;
             let [l0, l1, l2, kind, flags, ..] = self.header;
             self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
-            if matches!(kind, HEADERS | CONTINUATION) {
-                block = Some(flags & END_HEADERS == 0);
+            match kind {
+                HEADERS | CONTINUATION => block = Some(flags & END_HEADERS == 0),
+                PRIORITY => self.priority += 1,
+                WINDOW_UPDATE => self.window_updates += 1,
+                _ => {}
             }
         }
         block
@@ -916,15 +970,27 @@ impl<IO> Tracked<IO> {
     }
 
     /// Follows the frames of `read`, bytes hyper is handed, on HTTP/2.
-    fn frames(&mut self, read: &[u8]) {
-        let Some(open) = self.frames.as_mut().and_then(|frames| frames.read(read)) else {
-            return;
+    /// A [`Flood`] ends the connection.
+    fn frames(&mut self, read: &[u8]) -> Result<(), Flood> {
+        let Some(frames) = self.frames.as_mut() else {
+            return Ok(());
         };
-        self.activity.h2_block.store(open, Ordering::Relaxed);
-        if open {
-            // A request begun, for the line its cut leaves.
-            self.activity.head_begun.store(true, Ordering::Relaxed);
+        if let Some(open) = frames.read(read) {
+            self.activity.h2_block.store(open, Ordering::Relaxed);
+            if open {
+                // A request begun, for the line its cut leaves.
+                self.activity.head_begun.store(true, Ordering::Relaxed);
+            }
         }
+        let streams = self.activity.started.load(Ordering::Relaxed);
+        if frames.priority > FRAMES_FREE + 100 * streams {
+            return Err(Flood("PRIORITY"));
+        }
+        let written = self.activity.h2_out.load(Ordering::Relaxed);
+        if frames.window_updates > FRAMES_FREE + (written >> 3) {
+            return Err(Flood("WINDOW_UPDATE"));
+        }
+        Ok(())
     }
 
     pub(super) fn into_inner(self) -> IO {
@@ -949,13 +1015,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         if !self.rewound.is_empty() {
             let n = self.rewound.len().min(buf.remaining());
             buf.put_slice(&self.rewound.split_to(n));
-            self.frames(&buf.filled()[before..]);
-            return Poll::Ready(Ok(()));
+            let followed = self.frames(&buf.filled()[before..]);
+            return Poll::Ready(followed.map_err(std::io::Error::other));
         }
         let result = self.io().poll_read(cx, buf);
-        if result.is_ready() {
+        if let Poll::Ready(Ok(())) = result {
             self.activity.on_read(&buf.filled()[before..]);
-            self.frames(&buf.filled()[before..]);
+            if let Err(flood) = self.frames(&buf.filled()[before..]) {
+                return Poll::Ready(Err(std::io::Error::other(flood)));
+            }
         }
         result
     }

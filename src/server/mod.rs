@@ -1408,7 +1408,10 @@ async fn serve_connection<IO: Parkable>(
         // runs: count and log it like any other answer, or smuggling
         // attempts would leave no trace.
         let hyper_error = error.downcast_ref::<hyper::Error>();
-        if let Some(reason) = hyper_error.and_then(broke_http2) {
+        let cause: &(dyn std::error::Error + 'static) = error.as_ref();
+        // A flood h2 lets through, that the connection's reads refused.
+        let flooded = || idle::Flood::within(cause).then_some(h2::Reason::ENHANCE_YOUR_CALM);
+        if let Some(reason) = hyper_error.and_then(broke_http2).or_else(flooded) {
             let proxy = held.shared.proxy.load();
             proxy.metrics().http2_broken(reason);
             // A flood comes by the thousand connections a second: said
@@ -1416,7 +1419,7 @@ async fn serve_connection<IO: Parkable>(
             static SAID: crate::logging::Every = crate::logging::Every::new();
             if let Some(held_back) = SAID.due(BROKEN_HTTP2_SAID) {
                 let held_back = (held_back > 0).then_some(held_back);
-                tracing::warn!(client = %conn.peer, reason = ?reason, %error, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed with GOAWAY");
+                tracing::warn!(client = %conn.peer, reason = ?reason, %error, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed");
             }
             return;
         }
