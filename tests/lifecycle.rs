@@ -616,6 +616,44 @@ async fn a_half_sent_http2_header_block_is_cut_at_request_header_timeout() {
     }
 }
 
+/// Each header block is timed from its own start: blocks sent back to
+/// back, each open across a look of the watchdog but ended in time, were
+/// timed as one and the connection cut, its downloads with it (review41d
+/// F1: a slow uplink and headers over 16 KiB).
+#[tokio::test]
+async fn http2_header_blocks_back_to_back_are_each_timed_alone() {
+    let (backend, proxy, mut stream) =
+        half_sent_http2_head(Duration::from_secs(60), Duration::from_millis(400)).await;
+    // Stream 1's block is open; each pause below is over a quarter of the
+    // timeout (the watchdog's step), each block well within it.
+    let mut id = 1u32;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // CONTINUATION, END_HEADERS: `:authority: a`.
+        let mut frames = vec![0, 0, 3, 9, 4];
+        frames.extend_from_slice(&id.to_be_bytes());
+        frames.extend_from_slice(&[0x41, 1, b'a']);
+        id += 2;
+        // HEADERS, END_STREAM only: GET http /.
+        frames.extend_from_slice(&[0, 0, 3, 1, 1]);
+        frames.extend_from_slice(&id.to_be_bytes());
+        frames.extend_from_slice(&[0x82, 0x86, 0x84]);
+        stream
+            .write_all(&frames)
+            .await
+            .expect("connection still open");
+    }
+    let answered = tokio::time::timeout(STEP, async {
+        while backend.requests() < 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "{} of 8 answered", backend.requests());
+    let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(!text.contains("code=\"408\""), "{text}");
+}
+
 /// A header block trickled in CONTINUATION frames never becomes a request
 /// hyper sees; its bytes used to count as activity, holding the
 /// connection for as long as the client went on (review29a F6: minutes).

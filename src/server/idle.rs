@@ -69,6 +69,9 @@ pub(super) struct Activity {
     multiplexed: AtomicBool,
     /// An HTTP/2 header block has begun and not ended (see [`Frames`]).
     h2_block: AtomicBool,
+    /// HTTP/2 header blocks begun so far: each is timed from its own
+    /// start, not from an earlier one's that ended between two looks.
+    h2_blocks: AtomicU64,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
     /// Requests begun on this connection.
@@ -187,6 +190,7 @@ impl Activity {
             head_begun: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             h2_block: AtomicBool::new(false),
+            h2_blocks: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             started: AtomicU64::new(0),
             upload_open: AtomicBool::new(false),
@@ -441,6 +445,7 @@ impl Activity {
         };
         let mut was_stuck = false;
         let mut h2_last = self.h2_bytes();
+        let mut blocks_last = self.h2_blocks.load(Ordering::Relaxed);
         loop {
             tokio::time::sleep(step).await;
             let now = (
@@ -476,6 +481,12 @@ impl Activity {
             // CONTINUATION frames must follow it with nothing between
             // (RFC 9113 §6.10), so only the client can hold it open.
             let block = self.h2_block.load(Ordering::Relaxed);
+            // The block the last look saw, not one begun since: back-to-back
+            // blocks, each ended in time, were timed as one and cut
+            // (review41d F1).
+            let blocks = self.h2_blocks.load(Ordering::Relaxed);
+            let same_block = block && blocks == blocks_last;
+            blocks_last = blocks;
             let waiting = block
                 || (!busy
                     && !sending
@@ -486,7 +497,7 @@ impl Activity {
             // before do not hide a head that followed them (review11: the
             // timer ran up to two steps late).
             head_wait = match (waiting, was_waiting) {
-                (true, true) if block || now.1 == last.1 => head_wait + step,
+                (true, true) if same_block || (!block && now.1 == last.1) => head_wait + step,
                 _ => Duration::ZERO,
             };
             *lock(&self.head_clock) = HeadClock {
@@ -844,6 +855,8 @@ struct Frames {
     /// The next frame header, as far as it has come.
     header: [u8; FRAME_HEADER],
     have: usize,
+    /// Header blocks begun so far.
+    opened: u64,
     /// PRIORITY and WINDOW_UPDATE frames so far: h2 bounds neither (see
     /// [`Flood`]).
     priority: u64,
@@ -856,8 +869,11 @@ struct Frames {
 /// F3). As Envoy bounds them (`max_inbound_priority_frames_per_stream`
 /// 100, `max_inbound_window_update_frames_per_data_frame_sent` 10), the
 /// connection is closed past 1,000 of either and 100 PRIORITY frames a
-/// stream begun, or one WINDOW_UPDATE frame for every 8 bytes portico
-/// wrote (clients send one for every few KiB they read).
+/// stream begun, or one WINDOW_UPDATE frame for every byte portico wrote
+/// (clients send one for every few KiB they read; one for the stream and
+/// one for the connection on each of the smallest DATA frames, 10 bytes,
+/// is let through, where 1 for 8 bytes closed such a client, review41d
+/// F2). A flood must then make portico write as much as it sends.
 #[derive(Debug)]
 pub(super) struct Flood(&'static str);
 
@@ -903,6 +919,7 @@ impl Frames {
             skip: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
             header: [0; FRAME_HEADER],
             have: 0,
+            opened: 0,
             priority: 0,
             window_updates: 0,
         }
@@ -935,7 +952,13 @@ impl Frames {
             let [l0, l1, l2, kind, flags, ..] = self.header;
             self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
             match kind {
-                HEADERS | CONTINUATION => block = Some(flags & END_HEADERS == 0),
+                HEADERS | CONTINUATION => {
+                    let open = flags & END_HEADERS == 0;
+                    if open && kind == HEADERS {
+                        self.opened += 1;
+                    }
+                    block = Some(open);
+                }
                 PRIORITY => self.priority += 1,
                 WINDOW_UPDATE => self.window_updates += 1,
                 _ => {}
@@ -976,6 +999,11 @@ impl<IO> Tracked<IO> {
             return Ok(());
         };
         if let Some(open) = frames.read(read) {
+            // The count before the flag: a look that sees the flag set
+            // sees the block it stands for counted.
+            self.activity
+                .h2_blocks
+                .store(frames.opened, Ordering::Relaxed);
             self.activity.h2_block.store(open, Ordering::Relaxed);
             if open {
                 // A request begun, for the line its cut leaves.
@@ -987,7 +1015,7 @@ impl<IO> Tracked<IO> {
             return Err(Flood("PRIORITY"));
         }
         let written = self.activity.h2_out.load(Ordering::Relaxed);
-        if frames.window_updates > FRAMES_FREE + (written >> 3) {
+        if frames.window_updates > FRAMES_FREE + written {
             return Err(Flood("WINDOW_UPDATE"));
         }
         Ok(())

@@ -1419,6 +1419,9 @@ async fn serve_connection<IO: Parkable>(
             static SAID: crate::logging::Every = crate::logging::Every::new();
             if let Some(held_back) = SAID.due(BROKEN_HTTP2_SAID) {
                 let held_back = (held_back > 0).then_some(held_back);
+                // With its causes: hyper says only "connection error" of
+                // the flood the reads refused (review41d F2).
+                let error = crate::proxy::error::Chain(cause);
                 tracing::warn!(client = %conn.peer, reason = ?reason, %error, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed");
             }
             return;
