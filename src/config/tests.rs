@@ -404,6 +404,13 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:8:14: route[0].rate_limit: unknown field `rps`, expected `requests_per_second` or `burst`"],
         ),
         (
+            // A route's own rate with the section's burst (review41d F4).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [rate_limit]\nrequests_per_second = 1000\nburst = 3000000\n\
+             [[route]]\nupstream = \"a\"\nrate_limit = { requests_per_second = 0.0003 }\n",
+            &["test.toml:9:38: route[0].rate_limit.requests_per_second: 3000000 requests at 0.0003 a second take over 292 years to refill, past what the limiter counts: raise requests_per_second, or give a lower burst beside it"],
+        ),
+        (
             // One path matched whole: not beside a prefix, no pattern,
             // once per host; and apart from the same prefix.
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\

@@ -1306,12 +1306,8 @@ fn rate_and_burst(
 ) -> Rate {
     let rate_key = format!("{key}.requests_per_second");
     let burst_key = format!("{key}.burst");
-    let requests_per_second = rate(
-        r,
-        &rate_key,
-        requests_per_second,
-        default.requests_per_second,
-    );
+    let rate_given = requests_per_second;
+    let mut requests_per_second = rate(r, &rate_key, rate_given, default.requests_per_second);
     let given = burst;
     let mut burst = integer(r, &burst_key, given, default.burst, 1);
     // The limiter keeps a budget of `burst` requests' time in u64
@@ -1319,16 +1315,28 @@ fn rate_and_burst(
     // wrapped, and throttling quietly stopped (review31b L1). Half of
     // that leaves the other half for uptime.
     if f64::from(burst) / requests_per_second * 1e9 >= (1u64 << 63) as f64 {
-        if let Some(given) = given {
-            r.at(
-                given.span(),
-                burst_key,
-                format!(
-                    "{burst} requests at {requests_per_second} a second take over 292 years to refill, past what the limiter counts: lower burst"
-                ),
-            );
+        let too_long = format!(
+            "{burst} requests at {requests_per_second} a second take over 292 years to refill, past what the limiter counts"
+        );
+        // Said where it was written: a route's own rate with the
+        // section's burst was let through (review41d F4).
+        match (given, rate_given) {
+            (Some(given), _) => {
+                r.at(given.span(), burst_key, format!("{too_long}: lower burst"));
+                burst = default.burst;
+            }
+            (None, Some(rate)) => {
+                r.at(
+                    rate.span(),
+                    rate_key,
+                    format!(
+                        "{too_long}: raise requests_per_second, or give a lower burst beside it"
+                    ),
+                );
+                requests_per_second = default.requests_per_second;
+            }
+            (None, None) => burst = default.burst,
         }
-        burst = default.burst;
     }
     Rate {
         requests_per_second,

@@ -145,9 +145,13 @@ impl Limiter {
             .zip(config.rate_limit.as_ref())
             .is_some_and(|(p, now)| p.config.rate() != now.rate());
         match (before, now) {
-            (true, true) if kept.is_none() || rate_changed => {
+            (true, true) if kept.is_none() => {
                 tracing::info!("[rate_limit] changed: every client's budget starts full")
             }
+            // Routes with a rate of their own keep theirs (review41d F3).
+            (true, true) if rate_changed => tracing::info!(
+                "[rate_limit] rate changed: every client's budget starts full on the routes without a rate of their own"
+            ),
             (false, true) => {
                 tracing::info!("[rate_limit] added: throttling starts, every client's budget full")
             }
