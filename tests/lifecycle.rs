@@ -585,10 +585,11 @@ async fn a_half_sent_http2_header_block_is_cut_at_request_header_timeout() {
         half_sent_http2_head(Duration::from_secs(60), header_timeout).await;
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 4096];
+    let mut read = Vec::new();
     loop {
         match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => continue,
+            Ok(Ok(n)) => read.extend_from_slice(&buf[..n]),
             Err(_) => panic!("connection with a half-sent header block left open"),
         }
     }
@@ -596,6 +597,17 @@ async fn a_half_sent_http2_header_block_is_cut_at_request_header_timeout() {
         started.elapsed() >= header_timeout / 2,
         "cut before its time"
     );
+    // With a GOAWAY, which says which streams were taken (review41e F1).
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at + 9 <= read.len() {
+        let len = (usize::from(read[at]) << 16)
+            | (usize::from(read[at + 1]) << 8)
+            | usize::from(read[at + 2]);
+        kinds.push(read[at + 3]);
+        at += 9 + len;
+    }
+    assert!(kinds.contains(&0x7), "frames {kinds:?}");
     assert_eq!(backend.requests(), 0);
     let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
     assert!(

@@ -1132,10 +1132,17 @@ async fn serve_connection<IO: Parkable>(
                             End::Graceful
                         }
                         // Nothing is being answered: dropping the connection
-                        // closes it, as hyper's head timer did.
+                        // closes it, as hyper's head timer did. An HTTP/2
+                        // one may be answering other streams: a GOAWAY tells
+                        // the client which were taken (RFC 9113 §5.4.1), and
+                        // they finish first (review41e F1: a download was cut).
                         idle::Expired::Head => {
                             head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
-                            End::Done(Ok(()))
+                            if activity.is_multiplexed() {
+                                End::Graceful
+                            } else {
+                                End::Done(Ok(()))
+                            }
                         }
                         // A client that reads nothing would not read a GOAWAY
                         // either: dropping frees the backend side at once.
