@@ -312,8 +312,8 @@ fn every_error_names_file_line_col_and_key() {
             // read apart by some backends (review40h F2).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/v1;beta/\"\n[[route]]\nupstream = \"a\"\npath_prefix = \"/files%5cdocs/\"\n",
             &[
-                "test.toml:6:15: route[0].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match",
-                "test.toml:9:15: route[1].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match",
+                "test.toml:6:15: route[0].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match: end the prefix before it (`/app/` rather than `/app;v=1/`)",
+                "test.toml:9:15: route[1].path_prefix: `;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments to some backends, so requests holding them here are refused as ambiguous and this would never match: end the prefix before it (`/app/` rather than `/app;v=1/`)",
             ],
         ),
         (

@@ -448,7 +448,8 @@ pub enum PrefixError {
     #[error(
         "`;` and `\\` (or `%3B`, `%5C`) start path parameters or separate segments \
          to some backends, so requests holding them here are refused as ambiguous \
-         and this would never match"
+         and this would never match: end the prefix before it (`/app/` rather than \
+         `/app;v=1/`)"
     )]
     Separator,
 }
