@@ -388,8 +388,9 @@ fn print_banner(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) {
         "  curl -s http://{admin}/metrics | grep portico_   (admin: /metrics /status /readyz)"
     ));
     say("");
-    // The last backend, which a demo of one has too (review41b L4).
-    let n = backends.len();
+    // backend-2, as the README's tour has it, or the one backend of a
+    // demo of one (review41b L4: it said `stop 2` there too).
+    let n = backends.len().min(2);
     let then = if n == 1 {
         "requests then get 502 and 503"
     } else {
