@@ -346,13 +346,18 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
     let window: Vec<u8> = (0..1_100)
         .flat_map(|_| h2_frame(0x8, 0, 0, &[0, 0, 0, 1]))
         .collect();
+    // One that goes on past the GOAWAY is cut, and counted once.
+    let relentless: Vec<u8> = (0..3_000)
+        .flat_map(|_| h2_frame(0x2, 0, 3, &[0, 0, 0, 0, 15]))
+        .collect();
     let cases = [
-        (flood, "enhance_your_calm", 1),
-        (h2_frame(0x0, 0, 0, b"x"), "protocol_error", 1),
-        (priority, "enhance_your_calm", 2),
-        (window, "enhance_your_calm", 3),
+        (flood, "enhance_your_calm", 1, true),
+        (h2_frame(0x0, 0, 0, b"x"), "protocol_error", 1, true),
+        (priority, "enhance_your_calm", 2, true),
+        (window, "enhance_your_calm", 3, true),
+        (relentless, "enhance_your_calm", 4, false),
     ];
-    for (frames, reason, count) in cases {
+    for (frames, reason, count, goaway) in cases {
         let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         start.extend(h2_frame(0x4, 0, 0, &[]));
@@ -360,11 +365,27 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
         // The write may meet the close.
         let _ = tcp.write_all(&start).await;
         let closed = tokio::time::timeout(STEP, async {
+            let mut read = Vec::new();
             let mut sink = [0u8; 4096];
-            while tcp.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            while let Ok(n @ 1..) = tcp.read(&mut sink).await {
+                read.extend_from_slice(&sink[..n]);
+            }
+            read
         })
         .await;
-        assert!(closed.is_ok(), "{reason}: the connection was left open");
+        let read = closed.unwrap_or_else(|_| panic!("{reason}: the connection was left open"));
+        // Ended with a GOAWAY (RFC 9113 §5.4.1), floods portico finds too.
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while at + 9 <= read.len() {
+            let len = usize::from(read[at]) << 16 | usize::from(read[at + 1]) << 8;
+            kinds.push(read[at + 3]);
+            at += 9 + len + usize::from(read[at + 2]);
+        }
+        assert!(
+            !goaway || kinds.contains(&0x7),
+            "{reason} {count}: frames {kinds:?}"
+        );
         let series =
             format!("portico_http2_connection_errors_total{{reason=\"{reason}\"}} {count}");
         let counted = tokio::time::timeout(STEP, async {

@@ -104,6 +104,11 @@ pub(super) struct Activity {
     /// Told when the connection has served its share of requests (see
     /// [`Activity::retire`]).
     retire: tokio::sync::Notify,
+    /// The HTTP/2 flood found, if any (see [`Flood`]), woken once.
+    flood: std::sync::OnceLock<&'static str>,
+    flooding: tokio::sync::Notify,
+    /// Set once the flood has been counted and said.
+    flood_said: AtomicBool,
 }
 
 /// The head timer at one look of the watchdog.
@@ -204,6 +209,9 @@ impl Activity {
             streams: Mutex::new(Vec::new()),
             head_clock: Mutex::new(HeadClock::default()),
             retire: tokio::sync::Notify::new(),
+            flood: std::sync::OnceLock::new(),
+            flooding: tokio::sync::Notify::new(),
+            flood_said: AtomicBool::new(false),
         }
     }
 
@@ -391,6 +399,19 @@ impl Activity {
     /// Resolves once [`Activity::retire`] has been called.
     pub(super) async fn retired(&self) {
         self.retire.notified().await;
+    }
+
+    /// Resolves once the client is found flooding (see [`Flood`]): the
+    /// connection is then to end with a GOAWAY.
+    pub(super) async fn flooded(&self) {
+        self.flooding.notified().await;
+    }
+
+    /// The kind of frames the client flooded, the first time it is asked
+    /// for: to count and say the flood once, wherever the connection ends.
+    pub(super) fn flood_to_say(&self) -> Option<&'static str> {
+        let kind = *self.flood.get()?;
+        (!self.flood_said.swap(true, Ordering::Relaxed)).then_some(kind)
     }
 
     /// From now on every answer tells the client the connection closes.
@@ -866,7 +887,10 @@ struct Frames {
 /// An HTTP/2 client sending PRIORITY or WINDOW_UPDATE frames beyond any
 /// use: h2 answers neither, nor counts them, and a client sending them
 /// as fast as it could kept a core busy until `idle_timeout` (review41a
-/// F3). As Envoy bounds them (`max_inbound_priority_frames_per_stream`
+/// F3). Found, the connection ends with a GOAWAY, as any connection error
+/// should (RFC 9113 §5.4.1: the client learns which streams were taken);
+/// a client that goes on past another 1,000 frames is cut (its reads
+/// fail). As Envoy bounds them (`max_inbound_priority_frames_per_stream`
 /// 100, `max_inbound_window_update_frames_per_data_frame_sent` 10), the
 /// connection is closed past 1,000 of either and 100 PRIORITY frames a
 /// stream begun, or one WINDOW_UPDATE frame for every byte portico wrote
@@ -1011,12 +1035,25 @@ impl<IO> Tracked<IO> {
             }
         }
         let streams = self.activity.started.load(Ordering::Relaxed);
-        if frames.priority > FRAMES_FREE + 100 * streams {
-            return Err(Flood("PRIORITY"));
-        }
         let written = self.activity.h2_out.load(Ordering::Relaxed);
-        if frames.window_updates > FRAMES_FREE + written {
-            return Err(Flood("WINDOW_UPDATE"));
+        let over = [
+            ("PRIORITY", frames.priority, FRAMES_FREE + 100 * streams),
+            (
+                "WINDOW_UPDATE",
+                frames.window_updates,
+                FRAMES_FREE + written,
+            ),
+        ]
+        .into_iter()
+        .find(|(_, sent, allowed)| sent > allowed);
+        let Some((kind, sent, allowed)) = over else {
+            return Ok(());
+        };
+        if self.activity.flood.set(kind).is_ok() {
+            // The watchdog's task says goodbye; reads go on meanwhile.
+            self.activity.flooding.notify_one();
+        } else if sent > allowed + FRAMES_FREE {
+            return Err(Flood(kind));
         }
         Ok(())
     }

@@ -1158,6 +1158,12 @@ async fn serve_connection<IO: Parkable>(
                         tracing::debug!(client = %conn.peer, "HTTP/2 connection served its {H2_MAX_REQUESTS} requests; GOAWAY");
                         End::Graceful
                     }
+                    () = activity.flooded() => {
+                        if let Some(kind) = activity.flood_to_say() {
+                            http2_broke(&held, conn.peer, h2::Reason::ENHANCE_YOUR_CALM, &format_args!("client flooded {kind} frames"));
+                        }
+                        End::Graceful
+                    }
                 }
             });
             tokio::select! {
@@ -1416,21 +1422,17 @@ async fn serve_connection<IO: Parkable>(
         // attempts would leave no trace.
         let hyper_error = error.downcast_ref::<hyper::Error>();
         let cause: &(dyn std::error::Error + 'static) = error.as_ref();
-        // A flood h2 lets through, that the connection's reads refused.
-        let flooded = || idle::Flood::within(cause).then_some(h2::Reason::ENHANCE_YOUR_CALM);
-        if let Some(reason) = hyper_error.and_then(broke_http2).or_else(flooded) {
-            let proxy = held.shared.proxy.load();
-            proxy.metrics().http2_broken(reason);
-            // A flood comes by the thousand connections a second: said
-            // once in a while, with how many went unsaid.
-            static SAID: crate::logging::Every = crate::logging::Every::new();
-            if let Some(held_back) = SAID.due(BROKEN_HTTP2_SAID) {
-                let held_back = (held_back > 0).then_some(held_back);
-                // With its causes: hyper says only "connection error" of
-                // the flood the reads refused (review41d F2).
+        // A flood h2 lets through, that the connection's reads refused
+        // (said already, unless the connection was parked when it came).
+        if idle::Flood::within(cause) {
+            if activity.flood_to_say().is_some() {
                 let error = crate::proxy::error::Chain(cause);
-                tracing::warn!(client = %conn.peer, reason = ?reason, %error, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed");
+                http2_broke(&held, conn.peer, h2::Reason::ENHANCE_YOUR_CALM, &error);
             }
+            return;
+        }
+        if let Some(reason) = hyper_error.and_then(broke_http2) {
+            http2_broke(&held, conn.peer, reason, &crate::proxy::error::Chain(cause));
             return;
         }
         match hyper_error.and_then(refused_with) {
@@ -1671,6 +1673,20 @@ fn broke_http2(error: &hyper::Error) -> Option<h2::Reason> {
         return None;
     }
     h2.reason().filter(|reason| *reason != h2::Reason::NO_ERROR)
+}
+
+/// Counts and says (at most once every [`BROKEN_HTTP2_SAID`] seconds,
+/// with how many went unsaid: floods come by the thousand connections a
+/// second) a client HTTP/2 connection closed for breaking the protocol.
+fn http2_broke(held: &Held, client: SocketAddr, reason: h2::Reason, why: &dyn std::fmt::Display) {
+    held.shared.proxy.load().metrics().http2_broken(reason);
+    static SAID: crate::logging::Every = crate::logging::Every::new();
+    if let Some(held_back) = SAID.due(BROKEN_HTTP2_SAID) {
+        let held_back = (held_back > 0).then_some(held_back);
+        // With its causes: hyper says only "connection error" of the
+        // flood the reads refused (review41d F2).
+        tracing::warn!(client = %client, reason = ?reason, error = %why, held_back, "HTTP/2 client broke the protocol or flooded it; connection closed");
+    }
 }
 
 /// Seconds between two warnings of HTTP/2 connections closed for breaking
