@@ -37,16 +37,7 @@ fn request_headers() -> HeaderMap {
 }
 
 fn routing(c: &mut Criterion) {
-    let route = |host: HostMatch, prefix: &str| Route {
-        host,
-        path_prefix: prefix.into(),
-        exact: false,
-        upstream: 0,
-        cache: false,
-        rate_limit: false,
-        rate: None,
-        name: prefix.into(),
-    };
+    let route = |host: HostMatch, prefix: &str| Route::new(host, prefix, 0, prefix);
     let router = Router::new(&[
         route(HostMatch::Any, "/"),
         route(HostMatch::Any, "/static/"),

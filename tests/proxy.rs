@@ -912,16 +912,12 @@ async fn portico_in_front_of_portico_is_a_chain_not_a_loop() {
 async fn a_request_matching_no_route_gets_404() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
-    config.routes = vec![Route {
-        host: HostMatch::Exact("shop.example".into()),
-        path_prefix: "/api/".into(),
-        exact: false,
-        upstream: 0,
-        cache: false,
-        rate_limit: false,
-        rate: None,
-        name: "shop".into(),
-    }];
+    config.routes = vec![Route::new(
+        HostMatch::Exact("shop.example".into()),
+        "/api/",
+        0,
+        "shop",
+    )];
     let proxy = start_proxy(config).await;
     let answer = get(&client(), &proxy.url("/api/x")).await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
@@ -942,16 +938,7 @@ async fn a_request_matching_no_route_gets_404() {
 async fn an_ipv6_host_spelled_otherwise_reaches_its_route() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let mut config = config_for(&[&backend]);
-    config.routes = vec![Route {
-        host: HostMatch::Exact("[::1]".into()),
-        path_prefix: "/".into(),
-        exact: false,
-        upstream: 0,
-        cache: false,
-        rate_limit: false,
-        rate: None,
-        name: "v6".into(),
-    }];
+    config.routes = vec![Route::new(HostMatch::Exact("[::1]".into()), "/", 0, "v6")];
     let proxy = start_proxy(config).await;
     for host in ["[::1]", "[0:0::1]:8080", "[0000::0001]"] {
         let request = Request::get(proxy.url("/echo/headers"))
@@ -1108,16 +1095,11 @@ async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
     // where they went.
     let answer = get(&client, &proxy.url("/docs")).await;
     assert_eq!(answer.header("x-backend"), "other");
-    // One path matched whole, as nginx's `location =`: nothing under it.
     for (path, backend) in [
+        // One path matched whole, as nginx's `location =`: nothing under it.
         ("/login", "prefixed"),
         ("/login.css", "other"),
         ("/login/", "other"),
-    ] {
-        let answer = get(&client, &proxy.url(path)).await;
-        assert_eq!(answer.header("x-backend"), backend, "{path}");
-    }
-    for (path, backend) in [
         ("/admin/", "prefixed"),
         ("/admins", "other"),
         ("/adm", "other"),

@@ -23,16 +23,9 @@ fn limited(backend: &RunningBackend, trusted: &str) -> Config {
         prefix: prefix.parse().unwrap(),
     }];
     config.routes[0].rate_limit = true;
-    config.routes.push(Route {
-        host: HostMatch::Any,
-        path_prefix: "/health".into(),
-        exact: false,
-        upstream: 0,
-        cache: false,
-        rate_limit: false,
-        rate: None,
-        name: "health".into(),
-    });
+    config
+        .routes
+        .push(Route::new(HostMatch::Any, "/health", 0, "health"));
     config
 }
 

@@ -412,6 +412,29 @@ impl Default for RateLimit {
     }
 }
 
+impl Route {
+    /// A route taking the paths under `path_prefix` (in
+    /// [`routing_prefix`](crate::proxy::route::routing_prefix)'s form) on
+    /// `host` to upstream `upstream`, neither caching nor throttling.
+    pub fn new(
+        host: HostMatch,
+        path_prefix: impl Into<String>,
+        upstream: usize,
+        name: impl Into<String>,
+    ) -> Self {
+        Route {
+            host,
+            path_prefix: path_prefix.into(),
+            exact: false,
+            upstream,
+            cache: false,
+            rate_limit: false,
+            rate: None,
+            name: name.into(),
+        }
+    }
+}
+
 impl RateLimit {
     /// The section's rate: that of every throttled route without its own.
     pub fn rate(&self) -> Rate {
@@ -433,16 +456,7 @@ impl Config {
                 ..Server::default()
             },
             admin: Admin::default(),
-            routes: vec![Route {
-                host: HostMatch::Any,
-                path_prefix: "/".into(),
-                exact: false,
-                upstream: 0,
-                cache: false,
-                rate_limit: false,
-                rate: None,
-                name: upstream.name.clone(),
-            }],
+            routes: vec![Route::new(HostMatch::Any, "/", 0, upstream.name.clone())],
             upstreams: vec![upstream],
             cache: None,
             rate_limit: None,

@@ -174,6 +174,8 @@ impl Limiter {
             kept.entry((host, prefix.as_str(), *exact))
                 .or_insert(limiter);
         }
+        // A change of the section's rate is said once, by `rebuild`.
+        let section_rate_kept = previous.is_some_and(|p| p.config.rate() == limits.rate());
         let routes = config
             .routes
             .iter()
@@ -184,8 +186,7 @@ impl Limiter {
                     match before.and_then(|throttle| throttle.as_ref()) {
                         Some(throttle) if throttle.rate == rate => throttle.clone(),
                         Some(_) => {
-                            // Said, as a change of the section's rate is.
-                            if route.rate.is_some() || previous.is_some_and(|p| p.config.rate() == limits.rate()) {
+                            if route.rate.is_some() || section_rate_kept {
                                 tracing::info!(route = %route.name, "the route's rate changed: every client's budget on it starts full");
                             }
                             Throttle::new(rate, limits.max_tracked_clients)
@@ -288,16 +289,9 @@ mod tests {
             ..RateLimit::default()
         });
         config.routes[0].rate_limit = true;
-        config.routes.push(Route {
-            host: HostMatch::Any,
-            path_prefix: "/free".into(),
-            exact: false,
-            upstream: 0,
-            cache: false,
-            rate_limit: false,
-            rate: None,
-            name: "free".into(),
-        });
+        config
+            .routes
+            .push(Route::new(HostMatch::Any, "/free", 0, "free"));
         config
     }
 

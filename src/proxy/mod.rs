@@ -872,12 +872,7 @@ fn say_changes(
     old: &HashMap<&str, &Arc<Upstream>>,
     kept: &std::collections::HashSet<&str>,
 ) {
-    // At most 20 named: a reload of 20,000 upstreams is one line, not
-    // hundreds of KB.
-    let names = |list: Vec<&str>| match list.len() {
-        0..=20 => list.join(", "),
-        n => format!("{} and {} more", list[..20].join(", "), n - 20),
-    };
+    let names = |list: Vec<&str>| at_most_20(&list);
     let mut added = Vec::new();
     let mut retuned = Vec::new();
     for upstream in &config.upstreams {
@@ -916,6 +911,15 @@ fn say_changes(
     }
 }
 
+/// `items` joined by commas, at most 20 of them named: a reload of 20,000
+/// upstreams or backends is one line, not hundreds of KB.
+fn at_most_20<S: std::borrow::Borrow<str>>(items: &[S]) -> String {
+    match items.len() {
+        0..=20 => items.join(", "),
+        n => format!("{} and {} more", items[..20].join(", "), n - 20),
+    }
+}
+
 /// One line for what a reload did to the backends of upstream `name`:
 /// added, removed, drained (weight 0 now), back in rotation, reweighted.
 /// Nothing when only the upstream's other settings changed.
@@ -925,10 +929,7 @@ fn say_backend_changes(
     now: &[crate::config::Backend],
 ) {
     let weight_before = |addr| before.iter().find(|b| b.addr == addr).map(|b| b.weight);
-    let list = |addrs: Vec<String>| match addrs.len() {
-        0..=20 => addrs.join(", "),
-        n => format!("{} and {} more", addrs[..20].join(", "), n - 20),
-    };
+    let list = |addrs: Vec<String>| at_most_20(&addrs);
     let (mut added, mut drained, mut undrained, mut reweighted) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for backend in now {

@@ -161,11 +161,9 @@ impl Router {
         path: &str,
         found: Option<(usize, &'a Route)>,
     ) -> Result<Option<(usize, &'a Route)>, Unrouted<'a>> {
-        // Nearly every request leaves at the length comparison.
-        if !self
-            .slashless
-            .iter()
-            .any(|p| p.len() == path.len() && p == path)
+        // Nearly every request leaves at the comparison of lengths that
+        // string equality starts with.
+        if !self.slashless.iter().any(|p| p == path)
             || found.is_some_and(|(_, route)| route.path_prefix == path)
         {
             return Ok(found);
@@ -487,16 +485,7 @@ mod tests {
     use super::*;
 
     fn route(host: HostMatch, prefix: &str, name: &str) -> Route {
-        Route {
-            host,
-            path_prefix: prefix.into(),
-            exact: false,
-            upstream: 0,
-            cache: false,
-            rate_limit: false,
-            rate: None,
-            name: name.into(),
-        }
+        Route::new(host, prefix, 0, name)
     }
 
     fn router() -> Router {
