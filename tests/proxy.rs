@@ -1109,6 +1109,73 @@ async fn a_prefix_asked_for_without_its_slash_is_sent_to_it() {
     }
 }
 
+/// An answer portico gives itself to a request with a body (here the
+/// redirect's 308) reads the body off first, as nginx discards it, and
+/// the connection carries the client's next request (review41b L1).
+/// Before, the answer said `Connection: close`, body read or not. A body
+/// too large to read off, or one its client waits for `100 Continue` to
+/// send, still ends the connection, unread and without a 100.
+#[tokio::test]
+async fn an_own_answer_reads_off_a_small_body_and_keeps_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (proxy, _backends) = prefixed_and_other(
+        "",
+        "[[route]]\npath_prefix = \"/admin/\"\nupstream = \"prefixed\"\n",
+    )
+    .await;
+    // Whole with its head; chunked, its last chunk in a write of its own.
+    for (first, rest) in [
+        (
+            &b"POST /admin HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nx=1"[..],
+            &b""[..],
+        ),
+        (
+            b"POST /admin HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nx=1\r\n",
+            b"0\r\n\r\n",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(first).await.unwrap();
+        stream.write_all(rest).await.unwrap();
+        let mut got = tokio::time::timeout(STEP, read_head(&mut stream))
+            .await
+            .unwrap()
+            .expect("the redirect");
+        let (end, length) = head_end_and_length(&got);
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 308"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        while got.len() < end + length {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(n, 0, "closed within the redirect's body");
+            got.extend_from_slice(&buf[..n]);
+        }
+        stream
+            .write_all(b"GET /admin/ HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(STEP, read_head(&mut stream))
+            .await
+            .unwrap()
+            .expect("an answer to the next request on the same connection");
+        let next = String::from_utf8_lossy(&next).to_ascii_lowercase();
+        assert!(next.contains("x-backend: prefixed"), "{next}");
+    }
+    for raw in [
+        &b"POST /admin HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"[..],
+        b"POST /admin HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n",
+    ] {
+        let got = raw_exchange(proxy.addr, raw).await;
+        assert!(got.starts_with("HTTP/1.1 308"), "{got}");
+        assert!(got.contains("connection: close"), "{got}");
+        assert!(!got.contains("100 Continue"), "{got}");
+    }
+}
+
 #[tokio::test]
 async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
     let backend = start_backend(BackendOptions::new("b1")).await;

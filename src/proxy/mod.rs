@@ -564,6 +564,157 @@ impl Proxy {
         log::emit_refused(client, status, error, answered);
     }
 
+    /// What portico makes of a request before any of its body is read:
+    /// answered here (`OPTIONS *`), refused (an error: a 429, a 404, a
+    /// redirect), or on its way to a route's upstream. Left out of
+    /// [`Proxy::forward`]'s future, so that a request answered here still
+    /// has its body to read off (see [`discard_unread`]).
+    fn admit<'a>(
+        &'a self,
+        request: &mut Request<Incoming>,
+        conn: &Conn,
+        trace: &mut Trace,
+    ) -> Result<Admission<'a>, ProxyError> {
+        // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
+        // which a reverse proxy must not open to whatever the backend
+        // says; relayed, its answer would also leave the client with none.
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
+        // TRACE echoes the request as the backend got it, fields the
+        // hops on the way added included (cross-site tracing); nginx
+        // refuses it with 405 before choosing a location, as here.
+        if request.method() == Method::TRACE {
+            return Err(ProxyError::TraceMethod);
+        }
+        // A target is a path (origin or absolute form) but for two
+        // cases (RFC 9112 §3.2): CONNECT's authority, refused above,
+        // and OPTIONS's `*`. A GET of `*` or of `host:port` is
+        // malformed, not a path that no route matches.
+        if !request.uri().path().starts_with('/') {
+            if request.uri().path() != "*" || request.method() != Method::OPTIONS {
+                return Err(ProxyError::BadRequest(
+                    "the target is not a path (only OPTIONS may ask for `*`)",
+                ));
+            }
+            // `OPTIONS *` asks the server itself, not a resource (RFC
+            // 9110 §9.3.7): a ping, which no route's path matches and
+            // no backend behind it should have to answer. Its Host is
+            // judged as any request's (RFC 9112 §3.2: 400 if missing,
+            // repeated or invalid).
+            request_host(request)?;
+            return Ok(Admission::Answer(Box::new(final_options())));
+        }
+        // RFC 9110 §7.6.2: an OPTIONS with `Max-Forwards: 0` is
+        // answered here, as its final recipient; any other has the
+        // count taken down by this hop. (TRACE, the other method it
+        // governs, is refused above.)
+        if request.method() == Method::OPTIONS && max_forwards_spent(request.headers_mut()) {
+            request_host(request)?;
+            return Ok(Admission::Answer(Box::new(final_options())));
+        }
+        // HTTP/1 heads over the limit never get here (hyper answers
+        // 431). One more is allowed for the X-Request-Id `handle` may
+        // have added, and cookies count as one field: HTTP/2 clients
+        // send one per cookie, which reach the backend as one line.
+        let fields = request.headers().len();
+        // RFC 9113 §8.2.1: an HTTP/2 field value that begins or ends
+        // with whitespace makes the request malformed. An HTTP/1 parser
+        // trims it; relayed, backends would each read it their own way.
+        if request.version() >= http::Version::HTTP_2 && request.headers().values().any(padded) {
+            return Err(ProxyError::BadRequest(
+                "a field value begins or ends with whitespace",
+            ));
+        }
+        if request.version() >= http::Version::HTTP_2 && fields > error::MAX_HEADER_FIELDS + 1 {
+            let cookies = request.headers().get_all(header::COOKIE).iter().count();
+            if fields - cookies.saturating_sub(1) > error::MAX_HEADER_FIELDS + 1 {
+                return Err(ProxyError::TooManyFields);
+            }
+        }
+        // Before the cache: a looped miss would otherwise wait on its
+        // own fill. For the same reason a request back once (allowed,
+        // see `laps`) goes past the cache to its backend.
+        let back = headers::laps(request.headers(), &self.pseudonym);
+        if back >= 2 {
+            return Err(ProxyError::Loop);
+        }
+        let host = request_host(request)?.map(canonical_host);
+        let (index, route) = self
+            .router
+            .find(
+                host.as_ref().and_then(|h| h.to_str().ok()),
+                request.uri().path(),
+            )
+            .map_err(|unrouted| match unrouted {
+                route::Unrouted::Ambiguous => ProxyError::BadRequest(
+                    "ambiguous path: backends of other kinds would read its `;`, `\\`, escapes or dot segments as another resource",
+                ),
+                route::Unrouted::AddSlash(prefix) => {
+                    ProxyError::AddSlash(error::AddSlash::new(request, prefix))
+                }
+            })?
+            .ok_or(ProxyError::NoRoute)?;
+        trace.route = Some(index);
+
+        let mut quota = None;
+        if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
+            let client = trace
+                .client
+                .unwrap_or_else(|| self.client_ip(conn.peer, request.headers()));
+            let key = limiter.key(client, request.headers()).map_err(|_| {
+                ProxyError::BadRequest("the rate-limit key field came on several lines that differ")
+            })?;
+            match limiter.check(index, &key) {
+                Some(Decision::Throttled {
+                    limit,
+                    retry_after,
+                    reset,
+                }) => {
+                    self.route_metrics[index].throttled();
+                    return Err(ProxyError::Throttled {
+                        limit,
+                        retry_after,
+                        reset,
+                    });
+                }
+                Some(Decision::Allowed {
+                    limit,
+                    remaining,
+                    reset,
+                }) => {
+                    quota = Some((limit, remaining, reset));
+                    trace.quota = quota;
+                }
+                None => {}
+            }
+        }
+
+        if declared_length(request.headers())? > Some(self.max_request_body) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        // hyper decodes a final `chunked` and portico re-chunks; any coding
+        // before it would reach the backend unannounced (RFC 9112 §6.1).
+        if !headers::relayable_coding(request.headers()) {
+            // `chunked` twice is no coding portico lacks but a
+            // malformed message (RFC 9112 §6.1: applied once at most).
+            let chunked = headers::list_members(request.headers(), &header::TRANSFER_ENCODING)
+                .filter(|coding| coding.eq_ignore_ascii_case("chunked"))
+                .count();
+            return Err(match chunked {
+                0 | 1 => ProxyError::UnsupportedCoding,
+                _ => ProxyError::BadRequest("`chunked` applied more than once"),
+            });
+        }
+
+        Ok(Admission::Forward(Admitted {
+            route,
+            host,
+            quota,
+            back,
+        }))
+    }
+
     /// Not an `async fn`, for the reason [`Proxy::handle`] gives.
     #[allow(clippy::manual_async_fn)]
     #[inline(always)]
@@ -574,141 +725,31 @@ impl Proxy {
         trace: &'a mut Trace,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         async move {
-            // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
-            // which a reverse proxy must not open to whatever the backend
-            // says; relayed, its answer would also leave the client with none.
-            if request.method() == Method::CONNECT {
-                return Err(ProxyError::ConnectMethod);
-            }
-            // TRACE echoes the request as the backend got it, fields the
-            // hops on the way added included (cross-site tracing); nginx
-            // refuses it with 405 before choosing a location, as here.
-            if request.method() == Method::TRACE {
-                return Err(ProxyError::TraceMethod);
-            }
-            // A target is a path (origin or absolute form) but for two
-            // cases (RFC 9112 §3.2): CONNECT's authority, refused above,
-            // and OPTIONS's `*`. A GET of `*` or of `host:port` is
-            // malformed, not a path that no route matches.
-            if !request.uri().path().starts_with('/') {
-                if request.uri().path() != "*" || request.method() != Method::OPTIONS {
-                    return Err(ProxyError::BadRequest(
-                        "the target is not a path (only OPTIONS may ask for `*`)",
-                    ));
+            let Admitted {
+                route,
+                host,
+                quota,
+                back,
+            } = match self.admit(&mut request, conn, trace) {
+                Ok(Admission::Forward(admitted)) => admitted,
+                // Boxed: rare, and inline its timer would grow every
+                // request's future.
+                Ok(Admission::Answer(response)) => {
+                    Box::pin(discard_unread(request)).await;
+                    return Ok(*response);
                 }
-                // `OPTIONS *` asks the server itself, not a resource (RFC
-                // 9110 §9.3.7): a ping, which no route's path matches and
-                // no backend behind it should have to answer. Its Host is
-                // judged as any request's (RFC 9112 §3.2: 400 if missing,
-                // repeated or invalid).
-                request_host(&request)?;
-                return Ok(final_options());
-            }
-            // RFC 9110 §7.6.2: an OPTIONS with `Max-Forwards: 0` is
-            // answered here, as its final recipient; any other has the
-            // count taken down by this hop. (TRACE, the other method it
-            // governs, is refused above.)
-            if request.method() == Method::OPTIONS && max_forwards_spent(request.headers_mut()) {
-                request_host(&request)?;
-                return Ok(final_options());
-            }
-            // HTTP/1 heads over the limit never get here (hyper answers
-            // 431). One more is allowed for the X-Request-Id `handle` may
-            // have added, and cookies count as one field: HTTP/2 clients
-            // send one per cookie, which reach the backend as one line.
-            let fields = request.headers().len();
-            // RFC 9113 §8.2.1: an HTTP/2 field value that begins or ends
-            // with whitespace makes the request malformed. An HTTP/1 parser
-            // trims it; relayed, backends would each read it their own way.
-            if request.version() >= http::Version::HTTP_2 && request.headers().values().any(padded)
-            {
-                return Err(ProxyError::BadRequest(
-                    "a field value begins or ends with whitespace",
-                ));
-            }
-            if request.version() >= http::Version::HTTP_2 && fields > error::MAX_HEADER_FIELDS + 1 {
-                let cookies = request.headers().get_all(header::COOKIE).iter().count();
-                if fields - cookies.saturating_sub(1) > error::MAX_HEADER_FIELDS + 1 {
-                    return Err(ProxyError::TooManyFields);
-                }
-            }
-            // Before the cache: a looped miss would otherwise wait on its
-            // own fill. For the same reason a request back once (allowed,
-            // see `laps`) goes past the cache to its backend.
-            let back = headers::laps(request.headers(), &self.pseudonym);
-            if back >= 2 {
-                return Err(ProxyError::Loop);
-            }
-            let host = request_host(&request)?.map(canonical_host);
-            let (index, route) = self
-                .router
-                .find(
-                    host.as_ref().and_then(|h| h.to_str().ok()),
-                    request.uri().path(),
-                )
-                .map_err(|unrouted| match unrouted {
-                    route::Unrouted::Ambiguous => ProxyError::BadRequest(
-                        "ambiguous path: backends of other kinds would read its `;`, `\\`, escapes or dot segments as another resource",
-                    ),
-                    route::Unrouted::AddSlash(prefix) => {
-                        ProxyError::AddSlash(error::AddSlash::new(&request, prefix))
+                Err(error) => {
+                    // Not after a 400, a 413 or a 501: the request itself
+                    // is at fault, and nginx ends the connection after
+                    // those (`ngx_http_special_response_handler`).
+                    let faulty = matches!(error.status().as_u16(), 400 | 413 | 501);
+                    if !faulty {
+                        Box::pin(discard_unread(request)).await;
                     }
-                })?
-                .ok_or(ProxyError::NoRoute)?;
-            trace.route = Some(index);
+                    return Err(error);
+                }
+            };
             let upstream = &self.upstreams[route.upstream];
-
-            let mut quota = None;
-            if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
-                let client = trace
-                    .client
-                    .unwrap_or_else(|| self.client_ip(conn.peer, request.headers()));
-                let key = limiter.key(client, request.headers()).map_err(|_| {
-                    ProxyError::BadRequest(
-                        "the rate-limit key field came on several lines that differ",
-                    )
-                })?;
-                match limiter.check(index, &key) {
-                    Some(Decision::Throttled {
-                        limit,
-                        retry_after,
-                        reset,
-                    }) => {
-                        self.route_metrics[index].throttled();
-                        return Err(ProxyError::Throttled {
-                            limit,
-                            retry_after,
-                            reset,
-                        });
-                    }
-                    Some(Decision::Allowed {
-                        limit,
-                        remaining,
-                        reset,
-                    }) => {
-                        quota = Some((limit, remaining, reset));
-                        trace.quota = quota;
-                    }
-                    None => {}
-                }
-            }
-
-            if declared_length(&request)? > Some(self.max_request_body) {
-                return Err(ProxyError::BodyTooLarge);
-            }
-            // hyper decodes a final `chunked` and portico re-chunks; any coding
-            // before it would reach the backend unannounced (RFC 9112 §6.1).
-            if !headers::relayable_coding(request.headers()) {
-                // `chunked` twice is no coding portico lacks but a
-                // malformed message (RFC 9112 §6.1: applied once at most).
-                let chunked = headers::list_members(request.headers(), &header::TRANSFER_ENCODING)
-                    .filter(|coding| coding.eq_ignore_ascii_case("chunked"))
-                    .count();
-                return Err(match chunked {
-                    0 | 1 => ProxyError::UnsupportedCoding,
-                    _ => ProxyError::BadRequest("`chunked` applied more than once"),
-                });
-            }
 
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
@@ -963,6 +1004,74 @@ fn say_backend_changes(
         reweighted = list(reweighted),
         "backends changed by the reload"
     );
+}
+
+/// [`Proxy::admit`]'s verdict on a request it let through.
+enum Admission<'a> {
+    /// On its way to the route's upstream.
+    Forward(Admitted<'a>),
+    /// Answered by portico itself (`OPTIONS *`). Boxed: rare.
+    Answer(Box<Response<ProxyBody>>),
+}
+
+/// What [`Proxy::admit`] found out about a request on its way.
+struct Admitted<'a> {
+    route: &'a crate::config::Route,
+    /// The Host, or HTTP/2's `:authority`, in its canonical form.
+    host: Option<HeaderValue>,
+    /// The client's budget on a throttling route (see [`Trace::quota`]).
+    quota: Option<(u32, u32, std::time::Duration)>,
+    /// Times the request has been through this proxy already.
+    back: usize,
+}
+
+/// The most of a request's body read off and dropped for an answer
+/// portico gives itself (see [`discard_unread`]).
+const DISCARD_LIMIT: u64 = 64 * 1024;
+
+/// How long an answer portico gives itself waits for the rest of its
+/// request's body (see [`discard_unread`]).
+const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads off and drops the body of an HTTP/1 request portico answers
+/// itself (a 429, a redirect, a 404; not a 400, 413 or 501), so that the connection may carry
+/// the client's next request, as nginx discards such a body. Left unread,
+/// hyper keeps the connection only if the body had come whole with the
+/// head, and the answer says `Connection: close` (review41b L1).
+///
+/// Not for a body larger than [`DISCARD_LIMIT`], or one that takes more
+/// than [`DISCARD_WAIT`] to come: the connection closes, as before. Nor
+/// for a client waiting for `100 Continue`: reading would ask it for a
+/// body nobody wants (hyper sends the 100 when the body is first read).
+/// HTTP/2 streams have no such need: only the stream ends.
+async fn discard_unread(request: Request<Incoming>) {
+    let (parts, mut body) = request.into_parts();
+    let Some(ended) = parts.extensions.get::<body::UploadEnded>() else {
+        return;
+    };
+    let small = match declared_length(&parts.headers) {
+        Ok(Some(length)) => length <= DISCARD_LIMIT,
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    if !small || parts.headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let mut read = 0u64;
+    let drained = tokio::time::timeout(DISCARD_WAIT, async {
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let Ok(frame) = frame else { return false };
+            read += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if read > DISCARD_LIMIT {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if drained == Ok(true) {
+        ended.set();
+    }
 }
 
 /// The answer to an OPTIONS that ends here (`*`, or no hops left): an
@@ -1373,8 +1482,8 @@ fn same_host(host: &[u8], authority: &str, scheme: Option<&str>) -> bool {
 
 /// The request's Content-Length, if it declared one. Framing conflicts are
 /// already refused by the HTTP/1 parser; this only reads the value.
-fn declared_length(request: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
-    match request.headers().get(header::CONTENT_LENGTH) {
+fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ProxyError> {
+    match headers.get(header::CONTENT_LENGTH) {
         None => Ok(None),
         Some(value) => value
             .to_str()

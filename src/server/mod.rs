@@ -1061,9 +1061,11 @@ async fn serve_connection<IO: Parkable>(
                         .or_insert_with(|| length.into());
                 }
             }
-            // An answer given with the request's body left unread (a 413,
-            // a 429): hyper drains what it already holds or stops
-            // reading, and the connection ends; say so, as nginx does.
+            // An answer given with the request's body left unread (a
+            // backend's early answer, a 413 for a large body; portico's own
+            // read a small one off, see `proxy::discard_unread`): hyper
+            // drains what it already holds or stops reading, and the
+            // connection ends; say so, as nginx does.
             // A body of unknown length goes to an HTTP/1.0 client ended by
             // the connection's close (RFC 9112 §9.3: a persistent message
             // needs a length of its own); hyper does so, but said
