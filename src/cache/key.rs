@@ -174,11 +174,16 @@ pub fn resolve(base: &str, scheme: &str, host: &str, reference: &str) -> Option<
         let uri = if has_scheme {
             reference.parse::<http::Uri>().ok()?
         } else {
-            format!("http:{reference}").parse::<http::Uri>().ok()?
+            format!("{scheme}:{reference}").parse::<http::Uri>().ok()?
         };
         let authority = uri.authority()?.as_str();
-        let named = without_default_port(uri.scheme_str().unwrap_or(scheme), authority);
-        if !named.eq_ignore_ascii_case(without_default_port(scheme, host)) {
+        // The scheme is the origin's too: an `https:` URI on a plain
+        // request names another resource (review42b L1).
+        let named_scheme = uri.scheme_str().unwrap_or(scheme);
+        let named = without_default_port(named_scheme, authority);
+        if !named_scheme.eq_ignore_ascii_case(scheme)
+            || !named.eq_ignore_ascii_case(without_default_port(scheme, host))
+        {
             return None;
         }
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -365,9 +370,24 @@ mod tests {
             // Default ports aside, the same origin (review28b F4).
             ("http://example.com:80/p", Some("/p")),
             ("http://example.com:8080/p", None),
+            // Another scheme is another origin (RFC 9111 §4.4), default
+            // port or not (review42b L1).
+            ("https://example.com/y", None),
+            ("HTTP://example.com/y", Some("/y")),
         ] {
             assert_eq!(
                 resolve(base, "http", "example.com", reference).as_deref(),
+                want,
+                "{reference}"
+            );
+        }
+        for (reference, want) in [
+            ("https://example.com:443/y", Some("/y")),
+            ("//example.com/z", Some("/z")),
+            ("http://example.com/y", None),
+        ] {
+            assert_eq!(
+                resolve(base, "https", "example.com", reference).as_deref(),
                 want,
                 "{reference}"
             );
