@@ -205,6 +205,7 @@ async fn handle(
                 None => {
                     shared.metrics.cache_entries.set(0);
                     shared.metrics.cache_size_bytes.set(0);
+                    shared.metrics.cache_max_size_bytes.set(0);
                 }
             }
             let mut response = text(StatusCode::OK, scrape(&shared));
@@ -230,7 +231,10 @@ async fn handle(
             let proxy = shared.proxy.load();
             let (mut taking, mut down) = (0, Vec::new());
             for upstream in proxy.routed_upstreams() {
-                if upstream.status().iter().any(|b| b.up && !b.drained) {
+                // Up by its active checks: with every backend ejected,
+                // the ejected ones take the traffic (panic routing), and
+                // a replica that routes it is not unready (review42d F1).
+                if upstream.status().iter().any(|b| b.active_up && !b.drained) {
                     taking += 1;
                 } else {
                     down.push(upstream.name());
@@ -241,11 +245,11 @@ async fn handle(
                 (_, true) => text(StatusCode::OK, "ready\n"),
                 (0, false) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: no backend taking traffic (up and not drained) in {down}\n"),
+                    format!("not ready: no backend taking traffic (up by its checks and not drained) in {down}\n"),
                 ),
                 (_, false) => text(
                     StatusCode::OK,
-                    format!("ready; no backend taking traffic (up and not drained) in {down}: its routes answer 503\n"),
+                    format!("ready; no backend taking traffic (up by its checks and not drained) in {down}: its routes answer 503\n"),
                 ),
             }
         }

@@ -36,6 +36,8 @@ pub struct Metrics {
     upstream_retries: IntCounterVec,
     upstream_retries_refused: IntCounterVec,
     upstream_ejections: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    upstream_panic: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
@@ -44,6 +46,7 @@ pub struct Metrics {
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
+    pub cache_max_size_bytes: IntGauge,
     pub cache_evictions: IntCounter,
     ratelimit_rejected: IntCounterVec,
     pub ratelimit_tracked: IntGauge,
@@ -53,6 +56,9 @@ pub struct Metrics {
     http2_broken: IntCounterVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
+    /// Set once, at 1; kept to hold the series.
+    #[allow(dead_code)]
+    build_info: IntGaugeVec,
 }
 
 /// `metric`, registered in `registry`.
@@ -165,6 +171,25 @@ impl Metrics {
                 "Times passive health ejected the backend (consecutive failures on live traffic); an ejection can be shorter than a scrape",
                 &["upstream", "backend"],
             ),
+            // A 502 or 504 of portico's own told from one the backend sent
+            // (review42d F3), as HAProxy counts connection and response
+            // errors and Envoy `upstream_cx_connect_fail` and
+            // `upstream_rq_timeout`.
+            upstream_errors: counter_vec(
+                &registry,
+                "portico_upstream_errors_total",
+                "Attempts that got no response head from the backend, by reason: connect (refused or failed), connect_timeout, response_timeout, broken (the connection closed or reset before the head), upload_stalled (the backend stopped reading the request body), bad_response (a head portico cannot relay); each also counts in portico_upstream_requests_total as the 502 or 504 portico answered",
+                &["upstream", "backend", "reason"],
+            ),
+            // Envoy's `lb_healthy_panic` (review42d F1): with every backend
+            // ejected, `portico_backend_up` says 0 for each, and this says
+            // they take traffic all the same.
+            upstream_panic: counter_vec(
+                &registry,
+                "portico_upstream_panic_total",
+                "Attempts sent to a passively ejected backend because every backend of the upstream up by its active checks was ejected (panic routing: the failures may be over)",
+                &["upstream"],
+            ),
             backend_up,
             backend_weight,
             backends_setting: std::sync::Mutex::new(()),
@@ -183,6 +208,13 @@ impl Metrics {
                 &registry,
                 "portico_cache_entries",
                 "Responses held by the response cache",
+            ),
+            // The bound beside the size, for an alert that follows a
+            // reload's `max_size` (review42d F5).
+            cache_max_size_bytes: gauge(
+                &registry,
+                "portico_cache_max_size_bytes",
+                "The response cache's max_size (0 without a cache)",
             ),
             // What "cache too small" looks like, apart from uncacheable
             // answers, which a miss does not tell apart (review35b F5;
@@ -252,6 +284,18 @@ impl Metrics {
                 "portico_config_last_reload_success_timestamp_seconds",
                 "When the configuration in force was loaded, at start or by a reload, in seconds since the Unix epoch",
             ),
+            // Which build each replica runs, as `prometheus_build_info`
+            // (review42d F5).
+            build_info: {
+                let info = gauge_vec(
+                    &registry,
+                    "portico_build_info",
+                    "Always 1, labelled with the running build's version",
+                    &["version"],
+                );
+                info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+                info
+            },
             registry,
         }
     }
@@ -301,7 +345,16 @@ impl Metrics {
             ejections: self
                 .upstream_ejections
                 .with_label_values(&[upstream, backend]),
+            errors: UpstreamErrors(UPSTREAM_ERRORS.map(|reason| {
+                self.upstream_errors
+                    .with_label_values(&[upstream, backend, reason])
+            })),
         }
+    }
+
+    /// One upstream's `portico_upstream_panic_total`, made (at 0) with it.
+    pub fn panic(&self, upstream: &str) -> IntCounter {
+        self.upstream_panic.with_label_values(&[upstream])
     }
 
     /// One upstream's retry counters, made (at 0) with the upstream.
@@ -412,6 +465,8 @@ impl Metrics {
         prune(&self.upstream_retries, configured);
         prune(&self.upstream_retries_refused, configured);
         prune(&self.upstream_ejections, configured);
+        prune(&self.upstream_errors, configured);
+        prune(&self.upstream_panic, configured);
         prune(&self.backend_up, configured);
         prune(&self.backend_weight, configured);
     }
@@ -595,7 +650,23 @@ pub struct BackendMetrics {
     codes: CodeCounters,
     duration: Histogram,
     ejections: IntCounter,
+    errors: UpstreamErrors,
 }
+
+/// A backend's `portico_upstream_errors_total` series, one per reason.
+#[derive(Debug, Clone)]
+struct UpstreamErrors([IntCounter; UPSTREAM_ERRORS.len()]);
+
+/// The reasons of `portico_upstream_errors_total`, made at 0 with each
+/// backend so that `rate()` sees the first one.
+pub const UPSTREAM_ERRORS: [&str; 6] = [
+    "connect",
+    "connect_timeout",
+    "response_timeout",
+    "broken",
+    "upload_stalled",
+    "bad_response",
+];
 
 impl BackendMetrics {
     /// Passive health ejected the backend: counted, as a 1 s ejection
@@ -607,6 +678,14 @@ impl BackendMetrics {
     pub fn record(&self, code: u16, seconds: f64) {
         if self.count(code) {
             self.duration.observe(seconds);
+        }
+    }
+
+    /// Counts an attempt that got no head from the backend under `reason`
+    /// (one of [`UPSTREAM_ERRORS`]).
+    pub fn failed(&self, reason: &str) {
+        if let Some(i) = UPSTREAM_ERRORS.iter().position(|r| *r == reason) {
+            self.errors.0[i].inc();
         }
     }
 

@@ -385,6 +385,67 @@ async fn an_upstream_with_no_backend_to_pick_warns_once_for_a_burst() {
     assert_eq!(written.matches("\"proxy error\"").count(), 1, "{written}");
 }
 
+/// Backends that refuse every connect: each failure counted by why, apart
+/// from a 502 the backend would send (review42d F3), and left out of the
+/// backends' latency (F2); one warning for the burst, not one a request
+/// (F4). Once both are ejected they take the traffic all the same (panic
+/// routing), which is counted and keeps `/readyz` ready (F1): it said
+/// the routes answered 503 while every request went to the backends.
+#[tokio::test]
+async fn backends_that_refuse_are_counted_by_why_and_warned_of_once() {
+    let (lines, _guard) = AccessLines::capture_of("portico=warn");
+    let (one, _held_one) = refusing_addr();
+    let (two, _held_two) = refusing_addr();
+    let mut config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![one, two],
+    );
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let client = client();
+    for _ in 0..10 {
+        let answer = get(&client, &proxy.url("/users/1/orders")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    }
+    let metrics = get(&client, &proxy.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let value = |name: &str, labels: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(name) && line.contains(labels))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value("portico_upstream_errors_total", "reason=\"connect\""),
+        10,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(
+            "portico_upstream_errors_total",
+            "reason=\"response_timeout\""
+        ),
+        0
+    );
+    assert_eq!(value("portico_upstream_duration_seconds_count", ""), 0);
+    // Each ejected after its third failure in a row: the other four.
+    assert!(
+        value("portico_upstream_panic_total", "upstream=\"default\"") >= 1,
+        "{metrics}"
+    );
+    assert!(metrics.contains("portico_build_info{version="), "{metrics}");
+    let ejected = proxy.backend_status();
+    assert!(ejected.iter().all(|b| !b.up && b.active_up), "{ejected:?}");
+    let readyz = get(&client, &proxy.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&readyz.body), "ready\n");
+    let written = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+    // One `proxy error` a backend for the ten refusals.
+    assert_eq!(written.matches("\"proxy error\"").count(), 2, "{written}");
+    assert_eq!(written.matches("(panic routing)").count(), 1, "{written}");
+}
+
 /// A reload that removes `[cache]` warns of the responses it drops, as
 /// one that changes it does (review39g L1: it said only `reloaded`).
 #[tokio::test]

@@ -835,6 +835,8 @@ impl Cache {
         let (entries, bytes) = (self.store.entry_count(), self.store.weighted_size());
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_size_bytes.set(bytes as i64);
+        let bound = i64::try_from(self.config.max_size).unwrap_or(i64::MAX);
+        self.metrics.cache_max_size_bytes.set(bound);
         (entries, bytes)
     }
 }

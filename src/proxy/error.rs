@@ -210,15 +210,36 @@ impl ProxyError {
     /// Whether the failure counts against the backend's passive health
     /// (the keep-alive race sent again does not: see `forward_with_retries`).
     pub fn blames_backend(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. }
-                | ProxyError::ConnectTimeout { .. }
-                | ProxyError::Upstream { .. }
-                | ProxyError::ResponseTimeout { .. }
-                | ProxyError::UploadStalled { .. }
-                | ProxyError::BadResponse { .. }
-        )
+        self.backend_failure().is_some()
+    }
+
+    /// What went wrong with an attempt that got no head from the backend,
+    /// as `portico_upstream_errors_total` names it; `None` for what was
+    /// not the backend's doing.
+    pub fn backend_failure(&self) -> Option<&'static str> {
+        Some(match self {
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::ResponseTimeout { .. } => "response_timeout",
+            ProxyError::Upstream { .. } => "broken",
+            ProxyError::UploadStalled { .. } => "upload_stalled",
+            ProxyError::BadResponse { .. } => "bad_response",
+            _ => return None,
+        })
+    }
+
+    /// The backend an attempt failed on, if one did.
+    pub fn backend(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ProxyError::Connect { backend, .. }
+            | ProxyError::Exhausted { backend, .. }
+            | ProxyError::ConnectTimeout { backend }
+            | ProxyError::Upstream { backend, .. }
+            | ProxyError::ResponseTimeout { backend }
+            | ProxyError::UploadStalled { backend }
+            | ProxyError::BadResponse { backend, .. } => Some(*backend),
+            _ => None,
+        }
     }
 
     /// The request went out on a pooled connection the backend closed as

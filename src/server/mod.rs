@@ -552,9 +552,11 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
         cut,
     };
     // Which instance a request went through, as backends see it.
+    // The build too, to tell replicas apart in a rollout (review42d F5).
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
         via = shared.proxy.load().via_name(),
-        "requests to backends carry this name in Via"
+        "portico starting; requests to backends carry this name in Via"
     );
     shared.listeners.start(&shared, serving, initial);
 

@@ -50,6 +50,13 @@ pub struct Backend {
     authority: Authority,
     state: Arc<BackendState>,
     pub metrics: BackendMetrics,
+    /// The warnings that a request failed here (a refused connect, a
+    /// timeout) and that an attempt that failed here is retried, each
+    /// said at most once every [`UNAVAILABLE_SAID`] seconds: each request
+    /// has its access line and its count in `portico_upstream_errors_total`
+    /// (review42d F4).
+    pub failing: crate::logging::Every,
+    pub retrying: crate::logging::Every,
 }
 
 impl Backend {
@@ -106,6 +113,13 @@ pub struct Upstream {
     /// The warning that no backend could be picked (none healthy, or all
     /// drained), said at most once every [`UNAVAILABLE_SAID`] seconds.
     pub unavailable: crate::logging::Every,
+    /// The warning that a failed request was not retried for the retry
+    /// budget, as often: a state of the upstream, as `unavailable` is.
+    pub budget_spent: crate::logging::Every,
+    /// Attempts sent to ejected backends, every one being ejected (see
+    /// [`Upstream::pick`]), and the warning that says so, as often.
+    panic: prometheus::IntCounter,
+    panicking: crate::logging::Every,
 }
 
 /// Seconds between two warnings that an upstream has no backend to pick:
@@ -152,6 +166,8 @@ impl Upstream {
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
                     metrics: metrics.backend(&config.name, &addr),
+                    failing: crate::logging::Every::new(),
+                    retrying: crate::logging::Every::new(),
                 }
             })
             .collect();
@@ -173,6 +189,9 @@ impl Upstream {
             clock: previous.map_or_else(Clock::new, |p| p.clock),
             checker: std::sync::Mutex::new(None),
             unavailable: crate::logging::Every::new(),
+            budget_spent: crate::logging::Every::new(),
+            panic: metrics.panic(&config.name),
+            panicking: crate::logging::Every::new(),
             check_host: check_host(&config),
             config,
             backends,
@@ -345,8 +364,30 @@ impl Upstream {
         let retry = !tried.is_empty();
         pass(tried, false)
             .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
-            .or_else(|| pass(tried, true))
-            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
+            .or_else(|| {
+                let picked =
+                    pass(tried, true).or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten());
+                if picked.is_some() {
+                    self.panicked();
+                }
+                picked
+            })
+    }
+
+    /// Counts an attempt [`Upstream::pick`] sent to an ejected backend,
+    /// every one being ejected, and says so once every
+    /// [`UNAVAILABLE_SAID`] seconds: `portico_backend_up` shows each at
+    /// 0 meanwhile, though they take the traffic (review42d F1).
+    fn panicked(&self) {
+        self.panic.inc();
+        if let Some(held_back) = self.panicking.due(UNAVAILABLE_SAID) {
+            let held_back = (held_back > 0).then_some(held_back);
+            tracing::warn!(
+                upstream = %self.config.name,
+                held_back,
+                "every backend is ejected: requests go to them all the same until one answers (panic routing)"
+            );
+        }
     }
 
     /// An attempt is going out to backend `index` (picked, and its retry,
@@ -386,6 +427,11 @@ impl Upstream {
         } else {
             ProxyError::NoHealthyBackend
         }
+    }
+
+    /// The backend at `addr`, if this upstream has one.
+    pub fn backend_at(&self, addr: SocketAddr) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.addr == addr)
     }
 
     pub fn backend(&self, index: usize) -> &Backend {
