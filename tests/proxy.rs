@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1174,6 +1175,84 @@ async fn an_own_answer_reads_off_a_small_body_and_keeps_the_connection() {
         assert!(got.contains("connection: close"), "{got}");
         assert!(!got.contains("100 Continue"), "{got}");
     }
+}
+
+/// A backend that answers HTTP/1.0 with `Connection: keep-alive` does not
+/// get its connection reused: hyper would send the next request on it as
+/// HTTP/1.0, and a chunked upload went out with neither `Content-Length`
+/// nor `Transfer-Encoding`, an empty request the backend acted on
+/// (review42a F1, High). nginx closes after an HTTP/1.0 response too.
+#[tokio::test]
+async fn a_backend_that_answers_http_1_0_is_not_sent_another_request_on_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let got: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let seen = got.clone();
+    let backend = serve_each(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = Vec::new();
+            loop {
+                // One request: its head, and a chunked body to its end.
+                let mut chunk = [0u8; 4096];
+                let whole = |buf: &[u8]| {
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    if !head.contains("transfer-encoding: chunked") {
+                        return Some(end + 4);
+                    }
+                    let body = &buf[end + 4..];
+                    body.windows(5)
+                        .position(|w| w == b"0\r\n\r\n")
+                        .map(|at| end + 4 + at + 5)
+                };
+                let len = loop {
+                    if let Some(len) = whole(&buf) {
+                        break len;
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let request: Vec<u8> = buf.drain(..len).collect();
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request).into_owned());
+                let answer =
+                    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    let proxy = start_proxy(config).await;
+    let first = raw_exchange(
+        proxy.addr,
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = raw_exchange(
+        proxy.addr,
+        b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    let got = got.lock().unwrap().clone();
+    let post = got
+        .iter()
+        .find(|r| r.starts_with("POST /b"))
+        .expect("the POST");
+    assert!(post.starts_with("POST /b HTTP/1.1\r\n"), "{post}");
+    assert!(
+        post.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{post}"
+    );
+    assert!(post.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{post}");
 }
 
 #[tokio::test]

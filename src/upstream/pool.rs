@@ -958,8 +958,17 @@ impl Pool {
         // the end of the connection yet, and the next request's writes
         // would go nowhere.
         let gone = conn.reset();
-        let reusable =
-            !(upgraded || keep_for.is_zero() || mid_upload.is_some() || framed_twice || gone);
+        // An HTTP/1.0 answer, even with `Connection: keep-alive`: hyper
+        // sends the next request on that connection as HTTP/1.0, where a
+        // body of unknown length has no framing, and a chunked upload went
+        // out as an empty request (review42a F1). nginx closes too.
+        let http10 = response.version() == http::Version::HTTP_10;
+        let reusable = !(upgraded
+            || keep_for.is_zero()
+            || mid_upload.is_some()
+            || framed_twice
+            || gone
+            || http10);
         let (parts, inner) = response.into_parts();
         let head = if reusable { None } else { conn.head.take() };
         if let (Some(head), Some(upload)) = (&head, mid_upload) {
