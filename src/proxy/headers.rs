@@ -903,25 +903,39 @@ pub fn scrub_trailers(trailers: &mut HeaderMap) {
 /// HTTP/1.1 ones the very ambiguity that lets requests be smuggled; RFC
 /// 9110 §8.6 asks for one value. Leading zeros go too. The usual field
 /// costs one lookup.
+///
+/// One that is no length, or lengths that differ, are dropped: hyper
+/// refuses them where they frame the body, but reads no length of an
+/// answer to HEAD, and `5x`, `-1` or `5` beside `700` went on, which
+/// HTTP/1.1 clients refuse and HTTP/2 ones reset the stream for (RFC
+/// 9110 §8.6: not to be forwarded; review42a F2). nginx drops it too.
 fn one_length(headers: &mut HeaderMap) {
     let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
     let Some(first) = lines.next() else { return };
     let plain = |v: &HeaderValue| {
         let v = v.as_bytes();
-        !v.contains(&b',') && (v.len() == 1 || v.first() != Some(&b'0'))
+        !v.is_empty()
+            && v.iter().all(u8::is_ascii_digit)
+            && (v.len() == 1 || v.first() != Some(&b'0'))
     };
     if lines.next().is_none() && plain(first) {
         return;
     }
-    let length = list_members(headers, &header::CONTENT_LENGTH)
-        .next()
-        .and_then(|member| member.parse::<u64>().ok());
-    match length {
+    let number = |member: &str| {
+        (!member.is_empty() && member.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| member.parse::<u64>().ok())
+            .flatten()
+    };
+    let agreed = {
+        let mut members = list_members(headers, &header::CONTENT_LENGTH).map(number);
+        let first = members.next().flatten();
+        first.filter(|first| members.all(|member| member == Some(*first)))
+    };
+    match agreed {
         Some(length) => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
-        // hyper framed the body by this field, so it parsed; if not, the
-        // body's own size hint gives hyper the length to write.
+        // A body's own size hint gives hyper the length to write.
         None => {
             headers.remove(header::CONTENT_LENGTH);
         }
@@ -1697,6 +1711,19 @@ mod tests {
         }
         let zero = prepared(&[("content-length", "0")], Version::HTTP_11);
         assert_eq!(zero.headers["content-length"], "0");
+        // What hyper does not read, an answer to HEAD's, may be no
+        // length at all: dropped, never relayed (review42a F2).
+        for given in [
+            &[("content-length", "5x")][..],
+            &[("content-length", "-1")],
+            &[("content-length", "+5")],
+            &[("content-length", "")],
+            &[("content-length", "5"), ("content-length", "700")],
+            &[("content-length", "5, 700")],
+        ] {
+            let head = prepared(given, Version::HTTP_11);
+            assert!(!head.headers.contains_key("content-length"), "{given:?}");
+        }
     }
 
     #[test]
