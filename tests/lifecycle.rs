@@ -1604,34 +1604,49 @@ async fn shutdown_closes_a_parked_connection_within_a_second() {
 /// A request a keep-alive client sends just after shutdown began, on a
 /// connection that was idle then, is answered (with `Connection: close`)
 /// rather than lost with the connection: HTTP/1 gives the client no way to
-/// know the connection was closing. Parked or not.
+/// know the connection was closing. Parked or not, and over HTTP/1.0.
 #[tokio::test]
 async fn a_request_on_an_idle_connection_as_shutdown_begins_is_answered() {
-    for parked in [false, true] {
+    // An HTTP/1.0 client that asked for keep-alive too: told `close`,
+    // alone, in an HTTP/1.0 head.
+    let keep_alive_1_0 = b"GET /health HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n";
+    for (parked, http10) in [(false, false), (true, false), (false, true)] {
         let backend = start_backend(BackendOptions::new("b1")).await;
         let mut config = config_for(&[&backend]);
         config.server.request_header_timeout = Duration::from_millis(200);
         config.server.shutdown_grace = Duration::from_secs(60);
         let proxy = start_proxy(config).await;
         let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        assert_eq!(get_on(&mut stream, "/health").await, "http/1.1 200 ok");
+        let first = match http10 {
+            true => exchange_on(&mut stream, keep_alive_1_0).await,
+            false => get_on(&mut stream, "/health").await,
+        };
+        assert!(first.ends_with(" 200 ok"), "{first}");
         if parked {
             tokio::time::sleep(Duration::from_millis(1600)).await;
         }
         let stopping = tokio::spawn(proxy.stop());
         // Shutdown is under way (listeners closed) when the request leaves.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
+        let ask: &[u8] = match http10 {
+            true => keep_alive_1_0,
+            false => b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n",
+        };
+        stream.write_all(ask).await.unwrap();
         let mut answer = Vec::new();
         let read = tokio::time::timeout(STEP, stream.read_to_end(&mut answer)).await;
         assert!(read.is_ok(), "connection left open (parked: {parked})");
         let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        let status = if http10 {
+            "http/1.0 200 ok"
+        } else {
+            "http/1.1 200 ok"
+        };
         assert!(
-            answer.starts_with("http/1.1 200 ok") && answer.contains("connection: close"),
-            "parked: {parked}: {answer:?}"
+            answer.starts_with(status)
+                && answer.contains("connection: close")
+                && !answer.contains("keep-alive"),
+            "parked: {parked}, HTTP/1.0: {http10}: {answer:?}"
         );
         tokio::time::timeout(STEP, stopping)
             .await
