@@ -180,6 +180,7 @@ fn scrape(shared: &Shared) -> Vec<u8> {
                 backend.addr.to_string(),
                 backend.up,
                 backend.weight,
+                backend.in_flight,
             ));
         }
     }

@@ -40,6 +40,7 @@ pub struct Metrics {
     upstream_panic: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
+    backend_in_flight: IntGaugeVec,
     /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
     /// from its own reload's snapshot, removed each other's new series.
     backends_setting: std::sync::Mutex<()>,
@@ -122,6 +123,15 @@ impl Metrics {
             "The backend's configured weight; 0 when drained (it takes no new requests)",
             &["upstream", "backend"],
         );
+        // Concurrency per backend shows a slow one piling up requests
+        // (review42d F5), as HAProxy's `current_sessions` and Envoy's
+        // `upstream_rq_active`.
+        let backend_in_flight = gauge_vec(
+            &registry,
+            "portico_backend_in_flight",
+            "Requests sent to the backend and not answered yet (their response body may still be coming), as least_conn counts them",
+            &["upstream", "backend"],
+        );
         Metrics {
             requests: counter_vec(
                 &registry,
@@ -192,6 +202,7 @@ impl Metrics {
             ),
             backend_up,
             backend_weight,
+            backend_in_flight,
             backends_setting: std::sync::Mutex::new(()),
             cache_lookups: counter_vec(
                 &registry,
@@ -381,8 +392,9 @@ impl Metrics {
         self.cache_lookups.with_label_values(&[result])
     }
 
-    /// Sets `portico_backend_up` and `portico_backend_weight` for exactly
-    /// the given backends (upstream, address, up, weight), dropping series
+    /// Sets `portico_backend_up`, `portico_backend_weight` and
+    /// `portico_backend_in_flight` for exactly the given backends
+    /// (upstream, address, up, weight, in flight), dropping series
     /// of backends no longer configured, then encodes the exposition (see
     /// [`Metrics::encode`]), with no other scrape's setting in between:
     /// two scrapes racing a reload, each from its own snapshot, gave one
@@ -390,7 +402,7 @@ impl Metrics {
     /// `portico_backend_weight` of the other (review36d L4).
     pub fn encode_with_backends<'a>(
         &self,
-        backends: impl Iterator<Item = (&'a str, String, bool, u32)>,
+        backends: impl Iterator<Item = (&'a str, String, bool, u32, usize)>,
     ) -> Vec<u8> {
         let _one_at_a_time = self
             .backends_setting
@@ -402,8 +414,11 @@ impl Metrics {
         // at all (review36c F2).
         let rows: Vec<_> = backends.collect();
         let mut current = HashSet::with_capacity(rows.len());
-        for (upstream, backend, up, weight) in &rows {
+        for (upstream, backend, up, weight, in_flight) in &rows {
             let labels = [*upstream, backend.as_str()];
+            self.backend_in_flight
+                .with_label_values(&labels)
+                .set(i64::try_from(*in_flight).unwrap_or(i64::MAX));
             self.backend_up
                 .with_label_values(&labels)
                 .set(i64::from(*up));
@@ -412,7 +427,11 @@ impl Metrics {
                 .set(i64::from(*weight));
             current.insert((*upstream, backend.as_str()));
         }
-        for gauges in [&self.backend_up, &self.backend_weight] {
+        for gauges in [
+            &self.backend_up,
+            &self.backend_weight,
+            &self.backend_in_flight,
+        ] {
             let families = prometheus::core::Collector::collect(gauges);
             for metric in families.iter().flat_map(|family| family.get_metric()) {
                 let label = |name: &str| {
@@ -469,6 +488,7 @@ impl Metrics {
         prune(&self.upstream_panic, configured);
         prune(&self.backend_up, configured);
         prune(&self.backend_weight, configured);
+        prune(&self.backend_in_flight, configured);
     }
 
     /// Requests answered so far, over every route and status: the sum of
@@ -786,8 +806,9 @@ mod tests {
         route.record(42, 0.0); // not an HTTP status: ignored, not a panic
         let backend = metrics.backend("orders", "127.0.0.1:8001");
         backend.record(200, 0.001);
-        let _ = metrics
-            .encode_with_backends([("orders", "127.0.0.1:8001".to_owned(), true, 1)].into_iter());
+        let _ = metrics.encode_with_backends(
+            [("orders", "127.0.0.1:8001".to_owned(), true, 1, 0)].into_iter(),
+        );
         // What the burst trimmer reads: the 3 answered, not the upstream's.
         assert_eq!(metrics.requests_answered(), 3);
         let text = String::from_utf8(metrics.encode()).unwrap();
@@ -811,7 +832,7 @@ mod tests {
     fn concurrent_scrapes_each_see_every_backend() {
         let metrics = Arc::new(Metrics::new());
         let rows =
-            |from: usize| (from..from + 50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1));
+            |from: usize| (from..from + 50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1, 0));
         let _ = metrics.encode_with_backends(rows(0));
         // Two scrapes of two configurations (a reload between them): each
         // body holds one whole, in both families (review36d L4).
@@ -868,7 +889,8 @@ mod tests {
         let _ = metrics.body_errors("default", gone);
         let _ = metrics.retries("default");
         let _ = metrics.retries("old");
-        let _ = metrics.encode_with_backends([("default", gone.to_owned(), true, 1)].into_iter());
+        let _ =
+            metrics.encode_with_backends([("default", gone.to_owned(), true, 1, 0)].into_iter());
         let config = crate::config::Config::single_upstream(vec![], vec![kept.parse().unwrap()]);
 
         metrics.retain(&Configured::of(&config));

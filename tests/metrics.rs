@@ -435,6 +435,8 @@ async fn backends_that_refuse_are_counted_by_why_and_warned_of_once() {
         "{metrics}"
     );
     assert!(metrics.contains("portico_build_info{version="), "{metrics}");
+    assert!(metrics.contains("portico_backend_in_flight{"), "{metrics}");
+    assert_eq!(value("portico_backend_in_flight", ""), 0);
     let ejected = proxy.backend_status();
     assert!(ejected.iter().all(|b| !b.up && b.active_up), "{ejected:?}");
     let readyz = get(&client, &proxy.admin_url("/readyz")).await;
@@ -444,6 +446,40 @@ async fn backends_that_refuse_are_counted_by_why_and_warned_of_once() {
     // One `proxy error` a backend for the ten refusals.
     assert_eq!(written.matches("\"proxy error\"").count(), 2, "{written}");
     assert_eq!(written.matches("(panic routing)").count(), 1, "{written}");
+}
+
+/// A request held at its backend shows in `portico_backend_in_flight`
+/// until answered (review42d F5: only `/status` had it).
+#[tokio::test]
+async fn a_request_at_its_backend_is_in_flight_until_answered() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let backend = holding_backend("held", release.clone()).await;
+    let config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![backend],
+    );
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let url = proxy.url("/hold");
+    let held = tokio::spawn(async move { get(&client(), &url).await.status });
+    let metrics = proxy.admin_url("/metrics");
+    let series = format!("portico_backend_in_flight{{backend=\"{backend}\",upstream=\"default\"}}");
+    let until = |n: u32| {
+        let (metrics, want) = (metrics.clone(), format!("{series} {n}\n"));
+        async move {
+            tokio::time::timeout(STEP, async {
+                while !String::from_utf8_lossy(&get(&client(), &metrics).await.body).contains(&want)
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("never {want:?}"));
+        }
+    };
+    until(1).await;
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+    until(0).await;
 }
 
 /// A reload that removes `[cache]` warns of the responses it drops, as
