@@ -57,9 +57,6 @@ pub struct Metrics {
     http2_broken: IntCounterVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
-    /// Set once, at 1; kept to hold the series.
-    #[allow(dead_code)]
-    build_info: IntGaugeVec,
 }
 
 /// `metric`, registered in `registry`.
@@ -126,6 +123,16 @@ impl Metrics {
         // Concurrency per backend shows a slow one piling up requests
         // (review42d F5), as HAProxy's `current_sessions` and Envoy's
         // `upstream_rq_active`.
+        // Which build each replica runs, as `prometheus_build_info`
+        // (review42d F5); the registry holds it.
+        gauge_vec(
+            &registry,
+            "portico_build_info",
+            "Always 1, labelled with the running build's version",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
         let backend_in_flight = gauge_vec(
             &registry,
             "portico_backend_in_flight",
@@ -188,7 +195,7 @@ impl Metrics {
             upstream_errors: counter_vec(
                 &registry,
                 "portico_upstream_errors_total",
-                "Attempts that got no response head from the backend, by reason: connect (refused or failed), connect_timeout, response_timeout, broken (the connection closed or reset before the head), upload_stalled (the backend stopped reading the request body), bad_response (a head portico cannot relay); each also counts in portico_upstream_requests_total as the 502 or 504 portico answered",
+                "Attempts that got no response head from the backend, by reason: connect (refused or failed), tls (the handshake failed: a certificate refused, nothing in common), connect_timeout, response_timeout, broken (the connection closed or reset before the head), upload_stalled (the backend stopped reading the request body), bad_response (a head portico cannot relay); each also counts in portico_upstream_requests_total as the 502 or 504 portico answered",
                 &["upstream", "backend", "reason"],
             ),
             // Envoy's `lb_healthy_panic` (review42d F1): with every backend
@@ -295,18 +302,6 @@ impl Metrics {
                 "portico_config_last_reload_success_timestamp_seconds",
                 "When the configuration in force was loaded, at start or by a reload, in seconds since the Unix epoch",
             ),
-            // Which build each replica runs, as `prometheus_build_info`
-            // (review42d F5).
-            build_info: {
-                let info = gauge_vec(
-                    &registry,
-                    "portico_build_info",
-                    "Always 1, labelled with the running build's version",
-                    &["version"],
-                );
-                info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-                info
-            },
             registry,
         }
     }
@@ -356,9 +351,9 @@ impl Metrics {
             ejections: self
                 .upstream_ejections
                 .with_label_values(&[upstream, backend]),
-            errors: UpstreamErrors(UPSTREAM_ERRORS.map(|reason| {
+            errors: UpstreamErrors(Failure::ALL.map(|failure| {
                 self.upstream_errors
-                    .with_label_values(&[upstream, backend, reason])
+                    .with_label_values(&[upstream, backend, failure.label()])
             })),
         }
     }
@@ -675,18 +670,51 @@ pub struct BackendMetrics {
 
 /// A backend's `portico_upstream_errors_total` series, one per reason.
 #[derive(Debug, Clone)]
-struct UpstreamErrors([IntCounter; UPSTREAM_ERRORS.len()]);
+struct UpstreamErrors([IntCounter; Failure::ALL.len()]);
 
-/// The reasons of `portico_upstream_errors_total`, made at 0 with each
-/// backend so that `rate()` sees the first one.
-pub const UPSTREAM_ERRORS: [&str; 6] = [
-    "connect",
-    "connect_timeout",
-    "response_timeout",
-    "broken",
-    "upload_stalled",
-    "bad_response",
-];
+/// Why an attempt got no response head from its backend: the `reason`
+/// of `portico_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Refused, unreachable, or failed otherwise before any byte.
+    Connect,
+    /// The TLS handshake failed: a certificate refused, nothing in common.
+    Tls,
+    ConnectTimeout,
+    ResponseTimeout,
+    /// The connection closed or reset before the head.
+    Broken,
+    /// The backend stopped reading the request body.
+    UploadStalled,
+    /// A head hyper could not parse, or portico cannot relay.
+    BadResponse,
+}
+
+impl Failure {
+    /// Every reason, each series made at 0 with its backend so that
+    /// `rate()` sees the first.
+    pub const ALL: [Failure; 7] = [
+        Failure::Connect,
+        Failure::Tls,
+        Failure::ConnectTimeout,
+        Failure::ResponseTimeout,
+        Failure::Broken,
+        Failure::UploadStalled,
+        Failure::BadResponse,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Tls => "tls",
+            Failure::ConnectTimeout => "connect_timeout",
+            Failure::ResponseTimeout => "response_timeout",
+            Failure::Broken => "broken",
+            Failure::UploadStalled => "upload_stalled",
+            Failure::BadResponse => "bad_response",
+        }
+    }
+}
 
 impl BackendMetrics {
     /// Passive health ejected the backend: counted, as a 1 s ejection
@@ -701,12 +729,9 @@ impl BackendMetrics {
         }
     }
 
-    /// Counts an attempt that got no head from the backend under `reason`
-    /// (one of [`UPSTREAM_ERRORS`]).
-    pub fn failed(&self, reason: &str) {
-        if let Some(i) = UPSTREAM_ERRORS.iter().position(|r| *r == reason) {
-            self.errors.0[i].inc();
-        }
+    /// Counts an attempt that got no head from the backend.
+    pub fn failed(&self, failure: Failure) {
+        self.errors.0[failure as usize].inc();
     }
 
     /// Counts an attempt under `code` without timing it: one whose length
@@ -795,6 +820,15 @@ impl Collector for Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Failure as usize` indexes a backend's series: the order of
+    /// `Failure::ALL` is the declaration's.
+    #[test]
+    fn failures_are_listed_in_their_order() {
+        for (i, failure) in Failure::ALL.iter().enumerate() {
+            assert_eq!(*failure as usize, i, "{}", failure.label());
+        }
+    }
 
     #[test]
     fn recorded_requests_show_up_in_the_text_format() {

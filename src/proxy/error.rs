@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::metrics::Failure;
 
 /// Header fields a request may carry: hyper's fixed HTTP/1 limit, which
 /// portico applies to HTTP/2 requests too (HAProxy's `tune.http.maxhdr`
@@ -91,6 +92,22 @@ pub enum ProxyError {
         backend: std::net::SocketAddr,
         reason: &'static str,
     },
+}
+
+/// Whether a connect failed in its TLS handshake: rustls's error, as
+/// tokio-rustls wraps it in an `io::Error` (whose `source` skips it).
+fn tls_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if e.is::<rustls::Error>() || inner.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Where to send a request for a route's prefix without its final `/`,
@@ -216,14 +233,19 @@ impl ProxyError {
     /// What went wrong with an attempt that got no head from the backend,
     /// as `portico_upstream_errors_total` names it; `None` for what was
     /// not the backend's doing.
-    pub fn backend_failure(&self) -> Option<&'static str> {
+    pub fn backend_failure(&self) -> Option<Failure> {
         Some(match self {
-            ProxyError::Connect { .. } => "connect",
-            ProxyError::ConnectTimeout { .. } => "connect_timeout",
-            ProxyError::ResponseTimeout { .. } => "response_timeout",
-            ProxyError::Upstream { .. } => "broken",
-            ProxyError::UploadStalled { .. } => "upload_stalled",
-            ProxyError::BadResponse { .. } => "bad_response",
+            ProxyError::Connect { source, .. } if tls_refused(source.as_ref()) => Failure::Tls,
+            ProxyError::Connect { .. } => Failure::Connect,
+            ProxyError::ConnectTimeout { .. } => Failure::ConnectTimeout,
+            ProxyError::ResponseTimeout { .. } => Failure::ResponseTimeout,
+            // A head hyper could not parse (a field without a colon,
+            // `Content-Length: 5x`) is the backend's answer, not the
+            // network's (review42e M2).
+            ProxyError::Upstream { source, .. } if source.is_parse() => Failure::BadResponse,
+            ProxyError::Upstream { .. } => Failure::Broken,
+            ProxyError::UploadStalled { .. } => Failure::UploadStalled,
+            ProxyError::BadResponse { .. } => Failure::BadResponse,
             _ => return None,
         })
     }
@@ -484,5 +506,20 @@ mod tests {
             error.to_string(),
             "backend 127.0.0.1:9: cannot connect: tcp connect error: connection refused"
         );
+        assert_eq!(error.backend_failure(), Some(Failure::Connect));
+    }
+
+    /// A handshake the backend's certificate failed is counted as `tls`,
+    /// not as a refused connect (review42f L2): rustls's error, inside
+    /// the `io::Error` tokio-rustls makes of it, under the summary.
+    #[test]
+    fn a_failed_tls_handshake_is_told_from_a_refused_connect() {
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+        let error = ProxyError::Connect {
+            backend: "127.0.0.1:9".parse().unwrap(),
+            source: Box::new(Summary(io)),
+        };
+        assert_eq!(error.backend_failure(), Some(Failure::Tls));
     }
 }

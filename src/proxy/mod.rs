@@ -496,7 +496,9 @@ impl Proxy {
                             (error, Some(upstream)) => error
                                 .backend()
                                 .and_then(|addr| upstream.backend_at(addr))
-                                .map_or(Some(0), |backend| backend.failing.due(said)),
+                                .map_or(Some(0), |backend| {
+                                    backend.failure_said(error.backend_failure(), false)
+                                }),
                             _ => Some(0),
                         };
                         if let Some(held_back) = held_back {
@@ -1054,6 +1056,9 @@ const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// than [`DISCARD_WAIT`] to come: the connection closes, as before. Nor
 /// for a client waiting for `100 Continue`: reading would ask it for a
 /// body nobody wants (hyper sends the 100 when the body is first read).
+/// Nor on a connection the request closes (`Connection: close`, HTTP/1.0
+/// without keep-alive). The answer waits for the body, at most
+/// [`DISCARD_WAIT`]; nginx sends it first and reads the body off after.
 /// HTTP/2 streams have no such need: only the stream ends.
 async fn discard_unread(request: Request<Incoming>) {
     let (parts, mut body) = request.into_parts();
@@ -1065,7 +1070,17 @@ async fn discard_unread(request: Request<Incoming>) {
         Ok(None) => true,
         Err(_) => false,
     };
-    if !small || parts.headers.contains_key(header::EXPECT) {
+    // A connection that ends after this answer anyway carries no next
+    // request: the answer need not wait (review42e L1).
+    let option = |token: &str| {
+        headers::list_members(&parts.headers, &header::CONNECTION)
+            .any(|member| member.eq_ignore_ascii_case(token))
+    };
+    let ending = match parts.version {
+        Version::HTTP_10 => !option("keep-alive"),
+        _ => option("close"),
+    };
+    if !small || ending || parts.headers.contains_key(header::EXPECT) {
         return;
     }
     let mut read = 0u64;
@@ -1340,7 +1355,7 @@ fn forward_with_retries<'a>(
             // access line under concurrency (review32c F4).
             // Once every few seconds a backend, as a request's own
             // failure is (see `Proxy::handle`).
-            if let Some(held_back) = backend.retrying.due(crate::upstream::UNAVAILABLE_SAID) {
+            if let Some(held_back) = backend.failure_said(error.backend_failure(), true) {
                 let request_id = head_request_id(replay.as_ref());
                 let held_back = (held_back > 0).then_some(held_back);
                 tracing::warn!(

@@ -23,7 +23,7 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use http::{header, Method, Request, Response};
 
 use crate::config::{self, Balance};
-use crate::metrics::{BackendMetrics, Metrics};
+use crate::metrics::{BackendMetrics, Failure, Metrics};
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
@@ -52,16 +52,33 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     /// The warnings that a request failed here (a refused connect, a
     /// timeout) and that an attempt that failed here is retried, each
-    /// said at most once every [`UNAVAILABLE_SAID`] seconds: each request
-    /// has its access line and its count in `portico_upstream_errors_total`
-    /// (review42d F4).
-    pub failing: crate::logging::Every,
-    pub retrying: crate::logging::Every,
+    /// said at most once every [`UNAVAILABLE_SAID`] seconds for each
+    /// [`Failure`] (review42d F4, review42e L2): each request has its
+    /// access line and its count in `portico_upstream_errors_total`.
+    failing: [crate::logging::Every; Failure::ALL.len()],
+    retrying: [crate::logging::Every; Failure::ALL.len()],
 }
 
 impl Backend {
     pub fn state(&self) -> &BackendState {
         &self.state
+    }
+
+    /// Whether a request's failure here of this kind (`None`: portico's
+    /// own, such as no file descriptor left) may be warned of now, and
+    /// how many such warnings went unsaid before it (see
+    /// [`crate::logging::Every::due`]). `retried`: the warning that the
+    /// attempt is sent again, rather than that the request failed.
+    pub fn failure_said(&self, failure: Option<Failure>, retried: bool) -> Option<u64> {
+        let Some(failure) = failure else {
+            return Some(0);
+        };
+        let said = if retried {
+            &self.retrying
+        } else {
+            &self.failing
+        };
+        said[failure as usize].due(UNAVAILABLE_SAID)
     }
 
     /// Claims an in-flight slot until the returned guard drops.
@@ -166,8 +183,8 @@ impl Upstream {
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
                     metrics: metrics.backend(&config.name, &addr),
-                    failing: crate::logging::Every::new(),
-                    retrying: crate::logging::Every::new(),
+                    failing: std::array::from_fn(|_| crate::logging::Every::new()),
+                    retrying: std::array::from_fn(|_| crate::logging::Every::new()),
                 }
             })
             .collect();
@@ -364,20 +381,16 @@ impl Upstream {
         let retry = !tried.is_empty();
         pass(tried, false)
             .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
-            .or_else(|| {
-                let picked =
-                    pass(tried, true).or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten());
-                if picked.is_some() {
-                    self.panicked();
-                }
-                picked
-            })
+            .or_else(|| pass(tried, true))
+            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
     }
 
-    /// Counts an attempt [`Upstream::pick`] sent to an ejected backend,
-    /// every one being ejected, and says so once every
+    /// Counts an attempt sent to an ejected backend, which [`Upstream::pick`]
+    /// chooses only when every one is ejected, and says so once every
     /// [`UNAVAILABLE_SAID`] seconds: `portico_backend_up` shows each at
-    /// 0 meanwhile, though they take the traffic (review42d F1).
+    /// 0 meanwhile, though they take the traffic (review42d F1). Counted
+    /// as the attempt goes out, not as it is picked: a retry may pick
+    /// and send nothing (review42e M1).
     fn panicked(&self) {
         self.panic.inc();
         if let Some(held_back) = self.panicking.due(UNAVAILABLE_SAID) {
@@ -398,7 +411,13 @@ impl Upstream {
         let state = &self.backends[index].state;
         // The clock is read only for a backend that may need a probe.
         if state.in_ejection() {
-            state.sending(self.clock.now_ms());
+            let now = self.clock.now_ms();
+            // Still out (not yet due for its probe, or held out while
+            // another attempt probes it): picked for want of any other.
+            if state.ejected(now) {
+                self.panicked();
+            }
+            state.sending(now);
         }
         state.epoch()
     }

@@ -119,5 +119,5 @@ check "backends up" 'sum(portico_backend_up{upstream="orders"})' 'v == 2'
 check "upstream requests" 'sum(portico_upstream_requests_total{upstream="orders",code="200"})' 'v >= 20'
 check "process metrics" 'process_resident_memory_bytes{job="portico"}' 'v > 0'
 check "build info" 'count(portico_build_info{job="portico"} == 1)' 'v == 1'
-check "upstream errors exported" 'count(portico_upstream_errors_total{upstream="orders"})' 'v == 12'
+check "upstream errors exported" 'count(portico_upstream_errors_total{upstream="orders"})' 'v == 14'
 echo "e2e prometheus: all checks passed"
