@@ -55,6 +55,7 @@ pub struct Metrics {
     pub connections_accepted: IntCounter,
     tls_handshake_errors: IntCounterVec,
     http2_broken: IntCounterVec,
+    tls_not_after: IntGaugeVec,
     last_load_successful: IntGauge,
     last_load_success_time: IntGauge,
 }
@@ -292,6 +293,15 @@ impl Metrics {
                 }
                 broken
             },
+            // The load-time warning is said once; this lets an alert see
+            // the end come near in a process up for months (review42f L1),
+            // as cert-manager's and the blackbox exporter's expiry series.
+            tls_not_after: gauge_vec(
+                &registry,
+                "portico_tls_certificate_not_after_timestamp_seconds",
+                "When a TLS listener's certificate file stops serving: the earliest notAfter of its chain, in seconds since the Unix epoch",
+                &["cert"],
+            ),
             last_load_successful: gauge(
                 &registry,
                 "portico_config_last_reload_successful",
@@ -443,6 +453,18 @@ impl Metrics {
             }
         }
         self.encode()
+    }
+
+    /// Sets `portico_tls_certificate_not_after_timestamp_seconds` to
+    /// exactly these certificate files and ends (see
+    /// [`crate::server::tls::certificate_ends`]).
+    pub fn set_certificate_ends(&self, ends: &[(String, u64)]) {
+        self.tls_not_after.reset();
+        for (cert, end) in ends {
+            self.tls_not_after
+                .with_label_values(&[cert.as_str()])
+                .set(i64::try_from(*end).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records a load of the configuration: at start, and the outcome of

@@ -318,6 +318,12 @@ async fn failed_tls_handshakes_are_counted() {
     // The silent one, connected first, was let go before it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!((counted("failed"), counted("timeout")), (1, 1));
+    // And when its certificate ends, for an alert (review42f L1).
+    let text = String::from_utf8(shared.metrics.encode()).unwrap();
+    assert!(
+        text.contains("portico_tls_certificate_not_after_timestamp_seconds{cert="),
+        "{text}"
+    );
     drop((silent, stalled));
     let _ = std::fs::remove_dir_all(dir);
 }

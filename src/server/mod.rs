@@ -224,6 +224,8 @@ impl Shared {
     pub fn load_tls(&self, config: &Config) -> Result<(), tls::TlsError> {
         let acceptors = tls::acceptors(&config.server.tls)?;
         self.tls.store(Arc::new(acceptors));
+        let ends = tls::certificate_ends(&config.server.tls);
+        self.metrics.set_certificate_ends(&ends);
         Ok(())
     }
 
@@ -387,6 +389,8 @@ impl Shared {
             );
         }
         self.metrics.retain(&Configured::of(&config));
+        let ends = tls::certificate_ends(&config.server.tls);
+        self.metrics.set_certificate_ends(&ends);
         self.config.store(Arc::new(config));
         Ok(path)
     }

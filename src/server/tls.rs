@@ -237,11 +237,14 @@ const LAPSING: Duration = Duration::from_secs(14 * 24 * 3600);
 /// then fail their handshakes with nothing in portico's log; nginx and
 /// HAProxy say nothing either, so the first sign is usually a user's
 /// report. A start or reload is where an operator looks.
+///
+/// Every certificate of the chain: an intermediate that ends first ends
+/// the chain, and went unsaid (review42f L1).
 fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
-    let Some(lapse) = key.end_entity_cert().ok().and_then(|der| lapse(der)) else {
+    let Some((place, lapse)) = chain_lapse(key.cert.iter().map(|der| der.as_ref())) else {
         return;
     };
-    let cert = pair.cert.display();
+    let cert = Which(pair, place);
     let date = httpdate::fmt_http_date;
     match lapse {
         Lapse::Expired(until) => {
@@ -259,11 +262,8 @@ fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
 /// What `portico check` says of a listener's certificate that the start
 /// would warn of (review36a L2: only the start and reloads said it).
 pub fn lapse_warning(pair: &CertificatePair) -> Option<String> {
-    let der = CertificateDer::pem_file_iter(&pair.cert)
-        .ok()?
-        .next()?
-        .ok()?;
-    let lapse = lapse(&der)?;
+    let chain = chain(pair)?;
+    let (place, lapse) = chain_lapse(chain.iter().map(|der| der.as_ref()))?;
     let date = httpdate::fmt_http_date;
     let when = match lapse {
         Lapse::Expired(until) | Lapse::Soon(until, _) => format!("not after {}", date(until)),
@@ -271,8 +271,57 @@ pub fn lapse_warning(pair: &CertificatePair) -> Option<String> {
     };
     Some(format!(
         "TLS certificate {} {lapse} ({when})",
-        pair.cert.display()
+        Which(pair, place)
     ))
+}
+
+/// The certificates of `pair`'s file, its own first.
+fn chain(pair: &CertificatePair) -> Option<Vec<CertificateDer<'static>>> {
+    let chain = CertificateDer::pem_file_iter(&pair.cert).ok()?;
+    Some(chain.filter_map(Result::ok).collect())
+}
+
+/// The first certificate of a chain that is not valid now or ends within
+/// [`LAPSING`], with its place (0: the server's own).
+fn chain_lapse<'a>(chain: impl Iterator<Item = &'a [u8]>) -> Option<(usize, Lapse)> {
+    chain
+        .enumerate()
+        .find_map(|(place, der)| Some((place, lapse(der)?)))
+}
+
+/// A certificate file, and which of its chain a warning is about.
+struct Which<'a>(&'a CertificatePair, usize);
+
+impl std::fmt::Display for Which<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.cert.display())?;
+        if self.1 > 0 {
+            write!(f, " (certificate {} of its chain)", self.1 + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// When each certificate file of `listeners` stops serving, in seconds
+/// since the Unix epoch: the earliest end of its chain, for
+/// `portico_tls_certificate_not_after_timestamp_seconds`, so that an
+/// alert sees a certificate come near its end in a process that has run
+/// for months (the warning is said at load only; review42f L1).
+pub fn certificate_ends(listeners: &[TlsListener]) -> Vec<(String, u64)> {
+    let ends: std::collections::BTreeMap<String, u64> = listeners
+        .iter()
+        .flat_map(|listener| &listener.certificates)
+        .filter_map(|pair| {
+            let chain = chain(pair)?;
+            let end = chain
+                .iter()
+                .filter_map(|der| Some(validity(der)?.1))
+                .min()?;
+            let seconds = end.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+            Some((pair.cert.display().to_string(), seconds))
+        })
+        .collect();
+    ends.into_iter().collect()
 }
 
 /// Why a certificate will not serve much longer, if so.
@@ -470,6 +519,46 @@ mod tests {
         // Nothing to read is no warning (the load says what is wrong).
         std::fs::write(&pair.cert, "not a certificate").unwrap();
         assert_eq!(lapse_warning(&pair), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An intermediate that ends before the server's own certificate is
+    /// warned of, naming its place, and ends the file's series (review42f
+    /// L1: only the first certificate was read).
+    #[test]
+    fn the_chain_ends_with_its_first_certificate_to_end() {
+        let pem = |from: (i32, u8, u8), until: (i32, u8, u8)| {
+            let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+            params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+            let key = rcgen::KeyPair::generate().unwrap();
+            params.self_signed(&key).unwrap().pem()
+        };
+        let dir = std::env::temp_dir().join(format!("portico-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = CertificatePair {
+            cert: dir.join("chain.pem"),
+            key: dir.join("chain.key"),
+        };
+        let chain = pem((2020, 1, 2), (2049, 12, 31)) + &pem((2020, 1, 2), (2021, 1, 2));
+        std::fs::write(&pair.cert, chain).unwrap();
+        let warning = lapse_warning(&pair).expect("a warning");
+        assert!(
+            warning.contains("chain.pem (certificate 2 of its chain) has expired"),
+            "{warning}"
+        );
+        let listener = TlsListener {
+            listen: Vec::new(),
+            certificates: vec![pair],
+        };
+        let ends = certificate_ends(std::slice::from_ref(&listener));
+        let end = date("Sat, 02 Jan 2021 00:00:00 GMT");
+        let seconds = end
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(ends.len(), 1);
+        assert_eq!(ends[0].1, seconds);
         let _ = std::fs::remove_dir_all(dir);
     }
 
