@@ -1047,10 +1047,11 @@ const DISCARD_LIMIT: u64 = 64 * 1024;
 const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads off and drops the body of an HTTP/1 request portico answers
-/// itself (a 429, a redirect, a 404; not a 400, 413 or 501), so that the connection may carry
-/// the client's next request, as nginx discards such a body. Left unread,
-/// hyper keeps the connection only if the body had come whole with the
-/// head, and the answer says `Connection: close` (review41b L1).
+/// itself (a 429, a redirect, a 404; not a 400, 413 or 501), before the
+/// answer goes, so that the connection may carry the client's next
+/// request, as nginx discards such a body. Left unread, hyper keeps the
+/// connection only if the body had come whole with the head, and the
+/// answer says `Connection: close` (review41b L1).
 ///
 /// Not for a body larger than [`DISCARD_LIMIT`], or one that takes more
 /// than [`DISCARD_WAIT`] to come: the connection closes, as before. Nor
