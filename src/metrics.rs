@@ -137,7 +137,7 @@ impl Metrics {
         let backend_in_flight = gauge_vec(
             &registry,
             "portico_backend_in_flight",
-            "Requests sent to the backend and not answered yet (their response body may still be coming), as least_conn counts them",
+            "Requests sent to the backend and not answered yet (their response body may still be coming), and open tunnels (WebSocket), as least_conn counts them",
             &["upstream", "backend"],
         );
         Metrics {

@@ -871,12 +871,20 @@ pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
 /// HTTP version.
 pub fn prepare_response(head: &mut http::response::Parts) {
     let headers = &mut head.headers;
+    // A 426 names the protocol to upgrade to in `Upgrade`, which it must
+    // carry (RFC 9110 §15.5.22), as nginx relays it (review42h L1).
+    let required = (head.status == http::StatusCode::UPGRADE_REQUIRED)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
     // intermediary must drop the length before relaying the decoded body.
     if remove_hop_by_hop(headers).transfer_encoding {
         headers.remove(header::CONTENT_LENGTH);
     } else {
         one_length(headers);
+    }
+    if let Some(required) = required {
+        headers.insert(header::UPGRADE, required);
     }
     headers.append(header::VIA, via_value(head.version));
     // RFC 9110 §6.2: an intermediary sends its own version, not its
@@ -1711,6 +1719,16 @@ mod tests {
         }
         let zero = prepared(&[("content-length", "0")], Version::HTTP_11);
         assert_eq!(zero.headers["content-length"], "0");
+        // A 426 keeps the `Upgrade` it must carry; others lose it
+        // (review42h L1).
+        let fields = [("upgrade", "websocket"), ("connection", "upgrade")];
+        let mut head = prepared(&fields, Version::HTTP_11);
+        assert!(!head.headers.contains_key("upgrade"));
+        head.status = http::StatusCode::UPGRADE_REQUIRED;
+        head.headers = map(&fields);
+        prepare_response(&mut head);
+        assert_eq!(head.headers["upgrade"], "websocket");
+        assert!(!head.headers.contains_key("connection"));
         // What hyper does not read, an answer to HEAD's, may be no
         // length at all: dropped, never relayed (review42a F2).
         for given in [

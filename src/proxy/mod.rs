@@ -889,7 +889,15 @@ impl Proxy {
 
             if let Some(client) = upgrade {
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    let mut switched = client.bridge(response, in_flight, self.tunnel_idle);
+                    let ends = upgrade::Ends {
+                        client: trace.client.unwrap_or_else(|| conn.peer.ip()),
+                        upstream: upstream.name().to_owned(),
+                        backend: trace.backend,
+                    };
+                    let mut switched = client.bridge(response, in_flight, self.tunnel_idle, ends);
+                    // A 101 on a throttled route says the budget, as every
+                    // other answer there (review42h L3).
+                    error::quota_headers(switched.headers_mut(), quota);
                     // Counted as a bypass above: the header and the access
                     // line say so too (review32f F4).
                     if cache.is_some() {

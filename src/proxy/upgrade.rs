@@ -29,6 +29,8 @@ use crate::upstream::UpstreamBody;
 /// A client's request to switch protocols, with its pending connection.
 pub struct Upgrade {
     protocol: HeaderValue,
+    /// The request's id, for the line the tunnel's end is logged with.
+    request_id: Option<HeaderValue>,
     /// Taken by [`Upgrade::bridge`]; given back to the server's
     /// [`Hold::pending`] if the backend does not switch.
     client: Option<OnUpgrade>,
@@ -71,6 +73,13 @@ pub struct Hold {
     /// The request's pending upgrade, which the server took out of its
     /// extensions: a tunnel takes it from here.
     pub pending: PendingUpgrade,
+}
+
+/// Who a tunnel joins, for the line its end is logged with.
+pub struct Ends {
+    pub client: std::net::IpAddr,
+    pub upstream: String,
+    pub backend: Option<std::net::SocketAddr>,
 }
 
 /// Takes a place among the open connections, held as long as what it
@@ -127,6 +136,7 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
         return None;
     }
     let protocol = HeaderValue::from_str(&kept.join(", ")).ok()?;
+    let request_id = request.headers().get(&super::log::X_REQUEST_ID).cloned();
     let client = match &hold {
         Some(hold) => hold
             .pending
@@ -137,6 +147,7 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     };
     Some(Upgrade {
         protocol,
+        request_id,
         hold,
         client: Some(client),
     })
@@ -150,14 +161,17 @@ impl Upgrade {
     }
 
     /// Answers the client with the backend's 101 and bridges the two
-    /// upgraded connections in the background.
+    /// upgraded connections in the background. The tunnel's end is logged
+    /// at info with `ends`: its access line was written at the 101.
     pub fn bridge(
         mut self,
         mut response: Response<UpstreamBody>,
         in_flight: InFlight,
         idle: Duration,
+        ends: Ends,
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);
+        let request_id = self.request_id.take();
         let client = self.client.take();
         let hold = self.hold.take();
         let place = hold.as_ref().map(|hold| (hold.place)());
@@ -179,22 +193,34 @@ impl Upgrade {
                     return;
                 }
             };
+            let opened = std::time::Instant::now();
             let moved = AtomicU64::new(0);
             let mut client = Counted::new(TokioIo::new(client), &moved);
             let mut backend = Counted::new(TokioIo::new(backend), &moved);
-            tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-                    if let Err(error) = copied {
-                        tracing::debug!(%error, "upgraded connection ended with error");
-                    }
-                }
-                () = quiet_for(&moved, idle) => {
-                    tracing::debug!("upgraded connection idle for idle_timeout; closing");
-                }
-                () = cut_after(stopping) => {
-                    tracing::info!("upgraded connection cut: its listener stopped and shutdown_grace passed");
-                }
-            }
+            let (end, error) = tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
+                    Ok(_) => ("closed", None),
+                    Err(error) => ("broken", Some(error)),
+                },
+                () = quiet_for(&moved, idle) => ("idle_timeout", None),
+                () = cut_after(stopping) => ("shutdown_grace", None),
+            };
+            // As nginx writes a tunnel's access line at its end, and
+            // HAProxy its termination state: a user's report of a dropped
+            // WebSocket is told from portico's idle cut or a backend's
+            // reset (review42h M1: debug lines without the client).
+            tracing::info!(
+                client = %ends.client,
+                upstream = %ends.upstream,
+                backend = ends.backend.map(tracing::field::display),
+                request_id = request_id.as_ref().and_then(|id| id.to_str().ok()),
+                duration_s = opened.elapsed().as_secs_f64(),
+                bytes_from_client = client.read,
+                bytes_from_backend = backend.read,
+                end,
+                error = error.map(tracing::field::display),
+                "tunnel closed"
+            );
         });
         let (mut parts, _) = response.into_parts();
         let protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -234,11 +260,13 @@ async fn quiet_for(moved: &AtomicU64, idle: Duration) {
 struct Counted<'a, IO> {
     io: IO,
     moved: &'a AtomicU64,
+    /// Bytes read from `io`.
+    read: u64,
 }
 
 impl<'a, IO> Counted<'a, IO> {
     fn new(io: IO, moved: &'a AtomicU64) -> Self {
-        Counted { io, moved }
+        Counted { io, moved, read: 0 }
     }
 
     fn count<T>(&self, result: Poll<T>) -> Poll<T> {
@@ -255,7 +283,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<'_, IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            self.read += (buf.filled().len() - before) as u64;
+        }
         self.count(result)
     }
 }
