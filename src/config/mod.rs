@@ -22,6 +22,37 @@ pub use model::*;
 pub use units::{parse_duration, parse_size};
 pub(crate) use validate::{overlap, pem_error, reaches_own, read_pem_certificates};
 
+/// The most of a file portico reads whole: the configuration, the admin
+/// token, a certificate chain, a key or a CA bundle (Debian's whole
+/// bundle is about 200 KiB).
+pub const MOST_READ: u64 = 16 * 1024 * 1024;
+
+/// Refuses what is no regular file, or one larger than [`MOST_READ`],
+/// before it is read whole: a FIFO named as a token or certificate hung
+/// `check`, a start and every reload after it, and `/dev/zero` took
+/// memory without end (review42i H1). Symbolic links are followed.
+pub fn readable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, a socket or a device)"
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    }
+    if meta.len() > MOST_READ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes, more than the 16 MiB portico reads of a file",
+                meta.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let error = |line, col, message| {
@@ -33,7 +64,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message,
         }]))
     };
-    let bytes = match std::fs::read(path) {
+    let bytes = match readable(path).and_then(|()| std::fs::read(path)) {
         Ok(bytes) => bytes,
         Err(e) => return error(0, 0, format!("cannot read the file: {e}")),
     };

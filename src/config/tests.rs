@@ -308,6 +308,16 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // What is no regular file is not read: a FIFO hung `check`, a
+            // start and every reload, `/dev/zero` took memory without end
+            // (review42i H1).
+            "[admin]\ntoken_file = \"/dev/zero\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls = true\ntls_ca = \"/tmp\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:14: admin.token_file: cannot read admin token_file /dev/zero: not a regular file (a FIFO, a socket or a device)",
+                "test.toml:7:10: upstream[0].tls_ca: /tmp: a directory",
+            ],
+        ),
+        (
             // Prefixes no request could reach: `;` and `\` in a path are
             // read apart by some backends (review40h F2).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\npath_prefix = \"/v1;beta/\"\n[[route]]\nupstream = \"a\"\npath_prefix = \"/files%5cdocs/\"\n",

@@ -944,7 +944,8 @@ fn upstream_tls(r: R, key: &str, raw: &raw::Upstream, base: &Path) -> Option<Ups
 /// Reads the admin token: the file's first line, trimmed. An empty file is
 /// an error, since it would make every token check trivially pass.
 fn read_token(path: &Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let read = super::readable(path).and_then(|()| std::fs::read_to_string(path));
+    let text = read.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot read admin token_file {}: {e}", path.display()),
@@ -979,6 +980,7 @@ pub(crate) fn read_pem_certificates(
     leaf: bool,
 ) -> Result<Vec<pki_types::CertificateDer<'static>>, String> {
     use pki_types::pem::PemObject;
+    super::readable(path).map_err(|e| e.to_string())?;
     let certs = pki_types::CertificateDer::pem_file_iter(path)
         .map_err(pem_error)?
         .collect::<Result<Vec<_>, _>>()

@@ -38,6 +38,10 @@ fn load_pair(
             reason,
         }
     })?;
+    crate::config::readable(&pair.key).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
     let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: match e {
@@ -277,6 +281,7 @@ pub fn lapse_warning(pair: &CertificatePair) -> Option<String> {
 
 /// The certificates of `pair`'s file, its own first.
 fn chain(pair: &CertificatePair) -> Option<Vec<CertificateDer<'static>>> {
+    crate::config::readable(&pair.cert).ok()?;
     let chain = CertificateDer::pem_file_iter(&pair.cert).ok()?;
     Some(chain.filter_map(Result::ok).collect())
 }
