@@ -102,7 +102,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             // Name the key: in a long file, which one is not obvious.
             if message == "duplicate key" {
                 if let Some(key) = text.get(span.clone()) {
-                    message = format!("duplicate key `{}`", key.trim());
+                    let key = key.trim();
+                    message = format!("duplicate key `{key}`");
+                    // `[upstream.health]` above its `[[upstream]]` made
+                    // `upstream` a table first (review42i M1).
+                    if ["upstream", "route"].contains(&key) {
+                        message.push_str(&format!(
+                            ": is a `[{key}.…]` section written before the `[[{key}]]` it belongs to? It goes after it"
+                        ));
+                    }
                 }
             }
             reporter.at(span, "", message);
@@ -156,6 +164,30 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             }
         }
         let key = key_at(table.get_ref(), &span);
+        // `[upstream.health]` with no `[[upstream]]` above it makes
+        // `upstream` one table: the `[[upstream]]` it belongs to is
+        // misspelt (`[[upstreams]]`), or comes after it. Said so, and the
+        // section set aside whole, so that the misspelt key is said too
+        // (review42i M1: serde's "expected a list" blamed the right line).
+        let orphan = ["upstream", "route"].into_iter().find(|section| {
+            key.strip_prefix(section)
+                .is_some_and(|rest| rest.starts_with('.'))
+                && e.message()
+                    .starts_with("invalid type: map, expected a sequence")
+        });
+        if let Some(section) = orphan {
+            reporter.at(
+                span.clone(),
+                key.clone(),
+                format!("`[{key}]` belongs to the `[[{section}]]` above it, and there is none: is that `[[{section}]]` misspelt, or written after this?"),
+            );
+            if lenient.remove(section).is_some() {
+                removed.push(section.to_owned());
+                set.push(span);
+                continue;
+            }
+            break None;
+        }
         let message = match one_table_written_as_many(&key) {
             Some(section) => {
                 format!("`{section}` is one table: write [{section}], not [[{section}]]")

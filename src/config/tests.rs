@@ -308,6 +308,22 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // A misspelt `[[upstream]]` before its health section: both
+            // said, where serde's "expected a list" blamed the section
+            // alone (review42i M1).
+            "[[upstreams]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"/h\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:1:3: upstreams[0]: unknown key `upstreams`",
+                "test.toml:4:2: upstream.health: `[upstream.health]` belongs to the `[[upstream]]` above it, and there is none: is that `[[upstream]]` misspelt, or written after this?",
+            ],
+        ),
+        (
+            "[upstream.health]\npath = \"/h\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:3: duplicate key `upstream`: is a `[upstream.…]` section written before the `[[upstream]]` it belongs to? It goes after it",
+            ],
+        ),
+        (
             // What is no regular file is not read: a FIFO hung `check`, a
             // start and every reload, `/dev/zero` took memory without end
             // (review42i H1).
