@@ -43,6 +43,9 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     if let Some(warning) = config::trusts_everyone(&config.server) {
         tracing::warn!("{warning}");
     }
+    for warning in config::all_drained(&config) {
+        tracing::warn!("{warning}");
+    }
     let shared = server::Shared::with_path(&config, Some(path));
     shared
         .load_tls(&config)

@@ -91,6 +91,9 @@ fn main() -> ExitCode {
                     for warning in warnings.into_iter().chain(lapsing).flatten() {
                         say_err(format_args!("portico check: warning: {warning}"));
                     }
+                    for warning in portico::config::all_drained(&config) {
+                        say_err(format_args!("portico check: warning: {warning}"));
+                    }
                     say("configuration ok");
                     ExitCode::SUCCESS
                 }

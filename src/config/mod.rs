@@ -199,7 +199,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             {
                 format!("`{key}` is a list of tables: write [[{key}]], not [{key}]")
             }
-            None => plain_words(e.message()),
+            None => unit_hint(&key, e.message()).unwrap_or_else(|| plain_words(e.message())),
         };
         reporter.at(span.clone(), key, message);
         // A table lacking a key it needs gets a stand-in for it rather
@@ -499,6 +499,45 @@ fn one_table_written_as_many(key: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join(".")
     })
+}
+
+/// What to write for a duration or size given as a bare number
+/// (`shutdown_grace = 10`, as nginx takes it), where serde said only
+/// "expected a string" (review42i L2).
+fn unit_hint(key: &str, message: &str) -> Option<String> {
+    let number = message
+        .strip_prefix("invalid type: ")?
+        .strip_suffix(", expected a string")?;
+    let number = number.split_once('`')?.1.trim_end_matches('`');
+    let name = key.rsplit('.').next().unwrap_or(key);
+    const DURATIONS: &[&str] = &[
+        "body_timeout",
+        "connect_timeout",
+        "default_ttl",
+        "idle_timeout",
+        "interval",
+        "request_header_timeout",
+        "response_timeout",
+        "shutdown_grace",
+        "timeout",
+    ];
+    const SIZES: &[&str] = &[
+        "max_header_size",
+        "max_object_size",
+        "max_request_body",
+        "max_size",
+    ];
+    if DURATIONS.contains(&name) {
+        Some(format!(
+            "a duration is a string with its unit: write \"{number}s\" (or ms, m, h, d)"
+        ))
+    } else if SIZES.contains(&name) {
+        Some(format!(
+            "a size is a string: write \"{number}\" for bytes, or with its unit, \"{number}KiB\" (or MiB, GiB)"
+        ))
+    } else {
+        None
+    }
 }
 
 fn plain_words(message: &str) -> String {

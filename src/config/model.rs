@@ -206,6 +206,25 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// A warning for each upstream a route uses whose backends are all
+/// drained (weight 0): its routes answer 503 to everything, almost always
+/// a slip (review42i L1). Said by `check`, at start and at a reload.
+pub fn all_drained(config: &Config) -> Vec<String> {
+    config
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| config.routes.iter().any(|route| route.upstream == *i))
+        .filter(|(_, upstream)| upstream.backends.iter().all(|b| b.weight == 0))
+        .map(|(_, upstream)| {
+            format!(
+                "upstream `{}`: every backend is drained (weight 0): its routes answer 503 to every request",
+                upstream.name
+            )
+        })
+        .collect()
+}
+
 /// The warning for `trusted_proxies` that trusts every address of a
 /// family (`0.0.0.0/0`, `::/0`): any client then chooses the address it
 /// is logged and throttled as, and the scheme and host its backend hears.

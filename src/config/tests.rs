@@ -177,6 +177,17 @@ fn weight_zero_drains_a_backend_and_is_not_an_error() {
         .map(|b| b.weight)
         .collect();
     assert_eq!(weights, [0, 1000]);
+    assert!(super::all_drained(&config).is_empty());
+    // Every one drained: said, as its routes answer 503 to everything
+    // (review42i L1); an upstream no route uses says nothing.
+    let config = check(
+        "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[upstream]]\nname = \"b\"\nbackends = [{ addr = \"127.0.0.1:2\", weight = 0 }]\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        super::all_drained(&config),
+        ["upstream `a`: every backend is drained (weight 0): its routes answer 503 to every request"]
+    );
 }
 
 /// Past its bound, the list of bad values says it stopped, where it just
@@ -210,7 +221,7 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"2 parsecs\"\n[[route]]\nupstream = \"b\"\n",
             &[
-                "test.toml:4:19: upstream[0].connect_timeout: expected a whole number at ` parsecs`",
+                "test.toml:4:19: upstream[0].connect_timeout: `2 parsecs`: no space between a number and its unit: \"2parsecs\"",
                 "test.toml:6:12: route[0].upstream: unknown upstream `b` (defined: a)",
             ],
         ),
@@ -268,7 +279,7 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[server]\nmax_request_body = \"10 MiB\"\nlisten = [\"127.0.0.1:9090\"]\n",
             &[
-                "test.toml:2:20: server.max_request_body: expected a whole number at ` MiB`",
+                "test.toml:2:20: server.max_request_body: `10 MiB`: no space between a number and its unit: \"10MiB\"",
                 "test.toml:3:11: server.listen[0]: 127.0.0.1:9090 is also admin.listen's default; set admin.listen elsewhere",
                 "test.toml: upstream: no [[upstream]] defined: there is nowhere to send requests",
                 "test.toml: route: no [[route]] defined: every request would get 404",
@@ -305,6 +316,22 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:9:13: upstream[0].backends[0]: backend 127.0.0.1:0 cannot be connected to",
                 "test.toml:9:28: upstream[0].backends[1]: backend 0.0.0.0:80 cannot be connected to",
                 "test.toml:12:15: route[0].path_prefix: must be a path: no `?`, `#`, spaces or control characters",
+            ],
+        ),
+        (
+            // Durations and sizes as nginx writes them: what to write
+            // instead (review42i L2).
+            "[server]\nshutdown_grace = 10\nmax_request_body = 1024\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:18: server.shutdown_grace: a duration is a string with its unit: write \"10s\" (or ms, m, h, d)",
+                "test.toml:3:20: server.max_request_body: a size is a string: write \"1024\" for bytes, or with its unit, \"1024KiB\" (or MiB, GiB)",
+            ],
+        ),
+        (
+            "[server]\nshutdown_grace = \"1.5s\"\nidle_timeout = \"-1s\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:2:18: server.shutdown_grace: `1.5s`: whole numbers only: write a fraction in a smaller unit (\"1500ms\", not \"1.5s\")",
+                "test.toml:3:16: server.idle_timeout: `-1s` cannot be negative",
             ],
         ),
         (

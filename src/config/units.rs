@@ -12,7 +12,19 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("expected a whole number at `{rest}`"));
+            // What was meant, where a plain "expected a whole number"
+            // was said of `1 s` and `1.5s` (review42i L2).
+            return Err(match rest.as_bytes()[0] {
+                b' ' | b'\t' => format!(
+                    "`{input}`: no space between a number and its unit: \"{}\"",
+                    input.split_whitespace().collect::<String>()
+                ),
+                b'.' | b',' if !out.is_empty() => format!(
+                    "`{input}`: whole numbers only: write a fraction in a smaller unit (\"1500ms\", not \"1.5s\")"
+                ),
+                b'-' => format!("`{input}` cannot be negative"),
+                _ => format!("expected a whole number at `{rest}`"),
+            });
         }
         let number: u64 = rest[..digits]
             .parse()

@@ -352,6 +352,9 @@ impl Shared {
         if let Some(warning) = config::trusts_everyone(&config.server) {
             tracing::warn!("{warning}");
         }
+        for warning in config::all_drained(&config) {
+            tracing::warn!("{warning}");
+        }
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         // A cache the new generation does not keep: the fetches still
