@@ -458,12 +458,20 @@ impl Metrics {
     /// Sets `portico_tls_certificate_not_after_timestamp_seconds` to
     /// exactly these certificate files and ends (see
     /// [`crate::server::tls::certificate_ends`]).
+    /// Set, then the others removed, never all cleared first: a scrape
+    /// between the two found none (review42j L4).
     pub fn set_certificate_ends(&self, ends: &[(String, u64)]) {
-        self.tls_not_after.reset();
         for (cert, end) in ends {
             self.tls_not_after
                 .with_label_values(&[cert.as_str()])
                 .set(i64::try_from(*end).unwrap_or(i64::MAX));
+        }
+        let families = prometheus::core::Collector::collect(&self.tls_not_after);
+        for metric in families.iter().flat_map(|family| family.get_metric()) {
+            let cert = metric.get_label().first().map_or("", |pair| pair.value());
+            if !ends.iter().any(|(kept, _)| kept == cert) {
+                let _ = self.tls_not_after.remove_label_values(&[cert]);
+            }
         }
     }
 

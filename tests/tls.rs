@@ -740,6 +740,13 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
         let proxy = start_proxy(through(tls)).await;
         let answer = get(&client(), &proxy.url("/health")).await;
         assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        // Counted as a failed handshake, not a refused connect (review42j
+        // M1: hyper-rustls's two wrappings hid rustls's error).
+        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+        let tls = text.lines().find(|l| {
+            l.starts_with("portico_upstream_errors_total") && l.contains("reason=\"tls\"")
+        });
+        assert!(tls.is_some_and(|l| l.ends_with(" 1")), "{text}");
     }
 
     // A backend that accepts TCP and never answers the handshake is a

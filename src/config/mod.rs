@@ -30,7 +30,8 @@ pub const MOST_READ: u64 = 16 * 1024 * 1024;
 /// Refuses what is no regular file, or one larger than [`MOST_READ`],
 /// before it is read whole: a FIFO named as a token or certificate hung
 /// `check`, a start and every reload after it, and `/dev/zero` took
-/// memory without end (review42i H1). Symbolic links are followed.
+/// memory without end (review42i H1). Symbolic links are followed. (The
+/// configuration file itself may be a pipe: see [`read_bounded`].)
 pub fn readable(path: &Path) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
@@ -53,6 +54,24 @@ pub fn readable(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads the configuration file, at most [`MOST_READ`] of it. A pipe is
+/// read too (`--config <(generate)`, or a FIFO a slow writer fills), but
+/// `/dev/zero` stops there (review42i H1).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MOST_READ + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MOST_READ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "more than the 16 MiB portico reads of a file",
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let error = |line, col, message| {
@@ -64,7 +83,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message,
         }]))
     };
-    let bytes = match readable(path).and_then(|()| std::fs::read(path)) {
+    let bytes = match read_bounded(path) {
         Ok(bytes) => bytes,
         Err(e) => return error(0, 0, format!("cannot read the file: {e}")),
     };
@@ -105,8 +124,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
                     let key = key.trim();
                     message = format!("duplicate key `{key}`");
                     // `[upstream.health]` above its `[[upstream]]` made
-                    // `upstream` a table first (review42i M1).
-                    if ["upstream", "route"].contains(&key) {
+                    // `upstream` a table first (review42i M1): the key
+                    // a `[[...]]` header names, not one inside a table
+                    // (review42j L1).
+                    let line = &text[text[..span.start].rfind('\n').map_or(0, |i| i + 1)..];
+                    if ["upstream", "route"].contains(&key) && line.trim_start().starts_with('[') {
                         message.push_str(&format!(
                             ": is a `[{key}.…]` section written before the `[[{key}]]` it belongs to? It goes after it"
                         ));
@@ -509,6 +531,10 @@ fn unit_hint(key: &str, message: &str) -> Option<String> {
         .strip_prefix("invalid type: ")?
         .strip_suffix(", expected a string")?;
     let number = number.split_once('`')?.1.trim_end_matches('`');
+    // A whole number to put a unit to; `1.5`, `-1` or `true` get the
+    // form alone (review42j L2: "write \"trues\"").
+    let whole = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+    let number = if whole { number } else { "10" };
     let name = key.rsplit('.').next().unwrap_or(key);
     const DURATIONS: &[&str] = &[
         "body_timeout",

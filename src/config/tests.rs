@@ -321,16 +321,18 @@ fn every_error_names_file_line_col_and_key() {
         (
             // Durations and sizes as nginx writes them: what to write
             // instead (review42i L2).
-            "[server]\nshutdown_grace = 10\nmax_request_body = 1024\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            "[server]\nshutdown_grace = 10\nmax_request_body = 1024\nidle_timeout = 1.5\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:2:18: server.shutdown_grace: a duration is a string with its unit: write \"10s\" (or ms, m, h, d)",
                 "test.toml:3:20: server.max_request_body: a size is a string: write \"1024\" for bytes, or with its unit, \"1024KiB\" (or MiB, GiB)",
+                // No unit put to what is no whole number (review42j L2).
+                "test.toml:4:16: server.idle_timeout: a duration is a string with its unit: write \"10s\" (or ms, m, h, d)",
             ],
         ),
         (
             "[server]\nshutdown_grace = \"1.5s\"\nidle_timeout = \"-1s\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &[
-                "test.toml:2:18: server.shutdown_grace: `1.5s`: whole numbers only: write a fraction in a smaller unit (\"1500ms\", not \"1.5s\")",
+                "test.toml:2:18: server.shutdown_grace: `1.5s`: whole numbers only: write a fraction in a smaller unit (\"1500ms\" for \"1.5s\", \"1536KiB\" for \"1.5MiB\")",
                 "test.toml:3:16: server.idle_timeout: `-1s` cannot be negative",
             ],
         ),
@@ -349,6 +351,12 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:3:3: duplicate key `upstream`: is a `[upstream.…]` section written before the `[[upstream]]` it belongs to? It goes after it",
             ],
+        ),
+        (
+            // A key written twice in a table is no section misplaced
+            // (review42j L1).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\nupstream = \"a\"\n",
+            &["test.toml:6:1: duplicate key `upstream`"],
         ),
         (
             // What is no regular file is not read: a FIFO hung `check`, a
@@ -946,4 +954,13 @@ fn a_mapped_trusted_block_is_read_as_the_ipv4_block() {
     assert!(trusted("127.0.0.2"));
     assert!(trusted("::ffff:127.0.0.2"));
     assert!(!trusted("128.0.0.1"));
+}
+
+/// The configuration file is read at most 16 MiB deep: `/dev/zero` took
+/// memory without end; a pipe is read (review42i H1).
+#[test]
+fn a_config_file_without_end_is_refused() {
+    let errors = super::load(std::path::Path::new("/dev/zero")).unwrap_err();
+    let said = errors.to_string();
+    assert!(said.contains("more than the 16 MiB"), "{said}");
 }

@@ -20,7 +20,7 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
                     input.split_whitespace().collect::<String>()
                 ),
                 b'.' | b',' if !out.is_empty() => format!(
-                    "`{input}`: whole numbers only: write a fraction in a smaller unit (\"1500ms\", not \"1.5s\")"
+                    "`{input}`: whole numbers only: write a fraction in a smaller unit (\"1500ms\" for \"1.5s\", \"1536KiB\" for \"1.5MiB\")"
                 ),
                 b'-' => format!("`{input}` cannot be negative"),
                 _ => format!("expected a whole number at `{rest}`"),

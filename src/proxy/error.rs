@@ -95,15 +95,22 @@ pub enum ProxyError {
 }
 
 /// Whether a connect failed in its TLS handshake: rustls's error, as
-/// tokio-rustls wraps it in an `io::Error` (whose `source` skips it).
+/// tokio-rustls wraps it in an `io::Error`, which hyper-rustls wraps in
+/// another (an `io::Error`'s `source` skips what it wraps, so each is
+/// opened; review42j M1: one level was looked into).
 fn tls_refused(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        let inner = e
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        let wrapped = e
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::get_ref);
-        if e.is::<rustls::Error>() || inner.is_some_and(|inner| inner.is::<rustls::Error>()) {
-            return true;
+        if let Some(wrapped) = wrapped {
+            if tls_refused(wrapped) {
+                return true;
+            }
         }
         source = e.source();
     }
@@ -516,6 +523,9 @@ mod tests {
     fn a_failed_tls_handshake_is_told_from_a_refused_connect() {
         let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+        // hyper-rustls wraps tokio-rustls's `io::Error` in another
+        // (review42j M1: only one level was looked into).
+        let io = std::io::Error::other(io);
         let error = ProxyError::Connect {
             backend: "127.0.0.1:9".parse().unwrap(),
             source: Box::new(Summary(io)),

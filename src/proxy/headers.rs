@@ -885,6 +885,9 @@ pub fn prepare_response(head: &mut http::response::Parts) {
     }
     if let Some(required) = required {
         headers.insert(header::UPGRADE, required);
+        // RFC 9110 §7.8: an `Upgrade` in any answer but a 101 comes with
+        // `upgrade` in `Connection` (review42j L3). HTTP/2 strips both.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     headers.append(header::VIA, via_value(head.version));
     // RFC 9110 §6.2: an intermediary sends its own version, not its
@@ -1728,7 +1731,7 @@ mod tests {
         head.headers = map(&fields);
         prepare_response(&mut head);
         assert_eq!(head.headers["upgrade"], "websocket");
-        assert!(!head.headers.contains_key("connection"));
+        assert_eq!(head.headers["connection"], "upgrade");
         // What hyper does not read, an answer to HEAD's, may be no
         // length at all: dropped, never relayed (review42a F2).
         for given in [

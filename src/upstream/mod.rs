@@ -55,8 +55,10 @@ pub struct Backend {
     /// said at most once every [`UNAVAILABLE_SAID`] seconds for each
     /// [`Failure`] (review42d F4, review42e L2): each request has its
     /// access line and its count in `portico_upstream_errors_total`.
-    failing: [crate::logging::Every; Failure::ALL.len()],
-    retrying: [crate::logging::Every; Failure::ALL.len()],
+    /// One more, last, for portico's own failures (out of file
+    /// descriptors), which have no [`Failure`] (review42j M2).
+    failing: [crate::logging::Every; Failure::ALL.len() + 1],
+    retrying: [crate::logging::Every; Failure::ALL.len() + 1],
 }
 
 impl Backend {
@@ -70,15 +72,13 @@ impl Backend {
     /// [`crate::logging::Every::due`]). `retried`: the warning that the
     /// attempt is sent again, rather than that the request failed.
     pub fn failure_said(&self, failure: Option<Failure>, retried: bool) -> Option<u64> {
-        let Some(failure) = failure else {
-            return Some(0);
-        };
         let said = if retried {
             &self.retrying
         } else {
             &self.failing
         };
-        said[failure as usize].due(UNAVAILABLE_SAID)
+        let kind = failure.map_or(Failure::ALL.len(), |failure| failure as usize);
+        said[kind].due(UNAVAILABLE_SAID)
     }
 
     /// Claims an in-flight slot until the returned guard drops.
