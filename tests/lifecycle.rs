@@ -205,17 +205,6 @@ fn a_reload_waiting_on_its_file_holds_up_no_request_on_a_one_thread_runtime() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Sends "ping" through an echo tunnel and reads it back.
-async fn ping(stream: &mut tokio::net::TcpStream) {
-    stream.write_all(b"ping").await.unwrap();
-    let mut echoed = [0u8; 4];
-    tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
-        .await
-        .expect("echo in time")
-        .unwrap();
-    assert_eq!(&echoed, b"ping");
-}
-
 #[tokio::test]
 async fn an_upgraded_connection_is_bridged_both_ways() {
     let backend = start_backend(BackendOptions::new("b1")).await;

@@ -589,6 +589,18 @@ pub async fn open_echo_tunnel_with_head(
     (stream, head)
 }
 
+/// Sends "ping" through an echo tunnel and reads it back.
+pub async fn ping(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+}
+
 /// [`open_echo_tunnel_with_head`], the tunnel alone.
 pub async fn open_echo_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     open_echo_tunnel_with_head(addr).await.0
