@@ -102,7 +102,7 @@ impl<'a> Reporter<'a> {
             line,
             col,
             key: key.into(),
-            message: message.into(),
+            message: printable(message.into()),
         });
     }
 
@@ -113,7 +113,7 @@ impl<'a> Reporter<'a> {
             line: 0,
             col: 0,
             key: key.into(),
-            message: message.into(),
+            message: printable(message.into()),
         });
     }
 
@@ -127,6 +127,25 @@ impl<'a> Reporter<'a> {
             Err(ConfigErrors(self.errors))
         }
     }
+}
+
+/// `message` with control characters escaped (`\0`, `\n`): a value
+/// echoed as written put a raw NUL into the check's output and the log,
+/// and a newline split one message over two lines (review42i L3).
+fn printable(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -353,6 +353,16 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // A value's control characters are escaped, never echoed raw
+            // into the output and the log (review42i L3); the health path
+            // message says what is wrong with a space.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"/he alth\"\n[[route]]\nupstream = \"a\\u0000b\"\n",
+            &[
+                "test.toml:5:8: upstream[0].health.path: must be a path starting with `/`: no `#fragment`, spaces or control characters",
+                "test.toml:7:12: route[0].upstream: unknown upstream `a\\u{0}b` (defined: a)",
+            ],
+        ),
+        (
             // A key written twice in a table is no section misplaced
             // (review42j L1).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\nupstream = \"a\"\n",
@@ -515,7 +525,7 @@ fn every_error_names_file_line_col_and_key() {
             "[server]\nmax_header_size = \"2MiB\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"/health#x\"\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:2:19: server.max_header_size: must be at most 1MiB (each client connection may hold a head that large)",
-                "test.toml:7:8: upstream[0].health.path: must be a path starting with `/`, without a `#fragment`",
+                "test.toml:7:8: upstream[0].health.path: must be a path starting with `/`: no `#fragment`, spaces or control characters",
             ],
         ),
         (
@@ -692,6 +702,7 @@ fn health_check_host_takes_a_host_header_value() {
         "Status.Internal:8080",
         "10.0.0.1",
         "[::1]:8443",
+        "[::1]",
     ] {
         let config = check(&with_host(good)).unwrap();
         let health = config.upstreams[0].health.as_ref().unwrap();
@@ -716,6 +727,9 @@ fn health_check_host_takes_a_host_header_value() {
         "::1",
         "[::1",
         "é.internal",
+        // A port no server listens on, a route's wildcard (review42i L3).
+        "x:99999",
+        "*.example.com",
     ] {
         assert_eq!(
             errors(&with_host(bad)),

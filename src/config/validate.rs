@@ -1051,15 +1051,26 @@ fn health(r: R, key: &str, raw: &Spanned<raw::Health>) -> HealthCheck {
             r.at(
                 p.span(),
                 format!("{key}.path"),
-                "must be a path starting with `/`, without a `#fragment`",
+                "must be a path starting with `/`: no `#fragment`, spaces or control characters",
             );
             d.path.clone()
         }
     };
     let host = h.host.as_ref().and_then(|v| {
         let host = v.get_ref();
-        // One `name[:port]`: a comma would read as a list of them.
-        if crate::proxy::headers::valid_host(host.as_bytes()) && !host.contains(',') {
+        // One `name[:port]`: a comma would read as a list of them, a
+        // `*` is a route's wildcard and no host, and a port past 65535
+        // none a server listens on (review42i L3).
+        let port_ok = match host.rsplit_once(':') {
+            Some((name, port)) if !name.ends_with(':') && !port.contains(']') => {
+                port.parse::<u16>().is_ok()
+            }
+            _ => true,
+        };
+        if crate::proxy::headers::valid_host(host.as_bytes())
+            && !host.contains([',', '*'])
+            && port_ok
+        {
             return Some(host.clone());
         }
         r.at(
