@@ -43,7 +43,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
     if let Some(warning) = config::trusts_everyone(&config.server) {
         tracing::warn!("{warning}");
     }
-    for warning in config::all_drained(&config) {
+    for (_, warning) in config::all_drained(&config) {
         tracing::warn!("{warning}");
     }
     let shared = server::Shared::with_path(&config, Some(path));

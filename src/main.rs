@@ -62,37 +62,67 @@ fn main() -> ExitCode {
             };
             // Loading validates everything, the files the config names
             // (certificates, token) included.
-            match portico::config::load(&path) {
-                Ok(config) => {
-                    // Said as `nginx -t` says its worker_connections warning.
+            match portico::config::load_keeping_text(&path) {
+                Ok((config, text)) => {
+                    // What the start would warn of, said before it
+                    // (review35d 6: `check` said only "configuration ok"),
+                    // each at the line that sets it, as `nginx -t` says
+                    // its warnings (review42i M2).
+                    let mut warnings: Vec<(String, String)> = Vec::new();
                     let cap = config.server.max_connections;
                     if let Some((max, limit)) = cap.and_then(|max| {
                         portico::server::open_file_limit_short(max, true).map(|l| (max, l))
                     }) {
-                        say_err(format_args!(
-                            "portico check: warning: {} (max_connections = {max}, open-file limit {limit})",
+                        let said = format!(
+                            "{} (max_connections = {max}, open-file limit {limit})",
                             portico::server::OPEN_FILE_LIMIT_SHORT
-                        ));
+                        );
+                        warnings.push(("server.max_connections".into(), said));
                     }
-                    // What the start would warn of, said before it
-                    // (review35d 6: `check` said only "configuration ok").
                     let token = config.admin.token.as_ref().map(|t| t.0.as_ref());
-                    let warnings = [
-                        portico::admin::short_token(token),
-                        portico::admin::exposed(config.admin.listen).map(str::to_owned),
-                        portico::config::trusts_everyone(&config.server),
+                    let keyed = [
+                        ("admin.token_file", portico::admin::short_token(token)),
+                        (
+                            "admin.listen",
+                            portico::admin::exposed(config.admin.listen).map(str::to_owned),
+                        ),
+                        (
+                            "server.trusted_proxies",
+                            portico::config::trusts_everyone(&config.server),
+                        ),
                     ];
-                    let lapsing = config
-                        .server
-                        .tls
-                        .iter()
-                        .flat_map(|listener| &listener.certificates)
-                        .map(portico::server::tls::lapse_warning);
-                    for warning in warnings.into_iter().chain(lapsing).flatten() {
-                        say_err(format_args!("portico check: warning: {warning}"));
+                    for (key, said) in keyed {
+                        warnings.extend(said.map(|said| (key.to_owned(), said)));
                     }
-                    for warning in portico::config::all_drained(&config) {
-                        say_err(format_args!("portico check: warning: {warning}"));
+                    for (i, listener) in config.server.tls.iter().enumerate() {
+                        for (j, pair) in listener.certificates.iter().enumerate() {
+                            let key = format!("server.tls[{i}].certificates[{j}].cert");
+                            let said = portico::server::tls::lapse_warning(pair);
+                            warnings.extend(said.map(|said| (key, said)));
+                        }
+                    }
+                    for (i, said) in portico::config::all_drained(&config) {
+                        warnings.push((format!("upstream[{i}]"), said));
+                    }
+                    for (key, said) in warnings {
+                        // `trusted_proxies` may be written under
+                        // `[rate_limit]` instead.
+                        let elsewhere = key.replacen("server.", "rate_limit.", 1);
+                        let at = portico::config::located(&text, &path, &key)
+                            .or_else(|| portico::config::located(&text, &path, &elsewhere));
+                        // The key, as errors say it, unless the warning
+                        // begins with it.
+                        let key = if said.starts_with(&key) {
+                            String::new()
+                        } else {
+                            format!("{key}: ")
+                        };
+                        match at {
+                            Some(at) => {
+                                say_err(format_args!("portico check: warning: {at}: {key}{said}"))
+                            }
+                            None => say_err(format_args!("portico check: warning: {said}")),
+                        }
                     }
                     say("configuration ok");
                     ExitCode::SUCCESS

@@ -51,8 +51,9 @@ fn check_warns_of_a_cap_past_the_open_file_limit() {
     let out = Command::new("sh").args(["-c", &run]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // At its line, as `nginx -t` says its warnings (review42i M2).
     assert!(
-        stderr.contains("warning: server.max_connections leaves no room"),
+        stderr.contains("capped.toml:2:1: server.max_connections leaves no room"),
         "{stderr}"
     );
     assert!(stderr.contains("open-file limit 200"), "{stderr}");
@@ -1158,7 +1159,9 @@ fn a_short_admin_token_is_warned_about() {
     assert_eq!(out.status.code(), Some(0));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("warning: the admin token is short enough to guess"),
+        said.contains(
+            "portico.toml:6:1: admin.token_file: the admin token is short enough to guess"
+        ),
         "{said}"
     );
     assert!(said.contains("0.0.0.0/0, every address"), "{said}");

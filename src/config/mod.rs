@@ -74,6 +74,12 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_keeping_text(path).map(|(config, _)| config)
+}
+
+/// [`load`], with the file's text, for [`located`]: the file is read
+/// once (it may be a pipe).
+pub fn load_keeping_text(path: &Path) -> Result<(Config, String), ConfigErrors> {
     let error = |line, col, message| {
         Err(ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
@@ -88,7 +94,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Err(e) => return error(0, 0, format!("cannot read the file: {e}")),
     };
     match String::from_utf8(bytes) {
-        Ok(text) => parse(&text, path),
+        Ok(text) => parse(&text, path).map(|config| (config, text)),
         // Where, as for any other error in the file: a stray Latin-1 byte
         // in a comment is otherwise a hunt.
         Err(e) => {
@@ -104,6 +110,44 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             )
         }
     }
+}
+
+/// Where `key` (dotted, with indices: `server.tls[0].certificates[1].cert`)
+/// is written in `text`, the file `file`, as `file:line:col`, for a
+/// warning made from the loaded config, which keeps no positions
+/// (review42i M2: `nginx -t` names the line). `None` for a key the file
+/// leaves out (a default), or a file that does not parse.
+pub fn located(text: &str, file: &Path, key: &str) -> Option<String> {
+    let table = DeTable::parse(text).ok()?;
+    let mut value: Option<&DeValue<'_>> = None;
+    let mut span = 0..0;
+    for part in key.split('.') {
+        let (name, indices) = part.split_once('[').unwrap_or((part, ""));
+        let within = match value {
+            None => table.get_ref(),
+            Some(DeValue::Table(inner)) => inner,
+            Some(_) => return None,
+        };
+        let (k, v) = within.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        span = k.span();
+        value = Some(v.get_ref());
+        for index in indices.split('[').filter(|i| !i.is_empty()) {
+            let index: usize = index.trim_end_matches(']').parse().ok()?;
+            let Some(DeValue::Array(items)) = value else {
+                return None;
+            };
+            let item = items.get(index)?;
+            span = item.span();
+            value = Some(item.get_ref());
+        }
+    }
+    let before = text.get(..span.start)?;
+    let line = before.matches('\n').count() + 1;
+    let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .chars()
+        .count()
+        + 1;
+    Some(format!("{}:{line}:{col}", file.display()))
 }
 
 /// How many bad values the lenient reading reads past before it stops.

@@ -208,19 +208,21 @@ pub struct Cidr {
 
 /// A warning for each upstream a route uses whose backends are all
 /// drained (weight 0): its routes answer 503 to everything, almost always
-/// a slip (review42i L1). Said by `check`, at start and at a reload.
-pub fn all_drained(config: &Config) -> Vec<String> {
+/// a slip (review42i L1). Said by `check`, at start and at a reload;
+/// with each, the upstream's place in the file.
+pub fn all_drained(config: &Config) -> Vec<(usize, String)> {
     config
         .upstreams
         .iter()
         .enumerate()
         .filter(|(i, _)| config.routes.iter().any(|route| route.upstream == *i))
         .filter(|(_, upstream)| upstream.backends.iter().all(|b| b.weight == 0))
-        .map(|(_, upstream)| {
-            format!(
+        .map(|(i, upstream)| {
+            let said = format!(
                 "upstream `{}`: every backend is drained (weight 0): its routes answer 503 to every request",
                 upstream.name
-            )
+            );
+            (i, said)
         })
         .collect()
 }

@@ -186,7 +186,7 @@ fn weight_zero_drains_a_backend_and_is_not_an_error() {
     .unwrap();
     assert_eq!(
         super::all_drained(&config),
-        ["upstream `a`: every backend is drained (weight 0): its routes answer 503 to every request"]
+        [(0, "upstream `a`: every backend is drained (weight 0): its routes answer 503 to every request".to_owned())]
     );
 }
 
@@ -978,3 +978,18 @@ fn a_config_file_without_end_is_refused() {
     let said = errors.to_string();
     assert!(said.contains("more than the 16 MiB"), "{said}");
 }
+
+/// A warning's key is found where the file writes it, in tables and
+/// lists of tables; a key left to its default is nowhere (review42i M2).
+#[test]
+fn a_key_is_located_where_it_is_written() {
+    let text = "[server]\nmax_connections = 5\n[[upstream]]\nname = \"a\"\n[[upstream]]\nname = \"b\"\n[upstream.health]\npath = \"/h\"\n";
+    let file = std::path::Path::new("p.toml");
+    let at = |key: &str| super::located(text, file, key);
+    assert_eq!(at("server.max_connections").as_deref(), Some("p.toml:2:1"));
+    assert_eq!(at("upstream[1]").as_deref(), Some("p.toml:5:1"));
+    assert_eq!(at("upstream[1].health.path").as_deref(), Some("p.toml:8:1"));
+    assert_eq!(at("server.listen"), None);
+    assert_eq!(at("upstream[2]"), None);
+}
+

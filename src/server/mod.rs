@@ -352,7 +352,7 @@ impl Shared {
         if let Some(warning) = config::trusts_everyone(&config.server) {
             tracing::warn!("{warning}");
         }
-        for warning in config::all_drained(&config) {
+        for (_, warning) in config::all_drained(&config) {
             tracing::warn!("{warning}");
         }
         let previous = self.proxy.load();
