@@ -992,4 +992,3 @@ fn a_key_is_located_where_it_is_written() {
     assert_eq!(at("server.listen"), None);
     assert_eq!(at("upstream[2]"), None);
 }
-
