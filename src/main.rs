@@ -104,12 +104,19 @@ fn main() -> ExitCode {
                     for (i, said) in portico::config::all_drained(&config) {
                         warnings.push((format!("upstream[{i}]"), said));
                     }
+                    let locator = portico::config::Locator::new(&text);
                     for (key, said) in warnings {
                         // `trusted_proxies` may be written under
-                        // `[rate_limit]` instead.
+                        // `[rate_limit]` instead, and is named so
+                        // (review42k L3).
                         let elsewhere = key.replacen("server.", "rate_limit.", 1);
-                        let at = portico::config::located(&text, &path, &key)
-                            .or_else(|| portico::config::located(&text, &path, &elsewhere));
+                        let (key, at) = match locator.at(&path, &key) {
+                            Some(at) => (key, Some(at)),
+                            None => {
+                                let at = locator.at(&path, &elsewhere);
+                                (elsewhere, at)
+                            }
+                        };
                         // The key, as errors say it, unless the warning
                         // begins with it.
                         let key = if said.starts_with(&key) {
@@ -216,7 +223,15 @@ fn run(
 ) -> ExitCode {
     portico::memory::tune_allocator();
     raise_open_file_limit();
-    let result = flags.runtime().and_then(|rt| rt.block_on(job));
+    let result = flags.runtime().and_then(|rt| {
+        let result = rt.block_on(job);
+        // A blocking task still running held the exit for good: a reload
+        // opening a FIFO nobody writes to any more, after which SIGTERM
+        // drained every connection and the process stayed (review42k
+        // M1). What is left gets a second.
+        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        result
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

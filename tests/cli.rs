@@ -374,6 +374,45 @@ fn stop_with(child: &mut std::process::Child, signal: &str) {
     }
 }
 
+/// A reload stuck opening its file (a FIFO nobody writes to any more)
+/// does not hold the exit: SIGTERM drains and the process ends (review42k
+/// M1: it stayed, deaf to SIGTERM and SIGINT, until SIGKILL).
+#[cfg(unix)]
+#[test]
+fn a_reload_stuck_on_its_file_does_not_hold_the_exit() {
+    let dir = std::env::temp_dir().join(format!("portico-stuck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("portico.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo failed");
+    // The file, once, for the start to read.
+    let writing = fifo.clone();
+    std::thread::spawn(move || {
+        let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                      [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+        let _ = std::fs::write(writing, config);
+    });
+    let mut command = Command::new(PORTICO);
+    command
+        .args(["--threads", "1", "--log-format", "json", "-c"])
+        .arg(&fifo);
+    let (mut proxy, log) = logging(command);
+    let mut seen = Vec::new();
+    line_with(&log, "listening (http", &mut seen);
+    // The reload opens the FIFO, where no one will write again.
+    let hup = Command::new("kill")
+        .args(["-HUP", &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Time for the reload to reach the FIFO (it says nothing until it has
+    // read); one that has not yet is no harm to the test.
+    std::thread::sleep(Duration::from_millis(300));
+    stop_with(&mut proxy.0, "-TERM");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A response still going when `shutdown_grace` (5 s in the demo) runs
 /// out is cut as the process exits; its access line says so, rather than
 /// that its client left.

@@ -101,7 +101,7 @@ impl<'a> Reporter<'a> {
             file: self.file.to_path_buf(),
             line,
             col,
-            key: key.into(),
+            key: printable(key.into()),
             message: printable(message.into()),
         });
     }
@@ -112,7 +112,7 @@ impl<'a> Reporter<'a> {
             file: self.file.to_path_buf(),
             line: 0,
             col: 0,
-            key: key.into(),
+            key: printable(key.into()),
             message: printable(message.into()),
         });
     }

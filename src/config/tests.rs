@@ -363,6 +363,16 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // `[upstream]` beside `[[upstream]]` (review42k L4), and a
+            // key's control characters escaped as a message's are (L1).
+            "[upstream]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:2\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:3: duplicate key `upstream`: `upstream` is a list of tables: write [[upstream]], not [upstream]"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\"x\\u0000y\" = 1\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:1: upstream[0].x\\u{0}y: unknown key `x\\u{0}y`"],
+        ),
+        (
             // A key written twice in a table is no section misplaced
             // (review42j L1).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\nupstream = \"a\"\n",
@@ -985,7 +995,8 @@ fn a_config_file_without_end_is_refused() {
 fn a_key_is_located_where_it_is_written() {
     let text = "[server]\nmax_connections = 5\n[[upstream]]\nname = \"a\"\n[[upstream]]\nname = \"b\"\n[upstream.health]\npath = \"/h\"\n";
     let file = std::path::Path::new("p.toml");
-    let at = |key: &str| super::located(text, file, key);
+    let locator = super::Locator::new(text);
+    let at = |key: &str| locator.at(file, key);
     assert_eq!(at("server.max_connections").as_deref(), Some("p.toml:2:1"));
     assert_eq!(at("upstream[1]").as_deref(), Some("p.toml:5:1"));
     assert_eq!(at("upstream[1].health.path").as_deref(), Some("p.toml:8:1"));
