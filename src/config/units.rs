@@ -15,10 +15,7 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
             // What was meant, where a plain "expected a whole number"
             // was said of `1 s` and `1.5s` (review42i L2).
             return Err(match rest.as_bytes()[0] {
-                b' ' | b'\t' => format!(
-                    "`{input}`: no space between a number and its unit: \"{}\"",
-                    input.split_whitespace().collect::<String>()
-                ),
+                b' ' | b'\t' => format!("`{input}`: no space between a number and its unit"),
                 b'.' | b',' if !out.is_empty() => format!(
                     "`{input}`: whole numbers only: write a fraction in a smaller unit (\"1500ms\" for \"1.5s\", \"1536KiB\" for \"1.5MiB\")"
                 ),
@@ -37,8 +34,24 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
     Ok(out)
 }
 
+/// `error` of `input`, with what to write when it is only spaced out
+/// (`"10 MiB"`) and reads without them as `parse` reads it: a size's
+/// spelling suggested for a duration was refused in turn (review42k L5).
+fn unspaced<T>(input: &str, error: String, parse: fn(&str) -> Result<T, String>) -> String {
+    let compact: String = input.split_whitespace().collect();
+    if compact != input && parse(&compact).is_ok() {
+        format!("{error}: write \"{compact}\"")
+    } else {
+        error
+    }
+}
+
 /// Parses a duration such as `"250ms"`, `"2s"`, `"1m30s"`, `"0s"`.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
+    read_duration(input).map_err(|error| unspaced(input, error, read_duration))
+}
+
+fn read_duration(input: &str) -> Result<Duration, String> {
     if input.is_empty() {
         return Err("empty duration: write e.g. \"250ms\", \"2s\" or \"1m\"".into());
     }
@@ -71,6 +84,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
 
 /// Parses a size such as `"64KiB"`, `"10MB"`, `"512"` or `"512B"`.
 pub fn parse_size(input: &str) -> Result<u64, String> {
+    read_size(input).map_err(|error| unspaced(input, error, read_size))
+}
+
+fn read_size(input: &str) -> Result<u64, String> {
     let parts = terms(input)?;
     let [(number, unit)] = parts.as_slice() else {
         return Err(format!(
@@ -101,6 +118,25 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spaced-out value is told what to write only when that reads as
+    /// the same kind (review42k L5: `"10 MiB"` as a duration was told to
+    /// write `"10MiB"`, then refused again).
+    #[test]
+    fn a_spaced_value_is_told_what_to_write_when_that_reads() {
+        assert_eq!(
+            parse_duration("1 s").unwrap_err(),
+            "`1 s`: no space between a number and its unit: write \"1s\""
+        );
+        assert_eq!(
+            parse_duration("10 MiB").unwrap_err(),
+            "`10 MiB`: no space between a number and its unit"
+        );
+        assert_eq!(
+            parse_size("10 MiB").unwrap_err(),
+            "`10 MiB`: no space between a number and its unit: write \"10MiB\""
+        );
+    }
 
     #[test]
     fn durations() {
