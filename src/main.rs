@@ -64,73 +64,7 @@ fn main() -> ExitCode {
             // (certificates, token) included.
             match portico::config::load_keeping_text(&path) {
                 Ok((config, text)) => {
-                    // What the start would warn of, said before it
-                    // (review35d 6: `check` said only "configuration ok"),
-                    // each at the line that sets it, as `nginx -t` says
-                    // its warnings (review42i M2).
-                    let mut warnings: Vec<(String, String)> = Vec::new();
-                    let cap = config.server.max_connections;
-                    if let Some((max, limit)) = cap.and_then(|max| {
-                        portico::server::open_file_limit_short(max, true).map(|l| (max, l))
-                    }) {
-                        let said = format!(
-                            "{} (max_connections = {max}, open-file limit {limit})",
-                            portico::server::OPEN_FILE_LIMIT_SHORT
-                        );
-                        warnings.push(("server.max_connections".into(), said));
-                    }
-                    let token = config.admin.token.as_ref().map(|t| t.0.as_ref());
-                    let keyed = [
-                        ("admin.token_file", portico::admin::short_token(token)),
-                        (
-                            "admin.listen",
-                            portico::admin::exposed(config.admin.listen).map(str::to_owned),
-                        ),
-                        (
-                            "server.trusted_proxies",
-                            portico::config::trusts_everyone(&config.server),
-                        ),
-                    ];
-                    for (key, said) in keyed {
-                        warnings.extend(said.map(|said| (key.to_owned(), said)));
-                    }
-                    for (i, listener) in config.server.tls.iter().enumerate() {
-                        for (j, pair) in listener.certificates.iter().enumerate() {
-                            let key = format!("server.tls[{i}].certificates[{j}].cert");
-                            let said = portico::server::tls::lapse_warning(pair);
-                            warnings.extend(said.map(|said| (key, said)));
-                        }
-                    }
-                    for (i, said) in portico::config::all_drained(&config) {
-                        warnings.push((format!("upstream[{i}]"), said));
-                    }
-                    let locator = portico::config::Locator::new(&text);
-                    for (key, said) in warnings {
-                        // `trusted_proxies` may be written under
-                        // `[rate_limit]` instead, and is named so
-                        // (review42k L3).
-                        let elsewhere = key.replacen("server.", "rate_limit.", 1);
-                        let (key, at) = match locator.at(&path, &key) {
-                            Some(at) => (key, Some(at)),
-                            None => {
-                                let at = locator.at(&path, &elsewhere);
-                                (elsewhere, at)
-                            }
-                        };
-                        // The key, as errors say it, unless the warning
-                        // begins with it.
-                        let key = if said.starts_with(&key) {
-                            String::new()
-                        } else {
-                            format!("{key}: ")
-                        };
-                        match at {
-                            Some(at) => {
-                                say_err(format_args!("portico check: warning: {at}: {key}{said}"))
-                            }
-                            None => say_err(format_args!("portico check: warning: {said}")),
-                        }
-                    }
+                    say_check_warnings(&config, &text, &path);
                     say("configuration ok");
                     ExitCode::SUCCESS
                 }
@@ -214,6 +148,74 @@ fn refuse(flags: &StandardFlags, errors: portico::config::ConfigErrors) {
         }
     } else {
         say_err(errors);
+    }
+}
+
+/// What the start would warn of, said by `check` before it (review35d 6:
+/// `check` said only "configuration ok"), each at the line that sets it,
+/// as `nginx -t` says its warnings (review42i M2). `text` is the file
+/// `path` as read.
+fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::path::Path) {
+    let mut warnings: Vec<(String, String)> = Vec::new();
+    let cap = config.server.max_connections;
+    if let Some((max, limit)) =
+        cap.and_then(|max| portico::server::open_file_limit_short(max, true).map(|l| (max, l)))
+    {
+        let said = format!(
+            "{} (max_connections = {max}, open-file limit {limit})",
+            portico::server::OPEN_FILE_LIMIT_SHORT
+        );
+        warnings.push(("server.max_connections".into(), said));
+    }
+    let token = config.admin.token.as_ref().map(|t| t.0.as_ref());
+    let keyed = [
+        ("admin.token_file", portico::admin::short_token(token)),
+        (
+            "admin.listen",
+            portico::admin::exposed(config.admin.listen).map(str::to_owned),
+        ),
+        (
+            "server.trusted_proxies",
+            portico::config::trusts_everyone(&config.server),
+        ),
+    ];
+    for (key, said) in keyed {
+        warnings.extend(said.map(|said| (key.to_owned(), said)));
+    }
+    for (i, listener) in config.server.tls.iter().enumerate() {
+        for (j, pair) in listener.certificates.iter().enumerate() {
+            let key = format!("server.tls[{i}].certificates[{j}].cert");
+            let said = portico::server::tls::lapse_warning(pair);
+            warnings.extend(said.map(|said| (key, said)));
+        }
+    }
+    for (i, said) in portico::config::all_drained(config) {
+        warnings.push((format!("upstream[{i}]"), said));
+    }
+    let locator = portico::config::Locator::new(text);
+    for (key, said) in warnings {
+        // `trusted_proxies` may be written under
+        // `[rate_limit]` instead, and is named so
+        // (review42k L3).
+        let elsewhere = key.replacen("server.", "rate_limit.", 1);
+        let (key, at) = match locator.at(path, &key) {
+            Some(at) => (key, Some(at)),
+            None => {
+                let at = locator.at(path, &elsewhere);
+                (elsewhere, at)
+            }
+        };
+        // The key, as errors say it, unless the warning
+        // begins with it.
+        let key = if said.starts_with(&key) {
+            String::new()
+        } else {
+            format!("{key}: ")
+        };
+        match at {
+            Some(at) => say_err(format_args!("portico check: warning: {at}: {key}{said}")),
+            None => say_err(format_args!("portico check: warning: {said}")),
+        }
     }
 }
 
