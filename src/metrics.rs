@@ -121,9 +121,6 @@ impl Metrics {
             "The backend's configured weight; 0 when drained (it takes no new requests)",
             &["upstream", "backend"],
         );
-        // Concurrency per backend shows a slow one piling up requests
-        // (review42d F5), as HAProxy's `current_sessions` and Envoy's
-        // `upstream_rq_active`.
         // Which build each replica runs, as `prometheus_build_info`
         // (review42d F5); the registry holds it.
         gauge_vec(
@@ -134,6 +131,9 @@ impl Metrics {
         )
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+        // Concurrency per backend shows a slow one piling up requests
+        // (review42d F5), as HAProxy's `current_sessions` and Envoy's
+        // `upstream_rq_active`.
         let backend_in_flight = gauge_vec(
             &registry,
             "portico_backend_in_flight",
@@ -437,20 +437,10 @@ impl Metrics {
             &self.backend_weight,
             &self.backend_in_flight,
         ] {
-            let families = prometheus::core::Collector::collect(gauges);
-            for metric in families.iter().flat_map(|family| family.get_metric()) {
-                let label = |name: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|pair| pair.name() == name)
-                        .map_or("", |pair| pair.value())
-                };
-                let (upstream, backend) = (label("upstream"), label("backend"));
-                if !current.contains(&(upstream, backend)) {
-                    let _ = gauges.remove_label_values(&[upstream, backend]);
-                }
-            }
+            remove_series(gauges, |labels| {
+                let label = |name| labels.get(name).copied().unwrap_or("");
+                current.contains(&(label("upstream"), label("backend")))
+            });
         }
         self.encode()
     }
@@ -466,13 +456,10 @@ impl Metrics {
                 .with_label_values(&[cert.as_str()])
                 .set(i64::try_from(*end).unwrap_or(i64::MAX));
         }
-        let families = prometheus::core::Collector::collect(&self.tls_not_after);
-        for metric in families.iter().flat_map(|family| family.get_metric()) {
-            let cert = metric.get_label().first().map_or("", |pair| pair.value());
-            if !ends.iter().any(|(kept, _)| kept == cert) {
-                let _ = self.tls_not_after.remove_label_values(&[cert]);
-            }
-        }
+        remove_series(&self.tls_not_after, |labels| {
+            ends.iter()
+                .any(|(kept, _)| labels.get("cert") == Some(&kept.as_str()))
+        });
     }
 
     /// Records a load of the configuration: at start, and the outcome of
@@ -597,6 +584,14 @@ impl Configured {
 
 /// Removes the series of `vec` that `configured` does not hold.
 fn prune<T: MetricVecBuilder>(vec: &MetricVec<T>, configured: &Configured) {
+    remove_series(vec, |labels| configured.holds(labels));
+}
+
+/// Removes the series of `vec` whose labels `keep` says no to.
+fn remove_series<T: MetricVecBuilder>(
+    vec: &MetricVec<T>,
+    keep: impl Fn(&HashMap<&str, &str>) -> bool,
+) {
     for family in vec.collect() {
         for metric in family.get_metric() {
             let labels: HashMap<&str, &str> = metric
@@ -604,9 +599,9 @@ fn prune<T: MetricVecBuilder>(vec: &MetricVec<T>, configured: &Configured) {
                 .iter()
                 .map(|pair| (pair.name(), pair.value()))
                 .collect();
-            if !configured.holds(&labels) {
-                // Only fails for a series already gone: a concurrent
-                // prune, which no reload runs (they take turns).
+            if !keep(&labels) {
+                // Only fails for a series already gone: another removal
+                // under way beside this one.
                 let _ = vec.remove(&labels);
             }
         }

@@ -523,6 +523,25 @@ impl Body for RequestBody {
     }
 }
 
+/// Reads `body` off, each piece let go as it comes, until it ends (`true`),
+/// or `most` bytes have come, it fails, or `wait` passes (`false`): an
+/// answer given without reading its request's body, an active check's
+/// body read on so the backend finishes it.
+pub async fn read_off(body: &mut Incoming, most: u64, wait: Duration) -> bool {
+    let reading = async {
+        let mut read = 0u64;
+        while read < most {
+            match http_body_util::BodyExt::frame(body).await {
+                None => return true,
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+                Some(Err(_)) => return false,
+            }
+        }
+        false
+    };
+    tokio::time::timeout(wait, reading).await.unwrap_or(false)
+}
+
 /// A backend's body cut short after its head went out, broken or
 /// `Stalled`: the error to hand the client. Counted against the backend
 /// (its `slot`) and warned of, as nginx's "upstream prematurely closed"

@@ -35,6 +35,12 @@ pub(crate) fn list_members<'a>(
         .map(|member| member.trim_matches([' ', '\t']))
 }
 
+/// Whether the `Connection` field lists `option` (`close`, `upgrade`,
+/// `keep-alive`), in any case.
+pub(crate) fn connection_lists(headers: &HeaderMap, option: &str) -> bool {
+    list_members(headers, &header::CONNECTION).any(|token| token.eq_ignore_ascii_case(option))
+}
+
 /// A host that is a bracketed IPv6 literal, with what follows it (a
 /// port), in RFC 5952's one text form (`[0:0::1]:8080` is `[::1]:8080`,
 /// as route hosts are read), when written otherwise; `None` for any
@@ -923,17 +929,16 @@ pub fn scrub_trailers(trailers: &mut HeaderMap) {
 fn one_length(headers: &mut HeaderMap) {
     let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
     let Some(first) = lines.next() else { return };
+    let digits = |v: &[u8]| !v.is_empty() && v.iter().all(u8::is_ascii_digit);
     let plain = |v: &HeaderValue| {
         let v = v.as_bytes();
-        !v.is_empty()
-            && v.iter().all(u8::is_ascii_digit)
-            && (v.len() == 1 || v.first() != Some(&b'0'))
+        digits(v) && (v.len() == 1 || v.first() != Some(&b'0'))
     };
     if lines.next().is_none() && plain(first) {
         return;
     }
     let number = |member: &str| {
-        (!member.is_empty() && member.bytes().all(|b| b.is_ascii_digit()))
+        digits(member.as_bytes())
             .then(|| member.parse::<u64>().ok())
             .flatten()
     };

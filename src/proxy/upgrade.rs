@@ -101,12 +101,6 @@ async fn cut_after(stopping: Option<(crate::server::shutdown::Shutdown, Grace)>)
     }
 }
 
-/// Whether the `Connection` field lists the `upgrade` token.
-fn connection_upgrade(headers: &HeaderMap) -> bool {
-    headers::list_members(headers, &header::CONNECTION)
-        .any(|token| token.eq_ignore_ascii_case("upgrade"))
-}
-
 /// Takes the client's pending upgrade out of an HTTP/1.1 upgrade request.
 /// Two kinds are not passed on, and go to the backend as plain requests
 /// (the `Upgrade` field stripped with the other hop-by-hop fields), which
@@ -119,7 +113,9 @@ fn connection_upgrade(headers: &HeaderMap) -> bool {
 pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
     // Not kept past a request that does not become a tunnel.
     let hold = request.extensions_mut().remove::<Hold>();
-    if request.version() != Version::HTTP_11 || !connection_upgrade(request.headers()) {
+    if request.version() != Version::HTTP_11
+        || !headers::connection_lists(request.headers(), "upgrade")
+    {
         return None;
     }
     if request.headers().contains_key(header::TRANSFER_ENCODING) {

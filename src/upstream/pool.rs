@@ -273,7 +273,7 @@ const CUT_SETTLE_STEPS: usize = 20;
 
 /// How much of a health check's answer is read before the connection is
 /// closed: the status decides, the body is only let finish.
-const CHECK_BODY_READ: usize = 1 << 20;
+const CHECK_BODY_READ: u64 = 1 << 20;
 
 /// How long a health check's body is waited for, apart from its status.
 const CHECK_BODY_WAIT: Duration = Duration::from_secs(2);
@@ -676,18 +676,7 @@ impl Pool {
         let mut body = response.into_body();
         tokio::spawn(async move {
             let _closed_after = conn;
-            let drain = async {
-                let mut read = 0;
-                while read < CHECK_BODY_READ {
-                    match http_body_util::BodyExt::frame(&mut body).await {
-                        Some(Ok(frame)) => {
-                            read += frame.data_ref().map_or(0, bytes::Buf::remaining);
-                        }
-                        _ => break,
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(CHECK_BODY_WAIT, drain).await;
+            crate::proxy::body::read_off(&mut body, CHECK_BODY_READ, CHECK_BODY_WAIT).await;
         });
         Ok(status)
     }
