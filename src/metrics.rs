@@ -742,10 +742,11 @@ impl Failure {
 }
 
 impl BackendMetrics {
-    /// Passive health ejected the backend: counted, as a 1 s ejection
-    /// rarely shows in a `portico_backend_up` scraped every 15 s.
-    pub fn ejected(&self) {
-        self.ejections.inc();
+    /// Its passive ejections, counted by its health state (see
+    /// `BackendState::observe`): a 1 s ejection rarely shows in a
+    /// `portico_backend_up` scraped every 15 s.
+    pub fn ejections(&self) -> IntCounter {
+        self.ejections.clone()
     }
 
     pub fn record(&self, code: u16, seconds: f64) {

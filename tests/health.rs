@@ -278,6 +278,39 @@ async fn passive_ejection_works_without_active_checks() {
     assert!(metrics.contains(&ejections), "{ejections} not in {metrics}");
 }
 
+/// A backend that sends every head and breaks every body is ejected: the
+/// verdict waits for the body's end. The head had counted as a success,
+/// so such a backend was never ejected (review42c).
+#[tokio::test]
+async fn a_backend_that_breaks_every_body_is_ejected() {
+    fn head_then_cut(_: &str) -> &'static [u8] {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
+    }
+    let broken = scripted_backend(head_then_cut).await;
+    let good = start_backend(BackendOptions::new("good")).await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![broken, good.addr()])).await;
+    let client = client();
+    let mut cut = 0;
+    for _ in 0..10 {
+        let response = client
+            .request(
+                Request::get(proxy.url("/health"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .expect("a head");
+        let body = tokio::time::timeout(STEP, response.into_body().collect())
+            .await
+            .expect("the body ends within STEP");
+        cut += usize::from(body.is_err());
+    }
+    // The default `fall` of 3: three cut bodies, then the good backend.
+    assert_eq!(cut, 3);
+    let status = proxy.backend_status();
+    assert!(status[0].ejected && !status[1].ejected, "{status:?}");
+}
+
 /// A reload that changes the upstream (another backend's weight) keeps an
 /// ejection and its back-off: it readmitted a backend failing real
 /// requests, at the cost of `fall` more failures each time (review35a

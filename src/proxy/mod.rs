@@ -1223,7 +1223,17 @@ fn forward_with_retries<'a>(
             let error = match result {
                 Ok(response) => {
                     backend.metrics.record(response.status().as_u16(), seconds);
-                    upstream.observe(index, true, epoch);
+                    // Judged at the body's end, where a body the backend
+                    // breaks counts against it; but a backend coming back
+                    // (a probe, or panic routing) at its head, so that a
+                    // long body (a download, a stream) does not hold its
+                    // return back.
+                    let in_flight = if backend.state().in_ejection() {
+                        upstream.observe(index, true, epoch);
+                        in_flight
+                    } else {
+                        in_flight.judged_at_end(epoch)
+                    };
                     let in_flight = match &upload {
                         Some(upload) if !upload.is_set() => {
                             in_flight.answered_mid_upload(upload.watch())

@@ -3,9 +3,10 @@
 //! upstream, GET `path` every `interval` (jittered) and move a backend down
 //! after `fall` failures and up after `rise` successes. Passive ejection
 //! watches real traffic: `fall` consecutive connect failures, broken
-//! responses or timeouts eject a backend for a backoff that doubles on each
-//! repeated ejection (1 s up to 30 s). When it ends, the next request is a
-//! probe, alone: the others keep away until its outcome, for at most as
+//! responses (heads or bodies: a request is judged when its body ends,
+//! see [`InFlight::judged_at_end`]) or timeouts eject a backend for a
+//! backoff that doubles on each repeated ejection (1 s up to 30 s). When
+//! it ends, the next request is a probe, alone: the others keep away until its outcome, for at most as
 //! long as an attempt may take (nginx lets one request through per
 //! `fail_timeout`). Its failure ejects again, for twice as long; a success
 //! (its or any request's) clears the record; a probe that ends with no
@@ -84,6 +85,14 @@ pub struct BackendState {
     /// Its upstream's name and its address, for the warnings about its
     /// bodies; `None` outside an upstream (tests).
     named: Option<(Arc<str>, std::net::SocketAddr)>,
+    /// Counts its passive ejections; `None` outside an upstream (tests).
+    ejections_counted: Option<prometheus::IntCounter>,
+    /// The only backend of its upstream: never ejected (see
+    /// [`BackendState::observe`]).
+    lone: bool,
+    /// Its upstream's clock, for a verdict given where the upstream is
+    /// not at hand (a body's end, see [`InFlight::judged_at_end`]).
+    clock: Clock,
 }
 
 /// What a passive observation changed, for the one log line it deserves.
@@ -107,7 +116,24 @@ impl BackendState {
             threshold: threshold.max(1),
             body_errors: None,
             named: None,
+            ejections_counted: None,
+            lone: false,
+            clock: Clock::new(),
         }
+    }
+
+    /// Its upstream's `clock`, and whether it is the upstream's `lone`
+    /// backend.
+    pub fn of_upstream(mut self, clock: Clock, lone: bool) -> Self {
+        self.clock = clock;
+        self.lone = lone;
+        self
+    }
+
+    /// Counts its passive ejections in `ejections`.
+    pub fn counting_ejections(mut self, ejections: prometheus::IntCounter) -> Self {
+        self.ejections_counted = Some(ejections);
+        self
     }
 
     /// A probe holds the others off for at most `hold`, the longest an
@@ -195,6 +221,48 @@ impl BackendState {
 
     pub fn end_request(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records the outcome of a request sent under `epoch` for passive
+    /// health, with the one log line an ejection or a recovery deserves.
+    /// A lone backend is never ejected (as in nginx): with nowhere else to
+    /// go, ejection would only turn its errors into 503s. Active checks
+    /// still apply.
+    pub fn observe(&self, ok: bool, epoch: u32) {
+        if self.lone {
+            return;
+        }
+        let change = if ok {
+            self.record_success()
+        } else {
+            self.record_failure(self.clock.now_ms(), epoch)
+        };
+        // Named only when there is something to say: a success that
+        // changes nothing is every request's.
+        let Some(change) = change else {
+            return;
+        };
+        let named = self.named.as_ref();
+        let upstream = named.map(|(upstream, _)| tracing::field::display(upstream));
+        let backend = named.map(|(_, addr)| tracing::field::display(addr));
+        match change {
+            Passive::Ejected(backoff) => {
+                if let Some(ejections) = &self.ejections_counted {
+                    ejections.inc();
+                }
+                tracing::warn!(
+                    upstream,
+                    backend,
+                    ?backoff,
+                    "backend ejected: consecutive failures on live traffic"
+                )
+            }
+            Passive::Recovered => tracing::info!(
+                upstream,
+                backend,
+                "backend recovered: request succeeded after ejection"
+            ),
+        }
     }
 
     /// A request on live traffic succeeded (never an active check: see
@@ -309,6 +377,9 @@ pub struct InFlight {
     /// body cut short is not the backend's doing if that upload failed, as
     /// hyper ends the backend connection (and so the body) with it.
     upload: Option<crate::proxy::body::UploadWatch>,
+    /// The epoch the request was sent under, while its success waits for
+    /// the end of its body (see [`InFlight::judged_at_end`]).
+    verdict: Option<u32>,
 }
 
 impl InFlight {
@@ -317,7 +388,21 @@ impl InFlight {
         InFlight {
             state,
             upload: None,
+            verdict: None,
         }
+    }
+
+    /// The request, sent under `epoch`, is judged when its response ends
+    /// rather than at its head: a success once the body ended or the
+    /// client left it, a failure if the backend broke it or fell silent
+    /// (see [`InFlight::body_failed`]). A backend that sends every head
+    /// and breaks every body was never ejected (review42c), as the head
+    /// had counted as a success. A success that comes after an ejection
+    /// or a recovery (a long download, a stream) counts for nothing, as
+    /// failures of requests sent before them do.
+    pub fn judged_at_end(mut self, epoch: u32) -> Self {
+        self.verdict = Some(epoch);
+        self
     }
 
     /// The backend's upstream and address, as [`BackendState::named`]
@@ -339,7 +424,8 @@ impl InFlight {
     /// while the upload is merely unfinished is not excused: "unfinished"
     /// cannot tell a client that stalls from a backend that stopped
     /// reading it.)
-    pub fn body_failed(self, stalled: bool) -> bool {
+    pub fn body_failed(mut self, stalled: bool) -> bool {
+        let verdict = self.verdict.take();
         if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
             return false;
         }
@@ -351,6 +437,9 @@ impl InFlight {
             };
             counter.inc();
         }
+        if let Some(epoch) = verdict {
+            self.state.observe(false, epoch);
+        }
         true
     }
 }
@@ -358,6 +447,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.end_request();
+        match self.verdict {
+            Some(epoch) if epoch == self.state.epoch() => self.state.observe(true, epoch),
+            _ => {}
+        }
     }
 }
 
@@ -498,6 +591,25 @@ mod tests {
         assert_eq!(state.record_failure(1_100, probe), None);
         assert!(state.eligible(1_100));
         assert!(state.record_failure(1_200, state.epoch()).is_some());
+    }
+
+    #[test]
+    fn a_request_is_judged_when_its_body_ends() {
+        let state = Arc::new(BackendState::new(2));
+        let judged = || InFlight::new(state.clone()).judged_at_end(state.epoch());
+        // A body that ends, or that its client leaves, is a success: the
+        // failure before it is forgotten.
+        assert!(judged().body_failed(false));
+        drop(judged());
+        assert!(judged().body_failed(true));
+        assert!(!state.in_ejection());
+        // A long body sent before an ejection ends after it: its success
+        // counts for nothing.
+        let long = judged();
+        assert!(judged().body_failed(false));
+        assert!(state.in_ejection());
+        drop(long);
+        assert!(state.in_ejection());
     }
 
     #[test]

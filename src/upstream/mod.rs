@@ -27,7 +27,7 @@ use crate::metrics::{BackendMetrics, Failure, Metrics};
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
-use health::{BackendState, Clock, Counter, Health, InFlight, Passive};
+use health::{BackendState, Clock, Counter, Health, InFlight};
 pub use pool::UpstreamBody;
 use pool::{Pool, SendError};
 use select::{Candidate, Tried, Turn};
@@ -162,14 +162,21 @@ impl Upstream {
         let threshold = config.health.as_ref().map_or(3, |h| h.fall);
         let name: Arc<str> = config.name.as_str().into();
         let old = previous.map(Upstream::by_addr).unwrap_or_default();
+        // The last generation's, so the ejections taken over from it end
+        // when they would have.
+        let clock = previous.map_or_else(Clock::new, |p| p.clock);
+        let lone = config.backends.len() == 1;
         let backends: Vec<Backend> = config
             .backends
             .iter()
             .map(|b| {
                 let addr = b.addr.to_string();
+                let backend_metrics = metrics.backend(&config.name, &addr);
                 let mut state = BackendState::new(threshold)
                     .probe_hold(config.connect_timeout + config.response_timeout)
                     .counting_body_errors(metrics.body_errors(&config.name, &addr))
+                    .counting_ejections(backend_metrics.ejections())
+                    .of_upstream(clock, lone)
                     .named(name.clone(), b.addr);
                 if let Some(old) = old.get(&b.addr) {
                     state = state
@@ -182,7 +189,7 @@ impl Upstream {
                     authority: Authority::try_from(addr.as_str())
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
-                    metrics: metrics.backend(&config.name, &addr),
+                    metrics: backend_metrics,
                     failing: std::array::from_fn(|_| crate::logging::Every::new()),
                     retrying: std::array::from_fn(|_| crate::logging::Every::new()),
                 }
@@ -201,9 +208,7 @@ impl Upstream {
             turns: select::Turns::default(),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             retries: metrics.retries(&config.name),
-            // The last generation's, so the ejections taken over from it
-            // end when they would have.
-            clock: previous.map_or_else(Clock::new, |p| p.clock),
+            clock,
             checker: std::sync::Mutex::new(None),
             unavailable: crate::logging::Every::new(),
             budget_spent: crate::logging::Every::new(),
@@ -478,35 +483,11 @@ impl Upstream {
         granted
     }
 
-    /// Records the outcome of a request for passive health. A lone backend
-    /// is never ejected (as in nginx): with nowhere else to go, ejection
-    /// would only turn its errors into 503s. Active checks still apply.
-    /// `epoch` is the backend's when the request was sent
-    /// ([`BackendState::epoch`]).
+    /// Records the outcome of a request sent to backend `index` under
+    /// `epoch` ([`BackendState::epoch`]) for passive health (see
+    /// [`BackendState::observe`]).
     pub fn observe(&self, index: usize, ok: bool, epoch: u32) {
-        if self.backends.len() == 1 {
-            return;
-        }
-        let backend = &self.backends[index];
-        let change = if ok {
-            backend.state.record_success()
-        } else {
-            backend.state.record_failure(self.clock.now_ms(), epoch)
-        };
-        match change {
-            Some(Passive::Ejected(backoff)) => {
-                backend.metrics.ejected();
-                tracing::warn!(
-                    upstream = %self.config.name, backend = %backend.addr, ?backoff,
-                    "backend ejected: consecutive failures on live traffic"
-                )
-            }
-            Some(Passive::Recovered) => tracing::info!(
-                upstream = %self.config.name, backend = %backend.addr,
-                "backend recovered: request succeeded after ejection"
-            ),
-            None => {}
-        }
+        self.backends[index].state.observe(ok, epoch);
     }
 
     /// Sends `request` (path and headers already prepared) to backend
