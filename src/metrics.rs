@@ -447,7 +447,7 @@ impl Metrics {
 
     /// Sets `portico_tls_certificate_not_after_timestamp_seconds` to
     /// exactly these certificate files and ends (see
-    /// [`crate::server::tls::certificate_ends`]).
+    /// [`crate::server::tls::acceptors`]).
     /// Set, then the others removed, never all cleared first: a scrape
     /// between the two found none (review42j L4).
     pub fn set_certificate_ends(&self, ends: &[(String, u64)]) {

@@ -222,10 +222,9 @@ impl Shared {
     /// Loads the certificates of every TLS listener; on error nothing
     /// changes and the message names the file.
     pub fn load_tls(&self, config: &Config) -> Result<(), tls::TlsError> {
-        let acceptors = tls::acceptors(&config.server.tls)?;
-        self.tls.store(Arc::new(acceptors));
-        let ends = tls::certificate_ends(&config.server.tls);
-        self.metrics.set_certificate_ends(&ends);
+        let loaded = tls::acceptors(&config.server.tls)?;
+        self.tls.store(Arc::new(loaded.acceptors));
+        self.metrics.set_certificate_ends(&loaded.ends);
         Ok(())
     }
 
@@ -331,8 +330,8 @@ impl Shared {
         // Rotating the token is rewriting its file and reloading; the load
         // read it, and a file that cannot be read rejected the reload.
         let token = config.admin.token.as_ref().map(|t| t.0.clone());
-        let acceptors = tls::acceptors(&config.server.tls).map_err(|e| e.to_string())?;
-        let wanted = listeners::wanted(&config, &acceptors);
+        let tls = tls::acceptors(&config.server.tls).map_err(|e| e.to_string())?;
+        let wanted = listeners::wanted(&config, &tls.acceptors);
         let added = self
             .listeners
             .bind_added(&wanted, self.admin_listen)
@@ -392,8 +391,7 @@ impl Shared {
             );
         }
         self.metrics.retain(&Configured::of(&config));
-        let ends = tls::certificate_ends(&config.server.tls);
-        self.metrics.set_certificate_ends(&ends);
+        self.metrics.set_certificate_ends(&tls.ends);
         self.config.store(Arc::new(config));
         Ok(path)
     }

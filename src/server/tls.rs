@@ -161,6 +161,11 @@ impl ResolvesServerCert for SniResolver {
 
 /// The acceptor for one TLS listener.
 pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
+    Ok(loaded(listener)?.0)
+}
+
+/// The acceptor for one TLS listener, and the certificates it serves.
+fn loaded(listener: &TlsListener) -> Result<(TlsAcceptor, Vec<Arc<CertifiedKey>>), TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let keys = listener
         .certificates
@@ -174,13 +179,13 @@ pub fn acceptor(listener: &TlsListener) -> Result<TlsAcceptor, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { keys }));
+        .with_cert_resolver(Arc::new(SniResolver { keys: keys.clone() }));
     // `http/1.0` too, as nginx takes it: a client offering only that got
     // a fatal alert (review34a F5).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     config.ticketer = ticketer;
     config.session_storage = sessions;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), keys))
 }
 
 /// Session resumption, kept across reloads while a listener's
@@ -307,26 +312,11 @@ impl std::fmt::Display for Which<'_> {
     }
 }
 
-/// When each certificate file of `listeners` stops serving, in seconds
-/// since the Unix epoch: the earliest end of its chain, for
-/// `portico_tls_certificate_not_after_timestamp_seconds`, so that an
-/// alert sees a certificate come near its end in a process that has run
-/// for months (the warning is said at load only; review42f L1).
-pub fn certificate_ends(listeners: &[TlsListener]) -> Vec<(String, u64)> {
-    let ends: std::collections::BTreeMap<String, u64> = listeners
-        .iter()
-        .flat_map(|listener| &listener.certificates)
-        .filter_map(|pair| {
-            let chain = chain(pair)?;
-            let end = chain
-                .iter()
-                .filter_map(|der| Some(validity(der)?.1))
-                .min()?;
-            let seconds = end.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
-            Some((pair.cert.display().to_string(), seconds))
-        })
-        .collect();
-    ends.into_iter().collect()
+/// When a chain stops serving, in seconds since the Unix epoch: the
+/// earliest end of its certificates.
+fn chain_end<'a>(chain: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
+    let end = chain.filter_map(|der| Some(validity(der)?.1)).min()?;
+    Some(end.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs())
 }
 
 /// Why a certificate will not serve much longer, if so.
@@ -459,9 +449,35 @@ fn der_time(tag: u8, text: &[u8]) -> Option<SystemTime> {
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
-/// Acceptors for every TLS listener of a config, in order.
-pub fn acceptors(listeners: &[TlsListener]) -> Result<Vec<TlsAcceptor>, TlsError> {
-    listeners.iter().map(acceptor).collect()
+/// Acceptors for every TLS listener of a config, in order, and when each
+/// certificate file stops serving: the earliest end of its chain, for
+/// `portico_tls_certificate_not_after_timestamp_seconds`, so that an alert
+/// sees a certificate come near its end in a process that has run for
+/// months (the warning is said at load only; review42f L1). Read from the
+/// certificates loaded, not from the files once more.
+pub fn acceptors(listeners: &[TlsListener]) -> Result<Loaded, TlsError> {
+    let mut ends = std::collections::BTreeMap::new();
+    let mut acceptors = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let (acceptor, keys) = loaded(listener)?;
+        for (pair, key) in listener.certificates.iter().zip(&keys) {
+            if let Some(end) = chain_end(key.cert.iter().map(|der| der.as_ref())) {
+                ends.insert(pair.cert.display().to_string(), end);
+            }
+        }
+        acceptors.push(acceptor);
+    }
+    Ok(Loaded {
+        acceptors,
+        ends: ends.into_iter().collect(),
+    })
+}
+
+/// What [`acceptors`] loads.
+pub struct Loaded {
+    pub acceptors: Vec<TlsAcceptor>,
+    /// Each certificate file's name, and when it stops serving.
+    pub ends: Vec<(String, u64)>,
 }
 
 #[cfg(test)]
@@ -552,18 +568,16 @@ mod tests {
             warning.contains("chain.pem (certificate 2 of its chain) has expired"),
             "{warning}"
         );
-        let listener = TlsListener {
-            listen: Vec::new(),
-            certificates: vec![pair],
-        };
-        let ends = certificate_ends(std::slice::from_ref(&listener));
+        let loaded = super::chain(&pair).unwrap();
         let end = date("Sat, 02 Jan 2021 00:00:00 GMT");
         let seconds = end
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        assert_eq!(ends.len(), 1);
-        assert_eq!(ends[0].1, seconds);
+        assert_eq!(
+            chain_end(loaded.iter().map(|der| der.as_ref())),
+            Some(seconds)
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
