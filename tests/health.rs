@@ -278,37 +278,111 @@ async fn passive_ejection_works_without_active_checks() {
     assert!(metrics.contains(&ejections), "{ejections} not in {metrics}");
 }
 
-/// A backend that sends every head and breaks every body is ejected: the
-/// verdict waits for the body's end. The head had counted as a success,
-/// so such a backend was never ejected (review42c).
-#[tokio::test]
-async fn a_backend_that_breaks_every_body_is_ejected() {
-    fn head_then_cut(_: &str) -> &'static [u8] {
+/// Sends a GET for `path` and says whether its body was cut short.
+async fn body_cut(client: &TestClient, url: &str) -> bool {
+    let response = client
+        .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("a head");
+    let body = tokio::time::timeout(STEP, response.into_body().collect())
+        .await
+        .expect("the body ends within STEP");
+    body.is_err()
+}
+
+/// A backend answering every request with a head and a body it cuts
+/// short, and `/ws` with a 101 (it then closes the tunnel).
+fn head_then_cut(head: &str) -> &'static [u8] {
+    if target_of(head) == "/ws" {
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    } else {
         b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
     }
+}
+
+/// A backend that sends every head and breaks every body is ejected: the
+/// verdict waits for the body's end. The head had counted as a success,
+/// so such a backend was never ejected (review42c). Its probe's head
+/// readmits it, on probation: the probe's cut body ejects it again at
+/// once, where the head had reset its backoff and it took `fall` more
+/// (review43a H1).
+#[tokio::test]
+async fn a_backend_that_breaks_every_body_is_ejected() {
     let broken = scripted_backend(head_then_cut).await;
     let good = start_backend(BackendOptions::new("good")).await;
     let proxy = start_proxy(Config::single_upstream(vec![], vec![broken, good.addr()])).await;
     let client = client();
+    let url = proxy.url("/health");
     let mut cut = 0;
     for _ in 0..10 {
-        let response = client
-            .request(
-                Request::get(proxy.url("/health"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .expect("a head");
-        let body = tokio::time::timeout(STEP, response.into_body().collect())
-            .await
-            .expect("the body ends within STEP");
-        cut += usize::from(body.is_err());
+        cut += usize::from(body_cut(&client, &url).await);
     }
     // The default `fall` of 3: three cut bodies, then the good backend.
     assert_eq!(cut, 3);
     let status = proxy.backend_status();
     assert!(status[0].ejected && !status[1].ejected, "{status:?}");
+    let ejections = || {
+        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("portico_upstream_ejections_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    // After its 1 s backoff, one probe: cut, and out again.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while ejections() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ejected again"
+        );
+        cut += usize::from(body_cut(&client, &url).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cut, 4);
+}
+
+/// A 101 is judged at once, as nothing judges a tunnel's end: failures
+/// with tunnels opened between them, still open, added up to an ejection
+/// (review43a M2).
+#[tokio::test]
+async fn a_tunnel_opened_breaks_a_run_of_failures() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Cuts every body; holds every tunnel open until its client leaves.
+    let serve = |mut stream: tokio::net::TcpStream| async move {
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let _ = stream.write_all(head_then_cut(&head)).await;
+        if target_of(&head) == "/ws" {
+            let _ = stream.read(&mut [0; 64]).await;
+        }
+    };
+    let a = serve_each(serve).await;
+    let b = serve_each(serve).await;
+    let proxy = start_proxy(Config::single_upstream(vec![], vec![a, b])).await;
+    let client = client();
+    let mut tunnels = Vec::new();
+    // Round-robin: each backend sees cut, 101, cut, 101, cut.
+    for round in 0..5 {
+        for _ in 0..2 {
+            if round % 2 == 0 {
+                assert!(body_cut(&client, &proxy.url("/cut")).await);
+                continue;
+            }
+            let mut tunnel = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            tunnel
+                .write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+                .await
+                .unwrap();
+            let head = tokio::time::timeout(STEP, read_head(&mut tunnel)).await;
+            let head = head.expect("a head within STEP").expect("a head");
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+            tunnels.push(tunnel);
+        }
+    }
+    let status = proxy.backend_status();
+    assert!(status.iter().all(|b| !b.ejected), "{status:?}");
 }
 
 /// A reload that changes the upstream (another backend's weight) keeps an

@@ -1224,11 +1224,11 @@ fn forward_with_retries<'a>(
                 Ok(response) => {
                     backend.metrics.record(response.status().as_u16(), seconds);
                     // Judged at the body's end, where a body the backend
-                    // breaks counts against it; but a backend coming back
-                    // (a probe, or panic routing) at its head, so that a
-                    // long body (a download, a stream) does not hold its
-                    // return back.
-                    let in_flight = if backend.state().in_ejection() {
+                    // breaks counts against it (a backend out comes back
+                    // at the head, see `answered`); a tunnel at its 101,
+                    // as nothing judges its end (review43a M2).
+                    let epoch = upstream.answered(index, epoch);
+                    let in_flight = if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         upstream.observe(index, true, epoch);
                         in_flight
                     } else {

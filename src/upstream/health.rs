@@ -4,15 +4,17 @@
 //! after `fall` failures and up after `rise` successes. Passive ejection
 //! watches real traffic: `fall` consecutive connect failures, broken
 //! responses (heads or bodies: a request is judged when its body ends,
-//! see [`InFlight::judged_at_end`]) or timeouts eject a backend for a
-//! backoff that doubles on each repeated ejection (1 s up to 30 s). When
-//! it ends, the next request is a probe, alone: the others keep away until its outcome, for at most as
-//! long as an attempt may take (nginx lets one request through per
-//! `fail_timeout`). Its failure ejects again, for twice as long; a success
-//! (its or any request's) clears the record; a probe that ends with no
-//! verdict (its client left) frees the place for the next. Failures of
-//! requests sent before the probe, or before a recovery, count for
-//! nothing.
+//! see [`InFlight::judged_at_end`]; a 101 at once) or timeouts eject a
+//! backend for a backoff that doubles on each repeated ejection (1 s up to
+//! 30 s). When it ends, the next request is a probe, alone: the others
+//! keep away until its outcome, for at most as long as an attempt may take
+//! (nginx lets one request through per `fail_timeout`). Its failure ejects
+//! again, for twice as long. Its head readmits the backend, on probation
+//! (see [`BackendState::answered`]): until a response ends whole, which
+//! clears the record, one failure ejects it again for twice as long. A
+//! probe that ends with no verdict (its client left) frees the place for
+//! the next. Failures and successes of requests sent before the probe, or
+//! before a recovery, count for nothing.
 //! The two are independent: a passing check neither ends an ejection nor
 //! resets its backoff, as a backend may answer its health path while its
 //! real traffic fails (a grey failure), and only that traffic can say it
@@ -224,19 +226,61 @@ impl BackendState {
     }
 
     /// Records the outcome of a request sent under `epoch` for passive
-    /// health, with the one log line an ejection or a recovery deserves.
-    /// A lone backend is never ejected (as in nginx): with nowhere else to
-    /// go, ejection would only turn its errors into 503s. Active checks
-    /// still apply.
+    /// health, with the one log line an ejection or a recovery deserves:
+    /// its failure, or its success (its body ended whole, or its client
+    /// left it; a 101 at once). A lone backend is never ejected (as in
+    /// nginx): with nowhere else to go, ejection would only turn its
+    /// errors into 503s. Active checks still apply.
     pub fn observe(&self, ok: bool, epoch: u32) {
         if self.lone {
             return;
         }
         let change = if ok {
-            self.record_success()
+            self.record_success(epoch)
         } else {
             self.record_failure(self.clock.now_ms(), epoch)
         };
+        self.say(change);
+    }
+
+    /// A request sent under `epoch` got its head. A backend out (ejected:
+    /// this is its probe, or panic routing sent the request) takes traffic
+    /// again at once, so that a long body (a download, a stream) does not
+    /// hold its return back; but on probation: its backoff is kept until a
+    /// response ends whole, and one failure before that ejects it again,
+    /// for twice as long. A backend that sends every head and breaks every
+    /// body was readmitted by each probe's head with its backoff reset, so
+    /// it was out a second at a time (review43a H1). A head of a request
+    /// sent before the ejection readmits nothing: it undid ejections
+    /// within milliseconds under concurrency (review43a H2).
+    ///
+    /// Returns the epoch to judge the request's end under (see
+    /// [`InFlight::judged_at_end`]).
+    pub fn answered(&self, epoch: u32) -> u32 {
+        // Cheap reads first: the common case changes nothing.
+        if !self.in_ejection() || self.lone || epoch != self.epoch() {
+            return epoch;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        // 0: readmitted already (on probation).
+        if until == 0
+            || self
+                .ejected_until
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return epoch;
+        }
+        self.probing.store(false, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        // Requests sent before now end on evidence older than this.
+        let readmitted = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        self.say(Some(Passive::Recovered));
+        readmitted
+    }
+
+    /// The log line (and count) a passive `change` deserves.
+    fn say(&self, change: Option<Passive>) {
         // Named only when there is something to say: a success that
         // changes nothing is every request's.
         let Some(change) = change else {
@@ -265,23 +309,30 @@ impl BackendState {
         }
     }
 
-    /// A request on live traffic succeeded (never an active check: see
-    /// the module's doc).
-    pub fn record_success(&self) -> Option<Passive> {
+    /// A request on live traffic, sent under `epoch`, succeeded (never an
+    /// active check: see the module's doc): its failures are forgotten,
+    /// and so is its backoff. `Recovered` when it was out until now (not
+    /// merely on probation, whose readmission said so). A success of a
+    /// request sent before an ejection or a recovery counts for nothing,
+    /// as its failure would.
+    pub fn record_success(&self, epoch: u32) -> Option<Passive> {
         // Cheap read first: the common case changes nothing and writes no
         // shared cache line.
         if self.failures.load(Ordering::Relaxed) == 0 && !self.in_ejection() {
             return None;
         }
+        if epoch != self.epoch() {
+            return None;
+        }
         self.failures.store(0, Ordering::Relaxed);
-        self.ejected_until.store(0, Ordering::Relaxed);
+        let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
         self.probing.store(false, Ordering::Relaxed);
         let recovered = self.ejections.swap(0, Ordering::Relaxed) > 0;
         if recovered {
             // Requests sent before now fail on evidence older than this.
             self.epoch.fetch_add(1, Ordering::Relaxed);
         }
-        recovered.then_some(Passive::Recovered)
+        (recovered && was_out).then_some(Passive::Recovered)
     }
 
     /// The epoch a request sent now is sent under, for
@@ -315,7 +366,8 @@ impl BackendState {
         }
     }
 
-    /// Whether the backend has been ejected since its last success.
+    /// Whether the backend has been ejected since its last success: out,
+    /// or readmitted on probation (see [`BackendState::answered`]).
     pub fn in_ejection(&self) -> bool {
         self.ejections.load(Ordering::Relaxed) > 0
     }
@@ -333,14 +385,18 @@ impl BackendState {
     /// A request sent under `epoch` failed in a way that blames the
     /// backend. Only failures of requests sent in the current epoch
     /// count: while it is ejected, the probe's (or those sent alongside
-    /// it), which eject it again, for twice as long, once.
+    /// it), which eject it again, for twice as long, once; on probation,
+    /// any one.
     pub fn record_failure(&self, now_ms: u64, epoch: u32) -> Option<Passive> {
         if epoch != self.epoch() {
             return None;
         }
         if self.in_ejection() {
-            let probe = self.probing.swap(false, Ordering::Relaxed);
-            return probe.then(|| self.eject(now_ms));
+            // Out: only the probe's failure counts. On probation (see
+            // `answered`): any.
+            let out = self.ejected_until.load(Ordering::Relaxed) != 0;
+            let counts = !out || self.probing.swap(false, Ordering::Relaxed);
+            return counts.then(|| self.eject(now_ms));
         }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.threshold || self.ejected(now_ms) {
@@ -392,7 +448,8 @@ impl InFlight {
         }
     }
 
-    /// The request, sent under `epoch`, is judged when its response ends
+    /// The request, answered under `epoch` (see
+    /// [`BackendState::answered`]), is judged when its response ends
     /// rather than at its head: a success once the body ended or the
     /// client left it, a failure if the backend broke it or fell silent
     /// (see [`InFlight::body_failed`]). A backend that sends every head
@@ -425,9 +482,16 @@ impl InFlight {
     /// cannot tell a client that stalls from a backend that stopped
     /// reading it.)
     pub fn body_failed(mut self, stalled: bool) -> bool {
-        let verdict = self.verdict.take();
+        let mut verdict = self.verdict.take();
         if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
             return false;
+        }
+        // Counted and warned of, but no verdict on the backend's health: a
+        // client that stalls its upload makes a backend that waits for the
+        // rest fall silent, and three such clients ejected a healthy
+        // backend (review43a M1).
+        if stalled && self.upload.as_ref().is_some_and(|upload| upload.coming()) {
+            verdict = None;
         }
         if let Some(errors) = &self.state.body_errors {
             let counter = if stalled {
@@ -447,9 +511,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.end_request();
-        match self.verdict {
-            Some(epoch) if epoch == self.state.epoch() => self.state.observe(true, epoch),
-            _ => {}
+        if let Some(epoch) = self.verdict {
+            self.state.observe(true, epoch);
         }
     }
 }
@@ -484,7 +547,10 @@ mod tests {
         assert!(!state.eligible(3_000));
         assert!(state.eligible(3_030));
         // A success clears everything.
-        assert_eq!(state.record_success(), Some(Passive::Recovered));
+        assert_eq!(
+            state.record_success(state.epoch()),
+            Some(Passive::Recovered)
+        );
         assert_eq!(state.record_failure(4_000, state.epoch()), None);
         assert!(state.eligible(4_000));
     }
@@ -586,11 +652,43 @@ mod tests {
         assert!(state.record_failure(0, before).is_some());
         state.sending(1_000);
         let probe = state.epoch();
-        assert_eq!(state.record_success(), Some(Passive::Recovered));
+        assert_eq!(state.record_success(probe), Some(Passive::Recovered));
         assert_eq!(state.record_failure(1_100, before), None);
         assert_eq!(state.record_failure(1_100, probe), None);
         assert!(state.eligible(1_100));
         assert!(state.record_failure(1_200, state.epoch()).is_some());
+    }
+
+    /// A probe's head readmits the backend, on probation: its backoff is
+    /// kept until a response ends whole, and its first failure before
+    /// that ejects it for twice as long (review43a H1). A head of a
+    /// request sent before the ejection readmits nothing (H2).
+    #[test]
+    fn a_probe_s_head_readmits_on_probation() {
+        let state = BackendState::new(1);
+        let before = state.epoch();
+        assert!(state.record_failure(0, before).is_some());
+        assert_eq!(state.answered(before), before);
+        assert!(!state.eligible(500));
+        state.sending(1_000);
+        let probe = state.epoch();
+        let readmitted = state.answered(probe);
+        assert_ne!(readmitted, probe);
+        assert!(state.eligible(1_001));
+        // Its body breaks: out again, for twice as long.
+        assert_eq!(
+            state.record_failure(1_100, readmitted),
+            Some(Passive::Ejected(Duration::from_secs(2)))
+        );
+        state.sending(3_100);
+        let readmitted = state.answered(state.epoch());
+        // Its body ends whole: the backoff is forgotten (said at the head).
+        assert_eq!(state.record_success(readmitted), None);
+        assert!(!state.in_ejection());
+        assert_eq!(
+            state.record_failure(3_200, state.epoch()),
+            Some(Passive::Ejected(Duration::from_secs(1)))
+        );
     }
 
     #[test]

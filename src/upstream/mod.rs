@@ -179,9 +179,13 @@ impl Upstream {
                     .of_upstream(clock, lone)
                     .named(name.clone(), b.addr);
                 if let Some(old) = old.get(&b.addr) {
-                    state = state
-                        .sharing_in_flight(&old.state)
-                        .keeping_passive(&old.state);
+                    state = state.sharing_in_flight(&old.state);
+                    // A lone backend is never ejected, nor would anything
+                    // end an ejection taken over: it showed ejected after
+                    // each probe for good (review43a L2).
+                    if !lone {
+                        state = state.keeping_passive(&old.state);
+                    }
                 }
                 Backend {
                     addr: b.addr,
@@ -488,6 +492,13 @@ impl Upstream {
     /// [`BackendState::observe`]).
     pub fn observe(&self, index: usize, ok: bool, epoch: u32) {
         self.backends[index].state.observe(ok, epoch);
+    }
+
+    /// A request sent to backend `index` under `epoch` got its head (see
+    /// [`BackendState::answered`]); returns the epoch to judge its end
+    /// under.
+    pub fn answered(&self, index: usize, epoch: u32) -> u32 {
+        self.backends[index].state.answered(epoch)
     }
 
     /// Sends `request` (path and headers already prepared) to backend
