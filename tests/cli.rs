@@ -413,6 +413,48 @@ fn a_reload_stuck_on_its_file_does_not_hold_the_exit() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A configuration through a shell pipe (`--config <(generate)`), as the
+/// README offers: its relative paths are the working directory's, not
+/// `/dev/fd/`'s, and a reload, which cannot read the pipe again, is
+/// refused for that reason (review43b M1: it read nothing and blamed the
+/// file for having no [[upstream]]).
+#[cfg(unix)]
+#[test]
+fn a_configuration_through_a_shell_pipe_is_read_once_from_where_it_runs() {
+    let dir = std::env::temp_dir().join(format!("portico-piped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("admin.token"), "0123456789abcdef0123").unwrap();
+    let config = "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n\
+                  [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
+    std::fs::write(dir.join("portico.toml"), config).unwrap();
+    let piped = |args: &str| {
+        let mut command = Command::new("bash");
+        command
+            .current_dir(&dir)
+            .arg("-c")
+            .arg(format!("exec {PORTICO} {args} <(cat portico.toml)"));
+        command
+    };
+    let checked = piped("check --config").output().unwrap();
+    let said = String::from_utf8_lossy(&checked.stderr).into_owned()
+        + &String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{said}");
+    assert!(said.contains("configuration ok"), "{said}");
+
+    let (mut proxy, log) = logging(piped("--threads 1 --log-format json -c"));
+    let mut seen = Vec::new();
+    line_with(&log, "listening (http", &mut seen);
+    let hup = Command::new("kill")
+        .args(["-HUP", &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let refused = line_with(&log, "reload rejected", &mut seen);
+    assert!(refused.contains("read once at start"), "{refused}");
+    stop_with(&mut proxy.0, "-TERM");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A response still going when `shutdown_grace` (5 s in the demo) runs
 /// out is cut as the process exits; its access line says so, rather than
 /// that its client left.

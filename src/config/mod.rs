@@ -72,6 +72,14 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Whether `path` is a pipe the shell made (`--config <(generate)`) or
+/// standard input: read once, whose text a reload cannot read again.
+pub fn read_once(path: &Path) -> bool {
+    ["/dev/fd/", "/proc/self/fd/", "/dev/stdin"]
+        .iter()
+        .any(|pipe| path.starts_with(pipe))
+}
+
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     load_keeping_text(path).map(|(config, _)| config)
@@ -330,7 +338,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let Some(raw) = raw.filter(|_| set.is_empty()) else {
         return reporter.finish(Config::single_upstream(vec![], vec![]));
     };
-    let base = file.parent().unwrap_or(Path::new("."));
+    // A pipe of the shell's (`--config <(generate)`) is in no folder of
+    // the operator's: its relative paths are the working directory's, as
+    // the shell's own are (review43b M1: `/dev/fd/admin.token`).
+    let base = match file.parent() {
+        Some(_) if read_once(file) => Path::new("."),
+        Some(parent) => parent,
+        None => Path::new("."),
+    };
     let config = validate::validate(raw, &mut reporter, base);
     reporter.finish(config)
 }

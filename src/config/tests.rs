@@ -291,7 +291,7 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:2:8: upstream[0].name: must not be empty",
                 "test.toml:5:12: upstream[0].health.interval: timeout (1s, the default) must not exceed interval (1ms)",
-                "test.toml:7:12: route[0].upstream: unknown upstream `a` (defined: )",
+                "test.toml:7:12: route[0].upstream: unknown upstream `a` (defined: none)",
             ],
         ),
         (

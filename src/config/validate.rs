@@ -248,14 +248,21 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 .upstream
                 .iter()
                 .map(|u| u.get_ref().name.get_ref().as_str())
+                .filter(|name| !name.is_empty())
                 .collect();
+            // Not `(defined: )` (review43b).
+            let known = if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            };
             r.at(
                 raw.upstream.span(),
                 format!("{key}.upstream"),
                 format!(
                     "unknown upstream `{}` (defined: {})",
                     raw.upstream.get_ref(),
-                    known.join(", ")
+                    known
                 ),
             );
         }
