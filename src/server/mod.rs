@@ -1183,10 +1183,15 @@ async fn serve_connection<IO: Parkable>(
                     }
                 }
             });
+            // Its timers outside the task's budget for a poll, which a
+            // client sending as fast as portico reads spent on hyper each
+            // time: they never fired, and `idle_timeout` let a flood of
+            // frames nothing counted run for as long as it was sent
+            // (review43c H1).
             tokio::select! {
                 biased;
                 result = &mut connection => End::Done(result),
-                ended = WhenWoken::new(aside) => ended,
+                ended = WhenWoken::new(tokio::task::unconstrained(aside)) => ended,
             }
         };
         let End::Park(quiet) = ended else { break ended };
@@ -1229,11 +1234,12 @@ async fn serve_connection<IO: Parkable>(
         let mut reclaim = std::pin::pin!(slots.reclaim.notified());
         reclaim.as_mut().enable();
         let idle = loop {
+            // Timers outside the poll's budget, as the watchdog's above.
             tokio::select! {
                 biased;
                 result = &mut connection => break Some(End::Done(result)),
-                _ = held.shutdown.recv() => break Some(End::Drain),
-                () = tokio::time::sleep_until(idle_until) => {
+                _ = tokio::task::unconstrained(held.shutdown.recv()) => break Some(End::Drain),
+                () = tokio::task::unconstrained(tokio::time::sleep_until(idle_until)) => {
                     // A request that came since the last tick is served:
                     // closed at the deadline, one that arrived in time went
                     // unanswered (review35e M1).
@@ -1270,7 +1276,7 @@ async fn serve_connection<IO: Parkable>(
                     tracing::debug!(client = %conn.peer, "closing idle HTTP/2 connection for a client at server.max_connections");
                     break Some(End::Reclaimed);
                 }
-                () = tokio::time::sleep(PARK_AFTER) => {
+                () = tokio::task::unconstrained(tokio::time::sleep(PARK_AFTER)) => {
                     if used() {
                         break None;
                     }
