@@ -401,11 +401,7 @@ fn a_reload_stuck_on_its_file_does_not_hold_the_exit() {
     let mut seen = Vec::new();
     line_with(&log, "listening (http", &mut seen);
     // The reload opens the FIFO, where no one will write again.
-    let hup = Command::new("kill")
-        .args(["-HUP", &proxy.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hang_up(&proxy.0);
     // Time for the reload to reach the FIFO (it says nothing until it has
     // read); one that has not yet is no harm to the test.
     std::thread::sleep(Duration::from_millis(300));
@@ -444,11 +440,7 @@ fn a_configuration_through_a_shell_pipe_is_read_once_from_where_it_runs() {
     let (mut proxy, log) = logging(piped("--threads 1 --log-format json -c"));
     let mut seen = Vec::new();
     line_with(&log, "listening (http", &mut seen);
-    let hup = Command::new("kill")
-        .args(["-HUP", &proxy.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hang_up(&proxy.0);
     let refused = line_with(&log, "reload rejected", &mut seen);
     assert!(refused.contains("read once at start"), "{refused}");
     stop_with(&mut proxy.0, "-TERM");
@@ -1036,11 +1028,7 @@ fn a_reload_says_what_it_changed() {
     let file = run.dir.join("portico.toml");
     let hup = |config: String| {
         std::fs::write(&file, config).unwrap();
-        let status = Command::new("kill")
-            .args(["-HUP", &run.proxy.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        hang_up(&run.proxy.0);
     };
     hup(behind(origin_addr, "retries = 0\n", "rate_limit = true\n")
         + "[[upstream]]\nname = \"new\"\nbackends = [\"127.0.0.1:9\"]\n"
@@ -1303,6 +1291,15 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends SIGHUP to `child`: a reload.
+fn hang_up(child: &std::process::Child) {
+    let sent = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
 }
 
 /// A child whose stderr lines (its JSON log) arrive on a channel.

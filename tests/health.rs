@@ -278,6 +278,15 @@ async fn passive_ejection_works_without_active_checks() {
     assert!(metrics.contains(&ejections), "{ejections} not in {metrics}");
 }
 
+/// Passive ejections so far, all backends.
+fn ejections(proxy: &RunningProxy) -> u64 {
+    let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("portico_upstream_ejections_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Sends a GET for `path` and says whether its body was cut short.
 async fn body_cut(client: &TestClient, url: &str) -> bool {
     let response = client
@@ -321,13 +330,7 @@ async fn a_backend_that_breaks_every_body_is_ejected() {
     assert_eq!(cut, 3);
     let status = proxy.backend_status();
     assert!(status[0].ejected && !status[1].ejected, "{status:?}");
-    let ejections = || {
-        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("portico_upstream_ejections_total{"))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum::<u64>()
-    };
+    let ejections = || ejections(&proxy);
     // After its 1 s backoff, one probe: cut, and out again.
     let deadline = tokio::time::Instant::now() + STEP;
     while ejections() < 2 {
@@ -399,13 +402,7 @@ async fn a_reload_that_retunes_the_upstream_keeps_an_ejection() {
     let client = client();
     // Ejected twice (its probe failed), so its back-off is 2 s: time
     // enough for the reload below on a loaded machine (review35e L7).
-    let ejections = || {
-        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("portico_upstream_ejections_total{"))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum::<u64>()
-    };
+    let ejections = || ejections(&proxy);
     let deadline = tokio::time::Instant::now() + STEP;
     while !(ejections() >= 2 && proxy.backend_status()[0].ejected) {
         assert!(
