@@ -58,6 +58,8 @@ pub(crate) fn canonical_literal(host: &str) -> Option<String> {
 pub struct Seen {
     /// `Transfer-Encoding`, which a response's framing depends on.
     pub transfer_encoding: bool,
+    /// `Content-Length`, which [`one_length`] then looks at.
+    pub content_length: bool,
     /// `Forwarded`.
     pub forwarded: bool,
     /// A name that may spell one portico writes with `_` (see
@@ -143,6 +145,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
         // Indexes into `fixed`.
         let slot = match name.as_bytes().first() {
             Some(b'c') if name == "connection" => 0,
+            Some(b'c') if name == "content-length" => {
+                seen.content_length = true;
+                continue;
+            }
             Some(b'k') if name == "keep-alive" => 1,
             Some(b't') if name == "te" => 2,
             Some(b't') if name == "transfer-encoding" => TRANSFER_ENCODING_SLOT,
@@ -179,9 +185,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
     if !proxy && !present.contains(&true) {
         return seen;
     }
-    // Fields the Connection header names beyond the fixed ones: rare.
+    // Fields the Connection header names beyond the fixed ones: rare. The
+    // usual `Connection: keep-alive` or `close`, one token a line, names
+    // none, and costs no walk over its list's members.
+    let plain = |value: &HeaderValue| {
+        let token = value.as_bytes().trim_ascii();
+        token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
+    };
+    let names_fields = present[0] && !headers.get_all(&header::CONNECTION).iter().all(plain);
     let mut named: Vec<HeaderName> = Vec::new();
-    for token in list_members(headers, &header::CONNECTION) {
+    let listed = names_fields.then(|| list_members(headers, &header::CONNECTION));
+    for token in listed.into_iter().flatten() {
         // `close` names no field (RFC 9110 §16.3.2.2 reserves the name).
         if token.is_empty() || token.eq_ignore_ascii_case("close") {
             continue;
@@ -471,7 +485,7 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>, content: b
     // A length written `0005` or twice goes on as one plain number, as a
     // response's does: backends that read a leading zero as octal, or
     // take the last of two lines, would frame the body otherwise.
-    if !seen.transfer_encoding {
+    if !seen.transfer_encoding && seen.content_length {
         one_length(headers);
     }
     // The claims below are believed only from proxies trusted to write
@@ -884,9 +898,10 @@ pub fn prepare_response(head: &mut http::response::Parts) {
         .flatten();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
     // intermediary must drop the length before relaying the decoded body.
-    if remove_hop_by_hop(headers).transfer_encoding {
+    let seen = remove_hop_by_hop(headers);
+    if seen.transfer_encoding {
         headers.remove(header::CONTENT_LENGTH);
-    } else {
+    } else if seen.content_length {
         one_length(headers);
     }
     if let Some(required) = required {
@@ -1128,6 +1143,31 @@ mod tests {
             scrub_request(&mut headers, client(None), content);
             assert_eq!(headers.contains_key(header::EXPECT), content);
         }
+    }
+
+    #[test]
+    fn a_plain_connection_line_beside_one_that_names_fields() {
+        // One line a plain token, another naming a field: the named field
+        // goes as it would on one line (the plain line takes no short cut
+        // for the others).
+        let mut headers = map(&[
+            ("connection", " Keep-Alive "),
+            ("connection", "close, x-trace"),
+            ("x-trace", "1"),
+            ("content-length", "5"),
+            ("accept", "*/*"),
+        ]);
+        let seen = remove_hop_by_hop(&mut headers);
+        assert!(seen.content_length && !seen.transfer_encoding);
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("x-trace"));
+        assert!(headers.contains_key("accept"));
+        // Plain tokens only: nothing named, nothing else removed.
+        let mut headers = map(&[("connection", "CLOSE"), ("x-trace", "1")]);
+        let seen = remove_hop_by_hop(&mut headers);
+        assert!(!seen.content_length);
+        assert!(!headers.contains_key("connection"));
+        assert!(headers.contains_key("x-trace"));
     }
 
     #[test]

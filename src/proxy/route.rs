@@ -45,7 +45,8 @@ pub fn host_name(host: &str) -> &str {
             None => host,
         }
     } else {
-        match host.rfind(':') {
+        // A byte search: `rfind` on a `char` walks back a char at a time.
+        match memchr::memrchr(b':', host.as_bytes()) {
             Some(colon) => &host[..colon],
             None => host,
         }
