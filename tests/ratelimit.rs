@@ -58,6 +58,18 @@ async fn burst(
     answers
 }
 
+/// `ok` requests were let through since `started` by [`limited`]'s
+/// rate: the burst of five, and what the rate (10/s) gave back meanwhile,
+/// bounded by the time taken, not by a guess at how fast the test runs (a
+/// loaded CI machine let 7 through where 6 were allowed, stop 43).
+fn assert_burst(ok: usize, started: std::time::Instant) {
+    let refilled = (started.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!(
+        (5..=5 + refilled).contains(&ok),
+        "{ok} allowed, {refilled} refilled"
+    );
+}
+
 fn allowed(answers: &[Answer]) -> usize {
     answers
         .iter()
@@ -90,10 +102,21 @@ async fn a_route_with_its_own_rate_throttles_at_it() {
 async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(limited(&backend, "10.0.0.0/8")).await;
-    let answers = burst(&client(), &proxy.url("/users/1/orders"), None, 20).await;
-    // Five from the burst, at most one more refilled while the test ran.
+    let client = client();
+    let url = proxy.url("/users/1/orders");
+    let started = std::time::Instant::now();
+    let mut answers = burst(&client, &url, None, 20).await;
+    // On a machine so loaded that the rate refilled the budget as fast as
+    // requests came, more until one is refused.
+    while !answers
+        .iter()
+        .any(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+    {
+        assert!(answers.len() < 200, "never throttled");
+        answers.extend(burst(&client, &url, None, 1).await);
+    }
     let ok = allowed(&answers);
-    assert!((5..=6).contains(&ok), "{ok} allowed");
+    assert_burst(ok, started);
     assert_eq!(
         backend.requests() as usize,
         ok,
@@ -105,8 +128,10 @@ async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
     assert_eq!(first.header("ratelimit-remaining"), "4");
     // 10/s: the one spent request is back within a second.
     assert_eq!(first.header("ratelimit-reset"), "1");
-    let throttled = answers.last().unwrap();
-    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    let throttled = answers
+        .iter()
+        .find(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .unwrap();
     assert_eq!(throttled.header("retry-after"), "1");
     assert_eq!(throttled.header("ratelimit-limit"), "5");
     assert_eq!(throttled.header("ratelimit-remaining"), "0");
@@ -114,7 +139,7 @@ async fn a_burst_of_twenty_lets_five_through_and_throttles_the_rest() {
     assert!(String::from_utf8_lossy(&throttled.body).starts_with("429"));
 
     // A route without rate_limit is not throttled.
-    let free = burst(&client(), &proxy.url("/health"), None, 10).await;
+    let free = burst(&client, &proxy.url("/health"), None, 10).await;
     assert_eq!(allowed(&free), 10);
 }
 
@@ -263,15 +288,14 @@ async fn spoofed_forwarded_for_from_an_untrusted_peer_does_not_escape_the_limit(
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(limited(&backend, "10.0.0.0/8")).await;
     let client = client();
+    let started = std::time::Instant::now();
     let mut ok = 0;
     for i in 0..20 {
         let spoofed = format!("198.51.100.{i}");
         ok += allowed(&burst(&client, &proxy.url("/users/1/orders"), Some(&spoofed), 1).await);
     }
-    assert!(
-        (5..=6).contains(&ok),
-        "{ok} allowed with rotating spoofed addresses"
-    );
+    // Rotating spoofed addresses got no budget of their own.
+    assert_burst(ok, started);
 }
 
 #[tokio::test]
@@ -280,8 +304,9 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     let proxy = start_proxy(limited(&backend, "127.0.0.1/32")).await;
     let client = client();
     let url = proxy.url("/users/1/orders");
+    let started = std::time::Instant::now();
     let first = burst(&client, &url, Some("198.51.100.1"), 20).await;
-    assert!((5..=6).contains(&allowed(&first)));
+    assert_burst(allowed(&first), started);
     // A second client behind the same proxy is unaffected by the first.
     let second = burst(&client, &url, Some("198.51.100.2"), 5).await;
     assert_eq!(allowed(&second), 5);
