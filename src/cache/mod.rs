@@ -822,8 +822,8 @@ impl Cache {
         found
     }
 
-    /// Entries stored, as moka last counted them (without its pending
-    /// work, so it may lag by the last few stores).
+    /// Entries stored, as the index lists them: a walk over it, for the
+    /// reload that drops the cache (a few milliseconds a million URLs).
     pub fn entries_estimate(&self) -> u64 {
         // The index, kept as entries are stored: the store's own count is
         // brought up to date only by its pending tasks, and said 0 of a

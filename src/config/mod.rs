@@ -72,12 +72,40 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Whether `path` is a pipe the shell made (`--config <(generate)`) or
-/// standard input: read once, whose text a reload cannot read again.
+/// Whether `path` is a pipe reached through a file descriptor, as the
+/// shell's `--config <(generate)` or a piped standard input: read once,
+/// whose text a reload cannot read again. A regular file so reached
+/// (`--config /dev/stdin < portico.toml`) is read anew.
 pub fn read_once(path: &Path) -> bool {
-    ["/dev/fd/", "/proc/self/fd/", "/dev/stdin"]
-        .iter()
-        .any(|pipe| path.starts_with(pipe))
+    through_descriptor(path) && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Whether `path` names a file by a file descriptor: `/dev/fd/N`,
+/// `/dev/stdin`, `/proc/<pid>/fd/N` (review43f L3: `/proc/self/fd` alone
+/// was looked for).
+fn through_descriptor(path: &Path) -> bool {
+    let parts: Vec<_> = path.components().map(|part| part.as_os_str()).collect();
+    match parts.as_slice() {
+        [root, dev, fd, ..] if *root == "/" && *dev == "dev" => *fd == "fd" || *fd == "stdin",
+        [root, proc, _, fd, ..] if *root == "/" && *proc == "proc" => *fd == "fd",
+        _ => false,
+    }
+}
+
+/// The folder a configuration file's relative paths are read from: its
+/// own; a pipe's reached through a file descriptor (`--config
+/// <(generate)`) is in no folder of the operator's, so the working
+/// directory, as the shell's own relative paths are (review43b M1:
+/// `/dev/fd/admin.token`); a regular file so reached, the file's.
+fn folder(file: &Path) -> std::path::PathBuf {
+    let own = |file: &Path| file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    if !through_descriptor(file) {
+        return own(file);
+    }
+    match std::fs::canonicalize(file) {
+        Ok(real) if !read_once(file) => own(&real),
+        _ => std::path::PathBuf::from("."),
+    }
 }
 
 /// Reads, parses and validates a configuration file.
@@ -338,15 +366,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let Some(raw) = raw.filter(|_| set.is_empty()) else {
         return reporter.finish(Config::single_upstream(vec![], vec![]));
     };
-    // A pipe of the shell's (`--config <(generate)`) is in no folder of
-    // the operator's: its relative paths are the working directory's, as
-    // the shell's own are (review43b M1: `/dev/fd/admin.token`).
-    let base = match file.parent() {
-        Some(_) if read_once(file) => Path::new("."),
-        Some(parent) => parent,
-        None => Path::new("."),
-    };
-    let config = validate::validate(raw, &mut reporter, base);
+    let base = folder(file);
+    let config = validate::validate(raw, &mut reporter, &base);
     reporter.finish(config)
 }
 

@@ -1003,3 +1003,24 @@ fn a_key_is_located_where_it_is_written() {
     assert_eq!(at("server.listen"), None);
     assert_eq!(at("upstream[2]"), None);
 }
+
+#[test]
+fn files_named_by_a_descriptor_are_told_apart() {
+    for (path, through) in [
+        ("/dev/fd/63", true),
+        ("/dev/stdin", true),
+        ("/proc/self/fd/3", true),
+        ("/proc/4242/fd/63", true),
+        ("/proc/thread-self/fd/5", true),
+        ("/dev/null", false),
+        ("/proc/self/status", false),
+        ("/etc/portico/portico.toml", false),
+        ("portico.toml", false),
+    ] {
+        assert_eq!(
+            super::through_descriptor(Path::new(path)),
+            through,
+            "{path}"
+        );
+    }
+}

@@ -886,8 +886,7 @@ struct Frames {
     pings: u64,
     settings: u64,
     resets: u64,
-    /// When the client's frames began, for the PINGs and SETTINGS a
-    /// connection may send as it lives on (see [`CONTROL_PER_SECOND`]).
+    /// When the PINGs and SETTINGS counted began (see [`CONTROL_WINDOW`]).
     since: std::time::Instant,
 }
 
@@ -910,10 +909,11 @@ struct Frames {
 /// which it ignores for a stream already closed: a client sending them as
 /// fast as it could kept a core busy past `idle_timeout` and cut other
 /// clients' throughput tenfold, where nginx says `http2 flood detected`
-/// (review43c H1). Past 1,000, PINGs and SETTINGS are let through at
-/// [`CONTROL_PER_SECOND`] of the connection's life (a keep-alive PING
-/// every few seconds never comes near), RST_STREAM frames one for each
-/// stream begun.
+/// (review43c H1). PINGs and SETTINGS are let through 1,000 in each
+/// [`CONTROL_WINDOW`] (a keep-alive PING every second never comes near;
+/// an allowance that grew with the connection's age let an hour-old one
+/// send 36,000 at once, review43f L8), RST_STREAM frames 1,000 and one
+/// for each stream begun.
 #[derive(Debug)]
 pub(super) struct Flood(&'static str);
 
@@ -949,9 +949,9 @@ const FLOODED: &str = "HTTP/2 client flooded ";
 /// Frames of each kind a connection may send before [`Flood`] counts.
 const FRAMES_FREE: u64 = 1_000;
 
-/// PINGs, and SETTINGS, a connection may send each second of its life
-/// past [`FRAMES_FREE`] (see [`Flood`]).
-const CONTROL_PER_SECOND: u64 = 10;
+/// The window in which a connection may send [`FRAMES_FREE`] PINGs, and
+/// as many SETTINGS (see [`Flood`]).
+const CONTROL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An HTTP/2 frame header's length (RFC 9113 §4.1).
 const FRAME_HEADER: usize = 9;
@@ -1068,12 +1068,15 @@ impl<IO> Tracked<IO> {
         }
         let streams = self.activity.started.load(Ordering::Relaxed);
         let written = self.activity.h2_out.load(Ordering::Relaxed);
-        // The clock is read only once there is a count to weigh it by.
-        let paced = if frames.pings.max(frames.settings) > FRAMES_FREE {
-            FRAMES_FREE + CONTROL_PER_SECOND * frames.since.elapsed().as_secs()
-        } else {
-            FRAMES_FREE
-        };
+        // Counted anew once a window is over: the clock is read only once
+        // there is a count past the free one.
+        if frames.pings.max(frames.settings) > FRAMES_FREE
+            && frames.since.elapsed() >= CONTROL_WINDOW
+        {
+            frames.pings = 0;
+            frames.settings = 0;
+            frames.since = std::time::Instant::now();
+        }
         let over = [
             ("PRIORITY", frames.priority, FRAMES_FREE + 100 * streams),
             (
@@ -1081,8 +1084,8 @@ impl<IO> Tracked<IO> {
                 frames.window_updates,
                 FRAMES_FREE + written,
             ),
-            ("PING", frames.pings, paced),
-            ("SETTINGS", frames.settings, paced),
+            ("PING", frames.pings, FRAMES_FREE),
+            ("SETTINGS", frames.settings, FRAMES_FREE),
             ("RST_STREAM", frames.resets, FRAMES_FREE + streams),
         ]
         .into_iter()

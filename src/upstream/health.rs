@@ -10,8 +10,9 @@
 //! keep away until its outcome, for at most as long as an attempt may take
 //! (nginx lets one request through per `fail_timeout`). Its failure ejects
 //! again, for twice as long. Its head readmits the backend, on probation
-//! (see [`BackendState::answered`]): until a response ends whole, which
-//! clears the record, one failure ejects it again for twice as long. A
+//! (see [`BackendState::answered`]): until a response ends whole or its
+//! client leaves it, which clears the record, one failure ejects it again
+//! for twice as long. A
 //! probe that ends with no verdict (its client left) frees the place for
 //! the next. Failures and successes of requests sent before the probe, or
 //! before a recovery, count for nothing.
@@ -247,8 +248,8 @@ impl BackendState {
     /// this is its probe, or panic routing sent the request) takes traffic
     /// again at once, so that a long body (a download, a stream) does not
     /// hold its return back; but on probation: its backoff is kept until a
-    /// response ends whole, and one failure before that ejects it again,
-    /// for twice as long. A backend that sends every head and breaks every
+    /// response ends whole or its client leaves it, and one failure before
+    /// that ejects it again, for twice as long. A backend that sends every head and breaks every
     /// body was readmitted by each probe's head with its backoff reset, so
     /// it was out a second at a time (review43a H1). A head of a request
     /// sent before the ejection readmits nothing: it undid ejections
@@ -261,22 +262,32 @@ impl BackendState {
         if !self.in_ejection() || self.lone || epoch != self.epoch() {
             return epoch;
         }
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        // 0: readmitted already (on probation).
-        if until == 0
-            || self
-                .ejected_until
-                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        // 0: readmitted already (on probation). Requests sent before now
+        // end on evidence older than this.
+        if self.ejected_until.load(Ordering::Relaxed) == 0 || !self.claim(epoch) {
             return epoch;
         }
+        self.ejected_until.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
-        // Requests sent before now end on evidence older than this.
-        let readmitted = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         self.say(Some(Passive::Recovered));
-        readmitted
+        epoch.wrapping_add(1)
+    }
+
+    /// Takes the verdict of `epoch`, the current one: moves the epoch on,
+    /// so that no other request of it gives a verdict beside this one.
+    /// Two failures at once both ejected (the backoff went 4 times as
+    /// long, counted and said twice), and a failure beside a probe's head
+    /// was said to eject a backend the head readmitted (review43f M1).
+    fn claim(&self, epoch: u32) -> bool {
+        self.epoch
+            .compare_exchange(
+                epoch,
+                epoch.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 
     /// The log line (and count) a passive `change` deserves.
@@ -324,15 +335,19 @@ impl BackendState {
         if epoch != self.epoch() {
             return None;
         }
+        if !self.in_ejection() {
+            self.failures.store(0, Ordering::Relaxed);
+            return None;
+        }
+        // Requests sent before now fail on evidence older than this.
+        if !self.claim(epoch) {
+            return None;
+        }
         self.failures.store(0, Ordering::Relaxed);
         let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
         self.probing.store(false, Ordering::Relaxed);
-        let recovered = self.ejections.swap(0, Ordering::Relaxed) > 0;
-        if recovered {
-            // Requests sent before now fail on evidence older than this.
-            self.epoch.fetch_add(1, Ordering::Relaxed);
-        }
-        (recovered && was_out).then_some(Passive::Recovered)
+        self.ejections.store(0, Ordering::Relaxed);
+        was_out.then_some(Passive::Recovered)
     }
 
     /// The epoch a request sent now is sent under, for
@@ -351,19 +366,15 @@ impl BackendState {
         if !self.in_ejection() {
             return;
         }
+        let epoch = self.epoch();
         let until = self.ejected_until.load(Ordering::Relaxed);
         // 0: a success cleared the ejection as this looked.
-        if until == 0 || until > now_ms {
+        if until == 0 || until > now_ms || !self.claim(epoch) {
             return;
         }
-        let hold = now_ms + self.probe_hold_ms;
-        let claimed =
-            self.ejected_until
-                .compare_exchange(until, hold, Ordering::Relaxed, Ordering::Relaxed);
-        if claimed.is_ok() {
-            self.epoch.fetch_add(1, Ordering::Relaxed);
-            self.probing.store(true, Ordering::Relaxed);
-        }
+        self.ejected_until
+            .store(now_ms + self.probe_hold_ms, Ordering::Relaxed);
+        self.probing.store(true, Ordering::Relaxed);
     }
 
     /// Whether the backend has been ejected since its last success: out,
@@ -377,8 +388,13 @@ impl BackendState {
     /// attempt probes instead of the backend sitting out the hold.
     pub fn no_verdict(&self, epoch: u32) {
         if epoch == self.epoch() && self.probing.swap(false, Ordering::Relaxed) {
-            // 1: over, and still an ejection (0 is none).
-            self.ejected_until.store(1, Ordering::Relaxed);
+            // 1: over, and still an ejection (0 is none); not if a verdict
+            // readmitted the backend meanwhile (review43f L2).
+            let _ =
+                self.ejected_until
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
+                        (until != 0).then_some(1)
+                    });
         }
     }
 
@@ -396,24 +412,32 @@ impl BackendState {
             // `answered`): any.
             let out = self.ejected_until.load(Ordering::Relaxed) != 0;
             let counts = !out || self.probing.swap(false, Ordering::Relaxed);
-            return counts.then(|| self.eject(now_ms));
+            return if counts {
+                self.eject(now_ms, epoch)
+            } else {
+                None
+            };
         }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.threshold || self.ejected(now_ms) {
             return None;
         }
-        Some(self.eject(now_ms))
+        self.eject(now_ms, epoch)
     }
 
-    fn eject(&self, now_ms: u64) -> Passive {
+    /// Ejects the backend for the failure of a request sent under `epoch`,
+    /// if no other verdict of that epoch came first (see `claim`).
+    fn eject(&self, now_ms: u64, epoch: u32) -> Option<Passive> {
+        if !self.claim(epoch) {
+            return None;
+        }
         let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let backoff = backoff(ejections);
         self.ejected_until
             .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
-        self.epoch.fetch_add(1, Ordering::Relaxed);
-        Passive::Ejected(backoff)
+        Some(Passive::Ejected(backoff))
     }
 }
 
@@ -477,10 +501,10 @@ impl InFlight {
     /// The backend's body was cut short: `stalled` past `body_timeout`, or
     /// broken. The slot goes with this. Returns whether the backend is
     /// blamed (and counted): not when the client's upload, still coming
-    /// when the backend answered, failed, which cut the body. (A silence
-    /// while the upload is merely unfinished is not excused: "unfinished"
-    /// cannot tell a client that stalls from a backend that stopped
-    /// reading it.)
+    /// when the backend answered, failed, which cut the body. A silence
+    /// while the upload is merely unfinished is counted and warned of
+    /// ("unfinished" cannot tell a client that stalls from a backend that
+    /// stopped reading it), but gives no verdict on its health.
     pub fn body_failed(mut self, stalled: bool) -> bool {
         let mut verdict = self.verdict.take();
         if self.upload.as_ref().is_some_and(|upload| upload.failed()) {
@@ -689,6 +713,40 @@ mod tests {
             state.record_failure(3_200, state.epoch()),
             Some(Passive::Ejected(Duration::from_secs(1)))
         );
+    }
+
+    /// Failures of one epoch at once eject once: two did, and the backoff
+    /// went four times as long (review43f M1).
+    #[test]
+    fn one_epoch_gives_one_verdict() {
+        for probation in [false, true] {
+            for _ in 0..2_000 {
+                let state = Arc::new(BackendState::new(if probation { 1 } else { 2 }));
+                let epoch = if probation {
+                    state.record_failure(0, state.epoch());
+                    state.sending(1_000);
+                    state.answered(state.epoch())
+                } else {
+                    state.record_failure(0, state.epoch());
+                    state.epoch()
+                };
+                let barrier = Arc::new(std::sync::Barrier::new(2));
+                let threads: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (state, barrier) = (state.clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            barrier.wait();
+                            state.record_failure(1_100, epoch).is_some()
+                        })
+                    })
+                    .collect();
+                let ejected = threads
+                    .into_iter()
+                    .map(|thread| usize::from(thread.join().unwrap()))
+                    .sum::<usize>();
+                assert_eq!(ejected, 1, "probation: {probation}");
+            }
+        }
     }
 
     #[test]

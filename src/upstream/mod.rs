@@ -415,7 +415,7 @@ impl Upstream {
     /// An attempt is going out to backend `index` (picked, and its retry,
     /// if it is one, granted): it may be the probe of an ejected backend
     /// (see [`BackendState::sending`]). Returns the backend's epoch for
-    /// [`Upstream::observe`].
+    /// [`Upstream::answered`] and [`Upstream::observe`].
     pub fn sending(&self, index: usize) -> u32 {
         let state = &self.backends[index].state;
         // The clock is read only for a backend that may need a probe.
