@@ -361,6 +361,14 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
     for _ in 0..1_100 {
         resets.extend(h2_frame(0x3, 0, 1, &[0, 0, 0, 8]));
     }
+    // PING acknowledgements nobody asked for, frames of a kind h2 does not
+    // know (review43e H1).
+    let others: Vec<u8> = (0..1_100u64)
+        .flat_map(|n| match n % 2 {
+            0 => h2_frame(0x6, 0x1, 0, &n.to_be_bytes()),
+            _ => h2_frame(0xfa, 0, 0, b"x"),
+        })
+        .collect();
     let cases = [
         (flood, "enhance_your_calm", 1, true),
         (h2_frame(0x0, 0, 0, b"x"), "protocol_error", 1, true),
@@ -370,6 +378,7 @@ async fn http2_connections_closed_for_breaking_the_protocol_are_counted() {
         (pings, "enhance_your_calm", 5, true),
         (settings, "enhance_your_calm", 6, true),
         (resets, "enhance_your_calm", 7, true),
+        (others, "enhance_your_calm", 8, true),
     ];
     for (frames, reason, count, goaway) in cases {
         let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

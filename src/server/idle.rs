@@ -886,7 +886,11 @@ struct Frames {
     pings: u64,
     settings: u64,
     resets: u64,
-    /// When the PINGs and SETTINGS counted began (see [`CONTROL_WINDOW`]).
+    /// Frames of any other kind but DATA: acknowledgements, GOAWAYs,
+    /// kinds h2 does not know (which it ignores, as RFC 9113 §5.5 says).
+    others: u64,
+    /// When the PINGs, SETTINGS and others counted began (see
+    /// [`CONTROL_WINDOW`]).
     since: std::time::Instant,
 }
 
@@ -909,8 +913,9 @@ struct Frames {
 /// which it ignores for a stream already closed: a client sending them as
 /// fast as it could kept a core busy past `idle_timeout` and cut other
 /// clients' throughput tenfold, where nginx says `http2 flood detected`
-/// (review43c H1). PINGs and SETTINGS are let through 1,000 in each
-/// [`CONTROL_WINDOW`] (a keep-alive PING every second never comes near;
+/// (review43c H1). So are acknowledgements, GOAWAYs and frames of kinds
+/// h2 does not know, which it ignores (review43e H1). PINGs, SETTINGS and
+/// these others are let through 1,000 of each in each [`CONTROL_WINDOW`] (a keep-alive PING every second never comes near;
 /// an allowance that grew with the connection's age let an hour-old one
 /// send 36,000 at once, review43f L8), RST_STREAM frames 1,000 and one
 /// for each stream begun.
@@ -969,6 +974,7 @@ impl Frames {
             pings: 0,
             settings: 0,
             resets: 0,
+            others: 0,
             since: std::time::Instant::now(),
         }
     }
@@ -976,6 +982,7 @@ impl Frames {
     /// Reads `bytes`: `Some(open)` when the last HEADERS or CONTINUATION
     /// frame among them leaves a header block open or ends it.
     fn read(&mut self, mut bytes: &[u8]) -> Option<bool> {
+        const DATA: u8 = 0x0;
         const HEADERS: u8 = 0x1;
         const PRIORITY: u8 = 0x2;
         const RST_STREAM: u8 = 0x3;
@@ -1017,7 +1024,11 @@ impl Frames {
                 RST_STREAM => self.resets += 1,
                 PING if flags & ACK == 0 => self.pings += 1,
                 SETTINGS if flags & ACK == 0 => self.settings += 1,
-                _ => {}
+                // Bounded by flow control, and empty ones by h2.
+                DATA => {}
+                // PING and SETTINGS acknowledgements, GOAWAY, unknown
+                // kinds: a flood of them went uncounted (review43e H1).
+                _ => self.others += 1,
             }
         }
         block
@@ -1070,11 +1081,12 @@ impl<IO> Tracked<IO> {
         let written = self.activity.h2_out.load(Ordering::Relaxed);
         // Counted anew once a window is over: the clock is read only once
         // there is a count past the free one.
-        if frames.pings.max(frames.settings) > FRAMES_FREE
+        if frames.pings.max(frames.settings).max(frames.others) > FRAMES_FREE
             && frames.since.elapsed() >= CONTROL_WINDOW
         {
             frames.pings = 0;
             frames.settings = 0;
+            frames.others = 0;
             frames.since = std::time::Instant::now();
         }
         let over = [
@@ -1086,6 +1098,7 @@ impl<IO> Tracked<IO> {
             ),
             ("PING", frames.pings, FRAMES_FREE),
             ("SETTINGS", frames.settings, FRAMES_FREE),
+            ("other", frames.others, FRAMES_FREE),
             ("RST_STREAM", frames.resets, FRAMES_FREE + streams),
         ]
         .into_iter()

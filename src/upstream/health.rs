@@ -102,6 +102,8 @@ pub struct BackendState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Passive {
     Ejected(Duration),
+    /// Its probe's head came: it takes traffic again, on probation.
+    Readmitted,
     Recovered,
 }
 
@@ -244,12 +246,12 @@ impl BackendState {
         self.say(change);
     }
 
-    /// A request sent under `epoch` got its head. A backend out (ejected:
-    /// this is its probe, or panic routing sent the request) takes traffic
-    /// again at once, so that a long body (a download, a stream) does not
-    /// hold its return back; but on probation: its backoff is kept until a
-    /// response ends whole or its client leaves it, and one failure before
-    /// that ejects it again, for twice as long. A backend that sends every head and breaks every
+    /// A request sent under `epoch` got its head. A backend out whose
+    /// probe this is takes traffic again at once, so that a long body (a
+    /// download, a stream) does not hold its return back; but on
+    /// probation: its backoff is kept until a response ends whole or its
+    /// client leaves it, and one failure before that ejects it again, for
+    /// twice as long. A backend that sends every head and breaks every
     /// body was readmitted by each probe's head with its backoff reset, so
     /// it was out a second at a time (review43a H1). A head of a request
     /// sent before the ejection readmits nothing: it undid ejections
@@ -262,15 +264,19 @@ impl BackendState {
         if !self.in_ejection() || self.lone || epoch != self.epoch() {
             return epoch;
         }
-        // 0: readmitted already (on probation). Requests sent before now
-        // end on evidence older than this.
-        if self.ejected_until.load(Ordering::Relaxed) == 0 || !self.claim(epoch) {
+        // Only a probe's head: with every backend ejected, each request
+        // panic routing sent readmitted its backend and each broken body
+        // ejected it again, two log lines a request (review43e M1). Such
+        // a request's whole body still ends the ejection (see
+        // `record_success`). Requests sent before now end on evidence
+        // older than this.
+        if !self.probing.load(Ordering::Relaxed) || !self.claim(epoch) {
             return epoch;
         }
         self.ejected_until.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
-        self.say(Some(Passive::Recovered));
+        self.say(Some(Passive::Readmitted));
         epoch.wrapping_add(1)
     }
 
@@ -312,6 +318,11 @@ impl BackendState {
                     "backend ejected: consecutive failures on live traffic"
                 )
             }
+            Passive::Readmitted => tracing::info!(
+                upstream,
+                backend,
+                "backend readmitted: its probe was answered (on probation until a response ends whole)"
+            ),
             Passive::Recovered => tracing::info!(
                 upstream,
                 backend,
@@ -693,6 +704,9 @@ mod tests {
         let before = state.epoch();
         assert!(state.record_failure(0, before).is_some());
         assert_eq!(state.answered(before), before);
+        // A head of a request panic routing sent, no probe: still out.
+        let ejected = state.epoch();
+        assert_eq!(state.answered(ejected), ejected);
         assert!(!state.eligible(500));
         state.sending(1_000);
         let probe = state.epoch();
