@@ -12,10 +12,10 @@
 //! again, for twice as long. Its head readmits the backend, on probation
 //! (see [`BackendState::answered`]): until a response ends whole or its
 //! client leaves it, which clears the record, one failure ejects it again
-//! for twice as long. A
-//! probe that ends with no verdict (its client left) frees the place for
-//! the next. Failures and successes of requests sent before the probe, or
-//! before a recovery, count for nothing.
+//! for twice as long. A probe that ends with no verdict (its client left
+//! before its head) frees the place for the next. Failures and successes
+//! of requests sent before the probe, or before a recovery, count for
+//! nothing.
 //! The two are independent: a passing check neither ends an ejection nor
 //! resets its backoff, as a backend may answer its health path while its
 //! real traffic fails (a grey failure), and only that traffic can say it
