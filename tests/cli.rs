@@ -416,7 +416,7 @@ fn a_reload_stuck_on_its_file_does_not_hold_the_exit() {
 /// file for having no [[upstream]]).
 #[cfg(unix)]
 #[test]
-fn a_configuration_through_a_shell_pipe_is_read_once_from_where_it_runs() {
+fn a_configuration_through_a_pipe_or_standard_input_reloads_only_if_it_can() {
     let dir = std::env::temp_dir().join(format!("portico-piped-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("admin.token"), "0123456789abcdef0123").unwrap();
@@ -443,6 +443,24 @@ fn a_configuration_through_a_shell_pipe_is_read_once_from_where_it_runs() {
     hang_up(&proxy.0);
     let refused = line_with(&log, "reload rejected", &mut seen);
     assert!(refused.contains("read once at start"), "{refused}");
+    stop_with(&mut proxy.0, "-TERM");
+
+    // A file through standard input is read again, until a new file is
+    // renamed over it: the descriptor then reads the old one, whose text
+    // a reload applied and called reloaded (review43g M1).
+    let mut command = Command::new("bash");
+    command.current_dir(&dir).arg("-c").arg(format!(
+        "exec {PORTICO} --threads 1 --log-format json -c /dev/stdin < portico.toml"
+    ));
+    let (mut proxy, log) = logging(command);
+    line_with(&log, "listening (http", &mut seen);
+    hang_up(&proxy.0);
+    line_with(&log, "configuration reloaded", &mut seen);
+    std::fs::write(dir.join("new.toml"), config).unwrap();
+    std::fs::rename(dir.join("new.toml"), dir.join("portico.toml")).unwrap();
+    hang_up(&proxy.0);
+    let refused = line_with(&log, "reload rejected", &mut seen);
+    assert!(refused.contains("replaced or removed"), "{refused}");
     stop_with(&mut proxy.0, "-TERM");
     let _ = std::fs::remove_dir_all(dir);
 }

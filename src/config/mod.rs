@@ -80,6 +80,35 @@ pub fn read_once(path: &Path) -> bool {
     through_descriptor(path) && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+/// Why the configuration at `path` cannot be read again for a reload, if
+/// so: a pipe reached through a file descriptor (see [`read_once`]), or a
+/// file so reached that was replaced since (an edit that renames a new
+/// file over it, as `sed -i`, vim and Ansible do): the descriptor still
+/// reads the old one, and a reload applied its stale text and said it was
+/// reloaded (review43g M1).
+pub fn not_read_again(path: &Path) -> Option<String> {
+    if !through_descriptor(path) {
+        return None;
+    }
+    if read_once(path) {
+        return Some(format!(
+            "{}: the configuration came through a pipe (`--config <(...)`), read once at start: serve a file to reload it, or restart",
+            path.display()
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(path).is_ok_and(|m| m.nlink() == 0) {
+            return Some(format!(
+                "{}: the file read through this descriptor was replaced or removed since the start, and the descriptor still reads the old one: serve the file by its name to reload it, or restart",
+                path.display()
+            ));
+        }
+    }
+    None
+}
+
 /// Whether `path` names a file by a file descriptor: `/dev/fd/N`,
 /// `/dev/stdin`, `/proc/<pid>/fd/N` (review43f L3: `/proc/self/fd` alone
 /// was looked for).

@@ -309,13 +309,10 @@ impl Shared {
         let Some(path) = &self.config_path else {
             return Err("started without --config: nothing to reload".into());
         };
-        // Read again, it was empty, and the reload was refused for having
-        // no [[upstream]] (review43b M1).
-        if config::read_once(path) {
-            return Err(format!(
-                "{}: the configuration came through a pipe (`--config <(...)`), read once at start: serve a file to reload it, or restart",
-                path.display()
-            ));
+        // A pipe read again was empty, and the reload was refused for
+        // having no [[upstream]] (review43b M1).
+        if let Some(why) = config::not_read_again(path) {
+            return Err(why);
         }
         let config = config::load(path).map_err(|e| e.to_string())?;
         // The file's `[admin] listen` was checked against its backends; the

@@ -383,9 +383,16 @@ impl BackendState {
         if until == 0 || until > now_ms || !self.claim(epoch) {
             return;
         }
-        self.ejected_until
-            .store(now_ms + self.probe_hold_ms, Ordering::Relaxed);
-        self.probing.store(true, Ordering::Relaxed);
+        // Not over a success that cleared the ejection between the two
+        // reads above and the claim: a plain store left a healthy backend
+        // held out, with no ejection on record to end it (review43g L1).
+        let hold = now_ms + self.probe_hold_ms;
+        let held =
+            self.ejected_until
+                .compare_exchange(until, hold, Ordering::Relaxed, Ordering::Relaxed);
+        if held.is_ok() {
+            self.probing.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Whether the backend has been ejected since its last success: out,
