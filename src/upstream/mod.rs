@@ -422,8 +422,16 @@ impl Upstream {
         if state.in_ejection() {
             let now = self.clock.now_ms();
             // Still out (not yet due for its probe, or held out while
-            // another attempt probes it): picked for want of any other.
-            if state.ejected(now) {
+            // another attempt probes it): picked for want of any other,
+            // unless it was picked before it went out while another
+            // takes traffic (review43g L2: "every backend is ejected"
+            // said beside a healthy one serving everything).
+            let other = || {
+                self.backends
+                    .iter()
+                    .any(|b| !b.drained() && b.state.eligible(now))
+            };
+            if state.ejected(now) && !other() {
                 self.panicked();
             }
             state.sending(now);
