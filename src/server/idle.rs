@@ -915,10 +915,11 @@ struct Frames {
 /// clients' throughput tenfold, where nginx says `http2 flood detected`
 /// (review43c H1). So are acknowledgements, GOAWAYs and frames of kinds
 /// h2 does not know, which it ignores (review43e H1). PINGs, SETTINGS and
-/// these others are let through 1,000 of each in each [`CONTROL_WINDOW`] (a keep-alive PING every second never comes near;
-/// an allowance that grew with the connection's age let an hour-old one
-/// send 36,000 at once, review43f L8), RST_STREAM frames 1,000 and one
-/// for each stream begun.
+/// these others are let through 1,000 of each in each [`CONTROL_WINDOW`]
+/// (a keep-alive PING every second never comes near; an allowance that
+/// grew with the connection's age let an hour-old one send 36,000 at
+/// once, review43f L8), RST_STREAM frames 1,000 and one for each stream
+/// begun.
 #[derive(Debug)]
 pub(super) struct Flood(&'static str);
 
@@ -954,8 +955,8 @@ const FLOODED: &str = "HTTP/2 client flooded ";
 /// Frames of each kind a connection may send before [`Flood`] counts.
 const FRAMES_FREE: u64 = 1_000;
 
-/// The window in which a connection may send [`FRAMES_FREE`] PINGs, and
-/// as many SETTINGS (see [`Flood`]).
+/// The window in which a connection may send [`FRAMES_FREE`] PINGs, as
+/// many SETTINGS and as many frames of the other kinds (see [`Flood`]).
 const CONTROL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An HTTP/2 frame header's length (RFC 9113 §4.1).
