@@ -40,12 +40,7 @@ pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::R
         "admin listening"
     );
     admin::warn_if_exposed(config.admin.listen);
-    if let Some(warning) = config::trusts_everyone(&config.server) {
-        tracing::warn!("{warning}");
-    }
-    for (_, warning) in config::all_drained(&config) {
-        tracing::warn!("{warning}");
-    }
+    config::warn_of_risks(&config);
     let shared = server::Shared::with_path(&config, Some(path));
     shared
         .load_tls(&config)

@@ -72,25 +72,20 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Whether `path` is a pipe reached through a file descriptor, as the
-/// shell's `--config <(generate)` or a piped standard input: read once,
-/// whose text a reload cannot read again. A regular file so reached
-/// (`--config /dev/stdin < portico.toml`) is read anew.
-pub fn read_once(path: &Path) -> bool {
-    through_descriptor(path) && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
-}
-
 /// Why the configuration at `path` cannot be read again for a reload, if
-/// so: a pipe reached through a file descriptor (see [`read_once`]), or a
-/// file so reached that was replaced since (an edit that renames a new
-/// file over it, as `sed -i`, vim and Ansible do): the descriptor still
-/// reads the old one, and a reload applied its stale text and said it was
-/// reloaded (review43g M1).
+/// so: a pipe reached through a file descriptor, as the shell's `--config
+/// <(generate)` or a piped standard input, read once; or a regular file
+/// so reached (`--config /dev/stdin < portico.toml`, read anew otherwise)
+/// that was replaced since (an edit that renames a new file over it, as
+/// `sed -i`, vim and Ansible do): the descriptor still reads the old one,
+/// and a reload applied its stale text and said it was reloaded
+/// (review43g M1).
 pub fn not_read_again(path: &Path) -> Option<String> {
     if !through_descriptor(path) {
         return None;
     }
-    if read_once(path) {
+    let metadata = std::fs::metadata(path).ok();
+    if !metadata.as_ref().is_some_and(std::fs::Metadata::is_file) {
         return Some(format!(
             "{}: the configuration came through a pipe (`--config <(...)`), read once at start: serve a file to reload it, or restart",
             path.display()
@@ -99,7 +94,7 @@ pub fn not_read_again(path: &Path) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata(path).is_ok_and(|m| m.nlink() == 0) {
+        if metadata.is_some_and(|m| m.nlink() == 0) {
             return Some(format!(
                 "{}: the file read through this descriptor was replaced or removed since the start, and the descriptor still reads the old one: serve the file by its name to reload it, or restart",
                 path.display()
@@ -131,8 +126,9 @@ fn folder(file: &Path) -> std::path::PathBuf {
     if !through_descriptor(file) {
         return own(file);
     }
+    let regular = std::fs::metadata(file).is_ok_and(|m| m.is_file());
     match std::fs::canonicalize(file) {
-        Ok(real) if !read_once(file) => own(&real),
+        Ok(real) if regular => own(&real),
         _ => std::path::PathBuf::from("."),
     }
 }

@@ -206,6 +206,17 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// Logs what a loaded configuration risks that is no error: said at start
+/// and at each reload alike (`check` says the same, with the lines).
+pub fn warn_of_risks(config: &Config) {
+    if let Some(warning) = trusts_everyone(&config.server) {
+        tracing::warn!("{warning}");
+    }
+    for (_, warning) in all_drained(config) {
+        tracing::warn!("{warning}");
+    }
+}
+
 /// A warning for each upstream a route uses whose backends are all
 /// drained (weight 0): its routes answer 503 to everything, almost always
 /// a slip (review42i L1). Said by `check`, at start and at a reload;

@@ -353,12 +353,7 @@ impl Shared {
             );
         }
         // As at start (review36d L6).
-        if let Some(warning) = config::trusts_everyone(&config.server) {
-            tracing::warn!("{warning}");
-        }
-        for (_, warning) in config::all_drained(&config) {
-            tracing::warn!("{warning}");
-        }
+        config::warn_of_risks(&config);
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         // A cache the new generation does not keep: the fetches still
