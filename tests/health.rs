@@ -300,9 +300,9 @@ async fn body_cut(client: &TestClient, url: &str) -> bool {
 }
 
 /// A backend answering every request with a head and a body it cuts
-/// short, and `/ws` with a 101 (it then closes the tunnel).
+/// short, and `/ws/echo` with a 101 (it then closes the tunnel).
 fn head_then_cut(head: &str) -> &'static [u8] {
-    if target_of(head) == "/ws" {
+    if target_of(head) == "/ws/echo" {
         b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
     } else {
         b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"
@@ -357,7 +357,7 @@ async fn a_tunnel_opened_breaks_a_run_of_failures() {
         };
         let head = String::from_utf8_lossy(&head).into_owned();
         let _ = stream.write_all(head_then_cut(&head)).await;
-        if target_of(&head) == "/ws" {
+        if target_of(&head) == "/ws/echo" {
             let _ = stream.read(&mut [0; 64]).await;
         }
     };
@@ -373,15 +373,7 @@ async fn a_tunnel_opened_breaks_a_run_of_failures() {
                 assert!(body_cut(&client, &proxy.url("/cut")).await);
                 continue;
             }
-            let mut tunnel = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-            tunnel
-                .write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
-                .await
-                .unwrap();
-            let head = tokio::time::timeout(STEP, read_head(&mut tunnel)).await;
-            let head = head.expect("a head within STEP").expect("a head");
-            assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
-            tunnels.push(tunnel);
+            tunnels.push(open_echo_tunnel_with_head(proxy.addr).await.0);
         }
     }
     let status = proxy.backend_status();
