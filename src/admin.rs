@@ -149,10 +149,11 @@ fn status_json(shared: &Shared) -> serde_json::Value {
                         "ejected": b.ejected,
                         "drained": b.drained,
                         "in_flight": b.in_flight,
+                        "max_conns": b.max_conns,
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": u.name(), "backends": backends })
+            serde_json::json!({ "name": u.name(), "backends": backends, "queued": u.queued() })
         })
         .collect();
     serde_json::json!({

@@ -38,6 +38,8 @@ pub struct Metrics {
     upstream_ejections: IntCounterVec,
     upstream_errors: IntCounterVec,
     upstream_panic: IntCounterVec,
+    upstream_queued: IntGaugeVec,
+    upstream_queue_rejected: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
@@ -208,6 +210,20 @@ impl Metrics {
                 "Attempts sent to a passively ejected backend because every backend of the upstream up by its active checks was ejected (panic routing: the failures may be over)",
                 &["upstream"],
             ),
+            // HAProxy's `qcur` and Envoy's `upstream_rq_pending_active`;
+            // the refusals, its `upstream_rq_pending_overflow`.
+            upstream_queued: gauge_vec(
+                &registry,
+                "portico_upstream_queued_requests",
+                "Requests waiting for room because every backend of the upstream was at its max_conns",
+                &["upstream"],
+            ),
+            upstream_queue_rejected: counter_vec(
+                &registry,
+                "portico_upstream_queue_rejected_total",
+                "Requests answered 503 because every backend of the upstream stayed at its max_conns for queue_timeout (at once when it is 0)",
+                &["upstream"],
+            ),
             backend_up,
             backend_weight,
             backend_in_flight,
@@ -373,6 +389,15 @@ impl Metrics {
         self.upstream_panic.with_label_values(&[upstream])
     }
 
+    /// One upstream's `portico_upstream_queued_requests` and
+    /// `portico_upstream_queue_rejected_total`, made (at 0) with it.
+    pub fn queue(&self, upstream: &str) -> (IntGauge, IntCounter) {
+        (
+            self.upstream_queued.with_label_values(&[upstream]),
+            self.upstream_queue_rejected.with_label_values(&[upstream]),
+        )
+    }
+
     /// One upstream's retry counters, made (at 0) with the upstream.
     pub fn retries(&self, upstream: &str) -> Retries {
         Retries {
@@ -498,6 +523,8 @@ impl Metrics {
         prune(&self.upstream_ejections, configured);
         prune(&self.upstream_errors, configured);
         prune(&self.upstream_panic, configured);
+        prune(&self.upstream_queued, configured);
+        prune(&self.upstream_queue_rejected, configured);
         prune(&self.backend_up, configured);
         prune(&self.backend_weight, configured);
         prune(&self.backend_in_flight, configured);

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -171,4 +171,130 @@ async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() 
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     proxy.stop().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A backend that holds each request until `release` lets one go, and
+/// notes the targets in the order they reach it.
+async fn holding_in_order(release: Arc<Notify>) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::AsyncWriteExt;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let noted = order.clone();
+    let addr = serve_each(move |mut stream| {
+        let (order, release) = (noted.clone(), release.clone());
+        async move {
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            let target = target_of(&String::from_utf8_lossy(&head)).to_owned();
+            order.lock().unwrap().push(target);
+            release.notified().await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    (addr, order)
+}
+
+/// The requests waiting for room in the proxy's first upstream.
+fn queued(proxy: &RunningProxy) -> usize {
+    proxy.shared.proxy.load().upstreams()[0].queued()
+}
+
+async fn wait_queued(proxy: &RunningProxy, n: usize) {
+    let waited = tokio::time::timeout(STEP, async {
+        while queued(proxy) != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{} queued, not {n}", queued(proxy));
+}
+
+/// `max_conns`: a backend at its cap is sent nothing more; requests past
+/// it wait in line and reach it in the order they came, one as each slot
+/// frees (HAProxy's `maxconn` and queue).
+#[tokio::test]
+async fn requests_past_max_conns_wait_in_line_and_go_in_order() {
+    let release = Arc::new(Notify::new());
+    let (backend, order) = holding_in_order(release.clone()).await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    config.upstreams[0].backends[0].max_conns = 1;
+    config.upstreams[0].queue_timeout = STEP;
+    let proxy = start_proxy(config).await;
+    let send = |path: &str| {
+        let (client, url) = (client(), proxy.url(path));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    let mut answers = vec![send("/1")];
+    proxy
+        .wait_until("the first request to reach the backend", |s| {
+            s[0].in_flight == 1
+        })
+        .await;
+    for n in 2..=4 {
+        answers.push(send(&format!("/{n}")));
+        wait_queued(&proxy, n - 1).await;
+    }
+    assert_eq!(order.lock().unwrap().len(), 1, "sent past its max_conns");
+    for (n, answer) in answers.into_iter().enumerate() {
+        release.notify_one();
+        let answer = tokio::time::timeout(STEP, answer)
+            .await
+            .expect("answered once its turn came")
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(proxy.backend_status()[0].in_flight <= 1);
+        // The next is sent as this one's slot frees.
+        wait_queued(&proxy, 2usize.saturating_sub(n)).await;
+    }
+    assert_eq!(*order.lock().unwrap(), ["/1", "/2", "/3", "/4"]);
+    proxy.stop().await;
+}
+
+/// With every backend at its `max_conns` for `queue_timeout` (0: no
+/// waiting at all), a request is answered 503 and counted.
+#[tokio::test]
+async fn a_request_finding_no_room_within_queue_timeout_gets_a_503() {
+    for queue_timeout in [Duration::ZERO, Duration::from_millis(200)] {
+        let release = Arc::new(Notify::new());
+        let (backend, order) = holding_in_order(release.clone()).await;
+        let mut config =
+            Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+        config.upstreams[0].backends[0].max_conns = 1;
+        config.upstreams[0].queue_timeout = queue_timeout;
+        let proxy = start_proxy(config).await;
+        let held = tokio::spawn({
+            let (client, url) = (client(), proxy.url("/held"));
+            async move { get(&client, &url).await }
+        });
+        proxy
+            .wait_until("the first request to reach the backend", |s| {
+                s[0].in_flight == 1
+            })
+            .await;
+        let answer = get(&client(), &proxy.url("/turned-away")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{queue_timeout:?}"
+        );
+        assert_eq!(
+            &answer.body[..],
+            b"503 Service Unavailable: every backend is busy\n"
+        );
+        assert_eq!(answer.header("retry-after"), "1");
+        let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+        assert!(
+            metrics.contains("portico_upstream_queue_rejected_total{upstream=\"default\"} 1"),
+            "{queue_timeout:?}"
+        );
+        assert_eq!(queued(&proxy), 0);
+        release.notify_one();
+        let held = tokio::time::timeout(STEP, held).await.unwrap().unwrap();
+        assert_eq!(held.status, StatusCode::OK);
+        assert_eq!(*order.lock().unwrap(), ["/held"]);
+        proxy.stop().await;
+    }
 }

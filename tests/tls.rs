@@ -770,7 +770,11 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     });
     let mut config = through(trusted(None, &cert));
     config.upstreams[0].backends = [silent_addr, https_backend]
-        .map(|addr| portico::config::Backend { addr, weight: 1 })
+        .map(|addr| portico::config::Backend {
+            addr,
+            weight: 1,
+            max_conns: 0,
+        })
         .to_vec();
     config.upstreams[0].retries = 1;
     // Room for a real handshake on a busy machine; far below the 20 s

@@ -111,6 +111,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// 0 to 1000; 0 is drained: no new requests, health still checked.
     pub weight: u32,
+    /// Requests it is sent at once at most (nginx's `max_conns`, HAProxy's
+    /// `maxconn`): its own `max_conns`, else the upstream's
+    /// `max_conns_per_backend`; 0 for no cap.
+    pub max_conns: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +126,9 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub body_timeout: Duration,
     pub max_idle_per_backend: usize,
+    /// How long a request waits for room when every backend is at its
+    /// `max_conns`, before a 503; zero answers 503 at once.
+    pub queue_timeout: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
     pub health: Option<HealthCheck>,
@@ -395,13 +402,18 @@ impl Upstream {
             name: name.into(),
             backends: backends
                 .into_iter()
-                .map(|addr| Backend { addr, weight: 1 })
+                .map(|addr| Backend {
+                    addr,
+                    weight: 1,
+                    max_conns: 0,
+                })
                 .collect(),
             balance: Balance::RoundRobin,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             max_idle_per_backend: 64,
+            queue_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(90),
             retries: 1,
             health: None,

@@ -107,7 +107,7 @@ impl<'de> Deserialize<'de> for Number {
     }
 }
 
-/// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2 }`. A
+/// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2, max_conns = 8 }`. A
 /// hand-written visitor rather than `#[serde(untagged)]`, which buffers the
 /// value and so loses the spans inside it.
 #[derive(Debug)]
@@ -116,6 +116,7 @@ pub struct Backend {
     pub addr: Option<Str>,
     pub plain: Option<String>,
     pub weight: Option<Spanned<i64>>,
+    pub max_conns: Option<Spanned<i64>>,
 }
 
 impl<'de> Deserialize<'de> for Backend {
@@ -125,7 +126,9 @@ impl<'de> Deserialize<'de> for Backend {
             type Value = Backend;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a backend: \"IP:PORT\" or { addr = \"IP:PORT\", weight = N }")
+                f.write_str(
+                    "a backend: \"IP:PORT\" or { addr = \"IP:PORT\", weight = N, max_conns = N }",
+                )
             }
 
             fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Backend, E> {
@@ -133,6 +136,7 @@ impl<'de> Deserialize<'de> for Backend {
                     addr: None,
                     plain: Some(value.to_owned()),
                     weight: None,
+                    max_conns: None,
                 })
             }
 
@@ -142,12 +146,17 @@ impl<'de> Deserialize<'de> for Backend {
             ) -> Result<Backend, A::Error> {
                 let mut addr = None;
                 let mut weight = None;
+                let mut max_conns = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "addr" => addr = Some(map.next_value()?),
                         "weight" => weight = Some(map.next_value()?),
+                        "max_conns" => max_conns = Some(map.next_value()?),
                         other => {
-                            return Err(serde::de::Error::unknown_field(other, &["addr", "weight"]))
+                            return Err(serde::de::Error::unknown_field(
+                                other,
+                                &["addr", "weight", "max_conns"],
+                            ))
                         }
                     }
                 }
@@ -156,6 +165,7 @@ impl<'de> Deserialize<'de> for Backend {
                     addr: Some(addr),
                     plain: None,
                     weight,
+                    max_conns,
                 })
             }
         }
@@ -172,6 +182,8 @@ pub struct Upstream {
     pub response_timeout: Option<Str>,
     pub body_timeout: Option<Str>,
     pub max_idle_per_backend: Option<Spanned<i64>>,
+    pub max_conns_per_backend: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub retries: Option<Spanned<i64>>,
     pub health: Option<Spanned<Health>>,

@@ -190,6 +190,23 @@ fn weight_zero_drains_a_backend_and_is_not_an_error() {
     );
 }
 
+#[test]
+fn max_conns_is_the_backend_s_own_else_the_upstream_s() {
+    let config = check(
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", max_conns = 2 }, { addr = \"127.0.0.1:3\", max_conns = 0 }]\nmax_conns_per_backend = 8\nqueue_timeout = \"0s\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:4\"]\n[[route]]\nupstream = \"a\"\n",
+    )
+    .unwrap();
+    let caps = |u: &Upstream| u.backends.iter().map(|b| b.max_conns).collect::<Vec<_>>();
+    assert_eq!(caps(&config.upstreams[0]), [8, 2, 0]);
+    assert_eq!(config.upstreams[0].queue_timeout, std::time::Duration::ZERO);
+    // No cap, and a five-second line, unless asked.
+    assert_eq!(caps(&config.upstreams[1]), [0]);
+    assert_eq!(
+        config.upstreams[1].queue_timeout,
+        std::time::Duration::from_secs(5)
+    );
+}
+
 /// Past its bound, the list of bad values says it stopped, where it just
 /// ended (review36d L8).
 #[test]
@@ -256,6 +273,14 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:3:46: upstream[0].backends[0].weight: weight must be from 0 (drained) to 1000",
                 "test.toml:4:36: upstream[0].backends[1].weight: weight must be from 0 (drained) to 1000",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", max_conns = -1 }]\nmax_conns_per_backend = 1000001\nqueue_timeout = \"soon\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:49: upstream[0].backends[0].max_conns: must be from 0 (no cap) to 1000000",
+                "test.toml:4:25: upstream[0].max_conns_per_backend: must be from 0 (no cap) to 1000000",
+                "test.toml:5:17: upstream[0].queue_timeout: expected a whole number at `soon`",
             ],
         ),
         (

@@ -762,6 +762,11 @@ fn upstream(
             "an upstream needs at least one backend",
         );
     }
+    let per_backend = max_conns(
+        r,
+        &format!("{key}.max_conns_per_backend"),
+        raw.max_conns_per_backend.as_ref(),
+    );
     let mut seen = HashSet::new();
     for (i, backend) in raw.backends.get_ref().iter().enumerate() {
         let bkey = format!("{key}.backends[{i}]");
@@ -784,6 +789,10 @@ fn upstream(
                     1
                 }
             },
+        };
+        let max_conns = match &b.max_conns {
+            None => per_backend,
+            given => max_conns(r, &format!("{bkey}.max_conns"), given.as_ref()),
         };
         let Some(addr) = socket_addr(r, &bkey, text, span.clone()) else {
             continue;
@@ -824,7 +833,11 @@ fn upstream(
             r.at(span, &bkey, format!("backend {addr} is listed twice"));
             continue;
         }
-        upstream.backends.push(Backend { addr, weight });
+        upstream.backends.push(Backend {
+            addr,
+            weight,
+            max_conns,
+        });
     }
     if let Some(balance) = &raw.balance {
         upstream.balance = match balance.get_ref().as_str() {
@@ -866,6 +879,12 @@ fn upstream(
         raw.idle_timeout.as_ref(),
         d.idle_timeout,
     );
+    upstream.queue_timeout = duration(
+        r,
+        &format!("{key}.queue_timeout"),
+        raw.queue_timeout.as_ref(),
+        d.queue_timeout,
+    );
     upstream.max_idle_per_backend = integer(
         r,
         &format!("{key}.max_idle_per_backend"),
@@ -891,6 +910,27 @@ fn upstream(
         .map(|h| health(r, &format!("{key}.health"), h));
     upstream.tls = upstream_tls(r, key, raw, base);
     upstream
+}
+
+/// The most requests a backend may have in flight at once: past this, a
+/// cap is no cap (a backend answering a million at once needs none).
+const MAX_CONNS: u32 = 1_000_000;
+
+/// A `max_conns` or `max_conns_per_backend`: 0 (no cap, the default) to
+/// [`MAX_CONNS`].
+fn max_conns(r: R, key: &str, value: Option<&Spanned<i64>>) -> u32 {
+    let Some(value) = value else { return 0 };
+    match u32::try_from(*value.get_ref()) {
+        Ok(n) if n <= MAX_CONNS => n,
+        _ => {
+            r.at(
+                value.span(),
+                key,
+                format!("must be from 0 (no cap) to {MAX_CONNS}"),
+            );
+            0
+        }
+    }
 }
 
 /// `tls`, `tls_server_name`, `tls_ca`; the CA file is read now so a

@@ -41,6 +41,9 @@ pub enum ProxyError {
     NoHealthyBackend,
     #[error("every backend of the upstream is drained (weight 0)")]
     AllDrained,
+    /// Every backend up stayed at its `max_conns` while the request waited.
+    #[error("every backend is at its max_conns (waited {waited:?} for room)")]
+    Full { waited: std::time::Duration },
     /// The runtime stopped the task forwarding the request: portico is
     /// stopping.
     #[error("portico is stopping")]
@@ -218,6 +221,7 @@ impl ProxyError {
             }
             ProxyError::NoHealthyBackend
             | ProxyError::AllDrained
+            | ProxyError::Full { .. }
             | ProxyError::Stopping
             | ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -328,6 +332,11 @@ impl ProxyError {
             ProxyError::AllDrained => plain_response(
                 self.status(),
                 "503 Service Unavailable: every backend is drained\n",
+            ),
+            // Nor here: they are healthy, and busy.
+            ProxyError::Full { .. } => plain_response(
+                self.status(),
+                "503 Service Unavailable: every backend is busy\n",
             ),
             // Not "no healthy backend" either: the backends are not at fault.
             ProxyError::Exhausted { .. } => plain_response(

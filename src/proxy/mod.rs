@@ -64,7 +64,7 @@ use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
 use crate::upstream::select::Tried;
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Unpicked, Upstream, UpstreamBody};
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
 use headers::{ClientInfo, Hop};
@@ -490,6 +490,7 @@ impl Proxy {
                                 ProxyError::NoHealthyBackend | ProxyError::AllDrained,
                                 Some(upstream),
                             ) => upstream.unavailable.due(said),
+                            (ProxyError::Full { .. }, Some(upstream)) => upstream.full.due(said),
                             (_, Some(upstream)) if trace.budget_refused => {
                                 upstream.budget_spent.due(said)
                             }
@@ -1176,8 +1177,12 @@ fn forward_with_retries<'a>(
         // made: one dropped unpolled sent nothing.
         upstream.record_request();
         let mut tried = Tried::NONE;
-        let Some(mut index) = upstream.pick(tried) else {
-            return Err(upstream.none_to_pick());
+        // Boxed: only an upstream with a `max_conns` waits here, and
+        // inline the wait would grow every request's future.
+        let (mut index, mut slot) = match upstream.take_first() {
+            Ok(taken) => taken,
+            Err(Unpicked::NoneUp) => return Err(upstream.none_to_pick()),
+            Err(Unpicked::Full) => Box::pin(upstream.wait_for_room()).await?,
         };
         // A copy of the head for the next attempt, with the `Sent` mark.
         let retry_head = |head: &http::request::Parts| {
@@ -1204,7 +1209,7 @@ fn forward_with_retries<'a>(
                 sent.to(backend.addr);
             }
             let epoch = upstream.sending(index);
-            let in_flight = backend.in_flight();
+            let in_flight = slot;
             let waiting = Unanswered {
                 metrics: &backend.metrics,
                 state: backend.state(),
@@ -1318,8 +1323,13 @@ fn forward_with_retries<'a>(
                     .as_ref()
                     .expect("an idempotent request keeps its head");
                 next = Some((retry_head(head), retry_body));
+                // Its slot goes with it: the backend is the same.
+                slot = in_flight;
                 continue;
             }
+            // Its slot is free for the retry (its own backend's, if that
+            // is the one left) and for those waiting for room.
+            drop(in_flight);
             if attempt >= retries {
                 return Err(error);
             }
@@ -1333,10 +1343,15 @@ fn forward_with_retries<'a>(
             // Picked again among all, one whose connect failed is passed
             // over for one reached before, if any is left (review37g L1).
             let picked = match upstream.pick(tried) {
-                Some(again) if unreachable.contains(again) => upstream.pick(unreachable),
+                Ok(again) if unreachable.contains(again) => upstream.pick(unreachable),
                 picked => picked,
             };
-            let retry_index = match picked {
+            // A retry does not wait for room: with every backend at its
+            // `max_conns`, the failure stands.
+            let picked = picked
+                .ok()
+                .and_then(|again| Some((again, upstream.backend(again).take_slot()?)));
+            let (retry_index, retry_slot) = match picked {
                 // Every backend tried, and the one picked again could not
                 // be reached: another round would only wait out the same
                 // refusals or connect timeouts, `retries + 1` of them for a
@@ -1344,8 +1359,8 @@ fn forward_with_retries<'a>(
                 // once each server was tried. One that was reached (its
                 // connection lost before the head) may be tried again
                 // (review37e L2).
-                Some(again) if unreachable.contains(again) => return Err(error),
-                Some(retry_index) if upstream.try_retry(error.nothing_sent()) => retry_index,
+                Some((again, _)) if unreachable.contains(again) => return Err(error),
+                Some(taken) if upstream.try_retry(error.nothing_sent()) => taken,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
                     trace.budget_refused = true;
@@ -1369,6 +1384,7 @@ fn forward_with_retries<'a>(
                 );
             }
             index = retry_index;
+            slot = retry_slot;
             attempt += 1;
             trace.retries += 1;
             trace.retried_at = Some(std::time::Instant::now());

@@ -80,6 +80,9 @@ pub struct BackendState {
     /// Requests in flight to this address, shared with the same backend of
     /// the upstream's earlier generations (see [`BackendState::sharing_in_flight`]).
     in_flight: Arc<AtomicUsize>,
+    /// Its upstream's line, woken as a slot frees, when it has a
+    /// `max_conns` (see [`BackendState::queueing`]).
+    queue: Option<Arc<super::queue::Queue>>,
     /// Failures that eject.
     threshold: u32,
     /// Bodies this backend cut short; `None` for states made outside an
@@ -118,6 +121,7 @@ impl BackendState {
             probing: AtomicBool::new(false),
             probe_hold_ms: 32_000,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            queue: None,
             threshold: threshold.max(1),
             body_errors: None,
             named: None,
@@ -198,6 +202,13 @@ impl BackendState {
         self
     }
 
+    /// Wakes `queue`'s first request as each of its requests ends: it has
+    /// a `max_conns`, and a request may be waiting for the slot.
+    pub fn queueing(mut self, queue: Arc<super::queue::Queue>) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
     /// May take traffic now: up by the active checks, not ejected.
     pub fn eligible(&self, now_ms: u64) -> bool {
         self.active_up.load(Ordering::Relaxed)
@@ -216,16 +227,30 @@ impl BackendState {
         self.ejected_until.load(Ordering::Relaxed) > now_ms
     }
 
+    // SeqCst on the count, for the line's wake-ups (see
+    // `Queue::released`); on x86 the same instructions as Relaxed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     pub fn start_request(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes an in-flight slot if fewer than `max` are taken.
+    pub fn start_request_within(&self, max: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     pub fn end_request(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(queue) = &self.queue {
+            queue.released();
+        }
     }
 
     /// Records the outcome of a request sent under `epoch` for passive
@@ -483,6 +508,11 @@ pub struct InFlight {
 impl InFlight {
     pub fn new(state: Arc<BackendState>) -> Self {
         state.start_request();
+        Self::taken(state)
+    }
+
+    /// For a slot already taken (see [`BackendState::start_request_within`]).
+    pub fn taken(state: Arc<BackendState>) -> Self {
         InFlight {
             state,
             upload: None,

@@ -8,6 +8,7 @@ mod budget;
 mod counter;
 pub mod health;
 mod pool;
+mod queue;
 pub mod select;
 mod tls;
 
@@ -30,6 +31,7 @@ use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight};
 pub use pool::UpstreamBody;
 use pool::{Pool, SendError};
+use queue::Queue;
 use select::{Candidate, Tried, Turn};
 
 /// Largest read buffer of a backend connection: 64 KiB of body per read
@@ -46,6 +48,8 @@ const RETRY_BUDGET_PERCENT: u64 = 20;
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Requests in flight at most (`usize::MAX`: no cap).
+    max_conns: usize,
     /// Pre-built so a request's URI costs a cheap clone, not formatting.
     authority: Authority,
     state: Arc<BackendState>,
@@ -81,9 +85,20 @@ impl Backend {
         said[kind].due(UNAVAILABLE_SAID)
     }
 
-    /// Claims an in-flight slot until the returned guard drops.
-    pub fn in_flight(&self) -> InFlight {
-        InFlight::new(self.state.clone())
+    /// Takes an in-flight slot until the returned guard drops, if it is
+    /// below its `max_conns`.
+    pub fn take_slot(&self) -> Option<InFlight> {
+        if self.max_conns == usize::MAX {
+            return Some(InFlight::new(self.state.clone()));
+        }
+        self.state
+            .start_request_within(self.max_conns)
+            .then(|| InFlight::taken(self.state.clone()))
+    }
+
+    /// Its `max_conns`, if it has one.
+    pub fn max_conns(&self) -> Option<usize> {
+        (self.max_conns != usize::MAX).then_some(self.max_conns)
     }
 
     /// Weight 0: sent no new request by any balance mode, retries
@@ -109,6 +124,16 @@ pub struct BackendStatus {
     /// Weight 0: takes no new requests whatever its health.
     pub drained: bool,
     pub in_flight: usize,
+    pub max_conns: Option<usize>,
+}
+
+/// Why no backend was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpicked {
+    /// None is up (or every one up is drained).
+    NoneUp,
+    /// Every one up that could be picked is at its `max_conns`.
+    Full,
 }
 
 /// A running upstream: its backends, balancer, health and connection pool.
@@ -137,6 +162,15 @@ pub struct Upstream {
     /// [`Upstream::pick`]), and the warning that says so, as often.
     panic: prometheus::IntCounter,
     panicking: crate::logging::Every,
+    /// Requests waiting for room when every backend is at its
+    /// `max_conns`; shared with the upstream's other generations.
+    queue: Arc<Queue>,
+    /// Some backend has a `max_conns`.
+    capped: bool,
+    /// Requests turned away after waiting in `queue`, and the warning
+    /// that says so, at most every [`UNAVAILABLE_SAID`] seconds.
+    rejected: prometheus::IntCounter,
+    pub full: crate::logging::Every,
 }
 
 /// Seconds between two warnings that an upstream has no backend to pick:
@@ -166,6 +200,8 @@ impl Upstream {
         // when they would have.
         let clock = previous.map_or_else(Clock::new, |p| p.clock);
         let lone = config.backends.len() == 1;
+        let (queued, rejected) = metrics.queue(&config.name);
+        let queue = previous.map_or_else(|| Arc::new(Queue::new(queued)), |p| p.queue.clone());
         let backends: Vec<Backend> = config
             .backends
             .iter()
@@ -178,6 +214,9 @@ impl Upstream {
                     .counting_ejections(backend_metrics.ejections())
                     .of_upstream(clock, lone)
                     .named(name.clone(), b.addr);
+                if b.max_conns > 0 {
+                    state = state.queueing(queue.clone());
+                }
                 if let Some(old) = old.get(&b.addr) {
                     state = state.sharing_in_flight(&old.state);
                     // A lone backend is never ejected, nor would anything
@@ -190,6 +229,10 @@ impl Upstream {
                 Backend {
                     addr: b.addr,
                     weight: b.weight,
+                    max_conns: match b.max_conns {
+                        0 => usize::MAX,
+                        n => n as usize,
+                    },
                     authority: Authority::try_from(addr.as_str())
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
@@ -218,6 +261,10 @@ impl Upstream {
             budget_spent: crate::logging::Every::new(),
             panic: metrics.panic(&config.name),
             panicking: crate::logging::Every::new(),
+            capped: config.backends.iter().any(|b| b.max_conns > 0),
+            queue,
+            rejected,
+            full: crate::logging::Every::new(),
             check_host: check_host(&config),
             config,
             backends,
@@ -328,6 +375,7 @@ impl Upstream {
                 ejected: b.state.ejected(now),
                 drained: b.drained(),
                 in_flight: b.state.in_flight(),
+                max_conns: b.max_conns(),
             })
             .collect()
     }
@@ -348,19 +396,33 @@ impl Upstream {
 
     /// Backend `i` as a pick sees it: eligible when not `tried` and up, by
     /// the active checks and passive health both, or by the active checks
-    /// alone when `ejected_too`. (Drained ones are passed over by the
-    /// selection itself, for its weight.)
-    fn candidate(&self, i: usize, now: u64, tried: Tried, ejected_too: bool) -> Candidate {
+    /// alone when `ejected_too`, and below its `max_conns`; one that would
+    /// be but for its `max_conns` sets `full`. (Drained ones are passed
+    /// over by the selection itself, for its weight.)
+    fn candidate(
+        &self,
+        i: usize,
+        now: u64,
+        tried: Tried,
+        ejected_too: bool,
+        full: &std::cell::Cell<bool>,
+    ) -> Candidate {
         let b = &self.backends[i];
         let up = if ejected_too {
             b.state.active_up()
         } else {
             b.state.eligible(now)
         };
+        let in_flight = b.state.in_flight();
+        let wanted = up && !tried.contains(i);
+        let room = in_flight < b.max_conns;
+        if wanted && !room && !b.drained() {
+            full.set(true);
+        }
         Candidate {
-            eligible: up && !tried.contains(i),
+            eligible: wanted && room,
             weight: b.weight,
-            in_flight: b.state.in_flight(),
+            in_flight,
         }
     }
 
@@ -377,21 +439,99 @@ impl Upstream {
     /// traffic again: those failures may be over, and without them every
     /// request would get a 503 until a backoff ran out (nginx marks all its
     /// peers live again then, Envoy routes to all hosts below its panic
-    /// threshold); a success ends a backend's ejection at once. `None` only
-    /// when no backend is up by the active checks, or every one that is
-    /// is drained.
-    pub fn pick(&self, tried: Tried) -> Option<usize> {
+    /// threshold); a success ends a backend's ejection at once. `NoneUp`
+    /// only when no backend is up by the active checks, or every one that
+    /// is is drained.
+    ///
+    /// Backends at their `max_conns` are passed over. When every one that
+    /// is healthy is, the pick is `Full` (the request waits for room, see
+    /// [`Upstream::wait_for_room`]): ejected backends are not a spill-over
+    /// for a busy upstream.
+    pub fn pick(&self, tried: Tried) -> Result<usize, Unpicked> {
         let now = self.clock.now_ms();
         // One turn for every pass: taking one each would make the later
         // ones land on the same parity every time (one backend of two).
         let turn = self.turns.take(tried);
-        let pass =
-            |tried, ejected_too| self.choose(turn, |i| self.candidate(i, now, tried, ejected_too));
+        let full = std::cell::Cell::new(false);
+        let pass = |tried, ejected_too| {
+            self.choose(turn, |i| self.candidate(i, now, tried, ejected_too, &full))
+        };
         let retry = !tried.is_empty();
-        pass(tried, false)
-            .or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten())
-            .or_else(|| pass(tried, true))
-            .or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten())
+        let healthy =
+            pass(tried, false).or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten());
+        let picked = match healthy {
+            Some(index) => Some(index),
+            None if full.get() => None,
+            None => pass(tried, true).or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten()),
+        };
+        picked.ok_or(if full.get() {
+            Unpicked::Full
+        } else {
+            Unpicked::NoneUp
+        })
+    }
+
+    /// [`Upstream::pick`], and a slot taken on the backend picked. A
+    /// slot taken meanwhile by another request makes it pick again; every
+    /// such loss is another request's progress, so after one for each
+    /// backend the upstream counts as full.
+    pub fn take(&self, tried: Tried) -> Result<(usize, InFlight), Unpicked> {
+        for _ in 0..=self.backends.len() {
+            let index = self.pick(tried)?;
+            if let Some(slot) = self.backends[index].take_slot() {
+                return Ok((index, slot));
+            }
+        }
+        Err(Unpicked::Full)
+    }
+
+    /// A first attempt's backend and slot: [`Upstream::take`], unless
+    /// requests already wait for room (they go first: `Full`). An upstream
+    /// without a `max_conns` has no line of its own (a reload may have
+    /// left one behind, waiting on the generation it replaced).
+    pub fn take_first(&self) -> Result<(usize, InFlight), Unpicked> {
+        if self.capped && self.queue.busy() {
+            return Err(Unpicked::Full);
+        }
+        self.take(Tried::NONE)
+    }
+
+    /// For a first attempt that found every backend at its `max_conns`,
+    /// or others waiting already: a place in line until a backend has
+    /// room, at most `queue_timeout`. The error is the request's answer:
+    /// 503 when none is up, or none had room in time.
+    pub async fn wait_for_room(&self) -> Result<(usize, InFlight), ProxyError> {
+        let timeout = self.config.queue_timeout;
+        let waited = if timeout.is_zero() {
+            None
+        } else {
+            let take = || match self.take(Tried::NONE) {
+                Ok(taken) => Some(Ok(taken)),
+                Err(Unpicked::NoneUp) => Some(Err(self.none_to_pick())),
+                Err(Unpicked::Full) => None,
+            };
+            self.queue.wait(timeout, take, || self.pick_room()).await
+        };
+        waited.unwrap_or_else(|| {
+            self.rejected.inc();
+            Err(ProxyError::Full { waited: timeout })
+        })
+    }
+
+    /// Requests waiting for room now (see [`Upstream::wait_for_room`]).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether some backend would be picked now, without taking it (nor a
+    /// turn of the rotation).
+    fn pick_room(&self) -> bool {
+        let now = self.clock.now_ms();
+        let full = std::cell::Cell::new(false);
+        (0..self.backends.len()).any(|i| {
+            let c = self.candidate(i, now, Tried::NONE, false, &full);
+            c.eligible && !self.backends[i].drained()
+        })
     }
 
     /// Counts an attempt sent to an ejected backend, which [`Upstream::pick`]
