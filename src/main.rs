@@ -193,6 +193,18 @@ fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::
         warnings.push((format!("upstream[{i}]"), said));
     }
     let locator = portico::config::Locator::new(text);
+    // A line to wait in with nothing to wait for: a `max_conns` left out
+    // or misspelt, or the cap commented out and its timeout not.
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let key = format!("upstream[{i}].queue_timeout");
+        if upstream.backends.iter().all(|b| b.max_conns == 0) && locator.at(path, &key).is_some() {
+            let said = format!(
+                "has no effect: no backend of upstream `{}` has a max_conns (max_conns_per_backend, or max_conns in its table)",
+                upstream.name
+            );
+            warnings.push((key, said));
+        }
+    }
     for (key, said) in warnings {
         // `trusted_proxies` may be written under
         // `[rate_limit]` instead, and is named so

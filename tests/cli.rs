@@ -64,6 +64,36 @@ fn check_warns_of_a_cap_past_the_open_file_limit() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A `queue_timeout` where no backend has a `max_conns` waits for
+/// nothing: said at its line, and the file still passes.
+#[test]
+fn check_warns_of_a_queue_timeout_without_a_cap() {
+    let dir = std::env::temp_dir().join(format!("portico-queuecheck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("queue.toml");
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:8001\"]\nqueue_timeout = \"10s\"\n\
+         [[upstream]]\nname = \"b\"\nbackends = [{ addr = \"127.0.0.1:8002\", max_conns = 4 }]\n\
+         queue_timeout = \"10s\"\n[[route]]\nupstream = \"a\"\n[[route]]\npath_prefix = \"/b/\"\nupstream = \"b\"\n",
+    )
+    .unwrap();
+    let out = Command::new(PORTICO)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "portico check: warning: {}:4:1: upstream[0].queue_timeout: has no effect: no backend of upstream `a` has a max_conns (max_conns_per_backend, or max_conns in its table)",
+            file.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn check_reports_every_error_with_its_position_and_exits_1() {
     let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));
