@@ -150,6 +150,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
                         "drained": b.drained,
                         "in_flight": b.in_flight,
                         "max_conns": b.max_conns,
+                        "backup": b.backup,
                     })
                 })
                 .collect();

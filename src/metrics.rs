@@ -221,7 +221,7 @@ impl Metrics {
             upstream_queue_rejected: counter_vec(
                 &registry,
                 "portico_upstream_queue_rejected_total",
-                "Requests answered 503 because every backend of the upstream stayed at its max_conns for queue_timeout (at once when it is 0)",
+                "Requests turned away because every backend of the upstream stayed at its max_conns for queue_timeout (at once when it is 0): answered 503, or a stale copy in its place; a cache's background refresh is dropped",
                 &["upstream"],
             ),
             backend_up,

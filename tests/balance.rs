@@ -197,21 +197,6 @@ async fn holding_in_order(release: Arc<Notify>) -> (std::net::SocketAddr, Arc<Mu
     (addr, order)
 }
 
-/// The requests waiting for room in the proxy's first upstream.
-fn queued(proxy: &RunningProxy) -> usize {
-    proxy.shared.proxy.load().upstreams()[0].queued()
-}
-
-async fn wait_queued(proxy: &RunningProxy, n: usize) {
-    let waited = tokio::time::timeout(STEP, async {
-        while queued(proxy) != n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "{} queued, not {n}", queued(proxy));
-}
-
 /// `max_conns`: a backend at its cap is sent nothing more; requests past
 /// it wait in line and reach it in the order they came, one as each slot
 /// frees (HAProxy's `maxconn` and queue).
@@ -235,7 +220,7 @@ async fn requests_past_max_conns_wait_in_line_and_go_in_order() {
         .await;
     for n in 2..=4 {
         answers.push(send(&format!("/{n}")));
-        wait_queued(&proxy, n - 1).await;
+        proxy.wait_queued(n - 1).await;
     }
     assert_eq!(order.lock().unwrap().len(), 1, "sent past its max_conns");
     for (n, answer) in answers.into_iter().enumerate() {
@@ -247,22 +232,27 @@ async fn requests_past_max_conns_wait_in_line_and_go_in_order() {
         assert_eq!(answer.status, StatusCode::OK);
         assert!(proxy.backend_status()[0].in_flight <= 1);
         // The next is sent as this one's slot frees.
-        wait_queued(&proxy, 2usize.saturating_sub(n)).await;
+        proxy.wait_queued(2usize.saturating_sub(n)).await;
     }
     assert_eq!(*order.lock().unwrap(), ["/1", "/2", "/3", "/4"]);
     proxy.stop().await;
 }
 
 /// With every backend at its `max_conns` for `queue_timeout` (0: no
-/// waiting at all), a request is answered 503 and counted.
+/// waiting at all), a request is answered 503 and counted; a backup does
+/// not take the overflow (HAProxy's backups do not either).
 #[tokio::test]
 async fn a_request_finding_no_room_within_queue_timeout_gets_a_503() {
+    let backup = start_backend(portico::sample::BackendOptions::new("backup")).await;
     for queue_timeout in [Duration::ZERO, Duration::from_millis(200)] {
         let release = Arc::new(Notify::new());
         let (backend, order) = holding_in_order(release.clone()).await;
-        let mut config =
-            Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+        let mut config = Config::single_upstream(
+            vec!["127.0.0.1:0".parse().unwrap()],
+            vec![backend, backup.addr()],
+        );
         config.upstreams[0].backends[0].max_conns = 1;
+        config.upstreams[0].backends[1].backup = true;
         config.upstreams[0].queue_timeout = queue_timeout;
         let proxy = start_proxy(config).await;
         let held = tokio::spawn({
@@ -290,11 +280,129 @@ async fn a_request_finding_no_room_within_queue_timeout_gets_a_503() {
             metrics.contains("portico_upstream_queue_rejected_total{upstream=\"default\"} 1"),
             "{queue_timeout:?}"
         );
-        assert_eq!(queued(&proxy), 0);
+        assert_eq!(proxy.queued(), 0);
         release.notify_one();
         let held = tokio::time::timeout(STEP, held).await.unwrap().unwrap();
         assert_eq!(held.status, StatusCode::OK);
         assert_eq!(*order.lock().unwrap(), ["/held"]);
         proxy.stop().await;
     }
+    assert_eq!(backup.requests(), 0);
+}
+
+/// Requests in line when every backend goes down are told so at once (503
+/// `no healthy backend`), not left to wait out `queue_timeout` and then
+/// told "busy" (review44a M1: HAProxy keeps them its whole `timeout
+/// queue`).
+#[tokio::test]
+async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
+    use tokio::io::AsyncWriteExt;
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let release = Arc::new(Notify::new());
+    let backend = serve_each({
+        let (healthy, release) = (healthy.clone(), release.clone());
+        move |mut stream| {
+            let (healthy, release) = (healthy.clone(), release.clone());
+            async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let answer: &[u8] = if target_of(&String::from_utf8_lossy(&head)) == "/health" {
+                    if healthy.load(Ordering::SeqCst) {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 503 Down\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    }
+                } else {
+                    release.notified().await;
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                };
+                let _ = stream.write_all(answer).await;
+            }
+        }
+    })
+    .await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    let upstream = &mut config.upstreams[0];
+    upstream.backends[0].max_conns = 1;
+    upstream.queue_timeout = STEP * 3;
+    upstream.health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(50),
+        rise: 1,
+        fall: 1,
+        host: None,
+    });
+    let proxy = start_proxy(config).await;
+    let send = |path: &str| {
+        let (client, url) = (client(), proxy.url(path));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    let held = send("/held");
+    proxy
+        .wait_until("the first request to reach the backend", |s| {
+            s[0].in_flight == 1
+        })
+        .await;
+    let waiting = send("/waiting");
+    proxy.wait_queued(1).await;
+    healthy.store(false, Ordering::SeqCst);
+    let answer = tokio::time::timeout(STEP, waiting)
+        .await
+        .expect("told well before its queue_timeout")
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        &answer.body[..],
+        b"503 Service Unavailable: no healthy backend\n"
+    );
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(metrics.contains("portico_upstream_queue_rejected_total{upstream=\"default\"} 0"));
+    release.notify_one();
+    let held = tokio::time::timeout(STEP, held).await.unwrap().unwrap();
+    assert_eq!(held.status, StatusCode::OK);
+    proxy.stop().await;
+}
+
+/// A reload that lowers `max_conns` holds the requests already in line
+/// to the new cap too: they wait for the old generation's requests to
+/// bring the count under it (review44a L1: they went in under the old).
+#[tokio::test]
+async fn a_lower_max_conns_holds_the_requests_already_in_line() {
+    let release = Arc::new(Notify::new());
+    let (backend, order) = holding_in_order(release.clone()).await;
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    config.upstreams[0].backends[0].max_conns = 2;
+    config.upstreams[0].queue_timeout = STEP * 3;
+    let proxy = start_proxy(config.clone()).await;
+    let send = |path: &str| {
+        let (client, url) = (client(), proxy.url(path));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    let mut answers = vec![send("/1"), send("/2")];
+    proxy
+        .wait_until("two requests at the backend", |s| s[0].in_flight == 2)
+        .await;
+    answers.push(send("/3"));
+    proxy.wait_queued(1).await;
+    config.upstreams[0].backends[0].max_conns = 1;
+    proxy.swap_in(&config);
+    assert_eq!(proxy.backend_status()[0].max_conns, Some(1));
+    // One of the two ends: one is left, the cap is 1, /3 still waits.
+    release.notify_one();
+    let first = tokio::time::timeout(STEP, answers.remove(0)).await;
+    assert_eq!(first.unwrap().unwrap().status, StatusCode::OK);
+    // Longer than a request in line takes to look again (250 ms).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(proxy.queued(), 1, "sent past the lowered cap");
+    assert_eq!(order.lock().unwrap().len(), 2);
+    // The other ends, and /3 goes.
+    for answer in answers {
+        release.notify_one();
+        let answer = tokio::time::timeout(STEP, answer).await.unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    assert_eq!(*order.lock().unwrap(), ["/1", "/2", "/3"]);
+    proxy.stop().await;
 }

@@ -1152,6 +1152,44 @@ async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
     assert_eq!(cache_of(&proxy).counters.revalidated.get(), 0);
 }
 
+/// A background refresh whose 304 names another validator fetches the
+/// whole response again having let go of the 304's slot: under a
+/// `max_conns` of 1 it waited in line for the slot it held itself, and the
+/// upstream with it, for its whole `queue_timeout` (review44b M1).
+#[tokio::test]
+async fn a_refresh_that_refetches_whole_frees_its_slot_first() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\n\
+              Cache-Control: max-age=1, stale-while-revalidate=600\r\n\r\n"
+        } else if head.contains("x-first") {
+            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+              Cache-Control: max-age=1, stale-while-revalidate=600\r\nContent-Length: 3\r\n\r\nold"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
+              Content-Length: 3\r\n\r\nnew"
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
+    config.upstreams[0].backends[0].max_conns = 1;
+    config.upstreams[0].queue_timeout = STEP * 3;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/m");
+    assert_eq!(
+        get_with(&client, &url, &[("x-first", "1")]).await.body,
+        "old"
+    );
+    let refreshed = refreshed_in_background(&proxy, &client, &url).await;
+    assert_eq!(refreshed.body, "new");
+    proxy
+        .wait_until("the refresh's slot to be free", |s| s[0].in_flight == 0)
+        .await;
+}
+
 /// Requests the cache sends on carry this hop in `X-Forwarded-For` and
 /// `Via`, as pass-through ones do: a miss, a bypass, a revalidation and a
 /// background refresh. (A hit adds neither: it goes nowhere.)

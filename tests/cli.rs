@@ -1566,6 +1566,54 @@ fn a_head_timed_out_is_logged_with_the_time_it_had() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A request that waited in line under `max_conns` says how long in its
+/// access line (`queue_ms`, HAProxy's `Tw`), and one turned away is told
+/// apart from "no healthy backend" in its warning and its answer
+/// (review44a L3).
+#[test]
+fn a_request_turned_away_for_want_of_room_logs_its_wait() {
+    use std::io::{Read, Write};
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [{{ addr = \"{backend}\", max_conns = 1 }}]\n\
+         queue_timeout = \"200ms\"\n[[route]]\nupstream = \"u\"\n"
+    );
+    let mut run = portico_on("queue", &config, None);
+    let mut first = connect(&run);
+    first
+        .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // The backend has it, and holds the only slot.
+    let _first_at_backend = held.join().unwrap().unwrap();
+    let mut second = connect(&run);
+    second
+        .write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 1024];
+    let n = second.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.ends_with("every backend is busy\n"), "{answer}");
+    let line = line_with(&run.log, "\"path\":\"/second\"", &mut run.seen);
+    // At least its `queue_timeout`: a bound of the wait, not its speed.
+    let waited: f64 = line
+        .split("\"queue_ms\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no queue_ms in {line}"));
+    assert!(waited >= 200.0, "{line}");
+    let warning = "every backend is at its max_conns (waited 200ms for room)";
+    if !run.seen.iter().any(|seen| seen.contains(warning)) {
+        line_with(&run.log, warning, &mut run.seen);
+    }
+    drop(run.proxy);
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// The soft limit on open files is raised to the hard one at start: the
 /// usual 1024 runs out at ~500 clients, two sockets each.
 #[test]

@@ -46,13 +46,6 @@ async fn revive_second(proxy: &RunningProxy, addr: std::net::SocketAddr) -> Runn
     revived
 }
 
-/// What a reload to `config` does to the running proxy's generation.
-fn swap_in(proxy: &RunningProxy, config: &Config) {
-    let previous = proxy.shared.proxy.load_full();
-    let next = portico::proxy::Proxy::rebuild(config, proxy.shared.metrics.clone(), &previous);
-    proxy.shared.proxy.store(Arc::new(next));
-}
-
 fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for answer in answers {
@@ -115,7 +108,7 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
     // A reload changing one setting of the upstream builds it anew.
     let mut retuned = config;
     retuned.upstreams[0].connect_timeout = Duration::from_millis(1500);
-    swap_in(&proxy, &retuned);
+    proxy.swap_in(&retuned);
     let status = proxy.backend_status();
     assert!(status[0].active_up && !status[1].active_up, "{status:?}");
     let client = client();
@@ -128,14 +121,14 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
     let health = retimed.upstreams[0].health.as_mut().unwrap();
     health.timeout = Duration::from_millis(40);
     health.fall = 3;
-    swap_in(&proxy, &retimed);
+    proxy.swap_in(&retimed);
     let status = proxy.backend_status();
     assert!(status[0].active_up && !status[1].active_up, "{status:?}");
     // Checks that ask something else (a wrong path corrected, say) judge
     // afresh: every backend starts up, as at a start.
     let mut rechecked = retimed.clone();
     rechecked.upstreams[0].health.as_mut().unwrap().path = "/health?again".into();
-    swap_in(&proxy, &rechecked);
+    proxy.swap_in(&rechecked);
     assert!(proxy.backend_status()[1].active_up);
     // The new upstream's checks bring it back once it answers again.
     let revived = revive_second(&proxy, victim_addr).await;
@@ -220,7 +213,7 @@ async fn least_conn_counts_requests_a_reload_left_running() {
 
     let mut retuned = config;
     retuned.upstreams[0].response_timeout = Duration::from_secs(20);
-    swap_in(&proxy, &retuned);
+    proxy.swap_in(&retuned);
     let status = proxy.backend_status();
     assert_eq!(status[busy].in_flight, 1, "{status:?}");
     let client = client();
@@ -405,7 +398,7 @@ async fn a_reload_that_retunes_the_upstream_keeps_an_ejection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     config.upstreams[0].backends[1].weight = 2;
-    swap_in(&proxy, &config);
+    proxy.swap_in(&config);
     let status = proxy.backend_status();
     assert_eq!(status[1].weight, 2, "{status:?}");
     assert!(status[0].ejected, "{status:?}");
@@ -964,7 +957,7 @@ async fn a_replaced_upstream_checks_nothing_more() {
     // Held, as a streaming response's access line holds it.
     let old = proxy.shared.proxy.load_full();
     config.upstreams[0].health.as_mut().unwrap().path = "/healthz".into();
-    swap_in(&proxy, &config);
+    proxy.swap_in(&config);
     // A check of the old path already under way may still land.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let before = counted(&seen, "/health");
@@ -981,4 +974,80 @@ async fn a_replaced_upstream_checks_nothing_more() {
         "the old generation still checks"
     );
     drop(old);
+}
+
+/// A backup (nginx's and HAProxy's `backup`) takes requests only while no
+/// primary can (each drained, or down), and the primaries take them back
+/// as soon as one is up again.
+#[tokio::test]
+async fn a_backup_takes_requests_only_while_no_primary_can() {
+    for balance in [Balance::RoundRobin, Balance::LeastConn, Balance::RandomTwo] {
+        backup_stands_in(balance).await;
+    }
+}
+
+async fn backup_stands_in(balance: Balance) {
+    let mut backends = start_backends(3).await;
+    let mut config = checked(&backends.iter().collect::<Vec<_>>(), 100, 1, 1);
+    config.upstreams[0].backends[2].backup = true;
+    config.upstreams[0].balance = balance;
+    let proxy = start_proxy(config.clone()).await;
+    assert!(proxy.backend_status()[2].backup);
+    let client = client();
+    let url = proxy.url("/users/1/orders");
+    let spread = |n| {
+        let (client, url) = (&client, &url);
+        async move {
+            let mut answers = Vec::new();
+            for _ in 0..n {
+                let answer = get(client, url).await;
+                assert_eq!(answer.status, StatusCode::OK);
+                answers.push(answer);
+            }
+            count_by_backend(&answers)
+        }
+    };
+    let only = |pairs: &[(&str, usize)]| {
+        pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v))
+            .collect::<HashMap<_, _>>()
+    };
+    // Random draws need not split 10/10: the backup's share is the point.
+    let first = spread(20).await;
+    assert_eq!(first.get("b3"), None, "{balance:?}: {first:?}");
+    assert_eq!(first.values().sum::<usize>(), 20);
+
+    // Both primaries drained: the backup takes everything.
+    for primary in &mut config.upstreams[0].backends[..2] {
+        primary.weight = 0;
+    }
+    proxy.swap_in(&config);
+    assert_eq!(spread(10).await, only(&[("b3", 10)]));
+
+    // Back, then one primary down: the other takes everything.
+    for primary in &mut config.upstreams[0].backends[..2] {
+        primary.weight = 1;
+    }
+    proxy.swap_in(&config);
+    let b2 = backends.remove(1);
+    let b2_addr = b2.addr();
+    b2.stop().await;
+    proxy
+        .wait_until("the checks to find b2 down", |s| !s[1].up)
+        .await;
+    assert_eq!(spread(10).await, only(&[("b1", 10)]));
+
+    // Both down: the backup.
+    let b1 = backends.remove(0);
+    b1.stop().await;
+    proxy
+        .wait_until("the checks to find b1 down", |s| !s[0].up)
+        .await;
+    assert_eq!(spread(10).await, only(&[("b3", 10)]));
+
+    // A primary up again takes everything back.
+    let _b2 = revive_second(&proxy, b2_addr).await;
+    assert_eq!(spread(10).await, only(&[("b2", 10)]));
+    proxy.stop().await;
 }

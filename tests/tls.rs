@@ -774,6 +774,7 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
             addr,
             weight: 1,
             max_conns: 0,
+            backup: false,
         })
         .to_vec();
     config.upstreams[0].retries = 1;

@@ -115,6 +115,9 @@ pub struct Backend {
     /// `maxconn`): its own `max_conns`, else the upstream's
     /// `max_conns_per_backend`; 0 for no cap.
     pub max_conns: u32,
+    /// Takes requests only while no other backend can (nginx's and
+    /// HAProxy's `backup`): every one down, ejected or drained.
+    pub backup: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -406,6 +409,7 @@ impl Upstream {
                     addr,
                     weight: 1,
                     max_conns: 0,
+                    backup: false,
                 })
                 .collect(),
             balance: Balance::RoundRobin,

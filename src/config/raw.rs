@@ -107,7 +107,8 @@ impl<'de> Deserialize<'de> for Number {
     }
 }
 
-/// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2, max_conns = 8 }`. A
+/// `"127.0.0.1:8001"` or `{ addr = "127.0.0.1:8001", weight = 2, max_conns = 8,
+/// backup = true }`. A
 /// hand-written visitor rather than `#[serde(untagged)]`, which buffers the
 /// value and so loses the spans inside it.
 #[derive(Debug)]
@@ -117,6 +118,7 @@ pub struct Backend {
     pub plain: Option<String>,
     pub weight: Option<Spanned<i64>>,
     pub max_conns: Option<Spanned<i64>>,
+    pub backup: Option<Spanned<bool>>,
 }
 
 impl<'de> Deserialize<'de> for Backend {
@@ -127,7 +129,7 @@ impl<'de> Deserialize<'de> for Backend {
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str(
-                    "a backend: \"IP:PORT\" or { addr = \"IP:PORT\", weight = N, max_conns = N }",
+                    "a backend: \"IP:PORT\" or { addr = \"IP:PORT\", weight = N, max_conns = N, backup = true }",
                 )
             }
 
@@ -137,6 +139,7 @@ impl<'de> Deserialize<'de> for Backend {
                     plain: Some(value.to_owned()),
                     weight: None,
                     max_conns: None,
+                    backup: None,
                 })
             }
 
@@ -147,15 +150,17 @@ impl<'de> Deserialize<'de> for Backend {
                 let mut addr = None;
                 let mut weight = None;
                 let mut max_conns = None;
+                let mut backup = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "addr" => addr = Some(map.next_value()?),
                         "weight" => weight = Some(map.next_value()?),
                         "max_conns" => max_conns = Some(map.next_value()?),
+                        "backup" => backup = Some(map.next_value()?),
                         other => {
                             return Err(serde::de::Error::unknown_field(
                                 other,
-                                &["addr", "weight", "max_conns"],
+                                &["addr", "weight", "max_conns", "backup"],
                             ))
                         }
                     }
@@ -166,6 +171,7 @@ impl<'de> Deserialize<'de> for Backend {
                     plain: None,
                     weight,
                     max_conns,
+                    backup,
                 })
             }
         }

@@ -198,6 +198,7 @@ fn max_conns_is_the_backend_s_own_else_the_upstream_s() {
     .unwrap();
     let caps = |u: &Upstream| u.backends.iter().map(|b| b.max_conns).collect::<Vec<_>>();
     assert_eq!(caps(&config.upstreams[0]), [8, 2, 0]);
+    assert!(config.upstreams[0].backends.iter().all(|b| !b.backup));
     assert_eq!(config.upstreams[0].queue_timeout, std::time::Duration::ZERO);
     // No cap, and a five-second line, unless asked.
     assert_eq!(caps(&config.upstreams[1]), [0]);
@@ -274,6 +275,10 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:3:46: upstream[0].backends[0].weight: weight must be from 0 (drained) to 1000",
                 "test.toml:4:36: upstream[0].backends[1].weight: weight must be from 0 (drained) to 1000",
             ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", backup = true }]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:3:12: upstream[0].backends: every backend is a backup: a backup stands in for the others, so at least one must not be"],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", max_conns = -1 }]\nmax_conns_per_backend = 1000001\nqueue_timeout = \"soon\"\n[[route]]\nupstream = \"a\"\n",

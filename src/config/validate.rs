@@ -837,7 +837,15 @@ fn upstream(
             addr,
             weight,
             max_conns,
+            backup: b.backup.as_ref().is_some_and(|b| *b.get_ref()),
         });
+    }
+    if !upstream.backends.is_empty() && upstream.backends.iter().all(|b| b.backup) {
+        r.at(
+            raw.backends.span(),
+            format!("{key}.backends"),
+            "every backend is a backup: a backup stands in for the others, so at least one must not be",
+        );
     }
     if let Some(balance) = &raw.balance {
         upstream.balance = match balance.get_ref().as_str() {

@@ -1583,7 +1583,11 @@ async fn refresh(
     if response.status() == StatusCode::NOT_MODIFIED {
         match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
             Revalidated::Mismatch => {
-                // As in `revalidate`: fetch it whole, once.
+                // As in `revalidate`: fetch it whole, once. The 304 and
+                // its slot go first: held, under a `max_conns` of 1 the
+                // refetch waited in line for the slot it held itself,
+                // and the upstream with it (review44b M1).
+                drop((response, in_flight));
                 (fetch.request_time, trace.retried_at) = (cache.now(), None);
                 (response, in_flight) =
                     match forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace)

@@ -42,7 +42,7 @@ pub enum ProxyError {
     #[error("every backend of the upstream is drained (weight 0)")]
     AllDrained,
     /// Every backend up stayed at its `max_conns` while the request waited.
-    #[error("every backend is at its max_conns (waited {waited:?} for room)")]
+    #[error("every backend is at its max_conns{}", waited_for(*.waited))]
     Full { waited: std::time::Duration },
     /// The runtime stopped the task forwarding the request: portico is
     /// stopping.
@@ -199,6 +199,16 @@ impl std::fmt::Display for Broke<'_> {
             // cause (a reset, portico's own limit) is its source.
             Chain(self.0).fmt(f)
         }
+    }
+}
+
+/// How long a request turned away for want of room waited, as its error
+/// says it (nothing with `queue_timeout = "0s"`).
+fn waited_for(waited: std::time::Duration) -> String {
+    if waited.is_zero() {
+        String::new()
+    } else {
+        format!(" (waited {waited:?} for room)")
     }
 }
 

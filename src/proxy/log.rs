@@ -291,6 +291,8 @@ pub struct Reached {
     pub upstream: Option<Arc<Upstream>>,
     pub backend: Option<SocketAddr>,
     pub retries: u32,
+    /// Its wait in line for room under `max_conns` (HAProxy's `Tw`).
+    pub queued: Option<Duration>,
 }
 
 /// The access line of a request whose response is under way, written when
@@ -418,6 +420,7 @@ impl Drop for Tail {
             upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name()),
             backend = self.reached.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
             retries = Some(self.reached.retries).filter(|&n| n > 0),
+            queue_ms = self.reached.queued.map(millis),
             cache = self.cache_result().as_ref(),
             request_id = record.request_id.to_str().unwrap_or("-"),
             // Last, as nginx's `combined` has them (review37c L1); a value

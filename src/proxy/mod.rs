@@ -158,6 +158,8 @@ pub struct Trace {
     /// out: the access line's capture does it, and throttling takes its
     /// answer rather than walk the forwarding fields again.
     pub client: Option<std::net::IpAddr>,
+    /// How long it waited in line for room under `max_conns`, if it did.
+    pub queued: Option<std::time::Duration>,
 }
 
 /// How soon after it was sent a request's pooled connection must end, with
@@ -224,6 +226,7 @@ impl Pending<'_> {
             upstream: self.proxy.upstream_of(self.trace.route).cloned(),
             backend: self.trace.backend,
             retries: self.trace.retries,
+            queued: self.trace.queued,
         }
     }
 }
@@ -1182,7 +1185,12 @@ fn forward_with_retries<'a>(
         let (mut index, mut slot) = match upstream.take_first() {
             Ok(taken) => taken,
             Err(Unpicked::NoneUp) => return Err(upstream.none_to_pick()),
-            Err(Unpicked::Full) => Box::pin(upstream.wait_for_room()).await?,
+            Err(Unpicked::Full) => {
+                let since = std::time::Instant::now();
+                let taken = Box::pin(upstream.wait_for_room()).await;
+                trace.queued = Some(since.elapsed());
+                taken?
+            }
         };
         // A copy of the head for the next attempt, with the `Sent` mark.
         let retry_head = |head: &http::request::Parts| {

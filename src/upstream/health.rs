@@ -77,11 +77,12 @@ pub struct BackendState {
     /// How long a probe holds the others off at most: as long as an
     /// attempt may take (`connect_timeout` + `response_timeout`).
     probe_hold_ms: u64,
-    /// Requests in flight to this address, shared with the same backend of
-    /// the upstream's earlier generations (see [`BackendState::sharing_in_flight`]).
-    in_flight: Arc<AtomicUsize>,
-    /// Its upstream's line, woken as a slot frees, when it has a
-    /// `max_conns` (see [`BackendState::queueing`]).
+    /// Requests in flight to this address and its `max_conns`, shared
+    /// with the same backend of the upstream's other generations (see
+    /// [`BackendState::sharing_in_flight`]).
+    slots: Arc<Slots>,
+    /// Its upstream's line, woken as a slot frees (see
+    /// [`BackendState::queueing`]).
     queue: Option<Arc<super::queue::Queue>>,
     /// Failures that eject.
     threshold: u32,
@@ -99,6 +100,14 @@ pub struct BackendState {
     /// Its upstream's clock, for a verdict given where the upstream is
     /// not at hand (a body's end, see [`InFlight::judged_at_end`]).
     clock: Clock,
+}
+
+/// A backend address's requests in flight, and how many it may have.
+#[derive(Debug)]
+struct Slots {
+    taken: AtomicUsize,
+    /// `usize::MAX`: no cap.
+    max: AtomicUsize,
 }
 
 /// What a passive observation changed, for the one log line it deserves.
@@ -120,7 +129,10 @@ impl BackendState {
             epoch: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             probe_hold_ms: 32_000,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            slots: Arc::new(Slots {
+                taken: AtomicUsize::new(0),
+                max: AtomicUsize::new(usize::MAX),
+            }),
             queue: None,
             threshold: threshold.max(1),
             body_errors: None,
@@ -195,15 +207,28 @@ impl BackendState {
     /// Counts its requests in flight together with `previous`, the same
     /// address in the generation a reload replaces: requests started there
     /// still load the backend, and each one that ends there is one fewer
-    /// here. Only the count is shared; passive and active health are each
-    /// generation's own.
+    /// here. The cap is shared too (see [`BackendState::with_max_conns`]),
+    /// so a reload that lowers it holds the requests still waiting in line
+    /// on the previous generation to it (review44a L1). Passive and active
+    /// health are each generation's own.
     pub fn sharing_in_flight(mut self, previous: &BackendState) -> Self {
-        self.in_flight = previous.in_flight.clone();
+        self.slots = previous.slots.clone();
         self
     }
 
-    /// Wakes `queue`'s first request as each of its requests ends: it has
-    /// a `max_conns`, and a request may be waiting for the slot.
+    /// Its `max_conns` (0: none), for every generation sharing its count:
+    /// set after [`BackendState::sharing_in_flight`].
+    pub fn with_max_conns(self, max: u32) -> Self {
+        let max = match max {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        self.slots.max.store(max, Ordering::Relaxed);
+        self
+    }
+
+    /// Wakes `queue`'s first request as a slot frees with room left under
+    /// the cap: a request may be waiting for it.
     pub fn queueing(mut self, queue: Arc<super::queue::Queue>) -> Self {
         self.queue = Some(queue);
         self
@@ -230,16 +255,23 @@ impl BackendState {
     // SeqCst on the count, for the line's wake-ups (see
     // `Queue::released`); on x86 the same instructions as Relaxed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.slots.taken.load(Ordering::SeqCst)
+    }
+
+    /// Its `max_conns`; `usize::MAX` for none.
+    pub fn max_conns(&self) -> usize {
+        self.slots.max.load(Ordering::Relaxed)
     }
 
     pub fn start_request(&self) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.slots.taken.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Takes an in-flight slot if fewer than `max` are taken.
-    pub fn start_request_within(&self, max: usize) -> bool {
-        self.in_flight
+    /// Takes an in-flight slot if it is below its `max_conns`.
+    pub fn start_request_within(&self) -> bool {
+        let max = self.max_conns();
+        self.slots
+            .taken
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -247,9 +279,14 @@ impl BackendState {
     }
 
     pub fn end_request(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if let Some(queue) = &self.queue {
-            queue.released();
+        let before = self.slots.taken.fetch_sub(1, Ordering::SeqCst);
+        // Only a slot under the cap is room: a wake-up for one above it
+        // (a reload lowered the cap) sent the first in line to the back
+        // (review44a L2).
+        if before <= self.max_conns() {
+            if let Some(queue) = &self.queue {
+                queue.released();
+            }
         }
     }
 

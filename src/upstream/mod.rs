@@ -12,6 +12,7 @@ mod queue;
 pub mod select;
 mod tls;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,7 +32,7 @@ use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight};
 pub use pool::UpstreamBody;
 use pool::{Pool, SendError};
-use queue::Queue;
+use queue::{Queue, Room};
 use select::{Candidate, Tried, Turn};
 
 /// Largest read buffer of a backend connection: 64 KiB of body per read
@@ -48,8 +49,8 @@ const RETRY_BUDGET_PERCENT: u64 = 20;
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// Requests in flight at most (`usize::MAX`: no cap).
-    max_conns: usize,
+    /// Takes requests only while no primary backend can.
+    pub backup: bool,
     /// Pre-built so a request's URI costs a cheap clone, not formatting.
     authority: Authority,
     state: Arc<BackendState>,
@@ -88,17 +89,17 @@ impl Backend {
     /// Takes an in-flight slot until the returned guard drops, if it is
     /// below its `max_conns`.
     pub fn take_slot(&self) -> Option<InFlight> {
-        if self.max_conns == usize::MAX {
+        if self.state.max_conns() == usize::MAX {
             return Some(InFlight::new(self.state.clone()));
         }
         self.state
-            .start_request_within(self.max_conns)
+            .start_request_within()
             .then(|| InFlight::taken(self.state.clone()))
     }
 
     /// Its `max_conns`, if it has one.
     pub fn max_conns(&self) -> Option<usize> {
-        (self.max_conns != usize::MAX).then_some(self.max_conns)
+        Some(self.state.max_conns()).filter(|&max| max != usize::MAX)
     }
 
     /// Weight 0: sent no new request by any balance mode, retries
@@ -125,6 +126,7 @@ pub struct BackendStatus {
     pub drained: bool,
     pub in_flight: usize,
     pub max_conns: Option<usize>,
+    pub backup: bool,
 }
 
 /// Why no backend was picked.
@@ -134,6 +136,43 @@ pub enum Unpicked {
     NoneUp,
     /// Every one up that could be picked is at its `max_conns`.
     Full,
+}
+
+/// Which backends one pass of [`Upstream::pick`] looks at.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The backups, rather than the primaries.
+    backup: bool,
+    /// The passively ejected too (panic routing).
+    ejected: bool,
+}
+
+impl Pass {
+    const PRIMARY: Pass = Pass {
+        backup: false,
+        ejected: false,
+    };
+    const BACKUP: Pass = Pass {
+        backup: true,
+        ejected: false,
+    };
+    /// Panic routing: every primary and backup out.
+    const PRIMARY_EJECTED: Pass = Pass {
+        backup: false,
+        ejected: true,
+    };
+    const BACKUP_EJECTED: Pass = Pass {
+        backup: true,
+        ejected: true,
+    };
+    /// In the order they are tried, without backups and with.
+    const PRIMARIES: [Pass; 2] = [Pass::PRIMARY, Pass::PRIMARY_EJECTED];
+    const WITH_BACKUPS: [Pass; 4] = [
+        Pass::PRIMARY,
+        Pass::BACKUP,
+        Pass::PRIMARY_EJECTED,
+        Pass::BACKUP_EJECTED,
+    ];
 }
 
 /// A running upstream: its backends, balancer, health and connection pool.
@@ -167,6 +206,8 @@ pub struct Upstream {
     queue: Arc<Queue>,
     /// Some backend has a `max_conns`.
     capped: bool,
+    /// Some backend is a backup.
+    backups: bool,
     /// Requests turned away after waiting in `queue`, and the warning
     /// that says so, at most every [`UNAVAILABLE_SAID`] seconds.
     rejected: prometheus::IntCounter,
@@ -214,9 +255,9 @@ impl Upstream {
                     .counting_ejections(backend_metrics.ejections())
                     .of_upstream(clock, lone)
                     .named(name.clone(), b.addr);
-                if b.max_conns > 0 {
-                    state = state.queueing(queue.clone());
-                }
+                // Every backend's: a reload may have capped one whose
+                // requests of the previous generation free its slots.
+                state = state.queueing(queue.clone());
                 if let Some(old) = old.get(&b.addr) {
                     state = state.sharing_in_flight(&old.state);
                     // A lone backend is never ejected, nor would anything
@@ -226,13 +267,11 @@ impl Upstream {
                         state = state.keeping_passive(&old.state);
                     }
                 }
+                let state = state.with_max_conns(b.max_conns);
                 Backend {
                     addr: b.addr,
                     weight: b.weight,
-                    max_conns: match b.max_conns {
-                        0 => usize::MAX,
-                        n => n as usize,
-                    },
+                    backup: b.backup,
                     authority: Authority::try_from(addr.as_str())
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
@@ -262,6 +301,7 @@ impl Upstream {
             panic: metrics.panic(&config.name),
             panicking: crate::logging::Every::new(),
             capped: config.backends.iter().any(|b| b.max_conns > 0),
+            backups: config.backends.iter().any(|b| b.backup),
             queue,
             rejected,
             full: crate::logging::Every::new(),
@@ -376,16 +416,19 @@ impl Upstream {
                 drained: b.drained(),
                 in_flight: b.state.in_flight(),
                 max_conns: b.max_conns(),
+                backup: b.backup,
             })
             .collect()
     }
 
+    /// The round-robin cycle, of the primary backends up by the active
+    /// checks (backups are picked by weight alone, see [`Upstream::pick`]).
     fn rebuild_cycle(&self) {
         let candidates: Vec<Candidate> = self
             .backends
             .iter()
             .map(|b| Candidate {
-                eligible: b.state.active_up(),
+                eligible: b.state.active_up() && !b.backup,
                 weight: b.weight,
                 in_flight: 0,
             })
@@ -394,9 +437,10 @@ impl Upstream {
             .store(Arc::new(select::weighted_cycle(&candidates)));
     }
 
-    /// Backend `i` as a pick sees it: eligible when not `tried` and up, by
-    /// the active checks and passive health both, or by the active checks
-    /// alone when `ejected_too`, and below its `max_conns`; one that would
+    /// Backend `i` as a pick sees it: eligible when of the pass's kind
+    /// (primary or backup), not `tried` and up, by the active checks and
+    /// passive health both, or by the active checks alone when the pass
+    /// takes the `ejected` too, and below its `max_conns`; one that would
     /// be but for its `max_conns` sets `full`. (Drained ones are passed
     /// over by the selection itself, for its weight.)
     fn candidate(
@@ -404,18 +448,18 @@ impl Upstream {
         i: usize,
         now: u64,
         tried: Tried,
-        ejected_too: bool,
-        full: &std::cell::Cell<bool>,
+        pass: Pass,
+        full: &Cell<bool>,
     ) -> Candidate {
         let b = &self.backends[i];
-        let up = if ejected_too {
+        let up = if pass.ejected {
             b.state.active_up()
         } else {
             b.state.eligible(now)
         };
         let in_flight = b.state.in_flight();
-        let wanted = up && !tried.contains(i);
-        let room = in_flight < b.max_conns;
+        let wanted = up && b.backup == pass.backup && !tried.contains(i);
+        let room = in_flight < b.state.max_conns();
         if wanted && !room && !b.drained() {
             full.set(true);
         }
@@ -435,35 +479,43 @@ impl Upstream {
     /// connection the backend closed as it was reused is the usual cause,
     /// and a new one may well work).
     ///
+    /// Backups take a request only when no primary backend is healthy
+    /// (each down, ejected or drained), as nginx's and HAProxy's `backup`
+    /// servers; a retry too goes to a primary while one is healthy.
+    ///
     /// When every backend is out, the ones only passively ejected take
-    /// traffic again: those failures may be over, and without them every
-    /// request would get a 503 until a backoff ran out (nginx marks all its
-    /// peers live again then, Envoy routes to all hosts below its panic
-    /// threshold); a success ends a backend's ejection at once. `NoneUp`
-    /// only when no backend is up by the active checks, or every one that
-    /// is is drained.
+    /// traffic again, primaries first: those failures may be over, and
+    /// without them every request would get a 503 until a backoff ran out
+    /// (nginx marks all its peers live again then, Envoy routes to all
+    /// hosts below its panic threshold); a success ends a backend's
+    /// ejection at once. `NoneUp` only when no backend is up by the active
+    /// checks, or every one that is is drained.
     ///
     /// Backends at their `max_conns` are passed over. When every one that
     /// is healthy is, the pick is `Full` (the request waits for room, see
-    /// [`Upstream::wait_for_room`]): ejected backends are not a spill-over
-    /// for a busy upstream.
+    /// [`Upstream::wait_for_room`]): neither backups nor ejected backends
+    /// are a spill-over for a busy upstream.
     pub fn pick(&self, tried: Tried) -> Result<usize, Unpicked> {
         let now = self.clock.now_ms();
         // One turn for every pass: taking one each would make the later
         // ones land on the same parity every time (one backend of two).
         let turn = self.turns.take(tried);
-        let full = std::cell::Cell::new(false);
-        let pass = |tried, ejected_too| {
-            self.choose(turn, |i| self.candidate(i, now, tried, ejected_too, &full))
-        };
+        let full = Cell::new(false);
         let retry = !tried.is_empty();
-        let healthy =
-            pass(tried, false).or_else(|| retry.then(|| pass(Tried::NONE, false)).flatten());
-        let picked = match healthy {
-            Some(index) => Some(index),
-            None if full.get() => None,
-            None => pass(tried, true).or_else(|| retry.then(|| pass(Tried::NONE, true)).flatten()),
+        let pass = |pass| {
+            let at = |tried| self.choose(turn, |i| self.candidate(i, now, tried, pass, &full));
+            at(tried).or_else(|| retry.then(|| at(Tried::NONE)).flatten())
         };
+        let passes = if self.backups {
+            &Pass::WITH_BACKUPS[..]
+        } else {
+            &Pass::PRIMARIES[..]
+        };
+        // A pass that found backends up, all full, ends the search.
+        let picked = passes
+            .iter()
+            .take_while(|_| !full.get())
+            .find_map(|&p| pass(p));
         picked.ok_or(if full.get() {
             Unpicked::Full
         } else {
@@ -490,7 +542,9 @@ impl Upstream {
     /// without a `max_conns` has no line of its own (a reload may have
     /// left one behind, waiting on the generation it replaced).
     pub fn take_first(&self) -> Result<(usize, InFlight), Unpicked> {
-        if self.capped && self.queue.busy() {
+        // Not with a `queue_timeout` of 0, where no one waits (those in
+        // line are a previous generation's, review44b L1).
+        if self.capped && !self.config.queue_timeout.is_zero() && self.queue.busy() {
             return Err(Unpicked::Full);
         }
         self.take(Tried::NONE)
@@ -510,7 +564,7 @@ impl Upstream {
                 Err(Unpicked::NoneUp) => Some(Err(self.none_to_pick())),
                 Err(Unpicked::Full) => None,
             };
-            self.queue.wait(timeout, take, || self.pick_room()).await
+            self.queue.wait(timeout, take, || self.room()).await
         };
         waited.unwrap_or_else(|| {
             self.rejected.inc();
@@ -523,15 +577,25 @@ impl Upstream {
         self.queue.len()
     }
 
-    /// Whether some backend would be picked now, without taking it (nor a
-    /// turn of the rotation).
-    fn pick_room(&self) -> bool {
+    /// Whether a backend would be picked now, without taking it (nor a
+    /// turn of the rotation): a healthy primary if any is, else a healthy
+    /// backup.
+    fn room(&self) -> Room {
         let now = self.clock.now_ms();
-        let full = std::cell::Cell::new(false);
-        (0..self.backends.len()).any(|i| {
-            let c = self.candidate(i, now, Tried::NONE, false, &full);
-            c.eligible && !self.backends[i].drained()
-        })
+        let full = Cell::new(false);
+        for pass in [Pass::PRIMARY, Pass::BACKUP] {
+            let room = (0..self.backends.len()).any(|i| {
+                let c = self.candidate(i, now, Tried::NONE, pass, &full);
+                c.eligible && c.weight > 0
+            });
+            if room {
+                return Room::Free;
+            }
+            if full.get() {
+                return Room::Full;
+            }
+        }
+        Room::NoneHealthy
     }
 
     /// Counts an attempt sent to an ejected backend, which [`Upstream::pick`]

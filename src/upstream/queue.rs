@@ -3,15 +3,20 @@
 //! `maxconn` (nginx's `max_conns` has a queue only in NGINX Plus; the
 //! open-source one answers 502 at once).
 //!
-//! A slot freed on a capped backend wakes the first request in line, which
-//! picks again; one that comes while others wait joins the line behind
-//! them rather than taking the slot from under them, so the line is
-//! served in order. Room can also come with no slot freed (a backend's
-//! ejection over, one found up by its checks): each waiting request
-//! looks for it every [`RECHECK`], and wakes the first in line if it finds
-//! some.
+//! The line is an explicit list, served in order: a slot freed under its
+//! cap wakes the first request in line, which picks again; it leaves the
+//! line when it has a slot (or gives up), and wakes the next. One that
+//! comes while others wait joins the line behind them rather than taking
+//! the slot freed for the first, and a first that finds no room after all
+//! (a retry took the slot) keeps its place (review44b M2: with a
+//! `tokio::sync::Notify`, each wake-up that found no room sent its waiter
+//! to the back). Room can also come with no slot freed (a backend's
+//! ejection over, one found up by its checks): every request in line
+//! looks for it every [`RECHECK`], and wakes the first if it finds some.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -19,13 +24,26 @@ use tokio::sync::Notify;
 /// How often a waiting request looks for room though nothing woke it.
 pub const RECHECK: Duration = Duration::from_millis(250);
 
+/// What a look at an upstream's backends finds, without taking a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// A healthy backend has room.
+    Free,
+    /// Every healthy backend is at its `max_conns`.
+    Full,
+    /// None is healthy: the requests in line are to be told (a 503 of
+    /// their own), or sent to the ejected ones (panic routing).
+    NoneHealthy,
+}
+
 /// One upstream's line, shared by its generations (a reload's requests
 /// and those it left running free the same backends' slots).
 #[derive(Debug)]
 pub struct Queue {
-    wake: Notify,
-    /// Requests in line. Read by every release of a capped backend's slot,
-    /// so only a line with someone in it costs a wake-up.
+    /// Each request in line's own wake-up, first in line first.
+    line: Mutex<VecDeque<Arc<Notify>>>,
+    /// Requests in line: read as each slot frees, so only a line with
+    /// someone in it costs a wake-up (and the lock).
     waiting: AtomicUsize,
     /// `portico_upstream_queued_requests`.
     gauge: prometheus::IntGauge,
@@ -34,7 +52,7 @@ pub struct Queue {
 impl Queue {
     pub fn new(gauge: prometheus::IntGauge) -> Self {
         Queue {
-            wake: Notify::new(),
+            line: Mutex::new(VecDeque::new()),
             waiting: AtomicUsize::new(0),
             gauge,
         }
@@ -50,83 +68,193 @@ impl Queue {
         self.waiting.load(Ordering::SeqCst) > 0
     }
 
-    /// A slot of a capped backend was freed: the first in line looks for
-    /// room. (SeqCst, with [`Queue::join`]: either this sees the request
-    /// that joins, or that request, which looks for room after joining,
-    /// sees the slot free.)
+    /// A slot was freed under its cap: the first in line looks for room.
+    /// (SeqCst, with [`Queue::join`]: either this sees the request that
+    /// joins, or that request, which looks for room after joining, sees
+    /// the slot free.)
     pub fn released(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.wake.notify_one();
+            self.wake_first();
         }
+    }
+
+    /// Wakes the first in line (a wake-up it is not waiting for yet is
+    /// kept for it).
+    fn wake_first(&self) {
+        if let Some(first) = self.lock().front() {
+            first.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Notify>>> {
+        self.line.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits in line for `take` to find room (`None`: none yet; an error
     /// ends the wait, as no backend being up does), at most `timeout`
-    /// (`None` then). A request first in line looks at once; one behind
-    /// others waits to be woken, so it does not take the slot freed for
-    /// the first. One that takes a slot wakes the next in line if `room`
-    /// is left. Every [`RECHECK`], one that finds `room` wakes the first
-    /// in line rather than take it.
+    /// (`None` then). The first in line looks at once and at each
+    /// wake-up; the others wait their turn. Every [`RECHECK`], one that
+    /// finds `room` wakes the first in line rather than take it, and one
+    /// that finds no backend healthy looks itself (review44a M1: without,
+    /// the line waited its whole `queue_timeout` through an outage and
+    /// was told "busy").
     pub async fn wait<T, E>(
         &self,
         timeout: Duration,
         mut take: impl FnMut() -> Option<Result<T, E>>,
-        room: impl Fn() -> bool,
+        room: impl Fn() -> Room,
     ) -> Option<Result<T, E>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (_place, first) = self.join();
-        // Registered before each look, so a slot freed between the look
-        // and the wait still wakes this request; kept across rechecks, so
-        // its place in line is too. A wake-up it does not live to take is
-        // passed on to the next in line by tokio.
-        let woken = self.wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        let mut look = first;
+        let (place, mut look) = self.join();
         loop {
             if look {
                 if let Some(taken) = take() {
-                    if taken.is_ok() && self.waiting.load(Ordering::SeqCst) > 1 && room() {
-                        self.wake.notify_one();
-                    }
+                    // Leaving the line wakes the next (see `Place`).
                     return Some(taken);
                 }
             }
             look = false;
             tokio::select! {
-                () = &mut woken => {
-                    woken.set(self.wake.notified());
-                    woken.as_mut().enable();
-                    look = true;
-                }
-                () = tokio::time::sleep(RECHECK) => {
-                    if room() {
-                        self.wake.notify_one();
-                    }
-                }
+                // A wake-up that came between the look and here was kept.
+                () = place.wake.notified() => look = true,
+                () = tokio::time::sleep(RECHECK) => match room() {
+                    Room::Free => self.wake_first(),
+                    Room::NoneHealthy => look = true,
+                    Room::Full => {}
+                },
                 () = tokio::time::sleep_until(deadline) => return None,
             }
         }
     }
 
-    /// Joins the line until the returned place drops; says whether the
-    /// request is first in line.
+    /// Joins the end of the line until the returned place drops; says
+    /// whether the request is first in line.
     fn join(&self) -> (Place<'_>, bool) {
-        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let wake = Arc::new(Notify::new());
+        let mut line = self.lock();
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        line.push_back(wake.clone());
+        let first = line.len() == 1;
+        drop(line);
         self.gauge.inc();
-        (Place { queue: self }, ahead == 0)
+        (Place { queue: self, wake }, first)
     }
 }
 
-/// A request's place in line (see [`Queue::join`]).
+/// A request's place in line (see [`Queue::join`]). Leaving it, the first
+/// wakes the next: to take the room left, if any, or a wake-up it was
+/// given and did not live to take.
 #[derive(Debug)]
 struct Place<'a> {
     queue: &'a Queue,
+    wake: Arc<Notify>,
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
+        let mut line = self.queue.lock();
+        let at = line.iter().position(|w| Arc::ptr_eq(w, &self.wake));
+        if let Some(at) = at {
+            line.remove(at);
+        }
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+        if at == Some(0) {
+            if let Some(next) = line.front() {
+                next.notify_one();
+            }
+        }
+        drop(line);
         self.queue.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn queue() -> Arc<Queue> {
+        let gauge = prometheus::IntGauge::new("queued", "queued").unwrap();
+        Arc::new(Queue::new(gauge))
+    }
+
+    /// Five requests wait for one slot, freed five times: they take it in
+    /// the order they came, though every one also looks at each recheck
+    /// and the first is sometimes woken with no room (review44b M2: a
+    /// waiter woken for nothing went to the back; 1..5 were served
+    /// `[1, 2, 4, 5, 3]`).
+    #[tokio::test(start_paused = true)]
+    async fn the_line_is_served_in_order() {
+        let queue = queue();
+        let free = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for n in 0..5 {
+            let (line, free, served) = (queue.clone(), free.clone(), served.clone());
+            waiting.push(tokio::spawn(async move {
+                let take = || {
+                    free.swap(false, Ordering::SeqCst).then(|| {
+                        served.lock().unwrap().push(n);
+                        Ok::<_, ()>(())
+                    })
+                };
+                let room = || Room::Full;
+                line.wait(Duration::from_secs(60), take, room).await
+            }));
+            // In line before the next comes.
+            while queue.len() < n + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for round in 0..5 {
+            // A wake-up with no room: the first keeps its place.
+            queue.released();
+            tokio::time::sleep(RECHECK * 3).await;
+            free.store(true, Ordering::SeqCst);
+            queue.released();
+            while served.lock().unwrap().len() < round + 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        for waiter in waiting {
+            assert_eq!(waiter.await.unwrap(), Some(Ok(())));
+        }
+        assert_eq!(*served.lock().unwrap(), [0, 1, 2, 3, 4]);
+        assert_eq!(queue.len(), 0);
+    }
+
+    /// The first in line leaving with a wake-up it did not live to take
+    /// passes it on: the next takes the slot it was woken for.
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_the_first_does_not_live_to_take_goes_to_the_next() {
+        let queue = queue();
+        let free = Arc::new(AtomicBool::new(false));
+        let waiter = |free: Arc<AtomicBool>| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let take = || {
+                    free.swap(false, Ordering::SeqCst)
+                        .then_some(Ok::<_, ()>(()))
+                };
+                queue
+                    .wait(Duration::from_secs(60), take, || Room::Full)
+                    .await
+            })
+        };
+        let first = waiter(free.clone());
+        while queue.len() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let second = waiter(free.clone());
+        while queue.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // Woken, and gone (its client left) before it ran.
+        free.store(true, Ordering::SeqCst);
+        queue.released();
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        assert_eq!(second.await.unwrap(), Some(Ok(())));
+        assert_eq!(queue.len(), 0);
     }
 }

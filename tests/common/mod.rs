@@ -60,6 +60,29 @@ impl RunningProxy {
         );
     }
 
+    /// What a reload to `config` does to the running proxy's generation.
+    pub fn swap_in(&self, config: &Config) {
+        let previous = self.shared.proxy.load_full();
+        let next = portico::proxy::Proxy::rebuild(config, self.shared.metrics.clone(), &previous);
+        self.shared.proxy.store(Arc::new(next));
+    }
+
+    /// The requests waiting for room in the first upstream.
+    pub fn queued(&self) -> usize {
+        self.shared.proxy.load().upstreams()[0].queued()
+    }
+
+    /// Waits until `n` requests wait for room in the first upstream.
+    pub async fn wait_queued(&self, n: usize) {
+        let waited = tokio::time::timeout(STEP, async {
+            while self.queued() != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "{} queued, not {n}", self.queued());
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
