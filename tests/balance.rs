@@ -197,6 +197,26 @@ async fn holding_in_order(release: Arc<Notify>) -> (std::net::SocketAddr, Arc<Mu
     (addr, order)
 }
 
+/// A GET of `path` in a task of its own, once it holds the first
+/// backend's only slot.
+async fn held_at_backend(proxy: &RunningProxy, path: &str) -> tokio::task::JoinHandle<Answer> {
+    let held = proxy.spawn_get(path);
+    proxy
+        .wait_until("the first request to reach the backend", |s| {
+            s[0].in_flight == 1
+        })
+        .await;
+    held
+}
+
+/// One upstream over `backends`, the first capped at `max_conns`.
+fn capped(backends: Vec<std::net::SocketAddr>, max_conns: u32, queue_timeout: Duration) -> Config {
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], backends);
+    config.upstreams[0].backends[0].max_conns = max_conns;
+    config.upstreams[0].queue_timeout = queue_timeout;
+    config
+}
+
 /// `max_conns`: a backend at its cap is sent nothing more; requests past
 /// it wait in line and reach it in the order they came, one as each slot
 /// frees (HAProxy's `maxconn` and queue).
@@ -204,22 +224,11 @@ async fn holding_in_order(release: Arc<Notify>) -> (std::net::SocketAddr, Arc<Mu
 async fn requests_past_max_conns_wait_in_line_and_go_in_order() {
     let release = Arc::new(Notify::new());
     let (backend, order) = holding_in_order(release.clone()).await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
-    config.upstreams[0].backends[0].max_conns = 1;
-    config.upstreams[0].queue_timeout = STEP;
+    let config = capped(vec![backend], 1, STEP);
     let proxy = start_proxy(config).await;
-    let send = |path: &str| {
-        let (client, url) = (client(), proxy.url(path));
-        tokio::spawn(async move { get(&client, &url).await })
-    };
-    let mut answers = vec![send("/1")];
-    proxy
-        .wait_until("the first request to reach the backend", |s| {
-            s[0].in_flight == 1
-        })
-        .await;
+    let mut answers = vec![held_at_backend(&proxy, "/1").await];
     for n in 2..=4 {
-        answers.push(send(&format!("/{n}")));
+        answers.push(proxy.spawn_get(&format!("/{n}")));
         proxy.wait_queued(n - 1).await;
     }
     assert_eq!(order.lock().unwrap().len(), 1, "sent past its max_conns");
@@ -247,23 +256,10 @@ async fn a_request_finding_no_room_within_queue_timeout_gets_a_503() {
     for queue_timeout in [Duration::ZERO, Duration::from_millis(200)] {
         let release = Arc::new(Notify::new());
         let (backend, order) = holding_in_order(release.clone()).await;
-        let mut config = Config::single_upstream(
-            vec!["127.0.0.1:0".parse().unwrap()],
-            vec![backend, backup.addr()],
-        );
-        config.upstreams[0].backends[0].max_conns = 1;
+        let mut config = capped(vec![backend, backup.addr()], 1, queue_timeout);
         config.upstreams[0].backends[1].backup = true;
-        config.upstreams[0].queue_timeout = queue_timeout;
         let proxy = start_proxy(config).await;
-        let held = tokio::spawn({
-            let (client, url) = (client(), proxy.url("/held"));
-            async move { get(&client, &url).await }
-        });
-        proxy
-            .wait_until("the first request to reach the backend", |s| {
-                s[0].in_flight == 1
-            })
-            .await;
+        let held = held_at_backend(&proxy, "/held").await;
         let answer = get(&client(), &proxy.url("/turned-away")).await;
         assert_eq!(
             answer.status,
@@ -322,11 +318,8 @@ async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
         }
     })
     .await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
-    let upstream = &mut config.upstreams[0];
-    upstream.backends[0].max_conns = 1;
-    upstream.queue_timeout = STEP * 3;
-    upstream.health = Some(HealthCheck {
+    let mut config = capped(vec![backend], 1, STEP * 3);
+    config.upstreams[0].health = Some(HealthCheck {
         path: "/health".into(),
         interval: Duration::from_millis(100),
         timeout: Duration::from_millis(50),
@@ -335,17 +328,8 @@ async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
         host: None,
     });
     let proxy = start_proxy(config).await;
-    let send = |path: &str| {
-        let (client, url) = (client(), proxy.url(path));
-        tokio::spawn(async move { get(&client, &url).await })
-    };
-    let held = send("/held");
-    proxy
-        .wait_until("the first request to reach the backend", |s| {
-            s[0].in_flight == 1
-        })
-        .await;
-    let waiting = send("/waiting");
+    let held = held_at_backend(&proxy, "/held").await;
+    let waiting = proxy.spawn_get("/waiting");
     proxy.wait_queued(1).await;
     healthy.store(false, Ordering::SeqCst);
     let answer = tokio::time::timeout(STEP, waiting)
@@ -372,19 +356,13 @@ async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
 async fn a_lower_max_conns_holds_the_requests_already_in_line() {
     let release = Arc::new(Notify::new());
     let (backend, order) = holding_in_order(release.clone()).await;
-    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
-    config.upstreams[0].backends[0].max_conns = 2;
-    config.upstreams[0].queue_timeout = STEP * 3;
+    let mut config = capped(vec![backend], 2, STEP * 3);
     let proxy = start_proxy(config.clone()).await;
-    let send = |path: &str| {
-        let (client, url) = (client(), proxy.url(path));
-        tokio::spawn(async move { get(&client, &url).await })
-    };
-    let mut answers = vec![send("/1"), send("/2")];
+    let mut answers = vec![proxy.spawn_get("/1"), proxy.spawn_get("/2")];
     proxy
         .wait_until("two requests at the backend", |s| s[0].in_flight == 2)
         .await;
-    answers.push(send("/3"));
+    answers.push(proxy.spawn_get("/3"));
     proxy.wait_queued(1).await;
     config.upstreams[0].backends[0].max_conns = 1;
     proxy.swap_in(&config);

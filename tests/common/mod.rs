@@ -83,6 +83,12 @@ impl RunningProxy {
         assert!(waited.is_ok(), "{} queued, not {n}", self.queued());
     }
 
+    /// A GET of `path` in a task of its own.
+    pub fn spawn_get(&self, path: &str) -> JoinHandle<Answer> {
+        let (client, url) = (client(), self.url(path));
+        tokio::spawn(async move { get(&client, &url).await })
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
