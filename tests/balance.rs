@@ -384,3 +384,40 @@ async fn a_lower_max_conns_holds_the_requests_already_in_line() {
     assert_eq!(*order.lock().unwrap(), ["/1", "/2", "/3"]);
     proxy.stop().await;
 }
+
+/// A reload that adds a backend while requests wait: a request that comes
+/// after it goes to the new backend at once, not behind those still
+/// waiting on the previous generation, which cannot see it (review44c
+/// M2: it waited 4 s, they 5 s and a 503).
+#[tokio::test]
+async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
+    let release = Arc::new(Notify::new());
+    let (held_backend, order) = holding_in_order(release.clone()).await;
+    let added = start_backend(portico::sample::BackendOptions::new("added")).await;
+    let mut config = capped(vec![held_backend], 1, STEP * 3);
+    let proxy = start_proxy(config.clone()).await;
+    let held = held_at_backend(&proxy, "/held").await;
+    let waiting = proxy.spawn_get("/waiting");
+    proxy.wait_queued(1).await;
+    config.upstreams[0].backends.push(portico::config::Backend {
+        addr: added.addr(),
+        weight: 1,
+        max_conns: 1,
+        backup: false,
+    });
+    proxy.swap_in(&config);
+    let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url("/health")))
+        .await
+        .expect("answered by the added backend");
+    assert_eq!(
+        (answer.status, answer.header("x-backend")),
+        (StatusCode::OK, "added")
+    );
+    // The one waiting before the reload goes where it was waiting to.
+    release.notify_one();
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    release.notify_one();
+    assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
+    assert_eq!(*order.lock().unwrap(), ["/held", "/waiting"]);
+    proxy.stop().await;
+}

@@ -1108,6 +1108,18 @@ fn a_reload_says_what_it_changed() {
             && line.contains("\"added\":\"127.0.0.1:9\""),
         "{line}"
     );
+    // A backup made, and a cap given, move traffic too (review44c L1).
+    let backup = format!(
+        "backends = [{{ addr = \"{origin_addr}\", weight = 0 }}, \
+         {{ addr = \"127.0.0.1:9\", backup = true, max_conns = 4 }}]"
+    );
+    hup(behind(origin_addr, "", "").replace(&plain, &backup));
+    let line = line_with(&run.log, "backends changed by the reload", &mut run.seen);
+    assert!(
+        line.contains("\"made_backup\":\"127.0.0.1:9\"")
+            && line.contains("\"max_conns\":\"127.0.0.1:9 (none to 4)\""),
+        "{line}"
+    );
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

@@ -987,26 +987,52 @@ fn at_most_20<S: std::borrow::Borrow<str>>(items: &[S]) -> String {
 }
 
 /// One line for what a reload did to the backends of upstream `name`:
-/// added, removed, drained (weight 0 now), back in rotation, reweighted.
+/// added, removed, drained (weight 0 now), back in rotation, reweighted,
+/// made a backup or a primary, given another `max_conns`.
 /// Nothing when only the upstream's other settings changed.
 fn say_backend_changes(
     name: &str,
     before: &[crate::config::Backend],
     now: &[crate::config::Backend],
 ) {
-    let weight_before = |addr| before.iter().find(|b| b.addr == addr).map(|b| b.weight);
+    let was = |addr| {
+        before
+            .iter()
+            .find(|b: &&crate::config::Backend| b.addr == addr)
+    };
     let list = |addrs: Vec<String>| at_most_20(&addrs);
     let (mut added, mut drained, mut undrained, mut reweighted) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // A backup made or unmade, and a cap changed, move traffic as a
+    // weight does (review44c L1: said nothing).
+    let (mut backup, mut primary, mut recapped) = (Vec::new(), Vec::new(), Vec::new());
+    let cap = |max: u32| match max {
+        0 => "none".to_owned(),
+        n => n.to_string(),
+    };
     for backend in now {
-        match weight_before(backend.addr) {
-            None => added.push(backend.addr.to_string()),
-            Some(w) if w == backend.weight => {}
-            Some(w) if backend.weight == 0 => {
-                drained.push(format!("{} (weight {w})", backend.addr))
-            }
-            Some(0) => undrained.push(format!("{} (weight {})", backend.addr, backend.weight)),
-            Some(w) => reweighted.push(format!("{} ({w} to {})", backend.addr, backend.weight)),
+        let Some(old) = was(backend.addr) else {
+            added.push(backend.addr.to_string());
+            continue;
+        };
+        match (old.weight, backend.weight) {
+            (w, now) if w == now => {}
+            (w, 0) => drained.push(format!("{} (weight {w})", backend.addr)),
+            (0, now) => undrained.push(format!("{} (weight {now})", backend.addr)),
+            (w, now) => reweighted.push(format!("{} ({w} to {now})", backend.addr)),
+        }
+        match (old.backup, backend.backup) {
+            (false, true) => backup.push(backend.addr.to_string()),
+            (true, false) => primary.push(backend.addr.to_string()),
+            _ => {}
+        }
+        if old.max_conns != backend.max_conns {
+            recapped.push(format!(
+                "{} ({} to {})",
+                backend.addr,
+                cap(old.max_conns),
+                cap(backend.max_conns)
+            ));
         }
     }
     let removed: Vec<String> = before
@@ -1014,10 +1040,17 @@ fn say_backend_changes(
         .filter(|b| !now.iter().any(|n| n.addr == b.addr))
         .map(|b| b.addr.to_string())
         .collect();
-    if [&added, &removed, &drained, &undrained, &reweighted]
-        .iter()
-        .all(|l| l.is_empty())
-    {
+    let lists = [
+        &added,
+        &removed,
+        &drained,
+        &undrained,
+        &reweighted,
+        &backup,
+        &primary,
+        &recapped,
+    ];
+    if lists.iter().all(|l| l.is_empty()) {
         return;
     }
     tracing::info!(
@@ -1027,6 +1060,9 @@ fn say_backend_changes(
         drained = list(drained),
         undrained = list(undrained),
         reweighted = list(reweighted),
+        made_backup = list(backup),
+        made_primary = list(primary),
+        max_conns = list(recapped),
         "backends changed by the reload"
     );
 }

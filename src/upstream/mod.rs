@@ -184,6 +184,8 @@ pub struct Upstream {
     /// rebuilt when active health changes.
     cycle: ArcSwap<Vec<usize>>,
     turns: select::Turns,
+    /// Round-robin's turns among backups (see [`Upstream::choose`]).
+    backup_turns: std::sync::atomic::AtomicUsize,
     budget: RetryBudget,
     retries: crate::metrics::Retries,
     clock: Clock,
@@ -202,12 +204,15 @@ pub struct Upstream {
     panic: prometheus::IntCounter,
     panicking: crate::logging::Every,
     /// Requests waiting for room when every backend is at its
-    /// `max_conns`; shared with the upstream's other generations.
+    /// `max_conns`.
     queue: Arc<Queue>,
     /// Some backend has a `max_conns`.
     capped: bool,
     /// Some backend is a backup.
     backups: bool,
+    /// The warning that requests go to the backups, as often as
+    /// `unavailable`.
+    backing_up: crate::logging::Every,
     /// Requests turned away after waiting in `queue`, and the warning
     /// that says so, at most every [`UNAVAILABLE_SAID`] seconds.
     rejected: prometheus::IntCounter,
@@ -242,7 +247,11 @@ impl Upstream {
         let clock = previous.map_or_else(Clock::new, |p| p.clock);
         let lone = config.backends.len() == 1;
         let (queued, rejected) = metrics.queue(&config.name);
-        let queue = previous.map_or_else(|| Arc::new(Queue::new(queued)), |p| p.queue.clone());
+        // A line of its own: after a reload, a request need not wait
+        // behind those still waiting in the previous generation, which
+        // cannot see a backend it adds (review44c M2; HAProxy's new
+        // process serves its new connections at once too).
+        let queue = Arc::new(Queue::new(queued));
         let backends: Vec<Backend> = config
             .backends
             .iter()
@@ -255,11 +264,9 @@ impl Upstream {
                     .counting_ejections(backend_metrics.ejections())
                     .of_upstream(clock, lone)
                     .named(name.clone(), b.addr);
-                // Every backend's: a reload may have capped one whose
-                // requests of the previous generation free its slots.
-                state = state.queueing(queue.clone());
                 if let Some(old) = old.get(&b.addr) {
                     state = state.sharing_in_flight(&old.state);
+                    old.state.retire();
                     // A lone backend is never ejected, nor would anything
                     // end an ejection taken over: it showed ejected after
                     // each probe for good (review43a L2).
@@ -267,7 +274,9 @@ impl Upstream {
                         state = state.keeping_passive(&old.state);
                     }
                 }
-                let state = state.with_max_conns(b.max_conns);
+                // Every backend's: a reload may have capped one whose
+                // requests of the previous generation free its slots.
+                let state = state.with_max_conns(b.max_conns).queueing(queue.clone());
                 Backend {
                     addr: b.addr,
                     weight: b.weight,
@@ -292,6 +301,7 @@ impl Upstream {
         let upstream = Arc::new(Upstream {
             cycle: ArcSwap::from_pointee(Vec::new()),
             turns: select::Turns::default(),
+            backup_turns: std::sync::atomic::AtomicUsize::new(0),
             budget: RetryBudget::new(RETRY_BUDGET_PERCENT),
             retries: metrics.retries(&config.name),
             clock,
@@ -302,6 +312,7 @@ impl Upstream {
             panicking: crate::logging::Every::new(),
             capped: config.backends.iter().any(|b| b.max_conns > 0),
             backups: config.backends.iter().any(|b| b.backup),
+            backing_up: crate::logging::Every::new(),
             queue,
             rejected,
             full: crate::logging::Every::new(),
@@ -503,7 +514,8 @@ impl Upstream {
         let full = Cell::new(false);
         let retry = !tried.is_empty();
         let pass = |pass| {
-            let at = |tried| self.choose(turn, |i| self.candidate(i, now, tried, pass, &full));
+            let at =
+                |tried| self.choose(turn, pass, |i| self.candidate(i, now, tried, pass, &full));
             at(tried).or_else(|| retry.then(|| at(Tried::NONE)).flatten())
         };
         let passes = if self.backups {
@@ -539,12 +551,9 @@ impl Upstream {
 
     /// A first attempt's backend and slot: [`Upstream::take`], unless
     /// requests already wait for room (they go first: `Full`). An upstream
-    /// without a `max_conns` has no line of its own (a reload may have
-    /// left one behind, waiting on the generation it replaced).
+    /// without a `max_conns` has no line.
     pub fn take_first(&self) -> Result<(usize, InFlight), Unpicked> {
-        // Not with a `queue_timeout` of 0, where no one waits (those in
-        // line are a previous generation's, review44b L1).
-        if self.capped && !self.config.queue_timeout.is_zero() && self.queue.busy() {
+        if self.capped && self.queue.busy() {
             return Err(Unpicked::Full);
         }
         self.take(Tried::NONE)
@@ -572,9 +581,10 @@ impl Upstream {
         })
     }
 
-    /// Requests waiting for room now (see [`Upstream::wait_for_room`]).
+    /// Requests waiting for room now (see [`Upstream::wait_for_room`]),
+    /// those a reload left waiting in earlier generations included.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len_in_all()
     }
 
     /// Whether a backend would be picked now, without taking it (nor a
@@ -616,12 +626,31 @@ impl Upstream {
         }
     }
 
+    /// Says, once every [`UNAVAILABLE_SAID`] seconds, that requests go
+    /// to the backups, picked only when no primary can take them
+    /// (HAProxy's "running on backup"; review44c L1: only each primary's
+    /// `backend down` said so).
+    fn on_backups(&self) {
+        if let Some(held_back) = self.backing_up.due(UNAVAILABLE_SAID) {
+            let held_back = (held_back > 0).then_some(held_back);
+            tracing::warn!(
+                upstream = %self.config.name,
+                held_back,
+                "no primary backend can take requests (down, ejected or drained): they go to the backups"
+            );
+        }
+    }
+
     /// An attempt is going out to backend `index` (picked, and its retry,
     /// if it is one, granted): it may be the probe of an ejected backend
     /// (see [`BackendState::sending`]). Returns the backend's epoch for
     /// [`Upstream::answered`] and [`Upstream::observe`].
     pub fn sending(&self, index: usize) -> u32 {
-        let state = &self.backends[index].state;
+        let backend = &self.backends[index];
+        if backend.backup {
+            self.on_backups();
+        }
+        let state = &backend.state;
         // The clock is read only for a backend that may need a probe.
         if state.in_ejection() {
             let now = self.clock.now_ms();
@@ -644,9 +673,24 @@ impl Upstream {
     }
 
     /// The balancer's choice among `candidate`s at `turn`.
-    fn choose(&self, turn: Turn, candidate: impl Fn(usize) -> Candidate) -> Option<usize> {
+    fn choose(
+        &self,
+        turn: Turn,
+        pass: Pass,
+        candidate: impl Fn(usize) -> Candidate,
+    ) -> Option<usize> {
         let n = self.backends.len();
         match self.config.balance {
+            // Backups are out of the cycle: by weight, at turns of their
+            // own. At the rotation's off-turns, after the primaries' pass
+            // had taken one, they got every other turn, and two backups
+            // of one weight split 40 requests 40/0 (review44c M1).
+            Balance::RoundRobin if pass.backup => select::by_weight(
+                n,
+                self.backup_turns
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                candidate,
+            ),
             // Passively ejected backends stay in the cycle (ejection is
             // short); `round_robin` shares their turns by weight.
             Balance::RoundRobin => {

@@ -36,8 +36,9 @@ pub enum Room {
     NoneHealthy,
 }
 
-/// One upstream's line, shared by its generations (a reload's requests
-/// and those it left running free the same backends' slots).
+/// One generation of an upstream's line. A reload's new generation has a
+/// line of its own; the slots freed by the requests of the one it
+/// replaced wake it too (see `BackendState::retire`).
 #[derive(Debug)]
 pub struct Queue {
     /// Each request in line's own wake-up, first in line first.
@@ -58,9 +59,15 @@ impl Queue {
         }
     }
 
-    /// Requests in line now.
+    /// Requests in this line now.
     pub fn len(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests in line now in every generation of the upstream: the
+    /// gauge they share.
+    pub fn len_in_all(&self) -> usize {
+        usize::try_from(self.gauge.get()).unwrap_or(0)
     }
 
     /// Someone is in line: a request that comes now joins it.
