@@ -177,13 +177,14 @@ fn scrape(shared: &Shared) -> Vec<u8> {
     let mut rows = Vec::new();
     for upstream in proxy.upstreams() {
         for backend in upstream.status() {
-            rows.push((
-                upstream.name(),
-                backend.addr.to_string(),
-                backend.up,
-                backend.weight,
-                backend.in_flight,
-            ));
+            rows.push(crate::metrics::BackendRow {
+                upstream: upstream.name(),
+                backend: backend.addr.to_string(),
+                up: backend.up,
+                weight: backend.weight,
+                in_flight: backend.in_flight,
+                max_conns: backend.max_conns,
+            });
         }
     }
     shared.metrics.encode_with_backends(rows.into_iter())

@@ -43,6 +43,7 @@ pub struct Metrics {
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
+    backend_max_conns: IntGaugeVec,
     /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
     /// from its own reload's snapshot, removed each other's new series.
     backends_setting: std::sync::Mutex<()>,
@@ -101,6 +102,34 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     registered(registry, metric)
 }
 
+/// One backend's gauges, as a scrape sets them (see
+/// [`Metrics::encode_with_backends`]).
+#[derive(Debug)]
+pub struct BackendRow<'a> {
+    pub upstream: &'a str,
+    pub backend: String,
+    pub up: bool,
+    pub weight: u32,
+    pub in_flight: usize,
+    pub max_conns: Option<usize>,
+}
+
+/// (upstream, address, up, weight, in flight), with no cap.
+impl<'a> From<(&'a str, String, bool, u32, usize)> for BackendRow<'a> {
+    fn from(
+        (upstream, backend, up, weight, in_flight): (&'a str, String, bool, u32, usize),
+    ) -> Self {
+        BackendRow {
+            upstream,
+            backend,
+            up,
+            weight,
+            in_flight,
+            max_conns: None,
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -140,6 +169,14 @@ impl Metrics {
             &registry,
             "portico_backend_in_flight",
             "Requests sent to the backend and not answered yet (their response body may still be coming), and open tunnels (WebSocket), as least_conn counts them",
+            &["upstream", "backend"],
+        );
+        // Beside `portico_backend_in_flight`, how near its cap a backend
+        // runs (HAProxy's `limit_sessions`).
+        let backend_max_conns = gauge_vec(
+            &registry,
+            "portico_backend_max_conns",
+            "The backend's max_conns: requests sent to it at once at most (no series when it has no cap)",
             &["upstream", "backend"],
         );
         Metrics {
@@ -227,6 +264,7 @@ impl Metrics {
             backend_up,
             backend_weight,
             backend_in_flight,
+            backend_max_conns,
             backends_setting: std::sync::Mutex::new(()),
             cache_lookups: counter_vec(
                 &registry,
@@ -422,17 +460,17 @@ impl Metrics {
         self.cache_lookups.with_label_values(&[result])
     }
 
-    /// Sets `portico_backend_up`, `portico_backend_weight` and
-    /// `portico_backend_in_flight` for exactly the given backends
-    /// (upstream, address, up, weight, in flight), dropping series
+    /// Sets `portico_backend_up`, `portico_backend_weight`,
+    /// `portico_backend_in_flight` and `portico_backend_max_conns` for
+    /// exactly the given backends (see [`BackendRow`]), dropping series
     /// of backends no longer configured, then encodes the exposition (see
     /// [`Metrics::encode`]), with no other scrape's setting in between:
     /// two scrapes racing a reload, each from its own snapshot, gave one
     /// body `portico_backend_up` of one configuration and
     /// `portico_backend_weight` of the other (review36d L4).
-    pub fn encode_with_backends<'a>(
+    pub fn encode_with_backends<'a, R: Into<BackendRow<'a>>>(
         &self,
-        backends: impl Iterator<Item = (&'a str, String, bool, u32, usize)>,
+        backends: impl Iterator<Item = R>,
     ) -> Vec<u8> {
         let _one_at_a_time = self
             .backends_setting
@@ -442,10 +480,25 @@ impl Metrics {
         // scrape running beside this one (two Prometheus servers) would
         // gather between the clearing and the setting and find no backend
         // at all (review36c F2).
-        let rows: Vec<_> = backends.collect();
+        let rows: Vec<BackendRow> = backends.map(Into::into).collect();
         let mut current = HashSet::with_capacity(rows.len());
-        for (upstream, backend, up, weight, in_flight) in &rows {
+        let mut capped = HashSet::new();
+        for row in &rows {
+            let BackendRow {
+                upstream,
+                backend,
+                up,
+                weight,
+                in_flight,
+                max_conns,
+            } = row;
             let labels = [*upstream, backend.as_str()];
+            if let Some(max) = max_conns {
+                self.backend_max_conns
+                    .with_label_values(&labels)
+                    .set(i64::try_from(*max).unwrap_or(i64::MAX));
+                capped.insert((*upstream, backend.as_str()));
+            }
             self.backend_in_flight
                 .with_label_values(&labels)
                 .set(i64::try_from(*in_flight).unwrap_or(i64::MAX));
@@ -467,6 +520,10 @@ impl Metrics {
                 current.contains(&(label("upstream"), label("backend")))
             });
         }
+        remove_series(&self.backend_max_conns, |labels| {
+            let label = |name| labels.get(name).copied().unwrap_or("");
+            capped.contains(&(label("upstream"), label("backend")))
+        });
         self.encode()
     }
 
@@ -528,6 +585,7 @@ impl Metrics {
         prune(&self.backend_up, configured);
         prune(&self.backend_weight, configured);
         prune(&self.backend_in_flight, configured);
+        prune(&self.backend_max_conns, configured);
     }
 
     /// Requests answered so far, over every route and status: the sum of
@@ -951,6 +1009,34 @@ mod tests {
         let text = String::from_utf8(metrics.encode()).unwrap();
         assert!(!text.contains("10.0.0.0:80"), "{text}");
         assert_eq!(text.matches("portico_backend_weight{").count(), 49);
+    }
+
+    /// A capped backend's `max_conns` is exported beside its in-flight
+    /// count; a backend without a cap, or whose cap a reload removed, has
+    /// no such series.
+    #[test]
+    fn a_backend_s_cap_is_exported_while_it_has_one() {
+        let metrics = Metrics::new();
+        let row = |max_conns| BackendRow {
+            upstream: "u",
+            backend: "10.0.0.1:80".to_owned(),
+            up: true,
+            weight: 1,
+            in_flight: 3,
+            max_conns,
+        };
+        let text =
+            String::from_utf8(metrics.encode_with_backends([row(Some(8))].into_iter())).unwrap();
+        assert!(
+            text.contains("portico_backend_max_conns{backend=\"10.0.0.1:80\",upstream=\"u\"} 8"),
+            "{text}"
+        );
+        let text =
+            String::from_utf8(metrics.encode_with_backends([row(None)].into_iter())).unwrap();
+        assert!(!text.contains("portico_backend_max_conns{"), "{text}");
+        assert!(
+            text.contains("portico_backend_in_flight{backend=\"10.0.0.1:80\",upstream=\"u\"} 3")
+        );
     }
 
     #[test]
