@@ -421,3 +421,31 @@ async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
     assert_eq!(*order.lock().unwrap(), ["/held", "/waiting"]);
     proxy.stop().await;
 }
+
+/// A request a reload left waiting is served before one that came after
+/// the reload, for the same backend: the line is the upstream's across
+/// reloads (review44d M1: with a line per generation, a slot freed by the
+/// new generation's requests did not wake the old line, and under load
+/// its requests were overtaken until their `queue_timeout`).
+#[tokio::test]
+async fn a_reload_keeps_the_line_in_order() {
+    let release = Arc::new(Notify::new());
+    let (backend, order) = holding_in_order(release.clone()).await;
+    let mut config = capped(vec![backend], 1, STEP * 3);
+    let proxy = start_proxy(config.clone()).await;
+    let held = held_at_backend(&proxy, "/held").await;
+    let before = proxy.spawn_get("/before");
+    proxy.wait_queued(1).await;
+    // A reload that changes another setting: the same backend.
+    config.upstreams[0].queue_timeout = STEP * 4;
+    proxy.swap_in(&config);
+    let after = proxy.spawn_get("/after");
+    proxy.wait_queued(2).await;
+    for answer in [held, before, after] {
+        release.notify_one();
+        let answer = tokio::time::timeout(STEP, answer).await.unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    assert_eq!(*order.lock().unwrap(), ["/held", "/before", "/after"]);
+    proxy.stop().await;
+}

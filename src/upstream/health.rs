@@ -81,8 +81,6 @@ pub struct BackendState {
     /// with the same backend of the upstream's other generations (see
     /// [`BackendState::sharing_in_flight`]).
     slots: Arc<Slots>,
-    /// A reload replaced its generation (see [`BackendState::retire`]).
-    retired: AtomicBool,
     /// Its upstream's line, woken as a slot frees (see
     /// [`BackendState::queueing`]).
     queue: Option<Arc<super::queue::Queue>>,
@@ -110,9 +108,6 @@ struct Slots {
     taken: AtomicUsize,
     /// `usize::MAX`: no cap.
     max: AtomicUsize,
-    /// The line of the newest generation with this address, for a slot
-    /// freed by a request of an earlier one (see [`BackendState::retire`]).
-    newest: arc_swap::ArcSwapOption<super::queue::Queue>,
 }
 
 /// What a passive observation changed, for the one log line it deserves.
@@ -137,10 +132,8 @@ impl BackendState {
             slots: Arc::new(Slots {
                 taken: AtomicUsize::new(0),
                 max: AtomicUsize::new(usize::MAX),
-                newest: arc_swap::ArcSwapOption::empty(),
             }),
             queue: None,
-            retired: AtomicBool::new(false),
             threshold: threshold.max(1),
             body_errors: None,
             named: None,
@@ -235,21 +228,10 @@ impl BackendState {
     }
 
     /// Wakes `queue`'s first request as a slot frees with room left under
-    /// the cap: a request may be waiting for it. Its generation's line is
-    /// the newest for the address: set after
-    /// [`BackendState::sharing_in_flight`].
+    /// the cap: a request may be waiting for it.
     pub fn queueing(mut self, queue: Arc<super::queue::Queue>) -> Self {
-        self.slots.newest.store(Some(queue.clone()));
         self.queue = Some(queue);
         self
-    }
-
-    /// A reload replaced its generation: each slot its requests free now
-    /// wakes the newest generation's line too, whose requests wait for the
-    /// same backend (its own line holds only the requests that were
-    /// waiting before the reload).
-    pub fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// May take traffic now: up by the active checks, not ejected.
@@ -304,11 +286,6 @@ impl BackendState {
         if before <= self.max_conns() {
             if let Some(queue) = &self.queue {
                 queue.released();
-            }
-            if self.retired.load(Ordering::Relaxed) {
-                if let Some(newest) = &*self.slots.newest.load() {
-                    newest.released();
-                }
             }
         }
     }

@@ -204,8 +204,10 @@ pub struct Upstream {
     panic: prometheus::IntCounter,
     panicking: crate::logging::Every,
     /// Requests waiting for room when every backend is at its
-    /// `max_conns`.
+    /// `max_conns`; shared with the upstream's other generations.
     queue: Arc<Queue>,
+    /// This generation's number in `queue`.
+    generation: u64,
     /// Some backend has a `max_conns`.
     capped: bool,
     /// Some backend is a backup.
@@ -247,11 +249,10 @@ impl Upstream {
         let clock = previous.map_or_else(Clock::new, |p| p.clock);
         let lone = config.backends.len() == 1;
         let (queued, rejected) = metrics.queue(&config.name);
-        // A line of its own: after a reload, a request need not wait
-        // behind those still waiting in the previous generation, which
-        // cannot see a backend it adds (review44c M2; HAProxy's new
-        // process serves its new connections at once too).
-        let queue = Arc::new(Queue::new(queued));
+        let queue = previous.map_or_else(|| Arc::new(Queue::new(queued)), |p| p.queue.clone());
+        // Its requests in line are told apart from those a previous
+        // generation left waiting (see `Queue`).
+        let generation = queue.next_generation();
         let backends: Vec<Backend> = config
             .backends
             .iter()
@@ -266,7 +267,6 @@ impl Upstream {
                     .named(name.clone(), b.addr);
                 if let Some(old) = old.get(&b.addr) {
                     state = state.sharing_in_flight(&old.state);
-                    old.state.retire();
                     // A lone backend is never ejected, nor would anything
                     // end an ejection taken over: it showed ejected after
                     // each probe for good (review43a L2).
@@ -314,6 +314,7 @@ impl Upstream {
             backups: config.backends.iter().any(|b| b.backup),
             backing_up: crate::logging::Every::new(),
             queue,
+            generation,
             rejected,
             full: crate::logging::Every::new(),
             check_host: check_host(&config),
@@ -550,10 +551,13 @@ impl Upstream {
     }
 
     /// A first attempt's backend and slot: [`Upstream::take`], unless
-    /// requests already wait for room (they go first: `Full`). An upstream
-    /// without a `max_conns` has no line.
+    /// requests of this generation already wait for room (they go first:
+    /// `Full`). Not for requests a previous generation left waiting alone:
+    /// they cannot see the backends a reload added, and a request held
+    /// behind them waited for nothing (review44c M2). An upstream without
+    /// a `max_conns` has no line.
     pub fn take_first(&self) -> Result<(usize, InFlight), Unpicked> {
-        if self.capped && self.queue.busy() {
+        if self.capped && self.queue.busy_for(self.generation) {
             return Err(Unpicked::Full);
         }
         self.take(Tried::NONE)
@@ -573,7 +577,9 @@ impl Upstream {
                 Err(Unpicked::NoneUp) => Some(Err(self.none_to_pick())),
                 Err(Unpicked::Full) => None,
             };
-            self.queue.wait(timeout, take, || self.room()).await
+            self.queue
+                .wait(self.generation, timeout, take, || self.room())
+                .await
         };
         waited.unwrap_or_else(|| {
             self.rejected.inc();
@@ -584,7 +590,7 @@ impl Upstream {
     /// Requests waiting for room now (see [`Upstream::wait_for_room`]),
     /// those a reload left waiting in earlier generations included.
     pub fn queued(&self) -> usize {
-        self.queue.len_in_all()
+        self.queue.len()
     }
 
     /// Whether a backend would be picked now, without taking it (nor a

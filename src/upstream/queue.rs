@@ -13,9 +13,21 @@
 //! to the back). Room can also come with no slot freed (a backend's
 //! ejection over, one found up by its checks): every request in line
 //! looks for it every [`RECHECK`], and wakes the first if it finds some.
+//!
+//! The line is the upstream's, across reloads: the requests a reload left
+//! waiting are woken by the slots every generation frees, and served
+//! first (review44d M1: with a line per generation they were woken by
+//! their own generation's slots alone, and under load were overtaken
+//! until their `queue_timeout`). They pick among the backends of their
+//! own generation, though: one that is woken and finds no room there
+//! passes the wake-up on to the next in line, which may be of a
+//! generation with a backend the reload added, and a request that comes
+//! waits behind those of its own generation only (review44c M2: held
+//! behind requests that could not use the backend the reload added, it
+//! waited for nothing).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,13 +48,13 @@ pub enum Room {
     NoneHealthy,
 }
 
-/// One generation of an upstream's line. A reload's new generation has a
-/// line of its own; the slots freed by the requests of the one it
-/// replaced wake it too (see `BackendState::retire`).
+/// One upstream's line, shared by its generations.
 #[derive(Debug)]
 pub struct Queue {
     /// Each request in line's own wake-up, first in line first.
-    line: Mutex<VecDeque<Arc<Notify>>>,
+    line: Mutex<VecDeque<Entry>>,
+    /// The newest generation's number (see [`Queue::next_generation`]).
+    newest: AtomicU64,
     /// Requests in line: read as each slot frees, so only a line with
     /// someone in it costs a wake-up (and the lock).
     waiting: AtomicUsize,
@@ -50,29 +62,39 @@ pub struct Queue {
     gauge: prometheus::IntGauge,
 }
 
+/// A request in line: the generation of the upstream it picks in, and
+/// its own wake-up.
+#[derive(Debug)]
+struct Entry {
+    generation: u64,
+    wake: Arc<Notify>,
+}
+
 impl Queue {
     pub fn new(gauge: prometheus::IntGauge) -> Self {
         Queue {
             line: Mutex::new(VecDeque::new()),
+            newest: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             gauge,
         }
     }
 
-    /// Requests in this line now.
+    /// The number of a new generation of the upstream (a reload's).
+    pub fn next_generation(&self) -> u64 {
+        self.newest.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Requests in line now.
     pub fn len(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Requests in line now in every generation of the upstream: the
-    /// gauge they share.
-    pub fn len_in_all(&self) -> usize {
-        usize::try_from(self.gauge.get()).unwrap_or(0)
-    }
-
-    /// Someone is in line: a request that comes now joins it.
-    pub fn busy(&self) -> bool {
+    /// Requests of `generation` are in line: one of it that comes now
+    /// joins them.
+    pub fn busy_for(&self, generation: u64) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
+            && self.lock().iter().any(|e| e.generation == generation)
     }
 
     /// A slot was freed under its cap: the first in line looks for room.
@@ -89,11 +111,21 @@ impl Queue {
     /// kept for it).
     fn wake_first(&self) {
         if let Some(first) = self.lock().front() {
-            first.notify_one();
+            first.wake.notify_one();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Notify>>> {
+    /// Wakes the request in line after `me`.
+    fn wake_after(&self, me: &Arc<Notify>) {
+        let line = self.lock();
+        if let Some(at) = line.iter().position(|e| Arc::ptr_eq(&e.wake, me)) {
+            if let Some(next) = line.get(at + 1) {
+                next.wake.notify_one();
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
         self.line.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -105,19 +137,27 @@ impl Queue {
     /// that finds no backend healthy looks itself (review44a M1: without,
     /// the line waited its whole `queue_timeout` through an outage and
     /// was told "busy").
+    ///
+    /// `generation` is the upstream's whose backends `take` picks among:
+    /// one of an earlier generation woken for nothing passes the wake-up
+    /// on (see the module's doc).
     pub async fn wait<T, E>(
         &self,
+        generation: u64,
         timeout: Duration,
         mut take: impl FnMut() -> Option<Result<T, E>>,
         room: impl Fn() -> Room,
     ) -> Option<Result<T, E>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (place, mut look) = self.join();
+        let (place, mut look) = self.join(generation);
         loop {
             if look {
                 if let Some(taken) = take() {
                     // Leaving the line wakes the next (see `Place`).
                     return Some(taken);
+                }
+                if generation != self.newest.load(Ordering::Relaxed) {
+                    self.wake_after(&place.wake);
                 }
             }
             look = false;
@@ -136,11 +176,14 @@ impl Queue {
 
     /// Joins the end of the line until the returned place drops; says
     /// whether the request is first in line.
-    fn join(&self) -> (Place<'_>, bool) {
+    fn join(&self, generation: u64) -> (Place<'_>, bool) {
         let wake = Arc::new(Notify::new());
         let mut line = self.lock();
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        line.push_back(wake.clone());
+        line.push_back(Entry {
+            generation,
+            wake: wake.clone(),
+        });
         let first = line.len() == 1;
         drop(line);
         self.gauge.inc();
@@ -160,14 +203,14 @@ struct Place<'a> {
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut line = self.queue.lock();
-        let at = line.iter().position(|w| Arc::ptr_eq(w, &self.wake));
+        let at = line.iter().position(|e| Arc::ptr_eq(&e.wake, &self.wake));
         if let Some(at) = at {
             line.remove(at);
         }
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
         if at == Some(0) {
             if let Some(next) = line.front() {
-                next.notify_one();
+                next.wake.notify_one();
             }
         }
         drop(line);
@@ -182,7 +225,10 @@ mod tests {
 
     fn queue() -> Arc<Queue> {
         let gauge = prometheus::IntGauge::new("queued", "queued").unwrap();
-        Arc::new(Queue::new(gauge))
+        let queue = Arc::new(Queue::new(gauge));
+        // The waiters' generation, 1, is the newest.
+        assert_eq!(queue.next_generation(), 1);
+        queue
     }
 
     /// Five requests wait for one slot, freed five times: they take it in
@@ -206,7 +252,7 @@ mod tests {
                     })
                 };
                 let room = || Room::Full;
-                line.wait(Duration::from_secs(60), take, room).await
+                line.wait(1, Duration::from_secs(60), take, room).await
             }));
             // In line before the next comes.
             while queue.len() < n + 1 {
@@ -244,7 +290,7 @@ mod tests {
                         .then_some(Ok::<_, ()>(()))
                 };
                 queue
-                    .wait(Duration::from_secs(60), take, || Room::Full)
+                    .wait(1, Duration::from_secs(60), take, || Room::Full)
                     .await
             })
         };
