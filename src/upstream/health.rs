@@ -280,9 +280,8 @@ impl BackendState {
 
     pub fn end_request(&self) {
         let before = self.slots.taken.fetch_sub(1, Ordering::SeqCst);
-        // Only a slot under the cap is room: a wake-up for one above it
-        // (a reload lowered the cap) sent the first in line to the back
-        // (review44a L2).
+        // Only a slot under the cap is room: one above it (a reload
+        // lowered the cap) would wake the first in line for nothing.
         if before <= self.max_conns() {
             if let Some(queue) = &self.queue {
                 queue.released();

@@ -131,8 +131,8 @@ impl Queue {
 
     /// Waits in line for `take` to find room (`None`: none yet; an error
     /// ends the wait, as no backend being up does), at most `timeout`
-    /// (`None` then). The first in line looks at once and at each
-    /// wake-up; the others wait their turn. Every [`RECHECK`], one that
+    /// (`None` then). The first in line (of its generation) looks at once,
+    /// and each looks when woken; the others wait their turn. Every [`RECHECK`], one that
     /// finds `room` wakes the first in line rather than take it, and one
     /// that finds no backend healthy looks itself (review44a M1: without,
     /// the line waited its whole `queue_timeout` through an outage and
@@ -175,16 +175,18 @@ impl Queue {
     }
 
     /// Joins the end of the line until the returned place drops; says
-    /// whether the request is first in line.
+    /// whether the request is the first of its generation in line (it
+    /// looks at once: only requests a reload left waiting are ahead of
+    /// it, if any, and a slot they cannot use would not wake it).
     fn join(&self, generation: u64) -> (Place<'_>, bool) {
         let wake = Arc::new(Notify::new());
         let mut line = self.lock();
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        let first = !line.iter().any(|e| e.generation == generation);
         line.push_back(Entry {
             generation,
             wake: wake.clone(),
         });
-        let first = line.len() == 1;
         drop(line);
         self.gauge.inc();
         (Place { queue: self, wake }, first)
