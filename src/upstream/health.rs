@@ -283,8 +283,8 @@ impl BackendState {
         // Only a slot under the cap is room: one above it (a reload
         // lowered the cap) would wake the first in line for nothing.
         if before <= self.max_conns() {
-            if let Some(queue) = &self.queue {
-                queue.released();
+            if let (Some(queue), Some((_, addr))) = (&self.queue, &self.named) {
+                queue.released(*addr);
             }
         }
     }

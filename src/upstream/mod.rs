@@ -206,8 +206,10 @@ pub struct Upstream {
     /// Requests waiting for room when every backend is at its
     /// `max_conns`; shared with the upstream's other generations.
     queue: Arc<Queue>,
-    /// This generation's number in `queue`.
+    /// This generation's number in `queue`, and its backends' addresses,
+    /// sorted, which its requests in line take slots of.
     generation: u64,
+    addrs: Arc<[SocketAddr]>,
     /// Some backend has a `max_conns`.
     capped: bool,
     /// Some backend is a backup.
@@ -315,6 +317,11 @@ impl Upstream {
             backing_up: crate::logging::Every::new(),
             queue,
             generation,
+            addrs: {
+                let mut addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
+                addrs.sort_unstable();
+                addrs.into()
+            },
             rejected,
             full: crate::logging::Every::new(),
             check_host: check_host(&config),
@@ -577,8 +584,9 @@ impl Upstream {
                 Err(Unpicked::NoneUp) => Some(Err(self.none_to_pick())),
                 Err(Unpicked::Full) => None,
             };
+            let backends = self.addrs.clone();
             self.queue
-                .wait(self.generation, timeout, take, || self.room())
+                .wait(self.generation, backends, timeout, take, || self.room())
                 .await
         };
         waited.unwrap_or_else(|| {

@@ -19,16 +19,21 @@
 //! first (review44d M1: with a line per generation they were woken by
 //! their own generation's slots alone, and under load were overtaken
 //! until their `queue_timeout`). They pick among the backends of their
-//! own generation, though: one that is woken and finds no room there
-//! passes the wake-up on to the next in line, which may be of a
-//! generation with a backend the reload added, and a request that comes
-//! waits behind those of its own generation only (review44c M2: held
-//! behind requests that could not use the backend the reload added, it
-//! waited for nothing).
+//! own generation, though, so a slot freed wakes the first request in
+//! line whose generation has that backend, and a request that comes waits
+//! behind those of its own generation only (review44c M2: held behind
+//! requests that could not use the backend the reload added, it waited
+//! for nothing; review44e M1: waking each of them in turn to find that
+//! out cost the added backend 60% of its requests behind 200 of them).
+//!
+//! Each request in line is woken once for one slot: two slots freed
+//! together wake two requests, and one that leaves the line with a
+//! wake-up it did not use passes it to the next that can use it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -51,8 +56,7 @@ pub enum Room {
 /// One upstream's line, shared by its generations.
 #[derive(Debug)]
 pub struct Queue {
-    /// Each request in line's own wake-up, first in line first.
-    line: Mutex<VecDeque<Entry>>,
+    line: Mutex<Line>,
     /// The newest generation's number (see [`Queue::next_generation`]).
     newest: AtomicU64,
     /// Requests in line: read as each slot frees, so only a line with
@@ -62,18 +66,70 @@ pub struct Queue {
     gauge: prometheus::IntGauge,
 }
 
-/// A request in line: the generation of the upstream it picks in, and
-/// its own wake-up.
+#[derive(Debug, Default)]
+struct Line {
+    /// First in line first.
+    entries: VecDeque<Entry>,
+    /// Requests in line by generation.
+    per_generation: HashMap<u64, usize>,
+}
+
+/// A request in line.
 #[derive(Debug)]
 struct Entry {
+    /// The generation of the upstream it picks in, and that generation's
+    /// backends, sorted.
     generation: u64,
+    backends: Arc<[SocketAddr]>,
     wake: Arc<Notify>,
+    /// Woken, and not looked yet: passed over by the next wake-up.
+    woken: bool,
+    /// The backend whose slot it was woken for (`None`: room the recheck
+    /// found), for a wake-up it leaves unused.
+    woken_for: Option<SocketAddr>,
+}
+
+/// Whom a wake-up is for.
+#[derive(Debug, Clone, Copy)]
+enum For {
+    /// A slot freed on this backend: a request whose generation has it.
+    Slot(SocketAddr),
+    /// Room a request of this generation found.
+    Generation(u64),
+}
+
+impl Line {
+    /// Wakes the first request from `from` on not woken yet that the
+    /// wake-up is for.
+    fn wake(&mut self, from: usize, wanted: For) {
+        let fits = |e: &Entry| match wanted {
+            For::Slot(addr) => e.backends.binary_search(&addr).is_ok(),
+            For::Generation(generation) => e.generation == generation,
+        };
+        if let Some(entry) = self
+            .entries
+            .iter_mut()
+            .skip(from)
+            .find(|e| !e.woken && fits(e))
+        {
+            entry.woken = true;
+            entry.woken_for = match wanted {
+                For::Slot(addr) => Some(addr),
+                For::Generation(_) => None,
+            };
+            entry.wake.notify_one();
+        }
+    }
+
+    fn position(&self, wake: &Arc<Notify>) -> Option<usize> {
+        self.entries.iter().position(|e| Arc::ptr_eq(&e.wake, wake))
+    }
 }
 
 impl Queue {
     pub fn new(gauge: prometheus::IntGauge) -> Self {
         Queue {
-            line: Mutex::new(VecDeque::new()),
+            line: Mutex::new(Line::default()),
             newest: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             gauge,
@@ -94,70 +150,56 @@ impl Queue {
     /// joins them.
     pub fn busy_for(&self, generation: u64) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
-            && self.lock().iter().any(|e| e.generation == generation)
+            && self.lock().per_generation.get(&generation) > Some(&0)
     }
 
-    /// A slot was freed under its cap: the first in line looks for room.
-    /// (SeqCst, with [`Queue::join`]: either this sees the request that
-    /// joins, or that request, which looks for room after joining, sees
-    /// the slot free.)
-    pub fn released(&self) {
+    /// A slot of backend `addr` was freed under its cap: the first in line
+    /// that can use it looks for room. (SeqCst, with [`Queue::join`]:
+    /// either this sees the request that joins, or that request, which
+    /// looks for room after joining, sees the slot free.)
+    pub fn released(&self, addr: SocketAddr) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.wake_first();
+            self.lock().wake(0, For::Slot(addr));
         }
     }
 
-    /// Wakes the first in line (a wake-up it is not waiting for yet is
-    /// kept for it).
-    fn wake_first(&self) {
-        if let Some(first) = self.lock().front() {
-            first.wake.notify_one();
-        }
-    }
-
-    /// Wakes the request in line after `me`.
-    fn wake_after(&self, me: &Arc<Notify>) {
-        let line = self.lock();
-        if let Some(at) = line.iter().position(|e| Arc::ptr_eq(&e.wake, me)) {
-            if let Some(next) = line.get(at + 1) {
-                next.wake.notify_one();
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Line> {
         self.line.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits in line for `take` to find room (`None`: none yet; an error
     /// ends the wait, as no backend being up does), at most `timeout`
-    /// (`None` then). The first in line (of its generation) looks at once,
-    /// and each looks when woken; the others wait their turn. Every [`RECHECK`], one that
-    /// finds `room` wakes the first in line rather than take it, and one
-    /// that finds no backend healthy looks itself (review44a M1: without,
-    /// the line waited its whole `queue_timeout` through an outage and
-    /// was told "busy").
-    ///
-    /// `generation` is the upstream's whose backends `take` picks among:
-    /// one of an earlier generation woken for nothing passes the wake-up
-    /// on (see the module's doc).
+    /// (`None` then). `generation` is the upstream's whose `backends`
+    /// (sorted) `take` picks among. The first in line of its generation
+    /// looks at once, and each looks when woken; the others wait their
+    /// turn. Every [`RECHECK`], one that finds `room` wakes the first of
+    /// its generation rather than take it, and one that finds no backend
+    /// healthy looks itself (review44a M1: without, the line waited its
+    /// whole `queue_timeout` through an outage and was told "busy").
     pub async fn wait<T, E>(
         &self,
         generation: u64,
+        backends: Arc<[SocketAddr]>,
         timeout: Duration,
         mut take: impl FnMut() -> Option<Result<T, E>>,
         room: impl Fn() -> Room,
     ) -> Option<Result<T, E>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (place, mut look) = self.join(generation);
+        let (mut place, mut look) = self.join(generation, backends);
         loop {
             if look {
                 if let Some(taken) = take() {
-                    // Leaving the line wakes the next (see `Place`).
+                    place.settled = true;
                     return Some(taken);
                 }
-                if generation != self.newest.load(Ordering::Relaxed) {
-                    self.wake_after(&place.wake);
+                // Woken for a slot another took (a retry): to be woken
+                // again, and a look for one freed while it was marked
+                // woken, which passed it over.
+                if place.ready_again() {
+                    if let Some(taken) = take() {
+                        place.settled = true;
+                        return Some(taken);
+                    }
                 }
             }
             look = false;
@@ -165,7 +207,7 @@ impl Queue {
                 // A wake-up that came between the look and here was kept.
                 () = place.wake.notified() => look = true,
                 () = tokio::time::sleep(RECHECK) => match room() {
-                    Room::Free => self.wake_first(),
+                    Room::Free => self.lock().wake(0, For::Generation(generation)),
                     Room::NoneHealthy => look = true,
                     Room::Full => {}
                 },
@@ -178,43 +220,75 @@ impl Queue {
     /// whether the request is the first of its generation in line (it
     /// looks at once: only requests a reload left waiting are ahead of
     /// it, if any, and a slot they cannot use would not wake it).
-    fn join(&self, generation: u64) -> (Place<'_>, bool) {
+    fn join(&self, generation: u64, backends: Arc<[SocketAddr]>) -> (Place<'_>, bool) {
         let wake = Arc::new(Notify::new());
         let mut line = self.lock();
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let first = !line.iter().any(|e| e.generation == generation);
-        line.push_back(Entry {
+        let ahead = line.per_generation.entry(generation).or_insert(0);
+        let first = *ahead == 0;
+        *ahead += 1;
+        line.entries.push_back(Entry {
             generation,
+            backends,
             wake: wake.clone(),
+            woken: false,
+            woken_for: None,
         });
         drop(line);
         self.gauge.inc();
-        (Place { queue: self, wake }, first)
+        let place = Place {
+            queue: self,
+            wake,
+            settled: false,
+        };
+        (place, first)
     }
 }
 
-/// A request's place in line (see [`Queue::join`]). Leaving it, the first
-/// wakes the next: to take the room left, if any, or a wake-up it was
-/// given and did not live to take.
+/// A request's place in line (see [`Queue::join`]). One that leaves it
+/// with a wake-up it did not use (its client left, its time ran out)
+/// passes the wake-up on.
 #[derive(Debug)]
 struct Place<'a> {
     queue: &'a Queue,
     wake: Arc<Notify>,
+    /// It took a slot: its wake-up was used.
+    settled: bool,
+}
+
+impl Place<'_> {
+    /// Marks it not woken, to be woken again; says whether it was.
+    fn ready_again(&self) -> bool {
+        let mut line = self.queue.lock();
+        let Some(at) = line.position(&self.wake) else {
+            return false;
+        };
+        let entry = &mut line.entries[at];
+        entry.woken_for = None;
+        std::mem::replace(&mut entry.woken, false)
+    }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut line = self.queue.lock();
-        let at = line.iter().position(|e| Arc::ptr_eq(&e.wake, &self.wake));
-        if let Some(at) = at {
-            line.remove(at);
-        }
-        self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
-        if at == Some(0) {
-            if let Some(next) = line.front() {
-                next.wake.notify_one();
+        if let Some(at) = line.position(&self.wake) {
+            let entry = line.entries.remove(at).expect("a position in the line");
+            if let Some(n) = line.per_generation.get_mut(&entry.generation) {
+                *n -= 1;
+                if *n == 0 {
+                    line.per_generation.remove(&entry.generation);
+                }
+            }
+            if entry.woken && !self.settled {
+                let wanted = match entry.woken_for {
+                    Some(addr) => For::Slot(addr),
+                    None => For::Generation(entry.generation),
+                };
+                line.wake(at, wanted);
             }
         }
+        self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
         drop(line);
         self.queue.gauge.dec();
     }
@@ -224,6 +298,16 @@ impl Drop for Place<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+
+    const BACKEND: &str = "127.0.0.1:1";
+
+    fn backends() -> Arc<[SocketAddr]> {
+        Arc::from([BACKEND.parse().unwrap()])
+    }
+
+    fn released(queue: &Queue) {
+        queue.released(BACKEND.parse().unwrap());
+    }
 
     fn queue() -> Arc<Queue> {
         let gauge = prometheus::IntGauge::new("queued", "queued").unwrap();
@@ -254,7 +338,8 @@ mod tests {
                     })
                 };
                 let room = || Room::Full;
-                line.wait(1, Duration::from_secs(60), take, room).await
+                line.wait(1, backends(), Duration::from_secs(60), take, room)
+                    .await
             }));
             // In line before the next comes.
             while queue.len() < n + 1 {
@@ -263,10 +348,10 @@ mod tests {
         }
         for round in 0..5 {
             // A wake-up with no room: the first keeps its place.
-            queue.released();
+            released(&queue);
             tokio::time::sleep(RECHECK * 3).await;
             free.store(true, Ordering::SeqCst);
-            queue.released();
+            released(&queue);
             while served.lock().unwrap().len() < round + 1 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -276,6 +361,58 @@ mod tests {
         }
         assert_eq!(*served.lock().unwrap(), [0, 1, 2, 3, 4]);
         assert_eq!(queue.len(), 0);
+    }
+
+    /// A slot freed on a backend only a request further back can use (its
+    /// generation, a reload's, added it) wakes that request, not each one
+    /// before it in turn (review44e M1: the added backend lost 60% of its
+    /// requests behind 200 of them).
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_wakes_the_first_request_that_can_use_it() {
+        let queue = queue();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let looks = Arc::new(AtomicUsize::new(0));
+        let free_b = Arc::new(AtomicBool::new(false));
+        let waiter = |generation: u64, backends: Vec<SocketAddr>| {
+            let (queue, looks, free_b) = (queue.clone(), looks.clone(), free_b.clone());
+            let uses_b = backends.contains(&b);
+            tokio::spawn(async move {
+                let take = || {
+                    looks.fetch_add(1, Ordering::SeqCst);
+                    (uses_b && free_b.swap(false, Ordering::SeqCst)).then_some(Ok::<_, ()>(()))
+                };
+                let backends = Arc::from(backends);
+                queue
+                    .wait(generation, backends, Duration::from_secs(60), take, || {
+                        Room::Full
+                    })
+                    .await
+            })
+        };
+        let mut earlier = Vec::new();
+        for n in 1..=3 {
+            earlier.push(waiter(1, vec![a]));
+            while queue.len() < n {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(queue.next_generation(), 2);
+        let later = waiter(2, vec![a, b]);
+        while queue.len() < 4 {
+            tokio::task::yield_now().await;
+        }
+        // The first of each generation looked as it joined.
+        assert_eq!(looks.load(Ordering::SeqCst), 2);
+        free_b.store(true, Ordering::SeqCst);
+        queue.released(b);
+        assert_eq!(later.await.unwrap(), Some(Ok(())));
+        assert_eq!(looks.load(Ordering::SeqCst), 3);
+        for waiter in earlier {
+            waiter.abort();
+        }
     }
 
     /// The first in line leaving with a wake-up it did not live to take
@@ -292,7 +429,7 @@ mod tests {
                         .then_some(Ok::<_, ()>(()))
                 };
                 queue
-                    .wait(1, Duration::from_secs(60), take, || Room::Full)
+                    .wait(1, backends(), Duration::from_secs(60), take, || Room::Full)
                     .await
             })
         };
@@ -306,7 +443,7 @@ mod tests {
         }
         // Woken, and gone (its client left) before it ran.
         free.store(true, Ordering::SeqCst);
-        queue.released();
+        released(&queue);
         first.abort();
         assert!(first.await.unwrap_err().is_cancelled());
         assert_eq!(second.await.unwrap(), Some(Ok(())));
