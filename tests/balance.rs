@@ -217,15 +217,42 @@ fn capped(backends: Vec<std::net::SocketAddr>, max_conns: u32, queue_timeout: Du
     config
 }
 
+/// What [`holding_capped`] started.
+struct Held {
+    proxy: RunningProxy,
+    config: Config,
+    /// Lets one request the backend holds go.
+    release: Arc<Notify>,
+    /// The targets in the order they reached the backend.
+    order: Arc<Mutex<Vec<String>>>,
+}
+
+/// A proxy in front of one [`holding_in_order`] backend capped at
+/// `max_conns`.
+async fn holding_capped(max_conns: u32, queue_timeout: Duration) -> Held {
+    let release = Arc::new(Notify::new());
+    let (backend, order) = holding_in_order(release.clone()).await;
+    let config = capped(vec![backend], max_conns, queue_timeout);
+    let proxy = start_proxy(config.clone()).await;
+    Held {
+        proxy,
+        config,
+        release,
+        order,
+    }
+}
+
 /// `max_conns`: a backend at its cap is sent nothing more; requests past
 /// it wait in line and reach it in the order they came, one as each slot
 /// frees (HAProxy's `maxconn` and queue).
 #[tokio::test]
 async fn requests_past_max_conns_wait_in_line_and_go_in_order() {
-    let release = Arc::new(Notify::new());
-    let (backend, order) = holding_in_order(release.clone()).await;
-    let config = capped(vec![backend], 1, STEP);
-    let proxy = start_proxy(config).await;
+    let Held {
+        proxy,
+        release,
+        order,
+        ..
+    } = holding_capped(1, STEP).await;
     let mut answers = vec![held_at_backend(&proxy, "/1").await];
     for n in 2..=4 {
         answers.push(proxy.spawn_get(&format!("/{n}")));
@@ -354,10 +381,12 @@ async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
 /// bring the count under it (review44a L1: they went in under the old).
 #[tokio::test]
 async fn a_lower_max_conns_holds_the_requests_already_in_line() {
-    let release = Arc::new(Notify::new());
-    let (backend, order) = holding_in_order(release.clone()).await;
-    let mut config = capped(vec![backend], 2, STEP * 3);
-    let proxy = start_proxy(config.clone()).await;
+    let Held {
+        proxy,
+        mut config,
+        release,
+        order,
+    } = holding_capped(2, STEP * 3).await;
     let mut answers = vec![proxy.spawn_get("/1"), proxy.spawn_get("/2")];
     proxy
         .wait_until("two requests at the backend", |s| s[0].in_flight == 2)
@@ -391,11 +420,13 @@ async fn a_lower_max_conns_holds_the_requests_already_in_line() {
 /// M2: it waited 4 s, they 5 s and a 503).
 #[tokio::test]
 async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
-    let release = Arc::new(Notify::new());
-    let (held_backend, order) = holding_in_order(release.clone()).await;
+    let Held {
+        proxy,
+        mut config,
+        release,
+        order,
+    } = holding_capped(1, STEP * 3).await;
     let added = start_backend(portico::sample::BackendOptions::new("added")).await;
-    let mut config = capped(vec![held_backend], 1, STEP * 3);
-    let proxy = start_proxy(config.clone()).await;
     let held = held_at_backend(&proxy, "/held").await;
     let waiting = proxy.spawn_get("/waiting");
     proxy.wait_queued(1).await;
@@ -429,10 +460,12 @@ async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
 /// its requests were overtaken until their `queue_timeout`).
 #[tokio::test]
 async fn a_reload_keeps_the_line_in_order() {
-    let release = Arc::new(Notify::new());
-    let (backend, order) = holding_in_order(release.clone()).await;
-    let mut config = capped(vec![backend], 1, STEP * 3);
-    let proxy = start_proxy(config.clone()).await;
+    let Held {
+        proxy,
+        mut config,
+        release,
+        order,
+    } = holding_capped(1, STEP * 3).await;
     let held = held_at_backend(&proxy, "/held").await;
     let before = proxy.spawn_get("/before");
     proxy.wait_queued(1).await;
