@@ -242,6 +242,38 @@ async fn holding_capped(max_conns: u32, queue_timeout: Duration) -> Held {
     }
 }
 
+impl Held {
+    /// Lets the backend answer one request at a time, each of `answers`
+    /// in turn answered 200.
+    async fn answer_in_turn(
+        &self,
+        answers: impl IntoIterator<Item = tokio::task::JoinHandle<Answer>>,
+    ) {
+        for answer in answers {
+            self.release.notify_one();
+            let answer = tokio::time::timeout(STEP, answer)
+                .await
+                .expect("answered once its turn came")
+                .unwrap();
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+    }
+
+    /// `/held` at the backend, in its only slot, and `path` in line.
+    async fn one_held_one_waiting(
+        &self,
+        path: &str,
+    ) -> (
+        tokio::task::JoinHandle<Answer>,
+        tokio::task::JoinHandle<Answer>,
+    ) {
+        let held = held_at_backend(&self.proxy, "/held").await;
+        let waiting = self.proxy.spawn_get(path);
+        self.proxy.wait_queued(1).await;
+        (held, waiting)
+    }
+}
+
 /// `max_conns`: a backend at its cap is sent nothing more; requests past
 /// it wait in line and reach it in the order they came, one as each slot
 /// frees (HAProxy's `maxconn` and queue).
@@ -381,37 +413,28 @@ async fn requests_in_line_when_every_backend_goes_down_are_told_so() {
 /// bring the count under it (review44a L1: they went in under the old).
 #[tokio::test]
 async fn a_lower_max_conns_holds_the_requests_already_in_line() {
-    let Held {
-        proxy,
-        mut config,
-        release,
-        order,
-    } = holding_capped(2, STEP * 3).await;
+    let mut backend = holding_capped(2, STEP * 3).await;
+    let proxy = &backend.proxy;
     let mut answers = vec![proxy.spawn_get("/1"), proxy.spawn_get("/2")];
     proxy
         .wait_until("two requests at the backend", |s| s[0].in_flight == 2)
         .await;
     answers.push(proxy.spawn_get("/3"));
     proxy.wait_queued(1).await;
-    config.upstreams[0].backends[0].max_conns = 1;
-    proxy.swap_in(&config);
+    backend.config.upstreams[0].backends[0].max_conns = 1;
+    let proxy = &backend.proxy;
+    proxy.swap_in(&backend.config);
     assert_eq!(proxy.backend_status()[0].max_conns, Some(1));
     // One of the two ends: one is left, the cap is 1, /3 still waits.
-    release.notify_one();
-    let first = tokio::time::timeout(STEP, answers.remove(0)).await;
-    assert_eq!(first.unwrap().unwrap().status, StatusCode::OK);
+    backend.answer_in_turn([answers.remove(0)]).await;
     // Longer than a request in line takes to look again (250 ms).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(proxy.queued(), 1, "sent past the lowered cap");
-    assert_eq!(order.lock().unwrap().len(), 2);
+    assert_eq!(backend.order.lock().unwrap().len(), 2);
     // The other ends, and /3 goes.
-    for answer in answers {
-        release.notify_one();
-        let answer = tokio::time::timeout(STEP, answer).await.unwrap().unwrap();
-        assert_eq!(answer.status, StatusCode::OK);
-    }
-    assert_eq!(*order.lock().unwrap(), ["/1", "/2", "/3"]);
-    proxy.stop().await;
+    backend.answer_in_turn(answers).await;
+    assert_eq!(*backend.order.lock().unwrap(), ["/1", "/2", "/3"]);
+    backend.proxy.stop().await;
 }
 
 /// A reload that adds a backend while requests wait: a request that comes
@@ -420,23 +443,19 @@ async fn a_lower_max_conns_holds_the_requests_already_in_line() {
 /// M2: it waited 4 s, they 5 s and a 503).
 #[tokio::test]
 async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
-    let Held {
-        proxy,
-        mut config,
-        release,
-        order,
-    } = holding_capped(1, STEP * 3).await;
+    let mut backend = holding_capped(1, STEP * 3).await;
     let added = start_backend(portico::sample::BackendOptions::new("added")).await;
-    let held = held_at_backend(&proxy, "/held").await;
-    let waiting = proxy.spawn_get("/waiting");
-    proxy.wait_queued(1).await;
-    config.upstreams[0].backends.push(portico::config::Backend {
-        addr: added.addr(),
-        weight: 1,
-        max_conns: 1,
-        backup: false,
-    });
-    proxy.swap_in(&config);
+    let (held, waiting) = backend.one_held_one_waiting("/waiting").await;
+    backend.config.upstreams[0]
+        .backends
+        .push(portico::config::Backend {
+            addr: added.addr(),
+            weight: 1,
+            max_conns: 1,
+            backup: false,
+        });
+    let proxy = &backend.proxy;
+    proxy.swap_in(&backend.config);
     let answer = tokio::time::timeout(STEP, get(&client(), &proxy.url("/health")))
         .await
         .expect("answered by the added backend");
@@ -445,12 +464,9 @@ async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
         (StatusCode::OK, "added")
     );
     // The one waiting before the reload goes where it was waiting to.
-    release.notify_one();
-    assert_eq!(held.await.unwrap().status, StatusCode::OK);
-    release.notify_one();
-    assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
-    assert_eq!(*order.lock().unwrap(), ["/held", "/waiting"]);
-    proxy.stop().await;
+    backend.answer_in_turn([held, waiting]).await;
+    assert_eq!(*backend.order.lock().unwrap(), ["/held", "/waiting"]);
+    backend.proxy.stop().await;
 }
 
 /// A request a reload left waiting is served before one that came after
@@ -460,25 +476,18 @@ async fn a_backend_added_by_a_reload_serves_new_requests_past_the_old_line() {
 /// its requests were overtaken until their `queue_timeout`).
 #[tokio::test]
 async fn a_reload_keeps_the_line_in_order() {
-    let Held {
-        proxy,
-        mut config,
-        release,
-        order,
-    } = holding_capped(1, STEP * 3).await;
-    let held = held_at_backend(&proxy, "/held").await;
-    let before = proxy.spawn_get("/before");
-    proxy.wait_queued(1).await;
+    let mut backend = holding_capped(1, STEP * 3).await;
+    let (held, before) = backend.one_held_one_waiting("/before").await;
     // A reload that changes another setting: the same backend.
-    config.upstreams[0].queue_timeout = STEP * 4;
-    proxy.swap_in(&config);
+    backend.config.upstreams[0].queue_timeout = STEP * 4;
+    let proxy = &backend.proxy;
+    proxy.swap_in(&backend.config);
     let after = proxy.spawn_get("/after");
     proxy.wait_queued(2).await;
-    for answer in [held, before, after] {
-        release.notify_one();
-        let answer = tokio::time::timeout(STEP, answer).await.unwrap().unwrap();
-        assert_eq!(answer.status, StatusCode::OK);
-    }
-    assert_eq!(*order.lock().unwrap(), ["/held", "/before", "/after"]);
-    proxy.stop().await;
+    backend.answer_in_turn([held, before, after]).await;
+    assert_eq!(
+        *backend.order.lock().unwrap(),
+        ["/held", "/before", "/after"]
+    );
+    backend.proxy.stop().await;
 }
