@@ -206,8 +206,9 @@ pub struct Upstream {
     /// Requests waiting for room when every backend is at its
     /// `max_conns`; shared with the upstream's other generations.
     queue: Arc<Queue>,
-    /// This generation's number in `queue`, and its backends' addresses,
-    /// sorted, which its requests in line take slots of.
+    /// This generation's number in `queue`, and the addresses of its
+    /// backends not drained, sorted: those its requests in line take
+    /// slots of.
     generation: u64,
     addrs: Arc<[SocketAddr]>,
     /// Some backend has a `max_conns`.
@@ -318,7 +319,13 @@ impl Upstream {
             queue,
             generation,
             addrs: {
-                let mut addrs: Vec<SocketAddr> = config.backends.iter().map(|b| b.addr).collect();
+                // Not the drained: none of its requests picks them.
+                let mut addrs: Vec<SocketAddr> = config
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .map(|b| b.addr)
+                    .collect();
                 addrs.sort_unstable();
                 addrs.into()
             },

@@ -89,6 +89,16 @@ struct Entry {
     woken_for: Option<SocketAddr>,
 }
 
+impl Entry {
+    /// What it was woken for.
+    fn woken_by(&self) -> For {
+        match self.woken_for {
+            Some(addr) => For::Slot(addr),
+            None => For::Generation(self.generation),
+        }
+    }
+}
+
 /// Whom a wake-up is for.
 #[derive(Debug, Clone, Copy)]
 enum For {
@@ -192,13 +202,22 @@ impl Queue {
                     place.settled = true;
                     return Some(taken);
                 }
-                // Woken for a slot another took (a retry): to be woken
-                // again, and a look for one freed while it was marked
-                // woken, which passed it over.
-                if place.ready_again() {
+                // Woken for a slot another took (a retry), or one of a
+                // backend its generation lists and cannot pick now: to be
+                // woken again, and a look for one freed while it was
+                // marked woken, which passed it over.
+                if let Some(wanted) = place.ready_again() {
                     if let Some(taken) = take() {
                         place.settled = true;
                         return Some(taken);
+                    }
+                    // A request a reload left waiting passes it on to one
+                    // that may pick that backend (review44f M1: a slot
+                    // waited for the next recheck). Not one of the newest
+                    // generation: woken for a slot a retry took, each in
+                    // line would wake the next for nothing.
+                    if generation != self.newest.load(Ordering::Relaxed) {
+                        place.pass_on(wanted);
                     }
                 }
             }
@@ -257,15 +276,26 @@ struct Place<'a> {
 }
 
 impl Place<'_> {
-    /// Marks it not woken, to be woken again; says whether it was.
-    fn ready_again(&self) -> bool {
+    /// Marks it not woken, to be woken again; says what it was woken
+    /// for, if it was.
+    fn ready_again(&self) -> Option<For> {
         let mut line = self.queue.lock();
-        let Some(at) = line.position(&self.wake) else {
-            return false;
-        };
+        let at = line.position(&self.wake)?;
         let entry = &mut line.entries[at];
+        if !std::mem::replace(&mut entry.woken, false) {
+            return None;
+        }
+        let wanted = entry.woken_by();
         entry.woken_for = None;
-        std::mem::replace(&mut entry.woken, false)
+        Some(wanted)
+    }
+
+    /// Passes a wake-up it could not use to the next in line it is for.
+    fn pass_on(&self, wanted: For) {
+        let mut line = self.queue.lock();
+        if let Some(at) = line.position(&self.wake) {
+            line.wake(at + 1, wanted);
+        }
     }
 }
 
@@ -281,11 +311,7 @@ impl Drop for Place<'_> {
                 }
             }
             if entry.woken && !self.settled {
-                let wanted = match entry.woken_for {
-                    Some(addr) => For::Slot(addr),
-                    None => For::Generation(entry.generation),
-                };
-                line.wake(at, wanted);
+                line.wake(at, entry.woken_by());
             }
         }
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -410,6 +436,48 @@ mod tests {
         queue.released(b);
         assert_eq!(later.await.unwrap(), Some(Ok(())));
         assert_eq!(looks.load(Ordering::SeqCst), 3);
+        for waiter in earlier {
+            waiter.abort();
+        }
+    }
+
+    /// A request a reload left waiting, woken for a slot of a backend its
+    /// generation lists but cannot pick now, passes the wake-up on to one
+    /// that can, at once rather than at the next recheck (review44f M1).
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_an_older_request_cannot_use_goes_on_at_once() {
+        let queue = queue();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let free_b = Arc::new(AtomicBool::new(false));
+        let waiter = |generation: u64, picks_b: bool| {
+            let (queue, free_b) = (queue.clone(), free_b.clone());
+            tokio::spawn(async move {
+                let take =
+                    || (picks_b && free_b.swap(false, Ordering::SeqCst)).then_some(Ok::<_, ()>(()));
+                let backends: Arc<[SocketAddr]> = Arc::from([b]);
+                queue
+                    .wait(generation, backends, Duration::from_secs(60), take, || {
+                        Room::Full
+                    })
+                    .await
+            })
+        };
+        // Listed, and not picked (drained or down in that generation).
+        let earlier: Vec<_> = (0..3).map(|_| waiter(1, false)).collect();
+        while queue.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(queue.next_generation(), 2);
+        let later = waiter(2, true);
+        while queue.len() < 4 {
+            tokio::task::yield_now().await;
+        }
+        let start = tokio::time::Instant::now();
+        free_b.store(true, Ordering::SeqCst);
+        queue.released(b);
+        assert_eq!(later.await.unwrap(), Some(Ok(())));
+        // The paused clock moves only when every task waits: no recheck.
+        assert!(start.elapsed() < RECHECK);
         for waiter in earlier {
             waiter.abort();
         }
