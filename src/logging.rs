@@ -418,6 +418,18 @@ impl Every {
         }
     }
 
+    /// One that goes on where `previous` is, quiet as long and with the
+    /// lines it held back: for a state that outlives a reload, whose
+    /// upstream is made anew (review44d L1: each reload let the same
+    /// warning be said again at once, four times in 1.5 s).
+    pub fn continuing(previous: &Every) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        Every {
+            quiet_until: AtomicU64::new(previous.quiet_until.load(Ordering::Relaxed)),
+            held: AtomicU64::new(previous.held.swap(0, Ordering::Relaxed)),
+        }
+    }
+
     /// `Some(lines held back since the last)` when one may be said now,
     /// which then starts a quiet `period` of seconds.
     pub fn due(&self, period: u64) -> Option<u64> {
@@ -445,6 +457,19 @@ mod tests {
         capturing_warnings, piece_end, without_colour, Every, Queued, ATOMIC_WRITE, CAPTURED,
     };
     use std::io::Write;
+
+    /// A warning's quiet period and held-back count go on across a
+    /// reload's new upstream.
+    #[test]
+    fn an_every_continued_keeps_its_quiet_and_its_count() {
+        let first = Every::new();
+        assert_eq!(first.due(60), Some(0));
+        assert_eq!(first.due(60), None);
+        let next = Every::continuing(&first);
+        assert_eq!(next.due(60), None);
+        // Both held back: told to the next line, wherever it is said.
+        assert_eq!(next.held.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 
     /// A reload's warnings reach its admin caller as the log has them,
     /// without a terminal's colours, and only those its thread logged.

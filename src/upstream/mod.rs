@@ -251,6 +251,13 @@ impl Upstream {
         // when they would have.
         let clock = previous.map_or_else(Clock::new, |p| p.clock);
         let lone = config.backends.len() == 1;
+        // The upstream's warnings go on from the last generation's, or a
+        // reload lets each be said again at once.
+        let said = |of: fn(&Upstream) -> &crate::logging::Every| {
+            previous.map_or_else(crate::logging::Every::new, |p| {
+                crate::logging::Every::continuing(of(p))
+            })
+        };
         let (queued, rejected) = metrics.queue(&config.name);
         let queue = previous.map_or_else(|| Arc::new(Queue::new(queued)), |p| p.queue.clone());
         // Its requests in line are told apart from those a previous
@@ -309,13 +316,13 @@ impl Upstream {
             retries: metrics.retries(&config.name),
             clock,
             checker: std::sync::Mutex::new(None),
-            unavailable: crate::logging::Every::new(),
-            budget_spent: crate::logging::Every::new(),
+            unavailable: said(|u| &u.unavailable),
+            budget_spent: said(|u| &u.budget_spent),
             panic: metrics.panic(&config.name),
-            panicking: crate::logging::Every::new(),
+            panicking: said(|u| &u.panicking),
             capped: config.backends.iter().any(|b| b.max_conns > 0),
             backups: config.backends.iter().any(|b| b.backup),
-            backing_up: crate::logging::Every::new(),
+            backing_up: said(|u| &u.backing_up),
             queue,
             generation,
             addrs: {
@@ -330,7 +337,7 @@ impl Upstream {
                 addrs.into()
             },
             rejected,
-            full: crate::logging::Every::new(),
+            full: said(|u| &u.full),
             check_host: check_host(&config),
             config,
             backends,
