@@ -4,11 +4,11 @@
 //! open-source one answers 502 at once).
 //!
 //! The line is an explicit list, served in order: a slot freed under its
-//! cap wakes the first request in line, which picks again; it leaves the
-//! line when it has a slot (or gives up), and wakes the next. One that
-//! comes while others wait joins the line behind them rather than taking
-//! the slot freed for the first, and a first that finds no room after all
-//! (a retry took the slot) keeps its place (review44b M2: with a
+//! cap wakes the first request in line, which picks again and leaves the
+//! line when it has a slot (or gives up). One that comes while others
+//! wait joins the line behind them rather than taking the slot freed for
+//! the first, and a first that finds no room after all (a retry took the
+//! slot) keeps its place (review44b M2: with a
 //! `tokio::sync::Notify`, each wake-up that found no room sent its waiter
 //! to the back). Room can also come with no slot freed (a backend's
 //! ejection over, one found up by its checks): every request in line
@@ -82,21 +82,9 @@ struct Entry {
     generation: u64,
     backends: Arc<[SocketAddr]>,
     wake: Arc<Notify>,
-    /// Woken, and not looked yet: passed over by the next wake-up.
-    woken: bool,
-    /// The backend whose slot it was woken for (`None`: room the recheck
-    /// found), for a wake-up it leaves unused.
-    woken_for: Option<SocketAddr>,
-}
-
-impl Entry {
-    /// What it was woken for.
-    fn woken_by(&self) -> For {
-        match self.woken_for {
-            Some(addr) => For::Slot(addr),
-            None => For::Generation(self.generation),
-        }
-    }
+    /// Woken, and not looked yet (passed over by the next wake-up): what
+    /// for, to pass on a wake-up it leaves unused.
+    woken: Option<For>,
 }
 
 /// Whom a wake-up is for.
@@ -120,13 +108,9 @@ impl Line {
             .entries
             .iter_mut()
             .skip(from)
-            .find(|e| !e.woken && fits(e))
+            .find(|e| e.woken.is_none() && fits(e))
         {
-            entry.woken = true;
-            entry.woken_for = match wanted {
-                For::Slot(addr) => Some(addr),
-                For::Generation(_) => None,
-            };
+            entry.woken = Some(wanted);
             entry.wake.notify_one();
         }
     }
@@ -198,27 +182,28 @@ impl Queue {
         let (mut place, mut look) = self.join(generation, backends);
         loop {
             if look {
-                if let Some(taken) = take() {
-                    place.settled = true;
-                    return Some(taken);
-                }
+                let mut taken = take();
                 // Woken for a slot another took (a retry), or one of a
                 // backend its generation lists and cannot pick now: to be
                 // woken again, and a look for one freed while it was
                 // marked woken, which passed it over.
-                if let Some(wanted) = place.ready_again() {
-                    if let Some(taken) = take() {
-                        place.settled = true;
-                        return Some(taken);
+                if taken.is_none() {
+                    if let Some(wanted) = place.ready_again() {
+                        taken = take();
+                        // A request a reload left waiting passes it on to
+                        // one that may pick that backend (review44f M1: a
+                        // slot waited for the next recheck). Not one of the
+                        // newest generation: woken for a slot a retry
+                        // took, each in line would wake the next for
+                        // nothing.
+                        if taken.is_none() && generation != self.newest.load(Ordering::Relaxed) {
+                            place.pass_on(wanted);
+                        }
                     }
-                    // A request a reload left waiting passes it on to one
-                    // that may pick that backend (review44f M1: a slot
-                    // waited for the next recheck). Not one of the newest
-                    // generation: woken for a slot a retry took, each in
-                    // line would wake the next for nothing.
-                    if generation != self.newest.load(Ordering::Relaxed) {
-                        place.pass_on(wanted);
-                    }
+                }
+                if taken.is_some() {
+                    place.settled = true;
+                    return taken;
                 }
             }
             look = false;
@@ -250,8 +235,7 @@ impl Queue {
             generation,
             backends,
             wake: wake.clone(),
-            woken: false,
-            woken_for: None,
+            woken: None,
         });
         drop(line);
         self.gauge.inc();
@@ -281,13 +265,7 @@ impl Place<'_> {
     fn ready_again(&self) -> Option<For> {
         let mut line = self.queue.lock();
         let at = line.position(&self.wake)?;
-        let entry = &mut line.entries[at];
-        if !std::mem::replace(&mut entry.woken, false) {
-            return None;
-        }
-        let wanted = entry.woken_by();
-        entry.woken_for = None;
-        Some(wanted)
+        line.entries[at].woken.take()
     }
 
     /// Passes a wake-up it could not use to the next in line it is for.
@@ -310,8 +288,8 @@ impl Drop for Place<'_> {
                     line.per_generation.remove(&entry.generation);
                 }
             }
-            if entry.woken && !self.settled {
-                line.wake(at, entry.woken_by());
+            if let Some(wanted) = entry.woken.filter(|_| !self.settled) {
+                line.wake(at, wanted);
             }
         }
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
