@@ -114,22 +114,6 @@ pub struct BackendRow<'a> {
     pub max_conns: Option<usize>,
 }
 
-/// (upstream, address, up, weight, in flight), with no cap.
-impl<'a> From<(&'a str, String, bool, u32, usize)> for BackendRow<'a> {
-    fn from(
-        (upstream, backend, up, weight, in_flight): (&'a str, String, bool, u32, usize),
-    ) -> Self {
-        BackendRow {
-            upstream,
-            backend,
-            up,
-            weight,
-            in_flight,
-            max_conns: None,
-        }
-    }
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -468,9 +452,9 @@ impl Metrics {
     /// two scrapes racing a reload, each from its own snapshot, gave one
     /// body `portico_backend_up` of one configuration and
     /// `portico_backend_weight` of the other (review36d L4).
-    pub fn encode_with_backends<'a, R: Into<BackendRow<'a>>>(
+    pub fn encode_with_backends<'a>(
         &self,
-        backends: impl Iterator<Item = R>,
+        backends: impl Iterator<Item = BackendRow<'a>>,
     ) -> Vec<u8> {
         let _one_at_a_time = self
             .backends_setting
@@ -480,7 +464,7 @@ impl Metrics {
         // scrape running beside this one (two Prometheus servers) would
         // gather between the clearing and the setting and find no backend
         // at all (review36c F2).
-        let rows: Vec<BackendRow> = backends.map(Into::into).collect();
+        let rows: Vec<BackendRow> = backends.collect();
         let mut current = HashSet::with_capacity(rows.len());
         let mut capped = HashSet::new();
         for row in &rows {
@@ -932,6 +916,18 @@ impl Collector for Process {
 mod tests {
     use super::*;
 
+    /// A backend up, of weight 1, with nothing in flight and no cap.
+    fn up(upstream: &str, backend: String) -> BackendRow<'_> {
+        BackendRow {
+            upstream,
+            backend,
+            up: true,
+            weight: 1,
+            in_flight: 0,
+            max_conns: None,
+        }
+    }
+
     /// `Failure as usize` indexes a backend's series: the order of
     /// `Failure::ALL` is the declaration's.
     #[test]
@@ -951,9 +947,8 @@ mod tests {
         route.record(42, 0.0); // not an HTTP status: ignored, not a panic
         let backend = metrics.backend("orders", "127.0.0.1:8001");
         backend.record(200, 0.001);
-        let _ = metrics.encode_with_backends(
-            [("orders", "127.0.0.1:8001".to_owned(), true, 1, 0)].into_iter(),
-        );
+        let _ =
+            metrics.encode_with_backends([up("orders", "127.0.0.1:8001".to_owned())].into_iter());
         // What the burst trimmer reads: the 3 answered, not the upstream's.
         assert_eq!(metrics.requests_answered(), 3);
         let text = String::from_utf8(metrics.encode()).unwrap();
@@ -976,8 +971,7 @@ mod tests {
     #[test]
     fn concurrent_scrapes_each_see_every_backend() {
         let metrics = Arc::new(Metrics::new());
-        let rows =
-            |from: usize| (from..from + 50).map(|i| ("u", format!("10.0.0.{i}:80"), true, 1, 0));
+        let rows = |from: usize| (from..from + 50).map(|i| up("u", format!("10.0.0.{i}:80")));
         let _ = metrics.encode_with_backends(rows(0));
         // Two scrapes of two configurations (a reload between them): each
         // body holds one whole, in both families (review36d L4).
@@ -1062,8 +1056,7 @@ mod tests {
         let _ = metrics.body_errors("default", gone);
         let _ = metrics.retries("default");
         let _ = metrics.retries("old");
-        let _ =
-            metrics.encode_with_backends([("default", gone.to_owned(), true, 1, 0)].into_iter());
+        let _ = metrics.encode_with_backends([up("default", gone.to_owned())].into_iter());
         let config = crate::config::Config::single_upstream(vec![], vec![kept.parse().unwrap()]);
 
         metrics.retain(&Configured::of(&config));
