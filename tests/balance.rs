@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,24 +77,6 @@ fn write_weighted(file: &std::path::Path, backends: &[(std::net::SocketAddr, u32
     std::fs::write(file, text).unwrap();
 }
 
-/// Sends `n` GETs one after another; counts them by `X-Backend`.
-async fn spread(proxy: &RunningProxy, n: usize) -> HashMap<String, usize> {
-    let client = client();
-    let mut seen = HashMap::new();
-    for _ in 0..n {
-        let answer = get(&client, &proxy.url("/health")).await;
-        assert_eq!(answer.status, StatusCode::OK);
-        *seen
-            .entry(answer.header("x-backend").to_owned())
-            .or_default() += 1;
-    }
-    seen
-}
-
-fn counts(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
-    pairs.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
-}
-
 #[tokio::test]
 async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() {
     let release = Arc::new(Notify::new());
@@ -108,12 +89,12 @@ async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() 
     let config = portico::config::load(&file).unwrap();
     let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
     assert_eq!(
-        spread(&proxy, 30).await,
+        proxy.spread(30).await,
         counts(&[("b1", 10), ("b2", 10), ("b3", 10)])
     );
 
     // Turn 30 is b1's, turn 31 b2's: a request b2 holds until released.
-    spread(&proxy, 1).await;
+    proxy.spread(1).await;
     let held = tokio::spawn({
         let (client, url) = (client(), proxy.url("/hold"));
         async move { get(&client, &url).await }
@@ -132,7 +113,7 @@ async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() 
     let json: serde_json::Value = serde_json::from_slice(&json.body).unwrap();
     assert_eq!(json["upstreams"][0]["backends"][1]["drained"], true);
     assert_eq!(json["upstreams"][0]["backends"][0]["drained"], false);
-    assert_eq!(spread(&proxy, 20).await, counts(&[("b1", 10), ("b3", 10)]));
+    assert_eq!(proxy.spread(20).await, counts(&[("b1", 10), ("b3", 10)]));
 
     // The request it held when drained finishes there.
     release.notify_one();
@@ -149,7 +130,7 @@ async fn weight_zero_drains_a_backend_on_reload_and_weight_one_brings_it_back() 
     proxy.shared.reload().expect("weight back to 1");
     assert!(!proxy.backend_status()[1].drained);
     assert_eq!(
-        spread(&proxy, 30).await,
+        proxy.spread(30).await,
         counts(&[("b1", 10), ("b2", 10), ("b3", 10)])
     );
 

@@ -35,15 +35,12 @@ fn check_accepts_the_shipped_configs() {
 /// still passes the file (review33e F7).
 #[test]
 fn check_warns_of_a_cap_past_the_open_file_limit() {
-    let dir = std::env::temp_dir().join(format!("portico-capcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("capped.toml");
-    std::fs::write(
-        &file,
+    let (dir, file) = written(
+        "capcheck",
+        "capped.toml",
         "[server]\nmax_connections = 500\n[[upstream]]\nname = \"a\"\n\
          backends = [\"127.0.0.1:8001\"]\n[[route]]\nupstream = \"a\"\n",
-    )
-    .unwrap();
+    );
     let run = format!(
         "ulimit -n 200 && exec {PORTICO} check --config {}",
         file.display()
@@ -68,20 +65,14 @@ fn check_warns_of_a_cap_past_the_open_file_limit() {
 /// nothing: said at its line, and the file still passes.
 #[test]
 fn check_warns_of_a_queue_timeout_without_a_cap() {
-    let dir = std::env::temp_dir().join(format!("portico-queuecheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("queue.toml");
-    std::fs::write(
-        &file,
+    let (dir, file) = written(
+        "queuecheck",
+        "queue.toml",
         "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:8001\"]\nqueue_timeout = \"10s\"\n\
          [[upstream]]\nname = \"b\"\nbackends = [{ addr = \"127.0.0.1:8002\", max_conns = 4 }]\n\
          queue_timeout = \"10s\"\n[[route]]\nupstream = \"a\"\n[[route]]\npath_prefix = \"/b/\"\nupstream = \"b\"\n",
-    )
-    .unwrap();
-    let out = Command::new(PORTICO)
-        .args(["check", "--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    );
+    let out = checked(&file);
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -96,11 +87,9 @@ fn check_warns_of_a_queue_timeout_without_a_cap() {
 
 #[test]
 fn check_reports_every_error_with_its_position_and_exits_1() {
-    let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("broken.toml");
-    std::fs::write(
-        &file,
+    let (dir, file) = written(
+        "cli",
+        "broken.toml",
         r#"[server]
 listen = ["127.0.0.1:8080"]
 colour = "blue"
@@ -114,12 +103,8 @@ connect_timeout = "2 parsecs"
 path_prefix = "/"
 upstream = "inventory"
 "#,
-    )
-    .unwrap();
-    let out = Command::new(PORTICO)
-        .args(["check", "--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    );
+    let out = checked(&file);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let name = file.display().to_string();
@@ -1375,15 +1360,30 @@ fn logging(mut command: Command) -> (Killed, std::sync::mpsc::Receiver<String>) 
     (Killed(child), rx)
 }
 
+/// `text` written to `name` in a directory of its own, named for `tag`:
+/// the directory and the file.
+fn written(tag: &str, name: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    (dir, file)
+}
+
+/// `portico check` of `file`.
+fn checked(file: &std::path::Path) -> std::process::Output {
+    Command::new(PORTICO)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 /// portico started as a child on `config` (written to a directory of
 /// its own, named for `tag`), logging JSON; with `ulimit`, under those
 /// limits (`-n 48`). The child, its log, the address it serves on, the lines
 /// read so far and the directory.
 fn portico_on(tag: &str, config: &str, ulimit: Option<&str>) -> Started {
-    let dir = std::env::temp_dir().join(format!("portico-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("portico.toml");
-    std::fs::write(&file, config).unwrap();
+    let (dir, file) = written(tag, "portico.toml", config);
     let run = format!(
         "{PORTICO} -c {} --threads 1 --log-format json",
         file.display()

@@ -46,16 +46,6 @@ async fn revive_second(proxy: &RunningProxy, addr: std::net::SocketAddr) -> Runn
     revived
 }
 
-fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for answer in answers {
-        *seen
-            .entry(answer.header("x-backend").to_owned())
-            .or_default() += 1;
-    }
-    seen
-}
-
 #[tokio::test]
 async fn killing_a_backend_mid_run_fails_no_get_and_a_restart_brings_it_back() {
     let mut backends = start_backends(3).await;
@@ -996,33 +986,13 @@ async fn backup_stands_in(balance: Balance) {
     config.upstreams[0].balance = balance;
     let proxy = start_proxy(config.clone()).await;
     assert!(proxy.backend_status()[2].backup);
-    let client = client();
-    let url = proxy.url("/users/1/orders");
-    let spread = |n| {
-        let (client, url) = (&client, &url);
-        async move {
-            let mut answers = Vec::new();
-            for _ in 0..n {
-                let answer = get(client, url).await;
-                assert_eq!(answer.status, StatusCode::OK);
-                answers.push(answer);
-            }
-            count_by_backend(&answers)
-        }
-    };
-    let only = |pairs: &[(&str, usize)]| {
-        pairs
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v))
-            .collect::<HashMap<_, _>>()
-    };
     // Only the backups' share is checked: random draws need not split
     // 10/10.
     let backups = |seen: &HashMap<String, usize>| {
         let on_backups = seen.get("b3").unwrap_or(&0) + seen.get("b4").unwrap_or(&0);
         (on_backups, seen.values().sum::<usize>())
     };
-    assert_eq!(backups(&spread(20).await), (0, 20), "{balance:?}");
+    assert_eq!(backups(&proxy.spread(20).await), (0, 20), "{balance:?}");
 
     // Both primaries drained: the backups take everything, by weight
     // (round-robin gave them 40/0, review44c M1).
@@ -1030,11 +1000,11 @@ async fn backup_stands_in(balance: Balance) {
         primary.weight = 0;
     }
     proxy.swap_in(&config);
-    let drained = spread(40).await;
+    let drained = proxy.spread(40).await;
     if balance == Balance::RandomTwo {
         assert_eq!(backups(&drained), (40, 40));
     } else {
-        assert_eq!(drained, only(&[("b3", 30), ("b4", 10)]), "{balance:?}");
+        assert_eq!(drained, counts(&[("b3", 30), ("b4", 10)]), "{balance:?}");
     }
 
     // Back, then one primary down: the other takes everything.
@@ -1048,7 +1018,7 @@ async fn backup_stands_in(balance: Balance) {
     proxy
         .wait_until("the checks to find b2 down", |s| !s[1].up)
         .await;
-    assert_eq!(spread(10).await, only(&[("b1", 10)]));
+    assert_eq!(proxy.spread(10).await, counts(&[("b1", 10)]));
 
     // Both down: the backups.
     let b1 = backends.remove(0);
@@ -1056,10 +1026,10 @@ async fn backup_stands_in(balance: Balance) {
     proxy
         .wait_until("the checks to find b1 down", |s| !s[0].up)
         .await;
-    assert_eq!(backups(&spread(10).await), (10, 10), "{balance:?}");
+    assert_eq!(backups(&proxy.spread(10).await), (10, 10), "{balance:?}");
 
     // A primary up again takes everything back.
     let _b2 = revive_second(&proxy, b2_addr).await;
-    assert_eq!(spread(10).await, only(&[("b2", 10)]));
+    assert_eq!(proxy.spread(10).await, counts(&[("b2", 10)]));
     proxy.stop().await;
 }

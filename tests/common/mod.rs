@@ -3,6 +3,7 @@
 //! every wait is bounded.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,6 +82,19 @@ impl RunningProxy {
         })
         .await;
         assert!(waited.is_ok(), "{} queued, not {n}", self.queued());
+    }
+
+    /// Sends `n` GETs of `/health` one after another, each answered 200;
+    /// counts them by `X-Backend`.
+    pub async fn spread(&self, n: usize) -> HashMap<String, usize> {
+        let client = client();
+        let mut answers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let answer = get(&client, &self.url("/health")).await;
+            assert_eq!(answer.status, StatusCode::OK);
+            answers.push(answer);
+        }
+        count_by_backend(&answers)
     }
 
     /// A GET of `path` in a task of its own.
@@ -217,6 +231,22 @@ pub fn config_for(backends: &[&RunningBackend]) -> Config {
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// `answers` counted by their `X-Backend`.
+pub fn count_by_backend(answers: &[Answer]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for answer in answers {
+        *seen
+            .entry(answer.header("x-backend").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+/// Counts by backend name, as [`count_by_backend`] gives them.
+pub fn counts(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
+    pairs.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
+}
 
 /// `config` with the cache on for its first route.
 /// A fresh directory for one test's files (a config, a token file), and
