@@ -103,6 +103,17 @@ fn balancing(c: &mut Criterion) {
     c.bench_function("balancer pick: random_two (8 backends)", |b| {
         b.iter(|| select::random_two(8, black_box(2), black_box(6), |i| candidates[i]))
     });
+    c.bench_function(
+        "balancer pick: hash, key and rendezvous (8 backends)",
+        |b| {
+            let seed = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            b.iter(|| {
+                let mut key = select::StableHash::new();
+                key.write(black_box(b"/products/1234?color=blue"));
+                select::rendezvous(8, key.finish(), seed, |i| candidates[i])
+            })
+        },
+    );
 }
 
 fn cache_hit(c: &mut Criterion) {

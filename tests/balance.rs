@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use portico::config::{Balance, Config, HealthCheck};
+use portico::config::{Balance, Config, HashKey, HealthCheck};
 use tokio::sync::Notify;
 
 /// Answers nothing: reads a request head and closes, which the proxy
@@ -30,7 +30,7 @@ async fn a_failing_backend_is_tried_first_by_its_share_and_its_retries_are_sprea
             vec![failing, backends[0].addr(), backends[1].addr()],
         );
         let upstream = &mut config.upstreams[0];
-        upstream.balance = balance;
+        upstream.balance = balance.clone();
         // Checks an hour apart never run here; their `fall` of 100 keeps
         // passive ejection (after `fall` failures) out of the counts.
         upstream.health = Some(HealthCheck {
@@ -471,4 +471,124 @@ async fn a_reload_keeps_the_line_in_order() {
         ["/held", "/before", "/after"]
     );
     backend.proxy.stop().await;
+}
+
+/// Where `balance = "hash"` sends each of `keys`: the backend that
+/// answered a GET carrying it in `field`, 200 each.
+async fn where_keys_go(proxy: &RunningProxy, field: &str, keys: &[String]) -> Vec<String> {
+    let client = client();
+    let mut went = Vec::with_capacity(keys.len());
+    for key in keys {
+        let request = http::Request::get(proxy.url("/health"))
+            .header(field, key)
+            .body(Default::default())
+            .unwrap();
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status, StatusCode::OK, "{key}");
+        went.push(answer.header("x-backend").to_owned());
+    }
+    went
+}
+
+/// Each backend's count in `went`.
+fn tally(went: &[String]) -> std::collections::HashMap<String, usize> {
+    let mut seen = std::collections::HashMap::new();
+    for name in went {
+        *seen.entry(name.clone()).or_default() += 1;
+    }
+    seen
+}
+
+/// `balance = "hash"` keeps each key on one backend, whatever the order
+/// of the list; a backend out (drained, or refusing connections) moves
+/// its own keys only, to each one's next choice, spread over the others,
+/// and they come back with it; a request without the key goes
+/// round-robin.
+#[tokio::test]
+async fn hashing_keeps_each_key_on_its_backend_and_moves_only_those_of_one_out() {
+    let backends = start_backends(3).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.upstreams[0].balance = Balance::Hash(HashKey::Cookie("sid".into()));
+    let proxy = start_proxy(config.clone()).await;
+    let keys: Vec<String> = (0..120)
+        .map(|k| format!("theme=dark; sid=user-{k}"))
+        .collect();
+    let before = where_keys_go(&proxy, "cookie", &keys).await;
+    // About a third each (40; 15 is nearly five deviations off).
+    let seen = tally(&before);
+    assert!(
+        seen.len() == 3 && seen.values().all(|&n| n >= 15),
+        "{seen:?}"
+    );
+    assert_eq!(where_keys_go(&proxy, "cookie", &keys).await, before);
+
+    // The list in another order: the same backend for each key.
+    let mut reversed = config.clone();
+    reversed.upstreams[0].backends.reverse();
+    proxy.swap_in(&reversed);
+    assert_eq!(where_keys_go(&proxy, "cookie", &keys).await, before);
+
+    // b2 drained: its keys go to b1 and b3 (some to each), the others
+    // stay.
+    let mut drained = config.clone();
+    drained.upstreams[0].backends[1].weight = 0;
+    proxy.swap_in(&drained);
+    let after = where_keys_go(&proxy, "cookie", &keys).await;
+    let mut moved = Vec::new();
+    for (was, is) in before.iter().zip(&after) {
+        if was == "b2" {
+            moved.push(is.clone());
+        } else {
+            assert_eq!(was, is);
+        }
+    }
+    let moved = tally(&moved);
+    assert!(moved.len() == 2 && !moved.contains_key("b2"), "{moved:?}");
+
+    // A fourth backend that refuses connections: the keys it ranks first
+    // are retried on their next choice, which is where they went among
+    // the three; no other key moves.
+    let (refusing, _socket) = refusing_addr();
+    let mut four = config.clone();
+    let mut extra = four.upstreams[0].backends[0].clone();
+    extra.addr = refusing;
+    four.upstreams[0].backends.push(extra);
+    proxy.swap_in(&four);
+    assert_eq!(where_keys_go(&proxy, "cookie", &keys).await, before);
+
+    // Back as it was: every key where it was.
+    proxy.swap_in(&config);
+    assert_eq!(where_keys_go(&proxy, "cookie", &keys).await, before);
+
+    // Without the cookie (another one, or none): round-robin.
+    let others: Vec<String> = (0..6).map(|k| format!("theme=t{k}")).collect();
+    let seen = tally(&where_keys_go(&proxy, "cookie", &others).await);
+    assert_eq!(seen, counts(&[("b1", 2), ("b2", 2), ("b3", 2)]));
+    proxy.stop().await;
+}
+
+/// `hash_key = "client_ip"` reads the client's address as throttling
+/// does, through `trusted_proxies`: each client forwarded by a trusted
+/// balancer stays on its backend, and clients spread.
+#[tokio::test]
+async fn hashing_by_client_ip_reads_the_forwarded_client() {
+    let backends = start_backends(3).await;
+    let mut config = trusting_loopback(config_for(&backends.iter().collect::<Vec<_>>()));
+    config.upstreams[0].balance = Balance::Hash(HashKey::ClientIp);
+    let proxy = start_proxy(config).await;
+    let clients: Vec<String> = (0..60).map(|k| format!("198.51.100.{k}")).collect();
+    let went = where_keys_go(&proxy, "x-forwarded-for", &clients).await;
+    let seen = tally(&went);
+    assert!(
+        seen.len() == 3 && seen.values().all(|&n| n >= 5),
+        "{seen:?}"
+    );
+    assert_eq!(
+        where_keys_go(&proxy, "x-forwarded-for", &clients).await,
+        went
+    );
+    // A client's own address when not forwarded: one backend for all.
+    let direct = proxy.spread(6).await;
+    assert_eq!(direct.len(), 1, "{direct:?}");
+    proxy.stop().await;
 }

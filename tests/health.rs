@@ -983,7 +983,7 @@ async fn backup_stands_in(balance: Balance) {
     config.upstreams[0].backends[2].backup = true;
     config.upstreams[0].backends[2].weight = 3;
     config.upstreams[0].backends[3].backup = true;
-    config.upstreams[0].balance = balance;
+    config.upstreams[0].balance = balance.clone();
     let proxy = start_proxy(config.clone()).await;
     assert!(proxy.backend_status()[2].backup);
     // Only the backups' share is checked: random draws need not split

@@ -99,11 +99,31 @@ impl std::fmt::Debug for Token {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Balance {
     RoundRobin,
     LeastConn,
     RandomTwo,
+    /// Consistent hashing of the request's `hash_key`: nginx's `hash ...
+    /// consistent`, HAProxy's `balance source` / `uri` / `hdr()` with
+    /// `hash-type consistent`.
+    Hash(HashKey),
+}
+
+/// What `balance = "hash"` hashes: its `hash_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `client_ip`: the client's address, as throttling reads it (through
+    /// `trusted_proxies`).
+    ClientIp,
+    /// `uri`: the target's path and query, as the client wrote them.
+    Uri,
+    /// `path`: the target's path alone.
+    Path,
+    /// `header:NAME`: the field's value.
+    Header(http::HeaderName),
+    /// `cookie:NAME`: that cookie's value.
+    Cookie(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

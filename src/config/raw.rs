@@ -184,6 +184,7 @@ pub struct Upstream {
     pub name: Str,
     pub backends: Spanned<Vec<Spanned<Backend>>>,
     pub balance: Option<Str>,
+    pub hash_key: Option<Str>,
     pub connect_timeout: Option<Str>,
     pub response_timeout: Option<Str>,
     pub body_timeout: Option<Str>,

@@ -100,6 +100,24 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert_eq!(up.backends[1].weight, 3);
     assert_eq!(up.balance, Balance::LeastConn);
     assert_eq!(up.retries, 2);
+    for (key, want) in [
+        ("client_ip", HashKey::ClientIp),
+        ("uri", HashKey::Uri),
+        ("path", HashKey::Path),
+        (
+            "header:X-Tenant",
+            HashKey::Header(http::HeaderName::from_static("x-tenant")),
+        ),
+        ("cookie:JSESSIONID", HashKey::Cookie("JSESSIONID".into())),
+    ] {
+        let text = format!(
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\nhash_key = \"{key}\"\n[[route]]\nupstream = \"a\"\n"
+        );
+        assert_eq!(
+            check(&text).unwrap().upstreams[0].balance,
+            Balance::Hash(want)
+        );
+    }
     let health = up.health.as_ref().unwrap();
     assert_eq!(
         (health.interval.as_secs(), health.rise, health.fall),
@@ -302,8 +320,23 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"fastest\"\n[[route]]\nupstream = \"a\"\ncache = true\n",
             &[
-                "test.toml:4:11: upstream[0].balance: unknown balance `fastest`: use round_robin, least_conn or random_two",
+                "test.toml:4:11: upstream[0].balance: unknown balance `fastest`: use round_robin, least_conn, random_two or hash",
                 "test.toml:7:9: route[0].cache: cache = true needs a [cache] section",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\nhash_key = \"uri\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:4:11: upstream[0].balance: `hash` needs a `hash_key` beside it: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
+                "test.toml:8:12: upstream[1].hash_key: has no effect without balance = \"hash\": add it, or remove hash_key",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\nhash_key = \"cookie:a b\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\nhash_key = \"header:\"\n[[upstream]]\nname = \"c\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\nhash_key = \"source\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:5:12: upstream[0].hash_key: `a b` is no cookie name: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
+                "test.toml:10:12: upstream[1].hash_key: `header:` names no header: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
+                "test.toml:15:12: upstream[2].hash_key: unknown hash_key `source`: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
             ],
         ),
         (

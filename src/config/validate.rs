@@ -852,15 +852,41 @@ fn upstream(
             "round_robin" => Balance::RoundRobin,
             "least_conn" => Balance::LeastConn,
             "random_two" => Balance::RandomTwo,
+            "hash" => match &raw.hash_key {
+                Some(hash_key) => Balance::Hash(parse_hash_key(hash_key.get_ref()).unwrap_or_else(
+                    |message| {
+                        r.at(hash_key.span(), format!("{key}.hash_key"), message);
+                        HashKey::ClientIp
+                    },
+                )),
+                None => {
+                    r.at(
+                        balance.span(),
+                        format!("{key}.balance"),
+                        format!("`hash` needs a `hash_key` beside it: {HASH_KEYS}"),
+                    );
+                    Balance::RoundRobin
+                }
+            },
             other => {
                 r.at(
                     balance.span(),
                     format!("{key}.balance"),
-                    format!("unknown balance `{other}`: use round_robin, least_conn or random_two"),
+                    format!(
+                        "unknown balance `{other}`: use round_robin, least_conn, random_two or hash"
+                    ),
                 );
                 Balance::RoundRobin
             }
         };
+    }
+    let hashed = raw.balance.as_ref().is_some_and(|b| b.get_ref() == "hash");
+    if let Some(hash_key) = raw.hash_key.as_ref().filter(|_| !hashed) {
+        r.at(
+            hash_key.span(),
+            format!("{key}.hash_key"),
+            "has no effect without balance = \"hash\": add it, or remove hash_key",
+        );
     }
     let d = Upstream::new("", Vec::new());
     upstream.connect_timeout = positive(
@@ -1409,6 +1435,47 @@ fn rate_and_burst(
     Rate {
         requests_per_second,
         burst,
+    }
+}
+
+/// What `hash_key` may be, for its errors.
+const HASH_KEYS: &str = "use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"";
+
+/// An upstream's `hash_key`, or what is wrong with it.
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let named = |prefix: &str| {
+        text.get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| &text[prefix.len()..])
+    };
+    let unnamed = |kind: &str, name: &str| {
+        if name.is_empty() {
+            format!("`{text}` names no {kind}: {HASH_KEYS}")
+        } else {
+            format!("`{name}` is no {kind} name: {HASH_KEYS}")
+        }
+    };
+    match text {
+        "client_ip" => Ok(HashKey::ClientIp),
+        "uri" => Ok(HashKey::Uri),
+        "path" => Ok(HashKey::Path),
+        _ => {
+            if let Some(name) = named("header:") {
+                http::HeaderName::try_from(name)
+                    .map(HashKey::Header)
+                    .map_err(|_| unnamed("header", name))
+            } else if let Some(name) = named("cookie:") {
+                // RFC 6265 §4.1.1: a cookie's name is a token.
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if !name.is_empty() && name.bytes().all(token) {
+                    Ok(HashKey::Cookie(name.to_owned()))
+                } else {
+                    Err(unnamed("cookie", name))
+                }
+            } else {
+                Err(format!("unknown hash_key `{text}`: {HASH_KEYS}"))
+            }
+        }
     }
 }
 

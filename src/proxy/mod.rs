@@ -767,6 +767,9 @@ impl Proxy {
                 }
             };
             let upstream = &self.upstreams[route.upstream];
+            if upstream.hashes_client() && trace.client.is_none() {
+                trace.client = Some(self.client_ip(conn.peer, request.headers()));
+            }
 
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
@@ -1210,6 +1213,7 @@ fn forward_with_retries<'a>(
     let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
     // Carried to the retries, whose heads are copies (see `Sent`).
     let sent = parts.extensions.get::<Sent>().cloned();
+    let key = upstream.key_of(&parts, trace.client);
     let mut next = Some((parts, body));
     async move {
         // Counted once the request is under way, not when the future is
@@ -1218,12 +1222,12 @@ fn forward_with_retries<'a>(
         let mut tried = Tried::NONE;
         // Boxed: only an upstream with a `max_conns` waits here, and
         // inline the wait would grow every request's future.
-        let (mut index, mut slot) = match upstream.take_first() {
+        let (mut index, mut slot) = match upstream.take_first(key) {
             Ok(taken) => taken,
             Err(Unpicked::NoneUp) => return Err(upstream.none_to_pick()),
             Err(Unpicked::Full) => {
                 let since = std::time::Instant::now();
-                let taken = Box::pin(upstream.wait_for_room()).await;
+                let taken = Box::pin(upstream.wait_for_room(key)).await;
                 trace.queued = Some(since.elapsed());
                 taken?
             }
@@ -1386,8 +1390,8 @@ fn forward_with_retries<'a>(
             }
             // Picked again among all, one whose connect failed is passed
             // over for one reached before, if any is left (review37g L1).
-            let picked = match upstream.pick(tried) {
-                Ok(again) if unreachable.contains(again) => upstream.pick(unreachable),
+            let picked = match upstream.pick(tried, key) {
+                Ok(again) if unreachable.contains(again) => upstream.pick(unreachable, key),
                 picked => picked,
             };
             // A retry does not wait for room: with every backend at its

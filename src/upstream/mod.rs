@@ -6,6 +6,7 @@
 
 mod budget;
 mod counter;
+mod hash;
 pub mod health;
 mod pool;
 mod queue;
@@ -51,6 +52,10 @@ pub struct Backend {
     pub weight: u32,
     /// Takes requests only while no primary backend can.
     pub backup: bool,
+    /// Its own in `balance = "hash"`'s scores: a hash of its address, so
+    /// the keys it wins stay its own whatever the order of the list, and
+    /// in every portico in front of it (see [`select::rendezvous`]).
+    seed: u64,
     /// Pre-built so a request's URI costs a cheap clone, not formatting.
     authority: Authority,
     state: Arc<BackendState>,
@@ -291,6 +296,11 @@ impl Upstream {
                     addr: b.addr,
                     weight: b.weight,
                     backup: b.backup,
+                    seed: {
+                        let mut seed = select::StableHash::new();
+                        seed.write(addr.as_bytes());
+                        seed.finish()
+                    },
                     authority: Authority::try_from(addr.as_str())
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
@@ -528,7 +538,12 @@ impl Upstream {
     /// is healthy is, the pick is `Full` (the request waits for room, see
     /// [`Upstream::wait_for_room`]): neither backups nor ejected backends
     /// are a spill-over for a busy upstream.
-    pub fn pick(&self, tried: Tried) -> Result<usize, Unpicked> {
+    ///
+    /// With `balance = "hash"`, a request with a `key` goes to the
+    /// backend that key ranks first among those that can take it (see
+    /// [`select::rendezvous`]), a retry to the first of those not tried;
+    /// one without is balanced round-robin.
+    pub fn pick(&self, tried: Tried, key: Option<u64>) -> Result<usize, Unpicked> {
         let now = self.clock.now_ms();
         // One turn for every pass: taking one each would make the later
         // ones land on the same parity every time (one backend of two).
@@ -536,8 +551,11 @@ impl Upstream {
         let full = Cell::new(false);
         let retry = !tried.is_empty();
         let pass = |pass| {
-            let at =
-                |tried| self.choose(turn, pass, |i| self.candidate(i, now, tried, pass, &full));
+            let at = |tried| {
+                self.choose(turn, pass, key, |i| {
+                    self.candidate(i, now, tried, pass, &full)
+                })
+            };
             at(tried).or_else(|| retry.then(|| at(Tried::NONE)).flatten())
         };
         let passes = if self.backups {
@@ -561,9 +579,9 @@ impl Upstream {
     /// slot taken meanwhile by another request makes it pick again; every
     /// such loss is another request's progress, so after one for each
     /// backend the upstream counts as full.
-    pub fn take(&self, tried: Tried) -> Result<(usize, InFlight), Unpicked> {
+    pub fn take(&self, tried: Tried, key: Option<u64>) -> Result<(usize, InFlight), Unpicked> {
         for _ in 0..=self.backends.len() {
-            let index = self.pick(tried)?;
+            let index = self.pick(tried, key)?;
             if let Some(slot) = self.backends[index].take_slot() {
                 return Ok((index, slot));
             }
@@ -577,23 +595,23 @@ impl Upstream {
     /// they cannot see the backends a reload added, and a request held
     /// behind them waited for nothing (review44c M2). An upstream without
     /// a `max_conns` has no line.
-    pub fn take_first(&self) -> Result<(usize, InFlight), Unpicked> {
+    pub fn take_first(&self, key: Option<u64>) -> Result<(usize, InFlight), Unpicked> {
         if self.capped && self.queue.busy_for(self.generation) {
             return Err(Unpicked::Full);
         }
-        self.take(Tried::NONE)
+        self.take(Tried::NONE, key)
     }
 
     /// For a first attempt that found every backend at its `max_conns`,
     /// or others waiting already: a place in line until a backend has
     /// room, at most `queue_timeout`. The error is the request's answer:
     /// 503 when none is up, or none had room in time.
-    pub async fn wait_for_room(&self) -> Result<(usize, InFlight), ProxyError> {
+    pub async fn wait_for_room(&self, key: Option<u64>) -> Result<(usize, InFlight), ProxyError> {
         let timeout = self.config.queue_timeout;
         let waited = if timeout.is_zero() {
             None
         } else {
-            let take = || match self.take(Tried::NONE) {
+            let take = || match self.take(Tried::NONE, key) {
                 Ok(taken) => Some(Ok(taken)),
                 Err(Unpicked::NoneUp) => Some(Err(self.none_to_pick())),
                 Err(Unpicked::Full) => None,
@@ -700,20 +718,26 @@ impl Upstream {
         state.epoch()
     }
 
-    /// The balancer's choice among `candidate`s at `turn`.
+    /// The balancer's choice among `candidate`s at `turn`, or for `key`.
     fn choose(
         &self,
         turn: Turn,
         pass: Pass,
+        key: Option<u64>,
         candidate: impl Fn(usize) -> Candidate,
     ) -> Option<usize> {
         let n = self.backends.len();
-        match self.config.balance {
+        match (&self.config.balance, key) {
+            (Balance::Hash(_), Some(key)) => {
+                select::rendezvous(n, key, |i| self.backends[i].seed, candidate)
+            }
+            // A hashed request without its key goes round-robin.
+            //
             // Backups are out of the cycle: by weight, at turns of their
             // own. At the rotation's off-turns, after the primaries' pass
             // had taken one, they got every other turn, and two backups
             // of one weight split 40 requests 40/0 (review44c M1).
-            Balance::RoundRobin if pass.backup => select::by_weight(
+            (Balance::RoundRobin | Balance::Hash(_), _) if pass.backup => select::by_weight(
                 n,
                 self.backup_turns
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -721,14 +745,35 @@ impl Upstream {
             ),
             // Passively ejected backends stay in the cycle (ejection is
             // short); `round_robin` shares their turns by weight.
-            Balance::RoundRobin => {
+            (Balance::RoundRobin | Balance::Hash(_), _) => {
                 select::round_robin(&self.cycle.load(), turn, &self.turns, n, candidate)
             }
-            Balance::LeastConn => select::least_conn(n, turn.number(), candidate),
-            Balance::RandomTwo => {
+            (Balance::LeastConn, _) => select::least_conn(n, turn.number(), candidate),
+            (Balance::RandomTwo, _) => {
                 select::random_two(n, fastrand::u64(..), fastrand::u64(..), candidate)
             }
         }
+    }
+
+    /// The key of `parts` under `balance = "hash"` (see [`Upstream::pick`]);
+    /// `None` under the other balance modes, and for a request without
+    /// one. `client` as for [`hash::request_key`].
+    pub fn key_of(
+        &self,
+        parts: &http::request::Parts,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<u64> {
+        match &self.config.balance {
+            Balance::Hash(key) => hash::request_key(key, parts, client),
+            _ => None,
+        }
+    }
+
+    /// Whether picking needs the client's address (`hash_key =
+    /// "client_ip"`), which a request works out only when something needs
+    /// it.
+    pub fn hashes_client(&self) -> bool {
+        self.config.balance == Balance::Hash(config::HashKey::ClientIp)
     }
 
     /// Why there is no backend to pick: every one drained (the operator's

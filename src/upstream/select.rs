@@ -350,6 +350,83 @@ pub fn random_two(n: usize, r1: u64, r2: u64, get: impl Fn(usize) -> Candidate) 
     Some(if lighter(&get(b), &get(a)) { b } else { a })
 }
 
+/// A fixed 64-bit hash (FNV-1a, then [`mix`] to spread it): the same in
+/// every process, build and machine, so that a restarted portico, and
+/// each of several in front of the same backends, sends a key to the same
+/// backend (as nginx's `hash` and HAProxy's hash balancing do). Not
+/// keyed: a client may find keys that go to one backend, as it may find
+/// them by trying with any fixed hash.
+#[derive(Debug, Clone, Copy)]
+pub struct StableHash(u64);
+
+impl StableHash {
+    pub fn new() -> Self {
+        StableHash(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        mix(self.0)
+    }
+}
+
+impl Default for StableHash {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// MurmurHash3's finalizer: every bit of `x` moves about half of the
+/// result's.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ x >> 33
+}
+
+/// Weighted rendezvous (highest random weight) hashing: each eligible
+/// candidate scores `key` with its own `seed` (a hash of its address),
+/// the highest score wins. A key goes to the same backend while the set
+/// of eligible ones is the same; when that backend is out (down, ejected,
+/// at its `max_conns`, drained, or tried by this request), its keys go
+/// to each one's next choice, spread over the others by weight, and the
+/// other keys stay where they were; when it is back they return. Adding
+/// a backend moves only the keys it now wins, its weight's share. Each
+/// backend wins a share of keys by its weight (the score is
+/// `weight / -ln(u)` for `u` uniform in (0, 1): Schindelhauer and
+/// Schomaker's weighted distributed hash tables), where nginx's ketama
+/// ring does so only roughly (160 points per weight unit). Costs a hash
+/// and a logarithm per backend per pick.
+pub fn rendezvous(
+    n: usize,
+    key: u64,
+    seed: impl Fn(usize) -> u64,
+    get: impl Fn(usize) -> Candidate,
+) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for i in 0..n {
+        let c = get(i);
+        if !c.pickable() {
+            continue;
+        }
+        // 53 bits, the mantissa's, in (0, 1): never 0 or 1.
+        let h = mix(key ^ seed(i));
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = f64::from(c.weight) / -u.ln();
+        if best.is_none_or(|(_, top)| score > top) {
+            best = Some((i, score));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// The first backend that can be picked: the stand-in when eligibility
 /// changed between the reads of a pick and the walk found none.
 fn first_pickable(n: usize, get: &impl Fn(usize) -> Candidate) -> Option<usize> {
@@ -693,6 +770,71 @@ mod tests {
             }
         };
         assert_eq!(random_two(2, 1, 0, get), Some(1));
+    }
+
+    /// Where each of `keys` goes under [`rendezvous`] among `candidates`
+    /// (their seeds: hashes of their positions).
+    fn hashed(candidates: &[Candidate], keys: u64) -> Vec<Option<usize>> {
+        let seed = |i: usize| {
+            let mut seed = StableHash::new();
+            seed.write(&i.to_le_bytes());
+            seed.finish()
+        };
+        (0..keys)
+            .map(|key| rendezvous(candidates.len(), mix(key), seed, |i| candidates[i]))
+            .collect()
+    }
+
+    fn tally(picks: &[Option<usize>], n: usize) -> Vec<usize> {
+        let mut seen = vec![0; n];
+        for i in picks.iter().flatten() {
+            seen[*i] += 1;
+        }
+        seen
+    }
+
+    #[test]
+    fn rendezvous_shares_keys_by_weight() {
+        let picks = hashed(&[up(1), up(1), up(2), up(0)], 20_000);
+        let seen = tally(&picks, 4);
+        // 5,000, 5,000, 10,000 and none, within 3%.
+        for (got, want) in seen.iter().zip([5_000.0, 5_000.0, 10_000.0]) {
+            assert!((*got as f64 - want).abs() <= want * 0.03, "{seen:?}");
+        }
+        assert_eq!(seen[3], 0);
+        assert_eq!(hashed(&[down(1), up(0)], 10), vec![None; 10]);
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_keys_of_a_backend_out_or_added() {
+        let four = [up(1), up(1), up(1), up(1)];
+        let before = hashed(&four, 8_000);
+        // Backend 2 out: its keys spread over the three others, by
+        // weight; every other key stays where it was.
+        let after = hashed(&[up(1), up(1), down(1), up(1)], 8_000);
+        let mut moved_to = vec![0; 4];
+        for (was, is) in before.iter().zip(&after) {
+            if *was == Some(2) {
+                moved_to[is.unwrap()] += 1;
+            } else {
+                assert_eq!(was, is);
+            }
+        }
+        let moved: usize = moved_to.iter().sum();
+        assert!(moved > 1_800 && moved_to[2] == 0, "{moved_to:?}");
+        for &n in [moved_to[0], moved_to[1], moved_to[3]].iter() {
+            assert!(n as f64 > moved as f64 / 3.0 * 0.85, "{moved_to:?}");
+        }
+        // Back: each key returns where it was.
+        assert_eq!(hashed(&four, 8_000), before);
+        // A fifth backend takes about a fifth of the keys, from all four
+        // alike, and nothing else moves.
+        let five = hashed(&[up(1), up(1), up(1), up(1), up(1)], 8_000);
+        let taken = five.iter().filter(|&&i| i == Some(4)).count();
+        assert!((1_450..=1_750).contains(&taken), "{taken}");
+        for (was, is) in before.iter().zip(&five) {
+            assert!(is == was || *is == Some(4));
+        }
     }
 
     #[test]
