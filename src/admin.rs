@@ -77,10 +77,11 @@ pub fn short_token(token: Option<&str>) -> Option<String> {
     ))
 }
 
-/// Warns of a `token` short enough to guess (see [`short_token`]).
-pub fn warn_if_short(token: Option<&str>) {
+/// Warns of a `token` short enough to guess (see [`short_token`]); `at`
+/// is where the file names it.
+pub fn warn_if_short(token: Option<&str>, at: Option<String>) {
     if let (Some(why), Some(token)) = (short_token(token), token) {
-        tracing::warn!(length = token.len(), "{why}");
+        tracing::warn!(at, length = token.len(), "{why}");
     }
 }
 
@@ -94,10 +95,10 @@ pub fn exposed(addr: SocketAddr) -> Option<&'static str> {
 }
 
 /// Warns of an admin listener at `addr` beyond loopback (see
-/// [`exposed`]).
-pub fn warn_if_exposed(addr: SocketAddr) {
+/// [`exposed`]); `at` is where the file sets it.
+pub fn warn_if_exposed(addr: SocketAddr, at: Option<String>) {
     if let Some(why) = exposed(addr) {
-        tracing::warn!(%addr, "{why}");
+        tracing::warn!(at, %addr, "{why}");
     }
 }
 

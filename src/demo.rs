@@ -316,7 +316,7 @@ pub async fn run_until(
     tracing::info!(addr = %admin_addr, mutations = "disabled (no token_file)", "admin listening");
     sample::warn_if_public(proxy_addr);
     // As `portico --config` warns of it (review35d 6).
-    crate::admin::warn_if_exposed(admin_addr);
+    crate::admin::warn_if_exposed(admin_addr, None);
     print_banner(proxy_addr, admin_addr, &addrs);
 
     let shared = server::Shared::new(&config);

@@ -26,21 +26,29 @@ pub mod upstream;
 /// SIGINT or SIGQUIT, then drains (see [`server::run`]). A second signal
 /// during the drain closes the connections still open, logs their
 /// requests and exits 1; SIGHUP reloads the file.
-pub async fn run(path: std::path::PathBuf, config: config::Config) -> std::io::Result<()> {
+///
+/// `text` is the file as read, for the places of its warnings.
+pub async fn run(
+    path: std::path::PathBuf,
+    config: config::Config,
+    text: String,
+) -> std::io::Result<()> {
     // Handled before the first socket is bound (see `signal`).
     let stop = signal::terminate();
     let hangup = signal::Hangup::install();
     let listeners = server::bind(&config.server.listen).await?;
     let admin_listener = server::bind_admin(config.admin.listen).await?;
     let token = config.admin.token.as_ref().map(|t| t.0.clone());
-    admin::warn_if_short(token.as_deref());
+    let written = config::Written::new(&text, &path);
+    admin::warn_if_short(token.as_deref(), written.at("admin.token_file"));
     tracing::info!(
         addr = %admin_listener.local_addr()?,
         mutations = if token.is_some() { "enabled" } else { "disabled (no token_file)" },
         "admin listening"
     );
-    admin::warn_if_exposed(config.admin.listen);
-    config::warn_of_risks(&config);
+    admin::warn_if_exposed(config.admin.listen, written.at("admin.listen"));
+    config::warn_of_risks(&config, &written);
+    drop(written);
     let shared = server::Shared::with_path(&config, Some(path));
     shared
         .load_tls(&config)

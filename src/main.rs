@@ -111,15 +111,15 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             };
-            let config = match portico::config::load(&path) {
-                Ok(config) => config,
+            let (config, text) = match portico::config::load_keeping_text(&path) {
+                Ok(loaded) => loaded,
                 Err(errors) => {
                     refuse(&cli.standard, errors);
                     return ExitCode::FAILURE;
                 }
             };
             cli.standard.init_logging();
-            run(&cli.standard, portico::run(path, config))
+            run(&cli.standard, portico::run(path, config, text))
         }
     }
 }
@@ -192,12 +192,12 @@ fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::
     for (i, said) in portico::config::all_drained(config) {
         warnings.push((format!("upstream[{i}]"), said));
     }
-    let locator = portico::config::Locator::new(text);
+    let written = portico::config::Written::new(text, path);
     // A line to wait in with nothing to wait for: a `max_conns` left out
     // or misspelt, or the cap commented out and its timeout not.
     for (i, upstream) in config.upstreams.iter().enumerate() {
         let key = format!("upstream[{i}].queue_timeout");
-        if upstream.backends.iter().all(|b| b.max_conns == 0) && locator.at(path, &key).is_some() {
+        if upstream.backends.iter().all(|b| b.max_conns == 0) && written.at(&key).is_some() {
             let said = format!(
                 "has no effect: no backend of upstream `{}` has a max_conns (max_conns_per_backend, or max_conns in its table)",
                 upstream.name
@@ -206,17 +206,7 @@ fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::
         }
     }
     for (key, said) in warnings {
-        // `trusted_proxies` may be written under
-        // `[rate_limit]` instead, and is named so
-        // (review42k L3).
-        let elsewhere = key.replacen("server.", "rate_limit.", 1);
-        let (key, at) = match locator.at(path, &key) {
-            Some(at) => (key, Some(at)),
-            None => {
-                let at = locator.at(path, &elsewhere);
-                (elsewhere, at)
-            }
-        };
+        let (key, at) = written.place(&key);
         // The key, as errors say it, unless the warning
         // begins with it.
         let key = if said.starts_with(&key) {

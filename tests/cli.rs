@@ -1250,20 +1250,19 @@ fn a_short_admin_token_is_warned_about() {
          token_file = \"admin.token\"\n\
          [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n";
     let run = portico_on("token", config, None);
-    assert!(
+    // Said before the listeners are up, so among what the start read,
+    // each with the place of its key, as `check` names it.
+    let said = |what: &str| {
         run.seen
             .iter()
-            .any(|l| l.contains("0.0.0.0/0, every address")),
-        "{:#?}",
-        run.seen
-    );
-    // Said before the listeners are up, so among what the start read.
-    let line = run
-        .seen
-        .iter()
-        .find(|l| l.contains("short enough to guess"))
-        .unwrap_or_else(|| panic!("no warning in {:#?}", run.seen));
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no {what} in {:#?}", run.seen))
+    };
+    let line = said("0.0.0.0/0, every address");
+    assert!(line.contains("portico.toml:3:1\""), "{line}");
+    let line = said("short enough to guess");
     assert!(line.contains("\"length\":2"), "{line}");
+    assert!(line.contains("portico.toml:6:1\""), "{line}");
     // `check` says it too, before any start (review35d 6).
     let out = Command::new(PORTICO)
         .args(["check", "-c"])

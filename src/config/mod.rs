@@ -223,6 +223,41 @@ impl<'a> Locator<'a> {
     }
 }
 
+/// Where the keys of a file that loaded are written: the place of each
+/// warning said of it, by `check` as `file:line:col: key: ...` and at start
+/// and at a reload as the warning's `at` field (`nginx -t` and nginx's
+/// start name a warning's line alike).
+pub struct Written<'a> {
+    locator: Locator<'a>,
+    file: &'a Path,
+}
+
+impl<'a> Written<'a> {
+    pub fn new(text: &'a str, file: &'a Path) -> Self {
+        Written {
+            locator: Locator::new(text),
+            file,
+        }
+    }
+
+    /// The key as written, and where: `trusted_proxies` may be written
+    /// under `[rate_limit]` instead of `[server]`, and is named so
+    /// (review42k L3). No place for a key the file leaves out.
+    pub fn place(&self, key: &str) -> (String, Option<String>) {
+        if let Some(at) = self.locator.at(self.file, key) {
+            return (key.to_owned(), Some(at));
+        }
+        let elsewhere = key.replacen("server.", "rate_limit.", 1);
+        let at = self.locator.at(self.file, &elsewhere);
+        (elsewhere, at)
+    }
+
+    /// Where `key` (or its other spelling) is written.
+    pub fn at(&self, key: &str) -> Option<String> {
+        self.place(key).1
+    }
+}
+
 /// How many bad values the lenient reading reads past before it stops.
 const MOST_SET_ASIDE: usize = 100;
 

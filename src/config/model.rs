@@ -236,14 +236,21 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
-/// Logs what a loaded configuration risks that is no error: said at start
-/// and at each reload alike (`check` says the same, with the lines).
-pub fn warn_of_risks(config: &Config) {
+/// Logs what a loaded configuration risks that is no error, each with
+/// where its key is written (`at`): said at start and at each reload alike
+/// (`check` says the same, with the same places).
+pub fn warn_of_risks(config: &Config, written: &super::Written<'_>) {
     if let Some(warning) = trusts_everyone(&config.server) {
-        tracing::warn!("{warning}");
+        let at = written.at("server.trusted_proxies");
+        tracing::warn!(at, "{warning}");
     }
-    for (_, warning) in all_drained(config) {
-        tracing::warn!("{warning}");
+    for (i, warning) in all_drained(config) {
+        let at = written.at(&format!("upstream[{i}]"));
+        tracing::warn!(at, "{warning}");
+    }
+    if let Some(max_connections) = config.server.max_connections {
+        let at = written.at("server.max_connections");
+        crate::server::warn_past_open_file_limit(max_connections, at);
     }
 }
 

@@ -168,9 +168,6 @@ impl ConnectionSettings {
     }
 
     fn new(settings: &config::Server) -> Arc<Self> {
-        if let Some(max) = settings.max_connections {
-            warn_past_open_file_limit(max);
-        }
         Arc::new(ConnectionSettings {
             builders: Arc::new(connection_builders(settings)),
             header_timeout: settings.request_header_timeout,
@@ -314,7 +311,8 @@ impl Shared {
         if let Some(why) = config::not_read_again(path) {
             return Err(why);
         }
-        let config = config::load(path).map_err(|e| e.to_string())?;
+        let (config, text) = config::load_keeping_text(path).map_err(|e| e.to_string())?;
+        let written = config::Written::new(&text, path);
         // The file's `[admin] listen` was checked against its backends; the
         // admin API that runs is the one the process started with, until
         // a restart (review36d L2: it became a backend, served to all).
@@ -353,7 +351,7 @@ impl Shared {
             );
         }
         // As at start (review36d L6).
-        config::warn_of_risks(&config);
+        config::warn_of_risks(&config, &written);
         let previous = self.proxy.load();
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         // A cache the new generation does not keep: the fetches still
@@ -372,7 +370,7 @@ impl Shared {
         if self.admin_token.load().as_deref() != token.as_ref() {
             // Rotated as the README says (rewrite the file, reload): checked
             // as at start, where only the start was (review35b F3).
-            crate::admin::warn_if_short(token.as_deref());
+            crate::admin::warn_if_short(token.as_deref(), written.at("admin.token_file"));
             tracing::info!(
                 mutations = if token.is_some() {
                     "enabled"
@@ -1879,9 +1877,15 @@ pub const OPEN_FILE_LIMIT_SHORT: &str = "server.max_connections leaves no room f
 
 /// Warns, as nginx and HAProxy do, of a `max_connections` the open-file
 /// limit cannot hold (see [`open_file_limit_short`]).
-fn warn_past_open_file_limit(max_connections: u32) {
+/// `at` is where the file sets it.
+pub fn warn_past_open_file_limit(max_connections: u32, at: Option<String>) {
     if let Some(open_file_limit) = open_file_limit_short(max_connections, false) {
-        tracing::warn!(max_connections, open_file_limit, "{OPEN_FILE_LIMIT_SHORT}");
+        tracing::warn!(
+            at,
+            max_connections,
+            open_file_limit,
+            "{OPEN_FILE_LIMIT_SHORT}"
+        );
     }
 }
 
