@@ -40,6 +40,7 @@ pub struct Metrics {
     upstream_panic: IntCounterVec,
     upstream_queued: IntGaugeVec,
     upstream_queue_rejected: IntCounterVec,
+    upstream_keyless: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
@@ -245,6 +246,14 @@ impl Metrics {
                 "Requests turned away because every backend of the upstream stayed at its max_conns for queue_timeout (at once when it is 0): answered 503, or a stale copy in its place; a cache's background refresh is dropped",
                 &["upstream"],
             ),
+            // None in nginx and HAProxy: a misspelt cookie name turned
+            // affinity into round-robin unseen (review45a L4).
+            upstream_keyless: counter_vec(
+                &registry,
+                "portico_upstream_hash_keyless_total",
+                "Requests to a balance = \"hash\" upstream without their hash_key (no such field or cookie, or an empty one), balanced round-robin instead",
+                &["upstream"],
+            ),
             backend_up,
             backend_weight,
             backend_in_flight,
@@ -411,6 +420,12 @@ impl Metrics {
         self.upstream_panic.with_label_values(&[upstream])
     }
 
+    /// One upstream's `portico_upstream_hash_keyless_total`, made (at 0)
+    /// with it when it hashes.
+    pub fn keyless(&self, upstream: &str) -> IntCounter {
+        self.upstream_keyless.with_label_values(&[upstream])
+    }
+
     /// One upstream's `portico_upstream_queued_requests` and
     /// `portico_upstream_queue_rejected_total`, made (at 0) with it.
     pub fn queue(&self, upstream: &str) -> (IntGauge, IntCounter) {
@@ -566,6 +581,7 @@ impl Metrics {
         prune(&self.upstream_panic, configured);
         prune(&self.upstream_queued, configured);
         prune(&self.upstream_queue_rejected, configured);
+        prune(&self.upstream_keyless, configured);
         prune(&self.backend_up, configured);
         prune(&self.backend_weight, configured);
         prune(&self.backend_in_flight, configured);

@@ -509,6 +509,17 @@ async fn hashing_keeps_each_key_on_its_backend_and_moves_only_those_of_one_out()
     let backends = start_backends(3).await;
     let mut config = config_for(&backends.iter().collect::<Vec<_>>());
     config.upstreams[0].balance = Balance::Hash(HashKey::Cookie("sid".into()));
+    // No ejection: the refusing backend below is retried past on every
+    // request that picks it (after `fall` failures it was passed over,
+    // review45b L5).
+    config.upstreams[0].health = Some(HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        rise: 1,
+        fall: 100,
+        host: None,
+    });
     let proxy = start_proxy(config.clone()).await;
     let keys: Vec<String> = (0..120)
         .map(|k| format!("theme=dark; sid=user-{k}"))
@@ -564,6 +575,55 @@ async fn hashing_keeps_each_key_on_its_backend_and_moves_only_those_of_one_out()
     let others: Vec<String> = (0..6).map(|k| format!("theme=t{k}")).collect();
     let seen = tally(&where_keys_go(&proxy, "cookie", &others).await);
     assert_eq!(seen, counts(&[("b1", 2), ("b2", 2), ("b3", 2)]));
+    proxy.stop().await;
+}
+
+/// Requests without the key, among requests with it, go round-robin
+/// over every backend: the keyed ones take no turn of the rotation
+/// (review45b M1: each took one, and with two backends every keyless
+/// request of a strict alternation went to one).
+#[tokio::test]
+async fn keyless_requests_among_hashed_ones_go_round_robin() {
+    let backends = start_backends(2).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.upstreams[0].balance = Balance::Hash(HashKey::Cookie("sid".into()));
+    let proxy = start_proxy(config).await;
+    let mixed: Vec<String> = (0..40)
+        .map(|k| match k % 2 {
+            0 => format!("sid=user-{k}"),
+            _ => "theme=dark".to_owned(),
+        })
+        .collect();
+    let went = where_keys_go(&proxy, "cookie", &mixed).await;
+    let keyless: Vec<String> = went.into_iter().skip(1).step_by(2).collect();
+    assert_eq!(tally(&keyless), counts(&[("b1", 10), ("b2", 10)]));
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(
+        metrics.contains("portico_upstream_hash_keyless_total{upstream=\"default\"} 20"),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+/// A header key is read as the client sent it, before portico adds its
+/// own hop: requests without `Via` have no key, where portico's `Via` was
+/// every such request's key, all on one backend (review45a L1).
+#[tokio::test]
+async fn a_header_key_is_read_as_the_client_sent_it() {
+    let backends = start_backends(3).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    let via = http::HeaderName::from_static("via");
+    config.upstreams[0].balance = Balance::Hash(HashKey::Header(via));
+    let proxy = start_proxy(config).await;
+    assert_eq!(
+        proxy.spread(6).await,
+        counts(&[("b1", 2), ("b2", 2), ("b3", 2)])
+    );
+    // With one, each `Via` stays on its backend.
+    let vias: Vec<String> = (0..30).map(|k| format!("1.1 cdn-{k}")).collect();
+    let went = where_keys_go(&proxy, "via", &vias).await;
+    assert!(tally(&went).len() > 1, "{went:?}");
+    assert_eq!(where_keys_go(&proxy, "via", &vias).await, went);
     proxy.stop().await;
 }
 

@@ -109,6 +109,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
             HashKey::Header(http::HeaderName::from_static("x-tenant")),
         ),
         ("cookie:JSESSIONID", HashKey::Cookie("JSESSIONID".into())),
+        ("URI", HashKey::Uri),
     ] {
         let text = format!(
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"hash\"\nhash_key = \"{key}\"\n[[route]]\nupstream = \"a\"\n"
@@ -338,6 +339,12 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:10:12: upstream[1].hash_key: `header:` names no header: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
                 "test.toml:15:12: upstream[2].hash_key: unknown hash_key `source`: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
             ],
+        ),
+        // A balance misspelt has its error alone, not one for its hash_key
+        // too (review45a L3).
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"HASH\"\nhash_key = \"uri\"\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:4:11: upstream[0].balance: unknown balance `HASH`: use round_robin, least_conn, random_two or hash"],
         ),
         (
             "[server]\nmax_request_body = \"10 MiB\"\nlisten = [\"127.0.0.1:9090\"]\n",

@@ -880,8 +880,12 @@ fn upstream(
             }
         };
     }
-    let hashed = raw.balance.as_ref().is_some_and(|b| b.get_ref() == "hash");
-    if let Some(hash_key) = raw.hash_key.as_ref().filter(|_| !hashed) {
+    // Said when the balance is another mode: one misspelt has its own
+    // error (review45a L3: `"HASH"` was told to add `balance = "hash"`).
+    let other_mode = raw.balance.as_ref().is_none_or(|b| {
+        ["round_robin", "least_conn", "random_two"].contains(&b.get_ref().as_str())
+    });
+    if let Some(hash_key) = raw.hash_key.as_ref().filter(|_| other_mode) {
         r.at(
             hash_key.span(),
             format!("{key}.hash_key"),
@@ -1455,7 +1459,7 @@ fn parse_hash_key(text: &str) -> Result<HashKey, String> {
             format!("`{name}` is no {kind} name: {HASH_KEYS}")
         }
     };
-    match text {
+    match text.to_ascii_lowercase().as_str() {
         "client_ip" => Ok(HashKey::ClientIp),
         "uri" => Ok(HashKey::Uri),
         "path" => Ok(HashKey::Path),

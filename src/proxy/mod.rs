@@ -64,7 +64,7 @@ use crate::limit::{Decision, Limiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::health::InFlight;
 use crate::upstream::select::Tried;
-use crate::upstream::{Unpicked, Upstream, UpstreamBody};
+use crate::upstream::{Keyed, Unpicked, Upstream, UpstreamBody};
 use body::{ProxyBody, RequestBody};
 use error::ProxyError;
 use headers::{ClientInfo, Hop};
@@ -676,9 +676,10 @@ impl Proxy {
 
         let mut quota = None;
         if let Some(limiter) = self.limiter.as_ref().filter(|_| route.rate_limit) {
-            let client = trace
+            // Kept for a `client_ip` hash_key, which would work it out again.
+            let client = *trace
                 .client
-                .unwrap_or_else(|| self.client_ip(conn.peer, request.headers()));
+                .get_or_insert_with(|| self.client_ip(conn.peer, request.headers()));
             let key = limiter.key(client, request.headers()).map_err(|_| {
                 ProxyError::BadRequest("the rate-limit key field came on several lines that differ")
             })?;
@@ -770,9 +771,13 @@ impl Proxy {
             if upstream.hashes_client() && trace.client.is_none() {
                 trace.client = Some(self.client_ip(conn.peer, request.headers()));
             }
+            let keyed = upstream.keyed(request.uri(), request.headers(), trace.client);
 
             let upgrade = upgrade::requested(&mut request);
             let (mut parts, body) = request.into_parts();
+            if let Some(keyed) = keyed {
+                parts.extensions.insert(keyed);
+            }
             let mut body =
                 RequestBody::new(body, self.max_request_body, upstream.config.body_timeout)
                     .ending(parts.extensions.remove::<body::UploadEnded>());
@@ -1213,7 +1218,12 @@ fn forward_with_retries<'a>(
     let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
     // Carried to the retries, whose heads are copies (see `Sent`).
     let sent = parts.extensions.get::<Sent>().cloned();
-    let key = upstream.key_of(&parts, trace.client);
+    // A client's request carries its key as it came; portico's own (a
+    // background refresh) are read as they go.
+    let key = match parts.extensions.get::<Keyed>() {
+        Some(keyed) => keyed.0,
+        None => upstream.key_of(&parts.uri, &parts.headers, trace.client),
+    };
     let mut next = Some((parts, body));
     async move {
         // Counted once the request is under way, not when the future is
@@ -1489,6 +1499,11 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
     *request.uri_mut() = parts.uri.clone();
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
+    // A fill's, a revalidation's or a refresh's request goes where its
+    // client's would (its key as the client sent it).
+    if let Some(&keyed) = parts.extensions.get::<Keyed>() {
+        request.extensions_mut().insert(keyed);
+    }
     request.into_parts().0
 }
 

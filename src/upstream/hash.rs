@@ -6,16 +6,21 @@
 
 use std::net::IpAddr;
 
-use http::request::Parts;
+use http::{HeaderMap, Uri};
 
 use super::select::StableHash;
 use crate::config::HashKey;
 
-/// The hash of `parts`'s `key`, if it has one. `client` is whom the
-/// request comes from (the peer, or the client a trusted proxy forwarded
-/// for), known for client requests, not for portico's own (a background
-/// refresh): those have no `client_ip` key.
-pub fn request_key(key: &HashKey, parts: &Parts, client: Option<IpAddr>) -> Option<u64> {
+/// The hash of the `key` of a request for `uri` with `headers`, if it has
+/// one. `client` is whom the request comes from (the peer, or the client
+/// a trusted proxy forwarded for), known for client requests, not for
+/// portico's own (a background refresh): those have no `client_ip` key.
+pub fn request_key(
+    key: &HashKey,
+    uri: &Uri,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Option<u64> {
     let mut hash = StableHash::new();
     match key {
         // One spelling per client: a dual-stack listener's IPv4 clients
@@ -25,27 +30,23 @@ pub fn request_key(key: &HashKey, parts: &Parts, client: Option<IpAddr>) -> Opti
             IpAddr::V6(ip) => hash.write(&ip.octets()),
         },
         HashKey::Uri => {
-            let target = parts
-                .uri
-                .path_and_query()
-                .map_or("", |target| target.as_str());
+            let target = uri.path_and_query().map_or("", |target| target.as_str());
             hash.write(target.as_bytes());
         }
-        HashKey::Path => hash.write(parts.uri.path().as_bytes()),
+        HashKey::Path => hash.write(uri.path().as_bytes()),
         HashKey::Header(name) => {
-            // A field sent on several lines is one list (RFC 9110 §5.3):
-            // its lines in order, each ended.
-            let mut any = false;
-            for line in parts.headers.get_all(name) {
-                any |= !line.is_empty();
+            // A field sent on several lines is one list, its lines
+            // joined with commas (RFC 9110 §5.3), empty ones left out
+            // (§5.6.1): `a, b` on one line or two is one key (review45b
+            // L6, review45a L2).
+            let mut lines = headers.get_all(name).iter().filter(|l| !l.is_empty());
+            hash.write(lines.next()?.as_bytes());
+            for line in lines {
+                hash.write(b", ");
                 hash.write(line.as_bytes());
-                hash.write(b"\n");
-            }
-            if !any {
-                return None;
             }
         }
-        HashKey::Cookie(name) => hash.write(cookie(&parts.headers, name)?),
+        HashKey::Cookie(name) => hash.write(cookie(headers, name)?),
     }
     Some(hash.finish())
 }
@@ -70,6 +71,7 @@ fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::request::Parts;
 
     fn parts(target: &str, fields: &[(&str, &str)]) -> Parts {
         let mut request = http::Request::get(target);
@@ -80,7 +82,7 @@ mod tests {
     }
 
     fn key(key: &HashKey, parts: &Parts) -> Option<u64> {
-        request_key(key, parts, None)
+        request_key(key, &parts.uri, &parts.headers, None)
     }
 
     #[test]
@@ -123,16 +125,20 @@ mod tests {
             key(&tenant, &a),
             key(&tenant, &parts("/", &[("x-tenant", "b")]))
         );
-        // Lines are not run together: `ab` is not `a` then `b`.
-        assert_ne!(
-            key(&tenant, &parts("/", &[("x-tenant", "ab")])),
-            key(
-                &tenant,
-                &parts("/", &[("x-tenant", "a"), ("x-tenant", "b")])
-            )
+        // Lines are one list: `a, b` on one line or two, not `ab`.
+        let two = key(
+            &tenant,
+            &parts("/", &[("x-tenant", "a"), ("x-tenant", "b")]),
         );
+        assert_eq!(key(&tenant, &parts("/", &[("x-tenant", "a, b")])), two);
+        assert_ne!(key(&tenant, &parts("/", &[("x-tenant", "ab")])), two);
         assert_eq!(key(&tenant, &parts("/", &[])), None);
         assert_eq!(key(&tenant, &parts("/", &[("x-tenant", "")])), None);
+        let empty_line = parts(
+            "/",
+            &[("x-tenant", "a"), ("x-tenant", ""), ("x-tenant", "b")],
+        );
+        assert_eq!(key(&tenant, &empty_line), two);
     }
 
     #[test]
@@ -140,7 +146,7 @@ mod tests {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         let request = parts("/", &[]);
-        let of = |ip| request_key(&HashKey::ClientIp, &request, Some(ip));
+        let of = |ip| request_key(&HashKey::ClientIp, &request.uri, &request.headers, Some(ip));
         assert_eq!(of(v4), of(mapped));
         assert_ne!(of(v4), of("192.0.2.8".parse().unwrap()));
         // portico's own requests have no client.

@@ -134,6 +134,12 @@ pub struct BackendStatus {
     pub backup: bool,
 }
 
+/// A request's key under `balance = "hash"`, read as it came (see
+/// [`Upstream::keyed`]), carried in its extensions: `None` when it had
+/// none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keyed(pub Option<u64>);
+
 /// Why no backend was picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unpicked {
@@ -227,6 +233,8 @@ pub struct Upstream {
     /// that says so, at most every [`UNAVAILABLE_SAID`] seconds.
     rejected: prometheus::IntCounter,
     pub full: crate::logging::Every,
+    /// Requests without their key, under `balance = "hash"` alone.
+    keyless: Option<prometheus::IntCounter>,
 }
 
 /// Seconds between two warnings that an upstream has no backend to pick:
@@ -348,6 +356,8 @@ impl Upstream {
             },
             rejected,
             full: said(|u| &u.full),
+            keyless: matches!(config.balance, Balance::Hash(_))
+                .then(|| metrics.keyless(&config.name)),
             check_host: check_host(&config),
             config,
             backends,
@@ -547,7 +557,13 @@ impl Upstream {
         let now = self.clock.now_ms();
         // One turn for every pass: taking one each would make the later
         // ones land on the same parity every time (one backend of two).
-        let turn = self.turns.take(tried);
+        // None for a hashed request with its key, which uses none: taken,
+        // keyed and keyless requests in turn left the keyless ones every
+        // other turn, all on one backend of two (review45b M1).
+        let turn = match key {
+            Some(_) => Turn::Off(0),
+            None => self.turns.take(tried),
+        };
         let full = Cell::new(false);
         let retry = !tried.is_empty();
         let pass = |pass| {
@@ -755,18 +771,40 @@ impl Upstream {
         }
     }
 
-    /// The key of `parts` under `balance = "hash"` (see [`Upstream::pick`]);
-    /// `None` under the other balance modes, and for a request without
-    /// one. `client` as for [`hash::request_key`].
+    /// The key of a request for `uri` with `headers` under `balance =
+    /// "hash"` (see [`Upstream::pick`]); `None` under the other balance
+    /// modes, and for a request without one. `client` as for
+    /// [`hash::request_key`].
     pub fn key_of(
         &self,
-        parts: &http::request::Parts,
+        uri: &Uri,
+        headers: &http::HeaderMap,
         client: Option<std::net::IpAddr>,
     ) -> Option<u64> {
         match &self.config.balance {
-            Balance::Hash(key) => hash::request_key(key, parts, client),
+            Balance::Hash(key) => hash::request_key(key, uri, headers, client),
             _ => None,
         }
+    }
+
+    /// [`Upstream::key_of`] a client's request as it came, before portico
+    /// adds its hop (`Via`, `X-Forwarded-*`) and removes hop-by-hop
+    /// fields (review45a L1: `header:Via` put every request on one
+    /// backend), for the request, and those made from it (a cache fill,
+    /// a revalidation), to carry to the pick; one without its key is
+    /// counted. `None` under the other modes.
+    pub fn keyed(
+        &self,
+        uri: &Uri,
+        headers: &http::HeaderMap,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<Keyed> {
+        let keyless = self.keyless.as_ref()?;
+        let key = self.key_of(uri, headers, client);
+        if key.is_none() {
+            keyless.inc();
+        }
+        Some(Keyed(key))
     }
 
     /// Whether picking needs the client's address (`hash_key =
