@@ -237,6 +237,19 @@ pub struct Upstream {
     keyless: Option<prometheus::IntCounter>,
 }
 
+/// A backend's warnings per [`Failure`] (see [`Backend::failure_said`]):
+/// going on from `previous`, its predecessor's at a reload, so that a
+/// reload does not let each be said again at once.
+fn said_of(
+    previous: Option<&[crate::logging::Every; Failure::ALL.len() + 1]>,
+) -> [crate::logging::Every; Failure::ALL.len() + 1] {
+    std::array::from_fn(|i| {
+        previous.map_or_else(crate::logging::Every::new, |p| {
+            crate::logging::Every::continuing(&p[i])
+        })
+    })
+}
+
 /// Seconds between two warnings that an upstream has no backend to pick:
 /// one state, where a warning per request turned away flooded the log
 /// (review40b L1: 408 of them in a soak, one per access line).
@@ -313,8 +326,10 @@ impl Upstream {
                         .expect("a SocketAddr always formats as a valid authority"),
                     state: Arc::new(state),
                     metrics: backend_metrics,
-                    failing: std::array::from_fn(|_| crate::logging::Every::new()),
-                    retrying: std::array::from_fn(|_| crate::logging::Every::new()),
+                    // Going on from the same address's, as the upstream's
+                    // own warnings do.
+                    failing: said_of(old.get(&b.addr).map(|o| &o.failing)),
+                    retrying: said_of(old.get(&b.addr).map(|o| &o.retrying)),
                 }
             })
             .collect();
@@ -1503,5 +1518,28 @@ mod tests {
         let mut unchecked = named.clone();
         unchecked.health = None;
         assert!(!same_checks(&unchecked, &unchecked.clone()));
+    }
+
+    /// A backend's failure warnings go on across a reload, as its
+    /// upstream's do: each reload let a failing backend's warning be said
+    /// again at once.
+    #[tokio::test]
+    async fn a_backend_s_warnings_go_on_across_a_reload() {
+        let metrics = Metrics::new();
+        let addrs = vec![
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+        ];
+        let before = Upstream::new(config::Upstream::new("a", addrs.clone()), &metrics);
+        let refused = Some(Failure::Connect);
+        assert_eq!(before.backend(0).failure_said(refused, false), Some(0));
+        assert_eq!(before.backend(0).failure_said(refused, false), None);
+        // The list reordered: the address keeps its own.
+        let reordered = config::Upstream::new("a", addrs.into_iter().rev().collect());
+        let after = Upstream::rebuild(reordered, &metrics, &before);
+        assert_eq!(after.backend(1).failure_said(refused, false), None);
+        assert_eq!(after.backend(0).failure_said(refused, false), Some(0));
+        // Each kind and each of retried or not on its own.
+        assert_eq!(after.backend(1).failure_said(refused, true), Some(0));
     }
 }
