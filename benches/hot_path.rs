@@ -83,11 +83,7 @@ fn hygiene(c: &mut Criterion) {
 
 fn balancing(c: &mut Criterion) {
     let candidates: Vec<Candidate> = (0..8)
-        .map(|i| Candidate {
-            eligible: i != 3,
-            weight: 1 + i % 3,
-            in_flight: (i * 7 % 5) as usize,
-        })
+        .map(|i| Candidate::warm(i != 3, 1 + i % 3, (i * 7 % 5) as usize))
         .collect();
     let cycle = select::weighted_cycle(&candidates);
     let mut n = 0usize;

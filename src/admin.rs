@@ -152,6 +152,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
                         "in_flight": b.in_flight,
                         "max_conns": b.max_conns,
                         "backup": b.backup,
+                        "warming": b.warming,
                     })
                 })
                 .collect();

@@ -652,3 +652,43 @@ async fn hashing_by_client_ip_reads_the_forwarded_client() {
     assert_eq!(direct.len(), 1, "{direct:?}");
     proxy.stop().await;
 }
+
+/// `slow_start`: a backend back in rotation (undrained here) takes about
+/// a twentieth of its share at first, in every balance mode, and
+/// `/status` says it warms; with every backend warming, requests are
+/// shared as usual and none is turned away.
+#[tokio::test]
+async fn a_backend_back_in_rotation_warms_up_over_slow_start() {
+    let cookie = Balance::Hash(HashKey::Cookie("sid".into()));
+    for balance in [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::RandomTwo,
+        cookie,
+    ] {
+        let backends = start_backends(2).await;
+        let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+        config.upstreams[0].balance = balance.clone();
+        // An hour: the share stays at its first twentieth for minutes.
+        config.upstreams[0].slow_start = Duration::from_secs(3600);
+        let mut drained = config.clone();
+        drained.upstreams[0].backends[1].weight = 0;
+        let proxy = start_proxy(drained.clone()).await;
+        proxy.swap_in(&config);
+        let warming: Vec<_> = proxy.backend_status().iter().map(|b| b.warming).collect();
+        assert_eq!(warming, [None, Some(5)], "{balance:?}");
+        let keys: Vec<String> = (0..600).map(|k| format!("sid=user-{k}")).collect();
+        let went = tally(&where_keys_go(&proxy, "cookie", &keys).await);
+        // About 15 to 30 of 600 (of its 300 when warm).
+        let b2 = went.get("b2").copied().unwrap_or(0);
+        assert!(b2 > 0 && b2 < 90, "{balance:?}: {went:?}");
+
+        // Both back at once: both warm alike, shared as usual.
+        drained.upstreams[0].backends[0].weight = 0;
+        proxy.swap_in(&drained);
+        proxy.swap_in(&config);
+        let went = tally(&where_keys_go(&proxy, "cookie", &keys[..200]).await);
+        assert!(went.values().all(|&n| n >= 50), "{balance:?}: {went:?}");
+        proxy.stop().await;
+    }
+}

@@ -152,6 +152,11 @@ pub struct Upstream {
     /// How long a request waits for room when every backend is at its
     /// `max_conns`, before a 503; zero answers 503 at once.
     pub queue_timeout: Duration,
+    /// How long a backend back in rotation (up again by its checks, its
+    /// ejection over, undrained or added by a reload) takes to come up to
+    /// its full share of requests; zero for at once. HAProxy's
+    /// `slowstart`, nginx's `slow_start`.
+    pub slow_start: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
     pub health: Option<HealthCheck>,
@@ -445,6 +450,7 @@ impl Upstream {
             body_timeout: Duration::from_secs(30),
             max_idle_per_backend: 64,
             queue_timeout: Duration::from_secs(5),
+            slow_start: Duration::ZERO,
             idle_timeout: Duration::from_secs(90),
             retries: 1,
             health: None,

@@ -191,6 +191,7 @@ pub struct Upstream {
     pub max_idle_per_backend: Option<Spanned<i64>>,
     pub max_conns_per_backend: Option<Spanned<i64>>,
     pub queue_timeout: Option<Str>,
+    pub slow_start: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub retries: Option<Spanned<i64>>,
     pub health: Option<Spanned<Health>>,

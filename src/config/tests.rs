@@ -340,6 +340,13 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:15:12: upstream[2].hash_key: unknown hash_key `source`: use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
             ],
         ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"2h\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"soon\"\n[[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:4:14: upstream[0].slow_start: at most 1h: a backend back would take a share of traffic too small to warm it",
+                "test.toml:8:14: upstream[1].slow_start: expected a whole number at `soon`",
+            ],
+        ),
         // A balance misspelt has its error alone, not one for its hash_key
         // too (review45a L3).
         (

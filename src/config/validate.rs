@@ -923,6 +923,22 @@ fn upstream(
         raw.queue_timeout.as_ref(),
         d.queue_timeout,
     );
+    upstream.slow_start = duration(
+        r,
+        &format!("{key}.slow_start"),
+        raw.slow_start.as_ref(),
+        d.slow_start,
+    );
+    if upstream.slow_start > MAX_SLOW_START {
+        if let Some(value) = &raw.slow_start {
+            r.at(
+                value.span(),
+                format!("{key}.slow_start"),
+                "at most 1h: a backend back would take a share of traffic too small to warm it",
+            );
+        }
+        upstream.slow_start = d.slow_start;
+    }
     upstream.max_idle_per_backend = integer(
         r,
         &format!("{key}.max_idle_per_backend"),
@@ -1441,6 +1457,9 @@ fn rate_and_burst(
         burst,
     }
 }
+
+/// The longest `slow_start`.
+const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 
 /// What `hash_key` may be, for its errors.
 const HASH_KEYS: &str = "use \"client_ip\", \"uri\", \"path\", \"header:NAME\" or \"cookie:NAME\"";

@@ -100,7 +100,16 @@ pub struct BackendState {
     /// Its upstream's clock, for a verdict given where the upstream is
     /// not at hand (a body's end, see [`InFlight::judged_at_end`]).
     clock: Clock,
+    /// Its upstream's `slow_start`, in ms (0: none), and the clock ms
+    /// its warming began at (0: warm); see [`BackendState::warmth`].
+    slow_start_ms: u64,
+    warm_from: AtomicU64,
 }
+
+/// The share a backend takes at the very start of its `slow_start`: one
+/// twentieth of its full one (HAProxy's starts near a twentieth too),
+/// so that it is tried, and the share grows from there.
+const COLDEST: f32 = 0.05;
 
 /// A backend address's requests in flight, and how many it may have.
 #[derive(Debug)]
@@ -140,7 +149,58 @@ impl BackendState {
             ejections_counted: None,
             lone: false,
             clock: Clock::new(),
+            slow_start_ms: 0,
+            warm_from: AtomicU64::new(0),
         }
+    }
+
+    /// Warms up over `slow_start` when it comes back (see
+    /// [`BackendState::start_warming`]); zero for never.
+    pub fn slow_start(mut self, slow_start: Duration) -> Self {
+        self.slow_start_ms = slow_start.as_millis().min(u128::from(u64::MAX)) as u64;
+        self
+    }
+
+    /// Goes on warming where `previous`, the same backend in the
+    /// upstream's last generation, was (a reload does not cut a warm-up
+    /// short, nor start it again).
+    pub fn warming_like(self, previous: &BackendState) -> Self {
+        if self.slow_start_ms > 0 {
+            let from = previous.warm_from.load(Ordering::Relaxed);
+            self.warm_from.store(from, Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// It is back in rotation (up again by its checks, its ejection over,
+    /// undrained or added by a reload): it takes a growing share of its
+    /// requests over its `slow_start`, from [`COLDEST`], as a backend
+    /// that restarted has cold caches, pools and JIT (HAProxy's
+    /// `slowstart`, nginx's `slow_start`). Nothing without a `slow_start`.
+    pub fn start_warming(&self) {
+        if self.slow_start_ms > 0 {
+            self.warm_from.store(self.clock.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The share of its weight it takes at `now_ms`: 1 when warm, else
+    /// from [`COLDEST`] up to 1 in proportion to the time since it came
+    /// back over its `slow_start`. One load for a warm backend.
+    pub fn warmth(&self, now_ms: u64) -> f32 {
+        let from = self.warm_from.load(Ordering::Relaxed);
+        if from == 0 {
+            return 1.0;
+        }
+        let elapsed = now_ms.saturating_sub(from);
+        if elapsed >= self.slow_start_ms {
+            // Warm: the next reads stop at the first line. Not over a
+            // warming begun again meanwhile.
+            let _ = self
+                .warm_from
+                .compare_exchange(from, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return 1.0;
+        }
+        (elapsed as f32 / self.slow_start_ms as f32).max(COLDEST)
     }
 
     /// Its upstream's `clock`, and whether it is the upstream's `lone`
@@ -337,6 +397,7 @@ impl BackendState {
         self.ejected_until.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
+        self.start_warming();
         self.say(Some(Passive::Readmitted));
         epoch.wrapping_add(1)
     }
@@ -419,6 +480,9 @@ impl BackendState {
         let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
         self.probing.store(false, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
+        if was_out {
+            self.start_warming();
+        }
         was_out.then_some(Passive::Recovered)
     }
 
@@ -628,6 +692,36 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend back in rotation takes a twentieth of its share at
+    /// first, then in proportion to the time since, and all of it once
+    /// its `slow_start` is over; a warm one is never cooled, and none
+    /// warms without a `slow_start`.
+    #[test]
+    fn a_backend_warms_up_over_its_slow_start() {
+        let state = BackendState::new(3).slow_start(Duration::from_secs(10));
+        assert_eq!(state.warmth(5), 1.0);
+        state.start_warming();
+        let from = state.warm_from.load(Ordering::Relaxed);
+        assert_eq!(state.warmth(from), COLDEST);
+        assert_eq!(state.warmth(from + 250), COLDEST);
+        assert_eq!(state.warmth(from + 5_000), 0.5);
+        assert_eq!(state.warmth(from + 10_000), 1.0);
+        // Over, for good: an earlier clock reads warm too.
+        assert_eq!(state.warmth(from + 5_000), 1.0);
+        // Taken over by the next generation, mid-way.
+        let warming = BackendState::new(3).slow_start(Duration::from_secs(10));
+        warming.start_warming();
+        let next = BackendState::new(3)
+            .slow_start(Duration::from_secs(10))
+            .warming_like(&warming);
+        let from = next.warm_from.load(Ordering::Relaxed);
+        assert!(from > 0);
+        assert_eq!(next.warmth(from + 2_500), 0.25);
+        let never = BackendState::new(3);
+        never.start_warming();
+        assert_eq!(never.warmth(1), 1.0);
+    }
 
     #[test]
     fn threshold_failures_eject_with_doubling_backoff() {

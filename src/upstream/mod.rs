@@ -132,6 +132,9 @@ pub struct BackendStatus {
     pub in_flight: usize,
     pub max_conns: Option<usize>,
     pub backup: bool,
+    /// While it warms up (`slow_start`): the percentage of its share it
+    /// takes now.
+    pub warming: Option<u8>,
 }
 
 /// A request's key under `balance = "hash"`, read as it came (see
@@ -186,6 +189,19 @@ impl Pass {
     ];
 }
 
+/// What a look over the backends for a pick goes by (see
+/// [`Upstream::candidate`]).
+struct Look<'a> {
+    now: u64,
+    pass: Pass,
+    /// Set when a backend would be picked but for its `max_conns`.
+    full: &'a Cell<bool>,
+    /// The pick's draw for backends warming up; `None` takes them whole.
+    draw: Option<u64>,
+    /// Set when a warming backend was passed over for the draw.
+    cooled: &'a Cell<bool>,
+}
+
 /// A running upstream: its backends, balancer, health and connection pool.
 #[derive(Debug)]
 pub struct Upstream {
@@ -226,6 +242,8 @@ pub struct Upstream {
     capped: bool,
     /// Some backend is a backup.
     backups: bool,
+    /// A `slow_start` is set: backends back in rotation warm up.
+    warming: bool,
     /// The warning that requests go to the backups, as often as
     /// `unavailable`.
     backing_up: crate::logging::Every,
@@ -300,15 +318,25 @@ impl Upstream {
                     .counting_body_errors(metrics.body_errors(&config.name, &addr))
                     .counting_ejections(backend_metrics.ejections())
                     .of_upstream(clock, lone)
-                    .named(name.clone(), b.addr);
+                    .named(name.clone(), b.addr)
+                    .slow_start(config.slow_start);
                 if let Some(old) = old.get(&b.addr) {
-                    state = state.sharing_in_flight(&old.state);
+                    state = state.sharing_in_flight(&old.state).warming_like(&old.state);
                     // A lone backend is never ejected, nor would anything
                     // end an ejection taken over: it showed ejected after
                     // each probe for good (review43a L2).
                     if !lone {
                         state = state.keeping_passive(&old.state);
                     }
+                }
+                // Added by a reload, or undrained: back in rotation, as
+                // HAProxy's servers out of maintenance (not at a start).
+                let back = previous.is_some()
+                    && old
+                        .get(&b.addr)
+                        .is_none_or(|old| old.drained() && b.weight > 0);
+                if back {
+                    state.start_warming();
                 }
                 // Every backend's: a reload may have capped one whose
                 // requests of the previous generation free its slots.
@@ -355,6 +383,7 @@ impl Upstream {
             panicking: said(|u| &u.panicking),
             capped: config.backends.iter().any(|b| b.max_conns > 0),
             backups: config.backends.iter().any(|b| b.backup),
+            warming: !config.slow_start.is_zero(),
             backing_up: said(|u| &u.backing_up),
             queue,
             generation,
@@ -485,6 +514,9 @@ impl Upstream {
                 in_flight: b.state.in_flight(),
                 max_conns: b.max_conns(),
                 backup: b.backup,
+                warming: Some(b.state.warmth(now))
+                    .filter(|&w| w < 1.0)
+                    .map(|w| (w * 100.0) as u8),
             })
             .collect()
     }
@@ -495,11 +527,7 @@ impl Upstream {
         let candidates: Vec<Candidate> = self
             .backends
             .iter()
-            .map(|b| Candidate {
-                eligible: b.state.active_up() && !b.backup,
-                weight: b.weight,
-                in_flight: 0,
-            })
+            .map(|b| Candidate::warm(b.state.active_up() && !b.backup, b.weight, 0))
             .collect();
         self.cycle
             .store(Arc::new(select::weighted_cycle(&candidates)));
@@ -510,31 +538,39 @@ impl Upstream {
     /// passive health both, or by the active checks alone when the pass
     /// takes the `ejected` too, and below its `max_conns`; one that would
     /// be but for its `max_conns` sets `full`. (Drained ones are passed
-    /// over by the selection itself, for its weight.)
-    fn candidate(
-        &self,
-        i: usize,
-        now: u64,
-        tried: Tried,
-        pass: Pass,
-        full: &Cell<bool>,
-    ) -> Candidate {
+    /// over by the selection itself, for its weight.) One warming up
+    /// (`slow_start`) is passed over when the look's draw says so, which
+    /// sets `cooled`.
+    fn candidate(&self, i: usize, look: &Look<'_>, tried: Tried) -> Candidate {
         let b = &self.backends[i];
-        let up = if pass.ejected {
+        let up = if look.pass.ejected {
             b.state.active_up()
         } else {
-            b.state.eligible(now)
+            b.state.eligible(look.now)
         };
         let in_flight = b.state.in_flight();
-        let wanted = up && b.backup == pass.backup && !tried.contains(i);
+        let wanted = up && b.backup == look.pass.backup && !tried.contains(i);
         let room = in_flight < b.state.max_conns();
         if wanted && !room && !b.drained() {
-            full.set(true);
+            look.full.set(true);
+        }
+        let warmth = if self.warming {
+            b.state.warmth(look.now)
+        } else {
+            1.0
+        };
+        let passed_over = warmth < 1.0
+            && look
+                .draw
+                .is_some_and(|draw| !select::admits(draw, b.seed, warmth));
+        if wanted && room && passed_over {
+            look.cooled.set(true);
         }
         Candidate {
-            eligible: wanted && room,
+            eligible: wanted && room && !passed_over,
             weight: b.weight,
             in_flight,
+            warmth,
         }
     }
 
@@ -581,11 +617,28 @@ impl Upstream {
         };
         let full = Cell::new(false);
         let retry = !tried.is_empty();
+        // Backends warming up (`slow_start`) are passed over for a share
+        // of the picks, by a draw made once for the pick, so that each
+        // look at a backend within it agrees; a hashed request's key
+        // weighs them instead (see `Candidate::warmth`).
+        let draw = (self.warming && key.is_none()).then(|| fastrand::u64(..));
+        let cooled = Cell::new(false);
         let pass = |pass| {
+            let at = |tried, draw| {
+                let look = Look {
+                    now,
+                    pass,
+                    full: &full,
+                    draw,
+                    cooled: &cooled,
+                };
+                self.choose(turn, pass, key, |i| self.candidate(i, &look, tried))
+            };
+            // With only warming backends passed over, one of them: a
+            // warm-up never turns a request away.
             let at = |tried| {
-                self.choose(turn, pass, key, |i| {
-                    self.candidate(i, now, tried, pass, &full)
-                })
+                cooled.set(false);
+                at(tried, draw).or_else(|| cooled.get().then(|| at(tried, None)).flatten())
             };
             at(tried).or_else(|| retry.then(|| at(Tried::NONE)).flatten())
         };
@@ -668,11 +721,17 @@ impl Upstream {
     /// turn of the rotation): a healthy primary if any is, else a healthy
     /// backup.
     fn room(&self) -> Room {
-        let now = self.clock.now_ms();
-        let full = Cell::new(false);
+        let (full, cooled) = (Cell::new(false), Cell::new(false));
         for pass in [Pass::PRIMARY, Pass::BACKUP] {
+            let look = Look {
+                now: self.clock.now_ms(),
+                pass,
+                full: &full,
+                draw: None,
+                cooled: &cooled,
+            };
             let room = (0..self.backends.len()).any(|i| {
-                let c = self.candidate(i, now, Tried::NONE, pass, &full);
+                let c = self.candidate(i, &look, Tried::NONE);
                 c.eligible && c.weight > 0
             });
             if room {
@@ -1202,8 +1261,13 @@ async fn check_backend(
             }
             Some(Health::Up) => {
                 backend.state.set_active_up(true);
+                backend.state.start_warming();
+                let slow_start = &upstream.config.slow_start;
+                let slow_start =
+                    (!slow_start.is_zero()).then_some(tracing::field::debug(slow_start));
                 tracing::info!(
                     upstream = %upstream.config.name, backend = %backend.addr,
+                    slow_start,
                     "backend up"
                 );
             }

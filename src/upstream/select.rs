@@ -20,13 +20,30 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One backend as the selection sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
     /// Up, and not to be passed over (tried already, say).
     pub eligible: bool,
     /// 0 is drained: never picked, however eligible.
     pub weight: u32,
     pub in_flight: usize,
+    /// The share of its weight it takes while it warms up after coming
+    /// back (`slow_start`), 1 when warm: weighs its keys in
+    /// [`rendezvous`]. (The other modes pass a warming backend over for
+    /// a share of their picks instead, before they get here.)
+    pub warmth: f32,
+}
+
+impl Candidate {
+    /// One taking its whole share.
+    pub fn warm(eligible: bool, weight: u32, in_flight: usize) -> Self {
+        Candidate {
+            eligible,
+            weight,
+            in_flight,
+            warmth: 1.0,
+        }
+    }
 }
 
 impl Candidate {
@@ -381,6 +398,14 @@ impl Default for StableHash {
     }
 }
 
+/// Whether a backend warming up, with `seed` its own, takes the pick
+/// whose draw is `draw`: for `warmth` of the draws, independently of the
+/// other backends'.
+pub fn admits(draw: u64, seed: u64, warmth: f32) -> bool {
+    let h = mix(draw ^ seed);
+    ((h >> 40) as f32) < warmth * (1u32 << 24) as f32
+}
+
 /// MurmurHash3's finalizer: every bit of `x` moves about half of the
 /// result's.
 fn mix(mut x: u64) -> u64 {
@@ -420,7 +445,7 @@ pub fn rendezvous(
         if !c.pickable() {
             continue;
         }
-        let weight = f64::from(c.weight);
+        let weight = f64::from(c.weight) * f64::from(c.warmth);
         // 52 bits and a half, in (0, 1): never 0 or 1, so never an
         // infinite score (with 53, the highest hash rounded to 1,
         // review45b L1).
@@ -451,11 +476,7 @@ mod tests {
     use super::*;
 
     fn up(weight: u32) -> Candidate {
-        Candidate {
-            eligible: true,
-            weight,
-            in_flight: 0,
-        }
+        Candidate::warm(true, weight, 0)
     }
 
     fn down(weight: u32) -> Candidate {
@@ -698,18 +719,7 @@ mod tests {
             (&[], 0, None),
             // Weight 2 with 3 in flight is less loaded than weight 1 with 2.
             (
-                &[
-                    Candidate {
-                        eligible: true,
-                        weight: 1,
-                        in_flight: 2,
-                    },
-                    Candidate {
-                        eligible: true,
-                        weight: 2,
-                        in_flight: 3,
-                    },
-                ],
+                &[Candidate::warm(true, 1, 2), Candidate::warm(true, 2, 3)],
                 0,
                 Some(1),
             ),
@@ -908,6 +918,24 @@ mod tests {
             })
             .collect();
         assert_eq!(went, [0, 3, 3, 0, 3, 1, 2, 2, 2, 2, 0, 1, 3, 3, 3, 3]);
+    }
+
+    /// A warming backend takes its warmth's share of the draws, and two
+    /// backends' draws are independent.
+    #[test]
+    fn a_warming_backend_is_admitted_for_its_share() {
+        let draws: Vec<u64> = (0..20_000).map(mix).collect();
+        let admitted = |seed, warmth| draws.iter().filter(|&&d| admits(d, seed, warmth)).count();
+        for (warmth, want) in [(0.05, 1_000.0), (0.3, 6_000.0), (0.9, 18_000.0)] {
+            let got = admitted(7, warmth) as f64;
+            assert!((got - want).abs() < want * 0.1 + 50.0, "{warmth}: {got}");
+        }
+        assert_eq!(admitted(7, 1.0), 20_000);
+        let both = draws
+            .iter()
+            .filter(|&&d| admits(d, 7, 0.5) && admits(d, 8, 0.5))
+            .count();
+        assert!((4_500..=5_500).contains(&both), "{both}");
     }
 
     #[test]
