@@ -426,6 +426,12 @@ impl Metrics {
         self.upstream_keyless.with_label_values(&[upstream])
     }
 
+    /// Drops an upstream's `portico_upstream_hash_keyless_total`, when it
+    /// hashes no more.
+    pub fn forget_keyless(&self, upstream: &str) {
+        let _ = self.upstream_keyless.remove_label_values(&[upstream]);
+    }
+
     /// One upstream's `portico_upstream_queued_requests` and
     /// `portico_upstream_queue_rejected_total`, made (at 0) with it.
     pub fn queue(&self, upstream: &str) -> (IntGauge, IntCounter) {

@@ -587,7 +587,7 @@ async fn keyless_requests_among_hashed_ones_go_round_robin() {
     let backends = start_backends(2).await;
     let mut config = config_for(&backends.iter().collect::<Vec<_>>());
     config.upstreams[0].balance = Balance::Hash(HashKey::Cookie("sid".into()));
-    let proxy = start_proxy(config).await;
+    let proxy = start_proxy(config.clone()).await;
     let mixed: Vec<String> = (0..40)
         .map(|k| match k % 2 {
             0 => format!("sid=user-{k}"),
@@ -600,6 +600,15 @@ async fn keyless_requests_among_hashed_ones_go_round_robin() {
     let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
     assert!(
         metrics.contains("portico_upstream_hash_keyless_total{upstream=\"default\"} 20"),
+        "{metrics}"
+    );
+    // An upstream that hashes no more has no such series (review45c L2).
+    let mut unhashed = config.clone();
+    unhashed.upstreams[0].balance = Balance::RoundRobin;
+    proxy.swap_in(&unhashed);
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(
+        !metrics.contains("portico_upstream_hash_keyless_total{"),
         "{metrics}"
     );
     proxy.stop().await;
@@ -691,4 +700,39 @@ async fn a_backend_back_in_rotation_warms_up_over_slow_start() {
         assert!(went.values().all(|&n| n >= 50), "{balance:?}: {went:?}");
         proxy.stop().await;
     }
+}
+
+/// `header:Host` keys on the host a request is for: over HTTP/2 its
+/// `:authority`, as over HTTP/1 its `Host` (review45c M1: HTTP/2
+/// requests had no key, all round-robin).
+#[tokio::test]
+async fn a_host_key_holds_over_http2() {
+    let backends = start_backends(3).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.upstreams[0].balance = Balance::Hash(HashKey::Header(http::header::HOST));
+    let proxy = start_proxy(config).await;
+    let hosts: Vec<String> = (0..30).map(|k| format!("site{k}.example")).collect();
+    let over_http1 = where_keys_go(&proxy, "host", &hosts).await;
+    let (mut sender, _connection) =
+        h2c_connection::<http_body_util::Full<bytes::Bytes>>(proxy.addr).await;
+    let mut over_http2 = Vec::new();
+    for host in &hosts {
+        let request = http::Request::get(format!("http://{host}/health"))
+            .body(Default::default())
+            .unwrap();
+        let response = tokio::time::timeout(STEP, sender.send_request(request))
+            .await
+            .expect("answer within STEP")
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        over_http2.push(response.headers()["x-backend"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(over_http2, over_http1);
+    assert!(tally(&over_http1).len() > 1, "{over_http1:?}");
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(
+        metrics.contains("portico_upstream_hash_keyless_total{upstream=\"default\"} 0"),
+        "{metrics}"
+    );
+    proxy.stop().await;
 }

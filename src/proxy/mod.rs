@@ -1218,12 +1218,7 @@ fn forward_with_retries<'a>(
     let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
     // Carried to the retries, whose heads are copies (see `Sent`).
     let sent = parts.extensions.get::<Sent>().cloned();
-    // A client's request carries its key as it came; portico's own (a
-    // background refresh) are read as they go.
-    let key = match parts.extensions.get::<Keyed>() {
-        Some(keyed) => keyed.0,
-        None => upstream.key_of(&parts.uri, &parts.headers, trace.client),
-    };
+    let key = upstream.key_for(&parts, trace.client);
     let mut next = Some((parts, body));
     async move {
         // Counted once the request is under way, not when the future is

@@ -14,7 +14,7 @@ use crate::config::HashKey;
 /// The hash of the `key` of a request for `uri` with `headers`, if it has
 /// one. `client` is whom the request comes from (the peer, or the client
 /// a trusted proxy forwarded for), known for client requests, not for
-/// portico's own (a background refresh): those have no `client_ip` key.
+/// portico's own made from none: those have no `client_ip` key.
 pub fn request_key(
     key: &HashKey,
     uri: &Uri,
@@ -34,15 +34,27 @@ pub fn request_key(
             hash.write(target.as_bytes());
         }
         HashKey::Path => hash.write(uri.path().as_bytes()),
+        // The host the request is for: HTTP/2's `:authority` (browsers
+        // send no `Host` then) or an absolute target's, which outranks
+        // `Host` (RFC 9112 §3.2.2; review45c M1).
+        HashKey::Header(name) if name == http::header::HOST && uri.authority().is_some() => {
+            hash.write(uri.authority()?.as_str().as_bytes());
+        }
         HashKey::Header(name) => {
             // A field sent on several lines is one list, its lines
             // joined with commas (RFC 9110 §5.3), empty ones left out
             // (§5.6.1): `a, b` on one line or two is one key (review45b
-            // L6, review45a L2).
+            // L6, review45a L2); `Cookie` lines with `; ` (RFC 9113
+            // §8.2.3), as HTTP/1 sends them on one line.
+            let comma = if name == http::header::COOKIE {
+                &b"; "[..]
+            } else {
+                b", "
+            };
             let mut lines = headers.get_all(name).iter().filter(|l| !l.is_empty());
             hash.write(lines.next()?.as_bytes());
             for line in lines {
-                hash.write(b", ");
+                hash.write(comma);
                 hash.write(line.as_bytes());
             }
         }
@@ -151,6 +163,63 @@ mod tests {
         assert_ne!(of(v4), of("192.0.2.8".parse().unwrap()));
         // portico's own requests have no client.
         assert_eq!(key(&HashKey::ClientIp, &request), None);
+    }
+
+    /// `header:Host` is the host the request is for: HTTP/2's
+    /// `:authority`, and an absolute target's over `Host` (review45c M1:
+    /// HTTP/2 requests had no key). `Cookie` lines are one line as HTTP/1
+    /// sends it.
+    #[test]
+    fn a_host_key_is_the_request_s_authority() {
+        let host = HashKey::Header(http::header::HOST);
+        let origin_form = parts("/x", &[("host", "a.example")]);
+        let mut h2 = parts("http://a.example/x", &[]);
+        h2.version = http::Version::HTTP_2;
+        let absolute = parts("http://a.example/x", &[("host", "other.example")]);
+        assert!(key(&host, &origin_form).is_some());
+        assert_eq!(key(&host, &h2), key(&host, &origin_form));
+        assert_eq!(key(&host, &absolute), key(&host, &origin_form));
+        let cookie = HashKey::Header(http::header::COOKIE);
+        let crumbs = parts("/", &[("cookie", "a=1"), ("cookie", "b=2")]);
+        let line = parts("/", &[("cookie", "a=1; b=2")]);
+        assert_eq!(key(&cookie, &crumbs), key(&cookie, &line));
+    }
+
+    /// How each kind of key is read is fixed too: a change moves every
+    /// key of its kind at the upgrade (review45c L3: one did, and no test
+    /// failed).
+    #[test]
+    fn keys_are_read_as_in_earlier_versions() {
+        let request = parts(
+            "/shop/item?id=7",
+            &[
+                ("x-tenant", "acme"),
+                ("x-tenant", "beta"),
+                ("cookie", "theme=dark; sid=abc123"),
+            ],
+        );
+        let of = |kind: &HashKey| {
+            let client = Some("192.0.2.7".parse().unwrap());
+            request_key(kind, &request.uri, &request.headers, client).unwrap()
+        };
+        let tenant = HashKey::Header(http::HeaderName::from_static("x-tenant"));
+        let got = [
+            of(&HashKey::ClientIp),
+            of(&HashKey::Uri),
+            of(&HashKey::Path),
+            of(&tenant),
+            of(&HashKey::Cookie("sid".into())),
+        ];
+        // FNV-1a and the finalizer of 192.0.2.7's four bytes, the target,
+        // its path, `acme, beta` and `abc123`, as computed apart.
+        let want = [
+            2_516_330_309_676_661_609,
+            16_421_401_640_525_564_465,
+            18_149_865_089_037_874_954,
+            5_600_053_865_648_276_045,
+            17_346_860_799_031_559_656,
+        ];
+        assert_eq!(got, want);
     }
 
     /// The hash is fixed: a key goes where it went in every earlier run

@@ -400,8 +400,15 @@ impl Upstream {
             },
             rejected,
             full: said(|u| &u.full),
-            keyless: matches!(config.balance, Balance::Hash(_))
-                .then(|| metrics.keyless(&config.name)),
+            // A series for hashing upstreams alone: one that hashes no
+            // more loses its (review45c L2).
+            keyless: match config.balance {
+                Balance::Hash(_) => Some(metrics.keyless(&config.name)),
+                _ => {
+                    metrics.forget_keyless(&config.name);
+                    None
+                }
+            },
             check_host: check_host(&config),
             config,
             backends,
@@ -865,20 +872,36 @@ impl Upstream {
     /// adds its hop (`Via`, `X-Forwarded-*`) and removes hop-by-hop
     /// fields (review45a L1: `header:Via` put every request on one
     /// backend), for the request, and those made from it (a cache fill,
-    /// a revalidation), to carry to the pick; one without its key is
-    /// counted. `None` under the other modes.
+    /// a revalidation, a background refresh), to carry to the pick (see
+    /// [`Upstream::key_for`]). `None` under the other modes.
     pub fn keyed(
         &self,
         uri: &Uri,
         headers: &http::HeaderMap,
         client: Option<std::net::IpAddr>,
     ) -> Option<Keyed> {
+        self.keyless.as_ref()?;
+        Some(Keyed(self.key_of(uri, headers, client)))
+    }
+
+    /// The key the picks for a request going to a backend go by: the one
+    /// it carries ([`Upstream::keyed`]), else read from it as it goes. One
+    /// without is counted as it goes round-robin: not a cache hit, which
+    /// goes nowhere (review45c L1).
+    pub fn key_for(
+        &self,
+        parts: &http::request::Parts,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<u64> {
         let keyless = self.keyless.as_ref()?;
-        let key = self.key_of(uri, headers, client);
+        let key = match parts.extensions.get::<Keyed>() {
+            Some(keyed) => keyed.0,
+            None => self.key_of(&parts.uri, &parts.headers, client),
+        };
         if key.is_none() {
             keyless.inc();
         }
-        Some(Keyed(key))
+        key
     }
 
     /// Whether picking needs the client's address (`hash_key =
