@@ -20,6 +20,19 @@ fn close_at_once(_head: &str) -> &'static [u8] {
     b""
 }
 
+/// Checks an hour apart, which never run here, whose `fall` of 100 keeps
+/// passive ejection (after `fall` failures) out of a test's counts.
+fn never_ejecting() -> HealthCheck {
+    HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_secs(3600),
+        timeout: Duration::from_secs(1),
+        rise: 1,
+        fall: 100,
+        host: None,
+    }
+}
+
 #[tokio::test]
 async fn a_failing_backend_is_tried_first_by_its_share_and_its_retries_are_spread() {
     for balance in [Balance::RoundRobin, Balance::LeastConn] {
@@ -31,16 +44,7 @@ async fn a_failing_backend_is_tried_first_by_its_share_and_its_retries_are_sprea
         );
         let upstream = &mut config.upstreams[0];
         upstream.balance = balance.clone();
-        // Checks an hour apart never run here; their `fall` of 100 keeps
-        // passive ejection (after `fall` failures) out of the counts.
-        upstream.health = Some(HealthCheck {
-            path: "/health".into(),
-            interval: Duration::from_secs(3600),
-            timeout: Duration::from_secs(1),
-            rise: 1,
-            fall: 100,
-            host: None,
-        });
+        upstream.health = Some(never_ejecting());
         let proxy = start_proxy(config).await;
         let client = client();
         for _ in 0..30 {
@@ -512,14 +516,7 @@ async fn hashing_keeps_each_key_on_its_backend_and_moves_only_those_of_one_out()
     // No ejection: the refusing backend below is retried past on every
     // request that picks it (after `fall` failures it was passed over,
     // review45b L5).
-    config.upstreams[0].health = Some(HealthCheck {
-        path: "/health".into(),
-        interval: Duration::from_secs(3600),
-        timeout: Duration::from_secs(1),
-        rise: 1,
-        fall: 100,
-        host: None,
-    });
+    config.upstreams[0].health = Some(never_ejecting());
     let proxy = start_proxy(config.clone()).await;
     let keys: Vec<String> = (0..120)
         .map(|k| format!("theme=dark; sid=user-{k}"))

@@ -853,35 +853,24 @@ impl Upstream {
     }
 
     /// The key of a request for `uri` with `headers` under `balance =
-    /// "hash"` (see [`Upstream::pick`]); `None` under the other balance
-    /// modes, and for a request without one. `client` as for
-    /// [`hash::request_key`].
-    pub fn key_of(
-        &self,
-        uri: &Uri,
-        headers: &http::HeaderMap,
-        client: Option<std::net::IpAddr>,
-    ) -> Option<u64> {
-        match &self.config.balance {
-            Balance::Hash(key) => hash::request_key(key, uri, headers, client),
-            _ => None,
-        }
-    }
-
-    /// [`Upstream::key_of`] a client's request as it came, before portico
-    /// adds its hop (`Via`, `X-Forwarded-*`) and removes hop-by-hop
-    /// fields (review45a L1: `header:Via` put every request on one
-    /// backend), for the request, and those made from it (a cache fill,
-    /// a revalidation, a background refresh), to carry to the pick (see
-    /// [`Upstream::key_for`]). `None` under the other modes.
+    /// "hash"` (see [`Upstream::pick`]), `client` as for
+    /// [`hash::request_key`]; `None` under the other balance modes. Read
+    /// from a client's request as it came, before portico adds its hop
+    /// (`Via`, `X-Forwarded-*`) and removes hop-by-hop fields (review45a
+    /// L1: `header:Via` put every request on one backend), for the
+    /// request, and those made from it (a cache fill, a revalidation, a
+    /// background refresh), to carry to the pick (see
+    /// [`Upstream::key_for`]).
     pub fn keyed(
         &self,
         uri: &Uri,
         headers: &http::HeaderMap,
         client: Option<std::net::IpAddr>,
     ) -> Option<Keyed> {
-        self.keyless.as_ref()?;
-        Some(Keyed(self.key_of(uri, headers, client)))
+        match &self.config.balance {
+            Balance::Hash(key) => Some(Keyed(hash::request_key(key, uri, headers, client))),
+            _ => None,
+        }
     }
 
     /// The key the picks for a request going to a backend go by: the one
@@ -896,7 +885,7 @@ impl Upstream {
         let keyless = self.keyless.as_ref()?;
         let key = match parts.extensions.get::<Keyed>() {
             Some(keyed) => keyed.0,
-            None => self.key_of(&parts.uri, &parts.headers, client),
+            None => self.keyed(&parts.uri, &parts.headers, client)?.0,
         };
         if key.is_none() {
             keyless.inc();
