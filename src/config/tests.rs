@@ -343,7 +343,7 @@ fn every_error_names_file_line_col_and_key() {
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"2h\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"soon\"\n[[route]]\nupstream = \"a\"\n",
             &[
-                "test.toml:4:14: upstream[0].slow_start: at most 1h: a backend back would take a share of traffic too small to warm it",
+                "test.toml:4:14: upstream[0].slow_start: at most 1h: longer, a backend that came back would stay below its share for hours",
                 "test.toml:8:14: upstream[1].slow_start: expected a whole number at `soon`",
             ],
         ),

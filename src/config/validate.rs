@@ -934,7 +934,7 @@ fn upstream(
             r.at(
                 value.span(),
                 format!("{key}.slow_start"),
-                "at most 1h: a backend back would take a share of traffic too small to warm it",
+                "at most 1h: longer, a backend that came back would stay below its share for hours",
             );
         }
         upstream.slow_start = d.slow_start;

@@ -183,6 +183,13 @@ impl BackendState {
         }
     }
 
+    /// Its `slow_start`, for the lines that say it came back (review45d
+    /// L1: only `backend up` said it warms).
+    fn warms_over(&self) -> Option<tracing::field::DebugValue<Duration>> {
+        (self.slow_start_ms > 0)
+            .then(|| tracing::field::debug(Duration::from_millis(self.slow_start_ms)))
+    }
+
     /// The share of its weight it takes at `now_ms`: 1 when warm, else
     /// from [`COLDEST`] up to 1 in proportion to the time since it came
     /// back over its `slow_start`. One load for a warm backend.
@@ -443,11 +450,13 @@ impl BackendState {
             Passive::Readmitted => tracing::info!(
                 upstream,
                 backend,
+                slow_start = self.warms_over(),
                 "backend readmitted: its probe was answered (on probation until a response ends whole)"
             ),
             Passive::Recovered => tracing::info!(
                 upstream,
                 backend,
+                slow_start = self.warms_over(),
                 "backend recovered: request succeeded after ejection"
             ),
         }
