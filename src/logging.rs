@@ -421,9 +421,13 @@ impl Every {
     /// One that goes on where `previous` is, quiet as long and with the
     /// lines it held back: for a state that outlives a reload, whose
     /// upstream is made anew (review44d L1: each reload let the same
-    /// warning be said again at once, four times in 1.5 s).
-    pub fn continuing(previous: &Every) -> Self {
+    /// warning be said again at once, four times in 1.5 s). A new one
+    /// without.
+    pub fn continuing(previous: Option<&Every>) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
+        let Some(previous) = previous else {
+            return Every::new();
+        };
         Every {
             quiet_until: AtomicU64::new(previous.quiet_until.load(Ordering::Relaxed)),
             held: AtomicU64::new(previous.held.swap(0, Ordering::Relaxed)),
@@ -465,7 +469,7 @@ mod tests {
         let first = Every::new();
         assert_eq!(first.due(60), Some(0));
         assert_eq!(first.due(60), None);
-        let next = Every::continuing(&first);
+        let next = Every::continuing(Some(&first));
         assert_eq!(next.due(60), None);
         // Both held back: told to the next line, wherever it is said.
         assert_eq!(next.held.load(std::sync::atomic::Ordering::Relaxed), 2);

@@ -664,7 +664,7 @@ async fn hashing_by_client_ip_reads_the_forwarded_client() {
 /// `/status` says it warms; with every backend warming, requests are
 /// shared as usual and none is turned away.
 #[tokio::test]
-async fn a_backend_back_in_rotation_warms_up_over_slow_start() {
+async fn a_backend_undrained_takes_a_twentieth_of_its_share_at_first() {
     let cookie = Balance::Hash(HashKey::Cookie("sid".into()));
     for balance in [
         Balance::RoundRobin,

@@ -34,6 +34,21 @@ fn checks(interval_ms: u64, rise: u32, fall: u32) -> HealthCheck {
     }
 }
 
+/// Stops backend `b2` (taken from `backends`) and waits until the
+/// proxy's checks have it down; its address, for [`revive_second`].
+async fn kill_second(
+    proxy: &RunningProxy,
+    backends: &mut Vec<RunningBackend>,
+) -> std::net::SocketAddr {
+    let victim = backends.remove(1);
+    let addr = victim.addr();
+    victim.stop().await;
+    proxy
+        .wait_until("the dead backend to be marked down", |s| !s[1].active_up)
+        .await;
+    addr
+}
+
 /// Starts backend `b2` again on its old address and waits until the proxy
 /// has it up.
 async fn revive_second(proxy: &RunningProxy, addr: std::net::SocketAddr) -> RunningBackend {
@@ -89,12 +104,7 @@ async fn a_reload_that_retunes_an_upstream_keeps_its_dead_backend_down() {
     let mut backends = start_backends(2).await;
     let config = checked(&backends.iter().collect::<Vec<_>>(), 100, 2, 1);
     let proxy = start_proxy(config.clone()).await;
-    let victim = backends.remove(1);
-    let victim_addr = victim.addr();
-    victim.stop().await;
-    proxy
-        .wait_until("the dead backend to be marked down", |s| !s[1].active_up)
-        .await;
+    let victim_addr = kill_second(&proxy, &mut backends).await;
     // A reload changing one setting of the upstream builds it anew.
     let mut retuned = config;
     retuned.upstreams[0].connect_timeout = Duration::from_millis(1500);
@@ -1032,4 +1042,27 @@ async fn backup_stands_in(balance: Balance) {
     let _b2 = revive_second(&proxy, b2_addr).await;
     assert_eq!(proxy.spread(10).await, counts(&[("b2", 10)]));
     proxy.stop().await;
+}
+
+/// With `slow_start`, a backend its checks find up again warms up: it
+/// takes about a twentieth of its share at first (review45e L1: only a
+/// reload's undrain was tested).
+#[tokio::test]
+async fn a_backend_up_again_by_its_checks_warms_up() {
+    let mut backends = start_backends(2).await;
+    let mut config = checked(&backends.iter().collect::<Vec<_>>(), 100, 1, 1);
+    config.upstreams[0].slow_start = Duration::from_secs(3600);
+    let proxy = start_proxy(config).await;
+    // Not at a start: every backend is new then.
+    let warming = |proxy: &RunningProxy| -> Vec<Option<u8>> {
+        proxy.backend_status().iter().map(|b| b.warming).collect()
+    };
+    assert_eq!(warming(&proxy), [None, None]);
+    let addr = kill_second(&proxy, &mut backends).await;
+    let revived = revive_second(&proxy, addr).await;
+    assert_eq!(warming(&proxy), [None, Some(5)]);
+    let seen = proxy.spread(600).await;
+    let b2 = seen.get("b2").copied().unwrap_or(0);
+    assert!(b2 > 0 && b2 < 90, "{seen:?}");
+    drop(revived);
 }

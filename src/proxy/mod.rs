@@ -1487,7 +1487,8 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// A copy of a request head for a retry; extensions are not carried over.
+/// A copy of a request head for a retry, a fill, a revalidation: of its
+/// extensions, only its hash key ([`Keyed`]) is carried over.
 fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
     let mut request = Request::new(());
     *request.method_mut() = parts.method.clone();

@@ -346,6 +346,7 @@ impl Shared {
         let served_plain = &self.config.load().server.listen;
         if !served_plain.is_empty() && config.server.listen.is_empty() {
             tracing::warn!(
+                at = written.at("server.tls"),
                 removed = ?served_plain,
                 "the configuration now serves no plain HTTP (with [[server.tls]], a [server] without listen serves HTTPS only); set server.listen to keep plain listeners"
             );
@@ -383,6 +384,7 @@ impl Shared {
         self.admin_token.store(token.map(Arc::new));
         if config.admin.listen != self.admin_listen {
             tracing::warn!(
+                at = written.at("admin.listen"),
                 in_file = %config.admin.listen,
                 started_with = %self.admin_listen,
                 "[admin] listen differs from what the process started with; it takes effect after a restart"

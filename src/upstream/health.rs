@@ -165,7 +165,11 @@ impl BackendState {
     /// upstream's last generation, was (a reload does not cut a warm-up
     /// short, nor start it again).
     pub fn warming_like(self, previous: &BackendState) -> Self {
-        if self.slow_start_ms > 0 {
+        // Only a warm-up the previous generation has not seen through: a
+        // finished one nothing read since kept its start, and a reload
+        // that lengthened `slow_start` began it again (review45e L2).
+        let warming = previous.warmth(previous.clock.now_ms()) < 1.0;
+        if self.slow_start_ms > 0 && warming {
             let from = previous.warm_from.load(Ordering::Relaxed);
             self.warm_from.store(from, Ordering::Relaxed);
         }
@@ -730,6 +734,15 @@ mod tests {
         let never = BackendState::new(3);
         never.start_warming();
         assert_eq!(never.warmth(1), 1.0);
+        // One over, though nothing read it since, is not begun again by a
+        // reload that lengthens `slow_start` (review45e L2).
+        let quick = BackendState::new(3).slow_start(Duration::from_millis(1));
+        quick.start_warming();
+        std::thread::sleep(Duration::from_millis(5));
+        let longer = BackendState::new(3)
+            .slow_start(Duration::from_secs(3600))
+            .warming_like(&quick);
+        assert_eq!(longer.warm_from.load(Ordering::Relaxed), 0);
     }
 
     #[test]

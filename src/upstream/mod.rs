@@ -261,11 +261,7 @@ pub struct Upstream {
 fn said_of(
     previous: Option<&[crate::logging::Every; Failure::ALL.len() + 1]>,
 ) -> [crate::logging::Every; Failure::ALL.len() + 1] {
-    std::array::from_fn(|i| {
-        previous.map_or_else(crate::logging::Every::new, |p| {
-            crate::logging::Every::continuing(&p[i])
-        })
-    })
+    std::array::from_fn(|i| crate::logging::Every::continuing(previous.map(|p| &p[i])))
 }
 
 /// Seconds between two warnings that an upstream has no backend to pick:
@@ -298,9 +294,7 @@ impl Upstream {
         // The upstream's warnings go on from the last generation's, or a
         // reload lets each be said again at once.
         let said = |of: fn(&Upstream) -> &crate::logging::Every| {
-            previous.map_or_else(crate::logging::Every::new, |p| {
-                crate::logging::Every::continuing(of(p))
-            })
+            crate::logging::Every::continuing(previous.map(of))
         };
         let (queued, rejected) = metrics.queue(&config.name);
         let queue = previous.map_or_else(|| Arc::new(Queue::new(queued)), |p| p.queue.clone());
@@ -1274,8 +1268,10 @@ async fn check_backend(
                 );
             }
             Some(Health::Up) => {
-                backend.state.set_active_up(true);
+                // Warming before it is up: a pick between the two saw
+                // it whole (review45e L5).
                 backend.state.start_warming();
+                backend.state.set_active_up(true);
                 let slow_start = &upstream.config.slow_start;
                 let slow_start =
                     (!slow_start.is_zero()).then_some(tracing::field::debug(slow_start));
