@@ -1022,12 +1022,7 @@ async fn backup_stands_in(balance: Balance) {
         primary.weight = 1;
     }
     proxy.swap_in(&config);
-    let b2 = backends.remove(1);
-    let b2_addr = b2.addr();
-    b2.stop().await;
-    proxy
-        .wait_until("the checks to find b2 down", |s| !s[1].up)
-        .await;
+    let b2_addr = kill_second(&proxy, &mut backends).await;
     assert_eq!(proxy.spread(10).await, counts(&[("b1", 10)]));
 
     // Both down: the backups.
