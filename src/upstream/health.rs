@@ -405,10 +405,12 @@ impl BackendState {
         if !self.probing.load(Ordering::Relaxed) || !self.claim(epoch) {
             return epoch;
         }
+        // Warming before it is back: a pick between saw it whole
+        // (review45f L3).
+        self.start_warming();
         self.ejected_until.store(0, Ordering::Relaxed);
         self.probing.store(false, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
-        self.start_warming();
         self.say(Some(Passive::Readmitted));
         epoch.wrapping_add(1)
     }
@@ -490,12 +492,14 @@ impl BackendState {
             return None;
         }
         self.failures.store(0, Ordering::Relaxed);
+        // Out until now, not on probation (whose readmission began its
+        // warm-up): warming before it is back (review45f L3).
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            self.start_warming();
+        }
         let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
         self.probing.store(false, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
-        if was_out {
-            self.start_warming();
-        }
         was_out.then_some(Passive::Recovered)
     }
 

@@ -515,10 +515,11 @@ impl Upstream {
                 in_flight: b.state.in_flight(),
                 max_conns: b.max_conns(),
                 backup: b.backup,
-                // Of one that takes traffic: not drained, nor down
-                // (review45d L2), which warms again when it is back.
+                // Of one that takes traffic: not drained, down (review45d
+                // L2) nor ejected (review45f L2); it warms again when it
+                // is back.
                 warming: Some(b.state.warmth(now))
-                    .filter(|&w| w < 1.0 && !b.drained() && b.state.active_up())
+                    .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
                     .map(|w| (w * 100.0) as u8),
             })
             .collect()
