@@ -1085,12 +1085,15 @@ fn a_reload_says_what_it_changed() {
     let plain = format!("backends = [\"{origin_addr}\"]");
     let drained =
         format!("backends = [{{ addr = \"{origin_addr}\", weight = 0 }}, \"127.0.0.1:9\"]");
-    hup(behind(origin_addr, "", "").replace(&plain, &drained));
+    // With a `slow_start`, the one added warms up over it, and says so.
+    let warming = "slow_start = \"30s\"\n";
+    hup(behind(origin_addr, warming, "").replace(&plain, &drained));
     let line = line_with(&run.log, "backends changed by the reload", &mut run.seen);
     assert!(
         line.contains("\"upstream\":\"o\"")
             && line.contains(&format!("\"drained\":\"{origin_addr} (weight 1)\""))
-            && line.contains("\"added\":\"127.0.0.1:9\""),
+            && line.contains("\"added\":\"127.0.0.1:9\"")
+            && line.contains("\"slow_start\":\"30s\""),
         "{line}"
     );
     // A backup made, and a cap given, move traffic too (review44c L1).

@@ -981,7 +981,7 @@ fn say_changes(
         ) else {
             continue;
         };
-        say_backend_changes(name, &before.config.backends, &now.backends);
+        say_backend_changes(name, &before.config.backends, now);
     }
 }
 
@@ -996,13 +996,15 @@ fn at_most_20<S: std::borrow::Borrow<str>>(items: &[S]) -> String {
 
 /// One line for what a reload did to the backends of upstream `name`:
 /// added, removed, drained (weight 0 now), back in rotation, reweighted,
-/// made a backup or a primary, given another `max_conns`.
-/// Nothing when only the upstream's other settings changed.
+/// made a backup or a primary, given another `max_conns`; with the
+/// `slow_start` those added and undrained warm up over. Nothing when only
+/// the upstream's other settings changed.
 fn say_backend_changes(
     name: &str,
     before: &[crate::config::Backend],
-    now: &[crate::config::Backend],
+    upstream: &crate::config::Upstream,
 ) {
+    let now = &upstream.backends;
     let was = |addr| {
         before
             .iter()
@@ -1061,8 +1063,14 @@ fn say_backend_changes(
     if lists.iter().all(|l| l.is_empty()) {
         return;
     }
+    // Those added and undrained warm up: said here, where only `/status`
+    // said it.
+    let back = added.len() + undrained.len();
+    let warming = !upstream.slow_start.is_zero() && back > 0;
+    let slow_start = warming.then(|| tracing::field::debug(upstream.slow_start));
     tracing::info!(
         upstream = name,
+        slow_start,
         added = list(added),
         removed = list(removed),
         drained = list(drained),
