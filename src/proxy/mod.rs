@@ -768,8 +768,10 @@ impl Proxy {
                 }
             };
             let upstream = &self.upstreams[route.upstream];
-            if upstream.hashes_client() && trace.client.is_none() {
-                trace.client = Some(self.client_ip(conn.peer, request.headers()));
+            if upstream.hashes_client() {
+                trace
+                    .client
+                    .get_or_insert_with(|| self.client_ip(conn.peer, request.headers()));
             }
             let keyed = upstream.keyed(request.uri(), request.headers(), trace.client);
 

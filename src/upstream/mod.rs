@@ -725,10 +725,11 @@ impl Upstream {
     /// turn of the rotation): a healthy primary if any is, else a healthy
     /// backup.
     fn room(&self) -> Room {
+        let now = self.clock.now_ms();
         let (full, cooled) = (Cell::new(false), Cell::new(false));
         for pass in [Pass::PRIMARY, Pass::BACKUP] {
             let look = Look {
-                now: self.clock.now_ms(),
+                now,
                 pass,
                 full: &full,
                 draw: None,
@@ -756,14 +757,10 @@ impl Upstream {
     /// and send nothing (review42e M1).
     fn panicked(&self) {
         self.panic.inc();
-        if let Some(held_back) = self.panicking.due(UNAVAILABLE_SAID) {
-            let held_back = (held_back > 0).then_some(held_back);
-            tracing::warn!(
-                upstream = %self.config.name,
-                held_back,
-                "every backend is ejected: requests go to them all the same until one answers (panic routing)"
-            );
-        }
+        self.say_every(
+            &self.panicking,
+            "every backend is ejected: requests go to them all the same until one answers (panic routing)",
+        );
     }
 
     /// Says, once every [`UNAVAILABLE_SAID`] seconds, that requests go
@@ -771,13 +768,19 @@ impl Upstream {
     /// (HAProxy's "running on backup"; review44c L1: only each primary's
     /// `backend down` said so).
     fn on_backups(&self) {
-        if let Some(held_back) = self.backing_up.due(UNAVAILABLE_SAID) {
+        self.say_every(
+            &self.backing_up,
+            "no primary backend can take requests (down, ejected or drained): they go to the backups",
+        );
+    }
+
+    /// Warns `what` of this upstream, a state rather than an event: at
+    /// most once every [`UNAVAILABLE_SAID`] seconds through `said`, with
+    /// how many times it went unsaid since (`held_back`).
+    fn say_every(&self, said: &crate::logging::Every, what: &str) {
+        if let Some(held_back) = said.due(UNAVAILABLE_SAID) {
             let held_back = (held_back > 0).then_some(held_back);
-            tracing::warn!(
-                upstream = %self.config.name,
-                held_back,
-                "no primary backend can take requests (down, ejected or drained): they go to the backups"
-            );
+            tracing::warn!(upstream = %self.config.name, held_back, "{what}");
         }
     }
 

@@ -29,8 +29,9 @@ pub struct Candidate {
     pub in_flight: usize,
     /// The share of its weight it takes while it warms up after coming
     /// back (`slow_start`), 1 when warm: weighs its keys in
-    /// [`rendezvous`]. (The other modes pass a warming backend over for
-    /// a share of their picks instead, before they get here.)
+    /// [`rendezvous`], and its load in `least_conn` and `random_two`
+    /// (the other modes pass a warming backend over for a share of their
+    /// picks, before they get here, as these two do too).
     pub warmth: f32,
 }
 
@@ -44,9 +45,7 @@ impl Candidate {
             warmth: 1.0,
         }
     }
-}
 
-impl Candidate {
     /// May be picked: eligible and not drained. Every pick below asks
     /// this, so no balance mode, retries included, sends a drained
     /// backend a request.
