@@ -149,6 +149,8 @@ pub async fn watch(metrics: Arc<Metrics>) {
             FREED.store(0, Ordering::Relaxed);
             // Off the runtime's workers: with a large heap a trim walks
             // and releases for milliseconds.
+            // Encoders kept for the next compressed responses go too.
+            crate::proxy::compress::drop_spares();
             let _ = tokio::task::spawn_blocking(release_free_memory).await;
             watch.trimmed(if watch.quiet() { slack() } else { None });
         }

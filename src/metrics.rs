@@ -53,6 +53,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_max_size_bytes: IntGauge,
     pub cache_evictions: IntCounter,
+    /// What `[compression]` did (see `proxy::compress`).
+    pub compression: crate::proxy::compress::Counters,
     ratelimit_rejected: IntCounterVec,
     pub ratelimit_tracked: IntGauge,
     pub connections_open: IntGauge,
@@ -290,6 +292,23 @@ impl Metrics {
                 "portico_cache_evictions_total",
                 "Stored responses dropped, least recently used first, to make room under max_size (not those expired, replaced or purged)",
             ),
+            compression: {
+                let bytes = counter_vec(
+                    &registry,
+                    "portico_compression_bytes_total",
+                    "Bytes of response bodies given to the gzip encoder (direction in) and sent from it (out): their ratio is what compression saves",
+                    &["direction"],
+                );
+                crate::proxy::compress::Counters {
+                    responses: counter(
+                        &registry,
+                        "portico_compressed_responses_total",
+                        "Responses sent compressed with gzip by [compression] (HEAD ones included, which say so with no body)",
+                    ),
+                    bytes_in: bytes.with_label_values(&["in"]),
+                    bytes_out: bytes.with_label_values(&["out"]),
+                }
+            },
             ratelimit_rejected: counter_vec(
                 &registry,
                 "portico_ratelimit_rejected_total",

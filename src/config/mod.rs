@@ -670,7 +670,15 @@ fn holds(outer: Range<usize>, span: &Range<usize>) -> bool {
 fn one_table_written_as_many(key: &str) -> Option<String> {
     let (section, index) = key.strip_suffix(']')?.rsplit_once('[')?;
     let name = section.rsplit('.').next()?;
-    let single = ["server", "admin", "cache", "rate_limit", "health"].contains(&name);
+    let single = [
+        "server",
+        "admin",
+        "cache",
+        "rate_limit",
+        "compression",
+        "health",
+    ]
+    .contains(&name);
     (single && index.bytes().all(|b| b.is_ascii_digit())).then(|| {
         section
             .split('.')
@@ -709,6 +717,7 @@ fn unit_hint(key: &str, message: &str) -> Option<String> {
         "max_object_size",
         "max_request_body",
         "max_size",
+        "min_size",
     ];
     if DURATIONS.contains(&name) {
         Some(format!(

@@ -15,6 +15,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub cache: Option<Cache>,
     pub rate_limit: Option<RateLimit>,
+    pub compression: Option<Compression>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +218,9 @@ pub struct Route {
     /// The route's own rate, where its `rate_limit` gives one; else
     /// `[rate_limit]`'s.
     pub rate: Option<Rate>,
+    /// Resolved: the route's own `compression` if set, else whether
+    /// `[compression]` exists.
+    pub compress: bool,
     /// The label of its metrics: its `name`, or else the upstream's name,
     /// suffixed `#2`, `#3`... when several routes share one upstream.
     pub name: String,
@@ -228,6 +232,44 @@ pub struct Cache {
     pub max_object_size: u64,
     pub default_ttl: Duration,
 }
+
+/// Responses compressed with gzip for clients that take it (nginx's
+/// `gzip`): see `proxy::compress`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compression {
+    /// Media types compressed, lower-case: `type/subtype`, or `type/*`
+    /// for all of a type.
+    pub types: Vec<String>,
+    /// Responses whose `Content-Length` says less are sent as they are
+    /// (a body of unknown length is compressed).
+    pub min_size: u64,
+    /// zlib's level, 1 (fastest) to 9 (smallest).
+    pub level: u32,
+}
+
+/// What `[compression]` compresses when its `types` are not given: text
+/// a browser or an API client fetches, not media already compressed
+/// (images but SVG, fonts in WOFF, video, archives).
+pub const COMPRESSED_TYPES: &[&str] = &[
+    "text/html",
+    "text/css",
+    "text/plain",
+    "text/xml",
+    "text/javascript",
+    "text/markdown",
+    "text/csv",
+    "application/javascript",
+    "application/json",
+    "application/ld+json",
+    "application/manifest+json",
+    "application/problem+json",
+    "application/xml",
+    "application/xhtml+xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "application/wasm",
+    "image/svg+xml",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RateLimitKey {
@@ -482,6 +524,16 @@ impl Default for Cache {
     }
 }
 
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            types: COMPRESSED_TYPES.iter().map(|t| (*t).to_owned()).collect(),
+            min_size: 1024,
+            level: 1,
+        }
+    }
+}
+
 impl Default for RateLimit {
     fn default() -> Self {
         RateLimit {
@@ -511,6 +563,7 @@ impl Route {
             cache: false,
             rate_limit: false,
             rate: None,
+            compress: false,
             name: name.into(),
         }
     }
@@ -541,6 +594,7 @@ impl Config {
             upstreams: vec![upstream],
             cache: None,
             rate_limit: None,
+            compression: None,
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct File {
     pub cache: Option<Spanned<Cache>>,
     #[serde(default)]
     pub rate_limit: Option<Spanned<RateLimit>>,
+    #[serde(default)]
+    pub compression: Option<Spanned<Compression>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +223,7 @@ pub struct Route {
     pub upstream: Str,
     pub cache: Option<Spanned<bool>>,
     pub rate_limit: Option<Spanned<RouteLimit>>,
+    pub compression: Option<Spanned<bool>>,
 }
 
 /// A route's `rate_limit`: `true`, `false`, or a rate of its own,
@@ -283,6 +286,13 @@ pub struct Cache {
     pub max_size: Option<Str>,
     pub max_object_size: Option<Str>,
     pub default_ttl: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Compression {
+    pub types: Option<Spanned<Vec<Str>>>,
+    pub min_size: Option<Str>,
+    pub level: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -143,6 +143,23 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert_eq!(config.server.trusted_fields, TrustedFields::Either);
 }
 
+/// `[compression]` turns gzip on for every route but those that say
+/// `compression = false`; its keys are typed, types lower-cased.
+#[test]
+fn compression_is_on_where_the_section_is_unless_a_route_turns_it_off() {
+    let config = check(&format!(
+        "{MINIMAL}[[route]]\npath_prefix = \"/raw/\"\nupstream = \"orders\"\ncompression = false\n[compression]\ntypes = [\"Text/HTML\", \"application/*\"]\nmin_size = \"0\"\nlevel = 6\n"
+    ))
+    .unwrap();
+    assert!(config.routes[0].compress && !config.routes[1].compress);
+    let compression = config.compression.unwrap();
+    assert_eq!(compression.types, ["text/html", "application/*"]);
+    assert_eq!((compression.min_size, compression.level), (0, 6));
+    let defaults = check(&format!("{MINIMAL}[compression]\n")).unwrap();
+    assert_eq!(defaults.compression, Some(Compression::default()));
+    assert!(!check(MINIMAL).unwrap().routes[0].compress);
+}
+
 /// A route's `rate_limit` is a switch or a rate of its own; a key it
 /// leaves out is the section's.
 #[test]
@@ -632,6 +649,34 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:7:12: cache.max_size: must be more than 80KiB, the room for a response's head and bookkeeping",
                 "test.toml:8:19: cache.max_object_size: must be greater than 0",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\ncompression = true\n",
+            &["test.toml:6:15: route[0].compression: compression = true needs a [compression] section"],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[compression]\ntypes = [\"text/html; charset=utf-8\", \"json\", \"*/*\", \"text/*\", \"TEXT/*\"]\nlevel = 10\nmin_size = \"1 KB\"\n",
+            &[
+                "test.toml:7:10: compression.types[0]: `text/html; charset=utf-8` a media type here has no parameters (`; charset=...`): every charset is compressed alike",
+                "test.toml:7:38: compression.types[1]: `json` is no media type: write type/subtype, as \"application/json\", or type/* for all of a type",
+                "test.toml:7:46: compression.types[2]: `*/*` is every type, images and archives already compressed among them: list the types",
+                "test.toml:7:63: compression.types[4]: `text/*` is listed twice",
+                "test.toml:8:9: compression.level: must be a whole number from 1 (fastest) to 9 (smallest), as nginx's gzip_comp_level",
+                "test.toml:9:12: compression.min_size: `1 KB`: no space between a number and its unit: write \"1KB\"",
+            ],
+        ),
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[compression]\ntypes = []\n",
+            &[
+                "test.toml:7:9: compression.types: is empty: list the media types to compress, or leave types out for the usual text ones",
+            ],
+        ),
+        (
+            // As nginx's gzip_min_length is written.
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[compression]\nmin_size = 1024\n",
+            &[
+                "test.toml:7:12: compression.min_size: a size is a string: write \"1024\" for bytes, or with its unit, \"1024KiB\" (or MiB, GiB)",
             ],
         ),
         (

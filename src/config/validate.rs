@@ -212,6 +212,10 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     }
 
     let cache = file.cache.map(|c| cache(r, c.get_ref()));
+    let compression = file
+        .compression
+        .as_ref()
+        .map(|c| compression(r, c.get_ref()));
     let rate_limit = file.rate_limit.as_ref().map(|l| rate_limit(r, l.get_ref()));
     // One list of trusted proxies, for throttling keys and forwarding
     // fields alike, given in [server] or (DESIGN.md's place) [rate_limit].
@@ -382,6 +386,18 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             Some(flag) => flag.get_ref().on,
             None => rate_limit.is_some(),
         };
+        let compress = match &raw.compression {
+            Some(flag) if *flag.get_ref() && compression.is_none() => {
+                r.at(
+                    flag.span(),
+                    format!("{key}.compression"),
+                    "compression = true needs a [compression] section",
+                );
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => compression.is_some(),
+        };
         // A rate of its own; a key left out is the section's.
         let rate = raw
             .rate_limit
@@ -447,6 +463,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             cache: cache_on,
             rate_limit: limit_on,
             rate,
+            compress,
             name,
         });
     }
@@ -472,6 +489,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         routes,
         cache,
         rate_limit,
+        compression,
     }
 }
 
@@ -1337,6 +1355,89 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
             d.default_ttl,
         ),
     }
+}
+
+fn compression(r: R, raw: &raw::Compression) -> Compression {
+    let d = Compression::default();
+    let types = match &raw.types {
+        Some(spanned) => {
+            let list = spanned.get_ref();
+            if list.is_empty() {
+                r.at(
+                    spanned.span(),
+                    "compression.types",
+                    "is empty: list the media types to compress, or leave types out for the usual text ones",
+                );
+            }
+            let mut types = Vec::with_capacity(list.len());
+            for (i, written) in list.iter().enumerate() {
+                match media_type(written.get_ref()) {
+                    Ok(t) if types.contains(&t) => r.at(
+                        written.span(),
+                        format!("compression.types[{i}]"),
+                        format!("`{t}` is listed twice"),
+                    ),
+                    Ok(t) => types.push(t),
+                    Err(e) => r.at(written.span(), format!("compression.types[{i}]"), e),
+                }
+            }
+            types
+        }
+        None => d.types,
+    };
+    // 0 is allowed here (every body compressed), as nginx's
+    // `gzip_min_length 0`.
+    let min_size = match &raw.min_size {
+        Some(v) => parse_size(v.get_ref()).unwrap_or_else(|e| {
+            r.at(v.span(), "compression.min_size", e);
+            d.min_size
+        }),
+        None => d.min_size,
+    };
+    let level = match &raw.level {
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 1..=9) => n,
+            _ => {
+                r.at(
+                    v.span(),
+                    "compression.level",
+                    "must be a whole number from 1 (fastest) to 9 (smallest), as nginx's gzip_comp_level",
+                );
+                d.level
+            }
+        },
+        None => d.level,
+    };
+    Compression {
+        types,
+        min_size,
+        level,
+    }
+}
+
+/// A media type of `[compression] types`, lower-cased: `type/subtype` or
+/// `type/*`, without parameters.
+fn media_type(text: &str) -> Result<String, String> {
+    let token = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    let problem = if text.contains(';') {
+        "a media type here has no parameters (`; charset=...`): every charset is compressed alike"
+    } else if text == "*/*" || text == "*" {
+        "is every type, images and archives already compressed among them: list the types"
+    } else {
+        match text.split_once('/') {
+            Some((kind, "*")) if token(kind) => return Ok(text.to_ascii_lowercase()),
+            Some((kind, sub)) if token(kind) && token(sub) => {
+                return Ok(text.to_ascii_lowercase())
+            }
+            _ => "is no media type: write type/subtype, as \"application/json\", or type/* for all of a type",
+        }
+    };
+    Err(format!("`{text}` {problem}"))
 }
 
 /// A size as an operator would write it: in MiB or KiB when it is a whole

@@ -46,6 +46,9 @@ pub enum BodyError {
     /// failed: hyper ends the backend connection when the upload fails.
     #[error("the response body was cut with the client's upload: {0}")]
     UploadFailed(Box<dyn std::error::Error + Send + Sync>),
+    /// portico's own gzip encoder failed (see `compress`).
+    #[error("compressing the response failed: {0}")]
+    Compress(std::io::Error),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }
@@ -646,6 +649,8 @@ pub enum ProxyBody {
     Slice(Box<Slice>),
     /// A body being stored, read by a task of its own ([`ProxyBody::read_ahead`]).
     Ahead(Box<Ahead>),
+    /// A body compressed as it is sent (see `compress`).
+    Gzip(Box<super::compress::Gzip>),
 }
 
 /// What the task reading a body ahead sends to the client's side.
@@ -1291,6 +1296,7 @@ impl ProxyBody {
         match self {
             ProxyBody::Stream { unattended, .. } => *unattended = true,
             ProxyBody::Slice(slice) => slice.inner.unattend(),
+            ProxyBody::Gzip(gzip) => gzip.inner.unattend(),
             ProxyBody::Full { .. } | ProxyBody::Ahead(_) => {}
         }
     }
@@ -1306,6 +1312,7 @@ impl ProxyBody {
                 ..
             } => Some(capture.entry_when_whole()),
             ProxyBody::Slice(slice) => slice.inner.entry_when_whole(),
+            ProxyBody::Gzip(gzip) => gzip.inner.entry_when_whole(),
             _ => None,
         }
     }
@@ -1315,6 +1322,7 @@ impl ProxyBody {
         match self {
             ProxyBody::Stream { capture, .. } => capture.is_some(),
             ProxyBody::Slice(slice) => slice.inner.is_capturing(),
+            ProxyBody::Gzip(gzip) => gzip.inner.is_capturing(),
             // What its task reads is none of the client side's business.
             ProxyBody::Full { .. } | ProxyBody::Ahead(_) => false,
         }
@@ -1397,6 +1405,7 @@ impl Body for ProxyBody {
                 },
             },
             ProxyBody::Slice(slice) => slice.poll_frame(cx),
+            ProxyBody::Gzip(gzip) => gzip.poll_frame(cx),
             ProxyBody::Ahead(ahead) => ahead.poll_frame(cx),
         }
     }
@@ -1406,6 +1415,7 @@ impl Body for ProxyBody {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
             ProxyBody::Slice(slice) => slice.left == 0,
+            ProxyBody::Gzip(gzip) => gzip.is_end_stream(),
             // Backends speak HTTP/1.1: a body of known length has no
             // trailers, so its last byte is its end (and HTTP/2 clients get
             // no extra empty frame); else the task says when it ends.
@@ -1423,6 +1433,8 @@ impl Body for ProxyBody {
             }
             ProxyBody::Stream { inner, .. } => inner.size_hint(),
             ProxyBody::Slice(slice) => SizeHint::with_exact(slice.left),
+            // Known once sent.
+            ProxyBody::Gzip(_) => SizeHint::default(),
             ProxyBody::Ahead(ahead) => match (&ahead.rest, ahead.left) {
                 (Some(rest), _) => rest.size_hint(),
                 (None, Some(left)) => SizeHint::with_exact(left),
@@ -1433,7 +1445,7 @@ impl Body for ProxyBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1441,7 +1453,7 @@ mod tests {
 
     /// The body of a response of `chunks` chunks of `size` bytes and a
     /// trailer field, through hyper's client as a backend's body comes.
-    async fn chunks_with_trailers(chunks: usize, size: usize) -> Incoming {
+    pub(in crate::proxy) async fn chunks_with_trailers(chunks: usize, size: usize) -> Incoming {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {

@@ -257,6 +257,8 @@ enum End {
     /// coming, which ends the backend connection when it fails: the client
     /// closed, stalled or outgrew `max_request_body` (`upload_failed`).
     UploadFailed,
+    /// portico's gzip encoder failed (`compress_failed`).
+    CompressFailed,
 }
 
 impl End {
@@ -268,6 +270,7 @@ impl End {
             BodyError::Hyper(_) | BodyError::Lost | BodyError::TooLarge { .. } => {
                 End::BackendBroken
             }
+            BodyError::Compress(_) => End::CompressFailed,
         }
     }
 
@@ -279,6 +282,7 @@ impl End {
             End::BackendBroken => "backend_broken",
             End::BackendStalled => "backend_stalled",
             End::UploadFailed => "upload_failed",
+            End::CompressFailed => "compress_failed",
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod body;
 mod cached;
+pub mod compress;
 pub mod error;
 pub(crate) mod forwarded;
 pub mod headers;
@@ -117,6 +118,8 @@ pub struct Proxy {
     /// `server.trusted_fields`: which of their fields are read.
     trusted_fields: crate::config::TrustedFields,
     cache: Option<Arc<Cache>>,
+    /// `[compression]`: gzip for the routes that have it.
+    compressor: Option<compress::Compressor>,
     /// This proxy's name in `Via`: made at start, kept across reloads.
     pseudonym: headers::Pseudonym,
     /// Writes under way on a caching route (see `cached::forward_write`),
@@ -387,6 +390,10 @@ impl Proxy {
             trusted_proxies: config.server.trusted_proxies.clone().into(),
             trusted_fields: config.server.trusted_fields,
             cache,
+            compressor: config
+                .compression
+                .as_ref()
+                .map(|c| compress::Compressor::new(c.clone(), metrics.compression.clone())),
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
             writes: previous.map_or_else(Arc::default, |p| p.writes.clone()),
@@ -768,6 +775,18 @@ impl Proxy {
                 }
             };
             let upstream = &self.upstreams[route.upstream];
+            // Read now: `Accept-Encoding` goes on to the backend as it
+            // came, and the request itself goes too.
+            let compressing = self
+                .compressor
+                .as_ref()
+                .filter(|_| route.compress)
+                .map(|c| {
+                    (
+                        c,
+                        c.asked(request.method(), request.version(), request.headers()),
+                    )
+                });
             if upstream.hashes_client() {
                 trace
                     .client
@@ -857,6 +876,9 @@ impl Proxy {
                     }
                 };
                 error::quota_headers(response.headers_mut(), quota);
+                if let Some((compressor, asked)) = compressing {
+                    response = compressor.apply(asked, response);
+                }
                 return Ok(response);
             }
             // RFC 9111 §4.4: unsafe methods, and methods of unknown safety,
@@ -932,10 +954,14 @@ impl Proxy {
                 };
                 cached::add_static_status(&mut parts.headers, status);
             }
-            Ok(Response::from_parts(
+            let response = Response::from_parts(
                 parts,
                 ProxyBody::stream(body, upstream.config.body_timeout, Some(in_flight)),
-            ))
+            );
+            Ok(match compressing {
+                Some((compressor, asked)) => compressor.apply(asked, response),
+                None => response,
+            })
         }
     }
 }

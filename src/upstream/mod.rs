@@ -1463,12 +1463,13 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
                 BodyError::Hyper(e) if client_left(e) => ProxyError::ClientClosed,
                 BodyError::Short => ProxyError::ClientClosed,
                 // The client's upload broke otherwise (bad chunked
-                // framing, say). (Abandoned, Lost and UploadFailed are a
-                // response body's; here for completeness.)
+                // framing, say). (Abandoned, Lost, UploadFailed and
+                // Compress are a response body's; here for completeness.)
                 BodyError::Hyper(_)
                 | BodyError::Abandoned
                 | BodyError::Lost
-                | BodyError::UploadFailed(_) => ProxyError::BadRequest("request body aborted"),
+                | BodyError::UploadFailed(_)
+                | BodyError::Compress(_) => ProxyError::BadRequest("request body aborted"),
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {

@@ -1,0 +1,642 @@
+//! Response compression: gzip for clients that take it, as nginx's `gzip`
+//! module does it. Which responses ([`Compressor::decide`]: a listed
+//! media type, long enough, not encoded already, no `no-transform`),
+//! what their heads become (`Content-Encoding: gzip`, no
+//! `Content-Length` or `Accept-Ranges`, a weak `ETag`, `Vary:
+//! Accept-Encoding`), and the body's encoder ([`Gzip`]).
+//!
+//! It knows nothing of the cache: a stored response is the backend's, and
+//! is compressed as it is sent, hit or miss, for the clients that take
+//! gzip; the others get it as stored.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use flate2::{Compress, Compression as Level, FlushCompress, Status};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use prometheus::IntCounter;
+
+use super::body::{BodyError, ProxyBody};
+use crate::config::Compression as Config;
+
+/// Encoders kept for the next responses once theirs are done. An
+/// encoder's state is ~370 KiB (zlib's hash table alone is 128 KiB, its
+/// window and the chain behind it as much again), which glibc maps and
+/// unmaps on each allocation of that size (its mmap threshold is pinned
+/// at 128 KiB, see `memory`), with a page fault for each page zlib clears
+/// on every new one. At most this many are kept, ~12 MiB, what 32 bodies
+/// compressed at once use; the memory watch lets them go once traffic
+/// falls ([`drop_spares`]).
+const SPARES_KEPT: usize = 32;
+
+static SPARES: Mutex<Vec<(u32, Compress)>> = Mutex::new(Vec::new());
+
+/// Lets every kept encoder go: called when the heap is trimmed after a
+/// burst, so that their memory goes back with the rest.
+pub fn drop_spares() {
+    let spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(spares);
+}
+
+/// What a request says of compression, read before it goes on.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    /// gzip may be sent: the client accepts it, speaks HTTP/1.1 or later
+    /// (an HTTP/1.0 client cannot be sent a body of unknown length but by
+    /// closing the connection; nginx's `gzip_http_version 1.1`), and
+    /// asked for no `no-transform`.
+    gzip: bool,
+    /// A HEAD: the head says what a GET's would, and there is no body.
+    head: bool,
+}
+
+/// `[compression]`, with its counters.
+#[derive(Debug)]
+pub struct Compressor {
+    config: Config,
+    counters: Counters,
+}
+
+/// What compression did, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Responses sent compressed.
+    pub responses: IntCounter,
+    /// Bytes given to the encoder, and bytes it gave back.
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+}
+
+/// What to do with a response on a compressing route.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Not a response to compress for anyone: sent as it is.
+    Leave,
+    /// One to compress, for clients that take gzip; this client does not,
+    /// so it only says that the answer varies with `Accept-Encoding`.
+    Vary,
+    /// Compressed for this client.
+    Compress,
+}
+
+impl Compressor {
+    pub fn new(config: Config, counters: Counters) -> Self {
+        Compressor { config, counters }
+    }
+
+    /// What `request` asks of compression.
+    pub fn asked(&self, method: &Method, version: Version, headers: &HeaderMap) -> Asked {
+        Asked {
+            gzip: version >= Version::HTTP_11 && accepts_gzip(headers) && !no_transform(headers),
+            head: method == Method::HEAD,
+        }
+    }
+
+    /// Compresses `response` if it should be, for what `asked` says.
+    pub fn apply(
+        &self,
+        asked: Asked,
+        response: http::Response<ProxyBody>,
+    ) -> http::Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        let decision = self.decide(asked, parts.status, &parts.headers, body.size_hint());
+        if decision == Decision::Leave {
+            return http::Response::from_parts(parts, body);
+        }
+        add_vary(&mut parts.headers);
+        if decision == Decision::Vary {
+            return http::Response::from_parts(parts, body);
+        }
+        let headers = &mut parts.headers;
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.remove(header::CONTENT_LENGTH);
+        // A range of the compressed body cannot be served, and a range of
+        // the plain one would not be of what this said it sent.
+        headers.remove(header::ACCEPT_RANGES);
+        weaken_etag(headers);
+        self.counters.responses.inc();
+        let body = if asked.head {
+            body
+        } else {
+            ProxyBody::Gzip(Box::new(Gzip::new(
+                body,
+                self.config.level,
+                self.counters.clone(),
+            )))
+        };
+        http::Response::from_parts(parts, body)
+    }
+
+    /// Whether a response with this status and head (and a body of this
+    /// size) is compressed, for a request that asked `asked`.
+    pub fn decide(
+        &self,
+        asked: Asked,
+        status: StatusCode,
+        headers: &HeaderMap,
+        size: SizeHint,
+    ) -> Decision {
+        // No content (1xx, 204, 304), or a range of the plain body (206).
+        let bodiless = status.is_informational() || matches!(status.as_u16(), 204 | 206 | 304);
+        if bodiless
+            || headers.contains_key(header::CONTENT_ENCODING)
+            || headers.contains_key(header::CONTENT_RANGE)
+            || no_transform(headers)
+            // Digests of the plain content (RFC 9530) would not be of
+            // what is sent.
+            || ["content-digest", "repr-digest", "digest", "content-md5"]
+                .iter()
+                .any(|name| headers.contains_key(*name))
+            || !self.listed(headers.get(header::CONTENT_TYPE))
+        {
+            return Decision::Leave;
+        }
+        let length = match headers.get(header::CONTENT_LENGTH) {
+            Some(value) => std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|text| text.parse::<u64>().ok()),
+            None => size.exact(),
+        };
+        if length.is_some_and(|length| length < self.config.min_size) {
+            return Decision::Leave;
+        }
+        if asked.gzip {
+            Decision::Compress
+        } else {
+            Decision::Vary
+        }
+    }
+
+    /// Whether `content_type` is among the types compressed.
+    fn listed(&self, content_type: Option<&HeaderValue>) -> bool {
+        let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let essence = value.split(';').next().unwrap_or("").trim();
+        let Some((kind, _)) = essence.split_once('/') else {
+            return false;
+        };
+        self.config
+            .types
+            .iter()
+            .any(|listed| match listed.strip_suffix("/*") {
+                Some(listed_kind) => listed_kind.eq_ignore_ascii_case(kind),
+                None => listed.eq_ignore_ascii_case(essence),
+            })
+    }
+}
+
+/// Whether `Accept-Encoding` takes gzip (RFC 9110 §12.5.3): `gzip` or
+/// `x-gzip` with a weight above 0, or, neither named, `*` with one. No
+/// field: nothing is compressed (the RFC allows any coding then, but
+/// clients that take one say so, and nginx and Varnish read it so).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut named = None;
+    let mut any = None;
+    for line in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(line) = line.to_str() else { continue };
+        for item in line.split(',') {
+            let mut params = item.split(';');
+            let coding = params.next().unwrap_or("").trim();
+            let weight = params.find_map(|param| {
+                let (name, value) = param.split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("q")
+                    .then(|| positive_weight(value.trim()))
+            });
+            // No weight is 1; one that is no weight refuses.
+            let taken = weight.unwrap_or(true);
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                // `gzip;q=0` refuses it whatever else says (x-gzip too).
+                named = Some(named.unwrap_or(true) && taken);
+            } else if coding == "*" {
+                any = Some(any.unwrap_or(true) && taken);
+            }
+        }
+    }
+    named.or(any).unwrap_or(false)
+}
+
+/// Whether a weight (RFC 9110 §12.4.2: `0` to `1` with up to three
+/// decimals) is above 0. One that is none counts as 0.
+fn positive_weight(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let valid = match bytes {
+        [b'0'] | [b'1'] => true,
+        [b'0', b'.', rest @ ..] => rest.len() <= 3 && rest.iter().all(u8::is_ascii_digit),
+        [b'1', b'.', rest @ ..] => rest.len() <= 3 && rest.iter().all(|b| *b == b'0'),
+        _ => false,
+    };
+    valid && bytes.iter().any(|b| (b'1'..=b'9').contains(b))
+}
+
+/// Whether `Cache-Control` says `no-transform`, which forbids a proxy to
+/// change the content's coding (RFC 9110 §7.7, RFC 9111 §5.2.1.6 and
+/// §5.2.2.6), in a request or a response.
+fn no_transform(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|line| {
+        line.as_bytes()
+            .split(|b| *b == b',')
+            .any(|directive| directive.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
+    })
+}
+
+/// Adds `Accept-Encoding` to `Vary`, unless it is there or `Vary` is `*`.
+fn add_vary(headers: &mut HeaderMap) {
+    let said = headers.get_all(header::VARY).iter().any(|line| {
+        line.as_bytes().split(|b| *b == b',').any(|name| {
+            let name = name.trim_ascii();
+            name == b"*" || name.eq_ignore_ascii_case(b"accept-encoding")
+        })
+    });
+    if !said {
+        headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+}
+
+/// A strong `ETag` made weak: the compressed body is not the bytes the
+/// tag names (RFC 9110 §8.8.1), and a weak tag still matches it in
+/// `If-None-Match`, as nginx does.
+fn weaken_etag(headers: &mut HeaderMap) {
+    let Some(tag) = headers.get(header::ETAG) else {
+        return;
+    };
+    if tag.as_bytes().first() != Some(&b'"') {
+        return;
+    }
+    let mut weak = Vec::with_capacity(tag.len() + 2);
+    weak.extend_from_slice(b"W/");
+    weak.extend_from_slice(tag.as_bytes());
+    if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+        headers.insert(header::ETAG, weak);
+    }
+}
+
+/// A body compressed with gzip as it is sent. What the body gives is
+/// compressed as it comes; whenever it has nothing more ready, what was
+/// taken is flushed (a sync flush), so a body that streams slowly (events,
+/// progress) reaches the client as its backend sends it, not when zlib's
+/// blocks fill; a body that arrives at once is compressed whole.
+#[derive(Debug)]
+pub struct Gzip {
+    pub(super) inner: ProxyBody,
+    /// `None` once the gzip stream is ended.
+    encoder: Option<Encoder>,
+    /// The body's trailers, sent after the gzip stream's end.
+    trailers: Option<HeaderMap>,
+    /// Input taken since the last output was flushed.
+    unflushed: bool,
+    /// Where zlib writes, handed on whole once it holds something.
+    out: Vec<u8>,
+    counters: Counters,
+}
+
+/// An encoder, given back to [`SPARES`] when dropped.
+struct Encoder {
+    level: u32,
+    zlib: Option<Compress>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl Encoder {
+    fn new(level: u32) -> Self {
+        let spare = {
+            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+            let at = spares.iter().rposition(|(kept, _)| *kept == level);
+            at.map(|at| spares.swap_remove(at).1)
+        };
+        let zlib = spare.unwrap_or_else(|| Compress::new_gzip(Level::new(level), 15));
+        Encoder {
+            level,
+            zlib: Some(zlib),
+        }
+    }
+
+    fn zlib(&mut self) -> &mut Compress {
+        self.zlib.as_mut().expect("taken only on drop")
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        let Some(mut zlib) = self.zlib.take() else {
+            return;
+        };
+        let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < SPARES_KEPT {
+            zlib.reset();
+            spares.push((self.level, zlib));
+        }
+    }
+}
+
+impl Gzip {
+    fn new(inner: ProxyBody, level: u32, counters: Counters) -> Self {
+        Gzip {
+            inner,
+            encoder: Some(Encoder::new(level)),
+            trailers: None,
+            unflushed: false,
+            out: Vec::new(),
+            counters,
+        }
+    }
+
+    /// Feeds `input` to zlib with `flush`, and takes what it gave back.
+    fn step(&mut self, input: &[u8], flush: FlushCompress) -> Result<Bytes, BodyError> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Ok(Bytes::new());
+        };
+        let zlib = encoder.zlib();
+        let out = &mut self.out;
+        let mut input = input;
+        loop {
+            if out.capacity() - out.len() < 64 {
+                // Text compresses to well under half; more is made room
+                // for if it does not.
+                out.reserve(input.len() / 2 + 256);
+            }
+            let before = zlib.total_in();
+            let status = zlib
+                .compress_vec(input, out, flush)
+                .map_err(|e| BodyError::Compress(io::Error::other(e)))?;
+            input = &input[(zlib.total_in() - before) as usize..];
+            let full = out.capacity() == out.len();
+            match status {
+                Status::StreamEnd => break,
+                // zlib filled the room it had: there is more to give.
+                Status::Ok if full => {}
+                Status::Ok if !input.is_empty() => {}
+                Status::Ok if flush != FlushCompress::Finish => break,
+                // Finishing with room to spare ends the stream; zlib
+                // made no progress (a `BufError`) or stopped short.
+                _ => {
+                    return Err(BodyError::Compress(io::Error::other(
+                        "zlib stopped before the gzip stream's end",
+                    )))
+                }
+            }
+        }
+        if out.is_empty() {
+            return Ok(Bytes::new());
+        }
+        Ok(Bytes::from(std::mem::take(out)))
+    }
+
+    pub(super) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.encoder.is_none() {
+            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        loop {
+            let (data, flush) = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if self.inner.is_end_stream() => (data, FlushCompress::Finish),
+                    Ok(data) => (data, FlushCompress::None),
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        (Bytes::new(), FlushCompress::Finish)
+                    }
+                },
+                Poll::Ready(None) => (Bytes::new(), FlushCompress::Finish),
+                Poll::Ready(Some(Err(error))) => {
+                    self.encoder = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Pending if self.unflushed => (Bytes::new(), FlushCompress::Sync),
+                Poll::Pending => return Poll::Pending,
+            };
+            let out = match self.step(&data, flush) {
+                Ok(out) => out,
+                Err(error) => {
+                    tracing::warn!(%error, "gzip encoder failed; response cut short");
+                    self.encoder = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
+            };
+            self.counters.bytes_in.inc_by(data.len() as u64);
+            self.counters.bytes_out.inc_by(out.len() as u64);
+            match flush {
+                FlushCompress::Finish => self.encoder = None,
+                FlushCompress::Sync => self.unflushed = false,
+                _ => self.unflushed = true,
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            if self.encoder.is_none() {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            if flush == FlushCompress::Sync {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    pub(super) fn is_end_stream(&self) -> bool {
+        self.encoder.is_none() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn counters() -> Counters {
+        let counter = || IntCounter::new("c", "c").unwrap();
+        Counters {
+            responses: counter(),
+            bytes_in: counter(),
+            bytes_out: counter(),
+        }
+    }
+
+    fn compressor() -> Compressor {
+        Compressor::new(Config::default(), counters())
+    }
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn accept_encoding_is_read_as_rfc_9110_has_it() {
+        let cases: &[(&[&str], bool)] = &[
+            (&[], false),
+            (&[""], false),
+            (&["gzip"], true),
+            (&["GZip"], true),
+            (&["x-gzip"], true),
+            (&["br, gzip"], true),
+            (&["br", "gzip"], true),
+            (&["gzip;q=0"], false),
+            (&["gzip; q=0.000"], false),
+            (&["gzip;q=0.001"], true),
+            (&["gzip;Q=1.000"], true),
+            (&["gzip;q=1.5"], false),
+            (&["gzip;q=0.0001"], false),
+            (&["gzip;q=high"], false),
+            (&["*"], true),
+            (&["*;q=0"], false),
+            (&["br, *;q=0"], false),
+            (&["gzip;q=0, *"], false),
+            (&["*;q=0, gzip"], true),
+            (&["gzip, x-gzip;q=0"], false),
+            (&["identity"], false),
+            (&["deflate, br"], false),
+            (&["gzipx"], false),
+        ];
+        for (lines, takes) in cases {
+            let fields: Vec<_> = lines.iter().map(|l| ("accept-encoding", *l)).collect();
+            assert_eq!(accepts_gzip(&headers(&fields)), *takes, "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn what_is_compressed() {
+        let c = compressor();
+        let gzip = Asked {
+            gzip: true,
+            head: false,
+        };
+        let unknown = SizeHint::default();
+        let ok = StatusCode::OK;
+        let html = ("content-type", "text/html; charset=utf-8");
+        type Case<'a> = (StatusCode, &'a [(&'a str, &'a str)], Decision);
+        let cases: &[Case] = &[
+            (ok, &[html], Decision::Compress),
+            (ok, &[html, ("content-length", "1024")], Decision::Compress),
+            (ok, &[html, ("content-length", "1023")], Decision::Leave),
+            (ok, &[("content-type", "TEXT/CSS")], Decision::Compress),
+            (
+                ok,
+                &[("content-type", "text/event-stream")],
+                Decision::Leave,
+            ),
+            (ok, &[("content-type", "image/png")], Decision::Leave),
+            (ok, &[("content-type", "html")], Decision::Leave),
+            (ok, &[], Decision::Leave),
+            (ok, &[html, ("content-encoding", "gzip")], Decision::Leave),
+            (
+                ok,
+                &[html, ("cache-control", "max-age=1, No-Transform")],
+                Decision::Leave,
+            ),
+            (
+                ok,
+                &[html, ("content-digest", "sha-256=:x:")],
+                Decision::Leave,
+            ),
+            (StatusCode::NOT_FOUND, &[html], Decision::Compress),
+            (StatusCode::PARTIAL_CONTENT, &[html], Decision::Leave),
+            (StatusCode::NO_CONTENT, &[html], Decision::Leave),
+            (StatusCode::NOT_MODIFIED, &[html], Decision::Leave),
+        ];
+        for (status, fields, decision) in cases {
+            let got = c.decide(gzip, *status, &headers(fields), unknown);
+            assert_eq!(got, *decision, "{status} {fields:?}");
+        }
+        // The body's own length when no field says it.
+        let small = c.decide(gzip, ok, &headers(&[html]), SizeHint::with_exact(10));
+        assert_eq!(small, Decision::Leave);
+        let plain = Asked {
+            gzip: false,
+            head: false,
+        };
+        assert_eq!(
+            c.decide(plain, ok, &headers(&[html]), unknown),
+            Decision::Vary
+        );
+        // `type/*` takes the whole type.
+        let all_text = Config {
+            types: vec!["text/*".to_owned()],
+            ..Config::default()
+        };
+        let c = Compressor::new(all_text, counters());
+        let events = headers(&[("content-type", "text/event-stream")]);
+        assert_eq!(c.decide(gzip, ok, &events, unknown), Decision::Compress);
+        let json = headers(&[("content-type", "application/json")]);
+        assert_eq!(c.decide(gzip, ok, &json, unknown), Decision::Leave);
+    }
+
+    #[test]
+    fn vary_and_etag_are_said_once() {
+        let mut h = headers(&[("vary", "accept-encoding, cookie"), ("etag", "W/\"a\"")]);
+        add_vary(&mut h);
+        weaken_etag(&mut h);
+        assert_eq!(h.get_all("vary").iter().count(), 1);
+        assert_eq!(h["etag"], "W/\"a\"");
+        let mut h = headers(&[("vary", "*"), ("etag", "\"a\"")]);
+        add_vary(&mut h);
+        weaken_etag(&mut h);
+        assert_eq!(h.get_all("vary").iter().count(), 1);
+        assert_eq!(h["etag"], "W/\"a\"");
+    }
+
+    fn gunzip(bytes: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut plain).unwrap();
+        plain
+    }
+
+    #[tokio::test]
+    async fn a_body_is_one_gzip_stream_with_its_trailers_after() {
+        let incoming = super::super::body::tests::chunks_with_trailers(4, 1000).await;
+        let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
+        let body = ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None);
+        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 6, counters())));
+        let collected = gzip.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-sum"], "1");
+        assert_eq!(gunzip(&collected.to_bytes()), vec![b'x'; 4000]);
+
+        // A body in memory larger than one piece.
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let body = ProxyBody::full(Bytes::from(text.clone()));
+        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 1, counters())));
+        assert_eq!(gunzip(&gzip.collect().await.unwrap().to_bytes()), text);
+
+        // An empty body is an empty gzip stream, not nothing.
+        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(ProxyBody::empty(), 1, counters())));
+        let bytes = gzip.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..2], b"\x1f\x8b");
+        assert_eq!(gunzip(&bytes), b"");
+    }
+
+    #[tokio::test]
+    async fn an_encoder_is_kept_for_the_next_body() {
+        let body = ProxyBody::full(Bytes::from_static(b"once"));
+        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 7, counters())));
+        let first = gzip.collect().await.unwrap().to_bytes();
+        assert!(SPARES.lock().unwrap().iter().any(|(level, _)| *level == 7));
+        // Reset when kept: the next stream is whole on its own.
+        let body = ProxyBody::full(Bytes::from_static(b"once"));
+        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 7, counters())));
+        let second = gzip.collect().await.unwrap().to_bytes();
+        assert_eq!(first, second);
+    }
+}

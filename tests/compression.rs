@@ -1,0 +1,386 @@
+//! `[compression]`: gzip for clients that take it, over real sockets, in
+//! front of backends that send their bodies plain.
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use portico::config::{Compression, Config};
+
+/// A page of text that compresses well, 6,000 bytes.
+fn page_text() -> &'static [u8] {
+    static PAGE: OnceLock<Vec<u8>> = OnceLock::new();
+    PAGE.get_or_init(|| {
+        let line = b"<p>portico compresses what its backends send plain.</p>\n";
+        line.iter().copied().cycle().take(6000).collect()
+    })
+}
+
+/// A response with `head_fields` and [`page_text`] as its body.
+fn respond(head_fields: &str) -> &'static [u8] {
+    let body = page_text();
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\n{head_fields}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    Box::leak(out.into_boxed_slice())
+}
+
+/// The backend's answers, by path: what is compressed and what is not.
+fn answer(head: &str) -> &'static [u8] {
+    static ANSWERS: OnceLock<Vec<(&'static str, &'static [u8])>> = OnceLock::new();
+    let answers = ANSWERS.get_or_init(|| {
+        vec![
+            (
+                "/page",
+                respond(
+                    "Content-Type: text/html; charset=utf-8\r\nETag: \"v1\"\r\nAccept-Ranges: bytes\r\nCache-Control: max-age=60\r\n",
+                ),
+            ),
+            ("/json", respond("Content-Type: Application/JSON\r\n")),
+            ("/picture", respond("Content-Type: image/png\r\n")),
+            ("/untyped", respond("")),
+            (
+                "/encoded",
+                respond("Content-Type: text/html\r\nContent-Encoding: br\r\n"),
+            ),
+            (
+                "/untransformed",
+                respond("Content-Type: text/html\r\nCache-Control: public, no-transform\r\n"),
+            ),
+            (
+                "/digested",
+                respond("Content-Type: text/html\r\nRepr-Digest: sha-256=:AAAA:\r\n"),
+            ),
+            (
+                "/varied",
+                respond("Content-Type: text/html\r\nVary: Cookie\r\n"),
+            ),
+            (
+                "/small",
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 11\r\n\r\nhello world",
+            ),
+            (
+                "/missing",
+                respond("Content-Type: text/html\r\n")
+                    .strip_prefix(b"HTTP/1.1 200 OK")
+                    .map(|rest| {
+                        let mut out = b"HTTP/1.1 404 Not Found".to_vec();
+                        out.extend_from_slice(rest);
+                        &*Box::leak(out.into_boxed_slice())
+                    })
+                    .unwrap(),
+            ),
+        ]
+    });
+    let target = target_of(head);
+    answers.iter().find(|(path, _)| *path == target).map_or(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n" as &[u8],
+        |(_, answer)| answer,
+    )
+}
+
+fn compressing(backend: SocketAddr, cache: bool) -> Config {
+    let mut config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![backend]);
+    config.compression = Some(Compression::default());
+    config.routes[0].compress = true;
+    if cache {
+        config = with_cache(config);
+    }
+    config
+}
+
+async fn fetch(client: &TestClient, url: &str, accept: Option<&str>) -> Answer {
+    let mut request = Request::get(url);
+    if let Some(accept) = accept {
+        request = request.header("accept-encoding", accept);
+    }
+    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+fn gunzip(body: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut plain)
+        .expect("a whole gzip stream");
+    plain
+}
+
+#[tokio::test]
+async fn a_listed_type_is_gzipped_for_a_client_that_takes_it() {
+    let backend = scripted_backend(answer).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let client = client();
+
+    let gzipped = fetch(&client, &proxy.url("/page"), Some("br, gzip;q=0.8")).await;
+    assert_eq!(gzipped.status, StatusCode::OK);
+    assert_eq!(gzipped.header("content-encoding"), "gzip");
+    assert_eq!(gzipped.header("vary"), "Accept-Encoding");
+    assert_eq!(
+        gzipped.header("etag"),
+        "W/\"v1\"",
+        "the tag no longer names these bytes"
+    );
+    assert!(gzipped.headers.get("content-length").is_none());
+    assert!(gzipped.headers.get("accept-ranges").is_none());
+    assert!(
+        gzipped.body.len() < page_text().len() / 4,
+        "{} bytes",
+        gzipped.body.len()
+    );
+    assert_eq!(gunzip(&gzipped.body), page_text());
+
+    // The same answer for a client that takes no gzip says it varies.
+    let plain = fetch(&client, &proxy.url("/page"), None).await;
+    assert!(plain.headers.get("content-encoding").is_none());
+    assert_eq!(plain.header("vary"), "Accept-Encoding");
+    assert_eq!(plain.header("etag"), "\"v1\"");
+    assert_eq!(plain.header("content-length"), "6000");
+    assert_eq!(plain.body, page_text());
+
+    // Types compared without case or parameters; 4xx pages too.
+    for path in ["/json", "/missing"] {
+        let answer = fetch(&client, &proxy.url(path), Some("gzip")).await;
+        assert_eq!(answer.header("content-encoding"), "gzip", "{path}");
+        assert_eq!(gunzip(&answer.body), page_text(), "{path}");
+    }
+    let counters = &proxy.shared.metrics.compression;
+    assert_eq!(counters.responses.get(), 3);
+    assert_eq!(counters.bytes_in.get(), 3 * 6000);
+    assert!(
+        counters.bytes_out.get() < 6000,
+        "{}",
+        counters.bytes_out.get()
+    );
+}
+
+#[tokio::test]
+async fn what_is_not_to_be_compressed_goes_as_it_came() {
+    let backend = scripted_backend(answer).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let client = client();
+
+    // (path, Accept-Encoding, whether the answer says it varies with it)
+    let cases = [
+        ("/picture", "gzip", false),
+        ("/untyped", "gzip", false),
+        ("/encoded", "gzip", false),
+        ("/untransformed", "gzip", false),
+        ("/digested", "gzip", false),
+        ("/small", "gzip", false),
+        ("/page", "gzip;q=0", true),
+        ("/page", "br, *;q=0", true),
+        ("/page", "gzip;q=0, *", true),
+        ("/page", "identity", true),
+        ("/page", "", true),
+    ];
+    for (path, accept, varies) in cases {
+        let answer = fetch(&client, &proxy.url(path), Some(accept)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path} {accept}");
+        assert_ne!(
+            answer.headers.get("content-encoding").map(|v| v.as_bytes()),
+            Some(&b"gzip"[..]),
+            "{path} with {accept:?}"
+        );
+        assert_eq!(
+            answer.headers.contains_key("vary"),
+            varies,
+            "{path} with {accept:?}: {:?}",
+            answer.headers
+        );
+    }
+    // `*` and `x-gzip` take it.
+    for accept in ["*", "x-gzip", "deflate, GZIP;Q=0.5"] {
+        let answer = fetch(&client, &proxy.url("/page"), Some(accept)).await;
+        assert_eq!(answer.header("content-encoding"), "gzip", "{accept}");
+    }
+    // A client asking for no transformation gets none.
+    let request = Request::get(proxy.url("/page"))
+        .header("accept-encoding", "gzip")
+        .header("cache-control", "no-transform")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&client, request).await;
+    assert!(answer.headers.get("content-encoding").is_none());
+    // A Vary of the backend's keeps its names, and gets the one more.
+    let answer = fetch(&client, &proxy.url("/varied"), Some("gzip")).await;
+    let vary: Vec<_> = answer.headers.get_all("vary").iter().collect();
+    assert_eq!(vary, ["Cookie", "Accept-Encoding"]);
+
+    // HTTP/1.0 cannot be sent a body of unknown length but by closing.
+    let raw = raw_exchange(
+        proxy.addr,
+        b"GET /page HTTP/1.0\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(raw.starts_with("http/1.0 200"), "{raw}");
+    assert!(!raw.contains("content-encoding"), "{raw}");
+    assert!(raw.contains("content-length: 6000"), "{raw}");
+    // The three that take it and `/varied`.
+    assert_eq!(proxy.shared.metrics.compression.responses.get(), 4);
+}
+
+#[tokio::test]
+async fn a_head_says_what_the_get_would() {
+    let backend = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6000\r\n\r\n"
+    })
+    .await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let raw = raw_exchange(
+        proxy.addr,
+        b"HEAD /page HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
+    assert!(head.starts_with("http/1.1 200"), "{raw}");
+    assert!(head.contains("content-encoding: gzip"), "{raw}");
+    assert!(head.contains("vary: accept-encoding"), "{raw}");
+    assert!(!head.contains("content-length"), "{raw}");
+    assert!(!head.contains("transfer-encoding"), "{raw}");
+    assert_eq!(body, "");
+}
+
+#[tokio::test]
+async fn a_stored_response_is_compressed_as_it_is_sent() {
+    let backend = recording_backend(answer).await;
+    let proxy = start_proxy(compressing(backend.addr, true)).await;
+    let client = client();
+
+    let miss = fetch(&client, &proxy.url("/page"), Some("gzip")).await;
+    assert_eq!(miss.header("content-encoding"), "gzip");
+    assert!(
+        miss.header("cache-status").contains("stored"),
+        "{:?}",
+        miss.headers
+    );
+    assert_eq!(gunzip(&miss.body), page_text());
+
+    // The cache holds the backend's plain body, for either kind of client.
+    let plain = fetch(&client, &proxy.url("/page"), None).await;
+    assert_eq!(plain.header("cache-status"), "portico; hit");
+    assert!(plain.headers.get("content-encoding").is_none());
+    assert_eq!(plain.header("content-length"), "6000");
+    assert_eq!(plain.header("vary"), "Accept-Encoding");
+    assert_eq!(plain.body, page_text());
+
+    let hit = fetch(&client, &proxy.url("/page"), Some("gzip")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert_eq!(hit.header("content-encoding"), "gzip");
+    assert_eq!(hit.header("etag"), "W/\"v1\"");
+    assert_eq!(gunzip(&hit.body), page_text());
+    assert_eq!(
+        backend.heads_for("/page").len(),
+        1,
+        "one fetch served all three"
+    );
+
+    // The weak tag a gzip client holds revalidates against the stored one.
+    let request = Request::get(proxy.url("/page"))
+        .header("accept-encoding", "gzip")
+        .header("if-none-match", "W/\"v1\"")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        send(&client, request).await.status,
+        StatusCode::NOT_MODIFIED
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_get_it_too() {
+    let backend = scripted_backend(answer).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let answer = fetch(&h2c_client(), &proxy.url("/page"), Some("gzip")).await;
+    assert_eq!(answer.header("content-encoding"), "gzip");
+    assert_eq!(gunzip(&answer.body), page_text());
+}
+
+#[tokio::test]
+async fn a_route_may_turn_it_off() {
+    let backend = scripted_backend(answer).await;
+    let mut config = compressing(backend, false);
+    config.routes[0].compress = false;
+    let proxy = start_proxy(config).await;
+    let answer = fetch(&client(), &proxy.url("/page"), Some("gzip")).await;
+    assert!(answer.headers.get("content-encoding").is_none());
+    assert!(answer.headers.get("vary").is_none());
+}
+
+/// A backend streaming a text body in two parts, the second only once
+/// `go_on` is notified.
+async fn streaming_backend(go_on: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    serve_each(move |mut stream| {
+        let go_on = go_on.clone();
+        async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            let first = "first part of the stream\n".repeat(100);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                first.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            go_on.notified().await;
+            let second = "second part\n";
+            let rest = format!("{:x}\r\n{second}\r\n0\r\n\r\n", second.len());
+            let _ = stream.write_all(rest.as_bytes()).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_streamed_body_reaches_the_client_as_its_backend_sends_it() {
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let backend = streaming_backend(go_on.clone()).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let request = Request::get(proxy.url("/events"))
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(STEP, client().request(request))
+        .await
+        .expect("head within STEP")
+        .unwrap();
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let mut body = response.into_body();
+    // The first part decodes whole before the backend sends the second:
+    // it was flushed, not held for zlib's block to fill.
+    let mut got = Vec::new();
+    let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+    let expected = "first part of the stream\n".repeat(100);
+    while decoder.get_ref().len() < expected.len() {
+        let frame = tokio::time::timeout(STEP, body.frame())
+            .await
+            .expect("the first part within STEP, before the second was sent")
+            .expect("more body")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            got.extend_from_slice(&data);
+            std::io::Write::write_all(&mut decoder, &data).unwrap();
+            std::io::Write::flush(&mut decoder).unwrap();
+        }
+    }
+    assert_eq!(decoder.get_ref().as_slice(), expected.as_bytes());
+    go_on.notify_one();
+    let rest = tokio::time::timeout(STEP, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    got.extend_from_slice(&rest);
+    assert_eq!(gunzip(&got), format!("{expected}second part\n").as_bytes());
+}
