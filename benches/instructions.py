@@ -24,6 +24,8 @@ from compare import WORK, free_port, nginx_conf, portico_config, start, start_or
 
 DURATION = int(os.environ.get("DURATION", "3"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+# Fields every wrk request carries (benches/gzip.py sends Accept-Encoding).
+HEADERS = []
 
 
 def callgrind(name, cmd):
@@ -36,7 +38,7 @@ def callgrind(name, cmd):
 def measure(name, cmd, port, path):
     proc, out = callgrind(f"{name}{path.replace('/', '-')}", cmd)
     wait_port(port, path, timeout=120)
-    load = ["taskset", "-c", compare.LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}"]
+    load = ["taskset", "-c", compare.LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}"] + HEADERS
     subprocess.run(load + ["-d1s", f"http://127.0.0.1:{port}{path}"], capture_output=True, check=True)
     subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
     text = subprocess.run(load + [f"-d{DURATION}s", f"http://127.0.0.1:{port}{path}"],

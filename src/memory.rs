@@ -150,8 +150,11 @@ pub async fn watch(metrics: Arc<Metrics>) {
             // Off the runtime's workers: with a large heap a trim walks
             // and releases for milliseconds.
             // Encoders kept for the next compressed responses go too.
-            crate::proxy::compress::drop_spares();
-            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            let _ = tokio::task::spawn_blocking(|| {
+                crate::proxy::compress::drop_spares();
+                release_free_memory();
+            })
+            .await;
             watch.trimmed(if watch.quiet() { slack() } else { None });
         }
     }

@@ -252,6 +252,92 @@ async fn a_head_says_what_the_get_would() {
 }
 
 #[tokio::test]
+async fn a_head_of_a_body_of_unknown_length_says_what_the_get_would() {
+    let backend = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+    })
+    .await;
+    let proxy = start_proxy(compressing(backend, false)).await;
+    let raw = raw_exchange(
+        proxy.addr,
+        b"HEAD /page HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(raw.contains("content-encoding: gzip"), "{raw}");
+    assert!(raw.contains("vary: accept-encoding"), "{raw}");
+}
+
+/// A backend sending its body in 2,000 chunks of one byte, all at once.
+async fn trickling_backend() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    serve_each(|mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let mut out =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..2000 {
+            out.extend_from_slice(b"1\r\nx\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        let _ = stream.write_all(&out).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_body_in_small_chunks_is_not_flushed_chunk_by_chunk() {
+    let proxy = start_proxy(compressing(trickling_backend().await, false)).await;
+    let answer = fetch(&client(), &proxy.url("/trickle"), Some("gzip")).await;
+    assert_eq!(gunzip(&answer.body), vec![b'x'; 2000]);
+    // A flush costs at least 5 bytes: one for each chunk would make
+    // 10,000 (the small chunks are joined before they come here).
+    assert!(answer.body.len() < 500, "{} bytes", answer.body.len());
+}
+
+/// A backend sending [`page_text`] 54 times over, in chunks of 6,000
+/// bytes, all at once.
+async fn chunked_page_backend() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    serve_each(|mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let mut out =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..54 {
+            out.extend_from_slice(format!("{:x}\r\n", page_text().len()).as_bytes());
+            out.extend_from_slice(page_text());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        let _ = stream.write_all(&out).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_body_coming_as_fast_as_it_is_read_is_compressed_as_one() {
+    let proxy = start_proxy(compressing(chunked_page_backend().await, false)).await;
+    let answer = fetch(&client(), &proxy.url("/big"), Some("gzip")).await;
+    let plain = page_text().repeat(54);
+    assert_eq!(gunzip(&answer.body), plain);
+    let mut whole = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(2));
+    std::io::Write::write_all(&mut whole, &plain).unwrap();
+    let whole = whole.finish().unwrap().len();
+    // Flushed only where the backend paused, if anywhere, not between
+    // its chunks: a flush at each of them made it 3,406 bytes (2,323).
+    let sent = answer.body.len();
+    assert!(
+        sent <= whole + whole / 10,
+        "{sent} bytes, {whole} in one stream"
+    );
+}
+
+#[tokio::test]
 async fn a_stored_response_is_compressed_as_it_is_sent() {
     let backend = recording_backend(answer).await;
     let proxy = start_proxy(compressing(backend.addr, true)).await;
@@ -291,10 +377,20 @@ async fn a_stored_response_is_compressed_as_it_is_sent() {
         .header("if-none-match", "W/\"v1\"")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    assert_eq!(
-        send(&client, request).await.status,
-        StatusCode::NOT_MODIFIED
-    );
+    let revalidated = send(&client, request).await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    // Naming the copy it revalidates, as its 200 did (RFC 9110 §15.4.5,
+    // RFC 9111 §4.3.4), so that a cache in front freshens that copy.
+    assert_eq!(revalidated.header("etag"), "W/\"v1\"");
+    assert_eq!(revalidated.header("vary"), "Accept-Encoding");
+    // A client that holds the plain copy is told of that one.
+    let request = Request::get(proxy.url("/page"))
+        .header("if-none-match", "\"v1\"")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let revalidated = send(&client, request).await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(revalidated.header("etag"), "\"v1\"");
 }
 
 #[tokio::test]

@@ -113,6 +113,19 @@ fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
+/// Whether `Cache-Control` says `no-transform` (RFC 9111 §5.2.1.6,
+/// §5.2.2.6), read as [`parse`] reads directives. A line whose directives
+/// cannot be told apart counts as saying it: leaving content as it is
+/// is never wrong.
+pub fn no_transform(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|line| {
+        directives(line.as_bytes()).is_none_or(|list| {
+            list.iter()
+                .any(|directive| directive.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
+        })
+    })
+}
+
 /// Parses every `Cache-Control` line. Unknown directives are ignored
 /// (§5.2.3). A duplicated or invalid `max-age`/`s-maxage` makes the value
 /// 0, so the response is treated as stale (§4.2.1).

@@ -243,7 +243,7 @@ pub struct Compression {
     /// Responses whose `Content-Length` says less are sent as they are
     /// (a body of unknown length is compressed).
     pub min_size: u64,
-    /// zlib's level, 1 (fastest) to 9 (smallest).
+    /// The encoder's level, 1 (fastest) to 9 (smallest).
     pub level: u32,
 }
 
@@ -529,7 +529,10 @@ impl Default for Compression {
         Compression {
             types: COMPRESSED_TYPES.iter().map(|t| (*t).to_owned()).collect(),
             min_size: 1024,
-            level: 1,
+            // zlib-rs's level 1 is zlib-ng's quick mode, a third larger
+            // than zlib's level 1 (nginx's default); its 2 is about as
+            // large, in half zlib's time.
+            level: 2,
         }
     }
 }

@@ -656,12 +656,13 @@ fn every_error_names_file_line_col_and_key() {
             &["test.toml:6:15: route[0].compression: compression = true needs a [compression] section"],
         ),
         (
-            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[compression]\ntypes = [\"text/html; charset=utf-8\", \"json\", \"*/*\", \"text/*\", \"TEXT/*\"]\nlevel = 10\nmin_size = \"1 KB\"\n",
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n[compression]\ntypes = [\"text/html; charset=utf-8\", \"json\", \"*/*\", \"text/*\", \"TEXT/*\", \"text/css\"]\nlevel = 10\nmin_size = \"1 KB\"\n",
             &[
-                "test.toml:7:10: compression.types[0]: `text/html; charset=utf-8` a media type here has no parameters (`; charset=...`): every charset is compressed alike",
-                "test.toml:7:38: compression.types[1]: `json` is no media type: write type/subtype, as \"application/json\", or type/* for all of a type",
-                "test.toml:7:46: compression.types[2]: `*/*` is every type, images and archives already compressed among them: list the types",
+                "test.toml:7:10: compression.types[0]: `text/html; charset=utf-8`: takes no parameters here (`; charset=...`): write the type alone, every charset is compressed alike",
+                "test.toml:7:38: compression.types[1]: `json`: is no media type: write type/subtype, as \"application/json\", or type/* for all of a type",
+                "test.toml:7:46: compression.types[2]: `*/*`: is every type, images and archives already compressed among them: list the types",
                 "test.toml:7:63: compression.types[4]: `text/*` is listed twice",
+                "test.toml:7:73: compression.types[5]: `text/css` is taken by `text/*` already: list one of the two",
                 "test.toml:8:9: compression.level: must be a whole number from 1 (fastest) to 9 (smallest), as nginx's gzip_comp_level",
                 "test.toml:9:12: compression.min_size: `1 KB`: no space between a number and its unit: write \"1KB\"",
             ],

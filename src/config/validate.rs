@@ -1371,14 +1371,30 @@ fn compression(r: R, raw: &raw::Compression) -> Compression {
             }
             let mut types = Vec::with_capacity(list.len());
             for (i, written) in list.iter().enumerate() {
+                let key = format!("compression.types[{i}]");
                 match media_type(written.get_ref()) {
-                    Ok(t) if types.contains(&t) => r.at(
+                    Ok(t) if types.contains(&t) => {
+                        r.at(written.span(), key, format!("`{t}` is listed twice"))
+                    }
+                    Ok(t) => types.push(t),
+                    Err(e) => r.at(written.span(), key, e),
+                }
+            }
+            // A type a `type/*` of the list takes already, either way round.
+            for (i, written) in list.iter().enumerate() {
+                let Ok(t) = media_type(written.get_ref()) else {
+                    continue;
+                };
+                let Some((kind, _)) = t.split_once('/') else {
+                    continue;
+                };
+                let all = format!("{kind}/*");
+                if t != all && types.contains(&all) {
+                    r.at(
                         written.span(),
                         format!("compression.types[{i}]"),
-                        format!("`{t}` is listed twice"),
-                    ),
-                    Ok(t) => types.push(t),
-                    Err(e) => r.at(written.span(), format!("compression.types[{i}]"), e),
+                        format!("`{t}` is taken by `{all}` already: list one of the two"),
+                    );
                 }
             }
             types
@@ -1425,7 +1441,7 @@ fn media_type(text: &str) -> Result<String, String> {
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
     };
     let problem = if text.contains(';') {
-        "a media type here has no parameters (`; charset=...`): every charset is compressed alike"
+        "takes no parameters here (`; charset=...`): write the type alone, every charset is compressed alike"
     } else if text == "*/*" || text == "*" {
         "is every type, images and archives already compressed among them: list the types"
     } else {
@@ -1437,7 +1453,7 @@ fn media_type(text: &str) -> Result<String, String> {
             _ => "is no media type: write type/subtype, as \"application/json\", or type/* for all of a type",
         }
     };
-    Err(format!("`{text}` {problem}"))
+    Err(format!("`{text}`: {problem}"))
 }
 
 /// A size as an operator would write it: in MiB or KiB when it is a whole

@@ -869,7 +869,7 @@ const POLL_COUNT_BITS: u32 = 40;
 const POLL_COUNT: u64 = (1 << POLL_COUNT_BITS) - 1;
 
 /// The connection poll under way on this thread, 0 outside one.
-fn connection_poll() -> u64 {
+pub(super) fn connection_poll() -> u64 {
     POLLING.get()
 }
 
@@ -1314,6 +1314,17 @@ impl ProxyBody {
             ProxyBody::Slice(slice) => slice.inner.entry_when_whole(),
             ProxyBody::Gzip(gzip) => gzip.inner.entry_when_whole(),
             _ => None,
+        }
+    }
+
+    /// Whether a Pending from this body is its own yield to let the
+    /// backend connection's task run (see [`Gathered`]), not its backend
+    /// being slow.
+    pub(super) fn is_gathering(&self) -> bool {
+        match self {
+            ProxyBody::Stream { inner, .. } => inner.is_gathering(),
+            ProxyBody::Slice(slice) => slice.inner.is_gathering(),
+            _ => false,
         }
     }
 

@@ -16,12 +16,14 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use flate2::{Compress, Compression as Level, FlushCompress, Status};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 
 use super::body::{BodyError, ProxyBody};
+use super::headers::list_members;
+use crate::cache::policy::no_transform;
 use crate::config::Compression as Config;
 
 /// Encoders kept for the next responses once theirs are done. An
@@ -34,7 +36,23 @@ use crate::config::Compression as Config;
 /// falls ([`drop_spares`]).
 const SPARES_KEPT: usize = 32;
 
+/// Kept encoders, reset, with their level. The lock is held to push or
+/// pop one, never while zlib works.
 static SPARES: Mutex<Vec<(u32, Compress)>> = Mutex::new(Vec::new());
+
+/// Compressed output gathered before it goes out as a frame, when the
+/// body goes on coming: zlib writes the gzip header and then its blocks
+/// as they fill, and a frame of each would be many small writes.
+const OUT_PIECE: usize = 16 * 1024;
+
+/// Fields of digests of the content (RFC 9530 and older): a digest of the
+/// plain content would not be of what is sent.
+const DIGESTS: [HeaderName; 4] = [
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("repr-digest"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("content-md5"),
+];
 
 /// Lets every kept encoder go: called when the heap is trimmed after a
 /// burst, so that their memory goes back with the rest.
@@ -44,7 +62,7 @@ pub fn drop_spares() {
 }
 
 /// What a request says of compression, read before it goes on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Asked {
     /// gzip may be sent: the client accepts it, speaks HTTP/1.1 or later
     /// (an HTTP/1.0 client cannot be sent a body of unknown length but by
@@ -53,6 +71,10 @@ pub struct Asked {
     gzip: bool,
     /// A HEAD: the head says what a GET's would, and there is no body.
     head: bool,
+    /// The request's `If-None-Match`, when gzip may be sent: a weak tag in
+    /// it that a 304 names strongly is one this made weak (see
+    /// [`Compressor::apply`]).
+    if_none_match: Option<HeaderValue>,
 }
 
 /// `[compression]`, with its counters.
@@ -91,9 +113,11 @@ impl Compressor {
 
     /// What `request` asks of compression.
     pub fn asked(&self, method: &Method, version: Version, headers: &HeaderMap) -> Asked {
+        let gzip = version >= Version::HTTP_11 && accepts_gzip(headers) && !no_transform(headers);
         Asked {
-            gzip: version >= Version::HTTP_11 && accepts_gzip(headers) && !no_transform(headers),
+            gzip,
             head: method == Method::HEAD,
+            if_none_match: headers.get(header::IF_NONE_MATCH).filter(|_| gzip).cloned(),
         }
     }
 
@@ -104,7 +128,20 @@ impl Compressor {
         response: http::Response<ProxyBody>,
     ) -> http::Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
-        let decision = self.decide(asked, parts.status, &parts.headers, body.size_hint());
+        if parts.status == StatusCode::NOT_MODIFIED {
+            // A 304 to a client revalidating the gzip copy it was sent
+            // (its tag made weak here) says what that copy's 200 said:
+            // the weak tag, so that a cache in front freshens the copy it
+            // holds (RFC 9111 §4.3.4), and the same Vary (RFC 9110
+            // §15.4.5). A 304 tells no type or length to decide by; the
+            // weak tag tells that the 200 was compressed.
+            if revalidates_gzip(asked.if_none_match.as_ref(), &parts.headers) {
+                weaken_etag(&mut parts.headers);
+                add_vary(&mut parts.headers);
+            }
+            return http::Response::from_parts(parts, body);
+        }
+        let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
         if decision == Decision::Leave {
             return http::Response::from_parts(parts, body);
         }
@@ -136,23 +173,23 @@ impl Compressor {
     /// size) is compressed, for a request that asked `asked`.
     pub fn decide(
         &self,
-        asked: Asked,
+        asked: &Asked,
         status: StatusCode,
         headers: &HeaderMap,
         size: SizeHint,
     ) -> Decision {
-        // No content (1xx, 204, 304), or a range of the plain body (206).
-        let bodiless = status.is_informational() || matches!(status.as_u16(), 204 | 206 | 304);
+        // The type first: most responses not to compress stop there.
+        if !self.listed(headers.get(header::CONTENT_TYPE)) {
+            return Decision::Leave;
+        }
+        // No content (1xx, 204, 205, 304), or a range of the plain body (206).
+        let bodiless =
+            status.is_informational() || matches!(status.as_u16(), 204 | 205 | 206 | 304);
         if bodiless
             || headers.contains_key(header::CONTENT_ENCODING)
             || headers.contains_key(header::CONTENT_RANGE)
+            || DIGESTS.iter().any(|name| headers.contains_key(name))
             || no_transform(headers)
-            // Digests of the plain content (RFC 9530) would not be of
-            // what is sent.
-            || ["content-digest", "repr-digest", "digest", "content-md5"]
-                .iter()
-                .any(|name| headers.contains_key(*name))
-            || !self.listed(headers.get(header::CONTENT_TYPE))
         {
             return Decision::Leave;
         }
@@ -160,9 +197,12 @@ impl Compressor {
             Some(value) => std::str::from_utf8(value.as_bytes())
                 .ok()
                 .and_then(|text| text.parse::<u64>().ok()),
+            // A HEAD's body is empty whatever the GET's is.
+            None if asked.head => None,
             None => size.exact(),
         };
-        if length.is_some_and(|length| length < self.config.min_size) {
+        // An empty body stays empty: gzip would make it 20 bytes.
+        if length.is_some_and(|length| length == 0 || length < self.config.min_size) {
             return Decision::Leave;
         }
         if asked.gzip {
@@ -198,25 +238,22 @@ impl Compressor {
 pub fn accepts_gzip(headers: &HeaderMap) -> bool {
     let mut named = None;
     let mut any = None;
-    for line in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(line) = line.to_str() else { continue };
-        for item in line.split(',') {
-            let mut params = item.split(';');
-            let coding = params.next().unwrap_or("").trim();
-            let weight = params.find_map(|param| {
-                let (name, value) = param.split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("q")
-                    .then(|| positive_weight(value.trim()))
-            });
-            // No weight is 1; one that is no weight refuses.
-            let taken = weight.unwrap_or(true);
-            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-                // `gzip;q=0` refuses it whatever else says (x-gzip too).
-                named = Some(named.unwrap_or(true) && taken);
-            } else if coding == "*" {
-                any = Some(any.unwrap_or(true) && taken);
-            }
+    for item in list_members(headers, &header::ACCEPT_ENCODING) {
+        let mut params = item.split(';');
+        let coding = params.next().unwrap_or("").trim();
+        let weight = params.find_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("q")
+                .then(|| positive_weight(value.trim()))
+        });
+        // No weight is 1; one that is no weight refuses.
+        let taken = weight.unwrap_or(true);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            // `gzip;q=0` refuses it whatever else says (x-gzip too).
+            named = Some(named.unwrap_or(true) && taken);
+        } else if coding == "*" {
+            any = Some(any.unwrap_or(true) && taken);
         }
     }
     named.or(any).unwrap_or(false)
@@ -235,25 +272,25 @@ fn positive_weight(value: &str) -> bool {
     valid && bytes.iter().any(|b| (b'1'..=b'9').contains(b))
 }
 
-/// Whether `Cache-Control` says `no-transform`, which forbids a proxy to
-/// change the content's coding (RFC 9110 §7.7, RFC 9111 §5.2.1.6 and
-/// §5.2.2.6), in a request or a response.
-fn no_transform(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CACHE_CONTROL).iter().any(|line| {
-        line.as_bytes()
-            .split(|b| *b == b',')
-            .any(|directive| directive.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
-    })
+/// Whether a 304's strong `ETag` is named weakly by the request's
+/// `If-None-Match`: the tag of the gzip copy this sent the client.
+fn revalidates_gzip(if_none_match: Option<&HeaderValue>, headers: &HeaderMap) -> bool {
+    let (Some(asked), Some(tag)) = (if_none_match, headers.get(header::ETAG)) else {
+        return false;
+    };
+    let tag = tag.as_bytes();
+    if tag.first() != Some(&b'"') {
+        return false;
+    }
+    // Tags may hold commas: looked for whole, `W/` before it.
+    let asked = asked.as_bytes();
+    memchr::memmem::find_iter(asked, tag).any(|at| at >= 2 && &asked[at - 2..at] == b"W/")
 }
 
 /// Adds `Accept-Encoding` to `Vary`, unless it is there or `Vary` is `*`.
 fn add_vary(headers: &mut HeaderMap) {
-    let said = headers.get_all(header::VARY).iter().any(|line| {
-        line.as_bytes().split(|b| *b == b',').any(|name| {
-            let name = name.trim_ascii();
-            name == b"*" || name.eq_ignore_ascii_case(b"accept-encoding")
-        })
-    });
+    let said = list_members(headers, &header::VARY)
+        .any(|name| name == "*" || name.eq_ignore_ascii_case("accept-encoding"));
     if !said {
         headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
@@ -272,16 +309,22 @@ fn weaken_etag(headers: &mut HeaderMap) {
     let mut weak = Vec::with_capacity(tag.len() + 2);
     weak.extend_from_slice(b"W/");
     weak.extend_from_slice(tag.as_bytes());
-    if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+    if let Ok(weak) = HeaderValue::from_maybe_shared(Bytes::from(weak)) {
         headers.insert(header::ETAG, weak);
     }
 }
 
 /// A body compressed with gzip as it is sent. What the body gives is
-/// compressed as it comes; whenever it has nothing more ready, what was
-/// taken is flushed (a sync flush), so a body that streams slowly (events,
-/// progress) reaches the client as its backend sends it, not when zlib's
-/// blocks fill; a body that arrives at once is compressed whole.
+/// compressed as it comes and sent in pieces of [`OUT_PIECE`]; when the
+/// body has nothing more ready, what was taken is flushed (a sync flush),
+/// so a body that streams slowly (events, progress) reaches the client as
+/// its backend sends it, not when zlib's blocks fill. Not at the first
+/// Pending: as [`Gathered`](super::body::Gathered) does, the task first
+/// lets the backend connection's task run (hyper decodes a backend's next
+/// frame there), and flushes if the body has still nothing on its next
+/// turn: a body coming as fast as it is read is not cut into small blocks
+/// (a flush ends zlib's block: ~7 bytes at level 1, ~40 at 6, and new
+/// code tables after it).
 #[derive(Debug)]
 pub struct Gzip {
     pub(super) inner: ProxyBody,
@@ -289,55 +332,67 @@ pub struct Gzip {
     encoder: Option<Encoder>,
     /// The body's trailers, sent after the gzip stream's end.
     trailers: Option<HeaderMap>,
-    /// Input taken since the last output was flushed.
+    /// Input taken since the last flush.
     unflushed: bool,
-    /// Where zlib writes, handed on whole once it holds something.
+    /// Found the body with nothing ready and yielded, in this connection
+    /// poll (see `body::connection_poll`).
+    yielded: Option<u64>,
+    /// Where zlib writes, handed on whole as a frame.
     out: Vec<u8>,
+    /// Bytes taken and given, counted once the body is done.
+    bytes_in: u64,
+    bytes_out: u64,
     counters: Counters,
 }
 
 /// An encoder, given back to [`SPARES`] when dropped.
 struct Encoder {
-    level: u32,
-    zlib: Option<Compress>,
+    zlib: Option<(u32, Compress)>,
 }
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder")
-            .field("level", &self.level)
-            .finish()
+        f.debug_struct("Encoder").finish_non_exhaustive()
     }
 }
 
 impl Encoder {
     fn new(level: u32) -> Self {
-        let spare = {
-            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
-            let at = spares.iter().rposition(|(kept, _)| *kept == level);
-            at.map(|at| spares.swap_remove(at).1)
+        let spare = SPARES.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let zlib = match spare {
+            Some((kept, zlib)) if kept == level => Some(zlib),
+            // Kept at another level (before a reload changed it): set to
+            // this one, so that spares of the old level are not left
+            // unused while new ones are made.
+            Some((_, mut zlib)) => zlib.set_level(Level::new(level)).is_ok().then_some(zlib),
+            None => None,
         };
-        let zlib = spare.unwrap_or_else(|| Compress::new_gzip(Level::new(level), 15));
+        let zlib = zlib.unwrap_or_else(|| Compress::new_gzip(Level::new(level), 15));
         Encoder {
-            level,
-            zlib: Some(zlib),
+            zlib: Some((level, zlib)),
         }
     }
 
     fn zlib(&mut self) -> &mut Compress {
-        self.zlib.as_mut().expect("taken only on drop")
+        &mut self.zlib.as_mut().expect("taken only on drop").1
     }
 }
 
 impl Drop for Encoder {
     fn drop(&mut self) {
-        let Some(mut zlib) = self.zlib.take() else {
+        let Some((level, mut zlib)) = self.zlib.take() else {
             return;
         };
+        let spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() >= SPARES_KEPT {
+            return;
+        }
+        // Outside the lock: a reset clears zlib's 128 KiB hash table.
+        drop(spares);
+        zlib.reset();
         let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
         if spares.len() < SPARES_KEPT {
-            zlib.reset();
-            spares.push((self.level, zlib));
+            spares.push((level, zlib));
         }
     }
 }
@@ -349,15 +404,18 @@ impl Gzip {
             encoder: Some(Encoder::new(level)),
             trailers: None,
             unflushed: false,
+            yielded: None,
             out: Vec::new(),
+            bytes_in: 0,
+            bytes_out: 0,
             counters,
         }
     }
 
-    /// Feeds `input` to zlib with `flush`, and takes what it gave back.
-    fn step(&mut self, input: &[u8], flush: FlushCompress) -> Result<Bytes, BodyError> {
+    /// Feeds `input` to zlib with `flush`, adding what it gives to `out`.
+    fn step(&mut self, input: &[u8], flush: FlushCompress) -> Result<(), BodyError> {
         let Some(encoder) = self.encoder.as_mut() else {
-            return Ok(Bytes::new());
+            return Ok(());
         };
         let zlib = encoder.zlib();
         let out = &mut self.out;
@@ -375,11 +433,15 @@ impl Gzip {
             input = &input[(zlib.total_in() - before) as usize..];
             let full = out.capacity() == out.len();
             match status {
-                Status::StreamEnd => break,
+                Status::StreamEnd => return Ok(()),
                 // zlib filled the room it had: there is more to give.
                 Status::Ok if full => {}
                 Status::Ok if !input.is_empty() => {}
-                Status::Ok if flush != FlushCompress::Finish => break,
+                Status::Ok if flush != FlushCompress::Finish => return Ok(()),
+                // Nothing to do: no input, and nothing pending to flush.
+                Status::BufError if input.is_empty() && flush != FlushCompress::Finish => {
+                    return Ok(())
+                }
                 // Finishing with room to spare ends the stream; zlib
                 // made no progress (a `BufError`) or stopped short.
                 _ => {
@@ -389,10 +451,6 @@ impl Gzip {
                 }
             }
         }
-        if out.is_empty() {
-            return Ok(Bytes::new());
-        }
-        Ok(Bytes::from(std::mem::take(out)))
     }
 
     pub(super) fn poll_frame(
@@ -403,9 +461,14 @@ impl Gzip {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         loop {
-            let (data, flush) = match Pin::new(&mut self.inner).poll_frame(cx) {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if polled.is_ready() {
+                self.yielded = None;
+            }
+            let (data, flush) = match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if self.inner.is_end_stream() => (data, FlushCompress::Finish),
+                    Ok(data) if data.is_empty() => continue,
                     Ok(data) => (data, FlushCompress::None),
                     Err(frame) => {
                         self.trailers = frame.into_trailers().ok();
@@ -417,38 +480,63 @@ impl Gzip {
                     self.encoder = None;
                     return Poll::Ready(Some(Err(error)));
                 }
-                Poll::Pending if self.unflushed => (Bytes::new(), FlushCompress::Sync),
-                Poll::Pending => return Poll::Pending,
-            };
-            let out = match self.step(&data, flush) {
-                Ok(out) => out,
-                Err(error) => {
-                    tracing::warn!(%error, "gzip encoder failed; response cut short");
-                    self.encoder = None;
-                    return Poll::Ready(Some(Err(error)));
+                // Nothing taken since the last flush, or the body yielding
+                // a turn itself (it woke the task).
+                Poll::Pending if !self.unflushed || self.inner.is_gathering() => {
+                    return Poll::Pending
+                }
+                // Polled again within the poll that yielded (hyper's HTTP/1
+                // loop does that): no turn has passed yet.
+                Poll::Pending
+                    if self
+                        .yielded
+                        .is_some_and(|at| at != 0 && at == super::body::connection_poll()) =>
+                {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending if self.yielded.is_none() => {
+                    self.yielded = Some(super::body::connection_poll());
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => {
+                    self.yielded = None;
+                    (Bytes::new(), FlushCompress::Sync)
                 }
             };
-            self.counters.bytes_in.inc_by(data.len() as u64);
-            self.counters.bytes_out.inc_by(out.len() as u64);
+            if let Err(error) = self.step(&data, flush) {
+                tracing::warn!(%error, "gzip encoder failed; response cut short");
+                self.encoder = None;
+                return Poll::Ready(Some(Err(error)));
+            }
+            self.bytes_in += data.len() as u64;
             match flush {
                 FlushCompress::Finish => self.encoder = None,
                 FlushCompress::Sync => self.unflushed = false,
                 _ => self.unflushed = true,
             }
-            if !out.is_empty() {
+            let due = flush != FlushCompress::None || self.out.len() >= OUT_PIECE;
+            if due && !self.out.is_empty() {
+                self.bytes_out += self.out.len() as u64;
+                let out = Bytes::from(std::mem::take(&mut self.out));
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
             if self.encoder.is_none() {
                 return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
-            }
-            if flush == FlushCompress::Sync {
-                return Poll::Pending;
             }
         }
     }
 
     pub(super) fn is_end_stream(&self) -> bool {
         self.encoder.is_none() && self.trailers.is_none()
+    }
+}
+
+impl Drop for Gzip {
+    fn drop(&mut self) {
+        self.counters.bytes_in.inc_by(self.bytes_in);
+        self.counters.bytes_out.inc_by(self.bytes_out);
     }
 }
 
@@ -518,9 +606,10 @@ mod tests {
     #[test]
     fn what_is_compressed() {
         let c = compressor();
-        let gzip = Asked {
+        let gzip = &Asked {
             gzip: true,
             head: false,
+            if_none_match: None,
         };
         let unknown = SizeHint::default();
         let ok = StatusCode::OK;
@@ -553,7 +642,10 @@ mod tests {
             (StatusCode::NOT_FOUND, &[html], Decision::Compress),
             (StatusCode::PARTIAL_CONTENT, &[html], Decision::Leave),
             (StatusCode::NO_CONTENT, &[html], Decision::Leave),
+            (StatusCode::RESET_CONTENT, &[html], Decision::Leave),
             (StatusCode::NOT_MODIFIED, &[html], Decision::Leave),
+            // Empty content stays empty, whatever min_size says.
+            (ok, &[html, ("content-length", "0")], Decision::Leave),
         ];
         for (status, fields, decision) in cases {
             let got = c.decide(gzip, *status, &headers(fields), unknown);
@@ -562,13 +654,29 @@ mod tests {
         // The body's own length when no field says it.
         let small = c.decide(gzip, ok, &headers(&[html]), SizeHint::with_exact(10));
         assert_eq!(small, Decision::Leave);
-        let plain = Asked {
+        assert_eq!(
+            c.decide(gzip, ok, &headers(&[html]), SizeHint::with_exact(0)),
+            Decision::Leave
+        );
+        let plain = &Asked {
             gzip: false,
             head: false,
+            if_none_match: None,
         };
         assert_eq!(
             c.decide(plain, ok, &headers(&[html]), unknown),
             Decision::Vary
+        );
+        // A HEAD's empty body says nothing of the GET's length.
+        let head = &Asked {
+            gzip: true,
+            head: true,
+            if_none_match: None,
+        };
+        let exact_0 = SizeHint::with_exact(0);
+        assert_eq!(
+            c.decide(head, ok, &headers(&[html]), exact_0),
+            Decision::Compress
         );
         // `type/*` takes the whole type.
         let all_text = Config {
@@ -594,6 +702,53 @@ mod tests {
         weaken_etag(&mut h);
         assert_eq!(h.get_all("vary").iter().count(), 1);
         assert_eq!(h["etag"], "W/\"a\"");
+    }
+
+    #[test]
+    fn a_304_names_the_gzip_copy_a_client_revalidates() {
+        let inm = |v: &'static str| Some(HeaderValue::from_static(v));
+        let etag = headers(&[("etag", "\"v1\"")]);
+        assert!(revalidates_gzip(inm("W/\"v1\"").as_ref(), &etag));
+        assert!(revalidates_gzip(inm("\"x\", W/\"v1\"").as_ref(), &etag));
+        assert!(!revalidates_gzip(inm("\"v1\"").as_ref(), &etag));
+        assert!(!revalidates_gzip(inm("W/\"v2\"").as_ref(), &etag));
+        assert!(!revalidates_gzip(None, &etag));
+        let weak = headers(&[("etag", "W/\"v1\"")]);
+        assert!(!revalidates_gzip(inm("W/\"v1\"").as_ref(), &weak));
+    }
+
+    #[test]
+    fn an_empty_frame_or_a_second_flush_is_nothing_to_do() {
+        let mut gzip = Gzip::new(ProxyBody::empty(), 1, counters());
+        gzip.step(b"abc", FlushCompress::None).unwrap();
+        gzip.step(b"", FlushCompress::None).unwrap();
+        gzip.step(b"", FlushCompress::Sync).unwrap();
+        gzip.step(b"", FlushCompress::Sync).unwrap();
+        gzip.step(b"", FlushCompress::Finish).unwrap();
+        assert_eq!(gunzip(&gzip.out), b"abc");
+    }
+
+    #[test]
+    fn a_spare_of_another_level_is_set_to_this_one() {
+        let _alone = POOL.blocking_lock();
+        // A spare of a level no response asks for any more (a reload
+        // changed it).
+        let mut kept = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+        let before = kept.len();
+        kept.push((3, Compress::new_gzip(Level::new(3), 15)));
+        drop(kept);
+        let mut encoder = Encoder::new(8);
+        assert!(
+            SPARES.lock().unwrap().len() <= before,
+            "the spare was taken"
+        );
+        let mut out = Vec::with_capacity(1024);
+        let text = b"level eight, level eight, level eight, level eight";
+        encoder
+            .zlib()
+            .compress_vec(text, &mut out, FlushCompress::Finish)
+            .unwrap();
+        assert_eq!(gunzip(&out), text);
     }
 
     fn gunzip(bytes: &[u8]) -> Vec<u8> {
@@ -629,14 +784,33 @@ mod tests {
 
     #[tokio::test]
     async fn an_encoder_is_kept_for_the_next_body() {
+        let _alone = POOL.lock().await;
+        let level_7 = || {
+            SPARES
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(l, _)| *l == 7)
+                .count()
+        };
         let body = ProxyBody::full(Bytes::from_static(b"once"));
         let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 7, counters())));
         let first = gzip.collect().await.unwrap().to_bytes();
-        assert!(SPARES.lock().unwrap().iter().any(|(level, _)| *level == 7));
-        // Reset when kept: the next stream is whole on its own.
+        let kept = level_7();
+        assert!(kept >= 1);
+        // Taken for the next body, and reset when kept: its stream is
+        // whole on its own.
         let body = ProxyBody::full(Bytes::from_static(b"once"));
-        let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 7, counters())));
-        let second = gzip.collect().await.unwrap().to_bytes();
+        let gzip = Gzip::new(body, 7, counters());
+        assert_eq!(level_7(), kept - 1, "the kept encoder was taken");
+        let second = ProxyBody::Gzip(Box::new(gzip))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert_eq!(first, second);
     }
+
+    /// The tests of the spares, one at a time: they share [`SPARES`].
+    static POOL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 }
