@@ -144,6 +144,10 @@ pub async fn watch(metrics: Arc<Metrics>) {
         every.tick().await;
         // The slack is read only at a quiet time: `mallinfo2` walks every
         // arena's free lists under its lock (review32e L3).
+        if crate::proxy::compress::spares_unused() {
+            // Off the runtime's workers: each is unmapped.
+            let _ = tokio::task::spawn_blocking(crate::proxy::compress::drop_spares).await;
+        }
         let freed = FREED.load(Ordering::Relaxed);
         if watch.due(metrics.requests_answered(), freed, slack) {
             FREED.store(0, Ordering::Relaxed);

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
@@ -42,8 +43,13 @@ static SPARES: Mutex<Vec<(u32, Compress)>> = Mutex::new(Vec::new());
 
 /// Compressed output gathered before it goes out as a frame, when the
 /// body goes on coming: zlib writes the gzip header and then its blocks
-/// as they fill, and a frame of each would be many small writes.
-const OUT_PIECE: usize = 16 * 1024;
+/// as they fill, and a frame of each would be many small writes. As
+/// large as a body usually compresses to, so that a body that has come
+/// whole is compressed at once and its encoder freed, rather than held
+/// while its client reads: 64 KiB bodies to 256 clients held 256
+/// encoders, 77 MB (review46a L6), where nginx's output buffers hold the
+/// compressed body and free the encoder.
+const OUT_PIECE: usize = 64 * 1024;
 
 /// Fields of digests of the content (RFC 9530 and older): a digest of the
 /// plain content would not be of what is sent.
@@ -54,11 +60,24 @@ const DIGESTS: [HeaderName; 4] = [
     HeaderName::from_static("content-md5"),
 ];
 
+/// Whether an encoder was taken since [`spares_unused`] last looked.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// Lets every kept encoder go: called when the heap is trimmed after a
-/// burst, so that their memory goes back with the rest.
+/// burst, so that their memory goes back with the rest, and when they
+/// went unused for a while ([`spares_unused`]).
 pub fn drop_spares() {
     let spares = std::mem::take(&mut *SPARES.lock().unwrap_or_else(|e| e.into_inner()));
     drop(spares);
+}
+
+/// Whether encoders are kept and none was taken since the last call: the
+/// memory watch asks once a second, and lets them go after a second
+/// without compression, whatever the traffic (a trim waits for a burst
+/// to fall).
+pub fn spares_unused() -> bool {
+    !TAKEN.swap(false, Ordering::Relaxed)
+        && !SPARES.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
 }
 
 /// What a request says of compression, read before it goes on.
@@ -345,9 +364,14 @@ pub struct Gzip {
     counters: Counters,
 }
 
-/// An encoder, given back to [`SPARES`] when dropped.
+/// An encoder, given back to [`SPARES`] when dropped at the end of its
+/// stream.
 struct Encoder {
     zlib: Option<(u32, Compress)>,
+    /// Its stream was ended. One left in the middle is not kept: zlib-rs's
+    /// reset leaves level 1's block open, and the next stream made with it
+    /// did not decode (review46a H1).
+    ended: bool,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -358,6 +382,7 @@ impl std::fmt::Debug for Encoder {
 
 impl Encoder {
     fn new(level: u32) -> Self {
+        TAKEN.store(true, Ordering::Relaxed);
         let spare = SPARES.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let zlib = match spare {
             Some((kept, zlib)) if kept == level => Some(zlib),
@@ -370,6 +395,7 @@ impl Encoder {
         let zlib = zlib.unwrap_or_else(|| Compress::new_gzip(Level::new(level), 15));
         Encoder {
             zlib: Some((level, zlib)),
+            ended: false,
         }
     }
 
@@ -380,7 +406,7 @@ impl Encoder {
 
 impl Drop for Encoder {
     fn drop(&mut self) {
-        let Some((level, mut zlib)) = self.zlib.take() else {
+        let Some((level, mut zlib)) = self.zlib.take().filter(|_| self.ended) else {
             return;
         };
         let spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
@@ -433,7 +459,10 @@ impl Gzip {
             input = &input[(zlib.total_in() - before) as usize..];
             let full = out.capacity() == out.len();
             match status {
-                Status::StreamEnd => return Ok(()),
+                Status::StreamEnd => {
+                    encoder.ended = true;
+                    return Ok(());
+                }
                 // zlib filled the room it had: there is more to give.
                 Status::Ok if full => {}
                 Status::Ok if !input.is_empty() => {}
@@ -719,6 +748,7 @@ mod tests {
 
     #[test]
     fn an_empty_frame_or_a_second_flush_is_nothing_to_do() {
+        let _alone = POOL.blocking_lock();
         let mut gzip = Gzip::new(ProxyBody::empty(), 1, counters());
         gzip.step(b"abc", FlushCompress::None).unwrap();
         gzip.step(b"", FlushCompress::None).unwrap();
@@ -759,6 +789,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_is_one_gzip_stream_with_its_trailers_after() {
+        let _alone = POOL.lock().await;
         let incoming = super::super::body::tests::chunks_with_trailers(4, 1000).await;
         let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
         let body = ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None);
@@ -811,6 +842,43 @@ mod tests {
         assert_eq!(first, second);
     }
 
-    /// The tests of the spares, one at a time: they share [`SPARES`].
+    /// An encoder left in the middle of a stream (its client gone, its
+    /// backend broken) is not kept: zlib-rs's reset leaves level 1's
+    /// block open, and the next stream made with it did not decode
+    /// (review46a H1).
+    #[test]
+    fn an_encoder_left_mid_stream_is_not_kept_and_a_kept_one_makes_whole_streams() {
+        let _alone = POOL.blocking_lock();
+        let text: Vec<u8> = (0..40_000u32)
+            .flat_map(|i| (i % 97).to_le_bytes())
+            .collect();
+        for level in 1..=9 {
+            let mut left = Gzip::new(ProxyBody::empty(), level, counters());
+            left.step(&text[..16 * 1024], FlushCompress::None).unwrap();
+            drop(left);
+            for _ in 0..2 {
+                let mut next = Gzip::new(ProxyBody::empty(), level, counters());
+                next.step(&text, FlushCompress::Finish).unwrap();
+                assert_eq!(gunzip(&next.out), text, "level {level}");
+            }
+        }
+    }
+
+    #[test]
+    fn spares_go_after_a_look_that_finds_none_taken() {
+        let _alone = POOL.blocking_lock();
+        drop_spares();
+        assert!(!spares_unused(), "none kept");
+        let mut ended = Gzip::new(ProxyBody::empty(), 4, counters());
+        ended.step(b"", FlushCompress::Finish).unwrap();
+        drop(ended);
+        assert!(!spares_unused(), "one taken since the last look");
+        assert!(spares_unused(), "none taken since");
+        drop_spares();
+        assert!(SPARES.lock().unwrap().is_empty());
+    }
+
+    /// The tests that make encoders, one at a time: they share [`SPARES`]
+    /// and [`TAKEN`].
     static POOL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 }
