@@ -10,15 +10,7 @@ it): callgrind counts each byte of a large `memset` (zlib clearing its
 hash table, 128 KiB a response in zlib-rs) as an instruction, which the
 CPU does far faster. Also prints the bytes each sends for a page: the
 encoders differ (nginx links Debian's zlib, portico zlib-rs, a port of
-zlib-ng)."""What gzip costs: user-space instructions per request (callgrind, as
-benches/instructions.py counts them) for nginx with `gzip on` and portico
-with `[compression]`, each at its default level (nginx's 1, portico's 2,
-which send about the same bytes), passing through and answering from
-their caches, for HTML pages of 4 KiB and 64 KiB that compress as real
-pages do (about 3 to 1), fetched with `Accept-Encoding: gzip`. Also prints
-the bytes each sends for a page: the two encoders differ (nginx links
-Debian's zlib, portico zlib-rs, a port of zlib-ng, whose level 1 is a
-quick mode, a third larger)."""
+zlib-ng)."""
 
 import os
 import random
