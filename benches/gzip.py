@@ -58,25 +58,11 @@ def main():
     location / {{ add_header Cache-Control "max-age=60"; }} }}""")], compare.LOAD_CPU)
     wait_port(origin, "/4k.html")
 
-    upstream = f"upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}"
-    proxy_common = 'proxy_http_version 1.1; proxy_set_header Connection "";'
-    gzip = "gzip on; gzip_comp_level 1; gzip_types text/html; gzip_min_length 1024; gzip_vary on;"
-    systems = []
-    for name, cache in [("nginx", ""), ("nginx-cache", "proxy_cache c;")]:
-        port = free_port()
-        conf = nginx_conf(name, f"""
-  {upstream}
-  {gzip}
-  proxy_cache_path {WORK}/{name}-store keys_zone=c:10m max_size=256m;
-  server {{ listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://origin; {proxy_common} {cache} }} }}""")
-        systems.append((name, ["nginx", "-g", "master_process off;", "-c", conf], port))
-    for name, cache in [("portico", False), ("portico-cache", True)]:
-        port = free_port()
-        cfg = compare.portico_config(name, port, origin, cache)
-        with open(cfg, "a") as f:
-            f.write('[compression]\ntypes = ["text/html"]\nmin_size = "1KiB"\n')
-        systems.append((name, [compare.PORTICO, "--threads", "1", "--config", cfg], port))
+    systems = instructions.proxies(
+        origin,
+        nginx_extra="gzip on; gzip_comp_level 1; gzip_types text/html; "
+                    "gzip_min_length 1024; gzip_vary on;",
+        portico_extra='[compression]\ntypes = ["text/html"]\nmin_size = "1KiB"\n')
 
     os.environ["RUST_LOG"] = "warn"
     instructions.HEADERS = ["-H", "Accept-Encoding: gzip"]

@@ -62,11 +62,10 @@ def measure(name, cmd, port, path):
     return total / requests, requests
 
 
-def main():
-    origin = free_port()
-    start_origin(origin)
-    wait_port(origin)
-
+def proxies(origin, nginx_extra="", portico_extra=""):
+    """nginx and portico in front of `origin`, each passing through and
+    caching, as (name, command, port); `nginx_extra` goes into nginx's
+    http block, `portico_extra` at the end of portico's file."""
     upstream = f"upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}"
     proxy_common = 'proxy_http_version 1.1; proxy_set_header Connection "";'
     systems = []
@@ -75,6 +74,7 @@ def main():
         # One process, so callgrind sees the worker.
         conf = nginx_conf(name, f"""
   {upstream}
+  {nginx_extra}
   proxy_cache_path {WORK}/{name}-store keys_zone=c:10m max_size=256m;
   server {{ listen 127.0.0.1:{port};
     location / {{ proxy_pass http://origin; {proxy_common} {cache} }} }}""")
@@ -82,7 +82,17 @@ def main():
     for name, cache in [("portico", False), ("portico-cache", True)]:
         port = free_port()
         cfg = portico_config(name, port, origin, cache)
+        with open(cfg, "a") as f:
+            f.write(portico_extra)
         systems.append((name, [compare.PORTICO, "--threads", "1", "--config", cfg], port))
+    return systems
+
+
+def main():
+    origin = free_port()
+    start_origin(origin)
+    wait_port(origin)
+    systems = proxies(origin)
 
     os.environ["RUST_LOG"] = "warn"
     results = {}

@@ -9,16 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in nginx valgrind wrk taskset; do
+for tool in nginx valgrind wrk taskset curl; do
     command -v "$tool" >/dev/null || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing nginx valgrind wrk (Debian)"
+    echo "== installing nginx valgrind wrk curl (Debian)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx valgrind wrk util-linux >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx valgrind wrk curl util-linux >/dev/null
 fi
 (service nginx stop || systemctl stop nginx) >/dev/null 2>&1 || true
 
 echo "== building portico (release)"
 cargo build --release -q --bin portico
-exec python3 benches/instructions.py "$@"
+# benches/gzip.sh runs benches/gzip.py through here.
+exec python3 "benches/${BENCH:-instructions}.py" "$@"

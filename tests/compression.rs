@@ -229,67 +229,66 @@ async fn what_is_not_to_be_compressed_goes_as_it_came() {
     assert_eq!(proxy.shared.metrics.compression.responses.get(), 4);
 }
 
+/// A HEAD gets the head its GET would, of a body of known length or
+/// not (hyper says a HEAD's body is empty: that is no length).
 #[tokio::test]
 async fn a_head_says_what_the_get_would() {
-    let backend = scripted_backend(|_| {
+    let sized = scripted_backend(|_| {
         b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6000\r\n\r\n"
     })
     .await;
-    let proxy = start_proxy(compressing(backend, false)).await;
-    let raw = raw_exchange(
-        proxy.addr,
-        b"HEAD /page HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .to_ascii_lowercase();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
-    assert!(head.starts_with("http/1.1 200"), "{raw}");
-    assert!(head.contains("content-encoding: gzip"), "{raw}");
-    assert!(head.contains("vary: accept-encoding"), "{raw}");
-    assert!(!head.contains("content-length"), "{raw}");
-    assert!(!head.contains("transfer-encoding"), "{raw}");
-    assert_eq!(body, "");
-}
-
-#[tokio::test]
-async fn a_head_of_a_body_of_unknown_length_says_what_the_get_would() {
-    let backend = scripted_backend(|_| {
+    let chunked = scripted_backend(|_| {
         b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
     })
     .await;
-    let proxy = start_proxy(compressing(backend, false)).await;
-    let raw = raw_exchange(
-        proxy.addr,
-        b"HEAD /page HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .to_ascii_lowercase();
-    assert!(raw.contains("content-encoding: gzip"), "{raw}");
-    assert!(raw.contains("vary: accept-encoding"), "{raw}");
+    for backend in [sized, chunked] {
+        let proxy = start_proxy(compressing(backend, false)).await;
+        let raw = raw_exchange(
+            proxy.addr,
+            b"HEAD /page HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .to_ascii_lowercase();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with("http/1.1 200"), "{raw}");
+        assert!(head.contains("content-encoding: gzip"), "{raw}");
+        assert!(head.contains("vary: accept-encoding"), "{raw}");
+        assert!(!head.contains("content-length"), "{raw}");
+        assert!(!head.contains("transfer-encoding"), "{raw}");
+        assert_eq!(body, "");
+    }
 }
 
-/// A backend sending its body in 2,000 chunks of one byte, all at once.
-async fn trickling_backend() -> SocketAddr {
+/// A backend sending a body of `content_type` in `chunks`, all at once.
+async fn chunked_backend(content_type: &'static str, chunks: Vec<Vec<u8>>) -> SocketAddr {
     use tokio::io::AsyncWriteExt;
-    serve_each(|mut stream| async move {
-        if read_head(&mut stream).await.is_none() {
-            return;
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in chunks {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    let out = Arc::new(out);
+    serve_each(move |mut stream| {
+        let out = out.clone();
+        async move {
+            if read_head(&mut stream).await.is_some() {
+                let _ = stream.write_all(&out).await;
+            }
         }
-        let mut out =
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
-                .to_vec();
-        for _ in 0..2000 {
-            out.extend_from_slice(b"1\r\nx\r\n");
-        }
-        out.extend_from_slice(b"0\r\n\r\n");
-        let _ = stream.write_all(&out).await;
     })
     .await
 }
 
 #[tokio::test]
 async fn a_body_in_small_chunks_is_not_flushed_chunk_by_chunk() {
-    let proxy = start_proxy(compressing(trickling_backend().await, false)).await;
+    // 2,000 chunks of one byte.
+    let backend = chunked_backend("text/plain", vec![b"x".to_vec(); 2000]).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
     let answer = fetch(&client(), &proxy.url("/trickle"), Some("gzip")).await;
     assert_eq!(gunzip(&answer.body), vec![b'x'; 2000]);
     // A flush costs at least 5 bytes: one for each chunk would make
@@ -297,31 +296,11 @@ async fn a_body_in_small_chunks_is_not_flushed_chunk_by_chunk() {
     assert!(answer.body.len() < 500, "{} bytes", answer.body.len());
 }
 
-/// A backend sending [`page_text`] 54 times over, in chunks of 6,000
-/// bytes, all at once.
-async fn chunked_page_backend() -> SocketAddr {
-    use tokio::io::AsyncWriteExt;
-    serve_each(|mut stream| async move {
-        if read_head(&mut stream).await.is_none() {
-            return;
-        }
-        let mut out =
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
-                .to_vec();
-        for _ in 0..54 {
-            out.extend_from_slice(format!("{:x}\r\n", page_text().len()).as_bytes());
-            out.extend_from_slice(page_text());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"0\r\n\r\n");
-        let _ = stream.write_all(&out).await;
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_body_coming_as_fast_as_it_is_read_is_compressed_as_one() {
-    let proxy = start_proxy(compressing(chunked_page_backend().await, false)).await;
+    // The page 54 times over, a chunk of 6,000 bytes each time.
+    let backend = chunked_backend("text/html", vec![page_text().to_vec(); 54]).await;
+    let proxy = start_proxy(compressing(backend, false)).await;
     let answer = fetch(&client(), &proxy.url("/big"), Some("gzip")).await;
     let plain = page_text().repeat(54);
     assert_eq!(gunzip(&answer.body), plain);
