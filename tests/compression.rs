@@ -99,9 +99,29 @@ fn compressing(backend: SocketAddr, cache: bool) -> Config {
 }
 
 async fn fetch(client: &TestClient, url: &str, accept: Option<&str>) -> Answer {
+    let fields: &[(&str, &str)] = match &accept {
+        Some(accept) => &[("accept-encoding", accept)],
+        None => &[],
+    };
+    fetch_with(client, url, fields).await
+}
+
+/// A gzip client revalidating the copy it was sent (`W/"v1"`) gets a 304
+/// that names that copy, as its 200 did (RFC 9110 §15.4.5, RFC 9111
+/// §4.3.4), so that a cache in front freshens that copy.
+async fn revalidates_the_gzip_copy(client: &TestClient, url: &str) {
+    let fields = [("accept-encoding", "gzip"), ("if-none-match", "W/\"v1\"")];
+    let revalidated = fetch_with(client, url, &fields).await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(revalidated.header("etag"), "W/\"v1\"");
+    assert_eq!(revalidated.header("vary"), "Accept-Encoding");
+}
+
+/// A GET of `url` with `fields`.
+async fn fetch_with(client: &TestClient, url: &str, fields: &[(&str, &str)]) -> Answer {
     let mut request = Request::get(url);
-    if let Some(accept) = accept {
-        request = request.header("accept-encoding", accept);
+    for (name, value) in fields {
+        request = request.header(*name, *value);
     }
     send(client, request.body(Full::new(Bytes::new())).unwrap()).await
 }
@@ -203,12 +223,15 @@ async fn what_is_not_to_be_compressed_goes_as_it_came() {
         assert_eq!(answer.header("content-encoding"), "gzip", "{accept}");
     }
     // A client asking for no transformation gets none.
-    let request = Request::get(proxy.url("/page"))
-        .header("accept-encoding", "gzip")
-        .header("cache-control", "no-transform")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let answer = send(&client, request).await;
+    let answer = fetch_with(
+        &client,
+        &proxy.url("/page"),
+        &[
+            ("accept-encoding", "gzip"),
+            ("cache-control", "no-transform"),
+        ],
+    )
+    .await;
     assert!(answer.headers.get("content-encoding").is_none());
     // A Vary of the backend's keeps its names, and gets the one more.
     let answer = fetch(&client, &proxy.url("/varied"), Some("gzip")).await;
@@ -402,23 +425,10 @@ async fn a_stored_response_is_compressed_as_it_is_sent() {
     );
 
     // The weak tag a gzip client holds revalidates against the stored one.
-    let request = Request::get(proxy.url("/page"))
-        .header("accept-encoding", "gzip")
-        .header("if-none-match", "W/\"v1\"")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let revalidated = send(&client, request).await;
-    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
-    // Naming the copy it revalidates, as its 200 did (RFC 9110 §15.4.5,
-    // RFC 9111 §4.3.4), so that a cache in front freshens that copy.
-    assert_eq!(revalidated.header("etag"), "W/\"v1\"");
-    assert_eq!(revalidated.header("vary"), "Accept-Encoding");
+    revalidates_the_gzip_copy(&client, &proxy.url("/page")).await;
     // A client that holds the plain copy is told of that one.
-    let request = Request::get(proxy.url("/page"))
-        .header("if-none-match", "\"v1\"")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let revalidated = send(&client, request).await;
+    let revalidated =
+        fetch_with(&client, &proxy.url("/page"), &[("if-none-match", "\"v1\"")]).await;
     assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
     assert_eq!(revalidated.header("etag"), "\"v1\"");
 }
@@ -560,13 +570,5 @@ async fn a_backend_s_304_names_the_gzip_copy_too() {
     })
     .await;
     let proxy = start_proxy(compressing(backend, false)).await;
-    let request = Request::get(proxy.url("/page"))
-        .header("accept-encoding", "gzip")
-        .header("if-none-match", "W/\"v1\"")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let answer = send(&client(), request).await;
-    assert_eq!(answer.status, StatusCode::NOT_MODIFIED);
-    assert_eq!(answer.header("etag"), "W/\"v1\"");
-    assert_eq!(answer.header("vary"), "Accept-Encoding");
+    revalidates_the_gzip_copy(&client(), &proxy.url("/page")).await;
 }

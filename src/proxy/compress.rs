@@ -885,6 +885,14 @@ mod tests {
         assert_eq!(gunzip(&out), text);
     }
 
+    /// A backend's body of `chunks` chunks of `size` bytes of `x`, and
+    /// trailers, as a response relays it.
+    async fn backend_body(chunks: usize, size: usize) -> ProxyBody {
+        let incoming = super::super::body::tests::chunks_with_trailers(chunks, size).await;
+        let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
+        ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None)
+    }
+
     fn gunzip(bytes: &[u8]) -> Vec<u8> {
         let mut plain = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut plain).unwrap();
@@ -894,9 +902,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_is_one_gzip_stream_with_its_trailers_after() {
         let _alone = POOL.lock().await;
-        let incoming = super::super::body::tests::chunks_with_trailers(4, 1000).await;
-        let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
-        let body = ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None);
+        let body = backend_body(4, 1000).await;
         let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 6, counters())));
         let collected = gzip.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-sum"], "1");
@@ -1017,10 +1023,7 @@ mod tests {
     #[tokio::test]
     async fn a_short_body_takes_an_encoder_only_at_its_end() {
         let _alone = POOL.lock().await;
-        let incoming = super::super::body::tests::chunks_with_trailers(4, 5000).await;
-        let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
-        let body = ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None);
-        let mut gzip = Gzip::new(body, 2, counters());
+        let mut gzip = Gzip::new(backend_body(4, 5000).await, 2, counters());
         let (mut out, mut waited_without_one) = (Vec::new(), false);
         loop {
             let polled = std::future::poll_fn(|cx| Poll::Ready(gzip.poll_frame(cx))).await;
