@@ -869,8 +869,61 @@ const POLL_COUNT_BITS: u32 = 40;
 const POLL_COUNT: u64 = (1 << POLL_COUNT_BITS) - 1;
 
 /// The connection poll under way on this thread, 0 outside one.
-pub(super) fn connection_poll() -> u64 {
+fn connection_poll() -> u64 {
     POLLING.get()
+}
+
+/// A turn of the task let to others (see [`Gathered`]): the task wakes
+/// itself and returns Pending, and knows on a later poll whether a turn
+/// has passed. hyper's HTTP/1 server polls a body again within the same
+/// turn when it has flushed, which is not a turn: [`in_connection_poll`]
+/// tells the two apart. Outside a connection poll (HTTP/2's bodies are
+/// polled from a task of h2's), the next poll is the next turn.
+#[derive(Debug, Default)]
+pub(super) struct Turn(Option<u64>);
+
+impl Turn {
+    /// Begins a wait: wakes the task and notes in which connection poll.
+    pub(super) fn start<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        self.mark();
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Begins a wait from this poll, which returns something: the task
+    /// is polled again without a wake of its own.
+    pub(super) fn mark(&mut self) {
+        self.0 = Some(connection_poll());
+    }
+
+    /// Ready once a turn has passed since the wait began (and the wait is
+    /// over); begins one if none is under way. Polled again within the
+    /// poll that began it, the task is woken again all the same: should a
+    /// poll ever be taken for the one that began it, that costs a turn,
+    /// not a hang.
+    pub(super) fn wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0 {
+            Some(at) if at != 0 && at == connection_poll() => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Some(_) => {
+                self.0 = None;
+                Poll::Ready(())
+            }
+            None => self.start(cx),
+        }
+    }
+
+    /// Whether a wait is under way.
+    pub(super) fn is_waiting(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Ends a wait: something came.
+    pub(super) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// A request's body as it goes to a backend: small chunks the client has
@@ -958,9 +1011,8 @@ struct Gathering<E> {
     /// What ended a batch (a larger frame, trailers, an error, the end),
     /// to hand on after it.
     held: Option<Option<Result<Frame<Bytes>, E>>>,
-    /// Found the inner body empty and yielded since the last frame, within
-    /// this [`connection_poll`].
-    yielded: Option<u64>,
+    /// Found the inner body empty and yielded since the last frame.
+    yielded: Turn,
 }
 
 impl<E> Gathering<E> {
@@ -1001,7 +1053,7 @@ impl<E> Gathering<E> {
     /// another (one kept in a cache copy, or read ahead for a slow client,
     /// where only its length is charged, keeps nothing else alive).
     fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, E>>> {
-        self.yielded = None;
+        self.yielded.clear();
         let first = self.first.take().unwrap_or_default();
         let data = if self.batch.is_empty() {
             first
@@ -1009,14 +1061,6 @@ impl<E> Gathering<E> {
             std::mem::take(&mut self.batch).freeze()
         };
         Poll::Ready(Some(Ok(Frame::data(data))))
-    }
-
-    /// Lets the task's next turn come first: wakes it, and notes in which
-    /// connection poll.
-    fn yield_turn<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
-        self.yielded = Some(connection_poll());
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     /// `next` ends the batch: it goes on after it.
@@ -1058,9 +1102,9 @@ where
             match state.held.take() {
                 // hyper drops what it has buffered when a body fails: the
                 // data before the error goes out first, in the meantime.
-                Some(Some(Err(e))) if state.yielded.is_none() => {
+                Some(Some(Err(e))) if !state.yielded.is_waiting() => {
                     state.held = Some(Some(Err(e)));
-                    return state.yield_turn(cx);
+                    return state.yielded.start(cx);
                 }
                 Some(held) => return Poll::Ready(held),
                 None => {}
@@ -1079,7 +1123,7 @@ where
                                     first: None,
                                     batch: bytes::BytesMut::new(),
                                     held: None,
-                                    yielded: None,
+                                    yielded: Turn::default(),
                                 })),
                             };
                             // The first: nothing to send yet.
@@ -1095,7 +1139,7 @@ where
             match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.len() < SMALL_FRAME => {
-                        state.yielded = None;
+                        state.yielded.clear();
                         if let Poll::Ready(full) = state.add(data) {
                             return Poll::Ready(full);
                         }
@@ -1107,20 +1151,10 @@ where
                     Err(frame) => return state.take_before(Some(Ok(frame))),
                 },
                 Poll::Ready(other) => return state.take_before(other),
-                // Polled again within the poll that yielded (hyper's HTTP/1
-                // loop does that): the task has not let others run yet.
-                // Woken again all the same: should a poll ever be taken for
-                // the one that yielded, that costs a turn, not a hang.
-                Poll::Pending
-                    if state
-                        .yielded
-                        .is_some_and(|at| at != 0 && at == connection_poll()) =>
-                {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Pending if state.yielded.is_some() => return state.take(),
-                Poll::Pending => return state.yield_turn(cx),
+                Poll::Pending => match state.yielded.wait(cx) {
+                    Poll::Ready(()) => return state.take(),
+                    Poll::Pending => return Poll::Pending,
+                },
             }
         }
     }

@@ -22,7 +22,7 @@ use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 
-use super::body::{BodyError, ProxyBody};
+use super::body::{BodyError, ProxyBody, Turn};
 use super::headers::list_members;
 use crate::cache::policy::no_transform;
 use crate::config::Compression as Config;
@@ -373,9 +373,9 @@ pub struct Gzip {
     trailers: Option<HeaderMap>,
     /// Input taken since the last flush.
     unflushed: bool,
-    /// Found the body with nothing ready and yielded, in this connection
-    /// poll (see `body::connection_poll`).
-    yielded: Option<u64>,
+    /// Found the body with nothing ready and yielded (or sent what came
+    /// before its error), waiting for a turn to pass.
+    yielded: Turn,
     /// Where zlib writes, handed on whole as a frame.
     out: Vec<u8>,
     /// The inner body's error, held a turn after what came before it.
@@ -459,7 +459,7 @@ impl Gzip {
             held: Vec::new(),
             trailers: None,
             unflushed: false,
-            yielded: None,
+            yielded: Turn::default(),
             out: Vec::new(),
             failed: None,
             bytes_in: 0,
@@ -522,19 +522,13 @@ impl Gzip {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(error) = self.failed.take() {
+        if self.failed.is_some() {
             // What came before the error went out on the last poll; the
             // error follows once hyper has written it, a turn later
             // (hyper drops what it holds unwritten when a body fails).
-            let now = super::body::connection_poll();
-            if self.yielded.is_some_and(|at| at == 0 || at != now) {
-                self.end();
-                return Poll::Ready(Some(Err(error)));
-            }
-            self.yielded = Some(now);
-            self.failed = Some(error);
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+            std::task::ready!(self.yielded.wait(cx));
+            self.end();
+            return Poll::Ready(self.failed.take().map(Err));
         }
         if self.done {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
@@ -546,7 +540,7 @@ impl Gzip {
         loop {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
             if polled.is_ready() {
-                self.yielded = None;
+                self.yielded.clear();
             }
             let (data, flush) = match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -566,8 +560,8 @@ impl Gzip {
                     if self.unflushed && self.step(&[], FlushCompress::Sync).is_ok() {
                         if let Some(out) = self.take_out() {
                             self.unflushed = false;
-                            self.yielded = Some(super::body::connection_poll());
                             self.failed = Some(error);
+                            self.yielded.mark();
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                     }
@@ -579,25 +573,11 @@ impl Gzip {
                 Poll::Pending if !self.unflushed || self.inner.is_gathering() => {
                     return Poll::Pending
                 }
-                // Polled again within the poll that yielded (hyper's HTTP/1
-                // loop does that): no turn has passed yet.
-                Poll::Pending
-                    if self
-                        .yielded
-                        .is_some_and(|at| at != 0 && at == super::body::connection_poll()) =>
-                {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Pending if self.yielded.is_none() => {
-                    self.yielded = Some(super::body::connection_poll());
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Pending => {
-                    self.yielded = None;
-                    (Bytes::new(), FlushCompress::Sync)
-                }
+                // Flushed once a turn has passed with nothing more.
+                Poll::Pending => match self.yielded.wait(cx) {
+                    Poll::Ready(()) => (Bytes::new(), FlushCompress::Sync),
+                    Poll::Pending => return Poll::Pending,
+                },
             };
             let hold = self.encoder.is_none()
                 && flush == FlushCompress::None
