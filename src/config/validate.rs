@@ -362,18 +362,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 );
             }
         }
-        let cache_on = match &raw.cache {
-            Some(flag) if *flag.get_ref() && cache.is_none() => {
-                r.at(
-                    flag.span(),
-                    format!("{key}.cache"),
-                    "cache = true needs a [cache] section",
-                );
-                false
-            }
-            Some(flag) => *flag.get_ref(),
-            None => cache.is_some(),
-        };
+        let cache_on = route_switch(r, &key, "cache", raw.cache.as_ref(), cache.is_some());
         let limit_on = match &raw.rate_limit {
             Some(flag) if flag.get_ref().on && rate_limit.is_none() => {
                 r.at(
@@ -386,18 +375,13 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
             Some(flag) => flag.get_ref().on,
             None => rate_limit.is_some(),
         };
-        let compress = match &raw.compression {
-            Some(flag) if *flag.get_ref() && compression.is_none() => {
-                r.at(
-                    flag.span(),
-                    format!("{key}.compression"),
-                    "compression = true needs a [compression] section",
-                );
-                false
-            }
-            Some(flag) => *flag.get_ref(),
-            None => compression.is_some(),
-        };
+        let compress = route_switch(
+            r,
+            &key,
+            "compression",
+            raw.compression.as_ref(),
+            compression.is_some(),
+        );
         // A rate of its own; a key left out is the section's.
         let rate = raw
             .rate_limit
@@ -490,6 +474,24 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         cache,
         rate_limit,
         compression,
+    }
+}
+
+/// A route's switch for a section (`cache = true` for `[cache]`): its
+/// own value if written, else whether the section is; `true` without the
+/// section is refused at its line.
+fn route_switch(r: R, key: &str, name: &str, flag: Option<&Spanned<bool>>, section: bool) -> bool {
+    match flag {
+        Some(flag) if *flag.get_ref() && !section => {
+            r.at(
+                flag.span(),
+                format!("{key}.{name}"),
+                format!("{name} = true needs a [{name}] section"),
+            );
+            false
+        }
+        Some(flag) => *flag.get_ref(),
+        None => section,
     }
 }
 
