@@ -130,15 +130,15 @@ fn cache_hit(c: &mut Criterion) {
         stored.insert("content-type", HeaderValue::from_static("application/json"));
         stored.insert("etag", HeaderValue::from_static("\"u1-v1\""));
         let now = SystemTime::now();
-        let entry = Entry {
-            status: StatusCode::OK,
-            reason: None,
-            cc: policy::parse(&stored),
-            timing: Timing::new(&stored, now, now),
-            headers: stored,
-            body: Bytes::from(vec![b'x'; 1024]),
-            lifetime: Duration::from_secs(600),
-        };
+        let entry = Entry::new(
+            StatusCode::OK,
+            None,
+            stored.clone(),
+            Bytes::from(vec![b'x'; 1024]),
+            Timing::new(&stored, now, now),
+            Duration::from_secs(600),
+            policy::parse(&stored),
+        );
         let primary = key::primary("http", "api.example.com", "/users/1/orders");
         let fill = cache.begin_fill(primary);
         cache.insert(&fill, &request_headers(), entry).await;

@@ -299,6 +299,12 @@ impl Metrics {
                     "Bytes of response bodies given to the gzip encoder (direction in) and sent from it (out): their ratio is what compression saves",
                     &["direction"],
                 );
+                let copies = counter_vec(
+                    &registry,
+                    "portico_compression_copies_total",
+                    "gzip copies of stored responses the cache kept, compressed once by a hit (event stored), and responses sent from them with no compression (served)",
+                    &["event"],
+                );
                 crate::proxy::compress::Counters {
                     responses: counter(
                         &registry,
@@ -307,6 +313,8 @@ impl Metrics {
                     ),
                     bytes_in: bytes.with_label_values(&["in"]),
                     bytes_out: bytes.with_label_values(&["out"]),
+                    copies_stored: copies.with_label_values(&["stored"]),
+                    copies_served: copies.with_label_values(&["served"]),
                 }
             },
             ratelimit_rejected: counter_vec(

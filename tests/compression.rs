@@ -433,6 +433,133 @@ async fn a_stored_response_is_compressed_as_it_is_sent() {
     assert_eq!(revalidated.header("etag"), "\"v1\"");
 }
 
+/// Polls until the cache has stored `n` gzip copies; panics after [`STEP`].
+async fn copies_stored(proxy: &RunningProxy, n: u64) {
+    let counters = &proxy.shared.metrics.compression;
+    let waited = tokio::time::timeout(STEP, async {
+        while counters.copies_stored.get() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no gzip copy stored");
+}
+
+#[tokio::test]
+async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
+    let backend = recording_backend(answer).await;
+    let proxy = start_proxy(compressing(backend.addr, true)).await;
+    let client = client();
+    let url = proxy.url("/page");
+    let counters = &proxy.shared.metrics.compression;
+
+    fetch(&client, &url, Some("gzip")).await;
+    // The first gzip hit compresses the entry, and the cache keeps it.
+    let first = fetch(&client, &url, Some("gzip")).await;
+    assert!(first.headers.get("content-length").is_none());
+    copies_stored(&proxy, 1).await;
+    let compressed = counters.bytes_in.get();
+
+    let hit = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert_eq!(hit.header("content-encoding"), "gzip");
+    assert_eq!(hit.header("etag"), "W/\"v1\"");
+    assert_eq!(hit.header("vary"), "Accept-Encoding");
+    assert!(hit.headers.get("accept-ranges").is_none());
+    assert_eq!(hit.header("content-length"), hit.body.len().to_string());
+    assert_eq!(hit.body, first.body, "the copy is the first hit's stream");
+    assert_eq!(gunzip(&hit.body), page_text());
+    let head = send(
+        &client,
+        Request::head(&url)
+            .header("accept-encoding", "gzip")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.header("content-length"), hit.header("content-length"));
+    assert_eq!(head.header("content-encoding"), "gzip");
+    assert!(head.body.is_empty());
+    assert_eq!(counters.copies_served.get(), 2);
+    assert_eq!(
+        counters.bytes_in.get(),
+        compressed,
+        "nothing compressed again"
+    );
+
+    // Others are answered from the entry, as before.
+    let plain = fetch(&client, &url, None).await;
+    assert_eq!(plain.body, page_text());
+    assert!(plain.headers.get("content-encoding").is_none());
+    let range = fetch_with(
+        &client,
+        &url,
+        &[("accept-encoding", "gzip"), ("range", "bytes=0-9")],
+    )
+    .await;
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(range.body, page_text()[..10]);
+    revalidates_the_gzip_copy(&client, &url).await;
+    assert_eq!(counters.copies_served.get(), 2);
+    assert_eq!(backend.heads_for("/page").len(), 1);
+}
+
+/// A backend answering `/page` with a text body that says which of its
+/// answers it is, stored for a minute.
+async fn counting_backend() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    serve_each(move |mut stream| {
+        let answered = answered.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let body = format!("answer {n}\n").repeat(300);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_copy_is_never_sent_for_the_entry_that_replaced_its_own() {
+    let backend = counting_backend().await;
+    let proxy = start_proxy(compressing(backend, true)).await;
+    let client = client();
+    let url = proxy.url("/page");
+    fetch(&client, &url, Some("gzip")).await;
+    fetch(&client, &url, Some("gzip")).await;
+    copies_stored(&proxy, 1).await;
+    let copy = fetch(&client, &url, Some("gzip")).await;
+    assert!(String::from_utf8(gunzip(&copy.body))
+        .unwrap()
+        .starts_with("answer 1\n"));
+
+    // Fetched again, the entry is replaced by the backend's second answer.
+    let fresh = fetch_with(&client, &url, &[("cache-control", "no-cache")]).await;
+    assert!(String::from_utf8(fresh.body.to_vec())
+        .unwrap()
+        .starts_with("answer 2\n"));
+    let hit = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert!(String::from_utf8(gunzip(&hit.body))
+        .unwrap()
+        .starts_with("answer 2\n"));
+    // And the new entry gets a copy of its own.
+    copies_stored(&proxy, 2).await;
+    let copy = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(copy.header("content-length"), copy.body.len().to_string());
+    assert!(String::from_utf8(gunzip(&copy.body))
+        .unwrap()
+        .starts_with("answer 2\n"));
+}
+
 #[tokio::test]
 async fn http2_clients_get_it_too() {
     let backend = scripted_backend(answer).await;

@@ -14,8 +14,8 @@ mod policy_tests;
 pub mod range;
 pub mod targeted;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -66,6 +66,17 @@ pub fn replaces(status: http::StatusCode) -> bool {
     }
 }
 
+/// The key of the gzip copy at `level` of the entry stored under `full`:
+/// a line no request's key has (a field name starts each line but the
+/// first), under the same URL, so that a purge of the URL drops it too.
+fn copy_key(full: &str, level: u32) -> String {
+    let mut key = String::with_capacity(full.len() + 8);
+    key.push_str(full);
+    key.push_str("\n\0gzip");
+    key.push(char::from(b'0' + (level % 10) as u8));
+    key
+}
+
 /// Why [`Cache::insert_shared`] stored nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotKept {
@@ -95,6 +106,13 @@ pub struct Entry {
     pub timing: Timing,
     pub lifetime: Duration,
     pub cc: CacheControl,
+    /// Set on a gzip copy ([`Cache::insert_copy`]): the entry it is a copy
+    /// of. The weak reference keeps that entry's allocation, so no later
+    /// entry takes its address while the copy may be found.
+    copy_of: Option<Weak<Entry>>,
+    /// A hit is compressing this entry to keep a gzip copy of it: the
+    /// others at the same time compress it for their client alone.
+    copying: AtomicBool,
 }
 
 impl Entry {
@@ -130,7 +148,20 @@ impl Entry {
             timing,
             lifetime,
             cc,
+            copy_of: None,
+            copying: AtomicBool::new(false),
         }
+    }
+
+    /// Takes the making of this entry's gzip copy, unless a hit has it.
+    pub fn claim_copy(&self) -> bool {
+        !self.copying.swap(true, Ordering::AcqRel)
+    }
+
+    /// Lets another hit make the gzip copy (this one's is stored, or was
+    /// not made).
+    pub fn release_copy(&self) {
+        self.copying.store(false, Ordering::Release);
     }
 
     /// The memory the entry holds, as near as can be told: what
@@ -163,7 +194,12 @@ impl Entry {
     }
 
     fn keep_for(&self) -> Duration {
-        keep_for(&self.timing, self.lifetime, &self.cc, &self.headers)
+        match &self.copy_of {
+            // A copy is kept as long as what it is a copy of (nothing,
+            // once that is gone).
+            Some(of) => of.upgrade().map_or(Duration::ZERO, |of| of.keep_for()),
+            None => keep_for(&self.timing, self.lifetime, &self.cc, &self.headers),
+        }
     }
 
     pub fn etag(&self) -> Option<&http::HeaderValue> {
@@ -323,6 +359,9 @@ pub struct Cache {
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
     index: Arc<DashMap<Arc<str>, Variants>>,
+    /// gzip copies in the store ([`Cache::insert_copy`]), which are not
+    /// counted as stored responses.
+    copies: Arc<AtomicU64>,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
     /// could leave the index naming the entry the store had replaced, and
@@ -408,6 +447,7 @@ impl Drop for Undo<'_> {
 impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
         let index: Arc<DashMap<Arc<str>, Variants>> = Arc::default();
+        let copies: Arc<AtomicU64> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
             // Least recently used out first, as nginx and Varnish evict:
@@ -422,7 +462,14 @@ impl Cache {
             .eviction_listener({
                 let index = index.clone();
                 let evicted = metrics.cache_evictions.clone();
+                let copies = copies.clone();
                 move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
+                    // A gzip copy is in no index, and is no response of
+                    // its own to count.
+                    if entry.copy_of.is_some() {
+                        copies.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
                     if cause == RemovalCause::Size {
                         evicted.inc();
                     }
@@ -443,6 +490,7 @@ impl Cache {
             config,
             store,
             index,
+            copies,
             inserting: (0..INSERT_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -622,6 +670,54 @@ impl Cache {
 
     pub async fn get(&self, full_key: &str) -> Option<Arc<Entry>> {
         self.store.get(full_key).await
+    }
+
+    /// The gzip copy of `entry` (stored under `full`) compressed at
+    /// `level`, if one is kept: a copy of an entry since replaced or
+    /// dropped is not of this one.
+    pub async fn copy_for(&self, full: &str, level: u32, entry: &Arc<Entry>) -> Option<Bytes> {
+        let copy = self.store.get(&*copy_key(full, level)).await?;
+        let of = copy.copy_of.as_ref()?;
+        std::ptr::eq(of.as_ptr(), Arc::as_ptr(entry)).then(|| copy.body.clone())
+    }
+
+    /// Keeps `body`, `entry`'s body compressed at `level`, beside it: the
+    /// next hits that take gzip are sent it as they are sent `entry`,
+    /// with no compression. Weighed as any entry against `max_size`, and
+    /// kept as long as `entry` is; a copy is found only through the entry
+    /// it was made of, so one whose entry was replaced or dropped is never
+    /// sent, and goes least recently used first, or when it would have
+    /// expired.
+    pub async fn insert_copy(&self, full: &str, level: u32, entry: &Arc<Entry>, body: Bytes) {
+        let key: Arc<str> = copy_key(full, level).into();
+        let copy = Entry {
+            status: entry.status,
+            reason: None,
+            headers: HeaderMap::new(),
+            body,
+            timing: entry.timing,
+            lifetime: entry.lifetime,
+            cc: CacheControl::default(),
+            copy_of: Some(Arc::downgrade(entry)),
+            copying: AtomicBool::new(false),
+        };
+        if copy.too_heavy(&key, self.config.max_size) {
+            return;
+        }
+        let weight = u64::from(copy.weight(&key));
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.store.insert(key.clone(), Arc::new(copy)).await;
+        // Replaced or dropped while it was compressed: a copy of it would
+        // only take room.
+        let current = self.store.get(full).await;
+        if !current.is_some_and(|current| Arc::ptr_eq(&current, entry)) {
+            self.store.invalidate(&key).await;
+        }
+        let unsettled = self.unsettled.fetch_add(weight, Ordering::Relaxed) + weight;
+        if unsettled >= (self.config.max_size / 32).max(1) {
+            self.unsettled.store(0, Ordering::Relaxed);
+            self.let_go().await;
+        }
     }
 
     /// A fetch for `primary` whose answer may be stored: taken before the
@@ -804,7 +900,11 @@ impl Cache {
             let (host, path) = key::host_and_path_of(k);
             matches(host, path)
         };
-        let found = self.store.iter().filter(|(k, _)| matching(k)).count() as u64;
+        let found = self
+            .store
+            .iter()
+            .filter(|(k, entry)| entry.copy_of.is_none() && matching(k))
+            .count() as u64;
         let _ = self.store.invalidate_entries_if(move |k, _| matching(k));
         found
     }
@@ -838,7 +938,9 @@ impl Cache {
     /// refreshes the size gauges.
     pub async fn stats(&self) -> (u64, u64) {
         self.store.run_pending_tasks().await;
-        let (entries, bytes) = (self.store.entry_count(), self.store.weighted_size());
+        let copies = self.copies.load(Ordering::Relaxed);
+        let entries = self.store.entry_count().saturating_sub(copies);
+        let bytes = self.store.weighted_size();
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_size_bytes.set(bytes as i64);
         let bound = i64::try_from(self.config.max_size).unwrap_or(i64::MAX);
@@ -874,6 +976,8 @@ mod tests {
             timing: Timing::new(&HeaderMap::new(), now, now),
             lifetime: Duration::from_secs(60),
             cc: CacheControl::default(),
+            copy_of: None,
+            copying: AtomicBool::new(false),
         }
     }
 
@@ -894,6 +998,42 @@ mod tests {
         for key in &keys {
             assert!(cache.get(key).await.is_none(), "{key} survived");
         }
+    }
+
+    #[tokio::test]
+    async fn a_gzip_copy_is_found_through_its_entry_alone_and_weighed_apart() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        store(&cache, &request, entry("accept")).await;
+        let key = cache.key_for(PRIMARY, &request).unwrap();
+        let stored = cache.get(&key).await.unwrap();
+        let (_, alone) = cache.stats().await;
+        let copy = Bytes::from(vec![7u8; 500]);
+        cache.insert_copy(&key, 2, &stored, copy.clone()).await;
+        assert_eq!(cache.copy_for(&key, 2, &stored).await, Some(copy));
+        // Another level's copy is another.
+        assert_eq!(cache.copy_for(&key, 6, &stored).await, None);
+        // One stored response, weighing its copy too.
+        let (entries, bytes) = cache.stats().await;
+        assert_eq!(entries, 1);
+        assert!(bytes >= alone + 500, "{bytes} against {alone}");
+        assert_eq!(cache.purge_paths(|_, _| true), 1);
+        cache.stats().await;
+
+        // Stored again, the entry is another: the copy is not of it.
+        store(&cache, &request, entry("accept")).await;
+        let replaced = cache.get(&key).await.unwrap();
+        assert_eq!(cache.copy_for(&key, 2, &replaced).await, None);
+        // A copy made of an entry replaced while it was compressed is not
+        // kept.
+        cache
+            .insert_copy(&key, 2, &stored, Bytes::from_static(b"old"))
+            .await;
+        assert_eq!(cache.copy_for(&key, 2, &stored).await, None);
+        assert_eq!(cache.stats().await.0, 1);
+        assert!(stored.claim_copy() && !stored.claim_copy());
+        stored.release_copy();
+        assert!(stored.claim_copy());
     }
 
     /// Whether `part` lies within `whole`'s bytes.

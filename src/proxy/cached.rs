@@ -406,8 +406,18 @@ pub(super) enum Lookup {
     /// Answered from the store: a hit, a stale-while-revalidate hit, or
     /// only-if-cached's 504.
     Answered(Response<ProxyBody>),
+    /// A hit, with the entry it was made of, when asked for (see
+    /// [`lookup`]).
+    Hit(Response<ProxyBody>, Stored),
     /// The backend is needed: [`serve`] goes on from here.
     Forward(Looked),
+}
+
+/// The entry a hit was made of, and its key: what a gzip copy is kept
+/// beside (`compress::Compressor::apply_stored`).
+pub(super) struct Stored {
+    pub key: String,
+    pub entry: Arc<Entry>,
 }
 
 /// What [`lookup`] learnt, for [`serve`].
@@ -422,14 +432,15 @@ pub(super) struct Looked {
 
 /// Looks a GET or HEAD up in the cache. Apart from [`serve`], so that a
 /// hit is answered by a small future: `serve`'s is kilobytes, boxed, and
-/// made only when the backend is needed.
+/// made only when the backend is needed. A hit comes with its entry
+/// ([`Lookup::Hit`]) when `with_entry`.
 pub(super) async fn lookup(
     cache: &Arc<Cache>,
     upstream: &Arc<Upstream>,
     parts: &Parts,
-    scheme: &str,
-    host: &str,
+    (scheme, host): (&str, &str),
     hop: impl FnOnce() -> Hop,
+    with_entry: bool,
 ) -> Lookup {
     let request_cc = policy::parse_request(&parts.headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -439,18 +450,29 @@ pub(super) async fn lookup(
     let mut miss = "miss";
     let mut stale = None;
     if !request_cc.no_store {
-        let found = match cache.key_for(&primary, &parts.headers) {
+        let full = cache.key_for(&primary, &parts.headers);
+        let found = match &full {
             Some(full) => {
-                let found = cache.get(&full).await;
+                let found = cache.get(full).await;
                 if found.is_none()
                     && full.len() > primary.len()
-                    && !cache.lists_variant(&primary, &full)
+                    && !cache.lists_variant(&primary, full)
                 {
                     miss = "vary-miss";
                 }
                 found
             }
             None => None,
+        };
+        let answer = |response, entry: &Arc<Entry>| match full {
+            Some(key) if with_entry => Lookup::Hit(
+                response,
+                Stored {
+                    key,
+                    entry: entry.clone(),
+                },
+            ),
+            _ => Lookup::Answered(response),
         };
         match found {
             None if request_cc.only_if_cached => {
@@ -462,7 +484,7 @@ pub(super) async fn lookup(
                 match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
                     Usable::Fresh => {
                         cache.counters.hit.inc();
-                        return Lookup::Answered(from_entry(&entry, age, parts, HIT));
+                        return answer(from_entry(&entry, age, parts, HIT), &entry);
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
@@ -475,12 +497,13 @@ pub(super) async fn lookup(
                             head,
                             entry.clone(),
                         ));
-                        return Lookup::Answered(from_entry(
+                        let response = from_entry(
                             &entry,
                             age,
                             parts,
                             "portico; hit; detail=stale-while-revalidate",
-                        ));
+                        );
+                        return answer(response, &entry);
                     }
                     // RFC 9111 §5.2.1.7: a stored response that needs the
                     // backend is not one only-if-cached may have.

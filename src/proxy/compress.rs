@@ -12,7 +12,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -23,8 +23,10 @@ use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 
 use super::body::{BodyError, ProxyBody, Turn};
+use super::cached::Stored;
 use super::headers::list_members;
 use crate::cache::policy::no_transform;
+use crate::cache::{Cache, Entry};
 use crate::config::Compression as Config;
 
 /// Encoders kept for the next responses once theirs are done. An
@@ -121,6 +123,53 @@ pub struct Counters {
     /// Bytes given to the encoder, and bytes it gave back.
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
+    /// gzip copies of stored responses kept by the cache, and responses
+    /// sent from them.
+    pub copies_stored: IntCounter,
+    pub copies_served: IntCounter,
+}
+
+/// Where a hit's compressed body goes once whole: the cache, as the gzip
+/// copy of the entry the hit was made of ([`Compressor::apply_stored`]).
+#[derive(Debug)]
+pub struct Keep {
+    cache: Arc<Cache>,
+    key: String,
+    entry: Arc<Entry>,
+    level: u32,
+    /// The pieces sent so far.
+    pieces: Vec<Bytes>,
+    stored: IntCounter,
+}
+
+impl Keep {
+    /// Stores the pieces and `last`, the whole gzip stream, in a task of
+    /// its own (a body's poll cannot wait on the store).
+    fn store(mut self: Box<Self>, last: &[u8]) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let length = self.pieces.iter().map(Bytes::len).sum::<usize>() + last.len();
+        let mut whole = Vec::with_capacity(length);
+        for piece in std::mem::take(&mut self.pieces) {
+            whole.extend_from_slice(&piece);
+        }
+        whole.extend_from_slice(last);
+        runtime.spawn(async move {
+            let (cache, entry) = (&self.cache, &self.entry);
+            cache
+                .insert_copy(&self.key, self.level, entry, Bytes::from(whole))
+                .await;
+            self.stored.inc();
+        });
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        // Stored, or the body was cut short: the next hit may make one.
+        self.entry.release_copy();
+    }
 }
 
 /// What to do with a response on a compressing route.
@@ -156,6 +205,17 @@ impl Compressor {
         asked: Asked,
         response: http::Response<ProxyBody>,
     ) -> http::Response<ProxyBody> {
+        self.apply_keeping(asked, response, None)
+    }
+
+    /// [`Compressor::apply`], the compressed body given to `keep` once
+    /// whole.
+    fn apply_keeping(
+        &self,
+        asked: Asked,
+        response: http::Response<ProxyBody>,
+        keep: Option<Box<Keep>>,
+    ) -> http::Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if parts.status == StatusCode::NOT_MODIFIED {
             // A 304 to a client revalidating the gzip copy it was sent
@@ -178,7 +238,74 @@ impl Compressor {
         if decision == Decision::Vary {
             return http::Response::from_parts(parts, body);
         }
-        let headers = &mut parts.headers;
+        self.compressed_head(&mut parts.headers);
+        let body = if asked.head {
+            body
+        } else {
+            let gzip = Gzip::new(body, self.config.level, self.counters.clone()).keeping(keep);
+            ProxyBody::Gzip(Box::new(gzip))
+        };
+        http::Response::from_parts(parts, body)
+    }
+
+    /// [`Compressor::apply`] for a hit from the cache, made of `stored`:
+    /// for a client that takes gzip, the copy the cache keeps of the
+    /// entry compressed is sent, with its length, if there is one; else
+    /// the entry is compressed as it is sent, and kept once whole (by one
+    /// hit at a time), so that the next hits are not. nginx compresses
+    /// every hit of its `proxy_cache`; Varnish stores the gzip form.
+    pub(super) async fn apply_stored(
+        &self,
+        asked: Asked,
+        response: http::Response<ProxyBody>,
+        cache: &Arc<Cache>,
+        stored: Stored,
+    ) -> http::Response<ProxyBody> {
+        // The entry's own response, not a 304, 206 or 412 made of it.
+        let whole = asked.gzip && response.status() == stored.entry.status;
+        let compress = whole
+            && self.decide(
+                &asked,
+                response.status(),
+                response.headers(),
+                response.body().size_hint(),
+            ) == Decision::Compress;
+        if !compress {
+            return self.apply(asked, response);
+        }
+        let level = self.config.level;
+        let Stored { key, entry } = stored;
+        if let Some(copy) = cache.copy_for(&key, level, &entry).await {
+            let (mut parts, _) = response.into_parts();
+            add_vary(&mut parts.headers);
+            self.compressed_head(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+            self.counters.copies_served.inc();
+            let body = if asked.head {
+                ProxyBody::empty()
+            } else {
+                ProxyBody::full(copy)
+            };
+            return http::Response::from_parts(parts, body);
+        }
+        let keep = (!asked.head && entry.claim_copy()).then(|| {
+            Box::new(Keep {
+                cache: cache.clone(),
+                key,
+                entry,
+                level,
+                pieces: Vec::new(),
+                stored: self.counters.copies_stored.clone(),
+            })
+        });
+        self.apply_keeping(asked, response, keep)
+    }
+
+    /// What a compressed response's head says: `Content-Encoding`, no
+    /// length, no ranges, a weak tag.
+    fn compressed_head(&self, headers: &mut HeaderMap) {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         headers.remove(header::CONTENT_LENGTH);
         // A range of the compressed body cannot be served, and a range of
@@ -186,16 +313,6 @@ impl Compressor {
         headers.remove(header::ACCEPT_RANGES);
         weaken_etag(headers);
         self.counters.responses.inc();
-        let body = if asked.head {
-            body
-        } else {
-            ProxyBody::Gzip(Box::new(Gzip::new(
-                body,
-                self.config.level,
-                self.counters.clone(),
-            )))
-        };
-        http::Response::from_parts(parts, body)
     }
 
     /// Whether a response with this status and head (and a body of this
@@ -385,6 +502,8 @@ pub struct Gzip {
     bytes_in: u64,
     bytes_out: u64,
     counters: Counters,
+    /// Where the whole stream goes too, if anywhere.
+    keep: Option<Box<Keep>>,
 }
 
 /// An encoder, given back to [`SPARES`] when dropped at the end of its
@@ -465,7 +584,14 @@ impl Gzip {
             bytes_in: 0,
             bytes_out: 0,
             counters,
+            keep: None,
         }
+    }
+
+    /// The stream given to `keep` too, once whole.
+    fn keeping(mut self, keep: Option<Box<Keep>>) -> Self {
+        self.keep = keep;
+        self
     }
 
     /// Feeds `input` to zlib with `flush`, adding what it gives to `out`.
@@ -592,7 +718,12 @@ impl Gzip {
             self.bytes_in += data.len() as u64;
             taken += data.len();
             match flush {
-                FlushCompress::Finish => self.end(),
+                FlushCompress::Finish => {
+                    self.end();
+                    if let Some(keep) = self.keep.take() {
+                        keep.store(&self.out);
+                    }
+                }
                 FlushCompress::Sync => self.unflushed = false,
                 _ => self.unflushed = true,
             }
@@ -618,11 +749,15 @@ impl Gzip {
             return None;
         }
         self.bytes_out += self.out.len() as u64;
+        let out = Bytes::from(std::mem::take(&mut self.out));
+        if let Some(keep) = &mut self.keep {
+            keep.pieces.push(out.clone());
+        }
         // A long stream shows in the metrics as it goes, a MiB at a time.
         if self.bytes_in >= COUNT_EVERY {
             self.count();
         }
-        Some(Bytes::from(std::mem::take(&mut self.out)))
+        Some(out)
     }
 
     /// Adds the bytes taken and given since the last count to the metrics.
@@ -665,6 +800,8 @@ mod tests {
             responses: counter(),
             bytes_in: counter(),
             bytes_out: counter(),
+            copies_stored: counter(),
+            copies_served: counter(),
         }
     }
 

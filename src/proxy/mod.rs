@@ -866,18 +866,28 @@ impl Proxy {
             }
 
             if let Some(cache) = answering {
-                let lookup = cached::lookup(cache, upstream, &parts, proto, host_name, hop);
-                let mut response = match lookup.await {
-                    cached::Lookup::Answered(response) => response,
+                let at = (proto, host_name);
+                let with_entry = compressing.is_some();
+                let lookup = cached::lookup(cache, upstream, &parts, at, hop, with_entry);
+                let (mut response, stored) = match lookup.await {
+                    cached::Lookup::Answered(response) => (response, None),
+                    cached::Lookup::Hit(response, stored) => (response, Some(stored)),
                     // Boxed: a hit never makes this kilobytes-large future.
                     cached::Lookup::Forward(looked) => {
                         headers::add_hop(&mut parts.headers, hop());
-                        Box::pin(cached::serve(cache, upstream, parts, body, looked, trace)).await?
+                        let serve = cached::serve(cache, upstream, parts, body, looked, trace);
+                        (Box::pin(serve).await?, None)
                     }
                 };
                 error::quota_headers(response.headers_mut(), quota);
                 if let Some((compressor, asked)) = compressing {
-                    response = compressor.apply(asked, response);
+                    response = match stored {
+                        // Boxed: only gzip hits make it.
+                        Some(stored) => {
+                            Box::pin(compressor.apply_stored(asked, response, cache, stored)).await
+                        }
+                        None => compressor.apply(asked, response),
+                    };
                 }
                 return Ok(response);
             }
