@@ -504,6 +504,66 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
     assert_eq!(backend.heads_for("/page").len(), 1);
 }
 
+/// A stored body of 1 MiB that compresses to more than one 64 KiB piece.
+fn large_text() -> String {
+    (0..60_000u64)
+        .map(|n| format!("line {n} {}\n", n * 7919 % 100_003))
+        .collect::<String>()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_hits_keep_one_copy_and_a_head_makes_none() {
+    let body = large_text();
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+    let backend = serve_each(move |mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        while read_head(&mut stream).await.is_some() {
+            let _ = stream.write_all(answer).await;
+        }
+    })
+    .await;
+    let proxy = start_proxy(compressing(backend, true)).await;
+    let client = client();
+    let url = proxy.url("/large");
+    fetch(&client, &url, None).await;
+    // A HEAD compresses nothing, so keeps nothing.
+    let head = send(
+        &client,
+        Request::head(&url)
+            .header("accept-encoding", "gzip")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.header("content-encoding"), "gzip");
+    let counters = &proxy.shared.metrics.compression;
+    let hits: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { fetch(&client, &url, Some("gzip")).await })
+        })
+        .collect();
+    // However they interleave, those that came before the copy was kept
+    // compressed the entry, and the others were sent the copy.
+    let mut compressed = 0;
+    for hit in hits {
+        let hit = hit.await.unwrap();
+        assert_eq!(gunzip(&hit.body), body.as_bytes());
+        compressed += u64::from(hit.headers.get("content-length").is_none());
+    }
+    copies_stored(&proxy, 1).await;
+    let copy = fetch(&client, &url, Some("gzip")).await;
+    assert!(copy.body.len() > 64 * 1024, "{} bytes", copy.body.len());
+    assert_eq!(copy.header("content-length"), copy.body.len().to_string());
+    assert_eq!(gunzip(&copy.body), body.as_bytes());
+    assert_eq!(counters.copies_stored.get(), 1, "one copy of the entry");
+    assert_eq!(counters.copies_served.get() + compressed, 9);
+}
+
 /// A backend answering `/page` with a text body that says which of its
 /// answers it is, stored for a minute.
 async fn counting_backend() -> SocketAddr {

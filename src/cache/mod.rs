@@ -14,7 +14,7 @@ mod policy_tests;
 pub mod range;
 pub mod targeted;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -77,6 +77,9 @@ fn copy_key(full: &str, level: u32) -> String {
     key
 }
 
+/// gzip copies' keys, with the entries they were made of.
+type Orphans = Vec<(Arc<str>, Weak<Entry>)>;
+
 /// Why [`Cache::insert_shared`] stored nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotKept {
@@ -108,11 +111,15 @@ pub struct Entry {
     pub cc: CacheControl,
     /// Set on a gzip copy ([`Cache::insert_copy`]): the entry it is a copy
     /// of. The weak reference keeps that entry's allocation, so no later
-    /// entry takes its address while the copy may be found.
+    /// entry takes its address while the copy may be found. A copy's
+    /// `lifetime` is how long it is kept: what its entry had left.
     copy_of: Option<Weak<Entry>>,
-    /// A hit is compressing this entry to keep a gzip copy of it: the
-    /// others at the same time compress it for their client alone.
+    /// A hit is storing a gzip copy of this entry: the others that
+    /// compressed it at the same time let theirs go.
     copying: AtomicBool,
+    /// The level of the gzip copy stored of this entry (0: none), so that
+    /// the copy goes when the entry does.
+    copied: AtomicU8,
 }
 
 impl Entry {
@@ -150,16 +157,18 @@ impl Entry {
             cc,
             copy_of: None,
             copying: AtomicBool::new(false),
+            copied: AtomicU8::new(0),
         }
     }
 
-    /// Takes the making of this entry's gzip copy, unless a hit has it.
-    pub fn claim_copy(&self) -> bool {
-        !self.copying.swap(true, Ordering::AcqRel)
+    /// Takes the storing of a gzip copy of this entry at `level`, unless
+    /// one is stored or another hit is storing one.
+    pub fn claim_copy(&self, level: u32) -> bool {
+        u32::from(self.copied.load(Ordering::Acquire)) != level
+            && !self.copying.swap(true, Ordering::AcqRel)
     }
 
-    /// Lets another hit make the gzip copy (this one's is stored, or was
-    /// not made).
+    /// Lets another hit store a gzip copy (this one's is stored, or not).
     pub fn release_copy(&self) {
         self.copying.store(false, Ordering::Release);
     }
@@ -195,9 +204,7 @@ impl Entry {
 
     fn keep_for(&self) -> Duration {
         match &self.copy_of {
-            // A copy is kept as long as what it is a copy of (nothing,
-            // once that is gone).
-            Some(of) => of.upgrade().map_or(Duration::ZERO, |of| of.keep_for()),
+            Some(_) => self.lifetime,
             None => keep_for(&self.timing, self.lifetime, &self.cc, &self.headers),
         }
     }
@@ -362,6 +369,17 @@ pub struct Cache {
     /// gzip copies in the store ([`Cache::insert_copy`]), which are not
     /// counted as stored responses.
     copies: Arc<AtomicU64>,
+    /// Copies whose entries the store let go of, to drop
+    /// ([`Cache::drop_orphans`]).
+    orphans: Arc<std::sync::Mutex<Orphans>>,
+    /// What the store holds, by its weights: added as entries are stored,
+    /// taken off as the store reports them removed. The store's own count
+    /// is brought up to date only by its pending work.
+    held: Arc<AtomicU64>,
+    /// The copies kept, oldest first: the first to go when a response
+    /// needs their room ([`Cache::make_room`]). Copies the store has let
+    /// go of are dropped from the list as it grows.
+    kept_copies: std::sync::Mutex<std::collections::VecDeque<(Arc<str>, Weak<Entry>)>>,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
     /// could leave the index naming the entry the store had replaced, and
@@ -448,6 +466,8 @@ impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
         let index: Arc<DashMap<Arc<str>, Variants>> = Arc::default();
         let copies: Arc<AtomicU64> = Arc::default();
+        let orphans: Arc<std::sync::Mutex<Orphans>> = Arc::default();
+        let held: Arc<AtomicU64> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
             // Least recently used out first, as nginx and Varnish evict:
@@ -463,12 +483,26 @@ impl Cache {
                 let index = index.clone();
                 let evicted = metrics.cache_evictions.clone();
                 let copies = copies.clone();
+                let orphans = orphans.clone();
+                let held = held.clone();
                 move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
+                    let weight = u64::from(entry.weight(&key));
+                    let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                        Some(held.saturating_sub(weight))
+                    });
                     // A gzip copy is in no index, and is no response of
                     // its own to count.
                     if entry.copy_of.is_some() {
                         copies.fetch_sub(1, Ordering::Relaxed);
                         return;
+                    }
+                    // Its copy, which nothing can reach now, goes too: by
+                    // the next store or removal (not from here, inside the
+                    // store's own work).
+                    let level = u32::from(entry.copied.load(Ordering::Acquire));
+                    if level != 0 {
+                        let mut orphans = orphans.lock().unwrap_or_else(|e| e.into_inner());
+                        orphans.push((copy_key(&key, level).into(), Arc::downgrade(&entry)));
                     }
                     if cause == RemovalCause::Size {
                         evicted.inc();
@@ -491,6 +525,9 @@ impl Cache {
             store,
             index,
             copies,
+            orphans,
+            held,
+            kept_copies: std::sync::Mutex::default(),
             inserting: (0..INSERT_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -683,41 +720,149 @@ impl Cache {
 
     /// Keeps `body`, `entry`'s body compressed at `level`, beside it: the
     /// next hits that take gzip are sent it as they are sent `entry`,
-    /// with no compression. Weighed as any entry against `max_size`, and
-    /// kept as long as `entry` is; a copy is found only through the entry
-    /// it was made of, so one whose entry was replaced or dropped is never
-    /// sent, and goes least recently used first, or when it would have
-    /// expired.
-    pub async fn insert_copy(&self, full: &str, level: u32, entry: &Arc<Entry>, body: Bytes) {
+    /// with no compression. Weighed as any entry against `max_size`. A
+    /// copy is found only through the entry it was made of, so one whose
+    /// entry was replaced or dropped is never sent; it goes when its entry
+    /// goes (expired, evicted, replaced, invalidated, purged), and is kept
+    /// no longer than its entry has left. Whether it was kept.
+    pub async fn insert_copy(
+        &self,
+        full: &str,
+        level: u32,
+        entry: &Arc<Entry>,
+        body: Bytes,
+    ) -> bool {
+        self.drop_orphans().await;
+        let elapsed = self
+            .now()
+            .duration_since(entry.timing.response_time)
+            .unwrap_or_default();
+        let left = entry.keep_for().saturating_sub(elapsed);
         let key: Arc<str> = copy_key(full, level).into();
-        let copy = Entry {
+        let copy = Arc::new(Entry {
             status: entry.status,
             reason: None,
             headers: HeaderMap::new(),
             body,
             timing: entry.timing,
-            lifetime: entry.lifetime,
+            lifetime: left,
             cc: CacheControl::default(),
             copy_of: Some(Arc::downgrade(entry)),
             copying: AtomicBool::new(false),
-        };
-        if copy.too_heavy(&key, self.config.max_size) {
-            return;
-        }
+            copied: AtomicU8::new(0),
+        });
+        // Only in room the stored responses leave free: a copy never
+        // pushes one out (review47a M1: a response and its copy too large
+        // for the cache together, the copy evicted the response it was
+        // made of, and a working set that fitted thrashed).
         let weight = u64::from(copy.weight(&key));
-        self.copies.fetch_add(1, Ordering::Relaxed);
-        self.store.insert(key.clone(), Arc::new(copy)).await;
+        if left.is_zero() || self.held.load(Ordering::Relaxed) + weight > self.config.max_size {
+            return false;
+        }
         // Replaced or dropped while it was compressed: a copy of it would
-        // only take room.
-        let current = self.store.get(full).await;
-        if !current.is_some_and(|current| Arc::ptr_eq(&current, entry)) {
-            self.store.invalidate(&key).await;
+        // only take room, and might replace one of the entry now stored.
+        if !self.holds(full, entry).await {
+            return false;
+        }
+        // Marked first: if the entry goes from here on, its copy goes too.
+        entry.copied.store(level as u8, Ordering::Release);
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.held.fetch_add(weight, Ordering::Relaxed);
+        self.store.insert(key.clone(), copy.clone()).await;
+        // Replaced or dropped since: this copy alone goes, as another, of
+        // the entry that replaced it, may have taken the key since.
+        let kept = self.holds(full, entry).await;
+        if kept {
+            self.list_copy(key, &copy);
+        } else {
+            self.remove_copy(&key, &copy).await;
         }
         let unsettled = self.unsettled.fetch_add(weight, Ordering::Relaxed) + weight;
         if unsettled >= (self.config.max_size / 32).max(1) {
             self.unsettled.store(0, Ordering::Relaxed);
             self.let_go().await;
         }
+        kept
+    }
+
+    /// Adds a kept copy to the list [`Cache::make_room`] takes from,
+    /// dropping from it those the store let go of once they are as many
+    /// again as the copies it holds.
+    fn list_copy(&self, key: Arc<str>, copy: &Arc<Entry>) {
+        let mut list = self.kept_copies.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = self.copies.load(Ordering::Relaxed) as usize;
+        if list.len() >= 2 * kept + 64 {
+            list.retain(|(_, copy)| copy.strong_count() > 0);
+        }
+        list.push_back((key, Arc::downgrade(copy)));
+    }
+
+    /// Drops copies, oldest first, until a response of `weight` fits
+    /// beside what is stored: copies take only the room responses leave
+    /// free, so one stored pushes copies out before the store evicts any
+    /// response.
+    async fn make_room(&self, weight: u64) {
+        while self.held.load(Ordering::Relaxed) + weight > self.config.max_size {
+            let oldest = {
+                let mut list = self.kept_copies.lock().unwrap_or_else(|e| e.into_inner());
+                list.pop_front()
+            };
+            let Some((key, copy)) = oldest else {
+                return;
+            };
+            // The store reports the removal at once, and `held` drops.
+            if let Some(copy) = copy.upgrade() {
+                self.remove_copy(&key, &copy).await;
+            }
+        }
+    }
+
+    /// Whether the store holds `entry` under `full`.
+    async fn holds(&self, full: &str, entry: &Arc<Entry>) -> bool {
+        let current = self.store.get(full).await;
+        current.is_some_and(|current| Arc::ptr_eq(&current, entry))
+    }
+
+    /// Removes the copy under `key` if it is `copy` (by its address, or
+    /// for an orphan, the address of the entry it was made of).
+    async fn remove_copy(&self, key: &Arc<str>, copy: &Arc<Entry>) {
+        let of = copy.copy_of.as_ref().map(|of| of.as_ptr() as usize);
+        self.remove_copy_of(key, of).await;
+    }
+
+    /// Removes the copy under `key` if it was made of the entry at `of`.
+    async fn remove_copy_of(&self, key: &Arc<str>, of: Option<usize>) {
+        self.store
+            .entry(key.clone())
+            .and_compute_with(|current| {
+                let made_of = current
+                    .as_ref()
+                    .and_then(|current| current.value().copy_of.as_ref())
+                    .map(|made_of| made_of.as_ptr() as usize);
+                std::future::ready(match made_of {
+                    Some(made_of) if Some(made_of) == of => moka::ops::compute::Op::Remove,
+                    _ => moka::ops::compute::Op::Nop,
+                })
+            })
+            .await;
+    }
+
+    /// Drops the copies of the entries the store let go of since the
+    /// last call (see the eviction listener in [`Cache::new`]): a copy
+    /// nothing can reach would hold its room until it expired. Whether
+    /// there were any.
+    async fn drop_orphans(&self) -> bool {
+        let orphans = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            if orphans.is_empty() {
+                return false;
+            }
+            std::mem::take(&mut *orphans)
+        };
+        for (key, of) in orphans {
+            self.remove_copy_of(&key, Some(of.as_ptr() as usize)).await;
+        }
+        true
     }
 
     /// A fetch for `primary` whose answer may be stored: taken before the
@@ -744,6 +889,7 @@ impl Cache {
         request: &HeaderMap,
         entry: Arc<Entry>,
     ) -> Result<(), NotKept> {
+        self.drop_orphans().await;
         if fill.overtaken() {
             return Err(NotKept::Overtaken);
         }
@@ -817,6 +963,8 @@ impl Cache {
         }
         undo.full = Some(full.clone());
         let weight = u64::from(entry.weight(&full));
+        self.make_room(weight).await;
+        self.held.fetch_add(weight, Ordering::Relaxed);
         self.store.insert(full.clone(), entry).await;
         self.stored(primary, &names, &full);
         // An invalidation marks fills before it reads the index. Overtaken
@@ -851,6 +999,10 @@ impl Cache {
     /// brought a 32nd of `max_size`; never by a hit.
     pub async fn let_go(&self) {
         self.store.run_pending_tasks().await;
+        // The copies of the entries it removed go with them.
+        if self.drop_orphans().await {
+            self.store.run_pending_tasks().await;
+        }
         // Each flush seals this thread's garbage, moves the epoch on once
         // if no thread is pinned behind it, and frees what is two epochs
         // old: three free what the work above removed.
@@ -937,7 +1089,7 @@ impl Cache {
     /// Entries and weighted bytes, after applying pending evictions; also
     /// refreshes the size gauges.
     pub async fn stats(&self) -> (u64, u64) {
-        self.store.run_pending_tasks().await;
+        self.let_go().await;
         let copies = self.copies.load(Ordering::Relaxed);
         let entries = self.store.entry_count().saturating_sub(copies);
         let bytes = self.store.weighted_size();
@@ -978,6 +1130,7 @@ mod tests {
             cc: CacheControl::default(),
             copy_of: None,
             copying: AtomicBool::new(false),
+            copied: AtomicU8::new(0),
         }
     }
 
@@ -1000,6 +1153,11 @@ mod tests {
         }
     }
 
+    /// What the store holds under `key`, copies too.
+    async fn held(cache: &Cache, key: &str) -> bool {
+        cache.store.get(key).await.is_some()
+    }
+
     #[tokio::test]
     async fn a_gzip_copy_is_found_through_its_entry_alone_and_weighed_apart() {
         let cache = cache();
@@ -1009,31 +1167,156 @@ mod tests {
         let stored = cache.get(&key).await.unwrap();
         let (_, alone) = cache.stats().await;
         let copy = Bytes::from(vec![7u8; 500]);
-        cache.insert_copy(&key, 2, &stored, copy.clone()).await;
+        assert!(stored.claim_copy(2));
+        assert!(cache.insert_copy(&key, 2, &stored, copy.clone()).await);
+        stored.release_copy();
         assert_eq!(cache.copy_for(&key, 2, &stored).await, Some(copy));
-        // Another level's copy is another.
+        // Stored at this level, a copy is not claimed again; at another
+        // level it is another copy.
+        assert!(!stored.claim_copy(2));
         assert_eq!(cache.copy_for(&key, 6, &stored).await, None);
         // One stored response, weighing its copy too.
         let (entries, bytes) = cache.stats().await;
         assert_eq!(entries, 1);
         assert!(bytes >= alone + 500, "{bytes} against {alone}");
+        // A purge counts responses, and takes the copies with them.
         assert_eq!(cache.purge_paths(|_, _| true), 1);
-        cache.stats().await;
+        assert!(!held(&cache, &copy_key(&key, 2)).await);
+        assert_eq!(cache.stats().await, (0, 0));
+        assert_eq!(cache.copies.load(Ordering::Relaxed), 0);
 
         // Stored again, the entry is another: the copy is not of it.
         store(&cache, &request, entry("accept")).await;
         let replaced = cache.get(&key).await.unwrap();
         assert_eq!(cache.copy_for(&key, 2, &replaced).await, None);
-        // A copy made of an entry replaced while it was compressed is not
-        // kept.
-        cache
-            .insert_copy(&key, 2, &stored, Bytes::from_static(b"old"))
-            .await;
+        // A copy of the new entry, then one made of the old entry while it
+        // was compressed: the late one is not kept, and leaves the new
+        // entry's copy where it is (review47b L1).
+        assert!(
+            cache
+                .insert_copy(&key, 2, &replaced, Bytes::from_static(b"new"))
+                .await
+        );
+        assert!(
+            !cache
+                .insert_copy(&key, 2, &stored, Bytes::from_static(b"old"))
+                .await
+        );
         assert_eq!(cache.copy_for(&key, 2, &stored).await, None);
+        let kept = cache.copy_for(&key, 2, &replaced).await;
+        assert_eq!(kept.as_deref(), Some(&b"new"[..]));
         assert_eq!(cache.stats().await.0, 1);
-        assert!(stored.claim_copy() && !stored.claim_copy());
-        stored.release_copy();
-        assert!(stored.claim_copy());
+    }
+
+    #[tokio::test]
+    async fn a_gzip_copy_goes_with_its_entry() {
+        /// Stores an entry and a copy of it: their keys.
+        async fn copy_of(cache: Arc<Cache>) -> (String, String) {
+            let request = HeaderMap::new();
+            store(&cache, &request, entry("accept")).await;
+            let key = cache.key_for(PRIMARY, &request).unwrap();
+            let stored = cache.get(&key).await.unwrap();
+            assert!(
+                cache
+                    .insert_copy(&key, 2, &stored, Bytes::from_static(b"gz"))
+                    .await
+            );
+            let copy = copy_key(&key, 2);
+            (key, copy)
+        }
+        let cache = cache();
+        let request = HeaderMap::new();
+        // Invalidated (an unsafe method's answer).
+        let (_, copy) = copy_of(cache.clone()).await;
+        cache.invalidate(PRIMARY).await;
+        assert!(!held(&cache, &copy).await, "invalidated");
+        // Replaced by a new response.
+        let (_, copy) = copy_of(cache.clone()).await;
+        store(&cache, &request, entry("accept")).await;
+        cache.stats().await;
+        assert!(!held(&cache, &copy).await, "replaced");
+        // A copy is kept as long as its entry has left (60 s from its
+        // storing), not the entry's whole time from the copy's making
+        // (review47b M1: a copy made at minute 59 of an hour outlived its
+        // entry by 59 minutes).
+        let (key, _) = copy_of(cache.clone()).await;
+        cache.advance_clock(Duration::from_secs(50));
+        let stored = cache.get(&key).await.unwrap();
+        assert!(
+            cache
+                .insert_copy(&key, 3, &stored, Bytes::from_static(b"gz"))
+                .await
+        );
+        let late = cache.store.get(&*copy_key(&key, 3)).await.unwrap();
+        let left = late.keep_for();
+        assert!(
+            left <= Duration::from_secs(10) && left > Duration::from_secs(9),
+            "{left:?}"
+        );
+        // Two copies of one entry at two levels (a reload between them).
+        assert_eq!(cache.stats().await.0, 1);
+        assert_eq!(cache.copies.load(Ordering::Relaxed), 2);
+    }
+
+    /// Stores a response of `size` bytes under `path`: its key and entry.
+    async fn store_at(cache: &Arc<Cache>, path: &str, size: usize) -> (String, Arc<Entry>) {
+        let primary = key::primary("http", "shop", path);
+        let fill = cache.begin_fill(primary.clone());
+        let mut stored = entry("accept");
+        stored.body = Bytes::from(vec![b'x'; size]);
+        cache.insert(&fill, &HeaderMap::new(), stored).await;
+        let key = cache.key_for(&primary, &HeaderMap::new()).unwrap();
+        let entry = cache.get(&key).await.unwrap();
+        (key, entry)
+    }
+
+    #[tokio::test]
+    async fn copies_take_only_the_room_responses_leave_free() {
+        // Weighed in a cache of its own: a response, and a copy.
+        let (response, copy_weight) = {
+            let cache = cache();
+            let (key, stored) = store_at(&cache, "/a", 10_000).await;
+            let copy = Bytes::from(vec![b'z'; 8_000]);
+            assert!(cache.insert_copy(&key, 2, &stored, copy).await);
+            let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
+            (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
+        };
+        // Room for three responses, or two and one copy, not two copies.
+        assert!(2 * copy_weight > response);
+        let config = config::Cache {
+            max_size: 3 * response + (2 * copy_weight - response) / 2,
+            ..config::Cache::default()
+        };
+        let cache = Cache::new(config, Arc::new(Metrics::new()));
+        let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
+        let (b, stored_b) = store_at(&cache, "/b", 10_000).await;
+        let copy = Bytes::from(vec![b'z'; 8_000]);
+        assert!(cache.insert_copy(&a, 2, &stored_a, copy.clone()).await);
+        assert!(!cache.insert_copy(&b, 2, &stored_b, copy.clone()).await);
+        // A third response needs the room: the copy goes, no response.
+        let (c, _) = store_at(&cache, "/c", 10_000).await;
+        assert!(
+            cache.copy_for(&a, 2, &stored_a).await.is_none(),
+            "copy kept"
+        );
+        for key in [&a, &b, &c] {
+            assert!(held(&cache, key).await, "{key} evicted");
+        }
+        assert_eq!(cache.stats().await.0, 3);
+        assert_eq!(cache.copies.load(Ordering::Relaxed), 0);
+
+        // A response and its copy too large together: the copy is refused,
+        // rather than evict the response it was made of (review47a M1).
+        let cache = Cache::new(
+            config::Cache {
+                max_size: response + copy_weight / 2,
+                ..config::Cache::default()
+            },
+            Arc::new(Metrics::new()),
+        );
+        let (key, stored) = store_at(&cache, "/a", 10_000).await;
+        assert!(!cache.insert_copy(&key, 2, &stored, copy).await);
+        assert!(held(&cache, &key).await);
     }
 
     /// Whether `part` lies within `whole`'s bytes.

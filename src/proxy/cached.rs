@@ -403,11 +403,11 @@ async fn stale_for_waiter(cache: &Cache, primary: &str, parts: &Parts, code: u16
 /// What the store holds for a GET or HEAD, found before anything is
 /// fetched.
 pub(super) enum Lookup {
-    /// Answered from the store: a hit, a stale-while-revalidate hit, or
-    /// only-if-cached's 504.
+    /// Answered from the store: a hit, a stale-while-revalidate hit (with
+    /// no entry asked for), or only-if-cached's 504.
     Answered(Response<ProxyBody>),
-    /// A hit, with the entry it was made of, when asked for (see
-    /// [`lookup`]).
+    /// A hit or a stale-while-revalidate hit, with the entry it was made
+    /// of, when asked for (see [`lookup`]).
     Hit(Response<ProxyBody>, Stored),
     /// The backend is needed: [`serve`] goes on from here.
     Forward(Looked),
@@ -418,6 +418,9 @@ pub(super) enum Lookup {
 pub(super) struct Stored {
     pub key: String,
     pub entry: Arc<Entry>,
+    /// Fresh, not served stale while it is refreshed: a copy made of an
+    /// entry about to be replaced would be dropped with it.
+    pub fresh: bool,
 }
 
 /// What [`lookup`] learnt, for [`serve`].
@@ -464,14 +467,8 @@ pub(super) async fn lookup(
             }
             None => None,
         };
-        let answer = |response, entry: &Arc<Entry>| match full {
-            Some(key) if with_entry => Lookup::Hit(
-                response,
-                Stored {
-                    key,
-                    entry: entry.clone(),
-                },
-            ),
+        let answer = |response, entry: Arc<Entry>, fresh| match full {
+            Some(key) if with_entry => Lookup::Hit(response, Stored { key, entry, fresh }),
             _ => Lookup::Answered(response),
         };
         match found {
@@ -484,7 +481,7 @@ pub(super) async fn lookup(
                 match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
                     Usable::Fresh => {
                         cache.counters.hit.inc();
-                        return answer(from_entry(&entry, age, parts, HIT), &entry);
+                        return answer(from_entry(&entry, age, parts, HIT), entry, true);
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
@@ -503,7 +500,7 @@ pub(super) async fn lookup(
                             parts,
                             "portico; hit; detail=stale-while-revalidate",
                         );
-                        return answer(response, &entry);
+                        return answer(response, entry, false);
                     }
                     // RFC 9111 §5.2.1.7: a stored response that needs the
                     // backend is not one only-if-cached may have.

@@ -5,14 +5,15 @@
 //! `Content-Length` or `Accept-Ranges`, a weak `ETag`, `Vary:
 //! Accept-Encoding`), and the body's encoder ([`Gzip`]).
 //!
-//! It knows nothing of the cache: a stored response is the backend's, and
-//! is compressed as it is sent, hit or miss, for the clients that take
-//! gzip; the others get it as stored.
+//! The cache stores the backend's response, plain, and a hit is
+//! compressed as a miss is; the first that compresses a stored response
+//! whole has the cache keep the result beside it ([`Keep`]), and the next
+//! gzip hits are sent that copy ([`Compressor::apply_stored`]).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -133,42 +134,54 @@ pub struct Counters {
 /// copy of the entry the hit was made of ([`Compressor::apply_stored`]).
 #[derive(Debug)]
 pub struct Keep {
-    cache: Arc<Cache>,
+    /// Weak: a response whose client stopped reading does not keep a
+    /// cache that a reload replaced.
+    cache: Weak<Cache>,
     key: String,
     entry: Arc<Entry>,
     level: u32,
-    /// The pieces sent so far.
+    /// The pieces sent so far (a hit's body is given in pieces of 64 KiB,
+    /// and one past 256 KiB of input a poll is sent in several).
     pieces: Vec<Bytes>,
+    /// Bytes of the entry compressed: all of them, or nothing is kept.
+    taken: usize,
     stored: IntCounter,
 }
 
 impl Keep {
     /// Stores the pieces and `last`, the whole gzip stream, in a task of
-    /// its own (a body's poll cannot wait on the store).
-    fn store(mut self: Box<Self>, last: &[u8]) {
+    /// its own (a body's poll cannot wait on the store), unless a copy is
+    /// stored already or being stored by another hit.
+    fn store(self: Box<Self>, last: &[u8]) {
+        // One encoder run gone wrong would be sent to every later client.
+        if self.taken != self.entry.body.len() || !self.entry.claim_copy(self.level) {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.entry.release_copy();
             return;
         };
         let length = self.pieces.iter().map(Bytes::len).sum::<usize>() + last.len();
         let mut whole = Vec::with_capacity(length);
-        for piece in std::mem::take(&mut self.pieces) {
-            whole.extend_from_slice(&piece);
+        for piece in &self.pieces {
+            whole.extend_from_slice(piece);
         }
         whole.extend_from_slice(last);
         runtime.spawn(async move {
-            let (cache, entry) = (&self.cache, &self.entry);
-            cache
-                .insert_copy(&self.key, self.level, entry, Bytes::from(whole))
-                .await;
-            self.stored.inc();
+            let kept = match self.cache.upgrade() {
+                Some(cache) => {
+                    let whole = Bytes::from(whole);
+                    cache
+                        .insert_copy(&self.key, self.level, &self.entry, whole)
+                        .await
+                }
+                None => false,
+            };
+            self.entry.release_copy();
+            if kept {
+                self.stored.inc();
+            }
         });
-    }
-}
-
-impl Drop for Keep {
-    fn drop(&mut self) {
-        // Stored, or the body was cut short: the next hit may make one.
-        self.entry.release_copy();
     }
 }
 
@@ -182,6 +195,13 @@ pub enum Decision {
     Vary,
     /// Compressed for this client.
     Compress,
+}
+
+impl Asked {
+    /// Whether gzip may be sent to this client.
+    pub fn takes_gzip(&self) -> bool {
+        self.gzip
+    }
 }
 
 impl Compressor {
@@ -205,17 +225,6 @@ impl Compressor {
         asked: Asked,
         response: http::Response<ProxyBody>,
     ) -> http::Response<ProxyBody> {
-        self.apply_keeping(asked, response, None)
-    }
-
-    /// [`Compressor::apply`], the compressed body given to `keep` once
-    /// whole.
-    fn apply_keeping(
-        &self,
-        asked: Asked,
-        response: http::Response<ProxyBody>,
-        keep: Option<Box<Keep>>,
-    ) -> http::Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if parts.status == StatusCode::NOT_MODIFIED {
             // A 304 to a client revalidating the gzip copy it was sent
@@ -231,29 +240,15 @@ impl Compressor {
             return http::Response::from_parts(parts, body);
         }
         let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
-        if decision == Decision::Leave {
-            return http::Response::from_parts(parts, body);
-        }
-        add_vary(&mut parts.headers);
-        if decision == Decision::Vary {
-            return http::Response::from_parts(parts, body);
-        }
-        self.compressed_head(&mut parts.headers);
-        let body = if asked.head {
-            body
-        } else {
-            let gzip = Gzip::new(body, self.config.level, self.counters.clone()).keeping(keep);
-            ProxyBody::Gzip(Box::new(gzip))
-        };
-        http::Response::from_parts(parts, body)
+        self.act(decision, &asked, parts, body, None)
     }
 
-    /// [`Compressor::apply`] for a hit from the cache, made of `stored`:
-    /// for a client that takes gzip, the copy the cache keeps of the
-    /// entry compressed is sent, with its length, if there is one; else
-    /// the entry is compressed as it is sent, and kept once whole (by one
-    /// hit at a time), so that the next hits are not. nginx compresses
-    /// every hit of its `proxy_cache`; Varnish stores the gzip form.
+    /// [`Compressor::apply`] for a hit from the cache, made of `stored`,
+    /// to a client that takes gzip: the copy the cache keeps of the entry
+    /// compressed is sent, with its length, if there is one; else the
+    /// entry is compressed as it is sent, and the cache keeps the result
+    /// ([`Keep`]), so that the next hits are not. nginx compresses every
+    /// hit of its `proxy_cache`; Varnish stores the gzip form.
     pub(super) async fn apply_stored(
         &self,
         asked: Asked,
@@ -261,51 +256,74 @@ impl Compressor {
         cache: &Arc<Cache>,
         stored: Stored,
     ) -> http::Response<ProxyBody> {
-        // The entry's own response, not a 304, 206 or 412 made of it.
-        let whole = asked.gzip && response.status() == stored.entry.status;
-        let compress = whole
-            && self.decide(
-                &asked,
-                response.status(),
-                response.headers(),
-                response.body().size_hint(),
-            ) == Decision::Compress;
-        if !compress {
+        let Stored { key, entry, fresh } = stored;
+        // The entry's own response, not a 304, 206, 412 or 416 made of it.
+        if response.status() != entry.status {
             return self.apply(asked, response);
         }
+        let (mut parts, body) = response.into_parts();
+        let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
         let level = self.config.level;
-        let Stored { key, entry } = stored;
-        if let Some(copy) = cache.copy_for(&key, level, &entry).await {
-            let (mut parts, _) = response.into_parts();
-            add_vary(&mut parts.headers);
-            self.compressed_head(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
-            self.counters.copies_served.inc();
-            let body = if asked.head {
-                ProxyBody::empty()
-            } else {
-                ProxyBody::full(copy)
-            };
-            return http::Response::from_parts(parts, body);
+        if decision == Decision::Compress {
+            if let Some(copy) = cache.copy_for(&key, level, &entry).await {
+                self.compressed_head(&mut parts.headers);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+                self.counters.copies_served.inc();
+                let body = if asked.head {
+                    ProxyBody::empty()
+                } else {
+                    ProxyBody::full(copy)
+                };
+                return http::Response::from_parts(parts, body);
+            }
         }
-        let keep = (!asked.head && entry.claim_copy()).then(|| {
+        // Not of an entry about to be replaced (stale-while-revalidate),
+        // nor for a HEAD, which compresses nothing.
+        let keep = (decision == Decision::Compress && fresh && !asked.head).then(|| {
             Box::new(Keep {
-                cache: cache.clone(),
+                cache: Arc::downgrade(cache),
                 key,
                 entry,
                 level,
                 pieces: Vec::new(),
+                taken: 0,
                 stored: self.counters.copies_stored.clone(),
             })
         });
-        self.apply_keeping(asked, response, keep)
+        self.act(decision, &asked, parts, body, keep)
     }
 
-    /// What a compressed response's head says: `Content-Encoding`, no
-    /// length, no ranges, a weak tag.
+    /// Does to a response what `decision` says; a compressed body is
+    /// given to `keep` too, once whole.
+    fn act(
+        &self,
+        decision: Decision,
+        asked: &Asked,
+        mut parts: http::response::Parts,
+        body: ProxyBody,
+        keep: Option<Box<Keep>>,
+    ) -> http::Response<ProxyBody> {
+        match decision {
+            Decision::Leave => {}
+            Decision::Vary => add_vary(&mut parts.headers),
+            Decision::Compress => {
+                self.compressed_head(&mut parts.headers);
+                if !asked.head {
+                    let gzip = Gzip::new(body, self.config.level, self.counters.clone());
+                    let body = ProxyBody::Gzip(Box::new(gzip.keeping(keep)));
+                    return http::Response::from_parts(parts, body);
+                }
+            }
+        }
+        http::Response::from_parts(parts, body)
+    }
+
+    /// What a compressed response's head says: `Content-Encoding`, `Vary`,
+    /// no length, no ranges, a weak tag.
     fn compressed_head(&self, headers: &mut HeaderMap) {
+        add_vary(headers);
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         headers.remove(header::CONTENT_LENGTH);
         // A range of the compressed body cannot be served, and a range of
@@ -717,6 +735,9 @@ impl Gzip {
             }
             self.bytes_in += data.len() as u64;
             taken += data.len();
+            if let Some(keep) = &mut self.keep {
+                keep.taken += data.len();
+            }
             match flush {
                 FlushCompress::Finish => {
                     self.end();

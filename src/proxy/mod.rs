@@ -867,7 +867,10 @@ impl Proxy {
 
             if let Some(cache) = answering {
                 let at = (proto, host_name);
-                let with_entry = compressing.is_some();
+                // A hit's entry, for the gzip copy kept beside it.
+                let with_entry = compressing
+                    .as_ref()
+                    .is_some_and(|(_, asked)| asked.takes_gzip());
                 let lookup = cached::lookup(cache, upstream, &parts, at, hop, with_entry);
                 let (mut response, stored) = match lookup.await {
                     cached::Lookup::Answered(response) => (response, None),
@@ -882,7 +885,7 @@ impl Proxy {
                 error::quota_headers(response.headers_mut(), quota);
                 if let Some((compressor, asked)) = compressing {
                     response = match stored {
-                        // Boxed: only gzip hits make it.
+                        // Boxed: only hits to clients that take gzip make it.
                         Some(stored) => {
                             Box::pin(compressor.apply_stored(asked, response, cache, stored)).await
                         }
