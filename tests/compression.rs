@@ -433,6 +433,12 @@ async fn a_stored_response_is_compressed_as_it_is_sent() {
     assert_eq!(revalidated.header("etag"), "\"v1\"");
 }
 
+/// A HEAD of `url` from a client that takes gzip.
+async fn head_gzip(client: &TestClient, url: &str) -> Answer {
+    let request = Request::head(url).header("accept-encoding", "gzip");
+    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
 /// Polls until the cache has stored `n` gzip copies; panics after [`STEP`].
 async fn copies_stored(proxy: &RunningProxy, n: u64) {
     let counters = &proxy.shared.metrics.compression;
@@ -469,14 +475,7 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
     assert_eq!(hit.header("content-length"), hit.body.len().to_string());
     assert_eq!(hit.body, first.body, "the copy is the first hit's stream");
     assert_eq!(gunzip(&hit.body), page_text());
-    let head = send(
-        &client,
-        Request::head(&url)
-            .header("accept-encoding", "gzip")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let head = head_gzip(&client, &url).await;
     assert_eq!(head.header("content-length"), hit.header("content-length"));
     assert_eq!(head.header("content-encoding"), "gzip");
     assert!(head.body.is_empty());
@@ -531,14 +530,7 @@ async fn concurrent_first_hits_keep_one_copy_and_a_head_makes_none() {
     let url = proxy.url("/large");
     fetch(&client, &url, None).await;
     // A HEAD compresses nothing, so keeps nothing.
-    let head = send(
-        &client,
-        Request::head(&url)
-            .header("accept-encoding", "gzip")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let head = head_gzip(&client, &url).await;
     assert_eq!(head.header("content-encoding"), "gzip");
     let counters = &proxy.shared.metrics.compression;
     let hits: Vec<_> = (0..8)
