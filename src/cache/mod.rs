@@ -5,6 +5,7 @@
 //! request flows through it lives in `proxy::cached`.
 
 pub mod capture;
+mod copies;
 pub mod fill;
 pub mod key;
 pub mod lock;
@@ -14,7 +15,7 @@ mod policy_tests;
 pub mod range;
 pub mod targeted;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -66,19 +67,12 @@ pub fn replaces(status: http::StatusCode) -> bool {
     }
 }
 
-/// The key of the gzip copy at `level` of the entry stored under `full`:
-/// a line no request's key has (a field name starts each line but the
-/// first), under the same URL, so that a purge of the URL drops it too.
-fn copy_key(full: &str, level: u32) -> String {
-    let mut key = String::with_capacity(full.len() + 8);
-    key.push_str(full);
-    key.push_str("\n\0gzip");
-    key.push(char::from(b'0' + (level % 10) as u8));
-    key
+/// Takes `weight` off `held`, down to 0 at most.
+fn take_off(held: &AtomicU64, weight: u64) {
+    let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+        Some(held.saturating_sub(weight))
+    });
 }
-
-/// gzip copies' keys, with the entries they were made of.
-type Orphans = Vec<(Arc<str>, Weak<Entry>)>;
 
 /// Why [`Cache::insert_shared`] stored nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,12 +108,12 @@ pub struct Entry {
     /// entry takes its address while the copy may be found. A copy's
     /// `lifetime` is how long it is kept: what its entry had left.
     copy_of: Option<Weak<Entry>>,
-    /// A hit is storing a gzip copy of this entry: the others that
-    /// compressed it at the same time let theirs go.
+    /// A hit is making a gzip copy of this entry: the others compress it
+    /// for their clients alone.
     copying: AtomicBool,
-    /// The level of the gzip copy stored of this entry (0: none), so that
-    /// the copy goes when the entry does.
-    copied: AtomicU8,
+    /// The levels (a bit each) of the gzip copies stored of this entry, so
+    /// that they go when it does; a copy's own level.
+    copied: AtomicU16,
 }
 
 impl Entry {
@@ -157,20 +151,8 @@ impl Entry {
             cc,
             copy_of: None,
             copying: AtomicBool::new(false),
-            copied: AtomicU8::new(0),
+            copied: AtomicU16::new(0),
         }
-    }
-
-    /// Takes the storing of a gzip copy of this entry at `level`, unless
-    /// one is stored or another hit is storing one.
-    pub fn claim_copy(&self, level: u32) -> bool {
-        u32::from(self.copied.load(Ordering::Acquire)) != level
-            && !self.copying.swap(true, Ordering::AcqRel)
-    }
-
-    /// Lets another hit store a gzip copy (this one's is stored, or not).
-    pub fn release_copy(&self) {
-        self.copying.store(false, Ordering::Release);
     }
 
     /// The memory the entry holds, as near as can be told: what
@@ -366,20 +348,17 @@ pub struct Cache {
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
     index: Arc<DashMap<Arc<str>, Variants>>,
-    /// gzip copies in the store ([`Cache::insert_copy`]), which are not
-    /// counted as stored responses.
-    copies: Arc<AtomicU64>,
-    /// Copies whose entries the store let go of, to drop
-    /// ([`Cache::drop_orphans`]).
-    orphans: Arc<std::sync::Mutex<Orphans>>,
-    /// What the store holds, by its weights: added as entries are stored,
-    /// taken off as the store reports them removed. The store's own count
-    /// is brought up to date only by its pending work.
+    /// The gzip copies kept beside stored responses (see `copies`).
+    copies: Arc<copies::Copies>,
+    /// What the store holds, by its weights, and the room reserved for
+    /// what is being stored: added as room is taken, taken off as the
+    /// store reports entries removed. The store's own count is brought
+    /// up to date only by its pending work.
     held: Arc<AtomicU64>,
-    /// The copies kept, oldest first: the first to go when a response
-    /// needs their room ([`Cache::make_room`]). Copies the store has let
-    /// go of are dropped from the list as it grows.
-    kept_copies: std::sync::Mutex<std::collections::VecDeque<(Arc<str>, Weak<Entry>)>>,
+    /// Weights of entries removed, not yet taken off `held`.
+    freed: Arc<AtomicU64>,
+    /// Stores between their taking room and the store's having the entry.
+    reserving: Arc<AtomicU64>,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
     /// could leave the index naming the entry the store had replaced, and
@@ -465,9 +444,9 @@ impl Drop for Undo<'_> {
 impl Cache {
     pub fn new(config: config::Cache, metrics: Arc<Metrics>) -> Arc<Self> {
         let index: Arc<DashMap<Arc<str>, Variants>> = Arc::default();
-        let copies: Arc<AtomicU64> = Arc::default();
-        let orphans: Arc<std::sync::Mutex<Orphans>> = Arc::default();
+        let copies: Arc<copies::Copies> = Arc::default();
         let held: Arc<AtomicU64> = Arc::default();
+        let freed: Arc<AtomicU64> = Arc::default();
         let store = Moka::builder()
             .max_capacity(config.max_size)
             // Least recently used out first, as nginx and Varnish evict:
@@ -483,26 +462,28 @@ impl Cache {
                 let index = index.clone();
                 let evicted = metrics.cache_evictions.clone();
                 let copies = copies.clone();
-                let orphans = orphans.clone();
                 let held = held.clone();
+                let freed = freed.clone();
                 move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
                     let weight = u64::from(entry.weight(&key));
-                    let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                        Some(held.saturating_sub(weight))
-                    });
+                    // An entry removed, replaced or found expired by a
+                    // call is reported before the store queues the change:
+                    // room freed then could let another store's insert be
+                    // queued first, and the store would evict for it
+                    // (review47d M2). Freed once the call is done
+                    // ([`Cache::settle_freed`]); an eviction is the
+                    // store's own work, done.
+                    if entry.withdrawn() {
+                        // Its remover frees its room.
+                    } else if cause != RemovalCause::Size {
+                        freed.fetch_add(weight, Ordering::Relaxed);
+                    } else {
+                        take_off(&held, weight);
+                    }
                     // A gzip copy is in no index, and is no response of
                     // its own to count.
-                    if entry.copy_of.is_some() {
-                        copies.fetch_sub(1, Ordering::Relaxed);
+                    if copies.removed(&key, &entry, cause) {
                         return;
-                    }
-                    // Its copy, which nothing can reach now, goes too: by
-                    // the next store or removal (not from here, inside the
-                    // store's own work).
-                    let level = u32::from(entry.copied.load(Ordering::Acquire));
-                    if level != 0 {
-                        let mut orphans = orphans.lock().unwrap_or_else(|e| e.into_inner());
-                        orphans.push((copy_key(&key, level).into(), Arc::downgrade(&entry)));
                     }
                     if cause == RemovalCause::Size {
                         evicted.inc();
@@ -525,9 +506,9 @@ impl Cache {
             store,
             index,
             copies,
-            orphans,
             held,
-            kept_copies: std::sync::Mutex::default(),
+            freed,
+            reserving: Arc::default(),
             inserting: (0..INSERT_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -709,162 +690,6 @@ impl Cache {
         self.store.get(full_key).await
     }
 
-    /// The gzip copy of `entry` (stored under `full`) compressed at
-    /// `level`, if one is kept: a copy of an entry since replaced or
-    /// dropped is not of this one.
-    pub async fn copy_for(&self, full: &str, level: u32, entry: &Arc<Entry>) -> Option<Bytes> {
-        let copy = self.store.get(&*copy_key(full, level)).await?;
-        let of = copy.copy_of.as_ref()?;
-        std::ptr::eq(of.as_ptr(), Arc::as_ptr(entry)).then(|| copy.body.clone())
-    }
-
-    /// Keeps `body`, `entry`'s body compressed at `level`, beside it: the
-    /// next hits that take gzip are sent it as they are sent `entry`,
-    /// with no compression. Weighed as any entry against `max_size`. A
-    /// copy is found only through the entry it was made of, so one whose
-    /// entry was replaced or dropped is never sent; it goes when its entry
-    /// goes (expired, evicted, replaced, invalidated, purged), and is kept
-    /// no longer than its entry has left. Whether it was kept.
-    pub async fn insert_copy(
-        &self,
-        full: &str,
-        level: u32,
-        entry: &Arc<Entry>,
-        body: Bytes,
-    ) -> bool {
-        self.drop_orphans().await;
-        let elapsed = self
-            .now()
-            .duration_since(entry.timing.response_time)
-            .unwrap_or_default();
-        let left = entry.keep_for().saturating_sub(elapsed);
-        let key: Arc<str> = copy_key(full, level).into();
-        let copy = Arc::new(Entry {
-            status: entry.status,
-            reason: None,
-            headers: HeaderMap::new(),
-            body,
-            timing: entry.timing,
-            lifetime: left,
-            cc: CacheControl::default(),
-            copy_of: Some(Arc::downgrade(entry)),
-            copying: AtomicBool::new(false),
-            copied: AtomicU8::new(0),
-        });
-        // Only in room the stored responses leave free: a copy never
-        // pushes one out (review47a M1: a response and its copy too large
-        // for the cache together, the copy evicted the response it was
-        // made of, and a working set that fitted thrashed).
-        let weight = u64::from(copy.weight(&key));
-        if left.is_zero() || self.held.load(Ordering::Relaxed) + weight > self.config.max_size {
-            return false;
-        }
-        // Replaced or dropped while it was compressed: a copy of it would
-        // only take room, and might replace one of the entry now stored.
-        if !self.holds(full, entry).await {
-            return false;
-        }
-        // Marked first: if the entry goes from here on, its copy goes too.
-        entry.copied.store(level as u8, Ordering::Release);
-        self.copies.fetch_add(1, Ordering::Relaxed);
-        self.held.fetch_add(weight, Ordering::Relaxed);
-        self.store.insert(key.clone(), copy.clone()).await;
-        // Replaced or dropped since: this copy alone goes, as another, of
-        // the entry that replaced it, may have taken the key since.
-        let kept = self.holds(full, entry).await;
-        if kept {
-            self.list_copy(key, &copy);
-        } else {
-            self.remove_copy(&key, &copy).await;
-        }
-        let unsettled = self.unsettled.fetch_add(weight, Ordering::Relaxed) + weight;
-        if unsettled >= (self.config.max_size / 32).max(1) {
-            self.unsettled.store(0, Ordering::Relaxed);
-            self.let_go().await;
-        }
-        kept
-    }
-
-    /// Adds a kept copy to the list [`Cache::make_room`] takes from,
-    /// dropping from it those the store let go of once they are as many
-    /// again as the copies it holds.
-    fn list_copy(&self, key: Arc<str>, copy: &Arc<Entry>) {
-        let mut list = self.kept_copies.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = self.copies.load(Ordering::Relaxed) as usize;
-        if list.len() >= 2 * kept + 64 {
-            list.retain(|(_, copy)| copy.strong_count() > 0);
-        }
-        list.push_back((key, Arc::downgrade(copy)));
-    }
-
-    /// Drops copies, oldest first, until a response of `weight` fits
-    /// beside what is stored: copies take only the room responses leave
-    /// free, so one stored pushes copies out before the store evicts any
-    /// response.
-    async fn make_room(&self, weight: u64) {
-        while self.held.load(Ordering::Relaxed) + weight > self.config.max_size {
-            let oldest = {
-                let mut list = self.kept_copies.lock().unwrap_or_else(|e| e.into_inner());
-                list.pop_front()
-            };
-            let Some((key, copy)) = oldest else {
-                return;
-            };
-            // The store reports the removal at once, and `held` drops.
-            if let Some(copy) = copy.upgrade() {
-                self.remove_copy(&key, &copy).await;
-            }
-        }
-    }
-
-    /// Whether the store holds `entry` under `full`.
-    async fn holds(&self, full: &str, entry: &Arc<Entry>) -> bool {
-        let current = self.store.get(full).await;
-        current.is_some_and(|current| Arc::ptr_eq(&current, entry))
-    }
-
-    /// Removes the copy under `key` if it is `copy` (by its address, or
-    /// for an orphan, the address of the entry it was made of).
-    async fn remove_copy(&self, key: &Arc<str>, copy: &Arc<Entry>) {
-        let of = copy.copy_of.as_ref().map(|of| of.as_ptr() as usize);
-        self.remove_copy_of(key, of).await;
-    }
-
-    /// Removes the copy under `key` if it was made of the entry at `of`.
-    async fn remove_copy_of(&self, key: &Arc<str>, of: Option<usize>) {
-        self.store
-            .entry(key.clone())
-            .and_compute_with(|current| {
-                let made_of = current
-                    .as_ref()
-                    .and_then(|current| current.value().copy_of.as_ref())
-                    .map(|made_of| made_of.as_ptr() as usize);
-                std::future::ready(match made_of {
-                    Some(made_of) if Some(made_of) == of => moka::ops::compute::Op::Remove,
-                    _ => moka::ops::compute::Op::Nop,
-                })
-            })
-            .await;
-    }
-
-    /// Drops the copies of the entries the store let go of since the
-    /// last call (see the eviction listener in [`Cache::new`]): a copy
-    /// nothing can reach would hold its room until it expired. Whether
-    /// there were any.
-    async fn drop_orphans(&self) -> bool {
-        let orphans = {
-            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            if orphans.is_empty() {
-                return false;
-            }
-            std::mem::take(&mut *orphans)
-        };
-        for (key, of) in orphans {
-            self.remove_copy_of(&key, Some(of.as_ptr() as usize)).await;
-        }
-        true
-    }
-
     /// A fetch for `primary` whose answer may be stored: taken before the
     /// request goes to the backend.
     pub fn begin_fill(self: &Arc<Self>, primary: String) -> fill::Fill {
@@ -907,6 +732,10 @@ impl Cache {
         // 60 KB URLs took 78 MB); weighed as two (see `Entry::bytes`).
         let mut full: Arc<str> = full.into();
         let names: Arc<[HeaderName]> = names.into();
+        // Room first, before the index names the entry: gzip copies go to
+        // make it (a store dropped on the way gives the room back).
+        let weight = u64::from(entry.weight(&full));
+        let room = self.make_room(weight).await;
         let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &*full) as usize;
         let _inserting = self.inserting[stripe % INSERT_STRIPES].lock().await;
         let dropped = {
@@ -962,10 +791,10 @@ impl Cache {
             undo.dropped.pop();
         }
         undo.full = Some(full.clone());
-        let weight = u64::from(entry.weight(&full));
-        self.make_room(weight).await;
-        self.held.fetch_add(weight, Ordering::Relaxed);
         self.store.insert(full.clone(), entry).await;
+        room.taken();
+        // What it replaced.
+        self.settle_freed();
         self.stored(primary, &names, &full);
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
@@ -1003,6 +832,7 @@ impl Cache {
         if self.drop_orphans().await {
             self.store.run_pending_tasks().await;
         }
+        self.settle_freed();
         // Each flush seals this thread's garbage, moves the epoch on once
         // if no thread is pinned behind it, and frees what is two epochs
         // old: three free what the work above removed.
@@ -1055,7 +885,7 @@ impl Cache {
         let found = self
             .store
             .iter()
-            .filter(|(k, entry)| entry.copy_of.is_none() && matching(k))
+            .filter(|(k, entry)| !entry.is_copy() && matching(k))
             .count() as u64;
         let _ = self.store.invalidate_entries_if(move |k, _| matching(k));
         found
@@ -1089,8 +919,8 @@ impl Cache {
     /// Entries and weighted bytes, after applying pending evictions; also
     /// refreshes the size gauges.
     pub async fn stats(&self) -> (u64, u64) {
-        self.let_go().await;
-        let copies = self.copies.load(Ordering::Relaxed);
+        self.settle_held().await;
+        let copies = self.copies.count();
         let entries = self.store.entry_count().saturating_sub(copies);
         let bytes = self.store.weighted_size();
         self.metrics.cache_entries.set(entries as i64);
@@ -1103,6 +933,7 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    use super::copies::copy_key;
     use super::*;
     use crate::test_support::headers as map;
 
@@ -1130,7 +961,7 @@ mod tests {
             cc: CacheControl::default(),
             copy_of: None,
             copying: AtomicBool::new(false),
-            copied: AtomicU8::new(0),
+            copied: AtomicU16::new(0),
         }
     }
 
@@ -1183,7 +1014,7 @@ mod tests {
         assert_eq!(cache.purge_paths(|_, _| true), 1);
         assert!(!held(&cache, &copy_key(&key, 2)).await);
         assert_eq!(cache.stats().await, (0, 0));
-        assert_eq!(cache.copies.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.copies.count(), 0);
 
         // Stored again, the entry is another: the copy is not of it.
         store(&cache, &request, entry("accept")).await;
@@ -1253,9 +1084,13 @@ mod tests {
             left <= Duration::from_secs(10) && left > Duration::from_secs(9),
             "{left:?}"
         );
-        // Two copies of one entry at two levels (a reload between them).
+        // Two copies of one entry at two levels (a reload between them):
+        // both go with it (review47d L2).
         assert_eq!(cache.stats().await.0, 1);
-        assert_eq!(cache.copies.load(Ordering::Relaxed), 2);
+        assert_eq!(cache.copies.count(), 2);
+        cache.invalidate(PRIMARY).await;
+        assert_eq!(cache.stats().await, (0, 0));
+        assert_eq!(cache.copies.count(), 0);
     }
 
     /// Stores a response of `size` bytes under `path`: its key and entry.
@@ -1303,7 +1138,12 @@ mod tests {
             assert!(held(&cache, key).await, "{key} evicted");
         }
         assert_eq!(cache.stats().await.0, 3);
-        assert_eq!(cache.copies.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.copies.count(), 0);
+        // With room again, a copy of a is made again (review47d M1).
+        cache.invalidate(&key::primary("http", "shop", "/c")).await;
+        assert!(stored_a.claim_copy(2));
+        stored_a.release_copy();
+        assert!(cache.insert_copy(&a, 2, &stored_a, copy.clone()).await);
 
         // A response and its copy too large together: the copy is refused,
         // rather than evict the response it was made of (review47a M1).
@@ -1317,6 +1157,45 @@ mod tests {
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
         assert!(!cache.insert_copy(&key, 2, &stored, copy).await);
         assert!(held(&cache, &key).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_and_responses_stored_at_once_evict_no_response() {
+        // Room for 16 responses of 10 KB and a little more: 8 stored,
+        // then 8 copies and 8 more responses at once, on two threads. A
+        // copy and a response counting on the same room made the store
+        // evict a response in 12 of 200 runs (review47d M2).
+        for _ in 0..50 {
+            let (response, _) = {
+                let cache = cache();
+                let (key, stored) = store_at(&cache, "/w", 10_000).await;
+                (stored.bytes(&key), ())
+            };
+            let config = config::Cache {
+                max_size: 16 * response + response / 2,
+                ..config::Cache::default()
+            };
+            let cache = Cache::new(config, Arc::new(Metrics::new()));
+            let mut tasks = Vec::new();
+            for i in 0..8 {
+                let (key, stored) = store_at(&cache, &format!("/o{i}"), 10_000).await;
+                let copying = cache.clone();
+                tasks.push(tokio::spawn(async move {
+                    let copy = Bytes::from(vec![b'z'; 9_000]);
+                    copying.insert_copy(&key, 2, &stored, copy).await;
+                }));
+                let storing = cache.clone();
+                tasks.push(tokio::spawn(async move {
+                    store_at(&storing, &format!("/n{i}"), 10_000).await;
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            cache.stats().await;
+            assert_eq!(cache.metrics.cache_evictions.get(), 0);
+            assert_eq!(cache.stats().await.0, 16);
+        }
     }
 
     /// Whether `part` lies within `whole`'s bytes.

@@ -132,6 +132,12 @@ pub struct Counters {
 
 /// Where a hit's compressed body goes once whole: the cache, as the gzip
 /// copy of the entry the hit was made of ([`Compressor::apply_stored`]).
+/// One hit at a time makes a copy of an entry: the first whose body is
+/// polled takes the entry's claim, and the others that find no copy
+/// compress for their clients alone. It gathers what it sends, up to the
+/// room the cache has free: past that, a copy could not be kept, so it
+/// gathers nothing (review47d H1: every hit that found no copy held all it
+/// had sent, 8 MiB of a large body each, in a full cache that kept none).
 #[derive(Debug)]
 pub struct Keep {
     /// Weak: a response whose client stopped reading does not keep a
@@ -140,49 +146,87 @@ pub struct Keep {
     key: String,
     entry: Arc<Entry>,
     level: u32,
-    /// The pieces sent so far (a hit's body is given in pieces of 64 KiB,
-    /// and one past 256 KiB of input a poll is sent in several).
-    pieces: Vec<Bytes>,
+    /// Holds the entry's claim ([`Keep::claim`]), let go when dropped.
+    claimed: bool,
+    /// The stream so far, and the most it may come to.
+    whole: Vec<u8>,
+    room: usize,
     /// Bytes of the entry compressed: all of them, or nothing is kept.
     taken: usize,
     stored: IntCounter,
 }
 
 impl Keep {
-    /// Stores the pieces and `last`, the whole gzip stream, in a task of
-    /// its own (a body's poll cannot wait on the store), unless a copy is
-    /// stored already or being stored by another hit.
-    fn store(self: Box<Self>, last: &[u8]) {
+    /// Takes the entry's claim, if no other hit has it and the cache has
+    /// room for a copy at all.
+    fn claim(&mut self) -> bool {
+        let Some(cache) = self.cache.upgrade() else {
+            return false;
+        };
+        self.room = usize::try_from(cache.free_room()).unwrap_or(usize::MAX);
+        self.claimed = self.room > 0 && self.entry.claim_copy(self.level);
+        self.claimed
+    }
+
+    /// Adds a piece of the stream; false once it is more than a copy
+    /// could be.
+    fn gather(&mut self, piece: &[u8]) -> bool {
+        if self.whole.len() + piece.len() > self.room {
+            return false;
+        }
+        self.whole.extend_from_slice(piece);
+        true
+    }
+
+    /// Stores the stream, ending with `last`, in a task of its own (a
+    /// body's poll cannot wait on the store).
+    fn store(mut self: Box<Self>, last: &[u8]) {
         // One encoder run gone wrong would be sent to every later client.
-        if self.taken != self.entry.body.len() || !self.entry.claim_copy(self.level) {
+        if self.taken != self.entry.body.len() || !self.gather(last) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.entry.release_copy();
             return;
         };
-        let length = self.pieces.iter().map(Bytes::len).sum::<usize>() + last.len();
-        let mut whole = Vec::with_capacity(length);
-        for piece in &self.pieces {
-            whole.extend_from_slice(piece);
-        }
-        whole.extend_from_slice(last);
         runtime.spawn(async move {
-            let kept = match self.cache.upgrade() {
-                Some(cache) => {
-                    let whole = Bytes::from(whole);
-                    cache
-                        .insert_copy(&self.key, self.level, &self.entry, whole)
-                        .await
-                }
-                None => false,
+            let Some(cache) = self.cache.upgrade() else {
+                return;
             };
-            self.entry.release_copy();
+            let whole = Bytes::from(std::mem::take(&mut self.whole));
+            let kept = cache
+                .insert_copy(&self.key, self.level, &self.entry, whole)
+                .await;
             if kept {
                 self.stored.inc();
             }
         });
     }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        // Stored, refused, or the body cut short: the next hit may try.
+        if self.claimed {
+            self.entry.release_copy();
+        }
+    }
+}
+
+/// What [`Compressor::apply_stored`] made of a hit.
+#[allow(clippy::large_enum_variant)] // matched as soon as it is returned
+pub(super) enum FromStored {
+    /// The response to send.
+    Sent(http::Response<ProxyBody>),
+    /// One to compress ([`Compressor::compress_stored`]).
+    ToCompress(StoredHit),
+}
+
+/// A hit to compress, and the entry it was made of.
+pub(super) struct StoredHit {
+    asked: Asked,
+    parts: http::response::Parts,
+    body: ProxyBody,
+    stored: Stored,
 }
 
 /// What to do with a response on a compressing route.
@@ -244,55 +288,78 @@ impl Compressor {
     }
 
     /// [`Compressor::apply`] for a hit from the cache, made of `stored`,
-    /// to a client that takes gzip: the copy the cache keeps of the entry
-    /// compressed is sent, with its length, if there is one; else the
-    /// entry is compressed as it is sent, and the cache keeps the result
-    /// ([`Keep`]), so that the next hits are not. nginx compresses every
-    /// hit of its `proxy_cache`; Varnish stores the gzip form.
-    pub(super) async fn apply_stored(
+    /// to a client that takes gzip. One to compress is handed back, for
+    /// [`Compressor::compress_stored`]: the others (an image, a 304, a
+    /// range) need no look for the cache's copy.
+    pub(super) fn apply_stored(
         &self,
         asked: Asked,
         response: http::Response<ProxyBody>,
-        cache: &Arc<Cache>,
         stored: Stored,
-    ) -> http::Response<ProxyBody> {
-        let Stored { key, entry, fresh } = stored;
+    ) -> FromStored {
         // The entry's own response, not a 304, 206, 412 or 416 made of it.
-        if response.status() != entry.status {
-            return self.apply(asked, response);
+        if response.status() != stored.entry.status {
+            return FromStored::Sent(self.apply(asked, response));
         }
-        let (mut parts, body) = response.into_parts();
+        let (parts, body) = response.into_parts();
         let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
+        if decision != Decision::Compress {
+            return FromStored::Sent(self.act(decision, &asked, parts, body, None));
+        }
+        FromStored::ToCompress(StoredHit {
+            asked,
+            parts,
+            body,
+            stored,
+        })
+    }
+
+    /// A hit to compress: the copy the cache keeps of its entry compressed
+    /// is sent, with its length, if there is one; else the entry is
+    /// compressed as it is sent, and the cache keeps the result ([`Keep`]),
+    /// so that the next hits are not. nginx compresses every hit of its
+    /// `proxy_cache`; Varnish stores the gzip form.
+    pub(super) async fn compress_stored(
+        &self,
+        hit: StoredHit,
+        cache: &Arc<Cache>,
+    ) -> http::Response<ProxyBody> {
+        let StoredHit {
+            asked,
+            mut parts,
+            body,
+            stored: Stored { key, entry, fresh },
+        } = hit;
         let level = self.config.level;
-        if decision == Decision::Compress {
-            if let Some(copy) = cache.copy_for(&key, level, &entry).await {
-                self.compressed_head(&mut parts.headers);
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
-                self.counters.copies_served.inc();
-                let body = if asked.head {
-                    ProxyBody::empty()
-                } else {
-                    ProxyBody::full(copy)
-                };
-                return http::Response::from_parts(parts, body);
-            }
+        if let Some(copy) = cache.copy_for(&key, level, &entry).await {
+            self.compressed_head(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+            self.counters.copies_served.inc();
+            let body = if asked.head {
+                ProxyBody::empty()
+            } else {
+                ProxyBody::full(copy)
+            };
+            return http::Response::from_parts(parts, body);
         }
         // Not of an entry about to be replaced (stale-while-revalidate),
         // nor for a HEAD, which compresses nothing.
-        let keep = (decision == Decision::Compress && fresh && !asked.head).then(|| {
+        let keep = (fresh && !asked.head).then(|| {
             Box::new(Keep {
                 cache: Arc::downgrade(cache),
                 key,
                 entry,
                 level,
-                pieces: Vec::new(),
+                claimed: false,
+                whole: Vec::new(),
+                room: 0,
                 taken: 0,
                 stored: self.counters.copies_stored.clone(),
             })
         });
-        self.act(decision, &asked, parts, body, keep)
+        self.act(Decision::Compress, &asked, parts, body, keep)
     }
 
     /// Does to a response what `decision` says; a compressed body is
@@ -677,6 +744,13 @@ impl Gzip {
         if self.done {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
+        // A copy is made by the first hit whose body is polled, not by
+        // one whose client reads nothing yet (review47b L4).
+        if let Some(keep) = &mut self.keep {
+            if !keep.claimed && !keep.claim() {
+                self.keep = None;
+            }
+        }
         // Input taken in this poll: a body in memory that compresses very
         // well would otherwise be taken whole (8 MiB of repeated JSON in 9
         // ms at level 2, review46d L2), holding up the task's other work.
@@ -772,7 +846,9 @@ impl Gzip {
         self.bytes_out += self.out.len() as u64;
         let out = Bytes::from(std::mem::take(&mut self.out));
         if let Some(keep) = &mut self.keep {
-            keep.pieces.push(out.clone());
+            if !keep.gather(&out) {
+                self.keep = None;
+            }
         }
         // A long stream shows in the metrics as it goes, a MiB at a time.
         if self.bytes_in >= COUNT_EVERY {
@@ -814,6 +890,69 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+
+    /// A cache of `max_size` holding one 10,000-byte response: its key
+    /// and entry.
+    async fn stored_in(max_size: u64) -> (Arc<Cache>, String, Arc<Entry>) {
+        let config = crate::config::Cache {
+            max_size,
+            ..crate::config::Cache::default()
+        };
+        let cache = Cache::new(config, Arc::new(crate::metrics::Metrics::new()));
+        let primary = crate::cache::key::primary("http", "shop", "/page");
+        let fill = cache.begin_fill(primary.clone());
+        let now = std::time::SystemTime::now();
+        let stored = Entry::new(
+            StatusCode::OK,
+            None,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; 10_000]),
+            crate::cache::policy::Timing::new(&HeaderMap::new(), now, now),
+            std::time::Duration::from_secs(60),
+            crate::cache::policy::CacheControl::default(),
+        );
+        cache.insert(&fill, &HeaderMap::new(), stored).await;
+        let key = cache.key_for(&primary, &HeaderMap::new()).unwrap();
+        let entry = cache.get(&key).await.unwrap();
+        (cache, key, entry)
+    }
+
+    /// A [`Keep`] for a copy of `entry`.
+    fn keep(cache: &Arc<Cache>, key: &str, entry: &Arc<Entry>) -> Keep {
+        Keep {
+            cache: Arc::downgrade(cache),
+            key: key.to_owned(),
+            entry: entry.clone(),
+            level: 2,
+            claimed: false,
+            whole: Vec::new(),
+            room: 0,
+            taken: 0,
+            stored: counters().copies_stored,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_hit_at_a_time_gathers_a_copy_and_no_more_than_fits() {
+        let (cache, key, entry) = stored_in(1 << 20).await;
+        let mut first = keep(&cache, &key, &entry);
+        let mut second = keep(&cache, &key, &entry);
+        assert!(first.claim());
+        assert!(!second.claim(), "claimed by the first");
+        // What it gathers is bounded by the room the cache has free
+        // (review47d H1: every hit that found no copy held all it sent).
+        let room = usize::try_from(cache.free_room()).unwrap();
+        assert!(first.gather(&vec![0; room / 2]));
+        assert!(!first.gather(&vec![0; room - room / 2 + 1]));
+        drop(first);
+        assert!(second.claim(), "let go by the first");
+
+        // A cache with a few bytes free gathers no more.
+        let (cache, key, entry) = stored_in(entry.bytes(&key) + 100).await;
+        let mut keep = keep(&cache, &key, &entry);
+        assert!(keep.claim());
+        assert!(!keep.gather(&[0; 101]));
+    }
 
     fn counters() -> Counters {
         let counter = || IntCounter::new("c", "c").unwrap();

@@ -885,10 +885,13 @@ impl Proxy {
                 error::quota_headers(response.headers_mut(), quota);
                 if let Some((compressor, asked)) = compressing {
                     response = match stored {
-                        // Boxed: only hits to clients that take gzip make it.
-                        Some(stored) => {
-                            Box::pin(compressor.apply_stored(asked, response, cache, stored)).await
-                        }
+                        Some(stored) => match compressor.apply_stored(asked, response, stored) {
+                            compress::FromStored::Sent(response) => response,
+                            // Boxed: only hits to compress make it.
+                            compress::FromStored::ToCompress(hit) => {
+                                Box::pin(compressor.compress_stored(hit, cache)).await
+                            }
+                        },
                         None => compressor.apply(asked, response),
                     };
                 }
