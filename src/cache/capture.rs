@@ -54,6 +54,7 @@ impl Fate {
     const TOO_LARGE: u8 = 1;
     const FILL_BUDGET: u8 = 2;
     const INVALIDATED: u8 = 3;
+    const SUPERSEDED: u8 = 4;
 
     fn set(&self, why: u8) {
         self.0.store(why, std::sync::atomic::Ordering::Relaxed);
@@ -79,6 +80,7 @@ impl Fate {
             Self::TOO_LARGE => Some("too-large"),
             Self::FILL_BUDGET => Some("fill-budget"),
             Self::INVALIDATED => Some("invalidated"),
+            Self::SUPERSEDED => Some("superseded"),
             _ => None,
         }
     }
@@ -274,6 +276,8 @@ impl Capture {
             let kept = cache.insert_shared(&fill, &request, entry.clone()).await;
             match kept {
                 Err(super::NotKept::Overtaken) => fate.set(Fate::INVALIDATED),
+                // A fetch begun after this one stored its newer answer.
+                Err(super::NotKept::Superseded) => fate.set(Fate::SUPERSEDED),
                 // Tipped over by its key's Vary part: marked as in
                 // `finish`, before the leader goes, so its waiters fetch at
                 // once (review33f F2).

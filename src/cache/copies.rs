@@ -130,7 +130,9 @@ impl Entry {
         self.copying.store(true, Ordering::Release);
     }
 
-    /// Whether the room of this entry, removed, is freed by its remover.
+    /// Whether the room of this entry, removed by a call, is freed by
+    /// its remover. (Removed by the store's own work first, its room is
+    /// freed by the listener, and the remover finds nothing to remove.)
     pub(super) fn withdrawn(&self) -> bool {
         self.is_copy() && self.copying.load(Ordering::Acquire)
     }
@@ -198,6 +200,7 @@ impl Cache {
         body: Bytes,
     ) -> bool {
         self.drop_orphans().await;
+        self.settle_freed();
         let elapsed = self
             .now()
             .duration_since(entry.timing.response_time)
@@ -217,6 +220,7 @@ impl Cache {
             copy_of: Some(Arc::downgrade(entry)),
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(bit(level)),
+            fetched: AtomicU64::new(0),
         });
         // Replaced or dropped while it was compressed: a copy of it would
         // only take room, and might replace one of the entry now stored.
@@ -282,6 +286,7 @@ impl Cache {
     /// before the store evicts any response. With no copy left to drop,
     /// the room is taken all the same, and the store evicts as it did.
     pub(super) async fn make_room(&self, weight: u64) -> Room<'_> {
+        self.settle_freed();
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         loop {
             let listed = self.copies.listed.notified();

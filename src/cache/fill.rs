@@ -33,6 +33,8 @@ pub struct Fill {
     cache: Arc<Cache>,
     primary: String,
     generation: u64,
+    /// Its place among the cache's fetches, by when they began.
+    sequence: u64,
 }
 
 impl Fill {
@@ -46,11 +48,20 @@ impl Fill {
             cache: cache.clone(),
             primary,
             generation,
+            sequence: cache
+                .fetches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
     pub fn primary(&self) -> &str {
         &self.primary
+    }
+
+    /// Its place among the cache's fetches, by when they began: of two
+    /// answers for one key, the one with the later place is the newer.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
     }
 
     /// The URL was invalidated or purged since this fetch began.

@@ -79,6 +79,9 @@ fn take_off(held: &AtomicU64, weight: u64) {
 pub enum NotKept {
     /// An invalidation overtook the fetch.
     Overtaken,
+    /// What is stored was fetched by a request begun after this one's:
+    /// it is the newer answer.
+    Superseded,
     /// Its `Vary` cannot be read (decided before it got this far).
     Unmatchable,
     /// With its head and key it outweighs `max_size`.
@@ -114,6 +117,9 @@ pub struct Entry {
     /// The levels (a bit each) of the gzip copies stored of this entry, so
     /// that they go when it does; a copy's own level.
     copied: AtomicU16,
+    /// Which fetch brought it, in the order fetches began
+    /// ([`fill::Fill::sequence`]), set as it is stored.
+    fetched: AtomicU64,
 }
 
 impl Entry {
@@ -152,6 +158,7 @@ impl Entry {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
+            fetched: AtomicU64::new(0),
         }
     }
 
@@ -359,6 +366,8 @@ pub struct Cache {
     freed: Arc<AtomicU64>,
     /// Stores between their taking room and the store's having the entry.
     reserving: Arc<AtomicU64>,
+    /// Fetches begun, which numbers them ([`fill::Fill::sequence`]).
+    fetches: AtomicU64,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
     /// could leave the index naming the entry the store had replaced, and
@@ -466,19 +475,20 @@ impl Cache {
                 let freed = freed.clone();
                 move |key: Arc<Arc<str>>, entry: Arc<Entry>, cause| {
                     let weight = u64::from(entry.weight(&key));
-                    // An entry removed, replaced or found expired by a
-                    // call is reported before the store queues the change:
-                    // room freed then could let another store's insert be
-                    // queued first, and the store would evict for it
-                    // (review47d M2). Freed once the call is done
-                    // ([`Cache::settle_freed`]); an eviction is the
-                    // store's own work, done.
-                    if entry.withdrawn() {
-                        // Its remover frees its room.
-                    } else if cause != RemovalCause::Size {
-                        freed.fetch_add(weight, Ordering::Relaxed);
-                    } else {
+                    // An entry removed or replaced by a call is reported
+                    // before the store queues the change: room freed then
+                    // could let another store's insert be queued first,
+                    // and the store would evict for it (review47d M2).
+                    // Freed once the call is done ([`Cache::settle_freed`];
+                    // a copy's remover frees its room itself). Evictions
+                    // and expiries are the store's own work, done: their
+                    // room is free at once (review47e M1: held back, it
+                    // made copies go and others be refused for nothing).
+                    let housekeeping = matches!(cause, RemovalCause::Size | RemovalCause::Expired);
+                    if housekeeping {
                         take_off(&held, weight);
+                    } else if !entry.withdrawn() {
+                        freed.fetch_add(weight, Ordering::Relaxed);
                     }
                     // A gzip copy is in no index, and is no response of
                     // its own to count.
@@ -509,6 +519,7 @@ impl Cache {
             held,
             freed,
             reserving: Arc::default(),
+            fetches: AtomicU64::new(1),
             inserting: (0..INSERT_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -738,6 +749,18 @@ impl Cache {
         let room = self.make_room(weight).await;
         let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &*full) as usize;
         let _inserting = self.inserting[stripe % INSERT_STRIPES].lock().await;
+        // A fetch begun before the one whose answer is stored brings an
+        // older answer, whichever came back last: a revalidation begun
+        // before a `no-cache` fetch, ending after it, replaced the newer
+        // answer with the older body (review47c L1; RFC 9111 §4 has a
+        // cache use the most recent response).
+        let fetched = fill.sequence();
+        if let Some(stored) = self.store.get(&*full).await {
+            if stored.fetched.load(Ordering::Relaxed) > fetched {
+                return Err(NotKept::Superseded);
+            }
+        }
+        entry.fetched.store(fetched, Ordering::Relaxed);
         let dropped = {
             let mut variants = match self.index.get_mut(primary) {
                 Some(variants) => variants,
@@ -962,6 +985,7 @@ mod tests {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
+            fetched: AtomicU64::new(0),
         }
     }
 
@@ -1157,6 +1181,73 @@ mod tests {
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
         assert!(!cache.insert_copy(&key, 2, &stored, copy).await);
         assert!(held(&cache, &key).await);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_an_earlier_fetch_does_not_replace_a_later_one() {
+        let cache = cache();
+        let request = HeaderMap::new();
+        let earlier = cache.begin_fill(PRIMARY.to_owned());
+        let later = cache.begin_fill(PRIMARY.to_owned());
+        let mut newer = entry("accept");
+        newer.body = Bytes::from_static(b"v2");
+        assert!(cache
+            .insert_shared(&later, &request, Arc::new(newer))
+            .await
+            .is_ok());
+        // The earlier fetch's answer comes back last (review47c L1: a
+        // revalidation begun before a `no-cache` fetch replaced its
+        // answer with the older body).
+        let older = Arc::new(entry("accept"));
+        let kept = cache.insert_shared(&earlier, &request, older).await;
+        assert_eq!(kept, Err(NotKept::Superseded));
+        let key = cache.key_for(PRIMARY, &request).unwrap();
+        assert_eq!(&cache.get(&key).await.unwrap().body[..], b"v2");
+        // A fetch begun after both replaces it.
+        let next = cache.begin_fill(PRIMARY.to_owned());
+        let newest = Arc::new(entry("accept"));
+        assert!(cache.insert_shared(&next, &request, newest).await.is_ok());
+        assert_eq!(&cache.get(&key).await.unwrap().body[..], b"x");
+    }
+
+    #[tokio::test]
+    async fn the_room_of_expired_responses_is_free_at_once() {
+        let (response, copy_weight) = {
+            let cache = cache();
+            let (key, stored) = store_at(&cache, "/a", 10_000).await;
+            let copy = Bytes::from(vec![b'z'; 8_000]);
+            assert!(cache.insert_copy(&key, 2, &stored, copy).await);
+            let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
+            (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
+        };
+        // Room for 4 responses and 1 copy.
+        let config = config::Cache {
+            max_size: 4 * response + copy_weight + 100,
+            ..config::Cache::default()
+        };
+        let cache = Cache::new(config, Arc::new(Metrics::new()));
+        let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
+        let copy = Bytes::from(vec![b'z'; 8_000]);
+        assert!(cache.insert_copy(&a, 2, &stored_a, copy).await);
+        // Three responses of a second's life.
+        for i in 0..3 {
+            let primary = key::primary("http", "shop", &format!("/s{i}"));
+            let fill = cache.begin_fill(primary);
+            let mut brief = entry("accept");
+            brief.body = Bytes::from(vec![b'x'; 10_000]);
+            brief.lifetime = Duration::from_secs(1);
+            cache.insert(&fill, &HeaderMap::new(), brief).await;
+        }
+        // The store's clock is its own: waited out, not advanced.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The store's own work, which a hit may run, finds them expired.
+        cache.store.run_pending_tasks().await;
+        assert_eq!(cache.store.entry_count(), 2, "a and its copy left");
+        // Room for three responses is free: a new one takes no copy's
+        // (review47e M1: it was counted as used until a store ended).
+        let (b, _) = store_at(&cache, "/b", 10_000).await;
+        assert!(held(&cache, &b).await);
+        assert!(held(&cache, &copy_key(&a, 2)).await, "a's copy dropped");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,9 +169,12 @@ impl Keep {
     }
 
     /// Adds a piece of the stream; false once it is more than a copy
-    /// could be.
+    /// could be, and for every piece after that (a stream with a piece
+    /// left out is no copy).
     fn gather(&mut self, piece: &[u8]) -> bool {
         if self.whole.len() + piece.len() > self.room {
+            self.room = 0;
+            self.whole = Vec::new();
             return false;
         }
         self.whole.extend_from_slice(piece);
@@ -192,7 +195,9 @@ impl Keep {
             let Some(cache) = self.cache.upgrade() else {
                 return;
             };
-            let whole = Bytes::from(std::mem::take(&mut self.whole));
+            // Exactly its length: a vector grown piece by piece has up to
+            // as much room again, which the copy would hold (review47e M2).
+            let whole = Bytes::from(std::mem::take(&mut self.whole).into_boxed_slice());
             let kept = cache
                 .insert_copy(&self.key, self.level, &self.entry, whole)
                 .await;
@@ -944,6 +949,7 @@ mod tests {
         let room = usize::try_from(cache.free_room()).unwrap();
         assert!(first.gather(&vec![0; room / 2]));
         assert!(!first.gather(&vec![0; room - room / 2 + 1]));
+        assert!(!first.gather(&[0]), "a stream with a piece left out");
         drop(first);
         assert!(second.claim(), "let go by the first");
 
