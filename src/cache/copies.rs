@@ -220,7 +220,6 @@ impl Cache {
             copy_of: Some(Arc::downgrade(entry)),
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(bit(level)),
-            fetched: AtomicU64::new(0),
         });
         // Replaced or dropped while it was compressed: a copy of it would
         // only take room, and might replace one of the entry now stored.

@@ -24,6 +24,9 @@ pub(super) struct Pending {
     generation: u64,
     /// The fetches under way; the record goes with the last.
     fills: usize,
+    /// For each key of the URL stored while fetches were under way, the
+    /// [`Fill::sequence`] of the latest-begun fetch whose answer it was.
+    stored: Vec<(Arc<str>, u64)>,
 }
 
 /// A fetch that may end in a store, from before its request goes out until
@@ -90,6 +93,30 @@ impl Drop for Fill {
 pub(super) type UrlMatch = dyn Fn(&str, &str) -> bool;
 
 impl Cache {
+    /// Whether an answer of a fetch begun after `fill` was stored under
+    /// `full` while `fill` was under way: `fill`'s is the older, whichever
+    /// came back last, even if that one has left the store since.
+    pub(super) fn superseded(&self, fill: &Fill, full: &str) -> bool {
+        self.fills.get(&fill.primary).is_some_and(|pending| {
+            pending
+                .stored
+                .iter()
+                .any(|(key, sequence)| **key == *full && *sequence > fill.sequence)
+        })
+    }
+
+    /// Notes that `fill`'s answer is stored under `full`, for
+    /// [`Cache::superseded`].
+    pub(super) fn note_stored(&self, fill: &Fill, full: &Arc<str>) {
+        let Some(mut pending) = self.fills.get_mut(&fill.primary) else {
+            return;
+        };
+        match pending.stored.iter_mut().find(|(key, _)| key == full) {
+            Some((_, sequence)) => *sequence = (*sequence).max(fill.sequence),
+            None => pending.stored.push((full.clone(), fill.sequence)),
+        }
+    }
+
     /// Marks the fetches under way for `primary` overtaken. Called before
     /// the stored variants are dropped (see [`Cache::insert`] for why).
     pub(super) fn overtake(&self, primary: &str) {

@@ -117,9 +117,6 @@ pub struct Entry {
     /// The levels (a bit each) of the gzip copies stored of this entry, so
     /// that they go when it does; a copy's own level.
     copied: AtomicU16,
-    /// Which fetch brought it, in the order fetches began
-    /// ([`fill::Fill::sequence`]), set as it is stored.
-    fetched: AtomicU64,
 }
 
 impl Entry {
@@ -158,7 +155,6 @@ impl Entry {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
-            fetched: AtomicU64::new(0),
         }
     }
 
@@ -754,13 +750,11 @@ impl Cache {
         // before a `no-cache` fetch, ending after it, replaced the newer
         // answer with the older body (review47c L1; RFC 9111 §4 has a
         // cache use the most recent response).
-        let fetched = fill.sequence();
-        if let Some(stored) = self.store.get(&*full).await {
-            if stored.fetched.load(Ordering::Relaxed) > fetched {
-                return Err(NotKept::Superseded);
-            }
+        // Its own fill keeps the URL's record of stores alive from before
+        // the later fetch began, so one evicted since counts too.
+        if self.superseded(fill, &full) {
+            return Err(NotKept::Superseded);
         }
-        entry.fetched.store(fetched, Ordering::Relaxed);
         let dropped = {
             let mut variants = match self.index.get_mut(primary) {
                 Some(variants) => variants,
@@ -819,6 +813,7 @@ impl Cache {
         // What it replaced.
         self.settle_freed();
         self.stored(primary, &names, &full);
+        self.note_stored(fill, &full);
         // An invalidation marks fills before it reads the index. Overtaken
         // since the check above, it may have missed this key, or dropped it
         // before the store took it: undo. Not overtaken yet, any later
@@ -985,7 +980,6 @@ mod tests {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
-            fetched: AtomicU64::new(0),
         }
     }
 
@@ -1195,15 +1189,17 @@ mod tests {
             .insert_shared(&later, &request, Arc::new(newer))
             .await
             .is_ok());
+        // Evicted since (a busy cache), it is still the newer answer.
+        let key = cache.key_for(PRIMARY, &request).unwrap();
+        cache.forget_variant(&key).await;
         // The earlier fetch's answer comes back last (review47c L1: a
         // revalidation begun before a `no-cache` fetch replaced its
         // answer with the older body).
         let older = Arc::new(entry("accept"));
         let kept = cache.insert_shared(&earlier, &request, older).await;
         assert_eq!(kept, Err(NotKept::Superseded));
-        let key = cache.key_for(PRIMARY, &request).unwrap();
-        assert_eq!(&cache.get(&key).await.unwrap().body[..], b"v2");
-        // A fetch begun after both replaces it.
+        assert!(cache.get(&key).await.is_none());
+        // A fetch begun after both is stored.
         let next = cache.begin_fill(PRIMARY.to_owned());
         let newest = Arc::new(entry("accept"));
         assert!(cache.insert_shared(&next, &request, newest).await.is_ok());
