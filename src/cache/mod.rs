@@ -1123,17 +1123,20 @@ mod tests {
         (key, entry)
     }
 
+    /// What a response of 10,000 bytes weighs, and a copy of it of 8,000,
+    /// weighed in a cache of their own.
+    async fn weights() -> (u64, u64) {
+        let cache = cache();
+        let (key, stored) = store_at(&cache, "/a", 10_000).await;
+        let copy = Bytes::from(vec![b'z'; 8_000]);
+        assert!(cache.insert_copy(&key, 2, &stored, copy).await);
+        let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
+        (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
+    }
+
     #[tokio::test]
     async fn copies_take_only_the_room_responses_leave_free() {
-        // Weighed in a cache of its own: a response, and a copy.
-        let (response, copy_weight) = {
-            let cache = cache();
-            let (key, stored) = store_at(&cache, "/a", 10_000).await;
-            let copy = Bytes::from(vec![b'z'; 8_000]);
-            assert!(cache.insert_copy(&key, 2, &stored, copy).await);
-            let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
-            (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
-        };
+        let (response, copy_weight) = weights().await;
         // Room for three responses, or two and one copy, not two copies.
         assert!(2 * copy_weight > response);
         let config = config::Cache {
@@ -1208,14 +1211,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_room_of_expired_responses_is_free_at_once() {
-        let (response, copy_weight) = {
-            let cache = cache();
-            let (key, stored) = store_at(&cache, "/a", 10_000).await;
-            let copy = Bytes::from(vec![b'z'; 8_000]);
-            assert!(cache.insert_copy(&key, 2, &stored, copy).await);
-            let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
-            (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
-        };
+        let (response, copy_weight) = weights().await;
         // Room for 4 responses and 1 copy.
         let config = config::Cache {
             max_size: 4 * response + copy_weight + 100,
@@ -1253,11 +1249,7 @@ mod tests {
         // copy and a response counting on the same room made the store
         // evict a response in 12 of 200 runs (review47d M2).
         for _ in 0..50 {
-            let (response, _) = {
-                let cache = cache();
-                let (key, stored) = store_at(&cache, "/w", 10_000).await;
-                (stored.bytes(&key), ())
-            };
+            let (response, _) = weights().await;
             let config = config::Cache {
                 max_size: 16 * response + response / 2,
                 ..config::Cache::default()
