@@ -249,11 +249,7 @@ impl Cache {
             self.remove_copy(&key, &copy).await;
         }
         drop(storing);
-        let unsettled = self.unsettled.fetch_add(weight, Ordering::Relaxed) + weight;
-        if unsettled >= (self.config.max_size / 32).max(1) {
-            self.unsettled.store(0, Ordering::Relaxed);
-            self.let_go().await;
-        }
+        self.brought(weight).await;
         kept
     }
 
