@@ -25,7 +25,7 @@ pub(super) struct Pending {
     /// The fetches under way; the record goes with the last.
     fills: usize,
     /// For each key of the URL stored while fetches were under way, the
-    /// [`Fill::sequence`] of the latest-begun fetch whose answer it was.
+    /// sequence of the latest-begun fetch whose answer it was.
     stored: Vec<(Arc<str>, u64)>,
 }
 
@@ -36,7 +36,8 @@ pub struct Fill {
     cache: Arc<Cache>,
     primary: String,
     generation: u64,
-    /// Its place among the cache's fetches, by when they began.
+    /// Its place among the cache's fetches, by when they began: of two
+    /// answers for one key, the one with the later place is the newer.
     sequence: u64,
 }
 
@@ -59,12 +60,6 @@ impl Fill {
 
     pub fn primary(&self) -> &str {
         &self.primary
-    }
-
-    /// Its place among the cache's fetches, by when they began: of two
-    /// answers for one key, the one with the later place is the newer.
-    pub fn sequence(&self) -> u64 {
-        self.sequence
     }
 
     /// The URL was invalidated or purged since this fetch began.

@@ -362,7 +362,7 @@ pub struct Cache {
     freed: Arc<AtomicU64>,
     /// Stores between their taking room and the store's having the entry.
     reserving: Arc<AtomicU64>,
-    /// Fetches begun, which numbers them ([`fill::Fill::sequence`]).
+    /// Fetches begun, which numbers them (see [`fill::Fill`]).
     fetches: AtomicU64,
     /// Held by an insert from its index record to its store insert, one
     /// for the keys of each stripe: two inserts of one key interleaved
@@ -745,13 +745,12 @@ impl Cache {
         let room = self.make_room(weight).await;
         let stripe = std::hash::BuildHasher::hash_one(&self.url_hasher, &*full) as usize;
         let _inserting = self.inserting[stripe % INSERT_STRIPES].lock().await;
-        // A fetch begun before the one whose answer is stored brings an
-        // older answer, whichever came back last: a revalidation begun
-        // before a `no-cache` fetch, ending after it, replaced the newer
-        // answer with the older body (review47c L1; RFC 9111 §4 has a
-        // cache use the most recent response).
-        // Its own fill keeps the URL's record of stores alive from before
-        // the later fetch began, so one evicted since counts too.
+        // A fetch begun before one whose answer was stored brings an older
+        // answer, whichever came back last (RFC 9111 §4 has a cache use
+        // the most recent response): a revalidation begun before a
+        // `no-cache` fetch and ending after it would put the older body
+        // back. Its own fill keeps the URL's record of stores alive from
+        // before the later fetch began, so one evicted since counts too.
         if self.superseded(fill, &full) {
             return Err(NotKept::Superseded);
         }
