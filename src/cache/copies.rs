@@ -206,6 +206,11 @@ impl Cache {
             .duration_since(entry.timing.response_time)
             .unwrap_or_default();
         let left = entry.keep_for().saturating_sub(elapsed);
+        // Replaced or dropped while it was compressed: a copy of it would
+        // only take room, and might replace one of the entry now stored.
+        if left.is_zero() || !self.holds(full, entry).await {
+            return false;
+        }
         let key: Arc<str> = copy_key(full, level).into();
         let copy = Arc::new(Entry {
             status: entry.status,
@@ -221,11 +226,6 @@ impl Cache {
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(bit(level)),
         });
-        // Replaced or dropped while it was compressed: a copy of it would
-        // only take room, and might replace one of the entry now stored.
-        if left.is_zero() || !self.holds(full, entry).await {
-            return false;
-        }
         // Only in room the stored responses leave free: a copy never
         // pushes one out (review47a M1: a response and its copy too large
         // for the cache together, the copy evicted the response it was
