@@ -157,6 +157,26 @@ pub struct Keep {
 }
 
 impl Keep {
+    fn new(
+        cache: &Arc<Cache>,
+        key: String,
+        entry: Arc<Entry>,
+        level: u32,
+        stored: IntCounter,
+    ) -> Self {
+        Keep {
+            cache: Arc::downgrade(cache),
+            key,
+            entry,
+            level,
+            claimed: false,
+            whole: Vec::new(),
+            room: 0,
+            taken: 0,
+            stored,
+        }
+    }
+
     /// Takes the entry's claim, if no other hit has it and the cache has
     /// room for a copy at all.
     fn claim(&mut self) -> bool {
@@ -352,17 +372,8 @@ impl Compressor {
         // Not of an entry about to be replaced (stale-while-revalidate),
         // nor for a HEAD, which compresses nothing.
         let keep = (fresh && !asked.head).then(|| {
-            Box::new(Keep {
-                cache: Arc::downgrade(cache),
-                key,
-                entry,
-                level,
-                claimed: false,
-                whole: Vec::new(),
-                room: 0,
-                taken: 0,
-                stored: self.counters.copies_stored.clone(),
-            })
+            let stored = self.counters.copies_stored.clone();
+            Box::new(Keep::new(cache, key, entry, level, stored))
         });
         self.act(Decision::Compress, &asked, parts, body, keep)
     }
@@ -924,17 +935,8 @@ mod tests {
 
     /// A [`Keep`] for a copy of `entry`.
     fn keep(cache: &Arc<Cache>, key: &str, entry: &Arc<Entry>) -> Keep {
-        Keep {
-            cache: Arc::downgrade(cache),
-            key: key.to_owned(),
-            entry: entry.clone(),
-            level: 2,
-            claimed: false,
-            whole: Vec::new(),
-            room: 0,
-            taken: 0,
-            stored: counters().copies_stored,
-        }
+        let stored = counters().copies_stored;
+        Keep::new(cache, key.to_owned(), entry.clone(), 2, stored)
     }
 
     #[tokio::test]
