@@ -504,27 +504,32 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
 }
 
 /// A stored body of 1 MiB that compresses to more than one 64 KiB piece.
-fn large_text() -> String {
-    (0..60_000u64)
-        .map(|n| format!("line {n} {}\n", n * 7919 % 100_003))
-        .collect::<String>()
+fn large_text() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        (0..60_000u64)
+            .map(|n| format!("line {n} {}\n", n * 7919 % 100_003))
+            .collect()
+    })
+}
+
+/// The backend's answer with [`large_text`], stored for a minute.
+fn large_answer(_: &str) -> &'static [u8] {
+    static ANSWER: OnceLock<Vec<u8>> = OnceLock::new();
+    ANSWER.get_or_init(|| {
+        let body = large_text();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_hits_keep_one_copy() {
     let body = large_text();
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
-    let backend = serve_each(move |mut stream| async move {
-        use tokio::io::AsyncWriteExt;
-        while read_head(&mut stream).await.is_some() {
-            let _ = stream.write_all(answer).await;
-        }
-    })
-    .await;
+    let backend = scripted_backend(large_answer).await;
     let proxy = start_proxy(compressing(backend, true)).await;
     let client = client();
     let url = proxy.url("/large");
