@@ -59,14 +59,6 @@ fn cache_of(proxy: &RunningProxy) -> Arc<portico::cache::Cache> {
 /// A path, the request fields to send it with, and what is expected.
 type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
 
-async fn get_with(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut request = Request::get(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
-}
-
 async fn head_of(client: &TestClient, url: &str) -> Answer {
     send(
         client,

@@ -103,7 +103,7 @@ async fn fetch(client: &TestClient, url: &str, accept: Option<&str>) -> Answer {
         Some(accept) => &[("accept-encoding", accept)],
         None => &[],
     };
-    fetch_with(client, url, fields).await
+    get_with(client, url, fields).await
 }
 
 /// A gzip client revalidating the copy it was sent (`W/"v1"`) gets a 304
@@ -111,19 +111,10 @@ async fn fetch(client: &TestClient, url: &str, accept: Option<&str>) -> Answer {
 /// §4.3.4), so that a cache in front freshens that copy.
 async fn revalidates_the_gzip_copy(client: &TestClient, url: &str) {
     let fields = [("accept-encoding", "gzip"), ("if-none-match", "W/\"v1\"")];
-    let revalidated = fetch_with(client, url, &fields).await;
+    let revalidated = get_with(client, url, &fields).await;
     assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
     assert_eq!(revalidated.header("etag"), "W/\"v1\"");
     assert_eq!(revalidated.header("vary"), "Accept-Encoding");
-}
-
-/// A GET of `url` with `fields`.
-async fn fetch_with(client: &TestClient, url: &str, fields: &[(&str, &str)]) -> Answer {
-    let mut request = Request::get(url);
-    for (name, value) in fields {
-        request = request.header(*name, *value);
-    }
-    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
 }
 
 fn gunzip(body: &[u8]) -> Vec<u8> {
@@ -223,7 +214,7 @@ async fn what_is_not_to_be_compressed_goes_as_it_came() {
         assert_eq!(answer.header("content-encoding"), "gzip", "{accept}");
     }
     // A client asking for no transformation gets none.
-    let answer = fetch_with(
+    let answer = get_with(
         &client,
         &proxy.url("/page"),
         &[
@@ -427,8 +418,7 @@ async fn a_stored_response_is_compressed_as_it_is_sent() {
     // The weak tag a gzip client holds revalidates against the stored one.
     revalidates_the_gzip_copy(&client, &proxy.url("/page")).await;
     // A client that holds the plain copy is told of that one.
-    let revalidated =
-        fetch_with(&client, &proxy.url("/page"), &[("if-none-match", "\"v1\"")]).await;
+    let revalidated = get_with(&client, &proxy.url("/page"), &[("if-none-match", "\"v1\"")]).await;
     assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
     assert_eq!(revalidated.header("etag"), "\"v1\"");
 }
@@ -490,7 +480,7 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
     let plain = fetch(&client, &url, None).await;
     assert_eq!(plain.body, page_text());
     assert!(plain.headers.get("content-encoding").is_none());
-    let range = fetch_with(
+    let range = get_with(
         &client,
         &url,
         &[("accept-encoding", "gzip"), ("range", "bytes=0-9")],
@@ -599,7 +589,7 @@ async fn a_copy_is_never_sent_for_the_entry_that_replaced_its_own() {
         .starts_with("answer 1\n"));
 
     // Fetched again, the entry is replaced by the backend's second answer.
-    let fresh = fetch_with(&client, &url, &[("cache-control", "no-cache")]).await;
+    let fresh = get_with(&client, &url, &[("cache-control", "no-cache")]).await;
     assert!(String::from_utf8(fresh.body.to_vec())
         .unwrap()
         .starts_with("answer 2\n"));

@@ -720,14 +720,11 @@ async fn forwarded_requests_follow_rfc_9110_header_hygiene() {
 async fn a_trusted_proxy_s_forwarded_proto_and_host_reach_the_backend() {
     let backend = start_backend(BackendOptions::new("b1")).await;
     let proxy = start_proxy(trusting_loopback(config_for(&[&backend]))).await;
-    let seen = |fields: &[(&str, &str)]| {
-        let mut request = Request::get(proxy.url("/echo/headers"));
-        for (name, value) in fields {
-            request = request.header(*name, *value);
-        }
-        let request = request.body(Full::new(Bytes::new())).unwrap();
-        async {
-            let answer = send(&client(), request).await;
+    let url = proxy.url("/echo/headers");
+    let seen = |fields: &'static [(&'static str, &'static str)]| {
+        let url = url.clone();
+        async move {
+            let answer = get_with(&client(), &url, fields).await;
             serde_json::from_slice::<serde_json::Value>(&answer.body).unwrap()
         }
     };

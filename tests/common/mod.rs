@@ -369,6 +369,15 @@ pub async fn get(client: &TestClient, url: &str) -> Answer {
     .await
 }
 
+/// A GET of `url` with `fields`.
+pub async fn get_with(client: &TestClient, url: &str, fields: &[(&str, &str)]) -> Answer {
+    let mut request = Request::get(url);
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
+    send(client, request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
 /// Writes `raw` on a fresh connection and reads until the server closes or
 /// [`STEP`] passes; for requests a well-behaved client library cannot send.
 pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
