@@ -315,6 +315,19 @@ fn all_collapsed(answers: &[Answer], fwd: &str) -> bool {
         .all(|a| a.header("cache-status") == collapsed)
 }
 
+/// Whether the followers of [`coalesced`], which came after the leader's
+/// fetch was sent, were answered by the next: one of them made it (its
+/// Cache-Status `next`), the nine others waited on it.
+fn answered_by_the_next_fetch(answers: &[Answer], fwd: &str, next: &str) -> bool {
+    let collapsed = format!("portico; fwd={fwd}; collapsed");
+    let statuses: Vec<&str> = answers[..10]
+        .iter()
+        .map(|a| a.header("cache-status"))
+        .collect();
+    let count = |want: &str| statuses.iter().filter(|s| **s == want).count();
+    (count(&collapsed), count(next)) == (9, 1)
+}
+
 /// Coalescing survives a leader whose answer cannot serve the others:
 /// here it is for another variant. The waiters claim the lock again, one
 /// fetches for the rest: two backend requests, not eleven.
@@ -485,8 +498,9 @@ async fn a_burst_answered_304_by_the_backend_is_not_queued() {
     }
 }
 
-/// Nor do a browser's reloads (`max-age=0`): a copy fetched while they
-/// waited is as fresh as any they would fetch themselves.
+/// Nor do a browser's reloads (`max-age=0`): a copy fetched after they
+/// came is as fresh as any they would fetch themselves. The fetch on its
+/// way when they came was sent before: they share the next one.
 #[tokio::test]
 async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
     let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
@@ -497,14 +511,16 @@ async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
         reload,
     )
     .await;
-    assert_eq!(requests, 1);
-    assert!(all_collapsed(&answers, "miss"));
+    assert_eq!(requests, 2);
+    let next = "portico; fwd=miss; stored";
+    assert!(answered_by_the_next_fetch(&answers, "miss", next));
 }
 
 /// An entry to revalidate at every use (`no-cache` and an ETag, the
 /// usual HTML setup) is revalidated once for a burst, not once per
-/// request in turn: what the revalidation vouched for after they came
-/// serves them all.
+/// request in turn: what a revalidation sent after they came vouched for
+/// serves them all. The one on its way when they came was sent before,
+/// maybe before a change they made: they share the next one.
 #[tokio::test]
 async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
     let (requests, answers) = coalesced(
@@ -514,8 +530,9 @@ async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
         &[],
     )
     .await;
-    assert_eq!(requests, 1);
-    assert!(all_collapsed(&answers, "stale"), "{:?}", answers[0].headers);
+    assert_eq!(requests, 2);
+    let next = "portico; fwd=stale; fwd-status=304";
+    assert!(answered_by_the_next_fetch(&answers, "stale", next));
 }
 
 /// A revalidation whose 304 says `private` is served to its own client
@@ -1490,30 +1507,38 @@ async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again(
     assert_eq!(asked, 2);
 }
 
-/// Clients that ask at once to revalidate a fresh entry (`no-cache`, a
-/// browser's reload) are answered by one check between them, each by a
-/// check made after it came: each had its own, and 30 reloads at once were
-/// 30 requests to the origin (review34e 2).
+/// Clients that ask to revalidate a fresh entry (`no-cache`, a browser's
+/// reload) while a check is on its way are answered by the next check,
+/// one between them: each had its own, and 30 reloads at once were 30
+/// requests to the origin (review34e 2). Not by the check on its way: it
+/// was sent before they came, and carries the page as it was before the
+/// change they reload to see; they got it, `fwd=request; collapsed`
+/// (review47c's stale reads).
 #[tokio::test]
-async fn concurrent_reloads_of_a_fresh_entry_make_one_revalidation() {
+async fn reloads_during_a_check_are_answered_by_the_next_one() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
-    let asked = Arc::new(AtomicUsize::new(0));
-    let count = asked.clone();
+    // The page's version, and the requests the backend got.
+    let (version, asked) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(0)));
+    let (now, count) = (version.clone(), asked.clone());
     let addr = serve_each(move |mut stream| {
-        let count = count.clone();
+        let (now, count) = (now.clone(), count.clone());
         async move {
             while let Some(head) = read_head(&mut stream).await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let answer: &[u8] = if String::from_utf8_lossy(&head).to_ascii_lowercase().contains("if-none-match") {
-                    // Slow enough for the others to queue behind it.
+                let page = now.load(Ordering::SeqCst);
+                if String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("if-none-match")
+                {
+                    // Slow enough for the others to come during it.
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: max-age=600\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=600\r\n\
-                      Content-Length: 2\r\n\r\nok"
-                };
-                if stream.write_all(answer).await.is_err() {
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"v{page}\"\r\nCache-Control: max-age=600\r\n\
+                     Content-Length: 2\r\n\r\nv{page}"
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
             }
@@ -1524,24 +1549,40 @@ async fn concurrent_reloads_of_a_fresh_entry_make_one_revalidation() {
     let (client, url) = (client(), proxy.url("/reloaded"));
     get(&client, &url).await;
     until_stored(&proxy, 1).await;
-    let answers: Vec<_> = (0..10)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(
-                async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await },
-            )
-        })
-        .collect();
+    let reload = |client: &TestClient| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await })
+    };
+    let first = reload(&client);
+    // The first reload's check is at the backend: the page changes, and
+    // nine more reloads come.
+    let sent = tokio::time::timeout(STEP, async {
+        while asked.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        sent.await.is_ok(),
+        "the first reload's check within {STEP:?}"
+    );
+    version.store(2, Ordering::SeqCst);
+    let later: Vec<_> = (0..9).map(|_| reload(&client)).collect();
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.status, first.body.as_ref()),
+        (StatusCode::OK, &b"v1"[..])
+    );
     let mut collapsed = 0;
-    for answer in answers {
+    for answer in later {
         let answer = answer.await.unwrap();
         assert_eq!(answer.status, StatusCode::OK);
-        assert_eq!(answer.body, "ok");
+        assert_eq!(answer.body, "v2", "{:?}", answer.headers);
         let said = answer.header("cache-status");
         collapsed += usize::from(said == "portico; fwd=request; collapsed");
     }
-    assert_eq!(collapsed, 9);
-    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    assert_eq!(collapsed, 8);
+    // The fill, the first reload's check, and one for the nine.
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
 }
 
 /// Ten concurrent requests for a stale entry (`stale-if-error`) whose

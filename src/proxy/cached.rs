@@ -324,11 +324,19 @@ enum Woken {
 
 /// Waits (until `deadline`) for the request fetching its URL to finish,
 /// then answers from what is stored if that serves this request: fresh
-/// for it, or the entry that very fetch stored, fetched or validated after
-/// this request `arrived`, whatever it asked (`no-cache`, `max-age=0`) and
-/// whatever the entry's own freshness: a copy the origin gave or vouched
-/// for after the request came is what it would have got itself (nginx and
-/// Varnish serve coalesced waiters alike).
+/// for it, or the entry that very fetch stored, if the fetch was sent
+/// after this request `arrived`, whatever it asked (`no-cache`,
+/// `max-age=0`) and whatever the entry's own freshness: a copy the origin
+/// gave or vouched for when asked after the request came is what it would
+/// have got itself (nginx and Varnish serve coalesced waiters alike).
+///
+/// Sent after, not answered after: a check sent before the request came
+/// may carry what the origin held before a change the client made and
+/// then reloaded to see (review47c's stale reads: a `no-cache` reload
+/// answered with the old page, `fwd=request; collapsed`). Such a waiter
+/// finds [`Woken::Nothing`] and waits on the next check, which all the
+/// requests that came during this one share: one check at a time per
+/// URL, each request answered by at most the second.
 #[allow(clippy::too_many_arguments)]
 async fn collapsed(
     cache: &Arc<Cache>,
@@ -353,10 +361,10 @@ async fn collapsed(
         return nothing;
     };
     // The leader's own entry (not one another request stored meanwhile,
-    // say an Authorization request's `must-revalidate` answer), with its
-    // response in after this request came.
-    let response_time = entry.timing.response_time;
-    let since = leaders == Some(response_time) && response_time >= arrived;
+    // say an Authorization request's `must-revalidate` answer), asked for
+    // after this request came.
+    let timing = &entry.timing;
+    let since = leaders == Some(timing.response_time) && timing.request_time >= arrived;
     if !since && policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
         return nothing;
     }
