@@ -1513,7 +1513,8 @@ async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again(
 /// requests to the origin (review34e 2). Not by the check on its way: it
 /// was sent before they came, and carries the page as it was before the
 /// change they reload to see; they got it, `fwd=request; collapsed`
-/// (review47c's stale reads).
+/// (review47c's stale reads). They wait on the next as long as on the
+/// first.
 #[tokio::test]
 async fn reloads_during_a_check_are_answered_by_the_next_one() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1531,8 +1532,10 @@ async fn reloads_during_a_check_are_answered_by_the_next_one() {
                     .to_ascii_lowercase()
                     .contains("if-none-match")
                 {
-                    // Slow enough for the others to come during it.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Slow enough for the others to come during it, and
+                    // for two in turn to take longer than the 5 s a
+                    // request waits on a fetch.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
                 }
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\nETag: \"v{page}\"\r\nCache-Control: max-age=600\r\n\

@@ -314,6 +314,10 @@ enum Woken {
     /// `handed_on` when it stored nothing at all (its answer was its own
     /// request's, its client left), rather than something for others.
     Nothing { handed_on: bool },
+    /// It stored what this request asked for, from a fetch sent before the
+    /// request came, and not fresh enough for it: the next fetch will be
+    /// sent after.
+    Earlier,
     /// It let the waiters go (nothing it gets will be stored), or was not
     /// done by the deadline.
     Alone,
@@ -336,7 +340,7 @@ enum Woken {
 /// answered with the old page, `fwd=request; collapsed`). Such a waiter
 /// finds [`Woken::Nothing`] and waits on the next check, which all the
 /// requests that came during this one share: one check at a time per
-/// URL, each request answered by at most the second.
+/// URL, each request answered by at most the second ([`Woken::Earlier`]).
 #[allow(clippy::too_many_arguments)]
 async fn collapsed(
     cache: &Arc<Cache>,
@@ -364,9 +368,10 @@ async fn collapsed(
     // say an Authorization request's `must-revalidate` answer), asked for
     // after this request came.
     let timing = &entry.timing;
-    let since = leaders == Some(timing.response_time) && timing.request_time >= arrived;
+    let leaders = leaders == Some(timing.response_time);
+    let since = leaders && timing.request_time >= arrived;
     if !since && policy::usable(entry.lifetime, age, &entry.cc, request_cc) != Usable::Fresh {
-        return nothing;
+        return if leaders { Woken::Earlier } else { nothing };
     }
     cache.counters.hit.inc();
     Woken::Answered(from_entry(&entry, age, parts, status))
@@ -876,6 +881,7 @@ async fn join(
     let own_answer = || miss && wants_converting(parts) && (ranged || !ReadPermit::any_free());
     let mut since = None;
     let mut handed_on = false;
+    let mut renewed = false;
     loop {
         let leads = since.is_none() || !(personal || (handed_on && own_answer()));
         // Once the URL's Vary is known, each variant has its lock.
@@ -908,6 +914,17 @@ async fn join(
         match woken.await {
             Woken::Answered(hit) => return Joined::Answered(hit),
             Woken::Nothing { handed_on: was } => handed_on = was,
+            Woken::Earlier => {
+                handed_on = false;
+                // The next fetch began no sooner than the one waited on
+                // ended: it is given the wait the first was, once. Else
+                // behind a backend taking 3 s, a reload that came during a
+                // check left at 5 s to fetch on its own, at 8 s in all.
+                if let (Some((deadline, _)), false) = (since.as_mut(), renewed) {
+                    *deadline = tokio::time::Instant::now() + wait;
+                    renewed = true;
+                }
+            }
             Woken::Alone => return alone(),
             Woken::Replaced if ranged => return Joined::Bypass,
             Woken::Replaced => return Joined::Replaced,
