@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 
 /// Delta-seconds beyond this are capped (RFC 9111 §1.2.2).
@@ -74,6 +74,13 @@ fn delta_seconds(value: &str) -> Option<u64> {
 /// response was stored for all (review40c F3, review40f L2).
 fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out = Vec::new();
+    each_directive(value, |directive| out.push(directive)).then_some(out)
+}
+
+/// [`directives`] without a list: calls `each` with every directive in
+/// turn, and says whether the line could be read whole (when not, `each`
+/// may have seen those before where it could not).
+fn each_directive<'a>(value: &'a [u8], mut each: impl FnMut(&'a [u8])) -> bool {
     let (mut start, mut quoted, mut escaped) = (0, false, false);
     // Whether a value may start here: after `=` and any blanks.
     let mut value_start = false;
@@ -92,25 +99,25 @@ fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
                 quoted = true;
                 value_start = false;
             }
-            b'"' => return None,
+            b'"' => return false,
             _ if quoted => {}
             b' ' | b'\t' => {}
             b',' => {
-                out.push(&value[start..i]);
+                each(&value[start..i]);
                 start = i + 1;
                 value_start = false;
                 value_end = false;
             }
-            _ if value_end => return None,
+            _ if value_end => return false,
             b'=' => value_start = true,
             _ => value_start = false,
         }
     }
     if quoted {
-        return None;
+        return false;
     }
-    out.push(&value[start..]);
-    Some(out)
+    each(&value[start..]);
+    true
 }
 
 /// Whether `Cache-Control` says `no-transform` (RFC 9111 §5.2.1.6,
@@ -118,12 +125,20 @@ fn directives(value: &[u8]) -> Option<Vec<&[u8]>> {
 /// cannot be told apart counts as saying it: leaving content as it is
 /// is never wrong.
 pub fn no_transform(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CACHE_CONTROL).iter().any(|line| {
-        directives(line.as_bytes()).is_none_or(|list| {
-            list.iter()
-                .any(|directive| directive.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
-        })
-    })
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .any(says_no_transform)
+}
+
+/// [`no_transform`] for one `Cache-Control` line. Read with no list made:
+/// it is asked of every response a route may compress.
+pub fn says_no_transform(line: &HeaderValue) -> bool {
+    let mut said = false;
+    let whole = each_directive(line.as_bytes(), |directive| {
+        said |= directive.trim_ascii().eq_ignore_ascii_case(b"no-transform");
+    });
+    said || !whole
 }
 
 /// Parses every `Cache-Control` line. Unknown directives are ignored
