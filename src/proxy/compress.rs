@@ -357,10 +357,7 @@ impl Compressor {
         } = hit;
         let level = self.config.level;
         if let Some(copy) = cache.copy_for(&key, level, &entry).await {
-            self.compressed_head(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(copy.len()));
+            self.compressed_head(&mut parts.headers, Some(copy.len()));
             self.counters.copies_served.inc();
             let body = if asked.head {
                 ProxyBody::empty()
@@ -392,7 +389,7 @@ impl Compressor {
             Decision::Leave => {}
             Decision::Vary => add_vary(&mut parts.headers),
             Decision::Compress => {
-                self.compressed_head(&mut parts.headers);
+                self.compressed_head(&mut parts.headers, None);
                 if !asked.head {
                     let gzip = Gzip::new(body, self.config.level, self.counters.clone());
                     let body = ProxyBody::Gzip(Box::new(gzip.keeping(keep)));
@@ -404,14 +401,24 @@ impl Compressor {
     }
 
     /// What a compressed response's head says: `Content-Encoding`, `Vary`,
-    /// no length, no ranges, a weak tag.
-    fn compressed_head(&self, headers: &mut HeaderMap) {
-        add_vary(headers);
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        headers.remove(header::CONTENT_LENGTH);
+    /// the compressed `length` if it is known (a copy's) or none, no
+    /// ranges, a weak tag. Fields are taken out before others go in: a
+    /// hit's copy of the stored fields has no room to spare beyond what
+    /// the table keeps (`Entry::new`), and a field more grew it.
+    fn compressed_head(&self, headers: &mut HeaderMap, length: Option<usize>) {
+        match length {
+            Some(length) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            None => {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+        }
         // A range of the compressed body cannot be served, and a range of
         // the plain one would not be of what this said it sent.
         headers.remove(header::ACCEPT_RANGES);
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        add_vary(headers);
         weaken_etag(headers);
         self.counters.responses.inc();
     }
