@@ -1261,6 +1261,46 @@ async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
     assert!(later.header("age").parse::<u64>().unwrap() < 60);
 }
 
+/// A 304 updates the stored fields, but not those that say what the
+/// stored bytes are (RFC 9111 §3.2): one saying `Content-Encoding: gzip`
+/// or a `Content-Range` made every later hit of the plain body claim it
+/// (review48c). Its other fields still replace the stored ones.
+#[tokio::test]
+async fn a_304_does_not_relabel_the_stored_body() {
+    let addr = scripted_backend(|head| {
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Content-Encoding: gzip\r\nContent-Range: bytes 0-1/2\r\nX-Checked: 2\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
+              X-Checked: 1\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
+    let (_proxy, client, url) = stored_then_aged(addr, "/relabelled", 5).await;
+    let revalidated = get(&client, &url).await;
+    assert_eq!(
+        revalidated.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    let hit = get(&client, &url).await;
+    for answer in [&revalidated, &hit] {
+        assert_eq!(answer.body, "ok");
+        assert_eq!(answer.header("x-checked"), "2");
+        assert!(
+            !answer.headers.contains_key("content-encoding"),
+            "{:?}",
+            answer.headers
+        );
+        assert!(
+            !answer.headers.contains_key("content-range"),
+            "{:?}",
+            answer.headers
+        );
+    }
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+}
+
 /// A 304 without Date is dated when it came (RFC 9110 §6.6.1): its
 /// `Expires` counts from then, not from the first response's Date kept in
 /// the entry. Here the new `Expires` is long past: the entry stays stale,

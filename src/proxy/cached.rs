@@ -1396,7 +1396,13 @@ fn refreshed(
         // The stored ETag stays: a 304 matched weakly (`"a"` for a stored
         // `W/"a"`, the compressed variant) must not make the stored body
         // claim the strong tag of another one (RFC 9110 §8.8.1).
+        // Nor do the fields that say what the stored body's bytes are
+        // (RFC 9111 §3.2 lets a cache keep those it depends on): a 304
+        // saying `Content-Encoding: gzip` or a `Content-Range` made every
+        // later hit of a plain body claim it (review48c).
         if name == header::CONTENT_LENGTH
+            || name == header::CONTENT_ENCODING
+            || name == header::CONTENT_RANGE
             || name == header::VIA
             || name == CACHE_STATUS
             || name == header::SET_COOKIE
