@@ -463,6 +463,22 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
     assert_eq!(hit.header("vary"), "Accept-Encoding");
     assert!(hit.headers.get("accept-ranges").is_none());
     assert_eq!(hit.header("content-length"), hit.body.len().to_string());
+    // The head kept with the copy is the one the first hit was sent with
+    // (its Age of the moment, and a length where that one streamed).
+    let fields = |answer: &Answer| {
+        let mut fields: Vec<_> = answer
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !["date", "age", "content-length", "transfer-encoding"].contains(&name.as_str())
+            })
+            .map(|(name, value)| format!("{name}: {value:?}"))
+            .collect();
+        fields.sort();
+        fields
+    };
+    assert_eq!(fields(&hit), fields(&first));
+    assert!(hit.headers.contains_key("age"));
     assert_eq!(hit.body, first.body, "the copy is the first hit's stream");
     assert_eq!(gunzip(&hit.body), page_text());
     let head = head_gzip(&client, &url).await;
@@ -491,6 +507,36 @@ async fn a_stored_response_is_compressed_once_and_its_copy_sent_after() {
     revalidates_the_gzip_copy(&client, &url).await;
     assert_eq!(counters.copies_served.get(), 2);
     assert_eq!(backend.heads_for("/page").len(), 1);
+}
+
+/// A reload that stops compressing a type stops its copies too: a copy
+/// kept at the same level is not sent once its response is not one to
+/// compress.
+#[tokio::test]
+async fn a_copy_is_not_sent_once_its_type_is_not_compressed() {
+    let backend = recording_backend(answer).await;
+    let mut config = compressing(backend.addr, true);
+    let proxy = start_proxy(config.clone()).await;
+    let (client, url) = (client(), proxy.url("/page"));
+    fetch(&client, &url, Some("gzip")).await;
+    fetch(&client, &url, Some("gzip")).await;
+    copies_stored(&proxy, 1).await;
+    let hit = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(hit.header("content-encoding"), "gzip");
+
+    if let Some(compression) = config.compression.as_mut() {
+        compression.types = vec!["text/css".into()];
+    }
+    proxy.swap_in(&config);
+    let hit = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert!(
+        hit.headers.get("content-encoding").is_none(),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(hit.body, page_text());
+    assert_eq!(backend.heads_for("/page").len(), 1, "the cache was kept");
 }
 
 /// A stored body of 1 MiB that compresses to more than one 64 KiB piece.

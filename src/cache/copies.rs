@@ -137,11 +137,16 @@ impl Entry {
         self.is_copy() && self.copying.load(Ordering::Acquire)
     }
 
+    /// Whether a gzip copy of this entry at `level` was stored (and not
+    /// pushed out since): worth a look for.
+    pub fn has_copy(&self, level: u32) -> bool {
+        self.copied.load(Ordering::Acquire) & bit(level) != 0
+    }
+
     /// Takes the making of a gzip copy of this entry at `level`, unless
     /// one is stored or another hit is making one.
     pub fn claim_copy(&self, level: u32) -> bool {
-        self.copied.load(Ordering::Acquire) & bit(level) == 0
-            && !self.copying.swap(true, Ordering::AcqRel)
+        !self.has_copy(level) && !self.copying.swap(true, Ordering::AcqRel)
     }
 
     /// Lets another hit make a gzip copy (this one's is stored, or not).
@@ -177,11 +182,12 @@ impl Drop for Room<'_> {
 impl Cache {
     /// The gzip copy of `entry` (stored under `full`) compressed at
     /// `level`, if one is kept: a copy of an entry since replaced or
-    /// dropped is not of this one.
-    pub async fn copy_for(&self, full: &str, level: u32, entry: &Arc<Entry>) -> Option<Bytes> {
+    /// dropped is not of this one. Its `headers` are the head a hit from
+    /// it is sent with, its `body` the compressed stream.
+    pub async fn copy_for(&self, full: &str, level: u32, entry: &Arc<Entry>) -> Option<Arc<Entry>> {
         let copy = self.store.get(&*copy_key(full, level)).await?;
         let of = copy.copy_of.as_ref()?;
-        std::ptr::eq(of.as_ptr(), Arc::as_ptr(entry)).then(|| copy.body.clone())
+        std::ptr::eq(of.as_ptr(), Arc::as_ptr(entry)).then_some(copy)
     }
 
     /// The room stored responses and copies leave free in `max_size`.
@@ -190,13 +196,15 @@ impl Cache {
         self.config.max_size.saturating_sub(held)
     }
 
-    /// Keeps `body`, `entry`'s body compressed at `level`, beside it, if
-    /// it fits in the room responses leave free. Whether it was kept.
+    /// Keeps `body`, `entry`'s body compressed at `level`, beside it, with
+    /// `head`, the fields a hit from it is sent with, if it fits in the
+    /// room responses leave free. Whether it was kept.
     pub async fn insert_copy(
         &self,
         full: &str,
         level: u32,
         entry: &Arc<Entry>,
+        head: HeaderMap,
         body: Bytes,
     ) -> bool {
         self.drop_orphans().await;
@@ -215,7 +223,7 @@ impl Cache {
         let copy = Arc::new(Entry {
             status: entry.status,
             reason: None,
-            headers: HeaderMap::new(),
+            headers: head,
             body,
             timing: entry.timing,
             // Kept no longer than its entry has left (review47b M1: a copy

@@ -1018,6 +1018,12 @@ mod tests {
         cache.store.get(key).await.is_some()
     }
 
+    /// The body of `entry`'s copy at `level`, if one is kept.
+    async fn copy_body(cache: &Cache, key: &str, level: u32, entry: &Arc<Entry>) -> Option<Bytes> {
+        let copy = cache.copy_for(key, level, entry).await?;
+        Some(copy.body.clone())
+    }
+
     #[tokio::test]
     async fn a_gzip_copy_is_found_through_its_entry_alone_and_weighed_apart() {
         let cache = cache();
@@ -1028,13 +1034,17 @@ mod tests {
         let (_, alone) = cache.stats().await;
         let copy = Bytes::from(vec![7u8; 500]);
         assert!(stored.claim_copy(2));
-        assert!(cache.insert_copy(&key, 2, &stored, copy.clone()).await);
+        assert!(
+            cache
+                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy.clone())
+                .await
+        );
         stored.release_copy();
-        assert_eq!(cache.copy_for(&key, 2, &stored).await, Some(copy));
+        assert_eq!(copy_body(&cache, &key, 2, &stored).await, Some(copy));
         // Stored at this level, a copy is not claimed again; at another
         // level it is another copy.
         assert!(!stored.claim_copy(2));
-        assert_eq!(cache.copy_for(&key, 6, &stored).await, None);
+        assert_eq!(copy_body(&cache, &key, 6, &stored).await, None);
         // One stored response, weighing its copy too.
         let (entries, bytes) = cache.stats().await;
         assert_eq!(entries, 1);
@@ -1048,22 +1058,34 @@ mod tests {
         // Stored again, the entry is another: the copy is not of it.
         store(&cache, &request, entry("accept")).await;
         let replaced = cache.get(&key).await.unwrap();
-        assert_eq!(cache.copy_for(&key, 2, &replaced).await, None);
+        assert_eq!(copy_body(&cache, &key, 2, &replaced).await, None);
         // A copy of the new entry, then one made of the old entry while it
         // was compressed: the late one is not kept, and leaves the new
         // entry's copy where it is (review47b L1).
         assert!(
             cache
-                .insert_copy(&key, 2, &replaced, Bytes::from_static(b"new"))
+                .insert_copy(
+                    &key,
+                    2,
+                    &replaced,
+                    HeaderMap::new(),
+                    Bytes::from_static(b"new")
+                )
                 .await
         );
         assert!(
             !cache
-                .insert_copy(&key, 2, &stored, Bytes::from_static(b"old"))
+                .insert_copy(
+                    &key,
+                    2,
+                    &stored,
+                    HeaderMap::new(),
+                    Bytes::from_static(b"old")
+                )
                 .await
         );
-        assert_eq!(cache.copy_for(&key, 2, &stored).await, None);
-        let kept = cache.copy_for(&key, 2, &replaced).await;
+        assert_eq!(copy_body(&cache, &key, 2, &stored).await, None);
+        let kept = copy_body(&cache, &key, 2, &replaced).await;
         assert_eq!(kept.as_deref(), Some(&b"new"[..]));
         assert_eq!(cache.stats().await.0, 1);
     }
@@ -1078,7 +1100,13 @@ mod tests {
             let stored = cache.get(&key).await.unwrap();
             assert!(
                 cache
-                    .insert_copy(&key, 2, &stored, Bytes::from_static(b"gz"))
+                    .insert_copy(
+                        &key,
+                        2,
+                        &stored,
+                        HeaderMap::new(),
+                        Bytes::from_static(b"gz")
+                    )
                     .await
             );
             let copy = copy_key(&key, 2);
@@ -1104,7 +1132,13 @@ mod tests {
         let stored = cache.get(&key).await.unwrap();
         assert!(
             cache
-                .insert_copy(&key, 3, &stored, Bytes::from_static(b"gz"))
+                .insert_copy(
+                    &key,
+                    3,
+                    &stored,
+                    HeaderMap::new(),
+                    Bytes::from_static(b"gz")
+                )
                 .await
         );
         let late = cache.store.get(&*copy_key(&key, 3)).await.unwrap();
@@ -1140,7 +1174,11 @@ mod tests {
         let cache = cache();
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(cache.insert_copy(&key, 2, &stored, copy).await);
+        assert!(
+            cache
+                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
+                .await
+        );
         let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
         (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
     }
@@ -1158,8 +1196,16 @@ mod tests {
         let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
         let (b, stored_b) = store_at(&cache, "/b", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(cache.insert_copy(&a, 2, &stored_a, copy.clone()).await);
-        assert!(!cache.insert_copy(&b, 2, &stored_b, copy.clone()).await);
+        assert!(
+            cache
+                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy.clone())
+                .await
+        );
+        assert!(
+            !cache
+                .insert_copy(&b, 2, &stored_b, HeaderMap::new(), copy.clone())
+                .await
+        );
         // A third response needs the room: the copy goes, no response.
         let (c, _) = store_at(&cache, "/c", 10_000).await;
         assert!(
@@ -1175,7 +1221,11 @@ mod tests {
         cache.invalidate(&key::primary("http", "shop", "/c")).await;
         assert!(stored_a.claim_copy(2));
         stored_a.release_copy();
-        assert!(cache.insert_copy(&a, 2, &stored_a, copy.clone()).await);
+        assert!(
+            cache
+                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy.clone())
+                .await
+        );
 
         // A response and its copy too large together: the copy is refused,
         // rather than evict the response it was made of (review47a M1).
@@ -1187,7 +1237,11 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
-        assert!(!cache.insert_copy(&key, 2, &stored, copy).await);
+        assert!(
+            !cache
+                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
+                .await
+        );
         assert!(held(&cache, &key).await);
     }
 
@@ -1231,7 +1285,11 @@ mod tests {
         let cache = Cache::new(config, Arc::new(Metrics::new()));
         let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(cache.insert_copy(&a, 2, &stored_a, copy).await);
+        assert!(
+            cache
+                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy)
+                .await
+        );
         // Three responses of a second's life.
         for i in 0..3 {
             let primary = key::primary("http", "shop", &format!("/s{i}"));
@@ -1272,7 +1330,9 @@ mod tests {
                 let copying = cache.clone();
                 tasks.push(tokio::spawn(async move {
                     let copy = Bytes::from(vec![b'z'; 9_000]);
-                    copying.insert_copy(&key, 2, &stored, copy).await;
+                    copying
+                        .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
+                        .await;
                 }));
                 let storing = cache.clone();
                 tasks.push(tokio::spawn(async move {

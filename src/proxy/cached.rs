@@ -422,8 +422,82 @@ pub(super) enum Lookup {
     /// A hit or a stale-while-revalidate hit, with the entry it was made
     /// of, when asked for (see [`lookup`]).
     Hit(Response<ProxyBody>, Stored),
+    /// A fresh hit answered with the stored response itself, when the
+    /// entry was asked for: not made yet, for the gzip copy kept beside it
+    /// may be sent instead.
+    Fresh(Fresh),
     /// The backend is needed: [`serve`] goes on from here.
     Forward(Looked),
+}
+
+/// A fresh hit whose answer is the stored response itself (no 304, no
+/// range, no failed precondition), for a client that takes gzip on a
+/// compressing route: the gzip copy kept beside it is sent with the head
+/// kept with it (`compress::Compressor::copy_hit`), with no copy of the
+/// stored fields made and changed first (~3,500 instructions a hit);
+/// else it is [`Fresh::answer`]ed as any hit.
+pub(super) struct Fresh {
+    pub stored: Stored,
+    age: Duration,
+    head: bool,
+}
+
+impl Fresh {
+    /// The stored response, as [`from_entry`] makes a fresh hit.
+    pub fn answer(self) -> (Response<ProxyBody>, Stored) {
+        let entry = &self.stored.entry;
+        let body = self.body(entry);
+        let response = stored_response(entry, self.age, entry.headers.clone(), body);
+        (response, self.stored)
+    }
+
+    /// The gzip `copy` kept beside the stored response, with its head.
+    pub fn answer_from(self, copy: &Entry) -> Response<ProxyBody> {
+        let body = self.body(copy);
+        stored_response(&self.stored.entry, self.age, copy.headers.clone(), body)
+    }
+
+    fn body(&self, of: &Entry) -> ProxyBody {
+        if self.head {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(of.body.clone())
+        }
+    }
+}
+
+/// `entry`'s response itself, with `headers` (the stored fields, or its
+/// gzip copy's) and its `Age`.
+fn stored_response(
+    entry: &Entry,
+    age: Duration,
+    mut headers: HeaderMap,
+    body: ProxyBody,
+) -> Response<ProxyBody> {
+    headers.insert(header::AGE, age_value(age.as_secs()));
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = headers;
+    if let Some(reason) = &entry.reason {
+        response.extensions_mut().insert(reason.clone());
+    }
+    response
+}
+
+/// Whether [`from_entry`] answers `request` with the stored response
+/// itself: not with a range of it, a 412 or a 304.
+fn answers_whole(entry: &Entry, request: &Parts) -> bool {
+    let preconditions = entry.status.is_success();
+    let ranged = request.method == Method::GET
+        && entry.status == StatusCode::OK
+        && !matches!(
+            range::evaluate(&request.headers, &entry.headers, entry.body.len()),
+            RangeAnswer::Full
+        );
+    !ranged
+        && !(preconditions
+            && (precondition_failed(&request.headers, &entry.headers)
+                || not_modified(&request.headers, &entry.headers)))
 }
 
 /// The entry a hit was made of, and its key: what a gzip copy is kept
@@ -480,7 +554,7 @@ pub(super) async fn lookup(
             }
             None => None,
         };
-        let answer = |response, entry: Arc<Entry>, fresh| match full {
+        let answer = |full, response, entry: Arc<Entry>, fresh| match full {
             Some(key) if with_entry => Lookup::Hit(response, Stored { key, entry, fresh }),
             _ => Lookup::Answered(response),
         };
@@ -494,7 +568,18 @@ pub(super) async fn lookup(
                 match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
                     Usable::Fresh => {
                         cache.counters.hit.inc();
-                        return answer(from_entry(&entry, age, parts, HIT), entry, true);
+                        return match full {
+                            Some(key) if with_entry && answers_whole(&entry, parts) => {
+                                let head = parts.method == Method::HEAD;
+                                let stored = Stored {
+                                    key,
+                                    entry,
+                                    fresh: true,
+                                };
+                                Lookup::Fresh(Fresh { stored, age, head })
+                            }
+                            full => answer(full, from_entry(&entry, age, parts, HIT), entry, true),
+                        };
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
@@ -513,7 +598,7 @@ pub(super) async fn lookup(
                             parts,
                             "portico; hit; detail=stale-while-revalidate",
                         );
-                        return answer(response, entry, false);
+                        return answer(full, response, entry, false);
                     }
                     // RFC 9111 §5.2.1.7: a stored response that needs the
                     // backend is not one only-if-cached may have.

@@ -24,7 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 
 use super::body::{BodyError, ProxyBody, Turn};
-use super::cached::Stored;
+use super::cached::{Fresh, Stored};
 use super::headers::list_members;
 use crate::cache::policy::{no_transform, says_no_transform};
 use crate::cache::{Cache, Entry};
@@ -218,8 +218,11 @@ impl Keep {
             // Exactly its length: a vector grown piece by piece has up to
             // as much room again, which the copy would hold (review47e M2).
             let whole = Bytes::from(std::mem::take(&mut self.whole).into_boxed_slice());
+            // The head its hits are sent with, made once.
+            let mut head = self.entry.headers.clone();
+            gzip_head(&mut head, Some(whole.len()));
             let kept = cache
-                .insert_copy(&self.key, self.level, &self.entry, whole)
+                .insert_copy(&self.key, self.level, &self.entry, head, whole)
                 .await;
             if kept {
                 self.stored.inc();
@@ -357,12 +360,12 @@ impl Compressor {
         } = hit;
         let level = self.config.level;
         if let Some(copy) = cache.copy_for(&key, level, &entry).await {
-            self.compressed_head(&mut parts.headers, Some(copy.len()));
+            self.compressed_head(&mut parts.headers, Some(copy.body.len()));
             self.counters.copies_served.inc();
             let body = if asked.head {
                 ProxyBody::empty()
             } else {
-                ProxyBody::full(copy)
+                ProxyBody::full(copy.body.clone())
             };
             return http::Response::from_parts(parts, body);
         }
@@ -373,6 +376,34 @@ impl Compressor {
             Box::new(Keep::new(cache, key, entry, level, stored))
         });
         self.act(Decision::Compress, &asked, parts, body, keep)
+    }
+
+    /// A fresh hit from the gzip copy kept of its entry, if there is one
+    /// (at this level) and the entry is a response to compress for this
+    /// client; else the hit, to answer as any other
+    /// ([`Compressor::apply_stored`]).
+    pub(super) async fn copy_hit(
+        &self,
+        asked: &Asked,
+        fresh: Fresh,
+        cache: &Cache,
+    ) -> Result<http::Response<ProxyBody>, Fresh> {
+        let (entry, level) = (&fresh.stored.entry, self.config.level);
+        // A look at the entry first: most hits without a copy cost no
+        // decision and no lookup more.
+        if !entry.has_copy(level) {
+            return Err(fresh);
+        }
+        let size = SizeHint::with_exact(entry.body.len() as u64);
+        if self.decide(asked, entry.status, &entry.headers, size) != Decision::Compress {
+            return Err(fresh);
+        }
+        let Some(copy) = cache.copy_for(&fresh.stored.key, level, entry).await else {
+            return Err(fresh);
+        };
+        self.counters.responses.inc();
+        self.counters.copies_served.inc();
+        Ok(fresh.answer_from(&copy))
     }
 
     /// Does to a response what `decision` says; a compressed body is
@@ -406,20 +437,7 @@ impl Compressor {
     /// hit's copy of the stored fields has no room to spare beyond what
     /// the table keeps (`Entry::new`), and a field more grew it.
     fn compressed_head(&self, headers: &mut HeaderMap, length: Option<usize>) {
-        match length {
-            Some(length) => {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-            }
-            None => {
-                headers.remove(header::CONTENT_LENGTH);
-            }
-        }
-        // A range of the compressed body cannot be served, and a range of
-        // the plain one would not be of what this said it sent.
-        headers.remove(header::ACCEPT_RANGES);
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        add_vary(headers);
-        weaken_etag(headers);
+        gzip_head(headers, length);
         self.counters.responses.inc();
     }
 
@@ -550,6 +568,25 @@ fn revalidates_gzip(if_none_match: Option<&HeaderValue>, headers: &HeaderMap) ->
     // Tags may hold commas: looked for whole, `W/` before it.
     let asked = asked.as_bytes();
     memchr::memmem::find_iter(asked, tag).any(|at| at >= 2 && &asked[at - 2..at] == b"W/")
+}
+
+/// [`Compressor::compressed_head`]'s fields, also made once for a gzip
+/// copy the cache keeps.
+fn gzip_head(headers: &mut HeaderMap, length: Option<usize>) {
+    match length {
+        Some(length) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+    // A range of the compressed body cannot be served, and a range of the
+    // plain one would not be of what this said it sent.
+    headers.remove(header::ACCEPT_RANGES);
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    add_vary(headers);
+    weaken_etag(headers);
 }
 
 /// Adds `Accept-Encoding` to `Vary`, unless it is there or `Vary` is `*`.

@@ -875,6 +875,25 @@ impl Proxy {
                 let (mut response, stored) = match lookup.await {
                     cached::Lookup::Answered(response) => (response, None),
                     cached::Lookup::Hit(response, stored) => (response, Some(stored)),
+                    // Asked for only by a compressing route (`with_entry`).
+                    cached::Lookup::Fresh(fresh) => {
+                        let copy = match &compressing {
+                            Some((compressor, asked)) => {
+                                compressor.copy_hit(asked, fresh, cache).await
+                            }
+                            None => Err(fresh),
+                        };
+                        match copy {
+                            Ok(mut response) => {
+                                error::quota_headers(response.headers_mut(), quota);
+                                return Ok(response);
+                            }
+                            Err(fresh) => {
+                                let (response, stored) = fresh.answer();
+                                (response, Some(stored))
+                            }
+                        }
+                    }
                     // Boxed: a hit never makes this kilobytes-large future.
                     cached::Lookup::Forward(looked) => {
                         headers::add_hop(&mut parts.headers, hop());
