@@ -601,6 +601,19 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // Hosts compared in the form requests are matched in: an IPv6
+            // address written two ways is one host (review48b L1).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\
+             [[route]]\nupstream = \"a\"\nhost = \"[::1]\"\n\
+             [[route]]\nupstream = \"a\"\nhost = \"[0:0::1]\"\n\
+             [[route]]\nupstream = \"a\"\nhost = \"A.example\"\n\
+             [[route]]\nupstream = \"a\"\nhost = \"a.example\"\n",
+            &[
+                "test.toml:7:1: route[1]: another route already has host `[::1]`, the normal form of `[0:0::1]`, and path_prefix `/`",
+                "test.toml:13:1: route[3]: another route already has host `a.example` and path_prefix `/`",
+            ],
+        ),
+        (
             "[server]\nlisten = [\"nope\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:2:11: server.listen[0]: `nope` is not an address: write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""],
         ),

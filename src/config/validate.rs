@@ -336,17 +336,23 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 .inspect_err(|e| r.at(p.span(), format!("{key}.{field}"), e.to_string()))
                 .ok(),
         };
-        if let (Some(_), Some(path_prefix)) = (&host, &path_prefix) {
+        if let (Some(matched), Some(path_prefix)) = (&host, &path_prefix) {
             let host_text = raw.host.as_ref().map(|h| h.get_ref().as_str());
-            let seen = (
-                host_text.map(str::to_ascii_lowercase),
-                path_prefix.clone(),
-                exact,
-            );
+            // In the form requests are matched in: `[0:0::1]` is `[::1]`
+            // (review48b L1: the second of those was accepted, and dead).
+            let normal = match matched {
+                HostMatch::Any => None,
+                HostMatch::Exact(name) => Some(name.clone()),
+                HostMatch::Suffix(name) => Some(format!("*{name}")),
+            };
+            let seen = (normal.clone(), path_prefix.clone(), exact);
             if !seen_routes.insert(seen) {
-                let host = match host_text {
-                    Some(host) => format!("host `{host}`"),
-                    None => "no host".to_owned(),
+                let host = match (host_text, normal) {
+                    (Some(host), Some(normal)) if !host.eq_ignore_ascii_case(&normal) => {
+                        format!("host `{normal}`, the normal form of `{host}`,")
+                    }
+                    (Some(host), _) => format!("host `{host}`"),
+                    (None, _) => "no host".to_owned(),
                 };
                 // Written otherwise, the clash is in the normal form.
                 let written = written.map_or("/", |p| p.get_ref());
