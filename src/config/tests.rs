@@ -601,6 +601,17 @@ fn every_error_names_file_line_col_and_key() {
             ],
         ),
         (
+            // Multicast and broadcast addresses are no host to connect to
+            // (review48b L2).
+            "[[upstream]]\nname = \"a\"\nbackends = [\"224.0.0.1:80\", \"255.255.255.255:80\", \"[ff02::1]:80\", \"10.0.0.255:80\"]\n\
+             [[route]]\nupstream = \"a\"\n",
+            &[
+                "test.toml:3:13: upstream[0].backends[0]: backend 224.0.0.1:80 cannot be connected to",
+                "test.toml:3:29: upstream[0].backends[1]: backend 255.255.255.255:80 cannot be connected to",
+                "test.toml:3:51: upstream[0].backends[2]: backend [ff02::1]:80 cannot be connected to",
+            ],
+        ),
+        (
             // Hosts compared in the form requests are matched in: an IPv6
             // address written two ways is one host (review48b L1).
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n\

@@ -826,7 +826,14 @@ fn upstream(
         // `[::ffff:127.0.0.1]:P` is `127.0.0.1:P`, for these checks: both
         // listed ran as two backends of double weight (review40d L2).
         let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        if addr.port() == 0 || canonical.ip().is_unspecified() {
+        // Nor a multicast or broadcast address: TCP connects to one host
+        // (review48b L2: every request was a 502, `Network is unreachable`).
+        let broadcast = matches!(canonical.ip(), IpAddr::V4(ip) if ip.is_broadcast());
+        if addr.port() == 0
+            || canonical.ip().is_unspecified()
+            || canonical.ip().is_multicast()
+            || broadcast
+        {
             r.at(
                 span,
                 &bkey,
