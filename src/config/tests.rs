@@ -913,6 +913,30 @@ fn a_byte_that_is_not_utf8_is_reported_where_it_is() {
     );
 }
 
+/// A token no request can carry (a control character) is refused where
+/// the file is named: a client sending it is answered 400 before portico
+/// reads it, so purge and reload could not be used (review48b L3).
+#[test]
+fn an_admin_token_no_request_can_carry_is_refused() {
+    let dir = std::env::temp_dir().join(format!("portico-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("admin.token");
+    std::fs::write(&file, "bad\u{1}ctrl0123456789abcdef\n").unwrap();
+    let text = format!(
+        "[admin]\ntoken_file = {:?}\n{MINIMAL}",
+        file.display().to_string()
+    );
+    let got = errors(&text);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        got,
+        [format!(
+            "test.toml:2:14: admin.token_file: admin token_file {}: the token holds the control character '\\u{{1}}', which no request can carry: write it in letters, digits and -._~+/=",
+            file.display()
+        )]
+    );
+}
+
 #[test]
 fn an_unreadable_file_is_reported_with_its_path() {
     let err = load(Path::new("/nonexistent/portico.toml")).unwrap_err();

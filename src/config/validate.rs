@@ -1097,6 +1097,17 @@ fn read_token(path: &Path) -> std::io::Result<String> {
             format!("admin token_file {} {what}", path.display()),
         ));
     }
+    // A request carrying one is refused (400) before portico sees it, so
+    // purge and reload could not be used (review48b L3).
+    if let Some(control) = token.chars().find(|c| c.is_control()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "admin token_file {}: the token holds the control character {control:?}, which no request can carry: write it in letters, digits and -._~+/=",
+                path.display()
+            ),
+        ));
+    }
     Ok(token)
 }
 
