@@ -913,6 +913,30 @@ fn a_byte_that_is_not_utf8_is_reported_where_it_is() {
     );
 }
 
+/// Names are at most 128 characters, and a long one is cut short where a
+/// message shows it (review48b L4: a 5 MB name made a 5 MB error line).
+#[test]
+fn names_are_at_most_128_characters() {
+    let long = "a".repeat(200);
+    let text = format!(
+        "[[upstream]]\nname = \"{long}\"\nbackends = [\"127.0.0.1:1\"]\n\
+         [[upstream]]\nname = \"{}\"\nbackends = [\"127.0.0.1:2\"]\n\
+         [[route]]\nupstream = \"{long}b\"\n",
+        "b".repeat(128)
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "test.toml:2:8: upstream[0].name: is longer than 128 characters: a name labels every metric series and access line of its upstream or route".to_owned(),
+            format!(
+                "test.toml:8:12: route[0].upstream: unknown upstream `{}…` (defined: {})",
+                "a".repeat(128),
+                "b".repeat(128)
+            ),
+        ]
+    );
+}
+
 /// A token no request can carry (a control character) is refused where
 /// the file is named: a client sending it is answered 400 before portico
 /// reads it, so purge and reload could not be used (review48b L3).

@@ -252,7 +252,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 .upstream
                 .iter()
                 .map(|u| u.get_ref().name.get_ref().as_str())
-                .filter(|name| !name.is_empty())
+                .filter(|name| name_problem(name).is_none())
                 .collect();
             // Not `(defined: )` (review43b).
             let known = if known.is_empty() {
@@ -265,7 +265,7 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
                 format!("{key}.upstream"),
                 format!(
                     "unknown upstream `{}` (defined: {})",
-                    raw.upstream.get_ref(),
+                    shown(raw.upstream.get_ref()),
                     known
                 ),
             );
@@ -501,6 +501,17 @@ fn route_switch(r: R, key: &str, name: &str, flag: Option<&Spanned<bool>>, secti
     }
 }
 
+/// The longest name an upstream or a route may have.
+const MAX_NAME: usize = 128;
+
+/// `name` as an error message shows it: cut short past [`MAX_NAME`].
+fn shown(name: &str) -> String {
+    match name.char_indices().nth(MAX_NAME) {
+        Some((at, _)) => format!("{}…", &name[..at]),
+        None => name.to_owned(),
+    }
+}
+
 /// What is wrong with an upstream's or a route's name, if anything: it
 /// is made of letters, digits, `-`, `_` and `.`, and is not the route
 /// label of unrouted requests (which a route to an upstream so named would
@@ -511,6 +522,10 @@ fn name_problem(name: &str) -> Option<&'static str> {
         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if name.is_empty() {
         Some("must not be empty")
+    } else if name.len() > MAX_NAME {
+        // review48b L4: 100,000 characters were accepted, and one of 5 MB
+        // made a 5 MB error line.
+        Some("is longer than 128 characters: a name labels every metric series and access line of its upstream or route")
     } else if !valid {
         Some("names use letters, digits, `-`, `_` and `.` only")
     } else if name == crate::metrics::NO_ROUTE {
