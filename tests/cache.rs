@@ -502,7 +502,7 @@ async fn a_burst_answered_304_by_the_backend_is_not_queued() {
 /// came is as fresh as any they would fetch themselves. The fetch on its
 /// way when they came was sent before: they share the next one.
 #[tokio::test]
-async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
+async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch_after_the_one_out() {
     let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
     let (requests, answers) = coalesced(
         "/cache/reload?cc=max-age=60",
@@ -522,7 +522,7 @@ async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch() {
 /// serves them all. The one on its way when they came was sent before,
 /// maybe before a change they made: they share the next one.
 #[tokio::test]
-async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation() {
+async fn a_burst_on_an_entry_revalidated_at_each_use_makes_one_revalidation_after_the_one_out() {
     let (requests, answers) = coalesced(
         "/cache/nc?cc=no-cache&etag=a",
         Some(&[]),
@@ -1626,6 +1626,75 @@ async fn reloads_during_a_check_are_answered_by_the_next_one() {
     assert_eq!(collapsed, 8);
     // The fill, the first reload's check, and one for the nine.
     assert_eq!(asked.load(Ordering::SeqCst), 3);
+}
+
+/// The check a reload that came during another waits on revalidates what
+/// that other stored, not the entry the reload looked up: it sent the old
+/// tag, and when the backend then failed, stale-if-error served the old
+/// page though the new one was stored (review48d M1).
+#[tokio::test]
+async fn the_next_check_revalidates_what_the_one_before_stored() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let tags = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = tags.clone();
+    let addr = serve_each(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            static ASKED: AtomicUsize = AtomicUsize::new(0);
+            while let Some(head) = read_head(&mut stream).await {
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let tag = head.lines().find_map(|l| l.strip_prefix("if-none-match: "));
+                seen.lock().unwrap().push(tag.unwrap_or("").to_owned());
+                let answer: &[u8] = match ASKED.fetch_add(1, Ordering::SeqCst) {
+                    0 => {
+                        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
+                          Cache-Control: max-age=600, stale-if-error=600\r\n\
+                          Content-Length: 2\r\n\r\nv1"
+                    }
+                    1 => {
+                        // Slow enough for the second reload to come during it.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\n\
+                          Cache-Control: max-age=600, stale-if-error=600\r\n\
+                          Content-Length: 2\r\n\r\nv2"
+                    }
+                    _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n",
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/checked"));
+    get(&client, &url).await;
+    until_stored(&proxy, 1).await;
+    let reload = |client: &TestClient| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await })
+    };
+    let first = reload(&client);
+    let sent = tokio::time::timeout(STEP, async {
+        while tags.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        sent.await.is_ok(),
+        "the first reload's check within {STEP:?}"
+    );
+    let second = reload(&client);
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(first.body, "v2");
+    assert_eq!(second.body, "v2", "{:?}", second.headers);
+    assert_eq!(
+        second.header("cache-status"),
+        "portico; fwd=request; fwd-status=502; detail=stale-if-error"
+    );
+    assert_eq!(*tags.lock().unwrap(), ["", "\"v1\"", "\"v2\""]);
 }
 
 /// Ten concurrent requests for a stale entry (`stale-if-error`) whose

@@ -338,9 +338,9 @@ enum Woken {
 /// may carry what the origin held before a change the client made and
 /// then reloaded to see (review47c's stale reads: a `no-cache` reload
 /// answered with the old page, `fwd=request; collapsed`). Such a waiter
-/// finds [`Woken::Nothing`] and waits on the next check, which all the
+/// is told [`Woken::Earlier`] and waits on the next check, which all the
 /// requests that came during this one share: one check at a time per
-/// URL, each request answered by at most the second ([`Woken::Earlier`]).
+/// URL, each request normally answered by the second.
 #[allow(clippy::too_many_arguments)]
 async fn collapsed(
     cache: &Arc<Cache>,
@@ -662,17 +662,17 @@ pub(super) async fn serve(
     // it looked up: it is a miss now, on its own.
     let mut replaced = false;
     if let Some((entry, age)) = stale {
-        let fresh = age < entry.lifetime && !entry.cc.no_cache;
-        let (fwd, status) = if fresh {
-            ("request", "portico; fwd=request; collapsed")
+        let fwd = checked(&entry, age);
+        let status = if fwd == "request" {
+            "portico; fwd=request; collapsed"
         } else {
-            ("stale", "portico; fwd=stale; collapsed")
+            "portico; fwd=stale; collapsed"
         };
         // Requests for a stale entry revalidate it once between them, as
         // misses fetch once; so do clients that asked to revalidate a
         // fresh one (`no-cache`, `max-age=0`: a browser's reload), each
-        // answered by a check whose answer came after it did. Each had its own:
-        // 30 reloads at once were 30 requests to the origin, and with 200s
+        // answered by a check sent after it came. Each had its own: 30
+        // reloads at once were 30 requests to the origin, and with 200s
         // 30 rewrites of the entry (review34e 2).
         let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
             revalidation_wait(upstream)
@@ -680,7 +680,22 @@ pub(super) async fn serve(
             COALESCE_WAIT
         };
         match join_as(false, status, wait).await {
-            Joined::Fetch(leader) => {
+            Joined::Fetch { leader, waited } => {
+                // Having waited on another's check, it revalidates what
+                // is stored now, that check's answer, not what it looked
+                // up before (review48d M1: sent the old tag, and under
+                // stale-if-error served the old page beside the new one).
+                let now = match waited {
+                    true => stored_for(cache, &primary, &parts).await,
+                    false => None,
+                };
+                let (entry, fwd) = match now {
+                    Some((now, age)) => {
+                        let fwd = checked(&now, age);
+                        (now, fwd)
+                    }
+                    None => (entry, fwd),
+                };
                 return revalidate(
                     cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
                 )
@@ -700,7 +715,7 @@ pub(super) async fn serve(
         None
     } else {
         match join_as(true, status, COALESCE_WAIT).await {
-            Joined::Fetch(leader) => leader,
+            Joined::Fetch { leader, .. } => leader,
             Joined::Answered(hit) => return Ok(hit),
             Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
             // Another miss's answer replaced what a waiter could not use
@@ -904,8 +919,12 @@ fn with_fwd_status(headers: &mut HeaderMap, status: StatusCode) {
 #[allow(clippy::large_enum_variant)]
 enum Joined {
     /// Fetch: as the leader the others wait on, or (the one it waited on
-    /// being slow) on its own.
-    Fetch(Option<Leader>),
+    /// being slow) on its own; `waited` when it waited on another's fetch
+    /// first, which may have stored what it is to fetch or revalidate.
+    Fetch {
+        leader: Option<Leader>,
+        waited: bool,
+    },
     /// It waited, and the response the leader stored answered it.
     Answered(Response<ProxyBody>),
     /// It waited for a slow fetch and asks for a range: it goes to the
@@ -930,8 +949,9 @@ enum Joined {
 /// HEAD or conditional GET on a `miss` that would not be fetched as a
 /// plain GET (a range, or no background read free): its answer would be
 /// its own. Waiting ends at `wait` in all ([`COALESCE_WAIT`], or behind a
-/// revalidation stale-if-error covers [`revalidation_wait`]), after which
-/// the request fetches on its own.
+/// revalidation stale-if-error covers [`revalidation_wait`]), renewed once
+/// when the fetch waited on was sent before the request came (so at most
+/// twice that), after which the request fetches on its own.
 #[allow(clippy::too_many_arguments)]
 async fn join(
     cache: &Arc<Cache>,
@@ -946,11 +966,14 @@ async fn join(
     // A range goes past the cache on a miss, rather than start another
     // whole fetch; on a revalidation, it revalidates the copy on its own,
     // as the others do, and keeps stale-if-error's cover (review37h L1).
-    let alone = || {
+    let alone = |waited| {
         if ranged && miss {
             Joined::Bypass
         } else {
-            Joined::Fetch(None)
+            Joined::Fetch {
+                leader: None,
+                waited,
+            }
         }
     };
     // A request with Authorization leads only the first time: if its
@@ -978,18 +1001,21 @@ async fn join(
                     if handed_on {
                         leader.took_over();
                     }
-                    return Joined::Fetch(Some(leader));
+                    return Joined::Fetch {
+                        leader: Some(leader),
+                        waited: since.is_some(),
+                    };
                 }
                 Claim::Wait(waiting) => waiting,
             }
         } else {
             match Locks::existing(cache, key) {
                 Some(waiting) => waiting,
-                None => return alone(),
+                None => return alone(since.is_some()),
             }
         };
         if cache.uncacheable(primary, &parts.headers) {
-            return alone();
+            return alone(since.is_some());
         }
         let (deadline, arrived) =
             *since.get_or_insert_with(|| (tokio::time::Instant::now() + wait, cache.now()));
@@ -1010,10 +1036,21 @@ async fn join(
                     renewed = true;
                 }
             }
-            Woken::Alone => return alone(),
+            Woken::Alone => return alone(true),
             Woken::Replaced if ranged => return Joined::Bypass,
             Woken::Replaced => return Joined::Replaced,
         }
+    }
+}
+
+/// What a check of a stored `entry` this `age` is, for `Cache-Status`'s
+/// `fwd`: `request` when the client asked for it of a fresh one
+/// (`no-cache`, `max-age=0`), else `stale`.
+fn checked(entry: &Entry, age: Duration) -> &'static str {
+    if age < entry.lifetime && !entry.cc.no_cache {
+        "request"
+    } else {
+        "stale"
     }
 }
 
