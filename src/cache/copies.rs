@@ -190,6 +190,17 @@ impl Cache {
         std::ptr::eq(of.as_ptr(), Arc::as_ptr(entry)).then_some(copy)
     }
 
+    /// The room a gzip copy at `level` of the entry stored under `full`,
+    /// sent with `head`, may take for its body: what is free, less what
+    /// its head and bookkeeping weigh. Gathered up to the free room alone,
+    /// a copy that then did not fit was compressed for nothing, at every
+    /// hit (review48d L2: a copy's head weighs ~3 KB for an answer of ten
+    /// fields).
+    pub fn copy_room(&self, full: &str, level: u32, head: &HeaderMap) -> u64 {
+        let around = super::weigh(copy_key(full, level).len(), head, 0);
+        self.free_room().saturating_sub(around)
+    }
+
     /// The room stored responses and copies leave free in `max_size`.
     pub fn free_room(&self) -> u64 {
         let held = self.held.load(Ordering::Relaxed);

@@ -51,6 +51,21 @@ const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + 640;
 const HEADER_SLOT: usize =
     std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 40;
 
+/// [`Entry::bytes`] of an entry under a key of `key_len` bytes, with
+/// `headers` and a body of `body_len`.
+fn weigh(key_len: usize, headers: &HeaderMap, body_len: usize) -> u64 {
+    // Standard names are static, others own their bytes: all are counted,
+    // which errs on the side of the bound.
+    let names: usize = headers.keys().map(|n| n.as_str().len()).sum();
+    let values: usize = headers.values().map(HeaderValue::len).sum();
+    let slots = headers.capacity() * HEADER_SLOT;
+    // The key is held once by the store and its variant's record, and the
+    // URL's record holds the URL (the same copy without Vary): counted
+    // twice, which errs on the side of the bound.
+    let bytes = 2 * key_len + body_len + names + values + slots + ENTRY_OVERHEAD;
+    bytes as u64
+}
+
 /// Whether a response with `status` is a new representation, which
 /// replaces what is stored for its variant even when not stored itself
 /// (RFC 9111 §4.3.3): a 2xx, a 3xx saying it moved, a 404 or 410 saying
@@ -161,16 +176,7 @@ impl Entry {
     /// The memory the entry holds, as near as can be told: what
     /// `max_size` bounds and `portico_cache_size_bytes` reports.
     pub(crate) fn bytes(&self, key: &str) -> u64 {
-        // Standard names are static, others own their bytes: all are
-        // counted, which errs on the side of the bound.
-        let names: usize = self.headers.keys().map(|n| n.as_str().len()).sum();
-        let values: usize = self.headers.values().map(HeaderValue::len).sum();
-        let slots = self.headers.capacity() * HEADER_SLOT;
-        // The key is held once by the store and its variant's record,
-        // and the URL's record holds the URL (the same copy without Vary):
-        // counted twice, which errs on the side of the bound.
-        let bytes = 2 * key.len() + self.body.len() + names + values + slots + ENTRY_OVERHEAD;
-        bytes as u64
+        weigh(key.len(), &self.headers, self.body.len())
     }
 
     /// Whether the entry is too heavy to keep under `max_size`, or for

@@ -7,8 +7,11 @@
 //!
 //! The cache stores the backend's response, plain, and a hit is
 //! compressed as a miss is; the first that compresses a stored response
-//! whole has the cache keep the result beside it ([`Keep`]), and the next
-//! gzip hits are sent that copy ([`Compressor::apply_stored`]).
+//! whole has the cache keep the result beside it, with the head its hits
+//! are sent with ([`Keep`]), and the next gzip hits are sent that copy
+//! ([`Compressor::copy_hit`] for a fresh hit of the stored response
+//! itself, [`Compressor::compress_stored`] for a stale-while-revalidate
+//! one).
 
 use std::io;
 use std::pin::Pin;
@@ -148,6 +151,8 @@ pub struct Keep {
     level: u32,
     /// Holds the entry's claim ([`Keep::claim`]), let go when dropped.
     claimed: bool,
+    /// The head the copy's hits are sent with, made at the claim.
+    head: HeaderMap,
     /// The stream so far, and the most it may come to.
     whole: Vec<u8>,
     room: usize,
@@ -170,6 +175,7 @@ impl Keep {
             entry,
             level,
             claimed: false,
+            head: HeaderMap::new(),
             whole: Vec::new(),
             room: 0,
             taken: 0,
@@ -177,15 +183,32 @@ impl Keep {
         }
     }
 
-    /// Takes the entry's claim, if no other hit has it and the cache has
-    /// room for a copy at all.
+    /// Takes the entry's claim, if no other hit has it, and makes the
+    /// copy's head; whether the cache has room for a copy beside it.
     fn claim(&mut self) -> bool {
         let Some(cache) = self.cache.upgrade() else {
             return false;
         };
-        self.room = usize::try_from(cache.free_room()).unwrap_or(usize::MAX);
-        self.claimed = self.room > 0 && self.entry.claim_copy(self.level);
-        self.claimed
+        if !self.entry.claim_copy(self.level) {
+            return false;
+        }
+        // Let go when this is dropped, whatever follows.
+        self.claimed = true;
+        // Sized for the fields it gains, so that making it does not grow
+        // its table past the entry's (a copy would weigh a table's worth
+        // more, ~1.3 KB); its length is set when the stream is whole.
+        let fields = &self.entry.headers;
+        let mut head = HeaderMap::with_capacity(fields.len() + 2);
+        head.extend(
+            fields
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        gzip_head(&mut head, Some(self.entry.body.len()));
+        let room = cache.copy_room(&self.key, self.level, &head);
+        self.room = usize::try_from(room).unwrap_or(usize::MAX);
+        self.head = head;
+        self.room > 0
     }
 
     /// Adds a piece of the stream; false once it is more than a copy
@@ -218,9 +241,9 @@ impl Keep {
             // Exactly its length: a vector grown piece by piece has up to
             // as much room again, which the copy would hold (review47e M2).
             let whole = Bytes::from(std::mem::take(&mut self.whole).into_boxed_slice());
-            // The head its hits are sent with, made once.
-            let mut head = self.entry.headers.clone();
-            gzip_head(&mut head, Some(whole.len()));
+            // The head its hits are sent with, made once, with its length.
+            let mut head = std::mem::take(&mut self.head);
+            head.insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
             let kept = cache
                 .insert_copy(&self.key, self.level, &self.entry, head, whole)
                 .await;
@@ -1003,18 +1026,24 @@ mod tests {
         assert!(!second.claim(), "claimed by the first");
         // What it gathers is bounded by the room the cache has free
         // (review47d H1: every hit that found no copy held all it sent).
-        let room = usize::try_from(cache.free_room()).unwrap();
+        // room, less what the copy's head and bookkeeping will take.
+        let room = first.room;
+        assert!(room < usize::try_from(cache.free_room()).unwrap());
         assert!(first.gather(&vec![0; room / 2]));
         assert!(!first.gather(&vec![0; room - room / 2 + 1]));
         assert!(!first.gather(&[0]), "a stream with a piece left out");
         drop(first);
         assert!(second.claim(), "let go by the first");
 
-        // A cache with a few bytes free gathers no more.
-        let (cache, key, entry) = stored_in(entry.bytes(&key) + 100).await;
-        let mut keep = keep(&cache, &key, &entry);
-        assert!(keep.claim());
-        assert!(!keep.gather(&[0; 101]));
+        // A cache with a few bytes free beside a copy's head gathers no
+        // more; one with less than a head's room free claims nothing.
+        let head = cache.free_room() - room as u64;
+        let (cache, key, entry) = stored_in(entry.bytes(&key) + head + 100).await;
+        let mut gathering = keep(&cache, &key, &entry);
+        assert!(gathering.claim());
+        assert!(!gathering.gather(&[0; 101]));
+        let (cache, key, entry) = stored_in(entry.bytes(&key) + head).await;
+        assert!(!keep(&cache, &key, &entry).claim());
     }
 
     fn counters() -> Counters {
