@@ -1113,8 +1113,10 @@ fn read_token(path: &Path) -> std::io::Result<String> {
         ));
     }
     // A request carrying one is refused (400) before portico sees it, so
-    // purge and reload could not be used (review48b L3).
-    if let Some(control) = token.chars().find(|c| c.is_control()) {
+    // purge and reload could not be used (review48b L3). A field value
+    // holds tabs and bytes beyond ASCII (RFC 9110 §5.5), not the others.
+    let uncarried = |c: &char| c.is_ascii_control() && *c != '\t';
+    if let Some(control) = token.chars().find(uncarried) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
