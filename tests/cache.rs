@@ -1547,6 +1547,36 @@ async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again(
     assert_eq!(asked, 2);
 }
 
+/// A cached proxy in front of `addr` holding `path`'s first answer, and
+/// a reload of it (`Cache-Control: no-cache`) sent in a task of its own.
+async fn stored_for_reloads(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (RunningProxy, impl Fn() -> tokio::task::JoinHandle<Answer>) {
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url(path));
+    get(&client, &url).await;
+    until_stored(&proxy, 1).await;
+    let reload = move || {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await })
+    };
+    (proxy, reload)
+}
+
+/// Waits (bounded) until the backend has had the first reload's check.
+async fn until_checked(checked: impl Fn() -> bool) {
+    let sent = tokio::time::timeout(STEP, async {
+        while !checked() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        sent.await.is_ok(),
+        "the first reload's check within {STEP:?}"
+    );
+}
+
 /// Clients that ask to revalidate a fresh entry (`no-cache`, a browser's
 /// reload) while a check is on its way are answered by the next check,
 /// one between them: each had its own, and 30 reloads at once were 30
@@ -1588,28 +1618,13 @@ async fn reloads_during_a_check_are_answered_by_the_next_one() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let (client, url) = (client(), proxy.url("/reloaded"));
-    get(&client, &url).await;
-    until_stored(&proxy, 1).await;
-    let reload = |client: &TestClient| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await })
-    };
-    let first = reload(&client);
+    let (_proxy, reload) = stored_for_reloads(addr, "/reloaded").await;
+    let first = reload();
     // The first reload's check is at the backend: the page changes, and
     // nine more reloads come.
-    let sent = tokio::time::timeout(STEP, async {
-        while asked.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(
-        sent.await.is_ok(),
-        "the first reload's check within {STEP:?}"
-    );
+    until_checked(|| asked.load(Ordering::SeqCst) >= 2).await;
     version.store(2, Ordering::SeqCst);
-    let later: Vec<_> = (0..9).map(|_| reload(&client)).collect();
+    let later: Vec<_> = (0..9).map(|_| reload()).collect();
     let first = first.await.unwrap();
     assert_eq!(
         (first.status, first.body.as_ref()),
@@ -1668,25 +1683,10 @@ async fn the_next_check_revalidates_what_the_one_before_stored() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let (client, url) = (client(), proxy.url("/checked"));
-    get(&client, &url).await;
-    until_stored(&proxy, 1).await;
-    let reload = |client: &TestClient| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move { get_with(&client, &url, &[("cache-control", "no-cache")]).await })
-    };
-    let first = reload(&client);
-    let sent = tokio::time::timeout(STEP, async {
-        while tags.lock().unwrap().len() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(
-        sent.await.is_ok(),
-        "the first reload's check within {STEP:?}"
-    );
-    let second = reload(&client);
+    let (_proxy, reload) = stored_for_reloads(addr, "/checked").await;
+    let first = reload();
+    until_checked(|| tags.lock().unwrap().len() >= 2).await;
+    let second = reload();
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
     assert_eq!(first.body, "v2");
     assert_eq!(second.body, "v2", "{:?}", second.headers);
