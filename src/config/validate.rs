@@ -1112,15 +1112,17 @@ fn read_token(path: &Path) -> std::io::Result<String> {
             format!("admin token_file {} {what}", path.display()),
         ));
     }
-    // A request carrying one is refused (400) before portico sees it, so
-    // purge and reload could not be used (review48b L3). A field value
-    // holds tabs and bytes beyond ASCII (RFC 9110 §5.5), not the others.
-    let uncarried = |c: &char| c.is_ascii_control() && *c != '\t';
-    if let Some(control) = token.chars().find(uncarried) {
+    // The admin API reads the field as visible ASCII (and tabs): a token
+    // holding anything else could never be given. A control character is
+    // refused (400) before portico sees the request (review48b L3), and a
+    // byte beyond ASCII, which a field may carry, failed that reading, so
+    // purge and reload answered 401 (review48e M1).
+    let readable = |c: &char| *c == '\t' || (' '..='~').contains(c);
+    if let Some(bad) = token.chars().find(|c| !readable(c)) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "admin token_file {}: the token holds the control character {control:?}, which no request can carry: write it in letters, digits and -._~+/=",
+                "admin token_file {}: the token holds {bad:?}, which no request can give the admin API (visible ASCII only): write it in letters, digits and -._~+/=",
                 path.display()
             ),
         ));
