@@ -1697,6 +1697,59 @@ async fn the_next_check_revalidates_what_the_one_before_stored() {
     assert_eq!(*tags.lock().unwrap(), ["", "\"v1\"", "\"v2\""]);
 }
 
+/// A reload that waited on a check while its entry was purged fetches the
+/// page as a miss: revalidated with the purged entry's tag, a 304 stored
+/// that entry again (review48e L1).
+#[tokio::test]
+async fn a_reload_whose_entry_was_purged_while_it_waited_fetches_it_whole() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let tags = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = tags.clone();
+    let addr = serve_each(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            static ASKED: AtomicUsize = AtomicUsize::new(0);
+            while let Some(head) = read_head(&mut stream).await {
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let tag = head.lines().find_map(|l| l.strip_prefix("if-none-match: "));
+                seen.lock().unwrap().push(tag.unwrap_or("").to_owned());
+                let answer: &[u8] = match (ASKED.fetch_add(1, Ordering::SeqCst), tag) {
+                    (0, _) => {
+                        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\n\
+                          Content-Length: 2\r\n\r\nv1"
+                    }
+                    (1, _) => {
+                        // Slow enough for the purge and the second reload.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\nCache-Control: max-age=600\r\n\
+                          Content-Length: 2\r\n\r\nv2"
+                    }
+                    (_, Some(_)) => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
+                    (_, None) => {
+                        b"HTTP/1.1 200 OK\r\nETag: \"v3\"\r\nCache-Control: max-age=600\r\n\
+                          Content-Length: 2\r\n\r\nv3"
+                    }
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (proxy, reload) = stored_for_reloads(addr, "/purged").await;
+    let first = reload();
+    until_checked(|| tags.lock().unwrap().len() >= 2).await;
+    let second = reload();
+    // The second is waiting on the first's check when the page is purged.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cache_of(&proxy).purge_paths(|_, _| true), 1);
+    let (_first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(second.body, "v3", "{:?}", second.headers);
+    assert_eq!(*tags.lock().unwrap(), ["", "\"v1\"", ""]);
+}
+
 /// Ten concurrent requests for a stale entry (`stale-if-error`) whose
 /// revalidation fails: with a 503 after a second, or, given a
 /// `response_timeout`, with no answer at all. Each must get the stale copy

@@ -661,6 +661,9 @@ pub(super) async fn serve(
     // Set when the revalidation this request waited on removed the copy
     // it looked up: it is a miss now, on its own.
     let mut replaced = false;
+    // The lock taken to revalidate an entry that was gone by then: it is
+    // a miss now, fetched with that lock.
+    let mut taken = None;
     if let Some((entry, age)) = stale {
         let fwd = checked(&entry, age);
         let status = if fwd == "request" {
@@ -685,21 +688,27 @@ pub(super) async fn serve(
                 // is stored now, that check's answer, not what it looked
                 // up before (review48d M1: sent the old tag, and under
                 // stale-if-error served the old page beside the new one).
-                let now = match waited {
-                    true => stored_for(cache, &primary, &parts).await,
+                // Gone meanwhile (evicted, purged, or its variants
+                // dropped by a new Vary), it is a miss: its old validators
+                // would bring back what was dropped (review48e L1).
+                let current = match waited {
+                    true => Some(stored_for(cache, &primary, &parts).await),
                     false => None,
                 };
-                let (entry, fwd) = match now {
-                    Some((now, age)) => {
-                        let fwd = checked(&now, age);
-                        (now, fwd)
-                    }
-                    None => (entry, fwd),
+                let checking = match current {
+                    Some(Some((now, age))) => Some((checked(&now, age), now)),
+                    Some(None) => None,
+                    None => Some((fwd, entry)),
                 };
-                return revalidate(
-                    cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
-                )
-                .await;
+                match checking {
+                    Some((fwd, entry)) => {
+                        return revalidate(
+                            cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
+                        )
+                        .await;
+                    }
+                    None => taken = Some(leader),
+                }
             }
             Joined::Answered(hit) => return Ok(hit),
             Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
@@ -711,7 +720,9 @@ pub(super) async fn serve(
         }
     }
     let status = "portico; fwd=miss; collapsed";
-    let leader = if replaced {
+    let leader = if let Some(leader) = taken {
+        leader
+    } else if replaced {
         None
     } else {
         match join_as(true, status, COALESCE_WAIT).await {
