@@ -1547,6 +1547,42 @@ async fn waiters_on_a_hung_revalidation_get_the_stale_copy_without_asking_again(
     assert_eq!(asked, 2);
 }
 
+/// The `If-None-Match` values a [`checked_backend`] was sent, in turn
+/// (empty for none).
+type Tags = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A backend answering its requests, numbered from 0, as `answer` says
+/// for that number and the request's `If-None-Match`; the second (the
+/// first reload's check) after a second, slow enough for another reload
+/// to come during it. Returns its address and the tags it was sent.
+async fn checked_backend(
+    answer: fn(usize, Option<&str>) -> &'static [u8],
+) -> (std::net::SocketAddr, Tags) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let (tags, asked) = (Tags::default(), Arc::new(AtomicUsize::new(0)));
+    let seen = tags.clone();
+    let addr = serve_each(move |mut stream| {
+        let (seen, asked) = (seen.clone(), asked.clone());
+        async move {
+            while let Some(head) = read_head(&mut stream).await {
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let tag = head.lines().find_map(|l| l.strip_prefix("if-none-match: "));
+                seen.lock().unwrap().push(tag.unwrap_or("").to_owned());
+                let n = asked.fetch_add(1, Ordering::SeqCst);
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if stream.write_all(answer(n, tag)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, tags)
+}
+
 /// A cached proxy in front of `addr` holding `path`'s first answer, and
 /// a reload of it (`Cache-Control: no-cache`) sent in a task of its own.
 async fn stored_for_reloads(
@@ -1649,38 +1685,18 @@ async fn reloads_during_a_check_are_answered_by_the_next_one() {
 /// page though the new one was stored (review48d M1).
 #[tokio::test]
 async fn the_next_check_revalidates_what_the_one_before_stored() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
-    let tags = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = tags.clone();
-    let addr = serve_each(move |mut stream| {
-        let seen = seen.clone();
-        async move {
-            static ASKED: AtomicUsize = AtomicUsize::new(0);
-            while let Some(head) = read_head(&mut stream).await {
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let tag = head.lines().find_map(|l| l.strip_prefix("if-none-match: "));
-                seen.lock().unwrap().push(tag.unwrap_or("").to_owned());
-                let answer: &[u8] = match ASKED.fetch_add(1, Ordering::SeqCst) {
-                    0 => {
-                        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
-                          Cache-Control: max-age=600, stale-if-error=600\r\n\
-                          Content-Length: 2\r\n\r\nv1"
-                    }
-                    1 => {
-                        // Slow enough for the second reload to come during it.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\n\
-                          Cache-Control: max-age=600, stale-if-error=600\r\n\
-                          Content-Length: 2\r\n\r\nv2"
-                    }
-                    _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n",
-                };
-                if stream.write_all(answer).await.is_err() {
-                    return;
-                }
-            }
+    let (addr, tags) = checked_backend(|n, _| match n {
+        0 => {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
+              Cache-Control: max-age=600, stale-if-error=600\r\n\
+              Content-Length: 2\r\n\r\nv1"
         }
+        1 => {
+            b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\n\
+              Cache-Control: max-age=600, stale-if-error=600\r\n\
+              Content-Length: 2\r\n\r\nv2"
+        }
+        _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n",
     })
     .await;
     let (_proxy, reload) = stored_for_reloads(addr, "/checked").await;
@@ -1702,39 +1718,19 @@ async fn the_next_check_revalidates_what_the_one_before_stored() {
 /// that entry again (review48e L1).
 #[tokio::test]
 async fn a_reload_whose_entry_was_purged_while_it_waited_fetches_it_whole() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncWriteExt;
-    let tags = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = tags.clone();
-    let addr = serve_each(move |mut stream| {
-        let seen = seen.clone();
-        async move {
-            static ASKED: AtomicUsize = AtomicUsize::new(0);
-            while let Some(head) = read_head(&mut stream).await {
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let tag = head.lines().find_map(|l| l.strip_prefix("if-none-match: "));
-                seen.lock().unwrap().push(tag.unwrap_or("").to_owned());
-                let answer: &[u8] = match (ASKED.fetch_add(1, Ordering::SeqCst), tag) {
-                    (0, _) => {
-                        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\n\
-                          Content-Length: 2\r\n\r\nv1"
-                    }
-                    (1, _) => {
-                        // Slow enough for the purge and the second reload.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\nCache-Control: max-age=600\r\n\
-                          Content-Length: 2\r\n\r\nv2"
-                    }
-                    (_, Some(_)) => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
-                    (_, None) => {
-                        b"HTTP/1.1 200 OK\r\nETag: \"v3\"\r\nCache-Control: max-age=600\r\n\
-                          Content-Length: 2\r\n\r\nv3"
-                    }
-                };
-                if stream.write_all(answer).await.is_err() {
-                    return;
-                }
-            }
+    let (addr, tags) = checked_backend(|n, tag| match (n, tag) {
+        (0, _) => {
+            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\n\
+              Content-Length: 2\r\n\r\nv1"
+        }
+        (1, _) => {
+            b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\nCache-Control: max-age=600\r\n\
+              Content-Length: 2\r\n\r\nv2"
+        }
+        (_, Some(_)) => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
+        (_, None) => {
+            b"HTTP/1.1 200 OK\r\nETag: \"v3\"\r\nCache-Control: max-age=600\r\n\
+              Content-Length: 2\r\n\r\nv3"
         }
     })
     .await;
