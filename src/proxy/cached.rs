@@ -165,51 +165,82 @@ fn precondition_failed(request: &HeaderMap, stored: &HeaderMap) -> bool {
     date(stored, header::LAST_MODIFIED).is_some_and(|modified| modified > since)
 }
 
+/// What a stored entry answers a request with: a failed precondition
+/// before a 304 before a range of it (RFC 9110 §13.2.2, §14.2), else the
+/// stored response itself.
+enum Made {
+    /// 412.
+    Failed,
+    /// 304.
+    NotModified,
+    /// A 206 or 416 of a stored 200.
+    Part(RangeAnswer),
+    /// The stored response (for a HEAD, without its body).
+    Whole,
+}
+
+/// What `entry` answers `request` with.
+fn made_of(entry: &Entry, request: &Parts) -> Made {
+    // RFC 9110 §13.2.1: preconditions apply only where the answer would
+    // be a 2xx; a stored 404 or 301 is served as it is.
+    if entry.status.is_success() {
+        if precondition_failed(&request.headers, &entry.headers) {
+            return Made::Failed;
+        }
+        if not_modified(&request.headers, &entry.headers) {
+            return Made::NotModified;
+        }
+    }
+    if request.method == Method::GET && entry.status == StatusCode::OK {
+        match range::evaluate(&request.headers, &entry.headers, entry.body.len()) {
+            RangeAnswer::Full => {}
+            part => return Made::Part(part),
+        }
+    }
+    Made::Whole
+}
+
 /// A response built from a stored entry: 304 for a matching conditional,
 /// 206 or 416 for a byte range of a stored 200, else the stored response.
 fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Response<ProxyBody> {
-    // With `Content-Length` and `Cache-Status` as a fresh hit has them,
-    // and `Age` to replace (`Entry::new`).
-    let mut headers = entry.headers.clone();
-    headers.insert(header::AGE, age_value(age.as_secs()));
-    let len = entry.body.len();
-    let range = if request.method == Method::GET && entry.status == StatusCode::OK {
-        range::evaluate(&request.headers, &entry.headers, len)
-    } else {
-        RangeAnswer::Full
-    };
-    // RFC 9110 §13.2.1: preconditions apply only where the answer would
-    // be a 2xx; a stored 404 or 301 is served as it is.
-    let preconditions = entry.status.is_success();
-    if preconditions && precondition_failed(&request.headers, &entry.headers) {
+    let head = request.method == Method::HEAD;
+    made_response(entry, age, head, status, made_of(entry, request))
+}
+
+/// The response `made` of `entry`, `age` old, with `status` for its
+/// `Cache-Status`.
+fn made_response(
+    entry: &Entry,
+    age: Duration,
+    head: bool,
+    status: &str,
+    made: Made,
+) -> Response<ProxyBody> {
+    if let Made::Failed = made {
         let mut response = super::error::error_response(StatusCode::PRECONDITION_FAILED);
         set_status(&mut response, status);
         with_fwd_status(response.headers_mut(), entry.status);
         return response;
     }
-    let conditional_hit = preconditions && not_modified(&request.headers, &entry.headers);
-    let (code, body) = if conditional_hit {
-        strip_for_304(&mut headers);
-        (StatusCode::NOT_MODIFIED, ProxyBody::empty())
-    } else if let Some((code, start, count)) = range_fields(&mut headers, range, len) {
-        (
-            code,
-            ProxyBody::full(entry.body.slice(start..start + count)),
-        )
-    } else {
-        let body = if request.method == Method::HEAD {
-            ProxyBody::empty()
-        } else {
-            ProxyBody::full(entry.body.clone())
-        };
-        (entry.status, body)
+    // With `Content-Length` and `Cache-Status` as a fresh hit has them,
+    // and `Age` to replace (`Entry::new`).
+    let mut headers = entry.headers.clone();
+    let len = entry.body.len();
+    let part = match made {
+        Made::NotModified => {
+            strip_for_304(&mut headers);
+            Some((StatusCode::NOT_MODIFIED, ProxyBody::empty()))
+        }
+        Made::Part(range) => range_fields(&mut headers, range, len).map(|(code, start, count)| {
+            (
+                code,
+                ProxyBody::full(entry.body.slice(start..start + count)),
+            )
+        }),
+        Made::Failed | Made::Whole => None,
     };
-    let mut response = Response::new(body);
-    *response.status_mut() = code;
-    *response.headers_mut() = headers;
-    if let (Some(reason), true) = (&entry.reason, code == entry.status) {
-        response.extensions_mut().insert(reason.clone());
-    }
+    let (code, body) = part.unwrap_or_else(|| (entry.status, whole_body(entry, head)));
+    let mut response = stored_response(entry, code, age, headers, body);
     // Stored entries hold no Cache-Status but a fresh hit's (see
     // `add_status`): nothing to merge with, so no lookup before the insert.
     if status != HIT {
@@ -223,6 +254,36 @@ fn from_entry(entry: &Entry, age: Duration, request: &Parts, status: &str) -> Re
         if code != entry.status {
             with_fwd_status(response.headers_mut(), entry.status);
         }
+    }
+    response
+}
+
+/// The body of a whole answer made of `of` (a stored response or its
+/// gzip copy): none for a HEAD.
+fn whole_body(of: &Entry, head: bool) -> ProxyBody {
+    if head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(of.body.clone())
+    }
+}
+
+/// A response of `entry` with status `code`, its `headers` (the stored
+/// fields, made into a 304's or a range's, or its gzip copy's) and
+/// `body`, `age` old.
+fn stored_response(
+    entry: &Entry,
+    code: StatusCode,
+    age: Duration,
+    mut headers: HeaderMap,
+    body: ProxyBody,
+) -> Response<ProxyBody> {
+    headers.insert(header::AGE, age_value(age.as_secs()));
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    *response.headers_mut() = headers;
+    if let (Some(reason), true) = (&entry.reason, code == entry.status) {
+        response.extensions_mut().insert(reason.clone());
     }
     response
 }
@@ -445,59 +506,16 @@ pub(super) struct Fresh {
 impl Fresh {
     /// The stored response, as [`from_entry`] makes a fresh hit.
     pub fn answer(self) -> (Response<ProxyBody>, Stored) {
-        let entry = &self.stored.entry;
-        let body = self.body(entry);
-        let response = stored_response(entry, self.age, entry.headers.clone(), body);
+        let response = made_response(&self.stored.entry, self.age, self.head, HIT, Made::Whole);
         (response, self.stored)
     }
 
     /// The gzip `copy` kept beside the stored response, with its head.
     pub fn answer_from(self, copy: &Entry) -> Response<ProxyBody> {
-        let body = self.body(copy);
-        stored_response(&self.stored.entry, self.age, copy.headers.clone(), body)
+        let entry = &self.stored.entry;
+        let body = whole_body(copy, self.head);
+        stored_response(entry, entry.status, self.age, copy.headers.clone(), body)
     }
-
-    fn body(&self, of: &Entry) -> ProxyBody {
-        if self.head {
-            ProxyBody::empty()
-        } else {
-            ProxyBody::full(of.body.clone())
-        }
-    }
-}
-
-/// `entry`'s response itself, with `headers` (the stored fields, or its
-/// gzip copy's) and its `Age`.
-fn stored_response(
-    entry: &Entry,
-    age: Duration,
-    mut headers: HeaderMap,
-    body: ProxyBody,
-) -> Response<ProxyBody> {
-    headers.insert(header::AGE, age_value(age.as_secs()));
-    let mut response = Response::new(body);
-    *response.status_mut() = entry.status;
-    *response.headers_mut() = headers;
-    if let Some(reason) = &entry.reason {
-        response.extensions_mut().insert(reason.clone());
-    }
-    response
-}
-
-/// Whether [`from_entry`] answers `request` with the stored response
-/// itself: not with a range of it, a 412 or a 304.
-fn answers_whole(entry: &Entry, request: &Parts) -> bool {
-    let preconditions = entry.status.is_success();
-    let ranged = request.method == Method::GET
-        && entry.status == StatusCode::OK
-        && !matches!(
-            range::evaluate(&request.headers, &entry.headers, entry.body.len()),
-            RangeAnswer::Full
-        );
-    !ranged
-        && !(preconditions
-            && (precondition_failed(&request.headers, &entry.headers)
-                || not_modified(&request.headers, &entry.headers)))
 }
 
 /// The entry a hit was made of, and its key: what a gzip copy is kept
@@ -568,9 +586,9 @@ pub(super) async fn lookup(
                 match policy::usable(entry.lifetime, age, &entry.cc, &request_cc) {
                     Usable::Fresh => {
                         cache.counters.hit.inc();
-                        return match full {
-                            Some(key) if with_entry && answers_whole(&entry, parts) => {
-                                let head = parts.method == Method::HEAD;
+                        let head = parts.method == Method::HEAD;
+                        return match (full, made_of(&entry, parts)) {
+                            (Some(key), Made::Whole) if with_entry => {
                                 let stored = Stored {
                                     key,
                                     entry,
@@ -578,7 +596,10 @@ pub(super) async fn lookup(
                                 };
                                 Lookup::Fresh(Fresh { stored, age, head })
                             }
-                            full => answer(full, from_entry(&entry, age, parts, HIT), entry, true),
+                            (full, made) => {
+                                let response = made_response(&entry, age, head, HIT, made);
+                                answer(full, response, entry, true)
+                            }
                         };
                     }
                     Usable::StaleWhileRevalidate => {
@@ -691,14 +712,11 @@ pub(super) async fn serve(
                 // Gone meanwhile (evicted, purged, or its variants
                 // dropped by a new Vary), it is a miss: its old validators
                 // would bring back what was dropped (review48e L1).
-                let current = match waited {
-                    true => Some(stored_for(cache, &primary, &parts).await),
-                    false => None,
-                };
-                let checking = match current {
-                    Some(Some((now, age))) => Some((checked(&now, age), now)),
-                    Some(None) => None,
-                    None => Some((fwd, entry)),
+                let checking = if waited {
+                    let now = stored_for(cache, &primary, &parts).await;
+                    now.map(|(now, age)| (checked(&now, age), now))
+                } else {
+                    Some((fwd, entry))
                 };
                 match checking {
                     Some((fwd, entry)) => {
