@@ -456,11 +456,7 @@ impl Compressor {
         http::Response::from_parts(parts, body)
     }
 
-    /// What a compressed response's head says: `Content-Encoding`, `Vary`,
-    /// the compressed `length` if it is known (a copy's) or none, no
-    /// ranges, a weak tag. Fields are taken out before others go in: a
-    /// hit's copy of the stored fields has no room to spare beyond what
-    /// the table keeps (`Entry::new`), and a field more grew it.
+    /// What a compressed response's head says ([`gzip_head`]), counted.
     fn compressed_head(&self, headers: &mut HeaderMap, length: Option<usize>) {
         gzip_head(headers, length);
         self.counters.responses.inc();
@@ -595,8 +591,12 @@ fn revalidates_gzip(if_none_match: Option<&HeaderValue>, headers: &HeaderMap) ->
     memchr::memmem::find_iter(asked, tag).any(|at| at >= 2 && &asked[at - 2..at] == b"W/")
 }
 
-/// [`Compressor::compressed_head`]'s fields, also made once for a gzip
-/// copy the cache keeps.
+/// What a compressed response's head says: `Content-Encoding`, `Vary`,
+/// the compressed `length` if it is known (a copy's) or none, no ranges,
+/// a weak tag; made for each compressed response, and once for a gzip
+/// copy the cache keeps. Fields are taken out before others go in: a
+/// hit's copy of the stored fields has no room to spare, and a field more
+/// grows its table.
 fn gzip_head(headers: &mut HeaderMap, length: Option<usize>) {
     match length {
         Some(length) => {
