@@ -1016,6 +1016,20 @@ mod tests {
         cache.store.get(key).await.is_some()
     }
 
+    /// [`Cache::insert_copy`] with no head: these tests weigh and find
+    /// copies by their bodies.
+    async fn keep_copy(
+        cache: &Cache,
+        key: &str,
+        level: u32,
+        entry: &Arc<Entry>,
+        body: Bytes,
+    ) -> bool {
+        cache
+            .insert_copy(key, level, entry, HeaderMap::new(), body)
+            .await
+    }
+
     /// The body of `entry`'s copy at `level`, if one is kept.
     async fn copy_body(cache: &Cache, key: &str, level: u32, entry: &Arc<Entry>) -> Option<Bytes> {
         let copy = cache.copy_for(key, level, entry).await?;
@@ -1032,11 +1046,7 @@ mod tests {
         let (_, alone) = cache.stats().await;
         let copy = Bytes::from(vec![7u8; 500]);
         assert!(stored.claim_copy(2));
-        assert!(
-            cache
-                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy.clone())
-                .await
-        );
+        assert!(keep_copy(&cache, &key, 2, &stored, copy.clone()).await);
         stored.release_copy();
         assert_eq!(copy_body(&cache, &key, 2, &stored).await, Some(copy));
         // Stored at this level, a copy is not claimed again; at another
@@ -1060,28 +1070,8 @@ mod tests {
         // A copy of the new entry, then one made of the old entry while it
         // was compressed: the late one is not kept, and leaves the new
         // entry's copy where it is (review47b L1).
-        assert!(
-            cache
-                .insert_copy(
-                    &key,
-                    2,
-                    &replaced,
-                    HeaderMap::new(),
-                    Bytes::from_static(b"new")
-                )
-                .await
-        );
-        assert!(
-            !cache
-                .insert_copy(
-                    &key,
-                    2,
-                    &stored,
-                    HeaderMap::new(),
-                    Bytes::from_static(b"old")
-                )
-                .await
-        );
+        assert!(keep_copy(&cache, &key, 2, &replaced, Bytes::from_static(b"new")).await);
+        assert!(!keep_copy(&cache, &key, 2, &stored, Bytes::from_static(b"old")).await);
         assert_eq!(copy_body(&cache, &key, 2, &stored).await, None);
         let kept = copy_body(&cache, &key, 2, &replaced).await;
         assert_eq!(kept.as_deref(), Some(&b"new"[..]));
@@ -1096,17 +1086,7 @@ mod tests {
             store(&cache, &request, entry("accept")).await;
             let key = cache.key_for(PRIMARY, &request).unwrap();
             let stored = cache.get(&key).await.unwrap();
-            assert!(
-                cache
-                    .insert_copy(
-                        &key,
-                        2,
-                        &stored,
-                        HeaderMap::new(),
-                        Bytes::from_static(b"gz")
-                    )
-                    .await
-            );
+            assert!(keep_copy(&cache, &key, 2, &stored, Bytes::from_static(b"gz")).await);
             let copy = copy_key(&key, 2);
             (key, copy)
         }
@@ -1128,17 +1108,7 @@ mod tests {
         let (key, _) = copy_of(cache.clone()).await;
         cache.advance_clock(Duration::from_secs(50));
         let stored = cache.get(&key).await.unwrap();
-        assert!(
-            cache
-                .insert_copy(
-                    &key,
-                    3,
-                    &stored,
-                    HeaderMap::new(),
-                    Bytes::from_static(b"gz")
-                )
-                .await
-        );
+        assert!(keep_copy(&cache, &key, 3, &stored, Bytes::from_static(b"gz")).await);
         let late = cache.store.get(&*copy_key(&key, 3)).await.unwrap();
         let left = late.keep_for();
         assert!(
@@ -1172,11 +1142,7 @@ mod tests {
         let cache = cache();
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(
-            cache
-                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
-                .await
-        );
+        assert!(keep_copy(&cache, &key, 2, &stored, copy).await);
         let copy = cache.store.get(&*copy_key(&key, 2)).await.unwrap();
         (stored.bytes(&key), copy.bytes(&copy_key(&key, 2)))
     }
@@ -1194,16 +1160,8 @@ mod tests {
         let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
         let (b, stored_b) = store_at(&cache, "/b", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(
-            cache
-                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy.clone())
-                .await
-        );
-        assert!(
-            !cache
-                .insert_copy(&b, 2, &stored_b, HeaderMap::new(), copy.clone())
-                .await
-        );
+        assert!(keep_copy(&cache, &a, 2, &stored_a, copy.clone()).await);
+        assert!(!keep_copy(&cache, &b, 2, &stored_b, copy.clone()).await);
         // A third response needs the room: the copy goes, no response.
         let (c, _) = store_at(&cache, "/c", 10_000).await;
         assert!(
@@ -1219,11 +1177,7 @@ mod tests {
         cache.invalidate(&key::primary("http", "shop", "/c")).await;
         assert!(stored_a.claim_copy(2));
         stored_a.release_copy();
-        assert!(
-            cache
-                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy.clone())
-                .await
-        );
+        assert!(keep_copy(&cache, &a, 2, &stored_a, copy.clone()).await);
 
         // A response and its copy too large together: the copy is refused,
         // rather than evict the response it was made of (review47a M1).
@@ -1235,11 +1189,7 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let (key, stored) = store_at(&cache, "/a", 10_000).await;
-        assert!(
-            !cache
-                .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
-                .await
-        );
+        assert!(!keep_copy(&cache, &key, 2, &stored, copy).await);
         assert!(held(&cache, &key).await);
     }
 
@@ -1283,11 +1233,7 @@ mod tests {
         let cache = Cache::new(config, Arc::new(Metrics::new()));
         let (a, stored_a) = store_at(&cache, "/a", 10_000).await;
         let copy = Bytes::from(vec![b'z'; 8_000]);
-        assert!(
-            cache
-                .insert_copy(&a, 2, &stored_a, HeaderMap::new(), copy)
-                .await
-        );
+        assert!(keep_copy(&cache, &a, 2, &stored_a, copy).await);
         // Three responses of a second's life.
         for i in 0..3 {
             let primary = key::primary("http", "shop", &format!("/s{i}"));
@@ -1328,9 +1274,7 @@ mod tests {
                 let copying = cache.clone();
                 tasks.push(tokio::spawn(async move {
                     let copy = Bytes::from(vec![b'z'; 9_000]);
-                    copying
-                        .insert_copy(&key, 2, &stored, HeaderMap::new(), copy)
-                        .await;
+                    keep_copy(&copying, &key, 2, &stored, copy).await;
                 }));
                 let storing = cache.clone();
                 tasks.push(tokio::spawn(async move {
