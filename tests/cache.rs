@@ -516,6 +516,24 @@ async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch_after_the_on
     assert!(answered_by_the_next_fetch(&answers, "miss", next));
 }
 
+/// And the next one revalidates what the first stored, when it can: those
+/// reloads found nothing when they looked, but the body is not fetched
+/// whole twice.
+#[tokio::test]
+async fn reloads_of_a_cold_url_revalidate_what_the_fetch_out_stored() {
+    let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
+    let (requests, answers) = coalesced(
+        "/cache/reload?cc=max-age=60&etag=r1",
+        None,
+        Leading::Get(reload),
+        reload,
+    )
+    .await;
+    assert_eq!(requests, 2);
+    let next = "portico; fwd=request; fwd-status=304";
+    assert!(answered_by_the_next_fetch(&answers, "miss", next));
+}
+
 /// An entry to revalidate at every use (`no-cache` and an ETag, the
 /// usual HTML setup) is revalidated once for a burst, not once per
 /// request in turn: what a revalidation sent after they came vouched for
@@ -585,21 +603,26 @@ async fn waiters_on_a_private_304_are_let_go_together() {
 /// be validated at each reuse (`must-revalidate, max-age=0`, RFC 9111
 /// §3.5), which it never hands them as-is: that would give them one
 /// user's response. The lock passes on, and one of them fetches for the
-/// rest instead of all going to the backend.
+/// rest instead of all going to the backend: the first fetches it anew,
+/// the second revalidates what was stored, as a request coming after it
+/// would (a 304 to a request without `Authorization` vouches for it).
 #[tokio::test]
 async fn an_authorized_leader_hands_the_anonymous_waiters_on() {
-    for path in [
-        "/cache/au?cc=max-age=60",
-        "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
+    for (path, next) in [
+        ("/cache/au?cc=max-age=60", "portico; fwd=miss; stored"),
+        (
+            "/cache/mr?cc=must-revalidate,%20max-age=0&etag=a",
+            "portico; fwd=stale; fwd-status=304",
+        ),
     ] {
         let alice: &[(&str, &str)] = &[("authorization", "Bearer alice")];
         let (requests, answers) = coalesced(path, None, Leading::Get(alice), &[]).await;
         assert_eq!(requests, 2, "{path}");
-        let stored = answers[..10]
+        let fetched = answers[..10]
             .iter()
-            .filter(|a| a.header("cache-status") == "portico; fwd=miss; stored")
+            .filter(|a| a.header("cache-status") == next)
             .count();
-        assert_eq!(stored, 1, "{path}");
+        assert_eq!(fetched, 1, "{path}");
     }
 }
 

@@ -744,6 +744,23 @@ pub(super) async fn serve(
         None
     } else {
         match join_as(true, status, COALESCE_WAIT).await {
+            // It found nothing, then waited on a fetch that did not answer
+            // it (sent before it came, as for a burst of reloads): what
+            // that fetch stored, if it can be asked about, is revalidated,
+            // where it was fetched whole again.
+            Joined::Fetch {
+                leader,
+                waited: true,
+            } => match stored_for(cache, &primary, &parts).await {
+                Some((entry, age)) if policy::has_validator(&entry.headers) => {
+                    let fwd = checked(&entry, age);
+                    return revalidate(
+                        cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
+                    )
+                    .await;
+                }
+                _ => leader,
+            },
             Joined::Fetch { leader, .. } => leader,
             Joined::Answered(hit) => return Ok(hit),
             Joined::Bypass => return bypass(cache, upstream, parts, body, trace).await,
