@@ -500,38 +500,23 @@ async fn a_burst_answered_304_by_the_backend_is_not_queued() {
 
 /// Nor do a browser's reloads (`max-age=0`): a copy fetched after they
 /// came is as fresh as any they would fetch themselves. The fetch on its
-/// way when they came was sent before: they share the next one.
+/// way when they came was sent before: they share the next one, which
+/// revalidates what the first stored when it can (the reloads found
+/// nothing when they looked, but the body is not fetched whole twice).
 #[tokio::test]
 async fn concurrent_reloads_of_a_cold_url_are_answered_by_one_fetch_after_the_one_out() {
     let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
-    let (requests, answers) = coalesced(
-        "/cache/reload?cc=max-age=60",
-        None,
-        Leading::Get(reload),
-        reload,
-    )
-    .await;
-    assert_eq!(requests, 2);
-    let next = "portico; fwd=miss; stored";
-    assert!(answered_by_the_next_fetch(&answers, "miss", next));
-}
-
-/// And the next one revalidates what the first stored, when it can: those
-/// reloads found nothing when they looked, but the body is not fetched
-/// whole twice.
-#[tokio::test]
-async fn reloads_of_a_cold_url_revalidate_what_the_fetch_out_stored() {
-    let reload: &[(&str, &str)] = &[("cache-control", "max-age=0")];
-    let (requests, answers) = coalesced(
-        "/cache/reload?cc=max-age=60&etag=r1",
-        None,
-        Leading::Get(reload),
-        reload,
-    )
-    .await;
-    assert_eq!(requests, 2);
-    let next = "portico; fwd=request; fwd-status=304";
-    assert!(answered_by_the_next_fetch(&answers, "miss", next));
+    for (path, next) in [
+        ("/cache/reload?cc=max-age=60", "portico; fwd=miss; stored"),
+        (
+            "/cache/reload?cc=max-age=60&etag=r1",
+            "portico; fwd=request; fwd-status=304",
+        ),
+    ] {
+        let (requests, answers) = coalesced(path, None, Leading::Get(reload), reload).await;
+        assert_eq!(requests, 2, "{path}");
+        assert!(answered_by_the_next_fetch(&answers, "miss", next), "{path}");
+    }
 }
 
 /// An entry to revalidate at every use (`no-cache` and an ETag, the
