@@ -321,7 +321,7 @@ fn every_error_names_file_line_col_and_key() {
             &[
                 "test.toml:3:49: upstream[0].backends[0].max_conns: must be from 0 (no cap) to 1000000",
                 "test.toml:4:25: upstream[0].max_conns_per_backend: must be from 0 (no cap) to 1000000",
-                "test.toml:5:17: upstream[0].queue_timeout: expected a whole number at `soon`",
+                "test.toml:5:17: upstream[0].queue_timeout: `soon` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\"",
             ],
         ),
         (
@@ -361,7 +361,7 @@ fn every_error_names_file_line_col_and_key() {
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"2h\"\n[[upstream]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\nslow_start = \"soon\"\n[[route]]\nupstream = \"a\"\n",
             &[
                 "test.toml:4:14: upstream[0].slow_start: at most 1h: longer, a backend that came back would stay below its share for hours",
-                "test.toml:8:14: upstream[1].slow_start: expected a whole number at `soon`",
+                "test.toml:8:14: upstream[1].slow_start: `soon` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\"",
             ],
         ),
         // A balance misspelt has its error alone, not one for its hash_key

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
-/// Splits `"12ms3s"` into `[(12, "ms"), (3, "s")]`.
-fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
+/// Splits `"12ms3s"` into `[(12, "ms"), (3, "s")]`. `kind` names what
+/// `input` should be, with examples, for the message when it has no number
+/// where one must be.
+fn terms<'a>(input: &'a str, kind: &str) -> Result<Vec<(u64, &'a str)>, String> {
     let mut out = Vec::new();
     let mut rest = input;
     while !rest.is_empty() {
@@ -20,7 +22,10 @@ fn terms(input: &str) -> Result<Vec<(u64, &str)>, String> {
                     "`{input}`: whole numbers only: write a fraction in a smaller unit (\"1500ms\" for \"1.5s\", \"1536KiB\" for \"1.5MiB\")"
                 ),
                 b'-' => format!("`{input}` cannot be negative"),
-                _ => format!("expected a whole number at `{rest}`"),
+                // Said with what to write: "expected a whole number at
+                // `lots`" did not say a size was wanted (audit49 D6).
+                _ if out.is_empty() => format!("`{input}` is not {kind}"),
+                _ => format!("`{input}`: expected a number at `{rest}`, for {kind}"),
             });
         }
         let number: u64 = rest[..digits]
@@ -46,6 +51,11 @@ fn unspaced<T>(input: &str, error: String, parse: fn(&str) -> Result<T, String>)
     }
 }
 
+/// What a duration is, for messages.
+const DURATION: &str = "a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\"";
+/// What a size is, for messages.
+const SIZE: &str = "a size: write e.g. \"64KiB\" or \"10MiB\"";
+
 /// Parses a duration such as `"250ms"`, `"2s"`, `"1m30s"`, `"0s"`.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
     read_duration(input).map_err(|error| unspaced(input, error, read_duration))
@@ -53,10 +63,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
 
 fn read_duration(input: &str) -> Result<Duration, String> {
     if input.is_empty() {
-        return Err("empty duration: write e.g. \"250ms\", \"2s\" or \"1m\"".into());
+        return Err(format!("`` is not {DURATION}"));
     }
     let mut total = Duration::ZERO;
-    for (number, unit) in terms(input)? {
+    for (number, unit) in terms(input, DURATION)? {
         let part = match unit {
             "ms" => Duration::from_millis(number),
             "s" => Duration::from_secs(number),
@@ -88,11 +98,9 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
 }
 
 fn read_size(input: &str) -> Result<u64, String> {
-    let parts = terms(input)?;
+    let parts = terms(input, SIZE)?;
     let [(number, unit)] = parts.as_slice() else {
-        return Err(format!(
-            "`{input}` is not a size: write e.g. \"64KiB\" or \"10MiB\""
-        ));
+        return Err(format!("`{input}` is not {SIZE}"));
     };
     let multiplier: u64 = match *unit {
         "" | "B" => 1,
@@ -118,6 +126,28 @@ fn read_size(input: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value with no number where one must be says what was wanted
+    /// (audit49 D6: "expected a whole number at `lots`").
+    #[test]
+    fn a_value_without_its_number_says_what_is_wanted() {
+        assert_eq!(
+            parse_size("lots").unwrap_err(),
+            "`lots` is not a size: write e.g. \"64KiB\" or \"10MiB\""
+        );
+        assert_eq!(
+            parse_duration("ten seconds").unwrap_err(),
+            "`ten seconds` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\""
+        );
+        assert_eq!(
+            parse_duration("1m!").unwrap_err(),
+            "`1m!`: expected a number at `!`, for a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\""
+        );
+        assert_eq!(
+            parse_duration("").unwrap_err(),
+            "`` is not a duration: write e.g. \"250ms\", \"2s\" or \"1m30s\""
+        );
+    }
 
     /// A spaced-out value is told what to write only when that reads as
     /// the same kind (review42k L5: `"10 MiB"` as a duration was told to
