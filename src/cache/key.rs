@@ -83,8 +83,7 @@ pub fn vary(response: &HeaderMap) -> Result<Vec<HeaderName>, Unmatchable> {
                 return Err(Unmatchable::Star);
             }
             match HeaderName::try_from(name) {
-                Ok(name) if !names.contains(&name) => names.push(name),
-                Ok(_) => {}
+                Ok(name) => names.push(name),
                 Err(_) => invalid = true,
             }
         }
@@ -92,7 +91,11 @@ pub fn vary(response: &HeaderMap) -> Result<Vec<HeaderName>, Unmatchable> {
     if invalid {
         return Err(Unmatchable::Invalid);
     }
+    // Sorted, then rid of repeats: looked for in the list as each came, a
+    // long `Vary` was quadratic (18,000 names in 72 KiB took a second of
+    // the thread, fuzz49).
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
     Ok(names)
 }
 
@@ -267,6 +270,22 @@ mod tests {
         assert_eq!(primary("http", "[::1]:", "/"), "GET|http|[::1]|/");
         assert_eq!(primary("https", "a.example:", "/"), "GET|https|a.example|/");
         assert_eq!(path_of("GET|http|h|/users/1?x=1\naccept:a"), "/users/1?x=1");
+    }
+
+    /// A `Vary` of many names, repeated on its lines, is each name once,
+    /// in order (each was looked for along the list: quadratic).
+    #[test]
+    fn a_long_vary_lists_each_name_once() {
+        let names: Vec<String> = (0..20_000).rev().map(|i| format!("x-{i}")).collect();
+        let line = HeaderValue::from_str(&names.join(", ")).unwrap();
+        let mut response = HeaderMap::new();
+        response.append("vary", line.clone());
+        response.append("vary", HeaderValue::from_static("Accept, accept"));
+        response.append("vary", line);
+        let read = vary(&response).unwrap();
+        assert_eq!(read.len(), 20_001);
+        assert_eq!(read[0], "accept");
+        assert!(read.windows(2).all(|w| w[0].as_str() < w[1].as_str()));
     }
 
     #[test]
