@@ -1131,6 +1131,10 @@ fn new_pool(config: &config::Upstream, backends: &[Backend]) -> Arc<Pool> {
     // hyper lets a backend connection's read buffer grow to ~400 KiB
     // on large bodies, and keeps it for the connection's life.
     builder.max_buf_size(UPSTREAM_READ_BUFFER);
+    // The buffer's cap is checked only while a head is incomplete: a head
+    // whole within the read that crossed it passed, up to ~110 KiB. This
+    // is checked on every head (and on chunked trailers).
+    builder.max_header_size(UPSTREAM_READ_BUFFER);
     // RFC 9112 §5.1: a proxy MUST remove whitespace between a response
     // field's name and its colon before forwarding; refused, `Foo :
     // bar` made the whole response a 502 (review32c F7). Requests
