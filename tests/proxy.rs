@@ -1422,6 +1422,70 @@ async fn a_bare_101_is_refused_and_a_spaced_field_name_relayed() {
     assert_eq!(answer.header("foo"), "bar");
 }
 
+/// What a client reads on a fresh connection after sending `raw`: the
+/// bytes, and whether the connection ended in a reset rather than a FIN.
+async fn read_until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let reset = loop {
+        match tokio::time::timeout(STEP, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break false,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(error)) => break error.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(_) => panic!("not closed: {}", String::from_utf8_lossy(&out)),
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), reset)
+}
+
+/// A body that breaks off reaches an HTTP/1.0 client, whose response ends
+/// with the connection, with a reset: a FIN made the cut body read as
+/// whole (netfuzz49 H1). An HTTP/1.1 client's chunked body lacks its last
+/// chunk instead.
+#[tokio::test]
+async fn a_body_the_backend_breaks_resets_an_http10_client_s_connection() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nabc"
+    })
+    .await;
+    let proxy = start_proxy(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ))
+    .await;
+    let (answer, reset) = read_until_closed(proxy.addr, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(reset, "ended with a FIN: {answer}");
+    let (answer, reset) = read_until_closed(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("hello") && !answer.ends_with("0\r\n\r\n"),
+        "{answer}"
+    );
+    assert!(!reset, "{answer}");
+}
+
+/// A backend that sends its head and closes before the body: the client
+/// gets that head, then the close, never an empty reply, which hyper left
+/// when it dropped the head it had buffered (netfuzz49 L1).
+#[tokio::test]
+async fn a_backend_closing_after_its_head_still_has_the_head_relayed() {
+    let addr =
+        scripted_backend(|_| b"HTTP/1.1 404 Not Found\r\nContent-Length: 1134\r\n\r\n").await;
+    let proxy = start_proxy(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ))
+    .await;
+    for _ in 0..20 {
+        let (answer, _) = read_until_closed(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
+    }
+}
+
 /// A backend's response head over 72 KiB is a 502 however it arrives: the
 /// read buffer's cap alone was checked only between reads, and a head
 /// whole within the read that crossed it passed (up to ~110 KiB).

@@ -109,6 +109,12 @@ pub(super) struct Activity {
     flooding: tokio::sync::Notify,
     /// Set once the flood has been counted and said.
     flood_said: AtomicBool,
+    /// An HTTP/1 response body broke off (see [`Activity::broke`]).
+    broke: AtomicBool,
+    /// That body was framed by the connection's close (to an HTTP/1.0
+    /// client): the connection ends with a reset, or its FIN would make
+    /// the cut body read as whole.
+    reset: AtomicBool,
 }
 
 /// The head timer at one look of the watchdog.
@@ -212,6 +218,8 @@ impl Activity {
             flood: std::sync::OnceLock::new(),
             flooding: tokio::sync::Notify::new(),
             flood_said: AtomicBool::new(false),
+            broke: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
         }
     }
 
@@ -383,6 +391,15 @@ impl Activity {
     fn h2_sent(&self, (out, read): (u64, u64)) -> bool {
         let (now_out, now_in) = self.h2_bytes();
         now_out - out > now_in - read
+    }
+
+    /// How the connection ends after an HTTP/1 response body broke off:
+    /// `Some(true)` with a reset, `Some(false)` closed gracefully, so that
+    /// what went before it reaches the client; `None` if none broke.
+    pub(super) fn broke(&self) -> Option<bool> {
+        self.broke
+            .load(Ordering::Relaxed)
+            .then(|| self.reset.load(Ordering::Relaxed))
     }
 
     /// Whether the connection speaks HTTP/2.
@@ -641,7 +658,12 @@ pub(super) enum Answering {
         body: ProxyBody,
         /// The request's access line, written when this is dropped.
         tail: Option<Box<AccessTail>>,
-        _busy: Busy,
+        busy: Busy,
+        /// The body's end is the connection's close (an HTTP/1.0 client).
+        close_delimited: bool,
+        /// The body's error, given to hyper at the next poll (see
+        /// `poll_frame`).
+        failed: Option<BodyError>,
     },
     /// An HTTP/2 stream's body, which the connection's watchdog may take
     /// away (see [`Activity::abandon_shut_streams`]).
@@ -649,11 +671,18 @@ pub(super) enum Answering {
 }
 
 impl Answering {
-    pub(super) fn new(body: ProxyBody, busy: Busy, tail: Option<Box<AccessTail>>) -> Self {
+    pub(super) fn new(
+        body: ProxyBody,
+        busy: Busy,
+        tail: Option<Box<AccessTail>>,
+        close_delimited: bool,
+    ) -> Self {
         Answering::Direct {
             body,
             tail,
-            _busy: busy,
+            busy,
+            close_delimited,
+            failed: None,
         }
     }
 
@@ -697,10 +726,35 @@ impl Body for Answering {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Answering::Direct { body, tail, .. } => {
+            Answering::Direct {
+                body,
+                tail,
+                busy,
+                close_delimited,
+                failed,
+            } => {
+                if let Some(error) = failed.take() {
+                    return Poll::Ready(Some(Err(error)));
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 AccessTail::note(tail, &polled, || body.is_end_stream());
-                polled
+                match polled {
+                    // Given an error, hyper drops what it has buffered to
+                    // write: the head when the backend broke before its
+                    // first body byte (the client got nothing at all,
+                    // netfuzz49 L1), or the last pieces relayed. Held for
+                    // one turn, in which hyper flushes them.
+                    Poll::Ready(Some(Err(error))) => {
+                        busy.0.broke.store(true, Ordering::Relaxed);
+                        if *close_delimited {
+                            busy.0.reset.store(true, Ordering::Relaxed);
+                        }
+                        *failed = Some(error);
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                    polled => polled,
+                }
             }
             Answering::Watched(watched) => watched.poll_frame(cx),
         }

@@ -1104,7 +1104,7 @@ async fn serve_connection<IO: Parkable>(
                 if multiplexed {
                     idle::Answering::watched(body, busy, tail)
                 } else {
-                    idle::Answering::new(body, busy, tail)
+                    idle::Answering::new(body, busy, tail, close_delimited)
                 }
             }))
         }
@@ -1418,6 +1418,23 @@ async fn serve_connection<IO: Parkable>(
     if let (Ok(()), Some(armed)) = (&result, activity.take_upgrade()) {
         if let Some((mut socket, _)) = connection.into_parts(Some(armed)).await {
             close(&mut socket).await;
+        }
+        return;
+    }
+    // A response body broke off (its backend cut it or fell silent). To an
+    // HTTP/1.0 client, whose body ends with the connection, a FIN made the
+    // cut body read as whole (netfuzz49 H1): a reset says it is not. Else
+    // the body's framing says it, and the close is graceful: dropped with
+    // pipelined requests unread, the socket was reset, and the answers
+    // sent before it were lost with it (netfuzz49 L3).
+    if let (Err(error), Some(reset)) = (&result, activity.broke()) {
+        tracing::debug!(client = %conn.peer, %error, reset, "response cut; connection closed");
+        if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
+            if reset {
+                let _ = socket2::SockRef::from(socket.socket()).set_linger(Some(Duration::ZERO));
+            } else {
+                linger(&mut socket, held.cut.clone()).await;
+            }
         }
         return;
     }
