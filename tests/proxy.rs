@@ -260,10 +260,10 @@ async fn portico_s_own_answer_to_an_http2_head_has_no_body() {
 }
 
 /// A backend's 204 with a `Content-Length` reaches an HTTP/2 client
-/// without it (RFC 9110 §8.6), as hyper's HTTP/1 server sends it: the
+/// without it (RFC 9110 §8.6), as hyper's HTTP/1 server sends a GET's: the
 /// client reset the stream as malformed (review33d F7).
 #[tokio::test]
-async fn a_204_with_a_content_length_reaches_an_http2_client_without_it() {
+async fn a_204_with_a_content_length_reaches_clients_without_it() {
     let addr = scripted_backend(|_| b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
     let config = Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     let proxy = start_proxy(config).await;
@@ -273,6 +273,17 @@ async fn a_204_with_a_content_length_reaches_an_http2_client_without_it() {
     let answer = send(&h2c_client(), request).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT);
     assert!(!answer.headers.contains_key("content-length"));
+    // Nor to an HTTP/1.1 HEAD, which hyper relayed it to (netfuzz49 L4).
+    let answer = raw_exchange(
+        proxy.addr,
+        b"HEAD /gone HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("content-length"),
+        "{answer}"
+    );
     proxy.stop().await;
 }
 
