@@ -1433,6 +1433,15 @@ async fn a_bare_101_is_refused_and_a_spaced_field_name_relayed() {
     assert_eq!(answer.header("foo"), "bar");
 }
 
+/// A proxy in front of the one backend at `addr`.
+async fn in_front_of(addr: std::net::SocketAddr) -> RunningProxy {
+    start_proxy(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ))
+    .await
+}
+
 /// What a client reads on a fresh connection after sending `raw`: the
 /// bytes, and whether the connection ended in a reset rather than a FIN.
 async fn read_until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> (String, bool) {
@@ -1462,11 +1471,7 @@ async fn a_body_the_backend_breaks_resets_an_http10_client_s_connection() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nabc"
     })
     .await;
-    let proxy = start_proxy(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ))
-    .await;
+    let proxy = in_front_of(addr).await;
     let (answer, reset) = read_until_closed(proxy.addr, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     assert!(reset, "ended with a FIN: {answer}");
@@ -1486,11 +1491,7 @@ async fn a_body_the_backend_breaks_resets_an_http10_client_s_connection() {
 async fn a_backend_closing_after_its_head_still_has_the_head_relayed() {
     let addr =
         scripted_backend(|_| b"HTTP/1.1 404 Not Found\r\nContent-Length: 1134\r\n\r\n").await;
-    let proxy = start_proxy(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ))
-    .await;
+    let proxy = in_front_of(addr).await;
     for _ in 0..20 {
         let (answer, _) = read_until_closed(proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
@@ -1507,11 +1508,7 @@ async fn a_backend_head_over_72_kib_is_a_502_in_one_piece_too() {
         format!("HTTP/1.1 200 OK\r\nX-Big: {big}\r\nContent-Length: 2\r\n\r\nok").into_bytes()
     });
     let addr = scripted_backend(|_| HEAD.as_slice()).await;
-    let proxy = start_proxy(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ))
-    .await;
+    let proxy = in_front_of(addr).await;
     let answer = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -1532,11 +1529,7 @@ async fn a_backend_length_beside_chunked_is_dropped_before_relaying() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
     })
     .await;
-    let proxy = start_proxy(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ))
-    .await;
+    let proxy = in_front_of(addr).await;
     let raw = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     let answer = raw_exchange(proxy.addr, raw).await;
     assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
@@ -2128,11 +2121,7 @@ async fn a_stalled_http2_upload_leaves_the_others_on_its_connection_moving() {
             });
         }
     });
-    let proxy = start_proxy(Config::single_upstream(
-        vec!["127.0.0.1:0".parse().unwrap()],
-        vec![addr],
-    ))
-    .await;
+    let proxy = in_front_of(addr).await;
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, StreamBody<Chunks>>(
         hyper_util::rt::TokioExecutor::new(),
