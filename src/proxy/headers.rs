@@ -456,13 +456,10 @@ pub fn prepare_request(
 }
 
 /// What [`scrub_request`] tells its caller.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Scrubbed {
     /// The scheme forwarded, which the cache keys on.
     pub proto: &'static str,
-    /// The host a trusted proxy says its client asked for, forwarded as
-    /// `X-Forwarded-Host`, which the cache keys on as on the scheme.
-    pub host: Option<HeaderValue>,
     /// The request carries one of the [`OVERRIDES`]: a GET or HEAD that
     /// does passes the cache by.
     pub overrides_method: bool,
@@ -520,11 +517,6 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>, content: b
     };
     let proto = proto.unwrap_or(client.proto);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    let believed = match &host {
-        Some(None) => headers.get(&X_FORWARDED_HOST).cloned(),
-        Some(Some(given)) => Some(given.clone()),
-        None => None,
-    };
     match (host, client.host) {
         // The trusted proxy's own line stays as it is.
         (Some(None), _) => {}
@@ -540,7 +532,6 @@ pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>, content: b
     }
     Scrubbed {
         proto,
-        host: believed,
         overrides_method: seen.overrides_method,
     }
 }

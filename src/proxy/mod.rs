@@ -860,18 +860,7 @@ impl Proxy {
             if let Some(host) = &host {
                 parts.headers.insert(header::HOST, host.clone());
             }
-            // The cache keys on the host a trusted proxy says its client
-            // asked for, as on the scheme: the backend hears it, and may
-            // build links from it (Rails, Django, Spring). Keyed on `Host`
-            // alone, the page one forwarded host was answered with served
-            // every other (netfuzz49 Q1: cache poisoning through a
-            // balancer that passes a client's `X-Forwarded-Host` on).
-            let host_name = scrubbed
-                .host
-                .as_ref()
-                .or(host.as_ref())
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("");
+            let host_name = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
             if let Some(upgrade) = &upgrade {
                 upgrade.restore_request(&mut parts.headers);
             }
