@@ -1432,7 +1432,7 @@ async fn serve_connection<IO: Parkable>(
         tracing::debug!(client = %conn.peer, %error, reset, "response cut; connection closed");
         if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
             if reset {
-                let _ = socket2::SockRef::from(socket.socket()).set_linger(Some(Duration::ZERO));
+                reset_after_sending(&mut socket).await;
             } else {
                 linger(&mut socket, held.cut.clone()).await;
             }
@@ -1484,6 +1484,28 @@ async fn serve_connection<IO: Parkable>(
             None => tracing::debug!(client = %conn.peer, %error, "connection ended with error"),
         }
     }
+}
+
+/// Resets the connection of `socket` (SO_LINGER 0) once what was written
+/// to it has left, for [`DRAIN_QUIET`] at most: a reset drops the send
+/// queue, and over a real network the head and the body's first bytes,
+/// flushed a moment before, were still in it (review49).
+async fn reset_after_sending<IO: Parkable>(socket: &mut IO) {
+    use tokio::io::AsyncWriteExt;
+    let until = tokio::time::Instant::now() + DRAIN_QUIET;
+    // TLS records rustls still holds go to the socket first.
+    let _ = tokio::time::timeout_at(until, socket.flush()).await;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.socket().as_raw_fd();
+        while crate::upstream::unsent(fd).is_some_and(|queued| queued > 0)
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = socket2::SockRef::from(socket.socket()).set_linger(Some(Duration::ZERO));
 }
 
 /// Why an HTTP/2 preface on an HTTP/1.1 connection is refused.

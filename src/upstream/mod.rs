@@ -31,6 +31,8 @@ use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight};
+#[cfg(unix)]
+pub(crate) use pool::unsent;
 pub use pool::UpstreamBody;
 use pool::{Pool, SendError};
 use queue::{Queue, Room};

@@ -1108,7 +1108,7 @@ fn tcp_of(io: &Io) -> &TcpStream {
 /// Bytes queued to send on the socket `fd` and not yet taken by its peer
 /// (`SIOCOUTQ`): shrinking, the peer is reading.
 #[cfg(unix)]
-fn unsent(fd: std::os::fd::RawFd) -> Option<u64> {
+pub(crate) fn unsent(fd: std::os::fd::RawFd) -> Option<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: `fd` is an open socket its caller owns; the ioctl writes one
     // int into the value given.
