@@ -866,17 +866,20 @@ async fn a_get_with_a_method_override_passes_the_cache_by() {
 /// Behind a trusted balancer that ends TLS, `https` and `http` requests
 /// for one URL are stored apart: the key's scheme is the one the backend
 /// was told, so an answer for `http` (a redirect to https, say) never
-/// serves an `https` client, Vary or not.
+/// serves an `https` client, Vary or not. The forwarded host is not in the
+/// key (the route and the backend go by `Host`): a backend that builds
+/// links from it says `Vary: X-Forwarded-Host`, and each host it answered
+/// for has its variant (netfuzz49 Q1).
 #[tokio::test]
 async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
     let addr = scripted_backend(|head| {
-        if head
-            .to_ascii_lowercase()
-            .contains("\r\nx-forwarded-proto: https\r\n")
-        {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhttps"
+        let head = head.to_ascii_lowercase();
+        if head.contains("\r\nx-forwarded-host: other.example\r\n") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: X-Forwarded-Host\r\nContent-Length: 5\r\n\r\nother"
+        } else if head.contains("\r\nx-forwarded-proto: https\r\n") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: X-Forwarded-Host\r\nContent-Length: 5\r\n\r\nhttps"
         } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nhttp"
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: X-Forwarded-Host\r\nContent-Length: 4\r\n\r\nhttp"
         }
     })
     .await;
@@ -888,12 +891,16 @@ async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
     let https = [("x-forwarded-proto", "https")];
     // The same scheme said in RFC 7239's words is the same key.
     let forwarded = [("forwarded", "for=192.0.2.1;proto=https")];
+    let other = [("x-forwarded-host", "other.example")];
     for (fields, body, status) in [
         (&https[..], "https", "portico; fwd=miss; stored"),
         (&[], "http", "portico; fwd=miss; stored"),
         (&https, "https", "portico; hit"),
         (&[], "http", "portico; hit"),
         (&forwarded, "https", "portico; hit"),
+        (&other, "other", "portico; fwd=vary-miss; stored"),
+        (&[], "http", "portico; hit"),
+        (&other, "other", "portico; hit"),
     ] {
         let answer = get_with(&client, &url, fields).await;
         assert_eq!(answer.body, body, "{fields:?}");
