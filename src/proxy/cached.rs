@@ -447,6 +447,18 @@ async fn stored_for(cache: &Cache, primary: &str, parts: &Parts) -> Option<(Arc<
     Some((entry, age))
 }
 
+/// What is stored for the request's variant now, with the `fwd` its
+/// check would say (see [`checked`]): what a request that waited on
+/// another's fetch revalidates.
+async fn stored_now(
+    cache: &Cache,
+    primary: &str,
+    parts: &Parts,
+) -> Option<(&'static str, Arc<Entry>)> {
+    let (entry, age) = stored_for(cache, primary, parts).await?;
+    Some((checked(&entry, age), entry))
+}
+
 /// The stale copy for a request that waited on a revalidation that failed
 /// with `code`, if stale-if-error still allows it, as it allowed it the
 /// leader; else the request fetches on its own. Before, every waiter went
@@ -713,8 +725,7 @@ pub(super) async fn serve(
                 // dropped by a new Vary), it is a miss: its old validators
                 // would bring back what was dropped (review48e L1).
                 let checking = if waited {
-                    let now = stored_for(cache, &primary, &parts).await;
-                    now.map(|(now, age)| (checked(&now, age), now))
+                    stored_now(cache, &primary, &parts).await
                 } else {
                     Some((fwd, entry))
                 };
@@ -751,9 +762,8 @@ pub(super) async fn serve(
             Joined::Fetch {
                 leader,
                 waited: true,
-            } => match stored_for(cache, &primary, &parts).await {
-                Some((entry, age)) if policy::has_validator(&entry.headers) => {
-                    let fwd = checked(&entry, age);
+            } => match stored_now(cache, &primary, &parts).await {
+                Some((fwd, entry)) if policy::has_validator(&entry.headers) => {
                     return revalidate(
                         cache, upstream, primary, parts, entry, request_cc, fwd, leader, trace,
                     )
