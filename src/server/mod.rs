@@ -1504,8 +1504,8 @@ async fn reset_after_sending<IO: Parkable>(socket: &mut IO) {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        crate::upstream::reset_on_close(fd);
     }
-    let _ = socket2::SockRef::from(socket.socket()).set_linger(Some(Duration::ZERO));
 }
 
 /// Why an HTTP/2 preface on an HTTP/1.1 connection is refused.

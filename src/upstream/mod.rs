@@ -31,9 +31,9 @@ use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight};
-#[cfg(unix)]
-pub(crate) use pool::unsent;
 pub use pool::UpstreamBody;
+#[cfg(unix)]
+pub(crate) use pool::{reset_on_close, unsent};
 use pool::{Pool, SendError};
 use queue::{Queue, Room};
 use select::{Candidate, Tried, Turn};

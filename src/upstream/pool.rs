@@ -1122,7 +1122,7 @@ pub(crate) fn unsent(fd: std::os::fd::RawFd) -> Option<u64> {
 /// nothing, it stayed in FIN-WAIT-1 holding them for as long as the
 /// backend kept its end (review34g L1). The caller still owns `fd`.
 #[cfg(unix)]
-fn reset_on_close(fd: std::os::fd::RawFd) {
+pub(crate) fn reset_on_close(fd: std::os::fd::RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
