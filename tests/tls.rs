@@ -38,10 +38,28 @@ fn self_signed_for(names: &[&str]) -> Cert {
     }
 }
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
+/// A directory for a test's certificates and keys, removed with them when
+/// the test ends, passing or not.
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(tag: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("portico-tls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 /// Writes the certificates and returns a TLS listener config for them.
@@ -191,7 +209,6 @@ async fn https_over_http1_and_h2_reaches_the_backend_as_https() {
         .unwrap();
     assert_eq!((version, status), (Version::HTTP_2, StatusCode::OK));
     assert!(String::from_utf8_lossy(&body).contains("ORDER-001"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Two pairs for one name, of two key types: each client gets the one
@@ -249,7 +266,6 @@ async fn each_client_gets_the_pair_of_one_name_it_can_verify() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A file with a TLS listener and no `server.listen` serves HTTPS only, as
@@ -273,7 +289,6 @@ fn a_tls_listener_alone_opens_no_plain_one() {
     assert!(parsed("").server.listen.is_empty());
     let both = parsed("listen = [\"127.0.0.1:8080\"]\n");
     assert_eq!(both.server.listen, ["127.0.0.1:8080".parse().unwrap()]);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Failed client handshakes are counted, by reason: they were logged at
@@ -330,7 +345,6 @@ async fn failed_tls_handshakes_are_counted() {
         "{text}"
     );
     drop((silent, stalled));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A client offering only `http/1.0` in ALPN is served HTTP/1, as nginx
@@ -349,7 +363,6 @@ async fn a_client_offering_only_http_1_0_is_served() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A GET over a new TLS connection to `addr` (SNI `api.test`), read to its
@@ -416,7 +429,6 @@ async fn a_returning_client_resumes_its_tls_session() {
             "{version:?}"
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -445,7 +457,6 @@ async fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
             .await
             .is_err()
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `listener` with its first pair's certificate, or with `key` its key,
@@ -583,7 +594,6 @@ async fn unreadable_or_mismatched_files_are_reported_with_their_path() {
         false,
     ));
     assert!(error.contains("garbage.pem"), "{error}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -659,7 +669,6 @@ async fn reload_swaps_certificates_on_the_running_listener() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `pem` with its second line of base64 gone, as a careless copy leaves
@@ -695,7 +704,6 @@ fn a_tls_ca_that_lost_a_line_is_refused_at_its_key() {
             && errors.contains("certificate 1 in the file cannot be read as X.509"),
         "{errors}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A portico TLS listener in front of the order backend stands in for an
@@ -789,7 +797,6 @@ async fn upstreams_with_tls_are_reached_over_https_and_verified() {
     }
     // Round robin sent one of the two to the silent backend first.
     assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The active checks of a `tls` upstream go over TLS and say its
@@ -824,7 +831,6 @@ async fn checks_of_a_tls_upstream_use_tls_and_its_server_name() {
     // A plain-text check would not get past the TLS listener.
     let head = recording.first_head_for("/health").await;
     assert!(head.contains("\r\nhost: backend.test\r\n"), "{head}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// An idle backend connection is parked after a second as a bare socket
@@ -873,7 +879,6 @@ async fn a_parked_tls_backend_connection_is_taken_up_again() {
     let answer = get(&client(), &proxy.url("/health")).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A TLS keep-alive client connection parked between requests keeps its
@@ -911,7 +916,6 @@ async fn a_parked_tls_client_connection_serves_its_next_request() {
     }
     assert!(!connection.is_finished(), "the connection was closed");
     assert_eq!(backend.requests(), 3);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// What ALPN agreed on is binding: the HTTP/2 preface on a connection that
@@ -960,7 +964,6 @@ async fn the_protocol_alpn_agreed_on_is_binding() {
         }
     }
     assert_eq!(backend.requests(), 0);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A parked backend connection that ages out is closed as hyper would
