@@ -908,6 +908,56 @@ async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
     }
 }
 
+/// A trusted proxy's forwarded host other than `Host` is a variant of the
+/// `Host` URL, `Vary` or not: a backend that builds its links from it
+/// (most frameworks) made one page, stored, serve every forwarded host
+/// (netfuzz49 Q1). An unsafe request for the URL clears every variant.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        if head.starts_with("post ") {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        } else if head.contains("\r\nx-forwarded-host: evil.example") {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nevil"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nmine"
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let config = Config::single_upstream(listen, vec![addr]);
+    let proxy = start_proxy(trusting_loopback(with_cache(config))).await;
+    let client = client();
+    let url = proxy.url("/page");
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    let evil = [("x-forwarded-host", "EVIL.example:80")];
+    let own = [("x-forwarded-host", host)];
+    let table = [
+        (&evil[..], "evil", "portico; fwd=miss; stored"),
+        (&[], "mine", "portico; fwd=vary-miss; stored"),
+        (&evil, "evil", "portico; hit"),
+        // The proxy's forwarded host being the Host is no variant.
+        (&own, "mine", "portico; hit"),
+        (&[], "mine", "portico; hit"),
+    ];
+    for (fields, body, status) in table {
+        let answer = get_with(&client, &url, fields).await;
+        assert_eq!(answer.body, body, "{fields:?}");
+        assert_eq!(answer.header("cache-status"), status, "{fields:?}");
+    }
+    let request = Request::post(&url).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(send(&client, request).await.status, StatusCode::NO_CONTENT);
+    for (fields, body, status) in [
+        (&evil[..], "evil", "portico; fwd=miss; stored"),
+        (&[], "mine", "portico; fwd=vary-miss; stored"),
+    ] {
+        let answer = get_with(&client, &url, fields).await;
+        assert_eq!(answer.body, body, "{fields:?}");
+        assert_eq!(answer.header("cache-status"), status, "{fields:?}");
+    }
+}
+
 #[tokio::test]
 async fn vary_on_accept_encoding_keeps_two_variants() {
     let (backend, proxy) = cached_sample().await;

@@ -2,7 +2,8 @@
 //! one), scheme, host (lower-cased, default port dropped) and the path with
 //! its query. The secondary key adds the request's values of the header
 //! fields the response named in `Vary`, normalised (RFC 9111 §4.1) so that
-//! whitespace differences do not split variants.
+//! whitespace differences do not split variants, and a trusted proxy's
+//! forwarded host where it is not the host.
 
 use http::header::{HeaderMap, HeaderName};
 
@@ -26,9 +27,15 @@ pub fn primary(scheme: &str, host: &str, path_and_query: &str) -> String {
 /// (an empty port is the default one, RFC 3986 §6.2.3; it was a second
 /// key for the same resource, review40d L1).
 fn without_default_port<'a>(scheme: &str, host: &'a str) -> &'a str {
-    host.strip_suffix(':')
-        .or_else(|| host.strip_suffix(":80").filter(|_| scheme == "http"))
-        .or_else(|| host.strip_suffix(":443").filter(|_| scheme == "https"))
+    // What goes is ASCII, so the rest is still UTF-8.
+    &host[..default_port_dropped(scheme, host.as_bytes()).len()]
+}
+
+/// [`without_default_port`] for a field's bytes.
+fn default_port_dropped<'a>(scheme: &str, host: &'a [u8]) -> &'a [u8] {
+    host.strip_suffix(b":")
+        .or_else(|| host.strip_suffix(b":80").filter(|_| scheme == "http"))
+        .or_else(|| host.strip_suffix(b":443").filter(|_| scheme == "https"))
         .unwrap_or(host)
 }
 
@@ -106,7 +113,8 @@ pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 }
 
 /// `primary` plus, for each Vary field, the request's normalised value
-/// (`\nname:value`, or `\nname` when the request lacks the field).
+/// (`\nname:value`, or `\nname` when the request lacks the field), and
+/// the forwarded host where it is not the host ([`push_forwarded_host`]).
 pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::from(primary);
     for name in names {
@@ -146,7 +154,37 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
             }
         }
     }
+    push_forwarded_host(&mut key, primary, request);
     key
+}
+
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A trusted proxy's forwarded host, where it is not the `Host` that
+/// `primary` holds, as a variant of its own (`\n\0host:` and the host,
+/// lower-cased, its default port dropped; no field name holds a NUL).
+/// Backends build links from `X-Forwarded-Host` (Rails, Django, Spring),
+/// so the page made for one forwarded host must not serve another: keyed
+/// on `Host` alone, a balancer that passes its clients' field on let one
+/// poison every client's page (netfuzz49 Q1). Keyed on the forwarded host
+/// instead, a request routed and fetched by one `Host` stored its page
+/// under another's URL (review49). As a variant, it is chosen by both,
+/// and a purge or an unsafe request for the `Host` URL reaches it as it
+/// reaches any variant. The request is the one portico forwards, which
+/// carries the `Host` here unless a trusted proxy said otherwise: other
+/// requests have no such variant.
+fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
+    let Some(given) = request.get(&X_FORWARDED_HOST) else {
+        return;
+    };
+    let mut parts = primary.splitn(4, '|').skip(1);
+    let (scheme, host) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let given = default_port_dropped(scheme, given.as_bytes());
+    if given.eq_ignore_ascii_case(host.as_bytes()) {
+        return;
+    }
+    key.push_str("\n\0host:");
+    key.extend(given.iter().map(|&b| char::from(b.to_ascii_lowercase())));
 }
 
 /// Whether the request field `name` is a comma-separated list, whose
@@ -286,6 +324,36 @@ mod tests {
         assert_eq!(read.len(), 20_001);
         assert_eq!(read[0], "accept");
         assert!(read.windows(2).all(|w| w[0].as_str() < w[1].as_str()));
+    }
+
+    /// A forwarded host other than `Host` is a variant of the `Host` URL;
+    /// the `Host` itself (as portico writes it for a client that is not
+    /// trusted), in any case and with its default port, is none.
+    #[test]
+    fn a_forwarded_host_other_than_host_is_a_variant_of_its_own() {
+        let with = |host: &'static str| {
+            let mut request = HeaderMap::new();
+            request.insert("x-forwarded-host", HeaderValue::from_static(host));
+            request
+        };
+        let p = primary("https", "Shop.example", "/");
+        for same in ["shop.example", "SHOP.example:443", "shop.example:"] {
+            assert_eq!(full(&p, &[], &with(same)), p, "{same}");
+        }
+        assert_eq!(full(&p, &[], &HeaderMap::new()), p);
+        assert_eq!(
+            full(&p, &[], &with("Other.example:443")),
+            "GET|https|shop.example|/\n\0host:other.example"
+        );
+        assert_eq!(
+            full(&p, &[], &with("shop.example:80")),
+            "GET|https|shop.example|/\n\0host:shop.example:80"
+        );
+        let names = [HeaderName::from_static("accept")];
+        assert_eq!(
+            full(&p, &names, &with("other.example")),
+            "GET|https|shop.example|/\naccept\n\0host:other.example"
+        );
     }
 
     #[test]

@@ -566,7 +566,8 @@ pub(super) async fn lookup(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let primary = key::primary(scheme, host, path);
     // RFC 9211 `vary-miss`: the URL has stored variants, none for this
-    // request's Vary fields (not this one expired or evicted: a `miss`).
+    // request's Vary fields or forwarded host (not this one expired or
+    // evicted: a `miss`).
     let mut miss = "miss";
     let mut stale = None;
     if !request_cc.no_store {
@@ -574,10 +575,7 @@ pub(super) async fn lookup(
         let found = match &full {
             Some(full) => {
                 let found = cache.get(full).await;
-                if found.is_none()
-                    && full.len() > primary.len()
-                    && !cache.lists_variant(&primary, full)
-                {
+                if found.is_none() && !cache.lists_variant(&primary, full) {
                     miss = "vary-miss";
                 }
                 found
