@@ -713,3 +713,47 @@ async fn an_upload_refused_before_it_was_read_gets_the_refusal() {
         assert_eq!(answer.body, &b"nope\n"[..]);
     }
 }
+
+/// `body_timeout` counts silence, not frames: a chunked body whose last
+/// chunk's trailers trickle in (bytes every 200 ms, no frame for 2 s) is
+/// relayed whole under a 500 ms `body_timeout`, where it was cut as
+/// `backend_stalled` (netfuzz49 L2); a body that falls silent is still cut.
+#[tokio::test]
+async fn a_body_whose_trailers_trickle_in_is_not_cut_as_stalled() {
+    let addr = serve_each(|mut stream| async move {
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        let start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n";
+        if stream.write_all(start).await.is_err() {
+            return;
+        }
+        if head.starts_with(b"GET /silent ") {
+            tokio::time::sleep(STEP).await;
+            return;
+        }
+        for piece in b"0\r\nx-t: abcdefghijklmnopq\r\n\r\n".chunks(2) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if stream.write_all(piece).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let mut config = config(addr, Duration::from_secs(60));
+    config.upstreams[0].body_timeout = Duration::from_millis(500);
+    let proxy = start_proxy(config).await;
+    let fetch = |path: &'static str| async move {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let ask = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        client.write_all(ask.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = client.read_to_end(&mut answer);
+        tokio::time::timeout(STEP, read).await.unwrap().unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+    let trickled = fetch("/trickle").await;
+    assert!(trickled.ends_with("\r\n2\r\nhi\r\n0\r\n\r\n"), "{trickled}");
+    let silent = fetch("/silent").await;
+    assert!(silent.ends_with("\r\n2\r\nhi\r\n"), "{silent}");
+}

@@ -83,14 +83,22 @@ impl StallGuard {
         self.progressed = true;
     }
 
-    /// Ready(()) once the stream has been silent for `timeout`.
-    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready(()) once the stream has been silent for `timeout`. `read`
+    /// says whether bytes came from the peer since it was last asked
+    /// (asked as each wait begins, and when one has lasted `timeout`):
+    /// bytes that make no frame (a chunk's size line, trailers trickling
+    /// in) are no silence, as nginx's `proxy_read_timeout` counts between
+    /// two reads (netfuzz49 L2: such a body was cut as stalled).
+    fn poll_stalled(&mut self, cx: &mut Context<'_>, mut read: impl FnMut() -> bool) -> Poll<()> {
         let since = match self.waiting_since {
             Some(since) if !self.progressed => since,
-            _ => *self.waiting_since.insert(Instant::now()),
+            _ => {
+                read();
+                *self.waiting_since.insert(Instant::now())
+            }
         };
         self.progressed = false;
-        let deadline = since + self.timeout;
+        let mut deadline = since + self.timeout;
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -98,8 +106,12 @@ impl StallGuard {
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
+            let now = Instant::now();
+            if now >= deadline {
+                if !read() {
+                    return Poll::Ready(());
+                }
+                deadline = *self.waiting_since.insert(now) + self.timeout;
             }
             sleep.as_mut().reset(deadline);
         }
@@ -492,7 +504,9 @@ impl Body for RequestBody {
                 this.mark_ended();
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.stall.poll_stalled(cx) {
+            // hyper's server reads uploads on the connection's own task,
+            // so every read that counts makes a frame.
+            Poll::Pending => match this.stall.poll_stalled(cx, || false) {
                 Poll::Ready(()) => {
                     this.mark_failed();
                     Poll::Ready(Some(Err(BodyError::Stalled(this.stall.timeout))))
@@ -1440,7 +1454,7 @@ impl Body for ProxyBody {
                 }
                 // Yielding to let the backend's connection decode more.
                 Poll::Pending if inner.is_gathering() => Poll::Pending,
-                Poll::Pending => match stall.poll_stalled(cx) {
+                Poll::Pending => match stall.poll_stalled(cx, || inner.inner.read_lately()) {
                     Poll::Ready(()) => {
                         capture.take();
                         let stalled = BodyError::Stalled(stall.timeout);

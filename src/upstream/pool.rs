@@ -254,6 +254,9 @@ struct HeadWait {
     /// not counters: a count per read and write cost every request.
     write_blocked: std::sync::atomic::AtomicBool,
     moved: std::sync::atomic::AtomicBool,
+    /// A read went through since the response body's stall guard last
+    /// looked (see [`UpstreamBody::read_lately`]); a plain store per read.
+    read: std::sync::atomic::AtomicBool,
     /// The client's upload, still coming when its answer came (see
     /// [`HeadWait::late`]); `answered` says the answer has gone out whole.
     /// Set once: such a connection is not reused.
@@ -364,6 +367,7 @@ impl hyper::rt::Read for Watched {
             }
         };
         self.head.moved.store(true, Ordering::Relaxed);
+        self.head.read.store(true, Ordering::Relaxed);
         if self.head.heading.load(Ordering::Relaxed) {
             let read = self.head.head_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
             if read > HEAD_BYTES {
@@ -1237,12 +1241,28 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// The connection's wait record (HTTP/1 connections have one).
+    fn wait_record(&self) -> Option<&HeadWait> {
+        let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
+        reused.or(self.head.as_ref()).map(|head| &**head)
+    }
+
     /// The response did not end cleanly (see [`HeadWait::cut`]).
     fn mark_cut(&self) {
-        let reused = self.reuse.as_ref().and_then(|r| r.conn.head.as_ref());
-        if let Some(head) = reused.or(self.head.as_ref()) {
+        if let Some(head) = self.wait_record() {
             head.cut.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the connection read anything since this was last asked:
+    /// bytes that make no frame of the body yet (a chunk's size line,
+    /// trailers trickling in) show its backend is not silent.
+    pub fn read_lately(&self) -> bool {
+        let Some(head) = self.wait_record() else {
+            return false;
+        };
+        // A load first: a swap would write the line each time.
+        head.read.load(Ordering::Relaxed) && head.read.swap(false, Ordering::Relaxed)
     }
 
     /// Read to its end: the connection goes back to the pool, or, when an
