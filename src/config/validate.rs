@@ -1415,13 +1415,19 @@ fn compression(r: R, raw: &raw::Compression) -> Compression {
                 );
             }
             let mut types = Vec::with_capacity(list.len());
+            // Looked up by hash: along the list, a long one took quadratic
+            // time (fuzz49).
+            let mut listed = std::collections::HashSet::with_capacity(list.len());
             for (i, written) in list.iter().enumerate() {
                 let key = format!("compression.types[{i}]");
                 match media_type(written.get_ref()) {
-                    Ok(t) if types.contains(&t) => {
+                    Ok(t) if listed.contains(&t) => {
                         r.at(written.span(), key, format!("`{t}` is listed twice"))
                     }
-                    Ok(t) => types.push(t),
+                    Ok(t) => {
+                        listed.insert(t.clone());
+                        types.push(t);
+                    }
                     Err(e) => r.at(written.span(), key, e),
                 }
             }
@@ -1434,7 +1440,7 @@ fn compression(r: R, raw: &raw::Compression) -> Compression {
                     continue;
                 };
                 let all = format!("{kind}/*");
-                if t != all && types.contains(&all) {
+                if t != all && listed.contains(&all) {
                     r.at(
                         written.span(),
                         format!("compression.types[{i}]"),
