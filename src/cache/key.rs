@@ -113,8 +113,9 @@ pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 }
 
 /// `primary` plus, for each Vary field, the request's normalised value
-/// (`\nname:value`, or `\nname` when the request lacks the field), and
-/// the forwarded host where it is not the host ([`push_forwarded_host`]).
+/// (`\nname:value`, or `\nname` when the request lacks the field). The
+/// cache adds the forwarded host where it is not the host
+/// ([`push_forwarded_host`]).
 pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::from(primary);
     for name in names {
@@ -154,7 +155,6 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
             }
         }
     }
-    push_forwarded_host(&mut key, primary, request);
     key
 }
 
@@ -173,14 +173,20 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// reaches any variant. The request is the one portico forwards, which
 /// carries the `Host` here unless a trusted proxy said otherwise: other
 /// requests have no such variant.
-fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
+pub fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
     let Some(given) = request.get(&X_FORWARDED_HOST) else {
         return;
     };
-    let mut parts = primary.splitn(4, '|').skip(1);
-    let (scheme, host) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    // `GET|http|host|...` or `GET|https|host|...` (see [`primary`]).
+    let scheme = match primary.as_bytes().get(4..10) {
+        Some(b"https|") => "https",
+        _ => "http",
+    };
+    let at = 4 + scheme.len() + 1;
     let given = default_port_dropped(scheme, given.as_bytes());
-    if given.eq_ignore_ascii_case(host.as_bytes()) {
+    let host = primary.as_bytes().get(at..at + given.len());
+    let after = primary.as_bytes().get(at + given.len());
+    if after == Some(&b'|') && host.is_some_and(|host| host.eq_ignore_ascii_case(given)) {
         return;
     }
     key.push_str("\n\0host:");
@@ -336,23 +342,41 @@ mod tests {
             request.insert("x-forwarded-host", HeaderValue::from_static(host));
             request
         };
+        let key = |p: &str, names: &[HeaderName], request: &HeaderMap| {
+            let mut key = full(p, names, request);
+            push_forwarded_host(&mut key, p, request);
+            key
+        };
         let p = primary("https", "Shop.example", "/");
         for same in ["shop.example", "SHOP.example:443", "shop.example:"] {
-            assert_eq!(full(&p, &[], &with(same)), p, "{same}");
+            assert_eq!(key(&p, &[], &with(same)), p, "{same}");
         }
-        assert_eq!(full(&p, &[], &HeaderMap::new()), p);
+        assert_eq!(key(&p, &[], &HeaderMap::new()), p);
         assert_eq!(
-            full(&p, &[], &with("Other.example:443")),
+            key(&p, &[], &with("Other.example:443")),
             "GET|https|shop.example|/\n\0host:other.example"
         );
-        assert_eq!(
-            full(&p, &[], &with("shop.example:80")),
-            "GET|https|shop.example|/\n\0host:shop.example:80"
-        );
+        for other in [
+            "shop.example:80",
+            "shop.exampl",
+            "shop.example.com",
+            "hop.example",
+        ] {
+            assert_eq!(
+                key(&p, &[], &with(other)),
+                format!("GET|https|shop.example|/\n\0host:{other}")
+            );
+        }
         let names = [HeaderName::from_static("accept")];
         assert_eq!(
-            full(&p, &names, &with("other.example")),
+            key(&p, &names, &with("other.example")),
             "GET|https|shop.example|/\naccept\n\0host:other.example"
+        );
+        let plain = primary("http", "shop.example:80", "/");
+        assert_eq!(key(&plain, &[], &with("Shop.Example:80")), plain);
+        assert_eq!(
+            key(&plain, &[], &with("shop.example:443")),
+            "GET|http|shop.example|/\n\0host:shop.example:443"
         );
     }
 

@@ -398,6 +398,9 @@ pub struct Cache {
     unsettled: AtomicU64,
     /// Replaced by a reload that changed `[cache]` (see [`Cache::retire`]).
     retired: std::sync::atomic::AtomicBool,
+    /// Some generation serving from it trusts proxies, whose forwarded
+    /// host may not be the `Host` (see [`Cache::trust_forwarded_hosts`]).
+    forwarded_hosts: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -539,7 +542,28 @@ impl Cache {
             filling: Arc::default(),
             unsettled: AtomicU64::new(0),
             retired: std::sync::atomic::AtomicBool::new(false),
+            forwarded_hosts: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Says a generation serving from the cache trusts proxies: from then
+    /// on a forwarded host that is not the `Host` is a variant of its own
+    /// ([`key::push_forwarded_host`]). Never taken back, so the requests
+    /// of an older generation that trusted one still key on it after a
+    /// reload that trusts none. Without trusted proxies, portico writes
+    /// the `Host` as the forwarded host, and the look is spared.
+    pub fn trust_forwarded_hosts(&self) {
+        self.forwarded_hosts.store(true, Ordering::Relaxed);
+    }
+
+    /// The full key of `request`'s variant of `primary`, its `Vary`
+    /// naming `names`.
+    fn full_key(&self, primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
+        let mut full = key::full(primary, names, request);
+        if self.forwarded_hosts.load(Ordering::Relaxed) {
+            key::push_forwarded_host(&mut full, primary, request);
+        }
+        full
     }
 
     /// Marks the cache replaced by a reload's new one: the access lines of
@@ -569,7 +593,7 @@ impl Cache {
     /// The full key for a request, if responses for `primary` are stored.
     pub fn key_for(&self, primary: &str, request: &HeaderMap) -> Option<String> {
         let variants = self.index.get(primary)?;
-        Some(key::full(primary, &variants.names, request))
+        Some(self.full_key(primary, &variants.names, request))
     }
 
     /// The key concurrent fetches for this request share a lock by: its
@@ -583,7 +607,7 @@ impl Cache {
         }
         match self.uncacheable.get(&self.url_hash(primary)) {
             Some(Mark::Url { names, .. }) if !names.is_empty() => {
-                Some(key::full(primary, &names, request))
+                Some(self.full_key(primary, &names, request))
             }
             _ => None,
         }
@@ -691,7 +715,7 @@ impl Cache {
         names: &[HeaderName],
         request: &HeaderMap,
     ) -> u64 {
-        self.salted(salt, &key::full(primary, names, request))
+        self.salted(salt, &self.full_key(primary, names, request))
     }
 
     /// The mark of the variant with key `full` under a URL mark's `salt`.
@@ -735,7 +759,7 @@ impl Cache {
         let Some(names) = key::vary_names(&entry.headers) else {
             return Err(NotKept::Unmatchable);
         };
-        let full = key::full(primary, &names, request);
+        let full = self.full_key(primary, &names, request);
         if entry.too_heavy(&full, self.config.max_size) {
             return Err(NotKept::TooHeavy);
         }

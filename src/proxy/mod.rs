@@ -349,6 +349,9 @@ impl Proxy {
                 }
             }
         });
+        if let (Some(cache), false) = (&cache, config.server.trusted_proxies.is_empty()) {
+            cache.trust_forwarded_hosts();
+        }
         // Nor is one that removes `[cache]` silent about what it drops
         // (review39g L1).
         if let (None, Some(old)) = (&cache, previous.and_then(|p| p.cache.as_ref())) {
