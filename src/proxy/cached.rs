@@ -999,7 +999,9 @@ enum Joined {
 /// Varnish's hit-for-miss does; so does a URL whose last answer was not
 /// stored, with no wait at all. A request with `Authorization`, whose
 /// answer may serve no one else, leads only when it comes first; handed
-/// the lock on, it fetches alone. So, once a lock was handed on, does a
+/// the lock on, it waits on another's fetch if one has begun (what that
+/// stores for everyone answers it too), else fetches alone. So, once a
+/// lock was handed on, does a
 /// HEAD or conditional GET on a `miss` that would not be fetched as a
 /// plain GET (a range, or no background read free): its answer would be
 /// its own. Waiting ends at `wait` in all ([`COALESCE_WAIT`], or behind a
