@@ -136,6 +136,9 @@ struct UploadState {
     /// What a response body watching the upload sees (see
     /// [`UploadEnded::watch`]).
     outcome: Arc<std::sync::atomic::AtomicU8>,
+    /// The backend stopped taking it, and the request was answered
+    /// without it (see [`UploadEnded::give_up`]).
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 /// [`UploadState::outcome`]: still coming, read to its end, or broken off
@@ -173,6 +176,20 @@ impl UploadEnded {
     /// drains what is left of it or stops reading.
     pub fn is_abandoned(&self) -> bool {
         !self.is_set() && Arc::strong_count(&self.0) == 1
+    }
+
+    /// Says the request is answered without the rest of its upload (its
+    /// backend stopped taking it: a 504), while the backend connection
+    /// that holds the upload has yet to let it go: the answer says
+    /// `Connection: close`, as one to an upload let go of does.
+    pub fn give_up(&self) {
+        self.0.given_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the request was answered without the rest of its upload
+    /// ([`UploadEnded::is_abandoned`], or [`UploadEnded::give_up`]).
+    pub fn is_left_unread(&self) -> bool {
+        !self.is_set() && (self.0.given_up.load(Ordering::Relaxed) || self.is_abandoned())
     }
 
     /// How the upload moves: frames hyper has taken so far, and whether

@@ -623,9 +623,10 @@ impl Busy {
         self.0.closing.load(Ordering::Relaxed)
     }
 
-    /// Whether the request's body was let go of before its end.
-    pub(super) fn upload_abandoned(&self) -> bool {
-        self.0.upload(false, UploadEnded::is_abandoned)
+    /// Whether the request's body was let go of before its end, or is
+    /// answered without its rest ([`UploadEnded::is_left_unread`]).
+    pub(super) fn upload_left_unread(&self) -> bool {
+        self.0.upload(false, UploadEnded::is_left_unread)
     }
 
     /// Keeps `pending`, the upgrade hyper armed for a request that became

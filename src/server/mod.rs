@@ -1089,7 +1089,7 @@ async fn serve_connection<IO: Parkable>(
                 && hyper::body::Body::size_hint(response.body())
                     .exact()
                     .is_none();
-            if !multiplexed && (busy.closing() || busy.upload_abandoned() || close_delimited) {
+            if !multiplexed && (busy.closing() || busy.upload_left_unread() || close_delimited) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),

@@ -1026,13 +1026,17 @@ impl Upstream {
                 let ended = request.body_mut().end_marker();
                 // Boxed: only uploads take this path, and inline it would
                 // grow every request's future (cache hits included).
-                Box::pin(after_upload(
+                let answer = Box::pin(after_upload(
                     timeout,
                     stall,
                     &ended,
                     self.pool.send(index, request, fresh, upgrade_asked, false),
                 ))
-                .await
+                .await;
+                if let Err(Late::Upload) = answer {
+                    ended.give_up();
+                }
+                answer
             };
             match answer {
                 Err(Late::Head) => Err(ProxyError::ResponseTimeout { backend: addr }),
