@@ -744,6 +744,9 @@ pub struct Hop {
     pub ip: HeaderValue,
     /// This proxy's `Via` entry for the version the client used.
     pub via: HeaderValue,
+    /// The request has its `X-Request-Id` already (see
+    /// [`super::log::ensure_request_id`]); else [`add_hop`] gives it one.
+    pub identified: bool,
 }
 
 impl Hop {
@@ -751,7 +754,13 @@ impl Hop {
         Hop {
             ip: client.ip.clone(),
             via: name.via(client.version),
+            identified: false,
         }
+    }
+
+    /// Whether the request has its `X-Request-Id` already.
+    pub fn identified(self, identified: bool) -> Hop {
+        Hop { identified, ..self }
     }
 }
 
@@ -860,10 +869,18 @@ fn via_entries(line: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// Adds this hop to `X-Forwarded-For` (folding repeated fields into one
-/// list, as RFC 9110 §5.3 allows) and to `Via`. Only for a request that
-/// goes to a backend: a cache hit needs neither, and skips their cost.
+/// list, as RFC 9110 §5.3 allows) and to `Via`, and gives the request its
+/// `X-Request-Id` if it has none yet. Only for a request that goes to a
+/// backend: a cache hit needs none of them, and skips their cost.
 pub fn add_hop(headers: &mut HeaderMap, hop: Hop) {
-    let Hop { ip, via } = hop;
+    let Hop {
+        ip,
+        via,
+        identified,
+    } = hop;
+    if !identified {
+        super::log::ensure_request_id(headers);
+    }
     let xff = {
         let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
         if prior.peek().is_none() {

@@ -96,16 +96,18 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// `None` when the access log is filtered out (see [`access_logged`]), so a disabled log costs
     /// nothing per request.
-    /// The request's id is the one [`ensure_request_id`] set.
+    /// The request gets its id here ([`ensure_request_id`]), for the line
+    /// and its backend alike.
     /// `client` says who the request comes from (see `Proxy::client_ip`).
     pub fn capture<B>(
-        request: &Request<B>,
+        request: &mut Request<B>,
         conn: &Conn,
         client: impl FnOnce(&http::HeaderMap) -> IpAddr,
     ) -> Option<Self> {
         if !access_logged() {
             return None;
         }
+        let request_id = ensure_request_id(request.headers_mut()).clone();
         Some(AccessRecord {
             // A dual-stack listener's IPv4 clients (`::ffff:a.b.c.d`) are
             // written as the IPv4 addresses they are, one spelling per
@@ -119,11 +121,7 @@ impl AccessRecord {
             host: request.headers().get(header::HOST).cloned(),
             referer: request.headers().get(header::REFERER).cloned(),
             user_agent: request.headers().get(header::USER_AGENT).cloned(),
-            request_id: request
-                .headers()
-                .get(&X_REQUEST_ID)
-                .cloned()
-                .unwrap_or_else(|| HeaderValue::from_static("-")),
+            request_id,
         })
     }
 

@@ -163,6 +163,10 @@ pub struct Trace {
     pub client: Option<std::net::IpAddr>,
     /// How long it waited in line for room under `max_conns`, if it did.
     pub queued: Option<std::time::Duration>,
+    /// The request has its `X-Request-Id`, given when it was taken up for
+    /// its access line; else it gets one only on its way to a backend (a
+    /// hit with the access log off needs none).
+    pub identified: bool,
 }
 
 /// How soon after it was sent a request's pooled connection must end, with
@@ -563,7 +567,6 @@ impl Proxy {
     /// The request's id, access record and clock, from the moment it is
     /// taken up.
     fn pending(&self, request: &mut Request<Incoming>, conn: &Conn) -> Pending<'_> {
-        log::ensure_request_id(request.headers_mut());
         let mut pending = Pending {
             proxy: self,
             started: std::time::Instant::now(),
@@ -574,6 +577,7 @@ impl Proxy {
             done: false,
         };
         pending.trace.client = pending.access.as_ref().map(log::AccessRecord::client);
+        pending.trace.identified = pending.access.is_some();
         pending
     }
 
@@ -854,7 +858,8 @@ impl Proxy {
             // Such a request gets this hop in X-Forwarded-For and Via only
             // once it is on its way to a backend: a hit skips their cost,
             // and that of making the hop.
-            let hop = || Hop::of(client, &self.pseudonym);
+            let identified = trace.identified;
+            let hop = || Hop::of(client, &self.pseudonym).identified(identified);
             if answering.is_none() {
                 headers::add_hop(&mut parts.headers, hop());
             }
