@@ -153,9 +153,63 @@ async fn proxy_before_a_slow_backend() -> (portico::sample::RunningBackend, Runn
 
 #[tokio::test]
 async fn a_backend_slower_than_response_timeout_gives_504() {
-    let (_backend, proxy) = proxy_before_a_slow_backend().await;
+    let (backend, proxy) = proxy_before_a_slow_backend().await;
     let answer = get(&client(), &proxy.url("/health")).await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    // Not sent to it again (`retry_on_timeout` goes to another backend).
+    assert_eq!(backend.requests(), 1);
+}
+
+/// A GET whose backend sends no head within `response_timeout` goes to
+/// another backend, as nginx's `proxy_next_upstream timeout` sends it
+/// (chaos50 M1: a frozen backend's GETs got 504 where nginx and HAProxy
+/// answered them), never to the one that timed out again; a POST with
+/// its body does not, nor a GET under `retry_on_timeout = false`.
+#[tokio::test]
+async fn a_get_that_times_out_goes_to_another_backend() {
+    let start = |retry_on_timeout: bool| async move {
+        let mut slow = BackendOptions::new("slow");
+        slow.delay = Duration::from_millis(800);
+        let slow = start_backend(slow).await;
+        let fast = start_backend(BackendOptions::new("fast")).await;
+        let mut config = config_for(&[&slow, &fast]);
+        config.upstreams[0].response_timeout = Duration::from_millis(200);
+        config.upstreams[0].retry_on_timeout = retry_on_timeout;
+        let proxy = start_proxy(config).await;
+        (slow, fast, proxy)
+    };
+    let client = client();
+    let (slow, _fast, proxy) = start(true).await;
+    for _ in 0..2 {
+        let answer = get(&client, &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("x-backend"), "fast");
+    }
+    assert_eq!(slow.requests(), 1);
+    let post = || {
+        Request::post(proxy.url("/users/1/orders"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"items":[{"sku":"A-1","qty":1}],"amount_cents":100,"email":"a@example.com"}"#,
+            )))
+            .unwrap()
+    };
+    let mut statuses = vec![
+        send(&client, post()).await.status,
+        send(&client, post()).await.status,
+    ];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::CREATED, StatusCode::GATEWAY_TIMEOUT]);
+    assert_eq!(slow.requests(), 2);
+    // Off: the GET that timed out gets its 504.
+    let (slow, _fast, proxy) = start(false).await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(get(&client, &proxy.url("/health")).await.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::GATEWAY_TIMEOUT]);
+    assert_eq!(slow.requests(), 1);
 }
 
 /// hyper's client sends a GET body of unknown length as none at all unless

@@ -160,6 +160,10 @@ pub struct Upstream {
     pub slow_start: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
+    /// An idempotent request without a body whose backend sent no
+    /// response head within `response_timeout` goes to another backend
+    /// (one of `retries`), as nginx's `proxy_next_upstream timeout` does.
+    pub retry_on_timeout: bool,
     pub health: Option<HealthCheck>,
     /// Backends are reached over HTTPS when set.
     pub tls: Option<UpstreamTls>,
@@ -495,6 +499,7 @@ impl Upstream {
             slow_start: Duration::ZERO,
             idle_timeout: Duration::from_secs(90),
             retries: 1,
+            retry_on_timeout: true,
             health: None,
             tls: None,
         }

@@ -196,6 +196,7 @@ pub struct Upstream {
     pub slow_start: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub retries: Option<Spanned<i64>>,
+    pub retry_on_timeout: Option<Spanned<bool>>,
     pub health: Option<Spanned<Health>>,
     pub tls: Option<Spanned<bool>>,
     pub tls_server_name: Option<Str>,

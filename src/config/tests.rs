@@ -64,6 +64,7 @@ name = "orders"
 backends = ["127.0.0.1:8001", { addr = "127.0.0.1:8002", weight = 3 }]
 balance = "least_conn"
 retries = 2
+retry_on_timeout = false
 [upstream.health]
 interval = "5s"
 rise = 1
@@ -100,6 +101,7 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert_eq!(up.backends[1].weight, 3);
     assert_eq!(up.balance, Balance::LeastConn);
     assert_eq!(up.retries, 2);
+    assert!(!up.retry_on_timeout);
     for (key, want) in [
         ("client_ip", HashKey::ClientIp),
         ("uri", HashKey::Uri),

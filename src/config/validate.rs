@@ -1006,6 +1006,10 @@ fn upstream(
         }
         given => integer(r, &format!("{key}.retries"), given.as_ref(), d.retries, 0),
     };
+    upstream.retry_on_timeout = raw
+        .retry_on_timeout
+        .as_ref()
+        .map_or(d.retry_on_timeout, |on| *on.get_ref());
     upstream.health = raw
         .health
         .as_ref()

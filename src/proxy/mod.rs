@@ -1419,7 +1419,14 @@ fn forward_with_retries<'a>(
                     backend.metrics.count(error.status().as_u16());
                 }
             }
-            let retry_body = if idempotent && error.is_retryable() {
+            // A backend that sent no head in time may still be working on
+            // the request: only an idempotent one goes elsewhere, and only
+            // when `retry_on_timeout` says so (nginx's `proxy_next_upstream
+            // timeout`, on by default there too), never to it again.
+            let timed_out = matches!(error, ProxyError::ResponseTimeout { .. });
+            let retry_body = if idempotent
+                && (error.is_retryable() || (timed_out && upstream.config.retry_on_timeout))
+            {
                 Some(RequestBody::empty())
             } else if error.nothing_sent() {
                 // A POST or PATCH without a body has none parked: it goes
@@ -1492,6 +1499,10 @@ fn forward_with_retries<'a>(
                 // connection lost before the head) may be tried again
                 // (review37e L2).
                 Some((again, _)) if unreachable.contains(again) => return Err(error),
+                // Every backend tried: one that timed out would likely do
+                // so again, after as long, and a slow request would be
+                // sent round the whole upstream.
+                Some((again, _)) if timed_out && tried.contains(again) => return Err(error),
                 Some(taken) if upstream.try_retry(error.nothing_sent()) => taken,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
@@ -1526,7 +1537,8 @@ fn forward_with_retries<'a>(
     }
 }
 
-/// The request id a copied head carries (set as the request was taken up).
+/// The request id a copied head carries (set as the request was taken up
+/// for its access line, or as it went to its first backend).
 fn head_request_id(head: Option<&http::request::Parts>) -> Option<&str> {
     head?.headers.get(&log::X_REQUEST_ID)?.to_str().ok()
 }
