@@ -611,6 +611,29 @@ async fn keyless_requests_among_hashed_ones_go_round_robin() {
     proxy.stop().await;
 }
 
+/// `hash_key = "header:X-Request-Id"` spreads requests without an id by
+/// the one portico gives them, access log on or off (review50 L4: with
+/// it off, the id came only on the way to the backend, after the pick,
+/// and every such request went keyless).
+#[tokio::test]
+async fn requests_hashed_on_their_id_get_one_before_the_pick() {
+    let backends = start_backends(2).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    let name = http::HeaderName::from_static("x-request-id");
+    config.upstreams[0].balance = Balance::Hash(HashKey::Header(name));
+    let proxy = start_proxy(config).await;
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(get(&client, &proxy.url("/health")).await.status, 200);
+    }
+    let metrics = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(
+        metrics.contains("portico_upstream_hash_keyless_total{upstream=\"default\"} 0"),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
 /// A header key is read as the client sent it, before portico adds its
 /// own hop: requests without `Via` have no key, where portico's `Via` was
 /// every such request's key, all on one backend (review45a L1).

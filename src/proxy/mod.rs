@@ -799,6 +799,12 @@ impl Proxy {
                     .client
                     .get_or_insert_with(|| self.client_ip(conn.peer, request.headers()));
             }
+            // A request's id is given before it is hashed on: with the
+            // access log off it would come only on the way to the backend.
+            if !trace.identified && upstream.hashes_header(&log::X_REQUEST_ID) {
+                log::ensure_request_id(request.headers_mut());
+                trace.identified = true;
+            }
             let keyed = upstream.keyed(request.uri(), request.headers(), trace.client);
 
             let upgrade = upgrade::requested(&mut request);

@@ -902,6 +902,12 @@ impl Upstream {
         self.config.balance == Balance::Hash(config::HashKey::ClientIp)
     }
 
+    /// Whether picking reads the request's `name` field (`hash_key =
+    /// "header:NAME"`).
+    pub fn hashes_header(&self, name: &http::HeaderName) -> bool {
+        matches!(&self.config.balance, Balance::Hash(config::HashKey::Header(key)) if key == name)
+    }
+
     /// Why there is no backend to pick: every one drained (the operator's
     /// doing, worth saying so) or none healthy.
     pub fn none_to_pick(&self) -> ProxyError {
