@@ -85,10 +85,14 @@ impl StallGuard {
 
     /// Ready(()) once the stream has been silent for `timeout`. `read`
     /// says whether bytes came from the peer since it was last asked
-    /// (asked as each wait begins, and when one has lasted `timeout`):
+    /// (asked as each wait begins, then every quarter of `timeout`):
     /// bytes that make no frame (a chunk's size line, trailers trickling
     /// in) are no silence, as nginx's `proxy_read_timeout` counts between
-    /// two reads (netfuzz49 L2: such a body was cut as stalled).
+    /// two reads (netfuzz49 L2: such a body was cut as stalled). A read is
+    /// seen at most a quarter late, so the cut comes between `timeout` and
+    /// a quarter more after the last byte (looked at only when the wait
+    /// ended, bytes early in it made the cut up to `timeout` late,
+    /// review50 L3).
     fn poll_stalled(&mut self, cx: &mut Context<'_>, mut read: impl FnMut() -> bool) -> Poll<()> {
         let since = match self.waiting_since {
             Some(since) if !self.progressed => since,
@@ -98,22 +102,22 @@ impl StallGuard {
             }
         };
         self.progressed = false;
+        let step = self.timeout / 4;
         let mut deadline = since + self.timeout;
         let sleep = self
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(since + step)));
         loop {
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if now >= deadline {
-                if !read() {
-                    return Poll::Ready(());
-                }
+            if read() {
                 deadline = *self.waiting_since.insert(now) + self.timeout;
+            } else if now >= deadline {
+                return Poll::Ready(());
             }
-            sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset((now + step).min(deadline));
         }
     }
 }
