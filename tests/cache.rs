@@ -918,7 +918,9 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
         let head = head.to_ascii_lowercase();
         if head.starts_with("post ") {
             b"HTTP/1.1 204 No Content\r\n\r\n"
-        } else if head.contains("\r\nx-forwarded-host: evil.example") {
+        } else if head.contains("\r\nx-forwarded-host: evil.example")
+            || head.contains("\r\nforwarded: host=evil.example")
+        {
             b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nevil"
         } else {
             b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nmine"
@@ -933,6 +935,11 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
     let host = url.trim_start_matches("http://").split('/').next().unwrap();
     let evil = [("x-forwarded-host", "EVIL.example:80")];
     let own = [("x-forwarded-host", host)];
+    // A client's element ahead of its balancer's, whose host is believed:
+    // frameworks that read the first element build links from the
+    // client's (review50 H1).
+    let balancer = format!("host=evil.example, for=192.0.2.1;host={host}");
+    let forged = [("forwarded", balancer.as_str())];
     let table = [
         (&evil[..], "evil", "portico; fwd=miss; stored"),
         (&[], "mine", "portico; fwd=vary-miss; stored"),
@@ -940,6 +947,9 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
         // The proxy's forwarded host being the Host is no variant.
         (&own, "mine", "portico; hit"),
         (&[], "mine", "portico; hit"),
+        (&forged, "evil", "portico; fwd=vary-miss; stored"),
+        (&[], "mine", "portico; hit"),
+        (&forged, "evil", "portico; hit"),
     ];
     for (fields, body, status) in table {
         let answer = get_with(&client, &url, fields).await;

@@ -172,8 +172,15 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// and a purge or an unsafe request for the `Host` URL reaches it as it
 /// reaches any variant. The request is the one portico forwards, which
 /// carries the `Host` here unless a trusted proxy said otherwise: other
-/// requests have no such variant.
-pub fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
+/// requests have no such variant. The other claims such a proxy passes on
+/// are variants too ([`push_claims`]).
+pub fn push_forwarded(key: &mut String, primary: &str, request: &HeaderMap) {
+    push_forwarded_host(key, primary, request);
+    push_claims(key, request);
+}
+
+/// See [`push_forwarded`].
+fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
     let Some(given) = request.get(&X_FORWARDED_HOST) else {
         return;
     };
@@ -191,6 +198,59 @@ pub fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap)
     }
     key.push_str("\n\0host:");
     key.extend(given.iter().map(|&b| char::from(b.to_ascii_lowercase())));
+}
+
+/// The other claims a trusted proxy passes on, as variants of their own
+/// (`\n\0` and each `name:value`, in the order of the names): the
+/// `host=` and `proto=` of every element of `Forwarded`, not only the
+/// believed last one (Spring builds its links from the first), and the
+/// `X-Forwarded-Prefix`, `-Port`, `X-Original-URL` and the like that
+/// frameworks build links or even paths from (see `headers::CLAIMS`),
+/// passed on as they came (review50 H1: a client's `Forwarded:
+/// host=evil.example` ahead of its balancer's element, stored, was served
+/// to everyone). Not `for=` nor `X-Real-IP`: a client's own address, which
+/// would make a variant per client. A balancer writes the same values for
+/// every client of a site, so they make one variant. Other requests carry
+/// none of them: portico drops them from clients that are not trusted.
+fn push_claims(key: &mut String, request: &HeaderMap) {
+    let mut claims: Vec<(&str, &[u8])> = Vec::new();
+    for (name, value) in request {
+        let name = name.as_str();
+        let claimed = name == "forwarded"
+            || (name.starts_with("x-")
+                && name != "x-real-ip"
+                && crate::proxy::headers::CLAIMS.contains(&name));
+        if claimed {
+            claims.push((name, value.as_bytes()));
+        }
+    }
+    // Stable: a field's lines keep their order.
+    claims.sort_by_key(|(name, _)| *name);
+    for (name, value) in claims {
+        key.push_str("\n\0");
+        key.push_str(name);
+        key.push(':');
+        if name != "forwarded" {
+            key.extend(value.iter().map(|&b| char::from(b)));
+            continue;
+        }
+        for element in crate::proxy::forwarded::elements_from_right(value) {
+            key.push(';');
+            match crate::proxy::forwarded::parse_element(element) {
+                Ok(element) => {
+                    for (param, said) in [("host=", element.host), ("proto=", element.proto)] {
+                        if let Some(said) = said {
+                            key.push_str(param);
+                            key.extend(said.iter().map(|&b| char::from(b.to_ascii_lowercase())));
+                            key.push(' ');
+                        }
+                    }
+                }
+                // Junk is kept whole: what a backend makes of it is unknown.
+                Err(_) => key.extend(element.iter().map(|&b| char::from(b))),
+            }
+        }
+    }
 }
 
 /// Whether the request field `name` is a comma-separated list, whose
@@ -344,7 +404,7 @@ mod tests {
         };
         let key = |p: &str, names: &[HeaderName], request: &HeaderMap| {
             let mut key = full(p, names, request);
-            push_forwarded_host(&mut key, p, request);
+            push_forwarded(&mut key, p, request);
             key
         };
         let p = primary("https", "Shop.example", "/");
@@ -378,6 +438,48 @@ mod tests {
             key(&plain, &[], &with("shop.example:443")),
             "GET|http|shop.example|/\n\0host:shop.example:443"
         );
+    }
+
+    /// The claims a trusted proxy passes on are variants, whatever the
+    /// order of their fields; a client's address in them is not.
+    #[test]
+    fn a_trusted_proxy_s_claims_are_variants_of_their_own() {
+        let p = primary("https", "shop.example", "/");
+        let key = |fields: &[(&'static str, &'static str)]| {
+            let mut request = HeaderMap::new();
+            for (name, value) in fields {
+                request.append(*name, HeaderValue::from_static(value));
+            }
+            let mut key = full(&p, &[], &request);
+            push_forwarded(&mut key, &p, &request);
+            key
+        };
+        let balancer = "for=192.0.2.1;proto=https;host=shop.example";
+        assert_eq!(key(&[("x-real-ip", "192.0.2.1")]), p);
+        assert_eq!(
+            key(&[("forwarded", balancer)]),
+            key(&[(
+                "forwarded",
+                "for=198.51.100.7;proto=HTTPS;host=shop.example"
+            )])
+        );
+        assert_ne!(key(&[("forwarded", balancer)]), p);
+        let forged = "host=evil.example, for=192.0.2.1;proto=https;host=shop.example";
+        assert_ne!(
+            key(&[("forwarded", forged)]),
+            key(&[("forwarded", balancer)])
+        );
+        assert_eq!(
+            key(&[("forwarded", "\"open, for=1;host=shop.example")]),
+            "GET|https|shop.example|/\n\0forwarded:;host=shop.example ;\"open"
+        );
+        let both = [("x-forwarded-prefix", "/shop"), ("x-forwarded-port", "443")];
+        assert_eq!(
+            key(&both),
+            "GET|https|shop.example|/\n\0x-forwarded-port:443\n\0x-forwarded-prefix:/shop"
+        );
+        assert_eq!(key(&both), key(&[both[1], both[0]]));
+        assert_ne!(key(&[("x-original-url", "/admin")]), p);
     }
 
     #[test]

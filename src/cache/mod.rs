@@ -547,11 +547,13 @@ impl Cache {
     }
 
     /// Says a generation serving from the cache trusts proxies: from then
-    /// on a forwarded host that is not the `Host` is a variant of its own
-    /// ([`key::push_forwarded_host`]). Never taken back, so the requests
-    /// of an older generation that trusted one still key on it after a
-    /// reload that trusts none. Without trusted proxies, portico writes
-    /// the `Host` as the forwarded host, and the look is spared.
+    /// on a forwarded host that is not the `Host` is a variant of its own,
+    /// as are the other claims a trusted proxy passes on
+    /// ([`key::push_forwarded`]). Never taken back, so the requests of an
+    /// older generation that trusted one still key on them after a reload
+    /// that trusts none. Without trusted proxies, portico writes the
+    /// `Host` as the forwarded host and drops the claims, and the look is
+    /// spared.
     pub fn trust_forwarded_hosts(&self) {
         self.forwarded_hosts.store(true, Ordering::Relaxed);
     }
@@ -561,7 +563,7 @@ impl Cache {
     fn full_key(&self, primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
         let mut full = key::full(primary, names, request);
         if self.forwarded_hosts.load(Ordering::Relaxed) {
-            key::push_forwarded_host(&mut full, primary, request);
+            key::push_forwarded(&mut full, primary, request);
         }
         full
     }

@@ -86,7 +86,7 @@ pub struct Seen {
 /// and Zend read `X-Original-URL` and `X-Rewrite-URL` as the path, so a
 /// client's swapped the page stored for another URL; others build links
 /// from `X-Host` and `X-Forwarded-Server` (review40c F2).
-const CLAIMS: [&str; 9] = [
+pub(crate) const CLAIMS: [&str; 9] = [
     "x-real-ip",
     "x-forwarded-ssl",
     "x-forwarded-port",
