@@ -175,35 +175,33 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// requests have no such variant. The other claims such a proxy passes on
 /// are variants too ([`push_claims`]).
 pub fn push_forwarded(key: &mut String, primary: &str, request: &HeaderMap) {
-    push_forwarded_host(key, primary, request);
-    push_claims(key, request);
-}
-
-/// See [`push_forwarded`].
-fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
-    let Some(given) = request.get(&X_FORWARDED_HOST) else {
-        return;
-    };
     // `GET|http|host|...` or `GET|https|host|...` (see [`primary`]).
     let scheme = match primary.as_bytes().get(4..10) {
         Some(b"https|") => "https",
         _ => "http",
     };
-    let at = 4 + scheme.len() + 1;
-    let given = default_port_dropped(scheme, given.as_bytes());
-    let host = primary.as_bytes().get(at..at + given.len());
-    let after = primary.as_bytes().get(at + given.len());
-    if after == Some(&b'|') && host.is_some_and(|host| host.eq_ignore_ascii_case(given)) {
-        return;
+    let rest = primary
+        .as_bytes()
+        .get(4 + scheme.len() + 1..)
+        .unwrap_or(&[]);
+    let own = &rest[..rest.iter().position(|&b| b == b'|').unwrap_or(rest.len())];
+    let said = request
+        .get(&X_FORWARDED_HOST)
+        .map(|given| default_port_dropped(scheme, given.as_bytes()));
+    if let Some(given) = said.filter(|given| !given.eq_ignore_ascii_case(own)) {
+        key.push_str("\n\0host:");
+        key.extend(given.iter().map(|&b| char::from(b.to_ascii_lowercase())));
     }
-    key.push_str("\n\0host:");
-    key.extend(given.iter().map(|&b| char::from(b.to_ascii_lowercase())));
+    push_claims(key, (scheme, said.unwrap_or(own)), request);
 }
 
 /// The other claims a trusted proxy passes on, as variants of their own
 /// (`\n\0` and each `name:value`, in the order of the names): the
 /// `host=` and `proto=` of every element of `Forwarded`, not only the
-/// believed last one (Spring builds its links from the first), and the
+/// believed last one (Spring builds its links from the first), where
+/// they are not the scheme and host the key has already (`keyed`: so a
+/// balancer's element saying what `X-Forwarded-Proto` would have is the
+/// same variant), and the
 /// `X-Forwarded-Prefix`, `-Port`, `X-Original-URL` and the like that
 /// frameworks build links or even paths from (see `headers::CLAIMS`),
 /// passed on as they came (review50 H1: a client's `Forwarded:
@@ -212,7 +210,8 @@ fn push_forwarded_host(key: &mut String, primary: &str, request: &HeaderMap) {
 /// would make a variant per client. A balancer writes the same values for
 /// every client of a site, so they make one variant. Other requests carry
 /// none of them: portico drops them from clients that are not trusted.
-fn push_claims(key: &mut String, request: &HeaderMap) {
+fn push_claims(key: &mut String, keyed: (&str, &[u8]), request: &HeaderMap) {
+    let (scheme, host) = keyed;
     let mut claims: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in request {
         let name = name.as_str();
@@ -227,6 +226,7 @@ fn push_claims(key: &mut String, request: &HeaderMap) {
     // Stable: a field's lines keep their order.
     claims.sort_by_key(|(name, _)| *name);
     for (name, value) in claims {
+        let start = key.len();
         key.push_str("\n\0");
         key.push_str(name);
         key.push(':');
@@ -234,21 +234,33 @@ fn push_claims(key: &mut String, request: &HeaderMap) {
             key.extend(value.iter().map(|&b| char::from(b)));
             continue;
         }
+        let bare = key.len();
         for element in crate::proxy::forwarded::elements_from_right(value) {
-            key.push(';');
             match crate::proxy::forwarded::parse_element(element) {
                 Ok(element) => {
-                    for (param, said) in [("host=", element.host), ("proto=", element.proto)] {
+                    let host = element.host.filter(|said| {
+                        !default_port_dropped(scheme, said).eq_ignore_ascii_case(host)
+                    });
+                    let proto = element
+                        .proto
+                        .filter(|said| !said.eq_ignore_ascii_case(scheme.as_bytes()));
+                    for (param, said) in [(";host=", host), (";proto=", proto)] {
                         if let Some(said) = said {
                             key.push_str(param);
                             key.extend(said.iter().map(|&b| char::from(b.to_ascii_lowercase())));
-                            key.push(' ');
                         }
                     }
                 }
                 // Junk is kept whole: what a backend makes of it is unknown.
-                Err(_) => key.extend(element.iter().map(|&b| char::from(b))),
+                Err(_) => {
+                    key.push(';');
+                    key.extend(element.iter().map(|&b| char::from(b)));
+                }
             }
+        }
+        // Nothing but what the key has already.
+        if key.len() == bare {
+            key.truncate(start);
         }
     }
 }
@@ -454,25 +466,40 @@ mod tests {
             push_forwarded(&mut key, &p, &request);
             key
         };
+        // What the key has already (scheme, host) makes no variant.
         let balancer = "for=192.0.2.1;proto=https;host=shop.example";
         assert_eq!(key(&[("x-real-ip", "192.0.2.1")]), p);
+        assert_eq!(key(&[("forwarded", balancer)]), p);
         assert_eq!(
-            key(&[("forwarded", balancer)]),
             key(&[(
                 "forwarded",
-                "for=198.51.100.7;proto=HTTPS;host=shop.example"
-            )])
+                "for=198.51.100.7;proto=HTTPS;host=\"Shop.example:443\""
+            )]),
+            p
         );
-        assert_ne!(key(&[("forwarded", balancer)]), p);
         let forged = "host=evil.example, for=192.0.2.1;proto=https;host=shop.example";
-        assert_ne!(
+        assert_eq!(
             key(&[("forwarded", forged)]),
-            key(&[("forwarded", balancer)])
+            "GET|https|shop.example|/\n\0forwarded:;host=evil.example"
+        );
+        assert_eq!(
+            key(&[("forwarded", "proto=http;host=a.example, for=1;proto=https")]),
+            "GET|https|shop.example|/\n\0forwarded:;host=a.example;proto=http"
         );
         assert_eq!(
             key(&[("forwarded", "\"open, for=1;host=shop.example")]),
-            "GET|https|shop.example|/\n\0forwarded:;host=shop.example ;\"open"
+            "GET|https|shop.example|/\n\0forwarded:;\"open"
         );
+        // Against the forwarded host the key has, where there is one.
+        let mut request = HeaderMap::new();
+        request.append("x-forwarded-host", HeaderValue::from_static("b.example"));
+        request.append(
+            "forwarded",
+            HeaderValue::from_static("for=1;host=b.example"),
+        );
+        let mut forwarded = full(&p, &[], &request);
+        push_forwarded(&mut forwarded, &p, &request);
+        assert_eq!(forwarded, "GET|https|shop.example|/\n\0host:b.example");
         let both = [("x-forwarded-prefix", "/shop"), ("x-forwarded-port", "443")];
         assert_eq!(
             key(&both),
