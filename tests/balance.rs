@@ -611,17 +611,27 @@ async fn keyless_requests_among_hashed_ones_go_round_robin() {
     proxy.stop().await;
 }
 
+/// `backends` sample backends behind a proxy hashing on the field `name`
+/// (`hash_key = "header:NAME"`).
+async fn hashing_on_field(
+    backends: usize,
+    name: &'static str,
+) -> (Vec<portico::sample::RunningBackend>, RunningProxy) {
+    let backends = start_backends(backends).await;
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    let name = http::HeaderName::from_static(name);
+    config.upstreams[0].balance = Balance::Hash(HashKey::Header(name));
+    let proxy = start_proxy(config).await;
+    (backends, proxy)
+}
+
 /// `hash_key = "header:X-Request-Id"` spreads requests without an id by
 /// the one portico gives them, access log on or off (review50 L4: with
 /// it off, the id came only on the way to the backend, after the pick,
 /// and every such request went keyless).
 #[tokio::test]
 async fn requests_hashed_on_their_id_get_one_before_the_pick() {
-    let backends = start_backends(2).await;
-    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
-    let name = http::HeaderName::from_static("x-request-id");
-    config.upstreams[0].balance = Balance::Hash(HashKey::Header(name));
-    let proxy = start_proxy(config).await;
+    let (_backends, proxy) = hashing_on_field(2, "x-request-id").await;
     let client = client();
     for _ in 0..10 {
         assert_eq!(get(&client, &proxy.url("/health")).await.status, 200);
@@ -639,11 +649,7 @@ async fn requests_hashed_on_their_id_get_one_before_the_pick() {
 /// every such request's key, all on one backend (review45a L1).
 #[tokio::test]
 async fn a_header_key_is_read_as_the_client_sent_it() {
-    let backends = start_backends(3).await;
-    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
-    let via = http::HeaderName::from_static("via");
-    config.upstreams[0].balance = Balance::Hash(HashKey::Header(via));
-    let proxy = start_proxy(config).await;
+    let (_backends, proxy) = hashing_on_field(3, "via").await;
     assert_eq!(
         proxy.spread(6).await,
         counts(&[("b1", 2), ("b2", 2), ("b3", 2)])

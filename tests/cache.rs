@@ -24,6 +24,13 @@ async fn cached_proxy_at(addr: std::net::SocketAddr) -> RunningProxy {
     start_proxy(with_cache(Config::single_upstream(listen, vec![addr]))).await
 }
 
+/// [`cached_proxy_at`], trusting the loopback's forwarding fields.
+async fn trusting_cached_proxy_at(addr: std::net::SocketAddr) -> RunningProxy {
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let config = Config::single_upstream(listen, vec![addr]);
+    start_proxy(trusting_loopback(with_cache(config))).await
+}
+
 /// A cached proxy in front of `addr` that has stored `path` and whose
 /// clock then moved on `seconds`: the start of every revalidation test.
 async fn stored_then_aged(
@@ -883,9 +890,7 @@ async fn behind_a_trusted_proxy_https_and_http_are_cached_apart() {
         }
     })
     .await;
-    let listen = vec!["127.0.0.1:0".parse().unwrap()];
-    let config = Config::single_upstream(listen, vec![addr]);
-    let proxy = start_proxy(trusting_loopback(with_cache(config))).await;
+    let proxy = trusting_cached_proxy_at(addr).await;
     let client = client();
     let url = proxy.url("/scheme");
     let https = [("x-forwarded-proto", "https")];
@@ -927,9 +932,7 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
         }
     })
     .await;
-    let listen = vec!["127.0.0.1:0".parse().unwrap()];
-    let config = Config::single_upstream(listen, vec![addr]);
-    let proxy = start_proxy(trusting_loopback(with_cache(config))).await;
+    let proxy = trusting_cached_proxy_at(addr).await;
     let client = client();
     let url = proxy.url("/page");
     let host = url.trim_start_matches("http://").split('/').next().unwrap();
