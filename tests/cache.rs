@@ -971,6 +971,39 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
     }
 }
 
+/// A forwarded host's answer that may not be stored marks only its own
+/// variant, as a `Vary` variant's does: the `Host` URL's requests still
+/// wait on one another and a HEAD of it is still fetched as a GET and
+/// stored (review50 L1: the whole URL was marked).
+#[tokio::test]
+async fn a_forwarded_host_s_private_answer_marks_only_its_variant() {
+    let addr = scripted_backend(|head| {
+        if head
+            .to_ascii_lowercase()
+            .contains("\r\nx-forwarded-host: evil.example")
+        {
+            b"HTTP/1.1 200 OK\r\nCache-Control: private\r\nContent-Length: 4\r\n\r\nevil"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nmine"
+        }
+    })
+    .await;
+    let proxy = trusting_cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/page");
+    let evil = get_with(&client, &url, &[("x-forwarded-host", "evil.example")]).await;
+    assert_eq!(
+        evil.header("cache-status"),
+        "portico; fwd=miss; detail=private"
+    );
+    let head = Request::head(&url).body(Full::new(Bytes::new())).unwrap();
+    let head = send(&client, head).await;
+    assert_eq!(head.header("cache-status"), "portico; fwd=miss; stored");
+    let plain = get(&client, &url).await;
+    assert_eq!(plain.header("cache-status"), "portico; hit");
+    assert_eq!(plain.body, "mine");
+}
+
 #[tokio::test]
 async fn vary_on_accept_encoding_keeps_two_variants() {
     let (backend, proxy) = cached_sample().await;

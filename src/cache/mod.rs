@@ -315,9 +315,16 @@ fn address(entry: &Arc<Entry>) -> usize {
 #[derive(Debug, Clone)]
 enum Mark {
     /// Under a URL's hash: the `Vary` names of its response that was not
-    /// stored (none: every variant is marked), and the salt its variants'
-    /// marks are hashed with.
-    Url { names: Arc<[HeaderName]>, salt: u64 },
+    /// stored, the salt its variants' marks are hashed with, and whether
+    /// every variant is marked (`Vary: *`, or no `Vary` for a request
+    /// without a forwarded variant, see [`key::push_forwarded`]; a
+    /// forwarded host's `private` answer without `Vary` marks only its own
+    /// variant, review50 L1).
+    Url {
+        names: Arc<[HeaderName]>,
+        salt: u64,
+        whole: bool,
+    },
     /// Under a variant's hash (see [`Cache::variant_hash`]): its response
     /// was not stored.
     Variant,
@@ -608,7 +615,7 @@ impl Cache {
             return Some(full);
         }
         match self.uncacheable.get(&self.url_hash(primary)) {
-            Some(Mark::Url { names, .. }) if !names.is_empty() => {
+            Some(Mark::Url { names, whole, .. }) if !whole => {
                 Some(self.full_key(primary, &names, request))
             }
             _ => None,
@@ -644,21 +651,31 @@ impl Cache {
             return;
         }
         // `Vary: *` varies on everything: the whole URL is marked.
-        let names = key::vary_names(response).unwrap_or_default();
+        let vary = key::vary_names(response);
+        let names = vary.clone().unwrap_or_default();
+        let full = self.full_key(primary, &names, request);
+        let whole = vary.is_none() || full.len() == primary.len();
         let hash = self.url_hash(primary);
         // Read first: a URL that is never stored says so on every request,
-        // and a lookup costs less than an insert.
+        // and a lookup costs less than an insert. A mark of every variant
+        // takes in one of a variant; one of a variant gives way to one of
+        // every variant.
         let salt = match self.uncacheable.get(&hash) {
-            Some(Mark::Url { names: known, salt }) if *known == *names => salt,
+            Some(Mark::Url {
+                names: known,
+                salt,
+                whole: all,
+            }) if *known == *names && (all || !whole) => salt,
             _ => {
                 let salt = self.salts.fetch_add(1, Ordering::Relaxed);
                 let names = names.clone().into();
-                self.uncacheable.insert(hash, Mark::Url { names, salt });
+                let mark = Mark::Url { names, salt, whole };
+                self.uncacheable.insert(hash, mark);
                 salt
             }
         };
-        if !names.is_empty() {
-            let variant = self.variant_hash(salt, primary, &names, request);
+        if !whole {
+            let variant = self.salted(salt, &full);
             if !self.uncacheable.contains_key(&variant) {
                 self.uncacheable.insert(variant, Mark::Variant);
             }
@@ -669,8 +686,8 @@ impl Cache {
     /// in the last two minutes, was not stored.
     pub fn uncacheable(&self, primary: &str, request: &HeaderMap) -> bool {
         match self.uncacheable.get(&self.url_hash(primary)) {
-            Some(Mark::Url { names, salt }) => {
-                names.is_empty()
+            Some(Mark::Url { names, salt, whole }) => {
+                whole
                     || self
                         .uncacheable
                         .contains_key(&self.variant_hash(salt, primary, &names, request))
@@ -687,7 +704,8 @@ impl Cache {
             Some(Mark::Url {
                 names: marked,
                 salt,
-            }) if !marked.is_empty() && *marked == *names => {
+                whole: false,
+            }) if *marked == *names => {
                 self.uncacheable.invalidate(&self.salted(salt, full));
             }
             Some(_) => self.uncacheable.invalidate(&hash),
