@@ -565,7 +565,10 @@ impl Body for RequestBody {
 /// or `most` bytes have come, it fails, or `wait` passes (`false`): an
 /// answer given without reading its request's body, an active check's
 /// body read on so the backend finishes it.
-pub async fn read_off(body: &mut Incoming, most: u64, wait: Duration) -> bool {
+pub async fn read_off<B>(body: &mut B, most: u64, wait: Duration) -> bool
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     let reading = async {
         let mut read = 0u64;
         while read < most {

@@ -1207,24 +1207,46 @@ async fn discard_unread(request: Request<Incoming>) {
     let Some(ended) = parts.extensions.get::<body::UploadEnded>() else {
         return;
     };
-    let small = match declared_length(&parts.headers) {
-        Ok(Some(length)) => length <= DISCARD_LIMIT,
-        Ok(None) => true,
-        Err(_) => false,
-    };
-    // A connection that ends after this answer anyway carries no next
-    // request: the answer need not wait (review42e L1).
-    let ending = match parts.version {
-        Version::HTTP_10 => !headers::connection_lists(&parts.headers, "keep-alive"),
-        _ => headers::connection_lists(&parts.headers, "close"),
-    };
-    if !small || ending || parts.headers.contains_key(header::EXPECT) {
+    if !reads_off(&parts) {
         return;
     }
     // Past the limit, not at it: a body of just DISCARD_LIMIT ends.
     if body::read_off(&mut body, DISCARD_LIMIT + 1, DISCARD_WAIT).await {
         ended.set();
     }
+}
+
+/// Whether an answer given without the body of the request `head` says
+/// reads the body off first (see [`discard_unread`]).
+fn reads_off(head: &http::request::Parts) -> bool {
+    let small = match declared_length(&head.headers) {
+        Ok(Some(length)) => length <= DISCARD_LIMIT,
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    // A connection that ends after this answer anyway carries no next
+    // request: the answer need not wait (review42e L1).
+    let ending = match head.version {
+        Version::HTTP_10 => !headers::connection_lists(&head.headers, "keep-alive"),
+        _ => headers::connection_lists(&head.headers, "close"),
+    };
+    small && !ending && !head.headers.contains_key(header::EXPECT)
+}
+
+/// [`discard_unread`] for a request whose body was on its way to a
+/// backend and came back unsent (no backend up, every connect refused):
+/// portico's 502, 503 or 504 then left it unread and closed the
+/// connection, where nginx and HAProxy read it off and keep it (chaos50
+/// L1). The body marks its upload ended when read to its end.
+async fn discard_unsent(
+    error: ProxyError,
+    head: Option<&http::request::Parts>,
+    mut body: RequestBody,
+) -> ProxyError {
+    if !http_body::Body::is_end_stream(&body) && head.is_some_and(reads_off) {
+        body::read_off(&mut body, DISCARD_LIMIT + 1, DISCARD_WAIT).await;
+    }
+    error
 }
 
 /// The answer to an OPTIONS that ends here (`*`, or no hops left): an
@@ -1312,14 +1334,21 @@ fn forward_with_retries<'a>(
         let mut tried = Tried::NONE;
         // Boxed: only an upstream with a `max_conns` waits here, and
         // inline the wait would grow every request's future.
-        let (mut index, mut slot) = match upstream.take_first(key) {
-            Ok(taken) => taken,
-            Err(Unpicked::NoneUp) => return Err(upstream.none_to_pick()),
+        let taken = match upstream.take_first(key) {
+            Ok(taken) => Ok(taken),
+            Err(Unpicked::NoneUp) => Err(upstream.none_to_pick()),
             Err(Unpicked::Full) => {
                 let since = std::time::Instant::now();
                 let taken = Box::pin(upstream.wait_for_room(key)).await;
                 trace.queued = Some(since.elapsed());
-                taken?
+                taken
+            }
+        };
+        let (mut index, mut slot) = match taken {
+            Ok(taken) => taken,
+            Err(error) => {
+                let (parts, body) = next.take().expect("the first attempt's request");
+                return Err(Box::pin(discard_unsent(error, Some(&parts), body)).await);
             }
         };
         // A copy of the head for the next attempt, with the `Sent` mark.
@@ -1475,8 +1504,15 @@ fn forward_with_retries<'a>(
             // Its slot is free for the retry (its own backend's, if that
             // is the one left) and for those waiting for room.
             drop(in_flight);
+            // Where the request fails from here on, a body not sent is
+            // read off.
+            macro_rules! fail {
+                ($error:expr) => {
+                    return Err(Box::pin(discard_unsent($error, replay.as_ref(), retry_body)).await)
+                };
+            }
             if attempt >= retries {
-                return Err(error);
+                fail!(error);
             }
             // A backend not tried yet when there is one worth trying, else
             // one tried already (see `Upstream::pick`); with none up at
@@ -1504,18 +1540,18 @@ fn forward_with_retries<'a>(
                 // once each server was tried. One that was reached (its
                 // connection lost before the head) may be tried again
                 // (review37e L2).
-                Some((again, _)) if unreachable.contains(again) => return Err(error),
+                Some((again, _)) if unreachable.contains(again) => fail!(error),
                 // Every backend tried: one that timed out would likely do
                 // so again, after as long, and a slow request would be
                 // sent round the whole upstream.
-                Some((again, _)) if timed_out && tried.contains(again) => return Err(error),
+                Some((again, _)) if timed_out && tried.contains(again) => fail!(error),
                 Some(taken) if upstream.try_retry(error.nothing_sent()) => taken,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
                     trace.budget_refused = true;
-                    return Err(error);
+                    fail!(error);
                 }
-                None => return Err(error),
+                None => fail!(error),
             };
             // As nginx logs each failed attempt: the client's answer,
             // and its access line, show only the last.

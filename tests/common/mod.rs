@@ -212,7 +212,6 @@ pub async fn start_backend(opts: BackendOptions) -> RunningBackend {
         .expect("backend bound")
 }
 
-/// One upstream over `backends`, one catch-all route, limits at defaults.
 /// An address whose connects are refused for as long as the socket
 /// returned lives: bound and never listening, so no other test running
 /// alongside can take the port. A listener dropped to free its port
@@ -223,6 +222,7 @@ pub fn refusing_addr() -> (SocketAddr, tokio::net::TcpSocket) {
     (socket.local_addr().unwrap(), socket)
 }
 
+/// One upstream over `backends`, one catch-all route, limits at defaults.
 pub fn config_for(backends: &[&RunningBackend]) -> Config {
     Config::single_upstream(
         vec!["127.0.0.1:0".parse().unwrap()],
