@@ -210,6 +210,21 @@ async fn a_get_that_times_out_goes_to_another_backend() {
     statuses.sort();
     assert_eq!(statuses, [StatusCode::OK, StatusCode::GATEWAY_TIMEOUT]);
     assert_eq!(slow.requests(), 1);
+    // Nor is it sent back to the slow one after a refused connect
+    // elsewhere (review50b M3).
+    let mut opts = BackendOptions::new("slow");
+    opts.delay = Duration::from_millis(800);
+    let slow = start_backend(opts).await;
+    let (refusing, _held) = refusing_addr();
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = Config::single_upstream(listen, vec![slow.addr(), refusing]);
+    config.upstreams[0].response_timeout = Duration::from_millis(200);
+    config.upstreams[0].retries = 2;
+    let proxy = start_proxy(config).await;
+    // The last failure answers: the refused connect's 502 or the 504.
+    let answer = get(&client, &proxy.url("/health")).await;
+    assert!(answer.status.is_server_error(), "{}", answer.status);
+    assert_eq!(slow.requests(), 1);
 }
 
 /// A POST whose small body went with an attempt that reached no backend

@@ -29,14 +29,19 @@ const COALESCE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long requests wait on a revalidation of an entry stale-if-error may
 /// serve: as long as the revalidation can take (its connects, each retried,
-/// and its response timeout), at least [`COALESCE_WAIT`]. Whatever it gets,
-/// they are answered from it, so behind a hung backend each no longer left
-/// at 5 s to wait its own `response_timeout` on the same backend
-/// (review33c M2).
+/// and its response timeouts: one per backend it may try under
+/// `retry_on_timeout`, review50b L1), at least [`COALESCE_WAIT`]. Whatever
+/// it gets, they are answered from it, so behind a hung backend each no
+/// longer left at 5 s to wait its own `response_timeout` on the same
+/// backend (review33c M2).
 fn revalidation_wait(upstream: &Upstream) -> Duration {
     let config = &upstream.config;
     let connects = config.connect_timeout * (config.retries + 1);
-    (connects + config.response_timeout + Duration::from_secs(1)).max(COALESCE_WAIT)
+    let heads = match config.retry_on_timeout {
+        true => (config.retries + 1).min(config.backends.len().max(1) as u32),
+        false => 1,
+    };
+    (connects + config.response_timeout * heads + Duration::from_secs(1)).max(COALESCE_WAIT)
 }
 
 pub use crate::cache::CACHE_STATUS;

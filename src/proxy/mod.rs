@@ -1299,8 +1299,9 @@ fn is_idempotent(method: &Method) -> bool {
 /// Sends the request to a backend picked by the upstream's balancer. An
 /// idempotent request without a body is retried on a different backend
 /// (the same one when it is the only one left) after a connect failure or
-/// a connection lost before the response head.
-/// Any request, POST included, is retried elsewhere when the backend refused
+/// a connection lost before the response head, and, under
+/// `retry_on_timeout`, on another one only after no head came within
+/// `response_timeout`. Any request, POST included, is retried elsewhere when the backend refused
 /// the connection before a byte of it was sent; once bytes may have reached
 /// a backend, a request with a body is never sent again. Retries stop at
 /// `retries` and when the upstream's retry budget runs out.
@@ -1361,8 +1362,10 @@ fn forward_with_retries<'a>(
         };
         let mut attempt = 0;
         let mut resent_stale = false;
-        // Backends whose connect failed for this request.
+        // Backends whose connect failed for this request, and those that
+        // sent no head in time.
         let mut unreachable = Tried::NONE;
+        let mut too_slow = Tried::NONE;
         loop {
             let (parts, body) = next.take().expect("every attempt has a request");
             let (body, parked) = if retries > 0 && !bodiless {
@@ -1521,6 +1524,9 @@ fn forward_with_retries<'a>(
             if error.nothing_sent() {
                 unreachable = unreachable.with(index);
             }
+            if timed_out {
+                too_slow = too_slow.with(index);
+            }
             // Picked again among all, one whose connect failed is passed
             // over for one reached before, if any is left (review37g L1).
             let picked = match upstream.pick(tried, key) {
@@ -1541,10 +1547,11 @@ fn forward_with_retries<'a>(
                 // connection lost before the head) may be tried again
                 // (review37e L2).
                 Some((again, _)) if unreachable.contains(again) => fail!(error),
-                // Every backend tried: one that timed out would likely do
-                // so again, after as long, and a slow request would be
-                // sent round the whole upstream.
-                Some((again, _)) if timed_out && tried.contains(again) => fail!(error),
+                // Every backend tried: one that timed out, for this error
+                // or an earlier one, would likely do so again, after as
+                // long (review50b M3: asked again after a refused connect
+                // elsewhere).
+                Some((again, _)) if too_slow.contains(again) => fail!(error),
                 Some(taken) if upstream.try_retry(error.nothing_sent()) => taken,
                 Some(_) => {
                     // Said in the request's warning (review32c F4).
