@@ -1004,6 +1004,21 @@ async fn a_forwarded_host_s_private_answer_marks_only_its_variant() {
     assert_eq!(plain.body, "mine");
 }
 
+/// A URL whose one response expired and was dropped is a plain `miss`:
+/// its record, left without a variant, said `vary-miss` (review50b L3).
+#[tokio::test]
+async fn an_expired_entry_s_url_is_a_miss_not_a_vary_miss() {
+    let (_backend, proxy) = cached_sample().await;
+    let client = client();
+    let url = proxy.url("/cache/expiring?cc=max-age=1");
+    let first = get(&client, &url).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
+    // Long enough for the store to drop it and tell the record.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let again = get(&client, &url).await;
+    assert_eq!(again.header("cache-status"), "portico; fwd=miss; stored");
+}
+
 #[tokio::test]
 async fn vary_on_accept_encoding_keeps_two_variants() {
     let (backend, proxy) = cached_sample().await;

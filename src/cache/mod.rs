@@ -622,12 +622,14 @@ impl Cache {
         }
     }
 
-    /// Whether the URL's record lists the variant `full` (still stored,
-    /// or expired and not yet dropped from the record).
-    pub fn lists_variant(&self, primary: &str, full: &str) -> bool {
-        self.index
-            .get(primary)
-            .is_some_and(|variants| variants.keys.iter().any(|v| &*v.key == full))
+    /// Whether the URL's record lists variants, none of them `full` (a
+    /// variant expired and not yet dropped from the record is listed):
+    /// RFC 9211's `vary-miss`. A record left without any (its last variant
+    /// dropped, the record not yet) is a plain miss (review50b L3).
+    pub fn lists_others_only(&self, primary: &str, full: &str) -> bool {
+        self.index.get(primary).is_some_and(|variants| {
+            !variants.keys.is_empty() && variants.keys.iter().all(|v| &*v.key != full)
+        })
     }
 
     /// Notes that a response for `primary` with `status`, to a request

@@ -580,7 +580,7 @@ pub(super) async fn lookup(
         let found = match &full {
             Some(full) => {
                 let found = cache.get(full).await;
-                if found.is_none() && !cache.lists_variant(&primary, full) {
+                if found.is_none() && cache.lists_others_only(&primary, full) {
                     miss = "vary-miss";
                 }
                 found
