@@ -196,30 +196,23 @@ pub fn push_forwarded(key: &mut String, primary: &str, request: &HeaderMap) {
 }
 
 /// The other claims a trusted proxy passes on, as variants of their own
-/// (`\n\0` and each `name:value`, in the order of the names): the
-/// `host=` and `proto=` of every element of `Forwarded`, not only the
-/// believed last one (Spring builds its links from the first), where
-/// they are not the scheme and host the key has already (`keyed`: so a
-/// balancer's element saying what `X-Forwarded-Proto` would have is the
-/// same variant), and the
-/// `X-Forwarded-Prefix`, `-Port`, `X-Original-URL` and the like that
-/// frameworks build links or even paths from (see `headers::CLAIMS`),
-/// passed on as they came (review50 H1: a client's `Forwarded:
-/// host=evil.example` ahead of its balancer's element, stored, was served
-/// to everyone). Not `for=` nor `X-Real-IP`: a client's own address, which
-/// would make a variant per client. A balancer writes the same values for
-/// every client of a site, so they make one variant. Other requests carry
-/// none of them: portico drops them from clients that are not trusted.
+/// (`\n\0` and each `name:value`, in the order of the names): what
+/// `Forwarded` says beyond the scheme and host the key has already
+/// (`keyed`), and the `X-Forwarded-Prefix`, `-Port`, `X-Original-URL` and
+/// the like that frameworks build links or even paths from (see
+/// `headers::CLAIMS`), as they came, in either spelling (Rack and PHP read
+/// `X_Forwarded_Prefix` as `X-Forwarded-Prefix`, review50b M1). Without
+/// them a client's `Forwarded: host=evil.example` ahead of its balancer's
+/// element, stored, was served to everyone (review50 H1). Not a client's
+/// own address (`for=`, `X-Real-IP`), which would make a variant per
+/// client; a balancer writes the rest alike for every client of a site.
+/// Other requests carry none of them: portico drops them from clients
+/// that are not trusted.
 fn push_claims(key: &mut String, keyed: (&str, &[u8]), request: &HeaderMap) {
-    let (scheme, host) = keyed;
     let mut claims: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in request {
         let name = name.as_str();
-        let claimed = name == "forwarded"
-            || (name.starts_with("x-")
-                && name != "x-real-ip"
-                && crate::proxy::headers::CLAIMS.contains(&name));
-        if claimed {
+        if name == "forwarded" || is_claim(name) {
             claims.push((name, value.as_bytes()));
         }
     }
@@ -230,39 +223,73 @@ fn push_claims(key: &mut String, keyed: (&str, &[u8]), request: &HeaderMap) {
         key.push_str("\n\0");
         key.push_str(name);
         key.push(':');
-        if name != "forwarded" {
-            key.extend(value.iter().map(|&b| char::from(b)));
-            continue;
-        }
-        let bare = key.len();
-        for element in crate::proxy::forwarded::elements_from_right(value) {
-            match crate::proxy::forwarded::parse_element(element) {
-                Ok(element) => {
-                    let host = element.host.filter(|said| {
-                        !default_port_dropped(scheme, said).eq_ignore_ascii_case(host)
-                    });
-                    let proto = element
-                        .proto
-                        .filter(|said| !said.eq_ignore_ascii_case(scheme.as_bytes()));
-                    for (param, said) in [(";host=", host), (";proto=", proto)] {
-                        if let Some(said) = said {
-                            key.push_str(param);
-                            key.extend(said.iter().map(|&b| char::from(b.to_ascii_lowercase())));
-                        }
-                    }
-                }
-                // Junk is kept whole: what a backend makes of it is unknown.
-                Err(_) => {
-                    key.push(';');
-                    key.extend(element.iter().map(|&b| char::from(b)));
-                }
+        if name == "forwarded" {
+            let bare = key.len();
+            push_forwarded_pairs(key, keyed, value);
+            // Nothing but what the key has already.
+            if key.len() == bare {
+                key.truncate(start);
             }
-        }
-        // Nothing but what the key has already.
-        if key.len() == bare {
-            key.truncate(start);
+        } else {
+            key.extend(value.iter().map(|&b| char::from(b)));
         }
     }
+}
+
+/// A `Forwarded` line's pairs, read as loosely as frameworks read them:
+/// Spring finds `host=` and `proto=` anywhere in the field, inside a
+/// quoted value or a longer name too (`for="_x;host=evil.example"`,
+/// `xhost=`), so the line is split at every `,` and `;`, quotes or not,
+/// and every pair is kept but a `host=` or `proto=` saying what `keyed`
+/// says and a `for=` or `by=` holding neither (review50b H1). Junk a
+/// strict reading refuses (an unquoted IPv6 `for=2001:db8::10`, a
+/// `host=site:8080`) is so read like the rest, not kept whole with the
+/// client's address in it (review50b M2).
+fn push_forwarded_pairs(key: &mut String, keyed: (&str, &[u8]), line: &[u8]) {
+    let (scheme, host) = keyed;
+    let unquoted = |value: &[u8]| -> Vec<u8> {
+        let value = value.strip_prefix(b"\"").unwrap_or(value);
+        value
+            .strip_suffix(b"\"")
+            .unwrap_or(value)
+            .to_ascii_lowercase()
+    };
+    for pair in line.split(|&b| b == b',' || b == b';') {
+        let pair = pair.trim_ascii();
+        let lower = pair.to_ascii_lowercase();
+        let named = |param: &[u8]| lower.windows(param.len()).any(|w| w == param);
+        let redundant = if let Some(value) = lower.strip_prefix(b"host=") {
+            default_port_dropped(scheme, &unquoted(value)).eq_ignore_ascii_case(host)
+        } else if let Some(value) = lower.strip_prefix(b"proto=") {
+            unquoted(value) == scheme.as_bytes()
+        } else {
+            pair.is_empty()
+                || ((lower.starts_with(b"for=") || lower.starts_with(b"by="))
+                    && !named(b"host=")
+                    && !named(b"proto="))
+        };
+        if !redundant {
+            key.push(';');
+            key.extend(pair.iter().map(|&b| char::from(b)));
+        }
+    }
+}
+
+/// Whether `name` is one of `headers::CLAIMS` but `X-Real-IP`, in either
+/// spelling (`_` for `-`).
+fn is_claim(name: &str) -> bool {
+    let name = name.as_bytes();
+    if !(name.starts_with(b"x-") || name.starts_with(b"x_")) {
+        return false;
+    }
+    crate::proxy::headers::CLAIMS.iter().any(|claim| {
+        *claim != "x-real-ip"
+            && claim.len() == name.len()
+            && claim
+                .bytes()
+                .zip(name)
+                .all(|(c, &n)| c == n || (c == b'-' && n == b'_'))
+    })
 }
 
 /// Whether the request field `name` is a comma-separated list, whose
@@ -484,8 +511,26 @@ mod tests {
         );
         assert_eq!(
             key(&[("forwarded", "proto=http;host=a.example, for=1;proto=https")]),
-            "GET|https|shop.example|/\n\0forwarded:;host=a.example;proto=http"
+            "GET|https|shop.example|/\n\0forwarded:;proto=http;host=a.example"
         );
+        // Read as loosely as Spring reads it (review50b H1), and a client's
+        // address is no variant however it is written (M2).
+        for loose in [
+            "for=\"_x;host=evil.example\", for=1;host=shop.example",
+            "for=1;by=\"host=evil.example\";host=shop.example",
+            "xhost=evil.example, for=1;host=shop.example",
+            "for=\"x,host=evil.example\";host=shop.example",
+            "for=1;xproto=http",
+        ] {
+            assert_ne!(key(&[("forwarded", loose)]), p, "{loose}");
+        }
+        for client in [
+            "for=2001:db8::10;proto=https;host=shop.example",
+            "for=192.0.2.1:4711;host=shop.example:443",
+            "for=\"[2001:db8::1]:4711\";by=10.0.0.1",
+        ] {
+            assert_eq!(key(&[("forwarded", client)]), p, "{client}");
+        }
         assert_eq!(
             key(&[("forwarded", "\"open, for=1;host=shop.example")]),
             "GET|https|shop.example|/\n\0forwarded:;\"open"
@@ -507,6 +552,12 @@ mod tests {
         );
         assert_eq!(key(&both), key(&[both[1], both[0]]));
         assert_ne!(key(&[("x-original-url", "/admin")]), p);
+        // Either spelling (review50b M1); not the client's address.
+        assert_eq!(
+            key(&[("x_forwarded_prefix", "/evil")]),
+            "GET|https|shop.example|/\n\0x_forwarded_prefix:/evil"
+        );
+        assert_eq!(key(&[("x_real_ip", "192.0.2.1")]), p);
     }
 
     #[test]
