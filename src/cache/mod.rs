@@ -833,8 +833,14 @@ impl Cache {
                     full = listed.key.clone();
                 }
                 None => {
+                    // The oldest goes; the oldest forwarded variant first
+                    // (see `key::push_forwarded`), so that hosts a client
+                    // forges through a balancer that passes them on push
+                    // out only one another, never the URL's own page
+                    // (review50 L2).
                     if variants.keys.len() >= MAX_VARIANTS {
-                        dropped.push(variants.keys.remove(0));
+                        let forwarded = variants.keys.iter().position(|v| v.key.contains("\n\0"));
+                        dropped.push(variants.keys.remove(forwarded.unwrap_or(0)));
                     }
                     variants.keys.push(Variant {
                         key: full.clone(),
@@ -1594,6 +1600,23 @@ mod tests {
             .key_for(PRIMARY, &map(&[("accept", "type/0")]))
             .unwrap();
         assert!(cache.get(&first).await.is_none());
+    }
+
+    /// Forwarded variants push out one another first: the URL's own page
+    /// stays (review50 L2).
+    #[tokio::test]
+    async fn forged_forwarded_hosts_do_not_push_out_the_url_s_own_variant() {
+        let cache = cache();
+        cache.trust_forwarded_hosts();
+        let own = HeaderMap::new();
+        store(&cache, &own, entry("accept")).await;
+        for n in 0..MAX_VARIANTS + 5 {
+            let request = map(&[("x-forwarded-host", &format!("forged-{n}.example"))]);
+            store(&cache, &request, entry("accept")).await;
+        }
+        assert_eq!(cache.index.get(PRIMARY).unwrap().keys.len(), MAX_VARIANTS);
+        let key = cache.key_for(PRIMARY, &own).unwrap();
+        assert!(cache.get(&key).await.is_some());
     }
 
     #[tokio::test]
