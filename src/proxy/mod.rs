@@ -1237,12 +1237,14 @@ fn reads_off(head: &http::request::Parts) -> bool {
 /// backend and came back unsent (no backend up, every connect refused):
 /// portico's 502, 503 or 504 then left it unread and closed the
 /// connection, where nginx and HAProxy read it off and keep it (chaos50
-/// L1). The body marks its upload ended when read to its end.
+/// L1). The body marks its upload ended when read to its end. Not for
+/// HTTP/2, as `discard_unread` is not: only the stream ends.
 async fn discard_unsent(
     error: ProxyError,
     head: Option<&http::request::Parts>,
     mut body: RequestBody,
 ) -> ProxyError {
+    let head = head.filter(|head| head.version < Version::HTTP_2);
     if !http_body::Body::is_end_stream(&body) && head.is_some_and(reads_off) {
         body::read_off(&mut body, DISCARD_LIMIT + 1, DISCARD_WAIT).await;
     }
