@@ -1251,22 +1251,7 @@ async fn read_answers(stream: &mut tokio::net::TcpStream, mut seen: Vec<u8>, cou
 /// Writes `raw` on `stream` and reads one whole answer; returns its
 /// status line, lowercased.
 async fn exchange_on(stream: &mut tokio::net::TcpStream, raw: &[u8]) -> String {
-    stream.write_all(raw).await.unwrap();
-    let mut got = tokio::time::timeout(STEP, read_head(stream))
-        .await
-        .expect("a response within STEP")
-        .expect("a response, not a closed connection");
-    let (end, length) = head_end_and_length(&got);
-    let mut buf = [0u8; 4096];
-    while got.len() < end + length {
-        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed mid-body");
-        got.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let head = whole_answer_on(stream, raw).await;
     head.lines().next().unwrap_or_default().to_owned()
 }
 

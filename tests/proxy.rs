@@ -234,42 +234,15 @@ async fn a_get_that_times_out_goes_to_another_backend() {
 /// lost it).
 #[tokio::test]
 async fn a_post_no_backend_took_leaves_its_connection_open() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (refusing, _held) = refusing_addr();
     let listen = vec!["127.0.0.1:0".parse().unwrap()];
     let proxy = start_proxy(Config::single_upstream(listen, vec![refusing])).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     for _ in 0..2 {
         let post = b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
-        stream.write_all(post).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        let head = loop {
-            let n = tokio::time::timeout(STEP, stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed after {answer:?}");
-            answer.extend_from_slice(&buf[..n]);
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break String::from_utf8_lossy(&answer[..end + 4]).to_ascii_lowercase();
-            }
-        };
+        let head = whole_answer_on(&mut stream, post).await;
         assert!(head.starts_with("http/1.1 502"), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
-        let length: usize = head
-            .split("\r\ncontent-length: ")
-            .nth(1)
-            .and_then(|rest| rest.split("\r\n").next())
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut rest = answer.len() - head.len();
-        while rest < length {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            rest += n;
-        }
     }
 }
 

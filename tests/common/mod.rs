@@ -578,6 +578,29 @@ pub async fn answered_ok(addr: SocketAddr, raw: &[u8]) -> (tokio::net::TcpStream
     (stream, first)
 }
 
+/// Writes `raw` on `stream` and reads one whole answer (its body by its
+/// `Content-Length`), each read within [`STEP`]; returns its head,
+/// lowercased.
+pub async fn whole_answer_on(stream: &mut tokio::net::TcpStream, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(raw).await.unwrap();
+    let mut got = tokio::time::timeout(STEP, read_head(stream))
+        .await
+        .expect("a response within STEP")
+        .expect("a response, not a closed connection");
+    let (end, length) = head_end_and_length(&got);
+    let mut buf = [0u8; 4096];
+    while got.len() < end + length {
+        let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got[..end]).to_ascii_lowercase()
+}
+
 /// Reads a request head (and whatever follows it in the same reads);
 /// `None` if the connection ends first.
 pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
