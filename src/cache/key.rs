@@ -115,7 +115,7 @@ pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 /// `primary` plus, for each Vary field, the request's normalised value
 /// (`\nname:value`, or `\nname` when the request lacks the field). The
 /// cache adds the forwarded host where it is not the host
-/// ([`push_forwarded_host`]).
+/// ([`push_forwarded`]).
 pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::from(primary);
     for name in names {
@@ -158,6 +158,15 @@ pub fn full(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String 
     key
 }
 
+/// What begins each forwarded variant in a key: no Vary field's name
+/// holds a NUL, so a key holds it only after [`push_forwarded`].
+const FORWARDED_MARK: &str = "\n\0";
+
+/// Whether `key` is a forwarded variant of its URL ([`push_forwarded`]).
+pub fn is_forwarded_variant(key: &str) -> bool {
+    key.contains(FORWARDED_MARK)
+}
+
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A trusted proxy's forwarded host, where it is not the `Host` that
@@ -189,7 +198,8 @@ pub fn push_forwarded(key: &mut String, primary: &str, request: &HeaderMap) {
         .get(&X_FORWARDED_HOST)
         .map(|given| default_port_dropped(scheme, given.as_bytes()));
     if let Some(given) = said.filter(|given| !given.eq_ignore_ascii_case(own)) {
-        key.push_str("\n\0host:");
+        key.push_str(FORWARDED_MARK);
+        key.push_str("host:");
         key.extend(given.iter().map(|&b| char::from(b.to_ascii_lowercase())));
     }
     push_claims(key, (scheme, said.unwrap_or(own)), request);
@@ -220,7 +230,7 @@ fn push_claims(key: &mut String, keyed: (&str, &[u8]), request: &HeaderMap) {
     claims.sort_by_key(|(name, _)| *name);
     for (name, value) in claims {
         let start = key.len();
-        key.push_str("\n\0");
+        key.push_str(FORWARDED_MARK);
         key.push_str(name);
         key.push(':');
         if name == "forwarded" {

@@ -654,9 +654,10 @@ impl Cache {
         }
         // `Vary: *` varies on everything: the whole URL is marked.
         let vary = key::vary_names(response);
-        let names = vary.clone().unwrap_or_default();
+        let star = vary.is_none();
+        let names = vary.unwrap_or_default();
         let full = self.full_key(primary, &names, request);
-        let whole = vary.is_none() || full.len() == primary.len();
+        let whole = star || full.len() == primary.len();
         let hash = self.url_hash(primary);
         // Read first: a URL that is never stored says so on every request,
         // and a lookup costs less than an insert. A mark of every variant
@@ -839,7 +840,10 @@ impl Cache {
                     // out only one another, never the URL's own page
                     // (review50 L2).
                     if variants.keys.len() >= MAX_VARIANTS {
-                        let forwarded = variants.keys.iter().position(|v| v.key.contains("\n\0"));
+                        let forwarded = variants
+                            .keys
+                            .iter()
+                            .position(|v| key::is_forwarded_variant(&v.key));
                         dropped.push(variants.keys.remove(forwarded.unwrap_or(0)));
                     }
                     variants.keys.push(Variant {

@@ -301,9 +301,10 @@ impl ProxyError {
     /// Whether an idempotent request may be sent again elsewhere. A response
     /// timeout is only under `retry_on_timeout` (see `forward_with_retries`):
     /// the backend may still be working on it, and waiting twice doubles
-    /// the client's wait. Nor is a response head that does not parse: the backend answered, badly, and would most likely answer so
-    /// again (nginx retries it only with `proxy_next_upstream
-    /// invalid_header`, HAProxy only with `retry-on junk-response`).
+    /// the client's wait. Nor is a response head that does not parse: the
+    /// backend answered, badly, and would most likely answer so again
+    /// (nginx retries it only with `proxy_next_upstream invalid_header`,
+    /// HAProxy only with `retry-on junk-response`).
     pub fn is_retryable(&self) -> bool {
         match self {
             ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } => true,
