@@ -30,18 +30,20 @@ const COALESCE_WAIT: Duration = Duration::from_secs(5);
 /// How long requests wait on a revalidation of an entry stale-if-error may
 /// serve: as long as the revalidation can take (its connects, each retried,
 /// and its response timeouts: one per backend it may try under
-/// `retry_on_timeout`, review50b L1), at least [`COALESCE_WAIT`]. Whatever
+/// `retry_on_timeout`, review50b L1, each as late as the backend
+/// connection's watch may find it, review51 M1), at least
+/// [`COALESCE_WAIT`]. Whatever
 /// it gets, they are answered from it, so behind a hung backend each no
 /// longer left at 5 s to wait its own `response_timeout` on the same
 /// backend (review33c M2).
-fn revalidation_wait(upstream: &Upstream) -> Duration {
-    let config = &upstream.config;
+fn revalidation_wait(config: &crate::config::Upstream) -> Duration {
     let connects = config.connect_timeout * (config.retries + 1);
     let heads = match config.retry_on_timeout {
         true => (config.retries + 1).min(config.backends.len().max(1) as u32),
         false => 1,
     };
-    (connects + config.response_timeout * heads + Duration::from_secs(1)).max(COALESCE_WAIT)
+    let head = crate::upstream::latest_head_timeout(config.response_timeout, config.body_timeout);
+    (connects + head * heads + Duration::from_secs(1)).max(COALESCE_WAIT)
 }
 
 pub use crate::cache::CACHE_STATUS;
@@ -714,7 +716,7 @@ pub(super) async fn serve(
         // reloads at once were 30 requests to the origin, and with 200s
         // 30 rewrites of the entry (review34e 2).
         let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
-            revalidation_wait(upstream)
+            revalidation_wait(&upstream.config)
         } else {
             COALESCE_WAIT
         };
@@ -1957,8 +1959,8 @@ impl Owed {
 /// the invalidation it owes by how the exchange ends. A client that
 /// leaves once its request is on its way to a backend (the head handed to
 /// a backend connection, and the upload read to its end) does not cut
-/// the exchange: it goes on in a task of its own (bounded by
-/// `response_timeout`, as any), and the backend's answer decides, as it
+/// the exchange: it goes on in a task of its own (bounded by its
+/// response timeouts, as any), and the backend's answer decides, as it
 /// would have for the client. Before, the old copy stayed served as a hit
 /// for its whole lifetime though the backend carried the write out
 /// (review38c M1), and invalidating on any abandoned write let a client
@@ -2017,7 +2019,8 @@ pub(super) async fn forward_write(
 }
 
 /// Writes whose exchange goes on after their client left, at most: each
-/// holds a backend connection until its answer or `response_timeout`.
+/// holds a backend connection until its answer or `response_timeout`
+/// (one per backend tried, a bodiless write under `retry_on_timeout`).
 const DETACHED_MAX: usize = 256;
 
 /// Writes going on after their client left, every server's (a cap on
@@ -2169,6 +2172,28 @@ async fn invalidate_spellings(cache: &Cache, scheme: &str, host: &str, target: &
 mod tests {
     use super::*;
     use crate::test_support::headers;
+
+    /// With the defaults and two hung backends, a revalidation waits out
+    /// each one's `response_timeout` and the watch's step, 33.75 s each:
+    /// its waiters wait as long (review51 M1: they gave up at 65 s of
+    /// 67.5, and each asked the hung backends again).
+    #[test]
+    fn a_revalidation_s_waiters_wait_out_every_backend_s_timeout() {
+        let backends = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let config = crate::config::Upstream::new("a", backends);
+        assert_eq!(config.retries, 1);
+        assert!(config.retry_on_timeout);
+        let longest =
+            (config.response_timeout + config.body_timeout.min(config.response_timeout) / 8) * 2;
+        assert!(
+            revalidation_wait(&config) > longest,
+            "{:?}",
+            revalidation_wait(&config)
+        );
+    }
 
     #[test]
     fn if_match_then_if_unmodified_since_decide_412() {

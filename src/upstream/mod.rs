@@ -31,7 +31,7 @@ use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::error::ProxyError;
 use budget::RetryBudget;
 use health::{BackendState, Clock, Counter, Health, InFlight};
-pub use pool::UpstreamBody;
+pub use pool::{latest_head_timeout, UpstreamBody};
 #[cfg(unix)]
 pub(crate) use pool::{reset_on_close, unsent};
 use pool::{Pool, SendError};

@@ -473,7 +473,7 @@ impl HeadWait {
         stall: Duration,
         unsent: impl Fn() -> Option<u64>,
     ) -> Late {
-        let mut step = (limit.min(stall) / 8).max(Duration::from_millis(10));
+        let mut step = watch_step(limit, stall);
         let mut stall = stall;
         let mut answered = false;
         let mut seen = 0;
@@ -533,6 +533,20 @@ impl HeadWait {
             wake = (at + step).min(since + limit);
         }
     }
+}
+
+/// How often a backend connection's task looks at its waits (see
+/// [`HeadWait::late`]): an eighth of the shorter timeout, 10 ms at least.
+fn watch_step(limit: Duration, stall: Duration) -> Duration {
+    (limit.min(stall) / 8).max(Duration::from_millis(10))
+}
+
+/// The longest a request waits for its head before the backend
+/// connection's task gives up on it: `response_timeout` and one
+/// [`watch_step`], as the task counts a wait from its first look at it,
+/// a step after the send on a new connection (review51 M1).
+pub fn latest_head_timeout(response_timeout: Duration, body_timeout: Duration) -> Duration {
+    response_timeout + watch_step(response_timeout, body_timeout)
 }
 
 /// Why a backend connection's task gave up on it (see [`HeadWait::late`]).
