@@ -494,25 +494,31 @@ async fn a_head_that_does_not_parse_is_a_bad_response_and_warned_of_apart() {
 /// A tunnel's end is logged at info with its client, backend, request id,
 /// life, the bytes each way and what ended it (review42h M1: a debug line
 /// without the client, where nginx writes the access line at the end).
+/// With the access log off too, the line names the request's id, as the
+/// backend got it (review51 L1: it was made on the way to the backend,
+/// after the tunnel had taken the request's fields, and the line had
+/// none).
 #[tokio::test]
 async fn a_tunnel_s_end_says_what_it_carried_and_what_ended_it() {
-    let (lines, _guard) = AccessLines::capture_of("portico=info");
-    let backend = start_backend(BackendOptions::new("b1")).await;
-    let proxy = start_proxy(config_for(&[&backend])).await;
-    let mut stream = open_echo_tunnel(proxy.addr).await;
-    ping(&mut stream).await;
-    drop(stream);
-    let line = lines
-        .first("the tunnel's end", |line| {
-            line["message"] == "tunnel closed"
-        })
-        .await;
-    assert_eq!(line["client"], "127.0.0.1", "{line}");
-    assert_eq!(line["backend"], backend.addr().to_string(), "{line}");
-    assert_eq!(line["bytes_from_client"], 4, "{line}");
-    assert_eq!(line["bytes_from_backend"], 4, "{line}");
-    assert_eq!(line["end"], "closed", "{line}");
-    assert!(line["request_id"].is_string(), "{line}");
+    for filter in ["portico=info", "portico=info,portico::access=off"] {
+        let (lines, _guard) = AccessLines::capture_of(filter);
+        let backend = start_backend(BackendOptions::new("b1")).await;
+        let proxy = start_proxy(config_for(&[&backend])).await;
+        let mut stream = open_echo_tunnel(proxy.addr).await;
+        ping(&mut stream).await;
+        drop(stream);
+        let line = lines
+            .first("the tunnel's end", |line| {
+                line["message"] == "tunnel closed"
+            })
+            .await;
+        assert_eq!(line["client"], "127.0.0.1", "{filter}: {line}");
+        assert_eq!(line["backend"], backend.addr().to_string(), "{line}");
+        assert_eq!(line["bytes_from_client"], 4, "{line}");
+        assert_eq!(line["bytes_from_backend"], 4, "{line}");
+        assert_eq!(line["end"], "closed", "{line}");
+        assert!(line["request_id"].is_string(), "{filter}: {line}");
+    }
 }
 
 /// A request held at its backend shows in `portico_backend_in_flight`

@@ -30,7 +30,7 @@ use crate::upstream::UpstreamBody;
 pub struct Upgrade {
     protocol: HeaderValue,
     /// The request's id, for the line the tunnel's end is logged with.
-    request_id: Option<HeaderValue>,
+    request_id: HeaderValue,
     /// Taken by [`Upgrade::bridge`]; given back to the server's
     /// [`Hold::pending`] if the backend does not switch.
     client: Option<OnUpgrade>,
@@ -132,7 +132,10 @@ pub fn requested(request: &mut Request<Incoming>) -> Option<Upgrade> {
         return None;
     }
     let protocol = HeaderValue::from_str(&kept.join(", ")).ok()?;
-    let request_id = request.headers().get(&super::log::X_REQUEST_ID).cloned();
+    // Given here, not on the way to the backend as other requests get it
+    // with the access log off: the tunnel's closing line, then its only
+    // record, names the id the backend got (review51 L1).
+    let request_id = super::log::ensure_request_id(request.headers_mut()).clone();
     let client = match &hold {
         Some(hold) => hold
             .pending
@@ -167,7 +170,7 @@ impl Upgrade {
         ends: Ends,
     ) -> Response<ProxyBody> {
         let backend = hyper::upgrade::on(&mut response);
-        let request_id = self.request_id.take();
+        let request_id = std::mem::replace(&mut self.request_id, HeaderValue::from_static(""));
         let client = self.client.take();
         let hold = self.hold.take();
         let place = hold.as_ref().map(|hold| (hold.place)());
@@ -209,7 +212,7 @@ impl Upgrade {
                 client = %ends.client,
                 upstream = %ends.upstream,
                 backend = ends.backend.map(tracing::field::display),
-                request_id = request_id.as_ref().and_then(|id| id.to_str().ok()),
+                request_id = request_id.to_str().ok(),
                 duration_s = opened.elapsed().as_secs_f64(),
                 bytes_from_client = client.read,
                 bytes_from_backend = backend.read,
