@@ -1529,10 +1529,13 @@ fn forward_with_retries<'a>(
             if timed_out {
                 too_slow = too_slow.with(index);
             }
-            // Picked again among all, one whose connect failed is passed
-            // over for one reached before, if any is left (review37g L1).
+            // Picked again among all, one whose connect failed or that
+            // timed out is passed over for one reached before, if any is
+            // left (review37g L1; review51 L4: the one that timed out was
+            // picked again over one that had only lost its connection).
+            let spent = unreachable.and(too_slow);
             let picked = match upstream.pick(tried, key) {
-                Ok(again) if unreachable.contains(again) => upstream.pick(unreachable, key),
+                Ok(again) if spent.contains(again) => upstream.pick(spent, key),
                 picked => picked,
             };
             // A retry does not wait for room: with every backend at its

@@ -153,6 +153,11 @@ impl Tried {
         self.0 & 1 << (index % 64) != 0
     }
 
+    /// The backends in this set or in `other`.
+    pub fn and(self, other: Tried) -> Tried {
+        Tried(self.0 | other.0)
+    }
+
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
