@@ -279,14 +279,26 @@ async fn a_retry_after_a_timeout_and_a_lost_connection_goes_to_the_one_reached()
 #[tokio::test]
 async fn a_post_no_backend_took_leaves_its_connection_open() {
     let (refusing, _held) = refusing_addr();
-    let listen = vec!["127.0.0.1:0".parse().unwrap()];
-    let proxy = start_proxy(Config::single_upstream(listen, vec![refusing])).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    for _ in 0..2 {
-        let post = b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
-        let head = whole_answer_on(&mut stream, post).await;
-        assert!(head.starts_with("http/1.1 502"), "{head}");
-        assert!(!head.contains("connection: close"), "{head}");
+    // With `retries = 0` too, where the body went with the one attempt
+    // (review51 L3).
+    for retries in [1, 0] {
+        let listen = vec!["127.0.0.1:0".parse().unwrap()];
+        let mut config = Config::single_upstream(listen, vec![refusing]);
+        config.upstreams[0].retries = retries;
+        let proxy = start_proxy(config).await;
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        for _ in 0..2 {
+            let post = b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+            let head = whole_answer_on(&mut stream, post).await;
+            assert!(
+                head.starts_with("http/1.1 502"),
+                "retries {retries}: {head}"
+            );
+            assert!(
+                !head.contains("connection: close"),
+                "retries {retries}: {head}"
+            );
+        }
     }
 }
 

@@ -1237,15 +1237,11 @@ fn reads_off(head: &http::request::Parts) -> bool {
 /// backend and came back unsent (no backend up, every connect refused):
 /// portico's 502, 503 or 504 then left it unread and closed the
 /// connection, where nginx and HAProxy read it off and keep it (chaos50
-/// L1). The body marks its upload ended when read to its end. Not for
-/// HTTP/2, as `discard_unread` is not: only the stream ends.
-async fn discard_unsent(
-    error: ProxyError,
-    head: Option<&http::request::Parts>,
-    mut body: RequestBody,
-) -> ProxyError {
-    let head = head.filter(|head| head.version < Version::HTTP_2);
-    if !http_body::Body::is_end_stream(&body) && head.is_some_and(reads_off) {
+/// L1). The body marks its upload ended when read to its end. Only where
+/// `discards` (an HTTP/1 request whose body [`reads_off`]): not for
+/// HTTP/2, as `discard_unread` is not, where only the stream ends.
+async fn discard_unsent(error: ProxyError, discards: bool, mut body: RequestBody) -> ProxyError {
+    if discards && !http_body::Body::is_end_stream(&body) {
         body::read_off(&mut body, DISCARD_LIMIT + 1, DISCARD_WAIT).await;
     }
     error
@@ -1303,10 +1299,11 @@ fn is_idempotent(method: &Method) -> bool {
 /// (the same one when it is the only one left) after a connect failure or
 /// a connection lost before the response head, and, under
 /// `retry_on_timeout`, on another one only after no head came within
-/// `response_timeout`. Any request, POST included, is retried elsewhere when the backend refused
-/// the connection before a byte of it was sent; once bytes may have reached
-/// a backend, a request with a body is never sent again. Retries stop at
-/// `retries` and when the upstream's retry budget runs out.
+/// `response_timeout`. Any request, POST included, is retried elsewhere
+/// when the backend refused the connection before a byte of it was sent;
+/// once bytes may have reached a backend, a request with a body is never
+/// sent again. Retries stop at `retries` and when the upstream's retry
+/// budget runs out.
 ///
 /// Not an `async fn`, for the reason [`Proxy::handle`] gives: the future
 /// holds the request once, in `next`.
@@ -1326,6 +1323,10 @@ fn forward_with_retries<'a>(
     // retries, or one that a pooled connection closing under it sends
     // again (see below).
     let replay = (retries > 0 || idempotent).then(|| copy_head(&parts));
+    // Whether a body no backend took is read off before the error (see
+    // `discard_unsent`), decided while the head is at hand: a POST keeps
+    // no copy of it with `retries = 0`.
+    let discards = !bodiless && parts.version < Version::HTTP_2 && reads_off(&parts);
     // Carried to the retries, whose heads are copies (see `Sent`).
     let sent = parts.extensions.get::<Sent>().cloned();
     let key = upstream.key_for(&parts, trace.client);
@@ -1350,8 +1351,8 @@ fn forward_with_retries<'a>(
         let (mut index, mut slot) = match taken {
             Ok(taken) => taken,
             Err(error) => {
-                let (parts, body) = next.take().expect("the first attempt's request");
-                return Err(Box::pin(discard_unsent(error, Some(&parts), body)).await);
+                let (_, body) = next.take().expect("the first attempt's request");
+                return Err(Box::pin(discard_unsent(error, discards, body)).await);
             }
         };
         // A copy of the head for the next attempt, with the `Sent` mark.
@@ -1370,11 +1371,10 @@ fn forward_with_retries<'a>(
         let mut too_slow = Tried::NONE;
         loop {
             let (parts, body) = next.take().expect("every attempt has a request");
-            let (body, parked) = if retries > 0 && !bodiless {
-                body.park()
-            } else {
-                (body, None)
-            };
+            // Parked with `retries = 0` too: a body no backend took is
+            // read off (review51 L3: it went with the one attempt, and
+            // the refused connect's 502 closed the connection).
+            let (body, parked) = if !bodiless { body.park() } else { (body, None) };
             let backend = upstream.backend(index);
             trace.backend = Some(backend.addr);
             if let Some(sent) = &sent {
@@ -1513,7 +1513,7 @@ fn forward_with_retries<'a>(
             // read off.
             macro_rules! fail {
                 ($error:expr) => {
-                    return Err(Box::pin(discard_unsent($error, replay.as_ref(), retry_body)).await)
+                    return Err(Box::pin(discard_unsent($error, discards, retry_body)).await)
                 };
             }
             if attempt >= retries {
