@@ -842,16 +842,11 @@ async fn no_store_private_authorization_and_cookies_are_not_shared() {
 /// everyone (review40c F2, cache-poisoned denial of service).
 #[tokio::test]
 async fn a_get_with_a_method_override_passes_the_cache_by() {
-    let addr = scripted_backend(|head| {
-        if head
-            .to_ascii_lowercase()
-            .contains("\r\nx-http-method-override: head\r\n")
-        {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 0\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nwhole"
-        }
-    })
+    let addr = answering_when(
+        "\r\nx-http-method-override: head\r\n",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nwhole",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
@@ -982,16 +977,11 @@ async fn behind_a_trusted_proxy_each_forwarded_host_has_its_own_variant() {
 /// stored (review50 L1: the whole URL was marked).
 #[tokio::test]
 async fn a_forwarded_host_s_private_answer_marks_only_its_variant() {
-    let addr = scripted_backend(|head| {
-        if head
-            .to_ascii_lowercase()
-            .contains("\r\nx-forwarded-host: evil.example")
-        {
-            b"HTTP/1.1 200 OK\r\nCache-Control: private\r\nContent-Length: 4\r\n\r\nevil"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nmine"
-        }
-    })
+    let addr = answering_when(
+        "\r\nx-forwarded-host: evil.example",
+        b"HTTP/1.1 200 OK\r\nCache-Control: private\r\nContent-Length: 4\r\n\r\nevil",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nmine",
+    )
     .await;
     let proxy = trusting_cached_proxy_at(addr).await;
     let client = client();
@@ -1067,14 +1057,12 @@ async fn a_stale_entry_is_revalidated_with_a_304_and_served_from_the_cache() {
 async fn concurrent_requests_for_a_stale_entry_revalidate_it_once() {
     // No Date in the answers: the test moves the cache's clock, not the
     // backend's, and a dated 304 would look as old as that jump.
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\
-              Content-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=10\r\n\
+              Content-Length: 2\r\n\r\nok",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let url = proxy.url("/popular");
@@ -1268,15 +1256,13 @@ async fn refreshed_in_background(proxy: &RunningProxy, client: &TestClient, url:
 
 #[tokio::test]
 async fn a_background_refresh_stores_no_hop_by_hop_fields_of_the_304() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
-              Keep-Alive: timeout=5\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
-              Cache-Control: max-age=1, stale-while-revalidate=600\r\nContent-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Keep-Alive: timeout=5\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\n\
+              Cache-Control: max-age=1, stale-while-revalidate=600\r\nContent-Length: 2\r\n\r\nok",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
@@ -1371,14 +1357,12 @@ async fn requests_the_cache_sends_on_carry_this_hop() {
 async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
     // The first answer came through another cache (Age: 59 of 60): after a
     // 304 without Age, the entry is new again, not 59 s old.
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nAge: 59\r\n\
-              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nAge: 59\r\n\
+              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok",
+    )
     .await;
     let (proxy, client, url) = stored_then_aged(addr, "/aged", 5).await;
     let revalidated = get(&client, &url).await;
@@ -1398,15 +1382,13 @@ async fn a_304_renews_the_entry_from_its_own_age_not_the_first_responses() {
 /// (review48c). Its other fields still replace the stored ones.
 #[tokio::test]
 async fn a_304_does_not_relabel_the_stored_body() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
-              Content-Encoding: gzip\r\nContent-Range: bytes 0-1/2\r\nX-Checked: 2\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
-              X-Checked: 1\r\nContent-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Content-Encoding: gzip\r\nContent-Range: bytes 0-1/2\r\nX-Checked: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
+              X-Checked: 1\r\nContent-Length: 2\r\n\r\nok",
+    )
     .await;
     let (_proxy, client, url) = stored_then_aged(addr, "/relabelled", 5).await;
     let revalidated = get(&client, &url).await;
@@ -1439,14 +1421,12 @@ async fn a_304_does_not_relabel_the_stored_body() {
 /// L7).
 #[tokio::test]
 async fn a_304_without_date_is_dated_when_it_came() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nExpires: Sat, 01 Jan 2000 00:00:20 GMT\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nDate: Sat, 01 Jan 2000 00:00:00 GMT\r\n\
-              Expires: Sat, 01 Jan 2000 00:00:10 GMT\r\nContent-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nExpires: Sat, 01 Jan 2000 00:00:20 GMT\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nDate: Sat, 01 Jan 2000 00:00:00 GMT\r\n\
+              Expires: Sat, 01 Jan 2000 00:00:10 GMT\r\nContent-Length: 2\r\n\r\nok",
+    )
     .await;
     let (_proxy, client, url) = stored_then_aged(addr, "/undated", 0).await;
     for _ in 0..2 {
@@ -1505,15 +1485,13 @@ async fn a_304_naming_another_etag_updates_nothing_and_the_body_is_refetched() {
     // RFC 9111 §4.3.4: the 304 vouches for representation "b"; the stored
     // body is "a" and must not be relabelled or refreshed with its fields.
     // Nor is it known to be current: it is fetched again, unconditionally.
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
-              X-Meta: new\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=1\r\n\
-              Content-Length: 3\r\n\r\nold"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=100\r\n\
+              X-Meta: new\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 3\r\n\r\nold",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
@@ -1610,14 +1588,12 @@ async fn a_head_on_a_mismatched_revalidation_refetches_with_a_get() {
 /// cache, it goes without it, and the client gets the 200's head.
 #[tokio::test]
 async fn a_head_with_a_range_is_fetched_whole() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("range:") {
-            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/5\r\n\
-              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nab"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nabcde"
-        }
-    })
+    let addr = answering_when(
+        "range:",
+        b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/5\r\n\
+              Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nabcde",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let head = send(
@@ -2220,15 +2196,13 @@ async fn a_variant_replaced_by_an_unstorable_response_leaves_the_others() {
 /// serves the copy under stale-if-error (review30b F2).
 #[tokio::test]
 async fn a_background_refresh_s_server_error_leaves_the_stale_copy() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("x-fail") {
-            b"HTTP/1.1 503 Service Unavailable\r\nCache-Control: max-age=60\r\n\
-              Content-Length: 4\r\n\r\nfail"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600, \
-              stale-if-error=600\r\nContent-Length: 3\r\n\r\nold"
-        }
-    })
+    let addr = answering_when(
+        "x-fail",
+        b"HTTP/1.1 503 Service Unavailable\r\nCache-Control: max-age=60\r\n\
+              Content-Length: 4\r\n\r\nfail",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600, \
+              stale-if-error=600\r\nContent-Length: 3\r\n\r\nold",
+    )
     .await;
     let (proxy, client, url) = stored_then_aged(addr, "/swr-503", 5).await;
     let stale = get_with(&client, &url, &[("x-fail", "1")]).await;
@@ -2249,14 +2223,12 @@ async fn a_background_refresh_s_server_error_leaves_the_stale_copy() {
 /// has replaced it. It used to be served for the whole window.
 #[tokio::test]
 async fn a_background_refresh_answered_not_storable_drops_the_stale_copy() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("x-first") {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
-              Content-Length: 3\r\n\r\nold"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\nnew"
-        }
-    })
+    let addr = answering_when(
+        "x-first",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=600\r\n\
+              Content-Length: 3\r\n\r\nold",
+        b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\nnew",
+    )
     .await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
@@ -2285,15 +2257,13 @@ async fn a_background_refresh_answered_not_storable_drops_the_stale_copy() {
 
 #[tokio::test]
 async fn a_background_refresh_answered_by_another_etag_refetches() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=60\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"b\"\r\nCache-Control: max-age=60\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\n\
               Cache-Control: max-age=60, stale-while-revalidate=600\r\nAge: 50\r\n\
-              Content-Length: 2\r\n\r\nok"
-        }
-    })
+              Content-Length: 2\r\n\r\nok",
+    )
     .await;
     let (_proxy, client, url) = stored_then_aged(addr, "/swr-mismatch", 15).await;
     let stale = get(&client, &url).await;
@@ -2353,15 +2323,13 @@ async fn a_weakly_matching_304_keeps_the_stored_etag_and_a_private_one_is_not_ke
 
 #[tokio::test]
 async fn a_cookie_set_by_a_304_goes_to_its_client_only() {
-    let addr = scripted_backend(|head| {
-        if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
-              Set-Cookie: session=alice\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
-              Content-Length: 2\r\n\r\nok"
-        }
-    })
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=60\r\n\
+              Set-Cookie: session=alice\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nCache-Control: max-age=1\r\n\
+              Content-Length: 2\r\n\r\nok",
+    )
     .await;
     let (_proxy, client, url) = stored_then_aged(addr, "/session", 5).await;
     let revalidated = get(&client, &url).await;

@@ -392,14 +392,33 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
 /// A backend that speaks raw bytes: for each connection it reads one
 /// request head and writes `answer(head)`, then closes. For backend
 /// behaviour the sample backend would never show.
-pub async fn scripted_backend(answer: fn(&str) -> &'static [u8]) -> SocketAddr {
+pub async fn scripted_backend(answer: impl Answers) -> SocketAddr {
     counted_scripted_backend(answer).await.0
 }
 
+/// What a [`scripted_backend`] answers a request head with.
+pub trait Answers: Fn(&str) -> &'static [u8] + Send + Sync + 'static {}
+
+impl<F: Fn(&str) -> &'static [u8] + Send + Sync + 'static> Answers for F {}
+
+/// A [`scripted_backend`] with two answers: `then` to a request whose
+/// head, lower-cased, holds `holds`, and `otherwise` to the others.
+pub async fn answering_when(
+    holds: &'static str,
+    then: &'static [u8],
+    otherwise: &'static [u8],
+) -> SocketAddr {
+    scripted_backend(
+        move |head| match head.to_ascii_lowercase().contains(holds) {
+            true => then,
+            false => otherwise,
+        },
+    )
+    .await
+}
+
 /// [`scripted_backend`], with the count of connections it accepted.
-pub async fn counted_scripted_backend(
-    answer: fn(&str) -> &'static [u8],
-) -> (SocketAddr, Arc<AtomicUsize>) {
+pub async fn counted_scripted_backend(answer: impl Answers) -> (SocketAddr, Arc<AtomicUsize>) {
     let backend = recording_backend(answer).await;
     (backend.addr, backend.accepted)
 }
@@ -442,8 +461,9 @@ impl Recording {
 }
 
 /// [`scripted_backend`], recording what it gets (see [`Recording`]).
-pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
+pub async fn recording_backend(answer: impl Answers) -> Recording {
     use tokio::io::AsyncWriteExt;
+    let answer = Arc::new(answer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let recording = Recording {
         addr: listener.local_addr().unwrap(),
@@ -454,7 +474,7 @@ pub async fn recording_backend(answer: fn(&str) -> &'static [u8]) -> Recording {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             accepted.fetch_add(1, Ordering::SeqCst);
-            let heads = heads.clone();
+            let (heads, answer) = (heads.clone(), answer.clone());
             tokio::spawn(async move {
                 let Some(head) = read_head(&mut stream).await else {
                     return;
