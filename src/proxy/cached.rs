@@ -32,10 +32,9 @@ const COALESCE_WAIT: Duration = Duration::from_secs(5);
 /// and its response timeouts: one per backend it may try under
 /// `retry_on_timeout`, review50b L1, each as late as the backend
 /// connection's watch may find it, review51 M1), at least
-/// [`COALESCE_WAIT`]. Whatever
-/// it gets, they are answered from it, so behind a hung backend each no
-/// longer left at 5 s to wait its own `response_timeout` on the same
-/// backend (review33c M2).
+/// [`COALESCE_WAIT`]. Whatever it gets, they are answered from it, so
+/// behind a hung backend each no longer left at 5 s to wait its own
+/// `response_timeout` on the same backend (review33c M2).
 fn revalidation_wait(config: &crate::config::Upstream) -> Duration {
     let connects = config.connect_timeout * (config.retries + 1);
     let heads = match config.retry_on_timeout {
