@@ -404,6 +404,42 @@ async fn a_reload_that_retunes_the_upstream_keeps_an_ejection() {
     assert!(status[0].ejected, "{status:?}");
 }
 
+/// Failures of requests a reload left running count toward an ejection
+/// as the new generation's own do (review52 M2: the passive record was
+/// copied at the reload, their failures went to the old copy, which
+/// nothing read, and three timeouts straddling a weight-only reload left
+/// a hanging backend in rotation).
+#[tokio::test]
+async fn failures_a_reload_left_running_still_eject_their_backend() {
+    let hanging = silent_backend().await;
+    let good = start_backend(BackendOptions::new("good")).await;
+    let mut config = Config::single_upstream(vec![], vec![hanging, good.addr()]);
+    config.upstreams[0].response_timeout = Duration::from_millis(800);
+    let proxy = start_proxy(config.clone()).await;
+    let client = client();
+    // Six at once: three wait at the hanging backend (each then retried
+    // on the good one), the fall of 3 an ejection takes.
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url) = (client.clone(), proxy.url("/health"));
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    proxy
+        .wait_until("three at the hanging backend", |status| {
+            status[0].in_flight == 3
+        })
+        .await;
+    config.upstreams[0].backends[1].weight = 2;
+    proxy.swap_in(&config);
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    let status = proxy.backend_status();
+    assert_eq!(status[1].weight, 2, "{status:?}");
+    assert!(status[0].ejected, "{status:?}");
+}
+
 #[tokio::test]
 async fn an_ejected_backends_turns_are_shared_by_weight() {
     // Round-robin over three; the third is dead and gets ejected. Its

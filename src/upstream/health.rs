@@ -63,17 +63,9 @@ impl Default for Clock {
 #[derive(Debug)]
 pub struct BackendState {
     active_up: AtomicBool,
-    /// Clock ms until which passive ejection holds; 0 when not ejected.
-    ejected_until: AtomicU64,
-    /// Consecutive failures seen on real traffic.
-    failures: AtomicU32,
-    /// Consecutive ejections, for the backoff.
-    ejections: AtomicU32,
-    /// Moves on at each ejection and each probe, so that a failure can be
-    /// told to be the probe's and not that of a request sent before.
-    epoch: AtomicU32,
-    /// A probe is out (for the current epoch).
-    probing: AtomicBool,
+    /// Its passive health, shared with the same backend of the upstream's
+    /// other generations (see [`BackendState::keeping_passive`]).
+    passive: Arc<PassiveRecord>,
     /// How long a probe holds the others off at most: as long as an
     /// attempt may take (`connect_timeout` + `response_timeout`).
     probe_hold_ms: u64,
@@ -111,6 +103,22 @@ pub struct BackendState {
 /// so that it is tried, and the share grows from there.
 const COLDEST: f32 = 0.05;
 
+/// A backend's passive health: what real traffic said of it.
+#[derive(Debug, Default)]
+struct PassiveRecord {
+    /// Clock ms until which passive ejection holds; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// Consecutive failures seen on real traffic.
+    failures: AtomicU32,
+    /// Consecutive ejections, for the backoff.
+    ejections: AtomicU32,
+    /// Moves on at each ejection and each probe, so that a failure can be
+    /// told to be the probe's and not that of a request sent before.
+    epoch: AtomicU32,
+    /// A probe is out (for the current epoch).
+    probing: AtomicBool,
+}
+
 /// A backend address's requests in flight, and how many it may have.
 #[derive(Debug)]
 struct Slots {
@@ -132,11 +140,7 @@ impl BackendState {
     pub fn new(threshold: u32) -> Self {
         BackendState {
             active_up: AtomicBool::new(true),
-            ejected_until: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-            ejections: AtomicU32::new(0),
-            epoch: AtomicU32::new(0),
-            probing: AtomicBool::new(false),
+            passive: Arc::default(),
             probe_hold_ms: 32_000,
             slots: Arc::new(Slots {
                 taken: AtomicUsize::new(0),
@@ -247,7 +251,7 @@ impl BackendState {
         self
     }
 
-    /// Takes over `previous`'s passive health, the same backend in the
+    /// Shares `previous`'s passive health, the same backend in the
     /// upstream's last generation, timed by the same clock: its ejection
     /// and back-off, and the failures seen since its last success. A
     /// reload that changed the upstream (a weight, another backend)
@@ -255,23 +259,13 @@ impl BackendState {
     /// fails real requests, at `fall` clients' cost each time, with its
     /// back-off started again at a second (review35a F3). As Envoy keeps
     /// a host's outlier state across an update that keeps the host.
-    pub fn keeping_passive(self, previous: &BackendState) -> Self {
-        // A probe out is the old generation's, and its outcome is recorded
-        // there: the hold it set would keep the backend out here for the
-        // whole hold whatever the probe found (review35e L2), so this
-        // generation's next pick probes at once (1: ejected, and over).
-        let until = if previous.probing.load(Ordering::Relaxed) {
-            1
-        } else {
-            previous.ejected_until.load(Ordering::Relaxed)
-        };
-        self.ejected_until.store(until, Ordering::Relaxed);
-        for (to, from) in [
-            (&self.failures, &previous.failures),
-            (&self.ejections, &previous.ejections),
-        ] {
-            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+    /// Shared, not copied: the requests a reload left running give their
+    /// verdicts here too, and its probe's outcome ends the hold it set
+    /// (review52 M2: copied, their failures went to a record nothing read
+    /// any more, and a controller reloading more often than
+    /// `response_timeout` kept a hanging backend in rotation for good).
+    pub fn keeping_passive(mut self, previous: &BackendState) -> Self {
+        self.passive = previous.passive.clone();
         self
     }
 
@@ -280,8 +274,9 @@ impl BackendState {
     /// still load the backend, and each one that ends there is one fewer
     /// here. The cap is shared too (see [`BackendState::with_max_conns`]),
     /// so a reload that lowers it holds the requests still waiting in line
-    /// on the previous generation to it (review44a L1). Passive and active
-    /// health are each generation's own.
+    /// on the previous generation to it (review44a L1). Active health is
+    /// each generation's own (its checks); passive health is shared (see
+    /// [`BackendState::keeping_passive`]).
     pub fn sharing_in_flight(mut self, previous: &BackendState) -> Self {
         self.slots = previous.slots.clone();
         self
@@ -308,7 +303,7 @@ impl BackendState {
     /// May take traffic now: up by the active checks, not ejected.
     pub fn eligible(&self, now_ms: u64) -> bool {
         self.active_up.load(Ordering::Relaxed)
-            && self.ejected_until.load(Ordering::Relaxed) <= now_ms
+            && self.passive.ejected_until.load(Ordering::Relaxed) <= now_ms
     }
 
     pub fn active_up(&self) -> bool {
@@ -320,7 +315,7 @@ impl BackendState {
     }
 
     pub fn ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) > now_ms
+        self.passive.ejected_until.load(Ordering::Relaxed) > now_ms
     }
 
     // SeqCst on the count, for the line's wake-ups (see
@@ -402,15 +397,15 @@ impl BackendState {
         // a request's whole body still ends the ejection (see
         // `record_success`). Requests sent before now end on evidence
         // older than this.
-        if !self.probing.load(Ordering::Relaxed) || !self.claim(epoch) {
+        if !self.passive.probing.load(Ordering::Relaxed) || !self.claim(epoch) {
             return epoch;
         }
         // Warming before it is back: a pick between saw it whole
         // (review45f L3).
         self.start_warming();
-        self.ejected_until.store(0, Ordering::Relaxed);
-        self.probing.store(false, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
+        self.passive.ejected_until.store(0, Ordering::Relaxed);
+        self.passive.probing.store(false, Ordering::Relaxed);
+        self.passive.failures.store(0, Ordering::Relaxed);
         self.say(Some(Passive::Readmitted));
         epoch.wrapping_add(1)
     }
@@ -421,7 +416,8 @@ impl BackendState {
     /// long, counted and said twice), and a failure beside a probe's head
     /// was said to eject a backend the head readmitted (review43f M1).
     fn claim(&self, epoch: u32) -> bool {
-        self.epoch
+        self.passive
+            .epoch
             .compare_exchange(
                 epoch,
                 epoch.wrapping_add(1),
@@ -477,29 +473,29 @@ impl BackendState {
     pub fn record_success(&self, epoch: u32) -> Option<Passive> {
         // Cheap read first: the common case changes nothing and writes no
         // shared cache line.
-        if self.failures.load(Ordering::Relaxed) == 0 && !self.in_ejection() {
+        if self.passive.failures.load(Ordering::Relaxed) == 0 && !self.in_ejection() {
             return None;
         }
         if epoch != self.epoch() {
             return None;
         }
         if !self.in_ejection() {
-            self.failures.store(0, Ordering::Relaxed);
+            self.passive.failures.store(0, Ordering::Relaxed);
             return None;
         }
         // Requests sent before now fail on evidence older than this.
         if !self.claim(epoch) {
             return None;
         }
-        self.failures.store(0, Ordering::Relaxed);
+        self.passive.failures.store(0, Ordering::Relaxed);
         // Out until now, not on probation (whose readmission began its
         // warm-up): warming before it is back (review45f L3).
-        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+        if self.passive.ejected_until.load(Ordering::Relaxed) != 0 {
             self.start_warming();
         }
-        let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
-        self.probing.store(false, Ordering::Relaxed);
-        self.ejections.store(0, Ordering::Relaxed);
+        let was_out = self.passive.ejected_until.swap(0, Ordering::Relaxed) != 0;
+        self.passive.probing.store(false, Ordering::Relaxed);
+        self.passive.ejections.store(0, Ordering::Relaxed);
         was_out.then_some(Passive::Recovered)
     }
 
@@ -507,7 +503,7 @@ impl BackendState {
     /// [`BackendState::record_failure`]: read right after the pick that
     /// may have made it the probe.
     pub fn epoch(&self) -> u32 {
-        self.epoch.load(Ordering::Relaxed)
+        self.passive.epoch.load(Ordering::Relaxed)
     }
 
     /// An attempt is going out to this backend (chosen, and sure to be
@@ -520,7 +516,7 @@ impl BackendState {
             return;
         }
         let epoch = self.epoch();
-        let until = self.ejected_until.load(Ordering::Relaxed);
+        let until = self.passive.ejected_until.load(Ordering::Relaxed);
         // 0: a success cleared the ejection as this looked.
         if until == 0 || until > now_ms || !self.claim(epoch) {
             return;
@@ -529,32 +525,35 @@ impl BackendState {
         // reads above and the claim: a plain store left a healthy backend
         // held out, with no ejection on record to end it (review43g L1).
         let hold = now_ms + self.probe_hold_ms;
-        let held =
-            self.ejected_until
-                .compare_exchange(until, hold, Ordering::Relaxed, Ordering::Relaxed);
+        let held = self.passive.ejected_until.compare_exchange(
+            until,
+            hold,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         if held.is_ok() {
-            self.probing.store(true, Ordering::Relaxed);
+            self.passive.probing.store(true, Ordering::Relaxed);
         }
     }
 
     /// Whether the backend has been ejected since its last success: out,
     /// or readmitted on probation (see [`BackendState::answered`]).
     pub fn in_ejection(&self) -> bool {
-        self.ejections.load(Ordering::Relaxed) > 0
+        self.passive.ejections.load(Ordering::Relaxed) > 0
     }
 
     /// An attempt sent under `epoch` ended with no verdict on the backend
     /// (its client left, its upload failed): if it was the probe, the next
     /// attempt probes instead of the backend sitting out the hold.
     pub fn no_verdict(&self, epoch: u32) {
-        if epoch == self.epoch() && self.probing.swap(false, Ordering::Relaxed) {
+        if epoch == self.epoch() && self.passive.probing.swap(false, Ordering::Relaxed) {
             // 1: over, and still an ejection (0 is none); not if a verdict
             // readmitted the backend meanwhile (review43f L2).
-            let _ =
-                self.ejected_until
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
-                        (until != 0).then_some(1)
-                    });
+            let _ = self.passive.ejected_until.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |until| (until != 0).then_some(1),
+            );
         }
     }
 
@@ -570,15 +569,15 @@ impl BackendState {
         if self.in_ejection() {
             // Out: only the probe's failure counts. On probation (see
             // `answered`): any.
-            let out = self.ejected_until.load(Ordering::Relaxed) != 0;
-            let counts = !out || self.probing.swap(false, Ordering::Relaxed);
+            let out = self.passive.ejected_until.load(Ordering::Relaxed) != 0;
+            let counts = !out || self.passive.probing.swap(false, Ordering::Relaxed);
             return if counts {
                 self.eject(now_ms, epoch)
             } else {
                 None
             };
         }
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = self.passive.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.threshold || self.ejected(now_ms) {
             return None;
         }
@@ -591,12 +590,13 @@ impl BackendState {
         if !self.claim(epoch) {
             return None;
         }
-        let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let ejections = self.passive.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let backoff = backoff(ejections);
-        self.ejected_until
+        self.passive
+            .ejected_until
             .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
-        self.probing.store(false, Ordering::Relaxed);
+        self.passive.failures.store(0, Ordering::Relaxed);
+        self.passive.probing.store(false, Ordering::Relaxed);
         Some(Passive::Ejected(backoff))
     }
 }
