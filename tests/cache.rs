@@ -3711,3 +3711,63 @@ async fn a_write_left_as_soon_as_delivered_is_judged_by_its_answer() {
         "the backend carried the write out; the copy stayed"
     );
 }
+
+/// A write a reload that changed `[cache]` left running invalidates its
+/// URL in the new cache too: a read meanwhile stored the old state there,
+/// and it was served as a hit after the write's 2xx for its whole
+/// lifetime (review52 M1: the write invalidated only the retired cache).
+#[tokio::test]
+async fn a_write_straddling_a_cache_reload_invalidates_the_new_cache() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::Notify;
+    let release = Arc::new(Notify::new());
+    let held = release.clone();
+    let addr = serve_each(move |mut stream| {
+        let held = held.clone();
+        async move {
+            while let Some(head) = read_head(&mut stream).await {
+                let answer: &[u8] = if head.starts_with(b"POST ") {
+                    held.notified().await;
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\n\r\nold"
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
+    let proxy = start_proxy(config.clone()).await;
+    let client = client();
+    let url = proxy.url("/list");
+    let answer = get(&client, &url).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
+    let write = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let post = Request::post(&url).body(Full::new(Bytes::new())).unwrap();
+            send(&client, post).await.status
+        })
+    };
+    // The write is at its backend when the reload comes.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while proxy.backend_status()[0].in_flight == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the POST never went"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    config.cache.as_mut().unwrap().max_size /= 2;
+    proxy.swap_in(&config);
+    let answer = get(&client, &url).await;
+    assert_eq!(answer.header("cache-status"), "portico; fwd=miss; stored");
+    release.notify_one();
+    assert_eq!(write.await.unwrap(), StatusCode::NO_CONTENT);
+    let answer = get(&client, &url).await;
+    assert_ne!(answer.header("cache-status"), "portico; hit");
+}

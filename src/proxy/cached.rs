@@ -1889,6 +1889,11 @@ async fn forget_if_replaced(
 /// paid by [`forward_write`] once the exchange with the backend ends.
 pub(super) struct Owed {
     cache: Arc<Cache>,
+    /// The newest generation's cache: a reload that changed `[cache]`
+    /// while the write went on replaced `cache`, and a read meanwhile may
+    /// have stored the old state there (review52 M1: served as a hit
+    /// after the write's 2xx, for its whole lifetime).
+    newest: Arc<arc_swap::ArcSwapOption<Cache>>,
     scheme: &'static str,
     host: String,
     target: String,
@@ -1902,6 +1907,7 @@ pub(super) struct Owed {
 impl Owed {
     pub(super) fn new(
         cache: Arc<Cache>,
+        newest: Arc<arc_swap::ArcSwapOption<Cache>>,
         scheme: &'static str,
         host: &str,
         target: String,
@@ -1909,6 +1915,7 @@ impl Owed {
     ) -> Self {
         Owed {
             cache,
+            newest,
             scheme,
             host: host.to_owned(),
             target,
@@ -1918,8 +1925,7 @@ impl Owed {
 
     /// Invalidates at once, with no answer to go by.
     async fn unanswered(&self) {
-        let none = HeaderMap::new();
-        invalidate(&self.cache, self.scheme, &self.host, &self.target, &none).await;
+        self.invalidate(&HeaderMap::new()).await;
     }
 
     /// The backend answered with `status`: a success or a redirect
@@ -1927,7 +1933,19 @@ impl Owed {
     /// status does not.
     async fn settle(&self, status: StatusCode, response: &HeaderMap) {
         if status.is_success() || status.is_redirection() {
-            invalidate(&self.cache, self.scheme, &self.host, &self.target, response).await;
+            self.invalidate(response).await;
+        }
+    }
+
+    /// Invalidates the URL (and those `response` names) in the cache of
+    /// the write's generation and, when a reload has replaced it since,
+    /// in the newest one.
+    async fn invalidate(&self, response: &HeaderMap) {
+        let (scheme, host, target) = (self.scheme, self.host.as_str(), self.target.as_str());
+        invalidate(&self.cache, scheme, host, target, response).await;
+        let newest = self.newest.load_full();
+        if let Some(newest) = newest.filter(|newest| !Arc::ptr_eq(newest, &self.cache)) {
+            invalidate(&newest, scheme, host, target, response).await;
         }
     }
 

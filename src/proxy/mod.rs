@@ -127,6 +127,9 @@ pub struct Proxy {
     /// stream's, or their own once their client left): a shutdown waits
     /// for them within its grace.
     writes: Arc<crate::task::Places>,
+    /// The newest generation's cache, shared by every generation: a write
+    /// a reload left running invalidates there too (see `cached::Owed`).
+    newest_cache: Arc<arc_swap::ArcSwapOption<Cache>>,
     /// Set when `shutdown_grace` ran out with responses still going: the
     /// access lines of those cut then say `end=shutdown`. Shared by every
     /// generation.
@@ -364,6 +367,9 @@ impl Proxy {
                 "[cache] removed: the stored responses are dropped, every URL goes to the backends"
             );
         }
+        let newest_cache: Arc<arc_swap::ArcSwapOption<Cache>> =
+            previous.map_or_else(Arc::default, |p| p.newest_cache.clone());
+        newest_cache.store(cache.clone());
         let upstreams: Vec<Arc<Upstream>> = config.upstreams.iter().map(upstream).collect();
         // An upstream the file no longer has checks nothing more either.
         let kept: std::collections::HashSet<&str> =
@@ -404,6 +410,7 @@ impl Proxy {
             metrics,
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
             writes: previous.map_or_else(Arc::default, |p| p.writes.clone()),
+            newest_cache,
             cut_off: previous.map_or_else(Default::default, |p| p.cut_off.clone()),
         }
     }
@@ -944,6 +951,7 @@ impl Proxy {
                     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                     cached::Owed::new(
                         cache.clone(),
+                        self.newest_cache.clone(),
                         proto,
                         host_name,
                         target.to_owned(),
