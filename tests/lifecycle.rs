@@ -337,6 +337,67 @@ async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
         .await;
 }
 
+/// A stream a removed listener still serves is cut `shutdown_grace`
+/// after the reload, as at shutdown (review52 L1: only its tunnels were;
+/// a download or an event stream went on for as long as it lasted).
+#[tokio::test]
+async fn a_removed_listener_s_streams_end_within_shutdown_grace() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend streaming a chunk every 50 ms for good.
+    let streaming = serve_each(|mut stream| async move {
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if stream.write_all(head).await.is_err() {
+            return;
+        }
+        while stream.write_all(b"4\r\ntick\r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (dir, file) = config_dir("removed-streams");
+    let extra = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let write = |listen: &str| {
+        let text = format!(
+            "[server]\nlisten = [{listen}]\nshutdown_grace = \"1s\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"u\"\nbackends = [\"{streaming}\"]\n\
+             [[route]]\nupstream = \"u\"\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("\"127.0.0.1:0\"");
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
+    // Serving, so the listeners are registered before the reload.
+    let ask = b"GET /events HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(ask).await.unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut first)).await;
+    assert!(matches!(head, Ok(Some(_))), "no answer on {}", proxy.addr);
+    drop(first);
+    write(&format!("\"127.0.0.1:0\", \"{extra}\""));
+    proxy.shared.reload().expect("reload adds a listener");
+    let mut stream = tokio::net::TcpStream::connect(extra).await.unwrap();
+    stream.write_all(ask).await.unwrap();
+    let head = tokio::time::timeout(STEP, read_head(&mut stream)).await;
+    assert!(matches!(head, Ok(Some(_))), "no answer on {extra}");
+    write("\"127.0.0.1:0\"");
+    proxy.shared.reload().expect("reload removes a listener");
+    let ended = tokio::time::timeout(STEP, async {
+        let mut buf = [0u8; 4096];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the removed listener's stream went on");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     let backend = start_backend(BackendOptions::new("b1")).await;

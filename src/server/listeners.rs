@@ -260,11 +260,15 @@ fn spawn(
     }
     let mode = Arc::new(ArcSwap::from_pointee(mode));
     let (stop, stopped) = shutdown::channel();
+    let serving = Serving {
+        cut: cut_after_removal(shared, &serving.cut, stopped.clone()),
+        ..serving.clone()
+    };
     tokio::spawn(super::accept_loop(
         listener,
         mode.clone(),
         shared.clone(),
-        serving.clone(),
+        serving,
         stopped,
     ));
     Slot {
@@ -272,6 +276,39 @@ fn spawn(
         mode,
         stop,
     }
+}
+
+/// The cut of a listener's connections: the process's (`cut`), or
+/// `shutdown_grace` (read as the listener goes) after a reload removes
+/// the listener (`removed`), so that what it still serves is bounded as
+/// at shutdown. Only its tunnels were (review52 L1: a slow download on a
+/// removed address went on for as long as it lasted).
+fn cut_after_removal(shared: &Arc<Shared>, cut: &Shutdown, mut removed: Shutdown) -> Shutdown {
+    let (trigger, listener_cut) = shutdown::channel();
+    let mut cut = cut.clone();
+    // Not kept alive by this wait: a stopped server's state goes with it.
+    let shared = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let after_removal = async {
+            removed.recv().await;
+            // At shutdown, which stops every listener, the process's cut
+            // decides, and marks what it cuts (`end=shutdown`).
+            let grace = shared
+                .upgrade()
+                .filter(|shared| !shared.draining())
+                .map(|shared| shared.config.load().server.shutdown_grace);
+            match grace {
+                Some(grace) => tokio::time::sleep(grace).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cut.recv() => {}
+            () = after_removal => {}
+        }
+        trigger.fire();
+    });
+    listener_cut
 }
 
 #[cfg(test)]
