@@ -223,6 +223,8 @@ impl Hangup {
         #[cfg(unix)]
         if let Some(mut hangup) = self.watched {
             tokio::spawn(async move {
+                // One sent before the listeners are up waits for them.
+                shared.serving().await;
                 while hangup.recv().await.is_some() {
                     // Logged by `reload_for`; nothing else to do with a
                     // rejection.

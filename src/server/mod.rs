@@ -112,6 +112,9 @@ pub struct Shared {
     admin_token: ArcSwapOption<String>,
     /// Set once a shutdown began.
     draining: AtomicBool,
+    /// Set once [`run_all`] has started the listeners, which a reload
+    /// changes (see [`Shared::serving`]).
+    started: tokio::sync::watch::Sender<bool>,
     /// `[admin] listen` as the process started with it: the admin
     /// listener stays there until a restart, whatever a reload says.
     admin_listen: std::net::SocketAddr,
@@ -201,8 +204,17 @@ impl Shared {
             reloading: Mutex::new(()),
             admin_token: ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
+            started: tokio::sync::watch::Sender::new(false),
             admin_listen: config.admin.listen,
         })
+    }
+
+    /// Ends once [`run_all`] has started the listeners: a SIGHUP waiting
+    /// from before would reload a file whose listeners nothing applied,
+    /// and the start would then key the sockets bound for the old one by
+    /// the new one's addresses (review52 L2).
+    pub async fn serving(&self) {
+        let _ = self.started.subscribe().wait_for(|started| *started).await;
     }
 
     /// A shutdown is under way: listeners closed, in-flight requests
@@ -526,12 +538,6 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     let (trigger, shutdown) = shutdown::channel();
     // Both end with this function, however it ends (a caller may drop it).
     let _trimmer = AbortOnDrop::new(tokio::spawn(crate::memory::watch(shared.metrics.clone())));
-    // The admin listener serves through the drain, so /metrics and
-    // /readyz (which says so) can watch it, and closes after.
-    let admin = all.admin.map(|(listener, token)| {
-        shared.admin_token.store(token.map(Arc::new));
-        AbortOnDrop::new(tokio::spawn(crate::admin::serve(listener, shared.clone())))
-    });
     let mut initial = Vec::new();
     for (n, listener) in all.plain.into_iter().enumerate() {
         let configured = config.server.listen.get(n).copied();
@@ -569,6 +575,14 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
         "portico starting; requests to backends carry this name in Via"
     );
     shared.listeners.start(&shared, serving, initial);
+    // The admin listener serves through the drain, so /metrics and
+    // /readyz (which says so) can watch it, and closes after; it starts
+    // once the listeners are there for its reloads to change.
+    let admin = all.admin.map(|(listener, token)| {
+        shared.admin_token.store(token.map(Arc::new));
+        AbortOnDrop::new(tokio::spawn(crate::admin::serve(listener, shared.clone())))
+    });
+    shared.started.send_replace(true);
 
     let _hurry = crate::signal::watch_hurry();
     signal.await;
