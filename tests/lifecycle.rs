@@ -343,20 +343,7 @@ async fn a_silent_tunnel_is_closed_after_idle_timeout_but_a_busy_one_is_not() {
 #[tokio::test]
 async fn a_removed_listener_s_streams_end_within_shutdown_grace() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A backend streaming a chunk every 50 ms for good.
-    let streaming = serve_each(|mut stream| async move {
-        if read_head(&mut stream).await.is_none() {
-            return;
-        }
-        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-        if stream.write_all(head).await.is_err() {
-            return;
-        }
-        while stream.write_all(b"4\r\ntick\r\n").await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let streaming = endless_backend().await;
     let (dir, file) = config_dir("removed-streams");
     let extra = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1206,19 +1193,7 @@ async fn a_head_the_drain_closes_is_counted() {
 #[tokio::test]
 async fn a_response_still_going_when_the_grace_runs_out_is_closed() {
     use tokio::io::AsyncReadExt as _;
-    // A body that never ends: a byte every 50 ms.
-    let addr = serve_each(|mut stream| async move {
-        let mut buf = [0u8; 4096];
-        let _ = stream.read(&mut buf).await;
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
-        if stream.write_all(head).await.is_err() {
-            return;
-        }
-        while stream.write_all(b"x").await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let addr = endless_backend().await;
     let mut config =
         portico::config::Config::single_upstream(vec!["127.0.0.1:0".parse().unwrap()], vec![addr]);
     config.server.shutdown_grace = Duration::from_millis(300);
