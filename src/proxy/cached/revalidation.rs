@@ -1,0 +1,436 @@
+//! Revalidation of a stored entry with its backend (RFC 9111 §4.3), in
+//! the request or in the background, and what a 304 or a full answer does
+//! to the stored copy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+
+use super::{
+    answer_own, answered_request_time, asks_range, cut_range, from_entry, not_modified, release,
+    unconditional, without_range, without_validators, Fetch, Own, CACHE_STATUS,
+};
+use crate::cache::capture;
+use crate::cache::lock::{Claim, Leader, Locks};
+use crate::cache::policy::{self, CacheControl, Timing};
+use crate::cache::{Cache, Entry};
+use crate::proxy::body::{ProxyBody, RequestBody};
+use crate::proxy::error::ProxyError;
+use crate::proxy::headers;
+use crate::proxy::{forward_with_retries, Trace};
+use crate::task::ReadPermit;
+use crate::upstream::Upstream;
+
+/// What a 304 answering portico's revalidation of `entry` comes to.
+pub(super) enum Revalidated {
+    /// It names another validator (RFC 9111 §4.3.4): it cannot update the
+    /// entry, and the stored body is not known to be current.
+    Mismatch,
+    /// The entry refreshed with its fields, to be stored...
+    Store(Entry),
+    /// ... or served this once, when the 304 says `no-store` or `private`:
+    /// the stale entry then goes too.
+    Once(Entry),
+}
+
+pub(super) fn judge_304(
+    cache: &Cache,
+    entry: &Entry,
+    not_modified: &HeaderMap,
+    request_time: std::time::SystemTime,
+) -> Revalidated {
+    if !policy::selects(&entry.headers, not_modified) {
+        return Revalidated::Mismatch;
+    }
+    let updated = refreshed(cache, entry, not_modified, request_time);
+    let cc = policy::parse_response(not_modified);
+    if cc.no_store || cc.private || cc.unreadable {
+        Revalidated::Once(updated)
+    } else {
+        Revalidated::Store(updated)
+    }
+}
+
+/// Stores or drops what [`judge_304`] made of a 304 (not a mismatch), and
+/// tells the requests waiting on `fetch`: the refreshed entry is theirs;
+/// one served once and dropped (`private`, `no-store`) lets them go, each
+/// to revalidate on its own rather than one after another.
+pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidated) {
+    match judged {
+        Revalidated::Store(updated) => {
+            let response_time = updated.timing.response_time;
+            cache
+                .insert(&fetch.fill, &fetch.request_headers, updated)
+                .await;
+            let vouches = !fetch.fill.overtaken() && capture::vouches(&fetch.request_headers);
+            if let Some(leader) = fetch.leader.as_mut().filter(|_| vouches) {
+                leader.stored(response_time);
+            }
+        }
+        Revalidated::Once(_) => {
+            release(fetch.leader.as_ref());
+            cache.invalidate(fetch.fill.primary()).await;
+        }
+        Revalidated::Mismatch => {}
+    }
+}
+
+/// Adds our validators to a request for a stored entry. The client's own
+/// are taken off in any case: a 304 to them would not revalidate it.
+pub(super) fn conditional(parts: &mut Parts, entry: &Entry) {
+    without_validators(&mut parts.headers);
+    if let Some(etag) = entry.etag() {
+        parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+        parts
+            .headers
+            .insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+}
+
+/// The stale copy, served because the backend failed with `code` and the
+/// entry allows stale-if-error (RFC 5861).
+pub(super) fn stale_on_error(
+    cache: &Cache,
+    entry: &Entry,
+    age: Duration,
+    client: &Parts,
+    fwd: &str,
+    code: StatusCode,
+    collapsed: &str,
+) -> Response<ProxyBody> {
+    cache.counters.stale.inc();
+    let text = format!(
+        "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error{collapsed}",
+        code.as_u16()
+    );
+    from_entry(entry, age, client, &text)
+}
+
+/// The stored entry updated by a 304 (RFC 9111 §4.3.4): its header fields
+/// replace the stored ones, the body stays.
+pub(super) fn refreshed(
+    cache: &Cache,
+    entry: &Entry,
+    not_modified: &HeaderMap,
+    request_time: std::time::SystemTime,
+) -> Entry {
+    // The 304's own hop-by-hop fields (`Connection: close`, `Keep-Alive`)
+    // must not be stored and replayed on every later hit.
+    let mut not_modified = not_modified.clone();
+    headers::remove_hop_by_hop(&mut not_modified);
+    let mut headers = entry.headers.clone();
+    for name in not_modified.keys() {
+        // A cookie the 304 sets is for the client whose request carried
+        // the revalidation; stored, every later hit would hand it out.
+        // The stored ETag stays: a 304 matched weakly (`"a"` for a stored
+        // `W/"a"`, the compressed variant) must not make the stored body
+        // claim the strong tag of another one (RFC 9110 §8.8.1).
+        // Nor do the fields that say what the stored body's bytes are
+        // (RFC 9111 §3.2 lets a cache keep those it depends on): a 304
+        // saying `Content-Encoding: gzip` or a `Content-Range` made every
+        // later hit of a plain body claim it (review48c).
+        if name == header::CONTENT_LENGTH
+            || name == header::CONTENT_ENCODING
+            || name == header::CONTENT_RANGE
+            || name == header::VIA
+            || name == CACHE_STATUS
+            || name == header::SET_COOKIE
+            || name == header::ETAG
+            || crate::proxy::error::is_rate_limit_field(name.as_str())
+        {
+            continue;
+        }
+        headers.remove(name);
+        for value in not_modified.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // A 304 must carry its Date (RFC 9110 §15.4.5); one without is dated
+    // when it came, as a recipient dates any undated response (§6.6.1).
+    // The stored Date kept instead made `Expires` count from the first
+    // response, and the entry was served seconds past its new `Expires`
+    // (review32a L7).
+    let arrived = cache.now();
+    if !not_modified.contains_key(header::DATE) {
+        if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(arrived)) {
+            headers.insert(header::DATE, date);
+        }
+    }
+    let cc = policy::parse_response(&headers);
+    let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
+    Entry::new(
+        entry.status,
+        entry.reason.clone(),
+        // The 304's values are slices of its connection's read buffer.
+        crate::cache::detached(&headers),
+        entry.body.clone(),
+        // The response is as old as the 304 says (its own Date and Age),
+        // not as the merged fields say: an Age or Date kept from the first
+        // response would age the refreshed entry from the start.
+        Timing::new(&not_modified, request_time, arrived),
+        lifetime,
+        cc,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn revalidate(
+    cache: &Arc<Cache>,
+    upstream: &Arc<Upstream>,
+    primary: String,
+    mut parts: Parts,
+    entry: Arc<Entry>,
+    request_cc: CacheControl,
+    fwd: &'static str,
+    // Held until the refreshed entry is stored, so requests waiting on it
+    // read that.
+    leader: Option<Leader>,
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let client = crate::proxy::copy_head(&parts);
+    // A range is cut from what the revalidation gets, as on a miss.
+    let ranged = asks_range(&parts);
+    without_range(&mut parts.headers);
+    let request_headers = parts.headers.clone();
+    // What can be stored is asked for, as on a miss (see `storable_fetch`):
+    // a GET, with the entry's validators and never the client's; the
+    // client is answered from the result (`answer_own`). A HEAD stays one
+    // if no background read could take the body it would not send.
+    let permit = (parts.method == Method::HEAD)
+        .then(ReadPermit::try_take)
+        .flatten();
+    let is_head = parts.method == Method::HEAD && permit.is_none();
+    if !is_head {
+        parts.method = Method::GET;
+    }
+    conditional(&mut parts, &entry);
+    let request_time = cache.now();
+    // The copy's age as a failed revalidation would send it, if
+    // stale-if-error allows that then: counted at the failure, not the
+    // request, so the time the attempts took is in its Age (an hour-old
+    // copy left after a 30 s wait for a hung backend said it was an hour
+    // old, review34e 3), and its window is judged then too.
+    let stale_copy_age = || {
+        let age = entry.timing.current_age(cache.now());
+        policy::stale_if_error(entry.lifetime, age, &entry.cc).then_some(age)
+    };
+    let mut fetch = Fetch {
+        request_headers,
+        request_cc,
+        is_head,
+        fill: cache.begin_fill(primary),
+        request_time,
+        leader,
+        fwd,
+    };
+    trace.fwd = Some(fwd);
+    let validated = policy::has_validator(&entry.headers);
+    let mut request = parts;
+    let mut refetched = false;
+    loop {
+        let result = forward_with_retries(upstream, request, RequestBody::empty(), trace).await;
+        fetch.request_time = answered_request_time(cache, fetch.request_time, trace);
+        let (response, in_flight) = match result {
+            Ok(answer) => answer,
+            Err(error) => {
+                let Some(age) = stale_copy_age() else {
+                    release(fetch.leader.as_ref());
+                    cache.counters.miss.inc();
+                    return Err(error);
+                };
+                let code = error.status();
+                if let Some(leader) = &fetch.leader {
+                    leader.failed(code.as_u16());
+                }
+                return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
+            }
+        };
+        if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
+            let judged = judge_304(cache, &entry, response.headers(), fetch.request_time);
+            let updated = match &judged {
+                Revalidated::Mismatch => {
+                    // Fetch it whole, once, as a miss would (and counted
+                    // as one below), its age counted from its own sending.
+                    refetched = true;
+                    (fetch.request_time, trace.retried_at) = (cache.now(), None);
+                    request = unconditional(&client);
+                    // No place to read a body the HEAD would not take.
+                    if fetch.is_head {
+                        request.method = Method::HEAD;
+                    }
+                    continue;
+                }
+                Revalidated::Store(updated) | Revalidated::Once(updated) => updated,
+            };
+            // A lookup answered by revalidating; a background refresh
+            // is none (its request was counted stale: counted again, the
+            // lookups outnumbered the requests, review34e 4).
+            cache.counters.revalidated.inc();
+            let age = updated.timing.current_age(cache.now());
+            let mut answer = from_entry(
+                updated,
+                age,
+                &client,
+                &format!("portico; fwd={fwd}; fwd-status=304"),
+            );
+            // A cookie the 304 sets is this client's alone (never stored).
+            for cookie in response.headers().get_all(header::SET_COOKIE) {
+                answer
+                    .headers_mut()
+                    .append(header::SET_COOKIE, cookie.clone());
+            }
+            keep_304(cache, &mut fetch, judged).await;
+            // Requests waiting on the lock read the refreshed entry now.
+            drop(fetch);
+            return Ok(answer);
+        }
+        let stale_age = response
+            .status()
+            .is_server_error()
+            .then(stale_copy_age)
+            .flatten();
+        if let Some(age) = stale_age {
+            let code = response.status();
+            if let Some(leader) = &fetch.leader {
+                leader.failed(code.as_u16());
+            }
+            return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
+        }
+        cache.counters.miss.inc();
+        let primary = fetch.fill.primary().to_owned();
+        let (response, leader) = fetch.store_or_relay(cache, upstream, response, in_flight);
+        forget_if_replaced(cache, &primary, &client.headers, &response, leader).await;
+        // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
+        let matched =
+            response.status().is_success() && not_modified(&client.headers, response.headers());
+        if ranged && !matched {
+            return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
+        }
+        return Ok(answer_own(Own { client, permit }, response).map(ProxyBody::read_ahead));
+    }
+}
+
+/// Background revalidation for stale-while-revalidate: refreshes or
+/// replaces the entry; the client was already answered.
+pub(super) async fn refresh(
+    cache: Arc<Cache>,
+    upstream: Arc<Upstream>,
+    primary: String,
+    mut parts: Parts,
+    entry: Arc<Entry>,
+) {
+    // One refresh at a time per variant (the lock `join` takes for it);
+    // others keep serving stale.
+    let full = cache.lock_key_for(&primary, &parts.headers);
+    let Claim::Leader(leader) = Locks::claim(&cache, full.as_deref().unwrap_or(&primary)) else {
+        return;
+    };
+    parts.method = Method::GET;
+    // The client that found the entry stale may have asked for a range;
+    // the refresh is for the whole response.
+    without_range(&mut parts.headers);
+    let mut fetch = Fetch {
+        request_headers: parts.headers.clone(),
+        request_cc: policy::parse_request(&parts.headers),
+        is_head: false,
+        fill: cache.begin_fill(primary),
+        request_time: cache.now(),
+        leader: Some(leader),
+        fwd: "stale",
+    };
+    let whole = unconditional(&parts);
+    conditional(&mut parts, &entry);
+    // Its failures are logged: its client was answered from the stale
+    // copy, so no access line says the backend failed, and every refresh
+    // could fail behind a row of healthy hits (review32a L5).
+    // At most one line every ten seconds: with a backend down, every
+    // stale hit on a hot URL starts a refresh that fails at once
+    // (review32e L4).
+    static FAILED: crate::logging::Every = crate::logging::Every::new();
+    let path = parts.uri.path().to_owned();
+    let failed = |why: &dyn std::fmt::Display| {
+        if let Some(held_back) = FAILED.due(10) {
+            tracing::warn!(upstream = upstream.name(), path, error = %why, held_back, "background refresh failed; the stale copy goes on being served");
+        }
+    };
+    let mut trace = Trace::default();
+    let (mut response, mut in_flight) =
+        match forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await {
+            Ok(answer) => answer,
+            Err(error) => return failed(&error),
+        };
+    fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
+    if response.status() == StatusCode::NOT_MODIFIED {
+        match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
+            Revalidated::Mismatch => {
+                // As in `revalidate`: fetch it whole, once. The 304 and
+                // its slot go first: held, under a `max_conns` of 1 the
+                // refetch waited in line for the slot it held itself,
+                // and the upstream with it (review44b M1).
+                drop((response, in_flight));
+                (fetch.request_time, trace.retried_at) = (cache.now(), None);
+                (response, in_flight) =
+                    match forward_with_retries(&upstream, whole, RequestBody::empty(), &mut trace)
+                        .await
+                    {
+                        Ok(answer) => answer,
+                        Err(error) => return failed(&error),
+                    };
+                fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
+            }
+            judged => return keep_304(&cache, &mut fetch, judged).await,
+        }
+    }
+    // A background fetch's server error is dropped, as Varnish's built-in
+    // VCL abandons one: a cacheable 503 would replace the copy the stale
+    // windows still serve (stale-if-error among them) for its whole
+    // lifetime. The copy goes on being served stale, and refreshed.
+    if response.status().is_server_error() {
+        release(fetch.leader.as_ref());
+        return failed(&format_args!("the backend answered {}", response.status()));
+    }
+    let primary = fetch.fill.primary().to_owned();
+    let request_headers = fetch.request_headers.clone();
+    let (response, leader) = fetch.store_or_relay(&cache, &upstream, response, in_flight);
+    forget_if_replaced(&cache, &primary, &request_headers, &response, leader).await;
+    // Nobody reads this body but the cache; as any such read, given up
+    // after a while (it holds the variant's lock, not a background place).
+    crate::task::read_at_most(response.into_body().read_into_cache()).await;
+}
+
+/// RFC 9111 §4.3.3: a full response replaces the stored one (its
+/// variant's), even when it may not be stored itself (`no-store`,
+/// `private`, a 404 or 410 without freshness...): the stale copy is of a
+/// representation the origin has replaced or removed, which
+/// stale-if-error or stale-while-revalidate must not bring back (Varnish's
+/// hit-for-miss object replaces it too; a 410 kept the old 200 served
+/// for the whole stale-while-revalidate window, review37b M1). A 5xx does
+/// not (see [`crate::cache::replaces`]). `request` is the revalidating
+/// request's head. `leader`, the lock its waiters were released from,
+/// is dropped only once the copy is gone: a request arriving in between
+/// would otherwise take the lock, find the copy, and revalidate it
+/// (review37h L2).
+pub(super) async fn forget_if_replaced(
+    cache: &Cache,
+    primary: &str,
+    request: &HeaderMap,
+    response: &Response<ProxyBody>,
+    leader: Option<Leader>,
+) {
+    if crate::cache::replaces(response.status())
+        && !response.body().is_capturing()
+        && cache.uncacheable(primary, request)
+    {
+        // This variant's copy only: the others are still what the origin
+        // serves their requests.
+        if let Some(full) = cache.key_for(primary, request) {
+            cache.forget_variant(&full).await;
+        }
+    }
+    drop(leader);
+}
