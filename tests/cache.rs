@@ -3771,3 +3771,65 @@ async fn a_write_straddling_a_cache_reload_invalidates_the_new_cache() {
     let answer = get(&client, &url).await;
     assert_ne!(answer.header("cache-status"), "portico; hit");
 }
+
+/// The client's preconditions are judged against what a miss or a
+/// revalidation fetched, in RFC 9110 §13.2.2's order (412, then 304, then
+/// the range), as against a stored copy: behind an origin that ignores
+/// them, as most app servers do, a miss answered 200 or 206 where the hit
+/// after it answered 412 or 304, and a download resumed with `If-Match`
+/// got a range of a changed file (range53 M1). The origin is asked
+/// without them, and what it sends is stored.
+#[tokio::test]
+async fn a_miss_judges_the_client_s_preconditions_as_a_hit_does() {
+    let backend = recording_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nETag: \"e1\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n\
+          Cache-Control: max-age=60\r\nContent-Length: 10\r\n\r\n0123456789"
+    })
+    .await;
+    let proxy = cached_proxy_at(backend.addr).await;
+    let client = client();
+    let before = "Sun, 31 Dec 2023 00:00:00 GMT";
+    let range = ("range", "bytes=0-3");
+    let cases = [
+        ("/m", vec![("if-match", "\"nope\"")], 412),
+        ("/mr", vec![("if-match", "\"nope\""), range], 412),
+        ("/u", vec![("if-unmodified-since", before)], 412),
+        ("/ur", vec![("if-unmodified-since", before), range], 412),
+        ("/n", vec![("if-none-match", "\"e1\"")], 304),
+        ("/nr", vec![("if-none-match", "\"e1\""), range], 304),
+        (
+            "/mn",
+            vec![("if-match", "\"nope\""), ("if-none-match", "\"e1\"")],
+            412,
+        ),
+        ("/ok", vec![("if-match", "\"e1\""), range], 206),
+    ];
+    for (path, fields, status) in &cases {
+        let url = proxy.url(path);
+        let miss = get_with(&client, &url, fields).await;
+        assert_eq!(miss.status.as_u16(), *status, "{path} on a miss");
+        assert!(
+            miss.header("cache-status").contains("fwd=miss"),
+            "{path}: {}",
+            miss.header("cache-status")
+        );
+        let head = backend.first_head_for(path).await;
+        for field in ["if-match", "if-none-match", "if-unmodified-since", "range"] {
+            assert!(!head.contains(&format!("\r\n{field}:")), "{path}: {head}");
+        }
+        let hit = get_with(&client, &url, fields).await;
+        assert_eq!(hit.status.as_u16(), *status, "{path} on the hit");
+        assert_eq!(backend.heads_for(path).len(), 1, "{path} was not stored");
+    }
+    // A revalidation judges them against what it gets as well.
+    let url = proxy.url("/m");
+    cache_of(&proxy).advance_clock(Duration::from_secs(61));
+    let revalidated = get_with(&client, &url, &[("if-match", "\"nope\"")]).await;
+    assert_eq!(revalidated.status, StatusCode::PRECONDITION_FAILED);
+    let heads = backend.heads_for("/m");
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        !heads[1].to_ascii_lowercase().contains("if-match"),
+        "{heads:?}"
+    );
+}

@@ -150,17 +150,29 @@ pub(super) enum Made {
     Whole,
 }
 
+/// What the preconditions of a request with `request` fields make of a
+/// response with `status` and `headers`, stored or just fetched: a 412
+/// before a 304 (RFC 9110 §13.2.2), or nothing (the response itself, or a
+/// range of it). They apply only where the answer would be a 2xx
+/// (§13.2.1): a 404 or 301 is served as it is.
+pub(super) fn preconditions(
+    request: &HeaderMap,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Option<Made> {
+    if !status.is_success() {
+        return None;
+    }
+    if precondition_failed(request, headers) {
+        return Some(Made::Failed);
+    }
+    not_modified(request, headers).then_some(Made::NotModified)
+}
+
 /// What `entry` answers `request` with.
 pub(super) fn made_of(entry: &Entry, request: &Parts) -> Made {
-    // RFC 9110 §13.2.1: preconditions apply only where the answer would
-    // be a 2xx; a stored 404 or 301 is served as it is.
-    if entry.status.is_success() {
-        if precondition_failed(&request.headers, &entry.headers) {
-            return Made::Failed;
-        }
-        if not_modified(&request.headers, &entry.headers) {
-            return Made::NotModified;
-        }
+    if let Some(made) = preconditions(&request.headers, entry.status, &entry.headers) {
+        return made;
     }
     if request.method == Method::GET && entry.status == StatusCode::OK {
         match range::evaluate(&request.headers, &entry.headers, entry.body.len()) {
@@ -193,10 +205,7 @@ pub(super) fn made_response(
     made: Made,
 ) -> Response<ProxyBody> {
     if let Made::Failed = made {
-        let mut response = crate::proxy::error::error_response(StatusCode::PRECONDITION_FAILED);
-        set_status(&mut response, status);
-        with_fwd_status(response.headers_mut(), entry.status);
-        return response;
+        return precondition_failed_response(status, entry.status);
     }
     // With `Content-Length` and `Cache-Status` as a fresh hit has them,
     // and `Age` to replace (`Entry::new`).
@@ -231,6 +240,19 @@ pub(super) fn made_response(
             with_fwd_status(response.headers_mut(), entry.status);
         }
     }
+    response
+}
+
+/// The 412 for a failed precondition, with `status` for its
+/// `Cache-Status` and the status of the response it was judged against
+/// (RFC 9211 §2.3: without it, the 412 would read as the backend's).
+pub(super) fn precondition_failed_response(
+    status: &str,
+    judged: StatusCode,
+) -> Response<ProxyBody> {
+    let mut response = crate::proxy::error::error_response(StatusCode::PRECONDITION_FAILED);
+    set_status(&mut response, status);
+    with_fwd_status(response.headers_mut(), judged);
     response
 }
 

@@ -58,8 +58,9 @@ mod write;
 
 pub(super) use answer::{add_static_status, add_status};
 use answer::{
-    from_entry, made_of, made_response, not_modified, only_if_cached_miss, range_fields,
-    set_status, stored_response, strip_for_304, text, whole_body, Made,
+    from_entry, made_of, made_response, only_if_cached_miss, precondition_failed_response,
+    preconditions, range_fields, set_status, stored_response, strip_for_304, text, whole_body,
+    Made,
 };
 use revalidation::{refresh, revalidate, stale_on_error};
 pub(super) use write::{forward_write, Owed};
@@ -482,6 +483,7 @@ pub(super) async fn serve(
     let asked = ranged.then(|| {
         let asked = super::copy_head(&parts);
         without_range(&mut parts.headers);
+        without_conditions(&mut parts.headers);
         asked
     });
     // The client's own head, when the fetch asks for what can be stored
@@ -568,7 +570,7 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
     let permit = ReadPermit::try_take()?;
     let client = super::copy_head(parts);
     parts.method = Method::GET;
-    without_validators(&mut parts.headers);
+    without_conditions(&mut parts.headers);
     // A HEAD's Range means nothing (RFC 9110 §14.2); the GET's would.
     if head {
         without_range(&mut parts.headers);
@@ -579,10 +581,13 @@ fn storable_fetch(cache: &Cache, primary: &str, parts: &mut Parts) -> Option<Own
     })
 }
 
-/// Whether the request's own answer could not be stored: a HEAD's, or a
-/// 304 to the client's `If-None-Match`/`If-Modified-Since`.
+/// Whether the request's own answer could not be stored: a HEAD's, a 304
+/// to the client's `If-None-Match`/`If-Modified-Since`, or a 412 to its
+/// `If-Match`/`If-Unmodified-Since`.
 fn wants_converting(parts: &Parts) -> bool {
-    parts.method == Method::HEAD || carries_validators(&parts.headers)
+    parts.method == Method::HEAD
+        || carries_validators(&parts.headers)
+        || carries_preconditions(&parts.headers)
 }
 
 /// Whether a request with these fields could get a 304 to them.
@@ -590,10 +595,20 @@ fn carries_validators(headers: &HeaderMap) -> bool {
     headers.contains_key(header::IF_NONE_MATCH) || headers.contains_key(header::IF_MODIFIED_SINCE)
 }
 
-/// Takes off the fields that could get a request a 304 to them.
-fn without_validators(headers: &mut HeaderMap) {
+/// Whether a request with these fields could get a 412 to them.
+fn carries_preconditions(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_UNMODIFIED_SINCE)
+}
+
+/// Takes off the fields that could get a request a 304 or a 412 to them:
+/// portico judges the client's against what the fetch gets, as it judges
+/// them against a stored copy (an origin that ignores `If-Match` gave a
+/// miss a 200 or 206 where the hit after it got the 412, range53 M1).
+fn without_conditions(headers: &mut HeaderMap) {
     headers.remove(header::IF_NONE_MATCH);
     headers.remove(header::IF_MODIFIED_SINCE);
+    headers.remove(header::IF_MATCH);
+    headers.remove(header::IF_UNMODIFIED_SINCE);
 }
 
 /// A client answered from a fetch made for the cache ([`answer_own`]).
@@ -605,16 +620,16 @@ struct Own {
 }
 
 /// The answer to the client whose HEAD or conditional GET was fetched as
-/// a plain GET ([`storable_fetch`]): its head alone for a HEAD, a 304 when
-/// its validators match (RFC 9110 §13.2.1, only where a 2xx would be the
-/// answer), else the response itself. A body left unsent goes on into the
-/// cache by a background read (in the place reserved for it, else one
-/// taken now if any is free); one not being stored is dropped.
+/// a plain GET ([`storable_fetch`]): a 412 when its preconditions fail, a
+/// 304 when its validators match (RFC 9110 §13.2.2, only where a 2xx
+/// would be the answer, as for a stored copy), its head alone for a HEAD,
+/// else the response itself. A body left unsent goes on into the cache by
+/// a background read (in the place reserved for it, else one taken now if
+/// any is free); one not being stored is dropped.
 fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
     let Own { client, permit } = own;
-    let matched =
-        response.status().is_success() && not_modified(&client.headers, response.headers());
-    if client.method != Method::HEAD && !matched {
+    let made = preconditions(&client.headers, response.status(), response.headers());
+    if client.method != Method::HEAD && made.is_none() {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -624,11 +639,17 @@ fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
             None => crate::task::spawn_background_read(body.read_into_cache()),
         }
     }
-    if matched {
-        // RFC 9211 §2.3: without it, the 304 would read as the backend's.
-        with_fwd_status(&mut parts.headers, parts.status);
-        restatus(&mut parts, StatusCode::NOT_MODIFIED);
-        strip_for_304(&mut parts.headers);
+    match made {
+        Some(Made::Failed) => {
+            return precondition_failed_response(&ours(&parts.headers), parts.status);
+        }
+        Some(Made::NotModified) => {
+            // RFC 9211 §2.3: without it, the 304 would read as the backend's.
+            with_fwd_status(&mut parts.headers, parts.status);
+            restatus(&mut parts, StatusCode::NOT_MODIFIED);
+            strip_for_304(&mut parts.headers);
+        }
+        _ => {}
     }
     Response::from_parts(parts, ProxyBody::empty())
 }
@@ -852,6 +873,14 @@ async fn cut_range(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if response.status() != StatusCode::OK {
         return Ok(response);
+    }
+    // RFC 9110 §13.2.2: the client's preconditions before its range.
+    if preconditions(&asked.headers, response.status(), response.headers()).is_some() {
+        let own = Own {
+            client: asked,
+            permit: None,
+        };
+        return Ok(answer_own(own, response));
     }
     let len = content_length(response.headers()).and_then(|len| usize::try_from(len).ok());
     let Some(len) = len else {
@@ -1104,15 +1133,18 @@ impl Fetch {
                     cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                 }
                 // An answer kept out for what its request was (its
-                // Authorization; a HEAD, or a miss's 304 to the client's
-                // own validators, where no plain GET was fetched instead:
-                // no background read free, or a range) hands the lock on,
+                // Authorization; a HEAD, or a miss's 304 or 412 to the
+                // client's own conditions, where no plain GET was fetched
+                // instead: no background read free) hands the lock on,
                 // once a burst (see `join`): the waiters' plain GETs may be
                 // stored. Any other, the waiters would not have stored
                 // either.
-                let own_304 = status == StatusCode::NOT_MODIFIED
-                    && fwd.ends_with("miss")
-                    && carries_validators(&request_headers);
+                let own_304 = fwd.ends_with("miss")
+                    && match status {
+                        StatusCode::NOT_MODIFIED => carries_validators(&request_headers),
+                        StatusCode::PRECONDITION_FAILED => carries_preconditions(&request_headers),
+                        _ => false,
+                    };
                 let for_the_request = personal
                     || matches!(
                         reason,
@@ -1155,7 +1187,7 @@ fn unconditional(client: &Parts) -> Parts {
     let mut parts = super::copy_head(client);
     // Whatever the client's method: the whole response is what is stored.
     parts.method = Method::GET;
-    without_validators(&mut parts.headers);
+    without_conditions(&mut parts.headers);
     without_range(&mut parts.headers);
     parts
 }

@@ -10,8 +10,8 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
 use super::{
-    answer_own, answered_request_time, asks_range, cut_range, from_entry, not_modified, release,
-    unconditional, without_range, without_validators, Fetch, Own, CACHE_STATUS,
+    answer_own, answered_request_time, asks_range, cut_range, from_entry, release, unconditional,
+    without_conditions, without_range, Fetch, Own, CACHE_STATUS,
 };
 use crate::cache::capture;
 use crate::cache::lock::{Claim, Leader, Locks};
@@ -81,7 +81,7 @@ pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidat
 /// Adds our validators to a request for a stored entry. The client's own
 /// are taken off in any case: a 304 to them would not revalidate it.
 pub(super) fn conditional(parts: &mut Parts, entry: &Entry) {
-    without_validators(&mut parts.headers);
+    without_conditions(&mut parts.headers);
     if let Some(etag) = entry.etag() {
         parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
     }
@@ -305,10 +305,8 @@ pub(super) async fn revalidate(
         let primary = fetch.fill.primary().to_owned();
         let (response, leader) = fetch.store_or_relay(cache, upstream, response, in_flight);
         forget_if_replaced(cache, &primary, &client.headers, &response, leader).await;
-        // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
-        let matched =
-            response.status().is_success() && not_modified(&client.headers, response.headers());
-        if ranged && !matched {
+        // The client's preconditions are judged before its range, there.
+        if ranged {
             return Box::pin(cut_range(cache, upstream, client, response, trace)).await;
         }
         return Ok(answer_own(Own { client, permit }, response).map(ProxyBody::read_ahead));
