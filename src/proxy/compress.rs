@@ -336,6 +336,17 @@ impl Compressor {
             }
             return http::Response::from_parts(parts, body);
         }
+        if parts.status == StatusCode::PARTIAL_CONTENT {
+            // A range of the plain body, sent as it is, with the `Vary`
+            // its 200 would carry (RFC 9110 §15.3.7, range53 L1): that of
+            // a type to compress varies with `Accept-Encoding`.
+            if self.listed(parts.headers.get(header::CONTENT_TYPE))
+                && !parts.headers.contains_key(header::CONTENT_ENCODING)
+            {
+                add_vary(&mut parts.headers);
+            }
+            return http::Response::from_parts(parts, body);
+        }
         let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
         self.act(decision, &asked, parts, body, None)
     }
@@ -352,7 +363,17 @@ impl Compressor {
     ) -> FromStored {
         // The entry's own response, not a 304, 206, 412 or 416 made of it.
         if response.status() != stored.entry.status {
-            return FromStored::Sent(self.apply(asked, response));
+            // A 304 has no type to decide by: the entry's 200 tells whether
+            // it varies, which the 304 must say too (RFC 9110 §15.4.5).
+            let entry = &stored.entry;
+            let size = SizeHint::with_exact(entry.body.len() as u64);
+            let varies = response.status() == StatusCode::NOT_MODIFIED
+                && self.decide(&asked, entry.status, &entry.headers, size) != Decision::Leave;
+            let mut sent = self.apply(asked, response);
+            if varies {
+                add_vary(sent.headers_mut());
+            }
+            return FromStored::Sent(sent);
         }
         let (parts, body) = response.into_parts();
         let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
@@ -532,6 +553,25 @@ impl Compressor {
                 Some(listed_kind) => listed_kind.eq_ignore_ascii_case(kind),
                 None => listed.eq_ignore_ascii_case(essence),
             })
+    }
+}
+
+/// Takes the range off a request whose `If-Range` is a date, from a
+/// client that takes gzip on a route that compresses. The date is the
+/// plain body's `Last-Modified`, which the gzip form carries too: it
+/// matched for a client holding gzip bytes and got it a range of the
+/// plain body, which it cannot join to them (range53 M2). It gets the
+/// whole response instead, compressed if it is one to compress, as from
+/// nginx, which sends no range of what it compresses. An entity tag tells
+/// the forms apart (the gzip form's is weak, which `If-Range` never
+/// matches), so a range it validates is served.
+pub fn without_dated_range(headers: &mut HeaderMap) {
+    let dated = headers.get(header::IF_RANGE).is_some_and(|value| {
+        !value.as_bytes().starts_with(b"\"") && !value.as_bytes().starts_with(b"W/")
+    });
+    if dated {
+        headers.remove(header::RANGE);
+        headers.remove(header::IF_RANGE);
     }
 }
 

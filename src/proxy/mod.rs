@@ -801,6 +801,12 @@ impl Proxy {
                         c.asked(request.method(), request.version(), request.headers()),
                     )
                 });
+            if compressing
+                .as_ref()
+                .is_some_and(|(_, asked)| asked.takes_gzip())
+            {
+                compress::without_dated_range(request.headers_mut());
+            }
             if upstream.hashes_client() {
                 trace
                     .client
@@ -888,10 +894,9 @@ impl Proxy {
 
             if let Some(cache) = answering {
                 let at = (proto, host_name);
-                // A hit's entry, for the gzip copy kept beside it.
-                let with_entry = compressing
-                    .as_ref()
-                    .is_some_and(|(_, asked)| asked.takes_gzip());
+                // A hit's entry, for the gzip copy kept beside it, and
+                // for the `Vary` a 304 made of it says (it has no type).
+                let with_entry = compressing.is_some();
                 let lookup = cached::lookup(cache, upstream, &parts, at, hop, with_entry);
                 let (mut response, stored) = match lookup.await {
                     cached::Lookup::Answered(response) => (response, None),
