@@ -3833,3 +3833,23 @@ async fn a_miss_judges_the_client_s_preconditions_as_a_hit_does() {
         "{heads:?}"
     );
 }
+
+/// A range cut from a stored response says `Accept-Ranges: bytes`, not
+/// the backend's `none` copied onto it (range53 L2: a 206 that said no
+/// range could be served).
+#[tokio::test]
+async fn a_range_portico_cuts_says_it_accepts_ranges() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nAccept-Ranges: none\r\nCache-Control: max-age=60\r\n\
+          Content-Length: 10\r\n\r\n0123456789"
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/none"));
+    for answered in ["on the miss", "on the hit"] {
+        let range = get_with(&client, &url, &[("range", "bytes=2-4")]).await;
+        assert_eq!(range.status, StatusCode::PARTIAL_CONTENT, "{answered}");
+        assert_eq!(range.body, "234");
+        assert_eq!(range.header("accept-ranges"), "bytes", "{answered}");
+    }
+}
