@@ -93,9 +93,11 @@ pub struct BackendState {
     /// not at hand (a body's end, see [`InFlight::judged_at_end`]).
     clock: Clock,
     /// Its upstream's `slow_start`, in ms (0: none), and the clock ms
-    /// its warming began at (0: warm); see [`BackendState::warmth`].
+    /// its warming began at (0: warm), shared with the same backend of
+    /// the upstream's other generations as its passive record is; see
+    /// [`BackendState::warmth`].
     slow_start_ms: u64,
-    warm_from: AtomicU64,
+    warm_from: Arc<AtomicU64>,
 }
 
 /// The share a backend takes at the very start of its `slow_start`: one
@@ -154,7 +156,7 @@ impl BackendState {
             lone: false,
             clock: Clock::new(),
             slow_start_ms: 0,
-            warm_from: AtomicU64::new(0),
+            warm_from: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -167,16 +169,22 @@ impl BackendState {
 
     /// Goes on warming where `previous`, the same backend in the
     /// upstream's last generation, was (a reload does not cut a warm-up
-    /// short, nor start it again).
-    pub fn warming_like(self, previous: &BackendState) -> Self {
+    /// short, nor start it again), and warms with it from then on: the
+    /// start is shared, so a readmission that generation's probe or
+    /// requests see starts the warm-up here too (review53 M1: copied, a
+    /// backend readmitted across a reload took its full share at once).
+    pub fn warming_like(mut self, previous: &BackendState) -> Self {
         // Only a warm-up the previous generation has not seen through: a
         // finished one nothing read since kept its start, and a reload
         // that lengthened `slow_start` began it again (review45e L2).
-        let warming = previous.warmth(previous.clock.now_ms()) < 1.0;
-        if self.slow_start_ms > 0 && warming {
-            let from = previous.warm_from.load(Ordering::Relaxed);
-            self.warm_from.store(from, Ordering::Relaxed);
+        let from = previous.warm_from.load(Ordering::Relaxed);
+        if from != 0 && previous.warmth(previous.clock.now_ms()) >= 1.0 {
+            let _ =
+                previous
+                    .warm_from
+                    .compare_exchange(from, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
+        self.warm_from = previous.warm_from.clone();
         self
     }
 
@@ -184,11 +192,10 @@ impl BackendState {
     /// undrained or added by a reload): it takes a growing share of its
     /// requests over its `slow_start`, from [`COLDEST`], as a backend
     /// that restarted has cold caches, pools and JIT (HAProxy's
-    /// `slowstart`, nginx's `slow_start`). Nothing without a `slow_start`.
+    /// `slowstart`, nginx's `slow_start`). Noted without a `slow_start`
+    /// too, for a generation a reload gave one (it shares the note).
     pub fn start_warming(&self) {
-        if self.slow_start_ms > 0 {
-            self.warm_from.store(self.clock.now_ms(), Ordering::Relaxed);
-        }
+        self.warm_from.store(self.clock.now_ms(), Ordering::Relaxed);
     }
 
     /// Its `slow_start`, for the lines that say it came back (review45d
@@ -203,7 +210,7 @@ impl BackendState {
     /// back over its `slow_start`. One load for a warm backend.
     pub fn warmth(&self, now_ms: u64) -> f32 {
         let from = self.warm_from.load(Ordering::Relaxed);
-        if from == 0 {
+        if from == 0 || self.slow_start_ms == 0 {
             return 1.0;
         }
         let elapsed = now_ms.saturating_sub(from);
@@ -747,6 +754,26 @@ mod tests {
             .slow_start(Duration::from_secs(3600))
             .warming_like(&quick);
         assert_eq!(longer.warm_from.load(Ordering::Relaxed), 0);
+    }
+
+    /// A backend the previous generation readmits after a reload (its
+    /// probe, or a request the reload left running) warms in the new one
+    /// too (review53 M1: it took its full share there at once), and one
+    /// that generation had no `slow_start` for warms where the reload
+    /// gave it one.
+    #[test]
+    fn a_readmission_across_a_reload_warms_the_new_generation() {
+        for before in [Duration::from_secs(10), Duration::ZERO] {
+            let old = BackendState::new(3).slow_start(before);
+            let new = BackendState::new(3)
+                .slow_start(Duration::from_secs(10))
+                .warming_like(&old);
+            assert_eq!(new.warmth(new.clock.now_ms()), 1.0, "{before:?}");
+            old.start_warming();
+            let from = new.warm_from.load(Ordering::Relaxed);
+            assert!(from > 0, "{before:?}");
+            assert_eq!(new.warmth(from + 2_500), 0.25, "{before:?}");
+        }
     }
 
     #[test]
