@@ -501,6 +501,65 @@ fn a_response_cut_when_the_grace_runs_out_is_logged_as_shutdown() {
     drop(stream.0);
 }
 
+/// A response a removed listener still serves when `shutdown_grace` runs
+/// out after the reload is cut, and its access line says so
+/// (`end="shutdown"`), as one cut at shutdown does, not that its client
+/// left (review53 M2: only the process's cut marked what it cut).
+#[test]
+fn a_response_a_removed_listener_cuts_is_logged_as_shutdown() {
+    use std::io::{Read, Write};
+    // An answer that never ends: a byte every 50 ms.
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in origin.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                while stream.write_all(b"1\r\nx\r\n").is_ok() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    let extra = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = |listen: &str| {
+        format!(
+            "[server]\nlisten = [{listen}]\nshutdown_grace = \"1s\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"o\"\nbackends = [\"{origin_addr}\"]\n\
+             [[route]]\nupstream = \"o\"\n"
+        )
+    };
+    let both = config(&format!("\"127.0.0.1:0\", \"{extra}\""));
+    let mut run = portico_on("removed-cut", &both, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match std::net::TcpStream::connect(extra) {
+            Ok(stream) => break stream,
+            Err(error) => assert!(Instant::now() < deadline, "{extra}: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(stream, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = [0u8; 4096];
+    assert!(stream.read(&mut head).unwrap() > 0);
+    std::fs::write(run.dir.join("portico.toml"), config("\"127.0.0.1:0\"")).unwrap();
+    hang_up(&run.proxy.0);
+    line_with(&run.log, "configuration reloaded", &mut run.seen);
+    let line = line_with(&run.log, "\"/stream\"", &mut run.seen);
+    assert!(line.contains("\"end\":\"shutdown\""), "{line}");
+    drop(run.proxy);
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A second stop signal cuts the drain short as it always did, exiting 1
 /// within a second or two rather than after `shutdown_grace`, but the
 /// requests it cuts are logged first (`end="shutdown"`): they used to

@@ -91,6 +91,8 @@ pub struct AccessRecord {
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     request_id: HeaderValue,
+    /// Its listener's cut (see `Conn`).
+    cut_off: Arc<AtomicBool>,
 }
 
 impl AccessRecord {
@@ -122,6 +124,7 @@ impl AccessRecord {
             referer: request.headers().get(header::REFERER).cloned(),
             user_agent: request.headers().get(header::USER_AGENT).cloned(),
             request_id,
+            cut_off: conn.cut_off.clone(),
         })
     }
 
@@ -172,7 +175,6 @@ impl AccessRecord {
         response: &Response<B>,
         started: Instant,
         reached: Reached,
-        cut_off: Arc<AtomicBool>,
     ) -> Box<Tail> {
         let status = response.status();
         // The client left in the middle of its upload: its answer goes
@@ -205,13 +207,12 @@ impl AccessRecord {
             reached,
             bytes: 0,
             end,
-            cut_off,
         })
     }
 
     /// Writes the line of a request whose client left before its answer
     /// was ready: status 499, no head.
-    pub fn left(self, started: Instant, reached: Reached, cut_off: Arc<AtomicBool>) {
+    pub fn left(self, started: Instant, reached: Reached) {
         drop(Tail {
             record: self,
             status: super::CLIENT_CLOSED,
@@ -225,7 +226,6 @@ impl AccessRecord {
             // Not `ClientGone`: a request the exit cut before its head
             // reads as `shutdown` (see `end_name`).
             end: End::Open,
-            cut_off,
         });
     }
 }
@@ -314,8 +314,6 @@ pub struct Tail {
     bytes: u64,
     /// The body's length, when known at the head.
     expected: Option<u64>,
-    /// See `Proxy::cut_off`.
-    cut_off: Arc<AtomicBool>,
     end: End,
 }
 
@@ -385,7 +383,7 @@ impl Tail {
     /// `end` as the line writes it: a response not over when
     /// `shutdown_grace` ran out was cut by the exit, not by its client.
     fn end_name(&self) -> &'static str {
-        if self.end == End::Open && self.cut_off.load(Ordering::Relaxed) {
+        if self.end == End::Open && self.record.cut_off.load(Ordering::Relaxed) {
             return "shutdown";
         }
         self.end.as_str()
@@ -568,6 +566,7 @@ mod tests {
             referer: None,
             user_agent: None,
             request_id: HeaderValue::from_static("-"),
+            cut_off: Arc::default(),
         }
     }
 
@@ -576,12 +575,7 @@ mod tests {
             body.as_bytes(),
         )));
         *response.status_mut() = status;
-        record(method).answered(
-            &response,
-            Instant::now(),
-            Reached::default(),
-            Arc::default(),
-        )
+        record(method).answered(&response, Instant::now(), Reached::default())
     }
 
     #[test]
@@ -646,7 +640,7 @@ mod tests {
         );
         over.saw(&Poll::Ready(None), || true);
         for tail in [&mut going, &mut over] {
-            tail.cut_off.store(true, Ordering::Relaxed);
+            tail.record.cut_off.store(true, Ordering::Relaxed);
         }
         assert_eq!((going.end_name(), over.end_name()), ("shutdown", "done"));
     }

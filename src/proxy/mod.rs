@@ -80,10 +80,18 @@ pub struct Conn {
     pub proto: &'static str,
     /// The peer's address as `X-Forwarded-For` writes it.
     pub forwarded_for: HeaderValue,
+    /// Set when its listener's cut fires (`shutdown_grace` ran out at
+    /// shutdown, or after a reload removed the listener): the access
+    /// lines of what it cuts say `end="shutdown"`.
+    cut_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+    pub fn new(
+        peer: SocketAddr,
+        proto: &'static str,
+        cut_off: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         // IPv4 clients of a dual-stack listener as IPv4, as backends and
         // every log line would see them on an IPv4 one: the access line
         // said `127.0.0.1` where the server's lines about the same
@@ -93,6 +101,7 @@ impl Conn {
             peer,
             proto,
             forwarded_for: headers::forwarded_for(peer.ip()),
+            cut_off,
         }
     }
 }
@@ -130,10 +139,6 @@ pub struct Proxy {
     /// The newest generation's cache, shared by every generation: a write
     /// a reload left running invalidates there too (see `cached::Owed`).
     newest_cache: Arc<arc_swap::ArcSwapOption<Cache>>,
-    /// Set when `shutdown_grace` ran out with responses still going: the
-    /// access lines of those cut then say `end=shutdown`. Shared by every
-    /// generation.
-    cut_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the request path learnt about one request, for metrics and the
@@ -211,8 +216,7 @@ impl Pending<'_> {
         self.done = true;
         self.count(response.status().as_u16());
         let access = self.access.take()?;
-        let cut_off = self.proxy.cut_off.clone();
-        Some(access.answered(response, self.started, self.reached(), cut_off))
+        Some(access.answered(response, self.started, self.reached()))
     }
 
     /// Counts the request, answered or left by its client, under its
@@ -249,8 +253,7 @@ impl Drop for Pending<'_> {
         tracing::debug!(elapsed = ?self.started.elapsed(), "client left before its answer");
         self.count(CLIENT_CLOSED);
         if let Some(access) = self.access.take() {
-            let cut_off = self.proxy.cut_off.clone();
-            access.left(self.started, self.reached(), cut_off);
+            access.left(self.started, self.reached());
         }
     }
 }
@@ -411,7 +414,6 @@ impl Proxy {
             pseudonym: previous.map_or_else(headers::Pseudonym::random, |p| p.pseudonym.clone()),
             writes: previous.map_or_else(Arc::default, |p| p.writes.clone()),
             newest_cache,
-            cut_off: previous.map_or_else(Default::default, |p| p.cut_off.clone()),
         }
     }
 
@@ -440,13 +442,6 @@ impl Proxy {
     fn upstream_of(&self, route: Option<usize>) -> Option<&Arc<Upstream>> {
         let route = self.router.route(route?)?;
         self.upstreams.get(route.upstream)
-    }
-
-    /// `shutdown_grace` ran out: the responses still going are cut as the
-    /// process exits, and their access lines say so.
-    pub fn cut_off(&self) {
-        self.cut_off
-            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The writes under way on caching routes, every generation's: a
@@ -1780,10 +1775,14 @@ mod tests {
     /// every line about its connection (review40d L5).
     #[test]
     fn a_dual_stack_ipv4_peer_is_ipv4() {
-        let conn = Conn::new("[::ffff:127.0.0.1]:5000".parse().unwrap(), "http");
+        let conn = Conn::new(
+            "[::ffff:127.0.0.1]:5000".parse().unwrap(),
+            "http",
+            Default::default(),
+        );
         assert_eq!(conn.peer, "127.0.0.1:5000".parse::<SocketAddr>().unwrap());
         assert_eq!(conn.forwarded_for, "127.0.0.1");
-        let v6 = Conn::new("[::1]:5000".parse().unwrap(), "http");
+        let v6 = Conn::new("[::1]:5000".parse().unwrap(), "http", Default::default());
         assert_eq!(v6.peer, "[::1]:5000".parse::<SocketAddr>().unwrap());
     }
 

@@ -3,6 +3,7 @@
 //! runs rather than one line per retry.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ pub(super) async fn accept_loop(
     listener: TcpListener,
     mode: Arc<ArcSwap<Mode>>,
     shared: Arc<Shared>,
-    serving: listeners::Serving,
+    (serving, cut_off): (listeners::Serving, Arc<AtomicBool>),
     mut removed: Shutdown,
 ) {
     let listeners::Serving {
@@ -77,6 +78,7 @@ pub(super) async fn accept_loop(
                 let mode = mode.load_full();
                 let settings = shared.connections.load_full();
                 let cut = cut.clone();
+                let cut_off = cut_off.clone();
                 tokio::spawn(async move {
                     let held = Held {
                         shared,
@@ -88,7 +90,7 @@ pub(super) async fn accept_loop(
                     };
                     match &*mode {
                         Mode::Plain => {
-                            let conn = Conn::new(peer, "http");
+                            let conn = Conn::new(peer, "http", cut_off);
                             serve_connection(stream, conn, held, None).await
                         }
                         Mode::Tls(acceptor) => {
@@ -116,7 +118,7 @@ pub(super) async fn accept_loop(
                                 tokio::time::timeout_at(deadline, acceptor.accept(stream));
                             match handshake.await {
                                 Ok(Ok(tls)) => {
-                                    let conn = Conn::new(peer, "https");
+                                    let conn = Conn::new(peer, "https", cut_off);
                                     serve_connection(tls, conn, held, None).await
                                 }
                                 Ok(Err(error)) => {

@@ -8,6 +8,7 @@
 //! `127.0.0.1:0` keeps the port the OS picked across reloads.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -260,15 +261,16 @@ fn spawn(
     }
     let mode = Arc::new(ArcSwap::from_pointee(mode));
     let (stop, stopped) = shutdown::channel();
+    let (cut, cut_off) = cut_after_removal(shared, &serving.cut, stopped.clone());
     let serving = Serving {
-        cut: cut_after_removal(shared, &serving.cut, stopped.clone()),
+        cut,
         ..serving.clone()
     };
     tokio::spawn(super::accept_loop(
         listener,
         mode.clone(),
         shared.clone(),
-        serving,
+        (serving, cut_off),
         stopped,
     ));
     Slot {
@@ -282,9 +284,17 @@ fn spawn(
 /// `shutdown_grace` (read as the listener goes) after a reload removes
 /// the listener (`removed`), so that what it still serves is bounded as
 /// at shutdown. Only its tunnels were (review52 L1: a slow download on a
-/// removed address went on for as long as it lasted).
-fn cut_after_removal(shared: &Arc<Shared>, cut: &Shutdown, mut removed: Shutdown) -> Shutdown {
+/// removed address went on for as long as it lasted). With it, the flag
+/// set just before it fires, which the access lines of what it cuts read
+/// (`end="shutdown"`, not `client_gone`: review53 M2).
+fn cut_after_removal(
+    shared: &Arc<Shared>,
+    cut: &Shutdown,
+    mut removed: Shutdown,
+) -> (Shutdown, Arc<AtomicBool>) {
     let (trigger, listener_cut) = shutdown::channel();
+    let cut_off = Arc::new(AtomicBool::new(false));
+    let flag = cut_off.clone();
     let mut cut = cut.clone();
     // Not kept alive by this wait: a stopped server's state goes with it.
     let shared = Arc::downgrade(shared);
@@ -306,9 +316,10 @@ fn cut_after_removal(shared: &Arc<Shared>, cut: &Shutdown, mut removed: Shutdown
             _ = cut.recv() => {}
             () = after_removal => {}
         }
+        flag.store(true, Ordering::Relaxed);
         trigger.fire();
     });
-    listener_cut
+    (listener_cut, cut_off)
 }
 
 #[cfg(test)]

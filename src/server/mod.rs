@@ -628,10 +628,8 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     };
     // Closed now, not only as the process exits: a process that goes on
     // (the demo, draining its backends) kept relaying them (review31d F3).
-    let cut_them = || {
-        shared.proxy.load().cut_off();
-        cut_all.fire();
-    };
+    // Each listener's cut marks what it cuts (see `listeners::spawn`).
+    let cut_them = || cut_all.fire();
     match drained {
         Some(None) => tracing::info!("all connections drained"),
         Some(Some(left)) => {
