@@ -281,7 +281,9 @@ fn spawn(
 }
 
 /// The cut of a listener's connections: the process's (`cut`), or
-/// `shutdown_grace` (read as the listener goes) after a reload removes
+/// `shutdown_grace` (the reload's, read as the listener goes: the old
+/// file's in 3 runs of 8 while it was read from the stored configuration,
+/// review53 L1) after a reload removes
 /// the listener (`removed`), so that what it still serves is bounded as
 /// at shutdown. Only its tunnels were (review52 L1: a slow download on a
 /// removed address went on for as long as it lasted). With it, the flag
@@ -306,7 +308,7 @@ fn cut_after_removal(
             let grace = shared
                 .upgrade()
                 .filter(|shared| !shared.draining())
-                .map(|shared| shared.config.load().server.shutdown_grace);
+                .map(|shared| shared.connections.load().shutdown_grace);
             match grace {
                 Some(grace) => tokio::time::sleep(grace).await,
                 None => std::future::pending().await,

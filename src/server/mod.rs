@@ -147,6 +147,10 @@ struct ConnectionSettings {
     header_timeout: Duration,
     idle_timeout: Duration,
     max_connections: Option<usize>,
+    /// How long a listener a reload removes goes on serving: stored
+    /// before the reload stops it, where the whole file is stored after
+    /// (see `listeners::cut_after_removal`).
+    shutdown_grace: Duration,
 }
 
 impl ConnectionSettings {
@@ -186,6 +190,7 @@ impl ConnectionSettings {
             builders: Arc::new(connection_builders(settings)),
             header_timeout: settings.request_header_timeout,
             idle_timeout: settings.idle_timeout,
+            shutdown_grace: settings.shutdown_grace,
             max_connections: settings
                 .max_connections
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
