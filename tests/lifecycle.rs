@@ -370,18 +370,35 @@ async fn a_removed_listener_s_streams_end_within_shutdown_grace() {
     drop(first);
     write(&format!("\"127.0.0.1:0\", \"{extra}\""));
     proxy.shared.reload().expect("reload adds a listener");
-    let mut stream = tokio::net::TcpStream::connect(extra).await.unwrap();
-    stream.write_all(ask).await.unwrap();
-    let head = tokio::time::timeout(STEP, read_head(&mut stream)).await;
-    assert!(matches!(head, Ok(Some(_))), "no answer on {extra}");
+    // And an HTTP/1.0 client's, whose body ends with the connection.
+    let mut streams = Vec::new();
+    for ask in [&ask[..], b"GET /events HTTP/1.0\r\nHost: a\r\n\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(extra).await.unwrap();
+        stream.write_all(ask).await.unwrap();
+        let head = tokio::time::timeout(STEP, read_head(&mut stream)).await;
+        assert!(matches!(head, Ok(Some(_))), "no answer on {extra}");
+        streams.push(stream);
+    }
     write("\"127.0.0.1:0\"");
     proxy.shared.reload().expect("reload removes a listener");
-    let ended = tokio::time::timeout(STEP, async {
-        let mut buf = [0u8; 4096];
-        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-    })
-    .await;
-    assert!(ended.is_ok(), "the removed listener's stream went on");
+    let mut ends = Vec::new();
+    for mut stream in streams {
+        let ended = tokio::time::timeout(STEP, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => return "closed",
+                    Ok(_) => {}
+                    Err(_) => return "reset",
+                }
+            }
+        })
+        .await;
+        ends.push(ended.expect("the removed listener's stream went on"));
+    }
+    // The HTTP/1.0 body cut short is not made to read as whole by a FIN
+    // (review53 L2), as one its backend cuts is not.
+    assert_eq!(ends[1], "reset");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -399,6 +399,8 @@ pub(super) async fn serve_connection<IO: Parkable>(
     // not here yet, and closing now would lose it (HTTP/1 has no GOAWAY):
     // answers say `Connection: close` from now on, and the connection
     // closes once it has had nothing to do for a second.
+    // Set when `shutdown_grace` ran out with the connection still open.
+    let mut cut_off = false;
     let ended = match ended {
         End::Drain if !activity.is_multiplexed() => {
             activity.close_after_answers();
@@ -406,7 +408,10 @@ pub(super) async fn serve_connection<IO: Parkable>(
             tokio::select! {
                 result = &mut connection => End::Done(result),
                 // `shutdown_grace` ran out: dropped, with its socket.
-                _ = cut.recv() => End::Done(Ok(())),
+                _ = cut.recv() => {
+                    cut_off = true;
+                    End::Done(Ok(()))
+                }
                 why = activity.expired(settings.closing_limits()) => {
                     if why == idle::Expired::Head {
                         head_timed_out(&held.shared, &activity, conn.peer, settings.header_timeout);
@@ -496,7 +501,10 @@ pub(super) async fn serve_connection<IO: Parkable>(
                     tracing::debug!(client = %conn.peer, ?why, "closed while closing gracefully");
                     Ok(())
                 }
-                _ = cut.recv() => Ok(()),
+                _ = cut.recv() => {
+                    cut_off = true;
+                    Ok(())
+                }
                 // Retired, and the client went on opening streams.
                 () = activity.retired() => {
                     tracing::debug!(client = %conn.peer, "HTTP/2 client ignored the GOAWAY; closed");
@@ -505,6 +513,12 @@ pub(super) async fn serve_connection<IO: Parkable>(
             }
         }
     };
+    if cut_off && activity.cut_mid_close_framed() {
+        if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
+            reset_after_sending(&mut socket).await;
+        }
+        return;
+    }
     // An answer given before its request's body was read whole (a 413 by
     // Content-Length, a backend's 401 from the head): the client may still
     // be sending it. Dropped at once, the socket's unread bytes made the

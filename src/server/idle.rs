@@ -115,6 +115,10 @@ pub(super) struct Activity {
     /// client): the connection ends with a reset, or its FIN would make
     /// the cut body read as whole.
     reset: AtomicBool,
+    /// An answer framed by the close was handed out: cut before it is
+    /// whole, the connection ends with a reset (see
+    /// [`Activity::cut_mid_close_framed`]).
+    close_framed: AtomicBool,
 }
 
 /// The head timer at one look of the watchdog.
@@ -220,6 +224,7 @@ impl Activity {
             flood_said: AtomicBool::new(false),
             broke: AtomicBool::new(false),
             reset: AtomicBool::new(false),
+            close_framed: AtomicBool::new(false),
         }
     }
 
@@ -400,6 +405,14 @@ impl Activity {
         self.broke
             .load(Ordering::Relaxed)
             .then(|| self.reset.load(Ordering::Relaxed))
+    }
+
+    /// Whether an answer framed by the connection's close (to an HTTP/1.0
+    /// client) is not whole yet: a cut (`shutdown_grace` run out) ends the
+    /// connection with a reset then, as a body broken off does, or its
+    /// FIN would make the cut body read as whole (review53 L2).
+    pub(super) fn cut_mid_close_framed(&self) -> bool {
+        self.close_framed.load(Ordering::Relaxed) && self.busy.load(Ordering::Relaxed) > 0
     }
 
     /// Whether the connection speaks HTTP/2.
@@ -678,6 +691,9 @@ impl Answering {
         tail: Option<Box<AccessTail>>,
         close_delimited: bool,
     ) -> Self {
+        if close_delimited {
+            busy.0.close_framed.store(true, Ordering::Relaxed);
+        }
         Answering::Direct {
             body,
             tail,

@@ -658,19 +658,19 @@ where
     addr
 }
 
-/// A backend whose answer never ends: a 200 of a gigabyte, a byte of it
-/// every 50 ms.
+/// A backend whose answer never ends: a chunked 200, a byte of it every
+/// 50 ms (so that to an HTTP/1.0 client its end is the connection's).
 pub async fn endless_backend() -> SocketAddr {
     use tokio::io::AsyncWriteExt;
     serve_each(|mut stream| async move {
         if read_head(&mut stream).await.is_none() {
             return;
         }
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
         if stream.write_all(head).await.is_err() {
             return;
         }
-        while stream.write_all(b"x").await.is_ok() {
+        while stream.write_all(b"1\r\nx\r\n").await.is_ok() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
