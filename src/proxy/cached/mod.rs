@@ -32,21 +32,26 @@ use crate::upstream::UpstreamBody;
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long requests wait on a revalidation of an entry stale-if-error may
-/// serve: as long as the revalidation can take (its connects, each retried,
-/// and its response timeouts: one per backend it may try under
-/// `retry_on_timeout`, review50b L1, each as late as the backend
-/// connection's watch may find it, review51 M1), at least
-/// [`COALESCE_WAIT`]. Whatever it gets, they are answered from it, so
+/// serve: as long as the revalidation can take, at least
+/// [`COALESCE_WAIT`]: its wait for room under `max_conns`, and for each
+/// attempt a connect and a wait for the head, as late as the backend
+/// connection's watch may find it (review51 M1): a backend that timed out
+/// is not asked again (review50b L1), but a connection lost just before
+/// its head is retried, the same backend's too (review53 L3: waiters gave
+/// up at 41 s of 87). Whatever it gets, they are answered from it, so
 /// behind a hung backend each no longer left at 5 s to wait its own
 /// `response_timeout` on the same backend (review33c M2).
 fn revalidation_wait(config: &crate::config::Upstream) -> Duration {
-    let connects = config.connect_timeout * (config.retries + 1);
-    let heads = match config.retry_on_timeout {
-        true => (config.retries + 1).min(config.backends.len().max(1) as u32),
-        false => 1,
-    };
     let head = crate::upstream::latest_head_timeout(config.response_timeout, config.body_timeout);
-    (connects + head * heads + Duration::from_secs(1)).max(COALESCE_WAIT)
+    let attempts = (config.connect_timeout + head) * (config.retries + 1);
+    // Only the first attempt waits in line: a retry does not.
+    let capped = config.backends.iter().any(|b| b.max_conns > 0);
+    let queued = if capped {
+        config.queue_timeout
+    } else {
+        Duration::ZERO
+    };
+    (queued + attempts + Duration::from_secs(1)).max(COALESCE_WAIT)
 }
 
 pub use crate::cache::CACHE_STATUS;
@@ -1223,5 +1228,15 @@ mod tests {
             "{:?}",
             revalidation_wait(&config)
         );
+        // A connection lost just before its head is retried on the same
+        // backend, which may wait its head again; and a capped upstream's
+        // first attempt may wait in line first (review53 L3).
+        let mut one = crate::config::Upstream::new("a", vec!["127.0.0.1:1".parse().unwrap()]);
+        one.retries = 2;
+        let head = one.response_timeout + one.body_timeout.min(one.response_timeout) / 8;
+        let each = one.connect_timeout + head;
+        assert!(revalidation_wait(&one) > each * 3);
+        one.backends[0].max_conns = 4;
+        assert!(revalidation_wait(&one) > each * 3 + one.queue_timeout);
     }
 }
