@@ -115,7 +115,7 @@ pub(super) async fn serve_connection<IO: Parkable>(
             // Read when the listener stops, as a shutdown reads it: a
             // reload may have changed it since the tunnel opened.
             let shared = generations.clone();
-            let grace = move || shared.config.load().server.shutdown_grace;
+            let grace = move || shared.connections.load().shutdown_grace;
             let slots = generations.slots.clone();
             request.extensions_mut().insert(crate::proxy::TunnelHold {
                 keep: Arc::new(drain.clone()),
