@@ -12,7 +12,6 @@
 //! time to the response head (HAProxy's `Tr`, from the request's start).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -92,7 +91,7 @@ pub struct AccessRecord {
     user_agent: Option<HeaderValue>,
     request_id: HeaderValue,
     /// Its listener's cut (see `Conn`).
-    cut_off: Arc<AtomicBool>,
+    cut_off: Arc<super::CutOff>,
 }
 
 impl AccessRecord {
@@ -383,7 +382,7 @@ impl Tail {
     /// `end` as the line writes it: a response not over when
     /// `shutdown_grace` ran out was cut by the exit, not by its client.
     fn end_name(&self) -> &'static str {
-        if self.end == End::Open && self.record.cut_off.load(Ordering::Relaxed) {
+        if self.end == End::Open && self.record.cut_off.is_cut() {
             return "shutdown";
         }
         self.end.as_str()
@@ -640,7 +639,7 @@ mod tests {
         );
         over.saw(&Poll::Ready(None), || true);
         for tail in [&mut going, &mut over] {
-            tail.record.cut_off.store(true, Ordering::Relaxed);
+            tail.record.cut_off.listener_cut();
         }
         assert_eq!((going.end_name(), over.end_name()), ("shutdown", "done"));
     }

@@ -84,18 +84,46 @@ pub struct Conn {
     pub proto: &'static str,
     /// The peer's address as `X-Forwarded-For` writes it.
     pub forwarded_for: HeaderValue,
-    /// Set when its listener's cut fires (`shutdown_grace` ran out at
-    /// shutdown, or after a reload removed the listener): the access
-    /// lines of what it cuts say `end="shutdown"`.
-    cut_off: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether what it still serves was cut: the access lines of what
+    /// was cut say `end="shutdown"`.
+    cut_off: Arc<CutOff>,
+}
+
+/// Whether `shutdown_grace` ran out on what a listener's connections still
+/// serve: at shutdown (the process's flag, shared by every listener and
+/// set before any connection is cut, as the runtime may be dropped right
+/// after: set by each listener's task, the exit came first and the lines
+/// said `client_gone`, review54 M1), or after a reload removed the
+/// listener (its own, review53 M2).
+#[derive(Debug, Default)]
+pub struct CutOff {
+    process: Arc<std::sync::atomic::AtomicBool>,
+    listener: std::sync::atomic::AtomicBool,
+}
+
+impl CutOff {
+    /// A listener's, beside the process's `process` flag.
+    pub fn new(process: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        CutOff {
+            process,
+            listener: Default::default(),
+        }
+    }
+
+    /// The listener's cut fired.
+    pub fn listener_cut(&self) {
+        self.listener
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cut(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.process.load(Relaxed) || self.listener.load(Relaxed)
+    }
 }
 
 impl Conn {
-    pub fn new(
-        peer: SocketAddr,
-        proto: &'static str,
-        cut_off: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
+    pub fn new(peer: SocketAddr, proto: &'static str, cut_off: Arc<CutOff>) -> Self {
         // IPv4 clients of a dual-stack listener as IPv4, as backends and
         // every log line would see them on an IPv4 one: the access line
         // said `127.0.0.1` where the server's lines about the same

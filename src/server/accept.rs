@@ -3,7 +3,7 @@
 //! runs rather than one line per retry.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +16,13 @@ use super::listeners::Mode;
 use super::shutdown::Shutdown;
 use super::slots::listen_queue;
 use super::{listeners, Shared};
-use crate::proxy::Conn;
+use crate::proxy::{Conn, CutOff};
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
     mode: Arc<ArcSwap<Mode>>,
     shared: Arc<Shared>,
-    (serving, cut_off): (listeners::Serving, Arc<AtomicBool>),
+    (serving, cut_off): (listeners::Serving, Arc<CutOff>),
     mut removed: Shutdown,
 ) {
     let listeners::Serving {

@@ -408,11 +408,13 @@ impl Activity {
     }
 
     /// Whether an answer framed by the connection's close (to an HTTP/1.0
-    /// client) is not whole yet: a cut (`shutdown_grace` run out) ends the
-    /// connection with a reset then, as a body broken off does, or its
+    /// client) was handed out: one cut (`shutdown_grace` run out) before
+    /// the connection ended is not whole, or not flushed whole (hyper may
+    /// hold its last bytes after taking its last frame, review54 L1), and
+    /// the connection ends with a reset, as when a body broke off, or its
     /// FIN would make the cut body read as whole (review53 L2).
     pub(super) fn cut_mid_close_framed(&self) -> bool {
-        self.close_framed.load(Ordering::Relaxed) && self.busy.load(Ordering::Relaxed) > 0
+        self.close_framed.load(Ordering::Relaxed)
     }
 
     /// Whether the connection speaks HTTP/2.

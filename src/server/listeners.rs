@@ -8,7 +8,7 @@
 //! `127.0.0.1:0` keeps the port the OS picked across reloads.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::shutdown::{self, DrainGuard, Shutdown, Trigger};
 use super::Shared;
 use crate::config::Config;
+use crate::proxy::CutOff;
 
 /// How a listener's connections start.
 pub(super) enum Mode {
@@ -293,9 +294,9 @@ fn cut_after_removal(
     shared: &Arc<Shared>,
     cut: &Shutdown,
     mut removed: Shutdown,
-) -> (Shutdown, Arc<AtomicBool>) {
+) -> (Shutdown, Arc<CutOff>) {
     let (trigger, listener_cut) = shutdown::channel();
-    let cut_off = Arc::new(AtomicBool::new(false));
+    let cut_off = Arc::new(CutOff::new(shared.cut_off.clone()));
     let flag = cut_off.clone();
     let mut cut = cut.clone();
     // Not kept alive by this wait: a stopped server's state goes with it.
@@ -318,7 +319,7 @@ fn cut_after_removal(
             _ = cut.recv() => {}
             () = after_removal => {}
         }
-        flag.store(true, Ordering::Relaxed);
+        flag.listener_cut();
         trigger.fire();
     });
     (listener_cut, cut_off)

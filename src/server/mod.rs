@@ -123,6 +123,9 @@ pub struct Shared {
     admin_token: ArcSwapOption<String>,
     /// Set once a shutdown began.
     draining: AtomicBool,
+    /// Set as `shutdown_grace` runs out at shutdown, before the
+    /// connections are cut (see [`crate::proxy::CutOff`]).
+    cut_off: Arc<AtomicBool>,
     /// Set once [`run_all`] has started the listeners, which a reload
     /// changes (see [`Shared::serving`]).
     started: tokio::sync::watch::Sender<bool>,
@@ -220,6 +223,7 @@ impl Shared {
             reloading: Mutex::new(()),
             admin_token: ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
+            cut_off: Arc::default(),
             started: tokio::sync::watch::Sender::new(false),
             admin_listen: config.admin.listen,
         })
@@ -634,12 +638,20 @@ pub async fn run_all(shared: Arc<Shared>, all: Listeners, signal: impl Future<Ou
     // Closed now, not only as the process exits: a process that goes on
     // (the demo, draining its backends) kept relaying them (review31d F3).
     // Each listener's cut marks what it cuts (see `listeners::spawn`).
-    let cut_them = || cut_all.fire();
+    let cut_them = || {
+        shared.cut_off.store(true, Ordering::Relaxed);
+        cut_all.fire();
+    };
     match drained {
         Some(None) => tracing::info!("all connections drained"),
         Some(Some(left)) => {
             tracing::warn!("shutdown_grace elapsed with {left}");
             cut_them();
+            // A moment for the connections cut to end as they should (an
+            // HTTP/1.0 body framed by the close with a reset) and log
+            // what they cut: the exit after this drops their tasks
+            // (review54 L1).
+            drain.wait(CUT_LOGGED).await;
         }
         None => {
             // A second stop signal: the requests it cuts are logged
