@@ -3853,3 +3853,34 @@ async fn a_range_portico_cuts_says_it_accepts_ranges() {
         assert_eq!(range.header("accept-ranges"), "bytes", "{answered}");
     }
 }
+
+/// A request sent on past the cache as it came (a range portico does not
+/// cut, a `no-store` request) has its answer judged by the client's
+/// conditions as a stored copy's would be: behind an origin that ignores
+/// them, it got the 200 or 206 where the same request a moment later got
+/// its 412 or 304 from the cache (review54 M2).
+#[tokio::test]
+async fn an_answer_relayed_past_the_cache_is_judged_by_the_client_s_conditions() {
+    let addr = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nETag: \"e1\"\r\nCache-Control: max-age=60\r\n\
+          Content-Length: 10\r\n\r\n0123456789"
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let cases = [
+        ("/several", ("range", "bytes=0-1,4-5"), ("if-match", "\"nope\""), 412),
+        ("/unstored", ("cache-control", "no-store"), ("if-match", "\"nope\""), 412),
+        ("/checked", ("cache-control", "no-store"), ("if-none-match", "\"e1\""), 304),
+        ("/matched", ("range", "bytes=0-1,4-5"), ("if-match", "\"e1\""), 200),
+    ];
+    for (path, how, condition, status) in cases {
+        let answer = get_with(&client, &proxy.url(path), &[how, condition]).await;
+        assert_eq!(answer.status.as_u16(), status, "{path}");
+        assert!(
+            answer.header("cache-status").contains("fwd=bypass"),
+            "{path}: {}",
+            answer.header("cache-status")
+        );
+    }
+}

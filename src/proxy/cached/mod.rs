@@ -648,15 +648,19 @@ fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
         Some(Made::Failed) => {
             return precondition_failed_response(&ours(&parts.headers), parts.status);
         }
-        Some(Made::NotModified) => {
-            // RFC 9211 §2.3: without it, the 304 would read as the backend's.
-            with_fwd_status(&mut parts.headers, parts.status);
-            restatus(&mut parts, StatusCode::NOT_MODIFIED);
-            strip_for_304(&mut parts.headers);
-        }
+        Some(Made::NotModified) => into_304(&mut parts),
         _ => {}
     }
     Response::from_parts(parts, ProxyBody::empty())
+}
+
+/// Makes the head of a backend's 2xx that of the 304 it comes to for the
+/// client's validators.
+fn into_304(parts: &mut http::response::Parts) {
+    // RFC 9211 §2.3: without it, the 304 would read as the backend's.
+    with_fwd_status(&mut parts.headers, parts.status);
+    restatus(parts, StatusCode::NOT_MODIFIED);
+    strip_for_304(&mut parts.headers);
 }
 
 /// Gives a backend's response a status of portico's making, without the
@@ -766,8 +770,10 @@ async fn join(
     // plain GET depends on the background reads free at that moment; one
     // that took the lock and then found none left answers for itself, and
     // as a second-round leader lets the waiters go (`Leader::may_hand_on`).
-    // A revalidation asks with the entry's validators, not the client's.
-    let own_answer = || miss && wants_converting(parts) && (ranged || !ReadPermit::any_free());
+    // A revalidation asks with the entry's validators, not the client's,
+    // and a range's fetch asks for the whole without the client's
+    // conditions: storable, whatever the background reads.
+    let own_answer = || miss && !ranged && wants_converting(parts) && !ReadPermit::any_free();
     let mut since = None;
     let mut handed_on = false;
     let mut renewed = false;
@@ -967,11 +973,12 @@ async fn again_with_range(
     said: &str,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let conditions = conditions_of(&asked.headers);
     let (again, in_flight) =
         forward_with_retries(upstream, asked, RequestBody::empty(), trace).await?;
     let mut again = relay(upstream, again, in_flight);
     set_status(&mut again, said);
-    Ok(again)
+    Ok(judged_relayed(conditions, again))
 }
 
 /// Forwards the request as it is and relays the answer without storing it.
@@ -984,10 +991,57 @@ async fn bypass(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     cache.counters.bypass.inc();
     trace.fwd = Some("bypass");
+    let conditions = conditions_of(&parts.headers);
     let (response, in_flight) = forward_with_retries(upstream, parts, body, trace).await?;
     let mut response = relay(upstream, response, in_flight);
     set_status(&mut response, "portico; fwd=bypass");
-    Ok(response)
+    Ok(judged_relayed(conditions, response))
+}
+
+/// The client's conditional fields, kept to judge what a request sent as
+/// it came gets (see [`judged_relayed`]); none for most requests.
+fn conditions_of(headers: &HeaderMap) -> Option<HeaderMap> {
+    if !(carries_validators(headers) || carries_preconditions(headers)) {
+        return None;
+    }
+    let mut kept = HeaderMap::new();
+    for name in [
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_UNMODIFIED_SINCE,
+    ] {
+        for value in headers.get_all(&name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    Some(kept)
+}
+
+/// An answer relayed past the cache, judged by the client's `conditions`
+/// as one from the cache is: an origin that ignores `If-Match` gave a
+/// range sent on as it came (one portico does not cut, or one that waited
+/// past another's fetch) a 200 or 206 where the same request a moment
+/// later got its 412 from the cache (review54 M2). nginx judges them on
+/// whatever it relays too.
+fn judged_relayed(
+    conditions: Option<HeaderMap>,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let Some(conditions) = conditions else {
+        return response;
+    };
+    match preconditions(&conditions, response.status(), response.headers()) {
+        Some(Made::Failed) => {
+            precondition_failed_response(&ours(response.headers()), response.status())
+        }
+        Some(Made::NotModified) => {
+            let (mut parts, _) = response.into_parts();
+            into_304(&mut parts);
+            Response::from_parts(parts, ProxyBody::empty())
+        }
+        _ => response,
+    }
 }
 
 fn empty_parts() -> Parts {
