@@ -3869,10 +3869,30 @@ async fn an_answer_relayed_past_the_cache_is_judged_by_the_client_s_conditions()
     let proxy = cached_proxy_at(addr).await;
     let client = client();
     let cases = [
-        ("/several", ("range", "bytes=0-1,4-5"), ("if-match", "\"nope\""), 412),
-        ("/unstored", ("cache-control", "no-store"), ("if-match", "\"nope\""), 412),
-        ("/checked", ("cache-control", "no-store"), ("if-none-match", "\"e1\""), 304),
-        ("/matched", ("range", "bytes=0-1,4-5"), ("if-match", "\"e1\""), 200),
+        (
+            "/several",
+            ("range", "bytes=0-1,4-5"),
+            ("if-match", "\"nope\""),
+            412,
+        ),
+        (
+            "/unstored",
+            ("cache-control", "no-store"),
+            ("if-match", "\"nope\""),
+            412,
+        ),
+        (
+            "/checked",
+            ("cache-control", "no-store"),
+            ("if-none-match", "\"e1\""),
+            304,
+        ),
+        (
+            "/matched",
+            ("range", "bytes=0-1,4-5"),
+            ("if-match", "\"e1\""),
+            200,
+        ),
     ];
     for (path, how, condition, status) in cases {
         let answer = get_with(&client, &proxy.url(path), &[how, condition]).await;

@@ -70,6 +70,11 @@ fn answer(head: &str) -> &'static [u8] {
                   Content-Range: bytes 0-9/6000\r\nContent-Length: 10\r\n\r\n<p>portico",
             ),
             (
+                "/smallpart",
+                b"HTTP/1.1 206 Partial Content\r\nContent-Type: text/html\r\n\
+                  Content-Range: bytes 0-3/11\r\nContent-Length: 4\r\n\r\nhell",
+            ),
+            (
                 "/small",
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 11\r\n\r\nhello world",
             ),
@@ -808,7 +813,12 @@ async fn ranges_and_304s_of_a_type_to_compress_say_vary() {
     let backend = recording_backend(answer).await;
     let proxy = start_proxy(compressing(backend.addr, true)).await;
     let (client, url) = (client(), proxy.url("/page"));
-    fetch(&client, &url, None).await;
+    // The 304 a miss's fetch came to says it too (review54 L3), and the
+    // fetch is stored.
+    let fields = [("accept-encoding", "gzip"), ("if-none-match", "\"v1\"")];
+    let cold = get_with(&client, &url, &fields).await;
+    assert_eq!(cold.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(cold.header("vary"), "Accept-Encoding");
     for accept in ["identity", "gzip"] {
         let encoding = ("accept-encoding", accept);
         let range = get_with(&client, &url, &[encoding, ("range", "bytes=0-9")]).await;
@@ -823,6 +833,11 @@ async fn ranges_and_304s_of_a_type_to_compress_say_vary() {
     assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.header("vary"), "Accept-Encoding");
     assert!(part.headers.get("content-encoding").is_none());
+    // A range of a body too small to compress does not vary, as its 200
+    // does not (review54 L6: the type alone was looked at).
+    let small = fetch(&client, &proxy.url("/smallpart"), Some("gzip")).await;
+    assert_eq!(small.status, StatusCode::PARTIAL_CONTENT);
+    assert!(small.headers.get("vary").is_none(), "{:?}", small.headers);
 }
 
 /// A client that takes gzip, resuming with `If-Range` set to the

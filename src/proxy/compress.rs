@@ -333,16 +333,33 @@ impl Compressor {
             if revalidates_gzip(asked.if_none_match.as_ref(), &parts.headers) {
                 weaken_etag(&mut parts.headers);
                 add_vary(&mut parts.headers);
+            } else if let Some(Stripped(fields)) = parts.extensions.remove::<Stripped>() {
+                // One the cache made of a 200 (a miss's or a
+                // revalidation's) says the `Vary` that 200 would carry
+                // (RFC 9110 §15.4.5), judged on the fields it dropped
+                // (review54 L3).
+                let mut whole = parts.headers.clone();
+                whole.extend(fields);
+                if self.varies_whole(&asked, &whole) {
+                    add_vary(&mut parts.headers);
+                }
             }
             return http::Response::from_parts(parts, body);
         }
         if parts.status == StatusCode::PARTIAL_CONTENT {
             // A range of the plain body, sent as it is, with the `Vary`
-            // its 200 would carry (RFC 9110 §15.3.7, range53 L1): that of
-            // a type to compress varies with `Accept-Encoding`.
-            if self.listed(parts.headers.get(header::CONTENT_TYPE))
-                && !parts.headers.contains_key(header::CONTENT_ENCODING)
-            {
+            // its 200 would carry (RFC 9110 §15.3.7, range53 L1), judged
+            // as that 200 is: its type, coding, `no-transform`, digests
+            // and whole length (review54 L6).
+            let mut whole = parts.headers.clone();
+            let length = whole
+                .remove(header::CONTENT_RANGE)
+                .and_then(|range| complete_length(&range));
+            match length {
+                Some(length) => whole.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+                None => whole.remove(header::CONTENT_LENGTH),
+            };
+            if self.varies_whole(&asked, &whole) {
                 add_vary(&mut parts.headers);
             }
             return http::Response::from_parts(parts, body);
@@ -537,6 +554,13 @@ impl Compressor {
         }
     }
 
+    /// Whether a 200 with `headers` (a 304's or a 206's whole response)
+    /// varies with `Accept-Encoding`: compressed for clients that take
+    /// gzip.
+    fn varies_whole(&self, asked: &Asked, headers: &HeaderMap) -> bool {
+        self.decide(asked, StatusCode::OK, headers, SizeHint::default()) != Decision::Leave
+    }
+
     /// Whether `content_type` is among the types compressed.
     fn listed(&self, content_type: Option<&HeaderValue>) -> bool {
         let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
@@ -573,6 +597,18 @@ pub fn without_dated_range(headers: &mut HeaderMap) {
         headers.remove(header::RANGE);
         headers.remove(header::IF_RANGE);
     }
+}
+
+/// The fields of its 200 a 304 the cache made dropped (`Content-Type`,
+/// `Content-Length`, `Content-Encoding`...), kept in its extensions for
+/// the `Vary` that 200 would carry (see [`Compressor::apply`]).
+#[derive(Clone)]
+pub struct Stripped(pub HeaderMap);
+
+/// The complete length a `Content-Range` of `bytes a-b/N` names.
+fn complete_length(range: &HeaderValue) -> Option<u64> {
+    let (_, length) = range.to_str().ok()?.rsplit_once('/')?;
+    length.trim().parse().ok()
 }
 
 /// Whether `Accept-Encoding` takes gzip (RFC 9110 §12.5.3): `gzip` or

@@ -12,6 +12,7 @@ use crate::cache::policy;
 use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{Cache, Entry};
 use crate::proxy::body::ProxyBody;
+use crate::proxy::compress::Stripped;
 
 pub(super) fn set_status(response: &mut Response<ProxyBody>, ours: &str) {
     add_status(response.headers_mut(), ours);
@@ -211,9 +212,13 @@ pub(super) fn made_response(
     // and `Age` to replace (`Entry::new`).
     let mut headers = entry.headers.clone();
     let len = entry.body.len();
+    let mut dropped = None;
     let part = match made {
         Made::NotModified => {
-            strip_for_304(&mut headers);
+            match status == HIT {
+                true => strip_for_304(&mut headers),
+                false => dropped = Some(stripped_for_304(&mut headers)),
+            }
             Some((StatusCode::NOT_MODIFIED, ProxyBody::empty()))
         }
         Made::Part(range) => range_fields(&mut headers, range, len).map(|(code, start, count)| {
@@ -226,6 +231,9 @@ pub(super) fn made_response(
     };
     let (code, body) = part.unwrap_or_else(|| (entry.status, whole_body(entry, head)));
     let mut response = stored_response(entry, code, age, headers, body);
+    if let Some(dropped) = dropped {
+        response.extensions_mut().insert(dropped);
+    }
     // Stored entries hold no Cache-Status but a fresh hit's (see
     // `add_status`): nothing to merge with, so no lookup before the insert.
     if status != HIT {
@@ -313,15 +321,30 @@ fn age_value(secs: u64) -> HeaderValue {
 /// of caches that lack an ETag). nginx's `not_modified` filter drops the
 /// same, and Accept-Ranges, which says what ranges of a body can be asked.
 pub(super) fn strip_for_304(headers: &mut HeaderMap) {
-    for name in [
-        header::CONTENT_LENGTH,
-        header::CONTENT_TYPE,
-        header::CONTENT_ENCODING,
-        header::CONTENT_LANGUAGE,
-        header::ACCEPT_RANGES,
-    ] {
+    for name in NOT_FOR_304 {
         headers.remove(name);
     }
+}
+
+const NOT_FOR_304: [header::HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LANGUAGE,
+    header::ACCEPT_RANGES,
+];
+
+/// [`strip_for_304`], keeping what it dropped for compression's `Vary`
+/// (see [`Stripped`]): for a 304 not made of a hit's entry, which
+/// compression judges by itself.
+pub(super) fn stripped_for_304(headers: &mut HeaderMap) -> Stripped {
+    let mut dropped = HeaderMap::new();
+    for name in NOT_FOR_304 {
+        if let Some(value) = headers.remove(&name) {
+            dropped.insert(name, value);
+        }
+    }
+    Stripped(dropped)
 }
 
 /// Turns the fields of a 200 of `len` bytes into those of the 206 or 416

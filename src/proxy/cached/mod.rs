@@ -64,7 +64,7 @@ mod write;
 pub(super) use answer::{add_static_status, add_status};
 use answer::{
     from_entry, made_of, made_response, only_if_cached_miss, precondition_failed_response,
-    preconditions, range_fields, set_status, stored_response, strip_for_304, text, whole_body,
+    preconditions, range_fields, set_status, stored_response, stripped_for_304, text, whole_body,
     Made,
 };
 use revalidation::{refresh, revalidate, stale_on_error};
@@ -660,7 +660,8 @@ fn into_304(parts: &mut http::response::Parts) {
     // RFC 9211 §2.3: without it, the 304 would read as the backend's.
     with_fwd_status(&mut parts.headers, parts.status);
     restatus(parts, StatusCode::NOT_MODIFIED);
-    strip_for_304(&mut parts.headers);
+    let dropped = stripped_for_304(&mut parts.headers);
+    parts.extensions.insert(dropped);
 }
 
 /// Gives a backend's response a status of portico's making, without the
