@@ -215,11 +215,10 @@ impl BackendState {
         }
         let elapsed = now_ms.saturating_sub(from);
         if elapsed >= self.slow_start_ms {
-            // Warm: the next reads stop at the first line. Not over a
-            // warming begun again meanwhile.
-            let _ = self
-                .warm_from
-                .compare_exchange(from, 0, Ordering::Relaxed, Ordering::Relaxed);
+            // Warm, by this generation's `slow_start`; the start is left
+            // as it is, shared with the others: a generation a reload left
+            // running with a shorter one ended the new one's longer
+            // warm-up when it cleared it (review54 L4).
             return 1.0;
         }
         (elapsed as f32 / self.slow_start_ms as f32).max(COLDEST)
@@ -731,8 +730,6 @@ mod tests {
         assert_eq!(state.warmth(from + 250), COLDEST);
         assert_eq!(state.warmth(from + 5_000), 0.5);
         assert_eq!(state.warmth(from + 10_000), 1.0);
-        // Over, for good: an earlier clock reads warm too.
-        assert_eq!(state.warmth(from + 5_000), 1.0);
         // Taken over by the next generation, mid-way.
         let warming = BackendState::new(3).slow_start(Duration::from_secs(10));
         warming.start_warming();
@@ -774,6 +771,17 @@ mod tests {
             assert!(from > 0, "{before:?}");
             assert_eq!(new.warmth(from + 2_500), 0.25, "{before:?}");
         }
+        // One the old generation, with a shorter `slow_start`, has seen
+        // through goes on in the new one (review54 L4: the old one ended
+        // it for both).
+        let old = BackendState::new(3).slow_start(Duration::from_millis(100));
+        let new = BackendState::new(3)
+            .slow_start(Duration::from_secs(10))
+            .warming_like(&old);
+        old.start_warming();
+        let from = new.warm_from.load(Ordering::Relaxed);
+        assert_eq!(old.warmth(from + 5_000), 1.0);
+        assert_eq!(new.warmth(from + 5_000), 0.5);
     }
 
     #[test]
