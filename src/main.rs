@@ -186,6 +186,8 @@ fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::
         for (j, pair) in listener.certificates.iter().enumerate() {
             let key = format!("server.tls[{i}].certificates[{j}].cert");
             let said = portico::server::tls::lapse_warning(pair);
+            warnings.extend(said.map(|said| (key.clone(), said)));
+            let said = portico::server::tls::cn_only_warning(pair);
             warnings.extend(said.map(|said| (key, said)));
         }
     }

@@ -1056,3 +1056,109 @@ async fn plain_http_on_a_tls_listener_gets_a_readable_400() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A self-signed certificate from `params`.
+fn self_signed_with(params: rcgen::CertificateParams) -> Cert {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Cert {
+        pem: cert.pem(),
+        key: key.serialize_pem(),
+        der: cert.der().clone(),
+    }
+}
+
+/// Accepts any certificate: to see which one a server chose, whether a
+/// client would take it or not.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signed: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, signed, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signed: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, signed, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The certificate `addr` presents to a client asking for `sni`.
+async fn served_for(addr: SocketAddr, sni: &str) -> CertificateDer<'static> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    let tls = tokio::time::timeout(STEP, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+/// A certificate without subjectAltName is chosen by its CN, as HAProxy
+/// indexes it (tls53 M1: never chosen, the first pair went out instead),
+/// and of two pairs for one name, one valid now is chosen over an expired
+/// one listed before it (tls53 L3: rotating by adding the new pair after
+/// the old one served the old one).
+#[tokio::test]
+async fn sni_chooses_by_cn_without_alt_names_and_a_valid_pair_over_an_expired_one() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let first = self_signed("first.test");
+    let mut legacy = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    legacy
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Legacy.Test");
+    let legacy = self_signed_with(legacy);
+    let mut expired = rcgen::CertificateParams::new(vec!["api.test".to_owned()]).unwrap();
+    expired.not_before = rcgen::date_time_ymd(2020, 1, 2);
+    expired.not_after = rcgen::date_time_ymd(2021, 1, 2);
+    let expired = self_signed_with(expired);
+    let current = self_signed("api.test");
+    let dir = temp_dir("sni-cn");
+    let pairs = [
+        ("first", &first),
+        ("legacy", &legacy),
+        ("expired", &expired),
+        ("current", &current),
+    ];
+    let listener = tls_listener(&dir, &pairs);
+    let (addr, _stop) = start_tls_proxy(config_for(&[&backend]), listener).await;
+    assert_eq!(served_for(addr, "legacy.test").await, legacy.der);
+    assert_eq!(served_for(addr, "api.test").await, current.der);
+    assert_eq!(served_for(addr, "first.test").await, first.der);
+    assert_eq!(served_for(addr, "other.test").await, first.der);
+}

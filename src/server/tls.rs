@@ -112,51 +112,129 @@ pub fn check_pair(pair: &CertificatePair) -> Result<(), TlsError> {
     load_pair(pair, &rustls::crypto::ring::default_provider()).map(drop)
 }
 
-/// Picks the first certificate valid for the SNI name whose key the
-/// client can verify a signature of, else the first valid for the name,
-/// else the first whose key it can verify, else the first: an RSA and an
-/// ECDSA pair for one name serve each client the one it takes, as nginx
-/// does with two `ssl_certificate` lines (the second was never served, and
-/// an RSA-only client failed its handshake, review34a F2).
+/// Picks, in this order of weight, a certificate valid for the SNI name,
+/// one whose key the client can verify a signature of, and one valid now,
+/// the first in the file's order among equals: an RSA and an ECDSA pair
+/// for one name serve each client the one it takes, as nginx does with two
+/// `ssl_certificate` lines (the second was never served, and an RSA-only
+/// client failed its handshake, review34a F2), and an expired pair listed
+/// before its replacement for the same name is not served over it
+/// (tls53 L3: rotating by adding the new pair after the old one served
+/// the old one until it was removed).
 #[derive(Debug)]
 struct SniResolver {
-    keys: Vec<Arc<CertifiedKey>>,
+    keys: Vec<Served>,
+}
+
+/// A listener's certificate, with what choosing it needs, read at load.
+#[derive(Debug)]
+struct Served {
+    key: Arc<CertifiedKey>,
+    /// The name a certificate without subjectAltName is
+    /// chosen by: its subject's CN, lower-cased (see [`common_name`]).
+    cn: Option<String>,
+    /// Its own validity (notBefore, notAfter).
+    valid: Option<(SystemTime, SystemTime)>,
+}
+
+impl Served {
+    fn new(key: Arc<CertifiedKey>) -> Self {
+        let own = key.end_entity_cert().ok();
+        let cn = own.and_then(|der| {
+            if has_alt_names(der.as_ref())? {
+                return None;
+            }
+            common_name(webpki::EndEntityCert::try_from(der).ok()?.subject())
+        });
+        let valid = own.and_then(|der| validity(der.as_ref()));
+        Served { key, cn, valid }
+    }
+
+    /// Whether it is valid for the SNI `name` (as `host`, lower-cased and
+    /// without a trailing dot, for the CN).
+    fn names(&self, name: &ServerName<'_>, host: &str) -> bool {
+        if let Some(cn) = &self.cn {
+            return match cn.strip_prefix("*.") {
+                Some(parent) => host
+                    .split_once('.')
+                    .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+                None => *cn == host,
+            };
+        }
+        self.key
+            .end_entity_cert()
+            .ok()
+            .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+            .is_some_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+    }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello
-            .server_name()
-            .and_then(|name| ServerName::try_from(name).ok());
-        let named = |key: &&Arc<CertifiedKey>| {
-            name.as_ref().is_some_and(|name| {
-                key.end_entity_cert()
-                    .ok()
-                    .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
-                    .is_some_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
-            })
-        };
+        let sni = hello.server_name();
+        let name = sni.and_then(|name| ServerName::try_from(name).ok());
+        let host = sni.map(|sni| sni.trim_end_matches('.').to_ascii_lowercase());
         let offered = hello.signature_schemes();
-        let verifiable = |key: &&Arc<CertifiedKey>| key.key.choose_scheme(offered).is_some();
-        // One pass, each certificate's names read once: the first of the
-        // two kinds met is kept should no pair be both.
-        let (mut named_only, mut verifiable_only) = (None, None);
-        for key in &self.keys {
-            let is_named = named(&key);
-            if (is_named || verifiable_only.is_none()) && verifiable(&key) {
-                if is_named {
-                    return Some(key.clone());
-                }
-                verifiable_only = Some(key);
-            } else if is_named && named_only.is_none() {
-                named_only = Some(key);
+        let now = SystemTime::now();
+        let rank = |served: &Served| {
+            let named = match (&name, &host) {
+                (Some(name), Some(host)) => served.names(name, host),
+                _ => false,
+            };
+            let verifiable = served.key.key.choose_scheme(offered).is_some();
+            let valid = served
+                .valid
+                .is_none_or(|(from, until)| from <= now && now <= until);
+            (u8::from(named) << 2) | (u8::from(verifiable) << 1) | u8::from(valid)
+        };
+        let mut best: Option<(u8, &Served)> = None;
+        for served in &self.keys {
+            let ranked = rank(served);
+            if best.is_none_or(|(top, _)| ranked > top) {
+                best = Some((ranked, served));
+            }
+            if ranked == 0b111 {
+                break;
             }
         }
-        named_only
-            .or(verifiable_only)
-            .or_else(|| self.keys.first())
-            .cloned()
+        best.map(|(_, served)| served.key.clone())
     }
+}
+
+/// The last CN of a certificate's subject (`subject` without its outer
+/// SEQUENCE), lower-cased, if it reads as a host name (`*.` allowed):
+/// what a certificate without subjectAltName is chosen
+/// by, as HAProxy indexes one (tls53 M1: such a certificate was never
+/// served, the first pair going out instead). webpki matches names in
+/// subjectAltName only, as browsers, Go and rustls clients do.
+fn common_name(mut subject: &[u8]) -> Option<String> {
+    const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let mut found = None;
+    while !subject.is_empty() {
+        let (_, mut set, rest) = tlv(subject)?;
+        subject = rest;
+        while !set.is_empty() {
+            let (_, attribute, more) = tlv(set)?;
+            set = more;
+            if let Some(value) = attribute.strip_prefix(&CN) {
+                // UTF8String, PrintableString or IA5String.
+                let (tag, text, _) = tlv(value)?;
+                if matches!(tag, 0x0c | 0x13 | 0x16) {
+                    found = std::str::from_utf8(text).ok();
+                }
+            }
+        }
+    }
+    let cn = found?.trim_end_matches('.').to_ascii_lowercase();
+    let host = cn.strip_prefix("*.").unwrap_or(&cn);
+    let hostlike = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    hostlike.then_some(cn)
 }
 
 /// The acceptor for one TLS listener.
@@ -174,12 +252,17 @@ fn loaded(listener: &TlsListener) -> Result<(TlsAcceptor, Vec<Arc<CertifiedKey>>
         .collect::<Result<Vec<_>, _>>()?;
     for (pair, key) in listener.certificates.iter().zip(&keys) {
         warn_if_lapsing(pair, key);
+        if let Some(said) = key.end_entity_cert().ok().and_then(cn_only) {
+            tracing::warn!(cert = %pair.cert.display(), "{said}");
+        }
     }
     let (ticketer, sessions) = resumption(&keys)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { keys: keys.clone() }));
+        .with_cert_resolver(Arc::new(SniResolver {
+            keys: keys.iter().cloned().map(Served::new).collect(),
+        }));
     // `http/1.0` too, as nginx takes it: a client offering only that got
     // a fatal alert (review34a F5).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
@@ -266,6 +349,27 @@ fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
             tracing::warn!(%cert, not_after = %date(until), "TLS certificate {lapse}");
         }
     }
+}
+
+/// What is said of a certificate without subjectAltName
+/// (see [`common_name`]), at start, reload and `portico check`.
+fn cn_only(der: &CertificateDer<'_>) -> Option<String> {
+    if has_alt_names(der.as_ref())? {
+        return None;
+    }
+    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    let chosen = match common_name(cert.subject()) {
+        Some(cn) => format!("chosen by SNI by its CN, `{cn}`, as HAProxy does"),
+        None => "never chosen by SNI (nor by a CN: none reads as a host name)".to_owned(),
+    };
+    Some(format!(
+        "TLS certificate has no subjectAltName: {chosen}; browsers, Go and rustls clients refuse it: reissue it with one (openssl's -addext subjectAltName=DNS:...)"
+    ))
+}
+
+/// [`cn_only`] for `portico check`.
+pub fn cn_only_warning(pair: &CertificatePair) -> Option<String> {
+    cn_only(chain(pair)?.first()?)
 }
 
 /// What `portico check` says of a listener's certificate that the start
@@ -362,6 +466,17 @@ fn lapse(der: &[u8]) -> Option<Lapse> {
 /// (RFC 5280 §4.1): the fields before it are skipped, not parsed. `None`
 /// for anything unexpected, which only means no warning.
 fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (0x30, validity, _) = tlv(after_issuer(der)?)? else {
+        return None;
+    };
+    let (tag, from, rest) = tlv(validity)?;
+    let from = der_time(tag, from)?;
+    let (tag, until, _) = tlv(rest)?;
+    Some((from, der_time(tag, until)?))
+}
+
+/// A certificate's fields from its validity on (RFC 5280 §4.1).
+fn after_issuer(der: &[u8]) -> Option<&[u8]> {
     let (_, certificate, _) = tlv(der)?;
     let (_, mut tbs, _) = tlv(certificate)?;
     // The optional [0] version, then serialNumber, signature and issuer.
@@ -372,13 +487,35 @@ fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     for _ in 0..3 {
         tbs = tlv(tbs)?.2;
     }
-    let (0x30, validity, _) = tlv(tbs)? else {
-        return None;
-    };
-    let (tag, from, rest) = tlv(validity)?;
-    let from = der_time(tag, from)?;
-    let (tag, until, _) = tlv(rest)?;
-    Some((from, der_time(tag, until)?))
+    Some(tbs)
+}
+
+/// Whether a certificate has a subjectAltName extension (of any names:
+/// DNS, IP addresses...). `None` for anything unexpected.
+fn has_alt_names(der: &[u8]) -> Option<bool> {
+    const SAN: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x11];
+    // Validity, subject and subjectPublicKeyInfo, then the optional unique
+    // ids and the [3] extensions.
+    let mut rest = after_issuer(der)?;
+    for _ in 0..3 {
+        rest = tlv(rest)?.2;
+    }
+    while !rest.is_empty() {
+        let (tag, value, more) = tlv(rest)?;
+        rest = more;
+        if tag != 0xa3 {
+            continue;
+        }
+        let (_, mut extensions, _) = tlv(value)?;
+        while !extensions.is_empty() {
+            let (_, extension, more) = tlv(extensions)?;
+            extensions = more;
+            if extension.starts_with(&SAN) {
+                return Some(true);
+            }
+        }
+    }
+    Some(false)
 }
 
 /// One DER tag-length-value: the tag, the value and what follows it.
@@ -515,6 +652,25 @@ mod tests {
                 date("Wed, 01 Mar 2051 00:00:00 GMT")
             ))
         );
+    }
+
+    /// A certificate without subjectAltName is said to be chosen by its
+    /// CN (tls53 M1), one with names of any kind (an IP address only too)
+    /// is not said anything of.
+    #[test]
+    fn a_certificate_without_alt_names_is_warned_of_with_its_cn() {
+        let made = |names: Vec<String>| {
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "Old.Example");
+            let key = rcgen::KeyPair::generate().unwrap();
+            params.self_signed(&key).unwrap().der().clone()
+        };
+        let said = cn_only(&made(Vec::new())).expect("a warning");
+        assert!(said.contains("by its CN, `old.example`"), "{said}");
+        assert_eq!(cn_only(&made(vec!["a.test".to_owned()])), None);
+        assert_eq!(cn_only(&made(vec!["127.0.0.1".to_owned()])), None);
     }
 
     /// `portico check` says what the start would warn of (review36a L2).
