@@ -1126,7 +1126,9 @@ async fn served_for(addr: SocketAddr, sni: &str) -> CertificateDer<'static> {
         .await
         .expect("handshake in time")
         .expect("handshake");
-    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// A certificate without subjectAltName is chosen by its CN, as HAProxy

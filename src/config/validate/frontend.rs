@@ -371,14 +371,18 @@ pub(crate) fn pem_error(error: pki_types::pem::Error) -> String {
 /// webpki could not read: a DER that does not parse is most often a file
 /// cut in a copy.
 fn unreadable_certificate(n: usize, error: &webpki::Error) -> String {
-    let cut = matches!(
-        error,
-        webpki::Error::BadDer | webpki::Error::TrailingData(_)
-    );
+    let hint = match error {
+        webpki::Error::BadDer | webpki::Error::TrailingData(_) => ": is the file whole?",
+        // An X.509 v1 certificate (openssl x509 -req without extensions),
+        // which nginx takes (tls53 L6).
+        webpki::Error::UnsupportedCertVersion => {
+            ": it is an X.509 v1 certificate; reissue it as v3, with its names in subjectAltName (openssl's -addext subjectAltName=DNS:...)"
+        }
+        _ => "",
+    };
     format!(
-        "certificate {} in the file cannot be read as X.509 ({error}){}",
+        "certificate {} in the file cannot be read as X.509 ({error}){hint}",
         n + 1,
-        if cut { ": is the file whole?" } else { "" }
     )
 }
 
