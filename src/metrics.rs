@@ -47,7 +47,9 @@ pub struct Metrics {
     backend_max_conns: IntGaugeVec,
     /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
     /// from its own reload's snapshot, removed each other's new series.
-    backends_setting: std::sync::Mutex<()>,
+    /// It holds what the last [`Metrics::retain`] kept, pruned to again at
+    /// each scrape.
+    backends_setting: std::sync::Mutex<Option<Configured>>,
     cache_lookups: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
@@ -260,7 +262,7 @@ impl Metrics {
             backend_weight,
             backend_in_flight,
             backend_max_conns,
-            backends_setting: std::sync::Mutex::new(()),
+            backends_setting: std::sync::Mutex::new(None),
             cache_lookups: counter_vec(
                 &registry,
                 "portico_cache_lookups_total",
@@ -504,10 +506,17 @@ impl Metrics {
         &self,
         backends: impl Iterator<Item = BackendRow<'a>>,
     ) -> Vec<u8> {
-        let _one_at_a_time = self
+        let configured = self
             .backends_setting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A request a reload left running on a removed backend or route
+        // that met a status code its handles had not resolved brought that
+        // series back, for good until the next reload, with no
+        // `portico_backend_up` beside it (soak53 2): pruned again here.
+        if let Some(configured) = configured.as_ref() {
+            self.prune_to(configured);
+        }
         // Set, then the stale series removed, never all cleared first: a
         // scrape running beside this one (two Prometheus servers) would
         // gather between the clearing and the setting and find no backend
@@ -599,8 +608,18 @@ impl Metrics {
     /// A request still in flight on a removed backend or route records
     /// into handles whose series are gone, which is harmless; one that
     /// meets a status code its handles had not resolved yet brings that
-    /// one series back, until the next reload drops it again.
+    /// one series back, until the next scrape drops it again.
     pub fn retain(&self, configured: &Configured) {
+        let mut kept = self
+            .backends_setting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.prune_to(configured);
+        *kept = Some(configured.clone());
+    }
+
+    /// [`Metrics::retain`]'s pruning.
+    fn prune_to(&self, configured: &Configured) {
         prune(&self.requests, configured);
         prune(&self.request_duration, configured);
         prune(&self.ratelimit_rejected, configured);
@@ -656,7 +675,7 @@ impl Default for Metrics {
 
 /// The label values a configuration gives series to: what
 /// [`Metrics::retain`] keeps after a reload.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Configured {
     routes: HashSet<String>,
     upstreams: HashSet<String>,
@@ -1110,8 +1129,12 @@ mod tests {
 
         metrics.retain(&Configured::of(&config));
         // A request that was in flight on the removed backend records into
-        // handles whose series are gone: no panic, and nothing exported.
+        // handles whose series are gone: no panic, and nothing exported,
+        // even under a code its handles had not met, which makes the
+        // series again until the next scrape prunes it (soak53 2).
         removed.record(200, 0.002);
+        removed.record(404, 0.002);
+        let _ = metrics.encode_with_backends([up("default", kept.to_owned())].into_iter());
         let text = String::from_utf8(metrics.encode()).unwrap();
         for absent in [gone, "route=\"old\"", "upstream=\"old\""] {
             assert!(!text.contains(absent), "{absent} in {text}");
