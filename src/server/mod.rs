@@ -386,6 +386,8 @@ impl Shared {
         // As at start (review36d L6).
         config::warn_of_risks(&config, &written);
         let previous = self.proxy.load();
+        let configured = Configured::of(&config);
+        self.metrics.admit(&configured);
         let next = Proxy::rebuild(&config, self.metrics.clone(), &previous);
         // A cache the new generation does not keep: the fetches still
         // filling it say so in their access lines (review39d L1).
@@ -422,7 +424,7 @@ impl Shared {
                 "[admin] listen differs from what the process started with; it takes effect after a restart"
             );
         }
-        self.metrics.retain(&Configured::of(&config));
+        self.metrics.retain(&configured);
         self.metrics.set_certificate_ends(&tls.ends);
         self.config.store(Arc::new(config));
         Ok(path)
