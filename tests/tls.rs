@@ -1150,16 +1150,32 @@ async fn sni_chooses_by_cn_without_alt_names_and_a_valid_pair_over_an_expired_on
     expired.not_after = rcgen::date_time_ymd(2021, 1, 2);
     let expired = self_signed_with(expired);
     let current = self_signed("api.test");
+    // A CN-only one's replacement, listed after it, is chosen over it
+    // (review55 M2).
+    let cn_only = |names: &[&str]| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for name in names {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, *name);
+        }
+        self_signed_with(params)
+    };
+    let older = cn_only(&["b.test"]);
+    let reissued = self_signed("b.test");
     let dir = temp_dir("sni-cn");
     let pairs = [
         ("first", &first),
         ("legacy", &legacy),
         ("expired", &expired),
         ("current", &current),
+        ("older", &older),
+        ("reissued", &reissued),
     ];
     let listener = tls_listener(&dir, &pairs);
     let (addr, _stop) = start_tls_proxy(config_for(&[&backend]), listener).await;
     assert_eq!(served_for(addr, "legacy.test").await, legacy.der);
+    assert_eq!(served_for(addr, "b.test").await, reissued.der);
     assert_eq!(served_for(addr, "api.test").await, current.der);
     assert_eq!(served_for(addr, "first.test").await, first.der);
     assert_eq!(served_for(addr, "other.test").await, first.der);

@@ -130,9 +130,9 @@ struct SniResolver {
 #[derive(Debug)]
 struct Served {
     key: Arc<CertifiedKey>,
-    /// The name a certificate without subjectAltName is
-    /// chosen by: its subject's CN, lower-cased (see [`common_name`]).
-    cn: Option<String>,
+    /// The names a certificate without subjectAltName is chosen by: its
+    /// subject's CNs, lower-cased (see [`common_names`]).
+    cn: Vec<String>,
     /// Its own validity (notBefore, notAfter).
     valid: Option<(SystemTime, SystemTime)>,
 }
@@ -140,32 +140,42 @@ struct Served {
 impl Served {
     fn new(key: Arc<CertifiedKey>) -> Self {
         let own = key.end_entity_cert().ok();
-        let cn = own.and_then(|der| {
-            if has_alt_names(der.as_ref())? {
-                return None;
-            }
-            common_name(webpki::EndEntityCert::try_from(der).ok()?.subject())
-        });
+        let cn = own
+            .and_then(|der| {
+                if has_alt_names(der.as_ref())? {
+                    return None;
+                }
+                Some(common_names(
+                    webpki::EndEntityCert::try_from(der).ok()?.subject(),
+                ))
+            })
+            .unwrap_or_default();
         let valid = own.and_then(|der| validity(der.as_ref()));
         Served { key, cn, valid }
     }
 
-    /// Whether it is valid for the SNI `name` (as `host`, lower-cased and
-    /// without a trailing dot, for the CN).
-    fn names(&self, name: &ServerName<'_>, host: &str) -> bool {
-        if let Some(cn) = &self.cn {
-            return match cn.strip_prefix("*.") {
+    /// How it names the SNI `name` (as `host`, lower-cased and without a
+    /// trailing dot, for a CN): 2 in its subjectAltName, 1 by a CN of a
+    /// certificate without subjectAltName, 0 not at all. A reissued
+    /// certificate with subjectAltName is chosen over the CN-only one it
+    /// replaces, wherever it is listed (review55 M2).
+    fn names(&self, name: &ServerName<'_>, host: &str) -> u8 {
+        if !self.cn.is_empty() {
+            let by_cn = self.cn.iter().any(|cn| match cn.strip_prefix("*.") {
                 Some(parent) => host
                     .split_once('.')
                     .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
-                None => *cn == host,
-            };
+                None => cn == host,
+            });
+            return u8::from(by_cn);
         }
-        self.key
+        let by_alt_name = self
+            .key
             .end_entity_cert()
             .ok()
             .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
-            .is_some_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+            .is_some_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok());
+        2 * u8::from(by_alt_name)
     }
 }
 
@@ -179,13 +189,13 @@ impl ResolvesServerCert for SniResolver {
         let rank = |served: &Served| {
             let named = match (&name, &host) {
                 (Some(name), Some(host)) => served.names(name, host),
-                _ => false,
+                _ => 0,
             };
             let verifiable = served.key.key.choose_scheme(offered).is_some();
             let valid = served
                 .valid
                 .is_none_or(|(from, until)| from <= now && now <= until);
-            (u8::from(named) << 2) | (u8::from(verifiable) << 1) | u8::from(valid)
+            (named << 2) | (u8::from(verifiable) << 1) | u8::from(valid)
         };
         let mut best: Option<(u8, &Served)> = None;
         for served in &self.keys {
@@ -193,7 +203,7 @@ impl ResolvesServerCert for SniResolver {
             if best.is_none_or(|(top, _)| ranked > top) {
                 best = Some((ranked, served));
             }
-            if ranked == 0b111 {
+            if ranked == 0b1011 {
                 break;
             }
         }
@@ -201,40 +211,42 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The last CN of a certificate's subject (`subject` without its outer
-/// SEQUENCE), lower-cased, if it reads as a host name (`*.` allowed):
-/// what a certificate without subjectAltName is chosen
-/// by, as HAProxy indexes one (tls53 M1: such a certificate was never
-/// served, the first pair going out instead). webpki matches names in
-/// subjectAltName only, as browsers, Go and rustls clients do.
-fn common_name(mut subject: &[u8]) -> Option<String> {
+/// The CNs of a certificate's subject (`subject` without its outer
+/// SEQUENCE), lower-cased, that read as host names (`*.` allowed), in a
+/// UTF8String, PrintableString or IA5String: what a certificate without
+/// subjectAltName is chosen by, as HAProxy indexes one by every CN
+/// (tls53 M1: such a certificate was never served, the first pair going
+/// out instead). webpki matches names in subjectAltName only, as
+/// browsers, Go and rustls clients do.
+fn common_names(mut subject: &[u8]) -> Vec<String> {
     const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
-    let mut found = None;
-    while !subject.is_empty() {
-        let (_, mut set, rest) = tlv(subject)?;
+    let mut found = Vec::new();
+    while let Some((_, mut set, rest)) = tlv(subject) {
         subject = rest;
-        while !set.is_empty() {
-            let (_, attribute, more) = tlv(set)?;
+        while let Some((_, attribute, more)) = tlv(set) {
             set = more;
-            if let Some(value) = attribute.strip_prefix(&CN) {
-                // UTF8String, PrintableString or IA5String.
-                let (tag, text, _) = tlv(value)?;
-                if matches!(tag, 0x0c | 0x13 | 0x16) {
-                    found = std::str::from_utf8(text).ok();
+            let Some((tag, text, _)) = attribute.strip_prefix(&CN).and_then(tlv) else {
+                continue;
+            };
+            let text = std::str::from_utf8(text)
+                .ok()
+                .filter(|_| matches!(tag, 0x0c | 0x13 | 0x16));
+            if let Some(cn) = text.map(|t| t.trim_end_matches('.').to_ascii_lowercase()) {
+                let host = cn.strip_prefix("*.").unwrap_or(&cn);
+                let hostlike = !host.is_empty()
+                    && host.split('.').all(|label| {
+                        !label.is_empty()
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    });
+                if hostlike {
+                    found.push(cn);
                 }
             }
         }
     }
-    let cn = found?.trim_end_matches('.').to_ascii_lowercase();
-    let host = cn.strip_prefix("*.").unwrap_or(&cn);
-    let hostlike = !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    hostlike.then_some(cn)
+    found
 }
 
 /// The acceptor for one TLS listener.
@@ -352,15 +364,19 @@ fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
 }
 
 /// What is said of a certificate without subjectAltName
-/// (see [`common_name`]), at start, reload and `portico check`.
+/// (see [`common_names`]), at start, reload and `portico check`.
 fn cn_only(der: &CertificateDer<'_>) -> Option<String> {
     if has_alt_names(der.as_ref())? {
         return None;
     }
     let cert = webpki::EndEntityCert::try_from(der).ok()?;
-    let chosen = match common_name(cert.subject()) {
-        Some(cn) => format!("chosen by SNI by its CN, `{cn}`, as HAProxy does"),
-        None => "never chosen by SNI (nor by a CN: none reads as a host name)".to_owned(),
+    let names = common_names(cert.subject());
+    let chosen = match names.is_empty() {
+        false => format!(
+            "chosen by SNI by its CN, `{}`, as HAProxy does",
+            names.join("`, `")
+        ),
+        true => "never chosen by SNI (nor by a CN: none reads as a host name)".to_owned(),
     };
     Some(format!(
         "TLS certificate has no subjectAltName: {chosen}; browsers, Go and rustls clients refuse it: reissue it with one (openssl's -addext subjectAltName=DNS:...)"
