@@ -66,7 +66,7 @@ fn answer(head: &str) -> &'static [u8] {
             ),
             (
                 "/part",
-                b"HTTP/1.1 206 Partial Content\r\nContent-Type: text/html\r\n\
+                b"HTTP/1.1 206 Partial Content\r\nContent-Type: text/html\r\nETag: \"p1\"\r\n\
                   Content-Range: bytes 0-9/6000\r\nContent-Length: 10\r\n\r\n<p>portico",
             ),
             (
@@ -835,6 +835,22 @@ async fn ranges_and_304s_of_a_type_to_compress_say_vary() {
     assert!(part.headers.get("content-encoding").is_none());
     // A range of a body too small to compress does not vary, as its 200
     // does not (review54 L6: the type alone was looked at).
+    // A 304 judged on a backend's 206 (a request sent on as it came,
+    // several ranges) drops its `Content-Range` and says the `Vary` of its
+    // whole (review55 L1).
+    let fields = [
+        ("accept-encoding", "gzip"),
+        ("range", "bytes=0-1,4-5"),
+        ("if-none-match", "\"p1\""),
+    ];
+    let judged = get_with(&client, &proxy.url("/part"), &fields).await;
+    assert_eq!(judged.status, StatusCode::NOT_MODIFIED);
+    assert!(
+        judged.headers.get("content-range").is_none(),
+        "{:?}",
+        judged.headers
+    );
+    assert_eq!(judged.header("vary"), "Accept-Encoding");
     let small = fetch(&client, &proxy.url("/smallpart"), Some("gzip")).await;
     assert_eq!(small.status, StatusCode::PARTIAL_CONTENT);
     assert!(small.headers.get("vary").is_none(), "{:?}", small.headers);

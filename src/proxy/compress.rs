@@ -340,6 +340,7 @@ impl Compressor {
                 // (review54 L3).
                 let mut whole = parts.headers.clone();
                 whole.extend(fields);
+                whole_of_part(&mut whole);
                 if self.varies_whole(&asked, &whole) {
                     add_vary(&mut parts.headers);
                 }
@@ -352,13 +353,7 @@ impl Compressor {
             // as that 200 is: its type, coding, `no-transform`, digests
             // and whole length (review54 L6).
             let mut whole = parts.headers.clone();
-            let length = whole
-                .remove(header::CONTENT_RANGE)
-                .and_then(|range| complete_length(&range));
-            match length {
-                Some(length) => whole.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
-                None => whole.remove(header::CONTENT_LENGTH),
-            };
+            whole_of_part(&mut whole);
             if self.varies_whole(&asked, &whole) {
                 add_vary(&mut parts.headers);
             }
@@ -605,10 +600,23 @@ pub fn without_dated_range(headers: &mut HeaderMap) {
 #[derive(Clone)]
 pub struct Stripped(pub HeaderMap);
 
-/// The complete length a `Content-Range` of `bytes a-b/N` names.
-fn complete_length(range: &HeaderValue) -> Option<u64> {
-    let (_, length) = range.to_str().ok()?.rsplit_once('/')?;
-    length.trim().parse().ok()
+/// Makes a 206's fields those of its 200, for what compression decides
+/// of it: no `Content-Range`, and the complete length it names
+/// (`bytes a-b/N`) as `Content-Length`. Fields without `Content-Range`
+/// are left as they are.
+fn whole_of_part(headers: &mut HeaderMap) {
+    let Some(range) = headers.remove(header::CONTENT_RANGE) else {
+        return;
+    };
+    let length = range
+        .to_str()
+        .ok()
+        .and_then(|range| range.rsplit_once('/'))
+        .and_then(|(_, length)| length.trim().parse::<u64>().ok());
+    match length {
+        Some(length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+        None => headers.remove(header::CONTENT_LENGTH),
+    };
 }
 
 /// Whether `Accept-Encoding` takes gzip (RFC 9110 §12.5.3): `gzip` or
