@@ -1085,14 +1085,14 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
+    /// The client speaks TLS 1.3 only (see [`served_for`]).
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        signed: &rustls::DigitallySignedStruct,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, signed, algorithms)
+        Err(rustls::Error::General("TLS 1.3 only".into()))
     }
 
     fn verify_tls13_signature(
@@ -1114,7 +1114,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 async fn served_for(addr: SocketAddr, sni: &str) -> CertificateDer<'static> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
