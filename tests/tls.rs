@@ -1180,3 +1180,25 @@ async fn sni_chooses_by_cn_without_alt_names_and_a_valid_pair_over_an_expired_on
     assert_eq!(served_for(addr, "first.test").await, first.der);
     assert_eq!(served_for(addr, "other.test").await, first.der);
 }
+
+/// At `server.max_connections`, a connection to a TLS listener that has
+/// sent nothing, not even its handshake, makes room for a new client as a
+/// plain one that sent nothing does (tls53 L2: it held its place until
+/// `request_header_timeout`, here a minute).
+#[tokio::test]
+async fn a_silent_tls_connection_makes_room_at_max_connections() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("a.test");
+    let dir = temp_dir("silent-room");
+    let listener = tls_listener(&dir, &[("a", &cert)]);
+    let mut config = config_for(&[&backend]);
+    config.server.max_connections = Some(1);
+    config.server.request_header_timeout = Duration::from_secs(60);
+    let (addr, _stop) = start_tls_proxy(config, listener).await;
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_, status, _) = https_get(addr, "a.test", &cert.der, b"http/1.1", "/health")
+        .await
+        .expect("served once the silent connection made room");
+    assert_eq!(status, StatusCode::OK);
+    drop(silent);
+}

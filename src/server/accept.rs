@@ -11,10 +11,10 @@ use arc_swap::ArcSwap;
 
 use tokio::net::TcpListener;
 
-use super::connection::{bad_request, serve_connection, Held, DRAIN_QUIET};
+use super::connection::{bad_request, serve_connection, Held, DRAIN_QUIET, PARK_AFTER};
 use super::listeners::Mode;
 use super::shutdown::Shutdown;
-use super::slots::listen_queue;
+use super::slots::{listen_queue, Reclaim};
 use super::{listeners, Shared};
 use crate::proxy::{Conn, CutOff};
 
@@ -97,7 +97,11 @@ pub(super) async fn accept_loop(
                             // The head's time, the handshake's included.
                             let accepted = tokio::time::Instant::now();
                             let deadline = accepted + held.settings.header_timeout;
-                            match tokio::time::timeout_at(deadline, first_byte(&stream)).await {
+                            match first_byte_or_room(&stream, &held.shared, deadline).await {
+                                Ok(FirstByte::Room) => {
+                                    tracing::debug!(client = %peer, "closing a connection that sent nothing yet for a client at server.max_connections");
+                                    return;
+                                }
                                 Ok(FirstByte::Plain) => {
                                     let refusal = refuse_plain_http(stream, accepted, deadline);
                                     let (said, answered) = refusal.await;
@@ -243,6 +247,46 @@ async fn first_byte(stream: &tokio::net::TcpStream) -> FirstByte {
     }
 }
 
+/// [`first_byte`], by `deadline`, waited for as an idle connection: with
+/// `server.max_connections` set, one that has sent nothing for
+/// [`PARK_AFTER`] is among the connections closed to make room for a new
+/// client at the cap, as a plain one that sent nothing is (tls53 L2: it
+/// held its place until `request_header_timeout`, 10 s by default).
+async fn first_byte_or_room(
+    stream: &tokio::net::TcpStream,
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+) -> Result<FirstByte, tokio::time::error::Elapsed> {
+    let mut first = std::pin::pin!(tokio::time::timeout_at(deadline, first_byte(stream)));
+    if shared.connections.load().max_connections.is_none() {
+        return first.await;
+    }
+    tokio::select! {
+        got = &mut first => return got,
+        () = tokio::time::sleep(PARK_AFTER) => {}
+    }
+    let slots = &shared.slots;
+    let _parked = slots.parked();
+    let mut reclaim = std::pin::pin!(slots.reclaim.notified());
+    reclaim.as_mut().enable();
+    loop {
+        tokio::select! {
+            // First: a byte come meanwhile keeps the connection.
+            biased;
+            got = &mut first => return got,
+            () = &mut reclaim => {
+                reclaim.set(slots.reclaim.notified());
+                reclaim.as_mut().enable();
+                let cap = shared.connections.load().max_connections;
+                match slots.reclaimed(cap, || false) {
+                    Reclaim::Stale | Reclaim::PassedOn => continue,
+                    Reclaim::Close => return Ok(FirstByte::Room),
+                }
+            }
+        }
+    }
+}
+
 /// What a client's first byte on a TLS listener says (see [`first_byte`]).
 enum FirstByte {
     /// Plain HTTP.
@@ -251,6 +295,9 @@ enum FirstByte {
     Other,
     /// None came: the connection closed (or broke) first.
     None,
+    /// None came, and its place was wanted for a new client at
+    /// `server.max_connections` (see [`first_byte_or_room`]).
+    Room,
 }
 
 /// What nginx tells plain HTTP sent to its HTTPS port, in place of the TLS
