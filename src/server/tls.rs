@@ -140,16 +140,7 @@ struct Served {
 impl Served {
     fn new(key: Arc<CertifiedKey>) -> Self {
         let own = key.end_entity_cert().ok();
-        let cn = own
-            .and_then(|der| {
-                if has_alt_names(der.as_ref())? {
-                    return None;
-                }
-                Some(common_names(
-                    webpki::EndEntityCert::try_from(der).ok()?.subject(),
-                ))
-            })
-            .unwrap_or_default();
+        let cn = own.and_then(names_without_alt).unwrap_or_default();
         let valid = own.and_then(|der| validity(der.as_ref()));
         Served { key, cn, valid }
     }
@@ -366,11 +357,7 @@ fn warn_if_lapsing(pair: &CertificatePair, key: &CertifiedKey) {
 /// What is said of a certificate without subjectAltName
 /// (see [`common_names`]), at start, reload and `portico check`.
 fn cn_only(der: &CertificateDer<'_>) -> Option<String> {
-    if has_alt_names(der.as_ref())? {
-        return None;
-    }
-    let cert = webpki::EndEntityCert::try_from(der).ok()?;
-    let names = common_names(cert.subject());
+    let names = names_without_alt(der)?;
     let chosen = match names.is_empty() {
         false => format!(
             "chosen by SNI by its CN, `{}`, as HAProxy does",
@@ -504,6 +491,16 @@ fn after_issuer(der: &[u8]) -> Option<&[u8]> {
         tbs = tlv(tbs)?.2;
     }
     Some(tbs)
+}
+
+/// The CNs a certificate without subjectAltName is chosen by (see
+/// [`common_names`]); `None` for one with subjectAltName, or unreadable.
+fn names_without_alt(der: &CertificateDer<'_>) -> Option<Vec<String>> {
+    if has_alt_names(der.as_ref())? {
+        return None;
+    }
+    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    Some(common_names(cert.subject()))
 }
 
 /// Whether a certificate has a subjectAltName extension (of any names:
