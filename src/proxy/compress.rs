@@ -338,12 +338,7 @@ impl Compressor {
                 // revalidation's) says the `Vary` that 200 would carry
                 // (RFC 9110 §15.4.5), judged on the fields it dropped
                 // (review54 L3).
-                let mut whole = parts.headers.clone();
-                whole.extend(fields);
-                whole_of_part(&mut whole);
-                if self.varies_whole(&asked, &whole) {
-                    add_vary(&mut parts.headers);
-                }
+                self.vary_as_whole(&asked, &mut parts.headers, fields);
             }
             return http::Response::from_parts(parts, body);
         }
@@ -352,11 +347,7 @@ impl Compressor {
             // its 200 would carry (RFC 9110 §15.3.7, range53 L1), judged
             // as that 200 is: its type, coding, `no-transform`, digests
             // and whole length (review54 L6).
-            let mut whole = parts.headers.clone();
-            whole_of_part(&mut whole);
-            if self.varies_whole(&asked, &whole) {
-                add_vary(&mut parts.headers);
-            }
+            self.vary_as_whole(&asked, &mut parts.headers, HeaderMap::new());
             return http::Response::from_parts(parts, body);
         }
         let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
@@ -549,11 +540,17 @@ impl Compressor {
         }
     }
 
-    /// Whether a 200 with `headers` (a 304's or a 206's whole response)
-    /// varies with `Accept-Encoding`: compressed for clients that take
-    /// gzip.
-    fn varies_whole(&self, asked: &Asked, headers: &HeaderMap) -> bool {
-        self.decide(asked, StatusCode::OK, headers, SizeHint::default()) != Decision::Leave
+    /// Adds to the `headers` of a 304 or 206 the `Vary: Accept-Encoding`
+    /// of its whole 200, when that would carry it: the 200 with `headers`,
+    /// the fields the 304 `dropped`, and for a part its whole length (see
+    /// [`whole_of_part`]).
+    fn vary_as_whole(&self, asked: &Asked, headers: &mut HeaderMap, dropped: HeaderMap) {
+        let mut whole = headers.clone();
+        whole.extend(dropped);
+        whole_of_part(&mut whole);
+        if self.decide(asked, StatusCode::OK, &whole, SizeHint::default()) != Decision::Leave {
+            add_vary(headers);
+        }
     }
 
     /// Whether `content_type` is among the types compressed.

@@ -637,31 +637,34 @@ fn answer_own(own: Own, response: Response<ProxyBody>) -> Response<ProxyBody> {
     if client.method != Method::HEAD && made.is_none() {
         return response;
     }
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     if body.is_capturing() {
         match permit {
             Some(permit) => crate::task::spawn_permitted_read(permit, body.read_into_cache()),
             None => crate::task::spawn_background_read(body.read_into_cache()),
         }
     }
+    bodiless_answer(made, parts)
+}
+
+/// The answer without a body a backend's head `parts` comes to for the
+/// client: the 412 or 304 its conditions `made`, else the head itself (a
+/// HEAD's).
+fn bodiless_answer(made: Option<Made>, mut parts: http::response::Parts) -> Response<ProxyBody> {
     match made {
         Some(Made::Failed) => {
             return precondition_failed_response(&ours(&parts.headers), parts.status);
         }
-        Some(Made::NotModified) => into_304(&mut parts),
+        Some(Made::NotModified) => {
+            // RFC 9211 §2.3: without it, the 304 would read as the backend's.
+            with_fwd_status(&mut parts.headers, parts.status);
+            restatus(&mut parts, StatusCode::NOT_MODIFIED);
+            let dropped = stripped_for_304(&mut parts.headers);
+            parts.extensions.insert(dropped);
+        }
         _ => {}
     }
     Response::from_parts(parts, ProxyBody::empty())
-}
-
-/// Makes the head of a backend's 2xx that of the 304 it comes to for the
-/// client's validators.
-fn into_304(parts: &mut http::response::Parts) {
-    // RFC 9211 §2.3: without it, the 304 would read as the backend's.
-    with_fwd_status(&mut parts.headers, parts.status);
-    restatus(parts, StatusCode::NOT_MODIFIED);
-    let dropped = stripped_for_304(&mut parts.headers);
-    parts.extensions.insert(dropped);
 }
 
 /// Gives a backend's response a status of portico's making, without the
@@ -1033,15 +1036,8 @@ fn judged_relayed(
         return response;
     };
     match preconditions(&conditions, response.status(), response.headers()) {
-        Some(Made::Failed) => {
-            precondition_failed_response(&ours(response.headers()), response.status())
-        }
-        Some(Made::NotModified) => {
-            let (mut parts, _) = response.into_parts();
-            into_304(&mut parts);
-            Response::from_parts(parts, ProxyBody::empty())
-        }
-        _ => response,
+        None => response,
+        made => bodiless_answer(made, response.into_parts().0),
     }
 }
 
