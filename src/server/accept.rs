@@ -3,12 +3,10 @@
 //! runs rather than one line per retry.
 
 use std::net::SocketAddr;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-
 use tokio::net::TcpListener;
 
 use super::connection::{bad_request, serve_connection, Held, DRAIN_QUIET, PARK_AFTER};

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::task::WhenWoken;
 use bytes::Bytes;
 use hyper::service::service_fn;
 
@@ -19,6 +18,7 @@ use super::{
     H2_PAST_GOAWAY,
 };
 use crate::proxy::Conn;
+use crate::task::WhenWoken;
 
 /// How long an HTTP/1 keep-alive connection waits for its next request
 /// before it is parked: at least this, and at most one step of its
@@ -513,7 +513,7 @@ pub(super) async fn serve_connection<IO: Parkable>(
             }
         }
     };
-    if cut_off && activity.cut_mid_close_framed() {
+    if cut_off && activity.close_framed_answered() {
         if let Some((mut socket, _)) = connection.into_parts(activity.take_upgrade()).await {
             reset_after_sending(&mut socket).await;
         }

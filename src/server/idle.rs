@@ -117,7 +117,7 @@ pub(super) struct Activity {
     reset: AtomicBool,
     /// An answer framed by the close was handed out: cut before it is
     /// whole, the connection ends with a reset (see
-    /// [`Activity::cut_mid_close_framed`]).
+    /// [`Activity::close_framed_answered`]).
     close_framed: AtomicBool,
 }
 
@@ -413,7 +413,7 @@ impl Activity {
     /// hold its last bytes after taking its last frame, review54 L1), and
     /// the connection ends with a reset, as when a body broke off, or its
     /// FIN would make the cut body read as whole (review53 L2).
-    pub(super) fn cut_mid_close_framed(&self) -> bool {
+    pub(super) fn close_framed_answered(&self) -> bool {
         self.close_framed.load(Ordering::Relaxed)
     }
 

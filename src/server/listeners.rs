@@ -8,7 +8,6 @@
 //! `127.0.0.1:0` keeps the port the OS picked across reloads.
 
 use std::net::SocketAddr;
-
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -284,9 +283,8 @@ fn spawn(
 /// The cut of a listener's connections: the process's (`cut`), or
 /// `shutdown_grace` (the reload's, read as the listener goes: the old
 /// file's in 3 runs of 8 while it was read from the stored configuration,
-/// review53 L1) after a reload removes
-/// the listener (`removed`), so that what it still serves is bounded as
-/// at shutdown. Only its tunnels were (review52 L1: a slow download on a
+/// review53 L1) after a reload removes the listener (`removed`), so that
+/// what it still serves is bounded as at shutdown. Only its tunnels were (review52 L1: a slow download on a
 /// removed address went on for as long as it lasted). With it, the flag
 /// set just before it fires, which the access lines of what it cuts read
 /// (`end="shutdown"`, not `client_gone`: review53 M2).
