@@ -180,8 +180,9 @@ pub fn client_ip(
         // Both, naming different clients: one of them was the client's
         // own, and which cannot be told (a proxy that writes only
         // `Forwarded` passes a forged `X-Forwarded-For` on). Neither is
-        // believed: the request counts against the proxy.
-        (Some(xff), Some(forwarded)) if xff != forwarded => peer,
+        // believed: the request counts against the proxy. `::ffff:a.b.c.d`
+        // in one and `a.b.c.d` in the other name one client (limit53 L1).
+        (Some(xff), Some(forwarded)) if xff.to_canonical() != forwarded.to_canonical() => peer,
         (Some(ip), _) | (None, Some(ip)) => ip,
         (None, None) => peer,
     }
@@ -404,6 +405,19 @@ mod tests {
         assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
         let got = client_ip(peer, &both("6.6.6.6"), &proxies, TrustedFields::Either);
         assert_eq!(got, "127.0.0.1".parse::<IpAddr>().unwrap());
+        // One address, written IPv4-mapped in one field, agrees (limit53
+        // L1: counted against the proxy).
+        for (xff, forwarded) in [
+            ("::ffff:198.51.100.7", "for=198.51.100.7"),
+            ("198.51.100.7", "for=\"[::ffff:198.51.100.7]\""),
+        ] {
+            let fields = headers(&[("x-forwarded-for", xff), ("forwarded", forwarded)]);
+            let got = client_ip(peer, &fields, &proxies, TrustedFields::Either);
+            assert_eq!(
+                got.to_canonical(),
+                "198.51.100.7".parse::<IpAddr>().unwrap()
+            );
+        }
         // Unless the proxies are known to write one (review28c F2): the
         // other is a client's claim, and not read.
         let got = client_ip(peer, &both("6.6.6.6"), &proxies, TrustedFields::XForwarded);
