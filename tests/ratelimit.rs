@@ -244,6 +244,36 @@ async fn a_backend_s_own_rate_limit_fields_are_kept() {
             assert!(!answer.headers.contains_key("ratelimit-limit"));
         }
     }
+    // A 429 or 503 that says when to come back in `Retry-After` alone
+    // gets none of portico's either: its "4 left, all back in 1 s" sent
+    // clients back 29 s early (limit53 L2). Other answers get them.
+    let retry_s = scripted_backend(|head| {
+        if head.starts_with("GET /busy ") {
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n"
+        } else if head.starts_with("GET /moved ") {
+            b"HTTP/1.1 301 Moved Permanently\r\nLocation: /api\r\nRetry-After: 30\r\n\
+              Content-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n"
+        }
+    })
+    .await;
+    let proxy = start_proxy(limited_at(retry_s)).await;
+    for (path, status, quota) in [
+        ("/api", StatusCode::TOO_MANY_REQUESTS, false),
+        ("/busy", StatusCode::SERVICE_UNAVAILABLE, false),
+        ("/moved", StatusCode::MOVED_PERMANENTLY, true),
+    ] {
+        let answer = get(&client(), &proxy.url(path)).await;
+        assert_eq!(answer.status, status, "{path}");
+        assert_eq!(answer.header("retry-after"), "30", "{path}");
+        assert_eq!(
+            answer.headers.contains_key("ratelimit-remaining"),
+            quota,
+            "{path}: {:?}",
+            answer.headers
+        );
+    }
 }
 
 /// A stored response keeps none of the backend's rate-limit fields: they

@@ -466,14 +466,23 @@ pub fn remove_rate_limit_fields(headers: &mut http::HeaderMap) {
 /// gave its own: its quota (per user, per API key) is the one its answer
 /// speaks of, and a 429 of its own said "9 left, back in 1 s" beside its
 /// own `Retry-After: 30` once portico's replaced them (review33b F4).
+/// Nor does a 429 or 503 that says when to come back in a `Retry-After`
+/// alone get them: "4 left, all back in 1 s" beside the backend's
+/// `Retry-After: 30` sent its clients back 29 s early (limit53 L2).
 pub fn quota_headers(
+    status: StatusCode,
     headers: &mut http::HeaderMap,
     quota: Option<(u32, u32, std::time::Duration)>,
 ) {
     if let Some((limit, remaining, reset)) = quota {
-        if headers
-            .keys()
-            .any(|name| is_rate_limit_field(name.as_str()))
+        let says_when = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) && headers.contains_key(header::RETRY_AFTER);
+        if says_when
+            || headers
+                .keys()
+                .any(|name| is_rate_limit_field(name.as_str()))
         {
             return;
         }

@@ -572,7 +572,7 @@ impl Proxy {
                         tracing::debug!(client = %conn.peer, status = status.as_u16(), %error, "request rejected");
                     }
                     let mut response = error.into_response();
-                    error::quota_headers(response.headers_mut(), trace.quota);
+                    error::quota_headers(response.status(), response.headers_mut(), trace.quota);
                     let caching = trace
                         .route
                         .and_then(|i| self.router.route(i))
@@ -938,7 +938,11 @@ impl Proxy {
                         };
                         match copy {
                             Ok(mut response) => {
-                                error::quota_headers(response.headers_mut(), quota);
+                                error::quota_headers(
+                                    response.status(),
+                                    response.headers_mut(),
+                                    quota,
+                                );
                                 return Ok(response);
                             }
                             Err(fresh) => {
@@ -954,7 +958,7 @@ impl Proxy {
                         (Box::pin(serve).await?, None)
                     }
                 };
-                error::quota_headers(response.headers_mut(), quota);
+                error::quota_headers(response.status(), response.headers_mut(), quota);
                 if let Some((compressor, asked)) = compressing {
                     response = match stored {
                         Some(stored) => match compressor.apply_stored(asked, response, stored) {
@@ -1022,7 +1026,7 @@ impl Proxy {
                     let mut switched = client.bridge(response, in_flight, self.tunnel_idle, ends);
                     // A 101 on a throttled route says the budget, as every
                     // other answer there (review42h L3).
-                    error::quota_headers(switched.headers_mut(), quota);
+                    error::quota_headers(switched.status(), switched.headers_mut(), quota);
                     // Counted as a bypass above: the header and the access
                     // line say so too (review32f F4).
                     if cache.is_some() {
@@ -1033,7 +1037,7 @@ impl Proxy {
             }
             let (mut parts, body) = response.into_parts();
             headers::prepare_response(&mut parts);
-            error::quota_headers(&mut parts.headers, quota);
+            error::quota_headers(parts.status, &mut parts.headers, quota);
             if cache.is_some() {
                 // Every response of a caching route says what the cache did.
                 let status = if readable {
