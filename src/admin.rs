@@ -153,6 +153,7 @@ fn status_json(shared: &Shared) -> serde_json::Value {
                         "max_conns": b.max_conns,
                         "backup": b.backup,
                         "warming": b.warming,
+                        "idle_connections": b.idle_connections,
                     })
                 })
                 .collect();
@@ -186,6 +187,7 @@ fn scrape(shared: &Shared) -> Vec<u8> {
                 weight: backend.weight,
                 in_flight: backend.in_flight,
                 max_conns: backend.max_conns,
+                idle_connections: backend.idle_connections,
             });
         }
     }

@@ -45,6 +45,8 @@ pub struct Metrics {
     backend_weight: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
     backend_max_conns: IntGaugeVec,
+    backend_connections_idle: IntGaugeVec,
+    backend_connections_opened: IntCounterVec,
     /// One [`Metrics::encode_with_backends`] at a time: two interleaved, each
     /// from its own reload's snapshot, removed each other's new series.
     /// It holds what the last [`Metrics::retain`] kept, pruned to again at
@@ -117,6 +119,7 @@ pub struct BackendRow<'a> {
     pub weight: u32,
     pub in_flight: usize,
     pub max_conns: Option<usize>,
+    pub idle_connections: usize,
 }
 
 impl Metrics {
@@ -166,6 +169,21 @@ impl Metrics {
             &registry,
             "portico_backend_max_conns",
             "The backend's max_conns: requests sent to it at once at most (no series when it has no cap)",
+            &["upstream", "backend"],
+        );
+        // Keep-alive at work: connections waiting in the pool (HAProxy's
+        // `idle_conn_cur`), and those opened (Envoy's `upstream_cx_total`;
+        // over the backend's requests, how often one was not reused).
+        let backend_connections_idle = gauge_vec(
+            &registry,
+            "portico_backend_connections_idle",
+            "Connections to the backend kept open in the pool for the next request",
+            &["upstream", "backend"],
+        );
+        let backend_connections_opened = counter_vec(
+            &registry,
+            "portico_backend_connections_opened_total",
+            "Connections opened to the backend for requests (not those of active health checks)",
             &["upstream", "backend"],
         );
         Metrics {
@@ -262,6 +280,8 @@ impl Metrics {
             backend_weight,
             backend_in_flight,
             backend_max_conns,
+            backend_connections_idle,
+            backend_connections_opened,
             backends_setting: std::sync::Mutex::new(None),
             cache_lookups: counter_vec(
                 &registry,
@@ -437,6 +457,9 @@ impl Metrics {
             ejections: self
                 .upstream_ejections
                 .with_label_values(&[upstream, backend]),
+            connections_opened: self
+                .backend_connections_opened
+                .with_label_values(&[upstream, backend]),
             errors: UpstreamErrors(Failure::ALL.map(|failure| {
                 self.upstream_errors
                     .with_label_values(&[upstream, backend, failure.label()])
@@ -532,6 +555,7 @@ impl Metrics {
                 weight,
                 in_flight,
                 max_conns,
+                idle_connections,
             } = row;
             let labels = [*upstream, backend.as_str()];
             if let Some(max) = max_conns {
@@ -546,6 +570,9 @@ impl Metrics {
             self.backend_up
                 .with_label_values(&labels)
                 .set(i64::from(*up));
+            self.backend_connections_idle
+                .with_label_values(&labels)
+                .set(i64::try_from(*idle_connections).unwrap_or(i64::MAX));
             self.backend_weight
                 .with_label_values(&labels)
                 .set(i64::from(*weight));
@@ -555,6 +582,7 @@ impl Metrics {
             &self.backend_up,
             &self.backend_weight,
             &self.backend_in_flight,
+            &self.backend_connections_idle,
         ] {
             remove_series(gauges, |labels| {
                 let label = |name| labels.get(name).copied().unwrap_or("");
@@ -656,6 +684,8 @@ impl Metrics {
         prune(&self.backend_weight, configured);
         prune(&self.backend_in_flight, configured);
         prune(&self.backend_max_conns, configured);
+        prune(&self.backend_connections_idle, configured);
+        prune(&self.backend_connections_opened, configured);
     }
 
     /// Requests answered so far, over every route and status: the sum of
@@ -845,6 +875,8 @@ pub struct BackendMetrics {
     codes: CodeCounters,
     duration: Histogram,
     ejections: IntCounter,
+    /// `portico_backend_connections_opened_total`, counted by the pool.
+    pub connections_opened: IntCounter,
     errors: UpstreamErrors,
 }
 
@@ -1011,6 +1043,7 @@ mod tests {
             weight: 1,
             in_flight: 0,
             max_conns: None,
+            idle_connections: 0,
         }
     }
 
@@ -1104,6 +1137,7 @@ mod tests {
             weight: 1,
             in_flight: 3,
             max_conns,
+            idle_connections: 2,
         };
         let text =
             String::from_utf8(metrics.encode_with_backends([row(Some(8))].into_iter())).unwrap();

@@ -1666,3 +1666,95 @@ async fn cut_with_its_upload(
     );
     assert_eq!(scraped(proxy, &broken), 0);
 }
+
+/// Keep-alive at work shows per backend: the connections opened for
+/// requests (an active check's own are not: they would hide the reuse),
+/// and those waiting in the pool, in the scrape and `/status` (soak53 4:
+/// nothing said whether connections were reused, as HAProxy's
+/// `idle_conn_cur` and Envoy's `upstream_cx_total` do).
+#[tokio::test]
+async fn backend_connections_opened_and_idle_are_exported() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = portico::config::Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![backend.addr()],
+    );
+    config.upstreams[0].health = Some(portico::config::HealthCheck {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(500),
+        rise: 1,
+        fall: 100,
+        ..Default::default()
+    });
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let series = |name: &str| {
+        format!(
+            "{name}{{backend=\"{}\",upstream=\"default\"}} ",
+            backend.addr()
+        )
+    };
+    let value = |text: &str, name: &str| -> u64 {
+        let line =
+            metric_line(text, &series(name)).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let scrape = || async {
+        String::from_utf8(
+            get(&client(), &proxy.admin_url("/metrics"))
+                .await
+                .body
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    tokio::time::timeout(STEP, async {
+        // Each check is a request the backend counts.
+        while backend.requests() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("two checks within STEP");
+    let text = scrape().await;
+    assert_eq!(
+        value(&text, "portico_backend_connections_opened_total"),
+        0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "portico_backend_connections_idle"),
+        0,
+        "{text}"
+    );
+
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(
+            get(&client, &proxy.url("/users/1/orders")).await.status,
+            StatusCode::OK
+        );
+    }
+    // Put back as its response ends, which may be just after the client
+    // has it.
+    let text = tokio::time::timeout(STEP, async {
+        loop {
+            let text = scrape().await;
+            if value(&text, "portico_backend_connections_idle") >= 1 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a connection idle in the pool within STEP");
+    let (opened, idle) = (
+        value(&text, "portico_backend_connections_opened_total"),
+        value(&text, "portico_backend_connections_idle"),
+    );
+    assert!((1..=5).contains(&opened), "{text}");
+    assert!(idle <= opened, "{text}");
+    let status = get(&client, &proxy.admin_url("/status")).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    let listed = status["upstreams"][0]["backends"][0]["idle_connections"].as_u64();
+    assert!(listed.is_some_and(|n| n <= opened), "{status}");
+}

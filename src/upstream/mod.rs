@@ -137,6 +137,8 @@ pub struct BackendStatus {
     /// While it warms up (`slow_start`): the percentage of its share it
     /// takes now.
     pub warming: Option<u8>,
+    /// Connections waiting in the pool for its next request.
+    pub idle_connections: usize,
 }
 
 /// A request's key under `balance = "hash"`, read as it came (see
@@ -507,7 +509,8 @@ impl Upstream {
         let now = self.clock.now_ms();
         self.backends
             .iter()
-            .map(|b| BackendStatus {
+            .enumerate()
+            .map(|(i, b)| BackendStatus {
                 addr: b.addr,
                 weight: b.weight,
                 up: b.state.eligible(now),
@@ -523,6 +526,7 @@ impl Upstream {
                 warming: Some(b.state.warmth(now))
                     .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
                     .map(|w| (w * 100.0) as u8),
+                idle_connections: self.pool.idle_count(i),
             })
             .collect()
     }
@@ -1164,7 +1168,11 @@ fn new_pool(config: &config::Upstream, backends: &[Backend]) -> Arc<Pool> {
                 .expect("a scheme and a socket address make a valid URI")
         })
         .collect();
-    Pool::new(tls::connector(config), builder, targets, config)
+    let opened = backends
+        .iter()
+        .map(|b| b.metrics.connections_opened.clone())
+        .collect();
+    Pool::new(tls::connector(config), builder, targets, opened, config)
 }
 
 /// Whether `next` can keep `previous`'s connection pool: the same backends

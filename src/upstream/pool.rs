@@ -112,6 +112,8 @@ pub(super) struct Pool {
     response_timeout: Duration,
     /// How long a backend may leave an upload it answered unread.
     body_timeout: Duration,
+    /// Each backend's `portico_backend_connections_opened_total`.
+    opened: Vec<prometheus::IntCounter>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -565,9 +567,11 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         builder: http1::Builder,
         targets: Vec<http::Uri>,
+        opened: Vec<prometheus::IntCounter>,
         config: &crate::config::Upstream,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool {
+            opened,
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
             connector,
             builder,
@@ -675,7 +679,7 @@ impl Pool {
         index: usize,
         request: Request<RequestBody>,
     ) -> Result<http::StatusCode, SendError> {
-        let mut conn = self.connect(index, false).await?;
+        let mut conn = self.dial(index, false).await?;
         // Bounded as a request's wait is (see `Watched`).
         conn.heading(true);
         let response = conn
@@ -697,6 +701,15 @@ impl Pool {
             crate::proxy::body::read_off(&mut body, CHECK_BODY_READ, CHECK_BODY_WAIT).await;
         });
         Ok(status)
+    }
+
+    /// How many connections to backend `index` wait in the pool, parked
+    /// ones too (some may have aged out, until the reaper's next round).
+    pub(super) fn idle_count(&self, index: usize) -> usize {
+        self.idle[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The freshest usable idle connection to backend `index`. Never waits:
@@ -753,7 +766,16 @@ impl Pool {
         }
     }
 
+    /// A new connection to backend `index` for requests, counted in
+    /// `portico_backend_connections_opened_total`.
     async fn connect(&self, index: usize, upgrade: bool) -> Result<Conn, SendError> {
+        let conn = self.dial(index, upgrade).await?;
+        self.opened[index].inc();
+        Ok(conn)
+    }
+
+    /// A new connection to backend `index`, uncounted: an active check's.
+    async fn dial(&self, index: usize, upgrade: bool) -> Result<Conn, SendError> {
         // The TCP connector has its own bound; this one also covers the TLS
         // handshake, which a backend can accept and then never answer.
         let connecting = self.connector.clone().call(self.targets[index].clone());
@@ -1402,6 +1424,7 @@ mod tests {
             super::super::tls::connector(&config),
             http1::Builder::new(),
             vec![target],
+            vec![prometheus::IntCounter::new("opened", "opened").unwrap()],
             &config,
         )
     }
