@@ -315,6 +315,15 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// The status codes whose caching rules portico follows (see
+/// [`storable`]'s `must-understand`): RFC 9110's, and 451.
+fn understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200..=206 | 300..=305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 451 | 500..=505
+    )
+}
+
 /// The explicit freshness lifetime (§4.2.1): `s-maxage`, then `max-age`,
 /// then `Expires` minus `Date`. An invalid `Expires` means already expired.
 pub fn explicit_lifetime(headers: &HeaderMap, cc: &CacheControl) -> Option<Duration> {
@@ -413,10 +422,19 @@ pub fn storable(
     {
         return Err(NotStored::Status);
     }
+    // RFC 6585 §3-§6: a 428, 429, 431 or 511 MUST NOT be stored, whatever
+    // its freshness: one client's demand for a precondition, its
+    // throttling, its oversized fields or a captive portal's login,
+    // which stored with a `max-age` went to every client (cache53 M1).
+    // Varnish's built-in VCL does not store them either.
+    if matches!(status.as_u16(), 428 | 429 | 431 | 511) {
+        return Err(NotStored::Status);
+    }
     // §5.2.2.3: must-understand overrides no-store for status codes this
-    // cache knows the caching rules of, and forbids storing any other.
-    let understood = status.canonical_reason().is_some();
-    if cc.must_understand && !understood {
+    // cache knows the caching rules of, and forbids storing any other:
+    // those RFC 9110 defines, and 451 (RFC 7725 §3); not any the `http`
+    // crate has a name for (226, 418, 425 were stored despite `no-store`).
+    if cc.must_understand && !understood(status) {
         return Err(NotStored::Status);
     }
     if (cc.no_store && !cc.must_understand) || request_cc.no_store {

@@ -335,6 +335,49 @@ fn storability_for_a_shared_cache() {
             none,
             Err(NotStored::Status),
         ),
+        // A status the `http` crate names but whose caching rules are
+        // another RFC's (cache53 M1: stored).
+        (
+            Method::GET,
+            &[],
+            226,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            none,
+            Err(NotStored::Status),
+        ),
+        (
+            Method::GET,
+            &[],
+            404,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            none,
+            Ok(ok),
+        ),
+        // RFC 6585: 428, 429, 431 and 511 are never stored (cache53 M1).
+        (
+            Method::GET,
+            &[],
+            429,
+            &[("cache-control", "max-age=60"), ("retry-after", "60")],
+            none,
+            Err(NotStored::Status),
+        ),
+        (
+            Method::GET,
+            &[],
+            511,
+            &[("cache-control", "public, s-maxage=60")],
+            none,
+            Err(NotStored::Status),
+        ),
+        (
+            Method::GET,
+            &[],
+            431,
+            &[("cache-control", "max-age=60, no-store, must-understand")],
+            none,
+            Err(NotStored::Status),
+        ),
         // RFC 9213: CDN-Cache-Control replaces Cache-Control and Expires.
         (
             Method::GET,
@@ -451,7 +494,7 @@ fn storability_for_a_shared_cache() {
         (
             Method::GET,
             &[],
-            429,
+            503,
             &[("cache-control", "public")],
             ttl,
             Err(NotStored::NoFreshness),
@@ -467,7 +510,7 @@ fn storability_for_a_shared_cache() {
         (
             Method::GET,
             &[],
-            429,
+            503,
             &[("cache-control", "public, max-age=60")],
             ttl,
             Ok(ok),
