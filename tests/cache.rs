@@ -1238,6 +1238,29 @@ async fn only_if_cached_never_sends_a_stale_entry_to_the_backend() {
         "portico; detail=only-if-cached"
     );
     assert_eq!(backend.requests(), 1);
+    // Nor when the request would otherwise go past the cache: with
+    // `no-store`, a `Cache-Control` line that does not parse, content, or
+    // a method override (cache53 L2: each went to the backend).
+    let no_store = [("cache-control", "only-if-cached, no-store")];
+    let unreadable = [("cache-control", "only-if-cached, foo=\"bar")];
+    let overridden = [
+        ("cache-control", "only-if-cached"),
+        ("x-http-method-override", "GET"),
+    ];
+    for fields in [&no_store[..], &unreadable[..], &overridden[..]] {
+        let answer = get_with(&client, &proxy.url("/users/1/orders"), fields).await;
+        assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT, "{fields:?}");
+    }
+    let with_content = send(
+        &client,
+        Request::get(proxy.url("/users/1/orders"))
+            .header("cache-control", "only-if-cached")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(with_content.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(backend.requests(), 1);
 }
 
 /// Ages `url`'s entry (max-age 1) into its stale-while-revalidate window,

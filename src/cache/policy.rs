@@ -229,8 +229,16 @@ pub fn parse_response(headers: &HeaderMap) -> CacheControl {
 pub fn parse_request(headers: &HeaderMap) -> CacheControl {
     let mut cc = parse(headers);
     // Its `no-store` may be past the open quote: such a request goes past
-    // the cache, as with `no-store`.
+    // the cache, as with `no-store`. Unless it may say `only-if-cached`,
+    // which nothing goes forward with (cache53 L2).
     cc.no_store |= cc.unreadable;
+    if cc.unreadable {
+        cc.only_if_cached |= headers.get_all(header::CACHE_CONTROL).iter().any(|line| {
+            line.as_bytes()
+                .windows(b"only-if-cached".len())
+                .any(|w| w.eq_ignore_ascii_case(b"only-if-cached"))
+        });
+    }
     if !headers.contains_key(header::CACHE_CONTROL)
         && headers
             .get_all(header::PRAGMA)

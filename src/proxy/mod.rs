@@ -995,6 +995,13 @@ impl Proxy {
                     )
                 });
             if let Some(cache) = cache {
+                if let Some(mut refused) = readable
+                    .then(|| cached::only_if_cached_bypass(cache, &parts.headers))
+                    .flatten()
+                {
+                    error::quota_headers(refused.status(), refused.headers_mut(), quota);
+                    return Ok(refused);
+                }
                 trace.fwd = Some(if readable {
                     // A GET or HEAD here is a lookup the cache passed by,
                     // as `fwd=bypass` says: one with content, an upgrade,

@@ -395,6 +395,19 @@ pub(super) fn only_if_cached_miss(cache: &Cache) -> Response<ProxyBody> {
     response
 }
 
+/// The 504 for `only-if-cached` on a GET or HEAD the cache passes by
+/// (with content, a method override, an upgrade, a loop), which must not
+/// be forwarded either (RFC 9111 §5.2.1.7; cache53 L2). None without it:
+/// a look at `Cache-Control` only when the field is there.
+pub fn only_if_cached_bypass(
+    cache: &Cache,
+    request: &http::HeaderMap,
+) -> Option<Response<ProxyBody>> {
+    (request.contains_key(header::CACHE_CONTROL)
+        && crate::cache::policy::parse_request(request).only_if_cached)
+        .then(|| only_if_cached_miss(cache))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

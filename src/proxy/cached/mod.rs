@@ -61,7 +61,7 @@ mod answer;
 mod revalidation;
 mod write;
 
-pub(super) use answer::{add_static_status, add_status};
+pub(super) use answer::{add_static_status, add_status, only_if_cached_bypass};
 use answer::{
     from_entry, made_of, made_response, only_if_cached_miss, precondition_failed_response,
     preconditions, range_fields, set_status, stored_response, stripped_for_304, text, whole_body,
@@ -275,6 +275,12 @@ pub(super) async fn lookup(
     // evicted: a `miss`).
     let mut miss = "miss";
     let mut stale = None;
+    // RFC 9111 §5.2.1.7: never forwarded, whatever else the request says
+    // (cache53 L2: with `no-store`, or a line that does not parse, it
+    // went to the backend).
+    if request_cc.no_store && request_cc.only_if_cached {
+        return Lookup::Answered(only_if_cached_miss(cache));
+    }
     if !request_cc.no_store {
         let full = cache.key_for(&primary, &parts.headers);
         let found = match &full {
