@@ -1485,6 +1485,35 @@ async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     assert_eq!(failed.header("cache-status"), "portico; fwd=miss");
 }
 
+/// A client's own `stale-if-error` (RFC 5861 §4) lets a stale copy with
+/// no window of its own answer for a backend that fails, as the
+/// response's does; a client without it gets the error (cache53 L1: the
+/// request's was ignored).
+#[tokio::test]
+async fn a_request_s_stale_if_error_serves_the_stale_copy() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/cache/s?cc=max-age=1&etag=a");
+    let first = get(&client, &url).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
+    backend.stop().await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let failed = get(&client, &url).await;
+    assert_eq!(failed.status, StatusCode::BAD_GATEWAY);
+    let stale = get_with(&client, &url, &[("cache-control", "stale-if-error=60")]).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.body, first.body);
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; fwd=stale; fwd-status=502; detail=stale-if-error"
+    );
+    let short = get_with(&client, &url, &[("cache-control", "stale-if-error=2")]).await;
+    assert_eq!(short.status, StatusCode::BAD_GATEWAY);
+}
+
 /// A `no-cache` response may not be used without a successful
 /// validation (RFC 9111 §5.2.2.4), so a failed one gets the error, not the
 /// copy, whatever its stale-if-error says (review34e 1).

@@ -613,14 +613,25 @@ pub fn usable(
     }
 }
 
-/// May a stale response be served because the origin failed (RFC 5861)?
-pub fn stale_if_error(lifetime: Duration, age: Duration, cc: &CacheControl) -> bool {
+/// May a stale response be served because the origin failed (RFC 5861
+/// §4)? Within the response's `stale-if-error` window, or the one the
+/// request's own `stale-if-error` (`asked`) grants: a client's leave to
+/// serve it stale, as its `max-stale` is (cache53 L1: ignored), where the
+/// response allows stale use at all.
+pub fn stale_if_error(
+    lifetime: Duration,
+    age: Duration,
+    cc: &CacheControl,
+    asked: Option<u64>,
+) -> bool {
     if cc.forbids_stale() {
         return false;
     }
     let staleness = age.saturating_sub(lifetime);
-    cc.stale_if_error
-        .is_some_and(|window| staleness <= Duration::from_secs(window))
+    [cc.stale_if_error, asked]
+        .into_iter()
+        .flatten()
+        .any(|window| staleness <= Duration::from_secs(window))
 }
 
 /// Whether a 304 answering a revalidation is about the stored response

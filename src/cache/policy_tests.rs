@@ -764,20 +764,53 @@ fn request_and_response_directives_decide_use() {
             "lifetime {lifetime} age {age} response {response:?} request {request:?}"
         );
     }
-    assert!(stale_if_error(s(60), s(100), &cc("stale-if-error=60")));
-    assert!(!stale_if_error(s(60), s(200), &cc("stale-if-error=60")));
+    assert!(stale_if_error(
+        s(60),
+        s(100),
+        &cc("stale-if-error=60"),
+        None
+    ));
+    assert!(!stale_if_error(
+        s(60),
+        s(200),
+        &cc("stale-if-error=60"),
+        None
+    ));
     assert!(!stale_if_error(
         s(60),
         s(100),
-        &cc("stale-if-error=60, must-revalidate")
+        &cc("stale-if-error=60, must-revalidate"),
+        None
+    ));
+    // The request's own window (RFC 5861 §4; cache53 L1: ignored), where
+    // the response allows stale use.
+    assert!(stale_if_error(s(60), s(100), &cc("max-age=60"), Some(60)));
+    assert!(!stale_if_error(s(60), s(200), &cc("max-age=60"), Some(60)));
+    assert!(stale_if_error(
+        s(60),
+        s(200),
+        &cc("stale-if-error=10"),
+        Some(600)
+    ));
+    assert!(!stale_if_error(
+        s(60),
+        s(100),
+        &cc("max-age=60, must-revalidate"),
+        Some(600)
     ));
     // No use without a successful validation, fresh or not (§5.2.2.4).
     for response in [
         "max-age=600, no-cache, stale-if-error=60",
         "max-age=0, no-cache, stale-if-error=60",
     ] {
-        assert!(!stale_if_error(s(600), s(10), &cc(response)), "{response}");
-        assert!(!stale_if_error(s(0), s(10), &cc(response)), "{response}");
+        assert!(
+            !stale_if_error(s(600), s(10), &cc(response), Some(60)),
+            "{response}"
+        );
+        assert!(
+            !stale_if_error(s(0), s(10), &cc(response), None),
+            "{response}"
+        );
     }
 }
 

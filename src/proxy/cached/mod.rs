@@ -120,7 +120,9 @@ async fn collapsed(
 ) -> Woken {
     let leaders = match lock::wait(waiting, deadline).await {
         lock::Waited::Done(stored) => stored,
-        lock::Waited::Failed(code) => return stale_for_waiter(cache, primary, parts, code).await,
+        lock::Waited::Failed(code) => {
+            return stale_for_waiter(cache, primary, parts, request_cc, code).await
+        }
         lock::Waited::Released(true) => return Woken::Replaced,
         lock::Waited::Released(false) | lock::Waited::Late => return Woken::Alone,
     };
@@ -170,14 +172,20 @@ async fn stored_now(
 /// to the failing backend itself: 20 clients made 21 requests of a backend
 /// answering 503, and behind a hung one each waited its own
 /// `response_timeout` (review33b F2).
-async fn stale_for_waiter(cache: &Cache, primary: &str, parts: &Parts, code: u16) -> Woken {
+async fn stale_for_waiter(
+    cache: &Cache,
+    primary: &str,
+    parts: &Parts,
+    request_cc: &CacheControl,
+    code: u16,
+) -> Woken {
     let Some((entry, age)) = stored_for(cache, primary, parts).await else {
         return Woken::Alone;
     };
     let Ok(code) = StatusCode::from_u16(code) else {
         return Woken::Alone;
     };
-    if !policy::stale_if_error(entry.lifetime, age, &entry.cc) {
+    if !policy::stale_if_error(entry.lifetime, age, &entry.cc, request_cc.stale_if_error) {
         return Woken::Alone;
     }
     Woken::Answered(stale_on_error(
@@ -419,11 +427,12 @@ pub(super) async fn serve(
         // answered by a check sent after it came. Each had its own: 30
         // reloads at once were 30 requests to the origin, and with 200s
         // 30 rewrites of the entry (review34e 2).
-        let wait = if policy::stale_if_error(entry.lifetime, age, &entry.cc) {
-            revalidation_wait(&upstream.config)
-        } else {
-            COALESCE_WAIT
-        };
+        let wait =
+            if policy::stale_if_error(entry.lifetime, age, &entry.cc, request_cc.stale_if_error) {
+                revalidation_wait(&upstream.config)
+            } else {
+                COALESCE_WAIT
+            };
         match join_as(false, status, wait).await {
             Joined::Fetch { leader, waited } => {
                 // Having waited on another's check, it revalidates what

@@ -215,9 +215,10 @@ pub(super) async fn revalidate(
     // request, so the time the attempts took is in its Age (an hour-old
     // copy left after a 30 s wait for a hung backend said it was an hour
     // old, review34e 3), and its window is judged then too.
+    let asked = request_cc.stale_if_error;
     let stale_copy_age = || {
         let age = entry.timing.current_age(cache.now());
-        policy::stale_if_error(entry.lifetime, age, &entry.cc).then_some(age)
+        policy::stale_if_error(entry.lifetime, age, &entry.cc, asked).then_some(age)
     };
     let mut fetch = Fetch {
         request_headers,
