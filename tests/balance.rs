@@ -762,3 +762,30 @@ async fn a_host_key_holds_over_http2() {
     );
     proxy.stop().await;
 }
+
+/// A retry after every primary up has failed the request goes to a backup
+/// it has not tried, before a primary that failed it, as nginx passes a
+/// request its primaries failed to a backup (lb53 M1: the two failing
+/// primaries were tried twice each and the request answered 502, the
+/// backup never asked, until passive ejection took them out). Without
+/// backups, such a retry still goes to a primary reached before.
+#[tokio::test]
+async fn a_retry_goes_to_an_untried_backup_before_a_primary_that_failed_it() {
+    for balance in [Balance::RoundRobin, Balance::LeastConn, Balance::RandomTwo] {
+        let (first, first_tries) = counted_scripted_backend(close_at_once).await;
+        let (second, second_tries) = counted_scripted_backend(close_at_once).await;
+        let backup = start_backend(portico::sample::BackendOptions::new("backup")).await;
+        let mut config = Config::single_upstream(vec![], vec![first, second, backup.addr()]);
+        let upstream = &mut config.upstreams[0];
+        upstream.balance = balance.clone();
+        upstream.health = Some(never_ejecting());
+        upstream.retries = 3;
+        upstream.backends[2].backup = true;
+        let proxy = start_proxy(config).await;
+        let answer = get(&client(), &proxy.url("/health")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{balance:?}");
+        assert_eq!(answer.header("x-backend"), "backup", "{balance:?}");
+        let tries = [&first_tries, &second_tries].map(|n| n.load(Ordering::SeqCst));
+        assert_eq!(tries, [1, 1], "{balance:?}");
+    }
+}

@@ -157,7 +157,7 @@ pub enum Unpicked {
 }
 
 /// Which backends one pass of [`Upstream::pick`] looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pass {
     /// The backups, rather than the primaries.
     backup: bool,
@@ -633,8 +633,8 @@ impl Upstream {
         // weighs them instead (see `Candidate::warmth`).
         let draw = (self.warming && key.is_none()).then(|| fastrand::u64(..));
         let cooled = Cell::new(false);
-        let pass = |pass| {
-            let at = |tried, draw| {
+        let at = |pass, tried| {
+            let at = |draw| {
                 let look = Look {
                     now,
                     pass,
@@ -646,11 +646,24 @@ impl Upstream {
             };
             // With only warming backends passed over, one of them: a
             // warm-up never turns a request away.
-            let at = |tried| {
-                cooled.set(false);
-                at(tried, draw).or_else(|| cooled.get().then(|| at(tried, None)).flatten())
-            };
-            at(tried).or_else(|| retry.then(|| at(Tried::NONE)).flatten())
+            cooled.set(false);
+            at(draw).or_else(|| cooled.get().then(|| at(None)).flatten())
+        };
+        let pass = |pass: Pass| {
+            at(pass, tried).or_else(|| {
+                if !retry {
+                    return None;
+                }
+                // Every primary up has failed this request: a backup it
+                // has not tried before any of them, as nginx passes a
+                // request its primaries failed to a backup (lb53 M1: two
+                // primaries that reset it were each tried twice, the
+                // backup up beside them never, until they were ejected).
+                let backup = (self.backups && pass == Pass::PRIMARY)
+                    .then(|| at(Pass::BACKUP, tried))
+                    .flatten();
+                backup.or_else(|| at(pass, Tried::NONE))
+            })
         };
         let passes = if self.backups {
             &Pass::WITH_BACKUPS[..]
