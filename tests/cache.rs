@@ -3956,3 +3956,46 @@ async fn an_answer_relayed_past_the_cache_is_judged_by_the_client_s_conditions()
         );
     }
 }
+
+/// A stale-while-revalidate refresh is the cache's own request: the
+/// client's `Cache-Control` (`only-if-cached`, `max-stale`, `min-fresh`)
+/// does not go with it, or a cache behind would answer `only-if-cached`
+/// with a 504 and the entry would go unrefreshed (review56 M1).
+#[tokio::test]
+async fn a_background_refresh_does_not_carry_the_client_s_cache_control() {
+    let backend = recording_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=60\r\n\
+          ETag: \"v1\"\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let proxy = cached_proxy_at(backend.addr).await;
+    let client = client();
+    let url = proxy.url("/swr");
+    assert_eq!(
+        get(&client, &url).await.header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let fields = [
+        ("cache-control", "only-if-cached"),
+        ("pragma", "no-cache"),
+    ];
+    let stale = get_with(&client, &url, &fields).await;
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    let refresh = tokio::time::timeout(STEP, async {
+        loop {
+            if let Some(head) = backend.heads_for("/swr").get(1) {
+                return head.to_ascii_lowercase();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the refresh within STEP");
+    assert!(refresh.contains("if-none-match: \"v1\""), "{refresh}");
+    assert!(!refresh.contains("cache-control"), "{refresh}");
+    assert!(!refresh.contains("pragma"), "{refresh}");
+}
