@@ -3976,10 +3976,7 @@ async fn a_background_refresh_does_not_carry_the_client_s_cache_control() {
         "portico; fwd=miss; stored"
     );
     cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let fields = [
-        ("cache-control", "only-if-cached"),
-        ("pragma", "no-cache"),
-    ];
+    let fields = [("cache-control", "only-if-cached"), ("pragma", "no-cache")];
     let stale = get_with(&client, &url, &fields).await;
     assert_eq!(
         stale.header("cache-status"),
@@ -3998,4 +3995,69 @@ async fn a_background_refresh_does_not_carry_the_client_s_cache_control() {
     assert!(refresh.contains("if-none-match: \"v1\""), "{refresh}");
     assert!(!refresh.contains("cache-control"), "{refresh}");
     assert!(!refresh.contains("pragma"), "{refresh}");
+}
+
+/// A request waiting on a revalidation that failed takes the stale copy
+/// its own `stale-if-error` allows, though the request that revalidated
+/// asked for none: the backend is asked once, as for a response's own
+/// window (review56 L1: released, the waiter went to the hung backend
+/// itself and waited another `response_timeout`).
+#[tokio::test]
+async fn a_waiter_s_own_stale_if_error_takes_the_copy_a_failed_revalidation_leaves() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if read_head(&mut stream).await.is_none() {
+                continue;
+            }
+            // The first request is answered; every later one hangs.
+            if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"v1\"\r\n\
+                          Content-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            } else {
+                held.push(stream);
+            }
+        }
+    });
+    let mut config = with_cache(Config::single_upstream(
+        vec!["127.0.0.1:0".parse().unwrap()],
+        vec![addr],
+    ));
+    config.upstreams[0].response_timeout = Duration::from_millis(500);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let url = proxy.url("/hung");
+    assert_eq!(get(&client(), &url).await.status, StatusCode::OK);
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move { get(&client(), &url).await }
+    });
+    tokio::time::timeout(STEP, async {
+        while heads.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the revalidation within STEP");
+    let waiter = get_with(&client(), &url, &[("cache-control", "stale-if-error=600")]).await;
+    assert_eq!(leader.await.unwrap().status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(waiter.status, StatusCode::OK);
+    assert_eq!(waiter.body, "ok");
+    assert!(
+        waiter.header("cache-status").ends_with("; collapsed"),
+        "{}",
+        waiter.header("cache-status")
+    );
+    assert_eq!(heads.load(Ordering::SeqCst), 2);
 }

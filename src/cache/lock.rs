@@ -28,7 +28,8 @@ pub enum Signal {
     /// being removed ([`Leader::release_replacing`]).
     Released(bool),
     /// Its revalidation failed with this status, and it served the stale
-    /// copy stale-if-error allows ([`Leader::failed`]).
+    /// copy stale-if-error allows, or would have, had it asked for it
+    /// ([`Leader::failed`]).
     Failed(u16),
     /// It stored the entry whose response came at this time
     /// ([`Leader::stored`]): that one, and no other, is its fetch.
@@ -66,6 +67,8 @@ impl Leader {
     /// Wakes the waiters now: the revalidation failed with `status` (the
     /// backend's 5xx or portico's own error), and the stale copy was
     /// served, as it may be to them: Varnish's grace, one fetch for all.
+    /// Also for a copy its leader's request took no stale-if-error for:
+    /// each waiter's own may serve it.
     pub fn failed(&self, status: u16) {
         self.signal.send_replace(Signal::Failed(status));
     }

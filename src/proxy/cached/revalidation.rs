@@ -240,7 +240,18 @@ pub(super) async fn revalidate(
             Ok(answer) => answer,
             Err(error) => {
                 let Some(age) = stale_copy_age() else {
-                    release(fetch.leader.as_ref());
+                    // The waiters are told it failed all the same where the
+                    // copy may be served stale at all: one that asked for
+                    // it with its own `stale-if-error` takes it, where
+                    // each went to the failing backend on its own, and
+                    // behind a hung one waited another `response_timeout`
+                    // (review56 L1); the others fetch alone, as released.
+                    match &fetch.leader {
+                        Some(leader) if !entry.cc.forbids_stale() => {
+                            leader.failed(error.status().as_u16());
+                        }
+                        leader => release(leader.as_ref()),
+                    }
                     cache.counters.miss.inc();
                     return Err(error);
                 };
