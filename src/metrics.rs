@@ -172,7 +172,7 @@ impl Metrics {
             &["upstream", "backend"],
         );
         // Keep-alive at work: connections waiting in the pool (HAProxy's
-        // `idle_conn_cur`), and those opened (Envoy's `upstream_cx_total`;
+        // `idle_conn_cur` and `safe_conn_cur`), and those opened (Envoy's `upstream_cx_total`;
         // over the backend's requests, how often one was not reused).
         let backend_connections_idle = gauge_vec(
             &registry,

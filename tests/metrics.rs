@@ -1757,4 +1757,14 @@ async fn backend_connections_opened_and_idle_are_exported() {
     let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
     let listed = status["upstreams"][0]["backends"][0]["idle_connections"].as_u64();
     assert!(listed.is_some_and(|n| n <= opened), "{status}");
+    // A tunnel's connection is never reused, and not counted (review56
+    // L5: it made a WebSocket backend's keep-alive look broken).
+    let mut tunnel = open_echo_tunnel(proxy.addr).await;
+    ping(&mut tunnel).await;
+    let text = scrape().await;
+    assert_eq!(
+        value(&text, "portico_backend_connections_opened_total"),
+        opened,
+        "{text}"
+    );
 }

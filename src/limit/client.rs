@@ -183,7 +183,8 @@ pub fn client_ip(
         // believed: the request counts against the proxy. `::ffff:a.b.c.d`
         // in one and `a.b.c.d` in the other name one client (limit53 L1).
         (Some(xff), Some(forwarded)) if xff.to_canonical() != forwarded.to_canonical() => peer,
-        (Some(ip), _) | (None, Some(ip)) => ip,
+        // As the access line writes it (review56 L6).
+        (Some(ip), _) | (None, Some(ip)) => ip.to_canonical(),
         (None, None) => peer,
     }
 }
@@ -413,10 +414,8 @@ mod tests {
         ] {
             let fields = headers(&[("x-forwarded-for", xff), ("forwarded", forwarded)]);
             let got = client_ip(peer, &fields, &proxies, TrustedFields::Either);
-            assert_eq!(
-                got.to_canonical(),
-                "198.51.100.7".parse::<IpAddr>().unwrap()
-            );
+            // Written as the access line writes it (review56 L6).
+            assert_eq!(got, "198.51.100.7".parse::<IpAddr>().unwrap());
         }
         // Unless the proxies are known to write one (review28c F2): the
         // other is a client's claim, and not read.

@@ -767,10 +767,14 @@ impl Pool {
     }
 
     /// A new connection to backend `index` for requests, counted in
-    /// `portico_backend_connections_opened_total`.
+    /// `portico_backend_connections_opened_total` when it is one the pool
+    /// could keep: an upgrade's never goes back, and counted it made a
+    /// WebSocket backend's keep-alive look broken (review56 L5).
     async fn connect(&self, index: usize, upgrade: bool) -> Result<Conn, SendError> {
         let conn = self.dial(index, upgrade).await?;
-        self.opened[index].inc();
+        if !upgrade {
+            self.opened[index].inc();
+        }
         Ok(conn)
     }
 

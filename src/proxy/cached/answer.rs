@@ -390,6 +390,10 @@ pub(super) fn range_fields(
 /// though not forwarded (RFC 9211 §2.2: no `fwd`).
 pub(super) fn only_if_cached_miss(cache: &Cache) -> Response<ProxyBody> {
     cache.counters.miss.inc();
+    only_if_cached_answer()
+}
+
+fn only_if_cached_answer() -> Response<ProxyBody> {
     let mut response = crate::proxy::error::error_response(StatusCode::GATEWAY_TIMEOUT);
     set_status(&mut response, "portico; detail=only-if-cached");
     response
@@ -399,13 +403,18 @@ pub(super) fn only_if_cached_miss(cache: &Cache) -> Response<ProxyBody> {
 /// (with content, a method override, an upgrade, a loop), which must not
 /// be forwarded either (RFC 9111 §5.2.1.7; cache53 L2). None without it:
 /// a look at `Cache-Control` only when the field is there.
+/// Counted a bypass, as such a request is (review56 L3: as a miss, it
+/// lowered the hit ratio with no lookup made).
 pub fn only_if_cached_bypass(
     cache: &Cache,
     request: &http::HeaderMap,
 ) -> Option<Response<ProxyBody>> {
     (request.contains_key(header::CACHE_CONTROL)
         && crate::cache::policy::parse_request(request).only_if_cached)
-        .then(|| only_if_cached_miss(cache))
+        .then(|| {
+            cache.counters.bypass.inc();
+            only_if_cached_answer()
+        })
 }
 
 #[cfg(test)]
