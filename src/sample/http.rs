@@ -440,6 +440,13 @@ async fn create_order(ctx: &Context, user_id: u64, request: Request<Incoming>) -
             response
         }
         Err(e @ ServiceError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ServiceError::Busy) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
         Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
     }
 }

@@ -21,6 +21,13 @@ pub trait OrderRepository: Send + Sync + std::fmt::Debug {
     fn set_status(&self, order_id: &str, status: OrderStatus) -> bool;
 }
 
+/// The most orders a user keeps: a new one past it drops the oldest (a
+/// 404 from then on), so that neither the store nor a user's list, sent
+/// whole, grows without bound (backend53 M1: a flood of orders made lists
+/// of tens of megabytes, and the demo's proxy, on the same runtime,
+/// stalled while they were written).
+pub const MAX_ORDERS_PER_USER: usize = 1000;
+
 #[derive(Debug, Default)]
 struct State {
     /// user id -> (order ids in creation order, version)
@@ -141,6 +148,10 @@ impl OrderRepository for InMemoryRepository {
         };
         user.0.push(id.clone());
         user.1 += 1;
+        if user.0.len() > MAX_ORDERS_PER_USER {
+            let oldest = user.0.remove(0);
+            state.orders.remove(&oldest);
+        }
         state.orders.insert(id, order.clone());
         Some(order)
     }
@@ -195,6 +206,23 @@ mod tests {
         assert!(repo.set_status(&order.id, OrderStatus::Confirmed));
         assert!(repo.orders_of(1).unwrap().1 > v1);
         assert!(!repo.set_status("ORDER-999", OrderStatus::Confirmed));
+    }
+
+    /// A user keeps their latest orders: the oldest goes (backend53 M1:
+    /// the store and the list grew without bound).
+    #[test]
+    fn a_user_keeps_only_their_latest_orders() {
+        let repo = InMemoryRepository::seeded();
+        let ids: Vec<String> = (0..MAX_ORDERS_PER_USER)
+            .map(|_| repo.insert(1, new_order()).unwrap().id)
+            .collect();
+        let (orders, _) = repo.orders_of(1).unwrap();
+        assert_eq!(orders.len(), MAX_ORDERS_PER_USER);
+        assert_eq!(orders[0].id, ids[0]);
+        assert!(repo.order("ORDER-001").is_none());
+        assert!(repo.order(&ids[0]).is_some());
+        // Another user's are their own.
+        assert_eq!(repo.orders_of(2).unwrap().0.len(), 0);
     }
 
     #[test]

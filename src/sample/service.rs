@@ -37,6 +37,9 @@ pub enum ServiceError {
     UnknownUser,
     #[error("order not found")]
     UnknownOrder,
+    /// [`MAX_PENDING`] orders wait for their confirmation.
+    #[error("too many orders waiting to be confirmed; try again in a second")]
+    Busy,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +62,18 @@ struct WorkerHandle {
 /// The longest sku, in characters.
 const MAX_SKU_CHARS: usize = 64;
 
+/// The most items an order may hold: each rides along in every later list
+/// of the user's, and 100,000 of them (a 2 MB body) made a 44 MB list
+/// (backend53 M1).
+pub const MAX_ITEMS: usize = 100;
+
+/// The most orders published and not yet confirmed: past it a new order
+/// is refused (503, `Retry-After: 1`) rather than queued without bound,
+/// as a broker with a full queue pushes back (backend53 M1: the queue
+/// grew with every order a flood sent faster than the worker confirms,
+/// about 640 a second).
+pub const MAX_PENDING: usize = 10_000;
+
 /// What an order's email must be, said when it is not.
 const EMAIL_RULE: &str = "email must be an address (one @, no spaces, at most 254 characters)";
 
@@ -69,6 +84,9 @@ const MAX_EMAIL_BYTES: usize = 254;
 pub fn validate(order: &NewOrder) -> Result<(), ServiceError> {
     if order.items.is_empty() {
         return Err(ServiceError::Invalid("items must not be empty"));
+    }
+    if order.items.len() > MAX_ITEMS {
+        return Err(ServiceError::Invalid("an order holds at most 100 items"));
     }
     if order.items.iter().any(|item| item.sku.trim().is_empty()) {
         return Err(ServiceError::Invalid("every item needs a sku"));
@@ -146,6 +164,9 @@ impl OrderService {
 
     pub fn create(&self, user_id: u64, new: NewOrder) -> Result<Order, ServiceError> {
         validate(&new)?;
+        if self.pending.load(Ordering::SeqCst) >= MAX_PENDING {
+            return Err(ServiceError::Busy);
+        }
         let order = self
             .repo
             .insert(user_id, new)
@@ -368,6 +389,27 @@ mod tests {
                     .id
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_order_or_a_full_queue_is_refused() {
+        // backend53 M1: an order of 104,000 items was taken, and every
+        // later list carried it; a flood queued without bound.
+        let service = seeded_service();
+        let many: Vec<(&str, u32)> = vec![("A-1", 1); MAX_ITEMS + 1];
+        assert_eq!(
+            service.create(1, order(&many, "a@example.com")),
+            Err(ServiceError::Invalid("an order holds at most 100 items"))
+        );
+        assert!(service
+            .create(1, order(&many[..MAX_ITEMS], "a@example.com"))
+            .is_ok());
+        // Created with no await between them, none confirmed yet.
+        create_many(&service, MAX_PENDING - 1);
+        assert_eq!(
+            service.create(1, order(&[("A-1", 1)], "a@example.com")),
+            Err(ServiceError::Busy)
+        );
     }
 
     #[tokio::test]
