@@ -789,3 +789,26 @@ async fn a_retry_goes_to_an_untried_backup_before_a_primary_that_failed_it() {
         assert_eq!(tries, [1, 1], "{balance:?}");
     }
 }
+
+/// That retry does not go to a backup while an untried primary is only
+/// at its `max_conns`: backups take no overflow (review57 M1: any retry
+/// found the busy primary full and went to the backup).
+#[tokio::test]
+async fn a_retry_does_not_take_a_backup_for_a_primary_that_is_only_full() {
+    let release = Arc::new(Notify::new());
+    let holding = holding_backend("held", release.clone()).await;
+    let (failing, _) = counted_scripted_backend(close_at_once).await;
+    let backup = start_backend(portico::sample::BackendOptions::new("backup")).await;
+    let mut config = capped(vec![holding, failing, backup.addr()], 1, STEP);
+    let upstream = &mut config.upstreams[0];
+    upstream.health = Some(never_ejecting());
+    upstream.retries = 1;
+    upstream.backends[2].backup = true;
+    let proxy = start_proxy(config).await;
+    let held = held_at_backend(&proxy, "/hold").await;
+    let answer = get(&client(), &proxy.url("/health")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(backup.requests(), 0);
+    release.notify_one();
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+}

@@ -595,7 +595,9 @@ impl Upstream {
     ///
     /// Backups take a request only when no primary backend is healthy
     /// (each down, ejected or drained), as nginx's and HAProxy's `backup`
-    /// servers; a retry too goes to a primary while one is healthy.
+    /// servers; a retry goes to a primary it has not tried while one is
+    /// healthy, then to a backup it has not tried (unless an untried
+    /// primary is only full), then to a primary tried before.
     ///
     /// When every backend is out, the ones only passively ejected take
     /// traffic again, primaries first: those failures may be over, and
@@ -659,10 +661,17 @@ impl Upstream {
                 // request its primaries failed to a backup (lb53 M1: two
                 // primaries that reset it were each tried twice, the
                 // backup up beside them never, until they were ejected).
-                let backup = (self.backups && pass == Pass::PRIMARY)
-                    .then(|| at(Pass::BACKUP, tried))
-                    .flatten();
-                backup.or_else(|| at(pass, Tried::NONE))
+                // Not when an untried primary is only busy: backups take
+                // no overflow (review57 M1). A backup found full here
+                // leaves the search to the backups' own pass, which may
+                // go to one tried already (review57 M2).
+                if self.backups && pass == Pass::PRIMARY && !full.get() {
+                    if let Some(backup) = at(Pass::BACKUP, tried) {
+                        return Some(backup);
+                    }
+                    full.set(false);
+                }
+                at(pass, Tried::NONE)
             })
         };
         let passes = if self.backups {
@@ -786,6 +795,15 @@ impl Upstream {
     /// to the backups, picked only when no primary can take them
     /// (HAProxy's "running on backup"; review44c L1: only each primary's
     /// `backend down` said so).
+    /// Whether some primary takes requests now: up, not ejected, not
+    /// drained.
+    fn primary_eligible(&self) -> bool {
+        let now = self.clock.now_ms();
+        self.backends
+            .iter()
+            .any(|b| !b.backup && !b.drained() && b.state.eligible(now))
+    }
+
     fn on_backups(&self) {
         self.say_every(
             &self.backing_up,
@@ -809,7 +827,9 @@ impl Upstream {
     /// [`Upstream::answered`] and [`Upstream::observe`].
     pub fn sending(&self, index: usize) -> u32 {
         let backend = &self.backends[index];
-        if backend.backup {
+        // Not for a retry sent to a backup because the primaries failed
+        // it: they can take requests (review57 L1: said they could not).
+        if backend.backup && !self.primary_eligible() {
             self.on_backups();
         }
         let state = &backend.state;
