@@ -4061,3 +4061,48 @@ async fn a_waiter_s_own_stale_if_error_takes_the_copy_a_failed_revalidation_leav
     );
     assert_eq!(heads.load(Ordering::SeqCst), 2);
 }
+
+/// That refresh still stores under the client's variant: under `Vary:
+/// Cache-Control` the fields it leaves behind key the stored copy
+/// (review57 L3: the refreshed copy went to another variant, and the
+/// client's stayed stale).
+#[tokio::test]
+async fn a_background_refresh_refreshes_the_variant_its_client_asked_for() {
+    let addr = answering_when(
+        "if-none-match",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\
+          Cache-Control: max-age=60, stale-while-revalidate=60\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=60\r\n\
+          Vary: Cache-Control\r\nETag: \"v1\"\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    let url = proxy.url("/varied");
+    let fields = [("cache-control", "x-own")];
+    assert_eq!(
+        get_with(&client, &url, &fields)
+            .await
+            .header("cache-status"),
+        "portico; fwd=miss; stored"
+    );
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    assert_eq!(
+        get_with(&client, &url, &fields)
+            .await
+            .header("cache-status"),
+        "portico; hit; detail=stale-while-revalidate"
+    );
+    let refreshed = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get_with(&client, &url, &fields).await;
+            if answer.header("cache-status") == "portico; hit" {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the client's variant refreshed within STEP");
+    assert_eq!(refreshed.body, "ok");
+}

@@ -164,20 +164,24 @@ impl OrderService {
 
     pub fn create(&self, user_id: u64, new: NewOrder) -> Result<Order, ServiceError> {
         validate(&new)?;
-        if self.pending.load(Ordering::SeqCst) >= MAX_PENDING {
-            return Err(ServiceError::Busy);
-        }
-        let order = self
-            .repo
-            .insert(user_id, new)
-            .ok_or(ServiceError::UnknownUser)?;
+        // A place in the queue, taken before the order is stored (so the
+        // worker never finishes an event that is not counted yet) and as
+        // one step with the check: checked apart, concurrent orders each
+        // passed it (review57 L6).
+        // With the queue full the user is not looked up: 503 for anyone.
+        self.pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_PENDING).then_some(n + 1)
+            })
+            .map_err(|_| ServiceError::Busy)?;
+        let Some(order) = self.repo.insert(user_id, new) else {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(ServiceError::UnknownUser);
+        };
         let event = OrderConfirmed {
             order_id: order.id.clone(),
             email: order.email.clone(),
         };
-        // Counted before sending so the worker never finishes an event that
-        // is not counted yet.
-        self.pending.fetch_add(1, Ordering::SeqCst);
         if self.queue.send(event).is_err() {
             // Only after the drain began (a request that outlived the
             // shutdown grace); the order stays pending.

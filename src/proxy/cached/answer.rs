@@ -411,10 +411,14 @@ pub fn only_if_cached_bypass(
 ) -> Option<Response<ProxyBody>> {
     (request.contains_key(header::CACHE_CONTROL)
         && crate::cache::policy::parse_request(request).only_if_cached)
-        .then(|| {
-            cache.counters.bypass.inc();
-            only_if_cached_answer()
-        })
+        .then(|| only_if_cached_passed(cache))
+}
+
+/// The 504 for `only-if-cached` on a request the cache does not look up
+/// (see [`only_if_cached_bypass`]; `no-store` too), counted a bypass.
+pub(super) fn only_if_cached_passed(cache: &Cache) -> Response<ProxyBody> {
+    cache.counters.bypass.inc();
+    only_if_cached_answer()
 }
 
 #[cfg(test)]

@@ -167,8 +167,8 @@ async fn stored_now(
 }
 
 /// The stale copy for a request that waited on a revalidation that failed
-/// with `code`, if stale-if-error still allows it, as it allowed it the
-/// leader; else the request fetches on its own. Before, every waiter went
+/// with `code`, if stale-if-error (the response's, or this request's own)
+/// still allows it; else the request fetches on its own. Before, every waiter went
 /// to the failing backend itself: 20 clients made 21 requests of a backend
 /// answering 503, and behind a hung one each waited its own
 /// `response_timeout` (review33b F2).
@@ -287,7 +287,7 @@ pub(super) async fn lookup(
     // (cache53 L2: with `no-store`, or a line that does not parse, it
     // went to the backend).
     if request_cc.no_store && request_cc.only_if_cached {
-        return Lookup::Answered(only_if_cached_miss(cache));
+        return Lookup::Answered(answer::only_if_cached_passed(cache));
     }
     if !request_cc.no_store {
         let full = cache.key_for(&primary, &parts.headers);

@@ -344,12 +344,9 @@ pub(super) async fn refresh(
     // The client that found the entry stale may have asked for a range;
     // the refresh is for the whole response.
     without_range(&mut parts.headers);
-    // Nor does it carry what the client asked of caches: the refresh is
-    // this cache's own request, and the client's `only-if-cached` (or
-    // `max-stale`, `min-fresh`) sent on had a cache behind answer 504 and
-    // the entry go unrefreshed (review56 M1).
-    parts.headers.remove(header::CACHE_CONTROL);
-    parts.headers.remove(header::PRAGMA);
+    // The variant is the client's: its fields key what is stored, as
+    // they keyed the lock (review57 L3: under `Vary: Cache-Control` the
+    // refresh stored another variant).
     let mut fetch = Fetch {
         request_headers: parts.headers.clone(),
         request_cc: policy::parse_request(&parts.headers),
@@ -359,6 +356,12 @@ pub(super) async fn refresh(
         leader: Some(leader),
         fwd: "stale",
     };
+    // But the request does not carry what the client asked of caches: the
+    // refresh is this cache's own, and the client's `only-if-cached` (or
+    // `max-stale`, `min-fresh`) sent on had a cache behind answer 504 and
+    // the entry go unrefreshed (review56 M1).
+    parts.headers.remove(header::CACHE_CONTROL);
+    parts.headers.remove(header::PRAGMA);
     let whole = unconditional(&parts);
     conditional(&mut parts, &entry);
     // Its failures are logged: its client was answered from the stale
