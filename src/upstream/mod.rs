@@ -664,9 +664,16 @@ impl Upstream {
                 // Not when an untried primary is only busy: backups take
                 // no overflow (review57 M1). A backup found full here
                 // leaves the search to the backups' own pass, which may
-                // go to one tried already (review57 M2).
-                if self.backups && pass == Pass::PRIMARY && !full.get() {
-                    if let Some(backup) = at(Pass::BACKUP, tried) {
+                // go to one tried already (review57 M2). Under panic
+                // routing too, among the ejected (review57 L2).
+                if self.backups && !pass.backup && !full.get() {
+                    if let Some(backup) = at(
+                        Pass {
+                            backup: true,
+                            ..pass
+                        },
+                        tried,
+                    ) {
                         return Some(backup);
                     }
                     full.set(false);
