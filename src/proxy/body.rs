@@ -1548,7 +1548,7 @@ pub(super) mod tests {
                 out.extend(std::iter::repeat_n(b'x', size));
                 out.extend_from_slice(b"\r\n");
             }
-            out.extend_from_slice(b"0\r\nx-sum: 1\r\n\r\n");
+            out.extend_from_slice(b"0\r\nx-sum: 1\r\ncontent-digest: sha-256=:x:\r\n\r\n");
             stream.write_all(&out).await.unwrap();
         });
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();

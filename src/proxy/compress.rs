@@ -76,6 +76,17 @@ const DIGESTS: [HeaderName; 4] = [
     HeaderName::from_static("content-md5"),
 ];
 
+/// Whether a `Trailer` field names one of the [`DIGESTS`].
+fn names_digest(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|names| {
+        names.split(',').any(|name| {
+            DIGESTS
+                .iter()
+                .any(|d| name.trim().eq_ignore_ascii_case(d.as_str()))
+        })
+    })
+}
+
 /// Whether an encoder was taken since [`spares_unused`] last looked.
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
@@ -514,6 +525,9 @@ impl Compressor {
                 || *name == header::CONTENT_RANGE
                 || DIGESTS.contains(name)
                 || (*name == header::CACHE_CONTROL && says_no_transform(value))
+                // One the trailers will carry, as announced (gzip53 M1:
+                // the plain body's digest went after the gzip one).
+                || (*name == header::TRAILER && names_digest(value))
             {
                 return Decision::Leave;
             }
@@ -943,7 +957,14 @@ impl Gzip {
                     Ok(data) if data.is_empty() => continue,
                     Ok(data) => (data, FlushCompress::None),
                     Err(frame) => {
-                        self.trailers = frame.into_trailers().ok();
+                        // A digest the head did not announce is of the
+                        // plain body: not of what is sent (gzip53 M1).
+                        self.trailers = frame.into_trailers().ok().map(|mut trailers| {
+                            for digest in &DIGESTS {
+                                trailers.remove(digest);
+                            }
+                            trailers
+                        });
                         (Bytes::new(), FlushCompress::Finish)
                     }
                 },
@@ -1227,6 +1248,13 @@ mod tests {
             (ok, &[html, ("repr-digest", "sha-256=:x:")], Decision::Leave),
             (ok, &[html, ("digest", "sha-256=x")], Decision::Leave),
             (ok, &[html, ("content-md5", "x")], Decision::Leave),
+            // Announced for the trailers (gzip53 M1).
+            (
+                ok,
+                &[html, ("trailer", "X-Sum, Content-Digest")],
+                Decision::Leave,
+            ),
+            (ok, &[html, ("trailer", "x-sum")], Decision::Compress),
             (
                 ok,
                 &[html, ("content-range", "bytes 0-1/2")],
@@ -1394,6 +1422,8 @@ mod tests {
         let gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 6, counters())));
         let collected = gzip.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-sum"], "1");
+        // A digest in the trailers is of the plain body (gzip53 M1).
+        assert!(!collected.trailers().unwrap().contains_key("content-digest"));
         assert_eq!(gunzip(&collected.to_bytes()), vec![b'x'; 4000]);
 
         // A body in memory larger than one piece.
