@@ -244,6 +244,12 @@ impl Keep {
         if self.taken != self.entry.body.len() || !self.gather(last) {
             return;
         }
+        // One no smaller than the response saves no byte sent, and kept
+        // beside it doubled what incompressible content held (gzip53 L2:
+        // 7.8 MB of random bytes kept twice); its hits compress anew.
+        if self.whole.len() >= self.entry.body.len() {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -1148,6 +1154,28 @@ mod tests {
         assert!(!gathering.gather(&[0; 101]));
         let (cache, key, entry) = stored_in(entry.bytes(&key) + head).await;
         assert!(!keep(&cache, &key, &entry).claim());
+    }
+
+    /// A copy no smaller than its response is not kept (gzip53 L2).
+    #[tokio::test]
+    async fn a_copy_no_smaller_than_its_response_is_not_kept() {
+        for (size, kept) in [(10_000, 0), (9_999, 1)] {
+            let (cache, key, entry) = stored_in(1 << 20).await;
+            let mut copy = keep(&cache, &key, &entry);
+            let stored = copy.stored.clone();
+            assert!(copy.claim());
+            copy.taken = entry.body.len();
+            assert!(copy.gather(&vec![0; size]));
+            Box::new(copy).store(&[]);
+            // Until the store's task has kept it, or long past that.
+            for _ in 0..50 {
+                if stored.get() == 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(stored.get(), kept, "{size}");
+        }
     }
 
     fn counters() -> Counters {
