@@ -897,3 +897,42 @@ async fn a_dated_if_range_from_a_gzip_client_gets_the_whole_response_compressed(
         }
     }
 }
+
+/// A stored response whose gzip form saves nothing (random bytes served
+/// as a type to compress) keeps no copy, and its gzip hits after the one
+/// that found out are sent as it is, saying they vary: compressed anew,
+/// each cost a whole deflate and sent more bytes than the plain body
+/// (gzip53 L2, review58 M1).
+#[tokio::test]
+async fn a_stored_response_that_does_not_compress_is_sent_plain_to_gzip_hits() {
+    let mut random = vec![0u8; 20_000];
+    random.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nCache-Control: max-age=60\r\n\
+         ETag: \"r1\"\r\nContent-Length: {}\r\n\r\n",
+        random.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&random);
+    let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+    let addr = scripted_backend(move |_| answer).await;
+    let proxy = start_proxy(compressing(addr, true)).await;
+    let client = client();
+    let url = proxy.url("/random");
+    fetch(&client, &url, Some("gzip")).await;
+    // The first gzip hit compresses the entry and finds it saves nothing.
+    let first = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(first.header("content-encoding"), "gzip");
+    assert_eq!(gunzip(&first.body), random);
+    let hit = fetch(&client, &url, Some("gzip")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    assert!(
+        hit.headers.get("content-encoding").is_none(),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(hit.header("vary"), "Accept-Encoding");
+    assert_eq!(hit.header("etag"), "\"r1\"");
+    assert_eq!(hit.body, random);
+    assert_eq!(proxy.shared.metrics.compression.copies_stored.get(), 0);
+}

@@ -143,6 +143,20 @@ impl Entry {
         self.copied.load(Ordering::Acquire) & bit(level) != 0
     }
 
+    /// Notes that a gzip copy of this entry at `level` came out no
+    /// smaller than it.
+    pub fn mark_incompressible(&self, level: u32) {
+        self.incompressible.fetch_or(bit(level), Ordering::AcqRel);
+    }
+
+    /// Whether this entry's gzip form at `level` is known to save nothing
+    /// (see [`Entry::mark_incompressible`]): its gzip hits are sent plain,
+    /// where compressing each anew cost a whole deflate per hit and sent
+    /// more bytes than the plain body (review58 M1).
+    pub fn incompressible(&self, level: u32) -> bool {
+        self.incompressible.load(Ordering::Acquire) & bit(level) != 0
+    }
+
     /// Takes the making of a gzip copy of this entry at `level`, unless
     /// one is stored or another hit is making one.
     pub fn claim_copy(&self, level: u32) -> bool {
@@ -244,6 +258,7 @@ impl Cache {
             copy_of: Some(Arc::downgrade(entry)),
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(bit(level)),
+            incompressible: AtomicU16::new(0),
         });
         // Only in room the stored responses leave free: a copy never
         // pushes one out (review47a M1: a response and its copy too large

@@ -132,6 +132,9 @@ pub struct Entry {
     /// The levels (a bit each) of the gzip copies stored of this entry, so
     /// that they go when it does; a copy's own level.
     copied: AtomicU16,
+    /// The levels at which its gzip copy came out no smaller than it: its
+    /// gzip hits are sent as it is (see `copies`).
+    incompressible: AtomicU16,
 }
 
 impl Entry {
@@ -170,6 +173,7 @@ impl Entry {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
+            incompressible: AtomicU16::new(0),
         }
     }
 
@@ -1045,6 +1049,7 @@ mod tests {
             copy_of: None,
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
+            incompressible: AtomicU16::new(0),
         }
     }
 

@@ -83,14 +83,18 @@ const DIGESTS: [HeaderName; 4] = [
 ];
 
 /// Whether a `Trailer` field names one of the [`DIGESTS`].
+/// (Each member read apart: one with a byte beyond ASCII hid the others,
+/// review58 L2.)
 fn names_digest(value: &HeaderValue) -> bool {
-    value.to_str().is_ok_and(|names| {
-        names.split(',').any(|name| {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .any(|name| {
             DIGESTS
                 .iter()
-                .any(|d| name.trim().eq_ignore_ascii_case(d.as_str()))
+                .any(|d| name.eq_ignore_ascii_case(d.as_str().as_bytes()))
         })
-    })
 }
 
 /// Whether an encoder was taken since [`spares_unused`] last looked.
@@ -252,8 +256,9 @@ impl Keep {
         }
         // One no smaller than the response saves no byte sent, and kept
         // beside it doubled what incompressible content held (gzip53 L2:
-        // 7.8 MB of random bytes kept twice); its hits compress anew.
+        // 7.8 MB of random bytes kept twice); its hits are sent plain.
         if self.whole.len() >= self.entry.body.len() {
+            self.entry.mark_incompressible(self.level);
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -402,7 +407,11 @@ impl Compressor {
             return FromStored::Sent(sent);
         }
         let (parts, body) = response.into_parts();
-        let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
+        let mut decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
+        // Its gzip form saves nothing: sent as it is, saying it varies.
+        if decision == Decision::Compress && stored.entry.incompressible(self.config.level) {
+            decision = Decision::Vary;
+        }
         if decision != Decision::Compress {
             return FromStored::Sent(self.act(decision, &asked, parts, body, None));
         }

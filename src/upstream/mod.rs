@@ -798,10 +798,6 @@ impl Upstream {
         );
     }
 
-    /// Says, once every [`UNAVAILABLE_SAID`] seconds, that requests go
-    /// to the backups, picked only when no primary can take them
-    /// (HAProxy's "running on backup"; review44c L1: only each primary's
-    /// `backend down` said so).
     /// Whether some primary takes requests now: up, not ejected, not
     /// drained.
     fn primary_eligible(&self) -> bool {
@@ -811,6 +807,10 @@ impl Upstream {
             .any(|b| !b.backup && !b.drained() && b.state.eligible(now))
     }
 
+    /// Says, once every [`UNAVAILABLE_SAID`] seconds, that requests go
+    /// to the backups, picked only when no primary can take them
+    /// (HAProxy's "running on backup"; review44c L1: only each primary's
+    /// `backend down` said so).
     fn on_backups(&self) {
         self.say_every(
             &self.backing_up,
@@ -880,12 +880,19 @@ impl Upstream {
             // own. At the rotation's off-turns, after the primaries' pass
             // had taken one, they got every other turn, and two backups
             // of one weight split 40 requests 40/0 (review44c M1).
-            (Balance::RoundRobin | Balance::Hash(_), _) if pass.backup => select::by_weight(
-                n,
-                self.backup_turns
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                candidate,
-            ),
+            // A turn is taken only by a look that picks one: taken by the
+            // backups' pass that found none up, then by the ejected
+            // backups' pass, every request took two, and under panic
+            // routing all went to one backup of two (review58 L7).
+            (Balance::RoundRobin | Balance::Hash(_), _) if pass.backup => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let turn = self.backup_turns.fetch_add(1, Relaxed);
+                let picked = select::by_weight(n, turn, candidate);
+                if picked.is_none() {
+                    self.backup_turns.fetch_sub(1, Relaxed);
+                }
+                picked
+            }
             // Passively ejected backends stay in the cycle (ejection is
             // short); `round_robin` shares their turns by weight.
             (Balance::RoundRobin | Balance::Hash(_), _) => {

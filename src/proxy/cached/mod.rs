@@ -1152,6 +1152,10 @@ impl Fetch {
                 // What a cache behind portico did for this fetch is not true of
                 // later hits.
                 stored.remove(&CACHE_STATUS);
+                // Trailers are not stored: a hit has none to announce, and
+                // an announced digest kept every hit from being compressed
+                // (review58 L1).
+                stored.remove(header::TRAILER);
                 // Nor is the quota of the client it answered.
                 super::error::remove_rate_limit_fields(&mut stored);
                 // RFC 9110 §6.6.1: a cache records when an undated
