@@ -767,7 +767,8 @@ fn weaken_etag(headers: &mut HeaderMap) {
 /// frame there), and flushes if the body has still nothing on its next
 /// turn: a body coming as fast as it is read is not cut into small blocks
 /// (a flush ends zlib's block: ~7 bytes at level 1, ~40 at 6, and new
-/// code tables after it).
+/// code tables after it). Nor sooner than [`FLUSH_GAP`] after the last
+/// flush: a body trickling in has what came meanwhile flushed together.
 #[derive(Debug)]
 pub struct Gzip {
     pub(super) inner: ProxyBody,
@@ -789,7 +790,7 @@ pub struct Gzip {
     unflushed: bool,
     /// When the stream was last flushed, and the wait for the next flush
     /// to be due (see [`FLUSH_GAP`]), made only for a body that trickles.
-    flushed_at: Option<std::time::Instant>,
+    flushed_at: Option<tokio::time::Instant>,
     flush_due: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Found the body with nothing ready and yielded (or sent what came
     /// before its error), waiting for a turn to pass.
@@ -1019,7 +1020,12 @@ impl Gzip {
                 // Flushed once a turn has passed with nothing more, and
                 // no sooner than FLUSH_GAP after the last flush.
                 Poll::Pending => match self.yielded.wait(cx) {
-                    Poll::Ready(()) if self.flush_waits(cx) => return Poll::Pending,
+                    Poll::Ready(()) if self.flush_waits(cx) => {
+                        // The turn has passed: the timer's wake-up flushes
+                        // at once, not a turn later (review59 L1).
+                        self.yielded.mark();
+                        return Poll::Pending;
+                    }
                     Poll::Ready(()) => (Bytes::new(), FlushCompress::Sync),
                     Poll::Pending => return Poll::Pending,
                 },
@@ -1048,7 +1054,7 @@ impl Gzip {
                 }
                 FlushCompress::Sync => {
                     self.unflushed = false;
-                    self.flushed_at = Some(std::time::Instant::now());
+                    self.flushed_at = Some(tokio::time::Instant::now());
                 }
                 _ => self.unflushed = true,
             }
@@ -1074,10 +1080,10 @@ impl Gzip {
         let Some(due) = self.flushed_at.map(|at| at + FLUSH_GAP) else {
             return false;
         };
-        if std::time::Instant::now() >= due {
+        // The runtime's clock, which the timer goes by (review59 L2).
+        if tokio::time::Instant::now() >= due {
             return false;
         }
-        let due = tokio::time::Instant::from_std(due);
         let timer = match &mut self.flush_due {
             Some(timer) => {
                 if timer.deadline() != due {
@@ -1482,6 +1488,11 @@ mod tests {
     /// A backend's body of `pieces` chunks of ten bytes, one every
     /// `gap`, as a response relays it.
     async fn trickled(pieces: usize, gap: std::time::Duration) -> ProxyBody {
+        scheduled(vec![(&b"0123456789"[..], gap); pieces]).await
+    }
+
+    /// A backend's body of these chunks, each followed by its pause.
+    async fn scheduled(steps: Vec<(&'static [u8], std::time::Duration)>) -> ProxyBody {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1490,9 +1501,10 @@ mod tests {
             let _ = stream.read(&mut [0; 1024]).await;
             let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
             stream.write_all(head).await.unwrap();
-            for _ in 0..pieces {
-                stream.write_all(b"a\r\n0123456789\r\n").await.unwrap();
-                tokio::time::sleep(gap).await;
+            for (piece, pause) in steps {
+                let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+                stream.write_all(&chunk).await.unwrap();
+                tokio::time::sleep(pause).await;
             }
             stream.write_all(b"0\r\n\r\n").await.unwrap();
         });
@@ -1520,6 +1532,7 @@ mod tests {
         let _alone = POOL.lock().await;
         let gap = std::time::Duration::from_millis(5);
         let body = trickled(60, gap).await;
+        let began = std::time::Instant::now();
         let mut gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 2, counters())));
         let (mut frames, mut out) = (0, Vec::new());
         let wait = std::time::Duration::from_secs(10);
@@ -1530,9 +1543,39 @@ mod tests {
             }
         }
         assert_eq!(gunzip(&out), b"0123456789".repeat(60));
-        // 300 ms of pieces: the first flushed at once, the rest at most
-        // every 50 ms, then the end (a slow machine bunches them: fewer).
-        assert!(frames <= 15, "{frames} frames");
+        // About 300 ms of pieces: the first flushed at once, the rest at
+        // most every 50 ms, then the end (61 frames, one a piece, before);
+        // bounded by the time the pieces took, however long (review59 L4).
+        let gaps = began.elapsed().as_millis() / FLUSH_GAP.as_millis();
+        assert!(frames <= 2 + gaps, "{frames} frames in {gaps} gaps");
+    }
+
+    /// A piece that comes within the gap after a flush, the backend then
+    /// silent, is flushed once the gap is over, by the timer alone: not
+    /// held until the body's end (review59 L3).
+    #[tokio::test]
+    async fn a_piece_held_for_the_gap_is_flushed_while_the_backend_is_silent() {
+        let _alone = POOL.lock().await;
+        let ms = std::time::Duration::from_millis;
+        let body = scheduled(vec![
+            (&b"first piece "[..], ms(10)),
+            (&b"second piece"[..], std::time::Duration::from_secs(20)),
+        ])
+        .await;
+        let mut gzip = ProxyBody::Gzip(Box::new(Gzip::new(body, 2, counters())));
+        let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+        let both = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while decoder.get_ref().len() < 24 {
+                let frame = gzip.frame().await.unwrap().unwrap();
+                if let Ok(data) = frame.into_data() {
+                    std::io::Write::write_all(&mut decoder, &data).unwrap();
+                    std::io::Write::flush(&mut decoder).unwrap();
+                }
+            }
+        })
+        .await;
+        assert!(both.is_ok(), "the second piece was not flushed");
+        assert_eq!(decoder.get_ref(), b"first piece second piece");
     }
 
     /// A backend's body of `chunks` chunks of `size` bytes of `x`, and
