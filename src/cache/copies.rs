@@ -157,6 +157,13 @@ impl Entry {
         self.incompressible.load(Ordering::Acquire) & bit(level) != 0
     }
 
+    /// Takes on what `other`, an entry of the same body, was noted as
+    /// not compressing at (see [`Entry::mark_incompressible`]).
+    pub fn inherit_incompressible(&self, other: &Entry) {
+        let levels = other.incompressible.load(Ordering::Acquire);
+        self.incompressible.fetch_or(levels, Ordering::AcqRel);
+    }
+
     /// Takes the making of a gzip copy of this entry at `level`, unless
     /// one is stored or another hit is making one.
     pub fn claim_copy(&self, level: u32) -> bool {

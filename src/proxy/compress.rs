@@ -179,6 +179,11 @@ pub struct Keep {
     room: usize,
     /// Bytes of the entry compressed: all of them, or nothing is kept.
     taken: usize,
+    /// Bytes of the stream so far, kept or not: once they reach the
+    /// entry's own, its gzip form saves nothing, which is noted on it with
+    /// no room needed (review60 M1: noted only of a stream that fitted
+    /// the free room, so never in a full cache or of a large body).
+    sent: usize,
     stored: IntCounter,
 }
 
@@ -200,12 +205,14 @@ impl Keep {
             whole: Vec::new(),
             room: 0,
             taken: 0,
+            sent: 0,
             stored,
         }
     }
 
     /// Takes the entry's claim, if no other hit has it, and makes the
-    /// copy's head; whether the cache has room for a copy beside it.
+    /// copy's head and finds the room the cache has for it (none in a
+    /// full one: the stream is then only measured, see `sent`).
     fn claim(&mut self) -> bool {
         let Some(cache) = self.cache.upgrade() else {
             return false;
@@ -231,14 +238,15 @@ impl Keep {
         let room = cache.copy_room(&self.key, self.level, &head);
         self.room = usize::try_from(room).unwrap_or(usize::MAX);
         self.head = head;
-        self.room > 0
+        true
     }
 
     /// Adds a piece of the stream; false once it is more than a copy
     /// could be, and for every piece after that (a stream with a piece
-    /// left out is no copy).
+    /// left out is no copy). Every piece is measured (`sent`).
     fn gather(&mut self, piece: &[u8]) -> bool {
-        if self.whole.len() + piece.len() > self.room {
+        self.sent += piece.len();
+        if self.room == 0 || self.whole.len() + piece.len() > self.room {
             self.room = 0;
             self.whole = Vec::new();
             return false;
@@ -247,18 +255,28 @@ impl Keep {
         true
     }
 
+    /// Whether the stream is worth following on: not once it is no
+    /// smaller than the entry, which is then noted on it.
+    fn measuring(&self) -> bool {
+        if self.sent < self.entry.body.len() {
+            return true;
+        }
+        self.entry.mark_incompressible(self.level);
+        false
+    }
+
     /// Stores the stream, ending with `last`, in a task of its own (a
     /// body's poll cannot wait on the store).
     fn store(mut self: Box<Self>, last: &[u8]) {
         // One encoder run gone wrong would be sent to every later client.
-        if self.taken != self.entry.body.len() || !self.gather(last) {
+        if self.taken != self.entry.body.len() {
             return;
         }
+        let whole = self.gather(last);
         // One no smaller than the response saves no byte sent, and kept
         // beside it doubled what incompressible content held (gzip53 L2:
         // 7.8 MB of random bytes kept twice); its hits are sent plain.
-        if self.whole.len() >= self.entry.body.len() {
-            self.entry.mark_incompressible(self.level);
+        if !self.measuring() || !whole {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -1106,7 +1124,8 @@ impl Gzip {
         self.bytes_out += self.out.len() as u64;
         let out = Bytes::from(std::mem::take(&mut self.out));
         if let Some(keep) = &mut self.keep {
-            if !keep.gather(&out) {
+            keep.gather(&out);
+            if !keep.measuring() {
                 self.keep = None;
             }
         }
@@ -1202,14 +1221,24 @@ mod tests {
         assert!(second.claim(), "let go by the first");
 
         // A cache with a few bytes free beside a copy's head gathers no
-        // more; one with less than a head's room free claims nothing.
+        // more; one with less than a head's room free gathers nothing,
+        // only measures (review60 M1).
         let head = cache.free_room() - room as u64;
         let (cache, key, entry) = stored_in(entry.bytes(&key) + head + 100).await;
         let mut gathering = keep(&cache, &key, &entry);
         assert!(gathering.claim());
         assert!(!gathering.gather(&[0; 101]));
         let (cache, key, entry) = stored_in(entry.bytes(&key) + head).await;
-        assert!(!keep(&cache, &key, &entry).claim());
+        let mut measuring = keep(&cache, &key, &entry);
+        assert!(measuring.claim());
+        assert_eq!(measuring.room, 0);
+        assert!(!measuring.gather(&[0]));
+        assert!(measuring.measuring());
+        // A stream as long as the entry: noted as saving nothing, though
+        // no copy could be kept (review60 M1: noted only of one that fit).
+        assert!(!measuring.gather(&vec![0; entry.body.len() - 1]));
+        assert!(!measuring.measuring());
+        assert!(entry.incompressible(2));
     }
 
     /// A copy no smaller than its response is not kept (gzip53 L2).

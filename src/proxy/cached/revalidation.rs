@@ -141,6 +141,9 @@ pub(super) fn refreshed(
             || name == CACHE_STATUS
             || name == header::SET_COOKIE
             || name == header::ETAG
+            // No trailers are stored (review60 L2: brought back by a 304,
+            // an announced digest kept every hit uncompressed again).
+            || name == header::TRAILER
             || crate::proxy::error::is_rate_limit_field(name.as_str())
         {
             continue;
@@ -163,7 +166,7 @@ pub(super) fn refreshed(
     }
     let cc = policy::parse_response(&headers);
     let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
-    Entry::new(
+    let refreshed = Entry::new(
         entry.status,
         entry.reason.clone(),
         // The 304's values are slices of its connection's read buffer.
@@ -175,7 +178,11 @@ pub(super) fn refreshed(
         Timing::new(&not_modified, request_time, arrived),
         lifetime,
         cc,
-    )
+    );
+    // The same body: its gzip form saves no more than it did (review60
+    // L4: each revalidation had one gzip hit compress it anew).
+    refreshed.inherit_incompressible(entry);
+    refreshed
 }
 
 #[allow(clippy::too_many_arguments)]
