@@ -482,3 +482,37 @@ async fn the_process_confirms_queued_orders_on_sigterm_and_logs_without_colour()
     );
     assert!(!log.contains("still pending"), "{log}");
 }
+
+/// HEAD goes wherever GET does, and another method on a test endpoint is
+/// a 405 naming what it takes, as on the API's paths (backend53 L6: a
+/// 405 to HEAD on `/echo`, 404s elsewhere).
+#[tokio::test]
+async fn test_endpoints_take_head_and_name_their_methods() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+    let head = send(
+        &client,
+        Request::head(url(&backend, "/echo"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    for (path, allow) in [
+        ("/ws/echo", "GET"),
+        ("/cache/x", "GET, HEAD"),
+        ("/echo/headers", "GET, HEAD"),
+        ("/bytes/10", "GET, HEAD"),
+        ("/echo", "GET, HEAD, POST"),
+    ] {
+        let answer = send(
+            &client,
+            Request::delete(url(&backend, path))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(answer.header("allow"), allow, "{path}");
+    }
+}

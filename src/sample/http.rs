@@ -199,7 +199,8 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
         },
         ["orders", _] => method_not_allowed("GET, HEAD"),
-        ["echo"] if method == Method::POST || method == Method::GET => {
+        // HEAD wherever GET is (RFC 9110 §9.1; backend53 L6: a 405).
+        ["echo"] if method == Method::POST || read => {
             let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
             let mut response = Response::new(Either::Right(Either::Left(request.into_body())));
             if let Some(ct) = content_type {
@@ -207,10 +208,16 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             }
             response
         }
-        ["echo"] => method_not_allowed("GET, POST"),
+        ["echo"] => method_not_allowed("GET, HEAD, POST"),
         ["ws", "echo"] if method == Method::GET => upgrade_echo(request),
-        ["cache", _] if read => cache_test(ctx, &request),
-        ["echo", "headers"] if read => {
+        // The other methods on the test endpoints are 405s with `Allow`,
+        // as on the API's (backend53 L6: 404s).
+        ["ws", "echo"] => method_not_allowed("GET"),
+        ["cache", _] | ["echo", "headers"] | ["bytes", _] if !read => {
+            method_not_allowed("GET, HEAD")
+        }
+        ["cache", _] => cache_test(ctx, &request),
+        ["echo", "headers"] => {
             let mut seen: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
             for (name, value) in request.headers() {
                 seen.entry(name.as_str())
@@ -219,7 +226,7 @@ async fn route(ctx: &Context, request: Request<Incoming>) -> Response<Body> {
             }
             json(StatusCode::OK, &seen)
         }
-        ["bytes", n] if read => match parse_id(n).map(|n| n as usize) {
+        ["bytes", n] => match parse_id(n).map(|n| n as usize) {
             Some(n) if n <= MAX_BYTES => {
                 // a..z over and over, made by doubling copies: a byte at a
                 // time took seconds for 60 MB in a debug build.
