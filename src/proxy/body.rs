@@ -1537,11 +1537,7 @@ pub(super) mod tests {
     /// The body of a response of `chunks` chunks of `size` bytes and a
     /// trailer field, through hyper's client as a backend's body comes.
     pub(in crate::proxy) async fn chunks_with_trailers(chunks: usize, size: usize) -> Incoming {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let _ = stream.read(&mut [0; 1024]).await;
+        served_body(move |mut stream| async move {
             let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
             for _ in 0..chunks {
                 out.extend_from_slice(format!("{size:x}\r\n").as_bytes());
@@ -1550,6 +1546,24 @@ pub(super) mod tests {
             }
             out.extend_from_slice(b"0\r\nx-sum: 1\r\ncontent-digest: sha-256=:x:\r\n\r\n");
             stream.write_all(&out).await.unwrap();
+        })
+        .await
+    }
+
+    /// The body of the response `respond` writes on a backend's socket,
+    /// once the request has come, through hyper's client as a backend's
+    /// body comes.
+    pub(in crate::proxy) async fn served_body<F, Fut>(respond: F) -> Incoming
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream.read(&mut [0; 1024]).await;
+            respond(stream).await;
         });
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut sender, connection) = hyper::client::conn::http1::handshake::<

@@ -1522,12 +1522,8 @@ mod tests {
 
     /// A backend's body of these chunks, each followed by its pause.
     async fn scheduled(steps: Vec<(&'static [u8], std::time::Duration)>) -> ProxyBody {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let _ = stream.read(&mut [0; 1024]).await;
+        use tokio::io::AsyncWriteExt;
+        let incoming = super::super::body::tests::served_body(move |mut stream| async move {
             let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
             stream.write_all(head).await.unwrap();
             for (piece, pause) in steps {
@@ -1536,20 +1532,9 @@ mod tests {
                 tokio::time::sleep(pause).await;
             }
             stream.write_all(b"0\r\n\r\n").await.unwrap();
-        });
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake::<
-            _,
-            http_body_util::Empty<Bytes>,
-        >(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        let response = sender
-            .send_request(hyper::Request::new(http_body_util::Empty::new()))
-            .await
-            .unwrap();
-        let upstream = crate::upstream::UpstreamBody::unpooled(response.into_body());
+        })
+        .await;
+        let upstream = crate::upstream::UpstreamBody::unpooled(incoming);
         ProxyBody::stream(upstream, std::time::Duration::from_secs(10), None)
     }
 

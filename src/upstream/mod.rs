@@ -157,7 +157,7 @@ pub enum Unpicked {
 }
 
 /// Which backends one pass of [`Upstream::pick`] looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 struct Pass {
     /// The backups, rather than the primaries.
     backup: bool,
@@ -798,13 +798,13 @@ impl Upstream {
         );
     }
 
-    /// Whether some primary takes requests now: up, not ejected, not
-    /// drained.
-    fn primary_eligible(&self) -> bool {
-        let now = self.clock.now_ms();
+    /// Whether some backend takes requests at `now`: up, not ejected,
+    /// not drained; a primary, when `primaries`.
+    fn any_eligible(&self, now: u64, primaries: bool) -> bool {
         self.backends
             .iter()
-            .any(|b| !b.backup && !b.drained() && b.state.eligible(now))
+            .filter(|b| !(primaries && b.backup))
+            .any(|b| !b.drained() && b.state.eligible(now))
     }
 
     /// Says, once every [`UNAVAILABLE_SAID`] seconds, that requests go
@@ -836,7 +836,7 @@ impl Upstream {
         let backend = &self.backends[index];
         // Not for a retry sent to a backup because the primaries failed
         // it: they can take requests (review57 L1: said they could not).
-        if backend.backup && !self.primary_eligible() {
+        if backend.backup && !self.any_eligible(self.clock.now_ms(), true) {
             self.on_backups();
         }
         let state = &backend.state;
@@ -848,12 +848,7 @@ impl Upstream {
             // unless it was picked before it went out while another
             // takes traffic (review43g L2: "every backend is ejected"
             // said beside a healthy one serving everything).
-            let other = || {
-                self.backends
-                    .iter()
-                    .any(|b| !b.drained() && b.state.eligible(now))
-            };
-            if state.ejected(now) && !other() {
+            if state.ejected(now) && !self.any_eligible(now, false) {
                 self.panicked();
             }
             state.sending(now);
