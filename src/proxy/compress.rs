@@ -82,19 +82,15 @@ const DIGESTS: [HeaderName; 4] = [
     HeaderName::from_static("content-md5"),
 ];
 
-/// Whether a `Trailer` field names one of the [`DIGESTS`].
-/// (Each member read apart: one with a byte beyond ASCII hid the others,
-/// review58 L2.)
-fn names_digest(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .any(|name| {
-            DIGESTS
-                .iter()
-                .any(|d| name.eq_ignore_ascii_case(d.as_str().as_bytes()))
-        })
+/// Whether the `Trailer` fields name one of the [`DIGESTS`], read with
+/// `list_members` (each member apart: one with a byte beyond ASCII hid
+/// the others, review58 L2).
+fn names_digest(headers: &HeaderMap) -> bool {
+    list_members(headers, &header::TRAILER).any(|name| {
+        DIGESTS
+            .iter()
+            .any(|d| name.eq_ignore_ascii_case(d.as_str()))
+    })
 }
 
 /// Whether an encoder was taken since [`spares_unused`] last looked.
@@ -566,7 +562,7 @@ impl Compressor {
                 || (*name == header::CACHE_CONTROL && says_no_transform(value))
                 // One the trailers will carry, as announced (gzip53 M1:
                 // the plain body's digest went after the gzip one).
-                || (*name == header::TRAILER && names_digest(value))
+                || (*name == header::TRAILER && names_digest(headers))
             {
                 return Decision::Leave;
             }
