@@ -274,7 +274,7 @@ async fn handle(
                 status["cache"] = serde_json::json!({
                     "entries": entries,
                     "size_bytes": bytes,
-                    "max_size_bytes": cache.config.max_size,
+                    "max_size_bytes": cache.max_size,
                     "hit_ratio": if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
                 });
             }

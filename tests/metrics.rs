@@ -362,6 +362,39 @@ async fn a_reload_that_drops_the_cache_zeroes_its_gauges() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A reload that tunes `default_ttl` or `max_object_size` keeps what the
+/// cache holds (soak53: any change to `[cache]` emptied it, and every URL
+/// went to the backends again); the new default applies to what is stored
+/// from then on.
+#[tokio::test]
+async fn a_reload_that_tunes_the_cache_keeps_what_it_holds() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let (dir, file) = config_dir("retune");
+    let write = |cache: &str| write_reloadable(&file, backend.addr(), cache);
+    write("[cache]\n");
+    let proxy = start_reloadable(&dir, &file).await;
+    let client = client();
+    let status = |path: &'static str| {
+        let (client, url) = (client.clone(), proxy.url(path));
+        async move { get(&client, &url).await.header("cache-status").to_owned() }
+    };
+    assert_eq!(status("/users/1/orders").await, "portico; fwd=miss; stored");
+    // No freshness of its own, and no default yet.
+    assert_eq!(
+        status("/cache/plain").await,
+        "portico; fwd=miss; detail=no-freshness"
+    );
+
+    write("[cache]\ndefault_ttl = \"60s\"\nmax_object_size = \"1MiB\"\n");
+    let reload = mutation(proxy.admin_url("/reload"), "POST", Some("t"));
+    assert_eq!(send(&client, reload).await.status, StatusCode::OK);
+    assert_eq!(status("/users/1/orders").await, "portico; hit");
+    assert_eq!(status("/cache/plain").await, "portico; fwd=miss; stored");
+    assert_eq!(status("/cache/plain").await, "portico; hit");
+    assert_eq!(backend.requests(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An upstream with no backend to pick warns once for a burst it turns
 /// away, and then with how many went unsaid, not once per request: 408
 /// such lines in a soak, one beside each access line (review40b L1).

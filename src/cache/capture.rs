@@ -114,7 +114,7 @@ impl Capture {
         head: Head,
         leader: Option<Leader>,
     ) -> Self {
-        let limit = usize::try_from(cache.config.max_object_size).unwrap_or(usize::MAX);
+        let limit = usize::try_from(cache.max_object_size()).unwrap_or(usize::MAX);
         let held = Held {
             filling: cache.filling.clone(),
             bytes: 0,
@@ -170,7 +170,7 @@ impl Capture {
             );
             return false;
         }
-        let budget = usize::try_from(self.cache.config.max_size).unwrap_or(usize::MAX);
+        let budget = usize::try_from(self.cache.max_size).unwrap_or(usize::MAX);
         if !self.held.take(data.len(), budget) {
             self.fate.set(Fate::FILL_BUDGET);
             // Not marked uncacheable: the next response may well fit. The
@@ -241,7 +241,7 @@ impl Capture {
         // the requests waiting on it fetch at once rather than one after
         // another (review33e F2). The key with its Vary part is longer
         // still: the insert weighs it again.
-        if entry.too_heavy(self.fill.primary(), self.cache.config.max_size) {
+        if entry.too_heavy(self.fill.primary(), self.cache.max_size) {
             self.fate.too_large(
                 &self.cache,
                 self.fill.primary(),

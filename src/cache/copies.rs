@@ -225,7 +225,7 @@ impl Cache {
     /// The room stored responses and copies leave free in `max_size`.
     pub fn free_room(&self) -> u64 {
         let held = self.held.load(Ordering::Relaxed);
-        self.config.max_size.saturating_sub(held)
+        self.max_size.saturating_sub(held)
     }
 
     /// Keeps `body`, `entry`'s body compressed at `level`, beside it, with
@@ -297,7 +297,7 @@ impl Cache {
     /// Takes room for `weight` if it is free, at once: two stores cannot
     /// both count on the same room (review47d M2).
     fn reserve(&self, weight: u64) -> Option<Room<'_>> {
-        let max = self.config.max_size;
+        let max = self.max_size;
         self.held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
                 (held + weight <= max).then_some(held + weight)

@@ -363,7 +363,13 @@ fn forget(index: &DashMap<Arc<str>, Variants>, full: &str, entry: &Arc<Entry>) {
 }
 
 pub struct Cache {
-    pub config: config::Cache,
+    /// `[cache] max_size`, the store's bound: fixed when the cache is
+    /// made (a reload that changes it makes a new, empty one).
+    pub max_size: u64,
+    /// `[cache] max_object_size` and `default_ttl` (in nanoseconds),
+    /// which a reload changes in place (see [`Cache::retune`]).
+    max_object_size: AtomicU64,
+    default_ttl: AtomicU64,
     store: Moka<Arc<str>, Arc<Entry>>,
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
@@ -417,7 +423,7 @@ pub struct Cache {
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("config", &self.config)
+            .field("max_size", &self.max_size)
             .field("entries", &self.store.entry_count())
             .finish_non_exhaustive()
     }
@@ -527,8 +533,10 @@ impl Cache {
             revalidated: metrics.cache_lookup("revalidated"),
             bypass: metrics.cache_lookup("bypass"),
         };
-        Arc::new(Cache {
-            config,
+        let cache = Arc::new(Cache {
+            max_size: config.max_size,
+            max_object_size: AtomicU64::new(0),
+            default_ttl: AtomicU64::new(0),
             store,
             index,
             copies,
@@ -554,7 +562,37 @@ impl Cache {
             unsettled: AtomicU64::new(0),
             retired: std::sync::atomic::AtomicBool::new(false),
             forwarded_hosts: std::sync::atomic::AtomicBool::new(false),
-        })
+        });
+        cache.retune(&config);
+        cache
+    }
+
+    /// Whether a reload to `config` keeps this cache and what it holds:
+    /// only a new `max_size` needs a new store.
+    pub fn keeps(&self, config: &config::Cache) -> bool {
+        self.max_size == config.max_size
+    }
+
+    /// Applies `config`'s `max_object_size` and `default_ttl` to what is
+    /// stored from now on; what is stored keeps its lifetime and stays
+    /// until it expires or is evicted, as Varnish's objects keep the TTL
+    /// they were fetched with across a VCL reload.
+    pub fn retune(&self, config: &config::Cache) {
+        let nanos = u64::try_from(config.default_ttl.as_nanos()).unwrap_or(u64::MAX);
+        self.max_object_size
+            .store(config.max_object_size, Ordering::Relaxed);
+        self.default_ttl.store(nanos, Ordering::Relaxed);
+    }
+
+    /// `[cache] max_object_size`: larger responses are not stored.
+    pub fn max_object_size(&self) -> u64 {
+        self.max_object_size.load(Ordering::Relaxed)
+    }
+
+    /// `[cache] default_ttl`: the lifetime of a response without one of
+    /// its own.
+    pub fn default_ttl(&self) -> Duration {
+        Duration::from_nanos(self.default_ttl.load(Ordering::Relaxed))
     }
 
     /// Says a generation serving from the cache trusts proxies: from then
@@ -787,7 +825,7 @@ impl Cache {
             return Err(NotKept::Unmatchable);
         };
         let full = self.full_key(primary, &names, request);
-        if entry.too_heavy(&full, self.config.max_size) {
+        if entry.too_heavy(&full, self.max_size) {
             return Err(NotKept::TooHeavy);
         }
         // One copy of the key for the store and the index, and for a URL
@@ -897,7 +935,7 @@ impl Cache {
     /// dozen writes). At every store it cost a 1 KiB miss 9% more.
     async fn brought(&self, weight: u64) {
         let unsettled = self.unsettled.fetch_add(weight, Ordering::Relaxed) + weight;
-        if unsettled >= (self.config.max_size / 32).max(1) {
+        if unsettled >= (self.max_size / 32).max(1) {
             self.unsettled.store(0, Ordering::Relaxed);
             self.let_go().await;
         }
@@ -1012,7 +1050,7 @@ impl Cache {
         let bytes = self.store.weighted_size();
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_size_bytes.set(bytes as i64);
-        let bound = i64::try_from(self.config.max_size).unwrap_or(i64::MAX);
+        let bound = i64::try_from(self.max_size).unwrap_or(i64::MAX);
         self.metrics.cache_max_size_bytes.set(bound);
         (entries, bytes)
     }

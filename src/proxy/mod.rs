@@ -375,16 +375,22 @@ impl Proxy {
         };
         let cache = config.cache.as_ref().map(|c| {
             let old = previous.and_then(|p| p.cache.as_ref());
-            match old.filter(|old| old.config == *c) {
-                Some(same) => same.clone(),
+            match old.filter(|old| old.keeps(c)) {
+                // Tuning `max_object_size` or `default_ttl` keeps what is
+                // stored (soak53: any change emptied the cache, and sent
+                // every URL to the backends again).
+                Some(same) => {
+                    same.retune(c);
+                    same.clone()
+                }
                 None => {
-                    // A reload that changes `[cache]` starts it empty: say
-                    // so, as it sends every URL to the backends again
-                    // (review32a L2).
+                    // A reload that changes `max_size` starts the cache
+                    // empty: say so, as it sends every URL to the backends
+                    // again (review32a L2).
                     if let Some(old) = old {
                         tracing::warn!(
                             entries = old.entries_estimate(),
-                            "[cache] changed: the cache starts empty, every URL is fetched again"
+                            "[cache] max_size changed: the cache starts empty, every URL is fetched again"
                         );
                     }
                     Cache::new(c.clone(), metrics.clone())

@@ -879,7 +879,7 @@ fn whole_for_range(cache: &Cache, primary: &str, parts: &Parts, body: &RequestBo
         && !cache.uncacheable_anywhere(primary)
         && range::Spec::of(&parts.headers).is_some_and(|spec| {
             spec.first()
-                .is_none_or(|first| first < cache.config.max_object_size)
+                .is_none_or(|first| first < cache.max_object_size())
         })
 }
 
@@ -944,7 +944,7 @@ async fn cut_range(
         // Sent whole (an `If-Range` that does not match), as a miss is.
         return Ok(response.map(ProxyBody::read_ahead));
     }
-    if !response.body().is_capturing() && len as u64 > cache.config.max_object_size {
+    if !response.body().is_capturing() && len as u64 > cache.max_object_size() {
         let said = ours(response.headers());
         drop(response);
         return again_with_range(upstream, asked, &said, trace).await;
@@ -1126,7 +1126,7 @@ impl Fetch {
                 status,
                 response.headers(),
                 &cc,
-                cache.config.default_ttl,
+                cache.default_ttl(),
             )
         };
         let declared = content_length(response.headers());
@@ -1142,7 +1142,7 @@ impl Fetch {
             Ok(_) if fill.overtaken() => {
                 format!("portico; fwd={fwd}{fwd_status}; detail=invalidated")
             }
-            Ok(_) if declared.is_some_and(|n| n > cache.config.max_object_size) => {
+            Ok(_) if declared.is_some_and(|n| n > cache.max_object_size()) => {
                 cache.not_stored(fill.primary(), &request_headers, response.headers(), status);
                 release_for(leader.as_ref(), status, true);
                 format!("portico; fwd={fwd}{fwd_status}; detail=too-large")

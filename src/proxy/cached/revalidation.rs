@@ -165,7 +165,7 @@ pub(super) fn refreshed(
         }
     }
     let cc = policy::parse_response(&headers);
-    let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.config.default_ttl);
+    let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.default_ttl());
     let refreshed = Entry::new(
         entry.status,
         entry.reason.clone(),
