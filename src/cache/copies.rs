@@ -35,6 +35,20 @@ pub(super) fn copy_key(full: &str, level: u32) -> String {
 }
 
 /// The bit of `level` among an entry's copies ([`Entry::copied`]).
+/// Carried by an answer made of a stored entry outside the hit path (a
+/// stale copy served for a backend's failure): the levels at which the
+/// entry's gzip form saves nothing, so that the compressor sends it plain
+/// as it sends the entry's hits (review60 L3).
+#[derive(Debug, Clone, Copy)]
+pub struct Incompressible(u16);
+
+impl Incompressible {
+    /// Whether the entry's gzip form at `level` saves nothing.
+    pub fn at(self, level: u32) -> bool {
+        self.0 & bit(level) != 0
+    }
+}
+
 fn bit(level: u32) -> u16 {
     1 << (level % 16)
 }
@@ -155,6 +169,14 @@ impl Entry {
     /// more bytes than the plain body (review58 M1).
     pub fn incompressible(&self, level: u32) -> bool {
         self.incompressible.load(Ordering::Acquire) & bit(level) != 0
+    }
+
+    /// What this entry was noted as not compressing at, if anything (see
+    /// [`Entry::mark_incompressible`]), for an answer made of it that is
+    /// no hit to carry.
+    pub fn incompressible_note(&self) -> Option<Incompressible> {
+        let levels = self.incompressible.load(Ordering::Acquire);
+        (levels != 0).then_some(Incompressible(levels))
     }
 
     /// Takes on what `other`, an entry of the same body, was noted as

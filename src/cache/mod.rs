@@ -6,6 +6,7 @@
 
 pub mod capture;
 mod copies;
+pub use copies::Incompressible;
 pub mod fill;
 pub mod key;
 pub mod lock;

@@ -30,7 +30,7 @@ use super::body::{BodyError, ProxyBody, Turn};
 use super::cached::{Fresh, Stored};
 use super::headers::list_members;
 use crate::cache::policy::{no_transform, says_no_transform};
-use crate::cache::{Cache, Entry};
+use crate::cache::{Cache, Entry, Incompressible};
 use crate::config::Compression as Config;
 
 /// Encoders kept for the next responses once theirs are done. An
@@ -392,7 +392,17 @@ impl Compressor {
             self.vary_as_whole(&asked, &mut parts.headers, HeaderMap::new());
             return http::Response::from_parts(parts, body);
         }
-        let decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
+        let mut decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
+        // A stale copy of an entry whose gzip form saves nothing: sent as
+        // its hits are (see `apply_stored`).
+        if decision == Decision::Compress
+            && parts
+                .extensions
+                .get::<Incompressible>()
+                .is_some_and(|note| note.at(self.config.level))
+        {
+            decision = Decision::Vary;
+        }
         self.act(decision, &asked, parts, body, None)
     }
 
