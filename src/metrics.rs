@@ -438,7 +438,7 @@ impl Metrics {
         RouteMetrics {
             name: route.to_owned(),
             requests: self.requests.clone(),
-            codes: Arc::new(std::array::from_fn(|_| OnceLock::new())),
+            codes: code_counters(&self.requests, &[route]),
             duration: self.request_duration.with_label_values(&[route]),
             // Nothing before routing is throttled: no series that never moves.
             rejected: (route != NO_ROUTE)
@@ -450,7 +450,7 @@ impl Metrics {
         BackendMetrics {
             labels: [upstream.to_owned(), backend.to_owned()],
             requests: self.upstream_requests.clone(),
-            codes: Arc::new(std::array::from_fn(|_| OnceLock::new())),
+            codes: code_counters(&self.upstream_requests, &[upstream, backend]),
             duration: self
                 .upstream_duration
                 .with_label_values(&[upstream, backend]),
@@ -795,6 +795,24 @@ fn remove_series<T: MetricVecBuilder>(
 
 /// Status codes 100..=599, resolved on first use.
 type CodeCounters = Arc<[OnceLock<IntCounter>; 500]>;
+
+/// The codes every route and backend exports from the start, at 0: a
+/// series that appears only with its first request makes Prometheus take
+/// that count as its start, so `rate()` and `increase()` missed the first
+/// burst of each (metrics54: 20 first 503s read as an increase of 0), and
+/// before any traffic the families were absent (as HAProxy's exporter
+/// does, which shows its status classes at 0). The usual answers and the
+/// errors an alert watches; others appear with their first request.
+const PRESET_CODES: [u16; 10] = [200, 304, 400, 404, 429, 499, 500, 502, 503, 504];
+
+/// [`CodeCounters`] for one route or backend, the [`PRESET_CODES`] made.
+fn code_counters(vec: &IntCounterVec, labels: &[&str]) -> CodeCounters {
+    let codes: CodeCounters = Arc::new(std::array::from_fn(|_| OnceLock::new()));
+    for code in PRESET_CODES {
+        code_counter(&codes, vec, labels, code);
+    }
+    codes
+}
 
 fn code_counter<'a>(
     codes: &'a CodeCounters,

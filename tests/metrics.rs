@@ -395,6 +395,35 @@ async fn a_reload_that_tunes_the_cache_keeps_what_it_holds() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Before any traffic, each route and backend exports the usual codes at
+/// 0: a series made by its first request hid that request's count from
+/// `rate()` and `increase()` (metrics54: 20 first 503s read as none).
+#[tokio::test]
+async fn routes_and_backends_export_the_usual_codes_before_any_request() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let proxy = start_proxy_with_admin(config_for(&[&backend]), None, None).await;
+    let client = client();
+    let metrics = get(&client, &proxy.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let at_zero = |name: &str, code: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with(name)
+                && line.contains(&format!("code=\"{code}\""))
+                && line.ends_with(" 0")
+        })
+    };
+    for code in ["200", "404", "499", "502", "503", "504"] {
+        assert!(
+            at_zero("portico_requests_total{", code),
+            "{code}: {metrics}"
+        );
+        assert!(
+            at_zero("portico_upstream_requests_total{", code),
+            "{code}: {metrics}"
+        );
+    }
+}
+
 /// An upstream with no backend to pick warns once for a burst it turns
 /// away, and then with how many went unsaid, not once per request: 408
 /// such lines in a soak, one beside each access line (review40b L1).
