@@ -438,7 +438,15 @@ impl Metrics {
         RouteMetrics {
             name: route.to_owned(),
             requests: self.requests.clone(),
-            codes: code_counters(&self.requests, &[route]),
+            codes: code_counters(
+                &self.requests,
+                &[route],
+                if route == NO_ROUTE {
+                    NO_ROUTE_CODES
+                } else {
+                    PRESET_CODES
+                },
+            ),
             duration: self.request_duration.with_label_values(&[route]),
             // Nothing before routing is throttled: no series that never moves.
             rejected: (route != NO_ROUTE)
@@ -450,7 +458,7 @@ impl Metrics {
         BackendMetrics {
             labels: [upstream.to_owned(), backend.to_owned()],
             requests: self.upstream_requests.clone(),
-            codes: code_counters(&self.upstream_requests, &[upstream, backend]),
+            codes: code_counters(&self.upstream_requests, &[upstream, backend], PRESET_CODES),
             duration: self
                 .upstream_duration
                 .with_label_values(&[upstream, backend]),
@@ -803,12 +811,15 @@ type CodeCounters = Arc<[OnceLock<IntCounter>; 500]>;
 /// before any traffic the families were absent (as HAProxy's exporter
 /// does, which shows its status classes at 0). The usual answers and the
 /// errors an alert watches; others appear with their first request.
-const PRESET_CODES: [u16; 10] = [200, 304, 400, 404, 429, 499, 500, 502, 503, 504];
+const PRESET_CODES: &[u16] = &[200, 304, 400, 404, 429, 499, 500, 502, 503, 504];
 
-/// [`CodeCounters`] for one route or backend, the [`PRESET_CODES`] made.
-fn code_counters(vec: &IntCounterVec, labels: &[&str]) -> CodeCounters {
+/// [`PRESET_CODES`] for [`NO_ROUTE`]: what is answered before routing.
+const NO_ROUTE_CODES: &[u16] = &[400, 404, 408, 431];
+
+/// [`CodeCounters`] for one route or backend, `preset` made.
+fn code_counters(vec: &IntCounterVec, labels: &[&str], preset: &[u16]) -> CodeCounters {
     let codes: CodeCounters = Arc::new(std::array::from_fn(|_| OnceLock::new()));
-    for code in PRESET_CODES {
+    for &code in preset {
         code_counter(&codes, vec, labels, code);
     }
     codes
