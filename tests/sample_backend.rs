@@ -516,3 +516,23 @@ async fn test_endpoints_take_head_and_name_their_methods() {
         assert_eq!(answer.header("allow"), allow, "{path}");
     }
 }
+
+/// `/cache/NAME?status=` answers a 204 or a 205 without content (RFC 9110
+/// §15.3.5, §15.3.6; backend53 L7: a 205 sent its JSON), and refuses a
+/// 1xx, which is no final answer.
+#[tokio::test]
+async fn the_cache_endpoint_sends_no_content_where_a_status_has_none() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let client = client();
+    for (query, status) in [
+        ("status=204", StatusCode::NO_CONTENT),
+        ("status=205", StatusCode::RESET_CONTENT),
+        ("status=205&chunked=1", StatusCode::RESET_CONTENT),
+    ] {
+        let answer = get(&client, &url(&backend, &format!("/cache/x?{query}"))).await;
+        assert_eq!(answer.status, status, "{query}");
+        assert!(answer.body.is_empty(), "{query}: {:?}", answer.body);
+    }
+    let informational = get(&client, &url(&backend, "/cache/x?status=103")).await;
+    assert_eq!(informational.status, StatusCode::BAD_REQUEST);
+}

@@ -296,6 +296,10 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
+    // A 1xx is no final answer (hyper would send none at all).
+    if status.is_informational() {
+        return error(StatusCode::BAD_REQUEST, "status must be 200 to 599");
+    }
     let etag = params.get("etag").map(|e| format!("\"{e}\""));
     let not_modified = etag
         .as_deref()
@@ -324,6 +328,11 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
             }
         }
         let mut response = full(status, "application/json", Bytes::new());
+        // RFC 9110 §15.3.5, §15.3.6: a 204 or a 205 has no content
+        // (backend53 L7: a 205 sent the JSON).
+        if matches!(status, StatusCode::NO_CONTENT | StatusCode::RESET_CONTENT) {
+            text.clear();
+        }
         let text = Bytes::from(text);
         *response.body_mut() = if params.contains_key("chunked") {
             Either::Right(Either::Right(Chunked(Some(text))))
