@@ -476,10 +476,12 @@ pub struct Scrubbed {
 /// cannot choose. Without `content` (the request goes on without a
 /// body), `Expect` goes too: a client must not send `100-continue` on a
 /// request without content (RFC 9110 §10.1.1), and its client's upload
-/// turned out empty.
+/// turned out empty. So does an HTTP/1.0 client's, which a server must
+/// ignore (§10.1.1) and which the backend, asked in HTTP/1.1, would take
+/// for a valid one (proto54 L6; nginx drops it too).
 pub fn scrub_request(headers: &mut HeaderMap, client: ClientInfo<'_>, content: bool) -> Scrubbed {
     let seen = remove_hop_by_hop(headers);
-    if seen.expect && !content {
+    if seen.expect && (!content || client.version < Version::HTTP_11) {
         headers.remove(header::EXPECT);
     }
     // A length written `0005` or twice goes on as one plain number, as a
@@ -1160,6 +1162,15 @@ mod tests {
             scrub_request(&mut headers, client(None), content);
             assert_eq!(headers.contains_key(header::EXPECT), content);
         }
+        // Nor from an HTTP/1.0 client (RFC 9110 §10.1.1).
+        let mut headers = HeaderMap::new();
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let old = ClientInfo {
+            version: Version::HTTP_10,
+            ..client(None)
+        };
+        scrub_request(&mut headers, old, true);
+        assert!(!headers.contains_key(header::EXPECT));
     }
 
     #[test]

@@ -649,13 +649,13 @@ impl Proxy {
         // A 2xx to CONNECT makes the connection a tunnel (RFC 9110 §9.3.6),
         // which a reverse proxy must not open to whatever the backend
         // says; relayed, its answer would also leave the client with none.
-        if request.method() == Method::CONNECT {
+        if is_method(request.method(), &Method::CONNECT) {
             return Err(ProxyError::ConnectMethod);
         }
         // TRACE echoes the request as the backend got it, fields the
         // hops on the way added included (cross-site tracing); nginx
         // refuses it with 405 before choosing a location, as here.
-        if request.method() == Method::TRACE {
+        if is_method(request.method(), &Method::TRACE) {
             return Err(ProxyError::TraceMethod);
         }
         // A target is a path (origin or absolute form) but for two
@@ -1188,6 +1188,16 @@ fn max_forwards_spent(headers: &mut http::HeaderMap) -> bool {
     }
     headers.insert(header::MAX_FORWARDS, HeaderValue::from(left - 1));
     false
+}
+
+/// Whether `method` is `standard` written in any case. Methods are
+/// case-sensitive (RFC 9110 §9.1), but a backend that reads them without
+/// regard to case takes `trace` for TRACE: refused as TRACE and CONNECT
+/// are (proto54 L1; nginx refuses a method not in capitals).
+fn is_method(method: &Method, standard: &Method) -> bool {
+    method == standard
+        || (method.as_str().len() == standard.as_str().len()
+            && method.as_str().eq_ignore_ascii_case(standard.as_str()))
 }
 
 /// RFC 9110 §9.2.1 safe methods: read-only by definition.
