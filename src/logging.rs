@@ -241,7 +241,7 @@ fn write_lines(queue: &Queue) {
         if written && dropped > 0 {
             tracing::warn!(
                 dropped,
-                "log lines dropped: stderr was not read fast enough"
+                "log lines dropped: stderr was not read fast enough, or a line outgrew the 4 MiB log queue"
             );
         }
         if let (true, Some(error)) = (written, failure.take()) {

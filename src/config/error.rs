@@ -45,6 +45,9 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// How many errors a file's check shows, in the file's order.
+pub const MOST_ERRORS: usize = 1000;
+
 /// Turns byte spans into positions and collects errors for one file.
 #[derive(Debug)]
 pub struct Reporter<'a> {
@@ -124,6 +127,17 @@ impl<'a> Reporter<'a> {
             // Whole-file errors last: most follow from one with a place
             // (`[[upstreams]]` misspelt, then "no [[upstream]] defined").
             self.errors.sort_by_key(|e| (e.line == 0, e.line, e.col));
+            // A bound on what a reload's rejection holds and logs (ops54
+            // M2: a 0.5 MB file's errors took a running proxy to 500 MB,
+            // and the log line was dropped).
+            let all = self.errors.len();
+            if all > MOST_ERRORS {
+                self.errors.truncate(MOST_ERRORS);
+                self.whole(
+                    "",
+                    format!("{all} errors: the first {MOST_ERRORS} are shown, fix these and check again for the rest"),
+                );
+            }
             Err(ConfigErrors(self.errors))
         }
     }
@@ -200,8 +214,12 @@ mod tests {
         for line in 0..100_000 {
             reporter.at(line * 6..line * 6 + 1, "x", "bad");
         }
+        let last = reporter.position(99_999 * 6);
+        assert_eq!(last, (100_000, 1));
         let errors = reporter.finish(()).unwrap_err().0;
-        assert_eq!(errors.len(), 100_000);
-        assert_eq!((errors[99_999].line, errors[99_999].col), (100_000, 1));
+        // The first thousand are shown, and how many there were.
+        assert_eq!(errors.len(), MOST_ERRORS + 1);
+        assert_eq!((errors[999].line, errors[999].col), (1_000, 1));
+        assert!(errors[MOST_ERRORS].message.starts_with("100000 errors"));
     }
 }

@@ -419,7 +419,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         reporter.whole(
             "",
             format!(
-                "{} unknown keys: the first {MOST_UNKNOWN} are named, fix these and check again for the rest",
+                "{} unknown keys: {MOST_UNKNOWN} of them are named, fix these and check again for the rest",
                 unknown.len()
             ),
         );
