@@ -1202,3 +1202,72 @@ async fn a_silent_tls_connection_makes_room_at_max_connections() {
     assert_eq!(status, StatusCode::OK);
     drop(silent);
 }
+
+/// A reload that switches a plain listener to TLS drains the plaintext
+/// connections open on it: the next answer says `Connection: close` and
+/// the connection ends, where they went on being served for as long as
+/// their clients kept them busy (ops54 M1; nginx ends them too).
+#[tokio::test]
+async fn a_switch_to_tls_drains_the_plain_connections_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let cert = self_signed("api.test");
+    let dir = temp_dir("switch");
+    std::fs::write(dir.join("api.pem"), &cert.pem).unwrap();
+    std::fs::write(dir.join("api.key"), &cert.key).unwrap();
+    let file = dir.join("portico.toml");
+    let upstream = format!(
+        "[[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
+        backend.addr()
+    );
+    std::fs::write(
+        &file,
+        format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{upstream}"),
+    )
+    .unwrap();
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // One answer on the connection: its head, then its body.
+    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .expect("a length")
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        head
+    }
+    let request = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    assert!(answer(&mut stream).await.starts_with("http/1.1 200"));
+
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = []\n[[server.tls]]\nlisten = [\"127.0.0.1:0\"]\n\
+             certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{upstream}",
+            dir.join("api.pem").display(),
+            dir.join("api.key").display(),
+        ),
+    )
+    .unwrap();
+    proxy.shared.reload().expect("the switch to TLS");
+    stream.write_all(request).await.unwrap();
+    let head = answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
+    assert!(matches!(ended, Ok(Ok(0))), "{ended:?}");
+}

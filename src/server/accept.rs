@@ -14,19 +14,19 @@ use super::listeners::Mode;
 use super::shutdown::Shutdown;
 use super::slots::{listen_queue, Reclaim};
 use super::{listeners, Shared};
-use crate::proxy::{Conn, CutOff};
+use crate::proxy::Conn;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    mode: Arc<ArcSwap<Mode>>,
+    kind: Arc<ArcSwap<listeners::Kind>>,
     shared: Arc<Shared>,
-    (serving, cut_off): (listeners::Serving, Arc<CutOff>),
+    serving: listeners::Serving,
     mut removed: Shutdown,
 ) {
     let listeners::Serving {
         mut shutdown,
         drain,
-        cut,
+        cut: _,
     } = serving;
     // Shown as an address, not as Rust's `Some(...)`.
     let local = listener
@@ -64,19 +64,19 @@ pub(super) async fn accept_loop(
                 failing.recovered(&local);
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                // The listener's own signal, which also fires at shutdown:
-                // a reload that removes the listener drains its
-                // connections as a shutdown would (`Connection: close`,
-                // GOAWAY), where they went on being served for as long as
-                // their clients kept them busy.
-                let shutdown = removed.clone();
-                let drain = drain.clone();
                 // Read per connection: a reload's certificates and
                 // settings apply to the connections that follow it.
-                let mode = mode.load_full();
+                let kind = kind.load_full();
+                // The kind's own signal, which also fires at shutdown: a
+                // reload that removes the listener, or switches its kind,
+                // drains its connections as a shutdown would
+                // (`Connection: close`, GOAWAY), where they went on being
+                // served for as long as their clients kept them busy.
+                let shutdown = kind.stopped.clone();
+                let drain = drain.clone();
                 let settings = shared.connections.load_full();
-                let cut = cut.clone();
-                let cut_off = cut_off.clone();
+                let cut = kind.cut.clone();
+                let cut_off = kind.cut_off.clone();
                 tokio::spawn(async move {
                     let held = Held {
                         shared,
@@ -86,7 +86,7 @@ pub(super) async fn accept_loop(
                         _drain: drain,
                         open: Some(open),
                     };
-                    match &*mode {
+                    match &kind.mode {
                         Mode::Plain => {
                             let conn = Conn::new(peer, "http", cut_off);
                             serve_connection(stream, conn, held, None).await

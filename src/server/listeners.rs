@@ -34,12 +34,50 @@ impl Mode {
     }
 }
 
-/// One accept loop: its configured address, its mode (swapped on reload)
-/// and the switch that stops it.
+/// A listener's mode and the signals of the connections accepted under
+/// it: the drain, which a reload that switches the mode (plain to TLS or
+/// back) fires, as one that removes the listener does, and the cut,
+/// `shutdown_grace` after it (ops54 M1: plaintext keep-alive connections
+/// went on being served after a switch to HTTPS; nginx ends them).
+pub(super) struct Kind {
+    pub mode: Mode,
+    pub stopped: Shutdown,
+    pub cut: Shutdown,
+    pub cut_off: Arc<CutOff>,
+}
+
+impl Kind {
+    /// A kind for `mode` whose connections drain when the trigger fires.
+    fn new(shared: &Arc<Shared>, cut: &Shutdown, mode: Mode) -> (Trigger, Kind) {
+        let (trigger, stopped) = shutdown::channel();
+        let (cut, cut_off) = cut_after_removal(shared, cut, stopped.clone());
+        let kind = Kind {
+            mode,
+            stopped,
+            cut,
+            cut_off,
+        };
+        (trigger, kind)
+    }
+}
+
+/// One accept loop: its configured address, its kind (swapped on reload)
+/// and the switches that stop it and drain its connections.
 struct Slot {
     configured: SocketAddr,
-    mode: Arc<ArcSwap<Mode>>,
+    kind: Arc<ArcSwap<Kind>>,
     stop: Trigger,
+    /// Drains the connections of the current kind.
+    drain: Trigger,
+}
+
+impl Slot {
+    /// Stops accepting and drains the connections (at shutdown, or when a
+    /// reload removes the listener).
+    fn stop(&self) {
+        self.stop.fire();
+        self.drain.fire();
+    }
 }
 
 /// What accept loops need from the server running them; present only while
@@ -145,7 +183,7 @@ impl Registry {
     pub(super) fn close(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         for slot in inner.slots.drain(..) {
-            slot.stop.fire();
+            slot.stop();
         }
         inner.serving = None;
     }
@@ -220,24 +258,38 @@ impl Registry {
             let keep = wanted.iter().any(|(a, _)| *a == slot.configured);
             if !keep {
                 tracing::info!(addr = %slot.configured, "listener removed by reload");
-                slot.stop.fire();
+                slot.stop();
             }
             keep
         });
         for (addr, mode) in wanted {
-            if let Some(slot) = inner.slots.iter().find(|s| s.configured == addr) {
+            if let Some(slot) = inner.slots.iter_mut().find(|s| s.configured == addr) {
                 let now = mode.describe();
-                let was = slot.mode.swap(Arc::new(mode)).describe();
-                if was != now {
-                    // Clients of the old kind now fail their handshake
-                    // or get a 400; say so where the reload is logged, as
-                    // a warning, which `POST /reload` answers with too
-                    // (review37e M4).
-                    tracing::warn!(
-                        addr = %slot.configured,
-                        "listener switched by reload to {now} (was {was})"
-                    );
+                let was = slot.kind.load().mode.describe();
+                if was == now {
+                    // New certificates for the connections that follow;
+                    // those open go on.
+                    let old = slot.kind.load();
+                    slot.kind.store(Arc::new(Kind {
+                        mode,
+                        stopped: old.stopped.clone(),
+                        cut: old.cut.clone(),
+                        cut_off: old.cut_off.clone(),
+                    }));
+                    continue;
                 }
+                // Clients of the old kind now fail their handshake or get
+                // a 400, and the connections open in it are drained (the
+                // new kind is in place first); say so where the reload is
+                // logged, as a warning, which `POST /reload` answers with
+                // too (review37e M4).
+                let (drain, kind) = Kind::new(shared, &serving.cut, mode);
+                slot.kind.store(Arc::new(kind));
+                std::mem::replace(&mut slot.drain, drain).fire();
+                tracing::warn!(
+                    addr = %slot.configured,
+                    "listener switched by reload to {now} (was {was}); its connections of the old kind are closed as they finish"
+                );
             } else if let Some(at) = added.iter().position(|(a, _)| *a == addr) {
                 let (_, listener) = added.swap_remove(at);
                 inner
@@ -259,24 +311,21 @@ fn spawn(
         Ok(addr) => tracing::info!(%addr, "listening ({})", mode.describe()),
         Err(error) => tracing::warn!(%configured, %error, "listening, address unknown"),
     }
-    let mode = Arc::new(ArcSwap::from_pointee(mode));
+    let (drain, kind) = Kind::new(shared, &serving.cut, mode);
+    let kind = Arc::new(ArcSwap::from_pointee(kind));
     let (stop, stopped) = shutdown::channel();
-    let (cut, cut_off) = cut_after_removal(shared, &serving.cut, stopped.clone());
-    let serving = Serving {
-        cut,
-        ..serving.clone()
-    };
     tokio::spawn(super::accept_loop(
         listener,
-        mode.clone(),
+        kind.clone(),
         shared.clone(),
-        (serving, cut_off),
+        serving.clone(),
         stopped,
     ));
     Slot {
         configured,
-        mode,
+        kind,
         stop,
+        drain,
     }
 }
 
