@@ -422,6 +422,19 @@ async fn routes_and_backends_export_the_usual_codes_before_any_request() {
             "{code}: {metrics}"
         );
     }
+    // What is answered before routing, and not what only a route's
+    // backends answer.
+    for code in ["400", "404", "408", "431"] {
+        let series = format!("portico_requests_total{{code=\"{code}\",route=\"_none\"}} 0");
+        assert!(
+            metrics.lines().any(|line| line == series),
+            "{series}: {metrics}"
+        );
+    }
+    for code in ["200", "502"] {
+        let series = format!("portico_requests_total{{code=\"{code}\",route=\"_none\"}}");
+        assert!(!metrics.contains(&series), "{series}: {metrics}");
+    }
 }
 
 /// An upstream with no backend to pick warns once for a burst it turns

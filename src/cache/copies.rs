@@ -34,11 +34,11 @@ pub(super) fn copy_key(full: &str, level: u32) -> String {
     key
 }
 
-/// The bit of `level` among an entry's copies ([`Entry::copied`]).
 /// Carried by an answer made of a stored entry outside the hit path (a
-/// stale copy served for a backend's failure): the levels at which the
-/// entry's gzip form saves nothing, so that the compressor sends it plain
-/// as it sends the entry's hits (review60 L3).
+/// stale copy served for a backend's failure, a revalidated one, a
+/// waiter's): the levels at which the entry's gzip form saves nothing, so
+/// that the compressor sends it plain as it sends the entry's hits
+/// (review60 L3, review61 L1).
 #[derive(Debug, Clone, Copy)]
 pub struct Incompressible(u16);
 
@@ -49,6 +49,7 @@ impl Incompressible {
     }
 }
 
+/// The bit of `level` among an entry's copies ([`Entry::copied`]).
 fn bit(level: u32) -> u16 {
     1 << (level % 16)
 }

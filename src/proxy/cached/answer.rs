@@ -193,7 +193,14 @@ pub(super) fn from_entry(
     status: &str,
 ) -> Response<ProxyBody> {
     let head = request.method == Method::HEAD;
-    made_response(entry, age, head, status, made_of(entry, request))
+    let mut response = made_response(entry, age, head, status, made_of(entry, request));
+    // Not a hit the compressor knows the entry of (a stale copy for a
+    // failed fetch, a revalidated one, a waiter's): what it was noted as
+    // not compressing at goes with it (review60 L3, review61 L1).
+    if let Some(note) = entry.incompressible_note() {
+        response.extensions_mut().insert(note);
+    }
+    response
 }
 
 /// The response `made` of `entry`, `age` old, with `status` for its

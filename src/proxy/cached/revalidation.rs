@@ -108,11 +108,7 @@ pub(super) fn stale_on_error(
         "portico; fwd={fwd}; fwd-status={}; detail=stale-if-error{collapsed}",
         code.as_u16()
     );
-    let mut response = from_entry(entry, age, client, &text);
-    if let Some(note) = entry.incompressible_note() {
-        response.extensions_mut().insert(note);
-    }
-    response
+    from_entry(entry, age, client, &text)
 }
 
 /// The stored entry updated by a 304 (RFC 9111 §4.3.4): its header fields
