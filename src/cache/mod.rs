@@ -414,7 +414,7 @@ pub struct Cache {
     /// Bytes stored since the store last let go of what it removed (see
     /// [`Cache::let_go`]): as much, at most, is waiting to be freed.
     unsettled: AtomicU64,
-    /// Replaced by a reload that changed `[cache]` (see [`Cache::retire`]).
+    /// Replaced by a reload that changed `max_size` (see [`Cache::retire`]).
     retired: std::sync::atomic::AtomicBool,
     /// Some generation serving from it trusts proxies, whose forwarded
     /// host may not be the `Host` (see [`Cache::trust_forwarded_hosts`]).
@@ -425,6 +425,8 @@ impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
             .field("max_size", &self.max_size)
+            .field("max_object_size", &self.max_object_size())
+            .field("default_ttl", &self.default_ttl())
             .field("entries", &self.store.entry_count())
             .finish_non_exhaustive()
     }
@@ -578,11 +580,23 @@ impl Cache {
     /// stored from now on; what is stored keeps its lifetime and stays
     /// until it expires or is evicted, as Varnish's objects keep the TTL
     /// they were fetched with across a VCL reload.
-    pub fn retune(&self, config: &config::Cache) {
+    ///
+    /// Says whether anything changed; if so, the marks of what was not
+    /// stored go (see [`Cache::uncacheable`]): a response too large for
+    /// the old `max_object_size`, or without freshness under the old
+    /// `default_ttl`, would otherwise pass the cache by for minutes more
+    /// (review61 L2: ranges of a video too large before were not stored).
+    pub fn retune(&self, config: &config::Cache) -> bool {
         let nanos = u64::try_from(config.default_ttl.as_nanos()).unwrap_or(u64::MAX);
-        self.max_object_size
-            .store(config.max_object_size, Ordering::Relaxed);
-        self.default_ttl.store(nanos, Ordering::Relaxed);
+        let size = self
+            .max_object_size
+            .swap(config.max_object_size, Ordering::Relaxed);
+        let ttl = self.default_ttl.swap(nanos, Ordering::Relaxed);
+        let changed = size != config.max_object_size || ttl != nanos;
+        if changed {
+            self.uncacheable.invalidate_all();
+        }
+        changed
     }
 
     /// `[cache] max_object_size`: larger responses are not stored.

@@ -336,7 +336,7 @@ impl Proxy {
 
     /// A new generation for `config` that keeps what `previous` holds where
     /// the settings allow: upstreams (health, pools) whose settings are
-    /// unchanged, the cache under an unchanged `[cache]`, and the clients'
+    /// unchanged, the cache under an unchanged `max_size`, and the clients'
     /// budgets on routes left in place.
     pub fn rebuild(config: &Config, metrics: Arc<Metrics>, previous: &Proxy) -> Self {
         Self::build(config, metrics, Some(previous))
@@ -380,7 +380,13 @@ impl Proxy {
                 // stored (soak53: any change emptied the cache, and sent
                 // every URL to the backends again).
                 Some(same) => {
-                    same.retune(c);
+                    if same.retune(c) {
+                        tracing::info!(
+                            max_object_size = c.max_object_size,
+                            default_ttl = ?c.default_ttl,
+                            "[cache] retuned: applies to responses stored from now on; those stored keep their lifetimes (purge /* to drop them)"
+                        );
+                    }
                     same.clone()
                 }
                 None => {
