@@ -1460,6 +1460,11 @@ async fn requests_rfc_9112_says_to_reject_never_reach_a_backend() {
             "405",
         ),
         (
+            "connect, in lower case (proto54 L1)",
+            b"connect /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "405",
+        ),
+        (
             "repeated Host",
             b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
             "400",

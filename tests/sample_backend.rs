@@ -533,6 +533,12 @@ async fn the_cache_endpoint_sends_no_content_where_a_status_has_none() {
         assert_eq!(answer.status, status, "{query}");
         assert!(answer.body.is_empty(), "{query}: {:?}", answer.body);
     }
-    let informational = get(&client, &url(&backend, "/cache/x?status=103")).await;
-    assert_eq!(informational.status, StatusCode::BAD_REQUEST);
+    for status in [103, 700] {
+        let refused = get(
+            &client,
+            &url(&backend, &format!("/cache/x?status={status}")),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{status}");
+    }
 }

@@ -296,8 +296,9 @@ fn cache_test(ctx: &Context, request: &Request<Incoming>) -> Response<Body> {
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    // A 1xx is no final answer (hyper would send none at all).
-    if status.is_informational() {
+    // A 1xx is no final answer (hyper would send none at all), and codes
+    // past 599 are none of HTTP's (RFC 9110 §15).
+    if status.is_informational() || status.as_u16() > 599 {
         return error(StatusCode::BAD_REQUEST, "status must be 200 to 599");
     }
     let etag = params.get("etag").map(|e| format!("\"{e}\""));
