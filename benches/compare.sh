@@ -2,7 +2,7 @@
 # Load comparison: portico against nginx, HAProxy and Varnish on this
 # machine, in one run, loopback only. Installs what it needs from Debian,
 # builds portico in release mode, then runs benches/compare.py, which prints
-# the table and the ratios to nginx. Takes about 4 minutes.
+# the table and the ratios to nginx. Takes about 5 minutes.
 #   bash benches/compare.sh            # default: 3 rounds x 4 s per run
 #   ROUNDS=5 DURATION=10 bash benches/compare.sh
 set -euo pipefail

@@ -221,6 +221,8 @@ async fn show_down(
             l.starts_with("portico_backend_up") || l.starts_with("portico_upstream_requests")
         })
         .filter(|l| l.contains(&label))
+        // The usual codes are exported at 0 from the start: what moved.
+        .filter(|l| l.starts_with("portico_backend_up") || !l.ends_with(" 0"))
         .collect();
     for line in &lines {
         println!("  metrics: {line}");
