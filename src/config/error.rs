@@ -129,13 +129,15 @@ impl<'a> Reporter<'a> {
             self.errors.sort_by_key(|e| (e.line == 0, e.line, e.col));
             // A bound on what a reload's rejection holds and logs (ops54
             // M2: a 0.5 MB file's errors took a running proxy to 500 MB,
-            // and the log line was dropped).
-            let all = self.errors.len();
-            if all > MOST_ERRORS {
-                self.errors.truncate(MOST_ERRORS);
+            // and the log line was dropped). The errors about the file as
+            // a whole stay, as they often say why the rest came (review62
+            // L1: `no [[upstream]] defined` went).
+            let placed = self.errors.iter().take_while(|e| e.line != 0).count();
+            if placed > MOST_ERRORS {
+                self.errors.drain(MOST_ERRORS..placed);
                 self.whole(
                     "",
-                    format!("{all} errors: the first {MOST_ERRORS} are shown, fix these and check again for the rest"),
+                    format!("{placed} errors with a place: the first {MOST_ERRORS} are shown, fix these and check again for the rest"),
                 );
             }
             Err(ConfigErrors(self.errors))
@@ -146,12 +148,18 @@ impl<'a> Reporter<'a> {
 /// `message` with control characters escaped (`\0`, `\n`): a value
 /// echoed as written put a raw NUL into the check's output and the log,
 /// and a newline split one message over two lines (review42i L3).
+///
+/// Cut short past [`LONGEST_MESSAGE`] characters: messages echo values as
+/// written, and a thousand of 5 KB each made a reload's rejection one log
+/// line over the log's 4 MiB queue, dropped (review62 L2).
 fn printable(message: String) -> String {
-    if !message.chars().any(char::is_control) {
+    let long = message.len() > LONGEST_MESSAGE;
+    if !long && !message.chars().any(char::is_control) {
         return message;
     }
-    message
+    let mut out: String = message
         .chars()
+        .take(LONGEST_MESSAGE)
         .map(|c| {
             if c.is_control() {
                 c.escape_default().to_string()
@@ -159,8 +167,15 @@ fn printable(message: String) -> String {
                 c.to_string()
             }
         })
-        .collect()
+        .collect();
+    if message.chars().nth(LONGEST_MESSAGE).is_some() {
+        out.push_str("...");
+    }
+    out
 }
+
+/// The longest error message shown, in characters (see [`printable`]).
+const LONGEST_MESSAGE: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -220,6 +235,8 @@ mod tests {
         // The first thousand are shown, and how many there were.
         assert_eq!(errors.len(), MOST_ERRORS + 1);
         assert_eq!((errors[999].line, errors[999].col), (1_000, 1));
-        assert!(errors[MOST_ERRORS].message.starts_with("100000 errors"));
+        assert!(errors[MOST_ERRORS]
+            .message
+            .starts_with("100000 errors with a place"));
     }
 }

@@ -306,7 +306,7 @@ fn a_file_of_many_errors_shows_a_bounded_number_of_them() {
     assert_eq!(said.len(), error::MOST_ERRORS + 1, "{:#?}", &said[..3]);
     assert_eq!(
         said.last().unwrap(),
-        "test.toml: 1500 errors: the first 1000 are shown, fix these and check again for the rest"
+        "test.toml: 1500 errors with a place: the first 1000 are shown, fix these and check again for the rest"
     );
     assert!(
         said[0].ends_with(
@@ -315,6 +315,25 @@ fn a_file_of_many_errors_shows_a_bounded_number_of_them() {
         "{}",
         said[0]
     );
+    // What is said of the file as a whole stays past the cap, as it often
+    // says why the rest came (review62 L1); a value echoed is cut short
+    // (L2: a thousand of 5 KB made one log line over the log's queue).
+    let long = "x".repeat(5_000);
+    let mut text = format!("[server]\nlisten = [\"{long}\"]\n");
+    for i in 0..1_500 {
+        text += &format!(
+            "[[route]]\nname = \"r{i}\"\npath_prefix = \"/r{i}/\"\nupstream = \"missing\"\n"
+        );
+    }
+    let said = errors(&text);
+    assert!(
+        said.iter().any(
+            |line| line.ends_with("no [[upstream]] defined: there is nowhere to send requests")
+        ),
+        "{:#?}",
+        &said[said.len() - 3..]
+    );
+    assert!(said.iter().all(|line| line.len() < 1_200), "{}", said[0]);
 }
 
 #[test]

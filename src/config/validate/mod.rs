@@ -252,30 +252,35 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
     let mut given_names: HashMap<String, usize> = HashMap::new();
     let mut derived_count: HashMap<String, usize> = HashMap::new();
     let mut derived: Vec<(usize, String)> = Vec::new();
+    // The upstreams an `unknown upstream` error lists.
+    let known_upstreams = std::cell::OnceCell::new();
     for (i, spanned) in file.route.iter().enumerate() {
         let key = format!("route[{i}]");
         let raw = spanned.get_ref();
         // Every problem of the route is reported before it is left out.
         let upstream = by_name.get(raw.upstream.get_ref()).copied();
         if upstream.is_none() {
-            let known: Vec<&str> = file
-                .upstream
-                .iter()
-                .map(|u| u.get_ref().name.get_ref().as_str())
-                .filter(|name| name_problem(name).is_none())
-                .collect();
-            // Not `(defined: )` (review43b), nor every name of thousands
-            // for each route that misses (ops54 M2: 2,000 such routes
-            // and 5,000 upstreams made 318 MB of errors).
-            let known = match known.len() {
-                0 => "none".to_owned(),
-                n if n <= MOST_NAMES_SHOWN => known.join(", "),
-                n => format!(
-                    "{}, and {} more",
-                    known[..MOST_NAMES_SHOWN].join(", "),
-                    n - MOST_NAMES_SHOWN
-                ),
-            };
+            let known = known_upstreams.get_or_init(|| {
+                let known: Vec<&str> = file
+                    .upstream
+                    .iter()
+                    .map(|u| u.get_ref().name.get_ref().as_str())
+                    .filter(|name| name_problem(name).is_none())
+                    .collect();
+                // Not `(defined: )` (review43b), nor every name of
+                // thousands for each route that misses (ops54 M2: 2,000
+                // such routes and 5,000 upstreams made 318 MB of errors);
+                // made once, not for each (review62 L3).
+                match known.len() {
+                    0 => "none".to_owned(),
+                    n if n <= MOST_NAMES_SHOWN => known.join(", "),
+                    n => format!(
+                        "{}, and {} more",
+                        known[..MOST_NAMES_SHOWN].join(", "),
+                        n - MOST_NAMES_SHOWN
+                    ),
+                }
+            });
             r.at(
                 raw.upstream.span(),
                 format!("{key}.upstream"),
