@@ -1203,71 +1203,128 @@ async fn a_silent_tls_connection_makes_room_at_max_connections() {
     drop(silent);
 }
 
+/// One answer on `stream`: its head (lower-cased), its body read off.
+async fn answer_on(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+/// A config file serving `backend` on a plain listener, its TLS form (the
+/// same address under `[[server.tls]]`), and the directory holding them
+/// and the certificate; `shutdown_grace` is a second.
+fn switchable(tag: &str, backend: SocketAddr) -> (TempDir, std::path::PathBuf, String, String) {
+    let cert = self_signed("api.test");
+    let dir = temp_dir(tag);
+    std::fs::write(dir.join("api.pem"), &cert.pem).unwrap();
+    std::fs::write(dir.join("api.key"), &cert.key).unwrap();
+    let upstream = format!(
+        "[[upstream]]\nname = \"u\"\nbackends = [\"{backend}\"]\n[[route]]\nupstream = \"u\"\n"
+    );
+    let plain =
+        format!("[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n{upstream}");
+    let tls = format!(
+        "[server]\nlisten = []\nshutdown_grace = \"1s\"\n[[server.tls]]\nlisten = [\"127.0.0.1:0\"]\n\
+         certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{upstream}",
+        dir.join("api.pem").display(),
+        dir.join("api.key").display(),
+    );
+    let file = dir.join("portico.toml");
+    std::fs::write(&file, &plain).unwrap();
+    (dir, file, plain, tls)
+}
+
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+
 /// A reload that switches a plain listener to TLS drains the plaintext
 /// connections open on it: the next answer says `Connection: close` and
-/// the connection ends, where they went on being served for as long as
-/// their clients kept them busy (ops54 M1; nginx ends them too).
+/// the connection ends, and a tunnel still busy is cut `shutdown_grace`
+/// after the reload, as a removed listener's are, where they went on
+/// being served for as long as their clients kept them busy (ops54 M1;
+/// nginx ends them too).
 #[tokio::test]
 async fn a_switch_to_tls_drains_the_plain_connections_open() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = start_backend(BackendOptions::new("b1")).await;
-    let cert = self_signed("api.test");
-    let dir = temp_dir("switch");
-    std::fs::write(dir.join("api.pem"), &cert.pem).unwrap();
-    std::fs::write(dir.join("api.key"), &cert.key).unwrap();
-    let file = dir.join("portico.toml");
-    let upstream = format!(
-        "[[upstream]]\nname = \"u\"\nbackends = [\"{}\"]\n[[route]]\nupstream = \"u\"\n",
-        backend.addr()
-    );
-    std::fs::write(
-        &file,
-        format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{upstream}"),
-    )
-    .unwrap();
+    let (_dir, file, _, tls) = switchable("switch", backend.addr());
     let config = portico::config::load(&file).unwrap();
     let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    // One answer on the connection: its head, then its body.
-    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
-            got.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-length: "))
-            .expect("a length")
-            .trim()
-            .parse()
-            .unwrap();
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).await.unwrap();
-        head
-    }
-    let request = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
-    stream.write_all(request).await.unwrap();
-    assert!(answer(&mut stream).await.starts_with("http/1.1 200"));
+    stream.write_all(HEALTH).await.unwrap();
+    assert!(answer_on(&mut stream).await.starts_with("http/1.1 200"));
+    let mut tunnel = open_echo_tunnel(proxy.addr).await;
+    ping(&mut tunnel).await;
 
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\nlisten = []\n[[server.tls]]\nlisten = [\"127.0.0.1:0\"]\n\
-             certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{upstream}",
-            dir.join("api.pem").display(),
-            dir.join("api.key").display(),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, &tls).unwrap();
+    let switched = std::time::Instant::now();
     proxy.shared.reload().expect("the switch to TLS");
-    stream.write_all(request).await.unwrap();
-    let head = answer(&mut stream).await;
+    stream.write_all(HEALTH).await.unwrap();
+    let head = answer_on(&mut stream).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
     assert!(matches!(ended, Ok(Ok(0))), "{ended:?}");
+    // The tunnel goes on until the grace is over, then is cut.
+    let cut = tokio::time::timeout(STEP, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut echoed = [0u8; 4];
+            if tunnel.write_all(b"ping").await.is_err()
+                || !matches!(tunnel.read_exact(&mut echoed).await, Ok(4))
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the tunnel of the old kind was not cut");
+    assert!(switched.elapsed() >= Duration::from_millis(900));
+}
+
+/// A reload that keeps a listener's kind (new certificates, other
+/// settings), or switches it back, leaves the connections open in it
+/// alone (review62 L7).
+#[tokio::test]
+async fn a_reload_that_keeps_a_listener_s_kind_leaves_its_connections() {
+    use tokio::io::AsyncWriteExt;
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let (_dir, file, plain, tls) = switchable("keep", backend.addr());
+    let config = portico::config::load(&file).unwrap();
+    let proxy = start_proxy_with_admin(config, None, Some(file.clone())).await;
+    // Switched to TLS and back: the connections opened after are plain
+    // ones of the new kind.
+    std::fs::write(&file, &tls).unwrap();
+    proxy.shared.reload().expect("the switch to TLS");
+    std::fs::write(&file, &plain).unwrap();
+    proxy.shared.reload().expect("the switch back");
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(HEALTH).await.unwrap();
+    assert!(answer_on(&mut stream).await.starts_with("http/1.1 200"));
+    let mut tunnel = open_echo_tunnel(proxy.addr).await;
+    std::fs::write(
+        &file,
+        plain.replace("shutdown_grace", "idle_timeout = \"61s\"\nshutdown_grace"),
+    )
+    .unwrap();
+    proxy.shared.reload().expect("a reload of the same kind");
+    stream.write_all(HEALTH).await.unwrap();
+    let head = answer_on(&mut stream).await;
+    assert!(!head.contains("connection: close"), "{head}");
+    ping(&mut tunnel).await;
 }

@@ -2,9 +2,11 @@
 //! A reload binds the addresses it adds (all of them or none: a port in use
 //! rejects the whole reload), stops accepting on the ones it removes (their
 //! open connections drain as at shutdown: in-flight requests finish, then
-//! they close) and swaps the certificates of TLS
-//! listeners in place, so no listener the reload keeps ever drops a
-//! connection. Listeners are keyed by their *configured* address, so
+//! they close, and what still runs `shutdown_grace` later is cut) and swaps
+//! the certificates of TLS listeners in place, so no listener the reload
+//! keeps in its kind ever drops a connection. One whose kind it switches
+//! (plain to TLS or back) drains the connections of the old kind as a
+//! removed one does. Listeners are keyed by their *configured* address, so
 //! `127.0.0.1:0` keeps the port the OS picked across reloads.
 
 use std::net::SocketAddr;
@@ -288,7 +290,7 @@ impl Registry {
                 std::mem::replace(&mut slot.drain, drain).fire();
                 tracing::warn!(
                     addr = %slot.configured,
-                    "listener switched by reload to {now} (was {was}); its connections of the old kind are closed as they finish"
+                    "listener switched by reload to {now} (was {was}); its connections of the old kind are drained, and cut after shutdown_grace"
                 );
             } else if let Some(at) = added.iter().position(|(a, _)| *a == addr) {
                 let (_, listener) = added.swap_remove(at);
@@ -329,10 +331,11 @@ fn spawn(
     }
 }
 
-/// The cut of a listener's connections: the process's (`cut`), or
-/// `shutdown_grace` (the reload's, read as the listener goes: the old
-/// file's in 3 runs of 8 while it was read from the stored configuration,
-/// review53 L1) after a reload removes the listener (`removed`), so that
+/// The cut of a listener's connections of one kind: the process's
+/// (`cut`), or `shutdown_grace` (the reload's, read as the listener goes:
+/// the old file's in 3 runs of 8 while it was read from the stored
+/// configuration, review53 L1) after a reload removes the listener or
+/// switches its kind (`removed`), so that
 /// what it still serves is bounded as at shutdown. Only its tunnels were (review52 L1: a slow download on a
 /// removed address went on for as long as it lasted). With it, the flag
 /// set just before it fires, which the access lines of what it cuts read
