@@ -408,6 +408,15 @@ async fn a_reload_that_tunes_the_cache_keeps_what_it_holds() {
     // What was too large before is stored now, asked for by a range too
     // (review61 L2: its mark sent ranges past the cache for minutes).
     assert_eq!(ranged().await, "portico; fwd=miss; fwd-status=200; stored");
+    // The rest of the body is read after the range is sent: stored then.
+    let cache = proxy.shared.proxy.load().cache().unwrap().clone();
+    let stored = tokio::time::timeout(STEP, async {
+        while cache.stats().await.0 < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stored.is_ok(), "the whole response never stored");
     assert_eq!(ranged().await, "portico; hit");
     assert_eq!(backend.requests(), 5);
     let _ = std::fs::remove_dir_all(&dir);

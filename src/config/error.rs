@@ -153,28 +153,33 @@ impl<'a> Reporter<'a> {
 /// written, and a thousand of 5 KB each made a reload's rejection one log
 /// line over the log's 4 MiB queue, dropped (review62 L2).
 fn printable(message: String) -> String {
-    let long = message.len() > LONGEST_MESSAGE;
-    if !long && !message.chars().any(char::is_control) {
-        return message;
-    }
-    let mut out: String = message
-        .chars()
-        .take(LONGEST_MESSAGE)
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect();
-    if message.chars().nth(LONGEST_MESSAGE).is_some() {
-        out.push_str("...");
+    let mut out = if message.chars().any(char::is_control) {
+        message
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        message
+    };
+    if out.len() > LONGEST_MESSAGE {
+        let mut end = LONGEST_MESSAGE;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
     }
     out
 }
 
-/// The longest error message shown, in characters (see [`printable`]).
+/// The longest error message shown, in bytes once escaped (see
+/// [`printable`]).
 const LONGEST_MESSAGE: usize = 1024;
 
 #[cfg(test)]

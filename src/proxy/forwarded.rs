@@ -60,7 +60,7 @@ pub fn elements_from_right(line: &[u8]) -> impl Iterator<Item = &[u8]> {
             match line[at] {
                 // Inside a quoted-string, `\"` is a quote character, not
                 // its end: an odd run of backslashes before it escapes it.
-                b'"' if !quoted || escapes(&line[..at]) % 2 == 0 => quoted = !quoted,
+                b'"' if !quoted || escapes(&line[..at]).is_multiple_of(2) => quoted = !quoted,
                 b',' if !quoted => {
                     let element = &line[at + 1..end];
                     end = at;

@@ -384,7 +384,7 @@ impl Proxy {
                         tracing::info!(
                             max_object_size = c.max_object_size,
                             default_ttl = ?c.default_ttl,
-                            "[cache] retuned: applies to responses stored from now on; those stored keep their lifetimes (purge /* to drop them)"
+                            "[cache] retuned: applies to responses stored from now on; those stored keep their lifetimes (a bare DELETE /cache drops them)"
                         );
                     }
                     same.clone()
