@@ -500,20 +500,8 @@ async fn reload_adds_and_removes_listeners_without_touching_the_others() {
     // The tunnel goes on for `shutdown_grace`, then is cut, busy as it
     // is, as a shutdown would cut it (review29a F5), where a busy one went
     // on for good.
-    let cut = tokio::time::timeout(STEP, async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let mut echoed = [0u8; 4];
-            if tunnel.write_all(b"ping").await.is_err()
-                || !matches!(tunnel.read_exact(&mut echoed).await, Ok(4))
-            {
-                return;
-            }
-        }
-    })
-    .await;
     assert!(
-        cut.is_ok(),
+        until_cut(&mut tunnel).await,
         "the removed listener's busy tunnel stayed open"
     );
     assert_eq!(

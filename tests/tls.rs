@@ -1281,19 +1281,10 @@ async fn a_switch_to_tls_drains_the_plain_connections_open() {
     let ended = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await;
     assert!(matches!(ended, Ok(Ok(0))), "{ended:?}");
     // The tunnel goes on until the grace is over, then is cut.
-    let cut = tokio::time::timeout(STEP, async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let mut echoed = [0u8; 4];
-            if tunnel.write_all(b"ping").await.is_err()
-                || !matches!(tunnel.read_exact(&mut echoed).await, Ok(4))
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(cut.is_ok(), "the tunnel of the old kind was not cut");
+    assert!(
+        until_cut(&mut tunnel).await,
+        "the tunnel of the old kind was not cut"
+    );
     assert!(switched.elapsed() >= Duration::from_millis(900));
 }
 

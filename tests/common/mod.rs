@@ -744,3 +744,22 @@ pub fn counted_series(metrics: &str, holding: &str) -> bool {
         .lines()
         .any(|line| !line.starts_with('#') && line.contains(holding) && !line.ends_with(" 0"))
 }
+
+/// Pings an echo `tunnel` every 50 ms until it is cut (a write or an echo
+/// fails): whether that came within [`STEP`].
+pub async fn until_cut(tunnel: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cut = tokio::time::timeout(STEP, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut echoed = [0u8; 4];
+            if tunnel.write_all(b"ping").await.is_err()
+                || !matches!(tunnel.read_exact(&mut echoed).await, Ok(4))
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    cut.is_ok()
+}
