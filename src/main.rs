@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             // (certificates, token) included.
             match portico::config::load_keeping_text(&path) {
                 Ok((config, text)) => {
-                    say_check_warnings(&config, &text, &path);
+                    say_check_warnings(&cli.standard, &config, &text, &path);
                     say("configuration ok");
                     ExitCode::SUCCESS
                 }
@@ -154,8 +154,14 @@ fn refuse(flags: &StandardFlags, errors: portico::config::ConfigErrors) {
 /// What the start would warn of, said by `check` before it (review35d 6:
 /// `check` said only "configuration ok"), each at the line that sets it,
 /// as `nginx -t` says its warnings (review42i M2). `text` is the file
-/// `path` as read.
-fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::path::Path) {
+/// `path` as read. With `--log-format json`, each is a log record, as the
+/// errors are (ops54 L4: plain lines among JSON ones).
+fn say_check_warnings(
+    flags: &StandardFlags,
+    config: &portico::config::Config,
+    text: &str,
+    path: &std::path::Path,
+) {
     let mut warnings: Vec<(String, String)> = Vec::new();
     let cap = config.server.max_connections;
     if let Some((max, limit)) =
@@ -207,8 +213,19 @@ fn say_check_warnings(config: &portico::config::Config, text: &str, path: &std::
             warnings.push((key, said));
         }
     }
+    let json = matches!(flags.log_format, portico::cli::LogFormat::Json);
+    if json && !warnings.is_empty() {
+        flags.init_logging();
+    }
     for (key, said) in warnings {
         let (key, at) = written.place(&key);
+        if json {
+            match &at {
+                Some(at) => tracing::warn!(at = %at, key = %key, "{said}"),
+                None => tracing::warn!(key = %key, "{said}"),
+            }
+            continue;
+        }
         // The key, as errors say it, unless the warning
         // begins with it.
         let key = if said.starts_with(&key) {

@@ -91,6 +91,17 @@ fn check_warns_of_a_queue_timeout_without_a_cap() {
             file.display()
         )
     );
+    // With `--log-format json`, a record, as the errors are (ops54 L4).
+    let out = Command::new(PORTICO)
+        .args(["check", "--log-format", "json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let record: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON record");
+    assert_eq!(record["level"], "WARN", "{stderr}");
+    assert_eq!(record["key"], "upstream[0].queue_timeout", "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
