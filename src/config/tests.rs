@@ -351,6 +351,14 @@ fn every_error_names_file_line_col_and_key() {
                 "test.toml:6:12: route[0].upstream: unknown upstream `b` (defined: a)",
             ],
         ),
+        // A duplicated name is listed once (ops54 L5).
+        (
+            "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:2\"]\n[[route]]\nupstream = \"b\"\n",
+            &[
+                "test.toml:5:8: upstream[1].name: upstream `a` is defined twice",
+                "test.toml:8:12: route[0].upstream: unknown upstream `b` (defined: a)",
+            ],
+        ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\ntls_ca = \"ca.pem\"\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:4:10: upstream[0].tls_ca: needs `tls = true`"],

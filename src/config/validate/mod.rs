@@ -261,11 +261,14 @@ pub fn validate(file: raw::File, r: R, base: &Path) -> Config {
         let upstream = by_name.get(raw.upstream.get_ref()).copied();
         if upstream.is_none() {
             let known = known_upstreams.get_or_init(|| {
+                // Each name once: a duplicated one is an error of its
+                // own (ops54 L5: `(defined: a, a)`).
+                let mut seen = HashSet::new();
                 let known: Vec<&str> = file
                     .upstream
                     .iter()
                     .map(|u| u.get_ref().name.get_ref().as_str())
-                    .filter(|name| name_problem(name).is_none())
+                    .filter(|name| name_problem(name).is_none() && seen.insert(*name))
                     .collect();
                 // Not `(defined: )` (review43b), nor every name of
                 // thousands for each route that misses (ops54 M2: 2,000
