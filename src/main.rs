@@ -220,10 +220,7 @@ fn say_check_warnings(
     for (key, said) in warnings {
         let (key, at) = written.place(&key);
         if json {
-            match &at {
-                Some(at) => tracing::warn!(at = %at, key = %key, "{said}"),
-                None => tracing::warn!(key = %key, "{said}"),
-            }
+            tracing::warn!(at = at.as_deref(), key = %key, "{said}");
             continue;
         }
         // The key, as errors say it, unless the warning

@@ -169,7 +169,8 @@ impl Entry {
     /// where compressing each anew cost a whole deflate per hit and sent
     /// more bytes than the plain body (review58 M1).
     pub fn incompressible(&self, level: u32) -> bool {
-        self.incompressible.load(Ordering::Acquire) & bit(level) != 0
+        self.incompressible_note()
+            .is_some_and(|note| note.at(level))
     }
 
     /// What this entry was noted as not compressing at, if anything (see

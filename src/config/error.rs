@@ -149,7 +149,8 @@ impl<'a> Reporter<'a> {
 /// echoed as written put a raw NUL into the check's output and the log,
 /// and a newline split one message over two lines (review42i L3).
 ///
-/// Cut short past [`LONGEST_MESSAGE`] characters: messages echo values as
+/// Cut short past [`LONGEST_MESSAGE`] bytes once escaped, at a character
+/// boundary: messages echo values as
 /// written, and a thousand of 5 KB each made a reload's rejection one log
 /// line over the log's 4 MiB queue, dropped (review62 L2).
 fn printable(message: String) -> String {

@@ -392,18 +392,25 @@ impl Compressor {
             self.vary_as_whole(&asked, &mut parts.headers, HeaderMap::new());
             return http::Response::from_parts(parts, body);
         }
-        let mut decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
-        // A stale copy of an entry whose gzip form saves nothing: sent as
-        // its hits are (see `apply_stored`).
-        if decision == Decision::Compress
-            && parts
-                .extensions
-                .get::<Incompressible>()
-                .is_some_and(|note| note.at(self.config.level))
-        {
-            decision = Decision::Vary;
-        }
+        // An answer made of an entry that is no hit (a stale copy, a
+        // revalidated one) carries what the entry was noted as.
+        let decision = self.unless_noted(
+            self.decide(&asked, parts.status, &parts.headers, body.size_hint()),
+            parts.extensions.get::<Incompressible>().copied(),
+        );
         self.act(decision, &asked, parts, body, None)
+    }
+
+    /// `decision`, unless it is to compress a stored entry's body whose
+    /// gzip form at this level was `noted` as saving nothing: then sent as
+    /// it is, saying it varies (review58 M1).
+    fn unless_noted(&self, decision: Decision, noted: Option<Incompressible>) -> Decision {
+        match noted {
+            Some(noted) if decision == Decision::Compress && noted.at(self.config.level) => {
+                Decision::Vary
+            }
+            _ => decision,
+        }
     }
 
     /// [`Compressor::apply`] for a hit from the cache, made of `stored`,
@@ -431,11 +438,10 @@ impl Compressor {
             return FromStored::Sent(sent);
         }
         let (parts, body) = response.into_parts();
-        let mut decision = self.decide(&asked, parts.status, &parts.headers, body.size_hint());
-        // Its gzip form saves nothing: sent as it is, saying it varies.
-        if decision == Decision::Compress && stored.entry.incompressible(self.config.level) {
-            decision = Decision::Vary;
-        }
+        let decision = self.unless_noted(
+            self.decide(&asked, parts.status, &parts.headers, body.size_hint()),
+            stored.entry.incompressible_note(),
+        );
         if decision != Decision::Compress {
             return FromStored::Sent(self.act(decision, &asked, parts, body, None));
         }

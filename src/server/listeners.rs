@@ -267,11 +267,11 @@ impl Registry {
         for (addr, mode) in wanted {
             if let Some(slot) = inner.slots.iter_mut().find(|s| s.configured == addr) {
                 let now = mode.describe();
-                let was = slot.kind.load().mode.describe();
+                let old = slot.kind.load_full();
+                let was = old.mode.describe();
                 if was == now {
                     // New certificates for the connections that follow;
                     // those open go on.
-                    let old = slot.kind.load();
                     slot.kind.store(Arc::new(Kind {
                         mode,
                         stopped: old.stopped.clone(),
