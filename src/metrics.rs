@@ -890,9 +890,7 @@ impl RouteMetrics {
     }
 
     pub fn record(&self, code: u16, seconds: f64) {
-        if let Some(counter) = code_counter(&self.codes, &self.requests, &[&self.name], code) {
-            counter.inc();
-            self.answered.add();
+        if self.tally(code) {
             self.duration.observe(seconds);
         }
     }
@@ -900,10 +898,19 @@ impl RouteMetrics {
     /// Counts an answer that had no request to time: a head the parser
     /// refused. It stays out of the duration histogram.
     pub fn count(&self, code: u16) {
-        if let Some(counter) = code_counter(&self.codes, &self.requests, &[&self.name], code) {
-            counter.inc();
-            self.answered.add();
-        }
+        self.tally(code);
+    }
+
+    /// Counts an answer with `code` in its series and in the answered
+    /// total; false for a code no series takes.
+    fn tally(&self, code: u16) -> bool {
+        let counter = code_counter(&self.codes, &self.requests, &[&self.name], code);
+        counter
+            .inspect(|counter| {
+                counter.inc();
+                self.answered.add();
+            })
+            .is_some()
     }
 
     pub fn throttled(&self) {
