@@ -255,6 +255,8 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
+    use crate::test_support::Counted;
+
     /// Polls `done` until it holds, for at most five seconds.
     async fn until(done: impl Fn() -> bool) -> bool {
         let waited = tokio::time::timeout(Duration::from_secs(5), async {
@@ -312,16 +314,6 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .is_ok());
-    }
-
-    /// A task waker that counts its wakes.
-    #[derive(Default)]
-    struct Counted(AtomicUsize);
-
-    impl Wake for Counted {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     #[test]

@@ -13,3 +13,13 @@ pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     }
     map
 }
+
+/// A task waker that counts its wakes.
+#[derive(Default)]
+pub struct Counted(pub std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Counted {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}

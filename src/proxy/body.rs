@@ -1286,6 +1286,19 @@ impl ProxyBody {
         ProxyBody::Full { data: None }
     }
 
+    /// Its client takes it slower than its backend sends it: the backend
+    /// is read in small pieces from then on (see
+    /// [`UpstreamBody::slow_client`]). A body read ahead for the cache is
+    /// read at the cache's pace, not the client's.
+    pub fn slow_client(&self) {
+        match self {
+            ProxyBody::Stream { inner, .. } => inner.inner.slow_client(),
+            ProxyBody::Slice(slice) => slice.inner.slow_client(),
+            ProxyBody::Gzip(gzip) => gzip.inner.slow_client(),
+            ProxyBody::Full { .. } | ProxyBody::Ahead(_) => {}
+        }
+    }
+
     pub fn stream(
         inner: UpstreamBody,
         stall_timeout: Duration,

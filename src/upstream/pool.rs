@@ -194,6 +194,7 @@ impl Conn {
         if let Some(head) = &self.head {
             if waits {
                 head.head_bytes.store(0, Ordering::Relaxed);
+                head.small_reads.store(false, Ordering::Relaxed);
             }
             head.heading.store(waits, Ordering::Relaxed);
         }
@@ -264,7 +265,19 @@ struct HeadWait {
     /// Set once: such a connection is not reused.
     answered_upload: std::sync::OnceLock<UploadWatch>,
     answered: tokio::sync::Notify,
+    /// The response's client takes its body slower than the backend sends
+    /// it (see [`UpstreamBody::slow_client`]): reads stop at
+    /// [`SMALL_READ`] until the next request.
+    small_reads: std::sync::atomic::AtomicBool,
 }
+
+/// The most read from a backend at once for a client slower than it: what
+/// such a stream holds in memory is a few reads' buffers (hyper's read
+/// buffer grows with reads that fill it, up to [`super::UPSTREAM_READ_BUFFER`],
+/// and each frame relayed is a slice that keeps its whole buffer alive).
+/// Not for every body: 16 KiB reads cost a large body to a fast client
+/// twice the CPU of 72 KiB ones.
+const SMALL_READ: usize = 16 * 1024;
 
 /// How long a backend that has answered in full may take nothing of the
 /// rest of an upload before it is let go (see [`HeadWait::late`]), when
@@ -362,7 +375,14 @@ impl hyper::rt::Read for Watched {
         let n = {
             // SAFETY: the ReadBuf only writes initialised bytes into the
             // cursor's memory, and reports how many.
-            let mut read = hyper::rt::ReadBuf::uninit(unsafe { buf.as_mut() });
+            let room = unsafe { buf.as_mut() };
+            let room = if self.head.small_reads.load(Ordering::Relaxed) {
+                let len = room.len().min(SMALL_READ);
+                &mut room[..len]
+            } else {
+                room
+            };
+            let mut read = hyper::rt::ReadBuf::uninit(room);
             match Pin::new(&mut self.io).poll_read(cx, read.unfilled()) {
                 Poll::Ready(Ok(())) => read.filled().len(),
                 other => return other,
@@ -1287,6 +1307,15 @@ impl UpstreamBody {
         reused.or(self.head.as_ref()).map(|head| &**head)
     }
 
+    /// The client takes the body slower than the backend sends it: the
+    /// rest is read in [`SMALL_READ`] pieces, which is all a slow stream
+    /// then holds of it.
+    pub fn slow_client(&self) {
+        if let Some(head) = self.wait_record() {
+            head.small_reads.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// The response did not end cleanly (see [`HeadWait::cut`]).
     fn mark_cut(&self) {
         if let Some(head) = self.wait_record() {
@@ -1478,6 +1507,42 @@ mod tests {
             .header("host", "backend")
             .body(RequestBody::empty())
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_for_a_slow_client_is_read_in_small_pieces() {
+        const LENGTH: usize = 1 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n");
+            let mut response = head.into_bytes();
+            response.resize(response.len() + LENGTH, b'x');
+            let _ = stream.write_all(&response).await;
+            let _ = stream.read(&mut buf).await;
+        });
+        let pool = pool(addr);
+        let response = tokio::time::timeout(STEP, pool.send(0, get(), false, false, true))
+            .await
+            .expect("the head comes")
+            .unwrap();
+        let mut body = response.into_body();
+        body.slow_client();
+        let mut sizes = Vec::new();
+        while let Some(frame) = tokio::time::timeout(STEP, body.frame())
+            .await
+            .expect("the body comes")
+        {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), LENGTH);
+        // What hyper read before it was told (the head's read, and one
+        // read ahead of its reader) may come in larger pieces.
+        let large: Vec<_> = sizes.iter().skip(2).filter(|&&n| n > SMALL_READ).collect();
+        assert!(large.is_empty(), "pieces over {SMALL_READ}: {large:?}");
     }
 
     #[tokio::test]
