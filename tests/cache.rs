@@ -2373,6 +2373,89 @@ async fn a_weakly_matching_304_keeps_the_stored_etag_and_a_private_one_is_not_ke
     assert_eq!(after.header("cache-status"), "portico; fwd=miss; stored");
 }
 
+/// A 304 updates the stored response, which is then judged as a whole
+/// (RFC 9111 §4.3.4), not by the 304's own fields.
+#[tokio::test]
+async fn a_304_is_judged_with_the_response_it_updates() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        let french = head.contains("accept-language: fr");
+        match (
+            head.contains("if-none-match"),
+            head.split_whitespace().nth(1),
+        ) {
+            // The 304 need not repeat the CDN-Cache-Control that overrides
+            // its Cache-Control (RFC 9213).
+            (true, Some("/cdn")) => {
+                &b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: no-store\r\n\r\n"[..]
+            }
+            (false, Some("/cdn")) => {
+                b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCDN-Cache-Control: max-age=1\r\n\
+                  Cache-Control: no-store\r\nContent-Length: 2\r\n\r\nok"
+            }
+            // A status that never gets default_ttl: the 304 leaves it none.
+            (true, Some("/moved")) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"r\"\r\nCache-Control: public\r\n\r\n"
+            }
+            (false, Some("/moved")) => {
+                b"HTTP/1.1 302 Found\r\nETag: \"r\"\r\nCache-Control: max-age=1\r\n\
+                  Location: /login\r\nContent-Length: 0\r\n\r\n"
+            }
+            // One variant's private 304 leaves the other variant be.
+            (true, _) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"fr\"\r\nVary: Accept-Language\r\n\
+                  Cache-Control: private, max-age=60\r\n\r\n"
+            }
+            (false, _) if french => {
+                b"HTTP/1.1 200 OK\r\nETag: \"fr\"\r\nVary: Accept-Language\r\n\
+                  Cache-Control: max-age=1\r\nContent-Length: 2\r\n\r\nfr"
+            }
+            (false, _) => {
+                b"HTTP/1.1 200 OK\r\nETag: \"en\"\r\nVary: Accept-Language\r\n\
+                  Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nen"
+            }
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
+    config.cache.as_mut().unwrap().default_ttl = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let url = proxy.url("/variants");
+    for path in ["/cdn", "/moved"] {
+        get(&client, &proxy.url(path)).await;
+    }
+    for value in ["en", "fr"] {
+        let stored = get_with(&client, &url, &[("accept-language", value)]).await;
+        assert!(stored.header("cache-status").ends_with("miss; stored"));
+    }
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    for path in ["/cdn", "/moved"] {
+        let revalidated = get(&client, &proxy.url(path)).await;
+        assert_eq!(
+            revalidated.header("cache-status"),
+            "portico; fwd=stale; fwd-status=304",
+            "{path}"
+        );
+    }
+    let french = get_with(&client, &url, &[("accept-language", "fr")]).await;
+    assert_eq!(
+        french.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    // Kept, fresh for its CDN-Cache-Control's second again.
+    let cdn = get(&client, &proxy.url("/cdn")).await;
+    assert_eq!(cdn.header("cache-status"), "portico; hit");
+    // Served once: not for default_ttl.
+    let moved = get(&client, &proxy.url("/moved")).await;
+    assert_ne!(moved.header("cache-status"), "portico; hit");
+    // The English copy still has 55 s to go.
+    let english = get_with(&client, &url, &[("accept-language", "en")]).await;
+    assert_eq!(english.header("cache-status"), "portico; hit");
+    assert_eq!(english.body, "en");
+}
+
 #[tokio::test]
 async fn a_cookie_set_by_a_304_goes_to_its_client_only() {
     let addr = answering_when(

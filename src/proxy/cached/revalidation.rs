@@ -31,8 +31,9 @@ pub(super) enum Revalidated {
     Mismatch,
     /// The entry refreshed with its fields, to be stored...
     Store(Entry),
-    /// ... or served this once, when the 304 says `no-store` or `private`:
-    /// the stale entry then goes too.
+    /// ... or served this once, when the entry it makes may not be stored
+    /// (the 304 says `no-store` or `private`, or leaves it no freshness):
+    /// the stale copy of this variant then goes too.
     Once(Entry),
 }
 
@@ -40,17 +41,42 @@ pub(super) fn judge_304(
     cache: &Cache,
     entry: &Entry,
     not_modified: &HeaderMap,
-    request_time: std::time::SystemTime,
+    fetch: &Fetch,
 ) -> Revalidated {
     if !policy::selects(&entry.headers, not_modified) {
         return Revalidated::Mismatch;
     }
-    let updated = refreshed(cache, entry, not_modified, request_time);
-    let cc = policy::parse_response(not_modified);
-    if cc.no_store || cc.private || cc.unreadable {
-        Revalidated::Once(updated)
-    } else {
-        Revalidated::Store(updated)
+    let (headers, arrived) = merged(cache, entry, not_modified);
+    // The stored response updated is judged as any response is, by its
+    // fields and status: not by the 304's alone, which need not repeat a
+    // `CDN-Cache-Control` that overrides its `Cache-Control` (RFC 9213:
+    // every revalidation of a "portico max-age, browsers no-store" entry
+    // dropped it, and the requests behind it each fetched the whole
+    // response, cache55 M1), and never with `default_ttl` for a status
+    // that does not get it (a 302 or 500 revalidated was served for
+    // `default_ttl`, cache55 L2).
+    let cc = policy::parse_response(&headers);
+    let storable = policy::storable(
+        &Method::GET,
+        &fetch.request_headers,
+        &fetch.request_cc,
+        entry.status,
+        &headers,
+        &cc,
+        cache.default_ttl(),
+    );
+    let lifetime = match &storable {
+        Ok(lifetime) => *lifetime,
+        Err(_) => policy::explicit_lifetime(&headers, &cc).unwrap_or_default(),
+    };
+    // The response is as old as the 304 says (its own Date and Age), not
+    // as the merged fields say: an Age or Date kept from the first
+    // response would age the refreshed entry from the start.
+    let timing = Timing::new(not_modified, fetch.request_time, arrived);
+    let updated = refreshed(entry, headers, cc, lifetime, timing);
+    match storable {
+        Ok(_) => Revalidated::Store(updated),
+        Err(_) => Revalidated::Once(updated),
     }
 }
 
@@ -72,7 +98,12 @@ pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidat
         }
         Revalidated::Once(_) => {
             release(fetch.leader.as_ref());
-            cache.invalidate(fetch.fill.primary()).await;
+            // This variant's copy only (as `forget_if_replaced` drops
+            // one): the URL's others, and fetches of them under way, are
+            // still what the origin serves (cache55 L1).
+            if let Some(full) = cache.key_for(fetch.fill.primary(), &fetch.request_headers) {
+                cache.forget_variant(&full).await;
+            }
         }
         Revalidated::Mismatch => {}
     }
@@ -111,14 +142,13 @@ pub(super) fn stale_on_error(
     from_entry(entry, age, client, &text)
 }
 
-/// The stored entry updated by a 304 (RFC 9111 §4.3.4): its header fields
-/// replace the stored ones, the body stays.
-pub(super) fn refreshed(
+/// The stored entry's fields updated by a 304 (RFC 9111 §4.3.4): its
+/// fields replace the stored ones; and when it came.
+fn merged(
     cache: &Cache,
     entry: &Entry,
     not_modified: &HeaderMap,
-    request_time: std::time::SystemTime,
-) -> Entry {
+) -> (HeaderMap, std::time::SystemTime) {
     // The 304's own hop-by-hop fields (`Connection: close`, `Keep-Alive`)
     // must not be stored and replayed on every later hit.
     let mut not_modified = not_modified.clone();
@@ -164,18 +194,25 @@ pub(super) fn refreshed(
             headers.insert(header::DATE, date);
         }
     }
-    let cc = policy::parse_response(&headers);
-    let lifetime = policy::explicit_lifetime(&headers, &cc).unwrap_or(cache.default_ttl());
+    (headers, arrived)
+}
+
+/// The stored entry updated by a 304: its `headers` (see [`merged`]),
+/// the body stays.
+fn refreshed(
+    entry: &Entry,
+    headers: HeaderMap,
+    cc: CacheControl,
+    lifetime: Duration,
+    timing: Timing,
+) -> Entry {
     let refreshed = Entry::new(
         entry.status,
         entry.reason.clone(),
         // The 304's values are slices of its connection's read buffer.
         crate::cache::detached(&headers),
         entry.body.clone(),
-        // The response is as old as the 304 says (its own Date and Age),
-        // not as the merged fields say: an Age or Date kept from the first
-        // response would age the refreshed entry from the start.
-        Timing::new(&not_modified, request_time, arrived),
+        timing,
         lifetime,
         cc,
     );
@@ -270,7 +307,7 @@ pub(super) async fn revalidate(
             }
         };
         if response.status() == StatusCode::NOT_MODIFIED && validated && !refetched {
-            let judged = judge_304(cache, &entry, response.headers(), fetch.request_time);
+            let judged = judge_304(cache, &entry, response.headers(), &fetch);
             let updated = match &judged {
                 Revalidated::Mismatch => {
                     // Fetch it whole, once, as a miss would (and counted
@@ -392,7 +429,7 @@ pub(super) async fn refresh(
         };
     fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
     if response.status() == StatusCode::NOT_MODIFIED {
-        match judge_304(&cache, &entry, response.headers(), fetch.request_time) {
+        match judge_304(&cache, &entry, response.headers(), &fetch) {
             Revalidated::Mismatch => {
                 // As in `revalidate`: fetch it whole, once. The 304 and
                 // its slot go first: held, under a `max_conns` of 1 the
