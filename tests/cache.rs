@@ -2390,7 +2390,7 @@ async fn a_304_is_judged_with_the_response_it_updates() {
                 &b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: no-store\r\n\r\n"[..]
             }
             (false, Some("/cdn")) => {
-                b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCDN-Cache-Control: max-age=1\r\n\
+                b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCDN-Cache-Control: max-age=30\r\n\
                   Cache-Control: no-store\r\nContent-Length: 2\r\n\r\nok"
             }
             // A status that never gets default_ttl: the 304 leaves it none.
@@ -2412,7 +2412,7 @@ async fn a_304_is_judged_with_the_response_it_updates() {
             }
             (false, _) => {
                 b"HTTP/1.1 200 OK\r\nETag: \"en\"\r\nVary: Accept-Language\r\n\
-                  Cache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nen"
+                  Cache-Control: max-age=600\r\nContent-Length: 2\r\n\r\nen"
             }
         }
     })
@@ -2430,7 +2430,7 @@ async fn a_304_is_judged_with_the_response_it_updates() {
         let stored = get_with(&client, &url, &[("accept-language", value)]).await;
         assert!(stored.header("cache-status").ends_with("miss; stored"));
     }
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    cache_of(&proxy).advance_clock(Duration::from_secs(60));
     for path in ["/cdn", "/moved"] {
         let revalidated = get(&client, &proxy.url(path)).await;
         assert_eq!(
@@ -2444,16 +2444,63 @@ async fn a_304_is_judged_with_the_response_it_updates() {
         french.header("cache-status"),
         "portico; fwd=stale; fwd-status=304"
     );
-    // Kept, fresh for its CDN-Cache-Control's second again.
+    // Kept, fresh for its CDN-Cache-Control's 30 s again.
     let cdn = get(&client, &proxy.url("/cdn")).await;
     assert_eq!(cdn.header("cache-status"), "portico; hit");
-    // Served once: not for default_ttl.
+    // Served once, not for default_ttl: fetched whole again.
     let moved = get(&client, &proxy.url("/moved")).await;
-    assert_ne!(moved.header("cache-status"), "portico; hit");
-    // The English copy still has 55 s to go.
+    assert_eq!(moved.header("cache-status"), "portico; fwd=miss; stored");
+    // The French copy went; the English one has 540 s to go.
+    let french = get_with(&client, &url, &[("accept-language", "fr")]).await;
+    assert!(french.header("cache-status").ends_with("miss; stored"));
     let english = get_with(&client, &url, &[("accept-language", "en")]).await;
     assert_eq!(english.header("cache-status"), "portico; hit");
     assert_eq!(english.body, "en");
+}
+
+/// A client with `Authorization` revalidating a copy stored for everyone
+/// refreshes it; a private 304 to it is its own, and leaves the copy be.
+#[tokio::test]
+async fn a_304_to_a_logged_in_client_leaves_the_shared_copy() {
+    let addr = scripted_backend(|head| {
+        let head = head.to_ascii_lowercase();
+        match (head.contains("if-none-match"), head.contains("/private")) {
+            (true, false) => &b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n"[..],
+            (true, true) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: private\r\n\r\n"
+            }
+            _ => {
+                b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=30\r\n\
+                   Content-Length: 2\r\n\r\nok"
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let client = client();
+    for path in ["/shared", "/private"] {
+        get(&client, &proxy.url(path)).await;
+    }
+    cache_of(&proxy).advance_clock(Duration::from_secs(60));
+    let logged_in = [("authorization", "Bearer alice")];
+    let refreshed = get_with(&client, &proxy.url("/shared"), &logged_in).await;
+    assert_eq!(
+        refreshed.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    let hit = get(&client, &proxy.url("/shared")).await;
+    assert_eq!(hit.header("cache-status"), "portico; hit");
+    let own = get_with(&client, &proxy.url("/private"), &logged_in).await;
+    assert_eq!(
+        own.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
+    // Still there for everyone else, stale as it was.
+    let shared = get(&client, &proxy.url("/private")).await;
+    assert_eq!(
+        shared.header("cache-status"),
+        "portico; fwd=stale; fwd-status=304"
+    );
 }
 
 #[tokio::test]

@@ -56,9 +56,12 @@ pub(super) fn judge_304(
     // that does not get it (a 302 or 500 revalidated was served for
     // `default_ttl`, cache55 L2).
     let cc = policy::parse_response(&headers);
+    // The response's own terms, not the revalidating request's: a client
+    // with `Authorization` revalidating a copy stored for everyone neither
+    // makes it personal nor drops it (review64 H2).
     let storable = policy::storable(
         &Method::GET,
-        &fetch.request_headers,
+        &HeaderMap::new(),
         &fetch.request_cc,
         entry.status,
         &headers,
@@ -97,12 +100,21 @@ pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidat
             }
         }
         Revalidated::Once(_) => {
-            release(fetch.leader.as_ref());
+            // A logged-in client's private answer says nothing of what
+            // everyone else gets (as in `store_or_relay`).
+            if fetch.request_headers.contains_key(header::AUTHORIZATION) {
+                return release(fetch.leader.as_ref());
+            }
             // This variant's copy only (as `forget_if_replaced` drops
             // one): the URL's others, and fetches of them under way, are
-            // still what the origin serves (cache55 L1).
+            // still what the origin serves (cache55 L1). Dropped before its
+            // waiters go, and they fetch as a miss: none revalidates the
+            // copy on its way out.
             if let Some(full) = cache.key_for(fetch.fill.primary(), &fetch.request_headers) {
                 cache.forget_variant(&full).await;
+            }
+            if let Some(leader) = &fetch.leader {
+                leader.release_replacing();
             }
         }
         Revalidated::Mismatch => {}
