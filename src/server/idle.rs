@@ -41,11 +41,10 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::body::{plus, BodyError, ProxyBody, UploadEnded};
+use crate::proxy::body::{plus, BodyError, ProxyBody, UploadEnded, WriteAhead, SMALL_READ};
 use crate::proxy::AccessTail;
 
 /// What the watchdog reads, bumped by the connection as it works.
@@ -120,16 +119,10 @@ pub(super) struct Activity {
     /// whole, the connection ends with a reset (see
     /// [`Activity::close_framed_answered`]).
     close_framed: AtomicBool,
-    /// HTTP/1 response body bytes handed to hyper since its write queue
-    /// was last empty (see [`Activity::held_back`]).
-    unwritten: AtomicUsize,
-    /// The response body waiting for that queue to empty.
-    written: AtomicWaker,
+    /// What HTTP/1 response bodies have handed hyper and it has not
+    /// written yet (see [`WriteAhead`]).
+    write_ahead: WriteAhead,
 }
-
-/// The body bytes an HTTP/1 response hands hyper before it waits for them
-/// to be written (see [`Activity::held_back`]).
-const WRITE_AHEAD: usize = 16 * 1024;
 
 /// The head timer at one look of the watchdog.
 #[derive(Debug, Clone, Copy, Default)]
@@ -235,46 +228,7 @@ impl Activity {
             broke: AtomicBool::new(false),
             reset: AtomicBool::new(false),
             close_framed: AtomicBool::new(false),
-            unwritten: AtomicUsize::new(0),
-            written: AtomicWaker::new(),
-        }
-    }
-
-    /// Whether an HTTP/1 response body should wait before its next frame:
-    /// hyper keeps asking for frames while its write queue is under its
-    /// `max_buf_size` (64 KiB here, tied to the head limit), and each frame
-    /// it holds for a slow client is a slice of a backend read buffer (up
-    /// to 72 KiB) that stays allocated while any slice of it lives: about
-    /// 270 KiB a stream, where nginx without `proxy_buffering` holds one
-    /// buffer. Past [`WRITE_AHEAD`] bytes handed and not yet written, the
-    /// next frame waits (and so does the backend's next read) until hyper
-    /// has written its queue, which it says by flushing the socket (see
-    /// [`Activity::queue_written`]); the body's backend is read in small
-    /// pieces from then on (`ProxyBody::slow_client`). Together, ~105 KiB
-    /// a stream; either alone saved little.
-    fn held_back(&self, cx: &mut Context<'_>) -> bool {
-        if self.unwritten.load(Ordering::Relaxed) < WRITE_AHEAD {
-            return false;
-        }
-        self.written.register(cx.waker());
-        self.unwritten.load(Ordering::Relaxed) >= WRITE_AHEAD
-    }
-
-    fn handed(&self, frame: &Poll<Option<Result<Frame<Bytes>, BodyError>>>) {
-        if let Poll::Ready(Some(Ok(frame))) = frame {
-            if let Some(data) = frame.data_ref() {
-                self.unwritten.fetch_add(data.len(), Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// hyper flushes the socket only once its write queue is empty, and
-    /// on every turn of the connection: the body held back may go on.
-    fn queue_written(&self) {
-        if self.unwritten.load(Ordering::Relaxed) != 0
-            && self.unwritten.swap(0, Ordering::Relaxed) >= WRITE_AHEAD
-        {
-            self.written.wake();
+            write_ahead: WriteAhead::default(),
         }
     }
 
@@ -805,12 +759,12 @@ impl Body for Answering {
                 if let Some(error) = failed.take() {
                     return Poll::Ready(Some(Err(error)));
                 }
-                if busy.0.held_back(cx) {
+                if busy.0.write_ahead.held_back(cx) {
                     body.slow_client();
                     return Poll::Pending;
                 }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                busy.0.handed(&polled);
+                busy.0.write_ahead.handed(&polled);
                 AccessTail::note(tail, &polled, || body.is_end_stream());
                 match polled {
                     // Given an error, hyper drops what it has buffered to
@@ -1269,7 +1223,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
             let followed = self.frames(&buf.filled()[before..]);
             return Poll::Ready(followed.map_err(std::io::Error::other));
         }
-        let result = self.io().poll_read(cx, buf);
+        // An upload its backend takes slower than it comes is read in
+        // small pieces (see `WriteAhead`).
+        let result = if self.activity.upload(false, UploadEnded::small_reads)
+            && buf.remaining() > SMALL_READ
+        {
+            let mut small = buf.take(SMALL_READ);
+            let result = self.io().poll_read(cx, &mut small);
+            let n = small.filled().len();
+            // SAFETY: `small` is a view of `buf`'s unfilled part, whose
+            // first `n` bytes the read just filled.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            result
+        } else {
+            self.io().poll_read(cx, buf)
+        };
         if let Poll::Ready(Ok(())) = result {
             self.activity.on_read(&buf.filled()[before..]);
             if let Err(flood) = self.frames(&buf.filled()[before..]) {
@@ -1309,7 +1278,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     /// rustls at once and only a flush finds the socket full, so a client
     /// that stopped reading near the end of a response shows here alone.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.activity.queue_written();
+        self.activity.write_ahead.queue_written();
         let result = self.io().poll_flush(cx);
         self.activity.flushed(&result);
         result
@@ -1344,11 +1313,11 @@ mod tests {
         assert!(matches!(poll(), Poll::Ready(Some(Ok(_)))));
         assert!(poll().is_pending());
         // hyper flushes the socket once it has written its queue.
-        activity.queue_written();
+        activity.write_ahead.queue_written();
         assert_eq!(counted.0.load(Ordering::SeqCst), 1);
         assert!(matches!(poll(), Poll::Ready(Some(Ok(_)))));
-        // A flush with nothing handed since wakes nobody.
-        activity.queue_written();
+        // A flush with no body held back wakes nobody.
+        activity.write_ahead.queue_written();
         assert_eq!(counted.0.load(Ordering::SeqCst), 1);
     }
 

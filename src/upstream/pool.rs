@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tower::Service;
 
-use crate::proxy::body::{Outgoing, RequestBody, UploadWatch};
+use crate::proxy::body::{Outgoing, RequestBody, UploadWatch, WriteAhead, SMALL_READ};
 use crate::task::WhenWoken;
 
 /// How long an idle connection keeps hyper's task and buffers before it is
@@ -269,15 +269,10 @@ struct HeadWait {
     /// it (see [`UpstreamBody::slow_client`]): reads stop at
     /// [`SMALL_READ`] until the next request.
     small_reads: std::sync::atomic::AtomicBool,
+    /// What uploads have handed hyper and it has not written to the
+    /// backend yet (see [`WriteAhead`]).
+    write_ahead: Arc<WriteAhead>,
 }
-
-/// The most read from a backend at once for a client slower than it: what
-/// such a stream holds in memory is a few reads' buffers (hyper's read
-/// buffer grows with reads that fill it, up to [`super::UPSTREAM_READ_BUFFER`],
-/// and each frame relayed is a slice that keeps its whole buffer alive).
-/// Not for every body: 16 KiB reads cost a large body to a fast client
-/// twice the CPU of 72 KiB ones.
-const SMALL_READ: usize = 16 * 1024;
 
 /// How long a backend that has answered in full may take nothing of the
 /// rest of an upload before it is let go (see [`HeadWait::late`]), when
@@ -437,6 +432,7 @@ impl hyper::rt::Write for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.head.write_ahead.queue_written();
         if self.write_gone() {
             return Poll::Ready(Ok(()));
         }
@@ -654,6 +650,9 @@ impl Pool {
                 // holds none of it across the connect below.
                 let waiting = if watched { conn.start_wait() } else { None };
                 conn.heading(true);
+                if let Some(head) = &conn.head {
+                    request.body_mut().paced(head.write_ahead.clone());
+                }
                 // A write whose exchange may go on without its client
                 // learns it is on its way (see `proxy::Sent`).
                 if let Some(sent) = request.extensions().get::<crate::proxy::Sent>() {
