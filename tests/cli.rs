@@ -945,6 +945,20 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     assert!(line.contains("chunk"), "{line}");
     assert!(line.contains("\"request_id\":\"pair-me-43\""), "{line}");
     assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
+    // A second such body within ten seconds is in its access line only,
+    // not one warning more (chaos55 L6).
+    let mut again = connect(&run);
+    let head = "GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: pair-me-44\r\n\r\n";
+    std::io::Write::write_all(&mut again, head.as_bytes()).unwrap();
+    let access = line_with(&run.log, "pair-me-44", &mut run.seen);
+    assert!(access.contains("backend_broken"), "{access}");
+    std::thread::sleep(Duration::from_millis(300));
+    run.seen.extend(run.log.try_iter());
+    let warnings = run
+        .seen
+        .iter()
+        .filter(|l| l.contains("broke the response body"));
+    assert_eq!(warnings.count(), 1, "{:#?}", run.seen);
     // What hyper read past the bad chunk is the rest of the broken body,
     // not bytes sent after a response.
     no_stray_bytes_warning(run);
