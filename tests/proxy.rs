@@ -2473,3 +2473,28 @@ async fn an_http2_upload_reset_short_of_its_length_is_not_the_backend_s_failure(
     assert!(!counted_series(&counted, "code=\"502\""), "{counted}");
     assert!(proxy.backend_status()[0].up);
 }
+
+/// A backend that breaks its body right after its head: an HTTP/2 client
+/// gets the head, then the stream's reset. h2 drops what it has queued
+/// for a stream it resets, and the reset often went alone: the client saw
+/// no status at all (chaos55 L1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_gets_the_head_of_a_body_broken_at_once() {
+    let addr = scripted_backend(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n").await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let proxy = start_proxy(Config::single_upstream(listen, vec![addr])).await;
+    let mut client = h2_frames_client(proxy.addr).await;
+    for _ in 0..20 {
+        let request = Request::get(proxy.url("/broken")).body(()).unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = tokio::time::timeout(STEP, response)
+            .await
+            .unwrap()
+            .expect("the head, before the reset");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let end = tokio::time::timeout(STEP, body.data()).await.unwrap();
+        assert!(matches!(end, Some(Err(_))), "{end:?}");
+        client = client.ready().await.unwrap();
+    }
+}

@@ -719,6 +719,7 @@ impl Answering {
                 rest: Bytes::new(),
                 tail,
                 _busy: busy,
+                failed: None,
             })),
             handed: AtomicU64::new(0),
             with_client: AtomicBool::new(false),
@@ -845,23 +846,45 @@ struct Stream {
     tail: Option<Box<AccessTail>>,
     /// The request's place in the connection's busy count.
     _busy: Busy,
+    /// The body's error, held until its time (see [`Stream::poll_slice`]).
+    failed: Option<(BodyError, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+/// How long an HTTP/2 body's error waits before hyper gets it (see
+/// [`Stream::poll_slice`]).
+const FAILED_HELD: Duration = Duration::from_millis(50);
 
 /// The most a watched stream hands hyper at once: HTTP/2's default
 /// SETTINGS_MAX_FRAME_SIZE.
 const SLICE: usize = 16 * 1024;
 
 impl Stream {
+    /// Given an error, hyper resets the stream, and h2 drops the frames it
+    /// has queued for it and not yet written: the response head, when the
+    /// backend broke before its first body byte (the client saw a reset
+    /// and no status half the time, chaos55 L1). The connection's own task
+    /// writes them, and turns of the stream's task alone did not always let
+    /// it run first (one in six still lost its head after 16): the error
+    /// is held for [`FAILED_HELD`] (an HTTP/1 body's for one turn of its
+    /// connection, which writes itself, see [`Answering`]).
     fn poll_slice(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some((_, held)) = &mut self.failed {
+            ready!(std::future::Future::poll(held.as_mut(), cx));
+            return Poll::Ready(self.failed.take().map(|(error, _)| Err(error)));
+        }
         if self.rest.is_empty() {
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.rest = data,
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
+                Some(Err(error)) => {
+                    self.failed = Some((error, Box::pin(tokio::time::sleep(FAILED_HELD))));
+                    return self.poll_slice(cx);
+                }
                 other => return Poll::Ready(other),
             }
         }
