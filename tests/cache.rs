@@ -2459,16 +2459,24 @@ async fn a_304_is_judged_with_the_response_it_updates() {
 }
 
 /// A client with `Authorization` revalidating a copy stored for everyone
-/// refreshes it; a private 304 to it is its own, and leaves the copy be.
+/// neither drops it nor writes its own 304 into it unless that says the
+/// answer is everyone's (RFC 9111 §3.5); a private 304 is its own too.
 #[tokio::test]
 async fn a_304_to_a_logged_in_client_leaves_the_shared_copy() {
     let addr = scripted_backend(|head| {
         let head = head.to_ascii_lowercase();
-        match (head.contains("if-none-match"), head.contains("/private")) {
-            (true, false) => &b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n"[..],
-            (true, true) => {
-                b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: private\r\n\r\n"
+        match (
+            head.contains("if-none-match"),
+            head.split_whitespace().nth(1),
+        ) {
+            (true, Some("/private")) => {
+                &b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nCache-Control: private\r\n\r\n"[..]
             }
+            (true, Some("/public")) => {
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\
+                  Cache-Control: public, max-age=30\r\n\r\n"
+            }
+            (true, _) => b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n",
             _ => {
                 b"HTTP/1.1 200 OK\r\nETag: \"a\"\r\nCache-Control: max-age=30\r\n\
                    Content-Length: 2\r\n\r\nok"
@@ -2478,18 +2486,29 @@ async fn a_304_to_a_logged_in_client_leaves_the_shared_copy() {
     .await;
     let proxy = cached_proxy_at(addr).await;
     let client = client();
-    for path in ["/shared", "/private"] {
+    for path in ["/shared", "/public", "/private"] {
         get(&client, &proxy.url(path)).await;
     }
     cache_of(&proxy).advance_clock(Duration::from_secs(60));
     let logged_in = [("authorization", "Bearer alice")];
-    let refreshed = get_with(&client, &proxy.url("/shared"), &logged_in).await;
+    for path in ["/shared", "/public"] {
+        let refreshed = get_with(&client, &proxy.url(path), &logged_in).await;
+        assert_eq!(
+            refreshed.header("cache-status"),
+            "portico; fwd=stale; fwd-status=304",
+            "{path}"
+        );
+    }
+    // A 304 that says nothing of being everyone's is served once: the
+    // shared copy stays as it was (stale), neither dropped nor refreshed.
+    let shared = get(&client, &proxy.url("/shared")).await;
     assert_eq!(
-        refreshed.header("cache-status"),
+        shared.header("cache-status"),
         "portico; fwd=stale; fwd-status=304"
     );
-    let hit = get(&client, &proxy.url("/shared")).await;
-    assert_eq!(hit.header("cache-status"), "portico; hit");
+    // One marked public refreshes it for everyone.
+    let public = get(&client, &proxy.url("/public")).await;
+    assert_eq!(public.header("cache-status"), "portico; hit");
     let own = get_with(&client, &proxy.url("/private"), &logged_in).await;
     assert_eq!(
         own.header("cache-status"),

@@ -712,17 +712,13 @@ pub(super) fn cut_warning(
     } else {
         "client response aborted"
     };
-    // One line every ten seconds of each, with how many went unsaid: a
-    // backend that breaks every body wrote one per request (chaos55 L6),
-    // where a proxy error is said as seldom; each request's access line
-    // says `end="backend_broken"` or `"backend_stalled"` all the same.
-    static STALLED: crate::logging::Every = crate::logging::Every::new();
-    static BROKE: crate::logging::Every = crate::logging::Every::new();
-    let said = match error {
-        BodyError::Stalled(_) => &STALLED,
-        _ => &BROKE,
-    };
-    let Some(held_back) = said.due(CUT_SAID) else {
+    // One line every ten seconds of each, per backend, with how many went
+    // unsaid: a backend that breaks every body wrote one per request
+    // (chaos55 L6), where its proxy errors are said as seldom; each
+    // request's access line says `end="backend_broken"` or
+    // `"backend_stalled"` all the same.
+    let stalled = matches!(error, BodyError::Stalled(_));
+    let Some(held_back) = cut_said(upstream, backend, stalled) else {
         return;
     };
     let held_back = (held_back > 0).then_some(held_back);
@@ -748,6 +744,29 @@ pub(super) fn cut_warning(
 
 /// Seconds between two warnings of bodies cut short (see [`cut_warning`]).
 const CUT_SAID: u64 = 10;
+
+/// `Some(lines held back since the last)` when a warning of a body cut
+/// short by `backend` of `upstream` may be said now (see [`cut_warning`]).
+/// Kept per backend, as its failures' warnings are, so one broken backend
+/// does not silence another's; a map of at most [`CUT_SAID_KEPT`] entries
+/// (backends a reload removed are forgotten with the rest past it).
+fn cut_said(upstream: &str, backend: &str, stalled: bool) -> Option<u64> {
+    type Said = std::collections::HashMap<(String, String, bool), crate::logging::Every>;
+    static SAID: Mutex<Option<Said>> = Mutex::new(None);
+    let mut said = SAID
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let said = said.get_or_insert_with(Said::new);
+    if said.len() >= CUT_SAID_KEPT {
+        said.clear();
+    }
+    said.entry((upstream.to_owned(), backend.to_owned(), stalled))
+        .or_default()
+        .due(CUT_SAID)
+}
+
+/// Backends [`cut_said`] keeps a warning clock for.
+const CUT_SAID_KEPT: usize = 1024;
 
 /// The most of a body in memory (a cache hit) handed to hyper at once:
 /// hyper asks for the next piece once its write buffer has room, so a
@@ -1105,7 +1124,9 @@ impl Body for Outgoing {
         let this = self.get_mut();
         if let Some(write_ahead) = &this.write_ahead {
             if write_ahead.held_back(cx) {
-                // Waiting on the backend, not the client.
+                // Waiting on the backend, not the client: the wait is not
+                // the client's to answer for under `body_timeout`.
+                this.inner.inner.stall.progress();
                 if let Some(ended) = &this.ended {
                     ended.0.small_reads.store(true, Ordering::Relaxed);
                 }

@@ -882,7 +882,14 @@ impl Stream {
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
                 Some(Err(error)) => {
-                    self.failed = Some((error, Box::pin(tokio::time::sleep(FAILED_HELD))));
+                    // In the access line now: a stream dropped while its
+                    // error is held (the client's reset, a shutdown) still
+                    // says what ended it (review65 M2).
+                    let noted = Poll::Ready(Some(Err(error)));
+                    AccessTail::note(&mut self.tail, &noted, || false);
+                    if let Poll::Ready(Some(Err(error))) = noted {
+                        self.failed = Some((error, Box::pin(tokio::time::sleep(FAILED_HELD))));
+                    }
                     return self.poll_slice(cx);
                 }
                 other => return Poll::Ready(other),
@@ -900,10 +907,14 @@ impl Watched {
             // hyper resets the stream on an error.
             return Poll::Ready(Some(Err(BodyError::Abandoned)));
         };
+        // A held error was noted as it came (see `Stream::poll_slice`).
+        let held = stream.failed.is_some();
         let result = stream.poll_slice(cx);
-        AccessTail::note(&mut stream.tail, &result, || {
-            stream.rest.is_empty() && stream.body.is_end_stream()
-        });
+        if !held {
+            AccessTail::note(&mut stream.tail, &result, || {
+                stream.rest.is_empty() && stream.body.is_end_stream()
+            });
+        }
         let handed = matches!(result, Poll::Ready(Some(Ok(_))));
         if handed {
             self.handed.fetch_add(1, Ordering::Relaxed);
@@ -1248,14 +1259,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         }
         // An upload its backend takes slower than it comes is read in
         // small pieces (see `WriteAhead`).
-        let result = if self.activity.upload(false, UploadEnded::small_reads)
-            && buf.remaining() > SMALL_READ
+        let result = if buf.remaining() > SMALL_READ
+            && self.activity.upload(false, UploadEnded::small_reads)
         {
             let mut small = buf.take(SMALL_READ);
             let result = self.io().poll_read(cx, &mut small);
             let n = small.filled().len();
             // SAFETY: `small` is a view of `buf`'s unfilled part, whose
-            // first `n` bytes the read just filled.
+            // first `n` bytes the read just filled (the readers here,
+            // TcpStream and tokio-rustls, fill the buffer they are given;
+            // none swaps it for another).
             unsafe { buf.assume_init(n) };
             buf.advance(n);
             result

@@ -56,9 +56,15 @@ pub(super) fn judge_304(
     // that does not get it (a 302 or 500 revalidated was served for
     // `default_ttl`, cache55 L2).
     let cc = policy::parse_response(&headers);
-    // The response's own terms, not the revalidating request's: a client
-    // with `Authorization` revalidating a copy stored for everyone neither
-    // makes it personal nor drops it (review64 H2).
+    // The response's own terms decide whether the copy goes (a client with
+    // `Authorization` revalidating a copy stored for everyone does not
+    // make it personal, review64 H2); but an authorized request's 304
+    // refreshes the shared copy only where its answer may be stored (RFC
+    // 9111 §3.5: `public`, `s-maxage`, `must-revalidate`), or its fields
+    // (a longer lifetime, a `Link` of the user's) went to everyone
+    // (review65 M1): else it is served once, the copy left as it was.
+    let personal = fetch.request_headers.contains_key(header::AUTHORIZATION)
+        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate);
     let storable = policy::storable(
         &Method::GET,
         &HeaderMap::new(),
@@ -78,8 +84,8 @@ pub(super) fn judge_304(
     let timing = Timing::new(not_modified, fetch.request_time, arrived);
     let updated = refreshed(entry, headers, cc, lifetime, timing);
     match storable {
-        Ok(_) => Revalidated::Store(updated),
-        Err(_) => Revalidated::Once(updated),
+        Ok(_) if !personal => Revalidated::Store(updated),
+        _ => Revalidated::Once(updated),
     }
 }
 
@@ -100,10 +106,15 @@ pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidat
             }
         }
         Revalidated::Once(_) => {
-            // A logged-in client's private answer says nothing of what
-            // everyone else gets (as in `store_or_relay`).
+            // A logged-in client's answer says nothing of what everyone
+            // else gets (as in `store_or_relay`): the copy stays, and the
+            // lock is handed on, once a burst, so that one waiter
+            // revalidates it for the rest (review65 L3).
             if fetch.request_headers.contains_key(header::AUTHORIZATION) {
-                return release(fetch.leader.as_ref());
+                if !fetch.leader.as_ref().is_some_and(Leader::may_hand_on) {
+                    release(fetch.leader.as_ref());
+                }
+                return;
             }
             // This variant's copy only (as `forget_if_replaced` drops
             // one): the URL's others, and fetches of them under way, are
