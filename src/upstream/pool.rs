@@ -1513,35 +1513,52 @@ mod tests {
         const LENGTH: usize = 1 << 20;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // Two requests on one connection.
         tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf).await;
             let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n");
             let mut response = head.into_bytes();
             response.resize(response.len() + LENGTH, b'x');
-            let _ = stream.write_all(&response).await;
+            for _ in 0..2 {
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(&response).await;
+            }
             let _ = stream.read(&mut buf).await;
         });
         let pool = pool(addr);
-        let response = tokio::time::timeout(STEP, pool.send(0, get(), false, false, true))
-            .await
-            .expect("the head comes")
-            .unwrap();
-        let mut body = response.into_body();
-        body.slow_client();
-        let mut sizes = Vec::new();
-        while let Some(frame) = tokio::time::timeout(STEP, body.frame())
-            .await
-            .expect("the body comes")
-        {
-            sizes.push(frame.unwrap().into_data().unwrap().len());
-        }
-        assert_eq!(sizes.iter().sum::<usize>(), LENGTH);
-        // What hyper read before it was told (the head's read, and one
-        // read ahead of its reader) may come in larger pieces.
-        let large: Vec<_> = sizes.iter().skip(2).filter(|&&n| n > SMALL_READ).collect();
-        assert!(large.is_empty(), "pieces over {SMALL_READ}: {large:?}");
+        let pieces = |slow: bool| {
+            let pool = pool.clone();
+            async move {
+                let response = tokio::time::timeout(STEP, pool.send(0, get(), false, false, true))
+                    .await
+                    .expect("the head comes")
+                    .unwrap();
+                let mut body = response.into_body();
+                if slow {
+                    body.slow_client();
+                }
+                let mut sizes = Vec::new();
+                while let Some(frame) = tokio::time::timeout(STEP, body.frame())
+                    .await
+                    .expect("the body comes")
+                {
+                    sizes.push(frame.unwrap().into_data().unwrap().len());
+                }
+                assert_eq!(sizes.iter().sum::<usize>(), LENGTH);
+                // What hyper read before it was told (the head's read, and
+                // one read ahead of its reader) may come in larger pieces.
+                sizes
+                    .into_iter()
+                    .skip(2)
+                    .filter(|&n| n > SMALL_READ)
+                    .count()
+            }
+        };
+        assert_eq!(pieces(true).await, 0, "pieces over {SMALL_READ}");
+        // The next request on the connection reads in full again.
+        assert_eq!(pool.idle_count(0), 1);
+        assert!(pieces(false).await > 0, "all pieces small");
     }
 
     #[tokio::test]
