@@ -33,8 +33,11 @@ pub(super) enum Revalidated {
     Store(Entry),
     /// ... or served this once, when the entry it makes may not be stored
     /// (the 304 says `no-store` or `private`, or leaves it no freshness):
-    /// the stale copy of this variant then goes too.
+    /// the stale copy of this variant then goes too...
     Once(Entry),
+    /// ... or served once to a logged-in client whose 304 does not make
+    /// its answer everyone's: the copy everyone else gets stays as it was.
+    Personal(Entry),
 }
 
 pub(super) fn judge_304(
@@ -63,8 +66,8 @@ pub(super) fn judge_304(
     // 9111 §3.5: `public`, `s-maxage`, `must-revalidate`), or its fields
     // (a longer lifetime, a `Link` of the user's) went to everyone
     // (review65 M1): else it is served once, the copy left as it was.
-    let personal = fetch.request_headers.contains_key(header::AUTHORIZATION)
-        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate);
+    let authorized = fetch.request_headers.contains_key(header::AUTHORIZATION);
+    let shared = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
     let storable = policy::storable(
         &Method::GET,
         &HeaderMap::new(),
@@ -84,7 +87,10 @@ pub(super) fn judge_304(
     let timing = Timing::new(not_modified, fetch.request_time, arrived);
     let updated = refreshed(entry, headers, cc, lifetime, timing);
     match storable {
-        Ok(_) if !personal => Revalidated::Store(updated),
+        Ok(_) if !authorized || shared => Revalidated::Store(updated),
+        // A logged-in client's answer says nothing of what everyone else
+        // gets (as in `store_or_relay`).
+        _ if authorized => Revalidated::Personal(updated),
         _ => Revalidated::Once(updated),
     }
 }
@@ -105,17 +111,14 @@ pub(super) async fn keep_304(cache: &Cache, fetch: &mut Fetch, judged: Revalidat
                 leader.stored(response_time);
             }
         }
-        Revalidated::Once(_) => {
-            // A logged-in client's answer says nothing of what everyone
-            // else gets (as in `store_or_relay`): the copy stays, and the
-            // lock is handed on, once a burst, so that one waiter
-            // revalidates it for the rest (review65 L3).
-            if fetch.request_headers.contains_key(header::AUTHORIZATION) {
-                if !fetch.leader.as_ref().is_some_and(Leader::may_hand_on) {
-                    release(fetch.leader.as_ref());
-                }
-                return;
+        // The copy stays, and the lock is handed on, once a burst, so that
+        // one waiter revalidates it for the rest (review65 L3).
+        Revalidated::Personal(_) => {
+            if !fetch.leader.as_ref().is_some_and(Leader::may_hand_on) {
+                release(fetch.leader.as_ref());
             }
+        }
+        Revalidated::Once(_) => {
             // This variant's copy only (as `forget_if_replaced` drops
             // one): the URL's others, and fetches of them under way, are
             // still what the origin serves (cache55 L1). Dropped before its
@@ -344,7 +347,9 @@ pub(super) async fn revalidate(
                     }
                     continue;
                 }
-                Revalidated::Store(updated) | Revalidated::Once(updated) => updated,
+                Revalidated::Store(updated)
+                | Revalidated::Once(updated)
+                | Revalidated::Personal(updated) => updated,
             };
             // A lookup answered by revalidating; a background refresh
             // is none (its request was counted stale: counted again, the
