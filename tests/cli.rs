@@ -964,6 +964,45 @@ fn a_broken_body_s_warning_says_what_broke_it() {
     no_stray_bytes_warning(run);
 }
 
+/// A backend that sends more than its response's length is warned of,
+/// with its address, once in ten seconds however often it does so; the
+/// client gets the response as its length said (chaos55 L2: hyper ends
+/// such a connection with an error of its own, which was logged at DEBUG,
+/// and the warning never fired).
+#[test]
+fn bytes_after_a_response_are_warned_of() {
+    use std::io::{Read, Write};
+    let origin_addr = origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA");
+    let config = behind(origin_addr, "", "");
+    let mut run = portico_on("overrun", &config, None);
+    for id in ["overrun-1", "overrun-2"] {
+        let mut stream = connect(&run);
+        let head = format!(
+            "GET /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
+        line_with(&run.log, id, &mut run.seen);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    run.seen.extend(run.log.try_iter());
+    let warnings: Vec<_> = run
+        .seen
+        .iter()
+        .filter(|l| l.contains("no request asked for"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:#?}", run.seen);
+    assert!(
+        warnings[0].contains(&origin_addr.to_string()),
+        "{}",
+        warnings[0]
+    );
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// The access line names the host the request was routed and cached by:
 /// an absolute-form target's, not the Host field the client set beside it
 /// (review34e 5: a purge by the logged host found nothing).

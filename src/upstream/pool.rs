@@ -114,6 +114,10 @@ pub(super) struct Pool {
     body_timeout: Duration,
     /// Each backend's `portico_backend_connections_opened_total`.
     opened: Vec<prometheus::IntCounter>,
+    /// Each backend's clock for the warning of bytes no request asked
+    /// for: a backend whose every response runs over its length would
+    /// say it once per request.
+    overrun_said: Vec<Arc<crate::logging::Every>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -588,6 +592,7 @@ impl Pool {
     ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             opened,
+            overrun_said: targets.iter().map(|_| Arc::default()).collect(),
             idle: targets.iter().map(|_| Mutex::new(Vec::new())).collect(),
             connector,
             builder,
@@ -861,6 +866,7 @@ impl Pool {
         let watch = head.clone();
         let (limit, stall) = (self.response_timeout, self.body_timeout);
         let backend = self.targets[index].authority().cloned();
+        let overrun_said = Arc::clone(&self.overrun_said[index]);
         tokio::spawn(async move {
             let served = {
                 // Polled only when its timer fires, not at each read and
@@ -920,6 +926,14 @@ impl Pool {
                     read_buf,
                     ..
                 }) => (io, read_buf),
+                // hyper's word for bytes read while no response was due:
+                // a body longer than its length, read with it or after it,
+                // or anything sent on an idle connection (chaos55 L2: the
+                // warning below never fired, this came first).
+                Err(error) if unasked(&error) => {
+                    overrun(&overrun_said, backend.as_ref(), None);
+                    return;
+                }
                 Err(error) => {
                     tracing::debug!(%error, "backend connection ended with error");
                     return;
@@ -951,13 +965,7 @@ impl Pool {
                     "backend connection closed with the rest of a response that did not end cleanly"
                 );
             } else if !fit {
-                // A body longer than its length, a body on a 204 or a
-                // HEAD: the backend's framing is wrong, as nginx warns.
-                tracing::warn!(
-                    backend = %backend_of(&io).map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                    bytes = read_buf.len(),
-                    "backend sent bytes after its response that no request asked for; connection closed, not reused"
-                );
+                overrun(&overrun_said, backend.as_ref(), Some(read_buf.len()));
             }
             drop(read_buf);
             match fit.then(|| hand_back.send(Box::new(io))) {
@@ -1155,8 +1163,39 @@ fn unpark(
 }
 
 /// The backend a socket leads to, for the log.
-fn backend_of(io: &Io) -> Option<std::net::SocketAddr> {
-    tcp_of(io).peer_addr().ok()
+/// Whether hyper gave up on a connection for bytes it read while no
+/// response was due. No `hyper::Error` predicate names that kind
+/// (`UnexpectedMessage`), so its message is matched; a test
+/// (`bytes_after_a_response_are_warned_of`) breaks if hyper words it
+/// otherwise.
+fn unasked(error: &hyper::Error) -> bool {
+    !error.is_parse()
+        && error
+            .to_string()
+            .starts_with("received unexpected message from connection")
+}
+
+/// Warns, once every ten seconds per backend, that `backend` sent bytes
+/// no request asked for (`bytes` of them, where known): a body longer than
+/// its length, a body on a 204 or a HEAD's answer, anything on an idle
+/// connection. The backend's framing is wrong, as nginx warns ("upstream
+/// sent more data than specified"); the response went out as its length
+/// said, and the connection is closed, not reused.
+fn overrun(
+    said: &crate::logging::Every,
+    backend: Option<&http::uri::Authority>,
+    bytes: Option<usize>,
+) {
+    let Some(held_back) = said.due(10) else {
+        return;
+    };
+    let held_back = (held_back > 0).then_some(held_back);
+    tracing::warn!(
+        backend = backend.map(tracing::field::display),
+        bytes,
+        held_back,
+        "backend sent bytes after its response that no request asked for; connection closed, not reused"
+    );
 }
 
 /// The TCP socket under a backend connection, plain or TLS.
