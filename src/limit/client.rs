@@ -62,20 +62,43 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// One address out of a forwarding entry: `1.2.3.4`, `1.2.3.4:80`,
-/// `[2001:db8::1]:443`, `2001:db8::1`, `fe80::1%eth0`, optionally quoted.
+/// One address out of an `X-Forwarded-For` entry: `1.2.3.4`,
+/// `1.2.3.4:80`, `[2001:db8::1]:443`, `2001:db8::1`, `fe80::1%eth0`.
+/// Anything else is not an address, as for nginx's realip: a port that is
+/// not a number (`1.2.3.4:abc`), IPv4 in brackets, a quoted entry (limit55
+/// L4: each was read as the address inside it).
 pub fn parse_hop(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim().trim_matches('"');
-    let host = if let Some(rest) = entry.strip_prefix('[') {
-        &rest[..rest.find(']')?]
-    } else if entry.matches(':').count() == 1 {
-        // IPv4 with a port; bare IPv6 has several colons.
-        entry.split(':').next()?
-    } else {
-        entry
+    parse_node(entry.trim(), false)
+}
+
+/// The address of a node, `X-Forwarded-For`'s or `Forwarded`'s (RFC 7239
+/// §6: its quotes already gone), where `Forwarded` also allows an
+/// obfuscated port (`_abc`).
+fn parse_node(node: &str, obfuscated_port: bool) -> Option<IpAddr> {
+    let without_zone = |v6: &str| v6.split('%').next().unwrap_or(v6).parse::<Ipv6Addr>();
+    let (ip, port) = match node.strip_prefix('[') {
+        Some(rest) => {
+            let (v6, port) = rest.split_once(']')?;
+            (IpAddr::V6(without_zone(v6).ok()?), port)
+        }
+        // Bare IPv6 has several colons; IPv4 at most one, before a port.
+        None if node.matches(':').count() > 1 => (IpAddr::V6(without_zone(node).ok()?), ""),
+        None => {
+            let v4 = node.split(':').next().unwrap_or(node);
+            (IpAddr::V4(v4.parse().ok()?), &node[v4.len()..])
+        }
     };
-    let host = host.split('%').next()?; // IPv6 zone id
-    host.parse().ok()
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(port) if obfuscated_port && port.starts_with('_') => {
+            port.len() > 1
+                && port[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        }
+        Some(port) => port.parse::<u16>().is_ok() && port.bytes().all(|b| b.is_ascii_digit()),
+    };
+    port_ok.then_some(ip)
 }
 
 /// The right-hand end of a header value, cut at an entry boundary.
@@ -125,7 +148,7 @@ fn hops_right_to_left<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Vec<Opti
 /// is no address).
 fn forwarded_node(element: &str) -> Option<IpAddr> {
     let node = forwarded::parse_element(element.as_bytes()).ok()?.node?;
-    parse_hop(std::str::from_utf8(&node).ok()?)
+    parse_node(std::str::from_utf8(&node).ok()?, true)
 }
 
 /// Whether a `Forwarded` element has a `for=` at all, well formed or not.
@@ -333,6 +356,50 @@ mod tests {
             (
                 "127.0.0.1:1000",
                 &[("x-forwarded-for", "1.1.1.1, not-an-ip")],
+                "127.0.0.1",
+            ),
+            // What nginx's realip takes for no address is none here
+            // either (limit55 L4): a port that is not a number, IPv4 in
+            // brackets, quotes, an empty port.
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, 198.51.100.7:abc")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, [198.51.100.7]")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, \"198.51.100.7\"")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, 198.51.100.7:")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, 198.51.100.7:99999")],
+                "127.0.0.1",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "1.1.1.1, [2001:db8::1]x")],
+                "127.0.0.1",
+            ),
+            // RFC 7239 §6.3: an obfuscated port is `Forwarded`'s alone.
+            (
+                "127.0.0.1:1000",
+                &[("forwarded", "for=\"198.51.100.7:_gate-1\"")],
+                "198.51.100.7",
+            ),
+            (
+                "127.0.0.1:1000",
+                &[("x-forwarded-for", "198.51.100.7:_gate-1")],
                 "127.0.0.1",
             ),
             ("127.0.0.1:1000", &[("x-forwarded-for", "")], "127.0.0.1"),
