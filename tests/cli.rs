@@ -1107,6 +1107,29 @@ fn a_reset_under_an_upload_is_logged_as_one() {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A head that does not parse is said as what it is, as portico's
+/// `portico_upstream_errors_total` counts it (`bad_response`), not as a
+/// body broken off (lb55 L5).
+#[test]
+fn a_head_that_does_not_parse_is_said_so() {
+    let (mut run, mut stream) = asked_with_id(
+        "badhead",
+        |_| b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        "retries = 0\n",
+        "bad-head-1",
+    );
+    let mut answer = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 502");
+    let line = line_with(&run.log, "proxy error", &mut run.seen);
+    assert!(
+        line.contains("sent a response portico cannot relay"),
+        "{line}"
+    );
+    assert!(!line.contains("broke the response"), "{line}");
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A body the backend breaks off is not stored, and its access line says
 /// so, though the Cache-Status the client got, sent before the body,
 /// said `stored` (review32c F5).

@@ -71,7 +71,7 @@ pub enum ProxyError {
     },
     #[error("backend {backend}: connect or TLS handshake timed out (connect_timeout)")]
     ConnectTimeout { backend: std::net::SocketAddr },
-    #[error("backend {backend} broke the response: {}", Broke(source, *reset))]
+    #[error("backend {backend} {}", Broke(source, *reset))]
     Upstream {
         backend: std::net::SocketAddr,
         source: hyper::Error,
@@ -186,18 +186,23 @@ struct Broke<'a>(&'a hyper::Error, bool);
 
 impl std::fmt::Display for Broke<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A head that does not parse is counted `bad_response`, and said
+        // as the heads portico refuses are (lb55 L5: it read "broke the
+        // response", as a reset does).
         if self.1 {
-            f.write_str("connection reset while the request was sent to it")
+            f.write_str("broke the response: connection reset while the request was sent to it")
         } else if self.0.is_parse_too_large() {
             write!(
                 f,
-                "response head too large (over {} KiB, or more than 100 fields)",
+                "sent a response portico cannot relay: head too large (over {} KiB, or more than 100 fields)",
                 crate::upstream::UPSTREAM_READ_BUFFER >> 10
             )
+        } else if self.0.is_parse() {
+            write!(f, "sent a response portico cannot relay: {}", Chain(self.0))
         } else {
             // hyper says only "connection error" of an I/O error; the
             // cause (a reset, portico's own limit) is its source.
-            Chain(self.0).fmt(f)
+            write!(f, "broke the response: {}", Chain(self.0))
         }
     }
 }
