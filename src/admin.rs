@@ -237,19 +237,33 @@ async fn handle(
             // balancer at once, the routes still served with it
             // (review32d F1). Envoy's readiness is its own state alone.
             let proxy = shared.proxy.load();
-            let (mut taking, mut down) = (0, Vec::new());
+            let (mut taking, mut down, mut awaiting) = (0, Vec::new(), Vec::new());
             for upstream in proxy.routed_upstreams() {
                 // Up by its active checks: with every backend ejected,
                 // the ejected ones take the traffic (panic routing), and
                 // a replica that routes it is not unready (review42d F1).
-                if upstream.status().iter().any(|b| b.active_up && !b.drained) {
+                // Up on trust, before its first check, is not yet: a
+                // replica whose backends were never there said ready
+                // for `fall` intervals, every request a 502 (ops56 M1).
+                let status = upstream.status();
+                let serving = status.iter().filter(|b| b.active_up && !b.drained);
+                if serving.clone().any(|b| !b.unchecked) {
                     taking += 1;
+                } else if serving.clone().next().is_some() {
+                    awaiting.push(upstream.name());
                 } else {
                     down.push(upstream.name());
                 }
             }
             let down = down.join(", ");
             match (taking, down.is_empty()) {
+                (0, _) if !awaiting.is_empty() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: first health checks under way in {}\n",
+                        awaiting.join(", ")
+                    ),
+                ),
                 (_, true) => text(StatusCode::OK, "ready\n"),
                 (0, false) => text(
                     StatusCode::SERVICE_UNAVAILABLE,

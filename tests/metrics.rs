@@ -157,6 +157,47 @@ async fn readyz_is_503_when_an_upstream_has_no_backend_up() {
     );
 }
 
+/// A backend up on trust is checked at once and its first failed check
+/// takes it down, and `/readyz` does not say ready on its trust: it said
+/// 200 for `fall` intervals while every request got a 502 (ops56 M1).
+#[tokio::test]
+async fn readyz_waits_for_the_first_check_and_one_failure_is_down() {
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = gone.local_addr().unwrap();
+    drop(gone);
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].backends[0].addr = dead;
+    // Far longer than this test's bound: only the first check can judge.
+    config.upstreams[0].health = Some(portico::config::HealthCheck {
+        interval: Duration::from_secs(60),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+        ..Default::default()
+    });
+    let proxy = start_proxy_with_admin(config, None, None).await;
+    let readyz = proxy.admin_url("/readyz");
+    let said = tokio::time::timeout(STEP, async {
+        loop {
+            let answer = get(&client(), &readyz).await;
+            let body = String::from_utf8_lossy(&answer.body).into_owned();
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            if body.contains("no backend taking traffic") {
+                return body;
+            }
+            assert!(body.contains("first health checks under way"), "{body}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("/readyz never said the backend was down");
+    assert!(said.starts_with("not ready"), "{said}");
+    proxy
+        .wait_until("the backend down", |s| !s[0].active_up)
+        .await;
+}
+
 /// Ready while some route can be served: an upstream no route uses says
 /// nothing, and one upstream down is named but leaves the replica in its
 /// load balancer; with none taking traffic it is out (review32d F1).

@@ -16,6 +16,8 @@ pub struct Counter {
     state: Health,
     /// Consecutive results disagreeing with `state`.
     streak: u32,
+    /// Up on trust, no check judged yet: one failure takes it down.
+    unjudged: bool,
 }
 
 impl Counter {
@@ -33,7 +35,22 @@ impl Counter {
             fall: fall.max(1),
             state,
             streak: 0,
+            unjudged: false,
         }
+    }
+
+    /// Up on trust, not yet checked: its first check decides, a failure
+    /// taking it down at once, as HAProxy's first check does (a server
+    /// starts with its health at `rise`, one step from down). Waiting for
+    /// `fall` failures sent every request of the first `fall` intervals to
+    /// a backend that was never there, while `/readyz` said ready (ops56 M1).
+    pub fn unjudged(mut self) -> Self {
+        self.unjudged = true;
+        self
+    }
+
+    pub fn is_unjudged(&self) -> bool {
+        self.unjudged
     }
 
     pub fn state(&self) -> Health {
@@ -42,6 +59,11 @@ impl Counter {
 
     /// Records one check result; returns the new state on a transition.
     pub fn record(&mut self, ok: bool) -> Option<Health> {
+        if std::mem::take(&mut self.unjudged) && self.state == Health::Up && !ok {
+            self.streak = 0;
+            self.state = Health::Down;
+            return Some(Health::Down);
+        }
         let agrees = matches!((self.state, ok), (Health::Up, true) | (Health::Down, false));
         if agrees {
             self.streak = 0;
@@ -67,6 +89,21 @@ impl Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Up on trust, a backend's first check decides: one failure takes it
+    /// down; a first pass leaves `fall` failures needed from then on.
+    #[test]
+    fn an_unjudged_backend_s_first_failure_takes_it_down() {
+        let mut counter = Counter::new(2, 3).unjudged();
+        assert_eq!(counter.record(false), Some(Health::Down));
+        assert_eq!(counter.record(true), None);
+        assert_eq!(counter.record(true), Some(Health::Up));
+        let mut counter = Counter::new(2, 3).unjudged();
+        assert_eq!(counter.record(true), None);
+        assert_eq!(counter.record(false), None);
+        assert_eq!(counter.record(false), None);
+        assert_eq!(counter.record(false), Some(Health::Down));
+    }
 
     #[test]
     fn transitions_need_rise_or_fall_consecutive_results() {

@@ -63,6 +63,10 @@ impl Default for Clock {
 #[derive(Debug)]
 pub struct BackendState {
     active_up: AtomicBool,
+    /// An active check has judged it (passed or failed): until then it is
+    /// up on trust, and `/readyz` does not count on it (see
+    /// [`BackendState::judged`]).
+    judged: AtomicBool,
     /// Its passive health, shared with the same backend of the upstream's
     /// other generations (see [`BackendState::keeping_passive`]).
     passive: Arc<PassiveRecord>,
@@ -142,6 +146,7 @@ impl BackendState {
     pub fn new(threshold: u32) -> Self {
         BackendState {
             active_up: AtomicBool::new(true),
+            judged: AtomicBool::new(false),
             passive: Arc::default(),
             probe_hold_ms: 32_000,
             slots: Arc::new(Slots {
@@ -318,6 +323,18 @@ impl BackendState {
 
     pub fn set_active_up(&self, up: bool) {
         self.active_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether an active check has given a verdict on it yet, in this
+    /// generation or (under the same checks) an earlier one: a backend
+    /// starts up on trust, as in nginx and HAProxy, and its first failed
+    /// check takes it down at once (see `Counter::unjudged`).
+    pub fn judged(&self) -> bool {
+        self.judged.load(Ordering::Relaxed)
+    }
+
+    pub fn set_judged(&self) {
+        self.judged.store(true, Ordering::Relaxed);
     }
 
     pub fn ejected(&self, now_ms: u64) -> bool {

@@ -139,6 +139,9 @@ pub struct BackendStatus {
     pub warming: Option<u8>,
     /// Connections waiting in the pool for its next request.
     pub idle_connections: usize,
+    /// Up on trust: its upstream checks it and no check has judged it
+    /// yet (the first goes out at once; see [`check_loop`]).
+    pub unchecked: bool,
 }
 
 /// A request's key under `balance = "hash"`, read as it came (see
@@ -429,11 +432,14 @@ impl Upstream {
         if same_checks(&previous.config, &upstream.config) {
             let old = previous.by_addr();
             for backend in &upstream.backends {
-                let was_down = old
-                    .get(&backend.addr)
-                    .is_some_and(|old| !old.state.active_up());
-                if was_down {
+                let Some(old) = old.get(&backend.addr) else {
+                    continue;
+                };
+                if !old.state.active_up() {
                     backend.state.set_active_up(false);
+                }
+                if old.state.judged() {
+                    backend.state.set_judged();
                 }
             }
             upstream.rebuild_cycle();
@@ -527,6 +533,7 @@ impl Upstream {
                     .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
                     .map(|w| (w * 100.0) as u8),
                 idle_connections: self.pool.idle_count(i),
+                unchecked: self.config.health.is_some() && b.state.active_up() && !b.state.judged(),
             })
             .collect()
     }
@@ -1258,16 +1265,14 @@ fn check_host(config: &config::Upstream) -> Option<http::HeaderValue> {
 /// apart). Holds only a weak reference so a replaced upstream's checker
 /// ends with it.
 async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
-    let starting: Vec<Health> = match upstream.upgrade() {
+    let starting: Vec<Counter> = match upstream.upgrade() {
         Some(u) => u
             .backends
             .iter()
-            .map(|b| {
-                if b.state.active_up() {
-                    Health::Up
-                } else {
-                    Health::Down
-                }
+            .map(|b| match (b.state.active_up(), b.state.judged()) {
+                (true, true) => Counter::starting(check.rise, check.fall, Health::Up),
+                (true, false) => Counter::starting(check.rise, check.fall, Health::Up).unjudged(),
+                (false, _) => Counter::starting(check.rise, check.fall, Health::Down),
             })
             .collect(),
         None => return,
@@ -1276,10 +1281,10 @@ async fn check_loop(upstream: Weak<Upstream>, check: config::HealthCheck) {
     // round-robin cycle, not one each: each costs up to ~10 ms of this
     // worker (review35e M2). Picks pass over a backend down meanwhile.
     let rebuild = tokio::sync::Notify::new();
-    let each = starting.into_iter().enumerate().map(|(i, state)| {
-        let counter = Counter::starting(check.rise, check.fall, state);
-        check_backend(upstream.clone(), &check, i, counter, &rebuild)
-    });
+    let each = starting
+        .into_iter()
+        .enumerate()
+        .map(|(i, counter)| check_backend(upstream.clone(), &check, i, counter, &rebuild));
     let rebuilder = async {
         loop {
             rebuild.notified().await;
@@ -1308,8 +1313,15 @@ async fn check_backend(
     mut counter: Counter,
     rebuild: &tokio::sync::Notify,
 ) {
+    // A backend up on trust is checked at once, not an interval after
+    // the start (or the reload that added it): within a tenth of the
+    // interval, so that a start's checks do not all go out together.
+    let mut first = counter.is_unjudged();
     loop {
-        let jitter = check.interval.mul_f64(0.9 + fastrand::f64() * 0.2);
+        let jitter = match std::mem::take(&mut first) {
+            true => check.interval.mul_f64(fastrand::f64() * 0.1),
+            false => check.interval.mul_f64(0.9 + fastrand::f64() * 0.2),
+        };
         tokio::time::sleep(jitter).await;
         let Some(upstream) = upstream.upgrade() else {
             return;
@@ -1326,6 +1338,7 @@ async fn check_backend(
                 continue;
             }
         };
+        backend.state.set_judged();
         // Only the active state: a passing check leaves a passive
         // ejection and its backoff alone (see `health`).
         match counter.record(passed.is_ok()) {
