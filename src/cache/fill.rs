@@ -13,6 +13,7 @@
 //! small as the fetches in flight and an invalidation of any other URL
 //! finds nothing to mark.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::{key, Cache};
@@ -24,10 +25,25 @@ pub(super) struct Pending {
     generation: u64,
     /// The fetches under way; the record goes with the last.
     fills: usize,
-    /// For each key of the URL stored while fetches were under way, the
-    /// sequence of the latest-begun fetch whose answer it was.
-    stored: Vec<(Arc<str>, u64)>,
+    /// For each key of the URL stored while fetches were under way (by
+    /// its hash), the sequence of the latest-begun fetch whose answer it
+    /// was; at most [`STORED_KEPT`].
+    stored: Vec<(u64, u64)>,
+    /// The latest sequence among the entries let go from `stored` to keep
+    /// it bounded: a fill begun before it may have been overtaken under a
+    /// key no longer listed, and is taken to be (see [`Cache::superseded`]).
+    forgotten: u64,
 }
+
+/// Keys a URL's record keeps. A URL whose fetches never all end (one slow
+/// download at a time, say) kept every variant stored meanwhile, keys of
+/// up to 64 KiB of a client's `Vary` fields included: 6,000 requests with
+/// fresh `Accept-Encoding` values took 500 MB, and each store scanned them
+/// all (panic56 H1). As many as a URL keeps variants; past that, the
+/// oldest go, and fetches begun before them store nothing: a store
+/// missed, never an older answer over a newer one. Kept by hash, so a
+/// long key costs eight bytes (two that collide: a store missed).
+const STORED_KEPT: usize = super::MAX_VARIANTS;
 
 /// A fetch that may end in a store, from before its request goes out until
 /// its response is stored or given up.
@@ -92,24 +108,32 @@ impl Cache {
     /// `full` while `fill` was under way: `fill`'s is the older, whichever
     /// came back last, even if that one has left the store since.
     pub(super) fn superseded(&self, fill: &Fill, full: &str) -> bool {
+        let hash = self.fills.hasher().hash_one(full);
         self.fills.get(&fill.primary).is_some_and(|pending| {
-            pending
-                .stored
-                .iter()
-                .any(|(key, sequence)| **key == *full && *sequence > fill.sequence)
+            pending.forgotten > fill.sequence
+                || pending
+                    .stored
+                    .iter()
+                    .any(|&(key, sequence)| key == hash && sequence > fill.sequence)
         })
     }
 
     /// Notes that `fill`'s answer is stored under `full`, for
     /// [`Cache::superseded`].
-    pub(super) fn note_stored(&self, fill: &Fill, full: &Arc<str>) {
+    pub(super) fn note_stored(&self, fill: &Fill, full: &str) {
+        let hash = self.fills.hasher().hash_one(full);
         let Some(mut pending) = self.fills.get_mut(&fill.primary) else {
             return;
         };
-        match pending.stored.iter_mut().find(|(key, _)| key == full) {
-            Some((_, sequence)) => *sequence = (*sequence).max(fill.sequence),
-            None => pending.stored.push((full.clone(), fill.sequence)),
+        if let Some((_, sequence)) = pending.stored.iter_mut().find(|(key, _)| *key == hash) {
+            *sequence = (*sequence).max(fill.sequence);
+            return;
         }
+        if pending.stored.len() >= STORED_KEPT {
+            let (_, sequence) = pending.stored.remove(0);
+            pending.forgotten = pending.forgotten.max(sequence);
+        }
+        pending.stored.push((hash, fill.sequence));
     }
 
     /// Marks the fetches under way for `primary` overtaken. Called before
@@ -129,5 +153,34 @@ impl Cache {
                 pending.generation += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL's record keeps at most [`STORED_KEPT`] keys however many
+    /// variants are stored while one fetch of it stays under way, and a
+    /// fetch older than the keys let go stores nothing (panic56 H1).
+    #[test]
+    fn a_url_s_record_stays_bounded_under_a_fetch_that_never_ends() {
+        let cache = Cache::new(
+            crate::config::Cache::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        let held = cache.begin_fill("P".into());
+        for n in 0..1000 {
+            let fill = cache.begin_fill("P".into());
+            let key = format!("P|variant-{n}");
+            assert!(!cache.superseded(&fill, &key));
+            cache.note_stored(&fill, &key);
+        }
+        assert_eq!(cache.fills.get("P").unwrap().stored.len(), STORED_KEPT);
+        assert!(cache.superseded(&held, "P|variant-999"));
+        assert!(cache.superseded(&held, "P|never-stored"));
+        let late = cache.begin_fill("P".into());
+        assert!(!cache.superseded(&late, "P|variant-999"));
+        assert!(!cache.superseded(&late, "P|never-stored"));
     }
 }
