@@ -92,15 +92,64 @@ impl Owed {
     /// the old state again, served as a hit for its whole lifetime
     /// (review38e M1). So the URL is invalidated again once `again` (the
     /// upstream's `response_timeout`) has passed once more.
+    ///
+    /// Those waits hold at most [`AGAIN_MAX_BYTES`] of URLs between them:
+    /// unbounded, 2,000 failed writes with long targets held 128 MB for
+    /// `response_timeout` (panic56 M1). Past it, a write is invalidated
+    /// once, as before review38e.
     async fn failed(self: Arc<Self>, error: &ProxyError, acted: bool, again: Duration) {
         if !(acted || error.may_have_acted()) {
             return;
         }
         self.unanswered().await;
+        let Some(held) = AgainHeld::take(self.host.len() + self.target.len()) else {
+            return;
+        };
         tokio::spawn(async move {
+            let _held = held;
             tokio::time::sleep(again).await;
             self.unanswered().await;
         });
+    }
+}
+
+/// The most of URLs (host and target) that writes waiting to invalidate
+/// again hold at once (see [`Owed::failed`]): some 10,000 of a usual
+/// length.
+const AGAIN_MAX_BYTES: usize = 1 << 20;
+
+/// Bytes of URLs held by writes waiting to invalidate again.
+static AGAIN: Budget = Budget(std::sync::atomic::AtomicUsize::new(0));
+
+/// Bytes held by waits, of [`AGAIN_MAX_BYTES`].
+struct Budget(std::sync::atomic::AtomicUsize);
+
+/// A wait's share of a [`Budget`], given back when it ends.
+struct AgainHeld(&'static Budget, usize);
+
+impl AgainHeld {
+    fn take(bytes: usize) -> Option<Self> {
+        AGAIN.take(bytes)
+    }
+}
+
+impl Budget {
+    fn take(&'static self, bytes: usize) -> Option<AgainHeld> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + bytes <= AGAIN_MAX_BYTES).then_some(held + bytes)
+            })
+            .ok()
+            .map(|_| AgainHeld(self, bytes))
+    }
+}
+
+impl Drop for AgainHeld {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .fetch_sub(self.1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -314,5 +363,26 @@ async fn invalidate_spellings(cache: &Cache, scheme: &str, host: &str, target: &
             let normal = normal + query;
             cache.invalidate(&key::primary(scheme, host, &normal)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Budget, AGAIN_MAX_BYTES};
+
+    /// Writes waiting to invalidate again hold at most
+    /// [`AGAIN_MAX_BYTES`] of URLs, each its share until it ends
+    /// (panic56 M1).
+    #[test]
+    fn waits_to_invalidate_again_hold_a_bounded_share() {
+        let budget: &'static Budget = Box::leak(Box::new(Budget(0.into())));
+        let most = budget.take(AGAIN_MAX_BYTES - 10).unwrap();
+        let some = budget.take(10).unwrap();
+        assert!(budget.take(1).is_none());
+        drop(some);
+        assert!(budget.take(11).is_none());
+        assert!(budget.take(10).is_some());
+        drop(most);
+        assert!(budget.take(AGAIN_MAX_BYTES).is_some());
     }
 }
