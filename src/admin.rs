@@ -117,12 +117,19 @@ fn authorize(
     match bearer(request) {
         Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
         presented => {
-            tracing::warn!(
-                client = %peer,
-                call = %request.uri().path(),
-                reason = if presented.is_some() { "wrong token" } else { "no bearer token" },
-                "admin call refused"
-            );
+            // One line every 10 s, with how many went unsaid: a token
+            // being guessed wrote one per try (ops56 L2), where proxy
+            // errors are said as seldom.
+            static REFUSED: crate::logging::Every = crate::logging::Every::new();
+            if let Some(held_back) = REFUSED.due(10) {
+                tracing::warn!(
+                    client = %peer,
+                    call = %request.uri().path(),
+                    reason = if presented.is_some() { "wrong token" } else { "no bearer token" },
+                    held_back = (held_back > 0).then_some(held_back),
+                    "admin call refused"
+                );
+            }
             let mut response = text(StatusCode::UNAUTHORIZED, "401 Unauthorized\n");
             response
                 .headers_mut()

@@ -1436,6 +1436,44 @@ fn no_stray_bytes_warning(mut run: Started) {
     let _ = std::fs::remove_dir_all(run.dir);
 }
 
+/// A refused admin call is warned of once in ten seconds, with how many
+/// went unsaid: a token being guessed wrote a line per try (ops56 L2).
+#[test]
+fn refused_admin_calls_are_warned_of_once_in_a_while() {
+    use std::io::{Read, Write};
+    let token = std::env::temp_dir().join(format!("portico-refused-{}.token", std::process::id()));
+    std::fs::write(&token, "0123456789abcdef0123").unwrap();
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\
+         [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:9\"]\n[[route]]\nupstream = \"u\"\n",
+        token.display()
+    );
+    let mut run = portico_on("refused", &config, None);
+    let admin = run
+        .seen
+        .iter()
+        .find(|l| l.contains("admin listening"))
+        .map(|l| addr_in(l))
+        .expect("the admin address");
+    for guess in ["one", "two", "three"] {
+        let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+        write!(
+            stream,
+            "POST /reload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {guess}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    run.seen.extend(run.log.try_iter());
+    let refusals = run.seen.iter().filter(|l| l.contains("admin call refused"));
+    assert_eq!(refusals.count(), 1, "{:#?}", run.seen);
+    let _ = std::fs::remove_file(token);
+    let _ = std::fs::remove_dir_all(run.dir);
+}
+
 /// A short admin token is warned about at start (review31b note).
 #[test]
 fn a_short_admin_token_is_warned_about() {
