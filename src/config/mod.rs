@@ -434,7 +434,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             key_at(table.get_ref(), &span)
         };
         let name = path.last().map(Segment::to_string).unwrap_or_default();
-        reporter.at(span, key, format!("unknown key `{name}`"));
+        let message = match near_key(path) {
+            Some(near) => format!("unknown key `{name}`; did you mean `{near}`?"),
+            None => format!("unknown key `{name}`"),
+        };
+        reporter.at(span, key, message);
     }
     let Some(raw) = raw.filter(|_| set.is_empty()) else {
         return reporter.finish(Config::single_upstream(vec![], vec![]));
@@ -442,6 +446,103 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let base = folder(file);
     let config = validate::validate(raw, &mut reporter, &base);
     reporter.finish(config)
+}
+
+/// The key of the same table an unknown one at `path` is likeliest a
+/// misspelling of (`path_prefx`, `max_body`), as HAProxy suggests one:
+/// within two edits, or one for a short key.
+fn near_key(path: &[Segment]) -> Option<&'static str> {
+    let (Segment::Key(name), table) = path.split_last()? else {
+        return None;
+    };
+    let table: Vec<&str> = table
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Key(key) => Some(key.as_str()),
+            Segment::Index(_) => None,
+        })
+        .collect();
+    let keys = match table.as_slice() {
+        [] => keys_of::<raw::File>(),
+        ["server"] => keys_of::<raw::Server>(),
+        ["server", "tls"] => keys_of::<raw::Tls>(),
+        ["server", "tls", "certificates"] => keys_of::<raw::Certificate>(),
+        ["admin"] => keys_of::<raw::Admin>(),
+        ["upstream"] => keys_of::<raw::Upstream>(),
+        ["upstream", "health"] => keys_of::<raw::Health>(),
+        ["route"] => keys_of::<raw::Route>(),
+        ["cache"] => keys_of::<raw::Cache>(),
+        ["compression"] => keys_of::<raw::Compression>(),
+        ["rate_limit"] => keys_of::<raw::RateLimit>(),
+        _ => return None,
+    };
+    let most = if name.len() <= 4 { 1 } else { 2 };
+    keys.iter()
+        .map(|&key| (edits(name, key), key))
+        .filter(|&(edits, _)| edits <= most)
+        .min()
+        .map(|(_, key)| key)
+}
+
+/// The keys serde's derive gives a table of type `T` (the field list it
+/// hands `deserialize_struct`), so the suggestions follow the structs.
+fn keys_of<T: for<'de> serde::Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("keys listed")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    struct Fields<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0.set(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let fields = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Fields(&fields));
+    fields.get()
+}
+
+/// Levenshtein distance between two keys (a few dozen bytes at most).
+fn edits(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &x) in a.as_bytes().iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &y) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(x != y))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -413,7 +413,18 @@ fn every_error_names_file_line_col_and_key() {
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\nintervall = \"1s\"\n[[route]]\nupstream = \"a\"\n",
-            &["test.toml:5:1: upstream[0].health.intervall: unknown key `intervall`"],
+            &["test.toml:5:1: upstream[0].health.intervall: unknown key `intervall`; did you mean `interval`?"],
+        ),
+        // A misspelling is suggested its table's key (ops56 L5), as
+        // HAProxy does; a key near none is not.
+        (
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nmax_body = \"1MiB\"\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nconect_timeout = \"1s\"\n[[route]]\npath_prefx = \"/\"\nupstream = \"a\"\n[cache]\nmax_sise = \"1MiB\"\n",
+            &[
+                "test.toml:3:1: server.max_body: unknown key `max_body`",
+                "test.toml:7:1: upstream[0].conect_timeout: unknown key `conect_timeout`; did you mean `connect_timeout`?",
+                "test.toml:9:1: route[0].path_prefx: unknown key `path_prefx`; did you mean `path_prefix`?",
+                "test.toml:12:1: cache.max_sise: unknown key `max_sise`; did you mean `max_size`?",
+            ],
         ),
         (
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\nbalance = \"fastest\"\n[[route]]\nupstream = \"a\"\ncache = true\n",
@@ -516,7 +527,7 @@ fn every_error_names_file_line_col_and_key() {
             // alone (review42i M1).
             "[[upstreams]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"/h\"\n[[route]]\nupstream = \"a\"\n",
             &[
-                "test.toml:1:3: upstreams[0]: unknown key `upstreams`",
+                "test.toml:1:3: upstreams[0]: unknown key `upstreams`; did you mean `upstream`?",
                 "test.toml:4:2: upstream.health: `[upstream.health]` belongs to the `[[upstream]]` above it, and there is none: is that `[[upstream]]` misspelt, or written after this?",
             ],
         ),
@@ -901,11 +912,11 @@ fn every_error_names_file_line_col_and_key() {
             "[[upstream]]\nname = \"a\"\nbackend = [\"127.0.0.1:1\"]\nretries = \"2\"\n[upstream.health]\nintervl = \"2s\"\n[[route]]\nupstrem = \"a\"\n",
             &[
                 "test.toml:1:1: upstream[0]: missing field `backends`",
-                "test.toml:3:1: upstream[0].backend: unknown key `backend`",
+                "test.toml:3:1: upstream[0].backend: unknown key `backend`; did you mean `backends`?",
                 "test.toml:4:11: upstream[0].retries: invalid type: string \"2\", expected a whole number",
-                "test.toml:6:1: upstream[0].health.intervl: unknown key `intervl`",
+                "test.toml:6:1: upstream[0].health.intervl: unknown key `intervl`; did you mean `interval`?",
                 "test.toml:7:1: route[0]: missing field `upstream`",
-                "test.toml:8:1: route[0].upstrem: unknown key `upstrem`",
+                "test.toml:8:1: route[0].upstrem: unknown key `upstrem`; did you mean `upstream`?",
             ],
         ),
         // A table's Rust type is not named (review36a).
