@@ -1048,6 +1048,40 @@ async fn an_http2_stream_whose_window_stays_shut_lets_its_backend_go_after_idle_
     assert!(matches!(rest, Ok(Err(_))), "abandoned body: {rest:?}");
 }
 
+/// An HTTP/2 client that keeps asking is not idle, however small the
+/// answers against its requests: one whose requests wrote more than it
+/// read (uploads, a long token each time) was closed every `idle_timeout`
+/// (tls56 M1).
+#[tokio::test]
+async fn an_http2_client_asking_more_than_it_is_answered_is_not_idle() {
+    use http_body_util::BodyExt;
+    let (_backend, proxy, mut sender, connection) =
+        h2_to_proxy_with_idle(Duration::from_millis(600)).await;
+    for n in 0..12 {
+        // A fresh value each time, so the header compression cannot
+        // shrink it: 2 KiB asked, a few bytes answered.
+        let mut request = h2_get(&proxy, "/health");
+        let pad = format!("{n:04}").repeat(512);
+        request
+            .headers_mut()
+            .insert("x-pad", http::HeaderValue::from_str(&pad).unwrap());
+        let status = tokio::time::timeout(STEP, async {
+            let response = sender.send_request(request).await.expect("answered");
+            let status = response.status();
+            response.into_body().collect().await.unwrap();
+            status
+        })
+        .await
+        .expect("answered in time");
+        assert_eq!(status, StatusCode::OK, "request {n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !connection.is_finished(),
+        "the connection was closed as idle"
+    );
+}
+
 #[tokio::test]
 async fn an_http2_stream_read_slowly_arrives_whole() {
     // Each pause is shorter than idle_timeout but all of them together far

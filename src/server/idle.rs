@@ -502,6 +502,7 @@ impl Activity {
         };
         let mut was_stuck = false;
         let mut h2_last = self.h2_bytes();
+        let mut started_last = self.started.load(Ordering::Relaxed);
         let mut blocks_last = self.h2_blocks.load(Ordering::Relaxed);
         loop {
             tokio::time::sleep(step).await;
@@ -520,10 +521,18 @@ impl Activity {
             // as one) would otherwise hold the connection for as long as
             // the client likes (review29a F6). Bytes written still do: the
             // end of a response h2 is sending as the client's window opens.
+            // And a request begun since the last look, answered in
+            // between: a client whose requests are larger than their
+            // answers (uploads, beacons, a long token each time) wrote
+            // more than it read, and was closed as idle every
+            // `idle_timeout` though it never stopped asking (tls56 M1).
             let moved = if self.multiplexed.load(Ordering::Relaxed) {
                 let sent = self.h2_sent(h2_last);
                 h2_last = self.h2_bytes();
-                sent
+                let started = self.started.load(Ordering::Relaxed);
+                let asked = started != started_last;
+                started_last = started;
+                sent || asked
             } else {
                 now.0 != last.0
             };
