@@ -1485,6 +1485,51 @@ async fn stale_if_error_serves_the_stale_copy_when_the_backend_is_gone() {
     assert_eq!(failed.header("cache-status"), "portico; fwd=miss");
 }
 
+/// `[cache] stale_if_error` serves a stale copy that gives no window of
+/// its own while its backend fails, as nginx's `proxy_cache_use_stale`
+/// and Varnish's grace do (cache56 H2: the copy went unused); a
+/// response's own `stale-if-error` wins, and one that forbids stale use
+/// gets the error.
+#[tokio::test]
+async fn the_operator_s_stale_if_error_serves_a_stale_copy() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = cached(&[&backend]);
+    config.upstreams[0].retries = 0;
+    config.cache.as_mut().unwrap().stale_if_error = Duration::from_secs(60);
+    let proxy = start_proxy(config).await;
+    let client = client();
+    let plain = proxy.url("/cache/s?cc=max-age=1");
+    let own = proxy.url("/cache/s?cc=max-age=1,%20stale-if-error=2");
+    let strict = proxy.url("/cache/s?cc=max-age=1,%20must-revalidate");
+    let first = get(&client, &plain).await;
+    assert_eq!(first.header("cache-status"), "portico; fwd=miss; stored");
+    for url in [&own, &strict] {
+        let stored = get(&client, url).await;
+        assert_eq!(stored.header("cache-status"), "portico; fwd=miss; stored");
+    }
+    backend.stop().await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let stale = get(&client, &plain).await;
+    assert_eq!(
+        stale.status,
+        StatusCode::OK,
+        "{}",
+        stale.header("cache-status")
+    );
+    assert_eq!(stale.body, first.body);
+    assert_eq!(
+        stale.header("cache-status"),
+        "portico; fwd=stale; fwd-status=502; detail=stale-if-error"
+    );
+    for url in [&own, &strict] {
+        let failed = get(&client, url).await;
+        assert_eq!(failed.status, StatusCode::BAD_GATEWAY, "{url}");
+    }
+    cache_of(&proxy).advance_clock(Duration::from_secs(60));
+    let late = get(&client, &plain).await;
+    assert_eq!(late.status, StatusCode::BAD_GATEWAY);
+}
+
 /// A client's own `stale-if-error` (RFC 5861 §4) lets a stale copy with
 /// no window of its own answer for a backend that fails, as the
 /// response's does; a client without it gets the error (cache53 L1: the
@@ -2744,6 +2789,7 @@ async fn memory_stays_under_max_size_after_ten_times_its_size() {
         max_size: 1 << 20,
         max_object_size: 256 << 10,
         default_ttl: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
     });
     let proxy = start_proxy(config).await;
     let client = client();

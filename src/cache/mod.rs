@@ -371,6 +371,8 @@ pub struct Cache {
     /// which a reload changes in place (see [`Cache::retune`]).
     max_object_size: AtomicU64,
     default_ttl: AtomicU64,
+    /// `[cache] stale_if_error`, in seconds (see [`Cache::with_stale_default`]).
+    stale_if_error: AtomicU64,
     store: Moka<Arc<str>, Arc<Entry>>,
     /// Primary key -> its stored variants. Never locked across a store
     /// call: the store's eviction listener takes it too.
@@ -540,6 +542,7 @@ impl Cache {
             max_size: config.max_size,
             max_object_size: AtomicU64::new(0),
             default_ttl: AtomicU64::new(0),
+            stale_if_error: AtomicU64::new(0),
             store,
             index,
             copies,
@@ -592,7 +595,9 @@ impl Cache {
             .max_object_size
             .swap(config.max_object_size, Ordering::Relaxed);
         let ttl = self.default_ttl.swap(nanos, Ordering::Relaxed);
-        let changed = size != config.max_object_size || ttl != nanos;
+        let stale = config.stale_if_error.as_secs();
+        let was_stale = self.stale_if_error.swap(stale, Ordering::Relaxed);
+        let changed = size != config.max_object_size || ttl != nanos || was_stale != stale;
         if changed {
             self.uncacheable.invalidate_all();
         }
@@ -608,6 +613,22 @@ impl Cache {
     /// its own.
     pub fn default_ttl(&self) -> Duration {
         Duration::from_nanos(self.default_ttl.load(Ordering::Relaxed))
+    }
+
+    /// `cc`, the directives of a response being stored, with `[cache]
+    /// stale_if_error` as its `stale-if-error` when it gives none and
+    /// allows stale use at all (no `no-cache`, `must-revalidate`,
+    /// `proxy-revalidate` or `s-maxage`, RFC 9111 §4.2.4): the operator's
+    /// leave to serve it stale while its backend fails, as nginx's
+    /// `proxy_cache_use_stale error timeout http_5xx` and Varnish's grace
+    /// give, where without one a stored copy went unused in an outage
+    /// (cache56 H2). The entry is kept that much longer too.
+    pub fn with_stale_default(&self, mut cc: CacheControl) -> CacheControl {
+        let window = self.stale_if_error.load(Ordering::Relaxed);
+        if window > 0 && cc.stale_if_error.is_none() && !cc.forbids_stale() {
+            cc.stale_if_error = Some(window);
+        }
+        cc
     }
 
     /// Says a generation serving from the cache trusts proxies: from then

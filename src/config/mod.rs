@@ -824,6 +824,7 @@ fn unit_hint(key: &str, message: &str) -> Option<String> {
         "request_header_timeout",
         "response_timeout",
         "shutdown_grace",
+        "stale_if_error",
         "timeout",
     ];
     const SIZES: &[&str] = &[

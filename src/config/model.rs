@@ -235,6 +235,11 @@ pub struct Cache {
     pub max_size: u64,
     pub max_object_size: u64,
     pub default_ttl: Duration,
+    /// How long past its freshness a stored response may be served when
+    /// its backend fails, for responses that give no `stale-if-error` of
+    /// their own (RFC 5861 §4); zero for none (nginx's
+    /// `proxy_cache_use_stale`, Varnish's grace).
+    pub stale_if_error: Duration,
 }
 
 /// Responses compressed with gzip for clients that take it (nginx's
@@ -525,6 +530,7 @@ impl Default for Cache {
             max_size: 256 * 1024 * 1024,
             max_object_size: 8 * 1024 * 1024,
             default_ttl: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
         }
     }
 }

@@ -287,6 +287,7 @@ pub struct Cache {
     pub max_size: Option<Str>,
     pub max_object_size: Option<Str>,
     pub default_ttl: Option<Str>,
+    pub stale_if_error: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -83,6 +83,7 @@ upstream = "orders"
 
 [cache]
 default_ttl = "1m"
+stale_if_error = "1h"
 
 [rate_limit]
 requests_per_second = 0.5
@@ -134,7 +135,9 @@ trusted_proxies = ["10.0.0.0/8", "::1"]
     assert!(!config.routes[1].cache);
     assert_eq!(config.routes[1].name, "orders#2");
     assert_eq!(config.routes[2].name, "static");
-    assert_eq!(config.cache.unwrap().default_ttl.as_secs(), 60);
+    let cache = config.cache.unwrap();
+    assert_eq!(cache.default_ttl.as_secs(), 60);
+    assert_eq!(cache.stale_if_error.as_secs(), 3600);
     let limit = config.rate_limit.unwrap();
     assert_eq!(limit.requests_per_second, 0.5);
     assert_eq!(

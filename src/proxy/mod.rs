@@ -384,6 +384,7 @@ impl Proxy {
                         tracing::info!(
                             max_object_size = c.max_object_size,
                             default_ttl = ?c.default_ttl,
+                            stale_if_error = ?c.stale_if_error,
                             "[cache] retuned: applies to responses stored from now on; those stored keep their lifetimes (a bare DELETE /cache drops them)"
                         );
                     }

@@ -676,6 +676,12 @@ fn cache(r: R, raw: &raw::Cache) -> Cache {
             raw.default_ttl.as_ref(),
             d.default_ttl,
         ),
+        stale_if_error: duration(
+            r,
+            "cache.stale_if_error",
+            raw.stale_if_error.as_ref(),
+            d.stale_if_error,
+        ),
     }
 }
 

@@ -1182,7 +1182,7 @@ impl Fetch {
                     headers: stored,
                     timing: Timing::new(response.headers(), request_time, response_time),
                     lifetime,
-                    cc,
+                    cc: cache.with_stale_default(cc),
                 };
                 // Stale on arrival (an old `Age` or `Date`), with no validator
                 // and no stale window: it could never be served.

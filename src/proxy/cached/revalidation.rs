@@ -85,7 +85,13 @@ pub(super) fn judge_304(
     // as the merged fields say: an Age or Date kept from the first
     // response would age the refreshed entry from the start.
     let timing = Timing::new(not_modified, fetch.request_time, arrived);
-    let updated = refreshed(entry, headers, cc, lifetime, timing);
+    let updated = refreshed(
+        entry,
+        headers,
+        cache.with_stale_default(cc),
+        lifetime,
+        timing,
+    );
     match storable {
         Ok(_) if !authorized || shared => Revalidated::Store(updated),
         // A logged-in client's answer says nothing of what everyone else
