@@ -1530,6 +1530,76 @@ async fn the_operator_s_stale_if_error_serves_a_stale_copy() {
     assert_eq!(late.status, StatusCode::BAD_GATEWAY);
 }
 
+/// A revalidation whose 200 breaks off mid-body tells the requests that
+/// waited on it that it failed: each gets the stale copy its
+/// stale-if-error allows, and the backend is asked once (cache56 H1: they
+/// were handed the lock one after another, each to fetch the same broken
+/// body, eleven fetches for ten clients).
+#[tokio::test]
+async fn a_revalidation_broken_mid_body_serves_its_waiters_the_stale_copy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let first = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=60\r\n\
+                                  ETag: \"a\"\r\nContent-Length: 5\r\n\r\nfirst";
+                    if stream.write_all(first).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                // Slow enough for the others to wait on it, then cut.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nContent-Length: 1000\r\n\r\nbroken")
+                    .await;
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/page"));
+    assert_eq!(get(&client, &url).await.body, "first");
+    until_stored(&proxy, 1).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let ask = format!(
+        "GET /page HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        proxy.addr
+    );
+    let leader = tokio::spawn(async move { raw_exchange(proxy.addr, ask.as_bytes()).await });
+    let sent = tokio::time::timeout(STEP, async {
+        while asked.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(sent.await.is_ok(), "the revalidation sent");
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "first");
+        assert_eq!(
+            answer.header("cache-status"),
+            "portico; fwd=stale; fwd-status=502; detail=stale-if-error; collapsed"
+        );
+    }
+    let cut = leader.await.unwrap();
+    assert!(cut.starts_with("HTTP/1.1 200"), "{cut}");
+    assert!(!cut.ends_with("first"), "{cut}");
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+}
+
 /// A client's own `stale-if-error` (RFC 5861 §4) lets a stale copy with
 /// no window of its own answer for a backend that fails, as the
 /// response's does; a client without it gets the error (cache53 L1: the

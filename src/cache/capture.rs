@@ -38,6 +38,8 @@ pub struct Capture {
     /// The copy's share of what all fills may hold.
     held: Held,
     leader: Option<Leader>,
+    /// A revalidation of a stored copy (see [`Capture::revalidating`]).
+    revalidating: bool,
     /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
     whole: Option<tokio::sync::oneshot::Sender<(Arc<Entry>, bool)>>,
     /// Why the copy was given up, for the access line.
@@ -135,8 +137,30 @@ impl Capture {
             limit,
             held,
             leader,
+            revalidating: false,
             whole: None,
             fate: Fate::default(),
+        }
+    }
+
+    /// Marks the fetch as a revalidation of a stored copy (stale, or one
+    /// a client asked to have checked): see [`Capture::broken`].
+    pub fn revalidating(mut self) -> Self {
+        self.revalidating = true;
+        self
+    }
+
+    /// The body broke off (`status` 502) or stalled past `body_timeout`
+    /// (504): nothing is stored. The requests waiting on a revalidation
+    /// are told it failed, as for a 5xx, so each gets the stale copy its
+    /// stale-if-error allows, or fetches on its own: they were handed
+    /// the lock one after another, each to get the same broken body from
+    /// the backend (cache56 H1: ten waiters, eleven fetches 0.5 s apart,
+    /// every one cut off, where nginx and Varnish served the copy). A
+    /// miss's waiters still take the lock on, one fetching for the rest.
+    pub fn broken(self, status: u16) {
+        if let Some(leader) = self.leader.as_ref().filter(|_| self.revalidating) {
+            leader.failed(status);
         }
     }
 

@@ -1625,7 +1625,9 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // A broken body is never stored.
-                    capture.take();
+                    if let Some(copy) = capture.take() {
+                        copy.broken(502);
+                    }
                     Poll::Ready(Some(Err(cut_short(
                         in_flight.take(),
                         e.into(),
@@ -1644,7 +1646,9 @@ impl Body for ProxyBody {
                 Poll::Pending if inner.is_gathering() => Poll::Pending,
                 Poll::Pending => match stall.poll_stalled(cx, || inner.inner.read_lately()) {
                     Poll::Ready(()) => {
-                        capture.take();
+                        if let Some(copy) = capture.take() {
+                            copy.broken(504);
+                        }
                         let stalled = BodyError::Stalled(stall.timeout);
                         Poll::Ready(Some(Err(cut_short(in_flight.take(), stalled, *unattended))))
                     }

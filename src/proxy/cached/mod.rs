@@ -1191,8 +1191,11 @@ impl Fetch {
                     release_for(leader.as_ref(), status, true);
                     format!("portico; fwd={fwd}{fwd_status}; detail=no-freshness")
                 } else {
-                    let capture =
+                    let mut capture =
                         Capture::new(cache.clone(), fill, request_headers, head, leader.take());
+                    if !fwd.ends_with("miss") {
+                        capture = capture.revalidating();
+                    }
                     response.extensions_mut().insert(capture.fate());
                     let (parts, body) = response.into_parts();
                     response = Response::from_parts(parts, body.with_capture(capture));
