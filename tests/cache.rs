@@ -1556,7 +1556,7 @@ async fn a_revalidation_broken_mid_body_serves_its_waiters_the_stale_copy() {
                 // Slow enough for the others to wait on it, then cut.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nContent-Length: 1000\r\n\r\nbroken")
+                    .write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 1000\r\n\r\nbroken")
                     .await;
                 return;
             }
