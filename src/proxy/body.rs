@@ -573,7 +573,7 @@ impl Body for RequestBody {
         match polled {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(trailers) = frame.trailers_mut() {
-                    super::headers::scrub_trailers(trailers);
+                    super::headers::scrub_request_trailers(trailers);
                 }
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;

@@ -173,6 +173,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Seen {
                 seen.underscored = true;
                 continue;
             }
+            Some(b'c' | b't')
+                if (name.len() == FRAMING[0].len() || name.len() == FRAMING[1].len())
+                    && name.contains('_') =>
+            {
+                seen.underscored = true;
+                continue;
+            }
             Some(b'x') if CLAIMS.contains(&name) => {
                 seen.claims = true;
                 continue;
@@ -549,6 +556,14 @@ const WRITTEN: [&str; 4] = [
     "x-request-id",
 ];
 
+/// The framing fields, whose `_` spellings go too (see
+/// [`remove_lookalikes`]): portico frames the body anew, and a backend
+/// that reads `Transfer_Encoding: chunked` as `Transfer-Encoding` (CGI
+/// and WSGI servers name both `HTTP_TRANSFER_ENCODING`) would read a body
+/// framed otherwise as chunked (fuzz56 L: they went on; nginx drops every
+/// name with `_`).
+const FRAMING: [&str; 2] = ["content-length", "transfer-encoding"];
+
 /// The lengths of the names in [`WRITTEN`] and [`CLAIMS`], so the pass
 /// over a head's names looks for `_` only in names as long as one.
 const LOOKALIKE_LENGTHS: [usize; 13] = [
@@ -578,10 +593,11 @@ const LOOKALIKE_LENGTHS: [usize; 13] = [
 fn remove_lookalikes(headers: &mut HeaderMap, claims: bool) {
     let lookalike = |name: &HeaderName| {
         let name = name.as_str().as_bytes();
-        name.first() == Some(&b'x')
-            && name.contains(&b'_')
-            && (WRITTEN.iter().any(|written| spells(written, name))
-                || (claims && CLAIMS.iter().any(|claim| spells(claim, name))))
+        name.contains(&b'_')
+            && (FRAMING.iter().any(|framing| spells(framing, name))
+                || name.first() == Some(&b'x')
+                    && (WRITTEN.iter().any(|written| spells(written, name))
+                        || (claims && CLAIMS.iter().any(|claim| spells(claim, name)))))
     };
     let found: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
     for name in found {
@@ -945,6 +961,29 @@ pub fn prepare_response(head: &mut http::response::Parts) {
 pub fn scrub_trailers(trailers: &mut HeaderMap) {
     remove_hop_by_hop(trailers);
     trailers.remove(header::CONTENT_LENGTH);
+}
+
+/// [`scrub_trailers`] for a request's trailers, which also lose the
+/// fields portico writes or vouches for in the head, and their `_`
+/// spellings: a client's `X-Forwarded-For` trailer went on beside the
+/// head portico rewrote, for a backend that merges trailers into the
+/// head (RFC 9110 §6.5.2 forbids it, some do) to read (fuzz56 L).
+pub fn scrub_request_trailers(trailers: &mut HeaderMap) {
+    scrub_trailers(trailers);
+    let vouched = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        [&header::FORWARDED, &header::VIA]
+            .iter()
+            .any(|field| field.as_str().as_bytes() == name)
+            || WRITTEN
+                .iter()
+                .chain(CLAIMS.iter())
+                .any(|field| spells(field, name))
+    };
+    let found: Vec<HeaderName> = trailers.keys().filter(|n| vouched(n)).cloned().collect();
+    for name in found {
+        trailers.remove(&name);
+    }
 }
 
 /// A `Content-Length` as one plain number. hyper takes several
@@ -1752,6 +1791,10 @@ mod tests {
             ("x_request_id", "forged"),
             ("x_custom_field", "kept"),
             ("x-forwarded-for", "10.0.0.1"),
+            // The framing fields' too (fuzz56 L).
+            ("transfer_encoding", "chunked"),
+            ("content_length", "5"),
+            ("content_type_x", "kept"),
         ]);
         prepare(&mut headers, client(None));
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
@@ -1762,6 +1805,9 @@ mod tests {
             "{names:?}"
         );
         assert!(!headers.contains_key("x_request_id"));
+        assert!(!headers.contains_key("transfer_encoding"));
+        assert!(!headers.contains_key("content_length"));
+        assert_eq!(headers["content_type_x"], "kept");
         assert_eq!(headers["x_custom_field"], "kept");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
     }
@@ -1777,6 +1823,25 @@ mod tests {
             ("x-checksum", "abc"),
         ]);
         scrub_trailers(&mut trailers);
+        let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-checksum"]);
+    }
+
+    /// A request's trailers lose the fields portico writes or vouches for
+    /// in the head, however spelt (fuzz56 L).
+    #[test]
+    fn request_trailers_lose_the_fields_portico_vouches_for() {
+        let mut trailers = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x_forwarded_proto", "https"),
+            ("forwarded", "for=6.6.6.6"),
+            ("via", "1.1 evil"),
+            ("x-request-id", "forged"),
+            ("x-real-ip", "6.6.6.6"),
+            ("content-length", "5"),
+            ("x-checksum", "abc"),
+        ]);
+        scrub_request_trailers(&mut trailers);
         let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-checksum"]);
     }
