@@ -1600,6 +1600,66 @@ async fn a_revalidation_broken_mid_body_serves_its_waiters_the_stale_copy() {
     assert_eq!(asked.load(Ordering::SeqCst), 2);
 }
 
+/// Once a revalidation has failed, the next requests within a few
+/// seconds that stale-if-error lets have the copy get it at once, and the
+/// copy is revalidated in the background (cache56 M2: behind a hung
+/// backend each request waited its own `response_timeout`, one after
+/// another; nginx and Varnish answered at once).
+#[tokio::test]
+async fn a_failed_revalidation_serves_the_next_requests_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                    // Hung: never answers.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                let first = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=60\r\n\
+                              ETag: \"a\"\r\nContent-Length: 5\r\n\r\nfirst";
+                if stream.write_all(first).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = with_cache(Config::single_upstream(listen, vec![addr]));
+    config.upstreams[0].response_timeout = Duration::from_millis(300);
+    config.upstreams[0].retries = 0;
+    let proxy = start_proxy(config).await;
+    let (client, url) = (client(), proxy.url("/page"));
+    assert_eq!(get(&client, &url).await.body, "first");
+    until_stored(&proxy, 1).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let waited = get(&client, &url).await;
+    assert_eq!(waited.body, "first");
+    assert_eq!(
+        waited.header("cache-status"),
+        "portico; fwd=stale; fwd-status=504; detail=stale-if-error"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    let held = get(&client, &url).await;
+    assert_eq!(held.body, "first");
+    assert_eq!(
+        held.header("cache-status"),
+        "portico; fwd=stale; fwd-status=504; detail=stale-if-error; held"
+    );
+    // Its refresh went out in the background.
+    let refreshed = tokio::time::timeout(STEP, async {
+        while asked.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(refreshed.await.is_ok(), "a background refresh");
+}
+
 /// A client's own `stale-if-error` (RFC 5861 §4) lets a stale copy with
 /// no window of its own answer for a backend that fails, as the
 /// response's does; a client without it gets the error (cache53 L1: the

@@ -290,6 +290,7 @@ impl Cache {
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(bit(level)),
             incompressible: AtomicU16::new(0),
+            failing: std::sync::atomic::AtomicU64::new(0),
         });
         // Only in room the stored responses leave free: a copy never
         // pushes one out (review47a M1: a response and its copy too large

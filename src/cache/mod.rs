@@ -109,6 +109,10 @@ pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// What `Cache-Status` says of a fresh hit.
 pub const HIT: &str = "portico; hit";
 
+/// How long a failed revalidation holds (see [`Entry::failing`]): as
+/// nginx's `fail_timeout` keeps a failed server out.
+pub const FAILING_HOLD: Duration = Duration::from_secs(10);
+
 /// One stored response. Made by [`Entry::new`].
 #[derive(Debug)]
 pub struct Entry {
@@ -136,6 +140,10 @@ pub struct Entry {
     /// The levels at which its gzip copy came out no smaller than it: its
     /// gzip hits are sent as it is (see `copies`).
     incompressible: AtomicU16,
+    /// Until when (ms since the epoch, by the cache's clock, in the high
+    /// 48 bits) its last revalidation's failure (the status, in the low
+    /// 16) holds: see [`Entry::failing`].
+    failing: AtomicU64,
 }
 
 impl Entry {
@@ -175,7 +183,36 @@ impl Entry {
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
             incompressible: AtomicU16::new(0),
+            failing: AtomicU64::new(0),
         }
+    }
+
+    /// Notes that revalidating it failed at `now` with `status` (the
+    /// backend's 5xx or portico's own 502 or 504), its stale copy served:
+    /// see [`Entry::failing`].
+    pub fn failed_at(&self, now: SystemTime, status: u16) {
+        let until = now + FAILING_HOLD;
+        let ms = until.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
+        });
+        self.failing
+            .store((ms << 16) | u64::from(status), Ordering::Relaxed);
+    }
+
+    /// The status its last revalidation failed with, if that was less
+    /// than [`FAILING_HOLD`] before `now`: while it holds, a request that
+    /// stale-if-error lets have the copy gets it at once, and the copy is
+    /// revalidated in the background, one refresh at a time, as Varnish's
+    /// grace and nginx's `proxy_cache_use_stale updating` serve. Each
+    /// request waited for its own revalidation to fail: behind a hung
+    /// backend, `response_timeout` each (cache56 M2: 4.5 s, one after
+    /// another).
+    pub fn failing(&self, now: SystemTime) -> Option<u16> {
+        let packed = self.failing.load(Ordering::Relaxed);
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        (packed != 0 && now < packed >> 16).then_some((packed & 0xffff) as u16)
     }
 
     /// The memory the entry holds, as near as can be told: what
@@ -1100,6 +1137,21 @@ mod tests {
 
     const PRIMARY: &str = "GET|http|shop|/x";
 
+    /// A failed revalidation holds for [`FAILING_HOLD`], with its status.
+    #[test]
+    fn a_failed_revalidation_holds_for_a_while() {
+        let now = SystemTime::now();
+        let entry = entry("");
+        assert_eq!(entry.failing(now), None);
+        entry.failed_at(now, 504);
+        assert_eq!(entry.failing(now), Some(504));
+        assert_eq!(
+            entry.failing(now + FAILING_HOLD - Duration::from_millis(1)),
+            Some(504)
+        );
+        assert_eq!(entry.failing(now + FAILING_HOLD), None);
+    }
+
     fn cache() -> Arc<Cache> {
         Cache::new(config::Cache::default(), Arc::new(Metrics::new()))
     }
@@ -1124,6 +1176,7 @@ mod tests {
             copying: AtomicBool::new(false),
             copied: AtomicU16::new(0),
             incompressible: AtomicU16::new(0),
+            failing: AtomicU64::new(0),
         }
     }
 

@@ -355,7 +355,40 @@ pub(super) async fn lookup(
                     Usable::MustRevalidate if request_cc.only_if_cached => {
                         return Lookup::Answered(only_if_cached_miss(cache));
                     }
-                    Usable::MustRevalidate => stale = Some((entry, age)),
+                    Usable::MustRevalidate => {
+                        // Its last revalidation failed a moment ago: the
+                        // copy stale-if-error allows is served at once,
+                        // and revalidated in the background, one refresh
+                        // at a time (see `Entry::failing`).
+                        let held = entry.failing(cache.now()).filter(|_| {
+                            policy::stale_if_error(
+                                entry.lifetime,
+                                age,
+                                &entry.cc,
+                                request_cc.stale_if_error,
+                            )
+                        });
+                        match held {
+                            None => stale = Some((entry, age)),
+                            Some(code) => {
+                                let mut head = super::copy_head(parts);
+                                headers::add_hop(&mut head.headers, hop());
+                                tokio::spawn(refresh(
+                                    cache.clone(),
+                                    upstream.clone(),
+                                    primary.clone(),
+                                    head,
+                                    entry.clone(),
+                                ));
+                                let code =
+                                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+                                let response = stale_on_error(
+                                    cache, &entry, age, parts, "stale", code, "; held",
+                                );
+                                return answer(full, response, entry, false);
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -335,6 +335,7 @@ pub(super) async fn revalidate(
                 if let Some(leader) = &fetch.leader {
                     leader.failed(code.as_u16());
                 }
+                entry.failed_at(cache.now(), code.as_u16());
                 return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
             }
         };
@@ -389,6 +390,7 @@ pub(super) async fn revalidate(
             if let Some(leader) = &fetch.leader {
                 leader.failed(code.as_u16());
             }
+            entry.failed_at(cache.now(), code.as_u16());
             return Ok(stale_on_error(cache, &entry, age, &client, fwd, code, ""));
         }
         cache.counters.miss.inc();
@@ -459,7 +461,10 @@ pub(super) async fn refresh(
     let (mut response, mut in_flight) =
         match forward_with_retries(&upstream, parts, RequestBody::empty(), &mut trace).await {
             Ok(answer) => answer,
-            Err(error) => return failed(&error),
+            Err(error) => {
+                entry.failed_at(cache.now(), error.status().as_u16());
+                return failed(&error);
+            }
         };
     fetch.request_time = answered_request_time(&cache, fetch.request_time, &trace);
     if response.status() == StatusCode::NOT_MODIFIED {
@@ -489,6 +494,7 @@ pub(super) async fn refresh(
     // lifetime. The copy goes on being served stale, and refreshed.
     if response.status().is_server_error() {
         release(fetch.leader.as_ref());
+        entry.failed_at(cache.now(), response.status().as_u16());
         return failed(&format_args!("the backend answered {}", response.status()));
     }
     let primary = fetch.fill.primary().to_owned();
