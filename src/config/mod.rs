@@ -382,6 +382,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             {
                 format!("`{key}` is a list of tables: write [[{key}]], not [{key}]")
             }
+            // `[server] listen` is a list; the admin listener is one
+            // address (ops56 L5: "expected a string" said nothing of it).
+            None if key == "admin.listen"
+                && e.message()
+                    .starts_with("invalid type: sequence, expected a string") =>
+            {
+                "the admin listener is one address, not a list: write listen = \"127.0.0.1:9090\""
+                    .to_owned()
+            }
             None => unit_hint(&key, e.message()).unwrap_or_else(|| plain_words(e.message())),
         };
         reporter.at(span.clone(), key, message);

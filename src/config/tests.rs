@@ -418,6 +418,10 @@ fn every_error_names_file_line_col_and_key() {
             "[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\nintervall = \"1s\"\n[[route]]\nupstream = \"a\"\n",
             &["test.toml:5:1: upstream[0].health.intervall: unknown key `intervall`; did you mean `interval`?"],
         ),
+        (
+            "[admin]\nlisten = [\"127.0.0.1:9090\"]\n[[upstream]]\nname = \"a\"\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nupstream = \"a\"\n",
+            &["test.toml:2:10: admin.listen: the admin listener is one address, not a list: write listen = \"127.0.0.1:9090\""],
+        ),
         // A misspelling is suggested its table's key (ops56 L5), as
         // HAProxy does; a key near none is not.
         (
