@@ -301,6 +301,18 @@ pub(super) async fn lookup(
             }
             None => None,
         };
+        // The entry revalidated in the background, its client answered.
+        let refresh_later = |entry: &Arc<Entry>| {
+            let mut head = super::copy_head(parts);
+            headers::add_hop(&mut head.headers, hop());
+            tokio::spawn(refresh(
+                cache.clone(),
+                upstream.clone(),
+                primary.clone(),
+                head,
+                entry.clone(),
+            ));
+        };
         let answer = |full, response, entry: Arc<Entry>, fresh| match full {
             Some(key) if with_entry => Lookup::Hit(response, Stored { key, entry, fresh }),
             _ => Lookup::Answered(response),
@@ -333,15 +345,7 @@ pub(super) async fn lookup(
                     }
                     Usable::StaleWhileRevalidate => {
                         cache.counters.stale.inc();
-                        let mut head = super::copy_head(parts);
-                        headers::add_hop(&mut head.headers, hop());
-                        tokio::spawn(refresh(
-                            cache.clone(),
-                            upstream.clone(),
-                            primary.clone(),
-                            head,
-                            entry.clone(),
-                        ));
+                        refresh_later(&entry);
                         let response = from_entry(
                             &entry,
                             age,
@@ -371,15 +375,7 @@ pub(super) async fn lookup(
                         match held {
                             None => stale = Some((entry, age)),
                             Some(code) => {
-                                let mut head = super::copy_head(parts);
-                                headers::add_hop(&mut head.headers, hop());
-                                tokio::spawn(refresh(
-                                    cache.clone(),
-                                    upstream.clone(),
-                                    primary.clone(),
-                                    head,
-                                    entry.clone(),
-                                ));
+                                refresh_later(&entry);
                                 let code =
                                     StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
                                 let response = stale_on_error(
