@@ -440,7 +440,7 @@ impl Metrics {
 
     pub fn route(&self, route: &str) -> RouteMetrics {
         RouteMetrics {
-            name: route.to_owned(),
+            name: Arc::from(route),
             requests: self.requests.clone(),
             answered: self.answered.clone(),
             codes: code_counters(
@@ -875,7 +875,8 @@ impl Answered {
 /// One route's handles.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
-    name: String,
+    /// Shared with the access lines that name it.
+    name: Arc<str>,
     requests: IntCounterVec,
     answered: Arc<Answered>,
     codes: CodeCounters,
@@ -887,6 +888,11 @@ impl RouteMetrics {
     /// The route's label: its name, or [`NO_ROUTE`].
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// [`RouteMetrics::name`], for an access line to hold.
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
     }
 
     pub fn record(&self, code: u16, seconds: f64) {

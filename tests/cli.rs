@@ -1019,6 +1019,9 @@ fn the_access_line_names_an_absolute_form_target_s_host() {
     assert!(line.contains(r#""host":"site.example""#), "{line}");
     // And the protocol, as nginx's $server_protocol (review34a F7).
     assert!(line.contains(r#""proto":"HTTP/1.1""#), "{line}");
+    // And the route, as the metrics label it (ops56 L6).
+    assert!(line.contains(r#""route":""#), "{line}");
+    assert!(!line.contains(r#""route":"-""#), "{line}");
     let _ = std::fs::remove_dir_all(run.dir);
 }
 

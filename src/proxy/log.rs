@@ -289,6 +289,9 @@ impl End {
 /// (nginx's `$upstream_addr` lists them all; HAProxy logs the count).
 #[derive(Debug, Default)]
 pub struct Reached {
+    /// The route's name, as `portico_requests_total` labels it (ops56
+    /// L6: the line named only the upstream, several routes may share).
+    pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<Upstream>>,
     pub backend: Option<SocketAddr>,
     pub retries: u32,
@@ -416,6 +419,7 @@ impl Drop for Tail {
             duration_ms = millis(self.started.elapsed()),
             head_ms = self.head.map(millis),
             end = self.end_name(),
+            route = self.reached.route.as_deref().unwrap_or("-"),
             upstream = self.reached.upstream.as_ref().map_or("-", |u| u.name()),
             backend = self.reached.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
             retries = Some(self.reached.retries).filter(|&n| n > 0),
@@ -476,6 +480,7 @@ pub fn emit_refused(
         bytes = answered.bytes,
         duration_ms = millis(answered.took),
         end = "done",
+        route = "-",
         upstream = "-",
         backend = "-",
         cache = "-",

@@ -269,6 +269,11 @@ impl Pending<'_> {
     /// Where the request went, for the access line.
     fn reached(&self) -> log::Reached {
         log::Reached {
+            route: self
+                .trace
+                .route
+                .and_then(|i| self.proxy.route_metrics.get(i))
+                .map(crate::metrics::RouteMetrics::shared_name),
             upstream: self.proxy.upstream_of(self.trace.route).cloned(),
             backend: self.trace.backend,
             retries: self.trace.retries,
