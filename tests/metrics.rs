@@ -198,6 +198,32 @@ async fn readyz_waits_for_the_first_check_and_one_failure_is_down() {
         .await;
 }
 
+/// A reload that changes the checks keeps a backend the old ones found
+/// up judged: `/readyz` stays ready, where every backend up on trust
+/// again made it say "first health checks under way" (review of ops56 M1).
+#[tokio::test]
+async fn readyz_stays_ready_across_a_reload_that_changes_the_checks() {
+    let backend = start_backend(BackendOptions::new("b1")).await;
+    let mut config = config_for(&[&backend]);
+    config.upstreams[0].health = Some(portico::config::HealthCheck {
+        interval: Duration::from_secs(60),
+        timeout: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let proxy = start_proxy_with_admin(config.clone(), None, None).await;
+    let readyz = proxy.admin_url("/readyz");
+    let ready = tokio::time::timeout(STEP, async {
+        while get(&client(), &readyz).await.status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(ready.await.is_ok(), "ready after the first check");
+    config.upstreams[0].health.as_mut().unwrap().path = "/health?again".into();
+    proxy.swap_in(&config);
+    let answer = get(&client(), &readyz).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+}
+
 /// Ready while some route can be served: an upstream no route uses says
 /// nothing, and one upstream down is named but leaves the replica in its
 /// load balancer; with none taking traffic it is out (review32d F1).

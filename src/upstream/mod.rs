@@ -446,6 +446,17 @@ impl Upstream {
         } else {
             // Of the backends still configured.
             let kept = upstream.by_addr();
+            // One the old checks found up is up under the new ones until
+            // `fall` of them fail, as before: up on trust, a tuning reload
+            // had `/readyz` say "first health checks under way" of a
+            // replica whose every backend was serving. One they found down
+            // is up on trust: its first failed check takes it down again.
+            for old in &previous.backends {
+                let judged_up = old.state.judged() && old.state.active_up();
+                if let Some(backend) = kept.get(&old.addr).filter(|_| judged_up) {
+                    backend.state.set_judged();
+                }
+            }
             let down = previous
                 .backends
                 .iter()
