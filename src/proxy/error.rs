@@ -82,8 +82,13 @@ pub enum ProxyError {
         /// closed as the request went out (see `SendError::Stale`).
         stale: bool,
     },
-    #[error("backend {backend} sent no response head within response_timeout")]
-    ResponseTimeout { backend: std::net::SocketAddr },
+    /// `after`: the `response_timeout` it waited (ops56 L5: the warning
+    /// did not say how long that was).
+    #[error("backend {backend} sent no response head within response_timeout ({after:?})")]
+    ResponseTimeout {
+        backend: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
     /// The backend stopped reading the upload: hyper could not write to
     /// it for `body_timeout` (nginx's `proxy_send_timeout`).
     #[error("backend {backend} stopped reading the request body for longer than body_timeout")]
@@ -283,7 +288,7 @@ impl ProxyError {
             | ProxyError::Exhausted { backend, .. }
             | ProxyError::ConnectTimeout { backend }
             | ProxyError::Upstream { backend, .. }
-            | ProxyError::ResponseTimeout { backend }
+            | ProxyError::ResponseTimeout { backend, .. }
             | ProxyError::UploadStalled { backend }
             | ProxyError::BadResponse { backend, .. } => Some(*backend),
             _ => None,

@@ -1109,7 +1109,10 @@ impl Upstream {
                 answer
             };
             match answer {
-                Err(Late::Head) => Err(ProxyError::ResponseTimeout { backend: addr }),
+                Err(Late::Head) => Err(ProxyError::ResponseTimeout {
+                    backend: addr,
+                    after: self.config.response_timeout,
+                }),
                 Err(Late::Upload) => Err(ProxyError::UploadStalled { backend: addr }),
                 Ok(Ok(response)) => match unrelayable(&response, offered.as_ref()) {
                     // Dropping the response closes the connection.
@@ -1119,7 +1122,7 @@ impl Upstream {
                     }),
                     None => Ok(response),
                 },
-                Ok(Err(e)) => Err(classify(addr, e)),
+                Ok(Err(e)) => Err(classify(addr, e, self.config.response_timeout)),
             }
         }
     }
@@ -1152,7 +1155,7 @@ impl Upstream {
             match tokio::time::timeout(check.timeout, self.pool.probe(index, request)).await {
                 Err(_) => return Err(Failed(format!("no answer within {:?}", check.timeout))),
                 Ok(Err(e)) => {
-                    return match classify(backend.addr, e) {
+                    return match classify(backend.addr, e, check.timeout) {
                         // Says nothing of the backend: the check counts
                         // neither way.
                         e @ ProxyError::Exhausted { .. } => Err(Unjudged(e.to_string())),
@@ -1532,13 +1535,13 @@ fn out_of_resources(_: &std::io::Error) -> bool {
 }
 
 /// Sorts a send error into the proxy's error kinds by walking its causes.
-fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
+fn classify(backend: SocketAddr, error: SendError, after: Duration) -> ProxyError {
     let reset = matches!(error, SendError::Reset(_) | SendError::Stale(_, true));
     let stale = matches!(error, SendError::Stale(..));
     let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
         SendError::Connect(e) => (true, e.as_ref()),
         SendError::Http(e) | SendError::Reset(e) | SendError::Stale(e, _) => (false, e),
-        SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend },
+        SendError::HeadTimeout => return ProxyError::ResponseTimeout { backend, after },
     };
     let mut source = Some(root);
     let mut exhausted = false;
@@ -1592,7 +1595,7 @@ fn classify(backend: SocketAddr, error: SendError) -> ProxyError {
             }
         }
         // Returned above; no cause to walk.
-        SendError::HeadTimeout => ProxyError::ResponseTimeout { backend },
+        SendError::HeadTimeout => ProxyError::ResponseTimeout { backend, after },
     }
 }
 
