@@ -1600,6 +1600,72 @@ async fn a_revalidation_broken_mid_body_serves_its_waiters_the_stale_copy() {
     assert_eq!(asked.load(Ordering::SeqCst), 2);
 }
 
+/// A broken revalidation of a copy stale-if-error does not cover hands
+/// its lock on as a miss's does: one waiter fetches for the rest (review66
+/// H1: each was told it failed and fetched on its own, all at once).
+#[tokio::test]
+async fn a_broken_revalidation_without_stale_cover_hands_its_lock_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = serve_each(move |mut stream| {
+        let count = count.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let answer: &[u8] = match n {
+                    0 => b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"a\"\r\n\
+                           Content-Length: 5\r\n\r\nfirst",
+                    1 => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let cut = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+                                    Content-Length: 1000\r\n\r\nbroken";
+                        let _ = stream.write_all(cut).await;
+                        return;
+                    }
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nfresh"
+                    }
+                };
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/page"));
+    assert_eq!(get(&client, &url).await.body, "first");
+    until_stored(&proxy, 1).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let ask = format!(
+        "GET /page HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        proxy.addr
+    );
+    let leader = tokio::spawn(async move { raw_exchange(proxy.addr, ask.as_bytes()).await });
+    let sent = tokio::time::timeout(STEP, async {
+        while asked.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(sent.await.is_ok(), "the revalidation sent");
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert_eq!(answer.body, "fresh");
+    }
+    leader.await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+}
+
 /// Once a revalidation has failed, the next requests within a few
 /// seconds that stale-if-error lets have the copy get it at once, and the
 /// copy is revalidated in the background (cache56 M2: behind a hung

@@ -38,8 +38,9 @@ pub struct Capture {
     /// The copy's share of what all fills may hold.
     held: Held,
     leader: Option<Leader>,
-    /// A revalidation of a stored copy (see [`Capture::revalidating`]).
-    revalidating: bool,
+    /// The stored copy a revalidation's failure may serve stale (see
+    /// [`Capture::revalidating`]).
+    stale: Option<Arc<Entry>>,
     /// Who waits for the whole response (see [`Capture::entry_when_whole`]).
     whole: Option<tokio::sync::oneshot::Sender<(Arc<Entry>, bool)>>,
     /// Why the copy was given up, for the access line.
@@ -137,16 +138,16 @@ impl Capture {
             limit,
             held,
             leader,
-            revalidating: false,
+            stale: None,
             whole: None,
             fate: Fate::default(),
         }
     }
 
-    /// Marks the fetch as a revalidation of a stored copy (stale, or one
-    /// a client asked to have checked): see [`Capture::broken`].
-    pub fn revalidating(mut self) -> Self {
-        self.revalidating = true;
+    /// Marks the fetch as a revalidation of `stale`, a copy its
+    /// stale-if-error lets be served if it fails: see [`Capture::broken`].
+    pub fn revalidating(mut self, stale: Arc<Entry>) -> Self {
+        self.stale = Some(stale);
         self
     }
 
@@ -158,8 +159,17 @@ impl Capture {
     /// the backend (cache56 H1: ten waiters, eleven fetches 0.5 s apart,
     /// every one cut off, where nginx and Varnish served the copy). A
     /// miss's waiters still take the lock on, one fetching for the rest.
+    ///
+    /// Only for a copy stale-if-error covers: without one, the waiters
+    /// told so would each fetch on their own, all at once (review66 H1),
+    /// where the lock handed on has one fetch for the rest. The copy's
+    /// failure holds too (see `Entry::failing`).
     pub fn broken(self, status: u16) {
-        if let Some(leader) = self.leader.as_ref().filter(|_| self.revalidating) {
+        let Some(stale) = &self.stale else {
+            return;
+        };
+        stale.failed_at(self.cache.now(), status);
+        if let Some(leader) = &self.leader {
             leader.failed(status);
         }
     }

@@ -550,6 +550,7 @@ pub(super) async fn serve(
         request_time: cache.now(),
         leader,
         fwd: miss,
+        covered: None,
     };
     trace.fwd = Some(miss);
     let forwarded = forward_with_retries(
@@ -1117,6 +1118,11 @@ struct Fetch {
     leader: Option<Leader>,
     /// Cache-Status `fwd` parameter: miss, vary-miss, stale or request.
     fwd: &'static str,
+    /// The stored copy a revalidation may serve stale if it fails (its
+    /// stale-if-error, or the leading request's, covers it now): a new
+    /// body that breaks off is then such a failure (see
+    /// `Capture::broken`).
+    covered: Option<Arc<Entry>>,
 }
 
 impl Fetch {
@@ -1140,6 +1146,7 @@ impl Fetch {
             request_time,
             mut leader,
             fwd,
+            covered,
         } = self;
         let response_time = cache.now();
         let mut response = relay(upstream, response, in_flight);
@@ -1222,8 +1229,8 @@ impl Fetch {
                 } else {
                     let mut capture =
                         Capture::new(cache.clone(), fill, request_headers, head, leader.take());
-                    if !fwd.ends_with("miss") {
-                        capture = capture.revalidating();
+                    if let Some(stale) = covered {
+                        capture = capture.revalidating(stale);
                     }
                     response.extensions_mut().insert(capture.fate());
                     let (parts, body) = response.into_parts();

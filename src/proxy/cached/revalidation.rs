@@ -304,6 +304,7 @@ pub(super) async fn revalidate(
         request_time,
         leader,
         fwd,
+        covered: stale_copy_age().is_some().then(|| entry.clone()),
     };
     trace.fwd = Some(fwd);
     let validated = policy::has_validator(&entry.headers);
@@ -435,6 +436,7 @@ pub(super) async fn refresh(
         request_time: cache.now(),
         leader: Some(leader),
         fwd: "stale",
+        covered: None,
     };
     // But the request does not carry what the client asked of caches: the
     // refresh is this cache's own, and the client's `only-if-cached` (or
