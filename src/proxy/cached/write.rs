@@ -93,16 +93,24 @@ impl Owed {
     /// (review38e M1). So the URL is invalidated again once `again` (the
     /// upstream's `response_timeout`) has passed once more.
     ///
-    /// Those waits hold at most [`AGAIN_MAX_BYTES`] of URLs between them:
-    /// unbounded, 2,000 failed writes with long targets held 128 MB for
-    /// `response_timeout` (panic56 M1). Past it, a write is invalidated
-    /// once, as before review38e.
+    /// Those waits hold at most [`AGAIN_MAX_BYTES`] between them, their
+    /// URLs and [`AGAIN_FLOOR`] each: unbounded, 2,000 failed writes with
+    /// long targets held 128 MB for `response_timeout` (panic56 M1). Past
+    /// it, a write is invalidated once, as before review38e, and an info
+    /// line says so once a minute.
     async fn failed(self: Arc<Self>, error: &ProxyError, acted: bool, again: Duration) {
         if !(acted || error.may_have_acted()) {
             return;
         }
         self.unanswered().await;
-        let Some(held) = AgainHeld::take(self.host.len() + self.target.len()) else {
+        let Some(held) = AgainHeld::take(AGAIN_FLOOR + self.host.len() + self.target.len()) else {
+            static REFUSED: crate::logging::Every = crate::logging::Every::new();
+            if let Some(held_back) = REFUSED.due(60) {
+                tracing::info!(
+                    held_back,
+                    "a failed write's URL is invalidated once, not again after response_timeout: the writes waiting to do so hold their budget"
+                );
+            }
             return;
         };
         tokio::spawn(async move {
@@ -113,10 +121,15 @@ impl Owed {
     }
 }
 
-/// The most of URLs (host and target) that writes waiting to invalidate
-/// again hold at once (see [`Owed::failed`]): some 10,000 of a usual
-/// length.
-const AGAIN_MAX_BYTES: usize = 1 << 20;
+/// The most that writes waiting to invalidate again hold at once (see
+/// [`Owed::failed`]): their URLs (host and target) and [`AGAIN_FLOOR`]
+/// each, some 4,000 waits.
+const AGAIN_MAX_BYTES: usize = 16 << 20;
+
+/// What a wait holds besides its URL: its task and future (2.4 KB
+/// measured), its share of the write's state. Counted by URL alone, 2-byte
+/// URLs allowed half a million waits, 1.3 GB (review66 M1).
+const AGAIN_FLOOR: usize = 4 << 10;
 
 /// Bytes of URLs held by writes waiting to invalidate again.
 static AGAIN: Budget = Budget(std::sync::atomic::AtomicUsize::new(0));
