@@ -632,7 +632,10 @@ impl Cache {
             .max_object_size
             .swap(config.max_object_size, Ordering::Relaxed);
         let ttl = self.default_ttl.swap(nanos, Ordering::Relaxed);
-        let stale = config.stale_if_error.as_secs();
+        // Whole seconds, as the directive has them: "500ms" is one, not
+        // none (review66 L5).
+        let stale =
+            config.stale_if_error.as_secs() + u64::from(config.stale_if_error.subsec_nanos() > 0);
         let was_stale = self.stale_if_error.swap(stale, Ordering::Relaxed);
         let changed = size != config.max_object_size || ttl != nanos || was_stale != stale;
         if changed {

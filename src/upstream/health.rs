@@ -330,11 +330,13 @@ impl BackendState {
     /// starts up on trust, as in nginx and HAProxy, and its first failed
     /// check takes it down at once (see `Counter::unjudged`).
     pub fn judged(&self) -> bool {
-        self.judged.load(Ordering::Relaxed)
+        self.judged.load(Ordering::Acquire)
     }
 
+    /// Set once the verdict is applied: one who reads it set sees the
+    /// active state that verdict left.
     pub fn set_judged(&self) {
-        self.judged.store(true, Ordering::Relaxed);
+        self.judged.store(true, Ordering::Release);
     }
 
     pub fn ejected(&self, now_ms: u64) -> bool {

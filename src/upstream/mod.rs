@@ -527,11 +527,12 @@ impl Upstream {
         self.backends
             .iter()
             .enumerate()
-            .map(|(i, b)| BackendStatus {
+            .map(|(i, b)| (i, b, b.state.judged(), b.state.active_up()))
+            .map(|(i, b, judged, active_up)| BackendStatus {
                 addr: b.addr,
                 weight: b.weight,
                 up: b.state.eligible(now),
-                active_up: b.state.active_up(),
+                active_up,
                 ejected: b.state.ejected(now),
                 drained: b.drained(),
                 in_flight: b.state.in_flight(),
@@ -544,7 +545,7 @@ impl Upstream {
                     .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
                     .map(|w| (w * 100.0) as u8),
                 idle_connections: self.pool.idle_count(i),
-                unchecked: self.config.health.is_some() && b.state.active_up() && !b.state.judged(),
+                unchecked: self.config.health.is_some() && !judged && active_up,
             })
             .collect()
     }
@@ -1352,10 +1353,10 @@ async fn check_backend(
                 continue;
             }
         };
-        backend.state.set_judged();
         // Only the active state: a passing check leaves a passive
         // ejection and its backoff alone (see `health`).
-        match counter.record(passed.is_ok()) {
+        let transition = counter.record(passed.is_ok());
+        match transition {
             Some(Health::Down) => {
                 backend.state.set_active_up(false);
                 tracing::warn!(
@@ -1378,7 +1379,14 @@ async fn check_backend(
                     "backend up"
                 );
             }
-            None => continue,
+            None => {}
+        }
+        // Judged once its verdict is applied: `/readyz`, which reads
+        // `judged` first, never sees a judged backend still up from
+        // before its first failed check (review66 L1).
+        backend.state.set_judged();
+        if transition.is_none() {
+            continue;
         }
         rebuild.notify_one();
     }

@@ -364,13 +364,18 @@ pub(super) async fn lookup(
                         // copy stale-if-error allows is served at once,
                         // and revalidated in the background, one refresh
                         // at a time (see `Entry::failing`).
+                        // Not for a client that asked to have it checked
+                        // (`no-cache`, `max-age=0`): it is, and gets the
+                        // copy only if that fails (review66 L4).
+                        let forced = request_cc.no_cache || request_cc.max_age == Some(0);
                         let held = entry.failing(cache.now()).filter(|_| {
-                            policy::stale_if_error(
-                                entry.lifetime,
-                                age,
-                                &entry.cc,
-                                request_cc.stale_if_error,
-                            )
+                            !forced
+                                && policy::stale_if_error(
+                                    entry.lifetime,
+                                    age,
+                                    &entry.cc,
+                                    request_cc.stale_if_error,
+                                )
                         });
                         match held {
                             None => stale = Some((entry, age)),
