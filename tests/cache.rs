@@ -1530,6 +1530,44 @@ async fn the_operator_s_stale_if_error_serves_a_stale_copy() {
     assert_eq!(late.status, StatusCode::BAD_GATEWAY);
 }
 
+/// A cached proxy in front of `addr` with `/page` stored and then stale,
+/// its revalidation sent (once `asked` counts it) by a raw client whose
+/// answer the task returned gives, and five requests sent while that is
+/// out; the proxy, that task, and their answers.
+async fn waiting_on_a_revalidation(
+    addr: std::net::SocketAddr,
+    asked: &Arc<std::sync::atomic::AtomicUsize>,
+) -> (RunningProxy, tokio::task::JoinHandle<String>, Vec<Answer>) {
+    let proxy = cached_proxy_at(addr).await;
+    let (client, url) = (client(), proxy.url("/page"));
+    assert_eq!(get(&client, &url).await.body, "first");
+    until_stored(&proxy, 1).await;
+    cache_of(&proxy).advance_clock(Duration::from_secs(5));
+    let ask = format!(
+        "GET /page HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        proxy.addr
+    );
+    let at = proxy.addr;
+    let leader = tokio::spawn(async move { raw_exchange(at, ask.as_bytes()).await });
+    let sent = tokio::time::timeout(STEP, async {
+        while asked.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(sent.await.is_ok(), "the revalidation sent");
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for waiter in waiters {
+        answers.push(waiter.await.unwrap());
+    }
+    (proxy, leader, answers)
+}
+
 /// A revalidation whose 200 breaks off mid-body tells the requests that
 /// waited on it that it failed: each gets the stale copy its
 /// stale-if-error allows, and the backend is asked once (cache56 H1: they
@@ -1563,30 +1601,8 @@ async fn a_revalidation_broken_mid_body_serves_its_waiters_the_stale_copy() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let (client, url) = (client(), proxy.url("/page"));
-    assert_eq!(get(&client, &url).await.body, "first");
-    until_stored(&proxy, 1).await;
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let ask = format!(
-        "GET /page HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        proxy.addr
-    );
-    let leader = tokio::spawn(async move { raw_exchange(proxy.addr, ask.as_bytes()).await });
-    let sent = tokio::time::timeout(STEP, async {
-        while asked.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(sent.await.is_ok(), "the revalidation sent");
-    let waiters: Vec<_> = (0..5)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move { get(&client, &url).await })
-        })
-        .collect();
-    for waiter in waiters {
-        let answer = waiter.await.unwrap();
+    let (_proxy, leader, answers) = waiting_on_a_revalidation(addr, &asked).await;
+    for answer in answers {
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.body, "first");
         assert_eq!(
@@ -1636,30 +1652,8 @@ async fn a_broken_revalidation_without_stale_cover_hands_its_lock_on() {
         }
     })
     .await;
-    let proxy = cached_proxy_at(addr).await;
-    let (client, url) = (client(), proxy.url("/page"));
-    assert_eq!(get(&client, &url).await.body, "first");
-    until_stored(&proxy, 1).await;
-    cache_of(&proxy).advance_clock(Duration::from_secs(5));
-    let ask = format!(
-        "GET /page HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        proxy.addr
-    );
-    let leader = tokio::spawn(async move { raw_exchange(proxy.addr, ask.as_bytes()).await });
-    let sent = tokio::time::timeout(STEP, async {
-        while asked.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(sent.await.is_ok(), "the revalidation sent");
-    let waiters: Vec<_> = (0..5)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move { get(&client, &url).await })
-        })
-        .collect();
-    for waiter in waiters {
-        let answer = waiter.await.unwrap();
+    let (_proxy, leader, answers) = waiting_on_a_revalidation(addr, &asked).await;
+    for answer in answers {
         assert_eq!(answer.body, "fresh");
     }
     leader.await.unwrap();
