@@ -50,6 +50,13 @@ impl CacheControl {
     pub fn forbids_stale(&self) -> bool {
         self.no_cache || self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
     }
+
+    /// A request's directives that ask for the stored response to be
+    /// checked with the origin whatever its age: `no-cache`, `max-age=0`
+    /// (a browser's reload).
+    pub fn forces_revalidation(&self) -> bool {
+        self.no_cache || self.max_age == Some(0)
+    }
 }
 
 /// §1.2.2 delta-seconds: digits only; too large caps; anything else is
@@ -580,7 +587,7 @@ pub fn usable(
     cc: &CacheControl,
     request: &CacheControl,
 ) -> Usable {
-    if cc.no_cache || request.no_cache || request.max_age == Some(0) {
+    if cc.no_cache || request.forces_revalidation() {
         return Usable::MustRevalidate;
     }
     // What the client asks of the response's age is not relaxed by

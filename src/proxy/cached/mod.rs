@@ -367,9 +367,8 @@ pub(super) async fn lookup(
                         // Not for a client that asked to have it checked
                         // (`no-cache`, `max-age=0`): it is, and gets the
                         // copy only if that fails (review66 L4).
-                        let forced = request_cc.no_cache || request_cc.max_age == Some(0);
                         let held = entry.failing(cache.now()).filter(|_| {
-                            !forced
+                            !request_cc.forces_revalidation()
                                 && policy::stale_if_error(
                                     entry.lifetime,
                                     age,
