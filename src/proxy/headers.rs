@@ -591,18 +591,13 @@ const LOOKALIKE_LENGTHS: [usize; 13] = [
 /// spellings of the [`CLAIMS`] go too: dropped as `X-Real-IP`, a client's
 /// `X_Real_IP` would be the only one its backend reads (review36d M1).
 fn remove_lookalikes(headers: &mut HeaderMap, claims: bool) {
-    let lookalike = |name: &HeaderName| {
-        let name = name.as_str().as_bytes();
+    remove_named(headers, |name| {
         name.contains(&b'_')
             && (FRAMING.iter().any(|framing| spells(framing, name))
                 || name.first() == Some(&b'x')
                     && (WRITTEN.iter().any(|written| spells(written, name))
                         || (claims && CLAIMS.iter().any(|claim| spells(claim, name)))))
-    };
-    let found: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
-    for name in found {
-        headers.remove(&name);
-    }
+    });
 }
 
 /// What a trusted proxy's fields say of one thing, the scheme or the host.
@@ -970,19 +965,24 @@ pub fn scrub_trailers(trailers: &mut HeaderMap) {
 /// head (RFC 9110 §6.5.2 forbids it, some do) to read (fuzz56 L).
 pub fn scrub_request_trailers(trailers: &mut HeaderMap) {
     scrub_trailers(trailers);
-    let vouched = |name: &HeaderName| {
-        let name = name.as_str().as_bytes();
-        [&header::FORWARDED, &header::VIA]
+    remove_named(trailers, |name| {
+        ["forwarded", "via"]
             .iter()
-            .any(|field| field.as_str().as_bytes() == name)
-            || WRITTEN
-                .iter()
-                .chain(CLAIMS.iter())
-                .any(|field| spells(field, name))
-    };
-    let found: Vec<HeaderName> = trailers.keys().filter(|n| vouched(n)).cloned().collect();
+            .chain(&WRITTEN)
+            .chain(&CLAIMS)
+            .any(|field| spells(field, name))
+    });
+}
+
+/// Removes every field whose name (lower case, as bytes) `matches`.
+fn remove_named(headers: &mut HeaderMap, matches: impl Fn(&[u8]) -> bool) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| matches(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
     for name in found {
-        trailers.remove(&name);
+        headers.remove(&name);
     }
 }
 
