@@ -113,6 +113,14 @@ pub const HIT: &str = "portico; hit";
 /// nginx's `fail_timeout` keeps a failed server out.
 pub const FAILING_HOLD: Duration = Duration::from_secs(10);
 
+/// `time` in ms since the epoch, within the 48 bits [`Entry::failing`]
+/// packs it in.
+fn epoch_ms(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .min(u64::MAX >> 16)
+}
+
 /// One stored response. Made by [`Entry::new`].
 #[derive(Debug)]
 pub struct Entry {
@@ -191,12 +199,9 @@ impl Entry {
     /// backend's 5xx or portico's own 502 or 504), its stale copy served:
     /// see [`Entry::failing`].
     pub fn failed_at(&self, now: SystemTime, status: u16) {
-        let until = now + FAILING_HOLD;
-        let ms = until.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| {
-            u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
-        });
+        let until = epoch_ms(now + FAILING_HOLD);
         self.failing
-            .store((ms << 16) | u64::from(status), Ordering::Relaxed);
+            .store((until << 16) | u64::from(status), Ordering::Relaxed);
     }
 
     /// The status its last revalidation failed with, if that was less
@@ -209,10 +214,7 @@ impl Entry {
     /// another).
     pub fn failing(&self, now: SystemTime) -> Option<u16> {
         let packed = self.failing.load(Ordering::Relaxed);
-        let now = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        (packed != 0 && now < packed >> 16).then_some((packed & 0xffff) as u16)
+        (packed != 0 && epoch_ms(now) < packed >> 16).then_some((packed & 0xffff) as u16)
     }
 
     /// The memory the entry holds, as near as can be told: what
