@@ -527,25 +527,28 @@ impl Upstream {
         self.backends
             .iter()
             .enumerate()
-            .map(|(i, b)| (i, b, b.state.judged(), b.state.active_up()))
-            .map(|(i, b, judged, active_up)| BackendStatus {
-                addr: b.addr,
-                weight: b.weight,
-                up: b.state.eligible(now),
-                active_up,
-                ejected: b.state.ejected(now),
-                drained: b.drained(),
-                in_flight: b.state.in_flight(),
-                max_conns: b.max_conns(),
-                backup: b.backup,
-                // Of one that takes traffic: not drained, down (review45d
-                // L2) nor ejected (review45f L2); it warms again when it
-                // is back.
-                warming: Some(b.state.warmth(now))
-                    .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
-                    .map(|w| (w * 100.0) as u8),
-                idle_connections: self.pool.idle_count(i),
-                unchecked: self.config.health.is_some() && !judged && active_up,
+            .map(|(i, b)| {
+                // `judged` first: its verdict's state is then in `active_up`.
+                let (judged, active_up) = (b.state.judged(), b.state.active_up());
+                BackendStatus {
+                    addr: b.addr,
+                    weight: b.weight,
+                    up: b.state.eligible(now),
+                    active_up,
+                    ejected: b.state.ejected(now),
+                    drained: b.drained(),
+                    in_flight: b.state.in_flight(),
+                    max_conns: b.max_conns(),
+                    backup: b.backup,
+                    // Of one that takes traffic: not drained, down (review45d
+                    // L2) nor ejected (review45f L2); it warms again when it
+                    // is back.
+                    warming: Some(b.state.warmth(now))
+                        .filter(|&w| w < 1.0 && !b.drained() && b.state.eligible(now))
+                        .map(|w| (w * 100.0) as u8),
+                    idle_connections: self.pool.idle_count(i),
+                    unchecked: self.config.health.is_some() && !judged && active_up,
+                }
             })
             .collect()
     }
